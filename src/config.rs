@@ -1,0 +1,807 @@
+//! TOML configuration: typed with serde, unknown keys refused, validated once at load.
+//!
+//! Every error names the file, the line and column, the key (as a path such as
+//! `routes[2].upstream`) and the reason. Names are resolved here, never on the request path.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::http::request::{self, MAX_HEADERS_CAP};
+
+/// A configuration error: where, which key, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, ":{l}:{c}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.reason)
+        } else {
+            write!(f, ": key `{}`: {}", self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// Value types with their own parsing (errors from these carry toml's position for free).
+
+/// A duration written as a string with a unit: "250ms", "10s", "5m", "1h".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a duration string such as \"10s\" or \"250ms\""))?;
+        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected a number then ms, s, m or h"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err(format!("invalid duration {s:?}: must be above zero"));
+    }
+    Ok(d)
+}
+
+/// A size in bytes: an integer, or a string with a unit ("16KiB", "10MiB", "1GiB", "512B").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a byte size: an integer or a string such as \"16KiB\""))?
+        {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_size(&s).map(ByteSize).map_err(de::Error::custom),
+        }
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("invalid size {s:?}: unit must be B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// A socket address, resolved when the config loads (a name such as "localhost:9000" becomes
+/// its first address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Addr {
+    pub text: String,
+    pub addr: SocketAddr,
+}
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let addr = resolve(&text).map_err(de::Error::custom)?;
+        Ok(Addr { text, addr })
+    }
+}
+
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if !text.contains(':') {
+        return Err(format!("address {text:?} has no port (expected host:port)"));
+    }
+    let mut addrs = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// An HTTP header name: a token, stored lower case.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HeaderName(pub String);
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        check_header_name(&s).map_err(de::Error::custom)?;
+        Ok(HeaderName(s.to_ascii_lowercase()))
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn check_header_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || !s.bytes().all(is_tchar) {
+        return Err(format!("{s:?} is not a valid header name"));
+    }
+    Ok(())
+}
+
+fn check_header_value(s: &str) -> Result<(), String> {
+    if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(format!("header value {s:?} contains CR, LF or NUL"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The configuration tree.
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DriverChoice {
+    /// io_uring where the kernel allows it, epoll otherwise.
+    #[default]
+    Auto,
+    /// io_uring; falls back to epoll (with a log line) where the kernel refuses it.
+    IoUring,
+    /// monoio's epoll ("legacy") driver.
+    Epoll,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Worker threads, one event loop each; 0 means one per available CPU.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub driver: DriverChoice,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_shutdown")]
+    pub shutdown_timeout: Dur,
+    /// The pseudonym added to `Via` headers.
+    #[serde(default = "default_via")]
+    pub via: String,
+}
+
+fn default_shutdown() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_via() -> String {
+    "ringway".into()
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            workers: 0,
+            driver: DriverChoice::Auto,
+            shutdown_timeout: default_shutdown(),
+            via: default_via(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "d_head")]
+    pub max_head_bytes: ByteSize,
+    #[serde(default = "d_headers")]
+    pub max_headers: usize,
+    #[serde(default = "d_uri")]
+    pub max_uri_bytes: ByteSize,
+    #[serde(default = "d_body")]
+    pub max_body_bytes: ByteSize,
+}
+fn d_head() -> ByteSize {
+    ByteSize(request::DEFAULT_MAX_HEAD_BYTES as u64)
+}
+fn d_headers() -> usize {
+    request::DEFAULT_MAX_HEADERS
+}
+fn d_uri() -> ByteSize {
+    ByteSize(request::DEFAULT_MAX_URI_BYTES as u64)
+}
+fn d_body() -> ByteSize {
+    ByteSize(request::DEFAULT_MAX_BODY_BYTES)
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_head_bytes: d_head(),
+            max_headers: d_headers(),
+            max_uri_bytes: d_uri(),
+            max_body_bytes: d_body(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn to_limits(&self) -> request::Limits {
+        request::Limits {
+            max_head_bytes: self.max_head_bytes.0 as usize,
+            max_headers: self.max_headers,
+            max_uri_bytes: self.max_uri_bytes.0 as usize,
+            max_body_bytes: self.max_body_bytes.0,
+        }
+    }
+}
+
+macro_rules! dur_default {
+    ($name:ident, $ms:expr) => {
+        fn $name() -> Dur {
+            Dur(Duration::from_millis($ms))
+        }
+    };
+}
+dur_default!(d_client_head, 10_000);
+dur_default!(d_client_idle, 60_000);
+dur_default!(d_client_body, 30_000);
+dur_default!(d_client_write, 60_000);
+dur_default!(d_up_connect, 3_000);
+dur_default!(d_up_response, 30_000);
+dur_default!(d_up_body, 30_000);
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// From a request's first byte until its head is complete (slowloris guard): 408.
+    #[serde(default = "d_client_head")]
+    pub client_head: Dur,
+    /// A keep-alive connection waiting for its next request; closed silently after it.
+    #[serde(default = "d_client_idle")]
+    pub client_idle: Dur,
+    /// Longest pause between two reads of a request body: 408.
+    #[serde(default = "d_client_body")]
+    pub client_body: Dur,
+    /// Longest wait for the client to accept response bytes; the connection is closed after it.
+    #[serde(default = "d_client_write")]
+    pub client_write: Dur,
+    /// TCP connect to an upstream endpoint: 504.
+    #[serde(default = "d_up_connect")]
+    pub upstream_connect: Dur,
+    /// From the request being sent until the upstream's response head: 504.
+    #[serde(default = "d_up_response")]
+    pub upstream_response: Dur,
+    /// Longest pause between two reads of an upstream response body: the response is cut.
+    #[serde(default = "d_up_body")]
+    pub upstream_body: Dur,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            client_head: d_client_head(),
+            client_idle: d_client_idle(),
+            client_body: d_client_body(),
+            client_write: d_client_write(),
+            upstream_connect: d_up_connect(),
+            upstream_response: d_up_response(),
+            upstream_body: d_up_body(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub address: Addr,
+    #[serde(default = "d_backlog")]
+    pub backlog: u32,
+}
+fn d_backlog() -> u32 {
+    1024
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub endpoints: Vec<EndpointConfig>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// Idle keep-alive connections kept per endpoint, per worker.
+    #[serde(default = "d_max_idle")]
+    pub max_idle: usize,
+    /// An idle pooled connection older than this is closed.
+    #[serde(default = "d_idle_timeout")]
+    pub idle_timeout: Dur,
+}
+fn d_max_idle() -> usize {
+    64
+}
+dur_default!(d_idle_timeout, 30_000);
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub address: Addr,
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+}
+fn d_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    /// Appended (a second line if the header exists).
+    #[serde(default)]
+    pub add: BTreeMap<HeaderName, String>,
+    /// Replaces every existing line of the header.
+    #[serde(default)]
+    pub set: BTreeMap<HeaderName, String>,
+    /// Removed.
+    #[serde(default)]
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectConfig {
+    #[serde(default = "d_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<HeaderName, String>,
+}
+fn d_status() -> u16 {
+    200
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Host names: exact ("api.example.com") or a suffix wildcard ("*.example.com").
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Headers that must be present with exactly these values.
+    #[serde(default)]
+    pub headers: BTreeMap<HeaderName, String>,
+    #[serde(default)]
+    pub upstream: Option<Spanned<String>>,
+    #[serde(default)]
+    pub direct: Option<DirectConfig>,
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    #[serde(default)]
+    pub replace_prefix: Option<String>,
+    #[serde(default = "d_true")]
+    pub preserve_host: bool,
+    #[serde(default)]
+    pub set_host: Option<String>,
+    #[serde(default)]
+    pub request_headers: HeaderOps,
+    #[serde(default)]
+    pub response_headers: HeaderOps,
+    #[serde(default)]
+    pub max_body_bytes: Option<ByteSize>,
+}
+fn d_true() -> bool {
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading.
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let label = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: label.clone(),
+            line: None,
+            column: None,
+            key: String::new(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&src, &label)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::new(src);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let (line, column) = match inner.span() {
+                Some(span) => {
+                    let (l, c) = line_col(src, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                key: if key == "." { String::new() } else { key },
+                reason: inner.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(src, file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, src: &str, file: &str) -> Result<(), ConfigError> {
+        let err = |key: String, span: Option<std::ops::Range<usize>>, reason: String| {
+            let (line, column) = match span {
+                Some(s) => {
+                    let (l, c) = line_col(src, s.start);
+                    (Some(l), Some(c))
+                }
+                None => locate_key(src, &key),
+            };
+            ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                key,
+                reason,
+            }
+        };
+        if self.listeners.is_empty() {
+            return Err(err("listeners".into(), None, "at least one [[listeners]] is required".into()));
+        }
+        let mut seen = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if !seen.insert(l.address.addr) {
+                return Err(err(
+                    format!("listeners[{i}].address"),
+                    None,
+                    format!("{} is configured twice", l.address.addr),
+                ));
+            }
+            if l.backlog == 0 {
+                return Err(err(format!("listeners[{i}].backlog"), None, "must be above 0".into()));
+            }
+        }
+        let l = &self.limits;
+        if l.max_headers == 0 || l.max_headers > MAX_HEADERS_CAP {
+            return Err(err(
+                "limits.max_headers".into(),
+                None,
+                format!("must be between 1 and {MAX_HEADERS_CAP}"),
+            ));
+        }
+        if l.max_head_bytes.0 < 256 || l.max_head_bytes.0 > 1 << 20 {
+            return Err(err(
+                "limits.max_head_bytes".into(),
+                None,
+                "must be between 256 bytes and 1MiB".into(),
+            ));
+        }
+        if l.max_uri_bytes.0 == 0 || l.max_uri_bytes.0 > l.max_head_bytes.0 {
+            return Err(err(
+                "limits.max_uri_bytes".into(),
+                None,
+                "must be above 0 and at most limits.max_head_bytes".into(),
+            ));
+        }
+        for (name, u) in &self.upstreams {
+            if u.endpoints.is_empty() {
+                return Err(err(format!("upstreams.{name}.endpoints"), None, "needs at least one endpoint".into()));
+            }
+            for (j, e) in u.endpoints.iter().enumerate() {
+                if e.weight == 0 || e.weight > 1000 {
+                    return Err(err(
+                        format!("upstreams.{name}.endpoints[{j}].weight"),
+                        None,
+                        "must be between 1 and 1000".into(),
+                    ));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let k = |f: &str| format!("routes[{i}].{f}");
+            if let Some(n) = &r.name {
+                if !names.insert(n.clone()) {
+                    return Err(err(k("name"), None, format!("route name {n:?} is used twice")));
+                }
+            }
+            match (&r.upstream, &r.direct) {
+                (Some(_), Some(_)) => {
+                    return Err(err(k("direct"), None, "a route has either `upstream` or `direct`, not both".into()))
+                }
+                (None, None) => {
+                    return Err(err(format!("routes[{i}]"), None, "a route needs `upstream` or `direct`".into()))
+                }
+                (Some(u), None) => {
+                    if !self.upstreams.contains_key(u.get_ref()) {
+                        return Err(err(
+                            k("upstream"),
+                            Some(u.span()),
+                            format!("no upstream named {:?} (defined: {:?})", u.get_ref(), self.upstreams.keys().collect::<Vec<_>>()),
+                        ));
+                    }
+                }
+                (None, Some(d)) => {
+                    if !(200..=599).contains(&d.status) {
+                        return Err(err(k("direct.status"), None, "must be between 200 and 599".into()));
+                    }
+                    for v in d.headers.values() {
+                        check_header_value(v).map_err(|e| err(k("direct.headers"), None, e))?;
+                    }
+                }
+            }
+            let kinds = [r.path.is_some(), r.path_prefix.is_some(), r.path_regex.is_some()]
+                .iter()
+                .filter(|b| **b)
+                .count();
+            if kinds > 1 {
+                return Err(err(k("path"), None, "use one of `path`, `path_prefix` and `path_regex`".into()));
+            }
+            for (f, p) in [("path", &r.path), ("path_prefix", &r.path_prefix), ("strip_prefix", &r.strip_prefix)] {
+                if let Some(p) = p {
+                    if !p.starts_with('/') {
+                        return Err(err(k(f), None, format!("{p:?} must start with '/'")));
+                    }
+                }
+            }
+            if let Some(re) = &r.path_regex {
+                regex::bytes::Regex::new(re).map_err(|e| err(k("path_regex"), None, format!("invalid regex: {e}")))?;
+            }
+            if r.replace_prefix.is_some() {
+                if r.path_prefix.is_none() {
+                    return Err(err(k("replace_prefix"), None, "needs `path_prefix` (the part it replaces)".into()));
+                }
+                if r.strip_prefix.is_some() {
+                    return Err(err(k("replace_prefix"), None, "use `strip_prefix` or `replace_prefix`, not both".into()));
+                }
+            }
+            for (j, h) in r.hosts.iter().enumerate() {
+                let bare = h.strip_prefix("*.").unwrap_or(h);
+                if bare.is_empty() || bare.contains('*') || bare.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
+                    return Err(err(format!("routes[{i}].hosts[{j}]"), None, format!("{h:?} is not a host name or *.suffix wildcard")));
+                }
+            }
+            for (j, m) in r.methods.iter().enumerate() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+                    return Err(err(format!("routes[{i}].methods[{j}]"), None, format!("{m:?} is not an upper-case method name")));
+                }
+            }
+            for (f, ops) in [("request_headers", &r.request_headers), ("response_headers", &r.response_headers)] {
+                for v in ops.add.values().chain(ops.set.values()) {
+                    check_header_value(v).map_err(|e| err(k(f), None, e))?;
+                }
+            }
+            if let Some(h) = &r.set_host {
+                check_header_value(h).map_err(|e| err(k("set_host"), None, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Workers to run: the config's, else one per available CPU.
+    pub fn worker_count(&self) -> usize {
+        if self.server.workers > 0 {
+            self.server.workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map(|p| offset - p).unwrap_or(offset + 1);
+    (line, col)
+}
+
+/// Best-effort position of a key path such as `routes[2].path_regex` for errors found after
+/// deserialising: the line of the n-th `[[routes]]` table, then the first `name =` after it.
+fn locate_key(src: &str, key: &str) -> (Option<usize>, Option<usize>) {
+    let mut offset = 0usize;
+    for part in key.split('.') {
+        let (name, idx) = match part.find('[') {
+            Some(b) => (&part[..b], part[b + 1..part.len() - 1].parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let hay = &src[offset..];
+        let found = match idx {
+            Some(n) => {
+                let header = format!("[[{name}]]");
+                hay.match_indices(&header).nth(n).map(|(p, _)| p)
+            }
+            None => find_key_line(hay, name),
+        };
+        match found {
+            Some(p) => offset += p,
+            None => return (None, None),
+        }
+    }
+    let (l, c) = line_col(src, offset);
+    (Some(l), Some(c))
+}
+
+fn find_key_line(hay: &str, name: &str) -> Option<usize> {
+    let mut pos = 0;
+    for line in hay.split_inclusive('\n') {
+        let t = line.trim_start();
+        if t.starts_with(name) && t[name.len()..].trim_start().starts_with(['=', '.']) {
+            return Some(pos + (line.len() - t.len()));
+        }
+        if t == format!("[{name}]").as_str() || t.starts_with(&format!("[{name}.")) {
+            return Some(pos + (line.len() - t.len()));
+        }
+        pos += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+[[listeners]]
+address = "127.0.0.1:0"
+
+[upstreams.users]
+endpoints = [{ address = "127.0.0.1:9001" }, { address = "localhost:9002", weight = 3 }]
+
+[[routes]]
+path_prefix = "/users"
+upstream = "users"
+"#;
+
+    #[test]
+    fn parses_minimal() {
+        let c = Config::parse(OK, "t.toml").unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.upstreams["users"].endpoints[1].weight, 3);
+        assert_eq!(c.timeouts.client_head.0, Duration::from_secs(10));
+    }
+
+    fn bad(src: &str) -> ConfigError {
+        Config::parse(src, "bad.toml").unwrap_err()
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_position() {
+        let e = bad("[server]\nworkers = 2\nwrokers = 3\n");
+        assert_eq!(e.file, "bad.toml");
+        assert_eq!(e.line, Some(3));
+        assert!(e.reason.contains("unknown field `wrokers`"), "{e}");
+        assert_eq!(e.key, "server.wrokers");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = bad("[timeouts]\nclient_head = 5\n");
+        assert_eq!(e.key, "timeouts.client_head");
+        assert_eq!(e.line, Some(2));
+        let e = bad("[timeouts]\nclient_head = \"5 parsecs\"\n");
+        assert!(e.reason.contains("unit"), "{e}");
+    }
+
+    #[test]
+    fn unknown_upstream_points_at_value() {
+        let src = OK.replace("upstream = \"users\"", "upstream = \"nope\"");
+        let e = bad(&src);
+        assert_eq!(e.key, "routes[0].upstream");
+        assert_eq!(e.line, Some(10));
+        assert!(e.reason.contains("no upstream named \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_locate_the_table() {
+        let src = format!("{OK}\n[[routes]]\npath_regex = \"(\"\nupstream = \"users\"\n");
+        let e = bad(&src);
+        assert_eq!(e.key, "routes[1].path_regex");
+        assert_eq!(e.line, Some(13));
+        assert!(e.to_string().starts_with("bad.toml:13:"), "{e}");
+    }
+
+    #[test]
+    fn refusals() {
+        assert!(bad("").reason.contains("listeners"));
+        let e = bad("[[listeners]]\naddress = \"nowhere\"\n");
+        assert!(e.reason.contains("no port"), "{e}");
+        let e = bad(&OK.replace("path_prefix = \"/users\"", "path_prefix = \"users\""));
+        assert!(e.reason.contains("must start with"), "{e}");
+        let e = bad(&format!("{OK}[limits]\nmax_headers = 1000\n"));
+        assert_eq!(e.key, "limits.max_headers");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("16KiB").unwrap(), 16384);
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert!(parse_size("10XB").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! HTTP/1.1 codec (RFC 9110 / RFC 9112): request and response heads parsed by httparse over
+//! `bytes`, framing decided by us, and a chunked-body scanner.
+//!
+//! Heads are parsed in place: a parsed head keeps its raw bytes (`Bytes`) and the offsets of
+//! each header, so no header byte is copied until it is forwarded.
+
+pub mod chunked;
+pub mod encode;
+pub mod request;
+pub mod response;
+
+/// A byte range inside a head's raw bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Span {
+    #[inline]
+    pub fn of(base: &[u8], part: &[u8]) -> Span {
+        let start = part.as_ptr() as usize - base.as_ptr() as usize;
+        Span {
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        }
+    }
+
+    #[inline]
+    pub fn get<'a>(&self, raw: &'a [u8]) -> &'a [u8] {
+        &raw[self.start as usize..self.end as usize]
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
+
+/// One header line: name and value spans into the head's raw bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeaderSpan {
+    pub name: Span,
+    pub value: Span,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the framing headers that ringway re-frames.
+/// Compared case-insensitively; every entry is lower case.
+pub const HOP_BY_HOP: &[&[u8]] = &[
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"transfer-encoding",
+];
+
+#[inline]
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Splits a comma-separated field value into trimmed, non-empty elements (RFC 9110 §5.6.1).
+pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|b| *b == b',')
+        .map(trim_ows)
+        .filter(|s| !s.is_empty())
+}
+
+#[inline]
+pub fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// Does the Connection header value list `token` (case-insensitive)?
+pub fn connection_lists(conn_values: &[&[u8]], name: &[u8]) -> bool {
+    conn_values
+        .iter()
+        .any(|v| list_items(v).any(|t| t.eq_ignore_ascii_case(name)))
+}
+
+/// Parses a Content-Length value: one or more identical decimal numbers separated by commas
+/// (RFC 9110 §8.6). Anything else is `None`.
+pub fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let mut out: Option<u64> = None;
+    let mut any = false;
+    for item in value.split(|b| *b == b',') {
+        let item = trim_ows(item);
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let mut n: u64 = 0;
+        for d in item {
+            n = n.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+        }
+        match out {
+            Some(prev) if prev != n => return None,
+            _ => out = Some(n),
+        }
+        any = true;
+    }
+    if any {
+        out
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_values() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b"42"), Some(42));
+        assert_eq!(parse_content_length(b"42, 42"), Some(42));
+        assert_eq!(parse_content_length(b"42,43"), None);
+        assert_eq!(parse_content_length(b"+42"), None);
+        assert_eq!(parse_content_length(b"-1"), None);
+        assert_eq!(parse_content_length(b""), None);
+        assert_eq!(parse_content_length(b"4 2"), None);
+        assert_eq!(parse_content_length(b"0x10"), None);
+        assert_eq!(parse_content_length(b"99999999999999999999"), None);
+        assert_eq!(parse_content_length(b"18446744073709551615"), None);
+        assert_eq!(parse_content_length(b"9999999999999999999"), Some(9999999999999999999));
+    }
+
+    #[test]
+    fn list_items_trim() {
+        let v: Vec<&[u8]> = list_items(b" close , ,Keep-Alive\t").collect();
+        assert_eq!(v, vec![&b"close"[..], &b"Keep-Alive"[..]]);
+    }
+}

@@ -1,0 +1,608 @@
+//! Request heads: parsing, validation of framing (RFC 9112 §6) and the limits that guard them.
+
+use std::mem::MaybeUninit;
+
+use bytes::Bytes;
+
+use super::{list_items, parse_content_length, trim_ows, HeaderSpan, Span, Version};
+
+/// Default cap on the bytes of a request head (request line + headers + blank line).
+pub const DEFAULT_MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Default cap on the number of request header lines.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Hard cap on `max_headers`: the header array lives on the stack while parsing.
+pub const MAX_HEADERS_CAP: usize = 256;
+/// Default cap on the request-target length.
+pub const DEFAULT_MAX_URI_BYTES: usize = 8 * 1024;
+/// Default cap on a request body.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+
+/// Limits applied while reading a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_uri_bytes: DEFAULT_MAX_URI_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// Why a request head was refused. Each maps to one status (see [`ParseError::status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParseError {
+    /// Malformed syntax or ambiguous framing: 400.
+    Bad(&'static str),
+    /// Request-target longer than `max_uri_bytes`: 414.
+    UriTooLong,
+    /// Head larger than `max_head_bytes` or more than `max_headers` lines: 431.
+    HeadTooLarge,
+    /// A transfer coding or method ringway does not implement: 501.
+    NotImplemented(&'static str),
+    /// An `Expect` other than `100-continue`: 417.
+    Expectation,
+    /// Not HTTP/1.0 or HTTP/1.1: 505.
+    Version,
+}
+
+impl ParseError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ParseError::Bad(_) => 400,
+            ParseError::UriTooLong => 414,
+            ParseError::HeadTooLarge => 431,
+            ParseError::NotImplemented(_) => 501,
+            ParseError::Expectation => 417,
+            ParseError::Version => 505,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ParseError::Bad(r) => r,
+            ParseError::UriTooLong => "request-target too long",
+            ParseError::HeadTooLarge => "request head too large",
+            ParseError::NotImplemented(r) => r,
+            ParseError::Expectation => "unsupported expectation",
+            ParseError::Version => "HTTP version not supported",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Options,
+    Patch,
+    Trace,
+    Connect,
+    Other,
+}
+
+impl Method {
+    fn from_bytes(m: &[u8]) -> Method {
+        match m {
+            b"GET" => Method::Get,
+            b"HEAD" => Method::Head,
+            b"POST" => Method::Post,
+            b"PUT" => Method::Put,
+            b"DELETE" => Method::Delete,
+            b"OPTIONS" => Method::Options,
+            b"PATCH" => Method::Patch,
+            b"TRACE" => Method::Trace,
+            b"CONNECT" => Method::Connect,
+            _ => Method::Other,
+        }
+    }
+
+    /// Idempotent methods (RFC 9110 §9.2.2): safe to send twice.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self,
+            Method::Get | Method::Head | Method::Put | Method::Delete | Method::Options | Method::Trace
+        )
+    }
+}
+
+/// How the request body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head. Reused across the requests of a connection (its header vector keeps
+/// its capacity).
+#[derive(Debug)]
+pub struct RequestHead {
+    /// The head's bytes, up to and including the blank line.
+    pub raw: Bytes,
+    pub method: Method,
+    pub method_span: Span,
+    /// The request-target as received.
+    pub target: Span,
+    /// Path (no query) of the target; for absolute-form, the path part of the URI.
+    pub path: Span,
+    /// Path and query to forward (origin-form), or the whole target for `*`.
+    pub path_query: Span,
+    pub version: Version,
+    pub headers: Vec<HeaderSpan>,
+    /// Authority: from an absolute-form target, else the Host header.
+    pub host: Option<Span>,
+    pub body: BodyKind,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    /// The head has a Connection header listing other than close/keep-alive.
+    pub connection_options: bool,
+}
+
+impl Default for RequestHead {
+    fn default() -> Self {
+        RequestHead {
+            raw: Bytes::new(),
+            method: Method::Get,
+            method_span: Span::default(),
+            target: Span::default(),
+            path: Span::default(),
+            path_query: Span::default(),
+            version: Version::Http11,
+            headers: Vec::with_capacity(32),
+            host: None,
+            body: BodyKind::None,
+            keep_alive: true,
+            expect_continue: false,
+            connection_options: false,
+        }
+    }
+}
+
+impl RequestHead {
+    #[inline]
+    pub fn bytes(&self, s: Span) -> &[u8] {
+        s.get(&self.raw)
+    }
+
+    pub fn method_str(&self) -> &[u8] {
+        self.bytes(self.method_span)
+    }
+
+    /// The path to route on; an empty absolute-form path reads as "/".
+    pub fn path_bytes(&self) -> &[u8] {
+        if self.path.is_empty() {
+            b"/"
+        } else {
+            self.bytes(self.path)
+        }
+    }
+
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        self.host.map(|h| self.bytes(h))
+    }
+
+    /// First value of a header (name compared case-insensitively).
+    pub fn header(&self, name: &[u8]) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| self.bytes(h.name).eq_ignore_ascii_case(name))
+            .map(|h| self.bytes(h.value))
+    }
+
+    pub fn header_values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |h| self.bytes(h.name).eq_ignore_ascii_case(name))
+            .map(move |h| self.bytes(h.value))
+    }
+}
+
+/// Looks for a complete request head at the start of `buf`.
+///
+/// Returns `Ok(Some(len))` with the head's length and fills `out` (whose `raw` is left for the
+/// caller to set from `buf[..len]`), `Ok(None)` when more bytes are needed and the limits still
+/// allow them, or the error to answer with.
+pub fn parse_request(
+    buf: &[u8],
+    limits: &Limits,
+    out: &mut RequestHead,
+) -> Result<Option<usize>, ParseError> {
+    let max_headers = limits.max_headers.min(MAX_HEADERS_CAP);
+    let mut storage: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS_CAP] =
+        [const { MaybeUninit::uninit() }; MAX_HEADERS_CAP];
+    let mut req = httparse::Request::new(&mut []);
+    let status = req.parse_with_uninit_headers(buf, &mut storage[..max_headers]);
+    let len = match status {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > limits.max_head_bytes {
+                return Err(oversize_partial(buf, limits));
+            }
+            // A request line that already outgrew the URI limit need not wait for the rest.
+            if !buf.contains(&b'\n') && buf.len() > limits.max_uri_bytes + 32 {
+                return Err(ParseError::UriTooLong);
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(map_httparse(e, buf, limits)),
+    };
+    let target = req.path.unwrap_or("");
+    if target.len() > limits.max_uri_bytes {
+        return Err(ParseError::UriTooLong);
+    }
+    if len > limits.max_head_bytes {
+        return Err(ParseError::HeadTooLarge);
+    }
+    let method = req.method.unwrap_or("");
+    out.method = Method::from_bytes(method.as_bytes());
+    out.method_span = Span::of(buf, method.as_bytes());
+    out.target = Span::of(buf, target.as_bytes());
+    out.version = if req.version == Some(0) {
+        Version::Http10
+    } else {
+        Version::Http11
+    };
+    out.headers.clear();
+    out.host = None;
+    out.body = BodyKind::None;
+    out.expect_continue = false;
+    out.connection_options = false;
+
+    let mut content_length: Option<u64> = None;
+    let mut te_seen = false;
+    let mut te_chunked_last = false;
+    let mut te_chunked_count = 0u32;
+    let mut te_other = false;
+    let mut host_count = 0u32;
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
+
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = h.value;
+        if value.contains(&b'\r') || value.contains(&b'\n') || value.contains(&0) {
+            return Err(ParseError::Bad("invalid character in header value"));
+        }
+        out.headers.push(HeaderSpan {
+            name: Span::of(buf, name),
+            value: Span::of(buf, value),
+        });
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_content_length(value)
+                .ok_or(ParseError::Bad("invalid Content-Length"))?;
+            match content_length {
+                Some(prev) if prev != n => {
+                    return Err(ParseError::Bad("conflicting Content-Length values"))
+                }
+                _ => content_length = Some(n),
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te_seen = true;
+            let mut any = false;
+            for coding in list_items(value) {
+                any = true;
+                // Codings may carry parameters ("gzip;q=1"); the name is what counts.
+                let coding = trim_ows(coding.split(|b| *b == b';').next().unwrap_or(b""));
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    te_chunked_count += 1;
+                    te_chunked_last = true;
+                } else {
+                    if te_chunked_count > 0 {
+                        return Err(ParseError::Bad("chunked is not the final transfer coding"));
+                    }
+                    te_other = true;
+                    te_chunked_last = false;
+                }
+            }
+            if !any {
+                return Err(ParseError::Bad("empty Transfer-Encoding"));
+            }
+        } else if name.eq_ignore_ascii_case(b"host") {
+            host_count += 1;
+            out.host = Some(Span::of(buf, value));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in list_items(value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    conn_close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    conn_keep_alive = true;
+                } else {
+                    out.connection_options = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            if trim_ows(value).eq_ignore_ascii_case(b"100-continue") {
+                out.expect_continue = true;
+            } else {
+                return Err(ParseError::Expectation);
+            }
+        }
+    }
+
+    if host_count > 1 {
+        return Err(ParseError::Bad("more than one Host header"));
+    }
+    if out.version == Version::Http11 && host_count == 0 {
+        return Err(ParseError::Bad("missing Host header"));
+    }
+
+    if te_seen {
+        if out.version == Version::Http10 {
+            return Err(ParseError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        if content_length.is_some() {
+            return Err(ParseError::Bad("both Content-Length and Transfer-Encoding"));
+        }
+        if !te_chunked_last {
+            return Err(ParseError::Bad("chunked is not the final transfer coding"));
+        }
+        if te_chunked_count > 1 {
+            return Err(ParseError::Bad("chunked applied more than once"));
+        }
+        if te_other {
+            return Err(ParseError::NotImplemented("unsupported transfer coding"));
+        }
+        out.body = BodyKind::Chunked;
+    } else if let Some(n) = content_length {
+        out.body = if n == 0 {
+            BodyKind::None
+        } else {
+            BodyKind::Length(n)
+        };
+    }
+
+    out.keep_alive = match out.version {
+        Version::Http11 => !conn_close,
+        Version::Http10 => conn_keep_alive && !conn_close,
+    };
+
+    // Request-target forms (RFC 9112 §3.2).
+    let tb = target.as_bytes();
+    match out.method {
+        Method::Connect => return Err(ParseError::NotImplemented("CONNECT is not supported")),
+        _ if tb == b"*" => {
+            if out.method != Method::Options {
+                return Err(ParseError::Bad("asterisk-form is only for OPTIONS"));
+            }
+            out.path = out.target;
+            out.path_query = out.target;
+        }
+        _ if tb.first() == Some(&b'/') => {
+            let path_end = tb.iter().position(|b| *b == b'?').unwrap_or(tb.len());
+            out.path = Span::of(buf, &tb[..path_end]);
+            out.path_query = out.target;
+        }
+        _ => {
+            let rest = strip_scheme(tb).ok_or(ParseError::Bad("invalid request-target"))?;
+            let auth_end = rest
+                .iter()
+                .position(|b| matches!(b, b'/' | b'?'))
+                .unwrap_or(rest.len());
+            let authority = &rest[..auth_end];
+            if authority.is_empty() || authority.contains(&b'@') {
+                return Err(ParseError::Bad("invalid authority in request-target"));
+            }
+            out.host = Some(Span::of(buf, authority));
+            let pq = &rest[auth_end..];
+            let path_end = pq.iter().position(|b| *b == b'?').unwrap_or(pq.len());
+            // "http://h" and "http://h?q" have an empty path here; it means "/"
+            // (RFC 9112 §3.2.2): `path_bytes` and the encoder supply the slash.
+            out.path = Span::of(buf, &pq[..path_end]);
+            out.path_query = Span::of(buf, pq);
+        }
+    }
+    Ok(Some(len))
+}
+
+fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
+    if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
+        Some(&t[7..])
+    } else if t.len() > 8 && t[..8].eq_ignore_ascii_case(b"https://") {
+        Some(&t[8..])
+    } else {
+        None
+    }
+}
+
+/// The head outgrew `max_head_bytes` before it was complete: 414 when the request line itself
+/// is what is too long, 431 otherwise.
+fn oversize_partial(buf: &[u8], limits: &Limits) -> ParseError {
+    let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
+    if line_end > limits.max_uri_bytes {
+        ParseError::UriTooLong
+    } else {
+        ParseError::HeadTooLarge
+    }
+}
+
+fn map_httparse(e: httparse::Error, buf: &[u8], limits: &Limits) -> ParseError {
+    match e {
+        httparse::Error::TooManyHeaders => ParseError::HeadTooLarge,
+        httparse::Error::Version => {
+            // "HTTP/2.0" or "HTTP/3" in the request line; garbage after the target stays a 400.
+            let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
+            let line = &buf[..line_end];
+            if line.windows(5).any(|w| w == b"HTTP/") {
+                ParseError::Version
+            } else {
+                ParseError::Bad("malformed request line")
+            }
+        }
+        httparse::Error::HeaderName => {
+            ParseError::Bad("invalid header name (whitespace before colon or obs-fold?)")
+        }
+        httparse::Error::HeaderValue => ParseError::Bad("invalid header value"),
+        httparse::Error::NewLine => ParseError::Bad("invalid line ending"),
+        httparse::Error::Token => {
+            if buf.len() > limits.max_uri_bytes {
+                oversize_partial(buf, limits)
+            } else {
+                ParseError::Bad("malformed request line")
+            }
+        }
+        httparse::Error::Status => ParseError::Bad("malformed request line"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Result<Option<(usize, RequestHead)>, ParseError> {
+        let mut head = RequestHead::default();
+        let r = parse_request(raw, &Limits::default(), &mut head)?;
+        Ok(r.map(|n| {
+            head.raw = Bytes::copy_from_slice(raw);
+            (n, head)
+        }))
+    }
+
+    fn ok(raw: &[u8]) -> RequestHead {
+        parse(raw).expect("valid").expect("complete").1
+    }
+
+    fn err(raw: &[u8]) -> u16 {
+        match parse(raw) {
+            Err(e) => e.status(),
+            Ok(r) => panic!(
+                "expected an error for {:?}, got {:?}",
+                String::from_utf8_lossy(raw),
+                r.map(|x| x.0)
+            ),
+        }
+    }
+
+    #[test]
+    fn simple_get() {
+        let h = ok(b"GET /a/b?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n");
+        assert_eq!(h.method, Method::Get);
+        assert_eq!(h.path_bytes(), b"/a/b");
+        assert_eq!(h.bytes(h.path_query), b"/a/b?x=1");
+        assert_eq!(h.host_bytes(), Some(&b"example.com"[..]));
+        assert_eq!(h.body, BodyKind::None);
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn http10_keep_alive_rules() {
+        assert!(!ok(b"GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(ok(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        assert!(!ok(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").keep_alive);
+    }
+
+    #[test]
+    fn framing() {
+        let h = ok(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Length(5));
+        let h = ok(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Length(5));
+        let h = ok(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(h.body, BodyKind::Chunked);
+        let h = ok(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(h.body, BodyKind::None);
+    }
+
+    #[test]
+    fn absolute_form() {
+        let h = ok(b"GET http://example.com:8080/x?y HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert_eq!(h.host_bytes(), Some(&b"example.com:8080"[..]));
+        assert_eq!(h.path_bytes(), b"/x");
+        assert_eq!(h.bytes(h.path_query), b"/x?y");
+        let h = ok(b"GET http://example.com HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert_eq!(h.path_bytes(), b"/");
+        assert_eq!(h.bytes(h.path_query), b"");
+    }
+
+    #[test]
+    fn expect_continue() {
+        let h = ok(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+        assert!(h.expect_continue);
+    }
+
+    /// Table of malformed heads and the status each must get.
+    #[test]
+    fn malformed_table() {
+        let big_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(9000));
+        let many_headers = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            (0..120).map(|i| format!("X-H{i}: v\r\n")).collect::<String>()
+        );
+        let big_header = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "v".repeat(17000));
+        let cases: Vec<(&[u8], u16)> = vec![
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 4\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -3\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", 400),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX-Space : a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nX-Bare: a\rb\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\rHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            (b"GET / FOO/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET\r\n\r\n", 400),
+            (b"G@T / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 501),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nExpect: magic\r\n\r\n", 417),
+            (b"GET http://u@h/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (big_uri.as_bytes(), 414),
+            (many_headers.as_bytes(), 431),
+            (big_header.as_bytes(), 431),
+        ];
+        for (raw, status) in cases {
+            assert_eq!(err(raw), status, "for {:?}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    /// Every proper prefix of a valid head is incomplete, never an error or a wrong parse.
+    #[test]
+    fn every_prefix_is_partial() {
+        let raw: &[u8] = b"POST /p?q=1 HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\nX-A: b\r\n\r\n";
+        for i in 0..raw.len() {
+            assert_eq!(parse(&raw[..i]).map(|r| r.map(|x| x.0)), Ok(None), "prefix {i}");
+        }
+        assert_eq!(parse(raw).unwrap().unwrap().0, raw.len());
+    }
+
+    /// A head split at every byte and fed in two reads parses identically.
+    #[test]
+    fn split_at_every_byte() {
+        let raw: &[u8] = b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nEXTRA";
+        let head_len = raw.len() - 5;
+        for i in 0..raw.len() {
+            let mut buf = raw[..i].to_vec();
+            let mut head = RequestHead::default();
+            let first = parse_request(&buf, &Limits::default(), &mut head).unwrap();
+            if i < head_len {
+                assert_eq!(first, None, "split at {i}");
+            }
+            buf.extend_from_slice(&raw[i..]);
+            let r = parse_request(&buf, &Limits::default(), &mut head).unwrap();
+            assert_eq!(r, Some(head_len));
+            assert!(!head.keep_alive);
+        }
+    }
+}

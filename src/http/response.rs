@@ -1,0 +1,235 @@
+//! Upstream response heads and their framing (RFC 9112 §6.3).
+
+use std::mem::MaybeUninit;
+
+use bytes::Bytes;
+
+use super::{list_items, parse_content_length, trim_ows, HeaderSpan, Span, Version};
+
+/// Most bytes accepted in an upstream response head.
+pub const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
+/// Most header lines accepted in an upstream response head.
+pub const MAX_RESPONSE_HEADERS: usize = 256;
+
+/// How the response body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RespBody {
+    /// No body: HEAD, 1xx, 204, 304, or Content-Length: 0.
+    None,
+    Length(u64),
+    Chunked,
+    /// Delimited by the upstream closing the connection.
+    Close,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RespError {
+    /// The head is malformed or its framing is invalid.
+    Malformed(&'static str),
+    /// The head is larger than [`MAX_RESPONSE_HEAD_BYTES`].
+    TooLarge,
+}
+
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub raw: Bytes,
+    pub status: u16,
+    pub reason: Span,
+    pub version: Version,
+    pub headers: Vec<HeaderSpan>,
+    pub body: RespBody,
+    /// The upstream allows reusing the connection after this response.
+    pub keep_alive: bool,
+    pub connection_options: bool,
+}
+
+impl Default for ResponseHead {
+    fn default() -> Self {
+        ResponseHead {
+            raw: Bytes::new(),
+            status: 0,
+            reason: Span::default(),
+            version: Version::Http11,
+            headers: Vec::with_capacity(32),
+            body: RespBody::None,
+            keep_alive: true,
+            connection_options: false,
+        }
+    }
+}
+
+impl ResponseHead {
+    #[inline]
+    pub fn bytes(&self, s: Span) -> &[u8] {
+        s.get(&self.raw)
+    }
+
+    pub fn header(&self, name: &[u8]) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| self.bytes(h.name).eq_ignore_ascii_case(name))
+            .map(|h| self.bytes(h.value))
+    }
+}
+
+/// Parses an upstream response head at the start of `buf`. `head_request` is whether the
+/// request was HEAD, which makes any body absent whatever the headers say.
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    out: &mut ResponseHead,
+) -> Result<Option<usize>, RespError> {
+    let mut storage: [MaybeUninit<httparse::Header<'_>>; MAX_RESPONSE_HEADERS] =
+        [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut storage,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > MAX_RESPONSE_HEAD_BYTES {
+                return Err(RespError::TooLarge);
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(RespError::TooLarge),
+        Err(_) => return Err(RespError::Malformed("malformed response head")),
+    };
+    if len > MAX_RESPONSE_HEAD_BYTES {
+        return Err(RespError::TooLarge);
+    }
+    let status = resp.code.unwrap_or(0);
+    out.status = status;
+    out.reason = Span::of(buf, resp.reason.unwrap_or("").as_bytes());
+    out.version = if resp.version == Some(0) {
+        Version::Http10
+    } else {
+        Version::Http11
+    };
+    out.headers.clear();
+    out.connection_options = false;
+
+    let mut content_length: Option<u64> = None;
+    let mut te_seen = false;
+    let mut te_chunked_last = false;
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        let value = h.value;
+        if value.contains(&b'\r') || value.contains(&b'\n') || value.contains(&0) {
+            return Err(RespError::Malformed("invalid character in header value"));
+        }
+        out.headers.push(HeaderSpan {
+            name: Span::of(buf, name),
+            value: Span::of(buf, value),
+        });
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_content_length(value)
+                .ok_or(RespError::Malformed("invalid Content-Length"))?;
+            if content_length.is_some_and(|p| p != n) {
+                return Err(RespError::Malformed("conflicting Content-Length"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te_seen = true;
+            for coding in list_items(value) {
+                let coding = trim_ows(coding.split(|b| *b == b';').next().unwrap_or(b""));
+                te_chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in list_items(value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    conn_close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    conn_keep_alive = true;
+                } else {
+                    out.connection_options = true;
+                }
+            }
+        }
+    }
+    out.keep_alive = match out.version {
+        Version::Http11 => !conn_close,
+        Version::Http10 => conn_keep_alive && !conn_close,
+    };
+    out.body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+        RespBody::None
+    } else if te_seen {
+        // Transfer-Encoding overrides Content-Length; a sender of both may be attempting
+        // smuggling, so the connection is not reused (RFC 9112 §6.3 item 3).
+        if content_length.is_some() {
+            out.keep_alive = false;
+        }
+        if te_chunked_last {
+            RespBody::Chunked
+        } else {
+            out.keep_alive = false;
+            RespBody::Close
+        }
+    } else if let Some(n) = content_length {
+        if n == 0 {
+            RespBody::None
+        } else {
+            RespBody::Length(n)
+        }
+    } else {
+        out.keep_alive = false;
+        RespBody::Close
+    };
+    Ok(Some(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8], head: bool) -> Result<Option<ResponseHead>, RespError> {
+        let mut out = ResponseHead::default();
+        Ok(parse_response(raw, head, &mut out)?.map(|_| out))
+    }
+
+    #[test]
+    fn framing_rules() {
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(r.body, RespBody::Length(5));
+        assert!(r.keep_alive);
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).unwrap().unwrap();
+        assert_eq!(r.body, RespBody::None);
+        let r = parse(b"HTTP/1.1 204 No Content\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(r.body, RespBody::None);
+        let r = parse(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(r.body, RespBody::None);
+        let r = parse(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(r.body, RespBody::Close);
+        assert!(!r.keep_alive);
+        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.body, RespBody::Chunked);
+        assert!(!r.keep_alive);
+        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap().unwrap();
+        assert!(!r.keep_alive);
+        let r = parse(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap();
+        assert_eq!(r.status, 100);
+        assert_eq!(r.body, RespBody::None);
+    }
+
+    #[test]
+    fn malformed() {
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTX/1.1 200 OK\r\n\r\n", false).is_err());
+        assert!(parse(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());
+    }
+
+    #[test]
+    fn every_prefix_is_partial() {
+        let raw: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: y\r\n\r\n";
+        for i in 0..raw.len() {
+            assert!(parse(&raw[..i], false).unwrap().is_none(), "prefix {i}");
+        }
+    }
+}
