@@ -1,2 +1,22 @@
+//! ringway: an API gateway on monoio, thread-per-core.
+//!
+//! Layout, in the order a request meets it:
+//! - [`server`]: worker threads, one monoio runtime each (io_uring or epoll), listeners bound
+//!   per worker with `SO_REUSEPORT`, graceful shutdown.
+//! - [`proxy`]: one client connection's life: read a head, route it, answer directly or proxy
+//!   it, stream bodies both ways.
+//! - [`http`]: the HTTP/1.1 codec (httparse over `bytes`, framing rules, chunked scanner).
+//! - [`router`]: the per-worker route table.
+//! - [`upstream`]: per-worker upstream groups, balancers and keep-alive pools.
+//! - [`config`]: the TOML file, typed and validated.
+//! - [`error`]: gateway-made errors and the one place that maps them to responses.
+
 pub mod config;
+pub mod demo;
+pub mod error;
 pub mod http;
+pub mod log;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod upstream;

@@ -1,3 +1,203 @@
-fn main() {
-    println!("Hello, world!");
+//! The `ringway` command: run, check, demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ringway::config::Config;
+use ringway::server::Gateway;
+use ringway::{error, info};
+
+const USAGE: &str = "\
+ringway — a thread-per-core API gateway
+
+USAGE:
+    ringway [run] [-c FILE] [--workers N]   run the gateway (default config: config/ringway.toml)
+    ringway check [-c FILE]                 validate a config and print a summary
+    ringway demo [--workers N]              run config/demo.toml with built-in sample services
+    ringway --version | --help
+
+ENVIRONMENT:
+    RINGWAY_DRIVER=auto|io_uring|epoll      override [server].driver
+    RINGWAY_LOG=info|warn|error|off         log level (default info)
+";
+
+/// The demo config, built in so that `ringway demo` works from any directory.
+const DEMO_TOML: &str = include_str!("../config/demo.toml");
+
+struct Args {
+    command: String,
+    config: PathBuf,
+    workers: Option<usize>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mut a = Args {
+        command: "run".into(),
+        config: PathBuf::from("config/ringway.toml"),
+        workers: None,
+    };
+    let mut first = true;
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "run" | "check" | "demo" if first => a.command = arg,
+            "-c" | "--config" => {
+                a.config = it.next().ok_or("-c needs a file")?.into();
+            }
+            "-w" | "--workers" => {
+                let v = it.next().ok_or("--workers needs a number")?;
+                a.workers = Some(v.parse().map_err(|_| format!("--workers: {v:?} is not a number"))?);
+            }
+            "-V" | "--version" => a.command = "version".into(),
+            "-h" | "--help" => a.command = "help".into(),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+        first = false;
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ringway: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match args.command.as_str() {
+        "help" => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        "version" => {
+            println!("ringway {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        "check" => match Config::load(&args.config) {
+            Ok(cfg) => {
+                print_summary(&args.config.display().to_string(), &cfg);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ringway: invalid config: {e}");
+                ExitCode::from(1)
+            }
+        },
+        "demo" => {
+            let demo_path = PathBuf::from("config/demo.toml");
+            let cfg = if demo_path.exists() {
+                Config::load(&demo_path)
+            } else {
+                Config::parse(DEMO_TOML, "config/demo.toml (built in)")
+            };
+            let cfg = match cfg {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ringway: invalid config: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            if let Err(e) = ringway::demo::start_sample_services() {
+                eprintln!("ringway: cannot start the sample services: {e}");
+                return ExitCode::from(1);
+            }
+            let addr = cfg.listeners[0].address.addr;
+            println!("ringway demo: sample services on 127.0.0.1:9101-9103, gateway on http://{addr}");
+            println!("try:");
+            println!("  curl -i http://{addr}/healthz");
+            println!("  curl -i http://{addr}/api/users          # round robin over two instances");
+            println!("  curl -i http://{addr}/api/users/2");
+            println!("  curl -i http://{addr}/api/orders");
+            println!("  curl -i -X POST -d '{{\"item\":\"tea\",\"quantity\":2}}' http://{addr}/api/orders");
+            println!("  curl -i http://{addr}/nowhere            # 404 from the gateway, with a request id");
+            println!("stop with Ctrl-C");
+            run(cfg, args.workers)
+        }
+        _ => match Config::load(&args.config) {
+            Ok(cfg) => run(cfg, args.workers),
+            Err(e) => {
+                eprintln!("ringway: invalid config: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let names: Vec<String> = cfg
+        .listeners
+        .iter()
+        .map(|l| l.name.clone().unwrap_or_default())
+        .collect();
+    let gw = match Gateway::start(cfg, workers) {
+        Ok(g) => g,
+        Err(e) => {
+            error!("cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for (addr, name) in gw.addrs().iter().zip(names) {
+        info!("listening on {addr} {name}");
+    }
+    if let Some(sig) = signals.forever().next() {
+        info!("signal {sig}: shutting down gracefully");
+    }
+    gw.shutdown();
+    gw.join();
+    info!("stopped");
+    ExitCode::SUCCESS
+}
+
+fn print_summary(file: &str, cfg: &Config) {
+    println!("{file}: OK");
+    println!("workers: {}", cfg.worker_count());
+    println!("listeners:");
+    for l in &cfg.listeners {
+        println!("  {} {}", l.address.addr, l.name.as_deref().unwrap_or(""));
+    }
+    println!("upstreams:");
+    for (name, u) in &cfg.upstreams {
+        let eps: Vec<String> = u
+            .endpoints
+            .iter()
+            .map(|e| format!("{}={} (w{})", e.address.text, e.address.addr, e.weight))
+            .collect();
+        println!("  {name} [{:?}]: {}", u.balance, eps.join(", "));
+    }
+    println!("routes:");
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let path = r
+            .path
+            .as_ref()
+            .map(|p| format!("path={p}"))
+            .or(r.path_prefix.as_ref().map(|p| format!("prefix={p}")))
+            .or(r.path_regex.as_ref().map(|p| format!("regex={p}")))
+            .unwrap_or_else(|| "any path".into());
+        let target = match (&r.upstream, &r.direct) {
+            (Some(u), _) => format!("-> upstream {}", u.get_ref()),
+            (_, Some(d)) => format!("-> direct {}", d.status),
+            _ => String::new(),
+        };
+        let hosts = if r.hosts.is_empty() {
+            "any host".to_string()
+        } else {
+            r.hosts.join(",")
+        };
+        let name = r.name.clone().unwrap_or_else(|| format!("route#{i}"));
+        let methods = if r.methods.is_empty() {
+            String::new()
+        } else {
+            format!(" methods={}", r.methods.join(","))
+        };
+        println!("  {name}: {hosts} {path}{methods} {target}");
+    }
 }

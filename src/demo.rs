@@ -1,0 +1,150 @@
+//! `ringway demo`: small sample services on loopback for the demo config to front.
+//!
+//! They are plain blocking servers (a thread per connection) built on ringway's own request
+//! parser, good for trying the gateway by hand, not for measuring it.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread;
+
+use crate::http::request::{parse_request, BodyKind, Limits, RequestHead};
+
+#[derive(Clone, Copy)]
+enum Service {
+    Users { instance: u8 },
+    Orders,
+}
+
+/// Starts the sample services the demo config expects: users on 127.0.0.1:9101 and :9102,
+/// orders on 127.0.0.1:9103.
+pub fn start_sample_services() -> io::Result<()> {
+    spawn_service("127.0.0.1:9101".parse().expect("literal"), Service::Users { instance: 1 })?;
+    spawn_service("127.0.0.1:9102".parse().expect("literal"), Service::Users { instance: 2 })?;
+    spawn_service("127.0.0.1:9103".parse().expect("literal"), Service::Orders)?;
+    Ok(())
+}
+
+fn spawn_service(addr: SocketAddr, svc: Service) -> io::Result<()> {
+    let l = TcpListener::bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("sample service on {addr}: {e}")))?;
+    thread::Builder::new()
+        .name(format!("demo-{}", addr.port()))
+        .spawn(move || {
+            for s in l.incoming().flatten() {
+                let _ = thread::Builder::new().spawn(move || serve_conn(s, svc));
+            }
+        })?;
+    Ok(())
+}
+
+fn serve_conn(mut s: TcpStream, svc: Service) {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut head = RequestHead::default();
+    let limits = Limits::default();
+    loop {
+        let n = loop {
+            match parse_request(&buf, &limits, &mut head) {
+                Ok(Some(n)) => break n,
+                Ok(None) => {}
+                Err(_) => return,
+            }
+            let mut tmp = [0u8; 4096];
+            match s.read(&mut tmp) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&tmp[..k]),
+            }
+        };
+        head.raw = bytes::Bytes::copy_from_slice(&buf[..n]);
+        buf.drain(..n);
+        let body_len = match head.body {
+            BodyKind::Length(l) => l as usize,
+            BodyKind::None => 0,
+            BodyKind::Chunked => return,
+        };
+        while buf.len() < body_len {
+            let mut tmp = [0u8; 4096];
+            match s.read(&mut tmp) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => buf.extend_from_slice(&tmp[..k]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..body_len).collect();
+        let (status, json) = answer(svc, head.method_str(), head.path_bytes(), &body);
+        let reason = crate::http::encode::reason_phrase(status);
+        let resp = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+            json.len()
+        );
+        if s.write_all(resp.as_bytes()).is_err() || !head.keep_alive {
+            return;
+        }
+    }
+}
+
+const USERS: &[(u32, &str, &str)] = &[
+    (1, "Ada Lovelace", "ada@example.com"),
+    (2, "Grace Hopper", "grace@example.com"),
+    (3, "Edsger Dijkstra", "edsger@example.com"),
+];
+
+const ORDERS: &[(u32, u32, &str, u32)] = &[
+    (100, 1, "analytical engine", 1),
+    (101, 2, "compiler", 2),
+    (102, 1, "punch cards", 500),
+];
+
+fn user_json(u: &(u32, &str, &str)) -> String {
+    serde_json::json!({"id": u.0, "name": u.1, "email": u.2}).to_string()
+}
+
+fn order_json(o: &(u32, u32, &str, u32)) -> String {
+    serde_json::json!({"id": o.0, "user_id": o.1, "item": o.2, "quantity": o.3}).to_string()
+}
+
+fn answer(svc: Service, method: &[u8], path: &[u8], body: &[u8]) -> (u16, String) {
+    let path = std::str::from_utf8(path).unwrap_or("");
+    let not_found = || (404, r#"{"error":"not found"}"#.to_string());
+    match svc {
+        Service::Users { instance } => {
+            let served_by = format!("users-{instance}");
+            match (method, path.trim_end_matches('/')) {
+                (b"GET", "/users") => {
+                    let list: Vec<serde_json::Value> = USERS
+                        .iter()
+                        .map(|u| serde_json::from_str(&user_json(u)).expect("valid json"))
+                        .collect();
+                    (200, serde_json::json!({"users": list, "served_by": served_by}).to_string())
+                }
+                (b"GET", p) => match p.strip_prefix("/users/").and_then(|id| id.parse::<u32>().ok()) {
+                    Some(id) => match USERS.iter().find(|u| u.0 == id) {
+                        Some(u) => (200, user_json(u)),
+                        None => not_found(),
+                    },
+                    None => not_found(),
+                },
+                _ => not_found(),
+            }
+        }
+        Service::Orders => match (method, path.trim_end_matches('/')) {
+            (b"GET", "/orders") => {
+                let list: Vec<serde_json::Value> = ORDERS
+                    .iter()
+                    .map(|o| serde_json::from_str(&order_json(o)).expect("valid json"))
+                    .collect();
+                (200, serde_json::json!({"orders": list}).to_string())
+            }
+            (b"POST", "/orders") => match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(v) => (201, serde_json::json!({"created": v, "id": 103}).to_string()),
+                Err(e) => (400, serde_json::json!({"error": e.to_string()}).to_string()),
+            },
+            (b"GET", p) => match p.strip_prefix("/orders/").and_then(|id| id.parse::<u32>().ok()) {
+                Some(id) => match ORDERS.iter().find(|o| o.0 == id) {
+                    Some(o) => (200, order_json(o)),
+                    None => not_found(),
+                },
+                None => not_found(),
+            },
+            _ => not_found(),
+        },
+    }
+}

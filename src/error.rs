@@ -1,0 +1,127 @@
+//! Gateway-made errors and the one function that turns them into a response.
+
+use bytes::{BufMut, BytesMut};
+
+use crate::http::chunked::ChunkError;
+use crate::http::encode::{put_status_line, put_u64, reason_phrase};
+use crate::http::request::ParseError;
+
+/// Which side caused an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayError {
+    /// The request head was refused.
+    Parse(ParseError),
+    /// A chunked request body was malformed.
+    BadChunk(ChunkError),
+    /// No route matches.
+    NoRoute,
+    /// The request body is over the route's `max_body_bytes`.
+    BodyTooLarge,
+    /// The client was too slow sending its head or body.
+    ClientTimeout,
+    /// The upstream refused or reset the connection attempt.
+    UpstreamConnect,
+    /// The TCP connect did not finish within `upstream_connect`.
+    UpstreamConnectTimeout,
+    /// No response head within `upstream_response`.
+    UpstreamTimeout,
+    /// The upstream sent something that is not a valid HTTP/1.1 response.
+    UpstreamBadResponse,
+    /// The upstream closed or reset the connection before a complete response head.
+    UpstreamClosed,
+}
+
+impl GatewayError {
+    pub fn status(&self) -> u16 {
+        match self {
+            GatewayError::Parse(p) => p.status(),
+            GatewayError::BadChunk(_) => 400,
+            GatewayError::NoRoute => 404,
+            GatewayError::BodyTooLarge => 413,
+            GatewayError::ClientTimeout => 408,
+            GatewayError::UpstreamConnect => 502,
+            GatewayError::UpstreamConnectTimeout => 504,
+            GatewayError::UpstreamTimeout => 504,
+            GatewayError::UpstreamBadResponse => 502,
+            GatewayError::UpstreamClosed => 502,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::Parse(ParseError::UriTooLong) => "uri_too_long",
+            GatewayError::Parse(ParseError::HeadTooLarge) => "header_too_large",
+            GatewayError::Parse(ParseError::NotImplemented(_)) => "not_implemented",
+            GatewayError::Parse(ParseError::Expectation) => "expectation_failed",
+            GatewayError::Parse(ParseError::Version) => "version_not_supported",
+            GatewayError::Parse(ParseError::Bad(_)) | GatewayError::BadChunk(_) => "bad_request",
+            GatewayError::NoRoute => "no_route",
+            GatewayError::BodyTooLarge => "body_too_large",
+            GatewayError::ClientTimeout => "request_timeout",
+            GatewayError::UpstreamConnect => "upstream_connect_failed",
+            GatewayError::UpstreamConnectTimeout => "upstream_connect_timeout",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamBadResponse => "upstream_bad_response",
+            GatewayError::UpstreamClosed => "upstream_closed",
+        }
+    }
+
+    pub fn message(&self) -> &'static str {
+        match self {
+            GatewayError::Parse(p) => p.reason(),
+            GatewayError::BadChunk(c) => c.reason(),
+            GatewayError::NoRoute => "no route matches this request",
+            GatewayError::BodyTooLarge => "request body is larger than this route allows",
+            GatewayError::ClientTimeout => "the request was not received in time",
+            GatewayError::UpstreamConnect => "could not connect to the upstream",
+            GatewayError::UpstreamConnectTimeout => "connecting to the upstream timed out",
+            GatewayError::UpstreamTimeout => "the upstream did not answer in time",
+            GatewayError::UpstreamBadResponse => "the upstream sent an invalid response",
+            GatewayError::UpstreamClosed => "the upstream closed the connection without answering",
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            GatewayError::Parse(_)
+            | GatewayError::BadChunk(_)
+            | GatewayError::NoRoute
+            | GatewayError::BodyTooLarge
+            | GatewayError::ClientTimeout => Side::Client,
+            _ => Side::Upstream,
+        }
+    }
+}
+
+/// Writes a complete error response: status, a small JSON body naming the error and the
+/// request id, and `Connection: close` when the connection ends after it.
+pub fn write_error_response(buf: &mut BytesMut, err: GatewayError, request_id: &[u8], close: bool) {
+    let status = err.status();
+    // request ids are checked to hold only token characters, so no JSON escaping is needed.
+    let mut body = BytesMut::with_capacity(160);
+    body.put_slice(b"{\"error\":\"");
+    body.put_slice(err.code().as_bytes());
+    body.put_slice(b"\",\"status\":");
+    put_u64(&mut body, status as u64);
+    body.put_slice(b",\"message\":\"");
+    body.put_slice(err.message().as_bytes());
+    body.put_slice(b"\",\"request_id\":\"");
+    body.put_slice(request_id);
+    body.put_slice(b"\"}\n");
+    put_status_line(buf, status, reason_phrase(status).as_bytes());
+    buf.put_slice(b"content-type: application/json\r\ncontent-length: ");
+    put_u64(buf, body.len() as u64);
+    buf.put_slice(b"\r\nx-request-id: ");
+    buf.put_slice(request_id);
+    if close {
+        buf.put_slice(b"\r\nconnection: close");
+    }
+    buf.put_slice(b"\r\n\r\n");
+    buf.put_slice(&body);
+}

@@ -1,0 +1,53 @@
+//! Minimal logging to stderr: `level=... msg=...` lines with a UNIX timestamp.
+//! `RINGWAY_LOG=warn` (or `error`, `off`) quiets it.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Level {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+static INIT: OnceLock<()> = OnceLock::new();
+
+pub fn enabled(level: Level) -> bool {
+    INIT.get_or_init(|| {
+        let l = match std::env::var("RINGWAY_LOG").as_deref() {
+            Ok("off") => 0,
+            Ok("error") => 1,
+            Ok("warn") => 2,
+            _ => 3,
+        };
+        LEVEL.store(l, Ordering::Relaxed);
+    });
+    (level as u8) <= LEVEL.load(Ordering::Relaxed)
+}
+
+pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let l = match level {
+        Level::Error => "error",
+        Level::Warn => "warn",
+        Level::Info => "info",
+    };
+    eprintln!("{}.{:03} {l} {args}", now.as_secs(), now.subsec_millis());
+}
+
+#[macro_export]
+macro_rules! info {
+    ($($t:tt)*) => { if $crate::log::enabled($crate::log::Level::Info) { $crate::log::write($crate::log::Level::Info, format_args!($($t)*)) } };
+}
+#[macro_export]
+macro_rules! warn {
+    ($($t:tt)*) => { if $crate::log::enabled($crate::log::Level::Warn) { $crate::log::write($crate::log::Level::Warn, format_args!($($t)*)) } };
+}
+#[macro_export]
+macro_rules! error {
+    ($($t:tt)*) => { if $crate::log::enabled($crate::log::Level::Error) { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } };
+}

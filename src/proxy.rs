@@ -1,0 +1,1052 @@
+//! One client connection's life on a worker: read a request head, route it, answer it directly
+//! or proxy it to an upstream, streaming bodies both ways through bounded buffers.
+//!
+//! ```text
+//!  read head ──► route ──► direct response
+//!   (limits,      │
+//!    timeouts)    └──► pick endpoint ──► pooled or new connection ──► send head (+ body)
+//!                                                                      │
+//!        client ◄── stream body ◄── response head ◄── 1xx handling ◄───┘
+//! ```
+//!
+//! Every malformed request gets its 4xx and the connection is closed afterwards, so nothing
+//! left in the buffer can be read as a second request.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::config::Config;
+use crate::error::{write_error_response, GatewayError};
+use crate::http::chunked::ChunkedScanner;
+use crate::http::encode::{put_chunk_size, put_header, put_status_line, put_u64};
+use crate::http::request::{parse_request, BodyKind, Limits, Method, RequestHead};
+use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
+use crate::http::{connection_lists, Version};
+use crate::router::{Action, DirectResponse, HostPolicy, Route, Router};
+use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
+
+/// Initial read buffer of a client connection; grows up to the head limit when needed.
+pub const CLIENT_READ_BUF: usize = 8 * 1024;
+/// Largest read while streaming a body.
+pub const BODY_READ_CHUNK: usize = 32 * 1024;
+/// Bodies up to this size are copied behind their head and sent in one write.
+pub const COALESCE_BYTES: usize = 16 * 1024;
+/// Longest client-supplied X-Request-Id that is kept (longer ones are replaced).
+pub const MAX_REQUEST_ID: usize = 64;
+
+/// Timeouts, resolved from the config.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub client_head: Duration,
+    pub client_idle: Duration,
+    pub client_body: Duration,
+    pub client_write: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_response: Duration,
+    pub upstream_body: Duration,
+}
+
+/// A worker-local shutdown signal that tasks can wait on.
+#[derive(Default)]
+pub struct Shutdown {
+    flag: Cell<bool>,
+    /// Wakers of waiting tasks; a slot is freed when its waiter is dropped.
+    waiters: RefCell<Vec<Option<Waker>>>,
+}
+
+impl Shutdown {
+    pub fn is_set(&self) -> bool {
+        self.flag.get()
+    }
+
+    pub fn trigger(&self) {
+        self.flag.set(true);
+        for w in self.waiters.borrow_mut().iter_mut() {
+            if let Some(w) = w.take() {
+                w.wake();
+            }
+        }
+    }
+
+    pub fn wait(&self) -> ShutdownWait<'_> {
+        ShutdownWait {
+            s: self,
+            slot: None,
+        }
+    }
+}
+
+pub struct ShutdownWait<'a> {
+    s: &'a Shutdown,
+    slot: Option<usize>,
+}
+
+impl Future for ShutdownWait<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.s.flag.get() {
+            return Poll::Ready(());
+        }
+        let mut waiters = self.s.waiters.borrow_mut();
+        match self.slot {
+            Some(i) => waiters[i] = Some(cx.waker().clone()),
+            None => {
+                let i = match waiters.iter().position(Option::is_none) {
+                    Some(i) => {
+                        waiters[i] = Some(cx.waker().clone());
+                        i
+                    }
+                    None => {
+                        waiters.push(Some(cx.waker().clone()));
+                        waiters.len() - 1
+                    }
+                };
+                drop(waiters);
+                self.slot = Some(i);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ShutdownWait<'_> {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            if let Some(w) = self.s.waiters.borrow_mut().get_mut(i) {
+                *w = None;
+            }
+        }
+    }
+}
+
+/// Everything one worker owns: its route table, upstream pools, limits and counters.
+pub struct Worker {
+    pub id: usize,
+    pub router: Router,
+    pub upstreams: Vec<UpstreamGroup>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// Value appended as a Via line: "1.1 ringway".
+    pub via: Box<[u8]>,
+    pub shutdown: Shutdown,
+    /// Open client connections.
+    pub active: Cell<usize>,
+    id_seed: u64,
+    id_seq: Cell<u64>,
+}
+
+impl Worker {
+    pub fn new(cfg: &Config, id: usize) -> Worker {
+        let t = &cfg.timeouts;
+        let seed = {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            splitmix(now ^ ((std::process::id() as u64) << 32) ^ (id as u64).wrapping_mul(0x9e37_79b9))
+        };
+        Worker {
+            id,
+            router: Router::new(cfg),
+            upstreams: cfg
+                .upstreams
+                .iter()
+                .map(|(name, u)| UpstreamGroup::new(name, u, id))
+                .collect(),
+            limits: cfg.limits.to_limits(),
+            timeouts: Timeouts {
+                client_head: t.client_head.0,
+                client_idle: t.client_idle.0,
+                client_body: t.client_body.0,
+                client_write: t.client_write.0,
+                upstream_connect: t.upstream_connect.0,
+                upstream_response: t.upstream_response.0,
+                upstream_body: t.upstream_body.0,
+            },
+            via: format!("1.1 {}", cfg.server.via).into_bytes().into(),
+            shutdown: Shutdown::default(),
+            active: Cell::new(0),
+            id_seed: seed,
+            id_seq: Cell::new(0),
+        }
+    }
+
+    /// A new request id: 24 hex digits, unique per process run and worker.
+    fn next_id(&self, out: &mut ReqId) {
+        let n = self.id_seq.get().wrapping_add(1);
+        self.id_seq.set(n);
+        let v = splitmix(self.id_seed ^ n);
+        let hex = b"0123456789abcdef";
+        for i in 0..16 {
+            out.buf[i] = hex[((v >> (60 - 4 * i)) & 15) as usize];
+        }
+        for i in 0..8 {
+            out.buf[16 + i] = hex[((n >> (28 - 4 * i)) & 15) as usize];
+        }
+        out.len = 24;
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A request id: the client's (when it is short and made of token characters) or ours.
+pub struct ReqId {
+    buf: [u8; MAX_REQUEST_ID],
+    len: usize,
+}
+
+impl ReqId {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+fn valid_request_id(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_REQUEST_ID
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(b))
+}
+
+// ---------------------------------------------------------------------------------------------
+// I/O helpers: ownership-passing reads and writes with a timeout.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoFail {
+    Timeout,
+    Eof,
+    Io,
+}
+
+/// Reads at most `max` more bytes, appending to `buf`. On timeout or error the connection is
+/// closed by the caller, so a buffer lost with a cancelled read does not matter.
+async fn read_some<R: AsyncReadRent>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    dur: Duration,
+) -> Result<usize, IoFail> {
+    buf.reserve(max);
+    let b = std::mem::take(buf);
+    let len = b.len();
+    let end = len + max.min(b.capacity() - len);
+    match monoio::time::timeout(dur, io.read(b.slice_mut(len..end))).await {
+        Err(_) => Err(IoFail::Timeout),
+        Ok((res, slice)) => {
+            *buf = slice.into_inner();
+            match res {
+                Ok(0) => Err(IoFail::Eof),
+                Ok(n) => Ok(n),
+                Err(_) => Err(IoFail::Io),
+            }
+        }
+    }
+}
+
+async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
+    io: &mut W,
+    buf: B,
+    dur: Duration,
+) -> Result<B, IoFail> {
+    match monoio::time::timeout(dur, io.write_all(buf)).await {
+        Err(_) => Err(IoFail::Timeout),
+        Ok((Ok(_), b)) => Ok(b),
+        Ok((Err(_), _)) => Err(IoFail::Io),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header classification, by length first so most names cost one comparison.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Hdr {
+    Hop,
+    Host,
+    ContentLength,
+    Expect,
+    Xff,
+    Xfp,
+    Xfh,
+    RequestId,
+    Other,
+}
+
+#[inline]
+fn classify(name: &[u8]) -> Hdr {
+    let eq = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 if eq(b"te") => Hdr::Hop,
+        4 if eq(b"host") => Hdr::Host,
+        6 if eq(b"expect") => Hdr::Expect,
+        7 if eq(b"trailer") || eq(b"upgrade") => Hdr::Hop,
+        10 if eq(b"connection") || eq(b"keep-alive") => Hdr::Hop,
+        12 if eq(b"x-request-id") => Hdr::RequestId,
+        14 if eq(b"content-length") => Hdr::ContentLength,
+        15 if eq(b"x-forwarded-for") => Hdr::Xff,
+        16 if eq(b"proxy-connection") => Hdr::Hop,
+        16 if eq(b"x-forwarded-host") => Hdr::Xfh,
+        17 if eq(b"transfer-encoding") => Hdr::Hop,
+        17 if eq(b"x-forwarded-proto") => Hdr::Xfp,
+        _ => Hdr::Other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A client connection.
+pub struct Conn<S> {
+    io: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Head sent upstream; kept to be sent again on a retry.
+    ubuf: BytesMut,
+    head: RequestHead,
+    resp: ResponseHead,
+    peer_ip: Box<[u8]>,
+    id: ReqId,
+}
+
+enum HeadRead {
+    Ready,
+    /// The client went away, idled out, or the worker is shutting down.
+    Closed,
+    Fail(GatewayError),
+}
+
+#[derive(PartialEq, Eq, Debug)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: SocketAddr) {
+    let mut c = Conn {
+        io,
+        rbuf: BytesMut::with_capacity(CLIENT_READ_BUF),
+        wbuf: BytesMut::with_capacity(4096),
+        ubuf: BytesMut::with_capacity(2048),
+        head: RequestHead::default(),
+        resp: ResponseHead::default(),
+        peer_ip: peer.ip().to_string().into_bytes().into(),
+        id: ReqId {
+            buf: [0; MAX_REQUEST_ID],
+            len: 0,
+        },
+    };
+    loop {
+        match c.read_head(w).await {
+            HeadRead::Ready => {}
+            HeadRead::Closed => return,
+            HeadRead::Fail(e) => {
+                w.next_id(&mut c.id);
+                let _ = c.send_error(w, e, true).await;
+                return;
+            }
+        }
+        if c.handle(w).await == Next::Close || w.shutdown.is_set() {
+            return;
+        }
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
+    async fn read_head(&mut self, w: &Worker) -> HeadRead {
+        let mut started: Option<Instant> = None;
+        loop {
+            if !self.rbuf.is_empty() {
+                started.get_or_insert_with(Instant::now);
+                match parse_request(&self.rbuf, &w.limits, &mut self.head) {
+                    Ok(Some(n)) => {
+                        self.head.raw = self.rbuf.split_to(n).freeze();
+                        return HeadRead::Ready;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return HeadRead::Fail(GatewayError::Parse(e)),
+                }
+            }
+            let want = CLIENT_READ_BUF.min(w.limits.max_head_bytes + 1 - self.rbuf.len().min(w.limits.max_head_bytes));
+            let res = match started {
+                Some(t0) => {
+                    let Some(left) = w.timeouts.client_head.checked_sub(t0.elapsed()) else {
+                        return HeadRead::Fail(GatewayError::ClientTimeout);
+                    };
+                    read_some(&mut self.io, &mut self.rbuf, want.max(1), left).await
+                }
+                None => {
+                    if w.shutdown.is_set() {
+                        return HeadRead::Closed;
+                    }
+                    monoio::select! {
+                        r = read_some(&mut self.io, &mut self.rbuf, want.max(1), w.timeouts.client_idle) => r,
+                        _ = w.shutdown.wait() => return HeadRead::Closed,
+                    }
+                }
+            };
+            match res {
+                Ok(_) => {}
+                Err(IoFail::Timeout) if started.is_some() => {
+                    return HeadRead::Fail(GatewayError::ClientTimeout)
+                }
+                Err(_) => return HeadRead::Closed,
+            }
+        }
+    }
+
+    async fn handle(&mut self, w: &Worker) -> Next {
+        match self.head.header(b"x-request-id").filter(|v| valid_request_id(v)) {
+            Some(v) => {
+                self.id.buf[..v.len()].copy_from_slice(v);
+                self.id.len = v.len();
+            }
+            None => w.next_id(&mut self.id),
+        }
+        let Some(ri) = w.router.find_index(&self.head) else {
+            return self.reject(w, GatewayError::NoRoute).await;
+        };
+        let route = &w.router.routes[ri];
+        let max_body = route.max_body_bytes.unwrap_or(w.limits.max_body_bytes);
+        if let BodyKind::Length(n) = self.head.body {
+            if n > max_body {
+                return self.reject(w, GatewayError::BodyTooLarge).await;
+            }
+        }
+        match &route.action {
+            Action::Direct(d) => self.direct(w, d).await,
+            Action::Proxy { upstream } => self.proxy(w, route, &w.upstreams[*upstream], max_body).await,
+        }
+    }
+
+    /// Consumes the request body when all of it is already buffered. Returns false when some
+    /// of it is still unread (the connection must then close after the response).
+    fn skip_buffered_body(&mut self) -> bool {
+        match self.head.body {
+            BodyKind::None => true,
+            BodyKind::Length(n) => {
+                if self.rbuf.len() as u64 >= n {
+                    let _ = self.rbuf.split_to(n as usize);
+                    true
+                } else {
+                    false
+                }
+            }
+            BodyKind::Chunked => {
+                let mut s = ChunkedScanner::new();
+                match s.scan(&self.rbuf, |_, _| {}) {
+                    Ok(r) if r.done => {
+                        let _ = self.rbuf.split_to(r.consumed);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    /// Answers with a gateway error, keeping the connection when the request was fully read.
+    async fn reject(&mut self, w: &Worker, e: GatewayError) -> Next {
+        let keep = self.head.keep_alive && self.skip_buffered_body() && !w.shutdown.is_set();
+        if self.send_error(w, e, !keep).await.is_err() || !keep {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    async fn send_error(&mut self, w: &Worker, e: GatewayError, close: bool) -> Result<(), IoFail> {
+        self.wbuf.clear();
+        write_error_response(&mut self.wbuf, e, self.id.as_bytes(), close);
+        if self.head.method == Method::Head && !self.head.raw.is_empty() {
+            // HEAD: the same head, no body.
+            if let Some(p) = self.wbuf.windows(4).position(|x| x == b"\r\n\r\n") {
+                self.wbuf.truncate(p + 4);
+            }
+        }
+        let buf = std::mem::take(&mut self.wbuf);
+        self.wbuf = write_buf(&mut self.io, buf, w.timeouts.client_write).await?;
+        Ok(())
+    }
+
+    async fn direct(&mut self, w: &Worker, d: &DirectResponse) -> Next {
+        let keep = self.head.keep_alive && self.skip_buffered_body() && !w.shutdown.is_set();
+        self.wbuf.clear();
+        self.wbuf.put_slice(&d.head);
+        if d.status != 204 && d.status != 304 {
+            self.wbuf.put_slice(b"content-length: ");
+            put_u64(&mut self.wbuf, d.body.len() as u64);
+            self.wbuf.put_slice(b"\r\n");
+        }
+        put_header(&mut self.wbuf, b"x-request-id", self.id.as_bytes());
+        self.put_connection(keep);
+        self.wbuf.put_slice(b"\r\n");
+        if self.head.method != Method::Head && d.status != 204 && d.status != 304 {
+            self.wbuf.put_slice(&d.body);
+        }
+        let buf = std::mem::take(&mut self.wbuf);
+        match write_buf(&mut self.io, buf, w.timeouts.client_write).await {
+            Ok(b) => {
+                self.wbuf = b;
+                if keep {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                }
+            }
+            Err(_) => Next::Close,
+        }
+    }
+
+    fn put_connection(&mut self, keep: bool) {
+        if !keep {
+            self.wbuf.put_slice(b"connection: close\r\n");
+        } else if self.head.version == Version::Http10 {
+            self.wbuf.put_slice(b"connection: keep-alive\r\n");
+        }
+    }
+
+    /// Writes the head sent upstream into `ubuf`.
+    fn put_upstream_head(&mut self, w: &Worker, route: &Route, authority: &[u8]) {
+        let req = &self.head;
+        let out = &mut self.ubuf;
+        out.clear();
+        out.put_slice(req.method_str());
+        out.put_u8(b' ');
+        let pq = req.bytes(req.path_query);
+        if pq == b"*" {
+            out.put_u8(b'*');
+        } else {
+            route.write_target(pq, out);
+        }
+        out.put_slice(b" HTTP/1.1\r\n");
+        let rules = &route.request_headers;
+        let mut xff_seen = false;
+        let conn_values: [&[u8]; 4];
+        let mut conn_n = 0;
+        let mut cv: [&[u8]; 4] = [b""; 4];
+        if req.connection_options {
+            for v in req.header_values(b"connection").take(4) {
+                cv[conn_n] = v;
+                conn_n += 1;
+            }
+        }
+        conn_values = cv;
+        for h in &req.headers {
+            let name = req.bytes(h.name);
+            let value = req.bytes(h.value);
+            match classify(name) {
+                Hdr::Other => {}
+                Hdr::Xff => {
+                    if !rules.drops(name) {
+                        if !xff_seen {
+                            out.put_slice(b"x-forwarded-for: ");
+                            xff_seen = true;
+                        } else {
+                            out.put_slice(b", ");
+                        }
+                        out.put_slice(value);
+                    }
+                    continue;
+                }
+                _ => continue,
+            }
+            if rules.drops(name) || (conn_n > 0 && connection_lists(&conn_values[..conn_n], name)) {
+                continue;
+            }
+            put_header(out, name, value);
+        }
+        if !rules.drops(b"x-forwarded-for") {
+            if xff_seen {
+                out.put_slice(b", ");
+            } else {
+                out.put_slice(b"x-forwarded-for: ");
+            }
+            out.put_slice(&self.peer_ip);
+            out.put_slice(b"\r\n");
+        }
+        match (&route.host, req.host_bytes()) {
+            (HostPolicy::Set(h), _) => put_header(out, b"host", h),
+            (HostPolicy::Preserve, Some(h)) => put_header(out, b"host", h),
+            _ => put_header(out, b"host", authority),
+        }
+        out.put_slice(b"x-forwarded-proto: http\r\n");
+        if let Some(h) = req.host_bytes() {
+            put_header(out, b"x-forwarded-host", h);
+        }
+        put_header(out, b"via", &w.via);
+        put_header(out, b"x-request-id", self.id.as_bytes());
+        rules.put(out);
+        match req.body {
+            BodyKind::None => {
+                if matches!(req.method, Method::Post | Method::Put | Method::Patch) {
+                    out.put_slice(b"content-length: 0\r\n");
+                }
+            }
+            BodyKind::Length(n) => {
+                out.put_slice(b"content-length: ");
+                put_u64(out, n);
+                out.put_slice(b"\r\n");
+            }
+            BodyKind::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        out.put_slice(b"\r\n");
+    }
+
+    async fn proxy(&mut self, w: &Worker, route: &Route, group: &UpstreamGroup, max_body: u64) -> Next {
+        let head_request = self.head.method == Method::Head;
+        // The whole body, when it is already buffered: it can be sent again on a retry.
+        let replay: Option<Bytes> = match self.head.body {
+            BodyKind::None => Some(Bytes::new()),
+            BodyKind::Length(n) if self.rbuf.len() as u64 >= n => {
+                Some(self.rbuf.split_to(n as usize).freeze())
+            }
+            BodyKind::Length(_) => None,
+            BodyKind::Chunked => {
+                let mut s = ChunkedScanner::new();
+                match s.scan(&self.rbuf, |_, _| {}) {
+                    Err(e) => return self.reject(w, GatewayError::BadChunk(e)).await,
+                    Ok(_) if s.data_total > max_body => {
+                        return self.reject(w, GatewayError::BodyTooLarge).await
+                    }
+                    Ok(r) if r.done => Some(self.rbuf.split_to(r.consumed).freeze()),
+                    Ok(_) => None,
+                }
+            }
+        };
+
+        let mut retried = false;
+        let mut up = loop {
+            let ep = group.pick();
+            let pooled = if retried { None } else { group.checkout(ep) };
+            let mut up = match pooled {
+                Some(c) => c,
+                None => match connect(group, ep, w.timeouts.upstream_connect).await {
+                    Ok(c) => c,
+                    Err(e) => return self.reject(w, e).await,
+                },
+            };
+            self.put_upstream_head(w, route, &group.endpoints[ep].authority);
+            let sent = self.send_request(w, &mut up, replay.as_ref(), max_body).await;
+            let outcome = match sent {
+                Ok(()) => self.read_response_head(w, &mut up, head_request).await,
+                Err(SendFail::Client(e)) => {
+                    return match e {
+                        Some(e) => self.send_error(w, e, true).await.map_or(Next::Close, |_| Next::Close),
+                        None => Next::Close,
+                    }
+                }
+                Err(SendFail::Upstream) => Err(RespFail::ClosedEarly),
+            };
+            match outcome {
+                Ok(()) => break up,
+                Err(RespFail::ClosedEarly)
+                    if up.reused && !retried && replay.is_some() && self.head.method.is_idempotent() =>
+                {
+                    // A pooled connection the upstream had closed: once more on a new one.
+                    retried = true;
+                    continue;
+                }
+                Err(f) => {
+                    let e = match f {
+                        RespFail::ClosedEarly => GatewayError::UpstreamClosed,
+                        RespFail::Timeout => GatewayError::UpstreamTimeout,
+                        RespFail::Bad => GatewayError::UpstreamBadResponse,
+                        RespFail::Client => return Next::Close,
+                    };
+                    let keep = replay.is_some() && self.head.keep_alive && !w.shutdown.is_set();
+                    return match self.send_error(w, e, !keep).await {
+                        Ok(()) if keep => Next::KeepAlive,
+                        _ => Next::Close,
+                    };
+                }
+            }
+        };
+        let (next, reusable) = self.forward_response(w, route, &mut up).await;
+        if reusable {
+            group.checkin(up);
+        }
+        next
+    }
+
+    /// Sends the head in `ubuf` and the body: the buffered `replay` bytes, or streamed from the
+    /// client.
+    async fn send_request(
+        &mut self,
+        w: &Worker,
+        up: &mut UpConn,
+        replay: Option<&Bytes>,
+        max_body: u64,
+    ) -> Result<(), SendFail> {
+        let t_up = w.timeouts.upstream_response;
+        let mut head = std::mem::take(&mut self.ubuf);
+        let small = replay.map_or(false, |b| b.len() <= COALESCE_BYTES);
+        if small {
+            head.put_slice(replay.expect("small implies replay"));
+        }
+        let head = write_buf(&mut up.stream, head, t_up).await.map_err(|_| SendFail::Upstream)?;
+        // Keep only the head in ubuf, for a retry.
+        self.ubuf = head;
+        if let Some(b) = replay {
+            if !small {
+                write_buf(&mut up.stream, b.clone(), t_up)
+                    .await
+                    .map_err(|_| SendFail::Upstream)?;
+            }
+            return Ok(());
+        }
+        if self.head.expect_continue {
+            let cont = write_buf(&mut self.io, &b"HTTP/1.1 100 Continue\r\n\r\n"[..], w.timeouts.client_write).await;
+            if cont.is_err() {
+                return Err(SendFail::Client(None));
+            }
+        }
+        match self.head.body {
+            BodyKind::Length(n) => self.stream_length_body(w, up, n).await,
+            BodyKind::Chunked => self.stream_chunked_body(w, up, max_body).await,
+            BodyKind::None => Ok(()),
+        }
+    }
+
+    async fn stream_length_body(&mut self, w: &Worker, up: &mut UpConn, n: u64) -> Result<(), SendFail> {
+        let mut left = n;
+        let t_up = w.timeouts.upstream_response;
+        if !self.rbuf.is_empty() {
+            let part = self.rbuf.split_to(self.rbuf.len().min(left as usize));
+            left -= part.len() as u64;
+            write_buf(&mut up.stream, part, t_up).await.map_err(|_| SendFail::Upstream)?;
+        }
+        let mut buf = BytesMut::with_capacity(BODY_READ_CHUNK);
+        while left > 0 {
+            buf.clear();
+            let want = (left as usize).min(BODY_READ_CHUNK);
+            match read_some(&mut self.io, &mut buf, want, w.timeouts.client_body).await {
+                Ok(k) => left -= k as u64,
+                Err(IoFail::Timeout) => return Err(SendFail::Client(Some(GatewayError::ClientTimeout))),
+                Err(_) => return Err(SendFail::Client(None)),
+            }
+            buf = write_buf(&mut up.stream, buf, t_up).await.map_err(|_| SendFail::Upstream)?;
+        }
+        Ok(())
+    }
+
+    async fn stream_chunked_body(&mut self, w: &Worker, up: &mut UpConn, max_body: u64) -> Result<(), SendFail> {
+        let t_up = w.timeouts.upstream_response;
+        let mut scanner = ChunkedScanner::new();
+        loop {
+            if !self.rbuf.is_empty() {
+                let r = scanner
+                    .scan(&self.rbuf, |_, _| {})
+                    .map_err(|e| SendFail::Client(Some(GatewayError::BadChunk(e))))?;
+                if scanner.data_total > max_body {
+                    return Err(SendFail::Client(Some(GatewayError::BodyTooLarge)));
+                }
+                let part = self.rbuf.split_to(r.consumed);
+                write_buf(&mut up.stream, part, t_up).await.map_err(|_| SendFail::Upstream)?;
+                if r.done {
+                    return Ok(());
+                }
+            }
+            match read_some(&mut self.io, &mut self.rbuf, BODY_READ_CHUNK, w.timeouts.client_body).await {
+                Ok(_) => {}
+                Err(IoFail::Timeout) => return Err(SendFail::Client(Some(GatewayError::ClientTimeout))),
+                Err(_) => return Err(SendFail::Client(None)),
+            }
+        }
+    }
+
+    /// Reads the final response head into `self.resp`, passing 1xx interim responses (other
+    /// than 100, which ringway answers itself) to HTTP/1.1 clients.
+    async fn read_response_head(&mut self, w: &Worker, up: &mut UpConn, head_request: bool) -> Result<(), RespFail> {
+        let deadline = Instant::now() + w.timeouts.upstream_response;
+        let mut got_any = false;
+        loop {
+            if !up.rbuf.is_empty() {
+                got_any = true;
+                match parse_response(&up.rbuf, head_request, &mut self.resp) {
+                    Ok(Some(n)) => {
+                        self.resp.raw = up.rbuf.split_to(n).freeze();
+                        let status = self.resp.status;
+                        if status == 101 {
+                            return Err(RespFail::Bad);
+                        }
+                        if (100..200).contains(&status) {
+                            if status != 100 && self.head.version == Version::Http11 {
+                                let interim = self.resp.raw.clone();
+                                if write_buf(&mut self.io, interim, w.timeouts.client_write).await.is_err() {
+                                    return Err(RespFail::Client);
+                                }
+                            }
+                            continue;
+                        }
+                        return Ok(());
+                    }
+                    Ok(None) => {}
+                    Err(RespError::TooLarge) | Err(RespError::Malformed(_)) => return Err(RespFail::Bad),
+                }
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Err(RespFail::Timeout);
+            };
+            match read_some(&mut up.stream, &mut up.rbuf, UPSTREAM_READ_BUF, left).await {
+                Ok(_) => {}
+                Err(IoFail::Timeout) => return Err(RespFail::Timeout),
+                Err(_) if got_any => return Err(RespFail::Bad),
+                Err(_) => return Err(RespFail::ClosedEarly),
+            }
+        }
+    }
+
+    async fn forward_response(
+        &mut self,
+        w: &Worker,
+        route: &Route,
+        up: &mut UpConn,
+    ) -> (Next, bool) {
+        let resp = &self.resp;
+        let client_11 = self.head.version == Version::Http11;
+        // How the body reaches the client.
+        let out = match resp.body {
+            RespBody::None => OutFraming::None,
+            RespBody::Length(n) => OutFraming::Length(n),
+            RespBody::Chunked if client_11 => OutFraming::ChunkedPass,
+            RespBody::Chunked => OutFraming::Dechunk,
+            RespBody::Close if client_11 => OutFraming::Rechunk,
+            RespBody::Close => OutFraming::UntilClose,
+        };
+        let definite = !matches!(out, OutFraming::Dechunk | OutFraming::UntilClose);
+        let keep = self.head.keep_alive && definite && !w.shutdown.is_set();
+
+        // Response head.
+        let wbuf = &mut self.wbuf;
+        wbuf.clear();
+        put_status_line(wbuf, resp.status, resp.bytes(resp.reason));
+        let rules = &route.response_headers;
+        let mut conn_values: [&[u8]; 4] = [b""; 4];
+        let mut conn_n = 0;
+        if resp.connection_options {
+            for h in &resp.headers {
+                if conn_n < 4 && resp.bytes(h.name).eq_ignore_ascii_case(b"connection") {
+                    conn_values[conn_n] = resp.bytes(h.value);
+                    conn_n += 1;
+                }
+            }
+        }
+        for h in &resp.headers {
+            let name = resp.bytes(h.name);
+            match classify(name) {
+                Hdr::Other | Hdr::Host | Hdr::Expect | Hdr::Xff | Hdr::Xfp | Hdr::Xfh => {}
+                Hdr::ContentLength if matches!(resp.body, RespBody::Length(_) | RespBody::None) => {}
+                _ => continue,
+            }
+            if rules.drops(name) || (conn_n > 0 && connection_lists(&conn_values[..conn_n], name)) {
+                continue;
+            }
+            put_header(wbuf, name, resp.bytes(h.value));
+        }
+        put_header(wbuf, b"via", &w.via);
+        put_header(wbuf, b"x-request-id", self.id.as_bytes());
+        rules.put(wbuf);
+        if matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk) {
+            wbuf.put_slice(b"transfer-encoding: chunked\r\n");
+        }
+        self.put_connection(keep);
+        self.wbuf.put_slice(b"\r\n");
+
+        let t_write = w.timeouts.client_write;
+        let t_body = w.timeouts.upstream_body;
+        let result: Result<bool, IoFail> = match out {
+            OutFraming::None => self.flush_wbuf(t_write).await.map(|_| true),
+            OutFraming::Length(n) => self.copy_length(up, n, t_write, t_body).await,
+            OutFraming::ChunkedPass | OutFraming::Dechunk => {
+                self.copy_chunked(up, out == OutFraming::Dechunk, t_write, t_body).await
+            }
+            OutFraming::Rechunk | OutFraming::UntilClose => {
+                self.copy_until_close(up, out == OutFraming::Rechunk, t_write, t_body).await
+            }
+        };
+        match result {
+            Ok(complete) => {
+                let reusable = complete
+                    && self.resp.keep_alive
+                    && self.resp.body != RespBody::Close
+                    && up.rbuf.is_empty()
+                    && !w.shutdown.is_set();
+                let next = if keep { Next::KeepAlive } else { Next::Close };
+                (next, reusable)
+            }
+            Err(_) => (Next::Close, false),
+        }
+    }
+
+    async fn flush_wbuf(&mut self, t: Duration) -> Result<(), IoFail> {
+        let buf = std::mem::take(&mut self.wbuf);
+        let mut buf = write_buf(&mut self.io, buf, t).await?;
+        buf.clear();
+        self.wbuf = buf;
+        Ok(())
+    }
+
+    /// Copies a Content-Length body. Small bodies already read go out with the head in one
+    /// write; larger ones are relayed through the upstream connection's buffer, one bounded
+    /// read and one write at a time, so a slow client slows the upstream read instead of
+    /// growing memory.
+    async fn copy_length(&mut self, up: &mut UpConn, n: u64, t_write: Duration, t_body: Duration) -> Result<bool, IoFail> {
+        let mut left = n;
+        let have = up.rbuf.len().min(left.min(usize::MAX as u64) as usize);
+        if have as u64 == left && have <= COALESCE_BYTES {
+            self.wbuf.extend_from_slice(&up.rbuf[..have]);
+            let _ = up.rbuf.split_to(have);
+            self.flush_wbuf(t_write).await?;
+            return Ok(true);
+        }
+        self.flush_wbuf(t_write).await?;
+        if have > 0 {
+            let part = up.rbuf.split_to(have);
+            left -= have as u64;
+            write_buf(&mut self.io, part, t_write).await?;
+        }
+        if left == 0 {
+            return Ok(true);
+        }
+        let mut buf = std::mem::take(&mut up.rbuf);
+        while left > 0 {
+            buf.clear();
+            let want = (left.min(BODY_READ_CHUNK as u64)) as usize;
+            let k = read_some(&mut up.stream, &mut buf, want, t_body).await?;
+            left -= k as u64;
+            buf = write_buf(&mut self.io, buf, t_write).await?;
+        }
+        buf.clear();
+        up.rbuf = buf;
+        Ok(true)
+    }
+
+    /// Copies a chunked body: as it is to HTTP/1.1 clients (the scanner checks every framing
+    /// byte and finds the end), or as plain data to HTTP/1.0 clients.
+    async fn copy_chunked(&mut self, up: &mut UpConn, dechunk: bool, t_write: Duration, t_body: Duration) -> Result<bool, IoFail> {
+        let mut scanner = ChunkedScanner::new();
+        let mut head_pending = true;
+        loop {
+            if !up.rbuf.is_empty() {
+                if dechunk {
+                    let rb = &up.rbuf;
+                    let wb = &mut self.wbuf;
+                    let r = scanner
+                        .scan(rb, |a, b| wb.extend_from_slice(&rb[a..b]))
+                        .map_err(|_| IoFail::Io)?;
+                    let _ = up.rbuf.split_to(r.consumed);
+                    self.flush_wbuf(t_write).await?;
+                    head_pending = false;
+                    if r.done {
+                        return Ok(true);
+                    }
+                } else {
+                    let r = scanner.scan(&up.rbuf, |_, _| {}).map_err(|_| IoFail::Io)?;
+                    if head_pending && r.consumed <= COALESCE_BYTES {
+                        self.wbuf.extend_from_slice(&up.rbuf[..r.consumed]);
+                        let _ = up.rbuf.split_to(r.consumed);
+                        self.flush_wbuf(t_write).await?;
+                    } else {
+                        if head_pending {
+                            self.flush_wbuf(t_write).await?;
+                        }
+                        let part = up.rbuf.split_to(r.consumed);
+                        write_buf(&mut self.io, part, t_write).await?;
+                    }
+                    head_pending = false;
+                    if r.done {
+                        return Ok(true);
+                    }
+                }
+            } else if head_pending {
+                self.flush_wbuf(t_write).await?;
+                head_pending = false;
+            }
+            read_some(&mut up.stream, &mut up.rbuf, UPSTREAM_READ_BUF, t_body).await?;
+        }
+    }
+
+    /// Copies a body delimited by the upstream closing: re-framed as chunked for HTTP/1.1
+    /// clients, as it is (then closing) for HTTP/1.0 clients.
+    async fn copy_until_close(&mut self, up: &mut UpConn, rechunk: bool, t_write: Duration, t_body: Duration) -> Result<bool, IoFail> {
+        self.flush_wbuf(t_write).await?;
+        loop {
+            if !up.rbuf.is_empty() {
+                if rechunk {
+                    self.wbuf.clear();
+                    put_chunk_size(&mut self.wbuf, up.rbuf.len());
+                    self.wbuf.extend_from_slice(&up.rbuf);
+                    self.wbuf.put_slice(b"\r\n");
+                    up.rbuf.clear();
+                    self.flush_wbuf(t_write).await?;
+                } else {
+                    let part = up.rbuf.split();
+                    write_buf(&mut self.io, part, t_write).await?;
+                }
+            }
+            match read_some(&mut up.stream, &mut up.rbuf, UPSTREAM_READ_BUF, t_body).await {
+                Ok(_) => {}
+                Err(IoFail::Eof) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if rechunk {
+            write_buf(&mut self.io, &b"0\r\n\r\n"[..], t_write).await?;
+        }
+        Ok(false)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum OutFraming {
+    None,
+    Length(u64),
+    ChunkedPass,
+    Dechunk,
+    Rechunk,
+    UntilClose,
+}
+
+enum SendFail {
+    /// The client failed while its body was read; answer with the error, if any, and close.
+    Client(Option<GatewayError>),
+    /// Writing to the upstream failed.
+    Upstream,
+}
+
+enum RespFail {
+    ClosedEarly,
+    Timeout,
+    Bad,
+    Client,
+}
+
+async fn connect(group: &UpstreamGroup, ep: usize, dur: Duration) -> Result<UpConn, GatewayError> {
+    let addr = group.endpoints[ep].addr;
+    match monoio::time::timeout(dur, TcpStream::connect_addr(addr)).await {
+        Err(_) => Err(GatewayError::UpstreamConnectTimeout),
+        Ok(Err(_)) => Err(GatewayError::UpstreamConnect),
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(UpConn {
+                stream,
+                rbuf: BytesMut::with_capacity(UPSTREAM_READ_BUF),
+                reused: false,
+                endpoint: ep,
+            })
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Workers, listeners and shutdown.
+//!
+//! Each worker is a thread with its own monoio runtime (io_uring where the kernel allows it,
+//! epoll otherwise), its own listening socket per configured listener (`SO_REUSEPORT`, so the
+//! kernel spreads connections across workers), and its own [`Worker`] state: route table,
+//! upstream pools. Nothing is shared between workers but the stop flag, read every 50 ms by a
+//! timer task, off the request path.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{Config, DriverChoice};
+use crate::proxy::{serve, Worker};
+use crate::{info, warn};
+
+/// The event-loop driver a worker runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    IoUring,
+    Epoll,
+}
+
+impl DriverKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DriverKind::IoUring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// A running gateway: its worker threads and the addresses it listens on.
+pub struct Gateway {
+    addrs: Vec<SocketAddr>,
+    driver: DriverKind,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
+/// monoio's own `MONOIO_FORCE_LEGACY_DRIVER` forces epoll.
+fn driver_choice(cfg: &Config) -> DriverChoice {
+    if std::env::var_os("MONOIO_FORCE_LEGACY_DRIVER").is_some() {
+        return DriverChoice::Epoll;
+    }
+    match std::env::var("RINGWAY_DRIVER").as_deref() {
+        Ok("epoll") => DriverChoice::Epoll,
+        Ok("io_uring") => DriverChoice::IoUring,
+        Ok("auto") => DriverChoice::Auto,
+        _ => cfg.server.driver,
+    }
+}
+
+impl Gateway {
+    /// Binds every listener once per worker and starts the workers. Returns once all of them
+    /// run, or the reason one could not start.
+    pub fn start(cfg: Config, workers: Option<usize>) -> io::Result<Gateway> {
+        let cfg = Arc::new(cfg);
+        let n = workers.filter(|n| *n > 0).unwrap_or_else(|| cfg.worker_count());
+        let (per_worker, addrs) = bind_listeners(&cfg, n)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let choice = driver_choice(&cfg);
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
+        let mut threads = Vec::with_capacity(n);
+        for (id, listeners) in per_worker.into_iter().enumerate() {
+            let cfg = cfg.clone();
+            let stop = stop.clone();
+            let ready = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ringway-w{id}"))
+                .spawn(move || run_worker(id, cfg, listeners, stop, choice, ready))?;
+            threads.push(t);
+        }
+        drop(ready_tx);
+        let mut driver = DriverKind::IoUring;
+        let mut fallback: Option<String> = None;
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok(Ok((kind, why))) => {
+                    if kind == DriverKind::Epoll {
+                        driver = DriverKind::Epoll;
+                    }
+                    if why.is_some() {
+                        fallback = why;
+                    }
+                }
+                Ok(Err(e)) => {
+                    stop.store(true, Ordering::SeqCst);
+                    return Err(io::Error::other(e));
+                }
+                Err(_) => {
+                    stop.store(true, Ordering::SeqCst);
+                    return Err(io::Error::other("a worker exited during start-up"));
+                }
+            }
+        }
+        // Said once per process start, not once per worker.
+        match (&fallback, driver) {
+            (Some(why), _) => warn!("io_uring is not available ({why}); {n} workers run on monoio's epoll driver"),
+            (None, d) => info!("{n} workers run on the {} driver", d.as_str()),
+        }
+        Ok(Gateway {
+            addrs,
+            driver,
+            stop,
+            threads,
+        })
+    }
+
+    /// The bound address of each configured listener, in config order.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn driver(&self) -> DriverKind {
+        self.driver
+    }
+
+    /// A flag that, once set, shuts the gateway down gracefully.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Begins a graceful shutdown: stop accepting, finish in-flight requests, close idle
+    /// connections.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every worker has stopped.
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Refuses an address that another socket already listens on: a probe without
+/// `SO_REUSEPORT` fails there, where our own reuse-port sockets would silently share the port.
+fn probe_free(addr: SocketAddr) -> io::Result<()> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{addr} is already in use by another process"),
+            )
+        } else {
+            io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))
+        }
+    })
+}
+
+type Bound = (Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>);
+
+fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for l in &cfg.listeners {
+        let mut addr = l.address.addr;
+        if addr.port() != 0 {
+            probe_free(addr)?;
+        }
+        for (w, list) in per_worker.iter_mut().enumerate() {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+            s.listen(l.backlog.min(i32::MAX as u32) as i32)?;
+            if w == 0 {
+                // Port 0: the first worker's port is every other worker's.
+                addr = s
+                    .local_addr()?
+                    .as_socket()
+                    .ok_or_else(|| io::Error::other("listener has no inet address"))?;
+            }
+            list.push(s.into());
+        }
+        addrs.push(addr);
+    }
+    Ok((per_worker, addrs))
+}
+
+type Ready = mpsc::Sender<Result<(DriverKind, Option<String>), String>>;
+
+fn run_worker(
+    id: usize,
+    cfg: Arc<Config>,
+    listeners: Vec<std::net::TcpListener>,
+    stop: Arc<AtomicBool>,
+    choice: DriverChoice,
+    ready: Ready,
+) {
+    let drain = cfg.server.shutdown_timeout.0;
+    let mut why_not_uring = None;
+    if choice != DriverChoice::Epoll {
+        if monoio::utils::detect_uring() {
+            match RuntimeBuilder::<IoUringDriver>::new()
+                .with_entries(1024)
+                .enable_timer()
+                .build()
+            {
+                Ok(mut rt) => {
+                    let _ = ready.send(Ok((DriverKind::IoUring, None)));
+                    rt.block_on(worker_main(id, cfg, listeners, stop, drain));
+                    return;
+                }
+                Err(e) => why_not_uring = Some(format!("io_uring setup failed: {e}")),
+            }
+        } else {
+            why_not_uring = Some("the kernel refused io_uring_setup".to_string());
+        }
+    }
+    match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
+        Ok(mut rt) => {
+            let _ = ready.send(Ok((DriverKind::Epoll, why_not_uring)));
+            rt.block_on(worker_main(id, cfg, listeners, stop, drain));
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {id}: cannot build a runtime: {e}")));
+        }
+    }
+}
+
+/// Decrements the open-connection count when a connection task ends, however it ends.
+struct ConnGuard(Rc<Worker>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.active.set(self.0.active.get() - 1);
+    }
+}
+
+async fn worker_main(
+    id: usize,
+    cfg: Arc<Config>,
+    listeners: Vec<std::net::TcpListener>,
+    stop: Arc<AtomicBool>,
+    drain: Duration,
+) {
+    let w = Rc::new(Worker::new(&cfg, id));
+    drop(cfg);
+    {
+        let w = w.clone();
+        monoio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+            w.shutdown.trigger();
+        });
+    }
+    {
+        let w = w.clone();
+        monoio::spawn(async move {
+            loop {
+                monoio::select! {
+                    _ = monoio::time::sleep(Duration::from_secs(1)) => {
+                        for g in &w.upstreams {
+                            g.sweep();
+                        }
+                    }
+                    _ = w.shutdown.wait() => break,
+                }
+            }
+        });
+    }
+    for l in listeners {
+        match monoio::net::TcpListener::from_std(l) {
+            Ok(l) => {
+                monoio::spawn(accept_loop(w.clone(), l));
+            }
+            Err(e) => warn!("worker {id}: cannot register a listener: {e}"),
+        }
+    }
+    w.shutdown.wait().await;
+    let end = Instant::now() + drain;
+    while w.active.get() > 0 && Instant::now() < end {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if w.active.get() > 0 {
+        warn!("worker {id}: {} connections still open after the shutdown timeout; closing them", w.active.get());
+    }
+    for g in &w.upstreams {
+        g.clear_idle();
+    }
+}
+
+async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener) {
+    loop {
+        let accepted = monoio::select! {
+            r = l.accept() => r,
+            _ = w.shutdown.wait() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                w.active.set(w.active.get() + 1);
+                let guard = ConnGuard(w.clone());
+                monoio::spawn(async move {
+                    serve(&guard.0, stream, peer).await;
+                    drop(guard);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!("worker {}: accept failed: {e}", w.id);
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
