@@ -550,15 +550,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             match classify(name) {
                 Hdr::Other => {}
                 Hdr::Xff => {
-                    if !rules.drops(name) {
-                        if !xff_seen {
-                            out.put_slice(b"x-forwarded-for: ");
-                            xff_seen = true;
-                        } else {
-                            out.put_slice(b", ");
-                        }
-                        out.put_slice(value);
-                    }
+                    xff_seen = true;
                     continue;
                 }
                 _ => continue,
@@ -569,10 +561,15 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             put_header(out, name, value);
         }
         if !rules.drops(b"x-forwarded-for") {
+            // Earlier hops first, then the client this hop saw.
+            out.put_slice(b"x-forwarded-for: ");
             if xff_seen {
-                out.put_slice(b", ");
-            } else {
-                out.put_slice(b"x-forwarded-for: ");
+                for h in &req.headers {
+                    if classify(req.bytes(h.name)) == Hdr::Xff {
+                        out.put_slice(req.bytes(h.value));
+                        out.put_slice(b", ");
+                    }
+                }
             }
             out.put_slice(&self.peer_ip);
             out.put_slice(b"\r\n");

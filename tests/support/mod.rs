@@ -1,0 +1,572 @@
+//! Test harness: an in-process gateway on 127.0.0.1:0, real loopback upstream servers with
+//! scripted behaviour, and a raw HTTP/1.1 client for well-formed and malformed traffic.
+#![allow(dead_code)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ringway::config::{Config, DriverChoice};
+use ringway::server::{DriverKind, Gateway};
+
+/// Both monoio drivers; tests run their scenario on each.
+pub const DRIVERS: [DriverChoice; 2] = [DriverChoice::IoUring, DriverChoice::Epoll];
+
+/// A gateway running in this process; shut down and joined on drop.
+pub struct TestGateway {
+    gw: Option<Gateway>,
+    pub addr: SocketAddr,
+}
+
+impl TestGateway {
+    /// Starts a gateway from TOML text on the given driver, with one worker unless the TOML
+    /// says otherwise.
+    pub fn start(toml: &str, driver: DriverChoice) -> TestGateway {
+        let mut cfg = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("bad test config: {e}\n{toml}"));
+        cfg.server.driver = driver;
+        if cfg.server.workers == 0 {
+            cfg.server.workers = 1;
+        }
+        let gw = Gateway::start(cfg, None).expect("gateway starts");
+        if driver == DriverChoice::Epoll {
+            assert_eq!(gw.driver(), DriverKind::Epoll);
+        }
+        TestGateway {
+            addr: gw.addrs()[0],
+            gw: Some(gw),
+        }
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.gw.as_ref().expect("running").addrs().to_vec()
+    }
+
+    pub fn driver(&self) -> DriverKind {
+        self.gw.as_ref().expect("running").driver()
+    }
+
+    /// Graceful shutdown; returns once the workers stopped.
+    pub fn stop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.shutdown();
+            gw.join();
+        }
+    }
+
+    pub fn begin_shutdown(&self) {
+        if let Some(gw) = &self.gw {
+            gw.shutdown();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A config with one listener on 127.0.0.1:0, one upstream "up" with the given endpoints and
+/// `extra` appended (routes, timeouts...).
+pub fn config(endpoints: &[SocketAddr], extra: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("{{ address = \"{a}\" }}"))
+        .collect();
+    format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.up]\nendpoints = [{}]\n\n{extra}\n",
+        eps.join(", ")
+    )
+}
+
+/// A config that sends every request to one upstream.
+pub fn proxy_all(up: SocketAddr) -> String {
+    config(&[up], "[[routes]]\nupstream = \"up\"\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream servers.
+
+/// A request as the upstream received it.
+#[derive(Clone, Debug)]
+pub struct Req {
+    pub method: String,
+    pub target: String,
+    pub version: u8,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The head exactly as received.
+    pub raw_head: Vec<u8>,
+}
+
+impl Req {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// What an upstream does with a request.
+pub enum Reply {
+    /// Write these bytes and keep the connection.
+    Raw(Vec<u8>),
+    /// Write these bytes and close.
+    RawClose(Vec<u8>),
+    /// Write each part after its delay, then close if `close`.
+    Slow { parts: Vec<(Duration, Vec<u8>)>, close: bool },
+    /// Close without answering.
+    Drop,
+    /// Say nothing for this long, then close.
+    Hang(Duration),
+}
+
+pub fn ok_response(body: &[u8]) -> Vec<u8> {
+    let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n", body.len()).into_bytes();
+    v.extend_from_slice(body);
+    v
+}
+
+type Handler = dyn Fn(&Req) -> Reply + Send + Sync;
+
+/// A loopback HTTP/1.1 server with scripted replies; counts requests and connections.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    pub connections: Arc<AtomicUsize>,
+    pub seen: Arc<Mutex<Vec<Req>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    /// Answers every request with `handler`. Keep-alive connections idle for longer than
+    /// `idle_close` are closed by the server (None: 10 s).
+    pub fn start_with(idle_close: Option<Duration>, handler: impl Fn(&Req) -> Reply + Send + Sync + 'static) -> Upstream {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = l.local_addr().expect("addr");
+        l.set_nonblocking(true).expect("nonblocking");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let (r, c, s, st) = (requests.clone(), connections.clone(), seen.clone(), stop.clone());
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match l.accept() {
+                    Ok((stream, _)) => {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        let (h, r, s, st) = (handler.clone(), r.clone(), s.clone(), st.clone());
+                        thread::spawn(move || upstream_conn(stream, &*h, &r, &s, &st, idle_close.unwrap_or(Duration::from_secs(10))));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Upstream {
+            addr,
+            requests,
+            connections,
+            seen,
+            stop,
+        }
+    }
+
+    pub fn start(handler: impl Fn(&Req) -> Reply + Send + Sync + 'static) -> Upstream {
+        Upstream::start_with(None, handler)
+    }
+
+    /// Answers 200 with a body describing the request as JSON: method, target, headers, body.
+    pub fn echo() -> Upstream {
+        Upstream::start(|req| Reply::Raw(ok_response(echo_json(req).as_bytes())))
+    }
+
+    pub fn hits(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn conns(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    pub fn last(&self) -> Req {
+        self.seen.lock().unwrap().last().cloned().expect("a request reached the upstream")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+pub fn echo_json(req: &Req) -> String {
+    serde_json::json!({
+        "method": req.method,
+        "target": req.target,
+        "headers": req.headers,
+        "body": String::from_utf8_lossy(&req.body),
+    })
+    .to_string()
+}
+
+fn upstream_conn(mut s: TcpStream, h: &Handler, count: &AtomicUsize, seen: &Mutex<Vec<Req>>, stop: &AtomicBool, idle: Duration) {
+    let _ = s.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        let _ = s.set_read_timeout(Some(idle));
+        let req = match read_request(&mut s, &mut buf) {
+            Some(r) => r,
+            None => return,
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        count.fetch_add(1, Ordering::SeqCst);
+        seen.lock().unwrap().push(req.clone());
+        let keep = req.header("connection").map_or(true, |v| !v.eq_ignore_ascii_case("close"));
+        match h(&req) {
+            Reply::Raw(b) => {
+                if s.write_all(&b).is_err() || !keep {
+                    return;
+                }
+            }
+            Reply::RawClose(b) => {
+                let _ = s.write_all(&b);
+                let _ = s.shutdown(Shutdown::Write);
+                thread::sleep(Duration::from_millis(20));
+                return;
+            }
+            Reply::Slow { parts, close } => {
+                for (d, b) in parts {
+                    thread::sleep(d);
+                    if s.write_all(&b).is_err() {
+                        return;
+                    }
+                }
+                if close {
+                    let _ = s.shutdown(Shutdown::Write);
+                    return;
+                }
+            }
+            Reply::Drop => return,
+            Reply::Hang(d) => {
+                thread::sleep(d);
+                return;
+            }
+        }
+    }
+}
+
+/// Reads one request (head and body: Content-Length or chunked) with an independent parser.
+fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let headers: Vec<(String, String)> = req
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).to_string()))
+                    .collect();
+                let mut r = Req {
+                    method: req.method.unwrap_or("").to_string(),
+                    target: req.path.unwrap_or("").to_string(),
+                    version: req.version.unwrap_or(1),
+                    headers,
+                    body: Vec::new(),
+                    raw_head: buf[..n].to_vec(),
+                };
+                buf.drain(..n);
+                if r.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+                    r.body = read_chunked(s, buf)?;
+                } else if let Some(cl) = r.header("content-length") {
+                    let cl: usize = cl.trim().parse().ok()?;
+                    while buf.len() < cl {
+                        fill(s, buf)?;
+                    }
+                    r.body = buf.drain(..cl).collect();
+                }
+                return Some(r);
+            }
+            Ok(httparse::Status::Partial) => fill(s, buf)?,
+            Err(_) => return None,
+        }
+    }
+}
+
+fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut tmp = [0u8; 16384];
+    match s.read(&mut tmp) {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&tmp[..n]);
+            Some(())
+        }
+    }
+}
+
+fn read_line(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = buf[..p].to_vec();
+            buf.drain(..p + 2);
+            return Some(line);
+        }
+        fill(s, buf)?;
+    }
+}
+
+fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(s, buf)?;
+        let size_txt = String::from_utf8_lossy(&line);
+        let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            // trailers
+            loop {
+                let t = read_line(s, buf)?;
+                if t.is_empty() {
+                    return Some(body);
+                }
+            }
+        }
+        while buf.len() < size + 2 {
+            fill(s, buf)?;
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side.
+
+/// A response as a client received it.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub version: u8,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.header(name).is_some()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// A raw client connection.
+pub struct Client {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).expect("connect to gateway");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.set_nodelay(true);
+        Client { s, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> &mut Self {
+        self.s.write_all(bytes).expect("write to gateway");
+        self
+    }
+
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.s.write_all(bytes)
+    }
+
+    pub fn read_timeout(&mut self, d: Duration) {
+        self.s.set_read_timeout(Some(d)).unwrap();
+    }
+
+    fn fill(&mut self) -> bool {
+        let mut tmp = [0u8; 65536];
+        match self.s.read(&mut tmp) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                true
+            }
+        }
+    }
+
+    /// Reads one response; `head_request` says the request was HEAD (no body follows).
+    pub fn read_response_for(&mut self, head_request: bool) -> Option<Resp> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 128];
+            let mut r = httparse::Response::new(&mut headers);
+            match r.parse(&self.buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let status = r.code.unwrap();
+                    let version = r.version.unwrap();
+                    let headers: Vec<(String, String)> = r
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).to_string()))
+                        .collect();
+                    self.buf.drain(..n);
+                    let mut resp = Resp {
+                        status,
+                        version,
+                        headers,
+                        body: Vec::new(),
+                    };
+                    if (100..200).contains(&status) {
+                        return Some(resp);
+                    }
+                    if head_request || status == 204 || status == 304 {
+                        return Some(resp);
+                    }
+                    if resp.header("transfer-encoding").is_some() {
+                        resp.body = self.read_chunked()?;
+                    } else if let Some(cl) = resp.header("content-length") {
+                        let cl: usize = cl.parse().expect("numeric content-length");
+                        while self.buf.len() < cl {
+                            if !self.fill() {
+                                return None;
+                            }
+                        }
+                        resp.body = self.buf.drain(..cl).collect();
+                    } else {
+                        while self.fill() {}
+                        resp.body = std::mem::take(&mut self.buf);
+                    }
+                    return Some(resp);
+                }
+                Ok(httparse::Status::Partial) => {
+                    if !self.fill() {
+                        return None;
+                    }
+                }
+                Err(e) => panic!("gateway sent a malformed response ({e}): {:?}", String::from_utf8_lossy(&self.buf)),
+            }
+        }
+    }
+
+    pub fn read_response(&mut self) -> Option<Resp> {
+        self.read_response_for(false)
+    }
+
+    /// Reads the final response, skipping 1xx.
+    pub fn read_final(&mut self) -> Resp {
+        loop {
+            let r = self.read_response().expect("a response");
+            if r.status >= 200 {
+                return r;
+            }
+        }
+    }
+
+    fn read_line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(p) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf[..p].to_vec();
+                self.buf.drain(..p + 2);
+                return Some(line);
+            }
+            if !self.fill() {
+                return None;
+            }
+        }
+    }
+
+    fn read_chunked(&mut self) -> Option<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            let line = self.read_line()?;
+            let txt = String::from_utf8_lossy(&line).to_string();
+            let size = usize::from_str_radix(txt.split(';').next()?.trim(), 16).expect("hex chunk size");
+            if size == 0 {
+                loop {
+                    if self.read_line()?.is_empty() {
+                        return Some(body);
+                    }
+                }
+            }
+            while self.buf.len() < size + 2 {
+                if !self.fill() {
+                    return None;
+                }
+            }
+            body.extend_from_slice(&self.buf[..size]);
+            assert_eq!(&self.buf[size..size + 2], b"\r\n", "chunk data must end with CRLF");
+            self.buf.drain(..size + 2);
+        }
+    }
+
+    /// True when the gateway closed the connection (EOF within `wait`), with nothing more sent.
+    pub fn is_closed(&mut self, wait: Duration) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        self.s.set_read_timeout(Some(wait)).unwrap();
+        let mut tmp = [0u8; 1024];
+        match self.s.read(&mut tmp) {
+            Ok(0) => true,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                false
+            }
+            Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        }
+    }
+}
+
+/// Sends one request on a new connection and reads the response.
+pub fn request(addr: SocketAddr, raw: &[u8]) -> Resp {
+    let mut c = Client::connect(addr);
+    c.send(raw);
+    c.read_response_for(raw.starts_with(b"HEAD ")).expect("a response")
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes())
+}
+
+/// Waits until `f` holds or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    f()
+}
