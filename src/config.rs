@@ -534,7 +534,7 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            if !seen.insert(l.address.addr) {
+            if l.address.addr.port() != 0 && !seen.insert(l.address.addr) {
                 return Err(err(
                     format!("listeners[{i}].address"),
                     None,
@@ -643,6 +643,9 @@ impl Config {
                 let bare = h.strip_prefix("*.").unwrap_or(h);
                 if bare.is_empty() || bare.contains('*') || bare.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
                     return Err(err(format!("routes[{i}].hosts[{j}]"), None, format!("{h:?} is not a host name or *.suffix wildcard")));
+                }
+                if !bare.starts_with('[') && bare.contains(':') {
+                    return Err(err(format!("routes[{i}].hosts[{j}]"), None, format!("{h:?}: hosts are matched without the port; drop \":port\"")));
                 }
             }
             for (j, m) in r.methods.iter().enumerate() {
