@@ -282,6 +282,8 @@ def haproxy_conf(workers, maxconn):
     return f"""global
   nbthread {workers}
   maxconn {maxconn}
+  # With a hard open-file limit below 2 x maxconn, start anyway (a warning, not a failure).
+  no strict-limits
 
 defaults
   mode http
@@ -392,7 +394,7 @@ class Bench:
             self.procs.start(target, [self.a.nginx, "-p", d, "-c", conf, "-e", f"{d}/error.log"])
         elif target == "haproxy":
             conf = os.path.join(d, "haproxy.cfg")
-            maxconn = max(1000, min(30000, self.nofile - 1000))
+            maxconn = max(1000, min(20000, self.nofile - 1000))
             with open(conf, "w") as f:
                 f.write(haproxy_conf(workers, maxconn))
             self.procs.start(target, [self.a.haproxy, "-db", "-f", conf])
@@ -453,7 +455,7 @@ class Bench:
     def wrk(self, target, sc, duration, measure=True):
         size, path = BODIES[sc["body"]]
         threads = max(1, min(self.a.wrk_threads, sc["conns"]))
-        argv = [self.a.wrk, "-t", str(threads), "-c", str(sc["conns"]), "-d", f"{duration}s",
+        argv = [self.a.wrk, "-t", str(threads), "-c", str(sc["conns"]), "-d", f"{int(duration)}s",
                 "--timeout", f"{self.a.wrk_timeout}s", "-s", self.lua]
         if sc["mode"] == "close":
             argv += ["-H", "Connection: close"]
@@ -748,6 +750,8 @@ def write_markdown(path, data):
     L.append(f"- machine: {m['nproc']} CPU(s), {m['kernel']}; origin: nginx with {m['origin_workers']} workers")
     L.append(f"- versions: {m['versions']['ringway']} ({m['ringway_git']}), {m['versions']['nginx']}, "
              f"{m['versions']['haproxy']}, {m['versions']['wrk']}")
+    L.append(f"- load average at start {m.get('loadavg_start')}, at end {m.get('loadavg_end')}; "
+             f"elapsed {m.get('elapsed_s')} s; ringway binary: {m.get('build') or '?'}")
     L.append("- load generator, origin and proxy share the same CPUs: compare the ratios, not the absolute numbers")
     L.append("- ratios vs nginx: per round ringway/nginx (or haproxy/nginx), median over rounds. "
              "req/s: higher is better; CPU/req and p99: lower is better")
@@ -870,6 +874,14 @@ def version_of(argv):
         return "?"
 
 
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(x) for x in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
 def git_rev():
     try:
         r = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True, timeout=10)
@@ -888,7 +900,7 @@ def parse_args():
                    help="1 round of 2 s, two scenarios, a small idle test (under a minute)")
     p.add_argument("--rounds", type=int, help="rounds per scenario (default 3; quick 1)")
     p.add_argument("--duration", type=int, help="seconds per wrk run (default 10; quick 2)")
-    p.add_argument("--warmup", type=float, help="warm-up seconds per target before the rounds (default 2; quick 1)")
+    p.add_argument("--warmup", type=int, help="warm-up seconds per target before the rounds (default 2; quick 1; 0 = none)")
     p.add_argument("--pause", type=float, default=0.3, help="seconds between two runs")
     p.add_argument("--bodies", help="comma list of 64B,4KiB,64KiB,1MiB")
     p.add_argument("--conns", help="comma list of connection counts (default 64,1024)")
@@ -913,7 +925,7 @@ def parse_args():
     q = a.quick
     a.rounds = a.rounds or (1 if q else 3)
     a.duration = a.duration or (2 if q else 10)
-    a.warmup = a.warmup if a.warmup is not None else (1.0 if q else 2.0)
+    a.warmup = a.warmup if a.warmup is not None else (1 if q else 2)
     a.idle_conns = a.idle_conns if a.idle_conns is not None else (1000 if q else 10000)
 
     def lst(s, default):
@@ -940,8 +952,13 @@ def parse_args():
     return a
 
 
+def _on_term(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
     a = parse_args()
+    signal.signal(signal.SIGTERM, _on_term)
     for tool in (a.ringway, a.nginx, a.haproxy, a.wrk):
         if not os.access(tool, os.X_OK):
             raise SystemExit(f"missing executable: {tool}")
@@ -981,6 +998,10 @@ def main():
         },
         "scenarios": [], "idle": None, "problems": b.problems,
     }
+    data["meta"]["loadavg_start"] = loadavg()
+    if data["meta"]["loadavg_start"] and data["meta"]["loadavg_start"][0] > 0.5:
+        log(f"note: load average {data['meta']['loadavg_start'][0]:.2f} at the start: something else is busy; "
+            "it competes with every target alike but adds noise")
     t_start = time.monotonic()
     try:
         b.make_files()
@@ -994,6 +1015,7 @@ def main():
     finally:
         b.procs.stop_all()
         data["meta"]["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        data["meta"]["loadavg_end"] = loadavg()
         logs = os.path.join(outdir, "logs")
         os.makedirs(logs, exist_ok=True)
         for name in ["origin"] + a.targets:

@@ -50,8 +50,9 @@ pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)
-            .map_err(|_| de::Error::custom("expected a duration string such as \"10s\" or \"250ms\""))?;
+        let s = String::deserialize(d).map_err(|_| {
+            de::Error::custom("expected a duration string such as \"10s\" or \"250ms\"")
+        })?;
         parse_duration(&s).map(Dur).map_err(de::Error::custom)
     }
 }
@@ -68,7 +69,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: unit must be ms, s, m or h"
+            ))
+        }
     };
     if d.is_zero() {
         return Err(format!("invalid duration {s:?}: must be above zero"));
@@ -88,9 +93,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             N(u64),
             S(String),
         }
-        match Raw::deserialize(d)
-            .map_err(|_| de::Error::custom("expected a byte size: an integer or a string such as \"16KiB\""))?
-        {
+        match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom("expected a byte size: an integer or a string such as \"16KiB\"")
+        })? {
             Raw::N(n) => Ok(ByteSize(n)),
             Raw::S(s) => parse_size(&s).map(ByteSize).map_err(de::Error::custom),
         }
@@ -110,9 +115,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "KB" | "kB" => 1000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        _ => return Err(format!("invalid size {s:?}: unit must be B, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unit must be B, KiB, MiB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// A socket address, resolved when the config loads (a name such as "localhost:9000" becomes
@@ -530,7 +540,11 @@ impl Config {
             }
         };
         if self.listeners.is_empty() {
-            return Err(err("listeners".into(), None, "at least one [[listeners]] is required".into()));
+            return Err(err(
+                "listeners".into(),
+                None,
+                "at least one [[listeners]] is required".into(),
+            ));
         }
         let mut seen = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
@@ -542,7 +556,11 @@ impl Config {
                 ));
             }
             if l.backlog == 0 {
-                return Err(err(format!("listeners[{i}].backlog"), None, "must be above 0".into()));
+                return Err(err(
+                    format!("listeners[{i}].backlog"),
+                    None,
+                    "must be above 0".into(),
+                ));
             }
         }
         let l = &self.limits;
@@ -569,7 +587,11 @@ impl Config {
         }
         for (name, u) in &self.upstreams {
             if u.endpoints.is_empty() {
-                return Err(err(format!("upstreams.{name}.endpoints"), None, "needs at least one endpoint".into()));
+                return Err(err(
+                    format!("upstreams.{name}.endpoints"),
+                    None,
+                    "needs at least one endpoint".into(),
+                ));
             }
             for (j, e) in u.endpoints.iter().enumerate() {
                 if e.weight == 0 || e.weight > 1000 {
@@ -586,42 +608,74 @@ impl Config {
             let k = |f: &str| format!("routes[{i}].{f}");
             if let Some(n) = &r.name {
                 if !names.insert(n.clone()) {
-                    return Err(err(k("name"), None, format!("route name {n:?} is used twice")));
+                    return Err(err(
+                        k("name"),
+                        None,
+                        format!("route name {n:?} is used twice"),
+                    ));
                 }
             }
             match (&r.upstream, &r.direct) {
                 (Some(_), Some(_)) => {
-                    return Err(err(k("direct"), None, "a route has either `upstream` or `direct`, not both".into()))
+                    return Err(err(
+                        k("direct"),
+                        None,
+                        "a route has either `upstream` or `direct`, not both".into(),
+                    ))
                 }
                 (None, None) => {
-                    return Err(err(format!("routes[{i}]"), None, "a route needs `upstream` or `direct`".into()))
+                    return Err(err(
+                        format!("routes[{i}]"),
+                        None,
+                        "a route needs `upstream` or `direct`".into(),
+                    ))
                 }
                 (Some(u), None) => {
                     if !self.upstreams.contains_key(u.get_ref()) {
                         return Err(err(
                             k("upstream"),
                             Some(u.span()),
-                            format!("no upstream named {:?} (defined: {:?})", u.get_ref(), self.upstreams.keys().collect::<Vec<_>>()),
+                            format!(
+                                "no upstream named {:?} (defined: {:?})",
+                                u.get_ref(),
+                                self.upstreams.keys().collect::<Vec<_>>()
+                            ),
                         ));
                     }
                 }
                 (None, Some(d)) => {
                     if !(200..=599).contains(&d.status) {
-                        return Err(err(k("direct.status"), None, "must be between 200 and 599".into()));
+                        return Err(err(
+                            k("direct.status"),
+                            None,
+                            "must be between 200 and 599".into(),
+                        ));
                     }
                     for v in d.headers.values() {
                         check_header_value(v).map_err(|e| err(k("direct.headers"), None, e))?;
                     }
                 }
             }
-            let kinds = [r.path.is_some(), r.path_prefix.is_some(), r.path_regex.is_some()]
-                .iter()
-                .filter(|b| **b)
-                .count();
+            let kinds = [
+                r.path.is_some(),
+                r.path_prefix.is_some(),
+                r.path_regex.is_some(),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
             if kinds > 1 {
-                return Err(err(k("path"), None, "use one of `path`, `path_prefix` and `path_regex`".into()));
+                return Err(err(
+                    k("path"),
+                    None,
+                    "use one of `path`, `path_prefix` and `path_regex`".into(),
+                ));
             }
-            for (f, p) in [("path", &r.path), ("path_prefix", &r.path_prefix), ("strip_prefix", &r.strip_prefix)] {
+            for (f, p) in [
+                ("path", &r.path),
+                ("path_prefix", &r.path_prefix),
+                ("strip_prefix", &r.strip_prefix),
+            ] {
                 if let Some(p) = p {
                     if !p.starts_with('/') {
                         return Err(err(k(f), None, format!("{p:?} must start with '/'")));
@@ -629,31 +683,62 @@ impl Config {
                 }
             }
             if let Some(re) = &r.path_regex {
-                regex::bytes::Regex::new(re).map_err(|e| err(k("path_regex"), None, format!("invalid regex: {e}")))?;
+                regex::bytes::Regex::new(re)
+                    .map_err(|e| err(k("path_regex"), None, format!("invalid regex: {e}")))?;
             }
             if r.replace_prefix.is_some() {
                 if r.path_prefix.is_none() {
-                    return Err(err(k("replace_prefix"), None, "needs `path_prefix` (the part it replaces)".into()));
+                    return Err(err(
+                        k("replace_prefix"),
+                        None,
+                        "needs `path_prefix` (the part it replaces)".into(),
+                    ));
                 }
                 if r.strip_prefix.is_some() {
-                    return Err(err(k("replace_prefix"), None, "use `strip_prefix` or `replace_prefix`, not both".into()));
+                    return Err(err(
+                        k("replace_prefix"),
+                        None,
+                        "use `strip_prefix` or `replace_prefix`, not both".into(),
+                    ));
                 }
             }
             for (j, h) in r.hosts.iter().enumerate() {
                 let bare = h.strip_prefix("*.").unwrap_or(h);
-                if bare.is_empty() || bare.contains('*') || bare.bytes().any(|b| b.is_ascii_whitespace() || b == b'/') {
-                    return Err(err(format!("routes[{i}].hosts[{j}]"), None, format!("{h:?} is not a host name or *.suffix wildcard")));
+                if bare.is_empty()
+                    || bare.contains('*')
+                    || bare.bytes().any(|b| b.is_ascii_whitespace() || b == b'/')
+                {
+                    return Err(err(
+                        format!("routes[{i}].hosts[{j}]"),
+                        None,
+                        format!("{h:?} is not a host name or *.suffix wildcard"),
+                    ));
                 }
                 if !bare.starts_with('[') && bare.contains(':') {
-                    return Err(err(format!("routes[{i}].hosts[{j}]"), None, format!("{h:?}: hosts are matched without the port; drop \":port\"")));
+                    return Err(err(
+                        format!("routes[{i}].hosts[{j}]"),
+                        None,
+                        format!("{h:?}: hosts are matched without the port; drop \":port\""),
+                    ));
                 }
             }
             for (j, m) in r.methods.iter().enumerate() {
-                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
-                    return Err(err(format!("routes[{i}].methods[{j}]"), None, format!("{m:?} is not an upper-case method name")));
+                if m.is_empty()
+                    || !m
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+                {
+                    return Err(err(
+                        format!("routes[{i}].methods[{j}]"),
+                        None,
+                        format!("{m:?} is not an upper-case method name"),
+                    ));
                 }
             }
-            for (f, ops) in [("request_headers", &r.request_headers), ("response_headers", &r.response_headers)] {
+            for (f, ops) in [
+                ("request_headers", &r.request_headers),
+                ("response_headers", &r.response_headers),
+            ] {
                 for v in ops.add.values().chain(ops.set.values()) {
                     check_header_value(v).map_err(|e| err(k(f), None, e))?;
                 }
@@ -670,7 +755,9 @@ impl Config {
         if self.server.workers > 0 {
             self.server.workers
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         }
     }
 }
@@ -688,7 +775,10 @@ fn locate_key(src: &str, key: &str) -> (Option<usize>, Option<usize>) {
     let mut offset = 0usize;
     for part in key.split('.') {
         let (name, idx) = match part.find('[') {
-            Some(b) => (&part[..b], part[b + 1..part.len() - 1].parse::<usize>().ok()),
+            Some(b) => (
+                &part[..b],
+                part[b + 1..part.len() - 1].parse::<usize>().ok(),
+            ),
             None => (part, None),
         };
         let hay = &src[offset..];

@@ -18,8 +18,14 @@ enum Service {
 /// Starts the sample services the demo config expects: users on 127.0.0.1:9101 and :9102,
 /// orders on 127.0.0.1:9103.
 pub fn start_sample_services() -> io::Result<()> {
-    spawn_service("127.0.0.1:9101".parse().expect("literal"), Service::Users { instance: 1 })?;
-    spawn_service("127.0.0.1:9102".parse().expect("literal"), Service::Users { instance: 2 })?;
+    spawn_service(
+        "127.0.0.1:9101".parse().expect("literal"),
+        Service::Users { instance: 1 },
+    )?;
+    spawn_service(
+        "127.0.0.1:9102".parse().expect("literal"),
+        Service::Users { instance: 2 },
+    )?;
     spawn_service("127.0.0.1:9103".parse().expect("literal"), Service::Orders)?;
     Ok(())
 }
@@ -113,9 +119,15 @@ fn answer(svc: Service, method: &[u8], path: &[u8], body: &[u8]) -> (u16, String
                         .iter()
                         .map(|u| serde_json::from_str(&user_json(u)).expect("valid json"))
                         .collect();
-                    (200, serde_json::json!({"users": list, "served_by": served_by}).to_string())
+                    (
+                        200,
+                        serde_json::json!({"users": list, "served_by": served_by}).to_string(),
+                    )
                 }
-                (b"GET", p) => match p.strip_prefix("/users/").and_then(|id| id.parse::<u32>().ok()) {
+                (b"GET", p) => match p
+                    .strip_prefix("/users/")
+                    .and_then(|id| id.parse::<u32>().ok())
+                {
                     Some(id) => match USERS.iter().find(|u| u.0 == id) {
                         Some(u) => (200, user_json(u)),
                         None => not_found(),
@@ -134,10 +146,16 @@ fn answer(svc: Service, method: &[u8], path: &[u8], body: &[u8]) -> (u16, String
                 (200, serde_json::json!({"orders": list}).to_string())
             }
             (b"POST", "/orders") => match serde_json::from_slice::<serde_json::Value>(body) {
-                Ok(v) => (201, serde_json::json!({"created": v, "id": 103}).to_string()),
+                Ok(v) => (
+                    201,
+                    serde_json::json!({"created": v, "id": 103}).to_string(),
+                ),
                 Err(e) => (400, serde_json::json!({"error": e.to_string()}).to_string()),
             },
-            (b"GET", p) => match p.strip_prefix("/orders/").and_then(|id| id.parse::<u32>().ok()) {
+            (b"GET", p) => match p
+                .strip_prefix("/orders/")
+                .and_then(|id| id.parse::<u32>().ok())
+            {
                 Some(id) => match ORDERS.iter().find(|o| o.0 == id) {
                     Some(o) => (200, order_json(o)),
                     None => not_found(),

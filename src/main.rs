@@ -46,7 +46,10 @@ fn parse_args() -> Result<Args, String> {
             }
             "-w" | "--workers" => {
                 let v = it.next().ok_or("--workers needs a number")?;
-                a.workers = Some(v.parse().map_err(|_| format!("--workers: {v:?} is not a number"))?);
+                a.workers = Some(
+                    v.parse()
+                        .map_err(|_| format!("--workers: {v:?} is not a number"))?,
+                );
             }
             "-V" | "--version" => a.command = "version".into(),
             "-h" | "--help" => a.command = "help".into(),
@@ -103,7 +106,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
             let addr = cfg.listeners[0].address.addr;
-            println!("ringway demo: sample services on 127.0.0.1:9101-9103, gateway on http://{addr}");
+            println!(
+                "ringway demo: sample services on 127.0.0.1:9101-9103, gateway on http://{addr}"
+            );
             println!("try:");
             println!("  curl -i http://{addr}/healthz");
             println!("  curl -i http://{addr}/api/users          # round robin over two instances");

@@ -30,7 +30,7 @@ use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_chunk_size, put_header, put_status_line, put_u64};
 use crate::http::request::{parse_request, BodyKind, Limits, Method, RequestHead};
 use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
-use crate::http::{connection_lists, Version};
+use crate::http::{ConnectionOptions, Version};
 use crate::router::{Action, DirectResponse, HostPolicy, Route, Router};
 use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 
@@ -152,7 +152,9 @@ impl Worker {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_nanos() as u64;
-            splitmix(now ^ ((std::process::id() as u64) << 32) ^ (id as u64).wrapping_mul(0x9e37_79b9))
+            splitmix(
+                now ^ ((std::process::id() as u64) << 32) ^ (id as u64).wrapping_mul(0x9e37_79b9),
+            )
         };
         Worker {
             id,
@@ -379,7 +381,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                     Err(e) => return HeadRead::Fail(GatewayError::Parse(e)),
                 }
             }
-            let want = CLIENT_READ_BUF.min(w.limits.max_head_bytes + 1 - self.rbuf.len().min(w.limits.max_head_bytes));
+            let want = CLIENT_READ_BUF
+                .min(w.limits.max_head_bytes + 1 - self.rbuf.len().min(w.limits.max_head_bytes));
             let res = match started {
                 Some(t0) => {
                     let Some(left) = w.timeouts.client_head.checked_sub(t0.elapsed()) else {
@@ -408,7 +411,11 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     }
 
     async fn handle(&mut self, w: &Worker) -> Next {
-        match self.head.header(b"x-request-id").filter(|v| valid_request_id(v)) {
+        match self
+            .head
+            .header(b"x-request-id")
+            .filter(|v| valid_request_id(v))
+        {
             Some(v) => {
                 self.id.buf[..v.len()].copy_from_slice(v);
                 self.id.len = v.len();
@@ -427,7 +434,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         }
         match &route.action {
             Action::Direct(d) => self.direct(w, d).await,
-            Action::Proxy { upstream } => self.proxy(w, route, &w.upstreams[*upstream], max_body).await,
+            Action::Proxy { upstream } => {
+                self.proxy(w, route, &w.upstreams[*upstream], max_body)
+                    .await
+            }
         }
     }
 
@@ -534,16 +544,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         out.put_slice(b" HTTP/1.1\r\n");
         let rules = &route.request_headers;
         let mut xff_seen = false;
-        let conn_values: [&[u8]; 4];
-        let mut conn_n = 0;
-        let mut cv: [&[u8]; 4] = [b""; 4];
-        if req.connection_options {
-            for v in req.header_values(b"connection").take(4) {
-                cv[conn_n] = v;
-                conn_n += 1;
-            }
-        }
-        conn_values = cv;
+        let conn = ConnectionOptions::collect(&req.raw, &req.headers, req.connection_options);
         for h in &req.headers {
             let name = req.bytes(h.name);
             let value = req.bytes(h.value);
@@ -555,7 +556,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                 }
                 _ => continue,
             }
-            if rules.drops(name) || (conn_n > 0 && connection_lists(&conn_values[..conn_n], name)) {
+            if rules.drops(name) || conn.lists(name) {
                 continue;
             }
             put_header(out, name, value);
@@ -602,7 +603,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         out.put_slice(b"\r\n");
     }
 
-    async fn proxy(&mut self, w: &Worker, route: &Route, group: &UpstreamGroup, max_body: u64) -> Next {
+    async fn proxy(
+        &mut self,
+        w: &Worker,
+        route: &Route,
+        group: &UpstreamGroup,
+        max_body: u64,
+    ) -> Next {
         let head_request = self.head.method == Method::Head;
         // The whole body, when it is already buffered: it can be sent again on a retry.
         let replay: Option<Bytes> = match self.head.body {
@@ -636,12 +643,17 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                 },
             };
             self.put_upstream_head(w, route, &group.endpoints[ep].authority);
-            let sent = self.send_request(w, &mut up, replay.as_ref(), max_body).await;
+            let sent = self
+                .send_request(w, &mut up, replay.as_ref(), max_body)
+                .await;
             let outcome = match sent {
                 Ok(()) => self.read_response_head(w, &mut up, head_request).await,
                 Err(SendFail::Client(e)) => {
                     return match e {
-                        Some(e) => self.send_error(w, e, true).await.map_or(Next::Close, |_| Next::Close),
+                        Some(e) => self
+                            .send_error(w, e, true)
+                            .await
+                            .map_or(Next::Close, |_| Next::Close),
                         None => Next::Close,
                     }
                 }
@@ -650,7 +662,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             match outcome {
                 Ok(()) => break up,
                 Err(RespFail::ClosedEarly)
-                    if up.reused && !retried && replay.is_some() && self.head.method.is_idempotent() =>
+                    if up.reused
+                        && !retried
+                        && replay.is_some()
+                        && self.head.method.is_idempotent() =>
                 {
                     // A pooled connection the upstream had closed: once more on a new one.
                     retried = true;
@@ -689,11 +704,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     ) -> Result<(), SendFail> {
         let t_up = w.timeouts.upstream_response;
         let mut head = std::mem::take(&mut self.ubuf);
-        let small = replay.map_or(false, |b| b.len() <= COALESCE_BYTES);
+        let small = replay.is_some_and(|b| b.len() <= COALESCE_BYTES);
         if small {
             head.put_slice(replay.expect("small implies replay"));
         }
-        let head = write_buf(&mut up.stream, head, t_up).await.map_err(|_| SendFail::Upstream)?;
+        let head = write_buf(&mut up.stream, head, t_up)
+            .await
+            .map_err(|_| SendFail::Upstream)?;
         // Keep only the head in ubuf, for a retry.
         self.ubuf = head;
         if let Some(b) = replay {
@@ -705,7 +722,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             return Ok(());
         }
         if self.head.expect_continue {
-            let cont = write_buf(&mut self.io, &b"HTTP/1.1 100 Continue\r\n\r\n"[..], w.timeouts.client_write).await;
+            let cont = write_buf(
+                &mut self.io,
+                &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
+                w.timeouts.client_write,
+            )
+            .await;
             if cont.is_err() {
                 return Err(SendFail::Client(None));
             }
@@ -717,13 +739,20 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         }
     }
 
-    async fn stream_length_body(&mut self, w: &Worker, up: &mut UpConn, n: u64) -> Result<(), SendFail> {
+    async fn stream_length_body(
+        &mut self,
+        w: &Worker,
+        up: &mut UpConn,
+        n: u64,
+    ) -> Result<(), SendFail> {
         let mut left = n;
         let t_up = w.timeouts.upstream_response;
         if !self.rbuf.is_empty() {
             let part = self.rbuf.split_to(self.rbuf.len().min(left as usize));
             left -= part.len() as u64;
-            write_buf(&mut up.stream, part, t_up).await.map_err(|_| SendFail::Upstream)?;
+            write_buf(&mut up.stream, part, t_up)
+                .await
+                .map_err(|_| SendFail::Upstream)?;
         }
         let mut buf = BytesMut::with_capacity(BODY_READ_CHUNK);
         while left > 0 {
@@ -731,15 +760,24 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             let want = (left as usize).min(BODY_READ_CHUNK);
             match read_some(&mut self.io, &mut buf, want, w.timeouts.client_body).await {
                 Ok(k) => left -= k as u64,
-                Err(IoFail::Timeout) => return Err(SendFail::Client(Some(GatewayError::ClientTimeout))),
+                Err(IoFail::Timeout) => {
+                    return Err(SendFail::Client(Some(GatewayError::ClientTimeout)))
+                }
                 Err(_) => return Err(SendFail::Client(None)),
             }
-            buf = write_buf(&mut up.stream, buf, t_up).await.map_err(|_| SendFail::Upstream)?;
+            buf = write_buf(&mut up.stream, buf, t_up)
+                .await
+                .map_err(|_| SendFail::Upstream)?;
         }
         Ok(())
     }
 
-    async fn stream_chunked_body(&mut self, w: &Worker, up: &mut UpConn, max_body: u64) -> Result<(), SendFail> {
+    async fn stream_chunked_body(
+        &mut self,
+        w: &Worker,
+        up: &mut UpConn,
+        max_body: u64,
+    ) -> Result<(), SendFail> {
         let t_up = w.timeouts.upstream_response;
         let mut scanner = ChunkedScanner::new();
         loop {
@@ -751,14 +789,25 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                     return Err(SendFail::Client(Some(GatewayError::BodyTooLarge)));
                 }
                 let part = self.rbuf.split_to(r.consumed);
-                write_buf(&mut up.stream, part, t_up).await.map_err(|_| SendFail::Upstream)?;
+                write_buf(&mut up.stream, part, t_up)
+                    .await
+                    .map_err(|_| SendFail::Upstream)?;
                 if r.done {
                     return Ok(());
                 }
             }
-            match read_some(&mut self.io, &mut self.rbuf, BODY_READ_CHUNK, w.timeouts.client_body).await {
+            match read_some(
+                &mut self.io,
+                &mut self.rbuf,
+                BODY_READ_CHUNK,
+                w.timeouts.client_body,
+            )
+            .await
+            {
                 Ok(_) => {}
-                Err(IoFail::Timeout) => return Err(SendFail::Client(Some(GatewayError::ClientTimeout))),
+                Err(IoFail::Timeout) => {
+                    return Err(SendFail::Client(Some(GatewayError::ClientTimeout)))
+                }
                 Err(_) => return Err(SendFail::Client(None)),
             }
         }
@@ -766,7 +815,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
 
     /// Reads the final response head into `self.resp`, passing 1xx interim responses (other
     /// than 100, which ringway answers itself) to HTTP/1.1 clients.
-    async fn read_response_head(&mut self, w: &Worker, up: &mut UpConn, head_request: bool) -> Result<(), RespFail> {
+    async fn read_response_head(
+        &mut self,
+        w: &Worker,
+        up: &mut UpConn,
+        head_request: bool,
+    ) -> Result<(), RespFail> {
         let deadline = Instant::now() + w.timeouts.upstream_response;
         let mut got_any = false;
         loop {
@@ -782,7 +836,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         if (100..200).contains(&status) {
                             if status != 100 && self.head.version == Version::Http11 {
                                 let interim = self.resp.raw.clone();
-                                if write_buf(&mut self.io, interim, w.timeouts.client_write).await.is_err() {
+                                if write_buf(&mut self.io, interim, w.timeouts.client_write)
+                                    .await
+                                    .is_err()
+                                {
                                     return Err(RespFail::Client);
                                 }
                             }
@@ -791,7 +848,9 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         return Ok(());
                     }
                     Ok(None) => {}
-                    Err(RespError::TooLarge) | Err(RespError::Malformed(_)) => return Err(RespFail::Bad),
+                    Err(RespError::TooLarge) | Err(RespError::Malformed(_)) => {
+                        return Err(RespFail::Bad)
+                    }
                 }
             }
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -831,24 +890,16 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         wbuf.clear();
         put_status_line(wbuf, resp.status, resp.bytes(resp.reason));
         let rules = &route.response_headers;
-        let mut conn_values: [&[u8]; 4] = [b""; 4];
-        let mut conn_n = 0;
-        if resp.connection_options {
-            for h in &resp.headers {
-                if conn_n < 4 && resp.bytes(h.name).eq_ignore_ascii_case(b"connection") {
-                    conn_values[conn_n] = resp.bytes(h.value);
-                    conn_n += 1;
-                }
-            }
-        }
+        let conn = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
         for h in &resp.headers {
             let name = resp.bytes(h.name);
             match classify(name) {
                 Hdr::Other | Hdr::Host | Hdr::Expect | Hdr::Xff | Hdr::Xfp | Hdr::Xfh => {}
-                Hdr::ContentLength if matches!(resp.body, RespBody::Length(_) | RespBody::None) => {}
+                Hdr::ContentLength if matches!(resp.body, RespBody::Length(_) | RespBody::None) => {
+                }
                 _ => continue,
             }
-            if rules.drops(name) || (conn_n > 0 && connection_lists(&conn_values[..conn_n], name)) {
+            if rules.drops(name) || conn.lists(name) {
                 continue;
             }
             put_header(wbuf, name, resp.bytes(h.value));
@@ -868,10 +919,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             OutFraming::None => self.flush_wbuf(t_write).await.map(|_| true),
             OutFraming::Length(n) => self.copy_length(up, n, t_write, t_body).await,
             OutFraming::ChunkedPass | OutFraming::Dechunk => {
-                self.copy_chunked(up, out == OutFraming::Dechunk, t_write, t_body).await
+                self.copy_chunked(up, out == OutFraming::Dechunk, t_write, t_body)
+                    .await
             }
             OutFraming::Rechunk | OutFraming::UntilClose => {
-                self.copy_until_close(up, out == OutFraming::Rechunk, t_write, t_body).await
+                self.copy_until_close(up, out == OutFraming::Rechunk, t_write, t_body)
+                    .await
             }
         };
         match result {
@@ -900,7 +953,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     /// write; larger ones are relayed through the upstream connection's buffer, one bounded
     /// read and one write at a time, so a slow client slows the upstream read instead of
     /// growing memory.
-    async fn copy_length(&mut self, up: &mut UpConn, n: u64, t_write: Duration, t_body: Duration) -> Result<bool, IoFail> {
+    async fn copy_length(
+        &mut self,
+        up: &mut UpConn,
+        n: u64,
+        t_write: Duration,
+        t_body: Duration,
+    ) -> Result<bool, IoFail> {
         let mut left = n;
         let have = up.rbuf.len().min(left.min(usize::MAX as u64) as usize);
         if have as u64 == left && have <= COALESCE_BYTES {
@@ -933,7 +992,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
 
     /// Copies a chunked body: as it is to HTTP/1.1 clients (the scanner checks every framing
     /// byte and finds the end), or as plain data to HTTP/1.0 clients.
-    async fn copy_chunked(&mut self, up: &mut UpConn, dechunk: bool, t_write: Duration, t_body: Duration) -> Result<bool, IoFail> {
+    async fn copy_chunked(
+        &mut self,
+        up: &mut UpConn,
+        dechunk: bool,
+        t_write: Duration,
+        t_body: Duration,
+    ) -> Result<bool, IoFail> {
         let mut scanner = ChunkedScanner::new();
         let mut head_pending = true;
         loop {
@@ -978,7 +1043,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
 
     /// Copies a body delimited by the upstream closing: re-framed as chunked for HTTP/1.1
     /// clients, as it is (then closing) for HTTP/1.0 clients.
-    async fn copy_until_close(&mut self, up: &mut UpConn, rechunk: bool, t_write: Duration, t_body: Duration) -> Result<bool, IoFail> {
+    async fn copy_until_close(
+        &mut self,
+        up: &mut UpConn,
+        rechunk: bool,
+        t_write: Duration,
+        t_body: Duration,
+    ) -> Result<bool, IoFail> {
         self.flush_wbuf(t_write).await?;
         loop {
             if !up.rbuf.is_empty() {

@@ -31,11 +31,14 @@ pub enum PathMatch {
     Regex(Regex),
 }
 
+/// A header name (lower case) and value.
+pub type HeaderPair = (Box<[u8]>, Box<[u8]>);
+
 /// Header rewrites, names lower case.
 #[derive(Debug, Default)]
 pub struct HeaderRules {
-    pub add: Vec<(Box<[u8]>, Box<[u8]>)>,
-    pub set: Vec<(Box<[u8]>, Box<[u8]>)>,
+    pub add: Vec<HeaderPair>,
+    pub set: Vec<HeaderPair>,
     pub remove: Vec<Box<[u8]>>,
 }
 
@@ -103,7 +106,7 @@ pub struct Route {
     pub name: String,
     pub path: PathMatch,
     pub methods: Vec<Box<[u8]>>,
-    pub headers: Vec<(Box<[u8]>, Box<[u8]>)>,
+    pub headers: Vec<HeaderPair>,
     pub action: Action,
     pub rewrite: Rewrite,
     pub host: HostPolicy,
@@ -142,16 +145,18 @@ impl Route {
         };
         match &self.rewrite {
             Rewrite::None => out.put_slice(pq),
+            // Only at a segment boundary: "/api" strips "/api/x" and "/api?q", not "/apiary".
             Rewrite::Strip(p) => match pq.strip_prefix(&**p) {
-                Some(rest) => {
-                    if rest.is_empty() || rest[0] == b'?' {
-                        out.put_u8(b'/');
-                    } else if rest[0] != b'/' {
-                        out.put_u8(b'/');
-                    }
+                Some(rest) if rest.is_empty() || rest[0] == b'?' => {
+                    out.put_u8(b'/');
                     out.put_slice(rest);
                 }
-                None => out.put_slice(pq),
+                Some(rest) if rest[0] == b'/' => out.put_slice(rest),
+                Some(rest) if p.ends_with(b"/") => {
+                    out.put_u8(b'/');
+                    out.put_slice(rest);
+                }
+                _ => out.put_slice(pq),
             },
             Rewrite::Replace(from, to) => match pq.strip_prefix(&**from) {
                 Some(rest) => {
@@ -211,7 +216,11 @@ impl Bucket {
                 PathMatch::Prefix(p) => p.len(),
                 _ => 0,
             };
-            (std::cmp::Reverse(len), std::cmp::Reverse(routes[*i].conditions()), *i)
+            (
+                std::cmp::Reverse(len),
+                std::cmp::Reverse(routes[*i].conditions()),
+                *i,
+            )
         });
     }
 }
@@ -339,11 +348,7 @@ fn add_route(bucket: &mut Bucket, routes: &[Route], i: usize) {
     }
 }
 
-fn compile_route(
-    i: usize,
-    rc: &RouteConfig,
-    upstreams: &HashMap<&str, usize>,
-) -> Route {
+fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>) -> Route {
     let b = |s: &str| -> Box<[u8]> { s.as_bytes().into() };
     let path = if let Some(p) = &rc.path {
         PathMatch::Exact(b(p))
@@ -387,11 +392,7 @@ fn compile_route(
         name: rc.name.clone().unwrap_or_else(|| format!("route#{i}")),
         path,
         methods: rc.methods.iter().map(|m| b(m)).collect(),
-        headers: rc
-            .headers
-            .iter()
-            .map(|(k, v)| (b(&k.0), b(v)))
-            .collect(),
+        headers: rc.headers.iter().map(|(k, v)| (b(&k.0), b(v))).collect(),
         action,
         rewrite,
         host,
@@ -401,3 +402,42 @@ fn compile_route(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(toml_route: &str, pq: &str) -> String {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n{toml_route}\n");
+        let cfg = Config::parse(&src, "t").unwrap();
+        let r = Router::new(&cfg);
+        let mut out = BytesMut::new();
+        r.routes[0].write_target(pq.as_bytes(), &mut out);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn strip_prefix_only_at_segment_boundaries() {
+        let route = "strip_prefix = \"/api\"";
+        assert_eq!(target(route, "/api/users?x=1"), "/users?x=1");
+        assert_eq!(target(route, "/api"), "/");
+        assert_eq!(target(route, "/api?x"), "/?x");
+        assert_eq!(target(route, "/apiary"), "/apiary");
+        assert_eq!(target(route, "/other"), "/other");
+        assert_eq!(target("strip_prefix = \"/api/\"", "/api/users"), "/users");
+    }
+
+    #[test]
+    fn replace_prefix() {
+        let route = "path_prefix = \"/v1/\"\nreplace_prefix = \"/internal/\"";
+        assert_eq!(target(route, "/v1/a?b"), "/internal/a?b");
+        let route = "path_prefix = \"/v1\"\nreplace_prefix = \"\"";
+        assert_eq!(target(route, "/v1"), "/");
+        assert_eq!(target(route, "/v1/x"), "/x");
+    }
+
+    #[test]
+    fn empty_absolute_form_path_becomes_slash() {
+        assert_eq!(target("", ""), "/");
+        assert_eq!(target("", "?q=1"), "/?q=1");
+    }
+}

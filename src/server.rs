@@ -64,7 +64,9 @@ impl Gateway {
     /// run, or the reason one could not start.
     pub fn start(cfg: Config, workers: Option<usize>) -> io::Result<Gateway> {
         let cfg = Arc::new(cfg);
-        let n = workers.filter(|n| *n > 0).unwrap_or_else(|| cfg.worker_count());
+        let n = workers
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| cfg.worker_count());
         let (per_worker, addrs) = bind_listeners(&cfg, n)?;
         let stop = Arc::new(AtomicBool::new(false));
         let choice = driver_choice(&cfg);
@@ -104,7 +106,9 @@ impl Gateway {
         }
         // Said once per process start, not once per worker.
         match (&fallback, driver) {
-            (Some(why), _) => warn!("io_uring is not available ({why}); {n} workers run on monoio's epoll driver"),
+            (Some(why), _) => {
+                warn!("io_uring is not available ({why}); {n} workers run on monoio's epoll driver")
+            }
             (None, d) => info!("{n} workers run on the {} driver", d.as_str()),
         }
         Ok(Gateway {
@@ -172,7 +176,8 @@ fn probe_free(addr: SocketAddr) -> io::Result<()> {
 type Bound = (Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>);
 
 fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
     for l in &cfg.listeners {
         let mut addr = l.address.addr;
@@ -301,7 +306,10 @@ async fn worker_main(
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     if w.active.get() > 0 {
-        warn!("worker {id}: {} connections still open after the shutdown timeout; closing them", w.active.get());
+        warn!(
+            "worker {id}: {} connections still open after the shutdown timeout; closing them",
+            w.active.get()
+        );
     }
     for g in &w.upstreams {
         g.clear_idle();

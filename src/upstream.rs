@@ -37,10 +37,15 @@ pub struct Endpoint {
 }
 
 enum Balancer {
-    RoundRobin { next: Cell<usize> },
+    RoundRobin {
+        next: Cell<usize>,
+    },
     /// Smooth weighted round robin: every pick adds each weight to its endpoint's current
     /// value, takes the largest and subtracts the total from it.
-    Weighted { current: RefCell<Vec<i64>>, total: i64 },
+    Weighted {
+        current: RefCell<Vec<i64>>,
+        total: i64,
+    },
 }
 
 pub struct UpstreamGroup {
@@ -89,7 +94,11 @@ impl UpstreamGroup {
         match &self.balancer {
             Balancer::RoundRobin { next } => {
                 let i = next.get();
-                next.set(if i + 1 >= self.endpoints.len() { 0 } else { i + 1 });
+                next.set(if i + 1 >= self.endpoints.len() {
+                    0
+                } else {
+                    i + 1
+                });
                 i
             }
             Balancer::Weighted { current, total } => {

@@ -15,7 +15,10 @@ use support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_ringway");
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn write_config(name: &str, text: &str) -> std::path::PathBuf {
@@ -29,13 +32,19 @@ fn write_config(name: &str, text: &str) -> std::path::PathBuf {
 /// Starts the binary and waits until it accepts connections on `addr`.
 fn spawn_gateway(cfg: &std::path::Path, addr: SocketAddr, env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(BIN);
-    cmd.args(["run", "-c"]).arg(cfg).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.args(["run", "-c"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let child = cmd.spawn().expect("spawn ringway");
     assert!(
-        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()),
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_ok()),
         "the gateway did not start listening on {addr}"
     );
     child
@@ -84,7 +93,8 @@ fn several_listeners_serve_the_same_routes() {
 fn refuses_an_address_another_process_listens_on() {
     let stranger = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = stranger.local_addr().unwrap();
-    let toml = format!("[[listeners]]\naddress = \"{addr}\"\n[[routes]]\ndirect = {{ status = 200 }}\n");
+    let toml =
+        format!("[[listeners]]\naddress = \"{addr}\"\n[[routes]]\ndirect = {{ status = 200 }}\n");
     let cfg = Config::parse(&toml, "t.toml").unwrap();
     let err = Gateway::start(cfg, Some(1)).err().expect("start must fail");
     assert!(err.to_string().contains("already in use"), "{err}");
@@ -96,14 +106,19 @@ fn refuses_an_address_another_process_listens_on() {
     let addr2 = free_port();
     s.bind(&addr2.into()).unwrap();
     s.listen(16).unwrap();
-    let toml = format!("[[listeners]]\naddress = \"{addr2}\"\n[[routes]]\ndirect = {{ status = 200 }}\n");
+    let toml =
+        format!("[[listeners]]\naddress = \"{addr2}\"\n[[routes]]\ndirect = {{ status = 200 }}\n");
     let cfg = Config::parse(&toml, "t.toml").unwrap();
     let err = Gateway::start(cfg, Some(2)).err().expect("start must fail");
     assert!(err.to_string().contains("already in use"), "{err}");
 
     // Through the binary: exit code 1 and the reason on stderr.
     let p = write_config("busy.toml", &toml);
-    let out = Command::new(BIN).args(["run", "-c"]).arg(&p).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&p)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"));
 }
@@ -113,7 +128,10 @@ fn graceful_shutdown_finishes_in_flight_requests_and_exits_0() {
     let up = Upstream::start(|req| {
         if req.target == "/slow" {
             Reply::Slow {
-                parts: vec![(Duration::from_millis(700), ok_response(b"finished").to_vec())],
+                parts: vec![(
+                    Duration::from_millis(700),
+                    ok_response(b"finished").to_vec(),
+                )],
                 close: false,
             }
         } else {
@@ -141,13 +159,32 @@ fn graceful_shutdown_finishes_in_flight_requests_and_exits_0() {
         sigterm(&child);
         let r = busy.read_response().expect("in-flight request completes");
         assert_eq!((r.status, r.text().as_str()), (200, "finished"), "{driver}");
-        assert_eq!(r.header("connection"), Some("close"), "{driver}: connection closes after the last response");
-        assert!(idle.is_closed(Duration::from_secs(3)), "{driver}: idle keep-alive connections are closed");
-        assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0), "{driver}: exit code");
+        assert_eq!(
+            r.header("connection"),
+            Some("close"),
+            "{driver}: connection closes after the last response"
+        );
+        assert!(
+            idle.is_closed(Duration::from_secs(3)),
+            "{driver}: idle keep-alive connections are closed"
+        );
+        assert_eq!(
+            wait_exit(&mut child, Duration::from_secs(5)),
+            Some(0),
+            "{driver}: exit code"
+        );
         assert!(t0.elapsed() < Duration::from_secs(4));
-        assert!(std::net::TcpStream::connect(addr).is_err(), "{driver}: no longer accepting");
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "{driver}: no longer accepting"
+        );
         let mut err = String::new();
-        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
         assert!(err.contains("shutting down gracefully"), "{err}");
     }
 }
@@ -181,7 +218,12 @@ fn driver_choice_is_logged_once() {
     sigterm(&child);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert_eq!(err.matches("epoll driver").count(), 1, "{err}");
 }
 
@@ -197,8 +239,15 @@ fn io_uring_or_a_logged_fallback() {
 #[test]
 fn check_command_validates_configs() {
     for file in ["config/ringway.toml", "config/demo.toml"] {
-        let out = Command::new(BIN).args(["check", "-c", file]).output().unwrap();
-        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .args(["check", "-c", file])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("OK") && text.contains("routes:"), "{text}");
     }
@@ -206,18 +255,32 @@ fn check_command_validates_configs() {
         "bad.toml",
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[routes]]\npath = \"/x\"\nupstream = \"missing\"\n",
     );
-    let out = Command::new(BIN).args(["check", "-c"]).arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:6:"), "{err}");
     assert!(err.contains("routes[0].upstream"), "{err}");
     assert!(err.contains("no upstream named \"missing\""), "{err}");
 
-    let typo = write_config("typo.toml", "[[listeners]]\naddress = \"127.0.0.1:0\"\nbaklog = 5\n");
-    let out = Command::new(BIN).args(["run", "-c"]).arg(&typo).output().unwrap();
+    let typo = write_config(
+        "typo.toml",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\nbaklog = 5\n",
+    );
+    let out = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&typo)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("typo.toml:3:") && err.contains("baklog"), "{err}");
+    assert!(
+        err.contains("typo.toml:3:") && err.contains("baklog"),
+        "{err}"
+    );
 
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ringway "));

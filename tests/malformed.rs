@@ -10,35 +10,136 @@ use support::*;
 
 fn table() -> Vec<(String, Vec<u8>, u16)> {
     let mut t: Vec<(String, Vec<u8>, u16)> = vec![];
-    let mut add = |name: &str, raw: &[u8], status: u16| t.push((name.to_string(), raw.to_vec(), status));
+    let mut add =
+        |name: &str, raw: &[u8], status: u16| t.push((name.to_string(), raw.to_vec(), status));
     add("CL and TE together", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400);
-    add("differing CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde", 400);
-    add("CL list differing", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 5\r\n\r\nabcde", 400);
-    add("CL not a number", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4x\r\n\r\nabcd", 400);
-    add("CL negative", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400);
-    add("CL overflow", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 184467440737095516160\r\n\r\n", 400);
-    add("TE final not chunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 400);
-    add("TE unknown coding", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501);
-    add("TE in HTTP/1.0", b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400);
-    add("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n", 400);
-    add("space before colon", b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length : 0\r\n\r\n", 400);
-    add("bare CR in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n", 400);
+    add(
+        "differing CL",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        400,
+    );
+    add(
+        "CL list differing",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 5\r\n\r\nabcde",
+        400,
+    );
+    add(
+        "CL not a number",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4x\r\n\r\nabcd",
+        400,
+    );
+    add(
+        "CL negative",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+        400,
+    );
+    add(
+        "CL overflow",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 184467440737095516160\r\n\r\n",
+        400,
+    );
+    add(
+        "TE final not chunked",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        400,
+    );
+    add(
+        "TE unknown coding",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        501,
+    );
+    add(
+        "TE in HTTP/1.0",
+        b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    );
+    add(
+        "obs-fold",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  folded\r\n\r\n",
+        400,
+    );
+    add(
+        "space before colon",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length : 0\r\n\r\n",
+        400,
+    );
+    add(
+        "bare CR in value",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n",
+        400,
+    );
     add("bare CR line end", b"GET / HTTP/1.1\rHost: a\r\n\r\n", 400);
     add("missing Host", b"GET / HTTP/1.1\r\n\r\n", 400);
-    add("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400);
+    add(
+        "two Hosts",
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        400,
+    );
     add("bad method", b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", 400);
-    add("garbage", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400);
+    add(
+        "garbage",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        400,
+    );
     add("HTTP/2 line", b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505);
-    add("relative target", b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n", 400);
-    add("CONNECT", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501);
-    add("unknown expectation", b"POST / HTTP/1.1\r\nHost: a\r\nExpect: teapot\r\nContent-Length: 1\r\n\r\nx", 417);
-    add("bad chunk size", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400);
-    add("chunk size overflow", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n", 400);
-    add("chunk without CRLF", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", 400);
-    add("URI too long", format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(9000)).as_bytes(), 414);
-    add("too many headers", format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: y\r\n".repeat(150)).as_bytes(), 431);
-    add("head too large", format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(20000)).as_bytes(), 431);
-    add("body over limit", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n", 413);
+    add(
+        "relative target",
+        b"GET foo HTTP/1.1\r\nHost: a\r\n\r\n",
+        400,
+    );
+    add(
+        "CONNECT",
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+        501,
+    );
+    add(
+        "unknown expectation",
+        b"POST / HTTP/1.1\r\nHost: a\r\nExpect: teapot\r\nContent-Length: 1\r\n\r\nx",
+        417,
+    );
+    add(
+        "bad chunk size",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        400,
+    );
+    add(
+        "chunk size overflow",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n",
+        400,
+    );
+    add(
+        "chunk without CRLF",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+        400,
+    );
+    add(
+        "URI too long",
+        format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "u".repeat(9000)).as_bytes(),
+        414,
+    );
+    add(
+        "too many headers",
+        format!(
+            "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+            "X: y\r\n".repeat(150)
+        )
+        .as_bytes(),
+        431,
+    );
+    add(
+        "head too large",
+        format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "v".repeat(20000)
+        )
+        .as_bytes(),
+        431,
+    );
+    add(
+        "body over limit",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n",
+        413,
+    );
     t
 }
 
@@ -46,23 +147,38 @@ fn table() -> Vec<(String, Vec<u8>, u16)> {
 fn malformed_requests_get_their_status_and_the_connection_closes() {
     for d in DRIVERS {
         let up = Upstream::echo();
-        let gw = TestGateway::start(&config(&[up.addr], "[limits]\nmax_body_bytes = \"1MiB\"\n[[routes]]\nupstream = \"up\"\n"), d);
+        let gw = TestGateway::start(
+            &config(
+                &[up.addr],
+                "[limits]\nmax_body_bytes = \"1MiB\"\n[[routes]]\nupstream = \"up\"\n",
+            ),
+            d,
+        );
         for (name, raw, status) in table() {
             let mut c = Client::connect(gw.addr);
             // A well-formed request is queued behind the bad one: it must never be answered.
             let mut bytes = raw.clone();
             bytes.extend_from_slice(b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n");
             let _ = c.try_send(&bytes);
-            let r = c.read_response().unwrap_or_else(|| panic!("{d:?} {name}: no response"));
+            let r = c
+                .read_response()
+                .unwrap_or_else(|| panic!("{d:?} {name}: no response"));
             assert_eq!(r.status, status, "{d:?} {name}: {}", r.text());
             assert_eq!(r.header("connection"), Some("close"), "{d:?} {name}");
             let j = r.json();
             assert_eq!(j["status"], status);
             assert!(j["request_id"].as_str().is_some_and(|s| !s.is_empty()));
-            assert!(c.is_closed(Duration::from_secs(2)), "{d:?} {name}: connection must close");
+            assert!(
+                c.is_closed(Duration::from_secs(2)),
+                "{d:?} {name}: connection must close"
+            );
         }
         assert!(
-            up.seen.lock().unwrap().iter().all(|r| r.target != "/smuggled"),
+            up.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|r| r.target != "/smuggled"),
             "{d:?}: a request behind a malformed one reached the upstream"
         );
     }
@@ -90,13 +206,34 @@ upstream = "up"
         assert_eq!(request(gw.addr, uri.as_bytes()).status, 414, "{d:?}");
         let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", "X: 1\r\n".repeat(9));
         assert_eq!(request(gw.addr, many.as_bytes()).status, 431);
-        let big = format!("GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n", "v".repeat(1100));
+        let big = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+            "v".repeat(1100)
+        );
         assert_eq!(request(gw.addr, big.as_bytes()).status, 431);
-        assert_eq!(request(gw.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n01234567890").status, 413);
-        assert_eq!(request(gw.addr, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789").status, 200);
+        assert_eq!(
+            request(
+                gw.addr,
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n01234567890"
+            )
+            .status,
+            413
+        );
+        assert_eq!(
+            request(
+                gw.addr,
+                b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789"
+            )
+            .status,
+            200
+        );
         // Per-route override.
         let body = "b".repeat(1000);
-        let r = request(gw.addr, format!("POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n{body}").as_bytes());
+        let r = request(
+            gw.addr,
+            format!("POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n{body}")
+                .as_bytes(),
+        );
         assert_eq!(r.status, 200);
         // Chunked bodies are counted as they stream.
         let mut c = Client::connect(gw.addr);
@@ -151,7 +288,10 @@ fn slow_head_gets_408_and_idle_keep_alive_is_closed() {
         c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(c.read_response().unwrap().status, 200);
         let t0 = Instant::now();
-        assert!(c.is_closed(Duration::from_secs(3)), "{d:?}: idle connection must close");
+        assert!(
+            c.is_closed(Duration::from_secs(3)),
+            "{d:?}: idle connection must close"
+        );
         assert!(t0.elapsed() >= Duration::from_millis(300));
         // A stalled request body gets 408.
         let mut c = Client::connect(gw.addr);

@@ -41,8 +41,20 @@ fn hop_by_hop_headers_are_removed_and_forwarding_headers_added() {
         );
         assert_eq!(r.status, 200, "{d:?}: {}", r.text());
         let req = up.last();
-        for h in ["connection", "x-secret", "keep-alive", "proxy-connection", "te", "trailer", "upgrade"] {
-            assert!(req.header(h).is_none(), "{d:?}: {h} must not be forwarded: {:?}", req.headers);
+        for h in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+        ] {
+            assert!(
+                req.header(h).is_none(),
+                "{d:?}: {h} must not be forwarded: {:?}",
+                req.headers
+            );
         }
         assert_eq!(req.header("x-forwarded-for"), Some("10.0.0.1, 127.0.0.1"));
         assert_eq!(req.header("x-forwarded-proto"), Some("http"));
@@ -51,7 +63,11 @@ fn hop_by_hop_headers_are_removed_and_forwarding_headers_added() {
         assert_eq!(req.header("x-request-id"), Some("client-id-1"));
         // Response side.
         for h in ["x-secret-resp", "keep-alive", "upgrade"] {
-            assert!(!r.has(h), "{d:?}: {h} must not reach the client: {:?}", r.headers);
+            assert!(
+                !r.has(h),
+                "{d:?}: {h} must not reach the client: {:?}",
+                r.headers
+            );
         }
         assert_eq!(r.header("x-request-id"), Some("client-id-1"));
         assert_eq!(r.header("via"), Some("1.1 ringway"));
@@ -64,7 +80,10 @@ fn request_id_is_generated_when_absent_or_invalid() {
         let up = Upstream::echo();
         let gw = TestGateway::start(&proxy_all(up.addr), d);
         let r1 = get(gw.addr, "/");
-        let r2 = request(gw.addr, b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: bad\"id\r\n\r\n");
+        let r2 = request(
+            gw.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: bad\"id\r\n\r\n",
+        );
         let id1 = r1.header("x-request-id").expect("id").to_string();
         let id2 = r2.header("x-request-id").expect("id").to_string();
         assert_eq!(id1.len(), 24);
@@ -139,19 +158,63 @@ upstream = "a"
         );
         let gw = TestGateway::start(&toml, d);
         let body = |raw: &str| request(gw.addr, raw.as_bytes()).text();
-        assert_eq!(body("GET /api/x HTTP/1.1\r\nHost: t\r\n\r\n"), "a", "{d:?} prefix");
-        assert_eq!(body("GET /api/v2/x HTTP/1.1\r\nHost: t\r\n\r\n"), "b", "longest prefix wins");
-        assert_eq!(body("GET /api/exact HTTP/1.1\r\nHost: t\r\n\r\n"), "b", "exact beats prefix");
-        assert_eq!(body("GET /api/exact?q=1 HTTP/1.1\r\nHost: t\r\n\r\n"), "b", "query is not part of the path");
-        assert_eq!(body("GET /api/items/42 HTTP/1.1\r\nHost: t\r\n\r\n"), "b", "regex beats prefix");
+        assert_eq!(
+            body("GET /api/x HTTP/1.1\r\nHost: t\r\n\r\n"),
+            "a",
+            "{d:?} prefix"
+        );
+        assert_eq!(
+            body("GET /api/v2/x HTTP/1.1\r\nHost: t\r\n\r\n"),
+            "b",
+            "longest prefix wins"
+        );
+        assert_eq!(
+            body("GET /api/exact HTTP/1.1\r\nHost: t\r\n\r\n"),
+            "b",
+            "exact beats prefix"
+        );
+        assert_eq!(
+            body("GET /api/exact?q=1 HTTP/1.1\r\nHost: t\r\n\r\n"),
+            "b",
+            "query is not part of the path"
+        );
+        assert_eq!(
+            body("GET /api/items/42 HTTP/1.1\r\nHost: t\r\n\r\n"),
+            "b",
+            "regex beats prefix"
+        );
         assert_eq!(body("GET /api/items/x HTTP/1.1\r\nHost: t\r\n\r\n"), "a");
-        assert_eq!(body("POST /api/x HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"), "b", "method condition");
-        assert_eq!(body("GET /api/x HTTP/1.1\r\nHost: t\r\nX-Canary: yes\r\n\r\n"), "b", "header condition");
+        assert_eq!(
+            body("POST /api/x HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n"),
+            "b",
+            "method condition"
+        );
+        assert_eq!(
+            body("GET /api/x HTTP/1.1\r\nHost: t\r\nX-Canary: yes\r\n\r\n"),
+            "b",
+            "header condition"
+        );
         assert_eq!(body("GET /other HTTP/1.1\r\nHost: t\r\n\r\n"), "fallback");
-        assert_eq!(body("GET /other HTTP/1.1\r\nHost: SHOP.example.com:8080\r\n\r\n"), "b", "exact host, any case and port");
-        assert_eq!(body("GET /other HTTP/1.1\r\nHost: m.example.com\r\n\r\n"), "a", "wildcard host");
-        assert_eq!(body("GET /other HTTP/1.1\r\nHost: example.com\r\n\r\n"), "fallback", "wildcard needs a subdomain");
-        assert_eq!(body("GET http://shop.example.com/x HTTP/1.1\r\nHost: other\r\n\r\n"), "b", "absolute-form authority is the host");
+        assert_eq!(
+            body("GET /other HTTP/1.1\r\nHost: SHOP.example.com:8080\r\n\r\n"),
+            "b",
+            "exact host, any case and port"
+        );
+        assert_eq!(
+            body("GET /other HTTP/1.1\r\nHost: m.example.com\r\n\r\n"),
+            "a",
+            "wildcard host"
+        );
+        assert_eq!(
+            body("GET /other HTTP/1.1\r\nHost: example.com\r\n\r\n"),
+            "fallback",
+            "wildcard needs a subdomain"
+        );
+        assert_eq!(
+            body("GET http://shop.example.com/x HTTP/1.1\r\nHost: other\r\n\r\n"),
+            "b",
+            "absolute-form authority is the host"
+        );
     }
 }
 
@@ -159,7 +222,13 @@ upstream = "a"
 fn no_route_is_404_json_with_request_id() {
     for d in DRIVERS {
         let up = Upstream::echo();
-        let gw = TestGateway::start(&config(&[up.addr], "[[routes]]\npath_prefix = \"/only\"\nupstream = \"up\"\n"), d);
+        let gw = TestGateway::start(
+            &config(
+                &[up.addr],
+                "[[routes]]\npath_prefix = \"/only\"\nupstream = \"up\"\n",
+            ),
+            d,
+        );
         let mut c = Client::connect(gw.addr);
         c.send(b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n");
         let r = c.read_response().unwrap();
@@ -200,7 +269,10 @@ preserve_host = false
 upstream = "up"
 "#;
         let gw = TestGateway::start(&config(&[up.addr], extra), d);
-        let r = request(gw.addr, b"GET /api/users?id=3 HTTP/1.1\r\nHost: a\r\nX-Set: client\r\nX-Remove-Me: x\r\n\r\n");
+        let r = request(
+            gw.addr,
+            b"GET /api/users?id=3 HTTP/1.1\r\nHost: a\r\nX-Set: client\r\nX-Remove-Me: x\r\n\r\n",
+        );
         assert_eq!(r.status, 200);
         let req = up.last();
         assert_eq!(req.target, "/users?id=3");
@@ -274,7 +346,13 @@ fn large_bodies_stream_both_ways() {
         let gw = TestGateway::start(&proxy_all(up.addr), d);
         let mut c = Client::connect(gw.addr);
         let body = vec![b'x'; 3 * 1024 * 1024];
-        c.send(format!("PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+        c.send(
+            format!(
+                "PUT /big HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
         c.send(&body);
         let r = c.read_response().unwrap();
         assert_eq!(r.status, 200);
@@ -289,7 +367,10 @@ fn first_byte_reaches_client_before_upstream_finishes() {
     for d in DRIVERS {
         let up = Upstream::start(|_| Reply::Slow {
             parts: vec![
-                (Duration::ZERO, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst".to_vec()),
+                (
+                    Duration::ZERO,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfirst".to_vec(),
+                ),
                 (Duration::from_millis(800), b"-last".to_vec()),
             ],
             close: false,
@@ -306,20 +387,25 @@ fn first_byte_reaches_client_before_upstream_finishes() {
             assert!(n > 0);
             got.extend_from_slice(&tmp[..n]);
         }
-        assert!(t0.elapsed() < Duration::from_millis(600), "{d:?}: head and first bytes were held back");
+        assert!(
+            t0.elapsed() < Duration::from_millis(600),
+            "{d:?}: head and first bytes were held back"
+        );
     }
 }
 
 #[test]
 fn response_framings_head_204_304_chunked_and_close_delimited() {
     for d in DRIVERS {
-        let up = Upstream::start(|req| match req.target.as_str() {
+        let up = Upstream::start(|req| {
+            match req.target.as_str() {
             "/head" => Reply::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n".to_vec()),
             "/204" => Reply::Raw(b"HTTP/1.1 204 No Content\r\nX-A: b\r\n\r\n".to_vec()),
             "/304" => Reply::Raw(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n".to_vec()),
             "/chunked" => Reply::Raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nX-T: 1\r\n\r\n".to_vec()),
             "/close" => Reply::RawClose(b"HTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec()),
             _ => Reply::Raw(ok_response(b"?")),
+        }
         });
         let gw = TestGateway::start(&proxy_all(up.addr), d);
         let mut c = Client::connect(gw.addr);
@@ -330,7 +416,10 @@ fn response_framings_head_204_304_chunked_and_close_delimited() {
         c.send(b"GET /204 HTTP/1.1\r\nHost: a\r\n\r\n");
         let r = c.read_response().unwrap();
         assert_eq!(r.status, 204);
-        assert!(!r.has("content-length"), "no invented Content-Length on 204");
+        assert!(
+            !r.has("content-length"),
+            "no invented Content-Length on 204"
+        );
         assert!(!r.has("transfer-encoding"));
         c.send(b"GET /304 HTTP/1.1\r\nHost: a\r\n\r\n");
         let r = c.read_response().unwrap();
@@ -364,7 +453,10 @@ fn expect_100_continue_and_interim_responses() {
             if req.target == "/early" {
                 Reply::Raw(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec())
             } else {
-                assert!(req.header("expect").is_none(), "Expect is answered by the gateway");
+                assert!(
+                    req.header("expect").is_none(),
+                    "Expect is answered by the gateway"
+                );
                 Reply::Raw(ok_response(&req.body))
             }
         });
@@ -446,7 +538,13 @@ fn weighted_round_robin_spreads_by_weight() {
 fn round_robin_across_instances() {
     for d in DRIVERS {
         let ups: Vec<Upstream> = (0..2).map(|_| Upstream::echo()).collect();
-        let gw = TestGateway::start(&config(&[ups[0].addr, ups[1].addr], "[[routes]]\nupstream = \"up\"\n"), d);
+        let gw = TestGateway::start(
+            &config(
+                &[ups[0].addr, ups[1].addr],
+                "[[routes]]\nupstream = \"up\"\n",
+            ),
+            d,
+        );
         for _ in 0..10 {
             assert_eq!(get(gw.addr, "/").status, 200);
         }
@@ -463,7 +561,11 @@ fn keep_alive_pool_reuses_upstream_connections() {
             assert_eq!(get(gw.addr, "/").status, 200);
         }
         assert_eq!(up.hits(), 30);
-        assert_eq!(up.conns(), 1, "{d:?}: 30 sequential requests should share one pooled connection");
+        assert_eq!(
+            up.conns(),
+            1,
+            "{d:?}: 30 sequential requests should share one pooled connection"
+        );
     }
 }
 
@@ -471,7 +573,9 @@ fn keep_alive_pool_reuses_upstream_connections() {
 fn pooled_connection_closed_by_upstream_never_gives_502() {
     for d in DRIVERS {
         // The upstream closes keep-alive connections after 100 ms idle.
-        let up = Upstream::start_with(Some(Duration::from_millis(100)), |_| Reply::Raw(ok_response(b"fine")));
+        let up = Upstream::start_with(Some(Duration::from_millis(100)), |_| {
+            Reply::Raw(ok_response(b"fine"))
+        });
         let gw = TestGateway::start(&proxy_all(up.addr), d);
         for round in 0..6 {
             let r = get(gw.addr, "/");
@@ -505,7 +609,10 @@ fn idempotent_request_is_retried_once_when_reused_connection_fails() {
         }
         // A POST is not idempotent: it is never sent twice.
         let before = up.hits();
-        let r = request(gw.addr, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx");
+        let r = request(
+            gw.addr,
+            b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx",
+        );
         let sent = up.hits() - before;
         assert!(r.status == 200 || r.status == 502, "{}", r.status);
         if r.status == 502 {
@@ -566,13 +673,18 @@ upstream = "garbage"
 #[test]
 fn upstream_dying_mid_body_cuts_the_client_response() {
     for d in DRIVERS {
-        let up = Upstream::start(|_| Reply::RawClose(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part".to_vec()));
+        let up = Upstream::start(|_| {
+            Reply::RawClose(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part".to_vec())
+        });
         let gw = TestGateway::start(&proxy_all(up.addr), d);
         let mut c = Client::connect(gw.addr);
         c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         // The client sees the head and a short body, then the connection closes: it can tell
         // the response was truncated.
-        assert!(c.read_response().is_none(), "{d:?}: a truncated body must not look complete");
+        assert!(
+            c.read_response().is_none(),
+            "{d:?}: a truncated body must not look complete"
+        );
     }
 }
 
@@ -581,16 +693,28 @@ fn upstream_body_idle_timeout_cuts_a_stalled_response() {
     for d in DRIVERS {
         let up = Upstream::start(|_| Reply::Slow {
             parts: vec![
-                (Duration::ZERO, b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nstart".to_vec()),
+                (
+                    Duration::ZERO,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nstart".to_vec(),
+                ),
                 (Duration::from_secs(3), b"never".to_vec()),
             ],
             close: true,
         });
-        let gw = TestGateway::start(&config(&[up.addr], "[timeouts]\nupstream_body = \"300ms\"\n[[routes]]\nupstream = \"up\"\n"), d);
+        let gw = TestGateway::start(
+            &config(
+                &[up.addr],
+                "[timeouts]\nupstream_body = \"300ms\"\n[[routes]]\nupstream = \"up\"\n",
+            ),
+            d,
+        );
         let mut c = Client::connect(gw.addr);
         let t0 = std::time::Instant::now();
         c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         assert!(c.read_response().is_none());
-        assert!(t0.elapsed() < Duration::from_secs(2), "{d:?}: stalled body must be cut by upstream_body");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "{d:?}: stalled body must be cut by upstream_body"
+        );
     }
 }

@@ -39,7 +39,9 @@ impl ChunkError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     /// Reading hex digits of a chunk size; `digits` so far.
-    Size { digits: u8 },
+    Size {
+        digits: u8,
+    },
     /// After the size: optional whitespace, then `;ext` or CR.
     Ext,
     SizeLf,
@@ -308,7 +310,9 @@ mod tests {
         let mut out = Vec::new();
         for (i, b) in VALID.iter().enumerate() {
             let one = [*b];
-            let r = s.scan(&one, |x, y| out.extend_from_slice(&one[x..y])).unwrap();
+            let r = s
+                .scan(&one, |x, y| out.extend_from_slice(&one[x..y]))
+                .unwrap();
             assert_eq!(r.done, i == VALID.len() - 1);
         }
         assert_eq!(out, b"hello0123456789");
@@ -316,7 +320,10 @@ mod tests {
 
     #[test]
     fn malformed_table() {
-        let long_ext = format!("1;{}\r\na\r\n0\r\n\r\n", "x".repeat(MAX_CHUNK_EXT_BYTES + 1));
+        let long_ext = format!(
+            "1;{}\r\na\r\n0\r\n\r\n",
+            "x".repeat(MAX_CHUNK_EXT_BYTES + 1)
+        );
         let cases: Vec<(&[u8], ChunkError)> = vec![
             (b"g\r\n", ChunkError::BadSize),
             (b"\r\n", ChunkError::BadSize),

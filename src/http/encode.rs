@@ -79,7 +79,12 @@ mod tests {
 
     #[test]
     fn chunk_sizes() {
-        for (n, s) in [(0usize, "0\r\n"), (10, "a\r\n"), (255, "ff\r\n"), (65536, "10000\r\n")] {
+        for (n, s) in [
+            (0usize, "0\r\n"),
+            (10, "a\r\n"),
+            (255, "ff\r\n"),
+            (65536, "10000\r\n"),
+        ] {
             let mut b = BytesMut::new();
             put_chunk_size(&mut b, n);
             assert_eq!(&b[..], s.as_bytes());

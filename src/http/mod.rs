@@ -91,11 +91,39 @@ pub fn trim_ows(mut s: &[u8]) -> &[u8] {
     s
 }
 
-/// Does the Connection header value list `token` (case-insensitive)?
-pub fn connection_lists(conn_values: &[&[u8]], name: &[u8]) -> bool {
-    conn_values
-        .iter()
-        .any(|v| list_items(v).any(|t| t.eq_ignore_ascii_case(name)))
+/// The values of a head's Connection headers (the first four), to drop the headers they name
+/// (RFC 9110 §7.6.1).
+pub struct ConnectionOptions<'a> {
+    values: [&'a [u8]; 4],
+    n: usize,
+}
+
+impl<'a> ConnectionOptions<'a> {
+    /// Collects the Connection values of a head; `any` is false when the head has no
+    /// Connection option other than close/keep-alive, which skips the scan.
+    pub fn collect(raw: &'a [u8], headers: &[HeaderSpan], any: bool) -> Self {
+        let mut c = ConnectionOptions {
+            values: [b""; 4],
+            n: 0,
+        };
+        if any {
+            for h in headers {
+                if c.n < 4 && h.name.get(raw).eq_ignore_ascii_case(b"connection") {
+                    c.values[c.n] = h.value.get(raw);
+                    c.n += 1;
+                }
+            }
+        }
+        c
+    }
+
+    /// Does a Connection header list `name`?
+    #[inline]
+    pub fn lists(&self, name: &[u8]) -> bool {
+        self.values[..self.n]
+            .iter()
+            .any(|v| list_items(v).any(|t| t.eq_ignore_ascii_case(name)))
+    }
 }
 
 /// Parses a Content-Length value: one or more identical decimal numbers separated by commas
@@ -142,7 +170,10 @@ mod tests {
         assert_eq!(parse_content_length(b"0x10"), None);
         assert_eq!(parse_content_length(b"99999999999999999999"), None);
         assert_eq!(parse_content_length(b"18446744073709551615"), None);
-        assert_eq!(parse_content_length(b"9999999999999999999"), Some(9999999999999999999));
+        assert_eq!(
+            parse_content_length(b"9999999999999999999"),
+            Some(9999999999999999999)
+        );
     }
 
     #[test]

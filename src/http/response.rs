@@ -193,33 +193,55 @@ mod tests {
 
     #[test]
     fn framing_rules() {
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.body, RespBody::Length(5));
         assert!(r.keep_alive);
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).unwrap().unwrap();
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.body, RespBody::None);
-        let r = parse(b"HTTP/1.1 204 No Content\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(b"HTTP/1.1 204 No Content\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.body, RespBody::None);
-        let r = parse(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.body, RespBody::None);
         let r = parse(b"HTTP/1.1 200 OK\r\n\r\n", false).unwrap().unwrap();
         assert_eq!(r.body, RespBody::Close);
         assert!(!r.keep_alive);
-        let r = parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", false)
-            .unwrap()
-            .unwrap();
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.body, RespBody::Chunked);
         assert!(!r.keep_alive);
-        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert!(!r.keep_alive);
-        let r = parse(b"HTTP/1.1 100 Continue\r\n\r\n", false).unwrap().unwrap();
+        let r = parse(b"HTTP/1.1 100 Continue\r\n\r\n", false)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.status, 100);
         assert_eq!(r.body, RespBody::None);
     }
 
     #[test]
     fn malformed() {
-        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false).is_err());
+        assert!(parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false
+        )
+        .is_err());
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
         assert!(parse(b"HTTX/1.1 200 OK\r\n\r\n", false).is_err());
         assert!(parse(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());

@@ -25,7 +25,8 @@ impl TestGateway {
     /// Starts a gateway from TOML text on the given driver, with one worker unless the TOML
     /// says otherwise.
     pub fn start(toml: &str, driver: DriverChoice) -> TestGateway {
-        let mut cfg = Config::parse(toml, "test.toml").unwrap_or_else(|e| panic!("bad test config: {e}\n{toml}"));
+        let mut cfg = Config::parse(toml, "test.toml")
+            .unwrap_or_else(|e| panic!("bad test config: {e}\n{toml}"));
         cfg.server.driver = driver;
         if cfg.server.workers == 0 {
             cfg.server.workers = 1;
@@ -126,7 +127,10 @@ pub enum Reply {
     /// Write these bytes and close.
     RawClose(Vec<u8>),
     /// Write each part after its delay, then close if `close`.
-    Slow { parts: Vec<(Duration, Vec<u8>)>, close: bool },
+    Slow {
+        parts: Vec<(Duration, Vec<u8>)>,
+        close: bool,
+    },
     /// Close without answering.
     Drop,
     /// Say nothing for this long, then close.
@@ -134,7 +138,11 @@ pub enum Reply {
 }
 
 pub fn ok_response(body: &[u8]) -> Vec<u8> {
-    let mut v = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n", body.len()).into_bytes();
+    let mut v = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
     v.extend_from_slice(body);
     v
 }
@@ -153,7 +161,10 @@ pub struct Upstream {
 impl Upstream {
     /// Answers every request with `handler`. Keep-alive connections idle for longer than
     /// `idle_close` are closed by the server (None: 10 s).
-    pub fn start_with(idle_close: Option<Duration>, handler: impl Fn(&Req) -> Reply + Send + Sync + 'static) -> Upstream {
+    pub fn start_with(
+        idle_close: Option<Duration>,
+        handler: impl Fn(&Req) -> Reply + Send + Sync + 'static,
+    ) -> Upstream {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
         let addr = l.local_addr().expect("addr");
         l.set_nonblocking(true).expect("nonblocking");
@@ -162,7 +173,12 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let handler: Arc<Handler> = Arc::new(handler);
-        let (r, c, s, st) = (requests.clone(), connections.clone(), seen.clone(), stop.clone());
+        let (r, c, s, st) = (
+            requests.clone(),
+            connections.clone(),
+            seen.clone(),
+            stop.clone(),
+        );
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -170,9 +186,20 @@ impl Upstream {
                     Ok((stream, _)) => {
                         c.fetch_add(1, Ordering::SeqCst);
                         let (h, r, s, st) = (handler.clone(), r.clone(), s.clone(), st.clone());
-                        thread::spawn(move || upstream_conn(stream, &*h, &r, &s, &st, idle_close.unwrap_or(Duration::from_secs(10))));
+                        thread::spawn(move || {
+                            upstream_conn(
+                                stream,
+                                &*h,
+                                &r,
+                                &s,
+                                &st,
+                                idle_close.unwrap_or(Duration::from_secs(10)),
+                            )
+                        });
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(2)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(2))
+                    }
                     Err(_) => thread::sleep(Duration::from_millis(2)),
                 }
             }
@@ -204,7 +231,12 @@ impl Upstream {
     }
 
     pub fn last(&self) -> Req {
-        self.seen.lock().unwrap().last().cloned().expect("a request reached the upstream")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request reached the upstream")
     }
 }
 
@@ -224,7 +256,14 @@ pub fn echo_json(req: &Req) -> String {
     .to_string()
 }
 
-fn upstream_conn(mut s: TcpStream, h: &Handler, count: &AtomicUsize, seen: &Mutex<Vec<Req>>, stop: &AtomicBool, idle: Duration) {
+fn upstream_conn(
+    mut s: TcpStream,
+    h: &Handler,
+    count: &AtomicUsize,
+    seen: &Mutex<Vec<Req>>,
+    stop: &AtomicBool,
+    idle: Duration,
+) {
     let _ = s.set_nodelay(true);
     let mut buf = Vec::new();
     loop {
@@ -238,7 +277,9 @@ fn upstream_conn(mut s: TcpStream, h: &Handler, count: &AtomicUsize, seen: &Mute
         }
         count.fetch_add(1, Ordering::SeqCst);
         seen.lock().unwrap().push(req.clone());
-        let keep = req.header("connection").map_or(true, |v| !v.eq_ignore_ascii_case("close"));
+        let keep = req
+            .header("connection")
+            .is_none_or(|v| !v.eq_ignore_ascii_case("close"));
         match h(&req) {
             Reply::Raw(b) => {
                 if s.write_all(&b).is_err() || !keep {
@@ -282,7 +323,12 @@ fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
                 let headers: Vec<(String, String)> = req
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).to_string()))
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).to_string(),
+                        )
+                    })
                     .collect();
                 let mut r = Req {
                     method: req.method.unwrap_or("").to_string(),
@@ -293,7 +339,9 @@ fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
                     raw_head: buf[..n].to_vec(),
                 };
                 buf.drain(..n);
-                if r.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+                if r.header("transfer-encoding")
+                    .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+                {
                     r.body = read_chunked(s, buf)?;
                 } else if let Some(cl) = r.header("content-length") {
                     let cl: usize = cl.trim().parse().ok()?;
@@ -384,7 +432,8 @@ impl Resp {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
@@ -438,7 +487,12 @@ impl Client {
                     let headers: Vec<(String, String)> = r
                         .headers
                         .iter()
-                        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).to_string()))
+                        .map(|h| {
+                            (
+                                h.name.to_ascii_lowercase(),
+                                String::from_utf8_lossy(h.value).to_string(),
+                            )
+                        })
                         .collect();
                     self.buf.drain(..n);
                     let mut resp = Resp {
@@ -474,7 +528,10 @@ impl Client {
                         return None;
                     }
                 }
-                Err(e) => panic!("gateway sent a malformed response ({e}): {:?}", String::from_utf8_lossy(&self.buf)),
+                Err(e) => panic!(
+                    "gateway sent a malformed response ({e}): {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
             }
         }
     }
@@ -511,7 +568,8 @@ impl Client {
         loop {
             let line = self.read_line()?;
             let txt = String::from_utf8_lossy(&line).to_string();
-            let size = usize::from_str_radix(txt.split(';').next()?.trim(), 16).expect("hex chunk size");
+            let size =
+                usize::from_str_radix(txt.split(';').next()?.trim(), 16).expect("hex chunk size");
             if size == 0 {
                 loop {
                     if self.read_line()?.is_empty() {
@@ -525,7 +583,11 @@ impl Client {
                 }
             }
             body.extend_from_slice(&self.buf[..size]);
-            assert_eq!(&self.buf[size..size + 2], b"\r\n", "chunk data must end with CRLF");
+            assert_eq!(
+                &self.buf[size..size + 2],
+                b"\r\n",
+                "chunk data must end with CRLF"
+            );
             self.buf.drain(..size + 2);
         }
     }
@@ -552,11 +614,15 @@ impl Client {
 pub fn request(addr: SocketAddr, raw: &[u8]) -> Resp {
     let mut c = Client::connect(addr);
     c.send(raw);
-    c.read_response_for(raw.starts_with(b"HEAD ")).expect("a response")
+    c.read_response_for(raw.starts_with(b"HEAD "))
+        .expect("a response")
 }
 
 pub fn get(addr: SocketAddr, path: &str) -> Resp {
-    request(addr, format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes())
+    request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes(),
+    )
 }
 
 /// Waits until `f` holds or `limit` passes.
