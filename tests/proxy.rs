@@ -718,3 +718,76 @@ fn upstream_body_idle_timeout_cuts_a_stalled_response() {
         );
     }
 }
+
+#[test]
+fn slow_client_applies_backpressure_instead_of_buffering() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for d in DRIVERS {
+        let total = 64 * 1024 * 1024;
+        let written = Arc::new(AtomicUsize::new(0));
+        let w2 = written.clone();
+        let up = Upstream::start(move |_| Reply::Stream {
+            head: format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n").into_bytes(),
+            total,
+            written: w2.clone(),
+        });
+        let gw = TestGateway::start(&proxy_all(up.addr), d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        // The client reads nothing for a while: the upstream must be held back by the socket
+        // buffers and ringway's bounded relay buffer, not be drained into gateway memory.
+        std::thread::sleep(Duration::from_millis(800));
+        let stalled_at = written.load(Ordering::SeqCst);
+        assert!(
+            stalled_at < 24 * 1024 * 1024,
+            "{d:?}: upstream wrote {stalled_at} bytes while the client read nothing"
+        );
+        // Then the client drains everything and gets the whole body.
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        c.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head_done = false;
+        let mut acc = Vec::new();
+        while got < total {
+            let n = c.s.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed early at {got}");
+            if !head_done {
+                acc.extend_from_slice(&buf[..n]);
+                if let Some(p) = acc.windows(4).position(|w| w == b"\r\n\r\n") {
+                    head_done = true;
+                    got += acc.len() - p - 4;
+                }
+            } else {
+                got += n;
+            }
+        }
+        assert_eq!(got, total, "{d:?}");
+    }
+}
+
+#[test]
+fn upstream_connect_timeout_is_504() {
+    for d in DRIVERS {
+        // A listener with a full accept queue: further SYNs are dropped, so connect() hangs.
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        l.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        l.listen(0).unwrap();
+        let addr = l.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            fillers.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let gw = TestGateway::start(&config(&[addr], "[timeouts]\nupstream_connect = \"300ms\"\n[[routes]]\nupstream = \"up\"\n"), d);
+        let t0 = std::time::Instant::now();
+        let r = get(gw.addr, "/");
+        assert_eq!(r.status, 504, "{d:?}: {}", r.text());
+        assert_eq!(r.json()["error"], "upstream_connect_timeout");
+        assert!(t0.elapsed() < Duration::from_secs(2));
+    }
+}

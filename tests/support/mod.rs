@@ -135,6 +135,13 @@ pub enum Reply {
     Drop,
     /// Say nothing for this long, then close.
     Hang(Duration),
+    /// Write `head`, then `total` bytes of body in 64 KiB pieces as fast as the peer takes
+    /// them, counting the body bytes written into `written`.
+    Stream {
+        head: Vec<u8>,
+        total: usize,
+        written: Arc<AtomicUsize>,
+    },
 }
 
 pub fn ok_response(body: &[u8]) -> Vec<u8> {
@@ -302,6 +309,21 @@ fn upstream_conn(
                 if close {
                     let _ = s.shutdown(Shutdown::Write);
                     return;
+                }
+            }
+            Reply::Stream { head, total, written } => {
+                if s.write_all(&head).is_err() {
+                    return;
+                }
+                let piece = vec![b'z'; 65536];
+                let mut left = total;
+                while left > 0 {
+                    let n = left.min(piece.len());
+                    if s.write_all(&piece[..n]).is_err() {
+                        return;
+                    }
+                    written.fetch_add(n, Ordering::SeqCst);
+                    left -= n;
                 }
             }
             Reply::Drop => return,
