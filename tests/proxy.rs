@@ -772,18 +772,31 @@ fn upstream_connect_timeout_is_504() {
     for d in DRIVERS {
         // A listener with a full accept queue: further SYNs are dropped, so connect() hangs.
         let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        l.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        l.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
         l.listen(0).unwrap();
         let addr = l.local_addr().unwrap().as_socket().unwrap();
         let mut fillers = Vec::new();
         for _ in 0..4 {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             s.set_nonblocking(true).unwrap();
             let _ = s.connect(&addr.into());
             fillers.push(s);
         }
         std::thread::sleep(Duration::from_millis(100));
-        let gw = TestGateway::start(&config(&[addr], "[timeouts]\nupstream_connect = \"300ms\"\n[[routes]]\nupstream = \"up\"\n"), d);
+        let gw = TestGateway::start(
+            &config(
+                &[addr],
+                "[timeouts]\nupstream_connect = \"300ms\"\n[[routes]]\nupstream = \"up\"\n",
+            ),
+            d,
+        );
         let t0 = std::time::Instant::now();
         let r = get(gw.addr, "/");
         assert_eq!(r.status, 504, "{d:?}: {}", r.text());

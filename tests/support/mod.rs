@@ -311,7 +311,11 @@ fn upstream_conn(
                     return;
                 }
             }
-            Reply::Stream { head, total, written } => {
+            Reply::Stream {
+                head,
+                total,
+                written,
+            } => {
                 if s.write_all(&head).is_err() {
                     return;
                 }
