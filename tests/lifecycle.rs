@@ -36,6 +36,7 @@ fn spawn_gateway(cfg: &std::path::Path, addr: SocketAddr, env: &[(&str, &str)]) 
         .arg(cfg)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    cmd.env("RINGWAY_LOG", "info");
     for (k, v) in env {
         cmd.env(k, v);
     }
