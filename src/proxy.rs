@@ -355,6 +355,8 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
             HeadRead::Ready => {}
             HeadRead::Closed => return,
             HeadRead::Fail(e) => {
+                // The head was refused: nothing of it (a HEAD method included) applies.
+                c.head.method = Method::Get;
                 w.next_id(&mut c.id);
                 let _ = c.send_error(w, e, true).await;
                 return;
@@ -480,7 +482,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     async fn send_error(&mut self, w: &Worker, e: GatewayError, close: bool) -> Result<(), IoFail> {
         self.wbuf.clear();
         write_error_response(&mut self.wbuf, e, self.id.as_bytes(), close);
-        if self.head.method == Method::Head && !self.head.raw.is_empty() {
+        if self.head.method == Method::Head {
             // HEAD: the same head, no body.
             if let Some(p) = self.wbuf.windows(4).position(|x| x == b"\r\n\r\n") {
                 self.wbuf.truncate(p + 4);

@@ -91,6 +91,38 @@ pub fn trim_ows(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// What a head's Connection headers say (RFC 9112 §9.3).
+#[derive(Default, Clone, Copy, Debug)]
+pub struct ConnectionFlags {
+    pub close: bool,
+    pub keep_alive: bool,
+    /// Some other option is listed: the header it names must not be forwarded.
+    pub other: bool,
+}
+
+impl ConnectionFlags {
+    pub fn add(&mut self, value: &[u8]) {
+        for t in list_items(value) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else {
+                self.other = true;
+            }
+        }
+    }
+
+    /// Does the connection persist after this message? HTTP/1.1 unless `close`; HTTP/1.0 only
+    /// with `keep-alive`.
+    pub fn persistent(&self, version: Version) -> bool {
+        match version {
+            Version::Http11 => !self.close,
+            Version::Http10 => self.keep_alive && !self.close,
+        }
+    }
+}
+
 /// The values of a head's Connection headers (the first four), to drop the headers they name
 /// (RFC 9110 §7.6.1).
 pub struct ConnectionOptions<'a> {

@@ -4,7 +4,9 @@ use std::mem::MaybeUninit;
 
 use bytes::Bytes;
 
-use super::{list_items, parse_content_length, trim_ows, HeaderSpan, Span, Version};
+use super::{
+    list_items, parse_content_length, trim_ows, ConnectionFlags, HeaderSpan, Span, Version,
+};
 
 /// Default cap on the bytes of a request head (request line + headers + blank line).
 pub const DEFAULT_MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -271,8 +273,7 @@ pub fn parse_request(
     let mut te_chunked_count = 0u32;
     let mut te_other = false;
     let mut host_count = 0u32;
-    let mut conn_close = false;
-    let mut conn_keep_alive = false;
+    let mut conn = ConnectionFlags::default();
 
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -316,15 +317,7 @@ pub fn parse_request(
             host_count += 1;
             out.host = Some(Span::of(buf, value));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in list_items(value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    conn_close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    conn_keep_alive = true;
-                } else {
-                    out.connection_options = true;
-                }
-            }
+            conn.add(value);
         } else if name.eq_ignore_ascii_case(b"expect") {
             if trim_ows(value).eq_ignore_ascii_case(b"100-continue") {
                 out.expect_continue = true;
@@ -366,10 +359,8 @@ pub fn parse_request(
         };
     }
 
-    out.keep_alive = match out.version {
-        Version::Http11 => !conn_close,
-        Version::Http10 => conn_keep_alive && !conn_close,
-    };
+    out.keep_alive = conn.persistent(out.version);
+    out.connection_options = conn.other;
 
     // Request-target forms (RFC 9112 §3.2).
     let tb = target.as_bytes();

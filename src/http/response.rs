@@ -4,7 +4,9 @@ use std::mem::MaybeUninit;
 
 use bytes::Bytes;
 
-use super::{list_items, parse_content_length, trim_ows, HeaderSpan, Span, Version};
+use super::{
+    list_items, parse_content_length, trim_ows, ConnectionFlags, HeaderSpan, Span, Version,
+};
 
 /// Most bytes accepted in an upstream response head.
 pub const MAX_RESPONSE_HEAD_BYTES: usize = 64 * 1024;
@@ -114,8 +116,7 @@ pub fn parse_response(
     let mut content_length: Option<u64> = None;
     let mut te_seen = false;
     let mut te_chunked_last = false;
-    let mut conn_close = false;
-    let mut conn_keep_alive = false;
+    let mut conn = ConnectionFlags::default();
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
@@ -140,21 +141,11 @@ pub fn parse_response(
                 te_chunked_last = coding.eq_ignore_ascii_case(b"chunked");
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in list_items(value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    conn_close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    conn_keep_alive = true;
-                } else {
-                    out.connection_options = true;
-                }
-            }
+            conn.add(value);
         }
     }
-    out.keep_alive = match out.version {
-        Version::Http11 => !conn_close,
-        Version::Http10 => conn_keep_alive && !conn_close,
-    };
+    out.keep_alive = conn.persistent(out.version);
+    out.connection_options = conn.other;
     out.body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         RespBody::None
     } else if te_seen {
