@@ -351,6 +351,9 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
         },
     };
     loop {
+        // Release the last head's bytes so the read buffer can take its space back instead of
+        // allocating a new one.
+        c.head.raw = Bytes::new();
         match c.read_head(w).await {
             HeadRead::Ready => {}
             HeadRead::Closed => return,
@@ -689,6 +692,9 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             }
         };
         let (next, reusable) = self.forward_response(w, route, &mut up).await;
+        // The response head shares the upstream read buffer: release it before the connection
+        // is reused, so the buffer is reclaimed rather than reallocated.
+        self.resp.raw = Bytes::new();
         if reusable {
             group.checkin(up);
         }
