@@ -117,7 +117,7 @@ fn naive_find(routes: &[NaiveRoute], method: &str, host: &str, path: &str) -> Op
 
 fn bench_route(c: &mut Criterion) {
     let cfg = Config::parse(&route_config(), "bench.toml").unwrap();
-    let router = Router::new(&cfg);
+    let router = Router::new(&cfg, 1);
     let naive: Vec<NaiveRoute> = cfg
         .routes
         .iter()

@@ -373,7 +373,149 @@ pub enum Balance {
     #[default]
     RoundRobin,
     WeightedRoundRobin,
+    /// Fewest requests in flight (this worker's view), weighted.
+    LeastRequest,
+    /// Power of two random choices on peak-EWMA latency × (in-flight + 1).
+    PeakEwma,
+    /// Maglev consistent hashing on `hash_on`.
+    ConsistentHash,
 }
+
+/// What consistent hashing hashes: "client_ip", "header:NAME" or "cookie:NAME".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashOn {
+    ClientIp,
+    Header(String),
+    Cookie(String),
+}
+
+impl<'de> Deserialize<'de> for HashOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "client_ip" {
+            return Ok(HashOn::ClientIp);
+        }
+        if let Some(h) = s.strip_prefix("header:") {
+            check_header_name(h).map_err(de::Error::custom)?;
+            return Ok(HashOn::Header(h.to_ascii_lowercase()));
+        }
+        if let Some(c) = s.strip_prefix("cookie:") {
+            if c.is_empty() || !c.bytes().all(is_tchar) {
+                return Err(de::Error::custom(format!("{c:?} is not a cookie name")));
+            }
+            return Ok(HashOn::Cookie(c.to_string()));
+        }
+        Err(de::Error::custom(format!(
+            "{s:?}: expected \"client_ip\", \"header:NAME\" or \"cookie:NAME\""
+        )))
+    }
+}
+
+/// Active HTTP health checks, run once per gateway (not per worker).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    #[serde(default = "d_hc_path")]
+    pub path: String,
+    /// Host header of the check; default: the endpoint's address.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "d_hc_interval")]
+    pub interval: Dur,
+    #[serde(default = "d_hc_timeout")]
+    pub timeout: Dur,
+    /// Consecutive passing checks that bring an endpoint back.
+    #[serde(default = "d_two")]
+    pub healthy_threshold: u32,
+    /// Consecutive failing checks that take an endpoint out.
+    #[serde(default = "d_three")]
+    pub unhealthy_threshold: u32,
+    /// Statuses that pass; default 200-399.
+    #[serde(default)]
+    pub expected_statuses: Vec<u16>,
+}
+fn d_hc_path() -> String {
+    "/".into()
+}
+dur_default!(d_hc_interval, 2_000);
+dur_default!(d_hc_timeout, 1_000);
+fn d_two() -> u32 {
+    2
+}
+fn d_three() -> u32 {
+    3
+}
+
+/// Passive outlier detection: endpoints that keep failing are ejected for a while.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive failures (connect errors, resets, timeouts, 5xx) seen by one worker that
+    /// eject an endpoint; 0 turns outlier detection off.
+    #[serde(default = "d_five")]
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each further ejection, up to `max_ejection_time`.
+    #[serde(default = "d_base_ejection")]
+    pub base_ejection_time: Dur,
+    #[serde(default = "d_max_ejection")]
+    pub max_ejection_time: Dur,
+    /// Most endpoints of the group ejected at once, in percent (at least one stays).
+    #[serde(default = "d_fifty")]
+    pub max_ejection_percent: u32,
+}
+fn d_five() -> u32 {
+    5
+}
+dur_default!(d_base_ejection, 5_000);
+dur_default!(d_max_ejection, 300_000);
+fn d_fifty() -> u32 {
+    50
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: d_five(),
+            base_ejection_time: d_base_ejection(),
+            max_ejection_time: d_max_ejection(),
+            max_ejection_percent: d_fifty(),
+        }
+    }
+}
+
+/// Circuit breaker of an upstream group. Limits count per worker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Open upstream connections (pooled and in use).
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection when `max_connections` is reached.
+    #[serde(default)]
+    pub max_pending: Option<u32>,
+    /// Requests in flight.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    /// Failure ratio (0..1) over `window` that opens the breaker.
+    #[serde(default)]
+    pub error_rate: Option<f64>,
+    /// Requests the window needs before `error_rate` is judged.
+    #[serde(default = "d_min_requests")]
+    pub min_requests: u32,
+    #[serde(default = "d_window")]
+    pub window: Dur,
+    /// Time spent open before letting probes through (half-open).
+    #[serde(default = "d_open_for")]
+    pub open_for: Dur,
+    /// Probe requests allowed while half-open; all must succeed to close.
+    #[serde(default = "d_three")]
+    pub half_open_probes: u32,
+}
+fn d_min_requests() -> u32 {
+    20
+}
+dur_default!(d_window, 10_000);
+dur_default!(d_open_for, 5_000);
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -387,6 +529,15 @@ pub struct UpstreamConfig {
     /// An idle pooled connection older than this is closed.
     #[serde(default = "d_idle_timeout")]
     pub idle_timeout: Dur,
+    /// Key for `balance = "consistent_hash"` (default: client_ip).
+    #[serde(default)]
+    pub hash_on: Option<HashOn>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    #[serde(default)]
+    pub circuit_breaker: Option<BreakerConfig>,
 }
 fn d_max_idle() -> usize {
     64
@@ -475,6 +626,68 @@ pub struct RouteConfig {
     pub response_headers: HeaderOps,
     #[serde(default)]
     pub max_body_bytes: Option<ByteSize>,
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Per-route overrides of the global timeouts.
+    #[serde(default)]
+    pub timeouts: Option<RouteTimeouts>,
+}
+
+/// When and how a route retries a failed upstream request.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Tries in all, the first included.
+    #[serde(default = "d_attempts")]
+    pub attempts: u32,
+    /// Conditions: "connect_failure", "reset", "timeout", "502", "503", "504".
+    #[serde(default = "d_retry_on")]
+    pub on: Vec<String>,
+    /// Backoff before try n is random in [0, min(max, base × 2^(n-2))] (full jitter).
+    #[serde(default = "d_backoff_base")]
+    pub backoff_base: Dur,
+    #[serde(default = "d_backoff_max")]
+    pub backoff_max: Dur,
+    /// Retries may add at most this percentage on top of the route's requests (per worker,
+    /// over the last 10 s).
+    #[serde(default = "d_budget")]
+    pub budget_percent: u32,
+    /// Retries always allowed per second, whatever the budget says.
+    #[serde(default = "d_three")]
+    pub min_retries_per_second: u32,
+    /// Retry non-idempotent methods (POST, PATCH) on conditions other than connect_failure.
+    #[serde(default)]
+    pub non_idempotent: bool,
+    /// Request bodies up to this size are kept for replay; larger ones are streamed and
+    /// never retried.
+    #[serde(default = "d_replay")]
+    pub max_replay_bytes: ByteSize,
+}
+fn d_attempts() -> u32 {
+    2
+}
+fn d_retry_on() -> Vec<String> {
+    vec!["connect_failure".into(), "reset".into(), "503".into()]
+}
+dur_default!(d_backoff_base, 25);
+dur_default!(d_backoff_max, 250);
+fn d_budget() -> u32 {
+    20
+}
+fn d_replay() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+
+pub const RETRY_CONDITIONS: &[&str] = &["connect_failure", "reset", "timeout", "502", "503", "504"];
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTimeouts {
+    pub client_body: Option<Dur>,
+    pub client_write: Option<Dur>,
+    pub upstream_connect: Option<Dur>,
+    pub upstream_response: Option<Dur>,
+    pub upstream_body: Option<Dur>,
 }
 fn d_true() -> bool {
     true
@@ -591,6 +804,65 @@ impl Config {
                     format!("upstreams.{name}.endpoints"),
                     None,
                     "needs at least one endpoint".into(),
+                ));
+            }
+            if let Some(hc) = &u.health_check {
+                if !hc.path.starts_with('/') {
+                    return Err(err(
+                        format!("upstreams.{name}.health_check.path"),
+                        None,
+                        "must start with '/'".into(),
+                    ));
+                }
+                if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
+                    return Err(err(
+                        format!("upstreams.{name}.health_check"),
+                        None,
+                        "thresholds must be at least 1".into(),
+                    ));
+                }
+                if hc
+                    .expected_statuses
+                    .iter()
+                    .any(|s| !(100..=599).contains(s))
+                {
+                    return Err(err(
+                        format!("upstreams.{name}.health_check.expected_statuses"),
+                        None,
+                        "statuses are 100..599".into(),
+                    ));
+                }
+            }
+            if u.outlier.max_ejection_percent > 100 {
+                return Err(err(
+                    format!("upstreams.{name}.outlier.max_ejection_percent"),
+                    None,
+                    "must be 0..100".into(),
+                ));
+            }
+            if let Some(b) = &u.circuit_breaker {
+                if let Some(r) = b.error_rate {
+                    if !(r > 0.0 && r <= 1.0) {
+                        return Err(err(
+                            format!("upstreams.{name}.circuit_breaker.error_rate"),
+                            None,
+                            "must be in (0, 1]".into(),
+                        ));
+                    }
+                }
+                if b.half_open_probes == 0 {
+                    return Err(err(
+                        format!("upstreams.{name}.circuit_breaker.half_open_probes"),
+                        None,
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
+            if u.hash_on.is_some() && u.balance != Balance::ConsistentHash {
+                return Err(err(
+                    format!("upstreams.{name}.hash_on"),
+                    None,
+                    "only used with balance = \"consistent_hash\"".into(),
                 ));
             }
             for (j, e) in u.endpoints.iter().enumerate() {
@@ -741,6 +1013,31 @@ impl Config {
             ] {
                 for v in ops.add.values().chain(ops.set.values()) {
                     check_header_value(v).map_err(|e| err(k(f), None, e))?;
+                }
+            }
+            if let Some(rt) = &r.retry {
+                if rt.attempts == 0 || rt.attempts > 10 {
+                    return Err(err(
+                        k("retry.attempts"),
+                        None,
+                        "must be between 1 and 10".into(),
+                    ));
+                }
+                for c in &rt.on {
+                    if !RETRY_CONDITIONS.contains(&c.as_str()) {
+                        return Err(err(
+                            k("retry.on"),
+                            None,
+                            format!("unknown condition {c:?} (known: {RETRY_CONDITIONS:?})"),
+                        ));
+                    }
+                }
+                if rt.backoff_max.0 < rt.backoff_base.0 {
+                    return Err(err(
+                        k("retry.backoff_max"),
+                        None,
+                        "must be at least backoff_base".into(),
+                    ));
                 }
             }
             if let Some(h) = &r.set_host {

@@ -35,6 +35,12 @@ pub enum GatewayError {
     UpstreamBadResponse,
     /// The upstream closed or reset the connection before a complete response head.
     UpstreamClosed,
+    /// Every endpoint of the upstream is out (health checks or outlier ejection).
+    NoHealthyEndpoint,
+    /// The upstream's circuit breaker is open; retry after this many seconds.
+    CircuitOpen(u32),
+    /// The upstream's concurrency limits are reached.
+    Overloaded,
 }
 
 impl GatewayError {
@@ -50,6 +56,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => 504,
             GatewayError::UpstreamBadResponse => 502,
             GatewayError::UpstreamClosed => 502,
+            GatewayError::NoHealthyEndpoint
+            | GatewayError::CircuitOpen(_)
+            | GatewayError::Overloaded => 503,
         }
     }
 
@@ -69,6 +78,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamBadResponse => "upstream_bad_response",
             GatewayError::UpstreamClosed => "upstream_closed",
+            GatewayError::NoHealthyEndpoint => "no_healthy_endpoint",
+            GatewayError::CircuitOpen(_) => "circuit_open",
+            GatewayError::Overloaded => "upstream_overloaded",
         }
     }
 
@@ -84,6 +96,18 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => "the upstream did not answer in time",
             GatewayError::UpstreamBadResponse => "the upstream sent an invalid response",
             GatewayError::UpstreamClosed => "the upstream closed the connection without answering",
+            GatewayError::NoHealthyEndpoint => "no healthy endpoint is available for this upstream",
+            GatewayError::CircuitOpen(_) => "the upstream's circuit breaker is open",
+            GatewayError::Overloaded => "the upstream's concurrency limit is reached",
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, when the error has one.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            GatewayError::CircuitOpen(s) => Some(*s),
+            GatewayError::Overloaded | GatewayError::NoHealthyEndpoint => Some(1),
+            _ => None,
         }
     }
 
@@ -119,6 +143,10 @@ pub fn write_error_response(buf: &mut BytesMut, err: GatewayError, request_id: &
     put_u64(buf, body.len() as u64);
     buf.put_slice(b"\r\nx-request-id: ");
     buf.put_slice(request_id);
+    if let Some(s) = err.retry_after() {
+        buf.put_slice(b"\r\nretry-after: ");
+        put_u64(buf, s as u64);
+    }
     if close {
         buf.put_slice(b"\r\nconnection: close");
     }

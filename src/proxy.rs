@@ -25,14 +25,21 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::config::Config;
+use crate::config::HashOn;
 use crate::error::{write_error_response, GatewayError};
 use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_chunk_size, put_header, put_status_line, put_u64};
 use crate::http::request::{parse_request, BodyKind, Limits, Method, RequestHead};
 use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
 use crate::http::{ConnectionOptions, Version};
+use crate::retry::{Failure, RetryPolicy};
 use crate::router::{Action, DirectResponse, HostPolicy, Route, Router};
+use crate::upstream::balance::hash_bytes;
+use crate::upstream::breaker::Admit;
+use crate::upstream::health::HealthHub;
 use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
+use crate::warn;
+use std::sync::Arc;
 
 /// Initial read buffer of a client connection; grows up to the head limit when needed.
 pub const CLIENT_READ_BUF: usize = 8 * 1024;
@@ -138,6 +145,8 @@ pub struct Worker {
     /// Value appended as a Via line: "1.1 ringway".
     pub via: Box<[u8]>,
     pub shutdown: Shutdown,
+    /// Endpoint health shared with the other workers.
+    pub hub: Arc<HealthHub>,
     /// Open client connections.
     pub active: Cell<usize>,
     id_seed: u64,
@@ -145,7 +154,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(cfg: &Config, id: usize) -> Worker {
+    pub fn new(cfg: &Config, id: usize, hub: Arc<HealthHub>) -> Worker {
         let t = &cfg.timeouts;
         let seed = {
             let now = std::time::SystemTime::now()
@@ -158,11 +167,12 @@ impl Worker {
         };
         Worker {
             id,
-            router: Router::new(cfg),
+            router: Router::new(cfg, seed),
             upstreams: cfg
                 .upstreams
                 .iter()
-                .map(|(name, u)| UpstreamGroup::new(name, u, id))
+                .enumerate()
+                .map(|(i, (name, u))| UpstreamGroup::new(i, name, u, id))
                 .collect(),
             limits: cfg.limits.to_limits(),
             timeouts: Timeouts {
@@ -176,6 +186,7 @@ impl Worker {
             },
             via: format!("1.1 {}", cfg.server.via).into_bytes().into(),
             shutdown: Shutdown::default(),
+            hub,
             active: Cell::new(0),
             id_seed: seed,
             id_seq: Cell::new(0),
@@ -320,6 +331,10 @@ pub struct Conn<S> {
     resp: ResponseHead,
     peer_ip: Box<[u8]>,
     id: ReqId,
+    /// This request's timeouts: the global ones with the route's overrides.
+    t: Timeouts,
+    /// `100 Continue` was sent for this request.
+    continue_sent: bool,
 }
 
 enum HeadRead {
@@ -349,6 +364,8 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
             buf: [0; MAX_REQUEST_ID],
             len: 0,
         },
+        t: w.timeouts,
+        continue_sent: false,
     };
     loop {
         // Release the last head's bytes so the read buffer can take its space back instead of
@@ -361,7 +378,7 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
                 // The head was refused: nothing of it (a HEAD method included) applies.
                 c.head.method = Method::Get;
                 w.next_id(&mut c.id);
-                let _ = c.send_error(w, e, true).await;
+                let _ = c.send_error(e, true).await;
                 return;
             }
         }
@@ -390,7 +407,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                 .min(w.limits.max_head_bytes + 1 - self.rbuf.len().min(w.limits.max_head_bytes));
             let res = match started {
                 Some(t0) => {
-                    let Some(left) = w.timeouts.client_head.checked_sub(t0.elapsed()) else {
+                    let Some(left) = self.t.client_head.checked_sub(t0.elapsed()) else {
                         return HeadRead::Fail(GatewayError::ClientTimeout);
                     };
                     read_some(&mut self.io, &mut self.rbuf, want.max(1), left).await
@@ -400,7 +417,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         return HeadRead::Closed;
                     }
                     monoio::select! {
-                        r = read_some(&mut self.io, &mut self.rbuf, want.max(1), w.timeouts.client_idle) => r,
+                        r = read_some(&mut self.io, &mut self.rbuf, want.max(1), self.t.client_idle) => r,
                         _ = w.shutdown.wait() => return HeadRead::Closed,
                     }
                 }
@@ -431,6 +448,16 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             return self.reject(w, GatewayError::NoRoute).await;
         };
         let route = &w.router.routes[ri];
+        let o = &route.timeouts;
+        self.t = Timeouts {
+            client_body: o.client_body.unwrap_or(w.timeouts.client_body),
+            client_write: o.client_write.unwrap_or(w.timeouts.client_write),
+            upstream_connect: o.upstream_connect.unwrap_or(w.timeouts.upstream_connect),
+            upstream_response: o.upstream_response.unwrap_or(w.timeouts.upstream_response),
+            upstream_body: o.upstream_body.unwrap_or(w.timeouts.upstream_body),
+            ..w.timeouts
+        };
+        self.continue_sent = false;
         let max_body = route.max_body_bytes.unwrap_or(w.limits.max_body_bytes);
         if let BodyKind::Length(n) = self.head.body {
             if n > max_body {
@@ -475,14 +502,14 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     /// Answers with a gateway error, keeping the connection when the request was fully read.
     async fn reject(&mut self, w: &Worker, e: GatewayError) -> Next {
         let keep = self.head.keep_alive && self.skip_buffered_body() && !w.shutdown.is_set();
-        if self.send_error(w, e, !keep).await.is_err() || !keep {
+        if self.send_error(e, !keep).await.is_err() || !keep {
             Next::Close
         } else {
             Next::KeepAlive
         }
     }
 
-    async fn send_error(&mut self, w: &Worker, e: GatewayError, close: bool) -> Result<(), IoFail> {
+    async fn send_error(&mut self, e: GatewayError, close: bool) -> Result<(), IoFail> {
         self.wbuf.clear();
         write_error_response(&mut self.wbuf, e, self.id.as_bytes(), close);
         if self.head.method == Method::Head {
@@ -492,7 +519,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             }
         }
         let buf = std::mem::take(&mut self.wbuf);
-        self.wbuf = write_buf(&mut self.io, buf, w.timeouts.client_write).await?;
+        self.wbuf = write_buf(&mut self.io, buf, self.t.client_write).await?;
         Ok(())
     }
 
@@ -512,7 +539,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             self.wbuf.put_slice(&d.body);
         }
         let buf = std::mem::take(&mut self.wbuf);
-        match write_buf(&mut self.io, buf, w.timeouts.client_write).await {
+        match write_buf(&mut self.io, buf, self.t.client_write).await {
             Ok(b) => {
                 self.wbuf = b;
                 if keep {
@@ -608,6 +635,94 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         out.put_slice(b"\r\n");
     }
 
+    /// Takes the request body into the read buffer when it can be kept for a replay: already
+    /// buffered, or (with a retry policy) small enough to wait for. `Ok(None)`: the body will be
+    /// streamed and never replayed. `Err`: the request was answered.
+    async fn replayable_body(
+        &mut self,
+        w: &Worker,
+        policy: Option<&RetryPolicy>,
+        max_body: u64,
+    ) -> Result<Option<Bytes>, Next> {
+        let keep_limit = policy.map_or(0, |p| p.max_replay);
+        loop {
+            match self.head.body {
+                BodyKind::None => return Ok(Some(Bytes::new())),
+                BodyKind::Length(n) => {
+                    if self.rbuf.len() as u64 >= n {
+                        return Ok(Some(self.rbuf.split_to(n as usize).freeze()));
+                    }
+                    if n > keep_limit {
+                        return Ok(None);
+                    }
+                }
+                BodyKind::Chunked => {
+                    let mut s = ChunkedScanner::new();
+                    match s.scan(&self.rbuf, |_, _| {}) {
+                        Err(e) => return Err(self.reject(w, GatewayError::BadChunk(e)).await),
+                        Ok(_) if s.data_total > max_body => {
+                            return Err(self.reject(w, GatewayError::BodyTooLarge).await)
+                        }
+                        Ok(r) if r.done => {
+                            return Ok(Some(self.rbuf.split_to(r.consumed).freeze()))
+                        }
+                        Ok(_) if self.rbuf.len() as u64 >= keep_limit => return Ok(None),
+                        Ok(_) => {}
+                    }
+                }
+            }
+            // Small enough to keep: read the rest before choosing an endpoint.
+            if !self.send_continue().await {
+                return Err(Next::Close);
+            }
+            match read_some(
+                &mut self.io,
+                &mut self.rbuf,
+                BODY_READ_CHUNK,
+                self.t.client_body,
+            )
+            .await
+            {
+                Ok(_) => {}
+                Err(IoFail::Timeout) => {
+                    return Err(self.reject(w, GatewayError::ClientTimeout).await);
+                }
+                Err(_) => return Err(Next::Close),
+            }
+        }
+    }
+
+    /// Sends `100 Continue` once, when the client asked for it.
+    async fn send_continue(&mut self) -> bool {
+        if !self.head.expect_continue || self.continue_sent {
+            return true;
+        }
+        self.continue_sent = true;
+        write_buf(
+            &mut self.io,
+            &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
+            self.t.client_write,
+        )
+        .await
+        .is_ok()
+    }
+
+    /// The consistent-hashing key of this request.
+    fn hash_key(&self, on: &HashOn) -> u64 {
+        let value: Option<&[u8]> = match on {
+            HashOn::ClientIp => None,
+            HashOn::Header(name) => self.head.header(name.as_bytes()),
+            HashOn::Cookie(name) => self.head.header_values(b"cookie").find_map(|v| {
+                v.split(|b| *b == b';').find_map(|kv| {
+                    let kv = crate::http::trim_ows(kv);
+                    kv.strip_prefix(name.as_bytes())
+                        .and_then(|rest| rest.strip_prefix(b"="))
+                })
+            }),
+        };
+        hash_bytes(value.unwrap_or(&self.peer_ip))
+    }
+
     async fn proxy(
         &mut self,
         w: &Worker,
@@ -615,102 +730,230 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         group: &UpstreamGroup,
         max_body: u64,
     ) -> Next {
-        let head_request = self.head.method == Method::Head;
-        // The whole body, when it is already buffered: it can be sent again on a retry.
-        let replay: Option<Bytes> = match self.head.body {
-            BodyKind::None => Some(Bytes::new()),
-            BodyKind::Length(n) if self.rbuf.len() as u64 >= n => {
-                Some(self.rbuf.split_to(n as usize).freeze())
-            }
-            BodyKind::Length(_) => None,
-            BodyKind::Chunked => {
-                let mut s = ChunkedScanner::new();
-                match s.scan(&self.rbuf, |_, _| {}) {
-                    Err(e) => return self.reject(w, GatewayError::BadChunk(e)).await,
-                    Ok(_) if s.data_total > max_body => {
-                        return self.reject(w, GatewayError::BodyTooLarge).await
-                    }
-                    Ok(r) if r.done => Some(self.rbuf.split_to(r.consumed).freeze()),
-                    Ok(_) => None,
-                }
-            }
+        let policy = route.retry.as_ref();
+        let idempotent = self.head.method.is_idempotent();
+        let replay = match self.replayable_body(w, policy, max_body).await {
+            Ok(r) => r,
+            Err(next) => return next,
         };
-
-        let mut retried = false;
-        let mut up = loop {
-            let ep = group.pick();
-            let pooled = if retried { None } else { group.checkout(ep) };
-            let mut up = match pooled {
-                Some(c) => c,
-                None => match connect(group, ep, w.timeouts.upstream_connect).await {
-                    Ok(c) => c,
-                    Err(e) => return self.reject(w, e).await,
-                },
-            };
-            self.put_upstream_head(w, route, &group.endpoints[ep].authority);
-            let sent = self
-                .send_request(w, &mut up, replay.as_ref(), max_body)
-                .await;
-            let outcome = match sent {
-                Ok(()) => self.read_response_head(w, &mut up, head_request).await,
-                Err(SendFail::Client(e)) => {
-                    return match e {
-                        Some(e) => self
-                            .send_error(w, e, true)
-                            .await
-                            .map_or(Next::Close, |_| Next::Close),
-                        None => Next::Close,
-                    }
+        let hash = group.hash_on.as_ref().map(|h| self.hash_key(h));
+        if let Some(p) = policy {
+            p.record_request(Instant::now());
+        }
+        let mut tried = [usize::MAX; 10];
+        let mut ntried = 0;
+        let mut tries = 0u32;
+        let mut stale_retry_used = false;
+        loop {
+            tries += 1;
+            let probe = match group.breaker.as_ref().map(|b| b.admit(Instant::now())) {
+                None => false,
+                Some(Admit::Yes { probe }) => probe,
+                Some(Admit::Open(d)) => {
+                    let secs = d.as_secs().clamp(1, u32::MAX as u64) as u32;
+                    return self.reject(w, GatewayError::CircuitOpen(secs)).await;
                 }
-                Err(SendFail::Upstream) => Err(RespFail::ClosedEarly),
+                Some(Admit::Busy) => return self.reject(w, GatewayError::Overloaded).await,
             };
-            match outcome {
-                Ok(()) => break up,
-                Err(RespFail::ClosedEarly)
-                    if up.reused
-                        && !retried
-                        && replay.is_some()
-                        && self.head.method.is_idempotent() =>
-                {
-                    // A pooled connection the upstream had closed: once more on a new one.
-                    retried = true;
+            let Some(ep) = group.pick(hash, &tried[..ntried]) else {
+                if let Some(b) = &group.breaker {
+                    b.cancel(probe);
+                }
+                return self.reject(w, GatewayError::NoHealthyEndpoint).await;
+            };
+            if ntried < tried.len() {
+                tried[ntried] = ep;
+                ntried += 1;
+            }
+            let stats = &group.stats[ep];
+            stats.outstanding.set(stats.outstanding.get() + 1);
+            let started = Instant::now();
+            let result = self
+                .attempt(
+                    w,
+                    route,
+                    group,
+                    ep,
+                    replay.as_ref(),
+                    max_body,
+                    !stale_retry_used,
+                )
+                .await;
+            let now = Instant::now();
+            let failure = match &result {
+                Ok(_) => {
+                    stats.observe_latency(now - started, now);
+                    (self.resp.status >= 500).then_some(Failure::Status(self.resp.status))
+                }
+                Err(AttemptFail::Stale) if !stale_retry_used && replay.is_some() && idempotent => {
+                    // A pooled connection the upstream had closed: once more on a new
+                    // connection. Not the endpoint's fault, and not a retry of the policy's.
+                    stats.outstanding.set(stats.outstanding.get() - 1);
+                    if let Some(b) = &group.breaker {
+                        b.cancel(probe);
+                    }
+                    stale_retry_used = true;
+                    tries -= 1;
+                    ntried -= 1;
                     continue;
                 }
-                Err(f) => {
-                    let e = match f {
-                        RespFail::ClosedEarly => GatewayError::UpstreamClosed,
-                        RespFail::Timeout => GatewayError::UpstreamTimeout,
-                        RespFail::Bad => GatewayError::UpstreamBadResponse,
-                        RespFail::Client => return Next::Close,
-                    };
-                    let keep = replay.is_some() && self.head.keep_alive && !w.shutdown.is_set();
-                    return match self.send_error(w, e, !keep).await {
-                        Ok(()) if keep => Next::KeepAlive,
-                        _ => Next::Close,
-                    };
+                Err(AttemptFail::Stale) | Err(AttemptFail::Reset) | Err(AttemptFail::Bad) => {
+                    Some(Failure::Reset)
+                }
+                Err(AttemptFail::Connect(_)) => Some(Failure::Connect),
+                Err(AttemptFail::Timeout) => Some(Failure::Timeout),
+                Err(AttemptFail::Client(_)) | Err(AttemptFail::Overloaded) => None,
+            };
+            let upstream_judged = !matches!(
+                result,
+                Err(AttemptFail::Client(_)) | Err(AttemptFail::Overloaded)
+            );
+            let retry = failure.is_some_and(|f| {
+                policy.is_some_and(|p| {
+                    tries < p.attempts
+                        && p.retries_on(f)
+                        && replay.is_some()
+                        && (idempotent || f == Failure::Connect || p.non_idempotent)
+                        && p.take_retry(now)
+                })
+            });
+            if retry || result.is_err() {
+                stats.outstanding.set(stats.outstanding.get() - 1);
+                if upstream_judged {
+                    record_outcome(w, group, ep, probe, failure.is_some(), now);
+                } else if let Some(b) = &group.breaker {
+                    b.cancel(probe);
                 }
             }
-        };
-        let (next, reusable) = self.forward_response(w, route, &mut up).await;
-        // The response head shares the upstream read buffer: release it before the connection
-        // is reused, so the buffer is reclaimed rather than reallocated.
-        self.resp.raw = Bytes::new();
-        if reusable {
-            group.checkin(up);
+            if retry {
+                let p = policy.expect("retry implies a policy");
+                drop(result);
+                self.resp.raw = Bytes::new();
+                monoio::time::sleep(p.backoff(tries)).await;
+                continue;
+            }
+            let mut up = match result {
+                Ok(up) => up,
+                Err(f) => {
+                    let e = match f {
+                        AttemptFail::Connect(e) => e,
+                        AttemptFail::Stale | AttemptFail::Reset => GatewayError::UpstreamClosed,
+                        AttemptFail::Timeout => GatewayError::UpstreamTimeout,
+                        AttemptFail::Bad => GatewayError::UpstreamBadResponse,
+                        AttemptFail::Overloaded => GatewayError::Overloaded,
+                        AttemptFail::Client(None) => return Next::Close,
+                        AttemptFail::Client(Some(e)) => {
+                            let _ = self.send_error(e, true).await;
+                            return Next::Close;
+                        }
+                    };
+                    return self.reject(w, e).await;
+                }
+            };
+            let (next, reusable) = self.forward_response(w, route, &mut up).await;
+            // The response head shares the upstream read buffer: release it before the
+            // connection is reused, so the buffer is reclaimed rather than reallocated.
+            self.resp.raw = Bytes::new();
+            stats.outstanding.set(stats.outstanding.get() - 1);
+            record_outcome(w, group, ep, probe, failure.is_some(), Instant::now());
+            if reusable {
+                group.checkin(up);
+            }
+            return next;
         }
-        next
+    }
+
+    /// One try: a connection to `ep`, the request sent, the response head read into
+    /// `self.resp`.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &mut self,
+        w: &Worker,
+        route: &Route,
+        group: &UpstreamGroup,
+        ep: usize,
+        replay: Option<&Bytes>,
+        max_body: u64,
+        allow_pool: bool,
+    ) -> Result<UpConn, AttemptFail> {
+        let mut up = self.acquire(group, ep, allow_pool).await?;
+        self.put_upstream_head(w, route, &group.endpoints[ep].authority);
+        match self.send_request(&mut up, replay, max_body).await {
+            Ok(()) => {}
+            Err(SendFail::Client(e)) => return Err(AttemptFail::Client(e)),
+            Err(SendFail::Upstream) => {
+                return Err(if up.reused {
+                    AttemptFail::Stale
+                } else {
+                    AttemptFail::Reset
+                })
+            }
+        }
+        let head_request = self.head.method == Method::Head;
+        match self.read_response_head(&mut up, head_request).await {
+            Ok(()) => Ok(up),
+            Err(RespFail::ClosedEarly) if up.reused => Err(AttemptFail::Stale),
+            Err(RespFail::ClosedEarly) => Err(AttemptFail::Reset),
+            Err(RespFail::Timeout) => Err(AttemptFail::Timeout),
+            Err(RespFail::Bad) => Err(AttemptFail::Bad),
+            Err(RespFail::Client) => Err(AttemptFail::Client(None)),
+        }
+    }
+
+    /// A pooled connection to `ep`, or a new one within the breaker's `max_connections`
+    /// (waiting as one of at most `max_pending` requests when the limit is reached).
+    async fn acquire(
+        &self,
+        group: &UpstreamGroup,
+        ep: usize,
+        allow_pool: bool,
+    ) -> Result<UpConn, AttemptFail> {
+        if allow_pool {
+            if let Some(c) = group.checkout(ep) {
+                return Ok(c);
+            }
+        }
+        if let Some(b) = &group.breaker {
+            if let Some(max) = b.max_connections {
+                let deadline = Instant::now() + self.t.upstream_connect;
+                while group.conns.open.get() >= max {
+                    if group.evict_one_idle() {
+                        continue;
+                    }
+                    if b.pending.get() >= b.max_pending {
+                        return Err(AttemptFail::Overloaded);
+                    }
+                    b.pending.set(b.pending.get() + 1);
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let woke = monoio::time::timeout(left, group.conns.freed.notified())
+                        .await
+                        .is_ok();
+                    b.pending.set(b.pending.get() - 1);
+                    if !woke {
+                        return Err(AttemptFail::Overloaded);
+                    }
+                    if allow_pool {
+                        if let Some(c) = group.checkout(ep) {
+                            return Ok(c);
+                        }
+                    }
+                }
+            }
+        }
+        connect(group, ep, self.t.upstream_connect)
+            .await
+            .map_err(AttemptFail::Connect)
     }
 
     /// Sends the head in `ubuf` and the body: the buffered `replay` bytes, or streamed from the
     /// client.
     async fn send_request(
         &mut self,
-        w: &Worker,
         up: &mut UpConn,
         replay: Option<&Bytes>,
         max_body: u64,
     ) -> Result<(), SendFail> {
-        let t_up = w.timeouts.upstream_response;
+        let t_up = self.t.upstream_response;
         let mut head = std::mem::take(&mut self.ubuf);
         let small = replay.is_some_and(|b| b.len() <= COALESCE_BYTES);
         if small {
@@ -719,7 +962,6 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         let head = write_buf(&mut up.stream, head, t_up)
             .await
             .map_err(|_| SendFail::Upstream)?;
-        // Keep only the head in ubuf, for a retry.
         self.ubuf = head;
         if let Some(b) = replay {
             if !small {
@@ -729,32 +971,19 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             }
             return Ok(());
         }
-        if self.head.expect_continue {
-            let cont = write_buf(
-                &mut self.io,
-                &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
-                w.timeouts.client_write,
-            )
-            .await;
-            if cont.is_err() {
-                return Err(SendFail::Client(None));
-            }
+        if !self.send_continue().await {
+            return Err(SendFail::Client(None));
         }
         match self.head.body {
-            BodyKind::Length(n) => self.stream_length_body(w, up, n).await,
-            BodyKind::Chunked => self.stream_chunked_body(w, up, max_body).await,
+            BodyKind::Length(n) => self.stream_length_body(up, n).await,
+            BodyKind::Chunked => self.stream_chunked_body(up, max_body).await,
             BodyKind::None => Ok(()),
         }
     }
 
-    async fn stream_length_body(
-        &mut self,
-        w: &Worker,
-        up: &mut UpConn,
-        n: u64,
-    ) -> Result<(), SendFail> {
+    async fn stream_length_body(&mut self, up: &mut UpConn, n: u64) -> Result<(), SendFail> {
         let mut left = n;
-        let t_up = w.timeouts.upstream_response;
+        let t_up = self.t.upstream_response;
         if !self.rbuf.is_empty() {
             let part = self.rbuf.split_to(self.rbuf.len().min(left as usize));
             left -= part.len() as u64;
@@ -766,7 +995,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         while left > 0 {
             buf.clear();
             let want = (left as usize).min(BODY_READ_CHUNK);
-            match read_some(&mut self.io, &mut buf, want, w.timeouts.client_body).await {
+            match read_some(&mut self.io, &mut buf, want, self.t.client_body).await {
                 Ok(k) => left -= k as u64,
                 Err(IoFail::Timeout) => {
                     return Err(SendFail::Client(Some(GatewayError::ClientTimeout)))
@@ -782,11 +1011,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
 
     async fn stream_chunked_body(
         &mut self,
-        w: &Worker,
         up: &mut UpConn,
         max_body: u64,
     ) -> Result<(), SendFail> {
-        let t_up = w.timeouts.upstream_response;
+        let t_up = self.t.upstream_response;
         let mut scanner = ChunkedScanner::new();
         loop {
             if !self.rbuf.is_empty() {
@@ -808,7 +1036,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                 &mut self.io,
                 &mut self.rbuf,
                 BODY_READ_CHUNK,
-                w.timeouts.client_body,
+                self.t.client_body,
             )
             .await
             {
@@ -825,11 +1053,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     /// than 100, which ringway answers itself) to HTTP/1.1 clients.
     async fn read_response_head(
         &mut self,
-        w: &Worker,
         up: &mut UpConn,
         head_request: bool,
     ) -> Result<(), RespFail> {
-        let deadline = Instant::now() + w.timeouts.upstream_response;
+        let deadline = Instant::now() + self.t.upstream_response;
         let mut got_any = false;
         loop {
             if !up.rbuf.is_empty() {
@@ -844,7 +1071,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         if (100..200).contains(&status) {
                             if status != 100 && self.head.version == Version::Http11 {
                                 let interim = self.resp.raw.clone();
-                                if write_buf(&mut self.io, interim, w.timeouts.client_write)
+                                if write_buf(&mut self.io, interim, self.t.client_write)
                                     .await
                                     .is_err()
                                 {
@@ -921,8 +1148,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         self.put_connection(keep);
         self.wbuf.put_slice(b"\r\n");
 
-        let t_write = w.timeouts.client_write;
-        let t_body = w.timeouts.upstream_body;
+        let t_write = self.t.client_write;
+        let t_body = self.t.upstream_body;
         let result: Result<bool, IoFail> = match out {
             OutFraming::None => self.flush_wbuf(t_write).await.map(|_| true),
             OutFraming::Length(n) => self.copy_length(up, n, t_write, t_body).await,
@@ -1103,6 +1330,23 @@ enum SendFail {
     Upstream,
 }
 
+/// Why one try of a request failed.
+enum AttemptFail {
+    /// Connect refused or timed out (the error to answer with).
+    Connect(GatewayError),
+    /// A reused connection failed before any response byte: most likely closed while idle.
+    Stale,
+    /// The connection failed after the request was sent, before a response head.
+    Reset,
+    Timeout,
+    /// The upstream's response head was invalid.
+    Bad,
+    /// The client failed (its body timed out or was invalid, or it went away).
+    Client(Option<GatewayError>),
+    /// `max_connections` reached and no room among `max_pending`.
+    Overloaded,
+}
+
 enum RespFail {
     ClosedEarly,
     Timeout,
@@ -1117,12 +1361,40 @@ async fn connect(group: &UpstreamGroup, ep: usize, dur: Duration) -> Result<UpCo
         Ok(Err(_)) => Err(GatewayError::UpstreamConnect),
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Ok(UpConn {
-                stream,
-                rbuf: BytesMut::with_capacity(UPSTREAM_READ_BUF),
-                reused: false,
-                endpoint: ep,
-            })
+            Ok(group.adopt(stream, ep))
+        }
+    }
+}
+
+/// Feeds an upstream outcome to the circuit breaker and to outlier detection: consecutive
+/// failures seen by this worker eject the endpoint for every worker (through the hub).
+fn record_outcome(
+    w: &Worker,
+    group: &UpstreamGroup,
+    ep: usize,
+    probe: bool,
+    failed: bool,
+    now: Instant,
+) {
+    if let Some(b) = &group.breaker {
+        b.done(probe, !failed, now);
+    }
+    let s = &group.stats[ep];
+    if !failed {
+        s.failures.set(0);
+        return;
+    }
+    let f = s.failures.get() + 1;
+    s.failures.set(f);
+    let limit = group.outlier.consecutive_failures;
+    if limit > 0 && f >= limit {
+        s.failures.set(0);
+        if let Some(d) = w.hub.try_eject(group.index, ep, &group.outlier, now) {
+            s.routable.set(false);
+            warn!(
+                "outlier detection: {} of upstream {} ejected for {:?} after {f} consecutive failures",
+                group.endpoints[ep].addr, group.name, d
+            );
         }
     }
 }

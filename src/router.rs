@@ -22,6 +22,8 @@ use regex::bytes::Regex;
 use crate::config::{Config, HeaderOps, RouteConfig};
 use crate::http::encode::{put_header, put_status_line, reason_phrase};
 use crate::http::request::RequestHead;
+use crate::retry::RetryPolicy;
+use std::time::Duration;
 
 #[derive(Debug)]
 pub enum PathMatch {
@@ -113,6 +115,24 @@ pub struct Route {
     pub request_headers: HeaderRules,
     pub response_headers: HeaderRules,
     pub max_body_bytes: Option<u64>,
+    pub retry: Option<RetryPolicy>,
+    pub timeouts: RouteTimeouts,
+}
+
+/// Per-route overrides of the global timeouts.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteTimeouts {
+    pub client_body: Option<Duration>,
+    pub client_write: Option<Duration>,
+    pub upstream_connect: Option<Duration>,
+    pub upstream_response: Option<Duration>,
+    pub upstream_body: Option<Duration>,
+}
+
+impl std::fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RetryPolicy(attempts={})", self.attempts)
+    }
 }
 
 impl Route {
@@ -250,7 +270,8 @@ pub fn host_without_port(host: &[u8]) -> &[u8] {
 }
 
 impl Router {
-    pub fn new(cfg: &Config) -> Router {
+    /// Compiles the routes; `seed` varies per worker (retry jitter).
+    pub fn new(cfg: &Config, seed: u64) -> Router {
         let upstream_index: HashMap<&str, usize> = cfg
             .upstreams
             .keys()
@@ -261,7 +282,7 @@ impl Router {
             .routes
             .iter()
             .enumerate()
-            .map(|(i, rc)| compile_route(i, rc, &upstream_index))
+            .map(|(i, rc)| compile_route(i, rc, &upstream_index, seed))
             .collect();
         let mut exact_hosts: HashMap<Box<[u8]>, Bucket> = HashMap::new();
         let mut wildcard_hosts: Vec<(Box<[u8]>, Bucket)> = Vec::new();
@@ -348,7 +369,7 @@ fn add_route(bucket: &mut Bucket, routes: &[Route], i: usize) {
     }
 }
 
-fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>) -> Route {
+fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, seed: u64) -> Route {
     let b = |s: &str| -> Box<[u8]> { s.as_bytes().into() };
     let path = if let Some(p) = &rc.path {
         PathMatch::Exact(b(p))
@@ -399,6 +420,21 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>) -
         request_headers: HeaderRules::compile(&rc.request_headers),
         response_headers: HeaderRules::compile(&rc.response_headers),
         max_body_bytes: rc.max_body_bytes.map(|s| s.0),
+        retry: rc
+            .retry
+            .as_ref()
+            .map(|r| RetryPolicy::new(r, seed ^ i as u64)),
+        timeouts: rc
+            .timeouts
+            .as_ref()
+            .map(|t| RouteTimeouts {
+                client_body: t.client_body.map(|d| d.0),
+                client_write: t.client_write.map(|d| d.0),
+                upstream_connect: t.upstream_connect.map(|d| d.0),
+                upstream_response: t.upstream_response.map(|d| d.0),
+                upstream_body: t.upstream_body.map(|d| d.0),
+            })
+            .unwrap_or_default(),
     }
 }
 
@@ -409,7 +445,7 @@ mod tests {
     fn target(toml_route: &str, pq: &str) -> String {
         let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n{toml_route}\n");
         let cfg = Config::parse(&src, "t").unwrap();
-        let r = Router::new(&cfg);
+        let r = Router::new(&cfg, 1);
         let mut out = BytesMut::new();
         r.routes[0].write_target(pq.as_bytes(), &mut out);
         String::from_utf8(out.to_vec()).unwrap()

@@ -19,7 +19,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverChoice};
 use crate::proxy::{serve, Worker};
+use crate::upstream::health::{self, HealthHub};
 use crate::{info, warn};
+
+/// How often each worker reads the stop flag and the shared endpoint health.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
 /// The event-loop driver a worker runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +73,7 @@ impl Gateway {
             .unwrap_or_else(|| cfg.worker_count());
         let (per_worker, addrs) = bind_listeners(&cfg, n)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let hub = HealthHub::new(&cfg);
         let choice = driver_choice(&cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
@@ -76,9 +81,10 @@ impl Gateway {
             let cfg = cfg.clone();
             let stop = stop.clone();
             let ready = ready_tx.clone();
+            let hub = hub.clone();
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
-                .spawn(move || run_worker(id, cfg, listeners, stop, choice, ready))?;
+                .spawn(move || run_worker(id, cfg, hub, listeners, stop, choice, ready))?;
             threads.push(t);
         }
         drop(ready_tx);
@@ -103,6 +109,9 @@ impl Gateway {
                     return Err(io::Error::other("a worker exited during start-up"));
                 }
             }
+        }
+        if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone()) {
+            threads.push(t);
         }
         // Said once per process start, not once per worker.
         match (&fallback, driver) {
@@ -214,6 +223,7 @@ type Ready = mpsc::Sender<Result<(DriverKind, Option<String>), String>>;
 fn run_worker(
     id: usize,
     cfg: Arc<Config>,
+    hub: Arc<HealthHub>,
     listeners: Vec<std::net::TcpListener>,
     stop: Arc<AtomicBool>,
     choice: DriverChoice,
@@ -230,7 +240,14 @@ fn run_worker(
             {
                 Ok(mut rt) => {
                     let _ = ready.send(Ok((DriverKind::IoUring, None)));
-                    rt.block_on(worker_main(id, cfg, listeners, stop, drain));
+                    rt.block_on(worker_main(
+                        id,
+                        cfg,
+                        hub.clone(),
+                        listeners,
+                        stop.clone(),
+                        drain,
+                    ));
                     return;
                 }
                 Err(e) => why_not_uring = Some(format!("io_uring setup failed: {e}")),
@@ -242,7 +259,14 @@ fn run_worker(
     match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
         Ok(mut rt) => {
             let _ = ready.send(Ok((DriverKind::Epoll, why_not_uring)));
-            rt.block_on(worker_main(id, cfg, listeners, stop, drain));
+            rt.block_on(worker_main(
+                id,
+                cfg,
+                hub.clone(),
+                listeners,
+                stop.clone(),
+                drain,
+            ));
         }
         Err(e) => {
             let _ = ready.send(Err(format!("worker {id}: cannot build a runtime: {e}")));
@@ -262,17 +286,20 @@ impl Drop for ConnGuard {
 async fn worker_main(
     id: usize,
     cfg: Arc<Config>,
+    hub: Arc<HealthHub>,
     listeners: Vec<std::net::TcpListener>,
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
-    let w = Rc::new(Worker::new(&cfg, id));
+    let w = Rc::new(Worker::new(&cfg, id, hub));
     drop(cfg);
     {
+        // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
         let w = w.clone();
         monoio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                monoio::time::sleep(Duration::from_millis(50)).await;
+                w.hub.sync(&w.upstreams, Instant::now());
+                monoio::time::sleep(SYNC_INTERVAL).await;
             }
             w.shutdown.trigger();
         });

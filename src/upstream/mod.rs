@@ -1,18 +1,35 @@
-//! Upstream groups as one worker sees them: endpoints, the balancer's state and a keep-alive
-//! pool per endpoint. Everything here is owned by one worker thread (`Cell`/`RefCell`, no locks).
+//! Upstream groups as one worker sees them: endpoints with their balancer statistics, the
+//! balancer, the circuit breaker and a keep-alive pool per endpoint. Everything here is owned
+//! by one worker thread (`Cell`/`RefCell`, no locks); health shared between workers arrives
+//! through [`health::HealthHub::sync`].
+
+pub mod balance;
+pub mod breaker;
+pub mod health;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use monoio::net::TcpStream;
 
-use crate::config::{Balance, UpstreamConfig};
+use crate::config::{Balance, HashOn, OutlierConfig, UpstreamConfig};
+use crate::local::Notify;
+use balance::{Algorithm, EndpointStats};
+use breaker::Breaker;
 
 /// Read buffer of an upstream connection; kept with the connection in the pool.
 pub const UPSTREAM_READ_BUF: usize = 32 * 1024;
+
+/// Open connections of a group on this worker, and a wake-up for requests waiting for one.
+#[derive(Default)]
+pub struct ConnCount {
+    pub open: Cell<u32>,
+    pub freed: Notify,
+}
 
 /// A connection to an upstream endpoint, with its read buffer.
 pub struct UpConn {
@@ -21,6 +38,14 @@ pub struct UpConn {
     /// Came from the pool (it served a request before).
     pub reused: bool,
     pub endpoint: usize,
+    count: Rc<ConnCount>,
+}
+
+impl Drop for UpConn {
+    fn drop(&mut self) {
+        self.count.open.set(self.count.open.get() - 1);
+        self.count.freed.notify_all();
+    }
 }
 
 struct Idle {
@@ -36,28 +61,25 @@ pub struct Endpoint {
     idle: RefCell<Vec<Idle>>,
 }
 
-enum Balancer {
-    RoundRobin {
-        next: Cell<usize>,
-    },
-    /// Smooth weighted round robin: every pick adds each weight to its endpoint's current
-    /// value, takes the largest and subtracts the total from it.
-    Weighted {
-        current: RefCell<Vec<i64>>,
-        total: i64,
-    },
-}
-
 pub struct UpstreamGroup {
+    /// Index in config order (the health hub's group index).
+    pub index: usize,
     pub name: String,
     pub endpoints: Vec<Endpoint>,
-    balancer: Balancer,
+    /// Balancer statistics, one per endpoint (same order).
+    pub stats: Vec<EndpointStats>,
+    weights: Vec<u32>,
+    algorithm: Algorithm,
+    pub hash_on: Option<HashOn>,
+    pub outlier: OutlierConfig,
+    pub breaker: Option<Breaker>,
     pub max_idle: usize,
     pub idle_timeout: Duration,
+    pub conns: Rc<ConnCount>,
 }
 
 impl UpstreamGroup {
-    pub fn new(name: &str, cfg: &UpstreamConfig, worker: usize) -> Self {
+    pub fn new(index: usize, name: &str, cfg: &UpstreamConfig, worker: usize) -> Self {
         let endpoints: Vec<Endpoint> = cfg
             .endpoints
             .iter()
@@ -68,52 +90,54 @@ impl UpstreamGroup {
                 idle: RefCell::new(Vec::new()),
             })
             .collect();
+        let n = endpoints.len();
         let all_equal = endpoints.iter().all(|e| e.weight == endpoints[0].weight);
-        let balancer = match cfg.balance {
-            Balance::WeightedRoundRobin if !all_equal => Balancer::Weighted {
-                current: RefCell::new(vec![0; endpoints.len()]),
-                total: endpoints.iter().map(|e| e.weight as i64).sum(),
+        let algorithm = match cfg.balance {
+            Balance::WeightedRoundRobin if !all_equal => Algorithm::Weighted {
+                current: (0..n).map(|_| Cell::new(0)).collect(),
             },
             // Workers start at different endpoints so that their first picks spread out.
-            _ => Balancer::RoundRobin {
-                next: Cell::new(worker % endpoints.len()),
+            Balance::RoundRobin | Balance::WeightedRoundRobin => Algorithm::RoundRobin {
+                next: Cell::new(worker % n),
             },
+            Balance::LeastRequest => Algorithm::LeastRequest {
+                next: Cell::new(worker % n),
+            },
+            Balance::PeakEwma => Algorithm::PeakEwma {
+                rng: Cell::new(balance::mix(0x5eed ^ (worker as u64 + 1) * 0x9e37_79b9) | 1),
+            },
+            Balance::ConsistentHash => {
+                let names: Vec<&[u8]> = endpoints.iter().map(|e| &*e.authority).collect();
+                Algorithm::Maglev {
+                    table: balance::maglev_table(&names, balance::MAGLEV_SIZE),
+                }
+            }
+        };
+        let hash_on = match cfg.balance {
+            Balance::ConsistentHash => Some(cfg.hash_on.clone().unwrap_or(HashOn::ClientIp)),
+            _ => None,
         };
         UpstreamGroup {
+            index,
             name: name.to_string(),
+            weights: endpoints.iter().map(|e| e.weight).collect(),
+            stats: (0..n).map(|_| EndpointStats::default()).collect(),
             endpoints,
-            balancer,
+            algorithm,
+            hash_on,
+            outlier: cfg.outlier.clone(),
+            breaker: cfg.circuit_breaker.as_ref().map(Breaker::new),
             max_idle: cfg.max_idle,
             idle_timeout: cfg.idle_timeout.0,
+            conns: Rc::new(ConnCount::default()),
         }
     }
 
-    /// Index of the endpoint for the next request.
+    /// The endpoint for the next try of a request: routable, and not one of `tried` when
+    /// another is available. `None` when no endpoint is routable.
     #[inline]
-    pub fn pick(&self) -> usize {
-        match &self.balancer {
-            Balancer::RoundRobin { next } => {
-                let i = next.get();
-                next.set(if i + 1 >= self.endpoints.len() {
-                    0
-                } else {
-                    i + 1
-                });
-                i
-            }
-            Balancer::Weighted { current, total } => {
-                let mut cur = current.borrow_mut();
-                let mut best = 0;
-                for (i, e) in self.endpoints.iter().enumerate() {
-                    cur[i] += e.weight as i64;
-                    if cur[i] > cur[best] {
-                        best = i;
-                    }
-                }
-                cur[best] -= total;
-                best
-            }
-        }
+    pub fn pick(&self, hash: Option<u64>, tried: &[usize]) -> Option<usize> {
+        self.algorithm.pick(&self.stats, &self.weights, hash, tried)
     }
 
     /// An idle pooled connection to endpoint `ep` that is still open, most recent first.
@@ -129,20 +153,35 @@ impl UpstreamGroup {
         None
     }
 
+    /// Wraps a new connection, counting it against the group's open connections.
+    pub fn adopt(&self, stream: TcpStream, ep: usize) -> UpConn {
+        self.conns.open.set(self.conns.open.get() + 1);
+        UpConn {
+            stream,
+            rbuf: BytesMut::with_capacity(UPSTREAM_READ_BUF),
+            reused: false,
+            endpoint: ep,
+            count: self.conns.clone(),
+        }
+    }
+
     /// Returns a connection to the pool after a complete response.
     pub fn checkin(&self, conn: UpConn) {
-        let mut idle = self.endpoints[conn.endpoint].idle.borrow_mut();
-        if idle.len() >= self.max_idle {
-            // Keep the newest: drop the oldest idle connection.
+        {
+            let mut idle = self.endpoints[conn.endpoint].idle.borrow_mut();
             if self.max_idle == 0 {
                 return;
             }
-            idle.remove(0);
+            if idle.len() >= self.max_idle {
+                // Keep the newest: drop the oldest idle connection.
+                idle.remove(0);
+            }
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
         }
-        idle.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        self.conns.freed.notify_all();
     }
 
     /// Closes idle connections older than the idle timeout. Returns how many were closed.
@@ -159,6 +198,19 @@ impl UpstreamGroup {
 
     pub fn idle_count(&self) -> usize {
         self.endpoints.iter().map(|e| e.idle.borrow().len()).sum()
+    }
+
+    /// Takes one idle connection of any endpoint out of the pool (to make room under
+    /// `max_connections`).
+    pub fn evict_one_idle(&self) -> bool {
+        for e in &self.endpoints {
+            let mut idle = e.idle.borrow_mut();
+            if !idle.is_empty() {
+                idle.remove(0);
+                return true;
+            }
+        }
+        false
     }
 
     pub fn clear_idle(&self) {
@@ -204,22 +256,20 @@ mod tests {
             eps.join(", ")
         );
         let cfg = Config::parse(&src, "t").unwrap();
-        UpstreamGroup::new("u", &cfg.upstreams["u"], 0)
+        UpstreamGroup::new(0, "u", &cfg.upstreams["u"], 0)
     }
 
     #[test]
     fn round_robin_cycles() {
         let g = group("round_robin", &[1, 1, 1]);
-        let picks: Vec<usize> = (0..6).map(|_| g.pick()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| g.pick(None, &[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn smooth_weighted_spreads_by_weight() {
         let g = group("weighted_round_robin", &[5, 1, 1]);
-        let picks: Vec<usize> = (0..7).map(|_| g.pick()).collect();
-        assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 5);
-        assert_eq!(picks.iter().filter(|&&p| p == 1).count(), 1);
+        let picks: Vec<usize> = (0..7).map(|_| g.pick(None, &[]).unwrap()).collect();
         // Smooth: the heavy endpoint is not picked five times in a row.
         assert_eq!(picks, vec![0, 0, 1, 0, 2, 0, 0]);
     }

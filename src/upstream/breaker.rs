@@ -1,0 +1,226 @@
+//! Circuit breaker of an upstream group, per worker: concurrency limits and an error-rate
+//! breaker (closed → open → half-open with probe requests → closed).
+//!
+//! Limits count per worker: with N workers, a gateway admits up to N × `max_requests`.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use crate::config::BreakerConfig;
+use crate::window::Rolling;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum State {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { in_flight: u32, passed: u32 },
+}
+
+/// The breaker's answer for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Go ahead; `probe` when it is a half-open probe.
+    Yes { probe: bool },
+    /// The breaker is open: retry after this long.
+    Open(Duration),
+    /// `max_requests` are already in flight.
+    Busy,
+}
+
+pub struct Breaker {
+    pub max_connections: Option<u32>,
+    pub max_pending: u32,
+    max_requests: Option<u32>,
+    error_rate: Option<f64>,
+    min_requests: u32,
+    open_for: Duration,
+    probes: u32,
+    state: Cell<State>,
+    /// (successes, failures) over the window.
+    window: Rolling,
+    pub in_flight: Cell<u32>,
+    /// Requests waiting for a connection under `max_connections`.
+    pub pending: Cell<u32>,
+}
+
+impl Breaker {
+    pub fn new(c: &BreakerConfig) -> Breaker {
+        Breaker {
+            max_connections: c.max_connections,
+            max_pending: c.max_pending.unwrap_or(0),
+            max_requests: c.max_requests,
+            error_rate: c.error_rate,
+            min_requests: c.min_requests,
+            open_for: c.open_for.0,
+            probes: c.half_open_probes,
+            state: Cell::new(State::Closed),
+            window: Rolling::new(c.window.0),
+            in_flight: Cell::new(0),
+            pending: Cell::new(0),
+        }
+    }
+
+    pub fn is_open(&self, now: Instant) -> bool {
+        matches!(self.state.get(), State::Open { until } if now < until)
+    }
+
+    /// Admits a request or says why not. An admitted request must be ended with [`done`].
+    ///
+    /// [`done`]: Breaker::done
+    pub fn admit(&self, now: Instant) -> Admit {
+        let probe = match self.state.get() {
+            State::Closed => false,
+            State::Open { until } => {
+                if now < until {
+                    return Admit::Open(until - now);
+                }
+                self.state.set(State::HalfOpen {
+                    in_flight: 0,
+                    passed: 0,
+                });
+                true
+            }
+            State::HalfOpen { .. } => true,
+        };
+        let half_open = match self.state.get() {
+            State::HalfOpen { in_flight, passed } if probe => {
+                if in_flight + passed >= self.probes {
+                    // Enough probes are out: the rest wait for their verdict.
+                    return Admit::Open(Duration::from_secs(1));
+                }
+                Some((in_flight, passed))
+            }
+            _ => None,
+        };
+        if let Some(max) = self.max_requests {
+            if self.in_flight.get() >= max {
+                return Admit::Busy;
+            }
+        }
+        if let Some((in_flight, passed)) = half_open {
+            self.state.set(State::HalfOpen {
+                in_flight: in_flight + 1,
+                passed,
+            });
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        Admit::Yes { probe }
+    }
+
+    /// Records the outcome of an admitted request.
+    pub fn done(&self, probe: bool, success: bool, now: Instant) {
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        if probe {
+            if let State::HalfOpen { in_flight, passed } = self.state.get() {
+                if !success {
+                    self.trip(now);
+                } else if passed + 1 >= self.probes {
+                    self.state.set(State::Closed);
+                    self.window.reset();
+                } else {
+                    self.state.set(State::HalfOpen {
+                        in_flight: in_flight.saturating_sub(1),
+                        passed: passed + 1,
+                    });
+                }
+            }
+            return;
+        }
+        let Some(rate) = self.error_rate else {
+            return;
+        };
+        self.window.add(now, success as u32, (!success) as u32);
+        if self.state.get() != State::Closed || success {
+            return;
+        }
+        let (ok, failed) = self.window.totals(now);
+        let total = ok + failed;
+        if total >= self.min_requests as u64 && failed as f64 >= rate * total as f64 {
+            self.trip(now);
+        }
+    }
+
+    /// Ends an admitted request without a verdict (the client failed, not the upstream).
+    pub fn cancel(&self, probe: bool) {
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        if probe {
+            if let State::HalfOpen { in_flight, passed } = self.state.get() {
+                self.state.set(State::HalfOpen {
+                    in_flight: in_flight.saturating_sub(1),
+                    passed,
+                });
+            }
+        }
+    }
+
+    fn trip(&self, now: Instant) {
+        self.state.set(State::Open {
+            until: now + self.open_for,
+        });
+        self.window.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+
+    fn breaker() -> Breaker {
+        Breaker::new(&BreakerConfig {
+            max_connections: None,
+            max_pending: None,
+            max_requests: Some(2),
+            error_rate: Some(0.5),
+            min_requests: 4,
+            window: Dur(Duration::from_secs(10)),
+            open_for: Dur(Duration::from_secs(5)),
+            half_open_probes: 2,
+        })
+    }
+
+    #[test]
+    fn opens_on_error_rate_then_half_opens_and_closes() {
+        let b = breaker();
+        let t = Instant::now();
+        for ok in [true, false, true] {
+            assert_eq!(b.admit(t), Admit::Yes { probe: false });
+            b.done(false, ok, t);
+        }
+        assert_eq!(b.admit(t), Admit::Yes { probe: false });
+        b.done(false, false, t); // 2 of 4 failed: 50%
+        assert!(matches!(b.admit(t), Admit::Open(_)));
+        let later = t + Duration::from_secs(6);
+        assert_eq!(b.admit(later), Admit::Yes { probe: true });
+        assert_eq!(b.admit(later), Admit::Yes { probe: true });
+        assert!(matches!(b.admit(later), Admit::Open(_)), "only two probes");
+        b.done(true, true, later);
+        b.done(true, true, later);
+        assert_eq!(b.admit(later), Admit::Yes { probe: false });
+    }
+
+    #[test]
+    fn failed_probe_reopens() {
+        let b = breaker();
+        let t = Instant::now();
+        for _ in 0..4 {
+            b.admit(t);
+            b.done(false, false, t);
+        }
+        let later = t + Duration::from_secs(6);
+        assert_eq!(b.admit(later), Admit::Yes { probe: true });
+        b.done(true, false, later);
+        assert!(matches!(b.admit(later), Admit::Open(_)));
+    }
+
+    #[test]
+    fn max_requests() {
+        let b = breaker();
+        let t = Instant::now();
+        assert!(matches!(b.admit(t), Admit::Yes { .. }));
+        assert!(matches!(b.admit(t), Admit::Yes { .. }));
+        assert_eq!(b.admit(t), Admit::Busy);
+        b.done(false, true, t);
+        assert!(matches!(b.admit(t), Admit::Yes { .. }));
+    }
+}

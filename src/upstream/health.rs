@@ -1,0 +1,262 @@
+//! Endpoint health shared by all workers: active checks run once per gateway on their own
+//! thread, passive ejections are decided by whichever worker sees the failures, and every
+//! worker copies the result into its own balancer state every 50 ms (off the request path).
+//! So all workers agree on what is routable within 50 ms of a change.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+
+use crate::config::{Config, HealthCheckConfig, OutlierConfig};
+use crate::upstream::UpstreamGroup;
+use crate::{info, warn};
+
+#[derive(Clone, Copy, Debug)]
+struct Shared {
+    /// Passing active checks (true when the group has none).
+    active_ok: bool,
+    ejected_until: Option<Instant>,
+    /// Ejections so far; each doubles the next ejection time. Forgotten after a calm period.
+    ejections: u32,
+    last_ejection_end: Option<Instant>,
+}
+
+/// Health of every endpoint of every upstream group, indexed [group][endpoint] in config
+/// order.
+pub struct HealthHub {
+    state: Mutex<Vec<Vec<Shared>>>,
+}
+
+impl HealthHub {
+    pub fn new(cfg: &Config) -> Arc<HealthHub> {
+        let state = cfg
+            .upstreams
+            .values()
+            .map(|u| {
+                vec![
+                    Shared {
+                        active_ok: true,
+                        ejected_until: None,
+                        ejections: 0,
+                        last_ejection_end: None,
+                    };
+                    u.endpoints.len()
+                ]
+            })
+            .collect();
+        Arc::new(HealthHub {
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Vec<Shared>>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_active(&self, group: usize, ep: usize, ok: bool) {
+        self.lock()[group][ep].active_ok = ok;
+    }
+
+    /// Ejects an endpoint after repeated failures, unless that would put more than
+    /// `max_ejection_percent` of the group out (at least one endpoint always stays). Returns
+    /// the ejection time when it was ejected.
+    pub fn try_eject(
+        &self,
+        group: usize,
+        ep: usize,
+        o: &OutlierConfig,
+        now: Instant,
+    ) -> Option<Duration> {
+        let mut st = self.lock();
+        let g = &mut st[group];
+        if g[ep].ejected_until.is_some_and(|t| t > now) {
+            return None;
+        }
+        let n = g.len();
+        let ejected = g
+            .iter()
+            .filter(|s| s.ejected_until.is_some_and(|t| t > now))
+            .count();
+        let allowed = ((n * o.max_ejection_percent as usize) / 100).min(n - 1);
+        if ejected + 1 > allowed {
+            return None;
+        }
+        let s = &mut g[ep];
+        // A long calm since the last ejection forgets earlier ones.
+        if s.last_ejection_end
+            .is_some_and(|end| now.saturating_duration_since(end) > o.max_ejection_time.0)
+        {
+            s.ejections = 0;
+        }
+        let factor = 1u32 << s.ejections.min(16);
+        let d = (o.base_ejection_time.0 * factor).min(o.max_ejection_time.0);
+        s.ejections += 1;
+        s.ejected_until = Some(now + d);
+        s.last_ejection_end = Some(now + d);
+        Some(d)
+    }
+
+    /// Copies routability into a worker's groups.
+    pub fn sync(&self, groups: &[UpstreamGroup], now: Instant) {
+        let st = self.lock();
+        for (g, group) in groups.iter().enumerate() {
+            for e in 0..group.endpoints.len() {
+                let s = st[g][e];
+                let routable = s.active_ok && !s.ejected_until.is_some_and(|t| t > now);
+                group.stats[e].routable.set(routable);
+            }
+        }
+    }
+}
+
+/// Starts the active health checker thread when some group has `health_check`.
+pub fn spawn_checker(
+    cfg: &Config,
+    hub: Arc<HealthHub>,
+    stop: Arc<AtomicBool>,
+) -> Option<JoinHandle<()>> {
+    let mut targets = Vec::new();
+    for (g, u) in cfg.upstreams.values().enumerate() {
+        if let Some(hc) = &u.health_check {
+            for (e, ep) in u.endpoints.iter().enumerate() {
+                let host = hc.host.clone().unwrap_or_else(|| ep.address.text.clone());
+                targets.push((g, e, ep.address.addr, host, hc.clone()));
+            }
+        }
+    }
+    if targets.is_empty() {
+        return None;
+    }
+    std::thread::Builder::new()
+        .name("ringway-health".into())
+        .spawn(move || {
+            let mut rt = match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!("health checker: cannot build a runtime: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for (g, e, addr, host, hc) in targets {
+                    let hub = hub.clone();
+                    let stop = stop.clone();
+                    tasks.push(monoio::spawn(check_loop(g, e, addr, host, hc, hub, stop)));
+                }
+                for t in tasks {
+                    t.await;
+                }
+            });
+        })
+        .ok()
+}
+
+async fn check_loop(
+    g: usize,
+    e: usize,
+    addr: SocketAddr,
+    host: String,
+    hc: HealthCheckConfig,
+    hub: Arc<HealthHub>,
+    stop: Arc<AtomicBool>,
+) {
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ringway-health-check\r\nConnection: close\r\n\r\n",
+        hc.path
+    );
+    let mut healthy = true;
+    let (mut passes, mut fails) = (0u32, 0u32);
+    while !stop.load(Ordering::Relaxed) {
+        let ok =
+            match monoio::time::timeout(hc.timeout.0, check_once(addr, request.as_bytes())).await {
+                Ok(Some(status)) => {
+                    if hc.expected_statuses.is_empty() {
+                        (200..400).contains(&status)
+                    } else {
+                        hc.expected_statuses.contains(&status)
+                    }
+                }
+                _ => false,
+            };
+        if ok {
+            passes += 1;
+            fails = 0;
+            if !healthy && passes >= hc.healthy_threshold {
+                healthy = true;
+                hub.set_active(g, e, true);
+                info!("health check: {addr} is healthy again");
+            }
+        } else {
+            fails += 1;
+            passes = 0;
+            if healthy && fails >= hc.unhealthy_threshold {
+                healthy = false;
+                hub.set_active(g, e, false);
+                warn!("health check: {addr} failed {fails} checks in a row; taken out");
+            }
+        }
+        // Sleep the interval in short steps so that shutdown is prompt.
+        let end = Instant::now() + hc.interval.0;
+        while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+            monoio::time::sleep((end - Instant::now()).min(Duration::from_millis(100))).await;
+        }
+    }
+}
+
+/// One check: the status of the response to a GET, or None on any failure.
+async fn check_once(addr: SocketAddr, request: &[u8]) -> Option<u16> {
+    let mut s = monoio::net::TcpStream::connect_addr(addr).await.ok()?;
+    let (r, _) = s.write_all(request.to_vec()).await;
+    r.ok()?;
+    let mut got: Vec<u8> = Vec::with_capacity(256);
+    loop {
+        let buf = vec![0u8; 512];
+        let (r, buf) = s.read(buf).await;
+        let n = r.ok()?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.contains(&b'\n') || got.len() > 4096 {
+            break;
+        }
+    }
+    // "HTTP/1.1 200 OK"
+    let line = got.split(|b| *b == b'\n').next()?;
+    if !line.starts_with(b"HTTP/1.") || line.len() < 12 {
+        return None;
+    }
+    std::str::from_utf8(&line[9..12]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejection_is_capped_and_backs_off() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:1\" }, { address = \"127.0.0.1:2\" }, { address = \"127.0.0.1:3\" }, { address = \"127.0.0.1:4\" }]\n";
+        let cfg = Config::parse(src, "t").unwrap();
+        let hub = HealthHub::new(&cfg);
+        let o = OutlierConfig::default();
+        let now = Instant::now();
+        assert_eq!(hub.try_eject(0, 0, &o, now), Some(Duration::from_secs(5)));
+        assert!(hub.try_eject(0, 1, &o, now).is_some());
+        // 50% of 4 are out: a third is refused.
+        assert_eq!(hub.try_eject(0, 2, &o, now), None);
+        // After the first ejection ends, a second one lasts twice as long.
+        let later = now + Duration::from_secs(6);
+        assert_eq!(
+            hub.try_eject(0, 0, &o, later),
+            Some(Duration::from_secs(10))
+        );
+    }
+}
