@@ -106,7 +106,7 @@ impl HealthHub {
         for (g, group) in groups.iter().enumerate() {
             for e in 0..group.endpoints.len() {
                 let s = st[g][e];
-                let routable = s.active_ok && !s.ejected_until.is_some_and(|t| t > now);
+                let routable = s.active_ok && s.ejected_until.is_none_or(|t| t <= now);
                 group.stats[e].routable.set(routable);
             }
         }

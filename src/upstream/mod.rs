@@ -104,7 +104,7 @@ impl UpstreamGroup {
                 next: Cell::new(worker % n),
             },
             Balance::PeakEwma => Algorithm::PeakEwma {
-                rng: Cell::new(balance::mix(0x5eed ^ (worker as u64 + 1) * 0x9e37_79b9) | 1),
+                rng: Cell::new(balance::mix(0x5eed ^ ((worker as u64 + 1) * 0x9e37_79b9)) | 1),
             },
             Balance::ConsistentHash => {
                 let names: Vec<&[u8]> = endpoints.iter().map(|e| &*e.authority).collect();
