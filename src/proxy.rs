@@ -36,7 +36,7 @@ use crate::retry::{Failure, RetryPolicy};
 use crate::router::{Action, DirectResponse, HostPolicy, Route, Router};
 use crate::upstream::balance::hash_bytes;
 use crate::upstream::breaker::Admit;
-use crate::upstream::health::HealthHub;
+use crate::upstream::health::{Ejection, HealthHub};
 use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 use crate::warn;
 use std::sync::Arc;
@@ -1389,12 +1389,17 @@ fn record_outcome(
     let limit = group.outlier.consecutive_failures;
     if limit > 0 && f >= limit {
         s.failures.set(0);
-        if let Some(d) = w.hub.try_eject(group.index, ep, &group.outlier, now) {
-            s.routable.set(false);
-            warn!(
-                "outlier detection: {} of upstream {} ejected for {:?} after {f} consecutive failures",
-                group.endpoints[ep].addr, group.name, d
-            );
+        match w.hub.try_eject(group.index, ep, &group.outlier, now) {
+            Ejection::Ejected(d) => {
+                s.routable.set(false);
+                warn!(
+                    "outlier detection: {} of upstream {} ejected for {:?} after {f} consecutive failures",
+                    group.endpoints[ep].addr, group.name, d
+                );
+            }
+            // Another worker was first: stop using it here too, before the next sync.
+            Ejection::Already => s.routable.set(false),
+            Ejection::Refused => {}
         }
     }
 }

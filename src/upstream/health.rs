@@ -25,6 +25,17 @@ struct Shared {
     last_ejection_end: Option<Instant>,
 }
 
+/// The result of [`HealthHub::try_eject`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// Ejected now, for this long.
+    Ejected(Duration),
+    /// Another worker ejected it already.
+    Already,
+    /// Refused: the group's ejection cap is reached.
+    Refused,
+}
+
 /// Health of every endpoint of every upstream group, indexed [group][endpoint] in config
 /// order.
 pub struct HealthHub {
@@ -62,19 +73,12 @@ impl HealthHub {
     }
 
     /// Ejects an endpoint after repeated failures, unless that would put more than
-    /// `max_ejection_percent` of the group out (at least one endpoint always stays). Returns
-    /// the ejection time when it was ejected.
-    pub fn try_eject(
-        &self,
-        group: usize,
-        ep: usize,
-        o: &OutlierConfig,
-        now: Instant,
-    ) -> Option<Duration> {
+    /// `max_ejection_percent` of the group out (at least one endpoint always stays).
+    pub fn try_eject(&self, group: usize, ep: usize, o: &OutlierConfig, now: Instant) -> Ejection {
         let mut st = self.lock();
         let g = &mut st[group];
         if g[ep].ejected_until.is_some_and(|t| t > now) {
-            return None;
+            return Ejection::Already;
         }
         let n = g.len();
         let ejected = g
@@ -83,7 +87,7 @@ impl HealthHub {
             .count();
         let allowed = ((n * o.max_ejection_percent as usize) / 100).min(n - 1);
         if ejected + 1 > allowed {
-            return None;
+            return Ejection::Refused;
         }
         let s = &mut g[ep];
         // A long calm since the last ejection forgets earlier ones.
@@ -97,7 +101,7 @@ impl HealthHub {
         s.ejections += 1;
         s.ejected_until = Some(now + d);
         s.last_ejection_end = Some(now + d);
-        Some(d)
+        Ejection::Ejected(d)
     }
 
     /// Copies routability into a worker's groups.
