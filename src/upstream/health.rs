@@ -252,15 +252,19 @@ mod tests {
         let hub = HealthHub::new(&cfg);
         let o = OutlierConfig::default();
         let now = Instant::now();
-        assert_eq!(hub.try_eject(0, 0, &o, now), Some(Duration::from_secs(5)));
-        assert!(hub.try_eject(0, 1, &o, now).is_some());
+        assert_eq!(
+            hub.try_eject(0, 0, &o, now),
+            Ejection::Ejected(Duration::from_secs(5))
+        );
+        assert_eq!(hub.try_eject(0, 0, &o, now), Ejection::Already);
+        assert!(matches!(hub.try_eject(0, 1, &o, now), Ejection::Ejected(_)));
         // 50% of 4 are out: a third is refused.
-        assert_eq!(hub.try_eject(0, 2, &o, now), None);
+        assert_eq!(hub.try_eject(0, 2, &o, now), Ejection::Refused);
         // After the first ejection ends, a second one lasts twice as long.
         let later = now + Duration::from_secs(6);
         assert_eq!(
             hub.try_eject(0, 0, &o, later),
-            Some(Duration::from_secs(10))
+            Ejection::Ejected(Duration::from_secs(10))
         );
     }
 }
