@@ -408,7 +408,7 @@ fn retry_traffic_stays_within_the_budget() {
     let n2 = n.clone();
     // Half of all tries fail.
     let up = Upstream::start(move |_| {
-        if n2.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+        if n2.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
             Reply::Raw(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec())
         } else {
             Reply::Raw(ok_response(b"ok"))
