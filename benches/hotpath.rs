@@ -1,6 +1,7 @@
 //! Criterion benches for the request path's hot functions, each beside a naive baseline:
 //! - request-head parsing: ringway's zero-copy parser vs a split-and-allocate parser;
-//! - route lookup: the indexed per-worker router vs a linear scan of all routes.
+//! - route lookup: the indexed per-worker router vs a linear scan of all routes;
+//! - balancer choice: each algorithm vs a naive sort-based least-request.
 //!
 //! Run: `cargo bench --bench hotpath`.
 
@@ -152,5 +153,58 @@ fn bench_route(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_parse, bench_route);
+/// The balancer's choice per request, for each algorithm over 10 endpoints, beside a naive
+/// least-request that collects and sorts the loads on every pick.
+fn bench_balance(c: &mut Criterion) {
+    use ringway::upstream::UpstreamGroup;
+    let mut g = c.benchmark_group("balancer_pick_10_endpoints");
+    for algo in [
+        "round_robin",
+        "weighted_round_robin",
+        "least_request",
+        "peak_ewma",
+        "consistent_hash",
+    ] {
+        let eps: Vec<String> = (0..10)
+            .map(|i| {
+                format!(
+                    "{{ address = \"127.0.0.1:{}\", weight = {} }}",
+                    9000 + i,
+                    1 + i % 3
+                )
+            })
+            .collect();
+        let src = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nbalance = \"{algo}\"\nendpoints = [{}]\n",
+            eps.join(", ")
+        );
+        let cfg = Config::parse(&src, "bench.toml").unwrap();
+        let group = UpstreamGroup::new(0, "u", &cfg.upstreams["u"], 0);
+        for (i, s) in group.stats.iter().enumerate() {
+            s.outstanding.set((i * 7 % 5) as u32);
+            s.observe_latency(
+                std::time::Duration::from_micros(100 + 37 * i as u64),
+                std::time::Instant::now(),
+            );
+        }
+        let mut key = 0u64;
+        g.bench_function(algo, |b| {
+            b.iter(|| {
+                key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                black_box(group.pick(Some(key), &[]))
+            })
+        });
+    }
+    let loads: Vec<u32> = (0..10).map(|i| (i * 7 % 5) as u32).collect();
+    g.bench_function("naive_least_request_sort", |b| {
+        b.iter(|| {
+            let mut v: Vec<(u32, usize)> = black_box(&loads).iter().copied().zip(0..).collect();
+            v.sort();
+            black_box(v[0].1)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_parse, bench_route, bench_balance);
 criterion_main!(benches);

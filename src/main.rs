@@ -162,23 +162,31 @@ fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Writes the `check` summary; a closed stdout (`| head`) is not an error worth a panic.
 fn print_summary(file: &str, cfg: &Config) {
-    println!("{file}: OK");
-    println!("workers: {}", cfg.worker_count());
-    println!("listeners:");
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "{file}: OK");
+    let _ = writeln!(out, "workers: {}", cfg.worker_count());
+    let _ = writeln!(out, "listeners:");
     for l in &cfg.listeners {
-        println!("  {} {}", l.address.addr, l.name.as_deref().unwrap_or(""));
+        let _ = writeln!(
+            out,
+            "  {} {}",
+            l.address.addr,
+            l.name.as_deref().unwrap_or("")
+        );
     }
-    println!("upstreams:");
+    let _ = writeln!(out, "upstreams:");
     for (name, u) in &cfg.upstreams {
         let eps: Vec<String> = u
             .endpoints
             .iter()
             .map(|e| format!("{}={} (w{})", e.address.text, e.address.addr, e.weight))
             .collect();
-        println!("  {name} [{:?}]: {}", u.balance, eps.join(", "));
+        let _ = writeln!(out, "  {name} [{:?}]: {}", u.balance, eps.join(", "));
     }
-    println!("routes:");
+    let _ = writeln!(out, "routes:");
     for (i, r) in cfg.routes.iter().enumerate() {
         let path = r
             .path
@@ -203,6 +211,8 @@ fn print_summary(file: &str, cfg: &Config) {
         } else {
             format!(" methods={}", r.methods.join(","))
         };
-        println!("  {name}: {hosts} {path}{methods} {target}");
+        let _ = writeln!(out, "  {name}: {hosts} {path}{methods} {target}");
     }
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(out.as_bytes());
 }

@@ -218,20 +218,24 @@ impl Algorithm {
             Algorithm::LeastRequest { next } => {
                 let start = next.get();
                 next.set((start + 1) % n);
-                let mut best: Option<(u64, usize)> = None;
+                // Fewest (in flight + 1) / weight, compared by cross-multiplying.
+                let mut best: Option<(u64, u64, usize)> = None;
                 for k in 0..n {
-                    let i = (start + k) % n;
+                    let i = if start + k >= n {
+                        start + k - n
+                    } else {
+                        start + k
+                    };
                     if !el.ok(i) {
                         continue;
                     }
-                    // Compare outstanding / weight without division: scale by the other weights.
-                    let load =
-                        (stats[i].outstanding.get() as u64 + 1) * 1_000_000 / weights[i] as u64;
-                    if best.is_none_or(|(l, _)| load < l) {
-                        best = Some((load, i));
+                    let load = stats[i].outstanding.get() as u64 + 1;
+                    let w = weights[i] as u64;
+                    if best.is_none_or(|(bl, bw, _)| load * bw < bl * w) {
+                        best = Some((load, w, i));
                     }
                 }
-                best.map(|(_, i)| i)
+                best.map(|(_, _, i)| i)
             }
             Algorithm::PeakEwma { rng } => {
                 let eligible: u32 = (0..n).filter(|&i| el.ok(i)).count() as u32;
