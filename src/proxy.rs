@@ -41,8 +41,11 @@ use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 use crate::warn;
 use std::sync::Arc;
 
-/// Initial read buffer of a client connection; grows up to the head limit when needed.
-pub const CLIENT_READ_BUF: usize = 8 * 1024;
+/// Initial read buffer of a client connection; grows up to the head limit when needed. It is
+/// the one buffer an idle keep-alive connection holds.
+pub const CLIENT_READ_BUF: usize = 4 * 1024;
+/// Write buffers lent to a connection while it serves a request (see [`BufPool`]).
+pub const WRITE_BUF: usize = 4 * 1024;
 /// Largest read while streaming a body.
 pub const BODY_READ_CHUNK: usize = 32 * 1024;
 /// Bodies up to this size are copied behind their head and sent in one write.
@@ -147,6 +150,9 @@ pub struct Worker {
     pub shutdown: Shutdown,
     /// Endpoint health shared with the other workers.
     pub hub: Arc<HealthHub>,
+    /// Write buffers lent to connections for the length of a request, so that idle
+    /// keep-alive connections hold only their read buffer.
+    pub bufs: BufPool,
     /// Open client connections.
     pub active: Cell<usize>,
     id_seed: u64,
@@ -187,6 +193,7 @@ impl Worker {
             via: format!("1.1 {}", cfg.server.via).into_bytes().into(),
             shutdown: Shutdown::default(),
             hub,
+            bufs: BufPool::default(),
             active: Cell::new(0),
             id_seed: seed,
             id_seq: Cell::new(0),
@@ -206,6 +213,37 @@ impl Worker {
             out.buf[16 + i] = hex[((n >> (28 - 4 * i)) & 15) as usize];
         }
         out.len = 24;
+    }
+}
+
+/// Most buffers a worker keeps for reuse.
+const POOL_MAX: usize = 4096;
+/// Buffers that grew beyond this are freed instead of pooled.
+const POOL_BUF_MAX: usize = 64 * 1024;
+
+/// A worker's free list of write buffers.
+#[derive(Default)]
+pub struct BufPool {
+    free: RefCell<Vec<BytesMut>>,
+}
+
+impl BufPool {
+    pub fn take(&self) -> BytesMut {
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(WRITE_BUF))
+    }
+
+    pub fn give(&self, mut b: BytesMut) {
+        if b.capacity() == 0 || b.capacity() > POOL_BUF_MAX {
+            return;
+        }
+        let mut free = self.free.borrow_mut();
+        if free.len() < POOL_MAX {
+            b.clear();
+            free.push(b);
+        }
     }
 }
 
@@ -355,8 +393,9 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
     let mut c = Conn {
         io,
         rbuf: BytesMut::with_capacity(CLIENT_READ_BUF),
-        wbuf: BytesMut::with_capacity(4096),
-        ubuf: BytesMut::with_capacity(2048),
+        // Lent from the worker's pool while a request is served.
+        wbuf: BytesMut::new(),
+        ubuf: BytesMut::new(),
         head: RequestHead::default(),
         resp: ResponseHead::default(),
         peer_ip: peer.ip().to_string().into_bytes().into(),
@@ -382,7 +421,12 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
                 return;
             }
         }
-        if c.handle(w).await == Next::Close || w.shutdown.is_set() {
+        c.wbuf = w.bufs.take();
+        c.ubuf = w.bufs.take();
+        let next = c.handle(w).await;
+        w.bufs.give(std::mem::take(&mut c.wbuf));
+        w.bufs.give(std::mem::take(&mut c.ubuf));
+        if next == Next::Close || w.shutdown.is_set() {
             return;
         }
     }
@@ -1403,3 +1447,4 @@ fn record_outcome(
         }
     }
 }
+
