@@ -1,7 +1,9 @@
 //! Criterion benches for the request path's hot functions, each beside a naive baseline:
 //! - request-head parsing: ringway's zero-copy parser vs a split-and-allocate parser;
 //! - route lookup: the indexed per-worker router vs a linear scan of all routes;
-//! - balancer choice: each algorithm vs a naive sort-based least-request.
+//! - balancer choice: each algorithm vs a naive sort-based least-request;
+//! - header rewrite (the head sent upstream) and response-head encoding, each vs a naive
+//!   String-formatting encoder.
 //!
 //! Run: `cargo bench --bench hotpath`.
 
@@ -206,5 +208,110 @@ fn bench_balance(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_parse, bench_route, bench_balance);
+/// The head sent upstream, and the head sent back to the client, each beside a naive encoder
+/// that lower-cases names into Strings, checks a HashSet of hop-by-hop names and formats lines.
+fn bench_rewrite(c: &mut Criterion) {
+    use bytes::BytesMut;
+    use ringway::http::response::{parse_response, ResponseHead};
+    use ringway::rewrite::{encode_client_head, encode_upstream_head, Forwarding};
+    use std::collections::HashSet;
+
+    let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\npath_prefix = \"/api\"\nstrip_prefix = \"/api\"\nupstream = \"u\"\nrequest_headers = { set = { \"x-gateway\" = \"ringway\" }, remove = [\"cookie\"] }\nresponse_headers = { set = { \"x-frame-options\" = \"DENY\" } }\n";
+    let cfg = Config::parse(src, "bench.toml").unwrap();
+    let router = Router::new(&cfg, 1);
+    let route = &router.routes[0];
+    let mut head = RequestHead::default();
+    let n = parse_request(HEAD, &Limits::default(), &mut head)
+        .unwrap()
+        .unwrap();
+    head.raw = bytes::Bytes::copy_from_slice(&HEAD[..n]);
+    let f = Forwarding {
+        peer_ip: b"203.0.113.7",
+        request_id: b"7f3c9a10-2b4e-4c1d-9e8f-0a1b2c3d4e5f",
+        via: b"1.1 ringway",
+    };
+    let mut out = BytesMut::with_capacity(4096);
+    let hop: HashSet<&str> = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "transfer-encoding",
+    ]
+    .into_iter()
+    .collect();
+
+    let mut g = c.benchmark_group("header_rewrite_upstream");
+    g.bench_function("ringway", |b| {
+        b.iter(|| {
+            encode_upstream_head(&mut out, black_box(&head), route, b"127.0.0.1:9", &f);
+            black_box(out.len())
+        })
+    });
+    g.bench_function("naive_format_strings", |b| {
+        b.iter(|| {
+            let (method, target, headers) = naive_parse(black_box(HEAD)).unwrap();
+            let mut s = format!(
+                "{method} {} HTTP/1.1\r\n",
+                target.strip_prefix("/api").unwrap_or(&target)
+            );
+            for (k, v) in &headers {
+                if hop.contains(k.as_str()) || k == "cookie" || k == "x-gateway" {
+                    continue;
+                }
+                s += &format!("{k}: {v}\r\n");
+            }
+            s += "x-forwarded-for: 203.0.113.7\r\nvia: 1.1 ringway\r\nx-gateway: ringway\r\n\r\n";
+            black_box(s.len())
+        })
+    });
+    g.finish();
+
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nServer: origin\r\nDate: Thu, 26 Nov 2026 04:00:00 GMT\r\nContent-Type: application/json\r\nContent-Length: 1234\r\nCache-Control: max-age=60\r\nETag: \"abc123\"\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n";
+    let mut resp = ResponseHead::default();
+    let rn = parse_response(RESP, false, &mut resp).unwrap().unwrap();
+    resp.raw = bytes::Bytes::copy_from_slice(&RESP[..rn]);
+    let mut g = c.benchmark_group("response_head_encode");
+    g.bench_function("ringway", |b| {
+        b.iter(|| {
+            encode_client_head(
+                &mut out,
+                black_box(&resp),
+                &route.response_headers,
+                &f,
+                false,
+                None,
+            );
+            black_box(out.len())
+        })
+    });
+    g.bench_function("naive_format_strings", |b| {
+        b.iter(|| {
+            let text = std::str::from_utf8(black_box(RESP)).unwrap();
+            let mut lines = text.split("\r\n");
+            let mut s = format!("{}\r\n", lines.next().unwrap());
+            for l in lines.filter(|l| !l.is_empty()) {
+                let (k, v) = l.split_once(':').unwrap();
+                let k = k.to_ascii_lowercase();
+                if hop.contains(k.as_str()) {
+                    continue;
+                }
+                s += &format!("{k}: {}\r\n", v.trim());
+            }
+            s += "via: 1.1 ringway\r\nx-frame-options: DENY\r\n\r\n";
+            black_box(s.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_parse,
+    bench_route,
+    bench_balance,
+    bench_rewrite
+);
 criterion_main!(benches);

@@ -19,6 +19,7 @@ pub mod local;
 pub mod log;
 pub mod proxy;
 pub mod retry;
+pub mod rewrite;
 pub mod router;
 pub mod server;
 pub mod upstream;

@@ -28,12 +28,13 @@ use crate::config::Config;
 use crate::config::HashOn;
 use crate::error::{write_error_response, GatewayError};
 use crate::http::chunked::ChunkedScanner;
-use crate::http::encode::{put_chunk_size, put_header, put_status_line, put_u64};
+use crate::http::encode::{put_chunk_size, put_header, put_u64};
 use crate::http::request::{parse_request, BodyKind, Limits, Method, RequestHead};
 use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
-use crate::http::{ConnectionOptions, Version};
+use crate::http::Version;
 use crate::retry::{Failure, RetryPolicy};
-use crate::router::{Action, DirectResponse, HostPolicy, Route, Router};
+use crate::rewrite::{connection_value, encode_client_head, encode_upstream_head, Forwarding};
+use crate::router::{Action, DirectResponse, Route, Router};
 use crate::upstream::balance::hash_bytes;
 use crate::upstream::breaker::Admit;
 use crate::upstream::health::{Ejection, HealthHub};
@@ -321,42 +322,6 @@ async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Header classification, by length first so most names cost one comparison.
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Hdr {
-    Hop,
-    Host,
-    ContentLength,
-    Expect,
-    Xff,
-    Xfp,
-    Xfh,
-    RequestId,
-    Other,
-}
-
-#[inline]
-fn classify(name: &[u8]) -> Hdr {
-    let eq = |s: &[u8]| name.eq_ignore_ascii_case(s);
-    match name.len() {
-        2 if eq(b"te") => Hdr::Hop,
-        4 if eq(b"host") => Hdr::Host,
-        6 if eq(b"expect") => Hdr::Expect,
-        7 if eq(b"trailer") || eq(b"upgrade") => Hdr::Hop,
-        10 if eq(b"connection") || eq(b"keep-alive") => Hdr::Hop,
-        12 if eq(b"x-request-id") => Hdr::RequestId,
-        14 if eq(b"content-length") => Hdr::ContentLength,
-        15 if eq(b"x-forwarded-for") => Hdr::Xff,
-        16 if eq(b"proxy-connection") => Hdr::Hop,
-        16 if eq(b"x-forwarded-host") => Hdr::Xfh,
-        17 if eq(b"transfer-encoding") => Hdr::Hop,
-        17 if eq(b"x-forwarded-proto") => Hdr::Xfp,
-        _ => Hdr::Other,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 
 /// A client connection.
 pub struct Conn<S> {
@@ -437,13 +402,15 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         let mut started: Option<Instant> = None;
         loop {
             if !self.rbuf.is_empty() {
-                started.get_or_insert_with(Instant::now);
                 match parse_request(&self.rbuf, &w.limits, &mut self.head) {
                     Ok(Some(n)) => {
                         self.head.raw = self.rbuf.split_to(n).freeze();
                         return HeadRead::Ready;
                     }
-                    Ok(None) => {}
+                    // The head has begun: from now on the client_head deadline runs.
+                    Ok(None) => {
+                        started.get_or_insert_with(Instant::now);
+                    }
                     Err(e) => return HeadRead::Fail(GatewayError::Parse(e)),
                 }
             }
@@ -597,86 +564,19 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     }
 
     fn put_connection(&mut self, keep: bool) {
-        if !keep {
-            self.wbuf.put_slice(b"connection: close\r\n");
-        } else if self.head.version == Version::Http10 {
-            self.wbuf.put_slice(b"connection: keep-alive\r\n");
+        if let Some(v) = connection_value(keep, self.head.version) {
+            put_header(&mut self.wbuf, b"connection", v);
         }
     }
 
     /// Writes the head sent upstream into `ubuf`.
     fn put_upstream_head(&mut self, w: &Worker, route: &Route, authority: &[u8]) {
-        let req = &self.head;
-        let out = &mut self.ubuf;
-        out.clear();
-        out.put_slice(req.method_str());
-        out.put_u8(b' ');
-        let pq = req.bytes(req.path_query);
-        if pq == b"*" {
-            out.put_u8(b'*');
-        } else {
-            route.write_target(pq, out);
-        }
-        out.put_slice(b" HTTP/1.1\r\n");
-        let rules = &route.request_headers;
-        let mut xff_seen = false;
-        let conn = ConnectionOptions::collect(&req.raw, &req.headers, req.connection_options);
-        for h in &req.headers {
-            let name = req.bytes(h.name);
-            let value = req.bytes(h.value);
-            match classify(name) {
-                Hdr::Other => {}
-                Hdr::Xff => {
-                    xff_seen = true;
-                    continue;
-                }
-                _ => continue,
-            }
-            if rules.drops(name) || conn.lists(name) {
-                continue;
-            }
-            put_header(out, name, value);
-        }
-        if !rules.drops(b"x-forwarded-for") {
-            // Earlier hops first, then the client this hop saw.
-            out.put_slice(b"x-forwarded-for: ");
-            if xff_seen {
-                for h in &req.headers {
-                    if classify(req.bytes(h.name)) == Hdr::Xff {
-                        out.put_slice(req.bytes(h.value));
-                        out.put_slice(b", ");
-                    }
-                }
-            }
-            out.put_slice(&self.peer_ip);
-            out.put_slice(b"\r\n");
-        }
-        match (&route.host, req.host_bytes()) {
-            (HostPolicy::Set(h), _) => put_header(out, b"host", h),
-            (HostPolicy::Preserve, Some(h)) => put_header(out, b"host", h),
-            _ => put_header(out, b"host", authority),
-        }
-        out.put_slice(b"x-forwarded-proto: http\r\n");
-        if let Some(h) = req.host_bytes() {
-            put_header(out, b"x-forwarded-host", h);
-        }
-        put_header(out, b"via", &w.via);
-        put_header(out, b"x-request-id", self.id.as_bytes());
-        rules.put(out);
-        match req.body {
-            BodyKind::None => {
-                if matches!(req.method, Method::Post | Method::Put | Method::Patch) {
-                    out.put_slice(b"content-length: 0\r\n");
-                }
-            }
-            BodyKind::Length(n) => {
-                out.put_slice(b"content-length: ");
-                put_u64(out, n);
-                out.put_slice(b"\r\n");
-            }
-            BodyKind::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
-        }
-        out.put_slice(b"\r\n");
+        let f = Forwarding {
+            peer_ip: &self.peer_ip,
+            request_id: self.id.as_bytes(),
+            via: &w.via,
+        };
+        encode_upstream_head(&mut self.ubuf, &self.head, route, authority, &f);
     }
 
     /// Takes the request body into the read buffer when it can be kept for a replay: already
@@ -811,7 +711,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             }
             let stats = &group.stats[ep];
             stats.outstanding.set(stats.outstanding.get() + 1);
-            let started = Instant::now();
+            // Latency is sampled only for a balancer that uses it (clock reads add up).
+            let started = group.tracks_latency().then(Instant::now);
             let result = self
                 .attempt(
                     w,
@@ -823,10 +724,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                     !stale_retry_used,
                 )
                 .await;
-            let now = Instant::now();
             let failure = match &result {
                 Ok(_) => {
-                    stats.observe_latency(now - started, now);
+                    if let Some(t0) = started {
+                        let now = Instant::now();
+                        stats.observe_latency(now - t0, now);
+                    }
                     (self.resp.status >= 500).then_some(Failure::Status(self.resp.status))
                 }
                 Err(AttemptFail::Stale) if !stale_retry_used && replay.is_some() && idempotent => {
@@ -858,13 +761,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         && p.retries_on(f)
                         && replay.is_some()
                         && (idempotent || f == Failure::Connect || p.non_idempotent)
-                        && p.take_retry(now)
+                        && p.take_retry(Instant::now())
                 })
             });
             if retry || result.is_err() {
                 stats.outstanding.set(stats.outstanding.get() - 1);
                 if upstream_judged {
-                    record_outcome(w, group, ep, probe, failure.is_some(), now);
+                    record_outcome(w, group, ep, probe, failure.is_some());
                 } else if let Some(b) = &group.breaker {
                     b.cancel(probe);
                 }
@@ -899,7 +802,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             // connection is reused, so the buffer is reclaimed rather than reallocated.
             self.resp.raw = Bytes::new();
             stats.outstanding.set(stats.outstanding.get() - 1);
-            record_outcome(w, group, ep, probe, failure.is_some(), Instant::now());
+            record_outcome(w, group, ep, probe, failure.is_some());
             if reusable {
                 group.checkin(up);
             }
@@ -920,7 +823,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         max_body: u64,
         allow_pool: bool,
     ) -> Result<UpConn, AttemptFail> {
-        let mut up = self.acquire(group, ep, allow_pool).await?;
+        // A stale pooled connection costs an idempotent request with a kept body nothing but
+        // a resend (see `proxy`), so only other requests pay for the liveness check.
+        let verify = !(replay.is_some() && self.head.method.is_idempotent());
+        let mut up = self.acquire(group, ep, allow_pool, verify).await?;
         self.put_upstream_head(w, route, &group.endpoints[ep].authority);
         match self.send_request(&mut up, replay, max_body).await {
             Ok(()) => {}
@@ -951,9 +857,10 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         group: &UpstreamGroup,
         ep: usize,
         allow_pool: bool,
+        verify: bool,
     ) -> Result<UpConn, AttemptFail> {
         if allow_pool {
-            if let Some(c) = group.checkout(ep) {
+            if let Some(c) = group.checkout(ep, verify) {
                 return Ok(c);
             }
         }
@@ -977,7 +884,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         return Err(AttemptFail::Overloaded);
                     }
                     if allow_pool {
-                        if let Some(c) = group.checkout(ep) {
+                        if let Some(c) = group.checkout(ep, verify) {
                             return Ok(c);
                         }
                     }
@@ -1165,32 +1072,21 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         let keep = self.head.keep_alive && definite && !w.shutdown.is_set();
 
         // Response head.
-        let wbuf = &mut self.wbuf;
-        wbuf.clear();
-        put_status_line(wbuf, resp.status, resp.bytes(resp.reason));
-        let rules = &route.response_headers;
-        let conn = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-        for h in &resp.headers {
-            let name = resp.bytes(h.name);
-            match classify(name) {
-                Hdr::Other | Hdr::Host | Hdr::Expect | Hdr::Xff | Hdr::Xfp | Hdr::Xfh => {}
-                Hdr::ContentLength if matches!(resp.body, RespBody::Length(_) | RespBody::None) => {
-                }
-                _ => continue,
-            }
-            if rules.drops(name) || conn.lists(name) {
-                continue;
-            }
-            put_header(wbuf, name, resp.bytes(h.value));
-        }
-        put_header(wbuf, b"via", &w.via);
-        put_header(wbuf, b"x-request-id", self.id.as_bytes());
-        rules.put(wbuf);
-        if matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk) {
-            wbuf.put_slice(b"transfer-encoding: chunked\r\n");
-        }
-        self.put_connection(keep);
-        self.wbuf.put_slice(b"\r\n");
+        let f = Forwarding {
+            peer_ip: &self.peer_ip,
+            request_id: self.id.as_bytes(),
+            via: &w.via,
+        };
+        let chunked = matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk);
+        let connection = connection_value(keep, self.head.version);
+        encode_client_head(
+            &mut self.wbuf,
+            resp,
+            &route.response_headers,
+            &f,
+            chunked,
+            connection,
+        );
 
         let t_write = self.t.client_write;
         let t_body = self.t.upstream_body;
@@ -1412,16 +1308,9 @@ async fn connect(group: &UpstreamGroup, ep: usize, dur: Duration) -> Result<UpCo
 
 /// Feeds an upstream outcome to the circuit breaker and to outlier detection: consecutive
 /// failures seen by this worker eject the endpoint for every worker (through the hub).
-fn record_outcome(
-    w: &Worker,
-    group: &UpstreamGroup,
-    ep: usize,
-    probe: bool,
-    failed: bool,
-    now: Instant,
-) {
+fn record_outcome(w: &Worker, group: &UpstreamGroup, ep: usize, probe: bool, failed: bool) {
     if let Some(b) = &group.breaker {
-        b.done(probe, !failed, now);
+        b.done(probe, !failed, Instant::now());
     }
     let s = &group.stats[ep];
     if !failed {
@@ -1433,7 +1322,10 @@ fn record_outcome(
     let limit = group.outlier.consecutive_failures;
     if limit > 0 && f >= limit {
         s.failures.set(0);
-        match w.hub.try_eject(group.index, ep, &group.outlier, now) {
+        match w
+            .hub
+            .try_eject(group.index, ep, &group.outlier, Instant::now())
+        {
             Ejection::Ejected(d) => {
                 s.routable.set(false);
                 warn!(
@@ -1447,4 +1339,3 @@ fn record_outcome(
         }
     }
 }
-

@@ -233,11 +233,23 @@ fn run_worker(
     let mut why_not_uring = None;
     if choice != DriverChoice::Epoll {
         if monoio::utils::detect_uring() {
-            match RuntimeBuilder::<IoUringDriver>::new()
+            // COOP_TASKRUN: completions are processed when the worker next enters the kernel,
+            // not by interrupting it (kernel 5.19+; older kernels refuse it, and get the plain
+            // ring).
+            let mut urb = io_uring::IoUring::builder();
+            urb.setup_coop_taskrun().setup_taskrun_flag();
+            let built = RuntimeBuilder::<IoUringDriver>::new()
+                .uring_builder(urb)
                 .with_entries(1024)
                 .enable_timer()
                 .build()
-            {
+                .or_else(|_| {
+                    RuntimeBuilder::<IoUringDriver>::new()
+                        .with_entries(1024)
+                        .enable_timer()
+                        .build()
+                });
+            match built {
                 Ok(mut rt) => {
                     let _ = ready.send(Ok((DriverKind::IoUring, None)));
                     rt.block_on(worker_main(

@@ -108,6 +108,7 @@ impl HealthHub {
     pub fn sync(&self, groups: &[UpstreamGroup], now: Instant) {
         let st = self.lock();
         for (g, group) in groups.iter().enumerate() {
+            group.coarse_now.set(now);
             for e in 0..group.endpoints.len() {
                 let s = st[g][e];
                 let routable = s.active_ok && s.ejected_until.is_none_or(|t| t <= now);

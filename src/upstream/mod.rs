@@ -21,6 +21,9 @@ use crate::local::Notify;
 use balance::{Algorithm, EndpointStats};
 use breaker::Breaker;
 
+/// Pooled connections idle for longer than this are always peek-checked before reuse.
+pub const UNVERIFIED_IDLE_MAX: Duration = Duration::from_secs(1);
+
 /// Read buffer of an upstream connection; kept with the connection in the pool.
 pub const UPSTREAM_READ_BUF: usize = 32 * 1024;
 
@@ -76,6 +79,9 @@ pub struct UpstreamGroup {
     pub max_idle: usize,
     pub idle_timeout: Duration,
     pub conns: Rc<ConnCount>,
+    /// A clock read every 50 ms by the worker's sync task: pool ages need no more precision,
+    /// and the request path reads no clock for them.
+    pub coarse_now: Cell<Instant>,
 }
 
 impl UpstreamGroup {
@@ -130,21 +136,35 @@ impl UpstreamGroup {
             max_idle: cfg.max_idle,
             idle_timeout: cfg.idle_timeout.0,
             conns: Rc::new(ConnCount::default()),
+            coarse_now: Cell::new(Instant::now()),
         }
     }
 
     /// The endpoint for the next try of a request: routable, and not one of `tried` when
     /// another is available. `None` when no endpoint is routable.
+    /// Whether the balancer uses latency samples.
+    #[inline]
+    pub fn tracks_latency(&self) -> bool {
+        matches!(self.algorithm, Algorithm::PeakEwma { .. })
+    }
+
     #[inline]
     pub fn pick(&self, hash: Option<u64>, tried: &[usize]) -> Option<usize> {
         self.algorithm.pick(&self.stats, &self.weights, hash, tried)
     }
 
-    /// An idle pooled connection to endpoint `ep` that is still open, most recent first.
-    pub fn checkout(&self, ep: usize) -> Option<UpConn> {
+    /// An idle pooled connection to endpoint `ep`, most recent first. With `verify` (or after
+    /// a second idle), a non-blocking peek first checks that the upstream has not closed it; a
+    /// request that can simply be sent again on a new connection skips that syscall.
+    pub fn checkout(&self, ep: usize, verify: bool) -> Option<UpConn> {
         let mut idle = self.endpoints[ep].idle.borrow_mut();
+        let now = self.coarse_now.get();
         while let Some(Idle { mut conn, since }) = idle.pop() {
-            if since.elapsed() >= self.idle_timeout || !still_open(&conn.stream) {
+            let age = now.saturating_duration_since(since);
+            if age >= self.idle_timeout {
+                continue;
+            }
+            if (verify || age >= UNVERIFIED_IDLE_MAX) && !still_open(&conn.stream) {
                 continue;
             }
             conn.reused = true;
@@ -178,7 +198,7 @@ impl UpstreamGroup {
             }
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: self.coarse_now.get(),
             });
         }
         self.conns.freed.notify_all();
