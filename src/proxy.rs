@@ -338,6 +338,8 @@ pub struct Conn<S> {
     t: Timeouts,
     /// `100 Continue` was sent for this request.
     continue_sent: bool,
+    /// This request's body has been read off the connection (kept for replay or streamed).
+    body_done: bool,
 }
 
 enum HeadRead {
@@ -370,6 +372,7 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
         },
         t: w.timeouts,
         continue_sent: false,
+        body_done: false,
     };
     loop {
         // Release the last head's bytes so the read buffer can take its space back instead of
@@ -469,6 +472,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             ..w.timeouts
         };
         self.continue_sent = false;
+        self.body_done = false;
         let max_body = route.max_body_bytes.unwrap_or(w.limits.max_body_bytes);
         if let BodyKind::Length(n) = self.head.body {
             if n > max_body {
@@ -487,6 +491,9 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     /// Consumes the request body when all of it is already buffered. Returns false when some
     /// of it is still unread (the connection must then close after the response).
     fn skip_buffered_body(&mut self) -> bool {
+        if self.body_done {
+            return true;
+        }
         match self.head.body {
             BodyKind::None => true,
             BodyKind::Length(n) => {
@@ -591,9 +598,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         let keep_limit = policy.map_or(0, |p| p.max_replay);
         loop {
             match self.head.body {
-                BodyKind::None => return Ok(Some(Bytes::new())),
+                BodyKind::None => {
+                    self.body_done = true;
+                    return Ok(Some(Bytes::new()));
+                }
                 BodyKind::Length(n) => {
                     if self.rbuf.len() as u64 >= n {
+                        self.body_done = true;
                         return Ok(Some(self.rbuf.split_to(n as usize).freeze()));
                     }
                     if n > keep_limit {
@@ -608,7 +619,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                             return Err(self.reject(w, GatewayError::BodyTooLarge).await)
                         }
                         Ok(r) if r.done => {
-                            return Ok(Some(self.rbuf.split_to(r.consumed).freeze()))
+                            self.body_done = true;
+                            return Ok(Some(self.rbuf.split_to(r.consumed).freeze()));
                         }
                         Ok(_) if self.rbuf.len() as u64 >= keep_limit => return Ok(None),
                         Ok(_) => {}
@@ -926,10 +938,13 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             return Err(SendFail::Client(None));
         }
         match self.head.body {
-            BodyKind::Length(n) => self.stream_length_body(up, n).await,
-            BodyKind::Chunked => self.stream_chunked_body(up, max_body).await,
-            BodyKind::None => Ok(()),
+            BodyKind::Length(n) => self.stream_length_body(up, n).await?,
+            BodyKind::Chunked => self.stream_chunked_body(up, max_body).await?,
+            BodyKind::None => {}
         }
+        // All of the body has been read: an error answer now can keep the connection.
+        self.body_done = true;
+        Ok(())
     }
 
     async fn stream_length_body(&mut self, up: &mut UpConn, n: u64) -> Result<(), SendFail> {

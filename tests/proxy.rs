@@ -813,3 +813,30 @@ fn upstream_connect_timeout_is_504() {
         assert!(t0.elapsed() < Duration::from_secs(2));
     }
 }
+
+#[test]
+fn an_error_after_the_body_was_read_keeps_the_next_pipelined_request_intact() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let toml = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.ok]\nendpoints = [{{ address = \"{}\" }}]\n[upstreams.dead]\nendpoints = [{{ address = \"{dead}\" }}]\n[[routes]]\npath = \"/dead\"\nupstream = \"dead\"\n[[routes]]\nupstream = \"ok\"\n",
+            up.addr
+        );
+        let gw = TestGateway::start(&toml, d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"POST /dead HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET /ok HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 502, "{d:?}");
+        let r = c.read_response().unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "{d:?}: the pipelined GET must be read as sent: {}",
+            r.text()
+        );
+        assert_eq!(up.last().target, "/ok");
+    }
+}
