@@ -267,6 +267,32 @@ impl ReqId {
     }
 }
 
+/// The client's address as text, formatted once per connection without a heap allocation.
+struct PeerIp {
+    /// Long enough for any IPv6 text form (45 bytes).
+    buf: [u8; 48],
+    len: u8,
+}
+
+impl PeerIp {
+    fn new(ip: std::net::IpAddr) -> PeerIp {
+        use std::io::Write;
+        let mut p = PeerIp {
+            buf: [0; 48],
+            len: 0,
+        };
+        let mut cursor = &mut p.buf[..];
+        let _ = write!(cursor, "{ip}");
+        let left = cursor.len();
+        p.len = (48 - left) as u8;
+        p
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+}
+
 fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty()
         && v.len() <= MAX_REQUEST_ID
@@ -332,7 +358,7 @@ pub struct Conn<S> {
     ubuf: BytesMut,
     head: RequestHead,
     resp: ResponseHead,
-    peer_ip: Box<[u8]>,
+    peer_ip: PeerIp,
     id: ReqId,
     /// This request's timeouts: the global ones with the route's overrides.
     t: Timeouts,
@@ -365,7 +391,7 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
         ubuf: BytesMut::new(),
         head: RequestHead::default(),
         resp: ResponseHead::default(),
-        peer_ip: peer.ip().to_string().into_bytes().into(),
+        peer_ip: PeerIp::new(peer.ip()),
         id: ReqId {
             buf: [0; MAX_REQUEST_ID],
             len: 0,
@@ -579,7 +605,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     /// Writes the head sent upstream into `ubuf`.
     fn put_upstream_head(&mut self, w: &Worker, route: &Route, authority: &[u8]) {
         let f = Forwarding {
-            peer_ip: &self.peer_ip,
+            peer_ip: self.peer_ip.as_bytes(),
             request_id: self.id.as_bytes(),
             via: &w.via,
         };
@@ -676,7 +702,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                 })
             }),
         };
-        hash_bytes(value.unwrap_or(&self.peer_ip))
+        hash_bytes(value.unwrap_or(self.peer_ip.as_bytes()))
     }
 
     async fn proxy(
@@ -1088,7 +1114,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
 
         // Response head.
         let f = Forwarding {
-            peer_ip: &self.peer_ip,
+            peer_ip: self.peer_ip.as_bytes(),
             request_id: self.id.as_bytes(),
             via: &w.via,
         };

@@ -198,6 +198,9 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
             s.set_reuse_address(true)?;
             s.set_reuse_port(true)?;
             s.set_nonblocking(true)?;
+            // Accepted sockets inherit TCP_NODELAY from the listener: no setsockopt per
+            // connection.
+            s.set_nodelay(true)?;
             if addr.is_ipv6() {
                 s.set_only_v6(true)?;
             }
@@ -363,7 +366,6 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
                 w.active.set(w.active.get() + 1);
                 let guard = ConnGuard(w.clone());
                 monoio::spawn(async move {

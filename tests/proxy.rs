@@ -840,3 +840,21 @@ fn an_error_after_the_body_was_read_keeps_the_next_pipelined_request_intact() {
         assert_eq!(up.last().target, "/ok");
     }
 }
+
+#[test]
+fn ipv6_listener_and_client_address() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = format!(
+            "[[listeners]]\naddress = \"[::1]:0\"\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n[[routes]]\nupstream = \"up\"\n",
+            up.addr
+        );
+        let gw = TestGateway::start(&toml, d);
+        assert!(gw.addr.is_ipv6());
+        let r = request(gw.addr, b"GET /v6 HTTP/1.1\r\nHost: [::1]\r\n\r\n");
+        assert_eq!(r.status, 200, "{d:?}");
+        let req = up.last();
+        assert_eq!(req.header("x-forwarded-for"), Some("::1"));
+        assert_eq!(req.header("host"), Some("[::1]"));
+    }
+}
