@@ -657,20 +657,29 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             if !self.send_continue().await {
                 return Err(Next::Close);
             }
-            match read_some(
-                &mut self.io,
-                &mut self.rbuf,
-                BODY_READ_CHUNK,
-                self.t.client_body,
-            )
-            .await
-            {
-                Ok(_) => {}
-                Err(IoFail::Timeout) => {
-                    return Err(self.reject(w, GatewayError::ClientTimeout).await);
-                }
-                Err(_) => return Err(Next::Close),
+            if let Err(e) = self.read_client_body().await {
+                return Err(match e {
+                    Some(e) => self.reject(w, e).await,
+                    None => Next::Close,
+                });
             }
+        }
+    }
+
+    /// Reads more of the request body into `rbuf`. The error to answer with, if any: a stall
+    /// past `client_body` is a 408; a client that went away gets nothing.
+    async fn read_client_body(&mut self) -> Result<(), Option<GatewayError>> {
+        match read_some(
+            &mut self.io,
+            &mut self.rbuf,
+            BODY_READ_CHUNK,
+            self.t.client_body,
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(IoFail::Timeout) => Err(Some(GatewayError::ClientTimeout)),
+            Err(_) => Err(None),
         }
     }
 
@@ -1024,20 +1033,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                     return Ok(());
                 }
             }
-            match read_some(
-                &mut self.io,
-                &mut self.rbuf,
-                BODY_READ_CHUNK,
-                self.t.client_body,
-            )
-            .await
-            {
-                Ok(_) => {}
-                Err(IoFail::Timeout) => {
-                    return Err(SendFail::Client(Some(GatewayError::ClientTimeout)))
-                }
-                Err(_) => return Err(SendFail::Client(None)),
-            }
+            self.read_client_body().await.map_err(SendFail::Client)?;
         }
     }
 

@@ -233,6 +233,8 @@ fn run_worker(
     ready: Ready,
 ) {
     let drain = cfg.server.shutdown_timeout.0;
+    // The worker's main future, built on whichever runtime comes up.
+    let mut main = Some(move || worker_main(id, cfg, hub, listeners, stop, drain));
     let mut why_not_uring = None;
     if choice != DriverChoice::Epoll {
         if monoio::utils::detect_uring() {
@@ -255,14 +257,9 @@ fn run_worker(
             match built {
                 Ok(mut rt) => {
                     let _ = ready.send(Ok((DriverKind::IoUring, None)));
-                    rt.block_on(worker_main(
-                        id,
-                        cfg,
-                        hub.clone(),
-                        listeners,
-                        stop.clone(),
-                        drain,
-                    ));
+                    if let Some(main) = main.take() {
+                        rt.block_on(main());
+                    }
                     return;
                 }
                 Err(e) => why_not_uring = Some(format!("io_uring setup failed: {e}")),
@@ -274,14 +271,9 @@ fn run_worker(
     match RuntimeBuilder::<LegacyDriver>::new().enable_timer().build() {
         Ok(mut rt) => {
             let _ = ready.send(Ok((DriverKind::Epoll, why_not_uring)));
-            rt.block_on(worker_main(
-                id,
-                cfg,
-                hub.clone(),
-                listeners,
-                stop.clone(),
-                drain,
-            ));
+            if let Some(main) = main.take() {
+                rt.block_on(main());
+            }
         }
         Err(e) => {
             let _ = ready.send(Err(format!("worker {id}: cannot build a runtime: {e}")));

@@ -25,6 +25,15 @@ fn eps(addrs: &[std::net::SocketAddr]) -> String {
         .join(", ")
 }
 
+/// A gateway config: one upstream group "u" (with `upstream` keys) over `addrs`, one route to
+/// it (with `route` keys), and `extra` tables at the end.
+fn group_toml(upstream: &str, addrs: &[std::net::SocketAddr], route: &str, extra: &str) -> String {
+    format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{}]\n{upstream}\n[[routes]]\nupstream = \"u\"\n{route}\n{extra}\n",
+        eps(addrs)
+    )
+}
+
 fn dead_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -39,9 +48,11 @@ fn least_request_avoids_the_busy_endpoint() {
         close: false,
     });
     let fast = named("fast");
-    let toml = format!(
-        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nbalance = \"least_request\"\nendpoints = [{}]\n[[routes]]\nupstream = \"u\"\n",
-        eps(&[slow.addr, fast.addr])
+    let toml = group_toml(
+        "balance = \"least_request\"",
+        &[slow.addr, fast.addr],
+        "",
+        "",
     );
     let gw = TestGateway::start(&toml, D);
     let addr = gw.addr;
@@ -70,10 +81,7 @@ fn peak_ewma_prefers_the_fast_endpoint() {
         close: false,
     });
     let fast = named("fast");
-    let toml = format!(
-        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nbalance = \"peak_ewma\"\nendpoints = [{}]\n[[routes]]\nupstream = \"u\"\n",
-        eps(&[slow.addr, fast.addr])
-    );
+    let toml = group_toml("balance = \"peak_ewma\"", &[slow.addr, fast.addr], "", "");
     let gw = TestGateway::start(&toml, D);
     let mut c = Client::connect(gw.addr);
     for _ in 0..60 {
@@ -224,9 +232,11 @@ upstream = "u"
 fn dead_endpoint_is_ejected_and_success_recovers_within_a_second() {
     let a = named("a");
     let b = named("b");
-    let toml = format!(
-        "[server]\nworkers = 2\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{}]\noutlier = {{ consecutive_failures = 3, base_ejection_time = \"10s\" }}\n[[routes]]\nupstream = \"u\"\n",
-        eps(&[a.addr, dead_addr(), b.addr])
+    let toml = group_toml(
+        "outlier = { consecutive_failures = 3, base_ejection_time = \"10s\" }",
+        &[a.addr, dead_addr(), b.addr],
+        "",
+        "[server]\nworkers = 2",
     );
     let gw = TestGateway::start(&toml, D);
     let addr = gw.addr;
@@ -283,9 +293,11 @@ fn ejection_never_empties_a_group() {
         })
     };
     let (x, y) = (bad(), bad());
-    let toml = format!(
-        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{}]\noutlier = {{ consecutive_failures = 2 }}\n[[routes]]\nupstream = \"u\"\n",
-        eps(&[x.addr, y.addr])
+    let toml = group_toml(
+        "outlier = { consecutive_failures = 2 }",
+        &[x.addr, y.addr],
+        "",
+        "",
     );
     let gw = TestGateway::start(&toml, D);
     for _ in 0..30 {
