@@ -6,13 +6,6 @@ use crate::http::chunked::ChunkError;
 use crate::http::encode::{put_status_line, put_u64, reason_phrase};
 use crate::http::request::ParseError;
 
-/// Which side caused an error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Upstream,
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GatewayError {
     /// The request head was refused.
@@ -108,17 +101,6 @@ impl GatewayError {
             GatewayError::CircuitOpen(s) => Some(*s),
             GatewayError::Overloaded | GatewayError::NoHealthyEndpoint => Some(1),
             _ => None,
-        }
-    }
-
-    pub fn side(&self) -> Side {
-        match self {
-            GatewayError::Parse(_)
-            | GatewayError::BadChunk(_)
-            | GatewayError::NoRoute
-            | GatewayError::BodyTooLarge
-            | GatewayError::ClientTimeout => Side::Client,
-            _ => Side::Upstream,
         }
     }
 }

@@ -13,10 +13,7 @@
 //! left in the buffer can be read as a second request.
 
 use std::cell::{Cell, RefCell};
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -32,6 +29,7 @@ use crate::http::encode::{put_chunk_size, put_header, put_u64};
 use crate::http::request::{parse_request, BodyKind, Limits, Method, RequestHead};
 use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
 use crate::http::Version;
+use crate::local::Notify;
 use crate::retry::{Failure, RetryPolicy};
 use crate::rewrite::{connection_value, encode_client_head, encode_upstream_head, Forwarding};
 use crate::router::{Action, DirectResponse, Route, Router};
@@ -70,8 +68,7 @@ pub struct Timeouts {
 #[derive(Default)]
 pub struct Shutdown {
     flag: Cell<bool>,
-    /// Wakers of waiting tasks; a slot is freed when its waiter is dropped.
-    waiters: RefCell<Vec<Option<Waker>>>,
+    notify: Notify,
 }
 
 impl Shutdown {
@@ -81,60 +78,13 @@ impl Shutdown {
 
     pub fn trigger(&self) {
         self.flag.set(true);
-        for w in self.waiters.borrow_mut().iter_mut() {
-            if let Some(w) = w.take() {
-                w.wake();
-            }
-        }
+        self.notify.notify_all();
     }
 
-    pub fn wait(&self) -> ShutdownWait<'_> {
-        ShutdownWait {
-            s: self,
-            slot: None,
-        }
-    }
-}
-
-pub struct ShutdownWait<'a> {
-    s: &'a Shutdown,
-    slot: Option<usize>,
-}
-
-impl Future for ShutdownWait<'_> {
-    type Output = ();
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.s.flag.get() {
-            return Poll::Ready(());
-        }
-        let mut waiters = self.s.waiters.borrow_mut();
-        match self.slot {
-            Some(i) => waiters[i] = Some(cx.waker().clone()),
-            None => {
-                let i = match waiters.iter().position(Option::is_none) {
-                    Some(i) => {
-                        waiters[i] = Some(cx.waker().clone());
-                        i
-                    }
-                    None => {
-                        waiters.push(Some(cx.waker().clone()));
-                        waiters.len() - 1
-                    }
-                };
-                drop(waiters);
-                self.slot = Some(i);
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for ShutdownWait<'_> {
-    fn drop(&mut self) {
-        if let Some(i) = self.slot {
-            if let Some(w) = self.s.waiters.borrow_mut().get_mut(i) {
-                *w = None;
-            }
+    /// Completes once the shutdown is triggered.
+    pub async fn wait(&self) {
+        while !self.flag.get() {
+            self.notify.notified().await;
         }
     }
 }

@@ -137,11 +137,6 @@ impl Gateway {
         self.driver
     }
 
-    /// A flag that, once set, shuts the gateway down gracefully.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
     /// Begins a graceful shutdown: stop accepting, finish in-flight requests, close idle
     /// connections.
     pub fn shutdown(&self) {

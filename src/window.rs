@@ -75,10 +75,6 @@ impl Rolling {
         let mut inner = self.inner.borrow_mut();
         inner.epoch = [u64::MAX; BUCKETS];
     }
-
-    pub fn span(&self) -> Duration {
-        self.bucket * BUCKETS as u32
-    }
 }
 
 #[cfg(test)]

@@ -60,10 +60,6 @@ impl Breaker {
         }
     }
 
-    pub fn is_open(&self, now: Instant) -> bool {
-        matches!(self.state.get(), State::Open { until } if now < until)
-    }
-
     /// Admits a request or says why not. An admitted request must be ended with [`done`].
     ///
     /// [`done`]: Breaker::done

@@ -216,10 +216,6 @@ impl UpstreamGroup {
         closed
     }
 
-    pub fn idle_count(&self) -> usize {
-        self.endpoints.iter().map(|e| e.idle.borrow().len()).sum()
-    }
-
     /// Takes one idle connection of any endpoint out of the pool (to make room under
     /// `max_connections`).
     pub fn evict_one_idle(&self) -> bool {
