@@ -107,7 +107,13 @@ impl GatewayError {
 
 /// Writes a complete error response: status, a small JSON body naming the error and the
 /// request id, and `Connection: close` when the connection ends after it.
-pub fn write_error_response(buf: &mut BytesMut, err: GatewayError, request_id: &[u8], close: bool) {
+pub fn write_error_response(
+    buf: &mut BytesMut,
+    err: GatewayError,
+    request_id: &[u8],
+    date: &[u8],
+    close: bool,
+) {
     let status = err.status();
     // request ids are checked to hold only token characters, so no JSON escaping is needed.
     let mut body = BytesMut::with_capacity(160);
@@ -123,6 +129,8 @@ pub fn write_error_response(buf: &mut BytesMut, err: GatewayError, request_id: &
     put_status_line(buf, status, reason_phrase(status).as_bytes());
     buf.put_slice(b"content-type: application/json\r\ncontent-length: ");
     put_u64(buf, body.len() as u64);
+    buf.put_slice(b"\r\ndate: ");
+    buf.put_slice(date);
     buf.put_slice(b"\r\nx-request-id: ");
     buf.put_slice(request_id);
     if let Some(s) = err.retry_after() {

@@ -12,6 +12,7 @@
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 
 pub mod config;
+pub mod date;
 pub mod demo;
 pub mod error;
 pub mod http;

@@ -23,6 +23,7 @@ use monoio::net::TcpStream;
 
 use crate::config::Config;
 use crate::config::HashOn;
+use crate::date::{http_date, HTTP_DATE_LEN};
 use crate::error::{write_error_response, GatewayError};
 use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_chunk_size, put_header, put_u64};
@@ -104,6 +105,9 @@ pub struct Worker {
     /// Write buffers lent to connections for the length of a request, so that idle
     /// keep-alive connections hold only their read buffer.
     pub bufs: BufPool,
+    /// `Date` for responses the gateway makes, refreshed each second by the sync task.
+    pub date: Cell<[u8; HTTP_DATE_LEN]>,
+    date_secs: Cell<u64>,
     /// Open client connections.
     pub active: Cell<usize>,
     id_seed: u64,
@@ -122,7 +126,7 @@ impl Worker {
                 now ^ ((std::process::id() as u64) << 32) ^ (id as u64).wrapping_mul(0x9e37_79b9),
             )
         };
-        Worker {
+        let w = Worker {
             id,
             router: Router::new(cfg, seed),
             upstreams: cfg
@@ -145,9 +149,24 @@ impl Worker {
             shutdown: Shutdown::default(),
             hub,
             bufs: BufPool::default(),
+            date: Cell::new(http_date(0)),
+            date_secs: Cell::new(u64::MAX),
             active: Cell::new(0),
             id_seed: seed,
             id_seq: Cell::new(0),
+        };
+        w.tick_date();
+        w
+    }
+
+    /// Refreshes the cached `Date` when the second changed (called every 50 ms).
+    pub fn tick_date(&self) {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if secs != self.date_secs.get() {
+            self.date_secs.set(secs);
+            self.date.set(http_date(secs));
         }
     }
 
@@ -361,7 +380,7 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
                 // The head was refused: nothing of it (a HEAD method included) applies.
                 c.head.method = Method::Get;
                 w.next_id(&mut c.id);
-                let _ = c.send_error(e, true).await;
+                let _ = c.send_error(w, e, true).await;
                 return;
             }
         }
@@ -496,16 +515,16 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     /// Answers with a gateway error, keeping the connection when the request was fully read.
     async fn reject(&mut self, w: &Worker, e: GatewayError) -> Next {
         let keep = self.head.keep_alive && self.skip_buffered_body() && !w.shutdown.is_set();
-        if self.send_error(e, !keep).await.is_err() || !keep {
+        if self.send_error(w, e, !keep).await.is_err() || !keep {
             Next::Close
         } else {
             Next::KeepAlive
         }
     }
 
-    async fn send_error(&mut self, e: GatewayError, close: bool) -> Result<(), IoFail> {
+    async fn send_error(&mut self, w: &Worker, e: GatewayError, close: bool) -> Result<(), IoFail> {
         self.wbuf.clear();
-        write_error_response(&mut self.wbuf, e, self.id.as_bytes(), close);
+        write_error_response(&mut self.wbuf, e, self.id.as_bytes(), &w.date.get(), close);
         if self.head.method == Method::Head {
             // HEAD: the same head, no body.
             if let Some(p) = self.wbuf.windows(4).position(|x| x == b"\r\n\r\n") {
@@ -526,6 +545,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             put_u64(&mut self.wbuf, d.body.len() as u64);
             self.wbuf.put_slice(b"\r\n");
         }
+        put_header(&mut self.wbuf, b"date", &w.date.get());
         put_header(&mut self.wbuf, b"x-request-id", self.id.as_bytes());
         self.put_connection(keep);
         self.wbuf.put_slice(b"\r\n");
@@ -787,7 +807,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         AttemptFail::Overloaded => GatewayError::Overloaded,
                         AttemptFail::Client(None) => return Next::Close,
                         AttemptFail::Client(Some(e)) => {
-                            let _ = self.send_error(e, true).await;
+                            let _ = self.send_error(w, e, true).await;
                             return Next::Close;
                         }
                     };

@@ -301,6 +301,7 @@ async fn worker_main(
         monoio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 w.hub.sync(&w.upstreams, Instant::now());
+                w.tick_date();
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }
             w.shutdown.trigger();

@@ -234,6 +234,7 @@ fn no_route_is_404_json_with_request_id() {
         let r = c.read_response().unwrap();
         assert_eq!(r.status, 404);
         assert_eq!(r.header("content-type"), Some("application/json"));
+        assert!(r.header("date").is_some_and(|d| d.ends_with(" GMT")));
         let j = r.json();
         assert_eq!(j["error"], "no_route");
         assert_eq!(j["status"], 404);
@@ -308,6 +309,8 @@ direct = { status = 410, body = "" }
         assert_eq!((r.status, r.text().as_str()), (200, "ok"));
         assert_eq!(r.header("content-type"), Some("text/plain"));
         assert!(r.has("x-request-id"));
+        let date = r.header("date").expect("gateway responses carry Date");
+        assert!(date.len() == 29 && date.ends_with(" GMT"), "{date}");
         let r = request(gw.addr, b"HEAD /healthz HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(r.header("content-length"), Some("2"));
         assert!(r.body.is_empty());
