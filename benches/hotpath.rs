@@ -281,6 +281,7 @@ fn bench_rewrite(c: &mut Criterion) {
                 black_box(&resp),
                 &route.response_headers,
                 &f,
+                b"",
                 false,
                 None,
             );

@@ -204,6 +204,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub rate_limiting: RateLimitingConfig,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -631,6 +633,73 @@ pub struct RouteConfig {
     /// Per-route overrides of the global timeouts.
     #[serde(default)]
     pub timeouts: Option<RouteTimeouts>,
+    /// Token-bucket limits; a request must pass all of them.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitConfig>,
+}
+
+/// What a rate limit counts by: "client_ip", "route" or "header:NAME".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateKey {
+    ClientIp,
+    Route,
+    Header(String),
+}
+
+impl<'de> Deserialize<'de> for RateKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "client_ip" => Ok(RateKey::ClientIp),
+            "route" => Ok(RateKey::Route),
+            _ => match s.strip_prefix("header:") {
+                Some(h) => {
+                    check_header_name(h).map_err(de::Error::custom)?;
+                    Ok(RateKey::Header(h.to_ascii_lowercase()))
+                }
+                None => Err(de::Error::custom(format!(
+                    "{s:?}: expected \"client_ip\", \"route\" or \"header:NAME\""
+                ))),
+            },
+        }
+    }
+}
+
+/// A token bucket: `rate` requests per `per`, bursts up to `burst`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Policy name in the RateLimit headers; default: the key.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub key: RateKey,
+    pub rate: u32,
+    #[serde(default = "d_per")]
+    pub per: Dur,
+    /// Bucket size; default: `rate`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+dur_default!(d_per, 1_000);
+
+/// Host-wide rate-limiting settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitingConfig {
+    /// Keys (per limit) kept in memory; the least recently used are evicted beyond it.
+    #[serde(default = "d_max_keys")]
+    pub max_keys: usize,
+}
+fn d_max_keys() -> usize {
+    100_000
+}
+
+impl Default for RateLimitingConfig {
+    fn default() -> Self {
+        RateLimitingConfig {
+            max_keys: d_max_keys(),
+        }
+    }
 }
 
 /// When and how a route retries a failed upstream request.
@@ -775,6 +844,13 @@ impl Config {
                     "must be above 0".into(),
                 ));
             }
+        }
+        if self.rate_limiting.max_keys == 0 {
+            return Err(err(
+                "rate_limiting.max_keys".into(),
+                None,
+                "must be above 0".into(),
+            ));
         }
         let l = &self.limits;
         if l.max_headers == 0 || l.max_headers > MAX_HEADERS_CAP {
@@ -1037,6 +1113,22 @@ impl Config {
                         k("retry.backoff_max"),
                         None,
                         "must be at least backoff_base".into(),
+                    ));
+                }
+            }
+            for (j, l) in r.rate_limits.iter().enumerate() {
+                if l.rate == 0 {
+                    return Err(err(
+                        format!("routes[{i}].rate_limits[{j}].rate"),
+                        None,
+                        "must be above 0".into(),
+                    ));
+                }
+                if l.burst == Some(0) {
+                    return Err(err(
+                        format!("routes[{i}].rate_limits[{j}].burst"),
+                        None,
+                        "must be above 0".into(),
                     ));
                 }
             }

@@ -34,6 +34,8 @@ pub enum GatewayError {
     CircuitOpen(u32),
     /// The upstream's concurrency limits are reached.
     Overloaded,
+    /// A rate limit of the route refused the request; retry after this many seconds.
+    RateLimited(u32),
 }
 
 impl GatewayError {
@@ -52,6 +54,7 @@ impl GatewayError {
             GatewayError::NoHealthyEndpoint
             | GatewayError::CircuitOpen(_)
             | GatewayError::Overloaded => 503,
+            GatewayError::RateLimited(_) => 429,
         }
     }
 
@@ -74,6 +77,7 @@ impl GatewayError {
             GatewayError::NoHealthyEndpoint => "no_healthy_endpoint",
             GatewayError::CircuitOpen(_) => "circuit_open",
             GatewayError::Overloaded => "upstream_overloaded",
+            GatewayError::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -92,13 +96,16 @@ impl GatewayError {
             GatewayError::NoHealthyEndpoint => "no healthy endpoint is available for this upstream",
             GatewayError::CircuitOpen(_) => "the upstream's circuit breaker is open",
             GatewayError::Overloaded => "the upstream's concurrency limit is reached",
+            GatewayError::RateLimited(_) => {
+                "too many requests: a rate limit of this route is reached"
+            }
         }
     }
 
     /// Seconds for a `Retry-After` header, when the error has one.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            GatewayError::CircuitOpen(s) => Some(*s),
+            GatewayError::CircuitOpen(s) | GatewayError::RateLimited(s) => Some(*s),
             GatewayError::Overloaded | GatewayError::NoHealthyEndpoint => Some(1),
             _ => None,
         }
@@ -112,6 +119,7 @@ pub fn write_error_response(
     err: GatewayError,
     request_id: &[u8],
     date: &[u8],
+    extra_headers: &[u8],
     close: bool,
 ) {
     let status = err.status();
@@ -137,9 +145,11 @@ pub fn write_error_response(
         buf.put_slice(b"\r\nretry-after: ");
         put_u64(buf, s as u64);
     }
+    buf.put_slice(b"\r\n");
+    buf.put_slice(extra_headers);
     if close {
-        buf.put_slice(b"\r\nconnection: close");
+        buf.put_slice(b"connection: close\r\n");
     }
-    buf.put_slice(b"\r\n\r\n");
+    buf.put_slice(b"\r\n");
     buf.put_slice(&body);
 }

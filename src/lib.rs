@@ -19,6 +19,7 @@ pub mod http;
 pub mod local;
 pub mod log;
 pub mod proxy;
+pub mod ratelimit;
 pub mod retry;
 pub mod rewrite;
 pub mod router;

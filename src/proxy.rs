@@ -22,7 +22,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::config::Config;
-use crate::config::HashOn;
+use crate::config::{HashOn, RateKey};
 use crate::date::{http_date, HTTP_DATE_LEN};
 use crate::error::{write_error_response, GatewayError};
 use crate::http::chunked::ChunkedScanner;
@@ -31,6 +31,7 @@ use crate::http::request::{parse_request, BodyKind, Limits, Method, RequestHead}
 use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
 use crate::http::Version;
 use crate::local::Notify;
+use crate::ratelimit::{HostBuckets, Limiter, Verdict};
 use crate::retry::{Failure, RetryPolicy};
 use crate::rewrite::{connection_value, encode_client_head, encode_upstream_head, Forwarding};
 use crate::router::{Action, DirectResponse, Route, Router};
@@ -102,6 +103,8 @@ pub struct Worker {
     pub shutdown: Shutdown,
     /// Endpoint health shared with the other workers.
     pub hub: Arc<HealthHub>,
+    /// This worker's token leases (host buckets shared with the other workers).
+    pub limiter: Limiter,
     /// Write buffers lent to connections for the length of a request, so that idle
     /// keep-alive connections hold only their read buffer.
     pub bufs: BufPool,
@@ -115,7 +118,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(cfg: &Config, id: usize, hub: Arc<HealthHub>) -> Worker {
+    pub fn new(cfg: &Config, id: usize, hub: Arc<HealthHub>, buckets: Arc<HostBuckets>) -> Worker {
         let t = &cfg.timeouts;
         let seed = {
             let now = std::time::SystemTime::now()
@@ -148,6 +151,7 @@ impl Worker {
             via: format!("1.1 {}", cfg.server.via).into_bytes().into(),
             shutdown: Shutdown::default(),
             hub,
+            limiter: Limiter::new(buckets, cfg.rate_limiting.max_keys),
             bufs: BufPool::default(),
             date: Cell::new(http_date(0)),
             date_secs: Cell::new(u64::MAX),
@@ -335,6 +339,9 @@ pub struct Conn<S> {
     continue_sent: bool,
     /// This request's body has been read off the connection (kept for replay or streamed).
     body_done: bool,
+    /// RateLimit-Policy / RateLimit header lines for this request's response (empty when the
+    /// route has no limits).
+    rl_headers: BytesMut,
 }
 
 enum HeadRead {
@@ -368,6 +375,7 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
         t: w.timeouts,
         continue_sent: false,
         body_done: false,
+        rl_headers: BytesMut::new(),
     };
     loop {
         // Release the last head's bytes so the read buffer can take its space back instead of
@@ -468,6 +476,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         };
         self.continue_sent = false;
         self.body_done = false;
+        self.rl_headers.clear();
+        if !route.limits.is_empty() {
+            if let Some(e) = self.check_rate_limits(w, route) {
+                return self.reject(w, e).await;
+            }
+        }
         let max_body = route.max_body_bytes.unwrap_or(w.limits.max_body_bytes);
         if let BodyKind::Length(n) = self.head.body {
             if n > max_body {
@@ -481,6 +495,48 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                     .await
             }
         }
+    }
+
+    /// Applies the route's rate limits and writes the RateLimit headers for the response.
+    /// Returns the error to answer with when a limit refuses the request.
+    fn check_rate_limits(&mut self, w: &Worker, route: &Route) -> Option<GatewayError> {
+        let mut keys = [0u64; 8];
+        let n = route.limits.len().min(keys.len());
+        for (k, l) in keys.iter_mut().zip(&route.limits) {
+            *k = match &l.key {
+                RateKey::ClientIp => hash_bytes(self.peer_ip.as_bytes()),
+                RateKey::Route => 0,
+                // Requests without the header share one bucket.
+                RateKey::Header(h) => hash_bytes(self.head.header(h.as_bytes()).unwrap_or(b"")),
+            };
+        }
+        let verdict = w
+            .limiter
+            .check(&route.limits[..n], &keys[..n], Instant::now());
+        let (i, remaining, reset, refused) = match verdict {
+            Verdict::Allow {
+                limit,
+                remaining,
+                reset_secs,
+            } => (limit, remaining, reset_secs, None),
+            Verdict::Deny { limit, retry_after } => (limit, 0, retry_after, Some(retry_after)),
+        };
+        let l = &route.limits[i];
+        let h = &mut self.rl_headers;
+        h.put_slice(b"ratelimit-policy: \"");
+        h.put_slice(l.name.as_bytes());
+        h.put_slice(b"\";q=");
+        put_u64(h, l.quota as u64);
+        h.put_slice(b";w=");
+        put_u64(h, l.window_secs);
+        h.put_slice(b"\r\nratelimit: \"");
+        h.put_slice(l.name.as_bytes());
+        h.put_slice(b"\";r=");
+        put_u64(h, remaining);
+        h.put_slice(b";t=");
+        put_u64(h, reset);
+        h.put_slice(b"\r\n");
+        refused.map(|s| GatewayError::RateLimited(s.min(u32::MAX as u64) as u32))
     }
 
     /// Consumes the request body when all of it is already buffered. Returns false when some
@@ -524,7 +580,14 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
 
     async fn send_error(&mut self, w: &Worker, e: GatewayError, close: bool) -> Result<(), IoFail> {
         self.wbuf.clear();
-        write_error_response(&mut self.wbuf, e, self.id.as_bytes(), &w.date.get(), close);
+        write_error_response(
+            &mut self.wbuf,
+            e,
+            self.id.as_bytes(),
+            &w.date.get(),
+            &self.rl_headers,
+            close,
+        );
         if self.head.method == Method::Head {
             // HEAD: the same head, no body.
             if let Some(p) = self.wbuf.windows(4).position(|x| x == b"\r\n\r\n") {
@@ -547,6 +610,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         }
         put_header(&mut self.wbuf, b"date", &w.date.get());
         put_header(&mut self.wbuf, b"x-request-id", self.id.as_bytes());
+        self.wbuf.put_slice(&self.rl_headers);
         self.put_connection(keep);
         self.wbuf.put_slice(b"\r\n");
         if self.head.method != Method::Head && d.status != 204 && d.status != 304 {
@@ -1091,6 +1155,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             resp,
             &route.response_headers,
             &f,
+            &self.rl_headers,
             chunked,
             connection,
         );

@@ -151,13 +151,15 @@ pub fn encode_upstream_head(
     out.put_slice(b"\r\n");
 }
 
-/// Writes the response head sent to the client (into a cleared `out`). `chunked`: the body
-/// goes out chunked; `connection`: the Connection value, if any.
+/// Writes the response head sent to the client (into a cleared `out`). `extra`: header lines
+/// the gateway adds (RateLimit); `chunked`: the body goes out chunked; `connection`: the
+/// Connection value, if any.
 pub fn encode_client_head(
     out: &mut BytesMut,
     resp: &ResponseHead,
     rules: &HeaderRules,
     f: &Forwarding<'_>,
+    extra: &[u8],
     chunked: bool,
     connection: Option<&[u8]>,
 ) {
@@ -180,6 +182,7 @@ pub fn encode_client_head(
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
     rules.put(out);
+    out.put_slice(extra);
     if chunked {
         out.put_slice(b"transfer-encoding: chunked\r\n");
     }

@@ -22,6 +22,7 @@ use regex::bytes::Regex;
 use crate::config::{Config, HeaderOps, RouteConfig};
 use crate::http::encode::{put_header, put_status_line, reason_phrase};
 use crate::http::request::RequestHead;
+use crate::ratelimit::Limit;
 use crate::retry::RetryPolicy;
 use std::time::Duration;
 
@@ -117,6 +118,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     pub retry: Option<RetryPolicy>,
     pub timeouts: RouteTimeouts,
+    /// Rate limits, in config order (ids unique across routes).
+    pub limits: Vec<Limit>,
 }
 
 /// Per-route overrides of the global timeouts.
@@ -278,11 +281,23 @@ impl Router {
             .enumerate()
             .map(|(i, k)| (k.as_str(), i))
             .collect();
+        let mut next_limit = 0u32;
         let routes: Vec<Route> = cfg
             .routes
             .iter()
             .enumerate()
-            .map(|(i, rc)| compile_route(i, rc, &upstream_index, seed))
+            .map(|(i, rc)| {
+                let mut r = compile_route(i, rc, &upstream_index, seed);
+                r.limits = rc
+                    .rate_limits
+                    .iter()
+                    .map(|l| {
+                        next_limit += 1;
+                        Limit::new(next_limit - 1, l)
+                    })
+                    .collect();
+                r
+            })
             .collect();
         let mut exact_hosts: HashMap<Box<[u8]>, Bucket> = HashMap::new();
         let mut wildcard_hosts: Vec<(Box<[u8]>, Bucket)> = Vec::new();
@@ -435,6 +450,7 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
                 upstream_body: t.upstream_body.map(|d| d.0),
             })
             .unwrap_or_default(),
+        limits: Vec::new(),
     }
 }
 

@@ -19,6 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverChoice};
 use crate::proxy::{serve, Worker};
+use crate::ratelimit::HostBuckets;
 use crate::upstream::health::{self, HealthHub};
 use crate::{info, warn};
 
@@ -74,6 +75,7 @@ impl Gateway {
         let (per_worker, addrs) = bind_listeners(&cfg, n)?;
         let stop = Arc::new(AtomicBool::new(false));
         let hub = HealthHub::new(&cfg);
+        let buckets = HostBuckets::new(&cfg);
         let choice = driver_choice(&cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
@@ -81,10 +83,13 @@ impl Gateway {
             let cfg = cfg.clone();
             let stop = stop.clone();
             let ready = ready_tx.clone();
-            let hub = hub.clone();
+            let shared = Shared {
+                hub: hub.clone(),
+                buckets: buckets.clone(),
+            };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
-                .spawn(move || run_worker(id, cfg, hub, listeners, stop, choice, ready))?;
+                .spawn(move || run_worker(id, cfg, shared, listeners, stop, choice, ready))?;
             threads.push(t);
         }
         drop(ready_tx);
@@ -216,12 +221,18 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
     Ok((per_worker, addrs))
 }
 
+/// What the workers share: endpoint health and the host-wide rate-limit buckets.
+struct Shared {
+    hub: Arc<HealthHub>,
+    buckets: Arc<HostBuckets>,
+}
+
 type Ready = mpsc::Sender<Result<(DriverKind, Option<String>), String>>;
 
 fn run_worker(
     id: usize,
     cfg: Arc<Config>,
-    hub: Arc<HealthHub>,
+    shared: Shared,
     listeners: Vec<std::net::TcpListener>,
     stop: Arc<AtomicBool>,
     choice: DriverChoice,
@@ -229,7 +240,7 @@ fn run_worker(
 ) {
     let drain = cfg.server.shutdown_timeout.0;
     // The worker's main future, built on whichever runtime comes up.
-    let mut main = Some(move || worker_main(id, cfg, hub, listeners, stop, drain));
+    let mut main = Some(move || worker_main(id, cfg, shared, listeners, stop, drain));
     let mut why_not_uring = None;
     if choice != DriverChoice::Epoll {
         if monoio::utils::detect_uring() {
@@ -288,12 +299,12 @@ impl Drop for ConnGuard {
 async fn worker_main(
     id: usize,
     cfg: Arc<Config>,
-    hub: Arc<HealthHub>,
+    shared: Shared,
     listeners: Vec<std::net::TcpListener>,
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
-    let w = Rc::new(Worker::new(&cfg, id, hub));
+    let w = Rc::new(Worker::new(&cfg, id, shared.hub, shared.buckets));
     drop(cfg);
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.

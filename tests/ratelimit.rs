@@ -1,0 +1,171 @@
+//! Rate limits over real sockets: 429 answers and headers, keys, accuracy across workers and
+//! connections, bounded memory.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ringway::config::DriverChoice;
+use support::*;
+
+fn limited(up: std::net::SocketAddr, limits: &str, extra: &str) -> String {
+    format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"{up}\" }}]\n[[routes]]\nupstream = \"u\"\nrate_limits = [{limits}]\n{extra}\n"
+    )
+}
+
+#[test]
+fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers() {
+    for d in DRIVERS {
+        let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+        let gw = TestGateway::start(
+            &limited(
+                up.addr,
+                "{ key = \"client_ip\", rate = 5, per = \"1m\" }",
+                "",
+            ),
+            d,
+        );
+        let mut c = Client::connect(gw.addr);
+        for i in 0..5 {
+            c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?} request {i}");
+            assert_eq!(r.header("ratelimit-policy"), Some("\"client_ip\";q=5;w=60"));
+            assert!(r
+                .header("ratelimit")
+                .is_some_and(|v| v.starts_with("\"client_ip\";r=")));
+        }
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 429, "{d:?}");
+        assert_eq!(r.json()["error"], "rate_limited");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=12).contains(&retry), "retry-after {retry}");
+        assert!(r.header("ratelimit").is_some_and(|v| v.contains(";r=0;")));
+        assert_eq!(up.hits(), 5, "refused requests never reach the upstream");
+        // The connection stays usable after a 429.
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 429);
+    }
+}
+
+#[test]
+fn header_keys_have_their_own_buckets() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let gw = TestGateway::start(
+        &limited(
+            up.addr,
+            "{ key = \"header:x-api-key\", rate = 2, per = \"1m\" }",
+            "",
+        ),
+        DriverChoice::Auto,
+    );
+    let status = |key: &str| {
+        request(
+            gw.addr,
+            format!("GET / HTTP/1.1\r\nHost: a\r\nX-Api-Key: {key}\r\n\r\n").as_bytes(),
+        )
+        .status
+    };
+    assert_eq!((status("a"), status("a"), status("a")), (200, 200, 429));
+    assert_eq!((status("b"), status("b"), status("b")), (200, 200, 429));
+}
+
+/// A client at twice the limit, over several connections, is admitted at the limit ±10%,
+/// with one worker and with two.
+#[test]
+fn admitted_rate_matches_the_limit_across_workers_and_connections() {
+    for workers in [1, 2] {
+        let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+        let rate = 200.0;
+        let burst = 20.0;
+        let gw = TestGateway::start(
+            &limited(
+                up.addr,
+                "{ key = \"client_ip\", rate = 200, per = \"1s\", burst = 20 }",
+                &format!("[server]\nworkers = {workers}"),
+            ),
+            DriverChoice::Auto,
+        );
+        let addr = gw.addr;
+        let run = Duration::from_secs(2);
+        let t0 = Instant::now();
+        // 8 connections × 50 requests/s = 400/s, twice the limit.
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut c = Client::connect(addr);
+                    let mut ok = 0u32;
+                    let mut refused = 0u32;
+                    let mut next = Instant::now();
+                    while t0.elapsed() < run {
+                        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+                        match c.read_response().unwrap().status {
+                            200 => ok += 1,
+                            429 => refused += 1,
+                            s => panic!("status {s}"),
+                        }
+                        next += Duration::from_millis(20);
+                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    (ok, refused)
+                })
+            })
+            .collect();
+        let (mut ok, mut refused) = (0u32, 0u32);
+        for t in threads {
+            let (o, r) = t.join().unwrap();
+            ok += o;
+            refused += r;
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        let expected = burst + rate * elapsed;
+        println!(
+            "{workers} worker(s): {ok} admitted, {refused} refused in {elapsed:.2} s; limit allows {expected:.0}"
+        );
+        assert!(refused > 0, "the client must be over its limit");
+        let err = (ok as f64 - expected) / expected;
+        assert!(
+            err.abs() <= 0.10,
+            "{workers} worker(s): admitted {ok}, expected {expected:.0} ({:+.1}%)",
+            err * 100.0
+        );
+    }
+}
+
+#[test]
+fn a_flood_of_keys_evicts_old_ones_instead_of_growing() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let gw = TestGateway::start(
+        &limited(
+            up.addr,
+            "{ key = \"header:x-user\", rate = 1, per = \"1h\" }",
+            "[rate_limiting]\nmax_keys = 100",
+        ),
+        DriverChoice::Auto,
+    );
+    let mut c = Client::connect(gw.addr);
+    let mut send = |user: &str| {
+        c.send(format!("GET / HTTP/1.1\r\nHost: a\r\nX-User: {user}\r\n\r\n").as_bytes());
+        c.read_response().unwrap().status
+    };
+    assert_eq!((send("first"), send("first")), (200, 429));
+    // 3,000 distinct keys, each spending its one token.
+    for i in 0..3000 {
+        assert_eq!(send(&format!("flood-{i}")), 200);
+    }
+    // With room for 100 keys, at most about 100 of them can still be remembered (their bucket
+    // empty); the rest were evicted and start again with a full bucket. Were every key kept,
+    // all 3,000 would be refused now.
+    let remembered = (0..3000)
+        .filter(|i| send(&format!("flood-{i}")) == 429)
+        .count();
+    println!("{remembered} of 3000 flooded keys still remembered with max_keys = 100");
+    assert!(
+        remembered <= 300,
+        "{remembered} keys remembered: memory is not bounded"
+    );
+}
