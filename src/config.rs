@@ -636,6 +636,20 @@ pub struct RouteConfig {
     /// Token-bucket limits; a request must pass all of them.
     #[serde(default)]
     pub rate_limits: Vec<RateLimitConfig>,
+    /// Most requests of this route in flight at once, gateway-wide (per key).
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencyConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyConfig {
+    pub max: u32,
+    #[serde(default = "d_route_key")]
+    pub key: RateKey,
+}
+fn d_route_key() -> RateKey {
+    RateKey::Route
 }
 
 /// What a rate limit counts by: "client_ip", "route" or "header:NAME".
@@ -1115,6 +1129,9 @@ impl Config {
                         "must be at least backoff_base".into(),
                     ));
                 }
+            }
+            if r.concurrency.as_ref().is_some_and(|c| c.max == 0) {
+                return Err(err(k("concurrency.max"), None, "must be above 0".into()));
             }
             for (j, l) in r.rate_limits.iter().enumerate() {
                 if l.rate == 0 {

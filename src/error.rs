@@ -36,6 +36,8 @@ pub enum GatewayError {
     Overloaded,
     /// A rate limit of the route refused the request; retry after this many seconds.
     RateLimited(u32),
+    /// The route's concurrency limit is reached.
+    ConcurrencyLimited,
 }
 
 impl GatewayError {
@@ -55,6 +57,7 @@ impl GatewayError {
             | GatewayError::CircuitOpen(_)
             | GatewayError::Overloaded => 503,
             GatewayError::RateLimited(_) => 429,
+            GatewayError::ConcurrencyLimited => 503,
         }
     }
 
@@ -78,6 +81,7 @@ impl GatewayError {
             GatewayError::CircuitOpen(_) => "circuit_open",
             GatewayError::Overloaded => "upstream_overloaded",
             GatewayError::RateLimited(_) => "rate_limited",
+            GatewayError::ConcurrencyLimited => "concurrency_limited",
         }
     }
 
@@ -99,6 +103,7 @@ impl GatewayError {
             GatewayError::RateLimited(_) => {
                 "too many requests: a rate limit of this route is reached"
             }
+            GatewayError::ConcurrencyLimited => "too many requests of this route are in flight",
         }
     }
 
@@ -106,7 +111,9 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             GatewayError::CircuitOpen(s) | GatewayError::RateLimited(s) => Some(*s),
-            GatewayError::Overloaded | GatewayError::NoHealthyEndpoint => Some(1),
+            GatewayError::Overloaded
+            | GatewayError::NoHealthyEndpoint
+            | GatewayError::ConcurrencyLimited => Some(1),
             _ => None,
         }
     }

@@ -482,6 +482,17 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                 return self.reject(w, e).await;
             }
         }
+        // Held until the request is done.
+        let _slot = match &route.concurrency {
+            None => None,
+            Some(c) => {
+                let key = self.limit_key(&c.key);
+                match w.limiter.host().acquire(c, key) {
+                    Some(slot) => Some(slot),
+                    None => return self.reject(w, GatewayError::ConcurrencyLimited).await,
+                }
+            }
+        };
         let max_body = route.max_body_bytes.unwrap_or(w.limits.max_body_bytes);
         if let BodyKind::Length(n) = self.head.body {
             if n > max_body {
@@ -497,18 +508,23 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         }
     }
 
+    /// The key a limit counts this request under.
+    fn limit_key(&self, key: &RateKey) -> u64 {
+        match key {
+            RateKey::ClientIp => hash_bytes(self.peer_ip.as_bytes()),
+            RateKey::Route => 0,
+            // Requests without the header share one bucket.
+            RateKey::Header(h) => hash_bytes(self.head.header(h.as_bytes()).unwrap_or(b"")),
+        }
+    }
+
     /// Applies the route's rate limits and writes the RateLimit headers for the response.
     /// Returns the error to answer with when a limit refuses the request.
     fn check_rate_limits(&mut self, w: &Worker, route: &Route) -> Option<GatewayError> {
         let mut keys = [0u64; 8];
         let n = route.limits.len().min(keys.len());
         for (k, l) in keys.iter_mut().zip(&route.limits) {
-            *k = match &l.key {
-                RateKey::ClientIp => hash_bytes(self.peer_ip.as_bytes()),
-                RateKey::Route => 0,
-                // Requests without the header share one bucket.
-                RateKey::Header(h) => hash_bytes(self.head.header(h.as_bytes()).unwrap_or(b"")),
-            };
+            *k = self.limit_key(&l.key);
         }
         let verdict = w
             .limiter

@@ -18,12 +18,17 @@
 //! those workers' next request for the key or are evicted. With the batch at ≤ 5 ms of rate,
 //! that is ≤ `workers × 5 ms` of traffic.
 //!
+//! **Concurrency limits** count requests in flight per route (or per key) gateway-wide: one
+//! shared atomic counter per key, incremented when a request is admitted and decremented when
+//! it ends (only on routes that have such a limit).
+//!
 //! **Memory.** Host buckets and worker leases live in `quick_cache` maps bounded by
 //! `[rate_limiting].max_keys` entries per map; the least recently used keys are evicted, so a
 //! flood of distinct client addresses cannot exhaust memory (an evicted key starts again with
 //! a full bucket).
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,17 +91,53 @@ impl Bucket {
 }
 
 type HostMap = quick_cache::sync::Cache<(u32, u64), Arc<Mutex<Bucket>>>;
+type InFlightMap = quick_cache::sync::Cache<(u32, u64), Arc<AtomicU32>>;
 
-/// The buckets shared by every worker.
+/// The buckets and in-flight counters shared by every worker.
 pub struct HostBuckets {
     map: HostMap,
+    in_flight: InFlightMap,
+}
+
+/// A route's concurrency limit, compiled.
+#[derive(Debug, Clone)]
+pub struct Concurrency {
+    /// The route's index.
+    pub id: u32,
+    pub key: RateKey,
+    pub max: u32,
+}
+
+/// One request's place under a concurrency limit; given back when dropped.
+pub struct Slot(Arc<AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl HostBuckets {
     pub fn new(cfg: &Config) -> Arc<HostBuckets> {
         Arc::new(HostBuckets {
             map: HostMap::new(cfg.rate_limiting.max_keys),
+            in_flight: InFlightMap::new(cfg.rate_limiting.max_keys),
         })
+    }
+
+    /// Takes a place under a concurrency limit, or `None` when `max` requests are in flight.
+    /// The counter is shared by all workers (one atomic add and one subtract per request, and
+    /// only on routes with a concurrency limit: a gateway-wide limit needs shared state).
+    pub fn acquire(&self, c: &Concurrency, key: u64) -> Option<Slot> {
+        let counter = self
+            .in_flight
+            .get_or_insert_with(&(c.id, key), || Ok::<_, ()>(Arc::new(AtomicU32::new(0))))
+            .expect("infallible");
+        if counter.fetch_add(1, Ordering::AcqRel) >= c.max {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(counter))
     }
 
     fn bucket(&self, l: &Limit, key: u64, now: Instant) -> Arc<Mutex<Bucket>> {
@@ -151,6 +192,10 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    pub fn host(&self) -> &HostBuckets {
+        &self.host
+    }
+
     pub fn new(host: Arc<HostBuckets>, max_keys: usize) -> Limiter {
         Limiter {
             host,
@@ -234,7 +279,24 @@ mod tests {
     fn host() -> Arc<HostBuckets> {
         Arc::new(HostBuckets {
             map: HostMap::new(1000),
+            in_flight: InFlightMap::new(1000),
         })
+    }
+
+    #[test]
+    fn concurrency_slots() {
+        let h = host();
+        let c = Concurrency {
+            id: 0,
+            key: RateKey::Route,
+            max: 2,
+        };
+        let a = h.acquire(&c, 0).unwrap();
+        let _b = h.acquire(&c, 0).unwrap();
+        assert!(h.acquire(&c, 0).is_none());
+        assert!(h.acquire(&c, 1).is_some(), "another key");
+        drop(a);
+        assert!(h.acquire(&c, 0).is_some());
     }
 
     #[test]
@@ -291,9 +353,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let h = Arc::new(HostBuckets {
-            map: HostMap::new(1000),
-        });
+        let h = host();
         let w = Limiter::new(h.clone(), 1000);
         let l = [limit(10, 10)];
         let t0 = Instant::now();

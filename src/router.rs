@@ -22,7 +22,7 @@ use regex::bytes::Regex;
 use crate::config::{Config, HeaderOps, RouteConfig};
 use crate::http::encode::{put_header, put_status_line, reason_phrase};
 use crate::http::request::RequestHead;
-use crate::ratelimit::Limit;
+use crate::ratelimit::{Concurrency, Limit};
 use crate::retry::RetryPolicy;
 use std::time::Duration;
 
@@ -120,6 +120,7 @@ pub struct Route {
     pub timeouts: RouteTimeouts,
     /// Rate limits, in config order (ids unique across routes).
     pub limits: Vec<Limit>,
+    pub concurrency: Option<Concurrency>,
 }
 
 /// Per-route overrides of the global timeouts.
@@ -451,6 +452,11 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
             })
             .unwrap_or_default(),
         limits: Vec::new(),
+        concurrency: rc.concurrency.as_ref().map(|c| Concurrency {
+            id: i as u32,
+            key: c.key.clone(),
+            max: c.max,
+        }),
     }
 }
 

@@ -169,3 +169,35 @@ fn a_flood_of_keys_evicts_old_ones_instead_of_growing() {
         "{remembered} keys remembered: memory is not bounded"
     );
 }
+
+#[test]
+fn concurrency_limit_counts_in_flight_requests_across_workers() {
+    let slow = Upstream::start(|_| Reply::Slow {
+        parts: vec![(Duration::from_millis(500), ok_response(b"done"))],
+        close: false,
+    });
+    let toml = format!(
+        "[server]\nworkers = 2\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"{}\" }}]\n[[routes]]\nupstream = \"u\"\nconcurrency = {{ max = 3 }}\n",
+        slow.addr
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let addr = gw.addr;
+    // Eight clients at once, on connections spread over both workers.
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(10 * i));
+                get(addr, "/")
+            })
+        })
+        .collect();
+    let rs: Vec<Resp> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = rs.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<&Resp> = rs.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(ok, 3, "exactly max requests in flight, gateway-wide");
+    assert_eq!(refused.len(), 5);
+    assert_eq!(refused[0].json()["error"], "concurrency_limited");
+    assert_eq!(refused[0].header("retry-after"), Some("1"));
+    // Slots are given back when requests end.
+    assert_eq!(get(addr, "/").status, 200);
+}
