@@ -679,6 +679,9 @@ impl<'de> Deserialize<'de> for RateKey {
     }
 }
 
+/// Most rate limits one route may carry.
+pub const MAX_RATE_LIMITS_PER_ROUTE: usize = 8;
+
 /// A token bucket: `rate` requests per `per`, bursts up to `burst`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1133,7 +1136,23 @@ impl Config {
             if r.concurrency.as_ref().is_some_and(|c| c.max == 0) {
                 return Err(err(k("concurrency.max"), None, "must be above 0".into()));
             }
+            if r.rate_limits.len() > MAX_RATE_LIMITS_PER_ROUTE {
+                return Err(err(
+                    k("rate_limits"),
+                    None,
+                    format!("at most {MAX_RATE_LIMITS_PER_ROUTE} limits per route"),
+                ));
+            }
             for (j, l) in r.rate_limits.iter().enumerate() {
+                if let Some(n) = &l.name {
+                    if n.is_empty() || !n.bytes().all(is_tchar) {
+                        return Err(err(
+                            format!("routes[{i}].rate_limits[{j}].name"),
+                            None,
+                            format!("{n:?}: use letters, digits and -._ (it goes into RateLimit headers)"),
+                        ));
+                    }
+                }
                 if l.rate == 0 {
                     return Err(err(
                         format!("routes[{i}].rate_limits[{j}].rate"),
@@ -1292,6 +1311,13 @@ upstream = "users"
         assert!(e.reason.contains("must start with"), "{e}");
         let e = bad(&format!("{OK}[limits]\nmax_headers = 1000\n"));
         assert_eq!(e.key, "limits.max_headers");
+        let e = bad(&OK.replace("upstream = \"users\"", "upstream = \"users\"\nrate_limits = [{ name = \"a\\\"b\", key = \"route\", rate = 1 }]"));
+        assert_eq!(e.key, "routes[0].rate_limits[0].name");
+        let e = bad(&OK.replace(
+            "upstream = \"users\"",
+            "upstream = \"users\"\nrate_limits = [{ key = \"nobody\", rate = 1 }]",
+        ));
+        assert!(e.reason.contains("client_ip"), "{e}");
     }
 
     #[test]

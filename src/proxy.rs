@@ -521,8 +521,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     /// Applies the route's rate limits and writes the RateLimit headers for the response.
     /// Returns the error to answer with when a limit refuses the request.
     fn check_rate_limits(&mut self, w: &Worker, route: &Route) -> Option<GatewayError> {
-        let mut keys = [0u64; 8];
-        let n = route.limits.len().min(keys.len());
+        let mut keys = [0u64; crate::config::MAX_RATE_LIMITS_PER_ROUTE];
+        let n = route.limits.len();
         for (k, l) in keys.iter_mut().zip(&route.limits) {
             *k = self.limit_key(&l.key);
         }
