@@ -313,18 +313,11 @@ fn retries_use_another_endpoint_and_never_duplicate_posts() {
         Reply::Raw(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy".to_vec())
     });
     let good = Upstream::echo();
-    let toml = format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:0"
-[upstreams.u]
-endpoints = [{}]
-outlier = {{ consecutive_failures = 0 }}
-[[routes]]
-upstream = "u"
-retry = {{ attempts = 3, on = ["503", "connect_failure"], backoff_base = "1ms", backoff_max = "5ms", budget_percent = 100 }}
-"#,
-        eps(&[flaky.addr, good.addr])
+    let toml = group_toml(
+        r#"outlier = { consecutive_failures = 0 }"#,
+        &[flaky.addr, good.addr],
+        r#"retry = { attempts = 3, on = ["503", "connect_failure"], backoff_base = "1ms", backoff_max = "5ms", budget_percent = 100 }"#,
+        "",
     );
     let gw = TestGateway::start(&toml, D);
     for _ in 0..20 {
@@ -374,18 +367,11 @@ retry = {{ attempts = 3, on = ["503", "connect_failure"], backoff_base = "1ms", 
 fn posts_to_a_dead_endpoint_are_retried_elsewhere_without_loss_or_duplicates() {
     let a = Upstream::echo();
     let b = Upstream::echo();
-    let toml = format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:0"
-[upstreams.u]
-endpoints = [{}]
-outlier = {{ consecutive_failures = 0 }}
-[[routes]]
-upstream = "u"
-retry = {{ attempts = 3, on = ["connect_failure"], backoff_base = "1ms", backoff_max = "2ms", budget_percent = 100 }}
-"#,
-        eps(&[a.addr, dead_addr(), b.addr])
+    let toml = group_toml(
+        r#"outlier = { consecutive_failures = 0 }"#,
+        &[a.addr, dead_addr(), b.addr],
+        r#"retry = { attempts = 3, on = ["connect_failure"], backoff_base = "1ms", backoff_max = "2ms", budget_percent = 100 }"#,
+        "",
     );
     let gw = TestGateway::start(&toml, D);
     for i in 0..60 {
@@ -426,17 +412,11 @@ fn retry_traffic_stays_within_the_budget() {
             Reply::Raw(ok_response(b"ok"))
         }
     });
-    let toml = format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:0"
-[upstreams.u]
-endpoints = [{}]
-[[routes]]
-upstream = "u"
-retry = {{ attempts = 5, on = ["503"], backoff_base = "1ms", backoff_max = "1ms", budget_percent = 20, min_retries_per_second = 0 }}
-"#,
-        eps(&[up.addr])
+    let toml = group_toml(
+        "",
+        &[up.addr],
+        r#"retry = { attempts = 5, on = ["503"], backoff_base = "1ms", backoff_max = "1ms", budget_percent = 20, min_retries_per_second = 0 }"#,
+        "",
     );
     let gw = TestGateway::start(&toml, D);
     let requests = 300;
@@ -468,17 +448,11 @@ fn circuit_breaker_opens_then_half_opens_and_closes() {
             Reply::Raw(ok_response(b"ok"))
         }
     });
-    let toml = format!(
-        r#"
-[[listeners]]
-address = "127.0.0.1:0"
-[upstreams.u]
-endpoints = [{}]
-circuit_breaker = {{ error_rate = 0.5, min_requests = 5, window = "10s", open_for = "400ms", half_open_probes = 1 }}
-[[routes]]
-upstream = "u"
-"#,
-        eps(&[up.addr])
+    let toml = group_toml(
+        r#"circuit_breaker = { error_rate = 0.5, min_requests = 5, window = "10s", open_for = "400ms", half_open_probes = 1 }"#,
+        &[up.addr],
+        "",
+        "",
     );
     let gw = TestGateway::start(&toml, D);
     for _ in 0..5 {
