@@ -186,7 +186,13 @@ upstream = "u"
     let gw = TestGateway::start(&toml, D);
     let t0 = Instant::now();
     b_ok.store(false, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(500));
+    // Two failed checks at a 100 ms interval take it out; then every worker syncs within 50 ms.
+    assert!(
+        eventually(Duration::from_secs(3), || (0..6)
+            .all(|_| get(gw.addr, "/").text() == "a")),
+        "the failing endpoint is taken out"
+    );
+    std::thread::sleep(ringway::server::SYNC_INTERVAL * 2);
     let traffic = |u: &Upstream| {
         u.seen
             .lock()
@@ -221,6 +227,8 @@ upstream = "u"
     assert!(eventually(Duration::from_secs(2), || get(gw.addr, "/")
         .status
         == 503));
+    // One worker answered 503; every worker agrees within one sync interval (50 ms).
+    std::thread::sleep(ringway::server::SYNC_INTERVAL * 2);
     let t = Instant::now();
     let r = get(gw.addr, "/");
     assert!(t.elapsed() < Duration::from_millis(200));
