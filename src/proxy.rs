@@ -929,11 +929,20 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             Ok(()) => {}
             Err(SendFail::Client(e)) => return Err(AttemptFail::Client(e)),
             Err(SendFail::Upstream) => {
+                let head_request = self.head.method == Method::Head;
+                // An upstream may answer before it has read the whole body (its own 413, an
+                // auth error) and stop reading: pass that answer on rather than a 502. The
+                // client's connection closes after it, as its body was not all read.
+                if self.head.body != BodyKind::None
+                    && self.read_response_head(&mut up, head_request).await.is_ok()
+                {
+                    return Ok(up);
+                }
                 return Err(if up.reused {
                     AttemptFail::Stale
                 } else {
                     AttemptFail::Reset
-                })
+                });
             }
         }
         let head_request = self.head.method == Method::Head;
@@ -1156,7 +1165,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             RespBody::Close => OutFraming::UntilClose,
         };
         let definite = !matches!(out, OutFraming::Dechunk | OutFraming::UntilClose);
-        let keep = self.head.keep_alive && definite && !w.shutdown.is_set();
+        // `body_done`: the request body was read to its end (else the connection cannot go on).
+        let keep = self.head.keep_alive && definite && self.body_done && !w.shutdown.is_set();
 
         // Response head.
         let f = Forwarding {
@@ -1193,6 +1203,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         match result {
             Ok(complete) => {
                 let reusable = complete
+                    && self.body_done
                     && self.resp.keep_alive
                     && self.resp.body != RespBody::Close
                     && up.rbuf.is_empty()

@@ -865,3 +865,48 @@ fn ipv6_listener_and_client_address() {
         assert_eq!(req.header("host"), Some("[::1]"));
     }
 }
+
+#[test]
+fn an_upstream_answering_before_the_body_ends_is_passed_on() {
+    use std::io::{Read, Write};
+    for d in DRIVERS {
+        // A raw upstream: reads the head only, answers 413 at once and closes.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!")
+                .unwrap();
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            // Drain a little, then go away without reading the rest.
+            std::thread::sleep(Duration::from_millis(100));
+        });
+        let gw = TestGateway::start(&proxy_all(addr), d);
+        let mut c = Client::connect(gw.addr);
+        let total = 8 * 1024 * 1024;
+        c.send(
+            format!("PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {total}\r\n\r\n")
+                .as_bytes(),
+        );
+        // Send the body in pieces until the gateway stops taking it or answers.
+        let piece = vec![b'x'; 256 * 1024];
+        for _ in 0..(total / piece.len()) {
+            if c.try_send(&piece).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r = c.read_response().expect("a response");
+        assert_eq!(r.status, 413, "{d:?}: {}", r.text());
+        assert_eq!(r.text(), "too big!");
+        assert_eq!(r.header("connection"), Some("close"));
+        server.join().unwrap();
+    }
+}
