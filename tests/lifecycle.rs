@@ -51,6 +51,17 @@ fn spawn_gateway(cfg: &std::path::Path, addr: SocketAddr, env: &[(&str, &str)]) 
     child
 }
 
+/// Runs `ringway COMMAND -c FILE`, which must refuse the config: exit code 1. Returns stderr.
+fn refused(command: &str, file: &std::path::Path) -> String {
+    let out = Command::new(BIN)
+        .args([command, "-c"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{command} {}", file.display());
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 fn sigterm(child: &Child) {
     // SAFETY: sending a signal to our own child process.
     unsafe {
@@ -115,13 +126,7 @@ fn refuses_an_address_another_process_listens_on() {
 
     // Through the binary: exit code 1 and the reason on stderr.
     let p = write_config("busy.toml", &toml);
-    let out = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&p)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"));
+    assert!(refused("run", &p).contains("already in use"));
 }
 
 #[test]
@@ -193,10 +198,7 @@ fn graceful_shutdown_finishes_in_flight_requests_and_exits_0() {
 #[test]
 fn in_process_shutdown_waits_for_in_flight_requests() {
     for d in DRIVERS {
-        let up = Upstream::start(|_| Reply::Slow {
-            parts: vec![(Duration::from_millis(400), ok_response(b"done"))],
-            close: false,
-        });
+        let up = Upstream::slow(Duration::from_millis(400), b"done");
         let mut gw = TestGateway::start(&proxy_all(up.addr), d);
         let mut c = Client::connect(gw.addr);
         c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -256,13 +258,7 @@ fn check_command_validates_configs() {
         "bad.toml",
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[routes]]\npath = \"/x\"\nupstream = \"missing\"\n",
     );
-    let out = Command::new(BIN)
-        .args(["check", "-c"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("check", &bad);
     assert!(err.contains("bad.toml:6:"), "{err}");
     assert!(err.contains("routes[0].upstream"), "{err}");
     assert!(err.contains("no upstream named \"missing\""), "{err}");
@@ -271,13 +267,7 @@ fn check_command_validates_configs() {
         "typo.toml",
         "[[listeners]]\naddress = \"127.0.0.1:0\"\nbaklog = 5\n",
     );
-    let out = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&typo)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused("run", &typo);
     assert!(
         err.contains("typo.toml:3:") && err.contains("baklog"),
         "{err}"

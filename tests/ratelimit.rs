@@ -172,10 +172,7 @@ fn a_flood_of_keys_evicts_old_ones_instead_of_growing() {
 
 #[test]
 fn concurrency_limit_counts_in_flight_requests_across_workers() {
-    let slow = Upstream::start(|_| Reply::Slow {
-        parts: vec![(Duration::from_millis(500), ok_response(b"done"))],
-        close: false,
-    });
+    let slow = Upstream::slow(Duration::from_millis(500), b"done");
     let toml = format!(
         "[server]\nworkers = 2\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"{}\" }}]\n[[routes]]\nupstream = \"u\"\nconcurrency = {{ max = 3 }}\n",
         slow.addr

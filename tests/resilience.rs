@@ -41,10 +41,7 @@ fn dead_addr() -> std::net::SocketAddr {
 #[test]
 fn least_request_avoids_the_busy_endpoint() {
     for d in DRIVERS {
-        let slow = Upstream::start(|_| Reply::Slow {
-            parts: vec![(Duration::from_millis(400), ok_response(b"slow"))],
-            close: false,
-        });
+        let slow = Upstream::slow(Duration::from_millis(400), b"slow");
         let fast = named("fast");
         let toml = group_toml(
             "balance = \"least_request\"",
@@ -76,10 +73,7 @@ fn least_request_avoids_the_busy_endpoint() {
 #[test]
 fn peak_ewma_prefers_the_fast_endpoint() {
     for d in DRIVERS {
-        let slow = Upstream::start(|_| Reply::Slow {
-            parts: vec![(Duration::from_millis(30), ok_response(b"slow"))],
-            close: false,
-        });
+        let slow = Upstream::slow(Duration::from_millis(30), b"slow");
         let fast = named("fast");
         let toml = group_toml("balance = \"peak_ewma\"", &[slow.addr, fast.addr], "", "");
         let gw = TestGateway::start(&toml, d);
@@ -507,10 +501,7 @@ fn circuit_breaker_opens_then_half_opens_and_closes() {
 #[test]
 fn concurrency_limits_answer_503() {
     for d in DRIVERS {
-        let slow = Upstream::start(|_| Reply::Slow {
-            parts: vec![(Duration::from_millis(400), ok_response(b"done"))],
-            close: false,
-        });
+        let slow = Upstream::slow(Duration::from_millis(400), b"done");
         let toml = format!(
             "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{}]\ncircuit_breaker = {{ max_requests = 2 }}\n[upstreams.c]\nendpoints = [{}]\ncircuit_breaker = {{ max_connections = 1, max_pending = 1 }}\n[[routes]]\npath = \"/r\"\nupstream = \"u\"\n[[routes]]\npath = \"/c\"\nupstream = \"c\"\n",
             eps(&[slow.addr]),
@@ -548,10 +539,7 @@ fn concurrency_limits_answer_503() {
 #[test]
 fn per_route_timeouts_override_the_global_ones() {
     for d in DRIVERS {
-        let slow = Upstream::start(|_| Reply::Slow {
-            parts: vec![(Duration::from_millis(300), ok_response(b"late"))],
-            close: false,
-        });
+        let slow = Upstream::slow(Duration::from_millis(300), b"late");
         let toml = format!(
             "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{}]\n[[routes]]\npath = \"/strict\"\nupstream = \"u\"\ntimeouts = {{ upstream_response = \"100ms\" }}\n[[routes]]\nupstream = \"u\"\n",
             eps(&[slow.addr])

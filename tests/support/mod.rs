@@ -224,6 +224,14 @@ impl Upstream {
         Upstream::start_with(None, handler)
     }
 
+    /// Answers 200 with `body` after `delay`, keeping the connection.
+    pub fn slow(delay: Duration, body: &'static [u8]) -> Upstream {
+        Upstream::start(move |_| Reply::Slow {
+            parts: vec![(delay, ok_response(body))],
+            close: false,
+        })
+    }
+
     /// Answers 200 with a body describing the request as JSON: method, target, headers, body.
     pub fn echo() -> Upstream {
         Upstream::start(|req| Reply::Raw(ok_response(echo_json(req).as_bytes())))
