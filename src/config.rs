@@ -706,6 +706,13 @@ pub struct RateLimitingConfig {
     /// Keys (per limit) kept in memory; the least recently used are evicted beyond it.
     #[serde(default = "d_max_keys")]
     pub max_keys: usize,
+    /// Where the buckets live: "local" (this host) or "redis" (shared by every gateway
+    /// pointed at the same Redis).
+    #[serde(default)]
+    pub backend: RateBackend,
+    /// Required with `backend = "redis"`.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
 }
 fn d_max_keys() -> usize {
     100_000
@@ -715,8 +722,56 @@ impl Default for RateLimitingConfig {
     fn default() -> Self {
         RateLimitingConfig {
             max_keys: d_max_keys(),
+            backend: RateBackend::Local,
+            redis: None,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RateBackend {
+    #[default]
+    Local,
+    Redis,
+}
+
+/// What a gateway does while Redis cannot be reached.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailure {
+    /// Fail open: every host applies the limits on its own local buckets.
+    #[default]
+    Local,
+    /// Fail closed: requests on limited routes get 503 until Redis answers again.
+    Deny,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `host:port` of the Redis server.
+    pub address: Addr,
+    /// Sent with AUTH after connecting, when set.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Longest wait for one round trip (connect, or a pipeline of commands); a request waits
+    /// at most this long for Redis before the failure policy applies.
+    #[serde(default = "d_redis_timeout")]
+    pub timeout: Dur,
+    #[serde(default)]
+    pub on_failure: RedisFailure,
+    /// Prefix of every key ringway writes.
+    #[serde(default = "d_redis_prefix")]
+    pub key_prefix: String,
+    /// How often an unreachable Redis is tried again.
+    #[serde(default = "d_redis_retry")]
+    pub retry_interval: Dur,
+}
+dur_default!(d_redis_timeout, 50);
+dur_default!(d_redis_retry, 1_000);
+fn d_redis_prefix() -> String {
+    "ringway:".into()
 }
 
 /// When and how a route retries a failed upstream request.
@@ -868,6 +923,24 @@ impl Config {
                 None,
                 "must be above 0".into(),
             ));
+        }
+        match (&self.rate_limiting.backend, &self.rate_limiting.redis) {
+            (RateBackend::Redis, None) => {
+                return Err(err(
+                    "rate_limiting.redis".into(),
+                    None,
+                    "backend = \"redis\" needs a [rate_limiting.redis] table with an address"
+                        .into(),
+                ))
+            }
+            (_, Some(r)) if r.timeout.0.is_zero() => {
+                return Err(err(
+                    "rate_limiting.redis.timeout".into(),
+                    None,
+                    "must be above 0".into(),
+                ))
+            }
+            _ => {}
         }
         let l = &self.limits;
         if l.max_headers == 0 || l.max_headers > MAX_HEADERS_CAP {

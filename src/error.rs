@@ -38,6 +38,8 @@ pub enum GatewayError {
     RateLimited(u32),
     /// The route's concurrency limit is reached.
     ConcurrencyLimited,
+    /// A limit kept in Redis could not be checked and the policy is to fail closed.
+    RateLimitUnavailable,
 }
 
 impl GatewayError {
@@ -57,7 +59,7 @@ impl GatewayError {
             | GatewayError::CircuitOpen(_)
             | GatewayError::Overloaded => 503,
             GatewayError::RateLimited(_) => 429,
-            GatewayError::ConcurrencyLimited => 503,
+            GatewayError::ConcurrencyLimited | GatewayError::RateLimitUnavailable => 503,
         }
     }
 
@@ -82,6 +84,7 @@ impl GatewayError {
             GatewayError::Overloaded => "upstream_overloaded",
             GatewayError::RateLimited(_) => "rate_limited",
             GatewayError::ConcurrencyLimited => "concurrency_limited",
+            GatewayError::RateLimitUnavailable => "rate_limit_unavailable",
         }
     }
 
@@ -104,6 +107,9 @@ impl GatewayError {
                 "too many requests: a rate limit of this route is reached"
             }
             GatewayError::ConcurrencyLimited => "too many requests of this route are in flight",
+            GatewayError::RateLimitUnavailable => {
+                "the shared rate-limit store cannot be reached, and this route fails closed"
+            }
         }
     }
 
@@ -113,7 +119,8 @@ impl GatewayError {
             GatewayError::CircuitOpen(s) | GatewayError::RateLimited(s) => Some(*s),
             GatewayError::Overloaded
             | GatewayError::NoHealthyEndpoint
-            | GatewayError::ConcurrencyLimited => Some(1),
+            | GatewayError::ConcurrencyLimited
+            | GatewayError::RateLimitUnavailable => Some(1),
             _ => None,
         }
     }

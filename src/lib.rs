@@ -20,6 +20,7 @@ pub mod local;
 pub mod log;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis;
 pub mod retry;
 pub mod rewrite;
 pub mod router;

@@ -22,7 +22,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::config::Config;
-use crate::config::{HashOn, RateKey};
+use crate::config::{HashOn, RateKey, RedisFailure};
 use crate::date::{http_date, HTTP_DATE_LEN};
 use crate::error::{write_error_response, GatewayError};
 use crate::http::chunked::ChunkedScanner;
@@ -478,7 +478,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         self.body_done = false;
         self.rl_headers.clear();
         if !route.limits.is_empty() {
-            if let Some(e) = self.check_rate_limits(w, route) {
+            if let Some(e) = self.rate_limit(w, route).await {
                 return self.reject(w, e).await;
             }
         }
@@ -518,9 +518,42 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         }
     }
 
+    /// Applies the route's rate limits. Only the first request of a key kept in Redis may
+    /// wait here (1 ms steps), and no longer than the Redis timeout: then the failure policy
+    /// applies, local buckets or 503.
+    async fn rate_limit(&mut self, w: &Worker, route: &Route) -> Option<GatewayError> {
+        let mut started: Option<Instant> = None;
+        let mut local = false;
+        loop {
+            if let Some(answer) = self.check_rate_limits(w, route, local) {
+                return answer;
+            }
+            let t0 = *started.get_or_insert_with(Instant::now);
+            let Some(redis) = w.limiter.host().redis() else {
+                local = true;
+                continue;
+            };
+            let cfg = redis.config();
+            if t0.elapsed() > cfg.timeout.0 + Duration::from_millis(5) {
+                match cfg.on_failure {
+                    RedisFailure::Local => local = true,
+                    RedisFailure::Deny => return Some(GatewayError::RateLimitUnavailable),
+                }
+            } else {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
     /// Applies the route's rate limits and writes the RateLimit headers for the response.
-    /// Returns the error to answer with when a limit refuses the request.
-    fn check_rate_limits(&mut self, w: &Worker, route: &Route) -> Option<GatewayError> {
+    /// Returns the error to answer with when a limit refuses the request (`Some(None)`: admitted),
+    /// or `None` when Redis was asked for a key's first tokens and has not answered yet.
+    fn check_rate_limits(
+        &mut self,
+        w: &Worker,
+        route: &Route,
+        local: bool,
+    ) -> Option<Option<GatewayError>> {
         let mut keys = [0u64; crate::config::MAX_RATE_LIMITS_PER_ROUTE];
         let n = route.limits.len();
         for (k, l) in keys.iter_mut().zip(&route.limits) {
@@ -528,7 +561,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         }
         let verdict = w
             .limiter
-            .check(&route.limits[..n], &keys[..n], Instant::now());
+            .check(&route.limits[..n], &keys[..n], Instant::now(), local);
         let (i, remaining, reset, refused) = match verdict {
             Verdict::Allow {
                 limit,
@@ -536,6 +569,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                 reset_secs,
             } => (limit, remaining, reset_secs, None),
             Verdict::Deny { limit, retry_after } => (limit, 0, retry_after, Some(retry_after)),
+            Verdict::Wait => return None,
+            Verdict::Unavailable => return Some(Some(GatewayError::RateLimitUnavailable)),
         };
         let l = &route.limits[i];
         let h = &mut self.rl_headers;
@@ -552,7 +587,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         h.put_slice(b";t=");
         put_u64(h, reset);
         h.put_slice(b"\r\n");
-        refused.map(|s| GatewayError::RateLimited(s.min(u32::MAX as u64) as u32))
+        Some(refused.map(|s| GatewayError::RateLimited(s.min(u32::MAX as u64) as u32)))
     }
 
     /// Consumes the request body when all of it is already buffered. Returns false when some

@@ -32,12 +32,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, RateKey, RateLimitConfig};
+use crate::config::{Config, RateBackend, RateKey, RateLimitConfig, RedisFailure};
+use crate::redis::{Demand, RedisLink};
 
 /// How long a worker keeps a lease of tokens.
 pub const LEASE_TTL: Duration = Duration::from_millis(100);
 /// Longest batch of tokens leased at once.
 pub const MAX_BATCH: f64 = 64.0;
+/// Longest batch a host takes from Redis at once.
+pub const MAX_REDIS_BATCH: f64 = 512.0;
+/// Redis-issued tokens a host has not spent within this time go back to Redis.
+pub const HOST_STOCK_TTL: Duration = Duration::from_secs(1);
 
 /// One configured limit, compiled.
 #[derive(Debug, Clone)]
@@ -48,41 +53,77 @@ pub struct Limit {
     /// Tokens per second.
     pub rate: f64,
     pub burst: f64,
+    /// Tokens a worker leases from its host at once (5 ms of rate).
     pub batch: f64,
+    /// Tokens a host takes from Redis at once (50 ms of rate).
+    pub redis_batch: f64,
     /// For the RateLimit-Policy header: quota `q` over window `w` seconds.
     pub quota: u32,
     pub window_secs: u64,
     pub name: String,
+    /// `route:name`, the stable part of the limit's Redis keys (ids change with the config,
+    /// names do not, and every host of a cluster must agree on the key).
+    pub scope: String,
 }
 
 impl Limit {
-    pub fn new(id: u32, c: &RateLimitConfig) -> Limit {
+    pub fn new(id: u32, route: &str, c: &RateLimitConfig) -> Limit {
         let secs = c.per.0.as_secs_f64();
         let rate = c.rate as f64 / secs;
+        let name = c.name.clone().unwrap_or_else(|| match &c.key {
+            RateKey::ClientIp => "client_ip".into(),
+            RateKey::Route => "route".into(),
+            RateKey::Header(h) => h.clone(),
+        });
         Limit {
             id,
             key: c.key.clone(),
             rate,
             burst: c.burst.unwrap_or(c.rate) as f64,
             batch: (rate * 0.005).clamp(1.0, MAX_BATCH).floor(),
+            redis_batch: (rate * 0.05).clamp(1.0, MAX_REDIS_BATCH).floor(),
             quota: c.rate,
             window_secs: c.per.0.as_secs().max(1),
-            name: c.name.clone().unwrap_or_else(|| match &c.key {
-                RateKey::ClientIp => "client_ip".into(),
-                RateKey::Route => "route".into(),
-                RateKey::Header(h) => h.clone(),
-            }),
+            scope: format!("{route}:{name}"),
+            name,
         }
     }
 }
 
+/// A host's bucket for one (limit, key).
 #[derive(Debug)]
 struct Bucket {
+    /// The local token bucket: the limit itself with `backend = "local"`, the fallback while
+    /// Redis is down with `on_failure = "local"`.
     tokens: f64,
     last: Instant,
+    /// With Redis: tokens Redis granted to this host and not yet leased to a worker.
+    stock: f64,
+    stock_at: Instant,
+    /// A demand is queued or in flight.
+    pending: bool,
+    /// Redis answered at least once.
+    known: bool,
+    /// Whole tokens left in Redis at the last answer.
+    left: i64,
+    /// Redis had nothing to give: no new demand before this instant.
+    next_ask: Instant,
 }
 
 impl Bucket {
+    fn new(l: &Limit, now: Instant) -> Bucket {
+        Bucket {
+            tokens: l.burst,
+            last: now,
+            stock: 0.0,
+            stock_at: now,
+            pending: false,
+            known: false,
+            left: 0,
+            next_ask: now,
+        }
+    }
+
     fn refill(&mut self, l: &Limit, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + dt * l.rate).min(l.burst);
@@ -97,6 +138,7 @@ type InFlightMap = quick_cache::sync::Cache<(u32, u64), Arc<AtomicU32>>;
 pub struct HostBuckets {
     map: HostMap,
     in_flight: InFlightMap,
+    redis: Option<Arc<RedisLink>>,
 }
 
 /// A route's concurrency limit, compiled.
@@ -117,12 +159,33 @@ impl Drop for Slot {
     }
 }
 
+/// What a host answers a worker asking for tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HostLease {
+    /// `tokens` granted (maybe 0); `left` is an estimate of what remains for the key.
+    Granted { tokens: f64, left: f64 },
+    /// Redis has been asked and has not answered yet.
+    Wait,
+    /// Redis is down and the policy is to fail closed.
+    Unavailable,
+}
+
 impl HostBuckets {
     pub fn new(cfg: &Config) -> Arc<HostBuckets> {
+        let redis = match (&cfg.rate_limiting.backend, &cfg.rate_limiting.redis) {
+            (RateBackend::Redis, Some(r)) => Some(RedisLink::new(r.clone())),
+            _ => None,
+        };
         Arc::new(HostBuckets {
             map: HostMap::new(cfg.rate_limiting.max_keys),
             in_flight: InFlightMap::new(cfg.rate_limiting.max_keys),
+            redis,
         })
+    }
+
+    /// The Redis link, with `backend = "redis"`.
+    pub fn redis(&self) -> Option<&Arc<RedisLink>> {
+        self.redis.as_ref()
     }
 
     /// Takes a place under a concurrency limit, or `None` when `max` requests are in flight.
@@ -143,24 +206,95 @@ impl HostBuckets {
     fn bucket(&self, l: &Limit, key: u64, now: Instant) -> Arc<Mutex<Bucket>> {
         self.map
             .get_or_insert_with(&(l.id, key), || {
-                Ok::<_, ()>(Arc::new(Mutex::new(Bucket {
-                    tokens: l.burst,
-                    last: now,
-                })))
+                Ok::<_, ()>(Arc::new(Mutex::new(Bucket::new(l, now))))
             })
             .expect("infallible")
     }
 
-    /// Returns unused tokens and takes up to `l.batch` new ones. Returns (granted, tokens left
-    /// in the host bucket).
-    fn lease(&self, l: &Limit, key: u64, give_back: f64, now: Instant) -> (f64, f64) {
-        let b = self.bucket(l, key, now);
-        let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
-        b.refill(l, now);
-        b.tokens = (b.tokens + give_back).min(l.burst);
-        let granted = b.tokens.min(l.batch).floor();
-        b.tokens -= granted;
-        (granted, b.tokens)
+    /// Returns unused tokens and takes up to `l.batch` new ones. `local` forces the local
+    /// bucket (a request that waited for Redis too long, with `on_failure = "local"`).
+    fn lease(&self, l: &Limit, key: u64, give_back: f64, now: Instant, local: bool) -> HostLease {
+        let cell = self.bucket(l, key, now);
+        let mut b = cell.lock().unwrap_or_else(|e| e.into_inner());
+        let link = match &self.redis {
+            Some(r) if !local && !r.is_down() => r,
+            Some(r) if r.config().on_failure == RedisFailure::Deny => {
+                b.stock += give_back;
+                return HostLease::Unavailable;
+            }
+            _ => {
+                b.refill(l, now);
+                b.tokens = (b.tokens + give_back).min(l.burst);
+                let granted = b.tokens.min(l.batch).floor();
+                b.tokens -= granted;
+                return HostLease::Granted {
+                    tokens: granted,
+                    left: b.tokens,
+                };
+            }
+        };
+        b.stock += give_back;
+        let mut back = 0.0;
+        let ask = !b.pending && now >= b.next_ask;
+        if ask && b.stock >= 1.0 && now.saturating_duration_since(b.stock_at) > HOST_STOCK_TTL {
+            // An old stock goes back to Redis (another host may need it) with the next demand.
+            back = b.stock;
+            b.stock = 0.0;
+        }
+        let granted = b.stock.min(l.batch).floor();
+        b.stock -= granted;
+        let demand = if ask && b.stock < (l.redis_batch / 2.0).max(1.0) {
+            b.pending = true;
+            let want = (l.redis_batch - b.stock).ceil().max(1.0) as u32;
+            let cell = cell.clone();
+            let rate = l.rate;
+            Some(Demand {
+                key: format!("{}rl:{}:{key:016x}", link.config().key_prefix, l.scope),
+                rate: l.rate,
+                burst: l.burst,
+                want,
+                back,
+                done: Box::new(move |answer| {
+                    let mut b = cell.lock().unwrap_or_else(|e| e.into_inner());
+                    b.pending = false;
+                    if let Some((got, left)) = answer {
+                        let now = Instant::now();
+                        b.known = true;
+                        b.left = left;
+                        if got > 0 {
+                            b.stock += got as f64;
+                            b.stock_at = now;
+                        }
+                        if got < want {
+                            // Redis ran dry (other hosts take tokens too): ask again once it
+                            // could have refilled what was missing, not at every request.
+                            let secs = ((want - got) as f64 / rate).clamp(0.001, 1.0);
+                            b.next_ask = now + Duration::from_secs_f64(secs);
+                        }
+                    }
+                }),
+            })
+        } else {
+            None
+        };
+        let answer = if granted >= 1.0 {
+            HostLease::Granted {
+                tokens: granted,
+                left: b.stock + b.left.max(0) as f64,
+            }
+        } else if b.pending && (!b.known || b.left >= 1) {
+            HostLease::Wait
+        } else {
+            HostLease::Granted {
+                tokens: 0.0,
+                left: b.left.max(0) as f64,
+            }
+        };
+        drop(b);
+        if let Some(d) = demand {
+            link.submit(d);
+        }
+        answer
     }
 }
 
@@ -183,6 +317,10 @@ pub enum Verdict {
     },
     /// Refused by limit `limit`; retry after this many seconds.
     Deny { limit: usize, retry_after: u64 },
+    /// Redis was asked for this key's first tokens: check again shortly.
+    Wait,
+    /// Redis is down and limits fail closed.
+    Unavailable,
 }
 
 /// A worker's leases.
@@ -204,32 +342,53 @@ impl Limiter {
     }
 
     /// Checks every limit of a route for one request; `keys[i]` is the key of `limits[i]`.
-    pub fn check(&self, limits: &[Limit], keys: &[u64], now: Instant) -> Verdict {
+    /// `local` forces the local buckets (see [`HostBuckets`]).
+    pub fn check(&self, limits: &[Limit], keys: &[u64], now: Instant, local: bool) -> Verdict {
         let mut best = Verdict::Allow {
             limit: 0,
             remaining: u64::MAX,
             reset_secs: 0,
         };
+        let mut leases = self.leases.borrow_mut();
         for (i, (l, &key)) in limits.iter().zip(keys).enumerate() {
-            let mut leases = self.leases.borrow_mut();
             let k = (l.id, key);
-            let mut lease = leases.get(&k).copied();
-            let need_lease = match &lease {
-                Some(ls) => ls.tokens < 1.0 || ls.expires <= now,
-                None => true,
-            };
-            if need_lease {
-                let give_back =
-                    lease.map_or(0.0, |ls| if ls.expires <= now { ls.tokens } else { 0.0 });
-                let kept = lease.map_or(0.0, |ls| if ls.expires <= now { 0.0 } else { ls.tokens });
-                let (granted, host_left) = self.host.lease(l, key, give_back, now);
-                lease = Some(Lease {
-                    tokens: kept + granted,
-                    expires: now + LEASE_TTL,
-                    host_left,
-                });
+            let mut ls = leases.get(&k).copied().unwrap_or(Lease {
+                tokens: 0.0,
+                expires: now,
+                host_left: 0.0,
+            });
+            if ls.tokens < 1.0 || ls.expires <= now {
+                // An expired lease goes back to the host before a new one is taken.
+                let expired = ls.expires <= now;
+                let give_back = if expired { ls.tokens } else { 0.0 };
+                if expired {
+                    ls.tokens = 0.0;
+                }
+                match self.host.lease(l, key, give_back, now, local) {
+                    HostLease::Granted { tokens, left } => {
+                        ls = Lease {
+                            tokens: ls.tokens + tokens,
+                            expires: now + LEASE_TTL,
+                            host_left: left,
+                        };
+                    }
+                    other => {
+                        leases.insert(k, ls);
+                        // The limits before this one took a token for a request that is not
+                        // decided yet: give them back.
+                        for (l2, &key2) in limits[..i].iter().zip(keys) {
+                            if let Some(mut p) = leases.get_mut(&(l2.id, key2)) {
+                                p.tokens += 1.0;
+                            }
+                        }
+                        return if other == HostLease::Wait {
+                            Verdict::Wait
+                        } else {
+                            Verdict::Unavailable
+                        };
+                    }
+                }
             }
-            let mut ls = lease.expect("set above");
             if ls.tokens < 1.0 {
                 leases.insert(k, ls);
                 let wait = (1.0 - (ls.tokens + ls.host_left).max(0.0)) / l.rate;
@@ -266,6 +425,7 @@ mod tests {
     fn limit(rate: u32, burst: u32) -> Limit {
         Limit::new(
             0,
+            "r",
             &RateLimitConfig {
                 name: None,
                 key: RateKey::ClientIp,
@@ -280,6 +440,7 @@ mod tests {
         Arc::new(HostBuckets {
             map: HostMap::new(1000),
             in_flight: InFlightMap::new(1000),
+            redis: None,
         })
     }
 
@@ -306,16 +467,19 @@ mod tests {
         let l = [limit(10, 5)];
         let t0 = Instant::now();
         let allowed = (0..20)
-            .filter(|_| matches!(w.check(&l, &[1], t0), Verdict::Allow { .. }))
+            .filter(|_| matches!(w.check(&l, &[1], t0, false), Verdict::Allow { .. }))
             .count();
         assert_eq!(allowed, 5, "the burst");
         let later = t0 + Duration::from_millis(500);
         let allowed = (0..20)
-            .filter(|_| matches!(w.check(&l, &[1], later), Verdict::Allow { .. }))
+            .filter(|_| matches!(w.check(&l, &[1], later, false), Verdict::Allow { .. }))
             .count();
         assert_eq!(allowed, 5, "half a second at 10/s");
         // Another key has its own bucket.
-        assert!(matches!(w.check(&l, &[2], later), Verdict::Allow { .. }));
+        assert!(matches!(
+            w.check(&l, &[2], later, false),
+            Verdict::Allow { .. }
+        ));
     }
 
     #[test]
@@ -326,7 +490,10 @@ mod tests {
         let t0 = Instant::now();
         let mut allowed = 0;
         for i in 0..4000 {
-            if matches!(workers[i % 4].check(&l, &[7], t0), Verdict::Allow { .. }) {
+            if matches!(
+                workers[i % 4].check(&l, &[7], t0, false),
+                Verdict::Allow { .. }
+            ) {
                 allowed += 1;
             }
         }
@@ -340,15 +507,21 @@ mod tests {
         let b = Limiter::new(h, 100);
         let l = [limit(2000, 20)]; // batch = 10
         let t0 = Instant::now();
-        assert!(matches!(a.check(&l, &[1], t0), Verdict::Allow { .. }));
+        assert!(matches!(
+            a.check(&l, &[1], t0, false),
+            Verdict::Allow { .. }
+        ));
         // `a` holds 9 leased tokens; `b` can take the other 10 at once.
         let got_b = (0..20)
-            .filter(|_| matches!(b.check(&l, &[1], t0), Verdict::Allow { .. }))
+            .filter(|_| matches!(b.check(&l, &[1], t0, false), Verdict::Allow { .. }))
             .count();
         assert_eq!(got_b, 10);
         // After the TTL, `a`'s nine come back to the host for `b`... once `a` returns them.
         let t1 = t0 + LEASE_TTL + Duration::from_millis(1);
-        assert!(matches!(a.check(&l, &[1], t1), Verdict::Allow { .. }));
+        assert!(matches!(
+            a.check(&l, &[1], t1, false),
+            Verdict::Allow { .. }
+        ));
     }
 
     #[test]
@@ -358,7 +531,7 @@ mod tests {
         let l = [limit(10, 10)];
         let t0 = Instant::now();
         for k in 0..100_000u64 {
-            w.check(&l, &[k], t0);
+            w.check(&l, &[k], t0, false);
         }
         assert!(h.map.len() <= 1100, "host map holds {}", h.map.len());
         assert!(w.leases.borrow().len() <= 1100);

@@ -294,7 +294,7 @@ impl Router {
                     .iter()
                     .map(|l| {
                         next_limit += 1;
-                        Limit::new(next_limit - 1, l)
+                        Limit::new(next_limit - 1, &r.name, l)
                     })
                     .collect();
                 r

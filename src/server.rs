@@ -48,6 +48,7 @@ pub struct Gateway {
     driver: DriverKind,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    buckets: Arc<HostBuckets>,
 }
 
 /// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
@@ -118,6 +119,9 @@ impl Gateway {
         if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone()) {
             threads.push(t);
         }
+        if let Some(link) = buckets.redis() {
+            threads.push(crate::redis::spawn(link.clone(), stop.clone())?);
+        }
         // Said once per process start, not once per worker.
         match (&fallback, driver) {
             (Some(why), _) => {
@@ -130,6 +134,17 @@ impl Gateway {
             driver,
             stop,
             threads,
+            buckets,
+        })
+    }
+
+    /// Script calls and pipelines sent to Redis so far (0 without the Redis backend).
+    pub fn redis_counts(&self) -> (u64, u64) {
+        self.buckets.redis().map_or((0, 0), |r| {
+            (
+                r.commands.load(Ordering::Relaxed),
+                r.round_trips.load(Ordering::Relaxed),
+            )
         })
     }
 

@@ -88,39 +88,18 @@ fn admitted_rate_matches_the_limit_across_workers_and_connections() {
             ),
             DriverChoice::Auto,
         );
-        let addr = gw.addr;
-        let run = Duration::from_secs(2);
         let t0 = Instant::now();
         // 8 connections × 50 requests/s = 400/s, twice the limit.
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                std::thread::spawn(move || {
-                    let mut c = Client::connect(addr);
-                    let mut ok = 0u32;
-                    let mut refused = 0u32;
-                    let mut next = Instant::now();
-                    while t0.elapsed() < run {
-                        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
-                        match c.read_response().unwrap().status {
-                            200 => ok += 1,
-                            429 => refused += 1,
-                            s => panic!("status {s}"),
-                        }
-                        next += Duration::from_millis(20);
-                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                            std::thread::sleep(wait);
-                        }
-                    }
-                    (ok, refused)
-                })
-            })
-            .collect();
-        let (mut ok, mut refused) = (0u32, 0u32);
-        for t in threads {
-            let (o, r) = t.join().unwrap();
-            ok += o;
-            refused += r;
-        }
+        let seen = paced_load(
+            &[gw.addr],
+            8,
+            Duration::from_millis(20),
+            Duration::from_secs(2),
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
+        assert_eq!(seen.len(), 2, "only 200 and 429: {seen:?}");
+        let ok = seen[&200];
+        let refused = seen[&429];
         let elapsed = t0.elapsed().as_secs_f64();
         let expected = burst + rate * elapsed;
         println!(

@@ -670,3 +670,158 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A real `redis-server` on a free loopback port, without persistence; killed on drop.
+pub struct RedisServer {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("ringway-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = RedisServer {
+            child: None,
+            port,
+            dir,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Starts (again) on the same port and waits until it answers PING.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install -y redis-server)");
+        self.child = Some(child);
+        assert!(
+            eventually(Duration::from_secs(10), || self
+                .command(&["PING"])
+                .is_some_and(|r| r.starts_with("+PONG"))),
+            "redis-server did not start on port {}",
+            self.port
+        );
+    }
+
+    /// SIGKILL: no goodbye to connected clients.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends one command and returns the raw RESP answer (one read, enough for short answers).
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        let mut s = TcpStream::connect(self.addr()).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    if out.ends_with(b"\r\n") {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Some(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Calls of a command so far, from INFO commandstats (e.g. "evalsha").
+    pub fn calls(&self, cmd: &str) -> u64 {
+        let info = self.command(&["INFO", "commandstats"]).unwrap_or_default();
+        let tag = format!("cmdstat_{cmd}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(&tag))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Keys matching a pattern.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let raw = self.command(&["KEYS", pattern]).unwrap_or_default();
+        raw.lines()
+            .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Paced load: `conns` connections to each address, each sending one request every
+/// `interval` for `run`. Returns the count of each status seen.
+pub fn paced_load(
+    addrs: &[SocketAddr],
+    conns: usize,
+    interval: Duration,
+    run: Duration,
+    request: &'static [u8],
+) -> std::collections::BTreeMap<u16, u32> {
+    let t0 = Instant::now();
+    let threads: Vec<_> = addrs
+        .iter()
+        .flat_map(|a| std::iter::repeat_n(*a, conns))
+        .map(|addr| {
+            thread::spawn(move || {
+                let mut seen = std::collections::BTreeMap::new();
+                let mut c = Client::connect(addr);
+                let mut next = Instant::now();
+                while t0.elapsed() < run {
+                    c.send(request);
+                    let status = c.read_response().map_or(0, |r| r.status);
+                    *seen.entry(status).or_insert(0u32) += 1;
+                    if status == 0 {
+                        c = Client::connect(addr);
+                    }
+                    next += interval;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        thread::sleep(wait);
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = std::collections::BTreeMap::new();
+    for t in threads {
+        for (s, n) in t.join().unwrap() {
+            *all.entry(s).or_insert(0) += n;
+        }
+    }
+    all
+}

@@ -1,0 +1,388 @@
+//! The Redis link behind `[rate_limiting] backend = "redis"`.
+//!
+//! One `ringway-redis` thread per gateway process owns one connection to Redis. Host buckets
+//! (see `ratelimit.rs`) queue a [`Demand`] when their stock of Redis-issued tokens runs low;
+//! the thread sends every queued demand as one pipeline of `EVALSHA` calls to a token-bucket
+//! script, and puts the granted tokens into the buckets. Workers never talk to Redis and never
+//! wait on this thread except for the very first tokens of a key (bounded by the timeout).
+//!
+//! The client is a plain blocking socket on its own thread, speaking RESP2 through the
+//! `redis-protocol` crate: it is off the request path, and a parked std thread can be woken the
+//! moment a worker queues a demand (`Thread::unpark`), which a monoio 0.2 runtime cannot be
+//! from another thread without polling.
+//!
+//! While Redis cannot be reached (refused, reset, an answer later than `timeout`), the link is
+//! marked down, logged once, and tried again every `retry_interval`; the buckets then follow
+//! `on_failure` (local buckets, or 503). Recovery is logged once too.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use redis_protocol::resp2::decode::decode_bytes_mut;
+use redis_protocol::resp2::encode::extend_encode_borrowed;
+use redis_protocol::resp2::types::{BorrowedFrame, BytesFrame, Resp2Frame};
+
+use crate::config::RedisConfig;
+use crate::{info, warn};
+
+/// The token-bucket script. Time comes from Redis (`TIME`), so every gateway host shares one
+/// clock. ARGV: rate (tokens per second), burst, tokens wanted, tokens given back. Returns the
+/// tokens granted and the whole tokens left in the bucket.
+pub const TOKEN_BUCKET_LUA: &str = r#"
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local back = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local v = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(v[1])
+local at = tonumber(v[2])
+if tokens == nil or at == nil then
+  tokens = burst
+  at = now
+end
+if now > at then
+  tokens = tokens + (now - at) * rate / 1000000
+end
+tokens = math.min(burst, tokens + back)
+local got = math.max(0, math.min(want, math.floor(tokens)))
+tokens = tokens - got
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return {got, math.floor(tokens)}
+"#;
+
+/// Called on the Redis thread with `Some((granted, left))`, or `None` when Redis failed.
+pub type OnAnswer = Box<dyn FnOnce(Option<(u32, i64)>) + Send>;
+
+/// What a host bucket asks of Redis.
+pub struct Demand {
+    /// The full Redis key.
+    pub key: String,
+    pub rate: f64,
+    pub burst: f64,
+    pub want: u32,
+    /// Tokens handed back (an expired stock).
+    pub back: f64,
+    pub done: OnAnswer,
+}
+
+/// Shared between the workers (which queue demands) and the Redis thread.
+pub struct RedisLink {
+    cfg: RedisConfig,
+    queue: Mutex<Vec<Demand>>,
+    thread: OnceLock<Thread>,
+    down: AtomicBool,
+    /// Commands sent (script calls), for the admin figures and the tests.
+    pub commands: AtomicU64,
+    /// Pipelines sent.
+    pub round_trips: AtomicU64,
+}
+
+impl RedisLink {
+    pub fn new(cfg: RedisConfig) -> Arc<RedisLink> {
+        Arc::new(RedisLink {
+            cfg,
+            queue: Mutex::new(Vec::new()),
+            thread: OnceLock::new(),
+            down: AtomicBool::new(false),
+            commands: AtomicU64::new(0),
+            round_trips: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.cfg
+    }
+
+    /// True while Redis is known to be unreachable.
+    #[inline]
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Queues a demand and wakes the Redis thread.
+    pub fn submit(&self, d: Demand) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    fn set_down(&self, why: &str) {
+        if !self.down.swap(true, Ordering::AcqRel) {
+            let policy = match self.cfg.on_failure {
+                crate::config::RedisFailure::Local => "limits fall back to local buckets",
+                crate::config::RedisFailure::Deny => "limited routes answer 503",
+            };
+            warn!(
+                "redis at {} unreachable ({why}); {policy} until it answers again",
+                self.cfg.address.text
+            );
+        }
+    }
+
+    fn set_up(&self) {
+        if self.down.swap(false, Ordering::AcqRel) {
+            info!(
+                "redis at {} answers again; limits are shared again",
+                self.cfg.address.text
+            );
+        }
+    }
+}
+
+/// Starts the Redis thread; it ends once `stop` is set.
+pub fn spawn(link: Arc<RedisLink>, stop: Arc<AtomicBool>) -> io::Result<JoinHandle<()>> {
+    let l = link.clone();
+    let t = std::thread::Builder::new()
+        .name("ringway-redis".into())
+        .spawn(move || run(l, stop))?;
+    let _ = link.thread.set(t.thread().clone());
+    Ok(t)
+}
+
+fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
+    let mut conn: Option<Conn> = None;
+    let mut next_try = Instant::now();
+    let idle = link.cfg.retry_interval.0.min(Duration::from_millis(100));
+    while !stop.load(Ordering::Relaxed) {
+        let batch = std::mem::take(&mut *link.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        if conn.is_none() && Instant::now() >= next_try && (link.is_down() || !batch.is_empty()) {
+            match Conn::open(&link.cfg) {
+                Ok(c) => {
+                    conn = Some(c);
+                    link.set_up();
+                }
+                Err(e) => {
+                    link.set_down(&e.to_string());
+                    next_try = Instant::now() + link.cfg.retry_interval.0;
+                }
+            }
+        }
+        if batch.is_empty() {
+            std::thread::park_timeout(idle);
+            continue;
+        }
+        let Some(c) = conn.as_mut() else {
+            fail(batch);
+            continue;
+        };
+        link.commands
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        link.round_trips.fetch_add(1, Ordering::Relaxed);
+        match c.token_buckets(&batch) {
+            Ok(answers) => {
+                for (d, a) in batch.into_iter().zip(answers) {
+                    (d.done)(Some(a));
+                }
+            }
+            Err(e) => {
+                conn = None;
+                link.set_down(&e.to_string());
+                next_try = Instant::now() + link.cfg.retry_interval.0;
+                fail(batch);
+            }
+        }
+    }
+}
+
+fn fail(batch: Vec<Demand>) {
+    for d in batch {
+        (d.done)(None);
+    }
+}
+
+/// One blocking connection, every call bounded by the configured timeout.
+struct Conn {
+    sock: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    sha: String,
+    timeout: Duration,
+}
+
+fn proto_err(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl Conn {
+    fn open(cfg: &RedisConfig) -> io::Result<Conn> {
+        let t = cfg.timeout.0;
+        let sock = TcpStream::connect_timeout(&cfg.address.addr, t)?;
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(t))?;
+        sock.set_write_timeout(Some(t))?;
+        let mut c = Conn {
+            sock,
+            rbuf: BytesMut::with_capacity(4096),
+            wbuf: BytesMut::with_capacity(4096),
+            sha: String::new(),
+            timeout: t,
+        };
+        if let Some(p) = &cfg.password {
+            match c.call(&[b"AUTH", p.as_bytes()])? {
+                BytesFrame::SimpleString(_) => {}
+                // The password itself is never logged.
+                other => return Err(proto_err(format!("AUTH refused: {}", describe(&other)))),
+            }
+        }
+        c.load_script()?;
+        Ok(c)
+    }
+
+    fn load_script(&mut self) -> io::Result<()> {
+        match self.call(&[b"SCRIPT", b"LOAD", TOKEN_BUCKET_LUA.as_bytes()])? {
+            BytesFrame::BulkString(b) => {
+                self.sha = String::from_utf8_lossy(&b).into_owned();
+                Ok(())
+            }
+            other => Err(proto_err(format!(
+                "SCRIPT LOAD failed: {}",
+                describe(&other)
+            ))),
+        }
+    }
+
+    fn call(&mut self, args: &[&[u8]]) -> io::Result<BytesFrame> {
+        self.wbuf.clear();
+        encode_command(&mut self.wbuf, args)?;
+        self.sock.write_all(&self.wbuf)?;
+        self.read_frame(Instant::now() + self.timeout)
+    }
+
+    fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
+        loop {
+            if let Some((frame, _, _)) =
+                decode_bytes_mut(&mut self.rbuf).map_err(|e| proto_err(e.to_string()))?
+            {
+                return Ok(frame);
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"));
+            }
+            let mut chunk = [0u8; 4096];
+            let n = match self.sock.read(&mut chunk) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"))
+                }
+                Err(e) => return Err(e),
+            };
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Runs the token-bucket script once per demand, as one pipeline. A demand that meets a
+    /// server without the script (restarted, flushed) is sent again after loading it.
+    fn token_buckets(&mut self, batch: &[Demand]) -> io::Result<Vec<(u32, i64)>> {
+        let mut out: Vec<Option<(u32, i64)>> = vec![None; batch.len()];
+        for _ in 0..2 {
+            let todo: Vec<usize> = (0..batch.len()).filter(|&i| out[i].is_none()).collect();
+            if todo.is_empty() {
+                break;
+            }
+            self.wbuf.clear();
+            for &i in &todo {
+                let d = &batch[i];
+                let (rate, burst) = (fmt_f64(d.rate), fmt_f64(d.burst));
+                let (want, back) = (d.want.to_string(), fmt_f64(d.back));
+                encode_command(
+                    &mut self.wbuf,
+                    &[
+                        b"EVALSHA",
+                        self.sha.as_bytes(),
+                        b"1",
+                        d.key.as_bytes(),
+                        rate.as_bytes(),
+                        burst.as_bytes(),
+                        want.as_bytes(),
+                        back.as_bytes(),
+                    ],
+                )?;
+            }
+            self.sock.write_all(&self.wbuf)?;
+            let deadline = Instant::now() + self.timeout;
+            let mut reload = false;
+            for &i in &todo {
+                match self.read_frame(deadline)? {
+                    BytesFrame::Array(v) if v.len() == 2 => {
+                        let got = frame_int(&v[0]).ok_or_else(|| proto_err("bad answer"))?;
+                        let left = frame_int(&v[1]).ok_or_else(|| proto_err("bad answer"))?;
+                        out[i] = Some((got.clamp(0, u32::MAX as i64) as u32, left));
+                    }
+                    BytesFrame::Error(e) if e.starts_with("NOSCRIPT") => reload = true,
+                    other => return Err(proto_err(format!("script: {}", describe(&other)))),
+                }
+            }
+            if !reload {
+                break;
+            }
+            self.load_script()?;
+        }
+        out.into_iter()
+            .map(|a| a.ok_or_else(|| proto_err("script missing after reload")))
+            .collect()
+    }
+}
+
+fn encode_command(buf: &mut BytesMut, args: &[&[u8]]) -> io::Result<()> {
+    let parts: Vec<BorrowedFrame<'_>> = args.iter().map(|a| BorrowedFrame::BulkString(a)).collect();
+    extend_encode_borrowed(buf, &BorrowedFrame::Array(&parts), false)
+        .map(|_| ())
+        .map_err(|e| proto_err(e.to_string()))
+}
+
+fn frame_int(f: &BytesFrame) -> Option<i64> {
+    match f {
+        BytesFrame::Integer(i) => Some(*i),
+        BytesFrame::BulkString(b) | BytesFrame::SimpleString(b) => {
+            std::str::from_utf8(b).ok()?.parse().ok()
+        }
+        _ => None,
+    }
+}
+
+fn describe(f: &BytesFrame) -> String {
+    match f {
+        BytesFrame::Error(e) => e.to_string(),
+        other => format!("unexpected {:?}", other.kind()),
+    }
+}
+
+/// A number for the script: integral values without a fraction, others with enough digits.
+fn fmt_f64(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v:.6}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_resp_arrays_of_bulk_strings() {
+        let mut b = BytesMut::new();
+        encode_command(&mut b, &[b"GET", b"k"]).unwrap();
+        assert_eq!(&b[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    }
+
+    #[test]
+    fn numbers_for_the_script() {
+        assert_eq!(fmt_f64(200.0), "200");
+        assert_eq!(fmt_f64(0.5), "0.500000");
+        assert_eq!(frame_int(&BytesFrame::Integer(7)), Some(7));
+        assert_eq!(frame_int(&BytesFrame::BulkString("12".into())), Some(12));
+        assert_eq!(frame_int(&BytesFrame::Null), None);
+    }
+}

@@ -1,0 +1,269 @@
+//! Global rate limits through a real `redis-server`: several gateway processes sharing one
+//! limit, Redis killed and restarted under load, fail-open and fail-closed.
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ringway::config::DriverChoice;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringway");
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+
+fn redis_config(
+    listen: &str,
+    up: SocketAddr,
+    redis: &RedisServer,
+    extra: &str,
+    limit: &str,
+) -> String {
+    format!(
+        "[[listeners]]\naddress = \"{listen}\"\n\
+         [upstreams.u]\nendpoints = [{{ address = \"{up}\" }}]\n\
+         [rate_limiting]\nbackend = \"redis\"\n\
+         [rate_limiting.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"50ms\"\nretry_interval = \"200ms\"\n{extra}\n\
+         [[routes]]\nname = \"api\"\nupstream = \"u\"\nrate_limits = [{limit}]\n",
+        redis.port
+    )
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_gateway(config: &str, addr: SocketAddr) -> Proc {
+    let dir = std::env::temp_dir().join(format!("ringway-redis-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("gw-{}.toml", addr.port()));
+    std::fs::write(&file, config).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "--workers", "1", "-c"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ringway");
+    let p = Proc(child);
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            addr
+        )
+        .is_ok()),
+        "gateway did not listen on {addr}"
+    );
+    p
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Three gateway processes, one limit of 300/s in Redis, clients at twice the limit spread over
+/// all three: the aggregate admitted stays within ±10% of what the limit allows, and Redis
+/// sees a fraction of the request rate.
+#[test]
+fn three_gateway_processes_share_one_limit() {
+    let redis = RedisServer::start();
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let limit = "{ key = \"route\", rate = 300, per = \"1s\", burst = 30 }";
+    let _gws: Vec<Proc> = addrs
+        .iter()
+        .map(|a| {
+            spawn_gateway(
+                &redis_config(&a.to_string(), up.addr, &redis, "", limit),
+                *a,
+            )
+        })
+        .collect();
+    let before = redis.calls("evalsha");
+    let t0 = Instant::now();
+    // 3 gateways × 4 connections × 50 requests/s = 600/s, twice the limit.
+    let seen = paced_load(
+        &addrs,
+        4,
+        Duration::from_millis(20),
+        Duration::from_secs(3),
+        GET,
+    );
+    let elapsed = t0.elapsed().as_secs_f64();
+    let ok = *seen.get(&200).unwrap_or(&0) as f64;
+    let refused = *seen.get(&429).unwrap_or(&0);
+    let commands = redis.calls("evalsha") - before;
+    let expected = 30.0 + 300.0 * elapsed;
+    let err = (ok - expected) / expected;
+    println!(
+        "3 processes: {ok} admitted, {refused} refused in {elapsed:.2} s; the limit allows \
+         {expected:.0} ({:+.1}%); {commands} EVALSHA = {:.3} per admitted request, \
+         {:.3} per request",
+        err * 100.0,
+        commands as f64 / ok,
+        commands as f64 / (ok + refused as f64)
+    );
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        vec![200, 429],
+        "only admitted and refused: {seen:?}"
+    );
+    assert!(err.abs() <= 0.10, "aggregate {ok} vs {expected:.0}");
+    assert!(
+        (commands as f64) < ok * 0.5,
+        "tokens are leased in batches: {commands} commands for {ok} admitted"
+    );
+    assert_eq!(redis.keys("ringway:rl:api:route:*").len(), 1);
+}
+
+/// The first requests of a key wait for Redis's answer; every key gets its own Redis bucket.
+#[test]
+fn keys_live_in_redis_and_limits_hold_on_both_drivers() {
+    for d in DRIVERS {
+        let redis = RedisServer::start();
+        let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+        let limit = "{ key = \"header:x-user\", rate = 3, per = \"1m\" }";
+        let gw = TestGateway::start(&redis_config("127.0.0.1:0", up.addr, &redis, "", limit), d);
+        let status = |user: &str| {
+            request(
+                gw.addr,
+                format!("GET / HTTP/1.1\r\nHost: a\r\nX-User: {user}\r\n\r\n").as_bytes(),
+            )
+            .status
+        };
+        for user in ["ann", "bob"] {
+            let s: Vec<u16> = (0..4).map(|_| status(user)).collect();
+            assert_eq!(s, vec![200, 200, 200, 429], "{d:?} {user}");
+        }
+        assert_eq!(
+            redis.keys("ringway:rl:api:x-user:*").len(),
+            2,
+            "{d:?}: one bucket per user"
+        );
+        // A second gateway on the same Redis sees the same, already spent, buckets.
+        let gw2 = TestGateway::start(&redis_config("127.0.0.1:0", up.addr, &redis, "", limit), d);
+        let r = request(
+            gw2.addr,
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-User: ann\r\n\r\n",
+        );
+        assert_eq!(r.status, 429, "{d:?}: spent on the other gateway");
+        assert_eq!(r.json()["error"], "rate_limited");
+    }
+}
+
+/// Redis killed mid-run: requests keep being answered, on local buckets (fail open), nothing
+/// hangs and nothing fails; restarted, the gateway goes back to Redis by itself.
+#[test]
+fn redis_killed_and_restarted_under_load_fails_open_and_recovers() {
+    let mut redis = RedisServer::start();
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let limit = "{ key = \"route\", rate = 100, per = \"1s\", burst = 20 }";
+    let gw = TestGateway::start(
+        &redis_config(
+            "127.0.0.1:0",
+            up.addr,
+            &redis,
+            "on_failure = \"local\"",
+            limit,
+        ),
+        DriverChoice::Auto,
+    );
+    let addrs = [gw.addr];
+    let seen = paced_load(
+        &addrs,
+        2,
+        Duration::from_millis(10),
+        Duration::from_millis(500),
+        GET,
+    );
+    assert!(seen.contains_key(&200), "{seen:?}");
+    assert!(redis.calls("evalsha") > 0);
+
+    redis.kill();
+    // 2 × 100/s for 1.5 s against a 100/s limit kept locally now.
+    let t0 = Instant::now();
+    let seen = paced_load(
+        &addrs,
+        2,
+        Duration::from_millis(10),
+        Duration::from_millis(1500),
+        GET,
+    );
+    let elapsed = t0.elapsed().as_secs_f64();
+    println!("redis down: {seen:?} in {elapsed:.2} s");
+    assert_eq!(
+        seen.keys()
+            .copied()
+            .filter(|s| *s != 200 && *s != 429)
+            .count(),
+        0,
+        "only 200 and 429 while Redis is down: {seen:?}"
+    );
+    let ok = *seen.get(&200).unwrap_or(&0) as f64;
+    assert!(
+        ok <= 20.0 + 100.0 * elapsed + 40.0,
+        "local buckets still limit: {ok} admitted in {elapsed:.2} s"
+    );
+    assert!(ok >= 50.0, "fail open admits traffic: {ok}");
+
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let _ = request(gw.addr, GET);
+            redis.calls("evalsha") > 0
+        }),
+        "the gateway uses the restarted Redis"
+    );
+    assert_eq!(redis.keys("ringway:rl:api:route:*").len(), 1);
+}
+
+/// Fail closed: without Redis, limited routes answer 503 at once (no hang); once Redis runs,
+/// they are served again.
+#[test]
+fn fail_closed_answers_503_until_redis_is_back() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let limit = "{ key = \"client_ip\", rate = 100, per = \"1s\" }";
+    let gw = TestGateway::start(
+        &redis_config(
+            "127.0.0.1:0",
+            up.addr,
+            &redis,
+            "on_failure = \"deny\"",
+            limit,
+        ),
+        DriverChoice::Auto,
+    );
+    for _ in 0..3 {
+        let r = get(gw.addr, "/");
+        assert_eq!(r.status, 503);
+        assert_eq!(r.json()["error"], "rate_limit_unavailable");
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+    assert_eq!(up.hits(), 0);
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(5), || get(gw.addr, "/").status == 200),
+        "served again once Redis answers"
+    );
+}
+
+#[test]
+fn redis_backend_needs_an_address() {
+    let e = ringway::config::Config::parse(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[rate_limiting]\nbackend = \"redis\"\n",
+        "gw.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "rate_limiting.redis");
+    assert!(e.to_string().contains("gw.toml"), "{e}");
+}
