@@ -639,6 +639,28 @@ pub struct RouteConfig {
     /// Most requests of this route in flight at once, gateway-wide (per key).
     #[serde(default)]
     pub concurrency: Option<ConcurrencyConfig>,
+    /// Request quotas per calendar day or month (UTC); kept in Redis with that backend.
+    #[serde(default)]
+    pub quotas: Vec<QuotaConfig>,
+}
+
+/// A quota: at most `limit` requests per key per calendar period.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Policy name in the RateLimit headers; default: the period ("day", "month").
+    #[serde(default)]
+    pub name: Option<String>,
+    pub key: RateKey,
+    pub limit: u32,
+    pub period: QuotaPeriod,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QuotaPeriod {
+    Day,
+    Month,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -1209,12 +1231,30 @@ impl Config {
             if r.concurrency.as_ref().is_some_and(|c| c.max == 0) {
                 return Err(err(k("concurrency.max"), None, "must be above 0".into()));
             }
-            if r.rate_limits.len() > MAX_RATE_LIMITS_PER_ROUTE {
+            if r.rate_limits.len() + r.quotas.len() > MAX_RATE_LIMITS_PER_ROUTE {
                 return Err(err(
                     k("rate_limits"),
                     None,
-                    format!("at most {MAX_RATE_LIMITS_PER_ROUTE} limits per route"),
+                    format!("at most {MAX_RATE_LIMITS_PER_ROUTE} rate limits and quotas per route"),
                 ));
+            }
+            for (j, q) in r.quotas.iter().enumerate() {
+                if q.limit == 0 {
+                    return Err(err(
+                        format!("routes[{i}].quotas[{j}].limit"),
+                        None,
+                        "must be above 0".into(),
+                    ));
+                }
+                if let Some(n) = &q.name {
+                    if n.is_empty() || !n.bytes().all(is_tchar) {
+                        return Err(err(
+                            format!("routes[{i}].quotas[{j}].name"),
+                            None,
+                            format!("{n:?}: use letters, digits and -._ (it goes into RateLimit headers)"),
+                        ));
+                    }
+                }
             }
             for (j, l) in r.rate_limits.iter().enumerate() {
                 if let Some(n) = &l.name {

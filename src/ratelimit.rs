@@ -32,8 +32,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, RateBackend, RateKey, RateLimitConfig, RedisFailure};
-use crate::redis::{Demand, RedisLink};
+use crate::config::{
+    Config, QuotaConfig, QuotaPeriod, RateBackend, RateKey, RateLimitConfig, RedisFailure,
+};
+use crate::redis::{Call, Demand, RedisLink};
 
 /// How long a worker keeps a lease of tokens.
 pub const LEASE_TTL: Duration = Duration::from_millis(100);
@@ -64,6 +66,8 @@ pub struct Limit {
     /// `route:name`, the stable part of the limit's Redis keys (ids change with the config,
     /// names do not, and every host of a cluster must agree on the key).
     pub scope: String,
+    /// A quota per calendar period (no refill; a new bucket each period) instead of a rate.
+    pub period: Option<QuotaPeriod>,
 }
 
 impl Limit {
@@ -86,8 +90,79 @@ impl Limit {
             window_secs: c.per.0.as_secs().max(1),
             scope: format!("{route}:{name}"),
             name,
+            period: None,
         }
     }
+
+    /// A quota: `limit` requests per key per UTC day or month. Workers lease 0.1% of it at a
+    /// time, hosts take 1% from Redis at a time.
+    pub fn quota(id: u32, route: &str, q: &QuotaConfig) -> Limit {
+        let (word, secs) = match q.period {
+            QuotaPeriod::Day => ("day", 86_400),
+            QuotaPeriod::Month => ("month", 30 * 86_400),
+        };
+        let name = q.name.clone().unwrap_or_else(|| word.into());
+        let limit = q.limit as f64;
+        Limit {
+            id,
+            key: q.key.clone(),
+            rate: 0.0,
+            burst: limit,
+            batch: (limit * 0.001).clamp(1.0, MAX_BATCH).floor(),
+            redis_batch: (limit * 0.01).clamp(1.0, MAX_REDIS_BATCH).floor(),
+            quota: q.limit,
+            window_secs: secs,
+            scope: format!("{route}:{name}"),
+            name,
+            period: Some(q.period),
+        }
+    }
+
+    /// For a quota: the current period's number and the Unix second it ends, at `unix` seconds.
+    pub fn period_at(&self, unix: u64) -> Option<(u64, u64)> {
+        let day = unix / 86_400;
+        match self.period? {
+            QuotaPeriod::Day => Some((day, (day + 1) * 86_400)),
+            QuotaPeriod::Month => {
+                let (y, m, _) = civil_from_days(day as i64);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                let end = days_from_civil(ny, nm, 1) as u64 * 86_400;
+                Some(((y as u64) * 12 + m as u64, end))
+            }
+        }
+    }
+}
+
+/// The proleptic Gregorian date of a day number (days since 1970-01-01).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The day number (days since 1970-01-01) of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if m > 2 { m - 3 } else { m + 9 } as i64;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A host's bucket for one (limit, key).
@@ -213,7 +288,16 @@ impl HostBuckets {
 
     /// Returns unused tokens and takes up to `l.batch` new ones. `local` forces the local
     /// bucket (a request that waited for Redis too long, with `on_failure = "local"`).
-    fn lease(&self, l: &Limit, key: u64, give_back: f64, now: Instant, local: bool) -> HostLease {
+    /// `period` is a quota's current (period number, end as a Unix second).
+    fn lease(
+        &self,
+        l: &Limit,
+        key: u64,
+        period: Option<(u64, u64)>,
+        give_back: f64,
+        now: Instant,
+        local: bool,
+    ) -> HostLease {
         let cell = self.bucket(l, key, now);
         let mut b = cell.lock().unwrap_or_else(|e| e.into_inner());
         let link = match &self.redis {
@@ -248,10 +332,27 @@ impl HostBuckets {
             let want = (l.redis_batch - b.stock).ceil().max(1.0) as u32;
             let cell = cell.clone();
             let rate = l.rate;
+            let prefix = &link.config().key_prefix;
+            let (key, call) = match period {
+                None => (
+                    format!("{prefix}rl:{}:{key:016x}", l.scope),
+                    Call::TokenBucket {
+                        rate: l.rate,
+                        burst: l.burst,
+                    },
+                ),
+                // The period is in the name too: a new period is a new counter.
+                Some((n, end)) => (
+                    format!("{prefix}q:{}:{n}:{key:016x}", l.scope),
+                    Call::Quota {
+                        limit: l.burst,
+                        expire_at: end + 3_600,
+                    },
+                ),
+            };
             Some(Demand {
-                key: format!("{}rl:{}:{key:016x}", link.config().key_prefix, l.scope),
-                rate: l.rate,
-                burst: l.burst,
+                key,
+                call,
                 want,
                 back,
                 done: Box::new(move |answer| {
@@ -267,8 +368,13 @@ impl HostBuckets {
                         }
                         if got < want {
                             // Redis ran dry (other hosts take tokens too): ask again once it
-                            // could have refilled what was missing, not at every request.
-                            let secs = ((want - got) as f64 / rate).clamp(0.001, 1.0);
+                            // could have refilled what was missing, not at every request (a
+                            // spent quota: once a second).
+                            let secs = if rate > 0.0 {
+                                ((want - got) as f64 / rate).clamp(0.001, 1.0)
+                            } else {
+                                1.0
+                            };
                             b.next_ask = now + Duration::from_secs_f64(secs);
                         }
                     }
@@ -350,7 +456,24 @@ impl Limiter {
             reset_secs: 0,
         };
         let mut leases = self.leases.borrow_mut();
+        let mut unix = 0;
+        // The (limit, key) cells this request took a token from.
+        let mut taken = [(0u32, 0u64); crate::config::MAX_RATE_LIMITS_PER_ROUTE];
         for (i, (l, &key)) in limits.iter().zip(keys).enumerate() {
+            // A quota counts in a new bucket each period.
+            let period = match l.period {
+                None => None,
+                Some(_) => {
+                    if unix == 0 {
+                        unix = unix_now();
+                    }
+                    l.period_at(unix)
+                }
+            };
+            let key = match period {
+                Some((n, _)) => crate::upstream::balance::mix(key ^ n.wrapping_mul(0x9e37_79b9)),
+                None => key,
+            };
             let k = (l.id, key);
             let mut ls = leases.get(&k).copied().unwrap_or(Lease {
                 tokens: 0.0,
@@ -364,7 +487,7 @@ impl Limiter {
                 if expired {
                     ls.tokens = 0.0;
                 }
-                match self.host.lease(l, key, give_back, now, local) {
+                match self.host.lease(l, key, period, give_back, now, local) {
                     HostLease::Granted { tokens, left } => {
                         ls = Lease {
                             tokens: ls.tokens + tokens,
@@ -376,8 +499,8 @@ impl Limiter {
                         leases.insert(k, ls);
                         // The limits before this one took a token for a request that is not
                         // decided yet: give them back.
-                        for (l2, &key2) in limits[..i].iter().zip(keys) {
-                            if let Some(mut p) = leases.get_mut(&(l2.id, key2)) {
+                        for cell in &taken[..i] {
+                            if let Some(mut p) = leases.get_mut(cell) {
                                 p.tokens += 1.0;
                             }
                         }
@@ -391,7 +514,10 @@ impl Limiter {
             }
             if ls.tokens < 1.0 {
                 leases.insert(k, ls);
-                let wait = (1.0 - (ls.tokens + ls.host_left).max(0.0)) / l.rate;
+                let wait = match period {
+                    Some((_, end)) => end.saturating_sub(unix) as f64,
+                    None => (1.0 - (ls.tokens + ls.host_left).max(0.0)) / l.rate,
+                };
                 return Verdict::Deny {
                     limit: i,
                     retry_after: wait.ceil().max(1.0) as u64,
@@ -399,12 +525,16 @@ impl Limiter {
             }
             ls.tokens -= 1.0;
             leases.insert(k, ls);
+            taken[i] = k;
             let remaining = (ls.tokens + ls.host_left).floor().max(0.0) as u64;
             if let Verdict::Allow { remaining: r, .. } = best {
                 if remaining < r {
-                    let reset = ((l.burst - (ls.tokens + ls.host_left)) / l.rate)
-                        .ceil()
-                        .max(0.0) as u64;
+                    let reset = match period {
+                        Some((_, end)) => end.saturating_sub(unix),
+                        None => ((l.burst - (ls.tokens + ls.host_left)) / l.rate)
+                            .ceil()
+                            .max(0.0) as u64,
+                    };
                     best = Verdict::Allow {
                         limit: i,
                         remaining,
@@ -522,6 +652,67 @@ mod tests {
             a.check(&l, &[1], t1, false),
             Verdict::Allow { .. }
         ));
+    }
+
+    #[test]
+    fn quota_periods_follow_the_utc_calendar() {
+        let q = |period| {
+            Limit::quota(
+                0,
+                "r",
+                &QuotaConfig {
+                    name: None,
+                    key: RateKey::ClientIp,
+                    limit: 10,
+                    period,
+                },
+            )
+        };
+        let (day, month) = (q(QuotaPeriod::Day), q(QuotaPeriod::Month));
+        // 2026-11-26T06:00:00Z
+        let t = 1_795_672_800;
+        assert_eq!(day.period_at(t), Some((20_783, 1_795_737_600))); // 2026-11-27T00:00Z
+        assert_eq!(month.period_at(t).unwrap().1, 1_796_083_200); // 2026-12-01T00:00Z
+                                                                  // December rolls over into January of the next year.
+        assert_eq!(month.period_at(1_796_083_200).unwrap().1, 1_798_761_600);
+        // February of a leap year has 29 days: 2028-02-10 ends on 2028-03-01.
+        assert_eq!(month.period_at(1_833_753_600).unwrap().1, 1_835_481_600);
+        assert_ne!(
+            month.period_at(t).unwrap().0,
+            month.period_at(1_796_083_200).unwrap().0
+        );
+        for d in [-719_468i64, -1, 0, 59, 365, 11_016, 20_783, 100_000] {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d, "day {d}");
+        }
+    }
+
+    #[test]
+    fn a_local_quota_does_not_refill() {
+        let h = host();
+        let w = Limiter::new(h, 100);
+        let l = [Limit::quota(
+            0,
+            "r",
+            &QuotaConfig {
+                name: None,
+                key: RateKey::ClientIp,
+                limit: 3,
+                period: QuotaPeriod::Day,
+            },
+        )];
+        let t0 = Instant::now();
+        let mut v = Vec::new();
+        for s in [0, 1, 2, 3, 60] {
+            v.push(w.check(&l, &[1], t0 + Duration::from_secs(s), false));
+        }
+        assert!(v[..3].iter().all(|v| matches!(v, Verdict::Allow { .. })));
+        for d in &v[3..] {
+            match d {
+                Verdict::Deny { retry_after, .. } => assert!((1..=86_400).contains(retry_after)),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -58,6 +58,27 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
 return {got, math.floor(tokens)}
 "#;
 
+/// The quota script. ARGV: the quota, units wanted, units given back, the Unix second the
+/// counter expires (after its period). Returns the units granted and the units left.
+pub const QUOTA_LUA: &str = r#"
+local limit = tonumber(ARGV[1])
+local want = tonumber(ARGV[2])
+local back = tonumber(ARGV[3])
+local used = math.max(0, tonumber(redis.call('GET', KEYS[1]) or '0') - back)
+local got = math.max(0, math.min(want, limit - used))
+used = used + got
+redis.call('SET', KEYS[1], used)
+redis.call('EXPIREAT', KEYS[1], ARGV[4])
+return {got, limit - used}
+"#;
+
+/// The script a demand runs, with its own arguments.
+#[derive(Debug, Clone, Copy)]
+pub enum Call {
+    TokenBucket { rate: f64, burst: f64 },
+    Quota { limit: f64, expire_at: u64 },
+}
+
 /// Called on the Redis thread with `Some((granted, left))`, or `None` when Redis failed.
 pub type OnAnswer = Box<dyn FnOnce(Option<(u32, i64)>) + Send>;
 
@@ -65,8 +86,7 @@ pub type OnAnswer = Box<dyn FnOnce(Option<(u32, i64)>) + Send>;
 pub struct Demand {
     /// The full Redis key.
     pub key: String,
-    pub rate: f64,
-    pub burst: f64,
+    pub call: Call,
     pub want: u32,
     /// Tokens handed back (an expired stock).
     pub back: f64,
@@ -205,6 +225,7 @@ struct Conn {
     rbuf: BytesMut,
     wbuf: BytesMut,
     sha: String,
+    quota_sha: String,
     timeout: Duration,
 }
 
@@ -224,6 +245,7 @@ impl Conn {
             rbuf: BytesMut::with_capacity(4096),
             wbuf: BytesMut::with_capacity(4096),
             sha: String::new(),
+            quota_sha: String::new(),
             timeout: t,
         };
         if let Some(p) = &cfg.password {
@@ -238,11 +260,14 @@ impl Conn {
     }
 
     fn load_script(&mut self) -> io::Result<()> {
-        match self.call(&[b"SCRIPT", b"LOAD", TOKEN_BUCKET_LUA.as_bytes()])? {
-            BytesFrame::BulkString(b) => {
-                self.sha = String::from_utf8_lossy(&b).into_owned();
-                Ok(())
-            }
+        self.sha = self.script_load(TOKEN_BUCKET_LUA)?;
+        self.quota_sha = self.script_load(QUOTA_LUA)?;
+        Ok(())
+    }
+
+    fn script_load(&mut self, script: &str) -> io::Result<String> {
+        match self.call(&[b"SCRIPT", b"LOAD", script.as_bytes()])? {
+            BytesFrame::BulkString(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
             other => Err(proto_err(format!(
                 "SCRIPT LOAD failed: {}",
                 describe(&other)
@@ -292,19 +317,28 @@ impl Conn {
             self.wbuf.clear();
             for &i in &todo {
                 let d = &batch[i];
-                let (rate, burst) = (fmt_f64(d.rate), fmt_f64(d.burst));
                 let (want, back) = (d.want.to_string(), fmt_f64(d.back));
+                // Token bucket: rate, burst, want, back. Quota: limit, want, back, expiry.
+                let (sha, args) = match d.call {
+                    Call::TokenBucket { rate, burst } => {
+                        (&self.sha, [fmt_f64(rate), fmt_f64(burst), want, back])
+                    }
+                    Call::Quota { limit, expire_at } => (
+                        &self.quota_sha,
+                        [fmt_f64(limit), want, back, expire_at.to_string()],
+                    ),
+                };
                 encode_command(
                     &mut self.wbuf,
                     &[
                         b"EVALSHA",
-                        self.sha.as_bytes(),
+                        sha.as_bytes(),
                         b"1",
                         d.key.as_bytes(),
-                        rate.as_bytes(),
-                        burst.as_bytes(),
-                        want.as_bytes(),
-                        back.as_bytes(),
+                        args[0].as_bytes(),
+                        args[1].as_bytes(),
+                        args[2].as_bytes(),
+                        args[3].as_bytes(),
                     ],
                 )?;
             }

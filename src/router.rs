@@ -297,6 +297,10 @@ impl Router {
                         Limit::new(next_limit - 1, &r.name, l)
                     })
                     .collect();
+                for q in &rc.quotas {
+                    next_limit += 1;
+                    r.limits.push(Limit::quota(next_limit - 1, &r.name, q));
+                }
                 r
             })
             .collect();

@@ -267,3 +267,48 @@ fn redis_backend_needs_an_address() {
     assert_eq!(e.key, "rate_limiting.redis");
     assert!(e.to_string().contains("gw.toml"), "{e}");
 }
+
+/// A daily quota per client lives in Redis: spent on one gateway, it is spent on all; the
+/// refusal says when the next UTC day starts.
+#[test]
+fn daily_quotas_are_kept_in_redis() {
+    let redis = RedisServer::start();
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let cfg = redis_config(
+        "127.0.0.1:0",
+        up.addr,
+        &redis,
+        "",
+        "{ key = \"route\", rate = 1000, per = \"1s\" }]\nquotas = [{ key = \"client_ip\", limit = 4, period = \"day\" }",
+    );
+    let a = TestGateway::start(&cfg, DriverChoice::Auto);
+    let b = TestGateway::start(&cfg, DriverChoice::Auto);
+    let mut seen = Vec::new();
+    for gw in [&a, &b, &a, &b, &a, &b] {
+        seen.push(get(gw.addr, "/"));
+    }
+    let statuses: Vec<u16> = seen.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![200, 200, 200, 200, 429, 429]);
+    let refused = &seen[4];
+    assert_eq!(refused.json()["error"], "rate_limited");
+    assert_eq!(
+        refused.header("ratelimit-policy"),
+        Some("\"day\";q=4;w=86400")
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        retry.abs_diff(to_midnight) <= 5,
+        "retry-after {retry}, midnight in {to_midnight}"
+    );
+    // One counter for today, with an expiry after the day ends.
+    let keys = redis.keys(&format!("ringway:q:api:day:{}:*", now / 86_400));
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let ttl = redis.command(&["TTL", &keys[0]]).unwrap();
+    let ttl: u64 = ttl.trim().trim_start_matches(':').parse().unwrap();
+    assert!(ttl > to_midnight && ttl <= to_midnight + 3_700, "ttl {ttl}");
+}
