@@ -38,6 +38,11 @@ pub enum GatewayError {
     RateLimited(u32),
     /// The route's concurrency limit is reached.
     ConcurrencyLimited,
+    /// The TLS handshake with the upstream failed (certificate not trusted, name mismatch,
+    /// protocol error).
+    UpstreamTls,
+    /// The route requires a verified client certificate and the connection has none.
+    ClientCertRequired,
 }
 
 impl GatewayError {
@@ -58,6 +63,8 @@ impl GatewayError {
             | GatewayError::Overloaded => 503,
             GatewayError::RateLimited(_) => 429,
             GatewayError::ConcurrencyLimited => 503,
+            GatewayError::UpstreamTls => 502,
+            GatewayError::ClientCertRequired => 403,
         }
     }
 
@@ -82,6 +89,8 @@ impl GatewayError {
             GatewayError::Overloaded => "upstream_overloaded",
             GatewayError::RateLimited(_) => "rate_limited",
             GatewayError::ConcurrencyLimited => "concurrency_limited",
+            GatewayError::UpstreamTls => "upstream_tls_failed",
+            GatewayError::ClientCertRequired => "client_certificate_required",
         }
     }
 
@@ -104,6 +113,8 @@ impl GatewayError {
                 "too many requests: a rate limit of this route is reached"
             }
             GatewayError::ConcurrencyLimited => "too many requests of this route are in flight",
+            GatewayError::UpstreamTls => "the TLS handshake with the upstream failed",
+            GatewayError::ClientCertRequired => "this route requires a verified client certificate",
         }
     }
 

@@ -18,7 +18,7 @@ USAGE:
 
 ENVIRONMENT:
     RINGWAY_DRIVER=auto|io_uring|epoll      override [server].driver
-    RINGWAY_LOG=info|warn|error|off         log level (default info)
+    RINGWAY_LOG=debug|info|warn|error|off   log level (default info)
 ";
 
 /// The demo config, built in so that `ringway demo` works from any directory.

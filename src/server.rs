@@ -18,10 +18,11 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverChoice};
-use crate::proxy::{serve, Worker};
+use crate::proxy::{serve, ConnInfo, ListenerRt, Worker};
 use crate::ratelimit::HostBuckets;
+use crate::tls::{self, UpstreamTls};
 use crate::upstream::health::{self, HealthHub};
-use crate::{info, warn};
+use crate::{debug, info, warn};
 
 /// How often each worker reads the stop flag and the shared endpoint health.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
@@ -72,6 +73,7 @@ impl Gateway {
         let n = workers
             .filter(|n| *n > 0)
             .unwrap_or_else(|| cfg.worker_count());
+        let (listeners_rt, upstream_tls) = build_tls(&cfg)?;
         let (per_worker, addrs) = bind_listeners(&cfg, n)?;
         let stop = Arc::new(AtomicBool::new(false));
         let hub = HealthHub::new(&cfg);
@@ -86,6 +88,8 @@ impl Gateway {
             let shared = Shared {
                 hub: hub.clone(),
                 buckets: buckets.clone(),
+                listeners: listeners_rt.clone(),
+                upstream_tls: upstream_tls.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -221,10 +225,49 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
     Ok((per_worker, addrs))
 }
 
-/// What the workers share: endpoint health and the host-wide rate-limit buckets.
+/// What the workers share: endpoint health, the host-wide rate-limit buckets, and the TLS
+/// configs (with their session caches and ticket keys).
 struct Shared {
     hub: Arc<HealthHub>,
     buckets: Arc<HostBuckets>,
+    listeners: Vec<ListenerRt>,
+    upstream_tls: UpstreamTlsList,
+}
+
+/// Per upstream group in config order: its TLS, if any.
+type UpstreamTlsList = Vec<Option<Arc<UpstreamTls>>>;
+
+/// One rustls config per TLS listener and per TLS upstream group, built once for all workers.
+/// The files were checked when the config loaded; an error here means they changed since.
+fn build_tls(cfg: &Config) -> io::Result<(Vec<ListenerRt>, UpstreamTlsList)> {
+    let fail = |e: tls::TlsConfigError| io::Error::other(format!("key `{}`: {}", e.key, e.reason));
+    let mut listeners = Vec::with_capacity(cfg.listeners.len());
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let server = match &l.tls {
+            Some(t) => Some(tls::server_config(t, &format!("listeners[{i}].tls")).map_err(fail)?),
+            None => None,
+        };
+        listeners.push(ListenerRt::from_config(l, server));
+    }
+    let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
+    for (name, u) in &cfg.upstreams {
+        let built = match &u.tls {
+            Some(t) => {
+                let authorities: Vec<&str> = u
+                    .endpoints
+                    .iter()
+                    .map(|e| e.address.text.as_str())
+                    .collect();
+                Some(Arc::new(
+                    tls::upstream_tls(t, &format!("upstreams.{name}.tls"), &authorities)
+                        .map_err(fail)?,
+                ))
+            }
+            None => None,
+        };
+        upstreams.push(built);
+    }
+    Ok((listeners, upstreams))
 }
 
 type Ready = mpsc::Sender<Result<(DriverKind, Option<String>), String>>;
@@ -304,7 +347,12 @@ async fn worker_main(
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
-    let w = Rc::new(Worker::new(&cfg, id, shared.hub, shared.buckets));
+    let mut worker = Worker::new(&cfg, id, shared.hub, shared.buckets);
+    worker.listeners = shared.listeners;
+    for (g, t) in worker.upstreams.iter_mut().zip(shared.upstream_tls) {
+        g.tls = t;
+    }
+    let w = Rc::new(worker);
     drop(cfg);
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
@@ -333,10 +381,10 @@ async fn worker_main(
             }
         });
     }
-    for l in listeners {
+    for (i, l) in listeners.into_iter().enumerate() {
         match monoio::net::TcpListener::from_std(l) {
             Ok(l) => {
-                monoio::spawn(accept_loop(w.clone(), l));
+                monoio::spawn(accept_loop(w.clone(), l, i));
             }
             Err(e) => warn!("worker {id}: cannot register a listener: {e}"),
         }
@@ -357,7 +405,7 @@ async fn worker_main(
     }
 }
 
-async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener) {
+async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize) {
     loop {
         let accepted = monoio::select! {
             r = l.accept() => r,
@@ -368,7 +416,53 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener) {
                 w.active.set(w.active.get() + 1);
                 let guard = ConnGuard(w.clone());
                 monoio::spawn(async move {
-                    serve(&guard.0, stream, peer).await;
+                    let w = &guard.0;
+                    match &w.listeners[listener].tls {
+                        None => {
+                            let info = ConnInfo {
+                                listener,
+                                ..ConnInfo::default()
+                            };
+                            serve(w, stream, peer, info).await;
+                        }
+                        Some(cfg) => {
+                            // The handshake runs here, in the connection's task, bounded by
+                            // the head timeout and cut short by a shutdown.
+                            let hs = monoio::select! {
+                                r = monoio::time::timeout(
+                                    w.timeouts.client_head,
+                                    tls::accept(cfg.clone(), stream),
+                                ) => r,
+                                _ = w.shutdown.wait() => {
+                                    drop(guard);
+                                    return;
+                                }
+                            };
+                            match hs {
+                                Ok(Ok((s, client_subject))) => {
+                                    let info = ConnInfo {
+                                        listener,
+                                        tls: true,
+                                        client_subject,
+                                    };
+                                    serve(w, s, peer, info).await;
+                                }
+                                Ok(Err(e)) => {
+                                    w.tls_handshake_failures
+                                        .set(w.tls_handshake_failures.get() + 1);
+                                    debug!(
+                                        "worker {}: TLS handshake with {peer} failed: {e}",
+                                        w.id
+                                    );
+                                }
+                                Err(_) => {
+                                    w.tls_handshake_failures
+                                        .set(w.tls_handshake_failures.get() + 1);
+                                    debug!("worker {}: TLS handshake with {peer} timed out", w.id);
+                                }
+                            }
+                        }
+                    }
                     drop(guard);
                 });
             }
