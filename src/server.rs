@@ -119,7 +119,7 @@ impl Gateway {
                 }
             }
         }
-        if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone()) {
+        if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone(), &upstream_tls) {
             threads.push(t);
         }
         // Said once per process start, not once per worker.

@@ -854,6 +854,26 @@ fn upstream_tls_verifies_against_the_configured_ca() {
 }
 
 #[test]
+fn health_checks_of_a_tls_group_go_over_tls() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let tls = format!(
+            "ca = \"{}\", sni = \"up.test\" }}\nhealth_check = {{ path = \"/healthz\", interval = \"50ms\", unhealthy_threshold = 1",
+            pki().path("ca.pem")
+        );
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &tls), d);
+        // Several checks have run (each on its own TLS connection); a plain-text check would
+        // have failed the first and taken the only endpoint out (503).
+        assert!(eventually(Duration::from_secs(10), || up
+            .conns
+            .load(Ordering::SeqCst)
+            >= 4));
+        let r = get(gw.addr, "/");
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+    }
+}
+
+#[test]
 fn upstream_tls_presents_the_client_certificate() {
     for d in DRIVERS {
         let up = TlsUpstream::start("up", Some("ca.pem"));
