@@ -1639,3 +1639,37 @@ fn record_outcome(w: &Worker, group: &UpstreamGroup, ep: usize, probe: bool, fai
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_hosts_lose_their_port_and_must_be_plain_names_or_addresses() {
+        assert_eq!(host_without_port(b"a.test:8080"), b"a.test");
+        assert_eq!(host_without_port(b"a.test"), b"a.test");
+        assert_eq!(host_without_port(b"[::1]:80"), b"[::1]");
+        for ok in [
+            &b"a.test"[..],
+            b"10.0.0.1",
+            b"[::1]",
+            b"[fe80::1]",
+            b"under_score",
+        ] {
+            assert!(valid_host(ok), "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b""[..],
+            b"a/b",
+            b"a@b",
+            b"a b",
+            b"[]",
+            b"[::1",
+            b"a\"b",
+            b"evil.test?x",
+            b"[::1]x",
+        ] {
+            assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

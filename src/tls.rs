@@ -332,8 +332,14 @@ pub async fn accept(
         }
         let mut rest = &buf[..n];
         while !rest.is_empty() {
-            if let Err(e) = conn.read_tls(&mut rest) {
-                return Err(HandshakeError::Io(e));
+            match conn.read_tls(&mut rest) {
+                Ok(0) => {
+                    return Err(HandshakeError::Io(io::Error::other(
+                        "rustls took none of the bytes read",
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(HandshakeError::Io(e)),
             }
             if let Err(e) = conn.process_new_packets() {
                 // Send the alert rustls prepared, then give up.
@@ -560,10 +566,6 @@ impl<S> Guarded<S> {
     pub fn new(inner: S) -> Guarded<S> {
         Guarded { inner, busy: false }
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncReadRent + AsyncWriteRent> AsyncReadRent for Guarded<S> {
@@ -634,4 +636,28 @@ impl<S: AsyncReadRent + AsyncWriteRent> AsyncWriteRent for Guarded<S> {
 /// Sends `close_notify` within `limit` (a client that stopped reading does not hold the task).
 pub async fn close_notify<S: AsyncWriteRent>(s: &mut S, limit: std::time::Duration) {
     let _ = monoio::time::timeout(limit, s.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_names_come_from_sni_or_the_address_host() {
+        let dns = |s: &str| ServerName::try_from(s.to_string()).unwrap();
+        assert_eq!(
+            endpoint_name(None, "localhost:9443"),
+            Some(dns("localhost"))
+        );
+        assert_eq!(
+            endpoint_name(None, "127.0.0.1:9443"),
+            Some(dns("127.0.0.1"))
+        );
+        assert_eq!(endpoint_name(None, "[::1]:9443"), Some(dns("::1")));
+        assert_eq!(
+            endpoint_name(Some("api.internal"), "10.0.0.1:443"),
+            Some(dns("api.internal"))
+        );
+        assert_eq!(endpoint_name(Some("not a name"), "10.0.0.1:443"), None);
+    }
 }
