@@ -18,11 +18,15 @@
 //!
 //! # Cancelled I/O
 //! monoio-rustls moves its buffers into each read or write; a read or write dropped before it
-//! completes (a timeout) leaves the stream without them, and the next call would panic.
-//! [`Guarded`] turns that into an error instead, and skips `close_notify` on such a stream.
+//! completes (a timeout, a shutdown while idle) leaves the stream without them, and the next
+//! call would panic. [`Guarded`] turns that into an error instead, and tells a dropped read
+//! (the write side is intact: `close_notify` can still be sent) from a dropped write.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
@@ -298,7 +302,7 @@ impl std::fmt::Display for HandshakeError {
 }
 
 /// A client connection after a successful handshake.
-pub type ServerStream = Guarded<monoio_rustls::ServerTlsStream<TcpStream>>;
+pub type ServerStream = Guarded<monoio_rustls::ServerTlsStream<Sock>>;
 
 /// Writes whatever rustls wants to send.
 async fn flush_tls(conn: &mut ServerConnection, io: &mut TcpStream) -> Result<(), HandshakeError> {
@@ -353,7 +357,10 @@ pub async fn accept(
         .and_then(|c| c.first())
         .map(|c| cert_subject(c));
     Ok((
-        Guarded::new(monoio_rustls::ServerTlsStream::new(io, conn)),
+        {
+            let (sock, writing) = Sock::new(io);
+            Guarded::new(monoio_rustls::ServerTlsStream::new(sock, conn), writing)
+        },
         subject,
     ))
 }
@@ -391,7 +398,7 @@ pub struct UpstreamTls {
 }
 
 /// A TLS connection to an upstream.
-pub type ClientStream = Guarded<monoio_rustls::ClientTlsStream<TcpStream>>;
+pub type ClientStream = Guarded<monoio_rustls::ClientTlsStream<Sock>>;
 
 /// Accepts any server certificate (`verify = false`), still checking the handshake
 /// signatures so that the connection is at least consistent.
@@ -541,18 +548,80 @@ pub async fn connect(
     ep: usize,
     io: TcpStream,
 ) -> Result<ClientStream, monoio_rustls::TlsError> {
-    let s = tls.connector.connect(tls.names[ep].clone(), io).await?;
-    Ok(Guarded::new(s))
+    let (sock, writing) = Sock::new(io);
+    let s = tls.connector.connect(tls.names[ep].clone(), sock).await?;
+    Ok(Guarded::new(s, writing))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Cancellation guard.
 
-/// A TLS stream whose reads and writes may be dropped before they complete (timeouts): such a
-/// drop marks the stream broken, and every later call fails instead of panicking.
+/// The TCP stream under a TLS session, noting whether a socket write is under way. A write
+/// dropped before it completed leaves the flag set: monoio-rustls's write buffer went with it.
+pub struct Sock {
+    tcp: TcpStream,
+    writing: Rc<Cell<bool>>,
+}
+
+impl Sock {
+    fn new(tcp: TcpStream) -> (Sock, Rc<Cell<bool>>) {
+        let writing = Rc::new(Cell::new(false));
+        (
+            Sock {
+                tcp,
+                writing: writing.clone(),
+            },
+            writing,
+        )
+    }
+}
+
+impl AsyncReadRent for Sock {
+    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        self.tcp.read(buf)
+    }
+
+    fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        self.tcp.readv(buf)
+    }
+}
+
+impl AsyncWriteRent for Sock {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        self.writing.set(true);
+        let r = self.tcp.write(buf).await;
+        self.writing.set(false);
+        r
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        self.writing.set(true);
+        let r = self.tcp.writev(buf).await;
+        self.writing.set(false);
+        r
+    }
+
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> {
+        self.tcp.flush()
+    }
+
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> {
+        self.tcp.shutdown()
+    }
+}
+
+/// A monoio-rustls stream whose reads and writes may be dropped before they complete
+/// (timeouts, a shutdown while idle). A dropped read leaves the read side unusable (its buffer
+/// went with it); a dropped write, or a read dropped while it was writing an alert, leaves the
+/// write side unusable. Calls on an unusable side fail instead of panicking, and `shutdown`
+/// (close_notify) is sent whenever the write side is intact: an idle connection closed by a
+/// timeout or a shutdown still says goodbye.
 pub struct Guarded<S> {
     inner: S,
-    busy: bool,
+    reading: bool,
+    writing: bool,
+    /// A socket write under way (set while it runs; left set by a dropped one).
+    sock_writing: Rc<Cell<bool>>,
 }
 
 fn broken() -> io::Error {
@@ -563,72 +632,87 @@ fn broken() -> io::Error {
 }
 
 impl<S> Guarded<S> {
-    pub fn new(inner: S) -> Guarded<S> {
-        Guarded { inner, busy: false }
+    fn new(inner: S, sock_writing: Rc<Cell<bool>>) -> Guarded<S> {
+        Guarded {
+            inner,
+            reading: false,
+            writing: false,
+            sock_writing,
+        }
+    }
+
+    /// Writes (and reads, which may write an alert) need monoio-rustls's write buffer.
+    fn write_ok(&self) -> bool {
+        !self.writing && !self.sock_writing.get()
+    }
+
+    fn read_ok(&self) -> bool {
+        !self.reading && self.write_ok()
     }
 }
 
 impl<S: AsyncReadRent + AsyncWriteRent> AsyncReadRent for Guarded<S> {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
-        if self.busy {
+        if !self.read_ok() {
             return (Err(broken()), buf);
         }
-        self.busy = true;
+        self.reading = true;
         let r = self.inner.read(buf).await;
-        self.busy = false;
+        self.reading = false;
         r
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
-        if self.busy {
+        if !self.read_ok() {
             return (Err(broken()), buf);
         }
-        self.busy = true;
+        self.reading = true;
         let r = self.inner.readv(buf).await;
-        self.busy = false;
+        self.reading = false;
         r
     }
 }
 
 impl<S: AsyncReadRent + AsyncWriteRent> AsyncWriteRent for Guarded<S> {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        if self.busy {
+        if !self.write_ok() {
             return (Err(broken()), buf);
         }
-        self.busy = true;
+        self.writing = true;
         let r = self.inner.write(buf).await;
-        self.busy = false;
+        self.writing = false;
         r
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        if self.busy {
+        if !self.write_ok() {
             return (Err(broken()), buf);
         }
-        self.busy = true;
+        self.writing = true;
         let r = self.inner.writev(buf).await;
-        self.busy = false;
+        self.writing = false;
         r
     }
 
     async fn flush(&mut self) -> io::Result<()> {
-        if self.busy {
+        if !self.write_ok() {
             return Err(broken());
         }
-        self.busy = true;
+        self.writing = true;
         let r = self.inner.flush().await;
-        self.busy = false;
+        self.writing = false;
         r
     }
 
-    /// Sends `close_notify` (unless the stream is broken), then shuts the TCP write side.
+    /// Sends `close_notify`, then shuts the TCP write side. A read dropped while it waited for
+    /// the socket does not prevent it; one dropped while writing an alert does.
     async fn shutdown(&mut self) -> io::Result<()> {
-        if self.busy {
+        if !self.write_ok() {
             return Err(broken());
         }
-        self.busy = true;
+        self.writing = true;
         let r = self.inner.shutdown().await;
-        self.busy = false;
+        self.writing = false;
         r
     }
 }

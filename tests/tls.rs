@@ -409,6 +409,43 @@ fn connection_close_ends_with_close_notify() {
 }
 
 #[test]
+fn idle_connection_gets_close_notify_on_shutdown() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let mut gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        assert_eq!(c.get("a.test", "/").unwrap().status, 200);
+        // Idle now: the gateway's read is waiting; the shutdown cancels it and still says
+        // goodbye properly.
+        gw.stop();
+        let mut tmp = [0u8; 64];
+        assert_eq!(c.s.read(&mut tmp).expect("clean TLS close"), 0, "{d:?}");
+    }
+}
+
+#[test]
+fn slow_head_over_tls_gets_a_408() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = tls_gateway(
+            up.addr,
+            "",
+            &format!("{ALL}\n[timeouts]\nclient_head = \"300ms\"\n"),
+        );
+        let gw = TestGateway::start(&toml, d);
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        // Half a head, then nothing: the head timeout cancels the gateway's read, and the 408
+        // still goes out over TLS.
+        c.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n").unwrap();
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 408, "{d:?}");
+        assert_eq!(r.json()["error"], "request_timeout");
+    }
+}
+
+#[test]
 fn sni_picks_exact_wildcard_or_default_certificate() {
     for d in DRIVERS {
         let up = Upstream::echo();
