@@ -385,7 +385,8 @@ pub struct ListenerTlsConfig {
     /// Lowest protocol version accepted: "1.2" (default) or "1.3".
     #[serde(default)]
     pub min_version: TlsVersion,
-    /// Sessions kept for resumption by session id (TLS 1.2), shared by the workers.
+    /// Sessions kept for resumption by session id (TLS 1.2), shared by the workers; 0 turns
+    /// the cache off (tickets still resume).
     #[serde(default = "d_session_cache")]
     pub session_cache: usize,
     /// Stateless resumption tickets (keys rotated every 6 hours, never written to disk).

@@ -274,7 +274,11 @@ pub fn server_config(t: &ListenerTlsConfig, at: &str) -> Result<Arc<ServerConfig
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
-    cfg.session_storage = ServerSessionMemoryCache::new(t.session_cache.max(1));
+    cfg.session_storage = if t.session_cache == 0 {
+        Arc::new(rustls::server::NoServerSessionStorage {})
+    } else {
+        ServerSessionMemoryCache::new(t.session_cache)
+    };
     if t.session_tickets {
         cfg.ticketer = rustls::crypto::ring::Ticketer::new()
             .map_err(|e| conf_err(format!("{at}.session_tickets"), e.to_string()))?;

@@ -519,27 +519,44 @@ fn min_version_13_refuses_a_tls12_client() {
 
 #[test]
 fn second_connection_resumes_the_session() {
+    // (listener settings, resumption expected): tickets and the session cache each resume
+    // on their own (TLS 1.3 without tickets keeps its sessions in the cache); neither: none.
+    let cases = [
+        ("", true),
+        (", session_tickets = false", true),
+        (", session_cache = 0", true),
+        (", session_cache = 0, session_tickets = false", false),
+    ];
     for d in DRIVERS {
-        let up = Upstream::echo();
-        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
-        for versions in [TLS12_ONLY, TLS13_ONLY] {
-            // One client config: its session store carries the ticket to the next connection.
-            let cfg = client_config(ClientOpts {
-                versions: Some(versions),
-                ..ClientOpts::default()
-            });
-            let mut first = TlsClient::connect(gw.addr, "a.test", cfg.clone()).unwrap();
-            assert_eq!(first.s.conn.handshake_kind(), Some(HandshakeKind::Full));
-            // Reading a response also takes in the TLS 1.3 tickets sent after the handshake.
-            assert_eq!(first.get("a.test", "/").unwrap().status, 200);
-            let mut second = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
-            assert_eq!(
-                second.s.conn.handshake_kind(),
-                Some(HandshakeKind::Resumed),
-                "{d:?} {:?}",
-                versions[0].version
-            );
-            assert_eq!(second.get("a.test", "/").unwrap().status, 200);
+        for (extra, resumes) in cases {
+            let up = Upstream::echo();
+            let gw = TestGateway::start(&tls_gateway(up.addr, extra, ALL), d);
+            for versions in [TLS12_ONLY, TLS13_ONLY] {
+                // One client config: its session store carries the session to the next
+                // connection.
+                let cfg = client_config(ClientOpts {
+                    versions: Some(versions),
+                    ..ClientOpts::default()
+                });
+                let mut first = TlsClient::connect(gw.addr, "a.test", cfg.clone()).unwrap();
+                assert_eq!(first.s.conn.handshake_kind(), Some(HandshakeKind::Full));
+                // Reading a response also takes in the TLS 1.3 tickets sent after the
+                // handshake.
+                assert_eq!(first.get("a.test", "/").unwrap().status, 200);
+                let mut second = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+                let want = if resumes {
+                    HandshakeKind::Resumed
+                } else {
+                    HandshakeKind::Full
+                };
+                assert_eq!(
+                    second.s.conn.handshake_kind(),
+                    Some(want),
+                    "{d:?} {:?} listener{extra}",
+                    versions[0].version
+                );
+                assert_eq!(second.get("a.test", "/").unwrap().status, 200);
+            }
         }
     }
 }
