@@ -78,7 +78,9 @@ fn make_ca(dir: &std::path::Path, name: &str) -> Issuer<'static, KeyPair> {
 fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("ringway-tls-{}", std::process::id()));
+        // Under target/tmp, made afresh by each run of this binary.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tls-pki");
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let ca = make_ca(&dir, "ca");
         let other = make_ca(&dir, "other-ca");
