@@ -488,41 +488,34 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         rl_headers: BytesMut::new(),
         info,
     };
-    c.serve(w).await;
+    loop {
+        // Release the last head's bytes so the read buffer can take its space back instead of
+        // allocating a new one.
+        c.head.raw = Bytes::new();
+        match c.read_head(w).await {
+            HeadRead::Ready => {}
+            HeadRead::Closed => break,
+            HeadRead::Fail(e) => {
+                // The head was refused: nothing of it (a HEAD method included) applies.
+                c.head.method = Method::Get;
+                w.next_id(&mut c.id);
+                let _ = c.send_error(w, e, true).await;
+                break;
+            }
+        }
+        c.wbuf = w.bufs.take();
+        c.ubuf = w.bufs.take();
+        let next = c.handle(w).await;
+        w.bufs.give(std::mem::take(&mut c.wbuf));
+        w.bufs.give(std::mem::take(&mut c.ubuf));
+        if next == Next::Close || w.shutdown.is_set() {
+            break;
+        }
+    }
     c.io.close(CLOSE_NOTIFY_TIMEOUT).await;
 }
 
-impl<S: ClientIo> Conn<S> {
-    async fn serve(&mut self, w: &Worker) {
-        let c = self;
-        loop {
-            // Release the last head's bytes so the read buffer can take its space back instead of
-            // allocating a new one.
-            c.head.raw = Bytes::new();
-            match c.read_head(w).await {
-                HeadRead::Ready => {}
-                HeadRead::Closed => return,
-                HeadRead::Fail(e) => {
-                    // The head was refused: nothing of it (a HEAD method included) applies.
-                    c.head.method = Method::Get;
-                    w.next_id(&mut c.id);
-                    let _ = c.send_error(w, e, true).await;
-                    return;
-                }
-            }
-            c.wbuf = w.bufs.take();
-            c.ubuf = w.bufs.take();
-            let next = c.handle(w).await;
-            w.bufs.give(std::mem::take(&mut c.wbuf));
-            w.bufs.give(std::mem::take(&mut c.ubuf));
-            if next == Next::Close || w.shutdown.is_set() {
-                return;
-            }
-        }
-    }
-}
-
-impl<S: ClientIo> Conn<S> {
+impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     async fn read_head(&mut self, w: &Worker) -> HeadRead {
         let mut started: Option<Instant> = None;
         loop {
