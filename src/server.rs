@@ -406,6 +406,7 @@ async fn worker_main(
 }
 
 async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize) {
+    let tls = w.listeners[listener].tls.clone();
     loop {
         let accepted = monoio::select! {
             r = l.accept() => r,
@@ -415,62 +416,67 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
             Ok((stream, peer)) => {
                 w.active.set(w.active.get() + 1);
                 let guard = ConnGuard(w.clone());
-                monoio::spawn(async move {
-                    let w = &guard.0;
-                    match &w.listeners[listener].tls {
-                        None => {
+                // Two task bodies, so that a plain connection's task is not sized for TLS.
+                match &tls {
+                    None => {
+                        monoio::spawn(async move {
                             let info = ConnInfo {
                                 listener,
                                 ..ConnInfo::default()
                             };
-                            serve(w, stream, peer, info).await;
-                        }
-                        Some(cfg) => {
-                            // The handshake runs here, in the connection's task, bounded by
-                            // the head timeout and cut short by a shutdown.
-                            let hs = monoio::select! {
-                                r = monoio::time::timeout(
-                                    w.timeouts.client_head,
-                                    tls::accept(cfg.clone(), stream),
-                                ) => r,
-                                _ = w.shutdown.wait() => {
-                                    drop(guard);
-                                    return;
-                                }
-                            };
-                            match hs {
-                                Ok(Ok((s, client_subject))) => {
-                                    let info = ConnInfo {
-                                        listener,
-                                        tls: true,
-                                        client_subject,
-                                    };
-                                    serve(w, s, peer, info).await;
-                                }
-                                Ok(Err(e)) => {
-                                    w.tls_handshake_failures
-                                        .set(w.tls_handshake_failures.get() + 1);
-                                    debug!(
-                                        "worker {}: TLS handshake with {peer} failed: {e}",
-                                        w.id
-                                    );
-                                }
-                                Err(_) => {
-                                    w.tls_handshake_failures
-                                        .set(w.tls_handshake_failures.get() + 1);
-                                    debug!("worker {}: TLS handshake with {peer} timed out", w.id);
-                                }
-                            }
-                        }
+                            serve(&guard.0, stream, peer, info).await;
+                            drop(guard);
+                        });
                     }
-                    drop(guard);
-                });
+                    Some(cfg) => {
+                        let cfg = cfg.clone();
+                        monoio::spawn(async move {
+                            serve_tls(&guard.0, cfg, stream, peer, listener).await;
+                            drop(guard);
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!("worker {}: accept failed: {e}", w.id);
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// A TLS connection: the handshake, in the connection's own task, bounded by the head timeout
+/// and cut short by a shutdown; then the requests. A failed handshake closes quietly.
+async fn serve_tls(
+    w: &Worker,
+    cfg: Arc<rustls::ServerConfig>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+) {
+    let hs = monoio::select! {
+        r = monoio::time::timeout(w.timeouts.client_head, tls::accept(cfg, stream)) => r,
+        _ = w.shutdown.wait() => return,
+    };
+    match hs {
+        Ok(Ok((s, client_subject))) => {
+            let info = ConnInfo {
+                listener,
+                tls: true,
+                client_subject,
+            };
+            serve(w, s, peer, info).await;
+        }
+        Ok(Err(e)) => {
+            w.tls_handshake_failures
+                .set(w.tls_handshake_failures.get() + 1);
+            debug!("worker {}: TLS handshake with {peer} failed: {e}", w.id);
+        }
+        Err(_) => {
+            w.tls_handshake_failures
+                .set(w.tls_handshake_failures.get() + 1);
+            debug!("worker {}: TLS handshake with {peer} timed out", w.id);
         }
     }
 }
