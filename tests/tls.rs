@@ -597,6 +597,36 @@ fn plain_http_on_a_tls_port_is_closed() {
 }
 
 #[test]
+fn a_stalled_handshake_is_closed_at_the_head_timeout() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = tls_gateway(
+            up.addr,
+            "",
+            &format!("{ALL}\n[timeouts]\nclient_head = \"300ms\"\n"),
+        );
+        let gw = TestGateway::start(&toml, d);
+        // Silent, and half a ClientHello record: both are closed by the gateway (EOF before
+        // the client's 10 s read timeout), without an answer.
+        for first in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00][..]] {
+            let mut s = TcpStream::connect(gw.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(first).unwrap();
+            let mut tmp = [0u8; 64];
+            match s.read(&mut tmp) {
+                Ok(0) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+                other => panic!("{d:?}: expected a close, got {other:?}"),
+            }
+        }
+        // The worker was not held up meanwhile.
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        assert_eq!(c.get("a.test", "/").unwrap().status, 200);
+    }
+}
+
+#[test]
 fn graceful_shutdown_finishes_a_tls_request_in_flight() {
     for d in DRIVERS {
         let up = Upstream::slow(Duration::from_millis(300), b"late");
