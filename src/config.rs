@@ -364,9 +364,113 @@ pub struct ListenerConfig {
     pub address: Addr,
     #[serde(default = "d_backlog")]
     pub backlog: u32,
+    /// TLS termination on this listener.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsConfig>,
+    /// Answer every request on this (plain) listener with a 308 to the same URL over https.
+    #[serde(default)]
+    pub redirect_https: Option<RedirectHttpsConfig>,
 }
 fn d_backlog() -> u32 {
     1024
+}
+
+/// TLS on a listener: certificates chosen by SNI, versions, resumption, client certificates.
+/// Files are PEM, read when the config loads (paths relative to the working directory).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// Chain + key pairs. The first is the default (no SNI, or no name matches).
+    pub certificates: Vec<CertKeyConfig>,
+    /// Lowest protocol version accepted: "1.2" (default) or "1.3".
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// Sessions kept for resumption by session id (TLS 1.2), shared by the workers; 0 turns
+    /// the cache off (tickets still resume).
+    #[serde(default = "d_session_cache")]
+    pub session_cache: usize,
+    /// Stateless resumption tickets (keys rotated every 6 hours, never written to disk).
+    #[serde(default = "d_true")]
+    pub session_tickets: bool,
+    /// Client certificates (mTLS).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthConfig>,
+}
+fn d_session_cache() -> usize {
+    4096
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertKeyConfig {
+    /// The certificate chain, leaf first.
+    pub cert: String,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    /// The handshake fails without a certificate from one of the CAs.
+    #[default]
+    Required,
+    /// A certificate is verified when sent; routes decide with `require_client_cert`.
+    Optional,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub ca: String,
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+    /// Header that carries the verified certificate's subject upstream. A copy sent by the
+    /// client is always removed.
+    #[serde(default = "d_subject_header")]
+    pub subject_header: HeaderName,
+}
+fn d_subject_header() -> HeaderName {
+    HeaderName("x-client-cert-subject".into())
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectHttpsConfig {
+    /// Port in the Location URL; absent or 443: none written.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+/// TLS to an upstream group's endpoints.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// CA bundle (PEM) that the endpoints' certificates must chain to; absent: the Mozilla
+    /// roots built into ringway (webpki-roots).
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// Name sent as SNI and verified in the certificate; default: the endpoint's host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Client certificate chain and key presented to the endpoints.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
+    /// `false` accepts any certificate (testing only: it gives up on authentication).
+    #[serde(default = "d_true")]
+    pub verify: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -540,6 +644,9 @@ pub struct UpstreamConfig {
     pub outlier: OutlierConfig,
     #[serde(default)]
     pub circuit_breaker: Option<BreakerConfig>,
+    /// TLS to the endpoints.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsConfig>,
 }
 fn d_max_idle() -> usize {
     64
@@ -642,6 +749,9 @@ pub struct RouteConfig {
     /// Request quotas per calendar day or month (UTC); kept in Redis with that backend.
     #[serde(default)]
     pub quotas: Vec<QuotaConfig>,
+    /// Only requests with a verified client certificate (mTLS) pass; others get a 403.
+    #[serde(default)]
+    pub require_client_cert: bool,
 }
 
 /// A quota: at most `limit` requests per key per calendar period.
@@ -938,6 +1048,41 @@ impl Config {
                     "must be above 0".into(),
                 ));
             }
+            if let Some(t) = &l.tls {
+                if l.redirect_https.is_some() {
+                    return Err(err(
+                        format!("listeners[{i}].redirect_https"),
+                        None,
+                        "a TLS listener does not redirect to https".into(),
+                    ));
+                }
+                crate::tls::server_config(t, &format!("listeners[{i}].tls"))
+                    .map_err(|e| err(e.key, None, e.reason))?;
+            }
+            if l.redirect_https.as_ref().and_then(|r| r.port) == Some(0) {
+                return Err(err(
+                    format!("listeners[{i}].redirect_https.port"),
+                    None,
+                    "must be above 0".into(),
+                ));
+            }
+        }
+        if self.routes.iter().any(|r| r.require_client_cert)
+            && !self
+                .listeners
+                .iter()
+                .any(|l| l.tls.as_ref().is_some_and(|t| t.client_auth.is_some()))
+        {
+            let i = self
+                .routes
+                .iter()
+                .position(|r| r.require_client_cert)
+                .unwrap_or(0);
+            return Err(err(
+                format!("routes[{i}].require_client_cert"),
+                None,
+                "no listener has tls.client_auth, so no request could pass".into(),
+            ));
         }
         if self.rate_limiting.max_keys == 0 {
             return Err(err(
@@ -1052,6 +1197,10 @@ impl Config {
                     None,
                     "only used with balance = \"consistent_hash\"".into(),
                 ));
+            }
+            if let Some(t) = &u.tls {
+                crate::tls::client_config(t, &format!("upstreams.{name}.tls"))
+                    .map_err(|e| err(e.key, None, e.reason))?;
             }
             for (j, e) in u.endpoints.iter().enumerate() {
                 if e.weight == 0 || e.weight > 1000 {
@@ -1323,12 +1472,17 @@ fn locate_key(src: &str, key: &str) -> (Option<usize>, Option<usize>) {
         let found = match idx {
             Some(n) => {
                 let header = format!("[[{name}]]");
-                hay.match_indices(&header).nth(n).map(|(p, _)| p)
+                hay.match_indices(&header)
+                    .nth(n)
+                    .map(|(p, _)| p)
+                    .or_else(|| find_key_line(hay, name))
             }
             None => find_key_line(hay, name),
         };
         match found {
             Some(p) => offset += p,
+            // An inline table or array: the closest enclosing key found is the best position.
+            None if offset > 0 => break,
             None => return (None, None),
         }
     }

@@ -40,6 +40,11 @@ pub enum GatewayError {
     ConcurrencyLimited,
     /// A limit kept in Redis could not be checked and the policy is to fail closed.
     RateLimitUnavailable,
+    /// The TLS handshake with the upstream failed (certificate not trusted, name mismatch,
+    /// protocol error).
+    UpstreamTls,
+    /// The route requires a verified client certificate and the connection has none.
+    ClientCertRequired,
 }
 
 impl GatewayError {
@@ -60,6 +65,8 @@ impl GatewayError {
             | GatewayError::Overloaded => 503,
             GatewayError::RateLimited(_) => 429,
             GatewayError::ConcurrencyLimited | GatewayError::RateLimitUnavailable => 503,
+            GatewayError::UpstreamTls => 502,
+            GatewayError::ClientCertRequired => 403,
         }
     }
 
@@ -85,6 +92,8 @@ impl GatewayError {
             GatewayError::RateLimited(_) => "rate_limited",
             GatewayError::ConcurrencyLimited => "concurrency_limited",
             GatewayError::RateLimitUnavailable => "rate_limit_unavailable",
+            GatewayError::UpstreamTls => "upstream_tls_failed",
+            GatewayError::ClientCertRequired => "client_certificate_required",
         }
     }
 
@@ -110,6 +119,8 @@ impl GatewayError {
             GatewayError::RateLimitUnavailable => {
                 "the shared rate-limit store cannot be reached, and this route fails closed"
             }
+            GatewayError::UpstreamTls => "the TLS handshake with the upstream failed",
+            GatewayError::ClientCertRequired => "this route requires a verified client certificate",
         }
     }
 

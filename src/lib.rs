@@ -10,6 +10,7 @@
 //! - [`upstream`]: per-worker upstream groups, balancers and keep-alive pools.
 //! - [`config`]: the TOML file, typed and validated.
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
+//! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
 
 pub mod config;
 pub mod date;
@@ -25,5 +26,6 @@ pub mod retry;
 pub mod rewrite;
 pub mod router;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod window;

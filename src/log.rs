@@ -1,5 +1,6 @@
 //! Minimal logging to stderr: `level=... msg=...` lines with a UNIX timestamp.
-//! `RINGWAY_LOG=warn` (or `error`, `off`) quiets it.
+//! `RINGWAY_LOG=warn` (or `error`, `off`) quiets it; `RINGWAY_LOG=debug` adds per-connection
+//! events such as failed TLS handshakes.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -9,6 +10,7 @@ pub enum Level {
     Error = 1,
     Warn = 2,
     Info = 3,
+    Debug = 4,
 }
 
 static LEVEL: AtomicU8 = AtomicU8::new(0);
@@ -20,6 +22,7 @@ pub fn enabled(level: Level) -> bool {
             Ok("off") => 0,
             Ok("error") => 1,
             Ok("warn") => 2,
+            Ok("debug") => 4,
             _ => 3,
         };
         LEVEL.store(l, Ordering::Relaxed);
@@ -35,6 +38,7 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
         Level::Error => "error",
         Level::Warn => "warn",
         Level::Info => "info",
+        Level::Debug => "debug",
     };
     eprintln!("{}.{:03} {l} {args}", now.as_secs(), now.subsec_millis());
 }
@@ -42,6 +46,10 @@ pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
 #[macro_export]
 macro_rules! info {
     ($($t:tt)*) => { if $crate::log::enabled($crate::log::Level::Info) { $crate::log::write($crate::log::Level::Info, format_args!($($t)*)) } };
+}
+#[macro_export]
+macro_rules! debug {
+    ($($t:tt)*) => { if $crate::log::enabled($crate::log::Level::Debug) { $crate::log::write($crate::log::Level::Debug, format_args!($($t)*)) } };
 }
 #[macro_export]
 macro_rules! warn {

@@ -18,7 +18,7 @@ USAGE:
 
 ENVIRONMENT:
     RINGWAY_DRIVER=auto|io_uring|epoll      override [server].driver
-    RINGWAY_LOG=info|warn|error|off         log level (default info)
+    RINGWAY_LOG=debug|info|warn|error|off   log level (default info)
 ";
 
 /// The demo config, built in so that `ringway demo` works from any directory.
@@ -170,9 +170,21 @@ fn print_summary(file: &str, cfg: &Config) {
     let _ = writeln!(out, "workers: {}", cfg.worker_count());
     let _ = writeln!(out, "listeners:");
     for l in &cfg.listeners {
+        let mode = match (&l.tls, &l.redirect_https) {
+            (Some(t), _) => format!(
+                " [tls: {} certificate(s){}]",
+                t.certificates.len(),
+                match &t.client_auth {
+                    Some(c) => format!(", client certificates {:?}", c.mode).to_lowercase(),
+                    None => String::new(),
+                }
+            ),
+            (None, Some(_)) => " [redirects to https]".to_string(),
+            (None, None) => String::new(),
+        };
         let _ = writeln!(
             out,
-            "  {} {}",
+            "  {} {}{mode}",
             l.address.addr,
             l.name.as_deref().unwrap_or("")
         );

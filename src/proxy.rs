@@ -26,8 +26,8 @@ use crate::config::{HashOn, RateKey, RedisFailure};
 use crate::date::{http_date, HTTP_DATE_LEN};
 use crate::error::{write_error_response, GatewayError};
 use crate::http::chunked::ChunkedScanner;
-use crate::http::encode::{put_chunk_size, put_header, put_u64};
-use crate::http::request::{parse_request, BodyKind, Limits, Method, RequestHead};
+use crate::http::encode::{put_chunk_size, put_header, put_status_line, put_u64};
+use crate::http::request::{parse_request, BodyKind, Limits, Method, ParseError, RequestHead};
 use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
 use crate::http::Version;
 use crate::local::Notify;
@@ -38,8 +38,8 @@ use crate::router::{Action, DirectResponse, Route, Router};
 use crate::upstream::balance::hash_bytes;
 use crate::upstream::breaker::Admit;
 use crate::upstream::health::{Ejection, HealthHub};
-use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
-use crate::warn;
+use crate::upstream::{UpConn, UpStream, UpstreamGroup, UPSTREAM_READ_BUF};
+use crate::{tls, warn};
 use std::sync::Arc;
 
 /// Initial read buffer of a client connection; grows up to the head limit when needed. It is
@@ -91,9 +91,78 @@ impl Shutdown {
     }
 }
 
+/// What a listener asks of the connections it accepts.
+#[derive(Clone, Default)]
+pub struct ListenerRt {
+    /// TLS termination (one config per listener, shared by the workers).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// mTLS: the header that carries the client certificate's subject upstream; a copy sent by
+    /// the client is always removed.
+    pub subject_header: Option<Box<[u8]>>,
+    /// Plain listener that answers every request with a redirect to https (the port, if any,
+    /// to write in the Location).
+    pub redirect_https: Option<Option<u16>>,
+}
+
+impl ListenerRt {
+    pub fn from_config(
+        l: &crate::config::ListenerConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> ListenerRt {
+        ListenerRt {
+            tls,
+            subject_header: l
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_auth.as_ref())
+                .map(|c| c.subject_header.0.as_bytes().into()),
+            redirect_https: l
+                .redirect_https
+                .as_ref()
+                .map(|r| r.port.filter(|p| *p != 443)),
+        }
+    }
+}
+
+/// What a connection's listener and TLS handshake tell its requests.
+#[derive(Default)]
+pub struct ConnInfo {
+    /// Index of the listener in config order.
+    pub listener: usize,
+    /// Came over TLS (X-Forwarded-Proto: https).
+    pub tls: bool,
+    /// The subject of the client's verified certificate (mTLS), as a header value.
+    pub client_subject: Option<Box<[u8]>>,
+}
+
+/// A client stream: plain TCP or TLS. `close` ends it politely: TLS sends `close_notify`;
+/// plain TCP needs nothing more than the close that dropping it does.
+pub trait ClientIo: AsyncReadRent + AsyncWriteRent {
+    fn close(&mut self, _limit: Duration) -> impl std::future::Future<Output = ()> {
+        async {}
+    }
+}
+
+impl ClientIo for TcpStream {}
+
+impl ClientIo for tls::ServerStream {
+    fn close(&mut self, limit: Duration) -> impl std::future::Future<Output = ()> {
+        tls::close_notify(self, limit)
+    }
+}
+
+/// Longest wait for a TLS `close_notify` to be written when a connection ends.
+pub const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Everything one worker owns: its route table, upstream pools, limits and counters.
 pub struct Worker {
     pub id: usize,
+    /// Per listener, in config order.
+    pub listeners: Vec<ListenerRt>,
+    /// TLS handshakes that failed or timed out on this worker.
+    pub tls_handshake_failures: Cell<u64>,
+    /// The mTLS subject headers of all listeners: only the gateway sets them.
+    pub identity_headers: Box<[Box<[u8]>]>,
     pub router: Router,
     pub upstreams: Vec<UpstreamGroup>,
     pub limits: Limits,
@@ -131,6 +200,18 @@ impl Worker {
         };
         let w = Worker {
             id,
+            listeners: cfg
+                .listeners
+                .iter()
+                .map(|l| ListenerRt::from_config(l, None))
+                .collect(),
+            tls_handshake_failures: Cell::new(0),
+            identity_headers: cfg
+                .listeners
+                .iter()
+                .filter_map(|l| l.tls.as_ref()?.client_auth.as_ref())
+                .map(|c| c.subject_header.0.as_bytes().into())
+                .collect(),
             router: Router::new(cfg, seed),
             upstreams: cfg
                 .upstreams
@@ -266,6 +347,34 @@ impl PeerIp {
     }
 }
 
+/// "a.test:8080" → "a.test"; "[::1]:80" → "[::1]".
+fn host_without_port(h: &[u8]) -> &[u8] {
+    if h.starts_with(b"[") {
+        match h.iter().position(|b| *b == b']') {
+            Some(p) => &h[..=p],
+            None => h,
+        }
+    } else {
+        match h.iter().position(|b| *b == b':') {
+            Some(p) => &h[..p],
+            None => h,
+        }
+    }
+}
+
+/// A host fit for a Location URL: a name or an IPv4 address, or a bracketed IPv6 address.
+fn valid_host(h: &[u8]) -> bool {
+    if let Some(inner) = h.strip_prefix(b"[").and_then(|r| r.strip_suffix(b"]")) {
+        return !inner.is_empty()
+            && inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || b".:".contains(b));
+    }
+    !h.is_empty()
+        && h.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(b))
+}
+
 fn valid_request_id(v: &[u8]) -> bool {
     !v.is_empty()
         && v.len() <= MAX_REQUEST_ID
@@ -342,6 +451,7 @@ pub struct Conn<S> {
     /// RateLimit-Policy / RateLimit header lines for this request's response (empty when the
     /// route has no limits).
     rl_headers: BytesMut,
+    info: ConnInfo,
 }
 
 enum HeadRead {
@@ -358,7 +468,7 @@ enum Next {
 }
 
 /// Serves one client connection until it closes.
-pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: SocketAddr) {
+pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnInfo) {
     let mut c = Conn {
         io,
         rbuf: BytesMut::with_capacity(CLIENT_READ_BUF),
@@ -376,6 +486,7 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
         continue_sent: false,
         body_done: false,
         rl_headers: BytesMut::new(),
+        info,
     };
     loop {
         // Release the last head's bytes so the read buffer can take its space back instead of
@@ -383,13 +494,13 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
         c.head.raw = Bytes::new();
         match c.read_head(w).await {
             HeadRead::Ready => {}
-            HeadRead::Closed => return,
+            HeadRead::Closed => break,
             HeadRead::Fail(e) => {
                 // The head was refused: nothing of it (a HEAD method included) applies.
                 c.head.method = Method::Get;
                 w.next_id(&mut c.id);
                 let _ = c.send_error(w, e, true).await;
-                return;
+                break;
             }
         }
         c.wbuf = w.bufs.take();
@@ -398,9 +509,10 @@ pub async fn serve<S: AsyncReadRent + AsyncWriteRent>(w: &Worker, io: S, peer: S
         w.bufs.give(std::mem::take(&mut c.wbuf));
         w.bufs.give(std::mem::take(&mut c.ubuf));
         if next == Next::Close || w.shutdown.is_set() {
-            return;
+            break;
         }
     }
+    c.io.close(CLOSE_NOTIFY_TIMEOUT).await;
 }
 
 impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
@@ -461,10 +573,16 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             }
             None => w.next_id(&mut self.id),
         }
+        if let Some(port) = w.listeners[self.info.listener].redirect_https {
+            return self.redirect_https(w, port).await;
+        }
         let Some(ri) = w.router.find_index(&self.head) else {
             return self.reject(w, GatewayError::NoRoute).await;
         };
         let route = &w.router.routes[ri];
+        if route.require_client_cert && self.info.client_subject.is_none() {
+            return self.reject(w, GatewayError::ClientCertRequired).await;
+        }
         let o = &route.timeouts;
         self.t = Timeouts {
             client_body: o.client_body.unwrap_or(w.timeouts.client_body),
@@ -681,6 +799,52 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         }
     }
 
+    /// Answers a request on a `redirect_https` listener: 308 to the same host, path and query
+    /// over https. A request without a usable Host gets a 400.
+    async fn redirect_https(&mut self, w: &Worker, port: Option<u16>) -> Next {
+        let Some(host) = self
+            .head
+            .host_bytes()
+            .map(host_without_port)
+            .filter(|h| valid_host(h))
+        else {
+            let e = GatewayError::Parse(ParseError::Bad("a redirect to https needs a valid Host"));
+            return self.reject(w, e).await;
+        };
+        self.wbuf.clear();
+        put_status_line(&mut self.wbuf, 308, b"Permanent Redirect");
+        self.wbuf.put_slice(b"location: https://");
+        self.wbuf.put_slice(host);
+        if let Some(p) = port {
+            self.wbuf.put_u8(b':');
+            put_u64(&mut self.wbuf, p as u64);
+        }
+        let pq = self.head.bytes(self.head.path_query);
+        if pq.starts_with(b"/") {
+            self.wbuf.put_slice(pq);
+        } else {
+            self.wbuf.put_u8(b'/');
+        }
+        self.wbuf.put_slice(b"\r\ncontent-length: 0\r\n");
+        put_header(&mut self.wbuf, b"date", &w.date.get());
+        put_header(&mut self.wbuf, b"x-request-id", self.id.as_bytes());
+        let keep = self.head.keep_alive && self.skip_buffered_body() && !w.shutdown.is_set();
+        self.put_connection(keep);
+        self.wbuf.put_slice(b"\r\n");
+        let buf = std::mem::take(&mut self.wbuf);
+        match write_buf(&mut self.io, buf, self.t.client_write).await {
+            Ok(b) => {
+                self.wbuf = b;
+                if keep {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                }
+            }
+            Err(_) => Next::Close,
+        }
+    }
+
     fn put_connection(&mut self, keep: bool) {
         if let Some(v) = connection_value(keep, self.head.version) {
             put_header(&mut self.wbuf, b"connection", v);
@@ -693,6 +857,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             peer_ip: self.peer_ip.as_bytes(),
             request_id: self.id.as_bytes(),
             via: &w.via,
+            https: self.info.tls,
+            strip: &w.identity_headers,
+            identity: w.listeners[self.info.listener]
+                .subject_header
+                .as_deref()
+                .zip(self.info.client_subject.as_deref()),
         };
         encode_upstream_head(&mut self.ubuf, &self.head, route, authority, &f);
     }
@@ -1208,6 +1378,9 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             peer_ip: self.peer_ip.as_bytes(),
             request_id: self.id.as_bytes(),
             via: &w.via,
+            https: self.info.tls,
+            strip: &[],
+            identity: None,
         };
         let chunked = matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk);
         let connection = connection_value(keep, self.head.version);
@@ -1428,16 +1601,37 @@ enum RespFail {
     Client,
 }
 
+/// A new connection to endpoint `ep`: TCP, then the TLS handshake when the group has TLS,
+/// both within `dur`.
 async fn connect(group: &UpstreamGroup, ep: usize, dur: Duration) -> Result<UpConn, GatewayError> {
     let addr = group.endpoints[ep].addr;
-    match monoio::time::timeout(dur, TcpStream::connect_addr(addr)).await {
-        Err(_) => Err(GatewayError::UpstreamConnectTimeout),
-        Ok(Err(_)) => Err(GatewayError::UpstreamConnect),
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(group.adopt(stream, ep))
+    let started = Instant::now();
+    let stream = match monoio::time::timeout(dur, TcpStream::connect_addr(addr)).await {
+        Err(_) => return Err(GatewayError::UpstreamConnectTimeout),
+        Ok(Err(_)) => return Err(GatewayError::UpstreamConnect),
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    let stream = match &group.tls {
+        None => UpStream::Plain(stream),
+        Some(t) => {
+            use std::os::fd::AsRawFd;
+            let fd = stream.as_raw_fd();
+            let left = dur.saturating_sub(started.elapsed());
+            match monoio::time::timeout(left, tls::connect(t, ep, stream)).await {
+                Err(_) => return Err(GatewayError::UpstreamConnectTimeout),
+                Ok(Err(e)) => {
+                    warn!(
+                        "TLS handshake with {addr} (upstream {}) failed: {e:?}",
+                        group.name
+                    );
+                    return Err(GatewayError::UpstreamTls);
+                }
+                Ok(Ok(s)) => UpStream::Tls(Box::new(s), fd),
+            }
         }
-    }
+    };
+    Ok(group.adopt(stream, ep))
 }
 
 /// Feeds an upstream outcome to the circuit breaker and to outlier detection: consecutive
@@ -1470,6 +1664,40 @@ fn record_outcome(w: &Worker, group: &UpstreamGroup, ep: usize, probe: bool, fai
             // Another worker was first: stop using it here too, before the next sync.
             Ejection::Already => s.routable.set(false),
             Ejection::Refused => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_hosts_lose_their_port_and_must_be_plain_names_or_addresses() {
+        assert_eq!(host_without_port(b"a.test:8080"), b"a.test");
+        assert_eq!(host_without_port(b"a.test"), b"a.test");
+        assert_eq!(host_without_port(b"[::1]:80"), b"[::1]");
+        for ok in [
+            &b"a.test"[..],
+            b"10.0.0.1",
+            b"[::1]",
+            b"[fe80::1]",
+            b"under_score",
+        ] {
+            assert!(valid_host(ok), "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b""[..],
+            b"a/b",
+            b"a@b",
+            b"a b",
+            b"[]",
+            b"[::1",
+            b"a\"b",
+            b"evil.test?x",
+            b"[::1]x",
+        ] {
+            assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }

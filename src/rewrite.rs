@@ -23,6 +23,13 @@ pub struct Forwarding<'a> {
     pub request_id: &'a [u8],
     /// "1.1 ringway".
     pub via: &'a [u8],
+    /// The client connection is TLS: `X-Forwarded-Proto: https`.
+    pub https: bool,
+    /// Headers only the gateway may set (the mTLS subject headers of every listener): a
+    /// client's copies are dropped, on every listener.
+    pub strip: &'a [Box<[u8]>],
+    /// mTLS: the subject header's name and the verified client certificate's subject.
+    pub identity: Option<(&'a [u8], &'a [u8])>,
 }
 
 /// Header names with a rule of their own, recognised by length first so most names cost one
@@ -107,6 +114,9 @@ pub fn encode_upstream_head(
         if rules.drops(name) || conn.lists(name) {
             continue;
         }
+        if !f.strip.is_empty() && f.strip.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+            continue;
+        }
         put_header(out, name, req.bytes(h.value));
     }
     if !rules.drops(b"x-forwarded-for") {
@@ -128,12 +138,19 @@ pub fn encode_upstream_head(
         (HostPolicy::Preserve, Some(h)) => put_header(out, b"host", h),
         _ => put_header(out, b"host", authority),
     }
-    out.put_slice(b"x-forwarded-proto: http\r\n");
+    if f.https {
+        out.put_slice(b"x-forwarded-proto: https\r\n");
+    } else {
+        out.put_slice(b"x-forwarded-proto: http\r\n");
+    }
     if let Some(h) = req.host_bytes() {
         put_header(out, b"x-forwarded-host", h);
     }
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
+    if let Some((name, subject)) = f.identity {
+        put_header(out, name, subject);
+    }
     rules.put(out);
     match req.body {
         BodyKind::None => {

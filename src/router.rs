@@ -121,6 +121,8 @@ pub struct Route {
     /// Rate limits, in config order (ids unique across routes).
     pub limits: Vec<Limit>,
     pub concurrency: Option<Concurrency>,
+    /// Requests without a verified client certificate get a 403.
+    pub require_client_cert: bool,
 }
 
 /// Per-route overrides of the global timeouts.
@@ -461,6 +463,7 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
             key: c.key.clone(),
             max: c.max,
         }),
+        require_client_cert: rc.require_client_cert,
     }
 }
 

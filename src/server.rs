@@ -18,10 +18,11 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverChoice};
-use crate::proxy::{serve, Worker};
+use crate::proxy::{serve, ConnInfo, ListenerRt, Worker};
 use crate::ratelimit::HostBuckets;
+use crate::tls::{self, UpstreamTls};
 use crate::upstream::health::{self, HealthHub};
-use crate::{info, warn};
+use crate::{debug, info, warn};
 
 /// How often each worker reads the stop flag and the shared endpoint health.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
@@ -73,6 +74,7 @@ impl Gateway {
         let n = workers
             .filter(|n| *n > 0)
             .unwrap_or_else(|| cfg.worker_count());
+        let (listeners_rt, upstream_tls) = build_tls(&cfg)?;
         let (per_worker, addrs) = bind_listeners(&cfg, n)?;
         let stop = Arc::new(AtomicBool::new(false));
         let hub = HealthHub::new(&cfg);
@@ -87,6 +89,8 @@ impl Gateway {
             let shared = Shared {
                 hub: hub.clone(),
                 buckets: buckets.clone(),
+                listeners: listeners_rt.clone(),
+                upstream_tls: upstream_tls.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -116,7 +120,7 @@ impl Gateway {
                 }
             }
         }
-        if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone()) {
+        if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone(), &upstream_tls) {
             threads.push(t);
         }
         if let Some(link) = buckets.redis() {
@@ -236,10 +240,49 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
     Ok((per_worker, addrs))
 }
 
-/// What the workers share: endpoint health and the host-wide rate-limit buckets.
+/// What the workers share: endpoint health, the host-wide rate-limit buckets, and the TLS
+/// configs (with their session caches and ticket keys).
 struct Shared {
     hub: Arc<HealthHub>,
     buckets: Arc<HostBuckets>,
+    listeners: Vec<ListenerRt>,
+    upstream_tls: UpstreamTlsList,
+}
+
+/// Per upstream group in config order: its TLS, if any.
+type UpstreamTlsList = Vec<Option<Arc<UpstreamTls>>>;
+
+/// One rustls config per TLS listener and per TLS upstream group, built once for all workers.
+/// The files were checked when the config loaded; an error here means they changed since.
+fn build_tls(cfg: &Config) -> io::Result<(Vec<ListenerRt>, UpstreamTlsList)> {
+    let fail = |e: tls::TlsConfigError| io::Error::other(format!("key `{}`: {}", e.key, e.reason));
+    let mut listeners = Vec::with_capacity(cfg.listeners.len());
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let server = match &l.tls {
+            Some(t) => Some(tls::server_config(t, &format!("listeners[{i}].tls")).map_err(fail)?),
+            None => None,
+        };
+        listeners.push(ListenerRt::from_config(l, server));
+    }
+    let mut upstreams = Vec::with_capacity(cfg.upstreams.len());
+    for (name, u) in &cfg.upstreams {
+        let built = match &u.tls {
+            Some(t) => {
+                let authorities: Vec<&str> = u
+                    .endpoints
+                    .iter()
+                    .map(|e| e.address.text.as_str())
+                    .collect();
+                Some(Arc::new(
+                    tls::upstream_tls(t, &format!("upstreams.{name}.tls"), &authorities)
+                        .map_err(fail)?,
+                ))
+            }
+            None => None,
+        };
+        upstreams.push(built);
+    }
+    Ok((listeners, upstreams))
 }
 
 type Ready = mpsc::Sender<Result<(DriverKind, Option<String>), String>>;
@@ -319,7 +362,12 @@ async fn worker_main(
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
-    let w = Rc::new(Worker::new(&cfg, id, shared.hub, shared.buckets));
+    let mut worker = Worker::new(&cfg, id, shared.hub, shared.buckets);
+    worker.listeners = shared.listeners;
+    for (g, t) in worker.upstreams.iter_mut().zip(shared.upstream_tls) {
+        g.tls = t;
+    }
+    let w = Rc::new(worker);
     drop(cfg);
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
@@ -348,10 +396,10 @@ async fn worker_main(
             }
         });
     }
-    for l in listeners {
+    for (i, l) in listeners.into_iter().enumerate() {
         match monoio::net::TcpListener::from_std(l) {
             Ok(l) => {
-                monoio::spawn(accept_loop(w.clone(), l));
+                monoio::spawn(accept_loop(w.clone(), l, i));
             }
             Err(e) => warn!("worker {id}: cannot register a listener: {e}"),
         }
@@ -372,7 +420,8 @@ async fn worker_main(
     }
 }
 
-async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener) {
+async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize) {
+    let tls = w.listeners[listener].tls.clone();
     loop {
         let accepted = monoio::select! {
             r = l.accept() => r,
@@ -382,16 +431,67 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener) {
             Ok((stream, peer)) => {
                 w.active.set(w.active.get() + 1);
                 let guard = ConnGuard(w.clone());
-                monoio::spawn(async move {
-                    serve(&guard.0, stream, peer).await;
-                    drop(guard);
-                });
+                // Two task bodies, so that a plain connection's task is not sized for TLS.
+                match &tls {
+                    None => {
+                        monoio::spawn(async move {
+                            let info = ConnInfo {
+                                listener,
+                                ..ConnInfo::default()
+                            };
+                            serve(&guard.0, stream, peer, info).await;
+                            drop(guard);
+                        });
+                    }
+                    Some(cfg) => {
+                        let cfg = cfg.clone();
+                        monoio::spawn(async move {
+                            serve_tls(&guard.0, cfg, stream, peer, listener).await;
+                            drop(guard);
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!("worker {}: accept failed: {e}", w.id);
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// A TLS connection: the handshake, in the connection's own task, bounded by the head timeout
+/// and cut short by a shutdown; then the requests. A failed handshake closes quietly.
+async fn serve_tls(
+    w: &Worker,
+    cfg: Arc<rustls::ServerConfig>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+) {
+    let hs = monoio::select! {
+        r = monoio::time::timeout(w.timeouts.client_head, tls::accept(cfg, stream)) => r,
+        _ = w.shutdown.wait() => return,
+    };
+    match hs {
+        Ok(Ok((s, client_subject))) => {
+            let info = ConnInfo {
+                listener,
+                tls: true,
+                client_subject,
+            };
+            serve(w, s, peer, info).await;
+        }
+        Ok(Err(e)) => {
+            w.tls_handshake_failures
+                .set(w.tls_handshake_failures.get() + 1);
+            debug!("worker {}: TLS handshake with {peer} failed: {e}", w.id);
+        }
+        Err(_) => {
+            w.tls_handshake_failures
+                .set(w.tls_handshake_failures.get() + 1);
+            debug!("worker {}: TLS handshake with {peer} timed out", w.id);
         }
     }
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 
 use crate::config::{Config, HealthCheckConfig, OutlierConfig};
-use crate::upstream::UpstreamGroup;
+use crate::tls::UpstreamTls;
+use crate::upstream::{UpStream, UpstreamGroup};
 use crate::{info, warn};
 
 #[derive(Clone, Copy, Debug)]
@@ -118,18 +119,25 @@ impl HealthHub {
     }
 }
 
-/// Starts the active health checker thread when some group has `health_check`.
+/// Starts the active health checker thread when some group has `health_check`. `tls`: each
+/// group's upstream TLS (checks of a TLS group go over TLS, verified the same way).
 pub fn spawn_checker(
     cfg: &Config,
     hub: Arc<HealthHub>,
     stop: Arc<AtomicBool>,
+    tls: &[Option<Arc<UpstreamTls>>],
 ) -> Option<JoinHandle<()>> {
     let mut targets = Vec::new();
     for (g, u) in cfg.upstreams.values().enumerate() {
         if let Some(hc) = &u.health_check {
             for (e, ep) in u.endpoints.iter().enumerate() {
                 let host = hc.host.clone().unwrap_or_else(|| ep.address.text.clone());
-                targets.push((g, e, ep.address.addr, host, hc.clone()));
+                let target = Target {
+                    addr: ep.address.addr,
+                    tls: tls.get(g).cloned().flatten(),
+                    ep: e,
+                };
+                targets.push((g, e, target, host, hc.clone()));
             }
         }
     }
@@ -151,10 +159,10 @@ pub fn spawn_checker(
             };
             rt.block_on(async move {
                 let mut tasks = Vec::new();
-                for (g, e, addr, host, hc) in targets {
+                for (g, e, target, host, hc) in targets {
                     let hub = hub.clone();
                     let stop = stop.clone();
-                    tasks.push(monoio::spawn(check_loop(g, e, addr, host, hc, hub, stop)));
+                    tasks.push(monoio::spawn(check_loop(g, e, target, host, hc, hub, stop)));
                 }
                 for t in tasks {
                     t.await;
@@ -164,10 +172,18 @@ pub fn spawn_checker(
         .ok()
 }
 
+/// Where one check goes.
+struct Target {
+    addr: SocketAddr,
+    tls: Option<Arc<UpstreamTls>>,
+    /// Index of the endpoint in its group (for its TLS name).
+    ep: usize,
+}
+
 async fn check_loop(
     g: usize,
     e: usize,
-    addr: SocketAddr,
+    target: Target,
     host: String,
     hc: HealthCheckConfig,
     hub: Arc<HealthHub>,
@@ -177,20 +193,22 @@ async fn check_loop(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: ringway-health-check\r\nConnection: close\r\n\r\n",
         hc.path
     );
+    let addr = target.addr;
     let mut healthy = true;
     let (mut passes, mut fails) = (0u32, 0u32);
     while !stop.load(Ordering::Relaxed) {
-        let ok =
-            match monoio::time::timeout(hc.timeout.0, check_once(addr, request.as_bytes())).await {
-                Ok(Some(status)) => {
-                    if hc.expected_statuses.is_empty() {
-                        (200..400).contains(&status)
-                    } else {
-                        hc.expected_statuses.contains(&status)
-                    }
+        let ok = match monoio::time::timeout(hc.timeout.0, check_once(&target, request.as_bytes()))
+            .await
+        {
+            Ok(Some(status)) => {
+                if hc.expected_statuses.is_empty() {
+                    (200..400).contains(&status)
+                } else {
+                    hc.expected_statuses.contains(&status)
                 }
-                _ => false,
-            };
+            }
+            _ => false,
+        };
         if ok {
             passes += 1;
             fails = 0;
@@ -217,8 +235,19 @@ async fn check_loop(
 }
 
 /// One check: the status of the response to a GET, or None on any failure.
-async fn check_once(addr: SocketAddr, request: &[u8]) -> Option<u16> {
-    let mut s = monoio::net::TcpStream::connect_addr(addr).await.ok()?;
+async fn check_once(target: &Target, request: &[u8]) -> Option<u16> {
+    let tcp = monoio::net::TcpStream::connect_addr(target.addr)
+        .await
+        .ok()?;
+    let mut s = match &target.tls {
+        None => UpStream::Plain(tcp),
+        Some(t) => {
+            use std::os::fd::AsRawFd;
+            let fd = tcp.as_raw_fd();
+            let tls = crate::tls::connect(t, target.ep, tcp).await.ok()?;
+            UpStream::Tls(Box::new(tls), fd)
+        }
+    };
     let (r, _) = s.write_all(request.to_vec()).await;
     r.ok()?;
     let mut got: Vec<u8> = Vec::with_capacity(256);

@@ -9,15 +9,20 @@ pub mod health;
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
+use monoio::BufResult;
 
 use crate::config::{Balance, HashOn, OutlierConfig, UpstreamConfig};
 use crate::local::Notify;
+use crate::tls::{ClientStream, UpstreamTls};
 use balance::{Algorithm, EndpointStats};
 use breaker::Breaker;
 
@@ -34,9 +39,73 @@ pub struct ConnCount {
     pub freed: Notify,
 }
 
+/// The byte stream to an upstream endpoint: plain TCP, or TLS over TCP. A plain stream costs
+/// one match per read or write, nothing more.
+pub enum UpStream {
+    Plain(TcpStream),
+    /// The session, and the socket's fd for the pool's liveness peek (monoio-rustls does not
+    /// lend out the socket).
+    Tls(Box<ClientStream>, RawFd),
+}
+
+impl UpStream {
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            UpStream::Plain(s) => s.as_raw_fd(),
+            UpStream::Tls(_, fd) => *fd,
+        }
+    }
+}
+
+impl AsyncReadRent for UpStream {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Plain(s) => s.read(buf).await,
+            UpStream::Tls(s, _) => s.read(buf).await,
+        }
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Plain(s) => s.readv(buf).await,
+            UpStream::Tls(s, _) => s.readv(buf).await,
+        }
+    }
+}
+
+impl AsyncWriteRent for UpStream {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Plain(s) => s.write(buf).await,
+            UpStream::Tls(s, _) => s.write(buf).await,
+        }
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Plain(s) => s.writev(buf).await,
+            UpStream::Tls(s, _) => s.writev(buf).await,
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            UpStream::Plain(s) => s.flush().await,
+            UpStream::Tls(s, _) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            UpStream::Plain(s) => s.shutdown().await,
+            UpStream::Tls(s, _) => s.shutdown().await,
+        }
+    }
+}
+
 /// A connection to an upstream endpoint, with its read buffer.
 pub struct UpConn {
-    pub stream: TcpStream,
+    pub stream: UpStream,
     pub rbuf: BytesMut,
     /// Came from the pool (it served a request before).
     pub reused: bool,
@@ -79,6 +148,8 @@ pub struct UpstreamGroup {
     pub max_idle: usize,
     pub idle_timeout: Duration,
     pub conns: Rc<ConnCount>,
+    /// TLS to the endpoints (built once at start, shared by the workers).
+    pub tls: Option<Arc<UpstreamTls>>,
     /// A clock read every 50 ms by the worker's sync task: pool ages need no more precision,
     /// and the request path reads no clock for them.
     pub coarse_now: Cell<Instant>,
@@ -136,6 +207,7 @@ impl UpstreamGroup {
             max_idle: cfg.max_idle,
             idle_timeout: cfg.idle_timeout.0,
             conns: Rc::new(ConnCount::default()),
+            tls: None,
             coarse_now: Cell::new(Instant::now()),
         }
     }
@@ -164,7 +236,7 @@ impl UpstreamGroup {
             if age >= self.idle_timeout {
                 continue;
             }
-            if (verify || age >= UNVERIFIED_IDLE_MAX) && !still_open(&conn.stream) {
+            if (verify || age >= UNVERIFIED_IDLE_MAX) && !still_open(conn.stream.raw_fd()) {
                 continue;
             }
             conn.reused = true;
@@ -174,7 +246,7 @@ impl UpstreamGroup {
     }
 
     /// Wraps a new connection, counting it against the group's open connections.
-    pub fn adopt(&self, stream: TcpStream, ep: usize) -> UpConn {
+    pub fn adopt(&self, stream: UpStream, ep: usize) -> UpConn {
         self.conns.open.set(self.conns.open.get() + 1);
         UpConn {
             stream,
@@ -237,13 +309,14 @@ impl UpstreamGroup {
 }
 
 /// Did the upstream close (or send something on) an idle connection? A non-blocking peek:
-/// 0 bytes means FIN, data means an unexpected response; either way the connection is unusable.
-fn still_open(stream: &TcpStream) -> bool {
+/// 0 bytes means FIN, data means an unexpected response (or, over TLS, a record such as
+/// close_notify); either way the connection is unusable.
+fn still_open(fd: RawFd) -> bool {
     let mut byte = [0u8; 1];
     // SAFETY: recv into a valid one-byte buffer on a socket fd we own.
     let n = unsafe {
         libc::recv(
-            stream.as_raw_fd(),
+            fd,
             byte.as_mut_ptr().cast(),
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,

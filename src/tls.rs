@@ -1,0 +1,751 @@
+//! TLS with rustls (ring provider) on monoio: listener configs (certificates chosen by SNI,
+//! versions, resumption, client certificates), the server handshake, and client configs for
+//! upstream groups.
+//!
+//! # Certificate selection
+//! Each certificate answers for the DNS names in its subjectAltName extension: exact names
+//! ("api.example.com") and one-label wildcards ("*.example.com" matches "a.example.com", not
+//! "example.com" nor "a.b.example.com"). An exact name wins over a wildcard; among
+//! certificates claiming the same name the first listed wins. No SNI, or a name no certificate
+//! claims: the first certificate.
+//!
+//! # The handshake
+//! [`accept`] drives the server handshake itself over the raw TCP stream, feeding rustls from
+//! its own buffer until the handshake is done and every byte read has been handed to rustls.
+//! Only then is the connection wrapped in monoio-rustls's stream, so nothing read off the
+//! socket is left behind in a buffer we drop, and the session (client certificate, SNI) can be
+//! inspected first. It runs in the connection's own task, under the `client_head` timeout.
+//!
+//! # Cancelled I/O
+//! monoio-rustls moves its buffers into each read or write; a read or write dropped before it
+//! completes (a timeout, a shutdown while idle) leaves the stream without them, and the next
+//! call would panic. [`Guarded`] turns that into an error instead, and tells a dropped read
+//! (the write side is intact: `close_notify` can still be sent) from a dropped write.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier,
+};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, ServerConnection};
+
+use crate::config::{ClientAuthMode, ListenerTlsConfig, TlsVersion, UpstreamTlsConfig};
+
+/// ALPN protocols offered by listeners (HTTP/2 joins once ringway speaks it).
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Read size while handshaking. Small enough that application data sent right behind the
+/// client's Finished always fits rustls's plaintext buffer.
+const HANDSHAKE_READ: usize = 4096;
+/// Longest subject passed upstream; longer ones are cut.
+const MAX_SUBJECT: usize = 1024;
+
+/// A TLS setting that cannot be used: the key path (`listeners[0].tls.certificates[1].key`)
+/// and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+fn conf_err(key: String, reason: impl Into<String>) -> TlsConfigError {
+    TlsConfigError {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The one crypto provider: ring (shared with jsonwebtoken; no aws-lc in the tree).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_file(path: &str, key: &str) -> Result<Vec<u8>, TlsConfigError> {
+    std::fs::read(path).map_err(|e| conf_err(key.to_string(), format!("cannot read {path:?}: {e}")))
+}
+
+/// Every certificate in a PEM file (at least one).
+pub fn load_certs(path: &str, key: &str) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
+    let pem = read_file(path, key)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    let certs =
+        certs.map_err(|e| conf_err(key.to_string(), format!("{path:?}: bad PEM: {e:?}")))?;
+    if certs.is_empty() {
+        return Err(conf_err(
+            key.to_string(),
+            format!("{path:?} holds no CERTIFICATE block"),
+        ));
+    }
+    for (i, c) in certs.iter().enumerate() {
+        if x509_parser::parse_x509_certificate(c).is_err() {
+            return Err(conf_err(
+                key.to_string(),
+                format!(
+                    "{path:?}: certificate #{} is not a valid X.509 certificate",
+                    i + 1
+                ),
+            ));
+        }
+    }
+    Ok(certs)
+}
+
+/// The first private key in a PEM file.
+pub fn load_key(path: &str, key: &str) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    let pem = read_file(path, key)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        conf_err(
+            key.to_string(),
+            match e {
+                rustls::pki_types::pem::Error::NoItemsFound => {
+                    format!("{path:?} holds no PRIVATE KEY block")
+                }
+                e => format!("{path:?}: bad PEM: {e:?}"),
+            },
+        )
+    })
+}
+
+/// A chain and its key, checked to belong together.
+fn certified_key(
+    cert: &str,
+    key: &str,
+    at: &str,
+    cert_key: &str,
+    key_key: &str,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsConfigError> {
+    let chain = load_certs(cert, cert_key)?;
+    let der = load_key(key, key_key)?;
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| conf_err(key_key.to_string(), format!("{key:?}: unusable key: {e}")))?;
+    let ck = CertifiedKey::new(chain, signing);
+    match ck.keys_match() {
+        Ok(()) => Ok(ck),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(ck),
+        Err(_) => Err(conf_err(
+            key_key.to_string(),
+            format!("{key:?} is not the key of the certificate in {cert:?} ({at})"),
+        )),
+    }
+}
+
+fn roots(path: &str, key: &str) -> Result<RootCertStore, TlsConfigError> {
+    let mut store = RootCertStore::empty();
+    for c in load_certs(path, key)? {
+        store
+            .add(c)
+            .map_err(|e| conf_err(key.to_string(), format!("{path:?}: unusable CA: {e}")))?;
+    }
+    Ok(store)
+}
+
+/// The DNS names of a certificate's subjectAltName, lower case.
+fn dns_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = x.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            x509_parser::extensions::GeneralName::DNSName(n) => Some(n.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Picks a listener's certificate by SNI (see the module documentation).
+#[derive(Debug)]
+struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the part after "*.".
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = sni else {
+            return self.default.clone();
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(k) = self.exact.get(&name) {
+            return k.clone();
+        }
+        if let Some((_, parent)) = name.split_once('.') {
+            if let Some(k) = self.wildcard.get(parent) {
+                return k.clone();
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
+
+/// Builds a listener's rustls config; `at` is its key path (`listeners[0].tls`).
+pub fn server_config(t: &ListenerTlsConfig, at: &str) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    if t.certificates.is_empty() {
+        return Err(conf_err(
+            format!("{at}.certificates"),
+            "at least one { cert, key } pair is required",
+        ));
+    }
+    let provider = provider();
+    let mut exact = HashMap::new();
+    let mut wildcard = HashMap::new();
+    let mut default = None;
+    for (i, ck) in t.certificates.iter().enumerate() {
+        let here = format!("{at}.certificates[{i}]");
+        let k = certified_key(
+            &ck.cert,
+            &ck.key,
+            &here,
+            &format!("{here}.cert"),
+            &format!("{here}.key"),
+            &provider,
+        )?;
+        let names = dns_names(&k.cert[0]);
+        let k = Arc::new(k);
+        for n in names {
+            match n.strip_prefix("*.") {
+                Some(parent) => {
+                    wildcard
+                        .entry(parent.to_string())
+                        .or_insert_with(|| k.clone());
+                }
+                None => {
+                    exact.entry(n).or_insert_with(|| k.clone());
+                }
+            }
+        }
+        default.get_or_insert(k);
+    }
+    let resolver = SniResolver {
+        exact,
+        wildcard,
+        default: default.expect("at least one certificate was loaded"),
+    };
+    let versions: &[&rustls::SupportedProtocolVersion] = match t.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(|e| conf_err(format!("{at}.min_version"), e.to_string()))?;
+    let builder = match &t.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let key = format!("{at}.client_auth.ca");
+            let store = Arc::new(roots(&ca.ca, &key)?);
+            let v = WebPkiClientVerifier::builder_with_provider(store, provider.clone());
+            let v = match ca.mode {
+                ClientAuthMode::Required => v,
+                ClientAuthMode::Optional => v.allow_unauthenticated(),
+            };
+            builder.with_client_cert_verifier(
+                v.build()
+                    .map_err(|e| conf_err(key, format!("{:?}: {e}", ca.ca)))?,
+            )
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    cfg.session_storage = if t.session_cache == 0 {
+        Arc::new(rustls::server::NoServerSessionStorage {})
+    } else {
+        ServerSessionMemoryCache::new(t.session_cache)
+    };
+    if t.session_tickets {
+        cfg.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| conf_err(format!("{at}.session_tickets"), e.to_string()))?;
+    }
+    Ok(Arc::new(cfg))
+}
+
+/// How a server handshake failed (counted; logged at debug level only).
+#[derive(Debug)]
+pub enum HandshakeError {
+    Io(io::Error),
+    /// The peer closed before the handshake finished.
+    Eof,
+    Tls(rustls::Error),
+}
+
+impl std::fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeError::Io(e) => write!(f, "i/o: {e}"),
+            HandshakeError::Eof => write!(f, "peer closed during the handshake"),
+            HandshakeError::Tls(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A client connection after a successful handshake.
+pub type ServerStream = Guarded<monoio_rustls::ServerTlsStream<Sock>>;
+
+/// Writes whatever rustls wants to send.
+async fn flush_tls(conn: &mut ServerConnection, io: &mut TcpStream) -> Result<(), HandshakeError> {
+    while conn.wants_write() {
+        let mut out = Vec::with_capacity(4096);
+        conn.write_tls(&mut out).map_err(HandshakeError::Io)?;
+        let (r, _) = io.write_all(out).await;
+        r.map_err(HandshakeError::Io)?;
+    }
+    Ok(())
+}
+
+/// Runs the server handshake on `io`. Returns the stream and the subject of the client's
+/// verified certificate, if it sent one. The caller bounds it with a timeout.
+pub async fn accept(
+    cfg: Arc<ServerConfig>,
+    mut io: TcpStream,
+) -> Result<(ServerStream, Option<Box<[u8]>>), HandshakeError> {
+    let mut conn = ServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
+    let mut buf = vec![0u8; HANDSHAKE_READ];
+    loop {
+        flush_tls(&mut conn, &mut io).await?;
+        if !conn.is_handshaking() {
+            break;
+        }
+        let (r, b) = io.read(buf).await;
+        buf = b;
+        let n = r.map_err(HandshakeError::Io)?;
+        if n == 0 {
+            return Err(HandshakeError::Eof);
+        }
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            match conn.read_tls(&mut rest) {
+                Ok(0) => {
+                    return Err(HandshakeError::Io(io::Error::other(
+                        "rustls took none of the bytes read",
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(HandshakeError::Io(e)),
+            }
+            if let Err(e) = conn.process_new_packets() {
+                // Send the alert rustls prepared, then give up.
+                let _ = flush_tls(&mut conn, &mut io).await;
+                return Err(HandshakeError::Tls(e));
+            }
+        }
+    }
+    let subject = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| cert_subject(c));
+    Ok((
+        {
+            let (sock, writing) = Sock::new(io);
+            Guarded::new(monoio_rustls::ServerTlsStream::new(sock, conn), writing)
+        },
+        subject,
+    ))
+}
+
+/// The subject of a certificate as RFC 4514-style text ("CN=client, O=Example"), with bytes
+/// outside printable ASCII percent-encoded so that it is always a valid header value.
+pub fn cert_subject(der: &CertificateDer<'_>) -> Box<[u8]> {
+    let text = match x509_parser::parse_x509_certificate(der) {
+        Ok((_, x)) => x.subject().to_string(),
+        Err(_) => String::new(),
+    };
+    let mut out = Vec::with_capacity(text.len());
+    for b in text.bytes() {
+        if out.len() >= MAX_SUBJECT {
+            break;
+        }
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b);
+        } else {
+            let hex = b"0123456789ABCDEF";
+            out.extend_from_slice(&[b'%', hex[(b >> 4) as usize], hex[(b & 15) as usize]]);
+        }
+    }
+    out.into_boxed_slice()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream side.
+
+/// An upstream group's TLS: the connector and the name each endpoint is verified against.
+pub struct UpstreamTls {
+    pub connector: monoio_rustls::TlsConnector,
+    /// Per endpoint, in the group's order.
+    pub names: Vec<ServerName<'static>>,
+}
+
+/// A TLS connection to an upstream.
+pub type ClientStream = Guarded<monoio_rustls::ClientTlsStream<Sock>>;
+
+/// Accepts any server certificate (`verify = false`), still checking the handshake
+/// signatures so that the connection is at least consistent.
+#[derive(Debug)]
+struct AcceptAnyServerCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Builds an upstream group's rustls client config; `at` is its key path
+/// (`upstreams.NAME.tls`).
+pub fn client_config(t: &UpstreamTlsConfig, at: &str) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| conf_err(at.to_string(), e.to_string()))?;
+    let builder = if !t.verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider.clone())))
+    } else {
+        let store = match &t.ca {
+            Some(path) => roots(path, &format!("{at}.ca"))?,
+            None => RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            },
+        };
+        builder.with_root_certificates(store)
+    };
+    let mut cfg = match (&t.client_cert, &t.client_key) {
+        (None, None) => builder.with_no_client_auth(),
+        (Some(cert), Some(key)) => {
+            let ck = certified_key(
+                cert,
+                key,
+                at,
+                &format!("{at}.client_cert"),
+                &format!("{at}.client_key"),
+                &provider,
+            )?;
+            let der = load_key(key, &format!("{at}.client_key"))?;
+            builder
+                .with_client_auth_cert(ck.cert.clone(), der)
+                .map_err(|e| conf_err(format!("{at}.client_key"), e.to_string()))?
+        }
+        (Some(_), None) => {
+            return Err(conf_err(
+                format!("{at}.client_key"),
+                "client_cert needs client_key",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(conf_err(
+                format!("{at}.client_cert"),
+                "client_key needs client_cert",
+            ))
+        }
+    };
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    if let Some(sni) = &t.sni {
+        ServerName::try_from(sni.clone())
+            .map_err(|_| conf_err(format!("{at}.sni"), format!("{sni:?} is not a DNS name")))?;
+    }
+    Ok(Arc::new(cfg))
+}
+
+/// The name an endpoint's certificate is checked against: `sni`, else the host of the
+/// endpoint's configured address ("localhost:9443" → "localhost", "127.0.0.1:9443" → the IP).
+pub fn endpoint_name(sni: Option<&str>, authority: &str) -> Option<ServerName<'static>> {
+    let host = match sni {
+        Some(s) => s,
+        None => match authority.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+            None => authority,
+        },
+    };
+    ServerName::try_from(host.to_string()).ok()
+}
+
+/// Builds an upstream group's TLS from its config (already validated).
+pub fn upstream_tls(
+    t: &UpstreamTlsConfig,
+    at: &str,
+    authorities: &[&str],
+) -> Result<UpstreamTls, TlsConfigError> {
+    let cfg = client_config(t, at)?;
+    let mut names = Vec::with_capacity(authorities.len());
+    for a in authorities {
+        names.push(endpoint_name(t.sni.as_deref(), a).ok_or_else(|| {
+            conf_err(
+                format!("{at}.sni"),
+                format!("no TLS server name can be taken from {a:?}; set sni"),
+            )
+        })?);
+    }
+    Ok(UpstreamTls {
+        connector: monoio_rustls::TlsConnector::from(cfg),
+        names,
+    })
+}
+
+/// TLS handshake with an upstream endpoint over a connected stream.
+pub async fn connect(
+    tls: &UpstreamTls,
+    ep: usize,
+    io: TcpStream,
+) -> Result<ClientStream, monoio_rustls::TlsError> {
+    let (sock, writing) = Sock::new(io);
+    let s = tls.connector.connect(tls.names[ep].clone(), sock).await?;
+    Ok(Guarded::new(s, writing))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancellation guard.
+
+/// The TCP stream under a TLS session, noting whether a socket write is under way. A write
+/// dropped before it completed leaves the flag set: monoio-rustls's write buffer went with it.
+pub struct Sock {
+    tcp: TcpStream,
+    writing: Rc<Cell<bool>>,
+}
+
+impl Sock {
+    fn new(tcp: TcpStream) -> (Sock, Rc<Cell<bool>>) {
+        let writing = Rc::new(Cell::new(false));
+        (
+            Sock {
+                tcp,
+                writing: writing.clone(),
+            },
+            writing,
+        )
+    }
+}
+
+impl AsyncReadRent for Sock {
+    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        self.tcp.read(buf)
+    }
+
+    fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
+        self.tcp.readv(buf)
+    }
+}
+
+impl AsyncWriteRent for Sock {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        self.writing.set(true);
+        let r = self.tcp.write(buf).await;
+        self.writing.set(false);
+        r
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        self.writing.set(true);
+        let r = self.tcp.writev(buf).await;
+        self.writing.set(false);
+        r
+    }
+
+    fn flush(&mut self) -> impl Future<Output = io::Result<()>> {
+        self.tcp.flush()
+    }
+
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> {
+        self.tcp.shutdown()
+    }
+}
+
+/// A monoio-rustls stream whose reads and writes may be dropped before they complete
+/// (timeouts, a shutdown while idle). A dropped read leaves the read side unusable (its buffer
+/// went with it); a dropped write, or a read dropped while it was writing an alert, leaves the
+/// write side unusable. Calls on an unusable side fail instead of panicking, and `shutdown`
+/// (close_notify) is sent whenever the write side is intact: an idle connection closed by a
+/// timeout or a shutdown still says goodbye.
+pub struct Guarded<S> {
+    inner: S,
+    reading: bool,
+    writing: bool,
+    /// A socket write under way (set while it runs; left set by a dropped one).
+    sock_writing: Rc<Cell<bool>>,
+}
+
+fn broken() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "a cancelled TLS read or write left the stream unusable",
+    )
+}
+
+impl<S> Guarded<S> {
+    fn new(inner: S, sock_writing: Rc<Cell<bool>>) -> Guarded<S> {
+        Guarded {
+            inner,
+            reading: false,
+            writing: false,
+            sock_writing,
+        }
+    }
+
+    /// Writes (and reads, which may write an alert) need monoio-rustls's write buffer.
+    fn write_ok(&self) -> bool {
+        !self.writing && !self.sock_writing.get()
+    }
+
+    fn read_ok(&self) -> bool {
+        !self.reading && self.write_ok()
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> AsyncReadRent for Guarded<S> {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        if !self.read_ok() {
+            return (Err(broken()), buf);
+        }
+        self.reading = true;
+        let r = self.inner.read(buf).await;
+        self.reading = false;
+        r
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        if !self.read_ok() {
+            return (Err(broken()), buf);
+        }
+        self.reading = true;
+        let r = self.inner.readv(buf).await;
+        self.reading = false;
+        r
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> AsyncWriteRent for Guarded<S> {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        if !self.write_ok() {
+            return (Err(broken()), buf);
+        }
+        self.writing = true;
+        let r = self.inner.write(buf).await;
+        self.writing = false;
+        r
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        if !self.write_ok() {
+            return (Err(broken()), buf);
+        }
+        self.writing = true;
+        let r = self.inner.writev(buf).await;
+        self.writing = false;
+        r
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.write_ok() {
+            return Err(broken());
+        }
+        self.writing = true;
+        let r = self.inner.flush().await;
+        self.writing = false;
+        r
+    }
+
+    /// Sends `close_notify`, then shuts the TCP write side. A read dropped while it waited for
+    /// the socket does not prevent it; one dropped while writing an alert does.
+    async fn shutdown(&mut self) -> io::Result<()> {
+        if !self.write_ok() {
+            return Err(broken());
+        }
+        self.writing = true;
+        let r = self.inner.shutdown().await;
+        self.writing = false;
+        r
+    }
+}
+
+/// Sends `close_notify` within `limit` (a client that stopped reading does not hold the task).
+pub async fn close_notify<S: AsyncWriteRent>(s: &mut S, limit: std::time::Duration) {
+    let _ = monoio::time::timeout(limit, s.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_names_come_from_sni_or_the_address_host() {
+        let dns = |s: &str| ServerName::try_from(s.to_string()).unwrap();
+        assert_eq!(
+            endpoint_name(None, "localhost:9443"),
+            Some(dns("localhost"))
+        );
+        assert_eq!(
+            endpoint_name(None, "127.0.0.1:9443"),
+            Some(dns("127.0.0.1"))
+        );
+        assert_eq!(endpoint_name(None, "[::1]:9443"), Some(dns("::1")));
+        assert_eq!(
+            endpoint_name(Some("api.internal"), "10.0.0.1:443"),
+            Some(dns("api.internal"))
+        );
+        assert_eq!(endpoint_name(Some("not a name"), "10.0.0.1:443"), None);
+    }
+}

@@ -1,0 +1,1075 @@
+//! TLS over real sockets with real handshakes: termination, SNI, versions, resumption, mTLS,
+//! TLS to upstreams, the https redirect, and config refusals. Certificates are made at test
+//! time with rcgen; the client side is a synchronous rustls client over std's TcpStream.
+//! Socket scenarios run on both monoio drivers.
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, ProtocolVersion,
+    RootCertStore, ServerConfig, ServerConnection, StreamOwned,
+};
+
+use ringway::config::Config;
+use support::*;
+
+// ---------------------------------------------------------------------------------------------
+// Certificates, made once per test binary.
+
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join(name)).expect("fixture written")
+    }
+}
+
+fn issue(
+    dir: &std::path::Path,
+    name: &str,
+    sans: &[&str],
+    cn: &str,
+    eku: ExtendedKeyUsagePurpose,
+    issuer: &Issuer<'_, KeyPair>,
+) {
+    let key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .expect("params");
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Ringway Tests");
+    p.extended_key_usages = vec![eku];
+    let cert = p.signed_by(&key, issuer).expect("signed");
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
+fn make_ca(dir: &std::path::Path, name: &str) -> Issuer<'static, KeyPair> {
+    let key = KeyPair::generate().expect("key");
+    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
+    let cert = p.self_signed(&key).expect("self-signed");
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    Issuer::new(p, key)
+}
+
+fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        // Under target/tmp, made afresh by each run of this binary.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tls-pki");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = make_ca(&dir, "ca");
+        let other = make_ca(&dir, "other-ca");
+        let server = ExtendedKeyUsagePurpose::ServerAuth;
+        let client = ExtendedKeyUsagePurpose::ClientAuth;
+        issue(&dir, "a", &["a.test"], "a.test", server.clone(), &ca);
+        issue(&dir, "wild", &["*.wild.test"], "wild", server.clone(), &ca);
+        issue(&dir, "up", &["up.test"], "up.test", server.clone(), &ca);
+        issue(&dir, "client", &[], "client one", client.clone(), &ca);
+        issue(&dir, "stranger", &[], "stranger", client, &other);
+        issue(&dir, "up-other", &["up.test"], "up.test", server, &other);
+        // The chain files the gateway is given: leaf then CA.
+        for n in ["a", "wild"] {
+            let mut chain = std::fs::read(dir.join(format!("{n}.pem"))).unwrap();
+            chain.extend(std::fs::read(dir.join("ca.pem")).unwrap());
+            std::fs::write(dir.join(format!("{n}-chain.pem")), chain).unwrap();
+        }
+        Pki { dir }
+    })
+}
+
+fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .expect("PEM")
+}
+
+fn key(pem: &[u8]) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_slice(pem).expect("key PEM")
+}
+
+fn roots(name: &str) -> RootCertStore {
+    let mut r = RootCertStore::empty();
+    for c in certs(&pki().read(name)) {
+        r.add(c).unwrap();
+    }
+    r
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+// ---------------------------------------------------------------------------------------------
+// A synchronous TLS client.
+
+static TLS12_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+#[derive(Default)]
+struct ClientOpts {
+    versions: Option<&'static [&'static rustls::SupportedProtocolVersion]>,
+    /// Client certificate: file stem ("client", "stranger").
+    cert: Option<&'static str>,
+    /// Accept any server certificate (to look at which one was sent).
+    any_cert: bool,
+}
+
+fn client_config(o: ClientOpts) -> Arc<ClientConfig> {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(o.versions.unwrap_or(rustls::DEFAULT_VERSIONS))
+        .unwrap();
+    let b = if o.any_cert {
+        b.dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider())))
+    } else {
+        b.with_root_certificates(roots("ca.pem"))
+    };
+    let mut cfg = match o.cert {
+        None => b.with_no_client_auth(),
+        Some(stem) => b
+            .with_client_auth_cert(
+                certs(&pki().read(&format!("{stem}.pem"))),
+                key(&pki().read(&format!("{stem}.key"))),
+            )
+            .unwrap(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+struct TlsClient {
+    s: StreamOwned<ClientConnection, TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl TlsClient {
+    /// Connects and completes the handshake; Err is the handshake's failure.
+    fn connect(addr: SocketAddr, sni: &str, cfg: Arc<ClientConfig>) -> std::io::Result<TlsClient> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from(sni.to_string()).expect("server name");
+        let conn = ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+        let mut s = StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(TlsClient { s, buf: Vec::new() })
+    }
+
+    fn peer_names(&self) -> Vec<String> {
+        let der = &self.s.conn.peer_certificates().expect("server certificate")[0];
+        let (_, x) = x509_parser::parse_x509_certificate(der).unwrap();
+        let san = x.subject_alternative_name().unwrap().expect("SAN");
+        san.value
+            .general_names
+            .iter()
+            .map(|g| match g {
+                x509_parser::extensions::GeneralName::DNSName(n) => n.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.s.write_all(bytes)?;
+        self.s.flush()
+    }
+
+    /// Reads one response (Content-Length bodies; the gateway's and these upstreams' are).
+    fn read_response(&mut self) -> std::io::Result<Resp> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut r = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(n) = r.parse(&self.buf).expect("valid response") {
+                let headers: Vec<(String, String)> = r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).to_string(),
+                        )
+                    })
+                    .collect();
+                let mut resp = Resp {
+                    status: r.code.unwrap(),
+                    version: r.version.unwrap(),
+                    headers,
+                    body: Vec::new(),
+                };
+                self.buf.drain(..n);
+                let cl: usize = resp
+                    .header("content-length")
+                    .map_or(0, |v| v.parse().unwrap());
+                while self.buf.len() < cl {
+                    self.fill()?;
+                }
+                resp.body = self.buf.drain(..cl).collect();
+                return Ok(resp);
+            }
+            self.fill()?;
+        }
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut tmp = [0u8; 16384];
+        match self.s.read(&mut tmp)? {
+            0 => Err(ErrorKind::UnexpectedEof.into()),
+            n => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                Ok(())
+            }
+        }
+    }
+
+    fn get(&mut self, host: &str, path: &str) -> std::io::Result<Resp> {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())?;
+        self.read_response()
+    }
+}
+
+/// The headers the echo upstream saw, from its JSON answer.
+fn seen_headers(r: &Resp) -> Vec<(String, String)> {
+    let v = r.json();
+    v["headers"]
+        .as_array()
+        .expect("headers")
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_ascii_lowercase(),
+                p[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn seen(r: &Resp, name: &str) -> Vec<String> {
+    seen_headers(r)
+        .into_iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configs.
+
+fn tls_listener(extra: &str) -> String {
+    let p = pki();
+    format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}, {{ cert = \"{}\", key = \"{}\" }}]{extra} }}\n",
+        p.path("a-chain.pem"),
+        p.path("a.key"),
+        p.path("wild-chain.pem"),
+        p.path("wild.key"),
+    )
+}
+
+fn tls_gateway(up: SocketAddr, listener_extra: &str, rest: &str) -> String {
+    format!(
+        "{}\n[upstreams.up]\nendpoints = [{{ address = \"{up}\" }}]\n\n{rest}\n",
+        tls_listener(listener_extra)
+    )
+}
+
+fn mtls(mode: &str) -> String {
+    format!(
+        ", client_auth = {{ ca = \"{}\", mode = \"{mode}\" }}",
+        pki().path("ca.pem")
+    )
+}
+
+const ALL: &str = "[[routes]]\nupstream = \"up\"\n";
+
+// ---------------------------------------------------------------------------------------------
+// Termination.
+
+#[test]
+fn proxies_over_tls_with_forwarded_proto_https() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let mut c = TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default()))
+            .unwrap_or_else(|e| panic!("{d:?}: handshake: {e}"));
+        assert_eq!(c.s.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "{d:?}");
+        let r = c.get("a.test", "/x?y=1").unwrap();
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        assert_eq!(seen(&r, "x-forwarded-proto"), vec!["https"], "{d:?}");
+        assert_eq!(r.json()["target"], "/x?y=1");
+    }
+}
+
+#[test]
+fn keep_alive_pipelining_and_bodies_over_one_tls_connection() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        for i in 0..5 {
+            let r = c.get("a.test", &format!("/n/{i}")).unwrap();
+            assert_eq!(r.status, 200, "{d:?}");
+            assert_eq!(r.json()["target"], format!("/n/{i}"));
+        }
+        // Two requests in one write, one with a body of 100 KiB.
+        let body = vec![b'q'; 100 * 1024];
+        let mut both = format!(
+            "POST /big HTTP/1.1\r\nHost: a.test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        both.extend_from_slice(&body);
+        both.extend_from_slice(b"GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        c.send(&both).unwrap();
+        let r1 = c.read_response().unwrap();
+        assert_eq!(r1.status, 200, "{d:?}");
+        assert_eq!(r1.json()["body"].as_str().unwrap().len(), body.len());
+        let r2 = c.read_response().unwrap();
+        assert_eq!(r2.json()["target"], "/after", "{d:?}");
+        assert_eq!(up.hits(), 7);
+    }
+}
+
+#[test]
+fn connection_close_ends_with_close_notify() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        c.send(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "{d:?}");
+        // rustls reports a clean end (Ok(0)) only after a close_notify; a bare TCP close is
+        // an UnexpectedEof error.
+        let mut tmp = [0u8; 64];
+        assert_eq!(c.s.read(&mut tmp).expect("clean TLS close"), 0, "{d:?}");
+    }
+}
+
+#[test]
+fn idle_connection_gets_close_notify_on_shutdown() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let mut gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        assert_eq!(c.get("a.test", "/").unwrap().status, 200);
+        // Idle now: the gateway's read is waiting; the shutdown cancels it and still says
+        // goodbye properly.
+        gw.stop();
+        let mut tmp = [0u8; 64];
+        assert_eq!(c.s.read(&mut tmp).expect("clean TLS close"), 0, "{d:?}");
+    }
+}
+
+#[test]
+fn slow_head_over_tls_gets_a_408() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = tls_gateway(
+            up.addr,
+            "",
+            &format!("{ALL}\n[timeouts]\nclient_head = \"300ms\"\n"),
+        );
+        let gw = TestGateway::start(&toml, d);
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        // Half a head, then nothing: the head timeout cancels the gateway's read, and the 408
+        // still goes out over TLS.
+        c.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n").unwrap();
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 408, "{d:?}");
+        assert_eq!(r.json()["error"], "request_timeout");
+    }
+}
+
+#[test]
+fn sni_picks_exact_wildcard_or_default_certificate() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let any = || {
+            client_config(ClientOpts {
+                any_cert: true,
+                ..ClientOpts::default()
+            })
+        };
+        let names = |sni: &str| {
+            TlsClient::connect(gw.addr, sni, any())
+                .unwrap()
+                .peer_names()
+        };
+        assert_eq!(names("a.test"), vec!["a.test"], "{d:?}");
+        assert_eq!(names("A.Test"), vec!["a.test"], "{d:?}: case-insensitive");
+        assert_eq!(names("api.wild.test"), vec!["*.wild.test"], "{d:?}");
+        // A wildcard covers one label only.
+        assert_eq!(names("x.api.wild.test"), vec!["a.test"], "{d:?}");
+        assert_eq!(names("unknown.test"), vec!["a.test"], "{d:?}: default");
+        // An IP address as the name: no SNI is sent.
+        assert_eq!(names("127.0.0.1"), vec!["a.test"], "{d:?}: no SNI");
+        // And a verifying client accepts the wildcard certificate for its name.
+        let mut c =
+            TlsClient::connect(gw.addr, "b.wild.test", client_config(ClientOpts::default()))
+                .unwrap();
+        assert_eq!(c.get("b.wild.test", "/").unwrap().status, 200);
+    }
+}
+
+#[test]
+fn tls12_only_and_tls13_only_clients_both_work() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        for (versions, want) in [
+            (TLS12_ONLY, ProtocolVersion::TLSv1_2),
+            (TLS13_ONLY, ProtocolVersion::TLSv1_3),
+        ] {
+            let cfg = client_config(ClientOpts {
+                versions: Some(versions),
+                ..ClientOpts::default()
+            });
+            let mut c = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+            assert_eq!(c.s.conn.protocol_version(), Some(want), "{d:?}");
+            assert_eq!(c.get("a.test", "/").unwrap().status, 200, "{d:?} {want:?}");
+        }
+    }
+}
+
+#[test]
+fn min_version_13_refuses_a_tls12_client() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, ", min_version = \"1.3\"", ALL), d);
+        let only12 = client_config(ClientOpts {
+            versions: Some(TLS12_ONLY),
+            ..ClientOpts::default()
+        });
+        assert!(
+            TlsClient::connect(gw.addr, "a.test", only12).is_err(),
+            "{d:?}"
+        );
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        assert_eq!(c.s.conn.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+        assert_eq!(c.get("a.test", "/").unwrap().status, 200);
+    }
+}
+
+#[test]
+fn second_connection_resumes_the_session() {
+    // (listener settings, resumption expected): tickets and the session cache each resume
+    // on their own (TLS 1.3 without tickets keeps its sessions in the cache); neither: none.
+    let cases = [
+        ("", true),
+        (", session_tickets = false", true),
+        (", session_cache = 0", true),
+        (", session_cache = 0, session_tickets = false", false),
+    ];
+    for d in DRIVERS {
+        for (extra, resumes) in cases {
+            let up = Upstream::echo();
+            let gw = TestGateway::start(&tls_gateway(up.addr, extra, ALL), d);
+            for versions in [TLS12_ONLY, TLS13_ONLY] {
+                // One client config: its session store carries the session to the next
+                // connection.
+                let cfg = client_config(ClientOpts {
+                    versions: Some(versions),
+                    ..ClientOpts::default()
+                });
+                let mut first = TlsClient::connect(gw.addr, "a.test", cfg.clone()).unwrap();
+                assert_eq!(first.s.conn.handshake_kind(), Some(HandshakeKind::Full));
+                // Reading a response also takes in the TLS 1.3 tickets sent after the
+                // handshake.
+                assert_eq!(first.get("a.test", "/").unwrap().status, 200);
+                let mut second = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+                let want = if resumes {
+                    HandshakeKind::Resumed
+                } else {
+                    HandshakeKind::Full
+                };
+                assert_eq!(
+                    second.s.conn.handshake_kind(),
+                    Some(want),
+                    "{d:?} {:?} listener{extra}",
+                    versions[0].version
+                );
+                assert_eq!(second.get("a.test", "/").unwrap().status, 200);
+            }
+        }
+    }
+}
+
+#[test]
+fn plain_http_on_a_tls_port_is_closed() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let mut s = TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .unwrap();
+        // At most a TLS alert, then the end of the stream (not a read timeout).
+        let mut got = Vec::new();
+        let end = loop {
+            let mut tmp = [0u8; 1024];
+            match s.read(&mut tmp) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            assert!(got.len() < 1024, "{d:?}: unexpected data {got:?}");
+        };
+        assert!(
+            end.is_ok(),
+            "{d:?}: the gateway left the connection open: {end:?}"
+        );
+        assert!(!got.starts_with(b"HTTP/"), "{d:?}: {got:?}");
+        // The listener still works.
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        assert_eq!(c.get("a.test", "/").unwrap().status, 200);
+    }
+}
+
+#[test]
+fn a_stalled_handshake_is_closed_at_the_head_timeout() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = tls_gateway(
+            up.addr,
+            "",
+            &format!("{ALL}\n[timeouts]\nclient_head = \"300ms\"\n"),
+        );
+        let gw = TestGateway::start(&toml, d);
+        // Silent, and half a ClientHello record: both are closed by the gateway (EOF before
+        // the client's 10 s read timeout), without an answer.
+        for first in [&b""[..], &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00][..]] {
+            let mut s = TcpStream::connect(gw.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(first).unwrap();
+            let mut tmp = [0u8; 64];
+            match s.read(&mut tmp) {
+                Ok(0) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+                other => panic!("{d:?}: expected a close, got {other:?}"),
+            }
+        }
+        // The worker was not held up meanwhile.
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        assert_eq!(c.get("a.test", "/").unwrap().status, 200);
+    }
+}
+
+#[test]
+fn graceful_shutdown_finishes_a_tls_request_in_flight() {
+    for d in DRIVERS {
+        let up = Upstream::slow(Duration::from_millis(300), b"late");
+        let mut gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        let mut c =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        c.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").unwrap();
+        assert!(eventually(Duration::from_secs(5), || up.hits() == 1));
+        gw.begin_shutdown();
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "{d:?}");
+        assert_eq!(r.body, b"late");
+        assert_eq!(r.header("connection"), Some("close"), "{d:?}");
+        gw.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client certificates.
+
+#[test]
+fn mtls_required_refuses_missing_and_foreign_certificates() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), ALL), d);
+        for (who, alert) in [
+            (None, "CertificateRequired"),
+            (Some("stranger"), "UnknownCA"),
+        ] {
+            let cfg = client_config(ClientOpts {
+                cert: who,
+                ..ClientOpts::default()
+            });
+            // TLS 1.3: the client may finish its side before the server refuses; the refusal
+            // then arrives instead of a response.
+            let outcome =
+                TlsClient::connect(gw.addr, "a.test", cfg).and_then(|mut c| c.get("a.test", "/"));
+            let e = format!("{:?}", outcome.expect_err("refused"));
+            assert!(e.contains(alert), "{d:?} {who:?}: {e}");
+        }
+        assert_eq!(up.hits(), 0, "{d:?}");
+    }
+}
+
+#[test]
+fn mtls_subject_reaches_upstream_and_spoofed_copies_are_dropped() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), ALL), d);
+        let cfg = client_config(ClientOpts {
+            cert: Some("client"),
+            ..ClientOpts::default()
+        });
+        let mut c = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+        c.send(b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Client-Cert-Subject: CN=admin\r\nx-client-cert-subject: CN=root\r\n\r\n")
+            .unwrap();
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        let subj = seen(&r, "x-client-cert-subject");
+        assert_eq!(subj.len(), 1, "{d:?}: {subj:?}");
+        assert!(subj[0].contains("CN=client one"), "{d:?}: {subj:?}");
+        assert!(subj[0].contains("O=Ringway Tests"), "{d:?}: {subj:?}");
+    }
+}
+
+#[test]
+fn optional_mtls_with_a_route_that_requires_a_certificate() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let routes = "[[routes]]\npath_prefix = \"/admin\"\nupstream = \"up\"\nrequire_client_cert = true\n\n[[routes]]\nupstream = \"up\"\n";
+        let toml = format!(
+            "{}\n[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+            tls_gateway(up.addr, &mtls("optional"), routes)
+        );
+        let gw = TestGateway::start(&toml, d);
+        let plain_addr = gw.addrs()[1];
+        let mut anon =
+            TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default())).unwrap();
+        let r = anon.get("a.test", "/admin/x").unwrap();
+        assert_eq!(r.status, 403, "{d:?}");
+        assert_eq!(r.json()["error"], "client_certificate_required");
+        // Same connection, open route: passes, and a spoofed subject is dropped.
+        anon.send(b"GET /open HTTP/1.1\r\nHost: a.test\r\nX-Client-Cert-Subject: CN=admin\r\n\r\n")
+            .unwrap();
+        let r = anon.read_response().unwrap();
+        assert_eq!(r.status, 200, "{d:?}");
+        assert!(seen(&r, "x-client-cert-subject").is_empty(), "{d:?}");
+        let mut known = TlsClient::connect(
+            gw.addr,
+            "a.test",
+            client_config(ClientOpts {
+                cert: Some("client"),
+                ..ClientOpts::default()
+            }),
+        )
+        .unwrap();
+        let r = known.get("a.test", "/admin/x").unwrap();
+        assert_eq!(r.status, 200, "{d:?}");
+        assert!(seen(&r, "x-client-cert-subject")[0].contains("CN=client one"));
+        // A plain listener of the same gateway: the header is dropped there too, and the
+        // route refuses.
+        let r = request(
+            plain_addr,
+            b"GET /open HTTP/1.1\r\nHost: a.test\r\nX-Client-Cert-Subject: CN=admin\r\n\r\n",
+        );
+        assert_eq!(r.status, 200);
+        assert!(seen(&r, "x-client-cert-subject").is_empty(), "{d:?}");
+        assert_eq!(get(plain_addr, "/admin").status, 403, "{d:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redirect.
+
+#[test]
+fn plain_listener_redirects_to_https() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_https = {{ port = 8443 }}\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_https = {{}}\n\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n{ALL}",
+            up.addr
+        );
+        let gw = TestGateway::start(&toml, d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET /p/q?x=1&y=2 HTTP/1.1\r\nHost: a.test:8080\r\n\r\n");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 308, "{d:?}");
+        assert_eq!(
+            r.header("location"),
+            Some("https://a.test:8443/p/q?x=1&y=2")
+        );
+        // Keep-alive goes on, POST bodies are skipped.
+        c.send(b"POST /form HTTP/1.1\r\nHost: [::1]:80\r\nContent-Length: 3\r\n\r\nabc");
+        let r = c.read_response().unwrap();
+        assert_eq!(
+            r.header("location"),
+            Some("https://[::1]:8443/form"),
+            "{d:?}"
+        );
+        let r = get(gw.addrs()[1], "/x");
+        assert_eq!(r.header("location"), Some("https://test.local/x"), "{d:?}");
+        // No usable host: 400.
+        let r = request(gw.addr, b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(r.status, 400, "{d:?}");
+        let r = request(gw.addr, b"GET / HTTP/1.1\r\nHost: a\"b\r\n\r\n");
+        assert_eq!(r.status, 400, "{d:?}");
+        assert_eq!(up.hits(), 0, "nothing is proxied");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS to upstreams.
+
+/// A loopback HTTPS upstream that answers with the echo JSON; counts TLS connections.
+struct TlsUpstream {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    subjects: Arc<Mutex<Vec<bool>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TlsUpstream {
+    fn start(cert: &str, client_ca: Option<&str>) -> TlsUpstream {
+        let b = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let b = match client_ca {
+            None => b.with_no_client_auth(),
+            Some(ca) => b.with_client_cert_verifier(
+                rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots(ca)),
+                    provider(),
+                )
+                .build()
+                .unwrap(),
+            ),
+        };
+        let cfg = Arc::new(
+            b.with_single_cert(
+                certs(&pki().read(&format!("{cert}.pem"))),
+                key(&pki().read(&format!("{cert}.key"))),
+            )
+            .unwrap(),
+        );
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let subjects = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, st, sj) = (conns.clone(), stop.clone(), subjects.clone());
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let Ok((tcp, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (cfg, sj) = (cfg.clone(), sj.clone());
+                thread::spawn(move || tls_upstream_conn(cfg, tcp, &sj));
+            }
+        });
+        TlsUpstream {
+            addr,
+            conns,
+            subjects,
+            stop,
+        }
+    }
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn tls_upstream_conn(cfg: Arc<ServerConfig>, tcp: TcpStream, subjects: &Mutex<Vec<bool>>) {
+    tcp.set_nonblocking(false).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = StreamOwned::new(ServerConnection::new(cfg).unwrap(), tcp);
+    let mut buf = Vec::new();
+    let mut noted = false;
+    loop {
+        let mut tmp = [0u8; 8192];
+        let n = match s.read(&mut tmp) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !noted {
+            subjects
+                .lock()
+                .unwrap()
+                .push(s.conn.peer_certificates().is_some());
+            noted = true;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        while let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<u8> = buf.drain(..p + 4).collect();
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(&head).unwrap();
+            let r = Req {
+                method: req.method.unwrap().to_string(),
+                target: req.path.unwrap().to_string(),
+                version: 1,
+                headers: req
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).to_string(),
+                        )
+                    })
+                    .collect(),
+                body: Vec::new(),
+                raw_head: head.clone(),
+            };
+            if s.write_all(&ok_response(echo_json(&r).as_bytes())).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn upstream_tls_gateway(up: SocketAddr, tls: &str) -> String {
+    format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.up]\nendpoints = [{{ address = \"{up}\" }}]\ntls = {{ {tls} }}\n\n{ALL}"
+    )
+}
+
+#[test]
+fn upstream_tls_verifies_against_the_configured_ca() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let ok = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &ok), d);
+        let mut c = Client::connect(gw.addr);
+        for i in 0..3 {
+            c.send(format!("GET /s/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes());
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+            assert_eq!(r.json()["target"], format!("/s/{i}"));
+        }
+        assert_eq!(
+            up.conns.load(Ordering::SeqCst),
+            1,
+            "{d:?}: pooled TLS connection"
+        );
+        drop(gw);
+
+        // The wrong CA, or the wrong name: 502 with the gateway's JSON.
+        let wrong_ca = format!("ca = \"{}\", sni = \"up.test\"", pki().path("other-ca.pem"));
+        let wrong_name = format!("ca = \"{}\", sni = \"nope.test\"", pki().path("ca.pem"));
+        for tls in [wrong_ca, wrong_name] {
+            let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &tls), d);
+            let r = get(gw.addr, "/");
+            assert_eq!(r.status, 502, "{d:?} {tls}");
+            assert_eq!(r.json()["error"], "upstream_tls_failed", "{d:?}");
+        }
+        // verify = false accepts the certificate that the wrong CA did not.
+        let off = format!(
+            "ca = \"{}\", sni = \"up.test\", verify = false",
+            pki().path("other-ca.pem")
+        );
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &off), d);
+        assert_eq!(get(gw.addr, "/").status, 200, "{d:?}");
+    }
+}
+
+#[test]
+fn health_checks_of_a_tls_group_go_over_tls() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let tls = format!(
+            "ca = \"{}\", sni = \"up.test\" }}\nhealth_check = {{ path = \"/healthz\", interval = \"50ms\", unhealthy_threshold = 1",
+            pki().path("ca.pem")
+        );
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &tls), d);
+        // Several checks have run (each on its own TLS connection); a plain-text check would
+        // have failed the first and taken the only endpoint out (503).
+        assert!(eventually(Duration::from_secs(10), || up
+            .conns
+            .load(Ordering::SeqCst)
+            >= 4));
+        let r = get(gw.addr, "/");
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+    }
+}
+
+#[test]
+fn upstream_tls_presents_the_client_certificate() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", Some("ca.pem"));
+        let with_cert = format!(
+            "ca = \"{}\", sni = \"up.test\", client_cert = \"{}\", client_key = \"{}\"",
+            pki().path("ca.pem"),
+            pki().path("client.pem"),
+            pki().path("client.key")
+        );
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &with_cert), d);
+        let r = get(gw.addr, "/");
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        assert_eq!(up.subjects.lock().unwrap().last(), Some(&true));
+        drop(gw);
+        let without = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &without), d);
+        assert_eq!(get(gw.addr, "/").status, 502, "{d:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config refusals.
+
+fn refused(tls: &str) -> ringway::config::ConfigError {
+    let src = format!(
+        "[[routes]]\ndirect = {{ status = 200 }}\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {tls}\n"
+    );
+    Config::parse(&src, "tls.toml").expect_err("refused")
+}
+
+#[test]
+fn bad_certificates_and_keys_are_refused_with_file_key_and_reason() {
+    let p = pki();
+    let pair =
+        |c: &str, k: &str| format!("{{ cert = \"{}\", key = \"{}\" }}", p.path(c), p.path(k));
+    let good = pair("a-chain.pem", "a.key");
+
+    let e = refused(&format!(
+        "{{ certificates = [{good}, {}] }}",
+        pair("wild-chain.pem", "missing.key")
+    ));
+    assert_eq!(e.key, "listeners[1].tls.certificates[1].key");
+    assert!(
+        e.reason.contains("missing.key") && e.reason.contains("cannot read"),
+        "{e}"
+    );
+    assert_eq!(e.file, "tls.toml");
+    assert_eq!(e.line, Some(9), "{e}");
+
+    let e = refused(&format!(
+        "{{ certificates = [{good}, {}] }}",
+        pair("wild-chain.pem", "a.key")
+    ));
+    assert_eq!(e.key, "listeners[1].tls.certificates[1].key");
+    assert!(
+        e.reason.contains("is not the key of the certificate"),
+        "{e}"
+    );
+
+    let e = refused(&format!(
+        "{{ certificates = [{}] }}",
+        pair("a.key", "a.key")
+    ));
+    assert_eq!(e.key, "listeners[1].tls.certificates[0].cert");
+    assert!(e.reason.contains("no CERTIFICATE"), "{e}");
+
+    let e = refused(&format!(
+        "{{ certificates = [{}] }}",
+        pair("a.pem", "a.pem")
+    ));
+    assert_eq!(e.key, "listeners[1].tls.certificates[0].key");
+    assert!(e.reason.contains("no PRIVATE KEY"), "{e}");
+
+    std::fs::write(
+        p.dir.join("broken.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let e = refused(&format!(
+        "{{ certificates = [{}] }}",
+        pair("broken.pem", "a.key")
+    ));
+    assert_eq!(e.key, "listeners[1].tls.certificates[0].cert");
+    assert!(e.reason.contains("broken.pem"), "{e}");
+
+    let e = refused("{ certificates = [] }");
+    assert_eq!(e.key, "listeners[1].tls.certificates");
+
+    let e = refused(&format!(
+        "{{ certificates = [{good}], client_auth = {{ ca = \"{}\" }} }}",
+        p.path("nope.pem")
+    ));
+    assert_eq!(e.key, "listeners[1].tls.client_auth.ca");
+
+    let e = refused(&format!(
+        "{{ certificates = [{good}], min_version = \"1.1\" }}"
+    ));
+    assert!(e.key.starts_with("listeners[1].tls"), "{e}");
+
+    // A route that requires a client certificate where no listener asks for one.
+    let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[[routes]]\ndirect = { status = 200 }\nrequire_client_cert = true\n";
+    let e = Config::parse(src, "t.toml").unwrap_err();
+    assert_eq!(e.key, "routes[0].require_client_cert");
+
+    // Upstream TLS files are checked too.
+    let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.up]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\ntls = {{ ca = \"{}\" }}\n", p.path("a.key"));
+    let e = Config::parse(&src, "t.toml").unwrap_err();
+    assert_eq!(e.key, "upstreams.up.tls.ca");
+    assert!(e.reason.contains("no CERTIFICATE"), "{e}");
+    let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.up]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\ntls = {{ client_cert = \"{}\" }}\n", p.path("client.pem"));
+    let e = Config::parse(&src, "t.toml").unwrap_err();
+    assert_eq!(e.key, "upstreams.up.tls.client_key");
+}
