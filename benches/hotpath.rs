@@ -229,6 +229,7 @@ fn bench_rewrite(c: &mut Criterion) {
         peer_ip: b"203.0.113.7",
         request_id: b"7f3c9a10-2b4e-4c1d-9e8f-0a1b2c3d4e5f",
         via: b"1.1 ringway",
+        identity: b"",
     };
     let mut out = BytesMut::with_capacity(4096);
     let hop: HashSet<&str> = [

@@ -2,6 +2,7 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::auth::AuthFail;
 use crate::http::chunked::ChunkError;
 use crate::http::encode::{put_status_line, put_u64, reason_phrase};
 use crate::http::request::ParseError;
@@ -38,6 +39,12 @@ pub enum GatewayError {
     RateLimited(u32),
     /// The route's concurrency limit is reached.
     ConcurrencyLimited,
+    /// Credentials missing or refused (401, with a `WWW-Authenticate` challenge).
+    Unauthorized(AuthFail),
+    /// Authenticated, but a required scope or role is missing (403).
+    Forbidden,
+    /// The credential could not be checked: the introspection endpoint failed or is busy.
+    AuthUnavailable,
 }
 
 impl GatewayError {
@@ -58,6 +65,9 @@ impl GatewayError {
             | GatewayError::Overloaded => 503,
             GatewayError::RateLimited(_) => 429,
             GatewayError::ConcurrencyLimited => 503,
+            GatewayError::Unauthorized(_) => 401,
+            GatewayError::Forbidden => 403,
+            GatewayError::AuthUnavailable => 503,
         }
     }
 
@@ -82,6 +92,10 @@ impl GatewayError {
             GatewayError::Overloaded => "upstream_overloaded",
             GatewayError::RateLimited(_) => "rate_limited",
             GatewayError::ConcurrencyLimited => "concurrency_limited",
+            GatewayError::Unauthorized(AuthFail::Missing) => "unauthorized",
+            GatewayError::Unauthorized(_) => "invalid_token",
+            GatewayError::Forbidden => "insufficient_scope",
+            GatewayError::AuthUnavailable => "auth_unavailable",
         }
     }
 
@@ -104,6 +118,9 @@ impl GatewayError {
                 "too many requests: a rate limit of this route is reached"
             }
             GatewayError::ConcurrencyLimited => "too many requests of this route are in flight",
+            GatewayError::Unauthorized(f) => f.message(),
+            GatewayError::Forbidden => "the credentials lack a scope or role this route requires",
+            GatewayError::AuthUnavailable => "the credentials cannot be checked right now",
         }
     }
 
@@ -113,7 +130,8 @@ impl GatewayError {
             GatewayError::CircuitOpen(s) | GatewayError::RateLimited(s) => Some(*s),
             GatewayError::Overloaded
             | GatewayError::NoHealthyEndpoint
-            | GatewayError::ConcurrencyLimited => Some(1),
+            | GatewayError::ConcurrencyLimited
+            | GatewayError::AuthUnavailable => Some(1),
             _ => None,
         }
     }

@@ -9,8 +9,10 @@
 //! - [`router`]: the per-worker route table.
 //! - [`upstream`]: per-worker upstream groups, balancers and keep-alive pools.
 //! - [`config`]: the TOML file, typed and validated.
+//! - [`auth`]: JWT, API keys and consumers, OAuth2 introspection, per-route policies.
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 
+pub mod auth;
 pub mod config;
 pub mod date;
 pub mod demo;

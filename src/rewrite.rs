@@ -23,6 +23,9 @@ pub struct Forwarding<'a> {
     pub request_id: &'a [u8],
     /// "1.1 ringway".
     pub via: &'a [u8],
+    /// Identity header lines the auth stage adds upstream (forwarded claims, consumer), or
+    /// nothing.
+    pub identity: &'a [u8],
 }
 
 /// Header names with a rule of their own, recognised by length first so most names cost one
@@ -134,6 +137,7 @@ pub fn encode_upstream_head(
     }
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
+    out.put_slice(f.identity);
     rules.put(out);
     match req.body {
         BodyKind::None => {

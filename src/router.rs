@@ -121,6 +121,8 @@ pub struct Route {
     /// Rate limits, in config order (ids unique across routes).
     pub limits: Vec<Limit>,
     pub concurrency: Option<Concurrency>,
+    /// Who may call the route (None: anyone).
+    pub auth: Option<crate::auth::Policy>,
 }
 
 /// Per-route overrides of the global timeouts.
@@ -283,6 +285,8 @@ impl Router {
             .map(|(i, k)| (k.as_str(), i))
             .collect();
         let mut next_limit = 0u32;
+        // Identity headers are the gateway's to set: client-sent copies go on every route.
+        let identity = crate::auth::WorkerAuth::identity_headers(cfg);
         let routes: Vec<Route> = cfg
             .routes
             .iter()
@@ -297,6 +301,16 @@ impl Router {
                         Limit::new(next_limit - 1, l)
                     })
                     .collect();
+                r.auth = rc
+                    .auth
+                    .as_ref()
+                    .and_then(|a| crate::auth::Policy::compile(&cfg.auth, a));
+                let hidden = r.auth.as_ref().map_or(&[][..], |p| &p.hidden[..]);
+                for h in identity.iter().chain(hidden) {
+                    if !r.request_headers.remove.contains(h) {
+                        r.request_headers.remove.push(h.clone());
+                    }
+                }
                 r
             })
             .collect();
@@ -457,6 +471,7 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
             key: c.key.clone(),
             max: c.max,
         }),
+        auth: None,
     }
 }
 

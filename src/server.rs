@@ -76,6 +76,7 @@ impl Gateway {
         let stop = Arc::new(AtomicBool::new(false));
         let hub = HealthHub::new(&cfg);
         let buckets = HostBuckets::new(&cfg);
+        let auth = crate::auth::AuthShared::new(&cfg).map_err(io::Error::other)?;
         let choice = driver_choice(&cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
@@ -86,6 +87,7 @@ impl Gateway {
             let shared = Shared {
                 hub: hub.clone(),
                 buckets: buckets.clone(),
+                auth: auth.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -118,6 +120,11 @@ impl Gateway {
         if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone()) {
             threads.push(t);
         }
+        threads.extend(crate::auth::jwks::spawn_fetchers(
+            cfg.auth.jwt.keys().cloned().collect(),
+            &auth.jwt,
+            stop.clone(),
+        ));
         // Said once per process start, not once per worker.
         match (&fallback, driver) {
             (Some(why), _) => {
@@ -221,10 +228,12 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
     Ok((per_worker, addrs))
 }
 
-/// What the workers share: endpoint health and the host-wide rate-limit buckets.
+/// What the workers share: endpoint health, the host-wide rate-limit buckets, and the
+/// published JWT key sets.
 struct Shared {
     hub: Arc<HealthHub>,
     buckets: Arc<HostBuckets>,
+    auth: Arc<crate::auth::AuthShared>,
 }
 
 type Ready = mpsc::Sender<Result<(DriverKind, Option<String>), String>>;
@@ -304,7 +313,13 @@ async fn worker_main(
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
-    let w = Rc::new(Worker::new(&cfg, id, shared.hub, shared.buckets));
+    let w = Rc::new(Worker::new(
+        &cfg,
+        id,
+        shared.hub,
+        shared.buckets,
+        &shared.auth,
+    ));
     drop(cfg);
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
@@ -312,6 +327,7 @@ async fn worker_main(
         monoio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 w.hub.sync(&w.upstreams, Instant::now());
+                w.auth.sync();
                 w.tick_date();
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }
