@@ -499,7 +499,7 @@ impl WorkerAuth {
                 MethodRef::Jwt(i) => match bearer {
                     None => continue,
                     Some(Err(f)) => Err(f),
-                    Some(Ok(t)) => self.jwt(i, t, now).map(|v| (AuthMethod::Jwt, v)),
+                    Some(Ok(t)) => self.verify_jwt(i, t, now).map(|v| (AuthMethod::Jwt, v)),
                 },
                 MethodRef::Introspection(i) => match bearer {
                     None => continue,
@@ -536,7 +536,9 @@ impl WorkerAuth {
             }
         }
         if id.method.is_none() {
-            if unavailable && first_fail.is_none() {
+            // A token the endpoint could not judge may be valid: say so (503), rather than
+            // call it invalid because another method refused it.
+            if unavailable {
                 return Err(Denied::Unavailable);
             }
             return Err(Denied::Unauthorized(
@@ -560,7 +562,9 @@ impl WorkerAuth {
         }
     }
 
-    fn jwt(&self, i: usize, token: &str, now: u64) -> Result<Rc<Verified>, AuthFail> {
+    /// Checks a bearer token with JWT provider `i` (in `[auth.jwt]` name order): from this
+    /// worker's cache, else by signature and claims (then cached).
+    pub fn verify_jwt(&self, i: usize, token: &str, now: u64) -> Result<Rc<Verified>, AuthFail> {
         let slot = i as u32;
         if let Some(v) = self.cached(slot, token.as_bytes(), now) {
             return Ok(v);
