@@ -14,14 +14,12 @@ ORIGIN=18100; GW=18180
 SECRET="perf-only-secret-of-at-least-32-bytes!"
 cleanup() { [[ -n "${GWPID:-}" ]] && kill "$GWPID" 2>/dev/null; [[ -f $D/nginx.pid ]] && kill "$(cat $D/nginx.pid)" 2>/dev/null; rm -rf "$D"; }
 trap cleanup EXIT
-mkdir -p "$D/www"
-printf '%064d' 0 > "$D/www/index.html"
 cat > "$D/nginx.conf" <<NG
 worker_processes 1; daemon on; pid $D/nginx.pid; error_log $D/error.log warn;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
   fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
-  server { listen 127.0.0.1:$ORIGIN backlog=4096; root $D/www; location / { } } }
+  server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 "$(printf '%063d' 0)\n"; } } }
 NG
 nginx -p "$D" -c "$D/nginx.conf" -e "$D/error.log"
 cat > "$D/ringway.toml" <<TOML
@@ -63,6 +61,8 @@ PY
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$GW/open/" && break; sleep 0.1; done
 code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$GW/jwt/")
 [[ $code == 200 ]] || { echo "JWT route answered $code"; exit 1; }
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/open/")
+[[ $code == 200 ]] || { echo "open route answered $code"; exit 1; }
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/jwt/")
 [[ $code == 401 ]] || { echo "JWT route without a token answered $code"; exit 1; }
 run() { wrk -t1 -c"$CONNS" -d"${SECS}s" "$@" | awk '/Requests\/sec/ {print $2} /Non-2xx/ {print "ERR " $0 > "/dev/stderr"}'; }

@@ -12,6 +12,17 @@ use serde::Deserialize;
 
 use crate::config::{Dur, HeaderName};
 
+/// A secret from the config: its `Debug` form is redacted, so a logged config never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// `[auth]`: named credential providers and shared settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,10 +105,10 @@ impl Default for ApiKeyConfig {
 pub struct JwtConfig {
     /// HMAC secret, as written (UTF-8 bytes).
     #[serde(default)]
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// HMAC secret, base64 (standard or URL-safe alphabet).
     #[serde(default)]
-    pub secret_base64: Option<String>,
+    pub secret_base64: Option<Secret>,
     /// PEM public key (RSA, EC or Ed25519).
     #[serde(default)]
     pub public_key_file: Option<String>,
@@ -191,7 +202,7 @@ pub struct IntrospectionConfig {
     /// `http://host:port/path` (plain HTTP; https needs the TLS client).
     pub url: String,
     pub client_id: String,
-    pub client_secret: String,
+    pub client_secret: Secret,
     /// Connect, send and read, all together.
     #[serde(default = "d_intro_timeout")]
     pub timeout: Dur,

@@ -69,7 +69,7 @@ impl Provider {
         let cred = format!(
             "{}:{}",
             form_encode(&cfg.client_id),
-            form_encode(&cfg.client_secret)
+            form_encode(&cfg.client_secret.0)
         );
         Provider {
             url: HttpUrl::parse(&cfg.url).expect("validated at load"),

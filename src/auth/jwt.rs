@@ -197,11 +197,11 @@ pub fn load_static(j: &JwtConfig) -> Result<KeySet, (String, String)> {
         })
     };
     if let Some(s) = &j.secret {
-        return secret(s.as_bytes().to_vec(), "secret");
+        return secret(s.0.as_bytes().to_vec(), "secret");
     }
     if let Some(s) = &j.secret_base64 {
         return secret(
-            decode_base64(s).map_err(|e| ("secret_base64".to_string(), e))?,
+            decode_base64(&s.0).map_err(|e| ("secret_base64".to_string(), e))?,
             "secret_base64",
         );
     }
@@ -695,7 +695,7 @@ mod tests {
             .unwrap();
             let cfg = JwtConfig {
                 secret: None,
-                secret_base64: Some(b64(&secret)),
+                secret_base64: Some(super::super::config::Secret(b64(&secret))),
                 algorithm: Some(format!("{alg:?}")),
                 ..test_config()
             };

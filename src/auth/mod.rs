@@ -727,6 +727,66 @@ fn query_param<'a>(path_query: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn worker(extra: &str) -> WorkerAuth {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\nforward_claims = {{ sub = \"x-user-id\" }}\n{extra}");
+        let cfg = Config::parse(&src, "t.toml").unwrap();
+        WorkerAuth::new(&cfg, &AuthShared::new(&cfg).unwrap())
+    }
+
+    fn token(exp: u64) -> String {
+        encode(
+            &Header::default(),
+            &serde_json::json!({"sub": "alice", "exp": exp}),
+            &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn repeated_tokens_come_from_the_cache_until_they_expire() {
+        let a = worker("[auth]\ncache_max_ttl = \"1h\"\n[[consumers]]\nname = \"c1\"\njwt_subjects = [\"alice\"]\n");
+        let t = token(NOW + 100);
+        let first = a.verify_jwt(0, &t, NOW).unwrap();
+        let again = a.verify_jwt(0, &t, NOW + 50).unwrap();
+        assert!(
+            Rc::ptr_eq(&first, &again),
+            "the second check is a cache hit"
+        );
+        assert_eq!(first.consumer.as_ref().unwrap().name.as_ref(), "c1");
+        assert_eq!(&*first.headers, b"x-user-id: alice\r\n");
+        // Past exp + leeway (30 s) the entry is dropped and the token re-checked: refused.
+        assert_eq!(
+            a.verify_jwt(0, &t, NOW + 131).unwrap_err(),
+            AuthFail::Expired
+        );
+        // A different token is never served another token's entry.
+        let other = token(NOW + 101);
+        let o = a.verify_jwt(0, &other, NOW).unwrap();
+        assert!(!Rc::ptr_eq(&first, &o));
+    }
+
+    #[test]
+    fn cache_lifetime_is_capped_by_cache_max_ttl() {
+        let a = worker("[auth]\ncache_max_ttl = \"10s\"\n");
+        let t = token(NOW + 3600);
+        let first = a.verify_jwt(0, &t, NOW).unwrap();
+        assert!(Rc::ptr_eq(&first, &a.verify_jwt(0, &t, NOW + 10).unwrap()));
+        // Re-verified (a new entry) after the cap, still valid.
+        assert!(!Rc::ptr_eq(&first, &a.verify_jwt(0, &t, NOW + 11).unwrap()));
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\n[auth.introspection.i]\nurl = \"http://127.0.0.1:1/\"\nclient_id = \"c\"\nclient_secret = \"hunter2-hunter2\"\n";
+        let cfg = Config::parse(src, "t.toml").unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("0123456789abcdef"), "{dbg}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
 
     #[test]
     fn query_params() {
