@@ -759,3 +759,41 @@ fn introspection_endpoint_refusing_connections_is_503() {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(up.hits(), 0);
 }
+
+/// Over `max_concurrent` calls in flight on a worker, a request is answered 503 at once
+/// instead of queueing behind a slow endpoint.
+#[test]
+fn introspection_calls_in_flight_are_bounded_per_worker() {
+    let release = Arc::new(AtomicBool::new(false));
+    let r = release.clone();
+    let idp = Loopback::start(move |_| {
+        // Holds the first call until the test releases it (bounded wait).
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !r.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(json_response(200, r#"{"active": true, "sub": "s"}"#, ""))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.introspection.idp]\nurl = \"http://{}/i\"\nclient_id = \"g\"\nclient_secret = \"s\"\nmax_concurrent = 1\ntimeout = \"20s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            idp.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let addr = gw.addr;
+    let first = std::thread::spawn(move || get_with(addr, "/", &bearer("slow-token")).status);
+    assert!(eventually(Duration::from_secs(10), || idp.hits() == 1));
+    let r = get_with(gw.addr, "/", &bearer("other-token"));
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(
+        idp.hits(),
+        1,
+        "the refused request never reached the endpoint"
+    );
+}
