@@ -2,7 +2,9 @@
 # JWT on vs off, end to end: wrk against two routes of one ringway (release build) in front of
 # the same nginx origin (64-byte answers): /open (no auth) and /jwt (HS256 JWT, claims
 # forwarded, the same token on every request: the per-core cache path). Rounds alternate the
-# two routes; req/s of each run is printed, then the median ratio.
+# two routes; each run prints req/s and ringway's CPU time per request (user + system, from
+# /proc), then the median ratios. On a shared machine req/s swings with the neighbours' load;
+# CPU per request is the steadier figure.
 #
 #   cargo build --release && bash perf/auth.sh [rounds=3] [seconds=5] [workers=1] [conns=64]
 # Load only ever goes to 127.0.0.1.
@@ -65,15 +67,26 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/open/")
 [[ $code == 200 ]] || { echo "open route answered $code"; exit 1; }
 code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GW/jwt/")
 [[ $code == 401 ]] || { echo "JWT route without a token answered $code"; exit 1; }
-run() { wrk -t1 -c"$CONNS" -d"${SECS}s" "$@" | awk '/Requests\/sec/ {print $2} /Non-2xx/ {print "ERR " $0 > "/dev/stderr"}'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$GWPID/stat"; }
+HZ=$(getconf CLK_TCK)
+# Prints "req/s µs-of-CPU-per-request".
+run() {
+  local t0 t1 rps
+  t0=$(cpu_ticks)
+  rps=$(wrk -t1 -c"$CONNS" -d"${SECS}s" "$@" | awk '/Requests\/sec/ {print $2} /Non-2xx/ {print "ERR " $0 > "/dev/stderr"}')
+  t1=$(cpu_ticks)
+  python3 -c "print($rps, round(($t1 - $t0) / $HZ * 1e6 / ($rps * $SECS), 2))"
+}
 wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$GW/open/" >/dev/null
 wrk -t1 -c"$CONNS" -d1s -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$GW/jwt/" >/dev/null
-ratios=()
+ratios=(); cpus=()
 for r in $(seq "$ROUNDS"); do
-  off=$(run "http://127.0.0.1:$GW/open/")
-  on=$(run -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$GW/jwt/")
+  read -r off off_cpu < <(run "http://127.0.0.1:$GW/open/")
+  read -r on on_cpu < <(run -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$GW/jwt/")
   ratio=$(python3 -c "print(f'{$on/$off:.3f}')")
-  ratios+=("$ratio")
-  echo "round $r: jwt off ${off} req/s, jwt on ${on} req/s, on/off ${ratio}"
+  cpu=$(python3 -c "print(f'{$on_cpu/$off_cpu:.3f}')")
+  ratios+=("$ratio"); cpus+=("$cpu")
+  echo "round $r: jwt off ${off} req/s ${off_cpu} µs CPU/req; jwt on ${on} req/s ${on_cpu} µs CPU/req; req/s on/off ${ratio}, CPU/req on/off ${cpu}"
 done
-python3 -c "import statistics,sys; print('median on/off:', statistics.median(map(float, sys.argv[1:])))" "${ratios[@]}"
+python3 -c "import statistics,sys; print('median req/s on/off:', statistics.median(map(float, sys.argv[1:])))" "${ratios[@]}"
+python3 -c "import statistics,sys; print('median CPU/req on/off:', statistics.median(map(float, sys.argv[1:])))" "${cpus[@]}"
