@@ -152,21 +152,41 @@ pub struct JwtConfig {
     #[serde(default)]
     pub forward_claims: BTreeMap<String, HeaderName>,
     /// JWKS URL: refresh no sooner than this after a fetch, even when Cache-Control says so.
-    #[serde(default = "d_jwks_min_ttl")]
-    pub jwks_min_ttl: Dur,
+    #[serde(default)]
+    pub jwks_min_ttl: Option<Dur>,
     /// JWKS URL: refresh at the latest this long after a fetch.
-    #[serde(default = "d_jwks_max_ttl")]
-    pub jwks_max_ttl: Dur,
+    #[serde(default)]
+    pub jwks_max_ttl: Option<Dur>,
     /// JWKS URL: an unknown `kid` triggers a refresh at most once per this interval.
-    #[serde(default = "d_jwks_min_refresh")]
-    pub jwks_min_refresh_interval: Dur,
+    #[serde(default)]
+    pub jwks_min_refresh_interval: Option<Dur>,
     /// JWKS URL: keys gone from the set are still accepted this long.
-    #[serde(default = "d_jwks_grace")]
-    pub jwks_grace: Dur,
+    #[serde(default)]
+    pub jwks_grace: Option<Dur>,
     /// JWKS URL: connect + read timeout of a fetch.
-    #[serde(default = "d_jwks_timeout")]
-    pub jwks_timeout: Dur,
+    #[serde(default)]
+    pub jwks_timeout: Option<Dur>,
 }
+impl JwtConfig {
+    pub fn jwks_min_ttl(&self) -> std::time::Duration {
+        self.jwks_min_ttl.unwrap_or_else(d_jwks_min_ttl).0
+    }
+    pub fn jwks_max_ttl(&self) -> std::time::Duration {
+        self.jwks_max_ttl.unwrap_or_else(d_jwks_max_ttl).0
+    }
+    pub fn jwks_min_refresh_interval(&self) -> std::time::Duration {
+        self.jwks_min_refresh_interval
+            .unwrap_or_else(d_jwks_min_refresh)
+            .0
+    }
+    pub fn jwks_grace(&self) -> std::time::Duration {
+        self.jwks_grace.unwrap_or_else(d_jwks_grace).0
+    }
+    pub fn jwks_timeout(&self) -> std::time::Duration {
+        self.jwks_timeout.unwrap_or_else(d_jwks_timeout).0
+    }
+}
+
 fn d_leeway() -> u64 {
     30
 }

@@ -326,16 +326,16 @@ fn fetch_loop(name: &str, cfg: &JwtConfig, src: &KeySource, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         let asked = src.refresh.load(Ordering::Relaxed)
-            && last_fetch.is_none_or(|t| now >= t + cfg.jwks_min_refresh_interval.0);
+            && last_fetch.is_none_or(|t| now >= t + cfg.jwks_min_refresh_interval());
         let expired = retired.iter().any(|r| r.until <= now);
         if now >= next || asked {
             src.refresh.store(false, Ordering::Relaxed);
             last_fetch = Some(now);
-            match fetch_set(&url, cfg.jwks_timeout.0, &allowed) {
+            match fetch_set(&url, cfg.jwks_timeout(), &allowed) {
                 Ok((set, max_age)) => {
                     let ttl = max_age
-                        .map_or(cfg.jwks_max_ttl.0, Duration::from_secs)
-                        .clamp(cfg.jwks_min_ttl.0, cfg.jwks_max_ttl.0);
+                        .map_or(cfg.jwks_max_ttl(), Duration::from_secs)
+                        .clamp(cfg.jwks_min_ttl(), cfg.jwks_max_ttl());
                     next = now + ttl;
                     // Keys gone from the new set are kept for the grace period.
                     for old in fresh.drain(..) {
@@ -343,7 +343,7 @@ fn fetch_loop(name: &str, cfg: &JwtConfig, src: &KeySource, stop: &AtomicBool) {
                         if !still {
                             retired.push(Retired {
                                 key: old,
-                                until: now + cfg.jwks_grace.0,
+                                until: now + cfg.jwks_grace(),
                             });
                         }
                     }
@@ -364,7 +364,7 @@ fn fetch_loop(name: &str, cfg: &JwtConfig, src: &KeySource, stop: &AtomicBool) {
                 Err(e) => {
                     // The last good keys stay in service.
                     warn!("auth.jwt.{name}: JWKS fetch failed ({e}); keeping the last keys");
-                    next = now + cfg.jwks_min_refresh_interval.0;
+                    next = now + cfg.jwks_min_refresh_interval();
                 }
             }
         } else if expired {

@@ -142,12 +142,46 @@ pub fn check_config(j: &JwtConfig) -> Result<(), (String, String)> {
     }
     if let Some(u) = &j.jwks_url {
         super::jwks::HttpUrl::parse(u).map_err(|e| ("jwks_url".to_string(), e))?;
-        if j.jwks_max_ttl.0 < j.jwks_min_ttl.0 {
+        if j.jwks_max_ttl() < j.jwks_min_ttl() {
             return Err((
                 "jwks_max_ttl".into(),
                 "must be at least jwks_min_ttl".into(),
             ));
         }
+    } else {
+        // Settings that would be silently ignored are refused.
+        let url_only = [
+            ("jwks_min_ttl", j.jwks_min_ttl.is_some()),
+            ("jwks_max_ttl", j.jwks_max_ttl.is_some()),
+            (
+                "jwks_min_refresh_interval",
+                j.jwks_min_refresh_interval.is_some(),
+            ),
+            ("jwks_grace", j.jwks_grace.is_some()),
+            ("jwks_timeout", j.jwks_timeout.is_some()),
+        ];
+        if let Some((k, _)) = url_only.iter().find(|(_, set)| *set) {
+            return Err((k.to_string(), "only applies to a jwks_url provider".into()));
+        }
+    }
+    let key_set = j.jwks_file.is_some() || j.jwks_url.is_some();
+    if key_set && j.algorithm.is_some() {
+        return Err((
+            "algorithm".into(),
+            "a key set's algorithms come from its keys; use `algorithms` to restrict them".into(),
+        ));
+    }
+    if key_set && j.kid.is_some() {
+        return Err((
+            "kid".into(),
+            "the keys of a key set carry their own kid".into(),
+        ));
+    }
+    if !key_set && !j.algorithms.is_empty() {
+        return Err((
+            "algorithms".into(),
+            "only for jwks_file / jwks_url; a single key takes `algorithm`".into(),
+        ));
     }
     for (claim, h) in &j.forward_claims {
         if claim.is_empty() {
@@ -932,6 +966,11 @@ mod tests {
         );
         let both = toml::from_str::<JwtConfig>("secret = \"x\"\njwks_file = \"y\"").unwrap();
         assert!(check_config(&both).is_err());
+        let stray = toml::from_str::<JwtConfig>("secret = \"x\"\njwks_grace = \"1m\"").unwrap();
+        assert_eq!(check_config(&stray).unwrap_err().0, "jwks_grace");
+        let stray =
+            toml::from_str::<JwtConfig>("jwks_file = \"x\"\nalgorithm = \"RS256\"").unwrap();
+        assert_eq!(check_config(&stray).unwrap_err().0, "algorithm");
         let no_alg = toml::from_str::<JwtConfig>(&format!("public_key_file = \"{rsa}\"")).unwrap();
         assert_eq!(check_config(&no_alg).unwrap_err().0, "algorithm");
     }
