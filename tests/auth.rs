@@ -243,6 +243,9 @@ fn bad_tokens_are_401_with_a_challenge_and_never_reach_the_upstream() {
         Some("Bearer realm=\"ringway\"")
     );
     assert_eq!(r.json()["error"], "unauthorized");
+    // Two Authorization headers, the first one good: refused.
+    let two = format!("{}Authorization: Bearer x.y.z\r\n", bearer(&good));
+    assert_eq!(get_with(gw.addr, "/jwt", &two).status, 401);
     // Another scheme is no credential for a bearer route.
     let r = get_with(gw.addr, "/jwt", "Authorization: Basic YTpi\r\n");
     assert_eq!(r.status, 401);

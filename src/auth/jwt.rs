@@ -429,6 +429,9 @@ pub fn verify(
     }
     // `alg: none` and unknown algorithms fail here: the header does not parse.
     let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFail::Malformed)?;
+    if has_crit(token) {
+        return Err(AuthFail::Malformed);
+    }
     let mut result = Err(AuthFail::UnknownKey);
     let mut tried = 0;
     for k in &keys.keys {
@@ -460,6 +463,18 @@ pub fn verify(
     }
     let map = result?;
     check_claims(map, rules, now)
+}
+
+/// Does the header carry `crit`? No extension is understood here, so such a token must be
+/// refused (RFC 7515 §4.1.11); jsonwebtoken's header type drops the field.
+fn has_crit(token: &str) -> bool {
+    use base64::Engine;
+    let first = token.split('.').next().unwrap_or("");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(first)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Map<String, Value>>(&b).ok())
+        .is_none_or(|h| h.contains_key("crit"))
 }
 
 /// exp/nbf with leeway, iss, aud, required claims.
@@ -816,6 +831,15 @@ mod tests {
             &EncodingKey::from_secret(SECRET),
         )
         .unwrap();
+        let crit = {
+            let h = b64(br#"{"alg":"HS256","crit":["exp-ext"],"exp-ext":1}"#);
+            let msg = format!("{h}.{p}");
+            let sig = ring::hmac::sign(
+                &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET),
+                msg.as_bytes(),
+            );
+            format!("{msg}.{}", b64(sig.as_ref()))
+        };
         let table: Vec<(&str, String, &KeySet, AuthFail)> = vec![
             (
                 "alg none, no signature",
@@ -872,6 +896,7 @@ mod tests {
                 AuthFail::MissingClaim,
             ),
             ("garbage", "not-a-token".into(), &set, AuthFail::Malformed),
+            ("unknown crit extension", crit, &set, AuthFail::Malformed),
             (
                 "header not JSON",
                 format!("{}.{p}.x", b64(b"{")),

@@ -645,6 +645,9 @@ impl WorkerAuth {
 
     fn api_key(&self, head: &RequestHead) -> Option<Result<Rc<Consumer>, AuthFail>> {
         let key = match head.header(&self.api_key_header) {
+            Some(_) if head.header_values(&self.api_key_header).nth(1).is_some() => {
+                return Some(Err(AuthFail::UnknownApiKey))
+            }
             Some(v) => crate::http::trim_ows(v),
             None => {
                 let q = self.api_key_query.as_deref()?;
@@ -695,6 +698,10 @@ impl WorkerAuth {
 /// Authorization header or another scheme; `Err`: a Bearer header without a valid token.
 fn bearer_token(head: &RequestHead) -> Option<Result<&str, AuthFail>> {
     let v = head.header(b"authorization")?;
+    if head.header_values(b"authorization").nth(1).is_some() {
+        // Two credentials: which one the upstream would read is anyone's guess.
+        return Some(Err(AuthFail::Malformed));
+    }
     let v = crate::http::trim_ows(v);
     if v.len() < 7 || !v[..6].eq_ignore_ascii_case(b"bearer") || v[6] != b' ' {
         return None;
