@@ -231,7 +231,8 @@ fn bench_rewrite(c: &mut Criterion) {
         via: b"1.1 ringway",
         https: false,
         strip: &[],
-        identity: None,
+        client_cert: None,
+        identity: b"",
     };
     let mut out = BytesMut::with_capacity(4096);
     let hop: HashSet<&str> = [

@@ -206,6 +206,12 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub rate_limiting: RateLimitingConfig,
+    /// Credential providers: API keys, JWT, OAuth2 introspection.
+    #[serde(default)]
+    pub auth: crate::auth::config::AuthConfig,
+    /// Callers known by name: API keys (as hashes) and JWT subjects.
+    #[serde(default)]
+    pub consumers: Vec<crate::auth::config::ConsumerConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -752,6 +758,10 @@ pub struct RouteConfig {
     /// Only requests with a verified client certificate (mTLS) pass; others get a 403.
     #[serde(default)]
     pub require_client_cert: bool,
+    /// Who may call this route: "none", "api_key", a provider name, or a table with `any_of`
+    /// and scopes/roles (see `crate::auth`).
+    #[serde(default)]
+    pub auth: Option<crate::auth::config::RouteAuth>,
 }
 
 /// A quota: at most `limit` requests per key per calendar period.
@@ -1434,6 +1444,21 @@ impl Config {
                 check_header_value(h).map_err(|e| err(k("set_host"), None, e))?;
             }
         }
+        if self
+            .auth
+            .realm
+            .bytes()
+            .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+        {
+            return Err(err(
+                "auth.realm".into(),
+                None,
+                "must not hold quotes, backslashes or control characters".into(),
+            ));
+        }
+        let policies: Vec<_> = self.routes.iter().map(|r| r.auth.clone()).collect();
+        crate::auth::config::validate(&self.auth, &self.consumers, &policies)
+            .map_err(|(key, reason)| err(key, None, reason))?;
         Ok(())
     }
 
@@ -1460,7 +1485,20 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
 /// deserialising: the line of the n-th `[[routes]]` table, then the first `name =` after it.
 fn locate_key(src: &str, key: &str) -> (Option<usize>, Option<usize>) {
     let mut offset = 0usize;
-    for part in key.split('.') {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut skip = 0;
+    // A dotted table header such as `[auth.jwt.main]` covers several parts at once.
+    for n in (2..=parts.len()).rev() {
+        if parts[..n].iter().any(|p| p.contains('[')) {
+            continue;
+        }
+        if let Some(p) = src.find(&format!("[{}]", parts[..n].join("."))) {
+            offset = p;
+            skip = n;
+            break;
+        }
+    }
+    for part in parts.into_iter().skip(skip) {
         let (name, idx) = match part.find('[') {
             Some(b) => (
                 &part[..b],

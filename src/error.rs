@@ -2,6 +2,7 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::auth::AuthFail;
 use crate::http::chunked::ChunkError;
 use crate::http::encode::{put_status_line, put_u64, reason_phrase};
 use crate::http::request::ParseError;
@@ -45,6 +46,12 @@ pub enum GatewayError {
     UpstreamTls,
     /// The route requires a verified client certificate and the connection has none.
     ClientCertRequired,
+    /// Credentials missing or refused (401, with a `WWW-Authenticate` challenge).
+    Unauthorized(AuthFail),
+    /// Authenticated, but a required scope or role is missing (403).
+    Forbidden,
+    /// The credential could not be checked: the introspection endpoint failed or is busy.
+    AuthUnavailable,
 }
 
 impl GatewayError {
@@ -67,6 +74,9 @@ impl GatewayError {
             GatewayError::ConcurrencyLimited | GatewayError::RateLimitUnavailable => 503,
             GatewayError::UpstreamTls => 502,
             GatewayError::ClientCertRequired => 403,
+            GatewayError::Unauthorized(_) => 401,
+            GatewayError::Forbidden => 403,
+            GatewayError::AuthUnavailable => 503,
         }
     }
 
@@ -94,6 +104,10 @@ impl GatewayError {
             GatewayError::RateLimitUnavailable => "rate_limit_unavailable",
             GatewayError::UpstreamTls => "upstream_tls_failed",
             GatewayError::ClientCertRequired => "client_certificate_required",
+            GatewayError::Unauthorized(AuthFail::Missing) => "unauthorized",
+            GatewayError::Unauthorized(_) => "invalid_token",
+            GatewayError::Forbidden => "insufficient_scope",
+            GatewayError::AuthUnavailable => "auth_unavailable",
         }
     }
 
@@ -121,6 +135,9 @@ impl GatewayError {
             }
             GatewayError::UpstreamTls => "the TLS handshake with the upstream failed",
             GatewayError::ClientCertRequired => "this route requires a verified client certificate",
+            GatewayError::Unauthorized(f) => f.message(),
+            GatewayError::Forbidden => "the credentials lack a scope or role this route requires",
+            GatewayError::AuthUnavailable => "the credentials cannot be checked right now",
         }
     }
 
@@ -131,7 +148,8 @@ impl GatewayError {
             GatewayError::Overloaded
             | GatewayError::NoHealthyEndpoint
             | GatewayError::ConcurrencyLimited
-            | GatewayError::RateLimitUnavailable => Some(1),
+            | GatewayError::RateLimitUnavailable
+            | GatewayError::AuthUnavailable => Some(1),
             _ => None,
         }
     }

@@ -9,9 +9,11 @@
 //! - [`router`]: the per-worker route table.
 //! - [`upstream`]: per-worker upstream groups, balancers and keep-alive pools.
 //! - [`config`]: the TOML file, typed and validated.
+//! - [`auth`]: JWT, API keys and consumers, OAuth2 introspection, per-route policies.
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 //! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
 
+pub mod auth;
 pub mod config;
 pub mod date;
 pub mod demo;

@@ -14,6 +14,8 @@ USAGE:
     ringway [run] [-c FILE] [--workers N]   run the gateway (default config: config/ringway.toml)
     ringway check [-c FILE]                 validate a config and print a summary
     ringway demo [--workers N]              run config/demo.toml with built-in sample services
+    ringway hash-key < key.txt              print the \"sha256:...\" form of an API key read from
+                                            stdin, for [[consumers]] api_keys
     ringway --version | --help
 
 ENVIRONMENT:
@@ -40,7 +42,7 @@ fn parse_args() -> Result<Args, String> {
     let mut first = true;
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "run" | "check" | "demo" if first => a.command = arg,
+            "run" | "check" | "demo" | "hash-key" if first => a.command = arg,
             "-c" | "--config" => {
                 a.config = it.next().ok_or("-c needs a file")?.into();
             }
@@ -75,6 +77,21 @@ fn main() -> ExitCode {
         }
         "version" => {
             println!("ringway {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        "hash-key" => {
+            // Read from stdin, not argv: keys stay out of shell history and `ps`.
+            let mut key = String::new();
+            if std::io::Read::read_to_string(&mut std::io::stdin(), &mut key).is_err() {
+                eprintln!("ringway: hash-key reads the key (UTF-8) from stdin");
+                return ExitCode::from(2);
+            }
+            let key = key.trim_end_matches(['\r', '\n']);
+            if key.is_empty() {
+                eprintln!("ringway: hash-key: empty key");
+                return ExitCode::from(2);
+            }
+            println!("{}", ringway::auth::apikey::key_hash_hex(key.as_bytes()));
             ExitCode::SUCCESS
         }
         "check" => match Config::load(&args.config) {
@@ -223,7 +240,31 @@ fn print_summary(file: &str, cfg: &Config) {
         } else {
             format!(" methods={}", r.methods.join(","))
         };
-        let _ = writeln!(out, "  {name}: {hosts} {path}{methods} {target}");
+        let auth = match &r.auth {
+            Some(a) if !a.any_of.is_empty() => format!(" auth={}", a.any_of.join("|")),
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "  {name}: {hosts} {path}{methods} {target}{auth}");
+    }
+    if !cfg.auth.jwt.is_empty() || !cfg.auth.introspection.is_empty() || !cfg.consumers.is_empty() {
+        // Names and key sources only: never a secret.
+        let _ = writeln!(out, "auth:");
+        for (name, j) in &cfg.auth.jwt {
+            let source = if j.secret.is_some() || j.secret_base64.is_some() {
+                "inline secret".to_string()
+            } else if let Some(f) = &j.public_key_file {
+                format!("PEM {f}")
+            } else if let Some(f) = &j.jwks_file {
+                format!("JWKS file {f}")
+            } else {
+                format!("JWKS URL {}", j.jwks_url.as_deref().unwrap_or(""))
+            };
+            let _ = writeln!(out, "  jwt {name}: {source}");
+        }
+        for (name, i) in &cfg.auth.introspection {
+            let _ = writeln!(out, "  introspection {name}: {}", i.url);
+        }
+        let _ = writeln!(out, "  consumers: {}", cfg.consumers.len());
     }
     use std::io::Write as _;
     let _ = std::io::stdout().write_all(out.as_bytes());

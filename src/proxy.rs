@@ -21,6 +21,7 @@ use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use crate::auth::{AuthShared, Denied, Identity, WorkerAuth};
 use crate::config::Config;
 use crate::config::{HashOn, RateKey, RedisFailure};
 use crate::date::{http_date, HTTP_DATE_LEN};
@@ -182,12 +183,20 @@ pub struct Worker {
     date_secs: Cell<u64>,
     /// Open client connections.
     pub active: Cell<usize>,
+    /// Consumers, credential providers and the per-core credential caches.
+    pub auth: WorkerAuth,
     id_seed: u64,
     id_seq: Cell<u64>,
 }
 
 impl Worker {
-    pub fn new(cfg: &Config, id: usize, hub: Arc<HealthHub>, buckets: Arc<HostBuckets>) -> Worker {
+    pub fn new(
+        cfg: &Config,
+        id: usize,
+        hub: Arc<HealthHub>,
+        buckets: Arc<HostBuckets>,
+        auth: &AuthShared,
+    ) -> Worker {
         let t = &cfg.timeouts;
         let seed = {
             let now = std::time::SystemTime::now()
@@ -237,6 +246,7 @@ impl Worker {
             date: Cell::new(http_date(0)),
             date_secs: Cell::new(u64::MAX),
             active: Cell::new(0),
+            auth: WorkerAuth::new(cfg, auth),
             id_seed: seed,
             id_seq: Cell::new(0),
         };
@@ -253,6 +263,12 @@ impl Worker {
             self.date_secs.set(secs);
             self.date.set(http_date(secs));
         }
+    }
+
+    /// The Unix second of the last sync tick (at most 50 ms old): the clock of token expiry
+    /// checks, read without a system call.
+    pub fn now_secs(&self) -> u64 {
+        self.date_secs.get()
     }
 
     /// A new request id: 24 hex digits, unique per process run and worker.
@@ -449,9 +465,13 @@ pub struct Conn<S> {
     /// This request's body has been read off the connection (kept for replay or streamed).
     body_done: bool,
     /// RateLimit-Policy / RateLimit header lines for this request's response (empty when the
-    /// route has no limits).
+    /// route has no limits). Also carries the `WWW-Authenticate` line of an auth refusal.
     rl_headers: BytesMut,
     info: ConnInfo,
+    /// Who made this request, once the route's auth policy accepted it.
+    pub identity: Identity,
+    /// Identity header lines sent upstream (forwarded claims, consumer).
+    auth_headers: BytesMut,
 }
 
 enum HeadRead {
@@ -487,6 +507,8 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         body_done: false,
         rl_headers: BytesMut::new(),
         info,
+        identity: Identity::default(),
+        auth_headers: BytesMut::new(),
     };
     loop {
         // Release the last head's bytes so the read buffer can take its space back instead of
@@ -595,6 +617,30 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         self.continue_sent = false;
         self.body_done = false;
         self.rl_headers.clear();
+        self.auth_headers.clear();
+        self.identity.clear();
+        // Auth comes before rate limits, so that limits can count per consumer or claim.
+        if let Some(policy) = &route.auth {
+            let now = w.now_secs();
+            match w
+                .auth
+                .check(policy, &self.head, now, &mut self.identity)
+                .await
+            {
+                Ok(()) => w
+                    .auth
+                    .put_upstream_headers(&self.identity, &mut self.auth_headers),
+                Err(d) => {
+                    self.rl_headers.put_slice(policy.challenge(d));
+                    let e = match d {
+                        Denied::Unauthorized(f) => GatewayError::Unauthorized(f),
+                        Denied::Forbidden => GatewayError::Forbidden,
+                        Denied::Unavailable => GatewayError::AuthUnavailable,
+                    };
+                    return self.reject(w, e).await;
+                }
+            }
+        }
         if !route.limits.is_empty() {
             if let Some(e) = self.rate_limit(w, route).await {
                 return self.reject(w, e).await;
@@ -859,10 +905,11 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             via: &w.via,
             https: self.info.tls,
             strip: &w.identity_headers,
-            identity: w.listeners[self.info.listener]
+            client_cert: w.listeners[self.info.listener]
                 .subject_header
                 .as_deref()
                 .zip(self.info.client_subject.as_deref()),
+            identity: &self.auth_headers,
         };
         encode_upstream_head(&mut self.ubuf, &self.head, route, authority, &f);
     }
@@ -1380,7 +1427,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             via: &w.via,
             https: self.info.tls,
             strip: &[],
-            identity: None,
+            client_cert: None,
+            identity: b"",
         };
         let chunked = matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk);
         let connection = connection_value(keep, self.head.version);

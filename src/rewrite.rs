@@ -29,7 +29,10 @@ pub struct Forwarding<'a> {
     /// client's copies are dropped, on every listener.
     pub strip: &'a [Box<[u8]>],
     /// mTLS: the subject header's name and the verified client certificate's subject.
-    pub identity: Option<(&'a [u8], &'a [u8])>,
+    pub client_cert: Option<(&'a [u8], &'a [u8])>,
+    /// Identity header lines the auth stage adds upstream (forwarded claims, consumer), or
+    /// nothing.
+    pub identity: &'a [u8],
 }
 
 /// Header names with a rule of their own, recognised by length first so most names cost one
@@ -148,9 +151,10 @@ pub fn encode_upstream_head(
     }
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
-    if let Some((name, subject)) = f.identity {
+    if let Some((name, subject)) = f.client_cert {
         put_header(out, name, subject);
     }
+    out.put_slice(f.identity);
     rules.put(out);
     match req.body {
         BodyKind::None => {

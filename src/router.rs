@@ -123,6 +123,8 @@ pub struct Route {
     pub concurrency: Option<Concurrency>,
     /// Requests without a verified client certificate get a 403.
     pub require_client_cert: bool,
+    /// Who may call the route (None: anyone).
+    pub auth: Option<crate::auth::Policy>,
 }
 
 /// Per-route overrides of the global timeouts.
@@ -285,6 +287,8 @@ impl Router {
             .map(|(i, k)| (k.as_str(), i))
             .collect();
         let mut next_limit = 0u32;
+        // Identity headers are the gateway's to set: client-sent copies go on every route.
+        let identity = crate::auth::WorkerAuth::identity_headers(cfg);
         let routes: Vec<Route> = cfg
             .routes
             .iter()
@@ -302,6 +306,16 @@ impl Router {
                 for q in &rc.quotas {
                     next_limit += 1;
                     r.limits.push(Limit::quota(next_limit - 1, &r.name, q));
+                }
+                r.auth = rc
+                    .auth
+                    .as_ref()
+                    .and_then(|a| crate::auth::Policy::compile(&cfg.auth, a));
+                let hidden = r.auth.as_ref().map_or(&[][..], |p| &p.hidden[..]);
+                for h in identity.iter().chain(hidden) {
+                    if !r.request_headers.remove.contains(h) {
+                        r.request_headers.remove.push(h.clone());
+                    }
                 }
                 r
             })
@@ -464,6 +478,7 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
             max: c.max,
         }),
         require_client_cert: rc.require_client_cert,
+        auth: None,
     }
 }
 

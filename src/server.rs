@@ -79,6 +79,7 @@ impl Gateway {
         let stop = Arc::new(AtomicBool::new(false));
         let hub = HealthHub::new(&cfg);
         let buckets = HostBuckets::new(&cfg);
+        let auth = crate::auth::AuthShared::new(&cfg).map_err(io::Error::other)?;
         let choice = driver_choice(&cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
@@ -91,6 +92,7 @@ impl Gateway {
                 buckets: buckets.clone(),
                 listeners: listeners_rt.clone(),
                 upstream_tls: upstream_tls.clone(),
+                auth: auth.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -126,6 +128,11 @@ impl Gateway {
         if let Some(link) = buckets.redis() {
             threads.push(crate::redis::spawn(link.clone(), stop.clone())?);
         }
+        threads.extend(crate::auth::jwks::spawn_fetchers(
+            cfg.auth.jwt.keys().cloned().collect(),
+            &auth.jwt,
+            stop.clone(),
+        ));
         // Said once per process start, not once per worker.
         match (&fallback, driver) {
             (Some(why), _) => {
@@ -240,13 +247,14 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
     Ok((per_worker, addrs))
 }
 
-/// What the workers share: endpoint health, the host-wide rate-limit buckets, and the TLS
-/// configs (with their session caches and ticket keys).
+/// What the workers share: endpoint health, the host-wide rate-limit buckets, the TLS
+/// configs (with their session caches and ticket keys) and the published JWT key sets.
 struct Shared {
     hub: Arc<HealthHub>,
     buckets: Arc<HostBuckets>,
     listeners: Vec<ListenerRt>,
     upstream_tls: UpstreamTlsList,
+    auth: Arc<crate::auth::AuthShared>,
 }
 
 /// Per upstream group in config order: its TLS, if any.
@@ -362,7 +370,7 @@ async fn worker_main(
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
-    let mut worker = Worker::new(&cfg, id, shared.hub, shared.buckets);
+    let mut worker = Worker::new(&cfg, id, shared.hub, shared.buckets, &shared.auth);
     worker.listeners = shared.listeners;
     for (g, t) in worker.upstreams.iter_mut().zip(shared.upstream_tls) {
         g.tls = t;
@@ -375,6 +383,7 @@ async fn worker_main(
         monoio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 w.hub.sync(&w.upstreams, Instant::now());
+                w.auth.sync();
                 w.tick_date();
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }

@@ -3,6 +3,7 @@
 //! The upstream and the client here are written so that they allocate nothing per request
 //! (fixed buffers), so what the counter sees during the measured requests is the gateway's.
 //! The figure is printed; the assertion is a property (allocations per request), not a timing.
+//! Run for a plain route and for a JWT route (a cached token: no allocation either).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -51,8 +52,9 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = upstream.local_addr().unwrap();
     std::thread::spawn(move || {
-        // One gateway per driver: two connections in all; bounded, it stops by itself.
-        for _ in 0..2 {
+        // One gateway per driver and auth setting: four connections in all; bounded, it stops
+        // by itself.
+        for _ in 0..4 {
             let Ok((mut s, _)) = upstream.accept() else {
                 return;
             };
@@ -66,50 +68,76 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
             });
         }
     });
-    let toml = format!(
+    let plain = format!(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"{up_addr}\" }}]\n[[routes]]\nupstream = \"u\"\n"
     );
-    for driver in [
-        ringway::config::DriverChoice::IoUring,
-        ringway::config::DriverChoice::Epoll,
-    ] {
-        let mut cfg = ringway::config::Config::parse(&toml, "t.toml").unwrap();
-        cfg.server.driver = driver;
-        cfg.server.workers = 1;
-        let gw = ringway::server::Gateway::start(cfg, None).unwrap();
-        let mut c = TcpStream::connect(gw.addrs()[0]).unwrap();
-        c.set_nodelay(true).unwrap();
-        let req = b"GET /x HTTP/1.1\r\nHost: a\r\nUser-Agent: alloc-test\r\nAccept: */*\r\n\r\n";
-        let mut buf = [0u8; 4096];
-        let mut exchange = |c: &mut TcpStream| {
-            c.write_all(req).unwrap();
-            let mut n = 0;
-            while n < RESPONSE.len() + 60 {
-                let k = c.read(&mut buf[n..]).unwrap();
-                assert!(k > 0);
-                n += k;
-                if buf[..n].ends_with(&RESPONSE[RESPONSE.len() - 64..]) {
-                    break;
+    // The same with a JWT route: the token is the same on every request (the per-core cache
+    // path), a claim is forwarded and a consumer mapped.
+    let secret = "alloc-test-secret-of-32-bytes-ok";
+    let jwt = format!(
+        "{plain}auth = \"j\"\n[auth.jwt.j]\nsecret = \"{secret}\"\nforward_claims = {{ sub = \"x-user-id\" }}\n[[consumers]]\nname = \"c\"\njwt_subjects = [\"alice\"]\n"
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "alice", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let plain_req =
+        b"GET /x HTTP/1.1\r\nHost: a\r\nUser-Agent: alloc-test\r\nAccept: */*\r\n\r\n".to_vec();
+    let jwt_req = format!(
+        "GET /x HTTP/1.1\r\nHost: a\r\nUser-Agent: alloc-test\r\nAccept: */*\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes();
+    for (label, toml, req) in [("plain", &plain, &plain_req), ("jwt", &jwt, &jwt_req)] {
+        for driver in [
+            ringway::config::DriverChoice::IoUring,
+            ringway::config::DriverChoice::Epoll,
+        ] {
+            let mut cfg = ringway::config::Config::parse(toml, "t.toml").unwrap();
+            cfg.server.driver = driver;
+            cfg.server.workers = 1;
+            let gw = ringway::server::Gateway::start(cfg, None).unwrap();
+            let mut c = TcpStream::connect(gw.addrs()[0]).unwrap();
+            c.set_nodelay(true).unwrap();
+            let mut buf = [0u8; 4096];
+            let mut exchange = |c: &mut TcpStream| {
+                c.write_all(req).unwrap();
+                let mut n = 0;
+                while n < RESPONSE.len() + 60 {
+                    let k = c.read(&mut buf[n..]).unwrap();
+                    assert!(k > 0);
+                    n += k;
+                    if buf[..n].ends_with(&RESPONSE[RESPONSE.len() - 64..]) {
+                        break;
+                    }
                 }
+                // A refusal (401) must not pass for a proxied request.
+                assert!(buf.starts_with(b"HTTP/1.1 200 "), "{label}: not proxied");
+            };
+            // Warm up: pools, buffers, the upstream connection.
+            for _ in 0..200 {
+                exchange(&mut c);
             }
-        };
-        // Warm up: pools, buffers, the upstream connection.
-        for _ in 0..200 {
-            exchange(&mut c);
+            let requests = 2000u64;
+            let before = ALLOCS.load(Ordering::Relaxed);
+            for _ in 0..requests {
+                exchange(&mut c);
+            }
+            let allocs = ALLOCS.load(Ordering::Relaxed) - before;
+            println!("{label} {driver:?}: {allocs} allocations for {requests} proxied keep-alive requests");
+            assert!(
+                allocs * 10 < requests,
+                "{label} {driver:?}: {allocs} allocations for {requests} requests"
+            );
+            drop(c);
+            gw.shutdown();
+            gw.join();
         }
-        let requests = 2000u64;
-        let before = ALLOCS.load(Ordering::Relaxed);
-        for _ in 0..requests {
-            exchange(&mut c);
-        }
-        let allocs = ALLOCS.load(Ordering::Relaxed) - before;
-        println!("{driver:?}: {allocs} allocations for {requests} proxied keep-alive requests");
-        assert!(
-            allocs * 10 < requests,
-            "{driver:?}: {allocs} allocations for {requests} requests"
-        );
-        drop(c);
-        gw.shutdown();
-        gw.join();
     }
 }

@@ -1,0 +1,515 @@
+//! The `[auth]` and `[[consumers]]` sections and the routes' `auth` policies, as typed config.
+//!
+//! Checked once at load (`validate`): key files are read and parsed here, so a missing PEM file
+//! or a bad JWKS is a config error naming the key, never a surprise on the first request.
+//! Secrets are never part of an error's text.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::config::{Dur, HeaderName};
+
+/// A secret from the config: its `Debug` form is redacted, so a logged config never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// `[auth]`: named credential providers and shared settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `realm` of the `WWW-Authenticate` challenges.
+    #[serde(default = "d_realm")]
+    pub realm: String,
+    /// Verified tokens and introspection results kept per worker.
+    #[serde(default = "d_cache_size")]
+    pub cache_size: usize,
+    /// Longest a verified token or an introspection result is reused without a new check.
+    #[serde(default = "d_cache_ttl")]
+    pub cache_max_ttl: Dur,
+    /// Header carrying the consumer name upstream (always stripped from client requests).
+    #[serde(default = "d_consumer_header")]
+    pub consumer_header: HeaderName,
+    #[serde(default)]
+    pub api_key: ApiKeyConfig,
+    /// JWT providers by name.
+    #[serde(default)]
+    pub jwt: BTreeMap<String, JwtConfig>,
+    /// OAuth2 introspection providers by name.
+    #[serde(default)]
+    pub introspection: BTreeMap<String, IntrospectionConfig>,
+}
+
+fn d_realm() -> String {
+    "ringway".into()
+}
+fn d_cache_size() -> usize {
+    10_000
+}
+fn d_cache_ttl() -> Dur {
+    Dur(std::time::Duration::from_secs(300))
+}
+fn d_consumer_header() -> HeaderName {
+    HeaderName("x-consumer".into())
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            realm: d_realm(),
+            cache_size: d_cache_size(),
+            cache_max_ttl: d_cache_ttl(),
+            consumer_header: d_consumer_header(),
+            api_key: ApiKeyConfig::default(),
+            jwt: BTreeMap::new(),
+            introspection: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where API keys are read from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    #[serde(default = "d_key_header")]
+    pub header: HeaderName,
+    /// Query parameter read when the header is absent (off unless set).
+    #[serde(default)]
+    pub query: Option<String>,
+}
+fn d_key_header() -> HeaderName {
+    HeaderName("x-api-key".into())
+}
+
+impl Default for ApiKeyConfig {
+    fn default() -> Self {
+        ApiKeyConfig {
+            header: d_key_header(),
+            query: None,
+        }
+    }
+}
+
+/// One JWT provider: exactly one key source, and the claim rules.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// HMAC secret, as written (UTF-8 bytes).
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// HMAC secret, base64 (standard or URL-safe alphabet).
+    #[serde(default)]
+    pub secret_base64: Option<Secret>,
+    /// PEM public key (RSA, EC or Ed25519).
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+    /// A JWK Set file.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
+    /// A JWK Set fetched in the background over plain HTTP.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The algorithm of a `secret` or `public_key_file` key (default HS256 for secrets).
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// JWKS keys: algorithms allowed (default: what each JWK names, or implies by its curve).
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// The `kid` of a `secret` or `public_key_file` key (tokens naming another kid are refused).
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// Accepted `iss` values (empty: not checked).
+    #[serde(default)]
+    pub issuers: Vec<String>,
+    /// Accepted `aud` values; one must appear in the token (empty: not checked).
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[serde(default = "d_leeway")]
+    pub leeway_seconds: u64,
+    /// Claims every token must carry.
+    #[serde(default = "d_required")]
+    pub required_claims: Vec<String>,
+    /// Claim holding scopes: a space-separated string or an array (default: `scope`, then `scp`).
+    #[serde(default)]
+    pub scope_claim: Option<String>,
+    /// Claim holding roles: an array or a space-separated string.
+    #[serde(default = "d_roles")]
+    pub roles_claim: String,
+    /// Claim naming the consumer (matched against consumers' `jwt_subjects`).
+    #[serde(default = "d_sub")]
+    pub consumer_claim: String,
+    /// Claims sent upstream: claim name -> header name.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, HeaderName>,
+    /// JWKS URL: refresh no sooner than this after a fetch, even when Cache-Control says so.
+    #[serde(default)]
+    pub jwks_min_ttl: Option<Dur>,
+    /// JWKS URL: refresh at the latest this long after a fetch.
+    #[serde(default)]
+    pub jwks_max_ttl: Option<Dur>,
+    /// JWKS URL: an unknown `kid` triggers a refresh at most once per this interval.
+    #[serde(default)]
+    pub jwks_min_refresh_interval: Option<Dur>,
+    /// JWKS URL: keys gone from the set are still accepted this long.
+    #[serde(default)]
+    pub jwks_grace: Option<Dur>,
+    /// JWKS URL: connect + read timeout of a fetch.
+    #[serde(default)]
+    pub jwks_timeout: Option<Dur>,
+}
+impl JwtConfig {
+    pub fn jwks_min_ttl(&self) -> std::time::Duration {
+        self.jwks_min_ttl.unwrap_or_else(d_jwks_min_ttl).0
+    }
+    pub fn jwks_max_ttl(&self) -> std::time::Duration {
+        self.jwks_max_ttl.unwrap_or_else(d_jwks_max_ttl).0
+    }
+    pub fn jwks_min_refresh_interval(&self) -> std::time::Duration {
+        self.jwks_min_refresh_interval
+            .unwrap_or_else(d_jwks_min_refresh)
+            .0
+    }
+    pub fn jwks_grace(&self) -> std::time::Duration {
+        self.jwks_grace.unwrap_or_else(d_jwks_grace).0
+    }
+    pub fn jwks_timeout(&self) -> std::time::Duration {
+        self.jwks_timeout.unwrap_or_else(d_jwks_timeout).0
+    }
+}
+
+fn d_leeway() -> u64 {
+    30
+}
+fn d_required() -> Vec<String> {
+    vec!["exp".into()]
+}
+fn d_roles() -> String {
+    "roles".into()
+}
+fn d_sub() -> String {
+    "sub".into()
+}
+fn d_jwks_min_ttl() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+fn d_jwks_max_ttl() -> Dur {
+    Dur(std::time::Duration::from_secs(3600))
+}
+fn d_jwks_min_refresh() -> Dur {
+    Dur(std::time::Duration::from_secs(10))
+}
+fn d_jwks_grace() -> Dur {
+    Dur(std::time::Duration::from_secs(600))
+}
+fn d_jwks_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(2))
+}
+
+/// One RFC 7662 introspection endpoint.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionConfig {
+    /// `http://host:port/path` (plain HTTP; https needs the TLS client).
+    pub url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// Connect, send and read, all together.
+    #[serde(default = "d_intro_timeout")]
+    pub timeout: Dur,
+    /// Introspection calls in flight per worker; beyond it requests get 503 + Retry-After.
+    #[serde(default = "d_intro_concurrent")]
+    pub max_concurrent: usize,
+    /// Longest an `active` answer is reused (also bounded by the token's `exp` and
+    /// `[auth].cache_max_ttl`).
+    #[serde(default = "d_intro_ttl")]
+    pub cache_max_ttl: Dur,
+    /// Claims of the answer sent upstream: claim name -> header name.
+    #[serde(default)]
+    pub forward_claims: BTreeMap<String, HeaderName>,
+    /// Claim naming the consumer (matched against consumers' `jwt_subjects`).
+    #[serde(default = "d_sub")]
+    pub consumer_claim: String,
+}
+fn d_intro_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(2))
+}
+fn d_intro_concurrent() -> usize {
+    64
+}
+fn d_intro_ttl() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+
+/// `[[consumers]]`: a caller known to the gateway.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub name: String,
+    /// Free-form values for later stages (logs, limits).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// SHA-256 of each key, as "sha256:<64 hex digits>".
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Token subjects (the provider's `consumer_claim`) that are this consumer.
+    #[serde(default)]
+    pub jwt_subjects: Vec<String>,
+    /// Scopes granted to this consumer's API keys.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// A route's `auth`: a method name, or a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteAuth {
+    /// Methods tried in order; the first that accepts the request wins. Empty: no auth.
+    pub any_of: Vec<String>,
+    pub scopes_any: Vec<String>,
+    pub scopes_all: Vec<String>,
+    pub roles_any: Vec<String>,
+    pub roles_all: Vec<String>,
+    /// Remove the credential (Authorization, the API key header) before proxying.
+    pub hide_credentials: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteAuthTable {
+    any_of: Vec<String>,
+    #[serde(default)]
+    scopes_any: Vec<String>,
+    #[serde(default)]
+    scopes_all: Vec<String>,
+    #[serde(default)]
+    roles_any: Vec<String>,
+    #[serde(default)]
+    roles_all: Vec<String>,
+    #[serde(default = "d_true")]
+    hide_credentials: bool,
+}
+fn d_true() -> bool {
+    true
+}
+
+impl<'de> Deserialize<'de> for RouteAuth {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RouteAuth;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a method name (\"none\", \"api_key\", \"jwt\", a provider name) or a table with `any_of`")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RouteAuth, E> {
+                Ok(RouteAuth {
+                    any_of: if s == "none" {
+                        Vec::new()
+                    } else {
+                        vec![s.to_string()]
+                    },
+                    scopes_any: Vec::new(),
+                    scopes_all: Vec::new(),
+                    roles_any: Vec::new(),
+                    roles_all: Vec::new(),
+                    hide_credentials: true,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<RouteAuth, A::Error> {
+                let t = RouteAuthTable::deserialize(de::value::MapAccessDeserializer::new(m))?;
+                Ok(RouteAuth {
+                    any_of: t.any_of,
+                    scopes_any: t.scopes_any,
+                    scopes_all: t.scopes_all,
+                    roles_any: t.roles_any,
+                    roles_all: t.roles_all,
+                    hide_credentials: t.hide_credentials,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a route's method name refers to, once resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodRef {
+    ApiKey,
+    /// Index into `[auth.jwt]` (in name order).
+    Jwt(usize),
+    /// Index into `[auth.introspection]` (in name order).
+    Introspection(usize),
+}
+
+/// Resolves a method name: "api_key", a provider name, or "jwt" / "introspection" when
+/// exactly one provider of that kind exists.
+pub fn resolve_method(auth: &AuthConfig, name: &str) -> Result<MethodRef, String> {
+    if name == "api_key" {
+        return Ok(MethodRef::ApiKey);
+    }
+    if let Some(i) = auth.jwt.keys().position(|k| k == name) {
+        return Ok(MethodRef::Jwt(i));
+    }
+    if let Some(i) = auth.introspection.keys().position(|k| k == name) {
+        return Ok(MethodRef::Introspection(i));
+    }
+    match name {
+        "jwt" if auth.jwt.len() == 1 => Ok(MethodRef::Jwt(0)),
+        "introspection" if auth.introspection.len() == 1 => Ok(MethodRef::Introspection(0)),
+        _ => Err(format!(
+            "unknown auth method {name:?}: use \"none\", \"api_key\", or a provider of [auth.jwt] {:?} or [auth.introspection] {:?}",
+            auth.jwt.keys().collect::<Vec<_>>(),
+            auth.introspection.keys().collect::<Vec<_>>()
+        )),
+    }
+}
+
+/// Parses "sha256:<64 hex>" into the digest.
+pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
+    let hex = s.strip_prefix("sha256:").ok_or_else(|| {
+        "API keys are stored as \"sha256:<64 hex digits>\", never as keys".to_string()
+    })?;
+    if hex.len() != 64 {
+        return Err(format!(
+            "a SHA-256 hash has 64 hex digits, this one has {}",
+            hex.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| "the hash holds a character that is not a hex digit".to_string())?;
+    }
+    Ok(out)
+}
+
+/// Checks the auth sections and every route's policy. Errors: (key path, reason).
+pub fn validate(
+    auth: &AuthConfig,
+    consumers: &[ConsumerConfig],
+    routes: &[Option<RouteAuth>],
+) -> Result<(), (String, String)> {
+    if auth.cache_size == 0 {
+        return Err(("auth.cache_size".into(), "must be above 0".into()));
+    }
+    if let Some(q) = &auth.api_key.query {
+        if q.is_empty() || q.contains(['&', '=', '#']) {
+            return Err((
+                "auth.api_key.query".into(),
+                format!("{q:?} is not a query parameter name"),
+            ));
+        }
+    }
+    for name in auth.jwt.keys().chain(auth.introspection.keys()) {
+        if name == "none" || name == "api_key" {
+            return Err((
+                format!("auth.{name}"),
+                format!("{name:?} is reserved for the method of that name"),
+            ));
+        }
+    }
+    if let Some(n) = auth
+        .jwt
+        .keys()
+        .find(|n| auth.introspection.contains_key(*n))
+    {
+        return Err((
+            format!("auth.introspection.{n}"),
+            "a JWT provider has the same name".into(),
+        ));
+    }
+    for (name, j) in &auth.jwt {
+        super::jwt::check_config(j).map_err(|(k, r)| (format!("auth.jwt.{name}.{k}"), r))?;
+        // Static key sources are loaded now, so a bad file fails the load.
+        if j.jwks_url.is_none() {
+            super::jwt::load_static(j).map_err(|(k, r)| (format!("auth.jwt.{name}.{k}"), r))?;
+        }
+    }
+    for (name, i) in &auth.introspection {
+        super::jwks::HttpUrl::parse(&i.url)
+            .map_err(|r| (format!("auth.introspection.{name}.url"), r))?;
+        if i.max_concurrent == 0 {
+            return Err((
+                format!("auth.introspection.{name}.max_concurrent"),
+                "must be above 0".into(),
+            ));
+        }
+    }
+    let mut names = HashSet::new();
+    let mut hashes = HashSet::new();
+    let mut subjects = HashSet::new();
+    for (i, c) in consumers.iter().enumerate() {
+        if c.name.is_empty() || c.name.bytes().any(|b| b < 0x21 || b == 0x7f) {
+            return Err((
+                format!("consumers[{i}].name"),
+                "must be non-empty, without spaces or control characters (it is sent in a header)"
+                    .into(),
+            ));
+        }
+        if !names.insert(c.name.as_str()) {
+            return Err((
+                format!("consumers[{i}].name"),
+                format!("consumer {:?} is defined twice", c.name),
+            ));
+        }
+        for (j, k) in c.api_keys.iter().enumerate() {
+            let h = parse_key_hash(k).map_err(|r| (format!("consumers[{i}].api_keys[{j}]"), r))?;
+            if !hashes.insert(h) {
+                return Err((
+                    format!("consumers[{i}].api_keys[{j}]"),
+                    "this key hash is listed twice".into(),
+                ));
+            }
+        }
+        for (j, s) in c.jwt_subjects.iter().enumerate() {
+            if !subjects.insert(s.as_str()) {
+                return Err((
+                    format!("consumers[{i}].jwt_subjects[{j}]"),
+                    format!("subject {s:?} already belongs to another consumer"),
+                ));
+            }
+        }
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let Some(r) = r else { continue };
+        for m in &r.any_of {
+            resolve_method(auth, m).map_err(|e| (format!("routes[{i}].auth"), e))?;
+        }
+        let wants = !(r.scopes_any.is_empty()
+            && r.scopes_all.is_empty()
+            && r.roles_any.is_empty()
+            && r.roles_all.is_empty());
+        if r.any_of.is_empty() && wants {
+            return Err((
+                format!("routes[{i}].auth"),
+                "scopes or roles need at least one method in `any_of`".into(),
+            ));
+        }
+        for s in r
+            .scopes_any
+            .iter()
+            .chain(&r.scopes_all)
+            .chain(&r.roles_any)
+            .chain(&r.roles_all)
+        {
+            if s.is_empty()
+                || s.bytes()
+                    .any(|b| b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
+            {
+                return Err((
+                    format!("routes[{i}].auth"),
+                    format!("{s:?} is not a scope token (RFC 6749 §3.3)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1027 @@
+//! JWT verification: key sets, the signature check (jsonwebtoken on ring), and the claim rules.
+//!
+//! The algorithm always comes from the configured key. A token's header only *names* a key
+//! (`kid`) and an algorithm that must be one the key already allows: `alg: none` does not
+//! parse, an HS256 token against an RSA key fails the family check, and `jku`, `jwk`, `x5u`
+//! and `x5c` are never looked at, so a token cannot bring its own key.
+
+use std::collections::BTreeMap;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use super::config::JwtConfig;
+use super::AuthFail;
+
+/// Keys a token may try at most when it names no `kid` (each costs a signature check).
+pub const MAX_KEYS_WITHOUT_KID: usize = 4;
+/// Longest token looked at.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// One verification key and the algorithms it allows.
+#[derive(Clone)]
+pub struct JwtKey {
+    pub kid: Option<String>,
+    /// Each allowed algorithm with its prepared validation (signature only: the claims are
+    /// checked by [`check_claims`] against the worker's clock).
+    algs: Vec<(Algorithm, Validation)>,
+    key: DecodingKey,
+}
+
+impl JwtKey {
+    pub fn new(kid: Option<String>, algs: &[Algorithm], key: DecodingKey) -> JwtKey {
+        JwtKey {
+            kid,
+            algs: algs
+                .iter()
+                .map(|a| {
+                    let mut v = Validation::new(*a);
+                    v.validate_exp = false;
+                    v.validate_nbf = false;
+                    v.validate_aud = false;
+                    v.required_spec_claims.clear();
+                    (*a, v)
+                })
+                .collect(),
+            key,
+        }
+    }
+
+    pub fn algorithms(&self) -> impl Iterator<Item = Algorithm> + '_ {
+        self.algs.iter().map(|(a, _)| *a)
+    }
+}
+
+/// A provider's keys at one moment.
+#[derive(Default)]
+pub struct KeySet {
+    pub keys: Vec<JwtKey>,
+}
+
+impl KeySet {
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
+    }
+}
+
+/// The claim rules of a provider.
+pub struct ClaimRules {
+    pub issuers: Vec<String>,
+    pub audiences: Vec<String>,
+    pub leeway: u64,
+    pub required: Vec<String>,
+}
+
+impl ClaimRules {
+    pub fn from_config(j: &JwtConfig) -> ClaimRules {
+        ClaimRules {
+            issuers: j.issuers.clone(),
+            audiences: j.audiences.clone(),
+            leeway: j.leeway_seconds,
+            required: j.required_claims.clone(),
+        }
+    }
+}
+
+/// A token whose signature verified and whose claims passed the rules.
+#[derive(Debug)]
+pub struct Claims {
+    pub map: Map<String, Value>,
+    /// `exp`, when the token has one.
+    pub exp: Option<u64>,
+}
+
+pub fn parse_alg(s: &str) -> Result<Algorithm, String> {
+    s.parse::<Algorithm>().map_err(|_| {
+        format!("unknown algorithm {s:?} (HS256/384/512, RS256/384/512, PS256/384/512, ES256/384, EdDSA)")
+    })
+}
+
+fn is_hmac(a: Algorithm) -> bool {
+    matches!(a, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+fn min_secret(a: Algorithm) -> usize {
+    match a {
+        Algorithm::HS384 => 48,
+        Algorithm::HS512 => 64,
+        _ => 32,
+    }
+}
+
+/// Checks what can be checked without reading files. Errors: (sub-key, reason).
+pub fn check_config(j: &JwtConfig) -> Result<(), (String, String)> {
+    let sources = [
+        j.secret.is_some(),
+        j.secret_base64.is_some(),
+        j.public_key_file.is_some(),
+        j.jwks_file.is_some(),
+        j.jwks_url.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if sources != 1 {
+        return Err((
+            "secret".into(),
+            "give exactly one key source: secret, secret_base64, public_key_file, jwks_file or jwks_url".into(),
+        ));
+    }
+    if let Some(a) = &j.algorithm {
+        parse_alg(a).map_err(|e| ("algorithm".to_string(), e))?;
+    }
+    for a in &j.algorithms {
+        parse_alg(a).map_err(|e| ("algorithms".to_string(), e))?;
+    }
+    if j.public_key_file.is_some() && j.algorithm.is_none() {
+        return Err((
+            "algorithm".into(),
+            "a public_key_file needs its algorithm (RS256, PS256, ES256, EdDSA...)".into(),
+        ));
+    }
+    if let Some(u) = &j.jwks_url {
+        super::jwks::HttpUrl::parse(u).map_err(|e| ("jwks_url".to_string(), e))?;
+        if j.jwks_max_ttl() < j.jwks_min_ttl() {
+            return Err((
+                "jwks_max_ttl".into(),
+                "must be at least jwks_min_ttl".into(),
+            ));
+        }
+    } else {
+        // Settings that would be silently ignored are refused.
+        let url_only = [
+            ("jwks_min_ttl", j.jwks_min_ttl.is_some()),
+            ("jwks_max_ttl", j.jwks_max_ttl.is_some()),
+            (
+                "jwks_min_refresh_interval",
+                j.jwks_min_refresh_interval.is_some(),
+            ),
+            ("jwks_grace", j.jwks_grace.is_some()),
+            ("jwks_timeout", j.jwks_timeout.is_some()),
+        ];
+        if let Some((k, _)) = url_only.iter().find(|(_, set)| *set) {
+            return Err((k.to_string(), "only applies to a jwks_url provider".into()));
+        }
+    }
+    let key_set = j.jwks_file.is_some() || j.jwks_url.is_some();
+    if key_set && j.algorithm.is_some() {
+        return Err((
+            "algorithm".into(),
+            "a key set's algorithms come from its keys; use `algorithms` to restrict them".into(),
+        ));
+    }
+    if key_set && j.kid.is_some() {
+        return Err((
+            "kid".into(),
+            "the keys of a key set carry their own kid".into(),
+        ));
+    }
+    if !key_set && !j.algorithms.is_empty() {
+        return Err((
+            "algorithms".into(),
+            "only for jwks_file / jwks_url; a single key takes `algorithm`".into(),
+        ));
+    }
+    for (claim, h) in &j.forward_claims {
+        if claim.is_empty() {
+            return Err(("forward_claims".into(), "empty claim name".into()));
+        }
+        if h.0 == "authorization" || h.0 == "host" {
+            return Err((
+                "forward_claims".into(),
+                format!("{:?} cannot carry a claim", h.0),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Loads a provider's key set from its inline secret, PEM file or JWKS file. Errors name the
+/// sub-key and the reason, never the secret.
+pub fn load_static(j: &JwtConfig) -> Result<KeySet, (String, String)> {
+    let alg = match &j.algorithm {
+        Some(a) => Some(parse_alg(a).map_err(|e| ("algorithm".to_string(), e))?),
+        None => None,
+    };
+    let secret = |raw: Vec<u8>, key: &str| -> Result<KeySet, (String, String)> {
+        let a = alg.unwrap_or(Algorithm::HS256);
+        if !is_hmac(a) {
+            return Err((
+                "algorithm".into(),
+                format!("a secret is for HS256/384/512, not {a:?}"),
+            ));
+        }
+        if raw.len() < min_secret(a) {
+            return Err((
+                key.into(),
+                format!(
+                    "{a:?} needs a secret of at least {} bytes (RFC 7518 §3.2); this one has {}",
+                    min_secret(a),
+                    raw.len()
+                ),
+            ));
+        }
+        Ok(KeySet {
+            keys: vec![JwtKey::new(
+                j.kid.clone(),
+                &[a],
+                DecodingKey::from_secret(&raw),
+            )],
+        })
+    };
+    if let Some(s) = &j.secret {
+        return secret(s.0.as_bytes().to_vec(), "secret");
+    }
+    if let Some(s) = &j.secret_base64 {
+        return secret(
+            decode_base64(&s.0).map_err(|e| ("secret_base64".to_string(), e))?,
+            "secret_base64",
+        );
+    }
+    if let Some(path) = &j.public_key_file {
+        let a = alg.expect("checked: public_key_file has an algorithm");
+        let pem = std::fs::read(path).map_err(|e| {
+            (
+                "public_key_file".to_string(),
+                format!("cannot read {path:?}: {e}"),
+            )
+        })?;
+        let key = match a {
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => DecodingKey::from_rsa_pem(&pem),
+            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem),
+            _ => {
+                return Err((
+                    "algorithm".into(),
+                    format!("{a:?} uses a secret, not a public_key_file"),
+                ))
+            }
+        }
+        .map_err(|e| {
+            (
+                "public_key_file".to_string(),
+                format!("{path:?} is not a PEM public key for {a:?}: {e}"),
+            )
+        })?;
+        return Ok(KeySet {
+            keys: vec![JwtKey::new(j.kid.clone(), &[a], key)],
+        });
+    }
+    if let Some(path) = &j.jwks_file {
+        let text = std::fs::read(path).map_err(|e| {
+            (
+                "jwks_file".to_string(),
+                format!("cannot read {path:?}: {e}"),
+            )
+        })?;
+        return parse_jwks(&text, &allowed_algs(j))
+            .map_err(|e| ("jwks_file".to_string(), format!("{path:?}: {e}")));
+    }
+    Err(("jwks_url".into(), "is fetched in the background".into()))
+}
+
+/// The provider's `algorithms` allow-list (empty: any that a key names or implies).
+pub fn allowed_algs(j: &JwtConfig) -> Vec<Algorithm> {
+    j.algorithms
+        .iter()
+        .filter_map(|a| parse_alg(a).ok())
+        .collect()
+}
+
+fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let t = s.trim();
+    base64::engine::general_purpose::STANDARD
+        .decode(t)
+        .or_else(|_| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t.trim_end_matches('='))
+        })
+        .map_err(|_| "is not valid base64".to_string())
+}
+
+/// Parses a JWK Set. Keys for encryption, of unsupported types or without a usable algorithm
+/// are skipped; a set with no usable key is an error.
+pub fn parse_jwks(text: &[u8], allowed: &[Algorithm]) -> Result<KeySet, String> {
+    let v: Value = serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
+    let keys = v
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| "not a JWK Set: no \"keys\" array".to_string())?;
+    let mut out = Vec::new();
+    for k in keys {
+        let Ok(jwk) = serde_json::from_value::<Jwk>(k.clone()) else {
+            continue;
+        };
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let mut algs = jwk_algs(&jwk);
+        if !allowed.is_empty() {
+            algs.retain(|a| allowed.contains(a));
+        }
+        if algs.is_empty() {
+            continue;
+        }
+        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+            continue;
+        };
+        out.push(JwtKey::new(jwk.common.key_id.clone(), &algs, key));
+    }
+    if out.is_empty() {
+        return Err("the set holds no usable signature key".into());
+    }
+    Ok(KeySet { keys: out })
+}
+
+/// The algorithms a JWK allows: its `alg`, else what its type and curve imply (RSA keys
+/// without `alg`: RS256 only; symmetric keys must name theirs).
+fn jwk_algs(jwk: &Jwk) -> Vec<Algorithm> {
+    if let Some(a) = jwk.common.key_algorithm {
+        let named = match a {
+            KeyAlgorithm::HS256 => Some(Algorithm::HS256),
+            KeyAlgorithm::HS384 => Some(Algorithm::HS384),
+            KeyAlgorithm::HS512 => Some(Algorithm::HS512),
+            KeyAlgorithm::ES256 => Some(Algorithm::ES256),
+            KeyAlgorithm::ES384 => Some(Algorithm::ES384),
+            KeyAlgorithm::RS256 => Some(Algorithm::RS256),
+            KeyAlgorithm::RS384 => Some(Algorithm::RS384),
+            KeyAlgorithm::RS512 => Some(Algorithm::RS512),
+            KeyAlgorithm::PS256 => Some(Algorithm::PS256),
+            KeyAlgorithm::PS384 => Some(Algorithm::PS384),
+            KeyAlgorithm::PS512 => Some(Algorithm::PS512),
+            KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
+            _ => None,
+        };
+        // The named algorithm must fit the key's type, or the key is skipped.
+        return match (named, &jwk.algorithm) {
+            (Some(a), AlgorithmParameters::OctetKey(_)) if is_hmac(a) => vec![a],
+            (
+                Some(
+                    a @ (Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512),
+                ),
+                AlgorithmParameters::RSA(_),
+            ) => vec![a],
+            (Some(Algorithm::ES256), AlgorithmParameters::EllipticCurve(p))
+                if p.curve == EllipticCurve::P256 =>
+            {
+                vec![Algorithm::ES256]
+            }
+            (Some(Algorithm::ES384), AlgorithmParameters::EllipticCurve(p))
+                if p.curve == EllipticCurve::P384 =>
+            {
+                vec![Algorithm::ES384]
+            }
+            (Some(Algorithm::EdDSA), AlgorithmParameters::OctetKeyPair(p))
+                if p.curve == EllipticCurve::Ed25519 =>
+            {
+                vec![Algorithm::EdDSA]
+            }
+            _ => Vec::new(),
+        };
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => vec![Algorithm::RS256],
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+            vec![Algorithm::ES256]
+        }
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => {
+            vec![Algorithm::ES384]
+        }
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            vec![Algorithm::EdDSA]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// What went wrong with one key, in order of how much it tells the caller.
+fn key_error(e: &jsonwebtoken::errors::Error) -> AuthFail {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::InvalidSignature => AuthFail::BadSignature,
+        K::InvalidAlgorithm | K::InvalidAlgorithmName | K::MissingAlgorithm => {
+            AuthFail::AlgorithmNotAllowed
+        }
+        _ => AuthFail::Malformed,
+    }
+}
+
+/// Verifies a compact JWS against `keys` and checks its claims at time `now` (Unix seconds).
+pub fn verify(
+    token: &str,
+    keys: &KeySet,
+    rules: &ClaimRules,
+    now: u64,
+) -> Result<Claims, AuthFail> {
+    if token.len() > MAX_TOKEN_BYTES || token.bytes().filter(|b| *b == b'.').count() != 2 {
+        return Err(AuthFail::Malformed);
+    }
+    // `alg: none` and unknown algorithms fail here: the header does not parse.
+    let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFail::Malformed)?;
+    if has_crit(token) {
+        return Err(AuthFail::Malformed);
+    }
+    let mut result = Err(AuthFail::UnknownKey);
+    let mut tried = 0;
+    for k in &keys.keys {
+        // A token's kid picks the key of that kid; keys configured without a kid are
+        // candidates for any token (each costs a signature check, so at most a few).
+        match (&header.kid, &k.kid) {
+            (Some(want), Some(have)) if want == have => {}
+            (Some(_), Some(_)) => continue,
+            _ => {
+                if tried == MAX_KEYS_WITHOUT_KID {
+                    break;
+                }
+            }
+        }
+        let Some((_, validation)) = k.algs.iter().find(|(a, _)| *a == header.alg) else {
+            if result == Err(AuthFail::UnknownKey) {
+                result = Err(AuthFail::AlgorithmNotAllowed);
+            }
+            continue;
+        };
+        tried += 1;
+        match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, validation) {
+            Ok(data) => {
+                result = Ok(data.claims);
+                break;
+            }
+            Err(e) => result = Err(key_error(&e)),
+        }
+    }
+    let map = result?;
+    check_claims(map, rules, now)
+}
+
+/// Does the header carry `crit`? No extension is understood here, so such a token must be
+/// refused (RFC 7515 §4.1.11); jsonwebtoken's header type drops the field.
+fn has_crit(token: &str) -> bool {
+    use base64::Engine;
+    let first = token.split('.').next().unwrap_or("");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(first)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Map<String, Value>>(&b).ok())
+        .is_none_or(|h| h.contains_key("crit"))
+}
+
+/// exp/nbf with leeway, iss, aud, required claims.
+pub fn check_claims(
+    map: Map<String, Value>,
+    rules: &ClaimRules,
+    now: u64,
+) -> Result<Claims, AuthFail> {
+    let num = |name: &str| -> Result<Option<u64>, AuthFail> {
+        match map.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                .map(Some)
+                .ok_or(AuthFail::Malformed),
+        }
+    };
+    let exp = num("exp")?;
+    let nbf = num("nbf")?;
+    for r in &rules.required {
+        if !map.contains_key(r) {
+            return Err(AuthFail::MissingClaim);
+        }
+    }
+    if let Some(e) = exp {
+        if now > e.saturating_add(rules.leeway) {
+            return Err(AuthFail::Expired);
+        }
+    }
+    if let Some(n) = nbf {
+        if now.saturating_add(rules.leeway) < n {
+            return Err(AuthFail::NotYetValid);
+        }
+    }
+    if !rules.issuers.is_empty() {
+        let ok = map
+            .get("iss")
+            .and_then(Value::as_str)
+            .is_some_and(|i| rules.issuers.iter().any(|x| x == i));
+        if !ok {
+            return Err(AuthFail::WrongIssuer);
+        }
+    }
+    if !rules.audiences.is_empty() {
+        let ok = match map.get("aud") {
+            Some(Value::String(a)) => rules.audiences.iter().any(|x| x == a),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| rules.audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !ok {
+            return Err(AuthFail::WrongAudience);
+        }
+    }
+    Ok(Claims { map, exp })
+}
+
+/// The values of a claim holding a list: an array of strings or a space-separated string.
+pub fn claim_list(map: &Map<String, Value>, name: &str) -> Vec<Box<str>> {
+    match map.get(name) {
+        Some(Value::String(s)) => s
+            .split(' ')
+            .filter(|x| !x.is_empty())
+            .map(Into::into)
+            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(Into::into).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A claim as header text: strings as they are, numbers and booleans as JSON, arrays of those
+/// joined by commas. `None` for objects and for values a header cannot carry (CR, LF, NUL and
+/// other control characters).
+pub fn claim_header_value(v: &Value) -> Option<String> {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Array(a) => {
+            let parts: Option<Vec<String>> = a
+                .iter()
+                .map(|x| match x {
+                    Value::Array(_) | Value::Object(_) | Value::Null => None,
+                    x => claim_header_value(x),
+                })
+                .collect();
+            parts?.join(",")
+        }
+        Value::Object(_) | Value::Null => return None,
+    };
+    if s.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) || s.len() > 4096 {
+        return None;
+    }
+    Some(s)
+}
+
+/// Forwarded-claim settings: claim name -> header name.
+pub type ForwardClaims = BTreeMap<String, crate::config::HeaderName>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn rules() -> ClaimRules {
+        ClaimRules {
+            issuers: vec!["https://idp.test".into()],
+            audiences: vec!["api".into()],
+            leeway: 30,
+            required: vec!["exp".into(), "sub".into()],
+        }
+    }
+
+    fn claims() -> Value {
+        json!({"sub": "alice", "iss": "https://idp.test", "aud": "api", "exp": NOW + 600, "scope": "read write"})
+    }
+
+    fn data(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/data/auth/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn hs_set() -> KeySet {
+        KeySet {
+            keys: vec![JwtKey::new(
+                None,
+                &[Algorithm::HS256],
+                DecodingKey::from_secret(SECRET),
+            )],
+        }
+    }
+
+    fn hs_token(c: &Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            c,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn b64(s: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    /// RFC 7515 Appendix A.1: the HS256 example, key and token from the RFC. Its `exp`
+    /// (1300819380) is long past: verified with the clock set before it, and refused as
+    /// expired with today's clock.
+    #[test]
+    fn rfc7515_a1_hs256_example() {
+        let k = "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow";
+        let token = "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ.dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let jwks = json!({"keys": [{"kty": "oct", "alg": "HS256", "k": k}]}).to_string();
+        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        let r = ClaimRules {
+            issuers: vec!["joe".into()],
+            audiences: vec![],
+            leeway: 0,
+            required: vec!["exp".into()],
+        };
+        let c = verify(token, &set, &r, 1_300_819_000).expect("the RFC's signature verifies");
+        assert_eq!(c.exp, Some(1_300_819_380));
+        assert_eq!(c.map["http://example.com/is_root"], json!(true));
+        assert_eq!(verify(token, &set, &r, NOW).unwrap_err(), AuthFail::Expired);
+        // One changed signature byte.
+        let bad = format!("{}Y", &token[..token.len() - 1]);
+        assert_eq!(
+            verify(&bad, &set, &r, 1_300_819_000).unwrap_err(),
+            AuthFail::BadSignature
+        );
+    }
+
+    /// RFC 7520 §4.1: RS256 signature by the RFC's RSA key (public part typed in as a JWKS).
+    #[test]
+    fn rfc7520_4_1_rs256_example() {
+        let n = "n4EPtAOCc9AlkeQHPzHStgAbgs7bTZLwUBZdR8_KuKPEHLd4rHVTeT-O-XV2jRojdNhxJWTDvNd7nqQ0VEiZQHz_AJmSCpMaJMRBSFKrKb2wqVwGU_NsYOYL-QtiWN2lbzcEe6XC0dApr5ydQLrHqkHHig3RBordaZ6Aj-oBHqFEHYpPe7Tpe-OfVfHd1E6cS6M1FZcD1NNLYD5lFHpPI9bTwJlsde3uhGqC0ZCuEHg8lhzwOHrtIQbS0FVbb9k3-tVTU4fg_3L_vniUFAKwuCLqKnS2BYwdq_mzSnbLY7h_qixoR7jig3__kRhuaxwUkRz5iaiQkqgc5gHdrNP5zw";
+        let jwks = json!({"keys": [{"kty": "RSA", "kid": "bilbo.baggins@hobbiton.example", "use": "sig", "n": n, "e": "AQAB"}]}).to_string();
+        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        let token = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImJpbGJvLmJhZ2dpbnNAaG9iYml0b24uZXhhbXBsZSJ9.SXTigJlzIGEgZGFuZ2Vyb3VzIGJ1c2luZXNzLCBGcm9kbywgZ29pbmcgb3V0IHlvdXIgZG9vci4gWW91IHN0ZXAgb250byB0aGUgcm9hZCwgYW5kIGlmIHlvdSBkb24ndCBrZWVwIHlvdXIgZmVldCwgdGhlcmXigJlzIG5vIGtub3dpbmcgd2hlcmUgeW91IG1pZ2h0IGJlIHN3ZXB0IG9mZiB0by4.MRjdkly7_-oTPTS3AXP41iQIGKa80A0ZmTuV5MEaHoxnW2e5CZ5NlKtainoFmKZopdHM1O2U4mwzJdQx996ivp83xuglII7PNDi84wnB-BDkoBwA78185hX-Es4JIwmDLJK3lfWRa-XtL0RnltuYv746iYTh_qHRD68BNt1uSNCrUCTJDt5aAE6x8wW1Kt9eRo4QPocSadnHXFxnt8Is9UzpERV0ePPQdLuW3IS_de3xyIrDaLGdjluPxUAhb6L2aXic1U12podGU0KLUQSE_oI-ZnmKJ3F4uOZDnd6QZWJushZ41Axf_fcIe8u9ipH84ogoree7vjbU5y18kDquDg";
+        // The payload is text, not a claims object: the signature check passes, the claims
+        // parse does not. Run the signature part alone, then check the refusal is not a
+        // signature failure.
+        let key = &set.keys[0];
+        assert_eq!(key.kid.as_deref(), Some("bilbo.baggins@hobbiton.example"));
+        let (msg, sig) = token.rsplit_once('.').unwrap();
+        assert!(
+            jsonwebtoken::crypto::verify(sig, msg.as_bytes(), &key.key, Algorithm::RS256).unwrap()
+        );
+        let r = ClaimRules {
+            issuers: vec![],
+            audiences: vec![],
+            leeway: 0,
+            required: vec![],
+        };
+        assert_eq!(
+            verify(token, &set, &r, NOW).unwrap_err(),
+            AuthFail::Malformed
+        );
+        let tampered = format!("{}A{}", &token[..40], &token[41..]);
+        assert_ne!(verify(&tampered, &set, &r, NOW).err(), None);
+    }
+
+    #[test]
+    fn every_algorithm_verifies_with_its_key() {
+        let cases: [(Algorithm, &str, &str); 8] = [
+            (Algorithm::RS256, "rsa_private.pem", "rsa_public.pem"),
+            (Algorithm::RS384, "rsa_private.pem", "rsa_public.pem"),
+            (Algorithm::RS512, "rsa_private.pem", "rsa_public.pem"),
+            (Algorithm::PS256, "rsa_private.pem", "rsa_public.pem"),
+            (Algorithm::PS384, "rsa_private.pem", "rsa_public.pem"),
+            (Algorithm::PS512, "rsa_private.pem", "rsa_public.pem"),
+            (Algorithm::ES256, "ec256_private.pem", "ec256_public.pem"),
+            (Algorithm::ES384, "ec384_private.pem", "ec384_public.pem"),
+        ];
+        for (alg, private, public) in cases {
+            let enc = if alg == Algorithm::ES256 || alg == Algorithm::ES384 {
+                EncodingKey::from_ec_pem(&data(private)).unwrap()
+            } else {
+                EncodingKey::from_rsa_pem(&data(private)).unwrap()
+            };
+            let token = encode(&Header::new(alg), &claims(), &enc).unwrap();
+            let cfg = JwtConfig {
+                secret: None,
+                public_key_file: Some(format!(
+                    "{}/tests/data/auth/{public}",
+                    env!("CARGO_MANIFEST_DIR")
+                )),
+                algorithm: Some(format!("{alg:?}")),
+                ..test_config()
+            };
+            let set = load_static(&cfg).unwrap();
+            let c =
+                verify(&token, &set, &rules(), NOW).unwrap_or_else(|e| panic!("{alg:?}: {e:?}"));
+            assert_eq!(c.map["sub"], "alice");
+        }
+        let enc = EncodingKey::from_ed_pem(&data("ed25519_private.pem")).unwrap();
+        let token = encode(&Header::new(Algorithm::EdDSA), &claims(), &enc).unwrap();
+        let cfg = JwtConfig {
+            secret: None,
+            public_key_file: Some(format!(
+                "{}/tests/data/auth/ed25519_public.pem",
+                env!("CARGO_MANIFEST_DIR")
+            )),
+            algorithm: Some("EdDSA".into()),
+            ..test_config()
+        };
+        verify(&token, &load_static(&cfg).unwrap(), &rules(), NOW).unwrap();
+        for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
+            let secret = [7u8; 64];
+            let token = encode(
+                &Header::new(alg),
+                &claims(),
+                &EncodingKey::from_secret(&secret),
+            )
+            .unwrap();
+            let cfg = JwtConfig {
+                secret: None,
+                secret_base64: Some(super::super::config::Secret(b64(&secret))),
+                algorithm: Some(format!("{alg:?}")),
+                ..test_config()
+            };
+            verify(&token, &load_static(&cfg).unwrap(), &rules(), NOW).unwrap();
+        }
+    }
+
+    pub(crate) fn test_config() -> JwtConfig {
+        toml::from_str::<JwtConfig>("secret = \"0123456789abcdef0123456789abcdef\"").unwrap()
+    }
+
+    /// Tokens an attacker would try, each refused for its own reason.
+    #[test]
+    fn attack_table() {
+        let set = hs_set();
+        let good = hs_token(&claims());
+        assert!(verify(&good, &set, &rules(), NOW).is_ok());
+        let (h, rest) = good.split_once('.').unwrap();
+        let (p, _sig) = rest.split_once('.').unwrap();
+        let _ = h;
+        let none_header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+        let rsa_pub = data("rsa_public.pem");
+        let rs_set = KeySet {
+            keys: vec![JwtKey::new(
+                None,
+                &[Algorithm::RS256],
+                DecodingKey::from_rsa_pem(&rsa_pub).unwrap(),
+            )],
+        };
+        // HS256 signed with the RSA public key PEM as the HMAC secret.
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &claims(),
+            &EncodingKey::from_secret(&rsa_pub),
+        )
+        .unwrap();
+        // A token carrying its own key (jwk) and key URL (jku), signed with the attacker's secret.
+        let mut injected = Header::new(Algorithm::HS256);
+        injected.jku = Some("http://evil.test/jwks".into());
+        injected.jwk = serde_json::from_value(
+            json!({"kty": "oct", "k": b64(b"attacker-secret-attacker-secret!")}),
+        )
+        .ok();
+        let injected = encode(
+            &injected,
+            &claims(),
+            &EncodingKey::from_secret(b"attacker-secret-attacker-secret!"),
+        )
+        .unwrap();
+        let mut kid = Header::new(Algorithm::HS256);
+        kid.kid = Some("../../dev/null".into());
+        let kid = encode(&kid, &claims(), &EncodingKey::from_secret(SECRET)).unwrap();
+        let kid_set = KeySet {
+            keys: vec![JwtKey::new(
+                Some("k1".into()),
+                &[Algorithm::HS256],
+                DecodingKey::from_secret(SECRET),
+            )],
+        };
+        let mut c = claims();
+        c["exp"] = json!(NOW - 31);
+        let expired = hs_token(&c);
+        let mut c = claims();
+        c["nbf"] = json!(NOW + 31);
+        let early = hs_token(&c);
+        let mut c = claims();
+        c["iss"] = json!("https://evil.test");
+        let wrong_iss = hs_token(&c);
+        let mut c = claims();
+        c["aud"] = json!(["other"]);
+        let wrong_aud = hs_token(&c);
+        let mut c = claims();
+        c.as_object_mut().unwrap().remove("sub");
+        let no_sub = hs_token(&c);
+        let wrong_key = encode(
+            &Header::new(Algorithm::HS256),
+            &claims(),
+            &EncodingKey::from_secret(b"another-secret-another-secret-!!"),
+        )
+        .unwrap();
+        let hs512 = encode(
+            &Header::new(Algorithm::HS512),
+            &claims(),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        let crit = {
+            let h = b64(br#"{"alg":"HS256","crit":["exp-ext"],"exp-ext":1}"#);
+            let msg = format!("{h}.{p}");
+            let sig = ring::hmac::sign(
+                &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET),
+                msg.as_bytes(),
+            );
+            format!("{msg}.{}", b64(sig.as_ref()))
+        };
+        let table: Vec<(&str, String, &KeySet, AuthFail)> = vec![
+            (
+                "alg none, no signature",
+                format!("{none_header}.{p}."),
+                &set,
+                AuthFail::Malformed,
+            ),
+            (
+                "alg none with the good signature",
+                format!("{none_header}.{p}.{}", good.rsplit('.').next().unwrap()),
+                &set,
+                AuthFail::Malformed,
+            ),
+            (
+                "stripped signature",
+                format!("{h}.{p}."),
+                &set,
+                AuthFail::BadSignature,
+            ),
+            (
+                "no signature part",
+                format!("{h}.{p}"),
+                &set,
+                AuthFail::Malformed,
+            ),
+            ("bad signature", wrong_key, &set, AuthFail::BadSignature),
+            (
+                "HS256 with the RSA public key as secret",
+                confused,
+                &rs_set,
+                AuthFail::AlgorithmNotAllowed,
+            ),
+            (
+                "HS512 against an HS256 key",
+                hs512,
+                &set,
+                AuthFail::AlgorithmNotAllowed,
+            ),
+            (
+                "embedded jwk and jku",
+                injected,
+                &set,
+                AuthFail::BadSignature,
+            ),
+            ("unknown kid", kid, &kid_set, AuthFail::UnknownKey),
+            ("expired beyond leeway", expired, &set, AuthFail::Expired),
+            ("nbf beyond leeway", early, &set, AuthFail::NotYetValid),
+            ("wrong issuer", wrong_iss, &set, AuthFail::WrongIssuer),
+            ("wrong audience", wrong_aud, &set, AuthFail::WrongAudience),
+            (
+                "required claim missing",
+                no_sub,
+                &set,
+                AuthFail::MissingClaim,
+            ),
+            ("garbage", "not-a-token".into(), &set, AuthFail::Malformed),
+            ("unknown crit extension", crit, &set, AuthFail::Malformed),
+            (
+                "header not JSON",
+                format!("{}.{p}.x", b64(b"{")),
+                &set,
+                AuthFail::Malformed,
+            ),
+        ];
+        for (what, token, keys, want) in table {
+            assert_eq!(
+                verify(&token, keys, &rules(), NOW).unwrap_err(),
+                want,
+                "{what}"
+            );
+        }
+        // Within the leeway both time claims pass.
+        let mut c = claims();
+        c["exp"] = json!(NOW - 29);
+        c["nbf"] = json!(NOW + 29);
+        assert!(verify(&hs_token(&c), &set, &rules(), NOW).is_ok());
+    }
+
+    #[test]
+    fn kid_selects_the_key_and_jwks_algorithms_come_from_the_key() {
+        let secret_a = [1u8; 32];
+        let secret_b = [2u8; 32];
+        let jwks = json!({"keys": [
+            {"kty": "oct", "kid": "a", "alg": "HS256", "k": b64(&secret_a)},
+            {"kty": "oct", "kid": "b", "alg": "HS256", "k": b64(&secret_b)},
+            {"kty": "oct", "kid": "c", "k": b64(&secret_b)},
+            {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"}
+        ]})
+        .to_string();
+        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        // "c" names no algorithm and is symmetric: unusable. "enc" is for encryption.
+        assert_eq!(set.keys.len(), 2);
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("b".into());
+        let t = encode(&h, &claims(), &EncodingKey::from_secret(&secret_b)).unwrap();
+        assert!(verify(&t, &set, &rules(), NOW).is_ok());
+        h.kid = Some("a".into());
+        let t = encode(&h, &claims(), &EncodingKey::from_secret(&secret_b)).unwrap();
+        assert_eq!(
+            verify(&t, &set, &rules(), NOW).unwrap_err(),
+            AuthFail::BadSignature
+        );
+        // No kid: the keys are tried in turn.
+        let t = encode(
+            &Header::new(Algorithm::HS256),
+            &claims(),
+            &EncodingKey::from_secret(&secret_b),
+        )
+        .unwrap();
+        assert!(verify(&t, &set, &rules(), NOW).is_ok());
+        assert!(parse_jwks(b"{\"keys\": []}", &[]).is_err());
+        assert!(parse_jwks(b"[]", &[]).is_err());
+    }
+
+    #[test]
+    fn config_refusals() {
+        let e = |t: &str| {
+            load_static(&toml::from_str::<JwtConfig>(t).unwrap())
+                .err()
+                .map(|(k, r)| format!("{k}: {r}"))
+        };
+        assert!(e("secret = \"short\"")
+            .unwrap()
+            .contains("at least 32 bytes"));
+        assert!(!e("secret = \"short-secret-value\"")
+            .unwrap()
+            .contains("short-secret-value"));
+        assert!(
+            e("public_key_file = \"/nonexistent.pem\"\nalgorithm = \"RS256\"")
+                .unwrap()
+                .contains("cannot read")
+        );
+        assert!(e("jwks_file = \"/nonexistent.json\"")
+            .unwrap()
+            .starts_with("jwks_file"));
+        let rsa = format!(
+            "{}/tests/data/auth/rsa_public.pem",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        assert!(e(&format!(
+            "public_key_file = \"{rsa}\"\nalgorithm = \"ES256\""
+        ))
+        .unwrap()
+        .contains("not a PEM public key"));
+        assert!(
+            e("secret = \"0123456789abcdef0123456789abcdef\"\nalgorithm = \"RS256\"")
+                .unwrap()
+                .contains("HS256")
+        );
+        let both = toml::from_str::<JwtConfig>("secret = \"x\"\njwks_file = \"y\"").unwrap();
+        assert!(check_config(&both).is_err());
+        let stray = toml::from_str::<JwtConfig>("secret = \"x\"\njwks_grace = \"1m\"").unwrap();
+        assert_eq!(check_config(&stray).unwrap_err().0, "jwks_grace");
+        let stray =
+            toml::from_str::<JwtConfig>("jwks_file = \"x\"\nalgorithm = \"RS256\"").unwrap();
+        assert_eq!(check_config(&stray).unwrap_err().0, "algorithm");
+        let no_alg = toml::from_str::<JwtConfig>(&format!("public_key_file = \"{rsa}\"")).unwrap();
+        assert_eq!(check_config(&no_alg).unwrap_err().0, "algorithm");
+    }
+
+    #[test]
+    fn claim_values_as_headers() {
+        assert_eq!(
+            claim_header_value(&json!("alice")).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(claim_header_value(&json!(42)).as_deref(), Some("42"));
+        assert_eq!(
+            claim_header_value(&json!(["a", "b"])).as_deref(),
+            Some("a,b")
+        );
+        assert_eq!(claim_header_value(&json!("a\r\nx-evil: 1")), None);
+        assert_eq!(claim_header_value(&json!({"a": 1})), None);
+        let m = json!({"scope": "a  b", "scp": ["c", 1, "d"]});
+        let m = m.as_object().unwrap();
+        assert_eq!(
+            claim_list(m, "scope"),
+            vec!["a".into(), "b".into()] as Vec<Box<str>>
+        );
+        assert_eq!(
+            claim_list(m, "scp"),
+            vec!["c".into(), "d".into()] as Vec<Box<str>>
+        );
+    }
+}

@@ -1,0 +1,802 @@
+//! Authentication over real sockets: JWT (inline secret, PEM, JWKS file and URL), API keys and
+//! consumers, any-of policies, OAuth2 introspection; 401/403 answers and the identity headers
+//! the upstream sees.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use ringway::auth::apikey::key_hash_hex;
+use ringway::config::DriverChoice;
+use serde_json::{json, Value};
+use support::*;
+
+const SECRET: &str = "test-only-secret-of-32-bytes-min";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn data(name: &str) -> String {
+    format!("{}/tests/data/auth/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn hs(claims: &Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn rs(claims: &Value, key_file: &str, kid: &str) -> String {
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some(kid.into());
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(data(key_file)).unwrap()).unwrap();
+    encode(&h, claims, &key).unwrap()
+}
+
+fn alice() -> Value {
+    json!({"sub": "alice", "iss": "https://idp.test", "aud": "api", "exp": now() + 600,
+           "scope": "read write", "tenant": "t1", "roles": ["staff"]})
+}
+
+fn with(mut c: Value, k: &str, v: Value) -> Value {
+    c[k] = v;
+    c
+}
+
+/// A gateway with a JWT provider ("jwt", HS256), API keys, two consumers and routes:
+/// /jwt (jwt), /admin (jwt + scope admin), /staff (jwt + role staff), /key (api_key),
+/// /either (jwt or api_key), /open (none).
+fn gateway_config(up: SocketAddr) -> String {
+    config(
+        &[up],
+        &format!(
+            r#"
+[auth.api_key]
+query = "api_key"
+
+[auth.jwt.jwt]
+secret = "{SECRET}"
+issuers = ["https://idp.test"]
+audiences = ["api"]
+forward_claims = {{ sub = "x-user-id", tenant = "x-tenant" }}
+
+[[consumers]]
+name = "alice-app"
+jwt_subjects = ["alice"]
+
+[[consumers]]
+name = "batch"
+metadata = {{ team = "data" }}
+api_keys = ["{}"]
+scopes = ["read"]
+
+[[routes]]
+path_prefix = "/jwt"
+upstream = "up"
+auth = "jwt"
+
+[[routes]]
+path_prefix = "/admin"
+upstream = "up"
+auth = {{ any_of = ["jwt"], scopes_all = ["admin"] }}
+
+[[routes]]
+path_prefix = "/staff"
+upstream = "up"
+auth = {{ any_of = ["jwt"], roles_any = ["staff", "ops"], hide_credentials = false }}
+
+[[routes]]
+path_prefix = "/key"
+upstream = "up"
+auth = "api_key"
+
+[[routes]]
+path_prefix = "/either"
+upstream = "up"
+auth = {{ any_of = ["jwt", "api_key"], scopes_any = ["read"] }}
+
+[[routes]]
+path_prefix = "/open"
+upstream = "up"
+"#,
+            key_hash_hex(b"batch-key-1")
+        ),
+    )
+}
+
+fn get_with(addr: SocketAddr, path: &str, headers: &str) -> Resp {
+    request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n{headers}\r\n").as_bytes(),
+    )
+}
+
+fn bearer(t: &str) -> String {
+    format!("Authorization: Bearer {t}\r\n")
+}
+
+#[test]
+fn valid_jwt_reaches_upstream_with_claims_and_without_credentials() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&gateway_config(up.addr), d);
+        let token = hs(&alice());
+        // Spoofed identity headers from the client are dropped.
+        let spoof = "X-User-Id: mallory\r\nX-Consumer: admin\r\nX-Tenant: t9\r\n";
+        let mut c = Client::connect(gw.addr);
+        for i in 0..3 {
+            c.send(
+                format!(
+                    "GET /jwt/x HTTP/1.1\r\nHost: a\r\n{}{spoof}\r\n",
+                    bearer(&token)
+                )
+                .as_bytes(),
+            );
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?} request {i}: {}", r.text());
+            let seen = up.last();
+            assert_eq!(seen.headers_named("x-user-id"), vec!["alice"]);
+            assert_eq!(seen.headers_named("x-tenant"), vec!["t1"]);
+            assert_eq!(seen.headers_named("x-consumer"), vec!["alice-app"]);
+            assert_eq!(seen.header("authorization"), None);
+        }
+        // hide_credentials = false keeps the Authorization header.
+        let r = get_with(gw.addr, "/staff", &bearer(&token));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            up.last().header("authorization"),
+            Some(&*format!("Bearer {token}"))
+        );
+        // Routes without auth still drop spoofed identity headers.
+        let r = get_with(gw.addr, "/open", spoof);
+        assert_eq!(r.status, 200);
+        assert_eq!(up.last().header("x-user-id"), None);
+        assert_eq!(up.last().header("x-consumer"), None);
+    }
+}
+
+#[test]
+fn bad_tokens_are_401_with_a_challenge_and_never_reach_the_upstream() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&gateway_config(up.addr), DriverChoice::Auto);
+    let good = hs(&alice());
+    let (h, rest) = good.split_once('.').unwrap();
+    let p = rest.split_once('.').unwrap().0;
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let rsa_pub = std::fs::read(data("rsa_public.pem")).unwrap();
+    let cases: Vec<(&str, String)> = vec![
+        ("expired", hs(&with(alice(), "exp", json!(now() - 3600)))),
+        (
+            "not yet valid",
+            hs(&with(alice(), "nbf", json!(now() + 3600))),
+        ),
+        (
+            "wrong issuer",
+            hs(&with(alice(), "iss", json!("https://evil.test"))),
+        ),
+        ("wrong audience", hs(&with(alice(), "aud", json!("other")))),
+        (
+            "alg none",
+            format!("{}.{p}.", b64(r#"{"alg":"none","typ":"JWT"}"#)),
+        ),
+        ("stripped signature", format!("{h}.{p}.")),
+        (
+            "bad signature",
+            encode(
+                &Header::new(Algorithm::HS256),
+                &alice(),
+                &EncodingKey::from_secret(b"another-secret-of-32-bytes-long!"),
+            )
+            .unwrap(),
+        ),
+        (
+            "signed with the RSA public key as HMAC secret",
+            encode(
+                &Header::new(Algorithm::HS256),
+                &alice(),
+                &EncodingKey::from_secret(&rsa_pub),
+            )
+            .unwrap(),
+        ),
+        (
+            "RS256 token for an HS256 key",
+            rs(&alice(), "rsa_private.pem", "rsa"),
+        ),
+        ("garbage", "abc.def".into()),
+    ];
+    for (what, token) in &cases {
+        let r = get_with(gw.addr, "/jwt", &bearer(token));
+        assert_eq!(r.status, 401, "{what}");
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer realm=\"ringway\", error=\"invalid_token\""),
+            "{what}"
+        );
+        let j = r.json();
+        assert_eq!(j["error"], "invalid_token", "{what}");
+        assert!(j["request_id"].is_string());
+        assert!(
+            !r.text().contains(token.as_str()),
+            "{what}: the token is echoed"
+        );
+    }
+    // No credentials: a bare challenge (RFC 6750 §3.1).
+    let r = get_with(gw.addr, "/jwt", "");
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"ringway\"")
+    );
+    assert_eq!(r.json()["error"], "unauthorized");
+    // Two Authorization headers, the first one good: refused.
+    let two = format!("{}Authorization: Bearer x.y.z\r\n", bearer(&good));
+    assert_eq!(get_with(gw.addr, "/jwt", &two).status, 401);
+    // Another scheme is no credential for a bearer route.
+    let r = get_with(gw.addr, "/jwt", "Authorization: Basic YTpi\r\n");
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"ringway\"")
+    );
+    assert_eq!(up.hits(), 0);
+    // The connection stays usable after a 401.
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /jwt HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(c.read_response().unwrap().status, 401);
+    c.send(format!("GET /jwt HTTP/1.1\r\nHost: a\r\n{}\r\n", bearer(&good)).as_bytes());
+    assert_eq!(c.read_response().unwrap().status, 200);
+}
+
+#[test]
+fn missing_scope_or_role_is_403_insufficient_scope() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&gateway_config(up.addr), DriverChoice::Auto);
+    let r = get_with(gw.addr, "/admin", &bearer(&hs(&alice())));
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"ringway\", error=\"insufficient_scope\", scope=\"admin\"")
+    );
+    assert_eq!(r.json()["error"], "insufficient_scope");
+    let admin = with(alice(), "scope", json!("read admin"));
+    assert_eq!(
+        get_with(gw.addr, "/admin", &bearer(&hs(&admin))).status,
+        200
+    );
+    // `scp` arrays count as scopes too.
+    let scp = with(with(alice(), "scope", Value::Null), "scp", json!(["admin"]));
+    let mut scp = scp;
+    scp.as_object_mut().unwrap().remove("scope");
+    assert_eq!(get_with(gw.addr, "/admin", &bearer(&hs(&scp))).status, 200);
+    let no_role = with(alice(), "roles", json!(["guest"]));
+    assert_eq!(
+        get_with(gw.addr, "/staff", &bearer(&hs(&no_role))).status,
+        403
+    );
+    assert_eq!(
+        get_with(gw.addr, "/staff", &bearer(&hs(&alice()))).status,
+        200
+    );
+}
+
+#[test]
+fn api_keys_map_to_consumers() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&gateway_config(up.addr), d);
+        let r = get_with(
+            gw.addr,
+            "/key",
+            "X-Api-Key: batch-key-1\r\nX-Consumer: root\r\n",
+        );
+        assert_eq!(r.status, 200, "{d:?}");
+        let seen = up.last();
+        assert_eq!(seen.headers_named("x-consumer"), vec!["batch"]);
+        assert_eq!(
+            seen.header("x-api-key"),
+            None,
+            "the key is hidden from the upstream"
+        );
+        // From the query parameter.
+        assert_eq!(
+            get_with(gw.addr, "/key?api_key=batch-key-1", "").status,
+            200
+        );
+        let r = get_with(gw.addr, "/key", "X-Api-Key: batch-key-2\r\n");
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["error"], "invalid_token");
+        assert!(!r.text().contains("batch-key-2"));
+        // The stored hash is not a key.
+        let r = get_with(
+            gw.addr,
+            "/key",
+            &format!("X-Api-Key: {}\r\n", key_hash_hex(b"batch-key-1")),
+        );
+        assert_eq!(r.status, 401);
+        let r = get_with(gw.addr, "/key", "");
+        assert_eq!(r.status, 401);
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer realm=\"ringway\"")
+        );
+        assert_eq!(up.hits(), 2);
+    }
+}
+
+#[test]
+fn any_of_accepts_either_credential() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&gateway_config(up.addr), DriverChoice::Auto);
+    assert_eq!(
+        get_with(gw.addr, "/either", &bearer(&hs(&alice()))).status,
+        200
+    );
+    assert_eq!(up.last().header("x-user-id"), Some("alice"));
+    assert_eq!(
+        get_with(gw.addr, "/either", "X-Api-Key: batch-key-1\r\n").status,
+        200
+    );
+    assert_eq!(up.last().header("x-consumer"), Some("batch"));
+    // A bad token and a good key: the key wins.
+    let both = format!("{}X-Api-Key: batch-key-1\r\n", bearer("x.y.z"));
+    assert_eq!(get_with(gw.addr, "/either", &both).status, 200);
+    // Both bad: the first failure is reported.
+    let both = format!("{}X-Api-Key: nope\r\n", bearer("x.y.z"));
+    let r = get_with(gw.addr, "/either", &both);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["message"], "the token is malformed");
+    assert_eq!(get_with(gw.addr, "/either", "").status, 401);
+    // scopes_any = ["read"]: a token without it is refused, the key's consumer has it.
+    let none = with(alice(), "scope", json!("write"));
+    assert_eq!(
+        get_with(gw.addr, "/either", &bearer(&hs(&none))).status,
+        403
+    );
+}
+
+#[test]
+fn pem_and_jwks_file_keys() {
+    let up = Upstream::echo();
+    let jwks = format!(
+        "{{\"keys\": [{}, {}]}}",
+        std::fs::read_to_string(data("rsa_jwk.json")).unwrap(),
+        std::fs::read_to_string(data("rsa2_jwk.json")).unwrap()
+    );
+    let dir = std::env::temp_dir().join(format!("ringway-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks_path = dir.join("jwks.json");
+    std::fs::write(&jwks_path, jwks).unwrap();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            r#"
+[auth.jwt.pem]
+public_key_file = "{}"
+algorithm = "RS256"
+
+[auth.jwt.set]
+jwks_file = "{}"
+
+[[routes]]
+path = "/pem"
+upstream = "up"
+auth = "pem"
+
+[[routes]]
+path = "/set"
+upstream = "up"
+auth = "set"
+"#,
+            data("rsa_public.pem"),
+            jwks_path.display()
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let c = alice();
+    assert_eq!(
+        get_with(gw.addr, "/pem", &bearer(&rs(&c, "rsa_private.pem", "rsa"))).status,
+        200
+    );
+    assert_eq!(
+        get_with(gw.addr, "/pem", &bearer(&rs(&c, "rsa2_private.pem", "rsa"))).status,
+        401
+    );
+    assert_eq!(
+        get_with(gw.addr, "/set", &bearer(&rs(&c, "rsa_private.pem", "rsa"))).status,
+        200
+    );
+    assert_eq!(
+        get_with(
+            gw.addr,
+            "/set",
+            &bearer(&rs(&c, "rsa2_private.pem", "rsa2"))
+        )
+        .status,
+        200
+    );
+    // kid says rsa2, signed by rsa: the named key does not verify it.
+    assert_eq!(
+        get_with(gw.addr, "/set", &bearer(&rs(&c, "rsa_private.pem", "rsa2"))).status,
+        401
+    );
+    assert_eq!(
+        get_with(
+            gw.addr,
+            "/set",
+            &bearer(&rs(&c, "rsa_private.pem", "other"))
+        )
+        .status,
+        401
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let bad = |extra: &str| {
+        ringway::config::Config::parse(
+            &config(&["127.0.0.1:9".parse().unwrap()], extra),
+            "auth.toml",
+        )
+        .unwrap_err()
+    };
+    let e =
+        bad("[auth.jwt.a]\npublic_key_file = \"/nonexistent/key.pem\"\nalgorithm = \"RS256\"\n");
+    assert_eq!(e.key, "auth.jwt.a.public_key_file");
+    assert!(e.reason.contains("cannot read"), "{e}");
+    assert!(e.line.is_some(), "{e}");
+    let e = bad("[auth.jwt.a]\nsecret = \"too-short-secret\"\n");
+    assert_eq!(e.key, "auth.jwt.a.secret");
+    assert!(
+        !e.to_string().contains("too-short-secret"),
+        "the secret is in the error: {e}"
+    );
+    let e = bad("[[consumers]]\nname = \"c\"\napi_keys = [\"plain-key\"]\n");
+    assert_eq!(e.key, "consumers[0].api_keys[0]");
+    assert!(!e.to_string().contains("plain-key"), "{e}");
+    let e = bad("[[consumers]]\nname = \"c\"\napi_keys = [\"sha256:abc\"]\n");
+    assert!(e.reason.contains("64 hex digits"), "{e}");
+    let e = bad("[[routes]]\nupstream = \"up\"\nauth = \"jwt\"\n");
+    assert_eq!(e.key, "routes[0].auth");
+    let e =
+        bad("[[routes]]\nupstream = \"up\"\nauth = { any_of = [\"api_key\"], scope = [\"x\"] }\n");
+    assert!(e.reason.contains("unknown field `scope`"), "{e}");
+    let bad_jwks = std::env::temp_dir().join(format!("ringway-bad-jwks-{}", std::process::id()));
+    std::fs::write(&bad_jwks, "{\"keys\": 1}").unwrap();
+    let e = bad(&format!(
+        "[auth.jwt.a]\njwks_file = \"{}\"\n",
+        bad_jwks.display()
+    ));
+    assert_eq!(e.key, "auth.jwt.a.jwks_file");
+    assert!(e.reason.contains("not a JWK Set"), "{e}");
+    let _ = std::fs::remove_file(&bad_jwks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loopback servers: a JWKS key server and an introspection endpoint.
+
+/// A tiny HTTP server answering every request with `answer(request bytes)`, one connection at a
+/// time, counting requests. Stops when dropped.
+struct Loopback {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Loopback {
+    fn start(answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static) -> Loopback {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, st) = (hits.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !st.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                let Ok((mut s, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                // Head, then a Content-Length body if any.
+                let req = loop {
+                    match s.read(&mut tmp) {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse::<usize>().unwrap_or(0));
+                        if buf.len() >= p + 4 + len {
+                            break Some(buf.clone());
+                        }
+                    }
+                };
+                let Some(req) = req else { continue };
+                h.fetch_add(1, Ordering::SeqCst);
+                if let Some(resp) = answer(&req) {
+                    let _ = s.write_all(&resp);
+                }
+            }
+        });
+        Loopback { addr, hits, stop }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn json_response(status: u16, body: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn jwks_url_rotation_grace_and_key_server_down() {
+    for d in DRIVERS {
+        let jwk1 = std::fs::read_to_string(data("rsa_jwk.json")).unwrap();
+        let jwk2 = std::fs::read_to_string(data("rsa2_jwk.json")).unwrap();
+        // What the key server serves; None: it is down (500).
+        let serving: Arc<Mutex<Option<String>>> =
+            Arc::new(Mutex::new(Some(format!("{{\"keys\": [{jwk1}]}}"))));
+        let s = serving.clone();
+        let keys = Loopback::start(move |_| {
+            Some(match &*s.lock().unwrap() {
+                Some(set) => json_response(200, set, "cache-control: max-age=3600\r\n"),
+                None => json_response(500, "{}", ""),
+            })
+        });
+        let up = Upstream::echo();
+        let cfg = config(
+            &[up.addr],
+            &format!(
+                r#"
+[auth.jwt.idp]
+jwks_url = "http://{}/.well-known/jwks.json"
+jwks_min_refresh_interval = "100ms"
+jwks_grace = "1h"
+
+[[routes]]
+upstream = "up"
+auth = "idp"
+"#,
+                keys.addr
+            ),
+        );
+        let gw = TestGateway::start(&cfg, d);
+        let t1 = rs(&alice(), "rsa_private.pem", "rsa");
+        let t2 = rs(&alice(), "rsa2_private.pem", "rsa2");
+        let status = |t: &str| get_with(gw.addr, "/", &bearer(t)).status;
+        // The first fetch runs in the background.
+        assert!(
+            eventually(Duration::from_secs(10), || status(&t1) == 200),
+            "{d:?}"
+        );
+        assert_eq!(status(&t2), 401);
+        // Rotation: the server now has only key 2. The unknown kid asks for a refresh.
+        *serving.lock().unwrap() = Some(format!("{{\"keys\": [{jwk2}]}}"));
+        assert!(
+            eventually(Duration::from_secs(10), || status(&t2) == 200),
+            "{d:?}"
+        );
+        // Key 1 is gone from the set but within its grace period.
+        let fresh1 = rs(
+            &with(alice(), "sub", json!("bob")),
+            "rsa_private.pem",
+            "rsa",
+        );
+        assert_eq!(
+            status(&fresh1),
+            200,
+            "{d:?}: the old key is kept for the grace period"
+        );
+        // Key server down: an unknown kid asks for refreshes that fail; the last keys serve on.
+        *serving.lock().unwrap() = None;
+        let before = keys.hits();
+        let unknown = rs(&alice(), "rsa_private.pem", "rsa3");
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                assert_eq!(status(&unknown), 401);
+                keys.hits() > before
+            }),
+            "{d:?}: no refresh was attempted"
+        );
+        assert_eq!(status(&t2), 200, "{d:?}");
+        let fresh2 = rs(
+            &with(alice(), "sub", json!("carol")),
+            "rsa2_private.pem",
+            "rsa2",
+        );
+        assert_eq!(status(&fresh2), 200, "{d:?}");
+    }
+}
+
+#[test]
+fn jwks_grace_period_ends() {
+    let jwk1 = std::fs::read_to_string(data("rsa_jwk.json")).unwrap();
+    let jwk2 = std::fs::read_to_string(data("rsa2_jwk.json")).unwrap();
+    let serving = Arc::new(Mutex::new(format!("{{\"keys\": [{jwk1}]}}")));
+    let s = serving.clone();
+    let keys = Loopback::start(move |_| Some(json_response(200, &s.lock().unwrap(), "")));
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\njwks_grace = \"1s\"\n[auth]\ncache_max_ttl = \"1s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let t1 = rs(&alice(), "rsa_private.pem", "rsa");
+    let t2 = rs(&alice(), "rsa2_private.pem", "rsa2");
+    let status = |t: &str| get_with(gw.addr, "/", &bearer(t)).status;
+    assert!(eventually(Duration::from_secs(10), || status(&t1) == 200));
+    *serving.lock().unwrap() = format!("{{\"keys\": [{jwk2}]}}");
+    assert!(eventually(Duration::from_secs(10), || status(&t2) == 200));
+    // After the grace period (and the cache lifetime), key 1 is refused.
+    assert!(eventually(Duration::from_secs(10), || status(&t1) == 401));
+    assert_eq!(status(&t2), 200);
+}
+
+#[test]
+fn introspection_active_inactive_cached_and_down() {
+    for d in DRIVERS {
+        let exp = now() + 600;
+        let seen_auth = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sa = seen_auth.clone();
+        let idp = Loopback::start(move |req| {
+            let text = String::from_utf8_lossy(req).to_string();
+            if let Some(l) = text
+                .lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+            {
+                sa.lock().unwrap().push(l.to_string());
+            }
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+            let answer = if body.starts_with("token=opaque-good&") {
+                json!({"active": true, "sub": "svc-1", "scope": "read", "exp": exp, "client_id": "c1"})
+            } else {
+                json!({"active": false})
+            };
+            Some(json_response(200, &answer.to_string(), ""))
+        });
+        let up = Upstream::echo();
+        let cfg = config(
+            &[up.addr],
+            &format!(
+                r#"
+[auth.introspection.idp]
+url = "http://{}/introspect"
+client_id = "gateway"
+client_secret = "s3cret"
+forward_claims = {{ sub = "x-user-id" }}
+
+[[routes]]
+upstream = "up"
+auth = {{ any_of = ["idp"], scopes_all = ["read"] }}
+"#,
+                idp.addr
+            ),
+        );
+        let gw = TestGateway::start(&cfg, d);
+        for _ in 0..3 {
+            let r = get_with(gw.addr, "/", &bearer("opaque-good"));
+            assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+            assert_eq!(up.last().header("x-user-id"), Some("svc-1"));
+            assert_eq!(up.last().header("authorization"), None);
+        }
+        assert_eq!(
+            idp.hits(),
+            1,
+            "{d:?}: repeated tokens are answered from the cache"
+        );
+        // Basic base64("gateway:s3cret").
+        assert_eq!(
+            seen_auth.lock().unwrap()[0].trim(),
+            "authorization: Basic Z2F0ZXdheTpzM2NyZXQ="
+        );
+        let r = get_with(gw.addr, "/", &bearer("opaque-revoked"));
+        assert_eq!(r.status, 401);
+        assert_eq!(r.json()["message"], "the token is not active");
+        assert_eq!(get_with(gw.addr, "/", "").status, 401);
+        // The endpoint goes away: a 503 with Retry-After, never a hang.
+        drop(idp);
+        let r = get_with(gw.addr, "/", &bearer("opaque-other"));
+        assert_eq!(r.status, 503, "{d:?}");
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.json()["error"], "auth_unavailable");
+        // The cached answer still serves.
+        assert_eq!(get_with(gw.addr, "/", &bearer("opaque-good")).status, 200);
+    }
+}
+
+#[test]
+fn introspection_endpoint_refusing_connections_is_503() {
+    // A port with nothing listening.
+    let addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.introspection.idp]\nurl = \"http://{addr}/i\"\nclient_id = \"g\"\nclient_secret = \"s\"\ntimeout = \"500ms\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n"
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let r = get_with(gw.addr, "/", &bearer("opaque"));
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(up.hits(), 0);
+}
+
+/// Over `max_concurrent` calls in flight on a worker, a request is answered 503 at once
+/// instead of queueing behind a slow endpoint.
+#[test]
+fn introspection_calls_in_flight_are_bounded_per_worker() {
+    let release = Arc::new(AtomicBool::new(false));
+    let r = release.clone();
+    let idp = Loopback::start(move |_| {
+        // Holds the first call until the test releases it (bounded wait).
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !r.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(json_response(200, r#"{"active": true, "sub": "s"}"#, ""))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.introspection.idp]\nurl = \"http://{}/i\"\nclient_id = \"g\"\nclient_secret = \"s\"\nmax_concurrent = 1\ntimeout = \"20s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            idp.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let addr = gw.addr;
+    let first = std::thread::spawn(move || get_with(addr, "/", &bearer("slow-token")).status);
+    assert!(eventually(Duration::from_secs(10), || idp.hits() == 1));
+    let r = get_with(gw.addr, "/", &bearer("other-token"));
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(
+        idp.hits(),
+        1,
+        "the refused request never reached the endpoint"
+    );
+}
