@@ -800,6 +800,17 @@ pub enum RateKey {
     ClientIp,
     Route,
     Header(String),
+    /// The consumer the route's auth policy identified (client address when there is none).
+    Consumer,
+    /// A claim of the verified token (client address when the token has no such claim).
+    Claim(String),
+}
+
+impl RateKey {
+    /// Keys that need an authenticated caller.
+    pub fn needs_auth(&self) -> bool {
+        matches!(self, RateKey::Consumer | RateKey::Claim(_))
+    }
 }
 
 impl<'de> Deserialize<'de> for RateKey {
@@ -808,15 +819,19 @@ impl<'de> Deserialize<'de> for RateKey {
         match s.as_str() {
             "client_ip" => Ok(RateKey::ClientIp),
             "route" => Ok(RateKey::Route),
-            _ => match s.strip_prefix("header:") {
-                Some(h) => {
+            "consumer" => Ok(RateKey::Consumer),
+            _ => {
+                if let Some(h) = s.strip_prefix("header:") {
                     check_header_name(h).map_err(de::Error::custom)?;
                     Ok(RateKey::Header(h.to_ascii_lowercase()))
+                } else if let Some(c) = s.strip_prefix("claim:").filter(|c| !c.is_empty()) {
+                    Ok(RateKey::Claim(c.to_string()))
+                } else {
+                    Err(de::Error::custom(format!(
+                        "{s:?}: expected \"client_ip\", \"route\", \"consumer\", \"header:NAME\" or \"claim:NAME\""
+                    )))
                 }
-                None => Err(de::Error::custom(format!(
-                    "{s:?}: expected \"client_ip\", \"route\" or \"header:NAME\""
-                ))),
-            },
+            }
         }
     }
 }
@@ -1437,6 +1452,28 @@ impl Config {
                         format!("routes[{i}].rate_limits[{j}].burst"),
                         None,
                         "must be above 0".into(),
+                    ));
+                }
+            }
+            let has_auth = r.auth.as_ref().is_some_and(|a| !a.any_of.is_empty());
+            let keyed = r
+                .rate_limits
+                .iter()
+                .enumerate()
+                .map(|(j, l)| (format!("rate_limits[{j}].key"), &l.key))
+                .chain(
+                    r.quotas
+                        .iter()
+                        .enumerate()
+                        .map(|(j, q)| (format!("quotas[{j}].key"), &q.key)),
+                );
+            for (name, key) in keyed {
+                if key.needs_auth() && !has_auth {
+                    return Err(err(
+                        k(&name),
+                        None,
+                        "a consumer or claim key needs an auth policy on the route (`auth = ...`)"
+                            .into(),
                     ));
                 }
             }

@@ -679,6 +679,21 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             RateKey::Route => 0,
             // Requests without the header share one bucket.
             RateKey::Header(h) => hash_bytes(self.head.header(h.as_bytes()).unwrap_or(b"")),
+            // Callers the auth stage could not name are counted by address. The domain tags
+            // keep a consumer or claim value from sharing a bucket with an address.
+            RateKey::Consumer => match self.identity.consumer_name() {
+                Some(name) => crate::upstream::balance::mix(hash_bytes(name.as_bytes()) ^ 0xc0),
+                None => hash_bytes(self.peer_ip.as_bytes()),
+            },
+            RateKey::Claim(c) => match self.identity.claim(c) {
+                Some(serde_json::Value::String(s)) => {
+                    crate::upstream::balance::mix(hash_bytes(s.as_bytes()) ^ 0xc1)
+                }
+                Some(v) => {
+                    crate::upstream::balance::mix(hash_bytes(v.to_string().as_bytes()) ^ 0xc1)
+                }
+                None => hash_bytes(self.peer_ip.as_bytes()),
+            },
         }
     }
 

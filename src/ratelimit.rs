@@ -78,6 +78,8 @@ impl Limit {
             RateKey::ClientIp => "client_ip".into(),
             RateKey::Route => "route".into(),
             RateKey::Header(h) => h.clone(),
+            RateKey::Consumer => "consumer".into(),
+            RateKey::Claim(c) => c.clone(),
         });
         Limit {
             id,

@@ -800,3 +800,67 @@ fn introspection_calls_in_flight_are_bounded_per_worker() {
         "the refused request never reached the endpoint"
     );
 }
+
+/// Rate limits keyed by the consumer the auth stage found, or by a claim of the token.
+#[test]
+fn rate_limits_by_consumer_and_by_claim() {
+    let up = Upstream::echo();
+    let toml = config(
+        &[up.addr],
+        &format!(
+            r#"
+[auth.jwt.jwt]
+secret = "{SECRET}"
+
+[[consumers]]
+name = "alice-app"
+jwt_subjects = ["alice"]
+
+[[consumers]]
+name = "carol-app"
+jwt_subjects = ["carol"]
+
+[[routes]]
+path_prefix = "/per-consumer"
+upstream = "up"
+auth = "jwt"
+rate_limits = [{{ key = "consumer", rate = 2, per = "1m" }}]
+
+[[routes]]
+path_prefix = "/per-tenant"
+upstream = "up"
+auth = "jwt"
+rate_limits = [{{ key = "claim:tenant", rate = 3, per = "1m" }}]
+"#
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let token =
+        |sub: &str, tenant: &str| hs(&json!({"sub": sub, "tenant": tenant, "exp": now() + 600}));
+    let status = |path: &str, t: &str| get_with(gw.addr, path, &bearer(t)).status;
+    let (alice, carol) = (token("alice", "t1"), token("carol", "t1"));
+    let a: Vec<u16> = (0..3).map(|_| status("/per-consumer", &alice)).collect();
+    assert_eq!(a, vec![200, 200, 429], "alice-app has 2 a minute");
+    let r = get_with(gw.addr, "/per-consumer", &bearer(&alice));
+    assert_eq!(r.header("ratelimit-policy"), Some("\"consumer\";q=2;w=60"));
+    let c: Vec<u16> = (0..2).map(|_| status("/per-consumer", &carol)).collect();
+    assert_eq!(c, vec![200, 200], "carol-app has a bucket of its own");
+    // Tenant t1 has 3 a minute, whoever the subject; t2 is counted apart.
+    let t: Vec<u16> = [&alice, &carol, &alice, &carol]
+        .iter()
+        .map(|tok| status("/per-tenant", tok))
+        .collect();
+    assert_eq!(t, vec![200, 200, 200, 429]);
+    assert_eq!(status("/per-tenant", &token("erin", "t2")), 200);
+    // A key that needs a caller is refused on a route without auth.
+    let e = ringway::config::Config::parse(
+        &config(
+            &[up.addr],
+            "[[routes]]\nupstream = \"up\"\nrate_limits = [{ key = \"consumer\", rate = 1 }]\n",
+        ),
+        "gw.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "routes[0].rate_limits[0].key");
+    assert!(e.reason.contains("auth policy"), "{e}");
+}
