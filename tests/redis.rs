@@ -312,3 +312,46 @@ fn daily_quotas_are_kept_in_redis() {
     let ttl: u64 = ttl.trim().trim_start_matches(':').parse().unwrap();
     assert!(ttl > to_midnight && ttl <= to_midnight + 3_700, "ttl {ttl}");
 }
+
+/// A slow Redis (every client paused): requests that need an answer from it wait at most the
+/// configured timeout, then take the local buckets; once Redis answers again, it is used again.
+#[test]
+fn a_slow_redis_never_holds_requests_past_its_timeout() {
+    let redis = RedisServer::start();
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let limit = "{ key = \"header:x-user\", rate = 100, per = \"1s\" }";
+    let gw = TestGateway::start(
+        &redis_config(
+            "127.0.0.1:0",
+            up.addr,
+            &redis,
+            "on_failure = \"local\"",
+            limit,
+        ),
+        DriverChoice::Auto,
+    );
+    let user = |u: &str| {
+        request(
+            gw.addr,
+            format!("GET / HTTP/1.1\r\nHost: a\r\nX-User: {u}\r\n\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(user("warm").status, 200);
+    let before = redis.calls("evalsha");
+    assert!(before > 0);
+    assert!(redis
+        .command(&["CLIENT", "PAUSE", "1500", "ALL"])
+        .is_some_and(|r| r.starts_with("+OK")));
+    // New keys need Redis, which does not answer: each is served from a local bucket.
+    for i in 0..5 {
+        let r = user(&format!("new-{i}"));
+        assert_eq!(r.status, 200, "request {i} while Redis is paused");
+    }
+    assert!(
+        eventually(Duration::from_secs(6), || {
+            let _ = user("after");
+            redis.calls("evalsha") > before
+        }),
+        "Redis is used again after the pause"
+    );
+}
