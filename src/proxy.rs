@@ -846,18 +846,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         if self.head.method != Method::Head && d.status != 204 && d.status != 304 {
             self.wbuf.put_slice(&d.body);
         }
-        let buf = std::mem::take(&mut self.wbuf);
-        match write_buf(&mut self.io, buf, self.t.client_write).await {
-            Ok(b) => {
-                self.wbuf = b;
-                if keep {
-                    Next::KeepAlive
-                } else {
-                    Next::Close
-                }
-            }
-            Err(_) => Next::Close,
-        }
+        self.flush_answer(keep).await
     }
 
     /// Answers a request on a `redirect_https` listener: 308 to the same host, path and query
@@ -892,6 +881,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         let keep = self.head.keep_alive && self.skip_buffered_body() && !w.shutdown.is_set();
         self.put_connection(keep);
         self.wbuf.put_slice(b"\r\n");
+        self.flush_answer(keep).await
+    }
+
+    /// Writes the answer built in `wbuf`; keeps the connection when asked to and the write
+    /// succeeded.
+    async fn flush_answer(&mut self, keep: bool) -> Next {
         let buf = std::mem::take(&mut self.wbuf);
         match write_buf(&mut self.io, buf, self.t.client_write).await {
             Ok(b) => {

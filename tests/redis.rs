@@ -30,6 +30,14 @@ fn redis_config(
     )
 }
 
+/// One in-process gateway on the Redis backend that fails open.
+fn fail_open_gateway(up: SocketAddr, redis: &RedisServer, limit: &str) -> TestGateway {
+    TestGateway::start(
+        &redis_config("127.0.0.1:0", up, redis, "on_failure = \"local\"", limit),
+        DriverChoice::Auto,
+    )
+}
+
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -166,16 +174,7 @@ fn redis_killed_and_restarted_under_load_fails_open_and_recovers() {
     let mut redis = RedisServer::start();
     let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
     let limit = "{ key = \"route\", rate = 100, per = \"1s\", burst = 20 }";
-    let gw = TestGateway::start(
-        &redis_config(
-            "127.0.0.1:0",
-            up.addr,
-            &redis,
-            "on_failure = \"local\"",
-            limit,
-        ),
-        DriverChoice::Auto,
-    );
+    let gw = fail_open_gateway(up.addr, &redis, limit);
     let addrs = [gw.addr];
     let seen = paced_load(
         &addrs,
@@ -320,16 +319,7 @@ fn a_slow_redis_never_holds_requests_past_its_timeout() {
     let redis = RedisServer::start();
     let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
     let limit = "{ key = \"header:x-user\", rate = 100, per = \"1s\" }";
-    let gw = TestGateway::start(
-        &redis_config(
-            "127.0.0.1:0",
-            up.addr,
-            &redis,
-            "on_failure = \"local\"",
-            limit,
-        ),
-        DriverChoice::Auto,
-    );
+    let gw = fail_open_gateway(up.addr, &redis, limit);
     let user = |u: &str| {
         request(
             gw.addr,
