@@ -864,3 +864,38 @@ rate_limits = [{{ key = "claim:tenant", rate = 3, per = "1m" }}]
     assert_eq!(e.key, "routes[0].rate_limits[0].key");
     assert!(e.reason.contains("auth policy"), "{e}");
 }
+
+/// Routes match raw path bytes, so spellings that an upstream would normalise into a protected
+/// path are refused before routing: no way around an auth route through an open one.
+#[test]
+fn ambiguous_paths_cannot_slip_past_an_auth_route() {
+    let up = Upstream::echo();
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.jwt]\nsecret = \"{SECRET}\"\n\
+             [[routes]]\npath_prefix = \"/admin\"\nupstream = \"up\"\nauth = \"jwt\"\n\
+             [[routes]]\npath_prefix = \"/\"\nupstream = \"up\"\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    assert_eq!(get(gw.addr, "/admin/users").status, 401);
+    for path in [
+        "/public/../admin/users",
+        "/%61dmin/users",
+        "/./admin/users",
+        "/x/%2e%2e/admin",
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.status, 400, "{path}");
+        assert_eq!(r.json()["error"], "bad_request", "{path}");
+        assert!(
+            c.is_closed(Duration::from_secs(2)),
+            "{path}: closed after a 400"
+        );
+    }
+    assert_eq!(up.hits(), 0, "nothing reached the upstream");
+    assert_eq!(get(gw.addr, "/public/page").status, 200);
+}

@@ -397,7 +397,38 @@ pub fn parse_request(
             out.path_query = Span::of(buf, pq);
         }
     }
+    if let Some(why) = ambiguous_path(out.path.get(buf)) {
+        return Err(ParseError::Bad(why));
+    }
     Ok(Some(len))
+}
+
+/// Paths that name the same resource as another spelling would let a request reach a route
+/// other than the one its upstream serves (an auth bypass: `/public/../admin`,
+/// `/%61dmin`). Routes match raw bytes, so such paths are refused rather than normalised:
+/// dot segments, and percent-encoded unreserved characters (RFC 3986 §2.3, which no
+/// client needs to encode). `%2F` is left alone: it is data in some APIs.
+pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
+    // Most paths have neither byte: one vectorised scan and done.
+    for i in memchr::memchr2_iter(b'.', b'%', path) {
+        if path[i] == b'.' {
+            let starts_segment = i == 0 || path[i - 1] == b'/';
+            let rest = &path[i + 1..];
+            let rest = rest.strip_prefix(b".").unwrap_or(rest);
+            if starts_segment && (rest.is_empty() || rest[0] == b'/') {
+                return Some("dot segments in the path");
+            }
+        } else {
+            let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+            if let (Some(h), Some(l)) = (hex(path.get(i + 1)), hex(path.get(i + 2))) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    return Some("percent-encoded unreserved character in the path");
+                }
+            }
+        }
+    }
+    None
 }
 
 fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
@@ -452,6 +483,37 @@ fn map_httparse(e: httparse::Error, buf: &[u8], limits: &Limits) -> ParseError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        use super::ambiguous_path as a;
+        for ok in [
+            &b"/"[..],
+            b"/a/b",
+            b"/a.b/c..d/.e/f.",
+            b"/a%2Fb",
+            b"/a%20b",
+            b"/%",
+            b"/%zz",
+            b"",
+            b"*",
+        ] {
+            assert_eq!(a(ok), None, "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b"/."[..],
+            b"/..",
+            b"/a/../admin",
+            b"/a/./b",
+            b"/a/..",
+            b"/%61dmin",
+            b"/a%2e%2e/b",
+            b"/%7Euser",
+            b"/x%2D",
+        ] {
+            assert!(a(bad).is_some(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
     use super::*;
 
     fn parse(raw: &[u8]) -> Result<Option<(usize, RequestHead)>, ParseError> {
