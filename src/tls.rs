@@ -466,13 +466,7 @@ pub fn client_config(t: &UpstreamTlsConfig, at: &str) -> Result<Arc<ClientConfig
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider.clone())))
     } else {
-        let store = match &t.ca {
-            Some(path) => roots(path, &format!("{at}.ca"))?,
-            None => RootCertStore {
-                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-            },
-        };
-        builder.with_root_certificates(store)
+        builder.with_root_certificates(verify_roots(t.ca.as_deref(), &format!("{at}.ca"))?)
     };
     let mut cfg = match (&t.client_cert, &t.client_key) {
         (None, None) => builder.with_no_client_auth(),
@@ -508,6 +502,34 @@ pub fn client_config(t: &UpstreamTlsConfig, at: &str) -> Result<Arc<ClientConfig
         ServerName::try_from(sni.clone())
             .map_err(|_| conf_err(format!("{at}.sni"), format!("{sni:?} is not a DNS name")))?;
     }
+    Ok(Arc::new(cfg))
+}
+
+/// The trust anchors of a verifying client: the CA bundle at `ca` (key path `key`), else the
+/// webpki roots (Mozilla's list, compiled in).
+fn verify_roots(ca: Option<&str>, key: &str) -> Result<RootCertStore, TlsConfigError> {
+    match ca {
+        Some(path) => roots(path, key),
+        None => Ok(RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        }),
+    }
+}
+
+/// The client config of the gateway's own https calls (JWKS URLs, token introspection):
+/// server certificates verified against `ca` (key path `key`) or the webpki roots, no client
+/// certificate, HTTP/1.1. Built once per provider and shared by every call, so sessions are
+/// resumed across calls.
+pub fn https_client_config(
+    ca: Option<&str>,
+    key: &str,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| conf_err(key.to_string(), e.to_string()))?
+        .with_root_certificates(verify_roots(ca, key)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(Arc::new(cfg))
 }
 

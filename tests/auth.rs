@@ -13,6 +13,7 @@ use std::time::Duration;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use ringway::auth::apikey::key_hash_hex;
 use ringway::config::DriverChoice;
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::{json, Value};
 use support::*;
 
@@ -490,34 +491,79 @@ fn config_errors_name_the_key() {
 // ---------------------------------------------------------------------------------------------
 // Loopback servers: a JWKS key server and an introspection endpoint.
 
+/// The certificate a TLS loopback server presents, swappable while it runs: the config and
+/// the file stem it was made from.
+type CertSlot = Arc<Mutex<(Arc<ServerConfig>, &'static str)>>;
+
+fn cert_slot(stem: &'static str) -> CertSlot {
+    Arc::new(Mutex::new((pki::server_config(stem), stem)))
+}
+
+/// A byte stream the loopback server talks over: TCP, or TLS over TCP.
+trait Io: Read + Write {}
+impl<T: Read + Write> Io for T {}
+
 /// A tiny HTTP server answering every request with `answer(request bytes)`, one connection at a
-/// time, counting requests. Stops when dropped.
+/// time, counting connections and requests. Over TLS when given a certificate; `split` sends
+/// each answer's head and body apart (a pause between), so the client reads it in pieces.
+/// Stops when dropped.
 struct Loopback {
     addr: SocketAddr,
-    hits: Arc<AtomicUsize>,
+    conns: Arc<AtomicUsize>,
+    /// Per request read: the certificate its connection presented ("plain" without TLS).
+    served: Arc<Mutex<Vec<&'static str>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Loopback {
     fn start(answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static) -> Loopback {
+        Loopback::serve(None, false, answer)
+    }
+
+    fn start_tls(
+        cert: CertSlot,
+        split: bool,
+        answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static,
+    ) -> Loopback {
+        Loopback::serve(Some(cert), split, answer)
+    }
+
+    fn serve(
+        cert: Option<CertSlot>,
+        split: bool,
+        answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static,
+    ) -> Loopback {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (h, st) = (hits.clone(), stop.clone());
+        let (c, sv, st) = (conns.clone(), served.clone(), stop.clone());
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(120);
             while !st.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
-                let Ok((mut s, _)) = l.accept() else {
+                let Ok((tcp, _)) = l.accept() else {
                     std::thread::sleep(Duration::from_millis(2));
                     continue;
                 };
-                let _ = s.set_nonblocking(false);
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                // Counted before the certificate is picked: a connection counted after a swap
+                // presents the new certificate.
+                c.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp.set_nonblocking(false);
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+                let (mut s, label): (Box<dyn Io>, &'static str) = match &cert {
+                    None => (Box::new(tcp), "plain"),
+                    Some(slot) => {
+                        let (cfg, stem) = slot.lock().unwrap().clone();
+                        let conn = ServerConnection::new(cfg).unwrap();
+                        (Box::new(StreamOwned::new(conn, tcp)), stem)
+                    }
+                };
                 let mut buf = Vec::new();
                 let mut tmp = [0u8; 4096];
-                // Head, then a Content-Length body if any.
+                // Head, then a Content-Length body if any. Over TLS the handshake runs in the
+                // first read; a client refusing the certificate ends it with an error.
                 let req = loop {
                     match s.read(&mut tmp) {
                         Ok(0) | Err(_) => break None,
@@ -535,17 +581,40 @@ impl Loopback {
                     }
                 };
                 let Some(req) = req else { continue };
-                h.fetch_add(1, Ordering::SeqCst);
-                if let Some(resp) = answer(&req) {
-                    let _ = s.write_all(&resp);
+                sv.lock().unwrap().push(label);
+                let Some(resp) = answer(&req) else { continue };
+                let body_at = resp
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(resp.len(), |p| p + 4);
+                if split && body_at < resp.len() {
+                    let _ = s.write_all(&resp[..body_at]).and_then(|_| s.flush());
+                    std::thread::sleep(Duration::from_millis(50));
+                    let _ = s.write_all(&resp[body_at..]).and_then(|_| s.flush());
+                } else {
+                    let _ = s.write_all(&resp).and_then(|_| s.flush());
                 }
             }
         });
-        Loopback { addr, hits, stop }
+        Loopback {
+            addr,
+            conns,
+            served,
+            stop,
+        }
     }
 
     fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
+        self.served.lock().unwrap().len()
+    }
+
+    fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+
+    /// Whether a request was read over a connection presenting certificate `stem`.
+    fn served_with(&self, stem: &str) -> bool {
+        self.served.lock().unwrap().contains(&stem)
     }
 }
 
@@ -898,4 +967,212 @@ fn ambiguous_paths_cannot_slip_past_an_auth_route() {
     }
     assert_eq!(up.hits(), 0, "nothing reached the upstream");
     assert_eq!(get(gw.addr, "/public/page").status, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// https key servers and introspection endpoints (certificates from `support::pki`).
+
+/// A gateway whose JWT provider fetches `https://{keys}/jwks`, verified against `ca`; `/open`
+/// needs no credentials.
+fn https_jwks_gateway(up: SocketAddr, keys: SocketAddr, ca: &str) -> String {
+    config(
+        &[up],
+        &format!(
+            r#"
+[auth.jwt.idp]
+jwks_url = "https://{keys}/jwks"
+ca = "{ca}"
+jwks_min_refresh_interval = "100ms"
+
+[[routes]]
+path_prefix = "/open"
+upstream = "up"
+
+[[routes]]
+upstream = "up"
+auth = "idp"
+"#
+        ),
+    )
+}
+
+#[test]
+fn jwks_url_over_https_verifies_the_key_server_certificate() {
+    let jwk1 = std::fs::read_to_string(data("rsa_jwk.json")).unwrap();
+    let set = format!("{{\"keys\": [{jwk1}]}}");
+    let answer = move |_: &[u8]| Some(json_response(200, &set, "cache-control: max-age=3600\r\n"));
+    let up = Upstream::echo();
+    let t1 = rs(&alice(), "rsa_private.pem", "rsa");
+
+    // The right CA: the set is fetched over TLS and its key verifies tokens.
+    let cert = cert_slot("loopback");
+    let keys = Loopback::start_tls(cert.clone(), false, answer.clone());
+    let gw = TestGateway::start(
+        &https_jwks_gateway(up.addr, keys.addr, &pki::pki().path("ca.pem")),
+        DriverChoice::Auto,
+    );
+    let status = |addr: SocketAddr, t: &str| get_with(addr, "/", &bearer(t)).status;
+    assert!(eventually(Duration::from_secs(10), || status(gw.addr, &t1) == 200));
+    assert!(keys.served_with("loopback"));
+
+    // The key server now presents a certificate of another CA. An unknown kid asks for
+    // refreshes; each fails at the handshake and the last good keys stay in service.
+    *cert.lock().unwrap() = (pki::server_config("loopback-other"), "loopback-other");
+    let before = keys.conns();
+    let unknown = rs(&alice(), "rsa_private.pem", "rsa3");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            assert_eq!(status(gw.addr, &unknown), 401);
+            // Fetches run one after another: a second connection means the first ended.
+            keys.conns() >= before + 2
+        }),
+        "no refresh was attempted"
+    );
+    assert!(
+        !keys.served_with("loopback-other"),
+        "a request went over a certificate the CA does not vouch for"
+    );
+    let fresh = rs(
+        &with(alice(), "sub", json!("bob")),
+        "rsa_private.pem",
+        "rsa",
+    );
+    assert_eq!(status(gw.addr, &fresh), 200, "the last good keys are kept");
+    drop(gw);
+
+    // The wrong CA from the start: no key set ever, tokens are refused, the gateway serves on.
+    let keys = Loopback::start_tls(cert_slot("loopback"), false, answer);
+    let wrong = pki::pki().path("other-ca.pem");
+    let gw = TestGateway::start(
+        &https_jwks_gateway(up.addr, keys.addr, &wrong),
+        DriverChoice::Auto,
+    );
+    assert!(eventually(Duration::from_secs(10), || keys.conns() >= 2));
+    let r = get_with(gw.addr, "/", &bearer(&t1));
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["message"], "the token's key is not known");
+    assert_eq!(
+        keys.hits(),
+        0,
+        "no request went over an unverified connection"
+    );
+    assert_eq!(get(gw.addr, "/open").status, 200);
+    assert_eq!(status(gw.addr, &t1), 401);
+}
+
+#[test]
+fn introspection_over_https_verifies_the_endpoint_certificate() {
+    for d in DRIVERS {
+        let exp = now() + 600;
+        // Answers arrive in two TLS records, head then body, read in two pieces.
+        let idp = Loopback::start_tls(cert_slot("loopback"), true, move |req| {
+            let text = String::from_utf8_lossy(req).to_string();
+            let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+            let answer = if body.starts_with("token=opaque-good&") {
+                json!({"active": true, "sub": "svc-1", "scope": "read", "exp": exp})
+            } else {
+                json!({"active": false})
+            };
+            Some(json_response(200, &answer.to_string(), ""))
+        });
+        let up = Upstream::echo();
+        let gateway = |ca: &str| {
+            config(
+                &[up.addr],
+                &format!(
+                    r#"
+[auth.introspection.idp]
+url = "https://{}/introspect"
+ca = "{ca}"
+client_id = "gateway"
+client_secret = "s3cret"
+forward_claims = {{ sub = "x-user-id" }}
+
+[[routes]]
+upstream = "up"
+auth = "idp"
+"#,
+                    idp.addr
+                ),
+            )
+        };
+        let gw = TestGateway::start(&gateway(&pki::pki().path("ca.pem")), d);
+        let r = get_with(gw.addr, "/", &bearer("opaque-good"));
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        assert_eq!(up.last().header("x-user-id"), Some("svc-1"));
+        let r = get_with(gw.addr, "/", &bearer("opaque-revoked"));
+        assert_eq!(r.status, 401, "{d:?}");
+        assert_eq!(r.json()["message"], "the token is not active");
+        assert_eq!(idp.hits(), 2, "{d:?}");
+        assert!(idp.served_with("loopback"));
+        drop(gw);
+
+        // The wrong CA: the handshake fails, which is the 503 of an unreachable endpoint.
+        let gw = TestGateway::start(&gateway(&pki::pki().path("other-ca.pem")), d);
+        let conns = idp.conns();
+        let r = get_with(gw.addr, "/", &bearer("opaque-good"));
+        assert_eq!(r.status, 503, "{d:?}: {}", r.text());
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.json()["error"], "auth_unavailable");
+        assert!(idp.conns() > conns, "{d:?}: no TLS connection was tried");
+        assert_eq!(
+            idp.hits(),
+            2,
+            "{d:?}: the token went over an unverified connection"
+        );
+        assert_eq!(up.hits(), 1, "{d:?}");
+    }
+}
+
+#[test]
+fn https_ca_files_are_checked_at_load() {
+    let parse = |extra: &str| {
+        ringway::config::Config::parse(
+            &config(&["127.0.0.1:9".parse().unwrap()], extra),
+            "auth.toml",
+        )
+    };
+    let p = pki::pki();
+    let e = parse(
+        "[auth.jwt.a]\njwks_url = \"https://127.0.0.1:9/jwks\"\nca = \"/nonexistent/ca.pem\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(
+        (e.file.as_str(), e.key.as_str()),
+        ("auth.toml", "auth.jwt.a.ca")
+    );
+    assert!(
+        e.reason.contains("/nonexistent/ca.pem") && e.reason.contains("cannot read"),
+        "{e}"
+    );
+    assert!(e.line.is_some(), "{e}");
+    // A key file is no CA bundle.
+    let intro = |url: &str, ca: &str| {
+        format!("[auth.introspection.i]\nurl = \"{url}\"\nca = \"{ca}\"\nclient_id = \"g\"\nclient_secret = \"s3cret\"\n")
+    };
+    let e = parse(&intro("https://127.0.0.1:9/i", &p.path("loopback.key"))).unwrap_err();
+    assert_eq!(e.key, "auth.introspection.i.ca");
+    assert!(
+        e.reason.contains("loopback.key") && e.reason.contains("no CERTIFICATE"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("s3cret"), "{e}");
+    // A CA for a plain-HTTP URL or a provider without a URL would be ignored: refused.
+    let e = parse(&intro("http://127.0.0.1:9/i", &p.path("ca.pem"))).unwrap_err();
+    assert_eq!(e.key, "auth.introspection.i.ca");
+    assert!(e.reason.contains("https://"), "{e}");
+    let e = parse(&format!(
+        "[auth.jwt.a]\nsecret = \"{SECRET}\"\nca = \"{}\"\n",
+        p.path("ca.pem")
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "auth.jwt.a.ca");
+    // Without `ca`, https URLs are verified against the webpki roots.
+    parse("[auth.jwt.a]\njwks_url = \"https://127.0.0.1:9/jwks\"\n").unwrap();
+    parse(&format!(
+        "{}\n[auth.jwt.b]\njwks_url = \"https://127.0.0.1:9/jwks\"\nca = \"{}\"\n",
+        intro("https://127.0.0.1:9/i", &p.path("ca.pem")),
+        p.path("ca.pem")
+    ))
+    .unwrap();
 }

@@ -1,128 +1,27 @@
 //! TLS over real sockets with real handshakes: termination, SNI, versions, resumption, mTLS,
 //! TLS to upstreams, the https redirect, and config refusals. Certificates are made at test
-//! time with rcgen; the client side is a synchronous rustls client over std's TcpStream.
+//! time with rcgen (`support::pki`); the client side is a synchronous rustls client over std's TcpStream.
 //! Socket scenarios run on both monoio drivers.
 
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, ProtocolVersion,
-    RootCertStore, ServerConfig, ServerConnection, StreamOwned,
+    ServerConfig, ServerConnection, StreamOwned,
 };
 
 use ringway::config::Config;
+use support::pki::*;
 use support::*;
-
-// ---------------------------------------------------------------------------------------------
-// Certificates, made once per test binary.
-
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.dir.join(name)).expect("fixture written")
-    }
-}
-
-fn issue(
-    dir: &std::path::Path,
-    name: &str,
-    sans: &[&str],
-    cn: &str,
-    eku: ExtendedKeyUsagePurpose,
-    issuer: &Issuer<'_, KeyPair>,
-) {
-    let key = KeyPair::generate().expect("key");
-    let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .expect("params");
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.distinguished_name
-        .push(DnType::OrganizationName, "Ringway Tests");
-    p.extended_key_usages = vec![eku];
-    let cert = p.signed_by(&key, issuer).expect("signed");
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-}
-
-fn make_ca(dir: &std::path::Path, name: &str) -> Issuer<'static, KeyPair> {
-    let key = KeyPair::generate().expect("key");
-    let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name
-        .push(DnType::CommonName, format!("{name} test CA"));
-    let cert = p.self_signed(&key).expect("self-signed");
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    Issuer::new(p, key)
-}
-
-fn pki() -> &'static Pki {
-    static PKI: OnceLock<Pki> = OnceLock::new();
-    PKI.get_or_init(|| {
-        // Under target/tmp, made afresh by each run of this binary.
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tls-pki");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = make_ca(&dir, "ca");
-        let other = make_ca(&dir, "other-ca");
-        let server = ExtendedKeyUsagePurpose::ServerAuth;
-        let client = ExtendedKeyUsagePurpose::ClientAuth;
-        issue(&dir, "a", &["a.test"], "a.test", server.clone(), &ca);
-        issue(&dir, "wild", &["*.wild.test"], "wild", server.clone(), &ca);
-        issue(&dir, "up", &["up.test"], "up.test", server.clone(), &ca);
-        issue(&dir, "client", &[], "client one", client.clone(), &ca);
-        issue(&dir, "stranger", &[], "stranger", client, &other);
-        issue(&dir, "up-other", &["up.test"], "up.test", server, &other);
-        // The chain files the gateway is given: leaf then CA.
-        for n in ["a", "wild"] {
-            let mut chain = std::fs::read(dir.join(format!("{n}.pem"))).unwrap();
-            chain.extend(std::fs::read(dir.join("ca.pem")).unwrap());
-            std::fs::write(dir.join(format!("{n}-chain.pem")), chain).unwrap();
-        }
-        Pki { dir }
-    })
-}
-
-fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .expect("PEM")
-}
-
-fn key(pem: &[u8]) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::from_pem_slice(pem).expect("key PEM")
-}
-
-fn roots(name: &str) -> RootCertStore {
-    let mut r = RootCertStore::empty();
-    for c in certs(&pki().read(name)) {
-        r.add(c).unwrap();
-    }
-    r
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 // ---------------------------------------------------------------------------------------------
 // A synchronous TLS client.

@@ -115,9 +115,13 @@ pub struct JwtConfig {
     /// A JWK Set file.
     #[serde(default)]
     pub jwks_file: Option<String>,
-    /// A JWK Set fetched in the background over plain HTTP.
+    /// A JWK Set fetched in the background over HTTP or https.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    /// https `jwks_url`: CA bundle (PEM) its certificate is verified against, like an
+    /// upstream's `tls.ca` (default: the webpki roots).
+    #[serde(default)]
+    pub ca: Option<String>,
     /// The algorithm of a `secret` or `public_key_file` key (default HS256 for secrets).
     #[serde(default)]
     pub algorithm: Option<String>,
@@ -219,8 +223,12 @@ fn d_jwks_timeout() -> Dur {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntrospectionConfig {
-    /// `http://host:port/path` (plain HTTP; https needs the TLS client).
+    /// `http[s]://host[:port]/path`.
     pub url: String,
+    /// https `url`: CA bundle (PEM) its certificate is verified against, like an upstream's
+    /// `tls.ca` (default: the webpki roots).
+    #[serde(default)]
+    pub ca: Option<String>,
     pub client_id: String,
     pub client_secret: Secret,
     /// Connect, send and read, all together.
@@ -434,8 +442,8 @@ pub fn validate(
         }
     }
     for (name, i) in &auth.introspection {
-        super::jwks::HttpUrl::parse(&i.url)
-            .map_err(|r| (format!("auth.introspection.{name}.url"), r))?;
+        super::jwks::Endpoint::load(&i.url, i.ca.as_deref(), "url")
+            .map_err(|(k, r)| (format!("auth.introspection.{name}.{k}"), r))?;
         if i.max_concurrent == 0 {
             return Err((
                 format!("auth.introspection.{name}.max_concurrent"),

@@ -1,26 +1,32 @@
 //! OAuth2 token introspection (RFC 7662) from the worker, on monoio.
 //!
 //! For an opaque bearer token the worker POSTs `token=...` to the endpoint with its client
-//! credentials (HTTP Basic, RFC 6749 §2.3.1), over a new plain-HTTP connection, within
-//! `timeout` for the whole exchange. Answers with `active: true` are cached per core (see
+//! credentials (HTTP Basic, RFC 6749 §2.3.1), over a new connection (TLS for https URLs, with
+//! the client config built once at start), within `timeout` for the whole exchange: connect,
+//! handshake, request and answer. Answers with `active: true` are cached per core (see
 //! [`super::WorkerAuth`]) until the token's `exp` or the configured maximum.
 //!
 //! Each worker runs at most `max_concurrent` calls at once. A request over that bound is not
 //! queued: it is answered 503 with `Retry-After: 1` at once, so a slow endpoint cannot pile up
 //! waiting requests. A failed or timed-out call is also a 503 (the gateway cannot tell), never a
-//! 401, and is not cached.
+//! 401, and is not cached; a failed TLS handshake (a certificate that does not verify) is such a
+//! failure, logged at debug level.
 
 use std::cell::Cell;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use monoio_rustls::TlsConnector;
+use rustls::pki_types::ServerName;
 use serde_json::{Map, Value};
 
 use super::config::IntrospectionConfig;
-use super::jwks::{parse_response, HttpUrl};
+use super::jwks::{parse_response, Endpoint, HttpUrl};
 use super::AuthFail;
+use crate::debug;
 
 /// A checked answer.
 pub struct Answer {
@@ -31,6 +37,8 @@ pub struct Answer {
 /// One introspection endpoint as a worker uses it.
 pub struct Provider {
     url: HttpUrl,
+    /// https: the connector (the shared client config) and the name to verify.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     /// `authorization: Basic ...` line (holds the client secret: never logged).
     basic: String,
     timeout: Duration,
@@ -64,7 +72,11 @@ pub fn form_encode(s: &str) -> String {
 }
 
 impl Provider {
-    pub fn new(cfg: &IntrospectionConfig, forward: Vec<(String, Box<[u8]>)>) -> Provider {
+    pub fn new(
+        cfg: &IntrospectionConfig,
+        ep: &Endpoint,
+        forward: Vec<(String, Box<[u8]>)>,
+    ) -> Provider {
         use base64::Engine;
         let cred = format!(
             "{}:{}",
@@ -72,7 +84,11 @@ impl Provider {
             form_encode(&cfg.client_secret.0)
         );
         Provider {
-            url: HttpUrl::parse(&cfg.url).expect("validated at load"),
+            url: ep.url.clone(),
+            tls: ep
+                .tls
+                .as_ref()
+                .map(|(c, name)| (TlsConnector::from(c.clone()), name.clone())),
             basic: format!(
                 "authorization: Basic {}\r\n",
                 base64::engine::general_purpose::STANDARD.encode(cred)
@@ -118,29 +134,49 @@ impl Provider {
             form.len(),
             self.basic
         );
-        let mut s = TcpStream::connect_addr(self.url.addr).await.ok()?;
-        let _ = s.set_nodelay(true);
-        let (r, _) = s.write_all(head.into_bytes()).await;
-        r.ok()?;
-        let mut buf = BytesMut::with_capacity(4096);
-        loop {
-            if buf.len() > super::jwks::MAX_JWKS_BYTES {
-                return None;
-            }
-            buf.reserve(4096);
-            let (r, b) = s.read(buf).await;
-            buf = b;
-            let eof = match r {
-                Ok(0) => true,
-                Ok(_) => false,
-                Err(_) => return None,
-            };
-            match parse_response(&buf, eof) {
-                Ok(Some(f)) if f.status == 200 => return Some(f.body),
-                Ok(Some(_)) | Err(_) => return None,
-                Ok(None) if eof => return None,
-                Ok(None) => {}
-            }
+        let tcp = TcpStream::connect_addr(self.url.addr).await.ok()?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => talk(tcp, head.into_bytes()).await,
+            Some((connector, name)) => match connector.connect(name.clone(), tcp).await {
+                Ok(s) => talk(s, head.into_bytes()).await,
+                Err(e) => {
+                    debug!(
+                        "introspection: TLS handshake with {} failed: {e}",
+                        self.url.host
+                    );
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// Sends `req` and reads the answer until it is complete; the 200 answer's body.
+async fn talk<S: AsyncReadRent + AsyncWriteRent>(mut s: S, req: Vec<u8>) -> Option<Vec<u8>> {
+    let (r, _) = s.write_all(req).await;
+    r.ok()?;
+    s.flush().await.ok()?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if buf.len() > super::jwks::MAX_JWKS_BYTES {
+            return None;
+        }
+        buf.reserve(4096);
+        // Read after what is already there (a plain `read(buf)` fills from the start).
+        let (len, cap) = (buf.len(), buf.capacity());
+        let (r, slice) = s.read(buf.slice_mut(len..cap)).await;
+        buf = slice.into_inner();
+        let eof = match r {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(_) => return None,
+        };
+        match parse_response(&buf, eof) {
+            Ok(Some(f)) if f.status == 200 => return Some(f.body),
+            Ok(Some(_)) | Err(_) => return None,
+            Ok(None) if eof => return None,
+            Ok(None) => {}
         }
     }
 }

@@ -4,15 +4,16 @@
 //! Workers read the version (one atomic load) every 50 ms and take the set only when it
 //! changed; the request path reads the worker's own copy.
 //!
-//! One thread per JWKS URL fetches the set over plain HTTP/1.1 with `std::net::TcpStream`:
+//! One thread per JWKS URL fetches the set over HTTP/1.1 with `std::net::TcpStream`, inside a
+//! blocking rustls session for https URLs (the client config is built once, at start):
 //! - next fetch after `Cache-Control: max-age`, clamped to [`jwks_min_ttl`, `jwks_max_ttl`];
 //! - a worker meeting an unknown `kid` asks for a refresh, honoured at most once per
 //!   `jwks_min_refresh_interval`;
 //! - keys that disappear from the set stay accepted for `jwks_grace` (tokens signed just
 //!   before a rotation keep working);
-//! - a failed fetch keeps the last good keys and is retried after `jwks_min_refresh_interval`.
-//!
-//! https URLs need a TLS client and are refused at load for now.
+//! - a failed fetch (a certificate that does not verify included) keeps the last good keys and
+//!   is retried after `jwks_min_refresh_interval`; it is logged once, and again only when the
+//!   reason changes.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -20,6 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use super::config::JwtConfig;
 use super::jwt::{self, KeySet};
@@ -35,8 +39,8 @@ pub struct KeySource {
     current: Mutex<Arc<KeySet>>,
     version: AtomicU64,
     refresh: AtomicBool,
-    /// Set for JWKS URL providers.
-    url: Option<JwtConfig>,
+    /// Set for JWKS URL providers: the provider's settings and where to fetch.
+    url: Option<(JwtConfig, Endpoint)>,
 }
 
 impl KeySource {
@@ -49,12 +53,13 @@ impl KeySource {
         }
     }
 
-    pub fn empty(url: Option<JwtConfig>) -> KeySource {
+    /// A JWKS URL provider's source: empty until its fetcher publishes a set.
+    pub fn fetched(cfg: JwtConfig, endpoint: Endpoint) -> KeySource {
         KeySource {
             current: Mutex::new(Arc::new(KeySet::default())),
             version: AtomicU64::new(0),
             refresh: AtomicBool::new(false),
-            url,
+            url: Some((cfg, endpoint)),
         }
     }
 
@@ -82,28 +87,33 @@ impl KeySource {
     }
 }
 
-/// `http://host[:port]/path`, resolved when the config loads.
+/// `http[s]://host[:port]/path`, resolved when the config loads.
 #[derive(Clone, Debug)]
 pub struct HttpUrl {
+    /// The authority as written (the `Host` header).
     pub host: String,
     pub addr: SocketAddr,
     pub path: String,
+    /// `https://`: the name the server's certificate is verified against (the URL's host,
+    /// also sent as SNI when it is a DNS name).
+    pub https: Option<ServerName<'static>>,
 }
 
 impl HttpUrl {
     pub fn parse(url: &str) -> Result<HttpUrl, String> {
-        if url.starts_with("https://") {
-            return Err("https URLs need the TLS client (not in this build); use http:// on a trusted network or a jwks_file".into());
-        }
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("{url:?} is not an http:// URL"))?;
+        let (rest, https, default_port) = if let Some(r) = url.strip_prefix("https://") {
+            (r, true, 443)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (r, false, 80)
+        } else {
+            return Err(format!("{url:?} is not an http:// or https:// URL"));
+        };
         let (authority, path) = match rest.find('/') {
             Some(p) => (&rest[..p], &rest[p..]),
             None => (rest, "/"),
         };
         if authority.is_empty() || authority.contains('@') {
-            return Err(format!("{url:?}: expected http://host[:port]/path"));
+            return Err(format!("{url:?}: expected http[s]://host[:port]/path"));
         }
         if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(format!(
@@ -116,7 +126,14 @@ impl HttpUrl {
         {
             authority.to_string()
         } else {
-            format!("{authority}:80")
+            format!("{authority}:{default_port}")
+        };
+        let https = if https {
+            Some(crate::tls::endpoint_name(None, &with_port).ok_or_else(|| {
+                format!("{url:?}: the host is not a TLS server name (DNS name or IP)")
+            })?)
+        } else {
+            None
         };
         let addr = with_port
             .to_socket_addrs()
@@ -127,7 +144,37 @@ impl HttpUrl {
             host: authority.to_string(),
             addr,
             path: path.to_string(),
+            https,
         })
+    }
+}
+
+/// An endpoint the gateway calls itself (a JWKS URL, an introspection endpoint): its URL and,
+/// for https, the client config and the name to verify. Built once (at load to check it, at
+/// start to use it) and shared by every call.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub url: HttpUrl,
+    pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+}
+
+impl Endpoint {
+    /// Parses `url` and, for https, builds its client config: verified against the CA bundle
+    /// `ca`, else the webpki roots. Errors: (key, reason), the key being `url_key` or `ca`.
+    pub fn load(url: &str, ca: Option<&str>, url_key: &str) -> Result<Endpoint, (String, String)> {
+        let url = HttpUrl::parse(url).map_err(|r| (url_key.to_string(), r))?;
+        let tls = match &url.https {
+            Some(name) => {
+                let cfg =
+                    crate::tls::https_client_config(ca, "ca").map_err(|e| (e.key, e.reason))?;
+                Some((cfg, name.clone()))
+            }
+            None if ca.is_some() => {
+                return Err(("ca".into(), format!("only used with an https:// {url_key}")))
+            }
+            None => None,
+        };
+        Ok(Endpoint { url, tls })
     }
 }
 
@@ -138,17 +185,88 @@ pub struct Fetched {
     pub max_age: Option<u64>,
 }
 
-/// One blocking HTTP/1.1 request (`Connection: close`). `body`: a form body for a POST.
+/// A blocking connection: plain, or a rustls session over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Time left before `deadline`, or the error once it passed.
+fn left(deadline: Instant) -> Result<Duration, String> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err("timed out".into())
+    } else {
+        Ok(left)
+    }
+}
+
+/// Connects, and for https completes the handshake (the certificate verified), before
+/// `deadline`.
+fn connect(ep: &Endpoint, deadline: Instant) -> Result<Conn, String> {
+    let mut tcp = TcpStream::connect_timeout(&ep.url.addr, left(deadline)?)
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let Some((cfg, name)) = &ep.tls else {
+        return Ok(Conn::Plain(tcp));
+    };
+    let mut tls =
+        ClientConnection::new(cfg.clone(), name.clone()).map_err(|e| format!("TLS: {e}"))?;
+    while tls.is_handshaking() {
+        let t = Some(left(deadline)?);
+        tcp.set_read_timeout(t).map_err(|e| e.to_string())?;
+        tcp.set_write_timeout(t).map_err(|e| e.to_string())?;
+        tls.complete_io(&mut tcp)
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+    }
+    Ok(Conn::Tls(Box::new(StreamOwned::new(tls, tcp))))
+}
+
+/// One blocking HTTP/1.1 request (`Connection: close`) within `timeout` in all. `body`: a form
+/// body for a POST.
 pub fn http_request(
-    url: &HttpUrl,
+    ep: &Endpoint,
     timeout: Duration,
     extra: &str,
     body: Option<&[u8]>,
 ) -> Result<Fetched, String> {
     let deadline = Instant::now() + timeout;
-    let mut s =
-        TcpStream::connect_timeout(&url.addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    let _ = s.set_nodelay(true);
+    let url = &ep.url;
+    let mut s = connect(ep, deadline)?;
     let mut req = match body {
         None => format!("GET {} HTTP/1.1\r\nhost: {}\r\naccept: application/json\r\n", url.path, url.host),
         Some(b) => format!(
@@ -162,17 +280,18 @@ pub fn http_request(
     if let Some(b) = body {
         bytes.extend_from_slice(b);
     }
-    s.set_write_timeout(Some(timeout))
+    s.tcp()
+        .set_write_timeout(Some(left(deadline)?))
         .map_err(|e| e.to_string())?;
-    s.write_all(&bytes).map_err(|e| format!("send: {e}"))?;
+    s.write_all(&bytes)
+        .and_then(|_| s.flush())
+        .map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
     let mut tmp = [0u8; 16 * 1024];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err("timed out".into());
-        }
-        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        s.tcp()
+            .set_read_timeout(Some(left(deadline)?))
+            .map_err(|e| e.to_string())?;
         match s.read(&mut tmp) {
             Ok(0) => break,
             Ok(n) => {
@@ -184,6 +303,8 @@ pub fn http_request(
                     return Ok(f);
                 }
             }
+            // Over TLS, a close without close_notify is an error here: a body that ends at
+            // the close could have been cut short.
             Err(e) => return Err(format!("read: {e}")),
         }
     }
@@ -295,13 +416,15 @@ pub fn spawn_fetchers(
 ) -> Vec<JoinHandle<()>> {
     let mut threads = Vec::new();
     for (name, src) in names.into_iter().zip(sources) {
-        let Some(cfg) = src.url.clone() else { continue };
+        let Some((cfg, endpoint)) = src.url.clone() else {
+            continue;
+        };
         let src = src.clone();
         let stop = stop.clone();
         let label = name.clone();
         let t = std::thread::Builder::new()
             .name(format!("ringway-jwks-{name}"))
-            .spawn(move || fetch_loop(&name, &cfg, &src, &stop));
+            .spawn(move || fetch_loop(&name, &cfg, &endpoint, &src, &stop));
         match t {
             Ok(t) => threads.push(t),
             Err(e) => warn!("cannot start the JWKS fetcher of {label}: {e}"),
@@ -310,18 +433,13 @@ pub fn spawn_fetchers(
     threads
 }
 
-fn fetch_loop(name: &str, cfg: &JwtConfig, src: &KeySource, stop: &AtomicBool) {
-    let url = match HttpUrl::parse(cfg.jwks_url.as_deref().unwrap_or("")) {
-        Ok(u) => u,
-        Err(e) => {
-            warn!("auth.jwt.{name}.jwks_url: {e}");
-            return;
-        }
-    };
+fn fetch_loop(name: &str, cfg: &JwtConfig, ep: &Endpoint, src: &KeySource, stop: &AtomicBool) {
     let allowed = jwt::allowed_algs(cfg);
     let mut fresh: Vec<jwt::JwtKey> = Vec::new();
     let mut retired: Vec<Retired> = Vec::new();
     let mut last_fetch: Option<Instant> = None;
+    // The reason of the last failure logged, while fetches keep failing.
+    let mut failing: Option<String> = None;
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -331,7 +449,7 @@ fn fetch_loop(name: &str, cfg: &JwtConfig, src: &KeySource, stop: &AtomicBool) {
         if now >= next || asked {
             src.refresh.store(false, Ordering::Relaxed);
             last_fetch = Some(now);
-            match fetch_set(&url, cfg.jwks_timeout(), &allowed) {
+            match fetch_set(ep, cfg.jwks_timeout(), &allowed) {
                 Ok((set, max_age)) => {
                     let ttl = max_age
                         .map_or(cfg.jwks_max_ttl(), Duration::from_secs)
@@ -353,6 +471,7 @@ fn fetch_loop(name: &str, cfg: &JwtConfig, src: &KeySource, stop: &AtomicBool) {
                             .any(|k| k.kid.is_some() && k.kid == r.key.kid)
                     });
                     fresh = set.keys;
+                    failing = None;
                     info!(
                         "auth.jwt.{name}: {} keys from the JWKS URL ({} in their grace period); next refresh in {}s",
                         fresh.len(),
@@ -362,8 +481,13 @@ fn fetch_loop(name: &str, cfg: &JwtConfig, src: &KeySource, stop: &AtomicBool) {
                     publish(src, &fresh, &mut retired, now);
                 }
                 Err(e) => {
-                    // The last good keys stay in service.
-                    warn!("auth.jwt.{name}: JWKS fetch failed ({e}); keeping the last keys");
+                    // The last good keys stay in service. The reason names no secret (a JWKS
+                    // request carries none); it is logged once per streak of failures.
+                    if failing.as_deref() != Some(e.as_str()) {
+                        warn!("auth.jwt.{name}: JWKS fetch failed ({e}); keeping the last keys, retrying every {}ms",
+                            cfg.jwks_min_refresh_interval().as_millis());
+                        failing = Some(e);
+                    }
                     next = now + cfg.jwks_min_refresh_interval();
                 }
             }
@@ -385,11 +509,11 @@ fn publish(src: &KeySource, fresh: &[jwt::JwtKey], retired: &mut Vec<Retired>, n
 }
 
 fn fetch_set(
-    url: &HttpUrl,
+    ep: &Endpoint,
     timeout: Duration,
     allowed: &[jsonwebtoken::Algorithm],
 ) -> Result<(KeySet, Option<u64>), String> {
-    let f = http_request(url, timeout, "", None)?;
+    let f = http_request(ep, timeout, "", None)?;
     if f.status != 200 {
         return Err(format!("status {}", f.status));
     }
@@ -430,10 +554,48 @@ mod tests {
         let u = HttpUrl::parse("http://127.0.0.1:8080/keys").unwrap();
         assert_eq!((u.addr.port(), u.path.as_str()), (8080, "/keys"));
         assert_eq!(HttpUrl::parse("http://127.0.0.1").unwrap().path, "/");
-        assert!(HttpUrl::parse("https://idp/keys")
-            .unwrap_err()
-            .contains("TLS"));
+        assert!(u.https.is_none());
+        let u = HttpUrl::parse("https://127.0.0.1/keys").unwrap();
+        assert_eq!(u.addr.port(), 443);
+        assert_eq!(
+            u.https,
+            Some(ServerName::try_from("127.0.0.1".to_string()).unwrap())
+        );
+        let u = HttpUrl::parse("https://[::1]:8443/").unwrap();
+        assert_eq!(
+            (u.addr.port(), u.host.as_str(), u.https),
+            (
+                8443,
+                "[::1]:8443",
+                Some(ServerName::try_from("::1".to_string()).unwrap())
+            )
+        );
         assert!(HttpUrl::parse("ftp://x/").is_err());
+        assert!(HttpUrl::parse("https://u@127.0.0.1/").is_err());
         assert!(HttpUrl::parse("http://u:p@127.0.0.1/").is_err());
+    }
+
+    #[test]
+    fn endpoints_build_a_client_config_for_https_only() {
+        let ep = Endpoint::load("https://127.0.0.1:8443/k", None, "jwks_url").unwrap();
+        assert!(ep.tls.is_some(), "https verifies against the webpki roots");
+        assert!(Endpoint::load("http://127.0.0.1/k", None, "url")
+            .unwrap()
+            .tls
+            .is_none());
+        let (k, r) = Endpoint::load("http://127.0.0.1/k", Some("ca.pem"), "url").unwrap_err();
+        assert_eq!(
+            (k.as_str(), r.as_str()),
+            ("ca", "only used with an https:// url")
+        );
+        let (k, r) =
+            Endpoint::load("https://127.0.0.1/k", Some("/nonexistent/ca.pem"), "url").unwrap_err();
+        assert_eq!(k, "ca");
+        assert!(
+            r.contains("/nonexistent/ca.pem") && r.contains("cannot read"),
+            "{r}"
+        );
+        let (k, _) = Endpoint::load("https://", None, "url").unwrap_err();
+        assert_eq!(k, "url");
     }
 }

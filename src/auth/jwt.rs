@@ -141,7 +141,8 @@ pub fn check_config(j: &JwtConfig) -> Result<(), (String, String)> {
         ));
     }
     if let Some(u) = &j.jwks_url {
-        super::jwks::HttpUrl::parse(u).map_err(|e| ("jwks_url".to_string(), e))?;
+        // The URL resolves and an https one's CA bundle loads.
+        super::jwks::Endpoint::load(u, j.ca.as_deref(), "jwks_url")?;
         if j.jwks_max_ttl() < j.jwks_min_ttl() {
             return Err((
                 "jwks_max_ttl".into(),
@@ -159,6 +160,7 @@ pub fn check_config(j: &JwtConfig) -> Result<(), (String, String)> {
             ),
             ("jwks_grace", j.jwks_grace.is_some()),
             ("jwks_timeout", j.jwks_timeout.is_some()),
+            ("ca", j.ca.is_some()),
         ];
         if let Some((k, _)) = url_only.iter().find(|(_, set)| *set) {
             return Err((k.to_string(), "only applies to a jwks_url provider".into()));

@@ -279,18 +279,25 @@ impl Policy {
     }
 }
 
-/// Shared between workers: the published key set of each JWT provider.
+/// Shared between workers: the published key set of each JWT provider, and each
+/// introspection provider's endpoint (with its TLS client config, built once here).
 pub struct AuthShared {
     pub jwt: Vec<Arc<jwks::KeySource>>,
+    /// In `[auth.introspection]` order.
+    pub introspection: Vec<jwks::Endpoint>,
 }
 
 impl AuthShared {
-    /// Loads static key sets and prepares URL sources (fetched by [`jwks::spawn_fetchers`]).
+    /// Loads static key sets, prepares URL sources (fetched by [`jwks::spawn_fetchers`]) and
+    /// the introspection endpoints. The files were checked when the config loaded; an error
+    /// here means they changed since.
     pub fn new(cfg: &Config) -> Result<Arc<AuthShared>, String> {
         let mut jwt = Vec::new();
         for (name, j) in &cfg.auth.jwt {
-            let src = if j.jwks_url.is_some() {
-                jwks::KeySource::empty(Some(j.clone()))
+            let src = if let Some(url) = &j.jwks_url {
+                let ep = jwks::Endpoint::load(url, j.ca.as_deref(), "jwks_url")
+                    .map_err(|(k, r)| format!("auth.jwt.{name}.{k}: {r}"))?;
+                jwks::KeySource::fetched(j.clone(), ep)
             } else {
                 let set =
                     jwt::load_static(j).map_err(|(k, r)| format!("auth.jwt.{name}.{k}: {r}"))?;
@@ -298,7 +305,14 @@ impl AuthShared {
             };
             jwt.push(Arc::new(src));
         }
-        Ok(Arc::new(AuthShared { jwt }))
+        let mut introspection = Vec::new();
+        for (name, i) in &cfg.auth.introspection {
+            introspection.push(
+                jwks::Endpoint::load(&i.url, i.ca.as_deref(), "url")
+                    .map_err(|(k, r)| format!("auth.introspection.{name}.{k}: {r}"))?,
+            );
+        }
+        Ok(Arc::new(AuthShared { jwt, introspection }))
     }
 }
 
@@ -391,7 +405,8 @@ impl WorkerAuth {
         let introspection = a
             .introspection
             .values()
-            .map(|i| introspect::Provider::new(i, forward(&i.forward_claims)))
+            .zip(&shared.introspection)
+            .map(|(i, ep)| introspect::Provider::new(i, ep, forward(&i.forward_claims)))
             .collect();
         WorkerAuth {
             consumer_header: a.consumer_header.0.as_bytes().into(),

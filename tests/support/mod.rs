@@ -2,6 +2,8 @@
 //! scripted behaviour, and a raw HTTP/1.1 client for well-formed and malformed traffic.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
