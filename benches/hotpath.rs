@@ -230,7 +230,6 @@ fn bench_rewrite(c: &mut Criterion) {
         request_id: b"7f3c9a10-2b4e-4c1d-9e8f-0a1b2c3d4e5f",
         via: b"1.1 ringway",
         https: false,
-        strip: &[],
         client_cert: None,
         identity: b"",
     };

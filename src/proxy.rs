@@ -162,8 +162,6 @@ pub struct Worker {
     pub listeners: Vec<ListenerRt>,
     /// TLS handshakes that failed or timed out on this worker.
     pub tls_handshake_failures: Cell<u64>,
-    /// The mTLS subject headers of all listeners: only the gateway sets them.
-    pub identity_headers: Box<[Box<[u8]>]>,
     pub router: Router,
     pub upstreams: Vec<UpstreamGroup>,
     pub limits: Limits,
@@ -215,12 +213,6 @@ impl Worker {
                 .map(|l| ListenerRt::from_config(l, None))
                 .collect(),
             tls_handshake_failures: Cell::new(0),
-            identity_headers: cfg
-                .listeners
-                .iter()
-                .filter_map(|l| l.tls.as_ref()?.client_auth.as_ref())
-                .map(|c| c.subject_header.0.as_bytes().into())
-                .collect(),
             router: Router::new(cfg, seed),
             upstreams: cfg
                 .upstreams
@@ -361,6 +353,11 @@ impl PeerIp {
     fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len as usize]
     }
+}
+
+/// A key's hash in its own domain (`tag`), apart from the address hashes.
+fn tagged_hash(data: &[u8], tag: u64) -> u64 {
+    crate::upstream::balance::mix(hash_bytes(data) ^ tag)
 }
 
 /// "a.test:8080" → "a.test"; "[::1]:80" → "[::1]".
@@ -682,16 +679,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             // Callers the auth stage could not name are counted by address. The domain tags
             // keep a consumer or claim value from sharing a bucket with an address.
             RateKey::Consumer => match self.identity.consumer_name() {
-                Some(name) => crate::upstream::balance::mix(hash_bytes(name.as_bytes()) ^ 0xc0),
+                Some(name) => tagged_hash(name.as_bytes(), 0xc0),
                 None => hash_bytes(self.peer_ip.as_bytes()),
             },
             RateKey::Claim(c) => match self.identity.claim(c) {
-                Some(serde_json::Value::String(s)) => {
-                    crate::upstream::balance::mix(hash_bytes(s.as_bytes()) ^ 0xc1)
-                }
-                Some(v) => {
-                    crate::upstream::balance::mix(hash_bytes(v.to_string().as_bytes()) ^ 0xc1)
-                }
+                Some(serde_json::Value::String(s)) => tagged_hash(s.as_bytes(), 0xc1),
+                Some(v) => tagged_hash(v.to_string().as_bytes(), 0xc1),
                 None => hash_bytes(self.peer_ip.as_bytes()),
             },
         }
@@ -914,7 +907,6 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             request_id: self.id.as_bytes(),
             via: &w.via,
             https: self.info.tls,
-            strip: &w.identity_headers,
             client_cert: w.listeners[self.info.listener]
                 .subject_header
                 .as_deref()
@@ -1436,7 +1428,6 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             request_id: self.id.as_bytes(),
             via: &w.via,
             https: self.info.tls,
-            strip: &[],
             client_cert: None,
             identity: b"",
         };

@@ -25,9 +25,6 @@ pub struct Forwarding<'a> {
     pub via: &'a [u8],
     /// The client connection is TLS: `X-Forwarded-Proto: https`.
     pub https: bool,
-    /// Headers only the gateway may set (the mTLS subject headers of every listener): a
-    /// client's copies are dropped, on every listener.
-    pub strip: &'a [Box<[u8]>],
     /// mTLS: the subject header's name and the verified client certificate's subject.
     pub client_cert: Option<(&'a [u8], &'a [u8])>,
     /// Identity header lines the auth stage adds upstream (forwarded claims, consumer), or
@@ -115,9 +112,6 @@ pub fn encode_upstream_head(
             _ => continue,
         }
         if rules.drops(name) || conn.lists(name) {
-            continue;
-        }
-        if !f.strip.is_empty() && f.strip.iter().any(|s| s.eq_ignore_ascii_case(name)) {
             continue;
         }
         put_header(out, name, req.bytes(h.value));

@@ -422,13 +422,22 @@ impl WorkerAuth {
         }
     }
 
-    /// Header names carrying identity upstream; client-sent copies are removed on every route.
+    /// Header names carrying identity upstream (the consumer, forwarded claims, the mTLS
+    /// subject of every listener): only the gateway sets them, so client-sent copies are
+    /// removed on every route.
     pub fn identity_headers(cfg: &Config) -> Vec<Box<[u8]>> {
-        if cfg.auth.jwt.is_empty() && cfg.auth.introspection.is_empty() && cfg.consumers.is_empty()
-        {
-            return Vec::new();
+        let mut v: Vec<Box<[u8]>> = cfg
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref()?.client_auth.as_ref())
+            .map(|c| c.subject_header.0.as_bytes().into())
+            .collect();
+        let has_auth = !(cfg.auth.jwt.is_empty()
+            && cfg.auth.introspection.is_empty()
+            && cfg.consumers.is_empty());
+        if has_auth {
+            v.push(cfg.auth.consumer_header.0.as_bytes().into());
         }
-        let mut v: Vec<Box<[u8]>> = vec![cfg.auth.consumer_header.0.as_bytes().into()];
         let claims = cfg
             .auth
             .jwt
