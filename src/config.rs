@@ -321,6 +321,9 @@ dur_default!(d_client_write, 60_000);
 dur_default!(d_up_connect, 3_000);
 dur_default!(d_up_response, 30_000);
 dur_default!(d_up_body, 30_000);
+dur_default!(d_up_write, 30_000);
+dur_default!(d_client_body_total, 300_000);
+dur_default!(d_up_body_total, 0);
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -346,6 +349,16 @@ pub struct TimeoutsConfig {
     /// Longest pause between two reads of an upstream response body: the response is cut.
     #[serde(default = "d_up_body")]
     pub upstream_body: Dur,
+    /// Longest wait for the upstream to accept request bytes (head or body): 502/504.
+    #[serde(default = "d_up_write")]
+    pub upstream_write: Dur,
+    /// Deadline for a whole request body, however steadily it trickles in: 408. `0s`: none.
+    #[serde(default = "d_client_body_total")]
+    pub client_body_total: Dur,
+    /// Deadline for a whole upstream response body (the response is cut after it). `0s`
+    /// (the default): none, so long downloads and event streams are not cut.
+    #[serde(default = "d_up_body_total")]
+    pub upstream_body_total: Dur,
 }
 
 impl Default for TimeoutsConfig {
@@ -358,6 +371,9 @@ impl Default for TimeoutsConfig {
             upstream_connect: d_up_connect(),
             upstream_response: d_up_response(),
             upstream_body: d_up_body(),
+            upstream_write: d_up_write(),
+            client_body_total: d_client_body_total(),
+            upstream_body_total: d_up_body_total(),
         }
     }
 }

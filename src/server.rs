@@ -370,11 +370,15 @@ async fn worker_main(
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
-    let mut worker = Worker::new(&cfg, id, shared.hub, shared.buckets, &shared.auth);
-    worker.listeners = shared.listeners;
-    for (g, t) in worker.upstreams.iter_mut().zip(shared.upstream_tls) {
-        g.tls = t;
-    }
+    let worker = Worker::new(
+        &cfg,
+        id,
+        shared.hub,
+        shared.buckets,
+        &shared.auth,
+        shared.listeners,
+        shared.upstream_tls,
+    );
     let w = Rc::new(worker);
     drop(cfg);
     {
@@ -382,7 +386,7 @@ async fn worker_main(
         let w = w.clone();
         monoio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                w.hub.sync(&w.upstreams, Instant::now());
+                w.hub.sync(&w.config().upstreams, Instant::now());
                 w.auth.sync();
                 w.tick_date();
                 monoio::time::sleep(SYNC_INTERVAL).await;
@@ -396,7 +400,7 @@ async fn worker_main(
             loop {
                 monoio::select! {
                     _ = monoio::time::sleep(Duration::from_secs(1)) => {
-                        for g in &w.upstreams {
+                        for g in &w.config().upstreams {
                             g.sweep();
                         }
                     }
@@ -424,13 +428,13 @@ async fn worker_main(
             w.active.get()
         );
     }
-    for g in &w.upstreams {
+    for g in &w.config().upstreams {
         g.clear_idle();
     }
 }
 
 async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize) {
-    let tls = w.listeners[listener].tls.clone();
+    let tls = w.config().listeners[listener].tls.clone();
     loop {
         let accepted = monoio::select! {
             r = l.accept() => r,
@@ -480,7 +484,7 @@ async fn serve_tls(
     listener: usize,
 ) {
     let hs = monoio::select! {
-        r = monoio::time::timeout(w.timeouts.client_head, tls::accept(cfg, stream)) => r,
+        r = monoio::time::timeout(w.config().timeouts.client_head, tls::accept(cfg, stream)) => r,
         _ = w.shutdown.wait() => return,
     };
     match hs {

@@ -167,7 +167,8 @@ impl Default for RequestHead {
             path: Span::default(),
             path_query: Span::default(),
             version: Version::Http11,
-            headers: Vec::with_capacity(32),
+            // Empty: shells are pooled per worker and keep the capacity they grew to.
+            headers: Vec::new(),
             host: None,
             body: BodyKind::None,
             keep_alive: true,

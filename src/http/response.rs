@@ -52,7 +52,8 @@ impl Default for ResponseHead {
             status: 0,
             reason: Span::default(),
             version: Version::Http11,
-            headers: Vec::with_capacity(32),
+            // Empty: shells are pooled per worker and keep the capacity they grew to.
+            headers: Vec::new(),
             body: RespBody::None,
             keep_alive: true,
             connection_options: false,

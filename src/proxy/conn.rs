@@ -1,0 +1,490 @@
+//! One client connection: wait for a request, read its head, run its phases, and end it
+//! through one function ([`Conn::finish`]) that writes any gateway-made answer and decides,
+//! from the request body's state alone, whether the connection goes on.
+//!
+//! The connection owns only its socket, its read buffer (held while bytes are expected) and
+//! what its listener and handshake said. Everything about a request lives in its
+//! [`RequestCtx`].
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use monoio::buf::{IoBuf, IoBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::error::{write_error_response, GatewayError};
+use crate::http::encode::{put_header, put_status_line, put_u64};
+use crate::http::request::{parse_request, Method};
+use crate::rewrite::connection_value;
+use crate::router::DirectResponse;
+use crate::tls;
+
+use super::ctx::RequestCtx;
+use super::phases;
+use super::worker::{Snapshot, Worker};
+
+/// Initial read buffer of a client connection; grows up to the head limit when needed.
+pub const CLIENT_READ_BUF: usize = 4 * 1024;
+/// Largest read while streaming a body.
+pub const BODY_READ_CHUNK: usize = 32 * 1024;
+/// Most request-body bytes read and thrown away after an answer so that the connection can
+/// go on; a longer (or unknown) rest closes it instead.
+pub const DRAIN_MAX: u64 = 64 * 1024;
+/// Longest time spent draining a request body after an answer.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// Closing with client bytes possibly in flight (RFC 9112 §9.6): after our answer and a
+/// half-close, read and discard for at most this long, or this many bytes, before the full
+/// close, so that the client reads its answer instead of a reset.
+pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+pub const LINGER_MAX: usize = 256 * 1024;
+/// Longest wait for a TLS `close_notify` to be written when a connection ends.
+pub const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a connection's listener and TLS handshake tell its requests.
+#[derive(Default)]
+pub struct ConnInfo {
+    /// Index of the listener in config order.
+    pub listener: usize,
+    /// Came over TLS (X-Forwarded-Proto: https).
+    pub tls: bool,
+    /// The subject of the client's verified certificate (mTLS), as a header value.
+    pub client_subject: Option<Box<[u8]>>,
+}
+
+/// A client stream: plain TCP or TLS.
+pub trait ClientIo: AsyncReadRent + AsyncWriteRent {
+    /// Ends the stream politely: TLS sends `close_notify`; plain TCP needs nothing more than
+    /// the close that dropping it does.
+    fn close(&mut self, _limit: Duration) -> impl std::future::Future<Output = ()> {
+        async {}
+    }
+
+    /// Waits until the peer sent something (or closed), without lending a buffer to the
+    /// kernel meanwhile. `false`: the stream failed.
+    fn readable(&mut self) -> impl std::future::Future<Output = bool> {
+        async { true }
+    }
+
+    /// Half-closes the write side, so that a lingering close can read what is in flight.
+    fn half_close(&mut self) -> impl std::future::Future<Output = ()> {
+        async {}
+    }
+}
+
+impl ClientIo for TcpStream {
+    async fn readable(&mut self) -> bool {
+        TcpStream::readable(self, true).await.is_ok()
+    }
+
+    async fn half_close(&mut self) {
+        let _ = AsyncWriteRent::shutdown(self).await;
+    }
+}
+
+impl ClientIo for tls::ServerStream {
+    fn close(&mut self, limit: Duration) -> impl std::future::Future<Output = ()> {
+        tls::close_notify(self, limit)
+    }
+
+    fn half_close(&mut self) -> impl std::future::Future<Output = ()> {
+        tls::close_notify(self, CLOSE_NOTIFY_TIMEOUT)
+    }
+}
+
+/// The client's address as text, formatted once per connection without a heap allocation.
+pub struct PeerIp {
+    /// Long enough for any IPv6 text form (45 bytes).
+    buf: [u8; 48],
+    len: u8,
+    pub ip: std::net::IpAddr,
+}
+
+impl PeerIp {
+    fn new(ip: std::net::IpAddr) -> PeerIp {
+        use std::io::Write;
+        let mut p = PeerIp {
+            buf: [0; 48],
+            len: 0,
+            ip,
+        };
+        let mut cursor = &mut p.buf[..];
+        let _ = write!(cursor, "{ip}");
+        let left = cursor.len();
+        p.len = (48 - left) as u8;
+        p
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len as usize]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// I/O helpers: ownership-passing reads and writes with a timeout.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoFail {
+    Timeout,
+    Eof,
+    Io,
+}
+
+/// Reads at most `max` more bytes, appending to `buf`. On timeout or error the stream is
+/// closed by the caller, so a buffer lost with a cancelled read does not matter.
+pub async fn read_some<R: AsyncReadRent>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    dur: Duration,
+) -> Result<usize, IoFail> {
+    buf.reserve(max);
+    let b = std::mem::take(buf);
+    let len = b.len();
+    let end = len + max.min(b.capacity() - len);
+    match monoio::time::timeout(dur, io.read(b.slice_mut(len..end))).await {
+        Err(_) => Err(IoFail::Timeout),
+        Ok((res, slice)) => {
+            *buf = slice.into_inner();
+            match res {
+                Ok(0) => Err(IoFail::Eof),
+                Ok(n) => Ok(n),
+                Err(_) => Err(IoFail::Io),
+            }
+        }
+    }
+}
+
+pub async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
+    io: &mut W,
+    buf: B,
+    dur: Duration,
+) -> Result<B, IoFail> {
+    match monoio::time::timeout(dur, io.write_all(buf)).await {
+        Err(_) => Err(IoFail::Timeout),
+        Ok((Ok(_), b)) => Ok(b),
+        Ok((Err(_), _)) => Err(IoFail::Io),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A client connection.
+pub struct Conn<S> {
+    pub io: S,
+    /// Bytes read and not yet consumed. Empty with no capacity while the connection idles.
+    pub rbuf: BytesMut,
+    pub peer: PeerIp,
+    pub info: ConnInfo,
+}
+
+#[derive(PartialEq, Eq, Debug, Clone, Copy)]
+pub enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// An answer the gateway makes itself.
+pub enum Answer<'r> {
+    Error(GatewayError),
+    Direct(&'r DirectResponse),
+    /// 308 to https on the same host (checked), path and query; the port to write, if any.
+    Redirect {
+        host_len: usize,
+        port: Option<u16>,
+    },
+}
+
+/// How a request's phases ended.
+pub enum Outcome<'r> {
+    /// A gateway-made answer is to be written ([`Conn::finish`] writes it).
+    Answer(Answer<'r>),
+    /// The response was relayed in full; `keep`: the response let the connection go on.
+    Relayed { keep: bool },
+    /// The connection is unusable (the client went away, a write failed, a response was cut).
+    Abort,
+}
+
+impl From<GatewayError> for Outcome<'_> {
+    fn from(e: GatewayError) -> Self {
+        Outcome::Answer(Answer::Error(e))
+    }
+}
+
+enum HeadRead {
+    Ready,
+    /// The client went away, idled out, or the worker is shutting down.
+    Closed,
+    Fail(GatewayError),
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnInfo) {
+    let mut c = Conn {
+        io,
+        rbuf: BytesMut::new(),
+        peer: PeerIp::new(peer.ip()),
+        info,
+    };
+    let mut linger = false;
+    loop {
+        if c.rbuf.is_empty() && !c.wait_request(w).await {
+            break;
+        }
+        // One snapshot for the whole request, whatever a reload does meanwhile.
+        let cfg = w.config();
+        let mut ctx = RequestCtx::new(w, cfg.timeouts);
+        let next = match c.read_head(w, &cfg, &mut ctx).await {
+            HeadRead::Closed => break,
+            HeadRead::Fail(e) => {
+                // The head was refused: nothing of it (a HEAD method included) applies, and
+                // where its body ends is unknown.
+                ctx.head_refused();
+                ctx.head.method = Method::Get;
+                c.finish(w, &mut ctx, Outcome::from(e)).await
+            }
+            HeadRead::Ready => {
+                ctx.head_ready(cfg.limits.max_body_bytes);
+                let out = phases::run(w, &cfg, &mut c, &mut ctx).await;
+                c.finish(w, &mut ctx, out).await
+            }
+        };
+        if next == Next::Close {
+            linger = !ctx.body.is_done() || !c.rbuf.is_empty();
+            break;
+        }
+        drop(ctx);
+        if w.shutdown.is_set() {
+            break;
+        }
+    }
+    if linger {
+        c.linger().await;
+    }
+    c.io.close(CLOSE_NOTIFY_TIMEOUT).await;
+}
+
+impl<S: ClientIo> Conn<S> {
+    /// Waits for the first byte of the next request without holding a read buffer. `false`:
+    /// the client closed, idled out, or the worker is shutting down.
+    async fn wait_request(&mut self, w: &Worker) -> bool {
+        if w.shutdown.is_set() {
+            return false;
+        }
+        let idle = w.config().timeouts.client_idle;
+        // The buffer goes back to the worker while the connection idles.
+        w.bufs.give(std::mem::take(&mut self.rbuf));
+        monoio::select! {
+            r = monoio::time::timeout(idle, self.io.readable()) => matches!(r, Ok(true)),
+            _ = w.shutdown.wait() => false,
+        }
+    }
+
+    async fn read_head(
+        &mut self,
+        w: &Worker,
+        cfg: &Snapshot,
+        ctx: &mut RequestCtx<'_>,
+    ) -> HeadRead {
+        let limits = &cfg.limits;
+        let mut started: Option<Instant> = None;
+        loop {
+            if !self.rbuf.is_empty() {
+                match parse_request(&self.rbuf, limits, &mut ctx.head) {
+                    Ok(Some(n)) => {
+                        ctx.head.raw = self.rbuf.split_to(n).freeze();
+                        return HeadRead::Ready;
+                    }
+                    // The head has begun: from now on the client_head deadline runs.
+                    Ok(None) => {
+                        started.get_or_insert_with(Instant::now);
+                    }
+                    Err(e) => return HeadRead::Fail(GatewayError::Parse(e)),
+                }
+            }
+            if self.rbuf.capacity() == 0 {
+                self.rbuf = w.bufs.take();
+            }
+            let want = CLIENT_READ_BUF
+                .min(limits.max_head_bytes + 1 - self.rbuf.len().min(limits.max_head_bytes));
+            let res = match started {
+                Some(t0) => {
+                    let Some(left) = ctx.t.client_head.checked_sub(t0.elapsed()) else {
+                        return HeadRead::Fail(GatewayError::ClientTimeout);
+                    };
+                    read_some(&mut self.io, &mut self.rbuf, want.max(1), left).await
+                }
+                None => {
+                    if w.shutdown.is_set() {
+                        return HeadRead::Closed;
+                    }
+                    monoio::select! {
+                        r = read_some(&mut self.io, &mut self.rbuf, want.max(1), ctx.t.client_idle) => r,
+                        _ = w.shutdown.wait() => return HeadRead::Closed,
+                    }
+                }
+            };
+            match res {
+                Ok(_) => {}
+                Err(IoFail::Timeout) if started.is_some() => {
+                    return HeadRead::Fail(GatewayError::ClientTimeout)
+                }
+                Err(_) => return HeadRead::Closed,
+            }
+        }
+    }
+
+    /// The one place a request ends on the client side. Writes a gateway-made answer when
+    /// there is one, and decides whether the connection goes on from the body's state alone:
+    /// only when all of the request body has been read (or, after an answer, drained within
+    /// [`DRAIN_MAX`] and [`DRAIN_TIMEOUT`]) is the next byte taken as the next request.
+    pub async fn finish(&mut self, w: &Worker, ctx: &mut RequestCtx<'_>, out: Outcome<'_>) -> Next {
+        let answer = match out {
+            Outcome::Abort => return Next::Close,
+            Outcome::Relayed { keep } => {
+                return if keep && ctx.body.is_done() {
+                    Next::KeepAlive
+                } else {
+                    Next::Close
+                };
+            }
+            Outcome::Answer(a) => a,
+        };
+        let mut keep = ctx.head.keep_alive && !w.shutdown.is_set() && ctx.body.drainable();
+        if keep {
+            // What of the body is already here is consumed now; the rest must be short.
+            keep = match ctx.body.take(&mut self.rbuf) {
+                Err(_) => false,
+                Ok(_) => ctx.body.is_done() || ctx.body.left() <= DRAIN_MAX,
+            };
+        }
+        self.write_answer(w, ctx, &answer, keep);
+        let buf = std::mem::take(&mut ctx.wbuf);
+        match write_buf(&mut self.io, buf, ctx.t.client_write).await {
+            Ok(b) => ctx.wbuf = b,
+            Err(_) => return Next::Close,
+        }
+        if !keep {
+            return Next::Close;
+        }
+        if !ctx.body.is_done() && !self.drain(ctx).await {
+            return Next::Close;
+        }
+        Next::KeepAlive
+    }
+
+    /// Builds a gateway-made answer in `ctx.wbuf`.
+    fn write_answer(&self, w: &Worker, ctx: &mut RequestCtx<'_>, a: &Answer<'_>, keep: bool) {
+        let date = w.date.get();
+        let wbuf = &mut ctx.wbuf;
+        wbuf.clear();
+        let head_only = ctx.head.method == Method::Head;
+        match a {
+            Answer::Error(e) => {
+                write_error_response(wbuf, *e, ctx.id.as_bytes(), &date, &ctx.resp_headers, !keep);
+                if head_only {
+                    // HEAD: the same head, no body.
+                    if let Some(p) = memchr::memmem::find(wbuf, b"\r\n\r\n") {
+                        wbuf.truncate(p + 4);
+                    }
+                }
+            }
+            Answer::Direct(d) => {
+                let bodiless = d.status == 204 || d.status == 304;
+                wbuf.put_slice(&d.head);
+                if !bodiless {
+                    wbuf.put_slice(b"content-length: ");
+                    put_u64(wbuf, d.body.len() as u64);
+                    wbuf.put_slice(b"\r\n");
+                }
+                put_header(wbuf, b"date", &date);
+                put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+                wbuf.put_slice(&ctx.resp_headers);
+                if let Some(v) = connection_value(keep, ctx.head.version) {
+                    put_header(wbuf, b"connection", v);
+                }
+                wbuf.put_slice(b"\r\n");
+                if !head_only && !bodiless {
+                    wbuf.put_slice(&d.body);
+                }
+            }
+            Answer::Redirect { host_len, port } => {
+                put_status_line(wbuf, 308, b"Permanent Redirect");
+                wbuf.put_slice(b"location: https://");
+                let host = ctx.head.host_bytes().unwrap_or(b"");
+                wbuf.put_slice(&host[..(*host_len).min(host.len())]);
+                if let Some(p) = port {
+                    wbuf.put_u8(b':');
+                    put_u64(wbuf, *p as u64);
+                }
+                let pq = ctx.head.bytes(ctx.head.path_query);
+                if pq.starts_with(b"/") {
+                    wbuf.put_slice(pq);
+                } else {
+                    wbuf.put_u8(b'/');
+                }
+                wbuf.put_slice(b"\r\ncontent-length: 0\r\n");
+                put_header(wbuf, b"date", &date);
+                put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+                if let Some(v) = connection_value(keep, ctx.head.version) {
+                    put_header(wbuf, b"connection", v);
+                }
+                wbuf.put_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// Reads and throws away the rest of the request body, within [`DRAIN_MAX`] bytes and
+    /// [`DRAIN_TIMEOUT`]. `true`: the body ended, and the next byte starts a new request.
+    async fn drain(&mut self, ctx: &mut RequestCtx<'_>) -> bool {
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        let mut drained = 0u64;
+        loop {
+            match ctx.body.take(&mut self.rbuf) {
+                Ok(part) => drained += part.len() as u64,
+                Err(_) => return false,
+            }
+            if ctx.body.is_done() {
+                return true;
+            }
+            if drained > DRAIN_MAX {
+                return false;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if self.rbuf.capacity() == 0 {
+                self.rbuf = BytesMut::with_capacity(CLIENT_READ_BUF);
+            }
+            if read_some(&mut self.io, &mut self.rbuf, CLIENT_READ_BUF, left)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+
+    /// A close with client bytes possibly still in flight (RFC 9112 §9.6): half-close, then
+    /// read and discard until the client closes, for a bounded time and byte count, so that
+    /// our answer is not lost to a TCP reset.
+    async fn linger(&mut self) {
+        self.io.half_close().await;
+        let deadline = Instant::now() + LINGER_TIMEOUT;
+        let mut seen = 0usize;
+        let mut buf = std::mem::take(&mut self.rbuf);
+        while seen < LINGER_MAX {
+            buf.clear();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match read_some(&mut self.io, &mut buf, CLIENT_READ_BUF, left).await {
+                Ok(n) => seen += n,
+                Err(_) => break,
+            }
+        }
+    }
+}

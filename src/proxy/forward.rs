@@ -1,0 +1,269 @@
+//! The upstream phase: the request body kept for a replay when it may be needed, an endpoint
+//! per try, attempts (see `attempt.rs`) with retries, breaker and outlier bookkeeping, then
+//! the response relay.
+
+use std::time::Instant;
+
+use crate::config::HashOn;
+use crate::error::GatewayError;
+use crate::http::request::Method;
+use crate::http::response::ResponseHead;
+use crate::retry::Failure;
+use crate::rewrite::{encode_upstream_head, Forwarding};
+use crate::router::Route;
+use crate::upstream::balance::hash_bytes;
+use crate::upstream::breaker::Admit;
+use crate::upstream::health::Ejection;
+use crate::upstream::{UpConn, UpstreamGroup};
+use crate::warn;
+
+use super::attempt::{attempt, AttemptError, AttemptOpts, DownFail};
+use super::conn::{ClientIo, Conn, Outcome};
+use super::ctx::RequestCtx;
+use super::relay::{forward_response, ClientSide};
+use super::worker::{Snapshot, Worker};
+
+/// Proxies the request to `group`, answering with the upstream's response or an error.
+pub async fn proxy<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &Snapshot,
+    route: &Route,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+) -> Outcome<'c> {
+    let mut resp = w.bufs.take_resp();
+    let out = match exchange(w, cfg, route, group, c, ctx, &mut resp).await {
+        Err(AttemptError::Down(DownFail::Gone)) => Outcome::Abort,
+        Err(e) => match e.answer() {
+            Some(g) => Outcome::from(g),
+            None => Outcome::Abort,
+        },
+        Ok(Chosen {
+            mut up,
+            probe,
+            failed,
+        }) => {
+            let ep = up.endpoint;
+            let (out, reusable) = forward_response(w, cfg, route, c, ctx, &mut up, &resp).await;
+            // The response head shares the upstream read buffer: release it before the
+            // connection is reused, so the buffer is reclaimed rather than reallocated.
+            resp.raw = bytes::Bytes::new();
+            let stats = &group.stats[ep];
+            stats.outstanding.set(stats.outstanding.get() - 1);
+            record_outcome(w, group, ep, probe, failed);
+            if reusable {
+                group.checkin(up);
+            }
+            out
+        }
+    };
+    w.bufs.give_resp(resp);
+    out
+}
+
+/// The connection a response head came on, and what the breaker is owed for it.
+struct Chosen {
+    up: UpConn,
+    probe: bool,
+    failed: bool,
+}
+
+/// Tries the request until an attempt gives a response that is not retried, or the retry
+/// policy, the breaker or the endpoints say stop.
+async fn exchange<S: ClientIo>(
+    w: &Worker,
+    cfg: &Snapshot,
+    route: &Route,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    resp: &mut ResponseHead,
+) -> Result<Chosen, AttemptError> {
+    let policy = route.retry.as_ref();
+    let idempotent = ctx.head.method.is_idempotent();
+    let hash = group.hash_on.as_ref().map(|h| hash_key(h, c, ctx));
+    let listener = &cfg.listeners[c.info.listener];
+    let mut down = ClientSide::new(
+        &mut c.io,
+        &mut c.rbuf,
+        &mut ctx.body,
+        ctx.t,
+        ctx.head.version,
+    );
+    down.replay = down
+        .read_replayable(policy.map_or(0, |p| p.max_replay))
+        .await
+        .map_err(AttemptError::Down)?;
+    let replayed = down.replay.is_some();
+    let fwd = Forwarding {
+        peer_ip: c.peer.as_bytes(),
+        request_id: ctx.id.as_bytes(),
+        via: &cfg.via,
+        https: c.info.tls,
+        client_cert: listener
+            .subject_header
+            .as_deref()
+            .zip(c.info.client_subject.as_deref()),
+        identity: &ctx.auth_headers,
+    };
+    if let Some(p) = policy {
+        p.record_request(Instant::now());
+    }
+    let mut tried = [usize::MAX; 10];
+    let mut ntried = 0;
+    let mut tries = 0u32;
+    let mut stale_retry_used = false;
+    loop {
+        tries += 1;
+        let probe = match group.breaker.as_ref().map(|b| b.admit(Instant::now())) {
+            None => false,
+            Some(Admit::Yes { probe }) => probe,
+            Some(Admit::Open(d)) => {
+                let secs = d.as_secs().clamp(1, u32::MAX as u64) as u32;
+                return Err(AttemptError::Connect(GatewayError::CircuitOpen(secs)));
+            }
+            Some(Admit::Busy) => return Err(AttemptError::Overloaded),
+        };
+        let Some(ep) = group.pick(hash, &tried[..ntried]) else {
+            if let Some(b) = &group.breaker {
+                b.cancel(probe);
+            }
+            return Err(AttemptError::Connect(GatewayError::NoHealthyEndpoint));
+        };
+        if ntried < tried.len() {
+            tried[ntried] = ep;
+            ntried += 1;
+        }
+        let stats = &group.stats[ep];
+        stats.outstanding.set(stats.outstanding.get() + 1);
+        // Latency is sampled only for a balancer that uses it (clock reads add up).
+        let started = group.tracks_latency().then(Instant::now);
+        encode_upstream_head(
+            &mut ctx.ubuf,
+            &ctx.head,
+            route,
+            &group.endpoints[ep].authority,
+            &fwd,
+        );
+        let opts = AttemptOpts {
+            head_request: ctx.head.method == Method::Head,
+            allow_pool: !stale_retry_used,
+            // A stale pooled connection costs an idempotent request with a kept body nothing
+            // but a resend, so only other requests pay for the liveness check.
+            verify: !(replayed && idempotent),
+            t: ctx.t,
+        };
+        let r = attempt(group, ep, &mut ctx.ubuf, &mut down, &opts, resp).await;
+        let failure = match &r {
+            Ok(_) => {
+                if let Some(t0) = started {
+                    let now = Instant::now();
+                    stats.observe_latency(now - t0, now);
+                }
+                (resp.status >= 500).then_some(Failure::Status(resp.status))
+            }
+            Err(AttemptError::Stale) if !stale_retry_used && replayed && idempotent => {
+                // A pooled connection the upstream had closed: once more on a new connection.
+                // Not the endpoint's fault, and not a retry of the policy's.
+                stats.outstanding.set(stats.outstanding.get() - 1);
+                if let Some(b) = &group.breaker {
+                    b.cancel(probe);
+                }
+                stale_retry_used = true;
+                tries -= 1;
+                ntried -= 1;
+                continue;
+            }
+            Err(AttemptError::Stale | AttemptError::Reset | AttemptError::Bad) => {
+                Some(Failure::Reset)
+            }
+            Err(AttemptError::Connect(_)) => Some(Failure::Connect),
+            Err(AttemptError::Timeout) => Some(Failure::Timeout),
+            Err(AttemptError::Down(_) | AttemptError::Overloaded) => None,
+        };
+        let upstream_judged = r.as_ref().err().is_none_or(|e| e.upstream_side());
+        let retry = failure.is_some_and(|f| {
+            policy.is_some_and(|p| {
+                tries < p.attempts
+                    && p.retries_on(f)
+                    && replayed
+                    && (idempotent || f == Failure::Connect || p.non_idempotent)
+                    && p.take_retry(Instant::now())
+            })
+        });
+        if retry || r.is_err() {
+            stats.outstanding.set(stats.outstanding.get() - 1);
+            if upstream_judged {
+                record_outcome(w, group, ep, probe, failure.is_some());
+            } else if let Some(b) = &group.breaker {
+                b.cancel(probe);
+            }
+        }
+        match (r, retry, policy) {
+            (r, true, Some(p)) => {
+                drop(r);
+                resp.raw = bytes::Bytes::new();
+                monoio::time::sleep(p.backoff(tries)).await;
+            }
+            (Ok(up), _, _) => {
+                return Ok(Chosen {
+                    up,
+                    probe,
+                    failed: failure.is_some(),
+                })
+            }
+            (Err(e), _, _) => return Err(e),
+        }
+    }
+}
+
+/// The consistent-hashing key of this request.
+fn hash_key<S>(on: &HashOn, c: &Conn<S>, ctx: &RequestCtx<'_>) -> u64 {
+    let value: Option<&[u8]> = match on {
+        HashOn::ClientIp => None,
+        HashOn::Header(name) => ctx.head.header(name.as_bytes()),
+        HashOn::Cookie(name) => ctx.head.header_values(b"cookie").find_map(|v| {
+            v.split(|b| *b == b';').find_map(|kv| {
+                let kv = crate::http::trim_ows(kv);
+                kv.strip_prefix(name.as_bytes())
+                    .and_then(|rest| rest.strip_prefix(b"="))
+            })
+        }),
+    };
+    hash_bytes(value.unwrap_or(c.peer.as_bytes()))
+}
+
+/// Feeds an upstream outcome to the circuit breaker and to outlier detection: consecutive
+/// failures seen by this worker eject the endpoint for every worker (through the hub).
+fn record_outcome(w: &Worker, group: &UpstreamGroup, ep: usize, probe: bool, failed: bool) {
+    if let Some(b) = &group.breaker {
+        b.done(probe, !failed, Instant::now());
+    }
+    let s = &group.stats[ep];
+    if !failed {
+        s.failures.set(0);
+        return;
+    }
+    let f = s.failures.get() + 1;
+    s.failures.set(f);
+    let limit = group.outlier.consecutive_failures;
+    if limit > 0 && f >= limit {
+        s.failures.set(0);
+        match w
+            .hub
+            .try_eject(group.index, ep, &group.outlier, Instant::now())
+        {
+            Ejection::Ejected(d) => {
+                s.routable.set(false);
+                warn!(
+                    "outlier detection: {} of upstream {} ejected for {:?} after {f} consecutive failures",
+                    group.endpoints[ep].addr, group.name, d
+                );
+            }
+            // Another worker was first: stop using it here too, before the next sync.
+            Ejection::Already => s.routable.set(false),
+            Ejection::Refused => {}
+        }
+    }
+}

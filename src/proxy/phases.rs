@@ -1,0 +1,340 @@
+//! A request's phases, in the order they run:
+//!
+//! ```text
+//!  head ─► route ─► client cert ─► auth ─► rate limits ─► concurrency ─► body limit ─► action
+//!                                                                                   │
+//!               direct response ◄──────────────────────────────────────────────────┤
+//!               [cache]  [compose]                                                  │
+//!               upstream (forward.rs: endpoint, attempts, retries) ─► relay ◄───────┘
+//! ```
+//!
+//! Each phase is a function of the request context. A phase that refuses the request returns
+//! the error; the connection's `finish` turns it into the answer and decides what happens to
+//! the connection. No phase writes to the client itself, except the relay of a proxied
+//! response.
+
+use std::time::{Duration, Instant};
+
+use bytes::BufMut;
+
+use crate::auth::Denied;
+use crate::config::{RateKey, RedisFailure};
+use crate::error::GatewayError;
+use crate::http::encode::put_u64;
+use crate::http::request::{BodyKind, ParseError};
+use crate::ratelimit::Verdict;
+use crate::router::{Action, Route};
+use crate::upstream::balance::hash_bytes;
+
+use super::conn::{Answer, ClientIo, Conn, Outcome};
+use super::ctx::RequestCtx;
+use super::forward;
+use super::worker::{Snapshot, Worker};
+
+/// Runs the phases of one request whose head has been read.
+pub async fn run<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+) -> Outcome<'c> {
+    match run_phases(w, cfg, c, ctx).await {
+        Ok(out) => out,
+        Err(e) => Outcome::from(e),
+    }
+}
+
+async fn run_phases<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+) -> Result<Outcome<'c>, GatewayError> {
+    if let Some(port) = cfg.listeners[c.info.listener].redirect_https {
+        return redirect_https(ctx, port);
+    }
+    let route = route(cfg, ctx)?;
+    client_cert(route, c)?;
+    ctx.t = cfg.timeouts.for_route(&route.timeouts);
+    authenticate(w, route, ctx).await?;
+    rate_limit(w, route, c, ctx).await?;
+    // Held until the response is done.
+    let _slot = concurrency(w, route, c, ctx)?;
+    body_limit(cfg, route, ctx)?;
+    match &route.action {
+        Action::Direct(d) => Ok(Outcome::Answer(Answer::Direct(d))),
+        Action::Proxy { upstream } => {
+            Ok(forward::proxy(w, cfg, route, &cfg.upstreams[*upstream], c, ctx).await)
+        }
+    }
+}
+
+/// A `redirect_https` listener answers every request with a 308 to https; a request without a
+/// usable Host gets a 400.
+fn redirect_https<'c>(
+    ctx: &RequestCtx<'_>,
+    port: Option<u16>,
+) -> Result<Outcome<'c>, GatewayError> {
+    let host = ctx
+        .head
+        .host_bytes()
+        .map(host_without_port)
+        .filter(|h| valid_host(h))
+        .ok_or(GatewayError::Parse(ParseError::Bad(
+            "a redirect to https needs a valid Host",
+        )))?;
+    Ok(Outcome::Answer(Answer::Redirect {
+        host_len: host.len(),
+        port,
+    }))
+}
+
+fn route<'c>(cfg: &'c Snapshot, ctx: &mut RequestCtx<'_>) -> Result<&'c Route, GatewayError> {
+    let i = cfg
+        .router
+        .find_index(&ctx.head)
+        .ok_or(GatewayError::NoRoute)?;
+    ctx.route = Some(i);
+    Ok(&cfg.router.routes[i])
+}
+
+fn client_cert<S>(route: &Route, c: &Conn<S>) -> Result<(), GatewayError> {
+    if route.require_client_cert && c.info.client_subject.is_none() {
+        return Err(GatewayError::ClientCertRequired);
+    }
+    Ok(())
+}
+
+/// Auth comes before rate limits, so that limits can count per consumer or claim.
+async fn authenticate(
+    w: &Worker,
+    route: &Route,
+    ctx: &mut RequestCtx<'_>,
+) -> Result<(), GatewayError> {
+    let Some(policy) = &route.auth else {
+        return Ok(());
+    };
+    let now = w.now_secs();
+    match w
+        .auth
+        .check(policy, &ctx.head, now, &mut ctx.identity)
+        .await
+    {
+        Ok(()) => {
+            w.auth
+                .put_upstream_headers(&ctx.identity, &mut ctx.auth_headers);
+            Ok(())
+        }
+        Err(d) => {
+            ctx.resp_headers.put_slice(policy.challenge(d));
+            Err(match d {
+                Denied::Unauthorized(f) => GatewayError::Unauthorized(f),
+                Denied::Forbidden => GatewayError::Forbidden,
+                Denied::Unavailable => GatewayError::AuthUnavailable,
+            })
+        }
+    }
+}
+
+/// The key a limit counts this request under.
+fn limit_key<S>(key: &RateKey, c: &Conn<S>, ctx: &RequestCtx<'_>) -> u64 {
+    let peer = c.peer.as_bytes();
+    match key {
+        RateKey::ClientIp => hash_bytes(peer),
+        RateKey::Route => 0,
+        // Requests without the header share one bucket.
+        RateKey::Header(h) => hash_bytes(ctx.head.header(h.as_bytes()).unwrap_or(b"")),
+        // Callers the auth stage could not name are counted by address. The domain tags keep
+        // a consumer or claim value from sharing a bucket with an address.
+        RateKey::Consumer => match ctx.identity.consumer_name() {
+            Some(name) => tagged_hash(name.as_bytes(), 0xc0),
+            None => hash_bytes(peer),
+        },
+        RateKey::Claim(cl) => match ctx.identity.claim(cl) {
+            Some(serde_json::Value::String(s)) => tagged_hash(s.as_bytes(), 0xc1),
+            Some(v) => tagged_hash(v.to_string().as_bytes(), 0xc1),
+            None => hash_bytes(peer),
+        },
+    }
+}
+
+/// A key's hash in its own domain (`tag`), apart from the address hashes.
+fn tagged_hash(data: &[u8], tag: u64) -> u64 {
+    crate::upstream::balance::mix(hash_bytes(data) ^ tag)
+}
+
+/// Applies the route's rate limits. Only the first request of a key kept in Redis may wait
+/// here (1 ms steps), and no longer than the Redis timeout: then the failure policy applies,
+/// local buckets or 503.
+async fn rate_limit<S>(
+    w: &Worker,
+    route: &Route,
+    c: &Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+) -> Result<(), GatewayError> {
+    if route.limits.is_empty() {
+        return Ok(());
+    }
+    let mut started: Option<Instant> = None;
+    let mut local = false;
+    loop {
+        if let Some(answer) = check_rate_limits(w, route, c, ctx, local) {
+            return answer;
+        }
+        let t0 = *started.get_or_insert_with(Instant::now);
+        let Some(redis) = w.limiter.host().redis() else {
+            local = true;
+            continue;
+        };
+        let rc = redis.config();
+        if t0.elapsed() > rc.timeout.0.saturating_add(Duration::from_millis(5)) {
+            match rc.on_failure {
+                RedisFailure::Local => local = true,
+                RedisFailure::Deny => return Err(GatewayError::RateLimitUnavailable),
+            }
+        } else {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Applies the route's rate limits and writes the RateLimit headers for the response.
+/// `Some(Ok)`: admitted; `Some(Err)`: refused; `None` when Redis was asked for a key's first
+/// tokens and has not answered yet.
+fn check_rate_limits<S>(
+    w: &Worker,
+    route: &Route,
+    c: &Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    local: bool,
+) -> Option<Result<(), GatewayError>> {
+    let mut keys = [0u64; crate::config::MAX_RATE_LIMITS_PER_ROUTE];
+    let n = route.limits.len().min(keys.len());
+    for (k, l) in keys.iter_mut().zip(&route.limits) {
+        *k = limit_key(&l.key, c, ctx);
+    }
+    let verdict = w
+        .limiter
+        .check(&route.limits[..n], &keys[..n], Instant::now(), local);
+    let (i, remaining, reset, refused) = match verdict {
+        Verdict::Allow {
+            limit,
+            remaining,
+            reset_secs,
+        } => (limit, remaining, reset_secs, None),
+        Verdict::Deny { limit, retry_after } => (limit, 0, retry_after, Some(retry_after)),
+        Verdict::Wait => return None,
+        Verdict::Unavailable => return Some(Err(GatewayError::RateLimitUnavailable)),
+    };
+    let l = &route.limits[i];
+    let h = &mut ctx.resp_headers;
+    h.put_slice(b"ratelimit-policy: \"");
+    h.put_slice(l.name.as_bytes());
+    h.put_slice(b"\";q=");
+    put_u64(h, l.quota as u64);
+    h.put_slice(b";w=");
+    put_u64(h, l.window_secs);
+    h.put_slice(b"\r\nratelimit: \"");
+    h.put_slice(l.name.as_bytes());
+    h.put_slice(b"\";r=");
+    put_u64(h, remaining);
+    h.put_slice(b";t=");
+    put_u64(h, reset);
+    h.put_slice(b"\r\n");
+    Some(match refused {
+        None => Ok(()),
+        Some(s) => Err(GatewayError::RateLimited(s.min(u32::MAX as u64) as u32)),
+    })
+}
+
+/// The route's concurrency limit: a slot held until the response is done.
+fn concurrency<S>(
+    w: &Worker,
+    route: &Route,
+    c: &Conn<S>,
+    ctx: &RequestCtx<'_>,
+) -> Result<Option<crate::ratelimit::Slot>, GatewayError> {
+    let Some(cc) = &route.concurrency else {
+        return Ok(None);
+    };
+    let key = limit_key(&cc.key, c, ctx);
+    match w.limiter.host().acquire(cc, key) {
+        Some(slot) => Ok(Some(slot)),
+        None => Err(GatewayError::ConcurrencyLimited),
+    }
+}
+
+/// A declared body over the route's limit is refused before any of it is read; a chunked
+/// body is counted as it arrives.
+fn body_limit(cfg: &Snapshot, route: &Route, ctx: &mut RequestCtx<'_>) -> Result<(), GatewayError> {
+    let max_body = route.max_body_bytes.unwrap_or(cfg.limits.max_body_bytes);
+    ctx.body.set_max(max_body);
+    if let BodyKind::Length(n) = ctx.head.body {
+        if n > max_body {
+            return Err(GatewayError::BodyTooLarge);
+        }
+    }
+    Ok(())
+}
+
+/// "a.test:8080" → "a.test"; "[::1]:80" → "[::1]".
+fn host_without_port(h: &[u8]) -> &[u8] {
+    if h.starts_with(b"[") {
+        match h.iter().position(|b| *b == b']') {
+            Some(p) => &h[..=p],
+            None => h,
+        }
+    } else {
+        match h.iter().position(|b| *b == b':') {
+            Some(p) => &h[..p],
+            None => h,
+        }
+    }
+}
+
+/// A host fit for a Location URL: a name or an IPv4 address, or a bracketed IPv6 address.
+fn valid_host(h: &[u8]) -> bool {
+    if let Some(inner) = h.strip_prefix(b"[").and_then(|r| r.strip_suffix(b"]")) {
+        return !inner.is_empty()
+            && inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || b".:".contains(b));
+    }
+    !h.is_empty()
+        && h.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirect_hosts_lose_their_port_and_must_be_plain_names_or_addresses() {
+        assert_eq!(host_without_port(b"a.test:8080"), b"a.test");
+        assert_eq!(host_without_port(b"a.test"), b"a.test");
+        assert_eq!(host_without_port(b"[::1]:80"), b"[::1]");
+        for ok in [
+            &b"a.test"[..],
+            b"10.0.0.1",
+            b"[::1]",
+            b"[fe80::1]",
+            b"under_score",
+        ] {
+            assert!(valid_host(ok), "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b""[..],
+            b"a/b",
+            b"a@b",
+            b"a b",
+            b"[]",
+            b"[::1",
+            b"a\"b",
+            b"evil.test?x",
+            b"[::1]x",
+        ] {
+            assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Body relays: the request body from the client (as a [`Downstream`] of an attempt) and the
+//! response body to the client, each through bounded buffers, one read and one write at a
+//! time, so that a slow side slows the other instead of growing memory.
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::GatewayError;
+use crate::http::chunked::ChunkedScanner;
+use crate::http::encode::put_chunk_size;
+use crate::http::request::BodyKind;
+use crate::http::response::{RespBody, ResponseHead};
+use crate::http::Version;
+use crate::rewrite::{connection_value, encode_client_head, Forwarding};
+use crate::router::Route;
+use crate::upstream::{UpConn, UPSTREAM_READ_BUF};
+
+use super::attempt::{DownFail, Downstream, COALESCE_BYTES};
+use super::conn::{read_some, write_buf, ClientIo, Conn, IoFail, Outcome, BODY_READ_CHUNK};
+use super::ctx::{RequestBody, RequestCtx};
+use super::worker::{deadline_after, time_left, Snapshot, Timeouts, Worker};
+
+/// The client side of a proxied request: its body, read as the upstream takes it, and the
+/// interim responses passed back to it.
+pub struct ClientSide<'a, S> {
+    pub io: &'a mut S,
+    pub rbuf: &'a mut BytesMut,
+    pub body: &'a mut RequestBody,
+    /// The whole body, when it was read before the first attempt.
+    pub replay: Option<Bytes>,
+    pub t: Timeouts,
+    /// HTTP/1.1 clients get interim responses; HTTP/1.0 clients cannot.
+    pub pass_interim: bool,
+    /// `client_body_total`, from the first body read on.
+    deadline: Option<Option<Instant>>,
+}
+
+impl<'a, S: ClientIo> ClientSide<'a, S> {
+    pub fn new(
+        io: &'a mut S,
+        rbuf: &'a mut BytesMut,
+        body: &'a mut RequestBody,
+        t: Timeouts,
+        version: Version,
+    ) -> ClientSide<'a, S> {
+        ClientSide {
+            io,
+            rbuf,
+            body,
+            replay: None,
+            t,
+            pass_interim: version == Version::Http11,
+            deadline: None,
+        }
+    }
+
+    /// Sends `100 Continue` once, when the client asked for it and its body is wanted now.
+    pub async fn send_continue(&mut self) -> Result<(), DownFail> {
+        if !self.body.expect_continue || self.body.continue_sent || self.body.is_done() {
+            return Ok(());
+        }
+        self.body.continue_sent = true;
+        write_buf(
+            self.io,
+            &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
+            self.t.client_write,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|_| DownFail::Gone)
+    }
+
+    /// Reads more of the request body into the read buffer: a pause past `client_body`, or
+    /// the whole body past `client_body_total`, is a 408; a client that went away gets
+    /// nothing.
+    pub async fn read_more(&mut self) -> Result<(), DownFail> {
+        let deadline = *self
+            .deadline
+            .get_or_insert_with(|| self.t.client_body_total.and_then(deadline_after));
+        let dur = time_left(deadline, self.t.client_body);
+        if dur.is_zero() {
+            return Err(DownFail::Answer(GatewayError::ClientTimeout));
+        }
+        match read_some(self.io, self.rbuf, BODY_READ_CHUNK, dur).await {
+            Ok(_) => Ok(()),
+            Err(IoFail::Timeout) => Err(DownFail::Answer(GatewayError::ClientTimeout)),
+            Err(_) => Err(DownFail::Gone),
+        }
+    }
+
+    /// Reads the whole body into memory when it can be kept for a replay: already buffered,
+    /// or (with a retry policy) no larger than `keep_limit`. `None`: it will stream once.
+    pub async fn read_replayable(&mut self, keep_limit: u64) -> Result<Option<Bytes>, DownFail> {
+        if self.body.is_done() {
+            return Ok(Some(Bytes::new()));
+        }
+        loop {
+            if let Some(b) = self.body.take_whole(self.rbuf).map_err(DownFail::Answer)? {
+                return Ok(Some(b));
+            }
+            let too_big = match self.body.kind() {
+                BodyKind::Length(n) => n > keep_limit,
+                _ => self.rbuf.len() as u64 >= keep_limit,
+            };
+            if too_big {
+                return Ok(None);
+            }
+            // Small enough to keep: read the rest before choosing an endpoint.
+            self.send_continue().await?;
+            self.read_more().await?;
+        }
+    }
+}
+
+impl<S: ClientIo> Downstream for ClientSide<'_, S> {
+    fn replay(&self) -> Option<&Bytes> {
+        self.replay.as_ref()
+    }
+
+    async fn body_part(&mut self) -> Result<Option<BytesMut>, DownFail> {
+        if self.replay.is_some() || self.body.is_done() {
+            return Ok(None);
+        }
+        self.send_continue().await?;
+        loop {
+            if !self.rbuf.is_empty() {
+                let part = self.body.take(self.rbuf).map_err(DownFail::Answer)?;
+                if !part.is_empty() {
+                    return Ok(Some(part));
+                }
+            }
+            if self.body.is_done() {
+                return Ok(None);
+            }
+            self.read_more().await?;
+        }
+    }
+
+    async fn interim(&mut self, head: Bytes) -> Result<(), DownFail> {
+        if !self.pass_interim {
+            return Ok(());
+        }
+        write_buf(self.io, head, self.t.client_write)
+            .await
+            .map(|_| ())
+            .map_err(|_| DownFail::Gone)
+    }
+
+    fn has_body(&self) -> bool {
+        self.body.kind() != BodyKind::None
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum OutFraming {
+    None,
+    Length(u64),
+    ChunkedPass,
+    Dechunk,
+    Rechunk,
+    UntilClose,
+}
+
+enum RelayFail {
+    /// The upstream's body framing was invalid before any byte reached the client: a 502
+    /// can still be answered.
+    BadBeforeHead,
+    Io,
+}
+
+impl From<IoFail> for RelayFail {
+    fn from(_: IoFail) -> Self {
+        RelayFail::Io
+    }
+}
+
+/// Writes the response head and relays the body. Returns how the request ended and whether
+/// the upstream connection may go back to the pool.
+pub async fn forward_response<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &Snapshot,
+    route: &Route,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    up: &mut UpConn,
+    resp: &ResponseHead,
+) -> (Outcome<'c>, bool) {
+    let client_11 = ctx.head.version == Version::Http11;
+    // How the body reaches the client.
+    let out = match resp.body {
+        RespBody::None => OutFraming::None,
+        RespBody::Length(n) => OutFraming::Length(n),
+        RespBody::Chunked if client_11 => OutFraming::ChunkedPass,
+        RespBody::Chunked => OutFraming::Dechunk,
+        RespBody::Close if client_11 => OutFraming::Rechunk,
+        RespBody::Close => OutFraming::UntilClose,
+    };
+    let definite = !matches!(out, OutFraming::Dechunk | OutFraming::UntilClose);
+    // The request body was read to its end, else the connection cannot go on.
+    let keep = ctx.head.keep_alive && definite && ctx.body.is_done() && !w.shutdown.is_set();
+
+    let f = Forwarding {
+        peer_ip: c.peer.as_bytes(),
+        request_id: ctx.id.as_bytes(),
+        via: &cfg.via,
+        https: c.info.tls,
+        client_cert: None,
+        identity: b"",
+    };
+    let chunked = matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk);
+    encode_client_head(
+        &mut ctx.wbuf,
+        resp,
+        &route.response_headers,
+        &f,
+        &ctx.resp_headers,
+        chunked,
+        connection_value(keep, ctx.head.version),
+    );
+
+    let mut r = Relay {
+        io: &mut c.io,
+        wbuf: &mut ctx.wbuf,
+        t_write: ctx.t.client_write,
+        t_body: ctx.t.upstream_body,
+        deadline: ctx.t.upstream_body_total.and_then(deadline_after),
+    };
+    let result = match out {
+        OutFraming::None => r.flush().await.map(|_| true).map_err(RelayFail::from),
+        OutFraming::Length(n) => r.copy_length(up, n).await.map_err(RelayFail::from),
+        OutFraming::ChunkedPass | OutFraming::Dechunk => {
+            r.copy_chunked(up, out == OutFraming::Dechunk).await
+        }
+        OutFraming::Rechunk | OutFraming::UntilClose => r
+            .copy_until_close(up, out == OutFraming::Rechunk)
+            .await
+            .map_err(RelayFail::from),
+    };
+    match result {
+        Ok(complete) => {
+            let reusable = complete
+                && ctx.body.is_done()
+                && resp.keep_alive
+                && resp.body != RespBody::Close
+                && up.rbuf.is_empty()
+                && !bodiless_by_rule(resp, ctx.head.method == crate::http::request::Method::Head)
+                && !(resp.version == Version::Http10
+                    && resp.header(b"transfer-encoding").is_some())
+                && !w.shutdown.is_set();
+            (Outcome::Relayed { keep }, reusable)
+        }
+        Err(RelayFail::BadBeforeHead) => (Outcome::from(GatewayError::UpstreamBadResponse), false),
+        Err(RelayFail::Io) => (Outcome::Abort, false),
+    }
+}
+
+/// A response without a body by rule (RFC 9112 §6.3: to HEAD, 204, 304) whatever its header
+/// fields say. A broken upstream may still send body bytes after it, later than the head, and
+/// they would become the next request's response: such a connection is never pooled.
+fn bodiless_by_rule(resp: &ResponseHead, head_request: bool) -> bool {
+    head_request || resp.status == 204 || resp.status == 304
+}
+
+/// The client half of a response relay.
+struct Relay<'a, S> {
+    io: &'a mut S,
+    wbuf: &'a mut BytesMut,
+    t_write: Duration,
+    t_body: Duration,
+    /// `upstream_body_total`, when set.
+    deadline: Option<Instant>,
+}
+
+impl<S: ClientIo> Relay<'_, S> {
+    async fn flush(&mut self) -> Result<(), IoFail> {
+        let buf = std::mem::take(self.wbuf);
+        let mut buf = write_buf(self.io, buf, self.t_write).await?;
+        buf.clear();
+        *self.wbuf = buf;
+        Ok(())
+    }
+
+    /// One read of the upstream body: a pause past `upstream_body`, or the whole body past
+    /// `upstream_body_total`, cuts the response.
+    async fn read_up(
+        &self,
+        up: &mut UpConn,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Result<usize, IoFail> {
+        let dur = time_left(self.deadline, self.t_body);
+        if dur.is_zero() {
+            return Err(IoFail::Timeout);
+        }
+        read_some(&mut up.stream, buf, want, dur).await
+    }
+
+    /// Copies a Content-Length body. Small bodies already read go out with the head in one
+    /// write; larger ones are relayed through the upstream connection's buffer.
+    async fn copy_length(&mut self, up: &mut UpConn, n: u64) -> Result<bool, IoFail> {
+        let mut left = n;
+        let have = up.rbuf.len().min(left.min(usize::MAX as u64) as usize);
+        if have as u64 == left && have <= COALESCE_BYTES {
+            self.wbuf.extend_from_slice(&up.rbuf[..have]);
+            let _ = up.rbuf.split_to(have);
+            self.flush().await?;
+            return Ok(true);
+        }
+        self.flush().await?;
+        if have > 0 {
+            let part = up.rbuf.split_to(have);
+            left -= have as u64;
+            write_buf(self.io, part, self.t_write).await?;
+        }
+        if left == 0 {
+            return Ok(true);
+        }
+        let mut buf = std::mem::take(&mut up.rbuf);
+        while left > 0 {
+            buf.clear();
+            let want = (left.min(BODY_READ_CHUNK as u64)) as usize;
+            let k = self.read_up(up, &mut buf, want).await?;
+            left -= (k as u64).min(left);
+            buf = write_buf(self.io, buf, self.t_write).await?;
+        }
+        buf.clear();
+        up.rbuf = buf;
+        Ok(true)
+    }
+
+    /// Copies a chunked body: as it is to HTTP/1.1 clients (the scanner checks every framing
+    /// byte and finds the end), or as plain data to HTTP/1.0 clients. Bad framing seen before
+    /// the head went out is still a 502.
+    async fn copy_chunked(&mut self, up: &mut UpConn, dechunk: bool) -> Result<bool, RelayFail> {
+        let mut scanner = ChunkedScanner::new();
+        let mut head_pending = true;
+        loop {
+            if !up.rbuf.is_empty() {
+                let mark = self.wbuf.len();
+                let scanned = if dechunk {
+                    let rb = &up.rbuf;
+                    let wb = &mut *self.wbuf;
+                    scanner.scan(rb, |a, b| wb.extend_from_slice(&rb[a..b]))
+                } else {
+                    scanner.scan(&up.rbuf, |_, _| {})
+                };
+                let r = match scanned {
+                    Ok(r) => r,
+                    Err(_) if head_pending => {
+                        self.wbuf.truncate(mark);
+                        return Err(RelayFail::BadBeforeHead);
+                    }
+                    Err(_) => return Err(RelayFail::Io),
+                };
+                if dechunk {
+                    let _ = up.rbuf.split_to(r.consumed);
+                    self.flush().await?;
+                } else if head_pending && r.consumed <= COALESCE_BYTES {
+                    self.wbuf.extend_from_slice(&up.rbuf[..r.consumed]);
+                    let _ = up.rbuf.split_to(r.consumed);
+                    self.flush().await?;
+                } else {
+                    if head_pending {
+                        self.flush().await?;
+                    }
+                    let part = up.rbuf.split_to(r.consumed);
+                    write_buf(self.io, part, self.t_write).await?;
+                }
+                head_pending = false;
+                if r.done {
+                    return Ok(true);
+                }
+            } else if head_pending {
+                self.flush().await?;
+                head_pending = false;
+            }
+            let mut rb = std::mem::take(&mut up.rbuf);
+            let res = self.read_up(up, &mut rb, UPSTREAM_READ_BUF).await;
+            up.rbuf = rb;
+            res?;
+        }
+    }
+
+    /// Copies a body delimited by the upstream closing: re-framed as chunked for HTTP/1.1
+    /// clients, as it is (then closing) for HTTP/1.0 clients.
+    async fn copy_until_close(&mut self, up: &mut UpConn, rechunk: bool) -> Result<bool, IoFail> {
+        self.flush().await?;
+        loop {
+            if !up.rbuf.is_empty() {
+                if rechunk {
+                    self.wbuf.clear();
+                    put_chunk_size(self.wbuf, up.rbuf.len());
+                    self.wbuf.extend_from_slice(&up.rbuf);
+                    self.wbuf.put_slice(b"\r\n");
+                    up.rbuf.clear();
+                    self.flush().await?;
+                } else {
+                    let part = up.rbuf.split();
+                    write_buf(self.io, part, self.t_write).await?;
+                }
+            }
+            let mut rb = std::mem::take(&mut up.rbuf);
+            let res = self.read_up(up, &mut rb, UPSTREAM_READ_BUF).await;
+            up.rbuf = rb;
+            match res {
+                Ok(_) => {}
+                Err(IoFail::Eof) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if rechunk {
+            write_buf(self.io, &b"0\r\n\r\n"[..], self.t_write).await?;
+        }
+        Ok(false)
+    }
+}

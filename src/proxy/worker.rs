@@ -1,0 +1,384 @@
+//! What one worker owns: its configuration snapshot (route table, upstream groups, limits,
+//! timeouts), its shutdown signal, its pools of request-sized buffers and its counters.
+//!
+//! Nothing here is shared with another worker except through the `Arc`s it names (endpoint
+//! health, host-wide rate-limit buckets, TLS configs, published JWT key sets).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use crate::auth::{AuthShared, WorkerAuth};
+use crate::config::Config;
+use crate::date::{http_date, HTTP_DATE_LEN};
+use crate::http::request::{Limits, RequestHead};
+use crate::http::response::ResponseHead;
+use crate::local::Notify;
+use crate::ratelimit::{HostBuckets, Limiter};
+use crate::router::{RouteTimeouts, Router};
+use crate::tls::UpstreamTls;
+use crate::upstream::health::HealthHub;
+use crate::upstream::UpstreamGroup;
+
+/// Write buffers lent to a request while it is served (see [`BufPool`]).
+pub const WRITE_BUF: usize = 4 * 1024;
+/// Most buffers (and parsed-head shells) a worker keeps for reuse.
+const POOL_MAX: usize = 4096;
+/// Buffers that grew beyond this are freed instead of pooled.
+const POOL_BUF_MAX: usize = 64 * 1024;
+/// Parsed-head shells whose header vector grew beyond this many entries are freed.
+const POOL_HEADERS_MAX: usize = 256;
+
+/// Timeouts, resolved from the config (and, per request, the route's overrides).
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub client_head: Duration,
+    pub client_idle: Duration,
+    pub client_body: Duration,
+    pub client_body_total: Option<Duration>,
+    pub client_write: Duration,
+    pub upstream_connect: Duration,
+    pub upstream_write: Duration,
+    pub upstream_response: Duration,
+    pub upstream_body: Duration,
+    pub upstream_body_total: Option<Duration>,
+}
+
+impl Timeouts {
+    pub fn from_config(cfg: &Config) -> Timeouts {
+        let t = &cfg.timeouts;
+        let opt = |d: Duration| (!d.is_zero()).then_some(d);
+        Timeouts {
+            client_head: t.client_head.0,
+            client_idle: t.client_idle.0,
+            client_body: t.client_body.0,
+            client_body_total: opt(t.client_body_total.0),
+            client_write: t.client_write.0,
+            upstream_connect: t.upstream_connect.0,
+            upstream_write: t.upstream_write.0,
+            upstream_response: t.upstream_response.0,
+            upstream_body: t.upstream_body.0,
+            upstream_body_total: opt(t.upstream_body_total.0),
+        }
+    }
+
+    /// These timeouts with a route's overrides.
+    pub fn for_route(&self, o: &RouteTimeouts) -> Timeouts {
+        Timeouts {
+            client_body: o.client_body.unwrap_or(self.client_body),
+            client_write: o.client_write.unwrap_or(self.client_write),
+            upstream_connect: o.upstream_connect.unwrap_or(self.upstream_connect),
+            upstream_response: o.upstream_response.unwrap_or(self.upstream_response),
+            upstream_body: o.upstream_body.unwrap_or(self.upstream_body),
+            ..*self
+        }
+    }
+}
+
+/// `now + d`, or no deadline when that instant cannot be represented. Config values are
+/// bounded at load; this keeps the request path panic-free whatever reaches it.
+pub fn deadline_after(d: Duration) -> Option<Instant> {
+    Instant::now().checked_add(d)
+}
+
+/// Time left until `deadline` (zero once it passed; `fallback` when there is none).
+pub fn time_left(deadline: Option<Instant>, fallback: Duration) -> Duration {
+    match deadline {
+        Some(t) => t.saturating_duration_since(Instant::now()).min(fallback),
+        None => fallback,
+    }
+}
+
+/// A worker-local shutdown signal that tasks can wait on.
+#[derive(Default)]
+pub struct Shutdown {
+    flag: Cell<bool>,
+    notify: Notify,
+}
+
+impl Shutdown {
+    pub fn is_set(&self) -> bool {
+        self.flag.get()
+    }
+
+    pub fn trigger(&self) {
+        self.flag.set(true);
+        self.notify.notify_all();
+    }
+
+    /// Completes once the shutdown is triggered.
+    pub async fn wait(&self) {
+        while !self.flag.get() {
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// What a listener asks of the connections it accepts.
+#[derive(Clone, Default)]
+pub struct ListenerRt {
+    /// TLS termination (one config per listener, shared by the workers).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// mTLS: the header that carries the client certificate's subject upstream; a copy sent by
+    /// the client is always removed.
+    pub subject_header: Option<Box<[u8]>>,
+    /// Plain listener that answers every request with a redirect to https (the port, if any,
+    /// to write in the Location).
+    pub redirect_https: Option<Option<u16>>,
+    /// The port this listener is bound to (for X-Forwarded-Port).
+    pub port: u16,
+}
+
+impl ListenerRt {
+    pub fn from_config(
+        l: &crate::config::ListenerConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> ListenerRt {
+        ListenerRt {
+            tls,
+            subject_header: l
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_auth.as_ref())
+                .map(|c| c.subject_header.0.as_bytes().into()),
+            redirect_https: l
+                .redirect_https
+                .as_ref()
+                .map(|r| r.port.filter(|p| *p != 443)),
+            port: l.address.addr.port(),
+        }
+    }
+}
+
+/// The configuration one worker serves with. A request holds the snapshot it started with
+/// (an `Rc`, no atomics) until its response is done, so that swapping the worker's snapshot
+/// (a hot reload) never changes the rules under a request in flight.
+pub struct Snapshot {
+    /// Per listener, in config order.
+    pub listeners: Vec<ListenerRt>,
+    pub router: Router,
+    pub upstreams: Vec<UpstreamGroup>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// Value appended as a Via line: "1.1 ringway".
+    pub via: Box<[u8]>,
+}
+
+/// Everything one worker owns.
+pub struct Worker {
+    pub id: usize,
+    /// The current configuration; read once per request through [`Worker::config`].
+    config: RefCell<Rc<Snapshot>>,
+    /// TLS handshakes that failed or timed out on this worker.
+    pub tls_handshake_failures: Cell<u64>,
+    pub shutdown: Shutdown,
+    /// Endpoint health shared with the other workers.
+    pub hub: Arc<HealthHub>,
+    /// This worker's token leases (host buckets shared with the other workers).
+    pub limiter: Limiter,
+    /// Buffers and parsed-head shells lent to requests, so that an idle keep-alive connection
+    /// holds none of them and a request allocates nothing once the pools are warm.
+    pub bufs: BufPool,
+    /// `Date` for responses the gateway makes, refreshed each second by the sync task.
+    pub date: Cell<[u8; HTTP_DATE_LEN]>,
+    date_secs: Cell<u64>,
+    /// Open client connections.
+    pub active: Cell<usize>,
+    /// Consumers, credential providers and the per-core credential caches.
+    pub auth: WorkerAuth,
+    id_seed: u64,
+    id_seq: Cell<u64>,
+}
+
+impl Worker {
+    /// A worker for `cfg`. `listeners` and `upstream_tls` are built once for all workers (TLS
+    /// configs with their session caches); empty vectors mean "plain, from the config".
+    pub fn new(
+        cfg: &Config,
+        id: usize,
+        hub: Arc<HealthHub>,
+        buckets: Arc<HostBuckets>,
+        auth: &AuthShared,
+        listeners: Vec<ListenerRt>,
+        upstream_tls: Vec<Option<Arc<UpstreamTls>>>,
+    ) -> Worker {
+        let seed = {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos() as u64;
+            splitmix(
+                now ^ ((std::process::id() as u64) << 32) ^ (id as u64).wrapping_mul(0x9e37_79b9),
+            )
+        };
+        let w = Worker {
+            id,
+            config: RefCell::new(Rc::new(Snapshot::new(
+                cfg,
+                id,
+                seed,
+                listeners,
+                upstream_tls,
+            ))),
+            tls_handshake_failures: Cell::new(0),
+            shutdown: Shutdown::default(),
+            hub,
+            limiter: Limiter::new(buckets, cfg.rate_limiting.max_keys),
+            bufs: BufPool::default(),
+            date: Cell::new(http_date(0)),
+            date_secs: Cell::new(u64::MAX),
+            active: Cell::new(0),
+            auth: WorkerAuth::new(cfg, auth),
+            id_seed: seed,
+            id_seq: Cell::new(0),
+        };
+        w.tick_date();
+        w
+    }
+
+    /// The snapshot a new request is served with.
+    #[inline]
+    pub fn config(&self) -> Rc<Snapshot> {
+        self.config.borrow().clone()
+    }
+
+    /// Installs a new snapshot for the requests that start from now on; requests in flight
+    /// finish on the one they hold.
+    pub fn swap_config(&self, next: Snapshot) -> Rc<Snapshot> {
+        self.config.replace(Rc::new(next))
+    }
+
+    /// Refreshes the cached `Date` when the second changed (called every 50 ms).
+    pub fn tick_date(&self) {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if secs != self.date_secs.get() {
+            self.date_secs.set(secs);
+            self.date.set(http_date(secs));
+        }
+    }
+
+    /// The Unix second of the last sync tick (at most 50 ms old): the clock of token expiry
+    /// checks, read without a system call.
+    pub fn now_secs(&self) -> u64 {
+        self.date_secs.get()
+    }
+
+    /// A new request id: 24 hex digits, unique per process run and worker.
+    pub(super) fn next_id(&self, out: &mut [u8; 24]) {
+        let n = self.id_seq.get().wrapping_add(1);
+        self.id_seq.set(n);
+        let v = splitmix(self.id_seed ^ n);
+        let hex = b"0123456789abcdef";
+        for (i, o) in out.iter_mut().take(16).enumerate() {
+            *o = hex[((v >> (60 - 4 * i)) & 15) as usize];
+        }
+        for (i, o) in out.iter_mut().skip(16).enumerate() {
+            *o = hex[((n >> (28 - 4 * i)) & 15) as usize];
+        }
+    }
+}
+
+impl Snapshot {
+    pub fn new(
+        cfg: &Config,
+        worker: usize,
+        seed: u64,
+        mut listeners: Vec<ListenerRt>,
+        upstream_tls: Vec<Option<Arc<UpstreamTls>>>,
+    ) -> Snapshot {
+        if listeners.len() != cfg.listeners.len() {
+            listeners = cfg
+                .listeners
+                .iter()
+                .map(|l| ListenerRt::from_config(l, None))
+                .collect();
+        }
+        let mut upstreams: Vec<UpstreamGroup> = cfg
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, (name, u))| UpstreamGroup::new(i, name, u, worker))
+            .collect();
+        for (g, t) in upstreams.iter_mut().zip(upstream_tls) {
+            g.tls = t;
+        }
+        Snapshot {
+            listeners,
+            router: Router::new(cfg, seed),
+            upstreams,
+            limits: cfg.limits.to_limits(),
+            timeouts: Timeouts::from_config(cfg),
+            via: format!("1.1 {}", cfg.server.via).into_bytes().into(),
+        }
+    }
+}
+
+/// A worker's free lists of request-sized buffers and parsed-head shells (their header
+/// vectors keep their capacity). Everything handed back is cleared first, so nothing of one
+/// request can reach the next.
+#[derive(Default)]
+pub struct BufPool {
+    free: RefCell<Vec<BytesMut>>,
+    heads: RefCell<Vec<RequestHead>>,
+    resps: RefCell<Vec<ResponseHead>>,
+}
+
+impl BufPool {
+    pub fn take(&self) -> BytesMut {
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(WRITE_BUF))
+    }
+
+    pub fn give(&self, mut b: BytesMut) {
+        if b.capacity() == 0 || b.capacity() > POOL_BUF_MAX {
+            return;
+        }
+        let mut free = self.free.borrow_mut();
+        if free.len() < POOL_MAX {
+            b.clear();
+            free.push(b);
+        }
+    }
+
+    pub fn take_head(&self) -> RequestHead {
+        self.heads.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Takes back a request head shell: its bytes are released (so the connection's read
+    /// buffer can reclaim their space) and its headers forgotten.
+    pub fn give_head(&self, mut h: RequestHead) {
+        h.raw = bytes::Bytes::new();
+        h.headers.clear();
+        let mut heads = self.heads.borrow_mut();
+        if heads.len() < POOL_MAX && h.headers.capacity() <= POOL_HEADERS_MAX {
+            heads.push(h);
+        }
+    }
+
+    pub fn take_resp(&self) -> ResponseHead {
+        self.resps.borrow_mut().pop().unwrap_or_default()
+    }
+
+    pub fn give_resp(&self, mut h: ResponseHead) {
+        h.raw = bytes::Bytes::new();
+        h.headers.clear();
+        let mut resps = self.resps.borrow_mut();
+        if resps.len() < POOL_MAX && h.headers.capacity() <= POOL_HEADERS_MAX {
+            resps.push(h);
+        }
+    }
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
