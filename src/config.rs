@@ -240,6 +240,11 @@ pub struct ServerConfig {
     /// The pseudonym added to `Via` headers.
     #[serde(default = "default_via")]
     pub via: String,
+    /// Most client connections one worker keeps open; at the cap a worker stops accepting
+    /// (the kernel's backlog holds new connections) until one closes. 0: derived from the
+    /// file-descriptor limit at start (half of it, shared by the workers).
+    #[serde(default)]
+    pub max_connections_per_worker: usize,
 }
 
 fn default_shutdown() -> Dur {
@@ -256,6 +261,7 @@ impl Default for ServerConfig {
             driver: DriverChoice::Auto,
             shutdown_timeout: default_shutdown(),
             via: default_via(),
+            max_connections_per_worker: 0,
         }
     }
 }

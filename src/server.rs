@@ -27,6 +27,9 @@ use crate::{debug, info, warn};
 /// How often each worker reads the stop flag and the shared endpoint health.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Sync intervals between two idle-deadline ticks (one second).
+const IDLE_TICK_EVERY: u32 = 20;
+
 /// The event-loop driver a worker runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DriverKind {
@@ -69,11 +72,13 @@ fn driver_choice(cfg: &Config) -> DriverChoice {
 impl Gateway {
     /// Binds every listener once per worker and starts the workers. Returns once all of them
     /// run, or the reason one could not start.
-    pub fn start(cfg: Config, workers: Option<usize>) -> io::Result<Gateway> {
-        let cfg = Arc::new(cfg);
+    pub fn start(mut cfg: Config, workers: Option<usize>) -> io::Result<Gateway> {
         let n = workers
             .filter(|n| *n > 0)
             .unwrap_or_else(|| cfg.worker_count());
+        cfg.server.max_connections_per_worker =
+            connection_cap(cfg.server.max_connections_per_worker, n);
+        let cfg = Arc::new(cfg);
         let (listeners_rt, upstream_tls) = build_tls(&cfg)?;
         let (per_worker, addrs) = bind_listeners(&cfg, n)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -206,6 +211,46 @@ fn probe_free(addr: SocketAddr) -> io::Result<()> {
             io::Error::new(e.kind(), format!("cannot bind {addr}: {e}"))
         }
     })
+}
+
+/// Descriptors kept out of the connection budget: listeners, upstream pools' spare, Redis,
+/// health checks, log files.
+const FD_RESERVE: u64 = 256;
+/// The smallest per-worker connection cap derived from the descriptor limit.
+const MIN_AUTO_CAP: u64 = 64;
+/// The largest.
+const MAX_AUTO_CAP: u64 = 1 << 20;
+
+/// The per-worker cap on client connections: the configured one, or (0) half of the
+/// descriptor limit shared by the workers, the other half left for upstream connections. The
+/// soft limit is raised to the hard one first, as servers commonly do.
+fn connection_cap(configured: usize, workers: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            1024
+        } else {
+            if lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    lim.rlim_cur = lim.rlim_max;
+                }
+            }
+            lim.rlim_cur
+        }
+    };
+    let per_worker = soft.saturating_sub(FD_RESERVE) / 2 / (workers.max(1) as u64);
+    per_worker.clamp(MIN_AUTO_CAP, MAX_AUTO_CAP) as usize
 }
 
 type Bound = (Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>);
@@ -359,7 +404,68 @@ struct ConnGuard(Rc<Worker>);
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
+        if self.0.accept_paused.get() {
+            self.0.conn_closed.notify_all();
+        }
     }
+}
+
+/// Why a worker stopped accepting for a while.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pause {
+    /// `max_connections_per_worker` connections are open.
+    Cap,
+    /// The process or system ran out of file descriptors (EMFILE, ENFILE) or memory.
+    Descriptors,
+}
+
+/// How long an accept paused for lack of descriptors waits at most before trying again (a
+/// closing upstream connection frees one without any client connection closing).
+const FD_PAUSE_RETRY: Duration = Duration::from_millis(250);
+
+/// Waits, without spinning, until the worker may accept again: a connection closed, or (for
+/// lack of descriptors) a short while passed. Logs one line when an episode begins.
+async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, Instant)>) {
+    if episode.is_none() {
+        *episode = Some((why, Instant::now()));
+        match why {
+            Pause::Cap => warn!(
+                "worker {}: {} client connections open (max_connections_per_worker); accepting paused until one closes",
+                w.id,
+                w.active.get()
+            ),
+            Pause::Descriptors => warn!(
+                "worker {}: out of file descriptors with {} client connections open; accepting paused",
+                w.id,
+                w.active.get()
+            ),
+        }
+    }
+    w.accept_paused.set(true);
+    let closed = w.conn_closed.notified();
+    match why {
+        Pause::Cap => {
+            monoio::select! {
+                _ = closed => {},
+                _ = w.shutdown.wait() => {},
+            }
+        }
+        Pause::Descriptors => {
+            monoio::select! {
+                _ = closed => {},
+                _ = monoio::time::sleep(FD_PAUSE_RETRY) => {},
+                _ = w.shutdown.wait() => {},
+            }
+        }
+    }
+    w.accept_paused.set(false);
+}
+
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
 }
 
 async fn worker_main(
@@ -385,10 +491,15 @@ async fn worker_main(
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
         let w = w.clone();
         monoio::spawn(async move {
+            let mut ticks = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 w.hub.sync(&w.config().upstreams, Instant::now());
                 w.auth.sync();
                 w.tick_date();
+                ticks = ticks.wrapping_add(1);
+                if ticks.is_multiple_of(IDLE_TICK_EVERY) {
+                    w.idle_tick.notify_all();
+                }
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }
             w.shutdown.trigger();
@@ -435,7 +546,23 @@ async fn worker_main(
 
 async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize) {
     let tls = w.config().listeners[listener].tls.clone();
+    let cap = w.config().max_connections;
+    let mut episode: Option<(Pause, Instant)> = None;
     loop {
+        if w.shutdown.is_set() {
+            break;
+        }
+        if w.active.get() >= cap {
+            pause_accepting(&w, Pause::Cap, &mut episode).await;
+            continue;
+        }
+        if let Some((why, since)) = episode.take() {
+            info!(
+                "worker {}: accepting again after {:?} ({why:?})",
+                w.id,
+                since.elapsed()
+            );
+        }
         let accepted = monoio::select! {
             r = l.accept() => r,
             _ = w.shutdown.wait() => break,
@@ -465,10 +592,13 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
                     }
                 }
             }
+            Err(e) if out_of_descriptors(&e) => {
+                pause_accepting(&w, Pause::Descriptors, &mut episode).await;
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!("worker {}: accept failed: {e}", w.id);
-                monoio::time::sleep(Duration::from_millis(50)).await;
+                // A connection that failed between the handshake and accept (ECONNABORTED):
+                // nothing to pause for.
+                debug!("worker {}: accept failed: {e}", w.id);
             }
         }
     }

@@ -232,52 +232,79 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         if c.rbuf.is_empty() && !c.wait_request(w).await {
             break;
         }
-        // One snapshot for the whole request, whatever a reload does meanwhile.
-        let cfg = w.config();
-        let mut ctx = RequestCtx::new(w, cfg.timeouts);
-        let next = match c.read_head(w, &cfg, &mut ctx).await {
-            HeadRead::Closed => break,
-            HeadRead::Fail(e) => {
-                // The head was refused: nothing of it (a HEAD method included) applies, and
-                // where its body ends is unknown.
-                ctx.head_refused();
-                ctx.head.method = Method::Get;
-                c.finish(w, &mut ctx, Outcome::from(e)).await
+        // The request's state lives in a block of the worker's slab, not in this task: an
+        // idle connection holds only what is above.
+        match w.slab.boxed(c.request(w)).await {
+            Some(Next::KeepAlive) if !w.shutdown.is_set() => {}
+            Some(Next::KeepAlive) | None => break,
+            Some(Next::Close) => {
+                linger = true;
+                break;
             }
-            HeadRead::Ready => {
-                ctx.head_ready(cfg.limits.max_body_bytes);
-                let out = phases::run(w, &cfg, &mut c, &mut ctx).await;
-                c.finish(w, &mut ctx, out).await
-            }
-        };
-        if next == Next::Close {
-            linger = !ctx.body.is_done() || !c.rbuf.is_empty();
-            break;
-        }
-        drop(ctx);
-        if w.shutdown.is_set() {
-            break;
         }
     }
     if linger {
-        c.linger().await;
+        w.slab.boxed(c.linger()).await;
     }
     c.io.close(CLOSE_NOTIFY_TIMEOUT).await;
 }
 
 impl<S: ClientIo> Conn<S> {
-    /// Waits for the first byte of the next request without holding a read buffer. `false`:
-    /// the client closed, idled out, or the worker is shutting down.
+    /// One request, from its head to its end. `None`: the connection closed (or idled out)
+    /// before a head began. `Some(Next::Close)` is returned only when client bytes may still
+    /// be in flight (an unread body, unparsed bytes, a refused head) and the close must
+    /// linger; a close after a complete exchange is `None`.
+    async fn request(&mut self, w: &Worker) -> Option<Next> {
+        // One snapshot for the whole request, whatever a reload does meanwhile.
+        let cfg = w.config();
+        let mut ctx = RequestCtx::new(w, cfg.timeouts);
+        let next = match self.read_head(w, &cfg, &mut ctx).await {
+            HeadRead::Closed => return None,
+            HeadRead::Fail(e) => {
+                // The head was refused: nothing of it (a HEAD method included) applies, and
+                // where its body ends is unknown.
+                ctx.head_refused();
+                ctx.head.method = Method::Get;
+                self.finish(w, &mut ctx, Outcome::from(e)).await
+            }
+            HeadRead::Ready => {
+                ctx.head_ready(cfg.limits.max_body_bytes);
+                let out = phases::run(w, &cfg, self, &mut ctx).await;
+                self.finish(w, &mut ctx, out).await
+            }
+        };
+        match next {
+            Next::KeepAlive => Some(Next::KeepAlive),
+            Next::Close if !ctx.body.is_done() || !self.rbuf.is_empty() => Some(Next::Close),
+            Next::Close => None,
+        }
+    }
+
+    /// Waits for the first byte of the next request without holding a read buffer or a timer
+    /// of its own: the idle deadline is checked on the worker's one-second tick, so an idle
+    /// connection costs a few hundred bytes. `false`: the client closed, idled out, or the
+    /// worker is shutting down.
     async fn wait_request(&mut self, w: &Worker) -> bool {
         if w.shutdown.is_set() {
             return false;
         }
-        let idle = w.config().timeouts.client_idle;
         // The buffer goes back to the worker while the connection idles.
         w.bufs.give(std::mem::take(&mut self.rbuf));
-        monoio::select! {
-            r = monoio::time::timeout(idle, self.io.readable()) => matches!(r, Ok(true)),
-            _ = w.shutdown.wait() => false,
+        let idle = w.config().timeouts.client_idle;
+        let deadline = Instant::now().checked_add(idle);
+        let readable = self.io.readable();
+        let mut readable = std::pin::pin!(readable);
+        loop {
+            let tick = w.idle_tick.notified();
+            monoio::select! {
+                ok = &mut readable => return ok,
+                _ = tick => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return false;
+                    }
+                }
+                _ = w.shutdown.wait() => return false,
+            }
         }
     }
 
@@ -486,5 +513,43 @@ impl<S: ClientIo> Conn<S> {
                 Err(_) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle keep-alive connection's task holds the connection loop's future only (the
+    /// request's state lives in a slab block while a request runs): it must stay small, as
+    /// 10,000 idle connections hold 10,000 of them.
+    #[test]
+    fn the_connection_task_stays_small() {
+        fn size_of_future<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let cfg = crate::config::Config::parse("[[listeners]]\naddress = \"127.0.0.1:0\"\n", "t")
+            .expect("config");
+        let hub = crate::upstream::health::HealthHub::new(&cfg);
+        let buckets = crate::ratelimit::HostBuckets::new(&cfg);
+        let auth = crate::auth::AuthShared::new(&cfg).expect("auth");
+        let w = super::Worker::new(&cfg, 0, hub, buckets, &auth, vec![], vec![]);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let std_stream =
+            std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let io = monoio::net::TcpStream::from_std(std_stream).expect("stream");
+            let f = super::serve(
+                &w,
+                io,
+                "127.0.0.1:1".parse().expect("addr"),
+                super::ConnInfo::default(),
+            );
+            let n = size_of_future(&f);
+            eprintln!("connection task future: {n} bytes");
+            assert!(n <= 1024, "the connection future grew to {n} bytes");
+        });
     }
 }

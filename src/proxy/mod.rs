@@ -24,6 +24,7 @@
 //! - [`attempt`]: one upstream attempt as a function, callable by anything with a
 //!   [`attempt::Downstream`].
 //! - [`relay`]: the body relays.
+//! - [`slab`]: reusable blocks for request futures, so an idle connection holds little.
 
 pub mod attempt;
 pub mod conn;
@@ -31,6 +32,7 @@ pub mod ctx;
 pub mod forward;
 pub mod phases;
 pub mod relay;
+pub mod slab;
 pub mod worker;
 
 pub use conn::{serve, ClientIo, ConnInfo, CLOSE_NOTIFY_TIMEOUT};

@@ -165,6 +165,8 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     /// Value appended as a Via line: "1.1 ringway".
     pub via: Box<[u8]>,
+    /// Most client connections this worker keeps open (accepting pauses at the cap).
+    pub max_connections: usize,
 }
 
 /// Everything one worker owns.
@@ -182,11 +184,18 @@ pub struct Worker {
     /// Buffers and parsed-head shells lent to requests, so that an idle keep-alive connection
     /// holds none of them and a request allocates nothing once the pools are warm.
     pub bufs: BufPool,
+    /// Blocks for request futures (see [`super::slab`]).
+    pub slab: super::slab::FutureSlab,
     /// `Date` for responses the gateway makes, refreshed each second by the sync task.
     pub date: Cell<[u8; HTTP_DATE_LEN]>,
     date_secs: Cell<u64>,
     /// Open client connections.
     pub active: Cell<usize>,
+    /// Accepting is paused (connection cap or no descriptors): a closing connection wakes it.
+    pub accept_paused: Cell<bool>,
+    pub conn_closed: Notify,
+    /// Fired once a second by the sync task: idle connections check their deadline on it.
+    pub idle_tick: Notify,
     /// Consumers, credential providers and the per-core credential caches.
     pub auth: WorkerAuth,
     id_seed: u64,
@@ -228,9 +237,13 @@ impl Worker {
             hub,
             limiter: Limiter::new(buckets, cfg.rate_limiting.max_keys),
             bufs: BufPool::default(),
+            slab: Default::default(),
             date: Cell::new(http_date(0)),
             date_secs: Cell::new(u64::MAX),
             active: Cell::new(0),
+            accept_paused: Cell::new(false),
+            conn_closed: Notify::default(),
+            idle_tick: Notify::default(),
             auth: WorkerAuth::new(cfg, auth),
             id_seed: seed,
             id_seq: Cell::new(0),
@@ -314,6 +327,10 @@ impl Snapshot {
             limits: cfg.limits.to_limits(),
             timeouts: Timeouts::from_config(cfg),
             via: format!("1.1 {}", cfg.server.via).into_bytes().into(),
+            max_connections: match cfg.server.max_connections_per_worker {
+                0 => usize::MAX,
+                n => n,
+            },
         }
     }
 }
