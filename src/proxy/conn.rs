@@ -36,9 +36,10 @@ pub const DRAIN_MAX: u64 = 64 * 1024;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Closing with client bytes possibly in flight (RFC 9112 §9.6): after our answer and a
 /// half-close, read and discard for at most this long, or this many bytes, before the full
-/// close, so that the client reads its answer instead of a reset.
+/// close, so that the client reads its answer instead of a reset. Reads go into one small
+/// buffer: the byte bound limits work, not memory.
 pub const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
-pub const LINGER_MAX: usize = 256 * 1024;
+pub const LINGER_MAX: usize = 16 * 1024 * 1024;
 /// Longest wait for a TLS `close_notify` to be written when a connection ends.
 pub const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
