@@ -57,6 +57,27 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// A duration where `"0s"` (any unit) means "none".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptDur(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for OptDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            de::Error::custom("expected a duration string such as \"10s\" or \"0s\" (none)")
+        })?;
+        let t = s.trim();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let zero = digits > 0 && t[..digits].bytes().all(|b| b == b'0');
+        if zero && matches!(t[digits..].trim(), "ms" | "s" | "m" | "h") {
+            return Ok(OptDur(None));
+        }
+        parse_duration(&s)
+            .map(|d| OptDur(Some(d)))
+            .map_err(de::Error::custom)
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -328,8 +349,12 @@ dur_default!(d_up_connect, 3_000);
 dur_default!(d_up_response, 30_000);
 dur_default!(d_up_body, 30_000);
 dur_default!(d_up_write, 30_000);
-dur_default!(d_client_body_total, 300_000);
-dur_default!(d_up_body_total, 0);
+fn d_client_body_total() -> OptDur {
+    OptDur(Some(Duration::from_secs(300)))
+}
+fn d_up_body_total() -> OptDur {
+    OptDur(None)
+}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -360,11 +385,11 @@ pub struct TimeoutsConfig {
     pub upstream_write: Dur,
     /// Deadline for a whole request body, however steadily it trickles in: 408. `0s`: none.
     #[serde(default = "d_client_body_total")]
-    pub client_body_total: Dur,
+    pub client_body_total: OptDur,
     /// Deadline for a whole upstream response body (the response is cut after it). `0s`
     /// (the default): none, so long downloads and event streams are not cut.
     #[serde(default = "d_up_body_total")]
-    pub upstream_body_total: Dur,
+    pub upstream_body_total: OptDur,
 }
 
 impl Default for TimeoutsConfig {

@@ -118,3 +118,85 @@ fn a_short_unread_body_is_drained_and_the_connection_goes_on() {
         assert!(c.read_response().is_none(), "{driver:?}: an extra answer");
     }
 }
+
+#[test]
+fn a_body_trickling_past_client_body_total_gets_408() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            "[timeouts]\nclient_body = \"5s\"\nclient_body_total = \"300ms\"\n[[routes]]\nupstream = \"up\"\n",
+        ),
+        DRIVERS[0],
+    );
+    let mut c = Client::connect(gw.addr);
+    c.send(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n");
+    // One byte every 50 ms: each pause is far below client_body, the whole far above the total.
+    let mut w = c.s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        for _ in 0..100 {
+            if w.write_all(b"x").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let r = c.read_response().expect("an answer before the body ends");
+    assert_eq!(r.status, 408);
+    assert_eq!(r.json()["error"], "request_timeout");
+    writer.join().expect("writer");
+}
+
+#[test]
+fn upstream_body_total_cuts_a_response_that_never_ends() {
+    let up = Upstream::start(|_| Reply::Slow {
+        parts: (0..40)
+            .map(|i| {
+                let part = if i == 0 {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nx".to_vec()
+                } else {
+                    b"x".to_vec()
+                };
+                (Duration::from_millis(50), part)
+            })
+            .collect(),
+        close: false,
+    });
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            "[timeouts]\nupstream_body = \"5s\"\nupstream_body_total = \"300ms\"\n[[routes]]\nupstream = \"up\"\n",
+        ),
+        DRIVERS[0],
+    );
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /stream HTTP/1.1\r\nHost: t\r\n\r\n");
+    // The head went out; the body is cut after 300 ms: the client sees the connection end
+    // before the 1000 bytes.
+    assert!(
+        c.read_response().is_none(),
+        "a cut response must not look complete"
+    );
+}
+
+#[test]
+fn zero_means_no_total_deadline_and_other_values_are_checked() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    for ok in ["0s", "0ms", "10s"] {
+        let cfg = ringway::config::Config::parse(
+            &format!("[timeouts]\nupstream_body_total = \"{ok}\"\n{base}"),
+            "t.toml",
+        )
+        .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(
+            cfg.timeouts.upstream_body_total.0.is_none(),
+            ok.starts_with('0')
+        );
+    }
+    let err = ringway::config::Config::parse(
+        &format!("[timeouts]\nclient_body_total = \"soon\"\n{base}"),
+        "t.toml",
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("client_body_total"), "{err}");
+}

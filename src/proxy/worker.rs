@@ -50,18 +50,17 @@ pub struct Timeouts {
 impl Timeouts {
     pub fn from_config(cfg: &Config) -> Timeouts {
         let t = &cfg.timeouts;
-        let opt = |d: Duration| (!d.is_zero()).then_some(d);
         Timeouts {
             client_head: t.client_head.0,
             client_idle: t.client_idle.0,
             client_body: t.client_body.0,
-            client_body_total: opt(t.client_body_total.0),
+            client_body_total: t.client_body_total.0,
             client_write: t.client_write.0,
             upstream_connect: t.upstream_connect.0,
             upstream_write: t.upstream_write.0,
             upstream_response: t.upstream_response.0,
             upstream_body: t.upstream_body.0,
-            upstream_body_total: opt(t.upstream_body_total.0),
+            upstream_body_total: t.upstream_body_total.0,
         }
     }
 
