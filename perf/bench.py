@@ -313,7 +313,7 @@ backlog = 4096
 
 [upstreams.origin]
 endpoints = [{{ address = "{HOST}:{PORTS['origin']}" }}]
-max_idle = 1024
+# max_idle is left at its default ("auto"): users run defaults.
 
 [[routes]]
 path_prefix = "/"

@@ -682,9 +682,10 @@ pub struct UpstreamConfig {
     pub endpoints: Vec<EndpointConfig>,
     #[serde(default)]
     pub balance: Balance,
-    /// Idle keep-alive connections kept per endpoint, per worker.
-    #[serde(default = "d_max_idle")]
-    pub max_idle: usize,
+    /// Idle keep-alive connections kept per endpoint, per worker: `"auto"` (follows the
+    /// concurrency the worker has seen) or a fixed number (0: no pooling).
+    #[serde(default)]
+    pub max_idle: IdleCap,
     /// An idle pooled connection older than this is closed.
     #[serde(default = "d_idle_timeout")]
     pub idle_timeout: Dur,
@@ -701,9 +702,38 @@ pub struct UpstreamConfig {
     #[serde(default)]
     pub tls: Option<UpstreamTlsConfig>,
 }
-fn d_max_idle() -> usize {
-    64
+/// How many idle connections a pool keeps per endpoint and worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IdleCap {
+    /// As many as the requests this worker recently had in flight to the endpoint (at least
+    /// 64, at most the worker's share of file descriptors).
+    #[default]
+    Auto,
+    Fixed(usize),
 }
+
+impl<'de> Deserialize<'de> for IdleCap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let bad = || de::Error::custom("expected \"auto\" or a number of connections");
+        match Raw::deserialize(d).map_err(|_| bad())? {
+            Raw::N(n) if n <= MAX_IDLE_CAP as u64 => Ok(IdleCap::Fixed(n as usize)),
+            Raw::N(n) => Err(de::Error::custom(format!(
+                "max_idle {n} is above {MAX_IDLE_CAP}"
+            ))),
+            Raw::S(s) if s == "auto" => Ok(IdleCap::Auto),
+            Raw::S(_) => Err(bad()),
+        }
+    }
+}
+
+/// The largest fixed `max_idle`.
+pub const MAX_IDLE_CAP: usize = 1 << 20;
 dur_default!(d_idle_timeout, 30_000);
 
 #[derive(Clone, Debug, Deserialize)]

@@ -51,6 +51,9 @@ pub async fn proxy<'c, S: ClientIo>(
             resp.raw = bytes::Bytes::new();
             let stats = &group.stats[ep];
             stats.outstanding.set(stats.outstanding.get() - 1);
+            // A body whose framing broke before it reached the client is answered 502: the
+            // endpoint failed this request.
+            let failed = failed || matches!(out, Outcome::Answer(_));
             record_outcome(w, group, ep, probe, failed);
             if reusable {
                 group.checkin(up);
@@ -137,6 +140,7 @@ async fn exchange<S: ClientIo>(
         }
         let stats = &group.stats[ep];
         stats.outstanding.set(stats.outstanding.get() + 1);
+        group.note_in_flight(ep, stats.outstanding.get() as usize);
         // Latency is sampled only for a balancer that uses it (clock reads add up).
         let started = group.tracks_latency().then(Instant::now);
         encode_upstream_head(

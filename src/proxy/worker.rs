@@ -319,6 +319,15 @@ impl Snapshot {
         for (g, t) in upstreams.iter_mut().zip(upstream_tls) {
             g.tls = t;
         }
+        // An automatic idle cap never holds more upstream connections than the worker's share
+        // of descriptors for them (as many as its client connections).
+        let share = match cfg.server.max_connections_per_worker {
+            0 => crate::upstream::AUTO_IDLE_MAX,
+            n => n,
+        };
+        for g in &mut upstreams {
+            g.auto_idle_max = crate::upstream::AUTO_IDLE_MAX.min(share);
+        }
         Snapshot {
             listeners,
             router: Router::new(cfg, seed),

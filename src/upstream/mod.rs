@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod health;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
@@ -20,7 +21,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 use monoio::net::TcpStream;
 use monoio::BufResult;
 
-use crate::config::{Balance, HashOn, OutlierConfig, UpstreamConfig};
+use crate::config::{Balance, HashOn, IdleCap, OutlierConfig, UpstreamConfig};
 use crate::local::Notify;
 use crate::tls::{ClientStream, UpstreamTls};
 use balance::{Algorithm, EndpointStats};
@@ -28,6 +29,14 @@ use breaker::Breaker;
 
 /// Pooled connections idle for longer than this are always peek-checked before reuse.
 pub const UNVERIFIED_IDLE_MAX: Duration = Duration::from_secs(1);
+
+/// The least an automatic idle cap keeps per endpoint (what a fixed default used to be).
+pub const AUTO_IDLE_MIN: usize = 64;
+/// The most an automatic idle cap keeps per endpoint and worker, whatever the concurrency.
+pub const AUTO_IDLE_MAX: usize = 4096;
+/// Each second the remembered peak concurrency falls by this fraction (1/8) towards the
+/// current one, so the pool shrinks over some twenty seconds after a burst.
+const PEAK_DECAY_SHIFT: u32 = 3;
 
 /// Read buffer of an upstream connection; kept with the connection in the pool.
 pub const UPSTREAM_READ_BUF: usize = 32 * 1024;
@@ -130,7 +139,10 @@ pub struct Endpoint {
     /// The address as configured ("host:port"), used as Host when a route asks for it.
     pub authority: Box<[u8]>,
     pub weight: u32,
-    idle: RefCell<Vec<Idle>>,
+    /// Newest at the back.
+    idle: RefCell<VecDeque<Idle>>,
+    /// The most requests this worker recently had in flight to the endpoint (decays).
+    peak: Cell<usize>,
 }
 
 pub struct UpstreamGroup {
@@ -145,7 +157,9 @@ pub struct UpstreamGroup {
     pub hash_on: Option<HashOn>,
     pub outlier: OutlierConfig,
     pub breaker: Option<Breaker>,
-    pub max_idle: usize,
+    pub max_idle: IdleCap,
+    /// The ceiling of an automatic idle cap on this worker (its share of descriptors).
+    pub auto_idle_max: usize,
     pub idle_timeout: Duration,
     pub conns: Rc<ConnCount>,
     /// TLS to the endpoints (built once at start, shared by the workers).
@@ -164,7 +178,8 @@ impl UpstreamGroup {
                 addr: e.address.addr,
                 authority: e.address.text.as_bytes().into(),
                 weight: e.weight,
-                idle: RefCell::new(Vec::new()),
+                idle: RefCell::new(VecDeque::new()),
+                peak: Cell::new(0),
             })
             .collect();
         let n = endpoints.len();
@@ -205,6 +220,7 @@ impl UpstreamGroup {
             outlier: cfg.outlier.clone(),
             breaker: cfg.circuit_breaker.as_ref().map(Breaker::new),
             max_idle: cfg.max_idle,
+            auto_idle_max: AUTO_IDLE_MAX,
             idle_timeout: cfg.idle_timeout.0,
             conns: Rc::new(ConnCount::default()),
             tls: None,
@@ -231,7 +247,7 @@ impl UpstreamGroup {
     pub fn checkout(&self, ep: usize, verify: bool) -> Option<UpConn> {
         let mut idle = self.endpoints[ep].idle.borrow_mut();
         let now = self.coarse_now.get();
-        while let Some(Idle { mut conn, since }) = idle.pop() {
+        while let Some(Idle { mut conn, since }) = idle.pop_back() {
             let age = now.saturating_duration_since(since);
             if age >= self.idle_timeout {
                 continue;
@@ -257,18 +273,40 @@ impl UpstreamGroup {
         }
     }
 
+    /// Notes that `in_flight` requests are now outstanding to `ep` (the automatic idle cap
+    /// follows the peak).
+    #[inline]
+    pub fn note_in_flight(&self, ep: usize, in_flight: usize) {
+        let e = &self.endpoints[ep];
+        if in_flight > e.peak.get() {
+            e.peak.set(in_flight);
+        }
+    }
+
+    /// How many idle connections `ep` may keep now.
+    pub fn idle_cap(&self, ep: usize) -> usize {
+        match self.max_idle {
+            IdleCap::Fixed(n) => n,
+            IdleCap::Auto => self.endpoints[ep]
+                .peak
+                .get()
+                .clamp(AUTO_IDLE_MIN, self.auto_idle_max.max(AUTO_IDLE_MIN)),
+        }
+    }
+
     /// Returns a connection to the pool after a complete response.
     pub fn checkin(&self, conn: UpConn) {
         {
+            let cap = self.idle_cap(conn.endpoint);
             let mut idle = self.endpoints[conn.endpoint].idle.borrow_mut();
-            if self.max_idle == 0 {
+            if cap == 0 {
                 return;
             }
-            if idle.len() >= self.max_idle {
+            while idle.len() >= cap {
                 // Keep the newest: drop the oldest idle connection.
-                idle.remove(0);
+                idle.pop_front();
             }
-            idle.push(Idle {
+            idle.push_back(Idle {
                 conn,
                 since: self.coarse_now.get(),
             });
@@ -276,13 +314,22 @@ impl UpstreamGroup {
         self.conns.freed.notify_all();
     }
 
-    /// Closes idle connections older than the idle timeout. Returns how many were closed.
+    /// Closes idle connections older than the idle timeout, lets the remembered peak
+    /// concurrency decay towards the current one and trims the pool to its cap. Called once a
+    /// second. Returns how many connections were closed.
     pub fn sweep(&self) -> usize {
         let mut closed = 0;
-        for e in &self.endpoints {
+        for (i, e) in self.endpoints.iter().enumerate() {
+            let now_in_flight = self.stats[i].outstanding.get() as usize;
+            let p = e.peak.get();
+            e.peak.set(now_in_flight.max(p - (p >> PEAK_DECAY_SHIFT)));
+            let cap = self.idle_cap(i);
             let mut idle = e.idle.borrow_mut();
             let before = idle.len();
             idle.retain(|i| i.since.elapsed() < self.idle_timeout);
+            while idle.len() > cap {
+                idle.pop_front();
+            }
             closed += before - idle.len();
         }
         closed
@@ -293,8 +340,7 @@ impl UpstreamGroup {
     pub fn evict_one_idle(&self) -> bool {
         for e in &self.endpoints {
             let mut idle = e.idle.borrow_mut();
-            if !idle.is_empty() {
-                idle.remove(0);
+            if idle.pop_front().is_some() {
                 return true;
             }
         }
@@ -346,6 +392,61 @@ mod tests {
         );
         let cfg = Config::parse(&src, "t").unwrap();
         UpstreamGroup::new(0, "u", &cfg.upstreams["u"], 0)
+    }
+
+    fn group_with(extra: &str) -> UpstreamGroup {
+        let src = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9000\" }}]\n{extra}\n"
+        );
+        let cfg = Config::parse(&src, "t").unwrap();
+        UpstreamGroup::new(0, "u", &cfg.upstreams["u"], 0)
+    }
+
+    #[test]
+    fn the_automatic_idle_cap_follows_the_peak_concurrency_and_decays() {
+        let g = group_with("");
+        assert_eq!(g.max_idle, IdleCap::Auto);
+        assert_eq!(
+            g.idle_cap(0),
+            AUTO_IDLE_MIN,
+            "never below the old fixed default"
+        );
+        g.note_in_flight(0, 300);
+        g.note_in_flight(0, 200);
+        assert_eq!(g.idle_cap(0), 300, "follows the peak");
+        g.note_in_flight(0, 1_000_000);
+        assert_eq!(g.idle_cap(0), AUTO_IDLE_MAX, "bounded");
+        // Nothing in flight any more: the peak decays by an eighth each sweep.
+        g.endpoints[0].peak.set(800);
+        g.sweep();
+        assert_eq!(g.idle_cap(0), 700);
+        for _ in 0..40 {
+            g.sweep();
+        }
+        assert_eq!(g.idle_cap(0), AUTO_IDLE_MIN);
+        // ... but not below what is in flight now.
+        g.stats[0].outstanding.set(100);
+        g.endpoints[0].peak.set(400);
+        for _ in 0..40 {
+            g.sweep();
+        }
+        assert_eq!(g.idle_cap(0), 100);
+    }
+
+    #[test]
+    fn a_fixed_idle_cap_is_kept_and_auto_is_the_default() {
+        assert_eq!(group_with("max_idle = 10").idle_cap(0), 10);
+        let g = group_with("max_idle = 0");
+        g.note_in_flight(0, 500);
+        assert_eq!(g.idle_cap(0), 0, "0: no pooling");
+        assert_eq!(group_with("max_idle = \"auto\"").max_idle, IdleCap::Auto);
+        for bad in ["\"many\"", "-1", "2000000"] {
+            let src = format!(
+                "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9000\" }}]\nmax_idle = {bad}\n"
+            );
+            let e = Config::parse(&src, "t").expect_err(bad).to_string();
+            assert!(e.contains("max_idle"), "{bad}: {e}");
+        }
     }
 
     #[test]
