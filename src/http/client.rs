@@ -12,9 +12,9 @@
 //!
 //! A connection is reused ([`Pool`]) only when its answer was read to a definite end
 //! (Content-Length, chunked, or no body), the server did not ask to close, the answer is
-//! HTTP/1.1, and not one byte beyond the answer is buffered. A pooled connection is checked
-//! for stray bytes or a close again when it is taken out (a server may send bytes after a
-//! HEAD, 204 or 304 answer a little later than its head).
+//! HTTP/1.1, and not one byte beyond the answer is buffered. Never after a HEAD, 204 or 304:
+//! a server that wrongly sends a body there may send it a little later than the head. A
+//! pooled connection is checked for stray bytes or a close again when it is taken out.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -298,10 +298,14 @@ impl<S: AsyncReadRent + AsyncWriteRent> ClientConn<S> {
         let head = self.read_head(head_request).await?;
         let body = self.read_body(&head, max_body).await?;
         // RFC 9112 §9.3: persistence needs HTTP/1.1 without `close`, a body with a definite
-        // end, and nothing buffered past it (such bytes answer no request of ours).
+        // end, and nothing buffered past it (such bytes answer no request of ours). After a
+        // HEAD, 204 or 304 a server that wrongly sends a body may send it later than the
+        // head, where no check can see it yet: those connections are not reused either.
+        let bodiless_by_rule = head_request || head.status == 204 || head.status == 304;
         let reusable = head.keep_alive
             && head.version == Version::Http11
             && !matches!(head.body, RespBody::Close)
+            && !bodiless_by_rule
             && self.buf.is_empty();
         Ok((Response { head, body }, reusable))
     }
@@ -651,9 +655,14 @@ mod tests {
             true,
         ),
         (b"HTTP/1.1 200 OK\r\n\r\nhello", b"hello", false),
-        (b"HTTP/1.1 204 No Content\r\n\r\n", b"", true),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"", false),
         (
             b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            b"",
+            false,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
             b"",
             true,
         ),
@@ -812,15 +821,23 @@ mod tests {
             let (_, _, reuse) = one(raw).unwrap();
             assert!(!reuse, "{:?}", String::from_utf8_lossy(raw));
         }
-        // HEAD: the Content-Length describes a body that is not sent; bytes after are stray.
+        // HEAD, 204 and 304: never reused, even when nothing was buffered after the head
+        // (a wrongly sent body may come later); a bodiless 200 with a length is.
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec();
+        assert_eq!(talk(vec![raw], true, 1024).unwrap(), (200, vec![], false));
+        let raw = b"HTTP/1.1 204 No Content\r\n\r\n".to_vec();
+        assert_eq!(talk(vec![raw], false, 1024).unwrap(), (204, vec![], false));
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec();
         assert_eq!(
-            talk(vec![raw.clone()], true, 1024).unwrap(),
+            talk(vec![raw.clone()], false, 1024).unwrap(),
             (200, vec![], true)
         );
         let mut stray = raw;
         stray.extend_from_slice(b"hello");
-        assert_eq!(talk(vec![stray], true, 1024).unwrap(), (200, vec![], false));
+        assert_eq!(
+            talk(vec![stray], false, 1024).unwrap(),
+            (200, vec![], false)
+        );
     }
 
     #[test]
