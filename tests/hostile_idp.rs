@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use ringway::config::{Config, DriverChoice};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use serde_json::json;
 use support::*;
 
@@ -58,7 +59,7 @@ struct Server {
 
 /// The request head's target, once a whole request (head and Content-Length body) is read;
 /// `None` when the peer closes first.
-fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+fn read_request(s: &mut impl Read, buf: &mut Vec<u8>) -> Option<String> {
     let mut tmp = [0u8; 4096];
     loop {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -80,25 +81,42 @@ fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     }
 }
 
-fn serve_conn(mut s: TcpStream, answer: &Answer, requests: &AtomicUsize) {
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+fn serve_conn(
+    tcp: TcpStream,
+    tls: Option<Arc<ServerConfig>>,
+    answer: &Answer,
+    requests: &AtomicUsize,
+) {
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = tcp.set_write_timeout(Some(Duration::from_secs(10)));
+    match tls {
+        None => serve(tcp, answer, requests),
+        Some(cfg) => {
+            let Ok(conn) = ServerConnection::new(cfg) else {
+                return;
+            };
+            serve(StreamOwned::new(conn, tcp), answer, requests)
+        }
+    }
+}
+
+fn serve(mut s: impl Read + Write, answer: &Answer, requests: &AtomicUsize) {
     let mut buf = Vec::new();
     while let Some(target) = read_request(&mut s, &mut buf) {
         requests.fetch_add(1, Ordering::SeqCst);
         match answer(&target) {
             Act::Send(b) => {
-                let _ = s.write_all(&b);
+                let _ = s.write_all(&b).and_then(|_| s.flush());
                 return;
             }
             Act::KeepAlive(b) => {
-                if s.write_all(&b).is_err() {
+                if s.write_all(&b).and_then(|_| s.flush()).is_err() {
                     return;
                 }
             }
             Act::Drip(b, gap) => {
                 for byte in b {
-                    if s.write_all(&[byte]).is_err() {
+                    if s.write_all(&[byte]).and_then(|_| s.flush()).is_err() {
                         return;
                     }
                     std::thread::sleep(gap);
@@ -106,11 +124,11 @@ fn serve_conn(mut s: TcpStream, answer: &Answer, requests: &AtomicUsize) {
                 return;
             }
             Act::Flood { head, chunk, total } => {
-                if s.write_all(&head).is_err() {
+                if s.write_all(&head).and_then(|_| s.flush()).is_err() {
                     return;
                 }
                 let mut sent = 0;
-                while sent < total && s.write_all(&chunk).is_ok() {
+                while sent < total && s.write_all(&chunk).and_then(|_| s.flush()).is_ok() {
                     sent += chunk.len();
                 }
                 return;
@@ -121,6 +139,21 @@ fn serve_conn(mut s: TcpStream, answer: &Answer, requests: &AtomicUsize) {
 
 impl Server {
     fn start(answer: impl Fn(&str) -> Act + Send + Sync + 'static) -> Server {
+        Server::serve(None, answer)
+    }
+
+    /// Over TLS, presenting `cfg`'s certificate.
+    fn start_tls(
+        cfg: Arc<ServerConfig>,
+        answer: impl Fn(&str) -> Act + Send + Sync + 'static,
+    ) -> Server {
+        Server::serve(Some(cfg), answer)
+    }
+
+    fn serve(
+        tls: Option<Arc<ServerConfig>>,
+        answer: impl Fn(&str) -> Act + Send + Sync + 'static,
+    ) -> Server {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
@@ -141,10 +174,10 @@ impl Server {
                 }
                 let Ok(s) = s else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (answer, r, p) = (answer.clone(), r.clone(), p.clone());
+                let (answer, r, p, tls) = (answer.clone(), r.clone(), p.clone(), tls.clone());
                 std::thread::spawn(move || {
                     let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        serve_conn(s, &*answer, &r)
+                        serve_conn(s, tls, &*answer, &r)
                     }));
                     if ok.is_err() {
                         p.store(true, Ordering::SeqCst);
@@ -552,6 +585,31 @@ fn introspection_reuses_one_keep_alive_connection() {
         }
         assert_eq!(idp.requests(), 5, "{d:?}: one call per token");
         assert_eq!(idp.conns(), 1, "{d:?}: every call on one connection");
+    }
+}
+
+#[test]
+fn introspection_over_https_reuses_one_keep_alive_connection() {
+    for d in DRIVERS {
+        let idp = Server::start_tls(pki::server_config("loopback"), |_| {
+            Act::KeepAlive(good(ACTIVE.as_bytes()))
+        });
+        let up = Upstream::echo();
+        let cfg = config(
+            &[up.addr],
+            &format!(
+                "[auth.introspection.idp]\nurl = \"https://{}/i\"\nca = \"{}\"\nclient_id = \"g\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+                idp.addr,
+                pki::pki().path("ca.pem")
+            ),
+        );
+        let gw = TestGateway::start(&cfg, d);
+        for i in 0..5 {
+            let r = bearer_get(gw.addr, "/", &format!("token-{i}"));
+            assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        }
+        assert_eq!(idp.requests(), 5, "{d:?}");
+        assert_eq!(idp.conns(), 1, "{d:?}: every call on one TLS connection");
     }
 }
 

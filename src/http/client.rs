@@ -561,6 +561,8 @@ mod tests {
     struct Script {
         pieces: VecDeque<Vec<u8>>,
         written: Vec<u8>,
+        /// Once the pieces are out, a read waits forever instead of ending the stream.
+        stall: bool,
     }
 
     impl Script {
@@ -569,6 +571,7 @@ mod tests {
                 // An empty read would mean the end of the stream.
                 pieces: pieces.into_iter().filter(|p| !p.is_empty()).collect(),
                 written: Vec::new(),
+                stall: false,
             }
         }
     }
@@ -576,6 +579,9 @@ mod tests {
     impl AsyncReadRent for Script {
         async fn read<T: IoBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
             let Some(mut p) = self.pieces.pop_front() else {
+                if self.stall {
+                    std::future::pending::<()>().await;
+                }
                 return (Ok(0), buf);
             };
             let room = buf.bytes_total();
@@ -838,6 +844,37 @@ mod tests {
             talk(vec![stray], false, 1024).unwrap(),
             (200, vec![], false)
         );
+    }
+
+    #[test]
+    fn the_deadline_covers_the_whole_exchange() {
+        let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build();
+        let r = rt.expect("runtime").block_on(async {
+            let mut s = Script::new(vec![
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart".to_vec()
+            ]);
+            s.stall = true;
+            let mut c = ClientConn::new(s, None);
+            let t0 = Instant::now();
+            let r = within(
+                Duration::from_millis(50),
+                c.exchange(b"GET / HTTP/1.1\r\n\r\n".to_vec(), false, 1024),
+            )
+            .await;
+            (r.map(|_| ()), t0.elapsed())
+        });
+        assert_eq!(r.0, Err(ClientError::Timeout));
+        assert!(r.1 >= Duration::from_millis(50) && r.1 < Duration::from_secs(5));
+        // A deadline far beyond any sane one is capped, not an overflow.
+        let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build();
+        let r = rt
+            .expect("runtime")
+            .block_on(within(Duration::MAX, async { Ok::<_, ClientError>(7) }));
+        assert_eq!(r, Ok(7));
     }
 
     #[test]
