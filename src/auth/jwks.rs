@@ -177,9 +177,7 @@ impl Endpoint {
         };
         Ok(Endpoint { url, tls })
     }
-}
 
-impl Endpoint {
     /// Where the gateway's client sends requests for this endpoint.
     pub fn target(&self) -> Target {
         match &self.tls {
