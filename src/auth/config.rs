@@ -247,6 +247,17 @@ pub struct IntrospectionConfig {
     /// Claim naming the consumer (matched against consumers' `jwt_subjects`).
     #[serde(default = "d_sub")]
     pub consumer_claim: String,
+    /// How long a refusal is remembered per worker (a token found inactive: 401; a call that
+    /// failed: 503) before the same token is sent to the endpoint again. At most
+    /// [`MAX_NEGATIVE_CACHE_TTL`].
+    #[serde(default = "d_intro_negative_ttl")]
+    pub negative_cache_ttl: Dur,
+}
+/// Longest `negative_cache_ttl`: a token refused by mistake (an endpoint outage) must not
+/// stay refused for long.
+pub const MAX_NEGATIVE_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+fn d_intro_negative_ttl() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
 }
 fn d_intro_timeout() -> Dur {
     Dur(std::time::Duration::from_secs(2))
@@ -448,6 +459,12 @@ pub fn validate(
             return Err((
                 format!("auth.introspection.{name}.max_concurrent"),
                 "must be above 0".into(),
+            ));
+        }
+        if i.negative_cache_ttl.0 > MAX_NEGATIVE_CACHE_TTL {
+            return Err((
+                format!("auth.introspection.{name}.negative_cache_ttl"),
+                format!("must be at most {}s", MAX_NEGATIVE_CACHE_TTL.as_secs()),
             ));
         }
     }

@@ -1,32 +1,45 @@
 //! OAuth2 token introspection (RFC 7662) from the worker, on monoio.
 //!
 //! For an opaque bearer token the worker POSTs `token=...` to the endpoint with its client
-//! credentials (HTTP Basic, RFC 6749 §2.3.1), over a new connection (TLS for https URLs, with
-//! the client config built once at start), within `timeout` for the whole exchange: connect,
-//! handshake, request and answer. Answers with `active: true` are cached per core (see
-//! [`super::WorkerAuth`]) until the token's `exp` or the configured maximum.
+//! credentials (HTTP Basic, RFC 6749 §2.3.1) with the gateway's HTTP/1.1 client
+//! ([`crate::http::client`]), over a keep-alive connection of the worker's pool for that
+//! endpoint (TLS for https URLs, with the client config built once at start), within `timeout`
+//! for the whole exchange: connect, handshake, request and answer. Answers with
+//! `active: true` are cached per core (see [`super::WorkerAuth`]) until the token's `exp` or
+//! the configured maximum.
+//!
+//! Refusals are cached too, briefly (`negative_cache_ttl`, at most
+//! [`NEGATIVE_CACHE_ENTRIES`] tokens per worker): a token found inactive is 401 again, and a
+//! token the endpoint failed to judge is 503 again, without a call, until the entry expires.
 //!
 //! Each worker runs at most `max_concurrent` calls at once. A request over that bound is not
 //! queued: it is answered 503 with `Retry-After: 1` at once, so a slow endpoint cannot pile up
 //! waiting requests. A failed or timed-out call is also a 503 (the gateway cannot tell), never a
-//! 401, and is not cached; a failed TLS handshake (a certificate that does not verify) is such a
+//! 401; a failed TLS handshake (a certificate that does not verify) is such a
 //! failure, logged at debug level.
 
-use std::cell::Cell;
-use std::time::Duration;
+use std::cell::{Cell, RefCell};
+use std::hash::BuildHasher;
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
-use monoio_rustls::TlsConnector;
-use rustls::pki_types::ServerName;
 use serde_json::{Map, Value};
 
 use super::config::IntrospectionConfig;
-use super::jwks::{parse_response, Endpoint, HttpUrl};
+use super::jwks::Endpoint;
 use super::AuthFail;
 use crate::debug;
+use crate::http::client::{self, Pool};
+
+/// Largest introspection answer accepted (RFC 7662 answers are a few hundred bytes).
+pub const MAX_ANSWER_BYTES: usize = 256 * 1024;
+/// Idle keep-alive connections kept per endpoint and worker.
+pub const POOL_MAX_IDLE: usize = 8;
+/// How long an idle keep-alive connection is kept (an endpoint that closes sooner is noticed
+/// when the connection is taken out, and the call goes over a new one).
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Refused tokens remembered per endpoint and worker by the negative cache; the oldest and
+/// least used go first.
+pub const NEGATIVE_CACHE_ENTRIES: usize = 4096;
 
 /// A checked answer.
 pub struct Answer {
@@ -34,19 +47,34 @@ pub struct Answer {
     pub exp: Option<u64>,
 }
 
+/// A refusal remembered by the negative cache.
+struct Refused {
+    token: Box<[u8]>,
+    until: Instant,
+    /// `None`: the endpoint failed (503); else why the token was refused (401).
+    fail: Option<AuthFail>,
+}
+
 /// One introspection endpoint as a worker uses it.
 pub struct Provider {
-    url: HttpUrl,
-    /// https: the connector (the shared client config) and the name to verify.
-    tls: Option<(TlsConnector, ServerName<'static>)>,
-    /// `authorization: Basic ...` line (holds the client secret: never logged).
-    basic: String,
+    /// Keep-alive connections to the endpoint (TLS for https URLs).
+    pool: Pool,
+    /// The URL's path and host (the `host` header, and the name in logs).
+    path: String,
+    host: String,
+    /// Header lines of every call, credentials included (holds the client secret: never
+    /// logged).
+    extra: String,
     timeout: Duration,
     max_concurrent: usize,
     in_flight: Cell<usize>,
     pub max_ttl: u64,
     pub forward: Vec<(String, Box<[u8]>)>,
     pub consumer_claim: String,
+    /// Negative cache: tokens the endpoint refused, or could not judge, lately.
+    negative_ttl: Duration,
+    negative: RefCell<quick_cache::unsync::Cache<u64, Refused>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// Decrements the in-flight count however the call ends (cancelled included).
@@ -54,7 +82,7 @@ struct Slot<'a>(&'a Cell<usize>);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
+        self.0.set(self.0.get().saturating_sub(1));
     }
 }
 
@@ -84,37 +112,111 @@ impl Provider {
             form_encode(&cfg.client_secret.0)
         );
         Provider {
-            url: ep.url.clone(),
-            tls: ep
-                .tls
-                .as_ref()
-                .map(|(c, name)| (TlsConnector::from(c.clone()), name.clone())),
-            basic: format!(
-                "authorization: Basic {}\r\n",
+            pool: Pool::new(ep.target(), POOL_MAX_IDLE, POOL_IDLE_TIMEOUT),
+            path: ep.url.path.clone(),
+            extra: format!(
+                "accept: application/json\r\nuser-agent: ringway\r\nauthorization: Basic {}\r\n",
                 base64::engine::general_purpose::STANDARD.encode(cred)
             ),
+            host: ep.url.host.clone(),
             timeout: cfg.timeout.0,
             max_concurrent: cfg.max_concurrent,
             in_flight: Cell::new(0),
             max_ttl: cfg.cache_max_ttl.0.as_secs().max(1),
             forward,
             consumer_claim: cfg.consumer_claim.clone(),
+            negative_ttl: cfg.negative_cache_ttl.0,
+            negative: RefCell::new(quick_cache::unsync::Cache::new(NEGATIVE_CACHE_ENTRIES)),
+            hasher: Default::default(),
         }
+    }
+
+    fn key(&self, token: &[u8]) -> u64 {
+        self.hasher.hash_one(token)
+    }
+
+    /// A refusal of `token` still in the negative cache: `Some(fail)` as [`Provider::call`]
+    /// would return it.
+    fn refused(&self, token: &[u8]) -> Option<Option<AuthFail>> {
+        let key = self.key(token);
+        let mut cache = self.negative.borrow_mut();
+        let (fail, live) = match cache.get(&key) {
+            Some(r) if &*r.token == token => (r.fail, r.until > Instant::now()),
+            _ => return None,
+        };
+        if live {
+            return Some(fail);
+        }
+        cache.remove(&key);
+        None
+    }
+
+    /// Remembers a refusal of `token` for `negative_cache_ttl`, so that the same bad token
+    /// sent again and again costs one call per period, not one per request.
+    pub fn remember_refusal(&self, token: &[u8], fail: Option<AuthFail>) {
+        let Some(until) = Instant::now().checked_add(self.negative_ttl) else {
+            return;
+        };
+        self.negative.borrow_mut().insert(
+            self.key(token),
+            Refused {
+                token: token.into(),
+                until,
+                fail,
+            },
+        );
     }
 
     /// Asks the endpoint about `token`. `Err(None)`: no usable answer (503).
     pub async fn call(&self, token: &str) -> Result<Answer, Option<AuthFail>> {
+        if let Some(fail) = self.refused(token.as_bytes()) {
+            return Err(fail);
+        }
         if self.in_flight.get() >= self.max_concurrent {
+            // Not the endpoint's answer: not remembered.
             return Err(None);
         }
-        self.in_flight.set(self.in_flight.get() + 1);
+        self.in_flight.set(self.in_flight.get().saturating_add(1));
         let _slot = Slot(&self.in_flight);
-        let body = match monoio::time::timeout(self.timeout, self.exchange(token)).await {
-            Ok(Some(b)) => b,
-            _ => return Err(None),
+        let r = self.ask(token).await;
+        if let Err(fail) = r {
+            self.remember_refusal(token.as_bytes(), fail);
+        }
+        r
+    }
+
+    async fn ask(&self, token: &str) -> Result<Answer, Option<AuthFail>> {
+        let form = format!("token={}&token_type_hint=access_token", form_encode(token));
+        let req = client::request(
+            "POST",
+            &self.path,
+            &self.host,
+            &self.extra,
+            Some(("application/x-www-form-urlencoded", form.as_bytes())),
+            true,
+        );
+        // Introspection has no side effect (RFC 7662 §2.1): the pool may send it again on a
+        // new connection when a kept one turns out closed.
+        let resp = match self
+            .pool
+            .send(&req, false, MAX_ANSWER_BYTES, self.timeout)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                debug!("introspection: {}: {e}", self.host);
+                return Err(None);
+            }
         };
-        let v: Value = serde_json::from_slice(&body).map_err(|_| None)?;
-        let Value::Object(claims) = v else {
+        if resp.status() != 200 {
+            debug!("introspection: {}: status {}", self.host, resp.status());
+            return Err(None);
+        }
+        let Ok(Value::Object(claims)) = serde_json::from_slice::<Value>(&resp.body) else {
+            debug!(
+                "introspection: {}: the answer is not a JSON object",
+                self.host
+            );
             return Err(None);
         };
         if claims.get("active") != Some(&Value::Bool(true)) {
@@ -124,60 +226,9 @@ impl Provider {
         Ok(Answer { claims, exp })
     }
 
-    /// One POST; the 200 answer's body.
-    async fn exchange(&self, token: &str) -> Option<Vec<u8>> {
-        let form = format!("token={}&token_type_hint=access_token", form_encode(token));
-        let head = format!(
-            "POST {} HTTP/1.1\r\nhost: {}\r\naccept: application/json\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n{}connection: close\r\n\r\n{form}",
-            self.url.path,
-            self.url.host,
-            form.len(),
-            self.basic
-        );
-        let tcp = TcpStream::connect_addr(self.url.addr).await.ok()?;
-        let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            None => talk(tcp, head.into_bytes()).await,
-            Some((connector, name)) => match connector.connect(name.clone(), tcp).await {
-                Ok(s) => talk(s, head.into_bytes()).await,
-                Err(e) => {
-                    debug!(
-                        "introspection: TLS handshake with {} failed: {e}",
-                        self.url.host
-                    );
-                    None
-                }
-            },
-        }
-    }
-}
-
-/// Sends `req` and reads the answer until it is complete; the 200 answer's body.
-async fn talk<S: AsyncReadRent + AsyncWriteRent>(mut s: S, req: Vec<u8>) -> Option<Vec<u8>> {
-    let (r, _) = s.write_all(req).await;
-    r.ok()?;
-    s.flush().await.ok()?;
-    let mut buf = BytesMut::with_capacity(4096);
-    loop {
-        if buf.len() > super::jwks::MAX_JWKS_BYTES {
-            return None;
-        }
-        buf.reserve(4096);
-        // Read after what is already there (a plain `read(buf)` fills from the start).
-        let (len, cap) = (buf.len(), buf.capacity());
-        let (r, slice) = s.read(buf.slice_mut(len..cap)).await;
-        buf = slice.into_inner();
-        let eof = match r {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(_) => return None,
-        };
-        match parse_response(&buf, eof) {
-            Ok(Some(f)) if f.status == 200 => return Some(f.body),
-            Ok(Some(_)) | Err(_) => return None,
-            Ok(None) if eof => return None,
-            Ok(None) => {}
-        }
+    /// Idle keep-alive connections to the endpoint on this worker.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_count()
     }
 }
 

@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
@@ -307,8 +309,8 @@ fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
         .map_err(|_| "is not valid base64".to_string())
 }
 
-/// Parses a JWK Set. Keys for encryption, of unsupported types or without a usable algorithm
-/// are skipped; a set with no usable key is an error.
+/// Parses a JWK Set. Keys not meant to verify signatures (`use` other than "sig", `key_ops`
+/// without "verify"), of unsupported types or without a usable algorithm are skipped; a set with no usable key is an error.
 pub fn parse_jwks(text: &[u8], allowed: &[Algorithm]) -> Result<KeySet, String> {
     let v: Value = serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
     let keys = v
@@ -320,7 +322,22 @@ pub fn parse_jwks(text: &[u8], allowed: &[Algorithm]) -> Result<KeySet, String> 
         let Ok(jwk) = serde_json::from_value::<Jwk>(k.clone()) else {
             continue;
         };
-        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+        // RFC 7517 §4.2: a key whose `use` is not "sig" is not for signatures.
+        if jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != PublicKeyUse::Signature)
+        {
+            continue;
+        }
+        // RFC 7517 §4.3: with `key_ops`, only a key listing "verify" verifies.
+        if jwk
+            .common
+            .key_operations
+            .as_ref()
+            .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+        {
             continue;
         }
         let mut algs = jwk_algs(&jwk);
@@ -954,6 +971,46 @@ mod tests {
         assert!(verify(&t, &set, &rules(), NOW).is_ok());
         assert!(parse_jwks(b"{\"keys\": []}", &[]).is_err());
         assert!(parse_jwks(b"[]", &[]).is_err());
+    }
+
+    #[test]
+    fn keys_not_meant_to_verify_are_skipped() {
+        let secret = [3u8; 32];
+        let key = |kid: &str, extra: Value| {
+            let mut k = json!({"kty": "oct", "kid": kid, "alg": "HS256", "k": b64(&secret)});
+            for (n, v) in extra.as_object().unwrap() {
+                k[n] = v.clone();
+            }
+            k
+        };
+        let jwks = json!({"keys": [
+            key("plain", json!({})),
+            key("sig", json!({"use": "sig"})),
+            key("verify", json!({"key_ops": ["sign", "verify"]})),
+            key("other-use", json!({"use": "wrap"})),
+            key("enc", json!({"use": "enc"})),
+            key("sign-only", json!({"key_ops": ["sign"]})),
+            key("no-ops", json!({"key_ops": []})),
+            key("encrypt", json!({"key_ops": ["encrypt", "deriveKey"]})),
+        ]})
+        .to_string();
+        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        let kids: Vec<&str> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        assert_eq!(kids, ["plain", "sig", "verify"]);
+        // A token naming a skipped key is refused as signed by an unknown key.
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("sign-only".into());
+        let t = encode(&h, &claims(), &EncodingKey::from_secret(&secret)).unwrap();
+        assert_eq!(
+            verify(&t, &set, &rules(), NOW).unwrap_err(),
+            AuthFail::UnknownKey
+        );
+        h.kid = Some("verify".into());
+        let t = encode(&h, &claims(), &EncodingKey::from_secret(&secret)).unwrap();
+        assert!(verify(&t, &set, &rules(), NOW).is_ok());
+        // A set of keys none of which verifies is refused whole.
+        let none = json!({"keys": [key("x", json!({"key_ops": ["sign"]}))]}).to_string();
+        assert!(parse_jwks(none.as_bytes(), &[]).is_err());
     }
 
     #[test]

@@ -703,6 +703,7 @@ impl WorkerAuth {
             .unwrap_or(u64::MAX)
             .min(now.saturating_add(p.max_ttl.min(self.max_ttl)));
         if answer.exp.is_some_and(|e| e < now) {
+            p.remember_refusal(token.as_bytes(), Some(AuthFail::Expired));
             return Err(Some(AuthFail::Expired));
         }
         let v = Rc::new(self.verified(

@@ -5,6 +5,7 @@
 //! each header, so no header byte is copied until it is forwarded.
 
 pub mod chunked;
+pub mod client;
 pub mod encode;
 pub mod request;
 pub mod response;

@@ -9,12 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-
 use crate::config::{Config, HealthCheckConfig, OutlierConfig};
+use crate::http::client;
 use crate::tls::UpstreamTls;
-use crate::upstream::{UpStream, UpstreamGroup};
-use crate::{info, warn};
+use crate::upstream::UpstreamGroup;
+use crate::{debug, info, warn};
 
 #[derive(Clone, Copy, Debug)]
 struct Shared {
@@ -197,17 +196,15 @@ async fn check_loop(
     let mut healthy = true;
     let (mut passes, mut fails) = (0u32, 0u32);
     while !stop.load(Ordering::Relaxed) {
-        let ok = match monoio::time::timeout(hc.timeout.0, check_once(&target, request.as_bytes()))
-            .await
-        {
-            Ok(Some(status)) => {
+        let ok = match check_once(&target, request.as_bytes(), hc.timeout.0).await {
+            Some(status) => {
                 if hc.expected_statuses.is_empty() {
                     (200..400).contains(&status)
                 } else {
                     hc.expected_statuses.contains(&status)
                 }
             }
-            _ => false,
+            None => false,
         };
         if ok {
             passes += 1;
@@ -227,48 +224,33 @@ async fn check_loop(
             }
         }
         // Sleep the interval in short steps so that shutdown is prompt.
-        let end = Instant::now() + hc.interval.0;
+        let end = Instant::now()
+            .checked_add(hc.interval.0)
+            .unwrap_or_else(Instant::now);
         while Instant::now() < end && !stop.load(Ordering::Relaxed) {
             monoio::time::sleep((end - Instant::now()).min(Duration::from_millis(100))).await;
         }
     }
 }
 
-/// One check: the status of the response to a GET, or None on any failure.
-async fn check_once(target: &Target, request: &[u8]) -> Option<u16> {
-    let tcp = monoio::net::TcpStream::connect_addr(target.addr)
-        .await
-        .ok()?;
-    let mut s = match &target.tls {
-        None => UpStream::Plain(tcp),
-        Some(t) => {
-            use std::os::fd::AsRawFd;
-            let fd = tcp.as_raw_fd();
-            let tls = crate::tls::connect(t, target.ep, tcp).await.ok()?;
-            UpStream::Tls(Box::new(tls), fd)
-        }
+/// Largest health-check answer body read (and thrown away); a larger one fails the check.
+pub const MAX_HEALTH_BODY: usize = 64 * 1024;
+
+/// One check within `timeout` (connect included): the status of the answer to a GET, read
+/// whole with the gateway's HTTP/1.1 client, or None on any failure (a malformed or oversized
+/// answer, a close mid-answer, the deadline).
+async fn check_once(target: &Target, request: &[u8], timeout: Duration) -> Option<u16> {
+    let to = client::Target {
+        addr: target.addr,
+        tls: target.tls.clone().map(|t| (t, target.ep)),
     };
-    let (r, _) = s.write_all(request.to_vec()).await;
-    r.ok()?;
-    let mut got: Vec<u8> = Vec::with_capacity(256);
-    loop {
-        let buf = vec![0u8; 512];
-        let (r, buf) = s.read(buf).await;
-        let n = r.ok()?;
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-        if got.contains(&b'\n') || got.len() > 4096 {
-            break;
+    match client::fetch(&to, request.to_vec(), false, MAX_HEALTH_BODY, timeout).await {
+        Ok(r) => Some(r.status()),
+        Err(e) => {
+            debug!("health check of {}: {e}", target.addr);
+            None
         }
     }
-    // "HTTP/1.1 200 OK"
-    let line = got.split(|b| *b == b'\n').next()?;
-    if !line.starts_with(b"HTTP/1.") || line.len() < 12 {
-        return None;
-    }
-    std::str::from_utf8(&line[9..12]).ok()?.parse().ok()
 }
 
 #[cfg(test)]
