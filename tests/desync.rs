@@ -356,10 +356,9 @@ impl Setup {
         let mut held = Client::connect(gw.addr);
         held.send(b"GET /busy/held HTTP/1.1\r\nHost: a\r\n\r\n");
         assert!(
-            eventually(Duration::from_secs(5), || up
-                .targets()
+            up.wait_for(Duration::from_secs(5), |seen| seen
                 .iter()
-                .any(|t| t == "/busy/held")),
+                .any(|r| r.target == "/busy/held")),
             "{d:?}: the held request reached the upstream"
         );
         Setup {

@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use ringway::config::{Config, DriverChoice};
 use ringway::server::{DriverKind, Gateway};
 
+/// The largest chunk the test servers and clients accept: bigger ones come only from a hostile
+/// peer, and end the exchange instead of overflowing.
+pub const MAX_TEST_BODY: usize = 1 << 30;
+
 /// Both monoio drivers; tests run their scenario on each.
 pub const DRIVERS: [DriverChoice; 2] = [DriverChoice::IoUring, DriverChoice::Epoll];
 
@@ -305,6 +309,8 @@ pub struct Upstream {
     pub requests: Arc<AtomicUsize>,
     pub connections: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Req>>>,
+    /// Notified with each request pushed to `seen`.
+    arrived: Arc<std::sync::Condvar>,
     threads: ServerThreads,
 }
 
@@ -320,18 +326,25 @@ impl Upstream {
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(std::sync::Condvar::new());
         let handler: Arc<Handler> = Arc::new(handler);
-        let (r, c, s) = (requests.clone(), connections.clone(), seen.clone());
+        let (r, c, s, a) = (
+            requests.clone(),
+            connections.clone(),
+            seen.clone(),
+            arrived.clone(),
+        );
         let idle = idle_close.unwrap_or(Duration::from_secs(10));
         let threads = ServerThreads::serve(l, move |stream, stop| {
             c.fetch_add(1, Ordering::SeqCst);
-            upstream_conn(stream, &*handler, &r, &s, stop, idle)
+            upstream_conn(stream, &*handler, &r, (&s, &a), stop, idle)
         });
         Upstream {
             addr,
             requests,
             connections,
             seen,
+            arrived,
             threads,
         }
     }
@@ -380,6 +393,17 @@ impl Upstream {
             .collect()
     }
 
+    /// Waits (on arrivals, no polling) until the requests seen so far satisfy `f`, or `limit`
+    /// passes; true when they do.
+    pub fn wait_for(&self, limit: Duration, f: impl Fn(&[Req]) -> bool) -> bool {
+        let g = self.seen.lock().unwrap();
+        let (g, _) = self
+            .arrived
+            .wait_timeout_while(g, limit, |seen| !f(seen))
+            .unwrap();
+        f(&g)
+    }
+
     /// Stops the server now: joins its threads and re-raises their panics.
     pub fn stop(&mut self) {
         self.threads.stop();
@@ -400,7 +424,7 @@ fn upstream_conn(
     mut s: TcpStream,
     h: &Handler,
     count: &AtomicUsize,
-    seen: &Mutex<Vec<Req>>,
+    (seen, arrived): (&Mutex<Vec<Req>>, &std::sync::Condvar),
     stop: &Event,
     idle: Duration,
 ) {
@@ -417,6 +441,7 @@ fn upstream_conn(
         }
         count.fetch_add(1, Ordering::SeqCst);
         seen.lock().unwrap().push(req.clone());
+        arrived.notify_all();
         let keep = req
             .header("connection")
             .is_none_or(|v| !v.eq_ignore_ascii_case("close"));
@@ -587,11 +612,13 @@ fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
                 }
             }
         }
-        while buf.len() < size + 2 {
+        // A size that cannot be buffered ends the connection (the sender is hostile).
+        let need = size.checked_add(2).filter(|n| *n <= MAX_TEST_BODY)?;
+        while buf.len() < need {
             fill(s, buf)?;
         }
         body.extend_from_slice(&buf[..size]);
-        buf.drain(..size + 2);
+        buf.drain(..need);
     }
 }
 
@@ -818,18 +845,24 @@ impl<S: Wire> Client<S> {
                     }
                 }
             }
-            while self.buf.len() < size + 2 {
+            // A chunk larger than a test ever sends cannot complete: read to the end and
+            // report the response as cut.
+            let Some(need) = size.checked_add(2).filter(|n| *n <= MAX_TEST_BODY) else {
+                while self.fill() {}
+                return None;
+            };
+            while self.buf.len() < need {
                 if !self.fill() {
                     return None;
                 }
             }
             body.extend_from_slice(&self.buf[..size]);
             assert_eq!(
-                &self.buf[size..size + 2],
+                &self.buf[size..need],
                 b"\r\n",
                 "chunk data must end with CRLF"
             );
-            self.buf.drain(..size + 2);
+            self.buf.drain(..need);
         }
     }
 
