@@ -2,17 +2,22 @@
 //! scripted behaviour, and a raw HTTP/1.1 client for well-formed and malformed traffic.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod pki;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ringway::config::{Config, DriverChoice};
 use ringway::server::{DriverKind, Gateway};
+
+/// The largest chunk the test servers and clients accept: bigger ones come only from a hostile
+/// peer, and end the exchange instead of overflowing.
+pub const MAX_TEST_BODY: usize = 1 << 30;
 
 /// Both monoio drivers; tests run their scenario on each.
 pub const DRIVERS: [DriverChoice; 2] = [DriverChoice::IoUring, DriverChoice::Epoll];
@@ -144,6 +149,48 @@ pub enum Reply {
         total: usize,
         written: Arc<AtomicUsize>,
     },
+    /// Run these steps in order, then keep reading requests on the connection.
+    Script(Vec<Step>),
+}
+
+/// One step of a [`Reply::Script`].
+pub enum Step {
+    Write(Vec<u8>),
+    /// Pause (ends early when the server stops).
+    Wait(Duration),
+    /// Tell the test that the steps before this one are done.
+    Signal(Arc<Event>),
+    /// Half-close, let the peer read what was sent, then drop the connection.
+    Close,
+}
+
+/// A one-shot flag a test thread can wait on (instead of sleeping and polling).
+#[derive(Default)]
+pub struct Event {
+    set: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Event {
+    pub fn new() -> Arc<Event> {
+        Arc::new(Event::default())
+    }
+
+    pub fn set(&self) {
+        *self.set.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.set.lock().unwrap()
+    }
+
+    /// Waits until set or `limit` passes; true when set.
+    pub fn wait(&self, limit: Duration) -> bool {
+        let g = self.set.lock().unwrap();
+        let (g, _) = self.cv.wait_timeout_while(g, limit, |s| !*s).unwrap();
+        *g
+    }
 }
 
 pub fn ok_response(body: &[u8]) -> Vec<u8> {
@@ -158,13 +205,113 @@ pub fn ok_response(body: &[u8]) -> Vec<u8> {
 
 type Handler = dyn Fn(&Req) -> Reply + Send + Sync;
 
+/// The threads of a loopback test server: on stop, every connection is shut down (which wakes
+/// blocked reads and writes), every thread is joined, and a panic in any of them is re-raised
+/// in the test thread.
+pub struct ServerThreads {
+    addr: SocketAddr,
+    /// Set on stop: ends scripted waits and hangs at once.
+    pub stop: Arc<Event>,
+    handles: Arc<Mutex<Vec<thread::JoinHandle<()>>>>,
+    /// A clone of each open accepted connection, to shut it down on stop.
+    streams: Arc<Mutex<Vec<Option<TcpStream>>>>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl ServerThreads {
+    /// Accepts on `l` (blocking) and runs `conn` on a thread per connection.
+    pub fn serve(
+        l: TcpListener,
+        conn: impl Fn(TcpStream, &Event) + Send + Sync + 'static,
+    ) -> ServerThreads {
+        let addr = l.local_addr().expect("addr");
+        let stop = Event::new();
+        let handles = Arc::new(Mutex::new(Vec::new()));
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let conn = Arc::new(conn);
+        let (st, hs, ss) = (stop.clone(), handles.clone(), streams.clone());
+        let acceptor = thread::spawn(move || {
+            for stream in l.incoming() {
+                if st.is_set() {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                // The clone lets `stop` shut the connection down; it is dropped as soon as the
+                // connection's thread is done, so that its end closes the socket.
+                let slot = {
+                    let mut ss = ss.lock().unwrap();
+                    ss.push(stream.try_clone().ok());
+                    ss.len() - 1
+                };
+                let (conn, st, ss) = (conn.clone(), st.clone(), ss.clone());
+                let h = thread::spawn(move || {
+                    conn(stream, &st);
+                    ss.lock().unwrap()[slot] = None;
+                });
+                hs.lock().unwrap().push(h);
+            }
+        });
+        ServerThreads {
+            addr,
+            stop,
+            handles,
+            streams,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Stops accepting, shuts every connection down, joins every thread; re-raises the first
+    /// panic of a server thread (or prints it when the test is already panicking).
+    pub fn stop(&mut self) {
+        let Some(acceptor) = self.acceptor.take() else {
+            return;
+        };
+        self.stop.set();
+        // Wakes the blocking accept; it sees the flag and returns.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        let mut panics = Vec::new();
+        if let Err(p) = acceptor.join() {
+            panics.push(p);
+        }
+        for s in self.streams.lock().unwrap().iter().flatten() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        let handles: Vec<_> = self.handles.lock().unwrap().drain(..).collect();
+        for h in handles {
+            if let Err(p) = h.join() {
+                panics.push(p);
+            }
+        }
+        if let Some(p) = panics.into_iter().next() {
+            if thread::panicking() {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)");
+                eprintln!("a test server thread panicked too: {msg}");
+            } else {
+                std::panic::resume_unwind(p);
+            }
+        }
+    }
+}
+
+impl Drop for ServerThreads {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A loopback HTTP/1.1 server with scripted replies; counts requests and connections.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
     pub connections: Arc<AtomicUsize>,
     pub seen: Arc<Mutex<Vec<Req>>>,
-    stop: Arc<AtomicBool>,
+    /// Notified with each request pushed to `seen`.
+    arrived: Arc<std::sync::Condvar>,
+    threads: ServerThreads,
 }
 
 impl Upstream {
@@ -176,49 +323,29 @@ impl Upstream {
     ) -> Upstream {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
         let addr = l.local_addr().expect("addr");
-        l.set_nonblocking(true).expect("nonblocking");
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
+        let arrived = Arc::new(std::sync::Condvar::new());
         let handler: Arc<Handler> = Arc::new(handler);
-        let (r, c, s, st) = (
+        let (r, c, s, a) = (
             requests.clone(),
             connections.clone(),
             seen.clone(),
-            stop.clone(),
+            arrived.clone(),
         );
-        thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match l.accept() {
-                    Ok((stream, _)) => {
-                        c.fetch_add(1, Ordering::SeqCst);
-                        let (h, r, s, st) = (handler.clone(), r.clone(), s.clone(), st.clone());
-                        thread::spawn(move || {
-                            upstream_conn(
-                                stream,
-                                &*h,
-                                &r,
-                                &s,
-                                &st,
-                                idle_close.unwrap_or(Duration::from_secs(10)),
-                            )
-                        });
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(2))
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(2)),
-                }
-            }
+        let idle = idle_close.unwrap_or(Duration::from_secs(10));
+        let threads = ServerThreads::serve(l, move |stream, stop| {
+            c.fetch_add(1, Ordering::SeqCst);
+            upstream_conn(stream, &*handler, &r, (&s, &a), stop, idle)
         });
         Upstream {
             addr,
             requests,
             connections,
             seen,
-            stop,
+            arrived,
+            threads,
         }
     }
 
@@ -255,11 +382,31 @@ impl Upstream {
             .cloned()
             .expect("a request reached the upstream")
     }
-}
 
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    /// The targets of every request received so far.
+    pub fn targets(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.target.clone())
+            .collect()
+    }
+
+    /// Waits (on arrivals, no polling) until the requests seen so far satisfy `f`, or `limit`
+    /// passes; true when they do.
+    pub fn wait_for(&self, limit: Duration, f: impl Fn(&[Req]) -> bool) -> bool {
+        let g = self.seen.lock().unwrap();
+        let (g, _) = self
+            .arrived
+            .wait_timeout_while(g, limit, |seen| !f(seen))
+            .unwrap();
+        f(&g)
+    }
+
+    /// Stops the server now: joins its threads and re-raises their panics.
+    pub fn stop(&mut self) {
+        self.threads.stop();
     }
 }
 
@@ -277,8 +424,8 @@ fn upstream_conn(
     mut s: TcpStream,
     h: &Handler,
     count: &AtomicUsize,
-    seen: &Mutex<Vec<Req>>,
-    stop: &AtomicBool,
+    (seen, arrived): (&Mutex<Vec<Req>>, &std::sync::Condvar),
+    stop: &Event,
     idle: Duration,
 ) {
     let _ = s.set_nodelay(true);
@@ -289,11 +436,12 @@ fn upstream_conn(
             Some(r) => r,
             None => return,
         };
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_set() {
             return;
         }
         count.fetch_add(1, Ordering::SeqCst);
         seen.lock().unwrap().push(req.clone());
+        arrived.notify_all();
         let keep = req
             .header("connection")
             .is_none_or(|v| !v.eq_ignore_ascii_case("close"));
@@ -305,14 +453,12 @@ fn upstream_conn(
             }
             Reply::RawClose(b) => {
                 let _ = s.write_all(&b);
-                let _ = s.shutdown(Shutdown::Write);
-                thread::sleep(Duration::from_millis(20));
+                close_gently(&mut s);
                 return;
             }
             Reply::Slow { parts, close } => {
                 for (d, b) in parts {
-                    thread::sleep(d);
-                    if s.write_all(&b).is_err() {
+                    if stop.wait(d) || s.write_all(&b).is_err() {
                         return;
                     }
                 }
@@ -340,17 +486,52 @@ fn upstream_conn(
                     left -= n;
                 }
             }
+            Reply::Script(steps) => {
+                for step in steps {
+                    match step {
+                        Step::Write(b) => {
+                            if s.write_all(&b).is_err() {
+                                return;
+                            }
+                        }
+                        Step::Wait(d) => {
+                            if stop.wait(d) {
+                                return;
+                            }
+                        }
+                        Step::Signal(e) => e.set(),
+                        Step::Close => {
+                            close_gently(&mut s);
+                            return;
+                        }
+                    }
+                }
+            }
             Reply::Drop => return,
             Reply::Hang(d) => {
-                thread::sleep(d);
+                stop.wait(d);
                 return;
             }
         }
     }
 }
 
+/// Half-closes, then drops whatever the peer already sent, so that unread bytes do not turn
+/// the close into a reset that could destroy the answer before the peer read it.
+pub fn close_gently(s: &mut TcpStream) {
+    let _ = s.shutdown(Shutdown::Write);
+    let _ = s.set_nonblocking(true);
+    let mut tmp = [0u8; 4096];
+    for _ in 0..64 {
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 /// Reads one request (head and body: Content-Length or chunked) with an independent parser.
-fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
+pub fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Req> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 128];
         let mut req = httparse::Request::new(&mut headers);
@@ -431,11 +612,13 @@ fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
                 }
             }
         }
-        while buf.len() < size + 2 {
+        // A size that cannot be buffered ends the connection (the sender is hostile).
+        let need = size.checked_add(2).filter(|n| *n <= MAX_TEST_BODY)?;
+        while buf.len() < need {
             fill(s, buf)?;
         }
         body.extend_from_slice(&buf[..size]);
-        buf.drain(..size + 2);
+        buf.drain(..need);
     }
 }
 
@@ -473,31 +656,80 @@ impl Resp {
     }
 }
 
+/// A byte stream a [`Client`] can run over: plain TCP or a TLS client connection.
+pub trait Wire: Read + Write {
+    fn wire_timeout(&self, d: Duration);
+}
+
+impl Wire for TcpStream {
+    fn wire_timeout(&self, d: Duration) {
+        self.set_read_timeout(Some(d)).expect("read timeout");
+    }
+}
+
+/// A synchronous rustls client connection over TCP.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+impl Wire for TlsStream {
+    fn wire_timeout(&self, d: Duration) {
+        self.sock.set_read_timeout(Some(d)).expect("read timeout");
+    }
+}
+
 /// A raw client connection.
-pub struct Client {
-    pub s: TcpStream,
+pub struct Client<S: Wire = TcpStream> {
+    pub s: S,
     buf: Vec<u8>,
 }
 
-impl Client {
+impl Client<TcpStream> {
     pub fn connect(addr: SocketAddr) -> Client {
         let s = TcpStream::connect(addr).expect("connect to gateway");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let _ = s.set_nodelay(true);
         Client { s, buf: Vec::new() }
     }
+}
 
+impl Client<TlsStream> {
+    /// Connects over TLS and completes the handshake.
+    pub fn connect_tls(
+        addr: SocketAddr,
+        sni: &str,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<Client<TlsStream>> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string())
+            .map_err(std::io::Error::other)?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        Ok(Client { s, buf: Vec::new() })
+    }
+}
+
+impl<S: Wire> Client<S> {
     pub fn send(&mut self, bytes: &[u8]) -> &mut Self {
-        self.s.write_all(bytes).expect("write to gateway");
+        self.try_send(bytes).expect("write to gateway");
         self
     }
 
     pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.s.write_all(bytes)
+        self.s.write_all(bytes)?;
+        self.s.flush()
     }
 
     pub fn read_timeout(&mut self, d: Duration) {
-        self.s.set_read_timeout(Some(d)).unwrap();
+        self.s.wire_timeout(d);
+    }
+
+    /// Bytes received but not yet taken as a response.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
     }
 
     fn fill(&mut self) -> bool {
@@ -613,18 +845,24 @@ impl Client {
                     }
                 }
             }
-            while self.buf.len() < size + 2 {
+            // A chunk larger than a test ever sends cannot complete: read to the end and
+            // report the response as cut.
+            let Some(need) = size.checked_add(2).filter(|n| *n <= MAX_TEST_BODY) else {
+                while self.fill() {}
+                return None;
+            };
+            while self.buf.len() < need {
                 if !self.fill() {
                     return None;
                 }
             }
             body.extend_from_slice(&self.buf[..size]);
             assert_eq!(
-                &self.buf[size..size + 2],
+                &self.buf[size..need],
                 b"\r\n",
                 "chunk data must end with CRLF"
             );
-            self.buf.drain(..size + 2);
+            self.buf.drain(..need);
         }
     }
 
@@ -633,7 +871,7 @@ impl Client {
         if !self.buf.is_empty() {
             return false;
         }
-        self.s.set_read_timeout(Some(wait)).unwrap();
+        self.s.wire_timeout(wait);
         let mut tmp = [0u8; 1024];
         match self.s.read(&mut tmp) {
             Ok(0) => true,
@@ -641,7 +879,10 @@ impl Client {
                 self.buf.extend_from_slice(&tmp[..n]);
                 false
             }
-            Err(e) => e.kind() == ErrorKind::ConnectionReset,
+            Err(e) => matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+            ),
         }
     }
 }

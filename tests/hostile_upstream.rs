@@ -1,0 +1,382 @@
+//! Hostile upstreams (`support::hostile`): oversized heads, too many headers, interim floods,
+//! hop-by-hop fields in interim responses, bad chunk sizes, bytes after a bodiless response,
+//! HTTP/1.0 with Transfer-Encoding, early closes, a body longer than its Content-Length.
+//! Each test asserts what the client receives and that the gateway still serves afterwards.
+//! Every scenario runs on both monoio drivers.
+
+mod support;
+
+use std::time::Duration;
+
+use ringway::config::DriverChoice;
+use support::hostile::{self, Hostile, FINE};
+use support::*;
+
+/// One endpoint, at most one idle pooled connection, short upstream timeouts.
+fn gateway(up: &Upstream, d: DriverChoice) -> TestGateway {
+    let toml = config(
+        &[up.addr],
+        "max_idle = 1\n\n[timeouts]\nupstream_response = \"2s\"\nupstream_body = \"1s\"\n\n[[routes]]\nupstream = \"up\"\n",
+    );
+    TestGateway::start(&toml, d)
+}
+
+/// A normal request afterwards, on a new client connection: the gateway is up and answers
+/// with the upstream's real response (not bytes left over from an earlier exchange).
+fn still_serves(gw: &TestGateway, d: DriverChoice, what: &str) {
+    let r = get(gw.addr, "/ok");
+    assert_eq!(r.status, 200, "{d:?} {what}: the gateway serves afterwards");
+    assert_eq!(r.body, FINE, "{d:?} {what}: {}", r.text());
+}
+
+/// Sends a GET on a new connection; `None` when the connection ended before a complete
+/// response (a response cut mid-body, or no response at all).
+fn try_get(gw: &TestGateway, path: &str) -> (Option<Resp>, Vec<Resp>) {
+    let mut c = Client::connect(gw.addr);
+    c.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+    let mut interim = Vec::new();
+    loop {
+        match c.read_response() {
+            Some(r) if r.status < 200 => interim.push(r),
+            other => return (other, interim),
+        }
+    }
+}
+
+/// Sends `raw` on a new connection and returns every byte the gateway sends until it closes.
+fn raw_exchange(gw: &TestGateway, raw: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut c = Client::connect(gw.addr);
+    c.send(raw);
+    let mut got = Vec::new();
+    let _ = c.s.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn oversized_response_head_is_a_502() {
+    for d in DRIVERS {
+        let up = hostile::start(Hostile::OversizedHead(128 * 1024));
+        let gw = gateway(&up, d);
+        let (r, _) = try_get(&gw, "/big");
+        assert_eq!(r.expect("an answer").status, 502, "{d:?}");
+        still_serves(&gw, d, "oversized head");
+    }
+}
+
+#[test]
+fn too_many_response_headers_is_a_502() {
+    for d in DRIVERS {
+        let up = hostile::start(Hostile::TooManyHeaders(1000));
+        let gw = gateway(&up, d);
+        let (r, _) = try_get(&gw, "/many");
+        assert_eq!(r.expect("an answer").status, 502, "{d:?}");
+        still_serves(&gw, d, "too many headers");
+    }
+}
+
+#[test]
+fn interim_response_flood_is_cut() {
+    const FLOOD: usize = 1000;
+    for d in DRIVERS {
+        let up = hostile::start(Hostile::InterimFlood(FLOOD));
+        let gw = gateway(&up, d);
+        let (r, interim) = try_get(&gw, "/flood");
+        let r = r.expect("a final answer");
+        assert!(
+            r.status == 502 || (r.status == 200 && r.body == FINE),
+            "{d:?}: {} {}",
+            r.status,
+            r.text()
+        );
+        assert!(
+            interim.len() < FLOOD,
+            "{d:?}: all {} interim responses reached the client; the gateway must limit them",
+            interim.len()
+        );
+        still_serves(&gw, d, "1xx flood");
+    }
+}
+
+#[test]
+fn interim_responses_lose_their_hop_by_hop_fields() {
+    for d in DRIVERS {
+        let up = hostile::start(Hostile::InterimHopByHop);
+        let gw = gateway(&up, d);
+        let (r, interim) = try_get(&gw, "/hints");
+        let r = r.expect("a final answer");
+        assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?}");
+        for i in &interim {
+            assert_eq!(i.status, 103, "{d:?}");
+            for name in ["connection", "keep-alive", "transfer-encoding", "x-secret"] {
+                assert!(
+                    !i.has(name),
+                    "{d:?}: the interim response kept the hop-by-hop field {name}: {:?}",
+                    i.headers
+                );
+            }
+            assert!(
+                i.has("link"),
+                "{d:?}: end-to-end fields stay: {:?}",
+                i.headers
+            );
+        }
+        still_serves(&gw, d, "1xx with hop-by-hop fields");
+    }
+}
+
+#[test]
+fn bad_chunk_size_before_any_byte_went_to_the_client_is_a_502() {
+    let lines: [(&str, &'static [u8]); 4] = [
+        ("overflow", b"fffffffffffffffffff\r\n"),
+        ("overflow, long", b"100000000000000000000000000000000\r\n"),
+        ("not hex", b"zz\r\nhello\r\n0\r\n\r\n"),
+        ("negative", b"-5\r\nhello\r\n0\r\n\r\n"),
+    ];
+    let mut wrong = Vec::new();
+    for d in DRIVERS {
+        for (what, line) in lines {
+            let up = hostile::start(Hostile::BadFirstChunk(line));
+            let gw = gateway(&up, d);
+            let got = raw_exchange(
+                &gw,
+                b"GET /chunks HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            );
+            if !got.starts_with(b"HTTP/1.1 502 ") {
+                wrong.push(format!(
+                    "{d:?} {what}: got {:?}",
+                    String::from_utf8_lossy(&got[..got.len().min(120)])
+                ));
+            }
+            still_serves(&gw, d, what);
+        }
+    }
+    assert!(wrong.is_empty(), "not a 502:\n{}", wrong.join("\n"));
+}
+
+#[test]
+fn bad_chunk_framing_never_reaches_the_client_as_a_complete_response() {
+    let lines: [(&str, &'static [u8]); 4] = [
+        ("missing CRLF after data", b"5\r\nhelloXX0\r\n\r\n"),
+        ("u64::MAX after data", b"ffffffffffffffff\r\nx\r\n0\r\n\r\n"),
+        ("overflow after data", b"fffffffffffffffffff\r\n"),
+        ("not hex after data", b"5x\r\nhello\r\n0\r\n\r\n"),
+    ];
+    for d in DRIVERS {
+        for (what, line) in lines {
+            // First chunk `hello` sent, the bad part 100 ms later.
+            let up = hostile::start(Hostile::BadLaterChunk(line));
+            let gw = gateway(&up, d);
+            // The client's parser asserts chunk framing: a bad chunk passed through verbatim
+            // fails here.
+            let (r, _) = try_get(&gw, "/chunks");
+            if let Some(r) = r {
+                assert_eq!(
+                    r.status,
+                    502,
+                    "{d:?} {what}: a bad chunk must cut the response or be a 502, got {} {:?}",
+                    r.status,
+                    r.text()
+                );
+            }
+            still_serves(&gw, d, what);
+        }
+    }
+}
+
+/// The next client on the upstream's (single) pooled connection must not receive bytes the
+/// upstream sent after a bodiless response.
+#[test]
+fn bytes_after_a_bodiless_response_never_reach_the_next_client() {
+    let mut poisoned = Vec::new();
+    for d in DRIVERS {
+        for (what, status, raw) in [
+            ("HEAD", 200, &b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n"[..]),
+            ("204", 204, &b"GET /nc HTTP/1.1\r\nHost: a\r\n\r\n"[..]),
+            (
+                "304",
+                304,
+                &b"GET /nm HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"v1\"\r\n\r\n"[..],
+            ),
+        ] {
+            let sent = Event::new();
+            let up = hostile::start(Hostile::LateBytesAfterBodiless {
+                status,
+                sent: sent.clone(),
+            });
+            let gw = gateway(&up, d);
+            let mut first = Client::connect(gw.addr);
+            first.send(raw);
+            let r = first
+                .read_response_for(raw.starts_with(b"HEAD"))
+                .expect("an answer");
+            assert_eq!(r.status, status, "{d:?} {what}");
+            assert!(
+                sent.wait(Duration::from_secs(5)),
+                "{d:?} {what}: the upstream wrote its late bytes"
+            );
+            // A second client, another connection to the gateway.
+            let r = get(gw.addr, "/ok");
+            if r.body != FINE {
+                poisoned.push(format!("{d:?} {what}: {} {:?}", r.status, r.text()));
+            }
+            // The first client's connection is still in a sane state.
+            first.send(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n");
+            if let Some(r) = first.read_response() {
+                if r.body != FINE {
+                    poisoned.push(format!("{d:?} {what}, same client: {:?}", r.text()));
+                }
+            }
+        }
+    }
+    assert!(
+        poisoned.is_empty(),
+        "clients got the upstream's late bytes (pooled connection poisoning):\n{}",
+        poisoned.join("\n")
+    );
+}
+
+/// RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing; the connection
+/// must be closed after it, never pooled.
+#[test]
+fn http10_response_with_transfer_encoding_is_not_pooled() {
+    for d in DRIVERS {
+        let up = hostile::start(Hostile::Http10Chunked);
+        let gw = gateway(&up, d);
+        let (r, _) = try_get(&gw, "/old");
+        if let Some(r) = r {
+            assert!(
+                r.status == 200 || r.status == 502,
+                "{d:?}: {} {}",
+                r.status,
+                r.text()
+            );
+        }
+        still_serves(&gw, d, "HTTP/1.0 with Transfer-Encoding");
+        assert_eq!(up.hits(), 2, "{d:?}");
+        assert_eq!(
+            up.conns(),
+            2,
+            "{d:?}: the connection of the HTTP/1.0 chunked response was reused"
+        );
+    }
+}
+
+#[test]
+fn upstream_closing_mid_body_cuts_the_response() {
+    for d in DRIVERS {
+        let up = hostile::start(Hostile::EarlyClose);
+        let gw = gateway(&up, d);
+        let (r, _) = try_get(&gw, "/cut");
+        if let Some(r) = r {
+            assert_eq!(
+                r.status,
+                502,
+                "{d:?}: a body cut short is never delivered as complete: {}",
+                r.text()
+            );
+        }
+        still_serves(&gw, d, "early close");
+    }
+}
+
+#[test]
+fn bytes_beyond_content_length_are_not_delivered_and_not_reused() {
+    for d in DRIVERS {
+        let up = hostile::start(Hostile::LongerThanLength);
+        let gw = gateway(&up, d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET /long HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read_response().expect("an answer");
+        assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?}");
+        // Nothing more arrives for this request.
+        c.send(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n");
+        if let Some(r) = c.read_response() {
+            assert_eq!(r.body, FINE, "{d:?}: {}", r.text());
+        }
+        still_serves(&gw, d, "body longer than Content-Length");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A hostile identity provider.
+
+fn rs256_token() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some("rsa".into());
+    let pem = std::fs::read(format!(
+        "{}/tests/data/auth/rsa_private.pem",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).unwrap();
+    let claims = serde_json::json!({"sub": "alice", "exp": now + 600});
+    jsonwebtoken::encode(&h, &claims, &key).unwrap()
+}
+
+/// A JWKS server whose first answers are chunked with a chunk size of u64::MAX after a first
+/// chunk (the overflow of issue 10), or a size past u64: the fetcher must fail cleanly and
+/// fetch again, so that once the server behaves, tokens verify.
+#[test]
+fn jwks_server_with_overflowing_chunk_sizes_does_not_kill_the_fetcher() {
+    let jwk = std::fs::read_to_string(format!(
+        "{}/tests/data/auth/rsa_jwk.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    for d in DRIVERS {
+        let set = format!("{{\"keys\": [{jwk}]}}");
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let f = fetches.clone();
+        let keys = Upstream::start(move |_| {
+            let n = f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let hostile: &[u8] = match n {
+                0 => b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n1\r\n{\r\nffffffffffffffff\r\n",
+                1 => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nfffffffffffffffffffff\r\n",
+                _ => {
+                    let mut v = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        set.len()
+                    )
+                    .into_bytes();
+                    v.extend_from_slice(set.as_bytes());
+                    return Reply::RawClose(v);
+                }
+            };
+            Reply::RawClose(hostile.to_vec())
+        });
+        let up = Upstream::echo();
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\n\n[[routes]]\npath = \"/ok\"\nupstream = \"up\"\n\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+                keys.addr
+            ),
+        );
+        let gw = TestGateway::start(&toml, d);
+        let token = rs256_token();
+        let status = || {
+            request(
+                gw.addr,
+                format!("GET /api HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .status
+        };
+        // Each 401 with an unknown kid asks for a refresh (at most every 100 ms).
+        assert!(
+            eventually(Duration::from_secs(5), || status() == 200),
+            "{d:?}: after {} fetches the keys never arrived (did the fetcher die?)",
+            fetches.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        assert!(
+            fetches.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+            "{d:?}"
+        );
+        assert_eq!(get(gw.addr, "/ok").status, 200, "{d:?}");
+    }
+}
