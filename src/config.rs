@@ -57,26 +57,42 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// Longest duration any key accepts: one day. Every `Dur` is at most this, so `Instant + d`,
+/// the ejection-time doubling (×2^16 at most) and every other use of a configured duration stay
+/// far from overflow. (The regression: `upstream_response = "18000000000000000000s"` passed
+/// `ringway check` and aborted the process on the first proxied request.)
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected a number then ms, s, m or h"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+    if num.is_empty() {
+        return Err(format!(
+            "invalid duration {s:?}: expected a number then ms, s, m or h"
+        ));
+    }
+    let too_long = || format!("duration {s:?} is too long: at most 24h");
+    // All digits: a parse failure can only be an overflow.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
+    let ms_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => {
             return Err(format!(
                 "invalid duration {s:?}: unit must be ms, s, m or h"
             ))
         }
     };
+    let ms = n.checked_mul(ms_per_unit).ok_or_else(too_long)?;
+    let d = Duration::from_millis(ms);
     if d.is_zero() {
         return Err(format!("invalid duration {s:?}: must be above zero"));
+    }
+    if d > MAX_DURATION {
+        return Err(too_long());
     }
     Ok(d)
 }
@@ -179,11 +195,371 @@ fn check_header_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_header_value(s: &str) -> Result<(), String> {
-    if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-        return Err(format!("header value {s:?} contains CR, LF or NUL"));
+/// A field value written into a head (RFC 9110 §5.5): visible ASCII, obs-text, and SP/HTAB
+/// between them; no CR, LF, NUL or other control character, no leading or trailing blank.
+pub fn check_header_value(s: &str) -> Result<(), String> {
+    let b = s.as_bytes();
+    if let Some(c) = b.iter().find(|&&c| (c < 0x20 && c != b'\t') || c == 0x7f) {
+        let what = match c {
+            b'\r' | b'\n' => "CR or LF (it would end the header line)",
+            0 => "NUL",
+            _ => "a control character",
+        };
+        return Err(format!("header value {s:?} contains {what}"));
+    }
+    if b.first().is_some_and(|c| *c == b' ' || *c == b'\t')
+        || b.last().is_some_and(|c| *c == b' ' || *c == b'\t')
+    {
+        return Err(format!(
+            "header value {s:?} starts or ends with a blank (RFC 9110 §5.5)"
+        ));
     }
     Ok(())
+}
+
+/// Header names the gateway writes itself because they frame the message or belong to one
+/// hop (RFC 9110 §7.6.1, RFC 9112 §6): a configured rule or identity header with one of these
+/// names could desynchronise the connection, so none may be added, set or removed by config.
+pub const GATEWAY_OWNED_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "expect",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers this hop writes about the client (see `crate::rewrite`) or for tracing: an identity
+/// header may not take one of these names.
+pub const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+];
+
+fn check_not_gateway_owned(name: &str) -> Result<(), String> {
+    if GATEWAY_OWNED_HEADERS.contains(&name) {
+        return Err(format!(
+            "{name:?} is written by the gateway itself (message framing or hop-by-hop, RFC 9110 \
+             §7.6.1); it cannot be added, set or removed here"
+        ));
+    }
+    Ok(())
+}
+
+/// A header the gateway fills with who the caller is (consumer, forwarded claims, mTLS
+/// subject): not a gateway-owned or forwarding header, and no `_`, which CGI-style servers
+/// treat as `-` (a client's `x-user-id` would then pass for an `x_user_id` identity header).
+fn check_identity_header(name: &str) -> Result<(), String> {
+    check_not_gateway_owned(name)?;
+    if FORWARDING_HEADERS.contains(&name) {
+        return Err(format!(
+            "{name:?} is a forwarding header the gateway writes; pick another name"
+        ));
+    }
+    if name.contains('_') {
+        return Err(format!(
+            "{name:?}: identity header names may not contain '_' (servers that treat '_' and \
+             '-' alike would accept a client's copy under the other spelling)"
+        ));
+    }
+    Ok(())
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+}
+
+fn is_sub_delim(b: u8) -> bool {
+    b"!$&'()*+,;=".contains(&b)
+}
+
+/// Checks that every `%` starts a `%XX` escape (RFC 3986 §2.1) and every other byte passes
+/// `ok`.
+fn check_uri_chars(s: &str, ok: impl Fn(u8) -> bool) -> Result<(), usize> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if i + 2 >= b.len() {
+                return Err(i);
+            }
+            if !(b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+                return Err(i);
+            }
+            i += 3;
+        } else if ok(b[i]) {
+            i += 1;
+        } else {
+            return Err(i);
+        }
+    }
+    Ok(())
+}
+
+/// A path written into a request target: `/` then path characters only (RFC 9112 §3.2.1
+/// origin-form, RFC 3986 §3.3 pchar), without query or fragment. `allow_empty`: "" is
+/// accepted (a `replace_prefix` that removes the prefix).
+pub fn check_target_path(s: &str, allow_empty: bool) -> Result<(), String> {
+    if s.is_empty() && allow_empty {
+        return Ok(());
+    }
+    if !s.starts_with('/') {
+        return Err(format!("{s:?} must start with '/'"));
+    }
+    let pchar = |b: u8| is_unreserved(b) || is_sub_delim(b) || b == b':' || b == b'@' || b == b'/';
+    check_uri_chars(s, pchar).map_err(|i| {
+        format!(
+            "{s:?}: byte {} ({:?}) is not allowed in a request path (RFC 3986 §3.3: letters, \
+             digits, -._~!$&'()*+,;=:@/ and %XX escapes)",
+            i,
+            s[i..].chars().next().unwrap_or(' ')
+        )
+    })
+}
+
+/// A request target for a request the gateway makes itself (health checks): an origin-form
+/// path with an optional query (RFC 9112 §3.2.1).
+pub fn check_origin_form(s: &str) -> Result<(), String> {
+    let (path, query) = match s.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (s, None),
+    };
+    check_target_path(path, false)?;
+    if let Some(q) = query {
+        let qchar = |b: u8| is_unreserved(b) || is_sub_delim(b) || b":@/?".contains(&b);
+        check_uri_chars(q, qchar).map_err(|i| {
+            format!(
+                "{s:?}: the query holds a character not allowed there (RFC 3986 §3.4) at byte {}",
+                path.len() + 1 + i
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A `Host` value: `uri-host [ ":" port ]` (RFC 9110 §7.2): a reg-name (letters, digits,
+/// -._~, sub-delims, %XX) or a bracketed IPv6 literal, then an optional decimal port.
+pub fn check_host_value(s: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{s:?} is not a host: expected name[:port], IPv4[:port] or [IPv6][:port] (RFC 9110 §7.2)"
+        )
+    };
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']').ok_or_else(bad)?;
+        let lit = &rest[..end];
+        if lit.is_empty()
+            || !lit
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return Err(bad());
+        }
+        let after = &rest[end + 1..];
+        match after.strip_prefix(':') {
+            Some(p) => (lit, Some(p)),
+            None if after.is_empty() => (lit, None),
+            None => return Err(bad()),
+        }
+    } else {
+        let (h, p) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        };
+        if h.is_empty() {
+            return Err(bad());
+        }
+        check_uri_chars(h, |b| is_unreserved(b) || is_sub_delim(b)).map_err(|_| bad())?;
+        (h, p)
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    if let Some(p) = port {
+        if p.is_empty()
+            || p.len() > 5
+            || !p.bytes().all(|b| b.is_ascii_digit())
+            || p.parse::<u32>().map_or(true, |n| n > 65535)
+        {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// The pseudonym in `Via` (RFC 9110 §7.6.3: `received-by = pseudonym [ ":" port ]`, pseudonym
+/// a token).
+fn check_via(s: &str) -> Result<(), String> {
+    let (name, port) = match s.split_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (s, None),
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    if name.is_empty() || !name.bytes().all(is_tchar) || !port_ok {
+        return Err(format!(
+            "{s:?} is not a Via pseudonym: a token (letters, digits, !#$%&'*+-.^_`|~), optionally \
+             followed by :port (RFC 9110 §7.6.3)"
+        ));
+    }
+    Ok(())
+}
+
+/// A URL the gateway fetches itself (JWKS, introspection): its authority goes into `Host` and
+/// its path into the request target.
+fn check_fetch_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let (authority, target) = match rest.find('/') {
+        Some(p) => (&rest[..p], &rest[p..]),
+        None => (rest, "/"),
+    };
+    check_host_value(authority).map_err(|e| format!("{url:?}: {e}"))?;
+    check_origin_form(target).map_err(|e| format!("{url:?}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trusted proxies (RFC 7239 §8.3, and the X-Forwarded-* headers).
+
+/// Peers whose forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`) ringway believes:
+/// addresses or CIDR blocks from `[server] trusted_proxies`, parsed at load. Empty by default:
+/// every client's copies of those headers are replaced by what this hop saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies {
+    /// (network, prefix length), the network already masked.
+    v4: Vec<(u32, u8)>,
+    v6: Vec<(u128, u8)>,
+}
+
+/// Most entries `trusted_proxies` may list (each connection scans them once).
+pub const MAX_TRUSTED_PROXIES: usize = 256;
+
+impl TrustedProxies {
+    /// Parses "10.0.0.0/8", "127.0.0.1", "::1/128", "fd00::/8".
+    pub fn parse_entry(&mut self, s: &str) -> Result<(), String> {
+        use std::net::IpAddr;
+        let bad = |why: &str| format!("{s:?} is not an address or CIDR block: {why}");
+        let (ip, len) = match s.split_once('/') {
+            Some((a, l)) => {
+                let ip: IpAddr = a.parse().map_err(|_| bad("bad address"))?;
+                if l.is_empty() || l.len() > 3 || !l.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad("the prefix length is not a number"));
+                }
+                let len: u8 = l
+                    .parse()
+                    .map_err(|_| bad("the prefix length is not a number"))?;
+                (ip, Some(len))
+            }
+            None => (s.parse().map_err(|_| bad("bad address"))?, None),
+        };
+        match ip {
+            IpAddr::V4(a) => {
+                let len = len.unwrap_or(32);
+                if len > 32 {
+                    return Err(bad("an IPv4 prefix length is at most 32"));
+                }
+                let net = u32::from(a) & mask32(len);
+                if net != u32::from(a) {
+                    return Err(bad(
+                        "host bits are set after the prefix (write the network address)",
+                    ));
+                }
+                self.v4.push((net, len));
+            }
+            IpAddr::V6(a) => {
+                let len = len.unwrap_or(128);
+                if len > 128 {
+                    return Err(bad("an IPv6 prefix length is at most 128"));
+                }
+                let net = u128::from(a) & mask128(len);
+                if net != u128::from(a) {
+                    return Err(bad(
+                        "host bits are set after the prefix (write the network address)",
+                    ));
+                }
+                self.v6.push((net, len));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// Is `ip` one of the trusted proxies? An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`)
+    /// is looked up as the IPv4 address it carries. No allocation.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            },
+            v4 => v4,
+        };
+        match ip {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().any(|&(net, len)| a & mask32(len) == net)
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().any(|&(net, len)| a & mask128(len) == net)
+            }
+        }
+    }
+}
+
+fn mask32(len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0)
+}
+
+fn mask128(len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(len.min(128)))
+        .unwrap_or(0)
+}
+
+impl<'de> Deserialize<'de> for TrustedProxies {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// One entry, so that a bad one is reported with its own position.
+        struct Entry(String);
+        impl<'de> Deserialize<'de> for Entry {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                TrustedProxies::default()
+                    .parse_entry(&s)
+                    .map_err(de::Error::custom)?;
+                Ok(Entry(s))
+            }
+        }
+        let entries = Vec::<Entry>::deserialize(d)?;
+        if entries.len() > MAX_TRUSTED_PROXIES {
+            return Err(de::Error::custom(format!(
+                "at most {MAX_TRUSTED_PROXIES} entries (use CIDR blocks)"
+            )));
+        }
+        let mut t = TrustedProxies::default();
+        for e in entries {
+            t.parse_entry(&e.0).map_err(de::Error::custom)?;
+        }
+        Ok(t)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -240,6 +616,10 @@ pub struct ServerConfig {
     /// The pseudonym added to `Via` headers.
     #[serde(default = "default_via")]
     pub via: String,
+    /// Peers (addresses or CIDR blocks) whose forwarding headers are believed and extended;
+    /// anyone else's are replaced (see `crate::rewrite`). Default: none.
+    #[serde(default)]
+    pub trusted_proxies: TrustedProxies,
 }
 
 fn default_shutdown() -> Dur {
@@ -256,6 +636,7 @@ impl Default for ServerConfig {
             driver: DriverChoice::Auto,
             shutdown_timeout: default_shutdown(),
             via: default_via(),
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -994,6 +1375,27 @@ fn d_true() -> bool {
 // ---------------------------------------------------------------------------------------------
 // Loading.
 
+/// Most worker threads (`server.workers`).
+pub const MAX_WORKERS: usize = 1024;
+/// Largest `listen(2)` backlog (Linux caps it at `net.core.somaxconn` anyway).
+pub const MAX_BACKLOG: u32 = 65_535;
+/// Largest request body limit (`limits.max_body_bytes`, a route's `max_body_bytes`): 1 TiB.
+pub const MAX_BODY_BYTES: u64 = 1 << 40;
+/// Largest body kept in memory for a retry (`retry.max_replay_bytes`): 16 MiB.
+pub const MAX_REPLAY_BYTES: u64 = 16 << 20;
+/// Most TLS sessions kept for resumption (`tls.session_cache`).
+pub const MAX_SESSION_CACHE: usize = 1 << 20;
+/// Most idle connections pooled per endpoint and worker (`max_idle`).
+pub const MAX_IDLE_PER_ENDPOINT: usize = 4096;
+/// Most entries of a per-worker or host-wide map (`rate_limiting.max_keys`, `auth.cache_size`).
+pub const MAX_CACHE_ENTRIES: usize = 10_000_000;
+/// Most introspection calls in flight per worker.
+pub const MAX_INTROSPECTION_CONCURRENT: usize = 65_536;
+/// Largest `retry.budget_percent`.
+pub const MAX_RETRY_BUDGET_PERCENT: u32 = 1000;
+/// Longest Redis key prefix.
+pub const MAX_KEY_PREFIX: usize = 128;
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1285,9 +1687,6 @@ impl Config {
                             "must be between 200 and 599".into(),
                         ));
                     }
-                    for v in d.headers.values() {
-                        check_header_value(v).map_err(|e| err(k("direct.headers"), None, e))?;
-                    }
                 }
             }
             let kinds = [
@@ -1304,17 +1703,6 @@ impl Config {
                     None,
                     "use one of `path`, `path_prefix` and `path_regex`".into(),
                 ));
-            }
-            for (f, p) in [
-                ("path", &r.path),
-                ("path_prefix", &r.path_prefix),
-                ("strip_prefix", &r.strip_prefix),
-            ] {
-                if let Some(p) = p {
-                    if !p.starts_with('/') {
-                        return Err(err(k(f), None, format!("{p:?} must start with '/'")));
-                    }
-                }
             }
             if let Some(re) = &r.path_regex {
                 regex::bytes::Regex::new(re)
@@ -1367,14 +1755,6 @@ impl Config {
                         None,
                         format!("{m:?} is not an upper-case method name"),
                     ));
-                }
-            }
-            for (f, ops) in [
-                ("request_headers", &r.request_headers),
-                ("response_headers", &r.response_headers),
-            ] {
-                for v in ops.add.values().chain(ops.set.values()) {
-                    check_header_value(v).map_err(|e| err(k(f), None, e))?;
                 }
             }
             if let Some(rt) = &r.retry {
@@ -1477,9 +1857,6 @@ impl Config {
                     ));
                 }
             }
-            if let Some(h) = &r.set_host {
-                check_header_value(h).map_err(|e| err(k("set_host"), None, e))?;
-            }
         }
         if self
             .auth
@@ -1493,9 +1870,190 @@ impl Config {
                 "must not hold quotes, backslashes or control characters".into(),
             ));
         }
+        // Before the auth checks, which read key files and resolve URLs.
+        self.check_bounds_and_heads()
+            .map_err(|(key, reason)| err(key, None, reason))?;
         let policies: Vec<_> = self.routes.iter().map(|r| r.auth.clone()).collect();
         crate::auth::config::validate(&self.auth, &self.consumers, &policies)
             .map_err(|(key, reason)| err(key, None, reason))?;
+        Ok(())
+    }
+
+    /// Bounds on counts and sizes, and every config string that ends up in a message head or a
+    /// request target. Errors: (key path, reason). Durations are bounded by `Dur` itself.
+    fn check_bounds_and_heads(&self) -> Result<(), (String, String)> {
+        let fail = |key: String, reason: String| Err((key, reason));
+        if self.server.workers > MAX_WORKERS {
+            return fail(
+                "server.workers".into(),
+                format!("at most {MAX_WORKERS} (0: one per CPU)"),
+            );
+        }
+        check_via(&self.server.via).map_err(|e| ("server.via".to_string(), e))?;
+        if self.limits.max_body_bytes.0 > MAX_BODY_BYTES {
+            return fail(
+                "limits.max_body_bytes".into(),
+                "at most 1TiB (1099511627776 bytes)".into(),
+            );
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.backlog > MAX_BACKLOG {
+                return fail(
+                    format!("listeners[{i}].backlog"),
+                    format!("at most {MAX_BACKLOG}"),
+                );
+            }
+            let Some(t) = &l.tls else { continue };
+            if t.session_cache > MAX_SESSION_CACHE {
+                return fail(
+                    format!("listeners[{i}].tls.session_cache"),
+                    format!("at most {MAX_SESSION_CACHE} sessions"),
+                );
+            }
+            if let Some(c) = &t.client_auth {
+                check_identity_header(&c.subject_header.0)
+                    .map_err(|e| (format!("listeners[{i}].tls.client_auth.subject_header"), e))?;
+            }
+        }
+        for (name, u) in &self.upstreams {
+            if u.max_idle > MAX_IDLE_PER_ENDPOINT {
+                return fail(
+                    format!("upstreams.{name}.max_idle"),
+                    format!("at most {MAX_IDLE_PER_ENDPOINT} connections per endpoint"),
+                );
+            }
+            for (j, e) in u.endpoints.iter().enumerate() {
+                // The address can become the Host of proxied requests (preserve_host = false)
+                // and of health checks.
+                check_host_value(&e.address.text)
+                    .map_err(|r| (format!("upstreams.{name}.endpoints[{j}].address"), r))?;
+            }
+            if let Some(hc) = &u.health_check {
+                check_origin_form(&hc.path)
+                    .map_err(|r| (format!("upstreams.{name}.health_check.path"), r))?;
+                if let Some(h) = &hc.host {
+                    check_host_value(h)
+                        .map_err(|r| (format!("upstreams.{name}.health_check.host"), r))?;
+                }
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let k = |f: &str| format!("routes[{i}].{f}");
+            for (f, p) in [
+                ("path", &r.path),
+                ("path_prefix", &r.path_prefix),
+                ("strip_prefix", &r.strip_prefix),
+            ] {
+                if let Some(p) = p {
+                    check_target_path(p, false).map_err(|e| (k(f), e))?;
+                }
+            }
+            if let Some(p) = &r.replace_prefix {
+                check_target_path(p, true).map_err(|e| (k("replace_prefix"), e))?;
+            }
+            if let Some(h) = &r.set_host {
+                check_host_value(h).map_err(|e| (k("set_host"), e))?;
+            }
+            for (f, ops) in [
+                ("request_headers", &r.request_headers),
+                ("response_headers", &r.response_headers),
+            ] {
+                for (op, names) in [
+                    ("add", ops.add.keys().collect::<Vec<_>>()),
+                    ("set", ops.set.keys().collect()),
+                    ("remove", ops.remove.iter().collect()),
+                ] {
+                    for n in names {
+                        check_not_gateway_owned(&n.0).map_err(|e| (k(&format!("{f}.{op}")), e))?;
+                    }
+                }
+                for (op, m) in [("add", &ops.add), ("set", &ops.set)] {
+                    for v in m.values() {
+                        check_header_value(v).map_err(|e| (k(&format!("{f}.{op}")), e))?;
+                    }
+                }
+            }
+            if let Some(d) = &r.direct {
+                for (n, v) in &d.headers {
+                    check_not_gateway_owned(&n.0).map_err(|e| (k("direct.headers"), e))?;
+                    check_header_value(v).map_err(|e| (k("direct.headers"), e))?;
+                }
+            }
+            if r.max_body_bytes.is_some_and(|b| b.0 > MAX_BODY_BYTES) {
+                return fail(
+                    k("max_body_bytes"),
+                    "at most 1TiB (1099511627776 bytes)".into(),
+                );
+            }
+            if let Some(rt) = &r.retry {
+                if rt.max_replay_bytes.0 > MAX_REPLAY_BYTES {
+                    return fail(
+                        k("retry.max_replay_bytes"),
+                        "at most 16MiB (the body is held in memory for the replay)".into(),
+                    );
+                }
+                if rt.budget_percent > MAX_RETRY_BUDGET_PERCENT {
+                    return fail(
+                        k("retry.budget_percent"),
+                        format!("at most {MAX_RETRY_BUDGET_PERCENT}"),
+                    );
+                }
+            }
+        }
+        if self.rate_limiting.max_keys > MAX_CACHE_ENTRIES {
+            return fail(
+                "rate_limiting.max_keys".into(),
+                format!("at most {MAX_CACHE_ENTRIES}"),
+            );
+        }
+        if let Some(r) = &self.rate_limiting.redis {
+            let p = &r.key_prefix;
+            if p.len() > MAX_KEY_PREFIX || !p.bytes().all(|b| b.is_ascii_graphic()) {
+                return fail(
+                    "rate_limiting.redis.key_prefix".into(),
+                    format!("at most {MAX_KEY_PREFIX} visible ASCII characters, no spaces"),
+                );
+            }
+        }
+        let a = &self.auth;
+        if a.cache_size > MAX_CACHE_ENTRIES {
+            return fail(
+                "auth.cache_size".into(),
+                format!("at most {MAX_CACHE_ENTRIES}"),
+            );
+        }
+        check_not_gateway_owned(&a.api_key.header.0)
+            .map_err(|e| ("auth.api_key.header".to_string(), e))?;
+        check_identity_header(&a.consumer_header.0)
+            .map_err(|e| ("auth.consumer_header".to_string(), e))?;
+        for (name, j) in &a.jwt {
+            if j.leeway_seconds > MAX_DURATION.as_secs() {
+                return fail(
+                    format!("auth.jwt.{name}.leeway_seconds"),
+                    format!("at most {} (a day)", MAX_DURATION.as_secs()),
+                );
+            }
+            for h in j.forward_claims.values() {
+                check_identity_header(&h.0)
+                    .map_err(|e| (format!("auth.jwt.{name}.forward_claims"), e))?;
+            }
+            if let Some(u) = &j.jwks_url {
+                check_fetch_url(u).map_err(|e| (format!("auth.jwt.{name}.jwks_url"), e))?;
+            }
+        }
+        for (name, i) in &a.introspection {
+            if i.max_concurrent > MAX_INTROSPECTION_CONCURRENT {
+                return fail(
+                    format!("auth.introspection.{name}.max_concurrent"),
+                    format!("at most {MAX_INTROSPECTION_CONCURRENT}"),
+                );
+            }
+            for h in i.forward_claims.values() {
+                check_identity_header(&h.0)
+                    .map_err(|e| (format!("auth.introspection.{name}.forward_claims"), e))?;
+            }
+            check_fetch_url(&i.url).map_err(|e| (format!("auth.introspection.{name}.url"), e))?;
+        }
         Ok(())
     }
 

@@ -134,6 +134,10 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The subject of the client's verified certificate (mTLS), as a header value.
     pub client_subject: Option<Box<[u8]>>,
+    /// The peer is in `[server] trusted_proxies` (its forwarding headers are kept).
+    pub trusted: bool,
+    /// The listener's port (X-Forwarded-Port).
+    pub port: Option<u16>,
 }
 
 /// A client stream: plain TCP or TLS. `close` ends it politely: TLS sends `close_notify`;
@@ -907,6 +911,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             request_id: self.id.as_bytes(),
             via: &w.via,
             https: self.info.tls,
+            trusted: self.info.trusted,
+            port: self.info.port,
             client_cert: w.listeners[self.info.listener]
                 .subject_header
                 .as_deref()
@@ -1428,6 +1434,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
             request_id: self.id.as_bytes(),
             via: &w.via,
             https: self.info.tls,
+            trusted: self.info.trusted,
+            port: self.info.port,
             client_cert: None,
             identity: b"",
         };

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{Config, DriverChoice};
+use crate::config::{Config, DriverChoice, TrustedProxies};
 use crate::proxy::{serve, ConnInfo, ListenerRt, Worker};
 use crate::ratelimit::HostBuckets;
 use crate::tls::{self, UpstreamTls};
@@ -376,6 +376,8 @@ async fn worker_main(
         g.tls = t;
     }
     let w = Rc::new(worker);
+    // Consulted once per accepted connection (no allocation), never per request.
+    let trusted = Rc::new(cfg.server.trusted_proxies.clone());
     drop(cfg);
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
@@ -406,9 +408,10 @@ async fn worker_main(
         });
     }
     for (i, l) in listeners.into_iter().enumerate() {
+        let port = l.local_addr().ok().map(|a| a.port());
         match monoio::net::TcpListener::from_std(l) {
             Ok(l) => {
-                monoio::spawn(accept_loop(w.clone(), l, i));
+                monoio::spawn(accept_loop(w.clone(), l, i, port, trusted.clone()));
             }
             Err(e) => warn!("worker {id}: cannot register a listener: {e}"),
         }
@@ -429,7 +432,13 @@ async fn worker_main(
     }
 }
 
-async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize) {
+async fn accept_loop(
+    w: Rc<Worker>,
+    l: monoio::net::TcpListener,
+    listener: usize,
+    port: Option<u16>,
+    trusted_proxies: Rc<TrustedProxies>,
+) {
     let tls = w.listeners[listener].tls.clone();
     loop {
         let accepted = monoio::select! {
@@ -439,6 +448,7 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
         match accepted {
             Ok((stream, peer)) => {
                 w.active.set(w.active.get() + 1);
+                let trusted = trusted_proxies.contains(peer.ip());
                 let guard = ConnGuard(w.clone());
                 // Two task bodies, so that a plain connection's task is not sized for TLS.
                 match &tls {
@@ -446,6 +456,8 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
                         monoio::spawn(async move {
                             let info = ConnInfo {
                                 listener,
+                                trusted,
+                                port,
                                 ..ConnInfo::default()
                             };
                             serve(&guard.0, stream, peer, info).await;
@@ -455,7 +467,14 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
                     Some(cfg) => {
                         let cfg = cfg.clone();
                         monoio::spawn(async move {
-                            serve_tls(&guard.0, cfg, stream, peer, listener).await;
+                            let info = ConnInfo {
+                                listener,
+                                tls: true,
+                                trusted,
+                                port,
+                                client_subject: None,
+                            };
+                            serve_tls(&guard.0, cfg, stream, peer, info).await;
                             drop(guard);
                         });
                     }
@@ -477,7 +496,7 @@ async fn serve_tls(
     cfg: Arc<rustls::ServerConfig>,
     stream: monoio::net::TcpStream,
     peer: SocketAddr,
-    listener: usize,
+    mut info: ConnInfo,
 ) {
     let hs = monoio::select! {
         r = monoio::time::timeout(w.timeouts.client_head, tls::accept(cfg, stream)) => r,
@@ -485,11 +504,7 @@ async fn serve_tls(
     };
     match hs {
         Ok(Ok((s, client_subject))) => {
-            let info = ConnInfo {
-                listener,
-                tls: true,
-                client_subject,
-            };
+            info.client_subject = client_subject;
             serve(w, s, peer, info).await;
         }
         Ok(Err(e)) => {
