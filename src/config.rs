@@ -2130,7 +2130,7 @@ fn find_key_line(hay: &str, name: &str) -> Option<usize> {
         if t.starts_with(name) && t[name.len()..].trim_start().starts_with(['=', '.']) {
             return Some(pos + (line.len() - t.len()));
         }
-        if t == format!("[{name}]").as_str() || t.starts_with(&format!("[{name}.")) {
+        if t.trim_end() == format!("[{name}]").as_str() || t.starts_with(&format!("[{name}.")) {
             return Some(pos + (line.len() - t.len()));
         }
         pos += line.len();
@@ -2228,5 +2228,352 @@ upstream = "users"
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    /// `OK` with `extra` appended, and the 1-based line `extra`'s first line lands on.
+    fn with(extra: &str) -> (String, usize) {
+        let line = OK.lines().count() + 1;
+        (format!("{OK}{extra}"), line)
+    }
+
+    /// Asserts that `extra` is refused with `key` at `extra`'s line `line_in_extra` (0-based),
+    /// the reason containing `why`.
+    fn refused_at(extra: &str, line_in_extra: usize, key: &str, why: &str) {
+        let (src, first) = with(extra);
+        let e = bad(&src);
+        assert_eq!(e.key, key, "{e}\n{src}");
+        assert_eq!(e.line, Some(first + line_in_extra), "{e}\n{src}");
+        assert_eq!(e.file, "bad.toml");
+        assert!(e.reason.contains(why), "{e}");
+        assert!(e.to_string().contains(&format!("key `{key}`")), "{e}");
+    }
+
+    #[test]
+    fn regression_huge_upstream_response_timeout_is_refused() {
+        // Passed `ringway check` and aborted on the first proxied request (`Instant + d`).
+        refused_at(
+            "[timeouts]\nupstream_response = \"18000000000000000000s\"\n",
+            1,
+            "timeouts.upstream_response",
+            "too long: at most 24h",
+        );
+    }
+
+    #[test]
+    fn durations_are_bounded_everywhere_with_key_and_line() {
+        assert_eq!(parse_duration("24h").unwrap(), MAX_DURATION);
+        assert_eq!(parse_duration("86400000ms").unwrap(), MAX_DURATION);
+        for s in [
+            "25h",
+            "1441m",
+            "86401s",
+            "86400001ms",
+            "18446744073709551615h",
+            "99999999999999999999999s",
+        ] {
+            let e = parse_duration(s).unwrap_err();
+            assert!(e.contains("at most 24h"), "{s}: {e}");
+        }
+        let cases: &[(&str, usize, &str)] = &[
+            ("[server]\nshutdown_timeout = \"2000h\"\n", 1, "server.shutdown_timeout"),
+            ("[timeouts]\nclient_idle = \"100000s\"\n", 1, "timeouts.client_idle"),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\ntimeouts = { upstream_response = \"90000s\" }\n",
+                3,
+                "routes[1].timeouts.upstream_response",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nidle_timeout = \"48h\"\n",
+                2,
+                "upstreams.b.idle_timeout",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { interval = \"1000000m\" }\n",
+                2,
+                "upstreams.b.health_check.interval",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\noutlier = { max_ejection_time = \"30h\" }\n",
+                2,
+                "upstreams.b.outlier.max_ejection_time",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\ncircuit_breaker = { open_for = \"9999999999999999999s\" }\n",
+                2,
+                "upstreams.b.circuit_breaker.open_for",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nretry = { backoff_max = \"25h\" }\n",
+                3,
+                "routes[1].retry.backoff_max",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nrate_limits = [{ key = \"route\", rate = 1, per = \"100000s\" }]\n",
+                3,
+                "routes[1].rate_limits[0].per",
+            ),
+            (
+                "[rate_limiting.redis]\naddress = \"127.0.0.1:6379\"\ntimeout = \"100000s\"\n",
+                2,
+                "rate_limiting.redis.timeout",
+            ),
+            ("[auth]\ncache_max_ttl = \"25h\"\n", 1, "auth.cache_max_ttl"),
+            (
+                "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\njwks_grace = \"25h\"\n",
+                2,
+                "auth.jwt.j.jwks_grace",
+            ),
+        ];
+        for (extra, line, key) in cases {
+            refused_at(extra, *line, key, "at most 24h");
+        }
+    }
+
+    #[test]
+    fn sizes_and_counts_are_bounded() {
+        let cases: &[(&str, usize, &str, &str)] = &[
+            ("[limits]\nmax_body_bytes = 1099511627777\n", 1, "limits.max_body_bytes", "at most 1TiB"),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nmax_body_bytes = \"2000GiB\"\n",
+                3,
+                "routes[1].max_body_bytes",
+                "at most 1TiB",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nretry = { max_replay_bytes = \"17MiB\" }\n",
+                3,
+                "routes[1].retry.max_replay_bytes",
+                "at most 16MiB",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nretry = { budget_percent = 5000 }\n",
+                3,
+                "routes[1].retry.budget_percent",
+                "at most 1000",
+            ),
+            ("[server]\nworkers = 100000\n", 1, "server.workers", "at most 1024"),
+            ("[rate_limiting]\nmax_keys = 100000000\n", 1, "rate_limiting.max_keys", "at most"),
+            ("[auth]\ncache_size = 100000000\n", 1, "auth.cache_size", "at most"),
+            (
+                "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\nleeway_seconds = 9223372036854775807\n",
+                2,
+                "auth.jwt.j.leeway_seconds",
+                "at most 86400",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nmax_idle = 1000000\n",
+                2,
+                "upstreams.b.max_idle",
+                "at most 4096",
+            ),
+        ];
+        for (extra, line, key, why) in cases {
+            refused_at(extra, *line, key, why);
+        }
+        // A size that overflows u64 is refused while parsing, at its line.
+        refused_at(
+            "[limits]\nmax_body_bytes = \"18446744073709551615GiB\"\n",
+            1,
+            "limits.max_body_bytes",
+            "too large",
+        );
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:0\"\nbacklog = 4000000000\n");
+        assert_eq!(e.key, "listeners[0].backlog");
+        assert_eq!(e.line, Some(3));
+    }
+
+    #[test]
+    fn regression_crlf_in_replace_prefix_is_refused() {
+        // Was written into the upstream request head as is: a header injection.
+        let src = OK.replace(
+            "path_prefix = \"/users\"",
+            "path_prefix = \"/users\"\nreplace_prefix = \"/v1\\r\\nX-Injected: 1\\r\\n\"",
+        );
+        let e = bad(&src);
+        assert_eq!(e.key, "routes[0].replace_prefix");
+        assert_eq!(e.line, Some(10));
+        assert!(e.reason.contains("not allowed in a request path"), "{e}");
+    }
+
+    #[test]
+    fn strings_reaching_heads_and_targets_are_validated() {
+        let route = "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\n";
+        let cases: Vec<(String, usize, &str, &str)> = vec![
+            (format!("{route}replace_prefix = \"v2\"\n"), 3, "routes[1].replace_prefix", "must start with '/'"),
+            (format!("{route}replace_prefix = \"/a b\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
+            (format!("{route}replace_prefix = \"/a?b=1\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
+            (format!("{route}replace_prefix = \"/a%zz\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
+            (format!("{route}strip_prefix = \"/x\\u0000\"\n"), 3, "routes[1].strip_prefix", "not allowed"),
+            (format!("{route}set_host = \"a.test\\r\\nx: y\"\n"), 3, "routes[1].set_host", "not a host"),
+            (format!("{route}set_host = \"a.test/evil\"\n"), 3, "routes[1].set_host", "not a host"),
+            (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
+            (
+                format!("{route}request_headers = {{ add = {{ \"x-a\" = \"1\\r\\nx-b: 2\" }} }}\n"),
+                3,
+                "routes[1].request_headers.add",
+                "CR or LF",
+            ),
+            (
+                format!("{route}request_headers = {{ set = {{ \"x-a\" = \"\\u0001\" }} }}\n"),
+                3,
+                "routes[1].request_headers.set",
+                "control character",
+            ),
+            (
+                format!("{route}response_headers = {{ add = {{ \"x-a\" = \" padded\" }} }}\n"),
+                3,
+                "routes[1].response_headers.add",
+                "blank",
+            ),
+            (
+                format!("{route}request_headers = {{ set = {{ \"transfer-encoding\" = \"chunked\" }} }}\n"),
+                3,
+                "routes[1].request_headers.set",
+                "written by the gateway",
+            ),
+            (
+                format!("{route}request_headers = {{ add = {{ \"Host\" = \"other\" }} }}\n"),
+                3,
+                "routes[1].request_headers.add",
+                "written by the gateway",
+            ),
+            (
+                format!("{route}response_headers = {{ remove = [\"content-length\"] }}\n"),
+                3,
+                "routes[1].response_headers.remove",
+                "written by the gateway",
+            ),
+            (
+                "[[routes]]\npath = \"/d\"\ndirect = { status = 200, headers = { \"content-length\" = \"5\" } }\n".into(),
+                2,
+                "routes[1].direct.headers",
+                "written by the gateway",
+            ),
+            (
+                "[[routes]]\npath = \"/d\"\ndirect = { status = 200, headers = { \"x-a\" = \"a\\nb\" } }\n".into(),
+                2,
+                "routes[1].direct.headers",
+                "CR or LF",
+            ),
+            ("[server]\nvia = \"ring way\"\n".into(), 1, "server.via", "pseudonym"),
+            ("[server]\nvia = \"rw\\r\\nx: y\"\n".into(), 1, "server.via", "pseudonym"),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { path = \"/h c\" }\n".into(),
+                2,
+                "upstreams.b.health_check.path",
+                "not allowed",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { host = \"h\\r\\nx: y\" }\n".into(),
+                2,
+                "upstreams.b.health_check.host",
+                "not a host",
+            ),
+            ("[auth]\nconsumer_header = \"x_consumer\"\n".into(), 1, "auth.consumer_header", "'_'"),
+            ("[auth]\nconsumer_header = \"x-forwarded-for\"\n".into(), 1, "auth.consumer_header", "forwarding header"),
+            ("[auth.api_key]\nheader = \"content-length\"\n".into(), 1, "auth.api_key.header", "written by the gateway"),
+            (
+                "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\nforward_claims = { sub = \"x_user_id\" }\n".into(),
+                2,
+                "auth.jwt.j.forward_claims",
+                "'_'",
+            ),
+            (
+                "[auth.jwt.j]\njwks_url = \"http://127.0.0.1:9/keys a\"\n".into(),
+                1,
+                "auth.jwt.j.jwks_url",
+                "not allowed",
+            ),
+            (
+                "[auth.introspection.i]\nurl = \"http://127.0.0.1:9/in\\r\\nx: y\"\nclient_id = \"c\"\nclient_secret = \"s\"\n".into(),
+                1,
+                "auth.introspection.i.url",
+                "not allowed",
+            ),
+            (
+                "[rate_limiting.redis]\naddress = \"127.0.0.1:6379\"\nkey_prefix = \"rw \\r\\n\"\n".into(),
+                2,
+                "rate_limiting.redis.key_prefix",
+                "visible ASCII",
+            ),
+        ];
+        for (extra, line, key, why) in &cases {
+            refused_at(extra, *line, key, why);
+        }
+        // What stays accepted.
+        for extra in [
+            format!("{route}replace_prefix = \"\"\n"),
+            format!("{route}replace_prefix = \"/v1/%7Euser/a:b@c;d=e\"\n"),
+            format!("{route}set_host = \"[::1]:8080\"\n"),
+            format!("{route}set_host = \"users.internal\"\n"),
+            format!("{route}request_headers = {{ add = {{ \"x-a\" = \"a\\tb c\" }}, set = {{ \"x-empty\" = \"\" }} }}\n"),
+            "[server]\nvia = \"edge-1:8080\"\n".into(),
+            "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { path = \"/h?full=1\", host = \"b.internal\" }\n".into(),
+        ] {
+            let (src, _) = with(&extra);
+            Config::parse(&src, "ok.toml").unwrap_or_else(|e| panic!("{e}\n{src}"));
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_parse_and_match() {
+        use std::net::IpAddr;
+        let (src, _) = with(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1/128\", \"fd00::/8\", \"0.0.0.0/0\"]\n",
+        );
+        let c = Config::parse(&src, "t.toml").unwrap();
+        let t = &c.server.trusted_proxies;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for yes in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "::1",
+            "fd12::1",
+            "::ffff:10.9.9.9",
+            "203.0.113.9",
+        ] {
+            assert!(t.contains(ip(yes)), "{yes}");
+        }
+        let (src, _) = with("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n");
+        let t = Config::parse(&src, "t.toml")
+            .unwrap()
+            .server
+            .trusted_proxies;
+        for yes in ["10.0.0.0", "10.255.255.255", "::ffff:10.1.1.1", "::1"] {
+            assert!(t.contains(ip(yes)), "{yes}");
+        }
+        for no in [
+            "11.0.0.1",
+            "9.255.255.255",
+            "127.0.0.1",
+            "::2",
+            "fe80::1",
+            "::ffff:11.0.0.1",
+        ] {
+            assert!(!t.contains(ip(no)), "{no}");
+        }
+        assert!(!Config::parse(OK, "t")
+            .unwrap()
+            .server
+            .trusted_proxies
+            .contains(ip("127.0.0.1")));
+        // Bad entries: the key names the entry, the line is the array's.
+        let cases = [
+            ("\"10.0.0.0/33\"", "at most 32"),
+            ("\"::/129\"", "at most 128"),
+            ("\"10.0.0.1/8\"", "host bits"),
+            ("\"10.0.0/8\"", "bad address"),
+            ("\"10.0.0.0/\"", "prefix length"),
+            ("\"10.0.0.0/+8\"", "prefix length"),
+            ("\"localhost\"", "bad address"),
+        ];
+        for (entry, why) in cases {
+            refused_at(
+                &format!("[server]\ntrusted_proxies = [\"127.0.0.1\", {entry}]\n"),
+                1,
+                "server.trusted_proxies[1]",
+                why,
+            );
+        }
     }
 }

@@ -341,3 +341,164 @@ pub fn encode_client_head(
     }
     out.put_slice(b"\r\n");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::http::request::{parse_request, Limits};
+    use crate::router::Router;
+
+    /// The head `encode_upstream_head` writes for `raw` on a route with `route_extra`.
+    fn upstream_head(raw: &str, route_extra: &str, f: &Forwarding<'_>) -> String {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n{route_extra}\n");
+        let cfg = Config::parse(&src, "t.toml").unwrap();
+        let router = Router::new(&cfg, 1);
+        let mut head = RequestHead::default();
+        let n = parse_request(raw.as_bytes(), &Limits::default(), &mut head)
+            .unwrap()
+            .unwrap();
+        head.raw = bytes::Bytes::copy_from_slice(&raw.as_bytes()[..n]);
+        let mut out = BytesMut::new();
+        encode_upstream_head(&mut out, &head, &router.routes[0], b"127.0.0.1:9", f);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    fn fwd(peer_ip: &[u8], trusted: bool) -> Forwarding<'_> {
+        Forwarding {
+            peer_ip,
+            trusted,
+            port: Some(8080),
+            request_id: b"rid",
+            via: b"1.1 ringway",
+            https: false,
+            client_cert: None,
+            identity: b"",
+        }
+    }
+
+    /// The values of header `name` (lower case) in `head`, in order.
+    fn values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+        head.split("\r\n")
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    const SPOOFED: &str = "GET /a HTTP/1.1\r\nHost: shop.test:8443\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX-Forwarded-Port: 1\r\n\r\n";
+
+    #[test]
+    fn untrusted_peer_forwarding_headers_are_replaced() {
+        let h = upstream_head(SPOOFED, "", &fwd(b"192.0.2.1", false));
+        assert_eq!(values(&h, "x-forwarded-for"), ["192.0.2.1"], "{h}");
+        assert_eq!(values(&h, "x-real-ip"), ["192.0.2.1"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-proto"), ["http"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-host"), ["shop.test:8443"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-port"), ["8080"], "{h}");
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=192.0.2.1;proto=http;host=\"shop.test:8443\""],
+            "{h}"
+        );
+        assert!(
+            !h.contains("6.6.6.6") && !h.contains("7.7.7.7") && !h.contains("evil"),
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn trusted_peer_forwarding_headers_are_kept_and_extended() {
+        let h = upstream_head(SPOOFED, "", &fwd(b"10.0.0.2", true));
+        assert_eq!(
+            values(&h, "x-forwarded-for"),
+            ["6.6.6.6, 7.7.7.7, 10.0.0.2"],
+            "{h}"
+        );
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=6.6.6.6;proto=https, for=10.0.0.2;proto=http;host=\"shop.test:8443\""],
+            "{h}"
+        );
+        assert_eq!(values(&h, "x-real-ip"), ["6.6.6.6"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-proto"), ["https"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-host"), ["evil.test"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-port"), ["1"], "{h}");
+        // A trusted peer that sent none of them gets this hop's values.
+        let h = upstream_head(
+            "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "",
+            &fwd(b"10.0.0.2", true),
+        );
+        assert_eq!(values(&h, "x-forwarded-for"), ["10.0.0.2"], "{h}");
+        assert_eq!(values(&h, "x-real-ip"), ["10.0.0.2"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-proto"), ["http"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-host"), ["a.test"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-port"), ["8080"], "{h}");
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=10.0.0.2;proto=http;host=a.test"],
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn connection_listed_copies_are_never_kept() {
+        let raw = "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: x-real-ip, forwarded, x-forwarded-for\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+        let h = upstream_head(raw, "", &fwd(b"10.0.0.2", true));
+        assert!(!h.contains("6.6.6.6"), "{h}");
+        assert_eq!(values(&h, "x-real-ip"), ["10.0.0.2"], "{h}");
+    }
+
+    #[test]
+    fn ipv6_peer_is_quoted_and_bracketed_in_forwarded() {
+        let h = upstream_head(
+            "GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+            "",
+            &fwd(b"2001:db8::7", false),
+        );
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=\"[2001:db8::7]\";proto=http;host=\"[::1]:80\""],
+            "{h}"
+        );
+        assert_eq!(values(&h, "x-forwarded-for"), ["2001:db8::7"], "{h}");
+        // No Host (HTTP/1.0), unknown port: no host= and no X-Forwarded-Port.
+        let mut f = fwd(b"192.0.2.1", false);
+        f.port = None;
+        f.https = true;
+        let h = upstream_head("GET / HTTP/1.0\r\n\r\n", "", &f);
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=192.0.2.1;proto=https"],
+            "{h}"
+        );
+        assert!(values(&h, "x-forwarded-port").is_empty(), "{h}");
+        assert!(values(&h, "x-forwarded-host").is_empty(), "{h}");
+    }
+
+    #[test]
+    fn host_with_quote_or_backslash_is_escaped_in_forwarded() {
+        let h = upstream_head(
+            "GET / HTTP/1.1\r\nHost: a\"b\\c\r\n\r\n",
+            "",
+            &fwd(b"192.0.2.1", false),
+        );
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=192.0.2.1;proto=http;host=\"a\\\"b\\\\c\""],
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn route_rules_win_over_forwarding_headers() {
+        let rules = "request_headers = { remove = [\"forwarded\", \"x-real-ip\"], set = { \"x-forwarded-for\" = \"hidden\" } }";
+        for trusted in [false, true] {
+            let h = upstream_head(SPOOFED, rules, &fwd(b"10.0.0.2", trusted));
+            assert!(values(&h, "forwarded").is_empty(), "{h}");
+            assert!(values(&h, "x-real-ip").is_empty(), "{h}");
+            assert_eq!(values(&h, "x-forwarded-for"), ["hidden"], "{h}");
+        }
+    }
+}
