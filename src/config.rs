@@ -1928,6 +1928,20 @@ impl Config {
                 check_host_value(&e.address.text)
                     .map_err(|r| (format!("upstreams.{name}.endpoints[{j}].address"), r))?;
             }
+            if let Some(b) = &u.circuit_breaker {
+                // Zero would make every request wait out its connect timeout, or refuse it.
+                for (f, v) in [
+                    ("max_connections", b.max_connections),
+                    ("max_requests", b.max_requests),
+                ] {
+                    if v == Some(0) {
+                        return fail(
+                            format!("upstreams.{name}.circuit_breaker.{f}"),
+                            "must be above 0 (0 would refuse every request; leave it out for no limit)".into(),
+                        );
+                    }
+                }
+            }
             if let Some(hc) = &u.health_check {
                 check_origin_form(&hc.path)
                     .map_err(|r| (format!("upstreams.{name}.health_check.path"), r))?;
@@ -2365,6 +2379,18 @@ upstream = "users"
                 2,
                 "upstreams.b.max_idle",
                 "at most 4096",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\ncircuit_breaker = { max_connections = 0 }\n",
+                2,
+                "upstreams.b.circuit_breaker.max_connections",
+                "must be above 0",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\ncircuit_breaker = { max_requests = 0 }\n",
+                2,
+                "upstreams.b.circuit_breaker.max_requests",
+                "must be above 0",
             ),
         ];
         for (extra, line, key, why) in cases {
