@@ -227,6 +227,8 @@ fn bench_rewrite(c: &mut Criterion) {
     head.raw = bytes::Bytes::copy_from_slice(&HEAD[..n]);
     let f = Forwarding {
         peer_ip: b"203.0.113.7",
+        trusted: false,
+        port: Some(8080),
         request_id: b"7f3c9a10-2b4e-4c1d-9e8f-0a1b2c3d4e5f",
         via: b"1.1 ringway",
         https: false,

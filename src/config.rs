@@ -77,27 +77,42 @@ impl<'de> Deserialize<'de> for OptDur {
             .map_err(de::Error::custom)
     }
 }
+/// Longest duration any key accepts: one day. Every `Dur` is at most this, so `Instant + d`,
+/// the ejection-time doubling (×2^16 at most) and every other use of a configured duration stay
+/// far from overflow. (The regression: `upstream_response = "18000000000000000000s"` passed
+/// `ringway check` and aborted the process on the first proxied request.)
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected a number then ms, s, m or h"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+    if num.is_empty() {
+        return Err(format!(
+            "invalid duration {s:?}: expected a number then ms, s, m or h"
+        ));
+    }
+    let too_long = || format!("duration {s:?} is too long: at most 24h");
+    // All digits: a parse failure can only be an overflow.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
+    let ms_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => {
             return Err(format!(
                 "invalid duration {s:?}: unit must be ms, s, m or h"
             ))
         }
     };
+    let ms = n.checked_mul(ms_per_unit).ok_or_else(too_long)?;
+    let d = Duration::from_millis(ms);
     if d.is_zero() {
         return Err(format!("invalid duration {s:?}: must be above zero"));
+    }
+    if d > MAX_DURATION {
+        return Err(too_long());
     }
     Ok(d)
 }
@@ -200,11 +215,371 @@ fn check_header_name(s: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_header_value(s: &str) -> Result<(), String> {
-    if s.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
-        return Err(format!("header value {s:?} contains CR, LF or NUL"));
+/// A field value written into a head (RFC 9110 §5.5): visible ASCII, obs-text, and SP/HTAB
+/// between them; no CR, LF, NUL or other control character, no leading or trailing blank.
+pub fn check_header_value(s: &str) -> Result<(), String> {
+    let b = s.as_bytes();
+    if let Some(c) = b.iter().find(|&&c| (c < 0x20 && c != b'\t') || c == 0x7f) {
+        let what = match c {
+            b'\r' | b'\n' => "CR or LF (it would end the header line)",
+            0 => "NUL",
+            _ => "a control character",
+        };
+        return Err(format!("header value {s:?} contains {what}"));
+    }
+    if b.first().is_some_and(|c| *c == b' ' || *c == b'\t')
+        || b.last().is_some_and(|c| *c == b' ' || *c == b'\t')
+    {
+        return Err(format!(
+            "header value {s:?} starts or ends with a blank (RFC 9110 §5.5)"
+        ));
     }
     Ok(())
+}
+
+/// Header names the gateway writes itself because they frame the message or belong to one
+/// hop (RFC 9110 §7.6.1, RFC 9112 §6): a configured rule or identity header with one of these
+/// names could desynchronise the connection, so none may be added, set or removed by config.
+pub const GATEWAY_OWNED_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "expect",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers this hop writes about the client (see `crate::rewrite`) or for tracing: an identity
+/// header may not take one of these names.
+pub const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+];
+
+fn check_not_gateway_owned(name: &str) -> Result<(), String> {
+    if GATEWAY_OWNED_HEADERS.contains(&name) {
+        return Err(format!(
+            "{name:?} is written by the gateway itself (message framing or hop-by-hop, RFC 9110 \
+             §7.6.1); it cannot be added, set or removed here"
+        ));
+    }
+    Ok(())
+}
+
+/// A header the gateway fills with who the caller is (consumer, forwarded claims, mTLS
+/// subject): not a gateway-owned or forwarding header, and no `_`, which CGI-style servers
+/// treat as `-` (a client's `x-user-id` would then pass for an `x_user_id` identity header).
+fn check_identity_header(name: &str) -> Result<(), String> {
+    check_not_gateway_owned(name)?;
+    if FORWARDING_HEADERS.contains(&name) {
+        return Err(format!(
+            "{name:?} is a forwarding header the gateway writes; pick another name"
+        ));
+    }
+    if name.contains('_') {
+        return Err(format!(
+            "{name:?}: identity header names may not contain '_' (servers that treat '_' and \
+             '-' alike would accept a client's copy under the other spelling)"
+        ));
+    }
+    Ok(())
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+}
+
+fn is_sub_delim(b: u8) -> bool {
+    b"!$&'()*+,;=".contains(&b)
+}
+
+/// Checks that every `%` starts a `%XX` escape (RFC 3986 §2.1) and every other byte passes
+/// `ok`.
+fn check_uri_chars(s: &str, ok: impl Fn(u8) -> bool) -> Result<(), usize> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if i + 2 >= b.len() {
+                return Err(i);
+            }
+            if !(b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+                return Err(i);
+            }
+            i += 3;
+        } else if ok(b[i]) {
+            i += 1;
+        } else {
+            return Err(i);
+        }
+    }
+    Ok(())
+}
+
+/// A path written into a request target: `/` then path characters only (RFC 9112 §3.2.1
+/// origin-form, RFC 3986 §3.3 pchar), without query or fragment. `allow_empty`: "" is
+/// accepted (a `replace_prefix` that removes the prefix).
+pub fn check_target_path(s: &str, allow_empty: bool) -> Result<(), String> {
+    if s.is_empty() && allow_empty {
+        return Ok(());
+    }
+    if !s.starts_with('/') {
+        return Err(format!("{s:?} must start with '/'"));
+    }
+    let pchar = |b: u8| is_unreserved(b) || is_sub_delim(b) || b == b':' || b == b'@' || b == b'/';
+    check_uri_chars(s, pchar).map_err(|i| {
+        format!(
+            "{s:?}: byte {} ({:?}) is not allowed in a request path (RFC 3986 §3.3: letters, \
+             digits, -._~!$&'()*+,;=:@/ and %XX escapes)",
+            i,
+            s[i..].chars().next().unwrap_or(' ')
+        )
+    })
+}
+
+/// A request target for a request the gateway makes itself (health checks): an origin-form
+/// path with an optional query (RFC 9112 §3.2.1).
+pub fn check_origin_form(s: &str) -> Result<(), String> {
+    let (path, query) = match s.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (s, None),
+    };
+    check_target_path(path, false)?;
+    if let Some(q) = query {
+        let qchar = |b: u8| is_unreserved(b) || is_sub_delim(b) || b":@/?".contains(&b);
+        check_uri_chars(q, qchar).map_err(|i| {
+            format!(
+                "{s:?}: the query holds a character not allowed there (RFC 3986 §3.4) at byte {}",
+                path.len() + 1 + i
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A `Host` value: `uri-host [ ":" port ]` (RFC 9110 §7.2): a reg-name (letters, digits,
+/// -._~, sub-delims, %XX) or a bracketed IPv6 literal, then an optional decimal port.
+pub fn check_host_value(s: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "{s:?} is not a host: expected name[:port], IPv4[:port] or [IPv6][:port] (RFC 9110 §7.2)"
+        )
+    };
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']').ok_or_else(bad)?;
+        let lit = &rest[..end];
+        if lit.is_empty()
+            || !lit
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return Err(bad());
+        }
+        let after = &rest[end + 1..];
+        match after.strip_prefix(':') {
+            Some(p) => (lit, Some(p)),
+            None if after.is_empty() => (lit, None),
+            None => return Err(bad()),
+        }
+    } else {
+        let (h, p) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        };
+        if h.is_empty() {
+            return Err(bad());
+        }
+        check_uri_chars(h, |b| is_unreserved(b) || is_sub_delim(b)).map_err(|_| bad())?;
+        (h, p)
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    if let Some(p) = port {
+        if p.is_empty()
+            || p.len() > 5
+            || !p.bytes().all(|b| b.is_ascii_digit())
+            || p.parse::<u32>().map_or(true, |n| n > 65535)
+        {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// The pseudonym in `Via` (RFC 9110 §7.6.3: `received-by = pseudonym [ ":" port ]`, pseudonym
+/// a token).
+fn check_via(s: &str) -> Result<(), String> {
+    let (name, port) = match s.split_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (s, None),
+    };
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    if name.is_empty() || !name.bytes().all(is_tchar) || !port_ok {
+        return Err(format!(
+            "{s:?} is not a Via pseudonym: a token (letters, digits, !#$%&'*+-.^_`|~), optionally \
+             followed by :port (RFC 9110 §7.6.3)"
+        ));
+    }
+    Ok(())
+}
+
+/// A URL the gateway fetches itself (JWKS, introspection): its authority goes into `Host` and
+/// its path into the request target.
+fn check_fetch_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let (authority, target) = match rest.find('/') {
+        Some(p) => (&rest[..p], &rest[p..]),
+        None => (rest, "/"),
+    };
+    check_host_value(authority).map_err(|e| format!("{url:?}: {e}"))?;
+    check_origin_form(target).map_err(|e| format!("{url:?}: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trusted proxies (RFC 7239 §8.3, and the X-Forwarded-* headers).
+
+/// Peers whose forwarding headers (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`) ringway believes:
+/// addresses or CIDR blocks from `[server] trusted_proxies`, parsed at load. Empty by default:
+/// every client's copies of those headers are replaced by what this hop saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies {
+    /// (network, prefix length), the network already masked.
+    v4: Vec<(u32, u8)>,
+    v6: Vec<(u128, u8)>,
+}
+
+/// Most entries `trusted_proxies` may list (each connection scans them once).
+pub const MAX_TRUSTED_PROXIES: usize = 256;
+
+impl TrustedProxies {
+    /// Parses "10.0.0.0/8", "127.0.0.1", "::1/128", "fd00::/8".
+    pub fn parse_entry(&mut self, s: &str) -> Result<(), String> {
+        use std::net::IpAddr;
+        let bad = |why: &str| format!("{s:?} is not an address or CIDR block: {why}");
+        let (ip, len) = match s.split_once('/') {
+            Some((a, l)) => {
+                let ip: IpAddr = a.parse().map_err(|_| bad("bad address"))?;
+                if l.is_empty() || l.len() > 3 || !l.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad("the prefix length is not a number"));
+                }
+                let len: u8 = l
+                    .parse()
+                    .map_err(|_| bad("the prefix length is not a number"))?;
+                (ip, Some(len))
+            }
+            None => (s.parse().map_err(|_| bad("bad address"))?, None),
+        };
+        match ip {
+            IpAddr::V4(a) => {
+                let len = len.unwrap_or(32);
+                if len > 32 {
+                    return Err(bad("an IPv4 prefix length is at most 32"));
+                }
+                let net = u32::from(a) & mask32(len);
+                if net != u32::from(a) {
+                    return Err(bad(
+                        "host bits are set after the prefix (write the network address)",
+                    ));
+                }
+                self.v4.push((net, len));
+            }
+            IpAddr::V6(a) => {
+                let len = len.unwrap_or(128);
+                if len > 128 {
+                    return Err(bad("an IPv6 prefix length is at most 128"));
+                }
+                let net = u128::from(a) & mask128(len);
+                if net != u128::from(a) {
+                    return Err(bad(
+                        "host bits are set after the prefix (write the network address)",
+                    ));
+                }
+                self.v6.push((net, len));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// Is `ip` one of the trusted proxies? An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`)
+    /// is looked up as the IPv4 address it carries. No allocation.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            },
+            v4 => v4,
+        };
+        match ip {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().any(|&(net, len)| a & mask32(len) == net)
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().any(|&(net, len)| a & mask128(len) == net)
+            }
+        }
+    }
+}
+
+fn mask32(len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0)
+}
+
+fn mask128(len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(len.min(128)))
+        .unwrap_or(0)
+}
+
+impl<'de> Deserialize<'de> for TrustedProxies {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// One entry, so that a bad one is reported with its own position.
+        struct Entry(String);
+        impl<'de> Deserialize<'de> for Entry {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                TrustedProxies::default()
+                    .parse_entry(&s)
+                    .map_err(de::Error::custom)?;
+                Ok(Entry(s))
+            }
+        }
+        let entries = Vec::<Entry>::deserialize(d)?;
+        if entries.len() > MAX_TRUSTED_PROXIES {
+            return Err(de::Error::custom(format!(
+                "at most {MAX_TRUSTED_PROXIES} entries (use CIDR blocks)"
+            )));
+        }
+        let mut t = TrustedProxies::default();
+        for e in entries {
+            t.parse_entry(&e.0).map_err(de::Error::custom)?;
+        }
+        Ok(t)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,6 +641,10 @@ pub struct ServerConfig {
     /// file-descriptor limit at start (half of it, shared by the workers).
     #[serde(default)]
     pub max_connections_per_worker: usize,
+    /// Peers (addresses or CIDR blocks) whose forwarding headers are believed and extended;
+    /// anyone else's are replaced (see `crate::rewrite`). Default: none.
+    #[serde(default)]
+    pub trusted_proxies: TrustedProxies,
 }
 
 fn default_shutdown() -> Dur {
@@ -283,6 +662,7 @@ impl Default for ServerConfig {
             shutdown_timeout: default_shutdown(),
             via: default_via(),
             max_connections_per_worker: 0,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -722,18 +1102,13 @@ impl<'de> Deserialize<'de> for IdleCap {
         }
         let bad = || de::Error::custom("expected \"auto\" or a number of connections");
         match Raw::deserialize(d).map_err(|_| bad())? {
-            Raw::N(n) if n <= MAX_IDLE_CAP as u64 => Ok(IdleCap::Fixed(n as usize)),
-            Raw::N(n) => Err(de::Error::custom(format!(
-                "max_idle {n} is above {MAX_IDLE_CAP}"
-            ))),
+            // Bounded by `validate` (MAX_IDLE_PER_ENDPOINT), which names the line.
+            Raw::N(n) => Ok(IdleCap::Fixed(usize::try_from(n).unwrap_or(usize::MAX))),
             Raw::S(s) if s == "auto" => Ok(IdleCap::Auto),
             Raw::S(_) => Err(bad()),
         }
     }
 }
-
-/// The largest fixed `max_idle`.
-pub const MAX_IDLE_CAP: usize = 1 << 20;
 dur_default!(d_idle_timeout, 30_000);
 
 #[derive(Clone, Debug, Deserialize)]
@@ -1071,6 +1446,27 @@ fn d_true() -> bool {
 // ---------------------------------------------------------------------------------------------
 // Loading.
 
+/// Most worker threads (`server.workers`).
+pub const MAX_WORKERS: usize = 1024;
+/// Largest `listen(2)` backlog (Linux caps it at `net.core.somaxconn` anyway).
+pub const MAX_BACKLOG: u32 = 65_535;
+/// Largest request body limit (`limits.max_body_bytes`, a route's `max_body_bytes`): 1 TiB.
+pub const MAX_BODY_BYTES: u64 = 1 << 40;
+/// Largest body kept in memory for a retry (`retry.max_replay_bytes`): 16 MiB.
+pub const MAX_REPLAY_BYTES: u64 = 16 << 20;
+/// Most TLS sessions kept for resumption (`tls.session_cache`).
+pub const MAX_SESSION_CACHE: usize = 1 << 20;
+/// Most idle connections pooled per endpoint and worker (`max_idle`).
+pub const MAX_IDLE_PER_ENDPOINT: usize = 4096;
+/// Most entries of a per-worker or host-wide map (`rate_limiting.max_keys`, `auth.cache_size`).
+pub const MAX_CACHE_ENTRIES: usize = 10_000_000;
+/// Most introspection calls in flight per worker.
+pub const MAX_INTROSPECTION_CONCURRENT: usize = 65_536;
+/// Largest `retry.budget_percent`.
+pub const MAX_RETRY_BUDGET_PERCENT: u32 = 1000;
+/// Longest Redis key prefix.
+pub const MAX_KEY_PREFIX: usize = 128;
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1362,9 +1758,6 @@ impl Config {
                             "must be between 200 and 599".into(),
                         ));
                     }
-                    for v in d.headers.values() {
-                        check_header_value(v).map_err(|e| err(k("direct.headers"), None, e))?;
-                    }
                 }
             }
             let kinds = [
@@ -1381,17 +1774,6 @@ impl Config {
                     None,
                     "use one of `path`, `path_prefix` and `path_regex`".into(),
                 ));
-            }
-            for (f, p) in [
-                ("path", &r.path),
-                ("path_prefix", &r.path_prefix),
-                ("strip_prefix", &r.strip_prefix),
-            ] {
-                if let Some(p) = p {
-                    if !p.starts_with('/') {
-                        return Err(err(k(f), None, format!("{p:?} must start with '/'")));
-                    }
-                }
             }
             if let Some(re) = &r.path_regex {
                 regex::bytes::Regex::new(re)
@@ -1444,14 +1826,6 @@ impl Config {
                         None,
                         format!("{m:?} is not an upper-case method name"),
                     ));
-                }
-            }
-            for (f, ops) in [
-                ("request_headers", &r.request_headers),
-                ("response_headers", &r.response_headers),
-            ] {
-                for v in ops.add.values().chain(ops.set.values()) {
-                    check_header_value(v).map_err(|e| err(k(f), None, e))?;
                 }
             }
             if let Some(rt) = &r.retry {
@@ -1554,9 +1928,6 @@ impl Config {
                     ));
                 }
             }
-            if let Some(h) = &r.set_host {
-                check_header_value(h).map_err(|e| err(k("set_host"), None, e))?;
-            }
         }
         if self
             .auth
@@ -1570,9 +1941,204 @@ impl Config {
                 "must not hold quotes, backslashes or control characters".into(),
             ));
         }
+        // Before the auth checks, which read key files and resolve URLs.
+        self.check_bounds_and_heads()
+            .map_err(|(key, reason)| err(key, None, reason))?;
         let policies: Vec<_> = self.routes.iter().map(|r| r.auth.clone()).collect();
         crate::auth::config::validate(&self.auth, &self.consumers, &policies)
             .map_err(|(key, reason)| err(key, None, reason))?;
+        Ok(())
+    }
+
+    /// Bounds on counts and sizes, and every config string that ends up in a message head or a
+    /// request target. Errors: (key path, reason). Durations are bounded by `Dur` itself.
+    fn check_bounds_and_heads(&self) -> Result<(), (String, String)> {
+        let fail = |key: String, reason: String| Err((key, reason));
+        if self.server.workers > MAX_WORKERS {
+            return fail(
+                "server.workers".into(),
+                format!("at most {MAX_WORKERS} (0: one per CPU)"),
+            );
+        }
+        check_via(&self.server.via).map_err(|e| ("server.via".to_string(), e))?;
+        if self.limits.max_body_bytes.0 > MAX_BODY_BYTES {
+            return fail(
+                "limits.max_body_bytes".into(),
+                "at most 1TiB (1099511627776 bytes)".into(),
+            );
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.backlog > MAX_BACKLOG {
+                return fail(
+                    format!("listeners[{i}].backlog"),
+                    format!("at most {MAX_BACKLOG}"),
+                );
+            }
+            let Some(t) = &l.tls else { continue };
+            if t.session_cache > MAX_SESSION_CACHE {
+                return fail(
+                    format!("listeners[{i}].tls.session_cache"),
+                    format!("at most {MAX_SESSION_CACHE} sessions"),
+                );
+            }
+            if let Some(c) = &t.client_auth {
+                check_identity_header(&c.subject_header.0)
+                    .map_err(|e| (format!("listeners[{i}].tls.client_auth.subject_header"), e))?;
+            }
+        }
+        for (name, u) in &self.upstreams {
+            if matches!(u.max_idle, IdleCap::Fixed(n) if n > MAX_IDLE_PER_ENDPOINT) {
+                return fail(
+                    format!("upstreams.{name}.max_idle"),
+                    format!("at most {MAX_IDLE_PER_ENDPOINT} connections per endpoint"),
+                );
+            }
+            for (j, e) in u.endpoints.iter().enumerate() {
+                // The address can become the Host of proxied requests (preserve_host = false)
+                // and of health checks.
+                check_host_value(&e.address.text)
+                    .map_err(|r| (format!("upstreams.{name}.endpoints[{j}].address"), r))?;
+            }
+            if let Some(b) = &u.circuit_breaker {
+                // Zero would make every request wait out its connect timeout, or refuse it.
+                for (f, v) in [
+                    ("max_connections", b.max_connections),
+                    ("max_requests", b.max_requests),
+                ] {
+                    if v == Some(0) {
+                        return fail(
+                            format!("upstreams.{name}.circuit_breaker.{f}"),
+                            "must be above 0 (0 would refuse every request; leave it out for no limit)".into(),
+                        );
+                    }
+                }
+            }
+            if let Some(hc) = &u.health_check {
+                check_origin_form(&hc.path)
+                    .map_err(|r| (format!("upstreams.{name}.health_check.path"), r))?;
+                if let Some(h) = &hc.host {
+                    check_host_value(h)
+                        .map_err(|r| (format!("upstreams.{name}.health_check.host"), r))?;
+                }
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let k = |f: &str| format!("routes[{i}].{f}");
+            for (f, p) in [
+                ("path", &r.path),
+                ("path_prefix", &r.path_prefix),
+                ("strip_prefix", &r.strip_prefix),
+            ] {
+                if let Some(p) = p {
+                    check_target_path(p, false).map_err(|e| (k(f), e))?;
+                }
+            }
+            if let Some(p) = &r.replace_prefix {
+                check_target_path(p, true).map_err(|e| (k("replace_prefix"), e))?;
+            }
+            if let Some(h) = &r.set_host {
+                check_host_value(h).map_err(|e| (k("set_host"), e))?;
+            }
+            for (f, ops) in [
+                ("request_headers", &r.request_headers),
+                ("response_headers", &r.response_headers),
+            ] {
+                for (op, names) in [
+                    ("add", ops.add.keys().collect::<Vec<_>>()),
+                    ("set", ops.set.keys().collect()),
+                    ("remove", ops.remove.iter().collect()),
+                ] {
+                    for n in names {
+                        check_not_gateway_owned(&n.0).map_err(|e| (k(&format!("{f}.{op}")), e))?;
+                    }
+                }
+                for (op, m) in [("add", &ops.add), ("set", &ops.set)] {
+                    for v in m.values() {
+                        check_header_value(v).map_err(|e| (k(&format!("{f}.{op}")), e))?;
+                    }
+                }
+            }
+            if let Some(d) = &r.direct {
+                for (n, v) in &d.headers {
+                    check_not_gateway_owned(&n.0).map_err(|e| (k("direct.headers"), e))?;
+                    check_header_value(v).map_err(|e| (k("direct.headers"), e))?;
+                }
+            }
+            if r.max_body_bytes.is_some_and(|b| b.0 > MAX_BODY_BYTES) {
+                return fail(
+                    k("max_body_bytes"),
+                    "at most 1TiB (1099511627776 bytes)".into(),
+                );
+            }
+            if let Some(rt) = &r.retry {
+                if rt.max_replay_bytes.0 > MAX_REPLAY_BYTES {
+                    return fail(
+                        k("retry.max_replay_bytes"),
+                        "at most 16MiB (the body is held in memory for the replay)".into(),
+                    );
+                }
+                if rt.budget_percent > MAX_RETRY_BUDGET_PERCENT {
+                    return fail(
+                        k("retry.budget_percent"),
+                        format!("at most {MAX_RETRY_BUDGET_PERCENT}"),
+                    );
+                }
+            }
+        }
+        if self.rate_limiting.max_keys > MAX_CACHE_ENTRIES {
+            return fail(
+                "rate_limiting.max_keys".into(),
+                format!("at most {MAX_CACHE_ENTRIES}"),
+            );
+        }
+        if let Some(r) = &self.rate_limiting.redis {
+            let p = &r.key_prefix;
+            if p.len() > MAX_KEY_PREFIX || !p.bytes().all(|b| b.is_ascii_graphic()) {
+                return fail(
+                    "rate_limiting.redis.key_prefix".into(),
+                    format!("at most {MAX_KEY_PREFIX} visible ASCII characters, no spaces"),
+                );
+            }
+        }
+        let a = &self.auth;
+        if a.cache_size > MAX_CACHE_ENTRIES {
+            return fail(
+                "auth.cache_size".into(),
+                format!("at most {MAX_CACHE_ENTRIES}"),
+            );
+        }
+        check_not_gateway_owned(&a.api_key.header.0)
+            .map_err(|e| ("auth.api_key.header".to_string(), e))?;
+        check_identity_header(&a.consumer_header.0)
+            .map_err(|e| ("auth.consumer_header".to_string(), e))?;
+        for (name, j) in &a.jwt {
+            if j.leeway_seconds > MAX_DURATION.as_secs() {
+                return fail(
+                    format!("auth.jwt.{name}.leeway_seconds"),
+                    format!("at most {} (a day)", MAX_DURATION.as_secs()),
+                );
+            }
+            for h in j.forward_claims.values() {
+                check_identity_header(&h.0)
+                    .map_err(|e| (format!("auth.jwt.{name}.forward_claims"), e))?;
+            }
+            if let Some(u) = &j.jwks_url {
+                check_fetch_url(u).map_err(|e| (format!("auth.jwt.{name}.jwks_url"), e))?;
+            }
+        }
+        for (name, i) in &a.introspection {
+            if i.max_concurrent > MAX_INTROSPECTION_CONCURRENT {
+                return fail(
+                    format!("auth.introspection.{name}.max_concurrent"),
+                    format!("at most {MAX_INTROSPECTION_CONCURRENT}"),
+                );
+            }
+            for h in i.forward_claims.values() {
+                check_identity_header(&h.0)
+                    .map_err(|e| (format!("auth.introspection.{name}.forward_claims"), e))?;
+            }
+            check_fetch_url(&i.url).map_err(|e| (format!("auth.introspection.{name}.url"), e))?;
+        }
         Ok(())
     }
 
@@ -1649,7 +2215,7 @@ fn find_key_line(hay: &str, name: &str) -> Option<usize> {
         if t.starts_with(name) && t[name.len()..].trim_start().starts_with(['=', '.']) {
             return Some(pos + (line.len() - t.len()));
         }
-        if t == format!("[{name}]").as_str() || t.starts_with(&format!("[{name}.")) {
+        if t.trim_end() == format!("[{name}]").as_str() || t.starts_with(&format!("[{name}.")) {
             return Some(pos + (line.len() - t.len()));
         }
         pos += line.len();
@@ -1747,5 +2313,364 @@ upstream = "users"
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    /// `OK` with `extra` appended, and the 1-based line `extra`'s first line lands on.
+    fn with(extra: &str) -> (String, usize) {
+        let line = OK.lines().count() + 1;
+        (format!("{OK}{extra}"), line)
+    }
+
+    /// Asserts that `extra` is refused with `key` at `extra`'s line `line_in_extra` (0-based),
+    /// the reason containing `why`.
+    fn refused_at(extra: &str, line_in_extra: usize, key: &str, why: &str) {
+        let (src, first) = with(extra);
+        let e = bad(&src);
+        assert_eq!(e.key, key, "{e}\n{src}");
+        assert_eq!(e.line, Some(first + line_in_extra), "{e}\n{src}");
+        assert_eq!(e.file, "bad.toml");
+        assert!(e.reason.contains(why), "{e}");
+        assert!(e.to_string().contains(&format!("key `{key}`")), "{e}");
+    }
+
+    #[test]
+    fn regression_huge_upstream_response_timeout_is_refused() {
+        // Passed `ringway check` and aborted on the first proxied request (`Instant + d`).
+        refused_at(
+            "[timeouts]\nupstream_response = \"18000000000000000000s\"\n",
+            1,
+            "timeouts.upstream_response",
+            "too long: at most 24h",
+        );
+    }
+
+    #[test]
+    fn durations_are_bounded_everywhere_with_key_and_line() {
+        assert_eq!(parse_duration("24h").unwrap(), MAX_DURATION);
+        assert_eq!(parse_duration("86400000ms").unwrap(), MAX_DURATION);
+        for s in [
+            "25h",
+            "1441m",
+            "86401s",
+            "86400001ms",
+            "18446744073709551615h",
+            "99999999999999999999999s",
+        ] {
+            let e = parse_duration(s).unwrap_err();
+            assert!(e.contains("at most 24h"), "{s}: {e}");
+        }
+        let cases: &[(&str, usize, &str)] = &[
+            ("[server]\nshutdown_timeout = \"2000h\"\n", 1, "server.shutdown_timeout"),
+            ("[timeouts]\nclient_idle = \"100000s\"\n", 1, "timeouts.client_idle"),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\ntimeouts = { upstream_response = \"90000s\" }\n",
+                3,
+                "routes[1].timeouts.upstream_response",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nidle_timeout = \"48h\"\n",
+                2,
+                "upstreams.b.idle_timeout",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { interval = \"1000000m\" }\n",
+                2,
+                "upstreams.b.health_check.interval",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\noutlier = { max_ejection_time = \"30h\" }\n",
+                2,
+                "upstreams.b.outlier.max_ejection_time",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\ncircuit_breaker = { open_for = \"9999999999999999999s\" }\n",
+                2,
+                "upstreams.b.circuit_breaker.open_for",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nretry = { backoff_max = \"25h\" }\n",
+                3,
+                "routes[1].retry.backoff_max",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nrate_limits = [{ key = \"route\", rate = 1, per = \"100000s\" }]\n",
+                3,
+                "routes[1].rate_limits[0].per",
+            ),
+            (
+                "[rate_limiting.redis]\naddress = \"127.0.0.1:6379\"\ntimeout = \"100000s\"\n",
+                2,
+                "rate_limiting.redis.timeout",
+            ),
+            ("[auth]\ncache_max_ttl = \"25h\"\n", 1, "auth.cache_max_ttl"),
+            (
+                "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\njwks_grace = \"25h\"\n",
+                2,
+                "auth.jwt.j.jwks_grace",
+            ),
+        ];
+        for (extra, line, key) in cases {
+            refused_at(extra, *line, key, "at most 24h");
+        }
+    }
+
+    #[test]
+    fn sizes_and_counts_are_bounded() {
+        let cases: &[(&str, usize, &str, &str)] = &[
+            ("[limits]\nmax_body_bytes = 1099511627777\n", 1, "limits.max_body_bytes", "at most 1TiB"),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nmax_body_bytes = \"2000GiB\"\n",
+                3,
+                "routes[1].max_body_bytes",
+                "at most 1TiB",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nretry = { max_replay_bytes = \"17MiB\" }\n",
+                3,
+                "routes[1].retry.max_replay_bytes",
+                "at most 16MiB",
+            ),
+            (
+                "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\nretry = { budget_percent = 5000 }\n",
+                3,
+                "routes[1].retry.budget_percent",
+                "at most 1000",
+            ),
+            ("[server]\nworkers = 100000\n", 1, "server.workers", "at most 1024"),
+            ("[rate_limiting]\nmax_keys = 100000000\n", 1, "rate_limiting.max_keys", "at most"),
+            ("[auth]\ncache_size = 100000000\n", 1, "auth.cache_size", "at most"),
+            (
+                "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\nleeway_seconds = 9223372036854775807\n",
+                2,
+                "auth.jwt.j.leeway_seconds",
+                "at most 86400",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nmax_idle = 1000000\n",
+                2,
+                "upstreams.b.max_idle",
+                "at most 4096",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\ncircuit_breaker = { max_connections = 0 }\n",
+                2,
+                "upstreams.b.circuit_breaker.max_connections",
+                "must be above 0",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\ncircuit_breaker = { max_requests = 0 }\n",
+                2,
+                "upstreams.b.circuit_breaker.max_requests",
+                "must be above 0",
+            ),
+        ];
+        for (extra, line, key, why) in cases {
+            refused_at(extra, *line, key, why);
+        }
+        // A size that overflows u64 is refused while parsing, at its line.
+        refused_at(
+            "[limits]\nmax_body_bytes = \"18446744073709551615GiB\"\n",
+            1,
+            "limits.max_body_bytes",
+            "too large",
+        );
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:0\"\nbacklog = 4000000000\n");
+        assert_eq!(e.key, "listeners[0].backlog");
+        assert_eq!(e.line, Some(3));
+    }
+
+    #[test]
+    fn regression_crlf_in_replace_prefix_is_refused() {
+        // Was written into the upstream request head as is: a header injection.
+        let src = OK.replace(
+            "path_prefix = \"/users\"",
+            "path_prefix = \"/users\"\nreplace_prefix = \"/v1\\r\\nX-Injected: 1\\r\\n\"",
+        );
+        let e = bad(&src);
+        assert_eq!(e.key, "routes[0].replace_prefix");
+        assert_eq!(e.line, Some(10));
+        assert!(e.reason.contains("not allowed in a request path"), "{e}");
+    }
+
+    #[test]
+    fn strings_reaching_heads_and_targets_are_validated() {
+        let route = "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\n";
+        let cases: Vec<(String, usize, &str, &str)> = vec![
+            (format!("{route}replace_prefix = \"v2\"\n"), 3, "routes[1].replace_prefix", "must start with '/'"),
+            (format!("{route}replace_prefix = \"/a b\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
+            (format!("{route}replace_prefix = \"/a?b=1\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
+            (format!("{route}replace_prefix = \"/a%zz\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
+            (format!("{route}strip_prefix = \"/x\\u0000\"\n"), 3, "routes[1].strip_prefix", "not allowed"),
+            (format!("{route}set_host = \"a.test\\r\\nx: y\"\n"), 3, "routes[1].set_host", "not a host"),
+            (format!("{route}set_host = \"a.test/evil\"\n"), 3, "routes[1].set_host", "not a host"),
+            (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
+            (
+                format!("{route}request_headers = {{ add = {{ \"x-a\" = \"1\\r\\nx-b: 2\" }} }}\n"),
+                3,
+                "routes[1].request_headers.add",
+                "CR or LF",
+            ),
+            (
+                format!("{route}request_headers = {{ set = {{ \"x-a\" = \"\\u0001\" }} }}\n"),
+                3,
+                "routes[1].request_headers.set",
+                "control character",
+            ),
+            (
+                format!("{route}response_headers = {{ add = {{ \"x-a\" = \" padded\" }} }}\n"),
+                3,
+                "routes[1].response_headers.add",
+                "blank",
+            ),
+            (
+                format!("{route}request_headers = {{ set = {{ \"transfer-encoding\" = \"chunked\" }} }}\n"),
+                3,
+                "routes[1].request_headers.set",
+                "written by the gateway",
+            ),
+            (
+                format!("{route}request_headers = {{ add = {{ \"Host\" = \"other\" }} }}\n"),
+                3,
+                "routes[1].request_headers.add",
+                "written by the gateway",
+            ),
+            (
+                format!("{route}response_headers = {{ remove = [\"content-length\"] }}\n"),
+                3,
+                "routes[1].response_headers.remove",
+                "written by the gateway",
+            ),
+            (
+                "[[routes]]\npath = \"/d\"\ndirect = { status = 200, headers = { \"content-length\" = \"5\" } }\n".into(),
+                2,
+                "routes[1].direct.headers",
+                "written by the gateway",
+            ),
+            (
+                "[[routes]]\npath = \"/d\"\ndirect = { status = 200, headers = { \"x-a\" = \"a\\nb\" } }\n".into(),
+                2,
+                "routes[1].direct.headers",
+                "CR or LF",
+            ),
+            ("[server]\nvia = \"ring way\"\n".into(), 1, "server.via", "pseudonym"),
+            ("[server]\nvia = \"rw\\r\\nx: y\"\n".into(), 1, "server.via", "pseudonym"),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { path = \"/h c\" }\n".into(),
+                2,
+                "upstreams.b.health_check.path",
+                "not allowed",
+            ),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { host = \"h\\r\\nx: y\" }\n".into(),
+                2,
+                "upstreams.b.health_check.host",
+                "not a host",
+            ),
+            ("[auth]\nconsumer_header = \"x_consumer\"\n".into(), 1, "auth.consumer_header", "'_'"),
+            ("[auth]\nconsumer_header = \"x-forwarded-for\"\n".into(), 1, "auth.consumer_header", "forwarding header"),
+            ("[auth.api_key]\nheader = \"content-length\"\n".into(), 1, "auth.api_key.header", "written by the gateway"),
+            (
+                "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\nforward_claims = { sub = \"x_user_id\" }\n".into(),
+                2,
+                "auth.jwt.j.forward_claims",
+                "'_'",
+            ),
+            (
+                "[auth.jwt.j]\njwks_url = \"http://127.0.0.1:9/keys a\"\n".into(),
+                1,
+                "auth.jwt.j.jwks_url",
+                "not allowed",
+            ),
+            (
+                "[auth.introspection.i]\nurl = \"http://127.0.0.1:9/in\\r\\nx: y\"\nclient_id = \"c\"\nclient_secret = \"s\"\n".into(),
+                1,
+                "auth.introspection.i.url",
+                "not allowed",
+            ),
+            (
+                "[rate_limiting.redis]\naddress = \"127.0.0.1:6379\"\nkey_prefix = \"rw \\r\\n\"\n".into(),
+                2,
+                "rate_limiting.redis.key_prefix",
+                "visible ASCII",
+            ),
+        ];
+        for (extra, line, key, why) in &cases {
+            refused_at(extra, *line, key, why);
+        }
+        // What stays accepted.
+        for extra in [
+            format!("{route}replace_prefix = \"\"\n"),
+            format!("{route}replace_prefix = \"/v1/%7Euser/a:b@c;d=e\"\n"),
+            format!("{route}set_host = \"[::1]:8080\"\n"),
+            format!("{route}set_host = \"users.internal\"\n"),
+            format!("{route}request_headers = {{ add = {{ \"x-a\" = \"a\\tb c\" }}, set = {{ \"x-empty\" = \"\" }} }}\n"),
+            "[server]\nvia = \"edge-1:8080\"\n".into(),
+            "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { path = \"/h?full=1\", host = \"b.internal\" }\n".into(),
+        ] {
+            let (src, _) = with(&extra);
+            Config::parse(&src, "ok.toml").unwrap_or_else(|e| panic!("{e}\n{src}"));
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_parse_and_match() {
+        use std::net::IpAddr;
+        let (src, _) = with(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\", \"::1/128\", \"fd00::/8\", \"0.0.0.0/0\"]\n",
+        );
+        let c = Config::parse(&src, "t.toml").unwrap();
+        let t = &c.server.trusted_proxies;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for yes in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "::1",
+            "fd12::1",
+            "::ffff:10.9.9.9",
+            "203.0.113.9",
+        ] {
+            assert!(t.contains(ip(yes)), "{yes}");
+        }
+        let (src, _) = with("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n");
+        let t = Config::parse(&src, "t.toml")
+            .unwrap()
+            .server
+            .trusted_proxies;
+        for yes in ["10.0.0.0", "10.255.255.255", "::ffff:10.1.1.1", "::1"] {
+            assert!(t.contains(ip(yes)), "{yes}");
+        }
+        for no in [
+            "11.0.0.1",
+            "9.255.255.255",
+            "127.0.0.1",
+            "::2",
+            "fe80::1",
+            "::ffff:11.0.0.1",
+        ] {
+            assert!(!t.contains(ip(no)), "{no}");
+        }
+        assert!(!Config::parse(OK, "t")
+            .unwrap()
+            .server
+            .trusted_proxies
+            .contains(ip("127.0.0.1")));
+        // Bad entries: the key names the entry, the line is the array's.
+        let cases = [
+            ("\"10.0.0.0/33\"", "at most 32"),
+            ("\"::/129\"", "at most 128"),
+            ("\"10.0.0.1/8\"", "host bits"),
+            ("\"10.0.0/8\"", "bad address"),
+            ("\"10.0.0.0/\"", "prefix length"),
+            ("\"10.0.0.0/+8\"", "prefix length"),
+            ("\"localhost\"", "bad address"),
+        ];
+        for (entry, why) in cases {
+            refused_at(
+                &format!("[server]\ntrusted_proxies = [\"127.0.0.1\", {entry}]\n"),
+                1,
+                "server.trusted_proxies[1]",
+                why,
+            );
+        }
     }
 }

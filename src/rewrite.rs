@@ -3,10 +3,26 @@
 //!
 //! Upstream: hop-by-hop headers (Connection and the headers it lists, Keep-Alive,
 //! Proxy-Connection, TE, Trailer, Upgrade, Transfer-Encoding) and Expect are dropped, the body
-//! is re-framed, `X-Forwarded-For` gets the client appended, `X-Forwarded-Proto`/`-Host` are set
-//! to what this hop saw, `Via` and `X-Request-Id` are added, then the route's header rules.
+//! is re-framed, the forwarding headers are written as below, `Via` and `X-Request-Id` are
+//! added, then the route's header rules.
 //! Client: the same hop-by-hop rules, the upstream's `X-Request-Id` replaced by ours, `Via`
 //! added, the route's response rules, then framing and `Connection`.
+//!
+//! # Forwarding headers
+//! `Forwarded` (RFC 7239), `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`,
+//! `X-Forwarded-Port` and `X-Real-IP` describe the client to the upstream. Only a peer listed in
+//! `[server] trusted_proxies` may speak for someone else (RFC 7239 §8.3 on trusting them), and
+//! all six headers follow the same rule:
+//! - **trusted peer**: the client's copies are kept. `X-Forwarded-For` and `Forwarded` are
+//!   extended with this hop's element (the peer address), joined onto one line; the other four
+//!   are passed on as sent, and written by ringway only when the peer sent none.
+//! - **any other peer** (the default): every client copy is removed, and ringway writes its own:
+//!   `X-Forwarded-For` and `X-Real-IP` = the peer, `X-Forwarded-Proto` = http or https,
+//!   `X-Forwarded-Host` = Host, `X-Forwarded-Port` = the listener's port, and
+//!   `Forwarded: for=...;proto=...;host=...` (an IPv6 node quoted and bracketed, RFC 7239 §6).
+//!
+//! A client copy listed in its `Connection` header is hop-by-hop (RFC 9110 §7.6.1) and never
+//! kept. A route rule that removes or sets one of these headers wins over both.
 
 use bytes::{BufMut, BytesMut};
 
@@ -18,8 +34,14 @@ use crate::router::{HeaderRules, HostPolicy, Route};
 
 /// What this hop adds to the heads it forwards.
 pub struct Forwarding<'a> {
-    /// The client's address as text, for `X-Forwarded-For`.
+    /// The client's address as text (IPv6 without brackets), for the forwarding headers.
     pub peer_ip: &'a [u8],
+    /// The peer is one of `[server] trusted_proxies`: its forwarding headers are kept and
+    /// extended rather than replaced.
+    pub trusted: bool,
+    /// The port of the listener the client connected to, for `X-Forwarded-Port` (none written
+    /// when unknown).
+    pub port: Option<u16>,
     pub request_id: &'a [u8],
     /// "1.1 ringway".
     pub via: &'a [u8],
@@ -43,8 +65,28 @@ enum Hdr {
     Xff,
     Xfp,
     Xfh,
+    Xfport,
+    XRealIp,
+    Forwarded,
     RequestId,
     Other,
+}
+
+impl Hdr {
+    /// A header describing the client to the next hop (see the module doc), as a bit of
+    /// `Seen`.
+    #[inline]
+    fn forwarding_bit(self) -> u8 {
+        match self {
+            Hdr::Xff => 1,
+            Hdr::Xfp => 2,
+            Hdr::Xfh => 4,
+            Hdr::Xfport => 8,
+            Hdr::XRealIp => 16,
+            Hdr::Forwarded => 32,
+            _ => 0,
+        }
+    }
 }
 
 #[inline]
@@ -55,12 +97,15 @@ fn classify(name: &[u8]) -> Hdr {
         4 if eq(b"host") => Hdr::Host,
         6 if eq(b"expect") => Hdr::Expect,
         7 if eq(b"trailer") || eq(b"upgrade") => Hdr::Hop,
+        9 if eq(b"forwarded") => Hdr::Forwarded,
+        9 if eq(b"x-real-ip") => Hdr::XRealIp,
         10 if eq(b"connection") || eq(b"keep-alive") => Hdr::Hop,
         12 if eq(b"x-request-id") => Hdr::RequestId,
         14 if eq(b"content-length") => Hdr::ContentLength,
         15 if eq(b"x-forwarded-for") => Hdr::Xff,
         16 if eq(b"proxy-connection") => Hdr::Hop,
         16 if eq(b"x-forwarded-host") => Hdr::Xfh,
+        16 if eq(b"x-forwarded-port") => Hdr::Xfport,
         17 if eq(b"transfer-encoding") => Hdr::Hop,
         17 if eq(b"x-forwarded-proto") => Hdr::Xfp,
         _ => Hdr::Other,
@@ -99,16 +144,20 @@ pub fn encode_upstream_head(
     }
     out.put_slice(b" HTTP/1.1\r\n");
     let rules = &route.request_headers;
-    let mut xff_seen = false;
     let conn = ConnectionOptions::collect(&req.raw, &req.headers, req.connection_options);
+    // Forwarding headers kept from a trusted peer, one bit per header (`Hdr::forwarding_bit`).
+    let mut kept = 0u8;
     for h in &req.headers {
         let name = req.bytes(h.name);
         match classify(name) {
             Hdr::Other => {}
-            Hdr::Xff => {
-                xff_seen = true;
-                continue;
+            k @ (Hdr::Xfp | Hdr::Xfh | Hdr::Xfport | Hdr::XRealIp) => {
+                if !(f.trusted && keeps(rules, &conn, name)) {
+                    continue;
+                }
+                kept |= k.forwarding_bit();
             }
+            // Joined with this hop's element below.
             _ => continue,
         }
         if rules.drops(name) || conn.lists(name) {
@@ -116,32 +165,40 @@ pub fn encode_upstream_head(
         }
         put_header(out, name, req.bytes(h.value));
     }
+    let host = req.host_bytes();
     if !rules.drops(b"x-forwarded-for") {
-        // Earlier hops first, then the client this hop saw.
+        // Earlier hops first (from a trusted peer only), then the client this hop saw.
         out.put_slice(b"x-forwarded-for: ");
-        if xff_seen {
-            for h in &req.headers {
-                if classify(req.bytes(h.name)) == Hdr::Xff {
-                    out.put_slice(req.bytes(h.value));
-                    out.put_slice(b", ");
-                }
-            }
-        }
+        put_kept_list(out, req, rules, &conn, f.trusted, Hdr::Xff);
         out.put_slice(f.peer_ip);
         out.put_slice(b"\r\n");
     }
-    match (&route.host, req.host_bytes()) {
+    match (&route.host, host) {
         (HostPolicy::Set(h), _) => put_header(out, b"host", h),
         (HostPolicy::Preserve, Some(h)) => put_header(out, b"host", h),
         _ => put_header(out, b"host", authority),
     }
-    if f.https {
-        out.put_slice(b"x-forwarded-proto: https\r\n");
-    } else {
-        out.put_slice(b"x-forwarded-proto: http\r\n");
+    let proto: &[u8] = if f.https { b"https" } else { b"http" };
+    let ours = |bit: Hdr, name: &[u8]| kept & bit.forwarding_bit() == 0 && !rules.drops(name);
+    if ours(Hdr::Xfp, b"x-forwarded-proto") {
+        put_header(out, b"x-forwarded-proto", proto);
     }
-    if let Some(h) = req.host_bytes() {
+    if let Some(h) = host.filter(|_| ours(Hdr::Xfh, b"x-forwarded-host")) {
         put_header(out, b"x-forwarded-host", h);
+    }
+    if let Some(p) = f.port.filter(|_| ours(Hdr::Xfport, b"x-forwarded-port")) {
+        out.put_slice(b"x-forwarded-port: ");
+        put_u64(out, u64::from(p));
+        out.put_slice(b"\r\n");
+    }
+    if ours(Hdr::XRealIp, b"x-real-ip") {
+        put_header(out, b"x-real-ip", f.peer_ip);
+    }
+    if !rules.drops(b"forwarded") {
+        out.put_slice(b"forwarded: ");
+        put_kept_list(out, req, rules, &conn, f.trusted, Hdr::Forwarded);
+        put_forwarded_element(out, f.peer_ip, proto, host);
+        out.put_slice(b"\r\n");
     }
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
@@ -166,6 +223,76 @@ pub fn encode_upstream_head(
     out.put_slice(b"\r\n");
 }
 
+/// Is a client's forwarding header of this name passed on (a trusted peer's): not listed in
+/// its Connection header, not removed or replaced by the route?
+#[inline]
+fn keeps(rules: &HeaderRules, conn: &ConnectionOptions, name: &[u8]) -> bool {
+    !rules.drops(name) && !conn.lists(name)
+}
+
+/// Writes the values of the client's `which` headers (a list header: X-Forwarded-For or
+/// Forwarded), each followed by ", ", when the peer is trusted; nothing otherwise.
+fn put_kept_list(
+    out: &mut BytesMut,
+    req: &RequestHead,
+    rules: &HeaderRules,
+    conn: &ConnectionOptions,
+    trusted: bool,
+    which: Hdr,
+) {
+    if !trusted {
+        return;
+    }
+    for h in &req.headers {
+        let name = req.bytes(h.name);
+        if classify(name) != which || !keeps(rules, conn, name) {
+            continue;
+        }
+        let v = crate::http::trim_ows(req.bytes(h.value));
+        if !v.is_empty() {
+            out.put_slice(v);
+            out.put_slice(b", ");
+        }
+    }
+}
+
+/// This hop's `Forwarded` element (RFC 7239 §4): `for=` the peer (an IPv6 address quoted and
+/// bracketed, §6), `proto=`, and `host=` the request's Host (quoted unless it is a token, §4).
+fn put_forwarded_element(out: &mut BytesMut, peer_ip: &[u8], proto: &[u8], host: Option<&[u8]>) {
+    out.put_slice(b"for=");
+    if peer_ip.contains(&b':') {
+        out.put_slice(b"\"[");
+        out.put_slice(peer_ip);
+        out.put_slice(b"]\"");
+    } else {
+        out.put_slice(peer_ip);
+    }
+    out.put_slice(b";proto=");
+    out.put_slice(proto);
+    if let Some(h) = host {
+        out.put_slice(b";host=");
+        if !h.is_empty() && h.iter().all(|&b| is_tchar(b)) {
+            out.put_slice(h);
+        } else {
+            // quoted-string (RFC 9110 §5.6.4); `"` and `\` as quoted-pairs. The head parser
+            // already refused CR, LF and NUL in header values.
+            out.put_u8(b'"');
+            for &b in h {
+                if b == b'"' || b == b'\\' {
+                    out.put_u8(b'\\');
+                }
+                out.put_u8(b);
+            }
+            out.put_u8(b'"');
+        }
+    }
+}
+
+#[inline]
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Writes the response head sent to the client (into a cleared `out`). `extra`: header lines
 /// the gateway adds (RateLimit); `chunked`: the body goes out chunked; `connection`: the
 /// Connection value, if any.
@@ -185,7 +312,15 @@ pub fn encode_client_head(
     for h in &resp.headers {
         let name = resp.bytes(h.name);
         match classify(name) {
-            Hdr::Other | Hdr::Host | Hdr::Expect | Hdr::Xff | Hdr::Xfp | Hdr::Xfh => {}
+            Hdr::Other
+            | Hdr::Host
+            | Hdr::Expect
+            | Hdr::Xff
+            | Hdr::Xfp
+            | Hdr::Xfh
+            | Hdr::Xfport
+            | Hdr::XRealIp
+            | Hdr::Forwarded => {}
             Hdr::ContentLength if keep_length => {}
             _ => continue,
         }
@@ -205,4 +340,165 @@ pub fn encode_client_head(
         put_header(out, b"connection", v);
     }
     out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::http::request::{parse_request, Limits};
+    use crate::router::Router;
+
+    /// The head `encode_upstream_head` writes for `raw` on a route with `route_extra`.
+    fn upstream_head(raw: &str, route_extra: &str, f: &Forwarding<'_>) -> String {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n{route_extra}\n");
+        let cfg = Config::parse(&src, "t.toml").unwrap();
+        let router = Router::new(&cfg, 1);
+        let mut head = RequestHead::default();
+        let n = parse_request(raw.as_bytes(), &Limits::default(), &mut head)
+            .unwrap()
+            .unwrap();
+        head.raw = bytes::Bytes::copy_from_slice(&raw.as_bytes()[..n]);
+        let mut out = BytesMut::new();
+        encode_upstream_head(&mut out, &head, &router.routes[0], b"127.0.0.1:9", f);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    fn fwd(peer_ip: &[u8], trusted: bool) -> Forwarding<'_> {
+        Forwarding {
+            peer_ip,
+            trusted,
+            port: Some(8080),
+            request_id: b"rid",
+            via: b"1.1 ringway",
+            https: false,
+            client_cert: None,
+            identity: b"",
+        }
+    }
+
+    /// The values of header `name` (lower case) in `head`, in order.
+    fn values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+        head.split("\r\n")
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    const SPOOFED: &str = "GET /a HTTP/1.1\r\nHost: shop.test:8443\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\nForwarded: for=6.6.6.6;proto=https\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX-Forwarded-Port: 1\r\n\r\n";
+
+    #[test]
+    fn untrusted_peer_forwarding_headers_are_replaced() {
+        let h = upstream_head(SPOOFED, "", &fwd(b"192.0.2.1", false));
+        assert_eq!(values(&h, "x-forwarded-for"), ["192.0.2.1"], "{h}");
+        assert_eq!(values(&h, "x-real-ip"), ["192.0.2.1"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-proto"), ["http"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-host"), ["shop.test:8443"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-port"), ["8080"], "{h}");
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=192.0.2.1;proto=http;host=\"shop.test:8443\""],
+            "{h}"
+        );
+        assert!(
+            !h.contains("6.6.6.6") && !h.contains("7.7.7.7") && !h.contains("evil"),
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn trusted_peer_forwarding_headers_are_kept_and_extended() {
+        let h = upstream_head(SPOOFED, "", &fwd(b"10.0.0.2", true));
+        assert_eq!(
+            values(&h, "x-forwarded-for"),
+            ["6.6.6.6, 7.7.7.7, 10.0.0.2"],
+            "{h}"
+        );
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=6.6.6.6;proto=https, for=10.0.0.2;proto=http;host=\"shop.test:8443\""],
+            "{h}"
+        );
+        assert_eq!(values(&h, "x-real-ip"), ["6.6.6.6"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-proto"), ["https"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-host"), ["evil.test"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-port"), ["1"], "{h}");
+        // A trusted peer that sent none of them gets this hop's values.
+        let h = upstream_head(
+            "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "",
+            &fwd(b"10.0.0.2", true),
+        );
+        assert_eq!(values(&h, "x-forwarded-for"), ["10.0.0.2"], "{h}");
+        assert_eq!(values(&h, "x-real-ip"), ["10.0.0.2"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-proto"), ["http"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-host"), ["a.test"], "{h}");
+        assert_eq!(values(&h, "x-forwarded-port"), ["8080"], "{h}");
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=10.0.0.2;proto=http;host=a.test"],
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn connection_listed_copies_are_never_kept() {
+        let raw = "GET / HTTP/1.1\r\nHost: a.test\r\nConnection: x-real-ip, forwarded, x-forwarded-for\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n";
+        let h = upstream_head(raw, "", &fwd(b"10.0.0.2", true));
+        assert!(!h.contains("6.6.6.6"), "{h}");
+        assert_eq!(values(&h, "x-real-ip"), ["10.0.0.2"], "{h}");
+    }
+
+    #[test]
+    fn ipv6_peer_is_quoted_and_bracketed_in_forwarded() {
+        let h = upstream_head(
+            "GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+            "",
+            &fwd(b"2001:db8::7", false),
+        );
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=\"[2001:db8::7]\";proto=http;host=\"[::1]:80\""],
+            "{h}"
+        );
+        assert_eq!(values(&h, "x-forwarded-for"), ["2001:db8::7"], "{h}");
+        // No Host (HTTP/1.0), unknown port: no host= and no X-Forwarded-Port.
+        let mut f = fwd(b"192.0.2.1", false);
+        f.port = None;
+        f.https = true;
+        let h = upstream_head("GET / HTTP/1.0\r\n\r\n", "", &f);
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=192.0.2.1;proto=https"],
+            "{h}"
+        );
+        assert!(values(&h, "x-forwarded-port").is_empty(), "{h}");
+        assert!(values(&h, "x-forwarded-host").is_empty(), "{h}");
+    }
+
+    #[test]
+    fn host_with_quote_or_backslash_is_escaped_in_forwarded() {
+        let h = upstream_head(
+            "GET / HTTP/1.1\r\nHost: a\"b\\c\r\n\r\n",
+            "",
+            &fwd(b"192.0.2.1", false),
+        );
+        assert_eq!(
+            values(&h, "forwarded"),
+            ["for=192.0.2.1;proto=http;host=\"a\\\"b\\\\c\""],
+            "{h}"
+        );
+    }
+
+    #[test]
+    fn route_rules_win_over_forwarding_headers() {
+        let rules = "request_headers = { remove = [\"forwarded\", \"x-real-ip\"], set = { \"x-forwarded-for\" = \"hidden\" } }";
+        for trusted in [false, true] {
+            let h = upstream_head(SPOOFED, rules, &fwd(b"10.0.0.2", trusted));
+            assert!(values(&h, "forwarded").is_empty(), "{h}");
+            assert!(values(&h, "x-real-ip").is_empty(), "{h}");
+            assert_eq!(values(&h, "x-forwarded-for"), ["hidden"], "{h}");
+        }
+    }
 }

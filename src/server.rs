@@ -521,9 +521,10 @@ async fn worker_main(
         });
     }
     for (i, l) in listeners.into_iter().enumerate() {
+        let port = l.local_addr().ok().map(|a| a.port());
         match monoio::net::TcpListener::from_std(l) {
             Ok(l) => {
-                monoio::spawn(accept_loop(w.clone(), l, i));
+                monoio::spawn(accept_loop(w.clone(), l, i, port));
             }
             Err(e) => warn!("worker {id}: cannot register a listener: {e}"),
         }
@@ -544,15 +545,19 @@ async fn worker_main(
     }
 }
 
-async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize) {
+async fn accept_loop(
+    w: Rc<Worker>,
+    l: monoio::net::TcpListener,
+    listener: usize,
+    port: Option<u16>,
+) {
     let tls = w.config().listeners[listener].tls.clone();
-    let cap = w.config().max_connections;
     let mut episode: Option<(Pause, Instant)> = None;
     loop {
         if w.shutdown.is_set() {
             break;
         }
-        if w.active.get() >= cap {
+        if w.active.get() >= w.config().max_connections {
             pause_accepting(&w, Pause::Cap, &mut episode).await;
             continue;
         }
@@ -570,6 +575,8 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
         match accepted {
             Ok((stream, peer)) => {
                 w.active.set(w.active.get() + 1);
+                // Consulted once per accepted connection (no allocation), never per request.
+                let trusted = w.config().trusted_proxies.contains(peer.ip());
                 let guard = ConnGuard(w.clone());
                 // Two task bodies, so that a plain connection's task is not sized for TLS.
                 match &tls {
@@ -577,6 +584,8 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
                         monoio::spawn(async move {
                             let info = ConnInfo {
                                 listener,
+                                trusted,
+                                port,
                                 ..ConnInfo::default()
                             };
                             serve(&guard.0, stream, peer, info).await;
@@ -586,7 +595,14 @@ async fn accept_loop(w: Rc<Worker>, l: monoio::net::TcpListener, listener: usize
                     Some(cfg) => {
                         let cfg = cfg.clone();
                         monoio::spawn(async move {
-                            serve_tls(&guard.0, cfg, stream, peer, listener).await;
+                            let info = ConnInfo {
+                                listener,
+                                tls: true,
+                                trusted,
+                                port,
+                                client_subject: None,
+                            };
+                            serve_tls(&guard.0, cfg, stream, peer, info).await;
                             drop(guard);
                         });
                     }
@@ -611,7 +627,7 @@ async fn serve_tls(
     cfg: Arc<rustls::ServerConfig>,
     stream: monoio::net::TcpStream,
     peer: SocketAddr,
-    listener: usize,
+    mut info: ConnInfo,
 ) {
     let hs = monoio::select! {
         r = monoio::time::timeout(w.config().timeouts.client_head, tls::accept(cfg, stream)) => r,
@@ -619,11 +635,7 @@ async fn serve_tls(
     };
     match hs {
         Ok(Ok((s, client_subject))) => {
-            let info = ConnInfo {
-                listener,
-                tls: true,
-                client_subject,
-            };
+            info.client_subject = client_subject;
             serve(w, s, peer, info).await;
         }
         Ok(Err(e)) => {

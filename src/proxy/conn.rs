@@ -52,6 +52,10 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The subject of the client's verified certificate (mTLS), as a header value.
     pub client_subject: Option<Box<[u8]>>,
+    /// The peer is a trusted proxy: its forwarding headers are kept and extended.
+    pub trusted: bool,
+    /// The port the connection came in on (X-Forwarded-Port).
+    pub port: Option<u16>,
 }
 
 /// A client stream: plain TCP or TLS.

@@ -101,6 +101,8 @@ async fn exchange<S: ClientIo>(
     let replayed = down.replay.is_some();
     let fwd = Forwarding {
         peer_ip: c.peer.as_bytes(),
+        trusted: c.info.trusted,
+        port: c.info.port,
         request_id: ctx.id.as_bytes(),
         via: &cfg.via,
         https: c.info.tls,

@@ -202,6 +202,8 @@ pub async fn forward_response<'c, S: ClientIo>(
 
     let f = Forwarding {
         peer_ip: c.peer.as_bytes(),
+        trusted: c.info.trusted,
+        port: c.info.port,
         request_id: ctx.id.as_bytes(),
         via: &cfg.via,
         https: c.info.tls,

@@ -166,6 +166,8 @@ pub struct Snapshot {
     pub via: Box<[u8]>,
     /// Most client connections this worker keeps open (accepting pauses at the cap).
     pub max_connections: usize,
+    /// Peers whose forwarding headers are believed (see `crate::rewrite`).
+    pub trusted_proxies: crate::config::TrustedProxies,
 }
 
 /// Everything one worker owns.
@@ -339,6 +341,7 @@ impl Snapshot {
                 0 => usize::MAX,
                 n => n,
             },
+            trusted_proxies: cfg.server.trusted_proxies.clone(),
         }
     }
 }
