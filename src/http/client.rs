@@ -477,7 +477,7 @@ impl Pool {
             if now.saturating_duration_since(since) >= self.idle_timeout {
                 continue;
             }
-            if conn.fd.is_some_and(quiet) {
+            if conn.fd.is_some_and(crate::upstream::still_open) {
                 return Some(conn);
             }
         }
@@ -530,23 +530,6 @@ impl Pool {
         })
         .await
     }
-}
-
-/// Is an idle socket quiet: open, with nothing to read? A non-blocking peek: 0 bytes means the
-/// server closed it, data means bytes that answer no request of ours (over TLS, possibly a
-/// close_notify); either way the connection is not reused.
-fn quiet(fd: RawFd) -> bool {
-    let mut byte = [0u8; 1];
-    // SAFETY: recv into a valid one-byte buffer on a socket fd owned by the pooled connection.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            byte.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::error::GatewayError;
 use crate::http::encode::put_u64;
 use crate::http::request::{BodyKind, ParseError};
 use crate::ratelimit::Verdict;
-use crate::router::{Action, Route};
+use crate::router::{host_without_port, Action, Route};
 use crate::upstream::balance::hash_bytes;
 
 use super::conn::{Answer, ClientIo, Conn, Outcome};
@@ -275,21 +275,6 @@ fn body_limit(cfg: &Snapshot, route: &Route, ctx: &mut RequestCtx<'_>) -> Result
         }
     }
     Ok(())
-}
-
-/// "a.test:8080" → "a.test"; "[::1]:80" → "[::1]".
-fn host_without_port(h: &[u8]) -> &[u8] {
-    if h.starts_with(b"[") {
-        match h.iter().position(|b| *b == b']') {
-            Some(p) => &h[..=p],
-            None => h,
-        }
-    } else {
-        match h.iter().position(|b| *b == b':') {
-            Some(p) => &h[..p],
-            None => h,
-        }
-    }
 }
 
 /// A host fit for a Location URL: a name or an IPv4 address, or a bracketed IPv6 address.

@@ -357,7 +357,7 @@ impl UpstreamGroup {
 /// Did the upstream close (or send something on) an idle connection? A non-blocking peek:
 /// 0 bytes means FIN, data means an unexpected response (or, over TLS, a record such as
 /// close_notify); either way the connection is unusable.
-fn still_open(fd: RawFd) -> bool {
+pub fn still_open(fd: RawFd) -> bool {
     let mut byte = [0u8; 1];
     // SAFETY: recv into a valid one-byte buffer on a socket fd we own.
     let n = unsafe {
