@@ -303,6 +303,7 @@ impl LimitsConfig {
             max_headers: self.max_headers,
             max_uri_bytes: self.max_uri_bytes.0 as usize,
             max_body_bytes: self.max_body_bytes.0,
+            ..request::Limits::default()
         }
     }
 }
@@ -376,9 +377,28 @@ pub struct ListenerConfig {
     /// Answer every request on this (plain) listener with a 308 to the same URL over https.
     #[serde(default)]
     pub redirect_https: Option<RedirectHttpsConfig>,
+    /// Accept TRACE requests (and forward them). Off: TRACE gets a 405, as in nginx.
+    #[serde(default)]
+    pub allow_trace: bool,
+    /// Keep request header lines whose name holds `_`. Off: they are dropped before routing,
+    /// auth and forwarding, as nginx's `underscores_in_headers off` does.
+    #[serde(default)]
+    pub allow_underscores_in_headers: bool,
 }
 fn d_backlog() -> u32 {
     1024
+}
+
+impl ListenerConfig {
+    /// The request-parsing limits for this listener: the global `[limits]` with the
+    /// listener's own switches.
+    pub fn request_limits(&self, global: request::Limits) -> request::Limits {
+        request::Limits {
+            allow_trace: self.allow_trace,
+            allow_underscores_in_headers: self.allow_underscores_in_headers,
+            ..global
+        }
+    }
 }
 
 /// TLS on a listener: certificates chosen by SNI, versions, resumption, client certificates.
@@ -762,6 +782,30 @@ pub struct RouteConfig {
     /// and scopes/roles (see `crate::auth`).
     #[serde(default)]
     pub auth: Option<crate::auth::config::RouteAuth>,
+    /// Trailer fields of chunked request bodies: "drop" (default) or "forward" (only the
+    /// fields RFC 9110 §6.5.1 allows in a trailer).
+    #[serde(default)]
+    pub trailers: TrailersConfig,
+}
+
+/// What a route does with the trailer fields of a chunked request body.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrailersConfig {
+    /// None is forwarded.
+    #[default]
+    Drop,
+    /// Forwarded, less the fields that may not appear in a trailer and hop-by-hop ones.
+    Forward,
+}
+
+impl TrailersConfig {
+    pub fn policy(self) -> crate::http::chunked::TrailerPolicy {
+        match self {
+            TrailersConfig::Drop => crate::http::chunked::TrailerPolicy::Drop,
+            TrailersConfig::Forward => crate::http::chunked::TrailerPolicy::Filter,
+        }
+    }
 }
 
 /// A quota: at most `limit` requests per key per calendar period.
