@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::config::{HashOn, RateKey, RedisFailure};
 use crate::date::{http_date, HTTP_DATE_LEN};
 use crate::error::{write_error_response, GatewayError};
-use crate::http::chunked::ChunkedScanner;
+use crate::http::chunked::{reframe_body, ChunkedReframer, ChunkedScanner, TrailerPolicy};
 use crate::http::encode::{put_chunk_size, put_header, put_status_line, put_u64};
 use crate::http::request::{parse_request, BodyKind, Limits, Method, ParseError, RequestHead};
 use crate::http::response::{parse_response, RespBody, RespError, ResponseHead};
@@ -165,6 +165,9 @@ pub struct Worker {
     pub router: Router,
     pub upstreams: Vec<UpstreamGroup>,
     pub limits: Limits,
+    /// Per listener, in config order: `limits` with the listener's parsing switches
+    /// (`allow_trace`, `allow_underscores_in_headers`).
+    pub listener_limits: Vec<Limits>,
     pub timeouts: Timeouts,
     /// Value appended as a Via line: "1.1 ringway".
     pub via: Box<[u8]>,
@@ -221,6 +224,11 @@ impl Worker {
                 .map(|(i, (name, u))| UpstreamGroup::new(i, name, u, id))
                 .collect(),
             limits: cfg.limits.to_limits(),
+            listener_limits: cfg
+                .listeners
+                .iter()
+                .map(|l| l.request_limits(cfg.limits.to_limits()))
+                .collect(),
             timeouts: Timeouts {
                 client_head: t.client_head.0,
                 client_idle: t.client_idle.0,
@@ -537,9 +545,13 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
 impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
     async fn read_head(&mut self, w: &Worker) -> HeadRead {
         let mut started: Option<Instant> = None;
+        let limits = w
+            .listener_limits
+            .get(self.info.listener)
+            .unwrap_or(&w.limits);
         loop {
             if !self.rbuf.is_empty() {
-                match parse_request(&self.rbuf, &w.limits, &mut self.head) {
+                match parse_request(&self.rbuf, limits, &mut self.head) {
                     Ok(Some(n)) => {
                         self.head.raw = self.rbuf.split_to(n).freeze();
                         return HeadRead::Ready;
@@ -950,7 +962,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
                         }
                         Ok(r) if r.done => {
                             self.body_done = true;
-                            return Ok(Some(self.rbuf.split_to(r.consumed).freeze()));
+                            // Forwarded in canonical form: no extensions, no trailers.
+                            let raw = self.rbuf.split_to(r.consumed).freeze();
+                            return match reframe_body(raw, TrailerPolicy::Drop) {
+                                Ok(body) => Ok(Some(body)),
+                                Err(e) => Err(self.reject(w, GatewayError::BadChunk(e)).await),
+                            };
                         }
                         Ok(_) if self.rbuf.len() as u64 >= keep_limit => return Ok(None),
                         Ok(_) => {}
@@ -1329,19 +1346,26 @@ impl<S: AsyncReadRent + AsyncWriteRent> Conn<S> {
         max_body: u64,
     ) -> Result<(), SendFail> {
         let t_up = self.t.upstream_response;
-        let mut scanner = ChunkedScanner::new();
+        // The body goes upstream in canonical form (no extensions, no trailers); a body that
+        // already is canonical is passed through without a copy, and `framed` stays empty
+        // (and unallocated).
+        let mut reframer = ChunkedReframer::new(TrailerPolicy::Drop);
+        let mut framed = BytesMut::new();
         loop {
             if !self.rbuf.is_empty() {
-                let r = scanner
-                    .scan(&self.rbuf, |_, _| {})
+                let r = reframer
+                    .reframe(&self.rbuf, &mut framed)
                     .map_err(|e| SendFail::Client(Some(GatewayError::BadChunk(e))))?;
-                if scanner.data_total > max_body {
+                if reframer.data_total() > max_body {
                     return Err(SendFail::Client(Some(GatewayError::BodyTooLarge)));
                 }
                 let part = self.rbuf.split_to(r.consumed);
-                write_buf(&mut up.stream, part, t_up)
-                    .await
-                    .map_err(|_| SendFail::Upstream)?;
+                let out = if r.verbatim { part } else { framed.split() };
+                if !out.is_empty() {
+                    write_buf(&mut up.stream, out, t_up)
+                        .await
+                        .map_err(|_| SendFail::Upstream)?;
+                }
                 if r.done {
                     return Ok(());
                 }
