@@ -17,12 +17,16 @@ pub struct Span {
 }
 
 impl Span {
+    /// The span of `part` inside `base`. A `part` that does not lie inside `base` (httparse
+    /// leaves some fields unset, and `""` literals stand in for them) gives the empty span.
     #[inline]
     pub fn of(base: &[u8], part: &[u8]) -> Span {
-        let start = part.as_ptr() as usize - base.as_ptr() as usize;
-        Span {
-            start: start as u32,
-            end: (start + part.len()) as u32,
+        match (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize) {
+            Some(start) if start <= base.len() && part.len() <= base.len() - start => Span {
+                start: start as u32,
+                end: (start + part.len()) as u32,
+            },
+            _ => Span::default(),
         }
     }
 
@@ -276,6 +280,15 @@ mod tests {
             parse_content_length(b"9999999999999999999"),
             Some(9999999999999999999)
         );
+    }
+
+    #[test]
+    fn span_of_a_part_outside_the_base_is_empty() {
+        let base = b"GET / HTTP/1.1";
+        assert_eq!(Span::of(base, &base[4..5]), Span { start: 4, end: 5 });
+        assert_eq!(Span::of(base, &base[14..]), Span { start: 14, end: 14 });
+        assert_eq!(Span::of(base, b"elsewhere"), Span::default());
+        assert_eq!(Span::of(&base[4..], &base[..3]), Span::default());
     }
 
     #[test]

@@ -293,6 +293,9 @@ enum Parsed {
 }
 
 fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Parsed, ParseError> {
+    // Only the bytes a head may occupy (and one more, to see it is too long) are looked at,
+    // so that the answer is the same however the client's bytes were split into reads.
+    let buf = &buf[..buf.len().min(limits.max_head_bytes.saturating_add(1))];
     let max_headers = limits.max_headers.min(MAX_HEADERS_CAP);
     let mut storage: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS_CAP] =
         [const { MaybeUninit::uninit() }; MAX_HEADERS_CAP];
@@ -302,14 +305,14 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return partial(buf, limits),
         Err(httparse::Error::Version) => return classify_version(buf, limits),
-        Err(e) => return Err(map_httparse(e, buf, limits)),
+        Err(e) => return Err(map_httparse(e)),
     };
+    if len > limits.max_head_bytes {
+        return Err(oversize(buf, limits));
+    }
     let target = req.path.unwrap_or("");
     if target.len() > limits.max_uri_bytes {
         return Err(ParseError::UriTooLong);
-    }
-    if len > limits.max_head_bytes {
-        return Err(ParseError::HeadTooLarge);
     }
     let method = req.method.unwrap_or("");
     out.method = Method::from_bytes(method.as_bytes());
@@ -479,14 +482,11 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
     Ok(Parsed::Done(len))
 }
 
-/// httparse needs more bytes: fine while the limits allow them.
+/// httparse needs more bytes: fine while the limits allow them. (No earlier verdict on a long
+/// request line: it could differ from the one the complete head gets.)
 fn partial(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
     if buf.len() > limits.max_head_bytes {
-        return Err(oversize_partial(buf, limits));
-    }
-    // A request line that already outgrew the URI limit need not wait for the rest.
-    if !buf.contains(&b'\n') && buf.len() > limits.max_uri_bytes + 32 {
-        return Err(ParseError::UriTooLong);
+        return Err(oversize(buf, limits));
     }
     Ok(Parsed::Partial)
 }
@@ -508,7 +508,7 @@ fn classify_version(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
     };
     let line_end = start + lf;
     if line_end > limits.max_head_bytes {
-        return Err(oversize_partial(buf, limits));
+        return Err(oversize(buf, limits));
     }
     let line = &buf[start..line_end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -576,18 +576,30 @@ fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// The head outgrew `max_head_bytes` before it was complete: 414 when the request line itself
-/// is what is too long, 431 otherwise.
-fn oversize_partial(buf: &[u8], limits: &Limits) -> ParseError {
-    let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
-    if line_end > limits.max_uri_bytes {
+/// The head outgrew `max_head_bytes`: 414 when its request-target (as far as the first
+/// `max_head_bytes + 1` bytes show it) is over `max_uri_bytes`, 431 otherwise.
+fn oversize(buf: &[u8], limits: &Limits) -> ParseError {
+    let view = &buf[..buf.len().min(limits.max_head_bytes.saturating_add(1))];
+    let start = view
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(view.len());
+    let line = &view[start..];
+    let target_len = match memchr::memchr(b' ', line) {
+        Some(sp) => line[sp + 1..]
+            .iter()
+            .position(|b| matches!(b, b' ' | b'\r' | b'\n'))
+            .unwrap_or(line.len() - sp - 1),
+        None => 0,
+    };
+    if target_len > limits.max_uri_bytes {
         ParseError::UriTooLong
     } else {
         ParseError::HeadTooLarge
     }
 }
 
-fn map_httparse(e: httparse::Error, buf: &[u8], limits: &Limits) -> ParseError {
+fn map_httparse(e: httparse::Error) -> ParseError {
     match e {
         httparse::Error::TooManyHeaders => ParseError::HeadTooLarge,
         // Handled by `classify_version` before this is called.
@@ -597,14 +609,9 @@ fn map_httparse(e: httparse::Error, buf: &[u8], limits: &Limits) -> ParseError {
         }
         httparse::Error::HeaderValue => ParseError::Bad("invalid header value"),
         httparse::Error::NewLine => ParseError::Bad("invalid line ending"),
-        httparse::Error::Token => {
-            if buf.len() > limits.max_uri_bytes {
-                oversize_partial(buf, limits)
-            } else {
-                ParseError::Bad("malformed request line")
-            }
+        httparse::Error::Token | httparse::Error::Status => {
+            ParseError::Bad("malformed request line")
         }
-        httparse::Error::Status => ParseError::Bad("malformed request line"),
     }
 }
 
