@@ -1715,4 +1715,40 @@ upstream = "users"
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("s").is_err());
     }
+
+    /// Keys of issue 10's front-end conformance: listener parse switches, route trailers.
+    #[test]
+    fn conformance_keys() {
+        let c = Config::parse(OK, "t.toml").unwrap();
+        let l = c.listeners[0].request_limits(c.limits.to_limits());
+        assert!(!l.allow_trace && !l.allow_underscores_in_headers);
+        assert_eq!(c.routes[0].trailers, TrailersConfig::Drop);
+        let src = OK
+            .replace(
+                "address = \"127.0.0.1:0\"",
+                "address = \"127.0.0.1:0\"\nallow_trace = true\nallow_underscores_in_headers = true",
+            )
+            .replace("upstream = \"users\"", "upstream = \"users\"\ntrailers = \"forward\"");
+        let c = Config::parse(&src, "t.toml").unwrap();
+        let l = c.listeners[0].request_limits(c.limits.to_limits());
+        assert!(l.allow_trace && l.allow_underscores_in_headers);
+        assert_eq!(l.max_headers, c.limits.max_headers);
+        assert_eq!(
+            c.routes[0].trailers.policy(),
+            crate::http::chunked::TrailerPolicy::Filter
+        );
+        let e = bad(&OK.replace(
+            "upstream = \"users\"",
+            "upstream = \"users\"\ntrailers = \"keep\"",
+        ));
+        assert_eq!(e.key, "routes[0].trailers");
+        assert_eq!(e.line, Some(11));
+        assert!(e.reason.contains("unknown variant"), "{e}");
+        let e = bad(&OK.replace(
+            "address = \"127.0.0.1:0\"",
+            "address = \"127.0.0.1:0\"\nallow_trace = \"yes\"",
+        ));
+        assert_eq!(e.key, "listeners[0].allow_trace");
+        assert_eq!(e.line, Some(4));
+    }
 }
