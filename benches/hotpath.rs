@@ -3,11 +3,17 @@
 //! - route lookup: the indexed per-worker router vs a linear scan of all routes;
 //! - balancer choice: each algorithm vs a naive sort-based least-request;
 //! - header rewrite (the head sent upstream) and response-head encoding, each vs a naive
-//!   String-formatting encoder.
+//!   String-formatting encoder;
+//! - chunked request bodies: the re-framer (canonical input passed through, and input with
+//!   extensions and trailers copied into canonical form) vs the scan-only pass-through it
+//!   replaced.
 //!
 //! Run: `cargo bench --bench hotpath`.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use bytes::BytesMut;
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+
+use ringway::http::chunked::{ChunkedReframer, ChunkedScanner, TrailerPolicy};
 
 use ringway::config::Config;
 use ringway::http::request::{parse_request, Limits, RequestHead};
@@ -313,11 +319,63 @@ fn bench_rewrite(c: &mut Criterion) {
     g.finish();
 }
 
+/// A chunked body of `chunks` chunks of `size` bytes; with `ext`, every size line carries an
+/// extension and the body ends with two trailer fields.
+fn chunked_body(chunks: usize, size: usize, ext: bool) -> Vec<u8> {
+    let mut b = Vec::new();
+    for i in 0..chunks {
+        if ext {
+            b.extend_from_slice(format!("{size:x};seq={i};sig=\"abc\"\r\n").as_bytes());
+        } else {
+            b.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+        }
+        b.extend(std::iter::repeat_n(b'x', size));
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(b"0\r\n");
+    if ext {
+        b.extend_from_slice(b"X-Checksum: 1234\r\nAuthorization: x\r\n");
+    }
+    b.extend_from_slice(b"\r\n");
+    b
+}
+
+fn bench_chunked(c: &mut Criterion) {
+    let mut g = c.benchmark_group("chunked_body");
+    let mut out = BytesMut::with_capacity(128 * 1024);
+    let mut reframer = ChunkedReframer::new(TrailerPolicy::Drop);
+    for (name, chunks, size) in [("64KiB_in_4KiB", 16, 4096), ("4KiB_in_64B", 64, 64)] {
+        for ext in [false, true] {
+            let body = chunked_body(chunks, size, ext);
+            let tag = if ext { "ext" } else { "canonical" };
+            g.throughput(Throughput::Bytes(body.len() as u64));
+            // The baseline: validate and pass the input through as it is.
+            g.bench_function(format!("{name}/{tag}/scan_pass_through"), |b| {
+                b.iter(|| {
+                    let mut s = ChunkedScanner::new();
+                    let r = s.scan(black_box(&body), |_, _| {}).unwrap();
+                    black_box(r.consumed)
+                })
+            });
+            g.bench_function(format!("{name}/{tag}/reframe"), |b| {
+                b.iter(|| {
+                    reframer.reset(TrailerPolicy::Drop);
+                    out.clear();
+                    let r = reframer.reframe(black_box(&body), &mut out).unwrap();
+                    black_box((r.consumed, r.verbatim, out.len()))
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_parse,
     bench_route,
     bench_balance,
-    bench_rewrite
+    bench_rewrite,
+    bench_chunked
 );
 criterion_main!(benches);

@@ -710,6 +710,7 @@ impl LimitsConfig {
             max_headers: self.max_headers,
             max_uri_bytes: self.max_uri_bytes.0 as usize,
             max_body_bytes: self.max_body_bytes.0,
+            ..request::Limits::default()
         }
     }
 }
@@ -803,9 +804,28 @@ pub struct ListenerConfig {
     /// Answer every request on this (plain) listener with a 308 to the same URL over https.
     #[serde(default)]
     pub redirect_https: Option<RedirectHttpsConfig>,
+    /// Accept TRACE requests (and forward them). Off: TRACE gets a 405, as in nginx.
+    #[serde(default)]
+    pub allow_trace: bool,
+    /// Keep request header lines whose name holds `_`. Off: they are dropped before routing,
+    /// auth and forwarding, as nginx's `underscores_in_headers off` does.
+    #[serde(default)]
+    pub allow_underscores_in_headers: bool,
 }
 fn d_backlog() -> u32 {
     1024
+}
+
+impl ListenerConfig {
+    /// The request-parsing limits for this listener: the global `[limits]` with the
+    /// listener's own switches.
+    pub fn request_limits(&self, global: request::Limits) -> request::Limits {
+        request::Limits {
+            allow_trace: self.allow_trace,
+            allow_underscores_in_headers: self.allow_underscores_in_headers,
+            ..global
+        }
+    }
 }
 
 /// TLS on a listener: certificates chosen by SNI, versions, resumption, client certificates.
@@ -1214,6 +1234,30 @@ pub struct RouteConfig {
     /// and scopes/roles (see `crate::auth`).
     #[serde(default)]
     pub auth: Option<crate::auth::config::RouteAuth>,
+    /// Trailer fields of chunked request bodies: "drop" (default) or "forward" (only the
+    /// fields RFC 9110 §6.5.1 allows in a trailer).
+    #[serde(default)]
+    pub trailers: TrailersConfig,
+}
+
+/// What a route does with the trailer fields of a chunked request body.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrailersConfig {
+    /// None is forwarded.
+    #[default]
+    Drop,
+    /// Forwarded, less the fields that may not appear in a trailer and hop-by-hop ones.
+    Forward,
+}
+
+impl TrailersConfig {
+    pub fn policy(self) -> crate::http::chunked::TrailerPolicy {
+        match self {
+            TrailersConfig::Drop => crate::http::chunked::TrailerPolicy::Drop,
+            TrailersConfig::Forward => crate::http::chunked::TrailerPolicy::Filter,
+        }
+    }
 }
 
 /// A quota: at most `limit` requests per key per calendar period.
@@ -2672,5 +2716,41 @@ upstream = "users"
                 why,
             );
         }
+    }
+
+    /// Keys of issue 10's front-end conformance: listener parse switches, route trailers.
+    #[test]
+    fn conformance_keys() {
+        let c = Config::parse(OK, "t.toml").unwrap();
+        let l = c.listeners[0].request_limits(c.limits.to_limits());
+        assert!(!l.allow_trace && !l.allow_underscores_in_headers);
+        assert_eq!(c.routes[0].trailers, TrailersConfig::Drop);
+        let src = OK
+            .replace(
+                "address = \"127.0.0.1:0\"",
+                "address = \"127.0.0.1:0\"\nallow_trace = true\nallow_underscores_in_headers = true",
+            )
+            .replace("upstream = \"users\"", "upstream = \"users\"\ntrailers = \"forward\"");
+        let c = Config::parse(&src, "t.toml").unwrap();
+        let l = c.listeners[0].request_limits(c.limits.to_limits());
+        assert!(l.allow_trace && l.allow_underscores_in_headers);
+        assert_eq!(l.max_headers, c.limits.max_headers);
+        assert_eq!(
+            c.routes[0].trailers.policy(),
+            crate::http::chunked::TrailerPolicy::Filter
+        );
+        let e = bad(&OK.replace(
+            "upstream = \"users\"",
+            "upstream = \"users\"\ntrailers = \"keep\"",
+        ));
+        assert_eq!(e.key, "routes[0].trailers");
+        assert_eq!(e.line, Some(11));
+        assert!(e.reason.contains("unknown variant"), "{e}");
+        let e = bad(&OK.replace(
+            "address = \"127.0.0.1:0\"",
+            "address = \"127.0.0.1:0\"\nallow_trace = \"yes\"",
+        ));
+        assert_eq!(e.key, "listeners[0].allow_trace");
+        assert_eq!(e.line, Some(4));
     }
 }

@@ -87,6 +87,7 @@ impl GatewayError {
             GatewayError::Parse(ParseError::NotImplemented(_)) => "not_implemented",
             GatewayError::Parse(ParseError::Expectation) => "expectation_failed",
             GatewayError::Parse(ParseError::Version) => "version_not_supported",
+            GatewayError::Parse(ParseError::MethodNotAllowed) => "method_not_allowed",
             GatewayError::Parse(ParseError::Bad(_)) | GatewayError::BadChunk(_) => "bad_request",
             GatewayError::NoRoute => "no_route",
             GatewayError::BodyTooLarge => "body_too_large",
@@ -141,6 +142,14 @@ impl GatewayError {
         }
     }
 
+    /// The `Allow` header value a 405 must carry (RFC 9110 §15.5.6).
+    pub fn allow(&self) -> Option<&'static str> {
+        match self {
+            GatewayError::Parse(p) => p.allow(),
+            _ => None,
+        }
+    }
+
     /// Seconds for a `Retry-After` header, when the error has one.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
@@ -187,6 +196,10 @@ pub fn write_error_response(
     if let Some(s) = err.retry_after() {
         buf.put_slice(b"\r\nretry-after: ");
         put_u64(buf, s as u64);
+    }
+    if let Some(a) = err.allow() {
+        buf.put_slice(b"\r\nallow: ");
+        buf.put_slice(a.as_bytes());
     }
     buf.put_slice(b"\r\n");
     buf.put_slice(extra_headers);

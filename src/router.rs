@@ -125,6 +125,9 @@ pub struct Route {
     pub require_client_cert: bool,
     /// Who may call the route (None: anyone).
     pub auth: Option<crate::auth::Policy>,
+    /// What becomes of request trailer fields: dropped, or forwarded when RFC 9110 §6.5.1
+    /// allows them in a trailer.
+    pub trailers: crate::http::chunked::TrailerPolicy,
 }
 
 /// Per-route overrides of the global timeouts.
@@ -456,6 +459,7 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
         request_headers: HeaderRules::compile(&rc.request_headers),
         response_headers: HeaderRules::compile(&rc.response_headers),
         max_body_bytes: rc.max_body_bytes.map(|s| s.0),
+        trailers: rc.trailers.policy(),
         retry: rc
             .retry
             .as_ref()

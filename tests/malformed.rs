@@ -4,8 +4,13 @@
 
 mod support;
 
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc;
+use std::thread;
 use std::time::{Duration, Instant};
 
+use ringway::http::chunked::ChunkedScanner;
 use support::*;
 
 fn table() -> Vec<(String, Vec<u8>, u16)> {
@@ -134,6 +139,64 @@ fn table() -> Vec<(String, Vec<u8>, u16)> {
         )
         .as_bytes(),
         431,
+    );
+    // RFC 9112 §3.2: Host.
+    add(
+        "Host with a path",
+        b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+        400,
+    );
+    add("empty Host", b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 400);
+    add("Host list", b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", 400);
+    add(
+        "Host garbage",
+        b"GET / HTTP/1.1\r\nHost: a\"<x>\r\n\r\n",
+        400,
+    );
+    add(
+        "Host bad port",
+        b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n",
+        400,
+    );
+    add("Host userinfo", b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", 400);
+    add(
+        "absolute-form bad authority",
+        b"GET http://a,b/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        400,
+    );
+    // RFC 9112 §2.3: malformed versions are 400, not 505.
+    add("version HTTP/1", b"GET / HTTP/1\r\nHost: a\r\n\r\n", 400);
+    add(
+        "version HTTP/01.01",
+        b"GET / HTTP/01.01\r\nHost: a\r\n\r\n",
+        400,
+    );
+    add(
+        "space in the target",
+        b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
+        400,
+    );
+    add("TRACE", b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", 405);
+    // RFC 9112 §7.1.1: chunk extensions.
+    add(
+        "empty chunk extension",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;\r\nhello\r\n0\r\n\r\n",
+        400,
+    );
+    add(
+        "invalid chunk extension",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;bad[=x\r\nhello\r\n0\r\n\r\n",
+        400,
+    );
+    add(
+        "unterminated quoted chunk extension",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;a=\"x\r\nhello\r\n0\r\n\r\n",
+        400,
+    );
+    add(
+        "whitespace after chunk size",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",
+        400,
     );
     add(
         "body over limit",
@@ -313,5 +376,223 @@ fn client_disconnect_mid_request_body_is_handled() {
         }
         // The gateway is still healthy.
         assert_eq!(get(gw.addr, "/").status, 200, "{d:?}");
+    }
+}
+
+/// One gateway, two listeners: the first with the defaults, the second with `allow_trace` and
+/// `allow_underscores_in_headers`.
+fn two_listeners(up: SocketAddr, routes: &str) -> String {
+    format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         allow_trace = true\nallow_underscores_in_headers = true\n\n\
+         [upstreams.up]\nendpoints = [{{ address = \"{up}\" }}]\n\n{routes}\n"
+    )
+}
+
+#[test]
+fn version_trace_and_underscores_through_the_gateway() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(
+            &two_listeners(up.addr, "[[routes]]\nupstream = \"up\"\n"),
+            d,
+        );
+        let addrs = gw.addrs();
+        let (strict, lax) = (addrs[0], addrs[1]);
+
+        // RFC 9110 §2.5: HTTP/1.2 is served as HTTP/1.1, and proxied as such.
+        let r = request(strict, b"GET /v12 HTTP/1.2\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        assert_eq!(r.version, 1);
+        let seen = up.last();
+        assert_eq!((seen.target.as_str(), seen.version), ("/v12", 1), "{d:?}");
+        assert!(seen.raw_head.starts_with(b"GET /v12 HTTP/1.1\r\n"));
+
+        // TRACE: 405 with Allow by default, forwarded where the listener allows it.
+        let hits = up.hits();
+        let r = request(strict, b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 405, "{d:?}");
+        assert_eq!(r.json()["error"], "method_not_allowed");
+        let allow = r.header("allow").expect("405 carries Allow");
+        assert!(allow.contains("GET") && !allow.contains("TRACE"), "{allow}");
+        assert_eq!(up.hits(), hits, "{d:?}: TRACE reached the upstream");
+        let r = request(lax, b"TRACE /t HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200, "{d:?}");
+        assert_eq!(up.last().method, "TRACE");
+
+        // Underscore header names: dropped by default, kept where the listener allows them.
+        let raw: &[u8] =
+            b"GET /u HTTP/1.1\r\nHost: a\r\nX_Consumer: evil\r\nX-Ok: 1\r\nX_User_Id: 7\r\n\r\n";
+        assert_eq!(request(strict, raw).status, 200, "{d:?}");
+        let seen = up.last();
+        assert_eq!(seen.target, "/u");
+        assert_eq!(seen.header("x-ok"), Some("1"));
+        assert!(
+            seen.headers.iter().all(|(k, _)| !k.contains('_')),
+            "{d:?}: {:?}",
+            seen.headers
+        );
+        assert_eq!(request(lax, raw).status, 200);
+        let seen = up.last();
+        assert_eq!(seen.header("x_consumer"), Some("evil"), "{d:?}");
+        assert_eq!(seen.header("x_user_id"), Some("7"));
+
+        // An invalid Host is refused before anything reaches the upstream.
+        let hits = up.hits();
+        assert_eq!(
+            request(strict, b"GET / HTTP/1.1\r\nHost: evil.example/x\r\n\r\n").status,
+            400
+        );
+        assert_eq!(up.hits(), hits);
+    }
+}
+
+enum Seen {
+    /// A request head arrived (its body is not read yet).
+    Head,
+    /// A whole request: head and chunked body, as received.
+    Whole(Vec<u8>),
+}
+
+/// A loopback upstream for chunked requests that reports the bytes it receives, framing
+/// included, and answers each request with a 200 and `connection: close`. Serves `n`
+/// connections, then returns; panics are re-raised by joining the handle.
+fn raw_chunked_upstream(n: usize) -> (SocketAddr, mpsc::Receiver<Seen>, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    l.set_nonblocking(true).expect("nonblocking");
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for _ in 0..n {
+            let mut s = loop {
+                match l.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(e) => panic!("upstream accept: {e}"),
+                }
+            };
+            s.set_nonblocking(false).expect("blocking");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            let mut head_end = None;
+            let mut scanner = ChunkedScanner::new();
+            let mut scanned = 0;
+            loop {
+                let k = s.read(&mut tmp).expect("upstream read");
+                assert!(k > 0, "the gateway closed before the body ended");
+                buf.extend_from_slice(&tmp[..k]);
+                if head_end.is_none() {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head_end = Some(p + 4);
+                        scanned = p + 4;
+                        let _ = tx.send(Seen::Head);
+                    }
+                }
+                if head_end.is_some() {
+                    let r = scanner
+                        .scan(&buf[scanned..], |_, _| {})
+                        .expect("the gateway forwards a valid chunked body");
+                    scanned += r.consumed;
+                    if r.done {
+                        break;
+                    }
+                }
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .expect("upstream write");
+            let _ = tx.send(Seen::Whole(buf));
+        }
+    });
+    (addr, rx, h)
+}
+
+fn next_whole(rx: &mpsc::Receiver<Seen>) -> Vec<u8> {
+    loop {
+        match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("upstream saw a request")
+        {
+            Seen::Head => continue,
+            Seen::Whole(b) => return b,
+        }
+    }
+}
+
+fn body_of(raw: &[u8]) -> &[u8] {
+    let p = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    &raw[p + 4..]
+}
+
+/// Chunk extensions and trailer fields never reach the upstream: the body is re-framed, both
+/// when it arrived with the head and when it is streamed.
+#[test]
+fn chunked_bodies_are_reframed_and_trailers_dropped() {
+    for d in DRIVERS {
+        let (addr, rx, server) = raw_chunked_upstream(2);
+        let gw = TestGateway::start(&proxy_all(addr), d);
+        let head: &[u8] = b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let body: &[u8] = b"005;ext=1\r\nhello\r\n6 ; q=\"a;b\"\r\n world\r\n0\r\nAuthorization: Bearer x\r\nHost: evil\r\nX-Sum: 1\r\n\r\n";
+        let want: &[u8] = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+
+        // All in one write: the body is kept whole before it is forwarded.
+        let mut c = Client::connect(gw.addr);
+        c.send(&[head, body].concat());
+        assert_eq!(c.read_response().expect("response").status, 200, "{d:?}");
+        assert_eq!(body_of(&next_whole(&rx)), want, "{d:?}");
+
+        // Streamed: the rest of the body is sent once the upstream has the head.
+        let mut c = Client::connect(gw.addr);
+        c.send(&[head, &body[..14]].concat());
+        match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("head upstream")
+        {
+            Seen::Head => {}
+            Seen::Whole(_) => panic!("{d:?}: whole request before the body was sent"),
+        }
+        c.send(&body[14..]);
+        assert_eq!(c.read_response().expect("response").status, 200, "{d:?}");
+        let got = next_whole(&rx);
+        assert_eq!(
+            String::from_utf8_lossy(body_of(&got)),
+            String::from_utf8_lossy(want),
+            "{d:?}"
+        );
+        server.join().expect("upstream thread");
+    }
+}
+
+/// A route that forwards trailers passes only the fields RFC 9110 §6.5.1 allows in a trailer,
+/// and none the route removes from requests (identity headers are among those).
+#[test]
+fn forwarded_trailers_are_filtered() {
+    for d in DRIVERS {
+        let (addr, rx, server) = raw_chunked_upstream(1);
+        let gw = TestGateway::start(
+            &config(
+                &[addr],
+                "[[routes]]\nupstream = \"up\"\ntrailers = \"forward\"\nrequest_headers = { remove = [\"x-secret\"] }\n",
+            ),
+            d,
+        );
+        let head: &[u8] = b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let body: &[u8] = b"5;ext=1\r\nhello\r\n0\r\nAuthorization: Bearer x\r\nHost: evil\r\nContent-Length: 5\r\nX-Secret: s\r\nX-Sum: 1\r\n\r\n";
+        let mut c = Client::connect(gw.addr);
+        c.send(&[head, body].concat());
+        assert_eq!(c.read_response().expect("response").status, 200, "{d:?}");
+        assert_eq!(
+            String::from_utf8_lossy(body_of(&next_whole(&rx))),
+            "5\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n",
+            "{d:?}"
+        );
+        server.join().expect("upstream thread");
     }
 }

@@ -18,12 +18,16 @@ pub struct Span {
 }
 
 impl Span {
+    /// The span of `part` inside `base`. A `part` that does not lie inside `base` (httparse
+    /// leaves some fields unset, and `""` literals stand in for them) gives the empty span.
     #[inline]
     pub fn of(base: &[u8], part: &[u8]) -> Span {
-        let start = part.as_ptr() as usize - base.as_ptr() as usize;
-        Span {
-            start: start as u32,
-            end: (start + part.len()) as u32,
+        match (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize) {
+            Some(start) if start <= base.len() && part.len() <= base.len() - start => Span {
+                start: start as u32,
+                end: (start + part.len()) as u32,
+            },
+            _ => Span::default(),
         }
     }
 
@@ -90,6 +94,76 @@ pub fn trim_ows(mut s: &[u8]) -> &[u8] {
         s = rest;
     }
     s
+}
+
+/// `tchar` of RFC 9110 §5.6.2: the bytes of a token (field names, methods, chunk-extension
+/// names).
+#[inline]
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Is `v` a valid `Host` field value or absolute-form authority: `uri-host [ ":" port ]`
+/// (RFC 9112 §3.2, RFC 3986 §3.2.2 and §3.2.3)?
+///
+/// - An IP-literal must be a bracketed IPv6 address (RFC 4291 text form, IPv4 tail allowed);
+///   IPvFuture and zone identifiers are refused.
+/// - A reg-name (IPv4 addresses included) may hold letters, digits, `-`, `.`, `_` and `~`.
+///   RFC 3986 also allows sub-delims and percent-encoding there; ringway refuses them because
+///   routes compare host bytes, and `%61pi.example.com`, `a,b` or `a;b` would reach a route
+///   (or an upstream building URLs from X-Forwarded-Host) under a second spelling. No DNS name
+///   needs them.
+/// - The port is decimal digits, at most 65535; an empty port (`host:`) is allowed by the
+///   grammar and means the scheme's default.
+///
+/// Userinfo, paths, queries, fragments, spaces, commas and empty hosts are all refused by
+/// these rules.
+pub fn valid_authority(v: &[u8]) -> bool {
+    let (host_ok, rest) = if let Some(after) = v.strip_prefix(b"[") {
+        let Some(close) = after.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let inner = &after[..close];
+        let ok = std::str::from_utf8(inner)
+            .ok()
+            .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok())
+            .is_some();
+        (ok, &after[close + 1..])
+    } else {
+        let end = v.iter().position(|b| *b == b':').unwrap_or(v.len());
+        let host = &v[..end];
+        let ok = !host.is_empty()
+            && host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'));
+        (ok, &v[end..])
+    };
+    if !host_ok {
+        return false;
+    }
+    match rest {
+        [] => true,
+        [b':', port @ ..] => valid_port(port),
+        _ => false,
+    }
+}
+
+/// `port = *DIGIT` (RFC 3986 §3.2.3), bounded to what TCP can carry.
+fn valid_port(port: &[u8]) -> bool {
+    let mut n: u32 = 0;
+    for b in port {
+        if !b.is_ascii_digit() {
+            return false;
+        }
+        n = match n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(u32::from(b - b'0')))
+        {
+            Some(n) if n <= u32::from(u16::MAX) => n,
+            _ => return false,
+        };
+    }
+    true
 }
 
 /// What a head's Connection headers say (RFC 9112 §9.3).
@@ -207,6 +281,77 @@ mod tests {
             parse_content_length(b"9999999999999999999"),
             Some(9999999999999999999)
         );
+    }
+
+    #[test]
+    fn span_of_a_part_outside_the_base_is_empty() {
+        let base = b"GET / HTTP/1.1";
+        assert_eq!(Span::of(base, &base[4..5]), Span { start: 4, end: 5 });
+        assert_eq!(Span::of(base, &base[14..]), Span { start: 14, end: 14 });
+        assert_eq!(Span::of(base, b"elsewhere"), Span::default());
+        assert_eq!(Span::of(&base[4..], &base[..3]), Span::default());
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            &b"example.com"[..],
+            b"example.com:8080",
+            b"EXAMPLE.com.",
+            b"a",
+            b"a:",
+            b"a:0",
+            b"a:65535",
+            b"a:00080",
+            b"127.0.0.1",
+            b"127.0.0.1:80",
+            b"my_host.internal",
+            b"x~y-z",
+            b"[::1]",
+            b"[::1]:443",
+            b"[::1]:",
+            b"[2001:db8::1]",
+            b"[::ffff:192.0.2.1]:80",
+        ] {
+            assert!(valid_authority(ok), "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b""[..],
+            b":80",
+            b"a:65536",
+            b"a:99999999999999999999",
+            b"a:8o",
+            b"a:-1",
+            b"a:+80",
+            b"a:80:80",
+            b"a b",
+            b" a",
+            b"a/",
+            b"a/path",
+            b"a?q",
+            b"a#f",
+            b"u@a",
+            b"u:p@a",
+            b"a,b",
+            b"a, b",
+            b"a;b",
+            b"%61pi",
+            b"a\tb",
+            b"a\x7f",
+            b"\xc3\xa9.com",
+            b"[::1",
+            b"::1",
+            b"[::1]x",
+            b"[::g]",
+            b"[1:2:3:4:5:6:7:8:9]",
+            b"[v1.abc]",
+            b"[fe80::1%25eth0]",
+            b"[]",
+            b"[127.0.0.1]",
+            b"[::1]:65536",
+        ] {
+            assert!(!valid_authority(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

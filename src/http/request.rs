@@ -5,7 +5,8 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 
 use super::{
-    list_items, parse_content_length, trim_ows, ConnectionFlags, HeaderSpan, Span, Version,
+    list_items, parse_content_length, trim_ows, valid_authority, ConnectionFlags, HeaderSpan, Span,
+    Version,
 };
 
 /// Default cap on the bytes of a request head (request line + headers + blank line).
@@ -26,6 +27,14 @@ pub struct Limits {
     pub max_headers: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: u64,
+    /// Accept `TRACE` (a listener's `allow_trace`). Off by default, as in nginx: TRACE echoes
+    /// the request head, credentials included, and ringway does not answer it itself.
+    pub allow_trace: bool,
+    /// Keep header lines whose name holds `_` (a listener's `allow_underscores_in_headers`).
+    /// Off by default, as in nginx: CGI/WSGI/PHP-style upstreams read `X_User_Id` and
+    /// `X-User-Id` as one variable, so such a line would slip past the gateway's strip of
+    /// identity headers. Dropped lines still count towards `max_headers` and `max_head_bytes`.
+    pub allow_underscores_in_headers: bool,
 }
 
 impl Default for Limits {
@@ -35,9 +44,15 @@ impl Default for Limits {
             max_headers: DEFAULT_MAX_HEADERS,
             max_uri_bytes: DEFAULT_MAX_URI_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            allow_trace: false,
+            allow_underscores_in_headers: false,
         }
     }
 }
+
+/// The methods named in the `Allow` header of a 405 (RFC 9110 §15.5.6): what ringway forwards.
+/// Other extension methods are forwarded too; TRACE and CONNECT are not.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 
 /// Why a request head was refused. Each maps to one status (see [`ParseError::status`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,8 +67,10 @@ pub enum ParseError {
     NotImplemented(&'static str),
     /// An `Expect` other than `100-continue`: 417.
     Expectation,
-    /// Not HTTP/1.0 or HTTP/1.1: 505.
+    /// A well-formed HTTP-version whose major version is not 1: 505.
     Version,
+    /// TRACE on a listener that does not allow it: 405, with [`ALLOWED_METHODS`] in `Allow`.
+    MethodNotAllowed,
 }
 
 impl ParseError {
@@ -65,6 +82,15 @@ impl ParseError {
             ParseError::NotImplemented(_) => 501,
             ParseError::Expectation => 417,
             ParseError::Version => 505,
+            ParseError::MethodNotAllowed => 405,
+        }
+    }
+
+    /// The `Allow` header value that must come with this error (RFC 9110 §15.5.6).
+    pub fn allow(&self) -> Option<&'static str> {
+        match self {
+            ParseError::MethodNotAllowed => Some(ALLOWED_METHODS),
+            _ => None,
         }
     }
 
@@ -76,6 +102,7 @@ impl ParseError {
             ParseError::NotImplemented(r) => r,
             ParseError::Expectation => "unsupported expectation",
             ParseError::Version => "HTTP version not supported",
+            ParseError::MethodNotAllowed => "TRACE is not allowed",
         }
     }
 }
@@ -222,11 +249,54 @@ impl RequestHead {
 /// Returns `Ok(Some(len))` with the head's length and fills `out` (whose `raw` is left for the
 /// caller to set from `buf[..len]`), `Ok(None)` when more bytes are needed and the limits still
 /// allow them, or the error to answer with.
+///
+/// Beyond httparse's syntax checks: Host is validated (RFC 9112 §3.2), a malformed
+/// HTTP-version is a 400 and `HTTP/1.x` with x > 1 is read as HTTP/1.1 (RFC 9110 §2.5), TRACE is
+/// refused unless `limits.allow_trace`, and header lines whose name holds `_` are dropped
+/// unless `limits.allow_underscores_in_headers`.
 pub fn parse_request(
     buf: &[u8],
     limits: &Limits,
     out: &mut RequestHead,
 ) -> Result<Option<usize>, ParseError> {
+    match parse_head(buf, limits, out)? {
+        Parsed::Done(len) => Ok(Some(len)),
+        Parsed::Partial => Ok(None),
+        Parsed::MinorVersion(at) => {
+            // httparse knows only HTTP/1.0 and HTTP/1.1. A higher minor version of HTTP/1 is
+            // served as HTTP/1.1 (RFC 9110 §2.5): parse a copy with the minor digit patched.
+            // Spans are offsets and the copy has the same length, so they stay valid for
+            // `buf`. Rare, so the copy's allocation does not matter; only the bytes a head may
+            // occupy are copied.
+            let keep = buf.len().min(limits.max_head_bytes.saturating_add(1));
+            let mut copy = buf[..keep].to_vec();
+            // `at` is the version's offset, inside the request line that the head limit
+            // already bounded (see `classify_version`), so the digit is inside the copy.
+            match copy.get_mut(at + 7) {
+                Some(minor) => *minor = b'1',
+                None => return Err(ParseError::Bad("malformed HTTP-version")),
+            }
+            match parse_head(&copy, limits, out)? {
+                Parsed::Done(len) => Ok(Some(len)),
+                Parsed::Partial => Ok(None),
+                // The patched line holds HTTP/1.1: httparse cannot object to it again.
+                Parsed::MinorVersion(_) => Err(ParseError::Bad("malformed HTTP-version")),
+            }
+        }
+    }
+}
+
+enum Parsed {
+    Done(usize),
+    Partial,
+    /// A complete request line ends in `HTTP/1.x` with x > 1, at this offset of the buffer.
+    MinorVersion(usize),
+}
+
+fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Parsed, ParseError> {
+    // Only the bytes a head may occupy (and one more, to see it is too long) are looked at,
+    // so that the answer is the same however the client's bytes were split into reads.
+    let buf = &buf[..buf.len().min(limits.max_head_bytes.saturating_add(1))];
     let max_headers = limits.max_headers.min(MAX_HEADERS_CAP);
     let mut storage: [MaybeUninit<httparse::Header<'_>>; MAX_HEADERS_CAP] =
         [const { MaybeUninit::uninit() }; MAX_HEADERS_CAP];
@@ -234,24 +304,16 @@ pub fn parse_request(
     let status = req.parse_with_uninit_headers(buf, &mut storage[..max_headers]);
     let len = match status {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > limits.max_head_bytes {
-                return Err(oversize_partial(buf, limits));
-            }
-            // A request line that already outgrew the URI limit need not wait for the rest.
-            if !buf.contains(&b'\n') && buf.len() > limits.max_uri_bytes + 32 {
-                return Err(ParseError::UriTooLong);
-            }
-            return Ok(None);
-        }
-        Err(e) => return Err(map_httparse(e, buf, limits)),
+        Ok(httparse::Status::Partial) => return partial(buf, limits),
+        Err(httparse::Error::Version) => return classify_version(buf, limits),
+        Err(e) => return Err(map_httparse(e)),
     };
+    if len > limits.max_head_bytes {
+        return Err(oversize(buf, limits));
+    }
     let target = req.path.unwrap_or("");
     if target.len() > limits.max_uri_bytes {
         return Err(ParseError::UriTooLong);
-    }
-    if len > limits.max_head_bytes {
-        return Err(ParseError::HeadTooLarge);
     }
     let method = req.method.unwrap_or("");
     out.method = Method::from_bytes(method.as_bytes());
@@ -279,6 +341,11 @@ pub fn parse_request(
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = h.value;
+        // Dropped, not refused (nginx's `underscores_in_headers off`): the line is neither
+        // forwarded nor read for framing, routing or identity.
+        if !limits.allow_underscores_in_headers && memchr::memchr(b'_', name).is_some() {
+            continue;
+        }
         // httparse already refuses CR, LF and other controls (but HTAB) in values: the
         // malformed table below pins that down.
         out.headers.push(HeaderSpan {
@@ -316,7 +383,12 @@ pub fn parse_request(
             }
         } else if name.eq_ignore_ascii_case(b"host") {
             host_count += 1;
-            out.host = Some(Span::of(buf, value));
+            // RFC 9112 §3.2: an invalid Host value is a 400, whatever the version.
+            let v = trim_ows(value);
+            if !valid_authority(v) {
+                return Err(ParseError::Bad("invalid Host header"));
+            }
+            out.host = Some(Span::of(buf, v));
         } else if name.eq_ignore_ascii_case(b"connection") {
             conn.add(value);
         } else if name.eq_ignore_ascii_case(b"expect") {
@@ -386,7 +458,9 @@ pub fn parse_request(
                 .position(|b| matches!(b, b'/' | b'?'))
                 .unwrap_or(rest.len());
             let authority = &rest[..auth_end];
-            if authority.is_empty() || authority.contains(&b'@') {
+            // The target's authority replaces Host (RFC 9112 §3.2.2), which must still have
+            // been valid (checked above).
+            if !valid_authority(authority) {
                 return Err(ParseError::Bad("invalid authority in request-target"));
             }
             out.host = Some(Span::of(buf, authority));
@@ -401,7 +475,68 @@ pub fn parse_request(
     if let Some(why) = ambiguous_path(out.path.get(buf)) {
         return Err(ParseError::Bad(why));
     }
-    Ok(Some(len))
+    // RFC 9110 §9.3.8: TRACE reflects the head (cookies, credentials) back to the client;
+    // refused unless the listener allows it.
+    if out.method == Method::Trace && !limits.allow_trace {
+        return Err(ParseError::MethodNotAllowed);
+    }
+    Ok(Parsed::Done(len))
+}
+
+/// httparse needs more bytes: fine while the limits allow them. (No earlier verdict on a long
+/// request line: it could differ from the one the complete head gets.)
+fn partial(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
+    if buf.len() > limits.max_head_bytes {
+        return Err(oversize(buf, limits));
+    }
+    Ok(Parsed::Partial)
+}
+
+/// httparse refused the HTTP-version (it knows only `HTTP/1.0` and `HTTP/1.1`). Once the
+/// request line is complete, RFC 9112 §2.3 decides: it must be `method SP target SP
+/// HTTP-version` with `HTTP-version = "HTTP/" DIGIT "." DIGIT`, else 400 (a space inside the
+/// target, trailing junk, `HTTP/1`, `HTTP/01.01`). `HTTP/1.x` is served as HTTP/1.1; another
+/// major version is a 505.
+fn classify_version(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
+    // httparse skips empty lines before the request line (RFC 9112 §2.2).
+    let start = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(buf.len());
+    let Some(lf) = memchr::memchr(b'\n', &buf[start..]) else {
+        // The version may still be followed by more of the line: wait for its end.
+        return partial(buf, limits);
+    };
+    let line_end = start + lf;
+    if line_end > limits.max_head_bytes {
+        return Err(oversize(buf, limits));
+    }
+    let line = &buf[start..line_end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // httparse read the method and the target up to their single spaces; the rest is the
+    // version, and nothing else.
+    let mut spaces = memchr::memchr_iter(b' ', line);
+    let (Some(_), Some(sp2)) = (spaces.next(), spaces.next()) else {
+        return Err(ParseError::Bad("malformed request line"));
+    };
+    let version = &line[sp2 + 1..];
+    match version {
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            if *major != b'1' {
+                Err(ParseError::Version)
+            } else if *minor >= b'2' {
+                Ok(Parsed::MinorVersion(start + sp2 + 1))
+            } else {
+                Err(ParseError::Bad("malformed request line"))
+            }
+        }
+        _ if memchr::memchr(b' ', version).is_some() => Err(ParseError::Bad(
+            "malformed request line (space in the target?)",
+        )),
+        _ => Err(ParseError::Bad("malformed HTTP-version")),
+    }
 }
 
 /// Paths that name the same resource as another spelling would let a request reach a route
@@ -442,43 +577,42 @@ fn strip_scheme(t: &[u8]) -> Option<&[u8]> {
     }
 }
 
-/// The head outgrew `max_head_bytes` before it was complete: 414 when the request line itself
-/// is what is too long, 431 otherwise.
-fn oversize_partial(buf: &[u8], limits: &Limits) -> ParseError {
-    let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
-    if line_end > limits.max_uri_bytes {
+/// The head outgrew `max_head_bytes`: 414 when its request-target (as far as the first
+/// `max_head_bytes + 1` bytes show it) is over `max_uri_bytes`, 431 otherwise.
+fn oversize(buf: &[u8], limits: &Limits) -> ParseError {
+    let view = &buf[..buf.len().min(limits.max_head_bytes.saturating_add(1))];
+    let start = view
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(view.len());
+    let line = &view[start..];
+    let target_len = match memchr::memchr(b' ', line) {
+        Some(sp) => line[sp + 1..]
+            .iter()
+            .position(|b| matches!(b, b' ' | b'\r' | b'\n'))
+            .unwrap_or(line.len() - sp - 1),
+        None => 0,
+    };
+    if target_len > limits.max_uri_bytes {
         ParseError::UriTooLong
     } else {
         ParseError::HeadTooLarge
     }
 }
 
-fn map_httparse(e: httparse::Error, buf: &[u8], limits: &Limits) -> ParseError {
+fn map_httparse(e: httparse::Error) -> ParseError {
     match e {
         httparse::Error::TooManyHeaders => ParseError::HeadTooLarge,
-        httparse::Error::Version => {
-            // "HTTP/2.0" or "HTTP/3" in the request line; garbage after the target stays a 400.
-            let line_end = buf.iter().position(|b| *b == b'\n').unwrap_or(buf.len());
-            let line = &buf[..line_end];
-            if line.windows(5).any(|w| w == b"HTTP/") {
-                ParseError::Version
-            } else {
-                ParseError::Bad("malformed request line")
-            }
-        }
+        // Handled by `classify_version` before this is called.
+        httparse::Error::Version => ParseError::Bad("malformed HTTP-version"),
         httparse::Error::HeaderName => {
             ParseError::Bad("invalid header name (whitespace before colon or obs-fold?)")
         }
         httparse::Error::HeaderValue => ParseError::Bad("invalid header value"),
         httparse::Error::NewLine => ParseError::Bad("invalid line ending"),
-        httparse::Error::Token => {
-            if buf.len() > limits.max_uri_bytes {
-                oversize_partial(buf, limits)
-            } else {
-                ParseError::Bad("malformed request line")
-            }
+        httparse::Error::Token | httparse::Error::Status => {
+            ParseError::Bad("malformed request line")
         }
-        httparse::Error::Status => ParseError::Bad("malformed request line"),
     }
 }
 
@@ -641,6 +775,175 @@ mod tests {
         for (raw, status) in cases {
             assert_eq!(err(raw), status, "for {:?}", String::from_utf8_lossy(raw));
         }
+    }
+
+    fn parse_with(raw: &[u8], limits: &Limits) -> Result<Option<RequestHead>, ParseError> {
+        let mut head = RequestHead::default();
+        let r = parse_request(raw, limits, &mut head)?;
+        Ok(r.map(|_| {
+            head.raw = Bytes::copy_from_slice(raw);
+            head
+        }))
+    }
+
+    /// RFC 9112 §3.2: a missing (HTTP/1.1), repeated or invalid Host is a 400.
+    #[test]
+    fn host_table() {
+        let bad: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost:   \r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a?b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a#b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a:http\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a:70000\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: [::z]\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: \"a\"\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\xff\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHost: a/b\r\n\r\n",
+            // Absolute form: the authority is checked, and so is the Host line.
+            b"GET http://a/ HTTP/1.1\r\n\r\n",
+            b"GET http://a/ HTTP/1.1\r\nHost: x/y\r\n\r\n",
+            b"GET http://a b/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://a:99999/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://a,b/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://[::1/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+        ];
+        for raw in bad {
+            assert_eq!(err(raw), 400, "{:?}", String::from_utf8_lossy(raw));
+        }
+        let h = ok(b"GET / HTTP/1.1\r\nHost:  api.example.com:8443 \r\n\r\n");
+        assert_eq!(h.host_bytes(), Some(&b"api.example.com:8443"[..]));
+        let h = ok(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n");
+        assert_eq!(h.host_bytes(), Some(&b"[::1]:80"[..]));
+        let h = ok(b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(h.host_bytes(), None);
+        let h = ok(b"GET http://[2001:db8::1]:8080/p HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert_eq!(h.host_bytes(), Some(&b"[2001:db8::1]:8080"[..]));
+        assert_eq!(h.path_bytes(), b"/p");
+    }
+
+    /// RFC 9112 §2.3 and RFC 9110 §2.5: malformed versions are 400, other majors 505,
+    /// HTTP/1.x (x > 1) is served as HTTP/1.1.
+    #[test]
+    fn version_table() {
+        let cases: &[(&[u8], u16)] = &[
+            (b"GET / HTTP/1\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/01.01\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1x\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.10\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.2 \r\nHost: a\r\n\r\n", 400),
+            (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET /a HTTP/1.1 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET / http/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/1.a\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/x.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/2\r\nHost: a\r\n\r\n", 400),
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505),
+            (b"GET / HTTP/0.9\r\nHost: a\r\n\r\n", 505),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
+            // A higher minor version is still HTTP/1.1: Host is required.
+            (b"GET / HTTP/1.2\r\n\r\n", 400),
+        ];
+        for (raw, status) in cases {
+            assert_eq!(err(raw), *status, "{:?}", String::from_utf8_lossy(raw));
+        }
+        for v in [&b"1.2"[..], b"1.9"] {
+            let mut raw = b"\r\nPOST /p?q HTTP/".to_vec();
+            raw.extend_from_slice(v);
+            raw.extend_from_slice(b"\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc");
+            let (n, h) = parse(&raw).unwrap().unwrap();
+            assert_eq!(n, raw.len() - 3);
+            assert_eq!(h.version, Version::Http11);
+            assert_eq!(h.bytes(h.path_query), b"/p?q");
+            assert_eq!(h.host_bytes(), Some(&b"h"[..]));
+            assert_eq!(h.body, BodyKind::Length(3));
+            assert!(h.keep_alive);
+        }
+        // Every prefix of an HTTP/1.2 head waits for more.
+        let raw: &[u8] = b"GET /x HTTP/1.2\r\nHost: h\r\n\r\n";
+        for i in 0..raw.len() {
+            assert_eq!(parse(&raw[..i]).map(|r| r.map(|x| x.0)), Ok(None), "{i}");
+        }
+        // The head limit still applies to the patched copy.
+        let limits = Limits {
+            max_head_bytes: 40,
+            ..Limits::default()
+        };
+        let big = format!("GET / HTTP/1.2\r\nHost: h\r\nX: {}\r\n\r\n", "v".repeat(40));
+        assert_eq!(
+            parse_with(big.as_bytes(), &limits).err(),
+            Some(ParseError::HeadTooLarge)
+        );
+        assert_eq!(
+            parse_with(&big.as_bytes()[..45], &limits).err(),
+            Some(ParseError::HeadTooLarge)
+        );
+    }
+
+    #[test]
+    fn trace_is_refused_unless_allowed() {
+        let raw: &[u8] = b"TRACE / HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n";
+        let e = parse(raw).expect_err("405");
+        assert_eq!(e, ParseError::MethodNotAllowed);
+        assert_eq!(e.status(), 405);
+        assert_eq!(e.allow(), Some(ALLOWED_METHODS));
+        assert_eq!(parse(&raw[..10]).map(|r| r.map(|x| x.0)), Ok(None));
+        let limits = Limits {
+            allow_trace: true,
+            ..Limits::default()
+        };
+        let h = parse_with(raw, &limits).unwrap().unwrap();
+        assert_eq!(h.method, Method::Trace);
+        // Only TRACE: other methods, extension ones included, pass.
+        ok(b"PROPFIND / HTTP/1.1\r\nHost: a\r\n\r\n");
+        ok(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n");
+    }
+
+    #[test]
+    fn underscore_headers_are_dropped_by_default() {
+        let raw: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nX_Consumer: evil\r\nX-Real: 1\r\n_: x\r\nContent_Length: 5\r\nTransfer_Encoding: chunked\r\nHost_: b\r\n\r\n";
+        let h = ok(raw);
+        let names: Vec<&[u8]> = h.headers.iter().map(|x| h.bytes(x.name)).collect();
+        assert_eq!(names, vec![&b"Host"[..], b"X-Real"]);
+        assert_eq!(h.header(b"x_consumer"), None);
+        assert_eq!(h.body, BodyKind::None);
+        assert_eq!(h.host_bytes(), Some(&b"a"[..]));
+        let limits = Limits {
+            allow_underscores_in_headers: true,
+            ..Limits::default()
+        };
+        let h = parse_with(
+            b"GET / HTTP/1.1\r\nHost: a\r\nX_Consumer: c\r\n\r\n",
+            &limits,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.header(b"X_Consumer"), Some(&b"c"[..]));
+        // Dropped lines still count towards the header limit.
+        let limits = Limits {
+            max_headers: 3,
+            ..Limits::default()
+        };
+        assert_eq!(
+            parse_with(
+                b"GET / HTTP/1.1\r\nHost: a\r\nA_1: 1\r\nA_2: 2\r\nA_3: 3\r\n\r\n",
+                &limits
+            )
+            .err(),
+            Some(ParseError::HeadTooLarge)
+        );
     }
 
     /// Every proper prefix of a valid head is incomplete, never an error or a wrong parse.

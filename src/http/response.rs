@@ -105,7 +105,10 @@ pub fn parse_response(
     }
     let status = resp.code.unwrap_or(0);
     out.status = status;
-    out.reason = Span::of(buf, resp.reason.unwrap_or("").as_bytes());
+    // httparse leaves the reason unset when a status line has none ("HTTP/1.1 200\r\n").
+    out.reason = resp
+        .reason
+        .map_or(Span::default(), |r| Span::of(buf, r.as_bytes()));
     out.version = if resp.version == Some(0) {
         Version::Http10
     } else {
@@ -237,6 +240,19 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
         assert!(parse(b"HTTX/1.1 200 OK\r\n\r\n", false).is_err());
         assert!(parse(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());
+    }
+
+    /// Found by the property tests: a status line without a reason left httparse's reason
+    /// unset, and its span was computed from an unrelated pointer (an overflow).
+    #[test]
+    fn status_line_without_reason() {
+        for raw in [
+            &b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 204 \r\n\r\n",
+        ] {
+            let r = parse(raw, false).unwrap().unwrap();
+            assert_eq!(r.reason.get(raw), b"");
+        }
     }
 
     #[test]

@@ -319,7 +319,10 @@ impl<S: ClientIo> Conn<S> {
         cfg: &Snapshot,
         ctx: &mut RequestCtx<'_>,
     ) -> HeadRead {
-        let limits = &cfg.limits;
+        let limits = cfg
+            .listener_limits
+            .get(self.info.listener)
+            .unwrap_or(&cfg.limits);
         let mut started: Option<Instant> = None;
         loop {
             if !self.rbuf.is_empty() {

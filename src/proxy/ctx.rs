@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::auth::Identity;
 use crate::error::GatewayError;
-use crate::http::chunked::ChunkedScanner;
+use crate::http::chunked::{ChunkedReframer, TrailerPolicy};
 use crate::http::request::{BodyKind, RequestHead};
 
 use super::worker::{Timeouts, Worker};
@@ -36,8 +36,9 @@ pub struct RequestBody {
     state: BodyState,
     /// Content-Length bytes not yet taken off the connection.
     left: u64,
-    /// Chunked framing, validated byte by byte.
-    scanner: ChunkedScanner,
+    /// Chunked framing, validated byte by byte and re-framed canonically for the upstream (no
+    /// chunk extensions; trailers per the route's policy).
+    reframer: ChunkedReframer,
     /// The route's body limit (data bytes).
     max: u64,
     /// The client asked for `100 Continue` before sending its body.
@@ -60,7 +61,7 @@ impl RequestBody {
             kind: head.body,
             state,
             left,
-            scanner: ChunkedScanner::new(),
+            reframer: ChunkedReframer::new(TrailerPolicy::Drop),
             max,
             expect_continue: head.expect_continue,
             continue_sent: false,
@@ -74,7 +75,7 @@ impl RequestBody {
             kind: BodyKind::None,
             state: BodyState::Unread,
             left: 0,
-            scanner: ChunkedScanner::new(),
+            reframer: ChunkedReframer::new(TrailerPolicy::Drop),
             max: 0,
             expect_continue: false,
             continue_sent: false,
@@ -82,8 +83,10 @@ impl RequestBody {
         }
     }
 
-    pub fn set_max(&mut self, max: u64) {
+    /// The route's body limit and trailer policy (before any of the body is read).
+    pub fn set_route(&mut self, max: u64, trailers: TrailerPolicy) {
         self.max = max;
+        self.reframer.reset(trailers);
     }
 
     #[inline]
@@ -114,12 +117,18 @@ impl RequestBody {
     }
 
     /// Takes off the front of `buf` the bytes that belong to this body (all of `buf`, or up to
-    /// the body's end), as they came on the wire. Marks the state.
-    pub fn take(&mut self, buf: &mut BytesMut) -> Result<BytesMut, GatewayError> {
+    /// the body's end), as they go upstream: a Content-Length body as it came, a chunked one in
+    /// canonical form (as it came when it already was; `deny` removes more trailer fields
+    /// under the `Filter` policy). Marks the state.
+    pub fn take_with(
+        &mut self,
+        buf: &mut BytesMut,
+        deny: impl FnMut(&[u8]) -> bool,
+    ) -> Result<BytesMut, GatewayError> {
         if self.state == BodyState::Done || self.unknown || buf.is_empty() {
             return Ok(BytesMut::new());
         }
-        let part = match self.kind {
+        let (consumed, part) = match self.kind {
             BodyKind::None => return Ok(BytesMut::new()),
             BodyKind::Length(_) => {
                 let n = (buf.len() as u64).min(self.left) as usize;
@@ -127,26 +136,34 @@ impl RequestBody {
                 if self.left == 0 {
                     self.state = BodyState::Done;
                 }
-                buf.split_to(n)
+                (n, buf.split_to(n))
             }
             BodyKind::Chunked => {
+                // Stays empty (unallocated) while the body is canonical.
+                let mut framed = BytesMut::new();
                 let r = self
-                    .scanner
-                    .scan(buf, |_, _| {})
+                    .reframer
+                    .reframe_with(buf, &mut framed, deny)
                     .map_err(GatewayError::BadChunk)?;
-                if self.scanner.data_total > self.max {
+                if self.reframer.data_total() > self.max {
                     return Err(GatewayError::BodyTooLarge);
                 }
                 if r.done {
                     self.state = BodyState::Done;
                 }
-                buf.split_to(r.consumed)
+                let raw = buf.split_to(r.consumed);
+                (r.consumed, if r.verbatim { raw } else { framed })
             }
         };
-        if self.state != BodyState::Done && !part.is_empty() {
+        if self.state != BodyState::Done && consumed > 0 {
             self.state = BodyState::Partial;
         }
         Ok(part)
+    }
+
+    /// [`Self::take_with`] without a deny list (for a body read to be thrown away).
+    pub fn take(&mut self, buf: &mut BytesMut) -> Result<BytesMut, GatewayError> {
+        self.take_with(buf, |_| false)
     }
 
     /// When all of a body not yet started lies in `buf`: its length there. `Ok(None)`: more
@@ -159,27 +176,37 @@ impl RequestBody {
             BodyKind::None => Ok(Some(0)),
             BodyKind::Length(n) => Ok((buf.len() as u64 >= n).then_some(n as usize)),
             BodyKind::Chunked => {
-                let mut s = self.scanner.clone();
-                let r = s.scan(buf, |_, _| {}).map_err(GatewayError::BadChunk)?;
-                if s.data_total > self.max {
+                let mut r = self.reframer.clone();
+                let mut scratch = BytesMut::new();
+                let f = r
+                    .reframe(buf, &mut scratch)
+                    .map_err(GatewayError::BadChunk)?;
+                if r.data_total() > self.max {
                     return Err(GatewayError::BodyTooLarge);
                 }
-                Ok(r.done.then_some(r.consumed))
+                Ok(f.done.then_some(f.consumed))
             }
         }
     }
 
-    /// Takes the whole body out of `buf` when it is all there (see [`Self::complete_in`]).
-    pub fn take_whole(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, GatewayError> {
-        match self.complete_in(buf)? {
-            Some(n) => {
-                let whole = buf.split_to(n).freeze();
-                self.left = 0;
-                self.state = BodyState::Done;
-                Ok(Some(whole))
-            }
-            None => Ok(None),
-        }
+    /// Takes the whole body out of `buf` when it is all there (see [`Self::complete_in`]), in
+    /// the form it goes upstream (see [`Self::take_with`]).
+    pub fn take_whole(
+        &mut self,
+        buf: &mut BytesMut,
+        deny: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Option<Bytes>, GatewayError> {
+        let Some(n) = self.complete_in(buf)? else {
+            return Ok(None);
+        };
+        let mut whole = buf.split_to(n);
+        let out = match self.kind {
+            BodyKind::Chunked => self.take_with(&mut whole, deny)?,
+            _ => whole,
+        };
+        self.left = 0;
+        self.state = BodyState::Done;
+        Ok(Some(out.freeze()))
     }
 }
 

@@ -94,6 +94,7 @@ async fn exchange<S: ClientIo>(
         ctx.t,
         ctx.head.version,
     );
+    down.denied = Some(&route.request_headers);
     down.replay = down
         .read_replayable(policy.map_or(0, |p| p.max_replay))
         .await

@@ -268,7 +268,7 @@ fn concurrency<S>(
 /// body is counted as it arrives.
 fn body_limit(cfg: &Snapshot, route: &Route, ctx: &mut RequestCtx<'_>) -> Result<(), GatewayError> {
     let max_body = route.max_body_bytes.unwrap_or(cfg.limits.max_body_bytes);
-    ctx.body.set_max(max_body);
+    ctx.body.set_route(max_body, route.trailers);
     if let BodyKind::Length(n) = ctx.head.body {
         if n > max_body {
             return Err(GatewayError::BodyTooLarge);

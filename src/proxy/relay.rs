@@ -32,6 +32,9 @@ pub struct ClientSide<'a, S> {
     pub t: Timeouts,
     /// HTTP/1.1 clients get interim responses; HTTP/1.0 clients cannot.
     pub pass_interim: bool,
+    /// Header names the route removes from requests (identity headers among them): trailer
+    /// fields of these names are not forwarded either.
+    pub denied: Option<&'a crate::router::HeaderRules>,
     /// `client_body_total`, from the first body read on.
     deadline: Option<Option<Instant>>,
 }
@@ -51,6 +54,7 @@ impl<'a, S: ClientIo> ClientSide<'a, S> {
             replay: None,
             t,
             pass_interim: version == Version::Http11,
+            denied: None,
             deadline: None,
         }
     }
@@ -96,7 +100,13 @@ impl<'a, S: ClientIo> ClientSide<'a, S> {
             return Ok(Some(Bytes::new()));
         }
         loop {
-            if let Some(b) = self.body.take_whole(self.rbuf).map_err(DownFail::Answer)? {
+            let denied = self.denied;
+            let deny = |name: &[u8]| denied.is_some_and(|d| d.drops(name));
+            if let Some(b) = self
+                .body
+                .take_whole(self.rbuf, deny)
+                .map_err(DownFail::Answer)?
+            {
                 return Ok(Some(b));
             }
             let too_big = match self.body.kind() {
@@ -125,7 +135,12 @@ impl<S: ClientIo> Downstream for ClientSide<'_, S> {
         self.send_continue().await?;
         loop {
             if !self.rbuf.is_empty() {
-                let part = self.body.take(self.rbuf).map_err(DownFail::Answer)?;
+                let denied = self.denied;
+                let deny = |name: &[u8]| denied.is_some_and(|d| d.drops(name));
+                let part = self
+                    .body
+                    .take_with(self.rbuf, deny)
+                    .map_err(DownFail::Answer)?;
                 if !part.is_empty() {
                     return Ok(Some(part));
                 }

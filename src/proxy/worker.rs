@@ -161,6 +161,9 @@ pub struct Snapshot {
     pub router: Router,
     pub upstreams: Vec<UpstreamGroup>,
     pub limits: Limits,
+    /// Per listener, in config order: `limits` with the listener's parsing switches
+    /// (`allow_trace`, `allow_underscores_in_headers`).
+    pub listener_limits: Vec<Limits>,
     pub timeouts: Timeouts,
     /// Value appended as a Via line: "1.1 ringway".
     pub via: Box<[u8]>,
@@ -335,6 +338,11 @@ impl Snapshot {
             router: Router::new(cfg, seed),
             upstreams,
             limits: cfg.limits.to_limits(),
+            listener_limits: cfg
+                .listeners
+                .iter()
+                .map(|l| l.request_limits(cfg.limits.to_limits()))
+                .collect(),
             timeouts: Timeouts::from_config(cfg),
             via: format!("1.1 {}", cfg.server.via).into_bytes().into(),
             max_connections: match cfg.server.max_connections_per_worker {
