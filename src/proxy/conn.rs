@@ -25,8 +25,12 @@ use super::ctx::RequestCtx;
 use super::phases;
 use super::worker::{Snapshot, Worker};
 
-/// Initial read buffer of a client connection; grows up to the head limit when needed.
+/// Read buffer lent by the worker while a request's head or body is read; grows up to the
+/// head limit when needed.
 pub const CLIENT_READ_BUF: usize = 4 * 1024;
+/// The connection's own small buffer, the only one it holds while it waits for its next
+/// request. Most request heads fit; a larger one moves to a lent buffer (one copy).
+pub const IDLE_READ_BUF: usize = 512;
 /// Largest read while streaming a body.
 pub const BODY_READ_CHUNK: usize = 32 * 1024;
 /// Most request-body bytes read and thrown away after an answer so that the connection can
@@ -66,12 +70,6 @@ pub trait ClientIo: AsyncReadRent + AsyncWriteRent {
         async {}
     }
 
-    /// Waits until the peer sent something (or closed), without lending a buffer to the
-    /// kernel meanwhile. `false`: the stream failed.
-    fn readable(&mut self) -> impl std::future::Future<Output = bool> {
-        async { true }
-    }
-
     /// Half-closes the write side, so that a lingering close can read what is in flight.
     fn half_close(&mut self) -> impl std::future::Future<Output = ()> {
         async {}
@@ -79,10 +77,6 @@ pub trait ClientIo: AsyncReadRent + AsyncWriteRent {
 }
 
 impl ClientIo for TcpStream {
-    async fn readable(&mut self) -> bool {
-        TcpStream::readable(self, true).await.is_ok()
-    }
-
     async fn half_close(&mut self) {
         let _ = AsyncWriteRent::shutdown(self).await;
     }
@@ -178,8 +172,13 @@ pub async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
 /// A client connection.
 pub struct Conn<S> {
     pub io: S,
-    /// Bytes read and not yet consumed. Empty with no capacity while the connection idles.
+    /// Bytes read and not yet consumed: the connection's small buffer while it waits for a
+    /// request (and while a head that fits is read), a buffer lent by the worker otherwise.
     pub rbuf: BytesMut,
+    /// `rbuf` is the small buffer.
+    small: bool,
+    /// The small buffer while `rbuf` is a lent one.
+    spare: BytesMut,
     pub peer: PeerIp,
     pub info: ConnInfo,
 }
@@ -229,6 +228,8 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
     let mut c = Conn {
         io,
         rbuf: BytesMut::new(),
+        small: true,
+        spare: BytesMut::new(),
         peer: PeerIp::new(peer.ip()),
         info,
     };
@@ -249,7 +250,7 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         }
     }
     if linger {
-        w.slab.boxed(c.linger()).await;
+        w.slab.boxed(c.linger(w)).await;
     }
     c.io.close(CLOSE_NOTIFY_TIMEOUT).await;
 }
@@ -274,6 +275,10 @@ impl<S: ClientIo> Conn<S> {
             }
             HeadRead::Ready => {
                 ctx.head_ready(cfg.limits.max_body_bytes);
+                if !ctx.body.is_done() {
+                    // A body is read through a lent buffer.
+                    self.make_room(w, CLIENT_READ_BUF);
+                }
                 let out = phases::run(w, &cfg, self, &mut ctx).await;
                 self.finish(w, &mut ctx, out).await
             }
@@ -285,24 +290,38 @@ impl<S: ClientIo> Conn<S> {
         }
     }
 
-    /// Waits for the first byte of the next request without holding a read buffer or a timer
-    /// of its own: the idle deadline is checked on the worker's one-second tick, so an idle
-    /// connection costs a few hundred bytes. `false`: the client closed, idled out, or the
-    /// worker is shutting down.
+    /// Waits for the first bytes of the next request with only the connection's small buffer
+    /// and no timer of its own: the idle deadline is checked on the worker's one-second tick,
+    /// so an idle connection costs its task and 512 bytes. `false`: the client closed, idled
+    /// out, or the worker is shutting down.
     async fn wait_request(&mut self, w: &Worker) -> bool {
         if w.shutdown.is_set() {
             return false;
         }
-        // The buffer goes back to the worker while the connection idles.
-        w.bufs.give(std::mem::take(&mut self.rbuf));
+        if !self.small {
+            // The lent buffer goes back to the worker while the connection idles.
+            let lent = std::mem::replace(&mut self.rbuf, std::mem::take(&mut self.spare));
+            w.bufs.give(lent);
+            self.small = true;
+        }
         let idle = w.config().timeouts.client_idle;
         let deadline = Instant::now().checked_add(idle);
-        let readable = self.io.readable();
-        let mut readable = std::pin::pin!(readable);
+        // The read waits as long as the connection idles; its buffer is the small one (whose
+        // space the last request's head gave back). No timeout of its own: see the tick.
+        self.rbuf.reserve(IDLE_READ_BUF);
+        let buf = std::mem::take(&mut self.rbuf);
+        let len = buf.len();
+        let end = len + IDLE_READ_BUF.min(buf.capacity() - len);
+        let read = self.io.read(buf.slice_mut(len..end));
+        let mut read = std::pin::pin!(read);
         loop {
             let tick = w.idle_tick.notified();
             monoio::select! {
-                ok = &mut readable => return ok,
+                r = &mut read => {
+                    let (res, slice) = r;
+                    self.rbuf = slice.into_inner();
+                    return matches!(res, Ok(n) if n > 0);
+                }
                 _ = tick => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return false;
@@ -310,6 +329,18 @@ impl<S: ClientIo> Conn<S> {
                 }
                 _ = w.shutdown.wait() => return false,
             }
+        }
+    }
+
+    /// Makes room for `want` more bytes in the read buffer: a head or body that outgrows the
+    /// small buffer moves, with what was read so far, into a buffer lent by the worker.
+    fn make_room(&mut self, w: &Worker, want: usize) {
+        if self.small && self.rbuf.capacity() - self.rbuf.len() < want {
+            let mut lent = w.bufs.take();
+            lent.extend_from_slice(&self.rbuf);
+            self.rbuf.clear();
+            self.spare = std::mem::replace(&mut self.rbuf, lent);
+            self.small = false;
         }
     }
 
@@ -338,11 +369,9 @@ impl<S: ClientIo> Conn<S> {
                     Err(e) => return HeadRead::Fail(GatewayError::Parse(e)),
                 }
             }
-            if self.rbuf.capacity() == 0 {
-                self.rbuf = w.bufs.take();
-            }
             let want = CLIENT_READ_BUF
                 .min(limits.max_head_bytes + 1 - self.rbuf.len().min(limits.max_head_bytes));
+            self.make_room(w, want.max(1));
             let res = match started {
                 Some(t0) => {
                     let Some(left) = ctx.t.client_head.checked_sub(t0.elapsed()) else {
@@ -403,7 +432,7 @@ impl<S: ClientIo> Conn<S> {
         if !keep {
             return Next::Close;
         }
-        if !ctx.body.is_done() && !self.drain(ctx).await {
+        if !ctx.body.is_done() && !self.drain(w, ctx).await {
             return Next::Close;
         }
         Next::KeepAlive
@@ -472,7 +501,7 @@ impl<S: ClientIo> Conn<S> {
 
     /// Reads and throws away the rest of the request body, within [`DRAIN_MAX`] bytes and
     /// [`DRAIN_TIMEOUT`]. `true`: the body ended, and the next byte starts a new request.
-    async fn drain(&mut self, ctx: &mut RequestCtx<'_>) -> bool {
+    async fn drain(&mut self, w: &Worker, ctx: &mut RequestCtx<'_>) -> bool {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let mut drained = 0u64;
         loop {
@@ -490,9 +519,7 @@ impl<S: ClientIo> Conn<S> {
             if left.is_zero() {
                 return false;
             }
-            if self.rbuf.capacity() == 0 {
-                self.rbuf = BytesMut::with_capacity(CLIENT_READ_BUF);
-            }
+            self.make_room(w, CLIENT_READ_BUF);
             if read_some(&mut self.io, &mut self.rbuf, CLIENT_READ_BUF, left)
                 .await
                 .is_err()
@@ -505,11 +532,11 @@ impl<S: ClientIo> Conn<S> {
     /// A close with client bytes possibly still in flight (RFC 9112 §9.6): half-close, then
     /// read and discard until the client closes, for a bounded time and byte count, so that
     /// our answer is not lost to a TCP reset.
-    async fn linger(&mut self) {
+    async fn linger(&mut self, w: &Worker) {
         self.io.half_close().await;
         let deadline = Instant::now() + LINGER_TIMEOUT;
         let mut seen = 0usize;
-        let mut buf = std::mem::take(&mut self.rbuf);
+        let mut buf = w.bufs.take();
         while seen < LINGER_MAX {
             buf.clear();
             let left = deadline.saturating_duration_since(Instant::now());
@@ -521,6 +548,7 @@ impl<S: ClientIo> Conn<S> {
                 Err(_) => break,
             }
         }
+        w.bufs.give(buf);
     }
 }
 
