@@ -10,11 +10,13 @@
 # machine).
 #
 #   cargo build --release && bash perf/routing.sh [rounds=3] [seconds=5] [conns=32]
+# RINGWAY_BIN=path/to/ringway runs another build (default: target/release/ringway).
 # Needs nginx and wrk (apt-get install -y nginx-light wrk). Load only ever goes to 127.0.0.1.
 set -euo pipefail
 ROUNDS=${1:-3}; SECS=${2:-5}; CONNS=${3:-32}
 N_PREFIX=10000; N_REGEX=1000
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${RINGWAY_BIN:-$ROOT/target/release/ringway}
 D=$(mktemp -d /tmp/ringway-routing-perf.XXXXXX)
 ORIGIN=18200; GW=18280; NG=18290
 PIDS=()
@@ -66,7 +68,7 @@ port=0
 for t in "${TABLES[@]}"; do
   gwp=$((GW + port)); ngp=$((NG + port)); port=$((port + 1))
   { gw_head "$gwp"; cat "$D/$t.routes.toml"; } > "$D/$t.ringway.toml"
-  RINGWAY_LOG=info "$ROOT/target/release/ringway" -c "$D/$t.ringway.toml" 2> "$D/$t.ringway.log" &
+  RINGWAY_LOG=info "$BIN" -c "$D/$t.ringway.toml" 2> "$D/$t.ringway.log" &
   PIDS+=($!); echo "$!" > "$D/$t.gwpid"
   { ng_common "ng-$t"
     echo "  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }"

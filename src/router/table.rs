@@ -41,8 +41,10 @@ const MAX_LOWERED_HOST: usize = 256;
 /// Routes of one host class, indexed by path condition.
 #[derive(Debug, Default)]
 struct Bucket {
-    /// Exact paths, each with its routes in precedence order.
-    exact: HashMap<Box<[u8]>, Box<[u32]>>,
+    /// Exact paths, each with its range of `exact_ids`.
+    exact: HashMap<Box<[u8]>, (u32, u32)>,
+    /// Route ids of the exact paths, grouped by path, in precedence order within one.
+    exact_ids: Box<[u32]>,
     regex: Vec<RegexChunk>,
     /// Route ids of `regex`, in precedence order; chunk `k` covers a contiguous range.
     regex_ids: Box<[u32]>,
@@ -219,14 +221,14 @@ impl RouteTable {
         ids.dedup();
         ids.sort_by_key(|&i| (std::cmp::Reverse(conditions(&routes[i as usize])), i));
         let mut b = Bucket::default();
-        let mut exact: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
+        let mut exact: Vec<(&[u8], u32)> = Vec::new();
         let mut regex_ids = Vec::new();
         let mut tree = TreeBuilder::default();
         for &i in &ids {
             // The same choice as `compile_route` (validation allows only one of the three).
             let r = &routes[i as usize];
             if let Some(p) = &r.path {
-                exact.entry(p.as_bytes().into()).or_default().push(i);
+                exact.push((p.as_bytes(), i));
             } else if let Some(p) = &r.path_prefix {
                 tree.insert(p.as_bytes(), i);
             } else if r.path_regex.is_some() {
@@ -235,10 +237,19 @@ impl RouteTable {
                 tree.insert(b"", i);
             }
         }
-        b.exact = exact
-            .into_iter()
-            .map(|(k, v)| (k, v.into_boxed_slice()))
-            .collect();
+        // Stable: precedence order is kept within one path.
+        exact.sort_by_key(|e| e.0);
+        b.exact = HashMap::with_capacity(exact.len());
+        let mut k = 0;
+        while k < exact.len() {
+            let start = k;
+            while k < exact.len() && exact[k].0 == exact[start].0 {
+                k += 1;
+            }
+            b.exact
+                .insert(exact[start].0.into(), (id(start), id(k - start)));
+        }
+        b.exact_ids = exact.iter().map(|e| e.1).collect();
         b.prefix = tree.finish();
         let mut start = 0usize;
         for chunk in regex_ids.chunks(REGEX_CHUNK) {
@@ -306,7 +317,7 @@ impl RouteTable {
         };
         s.wildcard_hosts = self.buckets.len() - self.exact_hosts.len();
         for b in self.buckets.iter().chain([&self.any_host]) {
-            s.exact_paths += b.exact.values().map(|ids| ids.len()).sum::<usize>();
+            s.exact_paths += b.exact_ids.len();
             s.regexes += b.regex_ids.len();
             s.regex_sets += b.regex.len();
             s.prefixes += b.prefix.ids_len();
@@ -360,8 +371,12 @@ impl Bucket {
         scratch: &mut Scratch,
     ) -> Option<u32> {
         if !self.exact.is_empty() {
-            if let Some(ids) = self.exact.get(path) {
-                for &i in ids.iter() {
+            if let Some(&(start, n)) = self.exact.get(path) {
+                let ids = self
+                    .exact_ids
+                    .get(start as usize..(start + n) as usize)
+                    .unwrap_or_default();
+                for &i in ids {
                     if routes[i as usize].matches_rest(req) {
                         return Some(i);
                     }

@@ -146,117 +146,175 @@ impl PrefixTree {
     }
 }
 
-/// Builds a tree by insertion, then freezes it.
+/// Builds a tree by insertion, then freezes it. Nodes, labels and ids live in three flat
+/// vectors (children as sibling lists), so building 100,000 prefixes allocates a handful of
+/// times rather than per node: on a heap fragmented by the config parser, per-node
+/// allocations made the build several times slower.
 #[derive(Debug)]
 pub struct TreeBuilder {
     nodes: Vec<BNode>,
+    /// Key bytes; labels are ranges of it (a split only moves offsets).
+    bytes: Vec<u8>,
+    /// (node, id) in insertion order.
+    ids: Vec<(u32, u32)>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy)]
 struct BNode {
-    label: Vec<u8>,
-    children: Vec<usize>,
-    ids: Vec<u32>,
+    label: u32,
+    label_len: u32,
+    first_child: u32,
+    next_sibling: u32,
 }
 
 impl Default for TreeBuilder {
     fn default() -> Self {
         TreeBuilder {
-            nodes: vec![BNode::default()],
+            nodes: vec![BNode {
+                label: 0,
+                label_len: 0,
+                first_child: NONE,
+                next_sibling: NONE,
+            }],
+            bytes: Vec::new(),
+            ids: Vec::new(),
         }
     }
 }
 
+/// Offsets and counts are u32: a config holds far less than 4 GiB of prefixes (it is read
+/// into memory whole, and each prefix costs many times its length there).
+fn small(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl TreeBuilder {
+    fn label(&self, n: usize) -> &[u8] {
+        let b = self.nodes[n];
+        &self.bytes[b.label as usize..(b.label + b.label_len) as usize]
+    }
+
     /// Adds `id` under `key`; ids of one key are kept in insertion order.
     pub fn insert(&mut self, key: &[u8], id: u32) {
+        let base = self.bytes.len();
+        self.bytes.extend_from_slice(key);
         let mut n = 0usize;
-        let mut k = key;
+        let mut pos = 0usize;
         loop {
-            let Some(&first) = k.first() else {
-                self.nodes[n].ids.push(id);
+            let Some(&first) = key.get(pos) else {
+                self.ids.push((small(n), id));
                 return;
             };
-            // At most 256 children (one per first byte): a linear scan is bounded.
-            let found = self.nodes[n]
-                .children
-                .iter()
-                .position(|&c| self.nodes[c].label[0] == first);
-            let Some(slot) = found else {
+            // Children differ in their first byte: at most 256 to scan.
+            let mut c = self.nodes[n].first_child;
+            while c != NONE && self.label(c as usize)[0] != first {
+                c = self.nodes[c as usize].next_sibling;
+            }
+            if c == NONE {
                 self.nodes.push(BNode {
-                    label: k.to_vec(),
-                    children: Vec::new(),
-                    ids: vec![id],
+                    label: small(base + pos),
+                    label_len: small(key.len() - pos),
+                    first_child: NONE,
+                    next_sibling: self.nodes[n].first_child,
                 });
-                let new = self.nodes.len() - 1;
-                self.nodes[n].children.push(new);
+                let new = small(self.nodes.len() - 1);
+                self.nodes[n].first_child = new;
+                self.ids.push((new, id));
                 return;
-            };
-            let c = self.nodes[n].children[slot];
-            let common = self.nodes[c]
-                .label
+            }
+            let c = c as usize;
+            let common = self
+                .label(c)
                 .iter()
-                .zip(k)
+                .zip(&key[pos..])
                 .take_while(|(a, b)| a == b)
                 .count();
-            if common < self.nodes[c].label.len() {
-                // Split c: a new node holds the shared part, c keeps the rest.
-                let rest = self.nodes[c].label.split_off(common);
-                let shared = std::mem::replace(&mut self.nodes[c].label, rest);
+            if common < self.nodes[c].label_len as usize {
+                // Split c: a new node takes c's place and holds the shared part; c keeps the
+                // rest as its only child.
+                let old = self.nodes[c];
+                let mid = small(self.nodes.len());
                 self.nodes.push(BNode {
-                    label: shared,
-                    children: vec![c],
-                    ids: Vec::new(),
+                    label: old.label,
+                    label_len: small(common),
+                    first_child: small(c),
+                    next_sibling: old.next_sibling,
                 });
-                let mid = self.nodes.len() - 1;
-                self.nodes[n].children[slot] = mid;
-                n = mid;
+                self.nodes[c].label = old.label + small(common);
+                self.nodes[c].label_len = old.label_len - small(common);
+                self.nodes[c].next_sibling = NONE;
+                // Relink n's child list to point at mid instead of c.
+                if self.nodes[n].first_child == small(c) {
+                    self.nodes[n].first_child = mid;
+                } else {
+                    let mut s = self.nodes[n].first_child;
+                    while self.nodes[s as usize].next_sibling != small(c) {
+                        s = self.nodes[s as usize].next_sibling;
+                    }
+                    self.nodes[s as usize].next_sibling = mid;
+                }
+                n = mid as usize;
             } else {
                 n = c;
             }
-            k = &k[common..];
+            pos += common;
         }
     }
 
     /// Lays the tree out flat, in depth-first order.
-    pub fn finish(self) -> PrefixTree {
-        let mut b = self.nodes;
-        if b.len() == 1 && b[0].ids.is_empty() {
+    pub fn finish(mut self) -> PrefixTree {
+        if self.ids.is_empty() {
             return PrefixTree::default();
         }
+        // Ids grouped per node, insertion order kept within a node (stable sort).
+        self.ids.sort_by_key(|&(n, _)| n);
+        let mut id_range = vec![(0u32, 0u32); self.nodes.len()];
+        let mut k = 0usize;
+        while k < self.ids.len() {
+            let n = self.ids[k].0 as usize;
+            let start = k;
+            while k < self.ids.len() && self.ids[k].0 as usize == n {
+                k += 1;
+            }
+            id_range[n] = (small(start), small(k - start));
+        }
         let mut t = PrefixTree {
-            nodes: Vec::with_capacity(b.len()),
+            nodes: Vec::with_capacity(self.nodes.len()),
             edges: Vec::new(),
             labels: Vec::new(),
-            ids: Vec::new(),
+            ids: Vec::with_capacity(self.ids.len()),
         };
-        // (builder index, parent's new index or NONE, depth of the parent, nearest ancestor
-        // with ids). An explicit stack: a config may nest prefixes arbitrarily deep.
-        let mut stack: Vec<(usize, u32, u32, u32)> = vec![(0, NONE, 0, NONE)];
-        let mut parents: Vec<u32> = Vec::with_capacity(b.len());
+        let mut parents: Vec<u32> = Vec::with_capacity(self.nodes.len());
+        // (builder index, parent's new index, parent's depth, nearest ancestor with ids). An
+        // explicit stack: a config may nest prefixes arbitrarily deep.
+        let mut stack: Vec<(u32, u32, u32, u32)> = vec![(0, NONE, 0, NONE)];
         while let Some((bi, parent, parent_depth, up)) = stack.pop() {
-            let new = t.nodes.len() as u32;
-            let node = &mut b[bi];
-            let label_len = node.label.len() as u32;
-            let depth = parent_depth + label_len;
-            let ids = std::mem::take(&mut node.ids);
+            let new = small(t.nodes.len());
+            let b = self.nodes[bi as usize];
+            let depth = parent_depth + b.label_len;
+            let (is, il) = id_range[bi as usize];
             t.nodes.push(Node {
-                label: t.labels.len() as u32,
-                label_len,
+                label: small(t.labels.len()),
+                label_len: b.label_len,
                 edges: 0,
                 edges_len: 0,
-                ids: t.ids.len() as u32,
-                ids_len: ids.len() as u32,
+                ids: small(t.ids.len()),
+                ids_len: il,
                 depth,
                 up,
             });
-            t.labels.extend_from_slice(&node.label);
-            t.ids.extend_from_slice(&ids);
+            t.labels.extend_from_slice(self.label(bi as usize));
+            t.ids.extend(
+                self.ids[is as usize..(is + il) as usize]
+                    .iter()
+                    .map(|p| p.1),
+            );
             parents.push(parent);
-            let next_up = if ids.is_empty() { up } else { new };
-            let children = std::mem::take(&mut node.children);
-            for c in children.into_iter().rev() {
+            let next_up = if il == 0 { up } else { new };
+            let mut c = b.first_child;
+            while c != NONE {
                 stack.push((c, new, depth, next_up));
+                c = self.nodes[c as usize].next_sibling;
             }
         }
         group_edges(&mut t, &parents);
@@ -283,7 +341,7 @@ fn group_edges(t: &mut PrefixTree, parents: &[u32]) {
             continue;
         }
         let at = (t.nodes[p as usize].edges + fill[p as usize]) as usize;
-        edges[at] = (t.labels[t.nodes[i].label as usize], i as u32);
+        edges[at] = (t.labels[t.nodes[i].label as usize], small(i));
         fill[p as usize] += 1;
     }
     for n in &t.nodes {
