@@ -5,8 +5,8 @@
 //! of 10,000 prefix routes takes per worker.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 use proptest::prelude::*;
 
@@ -14,22 +14,37 @@ use ringway::config::Config;
 use ringway::http::request::{parse_request, Limits, RequestHead};
 use ringway::router::{host_without_port, PathMatch, Route, RouteTable, Router};
 
-/// Counts live heap bytes, for the memory-per-route check.
+/// Counts allocations and live heap bytes of the current thread (tests run in parallel), for
+/// the memory-per-route and no-allocation checks.
 struct Counting;
 
-static LIVE: AtomicIsize = AtomicIsize::new(0);
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static ALLOCS: Cell<isize> = const { Cell::new(0) };
+}
+
+fn bump(c: &'static std::thread::LocalKey<Cell<isize>>, by: isize) {
+    // try_with: the thread's locals may already be gone while it exits.
+    let _ = c.try_with(|c| c.set(c.get() + by));
+}
+
+fn read(c: &'static std::thread::LocalKey<Cell<isize>>) -> isize {
+    c.with(Cell::get)
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        bump(&ALLOCS, 1);
+        bump(&LIVE, l.size() as isize);
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        bump(&LIVE, -(l.size() as isize));
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n as isize - l.size() as isize, Ordering::Relaxed);
+        bump(&ALLOCS, 1);
+        bump(&LIVE, n as isize - l.size() as isize);
         unsafe { System.realloc(p, l, n) }
     }
 }
@@ -426,11 +441,11 @@ fn memory_per_route_10000_prefix_routes() {
         ));
     }
     let cfg = Config::parse(&src, "mem.toml").unwrap();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = read(&LIVE);
     let table = RouteTable::build(&cfg);
-    let after_table = LIVE.load(Ordering::Relaxed);
+    let after_table = read(&LIVE);
     let router = Router::with_table(&cfg, 1, table.clone());
-    let after_router = LIVE.load(Ordering::Relaxed);
+    let after_router = read(&LIVE);
     let table_per_route = (after_table - before) as f64 / N as f64;
     let worker_per_route = (after_router - after_table) as f64 / N as f64;
     eprintln!(
@@ -441,4 +456,53 @@ fn memory_per_route_10000_prefix_routes() {
         "table {table_per_route:.0} + routes {worker_per_route:.0} bytes per route"
     );
     assert_eq!(router.routes.len(), N);
+}
+
+/// Lookups allocate nothing once a worker's regex caches exist (the request path's rule): exact
+/// and wildcard hosts, exact paths, regex sets and prefixes, hits and misses.
+#[test]
+fn lookups_do_not_allocate() {
+    let mut src = String::from(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n",
+    );
+    for i in 0..300 {
+        src.push_str(&format!(
+            "[[routes]]\nupstream = \"u\"\nhosts = [\"h{i}.test\", \"*.w{i}.test\"]\npath_regex = '^/r{i}/[0-9]+$'\nmethods = [\"GET\"]\n\
+             [[routes]]\nupstream = \"u\"\npath = \"/e{i}\"\n\
+             [[routes]]\nupstream = \"u\"\npath_prefix = \"/p{i}/\"\nheaders = {{ \"x-a\" = \"1\" }}\n"
+        ));
+    }
+    let cfg = Config::parse(&src, "alloc.toml").unwrap();
+    let router = Router::new(&cfg, 1);
+    let heads: Vec<RequestHead> = [
+        "GET /r7/123 HTTP/1.1\r\nHost: h7.test\r\n\r\n",
+        "GET /r7/123 HTTP/1.1\r\nHost: a.W7.test:80\r\n\r\n",
+        "POST /r7/123 HTTP/1.1\r\nHost: h7.test\r\n\r\n",
+        "GET /e299 HTTP/1.1\r\nHost: h1.test\r\n\r\n",
+        "GET /p299/x HTTP/1.1\r\nHost: other\r\nX-A: 1\r\n\r\n",
+        "GET /p299/x HTTP/1.1\r\nHost: other\r\n\r\n",
+        "GET /nothing HTTP/1.1\r\nHost: q.w5.test\r\n\r\n",
+    ]
+    .iter()
+    .map(|raw| {
+        let mut h = RequestHead::default();
+        let n = parse_request(raw.as_bytes(), &Limits::default(), &mut h)
+            .unwrap()
+            .unwrap();
+        h.raw = bytes::Bytes::copy_from_slice(&raw.as_bytes()[..n]);
+        h
+    })
+    .collect();
+    let want: Vec<Option<usize>> = heads.iter().map(|h| router.find_index(h)).collect();
+    assert_eq!(
+        want,
+        vec![Some(21), Some(21), None, Some(898), Some(899), None, None]
+    );
+    let before = read(&ALLOCS);
+    for _ in 0..1000 {
+        for (h, w) in heads.iter().zip(&want) {
+            assert_eq!(router.find_index(h), *w);
+        }
+    }
+    assert_eq!(read(&ALLOCS) - before, 0);
 }

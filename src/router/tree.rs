@@ -318,6 +318,7 @@ impl TreeBuilder {
             }
         }
         group_edges(&mut t, &parents);
+        t.labels.shrink_to_fit();
         t
     }
 }
