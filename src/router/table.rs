@@ -85,7 +85,7 @@ pub struct RouteTable {
 
 /// What a worker keeps beside a shared table: the lazy DFA caches of the regex sets.
 #[derive(Debug)]
-pub struct Scratch {
+pub(crate) struct Scratch {
     caches: Vec<Option<Box<meta::Cache>>>,
     patterns: PatternSet,
 }
@@ -327,7 +327,7 @@ impl RouteTable {
 
     /// The route for a request, by the rules in the module documentation of `router`.
     #[inline]
-    pub fn find(
+    pub(crate) fn find(
         &self,
         routes: &[Route],
         req: &RequestHead,
@@ -397,13 +397,19 @@ impl Bucket {
                     };
                     // First use on this worker: the only allocation of a regex lookup.
                     let cache = cache_slot.get_or_insert_with(|| Box::new(re.create_cache()));
-                    scratch.patterns.clear();
-                    re.which_overlapping_matches_with(
-                        cache,
-                        &Input::new(path),
-                        &mut scratch.patterns,
-                    );
-                    for p in scratch.patterns.iter() {
+                    let found = &mut scratch.patterns;
+                    if !found.is_empty() {
+                        found.clear();
+                    }
+                    re.which_overlapping_matches_with(cache, &Input::new(path), found);
+                    // In precedence order; stop once every reported pattern has been seen
+                    // (a miss costs no scan of the set at all).
+                    let mut left = found.len();
+                    for p in found.iter() {
+                        if left == 0 {
+                            break;
+                        }
+                        left -= 1;
                         if let Some(&i) = ids.get(p.as_usize()) {
                             if routes[i as usize].matches_rest(req) {
                                 return Some(i);
