@@ -179,6 +179,11 @@ fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Beyond this many routes `check` prints counts and the first routes instead of all of them.
+const CHECK_LIST_ROUTES: usize = 300;
+/// Routes listed when the table is summarised.
+const CHECK_SHOWN_ROUTES: usize = 20;
+
 /// Writes the `check` summary; a closed stdout (`| head`) is not an error worth a panic.
 fn print_summary(file: &str, cfg: &Config) {
     use std::fmt::Write as _;
@@ -215,8 +220,40 @@ fn print_summary(file: &str, cfg: &Config) {
             .collect();
         let _ = writeln!(out, "  {name} [{:?}]: {}", u.balance, eps.join(", "));
     }
-    let _ = writeln!(out, "routes:");
-    for (i, r) in cfg.routes.iter().enumerate() {
+    let t0 = std::time::Instant::now();
+    let table = ringway::router::RouteTable::new(cfg);
+    let built = t0.elapsed();
+    let st = table.stats();
+    if cfg.routes.len() > CHECK_LIST_ROUTES {
+        // A listing of thousands of lines helps nobody: counts, then the first few routes.
+        let with_methods = cfg.routes.iter().filter(|r| !r.methods.is_empty()).count();
+        let with_headers = cfg.routes.iter().filter(|r| !r.headers.is_empty()).count();
+        let direct = cfg.routes.iter().filter(|r| r.direct.is_some()).count();
+        let any_host = cfg.routes.iter().filter(|r| r.hosts.is_empty()).count();
+        let _ = writeln!(
+            out,
+            "routes: {} ({} exact paths, {} prefixes or any path, {} regexes; {} on any host, {} exact hosts, {} wildcard hosts; {} with methods, {} with headers; {} direct)",
+            cfg.routes.len(),
+            st.exact_paths,
+            st.prefixes,
+            st.regexes,
+            any_host,
+            st.exact_hosts,
+            st.wildcard_hosts,
+            with_methods,
+            with_headers,
+            direct,
+        );
+        let _ = writeln!(out, "first {CHECK_SHOWN_ROUTES} routes:");
+    } else {
+        let _ = writeln!(out, "routes:");
+    }
+    let shown = if cfg.routes.len() > CHECK_LIST_ROUTES {
+        CHECK_SHOWN_ROUTES
+    } else {
+        cfg.routes.len()
+    };
+    for (i, r) in cfg.routes.iter().enumerate().take(shown) {
         let path = r
             .path
             .as_ref()
@@ -246,6 +283,16 @@ fn print_summary(file: &str, cfg: &Config) {
         };
         let _ = writeln!(out, "  {name}: {hosts} {path}{methods} {target}{auth}");
     }
+    if shown < cfg.routes.len() {
+        let _ = writeln!(out, "  ... and {} more", cfg.routes.len() - shown);
+    }
+    let _ = writeln!(
+        out,
+        "router: {} routes indexed in {:.1} ms ({} regex sets)",
+        st.routes,
+        built.as_secs_f64() * 1e3,
+        st.regex_sets
+    );
     if !cfg.auth.jwt.is_empty() || !cfg.auth.introspection.is_empty() || !cfg.consumers.is_empty() {
         // Names and key sources only: never a secret.
         let _ = writeln!(out, "auth:");

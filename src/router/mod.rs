@@ -1,4 +1,5 @@
-//! Route table, compiled per worker from the config.
+//! Route table: the routes compiled per worker, and a lookup table ([`RouteTable`]) that can
+//! be built once per config and shared by every worker.
 //!
 //! # How the winning route is chosen
 //! 1. **Host.** Routes listing the request's exact host are tried first, then routes whose
@@ -13,8 +14,24 @@
 //!
 //! Paths are matched on the raw request path (no percent-decoding, no dot-segment removal);
 //! the query string is not part of the path.
+//!
+//! # How it is found quickly
+//! The rules above read as a walk over every route; the table gets the same answer without
+//! looking at routes whose host or path cannot match ([`table`]): exact hosts and exact paths
+//! in hash maps, `*.suffix` hosts and path prefixes in radix trees ([`tree`]) walked once per
+//! request from the longest match to the shortest, and all `path_regex` routes of a host class
+//! in one multi-pattern regex (chunks of [`table::REGEX_CHUNK`]) that reports every matching
+//! pattern in one pass, tried in precedence order. `tests/routing.rs` checks the table against
+//! the linear algorithm on random route sets and requests.
 
+mod table;
+mod tree;
+
+pub use table::{RouteTable, TableStats};
+
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use regex::bytes::Regex;
@@ -25,6 +42,7 @@ use crate::http::request::RequestHead;
 use crate::ratelimit::{Concurrency, Limit};
 use crate::retry::RetryPolicy;
 use std::time::Duration;
+use table::Scratch;
 
 #[derive(Debug)]
 pub enum PathMatch {
@@ -37,12 +55,13 @@ pub enum PathMatch {
 /// A header name (lower case) and value.
 pub type HeaderPair = (Box<[u8]>, Box<[u8]>);
 
-/// Header rewrites, names lower case.
+/// Header rewrites, names lower case. Boxed slices rather than vectors: a `Route` is copied
+/// into every worker, and these are fixed once compiled.
 #[derive(Debug, Default)]
 pub struct HeaderRules {
-    pub add: Vec<HeaderPair>,
-    pub set: Vec<HeaderPair>,
-    pub remove: Vec<Box<[u8]>>,
+    pub add: Box<[HeaderPair]>,
+    pub set: Box<[HeaderPair]>,
+    pub remove: Box<[Box<[u8]>]>,
 }
 
 impl HeaderRules {
@@ -100,8 +119,11 @@ pub struct DirectResponse {
 
 #[derive(Debug)]
 pub enum Action {
-    Proxy { upstream: usize },
-    Direct(DirectResponse),
+    Proxy {
+        upstream: usize,
+    },
+    /// Boxed: most routes proxy, and a `Route` is copied into every worker.
+    Direct(Box<DirectResponse>),
 }
 
 #[derive(Debug)]
@@ -147,10 +169,6 @@ impl std::fmt::Debug for RetryPolicy {
 }
 
 impl Route {
-    fn conditions(&self) -> usize {
-        self.methods.len().min(1) + self.headers.len()
-    }
-
     #[inline]
     fn matches_rest(&self, req: &RequestHead) -> bool {
         if !self.methods.is_empty() {
@@ -203,66 +221,14 @@ impl Route {
     }
 }
 
-#[derive(Debug, Default)]
-struct Bucket {
-    exact: HashMap<Box<[u8]>, Vec<usize>>,
-    regex: Vec<usize>,
-    prefix: Vec<usize>,
-}
-
-impl Bucket {
-    fn find(&self, routes: &[Route], req: &RequestHead, path: &[u8]) -> Option<usize> {
-        if let Some(list) = self.exact.get(path) {
-            if let Some(&i) = list.iter().find(|&&i| routes[i].matches_rest(req)) {
-                return Some(i);
-            }
-        }
-        for &i in &self.regex {
-            if let PathMatch::Regex(re) = &routes[i].path {
-                if re.is_match(path) && routes[i].matches_rest(req) {
-                    return Some(i);
-                }
-            }
-        }
-        for &i in &self.prefix {
-            let ok = match &routes[i].path {
-                PathMatch::Prefix(p) => path.starts_with(p),
-                _ => true,
-            };
-            if ok && routes[i].matches_rest(req) {
-                return Some(i);
-            }
-        }
-        None
-    }
-
-    fn sort(&mut self, routes: &[Route]) {
-        let key = |i: &usize| (std::cmp::Reverse(routes[*i].conditions()), *i);
-        for list in self.exact.values_mut() {
-            list.sort_by_key(key);
-        }
-        self.regex.sort_by_key(key);
-        self.prefix.sort_by_key(|i| {
-            let len = match &routes[*i].path {
-                PathMatch::Prefix(p) => p.len(),
-                _ => 0,
-            };
-            (
-                std::cmp::Reverse(len),
-                std::cmp::Reverse(routes[*i].conditions()),
-                *i,
-            )
-        });
-    }
-}
-
+/// The compiled routes of one worker and the lookup table (possibly shared with the other
+/// workers) that picks among them.
 #[derive(Debug, Default)]
 pub struct Router {
     pub routes: Vec<Route>,
-    exact_hosts: HashMap<Box<[u8]>, Bucket>,
-    /// (".example.com", bucket), longest suffix first.
-    wildcard_hosts: Vec<(Box<[u8]>, Bucket)>,
-    any_host: Bucket,
+    table: Arc<RouteTable>,
+    /// This worker's regex caches for the shared table.
+    scratch: RefCell<Scratch>,
 }
 
 /// Host without port, for matching. IPv6 literals keep their brackets.
@@ -281,8 +247,14 @@ pub fn host_without_port(host: &[u8]) -> &[u8] {
 }
 
 impl Router {
-    /// Compiles the routes; `seed` varies per worker (retry jitter).
+    /// Compiles the routes and their lookup table; `seed` varies per worker (retry jitter).
     pub fn new(cfg: &Config, seed: u64) -> Router {
+        Router::with_table(cfg, seed, RouteTable::build(cfg))
+    }
+
+    /// Compiles the routes around a lookup table built once from the same `cfg` with
+    /// [`RouteTable::build`] and shared by every worker.
+    pub fn with_table(cfg: &Config, seed: u64, table: Arc<RouteTable>) -> Router {
         let upstream_index: HashMap<&str, usize> = cfg
             .upstreams
             .keys()
@@ -315,52 +287,27 @@ impl Router {
                     .as_ref()
                     .and_then(|a| crate::auth::Policy::compile(&cfg.auth, a));
                 let hidden = r.auth.as_ref().map_or(&[][..], |p| &p.hidden[..]);
+                let mut remove = std::mem::take(&mut r.request_headers.remove).into_vec();
                 for h in identity.iter().chain(hidden) {
-                    if !r.request_headers.remove.contains(h) {
-                        r.request_headers.remove.push(h.clone());
+                    if !remove.contains(h) {
+                        remove.push(h.clone());
                     }
                 }
+                r.request_headers.remove = remove.into_boxed_slice();
                 r
             })
             .collect();
-        let mut exact_hosts: HashMap<Box<[u8]>, Bucket> = HashMap::new();
-        let mut wildcard_hosts: Vec<(Box<[u8]>, Bucket)> = Vec::new();
-        let mut any_host = Bucket::default();
-        for (i, rc) in cfg.routes.iter().enumerate() {
-            if rc.hosts.is_empty() {
-                add_route(&mut any_host, &routes, i);
-            }
-            for h in &rc.hosts {
-                let h = h.to_ascii_lowercase();
-                let bucket = if let Some(suffix) = h.strip_prefix('*') {
-                    let key: Box<[u8]> = suffix.as_bytes().into();
-                    match wildcard_hosts.iter().position(|(k, _)| *k == key) {
-                        Some(p) => &mut wildcard_hosts[p].1,
-                        None => {
-                            wildcard_hosts.push((key, Bucket::default()));
-                            &mut wildcard_hosts.last_mut().expect("just pushed").1
-                        }
-                    }
-                } else {
-                    exact_hosts.entry(h.as_bytes().into()).or_default()
-                };
-                add_route(bucket, &routes, i);
-            }
-        }
-        wildcard_hosts.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
-        for b in exact_hosts.values_mut() {
-            b.sort(&routes);
-        }
-        for (_, b) in wildcard_hosts.iter_mut() {
-            b.sort(&routes);
-        }
-        any_host.sort(&routes);
+        let scratch = RefCell::new(Scratch::new(&table));
         Router {
             routes,
-            exact_hosts,
-            wildcard_hosts,
-            any_host,
+            table,
+            scratch,
         }
+    }
+
+    /// The lookup table (to share it, or for its sizes).
+    pub fn table(&self) -> &Arc<RouteTable> {
+        &self.table
     }
 
     /// The route for a request, by the rules in the module documentation.
@@ -369,42 +316,13 @@ impl Router {
     }
 
     pub fn find_index(&self, req: &RequestHead) -> Option<usize> {
-        let path = req.path_bytes();
-        if let Some(host) = req.host_bytes() {
-            let host = host_without_port(host);
-            let mut lower = [0u8; 256];
-            let host = if host.len() <= lower.len() && host.iter().any(u8::is_ascii_uppercase) {
-                for (d, s) in lower.iter_mut().zip(host) {
-                    *d = s.to_ascii_lowercase();
-                }
-                &lower[..host.len()]
-            } else {
-                host
-            };
-            if !self.exact_hosts.is_empty() {
-                if let Some(b) = self.exact_hosts.get(host) {
-                    if let Some(i) = b.find(&self.routes, req, path) {
-                        return Some(i);
-                    }
-                }
-            }
-            for (suffix, b) in &self.wildcard_hosts {
-                if host.len() > suffix.len() && host.ends_with(suffix) {
-                    if let Some(i) = b.find(&self.routes, req, path) {
-                        return Some(i);
-                    }
-                }
-            }
+        match self.scratch.try_borrow_mut() {
+            Ok(mut s) => self.table.find(&self.routes, req, &mut s),
+            // Not reached (lookups do not nest); a fresh scratch keeps it panic-free.
+            Err(_) => self
+                .table
+                .find(&self.routes, req, &mut Scratch::new(&self.table)),
         }
-        self.any_host.find(&self.routes, req, path)
-    }
-}
-
-fn add_route(bucket: &mut Bucket, routes: &[Route], i: usize) {
-    match &routes[i].path {
-        PathMatch::Exact(p) => bucket.exact.entry(p.clone()).or_default().push(i),
-        PathMatch::Regex(_) => bucket.regex.push(i),
-        PathMatch::Prefix(_) | PathMatch::Any => bucket.prefix.push(i),
     }
 }
 
@@ -430,11 +348,11 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
             for (k, v) in &d.headers {
                 put_header(&mut head, k.0.as_bytes(), v.as_bytes());
             }
-            Action::Direct(DirectResponse {
+            Action::Direct(Box::new(DirectResponse {
                 status: d.status,
                 head: head.freeze(),
                 body: Bytes::from(d.body.clone().into_bytes()),
-            })
+            }))
         }
         (None, None) => unreachable!("validated at load: a route has upstream or direct"),
     };
