@@ -86,6 +86,8 @@ impl Gateway {
         let buckets = HostBuckets::new(&cfg);
         let auth = crate::auth::AuthShared::new(&cfg).map_err(io::Error::other)?;
         let choice = driver_choice(&cfg);
+        // One route index for all workers (immutable; per-core copies measured no faster).
+        let routes = crate::router::RouteTable::build(&cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -95,8 +97,11 @@ impl Gateway {
             let shared = Shared {
                 hub: hub.clone(),
                 buckets: buckets.clone(),
-                listeners: listeners_rt.clone(),
-                upstream_tls: upstream_tls.clone(),
+                built: crate::proxy::Shared {
+                    listeners: listeners_rt.clone(),
+                    upstream_tls: upstream_tls.clone(),
+                    routes: Some(routes.clone()),
+                },
                 auth: auth.clone(),
             };
             let t = std::thread::Builder::new()
@@ -297,8 +302,8 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
 struct Shared {
     hub: Arc<HealthHub>,
     buckets: Arc<HostBuckets>,
-    listeners: Vec<ListenerRt>,
-    upstream_tls: UpstreamTlsList,
+    /// TLS configs and the route index.
+    built: crate::proxy::Shared,
     auth: Arc<crate::auth::AuthShared>,
 }
 
@@ -482,8 +487,7 @@ async fn worker_main(
         shared.hub,
         shared.buckets,
         &shared.auth,
-        shared.listeners,
-        shared.upstream_tls,
+        shared.built,
     );
     let w = Rc::new(worker);
     drop(cfg);

@@ -567,7 +567,7 @@ mod tests {
         let hub = crate::upstream::health::HealthHub::new(&cfg);
         let buckets = crate::ratelimit::HostBuckets::new(&cfg);
         let auth = crate::auth::AuthShared::new(&cfg).expect("auth");
-        let w = super::Worker::new(&cfg, 0, hub, buckets, &auth, vec![], vec![]);
+        let w = super::Worker::new(&cfg, 0, hub, buckets, &auth, Default::default());
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let std_stream =
             std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");

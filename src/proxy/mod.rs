@@ -36,4 +36,4 @@ pub mod slab;
 pub mod worker;
 
 pub use conn::{serve, ClientIo, ConnInfo, CLOSE_NOTIFY_TIMEOUT};
-pub use worker::{BufPool, ListenerRt, Shutdown, Snapshot, Timeouts, Worker};
+pub use worker::{BufPool, ListenerRt, Shared, Shutdown, Snapshot, Timeouts, Worker};

@@ -18,7 +18,7 @@ use crate::http::request::{Limits, RequestHead};
 use crate::http::response::ResponseHead;
 use crate::local::Notify;
 use crate::ratelimit::{HostBuckets, Limiter};
-use crate::router::{RouteTimeouts, Router};
+use crate::router::{RouteTable, RouteTimeouts, Router};
 use crate::tls::UpstreamTls;
 use crate::upstream::health::HealthHub;
 use crate::upstream::UpstreamGroup;
@@ -152,6 +152,18 @@ impl ListenerRt {
     }
 }
 
+/// What is built once for all workers and shared by them: TLS configs (with their session
+/// caches) and the route index. Empty parts are built per worker from the config.
+#[derive(Clone, Default)]
+pub struct Shared {
+    /// Per listener, in config order.
+    pub listeners: Vec<ListenerRt>,
+    /// Per upstream group, in config order: its TLS, if any.
+    pub upstream_tls: Vec<Option<Arc<UpstreamTls>>>,
+    /// The route index, immutable and shared (per-core copies measured no faster).
+    pub routes: Option<Arc<RouteTable>>,
+}
+
 /// The configuration one worker serves with. A request holds the snapshot it started with
 /// (an `Rc`, no atomics) until its response is done, so that swapping the worker's snapshot
 /// (a hot reload) never changes the rules under a request in flight.
@@ -207,16 +219,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for `cfg`. `listeners` and `upstream_tls` are built once for all workers (TLS
-    /// configs with their session caches); empty vectors mean "plain, from the config".
+    /// A worker for `cfg`, with what is built once for all workers.
     pub fn new(
         cfg: &Config,
         id: usize,
         hub: Arc<HealthHub>,
         buckets: Arc<HostBuckets>,
         auth: &AuthShared,
-        listeners: Vec<ListenerRt>,
-        upstream_tls: Vec<Option<Arc<UpstreamTls>>>,
+        shared: Shared,
     ) -> Worker {
         let seed = {
             let now = std::time::SystemTime::now()
@@ -229,13 +239,7 @@ impl Worker {
         };
         let w = Worker {
             id,
-            config: RefCell::new(Rc::new(Snapshot::new(
-                cfg,
-                id,
-                seed,
-                listeners,
-                upstream_tls,
-            ))),
+            config: RefCell::new(Rc::new(Snapshot::new(cfg, id, seed, shared))),
             tls_handshake_failures: Cell::new(0),
             shutdown: Shutdown::default(),
             hub,
@@ -301,13 +305,12 @@ impl Worker {
 }
 
 impl Snapshot {
-    pub fn new(
-        cfg: &Config,
-        worker: usize,
-        seed: u64,
-        mut listeners: Vec<ListenerRt>,
-        upstream_tls: Vec<Option<Arc<UpstreamTls>>>,
-    ) -> Snapshot {
+    pub fn new(cfg: &Config, worker: usize, seed: u64, shared: Shared) -> Snapshot {
+        let Shared {
+            mut listeners,
+            upstream_tls,
+            routes,
+        } = shared;
         if listeners.len() != cfg.listeners.len() {
             listeners = cfg
                 .listeners
@@ -335,7 +338,10 @@ impl Snapshot {
         }
         Snapshot {
             listeners,
-            router: Router::new(cfg, seed),
+            router: match routes {
+                Some(table) => Router::with_table(cfg, seed, table),
+                None => Router::new(cfg, seed),
+            },
             upstreams,
             limits: cfg.limits.to_limits(),
             listener_limits: cfg
