@@ -638,7 +638,7 @@ pub struct ServerConfig {
     pub via: String,
     /// Most client connections one worker keeps open; at the cap a worker stops accepting
     /// (the kernel's backlog holds new connections) until one closes. 0: derived from the
-    /// file-descriptor limit at start (half of it, shared by the workers).
+    /// file-descriptor limit at start (less a reserve, shared by the workers).
     #[serde(default)]
     pub max_connections_per_worker: usize,
     /// Peers (addresses or CIDR blocks) whose forwarding headers are believed and extended;
