@@ -19,16 +19,6 @@ use support::*;
 
 const SECRET: &str = "test-only-secret-of-32-bytes-min";
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn data(name: &str) -> String {
-    format!("{}/tests/data/auth/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 fn hs(claims: &Value) -> String {
     encode(

@@ -320,16 +320,6 @@ fn served(s: &Served, m: Option<Hostile>) -> usize {
     s.lock().unwrap().get(&m).copied().unwrap_or(0)
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn data(name: &str) -> String {
-    format!("{}/tests/data/auth/{name}", env!("CARGO_MANIFEST_DIR"))
-}
 
 fn bearer_get(addr: SocketAddr, path: &str, token: &str) -> Resp {
     request(

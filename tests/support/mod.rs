@@ -77,6 +77,19 @@ impl Drop for TestGateway {
     }
 }
 
+/// Seconds since the Unix epoch (token `exp`/`iat` claims).
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A key or key-set file of `tests/data/auth`.
+pub fn data(name: &str) -> String {
+    format!("{}/tests/data/auth/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
 /// A config with one listener on 127.0.0.1:0, one upstream "up" with the given endpoints and
 /// `extra` appended (routes, timeouts...).
 pub fn config(endpoints: &[SocketAddr], extra: &str) -> String {
