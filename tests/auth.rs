@@ -19,7 +19,6 @@ use support::*;
 
 const SECRET: &str = "test-only-secret-of-32-bytes-min";
 
-
 fn hs(claims: &Value) -> String {
     encode(
         &Header::new(Algorithm::HS256),

@@ -320,7 +320,6 @@ fn served(s: &Served, m: Option<Hostile>) -> usize {
     s.lock().unwrap().get(&m).copied().unwrap_or(0)
 }
 
-
 fn bearer_get(addr: SocketAddr, path: &str, token: &str) -> Resp {
     request(
         addr,

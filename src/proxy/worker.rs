@@ -29,6 +29,9 @@ pub const WRITE_BUF: usize = 4 * 1024;
 const POOL_MAX: usize = 4096;
 /// Buffers that grew beyond this are freed instead of pooled.
 const POOL_BUF_MAX: usize = 64 * 1024;
+/// Most bytes of buffer capacity a worker keeps pooled; past it, returned buffers are freed,
+/// so a burst of concurrency leaves at most this much behind.
+const POOL_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Parsed-head shells whose header vector grew beyond this many entries are freed.
 const POOL_HEADERS_MAX: usize = 256;
 
@@ -366,26 +369,34 @@ impl Snapshot {
 #[derive(Default)]
 pub struct BufPool {
     free: RefCell<Vec<BytesMut>>,
+    /// Capacity held in `free`.
+    free_bytes: Cell<usize>,
     heads: RefCell<Vec<RequestHead>>,
     resps: RefCell<Vec<ResponseHead>>,
 }
 
 impl BufPool {
     pub fn take(&self) -> BytesMut {
-        self.free
-            .borrow_mut()
-            .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(WRITE_BUF))
+        match self.free.borrow_mut().pop() {
+            Some(b) => {
+                self.free_bytes
+                    .set(self.free_bytes.get().saturating_sub(b.capacity()));
+                b
+            }
+            None => BytesMut::with_capacity(WRITE_BUF),
+        }
     }
 
     pub fn give(&self, mut b: BytesMut) {
-        if b.capacity() == 0 || b.capacity() > POOL_BUF_MAX {
+        let cap = b.capacity();
+        if cap == 0 || cap > POOL_BUF_MAX || self.free_bytes.get() + cap > POOL_BYTES_MAX {
             return;
         }
         let mut free = self.free.borrow_mut();
         if free.len() < POOL_MAX {
             b.clear();
             free.push(b);
+            self.free_bytes.set(self.free_bytes.get() + cap);
         }
     }
 
@@ -423,4 +434,37 @@ fn splitmix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_pool_keeps_a_bounded_number_of_bytes() {
+        let pool = BufPool::default();
+        for _ in 0..1000 {
+            pool.give(BytesMut::with_capacity(POOL_BUF_MAX));
+        }
+        assert!(pool.free_bytes.get() <= POOL_BYTES_MAX);
+        assert_eq!(pool.free.borrow().len(), POOL_BYTES_MAX / POOL_BUF_MAX);
+        // Too big to keep, and nothing to keep.
+        pool.give(BytesMut::with_capacity(POOL_BUF_MAX + 1));
+        pool.give(BytesMut::new());
+        assert_eq!(pool.free.borrow().len(), POOL_BYTES_MAX / POOL_BUF_MAX);
+        // Taking gives the bytes back to the budget; a kept buffer comes back cleared.
+        let mut b = pool.take();
+        assert!(b.capacity() >= POOL_BUF_MAX);
+        b.extend_from_slice(b"left over");
+        pool.give(b);
+        assert!(pool.take().is_empty());
+        assert_eq!(
+            pool.free_bytes.get(),
+            pool.free
+                .borrow()
+                .iter()
+                .map(|b| b.capacity())
+                .sum::<usize>()
+        );
+    }
 }
