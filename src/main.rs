@@ -133,6 +133,9 @@ fn main() -> ExitCode {
             println!("  curl -i http://{addr}/api/orders");
             println!("  curl -i -X POST -d '{{\"item\":\"tea\",\"quantity\":2}}' http://{addr}/api/orders");
             println!("  curl -i http://{addr}/nowhere            # 404 from the gateway, with a request id");
+            println!(
+                "  curl -i -X TRACE http://{addr}/api/users # 405: TRACE is refused by default"
+            );
             println!("stop with Ctrl-C");
             run(cfg, args.workers)
         }
