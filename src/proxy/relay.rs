@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::GatewayError;
 use crate::http::chunked::ChunkedScanner;
@@ -320,7 +320,7 @@ impl<S: ClientIo> Relay<'_, S> {
         let have = up.rbuf.len().min(left.min(usize::MAX as u64) as usize);
         if have as u64 == left && have <= COALESCE_BYTES {
             self.wbuf.extend_from_slice(&up.rbuf[..have]);
-            let _ = up.rbuf.split_to(have);
+            up.rbuf.advance(have);
             self.flush().await?;
             return Ok(true);
         }
@@ -371,11 +371,11 @@ impl<S: ClientIo> Relay<'_, S> {
                     Err(_) => return Err(RelayFail::Io),
                 };
                 if dechunk {
-                    let _ = up.rbuf.split_to(r.consumed);
+                    up.rbuf.advance(r.consumed);
                     self.flush().await?;
                 } else if head_pending && r.consumed <= COALESCE_BYTES {
                     self.wbuf.extend_from_slice(&up.rbuf[..r.consumed]);
-                    let _ = up.rbuf.split_to(r.consumed);
+                    up.rbuf.advance(r.consumed);
                     self.flush().await?;
                 } else {
                     if head_pending {
