@@ -579,7 +579,7 @@ class Bench:
         sel = selectors.DefaultSelector()
         socks, done, failed = [], [], 0
         deadline = time.monotonic() + self.a.idle_timeout
-        batch = 256
+        batch = max(1, self.a.idle_batch)
         i = 0
         while i < n and time.monotonic() < deadline:
             # Open a batch; each socket: connect -> send the request -> read one full response.
@@ -909,6 +909,10 @@ def parse_args():
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list (nginx is the baseline)")
     p.add_argument("--idle-conns", type=int, help="idle connections per proxy (default 10000; quick 1000; 0 = skip)")
     p.add_argument("--idle-timeout", type=float, default=120.0, help="limit for opening the idle connections")
+    p.add_argument("--idle-batch", type=int, default=256,
+                   help="idle connections opened (and their request in flight) at a time; 1 measures "
+                        "what an idle connection holds without the pools a burst of concurrent "
+                        "requests leaves warm")
     p.add_argument("--idle-settle", type=float, default=1.0, help="seconds to wait before measuring idle RSS")
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--wrk-timeout", type=int, default=10, help="wrk --timeout seconds")
