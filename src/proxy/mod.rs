@@ -1,7 +1,7 @@
 //! A request's life on a worker.
 //!
 //! ```text
-//!  conn.rs     wait (no buffer held) ─► read head ─► RequestCtx::new ─┐
+//!  conn.rs     wait (512 B, no timer) ─► read head ─► RequestCtx::new ┐
 //!                                                                     ▼
 //!  phases.rs   route ─► client cert ─► auth ─► rate limits ─► concurrency ─► body limit
 //!                 │                                                        │
