@@ -69,6 +69,7 @@ enum Hdr {
     XRealIp,
     Forwarded,
     RequestId,
+    MaxForwards,
     Other,
 }
 
@@ -101,6 +102,7 @@ fn classify(name: &[u8]) -> Hdr {
         9 if eq(b"x-real-ip") => Hdr::XRealIp,
         10 if eq(b"connection") || eq(b"keep-alive") => Hdr::Hop,
         12 if eq(b"x-request-id") => Hdr::RequestId,
+        12 if eq(b"max-forwards") => Hdr::MaxForwards,
         14 if eq(b"content-length") => Hdr::ContentLength,
         15 if eq(b"x-forwarded-for") => Hdr::Xff,
         16 if eq(b"proxy-connection") => Hdr::Hop,
@@ -110,6 +112,22 @@ fn classify(name: &[u8]) -> Hdr {
         17 if eq(b"x-forwarded-proto") => Hdr::Xfp,
         _ => Hdr::Other,
     }
+}
+
+/// Whether `Max-Forwards` is this hop's business (RFC 9110 §7.6.2): on TRACE and OPTIONS.
+pub fn max_forwards_applies(m: Method) -> bool {
+    matches!(m, Method::Trace | Method::Options)
+}
+
+/// A `Max-Forwards` value: 1*DIGIT, saturating at `u64::MAX`. `None` when it is not digits.
+pub fn max_forwards(v: &[u8]) -> Option<u64> {
+    let v = crate::http::trim_ows(v);
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
 }
 
 /// The `Connection` value a response needs: `close` when the connection ends after it,
@@ -151,6 +169,24 @@ pub fn encode_upstream_head(
         let name = req.bytes(h.name);
         match classify(name) {
             Hdr::Other => {}
+            // RFC 9110 §7.6.2: this hop decrements it on TRACE and OPTIONS (a 0 was answered
+            // by the gateway itself); other methods carry it unchanged.
+            Hdr::MaxForwards if max_forwards_applies(req.method) => {
+                if rules.drops(name) || conn.lists(name) {
+                    continue;
+                }
+                match max_forwards(req.bytes(h.value)) {
+                    Some(n) if n > 0 => {
+                        out.put_slice(b"max-forwards: ");
+                        put_u64(out, n - 1);
+                        out.put_slice(b"\r\n");
+                    }
+                    // Invalid (or 0, which never gets here): not passed on.
+                    _ => {}
+                }
+                continue;
+            }
+            Hdr::MaxForwards => {}
             k @ (Hdr::Xfp | Hdr::Xfh | Hdr::Xfport | Hdr::XRealIp) => {
                 if !(f.trusted && keeps(rules, &conn, name)) {
                     continue;
@@ -492,6 +528,40 @@ mod tests {
             &out[..],
             &b"for=192.0.2.1;proto=http;host=\"a\\\"b\\\\c\""[..]
         );
+    }
+
+    #[test]
+    fn max_forwards_is_digits_saturating_and_decremented_only_on_trace_and_options() {
+        assert_eq!(max_forwards(b"0"), Some(0));
+        assert_eq!(max_forwards(b" 12 "), Some(12));
+        assert_eq!(max_forwards(b"99999999999999999999999"), Some(u64::MAX));
+        for bad in [&b""[..], b"-1", b"1.5", b"0x10", b"1 2"] {
+            assert_eq!(
+                max_forwards(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let f = fwd(b"192.0.2.1", false);
+        let h = upstream_head(
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\nMax-Forwards: 5\r\n\r\n",
+            "",
+            &f,
+        );
+        assert_eq!(values(&h, "max-forwards"), ["4"], "{h}");
+        let h = upstream_head(
+            "OPTIONS * HTTP/1.1\r\nHost: a\r\nMax-Forwards: x\r\n\r\n",
+            "",
+            &f,
+        );
+        assert!(values(&h, "max-forwards").is_empty(), "{h}");
+        let h = upstream_head(
+            "GET / HTTP/1.1\r\nHost: a\r\nMax-Forwards: 5\r\n\r\n",
+            "",
+            &f,
+        );
+        assert_eq!(values(&h, "max-forwards"), ["5"], "{h}");
     }
 
     #[test]

@@ -596,3 +596,51 @@ fn forwarded_trailers_are_filtered() {
         server.join().expect("upstream thread");
     }
 }
+
+/// `Max-Forwards` (RFC 9110 §7.6.2) on a listener that allows TRACE: with 0 the gateway is the
+/// last hop and answers TRACE (the request echoed as `message/http`, secrets left out) and
+/// OPTIONS itself; otherwise it forwards the value less one. Other methods carry it unchanged.
+#[test]
+fn max_forwards_makes_the_gateway_the_last_hop_or_is_decremented() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\nallow_trace = true\n\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n\n[[routes]]\nupstream = \"up\"\n",
+            up.addr
+        );
+        let gw = TestGateway::start(&toml, d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"TRACE /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\nX-Probe: 1\r\nAuthorization: Bearer secret\r\nCookie: s=1\r\n\r\n");
+        let r = c.read_response().expect("TRACE answer");
+        assert_eq!(r.status, 200, "{d:?}");
+        assert_eq!(r.header("content-type"), Some("message/http"));
+        let echo = r.text();
+        assert!(echo.starts_with("TRACE /t HTTP/1.1\r\n"), "{echo}");
+        assert!(
+            echo.contains("X-Probe: 1\r\n") || echo.contains("x-probe: 1\r\n"),
+            "{echo}"
+        );
+        assert!(!echo.to_ascii_lowercase().contains("secret"), "{echo}");
+        assert!(!echo.to_ascii_lowercase().contains("cookie"), "{echo}");
+        // OPTIONS with 0, on the same connection: the gateway answers with Allow.
+        c.send(b"OPTIONS /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n");
+        let r = c.read_response().expect("OPTIONS answer");
+        assert_eq!(r.status, 200, "{d:?}");
+        assert!(r.header("allow").is_some_and(|a| a.contains("GET")));
+        assert_eq!(
+            up.hits(),
+            0,
+            "{d:?}: a last-hop request reached the upstream"
+        );
+        // Above 0: forwarded, one less.
+        c.send(b"TRACE /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\n\r\n");
+        let r = c.read_response().expect("forwarded TRACE");
+        assert_eq!(r.status, 200);
+        assert_eq!(up.last().header("max-forwards"), Some("2"), "{d:?}");
+        // Another method carries it unchanged.
+        c.send(b"GET /t HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n");
+        assert_eq!(c.read_response().expect("GET").status, 200);
+        assert_eq!(up.last().header("max-forwards"), Some("0"), "{d:?}");
+        assert_eq!(up.hits(), 2);
+    }
+}

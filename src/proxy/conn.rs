@@ -16,7 +16,7 @@ use monoio::net::TcpStream;
 
 use crate::error::{write_error_response, GatewayError};
 use crate::http::encode::{put_header, put_status_line, put_u64};
-use crate::http::request::{parse_request, Method};
+use crate::http::request::{parse_request, Method, ALLOWED_METHODS};
 use crate::rewrite::connection_value;
 use crate::router::DirectResponse;
 use crate::tls;
@@ -198,6 +198,9 @@ pub enum Answer<'r> {
         host_len: usize,
         port: Option<u16>,
     },
+    /// TRACE or OPTIONS with `Max-Forwards: 0`: the gateway is the last hop (RFC 9110
+    /// §7.6.2) and answers itself.
+    LastHop,
 }
 
 /// How a request's phases ended.
@@ -471,6 +474,48 @@ impl<S: ClientIo> Conn<S> {
                 wbuf.put_slice(b"\r\n");
                 if !head_only && !bodiless {
                     wbuf.put_slice(&d.body);
+                }
+            }
+            Answer::LastHop => {
+                put_status_line(wbuf, 200, b"OK");
+                if ctx.head.method == Method::Trace {
+                    // The request as received (RFC 9110 §9.3.8), without the fields likely to
+                    // carry secrets. A rare path: the body is built apart for its length.
+                    let mut echo = BytesMut::new();
+                    echo.put_slice(ctx.head.method_str());
+                    echo.put_u8(b' ');
+                    echo.put_slice(ctx.head.bytes(ctx.head.target));
+                    echo.put_slice(b" HTTP/1.1\r\n");
+                    for h in &ctx.head.headers {
+                        let name = ctx.head.bytes(h.name);
+                        if [&b"authorization"[..], b"proxy-authorization", b"cookie"]
+                            .iter()
+                            .any(|s| name.eq_ignore_ascii_case(s))
+                        {
+                            continue;
+                        }
+                        put_header(&mut echo, name, ctx.head.bytes(h.value));
+                    }
+                    echo.put_slice(b"\r\n");
+                    wbuf.put_slice(b"content-type: message/http\r\ncontent-length: ");
+                    put_u64(wbuf, echo.len() as u64);
+                    wbuf.put_slice(b"\r\n");
+                    put_header(wbuf, b"date", &date);
+                    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+                    if let Some(v) = connection_value(keep, ctx.head.version) {
+                        put_header(wbuf, b"connection", v);
+                    }
+                    wbuf.put_slice(b"\r\n");
+                    wbuf.put_slice(&echo);
+                } else {
+                    put_header(wbuf, b"allow", ALLOWED_METHODS.as_bytes());
+                    wbuf.put_slice(b"content-length: 0\r\n");
+                    put_header(wbuf, b"date", &date);
+                    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+                    if let Some(v) = connection_value(keep, ctx.head.version) {
+                        put_header(wbuf, b"connection", v);
+                    }
+                    wbuf.put_slice(b"\r\n");
                 }
             }
             Answer::Redirect { host_len, port } => {

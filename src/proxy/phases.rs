@@ -23,6 +23,7 @@ use crate::error::GatewayError;
 use crate::http::encode::put_u64;
 use crate::http::request::{BodyKind, ParseError};
 use crate::ratelimit::Verdict;
+use crate::rewrite::{max_forwards, max_forwards_applies};
 use crate::router::{host_without_port, Action, Route};
 use crate::upstream::balance::hash_bytes;
 
@@ -61,6 +62,9 @@ async fn run_phases<'c, S: ClientIo>(
     // Held until the response is done.
     let _slot = concurrency(w, route, c, ctx)?;
     body_limit(cfg, route, ctx)?;
+    if last_hop(ctx) {
+        return Ok(Outcome::Answer(Answer::LastHop));
+    }
     match &route.action {
         Action::Direct(d) => Ok(Outcome::Answer(Answer::Direct(d))),
         Action::Proxy { upstream } => {
@@ -262,6 +266,12 @@ fn concurrency<S>(
         Some(slot) => Ok(Some(slot)),
         None => Err(GatewayError::ConcurrencyLimited),
     }
+}
+
+/// TRACE or OPTIONS with `Max-Forwards: 0`: this hop is the last (RFC 9110 §7.6.2).
+fn last_hop(ctx: &RequestCtx<'_>) -> bool {
+    max_forwards_applies(ctx.head.method)
+        && ctx.head.header(b"max-forwards").and_then(max_forwards) == Some(0)
 }
 
 /// A declared body over the route's limit is refused before any of it is read; a chunked
