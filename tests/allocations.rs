@@ -4,7 +4,8 @@
 //! (fixed buffers), so what the counter sees during the measured requests is the gateway's.
 //! The figure is printed; the assertion is a property (no allocation at all during the measured
 //! requests), not a timing.
-//! Run for a plain route and for a JWT route (a cached token: no allocation either).
+//! Run for a plain route, a JWT route (a cached token: no allocation either) and a trusted
+//! peer's forwarding headers.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -53,9 +54,9 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = upstream.local_addr().unwrap();
     std::thread::spawn(move || {
-        // One gateway per driver and auth setting: four connections in all; bounded, it stops
-        // by itself.
-        for _ in 0..4 {
+        // One gateway per driver and setting: six connections in all; bounded, it stops by
+        // itself.
+        for _ in 0..6 {
             let Ok((mut s, _)) = upstream.accept() else {
                 return;
             };
@@ -89,13 +90,24 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap();
+    // A trusted peer whose forwarding headers are kept and extended.
+    let trusted = plain.replacen(
+        "[[listeners]]",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n[[listeners]]",
+        1,
+    );
+    let trusted_req = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.7\r\nForwarded: for=192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\n\r\n".to_vec();
     let plain_req =
         b"GET /x HTTP/1.1\r\nHost: a\r\nUser-Agent: alloc-test\r\nAccept: */*\r\n\r\n".to_vec();
     let jwt_req = format!(
         "GET /x HTTP/1.1\r\nHost: a\r\nUser-Agent: alloc-test\r\nAccept: */*\r\nAuthorization: Bearer {token}\r\n\r\n"
     )
     .into_bytes();
-    for (label, toml, req) in [("plain", &plain, &plain_req), ("jwt", &jwt, &jwt_req)] {
+    for (label, toml, req) in [
+        ("plain", &plain, &plain_req),
+        ("jwt", &jwt, &jwt_req),
+        ("trusted", &trusted, &trusted_req),
+    ] {
         for driver in [
             ringway::config::DriverChoice::IoUring,
             ringway::config::DriverChoice::Epoll,
