@@ -200,3 +200,46 @@ fn zero_means_no_total_deadline_and_other_values_are_checked() {
     .expect_err("refused");
     assert!(err.to_string().contains("client_body_total"), "{err}");
 }
+
+#[test]
+fn an_upstream_that_stops_reading_the_body_is_cut_off_at_upstream_write() {
+    // The upstream accepts and never reads: once the socket buffers are full, the gateway's
+    // write waits, and upstream_write (not the client's pace) ends the wait with a 504.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let up = l.local_addr().expect("addr");
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        // Holds the accepted connection, unread, until the test has its answer (or 20 s).
+        let (s, _) = l.accept().expect("accept");
+        let _ = done_rx.recv_timeout(Duration::from_secs(20));
+        drop(s);
+    });
+    let gw = TestGateway::start(
+        &config(
+            &[up],
+            "[limits]\nmax_body_bytes = \"64MiB\"\n[timeouts]\nupstream_write = \"300ms\"\nupstream_response = \"300ms\"\n[[routes]]\nupstream = \"up\"\n",
+        ),
+        DRIVERS[0],
+    );
+    let mut c = Client::connect(gw.addr);
+    let total = 32 << 20;
+    c.send(format!("POST /big HTTP/1.1\r\nHost: t\r\nContent-Length: {total}\r\n\r\n").as_bytes());
+    let mut w = c.s.try_clone().expect("clone");
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 256 * 1024];
+        let mut sent = 0;
+        while sent < total && w.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+    });
+    let r = c
+        .read_response()
+        .expect("an answer while the upstream stalls");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["error"], "upstream_timeout");
+    assert_eq!(r.header("connection"), Some("close"));
+    let _ = done_tx.send(());
+    drop(c);
+    writer.join().expect("writer");
+    holder.join().expect("holder");
+}
