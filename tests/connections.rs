@@ -243,3 +243,45 @@ fn an_upstream_that_stops_reading_the_body_is_cut_off_at_upstream_write() {
     writer.join().expect("writer");
     holder.join().expect("holder");
 }
+
+/// Sends `n` requests at once, each on its own client connection; all must succeed.
+fn burst(addr: std::net::SocketAddr, n: usize) {
+    let threads: Vec<_> = (0..n)
+        .map(|_| std::thread::spawn(move || get(addr, "/b").status))
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("client thread"), 200);
+    }
+}
+
+#[test]
+fn the_upstream_pool_follows_demand_beyond_the_old_fixed_cap() {
+    // 100 requests in flight at once, twice. With the automatic idle cap the pool keeps the
+    // 100 connections of the first burst and the second burst opens none; with a fixed cap of
+    // 64 (the old default) the second burst has to open new ones.
+    for (max_idle, expect_reuse) in [("\"auto\"", true), ("64", false)] {
+        let up = Upstream::slow(Duration::from_millis(300), b"ok");
+        // `config` puts `extra` right after the group's endpoints, inside its table.
+        let extra = format!("max_idle = {max_idle}\n[[routes]]\nupstream = \"up\"\n");
+        let gw = TestGateway::start(&config(&[up.addr], &extra), DRIVERS[0]);
+        burst(gw.addr, 100);
+        let after_first = up.conns();
+        assert!(
+            after_first >= 90,
+            "{max_idle}: {after_first} connections for 100 at once"
+        );
+        burst(gw.addr, 100);
+        let opened = up.conns() - after_first;
+        if expect_reuse {
+            assert!(
+                opened <= 5,
+                "{max_idle}: the second burst opened {opened} connections"
+            );
+        } else {
+            assert!(
+                opened >= 20,
+                "{max_idle}: the second burst opened only {opened}"
+            );
+        }
+    }
+}
