@@ -3,8 +3,10 @@
 //! Layout, in the order a request meets it:
 //! - [`server`]: worker threads, one monoio runtime each (io_uring or epoll), listeners bound
 //!   per worker with `SO_REUSEPORT`, graceful shutdown.
-//! - [`proxy`]: one client connection's life: read a head, route it, answer directly or proxy
-//!   it, stream bodies both ways.
+//! - [`proxy`]: a request's life: the connection loop and its one rescue (`conn`), the
+//!   per-request context (`ctx`), the phases in order (`phases`), the upstream phase around
+//!   attempts (`forward`), one upstream attempt as a function (`attempt`), the body relays
+//!   (`relay`), and what a worker owns (`worker`).
 //! - [`http`]: the HTTP/1.1 codec (httparse over `bytes`, framing rules, chunked scanner).
 //! - [`router`]: the per-worker route table.
 //! - [`upstream`]: per-worker upstream groups, balancers and keep-alive pools.
