@@ -803,10 +803,8 @@ auth = {{ any_of = ["idp"], scopes_all = ["read"] }}
 #[test]
 fn introspection_endpoint_refusing_connections_is_503() {
     // A port with nothing listening.
-    let addr = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let refusing = refusing_addr();
+    let addr = refusing.addr;
     let up = Upstream::echo();
     let cfg = config(
         &[up.addr],

@@ -638,10 +638,8 @@ fn idempotent_request_is_retried_once_when_reused_connection_fails() {
 fn upstream_failures_map_to_502_and_504() {
     for d in DRIVERS {
         // Nothing listens on this port.
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let refusing = refusing_addr();
+        let dead = refusing.addr;
         let slow = Upstream::start(|_| Reply::Hang(Duration::from_secs(3)));
         let garbage = Upstream::start(|_| Reply::RawClose(b"NOT HTTP AT ALL\r\n\r\n".to_vec()));
         let toml = format!(
@@ -822,10 +820,9 @@ fn upstream_connect_timeout_is_504() {
 fn an_error_after_the_body_was_read_keeps_the_next_pipelined_request_intact() {
     for d in DRIVERS {
         let up = Upstream::echo();
-        let dead = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Held for the test: a released port could become this gateway's own (a proxy loop).
+        let refusing = refusing_addr();
+        let dead = refusing.addr;
         let toml = format!(
             "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.ok]\nendpoints = [{{ address = \"{}\" }}]\n[upstreams.dead]\nendpoints = [{{ address = \"{dead}\" }}]\n[[routes]]\npath = \"/dead\"\nupstream = \"dead\"\n[[routes]]\nupstream = \"ok\"\n",
             up.addr

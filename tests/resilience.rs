@@ -31,13 +31,6 @@ fn group_toml(upstream: &str, addrs: &[std::net::SocketAddr], route: &str, extra
     )
 }
 
-fn dead_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 #[test]
 fn least_request_avoids_the_busy_endpoint() {
     for d in DRIVERS {
@@ -240,9 +233,10 @@ fn dead_endpoint_is_ejected_and_success_recovers_within_a_second() {
     for d in DRIVERS {
         let a = named("a");
         let b = named("b");
+        let dead = refusing_addr();
         let toml = group_toml(
             "outlier = { consecutive_failures = 3, base_ejection_time = \"10s\" }",
-            &[a.addr, dead_addr(), b.addr],
+            &[a.addr, dead.addr, b.addr],
             "",
             "[server]\nworkers = 2",
         );
@@ -385,9 +379,10 @@ fn posts_to_a_dead_endpoint_are_retried_elsewhere_without_loss_or_duplicates() {
     for d in DRIVERS {
         let a = Upstream::echo();
         let b = Upstream::echo();
+        let dead = refusing_addr();
         let toml = group_toml(
             r#"outlier = { consecutive_failures = 0 }"#,
-            &[a.addr, dead_addr(), b.addr],
+            &[a.addr, dead.addr, b.addr],
             r#"retry = { attempts = 3, on = ["connect_failure"], backoff_base = "1ms", backoff_max = "2ms", budget_percent = 100 }"#,
             "",
         );

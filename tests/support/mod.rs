@@ -77,6 +77,28 @@ impl Drop for TestGateway {
     }
 }
 
+/// An address where nothing listens, held for as long as the value lives: a socket bound to it
+/// without listen(2), so connections to it are refused. A port merely bound and released could
+/// be handed to the next socket that binds port 0, a gateway of this very test among them,
+/// which would then proxy to itself in a loop.
+pub struct Refusing {
+    pub addr: SocketAddr,
+    _held: socket2::Socket,
+}
+
+pub fn refusing_addr() -> Refusing {
+    let s =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let addr = s
+        .local_addr()
+        .expect("local address")
+        .as_socket()
+        .expect("an inet address");
+    Refusing { addr, _held: s }
+}
+
 /// Seconds since the Unix epoch (token `exp`/`iat` claims).
 pub fn now() -> u64 {
     std::time::SystemTime::now()
