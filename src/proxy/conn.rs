@@ -465,13 +465,14 @@ impl<S: ClientIo> Conn<S> {
                     put_u64(wbuf, d.body.len() as u64);
                     wbuf.put_slice(b"\r\n");
                 }
-                put_header(wbuf, b"date", &date);
-                put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
-                wbuf.put_slice(&ctx.resp_headers);
-                if let Some(v) = connection_value(keep, ctx.head.version) {
-                    put_header(wbuf, b"connection", v);
-                }
-                wbuf.put_slice(b"\r\n");
+                end_head(
+                    wbuf,
+                    &date,
+                    ctx.id.as_bytes(),
+                    &ctx.resp_headers,
+                    keep,
+                    ctx.head.version,
+                );
                 if !head_only && !bodiless {
                     wbuf.put_slice(&d.body);
                 }
@@ -500,22 +501,12 @@ impl<S: ClientIo> Conn<S> {
                     wbuf.put_slice(b"content-type: message/http\r\ncontent-length: ");
                     put_u64(wbuf, echo.len() as u64);
                     wbuf.put_slice(b"\r\n");
-                    put_header(wbuf, b"date", &date);
-                    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
-                    if let Some(v) = connection_value(keep, ctx.head.version) {
-                        put_header(wbuf, b"connection", v);
-                    }
-                    wbuf.put_slice(b"\r\n");
+                    end_head(wbuf, &date, ctx.id.as_bytes(), b"", keep, ctx.head.version);
                     wbuf.put_slice(&echo);
                 } else {
                     put_header(wbuf, b"allow", ALLOWED_METHODS.as_bytes());
                     wbuf.put_slice(b"content-length: 0\r\n");
-                    put_header(wbuf, b"date", &date);
-                    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
-                    if let Some(v) = connection_value(keep, ctx.head.version) {
-                        put_header(wbuf, b"connection", v);
-                    }
-                    wbuf.put_slice(b"\r\n");
+                    end_head(wbuf, &date, ctx.id.as_bytes(), b"", keep, ctx.head.version);
                 }
             }
             Answer::Redirect { host_len, port } => {
@@ -534,12 +525,7 @@ impl<S: ClientIo> Conn<S> {
                     wbuf.put_u8(b'/');
                 }
                 wbuf.put_slice(b"\r\ncontent-length: 0\r\n");
-                put_header(wbuf, b"date", &date);
-                put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
-                if let Some(v) = connection_value(keep, ctx.head.version) {
-                    put_header(wbuf, b"connection", v);
-                }
-                wbuf.put_slice(b"\r\n");
+                end_head(wbuf, &date, ctx.id.as_bytes(), b"", keep, ctx.head.version);
             }
         }
     }
@@ -595,6 +581,25 @@ impl<S: ClientIo> Conn<S> {
         }
         w.bufs.give(buf);
     }
+}
+
+/// The end of a gateway-made head: `Date`, the request id, `extra` header lines, `Connection`
+/// as the keep-alive decision says, and the blank line.
+fn end_head(
+    wbuf: &mut BytesMut,
+    date: &[u8],
+    request_id: &[u8],
+    extra: &[u8],
+    keep: bool,
+    version: crate::http::Version,
+) {
+    put_header(wbuf, b"date", date);
+    put_header(wbuf, b"x-request-id", request_id);
+    wbuf.put_slice(extra);
+    if let Some(v) = connection_value(keep, version) {
+        put_header(wbuf, b"connection", v);
+    }
+    wbuf.put_slice(b"\r\n");
 }
 
 #[cfg(test)]
