@@ -18,6 +18,7 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverChoice};
+use crate::control::Control;
 use crate::proxy::{serve, ConnInfo, ListenerRt, Worker};
 use crate::ratelimit::HostBuckets;
 use crate::tls::{self, UpstreamTls};
@@ -53,6 +54,8 @@ pub struct Gateway {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     buckets: Arc<HostBuckets>,
+    /// The workers' mailboxes (see [`crate::control`]).
+    control: Arc<Control>,
 }
 
 /// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
@@ -88,6 +91,7 @@ impl Gateway {
         let choice = driver_choice(&cfg);
         // One route index for all workers (immutable; per-core copies measured no faster).
         let routes = crate::router::RouteTable::build(&cfg);
+        let control = Control::new(n);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -95,6 +99,7 @@ impl Gateway {
             let stop = stop.clone();
             let ready = ready_tx.clone();
             let shared = Shared {
+                control: control.clone(),
                 hub: hub.clone(),
                 buckets: buckets.clone(),
                 built: crate::proxy::Shared {
@@ -156,6 +161,7 @@ impl Gateway {
             stop,
             threads,
             buckets,
+            control,
         })
     }
 
@@ -167,6 +173,11 @@ impl Gateway {
                 r.round_trips.load(Ordering::Relaxed),
             )
         })
+    }
+
+    /// The workers' mailboxes: how the admin API and reloads reach each worker.
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
     }
 
     /// The bound address of each configured listener, in config order.
@@ -304,6 +315,7 @@ fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
 /// What the workers share: endpoint health, the host-wide rate-limit buckets, the TLS
 /// configs (with their session caches and ticket keys) and the published JWT key sets.
 struct Shared {
+    control: Arc<Control>,
     hub: Arc<HealthHub>,
     buckets: Arc<HostBuckets>,
     /// TLS configs and the route index.
@@ -495,6 +507,7 @@ async fn worker_main(
     );
     let w = Rc::new(worker);
     drop(cfg);
+    let control = shared.control;
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
         let w = w.clone();
@@ -504,6 +517,7 @@ async fn worker_main(
                 w.hub.sync(&w.config().upstreams, Instant::now());
                 w.auth.sync();
                 w.tick_date();
+                control.run_pending(&w);
                 ticks = ticks.wrapping_add(1);
                 if ticks.is_multiple_of(IDLE_TICK_EVERY) {
                     w.idle_tick.notify_all();

@@ -56,6 +56,11 @@ impl TestGateway {
         self.gw.as_ref().expect("running").driver()
     }
 
+    /// The running gateway (its control plane, counters).
+    pub fn gateway(&self) -> &Gateway {
+        self.gw.as_ref().expect("running")
+    }
+
     /// Graceful shutdown; returns once the workers stopped.
     pub fn stop(&mut self) {
         if let Some(gw) = self.gw.take() {

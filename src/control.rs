@@ -1,0 +1,145 @@
+//! The control plane: how threads off the data plane (the admin API, signal handlers, a reload)
+//! reach the workers without any lock or atomic on the request path.
+//!
+//! Each worker has a mailbox. Another thread posts a job (a closure) into it; the worker runs
+//! it on its own thread from its 50 ms sync task ([`crate::server::SYNC_INTERVAL`]), between
+//! requests, with full access to its [`Worker`]. A job that has an answer sends it back over a
+//! channel; [`Control::ask`] posts one job to every worker and gathers their answers with a
+//! deadline, so a stuck worker cannot hang the admin thread.
+//!
+//! The cost on the worker: one relaxed load of the mailbox's `posted` flag per sync tick; the
+//! mailbox lock is taken only when a job is waiting.
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::proxy::Worker;
+
+/// Work for one worker, run on the worker's thread.
+pub type Job = Box<dyn FnOnce(&Rc<Worker>) + Send>;
+
+/// Most jobs waiting in one mailbox; a poster past it gets `Err` (a worker that stopped
+/// draining must not make the admin thread grow memory without bound).
+pub const MAX_PENDING_JOBS: usize = 1024;
+
+#[derive(Default)]
+struct Mailbox {
+    posted: AtomicBool,
+    jobs: Mutex<Vec<Job>>,
+}
+
+/// The mailboxes of every worker of one gateway.
+pub struct Control {
+    boxes: Vec<Mailbox>,
+}
+
+/// Why a job did not reach a worker, or its answer did not come back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    /// The worker's mailbox is full (it stopped draining).
+    Full(usize),
+    /// These workers did not answer within the deadline.
+    NoAnswer(Vec<usize>),
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlError::Full(w) => write!(f, "worker {w} has too many control jobs waiting"),
+            ControlError::NoAnswer(ws) => write!(f, "workers {ws:?} did not answer in time"),
+        }
+    }
+}
+
+impl Control {
+    pub fn new(workers: usize) -> Arc<Control> {
+        Arc::new(Control {
+            boxes: (0..workers).map(|_| Mailbox::default()).collect(),
+        })
+    }
+
+    /// The number of workers.
+    pub fn workers(&self) -> usize {
+        self.boxes.len()
+    }
+
+    /// Queues `job` for worker `worker`; it runs within one sync interval.
+    pub fn post(&self, worker: usize, job: Job) -> Result<(), ControlError> {
+        let Some(b) = self.boxes.get(worker) else {
+            return Err(ControlError::NoAnswer(vec![worker]));
+        };
+        let mut jobs = b.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if jobs.len() >= MAX_PENDING_JOBS {
+            return Err(ControlError::Full(worker));
+        }
+        jobs.push(job);
+        b.posted.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Runs `f` on every worker and returns the answers in worker order, or names the workers
+    /// that did not answer within `limit`.
+    pub fn ask<T, F>(&self, limit: Duration, f: F) -> Result<Vec<T>, ControlError>
+    where
+        T: Send + 'static,
+        F: Fn(&Rc<Worker>) -> T + Send + Sync + 'static,
+    {
+        let f = Arc::new(f);
+        let (tx, rx) = mpsc::channel::<(usize, T)>();
+        for i in 0..self.boxes.len() {
+            let f = f.clone();
+            let tx = tx.clone();
+            self.post(
+                i,
+                Box::new(move |w| {
+                    let _ = tx.send((i, f(w)));
+                }),
+            )?;
+        }
+        drop(tx);
+        let mut out: Vec<Option<T>> = (0..self.boxes.len()).map(|_| None).collect();
+        let end = Instant::now() + limit;
+        let mut got = 0;
+        while got < out.len() {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((i, v)) => {
+                    if out[i].replace(v).is_none() {
+                        got += 1;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if got < out.len() {
+            let missing = out
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.is_none())
+                .map(|(i, _)| i)
+                .collect();
+            return Err(ControlError::NoAnswer(missing));
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Runs the jobs waiting for worker `w` (called by the worker's sync task).
+    pub fn run_pending(&self, w: &Rc<Worker>) {
+        let Some(b) = self.boxes.get(w.id) else {
+            return;
+        };
+        if !b.posted.load(Ordering::Relaxed) {
+            return;
+        }
+        let jobs = {
+            let mut jobs = b.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            b.posted.store(false, Ordering::Relaxed);
+            std::mem::take(&mut *jobs)
+        };
+        for job in jobs {
+            job(w);
+        }
+    }
+}
