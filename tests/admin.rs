@@ -515,6 +515,18 @@ fn other_modules_mount_endpoints_without_touching_the_server() {
     assert_eq!(r.status, 200);
     assert!(!r.has("set-cookie") && !r.has("x-evil"));
     assert_eq!(r.header("x-fine"), Some("yes"));
+    // A handler that panics (a bug; release builds abort) costs its connection, not a place
+    // under the connection cap (16 here).
+    admin.mount(Method::Get, "/boom", Arc::new(|_| panic!("handler bug")));
+    for _ in 0..20 {
+        let mut s = raw(a);
+        let _ = s.write_all(
+            format!("GET /boom HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(status_of(&mut s), None);
+    }
+    assert_eq!(admin_get(a, "/live").status, 200);
     // Mounting again replaces.
     admin.mount(
         Method::Get,

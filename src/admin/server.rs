@@ -133,15 +133,27 @@ fn admit(admin: &Arc<Admin>, s: TcpStream, peer: SocketAddr) {
         let _ = (&s).write(BUSY);
         return;
     };
-    let a = admin.clone();
+    let slot = Slot {
+        admin: admin.clone(),
+        id,
+    };
     let spawned = std::thread::Builder::new()
         .name("ringway-admin-conn".into())
-        .spawn(move || {
-            serve(&a, s, peer);
-            lock(&a.conns).open.remove(&id);
-        });
-    if spawned.is_err() {
-        lock(&admin.conns).open.remove(&id);
+        .spawn(move || serve(&slot.admin, s, peer));
+    // On failure the closure, and with it the slot, is dropped: the place is given back.
+    drop(spawned);
+}
+
+/// A place under the connection cap, given back however the connection's thread ends (a
+/// panicking handler included).
+struct Slot {
+    admin: Arc<Admin>,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.admin.conns).open.remove(&self.id);
     }
 }
 
