@@ -23,7 +23,7 @@ fn call(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &
     request(
         addr,
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: admin\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),
@@ -64,7 +64,7 @@ fn every_endpoint_answers() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["live"], true);
     assert_eq!(r.header("content-type"), Some("application/json"));
-    let r = request(a, b"HEAD /live HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = request(a, b"HEAD /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert_eq!(r.status, 200);
     assert!(r.body.is_empty());
 
@@ -143,14 +143,29 @@ fn every_endpoint_answers() {
     assert_eq!(admin_get(a, "/nowhere").status, 404);
     assert_eq!(admin_get(a, "/live/x").status, 404);
 
+    // What a web page could send: a rebound name (no token here) and a cross-origin write.
+    let r = request(
+        a,
+        b"GET /config HTTP/1.1\r\nHost: evil.example:9901\r\n\r\n",
+    );
+    assert_eq!(r.status, 403);
+    let r = request(
+        a,
+        b"POST /drain HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(admin_get(a, "/ready").status, 200, "not drained");
+    let r = request(a, b"GET /live HTTP/1.1\r\nHost: localhost:1\r\n\r\n");
+    assert_eq!(r.status, 200);
+
     // Keep-alive: several requests on one connection.
     let mut c = Client::connect(a);
     for _ in 0..3 {
-        c.send(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n");
+        c.send(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         assert_eq!(c.read_response().unwrap().status, 200);
     }
     // Pipelined: two requests in one write, two answers in order.
-    c.send(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n");
+    c.send(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert_eq!(c.read_response().unwrap().status, 200);
     assert_eq!(c.read_response().unwrap().status, 404);
 }
@@ -185,16 +200,25 @@ fn the_token_is_required_checked_and_accepted() {
     }
     assert_eq!(call(a, "GET", "/config", Some(TOKEN), "").status, 200);
     assert_eq!(call(a, "GET", "/nowhere", Some(TOKEN), "").status, 404);
+    // With a token, which no web page can attach, any Host is fine.
+    let r = request(
+        a,
+        format!(
+            "GET /routes HTTP/1.1\r\nHost: admin.example\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 200);
     // The scheme is case-insensitive (RFC 9110 §11.1); Basic is not Bearer.
     let r = request(
         a,
-        format!("GET /routes HTTP/1.1\r\nHost: a\r\nAuthorization: bearer {TOKEN}\r\n\r\n")
+        format!("GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: bearer {TOKEN}\r\n\r\n")
             .as_bytes(),
     );
     assert_eq!(r.status, 200);
     let r = request(
         a,
-        format!("GET /routes HTTP/1.1\r\nHost: a\r\nAuthorization: Basic {TOKEN}\r\n\r\n")
+        format!("GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {TOKEN}\r\n\r\n")
             .as_bytes(),
     );
     assert_eq!(r.status, 401);
@@ -202,7 +226,7 @@ fn the_token_is_required_checked_and_accepted() {
     let r = request(
         a,
         format!(
-            "GET /routes HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\nAuthorization: Bearer x\r\n\r\n"
+            "GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\nAuthorization: Bearer x\r\n\r\n"
         )
         .as_bytes(),
     );
@@ -521,8 +545,10 @@ fn other_modules_mount_endpoints_without_touching_the_server() {
     for _ in 0..20 {
         let mut s = raw(a);
         let _ = s.write_all(
-            format!("GET /boom HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "GET /boom HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+            )
+            .as_bytes(),
         );
         assert_eq!(status_of(&mut s), None);
     }
@@ -580,7 +606,7 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
 
     // An oversized head: 431.
     let big = format!(
-        "GET /live HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n",
         "a".repeat(10_000)
     );
     let st = answer(a, big.as_bytes());
@@ -588,14 +614,18 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
     // A request-target too long: 414.
     let st = answer(
         a,
-        format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "x".repeat(3000)).as_bytes(),
+        format!(
+            "GET /{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            "x".repeat(3000)
+        )
+        .as_bytes(),
     );
     assert_eq!(st, Some(414));
     // Garbage: 400.
     for junk in [
         &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n"[..],
         b"GET /live\r\n\r\n",
-        b"GET /live HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         b"GET /live HTTP/1.1\r\nBad Header: x\r\n\r\n",
     ] {
         let st = answer(a, junk);
@@ -604,23 +634,24 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
     // Bodies: too large (413), chunked (411), HTTP/2 preface (505 or 400).
     let st = answer(
         a,
-        b"PUT /log/level HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n",
+        b"PUT /log/level HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2000000\r\n\r\n",
     );
     assert_eq!(st, Some(413));
     let st = answer(a,
-        b"PUT /log/level HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ninfo\r\n0\r\n\r\n",
+        b"PUT /log/level HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\ninfo\r\n0\r\n\r\n",
     );
     assert_eq!(st, Some(411));
     let st = answer(a, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
     assert!(matches!(st, Some(400) | Some(505)), "{st:?}");
     // TRACE is not served.
-    let st = answer(a, b"TRACE /live HTTP/1.1\r\nHost: a\r\n\r\n");
+    let st = answer(a, b"TRACE /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert_eq!(st, Some(405));
 
     // Slowloris: a head that never completes gets 408 once request_timeout passes...
     let t0 = Instant::now();
     let mut s = raw(a);
-    s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\n").unwrap();
+    s.write_all(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
     assert_eq!(status_of(&mut s), Some(408));
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     // ... and so does one that trickles a byte at a time, each read well within the timeout.
@@ -645,12 +676,12 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
     assert_eq!(status_of(&mut s), Some(408));
     // A body that never arrives: 408 too.
     let mut s = raw(a);
-    s.write_all(b"PUT /log/level HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nin")
+    s.write_all(b"PUT /log/level HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nin")
         .unwrap();
     assert_eq!(status_of(&mut s), Some(408));
 
     // Every prefix of a request, then a close: nothing is answered wrongly, nothing breaks.
-    let whole = b"PUT /log/level HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\ninfo";
+    let whole = b"PUT /log/level HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\ninfo";
     for cut in 0..whole.len() {
         let mut s = raw(a);
         let _ = s.write_all(&whole[..cut]);
@@ -665,7 +696,7 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
         // Retried while earlier connections are still being closed (see `answer`).
         let ok = eventually(Duration::from_secs(2), || {
             let mut c = Client::connect(a);
-            c.send(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n");
+            c.send(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
             let served = c.read_response().is_some_and(|r| r.status == 200);
             if served {
                 held.push(c);
@@ -677,7 +708,7 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
     let t0 = Instant::now();
     for _ in 0..20 {
         let mut s = raw(a);
-        let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\n\r\n");
+        let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
         let st = status_of(&mut s);
         assert!(st.is_none() || st == Some(503), "{st:?}");
     }
@@ -686,7 +717,7 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
     // The admin API answers once the held connections are gone.
     let ok = eventually(Duration::from_secs(3), || {
         let mut s = raw(a);
-        let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let _ = s.write_all(b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
         status_of(&mut s) == Some(200)
     });
     assert!(ok, "the admin API answers after the flood");

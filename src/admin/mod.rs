@@ -504,6 +504,32 @@ impl Admin {
         }
     }
 
+    /// Refuses what a web page in an operator's browser could send: a cross-origin write
+    /// (browsers send `Origin` with it; curl and the CLI do not), and, when no token guards
+    /// the API, any request whose `Host` is a name other than `localhost`: a page whose own
+    /// name was rebound to 127.0.0.1 (DNS rebinding) would otherwise read the API as its own.
+    fn check_browser(&self, req: &AdminRequest) -> Result<(), AdminResponse> {
+        let write = !matches!(req.method, Method::Get | Method::Head);
+        if write && req.header("origin").is_some() {
+            return Err(AdminResponse::error(
+                403,
+                "cross-origin requests are refused by the admin API",
+            ));
+        }
+        let guarded = self
+            .token
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if !guarded && !req.header("host").is_some_and(local_host) {
+            return Err(AdminResponse::error(
+                403,
+                "without a token the admin API answers only Host: localhost or an IP address",
+            ));
+        }
+        Ok(())
+    }
+
     /// Finds the endpoint for a request and runs it: 401 without the token (before anything
     /// about the path is revealed), 404 for an unknown path, 405 with `Allow` for a known
     /// path and another method.
@@ -528,6 +554,9 @@ impl Admin {
             allow.dedup();
             (best, allow.join(", "))
         };
+        if let Err(r) = self.check_browser(req) {
+            return r;
+        }
         let open = found.as_ref().is_some_and(|(_, open)| *open);
         if !open {
             if let Err(r) = self.check_token(req) {
@@ -541,6 +570,25 @@ impl Admin {
                 .with_header("allow", &allow),
         }
     }
+}
+
+/// A `Host` value that cannot be a rebound DNS name: `localhost` or an IP literal, with an
+/// optional port (RFC 9110 §7.2).
+fn local_host(v: &[u8]) -> bool {
+    let Ok(v) = std::str::from_utf8(v) else {
+        return false;
+    };
+    let host = if let Some(rest) = v.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => {
+                return ip.parse::<std::net::Ipv6Addr>().is_ok();
+            }
+            _ => return false,
+        }
+    } else {
+        v.rsplit_once(':').map_or(v, |(h, _)| h)
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// A method's name on the wire.
@@ -562,6 +610,32 @@ pub fn method_name(m: Method) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_local_hosts_pass_the_rebinding_guard() {
+        for ok in [
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "localhost:9901",
+            "LOCALHOST",
+            "[::1]:9901",
+            "[::1]",
+            "10.0.0.1:80",
+        ] {
+            assert!(local_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:9901",
+            "127.0.0.1.nip.io",
+            "[::1",
+            "[::1]x",
+            "",
+            "localhost.evil",
+        ] {
+            assert!(!local_host(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn query_parameters_are_decoded_and_bad_escapes_refused() {
