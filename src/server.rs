@@ -159,8 +159,9 @@ impl Gateway {
             }
             (None, d) => info!("{n} workers run on the {} driver", d.as_str()),
         }
-        // Endpoints of other modules are mounted here, before the admin API serves:
-        // `a.mount(Method::Get, "/metrics", handler)` (see `crate::admin::Admin::mount`).
+        // Endpoints of other modules are mounted here, before the admin API serves, one line
+        // each (see `crate::admin::Admin::mount`), e.g.
+        // `if let Some((a, _)) = &admin { a.mount(Method::Get, "/metrics", handler) }`.
         let admin = match admin {
             Some((a, listener)) => Some(a.spawn(listener)?),
             None => None,
