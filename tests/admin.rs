@@ -670,6 +670,11 @@ fn hostile_clients_are_bounded_and_the_admin_api_answers_after() {
     assert_eq!(status_of(&mut s), Some(408));
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     writer.join().unwrap();
+    // A connection that says nothing is closed, silently, after request_timeout.
+    let t0 = Instant::now();
+    let mut s = raw(a);
+    assert_eq!(status_of(&mut s), None);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     // Blank lines before a request line are skipped (RFC 9112 §2.2), not waited on forever.
     let mut s = raw(a);
     s.write_all(b"\r\n\r\n\r\n\r\n").unwrap();

@@ -201,9 +201,16 @@ fn read_head(
     buf: &mut Vec<u8>,
     head: &mut RequestHead,
     limits: &ConnLimits,
+    first: bool,
 ) -> Result<(usize, Instant), ReadEnd> {
     let now = Instant::now();
-    let idle_end = now + limits.idle_timeout;
+    // A new connection that says nothing holds its place for request_timeout, not longer.
+    let idle_end = now
+        + if first {
+            limits.request_timeout.min(limits.idle_timeout)
+        } else {
+            limits.idle_timeout
+        };
     // Bytes left over from a pipelined request start the next one's clock now.
     let mut started = (!buf.is_empty()).then(|| now + limits.request_timeout);
     loop {
@@ -240,7 +247,7 @@ fn serve(admin: &Admin, mut s: TcpStream, peer: SocketAddr) {
     let mut head = RequestHead::default();
     let mut served = 0u32;
     loop {
-        let (len, deadline) = match read_head(&mut s, &mut buf, &mut head, &limits) {
+        let (len, deadline) = match read_head(&mut s, &mut buf, &mut head, &limits, served == 0) {
             Ok(x) => x,
             Err(ReadEnd::Closed) | Err(ReadEnd::Idle) => return,
             Err(ReadEnd::Slow) => {
