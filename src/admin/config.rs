@@ -48,8 +48,9 @@ pub struct AdminConfig {
     /// Admin connections open at once; one more is answered 503 and closed.
     #[serde(default = "d_max_connections")]
     pub max_connections: usize,
-    /// From a request's first byte until its body is read, and for writing an answer:
-    /// a slower client gets 408 (or is cut off while writing) and its connection closes.
+    /// From a request's first byte until its body is read, for writing an answer, and for a
+    /// new connection's first byte: a slower client gets 408 (or is cut off while writing, or
+    /// closed silently before its first byte) and its connection closes.
     #[serde(default = "d_request_timeout")]
     pub request_timeout: Dur,
     /// A keep-alive connection waiting for its next request is closed after this.
