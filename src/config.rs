@@ -519,6 +519,19 @@ impl TrustedProxies {
         self.v4.is_empty() && self.v6.is_empty()
     }
 
+    /// The entries in CIDR notation (for the admin API's `/config`).
+    pub fn entries(&self) -> Vec<String> {
+        let v4 = self
+            .v4
+            .iter()
+            .map(|(n, l)| format!("{}/{l}", std::net::Ipv4Addr::from(*n)));
+        let v6 = self
+            .v6
+            .iter()
+            .map(|(n, l)| format!("{}/{l}", std::net::Ipv6Addr::from(*n)));
+        v4.chain(v6).collect()
+    }
+
     /// Is `ip` one of the trusted proxies? An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`)
     /// is looked up as the IPv4 address it carries. No allocation.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
@@ -608,6 +621,9 @@ pub struct Config {
     /// Callers known by name: API keys (as hashes) and JWT subjects.
     #[serde(default)]
     pub consumers: Vec<crate::auth::config::ConsumerConfig>,
+    /// The admin API listener (`crate::admin`); off unless the section is present.
+    #[serde(default)]
+    pub admin: Option<crate::admin::config::AdminConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -1991,6 +2007,9 @@ impl Config {
         let policies: Vec<_> = self.routes.iter().map(|r| r.auth.clone()).collect();
         crate::auth::config::validate(&self.auth, &self.consumers, &policies)
             .map_err(|(key, reason)| err(key, None, reason))?;
+        if let Some(a) = &self.admin {
+            crate::admin::config::validate(a).map_err(|(key, reason)| err(key, None, reason))?;
+        }
         Ok(())
     }
 

@@ -166,3 +166,19 @@ fn answer(svc: Service, method: &[u8], path: &[u8], body: &[u8]) -> (u16, String
         },
     }
 }
+
+/// The lines `ringway demo` prints about the admin API, when the config enables it.
+pub fn admin_hints(cfg: &crate::config::Config) -> String {
+    let Some(a) = cfg.admin.as_ref().filter(|a| a.enabled) else {
+        return String::new();
+    };
+    let addr = a.address.addr;
+    format!(
+        "admin API on http://{addr} (loopback only):\n\
+         \x20 curl -s http://{addr}/upstreams          # every endpoint: health, ejection, in flight, idle pool\n\
+         \x20 curl -s http://{addr}/metrics            # Prometheus metrics\n\
+         \x20 curl -s http://{addr}/routes\n\
+         \x20 curl -i http://{addr}/ready\n\
+         \x20 ringway status --admin {addr}\n"
+    )
+}

@@ -15,7 +15,9 @@
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 //! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
 //! - [`control`]: per-worker mailboxes through which the admin API and reloads reach workers.
+//! - [`admin`]: the admin API listener, on its own thread off the data plane.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod control;

@@ -30,6 +30,26 @@ pub fn enabled(level: Level) -> bool {
     (level as u8) <= LEVEL.load(Ordering::Relaxed)
 }
 
+/// The level in force; `None`: logging is off.
+pub fn level() -> Option<Level> {
+    // Runs the one-time `RINGWAY_LOG` read first.
+    let _ = enabled(Level::Error);
+    match LEVEL.load(Ordering::Relaxed) {
+        1 => Some(Level::Error),
+        2 => Some(Level::Warn),
+        3 => Some(Level::Info),
+        4 => Some(Level::Debug),
+        _ => None,
+    }
+}
+
+/// Sets the level at run time (the admin API's `PUT /log/level`); `None` turns logging off.
+pub fn set_level(level: Option<Level>) {
+    // The one-time `RINGWAY_LOG` read runs first, so that it cannot undo this later.
+    let _ = enabled(Level::Error);
+    LEVEL.store(level.map_or(0, |l| l as u8), Ordering::Relaxed);
+}
+
 pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -14,6 +14,12 @@ USAGE:
     ringway [run] [-c FILE] [--workers N]   run the gateway (default config: config/ringway.toml)
     ringway check [-c FILE]                 validate a config and print a summary
     ringway demo [--workers N]              run config/demo.toml with built-in sample services
+    ringway status [--admin ADDR] [--token T]
+                                            readiness and upstream health from a running
+                                            gateway's admin API (exit 1 when not ready)
+    ringway drain [--admin ADDR] [--token T] [--delay D]
+                                            fail readiness, then stop accepting after D
+                                            (default: [admin] drain_delay)
     ringway hash-key < key.txt              print the \"sha256:...\" form of an API key read from
                                             stdin, for [[consumers]] api_keys
     ringway --version | --help
@@ -21,6 +27,10 @@ USAGE:
 ENVIRONMENT:
     RINGWAY_DRIVER=auto|io_uring|epoll      override [server].driver
     RINGWAY_LOG=debug|info|warn|error|off   log level (default info)
+    RINGWAY_ADMIN_TOKEN=T                   status/drain: the admin token when --token is absent
+                                            (status/drain read --admin and the token from
+                                            [admin] of -c FILE when it has one; default
+                                            127.0.0.1:9901)
 ";
 
 /// The demo config, built in so that `ringway demo` works from any directory.
@@ -30,6 +40,11 @@ struct Args {
     command: String,
     config: PathBuf,
     workers: Option<usize>,
+    /// Whether `-c` was given (status/drain read the admin address from it).
+    config_given: bool,
+    admin: Option<String>,
+    token: Option<String>,
+    delay: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,14 +53,22 @@ fn parse_args() -> Result<Args, String> {
         command: "run".into(),
         config: PathBuf::from("config/ringway.toml"),
         workers: None,
+        config_given: false,
+        admin: None,
+        token: None,
+        delay: None,
     };
     let mut first = true;
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "run" | "check" | "demo" | "hash-key" if first => a.command = arg,
+            "run" | "check" | "demo" | "hash-key" | "status" | "drain" if first => a.command = arg,
             "-c" | "--config" => {
                 a.config = it.next().ok_or("-c needs a file")?.into();
+                a.config_given = true;
             }
+            "--admin" => a.admin = Some(it.next().ok_or("--admin needs host:port")?),
+            "--token" => a.token = Some(it.next().ok_or("--token needs a token")?),
+            "--delay" => a.delay = Some(it.next().ok_or("--delay needs a duration")?),
             "-w" | "--workers" => {
                 let v = it.next().ok_or("--workers needs a number")?;
                 a.workers = Some(
@@ -94,6 +117,7 @@ fn main() -> ExitCode {
             println!("{}", ringway::auth::apikey::key_hash_hex(key.as_bytes()));
             ExitCode::SUCCESS
         }
+        "status" | "drain" => admin_command(&args),
         "check" => match Config::load(&args.config) {
             Ok(cfg) => {
                 print_summary(&args.config.display().to_string(), &cfg);
@@ -136,6 +160,7 @@ fn main() -> ExitCode {
             println!(
                 "  curl -i -X TRACE http://{addr}/api/users # 405: TRACE is refused by default"
             );
+            print!("{}", ringway::demo::admin_hints(&cfg));
             println!("stop with Ctrl-C");
             run(cfg, args.workers)
         }
@@ -146,6 +171,86 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+/// `ringway status` and `ringway drain`: talk to a running gateway's admin API.
+fn admin_command(args: &Args) -> ExitCode {
+    // The address and token: the flags, else the config's [admin] (the default config file is
+    // read only when it exists), else loopback:9901 and RINGWAY_ADMIN_TOKEN.
+    let cfg_admin = if args.config_given || args.config.exists() {
+        match Config::load(&args.config) {
+            Ok(c) => c.admin,
+            Err(e) if args.config_given => {
+                eprintln!("ringway: invalid config: {e}");
+                return ExitCode::from(2);
+            }
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let addr = match &args.admin {
+        Some(a) => match std::net::ToSocketAddrs::to_socket_addrs(a.as_str())
+            .ok()
+            .and_then(|mut it| it.next())
+        {
+            Some(addr) => addr,
+            None => {
+                eprintln!("ringway: --admin {a:?}: expected host:port");
+                return ExitCode::from(2);
+            }
+        },
+        None => {
+            let mut addr = cfg_admin.as_ref().map_or_else(
+                || {
+                    ringway::admin::config::DEFAULT_ADDRESS
+                        .parse()
+                        .expect("a literal socket address")
+                },
+                |a| a.address.addr,
+            );
+            // A wildcard listen address is reached on loopback.
+            if addr.ip().is_unspecified() {
+                addr.set_ip(if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            addr
+        }
+    };
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::env::var("RINGWAY_ADMIN_TOKEN").ok())
+        .or_else(|| {
+            cfg_admin
+                .as_ref()
+                .and_then(|a| a.token().ok().flatten())
+                .map(|s| s.0)
+        });
+    let token = token.as_deref();
+    let result = if args.command == "drain" {
+        ringway::admin::client::drain(addr, token, args.delay.as_deref()).map(|t| (t, true))
+    } else {
+        ringway::admin::client::status(addr, token)
+    };
+    match result {
+        Ok((text, ok)) => {
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("ringway {}: {e}", args.command);
+            ExitCode::from(2)
+        }
     }
 }
 

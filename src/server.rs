@@ -56,6 +56,8 @@ pub struct Gateway {
     buckets: Arc<HostBuckets>,
     /// The workers' mailboxes (see [`crate::control`]).
     control: Arc<Control>,
+    /// The admin API listener, when `[admin]` enables it.
+    admin: Option<crate::admin::AdminHandle>,
 }
 
 /// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
@@ -85,13 +87,15 @@ impl Gateway {
         let (listeners_rt, upstream_tls) = build_tls(&cfg)?;
         let (per_worker, addrs) = bind_listeners(&cfg, n)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let control = Control::new(n);
+        // Bound before the workers start, so that a taken admin port fails the start.
+        let admin = crate::admin::Admin::bind(&cfg, control.clone(), stop.clone())?;
         let hub = HealthHub::new(&cfg);
         let buckets = HostBuckets::new(&cfg);
         let auth = crate::auth::AuthShared::new(&cfg).map_err(io::Error::other)?;
         let choice = driver_choice(&cfg);
         // One route index for all workers (immutable; per-core copies measured no faster).
         let routes = crate::router::RouteTable::build(&cfg);
-        let control = Control::new(n);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -155,6 +159,13 @@ impl Gateway {
             }
             (None, d) => info!("{n} workers run on the {} driver", d.as_str()),
         }
+        // Endpoints of other modules are mounted here, before the admin API serves, one line
+        // each (see `crate::admin::Admin::mount`), e.g.
+        // `if let Some((a, _)) = &admin { a.mount(Method::Get, "/metrics", handler) }`.
+        let admin = match admin {
+            Some((a, listener)) => Some(a.spawn(listener)?),
+            None => None,
+        };
         Ok(Gateway {
             addrs,
             driver,
@@ -162,6 +173,7 @@ impl Gateway {
             threads,
             buckets,
             control,
+            admin,
         })
     }
 
@@ -178,6 +190,17 @@ impl Gateway {
     /// The workers' mailboxes: how the admin API and reloads reach each worker.
     pub fn control(&self) -> &Arc<Control> {
         &self.control
+    }
+
+    /// The admin API, when enabled: its address, and [`crate::admin::Admin::mount`] for
+    /// further endpoints.
+    pub fn admin(&self) -> Option<&Arc<crate::admin::Admin>> {
+        self.admin.as_ref().map(|h| h.admin())
+    }
+
+    /// The admin API's bound address (the real port when the config said 0).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin().map(|a| a.addr())
     }
 
     /// The bound address of each configured listener, in config order.
@@ -199,6 +222,10 @@ impl Gateway {
     pub fn join(mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // The admin API answers (`/ready`: 503) until the workers are gone.
+        if let Some(a) = &mut self.admin {
+            a.stop_and_join();
         }
     }
 }
@@ -469,6 +496,7 @@ async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, In
             monoio::select! {
                 _ = closed => {},
                 _ = w.shutdown.wait() => {},
+                _ = w.stop_accepting.wait() => {},
             }
         }
         Pause::Descriptors => {
@@ -476,6 +504,7 @@ async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, In
                 _ = closed => {},
                 _ = monoio::time::sleep(FD_PAUSE_RETRY) => {},
                 _ = w.shutdown.wait() => {},
+                _ = w.stop_accepting.wait() => {},
             }
         }
     }
@@ -576,7 +605,8 @@ async fn accept_loop(
     let tls = w.config().listeners[listener].tls.clone();
     let mut episode: Option<(Pause, Instant)> = None;
     loop {
-        if w.shutdown.is_set() {
+        // A drain ends the loop too: the listener closes, open connections carry on.
+        if w.shutdown.is_set() || w.stop_accepting.is_set() {
             break;
         }
         if w.active.get() >= w.config().max_connections {
@@ -593,6 +623,7 @@ async fn accept_loop(
         let accepted = monoio::select! {
             r = l.accept() => r,
             _ = w.shutdown.wait() => break,
+            _ = w.stop_accepting.wait() => break,
         };
         match accepted {
             Ok((stream, peer)) => {

@@ -196,6 +196,9 @@ pub struct Worker {
     /// TLS handshakes that failed or timed out on this worker.
     pub tls_handshake_failures: Cell<u64>,
     pub shutdown: Shutdown,
+    /// Set by a drain (the admin API's `POST /drain`): the accept loops end and close their
+    /// listeners; open connections are served on.
+    pub stop_accepting: Shutdown,
     /// Endpoint health shared with the other workers.
     pub hub: Arc<HealthHub>,
     /// This worker's token leases (host buckets shared with the other workers).
@@ -245,6 +248,7 @@ impl Worker {
             config: RefCell::new(Rc::new(Snapshot::new(cfg, id, seed, shared))),
             tls_handshake_failures: Cell::new(0),
             shutdown: Shutdown::default(),
+            stop_accepting: Shutdown::default(),
             hub,
             limiter: Limiter::new(buckets, cfg.rate_limiting.max_keys),
             bufs: BufPool::default(),

@@ -60,6 +60,16 @@ impl Breaker {
         }
     }
 
+    /// The state's name (for the admin API): "closed", "open" or "half_open". An open
+    /// breaker whose time is up reads "open" until the next request probes it.
+    pub fn state_name(&self) -> &'static str {
+        match self.state.get() {
+            State::Closed => "closed",
+            State::Open { .. } => "open",
+            State::HalfOpen { .. } => "half_open",
+        }
+    }
+
     /// Admits a request or says why not. An admitted request must be ended with [`done`].
     ///
     /// [`done`]: Breaker::done

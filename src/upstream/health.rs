@@ -36,6 +36,17 @@ pub enum Ejection {
     Refused,
 }
 
+/// One endpoint's shared health, as [`HealthHub::endpoint`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// Passing active checks (always true for a group without them).
+    pub active_ok: bool,
+    /// Ejected by outlier detection for this much longer.
+    pub ejected_for: Option<Duration>,
+    /// Ejections counted towards the next ejection's length.
+    pub ejections: u32,
+}
+
 /// Health of every endpoint of every upstream group, indexed [group][endpoint] in config
 /// order.
 pub struct HealthHub {
@@ -102,6 +113,21 @@ impl HealthHub {
         s.ejected_until = Some(now + d);
         s.last_ejection_end = Some(now + d);
         Ejection::Ejected(d)
+    }
+
+    /// One endpoint's shared health as of `now` (for the admin API); `None` for an index
+    /// out of range.
+    pub fn endpoint(&self, group: usize, ep: usize, now: Instant) -> Option<EndpointHealth> {
+        let st = self.lock();
+        let s = st.get(group)?.get(ep)?;
+        Some(EndpointHealth {
+            active_ok: s.active_ok,
+            ejected_for: s
+                .ejected_until
+                .map(|t| t.saturating_duration_since(now))
+                .filter(|d| !d.is_zero()),
+            ejections: s.ejections,
+        })
     }
 
     /// Copies routability into a worker's groups.

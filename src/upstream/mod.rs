@@ -145,6 +145,13 @@ pub struct Endpoint {
     peak: Cell<usize>,
 }
 
+impl Endpoint {
+    /// Idle pooled connections to this endpoint on this worker.
+    pub fn idle_len(&self) -> usize {
+        self.idle.borrow().len()
+    }
+}
+
 pub struct UpstreamGroup {
     /// Index in config order (the health hub's group index).
     pub index: usize,
