@@ -15,6 +15,8 @@
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 //! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
 //! - [`control`]: per-worker mailboxes through which the admin API and reloads reach workers.
+//! - [`reload`]: hot reload at request boundaries; [`upgrade`]: handing listening sockets to a
+//!   new process (zero-downtime binary upgrade).
 
 pub mod auth;
 pub mod config;
@@ -28,10 +30,12 @@ pub mod log;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;
+pub mod reload;
 pub mod retry;
 pub mod rewrite;
 pub mod router;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod window;

@@ -226,6 +226,12 @@ enum HeadRead {
     Fail(GatewayError),
 }
 
+/// A reload removed the connection's listener: the connection closes once its request in
+/// flight is answered (or on the next idle tick), so the listener drains.
+fn listener_gone(w: &Worker, listener: usize) -> bool {
+    w.config().listeners.get(listener).is_none_or(|l| l.closed)
+}
+
 /// Serves one client connection until it closes.
 pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnInfo) {
     let mut c = Conn {
@@ -244,7 +250,8 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         // The request's state lives in a block of the worker's slab, not in this task: an
         // idle connection holds only what is above.
         match w.slab.boxed(c.request(w)).await {
-            Some(Next::KeepAlive) if !w.shutdown.is_set() => {}
+            Some(Next::KeepAlive) if !w.shutdown.is_set() && !listener_gone(w, c.info.listener) => {
+            }
             Some(Next::KeepAlive) | None => break,
             Some(Next::Close) => {
                 linger = true;
@@ -326,7 +333,9 @@ impl<S: ClientIo> Conn<S> {
                     return matches!(res, Ok(n) if n > 0);
                 }
                 _ = tick => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if deadline.is_some_and(|d| Instant::now() >= d)
+                        || listener_gone(w, self.info.listener)
+                    {
                         return false;
                     }
                 }
