@@ -611,6 +611,9 @@ async fn worker_main(
         spawn_accept(&w, slot, l);
     }
     w.shutdown.wait().await;
+    // One beat for the accept loops to collect their cancelled accepts (a connection one of
+    // them completed with is served, and counted in `active` before the drain looks).
+    monoio::time::sleep(Duration::from_millis(20)).await;
     let end = Instant::now() + drain;
     while w.active.get() > 0 && Instant::now() < end {
         monoio::time::sleep(Duration::from_millis(20)).await;
@@ -651,6 +654,8 @@ async fn accept_loop(
     removed: Rc<crate::proxy::Shutdown>,
 ) {
     let mut episode: Option<(Pause, Instant)> = None;
+    // One canceller for the loop's accepts (its set of ops keeps its capacity).
+    let canceller = monoio::io::Canceller::new();
     loop {
         if w.shutdown.is_set() || removed.is_set() {
             break;
@@ -666,53 +671,31 @@ async fn accept_loop(
                 since.elapsed()
             );
         }
+        let accept = l.cancelable_accept(canceller.handle());
+        let mut accept = std::pin::pin!(accept);
+        let stopping = async {
+            monoio::select! {
+                _ = w.shutdown.wait() => {},
+                _ = removed.wait() => {},
+            }
+        };
         let accepted = monoio::select! {
-            r = l.accept() => r,
-            _ = w.shutdown.wait() => break,
-            _ = removed.wait() => break,
+            r = &mut accept => r,
+            _ = stopping => {
+                // Stopping (shutdown, hand-over, listener removed): the accept is cancelled and
+                // then awaited, so that a connection the kernel already handed to it is served.
+                // Dropping an io_uring accept in flight would leak that connection's descriptor
+                // (monoio 0.2.4 ignores the completion) and the client would hang, then be
+                // reset when the process exits.
+                let _ = canceller.cancel();
+                if let Ok((stream, peer)) = accept.await {
+                    start_conn(&w, stream, peer, listener, port);
+                }
+                break;
+            }
         };
         match accepted {
-            Ok((stream, peer)) => {
-                w.active.set(w.active.get() + 1);
-                // Consulted once per accepted connection (no allocation), never per request.
-                // The listener's TLS config comes from the current snapshot, so that a reload's
-                // re-read certificates serve the next handshake.
-                let (trusted, tls) = {
-                    let cfg = w.config();
-                    let tls = cfg.listeners.get(listener).and_then(|l| l.tls.clone());
-                    (cfg.trusted_proxies.contains(peer.ip()), tls)
-                };
-                let guard = ConnGuard(w.clone());
-                // Two task bodies, so that a plain connection's task is not sized for TLS.
-                match &tls {
-                    None => {
-                        monoio::spawn(async move {
-                            let info = ConnInfo {
-                                listener,
-                                trusted,
-                                port,
-                                ..ConnInfo::default()
-                            };
-                            serve(&guard.0, stream, peer, info).await;
-                            drop(guard);
-                        });
-                    }
-                    Some(cfg) => {
-                        let cfg = cfg.clone();
-                        monoio::spawn(async move {
-                            let info = ConnInfo {
-                                listener,
-                                tls: true,
-                                trusted,
-                                port,
-                                client_subject: None,
-                            };
-                            serve_tls(&guard.0, cfg, stream, peer, info).await;
-                            drop(guard);
-                        });
-                    }
-                }
-            }
+            Ok((stream, peer)) => start_conn(&w, stream, peer, listener, port),
             Err(e) if out_of_descriptors(&e) => {
                 pause_accepting(&w, Pause::Descriptors, &mut episode).await;
             }
@@ -721,6 +704,55 @@ async fn accept_loop(
                 // nothing to pause for.
                 debug!("worker {}: accept failed: {e}", w.id);
             }
+        }
+    }
+}
+
+/// Starts serving an accepted connection in its own task.
+fn start_conn(
+    w: &Rc<Worker>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    port: Option<u16>,
+) {
+    w.active.set(w.active.get() + 1);
+    // Consulted once per accepted connection (no allocation), never per request.
+    // The listener's TLS config comes from the current snapshot, so that a reload's
+    // re-read certificates serve the next handshake.
+    let (trusted, tls) = {
+        let cfg = w.config();
+        let tls = cfg.listeners.get(listener).and_then(|l| l.tls.clone());
+        (cfg.trusted_proxies.contains(peer.ip()), tls)
+    };
+    let guard = ConnGuard(w.clone());
+    // Two task bodies, so that a plain connection's task is not sized for TLS.
+    match &tls {
+        None => {
+            monoio::spawn(async move {
+                let info = ConnInfo {
+                    listener,
+                    trusted,
+                    port,
+                    ..ConnInfo::default()
+                };
+                serve(&guard.0, stream, peer, info).await;
+                drop(guard);
+            });
+        }
+        Some(cfg) => {
+            let cfg = cfg.clone();
+            monoio::spawn(async move {
+                let info = ConnInfo {
+                    listener,
+                    tls: true,
+                    trusted,
+                    port,
+                    client_subject: None,
+                };
+                serve_tls(&guard.0, cfg, stream, peer, info).await;
+                drop(guard);
+            });
         }
     }
 }

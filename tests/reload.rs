@@ -180,7 +180,9 @@ fn an_invalid_config_is_refused_with_the_check_message_and_changes_nothing() {
         "check said {check:?}, reload said {e}"
     );
     assert_eq!(e.to_string(), format!("invalid config: {ce}"));
-    assert!(e.to_string().contains(&format!("{}:{}", bad.display(), ce.line.unwrap())));
+    assert!(e
+        .to_string()
+        .contains(&format!("{}:{}", bad.display(), ce.line.unwrap())));
     // Nothing changed.
     assert_eq!(gw.gateway().reload_generation(), 0);
     assert_eq!(get(gw.addr, "/x").text(), "A");
@@ -190,9 +192,8 @@ fn an_invalid_config_is_refused_with_the_check_message_and_changes_nothing() {
 fn an_unchanged_group_keeps_its_pool_and_a_changed_one_starts_fresh() {
     let (a, b) = (named("A"), named("B"));
     // One worker, so that every request meets the same pool.
-    let cfg = |extra: &str| {
-        two_groups(a.addr, b.addr, "a", extra).replace("workers = 2", "workers = 1")
-    };
+    let cfg =
+        |extra: &str| two_groups(a.addr, b.addr, "a", extra).replace("workers = 2", "workers = 1");
     let gw = TestGateway::start(&cfg(""), DriverChoice::Auto);
     for _ in 0..3 {
         assert_eq!(get(gw.addr, "/x").text(), "A");
@@ -210,7 +211,11 @@ fn an_unchanged_group_keeps_its_pool_and_a_changed_one_starts_fresh() {
         assert_eq!(get(gw.addr, "/x").text(), "A");
     }
     assert_eq!(get(gw.addr, "/y").text(), "y");
-    assert_eq!(a.conns(), 1, "the upstream saw a new connection after a reload");
+    assert_eq!(
+        a.conns(),
+        1,
+        "the upstream saw a new connection after a reload"
+    );
     // Group `a` changed (its idle timeout): rebuilt, with a fresh pool.
     let changed = cfg("").replace(
         "[upstreams.b]",
@@ -244,7 +249,9 @@ fn ejections_of_an_unchanged_group_carry_over() {
     }
     assert_eq!(good.hits(), before + 6, "the dead endpoint is ejected");
     gw.gateway()
-        .reload(parse(&cfg("\n[[routes]]\npath = \"/other\"\ndirect = { status = 204 }\n")))
+        .reload(parse(&cfg(
+            "\n[[routes]]\npath = \"/other\"\ndirect = { status = 204 }\n",
+        )))
         .unwrap();
     // Still ejected after the reload: every request goes to the good endpoint at once.
     let before = good.hits();
@@ -287,9 +294,13 @@ fn listeners_are_added_and_removed_by_a_reload() {
         // It drains: the idle connection is closed within a tick or two, new connections are
         // refused; the first listener serves on.
         kept.read_timeout(Duration::from_secs(5));
-        assert!(kept.read_response().is_none(), "the drained connection closes");
         assert!(
-            eventually(Duration::from_secs(5), || TcpStream::connect(second).is_err()),
+            kept.read_response().is_none(),
+            "the drained connection closes"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || TcpStream::connect(second)
+                .is_err()),
             "the removed listener still accepts"
         );
         assert_eq!(get(gw.addr, "/x").text(), "A");
@@ -340,7 +351,9 @@ fn reloads_under_load_fail_no_request() {
             }
         }));
     }
-    assert!(eventually(Duration::from_secs(10), || ok.load(Ordering::Relaxed) > 100));
+    assert!(eventually(Duration::from_secs(10), || ok
+        .load(Ordering::Relaxed)
+        > 100));
     for i in 0..30 {
         let target = if i % 2 == 0 { "b" } else { "a" };
         gw.gateway()
@@ -359,7 +372,11 @@ fn reloads_under_load_fail_no_request() {
         c.join().expect("client thread");
     }
     let failures = failures.lock().unwrap();
-    assert!(failures.is_empty(), "failed requests: {:?}", &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "failed requests: {:?}",
+        &failures[..failures.len().min(10)]
+    );
     assert!(ok.load(Ordering::Relaxed) > 100);
     assert_eq!(gw.gateway().reload_generation(), 30);
 }
@@ -416,7 +433,11 @@ impl Proc {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() || self.seen.recv_timeout(left).is_err() {
                 let lines = self.lines.lock().unwrap();
-                return lines.iter().filter(|l| l.contains(text)).nth(n - 1).cloned();
+                return lines
+                    .iter()
+                    .filter(|l| l.contains(text))
+                    .nth(n - 1)
+                    .cloned();
             }
         }
     }
@@ -471,7 +492,8 @@ fn sighup_reloads_the_running_binary() {
     dir.write("ringway.toml", &two_groups(a.addr, b.addr, "b", ""));
     p.signal(libc::SIGHUP);
     assert!(
-        p.wait_line("reload #1", 1, Duration::from_secs(10)).is_some(),
+        p.wait_line("reload #1", 1, Duration::from_secs(10))
+            .is_some(),
         "no reload line: {:?}",
         p.lines.lock().unwrap()
     );
@@ -567,7 +589,9 @@ fn a_binary_upgrade_refuses_no_connection() {
             }
         }));
     }
-    assert!(eventually(Duration::from_secs(10), || seen_old.load(Ordering::Relaxed) > 50));
+    assert!(eventually(Duration::from_secs(10), || seen_old
+        .load(Ordering::Relaxed)
+        > 50));
     let new = Proc::spawn(&[
         "run",
         "-c",
@@ -585,7 +609,9 @@ fn a_binary_upgrade_refuses_no_connection() {
         .is_some());
     // Traffic after the old process is gone.
     let after = seen_new.load(Ordering::Relaxed);
-    assert!(eventually(Duration::from_secs(10), || seen_new.load(Ordering::Relaxed) > after + 50));
+    assert!(eventually(Duration::from_secs(10), || seen_new
+        .load(Ordering::Relaxed)
+        > after + 50));
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.join().expect("client thread");
@@ -594,8 +620,24 @@ fn a_binary_upgrade_refuses_no_connection() {
         .wait_line("takeover: received", 1, Duration::from_secs(1))
         .is_some());
     let failed = failed.lock().unwrap();
-    assert_eq!(refused.load(Ordering::Relaxed), 0, "refused: {:?}", &failed[..failed.len().min(10)]);
-    assert!(failed.is_empty(), "failed: {:?}", &failed[..failed.len().min(10)]);
+    eprintln!(
+        "upgrade: {} answered by the old process, {} by the new, {} refused, {} failed",
+        seen_old.load(Ordering::Relaxed),
+        seen_new.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        failed.len()
+    );
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "refused: {:?}",
+        &failed[..failed.len().min(10)]
+    );
+    assert!(
+        failed.is_empty(),
+        "failed: {:?}",
+        &failed[..failed.len().min(10)]
+    );
     // The new process also serves hand-overs now, on the same path.
     assert!(eventually(Duration::from_secs(10), || sock.exists()));
     new.signal(libc::SIGTERM);

@@ -226,6 +226,9 @@ enum HeadRead {
     Fail(GatewayError),
 }
 
+/// How long a connection accepted just before a shutdown may take to send its first request.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// A reload removed the connection's listener: the connection closes once its request in
 /// flight is answered (or on the next idle tick), so the listener drains.
 fn listener_gone(w: &Worker, listener: usize) -> bool {
@@ -243,10 +246,12 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         info,
     };
     let mut linger = false;
+    let mut first = true;
     loop {
-        if c.rbuf.is_empty() && !c.wait_request(w).await {
+        if c.rbuf.is_empty() && !c.wait_request(w, first).await {
             break;
         }
+        first = false;
         // The request's state lives in a block of the worker's slab, not in this task: an
         // idle connection holds only what is above.
         match w.slab.boxed(c.request(w)).await {
@@ -304,8 +309,12 @@ impl<S: ClientIo> Conn<S> {
     /// and no timer of its own: the idle deadline is checked on the worker's one-second tick,
     /// so an idle connection costs its task and 512 bytes. `false`: the client closed, idled
     /// out, or the worker is shutting down.
-    async fn wait_request(&mut self, w: &Worker) -> bool {
-        if w.shutdown.is_set() {
+    ///
+    /// A connection's `first` request is still awaited for [`FIRST_REQUEST_GRACE`] after a
+    /// shutdown began: the connection was accepted just before it (during a binary upgrade's
+    /// hand-over, say) and its client has a request on the way.
+    async fn wait_request(&mut self, w: &Worker, first: bool) -> bool {
+        if w.shutdown.is_set() && !first {
             return false;
         }
         if !self.small {
@@ -326,6 +335,12 @@ impl<S: ClientIo> Conn<S> {
         let mut read = std::pin::pin!(read);
         loop {
             let tick = w.idle_tick.notified();
+            let shutdown = async {
+                w.shutdown.wait().await;
+                if first {
+                    monoio::time::sleep(FIRST_REQUEST_GRACE).await;
+                }
+            };
             monoio::select! {
                 r = &mut read => {
                     let (res, slice) = r;
@@ -339,7 +354,7 @@ impl<S: ClientIo> Conn<S> {
                         return false;
                     }
                 }
-                _ = w.shutdown.wait() => return false,
+                _ = shutdown => return false,
             }
         }
     }
