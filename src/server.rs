@@ -590,6 +590,13 @@ async fn worker_main(
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }
             w.shutdown.trigger();
+            // Idle ticks go on during the drain: a connection accepted just before the
+            // shutdown counts its first request's grace in them (the task ends with the
+            // runtime).
+            loop {
+                monoio::time::sleep(SYNC_INTERVAL * IDLE_TICK_EVERY).await;
+                w.idle_tick.notify_all();
+            }
         });
     }
     {

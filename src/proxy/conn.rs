@@ -226,8 +226,9 @@ enum HeadRead {
     Fail(GatewayError),
 }
 
-/// How long a connection accepted just before a shutdown may take to send its first request.
-pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// Idle ticks (one a second; they go on during the drain) a connection accepted just before a
+/// shutdown may take to send its first request.
+pub const FIRST_REQUEST_GRACE_TICKS: u8 = 1;
 
 /// A reload removed the connection's listener: the connection closes once its request in
 /// flight is answered (or on the next idle tick), so the listener drains.
@@ -310,8 +311,8 @@ impl<S: ClientIo> Conn<S> {
     /// so an idle connection costs its task and 512 bytes. `false`: the client closed, idled
     /// out, or the worker is shutting down.
     ///
-    /// A connection's `first` request is still awaited for [`FIRST_REQUEST_GRACE`] after a
-    /// shutdown began: the connection was accepted just before it (during a binary upgrade's
+    /// A connection's `first` request is still awaited for [`FIRST_REQUEST_GRACE_TICKS`] idle
+    /// ticks (1 to 2 s) after a shutdown began: the connection was accepted just before it (during a binary upgrade's
     /// hand-over, say) and its client has a request on the way.
     async fn wait_request(&mut self, w: &Worker, first: bool) -> bool {
         if w.shutdown.is_set() && !first {
@@ -333,14 +334,9 @@ impl<S: ClientIo> Conn<S> {
         let end = len + IDLE_READ_BUF.min(buf.capacity() - len);
         let read = self.io.read(buf.slice_mut(len..end));
         let mut read = std::pin::pin!(read);
+        let mut grace_ticks = 0u8;
         loop {
             let tick = w.idle_tick.notified();
-            let shutdown = async {
-                w.shutdown.wait().await;
-                if first {
-                    monoio::time::sleep(FIRST_REQUEST_GRACE).await;
-                }
-            };
             monoio::select! {
                 r = &mut read => {
                     let (res, slice) = r;
@@ -353,8 +349,14 @@ impl<S: ClientIo> Conn<S> {
                     {
                         return false;
                     }
+                    if w.shutdown.is_set() {
+                        grace_ticks += 1;
+                        if grace_ticks > FIRST_REQUEST_GRACE_TICKS {
+                            return false;
+                        }
+                    }
                 }
-                _ = shutdown => return false,
+                _ = w.shutdown.wait(), if !first => return false,
             }
         }
     }
