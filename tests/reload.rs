@@ -642,3 +642,97 @@ fn a_binary_upgrade_refuses_no_connection() {
     assert!(eventually(Duration::from_secs(10), || sock.exists()));
     new.signal(libc::SIGTERM);
 }
+
+#[test]
+fn an_upgrade_socket_path_too_long_for_a_unix_address_is_refused_with_its_key() {
+    let long = format!("/tmp/{}.sock", "s".repeat(120));
+    let src = format!(
+        "[server]\nupgrade_socket = \"{long}\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n"
+    );
+    let e = Config::parse(&src, "up.toml").expect_err("refused");
+    assert_eq!(e.key, "server.upgrade_socket");
+    assert_eq!(e.line, Some(2));
+    assert!(e.reason.contains("107"), "{e}");
+    let ok = src.replace(&long, "/tmp/ringway.sock");
+    assert_eq!(
+        Config::parse(&ok, "up.toml")
+            .unwrap()
+            .server
+            .upgrade_socket
+            .as_deref(),
+        Some("/tmp/ringway.sock")
+    );
+}
+
+/// Names of the threads of process `pid` (as the kernel truncates them: 15 bytes).
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in dir.flatten() {
+            if let Ok(n) = std::fs::read_to_string(t.path().join("comm")) {
+                out.push(n.trim().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn reloads_leave_no_thread_behind() {
+    let a = named("A");
+    let jwks = Upstream::start(|_| Reply::Raw(ok_response(br#"{"keys":[]}"#)));
+    let dir = Scratch::new("threads");
+    // Variants differ in the health-check interval (the checker thread is replaced) and in a
+    // JWKS URL provider (its fetcher thread starts, then stops).
+    let cfg = |i: usize| {
+        let provider = if i % 2 == 1 {
+            format!("[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\n", jwks.addr)
+        } else {
+            String::new()
+        };
+        format!(
+            "[server]\nworkers = 2\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.a]\nendpoints = [{{ address = \"{}\" }}]\n[upstreams.a.health_check]\npath = \"/\"\ninterval = \"{}ms\"\n\n[[routes]]\nupstream = \"a\"\n\n{provider}",
+            a.addr,
+            200 + i % 2 * 100
+        )
+    };
+    let path = dir.write("ringway.toml", &cfg(0));
+    let p = Proc::spawn(&["run", "-c", path.to_str().unwrap()]);
+    let addr = p.addr();
+    assert_eq!(get(addr, "/").text(), "A");
+    let pid = p.child.id();
+    assert!(eventually(Duration::from_secs(5), || thread_names(pid)
+        .iter()
+        .any(|n| n == "ringway-health")));
+    let at_start = thread_names(pid);
+    for i in 1..=20 {
+        dir.write("ringway.toml", &cfg(i));
+        p.signal(libc::SIGHUP);
+        assert!(
+            p.wait_line(&format!("reload #{i}:"), 1, Duration::from_secs(10))
+                .is_some(),
+            "reload {i}: {:?}",
+            p.lines.lock().unwrap()
+        );
+        // A new thread names itself once it runs: wait for the names, bounded.
+        let expected = |names: &[String]| {
+            names
+                .iter()
+                .filter(|n| n.starts_with("ringway-jwks"))
+                .count()
+                == i % 2
+                && names.iter().filter(|n| *n == "ringway-health").count() == 1
+                && names.len() == at_start.len() + i % 2
+        };
+        assert!(
+            eventually(Duration::from_secs(5), || expected(&thread_names(pid))),
+            "after reload {i}: {:?} (at start {at_start:?})",
+            thread_names(pid)
+        );
+    }
+    // An even count of reloads: the same threads as at start.
+    assert!(eventually(Duration::from_secs(5), || thread_names(pid) == at_start));
+    assert_eq!(get(addr, "/").text(), "A");
+    p.signal(libc::SIGTERM);
+}
