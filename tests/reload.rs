@@ -736,3 +736,49 @@ fn reloads_leave_no_thread_behind() {
     assert_eq!(get(addr, "/").text(), "A");
     p.signal(libc::SIGTERM);
 }
+
+#[test]
+fn a_reload_rereads_the_listener_certificates() {
+    use support::pki::{pki, provider, roots};
+    let p = pki();
+    let dir = Scratch::new("tls");
+    let cert = dir.0.join("listener.pem");
+    let key = dir.0.join("listener.key");
+    std::fs::write(&cert, p.read("a-chain.pem")).unwrap();
+    std::fs::write(&key, p.read("a.key")).unwrap();
+    let up = named("up");
+    let cfg = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\n[upstreams.u]\nendpoints = [{{ address = \"{}\" }}]\n\n[[routes]]\nupstream = \"u\"\n",
+        cert.display(),
+        key.display(),
+        up.addr
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots("ca.pem"))
+            .with_no_client_auth(),
+    );
+    let hello = |sni: &str| -> Result<String, String> {
+        let mut c = Client::connect_tls(gw.addr, sni, client.clone()).map_err(|e| e.to_string())?;
+        c.try_send(format!("GET / HTTP/1.1\r\nHost: {sni}\r\n\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        c.read_response()
+            .map(|r| r.text())
+            .ok_or_else(|| "no response".to_string())
+    };
+    assert_eq!(hello("a.test").as_deref(), Ok("up"));
+    assert!(hello("x.wild.test").is_err());
+    // A keep-alive TLS connection open across the reload keeps its session.
+    let mut open = Client::connect_tls(gw.addr, "a.test", client.clone()).unwrap();
+    // The files are replaced (the same paths), then the config is reloaded unchanged.
+    std::fs::write(&cert, p.read("wild-chain.pem")).unwrap();
+    std::fs::write(&key, p.read("wild.key")).unwrap();
+    gw.gateway().reload(parse(&cfg)).expect("reloads");
+    assert_eq!(hello("x.wild.test").as_deref(), Ok("up"));
+    assert!(hello("a.test").is_err());
+    open.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert_eq!(open.read_response().expect("a response").text(), "up");
+}
