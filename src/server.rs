@@ -97,6 +97,15 @@ impl Gateway {
         let cfg = Arc::new(cfg);
         let (listeners_rt, upstream_tls) = build_tls(&cfg)?;
         let (per_worker, addrs, sockets) = bind_listeners(&cfg, n, &mut inherited)?;
+        if !inherited.is_empty() {
+            // Sockets of listeners the new config dropped: closed here (connections waiting
+            // in their queues are reset, as a removed listener's would be).
+            warn!(
+                "takeover: {} handed-over sockets on {:?} match no listener of this config; closed",
+                inherited.len(),
+                inherited.addrs()
+            );
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let hub = HealthHub::new(&cfg);
         let buckets = HostBuckets::new(&cfg);

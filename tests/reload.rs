@@ -782,3 +782,56 @@ fn a_reload_rereads_the_listener_certificates() {
     open.send(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n");
     assert_eq!(open.read_response().expect("a response").text(), "up");
 }
+
+#[test]
+fn rate_limit_buckets_of_an_unchanged_limit_carry_over() {
+    let up = named("ok");
+    let cfg = |rate: u32, extra: &str| {
+        format!(
+            "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.u]\nendpoints = [{{ address = \"{}\" }}]\n\n{extra}\n[[routes]]\nname = \"limited\"\nupstream = \"u\"\nrate_limits = [{{ key = \"client_ip\", rate = {rate}, per = \"1m\" }}]\n",
+            up.addr
+        )
+    };
+    let gw = TestGateway::start(&cfg(3, ""), DriverChoice::Auto);
+    for _ in 0..3 {
+        assert_eq!(get(gw.addr, "/").status, 200);
+    }
+    assert_eq!(get(gw.addr, "/").status, 429);
+    // Another route with its own limit, ahead of it (a numbering by position would shift);
+    // the limit unchanged: its spent bucket stays spent.
+    gw.gateway()
+        .reload(parse(&cfg(
+            3,
+            "[[routes]]\nname = \"other\"\npath = \"/other\"\ndirect = { status = 204 }\nrate_limits = [{ key = \"client_ip\", rate = 100, per = \"1m\" }]\n",
+        )))
+        .unwrap();
+    assert_eq!(get(gw.addr, "/").status, 429);
+    assert_eq!(get(gw.addr, "/other").status, 204);
+    // The limit changed: a new bucket, full.
+    gw.gateway().reload(parse(&cfg(4, ""))).unwrap();
+    for _ in 0..4 {
+        assert_eq!(get(gw.addr, "/").status, 200);
+    }
+    assert_eq!(get(gw.addr, "/").status, 429);
+}
+
+#[test]
+fn consumers_and_api_keys_are_reloaded() {
+    use ringway::auth::apikey::key_hash_hex;
+    let up = named("ok");
+    let cfg = |key: &[u8]| {
+        format!(
+            "[server]\nworkers = 2\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.u]\nendpoints = [{{ address = \"{}\" }}]\n\n[auth.api_key]\nquery = \"api_key\"\n\n[[consumers]]\nname = \"app\"\napi_keys = [\"{}\"]\n\n[[routes]]\nupstream = \"u\"\nauth = \"api_key\"\n",
+            up.addr,
+            key_hash_hex(key)
+        )
+    };
+    let gw = TestGateway::start(&cfg(b"old-key-0001"), DriverChoice::Auto);
+    let mut c = Client::connect(gw.addr);
+    assert_eq!(get_on(&mut c, "/?api_key=old-key-0001").status, 200);
+    assert_eq!(get_on(&mut c, "/?api_key=new-key-0002").status, 401);
+    gw.gateway().reload(parse(&cfg(b"new-key-0002"))).unwrap();
+    // The same keep-alive connection: the rotated key set applies to its next request.
+    assert_eq!(get_on(&mut c, "/?api_key=new-key-0002").status, 200);
+    assert_eq!(get_on(&mut c, "/?api_key=old-key-0001").status, 401);
+}
