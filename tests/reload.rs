@@ -592,13 +592,8 @@ fn a_binary_upgrade_refuses_no_connection() {
     assert!(eventually(Duration::from_secs(10), || seen_old
         .load(Ordering::Relaxed)
         > 50));
-    let new = Proc::spawn(&[
-        "run",
-        "-c",
-        second.to_str().unwrap(),
-        "--takeover",
-        sock.to_str().unwrap(),
-    ]);
+    // `ringway upgrade` is `run --takeover <upgrade_socket>`.
+    let new = Proc::spawn(&["upgrade", "-c", second.to_str().unwrap()]);
     assert!(
         old.wait_exit(Duration::from_secs(20)),
         "the old process did not exit: {:?}",
@@ -834,4 +829,77 @@ fn consumers_and_api_keys_are_reloaded() {
     // The same keep-alive connection: the rotated key set applies to its next request.
     assert_eq!(get_on(&mut c, "/?api_key=new-key-0002").status, 200);
     assert_eq!(get_on(&mut c, "/?api_key=old-key-0001").status, 401);
+}
+
+#[test]
+fn a_new_process_that_fails_to_start_leaves_the_old_one_serving() {
+    let dir = Scratch::new("upgrade-fail");
+    let sock = dir.0.join("upgrade.sock");
+    let held = refusing_addr();
+    let cfg = |port: u16, extra: &str| {
+        format!(
+            "[server]\nworkers = 2\nupgrade_socket = \"{}\"\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n{extra}\n[[routes]]\npath = \"/who\"\ndirect = {{ status = 200, body = \"old\" }}\n",
+            sock.display()
+        )
+    };
+    let first = dir.write("old.toml", &cfg(0, ""));
+    let old = Proc::spawn(&["run", "-c", first.to_str().unwrap()]);
+    let addr = old.addr();
+    assert!(eventually(Duration::from_secs(10), || sock.exists()));
+    // The new config also wants an address another socket holds: the new process receives
+    // the sockets, fails to start, and exits without confirming.
+    let second = dir.write(
+        "new.toml",
+        &cfg(
+            addr.port(),
+            &format!("\n[[listeners]]\naddress = \"{}\"\n", held.addr),
+        ),
+    );
+    let mut new = Proc::spawn(&["upgrade", "-c", second.to_str().unwrap()]);
+    assert!(
+        new.wait_exit(Duration::from_secs(20)),
+        "the new process should fail"
+    );
+    assert!(new.child.try_wait().unwrap().is_some_and(|s| !s.success()));
+    assert!(
+        old.wait_line("hand-over failed", 1, Duration::from_secs(10))
+            .is_some(),
+        "{:?}",
+        old.lines.lock().unwrap()
+    );
+    // The old process serves on, on the same sockets, and still offers hand-overs.
+    for _ in 0..20 {
+        assert_eq!(one_shot(addr).as_deref(), Ok("old"));
+    }
+    assert!(sock.exists());
+    assert!(
+        old.child.id() > 0
+            && old
+                .wait_line("handed over", 1, Duration::from_millis(1))
+                .is_none()
+    );
+    old.signal(libc::SIGTERM);
+}
+
+#[test]
+fn reloads_from_other_threads_are_serialised() {
+    let (a, b) = (named("A"), named("B"));
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", ""), DriverChoice::Auto);
+    // An admin thread and a signal thread at once, as `POST /reload` and SIGHUP would.
+    let g = gw.gateway();
+    assert!(matches!(g.reload_config_file(), Err(ReloadError::NoFile)));
+    let generations: Vec<u64> = thread::scope(|s| {
+        let ts: Vec<_> = (0..4)
+            .map(|i| {
+                let cfg = two_groups(a.addr, b.addr, if i % 2 == 0 { "b" } else { "a" }, "");
+                s.spawn(move || g.reload(parse(&cfg)).expect("reloads").generation)
+            })
+            .collect();
+        ts.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut sorted = generations.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![1, 2, 3, 4], "{generations:?}");
+    assert_eq!(g.reload_generation(), 4);
+    assert!(["A", "B"].contains(&get(gw.addr, "/x").text().as_str()));
 }
