@@ -15,6 +15,9 @@ use toml::Spanned;
 
 use crate::http::request::{self, MAX_HEADERS_CAP};
 
+/// Longest `server.upgrade_socket` path (a Unix socket address holds 108 bytes with the NUL).
+pub const MAX_UNIX_SOCKET_PATH: usize = 107;
+
 /// A configuration error: where, which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -661,6 +664,10 @@ pub struct ServerConfig {
     /// anyone else's are replaced (see `crate::rewrite`). Default: none.
     #[serde(default)]
     pub trusted_proxies: TrustedProxies,
+    /// Unix socket on which the running process hands its listening sockets to a new one
+    /// (`ringway upgrade`; see `crate::upgrade`). Default: none (no binary upgrade).
+    #[serde(default)]
+    pub upgrade_socket: Option<String>,
 }
 
 fn default_shutdown() -> Dur {
@@ -679,6 +686,7 @@ impl Default for ServerConfig {
             via: default_via(),
             max_connections_per_worker: 0,
             trusted_proxies: TrustedProxies::default(),
+            upgrade_socket: None,
         }
     }
 }
@@ -1589,6 +1597,16 @@ impl Config {
                 None,
                 "at least one [[listeners]] is required".into(),
             ));
+        }
+        if let Some(p) = &self.server.upgrade_socket {
+            // sockaddr_un holds 108 bytes, the terminating NUL included.
+            if p.is_empty() || p.len() > MAX_UNIX_SOCKET_PATH || p.contains('\0') {
+                return Err(err(
+                    "server.upgrade_socket".into(),
+                    None,
+                    format!("must be a path of 1 to {MAX_UNIX_SOCKET_PATH} bytes without NUL"),
+                ));
+            }
         }
         let mut seen = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {

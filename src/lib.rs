@@ -16,6 +16,8 @@
 //! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
 //! - [`control`]: per-worker mailboxes through which the admin API and reloads reach workers.
 //! - [`admin`]: the admin API listener, on its own thread off the data plane.
+//! - [`reload`]: hot reload at request boundaries; [`upgrade`]: handing listening sockets to a
+//!   new process (zero-downtime binary upgrade).
 
 pub mod admin;
 pub mod auth;
@@ -30,10 +32,12 @@ pub mod log;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;
+pub mod reload;
 pub mod retry;
 pub mod rewrite;
 pub mod router;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 pub mod window;

@@ -5,13 +5,17 @@ use std::process::ExitCode;
 
 use ringway::config::Config;
 use ringway::server::Gateway;
-use ringway::{error, info};
+use ringway::{error, info, warn};
 
 const USAGE: &str = "\
 ringway — a thread-per-core API gateway
 
 USAGE:
     ringway [run] [-c FILE] [--workers N]   run the gateway (default config: config/ringway.toml)
+    ringway run -c FILE --takeover SOCKET   run, first taking over the listening sockets of the
+                                            process serving on the Unix socket SOCKET
+    ringway upgrade [-c FILE]               the same, with SOCKET from [server] upgrade_socket:
+                                            start the new binary this way; the old one drains
     ringway check [-c FILE]                 validate a config and print a summary
     ringway demo [--workers N]              run config/demo.toml with built-in sample services
     ringway status [--admin ADDR] [--token T]
@@ -31,6 +35,11 @@ ENVIRONMENT:
                                             (status/drain read --admin and the token from
                                             [admin] of -c FILE when it has one; default
                                             127.0.0.1:9901)
+
+SIGNALS:
+    SIGHUP                                  reload the config file (refused, with the check
+                                            message, when invalid)
+    SIGTERM, SIGINT                         graceful shutdown
 ";
 
 /// The demo config, built in so that `ringway demo` works from any directory.
@@ -45,6 +54,7 @@ struct Args {
     admin: Option<String>,
     token: Option<String>,
     delay: Option<String>,
+    takeover: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -57,11 +67,17 @@ fn parse_args() -> Result<Args, String> {
         admin: None,
         token: None,
         delay: None,
+        takeover: None,
     };
     let mut first = true;
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "run" | "check" | "demo" | "hash-key" | "status" | "drain" if first => a.command = arg,
+            "run" | "check" | "demo" | "hash-key" | "status" | "drain" | "upgrade" if first => {
+                a.command = arg
+            }
+            "--takeover" => {
+                a.takeover = Some(it.next().ok_or("--takeover needs a socket path")?.into());
+            }
             "-c" | "--config" => {
                 a.config = it.next().ok_or("-c needs a file")?.into();
                 a.config_given = true;
@@ -162,10 +178,27 @@ fn main() -> ExitCode {
             );
             print!("{}", ringway::demo::admin_hints(&cfg));
             println!("stop with Ctrl-C");
-            run(cfg, args.workers)
+            let path = demo_path.exists().then_some(demo_path);
+            run(cfg, args.workers, path, None)
         }
+        "upgrade" => match Config::load(&args.config) {
+            Ok(cfg) => match cfg.server.upgrade_socket.clone() {
+                Some(sock) => run(cfg, args.workers, Some(args.config), Some(sock.into())),
+                None => {
+                    eprintln!(
+                        "ringway: upgrade: {} sets no [server] upgrade_socket",
+                        args.config.display()
+                    );
+                    ExitCode::from(2)
+                }
+            },
+            Err(e) => {
+                eprintln!("ringway: invalid config: {e}");
+                ExitCode::from(1)
+            }
+        },
         _ => match Config::load(&args.config) {
-            Ok(cfg) => run(cfg, args.workers),
+            Ok(cfg) => run(cfg, args.workers, Some(args.config), args.takeover),
             Err(e) => {
                 eprintln!("ringway: invalid config: {e}");
                 ExitCode::from(1)
@@ -254,9 +287,17 @@ fn admin_command(args: &Args) -> ExitCode {
     }
 }
 
-fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+/// Runs the gateway until SIGTERM/SIGINT or a completed hand-over to a new process; SIGHUP
+/// reloads `path`. With `takeover`, first adopts the listening sockets of the process serving
+/// hand-overs there.
+fn run(
+    cfg: Config,
+    workers: Option<usize>,
+    path: Option<PathBuf>,
+    takeover: Option<PathBuf>,
+) -> ExitCode {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -268,7 +309,22 @@ fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
         .iter()
         .map(|l| l.name.clone().unwrap_or_default())
         .collect();
-    let gw = match Gateway::start(cfg, workers) {
+    let upgrade_socket = cfg.server.upgrade_socket.clone();
+    let (inherited, handover) = match &takeover {
+        Some(sock) => match ringway::upgrade::take_over(sock) {
+            Ok((i, t)) => {
+                info!("takeover: received {} listening sockets", i.len());
+                (i, Some(t))
+            }
+            Err(e) => {
+                error!("takeover: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => Default::default(),
+    };
+    // Dropping `handover` on a failed start tells the old process to go on serving.
+    let gw = match Gateway::start_with(cfg, workers, inherited) {
         Ok(g) => g,
         Err(e) => {
             error!("cannot start: {e}");
@@ -278,8 +334,30 @@ fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
     for (addr, name) in gw.addrs().iter().zip(names) {
         info!("listening on {addr} {name}");
     }
-    if let Some(sig) = signals.forever().next() {
+    if let Some(t) = handover {
+        match t.ready() {
+            Ok(()) => info!("takeover: the old process stops accepting and drains"),
+            Err(e) => warn!("takeover: cannot confirm to the old process: {e}"),
+        }
+    }
+    if let Some(p) = path {
+        gw.set_config_path(p);
+    }
+    if let Some(sock) = upgrade_socket {
+        let handle = signals.handle();
+        let closed = Box::new(move || handle.close());
+        if let Err(e) = ringway::upgrade::listen(&gw, std::path::Path::new(&sock), closed) {
+            warn!("upgrade socket {sock}: {e}; binary upgrades are off");
+        }
+    }
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            // Logged by the reload itself, success or refusal.
+            let _ = gw.reload_config_file();
+            continue;
+        }
         info!("signal {sig}: shutting down gracefully");
+        break;
     }
     gw.shutdown();
     gw.join();

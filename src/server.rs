@@ -22,7 +22,7 @@ use crate::control::Control;
 use crate::proxy::{serve, ConnInfo, ListenerRt, Worker};
 use crate::ratelimit::HostBuckets;
 use crate::tls::{self, UpstreamTls};
-use crate::upstream::health::{self, HealthHub};
+use crate::upstream::health::HealthHub;
 use crate::{debug, info, warn};
 
 /// How often each worker reads the stop flag and the shared endpoint health.
@@ -58,6 +58,9 @@ pub struct Gateway {
     control: Arc<Control>,
     /// The admin API listener, when `[admin]` enables it.
     admin: Option<crate::admin::AdminHandle>,
+    /// What a reload or a binary upgrade needs: the running config, the listening sockets,
+    /// the background threads that follow the config (see [`crate::reload`]).
+    pub(crate) reload: crate::reload::ReloadState,
 }
 
 /// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
@@ -77,7 +80,17 @@ fn driver_choice(cfg: &Config) -> DriverChoice {
 impl Gateway {
     /// Binds every listener once per worker and starts the workers. Returns once all of them
     /// run, or the reason one could not start.
-    pub fn start(mut cfg: Config, workers: Option<usize>) -> io::Result<Gateway> {
+    pub fn start(cfg: Config, workers: Option<usize>) -> io::Result<Gateway> {
+        Gateway::start_with(cfg, workers, crate::upgrade::Inherited::default())
+    }
+
+    /// [`Gateway::start`] that first adopts listening sockets handed over by the process it
+    /// replaces (matched by address; the others are bound as usual).
+    pub fn start_with(
+        mut cfg: Config,
+        workers: Option<usize>,
+        mut inherited: crate::upgrade::Inherited,
+    ) -> io::Result<Gateway> {
         let n = workers
             .filter(|n| *n > 0)
             .unwrap_or_else(|| cfg.worker_count());
@@ -85,7 +98,16 @@ impl Gateway {
             connection_cap(cfg.server.max_connections_per_worker, n);
         let cfg = Arc::new(cfg);
         let (listeners_rt, upstream_tls) = build_tls(&cfg)?;
-        let (per_worker, addrs) = bind_listeners(&cfg, n)?;
+        let (per_worker, addrs, sockets) = bind_listeners(&cfg, n, &mut inherited)?;
+        if !inherited.is_empty() {
+            // Sockets of listeners the new config dropped: closed here (connections waiting
+            // in their queues are reset, as a removed listener's would be).
+            warn!(
+                "takeover: {} handed-over sockets on {:?} match no listener of this config; closed",
+                inherited.len(),
+                inherited.addrs()
+            );
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let control = Control::new(n);
         // Bound before the workers start, so that a taken admin port fails the start.
@@ -141,17 +163,20 @@ impl Gateway {
                 }
             }
         }
-        if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone(), &upstream_tls) {
-            threads.push(t);
-        }
         if let Some(link) = buckets.redis() {
             threads.push(crate::redis::spawn(link.clone(), stop.clone())?);
         }
-        threads.extend(crate::auth::jwks::spawn_fetchers(
-            cfg.auth.jwt.keys().cloned().collect(),
-            &auth.jwt,
-            stop.clone(),
-        ));
+        // The health checker and the JWKS fetchers follow the config: a reload replaces them.
+        let reload = crate::reload::ReloadState::new(crate::reload::Started {
+            cfg: cfg.clone(),
+            workers: n,
+            hub,
+            auth,
+            upstream_tls,
+            listeners: listeners_rt,
+            sockets,
+            bound: addrs.clone(),
+        });
         // Said once per process start, not once per worker.
         match (&fallback, driver) {
             (Some(why), _) => {
@@ -160,8 +185,16 @@ impl Gateway {
             (None, d) => info!("{n} workers run on the {} driver", d.as_str()),
         }
         // Endpoints of other modules are mounted here, before the admin API serves, one line
-        // each (see `crate::admin::Admin::mount`), e.g.
-        // `if let Some((a, _)) = &admin { a.mount(Method::Get, "/metrics", handler) }`.
+        // each (see `crate::admin::Admin::mount`).
+        if let Some((a, _)) = &admin {
+            reload.set_admin(a.clone());
+            a.on_drain(reload.drain_hook());
+            a.mount(
+                crate::admin::Method::Post,
+                "/reload",
+                crate::reload::admin_handler(&reload, control.clone()),
+            );
+        }
         let admin = match admin {
             Some((a, listener)) => Some(a.spawn(listener)?),
             None => None,
@@ -174,6 +207,7 @@ impl Gateway {
             buckets,
             control,
             admin,
+            reload,
         })
     }
 
@@ -216,6 +250,7 @@ impl Gateway {
     /// connections.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.reload.stop_background();
     }
 
     /// Waits until every worker has stopped.
@@ -227,12 +262,15 @@ impl Gateway {
         if let Some(a) = &mut self.admin {
             a.stop_and_join();
         }
+        self.reload.stop_background();
+        self.reload.join_background();
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.reload.stop_background();
     }
 }
 
@@ -271,7 +309,7 @@ const MAX_AUTO_CAP: u64 = 1 << 20;
 /// runs out pauses accepting (see `pause_accepting`) instead of failing. (Half the limit was
 /// the first choice; with 2 workers and a 20,000 limit, the kernel's uneven spread of 10,000
 /// idle connections put one worker at its 4,936 cap while the other had room.)
-fn connection_cap(configured: usize, workers: usize) -> usize {
+pub(crate) fn connection_cap(configured: usize, workers: usize) -> usize {
     if configured > 0 {
         return configured;
     }
@@ -300,43 +338,84 @@ fn connection_cap(configured: usize, workers: usize) -> usize {
     per_worker.clamp(MIN_AUTO_CAP, MAX_AUTO_CAP) as usize
 }
 
-type Bound = (Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>);
+/// Per worker: (listener slot, socket); the bound address of each listener; and per listener
+/// a duplicate of every socket (kept for a binary upgrade's hand-over).
+type Bound = (
+    Vec<Vec<(usize, std::net::TcpListener)>>,
+    Vec<SocketAddr>,
+    Vec<Vec<std::net::TcpListener>>,
+);
 
-fn bind_listeners(cfg: &Config, workers: usize) -> io::Result<Bound> {
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+fn bind_listeners(
+    cfg: &Config,
+    workers: usize,
+    inherited: &mut crate::upgrade::Inherited,
+) -> io::Result<Bound> {
+    let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> =
         (0..workers).map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
-    for l in &cfg.listeners {
-        let mut addr = l.address.addr;
-        if addr.port() != 0 {
-            probe_free(addr)?;
-        }
-        for (w, list) in per_worker.iter_mut().enumerate() {
-            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            s.set_reuse_address(true)?;
-            s.set_reuse_port(true)?;
-            s.set_nonblocking(true)?;
-            // Accepted sockets inherit TCP_NODELAY from the listener: no setsockopt per
-            // connection.
-            s.set_nodelay(true)?;
-            if addr.is_ipv6() {
-                s.set_only_v6(true)?;
+    let mut dups = Vec::new();
+    for (slot, l) in cfg.listeners.iter().enumerate() {
+        let (socks, addr) = bind_listener(l, workers, inherited)?;
+        let mut all = Vec::new();
+        for (list, mine) in per_worker.iter_mut().zip(socks) {
+            for s in mine {
+                all.push(s.try_clone()?);
+                list.push((slot, s));
             }
-            s.bind(&addr.into())
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
-            s.listen(l.backlog.min(i32::MAX as u32) as i32)?;
-            if w == 0 {
-                // Port 0: the first worker's port is every other worker's.
-                addr = s
-                    .local_addr()?
-                    .as_socket()
-                    .ok_or_else(|| io::Error::other("listener has no inet address"))?;
-            }
-            list.push(s.into());
         }
+        dups.push(all);
         addrs.push(addr);
     }
-    Ok((per_worker, addrs))
+    Ok((per_worker, addrs, dups))
+}
+
+/// The sockets of one listener, per worker: those handed over by a replaced process for its
+/// address (spread over the workers; a worker may get several), and for every worker left
+/// without one a new `SO_REUSEPORT` socket. Returns them with the bound address.
+pub(crate) fn bind_listener(
+    l: &crate::config::ListenerConfig,
+    workers: usize,
+    inherited: &mut crate::upgrade::Inherited,
+) -> io::Result<(Vec<Vec<std::net::TcpListener>>, SocketAddr)> {
+    let mut addr = l.address.addr;
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    let adopted = inherited.take(addr);
+    let adopting = !adopted.is_empty();
+    for (i, s) in adopted.into_iter().enumerate() {
+        per_worker[i % workers.max(1)].push(s);
+    }
+    if addr.port() != 0 && !adopting {
+        probe_free(addr)?;
+    }
+    for (w, list) in per_worker.iter_mut().enumerate() {
+        if !list.is_empty() {
+            continue;
+        }
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        // Accepted sockets inherit TCP_NODELAY from the listener: no setsockopt per
+        // connection.
+        s.set_nodelay(true)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&addr.into())
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+        s.listen(l.backlog.min(i32::MAX as u32) as i32)?;
+        if w == 0 {
+            // Port 0: the first worker's port is every other worker's.
+            addr = s
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("listener has no inet address"))?;
+        }
+        list.push(s.into());
+    }
+    Ok((per_worker, addr))
 }
 
 /// What the workers share: endpoint health, the host-wide rate-limit buckets, the TLS
@@ -355,7 +434,7 @@ type UpstreamTlsList = Vec<Option<Arc<UpstreamTls>>>;
 
 /// One rustls config per TLS listener and per TLS upstream group, built once for all workers.
 /// The files were checked when the config loaded; an error here means they changed since.
-fn build_tls(cfg: &Config) -> io::Result<(Vec<ListenerRt>, UpstreamTlsList)> {
+pub(crate) fn build_tls(cfg: &Config) -> io::Result<(Vec<ListenerRt>, UpstreamTlsList)> {
     let fail = |e: tls::TlsConfigError| io::Error::other(format!("key `{}`: {}", e.key, e.reason));
     let mut listeners = Vec::with_capacity(cfg.listeners.len());
     for (i, l) in cfg.listeners.iter().enumerate() {
@@ -392,7 +471,7 @@ fn run_worker(
     id: usize,
     cfg: Arc<Config>,
     shared: Shared,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
     stop: Arc<AtomicBool>,
     choice: DriverChoice,
     ready: Ready,
@@ -522,7 +601,7 @@ async fn worker_main(
     id: usize,
     cfg: Arc<Config>,
     shared: Shared,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
@@ -535,6 +614,9 @@ async fn worker_main(
         shared.built,
     );
     let w = Rc::new(worker);
+    *w.listener_stop.borrow_mut() = (0..cfg.listeners.len())
+        .map(|_| Rc::new(crate::proxy::Shutdown::default()))
+        .collect();
     drop(cfg);
     let control = shared.control;
     {
@@ -544,7 +626,7 @@ async fn worker_main(
             let mut ticks = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 w.hub.sync(&w.config().upstreams, Instant::now());
-                w.auth.sync();
+                w.auth().sync();
                 w.tick_date();
                 control.run_pending(&w);
                 ticks = ticks.wrapping_add(1);
@@ -554,6 +636,13 @@ async fn worker_main(
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }
             w.shutdown.trigger();
+            // Idle ticks go on during the drain: a connection accepted just before the
+            // shutdown counts its first request's grace in them (the task ends with the
+            // runtime).
+            loop {
+                monoio::time::sleep(SYNC_INTERVAL * IDLE_TICK_EVERY).await;
+                w.idle_tick.notify_all();
+            }
         });
     }
     {
@@ -571,16 +660,13 @@ async fn worker_main(
             }
         });
     }
-    for (i, l) in listeners.into_iter().enumerate() {
-        let port = l.local_addr().ok().map(|a| a.port());
-        match monoio::net::TcpListener::from_std(l) {
-            Ok(l) => {
-                monoio::spawn(accept_loop(w.clone(), l, i, port));
-            }
-            Err(e) => warn!("worker {id}: cannot register a listener: {e}"),
-        }
+    for (slot, l) in listeners {
+        spawn_accept(&w, slot, l);
     }
     w.shutdown.wait().await;
+    // One beat for the accept loops to collect their cancelled accepts (a connection one of
+    // them completed with is served, and counted in `active` before the drain looks).
+    monoio::time::sleep(Duration::from_millis(20)).await;
     let end = Instant::now() + drain;
     while w.active.get() > 0 && Instant::now() < end {
         monoio::time::sleep(Duration::from_millis(20)).await;
@@ -596,17 +682,36 @@ async fn worker_main(
     }
 }
 
+/// Starts accepting on `l` (listener `slot`) on this worker, until the worker shuts down or a
+/// reload removes the listener (its `listener_stop`).
+pub(crate) fn spawn_accept(w: &Rc<Worker>, slot: usize, l: std::net::TcpListener) {
+    let stop = w.listener_stop.borrow().get(slot).cloned();
+    let Some(stop) = stop else {
+        warn!("worker {}: no listener slot {slot}", w.id);
+        return;
+    };
+    let port = l.local_addr().ok().map(|a| a.port());
+    match monoio::net::TcpListener::from_std(l) {
+        Ok(l) => {
+            monoio::spawn(accept_loop(w.clone(), l, slot, port, stop));
+        }
+        Err(e) => warn!("worker {}: cannot register a listener: {e}", w.id),
+    }
+}
+
 async fn accept_loop(
     w: Rc<Worker>,
     l: monoio::net::TcpListener,
     listener: usize,
     port: Option<u16>,
+    removed: Rc<crate::proxy::Shutdown>,
 ) {
-    let tls = w.config().listeners[listener].tls.clone();
     let mut episode: Option<(Pause, Instant)> = None;
+    // One canceller for the loop's accepts (its set of ops keeps its capacity).
+    let canceller = monoio::io::Canceller::new();
     loop {
         // A drain ends the loop too: the listener closes, open connections carry on.
-        if w.shutdown.is_set() || w.stop_accepting.is_set() {
+        if w.shutdown.is_set() || w.stop_accepting.is_set() || removed.is_set() {
             break;
         }
         if w.active.get() >= w.config().max_connections {
@@ -620,47 +725,32 @@ async fn accept_loop(
                 since.elapsed()
             );
         }
+        let accept = l.cancelable_accept(canceller.handle());
+        let mut accept = std::pin::pin!(accept);
+        let stopping = async {
+            monoio::select! {
+                _ = w.shutdown.wait() => {},
+                _ = w.stop_accepting.wait() => {},
+                _ = removed.wait() => {},
+            }
+        };
         let accepted = monoio::select! {
-            r = l.accept() => r,
-            _ = w.shutdown.wait() => break,
-            _ = w.stop_accepting.wait() => break,
+            r = &mut accept => r,
+            _ = stopping => {
+                // Stopping (shutdown, drain, hand-over, listener removed): the accept is cancelled and
+                // then awaited, so that a connection the kernel already handed to it is served.
+                // Dropping an io_uring accept in flight would leak that connection's descriptor
+                // (monoio 0.2.4 ignores the completion) and the client would hang, then be
+                // reset when the process exits.
+                let _ = canceller.cancel();
+                if let Ok((stream, peer)) = accept.await {
+                    start_conn(&w, stream, peer, listener, port);
+                }
+                break;
+            }
         };
         match accepted {
-            Ok((stream, peer)) => {
-                w.active.set(w.active.get() + 1);
-                // Consulted once per accepted connection (no allocation), never per request.
-                let trusted = w.config().trusted_proxies.contains(peer.ip());
-                let guard = ConnGuard(w.clone());
-                // Two task bodies, so that a plain connection's task is not sized for TLS.
-                match &tls {
-                    None => {
-                        monoio::spawn(async move {
-                            let info = ConnInfo {
-                                listener,
-                                trusted,
-                                port,
-                                ..ConnInfo::default()
-                            };
-                            serve(&guard.0, stream, peer, info).await;
-                            drop(guard);
-                        });
-                    }
-                    Some(cfg) => {
-                        let cfg = cfg.clone();
-                        monoio::spawn(async move {
-                            let info = ConnInfo {
-                                listener,
-                                tls: true,
-                                trusted,
-                                port,
-                                client_subject: None,
-                            };
-                            serve_tls(&guard.0, cfg, stream, peer, info).await;
-                            drop(guard);
-                        });
-                    }
-                }
-            }
+            Ok((stream, peer)) => start_conn(&w, stream, peer, listener, port),
             Err(e) if out_of_descriptors(&e) => {
                 pause_accepting(&w, Pause::Descriptors, &mut episode).await;
             }
@@ -669,6 +759,55 @@ async fn accept_loop(
                 // nothing to pause for.
                 debug!("worker {}: accept failed: {e}", w.id);
             }
+        }
+    }
+}
+
+/// Starts serving an accepted connection in its own task.
+fn start_conn(
+    w: &Rc<Worker>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    listener: usize,
+    port: Option<u16>,
+) {
+    w.active.set(w.active.get() + 1);
+    // Consulted once per accepted connection (no allocation), never per request.
+    // The listener's TLS config comes from the current snapshot, so that a reload's
+    // re-read certificates serve the next handshake.
+    let (trusted, tls) = {
+        let cfg = w.config();
+        let tls = cfg.listeners.get(listener).and_then(|l| l.tls.clone());
+        (cfg.trusted_proxies.contains(peer.ip()), tls)
+    };
+    let guard = ConnGuard(w.clone());
+    // Two task bodies, so that a plain connection's task is not sized for TLS.
+    match &tls {
+        None => {
+            monoio::spawn(async move {
+                let info = ConnInfo {
+                    listener,
+                    trusted,
+                    port,
+                    ..ConnInfo::default()
+                };
+                serve(&guard.0, stream, peer, info).await;
+                drop(guard);
+            });
+        }
+        Some(cfg) => {
+            let cfg = cfg.clone();
+            monoio::spawn(async move {
+                let info = ConnInfo {
+                    listener,
+                    tls: true,
+                    trusted,
+                    port,
+                    client_subject: None,
+                };
+                serve_tls(&guard.0, cfg, stream, peer, info).await;
+                drop(guard);
+            });
         }
     }
 }

@@ -218,10 +218,17 @@ pub struct Admin {
     drain: Mutex<Option<Drain>>,
     /// Workers that ran their stop-accepting job.
     stopped_accepting: Arc<AtomicUsize>,
+    /// Run once when a drain closes the listeners (the gateway's own copies of the listening
+    /// sockets, kept for a binary upgrade, are closed there, so that new connections are
+    /// refused rather than left in a queue nobody accepts from).
+    drain_hooks: Mutex<Vec<DrainHook>>,
     conns: Mutex<Conns>,
     limits: server::ConnLimits,
     drain_delay: Duration,
 }
+
+/// Work another module does when a drain closes the listeners (see [`Admin::on_drain`]).
+pub type DrainHook = Box<dyn FnOnce() + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -282,6 +289,7 @@ impl Admin {
             token: RwLock::new(token.as_ref().map(token_digest)),
             config: RwLock::new(cfg.clone()),
             stopped_accepting: Arc::new(AtomicUsize::new(0)),
+            drain_hooks: Mutex::new(Vec::new()),
             control,
             gateway_stop,
             stop: AtomicBool::new(false),
@@ -446,6 +454,15 @@ impl Admin {
             });
             *posted = self.control.post(i, job).is_ok();
         }
+        let hooks = std::mem::take(&mut *lock(&self.drain_hooks));
+        for hook in hooks {
+            hook();
+        }
+    }
+
+    /// Adds `hook`, run once when a drain closes the data-plane listeners.
+    pub fn on_drain(&self, hook: DrainHook) {
+        lock(&self.drain_hooks).push(hook);
     }
 
     /// (drain requested, time left until the listeners close, workers no longer accepting).

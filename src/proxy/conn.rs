@@ -226,6 +226,16 @@ enum HeadRead {
     Fail(GatewayError),
 }
 
+/// Idle ticks (one a second; they go on during the drain) a connection accepted just before a
+/// shutdown may take to send its first request.
+pub const FIRST_REQUEST_GRACE_TICKS: u8 = 1;
+
+/// A reload removed the connection's listener: the connection closes once its request in
+/// flight is answered (or on the next idle tick), so the listener drains.
+fn listener_gone(w: &Worker, listener: usize) -> bool {
+    w.config().listeners.get(listener).is_none_or(|l| l.closed)
+}
+
 /// Serves one client connection until it closes.
 pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnInfo) {
     let mut c = Conn {
@@ -237,14 +247,17 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         info,
     };
     let mut linger = false;
+    let mut first = true;
     loop {
-        if c.rbuf.is_empty() && !c.wait_request(w).await {
+        if c.rbuf.is_empty() && !c.wait_request(w, first).await {
             break;
         }
+        first = false;
         // The request's state lives in a block of the worker's slab, not in this task: an
         // idle connection holds only what is above.
         match w.slab.boxed(c.request(w)).await {
-            Some(Next::KeepAlive) if !w.shutdown.is_set() => {}
+            Some(Next::KeepAlive) if !w.shutdown.is_set() && !listener_gone(w, c.info.listener) => {
+            }
             Some(Next::KeepAlive) | None => break,
             Some(Next::Close) => {
                 linger = true;
@@ -297,8 +310,12 @@ impl<S: ClientIo> Conn<S> {
     /// and no timer of its own: the idle deadline is checked on the worker's one-second tick,
     /// so an idle connection costs its task and 512 bytes. `false`: the client closed, idled
     /// out, or the worker is shutting down.
-    async fn wait_request(&mut self, w: &Worker) -> bool {
-        if w.shutdown.is_set() {
+    ///
+    /// A connection's `first` request is still awaited for [`FIRST_REQUEST_GRACE_TICKS`] idle
+    /// ticks (1 to 2 s) after a shutdown began: the connection was accepted just before it (during a binary upgrade's
+    /// hand-over, say) and its client has a request on the way.
+    async fn wait_request(&mut self, w: &Worker, first: bool) -> bool {
+        if w.shutdown.is_set() && !first {
             return false;
         }
         if !self.small {
@@ -317,6 +334,7 @@ impl<S: ClientIo> Conn<S> {
         let end = len + IDLE_READ_BUF.min(buf.capacity() - len);
         let read = self.io.read(buf.slice_mut(len..end));
         let mut read = std::pin::pin!(read);
+        let mut grace_ticks = 0u8;
         loop {
             let tick = w.idle_tick.notified();
             monoio::select! {
@@ -326,11 +344,19 @@ impl<S: ClientIo> Conn<S> {
                     return matches!(res, Ok(n) if n > 0);
                 }
                 _ = tick => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    if deadline.is_some_and(|d| Instant::now() >= d)
+                        || listener_gone(w, self.info.listener)
+                    {
                         return false;
                     }
+                    if w.shutdown.is_set() {
+                        grace_ticks += 1;
+                        if grace_ticks > FIRST_REQUEST_GRACE_TICKS {
+                            return false;
+                        }
+                    }
                 }
-                _ = w.shutdown.wait() => return false,
+                _ = w.shutdown.wait(), if !first => return false,
             }
         }
     }

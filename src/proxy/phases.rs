@@ -119,14 +119,10 @@ async fn authenticate(
         return Ok(());
     };
     let now = w.now_secs();
-    match w
-        .auth
-        .check(policy, &ctx.head, now, &mut ctx.identity)
-        .await
-    {
+    let auth = w.auth();
+    match auth.check(policy, &ctx.head, now, &mut ctx.identity).await {
         Ok(()) => {
-            w.auth
-                .put_upstream_headers(&ctx.identity, &mut ctx.auth_headers);
+            auth.put_upstream_headers(&ctx.identity, &mut ctx.auth_headers);
             Ok(())
         }
         Err(d) => {

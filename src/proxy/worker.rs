@@ -132,6 +132,8 @@ pub struct ListenerRt {
     pub redirect_https: Option<Option<u16>>,
     /// The port this listener is bound to (for X-Forwarded-Port).
     pub port: u16,
+    /// Removed by a reload: its connections finish the request in flight and close.
+    pub closed: bool,
 }
 
 impl ListenerRt {
@@ -151,6 +153,7 @@ impl ListenerRt {
                 .as_ref()
                 .map(|r| r.port.filter(|p| *p != 443)),
             port: l.address.addr.port(),
+            closed: false,
         }
     }
 }
@@ -171,12 +174,16 @@ pub struct Shared {
 /// (an `Rc`, no atomics) until its response is done, so that swapping the worker's snapshot
 /// (a hot reload) never changes the rules under a request in flight.
 pub struct Snapshot {
-    /// Per listener, in config order.
+    /// Per listener slot: config order at start; a reload keeps a listener's slot (by
+    /// address) and appends new ones, so a connection's index stays valid (see
+    /// `crate::reload`).
     pub listeners: Vec<ListenerRt>,
     pub router: Router,
-    pub upstreams: Vec<UpstreamGroup>,
+    /// In config order. Shared with the next snapshot when a reload leaves the group's config
+    /// unchanged, so that its pools, balancer and breaker state carry over.
+    pub upstreams: Vec<Rc<UpstreamGroup>>,
     pub limits: Limits,
-    /// Per listener, in config order: `limits` with the listener's parsing switches
+    /// Per listener slot (as `listeners`): `limits` with the listener's parsing switches
     /// (`allow_trace`, `allow_underscores_in_headers`).
     pub listener_limits: Vec<Limits>,
     pub timeouts: Timeouts,
@@ -218,8 +225,12 @@ pub struct Worker {
     pub conn_closed: Notify,
     /// Fired once a second by the sync task: idle connections check their deadline on it.
     pub idle_tick: Notify,
-    /// Consumers, credential providers and the per-core credential caches.
-    pub auth: WorkerAuth,
+    /// Consumers, credential providers and the per-core credential caches; replaced by a
+    /// reload (a request holds the `Rc` it started with).
+    auth: RefCell<Rc<WorkerAuth>>,
+    /// Per listener slot: stops that listener's accept loop on this worker (a reload that
+    /// removes the listener triggers it).
+    pub listener_stop: RefCell<Vec<Rc<Shutdown>>>,
     id_seed: u64,
     id_seq: Cell<u64>,
 }
@@ -259,7 +270,8 @@ impl Worker {
             accept_paused: Cell::new(false),
             conn_closed: Notify::default(),
             idle_tick: Notify::default(),
-            auth: WorkerAuth::new(cfg, auth),
+            auth: RefCell::new(Rc::new(WorkerAuth::new(cfg, auth))),
+            listener_stop: RefCell::new(Vec::new()),
             id_seed: seed,
             id_seq: Cell::new(0),
         };
@@ -277,6 +289,22 @@ impl Worker {
     /// finish on the one they hold.
     pub fn swap_config(&self, next: Snapshot) -> Rc<Snapshot> {
         self.config.replace(Rc::new(next))
+    }
+
+    /// Consumers and credential providers for a new request.
+    #[inline]
+    pub fn auth(&self) -> Rc<WorkerAuth> {
+        self.auth.borrow().clone()
+    }
+
+    /// Installs reloaded consumers and credential providers (with empty caches).
+    pub fn swap_auth(&self, next: WorkerAuth) {
+        self.auth.replace(Rc::new(next));
+    }
+
+    /// The per-worker seed (route tables take it for retry jitter).
+    pub fn seed(&self) -> u64 {
+        self.id_seed
     }
 
     /// Refreshes the cached `Date` when the second changed (called every 50 ms).
@@ -349,7 +377,7 @@ impl Snapshot {
                 Some(table) => Router::with_table(cfg, seed, table),
                 None => Router::new(cfg, seed),
             },
-            upstreams,
+            upstreams: upstreams.into_iter().map(Rc::new).collect(),
             limits: cfg.limits.to_limits(),
             listener_limits: cfg
                 .listeners

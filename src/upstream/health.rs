@@ -47,11 +47,24 @@ pub struct EndpointHealth {
     pub ejections: u32,
 }
 
-/// Health of every endpoint of every upstream group, indexed [group][endpoint] in config
-/// order.
+/// Health of every endpoint of every upstream group, indexed [slot][endpoint]. A group's slot
+/// is its index in config order at start; a reload keeps the slot of a group by name and gives
+/// a new name the next free one ([`HealthHub::relayout`]), so that health follows a group
+/// across reloads. Every lookup is bounds-checked: a request still holding the snapshot
+/// before a reload may name an endpoint the new layout does not have.
 pub struct HealthHub {
     state: Mutex<Vec<Vec<Shared>>>,
+    /// The group name of each slot (taken only by reloads).
+    names: Mutex<Vec<String>>,
 }
+
+/// Health of an endpoint before anything is known about it.
+const FRESH: Shared = Shared {
+    active_ok: true,
+    ejected_until: None,
+    ejections: 0,
+    last_ejection_end: None,
+};
 
 impl HealthHub {
     pub fn new(cfg: &Config) -> Arc<HealthHub> {
@@ -72,7 +85,42 @@ impl HealthHub {
             .collect();
         Arc::new(HealthHub {
             state: Mutex::new(state),
+            names: Mutex::new(cfg.upstreams.keys().cloned().collect()),
         })
+    }
+
+    /// The slot of each group of `cfg` (config order), keeping a known name's slot; the state
+    /// of a group in `reset` (a new or changed group) starts fresh, sized to its endpoints.
+    /// Slots are never freed: they are bounded by the distinct group names ever configured.
+    pub fn relayout(&self, cfg: &Config, reset: &dyn Fn(&str) -> bool) -> Vec<usize> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.lock();
+        let mut slots = Vec::with_capacity(cfg.upstreams.len());
+        for (name, u) in &cfg.upstreams {
+            let slot = match names.iter().position(|n| n == name) {
+                Some(s) => s,
+                None => {
+                    names.push(name.clone());
+                    names.len() - 1
+                }
+            };
+            while st.len() <= slot {
+                st.push(Vec::new());
+            }
+            if reset(name) || st[slot].len() != u.endpoints.len() {
+                st[slot] = vec![FRESH; u.endpoints.len()];
+            }
+            slots.push(slot);
+        }
+        slots
+    }
+
+    /// Whether active checks pass for the endpoint (true when unknown).
+    pub fn is_active(&self, group: usize, ep: usize) -> bool {
+        self.lock()
+            .get(group)
+            .and_then(|g| g.get(ep))
+            .is_none_or(|s| s.active_ok)
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<Vec<Shared>>> {
@@ -80,14 +128,18 @@ impl HealthHub {
     }
 
     pub fn set_active(&self, group: usize, ep: usize, ok: bool) {
-        self.lock()[group][ep].active_ok = ok;
+        if let Some(s) = self.lock().get_mut(group).and_then(|g| g.get_mut(ep)) {
+            s.active_ok = ok;
+        }
     }
 
     /// Ejects an endpoint after repeated failures, unless that would put more than
     /// `max_ejection_percent` of the group out (at least one endpoint always stays).
     pub fn try_eject(&self, group: usize, ep: usize, o: &OutlierConfig, now: Instant) -> Ejection {
         let mut st = self.lock();
-        let g = &mut st[group];
+        let Some(g) = st.get_mut(group).filter(|g| ep < g.len()) else {
+            return Ejection::Refused;
+        };
         if g[ep].ejected_until.is_some_and(|t| t > now) {
             return Ejection::Already;
         }
@@ -131,12 +183,14 @@ impl HealthHub {
     }
 
     /// Copies routability into a worker's groups.
-    pub fn sync(&self, groups: &[UpstreamGroup], now: Instant) {
+    pub fn sync(&self, groups: &[std::rc::Rc<UpstreamGroup>], now: Instant) {
         let st = self.lock();
-        for (g, group) in groups.iter().enumerate() {
+        for group in groups {
             group.coarse_now.set(now);
             for e in 0..group.endpoints.len() {
-                let s = st[g][e];
+                let Some(&s) = st.get(group.index).and_then(|g| g.get(e)) else {
+                    continue;
+                };
                 let routable = s.active_ok && s.ejected_until.is_none_or(|t| t <= now);
                 group.stats[e].routable.set(routable);
             }
@@ -152,14 +206,27 @@ pub fn spawn_checker(
     stop: Arc<AtomicBool>,
     tls: &[Option<Arc<UpstreamTls>>],
 ) -> Option<JoinHandle<()>> {
+    let slots: Vec<usize> = (0..cfg.upstreams.len()).collect();
+    spawn_checker_slots(cfg, &slots, hub, stop, tls)
+}
+
+/// [`spawn_checker`] for groups at hub slots `slots` (config order): what a reload starts.
+/// Each check begins from the health the hub already records for its endpoint.
+pub fn spawn_checker_slots(
+    cfg: &Config,
+    slots: &[usize],
+    hub: Arc<HealthHub>,
+    stop: Arc<AtomicBool>,
+    tls: &[Option<Arc<UpstreamTls>>],
+) -> Option<JoinHandle<()>> {
     let mut targets = Vec::new();
-    for (g, u) in cfg.upstreams.values().enumerate() {
+    for ((i, u), &g) in cfg.upstreams.values().enumerate().zip(slots) {
         if let Some(hc) = &u.health_check {
             for (e, ep) in u.endpoints.iter().enumerate() {
                 let host = hc.host.clone().unwrap_or_else(|| ep.address.text.clone());
                 let target = Target {
                     addr: ep.address.addr,
-                    tls: tls.get(g).cloned().flatten(),
+                    tls: tls.get(i).cloned().flatten(),
                     ep: e,
                 };
                 targets.push((g, e, target, host, hc.clone()));
@@ -219,7 +286,7 @@ async fn check_loop(
         hc.path
     );
     let addr = target.addr;
-    let mut healthy = true;
+    let mut healthy = hub.is_active(g, e);
     let (mut passes, mut fails) = (0u32, 0u32);
     while !stop.load(Ordering::Relaxed) {
         let ok = match check_once(&target, request.as_bytes(), hc.timeout.0).await {
