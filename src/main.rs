@@ -24,6 +24,9 @@ USAGE:
     ringway drain [--admin ADDR] [--token T] [--delay D]
                                             fail readiness, then stop accepting after D
                                             (default: [admin] drain_delay)
+    ringway reload [--admin ADDR] [--token T]
+                                            ask a running gateway to re-read its config file
+                                            (as SIGHUP does); prints the refusal when invalid
     ringway hash-key < key.txt              print the \"sha256:...\" form of an API key read from
                                             stdin, for [[consumers]] api_keys
     ringway --version | --help
@@ -72,7 +75,9 @@ fn parse_args() -> Result<Args, String> {
     let mut first = true;
     while let Some(arg) = it.next() {
         match arg.as_str() {
-            "run" | "check" | "demo" | "hash-key" | "status" | "drain" | "upgrade" if first => {
+            "run" | "check" | "demo" | "hash-key" | "status" | "drain" | "reload" | "upgrade"
+                if first =>
+            {
                 a.command = arg
             }
             "--takeover" => {
@@ -133,7 +138,7 @@ fn main() -> ExitCode {
             println!("{}", ringway::auth::apikey::key_hash_hex(key.as_bytes()));
             ExitCode::SUCCESS
         }
-        "status" | "drain" => admin_command(&args),
+        "status" | "drain" | "reload" => admin_command(&args),
         "check" => match Config::load(&args.config) {
             Ok(cfg) => {
                 print_summary(&args.config.display().to_string(), &cfg);
@@ -267,6 +272,8 @@ fn admin_command(args: &Args) -> ExitCode {
     let token = token.as_deref();
     let result = if args.command == "drain" {
         ringway::admin::client::drain(addr, token, args.delay.as_deref()).map(|t| (t, true))
+    } else if args.command == "reload" {
+        ringway::admin::client::reload(addr, token).map(|t| (t, true))
     } else {
         ringway::admin::client::status(addr, token)
     };

@@ -1,6 +1,6 @@
 //! The admin API over real sockets: every endpoint, the bearer token, redaction of secrets,
 //! drain (readiness, then the data plane stops accepting while in-flight requests finish),
-//! hostile clients, the mount API, and `ringway status` / `ringway drain` against the binary.
+//! hostile clients, the mount API, and `ringway status` / `reload` / `drain` against the binary.
 
 mod support;
 
@@ -832,6 +832,28 @@ fn ringway_status_and_drain_talk_to_a_running_binary() {
     let (code, _, err) = cli(&["status", "--admin", &nobody.addr.to_string()], &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot connect"), "{err}");
+
+    // `ringway reload`: the running binary re-reads its file; an invalid one is refused with
+    // the check message and the gateway keeps serving.
+    let (code, out, err) = cli(&["reload", "--admin", &addr, "--token", TOKEN], &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("reload #1 applied: 1 routes"), "{out}");
+    let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("admin-bin")
+        .join("status.toml");
+    std::fs::write(
+        &file,
+        toml.replace("upstream = \"users\"", "upstream = \"nobody\""),
+    )
+    .unwrap();
+    let (code, _, err) = cli(&["reload", "--admin", &addr, "--token", TOKEN], &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("invalid config") && err.contains("routes[0].upstream"),
+        "{err}"
+    );
+    let (code, out, _) = cli(&["status", "--admin", &addr, "--token", TOKEN], &[]);
+    assert_eq!(code, Some(0), "{out}");
 
     // Drain, then status says "not ready" and exits 1.
     let (code, out, err) = cli(&["drain", "--admin", &addr, "--token", TOKEN], &[]);

@@ -214,3 +214,23 @@ pub fn drain(addr: SocketAddr, token: Option<&str>, delay: Option<&str>) -> Resu
         "ringway at {addr}: draining; readiness fails now, listeners close in {ms} ms\n"
     ))
 }
+
+/// `ringway reload`: `POST /reload`; the running gateway re-reads the file it was started
+/// with. Prints the reload's summary, or the refusal (the `ringway check` message).
+pub fn reload(addr: SocketAddr, token: Option<&str>) -> Result<String, String> {
+    // A reload waits for every worker (at most `crate::reload::RELOAD_ANSWER_LIMIT`).
+    let limit = crate::reload::RELOAD_ANSWER_LIMIT + Duration::from_secs(5);
+    let r = call(addr, "POST", "/reload", token, limit)?;
+    if r.status != 200 {
+        return Err(describe_error(&r));
+    }
+    let v = r.json().unwrap_or(Value::Null);
+    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    Ok(format!(
+        "ringway at {addr}: reload #{} applied: {} routes (was {}), {} ms\n",
+        n("generation"),
+        n("routes_after"),
+        n("routes_before"),
+        n("took_ms")
+    ))
+}
