@@ -704,6 +704,46 @@ into = "user"
     assert_eq!(p.header("content-type"), Some("application/json"));
 }
 
+#[test]
+fn consumer_and_identity_headers_reach_the_calls() {
+    let up = Upstream::echo();
+    let key = ringway::auth::apikey::key_hash_hex(b"team-key");
+    let routes = format!(
+        r#"
+[auth.api_key]
+header = "x-api-key"
+
+[[consumers]]
+name = "team-a"
+api_keys = ["{key}"]
+
+[[routes]]
+path = "/me"
+auth = "api_key"
+[routes.compose]
+[[routes.compose.calls]]
+id = "team"
+upstream = "up"
+path = "/teams/${{request.consumer}}"
+query = {{ q = "${{request.query.q}}" }}
+into = "echo"
+"#
+    );
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], &routes), DRIVERS[0]);
+    assert_eq!(get(gw.addr, "/me").status, 401);
+    let r = get_with(gw.addr, "/me?q=line%0Abreak", "X-Api-Key: team-key\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = up.last();
+    // A decoded control character goes on percent-encoded, never raw.
+    assert_eq!(req.target, "/teams/team-a?q=line%0Abreak");
+    assert_eq!(req.header("x-consumer"), Some("team-a"));
+    assert!(
+        req.header("x-api-key").is_none(),
+        "the credential stays at the gateway"
+    );
+    assert_eq!(r.json()["echo"]["target"], "/teams/team-a?q=line%0Abreak");
+}
+
 /// `extra` is refused at `extra`'s 0-based line `line`, with `key`, the reason holding `why`.
 fn refused(extra: &str, line: usize, key: &str, why: &str) {
     let head = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n";

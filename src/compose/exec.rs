@@ -381,7 +381,7 @@ impl<'a> Env<'a> {
             target.extend_from_slice(name.as_bytes());
             target.push(b'=');
             let mut v = Vec::new();
-            self.render_into(&mut v, t, item, Ctx::Header)?;
+            self.render_into(&mut v, t, item, Ctx::Raw)?;
             percent_encode(&mut target, &v);
         }
         let fe = call.for_each.as_ref();

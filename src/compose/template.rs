@@ -267,6 +267,8 @@ pub enum Ctx {
     Url,
     /// Raw text, checked for control characters.
     Header,
+    /// Raw bytes (a query value, percent-encoded as a whole afterwards).
+    Raw,
     /// JSON text.
     Json,
 }
@@ -286,6 +288,7 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
         (Val::Missing, _) => {}
         (Val::Bytes(b), Ctx::Url) => percent_encode(out, &b),
         (Val::Bytes(b), Ctx::Header) => put_header_text(out, &b)?,
+        (Val::Bytes(b), Ctx::Raw) => out.extend_from_slice(&b),
         (Val::Bytes(b), Ctx::Json) => {
             let s = String::from_utf8_lossy(&b);
             // Writing a string into a Vec cannot fail.
@@ -297,10 +300,10 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
         (Val::Json(j), ctx) => {
             let text =
                 scalar_text(&j).ok_or("an object or array cannot go in a path, query or header")?;
-            if ctx == Ctx::Url {
-                percent_encode(out, text.as_bytes())
-            } else {
-                put_header_text(out, text.as_bytes())?
+            match ctx {
+                Ctx::Url => percent_encode(out, text.as_bytes()),
+                Ctx::Raw => out.extend_from_slice(text.as_bytes()),
+                _ => put_header_text(out, text.as_bytes())?,
             }
         }
     }
