@@ -744,6 +744,114 @@ into = "echo"
     assert_eq!(r.json()["echo"]["target"], "/teams/team-a?q=line%0Abreak");
 }
 
+#[test]
+fn chunked_and_close_delimited_answers_and_head_calls_with_status_and_headers() {
+    let chunked = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"c\":\r\n3\r\n[1]\r\n1\r\n}\r\n0\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    let close = Upstream::start(|_| {
+        Reply::RawClose(
+            b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"closed\": true}".to_vec(),
+        )
+    });
+    let meta = Upstream::start(|req| {
+        assert_eq!(req.method, "HEAD");
+        Reply::Raw(b"HTTP/1.1 200 OK\r\netag: \"v7\"\r\ncontent-length: 999\r\n\r\n".to_vec())
+    });
+    let echo = Upstream::echo();
+    let routes = r#"
+[[routes]]
+path = "/frames"
+[routes.compose]
+[[routes.compose.calls]]
+id = "chunked"
+upstream = "chunked"
+path = "/c"
+[[routes.compose.calls]]
+id = "close"
+upstream = "close"
+path = "/close"
+[[routes.compose.calls]]
+id = "meta"
+upstream = "meta"
+method = "HEAD"
+path = "/meta"
+into = "meta"
+[[routes.compose.calls]]
+id = "echo"
+upstream = "echo"
+path = "/e/${calls.meta.status}"
+headers = { "if-none-match" = "${calls.meta.header.etag}" }
+into = "echo"
+pick = ["target"]
+"#;
+    for d in DRIVERS {
+        let gw = TestGateway::start(
+            &cfg(
+                &[
+                    ("chunked", chunked.addr),
+                    ("close", close.addr),
+                    ("meta", meta.addr),
+                    ("echo", echo.addr),
+                ],
+                routes,
+            ),
+            d,
+        );
+        let r = get(gw.addr, "/frames");
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        check_framing(&r);
+        assert_eq!(
+            r.json(),
+            json!({"c": [1], "closed": true, "meta": null, "echo": {"target": "/e/200"}})
+        );
+        assert_eq!(echo.last().header("if-none-match"), Some("\"v7\""));
+    }
+}
+
+#[test]
+fn the_request_deadline_bounds_a_chain_of_calls() {
+    let slow = Upstream::start(|_| json_after(Duration::from_millis(250), r#"{"id": 1}"#.into()));
+    let after = Upstream::start(|_| Reply::Raw(json_ok("{}")));
+    let routes = r#"
+[[routes]]
+path = "/chain"
+[routes.compose]
+deadline = "400ms"
+[[routes.compose.calls]]
+id = "one"
+upstream = "slow"
+path = "/1"
+into = "one"
+[[routes.compose.calls]]
+id = "two"
+upstream = "slow"
+path = "/2/${calls.one.body/id}"
+into = "two"
+[[routes.compose.calls]]
+id = "three"
+upstream = "after"
+path = "/3/${calls.two.body/id}"
+into = "three"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("slow", slow.addr), ("after", after.addr)], routes),
+        DRIVERS[0],
+    );
+    let started = Instant::now();
+    let r = get(gw.addr, "/chain");
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["call"], "two");
+    assert_eq!(r.json()["error"], "compose_call_timeout");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    // The call after the one that timed out never started.
+    assert_eq!(after.hits(), 0);
+}
+
 /// `extra` is refused at `extra`'s 0-based line `line`, with `key`, the reason holding `why`.
 fn refused(extra: &str, line: usize, key: &str, why: &str) {
     let head = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n";

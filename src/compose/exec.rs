@@ -691,8 +691,15 @@ impl<'a> Env<'a> {
                             body,
                         })
                     }
-                    Err(f) => {
-                        settle(self.w, group, up, ch.probe, true, false);
+                    Err((f, endpoint_fault)) => {
+                        settle(
+                            self.w,
+                            group,
+                            up,
+                            ch.probe,
+                            ch.failed || endpoint_fault,
+                            false,
+                        );
                         Err(f)
                     }
                 }
@@ -874,7 +881,9 @@ fn to_out(call: &Call, f: &Fetched) -> Result<CallOut, Fail> {
     })
 }
 
-/// Reads a response body in full, at most `cap` bytes (decoded), by `deadline`.
+/// Reads a response body in full, at most `cap` bytes (decoded), by `deadline`. An error says
+/// whether the endpoint is to blame (a body over the caps is the route's limit, not a fault of
+/// the endpoint's, and does not count towards its breaker or ejection).
 async fn read_body(
     up: &mut UpConn,
     resp: &ResponseHead,
@@ -882,16 +891,22 @@ async fn read_body(
     cap: usize,
     deadline: Instant,
     pause: Duration,
-) -> Result<Vec<u8>, Fail> {
+) -> Result<Vec<u8>, (Fail, bool)> {
     let too_large = || {
-        Fail::new(format!(
+        let f = Fail::new(format!(
             "its answer is larger than {cap} bytes (max_call_bytes or max_total_bytes)"
-        ))
+        ));
+        (f, false)
     };
-    let read = |e: IoFail| match e {
-        IoFail::Timeout => timeout_fail(),
-        IoFail::Eof => Fail::new("the upstream closed the connection before the end of its answer"),
-        IoFail::Io => Fail::new("reading the upstream's answer failed"),
+    let read = |e: IoFail| {
+        let f = match e {
+            IoFail::Timeout => timeout_fail(),
+            IoFail::Eof => {
+                Fail::new("the upstream closed the connection before the end of its answer")
+            }
+            IoFail::Io => Fail::new("reading the upstream's answer failed"),
+        };
+        (f, true)
     };
     let left = || {
         deadline
@@ -933,7 +948,12 @@ async fn read_body(
                                 over = true;
                             }
                         })
-                        .map_err(|e| Fail::new(format!("bad chunked framing: {}", e.reason())))?;
+                        .map_err(|e| {
+                            (
+                                Fail::new(format!("bad chunked framing: {}", e.reason())),
+                                true,
+                            )
+                        })?;
                     if over {
                         return Err(too_large());
                     }
