@@ -34,7 +34,7 @@ python3 - "$D/www" <<'PY'
 import json, sys
 for name in "abc":
     doc = {f"{name}_items": [{"id": i, "name": f"{name}-item-{i}", "tags": ["x", "y"], "price": i * 1.5}
-                             for i in range(14)]}
+                             for i in range(18)]}
     text = json.dumps(doc, separators=(",", ":"))
     open(f"{sys.argv[1]}/{name}", "w").write(text)
     print(f"origin /{name}: {len(text)} bytes", file=sys.stderr)
@@ -46,6 +46,8 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; 
   fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
   server { listen 127.0.0.1:$ORIGIN backlog=4096; root $D/www; default_type application/json; } }
 EOF
+# nginx's workers run as an unprivileged user: let them read the documents.
+chmod 755 "$D" "$D/www"; chmod 644 "$D"/www/*
 nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
 
 cat > "$D/ringway.toml" <<EOF

@@ -196,6 +196,8 @@ pub struct Plan {
     pub pass_status: bool,
     pub max_call_bytes: usize,
     pub max_total_bytes: usize,
+    /// Some template reads a call's answer header: answers keep their header fields.
+    pub keep_headers: bool,
 }
 
 #[derive(Debug)]
@@ -219,6 +221,9 @@ pub struct Call {
     /// The last step (a method other than GET or HEAD): it runs once every other call is
     /// done, and only when no required call failed.
     pub last: bool,
+    /// Its answer is parsed into a JSON tree: something refers into it, shapes it or deep-merges
+    /// it. Otherwise it is only validated and its bytes are spliced into the answer.
+    pub tree: bool,
 }
 
 impl Call {
@@ -661,6 +666,7 @@ impl Plan {
                 for_each,
                 deps,
                 last: false,
+                tree: false,
             });
         }
         // A call with side effects is the last step: nothing may depend on it, there is at
@@ -705,6 +711,35 @@ impl Plan {
         if let Some(&l) = last_steps.first() {
             calls[l].last = true;
         }
+        let mut keep_headers = false;
+        let mut tree = vec![c.on_conflict == OnConflict::DeepMerge; calls.len()];
+        for (i, call) in calls.iter().enumerate() {
+            let s = &call.shape;
+            tree[i] |= call.for_each.is_some()
+                || s.extract.is_some()
+                || !s.pick.is_empty()
+                || !s.omit.is_empty()
+                || !s.rename.is_empty()
+                || s.wrap.is_some()
+                || s.flatten;
+            if let Some(fe) = &call.for_each {
+                tree[fe.source] = true;
+            }
+            let templates = std::iter::once(&call.path)
+                .chain(call.query.iter().map(|(_, t)| t))
+                .chain(call.headers.iter().map(|(_, t)| t))
+                .chain(call.body.iter());
+            for r in templates.flat_map(|t| t.refs()) {
+                match r {
+                    Ref::Body(d, _) => tree[*d] = true,
+                    Ref::RespHeader(..) => keep_headers = true,
+                    _ => {}
+                }
+            }
+        }
+        for (call, t) in calls.iter_mut().zip(tree) {
+            call.tree = t;
+        }
         Ok(Plan {
             calls,
             on_conflict: c.on_conflict,
@@ -714,6 +749,7 @@ impl Plan {
             pass_status: c.pass_status,
             max_call_bytes: c.max_call_bytes.0 as usize,
             max_total_bytes: c.max_total_bytes.0 as usize,
+            keep_headers,
         })
     }
 }

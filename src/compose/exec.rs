@@ -34,7 +34,7 @@ use crate::upstream::balance::hash_bytes;
 use crate::upstream::{UpConn, UPSTREAM_READ_BUF};
 
 use super::config::{BatchAs, Call, Plan, Shape};
-use super::merge;
+use super::merge::{self, Piece};
 use super::template::{percent_encode, put_value, query_param, Ctx, Part, Ref, Template, Val};
 
 /// Longest request target a call may render (path and query).
@@ -87,7 +87,9 @@ struct Fetched {
 /// A call's result.
 struct CallOut {
     status: u16,
-    headers: Vec<(String, Vec<u8>)>,
+    /// The answer it came from (none for a `for_each`).
+    fetched: Option<Rc<Fetched>>,
+    /// The parsed answer (`Null` when the call needs no tree: see `Call::tree`).
     body: Value,
 }
 
@@ -325,7 +327,7 @@ impl<'a> Env<'a> {
         }
         Ok(CallOut {
             status: 200,
-            headers: Vec::new(),
+            fetched: None,
             body: Value::Array(results.into_iter().flatten().collect()),
         })
     }
@@ -516,11 +518,13 @@ impl<'a> Env<'a> {
                     .ok_or_else(|| format!("call {id:?} has no result"))?;
                 let v = match r {
                     Ref::Status(_) => Val::Json(Cow::Owned(Value::from(out_c.status))),
-                    Ref::RespHeader(_, name) => match out_c.headers.iter().find(|(n, _)| n == name)
-                    {
-                        Some((_, v)) => Val::Bytes(Cow::Owned(v.clone())),
-                        None => Val::Missing,
-                    },
+                    Ref::RespHeader(_, name) => {
+                        let f = out_c.fetched.as_ref();
+                        match f.and_then(|f| f.headers.iter().find(|(n, _)| n == name)) {
+                            Some((_, v)) => Val::Bytes(Cow::Owned(v.clone())),
+                            None => Val::Missing,
+                        }
+                    }
                     Ref::Body(_, p) => match out_c.body.pointer(p) {
                         Some(v) => Val::Json(Cow::Owned(v.clone())),
                         None => {
@@ -660,7 +664,12 @@ impl<'a> Env<'a> {
                 let read =
                     read_body(&mut up, &resp, head_request, cap, deadline, t.upstream_body).await;
                 let mut headers = Vec::new();
-                for h in resp.headers.iter().take(MAX_KEPT_HEADERS) {
+                let keep = if self.plan.keep_headers {
+                    MAX_KEPT_HEADERS
+                } else {
+                    0
+                };
+                for h in resp.headers.iter().take(keep) {
                     headers.push((
                         String::from_utf8_lossy(resp.bytes(h.name)).to_ascii_lowercase(),
                         resp.bytes(h.value).to_vec(),
@@ -721,63 +730,82 @@ impl<'a> Env<'a> {
             .filter(|(i, c)| c.required && fails[*i].is_some())
             .min_by_key(|(i, _)| (fails[*i].as_ref().is_some_and(|f| f.inherited), *i));
         if let Some((i, _)) = failed_required {
-            return self.call_error(
-                i,
-                fails[i]
-                    .as_ref()
-                    .cloned()
-                    .unwrap_or_else(|| Fail::new("failed")),
-                request_id,
-            );
+            let f = fails[i].clone().unwrap_or_else(|| Fail::new("failed"));
+            return self.call_error(i, f, request_id);
         }
-        let done = self.done.borrow();
-        let mut vals: Vec<Option<Value>> = done
-            .iter()
-            .map(|o| o.as_ref().map(|o| o.body.clone()))
-            .collect();
+        // The results, moved out (every call has ended: nothing else holds them).
+        let done = std::mem::take(&mut *self.done.borrow_mut());
+        let mut vals: Vec<Option<Value>> = Vec::with_capacity(done.len());
+        let mut raws: Vec<Option<Rc<Fetched>>> = Vec::with_capacity(done.len());
+        for (i, o) in done.into_iter().enumerate() {
+            let (v, raw) = match o.map(|o| Rc::try_unwrap(o).map_err(|o| o.body.clone())) {
+                None => (None, None),
+                Some(Ok(o)) => {
+                    // HEAD and 204 answers have no bytes: their value is null.
+                    let raw = o.fetched.filter(|f| !calls[i].tree && !f.body.is_empty());
+                    (Some(o.body), raw)
+                }
+                Some(Err(body)) => (Some(body), None),
+            };
+            vals.push(v);
+            raws.push(raw);
+        }
         // Joins first, in declared order, into their sources' values.
         for (i, c) in calls.iter().enumerate() {
-            if let (Some(fe), Some(out)) =
-                (c.for_each.as_ref().filter(|f| f.join.is_some()), &done[i])
-            {
-                if let (Some(src), Value::Array(results)) = (vals[fe.source].as_mut(), &out.body) {
-                    merge::join(src, fe, results);
+            let Some(fe) = c.for_each.as_ref().filter(|f| f.join.is_some()) else {
+                continue;
+            };
+            if fails[i].is_some() {
+                continue;
+            }
+            if let Some(Value::Array(results)) = vals[i].take() {
+                if let Some(src) = vals[fe.source].as_mut() {
+                    merge::join(src, fe, &results);
                 }
             }
         }
         let mut partial: Vec<&str> = Vec::new();
         let mut errors: Vec<Value> = Vec::new();
-        let mut parts = Vec::new();
+        let mut parts: Vec<(usize, Vec<(String, Piece<'_>)>)> = Vec::new();
         for (i, c) in calls.iter().enumerate() {
             let joined = c.for_each.as_ref().is_some_and(|f| f.join.is_some());
             let mut fail = fails[i].clone();
-            let mut value = None;
+            let mut piece = None;
             if fail.is_none() && !joined {
-                let shaped = match &c.for_each {
-                    // Per-result shaping was done as each batch came in.
-                    Some(_) => Shape {
-                        wrap: c.shape.wrap.clone(),
-                        flatten: c.shape.flatten,
-                        ..Shape::default()
-                    },
-                    None => Shape {
-                        into: None,
-                        extract: c.shape.extract.clone(),
-                        pick: c.shape.pick.clone(),
-                        omit: c.shape.omit.clone(),
-                        rename: c.shape.rename.clone(),
-                        wrap: c.shape.wrap.clone(),
-                        flatten: c.shape.flatten,
-                    },
-                };
-                match merge::shape(vals[i].take().unwrap_or(Value::Null), &shaped) {
-                    Ok(v) if c.shape.into.is_none() && !v.is_object() => {
+                match raws[i].as_deref() {
+                    // No tree: the answer's bytes, whole or split at the top level.
+                    Some(f) => piece = Some(Piece::Raw(merge::trim(&f.body))),
+                    None => {
+                        match merge::shape(vals[i].take().unwrap_or(Value::Null), &self.shape_of(c))
+                        {
+                            Ok(v) => piece = Some(Piece::Tree(v)),
+                            Err(e) => fail = Some(Fail::new(e)),
+                        }
+                    }
+                }
+            }
+            let mut entries = Vec::new();
+            if let (Some(p), None) = (piece, &fail) {
+                match (&c.shape.into, p) {
+                    (Some(k), p) => entries.push((k.clone(), p)),
+                    (None, Piece::Tree(Value::Object(o))) => {
+                        entries.extend(o.into_iter().map(|(k, v)| (k, Piece::Tree(v))))
+                    }
+                    (None, Piece::Raw(b)) => {
+                        match merge::top_level(b) {
+                            Some(top) => {
+                                entries.extend(top.into_iter().map(|(k, v)| (k, Piece::Raw(v))))
+                            }
+                            None => fail = Some(Fail::new(
+                                "its answer is not a JSON object, and the call has no `into` key",
+                            )),
+                        }
+                    }
+                    (None, _) => {
                         fail = Some(Fail::new(
                             "its answer is not a JSON object, and the call has no `into` key",
                         ))
                     }
-                    Ok(v) => value = Some(v),
-                    Err(e) => fail = Some(Fail::new(e)),
                 }
             }
             if let Some(f) = fail {
@@ -786,13 +814,15 @@ impl<'a> Env<'a> {
                 }
                 partial.push(&c.id);
                 errors.push(serde_json::json!({"call": c.id, "reason": f.reason}));
-                value = c.fallback.clone();
-            }
-            if let Some(v) = value {
-                if c.shape.into.is_some() || v.is_object() {
-                    parts.push((i, c.shape.into.as_deref(), v));
+                match (&c.shape.into, c.fallback.clone()) {
+                    (Some(k), Some(v)) => entries.push((k.clone(), Piece::Tree(v))),
+                    (None, Some(Value::Object(o))) => {
+                        entries.extend(o.into_iter().map(|(k, v)| (k, Piece::Tree(v))))
+                    }
+                    _ => {}
                 }
             }
+            parts.push((i, entries));
         }
         let mut root = match merge::merge(parts, self.plan.on_conflict, self.plan.arrays) {
             Ok(r) => r,
@@ -812,7 +842,7 @@ impl<'a> Env<'a> {
             }
         };
         if self.plan.errors_field && !errors.is_empty() {
-            root.insert("_errors".into(), Value::Array(errors));
+            root.insert("_errors".into(), Piece::Tree(Value::Array(errors)));
         }
         let mut headers = Vec::new();
         if !partial.is_empty() {
@@ -820,7 +850,36 @@ impl<'a> Env<'a> {
             headers.extend_from_slice(partial.join(",").as_bytes());
             headers.extend_from_slice(b"\r\n");
         }
-        json_answer(200, &Value::Object(root), headers)
+        let mut body =
+            Vec::with_capacity(raws.iter().flatten().map(|f| f.body.len()).sum::<usize>() + 64);
+        merge::write_object(&root, &mut body);
+        body.push(b'\n');
+        Composed {
+            status: 200,
+            body,
+            headers,
+        }
+    }
+
+    /// The shaping still to apply to a call's value at assembly.
+    fn shape_of(&self, c: &Call) -> Shape {
+        match &c.for_each {
+            // Per-result shaping was done as each batch came in.
+            Some(_) => Shape {
+                wrap: c.shape.wrap.clone(),
+                flatten: c.shape.flatten,
+                ..Shape::default()
+            },
+            None => Shape {
+                into: None,
+                extract: c.shape.extract.clone(),
+                pick: c.shape.pick.clone(),
+                omit: c.shape.omit.clone(),
+                rename: c.shape.rename.clone(),
+                wrap: c.shape.wrap.clone(),
+                flatten: c.shape.flatten,
+            },
+        }
     }
 
     /// The answer when required call `i` failed: 504 for a timeout, its own status when it
@@ -861,22 +920,26 @@ fn timeout_fail() -> Fail {
 }
 
 /// A call's answer as JSON: a 2xx with a JSON body (none for HEAD and 204).
-fn to_out(call: &Call, f: &Fetched) -> Result<CallOut, Fail> {
+fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
     if !(200..300).contains(&f.status) {
         return Err(Fail {
             status: Some(f.status),
             ..Fail::new(format!("the upstream answered {}", f.status))
         });
     }
+    let not_json = |e: serde_json::Error| Fail::new(format!("its answer is not JSON ({e})"));
     let body = if &*call.method == "HEAD" || f.status == 204 {
         Value::Null
+    } else if call.tree {
+        serde_json::from_slice::<Value>(&f.body).map_err(not_json)?
     } else {
-        serde_json::from_slice::<Value>(&f.body)
-            .map_err(|e| Fail::new(format!("its answer is not JSON ({e})")))?
+        // Checked without building a tree: its bytes go into the answer as they are.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&f.body).map_err(not_json)?;
+        Value::Null
     };
     Ok(CallOut {
         status: f.status,
-        headers: f.headers.clone(),
+        fetched: Some(f.clone()),
         body,
     })
 }

@@ -2,6 +2,8 @@
 //! answer. Everything here runs in declared call order on values that are already complete,
 //! so the answer does not depend on which call finished first.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 
 use super::config::{ArrayMerge, ForEach, OnConflict, Shape};
@@ -131,48 +133,183 @@ pub struct Conflict {
     pub second: usize,
 }
 
-/// Merges the calls' values, in declared order, into one object. Each part is
-/// (call index, `into` key or None for the root, value). A root value must be an object.
-pub fn merge(
-    parts: Vec<(usize, Option<&str>, Value)>,
+/// A value in the answer: a JSON tree, or the bytes of a valid JSON value from an answer that
+/// needed no shaping (written as they came, without building a tree).
+#[derive(Debug)]
+pub enum Piece<'a> {
+    Tree(Value),
+    Raw(&'a [u8]),
+}
+
+impl Piece<'_> {
+    fn into_tree(self) -> Value {
+        match self {
+            Piece::Tree(v) => v,
+            // Raw pieces are validated JSON; `Null` is unreachable in practice.
+            Piece::Raw(b) => serde_json::from_slice(b).unwrap_or(Value::Null),
+        }
+    }
+}
+
+/// Merges the calls' top-level entries, in declared order, into one object (sorted by key, as
+/// serde_json's map is). Each part is a call index and its entries. A key repeated within one
+/// call's entries keeps the later value, as a JSON parser would.
+pub fn merge<'a>(
+    parts: Vec<(usize, Vec<(String, Piece<'a>)>)>,
     policy: OnConflict,
     arrays: ArrayMerge,
-) -> Result<Map<String, Value>, Conflict> {
-    let mut root = Map::new();
+) -> Result<BTreeMap<String, Piece<'a>>, Conflict> {
+    let mut root: BTreeMap<String, Piece<'a>> = BTreeMap::new();
     // Which call gave each top-level key (for conflict reports).
     let mut owner: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for (call, into, v) in parts {
-        let entries: Vec<(String, Value)> = match (into, v) {
-            (Some(k), v) => vec![(k.to_string(), v)],
-            (None, Value::Object(o)) => o.into_iter().collect(),
-            // Checked by the caller.
-            (None, _) => continue,
-        };
+    for (call, entries) in parts {
         for (k, v) in entries {
-            match root.get_mut(&k) {
-                None => {
-                    owner.insert(k.clone(), call);
-                    root.insert(k, v);
+            let Some(old) = root.get_mut(&k) else {
+                owner.insert(k.clone(), call);
+                root.insert(k, v);
+                continue;
+            };
+            let first = owner.get(&k).copied().unwrap_or(call);
+            if first == call {
+                *old = v;
+                continue;
+            }
+            match policy {
+                OnConflict::Error => {
+                    return Err(Conflict {
+                        first,
+                        second: call,
+                        key: k,
+                    })
                 }
-                Some(old) => match policy {
-                    OnConflict::Error => {
-                        return Err(Conflict {
-                            first: owner.get(&k).copied().unwrap_or(call),
-                            second: call,
-                            key: k,
-                        })
-                    }
-                    OnConflict::First => {}
-                    OnConflict::Last => {
-                        *old = v;
-                        owner.insert(k, call);
-                    }
-                    OnConflict::DeepMerge => deep(old, v, arrays),
-                },
+                OnConflict::First => {}
+                OnConflict::Last => {
+                    *old = v;
+                    owner.insert(k, call);
+                }
+                OnConflict::DeepMerge => {
+                    let mut a = std::mem::replace(old, Piece::Tree(Value::Null)).into_tree();
+                    deep(&mut a, v.into_tree(), arrays);
+                    *old = Piece::Tree(a);
+                    owner.insert(k, call);
+                }
             }
         }
     }
     Ok(root)
+}
+
+/// Writes a merged object as JSON: keys in order, trees by serde_json, raw pieces as they are.
+pub fn write_object(root: &BTreeMap<String, Piece<'_>>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (n, (k, v)) in root.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, k);
+        out.push(b':');
+        match v {
+            Piece::Tree(t) => {
+                let _ = serde_json::to_writer(&mut *out, t);
+            }
+            Piece::Raw(b) => out.extend_from_slice(b),
+        }
+    }
+    out.push(b'}');
+}
+
+/// The top-level entries of `doc`, which is valid JSON (checked before): `None` when it is not
+/// an object. Values are the exact bytes of each member's value, without surrounding blanks.
+pub fn top_level(doc: &[u8]) -> Option<Vec<(String, &[u8])>> {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let mut i = doc.iter().position(|b| !ws(b))?;
+    if doc[i] != b'{' {
+        return None;
+    }
+    i += 1;
+    let mut out = Vec::new();
+    loop {
+        while doc.get(i).is_some_and(ws) {
+            i += 1;
+        }
+        match doc.get(i)? {
+            b'}' => return Some(out),
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = string_end(doc, i)?;
+        let key: String = serde_json::from_slice(&doc[i..key_end]).ok()?;
+        i = key_end;
+        while doc.get(i).is_some_and(|b| ws(b) || *b == b':') {
+            i += 1;
+        }
+        let start = i;
+        i = value_end(doc, i)?;
+        out.push((key, &doc[start..i]));
+    }
+}
+
+/// The index after the string that starts (with its quote) at `i`.
+fn string_end(doc: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', doc.get(i..)?)?;
+        match doc[i] {
+            b'"' => return Some(i + 1),
+            _ => i += 2,
+        }
+    }
+}
+
+/// The index after the (valid) JSON value that starts at `i`. In valid JSON, braces and
+/// brackets each balance on their own outside strings, so a container's end is found by
+/// counting its own kind only (with `memchr3`, not byte by byte).
+fn value_end(doc: &[u8], mut i: usize) -> Option<usize> {
+    let (open, close) = match doc.get(i)? {
+        b'"' => return string_end(doc, i),
+        b'{' => (b'{', b'}'),
+        b'[' => (b'[', b']'),
+        _ => {
+            while doc
+                .get(i)
+                .is_some_and(|b| !matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+            {
+                i += 1;
+            }
+            return Some(i);
+        }
+    };
+    let mut depth = 0usize;
+    loop {
+        i += memchr::memchr3(b'"', open, close, doc.get(i..)?)?;
+        match doc[i] {
+            b'"' => {
+                i = string_end(doc, i)?;
+                continue;
+            }
+            c if c == open => depth += 1,
+            _ => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+        }
+        i += 1;
+    }
+}
+
+/// A whole valid JSON document without its surrounding blanks.
+pub fn trim(doc: &[u8]) -> &[u8] {
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let start = doc.iter().position(|b| !ws(b)).unwrap_or(doc.len());
+    let end = doc.iter().rposition(|b| !ws(b)).map_or(start, |p| p + 1);
+    &doc[start..end.max(start)]
 }
 
 /// Objects merge key by key, arrays concatenate or are replaced, anything else: `b` wins.
@@ -221,30 +358,93 @@ mod tests {
         );
     }
 
+    fn run(policy: OnConflict, arrays: ArrayMerge) -> Result<String, Conflict> {
+        let a = json!({"a": {"x": 1, "l": [1]}, "k": 1});
+        let b = br#" { "k" : 2, "a":{"y": 2, "l": [2]} , "k": 3 } "#;
+        let parts = vec![
+            (
+                0,
+                a.as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Piece::Tree(v.clone())))
+                    .collect(),
+            ),
+            (
+                1,
+                top_level(b)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, v)| (k, Piece::Raw(v)))
+                    .collect(),
+            ),
+        ];
+        let root = merge(parts, policy, arrays)?;
+        let mut out = Vec::new();
+        write_object(&root, &mut out);
+        Ok(String::from_utf8(out).unwrap())
+    }
+
     #[test]
     fn each_conflict_policy() {
-        let parts = || {
+        let e = run(OnConflict::Error, ArrayMerge::Concat).unwrap_err();
+        // The second call's entries in its document's order: "k" comes first there.
+        assert_eq!((e.key.as_str(), e.first, e.second), ("k", 0, 1));
+        assert_eq!(
+            run(OnConflict::First, ArrayMerge::Concat).unwrap(),
+            r#"{"a":{"l":[1],"x":1},"k":1}"#
+        );
+        // Raw pieces keep their own bytes; the second call's repeated "k" keeps its last value.
+        assert_eq!(
+            run(OnConflict::Last, ArrayMerge::Concat).unwrap(),
+            r#"{"a":{"y": 2, "l": [2]},"k":3}"#
+        );
+        assert_eq!(
+            run(OnConflict::DeepMerge, ArrayMerge::Concat).unwrap(),
+            r#"{"a":{"l":[1,2],"x":1,"y":2},"k":3}"#
+        );
+        assert_eq!(
+            run(OnConflict::DeepMerge, ArrayMerge::Replace).unwrap(),
+            r#"{"a":{"l":[2],"x":1,"y":2},"k":3}"#
+        );
+    }
+
+    #[test]
+    fn top_level_entries_of_valid_json() {
+        let doc =
+            br#"{"a\"b": "x,}", "n": -1.5e3, "o": {"p": [1, {"q": "]"}]}, "t": true, "z": null}"#;
+        let e = top_level(doc).unwrap();
+        let got: Vec<(String, &str)> = e
+            .iter()
+            .map(|(k, v)| (k.clone(), std::str::from_utf8(v).unwrap()))
+            .collect();
+        assert_eq!(
+            got,
             vec![
-                (0, None, json!({"a": {"x": 1, "l": [1]}, "k": 1})),
-                (1, None, json!({"a": {"y": 2, "l": [2]}, "k": 2})),
+                ("a\"b".to_string(), r#""x,}""#),
+                ("n".to_string(), "-1.5e3"),
+                ("o".to_string(), r#"{"p": [1, {"q": "]"}]}"#),
+                ("t".to_string(), "true"),
+                ("z".to_string(), "null"),
             ]
-        };
-        let e = merge(parts(), OnConflict::Error, ArrayMerge::Concat).unwrap_err();
-        assert_eq!((e.key.as_str(), e.first, e.second), ("a", 0, 1));
-        let f = merge(parts(), OnConflict::First, ArrayMerge::Concat).unwrap();
-        assert_eq!(Value::Object(f), json!({"a": {"x": 1, "l": [1]}, "k": 1}));
-        let l = merge(parts(), OnConflict::Last, ArrayMerge::Concat).unwrap();
-        assert_eq!(Value::Object(l), json!({"a": {"y": 2, "l": [2]}, "k": 2}));
-        let d = merge(parts(), OnConflict::DeepMerge, ArrayMerge::Concat).unwrap();
-        assert_eq!(
-            Value::Object(d),
-            json!({"a": {"x": 1, "y": 2, "l": [1, 2]}, "k": 2})
         );
-        let r = merge(parts(), OnConflict::DeepMerge, ArrayMerge::Replace).unwrap();
-        assert_eq!(
-            Value::Object(r),
-            json!({"a": {"x": 1, "y": 2, "l": [2]}, "k": 2})
-        );
+        // Every entry parses to what serde_json makes of the member, however strings nest
+        // brackets and escapes.
+        for doc in [
+            r#"{"a":"\\\\","b":"}{][\"","c":[{"d":"]"},[[]],{}],"e":{"f":["}",{"g":"{"}]},"h":-0.5}"#,
+            r#"  {  "x" : [ 1 , [ 2 , { "y" : "\u005d" } ] ] , "z" : { } }  "#,
+        ] {
+            let want: serde_json::Map<String, Value> = serde_json::from_str(doc).unwrap();
+            let got = top_level(doc.as_bytes()).unwrap();
+            assert_eq!(got.len(), want.len(), "{doc}");
+            for (k, v) in got {
+                let v: Value = serde_json::from_slice(v).unwrap();
+                assert_eq!(Some(&v), want.get(&k), "{doc}: {k}");
+            }
+        }
+        assert!(top_level(b" [1]").is_none());
+        assert_eq!(top_level(b" {} ").unwrap().len(), 0);
+        assert_eq!(trim(b" \n[1, 2]\t"), b"[1, 2]");
     }
 
     #[test]
