@@ -100,7 +100,7 @@ pub(crate) struct TryOpts<'a> {
     pub hash: Option<u64>,
     pub head_request: bool,
     pub t: super::worker::Timeouts,
-    /// No retry is begun when its backoff would end past this instant.
+    /// Every try ends by this instant, and no retry is begun when its backoff would end past it.
     pub deadline: Option<Instant>,
 }
 
@@ -209,13 +209,21 @@ pub(crate) async fn try_endpoints<D: Downstream>(
         // Latency is sampled only for a balancer that uses it (clock reads add up).
         let started = group.tracks_latency().then(Instant::now);
         encode(ubuf, ep);
+        let mut t = o.t;
+        if let Some(d) = o.deadline {
+            // Every try ends by the deadline, a retry's included.
+            let left = d.saturating_duration_since(Instant::now());
+            t.upstream_connect = t.upstream_connect.min(left);
+            t.upstream_write = t.upstream_write.min(left);
+            t.upstream_response = t.upstream_response.min(left);
+        }
         let opts = AttemptOpts {
             head_request: o.head_request,
             allow_pool: !stale_retry_used,
             // A stale pooled connection costs an idempotent request with a kept body nothing
             // but a resend, so only other requests pay for the liveness check.
             verify: !(replayed && idempotent),
-            t: o.t,
+            t,
         };
         let r = attempt(group, ep, ubuf, down, &opts, resp).await;
         let failure = match &r {
