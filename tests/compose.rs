@@ -862,6 +862,64 @@ into = "three"
     assert_eq!(after.hits(), 0);
 }
 
+#[test]
+fn chunked_answers_over_the_call_cap_and_answers_over_the_total_cap_fail() {
+    let chunked_big = Upstream::start(|_| {
+        let body = format!("\"{}\"", "y".repeat(3000));
+        let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for part in body.as_bytes().chunks(700) {
+            r.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            r.extend_from_slice(part);
+            r.extend_from_slice(b"\r\n");
+        }
+        r.extend_from_slice(b"0\r\n\r\n");
+        Reply::Raw(r)
+    });
+    let medium = Upstream::start(|_| Reply::Raw(json_ok(&format!("\"{}\"", "m".repeat(600)))));
+    let routes = |cap: &str, b: &str| {
+        format!(
+            r#"
+[[routes]]
+path = "/caps"
+[routes.compose]
+{cap}
+[[routes.compose.calls]]
+id = "one"
+upstream = "{b}"
+path = "/1"
+into = "one"
+[[routes.compose.calls]]
+id = "two"
+upstream = "medium"
+path = "/2"
+into = "two"
+"#
+        )
+    };
+    let ups = [("big", chunked_big.addr), ("medium", medium.addr)];
+    let gw = TestGateway::start(
+        &cfg(&ups, &routes("max_call_bytes = 1024", "big")),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/caps");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "one");
+    assert!(r.text().contains("larger than 1024 bytes"), "{}", r.text());
+    drop(gw);
+    // Each answer (~600 bytes) is under the call cap; the two together are over the total.
+    let gw = TestGateway::start(
+        &cfg(&ups, &routes("max_total_bytes = 1000", "medium")),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/caps");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("max_total_bytes"),
+        "the second answer to arrive is refused: {}",
+        r.text()
+    );
+}
+
 /// `extra` is refused at `extra`'s 0-based line `line`, with `key`, the reason holding `why`.
 fn refused(extra: &str, line: usize, key: &str, why: &str) {
     let head = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n";
