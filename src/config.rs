@@ -1223,6 +1223,9 @@ pub struct RouteConfig {
     pub upstream: Option<Spanned<String>>,
     #[serde(default)]
     pub direct: Option<DirectConfig>,
+    /// Several upstream calls answered as one JSON document (see `crate::compose`).
+    #[serde(default)]
+    pub compose: Option<crate::compose::ComposeConfig>,
     #[serde(default)]
     pub strip_prefix: Option<String>,
     #[serde(default)]
@@ -1800,6 +1803,20 @@ impl Config {
                     ));
                 }
             }
+            if let Some(c) = &r.compose {
+                if r.upstream.is_some() || r.direct.is_some() {
+                    return Err(err(
+                        k("compose"),
+                        None,
+                        "a route has one of `upstream`, `direct` and `compose`".into(),
+                    ));
+                }
+                let group = |n: &str| self.upstreams.keys().position(|k| k == n);
+                crate::compose::Plan::compile(c, r.path_regex.as_deref(), &group).map_err(|e| {
+                    let span = crate::compose::config::locate(src, &e);
+                    err(k(&format!("compose.{}", e.key)), span, e.reason)
+                })?;
+            }
             match (&r.upstream, &r.direct) {
                 (Some(_), Some(_)) => {
                     return Err(err(
@@ -1808,11 +1825,11 @@ impl Config {
                         "a route has either `upstream` or `direct`, not both".into(),
                     ))
                 }
-                (None, None) => {
+                (None, None) if r.compose.is_none() => {
                     return Err(err(
                         format!("routes[{i}]"),
                         None,
-                        "a route needs `upstream` or `direct`".into(),
+                        "a route needs `upstream`, `direct` or `compose`".into(),
                     ))
                 }
                 (Some(u), None) => {
@@ -1828,6 +1845,7 @@ impl Config {
                         ));
                     }
                 }
+                (None, None) => {}
                 (None, Some(d)) => {
                     if !(200..=599).contains(&d.status) {
                         return Err(err(

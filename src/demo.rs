@@ -75,7 +75,10 @@ fn serve_conn(mut s: TcpStream, svc: Service) {
             }
         }
         let body: Vec<u8> = buf.drain(..body_len).collect();
-        let (status, json) = answer(svc, head.method_str(), head.path_bytes(), &body);
+        let (mut status, mut json) = answer(svc, head.method_str(), head.path_bytes(), &body);
+        if let Some(user) = user_filter(svc, head.method_str(), head.bytes(head.path_query)) {
+            (status, json) = (200, orders_of(user));
+        }
         let reason = crate::http::encode::reason_phrase(status);
         let resp = format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
@@ -105,6 +108,32 @@ fn user_json(u: &(u32, &str, &str)) -> String {
 
 fn order_json(o: &(u32, u32, &str, u32)) -> String {
     serde_json::json!({"id": o.0, "user_id": o.1, "item": o.2, "quantity": o.3}).to_string()
+}
+
+/// `GET /orders?user_id=N` on the orders service: the user id to filter by.
+fn user_filter(svc: Service, method: &[u8], path_query: &[u8]) -> Option<u32> {
+    if !matches!(svc, Service::Orders) || method != b"GET" {
+        return None;
+    }
+    let pq = std::str::from_utf8(path_query).ok()?;
+    let (path, query) = pq.split_once('?')?;
+    if path.trim_end_matches('/') != "/orders" {
+        return None;
+    }
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("user_id="))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The orders of one user, as `GET /orders` answers them.
+fn orders_of(user: u32) -> String {
+    let list: Vec<serde_json::Value> = ORDERS
+        .iter()
+        .filter(|o| o.1 == user)
+        .map(|o| serde_json::json!({"id": o.0, "user_id": o.1, "item": o.2, "quantity": o.3}))
+        .collect();
+    serde_json::json!({ "orders": list }).to_string()
 }
 
 fn answer(svc: Service, method: &[u8], path: &[u8], body: &[u8]) -> (u16, String) {

@@ -14,6 +14,7 @@
 //! - [`auth`]: JWT, API keys and consumers, OAuth2 introspection, per-route policies.
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 //! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
+//! - [`compose`]: the `compose` route action (several upstream calls, one JSON answer).
 //! - [`control`]: per-worker mailboxes through which the admin API and reloads reach workers.
 //! - [`admin`]: the admin API listener, on its own thread off the data plane.
 //! - [`reload`]: hot reload at request boundaries; [`upgrade`]: handing listening sockets to a
@@ -21,6 +22,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod compose;
 pub mod config;
 pub mod control;
 pub mod date;

@@ -457,7 +457,10 @@ fn print_summary(file: &str, cfg: &Config) {
         let target = match (&r.upstream, &r.direct) {
             (Some(u), _) => format!("-> upstream {}", u.get_ref()),
             (_, Some(d)) => format!("-> direct {}", d.status),
-            _ => String::new(),
+            _ => r.compose.as_ref().map_or(String::new(), |c| {
+                let ids: Vec<&str> = c.calls.iter().map(|c| c.id.get_ref().as_str()).collect();
+                format!("-> compose {}", ids.join(","))
+            }),
         };
         let hosts = if r.hosts.is_empty() {
             "any host".to_string()

@@ -105,13 +105,17 @@ impl RetryPolicy {
         true
     }
 
+    /// The longest backoff before retry number `n`: `base × 2^(n-1)`, at most `max`.
+    pub fn backoff_cap(&self, n: u32) -> Duration {
+        self.base
+            .saturating_mul(1u32 << (n.saturating_sub(1)).min(16))
+            .min(self.max)
+    }
+
     /// Backoff before retry number `n` (1 for the first retry): full jitter over an
     /// exponentially growing cap.
     pub fn backoff(&self, n: u32) -> Duration {
-        let cap = self
-            .base
-            .saturating_mul(1u32 << (n.saturating_sub(1)).min(16))
-            .min(self.max);
+        let cap = self.backoff_cap(n);
         let r = next_rand(&self.rng);
         let nanos = cap.as_nanos() as u64;
         if nanos == 0 {

@@ -15,7 +15,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::error::{write_error_response, GatewayError};
-use crate::http::encode::{put_header, put_status_line, put_u64};
+use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, ALLOWED_METHODS};
 use crate::rewrite::connection_value;
 use crate::router::DirectResponse;
@@ -201,6 +201,8 @@ pub enum Answer<'r> {
     /// TRACE or OPTIONS with `Max-Forwards: 0`: the gateway is the last hop (RFC 9110
     /// §7.6.2) and answers itself.
     LastHop,
+    /// A composed JSON answer (see `crate::compose`).
+    Composed(Box<crate::compose::Composed>),
 }
 
 /// How a request's phases ended.
@@ -533,6 +535,24 @@ impl<S: ClientIo> Conn<S> {
                     put_header(wbuf, b"allow", ALLOWED_METHODS.as_bytes());
                     wbuf.put_slice(b"content-length: 0\r\n");
                     end_head(wbuf, &date, ctx.id.as_bytes(), b"", keep, ctx.head.version);
+                }
+            }
+            Answer::Composed(cm) => {
+                put_status_line(wbuf, cm.status, reason_phrase(cm.status).as_bytes());
+                wbuf.put_slice(b"content-type: application/json\r\ncontent-length: ");
+                put_u64(wbuf, cm.body.len() as u64);
+                wbuf.put_slice(b"\r\n");
+                wbuf.put_slice(&cm.headers);
+                end_head(
+                    wbuf,
+                    &date,
+                    ctx.id.as_bytes(),
+                    &ctx.resp_headers,
+                    keep,
+                    ctx.head.version,
+                );
+                if !head_only {
+                    wbuf.put_slice(&cm.body);
                 }
             }
             Answer::Redirect { host_len, port } => {

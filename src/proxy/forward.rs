@@ -4,11 +4,13 @@
 
 use std::time::Instant;
 
+use bytes::BytesMut;
+
 use crate::config::HashOn;
 use crate::error::GatewayError;
 use crate::http::request::Method;
 use crate::http::response::ResponseHead;
-use crate::retry::Failure;
+use crate::retry::{Failure, RetryPolicy};
 use crate::rewrite::{encode_upstream_head, Forwarding};
 use crate::router::Route;
 use crate::upstream::balance::hash_bytes;
@@ -17,7 +19,7 @@ use crate::upstream::health::Ejection;
 use crate::upstream::{UpConn, UpstreamGroup};
 use crate::warn;
 
-use super::attempt::{attempt, AttemptError, AttemptOpts, DownFail};
+use super::attempt::{attempt, AttemptError, AttemptOpts, DownFail, Downstream};
 use super::conn::{ClientIo, Conn, Outcome};
 use super::ctx::RequestCtx;
 use super::relay::{forward_response, ClientSide};
@@ -44,20 +46,14 @@ pub async fn proxy<'c, S: ClientIo>(
             probe,
             failed,
         }) => {
-            let ep = up.endpoint;
             let (out, reusable) = forward_response(w, cfg, route, c, ctx, &mut up, &resp).await;
             // The response head shares the upstream read buffer: release it before the
             // connection is reused, so the buffer is reclaimed rather than reallocated.
             resp.raw = bytes::Bytes::new();
-            let stats = &group.stats[ep];
-            stats.outstanding.set(stats.outstanding.get() - 1);
             // A body whose framing broke before it reached the client is answered 502: the
             // endpoint failed this request.
             let failed = failed || matches!(out, Outcome::Answer(_));
-            record_outcome(w, group, ep, probe, failed);
-            if reusable {
-                group.checkin(up);
-            }
+            settle(w, group, up, probe, failed, reusable);
             out
         }
     };
@@ -66,10 +62,46 @@ pub async fn proxy<'c, S: ClientIo>(
 }
 
 /// The connection a response head came on, and what the breaker is owed for it.
-struct Chosen {
+pub(crate) struct Chosen {
+    pub up: UpConn,
+    /// The breaker admitted this try as its half-open probe.
+    pub probe: bool,
+    /// The response is a failure for the endpoint's books (a 5xx).
+    pub failed: bool,
+}
+
+/// Ends the bookkeeping of a response read (relayed or buffered) from `up`: the endpoint's
+/// outstanding count, the breaker and outlier detection, and the pool when `reusable`.
+pub(crate) fn settle(
+    w: &Worker,
+    group: &UpstreamGroup,
     up: UpConn,
     probe: bool,
     failed: bool,
+    reusable: bool,
+) {
+    let ep = up.endpoint;
+    let stats = &group.stats[ep];
+    stats.outstanding.set(stats.outstanding.get() - 1);
+    record_outcome(w, group, ep, probe, failed);
+    if reusable {
+        group.checkin(up);
+    }
+}
+
+/// How [`try_endpoints`] makes its tries: the retry policy and what it may retry.
+pub(crate) struct TryOpts<'a> {
+    pub policy: Option<&'a RetryPolicy>,
+    /// The method may be sent twice (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+    /// The body is held for a replay (a retry may send it again).
+    pub replayed: bool,
+    /// The consistent-hashing key, for a group that hashes.
+    pub hash: Option<u64>,
+    pub head_request: bool,
+    pub t: super::worker::Timeouts,
+    /// Every try ends by this instant, and no retry is begun when its backoff would end past it.
+    pub deadline: Option<Instant>,
 }
 
 /// Tries the request until an attempt gives a response that is not retried, or the retry
@@ -113,6 +145,36 @@ async fn exchange<S: ClientIo>(
             .zip(c.info.client_subject.as_deref()),
         identity: &ctx.auth_headers,
     };
+    let o = TryOpts {
+        policy,
+        idempotent,
+        replayed,
+        hash,
+        head_request: ctx.head.method == Method::Head,
+        t: ctx.t,
+        deadline: None,
+    };
+    let head = &ctx.head;
+    try_endpoints(w, group, &o, &mut down, &mut ctx.ubuf, resp, |out, ep| {
+        encode_upstream_head(out, head, route, &group.endpoints[ep].authority, &fwd)
+    })
+    .await
+}
+
+/// Tries a request on `group` until an attempt gives a response that is not retried, or the
+/// retry policy, the breaker, the endpoints or the deadline say stop. `encode` writes the
+/// request head for an endpoint into the buffer. Used for proxied requests (the body from the
+/// client) and for composition's sub-requests (an [`super::attempt::InMemory`] body).
+pub(crate) async fn try_endpoints<D: Downstream>(
+    w: &Worker,
+    group: &UpstreamGroup,
+    o: &TryOpts<'_>,
+    down: &mut D,
+    ubuf: &mut BytesMut,
+    resp: &mut ResponseHead,
+    mut encode: impl FnMut(&mut BytesMut, usize),
+) -> Result<Chosen, AttemptError> {
+    let (policy, idempotent, replayed, hash) = (o.policy, o.idempotent, o.replayed, o.hash);
     if let Some(p) = policy {
         p.record_request(Instant::now());
     }
@@ -146,22 +208,24 @@ async fn exchange<S: ClientIo>(
         group.note_in_flight(ep, stats.outstanding.get() as usize);
         // Latency is sampled only for a balancer that uses it (clock reads add up).
         let started = group.tracks_latency().then(Instant::now);
-        encode_upstream_head(
-            &mut ctx.ubuf,
-            &ctx.head,
-            route,
-            &group.endpoints[ep].authority,
-            &fwd,
-        );
+        encode(ubuf, ep);
+        let mut t = o.t;
+        if let Some(d) = o.deadline {
+            // Every try ends by the deadline, a retry's included.
+            let left = d.saturating_duration_since(Instant::now());
+            t.upstream_connect = t.upstream_connect.min(left);
+            t.upstream_write = t.upstream_write.min(left);
+            t.upstream_response = t.upstream_response.min(left);
+        }
         let opts = AttemptOpts {
-            head_request: ctx.head.method == Method::Head,
+            head_request: o.head_request,
             allow_pool: !stale_retry_used,
             // A stale pooled connection costs an idempotent request with a kept body nothing
             // but a resend, so only other requests pay for the liveness check.
             verify: !(replayed && idempotent),
-            t: ctx.t,
+            t,
         };
-        let r = attempt(group, ep, &mut ctx.ubuf, &mut down, &opts, resp).await;
+        let r = attempt(group, ep, ubuf, down, &opts, resp).await;
         let failure = match &r {
             Ok(_) => {
                 if let Some(t0) = started {
@@ -196,6 +260,11 @@ async fn exchange<S: ClientIo>(
                     && p.retries_on(f)
                     && replayed
                     && (idempotent || f == Failure::Connect || p.non_idempotent)
+                    && o.deadline.is_none_or(|d| {
+                        Instant::now()
+                            .checked_add(p.backoff_cap(tries))
+                            .is_some_and(|t| t < d)
+                    })
                     && p.take_retry(Instant::now())
             })
         });

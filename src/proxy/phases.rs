@@ -70,6 +70,11 @@ async fn run_phases<'c, S: ClientIo>(
         Action::Proxy { upstream } => {
             Ok(forward::proxy(w, cfg, route, &cfg.upstreams[*upstream], c, ctx).await)
         }
+        // Boxed: the composition's state stays off the request future of other routes.
+        Action::Compose(plan) => {
+            let out = Box::pin(crate::compose::run(w, cfg, route, plan, ctx)).await;
+            Ok(Outcome::Answer(Answer::Composed(Box::new(out))))
+        }
     }
 }
 

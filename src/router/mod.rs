@@ -124,6 +124,8 @@ pub enum Action {
     },
     /// Boxed: most routes proxy, and a `Route` is copied into every worker.
     Direct(Box<DirectResponse>),
+    /// Several upstream calls, one JSON answer (see `crate::compose`).
+    Compose(Box<crate::compose::Plan>),
 }
 
 #[derive(Debug)]
@@ -354,7 +356,16 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
                 body: Bytes::from(d.body.clone().into_bytes()),
             }))
         }
-        (None, None) => unreachable!("validated at load: a route has upstream or direct"),
+        (None, None) => {
+            let c = rc
+                .compose
+                .as_ref()
+                .expect("validated at load: a route has upstream, direct or compose");
+            let group = |n: &str| upstreams.get(n).copied();
+            let plan = crate::compose::Plan::compile(c, rc.path_regex.as_deref(), &group)
+                .expect("compose validated at load");
+            Action::Compose(Box::new(plan))
+        }
     };
     let rewrite = match (&rc.strip_prefix, &rc.replace_prefix, &rc.path_prefix) {
         (Some(s), _, _) => Rewrite::Strip(b(s)),

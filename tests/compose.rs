@@ -1,0 +1,1005 @@
+//! API composition (`compose` routes) over real sockets with loopback upstreams: parallel and
+//! dependent calls, per-item fan-out with batching and joins, every conflict policy (byte
+//! for byte the same under random upstream delays), each failure mode, de-duplication,
+//! retries, and the load-time refusals with their file, line and key.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ringway::config::Config;
+use serde_json::{json, Value};
+use support::*;
+
+/// A 200 JSON answer.
+fn json_ok(body: &str) -> Vec<u8> {
+    json_status(200, body)
+}
+
+fn json_status(status: u16, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A JSON answer after `delay`.
+fn json_after(delay: Duration, body: String) -> Reply {
+    Reply::Slow {
+        parts: vec![(delay, json_ok(&body))],
+        close: false,
+    }
+}
+
+/// A config with named upstream groups and `routes` appended.
+fn cfg(groups: &[(&str, SocketAddr)], routes: &str) -> String {
+    let mut s = String::from("[[listeners]]\naddress = \"127.0.0.1:0\"\n\n");
+    for (name, a) in groups {
+        s.push_str(&format!(
+            "[upstreams.{name}]\nendpoints = [{{ address = \"{a}\" }}]\n\n"
+        ));
+    }
+    s.push_str(routes);
+    s
+}
+
+fn get_with(addr: SocketAddr, path: &str, extra: &str) -> Resp {
+    request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n{extra}\r\n").as_bytes(),
+    )
+}
+
+/// The checks every composed answer passes: JSON, with its length.
+fn check_framing(r: &Resp) {
+    assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str()),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn independent_calls_run_in_parallel() {
+    // Each upstream answers only once all three requests are in flight together: were the
+    // calls made one after another, the first would wait out its 5 s and report `false`.
+    let arrived = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let handler = |name: &'static str, arrived: Arc<(Mutex<usize>, Condvar)>| {
+        move |_: &Req| {
+            let (m, cv) = &*arrived;
+            let mut n = m.lock().unwrap();
+            *n += 1;
+            cv.notify_all();
+            let (n, _) = cv
+                .wait_timeout_while(n, Duration::from_secs(5), |n| *n < 3)
+                .unwrap();
+            Reply::Raw(json_ok(&format!(
+                r#"{{"{name}": {{"together": {}}}}}"#,
+                *n >= 3
+            )))
+        }
+    };
+    let a = Upstream::start(handler("a", arrived.clone()));
+    let b = Upstream::start(handler("b", arrived.clone()));
+    let c = Upstream::start(handler("c", arrived.clone()));
+    let routes = r#"
+[[routes]]
+path = "/all"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "a"
+path = "/a"
+[[routes.compose.calls]]
+id = "b"
+upstream = "b"
+path = "/b"
+[[routes.compose.calls]]
+id = "c"
+upstream = "c"
+path = "/c"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("a", a.addr), ("b", b.addr), ("c", c.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/all");
+    assert_eq!(r.status, 200, "{}", r.text());
+    check_framing(&r);
+    assert_eq!(
+        r.json(),
+        json!({"a": {"together": true}, "b": {"together": true}, "c": {"together": true}})
+    );
+    assert!(!r.has("ringway-partial"));
+}
+
+const DEPENDENT: &str = r#"
+[[routes]]
+path_regex = "^/users/(?P<id>[0-9]+)/summary$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+headers = { "x-tenant" = "${request.header.x-tenant}" }
+into = "user"
+pick = ["id", "name"]
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders"
+query = { user = "${calls.user.body/id}", status = "${request.query.status}" }
+extract = "/orders"
+into = "orders"
+"#;
+
+#[test]
+fn dependent_call_uses_the_first_calls_answer_and_the_client_request() {
+    for d in DRIVERS {
+        let users = Upstream::start(|req| {
+            assert!(req.target.starts_with("/users/"), "{}", req.target);
+            Reply::Raw(json_ok(
+                r#"{"id": "u 7/x", "name": "Ada", "email": "ada@example.test"}"#,
+            ))
+        });
+        let orders =
+            Upstream::start(|_| Reply::Raw(json_ok(r#"{"orders": [{"id": 1}, {"id": 2}]}"#)));
+        let gw = TestGateway::start(
+            &cfg(&[("users", users.addr), ("orders", orders.addr)], DEPENDENT),
+            d,
+        );
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let r = get_with(
+            gw.addr,
+            "/users/42/summary?status=open%20now",
+            &format!(
+                "X-Tenant: acme\r\ntraceparent: {tp}\r\ntracestate: k=v\r\nX-Request-Id: rid-1\r\n"
+            ),
+        );
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        check_framing(&r);
+        assert_eq!(
+            r.json(),
+            json!({"user": {"id": "u 7/x", "name": "Ada"}, "orders": [{"id": 1}, {"id": 2}]})
+        );
+        let u = users.last();
+        assert_eq!(u.target, "/users/42");
+        assert_eq!(u.header("x-tenant"), Some("acme"));
+        assert_eq!(u.header("traceparent"), Some(tp));
+        assert_eq!(u.header("tracestate"), Some("k=v"));
+        assert_eq!(u.header("x-request-id"), Some("rid-1"));
+        assert_eq!(u.header("accept"), Some("application/json"));
+        // The id is percent-encoded: it cannot add a path segment or a parameter.
+        assert_eq!(
+            orders.last().target,
+            "/orders?status=open%20now&user=u%207%2Fx"
+        );
+    }
+}
+
+const FAN_OUT: &str = r#"
+[[routes]]
+path = "/cart"
+[routes.compose]
+[[routes.compose.calls]]
+id = "cart"
+upstream = "carts"
+path = "/cart"
+[[routes.compose.calls]]
+id = "products"
+upstream = "products"
+path = "/products"
+[routes.compose.calls.for_each]
+items = "${calls.cart.body/items/*/product_id}"
+batch = 2
+batch_param = "id"
+BATCH_AS
+concurrency = 2
+join = { key = "id", into = "product" }
+"#;
+
+/// Answers `/products?id=..` (repeated or comma list) or a JSON array body with the products.
+fn products_handler(req: &Req) -> Reply {
+    let ids: Vec<String> = if req.method == "POST" {
+        let v: Vec<Value> = serde_json::from_slice(&req.body).expect("a JSON array body");
+        v.iter().map(|x| x.to_string()).collect()
+    } else {
+        let q = req.target.split_once('?').map_or("", |(_, q)| q);
+        q.split('&')
+            .filter_map(|kv| kv.strip_prefix("id="))
+            .flat_map(|v| v.split("%2C").chain(std::iter::empty()))
+            .flat_map(|v| v.split(','))
+            .map(str::to_string)
+            .collect()
+    };
+    let list: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"id": id.parse::<u64>().unwrap(), "title": format!("product {id}")}))
+        .collect();
+    Reply::Raw(json_ok(&Value::Array(list).to_string()))
+}
+
+#[test]
+fn for_each_batches_dedupes_and_joins_back() {
+    for (batch_as, method) in [
+        ("", "GET"),
+        ("batch_as = \"comma\"", "GET"),
+        ("json", "POST"),
+    ] {
+        let carts = Upstream::start(|_| {
+            Reply::Raw(json_ok(
+                r#"{"items": [{"product_id": 1, "n": 1}, {"product_id": 2}, {"product_id": 1, "n": 3}, {"product_id": 3}, {"product_id": 4}]}"#,
+            ))
+        });
+        let products = Upstream::start(products_handler);
+        let routes = if batch_as == "json" {
+            FAN_OUT
+                .replace("batch_param = \"id\"\n", "")
+                .replace("BATCH_AS", "batch_as = \"json\"")
+                .replace(
+                    "path = \"/products\"",
+                    "path = \"/products\"\nmethod = \"POST\"",
+                )
+        } else {
+            FAN_OUT.replace("BATCH_AS", batch_as)
+        };
+        let gw = TestGateway::start(
+            &cfg(
+                &[("carts", carts.addr), ("products", products.addr)],
+                &routes,
+            ),
+            DRIVERS[0],
+        );
+        let r = get(gw.addr, "/cart");
+        assert_eq!(r.status, 200, "{batch_as}: {}", r.text());
+        check_framing(&r);
+        let p = |id: u64| json!({"id": id, "title": format!("product {id}")});
+        assert_eq!(
+            r.json(),
+            json!({"items": [
+                {"product_id": 1, "n": 1, "product": p(1)},
+                {"product_id": 2, "product": p(2)},
+                {"product_id": 1, "n": 3, "product": p(1)},
+                {"product_id": 3, "product": p(3)},
+                {"product_id": 4, "product": p(4)},
+            ]}),
+            "{batch_as}"
+        );
+        // Four distinct ids in batches of two: two requests.
+        assert_eq!(products.hits(), 2, "{batch_as}: {:?}", products.targets());
+        let mut targets = products.targets();
+        targets.sort();
+        match batch_as {
+            "" => assert_eq!(targets, ["/products?id=1&id=2", "/products?id=3&id=4"]),
+            "json" => assert!(products
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|r| r.method == method)),
+            _ => assert_eq!(targets, ["/products?id=1,2", "/products?id=3,4"]),
+        }
+    }
+}
+
+#[test]
+fn for_each_without_join_collects_results_and_bounds_items() {
+    let lists = Upstream::start(|_| Reply::Raw(json_ok(r#"{"ids": [5, 6, 5, 7]}"#)));
+    let items = Upstream::start(|req| {
+        let id = req.target.rsplit('/').next().unwrap().to_string();
+        Reply::Raw(json_ok(&format!(r#"{{"id": {id}, "secret": 1}}"#)))
+    });
+    let routes = |max: usize| {
+        format!(
+            r#"
+[[routes]]
+path = "/x"
+[routes.compose]
+[[routes.compose.calls]]
+id = "list"
+upstream = "lists"
+path = "/list"
+omit = ["ids"]
+[[routes.compose.calls]]
+id = "each"
+upstream = "items"
+path = "/items/${{item}}"
+into = "items"
+omit = ["secret"]
+[routes.compose.calls.for_each]
+items = "${{calls.list.body/ids/*}}"
+max_items = {max}
+"#
+        )
+    };
+    let gw = TestGateway::start(
+        &cfg(&[("lists", lists.addr), ("items", items.addr)], &routes(3)),
+        DRIVERS[1],
+    );
+    let r = get(gw.addr, "/x");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"items": [{"id": 5}, {"id": 6}, {"id": 7}]})
+    );
+    assert_eq!(items.hits(), 3);
+    drop(gw);
+    let gw = TestGateway::start(
+        &cfg(&[("lists", lists.addr), ("items", items.addr)], &routes(2)),
+        DRIVERS[1],
+    );
+    let r = get(gw.addr, "/x");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "each");
+    assert!(r.text().contains("max_items"), "{}", r.text());
+}
+
+/// Two upstreams that answer overlapping documents after random delays (xorshift, seeded).
+fn racing_pair() -> (Upstream, Upstream) {
+    let seed = Arc::new(AtomicUsize::new(0x9e37_79b9));
+    let delay = move |seed: &AtomicUsize| {
+        let mut x = seed.load(Ordering::SeqCst) as u64 | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        seed.store(x as usize, Ordering::SeqCst);
+        Duration::from_millis(x % 25)
+    };
+    let (s1, s2) = (seed.clone(), seed);
+    let a = Upstream::start(move |_| {
+        json_after(
+            delay(&s1),
+            r#"{"k": 1, "a": true, "o": {"x": 1, "l": [1, 2]}, "z": "a"}"#.into(),
+        )
+    });
+    let b = Upstream::start(move |_| {
+        json_after(
+            delay(&s2),
+            r#"{"k": 2, "b": true, "o": {"y": 2, "l": [3]}, "z": {"from": "b"}}"#.into(),
+        )
+    });
+    (a, b)
+}
+
+fn conflict_route(policy: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+path = "/m"
+[routes.compose]
+{policy}
+[[routes.compose.calls]]
+id = "first"
+upstream = "a"
+path = "/a"
+[[routes.compose.calls]]
+id = "second"
+upstream = "b"
+path = "/b"
+"#
+    )
+}
+
+#[test]
+fn conflict_policies_give_the_same_bytes_whatever_the_timing() {
+    let (a, b) = racing_pair();
+    let cases = [
+        (
+            "on_conflict = \"first\"",
+            // Answers that need no tree are spliced as they came (values keep the upstream's
+            // bytes); the top-level keys are sorted.
+            r#"{"a":true,"b":true,"k":1,"o":{"x": 1, "l": [1, 2]},"z":"a"}"#,
+        ),
+        (
+            "on_conflict = \"last\"",
+            r#"{"a":true,"b":true,"k":2,"o":{"y": 2, "l": [3]},"z":{"from": "b"}}"#,
+        ),
+        (
+            "on_conflict = \"deep_merge\"",
+            r#"{"a":true,"b":true,"k":2,"o":{"l":[1,2,3],"x":1,"y":2},"z":{"from":"b"}}"#,
+        ),
+        (
+            "on_conflict = \"deep_merge\"\narrays = \"replace\"",
+            r#"{"a":true,"b":true,"k":2,"o":{"l":[3],"x":1,"y":2},"z":{"from":"b"}}"#,
+        ),
+    ];
+    for (policy, want) in cases {
+        let gw = TestGateway::start(
+            &cfg(&[("a", a.addr), ("b", b.addr)], &conflict_route(policy)),
+            DRIVERS[0],
+        );
+        for i in 0..12 {
+            let r = get(gw.addr, "/m");
+            assert_eq!(r.status, 200, "{policy} #{i}: {}", r.text());
+            check_framing(&r);
+            assert_eq!(r.text(), format!("{want}\n"), "{policy} #{i}");
+        }
+    }
+    // "error" (the default): refused the same way every time, naming the key and the calls.
+    let gw = TestGateway::start(
+        &cfg(&[("a", a.addr), ("b", b.addr)], &conflict_route("")),
+        DRIVERS[0],
+    );
+    let mut first: Option<Vec<u8>> = None;
+    for _ in 0..8 {
+        let r = get_with(gw.addr, "/m", "X-Request-Id: same\r\n");
+        assert_eq!(r.status, 502, "{}", r.text());
+        check_framing(&r);
+        let j = r.json();
+        assert_eq!(j["error"], "compose_conflict");
+        assert_eq!(j["key"], "k");
+        assert_eq!(j["calls"], json!(["first", "second"]));
+        match &first {
+            None => first = Some(r.body.clone()),
+            Some(f) => assert_eq!(f, &r.body),
+        }
+    }
+}
+
+/// A route with one required call to `bad` and one optional call to `ok`.
+fn failure_route(extra_bad: &str, route_extra: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+path = "/f"
+[routes.compose]
+{route_extra}
+[[routes.compose.calls]]
+id = "main"
+upstream = "bad"
+path = "/main"
+into = "main"
+{extra_bad}
+[[routes.compose.calls]]
+id = "side"
+upstream = "ok"
+path = "/side"
+into = "side"
+"#
+    )
+}
+
+#[test]
+fn a_failed_required_call_fails_the_request_naming_it() {
+    let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
+    let refusing = refusing_addr();
+    let big = "x".repeat(4096);
+    let cases: Vec<(&str, Upstream, &str, u16, &str)> = vec![
+        (
+            "timeout",
+            Upstream::slow(Duration::from_secs(3), br#"{"late": true}"#),
+            "timeout = \"200ms\"",
+            504,
+            "did not answer in time",
+        ),
+        (
+            "5xx",
+            Upstream::start(|_| Reply::Raw(json_status(503, "{}"))),
+            "",
+            502,
+            "answered 503",
+        ),
+        (
+            "bad json",
+            Upstream::start(|_| Reply::Raw(json_ok("<html>nope</html>"))),
+            "",
+            502,
+            "not JSON",
+        ),
+        (
+            "oversized",
+            Upstream::start(move |_| Reply::Raw(json_ok(&format!("\"{big}\"")))),
+            "",
+            502,
+            "larger than 1024 bytes",
+        ),
+    ];
+    for (what, bad, extra, status, why) in cases {
+        let route_extra = if what == "oversized" {
+            "max_call_bytes = 1024"
+        } else {
+            ""
+        };
+        let gw = TestGateway::start(
+            &cfg(
+                &[("bad", bad.addr), ("ok", ok.addr)],
+                &failure_route(extra, route_extra),
+            ),
+            DRIVERS[0],
+        );
+        let started = Instant::now();
+        let r = get(gw.addr, "/f");
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        check_framing(&r);
+        let j = r.json();
+        assert_eq!(j["call"], "main", "{what}");
+        assert_eq!(j["status"], status, "{what}");
+        assert!(j["message"].as_str().unwrap().contains(why), "{what}: {j}");
+        if what == "timeout" {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{what}: {:?}",
+                started.elapsed()
+            );
+        }
+    }
+    // Connection refused.
+    let gw = TestGateway::start(
+        &cfg(
+            &[("bad", refusing.addr), ("ok", ok.addr)],
+            &failure_route("", ""),
+        ),
+        DRIVERS[1],
+    );
+    let r = get(gw.addr, "/f");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "main");
+    assert!(r.text().contains("could not connect"), "{}", r.text());
+    // The route passes the call's own status on.
+    let bad = Upstream::start(|_| Reply::Raw(json_status(404, "{}")));
+    let gw = TestGateway::start(
+        &cfg(
+            &[("bad", bad.addr), ("ok", ok.addr)],
+            &failure_route("", "pass_status = true"),
+        ),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/f");
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["call"], "main");
+}
+
+#[test]
+fn failed_optional_calls_are_left_out_or_replaced_and_reported() {
+    let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
+    let refusing = refusing_addr();
+    let bad_json = Upstream::start(|_| Reply::Raw(json_ok("{")));
+    let routes = r#"
+[[routes]]
+path = "/p"
+[routes.compose]
+errors_field = true
+[[routes.compose.calls]]
+id = "main"
+upstream = "ok"
+path = "/main"
+into = "main"
+[[routes.compose.calls]]
+id = "pictures"
+upstream = "refusing"
+path = "/pictures"
+into = "pictures"
+required = false
+fallback = []
+[[routes.compose.calls]]
+id = "friends"
+upstream = "badjson"
+path = "/friends"
+into = "friends"
+required = false
+"#;
+    for d in DRIVERS {
+        let gw = TestGateway::start(
+            &cfg(
+                &[
+                    ("ok", ok.addr),
+                    ("refusing", refusing.addr),
+                    ("badjson", bad_json.addr),
+                ],
+                routes,
+            ),
+            d,
+        );
+        let r = get(gw.addr, "/p");
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        check_framing(&r);
+        assert_eq!(r.header("ringway-partial"), Some("pictures,friends"));
+        let j = r.json();
+        assert_eq!(j["main"], json!({"fine": true}));
+        assert_eq!(j["pictures"], json!([]));
+        assert!(j.get("friends").is_none(), "{j}");
+        let errs = j["_errors"].as_array().unwrap();
+        assert_eq!(errs.len(), 2);
+        assert_eq!(errs[0]["call"], "pictures");
+        assert_eq!(errs[1]["call"], "friends");
+        assert!(errs[1]["reason"].as_str().unwrap().contains("not JSON"));
+    }
+}
+
+#[test]
+fn identical_gets_are_made_once_and_retries_follow_the_route_policy() {
+    let up = Upstream::start(|_| Reply::Raw(json_ok(r#"{"v": 1}"#)));
+    let routes = r#"
+[[routes]]
+path = "/d"
+[routes.compose]
+[[routes.compose.calls]]
+id = "one"
+upstream = "up"
+path = "/same"
+into = "one"
+[[routes.compose.calls]]
+id = "two"
+upstream = "up"
+path = "/same"
+into = "two"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/d");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"one": {"v": 1}, "two": {"v": 1}}));
+    assert_eq!(up.hits(), 1);
+    // Sub-requests use the upstream pool: later client requests reuse the connection.
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..3 {
+        c.send(b"GET /d HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().expect("an answer").status, 200);
+    }
+    assert_eq!(up.hits(), 4);
+    assert_eq!(up.conns(), 1, "sub-request connections are pooled");
+
+    // The first try is dropped unanswered; the route's retry policy tries again.
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let flaky = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Drop
+        } else {
+            Reply::Raw(json_ok(r#"{"v": 2}"#))
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/r"
+retry = { attempts = 2, on = ["reset", "connect_failure"] }
+[routes.compose]
+[[routes.compose.calls]]
+id = "x"
+upstream = "flaky"
+path = "/x"
+"#;
+    let gw = TestGateway::start(&cfg(&[("flaky", flaky.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/r");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({"v": 2}));
+    assert_eq!(flaky.hits(), 2);
+}
+
+#[test]
+fn the_last_step_posts_after_the_others_with_their_values() {
+    let users = Upstream::start(|_| Reply::Raw(json_ok(r#"{"id": 9, "name": "Ada"}"#)));
+    let orders = Upstream::start(|req| {
+        if req.method == "POST" {
+            Reply::Raw(json_status(
+                201,
+                &format!(r#"{{"created": {}}}"#, String::from_utf8_lossy(&req.body)),
+            ))
+        } else {
+            Reply::Raw(json_ok("{}"))
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/buy"
+[routes.compose]
+[[routes.compose.calls]]
+id = "order"
+upstream = "orders"
+method = "POST"
+path = "/orders"
+body = '{"user": ${calls.user.body/id}, "name": ${calls.user.body/name}, "q": ${request.query.q}}'
+into = "order"
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/me"
+into = "user"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("users", users.addr), ("orders", orders.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/buy?q=a%22b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"order": {"created": {"user": 9, "name": "Ada", "q": "a\"b"}}, "user": {"id": 9, "name": "Ada"}})
+    );
+    let p = orders.last();
+    assert_eq!(p.header("content-type"), Some("application/json"));
+}
+
+#[test]
+fn consumer_and_identity_headers_reach_the_calls() {
+    let up = Upstream::echo();
+    let key = ringway::auth::apikey::key_hash_hex(b"team-key");
+    let routes = format!(
+        r#"
+[auth.api_key]
+header = "x-api-key"
+
+[[consumers]]
+name = "team-a"
+api_keys = ["{key}"]
+
+[[routes]]
+path = "/me"
+auth = "api_key"
+[routes.compose]
+[[routes.compose.calls]]
+id = "team"
+upstream = "up"
+path = "/teams/${{request.consumer}}"
+query = {{ q = "${{request.query.q}}" }}
+into = "echo"
+"#
+    );
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], &routes), DRIVERS[0]);
+    assert_eq!(get(gw.addr, "/me").status, 401);
+    let r = get_with(gw.addr, "/me?q=line%0Abreak", "X-Api-Key: team-key\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = up.last();
+    // A decoded control character goes on percent-encoded, never raw.
+    assert_eq!(req.target, "/teams/team-a?q=line%0Abreak");
+    assert_eq!(req.header("x-consumer"), Some("team-a"));
+    assert!(
+        req.header("x-api-key").is_none(),
+        "the credential stays at the gateway"
+    );
+    assert_eq!(r.json()["echo"]["target"], "/teams/team-a?q=line%0Abreak");
+}
+
+#[test]
+fn chunked_and_close_delimited_answers_and_head_calls_with_status_and_headers() {
+    let chunked = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{\"c\":\r\n3\r\n[1]\r\n1\r\n}\r\n0\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    let close = Upstream::start(|_| {
+        Reply::RawClose(
+            b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n{\"closed\": true}".to_vec(),
+        )
+    });
+    let meta = Upstream::start(|req| {
+        assert_eq!(req.method, "HEAD");
+        Reply::Raw(b"HTTP/1.1 200 OK\r\netag: \"v7\"\r\ncontent-length: 999\r\n\r\n".to_vec())
+    });
+    let echo = Upstream::echo();
+    let routes = r#"
+[[routes]]
+path = "/frames"
+[routes.compose]
+[[routes.compose.calls]]
+id = "chunked"
+upstream = "chunked"
+path = "/c"
+[[routes.compose.calls]]
+id = "close"
+upstream = "close"
+path = "/close"
+[[routes.compose.calls]]
+id = "meta"
+upstream = "meta"
+method = "HEAD"
+path = "/meta"
+into = "meta"
+[[routes.compose.calls]]
+id = "echo"
+upstream = "echo"
+path = "/e/${calls.meta.status}"
+headers = { "if-none-match" = "${calls.meta.header.etag}" }
+into = "echo"
+pick = ["target"]
+"#;
+    for d in DRIVERS {
+        let gw = TestGateway::start(
+            &cfg(
+                &[
+                    ("chunked", chunked.addr),
+                    ("close", close.addr),
+                    ("meta", meta.addr),
+                    ("echo", echo.addr),
+                ],
+                routes,
+            ),
+            d,
+        );
+        let r = get(gw.addr, "/frames");
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        check_framing(&r);
+        assert_eq!(
+            r.json(),
+            json!({"c": [1], "closed": true, "meta": null, "echo": {"target": "/e/200"}})
+        );
+        assert_eq!(echo.last().header("if-none-match"), Some("\"v7\""));
+    }
+}
+
+#[test]
+fn the_request_deadline_bounds_a_chain_of_calls() {
+    let slow = Upstream::start(|_| json_after(Duration::from_millis(250), r#"{"id": 1}"#.into()));
+    let after = Upstream::start(|_| Reply::Raw(json_ok("{}")));
+    let routes = r#"
+[[routes]]
+path = "/chain"
+[routes.compose]
+deadline = "400ms"
+[[routes.compose.calls]]
+id = "one"
+upstream = "slow"
+path = "/1"
+into = "one"
+[[routes.compose.calls]]
+id = "two"
+upstream = "slow"
+path = "/2/${calls.one.body/id}"
+into = "two"
+[[routes.compose.calls]]
+id = "three"
+upstream = "after"
+path = "/3/${calls.two.body/id}"
+into = "three"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("slow", slow.addr), ("after", after.addr)], routes),
+        DRIVERS[0],
+    );
+    let started = Instant::now();
+    let r = get(gw.addr, "/chain");
+    let took = started.elapsed();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["call"], "two");
+    assert_eq!(r.json()["error"], "compose_call_timeout");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    // The call after the one that timed out never started.
+    assert_eq!(after.hits(), 0);
+}
+
+#[test]
+fn chunked_answers_over_the_call_cap_and_answers_over_the_total_cap_fail() {
+    let chunked_big = Upstream::start(|_| {
+        let body = format!("\"{}\"", "y".repeat(3000));
+        let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        for part in body.as_bytes().chunks(700) {
+            r.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            r.extend_from_slice(part);
+            r.extend_from_slice(b"\r\n");
+        }
+        r.extend_from_slice(b"0\r\n\r\n");
+        Reply::Raw(r)
+    });
+    let medium = Upstream::start(|_| Reply::Raw(json_ok(&format!("\"{}\"", "m".repeat(600)))));
+    let routes = |cap: &str, b: &str| {
+        format!(
+            r#"
+[[routes]]
+path = "/caps"
+[routes.compose]
+{cap}
+[[routes.compose.calls]]
+id = "one"
+upstream = "{b}"
+path = "/1"
+into = "one"
+[[routes.compose.calls]]
+id = "two"
+upstream = "medium"
+path = "/2"
+into = "two"
+"#
+        )
+    };
+    let ups = [("big", chunked_big.addr), ("medium", medium.addr)];
+    let gw = TestGateway::start(
+        &cfg(&ups, &routes("max_call_bytes = 1024", "big")),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/caps");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "one");
+    assert!(r.text().contains("larger than 1024 bytes"), "{}", r.text());
+    drop(gw);
+    // Each answer (~600 bytes) is under the call cap; the two together are over the total.
+    let gw = TestGateway::start(
+        &cfg(&ups, &routes("max_total_bytes = 1000", "medium")),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/caps");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("max_total_bytes"),
+        "the second answer to arrive is refused: {}",
+        r.text()
+    );
+}
+
+/// `extra` is refused at `extra`'s 0-based line `line`, with `key`, the reason holding `why`.
+fn refused(extra: &str, line: usize, key: &str, why: &str) {
+    let head = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n";
+    let src = format!("{head}{extra}");
+    let e = Config::parse(&src, "c.toml").expect_err(extra);
+    assert_eq!(e.key, key, "{e}");
+    assert_eq!(e.file, "c.toml");
+    assert_eq!(e.line, Some(head.lines().count() + 1 + line), "{e}\n{src}");
+    assert!(e.reason.contains(why), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("c.toml:{}:", e.line.unwrap())),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_compositions_are_refused_at_load_with_file_line_and_key() {
+    let call = |id: &str, path: &str, more: &str| {
+        format!(
+            "[[routes.compose.calls]]\nid = \"{id}\"\nupstream = \"u\"\npath = \"{path}\"\n{more}"
+        )
+    };
+    let route = |calls: String| format!("[[routes]]\npath = \"/c\"\n[routes.compose]\n{calls}");
+    refused(
+        &route(call("a", "/x/${calls.nope.body/id}", "")),
+        6,
+        "routes[0].compose.calls[0].path",
+        "no call with id \"nope\"",
+    );
+    refused(
+        &route(call("a", "/x/${calls.b.body/id}", "") + &call("b", "/y/${calls.a.status}", "")),
+        4,
+        "routes[0].compose.calls[0]",
+        "cycle: a -> b -> a",
+    );
+    refused(
+        &route(call("a", "/a", "") + &call("b", "/x/${calls.a.body/bad~2}", "")),
+        10,
+        "routes[0].compose.calls[1].path",
+        "RFC 6901",
+    );
+    refused(
+        &route(call("a", "/a", "method = \"POST\"\n") + &call("b", "/x/${calls.a.body/id}", "")),
+        9,
+        "routes[0].compose.calls[1]",
+        "must be the last step",
+    );
+    refused(
+        &route(call("a", "/a", "extract = \"nope\"\n")),
+        7,
+        "routes[0].compose.calls[0].extract",
+        "must be empty or start with '/'",
+    );
+    refused(
+        &route(call("a", "/a/${request.path.id}", "")),
+        6,
+        "routes[0].compose.calls[0].path",
+        "needs a route with `path_regex`",
+    );
+    refused(
+        &route(call("a", "/a", "") + &call("a", "/b", "")),
+        8,
+        "routes[0].compose.calls[1].id",
+        "used twice",
+    );
+    refused(
+        &route(call(
+            "a",
+            "/a",
+            "[routes.compose.calls.for_each]\nitems = \"${calls.a.body/x}\"\n",
+        )),
+        8,
+        "routes[0].compose.calls[0].for_each.items",
+        "exactly one '*'",
+    );
+    refused(
+        "[[routes]]\npath = \"/c\"\nupstream = \"u\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"a\"\nupstream = \"u\"\npath = \"/a\"\n",
+        0,
+        "routes[0].compose",
+        "one of `upstream`, `direct` and `compose`",
+    );
+}
