@@ -142,10 +142,15 @@ struct Inner {
     concurrency_ids: Ids,
     generation: u64,
     stopped: bool,
+    /// A drain closed the listeners: a reload must not bind new ones.
+    drained: bool,
     /// Other threads that stop with the gateway (the upgrade listener).
     others: Vec<Background>,
     /// The admin API, told of each applied config.
     admin: Option<Arc<crate::admin::Admin>>,
+    /// A duplicate of the admin API's listening socket, with its address: a binary upgrade
+    /// hands it over too (the new process could not bind the port the old one holds).
+    admin_socket: Option<(SocketAddr, TcpListener)>,
 }
 
 /// The reload side of a [`Gateway`].
@@ -219,6 +224,8 @@ pub enum ReloadError {
     NoFile,
     /// The gateway is shutting down.
     Stopped,
+    /// A drain closed the listeners; a reload would open new ones (nothing changed).
+    Drained,
 }
 
 impl fmt::Display for ReloadError {
@@ -230,6 +237,7 @@ impl fmt::Display for ReloadError {
             ReloadError::Workers(e) => write!(f, "config committed, but {e}"),
             ReloadError::NoFile => write!(f, "no config file to reload"),
             ReloadError::Stopped => write!(f, "the gateway is shutting down"),
+            ReloadError::Drained => write!(f, "the gateway is drained; its listeners stay closed"),
         }
     }
 }
@@ -244,7 +252,7 @@ impl ReloadError {
             ReloadError::Invalid(_) | ReloadError::Build(_) => 400,
             ReloadError::Bind(_) | ReloadError::Workers(_) => 500,
             ReloadError::NoFile => 409,
-            ReloadError::Stopped => 503,
+            ReloadError::Stopped | ReloadError::Drained => 503,
         }
     }
 }
@@ -471,8 +479,10 @@ impl ReloadState {
                 concurrency_ids,
                 generation: 0,
                 stopped: false,
+                drained: false,
                 others: Vec::new(),
                 admin: None,
+                admin_socket: None,
             })),
         }
     }
@@ -547,7 +557,19 @@ impl ReloadState {
                 out.push((s.bound, sock.try_clone()?));
             }
         }
+        if let Some((addr, sock)) = &inner.admin_socket {
+            out.push((*addr, sock.try_clone()?));
+        }
         Ok(out)
+    }
+
+    /// After a hand-over: the admin API stops accepting (the new process serves it on the
+    /// same socket), so that `/ready` and `POST /reload` reach the new process only.
+    pub(crate) fn handed_over(&self) {
+        let admin = self.lock().admin.clone();
+        if let Some(a) = admin {
+            a.stop();
+        }
     }
 
     fn reload(&self, control: &Control, mut next: Config) -> Result<ReloadReport, ReloadError> {
@@ -555,6 +577,9 @@ impl ReloadState {
         let mut inner = self.lock();
         if inner.stopped {
             return Err(ReloadError::Stopped);
+        }
+        if inner.drained {
+            return Err(ReloadError::Drained);
         }
         let workers = inner.workers;
         next.server.max_connections_per_worker =
@@ -1045,12 +1070,14 @@ impl ReloadState {
     }
 
     /// Closes the gateway's own duplicates of every listening socket (a drain: once the
-    /// workers closed theirs, the port refuses new connections). Holds the state weakly.
+    /// workers closed theirs, the port refuses new connections), and refuses later reloads
+    /// (they would bind new listeners). Holds the state weakly.
     pub(crate) fn drain_hook(&self) -> crate::admin::DrainHook {
         let weak = Arc::downgrade(&self.inner);
         Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+                inner.drained = true;
                 for slot in &mut inner.slots {
                     slot.sockets.clear();
                 }
@@ -1061,6 +1088,11 @@ impl ReloadState {
     /// The admin API whose `/config` and `/routes` follow each applied reload.
     pub(crate) fn set_admin(&self, admin: Arc<crate::admin::Admin>) {
         self.lock().admin = Some(admin);
+    }
+
+    /// A duplicate of the admin API's listening socket, for a binary upgrade's hand-over.
+    pub(crate) fn set_admin_socket(&self, addr: SocketAddr, sock: TcpListener) {
+        self.lock().admin_socket = Some((addr, sock));
     }
 }
 

@@ -8,7 +8,8 @@
 //! - one message per batch of at most [`MAX_FDS_PER_MESSAGE`] sockets: `fds\n` then one bound
 //!   address per line, with the sockets attached (`SCM_RIGHTS`) in the same order. Every
 //!   per-worker `SO_REUSEPORT` socket of every listener is sent, so that connections already in
-//!   their accept queues are accepted by the new process;
+//!   their accept queues are accepted by the new process, and the admin API's listening
+//!   socket (the new process serves it; the old one stops accepting on it after `ready`);
 //! - `end`.
 //!
 //! The new process checks every descriptor (a listening TCP socket bound where the message
@@ -306,6 +307,7 @@ pub fn listen(gw: &Gateway, path: &Path, handed: Box<dyn FnOnce() + Send>) -> io
                             unlink_if_mine(&path, id);
                             drop(sock);
                             drop(conn);
+                            state.handed_over();
                             if let Some(h) = handed.take() {
                                 h();
                             }

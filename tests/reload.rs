@@ -956,3 +956,85 @@ fn post_reload_on_the_admin_api_reloads_the_file_or_refuses_it() {
     assert_eq!(gw.gateway().reload_generation(), 1);
     assert_eq!(get(gw.addr, "/x").text(), "B");
 }
+
+/// Whether a connection to `addr` is refused.
+fn refused(addr: SocketAddr) -> bool {
+    matches!(TcpStream::connect(addr), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[test]
+fn a_reload_after_a_drain_opens_no_listener() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\n";
+    let one = two_groups(a.addr, b.addr, "a", admin);
+    let two = one.replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"second\"\n",
+        1,
+    );
+    let gw = TestGateway::start(&one, DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    let r = request(
+        adm,
+        b"POST /drain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(
+        eventually(Duration::from_secs(5), || refused(gw.addr)),
+        "the drain closes the listener"
+    );
+    // A drained gateway stays closed: a reload that adds a listener must not leave a socket
+    // listening (with nobody accepting, its connections would hang instead of being refused).
+    let e = gw
+        .gateway()
+        .reload(parse(&two))
+        .expect_err("a drained gateway refuses a reload");
+    assert_eq!(e.status(), 503, "{e}");
+    for addr in gw.gateway().listener_addrs() {
+        assert!(refused(addr), "{addr} accepts after the drain");
+    }
+    assert_eq!(gw.gateway().reload_generation(), 0);
+}
+
+#[test]
+fn a_binary_upgrade_takes_over_the_admin_port() {
+    let dir = Scratch::new("upgrade-admin");
+    let sock = dir.0.join("upgrade.sock");
+    let cfg = |port: u16, admin: u16, body: &str| {
+        format!(
+            "[server]\nworkers = 2\nshutdown_timeout = \"5s\"\nupgrade_socket = \"{}\"\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\n[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[[routes]]\npath = \"/who\"\ndirect = {{ status = 200, body = \"{body}\" }}\n",
+            sock.display()
+        )
+    };
+    let first = dir.write("old.toml", &cfg(0, 0, "old"));
+    let mut old = Proc::spawn(&["run", "-c", first.to_str().unwrap()]);
+    let addr = old.addr();
+    let line = old
+        .wait_line("admin API on http://", 1, Duration::from_secs(10))
+        .expect("the old process serves the admin API");
+    let admin: SocketAddr = line
+        .split("admin API on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("an admin address");
+    assert!(eventually(Duration::from_secs(10), || sock.exists()));
+    // The new config keeps both ports, as an upgrade of a deployed config does.
+    let second = dir.write("new.toml", &cfg(addr.port(), admin.port(), "new"));
+    let mut new = Proc::spawn(&["upgrade", "-c", second.to_str().unwrap()]);
+    assert!(
+        old.wait_exit(Duration::from_secs(20)),
+        "the old process did not exit; new: {:?}",
+        new.lines.lock().unwrap()
+    );
+    assert!(
+        !new.wait_exit(Duration::from_millis(200)),
+        "the new process exited: {:?}",
+        new.lines.lock().unwrap()
+    );
+    assert_eq!(get(addr, "/who").text(), "new");
+    let r = request(admin, b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    new.signal(libc::SIGTERM);
+    assert!(new.wait_exit(Duration::from_secs(10)));
+}
