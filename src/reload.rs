@@ -318,7 +318,12 @@ fn assign_ids(cfg: &Config, limits: &mut Ids, conc: &mut Ids) -> (Vec<Vec<u32>>,
         conc.next = u32::try_from(cfg.routes.len()).unwrap_or(u32::MAX);
     }
     for (i, rc) in cfg.routes.iter().enumerate() {
-        let label = route_label(cfg, i);
+        // A route's identity: its name (unique in a config), or for an unnamed route its
+        // index. Not `route_label`: a route may be named "#1" like the unnamed route 1.
+        let label = match rc.name.as_deref() {
+            Some(n) => (Some(n), 0),
+            None => (None, i),
+        };
         let mut ids = Vec::new();
         let mut seen: HashMap<u64, usize> = HashMap::new();
         for l in &rc.rate_limits {

@@ -1038,3 +1038,27 @@ fn a_binary_upgrade_takes_over_the_admin_port() {
     new.signal(libc::SIGTERM);
     assert!(new.wait_exit(Duration::from_secs(10)));
 }
+
+#[test]
+fn buckets_carry_over_when_a_route_is_named_like_an_unnamed_one() {
+    // An unnamed route is labelled by its index (`#1`); a route may be named "#1" too.
+    let limit = "rate_limits = [{ key = \"client_ip\", rate = 1, per = \"1m\" }]";
+    let toml = format!(
+        "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"#1\"\npath = \"/a\"\ndirect = {{ status = 200 }}\n{limit}\n\n\
+         [[routes]]\npath = \"/b\"\ndirect = {{ status = 200 }}\n{limit}\n\n\
+         [[routes]]\nname = \"c\"\npath = \"/c\"\ndirect = {{ status = 200 }}\n{limit}\n"
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    assert_eq!(get(gw.addr, "/c").status, 200);
+    assert_eq!(get(gw.addr, "/c").status, 429);
+    // The same config again: every limit is unchanged, so every bucket stays as it was.
+    gw.gateway().reload(parse(&toml)).unwrap();
+    assert_eq!(
+        get(gw.addr, "/c").status,
+        429,
+        "/c's spent bucket carries over"
+    );
+    assert_eq!(get(gw.addr, "/a").status, 200);
+    assert_eq!(get(gw.addr, "/b").status, 200, "/b has a bucket of its own");
+}
