@@ -1062,3 +1062,49 @@ fn buckets_carry_over_when_a_route_is_named_like_an_unnamed_one() {
     assert_eq!(get(gw.addr, "/a").status, 200);
     assert_eq!(get(gw.addr, "/b").status, 200, "/b has a bucket of its own");
 }
+
+#[test]
+fn a_request_whose_head_straddles_a_reload_is_authenticated_by_its_own_config() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    const SECRET_A: &str = "reload-secret-a-of-32-bytes-min!";
+    const SECRET_B: &str = "reload-secret-b-of-32-bytes-min!";
+    let cfg = |providers: &str, method: &str| {
+        format!(
+            "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n{providers}\n[[routes]]\npath = \"/x\"\nauth = \"{method}\"\ndirect = {{ status = 200, body = \"in\" }}\n"
+        )
+    };
+    let both =
+        format!("[auth.jwt.a]\nsecret = \"{SECRET_A}\"\n\n[auth.jwt.b]\nsecret = \"{SECRET_B}\"\n");
+    let only_a = format!("[auth.jwt.a]\nsecret = \"{SECRET_A}\"\n");
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({ "sub": "u", "exp": now() + 600 }),
+        &EncodingKey::from_secret(SECRET_B.as_bytes()),
+    )
+    .unwrap();
+    // The route takes provider "b" (the second of two); the next config has only "a".
+    let gw = TestGateway::start(&cfg(&both, "b"), DriverChoice::Auto);
+    let mut slow = Client::connect(gw.addr);
+    slow.send(
+        format!("GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n").as_bytes(),
+    );
+    // One exchange on another connection of the same worker: by then the worker read the
+    // first connection's bytes and began its request (on the current config).
+    let mut other = Client::connect(gw.addr);
+    let r = get_on(&mut other, "/x");
+    assert_eq!(r.status, 401, "{}", r.text());
+    gw.gateway().reload(parse(&cfg(&only_a, "a"))).unwrap();
+    slow.send(b"\r\n");
+    let r = slow
+        .read_response()
+        .expect("an answer, on the config the request began with");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "in");
+    // A request that begins after the reload takes the new config: "b"'s token is refused.
+    assert_eq!(get_on(&mut other, "/x").status, 401);
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        format!("GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(c.read_response().expect("an answer").status, 401);
+}
