@@ -226,6 +226,8 @@ pub enum ReloadError {
     Stopped,
     /// A drain closed the listeners; a reload would open new ones (nothing changed).
     Drained,
+    /// A worker's control mailbox is full (it stopped running its jobs); nothing changed.
+    Busy(ControlError),
 }
 
 impl fmt::Display for ReloadError {
@@ -238,6 +240,7 @@ impl fmt::Display for ReloadError {
             ReloadError::NoFile => write!(f, "no config file to reload"),
             ReloadError::Stopped => write!(f, "the gateway is shutting down"),
             ReloadError::Drained => write!(f, "the gateway is drained; its listeners stay closed"),
+            ReloadError::Busy(e) => write!(f, "nothing changed: {e}"),
         }
     }
 }
@@ -252,7 +255,7 @@ impl ReloadError {
             ReloadError::Invalid(_) | ReloadError::Build(_) => 400,
             ReloadError::Bind(_) | ReloadError::Workers(_) => 500,
             ReloadError::NoFile => 409,
-            ReloadError::Stopped | ReloadError::Drained => 503,
+            ReloadError::Stopped | ReloadError::Drained | ReloadError::Busy(_) => 503,
         }
     }
 }
@@ -586,6 +589,11 @@ impl ReloadState {
         if inner.drained {
             return Err(ReloadError::Drained);
         }
+        // The workers' jobs are posted after the commit: a worker that could not take its
+        // job would stay on the old config for good.
+        if let Some(w) = control.full() {
+            return Err(ReloadError::Busy(ControlError::Full(w)));
+        }
         let workers = inner.workers;
         next.server.max_connections_per_worker =
             crate::server::connection_cap(next.server.max_connections_per_worker, workers);
@@ -740,7 +748,7 @@ impl ReloadState {
             total_slots,
         });
         let j = job.clone();
-        let answered = control.ask(RELOAD_ANSWER_LIMIT, move |w| j.apply(w));
+        let answered = control.ask_every(RELOAD_ANSWER_LIMIT, move |w| j.apply(w));
 
         // The report, from the old state and the new.
         let old = inner.cfg.clone();
@@ -1037,7 +1045,8 @@ impl ReloadState {
             }
             Err(e) => error!("reload refused: {e}"),
         }
-        if r.is_ok() {
+        // `Workers`: committed too (the lagging workers take it when they next run their jobs).
+        if matches!(r, Ok(_) | Err(ReloadError::Workers(_))) {
             let (admin, cfg) = {
                 let inner = self.lock();
                 (inner.admin.clone(), inner.cfg.clone())

@@ -1108,3 +1108,94 @@ fn a_request_whose_head_straddles_a_reload_is_authenticated_by_its_own_config() 
     );
     assert_eq!(c.read_response().expect("an answer").status, 401);
 }
+
+/// Blocks worker `w` in a control job until the returned sender is dropped or sent to.
+fn block_worker(ctl: &ringway::control::Control, w: usize) -> mpsc::Sender<()> {
+    let (started_tx, started) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<()>();
+    ctl.post(
+        w,
+        Box::new(move |_| {
+            let _ = started_tx.send(());
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        }),
+    )
+    .unwrap();
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker runs the job");
+    release
+}
+
+fn admin_routes(adm: SocketAddr) -> String {
+    request(
+        adm,
+        b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .text()
+}
+
+/// Whether `n` new connections all get `body` for `/x`.
+fn all_answer(addr: SocketAddr, body: &str, n: usize) -> bool {
+    (0..n).all(|_| get(addr, "/x").text() == body)
+}
+
+#[test]
+fn a_reload_committed_while_a_worker_lags_reaches_it_and_the_admin_api() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\n";
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", admin), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    let release = block_worker(gw.gateway().control(), 1);
+    let e = gw
+        .gateway()
+        .reload(parse(&two_groups(a.addr, b.addr, "b", admin)))
+        .expect_err("worker 1 does not answer within the reload's limit");
+    assert!(matches!(e, ReloadError::Workers(_)), "{e}");
+    // "config committed": the running config is the new one, and so is what /routes shows.
+    assert_eq!(gw.gateway().reload_generation(), 1);
+    let routes = admin_routes(adm);
+    assert!(routes.contains("\"upstream\": \"b\""), "{routes}");
+    // Worker 1 takes it once it runs its jobs again.
+    drop(release);
+    assert!(eventually(Duration::from_secs(5), || all_answer(
+        gw.addr, "B", 20
+    )));
+}
+
+#[test]
+fn a_reload_is_refused_while_a_worker_mailbox_is_full_and_changes_nothing() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\n";
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", admin), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    let ctl = gw.gateway().control().clone();
+    let release = block_worker(&ctl, 1);
+    let mut filled = false;
+    for _ in 0..=ringway::control::MAX_PENDING_JOBS {
+        if ctl.post(1, Box::new(|_| {})).is_err() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled);
+    // Before: posted to worker 0 only, the reload left worker 1 on the old config for good.
+    let e = gw
+        .gateway()
+        .reload(parse(&two_groups(a.addr, b.addr, "b", admin)))
+        .expect_err("worker 1 cannot take the job");
+    assert!(matches!(e, ReloadError::Busy(_)), "{e}");
+    assert_eq!(e.status(), 503);
+    assert_eq!(gw.gateway().reload_generation(), 0);
+    assert!(admin_routes(adm).contains("\"upstream\": \"a\""));
+    drop(release);
+    assert!(eventually(Duration::from_secs(5), || ctl
+        .ask(Duration::from_secs(1), |w| w.id)
+        .is_ok()));
+    assert!(all_answer(gw.addr, "A", 20));
+    // Once the mailbox drained, the same reload applies on every worker.
+    gw.gateway()
+        .reload(parse(&two_groups(a.addr, b.addr, "b", admin)))
+        .unwrap();
+    assert!(all_answer(gw.addr, "B", 20));
+}
