@@ -24,8 +24,9 @@
 //!
 //! # What does not reload
 //! `server.workers`, `server.driver`, `server.shutdown_timeout`, `server.upgrade_socket` and
-//! `[rate_limiting]`'s `backend`, `redis` and `max_keys` are read at start only; a reload that
-//! changes them applies everything else and names them in [`ReloadReport::not_reloaded`].
+//! `[rate_limiting]`'s `backend`, `redis` and `max_keys`, and `[admin]` but its token are read
+//! at start only, as is the `backlog` of a listener kept by address; a reload that changes
+//! them applies everything else and names them in [`ReloadReport::not_reloaded`].
 //!
 //! # Listener slots
 //! A connection knows its listener by index into the snapshot's `listeners`. So that the index
@@ -410,6 +411,39 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", old.rate_limiting.max_keys),
         format!("{:?}", new.rate_limiting.max_keys),
     );
+    // The admin listener runs as started; only its token follows a reload.
+    let admin = |c: &Config| c.admin.clone().filter(|a| a.enabled);
+    match (admin(old), admin(new)) {
+        (Some(o), Some(n)) => {
+            check(
+                "admin.address",
+                o.address.addr.to_string(),
+                n.address.addr.to_string(),
+            );
+            check(
+                "admin.max_connections",
+                o.max_connections.to_string(),
+                n.max_connections.to_string(),
+            );
+            check(
+                "admin.request_timeout",
+                format!("{:?}", o.request_timeout.0),
+                format!("{:?}", n.request_timeout.0),
+            );
+            check(
+                "admin.idle_timeout",
+                format!("{:?}", o.idle_timeout.0),
+                format!("{:?}", n.idle_timeout.0),
+            );
+            check(
+                "admin.drain_delay",
+                format!("{:?}", o.drain_delay()),
+                format!("{:?}", n.drain_delay()),
+            );
+        }
+        (None, None) => {}
+        _ => out.push("admin".to_string()),
+    }
     out
 }
 
@@ -634,13 +668,20 @@ impl ReloadState {
         let mut plan = Vec::with_capacity(next.listeners.len());
         let mut binds: Vec<(usize, Vec<Vec<TcpListener>>, SocketAddr)> = Vec::new();
         let mut appended = 0usize;
+        let mut kept_options: Vec<String> = Vec::new();
         for (i, l) in next.listeners.iter().enumerate() {
             let n = occurrences.entry(l.address.addr).or_insert(0);
             *n += 1;
             let key = (l.address.addr, *n);
             let found = inner.slots.iter().position(|s| s.key == key);
             match found {
-                Some(s) if inner.slots[s].open => plan.push((s, key, ListenerFate::Kept)),
+                Some(s) if inner.slots[s].open => {
+                    // A kept listener keeps its sockets, so their options.
+                    if inner.slots[s].config.backlog != l.backlog {
+                        kept_options.push(format!("listeners[{i}].backlog"));
+                    }
+                    plan.push((s, key, ListenerFate::Kept))
+                }
                 other => {
                     let (socks, bound) = crate::server::bind_listener(
                         l,
@@ -795,7 +836,10 @@ impl ReloadState {
                 .collect(),
             groups_kept: kept_names.into_iter().collect(),
             listeners: Vec::new(),
-            not_reloaded: start_only_changes(&old, &next),
+            not_reloaded: start_only_changes(&old, &next)
+                .into_iter()
+                .chain(kept_options)
+                .collect(),
             health_checker_restarted: false,
             jwks_fetchers_started: 0,
             jwks_fetchers_stopped: 0,
@@ -816,19 +860,24 @@ impl ReloadState {
             });
         }
         for ((s, key, fate), (l, rt)) in plan.iter().zip(next.listeners.iter().zip(listeners_rt)) {
+            let mut config = l.clone();
             let (bound, sockets) = match dups.remove(s) {
                 Some(d) => d,
-                None => (
-                    inner.slots[*s].bound,
-                    std::mem::take(&mut inner.slots[*s].sockets),
-                ),
+                None => {
+                    // Kept: the sockets' backlog is the one they were made with.
+                    config.backlog = inner.slots[*s].config.backlog;
+                    (
+                        inner.slots[*s].bound,
+                        std::mem::take(&mut inner.slots[*s].sockets),
+                    )
+                }
             };
             let entry = ListenerSlot {
                 key: *key,
                 bound,
                 sockets,
                 open: true,
-                config: l.clone(),
+                config,
                 rt,
             };
             if *s < inner.slots.len() {

@@ -1199,3 +1199,37 @@ fn a_reload_is_refused_while_a_worker_mailbox_is_full_and_changes_nothing() {
         .unwrap();
     assert!(all_answer(gw.addr, "B", 20));
 }
+
+#[test]
+fn keys_that_apply_only_at_start_are_named_by_the_reload() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\n";
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", admin), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    // The admin listener and a kept listener's socket options stay as they were at start.
+    let next = two_groups(
+        a.addr,
+        b.addr,
+        "b",
+        "\n[admin]\naddress = \"127.0.0.2:0\"\nmax_connections = 3\n",
+    )
+    .replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\nbacklog = 16\n",
+        1,
+    );
+    let rep = gw.gateway().reload(parse(&next)).unwrap();
+    for key in [
+        "admin.address",
+        "admin.max_connections",
+        "listeners[0].backlog",
+    ] {
+        assert!(
+            rep.not_reloaded.iter().any(|k| k == key),
+            "{key} not in {:?}",
+            rep.not_reloaded
+        );
+    }
+    assert_eq!(gw.gateway().admin_addr(), Some(adm));
+    assert_eq!(get(gw.addr, "/x").text(), "B");
+}
