@@ -1233,3 +1233,44 @@ fn keys_that_apply_only_at_start_are_named_by_the_reload() {
     assert_eq!(gw.gateway().admin_addr(), Some(adm));
     assert_eq!(get(gw.addr, "/x").text(), "B");
 }
+
+#[test]
+fn a_failure_in_flight_on_the_old_group_does_not_eject_an_endpoint_of_the_changed_one() {
+    let hang = Upstream::start(|_| Reply::Hang(Duration::from_millis(800)));
+    let x2 = named("x2");
+    let (y1, y2) = (named("y1"), named("y2"));
+    let cfg = |e1: SocketAddr, e2: SocketAddr| {
+        format!(
+            "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.u]\nendpoints = [{{ address = \"{e1}\" }}, {{ address = \"{e2}\" }}]\nbalance = \"round_robin\"\n[upstreams.u.outlier]\nconsecutive_failures = 1\nbase_ejection_time = \"60s\"\nmax_ejection_percent = 50\n\n[[routes]]\nupstream = \"u\"\nretry = {{ attempts = 1 }}\n\n[admin]\naddress = \"127.0.0.1:0\"\n"
+        )
+    };
+    let gw = TestGateway::start(&cfg(hang.addr, x2.addr), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    // A request in flight to the endpoint about to fail (round robin: within two requests).
+    let mut in_flight = None;
+    for _ in 0..2 {
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        if hang.wait_for(Duration::from_millis(300), |s| !s.is_empty()) {
+            in_flight = Some(c);
+            break;
+        }
+        assert_eq!(c.read_response().expect("x2 answers").text(), "x2");
+    }
+    let mut c = in_flight.expect("a request reached the failing endpoint");
+    // The group changes: both endpoints replaced. Its health starts fresh.
+    gw.gateway().reload(parse(&cfg(y1.addr, y2.addr))).unwrap();
+    // The old request fails now, on the old group's endpoint 0.
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 502, "{}", r.text());
+    let ups = request(
+        adm,
+        b"GET /upstreams HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .json();
+    let eps = ups["upstreams"][0]["endpoints"].as_array().unwrap().clone();
+    assert_eq!(eps.len(), 2, "{ups}");
+    for e in eps {
+        assert_eq!(e["ejected"], false, "{e}");
+    }
+}
