@@ -67,11 +67,15 @@ impl Control {
 
     /// Queues `job` for worker `worker`; it runs within one sync interval.
     pub fn post(&self, worker: usize, job: Job) -> Result<(), ControlError> {
+        self.post_capped(worker, job, true)
+    }
+
+    fn post_capped(&self, worker: usize, job: Job, capped: bool) -> Result<(), ControlError> {
         let Some(b) = self.boxes.get(worker) else {
             return Err(ControlError::NoAnswer(vec![worker]));
         };
         let mut jobs = b.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if jobs.len() >= MAX_PENDING_JOBS {
+        if capped && jobs.len() >= MAX_PENDING_JOBS {
             return Err(ControlError::Full(worker));
         }
         jobs.push(job);
@@ -86,16 +90,44 @@ impl Control {
         T: Send + 'static,
         F: Fn(&Rc<Worker>) -> T + Send + Sync + 'static,
     {
+        self.ask_capped(limit, f, true)
+    }
+
+    /// The first worker whose mailbox is full, if any.
+    pub fn full(&self) -> Option<usize> {
+        self.boxes.iter().position(|b| {
+            b.jobs.lock().unwrap_or_else(|p| p.into_inner()).len() >= MAX_PENDING_JOBS
+        })
+    }
+
+    /// [`Control::ask`] whose job reaches every worker even past [`MAX_PENDING_JOBS`]: for
+    /// a reload, which must reach all workers or none. It checks [`Control::full`] before it
+    /// commits and reloads are serialised, so a mailbox holds at most one such job past the
+    /// cap.
+    pub(crate) fn ask_every(
+        &self,
+        limit: Duration,
+        f: impl Fn(&Rc<Worker>) -> usize + Send + Sync + 'static,
+    ) -> Result<Vec<usize>, ControlError> {
+        self.ask_capped(limit, f, false)
+    }
+
+    fn ask_capped<T, F>(&self, limit: Duration, f: F, capped: bool) -> Result<Vec<T>, ControlError>
+    where
+        T: Send + 'static,
+        F: Fn(&Rc<Worker>) -> T + Send + Sync + 'static,
+    {
         let f = Arc::new(f);
         let (tx, rx) = mpsc::channel::<(usize, T)>();
         for i in 0..self.boxes.len() {
             let f = f.clone();
             let tx = tx.clone();
-            self.post(
+            self.post_capped(
                 i,
                 Box::new(move |w| {
                     let _ = tx.send((i, f(w)));
                 }),
+                capped,
             )?;
         }
         drop(tx);

@@ -24,8 +24,9 @@
 //!
 //! # What does not reload
 //! `server.workers`, `server.driver`, `server.shutdown_timeout`, `server.upgrade_socket` and
-//! `[rate_limiting]`'s `backend`, `redis` and `max_keys` are read at start only; a reload that
-//! changes them applies everything else and names them in [`ReloadReport::not_reloaded`].
+//! `[rate_limiting]`'s `backend`, `redis` and `max_keys`, and `[admin]` but its token are read
+//! at start only, as is the `backlog` of a listener kept by address; a reload that changes
+//! them applies everything else and names them in [`ReloadReport::not_reloaded`].
 //!
 //! # Listener slots
 //! A connection knows its listener by index into the snapshot's `listeners`. So that the index
@@ -142,10 +143,15 @@ struct Inner {
     concurrency_ids: Ids,
     generation: u64,
     stopped: bool,
+    /// A drain closed the listeners: a reload must not bind new ones.
+    drained: bool,
     /// Other threads that stop with the gateway (the upgrade listener).
     others: Vec<Background>,
     /// The admin API, told of each applied config.
     admin: Option<Arc<crate::admin::Admin>>,
+    /// A duplicate of the admin API's listening socket, with its address: a binary upgrade
+    /// hands it over too (the new process could not bind the port the old one holds).
+    admin_socket: Option<(SocketAddr, TcpListener)>,
 }
 
 /// The reload side of a [`Gateway`].
@@ -219,6 +225,10 @@ pub enum ReloadError {
     NoFile,
     /// The gateway is shutting down.
     Stopped,
+    /// A drain closed the listeners; a reload would open new ones (nothing changed).
+    Drained,
+    /// A worker's control mailbox is full (it stopped running its jobs); nothing changed.
+    Busy(ControlError),
 }
 
 impl fmt::Display for ReloadError {
@@ -230,6 +240,8 @@ impl fmt::Display for ReloadError {
             ReloadError::Workers(e) => write!(f, "config committed, but {e}"),
             ReloadError::NoFile => write!(f, "no config file to reload"),
             ReloadError::Stopped => write!(f, "the gateway is shutting down"),
+            ReloadError::Drained => write!(f, "the gateway is drained; its listeners stay closed"),
+            ReloadError::Busy(e) => write!(f, "nothing changed: {e}"),
         }
     }
 }
@@ -244,7 +256,7 @@ impl ReloadError {
             ReloadError::Invalid(_) | ReloadError::Build(_) => 400,
             ReloadError::Bind(_) | ReloadError::Workers(_) => 500,
             ReloadError::NoFile => 409,
-            ReloadError::Stopped => 503,
+            ReloadError::Stopped | ReloadError::Drained | ReloadError::Busy(_) => 503,
         }
     }
 }
@@ -310,7 +322,12 @@ fn assign_ids(cfg: &Config, limits: &mut Ids, conc: &mut Ids) -> (Vec<Vec<u32>>,
         conc.next = u32::try_from(cfg.routes.len()).unwrap_or(u32::MAX);
     }
     for (i, rc) in cfg.routes.iter().enumerate() {
-        let label = route_label(cfg, i);
+        // A route's identity: its name (unique in a config), or for an unnamed route its
+        // index. Not `route_label`: a route may be named "#1" like the unnamed route 1.
+        let label = match rc.name.as_deref() {
+            Some(n) => (Some(n), 0),
+            None => (None, i),
+        };
         let mut ids = Vec::new();
         let mut seen: HashMap<u64, usize> = HashMap::new();
         for l in &rc.rate_limits {
@@ -394,6 +411,39 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", old.rate_limiting.max_keys),
         format!("{:?}", new.rate_limiting.max_keys),
     );
+    // The admin listener runs as started; only its token follows a reload.
+    let admin = |c: &Config| c.admin.clone().filter(|a| a.enabled);
+    match (admin(old), admin(new)) {
+        (Some(o), Some(n)) => {
+            check(
+                "admin.address",
+                o.address.addr.to_string(),
+                n.address.addr.to_string(),
+            );
+            check(
+                "admin.max_connections",
+                o.max_connections.to_string(),
+                n.max_connections.to_string(),
+            );
+            check(
+                "admin.request_timeout",
+                format!("{:?}", o.request_timeout.0),
+                format!("{:?}", n.request_timeout.0),
+            );
+            check(
+                "admin.idle_timeout",
+                format!("{:?}", o.idle_timeout.0),
+                format!("{:?}", n.idle_timeout.0),
+            );
+            check(
+                "admin.drain_delay",
+                format!("{:?}", o.drain_delay()),
+                format!("{:?}", n.drain_delay()),
+            );
+        }
+        (None, None) => {}
+        _ => out.push("admin".to_string()),
+    }
     out
 }
 
@@ -471,8 +521,10 @@ impl ReloadState {
                 concurrency_ids,
                 generation: 0,
                 stopped: false,
+                drained: false,
                 others: Vec::new(),
                 admin: None,
+                admin_socket: None,
             })),
         }
     }
@@ -547,7 +599,19 @@ impl ReloadState {
                 out.push((s.bound, sock.try_clone()?));
             }
         }
+        if let Some((addr, sock)) = &inner.admin_socket {
+            out.push((*addr, sock.try_clone()?));
+        }
         Ok(out)
+    }
+
+    /// After a hand-over: the admin API stops accepting (the new process serves it on the
+    /// same socket), so that `/ready` and `POST /reload` reach the new process only.
+    pub(crate) fn handed_over(&self) {
+        let admin = self.lock().admin.clone();
+        if let Some(a) = admin {
+            a.stop();
+        }
     }
 
     fn reload(&self, control: &Control, mut next: Config) -> Result<ReloadReport, ReloadError> {
@@ -555,6 +619,14 @@ impl ReloadState {
         let mut inner = self.lock();
         if inner.stopped {
             return Err(ReloadError::Stopped);
+        }
+        if inner.drained {
+            return Err(ReloadError::Drained);
+        }
+        // The workers' jobs are posted after the commit: a worker that could not take its
+        // job would stay on the old config for good.
+        if let Some(w) = control.full() {
+            return Err(ReloadError::Busy(ControlError::Full(w)));
         }
         let workers = inner.workers;
         next.server.max_connections_per_worker =
@@ -596,13 +668,20 @@ impl ReloadState {
         let mut plan = Vec::with_capacity(next.listeners.len());
         let mut binds: Vec<(usize, Vec<Vec<TcpListener>>, SocketAddr)> = Vec::new();
         let mut appended = 0usize;
+        let mut kept_options: Vec<String> = Vec::new();
         for (i, l) in next.listeners.iter().enumerate() {
             let n = occurrences.entry(l.address.addr).or_insert(0);
             *n += 1;
             let key = (l.address.addr, *n);
             let found = inner.slots.iter().position(|s| s.key == key);
             match found {
-                Some(s) if inner.slots[s].open => plan.push((s, key, ListenerFate::Kept)),
+                Some(s) if inner.slots[s].open => {
+                    // A kept listener keeps its sockets, so their options.
+                    if inner.slots[s].config.backlog != l.backlog {
+                        kept_options.push(format!("listeners[{i}].backlog"));
+                    }
+                    plan.push((s, key, ListenerFate::Kept))
+                }
                 other => {
                     let (socks, bound) = crate::server::bind_listener(
                         l,
@@ -710,7 +789,7 @@ impl ReloadState {
             total_slots,
         });
         let j = job.clone();
-        let answered = control.ask(RELOAD_ANSWER_LIMIT, move |w| j.apply(w));
+        let answered = control.ask_every(RELOAD_ANSWER_LIMIT, move |w| j.apply(w));
 
         // The report, from the old state and the new.
         let old = inner.cfg.clone();
@@ -757,7 +836,10 @@ impl ReloadState {
                 .collect(),
             groups_kept: kept_names.into_iter().collect(),
             listeners: Vec::new(),
-            not_reloaded: start_only_changes(&old, &next),
+            not_reloaded: start_only_changes(&old, &next)
+                .into_iter()
+                .chain(kept_options)
+                .collect(),
             health_checker_restarted: false,
             jwks_fetchers_started: 0,
             jwks_fetchers_stopped: 0,
@@ -778,19 +860,24 @@ impl ReloadState {
             });
         }
         for ((s, key, fate), (l, rt)) in plan.iter().zip(next.listeners.iter().zip(listeners_rt)) {
+            let mut config = l.clone();
             let (bound, sockets) = match dups.remove(s) {
                 Some(d) => d,
-                None => (
-                    inner.slots[*s].bound,
-                    std::mem::take(&mut inner.slots[*s].sockets),
-                ),
+                None => {
+                    // Kept: the sockets' backlog is the one they were made with.
+                    config.backlog = inner.slots[*s].config.backlog;
+                    (
+                        inner.slots[*s].bound,
+                        std::mem::take(&mut inner.slots[*s].sockets),
+                    )
+                }
             };
             let entry = ListenerSlot {
                 key: *key,
                 bound,
                 sockets,
                 open: true,
-                config: l.clone(),
+                config,
                 rt,
             };
             if *s < inner.slots.len() {
@@ -1007,7 +1094,8 @@ impl ReloadState {
             }
             Err(e) => error!("reload refused: {e}"),
         }
-        if r.is_ok() {
+        // `Workers`: committed too (the lagging workers take it when they next run their jobs).
+        if matches!(r, Ok(_) | Err(ReloadError::Workers(_))) {
             let (admin, cfg) = {
                 let inner = self.lock();
                 (inner.admin.clone(), inner.cfg.clone())
@@ -1045,12 +1133,14 @@ impl ReloadState {
     }
 
     /// Closes the gateway's own duplicates of every listening socket (a drain: once the
-    /// workers closed theirs, the port refuses new connections). Holds the state weakly.
+    /// workers closed theirs, the port refuses new connections), and refuses later reloads
+    /// (they would bind new listeners). Holds the state weakly.
     pub(crate) fn drain_hook(&self) -> crate::admin::DrainHook {
         let weak = Arc::downgrade(&self.inner);
         Box::new(move || {
             if let Some(inner) = weak.upgrade() {
                 let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+                inner.drained = true;
                 for slot in &mut inner.slots {
                     slot.sockets.clear();
                 }
@@ -1061,6 +1151,11 @@ impl ReloadState {
     /// The admin API whose `/config` and `/routes` follow each applied reload.
     pub(crate) fn set_admin(&self, admin: Arc<crate::admin::Admin>) {
         self.lock().admin = Some(admin);
+    }
+
+    /// A duplicate of the admin API's listening socket, for a binary upgrade's hand-over.
+    pub(crate) fn set_admin_socket(&self, addr: SocketAddr, sock: TcpListener) {
+        self.lock().admin_socket = Some((addr, sock));
     }
 }
 

@@ -99,6 +99,12 @@ impl Gateway {
         let cfg = Arc::new(cfg);
         let (listeners_rt, upstream_tls) = build_tls(&cfg)?;
         let (per_worker, addrs, sockets) = bind_listeners(&cfg, n, &mut inherited)?;
+        // The admin API's socket, when the replaced process handed it over.
+        let admin_socket = cfg
+            .admin
+            .as_ref()
+            .filter(|a| a.enabled)
+            .and_then(|a| inherited.take(a.address.addr).into_iter().next());
         if !inherited.is_empty() {
             // Sockets of listeners the new config dropped: closed here (connections waiting
             // in their queues are reset, as a removed listener's would be).
@@ -111,7 +117,8 @@ impl Gateway {
         let stop = Arc::new(AtomicBool::new(false));
         let control = Control::new(n);
         // Bound before the workers start, so that a taken admin port fails the start.
-        let admin = crate::admin::Admin::bind(&cfg, control.clone(), stop.clone())?;
+        let admin =
+            crate::admin::Admin::bind_from(&cfg, control.clone(), stop.clone(), admin_socket)?;
         let hub = HealthHub::new(&cfg);
         let buckets = HostBuckets::new(&cfg);
         let auth = crate::auth::AuthShared::new(&cfg).map_err(io::Error::other)?;
@@ -186,8 +193,11 @@ impl Gateway {
         }
         // Endpoints of other modules are mounted here, before the admin API serves, one line
         // each (see `crate::admin::Admin::mount`).
-        if let Some((a, _)) = &admin {
+        if let Some((a, listener)) = &admin {
             reload.set_admin(a.clone());
+            if let Ok(dup) = listener.try_clone() {
+                reload.set_admin_socket(a.addr(), dup);
+            }
             a.on_drain(reload.drain_hook());
             a.mount(
                 crate::admin::Method::Post,

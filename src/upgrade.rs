@@ -8,7 +8,8 @@
 //! - one message per batch of at most [`MAX_FDS_PER_MESSAGE`] sockets: `fds\n` then one bound
 //!   address per line, with the sockets attached (`SCM_RIGHTS`) in the same order. Every
 //!   per-worker `SO_REUSEPORT` socket of every listener is sent, so that connections already in
-//!   their accept queues are accepted by the new process;
+//!   their accept queues are accepted by the new process, and the admin API's listening
+//!   socket (the new process serves it; the old one stops accepting on it after `ready`);
 //! - `end`.
 //!
 //! The new process checks every descriptor (a listening TCP socket bound where the message
@@ -251,11 +252,19 @@ fn hand_over(conn: &Socket, gw: &crate::reload::ReloadState) -> io::Result<usize
     Ok(socks.len())
 }
 
-/// Binds a SEQPACKET socket at `path` (mode 0600). A stale file is replaced; a path where a
-/// process still listens is refused.
+/// Binds a SEQPACKET socket at `path` (mode 0600). A stale socket file is replaced; a path
+/// where a process still listens, or that is not a socket (a typo must not delete a file), is
+/// refused.
 fn bind_at(path: &Path) -> io::Result<(Socket, (u64, u64))> {
     let addr = SockAddr::unix(path)?;
-    if path.exists() {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{}: exists and is not a socket", path.display()),
+            ));
+        }
         let probe = seqpacket()?;
         if probe.connect(&addr).is_ok() {
             return Err(io::Error::new(
@@ -306,6 +315,7 @@ pub fn listen(gw: &Gateway, path: &Path, handed: Box<dyn FnOnce() + Send>) -> io
                             unlink_if_mine(&path, id);
                             drop(sock);
                             drop(conn);
+                            state.handed_over();
                             if let Some(h) = handed.take() {
                                 h();
                             }
@@ -478,6 +488,32 @@ mod tests {
         let (_, fds) = recv_msg(b.as_raw_fd(), &mut buf, MAX_FDS_PER_MESSAGE).unwrap();
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert!(adopt(fds.into_iter().next().unwrap(), other).is_err());
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced_never_another_file() {
+        let dir = std::env::temp_dir().join(format!("ringway-upgrade-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A regular file at the configured path (a typo in `upgrade_socket`) is left alone.
+        let file = dir.join("not-a-socket");
+        std::fs::write(&file, b"keep me").unwrap();
+        let e = bind_at(&file).map(|_| ()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        // A socket file nobody listens on any more is replaced.
+        let stale = dir.join("stale.sock");
+        let s = seqpacket().unwrap();
+        s.bind(&SockAddr::unix(&stale).unwrap()).unwrap();
+        drop(s);
+        assert!(stale.exists());
+        let (fresh, _) = bind_at(&stale).unwrap();
+        assert!(seqpacket()
+            .unwrap()
+            .connect(&SockAddr::unix(&stale).unwrap())
+            .is_ok());
+        drop(fresh);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

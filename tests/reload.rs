@@ -956,3 +956,321 @@ fn post_reload_on_the_admin_api_reloads_the_file_or_refuses_it() {
     assert_eq!(gw.gateway().reload_generation(), 1);
     assert_eq!(get(gw.addr, "/x").text(), "B");
 }
+
+/// Whether a connection to `addr` is refused.
+fn refused(addr: SocketAddr) -> bool {
+    matches!(TcpStream::connect(addr), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[test]
+fn a_reload_after_a_drain_opens_no_listener() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\n";
+    let one = two_groups(a.addr, b.addr, "a", admin);
+    let two = one.replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"second\"\n",
+        1,
+    );
+    let gw = TestGateway::start(&one, DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    let r = request(
+        adm,
+        b"POST /drain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(
+        eventually(Duration::from_secs(5), || refused(gw.addr)),
+        "the drain closes the listener"
+    );
+    // A drained gateway stays closed: a reload that adds a listener must not leave a socket
+    // listening (with nobody accepting, its connections would hang instead of being refused).
+    let e = gw
+        .gateway()
+        .reload(parse(&two))
+        .expect_err("a drained gateway refuses a reload");
+    assert_eq!(e.status(), 503, "{e}");
+    for addr in gw.gateway().listener_addrs() {
+        assert!(refused(addr), "{addr} accepts after the drain");
+    }
+    assert_eq!(gw.gateway().reload_generation(), 0);
+}
+
+#[test]
+fn a_binary_upgrade_takes_over_the_admin_port() {
+    let dir = Scratch::new("upgrade-admin");
+    let sock = dir.0.join("upgrade.sock");
+    let cfg = |port: u16, admin: u16, body: &str| {
+        format!(
+            "[server]\nworkers = 2\nshutdown_timeout = \"5s\"\nupgrade_socket = \"{}\"\n\n[[listeners]]\naddress = \"127.0.0.1:{port}\"\n\n[admin]\naddress = \"127.0.0.1:{admin}\"\n\n[[routes]]\npath = \"/who\"\ndirect = {{ status = 200, body = \"{body}\" }}\n",
+            sock.display()
+        )
+    };
+    let first = dir.write("old.toml", &cfg(0, 0, "old"));
+    let mut old = Proc::spawn(&["run", "-c", first.to_str().unwrap()]);
+    let addr = old.addr();
+    let line = old
+        .wait_line("admin API on http://", 1, Duration::from_secs(10))
+        .expect("the old process serves the admin API");
+    let admin: SocketAddr = line
+        .split("admin API on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("an admin address");
+    assert!(eventually(Duration::from_secs(10), || sock.exists()));
+    // The new config keeps both ports, as an upgrade of a deployed config does.
+    let second = dir.write("new.toml", &cfg(addr.port(), admin.port(), "new"));
+    let mut new = Proc::spawn(&["upgrade", "-c", second.to_str().unwrap()]);
+    assert!(
+        old.wait_exit(Duration::from_secs(20)),
+        "the old process did not exit; new: {:?}",
+        new.lines.lock().unwrap()
+    );
+    assert!(
+        !new.wait_exit(Duration::from_millis(200)),
+        "the new process exited: {:?}",
+        new.lines.lock().unwrap()
+    );
+    assert_eq!(get(addr, "/who").text(), "new");
+    let r = request(admin, b"GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    new.signal(libc::SIGTERM);
+    assert!(new.wait_exit(Duration::from_secs(10)));
+}
+
+#[test]
+fn buckets_carry_over_when_a_route_is_named_like_an_unnamed_one() {
+    // An unnamed route is labelled by its index (`#1`); a route may be named "#1" too.
+    let limit = "rate_limits = [{ key = \"client_ip\", rate = 1, per = \"1m\" }]";
+    let toml = format!(
+        "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n\
+         [[routes]]\nname = \"#1\"\npath = \"/a\"\ndirect = {{ status = 200 }}\n{limit}\n\n\
+         [[routes]]\npath = \"/b\"\ndirect = {{ status = 200 }}\n{limit}\n\n\
+         [[routes]]\nname = \"c\"\npath = \"/c\"\ndirect = {{ status = 200 }}\n{limit}\n"
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    assert_eq!(get(gw.addr, "/c").status, 200);
+    assert_eq!(get(gw.addr, "/c").status, 429);
+    // The same config again: every limit is unchanged, so every bucket stays as it was.
+    gw.gateway().reload(parse(&toml)).unwrap();
+    assert_eq!(
+        get(gw.addr, "/c").status,
+        429,
+        "/c's spent bucket carries over"
+    );
+    assert_eq!(get(gw.addr, "/a").status, 200);
+    assert_eq!(get(gw.addr, "/b").status, 200, "/b has a bucket of its own");
+}
+
+#[test]
+fn a_request_whose_head_straddles_a_reload_is_authenticated_by_its_own_config() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    const SECRET_A: &str = "reload-secret-a-of-32-bytes-min!";
+    const SECRET_B: &str = "reload-secret-b-of-32-bytes-min!";
+    let cfg = |providers: &str, method: &str| {
+        format!(
+            "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n{providers}\n[[routes]]\npath = \"/x\"\nauth = \"{method}\"\ndirect = {{ status = 200, body = \"in\" }}\n"
+        )
+    };
+    let both =
+        format!("[auth.jwt.a]\nsecret = \"{SECRET_A}\"\n\n[auth.jwt.b]\nsecret = \"{SECRET_B}\"\n");
+    let only_a = format!("[auth.jwt.a]\nsecret = \"{SECRET_A}\"\n");
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &serde_json::json!({ "sub": "u", "exp": now() + 600 }),
+        &EncodingKey::from_secret(SECRET_B.as_bytes()),
+    )
+    .unwrap();
+    // The route takes provider "b" (the second of two); the next config has only "a".
+    let gw = TestGateway::start(&cfg(&both, "b"), DriverChoice::Auto);
+    let mut slow = Client::connect(gw.addr);
+    slow.send(
+        format!("GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n").as_bytes(),
+    );
+    // One exchange on another connection of the same worker: by then the worker read the
+    // first connection's bytes and began its request (on the current config).
+    let mut other = Client::connect(gw.addr);
+    let r = get_on(&mut other, "/x");
+    assert_eq!(r.status, 401, "{}", r.text());
+    gw.gateway().reload(parse(&cfg(&only_a, "a"))).unwrap();
+    slow.send(b"\r\n");
+    let r = slow
+        .read_response()
+        .expect("an answer, on the config the request began with");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "in");
+    // A request that begins after the reload takes the new config: "b"'s token is refused.
+    assert_eq!(get_on(&mut other, "/x").status, 401);
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        format!("GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(c.read_response().expect("an answer").status, 401);
+}
+
+/// Blocks worker `w` in a control job until the returned sender is dropped or sent to.
+fn block_worker(ctl: &ringway::control::Control, w: usize) -> mpsc::Sender<()> {
+    let (started_tx, started) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<()>();
+    ctl.post(
+        w,
+        Box::new(move |_| {
+            let _ = started_tx.send(());
+            let _ = released.recv_timeout(Duration::from_secs(60));
+        }),
+    )
+    .unwrap();
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the worker runs the job");
+    release
+}
+
+fn admin_routes(adm: SocketAddr) -> String {
+    request(
+        adm,
+        b"GET /routes HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .text()
+}
+
+/// Whether `n` new connections all get `body` for `/x`.
+fn all_answer(addr: SocketAddr, body: &str, n: usize) -> bool {
+    (0..n).all(|_| get(addr, "/x").text() == body)
+}
+
+#[test]
+fn a_reload_committed_while_a_worker_lags_reaches_it_and_the_admin_api() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\n";
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", admin), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    let release = block_worker(gw.gateway().control(), 1);
+    let e = gw
+        .gateway()
+        .reload(parse(&two_groups(a.addr, b.addr, "b", admin)))
+        .expect_err("worker 1 does not answer within the reload's limit");
+    assert!(matches!(e, ReloadError::Workers(_)), "{e}");
+    // "config committed": the running config is the new one, and so is what /routes shows.
+    assert_eq!(gw.gateway().reload_generation(), 1);
+    let routes = admin_routes(adm);
+    assert!(routes.contains("\"upstream\": \"b\""), "{routes}");
+    // Worker 1 takes it once it runs its jobs again.
+    drop(release);
+    assert!(eventually(Duration::from_secs(5), || all_answer(
+        gw.addr, "B", 20
+    )));
+}
+
+#[test]
+fn a_reload_is_refused_while_a_worker_mailbox_is_full_and_changes_nothing() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\n";
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", admin), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    let ctl = gw.gateway().control().clone();
+    let release = block_worker(&ctl, 1);
+    let mut filled = false;
+    for _ in 0..=ringway::control::MAX_PENDING_JOBS {
+        if ctl.post(1, Box::new(|_| {})).is_err() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled);
+    // Before: posted to worker 0 only, the reload left worker 1 on the old config for good.
+    let e = gw
+        .gateway()
+        .reload(parse(&two_groups(a.addr, b.addr, "b", admin)))
+        .expect_err("worker 1 cannot take the job");
+    assert!(matches!(e, ReloadError::Busy(_)), "{e}");
+    assert_eq!(e.status(), 503);
+    assert_eq!(gw.gateway().reload_generation(), 0);
+    assert!(admin_routes(adm).contains("\"upstream\": \"a\""));
+    drop(release);
+    assert!(eventually(Duration::from_secs(5), || ctl
+        .ask(Duration::from_secs(1), |w| w.id)
+        .is_ok()));
+    assert!(all_answer(gw.addr, "A", 20));
+    // Once the mailbox drained, the same reload applies on every worker.
+    gw.gateway()
+        .reload(parse(&two_groups(a.addr, b.addr, "b", admin)))
+        .unwrap();
+    assert!(all_answer(gw.addr, "B", 20));
+}
+
+#[test]
+fn keys_that_apply_only_at_start_are_named_by_the_reload() {
+    let (a, b) = (named("A"), named("B"));
+    let admin = "\n[admin]\naddress = \"127.0.0.1:0\"\n";
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", admin), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    // The admin listener and a kept listener's socket options stay as they were at start.
+    let next = two_groups(
+        a.addr,
+        b.addr,
+        "b",
+        "\n[admin]\naddress = \"127.0.0.2:0\"\nmax_connections = 3\n",
+    )
+    .replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\nbacklog = 16\n",
+        1,
+    );
+    let rep = gw.gateway().reload(parse(&next)).unwrap();
+    for key in [
+        "admin.address",
+        "admin.max_connections",
+        "listeners[0].backlog",
+    ] {
+        assert!(
+            rep.not_reloaded.iter().any(|k| k == key),
+            "{key} not in {:?}",
+            rep.not_reloaded
+        );
+    }
+    assert_eq!(gw.gateway().admin_addr(), Some(adm));
+    assert_eq!(get(gw.addr, "/x").text(), "B");
+}
+
+#[test]
+fn a_failure_in_flight_on_the_old_group_does_not_eject_an_endpoint_of_the_changed_one() {
+    let hang = Upstream::start(|_| Reply::Hang(Duration::from_millis(800)));
+    let x2 = named("x2");
+    let (y1, y2) = (named("y1"), named("y2"));
+    let cfg = |e1: SocketAddr, e2: SocketAddr| {
+        format!(
+            "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.u]\nendpoints = [{{ address = \"{e1}\" }}, {{ address = \"{e2}\" }}]\nbalance = \"round_robin\"\n[upstreams.u.outlier]\nconsecutive_failures = 1\nbase_ejection_time = \"60s\"\nmax_ejection_percent = 50\n\n[[routes]]\nupstream = \"u\"\nretry = {{ attempts = 1 }}\n\n[admin]\naddress = \"127.0.0.1:0\"\n"
+        )
+    };
+    let gw = TestGateway::start(&cfg(hang.addr, x2.addr), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    // A request in flight to the endpoint about to fail (round robin: within two requests).
+    let mut in_flight = None;
+    for _ in 0..2 {
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+        if hang.wait_for(Duration::from_millis(300), |s| !s.is_empty()) {
+            in_flight = Some(c);
+            break;
+        }
+        assert_eq!(c.read_response().expect("x2 answers").text(), "x2");
+    }
+    let mut c = in_flight.expect("a request reached the failing endpoint");
+    // The group changes: both endpoints replaced. Its health starts fresh.
+    gw.gateway().reload(parse(&cfg(y1.addr, y2.addr))).unwrap();
+    // The old request fails now, on the old group's endpoint 0.
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 502, "{}", r.text());
+    let ups = request(
+        adm,
+        b"GET /upstreams HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .json();
+    let eps = ups["upstreams"][0]["endpoints"].as_array().unwrap().clone();
+    assert_eq!(eps.len(), 2, "{ups}");
+    for e in eps {
+        assert_eq!(e["ejected"], false, "{e}");
+    }
+}

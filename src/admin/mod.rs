@@ -275,13 +275,27 @@ impl Admin {
         control: Arc<Control>,
         gateway_stop: Arc<AtomicBool>,
     ) -> io::Result<Option<(Arc<Admin>, TcpListener)>> {
+        Admin::bind_from(cfg, control, gateway_stop, None)
+    }
+
+    /// [`Admin::bind`] that serves `inherited` (the listening socket a replaced process
+    /// handed over, non-blocking) instead of binding the address anew.
+    pub fn bind_from(
+        cfg: &Arc<Config>,
+        control: Arc<Control>,
+        gateway_stop: Arc<AtomicBool>,
+        inherited: Option<TcpListener>,
+    ) -> io::Result<Option<(Arc<Admin>, TcpListener)>> {
         let Some(a) = cfg.admin.as_ref().filter(|a| a.enabled) else {
             return Ok(None);
         };
         let token = a.token().map_err(|e| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("admin.token_env: {e}"))
         })?;
-        let listener = server::bind(a.address.addr)?;
+        let listener = match inherited {
+            Some(l) => l,
+            None => server::bind(a.address.addr)?,
+        };
         let addr = listener.local_addr()?;
         let admin = Arc::new(Admin {
             addr,

@@ -267,6 +267,10 @@ pub struct RequestCtx<'w> {
     pub wbuf: BytesMut,
     /// The head sent upstream; kept to be sent again on a retry.
     pub ubuf: BytesMut,
+    /// Consumers and credential providers, taken with the config snapshot: a route's policy
+    /// names providers by index, so a reload between the two (while the head arrives) must
+    /// not pair an old policy with new providers.
+    pub auth: std::rc::Rc<crate::auth::WorkerAuth>,
 }
 
 impl<'w> RequestCtx<'w> {
@@ -286,6 +290,7 @@ impl<'w> RequestCtx<'w> {
             body: RequestBody::unknown(),
             wbuf: w.bufs.take(),
             ubuf: w.bufs.take(),
+            auth: w.auth(),
         }
     }
 

@@ -124,7 +124,7 @@ async fn authenticate(
         return Ok(());
     };
     let now = w.now_secs();
-    let auth = w.auth();
+    let auth = ctx.auth.clone();
     match auth.check(policy, &ctx.head, now, &mut ctx.identity).await {
         Ok(()) => {
             auth.put_upstream_headers(&ctx.identity, &mut ctx.auth_headers);

@@ -54,8 +54,9 @@ pub struct EndpointHealth {
 /// before a reload may name an endpoint the new layout does not have.
 pub struct HealthHub {
     state: Mutex<Vec<Vec<Shared>>>,
-    /// The group name of each slot (taken only by reloads).
-    names: Mutex<Vec<String>>,
+    /// The group name of each slot, and whether it is that name's current slot (taken only
+    /// by reloads).
+    names: Mutex<Vec<(String, bool)>>,
 }
 
 /// Health of an endpoint before anything is known about it.
@@ -85,29 +86,47 @@ impl HealthHub {
             .collect();
         Arc::new(HealthHub {
             state: Mutex::new(state),
-            names: Mutex::new(cfg.upstreams.keys().cloned().collect()),
+            names: Mutex::new(cfg.upstreams.keys().map(|n| (n.clone(), true)).collect()),
         })
     }
 
-    /// The slot of each group of `cfg` (config order), keeping a known name's slot; the state
-    /// of a group in `reset` (a new or changed group) starts fresh, sized to its endpoints.
-    /// Slots are never freed: they are bounded by the distinct group names ever configured.
+    /// The slot of each group of `cfg` (config order), keeping a known name's current slot;
+    /// a group in `reset` (a new or changed group) moves to its name's other slot, fresh and
+    /// sized to its endpoints: requests still running on the old group (and the old health
+    /// checker, until it stops) report their failures to the old slot, never to the new
+    /// group's endpoints. Slots are never freed: at most two per group name ever configured.
     pub fn relayout(&self, cfg: &Config, reset: &dyn Fn(&str) -> bool) -> Vec<usize> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         let mut slots = Vec::with_capacity(cfg.upstreams.len());
         for (name, u) in &cfg.upstreams {
-            let slot = match names.iter().position(|n| n == name) {
-                Some(s) => s,
-                None => {
-                    names.push(name.clone());
-                    names.len() - 1
+            let current = names.iter().position(|(n, cur)| n == name && *cur);
+            let fresh = reset(name) || current.is_none();
+            let slot = match current {
+                Some(s) if !fresh => s,
+                _ => {
+                    let other = names
+                        .iter()
+                        .enumerate()
+                        .position(|(i, (n, _))| n == name && Some(i) != current);
+                    let s = match other {
+                        Some(s) => s,
+                        None => {
+                            names.push((name.clone(), false));
+                            names.len() - 1
+                        }
+                    };
+                    if let Some(c) = current {
+                        names[c].1 = false;
+                    }
+                    names[s].1 = true;
+                    s
                 }
             };
             while st.len() <= slot {
                 st.push(Vec::new());
             }
-            if reset(name) || st[slot].len() != u.endpoints.len() {
+            if fresh || st[slot].len() != u.endpoints.len() {
                 st[slot] = vec![FRESH; u.endpoints.len()];
             }
             slots.push(slot);
@@ -349,6 +368,23 @@ async fn check_once(target: &Target, request: &[u8], timeout: Duration) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_changed_group_alternates_between_two_slots_and_a_kept_one_stays() {
+        let cfg = |port: u16| {
+            let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.k]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:{port}\" }}]\n");
+            Config::parse(&src, "t.toml").unwrap()
+        };
+        let hub = HealthHub::new(&cfg(1));
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000u16 {
+            let slots = hub.relayout(&cfg(1 + i % 2), &|n| n == "u");
+            assert_eq!(slots[0], 0, "the kept group keeps its slot");
+            seen.insert(slots[1]);
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(hub.lock().len(), 3);
+    }
 
     #[test]
     fn ejection_is_capped_and_backs_off() {
