@@ -608,6 +608,9 @@ pub struct Config {
     /// Callers known by name: API keys (as hashes) and JWT subjects.
     #[serde(default)]
     pub consumers: Vec<crate::auth::config::ConsumerConfig>,
+    /// Response cache budgets (see `crate::cache`).
+    #[serde(default)]
+    pub cache: crate::cache::config::CacheConfig,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -1238,6 +1241,9 @@ pub struct RouteConfig {
     /// fields RFC 9110 §6.5.1 allows in a trailer).
     #[serde(default)]
     pub trailers: TrailersConfig,
+    /// Response caching for this route (see `crate::cache`).
+    #[serde(default)]
+    pub cache: Option<crate::cache::config::RouteCacheConfig>,
 }
 
 /// What a route does with the trailer fields of a chunked request body.
@@ -1985,6 +1991,7 @@ impl Config {
                 "must not hold quotes, backslashes or control characters".into(),
             ));
         }
+        crate::cache::config::validate(self).map_err(|(key, reason)| err(key, None, reason))?;
         // Before the auth checks, which read key files and resolve URLs.
         self.check_bounds_and_heads()
             .map_err(|(key, reason)| err(key, None, reason))?;

@@ -15,8 +15,10 @@
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 //! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
 //! - [`control`]: per-worker mailboxes through which the admin API and reloads reach workers.
+//! - [`cache`]: the response cache (RFC 9111), one store per worker.
 
 pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod date;

@@ -508,6 +508,7 @@ async fn worker_main(
     let w = Rc::new(worker);
     drop(cfg);
     let control = shared.control;
+    w.cache.set_control(control.clone());
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
         let w = w.clone();

@@ -66,15 +66,15 @@ pub async fn proxy<'c, S: ClientIo>(
 }
 
 /// The connection a response head came on, and what the breaker is owed for it.
-struct Chosen {
-    up: UpConn,
-    probe: bool,
-    failed: bool,
+pub(crate) struct Chosen {
+    pub up: UpConn,
+    pub probe: bool,
+    pub failed: bool,
 }
 
 /// Tries the request until an attempt gives a response that is not retried, or the retry
 /// policy, the breaker or the endpoints say stop.
-async fn exchange<S: ClientIo>(
+pub(crate) async fn exchange<S: ClientIo>(
     w: &Worker,
     cfg: &Snapshot,
     route: &Route,
@@ -243,7 +243,13 @@ fn hash_key<S>(on: &HashOn, c: &Conn<S>, ctx: &RequestCtx<'_>) -> u64 {
 
 /// Feeds an upstream outcome to the circuit breaker and to outlier detection: consecutive
 /// failures seen by this worker eject the endpoint for every worker (through the hub).
-fn record_outcome(w: &Worker, group: &UpstreamGroup, ep: usize, probe: bool, failed: bool) {
+pub(crate) fn record_outcome(
+    w: &Worker,
+    group: &UpstreamGroup,
+    ep: usize,
+    probe: bool,
+    failed: bool,
+) {
     if let Some(b) = &group.breaker {
         b.done(probe, !failed, Instant::now());
     }

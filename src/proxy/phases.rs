@@ -67,9 +67,10 @@ async fn run_phases<'c, S: ClientIo>(
     }
     match &route.action {
         Action::Direct(d) => Ok(Outcome::Answer(Answer::Direct(d))),
-        Action::Proxy { upstream } => {
-            Ok(forward::proxy(w, cfg, route, &cfg.upstreams[*upstream], c, ctx).await)
-        }
+        Action::Proxy { upstream } => match route.cache.as_deref() {
+            None => Ok(forward::proxy(w, cfg, route, &cfg.upstreams[*upstream], c, ctx).await),
+            Some(p) => Ok(crate::cache::serve::run(w, cfg, route, p, *upstream, c, ctx).await),
+        },
     }
 }
 

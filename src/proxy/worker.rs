@@ -217,6 +217,8 @@ pub struct Worker {
     pub idle_tick: Notify,
     /// Consumers, credential providers and the per-core credential caches.
     pub auth: WorkerAuth,
+    /// This worker's response cache (see `crate::cache`).
+    pub cache: Rc<crate::cache::WorkerCache>,
     id_seed: u64,
     id_seq: Cell<u64>,
 }
@@ -256,6 +258,7 @@ impl Worker {
             conn_closed: Notify::default(),
             idle_tick: Notify::default(),
             auth: WorkerAuth::new(cfg, auth),
+            cache: crate::cache::WorkerCache::new(cfg, id),
             id_seed: seed,
             id_seq: Cell::new(0),
         };
