@@ -535,6 +535,10 @@ pub fn unstorable_field(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"proxy-connection")
         || name.eq_ignore_ascii_case(b"x-request-id")
         || name.eq_ignore_ascii_case(b"via")
+        // §3.1: apply to one hop only.
+        || name.eq_ignore_ascii_case(b"proxy-authenticate")
+        || name.eq_ignore_ascii_case(b"proxy-authentication-info")
+        || name.eq_ignore_ascii_case(b"proxy-authorization")
 }
 
 /// A stored field line.

@@ -571,7 +571,7 @@ pub(crate) fn analyze(
     if lifetime == 0 && !validators && t.swr == 0 && t.sie == 0 {
         return Err("stale-on-arrival");
     }
-    let kept: Vec<Field> = fields
+    let mut kept: Vec<Field> = fields
         .iter()
         .filter(|(n, _)| {
             let lower = n.to_ascii_lowercase();
@@ -584,6 +584,13 @@ pub(crate) fn analyze(
         })
         .cloned()
         .collect();
+    // RFC 9110 §6.6.1: a response stored without Date gets the time it was received.
+    if policy::field(&kept, b"date").is_none() {
+        kept.push((
+            Bytes::from_static(b"date"),
+            Bytes::copy_from_slice(&crate::date::http_date(response_time)),
+        ));
+    }
     Ok(Storable {
         fields: kept,
         t,
@@ -635,11 +642,7 @@ fn freshen(
 ) -> Option<Object> {
     let update: Vec<&Field> = fresh
         .iter()
-        .filter(|(n, _)| {
-            !policy::unstorable_field(n)
-                && !n.eq_ignore_ascii_case(b"content-type")
-                && !n.eq_ignore_ascii_case(b"content-encoding")
-        })
+        .filter(|(n, _)| !policy::unstorable_field(n))
         .collect();
     let mut fields: Vec<Field> = o
         .fields
@@ -1081,6 +1084,15 @@ async fn answer<'c, S: ClientIo>(
 fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
     let etag = o.etag();
     let lm = o.last_modified().and_then(policy::parse_http_date);
+    // RFC 9111 §4.3.2: without Last-Modified, the stored Date (or the time it was received)
+    // stands in for If-Modified-Since.
+    let lm_or_date = lm.or_else(|| {
+        Some(
+            policy::field(&o.fields, b"date")
+                .and_then(policy::parse_http_date)
+                .unwrap_or(o.t.response_time),
+        )
+    });
     if let Some(im) = h.header(b"if-match") {
         let ok = crate::http::trim_ows(im) == b"*"
             || etag.is_some_and(|e| im.split(|b| *b == b',').any(|t| policy::strong_match(t, e)));
@@ -1103,7 +1115,7 @@ fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
         .header(b"if-modified-since")
         .and_then(policy::parse_http_date)
     {
-        if lm.is_some_and(|lm| lm <= ims) {
+        if lm_or_date.is_some_and(|lm| lm <= ims) {
             return Some(304);
         }
     }
