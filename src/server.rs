@@ -92,6 +92,7 @@ impl Gateway {
         // One route index for all workers (immutable; per-core copies measured no faster).
         let routes = crate::router::RouteTable::build(&cfg);
         let control = Control::new(n);
+        let cache_redis = crate::cache::redis::SharedLayer::new(&cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -108,6 +109,7 @@ impl Gateway {
                     routes: Some(routes.clone()),
                 },
                 auth: auth.clone(),
+                cache_redis: cache_redis.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -142,6 +144,9 @@ impl Gateway {
         }
         if let Some(link) = buckets.redis() {
             threads.push(crate::redis::spawn(link.clone(), stop.clone())?);
+        }
+        if let Some(l) = &cache_redis {
+            threads.push(crate::redis::spawn(l.link().clone(), stop.clone())?);
         }
         threads.extend(crate::auth::jwks::spawn_fetchers(
             cfg.auth.jwt.keys().cloned().collect(),
@@ -321,6 +326,8 @@ struct Shared {
     /// TLS configs and the route index.
     built: crate::proxy::Shared,
     auth: Arc<crate::auth::AuthShared>,
+    /// `[cache.redis]`: the response cache's shared layer.
+    cache_redis: Option<Arc<crate::cache::redis::SharedLayer>>,
 }
 
 /// Per upstream group in config order: its TLS, if any.
@@ -509,6 +516,9 @@ async fn worker_main(
     drop(cfg);
     let control = shared.control;
     w.cache.set_control(control.clone());
+    if let Some(l) = shared.cache_redis {
+        w.cache.set_shared(l);
+    }
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
         let w = w.clone();

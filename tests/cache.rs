@@ -783,3 +783,79 @@ fn cache_config_errors_name_the_key_and_line() {
     let e = bad("[cache]\nmax_object_bytes = \"2GiB\"\n");
     assert_eq!(e.key, "cache.max_object_bytes");
 }
+
+fn redis_cache_config(up: SocketAddr, redis: &RedisServer) -> String {
+    cache_config(
+        up,
+        "",
+        &format!(
+            "[cache.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
+            redis.port
+        ),
+    )
+}
+
+#[test]
+fn redis_layer_shares_objects_between_three_gateways_with_one_origin_fetch() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\nage: 50\r\n");
+    let gws: Vec<TestGateway> = (0..3)
+        .map(|_| TestGateway::start(&redis_cache_config(up.addr, &redis), D))
+        .collect();
+    assert_eq!(get(gws[0].addr, "/shared").text(), "v1");
+    // Written to Redis without delaying the client: wait until it is there.
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    for gw in &gws[1..] {
+        let r = get(gw.addr, "/shared");
+        assert_eq!(r.text(), "v1");
+        assert!(status_of(&r).contains("detail=redis"), "{r:?}");
+        // The origin's Age and the time since are kept across hosts (RFC 9111 §4.2.3).
+        let age: u64 = r.header("age").unwrap().parse().unwrap();
+        assert!((50..70).contains(&age), "{r:?}");
+        // Now in that gateway's own store.
+        assert!(status_of(&get(gw.addr, "/shared")).contains("hit"));
+    }
+    assert_eq!(up.hits(), 1, "one origin fetch for three gateways");
+
+    // A purge on one gateway deletes the Redis copy: a gateway that never stored it locally
+    // fetches again.
+    let fresh = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    ringway::cache::purge(
+        gws[0].gateway().control(),
+        Purge {
+            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/shared")),
+            soft: false,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    assert_eq!(get(fresh.addr, "/shared").text(), "v2");
+}
+
+#[test]
+fn redis_down_fails_open_to_the_origin() {
+    let mut redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let gw = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    redis.kill();
+    for i in 0..5 {
+        let t0 = std::time::Instant::now();
+        let r = get(gw.addr, &format!("/down{i}"));
+        assert_eq!(r.status, 200);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+    // The local store still works.
+    assert!(status_of(&get(gw.addr, "/down0")).contains("hit"));
+    assert_eq!(up.hits(), 5);
+    // Redis back: shared again.
+    redis.restart();
+    assert!(eventually(Duration::from_secs(10), || {
+        get(gw.addr, &format!("/back{}", up.hits()));
+        !redis.keys("ringway:cache:o:*").is_empty()
+    }));
+}

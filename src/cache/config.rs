@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use crate::config::{ByteSize, Dur, HeaderName};
+use crate::config::{Addr, ByteSize, Dur, HeaderName};
 
 /// Largest per-worker byte budget accepted (64 GiB).
 pub const MAX_BUDGET: u64 = 64 << 30;
@@ -40,6 +40,58 @@ pub struct CacheConfig {
     /// Name written in `Cache-Status` (RFC 9211).
     #[serde(default = "d_name")]
     pub name: String,
+    /// A Redis shared by every worker and host, asked on a local miss.
+    #[serde(default)]
+    pub redis: Option<CacheRedisConfig>,
+}
+
+/// `[cache.redis]`: a shared layer behind the per-worker stores.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRedisConfig {
+    pub address: Addr,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Longest a local miss waits for Redis before going upstream (fail open), and the
+    /// longest connect or pipeline round trip.
+    #[serde(default = "d_redis_timeout")]
+    pub timeout: Dur,
+    /// Prefix of every key the cache writes.
+    #[serde(default = "d_redis_prefix")]
+    pub key_prefix: String,
+    /// How often an unreachable Redis is tried again.
+    #[serde(default = "d_redis_retry")]
+    pub retry_interval: Dur,
+    /// Largest stored response (headers and body) written to Redis.
+    #[serde(default = "d_redis_max_entry")]
+    pub max_entry_bytes: ByteSize,
+}
+
+impl CacheRedisConfig {
+    /// The link settings, as the rate limiter's link takes them.
+    pub fn link(&self) -> crate::config::RedisConfig {
+        crate::config::RedisConfig {
+            address: self.address.clone(),
+            password: self.password.clone(),
+            timeout: self.timeout,
+            on_failure: crate::config::RedisFailure::Local,
+            key_prefix: self.key_prefix.clone(),
+            retry_interval: self.retry_interval,
+        }
+    }
+}
+
+fn d_redis_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(20))
+}
+fn d_redis_prefix() -> String {
+    "ringway:cache:".into()
+}
+fn d_redis_retry() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
+}
+fn d_redis_max_entry() -> ByteSize {
+    ByteSize(1 << 20)
 }
 
 impl Default for CacheConfig {
@@ -51,6 +103,7 @@ impl Default for CacheConfig {
             coalesce_timeout: d_coalesce(),
             targeted_fields: d_targeted(),
             name: d_name(),
+            redis: None,
         }
     }
 }
@@ -175,6 +228,22 @@ pub fn validate(cfg: &crate::config::Config) -> Result<(), (String, String)> {
             "cache.name".into(),
             "must be a token (letters, digits, -._)".into(),
         ));
+    }
+    if let Some(r) = &c.redis {
+        if r.max_entry_bytes.0 == 0 || r.max_entry_bytes.0 > MAX_OBJECT {
+            return Err((
+                "cache.redis.max_entry_bytes".into(),
+                "must be above 0 and at most 1GiB".into(),
+            ));
+        }
+        if r.key_prefix.len() > crate::config::MAX_KEY_PREFIX
+            || !r.key_prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err((
+                "cache.redis.key_prefix".into(),
+                "at most 128 visible ASCII characters".into(),
+            ));
+        }
     }
     for (i, r) in cfg.routes.iter().enumerate() {
         let Some(rc) = &r.cache else { continue };

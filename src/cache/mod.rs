@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod policy;
+pub mod redis;
 pub mod serve;
 
 use std::cell::{Cell, RefCell};
@@ -367,6 +368,8 @@ pub struct WorkerCache {
     stats: RefCell<CacheStats>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
+    /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
+    shared: OnceLock<Arc<redis::SharedLayer>>,
     worker: usize,
 }
 
@@ -386,6 +389,7 @@ impl WorkerCache {
             flights: RefCell::new(HashMap::new()),
             stats: RefCell::new(CacheStats::default()),
             control: OnceLock::new(),
+            shared: OnceLock::new(),
             worker,
         })
     }
@@ -393,6 +397,22 @@ impl WorkerCache {
     /// Lets purges and invalidations made on this worker reach the others.
     pub fn set_control(&self, c: Arc<Control>) {
         let _ = self.control.set(c);
+    }
+
+    /// Sets the Redis layer (`[cache.redis]`).
+    pub fn set_shared(&self, l: Arc<redis::SharedLayer>) {
+        let _ = self.shared.set(l);
+    }
+
+    pub fn shared(&self) -> Option<&Arc<redis::SharedLayer>> {
+        self.shared.get()
+    }
+
+    /// Writes a stored object to the Redis layer, if there is one (queued, not awaited).
+    pub fn share(&self, key: &[u8], obj: &Object) {
+        if let Some(l) = self.shared.get() {
+            l.put(key, obj, now_secs());
+        }
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -534,9 +554,13 @@ impl WorkerCache {
         hit
     }
 
-    /// Applies `p` here and posts it to every other worker (without waiting for them).
+    /// Applies `p` here, in Redis, and posts it to every other worker (without waiting for
+    /// them).
     pub fn purge_everywhere(&self, p: Purge) -> u64 {
         let n = self.purge_local(&p);
+        if let Some(l) = self.shared.get() {
+            l.purge(&p);
+        }
         if let Some(c) = self.control.get() {
             for i in 0..c.workers() {
                 if i == self.worker {
@@ -623,7 +647,14 @@ pub fn purge_url(host: &str, path_query: &str) -> Vec<u8> {
 /// Runs a purge on every worker of a gateway (for the admin API) and returns the number of
 /// objects it hit on each, in worker order.
 pub fn purge(control: &Control, p: Purge, limit: Duration) -> Result<Vec<u64>, ControlError> {
-    control.ask(limit, move |w| w.cache.purge_local(&p))
+    control.ask(limit, move |w| {
+        if w.id == 0 {
+            if let Some(l) = w.cache.shared() {
+                l.purge(&p);
+            }
+        }
+        w.cache.purge_local(&p)
+    })
 }
 
 /// Every worker's cache counters, in worker order.

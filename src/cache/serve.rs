@@ -377,6 +377,46 @@ async fn cached<'c, S: ClientIo>(
             FlightEnd::Failed | FlightEnd::Pending => {}
         }
     }
+    // The Redis layer, when the client did not ask for the origin: an entry there answers (or
+    // is validated instead of fetched whole).
+    if let Some(layer) = cache.shared().cloned().filter(|_| !req.no_cache) {
+        let mut ks: Vec<&[u8]> = vec![&keys.shared];
+        if let Some(o) = &keys.own {
+            ks.push(o);
+        }
+        let got = layer.get(&ks).await;
+        let now = now_secs();
+        for (k, o) in ks.iter().zip(got) {
+            let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
+                continue;
+            };
+            if found
+                .as_ref()
+                .is_some_and(|f| f.obj.t.response_time >= o.t.response_time)
+            {
+                continue;
+            }
+            let o = Rc::new(o);
+            cache.insert(k, o.clone(), p.max_variants);
+            if matches!(usable(&o, &req, now), Use::Fresh | Use::StaleOk) {
+                if let Some(g) = guard {
+                    g.finish(FlightEnd::Stored);
+                }
+                cache.count(|s| s.hits += 1);
+                let mut s = Status::new(p, "");
+                s.hit = true;
+                s.ttl = Some(o.ttl(now));
+                s.collapsed = collapsed;
+                s.detail = Some("redis");
+                return answer(w, route, c, ctx, &o, now, &s).await;
+            }
+            found = Some(Found {
+                obj: o,
+                key: k.to_vec(),
+            });
+            break;
+        }
+    }
     let mut s = Status::new(p, fwd);
     s.collapsed = collapsed;
     let stale = found.filter(|f| f.obj.status == 200 || f.obj.etag().is_some());
@@ -772,6 +812,7 @@ async fn fetch<'c, S: ClientIo>(
                             Some(o) => {
                                 let o = Rc::new(o);
                                 cache.insert(&f.key, o.clone(), p.max_variants);
+                                cache.share(&f.key, &o);
                                 if let Some(g) = guard {
                                     g.finish(FlightEnd::Stored);
                                 }
@@ -864,7 +905,9 @@ async fn fetch<'c, S: ClientIo>(
                                 &url,
                                 &ctx.head,
                             );
-                            cache.insert(&k, Rc::new(obj), p.max_variants);
+                            let obj = Rc::new(obj);
+                            cache.insert(&k, obj.clone(), p.max_variants);
+                            cache.share(&k, &obj);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -1388,7 +1431,9 @@ impl Revalidation {
                 if resp.status == 304 {
                     match freshen(p, &self.obj, &fields, self.authorized, request_time, now) {
                         Some(o) => {
-                            self.cache.insert(&self.key, Rc::new(o), self.max_variants);
+                            let o = Rc::new(o);
+                            self.cache.insert(&self.key, o.clone(), self.max_variants);
+                            self.cache.share(&self.key, &o);
                             self.cache.count(|s| s.revalidations += 1);
                             true
                         }
@@ -1412,8 +1457,9 @@ impl Revalidation {
                                         &self.head,
                                     );
                                     // Stored under the key the stale one had.
-                                    self.cache
-                                        .insert(&self.key, Rc::new(obj), self.max_variants);
+                                    let obj = Rc::new(obj);
+                                    self.cache.insert(&self.key, obj.clone(), self.max_variants);
+                                    self.cache.share(&self.key, &obj);
                                     if reusable && resp.keep_alive {
                                         group.checkin(up);
                                     }
