@@ -859,3 +859,53 @@ fn redis_down_fails_open_to_the_origin() {
         !redis.keys("ringway:cache:o:*").is_empty()
     }));
 }
+
+#[test]
+fn coalesced_waiters_receive_the_body_as_it_arrives() {
+    use std::io::{Read, Write};
+    let up = Upstream::start(|_| {
+        Reply::Script(vec![
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 12\r\n\r\nfirst"
+                    .to_vec(),
+            ),
+            Step::Wait(Duration::from_millis(1500)),
+            Step::Write(b"-second".to_vec()),
+        ])
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let mut leader = Client::connect(gw.addr);
+    leader.send(b"GET /slow HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 1));
+    let t0 = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(5).any(|w| w == b"first") {
+        let n = s.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "{e} after {:?}: {:?}",
+                t0.elapsed(),
+                String::from_utf8_lossy(&got)
+            )
+        });
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(t0.elapsed() < Duration::from_millis(1200), "{text}");
+    assert!(!text.contains("second"), "{text}");
+    assert!(text.contains("collapsed"), "{text}");
+    // Then the rest, and the leader's whole answer; one upstream request.
+    while !got.windows(6).any(|w| w == b"second") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(leader.read_response().unwrap().text(), "first-second");
+    assert_eq!(up.hits(), 1);
+    assert_eq!(get(gw.addr, "/slow").text(), "first-second");
+}

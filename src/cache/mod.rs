@@ -341,10 +341,55 @@ pub enum FlightEnd {
     Failed,
 }
 
-/// One fetch in progress for a key.
+/// One fetch in progress for a key. Waiters are woken (worker-local, no polling) when its
+/// head is known, as body bytes arrive, and when it ends.
 pub struct Flight {
     pub done: Notify,
     pub end: Cell<FlightEnd>,
+    /// The head of a storable response of known length, once known: waiters stream it.
+    pub stream: RefCell<Option<Rc<FlightStream>>>,
+    /// The body's bytes so far (while it streams).
+    body: RefCell<BytesMut>,
+    /// The whole body, once the fetch stored it.
+    whole: RefCell<Option<Bytes>>,
+}
+
+/// What a waiter sends before the body of a response it receives as it arrives.
+pub struct FlightStream {
+    pub status: u16,
+    pub reason: Bytes,
+    pub fields: Vec<Field>,
+    pub len: u64,
+    pub t: Timing,
+    /// The fetching request's values of the fields the response varies on.
+    pub vary: Vec<(Box<[u8]>, Vec<u8>)>,
+}
+
+impl FlightStream {
+    /// Whether a waiting request may take this response (§4.1).
+    pub fn vary_matches(&self, head: &RequestHead) -> bool {
+        self.vary.iter().all(|(name, stored)| {
+            let mut it = head.header_values(name);
+            policy::vary_value(name, &mut it) == *stored
+        })
+    }
+}
+
+impl Flight {
+    /// Body bytes from `off` on that have arrived (empty when none yet).
+    pub fn body_from(&self, off: usize) -> Bytes {
+        if let Some(w) = self.whole.borrow().as_ref() {
+            return w.slice(off.min(w.len())..);
+        }
+        let b = self.body.borrow();
+        Bytes::copy_from_slice(&b[off.min(b.len())..])
+    }
+
+    /// Publishes the head to stream to waiters.
+    pub fn publish(&self, s: FlightStream) {
+        *self.stream.borrow_mut() = Some(Rc::new(s));
+        self.done.notify_all();
+    }
 }
 
 /// Counters of one worker's cache.
@@ -502,6 +547,9 @@ impl WorkerCache {
         let flight = Rc::new(Flight {
             done: Notify::default(),
             end: Cell::new(FlightEnd::Pending),
+            stream: RefCell::new(None),
+            body: RefCell::new(BytesMut::new()),
+            whole: RefCell::new(None),
         });
         f.insert(key.into(), flight.clone());
         Some(FlightGuard {
@@ -591,6 +639,10 @@ impl FlightGuard {
     pub fn finish(self, end: FlightEnd) {
         self.flight.end.set(end);
     }
+
+    pub fn flight(&self) -> &Rc<Flight> {
+        &self.flight
+    }
 }
 
 impl Drop for FlightGuard {
@@ -673,33 +725,65 @@ pub fn surrogate_keys(fields: &[Field]) -> Vec<Box<[u8]>> {
 }
 
 /// What the client half of a response relay captures for the store: the body's data bytes
-/// (no framing), up to `max`; past it the capture is dropped and `over` set.
+/// (no framing), up to `max`; past it the capture is dropped and `over` set. With a flight,
+/// the bytes go into it, and its waiters are woken as they arrive.
 pub struct Tee {
-    pub buf: BytesMut,
+    buf: BytesMut,
+    len: usize,
     pub max: usize,
     pub over: bool,
+    flight: Option<Rc<Flight>>,
 }
 
 impl Tee {
-    pub fn new(max: usize, hint: Option<u64>) -> Tee {
+    pub fn new(max: usize, hint: Option<u64>, flight: Option<Rc<Flight>>) -> Tee {
         let cap = hint.map_or(0, |h| h.min(max as u64) as usize);
+        let buf = BytesMut::with_capacity(cap);
+        let buf = match &flight {
+            Some(f) => {
+                *f.body.borrow_mut() = buf;
+                BytesMut::new()
+            }
+            None => buf,
+        };
         Tee {
-            buf: BytesMut::with_capacity(cap),
+            buf,
+            len: 0,
             max,
             over: false,
+            flight,
         }
     }
 
     #[inline]
     pub fn push(&mut self, data: &[u8]) {
-        if self.over {
+        if self.over || data.is_empty() {
             return;
         }
-        if self.buf.len().saturating_add(data.len()) > self.max {
+        if self.len.saturating_add(data.len()) > self.max {
             self.over = true;
             self.buf = BytesMut::new();
             return;
         }
-        self.buf.extend_from_slice(data);
+        self.len += data.len();
+        match &self.flight {
+            Some(f) => {
+                f.body.borrow_mut().extend_from_slice(data);
+                f.done.notify_all();
+            }
+            None => self.buf.extend_from_slice(data),
+        }
+    }
+
+    /// The captured body (for a flight, also kept there for its waiters).
+    pub fn finish(self) -> Bytes {
+        match self.flight {
+            Some(f) => {
+                let b = std::mem::take(&mut *f.body.borrow_mut()).freeze();
+                *f.whole.borrow_mut() = Some(b.clone());
+                b
+            }
+            None => self.buf.freeze(),
+        }
     }
 }

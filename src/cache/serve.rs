@@ -24,8 +24,8 @@ use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 
 use super::policy::{self, Directives, Field, RangeAnswer};
 use super::{
-    build_key, now_secs, url_of, FlightEnd, FlightGuard, Object, Purge, PurgeTarget, RoutePolicy,
-    Tee, Timing, WorkerCache,
+    build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, Object, Purge,
+    PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
 };
 
 /// Bodies up to this size go out in the same write as their head.
@@ -342,12 +342,32 @@ async fn cached<'c, S: ClientIo>(
             guard = cache.begin_flight(&keys.shared);
             break;
         };
-        let left = p.coalesce_timeout.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            break;
+        // Woken when the head is known, as bytes arrive and at the end: a plain GET that the
+        // response suits is answered as it arrives; others wait for the end.
+        let mut alone = false;
+        while flight.end.get() == FlightEnd::Pending {
+            let stream = flight.stream.borrow().clone();
+            if let Some(st) = stream.filter(|st| streamable(&ctx.head, &req, st)) {
+                cache.count(|s| {
+                    s.hits += 1;
+                    s.coalesced += 1
+                });
+                let mut s = Status::new(p, fwd);
+                s.fwd_status = st.status;
+                s.collapsed = true;
+                return stream_from(w, route, c, ctx, &flight, &st, &s).await;
+            }
+            let left = p.coalesce_timeout.saturating_sub(started.elapsed());
+            if left.is_zero()
+                || monoio::time::timeout(left, flight.done.notified())
+                    .await
+                    .is_err()
+            {
+                alone = true;
+                break;
+            }
         }
-        let waited = monoio::time::timeout(left, flight.done.notified()).await;
-        if waited.is_err() {
+        if alone {
             break;
         }
         match flight.end.get() {
@@ -863,10 +883,35 @@ async fn fetch<'c, S: ClientIo>(
                             plan = Err("too-large");
                         }
                     }
+                    // Waiters on this fetch receive the body as it arrives when they may share it
+                    // (stored under the shared key) and its length is known.
+                    let flight = match (&plan, &guard, known_len(&resp)) {
+                        (Ok(s), Some(g), Some(len))
+                            if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
+                        {
+                            g.flight().publish(FlightStream {
+                                status: resp.status,
+                                reason: Bytes::copy_from_slice(resp.bytes(resp.reason)),
+                                fields: s.fields.clone(),
+                                len,
+                                t: s.t,
+                                vary: s
+                                    .vary
+                                    .iter()
+                                    .map(|n| {
+                                        let mut it = ctx.head.header_values(n);
+                                        (n.clone(), policy::vary_value(n, &mut it))
+                                    })
+                                    .collect(),
+                            });
+                            Some(g.flight().clone())
+                        }
+                        _ => None,
+                    };
                     let mut tee = plan
                         .as_ref()
                         .ok()
-                        .map(|_| Tee::new(max as usize, known_len(&resp)));
+                        .map(|_| Tee::new(max as usize, known_len(&resp), flight));
                     match &plan {
                         Ok(_) => {
                             status.stored =
@@ -897,14 +942,8 @@ async fn fetch<'c, S: ClientIo>(
                         if complete && !t.over {
                             let mut url = Vec::new();
                             url_of(&ctx.head, &mut url);
-                            let obj = make_object(
-                                s,
-                                status_code,
-                                reason,
-                                t.buf.freeze(),
-                                &url,
-                                &ctx.head,
-                            );
+                            let obj =
+                                make_object(s, status_code, reason, t.finish(), &url, &ctx.head);
                             let obj = Rc::new(obj);
                             cache.insert(&k, obj.clone(), p.max_variants);
                             cache.share(&k, &obj);
@@ -1118,6 +1157,103 @@ async fn answer<'c, S: ClientIo>(
     }
     if send_body && body.len() > INLINE_BODY && write_buf(&mut c.io, body, t).await.is_err() {
         return Outcome::Abort;
+    }
+    Outcome::Relayed { keep }
+}
+
+/// Whether a waiting request can take a response as it arrives: a plain GET (no
+/// conditionals, no range, no freshness demands) whose Vary values are the fetcher's.
+fn streamable(h: &RequestHead, req: &Directives, st: &FlightStream) -> bool {
+    h.method == Method::Get
+        && req.max_age.is_none()
+        && req.min_fresh.is_none()
+        && ![
+            &b"range"[..],
+            b"if-none-match",
+            b"if-modified-since",
+            b"if-match",
+            b"if-unmodified-since",
+        ]
+        .iter()
+        .any(|n| h.header(n).is_some())
+        && st.vary_matches(h)
+}
+
+/// Answers a waiter with the response another request is fetching, its body written as it
+/// arrives (woken by the fetch, no polling). A fetch that fails part way cuts this answer too.
+async fn stream_from<'c, S: ClientIo>(
+    w: &Worker,
+    route: &Route,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    flight: &Flight,
+    st: &FlightStream,
+    status: &Status<'_>,
+) -> Outcome<'c> {
+    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let wbuf = &mut ctx.wbuf;
+    wbuf.clear();
+    let reason: &[u8] = if st.reason.is_empty() {
+        reason_phrase(st.status).as_bytes()
+    } else {
+        &st.reason
+    };
+    put_status_line(wbuf, st.status, reason);
+    let rules = &route.response_headers;
+    for (n, v) in &st.fields {
+        if !rules.drops(n) {
+            put_header(wbuf, n, v);
+        }
+    }
+    wbuf.put_slice(b"age: ");
+    put_u64(wbuf, st.t.age(now_secs()));
+    wbuf.put_slice(b"\r\n");
+    status.put(wbuf);
+    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+    rules.put(wbuf);
+    wbuf.put_slice(&ctx.resp_headers);
+    let bodiless = st.status == 204;
+    if !bodiless {
+        wbuf.put_slice(b"content-length: ");
+        put_u64(wbuf, st.len);
+        wbuf.put_slice(b"\r\n");
+    }
+    if let Some(v) = connection_value(keep, ctx.head.version) {
+        put_header(wbuf, b"connection", v);
+    }
+    wbuf.put_slice(b"\r\n");
+    let t = ctx.t.client_write;
+    let buf = std::mem::take(&mut ctx.wbuf);
+    match write_buf(&mut c.io, buf, t).await {
+        Ok(mut b) => {
+            b.clear();
+            ctx.wbuf = b;
+        }
+        Err(_) => return Outcome::Abort,
+    }
+    let total = if bodiless { 0 } else { st.len };
+    let mut sent = 0u64;
+    while sent < total {
+        let chunk = flight.body_from(sent as usize);
+        if !chunk.is_empty() {
+            let take = chunk.len().min((total - sent) as usize);
+            sent += take as u64;
+            if write_buf(&mut c.io, chunk.slice(..take), t).await.is_err() {
+                return Outcome::Abort;
+            }
+            continue;
+        }
+        if flight.end.get() != FlightEnd::Pending {
+            // Ended without the rest: the fetch failed.
+            return Outcome::Abort;
+        }
+        let notified = flight.done.notified();
+        if monoio::time::timeout(ctx.t.upstream_body, notified)
+            .await
+            .is_err()
+        {
+            return Outcome::Abort;
+        }
     }
     Outcome::Relayed { keep }
 }
