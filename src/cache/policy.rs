@@ -534,7 +534,6 @@ pub fn unstorable_field(name: &[u8]) -> bool {
         || name.eq_ignore_ascii_case(b"age")
         || name.eq_ignore_ascii_case(b"proxy-connection")
         || name.eq_ignore_ascii_case(b"x-request-id")
-        || name.eq_ignore_ascii_case(b"via")
         // §3.1: apply to one hop only.
         || name.eq_ignore_ascii_case(b"proxy-authenticate")
         || name.eq_ignore_ascii_case(b"proxy-authentication-info")

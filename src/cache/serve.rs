@@ -305,7 +305,7 @@ async fn cached<'c, S: ClientIo>(
                 let mut s = Status::new(p, "");
                 s.hit = true;
                 s.ttl = Some(f.obj.ttl(now));
-                return answer(w, route, c, ctx, &f.obj, now, &s).await;
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
             }
             Use::StaleRevalidate => {
                 cache.count(|s| s.stale_hits += 1);
@@ -314,7 +314,7 @@ async fn cached<'c, S: ClientIo>(
                 s.hit = true;
                 s.ttl = Some(f.obj.ttl(now));
                 s.detail = Some("stale-while-revalidate");
-                return answer(w, route, c, ctx, &f.obj, now, &s).await;
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
             }
             Use::Validate => fwd = if req.no_cache { "request" } else { "stale" },
         }
@@ -355,7 +355,7 @@ async fn cached<'c, S: ClientIo>(
                 let mut s = Status::new(p, fwd);
                 s.fwd_status = st.status;
                 s.collapsed = true;
-                return stream_from(w, route, c, ctx, &flight, &st, &s).await;
+                return stream_from(w, &cfg.via, route, c, ctx, &flight, &st, &s).await;
             }
             let left = p.coalesce_timeout.saturating_sub(started.elapsed());
             if left.is_zero()
@@ -385,7 +385,7 @@ async fn cached<'c, S: ClientIo>(
                         s.hit = true;
                         s.collapsed = true;
                         s.ttl = Some(f.obj.ttl(now));
-                        return answer(w, route, c, ctx, &f.obj, now, &s).await;
+                        return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
                     }
                     found = Some(f);
                 }
@@ -428,7 +428,7 @@ async fn cached<'c, S: ClientIo>(
                 s.ttl = Some(o.ttl(now));
                 s.collapsed = collapsed;
                 s.detail = Some("redis");
-                return answer(w, route, c, ctx, &o, now, &s).await;
+                return answer(w, &cfg.via, route, c, ctx, &o, now, &s).await;
             }
             found = Some(Found {
                 obj: o,
@@ -527,15 +527,16 @@ fn conditional_head(
 /// The response's header fields, copied (they must not pin the upstream read buffer).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
+    // One copy of the head; every field is a slice of it.
+    let raw = Bytes::copy_from_slice(&resp.raw);
+    let part = |s: &[u8]| {
+        let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
+        raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
+    };
     resp.headers
         .iter()
         .filter(|h| !listed.lists(resp.bytes(h.name)))
-        .map(|h| {
-            (
-                Bytes::copy_from_slice(resp.bytes(h.name)),
-                Bytes::copy_from_slice(resp.bytes(h.value)),
-            )
-        })
+        .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value))))
         .collect()
 }
 
@@ -634,13 +635,12 @@ pub(crate) fn analyze(
     let mut kept: Vec<Field> = fields
         .iter()
         .filter(|(n, _)| {
-            let lower = n.to_ascii_lowercase();
             !policy::unstorable_field(n)
                 && !n.eq_ignore_ascii_case(b"set-cookie")
                 && !n.eq_ignore_ascii_case(b"set-cookie2")
                 && !n.eq_ignore_ascii_case(b"cache-status")
-                && !d.private_fields.iter().any(|f| **f == lower[..])
-                && !d.no_cache_fields.iter().any(|f| **f == lower[..])
+                && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+                && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
         })
         .cloned()
         .collect();
@@ -800,7 +800,7 @@ async fn fetch<'c, S: ClientIo>(
                     status.hit = true;
                     status.ttl = Some(f.obj.ttl(now));
                     status.detail = Some("stale-if-error");
-                    let out = answer(w, route, c, ctx, &f.obj, now, &status).await;
+                    let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
                     w.bufs.give_resp(resp);
                     return out;
                 }
@@ -846,7 +846,7 @@ async fn fetch<'c, S: ClientIo>(
                         };
                         status.fwd = "stale";
                         status.ttl = Some(obj.ttl(now));
-                        let out = answer(w, route, c, ctx, &obj, now, &status).await;
+                        let out = answer(w, &cfg.via, route, c, ctx, &obj, now, &status).await;
                         w.bufs.give_resp(resp);
                         return out;
                     }
@@ -860,7 +860,7 @@ async fn fetch<'c, S: ClientIo>(
                         status.hit = true;
                         status.ttl = Some(f.obj.ttl(now));
                         status.detail = Some("stale-if-error");
-                        let out = answer(w, route, c, ctx, &f.obj, now, &status).await;
+                        let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
                         w.bufs.give_resp(resp);
                         return out;
                     }
@@ -1033,8 +1033,10 @@ fn same_host_url(head: &RequestHead, v: &[u8]) -> Option<Vec<u8>> {
 
 /// Writes an answer from a stored response: the client's conditionals (RFC 9110 §13.2.2)
 /// and a single byte range (§14.2) are answered here; HEAD gets the head of the stored GET.
+#[allow(clippy::too_many_arguments)]
 async fn answer<'c, S: ClientIo>(
     w: &Worker,
+    via: &[u8],
     route: &Route,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
@@ -1108,6 +1110,7 @@ async fn answer<'c, S: ClientIo>(
     put_u64(wbuf, o.t.age(now));
     wbuf.put_slice(b"\r\n");
     status.put(wbuf);
+    put_header(wbuf, b"via", via);
     put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
     rules.put(wbuf);
     wbuf.put_slice(&ctx.resp_headers);
@@ -1181,8 +1184,10 @@ fn streamable(h: &RequestHead, req: &Directives, st: &FlightStream) -> bool {
 
 /// Answers a waiter with the response another request is fetching, its body written as it
 /// arrives (woken by the fetch, no polling). A fetch that fails part way cuts this answer too.
+#[allow(clippy::too_many_arguments)]
 async fn stream_from<'c, S: ClientIo>(
     w: &Worker,
+    via: &[u8],
     route: &Route,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
@@ -1209,6 +1214,7 @@ async fn stream_from<'c, S: ClientIo>(
     put_u64(wbuf, st.t.age(now_secs()));
     wbuf.put_slice(b"\r\n");
     status.put(wbuf);
+    put_header(wbuf, b"via", via);
     put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
     rules.put(wbuf);
     wbuf.put_slice(&ctx.resp_headers);
