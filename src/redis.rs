@@ -105,6 +105,8 @@ pub struct Command {
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
+/// Largest reply read (the cache's largest entry, 1 GiB, and room for its framing).
+const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
 
 /// Shared between the workers (which queue demands) and the Redis thread.
 pub struct RedisLink {
@@ -362,6 +364,10 @@ impl Conn {
 
     fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
         loop {
+            // A reply larger than anything ringway stores is a hostile or broken server.
+            if self.rbuf.len() > MAX_REPLY_BYTES {
+                return Err(proto_err("reply too large"));
+            }
             if let Some((frame, _, _)) =
                 decode_bytes_mut(&mut self.rbuf).map_err(|e| proto_err(e.to_string()))?
             {

@@ -827,6 +827,26 @@ async fn fetch<'c, S: ClientIo>(
                         let fields = copy_fields(&resp);
                         resp.raw = Bytes::new();
                         release(w, group, ch, false, false);
+                        // A strong validator that is not the stored one selects nothing: the
+                        // stored response is dropped and fetched again whole.
+                        let selects = match (policy::field(&fields, b"etag"), f.obj.etag()) {
+                            (Some(new), Some(old)) if !new.starts_with(b"W/") => {
+                                policy::strong_match(new, old)
+                            }
+                            _ => true,
+                        };
+                        if !selects {
+                            cache.remove_variant(&f.key, &f.obj);
+                            w.bufs.give_resp(resp);
+                            let again = Fetch::Fill {
+                                keys,
+                                stale: None,
+                                guard,
+                                req,
+                            };
+                            return Box::pin(fetch(w, cfg, route, p, group, c, ctx, again, status))
+                                .await;
+                        }
                         cache.count(|s| s.revalidations += 1);
                         let obj = match freshen(p, &f.obj, &fields, authorized, request_time, now) {
                             Some(o) => {
