@@ -924,3 +924,68 @@ fn rfc9111_4_3_4_a_304_with_another_strong_etag_updates_nothing_and_the_response
     assert_eq!(get(gw.addr, "/s").text(), "new");
     assert_eq!(n.load(Ordering::SeqCst), 3);
 }
+
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Three gateway processes (two workers each) on one Redis: the origin sees one fetch for the
+/// fleet, however the requests spread over hosts and workers afterwards.
+#[test]
+fn redis_layer_three_gateway_processes_one_origin_fetch() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let dir = std::env::temp_dir().join(format!("ringway-cache-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        })
+        .collect();
+    let _procs: Vec<Proc> = addrs
+        .iter()
+        .map(|a| {
+            let toml = redis_cache_config(up.addr, &redis)
+                .replace("address = \"127.0.0.1:0\"", &format!("address = \"{a}\""));
+            let file = dir.join(format!("gw-{}.toml", a.port()));
+            std::fs::write(&file, toml).unwrap();
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+                .args(["run", "--workers", "2", "-c"])
+                .arg(&file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn ringway");
+            let p = Proc(child);
+            assert!(eventually(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(a).is_ok()
+            }));
+            p
+        })
+        .collect();
+    assert_eq!(get(addrs[0], "/fleet").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    let handles: Vec<_> = addrs
+        .iter()
+        .map(|a| {
+            let a = *a;
+            std::thread::spawn(move || (0..30).map(|_| get(a, "/fleet").text()).collect::<Vec<_>>())
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap().iter().all(|t| t == "v1"));
+    }
+    println!("3 processes, 91 requests: {} origin fetch(es)", up.hits());
+    assert_eq!(up.hits(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
