@@ -989,3 +989,45 @@ fn redis_layer_three_gateway_processes_one_origin_fetch() {
     assert_eq!(up.hits(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn rfc9111_4_3_5_a_head_answer_freshens_or_invalidates_the_stored_get() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let etag = Arc::new(std::sync::Mutex::new("\"a\""));
+    let e2 = etag.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let e = *e2.lock().unwrap();
+        let cc = if req.method == "HEAD" {
+            "max-age=60"
+        } else {
+            "max-age=0"
+        };
+        let body = format!("v{i}");
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: {cc}\r\netag: {e}\r\ncontent-length: {}\r\n\r\n{}",
+                body.len(),
+                if req.method == "HEAD" { "" } else { &body }
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let head = |gw: &TestGateway| request(gw.addr, b"HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(get(gw.addr, "/h").text(), "v1");
+    // Same validator: the stored GET takes the HEAD's freshness.
+    assert_eq!(head(&gw).status, 200);
+    let r = get(gw.addr, "/h");
+    assert_eq!(r.text(), "v1");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/h").text(), "v3");
+    *etag.lock().unwrap() = "\"b\"";
+    head(&gw);
+    // Another validator: the stored GET is gone, fetched again.
+    assert_eq!(get(gw.addr, "/h").text(), "v5");
+}

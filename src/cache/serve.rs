@@ -327,9 +327,10 @@ async fn cached<'c, S: ClientIo>(
     }
     cache.count(|s| s.misses += 1);
     if ctx.head.method == Method::Head {
-        // HEAD misses go through; only GET responses are stored.
+        // HEAD misses go through; only GET responses are stored, but a HEAD answer updates
+        // or invalidates the stored GET (§4.3.5).
         let s = Status::new(p, fwd);
-        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, s).await;
+        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), s).await;
     }
     // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
     // to `coalesce_timeout`, then go alone. A failed fetch lets one waiter take over.
@@ -462,8 +463,10 @@ async fn cached<'c, S: ClientIo>(
 /// What a trip upstream is for (one per request, held in its future).
 #[allow(clippy::large_enum_variant)]
 enum Fetch {
-    /// Nothing to store (HEAD, bypass).
+    /// Nothing to store (bypass).
     Pass,
+    /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5).
+    Head(Option<Found>),
     /// An unsafe method: invalidate this URL on a non-error answer (§4.4).
     Invalidate(Vec<u8>),
     /// A GET that may be stored; `stale`: what is stored, validated with its validators.
@@ -739,6 +742,39 @@ fn freshen(
     })
 }
 
+/// RFC 9111 §4.3.5: a 200 to HEAD whose validators and length agree with the stored GET
+/// freshens it like a 304; one that disagrees invalidates it.
+fn head_update(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    f: &Found,
+    fields: &[Field],
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+) {
+    let same = |name: &[u8]| match (
+        policy::field(fields, name),
+        policy::field(&f.obj.fields, name),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => true,
+        _ => false,
+    };
+    let len_ok = policy::field(fields, b"content-length")
+        .and_then(crate::http::parse_content_length)
+        .is_none_or(|n| n == f.obj.body.len() as u64);
+    if same(b"etag") && same(b"last-modified") && len_ok {
+        if let Some(o) = freshen(p, &f.obj, fields, authorized, request_time, now) {
+            let o = Rc::new(o);
+            cache.insert(&f.key, o.clone(), p.max_variants);
+            cache.share(&f.key, &o);
+        }
+    } else {
+        cache.remove_variant(&f.key, &f.obj);
+    }
+}
+
 /// Gives the upstream connection back (or drops it) with the bookkeeping the proxy does.
 fn release(w: &Worker, group: &UpstreamGroup, ch: Chosen, failed: bool, reusable: bool) {
     let ep = ch.up.endpoint;
@@ -1004,6 +1040,25 @@ async fn fetch<'c, S: ClientIo>(
                     out
                 }
                 Fetch::Pass => {
+                    status.put(&mut ctx.resp_headers);
+                    let (out, reusable) =
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                    resp.raw = Bytes::new();
+                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                    out
+                }
+                Fetch::Head(found) => {
+                    if let Some(f) = found.filter(|_| resp.status == 200) {
+                        head_update(
+                            p,
+                            &cache,
+                            &f,
+                            &copy_fields(&resp),
+                            authorized,
+                            request_time,
+                            now,
+                        );
+                    }
                     status.put(&mut ctx.resp_headers);
                     let (out, reusable) =
                         forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
