@@ -109,14 +109,19 @@ fn rfc9111_3_request_no_store_is_honoured() {
 }
 
 #[test]
-fn set_cookie_responses_are_stored_only_when_the_route_allows_and_never_with_the_cookie() {
-    let (up, _) = counting_origin("cache-control: max-age=60\r\nset-cookie: sid=secret\r\n");
-    let gw = TestGateway::start(&cache_config(up.addr, "store_set_cookie = true", ""), D);
+fn set_cookie_responses_are_not_stored_by_default_stripped_or_stored_when_the_route_says() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nset-cookie: sid=shared\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "set_cookie = \"strip\"", ""), D);
     let a = get(gw.addr, "/c");
-    assert_eq!(a.header("set-cookie"), Some("sid=secret"));
+    assert_eq!(a.header("set-cookie"), Some("sid=shared"));
     let b = get(gw.addr, "/c");
     assert_eq!(b.text(), "v1");
     assert_eq!(b.header("set-cookie"), None, "{b:?}");
+    let gw = TestGateway::start(&cache_config(up.addr, "set_cookie = \"store\"", ""), D);
+    get(gw.addr, "/c");
+    let b = get(gw.addr, "/c");
+    assert_eq!(b.text(), "v2");
+    assert_eq!(b.header("set-cookie"), Some("sid=shared"), "{b:?}");
 }
 
 #[test]

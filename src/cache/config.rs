@@ -160,6 +160,19 @@ pub struct KeyConfig {
     pub consumer: bool,
 }
 
+/// What a cache route does with responses that set cookies.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SetCookieMode {
+    /// Not stored (the default).
+    #[default]
+    Bypass,
+    /// Stored without `Set-Cookie`.
+    Strip,
+    /// Stored with it.
+    Store,
+}
+
 /// A route's `cache = { ... }`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,9 +181,11 @@ pub struct RouteCacheConfig {
     pub enabled: bool,
     #[serde(default)]
     pub key: KeyConfig,
-    /// Store responses that carry `Set-Cookie` (the cookie itself is never stored).
+    /// Responses with `Set-Cookie`: "bypass" (not stored), "strip" (stored without the
+    /// cookie) or "store" (stored with it, replayed to every caller: only for cookies that
+    /// are the same for everyone).
     #[serde(default)]
-    pub store_set_cookie: bool,
+    pub set_cookie: SetCookieMode,
     /// Heuristic freshness (RFC 9111 §4.2.2) for responses without explicit expiry: 10% of
     /// the time since Last-Modified, at most `max_heuristic`.
     #[serde(default = "d_true")]

@@ -69,7 +69,7 @@ pub struct RoutePolicy {
     pub key_consumer: bool,
     /// The route has an auth policy: non-public responses are keyed by consumer.
     pub auth: bool,
-    pub store_set_cookie: bool,
+    pub set_cookie: config::SetCookieMode,
     pub heuristic: bool,
     pub max_heuristic: u64,
     pub swr: Option<u64>,
@@ -112,7 +112,7 @@ impl RoutePolicy {
             key_headers: c.key.headers.iter().map(|h| b(&h.0)).collect(),
             key_consumer: c.key.consumer,
             auth: rc.auth.as_ref().is_some_and(|a| !a.any_of.is_empty()),
-            store_set_cookie: c.store_set_cookie,
+            set_cookie: c.set_cookie,
             heuristic: c.heuristic,
             max_heuristic: c.max_heuristic.0.as_secs(),
             swr: c.stale_while_revalidate.map(|d| d.0.as_secs()),

@@ -581,7 +581,7 @@ pub(crate) fn analyze(
     let has_cookie = fields.iter().any(|(n, _)| {
         n.eq_ignore_ascii_case(b"set-cookie") || n.eq_ignore_ascii_case(b"set-cookie2")
     });
-    if has_cookie && !p.store_set_cookie {
+    if has_cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
         return Err("set-cookie");
     }
     let vary = policy::vary_names(policy::fields(fields, b"vary")).ok_or("vary-star")?;
@@ -639,8 +639,9 @@ pub(crate) fn analyze(
         .iter()
         .filter(|(n, _)| {
             !policy::unstorable_field(n)
-                && !n.eq_ignore_ascii_case(b"set-cookie")
-                && !n.eq_ignore_ascii_case(b"set-cookie2")
+                && (p.set_cookie == super::config::SetCookieMode::Store
+                    || !(n.eq_ignore_ascii_case(b"set-cookie")
+                        || n.eq_ignore_ascii_case(b"set-cookie2")))
                 && !n.eq_ignore_ascii_case(b"cache-status")
                 && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
                 && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
