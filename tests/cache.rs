@@ -1036,3 +1036,20 @@ fn rfc9111_4_3_5_a_head_answer_freshens_or_invalidates_the_stored_get() {
     // Another validator: the stored GET is gone, fetched again.
     assert_eq!(get(gw.addr, "/h").text(), "v5");
 }
+
+#[test]
+fn a_response_varying_on_too_many_fields_is_not_stored() {
+    let names: Vec<String> = (0..17).map(|i| format!("x-v{i}")).collect();
+    let head: &'static str = Box::leak(
+        format!(
+            "cache-control: max-age=60\r\nvary: {}\r\n",
+            names.join(", ")
+        )
+        .into_boxed_str(),
+    );
+    let (up, _) = counting_origin(head);
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get(gw.addr, "/vv");
+    assert!(status_of(&r).contains("detail=vary-too-many"), "{r:?}");
+    assert_eq!(get(gw.addr, "/vv").text(), "v2");
+}

@@ -30,6 +30,9 @@ use super::{
 
 /// Bodies up to this size go out in the same write as their head.
 const INLINE_BODY: usize = 16 * 1024;
+/// Most fields a stored response may vary on: each is compared on every lookup, so a hostile
+/// origin's long `Vary` is not stored.
+const MAX_VARY_FIELDS: usize = 16;
 /// Most times a request waits on another's fetch for the same key before fetching itself.
 const MAX_COALESCE_ROUNDS: usize = 4;
 
@@ -585,6 +588,9 @@ pub(crate) fn analyze(
         return Err("set-cookie");
     }
     let vary = policy::vary_names(policy::fields(fields, b"vary")).ok_or("vary-star")?;
+    if vary.len() > MAX_VARY_FIELDS {
+        return Err("vary-too-many");
+    }
     let date = policy::field(fields, b"date")
         .and_then(policy::parse_http_date)
         .unwrap_or(response_time);
