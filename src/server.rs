@@ -148,6 +148,13 @@ impl Gateway {
         if let Some(l) = &cache_redis {
             threads.push(crate::redis::spawn(l.link().clone(), stop.clone())?);
         }
+        if let Some(r) = &cfg.cache.redis {
+            threads.push(crate::cache::redis::spawn_purge_listener(
+                r,
+                control.clone(),
+                stop.clone(),
+            )?);
+        }
         threads.extend(crate::auth::jwks::spawn_fetchers(
             cfg.auth.jwt.keys().cloned().collect(),
             &auth.jwt,

@@ -1053,3 +1053,42 @@ fn a_response_varying_on_too_many_fields_is_not_stored() {
     assert!(status_of(&r).contains("detail=vary-too-many"), "{r:?}");
     assert_eq!(get(gw.addr, "/vv").text(), "v2");
 }
+
+#[test]
+fn redis_purge_reaches_the_local_stores_of_every_host() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    // Both hosts listen on the purge channel.
+    assert!(eventually(Duration::from_secs(5), || redis
+        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
+        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    // B takes it from Redis into its own store.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+    let entries = |gw: &TestGateway| {
+        ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2))
+            .unwrap()
+            .iter()
+            .map(|s| s.entries)
+            .sum::<u64>()
+    };
+    assert_eq!(entries(&b), 1);
+    // A purge made on A (the admin API's function) empties B's local store too.
+    ringway::cache::purge(
+        a.gateway().control(),
+        Purge {
+            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+            soft: false,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || entries(&b) == 0));
+    assert_eq!(get(b.addr, "/p").text(), "v2");
+}

@@ -15,7 +15,9 @@
 //!   age, lifetime and stale windows), so that freshness and `Age` are computed on every host
 //!   as on the host that fetched them (clocks kept by NTP).
 //! - Purges by URL and by surrogate key delete the Redis copies too (through index sets kept
-//!   per URL and per tag); a prefix purge reaches only the local stores.
+//!   per URL and per tag), and every purge is published on `<prefix>purge`: each host runs a
+//!   subscriber thread that applies what it hears to its workers' stores (through
+//!   `crate::control`), so a purge reaches every host's local stores.
 //!
 //! Fleet bound: each host makes at most one fetch per key at a time (coalescing), and a host
 //! that finds the object in Redis makes none; so the origin sees one fetch per object per
@@ -163,8 +165,16 @@ impl SharedLayer {
         }
     }
 
-    /// Deletes the Redis copies a purge names (URL and tag purges; others stay local).
+    /// Deletes the Redis copies a purge names and tells every host (through the purge channel).
     pub fn purge(&self, p: &Purge) {
+        self.link.command(Command {
+            args: vec![
+                Bytes::from_static(b"PUBLISH"),
+                self.rkey(b"purge", b""),
+                Bytes::from(encode_purge(p)),
+            ],
+            done: None,
+        });
         let set = match &p.target {
             PurgeTarget::Url(u) => self.rkey(b"u:", u),
             PurgeTarget::Tag(t) => self.rkey(b"t:", t),
@@ -180,6 +190,144 @@ impl SharedLayer {
             done: None,
         });
     }
+}
+
+/// Most bytes of a purge message read from the channel.
+const MAX_PURGE_MESSAGE: usize = 64 * 1024;
+
+/// A purge as it travels on the channel: its kind, hard or soft, and its argument.
+pub fn encode_purge(p: &Purge) -> Vec<u8> {
+    let (kind, arg): (u8, &[u8]) = match &p.target {
+        PurgeTarget::Url(u) => (b'u', u),
+        PurgeTarget::Prefix(x) => (b'p', x),
+        PurgeTarget::Tag(t) => (b't', t),
+        PurgeTarget::All => (b'a', b""),
+    };
+    let mut out = Vec::with_capacity(arg.len() + 2);
+    out.push(kind);
+    out.push(u8::from(p.soft));
+    out.extend_from_slice(arg);
+    out
+}
+
+pub fn decode_purge(b: &[u8]) -> Option<Purge> {
+    if b.len() < 2 || b.len() > MAX_PURGE_MESSAGE || b[1] > 1 {
+        return None;
+    }
+    let arg = b[2..].to_vec();
+    let target = match b[0] {
+        b'u' => PurgeTarget::Url(arg),
+        b'p' => PurgeTarget::Prefix(arg),
+        b't' => PurgeTarget::Tag(arg),
+        b'a' if arg.is_empty() => PurgeTarget::All,
+        _ => return None,
+    };
+    Some(Purge {
+        target,
+        soft: b[1] == 1,
+    })
+}
+
+/// Starts the thread that listens on the purge channel and applies each purge to this
+/// host's workers; it ends once `stop` is set. An unreachable Redis is tried again every
+/// `retry_interval` (purges published meanwhile are missed: the local copies then live until
+/// they expire).
+pub fn spawn_purge_listener(
+    cfg: &crate::cache::config::CacheRedisConfig,
+    control: Arc<crate::control::Control>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let cfg = cfg.clone();
+    std::thread::Builder::new()
+        .name("ringway-purge".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = listen(&cfg, &control, &stop);
+                let until = Instant::now() + cfg.retry_interval.0;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+}
+
+/// One subscription, until it fails or `stop` is set.
+fn listen(
+    cfg: &crate::cache::config::CacheRedisConfig,
+    control: &crate::control::Control,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    use redis_protocol::resp2::decode::decode_bytes_mut;
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect_timeout(&cfg.address.addr, cfg.timeout.0)?;
+    // Short reads, so that the stop flag is seen.
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    sock.set_write_timeout(Some(cfg.timeout.0))?;
+    let channel = format!("{}purge", cfg.key_prefix);
+    let mut cmd = Vec::new();
+    let mut frame = |args: &[&[u8]]| {
+        cmd.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            cmd.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            cmd.extend_from_slice(a);
+            cmd.extend_from_slice(b"\r\n");
+        }
+    };
+    if let Some(p) = &cfg.password {
+        frame(&[b"AUTH", p.as_bytes()]);
+    }
+    frame(&[b"SUBSCRIBE", channel.as_bytes()]);
+    sock.write_all(&cmd)?;
+    let mut rbuf = bytes::BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        while let Some((f, _, _)) = decode_bytes_mut(&mut rbuf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
+        {
+            match f {
+                BytesFrame::Array(v) if v.len() == 3 => {
+                    if let (BytesFrame::BulkString(kind), BytesFrame::BulkString(msg)) =
+                        (&v[0], &v[2])
+                    {
+                        if &kind[..] == b"message" {
+                            if let Some(p) = decode_purge(msg) {
+                                for i in 0..control.workers() {
+                                    let p = p.clone();
+                                    let _ = control.post(
+                                        i,
+                                        Box::new(move |w| {
+                                            w.cache.purge_local(&p);
+                                        }),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                BytesFrame::Error(e) => {
+                    return Err(std::io::Error::other(e.to_string()));
+                }
+                _ => {}
+            }
+        }
+        if rbuf.len() > MAX_PURGE_MESSAGE * 2 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "purge channel message too large",
+            ));
+        }
+        match sock.read(&mut chunk) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn put_lv(out: &mut Vec<u8>, b: &[u8]) {
