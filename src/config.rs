@@ -627,6 +627,9 @@ pub struct Config {
     /// The admin API listener (`crate::admin`); off unless the section is present.
     #[serde(default)]
     pub admin: Option<crate::admin::config::AdminConfig>,
+    /// Response cache budgets (see `crate::cache`).
+    #[serde(default)]
+    pub cache: crate::cache::config::CacheConfig,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -1265,6 +1268,9 @@ pub struct RouteConfig {
     /// fields RFC 9110 §6.5.1 allows in a trailer).
     #[serde(default)]
     pub trailers: TrailersConfig,
+    /// Response caching for this route (see `crate::cache`).
+    #[serde(default)]
+    pub cache: Option<crate::cache::config::RouteCacheConfig>,
 }
 
 /// What a route does with the trailer fields of a chunked request body.
@@ -2037,6 +2043,7 @@ impl Config {
                 "must not hold quotes, backslashes or control characters".into(),
             ));
         }
+        crate::cache::config::validate(self).map_err(|(key, reason)| err(key, None, reason))?;
         // Before the auth checks, which read key files and resolve URLs.
         self.check_bounds_and_heads()
             .map_err(|(key, reason)| err(key, None, reason))?;

@@ -19,9 +19,11 @@
 //! - [`admin`]: the admin API listener, on its own thread off the data plane.
 //! - [`reload`]: hot reload at request boundaries; [`upgrade`]: handing listening sockets to a
 //!   new process (zero-downtime binary upgrade).
+//! - [`cache`]: the response cache (RFC 9111), one store per worker.
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod compose;
 pub mod config;
 pub mod control;

@@ -93,10 +93,29 @@ pub struct Demand {
     pub done: OnAnswer,
 }
 
+/// Called on the Redis thread with a command's answer, or `None` when Redis failed.
+pub type OnFrame = Box<dyn FnOnce(Option<BytesFrame>) + Send>;
+
+/// A plain command (the response cache's GET, SET, EVAL), answered through `done`.
+pub struct Command {
+    pub args: Vec<bytes::Bytes>,
+    pub done: Option<OnFrame>,
+}
+
+/// Most plain commands queued; past it new ones fail at once (Redis slower than the
+/// workers must not grow memory without bound).
+pub const MAX_QUEUED_COMMANDS: usize = 4096;
+/// Largest reply read (the cache's largest entry, 1 GiB, and room for its framing).
+const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
+
 /// Shared between the workers (which queue demands) and the Redis thread.
 pub struct RedisLink {
     cfg: RedisConfig,
     queue: Mutex<Vec<Demand>>,
+    /// Plain commands (the response cache), sent as one pipeline per round.
+    commands_queue: Mutex<Vec<Command>>,
+    /// What the link serves, for its log lines: "limits" or "cache".
+    role: &'static str,
     thread: OnceLock<Thread>,
     down: AtomicBool,
     /// Commands sent (script calls), for the admin figures and the tests.
@@ -107,9 +126,16 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(cfg: RedisConfig) -> Arc<RedisLink> {
+        RedisLink::with_role(cfg, "limits")
+    }
+
+    /// A link for another user of Redis (its log lines name `role`).
+    pub fn with_role(cfg: RedisConfig, role: &'static str) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             cfg,
             queue: Mutex::new(Vec::new()),
+            commands_queue: Mutex::new(Vec::new()),
+            role,
             thread: OnceLock::new(),
             down: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -135,11 +161,33 @@ impl RedisLink {
         }
     }
 
+    /// Queues a plain command and wakes the Redis thread; a full queue or a link known to be
+    /// down answers `None` at once.
+    pub fn command(&self, c: Command) {
+        let mut q = self
+            .commands_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_QUEUED_COMMANDS || (self.is_down() && c.done.is_some()) {
+            drop(q);
+            if let Some(d) = c.done {
+                d(None);
+            }
+            return;
+        }
+        q.push(c);
+        drop(q);
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
     fn set_down(&self, why: &str) {
         if !self.down.swap(true, Ordering::AcqRel) {
-            let policy = match self.cfg.on_failure {
-                crate::config::RedisFailure::Local => "limits fall back to local buckets",
-                crate::config::RedisFailure::Deny => "limited routes answer 503",
+            let policy = match (self.role, self.cfg.on_failure) {
+                ("cache", _) => "the cache uses the local stores only",
+                (_, crate::config::RedisFailure::Local) => "limits fall back to local buckets",
+                (_, crate::config::RedisFailure::Deny) => "limited routes answer 503",
             };
             warn!(
                 "redis at {} unreachable ({why}); {policy} until it answers again",
@@ -151,8 +199,8 @@ impl RedisLink {
     fn set_up(&self) {
         if self.down.swap(false, Ordering::AcqRel) {
             info!(
-                "redis at {} answers again; limits are shared again",
-                self.cfg.address.text
+                "redis at {} answers again; {} shared again",
+                self.cfg.address.text, self.role
             );
         }
     }
@@ -174,7 +222,16 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
     let idle = link.cfg.retry_interval.0.min(Duration::from_millis(100));
     while !stop.load(Ordering::Relaxed) {
         let batch = std::mem::take(&mut *link.queue.lock().unwrap_or_else(|e| e.into_inner()));
-        if conn.is_none() && Instant::now() >= next_try && (link.is_down() || !batch.is_empty()) {
+        let cmds = std::mem::take(
+            &mut *link
+                .commands_queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        if conn.is_none()
+            && Instant::now() >= next_try
+            && (link.is_down() || !batch.is_empty() || !cmds.is_empty())
+        {
             match Conn::open(&link.cfg) {
                 Ok(c) => {
                     conn = Some(c);
@@ -186,8 +243,23 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 }
             }
         }
+        if !cmds.is_empty() {
+            match conn.as_mut() {
+                None => fail_commands(cmds),
+                Some(c) => {
+                    link.round_trips.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = c.pipeline(cmds) {
+                        conn = None;
+                        link.set_down(&e.to_string());
+                        next_try = Instant::now() + link.cfg.retry_interval.0;
+                    }
+                }
+            }
+        }
         if batch.is_empty() {
-            std::thread::park_timeout(idle);
+            if link.commands_queue.lock().map_or(true, |q| q.is_empty()) {
+                std::thread::park_timeout(idle);
+            }
             continue;
         }
         let Some(c) = conn.as_mut() else {
@@ -209,6 +281,14 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 next_try = Instant::now() + link.cfg.retry_interval.0;
                 fail(batch);
             }
+        }
+    }
+}
+
+fn fail_commands(cmds: Vec<Command>) {
+    for c in cmds {
+        if let Some(d) = c.done {
+            d(None);
         }
     }
 }
@@ -284,6 +364,10 @@ impl Conn {
 
     fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
         loop {
+            // A reply larger than anything ringway stores is a hostile or broken server.
+            if self.rbuf.len() > MAX_REPLY_BYTES {
+                return Err(proto_err("reply too large"));
+            }
             if let Some((frame, _, _)) =
                 decode_bytes_mut(&mut self.rbuf).map_err(|e| proto_err(e.to_string()))?
             {
@@ -303,6 +387,39 @@ impl Conn {
             };
             self.rbuf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// Sends plain commands as one pipeline and hands each its answer; on an I/O error the
+    /// commands not yet answered get `None`.
+    fn pipeline(&mut self, cmds: Vec<Command>) -> io::Result<()> {
+        self.wbuf.clear();
+        for c in &cmds {
+            let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
+            encode_command(&mut self.wbuf, &args)?;
+        }
+        if let Err(e) = self.sock.write_all(&self.wbuf) {
+            fail_commands(cmds);
+            return Err(e);
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut it = cmds.into_iter();
+        while let Some(c) = it.next() {
+            match self.read_frame(deadline) {
+                Ok(f) => {
+                    if let Some(d) = c.done {
+                        d(Some(f));
+                    }
+                }
+                Err(e) => {
+                    if let Some(d) = c.done {
+                        d(None);
+                    }
+                    fail_commands(it.collect());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the token-bucket script once per demand, as one pipeline. A demand that meets a

@@ -125,6 +125,7 @@ impl Gateway {
         let choice = driver_choice(&cfg);
         // One route index for all workers (immutable; per-core copies measured no faster).
         let routes = crate::router::RouteTable::build(&cfg);
+        let cache_redis = crate::cache::redis::SharedLayer::new(&cfg);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -141,6 +142,7 @@ impl Gateway {
                     routes: Some(routes.clone()),
                 },
                 auth: auth.clone(),
+                cache_redis: cache_redis.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -172,6 +174,16 @@ impl Gateway {
         }
         if let Some(link) = buckets.redis() {
             threads.push(crate::redis::spawn(link.clone(), stop.clone())?);
+        }
+        if let Some(l) = &cache_redis {
+            threads.push(crate::redis::spawn(l.link().clone(), stop.clone())?);
+        }
+        if let Some(r) = &cfg.cache.redis {
+            threads.push(crate::cache::redis::spawn_purge_listener(
+                r,
+                control.clone(),
+                stop.clone(),
+            )?);
         }
         // The health checker and the JWKS fetchers follow the config: a reload replaces them.
         let reload = crate::reload::ReloadState::new(crate::reload::Started {
@@ -437,6 +449,8 @@ struct Shared {
     /// TLS configs and the route index.
     built: crate::proxy::Shared,
     auth: Arc<crate::auth::AuthShared>,
+    /// `[cache.redis]`: the response cache's shared layer.
+    cache_redis: Option<Arc<crate::cache::redis::SharedLayer>>,
 }
 
 /// Per upstream group in config order: its TLS, if any.
@@ -629,6 +643,10 @@ async fn worker_main(
         .collect();
     drop(cfg);
     let control = shared.control;
+    w.cache.set_control(control.clone());
+    if let Some(l) = shared.cache_redis {
+        w.cache.set_shared(l);
+    }
     {
         // Every 50 ms, off the request path: the stop flag, and endpoint health from the hub.
         let w = w.clone();

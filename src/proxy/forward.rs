@@ -106,7 +106,7 @@ pub(crate) struct TryOpts<'a> {
 
 /// Tries the request until an attempt gives a response that is not retried, or the retry
 /// policy, the breaker or the endpoints say stop.
-async fn exchange<S: ClientIo>(
+pub(crate) async fn exchange<S: ClientIo>(
     w: &Worker,
     cfg: &Snapshot,
     route: &Route,
@@ -312,7 +312,13 @@ fn hash_key<S>(on: &HashOn, c: &Conn<S>, ctx: &RequestCtx<'_>) -> u64 {
 
 /// Feeds an upstream outcome to the circuit breaker and to outlier detection: consecutive
 /// failures seen by this worker eject the endpoint for every worker (through the hub).
-fn record_outcome(w: &Worker, group: &UpstreamGroup, ep: usize, probe: bool, failed: bool) {
+pub(crate) fn record_outcome(
+    w: &Worker,
+    group: &UpstreamGroup,
+    ep: usize,
+    probe: bool,
+    failed: bool,
+) {
     if let Some(b) = &group.breaker {
         b.done(probe, !failed, Instant::now());
     }

@@ -67,9 +67,10 @@ async fn run_phases<'c, S: ClientIo>(
     }
     match &route.action {
         Action::Direct(d) => Ok(Outcome::Answer(Answer::Direct(d))),
-        Action::Proxy { upstream } => {
-            Ok(forward::proxy(w, cfg, route, &cfg.upstreams[*upstream], c, ctx).await)
-        }
+        Action::Proxy { upstream } => match route.cache.as_deref() {
+            None => Ok(forward::proxy(w, cfg, route, &cfg.upstreams[*upstream], c, ctx).await),
+            Some(p) => Ok(crate::cache::serve::run(w, cfg, route, p, *upstream, c, ctx).await),
+        },
         // Boxed: the composition's state stays off the request future of other routes.
         Action::Compose(plan) => {
             let out = Box::pin(crate::compose::run(w, cfg, route, plan, ctx)).await;

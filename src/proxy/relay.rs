@@ -201,6 +201,22 @@ pub async fn forward_response<'c, S: ClientIo>(
     up: &mut UpConn,
     resp: &ResponseHead,
 ) -> (Outcome<'c>, bool) {
+    forward_response_tee(w, cfg, route, c, ctx, up, resp, None).await
+}
+
+/// [`forward_response`], with the body's data bytes also captured into `tee` (the cache's
+/// copy of a response it may store) as they go to the client.
+#[allow(clippy::too_many_arguments)]
+pub async fn forward_response_tee<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &Snapshot,
+    route: &Route,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    up: &mut UpConn,
+    resp: &ResponseHead,
+    tee: Option<&mut crate::cache::Tee>,
+) -> (Outcome<'c>, bool) {
     let client_11 = ctx.head.version == Version::Http11;
     // How the body reaches the client.
     let out = match resp.body {
@@ -242,6 +258,7 @@ pub async fn forward_response<'c, S: ClientIo>(
         t_write: ctx.t.client_write,
         t_body: ctx.t.upstream_body,
         deadline: ctx.t.upstream_body_total.and_then(deadline_after),
+        tee,
     };
     let result = match out {
         OutFraming::None => r.flush().await.map(|_| true).map_err(RelayFail::from),
@@ -287,6 +304,8 @@ struct Relay<'a, S> {
     t_body: Duration,
     /// `upstream_body_total`, when set.
     deadline: Option<Instant>,
+    /// The cache's capture of the body, when it may store the response.
+    tee: Option<&'a mut crate::cache::Tee>,
 }
 
 impl<S: ClientIo> Relay<'_, S> {
@@ -318,6 +337,9 @@ impl<S: ClientIo> Relay<'_, S> {
     async fn copy_length(&mut self, up: &mut UpConn, n: u64) -> Result<bool, IoFail> {
         let mut left = n;
         let have = up.rbuf.len().min(left.min(usize::MAX as u64) as usize);
+        if let Some(t) = self.tee.as_deref_mut() {
+            t.push(&up.rbuf[..have]);
+        }
         if have as u64 == left && have <= COALESCE_BYTES {
             self.wbuf.extend_from_slice(&up.rbuf[..have]);
             up.rbuf.advance(have);
@@ -338,6 +360,9 @@ impl<S: ClientIo> Relay<'_, S> {
             buf.clear();
             let want = (left.min(BODY_READ_CHUNK as u64)) as usize;
             let k = self.read_up(up, &mut buf, want).await?;
+            if let Some(t) = self.tee.as_deref_mut() {
+                t.push(&buf);
+            }
             left -= (k as u64).min(left);
             buf = write_buf(self.io, buf, self.t_write).await?;
         }
@@ -355,10 +380,19 @@ impl<S: ClientIo> Relay<'_, S> {
         loop {
             if !up.rbuf.is_empty() {
                 let mark = self.wbuf.len();
+                let mut tee = self.tee.as_deref_mut();
                 let scanned = if dechunk {
                     let rb = &up.rbuf;
                     let wb = &mut *self.wbuf;
-                    scanner.scan(rb, |a, b| wb.extend_from_slice(&rb[a..b]))
+                    scanner.scan(rb, |a, b| {
+                        wb.extend_from_slice(&rb[a..b]);
+                        if let Some(t) = tee.as_deref_mut() {
+                            t.push(&rb[a..b]);
+                        }
+                    })
+                } else if let Some(t) = tee {
+                    let rb = &up.rbuf;
+                    scanner.scan(rb, |a, b| t.push(&rb[a..b]))
                 } else {
                     scanner.scan(&up.rbuf, |_, _| {})
                 };
@@ -405,6 +439,9 @@ impl<S: ClientIo> Relay<'_, S> {
         self.flush().await?;
         loop {
             if !up.rbuf.is_empty() {
+                if let Some(t) = self.tee.as_deref_mut() {
+                    t.push(&up.rbuf);
+                }
                 if rechunk {
                     self.wbuf.clear();
                     put_chunk_size(self.wbuf, up.rbuf.len());

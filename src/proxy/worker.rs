@@ -231,6 +231,8 @@ pub struct Worker {
     /// Per listener slot: stops that listener's accept loop on this worker (a reload that
     /// removes the listener triggers it).
     pub listener_stop: RefCell<Vec<Rc<Shutdown>>>,
+    /// This worker's response cache (see `crate::cache`).
+    pub cache: Rc<crate::cache::WorkerCache>,
     id_seed: u64,
     id_seq: Cell<u64>,
 }
@@ -272,6 +274,7 @@ impl Worker {
             idle_tick: Notify::default(),
             auth: RefCell::new(Rc::new(WorkerAuth::new(cfg, auth))),
             listener_stop: RefCell::new(Vec::new()),
+            cache: crate::cache::WorkerCache::new(cfg, id),
             id_seed: seed,
             id_seq: Cell::new(0),
         };

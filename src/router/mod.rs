@@ -152,6 +152,8 @@ pub struct Route {
     /// What becomes of request trailer fields: dropped, or forwarded when RFC 9110 §6.5.1
     /// allows them in a trailer.
     pub trailers: crate::http::chunked::TrailerPolicy,
+    /// Response caching (None: the route does not cache).
+    pub cache: Option<Box<crate::cache::RoutePolicy>>,
 }
 
 /// Per-route overrides of the global timeouts.
@@ -296,6 +298,7 @@ impl Router {
                     }
                 }
                 r.request_headers.remove = remove.into_boxed_slice();
+                r.cache = crate::cache::RoutePolicy::compile(cfg, rc);
                 r
             })
             .collect();
@@ -412,6 +415,7 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
         }),
         require_client_cert: rc.require_client_cert,
         auth: None,
+        cache: None,
     }
 }
 

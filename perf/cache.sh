@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# The response cache (issue 12), end to end: ringway and nginx side by side, one worker each, in
+# front of the same nginx origin (1 KiB answers with `Cache-Control: max-age=3600`).
+#   hit   - GET /hit again and again: ringway's cache vs nginx `proxy_cache` on a memory-backed
+#           (tmpfs) cache directory. req/s, CPU per request (the proxy process(es) only), p50
+#           and p99 latency.
+#   miss  - a new URL per request (/m/1, /m/2, ...): ringway with the cache (every request a
+#           miss that is stored, the 64 MiB budget full and evicting) vs the same route
+#           without a cache, CPU per request.
+#   memory - RSS growth of ringway per object, storing 20,000 distinct 1 KiB objects (well
+#           within the budget) before the rounds.
+# Rounds alternate the targets; medians are printed at the end.
+#
+#   cargo build --release && bash perf/cache.sh [rounds=3] [seconds=5] [conns=32]
+# RINGWAY_BIN=path/to/ringway runs another build (default: target/release/ringway).
+# Needs nginx and wrk (apt-get install -y nginx-light wrk). Load only ever goes to 127.0.0.1.
+set -euo pipefail
+ROUNDS=${1:-3}; SECS=${2:-5}; CONNS=${3:-32}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${RINGWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ringway}
+D=$(mktemp -d /tmp/ringway-cache-perf.XXXXXX)
+SHM=$(mktemp -d /dev/shm/ringway-cache-perf.XXXXXX)
+# nginx workers run as an unprivileged user when started as root.
+chmod 777 "$SHM"; chmod 755 "$D"
+ORIGIN=18300; GW=18380; NG=18390
+GWPID=""
+cleanup() {
+  [[ -n $GWPID ]] && kill "$GWPID" 2>/dev/null || true
+  for f in "$D"/*.pid; do [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+  [[ -n ${KEEP:-} ]] && { echo "kept $D"; return; }
+  rm -rf "$D" "$SHM"
+}
+trap cleanup EXIT
+command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk"; exit 2; }
+[[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 2; }
+
+ng_common() { # $1 name
+  echo "worker_processes 1; daemon on; pid $D/$1.pid; error_log $D/$1.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
+  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;"
+}
+BODY=$(printf '%01023d' 0)
+{ ng_common origin
+  echo "  server { listen 127.0.0.1:$ORIGIN backlog=4096; default_type text/plain;
+      location / { add_header Cache-Control \"max-age=3600\"; return 200 \"$BODY\n\"; }
+      location /ns/ { add_header Cache-Control \"no-store\"; return 200 \"$BODY\n\"; } } }"
+} > "$D/origin.conf"
+nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
+
+cat > "$D/ringway.toml" <<EOF
+[server]
+workers = 1
+[[listeners]]
+address = "127.0.0.1:$GW"
+backlog = 4096
+[upstreams.origin]
+endpoints = [{ address = "127.0.0.1:$ORIGIN" }]
+[cache]
+max_bytes_per_worker = "64MiB"
+[[routes]]
+path_prefix = "/plain/"
+upstream = "origin"
+[[routes]]
+path_prefix = "/"
+upstream = "origin"
+cache = {}
+EOF
+RINGWAY_LOG=warn "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
+GWPID=$!
+
+{ ng_common nginx
+  echo "  proxy_cache_path $SHM/ng levels=1:2 keys_zone=c:64m max_size=512m inactive=60m use_temp_path=off;
+  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
+  server { listen 127.0.0.1:$NG backlog=4096;
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\";
+      proxy_cache c; proxy_cache_lock on; add_header X-Cache \$upstream_cache_status; } } }"
+} > "$D/nginx.conf"
+nginx -p "$D" -c "$D/nginx.conf" -e "$D/nginx.err"
+
+for u in "http://127.0.0.1:$GW/hit" "http://127.0.0.1:$NG/hit" "http://127.0.0.1:$GW/plain/x"; do
+  code=000
+  for _ in $(seq 100); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$u" || true)
+    [[ $code == 200 ]] && break; sleep 0.1
+  done
+  [[ $code == 200 ]] || { echo "$u answered $code"; exit 1; }
+done
+echo "ringway second GET: $(curl -s -D - -o /dev/null "http://127.0.0.1:$GW/hit" | grep -i '^cache-status' | tr -d '\r')"
+echo "nginx second GET:   $(curl -s -D - -o /dev/null "http://127.0.0.1:$NG/hit" | grep -i '^x-cache' | tr -d '\r')"
+
+# A new path per request, from a counter of its own per wrk thread.
+cat > "$D/unique.lua" <<'EOF'
+local n = 0
+local prefix = os.getenv("PREFIX") or "/m/"
+local round = os.getenv("ROUND") or "0"
+request = function()
+  n = n + 1
+  return wrk.format("GET", prefix .. round .. "-" .. n)
+end
+EOF
+
+HZ=$(getconf CLK_TCK)
+ticks_of() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $s; }
+ng_pids() { pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' '; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+# Prints "req/s µs-CPU/req p50-ms p99-ms requests" for one run; $1 url, $2.. pids to account.
+run() {
+  local url=$1; shift
+  local t0 t1 out
+  t0=$(ticks_of "$@")
+  out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" --latency ${LUA:+-s "$LUA"} "$url")
+  t1=$(ticks_of "$@")
+  python3 - "$t0" "$t1" "$HZ" "$SECS" <<PY
+import re, sys
+out = """$out"""
+t0, t1, hz, secs = map(float, sys.argv[1:])
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+reqs = int(re.search(r"(\d+) requests in", out).group(1))
+def ms(label):
+    m = re.search(label + r"\s+([\d.]+)(us|ms|s)", out)
+    v = float(m.group(1)); return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
+if "Non-2xx" in out: print("ERR non-2xx", file=sys.stderr)
+print(rps, round((t1 - t0) / hz * 1e6 / max(reqs, 1), 2), ms("50%"), ms("99%"), reqs)
+PY
+}
+# Memory per object: 20,000 distinct objects on keep-alive connections.
+rss0=$(rss_kib "$GWPID")
+python3 - "$GW" <<'PY'
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+for i in range(20000):
+    c.request("GET", f"/fill/{i}")
+    r = c.getresponse(); r.read()
+    assert r.status == 200
+PY
+rss1=$(rss_kib "$GWPID")
+echo "memory: RSS +$((rss1 - rss0)) KiB for 20000 stored objects: $(( (rss1 - rss0) * 1024 / 20000 )) bytes per 1 KiB object"
+# Warm-up.
+wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$GW/hit" >/dev/null
+wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$NG/hit" >/dev/null
+: > "$D/results"
+for r in $(seq "$ROUNDS"); do
+  g=$(LUA="" run "http://127.0.0.1:$GW/hit" "$GWPID")
+  n=$(LUA="" run "http://127.0.0.1:$NG/hit" $(ng_pids))
+  echo "round $r hit:  ringway $g | nginx $n   (req/s µs-CPU/req p50-ms p99-ms requests)"
+  echo "hit $g $n" >> "$D/results"
+  m=$(LUA="$D/unique.lua" PREFIX=/m/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+  p=$(LUA="$D/unique.lua" PREFIX=/plain/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+  u=$(LUA="$D/unique.lua" PREFIX=/ns/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+  echo "round $r miss: cached route $m | same route without cache $p | cached route, no-store answers $u"
+  echo "miss $m $p $u" >> "$D/results"
+done
+python3 - "$D/results" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+hit = [list(map(float, r[1:])) for r in rows if r[0] == "hit"]
+miss = [list(map(float, r[1:])) for r in rows if r[0] == "miss"]
+med = lambda rs, i: statistics.median(r[i] for r in rs)
+print("\n| hit | req/s | µs CPU/req | p50 ms | p99 ms |")
+print("|---|---|---|---|---|")
+print(f"| ringway cache | {med(hit,0):,.0f} | {med(hit,1)} | {med(hit,2)} | {med(hit,3)} |")
+print(f"| nginx proxy_cache (tmpfs) | {med(hit,5):,.0f} | {med(hit,6)} | {med(hit,7)} | {med(hit,8)} |")
+print(f"| ringway / nginx | {med(hit,0)/med(hit,5):.2f}x | {med(hit,1)/med(hit,6):.2f}x | | |")
+print("\n| miss (new URL per request) | req/s | µs CPU/req |")
+print("|---|---|---|")
+print(f"| cached route (each a stored miss) | {med(miss,0):,.0f} | {med(miss,1)} |")
+print(f"| same route, no cache | {med(miss,5):,.0f} | {med(miss,6)} |")
+print(f"| cached route, origin says no-store (nothing stored) | {med(miss,10):,.0f} | {med(miss,11)} |")
+print(f"| CPU added by the cache on a stored miss | {(med(miss,1)/med(miss,6)-1)*100:+.1f}% | |")
+print(f"| CPU added by the cache on an unstored miss | {(med(miss,11)/med(miss,6)-1)*100:+.1f}% | |")
+PY

@@ -1,0 +1,314 @@
+//! Cache configuration: the global `[cache]` table (budgets, coalescing, targeted field) and a
+//! route's `cache = { ... }`. Validated with the rest of the config (errors name the key;
+//! `crate::config` adds the file, line and column).
+
+use serde::Deserialize;
+
+use crate::config::{Addr, ByteSize, Dur, HeaderName};
+
+/// Largest per-worker byte budget accepted (64 GiB).
+pub const MAX_BUDGET: u64 = 64 << 30;
+/// Largest object accepted in a store (1 GiB).
+pub const MAX_OBJECT: u64 = 1 << 30;
+/// Most variants (Vary) accepted per key.
+pub const MAX_VARIANTS_CAP: usize = 256;
+/// Most query parameters in an allowlist, and headers in a key.
+pub const MAX_KEY_PARTS: usize = 32;
+
+/// `[cache]`: what every cache route shares.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bytes of responses (headers and bodies) one worker keeps; past it, the least useful
+    /// objects are evicted.
+    #[serde(default = "d_max_bytes")]
+    pub max_bytes_per_worker: ByteSize,
+    /// Largest response body stored; larger ones stream through without being held.
+    #[serde(default = "d_max_object")]
+    pub max_object_bytes: ByteSize,
+    /// Most stored variants (Vary) of one URL; the oldest goes first.
+    #[serde(default = "d_max_variants")]
+    pub max_variants: usize,
+    /// Longest a request waits for a concurrent fetch of the same key before it goes to the
+    /// upstream itself.
+    #[serde(default = "d_coalesce")]
+    pub coalesce_timeout: Dur,
+    /// Targeted cache-control fields (RFC 9213), most specific first: the first one present
+    /// and valid replaces `Cache-Control` for this cache.
+    #[serde(default = "d_targeted")]
+    pub targeted_fields: Vec<HeaderName>,
+    /// Name written in `Cache-Status` (RFC 9211).
+    #[serde(default = "d_name")]
+    pub name: String,
+    /// A Redis shared by every worker and host, asked on a local miss.
+    #[serde(default)]
+    pub redis: Option<CacheRedisConfig>,
+}
+
+/// `[cache.redis]`: a shared layer behind the per-worker stores.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRedisConfig {
+    pub address: Addr,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Longest a local miss waits for Redis before going upstream (fail open), and the
+    /// longest connect or pipeline round trip.
+    #[serde(default = "d_redis_timeout")]
+    pub timeout: Dur,
+    /// Prefix of every key the cache writes.
+    #[serde(default = "d_redis_prefix")]
+    pub key_prefix: String,
+    /// How often an unreachable Redis is tried again.
+    #[serde(default = "d_redis_retry")]
+    pub retry_interval: Dur,
+    /// Largest stored response (headers and body) written to Redis.
+    #[serde(default = "d_redis_max_entry")]
+    pub max_entry_bytes: ByteSize,
+}
+
+impl CacheRedisConfig {
+    /// The link settings, as the rate limiter's link takes them.
+    pub fn link(&self) -> crate::config::RedisConfig {
+        crate::config::RedisConfig {
+            address: self.address.clone(),
+            password: self.password.clone(),
+            timeout: self.timeout,
+            on_failure: crate::config::RedisFailure::Local,
+            key_prefix: self.key_prefix.clone(),
+            retry_interval: self.retry_interval,
+        }
+    }
+}
+
+fn d_redis_timeout() -> Dur {
+    Dur(std::time::Duration::from_millis(20))
+}
+fn d_redis_prefix() -> String {
+    "ringway:cache:".into()
+}
+fn d_redis_retry() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
+}
+fn d_redis_max_entry() -> ByteSize {
+    ByteSize(1 << 20)
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes_per_worker: d_max_bytes(),
+            max_object_bytes: d_max_object(),
+            max_variants: d_max_variants(),
+            coalesce_timeout: d_coalesce(),
+            targeted_fields: d_targeted(),
+            name: d_name(),
+            redis: None,
+        }
+    }
+}
+
+fn d_max_bytes() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn d_max_object() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn d_max_variants() -> usize {
+    8
+}
+fn d_coalesce() -> Dur {
+    Dur(std::time::Duration::from_secs(5))
+}
+fn d_targeted() -> Vec<HeaderName> {
+    vec![HeaderName("cdn-cache-control".into())]
+}
+fn d_name() -> String {
+    "ringway".into()
+}
+
+/// Which query parameters are part of the key.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum QueryKey {
+    /// "all" (as sent) or "none".
+    Mode(String),
+    /// Only these parameters, sorted.
+    Only(Vec<String>),
+}
+
+impl Default for QueryKey {
+    fn default() -> Self {
+        QueryKey::Mode("all".into())
+    }
+}
+
+/// `cache.key`: what makes two requests the same entry.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Leave the Host out (one entry for every host of the route).
+    #[serde(default)]
+    pub ignore_host: bool,
+    #[serde(default)]
+    pub query: QueryKey,
+    /// Request header values added to the key.
+    #[serde(default)]
+    pub headers: Vec<HeaderName>,
+    /// Key by consumer even when the response is `public` (auth routes only).
+    #[serde(default)]
+    pub consumer: bool,
+}
+
+/// What a cache route does with responses that set cookies.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SetCookieMode {
+    /// Not stored (the default).
+    #[default]
+    Bypass,
+    /// Stored without `Set-Cookie`.
+    Strip,
+    /// Stored with it.
+    Store,
+}
+
+/// A route's `cache = { ... }`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheConfig {
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub key: KeyConfig,
+    /// Responses with `Set-Cookie`: "bypass" (not stored), "strip" (stored without the
+    /// cookie) or "store" (stored with it, replayed to every caller: only for cookies that
+    /// are the same for everyone).
+    #[serde(default)]
+    pub set_cookie: SetCookieMode,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for responses without explicit expiry: 10% of
+    /// the time since Last-Modified, at most `max_heuristic`.
+    #[serde(default = "d_true")]
+    pub heuristic: bool,
+    #[serde(default = "d_max_heuristic")]
+    pub max_heuristic: Dur,
+    /// `stale-while-revalidate` for responses that do not give one (RFC 5861 §3).
+    #[serde(default)]
+    pub stale_while_revalidate: Option<Dur>,
+    /// `stale-if-error` for responses that do not give one (RFC 5861 §4).
+    #[serde(default)]
+    pub stale_if_error: Option<Dur>,
+    /// Overrides `[cache] max_object_bytes` for this route.
+    #[serde(default)]
+    pub max_object_bytes: Option<ByteSize>,
+    /// Accept the `PURGE` method on this route (callers must pass the route's auth policy,
+    /// which it must have).
+    #[serde(default)]
+    pub purge: bool,
+}
+
+fn d_true() -> bool {
+    true
+}
+fn d_max_heuristic() -> Dur {
+    Dur(std::time::Duration::from_secs(24 * 3600))
+}
+
+/// Checks `[cache]` and every route's `cache`; `Err((key, reason))`.
+pub fn validate(cfg: &crate::config::Config) -> Result<(), (String, String)> {
+    let c = &cfg.cache;
+    if c.max_bytes_per_worker.0 == 0 || c.max_bytes_per_worker.0 > MAX_BUDGET {
+        return Err((
+            "cache.max_bytes_per_worker".into(),
+            "must be between 1 byte and 64GiB".into(),
+        ));
+    }
+    if c.max_object_bytes.0 == 0
+        || c.max_object_bytes.0 > MAX_OBJECT
+        || c.max_object_bytes.0 > c.max_bytes_per_worker.0
+    {
+        return Err((
+            "cache.max_object_bytes".into(),
+            "must be above 0, at most 1GiB and at most max_bytes_per_worker".into(),
+        ));
+    }
+    if c.max_variants == 0 || c.max_variants > MAX_VARIANTS_CAP {
+        return Err((
+            "cache.max_variants".into(),
+            format!("must be between 1 and {MAX_VARIANTS_CAP}"),
+        ));
+    }
+    if c.name.is_empty() || !c.name.bytes().all(crate::http::is_tchar) {
+        return Err((
+            "cache.name".into(),
+            "must be a token (letters, digits, -._)".into(),
+        ));
+    }
+    if let Some(r) = &c.redis {
+        if r.max_entry_bytes.0 == 0 || r.max_entry_bytes.0 > MAX_OBJECT {
+            return Err((
+                "cache.redis.max_entry_bytes".into(),
+                "must be above 0 and at most 1GiB".into(),
+            ));
+        }
+        if r.key_prefix.len() > crate::config::MAX_KEY_PREFIX
+            || !r.key_prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err((
+                "cache.redis.key_prefix".into(),
+                "at most 128 visible ASCII characters".into(),
+            ));
+        }
+    }
+    for (i, r) in cfg.routes.iter().enumerate() {
+        let Some(rc) = &r.cache else { continue };
+        let k = |s: &str| format!("routes[{i}].cache.{s}");
+        if r.upstream.is_none() {
+            return Err((
+                k("enabled"),
+                "only a route with an upstream can cache".into(),
+            ));
+        }
+        if let QueryKey::Mode(m) = &rc.key.query {
+            if m != "all" && m != "none" {
+                return Err((
+                    k("key.query"),
+                    format!("{m:?}: use \"all\", \"none\" or a list of parameter names"),
+                ));
+            }
+        }
+        if let QueryKey::Only(list) = &rc.key.query {
+            if list.len() > MAX_KEY_PARTS || list.iter().any(|p| p.is_empty()) {
+                return Err((
+                    k("key.query"),
+                    format!("at most {MAX_KEY_PARTS} non-empty parameter names"),
+                ));
+            }
+        }
+        if rc.key.headers.len() > MAX_KEY_PARTS {
+            return Err((k("key.headers"), format!("at most {MAX_KEY_PARTS} headers")));
+        }
+        let has_auth = r.auth.as_ref().is_some_and(|a| !a.any_of.is_empty());
+        if rc.key.consumer && !has_auth {
+            return Err((
+                k("key.consumer"),
+                "keying by consumer needs an auth policy on the route (`auth = ...`)".into(),
+            ));
+        }
+        if rc.purge && !has_auth {
+            return Err((
+                k("purge"),
+                "PURGE must be restricted: the route needs an auth policy (`auth = ...`)".into(),
+            ));
+        }
+        if let Some(m) = rc.max_object_bytes {
+            if m.0 == 0 || m.0 > c.max_bytes_per_worker.0 {
+                return Err((
+                    k("max_object_bytes"),
+                    "must be above 0 and at most cache.max_bytes_per_worker".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}

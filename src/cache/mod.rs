@@ -1,0 +1,789 @@
+//! The response cache: a shared cache (RFC 9111) per worker.
+//!
+//! ```text
+//!  phases.rs action ─► cache route? ─► serve.rs
+//!      GET/HEAD: key ─► store (per worker, bytes-bounded) ─► fresh: answer from the store
+//!                                                        ├► stale + stale-while-revalidate:
+//!                                                        │   answer, revalidate in the background
+//!                                                        └► miss/stale: one fetch per key
+//!                                                            (others wait on it), validators
+//!                                                            sent, 304 freshens, a storable
+//!                                                            response is captured as it
+//!                                                            streams to the client
+//!      unsafe methods: forwarded, then the URL is invalidated (§4.4)
+//!      PURGE (routes with `purge = true`, behind their auth policy): purge on every worker
+//! ```
+//!
+//! - [`config`]: `[cache]` and a route's `cache = { ... }`.
+//! - [`policy`]: directives, dates, freshness inputs, Vary, conditionals, ranges.
+//! - [`serve`]: the phase itself.
+//!
+//! Each worker owns one store ([`WorkerCache`]): a `quick_cache` unsync cache weighted by the
+//! bytes an entry holds, so that the worker's budget bounds memory whatever the keys and the
+//! bodies. Nothing is shared between workers; purges and invalidations reach the other
+//! workers through [`crate::control::Control`].
+
+pub mod config;
+pub mod policy;
+pub mod redis;
+pub mod serve;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::Config;
+use crate::control::{Control, ControlError};
+use crate::http::request::RequestHead;
+use crate::local::Notify;
+
+use config::{QueryKey, RouteCacheConfig};
+use policy::{Directives, Field};
+
+/// Bytes counted for an entry beyond its header and body bytes (the object, its vectors).
+const ENTRY_OVERHEAD: u64 = 256;
+/// Most coalescing flights one worker tracks at once; past it, misses go upstream alone.
+const MAX_FLIGHTS: usize = 65_536;
+/// Longest key accepted (a longer one is not cached).
+pub const MAX_KEY_BYTES: usize = 16 * 1024;
+/// Most surrogate keys kept per object.
+const MAX_TAGS: usize = 64;
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A route's cache settings, compiled.
+#[derive(Debug)]
+pub struct RoutePolicy {
+    pub ignore_host: bool,
+    pub query: QueryMode,
+    pub key_headers: Vec<Box<[u8]>>,
+    pub key_consumer: bool,
+    /// The route has an auth policy: non-public responses are keyed by consumer.
+    pub auth: bool,
+    pub set_cookie: config::SetCookieMode,
+    pub heuristic: bool,
+    pub max_heuristic: u64,
+    pub swr: Option<u64>,
+    pub sie: Option<u64>,
+    pub max_object: u64,
+    pub purge: bool,
+    pub max_variants: usize,
+    pub coalesce_timeout: Duration,
+    /// Targeted cache-control fields (RFC 9213), lower case, most specific first.
+    pub targeted: Vec<Box<[u8]>>,
+    pub name: Box<[u8]>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueryMode {
+    All,
+    None,
+    Only(Vec<Box<[u8]>>),
+}
+
+impl RoutePolicy {
+    /// The compiled policy of route `rc`, `None` when it does not cache.
+    pub fn compile(cfg: &Config, rc: &crate::config::RouteConfig) -> Option<Box<RoutePolicy>> {
+        let c: &RouteCacheConfig = rc.cache.as_ref().filter(|c| c.enabled)?;
+        let g = &cfg.cache;
+        let b = |s: &str| -> Box<[u8]> { s.to_ascii_lowercase().into_bytes().into() };
+        let mut query = match &c.key.query {
+            QueryKey::Mode(m) if m == "none" => QueryMode::None,
+            QueryKey::Mode(_) => QueryMode::All,
+            QueryKey::Only(list) => {
+                QueryMode::Only(list.iter().map(|s| s.as_bytes().into()).collect())
+            }
+        };
+        if let QueryMode::Only(l) = &mut query {
+            l.sort();
+        }
+        Some(Box::new(RoutePolicy {
+            ignore_host: c.key.ignore_host,
+            query,
+            key_headers: c.key.headers.iter().map(|h| b(&h.0)).collect(),
+            key_consumer: c.key.consumer,
+            auth: rc.auth.as_ref().is_some_and(|a| !a.any_of.is_empty()),
+            set_cookie: c.set_cookie,
+            heuristic: c.heuristic,
+            max_heuristic: c.max_heuristic.0.as_secs(),
+            swr: c.stale_while_revalidate.map(|d| d.0.as_secs()),
+            sie: c.stale_if_error.map(|d| d.0.as_secs()),
+            max_object: c.max_object_bytes.map_or(g.max_object_bytes.0, |s| s.0),
+            purge: c.purge,
+            max_variants: g.max_variants,
+            coalesce_timeout: g.coalesce_timeout.0,
+            targeted: g.targeted_fields.iter().map(|h| b(&h.0)).collect(),
+            name: g.name.as_bytes().into(),
+        }))
+    }
+
+    /// The directives that govern this cache for a response: the first valid targeted field
+    /// (RFC 9213 §2.2), else `Cache-Control`. `true` when a targeted field was used (then
+    /// `Expires` is ignored too).
+    pub fn response_directives(&self, fields: &[Field]) -> (Directives, bool) {
+        for t in &self.targeted {
+            let mut lines = policy::fields(fields, t).peekable();
+            if lines.peek().is_none() {
+                continue;
+            }
+            let joined: Vec<u8> = lines.collect::<Vec<_>>().join(&b", "[..]);
+            if let Some(d) = Directives::targeted(&joined) {
+                return (d, true);
+            }
+        }
+        let mut d = Directives::default();
+        for v in policy::fields(fields, b"cache-control") {
+            d.add(v);
+        }
+        (d, false)
+    }
+}
+
+/// The URL part of a key and the purge matching: host (lower case) and path with its query as
+/// sent.
+pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
+    if let Some(h) = head.host_bytes() {
+        out.extend(h.iter().map(u8::to_ascii_lowercase));
+    }
+    let pq = head.bytes(head.path_query);
+    if pq.first() == Some(&b'/') {
+        out.extend_from_slice(pq);
+    } else {
+        out.push(b'/');
+        out.extend_from_slice(pq);
+    }
+}
+
+/// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
+/// chosen header values, and a consumer when given.
+pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(b'u');
+    if !p.ignore_host {
+        if let Some(h) = head.host_bytes() {
+            out.extend(h.iter().map(u8::to_ascii_lowercase));
+        }
+    }
+    out.push(0);
+    out.extend_from_slice(head.path_bytes());
+    let pq = head.bytes(head.path_query);
+    let query = pq
+        .iter()
+        .position(|b| *b == b'?')
+        .map(|i| &pq[i + 1..])
+        .unwrap_or(b"");
+    match &p.query {
+        QueryMode::None => {}
+        QueryMode::All => {
+            if !query.is_empty() {
+                out.push(b'?');
+                out.extend_from_slice(query);
+            }
+        }
+        QueryMode::Only(keep) => {
+            let mut params: Vec<&[u8]> = query
+                .split(|b| *b == b'&')
+                .filter(|kv| {
+                    let name = kv.split(|b| *b == b'=').next().unwrap_or(b"");
+                    keep.iter().any(|k| &**k == name)
+                })
+                .collect();
+            params.sort();
+            for (i, kv) in params.iter().enumerate() {
+                out.push(if i == 0 { b'?' } else { b'&' });
+                out.extend_from_slice(kv);
+            }
+        }
+    }
+    for h in &p.key_headers {
+        out.push(0);
+        out.extend_from_slice(h);
+        out.push(b'=');
+        for (i, v) in head.header_values(h).enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(crate::http::trim_ows(v));
+        }
+    }
+    if let Some(c) = consumer {
+        out.push(0);
+        out.push(b'c');
+        out.extend_from_slice(c);
+    }
+}
+
+/// What a freshness computation needs (RFC 9111 §4.2), fixed when an object is stored or
+/// freshened.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timing {
+    /// Unix seconds the response was received.
+    pub response_time: u64,
+    /// `corrected_initial_age` (§4.2.3).
+    pub initial_age: u64,
+    /// Freshness lifetime (§4.2.1).
+    pub lifetime: u64,
+    /// Stale-while-revalidate and stale-if-error windows (RFC 5861), 0 when none.
+    pub swr: u64,
+    pub sie: u64,
+    /// Stale use forbidden: must-revalidate, proxy-revalidate or s-maxage (§4.2.4, §5.2.2.2,
+    /// §5.2.2.8, §5.2.2.10).
+    pub no_stale: bool,
+    /// Every use needs validation (`no-cache`, §5.2.2.4).
+    pub always_validate: bool,
+}
+
+impl Timing {
+    /// `current_age` (§4.2.3).
+    pub fn age(&self, now: u64) -> u64 {
+        self.initial_age
+            .saturating_add(now.saturating_sub(self.response_time))
+    }
+}
+
+/// A stored response.
+#[derive(Debug)]
+pub struct Object {
+    pub status: u16,
+    pub reason: Bytes,
+    /// End-to-end header fields as stored (no framing, no Age, no hop-by-hop fields).
+    pub fields: Vec<Field>,
+    pub body: Bytes,
+    pub t: Timing,
+    /// The URL (host and path with query) for purges and invalidations.
+    pub url: Box<[u8]>,
+    /// Surrogate keys (`Surrogate-Key`), for purges by tag.
+    pub tags: Vec<Box<[u8]>>,
+    /// The request's values of the fields the response varies on (lower-case names).
+    pub vary: Vec<(Box<[u8]>, Vec<u8>)>,
+    /// Soft-purged: stale from now on (still usable where stale use is allowed).
+    pub invalid: Cell<bool>,
+    /// Fields not to send without validation (`no-cache="..."`).
+    pub hidden: Vec<Box<[u8]>>,
+}
+
+impl Object {
+    pub fn weight(&self) -> u64 {
+        let fields: usize = self.fields.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+        let vary: usize = self.vary.iter().map(|(n, v)| n.len() + v.len()).sum();
+        let tags: usize = self.tags.iter().map(|t| t.len()).sum();
+        (self.body.len() + fields + vary + tags + self.url.len() + self.reason.len()) as u64
+            + ENTRY_OVERHEAD
+    }
+
+    /// Whether the request's values of the Vary fields are those stored (§4.1).
+    pub fn vary_matches(&self, head: &RequestHead) -> bool {
+        self.vary.iter().all(|(name, stored)| {
+            let mut it = head.header_values(name);
+            policy::vary_value(name, &mut it) == *stored
+        })
+    }
+
+    pub fn etag(&self) -> Option<&[u8]> {
+        policy::field(&self.fields, b"etag")
+    }
+
+    pub fn last_modified(&self) -> Option<&[u8]> {
+        policy::field(&self.fields, b"last-modified")
+    }
+
+    /// Fresh at `now` (§4.2), and not soft-purged.
+    pub fn is_fresh(&self, now: u64) -> bool {
+        !self.invalid.get() && self.t.lifetime > self.t.age(now)
+    }
+
+    /// Seconds of freshness left (negative once stale).
+    pub fn ttl(&self, now: u64) -> i64 {
+        if self.invalid.get() {
+            return -(self.t.age(now).min(i64::MAX as u64) as i64);
+        }
+        self.t.lifetime as i64 - self.t.age(now).min(i64::MAX as u64) as i64
+    }
+}
+
+/// The stored variants of one key, newest first.
+#[derive(Clone)]
+pub struct Entry {
+    pub variants: Vec<Rc<Object>>,
+    weight: u64,
+}
+
+#[derive(Clone)]
+struct ByWeight;
+
+impl quick_cache::Weighter<Box<[u8]>, Entry> for ByWeight {
+    fn weight(&self, key: &Box<[u8]>, val: &Entry) -> u64 {
+        // Never 0: a 0-weight item would never be evicted.
+        val.weight.saturating_add(key.len() as u64).max(1)
+    }
+}
+
+type Map = quick_cache::unsync::Cache<Box<[u8]>, Entry, ByWeight>;
+
+/// How a coalesced fetch ended, for those who waited on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlightEnd {
+    Pending,
+    /// A response was stored: look again.
+    Stored,
+    /// The response was not storable: go upstream alone.
+    NotStorable,
+    /// The fetch failed or was abandoned: one waiter takes over.
+    Failed,
+}
+
+/// One fetch in progress for a key. Waiters are woken (worker-local, no polling) when its
+/// head is known, as body bytes arrive, and when it ends.
+pub struct Flight {
+    pub done: Notify,
+    pub end: Cell<FlightEnd>,
+    /// The head of a storable response of known length, once known: waiters stream it.
+    pub stream: RefCell<Option<Rc<FlightStream>>>,
+    /// The body's bytes so far (while it streams).
+    body: RefCell<BytesMut>,
+    /// The whole body, once the fetch stored it.
+    whole: RefCell<Option<Bytes>>,
+}
+
+/// What a waiter sends before the body of a response it receives as it arrives.
+pub struct FlightStream {
+    pub status: u16,
+    pub reason: Bytes,
+    pub fields: Vec<Field>,
+    pub len: u64,
+    pub t: Timing,
+    /// The fetching request's values of the fields the response varies on.
+    pub vary: Vec<(Box<[u8]>, Vec<u8>)>,
+}
+
+impl FlightStream {
+    /// Whether a waiting request may take this response (§4.1).
+    pub fn vary_matches(&self, head: &RequestHead) -> bool {
+        self.vary.iter().all(|(name, stored)| {
+            let mut it = head.header_values(name);
+            policy::vary_value(name, &mut it) == *stored
+        })
+    }
+}
+
+impl Flight {
+    /// Body bytes from `off` on that have arrived (empty when none yet).
+    pub fn body_from(&self, off: usize) -> Bytes {
+        if let Some(w) = self.whole.borrow().as_ref() {
+            return w.slice(off.min(w.len())..);
+        }
+        let b = self.body.borrow();
+        Bytes::copy_from_slice(&b[off.min(b.len())..])
+    }
+
+    /// Publishes the head to stream to waiters.
+    pub fn publish(&self, s: FlightStream) {
+        *self.stream.borrow_mut() = Some(Rc::new(s));
+        self.done.notify_all();
+    }
+}
+
+/// Counters of one worker's cache.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub stale_hits: u64,
+    pub misses: u64,
+    pub stores: u64,
+    pub revalidations: u64,
+    pub coalesced: u64,
+    pub purged: u64,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// One worker's cache: its store, its fetches in flight and its counters.
+pub struct WorkerCache {
+    map: RefCell<Map>,
+    flights: RefCell<HashMap<Box<[u8]>, Rc<Flight>>>,
+    stats: RefCell<CacheStats>,
+    /// To tell the other workers about purges and invalidations (set by the server).
+    control: OnceLock<Arc<Control>>,
+    /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
+    shared: OnceLock<Arc<redis::SharedLayer>>,
+    worker: usize,
+}
+
+impl WorkerCache {
+    pub fn new(cfg: &Config, worker: usize) -> Rc<WorkerCache> {
+        let budget = cfg.cache.max_bytes_per_worker.0;
+        // An estimate only (quick_cache sizes its tables from it); entries of 8 KiB on average.
+        let items = (budget / 8192).clamp(16, 1 << 20) as usize;
+        Rc::new(WorkerCache {
+            map: RefCell::new(Map::with(
+                items,
+                budget,
+                ByWeight,
+                Default::default(),
+                Default::default(),
+            )),
+            flights: RefCell::new(HashMap::new()),
+            stats: RefCell::new(CacheStats::default()),
+            control: OnceLock::new(),
+            shared: OnceLock::new(),
+            worker,
+        })
+    }
+
+    /// Lets purges and invalidations made on this worker reach the others.
+    pub fn set_control(&self, c: Arc<Control>) {
+        let _ = self.control.set(c);
+    }
+
+    /// Sets the Redis layer (`[cache.redis]`).
+    pub fn set_shared(&self, l: Arc<redis::SharedLayer>) {
+        let _ = self.shared.set(l);
+    }
+
+    pub fn shared(&self) -> Option<&Arc<redis::SharedLayer>> {
+        self.shared.get()
+    }
+
+    /// Writes a stored object to the Redis layer, if there is one (queued, not awaited).
+    pub fn share(&self, key: &[u8], obj: &Object) {
+        if let Some(l) = self.shared.get() {
+            l.put(key, obj, now_secs());
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let mut s = *self.stats.borrow();
+        let m = self.map.borrow();
+        s.entries = m.len() as u64;
+        s.bytes = m.weight();
+        s
+    }
+
+    pub(crate) fn count(&self, f: impl FnOnce(&mut CacheStats)) {
+        f(&mut self.stats.borrow_mut());
+    }
+
+    /// The variants stored under `key`.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<Rc<Object>>> {
+        self.map.borrow().get(key).map(|e| e.variants.clone())
+    }
+
+    /// The newest variant under `key` that `head` selects (§4.1), and whether the key had
+    /// any variant at all.
+    pub fn lookup(&self, key: &[u8], head: &RequestHead) -> (Option<Rc<Object>>, bool) {
+        let m = self.map.borrow();
+        let Some(e) = m.get(key) else {
+            return (None, false);
+        };
+        (
+            e.variants.iter().find(|o| o.vary_matches(head)).cloned(),
+            true,
+        )
+    }
+
+    /// Stores `obj` under `key`, replacing the variant with the same Vary values and dropping
+    /// the oldest past `max_variants`.
+    pub fn insert(&self, key: &[u8], obj: Rc<Object>, max_variants: usize) {
+        if key.len() > MAX_KEY_BYTES {
+            return;
+        }
+        let mut m = self.map.borrow_mut();
+        let mut variants: Vec<Rc<Object>> = m
+            .peek(key)
+            .map(|e| {
+                e.variants
+                    .iter()
+                    .filter(|o| o.vary != obj.vary)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        variants.insert(0, obj);
+        variants.truncate(max_variants.max(1));
+        let weight = variants.iter().map(|o| o.weight()).sum();
+        m.insert(key.into(), Entry { variants, weight });
+        drop(m);
+        self.count(|s| s.stores += 1);
+    }
+
+    /// Removes one variant (by identity).
+    pub fn remove_variant(&self, key: &[u8], obj: &Rc<Object>) {
+        let mut m = self.map.borrow_mut();
+        let Some(e) = m.peek(key) else { return };
+        let variants: Vec<Rc<Object>> = e
+            .variants
+            .iter()
+            .filter(|o| !Rc::ptr_eq(o, obj))
+            .cloned()
+            .collect();
+        if variants.is_empty() {
+            m.remove(key);
+        } else {
+            let weight = variants.iter().map(|o| o.weight()).sum();
+            m.insert(key.into(), Entry { variants, weight });
+        }
+    }
+
+    /// The fetch in flight for `key`, if any.
+    pub fn flight(&self, key: &[u8]) -> Option<Rc<Flight>> {
+        self.flights.borrow().get(key).cloned()
+    }
+
+    /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
+    pub fn begin_flight(self: &Rc<Self>, key: &[u8]) -> Option<FlightGuard> {
+        let mut f = self.flights.borrow_mut();
+        if f.contains_key(key) || f.len() >= MAX_FLIGHTS {
+            return None;
+        }
+        let flight = Rc::new(Flight {
+            done: Notify::default(),
+            end: Cell::new(FlightEnd::Pending),
+            stream: RefCell::new(None),
+            body: RefCell::new(BytesMut::new()),
+            whole: RefCell::new(None),
+        });
+        f.insert(key.into(), flight.clone());
+        Some(FlightGuard {
+            cache: self.clone(),
+            key: key.into(),
+            flight,
+        })
+    }
+
+    /// Applies a purge to this worker's store; returns how many objects it hit.
+    pub fn purge_local(&self, p: &Purge) -> u64 {
+        let mut hit = 0u64;
+        let mut m = self.map.borrow_mut();
+        if p.soft {
+            for (_, e) in m.iter() {
+                for o in &e.variants {
+                    if p.matches(o) {
+                        o.invalid.set(true);
+                        hit += 1;
+                    }
+                }
+            }
+        } else {
+            let mut keys: Vec<Box<[u8]>> = Vec::new();
+            for (k, e) in m.iter() {
+                let n = e.variants.iter().filter(|o| p.matches(o)).count() as u64;
+                if n > 0 {
+                    hit += n;
+                    keys.push(k.clone());
+                }
+            }
+            for k in keys {
+                let Some(e) = m.peek(&k[..]) else { continue };
+                let variants: Vec<Rc<Object>> = e
+                    .variants
+                    .iter()
+                    .filter(|o| !p.matches(o))
+                    .cloned()
+                    .collect();
+                if variants.is_empty() {
+                    m.remove(&k[..]);
+                } else {
+                    let weight = variants.iter().map(|o| o.weight()).sum();
+                    m.insert(k, Entry { variants, weight });
+                }
+            }
+        }
+        drop(m);
+        self.count(|s| s.purged += hit);
+        hit
+    }
+
+    /// Applies `p` here, in Redis, and posts it to every other worker (without waiting for
+    /// them).
+    pub fn purge_everywhere(&self, p: Purge) -> u64 {
+        let n = self.purge_local(&p);
+        if let Some(l) = self.shared.get() {
+            l.purge(&p);
+        }
+        if let Some(c) = self.control.get() {
+            for i in 0..c.workers() {
+                if i == self.worker {
+                    continue;
+                }
+                let p = p.clone();
+                let _ = c.post(
+                    i,
+                    Box::new(move |w| {
+                        w.cache.purge_local(&p);
+                    }),
+                );
+            }
+        }
+        n
+    }
+}
+
+/// Held by the request that fetches for a key; dropping it (done, failed or cancelled) ends
+/// the flight and wakes the waiters.
+pub struct FlightGuard {
+    cache: Rc<WorkerCache>,
+    key: Box<[u8]>,
+    flight: Rc<Flight>,
+}
+
+impl FlightGuard {
+    pub fn finish(self, end: FlightEnd) {
+        self.flight.end.set(end);
+    }
+
+    pub fn flight(&self) -> &Rc<Flight> {
+        &self.flight
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if self.flight.end.get() == FlightEnd::Pending {
+            self.flight.end.set(FlightEnd::Failed);
+        }
+        self.cache.flights.borrow_mut().remove(&self.key);
+        self.flight.done.notify_all();
+    }
+}
+
+/// What a purge removes (hard) or marks stale (soft).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PurgeTarget {
+    /// One URL: host and path with its query, as in `Host` + request-target (all variants).
+    Url(Vec<u8>),
+    /// Every URL that starts with this (host and path prefix).
+    Prefix(Vec<u8>),
+    /// Every object tagged with this surrogate key.
+    Tag(Vec<u8>),
+    /// Everything.
+    All,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Purge {
+    pub target: PurgeTarget,
+    /// Mark stale instead of removing.
+    pub soft: bool,
+}
+
+impl Purge {
+    fn matches(&self, o: &Object) -> bool {
+        match &self.target {
+            PurgeTarget::Url(u) => *o.url == u[..],
+            PurgeTarget::Prefix(p) => o.url.starts_with(p),
+            PurgeTarget::Tag(t) => o.tags.iter().any(|x| **x == t[..]),
+            PurgeTarget::All => true,
+        }
+    }
+}
+
+/// A URL for a purge from its parts: the host (lower-cased) and the path with its query.
+pub fn purge_url(host: &str, path_query: &str) -> Vec<u8> {
+    let mut u: Vec<u8> = host.bytes().map(|b| b.to_ascii_lowercase()).collect();
+    if !path_query.starts_with('/') {
+        u.push(b'/');
+    }
+    u.extend_from_slice(path_query.as_bytes());
+    u
+}
+
+/// Runs a purge on every worker of a gateway (for the admin API) and returns the number of
+/// objects it hit on each, in worker order.
+pub fn purge(control: &Control, p: Purge, limit: Duration) -> Result<Vec<u64>, ControlError> {
+    control.ask(limit, move |w| {
+        if w.id == 0 {
+            if let Some(l) = w.cache.shared() {
+                l.purge(&p);
+            }
+        }
+        w.cache.purge_local(&p)
+    })
+}
+
+/// Every worker's cache counters, in worker order.
+pub fn stats(control: &Control, limit: Duration) -> Result<Vec<CacheStats>, ControlError> {
+    control.ask(limit, |w| w.cache.stats())
+}
+
+/// Surrogate keys of a response (`Surrogate-Key`, space-separated), bounded.
+pub fn surrogate_keys(fields: &[Field]) -> Vec<Box<[u8]>> {
+    policy::fields(fields, b"surrogate-key")
+        .flat_map(|v| v.split(|b| *b == b' ' || *b == b'\t'))
+        .filter(|t| !t.is_empty())
+        .take(MAX_TAGS)
+        .map(|t| t.into())
+        .collect()
+}
+
+/// What the client half of a response relay captures for the store: the body's data bytes
+/// (no framing), up to `max`; past it the capture is dropped and `over` set. With a flight,
+/// the bytes go into it, and its waiters are woken as they arrive.
+pub struct Tee {
+    buf: BytesMut,
+    len: usize,
+    pub max: usize,
+    pub over: bool,
+    flight: Option<Rc<Flight>>,
+}
+
+impl Tee {
+    pub fn new(max: usize, hint: Option<u64>, flight: Option<Rc<Flight>>) -> Tee {
+        let cap = hint.map_or(0, |h| h.min(max as u64) as usize);
+        let buf = BytesMut::with_capacity(cap);
+        let buf = match &flight {
+            Some(f) => {
+                *f.body.borrow_mut() = buf;
+                BytesMut::new()
+            }
+            None => buf,
+        };
+        Tee {
+            buf,
+            len: 0,
+            max,
+            over: false,
+            flight,
+        }
+    }
+
+    #[inline]
+    pub fn push(&mut self, data: &[u8]) {
+        if self.over || data.is_empty() {
+            return;
+        }
+        if self.len.saturating_add(data.len()) > self.max {
+            self.over = true;
+            self.buf = BytesMut::new();
+            return;
+        }
+        self.len += data.len();
+        match &self.flight {
+            Some(f) => {
+                f.body.borrow_mut().extend_from_slice(data);
+                f.done.notify_all();
+            }
+            None => self.buf.extend_from_slice(data),
+        }
+    }
+
+    /// The captured body (for a flight, also kept there for its waiters).
+    pub fn finish(self) -> Bytes {
+        match self.flight {
+            Some(f) => {
+                let b = std::mem::take(&mut *f.body.borrow_mut()).freeze();
+                *f.whole.borrow_mut() = Some(b.clone());
+                b
+            }
+            None => self.buf.freeze(),
+        }
+    }
+}

@@ -1,0 +1,641 @@
+//! The rules of a shared cache, as pure functions: cache directives (RFC 9111 §5.2) and their
+//! targeted form (RFC 9213), HTTP dates (RFC 9110 §5.6.7), freshness and age (RFC 9111
+//! §4.2), storability (§3), Vary (§4.1), and the client's own conditionals and ranges
+//! (RFC 9110 §13, §14).
+
+use bytes::Bytes;
+
+use crate::http::{list_items, trim_ows};
+
+/// Delta-seconds larger than this are read as this (RFC 9111 §1.2.2: 2^31).
+pub const MAX_DELTA: u64 = 1 << 31;
+/// Most bytes of a directive list read (longer values are hostile; the rest is ignored).
+const MAX_DIRECTIVES_BYTES: usize = 8 * 1024;
+
+/// Status codes this cache understands (RFC 9110 §15) and may store.
+pub fn understood(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203
+            | 204
+            | 300
+            | 301
+            | 302
+            | 303
+            | 307
+            | 308
+            | 400
+            | 403
+            | 404
+            | 405
+            | 410
+            | 414
+            | 421
+            | 451
+            | 500
+            | 501
+            | 502
+            | 503
+            | 504
+    )
+}
+
+/// Heuristically cacheable by default (RFC 9110 §15.1).
+pub fn heuristic_status(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// Cache directives of a response or a request (RFC 9111 §5.2). Unknown directives are
+/// ignored (§5.2.3).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Directives {
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub no_store: bool,
+    /// `no-cache` without fields: every use needs validation.
+    pub no_cache: bool,
+    /// `no-cache="a, b"`: these fields are not sent from a stored response.
+    pub no_cache_fields: Vec<Box<[u8]>>,
+    pub private: bool,
+    /// `private="a, b"`: a shared cache stores the response without these fields.
+    pub private_fields: Vec<Box<[u8]>>,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub must_understand: bool,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+    // Request directives (§5.2.1).
+    /// `max-stale` (`Some(None)`: any staleness).
+    pub max_stale: Option<Option<u64>>,
+    pub min_fresh: Option<u64>,
+    pub only_if_cached: bool,
+}
+
+/// delta-seconds (§1.2.2): digits, saturating at [`MAX_DELTA`]; a quoted form is accepted
+/// (§5.2). `None` when invalid.
+pub fn delta_seconds(v: &[u8]) -> Option<u64> {
+    let v = trim_ows(v);
+    let v = v
+        .strip_prefix(b"\"")
+        .and_then(|x| x.strip_suffix(b"\""))
+        .unwrap_or(v);
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, d| {
+        n.saturating_mul(10)
+            .saturating_add(u64::from(d - b'0'))
+            .min(MAX_DELTA)
+    }))
+}
+
+/// Splits a list on commas outside quoted strings.
+fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    let mut i = 0;
+    let mut quoted = false;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        while i < v.len() {
+            let b = v[i];
+            if quoted && b == b'\\' {
+                i += 2;
+                continue;
+            }
+            if b == b'"' {
+                quoted = !quoted;
+            } else if b == b',' && !quoted {
+                let item = &v[start..i];
+                i += 1;
+                start = i;
+                return Some(item);
+            }
+            i += 1;
+        }
+        done = true;
+        Some(&v[start.min(v.len())..])
+    })
+}
+
+fn field_list(v: &[u8]) -> Vec<Box<[u8]>> {
+    let v = trim_ows(v);
+    let v = v
+        .strip_prefix(b"\"")
+        .and_then(|x| x.strip_suffix(b"\""))
+        .unwrap_or(v);
+    list_items(v)
+        .map(|f| f.to_ascii_lowercase().into_boxed_slice())
+        .filter(|f| !f.is_empty())
+        .collect()
+}
+
+impl Directives {
+    /// Adds the directives of one `Cache-Control` field line. A directive given twice keeps
+    /// its first value (§4.2.1).
+    pub fn add(&mut self, line: &[u8]) {
+        let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
+        for item in split_quoted(line) {
+            let item = trim_ows(item);
+            if item.is_empty() {
+                continue;
+            }
+            let (name, value) = match item.iter().position(|b| *b == b'=') {
+                Some(p) => (trim_ows(&item[..p]), Some(&item[p + 1..])),
+                None => (item, None),
+            };
+            self.directive(name, value);
+        }
+    }
+
+    fn directive(&mut self, name: &[u8], value: Option<&[u8]>) {
+        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        let secs = || value.and_then(delta_seconds);
+        if is(b"max-age") {
+            // An invalid value makes the response stale (§4.2.1, §5.2.2.1).
+            self.max_age = self.max_age.or(Some(secs().unwrap_or(0)));
+        } else if is(b"s-maxage") {
+            self.s_maxage = self.s_maxage.or(Some(secs().unwrap_or(0)));
+        } else if is(b"no-store") {
+            self.no_store = true;
+        } else if is(b"no-cache") {
+            match value {
+                Some(v) if !field_list(v).is_empty() => self.no_cache_fields.extend(field_list(v)),
+                _ => self.no_cache = true,
+            }
+        } else if is(b"private") {
+            match value {
+                Some(v) if !field_list(v).is_empty() => self.private_fields.extend(field_list(v)),
+                _ => self.private = true,
+            }
+        } else if is(b"public") {
+            self.public = true;
+        } else if is(b"must-revalidate") {
+            self.must_revalidate = true;
+        } else if is(b"proxy-revalidate") {
+            self.proxy_revalidate = true;
+        } else if is(b"must-understand") {
+            self.must_understand = true;
+        } else if is(b"stale-while-revalidate") {
+            if let Some(s) = secs() {
+                self.stale_while_revalidate = self.stale_while_revalidate.or(Some(s));
+            }
+        } else if is(b"stale-if-error") {
+            if let Some(s) = secs() {
+                self.stale_if_error = self.stale_if_error.or(Some(s));
+            }
+        } else if is(b"max-stale") {
+            if self.max_stale.is_none() {
+                self.max_stale = Some(value.and_then(delta_seconds));
+            }
+        } else if is(b"min-fresh") {
+            self.min_fresh = self.min_fresh.or(secs());
+        } else if is(b"only-if-cached") {
+            self.only_if_cached = true;
+        }
+    }
+
+    /// The directives of a targeted field (RFC 9213 §2.1): a Structured Fields Dictionary
+    /// (RFC 8941 §3.2). `None` when it does not parse: the field is then ignored as a whole.
+    pub fn targeted(value: &[u8]) -> Option<Directives> {
+        let mut d = Directives::default();
+        let value = trim_ows(value);
+        if value.is_empty() || value.len() > MAX_DIRECTIVES_BYTES {
+            return None;
+        }
+        for member in split_quoted(value) {
+            let member = trim_ows(member);
+            // Parameters are allowed and ignored.
+            let main = member.split(|b| *b == b';').next().unwrap_or(b"");
+            let (key, val) = match main.iter().position(|b| *b == b'=') {
+                Some(p) => (&main[..p], Some(&main[p + 1..])),
+                None => (main, None),
+            };
+            if !sf_key(key) {
+                return None;
+            }
+            let val = match val {
+                None => None,
+                Some(v) => {
+                    if !sf_bare_item(v) {
+                        return None;
+                    }
+                    // Booleans: `?1` is the directive, `?0` is its absence.
+                    if v == b"?0" {
+                        continue;
+                    }
+                    if v == b"?1" {
+                        None
+                    } else {
+                        Some(v)
+                    }
+                }
+            };
+            // RFC 9213 §2.1: numeric directives are sf-integers (a string is invalid).
+            if matches!(
+                key,
+                b"max-age" | b"s-maxage" | b"stale-while-revalidate" | b"stale-if-error"
+            ) {
+                match val {
+                    Some(v) if v.iter().all(u8::is_ascii_digit) => {}
+                    _ => return None,
+                }
+            }
+            d.directive(key, val);
+        }
+        Some(d)
+    }
+}
+
+/// sf-key (RFC 8941 §3.1.2): `( lcalpha / "*" ) *( lcalpha / DIGIT / "_" / "-" / "." / "*" )`.
+fn sf_key(k: &[u8]) -> bool {
+    match k.first() {
+        Some(b) if b.is_ascii_lowercase() || *b == b'*' => k[1..]
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(b)),
+        _ => false,
+    }
+}
+
+/// A bare item: integer, decimal, string, token or boolean (RFC 8941 §3.3).
+fn sf_bare_item(v: &[u8]) -> bool {
+    match v.first() {
+        None => false,
+        Some(b'?') => v == b"?0" || v == b"?1",
+        Some(b'"') => {
+            v.len() >= 2
+                && v.ends_with(b"\"")
+                && v[1..v.len() - 1].iter().all(|b| (0x20..0x7f).contains(b))
+        }
+        Some(b) if b.is_ascii_digit() || *b == b'-' => {
+            let digits = if *b == b'-' { &v[1..] } else { v };
+            !digits.is_empty()
+                && digits.len() <= 16
+                && digits.iter().all(|b| b.is_ascii_digit() || *b == b'.')
+        }
+        Some(b) if b.is_ascii_alphabetic() || *b == b'*' => v
+            .iter()
+            .all(|b| crate::http::is_tchar(*b) || b":/".contains(b)),
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dates (RFC 9110 §5.6.7): IMF-fixdate, and the obsolete RFC 850 and asctime forms, which a
+// recipient must accept.
+
+const MONTHS: [&[u8; 3]; 12] = [
+    b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec",
+];
+
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn num(s: &[u8]) -> Option<u32> {
+    if s.is_empty() || s.len() > 4 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(s.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')))
+}
+
+fn month(s: &[u8]) -> Option<u32> {
+    MONTHS
+        .iter()
+        .position(|m| &m[..] == s)
+        .map(|i| i as u32 + 1)
+}
+
+fn hms(s: &[u8]) -> Option<(u32, u32, u32)> {
+    let mut it = s.split(|b| *b == b':');
+    let (h, m, sec) = (num(it.next()?)?, num(it.next()?)?, num(it.next()?)?);
+    if it.next().is_some() || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    Some((h, m, sec))
+}
+
+fn to_secs(y: i64, mo: u32, d: u32, (h, mi, s): (u32, u32, u32)) -> Option<u64> {
+    if !(1..=31).contains(&d) || y < 1970 {
+        return None;
+    }
+    let days = days_from_civil(y, mo, d);
+    u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + s)).ok()
+}
+
+/// Seconds since the epoch of an HTTP-date, `None` when it is not one.
+pub fn parse_http_date(v: &[u8]) -> Option<u64> {
+    let v = trim_ows(v);
+    let parts: Vec<&[u8]> = v.split(|b| *b == b' ').filter(|p| !p.is_empty()).collect();
+    match parts.as_slice() {
+        // Sun, 06 Nov 1994 08:49:37 GMT
+        [wd, d, mo, y, t, b"GMT"] if wd.ends_with(b",") && wd.len() == 4 => {
+            let y = num(y)?;
+            if y < 1000 {
+                return None;
+            }
+            to_secs(i64::from(y), month(mo)?, num(d)?, hms(t)?)
+        }
+        // Sunday, 06-Nov-94 08:49:37 GMT
+        [wd, dmy, t, b"GMT"] if wd.ends_with(b",") => {
+            let mut it = dmy.split(|b| *b == b'-');
+            let (d, mo, y) = (num(it.next()?)?, month(it.next()?)?, it.next()?);
+            let y = num(y)?;
+            // Two-digit years: RFC 9110 §5.6.7, more than 50 years ahead means the past.
+            let y = if y < 100 {
+                if y < 70 {
+                    2000 + y
+                } else {
+                    1900 + y
+                }
+            } else {
+                y
+            };
+            to_secs(i64::from(y), mo, d, hms(t)?)
+        }
+        // Sun Nov  6 08:49:37 1994
+        [_wd, mo, d, t, y] => to_secs(i64::from(num(y)?), month(mo)?, num(d)?, hms(t)?),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entity tags (RFC 9110 §8.8.3) and conditionals (§13).
+
+/// The opaque tag and whether it is weak; `None` when malformed.
+fn etag_parts(t: &[u8]) -> Option<(bool, &[u8])> {
+    let t = trim_ows(t);
+    let (weak, rest) = match t.strip_prefix(b"W/") {
+        Some(r) => (true, r),
+        None => (false, t),
+    };
+    let inner = rest.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if inner.contains(&b'"') {
+        return None;
+    }
+    Some((weak, inner))
+}
+
+/// Weak comparison (§8.8.3.2): the opaque tags match, weak or not.
+pub fn weak_match(a: &[u8], b: &[u8]) -> bool {
+    matches!((etag_parts(a), etag_parts(b)), (Some((_, x)), Some((_, y))) if x == y)
+}
+
+/// Strong comparison: both strong and equal.
+pub fn strong_match(a: &[u8], b: &[u8]) -> bool {
+    matches!((etag_parts(a), etag_parts(b)), (Some((false, x)), Some((false, y))) if x == y)
+}
+
+/// `If-None-Match` (§13.1.2) against a stored ETag: true when the condition is false (the
+/// representation matches: answer 304).
+pub fn none_match_hits(if_none_match: &[u8], etag: Option<&[u8]>) -> bool {
+    if trim_ows(if_none_match) == b"*" {
+        return true;
+    }
+    let Some(etag) = etag else { return false };
+    split_quoted(if_none_match).any(|t| weak_match(t, etag))
+}
+
+/// One byte range of a `Range` header (§14.1.2) against a representation of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// Serve the whole representation (no range, several ranges, or not understood).
+    Full,
+    /// Serve bytes `start..=end`.
+    Part(u64, u64),
+    /// 416.
+    Unsatisfiable,
+}
+
+pub fn byte_range(range: &[u8], len: u64) -> RangeAnswer {
+    let r = trim_ows(range);
+    let Some(spec) = r.strip_prefix(b"bytes=") else {
+        return RangeAnswer::Full;
+    };
+    if spec.contains(&b',') {
+        // Several ranges: answering 200 with the whole is allowed (§14.2).
+        return RangeAnswer::Full;
+    }
+    let spec = trim_ows(spec);
+    let Some(dash) = spec.iter().position(|b| *b == b'-') else {
+        return RangeAnswer::Full;
+    };
+    let (a, b) = (trim_ows(&spec[..dash]), trim_ows(&spec[dash + 1..]));
+    let digits = |s: &[u8]| -> Option<u64> {
+        if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        s.iter().try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+    };
+    match (a.is_empty(), b.is_empty()) {
+        // -N: the last N bytes.
+        (true, false) => match digits(b) {
+            Some(0) => RangeAnswer::Unsatisfiable,
+            Some(n) if len > 0 => RangeAnswer::Part(len.saturating_sub(n), len - 1),
+            Some(_) => RangeAnswer::Unsatisfiable,
+            None => RangeAnswer::Full,
+        },
+        (false, _) => {
+            let Some(start) = digits(a) else {
+                return RangeAnswer::Full;
+            };
+            let end = if b.is_empty() {
+                Some(u64::MAX)
+            } else {
+                digits(b)
+            };
+            let Some(end) = end else {
+                return RangeAnswer::Full;
+            };
+            if end < start {
+                return RangeAnswer::Full;
+            }
+            if start >= len {
+                return RangeAnswer::Unsatisfiable;
+            }
+            RangeAnswer::Part(start, end.min(len - 1))
+        }
+        _ => RangeAnswer::Full,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vary (§4.1).
+
+/// A request header's value as it is compared for Vary: the field lines joined, whitespace
+/// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings.
+pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
+    let mut items: Vec<Vec<u8>> = Vec::new();
+    for v in values {
+        for item in split_quoted(v) {
+            let item = trim_ows(item);
+            if !item.is_empty() {
+                items.push(item.to_vec());
+            }
+        }
+    }
+    if name.eq_ignore_ascii_case(b"accept-encoding") {
+        let mut codings: Vec<Vec<u8>> = items
+            .iter()
+            .filter_map(|i| {
+                let mut parts = i.split(|b| *b == b';');
+                let coding = trim_ows(parts.next()?).to_ascii_lowercase();
+                let refused = parts.any(|p| {
+                    let p = trim_ows(p);
+                    p.len() >= 2
+                        && p[..2].eq_ignore_ascii_case(b"q=")
+                        && p[2..].iter().all(|b| *b == b'0' || *b == b'.')
+                });
+                (!refused && !coding.is_empty()).then_some(coding)
+            })
+            .collect();
+        codings.sort();
+        codings.dedup();
+        return codings.join(&b","[..]);
+    }
+    items.join(&b", "[..])
+}
+
+/// `Vary` field names of a response, lower case; `None` for `*` (never matches).
+pub fn vary_names<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<Box<[u8]>>> {
+    let mut names: Vec<Box<[u8]>> = Vec::new();
+    for v in values {
+        for n in list_items(v) {
+            if n == b"*" {
+                return None;
+            }
+            let n = n.to_ascii_lowercase().into_boxed_slice();
+            if !n.is_empty() && !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    Some(names)
+}
+
+/// Header fields a cache never stores or replays: hop-by-hop ones and framing (§3.1).
+pub fn unstorable_field(name: &[u8]) -> bool {
+    crate::http::is_hop_by_hop(name)
+        || name.eq_ignore_ascii_case(b"content-length")
+        || name.eq_ignore_ascii_case(b"age")
+        || name.eq_ignore_ascii_case(b"proxy-connection")
+        || name.eq_ignore_ascii_case(b"x-request-id")
+        // §3.1: apply to one hop only.
+        || name.eq_ignore_ascii_case(b"proxy-authenticate")
+        || name.eq_ignore_ascii_case(b"proxy-authentication-info")
+        || name.eq_ignore_ascii_case(b"proxy-authorization")
+}
+
+/// A stored field line.
+pub type Field = (Bytes, Bytes);
+
+/// The first value of `name` among stored fields.
+pub fn field<'a>(fields: &'a [Field], name: &[u8]) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| &v[..])
+}
+
+pub fn fields<'a>(fields: &'a [Field], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+    fields
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| &v[..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directives_rfc9111_5_2() {
+        let mut d = Directives::default();
+        d.add(b"max-age=60, s-maxage=\"30\", no-cache=\"set-cookie, x-a\", must-revalidate");
+        d.add(b"max-age=5");
+        assert_eq!(d.max_age, Some(60));
+        assert_eq!(d.s_maxage, Some(30));
+        assert!(!d.no_cache);
+        assert_eq!(d.no_cache_fields.len(), 2);
+        assert!(d.must_revalidate);
+        let mut d = Directives::default();
+        d.add(b"max-age=abc, max-stale, min-fresh=99999999999999999999");
+        assert_eq!(d.max_age, Some(0));
+        assert_eq!(d.max_stale, Some(None));
+        assert_eq!(d.min_fresh, Some(MAX_DELTA));
+    }
+
+    #[test]
+    fn targeted_fields_are_sf_dictionaries_rfc9213_2_1() {
+        let d = Directives::targeted(b"max-age=60, must-revalidate").unwrap();
+        assert_eq!(d.max_age, Some(60));
+        assert!(d.must_revalidate);
+        assert!(Directives::targeted(b"max-age=\"60\"").is_none());
+        assert!(Directives::targeted(b"Max-Age=60").is_none());
+        assert!(Directives::targeted(b"max-age=6,,").is_none());
+        let d = Directives::targeted(b"no-store=?0, max-age=1").unwrap();
+        assert!(!d.no_store);
+    }
+
+    #[test]
+    fn http_dates_rfc9110_5_6_7() {
+        let t = 784_111_777;
+        assert_eq!(parse_http_date(b"Sun, 06 Nov 1994 08:49:37 GMT"), Some(t));
+        assert_eq!(parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT"), Some(t));
+        assert_eq!(parse_http_date(b"Sun Nov  6 08:49:37 1994"), Some(t));
+        assert_eq!(parse_http_date(b"0"), None);
+        assert_eq!(parse_http_date(b"Sun, 06 Nov 1994 25:49:37 GMT"), None);
+        let now = 1_700_000_000;
+        assert_eq!(parse_http_date(&crate::date::http_date(now)), Some(now));
+    }
+
+    #[test]
+    fn ranges_rfc9110_14_1_2() {
+        assert_eq!(byte_range(b"bytes=0-4", 10), RangeAnswer::Part(0, 4));
+        assert_eq!(byte_range(b"bytes=5-", 10), RangeAnswer::Part(5, 9));
+        assert_eq!(byte_range(b"bytes=-3", 10), RangeAnswer::Part(7, 9));
+        assert_eq!(byte_range(b"bytes=-30", 10), RangeAnswer::Part(0, 9));
+        assert_eq!(byte_range(b"bytes=10-", 10), RangeAnswer::Unsatisfiable);
+        assert_eq!(byte_range(b"bytes=0-1,3-4", 10), RangeAnswer::Full);
+        assert_eq!(byte_range(b"items=0-1", 10), RangeAnswer::Full);
+        assert_eq!(byte_range(b"bytes=5-2", 10), RangeAnswer::Full);
+        assert_eq!(
+            byte_range(b"bytes=99999999999999999999999-", 10),
+            RangeAnswer::Full
+        );
+    }
+
+    #[test]
+    fn etags_and_vary() {
+        assert!(weak_match(b"W/\"a\"", b"\"a\""));
+        assert!(!strong_match(b"W/\"a\"", b"\"a\""));
+        assert!(none_match_hits(b"\"x\", W/\"a\"", Some(b"\"a\"")));
+        assert!(!none_match_hits(b"\"x\"", Some(b"\"a\"")));
+        let v = vary_value(
+            b"accept-encoding",
+            &mut [&b"gzip, br;q=1"[..], b"identity;q=0, GZIP"].into_iter(),
+        );
+        assert_eq!(v, b"br,gzip");
+        assert_eq!(
+            vary_names([&b"Accept, accept"[..]].into_iter())
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(vary_names([&b"a, *"[..]].into_iter()).is_none());
+    }
+}

@@ -1,0 +1,1790 @@
+//! The cache phase: the action of a route with `cache = { ... }` (see the module chart in
+//! `cache/mod.rs`). It answers from the worker's store, or goes upstream through the proxy's
+//! own exchange (retries, breaker, endpoints) and relay, capturing what it may store.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::http::chunked::ChunkedScanner;
+use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
+use crate::http::request::{parse_request, Method, RequestHead};
+use crate::http::response::{RespBody, ResponseHead};
+use crate::http::ConnectionOptions;
+use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
+use crate::proxy::conn::{read_some, write_buf, ClientIo, Conn, IoFail, Outcome};
+use crate::proxy::ctx::RequestCtx;
+use crate::proxy::forward::{self, Chosen};
+use crate::proxy::relay::forward_response_tee;
+use crate::proxy::{Snapshot, Timeouts, Worker};
+use crate::rewrite::{connection_value, encode_upstream_head, Forwarding};
+use crate::router::Route;
+use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
+
+use super::policy::{self, Directives, Field, RangeAnswer};
+use super::{
+    build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, Object, Purge,
+    PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
+};
+
+/// Bodies up to this size go out in the same write as their head.
+const INLINE_BODY: usize = 16 * 1024;
+/// Most fields a stored response may vary on: each is compared on every lookup, so a hostile
+/// origin's long `Vary` is not stored.
+const MAX_VARY_FIELDS: usize = 16;
+/// Most times a request waits on another's fetch for the same key before fetching itself.
+const MAX_COALESCE_ROUNDS: usize = 4;
+
+/// Runs the cache phase for a route with a cache policy.
+pub async fn run<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group_idx: usize,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+) -> Outcome<'c> {
+    let group = &cfg.upstreams[group_idx];
+    if p.purge && ctx.head.method == Method::Other && ctx.head.method_str() == b"PURGE" {
+        return purge_request(w, c, ctx).await;
+    }
+    match ctx.head.method {
+        Method::Get | Method::Head => cached(w, cfg, route, p, group_idx, c, ctx).await,
+        Method::Options | Method::Trace => forward::proxy(w, cfg, route, group, c, ctx).await,
+        _ => {
+            let mut url = Vec::new();
+            url_of(&ctx.head, &mut url);
+            let mut s = Status::new(p, "bypass");
+            s.fwd = "method";
+            fetch(w, cfg, route, p, group, c, ctx, Fetch::Invalidate(url), s).await
+        }
+    }
+}
+
+/// The `Cache-Status` member (RFC 9211 §2) this cache adds.
+struct Status<'p> {
+    name: &'p [u8],
+    hit: bool,
+    fwd: &'static str,
+    fwd_status: u16,
+    ttl: Option<i64>,
+    stored: bool,
+    collapsed: bool,
+    detail: Option<&'static str>,
+}
+
+impl<'p> Status<'p> {
+    fn new(p: &'p RoutePolicy, fwd: &'static str) -> Status<'p> {
+        Status {
+            name: &p.name,
+            hit: false,
+            fwd,
+            fwd_status: 0,
+            ttl: None,
+            stored: false,
+            collapsed: false,
+            detail: None,
+        }
+    }
+
+    fn put(&self, out: &mut BytesMut) {
+        out.put_slice(b"cache-status: ");
+        out.put_slice(self.name);
+        if self.hit {
+            out.put_slice(b"; hit");
+        } else {
+            out.put_slice(b"; fwd=");
+            out.put_slice(self.fwd.as_bytes());
+            if self.fwd_status != 0 {
+                out.put_slice(b"; fwd-status=");
+                put_u64(out, u64::from(self.fwd_status));
+            }
+        }
+        if let Some(t) = self.ttl {
+            out.put_slice(b"; ttl=");
+            if t < 0 {
+                out.put_u8(b'-');
+            }
+            put_u64(out, t.unsigned_abs());
+        }
+        if self.stored {
+            out.put_slice(b"; stored");
+        }
+        if self.collapsed {
+            out.put_slice(b"; collapsed");
+        }
+        if let Some(d) = self.detail {
+            out.put_slice(b"; detail=");
+            out.put_slice(d.as_bytes());
+        }
+        out.put_slice(b"\r\n");
+    }
+}
+
+/// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
+/// `no-cache` when there is no `Cache-Control` (§5.4).
+fn request_directives(head: &RequestHead) -> Directives {
+    let mut d = Directives::default();
+    let mut any = false;
+    for v in head.header_values(b"cache-control") {
+        any = true;
+        d.add(v);
+    }
+    if !any
+        && head
+            .header_values(b"pragma")
+            .any(|v| crate::http::list_items(v).any(|i| i.eq_ignore_ascii_case(b"no-cache")))
+    {
+        d.no_cache = true;
+    }
+    d
+}
+
+/// Who the request is, for keys on routes with an auth policy.
+fn consumer_of(ctx: &RequestCtx<'_>) -> Option<Vec<u8>> {
+    if let Some(n) = ctx.identity.consumer_name() {
+        return Some(n.as_bytes().to_vec());
+    }
+    match ctx.identity.claim("sub") {
+        Some(serde_json::Value::String(s)) => Some([b"sub:", s.as_bytes()].concat()),
+        _ => None,
+    }
+}
+
+/// Where a stored response was found.
+struct Found {
+    obj: Rc<Object>,
+    key: Vec<u8>,
+}
+
+struct Keys {
+    /// Entries any caller may use (public responses on auth routes; all others elsewhere).
+    shared: Vec<u8>,
+    /// This consumer's entries (auth routes).
+    own: Option<Vec<u8>>,
+}
+
+impl Keys {
+    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>) -> Keys {
+        let consumer = if p.auth { consumer_of(ctx) } else { None };
+        let mut shared = Vec::new();
+        let mut own = None;
+        if p.key_consumer {
+            build_key(
+                p,
+                &ctx.head,
+                Some(consumer.as_deref().unwrap_or(b"")),
+                &mut shared,
+            );
+        } else {
+            build_key(p, &ctx.head, None, &mut shared);
+            if let Some(cn) = consumer {
+                let mut k = Vec::new();
+                build_key(p, &ctx.head, Some(&cn), &mut k);
+                own = Some(k);
+            }
+        }
+        Keys { shared, own }
+    }
+
+    /// The key a response is stored under: shared when it is public (or the route has no
+    /// auth), the consumer's otherwise; `None` when an auth route's caller has no name.
+    fn store_key(&self, p: &RoutePolicy, public: bool) -> Option<&[u8]> {
+        if !p.auth || p.key_consumer || public {
+            Some(&self.shared)
+        } else {
+            self.own.as_deref()
+        }
+    }
+
+    fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Found>, bool) {
+        let (o, any) = cache.lookup(&self.shared, head);
+        if let Some(obj) = o {
+            return (
+                Some(Found {
+                    obj,
+                    key: self.shared.clone(),
+                }),
+                true,
+            );
+        }
+        if let Some(k) = &self.own {
+            let (o, any2) = cache.lookup(k, head);
+            if let Some(obj) = o {
+                return (
+                    Some(Found {
+                        obj,
+                        key: k.clone(),
+                    }),
+                    true,
+                );
+            }
+            return (None, any || any2);
+        }
+        (None, any)
+    }
+}
+
+/// How a stored response may be used for this request.
+#[derive(Debug, PartialEq, Eq)]
+enum Use {
+    /// Fresh enough: answer.
+    Fresh,
+    /// Stale, and the client accepts it (`max-stale`).
+    StaleOk,
+    /// Stale within `stale-while-revalidate`: answer, revalidate in the background.
+    StaleRevalidate,
+    /// Validation needed first.
+    Validate,
+}
+
+fn usable(o: &Object, req: &Directives, now: u64) -> Use {
+    let age = o.t.age(now);
+    let ttl = o.ttl(now);
+    // `max-age=0` asks for validation whatever the age (§5.2.1.1, seconds being coarse).
+    let fresh_enough = o.is_fresh(now)
+        && req.max_age.is_none_or(|m| m > 0 && age <= m)
+        && req.min_fresh.is_none_or(|m| ttl >= m as i64);
+    if req.no_cache || o.t.always_validate {
+        return Use::Validate;
+    }
+    if fresh_enough {
+        return Use::Fresh;
+    }
+    if o.t.no_stale || o.is_fresh(now) {
+        // Fresh but not fresh enough for the client, or stale use forbidden (§4.2.4).
+        return Use::Validate;
+    }
+    let stale = (-ttl).max(0) as u64;
+    if let Some(ms) = req.max_stale {
+        if ms.is_none_or(|m| stale <= m) {
+            return Use::StaleOk;
+        }
+    }
+    if req.max_age.is_none() && o.t.swr > 0 && stale <= o.t.swr {
+        return Use::StaleRevalidate;
+    }
+    Use::Validate
+}
+
+/// Whether a stale response may answer for an upstream failure (RFC 5861 §4).
+fn stale_if_error(o: &Object, req: &Directives, now: u64) -> bool {
+    if o.t.no_stale || o.t.always_validate {
+        return false;
+    }
+    let stale = (-o.ttl(now)).max(0) as u64;
+    let window = req.stale_if_error.unwrap_or(o.t.sie);
+    window > 0 && stale <= window
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn cached<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group_idx: usize,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+) -> Outcome<'c> {
+    let group = &cfg.upstreams[group_idx];
+    let cache = w.cache.clone();
+    let req = request_directives(&ctx.head);
+    let keys = Keys::new(p, ctx);
+    if keys.shared.len() > super::MAX_KEY_BYTES {
+        let mut s = Status::new(p, "bypass");
+        s.detail = Some("key-too-long");
+        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, s).await;
+    }
+    let now = now_secs();
+    let (found, any) = keys.lookup(&cache, &ctx.head);
+    let mut fwd = if any { "vary-miss" } else { "uri-miss" };
+    if let Some(f) = &found {
+        match usable(&f.obj, &req, now) {
+            Use::Fresh | Use::StaleOk => {
+                cache.count(|s| s.hits += 1);
+                let mut s = Status::new(p, "");
+                s.hit = true;
+                s.ttl = Some(f.obj.ttl(now));
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+            }
+            Use::StaleRevalidate => {
+                cache.count(|s| s.stale_hits += 1);
+                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, f);
+                let mut s = Status::new(p, "");
+                s.hit = true;
+                s.ttl = Some(f.obj.ttl(now));
+                s.detail = Some("stale-while-revalidate");
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+            }
+            Use::Validate => fwd = if req.no_cache { "request" } else { "stale" },
+        }
+    }
+    if req.only_if_cached {
+        // §5.2.1.7: nothing usable is stored.
+        let mut s = Status::new(p, fwd);
+        s.detail = Some("only-if-cached");
+        return gateway_answer(w, c, ctx, 504, &s).await;
+    }
+    cache.count(|s| s.misses += 1);
+    if ctx.head.method == Method::Head {
+        // HEAD misses go through; only GET responses are stored, but a HEAD answer updates
+        // or invalidates the stored GET (§4.3.5).
+        let s = Status::new(p, fwd);
+        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), s).await;
+    }
+    // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
+    // to `coalesce_timeout`, then go alone. A failed fetch lets one waiter take over.
+    let started = Instant::now();
+    let mut collapsed = false;
+    let mut guard: Option<FlightGuard> = None;
+    let mut found = found;
+    for _ in 0..MAX_COALESCE_ROUNDS {
+        let Some(flight) = cache.flight(&keys.shared) else {
+            guard = cache.begin_flight(&keys.shared);
+            break;
+        };
+        // Woken when the head is known, as bytes arrive and at the end: a plain GET that the
+        // response suits is answered as it arrives; others wait for the end.
+        let mut alone = false;
+        while flight.end.get() == FlightEnd::Pending {
+            let stream = flight.stream.borrow().clone();
+            if let Some(st) = stream.filter(|st| streamable(&ctx.head, &req, st)) {
+                cache.count(|s| {
+                    s.hits += 1;
+                    s.coalesced += 1
+                });
+                let mut s = Status::new(p, fwd);
+                s.fwd_status = st.status;
+                s.collapsed = true;
+                return stream_from(w, &cfg.via, route, c, ctx, &flight, &st, &s).await;
+            }
+            let left = p.coalesce_timeout.saturating_sub(started.elapsed());
+            if left.is_zero()
+                || monoio::time::timeout(left, flight.done.notified())
+                    .await
+                    .is_err()
+            {
+                alone = true;
+                break;
+            }
+        }
+        if alone {
+            break;
+        }
+        match flight.end.get() {
+            FlightEnd::Stored => {
+                collapsed = true;
+                let now = now_secs();
+                let (f, _) = keys.lookup(&cache, &ctx.head);
+                if let Some(f) = f {
+                    if matches!(usable(&f.obj, &req, now), Use::Fresh | Use::StaleOk) {
+                        cache.count(|s| {
+                            s.hits += 1;
+                            s.coalesced += 1
+                        });
+                        let mut s = Status::new(p, "");
+                        s.hit = true;
+                        s.collapsed = true;
+                        s.ttl = Some(f.obj.ttl(now));
+                        return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+                    }
+                    found = Some(f);
+                }
+            }
+            FlightEnd::NotStorable => {
+                collapsed = true;
+                break;
+            }
+            FlightEnd::Failed | FlightEnd::Pending => {}
+        }
+    }
+    // The Redis layer, when the client did not ask for the origin: an entry there answers (or
+    // is validated instead of fetched whole).
+    if let Some(layer) = cache.shared().cloned().filter(|_| !req.no_cache) {
+        let mut ks: Vec<&[u8]> = vec![&keys.shared];
+        if let Some(o) = &keys.own {
+            ks.push(o);
+        }
+        let got = layer.get(&ks).await;
+        let now = now_secs();
+        for (k, o) in ks.iter().zip(got) {
+            let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
+                continue;
+            };
+            if found
+                .as_ref()
+                .is_some_and(|f| f.obj.t.response_time >= o.t.response_time)
+            {
+                continue;
+            }
+            let o = Rc::new(o);
+            cache.insert(k, o.clone(), p.max_variants);
+            if matches!(usable(&o, &req, now), Use::Fresh | Use::StaleOk) {
+                if let Some(g) = guard {
+                    g.finish(FlightEnd::Stored);
+                }
+                cache.count(|s| s.hits += 1);
+                let mut s = Status::new(p, "");
+                s.hit = true;
+                s.ttl = Some(o.ttl(now));
+                s.collapsed = collapsed;
+                s.detail = Some("redis");
+                return answer(w, &cfg.via, route, c, ctx, &o, now, &s).await;
+            }
+            found = Some(Found {
+                obj: o,
+                key: k.to_vec(),
+            });
+            break;
+        }
+    }
+    let mut s = Status::new(p, fwd);
+    s.collapsed = collapsed;
+    let stale = found.filter(|f| f.obj.status == 200 || f.obj.etag().is_some());
+    fetch(
+        w,
+        cfg,
+        route,
+        p,
+        group,
+        c,
+        ctx,
+        Fetch::Fill {
+            keys,
+            stale,
+            guard,
+            req,
+        },
+        s,
+    )
+    .await
+}
+
+/// What a trip upstream is for (one per request, held in its future).
+#[allow(clippy::large_enum_variant)]
+enum Fetch {
+    /// Nothing to store (bypass).
+    Pass,
+    /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5).
+    Head(Option<Found>),
+    /// An unsafe method: invalidate this URL on a non-error answer (§4.4).
+    Invalidate(Vec<u8>),
+    /// A GET that may be stored; `stale`: what is stored, validated with its validators.
+    Fill {
+        keys: Keys,
+        stale: Option<Found>,
+        guard: Option<FlightGuard>,
+        req: Directives,
+    },
+}
+
+/// The request head with the client's validators and range replaced by the stored
+/// response's validators (RFC 9111 §4.3.1). `None` when it cannot be built within limits.
+fn conditional_head(
+    orig: &RequestHead,
+    o: &Object,
+    limits: &crate::http::request::Limits,
+    mut head: RequestHead,
+) -> Option<RequestHead> {
+    let etag = o.etag();
+    let lm = o.last_modified();
+    if etag.is_none() && lm.is_none() {
+        return None;
+    }
+    let mut raw = BytesMut::with_capacity(orig.raw.len() + 128);
+    raw.put_slice(b"GET ");
+    raw.put_slice(orig.bytes(orig.target));
+    raw.put_slice(b" HTTP/1.1\r\n");
+    for h in &orig.headers {
+        let name = orig.bytes(h.name);
+        let skip = [
+            &b"if-none-match"[..],
+            b"if-modified-since",
+            b"if-match",
+            b"if-unmodified-since",
+            b"if-range",
+            b"range",
+        ]
+        .iter()
+        .any(|s| name.eq_ignore_ascii_case(s));
+        if !skip {
+            put_header(&mut raw, name, orig.bytes(h.value));
+        }
+    }
+    if let Some(e) = etag {
+        put_header(&mut raw, b"if-none-match", e);
+    }
+    if let Some(l) = lm {
+        put_header(&mut raw, b"if-modified-since", l);
+    }
+    raw.put_slice(b"\r\n");
+    match parse_request(&raw, limits, &mut head) {
+        Ok(Some(n)) if n == raw.len() => {
+            head.raw = raw.freeze();
+            Some(head)
+        }
+        _ => None,
+    }
+}
+
+/// The response's header fields, copied (they must not pin the upstream read buffer).
+fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
+    let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
+    // One copy of the head; every field is a slice of it.
+    let raw = Bytes::copy_from_slice(&resp.raw);
+    let part = |s: &[u8]| {
+        let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
+        raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
+    };
+    resp.headers
+        .iter()
+        .filter(|h| !listed.lists(resp.bytes(h.name)))
+        .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value))))
+        .collect()
+}
+
+/// A response analysed for storing (RFC 9111 §3): the fields to keep and its timing, or why
+/// it is not stored.
+pub(crate) struct Storable {
+    pub fields: Vec<Field>,
+    pub t: Timing,
+    pub public: bool,
+    pub vary: Vec<Box<[u8]>>,
+}
+
+pub(crate) fn analyze(
+    p: &RoutePolicy,
+    status: u16,
+    fields: &[Field],
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    let (d, targeted) = p.response_directives(fields);
+    if !(200..600).contains(&status) || status == 206 || status == 304 {
+        return Err("status");
+    }
+    let known = policy::understood(status);
+    if d.must_understand && !known {
+        return Err("must-understand");
+    }
+    if d.no_store && !(d.must_understand && known) {
+        return Err("no-store");
+    }
+    if d.private {
+        return Err("private");
+    }
+    // §3.5: a shared cache stores a response to an authorized request only when told to.
+    if req_authorized && !(d.public || d.s_maxage.is_some() || d.must_revalidate) {
+        return Err("authorization");
+    }
+    let has_cookie = fields.iter().any(|(n, _)| {
+        n.eq_ignore_ascii_case(b"set-cookie") || n.eq_ignore_ascii_case(b"set-cookie2")
+    });
+    if has_cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
+        return Err("set-cookie");
+    }
+    let vary = policy::vary_names(policy::fields(fields, b"vary")).ok_or("vary-star")?;
+    if vary.len() > MAX_VARY_FIELDS {
+        return Err("vary-too-many");
+    }
+    let date = policy::field(fields, b"date")
+        .and_then(policy::parse_http_date)
+        .unwrap_or(response_time);
+    let expires = if targeted {
+        None
+    } else {
+        policy::field(fields, b"expires")
+    };
+    let explicit = d.s_maxage.is_some() || d.max_age.is_some() || expires.is_some();
+    let heuristic = p.heuristic && (policy::heuristic_status(status) || d.public);
+    if !explicit && !heuristic && !d.public {
+        return Err("no-freshness");
+    }
+    // §4.2.1
+    let lifetime = if let Some(s) = d.s_maxage {
+        s
+    } else if let Some(m) = d.max_age {
+        m
+    } else if let Some(e) = expires {
+        // An invalid date means already expired (§5.3).
+        policy::parse_http_date(e).map_or(0, |e| e.saturating_sub(date))
+    } else if heuristic {
+        // §4.2.2: a fraction of the time since the last modification.
+        policy::field(fields, b"last-modified")
+            .and_then(policy::parse_http_date)
+            .map_or(0, |lm| (date.saturating_sub(lm) / 10).min(p.max_heuristic))
+    } else {
+        0
+    };
+    // §4.2.3
+    let age_value = policy::field(fields, b"age")
+        .and_then(policy::delta_seconds)
+        .unwrap_or(0);
+    let apparent_age = response_time.saturating_sub(date);
+    let response_delay = response_time.saturating_sub(request_time);
+    let corrected_age_value = age_value.saturating_add(response_delay);
+    let t = Timing {
+        response_time,
+        initial_age: apparent_age.max(corrected_age_value),
+        lifetime,
+        swr: d.stale_while_revalidate.or(p.swr).unwrap_or(0),
+        sie: d.stale_if_error.or(p.sie).unwrap_or(0),
+        no_stale: d.must_revalidate || d.proxy_revalidate || d.s_maxage.is_some(),
+        always_validate: d.no_cache,
+    };
+    let validators = policy::field(fields, b"etag").is_some()
+        || policy::field(fields, b"last-modified").is_some();
+    if lifetime == 0 && !validators && t.swr == 0 && t.sie == 0 {
+        return Err("stale-on-arrival");
+    }
+    let mut kept: Vec<Field> = fields
+        .iter()
+        .filter(|(n, _)| {
+            !policy::unstorable_field(n)
+                && (p.set_cookie == super::config::SetCookieMode::Store
+                    || !(n.eq_ignore_ascii_case(b"set-cookie")
+                        || n.eq_ignore_ascii_case(b"set-cookie2")))
+                && !n.eq_ignore_ascii_case(b"cache-status")
+                && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+                && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+        })
+        .cloned()
+        .collect();
+    // RFC 9110 §6.6.1: a response stored without Date gets the time it was received.
+    if policy::field(&kept, b"date").is_none() {
+        kept.push((
+            Bytes::from_static(b"date"),
+            Bytes::copy_from_slice(&crate::date::http_date(response_time)),
+        ));
+    }
+    Ok(Storable {
+        fields: kept,
+        t,
+        public: d.public,
+        vary,
+    })
+}
+
+fn make_object(
+    s: Storable,
+    status: u16,
+    reason: Bytes,
+    body: Bytes,
+    url: &[u8],
+    head: &RequestHead,
+) -> Object {
+    let vary = s
+        .vary
+        .iter()
+        .map(|n| {
+            let mut it = head.header_values(n);
+            (n.clone(), policy::vary_value(n, &mut it))
+        })
+        .collect();
+    let tags = super::surrogate_keys(&s.fields);
+    Object {
+        status,
+        reason,
+        fields: s.fields,
+        body,
+        t: s.t,
+        url: url.into(),
+        tags,
+        vary,
+        invalid: std::cell::Cell::new(false),
+        hidden: Vec::new(),
+    }
+}
+
+/// The stored response freshened by a 304 (RFC 9111 §4.3.4, §3.2): its fields replaced by
+/// those the 304 carries (except framing and hop-by-hop ones), its timing computed anew.
+fn freshen(
+    p: &RoutePolicy,
+    o: &Object,
+    fresh: &[Field],
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Option<Object> {
+    let update: Vec<&Field> = fresh
+        .iter()
+        .filter(|(n, _)| !policy::unstorable_field(n))
+        .collect();
+    let mut fields: Vec<Field> = o
+        .fields
+        .iter()
+        .filter(|(n, _)| !update.iter().any(|(u, _)| u.eq_ignore_ascii_case(n)))
+        .cloned()
+        .collect();
+    fields.extend(update.into_iter().cloned());
+    // The 304's Age counts for the new age; it is not stored.
+    let mut with_age = fields.clone();
+    if let Some(a) = policy::field(fresh, b"age") {
+        with_age.push((Bytes::from_static(b"age"), Bytes::copy_from_slice(a)));
+    }
+    let s = analyze(
+        p,
+        o.status,
+        &with_age,
+        req_authorized,
+        request_time,
+        response_time,
+    )
+    .ok()?;
+    Some(Object {
+        status: o.status,
+        reason: o.reason.clone(),
+        tags: super::surrogate_keys(&s.fields),
+        fields: s.fields,
+        body: o.body.clone(),
+        t: s.t,
+        url: o.url.clone(),
+        vary: o.vary.clone(),
+        invalid: std::cell::Cell::new(false),
+        hidden: Vec::new(),
+    })
+}
+
+/// RFC 9111 §4.3.5: a 200 to HEAD whose validators and length agree with the stored GET
+/// freshens it like a 304; one that disagrees invalidates it.
+fn head_update(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    f: &Found,
+    fields: &[Field],
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+) {
+    let same = |name: &[u8]| match (
+        policy::field(fields, name),
+        policy::field(&f.obj.fields, name),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => true,
+        _ => false,
+    };
+    let len_ok = policy::field(fields, b"content-length")
+        .and_then(crate::http::parse_content_length)
+        .is_none_or(|n| n == f.obj.body.len() as u64);
+    if same(b"etag") && same(b"last-modified") && len_ok {
+        if let Some(o) = freshen(p, &f.obj, fields, authorized, request_time, now) {
+            let o = Rc::new(o);
+            cache.insert(&f.key, o.clone(), p.max_variants);
+            cache.share(&f.key, &o);
+        }
+    } else {
+        cache.remove_variant(&f.key, &f.obj);
+    }
+}
+
+/// Gives the upstream connection back (or drops it) with the bookkeeping the proxy does.
+fn release(w: &Worker, group: &UpstreamGroup, ch: Chosen, failed: bool, reusable: bool) {
+    let ep = ch.up.endpoint;
+    let stats = &group.stats[ep];
+    stats
+        .outstanding
+        .set(stats.outstanding.get().saturating_sub(1));
+    forward::record_outcome(w, group, ep, ch.probe, ch.failed || failed);
+    if reusable {
+        group.checkin(ch.up);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    mode: Fetch,
+    mut status: Status<'_>,
+) -> Outcome<'c> {
+    let cache = w.cache.clone();
+    let request_time = now_secs();
+    // The stored response's validators replace the client's (a 304 then freshens it).
+    let mut validating = false;
+    let mut swapped: Option<RequestHead> = None;
+    if let Fetch::Fill { stale: Some(f), .. } = &mode {
+        let limits = cfg
+            .listener_limits
+            .get(c.info.listener)
+            .unwrap_or(&cfg.limits);
+        if let Some(h) = conditional_head(&ctx.head, &f.obj, limits, w.bufs.take_head()) {
+            swapped = Some(std::mem::replace(&mut ctx.head, h));
+            validating = true;
+        }
+    }
+    let mut resp = w.bufs.take_resp();
+    let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if let Some(orig) = swapped.take() {
+        let h = std::mem::replace(&mut ctx.head, orig);
+        w.bufs.give_head(h);
+    }
+    let authorized = ctx.head.header(b"authorization").is_some();
+    let now = now_secs();
+    let out = match r {
+        Err(e) => {
+            if let Fetch::Fill {
+                stale: Some(f),
+                req,
+                ..
+            } = &mode
+            {
+                if stale_if_error(&f.obj, req, now) {
+                    cache.count(|s| s.stale_hits += 1);
+                    status.hit = true;
+                    status.ttl = Some(f.obj.ttl(now));
+                    status.detail = Some("stale-if-error");
+                    let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
+                    w.bufs.give_resp(resp);
+                    return out;
+                }
+            }
+            match e {
+                AttemptError::Down(DownFail::Gone) => Outcome::Abort,
+                e => match e.answer() {
+                    Some(g) => Outcome::from(g),
+                    None => Outcome::Abort,
+                },
+            }
+        }
+        Ok(mut ch) => {
+            status.fwd_status = resp.status;
+            match mode {
+                Fetch::Fill {
+                    keys,
+                    stale,
+                    guard,
+                    req,
+                } => {
+                    if let Some(f) = stale.as_ref().filter(|_| validating && resp.status == 304) {
+                        // §4.3.4: freshen the stored response and answer from it.
+                        let fields = copy_fields(&resp);
+                        resp.raw = Bytes::new();
+                        release(w, group, ch, false, false);
+                        // A strong validator that is not the stored one selects nothing: the
+                        // stored response is dropped and fetched again whole.
+                        let selects = match (policy::field(&fields, b"etag"), f.obj.etag()) {
+                            (Some(new), Some(old)) if !new.starts_with(b"W/") => {
+                                policy::strong_match(new, old)
+                            }
+                            _ => true,
+                        };
+                        if !selects {
+                            cache.remove_variant(&f.key, &f.obj);
+                            w.bufs.give_resp(resp);
+                            let again = Fetch::Fill {
+                                keys,
+                                stale: None,
+                                guard,
+                                req,
+                            };
+                            return Box::pin(fetch(w, cfg, route, p, group, c, ctx, again, status))
+                                .await;
+                        }
+                        cache.count(|s| s.revalidations += 1);
+                        let obj = match freshen(p, &f.obj, &fields, authorized, request_time, now) {
+                            Some(o) => {
+                                let o = Rc::new(o);
+                                cache.insert(&f.key, o.clone(), p.max_variants);
+                                cache.share(&f.key, &o);
+                                if let Some(g) = guard {
+                                    g.finish(FlightEnd::Stored);
+                                }
+                                status.stored = true;
+                                o
+                            }
+                            None => {
+                                cache.remove_variant(&f.key, &f.obj);
+                                f.obj.clone()
+                            }
+                        };
+                        status.fwd = "stale";
+                        status.ttl = Some(obj.ttl(now));
+                        let out = answer(w, &cfg.via, route, c, ctx, &obj, now, &status).await;
+                        w.bufs.give_resp(resp);
+                        return out;
+                    }
+                    if let Some(f) = stale.as_ref().filter(|f| {
+                        matches!(resp.status, 500 | 502 | 503 | 504)
+                            && stale_if_error(&f.obj, &req, now)
+                    }) {
+                        resp.raw = Bytes::new();
+                        release(w, group, ch, true, false);
+                        cache.count(|s| s.stale_hits += 1);
+                        status.hit = true;
+                        status.ttl = Some(f.obj.ttl(now));
+                        status.detail = Some("stale-if-error");
+                        let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
+                        w.bufs.give_resp(resp);
+                        return out;
+                    }
+                    let fields = copy_fields(&resp);
+                    let mut plan = if req.no_store {
+                        Err("request-no-store")
+                    } else {
+                        analyze(p, resp.status, &fields, authorized, request_time, now)
+                    };
+                    let key = plan
+                        .as_ref()
+                        .ok()
+                        .and_then(|s| keys.store_key(p, s.public).map(<[u8]>::to_vec));
+                    if plan.is_ok() && key.is_none() {
+                        plan = Err("no-consumer");
+                    }
+                    let max = p.max_object.min(usize::MAX as u64);
+                    if let (Ok(_), RespBody::Length(n)) = (&plan, resp.body) {
+                        if n > max {
+                            plan = Err("too-large");
+                        }
+                    }
+                    // Waiters on this fetch receive the body as it arrives when they may share it
+                    // (stored under the shared key) and its length is known.
+                    let flight = match (&plan, &guard, known_len(&resp)) {
+                        (Ok(s), Some(g), Some(len))
+                            if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
+                        {
+                            g.flight().publish(FlightStream {
+                                status: resp.status,
+                                reason: Bytes::copy_from_slice(resp.bytes(resp.reason)),
+                                fields: s.fields.clone(),
+                                len,
+                                t: s.t,
+                                vary: s
+                                    .vary
+                                    .iter()
+                                    .map(|n| {
+                                        let mut it = ctx.head.header_values(n);
+                                        (n.clone(), policy::vary_value(n, &mut it))
+                                    })
+                                    .collect(),
+                            });
+                            Some(g.flight().clone())
+                        }
+                        _ => None,
+                    };
+                    let mut tee = plan
+                        .as_ref()
+                        .ok()
+                        .map(|_| Tee::new(max as usize, known_len(&resp), flight));
+                    match &plan {
+                        Ok(_) => {
+                            status.stored =
+                                matches!(resp.body, RespBody::Length(_) | RespBody::None)
+                        }
+                        Err(d) => status.detail = Some(d),
+                    }
+                    status.put(&mut ctx.resp_headers);
+                    let (out, reusable) = forward_response_tee(
+                        w,
+                        cfg,
+                        route,
+                        c,
+                        ctx,
+                        &mut ch.up,
+                        &resp,
+                        tee.as_mut(),
+                    )
+                    .await;
+                    let complete = matches!(out, Outcome::Relayed { .. });
+                    let failed = matches!(out, Outcome::Answer(_));
+                    let reason = Bytes::copy_from_slice(resp.bytes(resp.reason));
+                    let status_code = resp.status;
+                    resp.raw = Bytes::new();
+                    release(w, group, ch, failed, reusable);
+                    let mut end = FlightEnd::NotStorable;
+                    if let (Ok(s), Some(k), Some(t)) = (plan, key, tee) {
+                        if complete && !t.over {
+                            let mut url = Vec::new();
+                            url_of(&ctx.head, &mut url);
+                            let obj =
+                                make_object(s, status_code, reason, t.finish(), &url, &ctx.head);
+                            let obj = Rc::new(obj);
+                            cache.insert(&k, obj.clone(), p.max_variants);
+                            cache.share(&k, &obj);
+                            end = FlightEnd::Stored;
+                        } else if !complete {
+                            end = FlightEnd::Failed;
+                        }
+                    } else if !complete {
+                        end = FlightEnd::Failed;
+                    }
+                    if let Some(g) = guard {
+                        g.finish(end);
+                    }
+                    out
+                }
+                Fetch::Invalidate(url) => {
+                    status.put(&mut ctx.resp_headers);
+                    let (out, reusable) =
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                    let st = resp.status;
+                    let locations: Vec<Vec<u8>> = [&b"location"[..], b"content-location"]
+                        .iter()
+                        .filter_map(|n| resp.header(n))
+                        .filter_map(|v| same_host_url(&ctx.head, v))
+                        .collect();
+                    resp.raw = Bytes::new();
+                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                    // §4.4: a non-error answer to an unsafe method invalidates the target URI
+                    // and the Location / Content-Location URIs of the same origin.
+                    if (200..400).contains(&st) {
+                        for u in std::iter::once(url).chain(locations) {
+                            cache.purge_everywhere(Purge {
+                                target: PurgeTarget::Url(u),
+                                soft: false,
+                            });
+                        }
+                    }
+                    out
+                }
+                Fetch::Pass => {
+                    status.put(&mut ctx.resp_headers);
+                    let (out, reusable) =
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                    resp.raw = Bytes::new();
+                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                    out
+                }
+                Fetch::Head(found) => {
+                    if let Some(f) = found.filter(|_| resp.status == 200) {
+                        head_update(
+                            p,
+                            &cache,
+                            &f,
+                            &copy_fields(&resp),
+                            authorized,
+                            request_time,
+                            now,
+                        );
+                    }
+                    status.put(&mut ctx.resp_headers);
+                    let (out, reusable) =
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                    resp.raw = Bytes::new();
+                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                    out
+                }
+            }
+        }
+    };
+    w.bufs.give_resp(resp);
+    out
+}
+
+fn known_len(resp: &ResponseHead) -> Option<u64> {
+    match resp.body {
+        RespBody::Length(n) => Some(n),
+        RespBody::None => Some(0),
+        _ => None,
+    }
+}
+
+/// A `Location` or `Content-Location` value as a URL of the request's host (§4.4: only
+/// URIs of the same origin are invalidated).
+fn same_host_url(head: &RequestHead, v: &[u8]) -> Option<Vec<u8>> {
+    let v = crate::http::trim_ows(v);
+    let host: Vec<u8> = head.host_bytes()?.to_ascii_lowercase();
+    let path = if v.starts_with(b"/") && !v.starts_with(b"//") {
+        v
+    } else {
+        let rest = v
+            .strip_prefix(b"http://")
+            .or_else(|| v.strip_prefix(b"https://"))?;
+        let slash = rest.iter().position(|b| *b == b'/').unwrap_or(rest.len());
+        if !rest[..slash].eq_ignore_ascii_case(&host) {
+            return None;
+        }
+        &rest[slash..]
+    };
+    let mut u = host;
+    if path.is_empty() {
+        u.push(b'/');
+    }
+    u.extend_from_slice(path);
+    Some(u)
+}
+
+/// Writes an answer from a stored response: the client's conditionals (RFC 9110 §13.2.2)
+/// and a single byte range (§14.2) are answered here; HEAD gets the head of the stored GET.
+#[allow(clippy::too_many_arguments)]
+async fn answer<'c, S: ClientIo>(
+    w: &Worker,
+    via: &[u8],
+    route: &Route,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    o: &Object,
+    now: u64,
+    status: &Status<'_>,
+) -> Outcome<'c> {
+    let head_only = ctx.head.method == Method::Head;
+    let mut code = o.status;
+    let mut range: Option<(u64, u64)> = None;
+    let len = o.body.len() as u64;
+    if (200..300).contains(&o.status) {
+        code = preconditions(&ctx.head, o).unwrap_or(o.status);
+        if code == o.status && o.status == 200 && !head_only {
+            if let Some(r) = ctx.head.header(b"range") {
+                if if_range_holds(&ctx.head, o) {
+                    match policy::byte_range(r, len) {
+                        RangeAnswer::Full => {}
+                        RangeAnswer::Part(a, b) => {
+                            code = 206;
+                            range = Some((a, b));
+                        }
+                        RangeAnswer::Unsatisfiable => code = 416,
+                    }
+                }
+            }
+        }
+    }
+    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let date = w.date.get();
+    let wbuf = &mut ctx.wbuf;
+    wbuf.clear();
+    let reason: &[u8] = if code == o.status && !o.reason.is_empty() {
+        &o.reason
+    } else {
+        reason_phrase(code).as_bytes()
+    };
+    put_status_line(wbuf, code, reason);
+    let rules = &route.response_headers;
+    let mut has_date = false;
+    for (n, v) in &o.fields {
+        if rules.drops(n) {
+            continue;
+        }
+        let keep_field = match code {
+            // §15.4.5: the fields a 200 would have carried for caches.
+            304 => [
+                &b"cache-control"[..],
+                b"content-location",
+                b"date",
+                b"etag",
+                b"expires",
+                b"vary",
+                b"last-modified",
+            ]
+            .iter()
+            .any(|s| n.eq_ignore_ascii_case(s)),
+            412 | 416 => n.eq_ignore_ascii_case(b"date"),
+            _ => true,
+        };
+        if !keep_field {
+            continue;
+        }
+        has_date |= n.eq_ignore_ascii_case(b"date");
+        put_header(wbuf, n, v);
+    }
+    if !has_date {
+        put_header(wbuf, b"date", &date);
+    }
+    wbuf.put_slice(b"age: ");
+    put_u64(wbuf, o.t.age(now));
+    wbuf.put_slice(b"\r\n");
+    status.put(wbuf);
+    put_header(wbuf, b"via", via);
+    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+    rules.put(wbuf);
+    wbuf.put_slice(&ctx.resp_headers);
+    let body = match (code, range) {
+        (206, Some((a, b))) => {
+            wbuf.put_slice(b"content-range: bytes ");
+            put_u64(wbuf, a);
+            wbuf.put_u8(b'-');
+            put_u64(wbuf, b);
+            wbuf.put_u8(b'/');
+            put_u64(wbuf, len);
+            wbuf.put_slice(b"\r\n");
+            o.body
+                .slice(a as usize..(b as usize).saturating_add(1).min(o.body.len()))
+        }
+        (416, _) => {
+            wbuf.put_slice(b"content-range: bytes */");
+            put_u64(wbuf, len);
+            wbuf.put_slice(b"\r\n");
+            Bytes::new()
+        }
+        (304 | 412, _) => Bytes::new(),
+        _ => o.body.clone(),
+    };
+    let bodiless = code == 304 || code == 204 || (100..200).contains(&code);
+    if !bodiless {
+        wbuf.put_slice(b"content-length: ");
+        put_u64(wbuf, body.len() as u64);
+        wbuf.put_slice(b"\r\n");
+    }
+    if let Some(v) = connection_value(keep, ctx.head.version) {
+        put_header(wbuf, b"connection", v);
+    }
+    wbuf.put_slice(b"\r\n");
+    let send_body = !head_only && !bodiless && !body.is_empty();
+    if send_body && body.len() <= INLINE_BODY {
+        wbuf.put_slice(&body);
+    }
+    let t = ctx.t.client_write;
+    let buf = std::mem::take(&mut ctx.wbuf);
+    match write_buf(&mut c.io, buf, t).await {
+        Ok(mut b) => {
+            b.clear();
+            ctx.wbuf = b;
+        }
+        Err(_) => return Outcome::Abort,
+    }
+    if send_body && body.len() > INLINE_BODY && write_buf(&mut c.io, body, t).await.is_err() {
+        return Outcome::Abort;
+    }
+    Outcome::Relayed { keep }
+}
+
+/// Whether a waiting request can take a response as it arrives: a plain GET (no
+/// conditionals, no range, no freshness demands) whose Vary values are the fetcher's.
+fn streamable(h: &RequestHead, req: &Directives, st: &FlightStream) -> bool {
+    h.method == Method::Get
+        && req.max_age.is_none()
+        && req.min_fresh.is_none()
+        && ![
+            &b"range"[..],
+            b"if-none-match",
+            b"if-modified-since",
+            b"if-match",
+            b"if-unmodified-since",
+        ]
+        .iter()
+        .any(|n| h.header(n).is_some())
+        && st.vary_matches(h)
+}
+
+/// Answers a waiter with the response another request is fetching, its body written as it
+/// arrives (woken by the fetch, no polling). A fetch that fails part way cuts this answer too.
+#[allow(clippy::too_many_arguments)]
+async fn stream_from<'c, S: ClientIo>(
+    w: &Worker,
+    via: &[u8],
+    route: &Route,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    flight: &Flight,
+    st: &FlightStream,
+    status: &Status<'_>,
+) -> Outcome<'c> {
+    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let wbuf = &mut ctx.wbuf;
+    wbuf.clear();
+    let reason: &[u8] = if st.reason.is_empty() {
+        reason_phrase(st.status).as_bytes()
+    } else {
+        &st.reason
+    };
+    put_status_line(wbuf, st.status, reason);
+    let rules = &route.response_headers;
+    for (n, v) in &st.fields {
+        if !rules.drops(n) {
+            put_header(wbuf, n, v);
+        }
+    }
+    wbuf.put_slice(b"age: ");
+    put_u64(wbuf, st.t.age(now_secs()));
+    wbuf.put_slice(b"\r\n");
+    status.put(wbuf);
+    put_header(wbuf, b"via", via);
+    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+    rules.put(wbuf);
+    wbuf.put_slice(&ctx.resp_headers);
+    let bodiless = st.status == 204;
+    if !bodiless {
+        wbuf.put_slice(b"content-length: ");
+        put_u64(wbuf, st.len);
+        wbuf.put_slice(b"\r\n");
+    }
+    if let Some(v) = connection_value(keep, ctx.head.version) {
+        put_header(wbuf, b"connection", v);
+    }
+    wbuf.put_slice(b"\r\n");
+    let t = ctx.t.client_write;
+    let buf = std::mem::take(&mut ctx.wbuf);
+    match write_buf(&mut c.io, buf, t).await {
+        Ok(mut b) => {
+            b.clear();
+            ctx.wbuf = b;
+        }
+        Err(_) => return Outcome::Abort,
+    }
+    let total = if bodiless { 0 } else { st.len };
+    let mut sent = 0u64;
+    while sent < total {
+        let chunk = flight.body_from(sent as usize);
+        if !chunk.is_empty() {
+            let take = chunk.len().min((total - sent) as usize);
+            sent += take as u64;
+            if write_buf(&mut c.io, chunk.slice(..take), t).await.is_err() {
+                return Outcome::Abort;
+            }
+            continue;
+        }
+        if flight.end.get() != FlightEnd::Pending {
+            // Ended without the rest: the fetch failed.
+            return Outcome::Abort;
+        }
+        let notified = flight.done.notified();
+        if monoio::time::timeout(ctx.t.upstream_body, notified)
+            .await
+            .is_err()
+        {
+            return Outcome::Abort;
+        }
+    }
+    Outcome::Relayed { keep }
+}
+
+/// The client's preconditions against a stored 2xx (RFC 9110 §13.2.2, in its order): the
+/// status to answer instead (304 or 412), or `None` to answer the stored response.
+fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
+    let etag = o.etag();
+    let lm = o.last_modified().and_then(policy::parse_http_date);
+    // RFC 9111 §4.3.2: without Last-Modified, the stored Date (or the time it was received)
+    // stands in for If-Modified-Since.
+    let lm_or_date = lm.or_else(|| {
+        Some(
+            policy::field(&o.fields, b"date")
+                .and_then(policy::parse_http_date)
+                .unwrap_or(o.t.response_time),
+        )
+    });
+    if let Some(im) = h.header(b"if-match") {
+        let ok = crate::http::trim_ows(im) == b"*"
+            || etag.is_some_and(|e| im.split(|b| *b == b',').any(|t| policy::strong_match(t, e)));
+        if !ok {
+            return Some(412);
+        }
+    } else if let Some(ius) = h
+        .header(b"if-unmodified-since")
+        .and_then(policy::parse_http_date)
+    {
+        if lm.is_none_or(|lm| lm > ius) {
+            return Some(412);
+        }
+    }
+    if let Some(inm) = h.header(b"if-none-match") {
+        if policy::none_match_hits(inm, etag) {
+            return Some(304);
+        }
+    } else if let Some(ims) = h
+        .header(b"if-modified-since")
+        .and_then(policy::parse_http_date)
+    {
+        if lm_or_date.is_some_and(|lm| lm <= ims) {
+            return Some(304);
+        }
+    }
+    None
+}
+
+/// `If-Range` (RFC 9110 §13.1.5): the range applies only when the validator matches
+/// strongly (an entity tag) or exactly (a date equal to Last-Modified).
+fn if_range_holds(h: &RequestHead, o: &Object) -> bool {
+    let Some(v) = h.header(b"if-range") else {
+        return true;
+    };
+    let v = crate::http::trim_ows(v);
+    if v.starts_with(b"\"") || v.starts_with(b"W/") {
+        return o.etag().is_some_and(|e| policy::strong_match(v, e));
+    }
+    match (
+        policy::parse_http_date(v),
+        o.last_modified().and_then(policy::parse_http_date),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A small answer made by the cache itself (504 for `only-if-cached`, PURGE results).
+async fn gateway_answer<'c, S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    code: u16,
+    status: &Status<'_>,
+) -> Outcome<'c> {
+    gateway_body(w, c, ctx, code, status, b"").await
+}
+
+async fn gateway_body<'c, S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    code: u16,
+    status: &Status<'_>,
+    body: &[u8],
+) -> Outcome<'c> {
+    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let date = w.date.get();
+    let wbuf = &mut ctx.wbuf;
+    wbuf.clear();
+    put_status_line(wbuf, code, reason_phrase(code).as_bytes());
+    put_header(wbuf, b"date", &date);
+    status.put(wbuf);
+    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
+    wbuf.put_slice(&ctx.resp_headers);
+    if !body.is_empty() {
+        put_header(wbuf, b"content-type", b"application/json");
+    }
+    wbuf.put_slice(b"content-length: ");
+    put_u64(wbuf, body.len() as u64);
+    wbuf.put_slice(b"\r\n");
+    if let Some(v) = connection_value(keep, ctx.head.version) {
+        put_header(wbuf, b"connection", v);
+    }
+    wbuf.put_slice(b"\r\n");
+    if ctx.head.method != Method::Head {
+        wbuf.put_slice(body);
+    }
+    let buf = std::mem::take(&mut ctx.wbuf);
+    match write_buf(&mut c.io, buf, ctx.t.client_write).await {
+        Ok(mut b) => {
+            b.clear();
+            ctx.wbuf = b;
+            Outcome::Relayed { keep }
+        }
+        Err(_) => Outcome::Abort,
+    }
+}
+
+/// `PURGE <target>` on a route with `purge = true` (its auth policy already passed): the URL
+/// (host and target), or with a trailing `*` every URL under that prefix; with a
+/// `Surrogate-Key` request header, the objects tagged with those keys instead. `Purge-Mode:
+/// soft` marks them stale rather than removing them. Reaches every worker.
+async fn purge_request<'c, S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+) -> Outcome<'c> {
+    let soft = ctx
+        .head
+        .header(b"purge-mode")
+        .is_some_and(|v| crate::http::trim_ows(v).eq_ignore_ascii_case(b"soft"));
+    let mut targets: Vec<PurgeTarget> = ctx
+        .head
+        .header_values(b"surrogate-key")
+        .flat_map(|v| v.split(|b| *b == b' ' || *b == b'\t'))
+        .filter(|t| !t.is_empty())
+        .take(64)
+        .map(|t| PurgeTarget::Tag(t.to_vec()))
+        .collect();
+    if targets.is_empty() {
+        let mut url = Vec::new();
+        url_of(&ctx.head, &mut url);
+        if url.ends_with(b"*") {
+            url.pop();
+            targets.push(PurgeTarget::Prefix(url));
+        } else {
+            targets.push(PurgeTarget::Url(url));
+        }
+    }
+    let mut n = 0u64;
+    for target in targets {
+        n = n.saturating_add(w.cache.purge_everywhere(Purge { target, soft }));
+    }
+    let body = format!(
+        "{{\"purged\":{n},\"mode\":\"{}\",\"scope\":\"this worker counted, all workers purged\"}}",
+        if soft { "soft" } else { "hard" }
+    );
+    let p_name: &[u8] = b"ringway";
+    let s = Status {
+        name: p_name,
+        hit: false,
+        fwd: "bypass",
+        fwd_status: 0,
+        ttl: None,
+        stored: false,
+        collapsed: false,
+        detail: Some("purge"),
+    };
+    gateway_body(w, c, ctx, 200, &s, body.as_bytes()).await
+}
+
+/// Serves stale now and revalidates in a task of its own (RFC 5861 §3): the client is not
+/// kept waiting. One revalidation per key at a time (it holds the key's flight).
+#[allow(clippy::too_many_arguments)]
+fn revalidate_later<S: ClientIo>(
+    w: &Worker,
+    cfg: &Snapshot,
+    p: &RoutePolicy,
+    group_idx: usize,
+    c: &Conn<S>,
+    ctx: &RequestCtx<'_>,
+    keys: &Keys,
+    f: &Found,
+) {
+    let cache = w.cache.clone();
+    let Some(guard) = cache.begin_flight(&keys.shared) else {
+        return;
+    };
+    let limits = cfg
+        .listener_limits
+        .get(c.info.listener)
+        .unwrap_or(&cfg.limits);
+    let head = match conditional_head(&ctx.head, &f.obj, limits, RequestHead::default()) {
+        Some(h) => h,
+        None => {
+            // No validators: fetch it again whole.
+            let mut h = RequestHead::default();
+            match parse_request(&ctx.head.raw, limits, &mut h) {
+                Ok(Some(_)) => {
+                    h.raw = ctx.head.raw.clone();
+                    h
+                }
+                _ => return,
+            }
+        }
+    };
+    let Some(route_idx) = ctx.route else { return };
+    let job = Revalidation {
+        cache,
+        snap: w.config(),
+        route_idx,
+        group_idx,
+        head,
+        key: f.key.clone(),
+        obj: f.obj.clone(),
+        peer: c.peer.as_bytes().to_vec(),
+        identity: Bytes::copy_from_slice(&ctx.auth_headers),
+        request_id: ctx.id.as_bytes().to_vec(),
+        https: c.info.tls,
+        port: c.info.port,
+        t: ctx.t,
+        authorized: ctx.head.header(b"authorization").is_some(),
+        max_variants: p.max_variants,
+    };
+    monoio::spawn(async move {
+        let stored = job.run().await;
+        guard.finish(if stored {
+            FlightEnd::Stored
+        } else {
+            FlightEnd::Failed
+        });
+    });
+}
+
+/// A background revalidation: everything it needs, owned.
+struct Revalidation {
+    cache: Rc<WorkerCache>,
+    snap: Rc<Snapshot>,
+    route_idx: usize,
+    group_idx: usize,
+    head: RequestHead,
+    key: Vec<u8>,
+    obj: Rc<Object>,
+    peer: Vec<u8>,
+    identity: Bytes,
+    request_id: Vec<u8>,
+    https: bool,
+    port: Option<u16>,
+    t: Timeouts,
+    authorized: bool,
+    max_variants: usize,
+}
+
+impl Revalidation {
+    /// `true` when the store was updated.
+    async fn run(self) -> bool {
+        let Some(route) = self.snap.router.routes.get(self.route_idx) else {
+            return false;
+        };
+        let Some(p) = route.cache.as_deref() else {
+            return false;
+        };
+        let Some(group) = self.snap.upstreams.get(self.group_idx) else {
+            return false;
+        };
+        let Some(ep) = group.pick(None, &[]) else {
+            return false;
+        };
+        let fwd = Forwarding {
+            peer_ip: &self.peer,
+            trusted: false,
+            port: self.port,
+            request_id: &self.request_id,
+            via: &self.snap.via,
+            https: self.https,
+            client_cert: None,
+            identity: &self.identity,
+        };
+        let mut ubuf = BytesMut::new();
+        encode_upstream_head(
+            &mut ubuf,
+            &self.head,
+            route,
+            &group.endpoints[ep].authority,
+            &fwd,
+        );
+        let opts = AttemptOpts {
+            head_request: false,
+            allow_pool: true,
+            verify: true,
+            t: self.t,
+        };
+        let stats = &group.stats[ep];
+        stats.outstanding.set(stats.outstanding.get() + 1);
+        let request_time = now_secs();
+        let mut resp = ResponseHead::default();
+        let r = attempt(
+            group,
+            ep,
+            &mut ubuf,
+            &mut InMemory(Bytes::new()),
+            &opts,
+            &mut resp,
+        )
+        .await;
+        let stored = match r {
+            Err(_) => false,
+            Ok(mut up) => {
+                let now = now_secs();
+                let fields = copy_fields(&resp);
+                if resp.status == 304 {
+                    match freshen(p, &self.obj, &fields, self.authorized, request_time, now) {
+                        Some(o) => {
+                            let o = Rc::new(o);
+                            self.cache.insert(&self.key, o.clone(), self.max_variants);
+                            self.cache.share(&self.key, &o);
+                            self.cache.count(|s| s.revalidations += 1);
+                            true
+                        }
+                        None => false,
+                    }
+                } else {
+                    match analyze(p, resp.status, &fields, self.authorized, request_time, now) {
+                        Ok(s) => {
+                            let body = read_body(&mut up, &resp, p.max_object, &self.t).await;
+                            match body {
+                                Some((body, reusable)) => {
+                                    let reason = Bytes::copy_from_slice(resp.bytes(resp.reason));
+                                    let status = resp.status;
+                                    resp.raw = Bytes::new();
+                                    let obj = make_object(
+                                        s,
+                                        status,
+                                        reason,
+                                        body,
+                                        &self.obj.url,
+                                        &self.head,
+                                    );
+                                    // Stored under the key the stale one had.
+                                    let obj = Rc::new(obj);
+                                    self.cache.insert(&self.key, obj.clone(), self.max_variants);
+                                    self.cache.share(&self.key, &obj);
+                                    if reusable && resp.keep_alive {
+                                        group.checkin(up);
+                                    }
+                                    true
+                                }
+                                None => false,
+                            }
+                        }
+                        Err(_) => false,
+                    }
+                }
+            }
+        };
+        stats
+            .outstanding
+            .set(stats.outstanding.get().saturating_sub(1));
+        stored
+    }
+}
+
+/// Reads a whole response body into memory (background fetches), at most `max` bytes.
+/// `Some((body, reusable))`; `None` when it failed or was too large.
+async fn read_body(
+    up: &mut UpConn,
+    resp: &ResponseHead,
+    max: u64,
+    t: &Timeouts,
+) -> Option<(Bytes, bool)> {
+    let started = Instant::now();
+    let total = t.upstream_body_total.unwrap_or(Duration::from_secs(60));
+    let left = |s: Instant| total.saturating_sub(s.elapsed()).min(t.upstream_body);
+    match resp.body {
+        RespBody::None => Some((Bytes::new(), up.rbuf.is_empty())),
+        RespBody::Length(n) => {
+            if n > max {
+                return None;
+            }
+            let n = n as usize;
+            while up.rbuf.len() < n {
+                let want = (n - up.rbuf.len()).min(UPSTREAM_READ_BUF);
+                read_some(&mut up.stream, &mut up.rbuf, want, left(started))
+                    .await
+                    .ok()?;
+            }
+            let body = Bytes::copy_from_slice(&up.rbuf[..n]);
+            let _ = up.rbuf.split_to(n);
+            Some((body, up.rbuf.is_empty()))
+        }
+        RespBody::Chunked => {
+            let mut scanner = ChunkedScanner::new();
+            let mut body = BytesMut::new();
+            loop {
+                if !up.rbuf.is_empty() {
+                    let rb = &up.rbuf;
+                    let mut over = false;
+                    let r = scanner
+                        .scan(rb, |a, b| {
+                            if (body.len() + (b - a)) as u64 > max {
+                                over = true;
+                            } else {
+                                body.extend_from_slice(&rb[a..b]);
+                            }
+                        })
+                        .ok()?;
+                    if over {
+                        return None;
+                    }
+                    let _ = up.rbuf.split_to(r.consumed);
+                    if r.done {
+                        return Some((body.freeze(), up.rbuf.is_empty()));
+                    }
+                }
+                read_some(
+                    &mut up.stream,
+                    &mut up.rbuf,
+                    UPSTREAM_READ_BUF,
+                    left(started),
+                )
+                .await
+                .ok()?;
+            }
+        }
+        RespBody::Close => {
+            loop {
+                if up.rbuf.len() as u64 > max {
+                    return None;
+                }
+                match read_some(
+                    &mut up.stream,
+                    &mut up.rbuf,
+                    UPSTREAM_READ_BUF,
+                    left(started),
+                )
+                .await
+                {
+                    Ok(_) => {}
+                    Err(IoFail::Eof) => break,
+                    Err(_) => return None,
+                }
+            }
+            Some((Bytes::copy_from_slice(&up.rbuf), false))
+        }
+    }
+}

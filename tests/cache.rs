@@ -1,0 +1,1094 @@
+//! The response cache over real sockets, one rule per test, each named or commented with its
+//! RFC section (RFC 9111 caching, RFC 9110 conditionals and ranges, RFC 5861 stale serving,
+//! RFC 9211 Cache-Status, RFC 9213 targeted fields), plus coalescing, eviction and purge.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use ringway::auth::apikey::key_hash_hex;
+use ringway::cache::{Purge, PurgeTarget};
+use ringway::config::DriverChoice;
+use support::*;
+
+const D: DriverChoice = DriverChoice::Auto;
+
+/// A cache route in front of upstream "up", with `route_extra` inside its `cache = { }` and
+/// `global` appended (a `[cache]` table, more routes).
+fn cache_config(up: SocketAddr, cache: &str, global: &str) -> String {
+    config(
+        &[up],
+        &format!("{global}\n[[routes]]\nupstream = \"up\"\ncache = {{ {cache} }}\n"),
+    )
+}
+
+/// An origin whose every answer is `head_fields` (extra header lines) with a body that
+/// counts the requests: "v1", "v2", ...
+fn counting_origin(head_fields: &'static str) -> (Upstream, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = format!("v{i}");
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{head_fields}\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    (up, n)
+}
+
+fn get_h(addr: SocketAddr, path: &str, headers: &str) -> Resp {
+    request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n{headers}\r\n").as_bytes(),
+    )
+}
+
+fn status_of(r: &Resp) -> String {
+    r.header("cache-status").unwrap_or("").to_string()
+}
+
+#[test]
+fn rfc9111_4_2_fresh_response_is_served_from_the_store_with_age_and_cache_status() {
+    for d in DRIVERS {
+        let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let a = get(gw.addr, "/a");
+        assert_eq!((a.status, a.text().as_str()), (200, "v1"));
+        assert!(status_of(&a).contains("fwd=uri-miss"), "{a:?}");
+        assert!(status_of(&a).contains("stored"), "{a:?}");
+        let b = get(gw.addr, "/a");
+        assert_eq!((b.status, b.text().as_str()), (200, "v1"), "{d:?}");
+        assert_eq!(up.hits(), 1);
+        // RFC 9211 §2.1: hit; §2.6 ttl.
+        assert!(status_of(&b).starts_with("ringway; hit; ttl="), "{b:?}");
+        // RFC 9111 §5.1: Age on every answer from the store.
+        assert!(b.header("age").is_some(), "{b:?}");
+        // The key includes the query (default "all").
+        assert_eq!(get(gw.addr, "/a?x=1").text(), "v2");
+        assert_eq!(up.hits(), 2);
+    }
+}
+
+#[test]
+fn rfc9111_3_no_store_and_private_responses_are_not_stored() {
+    for (cc, detail) in [
+        ("cache-control: no-store\r\n", "no-store"),
+        ("cache-control: private, max-age=60\r\n", "private"),
+        (
+            "cache-control: max-age=60\r\nset-cookie: s=1\r\n",
+            "set-cookie",
+        ),
+        ("cache-control: max-age=60\r\nvary: *\r\n", "vary-star"),
+    ] {
+        let (up, _) = counting_origin(cc);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        let a = get(gw.addr, "/p");
+        assert!(
+            status_of(&a).contains(&format!("detail={detail}")),
+            "{cc}: {a:?}"
+        );
+        assert_eq!(get(gw.addr, "/p").text(), "v2", "{cc}");
+        assert_eq!(up.hits(), 2, "{cc}");
+    }
+}
+
+#[test]
+fn rfc9111_3_request_no_store_is_honoured() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get_h(gw.addr, "/n", "Cache-Control: no-store\r\n");
+    assert_eq!(get(gw.addr, "/n").text(), "v2");
+}
+
+#[test]
+fn set_cookie_responses_are_not_stored_by_default_stripped_or_stored_when_the_route_says() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nset-cookie: sid=shared\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "set_cookie = \"strip\"", ""), D);
+    let a = get(gw.addr, "/c");
+    assert_eq!(a.header("set-cookie"), Some("sid=shared"));
+    let b = get(gw.addr, "/c");
+    assert_eq!(b.text(), "v1");
+    assert_eq!(b.header("set-cookie"), None, "{b:?}");
+    let gw = TestGateway::start(&cache_config(up.addr, "set_cookie = \"store\"", ""), D);
+    get(gw.addr, "/c");
+    let b = get(gw.addr, "/c");
+    assert_eq!(b.text(), "v2");
+    assert_eq!(b.header("set-cookie"), Some("sid=shared"), "{b:?}");
+}
+
+#[test]
+fn rfc9111_3_5_authorized_requests_are_stored_only_when_the_response_allows() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let a = get_h(gw.addr, "/auth", "Authorization: Bearer x\r\n");
+    assert!(status_of(&a).contains("detail=authorization"), "{a:?}");
+    assert_eq!(get(gw.addr, "/auth").text(), "v2");
+
+    let (up, _) = counting_origin("cache-control: s-maxage=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get_h(gw.addr, "/auth", "Authorization: Bearer x\r\n");
+    assert_eq!(get(gw.addr, "/auth").text(), "v1", "s-maxage allows it");
+}
+
+#[test]
+fn rfc9111_4_1_vary_selects_variants_and_accept_encoding_is_normalised() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        let gz = req
+            .header("accept-encoding")
+            .is_some_and(|v| v.contains("gzip"));
+        let body = if gz { "gzipped" } else { "plain" };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\nvary: Accept-Encoding\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(
+        get_h(gw.addr, "/v", "Accept-Encoding: gzip, br\r\n").text(),
+        "gzipped"
+    );
+    // Not served the gzip body (the Kong#12796 failure).
+    let plain = get(gw.addr, "/v");
+    assert_eq!(plain.text(), "plain");
+    assert!(status_of(&plain).contains("fwd=vary-miss"), "{plain:?}");
+    // Same set of codings, other order and spacing: the same variant.
+    let again = get_h(gw.addr, "/v", "Accept-Encoding: BR,gzip\r\n");
+    assert_eq!(again.text(), "gzipped");
+    assert!(status_of(&again).contains("hit"), "{again:?}");
+    assert_eq!(get(gw.addr, "/v").text(), "plain");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn variants_per_key_are_capped() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        let body = req.header("x-lang").unwrap_or("none").to_string();
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\nvary: x-lang\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", "[cache]\nmax_variants = 2\n"), D);
+    for l in ["a", "b", "c"] {
+        assert_eq!(get_h(gw.addr, "/l", &format!("x-lang: {l}\r\n")).text(), l);
+    }
+    // "a" was the oldest of three with a cap of two: fetched again; "c" is still stored.
+    assert_eq!(get_h(gw.addr, "/l", "x-lang: c\r\n").text(), "c");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    get_h(gw.addr, "/l", "x-lang: a\r\n");
+    assert_eq!(n.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn rfc9111_4_3_stale_responses_are_validated_and_a_304_updates_the_stored_headers() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        if req.header("if-none-match") == Some("\"e1\"") {
+            return Reply::Raw(
+                format!("HTTP/1.1 304 Not Modified\r\netag: \"e1\"\r\ncache-control: max-age=0\r\nx-version: {i}\r\n\r\n")
+                    .into_bytes(),
+            );
+        }
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\netag: \"e1\"\r\ncache-control: max-age=0\r\nx-version: 1\r\ncontent-length: 4\r\n\r\nbody"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/e").text(), "body");
+    let b = get(gw.addr, "/e");
+    // §4.3.1: the stored validator went upstream.
+    assert_eq!(up.last().header("if-none-match"), Some("\"e1\""));
+    assert_eq!(b.status, 200);
+    assert_eq!(b.text(), "body");
+    // §4.3.4: the 304's fields replace the stored ones.
+    assert_eq!(b.header("x-version"), Some("2"), "{b:?}");
+    assert!(status_of(&b).contains("fwd=stale; fwd-status=304"), "{b:?}");
+    let c = get(gw.addr, "/e");
+    assert_eq!(c.header("x-version"), Some("3"));
+}
+
+#[test]
+fn rfc9110_13_client_conditionals_are_answered_304_from_the_store() {
+    let (up, _) = counting_origin(
+        "cache-control: max-age=60\r\netag: \"abc\"\r\nlast-modified: Sun, 06 Nov 1994 08:49:37 GMT\r\n",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/c");
+    let r = get_h(gw.addr, "/c", "If-None-Match: W/\"abc\"\r\n");
+    assert_eq!(r.status, 304, "{r:?}");
+    assert_eq!(r.header("etag"), Some("\"abc\""));
+    assert!(r.body.is_empty());
+    let r = get_h(
+        gw.addr,
+        "/c",
+        "If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n",
+    );
+    assert_eq!(r.status, 304);
+    let r = get_h(gw.addr, "/c", "If-None-Match: \"other\"\r\n");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"));
+    // §13.1.1: If-Match that fails is 412.
+    let r = get_h(gw.addr, "/c", "If-Match: \"other\"\r\n");
+    assert_eq!(r.status, 412);
+    assert_eq!(up.hits(), 1);
+}
+
+#[test]
+fn rfc9110_14_single_ranges_are_served_206_from_a_stored_full_response() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"r\"\r\ncontent-length: 10\r\n\r\n0123456789"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/r");
+    let r = get_h(gw.addr, "/r", "Range: bytes=2-5\r\n");
+    assert_eq!(r.status, 206);
+    assert_eq!(r.text(), "2345");
+    assert_eq!(r.header("content-range"), Some("bytes 2-5/10"));
+    let r = get_h(gw.addr, "/r", "Range: bytes=-3\r\n");
+    assert_eq!(r.text(), "789");
+    let r = get_h(gw.addr, "/r", "Range: bytes=20-\r\n");
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), Some("bytes */10"));
+    // §13.1.5: If-Range that does not match: the whole representation.
+    let r = get_h(gw.addr, "/r", "Range: bytes=0-1\r\nIf-Range: \"old\"\r\n");
+    assert_eq!((r.status, r.body.len()), (200, 10));
+    assert_eq!(up.hits(), 1);
+}
+
+#[test]
+fn rfc9110_9_3_2_head_is_answered_from_a_stored_get() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/h");
+    let r = request(gw.addr, b"HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("2"));
+    assert!(r.body.is_empty());
+    assert_eq!(up.hits(), 1);
+}
+
+#[test]
+fn rfc9111_4_4_unsafe_methods_invalidate_the_target_uri_and_location() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nlocation: /other\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/i").text(), "v1");
+    assert_eq!(get(gw.addr, "/other").text(), "v2");
+    assert_eq!(get(gw.addr, "/i").text(), "v1");
+    let r = request(
+        gw.addr,
+        b"POST /i HTTP/1.1\r\nHost: test.local\r\nContent-Length: 1\r\n\r\nx",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(get(gw.addr, "/i").text(), "v4");
+    assert_eq!(get(gw.addr, "/other").text(), "v5");
+}
+
+#[test]
+fn rfc9111_5_2_1_only_if_cached_answers_504_when_nothing_is_stored() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get_h(gw.addr, "/o", "Cache-Control: only-if-cached\r\n");
+    assert_eq!(r.status, 504);
+    assert_eq!(up.hits(), 0);
+    get(gw.addr, "/o");
+    assert_eq!(
+        get_h(gw.addr, "/o", "Cache-Control: only-if-cached\r\n").status,
+        200
+    );
+}
+
+#[test]
+fn rfc9111_5_2_1_4_request_no_cache_and_max_age_0_go_to_the_origin() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/x");
+    assert_eq!(
+        get_h(gw.addr, "/x", "Cache-Control: no-cache\r\n").text(),
+        "v2"
+    );
+    assert_eq!(get_h(gw.addr, "/x", "Pragma: no-cache\r\n").text(), "v3");
+    assert_eq!(
+        get_h(gw.addr, "/x", "Cache-Control: max-age=0\r\n").text(),
+        "v4"
+    );
+    assert_eq!(get(gw.addr, "/x").text(), "v4");
+}
+
+#[test]
+fn rfc9111_4_2_3_age_from_the_origin_counts() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nage: 100\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/g");
+    // Already older than its lifetime on arrival: not fresh, fetched again.
+    assert_eq!(get(gw.addr, "/g").text(), "v2");
+    let (up, _) = counting_origin("cache-control: max-age=600\r\nage: 100\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/g");
+    let r = get(gw.addr, "/g");
+    let age: u64 = r.header("age").unwrap().parse().unwrap();
+    assert!((100..110).contains(&age), "{r:?}");
+}
+
+#[test]
+fn rfc9111_4_2_1_expires_and_4_2_2_heuristic_freshness() {
+    let future = ringway::date::http_date(now() + 3600);
+    let past = ringway::date::http_date(now() - 3600);
+    let head: &'static str = Box::leak(
+        format!("expires: {}\r\n", std::str::from_utf8(&future).unwrap()).into_boxed_str(),
+    );
+    let (up, _) = counting_origin(head);
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/x");
+    assert_eq!(get(gw.addr, "/x").text(), "v1", "Expires in the future");
+    // An invalid Expires is in the past (§5.3).
+    let (up, _) = counting_origin("expires: 0\r\netag: \"z\"\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/x");
+    assert_eq!(get(gw.addr, "/x").text(), "v2");
+    // Last-Modified an hour ago: 10% heuristic lifetime.
+    let head: &'static str = Box::leak(
+        format!("last-modified: {}\r\n", std::str::from_utf8(&past).unwrap()).into_boxed_str(),
+    );
+    let (up, _) = counting_origin(head);
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/x");
+    assert_eq!(get(gw.addr, "/x").text(), "v1", "heuristic");
+    let gw2 = TestGateway::start(&cache_config(up.addr, "heuristic = false", ""), D);
+    get(gw2.addr, "/x");
+    assert_eq!(get(gw2.addr, "/x").text(), "v3", "heuristics off");
+}
+
+#[test]
+fn rfc5861_3_stale_while_revalidate_answers_at_once_and_revalidates_in_the_background() {
+    let (up, _) = counting_origin("cache-control: max-age=0, stale-while-revalidate=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "v1");
+    let r = get(gw.addr, "/s");
+    assert_eq!(r.text(), "v1");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() >= 2));
+    assert!(eventually(Duration::from_secs(5), || get(gw.addr, "/s")
+        .text()
+        .starts_with('v')
+        && up.hits() >= 2
+        && get(gw.addr, "/s").text() != "v1"));
+}
+
+#[test]
+fn rfc5861_4_stale_if_error_serves_the_stored_response_when_the_origin_fails() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-if-error=60\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        } else {
+            Reply::Raw(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\ndown".to_vec(),
+            )
+        }
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/e").text(), "ok");
+    let r = get(gw.addr, "/e");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+    assert!(status_of(&r).contains("stale-if-error"));
+    // must-revalidate forbids it (§5.2.2.2): the error goes through.
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up2 = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, must-revalidate, stale-if-error=60\r\netag: \"m\"\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        } else {
+            Reply::Raw(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\ndown".to_vec(),
+            )
+        }
+    });
+    let gw = TestGateway::start(&cache_config(up2.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/m").text(), "ok");
+    let r = get(gw.addr, "/m");
+    assert_eq!((r.status, r.text().as_str()), (503, "down"), "{r:?}");
+}
+
+#[test]
+fn stale_if_error_route_override_applies_when_the_origin_is_down() {
+    let mut up = Upstream::start(|_| {
+        Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"q\"\r\ncontent-length: 2\r\n\r\nok".to_vec())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "stale_if_error = \"60s\"", ""), D);
+    assert_eq!(get(gw.addr, "/d").text(), "ok");
+    up.stop();
+    let r = get(gw.addr, "/d");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+}
+
+#[test]
+fn rfc9213_cdn_cache_control_replaces_cache_control_for_this_cache() {
+    let (up, _) = counting_origin("cache-control: no-store\r\ncdn-cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/t");
+    let r = get(gw.addr, "/t");
+    assert_eq!(r.text(), "v1");
+    // Passed on to the client for caches further down.
+    assert_eq!(r.header("cdn-cache-control"), Some("max-age=60"));
+
+    let (up, _) = counting_origin("cache-control: max-age=60\r\ncdn-cache-control: no-store\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/t");
+    assert_eq!(get(gw.addr, "/t").text(), "v2");
+
+    // An invalid targeted field is ignored: Cache-Control applies (§2.1).
+    let (up, _) =
+        counting_origin("cache-control: max-age=60\r\ncdn-cache-control: max-age=\"x\"\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/t");
+    assert_eq!(get(gw.addr, "/t").text(), "v1");
+
+    // A configured field of its own, most specific first.
+    let (up, _) = counting_origin(
+        "cache-control: max-age=60\r\ncdn-cache-control: max-age=60\r\nringway-cache-control: no-store\r\n",
+    );
+    let gw = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            "[cache]\ntargeted_fields = [\"ringway-cache-control\", \"cdn-cache-control\"]\n",
+        ),
+        D,
+    );
+    get(gw.addr, "/t");
+    assert_eq!(get(gw.addr, "/t").text(), "v2");
+}
+
+#[test]
+fn coalescing_100_concurrent_misses_make_1_upstream_request() {
+    let up = Upstream::start(|_| Reply::Slow {
+        parts: vec![(
+            Duration::from_millis(300),
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 5\r\n\r\nhello"
+                .to_vec(),
+        )],
+        close: false,
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let addr = gw.addr;
+    let barrier = Arc::new(Barrier::new(100));
+    let handles: Vec<_> = (0..100)
+        .map(|_| {
+            let b = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                b.wait();
+                c.send(b"GET /co HTTP/1.1\r\nHost: test.local\r\n\r\n");
+                c.read_response().expect("a response")
+            })
+        })
+        .collect();
+    let mut collapsed = 0;
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "hello"));
+        if status_of(&r).contains("collapsed") {
+            collapsed += 1;
+        }
+    }
+    assert_eq!(up.hits(), 1, "one fetch for 100 concurrent misses");
+    assert!(collapsed >= 90, "{collapsed} collapsed");
+}
+
+#[test]
+fn coalescing_waiters_take_over_when_the_fetch_is_not_storable() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        Reply::Slow {
+            parts: vec![(
+                Duration::from_millis(200),
+                b"HTTP/1.1 200 OK\r\ncache-control: private\r\ncontent-length: 2\r\n\r\nme"
+                    .to_vec(),
+            )],
+            close: false,
+        }
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let addr = gw.addr;
+    let hs: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || get(addr, "/pv")))
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap().text(), "me");
+    }
+    // Not shared: every request got its own answer.
+    assert_eq!(n.load(Ordering::SeqCst), 5);
+}
+
+#[test]
+fn eviction_keeps_each_worker_within_its_byte_budget() {
+    let up = Upstream::start(|req| {
+        let body = vec![b'x'; 10 * 1024];
+        let mut v = format!(
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\nx-t: {}\r\ncontent-length: {}\r\n\r\n",
+            req.target,
+            body.len()
+        )
+        .into_bytes();
+        v.extend_from_slice(&body);
+        Reply::Raw(v)
+    });
+    let gw = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            "[cache]\nmax_bytes_per_worker = \"64KiB\"\nmax_object_bytes = \"16KiB\"\n",
+        ),
+        D,
+    );
+    for i in 0..40 {
+        assert_eq!(get(gw.addr, &format!("/e{i}")).body.len(), 10 * 1024);
+    }
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert!(stats[0].bytes <= 64 * 1024, "{stats:?}");
+    assert!(stats[0].entries >= 2 && stats[0].entries < 40, "{stats:?}");
+    assert_eq!(stats[0].stores, 40);
+}
+
+#[test]
+fn bodies_over_max_object_bytes_stream_through_without_being_stored() {
+    let up = Upstream::start(|_| {
+        let body = vec![b'y'; 40 * 1024];
+        let mut v = format!(
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        v.extend_from_slice(&body);
+        Reply::Raw(v)
+    });
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "max_object_bytes = \"16KiB\"", ""),
+        D,
+    );
+    let r = get(gw.addr, "/big");
+    assert_eq!(r.body.len(), 40 * 1024);
+    assert!(status_of(&r).contains("detail=too-large"), "{r:?}");
+    get(gw.addr, "/big");
+    assert_eq!(up.hits(), 2);
+
+    // Chunked bodies are captured as they stream, and dropped past the limit.
+    let up = Upstream::start(|_| {
+        let chunk = vec![b'z'; 8 * 1024];
+        let mut v =
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n"
+                .to_vec();
+        for _ in 0..3 {
+            v.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            v.extend_from_slice(&chunk);
+            v.extend_from_slice(b"\r\n");
+        }
+        v.extend_from_slice(b"0\r\n\r\n");
+        Reply::Raw(v)
+    });
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "max_object_bytes = \"16KiB\"", ""),
+        D,
+    );
+    assert_eq!(get(gw.addr, "/ch").body.len(), 24 * 1024);
+    get(gw.addr, "/ch");
+    assert_eq!(up.hits(), 2);
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/ch").body.len(), 24 * 1024);
+    let r = get(gw.addr, "/ch");
+    assert_eq!(r.body.len(), 24 * 1024);
+    assert_eq!(r.header("content-length"), Some("24576"));
+    assert_eq!(up.hits(), 3);
+}
+
+fn auth_cache_config(up: SocketAddr, cache: &str) -> String {
+    config(
+        &[up],
+        &format!(
+            "[auth.api_key]\nheader = \"x-api-key\"\n\
+             [[consumers]]\nname = \"alice\"\napi_keys = [\"{}\"]\n\
+             [[consumers]]\nname = \"bob\"\napi_keys = [\"{}\"]\n\
+             [[routes]]\nupstream = \"up\"\nauth = \"api_key\"\ncache = {{ {cache} }}\n",
+            key_hash_hex(b"alice-key"),
+            key_hash_hex(b"bob-key"),
+        ),
+    )
+}
+
+#[test]
+fn auth_routes_key_entries_by_consumer_unless_the_response_is_public() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, ""), D);
+    assert_eq!(
+        get_h(gw.addr, "/me", "x-api-key: alice-key\r\n").text(),
+        "v1"
+    );
+    assert_eq!(get_h(gw.addr, "/me", "x-api-key: bob-key\r\n").text(), "v2");
+    assert_eq!(
+        get_h(gw.addr, "/me", "x-api-key: alice-key\r\n").text(),
+        "v1"
+    );
+    assert_eq!(get(gw.addr, "/me").status, 401);
+
+    let (up, _) = counting_origin("cache-control: public, max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, ""), D);
+    assert_eq!(
+        get_h(gw.addr, "/all", "x-api-key: alice-key\r\n").text(),
+        "v1"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/all", "x-api-key: bob-key\r\n").text(),
+        "v1"
+    );
+}
+
+#[test]
+fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let tag = if req.target.starts_with("/t/") {
+            "tagged"
+        } else {
+            "other"
+        };
+        let body = format!("v{i}");
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: public, max-age=60\r\netag: \"{i}\"\r\nsurrogate-key: {tag} all\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), D);
+    let key = "x-api-key: alice-key\r\n";
+    let g = |p: &str| get_h(gw.addr, p, key).text();
+    let purge = |target: &str, extra: &str| {
+        request(
+            gw.addr,
+            format!("PURGE {target} HTTP/1.1\r\nHost: test.local\r\n{key}{extra}\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(g("/a"), "v1");
+    assert_eq!(g("/a"), "v1");
+    // Without credentials PURGE is refused by the route's auth policy.
+    let r = request(gw.addr, b"PURGE /a HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(r.status, 401);
+    // Exact URL.
+    let r = purge("/a", "");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(g("/a"), "v2");
+    // Prefix.
+    assert_eq!(g("/p/1"), "v3");
+    assert_eq!(g("/p/2"), "v4");
+    purge("/p/*", "");
+    assert_eq!(g("/p/1"), "v5");
+    assert_eq!(g("/p/2"), "v6");
+    // Surrogate key.
+    assert_eq!(g("/t/1"), "v7");
+    assert_eq!(g("/a"), "v2");
+    purge("/", "surrogate-key: tagged\r\n");
+    assert_eq!(g("/t/1"), "v8");
+    assert_eq!(g("/a"), "v2");
+    // Soft: marked stale, then validated (the origin sees the stored validator).
+    let r = purge("/a", "purge-mode: soft\r\n");
+    assert!(r.text().contains("soft"));
+    assert_eq!(g("/a"), "v9");
+    assert_eq!(up.last().header("if-none-match"), Some("\"2\""));
+}
+
+#[test]
+fn purge_api_reaches_every_worker() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let mut toml = cache_config(up.addr, "", "");
+    toml.push_str("\n[server]\nworkers = 2\n");
+    let toml = toml.replace("\n[server]\nworkers = 2\n", "");
+    let toml = format!("[server]\nworkers = 2\n{toml}");
+    let gw = TestGateway::start(&toml, D);
+    // Fill both workers (connections are spread by the kernel; enough tries fill both).
+    for _ in 0..20 {
+        get(gw.addr, "/w");
+    }
+    let control = gw.gateway().control();
+    let stats = ringway::cache::stats(control, Duration::from_secs(2)).unwrap();
+    assert_eq!(stats.len(), 2);
+    let stored: u64 = stats.iter().map(|s| s.entries).sum();
+    assert!(stored >= 1);
+    let hit = ringway::cache::purge(
+        control,
+        Purge {
+            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/w")),
+            soft: false,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(hit.iter().sum::<u64>(), stored);
+    let stats = ringway::cache::stats(control, Duration::from_secs(2)).unwrap();
+    assert_eq!(stats.iter().map(|s| s.entries).sum::<u64>(), 0);
+}
+
+#[test]
+fn cache_config_errors_name_the_key_and_line() {
+    let bad = |extra: &str| {
+        ringway::config::Config::parse(
+            &format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.up]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n{extra}"),
+            "c.toml",
+        )
+        .unwrap_err()
+    };
+    let e = bad("[cache]\nmax_variants = 0\n");
+    assert_eq!(e.key, "cache.max_variants");
+    assert_eq!(e.line, Some(6), "{e}");
+    let e = bad("[[routes]]\nupstream = \"up\"\ncache = { purge = true }\n");
+    assert_eq!(e.key, "routes[0].cache.purge");
+    assert!(e.line.is_some(), "{e}");
+    let e = bad("[[routes]]\nupstream = \"up\"\ncache = { key = { query = \"some\" } }\n");
+    assert_eq!(e.key, "routes[0].cache.key.query");
+    let e = bad("[[routes]]\nupstream = \"up\"\ncache = { ttl = \"1s\" }\n");
+    assert!(e.reason.contains("unknown field"), "{e}");
+    let e = bad("[cache]\nmax_object_bytes = \"2GiB\"\n");
+    assert_eq!(e.key, "cache.max_object_bytes");
+}
+
+fn redis_cache_config(up: SocketAddr, redis: &RedisServer) -> String {
+    cache_config(
+        up,
+        "",
+        &format!(
+            "[cache.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
+            redis.port
+        ),
+    )
+}
+
+#[test]
+fn redis_layer_shares_objects_between_three_gateways_with_one_origin_fetch() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\nage: 50\r\n");
+    let gws: Vec<TestGateway> = (0..3)
+        .map(|_| TestGateway::start(&redis_cache_config(up.addr, &redis), D))
+        .collect();
+    assert_eq!(get(gws[0].addr, "/shared").text(), "v1");
+    // Written to Redis without delaying the client: wait until it is there.
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    for gw in &gws[1..] {
+        let r = get(gw.addr, "/shared");
+        assert_eq!(r.text(), "v1");
+        assert!(status_of(&r).contains("detail=redis"), "{r:?}");
+        // The origin's Age and the time since are kept across hosts (RFC 9111 §4.2.3).
+        let age: u64 = r.header("age").unwrap().parse().unwrap();
+        assert!((50..70).contains(&age), "{r:?}");
+        // Now in that gateway's own store.
+        assert!(status_of(&get(gw.addr, "/shared")).contains("hit"));
+    }
+    assert_eq!(up.hits(), 1, "one origin fetch for three gateways");
+
+    // A purge on one gateway deletes the Redis copy: a gateway that never stored it locally
+    // fetches again.
+    let fresh = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    ringway::cache::purge(
+        gws[0].gateway().control(),
+        Purge {
+            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/shared")),
+            soft: false,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    assert_eq!(get(fresh.addr, "/shared").text(), "v2");
+}
+
+#[test]
+fn redis_down_fails_open_to_the_origin() {
+    let mut redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let gw = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    redis.kill();
+    for i in 0..5 {
+        let t0 = std::time::Instant::now();
+        let r = get(gw.addr, &format!("/down{i}"));
+        assert_eq!(r.status, 200);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+    // The local store still works.
+    assert!(status_of(&get(gw.addr, "/down0")).contains("hit"));
+    assert_eq!(up.hits(), 5);
+    // Redis back: shared again.
+    redis.restart();
+    assert!(eventually(Duration::from_secs(10), || {
+        get(gw.addr, &format!("/back{}", up.hits()));
+        !redis.keys("ringway:cache:o:*").is_empty()
+    }));
+}
+
+#[test]
+fn coalesced_waiters_receive_the_body_as_it_arrives() {
+    use std::io::{Read, Write};
+    let up = Upstream::start(|_| {
+        Reply::Script(vec![
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 12\r\n\r\nfirst"
+                    .to_vec(),
+            ),
+            Step::Wait(Duration::from_millis(1500)),
+            Step::Write(b"-second".to_vec()),
+        ])
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let mut leader = Client::connect(gw.addr);
+    leader.send(b"GET /slow HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 1));
+    let t0 = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(5).any(|w| w == b"first") {
+        let n = s.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "{e} after {:?}: {:?}",
+                t0.elapsed(),
+                String::from_utf8_lossy(&got)
+            )
+        });
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(t0.elapsed() < Duration::from_millis(1200), "{text}");
+    assert!(!text.contains("second"), "{text}");
+    assert!(text.contains("collapsed"), "{text}");
+    // Then the rest, and the leader's whole answer; one upstream request.
+    while !got.windows(6).any(|w| w == b"second") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(leader.read_response().unwrap().text(), "first-second");
+    assert_eq!(up.hits(), 1);
+    assert_eq!(get(gw.addr, "/slow").text(), "first-second");
+}
+
+#[test]
+fn rfc9111_4_3_4_a_304_with_another_strong_etag_updates_nothing_and_the_response_is_fetched_again()
+{
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        match (i, req.header("if-none-match")) {
+            (0, _) => Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"a\"\r\ncontent-length: 3\r\n\r\nold".to_vec()),
+            (_, Some(_)) => Reply::Raw(b"HTTP/1.1 304 Not Modified\r\netag: \"b\"\r\ncache-control: max-age=60\r\n\r\n".to_vec()),
+            (_, None) => Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 3\r\n\r\nnew".to_vec()),
+        }
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "old");
+    let r = get(gw.addr, "/s");
+    assert_eq!((r.status, r.text().as_str()), (200, "new"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    assert_eq!(get(gw.addr, "/s").text(), "new");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Three gateway processes (two workers each) on one Redis: the origin sees one fetch for the
+/// fleet, however the requests spread over hosts and workers afterwards.
+#[test]
+fn redis_layer_three_gateway_processes_one_origin_fetch() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let dir = std::env::temp_dir().join(format!("ringway-cache-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        })
+        .collect();
+    let _procs: Vec<Proc> = addrs
+        .iter()
+        .map(|a| {
+            let toml = redis_cache_config(up.addr, &redis)
+                .replace("address = \"127.0.0.1:0\"", &format!("address = \"{a}\""));
+            let file = dir.join(format!("gw-{}.toml", a.port()));
+            std::fs::write(&file, toml).unwrap();
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+                .args(["run", "--workers", "2", "-c"])
+                .arg(&file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn ringway");
+            let p = Proc(child);
+            assert!(eventually(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(a).is_ok()
+            }));
+            p
+        })
+        .collect();
+    assert_eq!(get(addrs[0], "/fleet").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    let handles: Vec<_> = addrs
+        .iter()
+        .map(|a| {
+            let a = *a;
+            std::thread::spawn(move || (0..30).map(|_| get(a, "/fleet").text()).collect::<Vec<_>>())
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap().iter().all(|t| t == "v1"));
+    }
+    println!("3 processes, 91 requests: {} origin fetch(es)", up.hits());
+    assert_eq!(up.hits(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn rfc9111_4_3_5_a_head_answer_freshens_or_invalidates_the_stored_get() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let etag = Arc::new(std::sync::Mutex::new("\"a\""));
+    let e2 = etag.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let e = *e2.lock().unwrap();
+        let cc = if req.method == "HEAD" {
+            "max-age=60"
+        } else {
+            "max-age=0"
+        };
+        let body = format!("v{i}");
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: {cc}\r\netag: {e}\r\ncontent-length: {}\r\n\r\n{}",
+                body.len(),
+                if req.method == "HEAD" { "" } else { &body }
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let head = |gw: &TestGateway| request(gw.addr, b"HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(get(gw.addr, "/h").text(), "v1");
+    // Same validator: the stored GET takes the HEAD's freshness.
+    assert_eq!(head(&gw).status, 200);
+    let r = get(gw.addr, "/h");
+    assert_eq!(r.text(), "v1");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/h").text(), "v3");
+    *etag.lock().unwrap() = "\"b\"";
+    head(&gw);
+    // Another validator: the stored GET is gone, fetched again.
+    assert_eq!(get(gw.addr, "/h").text(), "v5");
+}
+
+#[test]
+fn a_response_varying_on_too_many_fields_is_not_stored() {
+    let names: Vec<String> = (0..17).map(|i| format!("x-v{i}")).collect();
+    let head: &'static str = Box::leak(
+        format!(
+            "cache-control: max-age=60\r\nvary: {}\r\n",
+            names.join(", ")
+        )
+        .into_boxed_str(),
+    );
+    let (up, _) = counting_origin(head);
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get(gw.addr, "/vv");
+    assert!(status_of(&r).contains("detail=vary-too-many"), "{r:?}");
+    assert_eq!(get(gw.addr, "/vv").text(), "v2");
+}
+
+#[test]
+fn redis_purge_reaches_the_local_stores_of_every_host() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    // Both hosts listen on the purge channel.
+    assert!(eventually(Duration::from_secs(5), || redis
+        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
+        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    // B takes it from Redis into its own store.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+    let entries = |gw: &TestGateway| {
+        ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2))
+            .unwrap()
+            .iter()
+            .map(|s| s.entries)
+            .sum::<u64>()
+    };
+    assert_eq!(entries(&b), 1);
+    // A purge made on A (the admin API's function) empties B's local store too.
+    ringway::cache::purge(
+        a.gateway().control(),
+        Purge {
+            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+            soft: false,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || entries(&b) == 0));
+    assert_eq!(get(b.addr, "/p").text(), "v2");
+}
