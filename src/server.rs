@@ -216,6 +216,16 @@ impl Gateway {
                 "/reload",
                 crate::reload::admin_handler(&reload, control.clone()),
             );
+            a.mount(
+                crate::admin::Method::Post,
+                "/cache/purge",
+                crate::cache::admin::purge_handler(control.clone()),
+            );
+            a.mount(
+                crate::admin::Method::Get,
+                "/cache",
+                crate::cache::admin::stats_handler(control.clone()),
+            );
         }
         let admin = match admin {
             Some((a, listener)) => Some(a.spawn(listener)?),

@@ -1092,3 +1092,69 @@ fn redis_purge_reaches_the_local_stores_of_every_host() {
     assert!(eventually(Duration::from_secs(5), || entries(&b) == 0));
     assert_eq!(get(b.addr, "/p").text(), "v2");
 }
+
+/// The admin API's `POST /cache/purge` (one URL, a prefix, a tag; refusals for a missing or
+/// doubled target) and `GET /cache` (counters summed over the workers).
+#[test]
+fn admin_api_purges_by_url_prefix_and_tag_and_reports_counters() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\nsurrogate-key: blue green\r\n");
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        cache_config(up.addr, "", "")
+    );
+    let gw = TestGateway::start(&toml, D);
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let admin = |method: &str, target: &str| {
+        request(
+            api,
+            format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    let fill = || {
+        for p in ["/a", "/docs/1", "/docs/2"] {
+            get_h(gw.addr, p, "");
+        }
+    };
+    fill();
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    let stats = admin("GET", "/cache").json();
+    assert_eq!(stats["total"]["entries"], 3, "{stats}");
+    assert_eq!(stats["per_worker"].as_array().map(Vec::len), Some(1));
+
+    let r = admin("POST", "/cache/purge?url=test.local/a");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["purged"], 1);
+    assert!(status_of(&get_h(gw.addr, "/a", "")).contains("fwd=uri-miss"));
+    assert!(status_of(&get_h(gw.addr, "/docs/1", "")).contains("hit"));
+
+    let r = admin("POST", "/cache/purge?prefix=http://test.local/docs/");
+    assert_eq!(r.json()["purged"], 2, "{}", r.text());
+    assert!(status_of(&get_h(gw.addr, "/docs/2", "")).contains("fwd=uri-miss"));
+
+    // A soft purge by tag marks stale (the two objects stored since: /a and /docs/2): the
+    // next answer revalidates with the origin.
+    let before = n.load(Ordering::SeqCst);
+    let r = admin("POST", "/cache/purge?tag=green&soft=1");
+    assert_eq!(
+        (r.json()["purged"].as_u64(), r.json()["soft"].as_bool()),
+        (Some(2), Some(true)),
+        "{}",
+        r.text()
+    );
+    get_h(gw.addr, "/a", "");
+    assert_eq!(n.load(Ordering::SeqCst), before + 1);
+
+    for bad in [
+        "/cache/purge",
+        "/cache/purge?url=test.local/a&tag=x",
+        "/cache/purge?all=yes",
+        "/cache/purge?tag=x&soft=maybe",
+    ] {
+        let r = admin("POST", bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    let r = admin("POST", "/cache/purge?all=1");
+    assert_eq!(r.status, 200);
+    assert_eq!(admin("GET", "/cache").json()["total"]["entries"], 0);
+}

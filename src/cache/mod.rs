@@ -23,6 +23,7 @@
 //! bodies. Nothing is shared between workers; purges and invalidations reach the other
 //! workers through [`crate::control::Control`].
 
+pub mod admin;
 pub mod config;
 pub mod policy;
 pub mod redis;

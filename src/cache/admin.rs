@@ -1,0 +1,133 @@
+//! The cache's endpoints on the admin API (mounted by `crate::server`):
+//! - `POST /cache/purge` with exactly one of `url=HOST/PATH?QUERY` (one URL, every variant),
+//!   `prefix=HOST/PATH` (every URL starting with it), `tag=KEY` (a `Surrogate-Key` tag) or
+//!   `all=1`, and optionally `soft=1` (mark stale instead of removing). It reaches every worker
+//!   and, with `[cache.redis]`, the shared layer and the other hosts.
+//! - `GET /cache`: the counters of every worker, and their sums.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{CacheStats, Purge, PurgeTarget};
+use crate::admin::{AdminRequest, AdminResponse, Handler};
+use crate::control::Control;
+
+/// How long a purge or a stats call waits for the workers.
+const WORKER_ANSWER_LIMIT: Duration = Duration::from_secs(2);
+
+/// Longest purge target accepted (a URL prefix or a tag).
+const MAX_TARGET: usize = 8 * 1024;
+
+/// The purge asked for by the query, or the reason it is refused.
+fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
+    let mut targets = Vec::new();
+    for name in ["url", "prefix", "tag", "all"] {
+        if let Some(v) = req.query_param(name) {
+            targets.push((name, v));
+        }
+    }
+    let (name, value) = match targets.len() {
+        1 => targets.remove(0),
+        0 => return Err("say what to purge: url=, prefix=, tag= or all=1".into()),
+        _ => return Err("give exactly one of url=, prefix=, tag= and all=1".into()),
+    };
+    if value.is_empty() || value.len() > MAX_TARGET {
+        return Err(format!("{name}: expected 1 to {MAX_TARGET} bytes"));
+    }
+    let host_path = |v: &str| -> Result<Vec<u8>, String> {
+        // The store's form: the lower-cased host, then the path (and query).
+        let v = v
+            .strip_prefix("http://")
+            .or_else(|| v.strip_prefix("https://"))
+            .unwrap_or(v);
+        let (host, path) = v.split_at(v.find('/').unwrap_or(v.len()));
+        if host.is_empty() {
+            return Err(format!("{name}: expected HOST/PATH, got {v:?}"));
+        }
+        Ok(super::purge_url(
+            host,
+            if path.is_empty() { "/" } else { path },
+        ))
+    };
+    let target = match name {
+        "url" => PurgeTarget::Url(host_path(&value)?),
+        "prefix" => PurgeTarget::Prefix(host_path(&value)?),
+        "tag" => PurgeTarget::Tag(value.into_bytes()),
+        _ if value == "1" || value == "true" => PurgeTarget::All,
+        _ => return Err("all: expected all=1".into()),
+    };
+    let soft = match req.query_param("soft").as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(v) => return Err(format!("soft: expected 1 or 0, got {v:?}")),
+    };
+    Ok(Purge { target, soft })
+}
+
+/// `POST /cache/purge`.
+pub fn purge_handler(control: Arc<Control>) -> Handler {
+    Arc::new(move |req| {
+        let p = match purge_of(req) {
+            Ok(p) => p,
+            Err(why) => return AdminResponse::error(400, &why),
+        };
+        let soft = p.soft;
+        match super::purge(&control, p, WORKER_ANSWER_LIMIT) {
+            Ok(per_worker) => AdminResponse::json(
+                200,
+                &json!({
+                    "purged": per_worker.iter().sum::<u64>(),
+                    "soft": soft,
+                    "per_worker": per_worker,
+                }),
+            ),
+            Err(e) => AdminResponse::error(503, &e.to_string()),
+        }
+    })
+}
+
+fn stats_json(s: &CacheStats) -> serde_json::Value {
+    json!({
+        "hits": s.hits,
+        "stale_hits": s.stale_hits,
+        "misses": s.misses,
+        "stores": s.stores,
+        "revalidations": s.revalidations,
+        "coalesced": s.coalesced,
+        "purged": s.purged,
+        "entries": s.entries,
+        "bytes": s.bytes,
+    })
+}
+
+/// `GET /cache`.
+pub fn stats_handler(control: Arc<Control>) -> Handler {
+    Arc::new(
+        move |_req| match super::stats(&control, WORKER_ANSWER_LIMIT) {
+            Ok(per_worker) => {
+                let mut total = CacheStats::default();
+                for s in &per_worker {
+                    total.hits += s.hits;
+                    total.stale_hits += s.stale_hits;
+                    total.misses += s.misses;
+                    total.stores += s.stores;
+                    total.revalidations += s.revalidations;
+                    total.coalesced += s.coalesced;
+                    total.purged += s.purged;
+                    total.entries += s.entries;
+                    total.bytes += s.bytes;
+                }
+                AdminResponse::json(
+                    200,
+                    &json!({
+                        "total": stats_json(&total),
+                        "per_worker": per_worker.iter().map(stats_json).collect::<Vec<_>>(),
+                    }),
+                )
+            }
+            Err(e) => AdminResponse::error(503, &e.to_string()),
+        },
+    )
+}
