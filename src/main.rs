@@ -178,6 +178,12 @@ fn main() -> ExitCode {
             println!("  curl -i http://{addr}/api/orders");
             println!("  curl -i -X POST -d '{{\"item\":\"tea\",\"quantity\":2}}' http://{addr}/api/orders");
             println!("  curl -i http://{addr}/nowhere            # 404 from the gateway, with a request id");
+            println!("  curl -s http://{addr}/api/users/1/with-orders  # composed: a user, then their orders");
+            println!("  curl -s http://{addr}/api/orders-with-users    # composed: orders, each joined with its user");
+            println!(
+                "  curl -si http://{addr}/cached/users/1 http://{addr}/cached/users/1 | grep -i -e cache-status -e '^age'"
+            );
+            println!("                                           # cached (one store per worker): a miss, then a hit");
             println!(
                 "  curl -i -X TRACE http://{addr}/api/users # 405: TRACE is refused by default"
             );
