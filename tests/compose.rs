@@ -1003,3 +1003,29 @@ fn bad_compositions_are_refused_at_load_with_file_line_and_key() {
         "one of `upstream`, `direct` and `compose`",
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Review regressions: answers that must not depend on timing, and hostile upstream answers.
+
+#[test]
+fn a_path_capture_is_sent_with_its_meaning_not_encoded_twice() {
+    let users = Upstream::start(|_| Reply::Raw(json_ok(r#"{"ok": true}"#)));
+    let routes = r#"
+[[routes]]
+path_regex = "^/u/(?P<id>[^/]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+headers = { "x-id" = "${request.path.id}" }
+"#;
+    let gw = TestGateway::start(&cfg(&[("users", users.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/u/a%2Fb%20c");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let u = users.last();
+    // The client's `%2F` is a slash inside the segment, `%20` a space: the same segment goes
+    // on, not `a%252Fb%2520c`.
+    assert_eq!(u.target, "/users/a%2Fb%20c");
+    assert_eq!(u.header("x-id"), Some("a/b c"));
+}

@@ -35,7 +35,9 @@ use crate::upstream::{UpConn, UPSTREAM_READ_BUF};
 
 use super::config::{BatchAs, Call, Plan, Shape};
 use super::merge::{self, Piece};
-use super::template::{percent_encode, put_value, query_param, Ctx, Part, Ref, Template, Val};
+use super::template::{
+    percent_decode, percent_encode, put_value, query_param, Ctx, Part, Ref, Template, Val,
+};
 
 /// Longest request target a call may render (path and query).
 pub const MAX_SUB_TARGET: usize = 8 * 1024;
@@ -477,7 +479,10 @@ impl<'a> Env<'a> {
                         super::template::Capture::Index(i) => c2.get(*i),
                     });
                     match m {
-                        Some(m) => Val::Bytes(Cow::Owned(m.as_bytes().to_vec())),
+                        // The path is matched as the client sent it, percent-encoded: the
+                        // capture is decoded (as a query value is) so that a path segment
+                        // re-encodes it once, not twice (RFC 3986 §2.4).
+                        Some(m) => Val::Bytes(Cow::Owned(percent_decode(m.as_bytes()))),
                         None => Val::Missing,
                     }
                 }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! request.path.<capture>      a named (or numbered) group of the route's `path_regex`
+//!                             (percent-decoded, as a query value is)
 //! request.query.<name>        the first query parameter of that name (percent-decoded)
 //! request.header.<name>       the first header field of that name
 //! request.consumer            the authenticated consumer's name
