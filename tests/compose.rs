@@ -1008,6 +1008,34 @@ fn bad_compositions_are_refused_at_load_with_file_line_and_key() {
 // Review regressions: answers that must not depend on timing, and hostile upstream answers.
 
 #[test]
+fn an_answer_that_is_not_utf8_is_not_json() {
+    // RFC 8259 §8.1: JSON text is UTF-8. An answer spliced without a tree is checked too.
+    let bad = Upstream::start(|_| {
+        let body = b"{\"a\": \"\xff\xfe\"}";
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        Reply::Raw(r)
+    });
+    let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
+    let gw = TestGateway::start(
+        &cfg(
+            &[("bad", bad.addr), ("ok", ok.addr)],
+            &failure_route("", ""),
+        ),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/f");
+    assert!(std::str::from_utf8(&r.body).is_ok(), "{:?}", r.body);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "main");
+    assert!(r.text().contains("not JSON"), "{}", r.text());
+}
+
+#[test]
 fn a_path_capture_is_sent_with_its_meaning_not_encoded_twice() {
     let users = Upstream::start(|_| Reply::Raw(json_ok(r#"{"ok": true}"#)));
     let routes = r#"

@@ -938,7 +938,10 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
     } else if call.tree {
         serde_json::from_slice::<Value>(&f.body).map_err(not_json)?
     } else {
-        // Checked without building a tree: its bytes go into the answer as they are.
+        // Checked without building a tree: its bytes go into the answer as they are. JSON text
+        // is UTF-8 (RFC 8259 §8.1), which `IgnoredAny` does not check inside strings.
+        std::str::from_utf8(&f.body)
+            .map_err(|e| Fail::new(format!("its answer is not JSON (not UTF-8: {e})")))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&f.body).map_err(not_json)?;
         Value::Null
     };
