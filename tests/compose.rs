@@ -1008,6 +1008,48 @@ fn bad_compositions_are_refused_at_load_with_file_line_and_key() {
 // Review regressions: answers that must not depend on timing, and hostile upstream answers.
 
 #[test]
+fn joins_cannot_multiply_one_answer_past_the_total_cap() {
+    // 2000 items with the same id, one ~2 KB result: joined into every item it would make
+    // a ~4 MB answer out of ~20 KB read.
+    let list: Vec<String> = (0..2000).map(|_| r#"{"id":1}"#.to_string()).collect();
+    let src_body = format!(r#"{{"list": [{}]}}"#, list.join(","));
+    let src = Upstream::start(move |_| Reply::Raw(json_ok(&src_body)));
+    let detail = Upstream::start(|_| {
+        Reply::Raw(json_ok(&format!(
+            r#"{{"id": 1, "blob": "{}"}}"#,
+            "z".repeat(2000)
+        )))
+    });
+    let routes = r#"
+[[routes]]
+path = "/j"
+[routes.compose]
+max_total_bytes = "100KiB"
+[[routes.compose.calls]]
+id = "src"
+upstream = "src"
+path = "/src"
+[[routes.compose.calls]]
+id = "detail"
+upstream = "detail"
+path = "/d/${item}"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/list/*/id}"
+join = { key = "id", into = "detail" }
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("src", src.addr), ("detail", detail.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/j");
+    check_framing(&r);
+    assert!(r.body.len() < 100 * 1024, "{} bytes", r.body.len());
+    assert_eq!(r.status, 502, "{}", &r.text()[..r.text().len().min(300)]);
+    assert_eq!(r.json()["call"], "detail");
+    assert!(r.text().contains("max_total_bytes"), "{}", r.text());
+}
+
+#[test]
 fn an_answer_that_is_not_utf8_is_not_json() {
     // RFC 8259 §8.1: JSON text is UTF-8. An answer spliced without a tree is checked too.
     let bad = Upstream::start(|_| {

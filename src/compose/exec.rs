@@ -725,7 +725,7 @@ impl<'a> Env<'a> {
 
     /// The answer: the calls' values merged in declared order, or the error that ends the
     /// request.
-    fn assemble(&self, fails: Vec<Option<Fail>>, request_id: &[u8]) -> Composed {
+    fn assemble(&self, mut fails: Vec<Option<Fail>>, request_id: &[u8]) -> Composed {
         let calls = &self.plan.calls;
         // A required call that failed on its own account (not through a dependency) is named
         // first; declared order breaks ties, so the answer does not depend on timing.
@@ -765,7 +765,9 @@ impl<'a> Env<'a> {
             }
             if let Some(Value::Array(results)) = vals[i].take() {
                 if let Some(src) = vals[fe.source].as_mut() {
-                    merge::join(src, fe, &results);
+                    if let Err(e) = merge::join(src, fe, &results, self.plan.max_total_bytes) {
+                        fails[i] = Some(Fail::new(e));
+                    }
                 }
             }
         }
