@@ -913,11 +913,8 @@ into = "two"
     );
     let r = get(gw.addr, "/caps");
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(
-        r.text().contains("max_total_bytes"),
-        "the second answer to arrive is refused: {}",
-        r.text()
-    );
+    assert_eq!(r.json()["error"], "compose_too_large", "{}", r.text());
+    assert!(r.text().contains("max_total_bytes"), "{}", r.text());
 }
 
 /// `extra` is refused at `extra`'s 0-based line `line`, with `key`, the reason holding `why`.
@@ -1006,6 +1003,170 @@ fn bad_compositions_are_refused_at_load_with_file_line_and_key() {
 
 // ---------------------------------------------------------------------------------------------
 // Review regressions: answers that must not depend on timing, and hostile upstream answers.
+
+/// A JSON answer after 0 or `slow` ms, as `first` says for this request: the test flips it
+/// between requests so that each of two upstreams is sometimes the first to answer.
+fn flipped(first: &Arc<AtomicUsize>, me: usize, slow: u64, body: String) -> Reply {
+    let d = if first.load(Ordering::SeqCst) % 2 == me {
+        0
+    } else {
+        slow
+    };
+    json_after(Duration::from_millis(d), body)
+}
+
+/// Sends `n` requests to `path` (the same request id each time), flipping `first` between
+/// them, and checks that every answer is the same, byte for byte; returns it.
+fn same_every_time(addr: SocketAddr, path: &str, first: &Arc<AtomicUsize>, n: usize) -> Resp {
+    let mut seen: Option<Resp> = None;
+    for i in 0..n {
+        first.store(i, Ordering::SeqCst);
+        let r = get_with(addr, path, "X-Request-Id: same\r\n");
+        check_framing(&r);
+        match &seen {
+            None => seen = Some(r),
+            Some(s) => {
+                assert_eq!(
+                    (s.status, s.text(), s.header("ringway-partial")),
+                    (r.status, r.text(), r.header("ringway-partial")),
+                    "answer #{i}"
+                );
+            }
+        }
+    }
+    seen.expect("n > 0")
+}
+
+#[test]
+fn answers_over_the_total_cap_give_the_same_answer_whatever_the_timing() {
+    let first = Arc::new(AtomicUsize::new(0));
+    let (f1, f2) = (first.clone(), first.clone());
+    let a = Upstream::start(move |_| flipped(&f1, 0, 80, format!("\"{}\"", "a".repeat(600))));
+    let b = Upstream::start(move |_| flipped(&f2, 1, 80, format!("\"{}\"", "b".repeat(600))));
+    for required in ["", "required = false"] {
+        let routes = format!(
+            r#"
+[[routes]]
+path = "/t"
+[routes.compose]
+max_total_bytes = 1000
+[[routes.compose.calls]]
+id = "one"
+upstream = "a"
+path = "/1"
+into = "one"
+{required}
+[[routes.compose.calls]]
+id = "two"
+upstream = "b"
+path = "/2"
+into = "two"
+{required}
+"#
+        );
+        let gw = TestGateway::start(&cfg(&[("a", a.addr), ("b", b.addr)], &routes), DRIVERS[0]);
+        let r = same_every_time(gw.addr, "/t", &first, 6);
+        assert_eq!(r.status, 502, "{required}: {}", r.text());
+        assert!(r.text().contains("max_total_bytes"), "{}", r.text());
+    }
+}
+
+#[test]
+fn a_failed_required_call_is_named_the_same_whatever_the_timing() {
+    // `c` needs `a`; `c` and `d` both fail. Were `d`'s failure to stop `c` from starting
+    // when it came before `a`'s answer, the answer would name `d` or `c` by timing.
+    let first = Arc::new(AtomicUsize::new(0));
+    let (f1, f2) = (first.clone(), first.clone());
+    let a = Upstream::start(move |_| flipped(&f1, 0, 100, r#"{"id": 1}"#.into()));
+    let c = Upstream::start(|_| Reply::Raw(json_status(500, "{}")));
+    let d = Upstream::start(move |_| {
+        let r = flipped(&f2, 1, 100, String::new());
+        match r {
+            Reply::Slow { parts, close } => Reply::Slow {
+                parts: vec![(parts[0].0, json_status(503, "{}"))],
+                close,
+            },
+            other => other,
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/r"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "a"
+path = "/a"
+into = "a"
+[[routes.compose.calls]]
+id = "c"
+upstream = "c"
+path = "/c/${calls.a.body/id}"
+into = "c"
+[[routes.compose.calls]]
+id = "d"
+upstream = "d"
+path = "/d"
+into = "d"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("a", a.addr), ("c", c.addr), ("d", d.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = same_every_time(gw.addr, "/r", &first, 6);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "c", "{}", r.text());
+}
+
+#[test]
+fn a_failed_for_each_batch_is_named_the_same_whatever_the_timing() {
+    let first = Arc::new(AtomicUsize::new(0));
+    let f = first.clone();
+    let src = Upstream::start(|_| {
+        Reply::Raw(json_ok(
+            r#"{"items": [{"id": "1"}, {"id": "2"}, {"id": "3"}, {"id": "4"}]}"#,
+        ))
+    });
+    let items = Upstream::start(move |req| {
+        let me = match req.target.as_str() {
+            "/i/1" => 0,
+            "/i/2" => 1,
+            _ => return Reply::Raw(json_ok("{}")),
+        };
+        match flipped(&f, me, 100, String::new()) {
+            Reply::Slow { parts, close } => Reply::Slow {
+                parts: vec![(parts[0].0, json_status(500, "{}"))],
+                close,
+            },
+            other => other,
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/fe"
+[routes.compose]
+[[routes.compose.calls]]
+id = "src"
+upstream = "src"
+path = "/src"
+into = "src"
+[[routes.compose.calls]]
+id = "each"
+upstream = "items"
+path = "/i/${item}"
+into = "each"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/items/*/id}"
+concurrency = 2
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("src", src.addr), ("items", items.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = same_every_time(gw.addr, "/fe", &first, 6);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("batch 1 of 4"), "{}", r.text());
+}
 
 #[test]
 fn joins_cannot_multiply_one_answer_past_the_total_cap() {
