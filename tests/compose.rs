@@ -1260,3 +1260,19 @@ headers = { "x-id" = "${request.path.id}" }
     assert_eq!(u.target, "/users/a%2Fb%20c");
     assert_eq!(u.header("x-id"), Some("a/b c"));
 }
+
+#[test]
+fn a_batch_param_that_would_break_the_request_target_is_refused_at_load() {
+    // The parameter name is written into every batch's request target as it is.
+    for param in [r"id HTTP/1.1\r\nx-injected: 1", "id&admin=1", "a b"] {
+        let extra = format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"a\"\nupstream = \"u\"\npath = \"/a\"\n[[routes.compose.calls]]\nid = \"b\"\nupstream = \"u\"\npath = \"/b\"\n[routes.compose.calls.for_each]\nitems = \"${{calls.a.body/l/*/id}}\"\nbatch = 2\nbatch_param = \"{param}\"\n"
+        );
+        refused(
+            &extra,
+            14,
+            "routes[0].compose.calls[1].for_each.batch_param",
+            "letters, digits",
+        );
+    }
+}
