@@ -1276,3 +1276,40 @@ fn a_batch_param_that_would_break_the_request_target_is_refused_at_load() {
         );
     }
 }
+
+#[test]
+fn a_client_body_left_unread_by_a_composition_does_not_desync_the_connection() {
+    // The composition never reads the client's body: `Conn::finish` must drain it before the
+    // next bytes are taken as a request, or close.
+    let up = Upstream::start(|_| Reply::Raw(json_ok(r#"{"ok": true}"#)));
+    let routes = r#"
+[[routes]]
+path = "/c"
+[routes.compose]
+[[routes.compose.calls]]
+id = "one"
+upstream = "u"
+path = "/one"
+"#;
+    let gw = TestGateway::start(&cfg(&[("u", up.addr)], routes), DRIVERS[0]);
+    // The body looks like a request of its own.
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        format!(
+            "POST /c HTTP/1.1\r\nHost: t\r\ncontent-length: {}\r\n\r\n{smuggled}GET /c HTTP/1.1\r\nHost: t\r\n\r\n",
+            smuggled.len()
+        )
+        .as_bytes(),
+    );
+    for n in 0..2 {
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.status, 200, "#{n}: {}", r.text());
+        assert_eq!(r.json(), json!({"ok": true}), "#{n}");
+    }
+    assert!(
+        up.targets().iter().all(|t| t == "/one"),
+        "{:?}",
+        up.targets()
+    );
+}
