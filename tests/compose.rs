@@ -1313,3 +1313,52 @@ path = "/one"
         up.targets()
     );
 }
+
+#[test]
+fn a_value_that_would_be_a_dot_segment_is_refused_not_sent() {
+    // '.' is unreserved (RFC 3986 §2.3), so percent-encoding leaves "..": as a whole segment it
+    // would take the call to another resource (§5.2.4), here `/` instead of `/orders/<id>`.
+    let users = Upstream::start(|req| {
+        let id = if req.target == "/users/1" { ".." } else { "." };
+        Reply::Raw(json_ok(&format!(r#"{{"id": "{id}"}}"#)))
+    });
+    let orders = Upstream::start(|_| Reply::Raw(json_ok(r#"{"orders": []}"#)));
+    let routes = r#"
+[[routes]]
+path_regex = "^/u/(?P<id>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+into = "user"
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders/${calls.user.body/id}/list"
+into = "orders"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("users", users.addr), ("orders", orders.addr)], routes),
+        DRIVERS[0],
+    );
+    for path in ["/u/1", "/u/2"] {
+        let r = get(gw.addr, path);
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert_eq!(r.json()["call"], "orders");
+        assert!(r.text().contains("dot-segment"), "{}", r.text());
+    }
+    assert_eq!(orders.hits(), 0, "{:?}", orders.targets());
+}
+
+#[test]
+fn a_path_with_a_dot_segment_is_refused_at_load() {
+    for path in ["/a/../admin", "/a/./b", "/.."] {
+        refused(
+            &format!("[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"a\"\nupstream = \"u\"\npath = \"{path}\"\n"),
+            6,
+            "routes[0].compose.calls[0].path",
+            "no '.' or '..' segment",
+        );
+    }
+}

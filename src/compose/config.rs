@@ -408,12 +408,14 @@ impl Plan {
                 || lit
                     .bytes()
                     .any(|b| !b.is_ascii_graphic() || b == b'#' || b == b'?')
+                // A dot-segment (RFC 3986 §3.3) leads elsewhere; values are refused per call.
+                || lit.split('/').any(|seg| seg == "." || seg == "..")
             {
                 return Err(fail(
                     k("path"),
                     Some(cc.path.span()),
                     None,
-                    "must start with '/' and hold visible ASCII only, no '?' or '#' (use `query`)"
+                    "must start with '/' and hold visible ASCII only, no '?' or '#' (use `query`), no '.' or '..' segment"
                         .into(),
                 ));
             }

@@ -393,6 +393,19 @@ impl<'a> Env<'a> {
                 Part::Ref(r) => self.put_ref(&mut target, r, item, Ctx::Url)?,
             }
         }
+        // '.' is unreserved (RFC 3986 §2.3): a value of "." or ".." stays one when encoded, and
+        // a server resolves such a segment to another resource (§5.2.4).
+        if target
+            .get(1..)
+            .unwrap_or_default()
+            .split(|b| *b == b'/')
+            .any(|seg| seg == b"." || seg == b"..")
+        {
+            return Err(
+                "its path would hold a dot-segment ('.' or '..', RFC 3986 §3.3), which leads to another resource"
+                    .into(),
+            );
+        }
         let mut sep = b'?';
         for (name, t) in &call.query {
             target.push(sep);

@@ -21,7 +21,8 @@
 //! quotes, numbers and booleans as JSON writes them, null as nothing; an object or array is a
 //! per-call error there) and as JSON in a body. Text in a path or query is percent-encoded
 //! (RFC 3986 §2.1: all but the unreserved characters of §2.3), so no value can add a path
-//! segment, a parameter or a fragment.
+//! segment, a parameter or a fragment; a value that would make a `.` or `..` segment fails
+//! the call (see `exec.rs`).
 
 use std::collections::HashMap;
 
