@@ -1362,3 +1362,47 @@ fn a_path_with_a_dot_segment_is_refused_at_load() {
         );
     }
 }
+
+#[test]
+fn the_last_step_is_not_retried_where_a_get_would_be() {
+    // POST is not idempotent (RFC 9110 §9.2.2): a 503 or a reset after it was sent is not
+    // retried, under the same policy that retries the GET before it.
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let flaky = Upstream::start(move |req| {
+        let first = n2.fetch_add(1, Ordering::SeqCst) == 0;
+        match (req.method.as_str(), first) {
+            ("GET", true) => Reply::Raw(json_status(503, "{}")),
+            ("GET", false) => Reply::Raw(json_ok(r#"{"v": 1}"#)),
+            _ => Reply::Raw(json_status(503, "{}")),
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/p"
+retry = { attempts = 3, on = ["reset", "503"] }
+[routes.compose]
+[[routes.compose.calls]]
+id = "get"
+upstream = "flaky"
+path = "/g"
+into = "get"
+[[routes.compose.calls]]
+id = "post"
+upstream = "flaky"
+method = "POST"
+path = "/p"
+body = '{"v": ${calls.get.body/v}}'
+into = "post"
+"#;
+    let gw = TestGateway::start(&cfg(&[("flaky", flaky.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/p");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "post", "{}", r.text());
+    let targets = flaky.targets();
+    assert_eq!(
+        targets,
+        ["/g", "/g", "/p"],
+        "one retry of the GET, none of the POST"
+    );
+}
