@@ -913,11 +913,8 @@ into = "two"
     );
     let r = get(gw.addr, "/caps");
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(
-        r.text().contains("max_total_bytes"),
-        "the second answer to arrive is refused: {}",
-        r.text()
-    );
+    assert_eq!(r.json()["error"], "compose_too_large", "{}", r.text());
+    assert!(r.text().contains("max_total_bytes"), "{}", r.text());
 }
 
 /// `extra` is refused at `extra`'s 0-based line `line`, with `key`, the reason holding `why`.
@@ -1001,5 +998,411 @@ fn bad_compositions_are_refused_at_load_with_file_line_and_key() {
         0,
         "routes[0].compose",
         "one of `upstream`, `direct` and `compose`",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Review regressions: answers that must not depend on timing, and hostile upstream answers.
+
+/// A JSON answer after 0 or `slow` ms, as `first` says for this request: the test flips it
+/// between requests so that each of two upstreams is sometimes the first to answer.
+fn flipped(first: &Arc<AtomicUsize>, me: usize, slow: u64, body: String) -> Reply {
+    let d = if first.load(Ordering::SeqCst) % 2 == me {
+        0
+    } else {
+        slow
+    };
+    json_after(Duration::from_millis(d), body)
+}
+
+/// Sends `n` requests to `path` (the same request id each time), flipping `first` between
+/// them, and checks that every answer is the same, byte for byte; returns it.
+fn same_every_time(addr: SocketAddr, path: &str, first: &Arc<AtomicUsize>, n: usize) -> Resp {
+    let mut seen: Option<Resp> = None;
+    for i in 0..n {
+        first.store(i, Ordering::SeqCst);
+        let r = get_with(addr, path, "X-Request-Id: same\r\n");
+        check_framing(&r);
+        match &seen {
+            None => seen = Some(r),
+            Some(s) => {
+                assert_eq!(
+                    (s.status, s.text(), s.header("ringway-partial")),
+                    (r.status, r.text(), r.header("ringway-partial")),
+                    "answer #{i}"
+                );
+            }
+        }
+    }
+    seen.expect("n > 0")
+}
+
+#[test]
+fn answers_over_the_total_cap_give_the_same_answer_whatever_the_timing() {
+    let first = Arc::new(AtomicUsize::new(0));
+    let (f1, f2) = (first.clone(), first.clone());
+    let a = Upstream::start(move |_| flipped(&f1, 0, 80, format!("\"{}\"", "a".repeat(600))));
+    let b = Upstream::start(move |_| flipped(&f2, 1, 80, format!("\"{}\"", "b".repeat(600))));
+    for required in ["", "required = false"] {
+        let routes = format!(
+            r#"
+[[routes]]
+path = "/t"
+[routes.compose]
+max_total_bytes = 1000
+[[routes.compose.calls]]
+id = "one"
+upstream = "a"
+path = "/1"
+into = "one"
+{required}
+[[routes.compose.calls]]
+id = "two"
+upstream = "b"
+path = "/2"
+into = "two"
+{required}
+"#
+        );
+        let gw = TestGateway::start(&cfg(&[("a", a.addr), ("b", b.addr)], &routes), DRIVERS[0]);
+        let r = same_every_time(gw.addr, "/t", &first, 6);
+        assert_eq!(r.status, 502, "{required}: {}", r.text());
+        assert!(r.text().contains("max_total_bytes"), "{}", r.text());
+    }
+}
+
+#[test]
+fn a_failed_required_call_is_named_the_same_whatever_the_timing() {
+    // `c` needs `a`; `c` and `d` both fail. Were `d`'s failure to stop `c` from starting
+    // when it came before `a`'s answer, the answer would name `d` or `c` by timing.
+    let first = Arc::new(AtomicUsize::new(0));
+    let (f1, f2) = (first.clone(), first.clone());
+    let a = Upstream::start(move |_| flipped(&f1, 0, 100, r#"{"id": 1}"#.into()));
+    let c = Upstream::start(|_| Reply::Raw(json_status(500, "{}")));
+    let d = Upstream::start(move |_| {
+        let r = flipped(&f2, 1, 100, String::new());
+        match r {
+            Reply::Slow { parts, close } => Reply::Slow {
+                parts: vec![(parts[0].0, json_status(503, "{}"))],
+                close,
+            },
+            other => other,
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/r"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "a"
+path = "/a"
+into = "a"
+[[routes.compose.calls]]
+id = "c"
+upstream = "c"
+path = "/c/${calls.a.body/id}"
+into = "c"
+[[routes.compose.calls]]
+id = "d"
+upstream = "d"
+path = "/d"
+into = "d"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("a", a.addr), ("c", c.addr), ("d", d.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = same_every_time(gw.addr, "/r", &first, 6);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "c", "{}", r.text());
+}
+
+#[test]
+fn a_failed_for_each_batch_is_named_the_same_whatever_the_timing() {
+    let first = Arc::new(AtomicUsize::new(0));
+    let f = first.clone();
+    let src = Upstream::start(|_| {
+        Reply::Raw(json_ok(
+            r#"{"items": [{"id": "1"}, {"id": "2"}, {"id": "3"}, {"id": "4"}]}"#,
+        ))
+    });
+    let items = Upstream::start(move |req| {
+        let me = match req.target.as_str() {
+            "/i/1" => 0,
+            "/i/2" => 1,
+            _ => return Reply::Raw(json_ok("{}")),
+        };
+        match flipped(&f, me, 100, String::new()) {
+            Reply::Slow { parts, close } => Reply::Slow {
+                parts: vec![(parts[0].0, json_status(500, "{}"))],
+                close,
+            },
+            other => other,
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/fe"
+[routes.compose]
+[[routes.compose.calls]]
+id = "src"
+upstream = "src"
+path = "/src"
+into = "src"
+[[routes.compose.calls]]
+id = "each"
+upstream = "items"
+path = "/i/${item}"
+into = "each"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/items/*/id}"
+concurrency = 2
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("src", src.addr), ("items", items.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = same_every_time(gw.addr, "/fe", &first, 6);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("batch 1 of 4"), "{}", r.text());
+}
+
+#[test]
+fn joins_cannot_multiply_one_answer_past_the_total_cap() {
+    // 2000 items with the same id, one ~2 KB result: joined into every item it would make
+    // a ~4 MB answer out of ~20 KB read.
+    let list: Vec<String> = (0..2000).map(|_| r#"{"id":1}"#.to_string()).collect();
+    let src_body = format!(r#"{{"list": [{}]}}"#, list.join(","));
+    let src = Upstream::start(move |_| Reply::Raw(json_ok(&src_body)));
+    let detail = Upstream::start(|_| {
+        Reply::Raw(json_ok(&format!(
+            r#"{{"id": 1, "blob": "{}"}}"#,
+            "z".repeat(2000)
+        )))
+    });
+    let routes = r#"
+[[routes]]
+path = "/j"
+[routes.compose]
+max_total_bytes = "100KiB"
+[[routes.compose.calls]]
+id = "src"
+upstream = "src"
+path = "/src"
+[[routes.compose.calls]]
+id = "detail"
+upstream = "detail"
+path = "/d/${item}"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/list/*/id}"
+join = { key = "id", into = "detail" }
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("src", src.addr), ("detail", detail.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/j");
+    check_framing(&r);
+    assert!(r.body.len() < 100 * 1024, "{} bytes", r.body.len());
+    assert_eq!(r.status, 502, "{}", &r.text()[..r.text().len().min(300)]);
+    assert_eq!(r.json()["call"], "detail");
+    assert!(r.text().contains("max_total_bytes"), "{}", r.text());
+}
+
+#[test]
+fn an_answer_that_is_not_utf8_is_not_json() {
+    // RFC 8259 §8.1: JSON text is UTF-8. An answer spliced without a tree is checked too.
+    let bad = Upstream::start(|_| {
+        let body = b"{\"a\": \"\xff\xfe\"}";
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        Reply::Raw(r)
+    });
+    let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
+    let gw = TestGateway::start(
+        &cfg(
+            &[("bad", bad.addr), ("ok", ok.addr)],
+            &failure_route("", ""),
+        ),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/f");
+    assert!(std::str::from_utf8(&r.body).is_ok(), "{:?}", r.body);
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "main");
+    assert!(r.text().contains("not JSON"), "{}", r.text());
+}
+
+#[test]
+fn a_path_capture_is_sent_with_its_meaning_not_encoded_twice() {
+    let users = Upstream::start(|_| Reply::Raw(json_ok(r#"{"ok": true}"#)));
+    let routes = r#"
+[[routes]]
+path_regex = "^/u/(?P<id>[^/]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+headers = { "x-id" = "${request.path.id}" }
+"#;
+    let gw = TestGateway::start(&cfg(&[("users", users.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/u/a%2Fb%20c");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let u = users.last();
+    // The client's `%2F` is a slash inside the segment, `%20` a space: the same segment goes
+    // on, not `a%252Fb%2520c`.
+    assert_eq!(u.target, "/users/a%2Fb%20c");
+    assert_eq!(u.header("x-id"), Some("a/b c"));
+}
+
+#[test]
+fn a_batch_param_that_would_break_the_request_target_is_refused_at_load() {
+    // The parameter name is written into every batch's request target as it is.
+    for param in [r"id HTTP/1.1\r\nx-injected: 1", "id&admin=1", "a b"] {
+        let extra = format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"a\"\nupstream = \"u\"\npath = \"/a\"\n[[routes.compose.calls]]\nid = \"b\"\nupstream = \"u\"\npath = \"/b\"\n[routes.compose.calls.for_each]\nitems = \"${{calls.a.body/l/*/id}}\"\nbatch = 2\nbatch_param = \"{param}\"\n"
+        );
+        refused(
+            &extra,
+            14,
+            "routes[0].compose.calls[1].for_each.batch_param",
+            "letters, digits",
+        );
+    }
+}
+
+#[test]
+fn a_client_body_left_unread_by_a_composition_does_not_desync_the_connection() {
+    // The composition never reads the client's body: `Conn::finish` must drain it before the
+    // next bytes are taken as a request, or close.
+    let up = Upstream::start(|_| Reply::Raw(json_ok(r#"{"ok": true}"#)));
+    let routes = r#"
+[[routes]]
+path = "/c"
+[routes.compose]
+[[routes.compose.calls]]
+id = "one"
+upstream = "u"
+path = "/one"
+"#;
+    let gw = TestGateway::start(&cfg(&[("u", up.addr)], routes), DRIVERS[0]);
+    // The body looks like a request of its own.
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        format!(
+            "POST /c HTTP/1.1\r\nHost: t\r\ncontent-length: {}\r\n\r\n{smuggled}GET /c HTTP/1.1\r\nHost: t\r\n\r\n",
+            smuggled.len()
+        )
+        .as_bytes(),
+    );
+    for n in 0..2 {
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.status, 200, "#{n}: {}", r.text());
+        assert_eq!(r.json(), json!({"ok": true}), "#{n}");
+    }
+    assert!(
+        up.targets().iter().all(|t| t == "/one"),
+        "{:?}",
+        up.targets()
+    );
+}
+
+#[test]
+fn a_value_that_would_be_a_dot_segment_is_refused_not_sent() {
+    // '.' is unreserved (RFC 3986 §2.3), so percent-encoding leaves "..": as a whole segment it
+    // would take the call to another resource (§5.2.4), here `/` instead of `/orders/<id>`.
+    let users = Upstream::start(|req| {
+        let id = if req.target == "/users/1" { ".." } else { "." };
+        Reply::Raw(json_ok(&format!(r#"{{"id": "{id}"}}"#)))
+    });
+    let orders = Upstream::start(|_| Reply::Raw(json_ok(r#"{"orders": []}"#)));
+    let routes = r#"
+[[routes]]
+path_regex = "^/u/(?P<id>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+into = "user"
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders/${calls.user.body/id}/list"
+into = "orders"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("users", users.addr), ("orders", orders.addr)], routes),
+        DRIVERS[0],
+    );
+    for path in ["/u/1", "/u/2"] {
+        let r = get(gw.addr, path);
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert_eq!(r.json()["call"], "orders");
+        assert!(r.text().contains("dot-segment"), "{}", r.text());
+    }
+    assert_eq!(orders.hits(), 0, "{:?}", orders.targets());
+}
+
+#[test]
+fn a_path_with_a_dot_segment_is_refused_at_load() {
+    for path in ["/a/../admin", "/a/./b", "/.."] {
+        refused(
+            &format!("[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"a\"\nupstream = \"u\"\npath = \"{path}\"\n"),
+            6,
+            "routes[0].compose.calls[0].path",
+            "no '.' or '..' segment",
+        );
+    }
+}
+
+#[test]
+fn the_last_step_is_not_retried_where_a_get_would_be() {
+    // POST is not idempotent (RFC 9110 §9.2.2): a 503 or a reset after it was sent is not
+    // retried, under the same policy that retries the GET before it.
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let flaky = Upstream::start(move |req| {
+        let first = n2.fetch_add(1, Ordering::SeqCst) == 0;
+        match (req.method.as_str(), first) {
+            ("GET", true) => Reply::Raw(json_status(503, "{}")),
+            ("GET", false) => Reply::Raw(json_ok(r#"{"v": 1}"#)),
+            _ => Reply::Raw(json_status(503, "{}")),
+        }
+    });
+    let routes = r#"
+[[routes]]
+path = "/p"
+retry = { attempts = 3, on = ["reset", "503"] }
+[routes.compose]
+[[routes.compose.calls]]
+id = "get"
+upstream = "flaky"
+path = "/g"
+into = "get"
+[[routes.compose.calls]]
+id = "post"
+upstream = "flaky"
+method = "POST"
+path = "/p"
+body = '{"v": ${calls.get.body/v}}'
+into = "post"
+"#;
+    let gw = TestGateway::start(&cfg(&[("flaky", flaky.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/p");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["call"], "post", "{}", r.text());
+    let targets = flaky.targets();
+    assert_eq!(
+        targets,
+        ["/g", "/g", "/p"],
+        "one retry of the GET, none of the POST"
     );
 }

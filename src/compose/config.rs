@@ -283,6 +283,14 @@ const OWNED_HEADERS: &[&str] = &[
     "expect",
 ];
 
+/// A query parameter name the gateway writes as it is: RFC 3986 §2.3's unreserved characters.
+fn query_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
+
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"];
 
 impl Plan {
@@ -400,22 +408,20 @@ impl Plan {
                 || lit
                     .bytes()
                     .any(|b| !b.is_ascii_graphic() || b == b'#' || b == b'?')
+                // A dot-segment (RFC 3986 §3.3) leads elsewhere; values are refused per call.
+                || lit.split('/').any(|seg| seg == "." || seg == "..")
             {
                 return Err(fail(
                     k("path"),
                     Some(cc.path.span()),
                     None,
-                    "must start with '/' and hold visible ASCII only, no '?' or '#' (use `query`)"
+                    "must start with '/' and hold visible ASCII only, no '?' or '#' (use `query`), no '.' or '..' segment"
                         .into(),
                 ));
             }
             let mut query = Vec::new();
             for (name, v) in &cc.query {
-                if name.is_empty()
-                    || !name
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
-                {
+                if !query_name(name) {
                     return Err(fail(
                         k("query"),
                         Some(v.span()),
@@ -564,6 +570,19 @@ impl Plan {
                     bound("max_items", f.max_items, MAX_FOR_EACH_ITEMS)?;
                     bound("concurrency", f.concurrency, MAX_FOR_EACH_CONCURRENCY)?;
                     bound("batch", f.batch, MAX_BATCH)?;
+                    // Written into every batch's request target as it is (RFC 3986 §3.4):
+                    // the same characters as a `query` parameter's name.
+                    if let Some(p) = f.batch_param.as_ref().filter(|p| !query_name(p)) {
+                        return Err(fail(
+                            fk("batch_param"),
+                            // Within the `for_each` table, where `items` is.
+                            Some(f.items.span()),
+                            Some("batch_param"),
+                            format!(
+                                "parameter name {p:?}: letters, digits, '-', '.', '_', '~' only"
+                            ),
+                        ));
+                    }
                     match (f.batch_as, &f.batch_param) {
                         (BatchAs::Json, Some(_)) => {
                             return Err(fail(

@@ -4,9 +4,13 @@
 //! health, retries, the pool) with an [`InMemory`] body, and the answer is assembled in
 //! declared order once every call has ended.
 //!
-//! A failed required call stops new calls from starting; calls already running are let
-//! finish (each within its deadline) rather than dropped, so that no endpoint's in-flight
-//! count, breaker probe or pooled connection is left half-settled.
+//! A failed required call keeps only the last step (the one with side effects) from
+//! starting: the other calls still run, so that which failure the answer names (the first
+//! in declared order) never depends on which failed first. Answers that together go over
+//! `max_total_bytes` stop every call from starting: the answer is then `compose_too_large`,
+//! whichever call's bytes came last. Calls already running are let finish (each within its
+//! deadline) rather than dropped, so that no endpoint's in-flight count, breaker probe or
+//! pooled connection is left half-settled.
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
@@ -35,7 +39,9 @@ use crate::upstream::{UpConn, UPSTREAM_READ_BUF};
 
 use super::config::{BatchAs, Call, Plan, Shape};
 use super::merge::{self, Piece};
-use super::template::{percent_encode, put_value, query_param, Ctx, Part, Ref, Template, Val};
+use super::template::{
+    percent_decode, percent_encode, put_value, query_param, Ctx, Part, Ref, Template, Val,
+};
 
 /// Longest request target a call may render (path and query).
 pub const MAX_SUB_TARGET: usize = 8 * 1024;
@@ -120,6 +126,9 @@ struct Env<'a> {
     deadline: Instant,
     /// Body bytes the request's calls may still take (`max_total_bytes`).
     budget: Cell<usize>,
+    /// The calls' answers went over `max_total_bytes`: no more calls or batches start, and
+    /// the answer is `compose_too_large` (the same whichever answer came last).
+    over: Cell<bool>,
     dedup: RefCell<HashMap<Vec<u8>, Rc<Slot>>>,
     done: RefCell<Vec<Option<Rc<CallOut>>>>,
 }
@@ -203,6 +212,7 @@ pub async fn run(
         t: ctx.t,
         deadline,
         budget: Cell::new(plan.max_total_bytes),
+        over: Cell::new(false),
         dedup: RefCell::new(HashMap::new()),
         done: RefCell::new((0..plan.calls.len()).map(|_| None).collect()),
     };
@@ -225,7 +235,7 @@ impl<'a> Env<'a> {
         let mut stop = false;
         loop {
             let mut changed = true;
-            while changed && !stop {
+            while changed && !self.over.get() {
                 changed = false;
                 for i in 0..n {
                     if st[i] != St::Waiting {
@@ -250,6 +260,10 @@ impl<'a> Env<'a> {
                         changed = true;
                         continue;
                     }
+                    if c.last && stop {
+                        // Not run: a required call failed (see the module's doc).
+                        continue;
+                    }
                     st[i] = St::Running;
                     running.push(async move { (i, self.run_call(i).await) });
                 }
@@ -269,7 +283,8 @@ impl<'a> Env<'a> {
                 }
             }
         }
-        // Calls never started (a required call failed first) are failed by that.
+        // Calls never started (the last step after a required call failed, or any call once
+        // the answers went over max_total_bytes) are failed by that.
         for i in 0..n {
             if st[i] == St::Waiting {
                 fails[i] = Some(Fail {
@@ -304,9 +319,11 @@ impl<'a> Env<'a> {
         let mut results: Vec<Vec<Value>> = vec![Vec::new(); batches.len()];
         let mut running: Running<'_, (usize, Result<Vec<Value>, Fail>)> = Running::new();
         let mut next = 0;
-        let mut err: Option<Fail> = None;
+        let mut err: Option<(usize, Fail)> = None;
         loop {
-            while err.is_none() && running.len() < fe.concurrency && next < batches.len() {
+            // A failed batch does not stop the others: the failure named is the first batch's
+            // in order, whatever the timing, and the bytes read do not depend on it either.
+            while !self.over.get() && running.len() < fe.concurrency && next < batches.len() {
                 let (k, b) = (next, batches[next]);
                 next += 1;
                 running.push(async move { (k, self.fetch_batch(call, b, deadline).await) });
@@ -314,15 +331,15 @@ impl<'a> Env<'a> {
             match running.next().await {
                 None => break,
                 Some((k, Ok(v))) => results[k] = v,
-                Some((k, Err(mut f))) => {
-                    if err.is_none() {
-                        f.reason = format!("batch {} of {}: {}", k + 1, batches.len(), f.reason);
-                        err = Some(f);
+                Some((k, Err(f))) => {
+                    if err.as_ref().is_none_or(|(first, _)| k < *first) {
+                        err = Some((k, f));
                     }
                 }
             }
         }
-        if let Some(f) = err {
+        if let Some((k, mut f)) = err {
+            f.reason = format!("batch {} of {}: {}", k + 1, batches.len(), f.reason);
             return Err(f);
         }
         Ok(CallOut {
@@ -375,6 +392,19 @@ impl<'a> Env<'a> {
                 Part::Lit(l) => target.extend_from_slice(l.as_bytes()),
                 Part::Ref(r) => self.put_ref(&mut target, r, item, Ctx::Url)?,
             }
+        }
+        // '.' is unreserved (RFC 3986 §2.3): a value of "." or ".." stays one when encoded, and
+        // a server resolves such a segment to another resource (§5.2.4).
+        if target
+            .get(1..)
+            .unwrap_or_default()
+            .split(|b| *b == b'/')
+            .any(|seg| seg == b"." || seg == b"..")
+        {
+            return Err(
+                "its path would hold a dot-segment ('.' or '..', RFC 3986 §3.3), which leads to another resource"
+                    .into(),
+            );
         }
         let mut sep = b'?';
         for (name, t) in &call.query {
@@ -477,7 +507,10 @@ impl<'a> Env<'a> {
                         super::template::Capture::Index(i) => c2.get(*i),
                     });
                     match m {
-                        Some(m) => Val::Bytes(Cow::Owned(m.as_bytes().to_vec())),
+                        // The path is matched as the client sent it, percent-encoded: the
+                        // capture is decoded (as a query value is) so that a path segment
+                        // re-encodes it once, not twice (RFC 3986 §2.4).
+                        Some(m) => Val::Bytes(Cow::Owned(percent_decode(m.as_bytes()))),
                         None => Val::Missing,
                     }
                 }
@@ -590,6 +623,9 @@ impl<'a> Env<'a> {
         req: SubReq,
         deadline: Instant,
     ) -> Result<Fetched, Fail> {
+        if self.over.get() {
+            return Err(over_total());
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(timeout_fail());
@@ -660,7 +696,9 @@ impl<'a> Env<'a> {
             }
             Ok(ch) => {
                 let mut up = ch.up;
-                let cap = self.plan.max_call_bytes.min(self.budget.get());
+                // Each answer is read up to the call cap whatever others took, so that whether
+                // it fits does not depend on timing; the total is checked as it ends.
+                let cap = self.plan.max_call_bytes;
                 let read =
                     read_body(&mut up, &resp, head_request, cap, deadline, t.upstream_body).await;
                 let mut headers = Vec::new();
@@ -689,9 +727,8 @@ impl<'a> Env<'a> {
                         match self.budget.get().checked_sub(body.len()) {
                             Some(b) => self.budget.set(b),
                             None => {
-                                return Err(Fail::new(
-                                    "the request's calls answered more than max_total_bytes",
-                                ))
+                                self.over.set(true);
+                                return Err(over_total());
                             }
                         }
                         Ok(Fetched {
@@ -720,8 +757,21 @@ impl<'a> Env<'a> {
 
     /// The answer: the calls' values merged in declared order, or the error that ends the
     /// request.
-    fn assemble(&self, fails: Vec<Option<Fail>>, request_id: &[u8]) -> Composed {
+    fn assemble(&self, mut fails: Vec<Option<Fail>>, request_id: &[u8]) -> Composed {
         let calls = &self.plan.calls;
+        if self.over.get() {
+            // Not a call's failure: which answer went over depends on arrival order.
+            let body = serde_json::json!({
+                "error": "compose_too_large",
+                "status": 502,
+                "message": format!(
+                    "the calls' answers together are over max_total_bytes ({} bytes)",
+                    self.plan.max_total_bytes
+                ),
+                "request_id": String::from_utf8_lossy(request_id),
+            });
+            return json_answer(502, &body, Vec::new());
+        }
         // A required call that failed on its own account (not through a dependency) is named
         // first; declared order breaks ties, so the answer does not depend on timing.
         let failed_required = calls
@@ -760,7 +810,9 @@ impl<'a> Env<'a> {
             }
             if let Some(Value::Array(results)) = vals[i].take() {
                 if let Some(src) = vals[fe.source].as_mut() {
-                    merge::join(src, fe, &results);
+                    if let Err(e) = merge::join(src, fe, &results, self.plan.max_total_bytes) {
+                        fails[i] = Some(Fail::new(e));
+                    }
                 }
             }
         }
@@ -912,6 +964,10 @@ fn json_answer(status: u16, v: &Value, headers: Vec<u8>) -> Composed {
     }
 }
 
+fn over_total() -> Fail {
+    Fail::new("the request's calls answered more than max_total_bytes")
+}
+
 fn timeout_fail() -> Fail {
     Fail {
         timeout: true,
@@ -933,7 +989,10 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
     } else if call.tree {
         serde_json::from_slice::<Value>(&f.body).map_err(not_json)?
     } else {
-        // Checked without building a tree: its bytes go into the answer as they are.
+        // Checked without building a tree: its bytes go into the answer as they are. JSON text
+        // is UTF-8 (RFC 8259 §8.1), which `IgnoredAny` does not check inside strings.
+        std::str::from_utf8(&f.body)
+            .map_err(|e| Fail::new(format!("its answer is not JSON (not UTF-8: {e})")))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&f.body).map_err(not_json)?;
         Value::Null
     };
@@ -957,7 +1016,7 @@ async fn read_body(
 ) -> Result<Vec<u8>, (Fail, bool)> {
     let too_large = || {
         let f = Fail::new(format!(
-            "its answer is larger than {cap} bytes (max_call_bytes or max_total_bytes)"
+            "its answer is larger than {cap} bytes (max_call_bytes)"
         ));
         (f, false)
     };

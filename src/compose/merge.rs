@@ -99,30 +99,74 @@ pub fn items(source: &Value, f: &ForEach) -> Result<Vec<Value>, String> {
 
 /// Puts each result into the source items it belongs to: `item[into] = result` where
 /// `result[key]` equals the item's id. Items without a result are left as they are.
-pub fn join(source: &mut Value, f: &ForEach, results: &[Value]) {
-    let Some(j) = &f.join else { return };
+///
+/// One result is copied into every item that has its id, and a source may repeat an id in
+/// many items: the copies are bounded by `limit` bytes of JSON (the route's
+/// `max_total_bytes`), or the join is refused and the source is left as it was.
+pub fn join(
+    source: &mut Value,
+    f: &ForEach,
+    results: &[Value],
+    limit: usize,
+) -> Result<(), String> {
+    let Some(j) = &f.join else { return Ok(()) };
     let key_ptr = if j.key.starts_with('/') {
         j.key.clone()
     } else {
         format!("/{}", j.key.replace('~', "~0").replace('/', "~1"))
     };
-    let mut by_id: std::collections::HashMap<String, &Value> = std::collections::HashMap::new();
+    // Each result with the length of its JSON text.
+    let mut by_id: std::collections::HashMap<String, (&Value, usize)> =
+        std::collections::HashMap::new();
     for r in results {
         if let Some(k) = r.pointer(&key_ptr).and_then(id_key) {
-            by_id.entry(k).or_insert(r);
+            by_id.entry(k).or_insert_with(|| (r, json_len(r)));
         }
     }
     let Some(Value::Array(arr)) = source.pointer_mut(&f.array) else {
-        return;
+        return Ok(());
     };
+    let mut total = 0usize;
+    for e in arr.iter() {
+        let Some(k) = e.pointer(&f.id).and_then(id_key) else {
+            continue;
+        };
+        if let (Some((_, len)), Value::Object(_)) = (by_id.get(&k), e) {
+            total = total.saturating_add(*len);
+            if total > limit {
+                return Err(format!(
+                    "its results joined into the source's items would be over max_total_bytes ({limit} bytes)"
+                ));
+            }
+        }
+    }
     for e in arr.iter_mut() {
         let Some(k) = e.pointer(&f.id).and_then(id_key) else {
             continue;
         };
-        if let (Some(r), Value::Object(o)) = (by_id.get(&k), e) {
+        if let (Some((r, _)), Value::Object(o)) = (by_id.get(&k), e) {
             o.insert(j.into.clone(), (*r).clone());
         }
     }
+    Ok(())
+}
+
+/// The length of `v`'s JSON text.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(b.len());
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Counting cannot fail.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 /// Two calls gave the same key and the route says that is an error.
@@ -465,9 +509,14 @@ mod tests {
         };
         let mut src =
             json!({"orders": [{"pid": 7}, {"pid": "8"}, {"pid": 7}, {"x": 1}, {"pid": null}]});
+        // Two copies of a 25-byte result: over a 40-byte limit, refused, nothing changed.
+        let before = src.clone();
+        let e = join(&mut src, &f(10), &[json!({"id": "7", "n": "seven"})], 40).unwrap_err();
+        assert!(e.contains("max_total_bytes"), "{e}");
+        assert_eq!(src, before);
         assert_eq!(items(&src, &f(10)).unwrap(), vec![json!(7), json!("8")]);
         assert!(items(&src, &f(1)).unwrap_err().contains("max_items"));
-        join(&mut src, &f(10), &[json!({"id": "7", "n": "seven"})]);
+        join(&mut src, &f(10), &[json!({"id": "7", "n": "seven"})], 1024).unwrap();
         assert_eq!(src["orders"][0]["product"]["n"], "seven");
         assert_eq!(src["orders"][2]["product"]["n"], "seven");
         assert!(src["orders"][1].get("product").is_none());

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! request.path.<capture>      a named (or numbered) group of the route's `path_regex`
+//!                             (percent-decoded, as a query value is)
 //! request.query.<name>        the first query parameter of that name (percent-decoded)
 //! request.header.<name>       the first header field of that name
 //! request.consumer            the authenticated consumer's name
@@ -20,7 +21,8 @@
 //! quotes, numbers and booleans as JSON writes them, null as nothing; an object or array is a
 //! per-call error there) and as JSON in a body. Text in a path or query is percent-encoded
 //! (RFC 3986 §2.1: all but the unreserved characters of §2.3), so no value can add a path
-//! segment, a parameter or a fragment.
+//! segment, a parameter or a fragment; a value that would make a `.` or `..` segment fails
+//! the call (see `exec.rs`).
 
 use std::collections::HashMap;
 
