@@ -15,7 +15,12 @@
 //! - [`error`]: gateway-made errors and the one place that maps them to responses.
 //! - [`tls`]: rustls configs for listeners and upstreams, the server handshake.
 //! - [`control`]: per-worker mailboxes through which the admin API and reloads reach workers.
+//! - [`metrics`]: per-worker counters summed when scraped, the Prometheus text format.
+//! - [`access_log`]: JSON lines per request through per-worker buffers and writer threads.
+//! - [`trace`]: W3C trace context (`traceparent`, `tracestate`).
+//! - [`log`]: the event log (text or JSON, level settable at run time).
 
+pub mod access_log;
 pub mod auth;
 pub mod config;
 pub mod control;
@@ -25,6 +30,7 @@ pub mod error;
 pub mod http;
 pub mod local;
 pub mod log;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;
@@ -33,5 +39,6 @@ pub mod rewrite;
 pub mod router;
 pub mod server;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod window;

@@ -150,8 +150,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    ringway::log::init(&cfg.log);
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1]) {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -173,8 +174,15 @@ fn run(cfg: Config, workers: Option<usize>) -> ExitCode {
     for (addr, name) in gw.addrs().iter().zip(names) {
         info!("listening on {addr} {name}");
     }
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGUSR1 {
+            // Log rotation: the access log files are reopened before their next write.
+            info!("signal {sig}: reopening the access log files");
+            gw.reopen_access_logs();
+            continue;
+        }
         info!("signal {sig}: shutting down gracefully");
+        break;
     }
     gw.shutdown();
     gw.join();

@@ -56,6 +56,8 @@ pub struct Gateway {
     buckets: Arc<HostBuckets>,
     /// The workers' mailboxes (see [`crate::control`]).
     control: Arc<Control>,
+    /// The access log outputs, when a listener logs (reopened on SIGUSR1).
+    access_logs: Option<Arc<crate::access_log::AccessLogs>>,
 }
 
 /// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
@@ -92,6 +94,16 @@ impl Gateway {
         // One route index for all workers (immutable; per-core copies measured no faster).
         let routes = crate::router::RouteTable::build(&cfg);
         let control = Control::new(n);
+        let (access_logs, mut worker_logs, log_threads) = match crate::access_log::build(&cfg, n)? {
+            Some(b) => (
+                Some(b.shared),
+                b.workers.into_iter().map(Some).collect(),
+                b.threads,
+            ),
+            None => (None, Vec::new(), Vec::new()),
+        };
+        worker_logs.resize_with(n, || None);
+        let mut worker_logs = worker_logs.into_iter();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -108,6 +120,7 @@ impl Gateway {
                     routes: Some(routes.clone()),
                 },
                 auth: auth.clone(),
+                access_log: worker_logs.next().flatten(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -137,6 +150,8 @@ impl Gateway {
                 }
             }
         }
+        // Joined after the workers: each ends once every worker dropped its sender.
+        threads.extend(log_threads);
         if let Some(t) = health::spawn_checker(&cfg, hub, stop.clone(), &upstream_tls) {
             threads.push(t);
         }
@@ -162,7 +177,20 @@ impl Gateway {
             threads,
             buckets,
             control,
+            access_logs,
         })
+    }
+
+    /// The access log outputs (`None` when no listener logs).
+    pub fn access_logs(&self) -> Option<&Arc<crate::access_log::AccessLogs>> {
+        self.access_logs.as_ref()
+    }
+
+    /// Reopens the access log files (log rotation; what SIGUSR1 does).
+    pub fn reopen_access_logs(&self) {
+        if let Some(a) = &self.access_logs {
+            a.reopen();
+        }
     }
 
     /// Script calls and pipelines sent to Redis so far (0 without the Redis backend).
@@ -321,6 +349,8 @@ struct Shared {
     /// TLS configs and the route index.
     built: crate::proxy::Shared,
     auth: Arc<crate::auth::AuthShared>,
+    /// This worker's side of the access log.
+    access_log: Option<crate::access_log::WorkerAccessLog>,
 }
 
 /// Per upstream group in config order: its TLS, if any.
@@ -420,11 +450,12 @@ fn run_worker(
 }
 
 /// Decrements the open-connection count when a connection task ends, however it ends.
-struct ConnGuard(Rc<Worker>);
+struct ConnGuard(Rc<Worker>, usize);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
+        self.0.metrics.conn_closed(self.1);
         if self.0.accept_paused.get() {
             self.0.conn_closed.notify_all();
         }
@@ -505,6 +536,9 @@ async fn worker_main(
         &shared.auth,
         shared.built,
     );
+    if let Some(l) = shared.access_log {
+        let _ = worker.access_log.set(l);
+    }
     let w = Rc::new(worker);
     drop(cfg);
     let control = shared.control;
@@ -517,6 +551,9 @@ async fn worker_main(
                 w.hub.sync(&w.config().upstreams, Instant::now());
                 w.auth.sync();
                 w.tick_date();
+                if let Some(l) = w.access_log.get() {
+                    l.tick();
+                }
                 control.run_pending(&w);
                 ticks = ticks.wrapping_add(1);
                 if ticks.is_multiple_of(IDLE_TICK_EVERY) {
@@ -565,6 +602,9 @@ async fn worker_main(
     for g in &w.config().upstreams {
         g.clear_idle();
     }
+    if let Some(l) = w.access_log.get() {
+        l.flush_final();
+    }
 }
 
 async fn accept_loop(
@@ -599,7 +639,8 @@ async fn accept_loop(
                 w.active.set(w.active.get() + 1);
                 // Consulted once per accepted connection (no allocation), never per request.
                 let trusted = w.config().trusted_proxies.contains(peer.ip());
-                let guard = ConnGuard(w.clone());
+                w.metrics.conn_accepted(listener);
+                let guard = ConnGuard(w.clone(), listener);
                 // Two task bodies, so that a plain connection's task is not sized for TLS.
                 match &tls {
                     None => {
@@ -623,6 +664,7 @@ async fn accept_loop(
                                 trusted,
                                 port,
                                 client_subject: None,
+                                tls_version: None,
                             };
                             serve_tls(&guard.0, cfg, stream, peer, info).await;
                             drop(guard);
@@ -657,15 +699,19 @@ async fn serve_tls(
     };
     match hs {
         Ok(Ok((s, client_subject))) => {
+            w.metrics.tls_handshake(info.listener, true);
             info.client_subject = client_subject;
+            info.tls_version = s.tls_version();
             serve(w, s, peer, info).await;
         }
         Ok(Err(e)) => {
+            w.metrics.tls_handshake(info.listener, false);
             w.tls_handshake_failures
                 .set(w.tls_handshake_failures.get() + 1);
             debug!("worker {}: TLS handshake with {peer} failed: {e}", w.id);
         }
         Err(_) => {
+            w.metrics.tls_handshake(info.listener, false);
             w.tls_handshake_failures
                 .set(w.tls_handshake_failures.get() + 1);
             debug!("worker {}: TLS handshake with {peer} timed out", w.id);

@@ -100,6 +100,7 @@ async fn exchange<S: ClientIo>(
         .await
         .map_err(AttemptError::Down)?;
     let replayed = down.replay.is_some();
+    let traceparent = ctx.rec.trace.traceparent();
     let fwd = Forwarding {
         peer_ip: c.peer.as_bytes(),
         trusted: c.info.trusted,
@@ -112,9 +113,14 @@ async fn exchange<S: ClientIo>(
             .as_deref()
             .zip(c.info.client_subject.as_deref()),
         identity: &ctx.auth_headers,
+        traceparent: Some(&traceparent),
+        keep_tracestate: ctx.rec.trace.keep_state,
     };
-    if let Some(p) = policy {
-        p.record_request(Instant::now());
+    // One clock reading for the retry budget and the upstream latency.
+    let t0 = (policy.is_some() || ctx.rec.start.is_some()).then(Instant::now);
+    ctx.rec.upstream_began(t0, group.index);
+    if let (Some(p), Some(t0)) = (policy, t0) {
+        p.record_request(t0);
     }
     let mut tried = [usize::MAX; 10];
     let mut ntried = 0;
@@ -137,6 +143,7 @@ async fn exchange<S: ClientIo>(
             }
             return Err(AttemptError::Connect(GatewayError::NoHealthyEndpoint));
         };
+        ctx.rec.endpoint = Some(ep);
         if ntried < tried.len() {
             tried[ntried] = ep;
             ntried += 1;
@@ -164,9 +171,12 @@ async fn exchange<S: ClientIo>(
         let r = attempt(group, ep, &mut ctx.ubuf, &mut down, &opts, resp).await;
         let failure = match &r {
             Ok(_) => {
-                if let Some(t0) = started {
+                if started.is_some() || ctx.rec.upstream_start.is_some() {
                     let now = Instant::now();
-                    stats.observe_latency(now - t0, now);
+                    if let Some(t0) = started {
+                        stats.observe_latency(now - t0, now);
+                    }
+                    ctx.rec.upstream_answered(now);
                 }
                 (resp.status >= 500).then_some(Failure::Status(resp.status))
             }
@@ -185,20 +195,28 @@ async fn exchange<S: ClientIo>(
             Err(AttemptError::Stale | AttemptError::Reset | AttemptError::Bad) => {
                 Some(Failure::Reset)
             }
-            Err(AttemptError::Connect(_)) => Some(Failure::Connect),
+            Err(AttemptError::Connect(_)) => {
+                w.metrics.connect_failed(group.index, ep);
+                Some(Failure::Connect)
+            }
             Err(AttemptError::Timeout) => Some(Failure::Timeout),
             Err(AttemptError::Down(_) | AttemptError::Overloaded) => None,
         };
         let upstream_judged = r.as_ref().err().is_none_or(|e| e.upstream_side());
-        let retry = failure.is_some_and(|f| {
+        let eligible = failure.is_some_and(|f| {
             policy.is_some_and(|p| {
                 tries < p.attempts
                     && p.retries_on(f)
                     && replayed
                     && (idempotent || f == Failure::Connect || p.non_idempotent)
-                    && p.take_retry(Instant::now())
             })
         });
+        let retry = eligible && policy.is_some_and(|p| p.take_retry(Instant::now()));
+        if retry {
+            ctx.rec.retries = ctx.rec.retries.saturating_add(1);
+        } else if eligible {
+            ctx.rec.retry_budget_refusals = ctx.rec.retry_budget_refusals.saturating_add(1);
+        }
         if retry || r.is_err() {
             stats.outstanding.set(stats.outstanding.get() - 1);
             if upstream_judged {
@@ -263,6 +281,7 @@ fn record_outcome(w: &Worker, group: &UpstreamGroup, ep: usize, probe: bool, fai
         {
             Ejection::Ejected(d) => {
                 s.routable.set(false);
+                w.metrics.ejected(group.index, ep);
                 warn!(
                     "outlier detection: {} of upstream {} ejected for {:?} after {f} consecutive failures",
                     group.endpoints[ep].addr, group.name, d

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use monoio::buf::IoBuf;
 
 use crate::error::GatewayError;
 use crate::http::chunked::ChunkedScanner;
@@ -202,6 +203,7 @@ pub async fn forward_response<'c, S: ClientIo>(
     resp: &ResponseHead,
 ) -> (Outcome<'c>, bool) {
     let client_11 = ctx.head.version == Version::Http11;
+    ctx.rec.status = resp.status;
     // How the body reaches the client.
     let out = match resp.body {
         RespBody::None => OutFraming::None,
@@ -224,6 +226,8 @@ pub async fn forward_response<'c, S: ClientIo>(
         https: c.info.tls,
         client_cert: None,
         identity: b"",
+        traceparent: None,
+        keep_tracestate: false,
     };
     let chunked = matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk);
     encode_client_head(
@@ -242,6 +246,7 @@ pub async fn forward_response<'c, S: ClientIo>(
         t_write: ctx.t.client_write,
         t_body: ctx.t.upstream_body,
         deadline: ctx.t.upstream_body_total.and_then(deadline_after),
+        sent: 0,
     };
     let result = match out {
         OutFraming::None => r.flush().await.map(|_| true).map_err(RelayFail::from),
@@ -254,6 +259,7 @@ pub async fn forward_response<'c, S: ClientIo>(
             .await
             .map_err(RelayFail::from),
     };
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(r.sent);
     match result {
         Ok(complete) => {
             let reusable = complete
@@ -287,12 +293,22 @@ struct Relay<'a, S> {
     t_body: Duration,
     /// `upstream_body_total`, when set.
     deadline: Option<Instant>,
+    /// Bytes written to the client.
+    sent: u64,
 }
 
 impl<S: ClientIo> Relay<'_, S> {
+    /// Writes to the client, counting the bytes.
+    async fn write<B: IoBuf + 'static>(&mut self, buf: B) -> Result<B, IoFail> {
+        let n = buf.bytes_init() as u64;
+        let b = write_buf(self.io, buf, self.t_write).await?;
+        self.sent = self.sent.saturating_add(n);
+        Ok(b)
+    }
+
     async fn flush(&mut self) -> Result<(), IoFail> {
         let buf = std::mem::take(self.wbuf);
-        let mut buf = write_buf(self.io, buf, self.t_write).await?;
+        let mut buf = self.write(buf).await?;
         buf.clear();
         *self.wbuf = buf;
         Ok(())
@@ -328,7 +344,7 @@ impl<S: ClientIo> Relay<'_, S> {
         if have > 0 {
             let part = up.rbuf.split_to(have);
             left -= have as u64;
-            write_buf(self.io, part, self.t_write).await?;
+            self.write(part).await?;
         }
         if left == 0 {
             return Ok(true);
@@ -339,7 +355,7 @@ impl<S: ClientIo> Relay<'_, S> {
             let want = (left.min(BODY_READ_CHUNK as u64)) as usize;
             let k = self.read_up(up, &mut buf, want).await?;
             left -= (k as u64).min(left);
-            buf = write_buf(self.io, buf, self.t_write).await?;
+            buf = self.write(buf).await?;
         }
         buf.clear();
         up.rbuf = buf;
@@ -382,7 +398,7 @@ impl<S: ClientIo> Relay<'_, S> {
                         self.flush().await?;
                     }
                     let part = up.rbuf.split_to(r.consumed);
-                    write_buf(self.io, part, self.t_write).await?;
+                    self.write(part).await?;
                 }
                 head_pending = false;
                 if r.done {
@@ -414,7 +430,7 @@ impl<S: ClientIo> Relay<'_, S> {
                     self.flush().await?;
                 } else {
                     let part = up.rbuf.split();
-                    write_buf(self.io, part, self.t_write).await?;
+                    self.write(part).await?;
                 }
             }
             let mut rb = std::mem::take(&mut up.rbuf);
@@ -427,7 +443,7 @@ impl<S: ClientIo> Relay<'_, S> {
             }
         }
         if rechunk {
-            write_buf(self.io, &b"0\r\n\r\n"[..], self.t_write).await?;
+            self.write(&b"0\r\n\r\n"[..]).await?;
         }
         Ok(false)
     }
