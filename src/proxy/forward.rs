@@ -33,7 +33,12 @@ pub async fn proxy<'c, S: ClientIo>(
     ctx: &mut RequestCtx<'_>,
 ) -> Outcome<'c> {
     let mut resp = w.bufs.take_resp();
-    let out = match exchange(w, cfg, route, group, c, ctx, &mut resp).await {
+    let exchanged = exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if exchanged.is_err() && ctx.rec.upstream_start.is_some() {
+        // A failed upstream phase took this long (an error path: one more clock reading).
+        ctx.rec.upstream_answered(Instant::now());
+    }
+    let out = match exchanged {
         Err(AttemptError::Down(DownFail::Gone)) => Outcome::Abort,
         Err(e) => match e.answer() {
             Some(g) => Outcome::from(g),
