@@ -343,7 +343,7 @@ pub fn build(cfg: &crate::config::Config, workers: usize) -> io::Result<Option<B
                 worker: id,
                 cap: *buf as usize,
                 cur: RefCell::new(Some(Vec::with_capacity(*buf as usize))),
-                tx: tx.clone(),
+                tx: RefCell::new(Some(tx.clone())),
                 spare: ret_rx,
             });
         }
@@ -475,7 +475,9 @@ struct WorkerSink {
     cap: usize,
     /// The buffer being filled (`None` while every buffer is with the writer).
     cur: RefCell<Option<Vec<u8>>>,
-    tx: SyncSender<(usize, Vec<u8>)>,
+    /// Taken when the worker stops ([`WorkerAccessLog::close`]): once every worker's is gone,
+    /// the writer ends.
+    tx: RefCell<Option<SyncSender<(usize, Vec<u8>)>>>,
     spare: Receiver<Vec<u8>>,
 }
 
@@ -489,7 +491,11 @@ impl WorkerSink {
                 *cur = Some(b);
                 return;
             }
-            match self.tx.try_send((self.worker, b)) {
+            let sent = match self.tx.borrow().as_ref() {
+                Some(tx) => tx.try_send((self.worker, b)),
+                None => Err(TrySendError::Disconnected((self.worker, b))),
+            };
+            match sent {
                 Ok(()) => {}
                 Err(TrySendError::Full((_, b)) | TrySendError::Disconnected((_, b))) => {
                     *cur = Some(b);
@@ -605,8 +611,18 @@ impl WorkerAccessLog {
         }
     }
 
+    /// A stopping worker's last lines are shipped (waiting a little for room if needed), then
+    /// its senders are dropped, so that the writers end once every worker has stopped (even if
+    /// a task of the worker outlives it).
+    pub fn close(&self) {
+        self.flush_final();
+        for s in &self.sinks {
+            s.tx.borrow_mut().take();
+        }
+    }
+
     /// A stopping worker's last lines: shipped, waiting a little for room if needed.
-    pub fn flush_final(&self) {
+    fn flush_final(&self) {
         let end = Instant::now() + FINAL_FLUSH_WAIT;
         for s in &self.sinks {
             loop {
@@ -800,7 +816,7 @@ mod tests {
                 worker: 0,
                 cap,
                 cur: RefCell::new(Some(Vec::with_capacity(cap))),
-                tx,
+                tx: RefCell::new(Some(tx)),
                 spare: ret_rx,
             }],
             listeners: vec![Some((0, Settings::new(&c)))],

@@ -603,7 +603,7 @@ async fn worker_main(
         g.clear_idle();
     }
     if let Some(l) = w.access_log.get() {
-        l.flush_final();
+        l.close();
     }
 }
 
