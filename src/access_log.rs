@@ -470,6 +470,9 @@ fn writer(
 // ---------------------------------------------------------------------------------------------
 // Per worker.
 
+/// Full buffers to a writer, tagged with the worker they go back to.
+type ChunkSender = SyncSender<(usize, Vec<u8>)>;
+
 struct WorkerSink {
     worker: usize,
     cap: usize,
@@ -477,7 +480,7 @@ struct WorkerSink {
     cur: RefCell<Option<Vec<u8>>>,
     /// Taken when the worker stops ([`WorkerAccessLog::close`]): once every worker's is gone,
     /// the writer ends.
-    tx: RefCell<Option<SyncSender<(usize, Vec<u8>)>>>,
+    tx: RefCell<Option<ChunkSender>>,
     spare: Receiver<Vec<u8>>,
 }
 
