@@ -38,6 +38,9 @@ fn scrape(ctl: &Control) -> (String, Vec<Line>) {
     (out, lines)
 }
 
+/// A sample's name, its exact labels and its expected value.
+type Expect<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// The value of the sample `name` whose labels are exactly `labels` (0 when absent).
 fn value(lines: &[Line], name: &str, labels: &[(&str, &str)]) -> f64 {
     lines
@@ -151,7 +154,7 @@ auth = "api_key"
         let (text, l) = last;
         let req = "ringway_route_requests_total";
         let err = "ringway_route_errors_total";
-        let cases: &[(&str, &[(&str, &str)], f64)] = &[
+        let cases: &[Expect] = &[
             (req, &[("route", "ok"), ("class", "2xx")], 3.0),
             (req, &[("route", "ok"), ("class", "5xx")], 0.0),
             (req, &[("route", "(none)"), ("class", "4xx")], 1.0),
