@@ -378,6 +378,7 @@ pub fn build(cfg: &crate::config::Config, workers: usize) -> io::Result<Option<B
             listeners: listeners.clone(),
             anchor: Cell::new(now),
             rng: Cell::new(0x9e37_79b9_7f4a_7c15 ^ ((id as u64 + 1) << 17)),
+            second: Cell::new((u64::MAX, [0; crate::date::RFC3339_MILLIS_LEN])),
         })
         .collect();
     Ok(Some(Built {
@@ -519,6 +520,9 @@ pub struct WorkerAccessLog {
     /// time is worked out without another clock read.
     anchor: Cell<(Instant, u64)>,
     rng: Cell<u64>,
+    /// The last second formatted (Unix seconds, its RFC 3339 text): lines of the same second
+    /// rewrite only the milliseconds.
+    second: Cell<(u64, [u8; crate::date::RFC3339_MILLIS_LEN])>,
 }
 
 /// One request's line, as the end of a request sees it.
@@ -643,6 +647,22 @@ impl WorkerAccessLog {
         }
     }
 
+    /// RFC 3339 text of `unix_ms`, reusing the date and time of day of the same second.
+    fn time_text(&self, unix_ms: u64) -> [u8; crate::date::RFC3339_MILLIS_LEN] {
+        let secs = unix_ms / 1000;
+        let (cached, mut text) = self.second.get();
+        if cached != secs {
+            text = crate::date::rfc3339_millis(unix_ms);
+            self.second.set((secs, text));
+            return text;
+        }
+        let ms = unix_ms % 1000;
+        text[20] = b'0' + (ms / 100) as u8;
+        text[21] = b'0' + (ms / 10 % 10) as u8;
+        text[22] = b'0' + (ms % 10) as u8;
+        text
+    }
+
     fn unix_ms(&self, at: Instant) -> u64 {
         let (i, ms) = self.anchor.get();
         match at.checked_duration_since(i) {
@@ -663,7 +683,7 @@ impl WorkerAccessLog {
             match f {
                 Field::Time => {
                     o.put(b"\"");
-                    o.put(&crate::date::rfc3339_millis(self.unix_ms(e.end)));
+                    o.put(&self.time_text(self.unix_ms(e.end)));
                     o.put(b"\"");
                 }
                 Field::RequestId => o.string(Some(e.request_id)),
@@ -685,7 +705,7 @@ impl WorkerAccessLog {
                 Field::Endpoint => match e.endpoint {
                     Some(a) => {
                         o.put(b"\"");
-                        let _ = std::fmt::Write::write_fmt(o, format_args!("{a}"));
+                        o.addr(a);
                         o.put(b"\"");
                     }
                     None => o.put(b"null"),
@@ -721,6 +741,26 @@ impl Out<'_> {
     fn num(&mut self, v: u64) {
         let mut b = itoa::Buffer::new();
         self.put(b.format(v).as_bytes());
+    }
+
+    /// An address as `a.b.c.d:port` (IPv4, without the formatting machinery) or
+    /// `[v6]:port`.
+    fn addr(&mut self, a: SocketAddr) {
+        match a {
+            SocketAddr::V4(v4) => {
+                for (i, o) in v4.ip().octets().iter().enumerate() {
+                    if i > 0 {
+                        self.put(b".");
+                    }
+                    self.num(*o as u64);
+                }
+            }
+            SocketAddr::V6(v6) => {
+                let _ = std::fmt::Write::write_fmt(self, format_args!("[{}]", v6.ip()));
+            }
+        }
+        self.put(b":");
+        self.num(a.port() as u64);
     }
 
     /// Microseconds as milliseconds with three decimals.
@@ -825,6 +865,7 @@ mod tests {
             listeners: vec![Some((0, Settings::new(&c)))],
             anchor: Cell::new((Instant::now(), 1_795_671_497_123)),
             rng: Cell::new(1),
+            second: Cell::new((u64::MAX, [0; crate::date::RFC3339_MILLIS_LEN])),
         };
         (log, rx)
     }
@@ -848,6 +889,29 @@ mod tests {
         for f in Field::ALL {
             assert!(v.get(f.key()).is_some(), "{}", f.key());
         }
+    }
+
+    #[test]
+    fn ipv6_endpoints_and_times_of_one_second() {
+        let (log, _rx) = worker_log(64 * 1024);
+        let trace = [b'a'; 32];
+        let mut e = entry(b"id", &trace, b"/");
+        e.endpoint = Some("[::1]:8080".parse().unwrap());
+        let (i, ms) = log.anchor.get();
+        e.end = i + std::time::Duration::from_millis(5);
+        log.log(0, &e);
+        e.end = i + std::time::Duration::from_millis(2_000);
+        log.log(0, &e);
+        let buf = log.sinks[0].cur.borrow().clone().unwrap();
+        let lines: Vec<serde_json::Value> = std::str::from_utf8(&buf)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["endpoint"], "[::1]:8080");
+        let t = |ms| String::from_utf8(crate::date::rfc3339_millis(ms).to_vec()).unwrap();
+        assert_eq!(lines[0]["time"], t(ms + 5));
+        assert_eq!(lines[1]["time"], t(ms + 2_000));
     }
 
     #[test]

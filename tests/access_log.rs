@@ -416,3 +416,70 @@ fn an_output_that_cannot_be_opened_fails_the_start() {
         "{err}"
     );
 }
+
+#[test]
+fn tls_version_and_handshakes_are_recorded() {
+    use support::pki::{pki, provider, roots};
+    let dir = TempDir::new("tls");
+    let log = dir.file("tls.log");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"x")));
+    let p = pki();
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"https\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n[[routes]]\nupstream = \"up\"\n{}",
+        p.path("a-chain.pem"),
+        p.path("a.key"),
+        up.addr,
+        log_config(&log)
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    for (versions, want) in [
+        (&[&rustls::version::TLS13][..], "1.3"),
+        (&[&rustls::version::TLS12][..], "1.2"),
+    ] {
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots("ca.pem"))
+            .with_no_client_auth();
+        let mut c =
+            Client::connect_tls(gw.addr, "a.test", std::sync::Arc::new(cfg)).expect("handshake");
+        c.send(b"GET /tls HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        assert_eq!(c.read_response().expect("response").status, 200);
+        let got = wait_lines(&log, if want == "1.3" { 1 } else { 2 });
+        assert_eq!(got.last().unwrap()["tls"], want);
+    }
+    // A client that does not speak TLS: a failed handshake, counted.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let ctl = gw.gateway().control().clone();
+    let mut text = String::new();
+    let v = |text: &str, name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    assert!(eventually(Duration::from_secs(5), || {
+        text.clear();
+        ringway::metrics::render_prometheus(&ctl, &mut text).unwrap();
+        v(
+            &text,
+            "ringway_listener_tls_handshake_failures_total{listener=\"https\"}",
+        ) == Some(1)
+    }));
+    assert_eq!(
+        v(
+            &text,
+            "ringway_listener_tls_handshakes_total{listener=\"https\"}"
+        ),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        v(
+            &text,
+            "ringway_listener_connections_accepted_total{listener=\"https\"}"
+        ),
+        Some(3)
+    );
+}
