@@ -364,3 +364,109 @@ fn a_bad_metrics_key_is_refused_with_its_position() {
     .unwrap_err();
     assert!(e.reason.contains("unknown field `enable`"), "{e}");
 }
+
+#[test]
+fn retries_budget_refusals_and_breaker_changes_are_counted() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec())
+    });
+    let dead = refusing_addr();
+    let toml = format!(
+        r#"[[listeners]]
+address = "127.0.0.1:0"
+
+[upstreams.busy]
+endpoints = [{{ address = "{}" }}]
+
+[upstreams.gone]
+endpoints = [{{ address = "{}" }}]
+circuit_breaker = {{ error_rate = 0.5, min_requests = 2, open_for = "30s" }}
+
+[[routes]]
+name = "retried"
+path_prefix = "/busy"
+upstream = "busy"
+retry = {{ attempts = 2, on = ["503"], backoff_base = "1ms", backoff_max = "1ms", budget_percent = 20, min_retries_per_second = 0 }}
+
+[[routes]]
+name = "broken"
+path_prefix = "/gone"
+upstream = "gone"
+"#,
+        up.addr, dead.addr
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    let n = 20u64;
+    for _ in 0..n {
+        assert_eq!(status_of(&exchange(gw.addr, &get_req("/busy"))), 503);
+    }
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| status_of(&exchange(gw.addr, &get_req("/gone"))))
+        .collect();
+    assert_eq!(
+        statuses,
+        [502, 502, 503],
+        "the breaker opens after two failures"
+    );
+    let mut l = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        l = scrape(&ctl).1;
+        value(
+            &l,
+            "ringway_route_requests_total",
+            &[("route", "broken"), ("class", "5xx")],
+        ) == 3.0
+            && value(
+                &l,
+                "ringway_route_requests_total",
+                &[("route", "retried"), ("class", "5xx")],
+            ) == n as f64
+    }));
+    // Each request was eligible for one retry (two attempts): taken or refused by the budget.
+    let retries = value(&l, "ringway_route_retries_total", &[("route", "retried")]);
+    let refused = value(
+        &l,
+        "ringway_route_retry_budget_refusals_total",
+        &[("route", "retried")],
+    );
+    assert_eq!(
+        retries,
+        (up.hits() as u64 - n) as f64,
+        "retries seen upstream"
+    );
+    assert_eq!(retries + refused, n as f64);
+    assert!(retries > 0.0 && refused > 0.0, "{retries} {refused}");
+    assert_eq!(
+        value(
+            &l,
+            "ringway_upstream_retries_total",
+            &[("upstream", "busy")]
+        ),
+        retries
+    );
+    let st = |s: &str| {
+        value(
+            &l,
+            "ringway_upstream_breaker_state",
+            &[("upstream", "gone"), ("state", s)],
+        )
+    };
+    assert_eq!((st("closed"), st("open"), st("half_open")), (0.0, 1.0, 0.0));
+    assert_eq!(
+        value(
+            &l,
+            "ringway_upstream_breaker_transitions_total",
+            &[("upstream", "gone"), ("state", "open")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &l,
+            "ringway_route_errors_total",
+            &[("route", "broken"), ("kind", "circuit_open")]
+        ),
+        1.0
+    );
+}
