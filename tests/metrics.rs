@@ -470,3 +470,37 @@ upstream = "gone"
         1.0
     );
 }
+
+#[test]
+fn the_redis_link_is_exposed() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let mut redis = RedisServer::start();
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [upstreams.u]\nendpoints = [{{ address = \"{}\" }}]\n\
+         [rate_limiting]\nbackend = \"redis\"\n\
+         [rate_limiting.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"50ms\"\nretry_interval = \"200ms\"\non_failure = \"local\"\n\
+         [[routes]]\nname = \"api\"\nupstream = \"u\"\nrate_limits = [{{ key = \"route\", rate = 100, per = \"1m\" }}]\n",
+        up.addr, redis.port
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    for _ in 0..3 {
+        assert_eq!(status_of(&exchange(gw.addr, &get_req("/"))), 200);
+    }
+    let mut l = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        l = scrape(&ctl).1;
+        let (calls, trips) = gw.gateway().redis_counts();
+        value(&l, "ringway_redis_up", &[]) == 1.0
+            && trips > 0
+            && value(&l, "ringway_redis_round_trips_total", &[]) == trips as f64
+            && value(&l, "ringway_redis_commands_total", &[]) == calls as f64
+    }));
+    // The link goes down with the server.
+    redis.kill();
+    assert!(eventually(Duration::from_secs(5), || {
+        let _ = exchange(gw.addr, &get_req("/"));
+        value(&scrape(&ctl).1, "ringway_redis_up", &[]) == 0.0
+    }));
+}
