@@ -504,3 +504,57 @@ fn the_redis_link_is_exposed() {
         value(&scrape(&ctl).1, "ringway_redis_up", &[]) == 0.0
     }));
 }
+
+#[test]
+fn ejections_health_in_flight_and_pools_per_endpoint() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let dead = refusing_addr();
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\
+         [upstreams.pair]\nendpoints = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n\
+         outlier = {{ consecutive_failures = 2, base_ejection_time = \"30s\" }}\n\
+         [[routes]]\nupstream = \"pair\"\n",
+        dead.addr, up.addr
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    // Round robin: the dead endpoint fails every other request until its second failure
+    // ejects it; then every request goes to the live one.
+    let mut c = Client::connect(gw.addr);
+    let mut fails = 0;
+    for _ in 0..8 {
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        if c.read_response().expect("answer").status == 502 {
+            fails += 1;
+        }
+    }
+    assert_eq!(fails, 2);
+    let dead_ep = dead.addr.to_string();
+    let live_ep = up.addr.to_string();
+    let mut l = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        l = scrape(&ctl).1;
+        value(
+            &l,
+            "ringway_upstream_requests_total",
+            &[("upstream", "pair"), ("class", "2xx")],
+        ) == 6.0
+    }));
+    let ep = |name: &str, e: &str| value(&l, name, &[("upstream", "pair"), ("endpoint", e)]);
+    assert_eq!(ep("ringway_endpoint_ejections_total", &dead_ep), 1.0);
+    assert_eq!(ep("ringway_endpoint_connect_failures_total", &dead_ep), 2.0);
+    assert_eq!(ep("ringway_endpoint_healthy", &dead_ep), 0.0);
+    assert_eq!(ep("ringway_endpoint_healthy", &live_ep), 1.0);
+    assert_eq!(ep("ringway_endpoint_ejections_total", &live_ep), 0.0);
+    // Nothing in flight between requests; the live endpoint's connection is pooled.
+    assert_eq!(ep("ringway_endpoint_in_flight", &live_ep), 0.0);
+    assert_eq!(ep("ringway_endpoint_pool_idle", &live_ep), 1.0);
+    assert_eq!(
+        value(
+            &l,
+            "ringway_upstream_connections_open",
+            &[("upstream", "pair")]
+        ),
+        1.0
+    );
+}
