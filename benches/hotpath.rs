@@ -240,6 +240,8 @@ fn bench_rewrite(c: &mut Criterion) {
         https: false,
         client_cert: None,
         identity: b"",
+        traceparent: None,
+        keep_tracestate: false,
     };
     let mut out = BytesMut::with_capacity(4096);
     let hop: HashSet<&str> = [

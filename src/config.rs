@@ -630,6 +630,15 @@ pub struct Config {
     /// Response cache budgets (see `crate::cache`).
     #[serde(default)]
     pub cache: crate::cache::config::CacheConfig,
+    /// Per-request metrics (`crate::metrics`).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
+    /// The access log (`crate::access_log`); a listener's own table replaces it.
+    #[serde(default)]
+    pub access_log: crate::access_log::AccessLogConfig,
+    /// The event log: level and format (`crate::log`).
+    #[serde(default)]
+    pub log: crate::log::LogConfig,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default)]
@@ -838,6 +847,9 @@ pub struct ListenerConfig {
     /// auth and forwarding, as nginx's `underscores_in_headers off` does.
     #[serde(default)]
     pub allow_underscores_in_headers: bool,
+    /// This listener's access log, replacing `[access_log]` for its requests.
+    #[serde(default)]
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 fn d_backlog() -> u32 {
     1024

@@ -174,9 +174,24 @@ pub fn write_error_response(
     extra_headers: &[u8],
     close: bool,
 ) {
+    write_error_response_traced(buf, err, request_id, b"", date, extra_headers, close)
+}
+
+/// [`write_error_response`] with the request's trace id (W3C trace context, 32 hex digits) in
+/// the body as `trace_id`, so that a client can quote it; an empty `trace_id` leaves it out.
+pub fn write_error_response_traced(
+    buf: &mut BytesMut,
+    err: GatewayError,
+    request_id: &[u8],
+    trace_id: &[u8],
+    date: &[u8],
+    extra_headers: &[u8],
+    close: bool,
+) {
     let status = err.status();
-    // request ids are checked to hold only token characters, so no JSON escaping is needed.
-    let mut body = BytesMut::with_capacity(160);
+    // request ids are checked to hold only token characters and trace ids are hex, so no JSON
+    // escaping is needed.
+    let mut body = BytesMut::with_capacity(200);
     body.put_slice(b"{\"error\":\"");
     body.put_slice(err.code().as_bytes());
     body.put_slice(b"\",\"status\":");
@@ -185,6 +200,10 @@ pub fn write_error_response(
     body.put_slice(err.message().as_bytes());
     body.put_slice(b"\",\"request_id\":\"");
     body.put_slice(request_id);
+    if !trace_id.is_empty() {
+        body.put_slice(b"\",\"trace_id\":\"");
+        body.put_slice(trace_id);
+    }
     body.put_slice(b"\"}\n");
     put_status_line(buf, status, reason_phrase(status).as_bytes());
     buf.put_slice(b"content-type: application/json\r\ncontent-length: ");

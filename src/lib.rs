@@ -20,7 +20,12 @@
 //! - [`reload`]: hot reload at request boundaries; [`upgrade`]: handing listening sockets to a
 //!   new process (zero-downtime binary upgrade).
 //! - [`cache`]: the response cache (RFC 9111), one store per worker.
+//! - [`metrics`]: per-worker counters summed when scraped, the Prometheus text format.
+//! - [`access_log`]: JSON lines per request through per-worker buffers and writer threads.
+//! - [`trace`]: W3C trace context (`traceparent`, `tracestate`).
+//! - [`log`]: the event log (text or JSON, level settable at run time).
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod cache;
@@ -33,6 +38,7 @@ pub mod error;
 pub mod http;
 pub mod local;
 pub mod log;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod redis;
@@ -42,6 +48,7 @@ pub mod rewrite;
 pub mod router;
 pub mod server;
 pub mod tls;
+pub mod trace;
 pub mod upgrade;
 pub mod upstream;
 pub mod window;

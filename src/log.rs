@@ -1,11 +1,21 @@
-//! Minimal logging to stderr: `level=... msg=...` lines with a UNIX timestamp.
-//! `RINGWAY_LOG=warn` (or `error`, `off`) quiets it; `RINGWAY_LOG=debug` adds per-connection
-//! events such as failed TLS handshakes.
+//! The event log, to stderr: one line per event, as text
+//! (`2026-11-26T05:38:17.123Z info message`) or as JSON
+//! (`{"time":"2026-11-26T05:38:17.123Z","level":"info","msg":"message"}`), times in RFC 3339
+//! UTC with milliseconds.
+//!
+//! The level and format come from `[log]` in the config ([`init`]); `RINGWAY_LOG=warn` (or
+//! `error`, `off`, `info`, `debug`) overrides the configured level; `RINGWAY_LOG=debug` adds
+//! per-connection events such as failed TLS handshakes. [`set_level`] changes the level at run
+//! time (the admin API calls it). Events are rare (never one per request), so a line is
+//! formatted into a `String` and written with one call.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+use serde::Deserialize;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Level {
     Error = 1,
     Warn = 2,
@@ -13,27 +23,107 @@ pub enum Level {
     Debug = 4,
 }
 
-static LEVEL: AtomicU8 = AtomicU8::new(0);
-static INIT: OnceLock<()> = OnceLock::new();
+impl Level {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+        }
+    }
 
-pub fn enabled(level: Level) -> bool {
-    INIT.get_or_init(|| {
-        let l = match std::env::var("RINGWAY_LOG").as_deref() {
-            Ok("off") => 0,
-            Ok("error") => 1,
-            Ok("warn") => 2,
-            Ok("debug") => 4,
-            _ => 3,
-        };
-        LEVEL.store(l, Ordering::Relaxed);
-    });
-    (level as u8) <= LEVEL.load(Ordering::Relaxed)
+    /// "off" is `None`.
+    pub fn parse(s: &str) -> Result<Option<Level>, String> {
+        Ok(Some(match s {
+            "off" => return Ok(None),
+            "error" => Level::Error,
+            "warn" => Level::Warn,
+            "info" => Level::Info,
+            "debug" => Level::Debug,
+            _ => {
+                return Err(format!(
+                    "unknown log level {s:?} (off, error, warn, info, debug)"
+                ))
+            }
+        }))
+    }
 }
 
-/// The level in force; `None`: logging is off.
+/// `[log] format`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// "off", "error", "warn", "info" (default) or "debug".
+    #[serde(default = "d_level", deserialize_with = "de_level")]
+    pub level: Option<Level>,
+    #[serde(default)]
+    pub format: Format,
+}
+
+fn d_level() -> Option<Level> {
+    Some(Level::Info)
+}
+
+fn de_level<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Level>, D::Error> {
+    let s = String::deserialize(d)?;
+    Level::parse(&s).map_err(serde::de::Error::custom)
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: d_level(),
+            format: Format::Text,
+        }
+    }
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+static FORMAT: AtomicU8 = AtomicU8::new(0);
+static INIT: OnceLock<()> = OnceLock::new();
+
+/// The level `RINGWAY_LOG` asks for, if it is set (and valid).
+fn env_level() -> Option<Option<Level>> {
+    std::env::var("RINGWAY_LOG")
+        .ok()
+        .and_then(|v| Level::parse(&v).ok())
+}
+
+fn env_init() {
+    INIT.get_or_init(|| {
+        let l = env_level().unwrap_or(Some(Level::Info));
+        LEVEL.store(l.map_or(0, |l| l as u8), Ordering::Relaxed);
+    });
+}
+
+/// Applies `[log]`: its format, and its level unless `RINGWAY_LOG` overrides it.
+pub fn init(cfg: &LogConfig) {
+    env_init();
+    set_format(cfg.format);
+    if env_level().is_none() {
+        set_level(cfg.level);
+    }
+}
+
+/// Sets the level at run time (`None`: off).
+pub fn set_level(level: Option<Level>) {
+    env_init();
+    LEVEL.store(level.map_or(0, |l| l as u8), Ordering::Relaxed);
+}
+
+/// The current level (`None`: off).
 pub fn level() -> Option<Level> {
-    // Runs the one-time `RINGWAY_LOG` read first.
-    let _ = enabled(Level::Error);
+    env_init();
     match LEVEL.load(Ordering::Relaxed) {
         1 => Some(Level::Error),
         2 => Some(Level::Warn),
@@ -43,24 +133,43 @@ pub fn level() -> Option<Level> {
     }
 }
 
-/// Sets the level at run time (the admin API's `PUT /log/level`); `None` turns logging off.
-pub fn set_level(level: Option<Level>) {
-    // The one-time `RINGWAY_LOG` read runs first, so that it cannot undo this later.
-    let _ = enabled(Level::Error);
-    LEVEL.store(level.map_or(0, |l| l as u8), Ordering::Relaxed);
+pub fn set_format(f: Format) {
+    FORMAT.store(f as u8, Ordering::Relaxed);
+}
+
+pub fn format() -> Format {
+    match FORMAT.load(Ordering::Relaxed) {
+        1 => Format::Json,
+        _ => Format::Text,
+    }
+}
+
+pub fn enabled(level: Level) -> bool {
+    env_init();
+    (level as u8) <= LEVEL.load(Ordering::Relaxed)
+}
+
+/// One event line, without its line feed.
+pub fn line(level: Level, format: Format, unix_ms: u64, args: std::fmt::Arguments<'_>) -> String {
+    let time = crate::date::rfc3339_millis(unix_ms);
+    let time = std::str::from_utf8(&time).unwrap_or("");
+    match format {
+        Format::Text => format!("{time} {} {args}", level.as_str()),
+        Format::Json => {
+            let msg = serde_json::Value::String(args.to_string());
+            format!(
+                "{{\"time\":\"{time}\",\"level\":\"{}\",\"msg\":{msg}}}",
+                level.as_str()
+            )
+        }
+    }
 }
 
 pub fn write(level: Level, args: std::fmt::Arguments<'_>) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let l = match level {
-        Level::Error => "error",
-        Level::Warn => "warn",
-        Level::Info => "info",
-        Level::Debug => "debug",
-    };
-    eprintln!("{}.{:03} {l} {args}", now.as_secs(), now.subsec_millis());
+    let mut l = line(level, format(), crate::date::unix_millis(), args);
+    l.push('\n');
+    use std::io::Write;
+    let _ = std::io::stderr().lock().write_all(l.as_bytes());
 }
 
 #[macro_export]
@@ -78,4 +187,50 @@ macro_rules! warn {
 #[macro_export]
 macro_rules! error {
     ($($t:tt)*) => { if $crate::log::enabled($crate::log::Level::Error) { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_as_text_and_json() {
+        let t = line(
+            Level::Warn,
+            Format::Text,
+            1_795_671_497_123,
+            format_args!("a {}", 1),
+        );
+        assert_eq!(t, "2026-11-26T05:38:17.123Z warn a 1");
+        let j = line(
+            Level::Info,
+            Format::Json,
+            1_795_671_497_123,
+            format_args!("quote \" and\nline"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&j).expect("json");
+        assert_eq!(v["time"], "2026-11-26T05:38:17.123Z");
+        assert_eq!(v["level"], "info");
+        assert_eq!(v["msg"], "quote \" and\nline");
+    }
+
+    #[test]
+    fn the_level_is_settable_at_run_time() {
+        let before = level();
+        set_level(Some(Level::Error));
+        assert!(enabled(Level::Error) && !enabled(Level::Warn));
+        set_level(None);
+        assert!(!enabled(Level::Error));
+        set_level(Some(Level::Debug));
+        assert!(enabled(Level::Debug));
+        assert_eq!(level(), Some(Level::Debug));
+        set_level(before);
+    }
+
+    #[test]
+    fn levels_parse() {
+        assert_eq!(Level::parse("off"), Ok(None));
+        assert_eq!(Level::parse("warn"), Ok(Some(Level::Warn)));
+        assert!(Level::parse("loud").is_err());
+    }
 }

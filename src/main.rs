@@ -42,6 +42,7 @@ ENVIRONMENT:
 SIGNALS:
     SIGHUP                                  reload the config file (refused, with the check
                                             message, when invalid)
+    SIGUSR1                                 reopen the access log files (log rotation)
     SIGTERM, SIGINT                         graceful shutdown
 ";
 
@@ -309,8 +310,10 @@ fn run(
     path: Option<PathBuf>,
     takeover: Option<PathBuf>,
 ) -> ExitCode {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    ringway::log::init(&cfg.log);
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
+    {
         Ok(s) => s,
         Err(e) => {
             error!("cannot install signal handlers: {e}");
@@ -367,6 +370,12 @@ fn run(
         if sig == SIGHUP {
             // Logged by the reload itself, success or refusal.
             let _ = gw.reload_config_file();
+            continue;
+        }
+        if sig == SIGUSR1 {
+            // Log rotation: the access log files are reopened before their next write.
+            info!("signal {sig}: reopening the access log files");
+            gw.reopen_access_logs();
             continue;
         }
         info!("signal {sig}: shutting down gracefully");

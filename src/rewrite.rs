@@ -52,6 +52,11 @@ pub struct Forwarding<'a> {
     /// Identity header lines the auth stage adds upstream (forwarded claims, consumer), or
     /// nothing.
     pub identity: &'a [u8],
+    /// W3C trace context: the `traceparent` value sent upstream in place of the client's
+    /// (see `crate::trace`). `None`: the client's trace fields pass as they are.
+    pub traceparent: Option<&'a [u8]>,
+    /// With `traceparent`: the client's `tracestate` lines go upstream (else they are dropped).
+    pub keep_tracestate: bool,
 }
 
 /// Header names with a rule of their own, recognised by length first so most names cost one
@@ -70,6 +75,8 @@ enum Hdr {
     Forwarded,
     RequestId,
     MaxForwards,
+    TraceParent,
+    TraceState,
     Other,
 }
 
@@ -101,6 +108,8 @@ fn classify(name: &[u8]) -> Hdr {
         9 if eq(b"forwarded") => Hdr::Forwarded,
         9 if eq(b"x-real-ip") => Hdr::XRealIp,
         10 if eq(b"connection") || eq(b"keep-alive") => Hdr::Hop,
+        10 if eq(b"tracestate") => Hdr::TraceState,
+        11 if eq(b"traceparent") => Hdr::TraceParent,
         12 if eq(b"x-request-id") => Hdr::RequestId,
         12 if eq(b"max-forwards") => Hdr::MaxForwards,
         14 if eq(b"content-length") => Hdr::ContentLength,
@@ -187,6 +196,10 @@ pub fn encode_upstream_head(
                 continue;
             }
             Hdr::MaxForwards => {}
+            // The gateway's own span replaces the client's parent (W3C Trace Context §3.2).
+            Hdr::TraceParent if f.traceparent.is_some() => continue,
+            Hdr::TraceState if f.traceparent.is_some() && !f.keep_tracestate => continue,
+            Hdr::TraceParent | Hdr::TraceState => {}
             k @ (Hdr::Xfp | Hdr::Xfh | Hdr::Xfport | Hdr::XRealIp) => {
                 if !(f.trusted && keeps(rules, &conn, name)) {
                     continue;
@@ -238,6 +251,9 @@ pub fn encode_upstream_head(
     }
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
+    if let Some(tp) = f.traceparent {
+        put_header(out, b"traceparent", tp);
+    }
     if let Some((name, subject)) = f.client_cert {
         put_header(out, name, subject);
     }
@@ -405,6 +421,8 @@ mod tests {
             https: false,
             client_cert: None,
             identity: b"",
+            traceparent: None,
+            keep_tracestate: false,
         }
     }
 

@@ -61,6 +61,8 @@ pub struct Gateway {
     /// What a reload or a binary upgrade needs: the running config, the listening sockets,
     /// the background threads that follow the config (see [`crate::reload`]).
     pub(crate) reload: crate::reload::ReloadState,
+    /// The access log outputs, when a listener logs (reopened on SIGUSR1).
+    access_logs: Option<Arc<crate::access_log::AccessLogs>>,
 }
 
 /// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
@@ -126,6 +128,16 @@ impl Gateway {
         // One route index for all workers (immutable; per-core copies measured no faster).
         let routes = crate::router::RouteTable::build(&cfg);
         let cache_redis = crate::cache::redis::SharedLayer::new(&cfg);
+        let (access_logs, mut worker_logs, log_threads) = match crate::access_log::build(&cfg, n)? {
+            Some(b) => (
+                Some(b.shared),
+                b.workers.into_iter().map(Some).collect(),
+                b.threads,
+            ),
+            None => (None, Vec::new(), Vec::new()),
+        };
+        worker_logs.resize_with(n, || None);
+        let mut worker_logs = worker_logs.into_iter();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(DriverKind, Option<String>), String>>();
         let mut threads = Vec::with_capacity(n);
         for (id, listeners) in per_worker.into_iter().enumerate() {
@@ -143,6 +155,7 @@ impl Gateway {
                 },
                 auth: auth.clone(),
                 cache_redis: cache_redis.clone(),
+                access_log: worker_logs.next().flatten(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("ringway-w{id}"))
@@ -172,6 +185,8 @@ impl Gateway {
                 }
             }
         }
+        // Joined after the workers: each ends once every worker dropped its sender.
+        threads.extend(log_threads);
         if let Some(link) = buckets.redis() {
             threads.push(crate::redis::spawn(link.clone(), stop.clone())?);
         }
@@ -216,6 +231,12 @@ impl Gateway {
                 "/reload",
                 crate::reload::admin_handler(&reload, control.clone()),
             );
+            // The metrics handler lives with the cache so that its families are appended.
+            a.mount(
+                crate::admin::Method::Get,
+                "/metrics",
+                crate::cache::admin::metrics_handler(control.clone()),
+            );
             a.mount(
                 crate::admin::Method::Post,
                 "/cache/purge",
@@ -240,7 +261,20 @@ impl Gateway {
             control,
             admin,
             reload,
+            access_logs,
         })
+    }
+
+    /// The access log outputs (`None` when no listener logs).
+    pub fn access_logs(&self) -> Option<&Arc<crate::access_log::AccessLogs>> {
+        self.access_logs.as_ref()
+    }
+
+    /// Reopens the access log files (log rotation; what SIGUSR1 does).
+    pub fn reopen_access_logs(&self) {
+        if let Some(a) = &self.access_logs {
+            a.reopen();
+        }
     }
 
     /// Script calls and pipelines sent to Redis so far (0 without the Redis backend).
@@ -461,6 +495,8 @@ struct Shared {
     auth: Arc<crate::auth::AuthShared>,
     /// `[cache.redis]`: the response cache's shared layer.
     cache_redis: Option<Arc<crate::cache::redis::SharedLayer>>,
+    /// This worker's side of the access log.
+    access_log: Option<crate::access_log::WorkerAccessLog>,
 }
 
 /// Per upstream group in config order: its TLS, if any.
@@ -560,11 +596,12 @@ fn run_worker(
 }
 
 /// Decrements the open-connection count when a connection task ends, however it ends.
-struct ConnGuard(Rc<Worker>);
+struct ConnGuard(Rc<Worker>, usize);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
+        self.0.metrics.conn_closed(self.1);
         if self.0.accept_paused.get() {
             self.0.conn_closed.notify_all();
         }
@@ -647,6 +684,9 @@ async fn worker_main(
         &shared.auth,
         shared.built,
     );
+    if let Some(l) = shared.access_log {
+        let _ = worker.access_log.set(l);
+    }
     let w = Rc::new(worker);
     *w.listener_stop.borrow_mut() = (0..cfg.listeners.len())
         .map(|_| Rc::new(crate::proxy::Shutdown::default()))
@@ -666,6 +706,9 @@ async fn worker_main(
                 w.hub.sync(&w.config().upstreams, Instant::now());
                 w.auth().sync();
                 w.tick_date();
+                if let Some(l) = w.access_log.get() {
+                    l.tick();
+                }
                 control.run_pending(&w);
                 ticks = ticks.wrapping_add(1);
                 if ticks.is_multiple_of(IDLE_TICK_EVERY) {
@@ -717,6 +760,9 @@ async fn worker_main(
     }
     for g in &w.config().upstreams {
         g.clear_idle();
+    }
+    if let Some(l) = w.access_log.get() {
+        l.close();
     }
 }
 
@@ -818,7 +864,8 @@ fn start_conn(
         let tls = cfg.listeners.get(listener).and_then(|l| l.tls.clone());
         (cfg.trusted_proxies.contains(peer.ip()), tls)
     };
-    let guard = ConnGuard(w.clone());
+    w.metrics.conn_accepted(listener);
+    let guard = ConnGuard(w.clone(), listener);
     // Two task bodies, so that a plain connection's task is not sized for TLS.
     match &tls {
         None => {
@@ -842,6 +889,7 @@ fn start_conn(
                     trusted,
                     port,
                     client_subject: None,
+                    tls_version: None,
                 };
                 serve_tls(&guard.0, cfg, stream, peer, info).await;
                 drop(guard);
@@ -865,15 +913,19 @@ async fn serve_tls(
     };
     match hs {
         Ok(Ok((s, client_subject))) => {
+            w.metrics.tls_handshake(info.listener, true);
             info.client_subject = client_subject;
+            info.tls_version = s.tls_version();
             serve(w, s, peer, info).await;
         }
         Ok(Err(e)) => {
+            w.metrics.tls_handshake(info.listener, false);
             w.tls_handshake_failures
                 .set(w.tls_handshake_failures.get() + 1);
             debug!("worker {}: TLS handshake with {peer} failed: {e}", w.id);
         }
         Err(_) => {
+            w.metrics.tls_handshake(info.listener, false);
             w.tls_handshake_failures
                 .set(w.tls_handshake_failures.get() + 1);
             debug!("worker {}: TLS handshake with {peer} timed out", w.id);

@@ -360,10 +360,17 @@ pub async fn accept(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| cert_subject(c));
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => Some("1.3"),
+        Some(rustls::ProtocolVersion::TLSv1_2) => Some("1.2"),
+        _ => None,
+    };
     Ok((
         {
             let (sock, writing) = Sock::new(io);
-            Guarded::new(monoio_rustls::ServerTlsStream::new(sock, conn), writing)
+            let mut g = Guarded::new(monoio_rustls::ServerTlsStream::new(sock, conn), writing);
+            g.version = version;
+            g
         },
         subject,
     ))
@@ -648,6 +655,8 @@ pub struct Guarded<S> {
     writing: bool,
     /// A socket write under way (set while it runs; left set by a dropped one).
     sock_writing: Rc<Cell<bool>>,
+    /// The negotiated protocol version ("1.2", "1.3"), for the access log.
+    version: Option<&'static str>,
 }
 
 fn broken() -> io::Error {
@@ -664,7 +673,13 @@ impl<S> Guarded<S> {
             reading: false,
             writing: false,
             sock_writing,
+            version: None,
         }
+    }
+
+    /// The TLS version the handshake negotiated ("1.2" or "1.3"), when known.
+    pub fn tls_version(&self) -> Option<&'static str> {
+        self.version
     }
 
     /// Writes (and reads, which may write an alert) need monoio-rustls's write buffer.

@@ -1158,3 +1158,42 @@ fn admin_api_purges_by_url_prefix_and_tag_and_reports_counters() {
     assert_eq!(r.status, 200);
     assert_eq!(admin("GET", "/cache").json()["total"]["entries"], 0);
 }
+
+/// `GET /metrics` on the admin API: the gateway's families and the cache's, one valid
+/// Prometheus text exposition.
+#[test]
+fn admin_metrics_include_the_cache_families() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        cache_config(up.addr, "", "")
+    );
+    let gw = TestGateway::start(&toml, D);
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let mut c = Client::connect(gw.addr);
+    for _ in 0..3 {
+        c.send(b"GET /m HTTP/1.1\r\nHost: test.local\r\n\r\n");
+        assert_eq!(c.read_response().expect("an answer").status, 200);
+    }
+    let r = request(api, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap_or("")
+        .starts_with("text/plain; version=0.0.4"));
+    let text = r.text();
+    ringway::metrics::prom::check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    for line in [
+        "ringway_cache_misses_total 1",
+        "ringway_cache_hits_total 2",
+        "ringway_cache_stores_total 1",
+        "ringway_cache_entries 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ringway_route_requests_total{") && l.ends_with(" 3")),
+        "{text}"
+    );
+}

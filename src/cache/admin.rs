@@ -102,6 +102,90 @@ fn stats_json(s: &CacheStats) -> serde_json::Value {
     })
 }
 
+/// The cache's families in the Prometheus text format, summed over the workers (appended to
+/// `/metrics`).
+pub fn write_prometheus(per_worker: &[CacheStats], out: &mut String) {
+    use std::fmt::Write as _;
+    let sum = |f: fn(&CacheStats) -> u64| per_worker.iter().map(f).fold(0u64, u64::saturating_add);
+    let families: [(&str, &str, &str, u64); 9] = [
+        (
+            "ringway_cache_hits_total",
+            "counter",
+            "Answers from the store while fresh.",
+            sum(|s| s.hits),
+        ),
+        (
+            "ringway_cache_stale_hits_total",
+            "counter",
+            "Stale answers from the store (stale-while-revalidate, stale-if-error).",
+            sum(|s| s.stale_hits),
+        ),
+        (
+            "ringway_cache_misses_total",
+            "counter",
+            "Requests on cached routes that went to the upstream.",
+            sum(|s| s.misses),
+        ),
+        (
+            "ringway_cache_stores_total",
+            "counter",
+            "Responses stored.",
+            sum(|s| s.stores),
+        ),
+        (
+            "ringway_cache_revalidations_total",
+            "counter",
+            "Conditional requests sent to refresh a stored response.",
+            sum(|s| s.revalidations),
+        ),
+        (
+            "ringway_cache_coalesced_total",
+            "counter",
+            "Misses that waited for another request's fetch of the same key.",
+            sum(|s| s.coalesced),
+        ),
+        (
+            "ringway_cache_purged_total",
+            "counter",
+            "Objects removed or marked stale by purges.",
+            sum(|s| s.purged),
+        ),
+        (
+            "ringway_cache_entries",
+            "gauge",
+            "Objects in the stores.",
+            sum(|s| s.entries),
+        ),
+        (
+            "ringway_cache_bytes",
+            "gauge",
+            "Bytes weighed by the stores (headers and bodies).",
+            sum(|s| s.bytes),
+        ),
+    ];
+    for (name, kind, help, v) in families {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    }
+}
+
+/// `GET /metrics`: the gateway's metrics and the cache's, in the Prometheus text format.
+pub fn metrics_handler(control: Arc<Control>) -> Handler {
+    Arc::new(move |_req| {
+        let mut out = String::new();
+        if let Err(e) = crate::metrics::render_prometheus(&control, &mut out) {
+            return AdminResponse::error(503, &e.to_string());
+        }
+        match super::stats(&control, WORKER_ANSWER_LIMIT) {
+            Ok(per_worker) => write_prometheus(&per_worker, &mut out),
+            Err(e) => return AdminResponse::error(503, &e.to_string()),
+        }
+        AdminResponse::text(200, crate::metrics::prom::CONTENT_TYPE, out)
+    })
+}
+
 /// `GET /cache`.
 pub fn stats_handler(control: Arc<Control>) -> Handler {
     Arc::new(

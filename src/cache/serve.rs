@@ -1231,6 +1231,16 @@ async fn answer<'c, S: ClientIo>(
     if send_body && body.len() <= INLINE_BODY {
         wbuf.put_slice(&body);
     }
+    // What the end of the request records (metrics, access log).
+    ctx.rec.status = code;
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(
+        wbuf.len() as u64
+            + if send_body && body.len() > INLINE_BODY {
+                body.len() as u64
+            } else {
+                0
+            },
+    );
     let t = ctx.t.client_write;
     let buf = std::mem::take(&mut ctx.wbuf);
     match write_buf(&mut c.io, buf, t).await {
@@ -1286,6 +1296,7 @@ async fn stream_from<'c, S: ClientIo>(
         &st.reason
     };
     put_status_line(wbuf, st.status, reason);
+    ctx.rec.status = st.status;
     let rules = &route.response_headers;
     for (n, v) in &st.fields {
         if !rules.drops(n) {
@@ -1449,6 +1460,8 @@ async fn gateway_body<'c, S: ClientIo>(
     if ctx.head.method != Method::Head {
         wbuf.put_slice(body);
     }
+    ctx.rec.status = code;
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(wbuf.len() as u64);
     let buf = std::mem::take(&mut ctx.wbuf);
     match write_buf(&mut c.io, buf, ctx.t.client_write).await {
         Ok(mut b) => {
@@ -1619,6 +1632,9 @@ impl Revalidation {
             https: self.https,
             client_cert: None,
             identity: &self.identity,
+            // The triggering request's own trace context goes along as it came.
+            traceparent: None,
+            keep_tracestate: false,
         };
         let mut ubuf = BytesMut::new();
         encode_upstream_head(

@@ -663,6 +663,9 @@ impl<'a> Env<'a> {
             &mut down,
             &mut ubuf,
             &mut resp,
+            // Sub-requests are not the client request's upstream phase: their timing and
+            // retries are not recorded as the request's.
+            &mut crate::proxy::record::Record::default(),
             |out, ep| {
                 out.clear();
                 out.put_slice(method);

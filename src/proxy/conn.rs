@@ -14,7 +14,7 @@ use monoio::buf::{IoBuf, IoBufMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use crate::error::{write_error_response, GatewayError};
+use crate::error::{write_error_response_traced, GatewayError};
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, ALLOWED_METHODS};
 use crate::rewrite::connection_value;
@@ -60,6 +60,8 @@ pub struct ConnInfo {
     pub trusted: bool,
     /// The port the connection came in on (X-Forwarded-Port).
     pub port: Option<u16>,
+    /// The TLS version negotiated ("1.2", "1.3"), on a TLS connection.
+    pub tls_version: Option<&'static str>,
 }
 
 /// A client stream: plain TCP or TLS.
@@ -282,6 +284,10 @@ impl<S: ClientIo> Conn<S> {
         // One snapshot for the whole request, whatever a reload does meanwhile.
         let cfg = w.config();
         let mut ctx = RequestCtx::new(w, cfg.timeouts);
+        if w.timed() {
+            // The request's first bytes are here (the wait for them is over).
+            ctx.rec.start = Some(Instant::now());
+        }
         let next = match self.read_head(w, &cfg, &mut ctx).await {
             HeadRead::Closed => return None,
             HeadRead::Fail(e) => {
@@ -301,6 +307,8 @@ impl<S: ClientIo> Conn<S> {
                 self.finish(w, &mut ctx, out).await
             }
         };
+        // The response is done, however it ended: metrics and the access log line.
+        super::record::done(w, &cfg, self, &ctx);
         match next {
             Next::KeepAlive => Some(Next::KeepAlive),
             Next::Close if !ctx.body.is_done() || !self.rbuf.is_empty() => Some(Next::Close),
@@ -455,9 +463,13 @@ impl<S: ClientIo> Conn<S> {
             };
         }
         self.write_answer(w, ctx, &answer, keep);
+        let written = ctx.wbuf.len() as u64;
         let buf = std::mem::take(&mut ctx.wbuf);
         match write_buf(&mut self.io, buf, ctx.t.client_write).await {
-            Ok(b) => ctx.wbuf = b,
+            Ok(b) => {
+                ctx.wbuf = b;
+                ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(written);
+            }
             Err(_) => return Next::Close,
         }
         if !keep {
@@ -475,9 +487,28 @@ impl<S: ClientIo> Conn<S> {
         let wbuf = &mut ctx.wbuf;
         wbuf.clear();
         let head_only = ctx.head.method == Method::Head;
+        // What the end of the request records (see `record::done`).
+        let (status, error) = match a {
+            Answer::Error(e) => (e.status(), Some(*e)),
+            Answer::Direct(d) => (d.status, None),
+            Answer::Redirect { .. } => (308, None),
+            Answer::LastHop => (200, None),
+            Answer::Composed(c) => (c.status, None),
+        };
+        ctx.rec.status = status;
+        ctx.rec.error = error;
         match a {
             Answer::Error(e) => {
-                write_error_response(wbuf, *e, ctx.id.as_bytes(), &date, &ctx.resp_headers, !keep);
+                let trace_id = ctx.rec.trace.trace_id_hex();
+                write_error_response_traced(
+                    wbuf,
+                    *e,
+                    ctx.id.as_bytes(),
+                    &trace_id,
+                    &date,
+                    &ctx.resp_headers,
+                    !keep,
+                );
                 if head_only {
                     // HEAD: the same head, no body.
                     if let Some(p) = memchr::memmem::find(wbuf, b"\r\n\r\n") {

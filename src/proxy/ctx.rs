@@ -47,6 +47,8 @@ pub struct RequestBody {
     pub continue_sent: bool,
     /// The head was refused: where the body ends is unknown.
     unknown: bool,
+    /// Body bytes taken off the connection, as they came (for the metrics and access log).
+    wire: u64,
 }
 
 impl RequestBody {
@@ -66,6 +68,7 @@ impl RequestBody {
             expect_continue: head.expect_continue,
             continue_sent: false,
             unknown: false,
+            wire: 0,
         }
     }
 
@@ -80,6 +83,7 @@ impl RequestBody {
             expect_continue: false,
             continue_sent: false,
             unknown: true,
+            wire: 0,
         }
     }
 
@@ -101,6 +105,11 @@ impl RequestBody {
 
     pub fn kind(&self) -> BodyKind {
         self.kind
+    }
+
+    /// Body bytes taken off the connection so far, framing included.
+    pub fn wire(&self) -> u64 {
+        self.wire
     }
 
     /// Content-Length bytes still to come (0 for other framings).
@@ -155,6 +164,7 @@ impl RequestBody {
                 (r.consumed, if r.verbatim { raw } else { framed })
             }
         };
+        self.wire = self.wire.saturating_add(consumed as u64);
         if self.state != BodyState::Done && consumed > 0 {
             self.state = BodyState::Partial;
         }
@@ -202,7 +212,10 @@ impl RequestBody {
         let mut whole = buf.split_to(n);
         let out = match self.kind {
             BodyKind::Chunked => self.take_with(&mut whole, deny)?,
-            _ => whole,
+            _ => {
+                self.wire = self.wire.saturating_add(n as u64);
+                whole
+            }
         };
         self.left = 0;
         self.state = BodyState::Done;
@@ -271,6 +284,8 @@ pub struct RequestCtx<'w> {
     /// names providers by index, so a reload between the two (while the head arrives) must
     /// not pair an old policy with new providers.
     pub auth: std::rc::Rc<crate::auth::WorkerAuth>,
+    /// What the end of the request records (metrics, access log) and its trace context.
+    pub rec: super::record::Record,
 }
 
 impl<'w> RequestCtx<'w> {
@@ -291,6 +306,7 @@ impl<'w> RequestCtx<'w> {
             wbuf: w.bufs.take(),
             ubuf: w.bufs.take(),
             auth: w.auth(),
+            rec: super::record::Record::default(),
         }
     }
 
@@ -299,12 +315,16 @@ impl<'w> RequestCtx<'w> {
         let client_id = self.head.header(b"x-request-id");
         self.id.assign(self.w, client_id);
         self.body = RequestBody::new(&self.head, max_body);
+        self.rec.head_ok = true;
+        self.rec.trace = crate::trace::TraceContext::for_request(&self.head, || self.w.random());
     }
 
     /// Called when the head was refused: an id for the answer; the body's end is unknown.
     pub fn head_refused(&mut self) {
         self.id.assign(self.w, None);
         self.body = RequestBody::unknown();
+        self.rec.head_ok = false;
+        self.rec.trace = crate::trace::TraceContext::new_trace(|| self.w.random());
     }
 }
 

@@ -35,7 +35,12 @@ pub async fn proxy<'c, S: ClientIo>(
     ctx: &mut RequestCtx<'_>,
 ) -> Outcome<'c> {
     let mut resp = w.bufs.take_resp();
-    let out = match exchange(w, cfg, route, group, c, ctx, &mut resp).await {
+    let exchanged = exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if exchanged.is_err() && ctx.rec.upstream_start.is_some() {
+        // A failed upstream phase took this long (an error path: one more clock reading).
+        ctx.rec.upstream_answered(Instant::now());
+    }
+    let out = match exchanged {
         Err(AttemptError::Down(DownFail::Gone)) => Outcome::Abort,
         Err(e) => match e.answer() {
             Some(g) => Outcome::from(g),
@@ -132,6 +137,7 @@ pub(crate) async fn exchange<S: ClientIo>(
         .await
         .map_err(AttemptError::Down)?;
     let replayed = down.replay.is_some();
+    let traceparent = ctx.rec.trace.traceparent();
     let fwd = Forwarding {
         peer_ip: c.peer.as_bytes(),
         trusted: c.info.trusted,
@@ -144,6 +150,8 @@ pub(crate) async fn exchange<S: ClientIo>(
             .as_deref()
             .zip(c.info.client_subject.as_deref()),
         identity: &ctx.auth_headers,
+        traceparent: Some(&traceparent),
+        keep_tracestate: ctx.rec.trace.keep_state,
     };
     let o = TryOpts {
         policy,
@@ -155,16 +163,25 @@ pub(crate) async fn exchange<S: ClientIo>(
         deadline: None,
     };
     let head = &ctx.head;
-    try_endpoints(w, group, &o, &mut down, &mut ctx.ubuf, resp, |out, ep| {
-        encode_upstream_head(out, head, route, &group.endpoints[ep].authority, &fwd)
-    })
+    try_endpoints(
+        w,
+        group,
+        &o,
+        &mut down,
+        &mut ctx.ubuf,
+        resp,
+        &mut ctx.rec,
+        |out, ep| encode_upstream_head(out, head, route, &group.endpoints[ep].authority, &fwd),
+    )
     .await
 }
 
 /// Tries a request on `group` until an attempt gives a response that is not retried, or the
 /// retry policy, the breaker, the endpoints or the deadline say stop. `encode` writes the
 /// request head for an endpoint into the buffer. Used for proxied requests (the body from the
-/// client) and for composition's sub-requests (an [`super::attempt::InMemory`] body).
+/// client) and for composition's sub-requests (an [`super::attempt::InMemory`] body). `rec`
+/// takes the upstream timing, the endpoint and the retries.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn try_endpoints<D: Downstream>(
     w: &Worker,
     group: &UpstreamGroup,
@@ -172,11 +189,15 @@ pub(crate) async fn try_endpoints<D: Downstream>(
     down: &mut D,
     ubuf: &mut BytesMut,
     resp: &mut ResponseHead,
+    rec: &mut super::record::Record,
     mut encode: impl FnMut(&mut BytesMut, usize),
 ) -> Result<Chosen, AttemptError> {
     let (policy, idempotent, replayed, hash) = (o.policy, o.idempotent, o.replayed, o.hash);
-    if let Some(p) = policy {
-        p.record_request(Instant::now());
+    // One clock reading for the retry budget and the upstream latency.
+    let t0 = (policy.is_some() || rec.start.is_some()).then(Instant::now);
+    rec.upstream_began(t0, group.index);
+    if let (Some(p), Some(t0)) = (policy, t0) {
+        p.record_request(t0);
     }
     let mut tried = [usize::MAX; 10];
     let mut ntried = 0;
@@ -199,6 +220,7 @@ pub(crate) async fn try_endpoints<D: Downstream>(
             }
             return Err(AttemptError::Connect(GatewayError::NoHealthyEndpoint));
         };
+        rec.endpoint = Some(ep);
         if ntried < tried.len() {
             tried[ntried] = ep;
             ntried += 1;
@@ -228,9 +250,12 @@ pub(crate) async fn try_endpoints<D: Downstream>(
         let r = attempt(group, ep, ubuf, down, &opts, resp).await;
         let failure = match &r {
             Ok(_) => {
-                if let Some(t0) = started {
+                if started.is_some() || rec.upstream_start.is_some() {
                     let now = Instant::now();
-                    stats.observe_latency(now - t0, now);
+                    if let Some(t0) = started {
+                        stats.observe_latency(now - t0, now);
+                    }
+                    rec.upstream_answered(now);
                 }
                 (resp.status >= 500).then_some(Failure::Status(resp.status))
             }
@@ -249,12 +274,15 @@ pub(crate) async fn try_endpoints<D: Downstream>(
             Err(AttemptError::Stale | AttemptError::Reset | AttemptError::Bad) => {
                 Some(Failure::Reset)
             }
-            Err(AttemptError::Connect(_)) => Some(Failure::Connect),
+            Err(AttemptError::Connect(_)) => {
+                w.metrics.connect_failed(group.index, ep);
+                Some(Failure::Connect)
+            }
             Err(AttemptError::Timeout) => Some(Failure::Timeout),
             Err(AttemptError::Down(_) | AttemptError::Overloaded) => None,
         };
         let upstream_judged = r.as_ref().err().is_none_or(|e| e.upstream_side());
-        let retry = failure.is_some_and(|f| {
+        let eligible = failure.is_some_and(|f| {
             policy.is_some_and(|p| {
                 tries < p.attempts
                     && p.retries_on(f)
@@ -265,9 +293,14 @@ pub(crate) async fn try_endpoints<D: Downstream>(
                             .checked_add(p.backoff_cap(tries))
                             .is_some_and(|t| t < d)
                     })
-                    && p.take_retry(Instant::now())
             })
         });
+        let retry = eligible && policy.is_some_and(|p| p.take_retry(Instant::now()));
+        if retry {
+            rec.retries = rec.retries.saturating_add(1);
+        } else if eligible {
+            rec.retry_budget_refusals = rec.retry_budget_refusals.saturating_add(1);
+        }
         if retry || r.is_err() {
             stats.outstanding.set(stats.outstanding.get() - 1);
             if upstream_judged {
@@ -338,6 +371,7 @@ pub(crate) fn record_outcome(
         {
             Ejection::Ejected(d) => {
                 s.routable.set(false);
+                w.metrics.ejected(group.index, ep);
                 warn!(
                     "outlier detection: {} of upstream {} ejected for {:?} after {f} consecutive failures",
                     group.endpoints[ep].addr, group.name, d

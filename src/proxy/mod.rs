@@ -24,6 +24,7 @@
 //! - [`attempt`]: one upstream attempt as a function, callable by anything with a
 //!   [`attempt::Downstream`].
 //! - [`relay`]: the body relays.
+//! - [`record`]: the end of a request: metrics and the access log line, in one step.
 //! - [`slab`]: reusable blocks for request futures, so an idle connection holds little.
 
 pub mod attempt;
@@ -31,6 +32,7 @@ pub mod conn;
 pub mod ctx;
 pub mod forward;
 pub mod phases;
+pub mod record;
 pub mod relay;
 pub mod slab;
 pub mod worker;

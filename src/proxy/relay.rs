@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use monoio::buf::IoBuf;
 
 use crate::error::GatewayError;
 use crate::http::chunked::ChunkedScanner;
@@ -218,6 +219,7 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
     tee: Option<&mut crate::cache::Tee>,
 ) -> (Outcome<'c>, bool) {
     let client_11 = ctx.head.version == Version::Http11;
+    ctx.rec.status = resp.status;
     // How the body reaches the client.
     let out = match resp.body {
         RespBody::None => OutFraming::None,
@@ -240,6 +242,8 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
         https: c.info.tls,
         client_cert: None,
         identity: b"",
+        traceparent: None,
+        keep_tracestate: false,
     };
     let chunked = matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk);
     encode_client_head(
@@ -259,6 +263,7 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
         t_body: ctx.t.upstream_body,
         deadline: ctx.t.upstream_body_total.and_then(deadline_after),
         tee,
+        sent: 0,
     };
     let result = match out {
         OutFraming::None => r.flush().await.map(|_| true).map_err(RelayFail::from),
@@ -271,6 +276,7 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
             .await
             .map_err(RelayFail::from),
     };
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(r.sent);
     match result {
         Ok(complete) => {
             let reusable = complete
@@ -306,12 +312,22 @@ struct Relay<'a, S> {
     deadline: Option<Instant>,
     /// The cache's capture of the body, when it may store the response.
     tee: Option<&'a mut crate::cache::Tee>,
+    /// Bytes written to the client.
+    sent: u64,
 }
 
 impl<S: ClientIo> Relay<'_, S> {
+    /// Writes to the client, counting the bytes.
+    async fn write<B: IoBuf + 'static>(&mut self, buf: B) -> Result<B, IoFail> {
+        let n = buf.bytes_init() as u64;
+        let b = write_buf(self.io, buf, self.t_write).await?;
+        self.sent = self.sent.saturating_add(n);
+        Ok(b)
+    }
+
     async fn flush(&mut self) -> Result<(), IoFail> {
         let buf = std::mem::take(self.wbuf);
-        let mut buf = write_buf(self.io, buf, self.t_write).await?;
+        let mut buf = self.write(buf).await?;
         buf.clear();
         *self.wbuf = buf;
         Ok(())
@@ -350,7 +366,7 @@ impl<S: ClientIo> Relay<'_, S> {
         if have > 0 {
             let part = up.rbuf.split_to(have);
             left -= have as u64;
-            write_buf(self.io, part, self.t_write).await?;
+            self.write(part).await?;
         }
         if left == 0 {
             return Ok(true);
@@ -364,7 +380,7 @@ impl<S: ClientIo> Relay<'_, S> {
                 t.push(&buf);
             }
             left -= (k as u64).min(left);
-            buf = write_buf(self.io, buf, self.t_write).await?;
+            buf = self.write(buf).await?;
         }
         buf.clear();
         up.rbuf = buf;
@@ -416,7 +432,7 @@ impl<S: ClientIo> Relay<'_, S> {
                         self.flush().await?;
                     }
                     let part = up.rbuf.split_to(r.consumed);
-                    write_buf(self.io, part, self.t_write).await?;
+                    self.write(part).await?;
                 }
                 head_pending = false;
                 if r.done {
@@ -451,7 +467,7 @@ impl<S: ClientIo> Relay<'_, S> {
                     self.flush().await?;
                 } else {
                     let part = up.rbuf.split();
-                    write_buf(self.io, part, self.t_write).await?;
+                    self.write(part).await?;
                 }
             }
             let mut rb = std::mem::take(&mut up.rbuf);
@@ -464,7 +480,7 @@ impl<S: ClientIo> Relay<'_, S> {
             }
         }
         if rechunk {
-            write_buf(self.io, &b"0\r\n\r\n"[..], self.t_write).await?;
+            self.write(&b"0\r\n\r\n"[..]).await?;
         }
         Ok(false)
     }

@@ -235,6 +235,12 @@ pub struct Worker {
     pub cache: Rc<crate::cache::WorkerCache>,
     id_seed: u64,
     id_seq: Cell<u64>,
+    /// Per-request metrics and per-listener counters (see [`crate::metrics`]).
+    pub metrics: crate::metrics::WorkerMetrics,
+    /// This worker's side of the access log, installed once at start when a listener logs.
+    pub access_log: std::cell::OnceCell<crate::access_log::WorkerAccessLog>,
+    /// State of [`Worker::random`].
+    rng: Cell<u64>,
 }
 
 impl Worker {
@@ -277,6 +283,9 @@ impl Worker {
             cache: crate::cache::WorkerCache::new(cfg, id),
             id_seed: seed,
             id_seq: Cell::new(0),
+            metrics: crate::metrics::WorkerMetrics::new(cfg),
+            access_log: std::cell::OnceCell::new(),
+            rng: Cell::new(splitmix(seed ^ 0x7261_6e64)),
         };
         w.tick_date();
         w
@@ -325,6 +334,20 @@ impl Worker {
     /// checks, read without a system call.
     pub fn now_secs(&self) -> u64 {
         self.date_secs.get()
+    }
+
+    /// 64 random bits (splitmix64 over a per-worker seed; not for secrets): trace and span ids,
+    /// sampling.
+    pub fn random(&self) -> u64 {
+        let n = self.rng.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.rng.set(n);
+        splitmix(n)
+    }
+
+    /// Whether requests are timed: metrics are on, or the access log (which writes latencies).
+    #[inline]
+    pub fn timed(&self) -> bool {
+        self.metrics.enabled || self.access_log.get().is_some()
     }
 
     /// A new request id: 24 hex digits, unique per process run and worker.

@@ -41,7 +41,13 @@ pub struct Breaker {
     pub in_flight: Cell<u32>,
     /// Requests waiting for a connection under `max_connections`.
     pub pending: Cell<u32>,
+    /// State changes on this worker, by the state entered ([`STATE_NAMES`] order), for the
+    /// metrics.
+    pub transitions: [Cell<u64>; 3],
 }
+
+/// The breaker's states as the metrics name them, in [`Breaker::state_index`] order.
+pub const STATE_NAMES: [&str; 3] = ["closed", "open", "half_open"];
 
 impl Breaker {
     pub fn new(c: &BreakerConfig) -> Breaker {
@@ -57,6 +63,27 @@ impl Breaker {
             window: Rolling::new(c.window.0),
             in_flight: Cell::new(0),
             pending: Cell::new(0),
+            transitions: Default::default(),
+        }
+    }
+
+    /// The current state as an index of [`STATE_NAMES`].
+    pub fn state_index(&self) -> usize {
+        match self.state.get() {
+            State::Closed => 0,
+            State::Open { .. } => 1,
+            State::HalfOpen { .. } => 2,
+        }
+    }
+
+    /// Enters `next`, counting a change of state.
+    fn enter(&self, next: State) {
+        let before = self.state_index();
+        self.state.set(next);
+        let after = self.state_index();
+        if before != after {
+            let c = &self.transitions[after];
+            c.set(c.get().saturating_add(1));
         }
     }
 
@@ -80,7 +107,7 @@ impl Breaker {
                 if now < until {
                     return Admit::Open(until - now);
                 }
-                self.state.set(State::HalfOpen {
+                self.enter(State::HalfOpen {
                     in_flight: 0,
                     passed: 0,
                 });
@@ -121,7 +148,7 @@ impl Breaker {
                 if !success {
                     self.trip(now);
                 } else if passed + 1 >= self.probes {
-                    self.state.set(State::Closed);
+                    self.enter(State::Closed);
                     self.window.reset();
                 } else {
                     self.state.set(State::HalfOpen {
@@ -160,7 +187,7 @@ impl Breaker {
     }
 
     fn trip(&self, now: Instant) {
-        self.state.set(State::Open {
+        self.enter(State::Open {
             until: now + self.open_for,
         });
         self.window.reset();

@@ -248,6 +248,11 @@ impl UpstreamGroup {
         self.algorithm.pick(&self.stats, &self.weights, hash, tried)
     }
 
+    /// Idle pooled connections to endpoint `ep` on this worker (for the metrics).
+    pub fn idle_len(&self, ep: usize) -> usize {
+        self.endpoints.get(ep).map_or(0, |e| e.idle.borrow().len())
+    }
+
     /// An idle pooled connection to endpoint `ep`, most recent first. With `verify` (or after
     /// a second idle), a non-blocking peek first checks that the upstream has not closed it; a
     /// request that can simply be sent again on a new connection skips that syscall.

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Metrics (and the access log) on vs off, end to end: three ringway processes (release build)
+# in front of the same nginx origin (64-byte answers), identical but for
+#   off:  [metrics] enabled = false, no access log
+#   on:   [metrics] enabled = true (the default), no access log
+#   log:  [metrics] enabled = true and [access_log] to a file in the scratch directory
+# Rounds run the three in turn with the same wrk load (keep-alive); each run prints req/s and
+# that ringway's CPU time per request (user + system, from /proc), then the median ratios
+# against "off". On a shared machine req/s swings with the neighbours' load; CPU per request
+# is the steadier figure.
+#
+#   cargo build --release && bash perf/observability.sh [rounds=3] [seconds=5] [workers=1] [conns=64]
+# The binary is ${CARGO_TARGET_DIR:-target}/release/ringway. Load only ever goes to 127.0.0.1.
+set -euo pipefail
+ROUNDS=${1:-3}; SECS=${2:-5}; WORKERS=${3:-1}; CONNS=${4:-64}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/ringway
+[[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 1; }
+D=$(mktemp -d /tmp/ringway-obs-perf.XXXXXX)
+ORIGIN=18200
+declare -A PORT=([off]=18281 [on]=18282 [log]=18283)
+declare -A PID=()
+cleanup() {
+  for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
+  [[ -f $D/nginx.pid ]] && kill "$(cat "$D/nginx.pid")" 2>/dev/null
+  rm -rf "$D"
+}
+trap cleanup EXIT
+cat > "$D/nginx.conf" <<NG
+worker_processes 1; daemon on; pid $D/nginx.pid; error_log $D/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
+  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
+  server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 "$(printf '%063d' 0)\n"; } } }
+NG
+nginx -p "$D" -c "$D/nginx.conf" -e "$D/error.log"
+for mode in off on log; do
+  {
+    echo "[server]"
+    echo "workers = $WORKERS"
+    echo "[[listeners]]"
+    echo "address = \"127.0.0.1:${PORT[$mode]}\""
+    echo "backlog = 4096"
+    echo "[upstreams.origin]"
+    echo "endpoints = [{ address = \"127.0.0.1:$ORIGIN\" }]"
+    echo "[[routes]]"
+    echo "name = \"all\""
+    echo "upstream = \"origin\""
+    echo "set_host = \"origin\""
+    echo "[metrics]"
+    [[ $mode == off ]] && echo "enabled = false" || echo "enabled = true"
+    if [[ $mode == log ]]; then
+      echo "[access_log]"
+      echo "enabled = true"
+      echo "output = \"$D/access.log\""
+    fi
+  } > "$D/$mode.toml"
+  RINGWAY_LOG=warn "$BIN" -c "$D/$mode.toml" & PID[$mode]=$!
+done
+for mode in off on log; do
+  for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${PORT[$mode]}/" && break; sleep 0.1; done
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$mode]}/")
+  [[ $code == 200 ]] || { echo "$mode answered $code"; exit 1; }
+done
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Prints "req/s µs-of-CPU-per-request" for one mode.
+run() {
+  local mode=$1 t0 t1 rps
+  t0=$(cpu_ticks "${PID[$mode]}")
+  rps=$(wrk -t1 -c"$CONNS" -d"${SECS}s" "http://127.0.0.1:${PORT[$mode]}/" | awk '/Requests\/sec/ {print $2} /Non-2xx/ {print "ERR " $0 > "/dev/stderr"}')
+  t1=$(cpu_ticks "${PID[$mode]}")
+  python3 -c "print($rps, round(($t1 - $t0) / $HZ * 1e6 / ($rps * $SECS), 3))"
+}
+for mode in off on log; do wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:${PORT[$mode]}/" >/dev/null; done
+on_r=(); log_r=()
+for r in $(seq "$ROUNDS"); do
+  read -r off off_cpu < <(run off)
+  read -r on on_cpu < <(run on)
+  read -r lg lg_cpu < <(run log)
+  on_r+=("$(python3 -c "print(f'{$on_cpu/$off_cpu:.3f}')")")
+  log_r+=("$(python3 -c "print(f'{$lg_cpu/$off_cpu:.3f}')")")
+  echo "round $r: off ${off} req/s ${off_cpu} µs CPU/req; metrics ${on} req/s ${on_cpu} µs; metrics+access log ${lg} req/s ${lg_cpu} µs"
+done
+python3 -c "import statistics,sys; print('median CPU/req metrics on/off:', statistics.median(map(float, sys.argv[1:])))" "${on_r[@]}"
+python3 -c "import statistics,sys; print('median CPU/req metrics+access log/off:', statistics.median(map(float, sys.argv[1:])))" "${log_r[@]}"
+echo "access log lines written: $(wc -l < "$D/access.log")"

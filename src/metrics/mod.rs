@@ -1,0 +1,717 @@
+//! Metrics, counted per worker in plain cells and summed when scraped.
+//!
+//! A worker owns a [`WorkerMetrics`]: `Cell`s only, no atomic and no lock on the request path
+//! (as sozu keeps its metrics per thread). A request adds to them once, when its response is
+//! done (`proxy::record::done`). A scrape ([`prom::render_prometheus`]) asks every worker for a
+//! [`WorkerSample`] through the control plane (`Control::ask`), sums the samples by their
+//! labels and writes the Prometheus text format.
+//!
+//! What is counted where:
+//! - per route ([`Traffic`]): every request whose route matched (and, under the route label
+//!   `(none)`, those that matched none); per upstream group: the requests that reached the
+//!   upstream phase. Status classes, gateway error kinds, latency histograms (total, upstream,
+//!   gateway-added), bytes in and out, retries and retry-budget refusals.
+//! - per endpoint: connect failures and ejections (counters here); in-flight requests, health
+//!   and idle pool size are read from the upstream group when sampled.
+//! - per listener: connections accepted and open, TLS handshakes and failures.
+//! - breakers count their own state changes (`upstream::breaker`); Redis counts its commands
+//!   and round trips (`redis::RedisLink`); both are read when sampled.
+//!
+//! Labels are names from the worker's current configuration snapshot, read when sampled.
+//! Counters are kept by route and group index: after a reload that renumbers routes, a route's
+//! earlier counts appear under the name now at its index (the reload keeps indexes of
+//! unchanged routes).
+
+pub mod prom;
+
+use std::cell::{Cell, RefCell};
+
+use serde::Deserialize;
+
+use crate::error::GatewayError;
+
+pub use prom::render_prometheus;
+
+/// `[metrics]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Count per-request metrics (default on). Off, the request path skips them (and reads no
+    /// clock for them); gauges read when scraped are still exposed.
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
+/// Every gateway error kind, as `GatewayError::code` names it: the `kind` label.
+pub const ERROR_KINDS: [&str; 27] = [
+    "uri_too_long",
+    "header_too_large",
+    "not_implemented",
+    "expectation_failed",
+    "version_not_supported",
+    "method_not_allowed",
+    "bad_request",
+    "no_route",
+    "body_too_large",
+    "request_timeout",
+    "upstream_connect_failed",
+    "upstream_connect_timeout",
+    "upstream_timeout",
+    "upstream_bad_response",
+    "upstream_closed",
+    "no_healthy_endpoint",
+    "circuit_open",
+    "upstream_overloaded",
+    "rate_limited",
+    "concurrency_limited",
+    "rate_limit_unavailable",
+    "upstream_tls_failed",
+    "client_certificate_required",
+    "unauthorized",
+    "invalid_token",
+    "insufficient_scope",
+    "auth_unavailable",
+];
+pub const N_ERROR_KINDS: usize = ERROR_KINDS.len();
+
+/// The kinds that are rate-limit refusals (`ringway_route_rate_limit_refusals_total`).
+pub const RATE_LIMIT_KINDS: [&str; 3] = [
+    "rate_limited",
+    "concurrency_limited",
+    "rate_limit_unavailable",
+];
+/// The kinds that are auth refusals (`ringway_route_auth_refusals_total`, by `reason`).
+pub const AUTH_KINDS: [&str; 5] = [
+    "unauthorized",
+    "invalid_token",
+    "insufficient_scope",
+    "auth_unavailable",
+    "client_certificate_required",
+];
+
+/// The index of an error's kind in [`ERROR_KINDS`] (an error path: a short linear search).
+pub fn error_index(e: &GatewayError) -> usize {
+    let code = e.code();
+    ERROR_KINDS
+        .iter()
+        .position(|k| *k == code)
+        .unwrap_or(N_ERROR_KINDS - 1)
+}
+
+/// Status classes: index 0 is a request that got no response (the client went away, or the
+/// connection failed before a head was written), then 1xx to 5xx.
+pub const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[inline]
+pub fn status_class(status: u16) -> usize {
+    match status {
+        100..=599 => (status / 100) as usize,
+        _ => 0,
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds (0.5 ms to 10 s).
+pub const BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+/// The same bounds as `le` label values, in seconds.
+pub const BUCKETS_LE: [&str; 14] = [
+    "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1",
+    "2.5", "5", "10",
+];
+/// Buckets with the last, unbounded one (`+Inf`).
+pub const N_BUCKETS: usize = BUCKETS_US.len() + 1;
+
+/// A latency histogram: a count per bucket (not cumulative; made so when rendered) and the sum.
+#[derive(Default)]
+pub struct Histogram {
+    counts: [Cell<u64>; N_BUCKETS],
+    sum_us: Cell<u64>,
+}
+
+impl Histogram {
+    #[inline]
+    pub fn observe(&self, us: u64) {
+        // The first bucket whose bound is not below the value (`le` is inclusive).
+        let i = BUCKETS_US.partition_point(|b| *b < us);
+        bump(&self.counts[i], 1);
+        bump(&self.sum_us, us);
+    }
+
+    fn sample(&self) -> HistSample {
+        HistSample {
+            counts: std::array::from_fn(|i| self.counts[i].get()),
+            sum_us: self.sum_us.get(),
+        }
+    }
+}
+
+#[inline]
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get().wrapping_add(n));
+}
+
+/// What the end of a request adds to the metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Done {
+    /// 0: no response was written.
+    pub status: u16,
+    pub error: Option<GatewayError>,
+    /// Total time, when timed.
+    pub total_us: Option<u64>,
+    /// Time spent on the upstream (first attempt to the final response head), when there was
+    /// an upstream phase.
+    pub upstream_us: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub retries: u32,
+    pub retry_budget_refusals: u32,
+}
+
+/// Counters of one route or one upstream group on one worker.
+#[derive(Default)]
+pub struct Traffic {
+    status: [Cell<u64>; 6],
+    errors: [Cell<u64>; N_ERROR_KINDS],
+    total: Histogram,
+    upstream: Histogram,
+    gateway: Histogram,
+    bytes_in: Cell<u64>,
+    bytes_out: Cell<u64>,
+    retries: Cell<u64>,
+    retry_budget_refusals: Cell<u64>,
+}
+
+impl Traffic {
+    #[inline]
+    pub fn add(&self, d: &Done) {
+        bump(&self.status[status_class(d.status)], 1);
+        if let Some(e) = &d.error {
+            bump(&self.errors[error_index(e)], 1);
+        }
+        if let Some(total) = d.total_us {
+            self.total.observe(total);
+            let up = d.upstream_us.unwrap_or(0);
+            if d.upstream_us.is_some() {
+                self.upstream.observe(up);
+            }
+            self.gateway.observe(total.saturating_sub(up));
+        }
+        bump(&self.bytes_in, d.bytes_in);
+        bump(&self.bytes_out, d.bytes_out);
+        if d.retries > 0 {
+            bump(&self.retries, d.retries as u64);
+        }
+        if d.retry_budget_refusals > 0 {
+            bump(&self.retry_budget_refusals, d.retry_budget_refusals as u64);
+        }
+    }
+
+    fn sample(&self) -> TrafficSample {
+        TrafficSample {
+            status: std::array::from_fn(|i| self.status[i].get()),
+            errors: std::array::from_fn(|i| self.errors[i].get()),
+            latency: [
+                self.total.sample(),
+                self.upstream.sample(),
+                self.gateway.sample(),
+            ],
+            bytes_in: self.bytes_in.get(),
+            bytes_out: self.bytes_out.get(),
+            retries: self.retries.get(),
+            retry_budget_refusals: self.retry_budget_refusals.get(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct EndpointCounters {
+    connect_failures: Cell<u64>,
+    ejections: Cell<u64>,
+}
+
+#[derive(Default)]
+struct ListenerCounters {
+    accepted: Cell<u64>,
+    open: Cell<u64>,
+    tls_handshakes: Cell<u64>,
+    tls_failures: Cell<u64>,
+}
+
+/// One worker's counters.
+pub struct WorkerMetrics {
+    /// `[metrics] enabled`.
+    pub enabled: bool,
+    /// By route index.
+    routes: RefCell<Vec<Traffic>>,
+    /// Requests that matched no route.
+    unmatched: Traffic,
+    /// By upstream group index.
+    groups: RefCell<Vec<Traffic>>,
+    /// By group and endpoint index.
+    endpoints: RefCell<Vec<Vec<EndpointCounters>>>,
+    /// By listener index, with the listener's label.
+    listeners: Vec<ListenerCounters>,
+    listener_names: Vec<String>,
+    /// Access log lines written into the worker's buffers, and lines dropped (buffer full,
+    /// writer behind).
+    pub access_log_lines: Cell<u64>,
+    pub access_log_dropped: Cell<u64>,
+}
+
+/// Grows `v` to hold index `i` (only after a reload added routes or groups: a rare path).
+fn slot<T: Default>(v: &mut Vec<T>, i: usize) -> &T {
+    if v.len() <= i {
+        v.resize_with(i + 1, T::default);
+    }
+    &v[i]
+}
+
+impl WorkerMetrics {
+    pub fn new(cfg: &crate::config::Config) -> WorkerMetrics {
+        WorkerMetrics {
+            enabled: cfg.metrics.enabled,
+            routes: RefCell::new((0..cfg.routes.len()).map(|_| Traffic::default()).collect()),
+            unmatched: Traffic::default(),
+            groups: RefCell::new(
+                (0..cfg.upstreams.len())
+                    .map(|_| Traffic::default())
+                    .collect(),
+            ),
+            endpoints: RefCell::new(
+                cfg.upstreams
+                    .values()
+                    .map(|u| {
+                        (0..u.endpoints.len())
+                            .map(|_| EndpointCounters::default())
+                            .collect()
+                    })
+                    .collect(),
+            ),
+            listeners: cfg
+                .listeners
+                .iter()
+                .map(|_| ListenerCounters::default())
+                .collect(),
+            listener_names: cfg
+                .listeners
+                .iter()
+                .map(|l| l.name.clone().unwrap_or_else(|| l.address.text.clone()))
+                .collect(),
+            access_log_lines: Cell::new(0),
+            access_log_dropped: Cell::new(0),
+        }
+    }
+
+    /// A finished request: its route's counters (or the unmatched ones) and, when it reached
+    /// the upstream phase, its group's.
+    #[inline]
+    pub fn record(&self, route: Option<usize>, group: Option<usize>, d: &Done) {
+        if !self.enabled {
+            return;
+        }
+        match route {
+            Some(i) => slot(&mut self.routes.borrow_mut(), i).add(d),
+            None => self.unmatched.add(d),
+        }
+        if let Some(g) = group {
+            slot(&mut self.groups.borrow_mut(), g).add(d);
+        }
+    }
+
+    fn endpoint(&self, group: usize, ep: usize, f: impl FnOnce(&EndpointCounters)) {
+        if !self.enabled {
+            return;
+        }
+        let mut all = self.endpoints.borrow_mut();
+        let g = if all.len() <= group {
+            all.resize_with(group + 1, Vec::new);
+            &mut all[group]
+        } else {
+            &mut all[group]
+        };
+        f(slot(g, ep));
+    }
+
+    /// A new connection to an endpoint failed (refused, timed out, TLS handshake failed).
+    pub fn connect_failed(&self, group: usize, ep: usize) {
+        self.endpoint(group, ep, |e| bump(&e.connect_failures, 1));
+    }
+
+    /// This worker's outlier detection ejected an endpoint.
+    pub fn ejected(&self, group: usize, ep: usize) {
+        self.endpoint(group, ep, |e| bump(&e.ejections, 1));
+    }
+
+    /// A connection was accepted on listener `l` (it stays counted as open until
+    /// [`Self::conn_closed`]).
+    pub fn conn_accepted(&self, l: usize) {
+        if let Some(c) = self.listeners.get(l) {
+            bump(&c.accepted, 1);
+            bump(&c.open, 1);
+        }
+    }
+
+    pub fn conn_closed(&self, l: usize) {
+        if let Some(c) = self.listeners.get(l) {
+            c.open.set(c.open.get().saturating_sub(1));
+        }
+    }
+
+    /// A TLS handshake on listener `l` ended (`ok`: it succeeded).
+    pub fn tls_handshake(&self, l: usize, ok: bool) {
+        if let Some(c) = self.listeners.get(l) {
+            bump(&c.tls_handshakes, 1);
+            if !ok {
+                bump(&c.tls_failures, 1);
+            }
+        }
+    }
+
+    /// This worker's counters and gauges, labelled from its current snapshot.
+    pub fn sample(&self, w: &crate::proxy::Worker) -> WorkerSample {
+        let cfg = w.config();
+        let routes = self.routes.borrow();
+        let groups = self.groups.borrow();
+        let endpoints = self.endpoints.borrow();
+        let mut s = WorkerSample {
+            enabled: self.enabled,
+            ..WorkerSample::default()
+        };
+        for (i, r) in cfg.router.routes.iter().enumerate() {
+            let t = routes.get(i).map(Traffic::sample).unwrap_or_default();
+            s.routes.push((r.name.clone(), t));
+        }
+        s.routes
+            .push((UNMATCHED_ROUTE.to_string(), self.unmatched.sample()));
+        for (gi, g) in cfg.upstreams.iter().enumerate() {
+            let t = groups.get(gi).map(Traffic::sample).unwrap_or_default();
+            s.groups.push((g.name.clone(), t));
+            s.group_conns
+                .push((g.name.clone(), g.conns.open.get() as u64));
+            if let Some(b) = &g.breaker {
+                let mut state = [0u64; 3];
+                state[b.state_index()] = 1;
+                s.breakers.push(BreakerSample {
+                    group: g.name.clone(),
+                    state,
+                    transitions: std::array::from_fn(|i| b.transitions[i].get()),
+                });
+            }
+            for (ei, e) in g.endpoints.iter().enumerate() {
+                let c = endpoints.get(gi).and_then(|v| v.get(ei));
+                let st = &g.stats[ei];
+                s.endpoints.push(EndpointSample {
+                    group: g.name.clone(),
+                    endpoint: e.addr.to_string(),
+                    in_flight: st.outstanding.get() as u64,
+                    healthy: st.routable.get(),
+                    idle: g.idle_len(ei) as u64,
+                    connect_failures: c.map_or(0, |c| c.connect_failures.get()),
+                    ejections: c.map_or(0, |c| c.ejections.get()),
+                });
+            }
+        }
+        for (c, name) in self.listeners.iter().zip(&self.listener_names) {
+            s.listeners.push(ListenerSample {
+                listener: name.clone(),
+                accepted: c.accepted.get(),
+                open: c.open.get(),
+                tls_handshakes: c.tls_handshakes.get(),
+                tls_failures: c.tls_failures.get(),
+            });
+        }
+        s.access_log_lines = self.access_log_lines.get();
+        s.access_log_dropped = self.access_log_dropped.get();
+        s.redis = w.limiter.host().redis().map(|r| RedisSample {
+            up: !r.is_down(),
+            commands: r.commands.load(std::sync::atomic::Ordering::Relaxed),
+            round_trips: r.round_trips.load(std::sync::atomic::Ordering::Relaxed),
+        });
+        s
+    }
+}
+
+/// The route label of requests that matched no route.
+pub const UNMATCHED_ROUTE: &str = "(none)";
+
+// ---------------------------------------------------------------------------------------------
+// Samples: plain data, sent from the workers to the scraping thread and summed there.
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistSample {
+    pub counts: [u64; N_BUCKETS],
+    pub sum_us: u64,
+}
+
+impl HistSample {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().fold(0u64, |a, c| a.wrapping_add(*c))
+    }
+
+    fn add(&mut self, o: &HistSample) {
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a = a.wrapping_add(*b);
+        }
+        self.sum_us = self.sum_us.wrapping_add(o.sum_us);
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrafficSample {
+    /// By [`STATUS_CLASSES`].
+    pub status: [u64; 6],
+    /// By [`ERROR_KINDS`].
+    pub errors: [u64; N_ERROR_KINDS],
+    /// Total, upstream, gateway-added.
+    pub latency: [HistSample; 3],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub retries: u64,
+    pub retry_budget_refusals: u64,
+}
+
+impl TrafficSample {
+    fn add(&mut self, o: &TrafficSample) {
+        for (a, b) in self.status.iter_mut().zip(&o.status) {
+            *a = a.wrapping_add(*b);
+        }
+        for (a, b) in self.errors.iter_mut().zip(&o.errors) {
+            *a = a.wrapping_add(*b);
+        }
+        for (a, b) in self.latency.iter_mut().zip(&o.latency) {
+            a.add(b);
+        }
+        self.bytes_in = self.bytes_in.wrapping_add(o.bytes_in);
+        self.bytes_out = self.bytes_out.wrapping_add(o.bytes_out);
+        self.retries = self.retries.wrapping_add(o.retries);
+        self.retry_budget_refusals = self
+            .retry_budget_refusals
+            .wrapping_add(o.retry_budget_refusals);
+    }
+
+    /// Requests counted (all status classes).
+    pub fn requests(&self) -> u64 {
+        self.status.iter().fold(0u64, |a, c| a.wrapping_add(*c))
+    }
+
+    /// The count of one error kind.
+    pub fn error(&self, kind: &str) -> u64 {
+        ERROR_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.errors[i])
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSample {
+    pub group: String,
+    pub endpoint: String,
+    pub in_flight: u64,
+    /// Routable (not ejected, passing health checks); summed as "every worker agrees".
+    pub healthy: bool,
+    pub idle: u64,
+    pub connect_failures: u64,
+    pub ejections: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BreakerSample {
+    pub group: String,
+    /// Workers whose breaker is in each state ([`crate::upstream::breaker::STATE_NAMES`]).
+    pub state: [u64; 3],
+    pub transitions: [u64; 3],
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerSample {
+    pub listener: String,
+    pub accepted: u64,
+    pub open: u64,
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedisSample {
+    pub up: bool,
+    pub commands: u64,
+    pub round_trips: u64,
+}
+
+/// One worker's metrics, or (after [`WorkerSample::merge`]) every worker's summed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerSample {
+    pub enabled: bool,
+    pub workers: u64,
+    pub routes: Vec<(String, TrafficSample)>,
+    pub groups: Vec<(String, TrafficSample)>,
+    pub group_conns: Vec<(String, u64)>,
+    pub breakers: Vec<BreakerSample>,
+    pub endpoints: Vec<EndpointSample>,
+    pub listeners: Vec<ListenerSample>,
+    pub access_log_lines: u64,
+    pub access_log_dropped: u64,
+    /// Host-wide (one link for all workers): taken once, not summed.
+    pub redis: Option<RedisSample>,
+}
+
+fn merge_named<T: Clone>(into: &mut Vec<(String, T)>, from: &[(String, T)], add: fn(&mut T, &T)) {
+    for (name, v) in from {
+        match into.iter_mut().find(|(n, _)| n == name) {
+            Some((_, t)) => add(t, v),
+            None => into.push((name.clone(), v.clone())),
+        }
+    }
+}
+
+impl WorkerSample {
+    /// Sums the samples of every worker, by label (workers may briefly serve different
+    /// snapshots during a reload).
+    pub fn merge(samples: Vec<WorkerSample>) -> WorkerSample {
+        let mut m = WorkerSample::default();
+        for s in samples {
+            m.workers += 1;
+            m.enabled |= s.enabled;
+            merge_named(&mut m.routes, &s.routes, TrafficSample::add);
+            merge_named(&mut m.groups, &s.groups, TrafficSample::add);
+            merge_named(&mut m.group_conns, &s.group_conns, |a, b| {
+                *a = a.wrapping_add(*b)
+            });
+            for b in &s.breakers {
+                match m.breakers.iter_mut().find(|x| x.group == b.group) {
+                    Some(x) => {
+                        for i in 0..3 {
+                            x.state[i] += b.state[i];
+                            x.transitions[i] = x.transitions[i].wrapping_add(b.transitions[i]);
+                        }
+                    }
+                    None => m.breakers.push(b.clone()),
+                }
+            }
+            for e in &s.endpoints {
+                match m
+                    .endpoints
+                    .iter_mut()
+                    .find(|x| x.group == e.group && x.endpoint == e.endpoint)
+                {
+                    Some(x) => {
+                        x.in_flight = x.in_flight.wrapping_add(e.in_flight);
+                        x.healthy &= e.healthy;
+                        x.idle = x.idle.wrapping_add(e.idle);
+                        x.connect_failures = x.connect_failures.wrapping_add(e.connect_failures);
+                        x.ejections = x.ejections.wrapping_add(e.ejections);
+                    }
+                    None => m.endpoints.push(e.clone()),
+                }
+            }
+            for l in &s.listeners {
+                match m.listeners.iter_mut().find(|x| x.listener == l.listener) {
+                    Some(x) => {
+                        x.accepted = x.accepted.wrapping_add(l.accepted);
+                        x.open = x.open.wrapping_add(l.open);
+                        x.tls_handshakes = x.tls_handshakes.wrapping_add(l.tls_handshakes);
+                        x.tls_failures = x.tls_failures.wrapping_add(l.tls_failures);
+                    }
+                    None => m.listeners.push(l.clone()),
+                }
+            }
+            m.access_log_lines = m.access_log_lines.wrapping_add(s.access_log_lines);
+            m.access_log_dropped = m.access_log_dropped.wrapping_add(s.access_log_dropped);
+            if m.redis.is_none() {
+                m.redis = s.redis;
+            }
+        }
+        m
+    }
+
+    pub fn route(&self, name: &str) -> Option<&TrafficSample> {
+        self.routes.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    pub fn group(&self, name: &str) -> Option<&TrafficSample> {
+        self.groups.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthFail;
+    use crate::http::request::ParseError;
+
+    #[test]
+    fn every_gateway_error_has_a_kind() {
+        let all = [
+            GatewayError::Parse(ParseError::UriTooLong),
+            GatewayError::Parse(ParseError::HeadTooLarge),
+            GatewayError::Parse(ParseError::Expectation),
+            GatewayError::Parse(ParseError::Version),
+            GatewayError::Parse(ParseError::MethodNotAllowed),
+            GatewayError::Parse(ParseError::Bad("x")),
+            GatewayError::NoRoute,
+            GatewayError::BodyTooLarge,
+            GatewayError::ClientTimeout,
+            GatewayError::UpstreamConnect,
+            GatewayError::UpstreamConnectTimeout,
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamBadResponse,
+            GatewayError::UpstreamClosed,
+            GatewayError::NoHealthyEndpoint,
+            GatewayError::CircuitOpen(1),
+            GatewayError::Overloaded,
+            GatewayError::RateLimited(1),
+            GatewayError::ConcurrencyLimited,
+            GatewayError::RateLimitUnavailable,
+            GatewayError::UpstreamTls,
+            GatewayError::ClientCertRequired,
+            GatewayError::Unauthorized(AuthFail::Missing),
+            GatewayError::Forbidden,
+            GatewayError::AuthUnavailable,
+        ];
+        for e in all {
+            let i = error_index(&e);
+            assert_eq!(ERROR_KINDS[i], e.code(), "{e:?}");
+        }
+        for k in RATE_LIMIT_KINDS.iter().chain(&AUTH_KINDS) {
+            assert!(ERROR_KINDS.contains(k));
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_inclusive_upper_bounds() {
+        let h = Histogram::default();
+        for us in [0, 500, 501, 10_000_000, 10_000_001, u64::MAX / 2] {
+            h.observe(us);
+        }
+        let s = h.sample();
+        assert_eq!(s.counts[0], 2); // 0 and 500
+        assert_eq!(s.counts[1], 1); // 501
+        assert_eq!(s.counts[13], 1); // 10 s
+        assert_eq!(s.counts[14], 2); // above
+        assert_eq!(s.count(), 6);
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(0), 0);
+        assert_eq!(status_class(101), 1);
+        assert_eq!(status_class(204), 2);
+        assert_eq!(status_class(308), 3);
+        assert_eq!(status_class(404), 4);
+        assert_eq!(status_class(599), 5);
+        assert_eq!(status_class(600), 0);
+    }
+}

@@ -1,0 +1,224 @@
+//! W3C Trace Context (<https://www.w3.org/TR/trace-context/>): the `traceparent` a client sent
+//! is kept when it is valid, else the gateway starts a trace; either way the gateway is a span
+//! of its own, whose id goes upstream in a rewritten `traceparent`. `tracestate` is passed
+//! through unchanged, bounded, and only with a trace the client started.
+//!
+//! Parsing is strict (§3.2): version `00` only, exactly 55 characters, lowercase hex, a trace id
+//! and a parent id that are not all zeros, one `traceparent` field. Anything else starts a new
+//! trace (and drops `tracestate`, §3.3.1: a vendor that could not parse `traceparent` must not
+//! use `tracestate`). Nothing here allocates.
+
+use crate::http::request::RequestHead;
+
+/// Length of a version-00 `traceparent` value: `00-` 32 hex `-` 16 hex `-` 2 hex.
+pub const TRACEPARENT_LEN: usize = 55;
+/// Most bytes of `tracestate` (all its field lines together) passed upstream. §3.3.1.5: a
+/// vendor should propagate at least 512 characters; longer lists are dropped whole rather than
+/// cut, so that no list member is ever passed on half-written.
+pub const MAX_TRACESTATE: usize = 512;
+/// Most `tracestate` field lines passed upstream (a list has at most 32 members, §3.3.1.1, so
+/// more lines than that cannot be a valid list).
+pub const MAX_TRACESTATE_LINES: usize = 32;
+
+/// One request's trace context.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    /// The gateway's own span (the `parent-id` the upstream sees).
+    pub span_id: [u8; 8],
+    /// The client's span, when the trace came from the client.
+    pub parent_id: Option<[u8; 8]>,
+    /// trace-flags (bit 0: sampled).
+    pub flags: u8,
+    /// The client's `tracestate` lines go upstream.
+    pub keep_state: bool,
+}
+
+/// The flags of a trace the gateway starts: sampled, since the gateway records the request (its
+/// access log line carries the trace id).
+pub const NEW_TRACE_FLAGS: u8 = 0x01;
+
+impl TraceContext {
+    /// The context of a request: the client's trace when its `traceparent` is valid, a new one
+    /// otherwise. `rand` gives the random bits (three calls at most).
+    pub fn for_request(head: &RequestHead, mut rand: impl FnMut() -> u64) -> TraceContext {
+        let mut values = head.header_values(b"traceparent");
+        let first = values.next();
+        let parsed = match (first, values.next()) {
+            (Some(v), None) => parse_traceparent(v),
+            // None, or more than one: no trace to continue (§3.2: one field).
+            _ => None,
+        };
+        let span_id = nonzero8(&mut rand);
+        match parsed {
+            Some((trace_id, parent, flags)) => TraceContext {
+                trace_id,
+                span_id,
+                parent_id: Some(parent),
+                flags,
+                keep_state: tracestate_fits(head),
+            },
+            None => TraceContext::fresh(span_id, &mut rand),
+        }
+    }
+
+    /// A new trace (for a request whose head was refused, or one without a valid parent).
+    pub fn new_trace(mut rand: impl FnMut() -> u64) -> TraceContext {
+        let span_id = nonzero8(&mut rand);
+        TraceContext::fresh(span_id, &mut rand)
+    }
+
+    fn fresh(span_id: [u8; 8], rand: &mut impl FnMut() -> u64) -> TraceContext {
+        let mut trace_id = [0u8; 16];
+        trace_id[..8].copy_from_slice(&rand().to_be_bytes());
+        trace_id[8..].copy_from_slice(&(rand() | 1).to_be_bytes());
+        TraceContext {
+            trace_id,
+            span_id,
+            parent_id: None,
+            flags: NEW_TRACE_FLAGS,
+            keep_state: false,
+        }
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id_hex(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        hex_into(&self.trace_id, &mut out);
+        out
+    }
+
+    /// The `traceparent` value sent upstream: this trace, the gateway's span as the parent.
+    pub fn traceparent(&self) -> [u8; TRACEPARENT_LEN] {
+        let mut out = [b'-'; TRACEPARENT_LEN];
+        out[0] = b'0';
+        out[1] = b'0';
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[self.flags], &mut out[53..55]);
+        out
+    }
+}
+
+/// Parses a version-00 `traceparent` value (§3.2.2): (trace id, parent id, flags), or `None`
+/// when it is not exactly valid.
+pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
+    // §3.2.2.1: version 00 has exactly this length; §3.2.2.2: `ff` is invalid, and a higher
+    // version is not one this gateway can vouch for, so it starts a new trace.
+    if v.len() != TRACEPARENT_LEN || &v[..3] != b"00-" || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let mut trace_id = [0u8; 16];
+    let mut parent = [0u8; 8];
+    let mut flags = [0u8; 1];
+    unhex(&v[3..35], &mut trace_id)?;
+    unhex(&v[36..52], &mut parent)?;
+    unhex(&v[53..55], &mut flags)?;
+    // §3.2.2.3 / §3.2.2.4: all-zero ids are invalid.
+    if trace_id == [0; 16] || parent == [0; 8] {
+        return None;
+    }
+    Some((trace_id, parent, flags[0]))
+}
+
+/// The client's `tracestate` lines are within the bounds passed upstream.
+fn tracestate_fits(head: &RequestHead) -> bool {
+    let mut total = 0usize;
+    let mut lines = 0usize;
+    for v in head.header_values(b"tracestate") {
+        total = total.saturating_add(v.len());
+        lines += 1;
+    }
+    lines > 0 && lines <= MAX_TRACESTATE_LINES && total <= MAX_TRACESTATE
+}
+
+fn nonzero8(rand: &mut impl FnMut() -> u64) -> [u8; 8] {
+    (rand() | 1).to_be_bytes()
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_into(src: &[u8], out: &mut [u8]) {
+    for (i, b) in src.iter().enumerate() {
+        out[2 * i] = HEX[(b >> 4) as usize];
+        out[2 * i + 1] = HEX[(b & 15) as usize];
+    }
+}
+
+/// Lowercase hex only (§3.2.2: `HEXDIGLC`).
+fn unhex(src: &[u8], out: &mut [u8]) -> Option<()> {
+    fn nib(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    if src.len() != out.len() * 2 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = (nib(src[2 * i])? << 4) | nib(src[2 * i + 1])?;
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &[u8] = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_valid_traceparent_parses_and_round_trips() {
+        let (t, p, f) = parse_traceparent(GOOD).expect("valid");
+        assert_eq!(f, 1);
+        let ctx = TraceContext {
+            trace_id: t,
+            span_id: p,
+            parent_id: None,
+            flags: f,
+            keep_state: false,
+        };
+        assert_eq!(&ctx.traceparent()[..], GOOD);
+        assert_eq!(&ctx.trace_id_hex()[..], &GOOD[3..35]);
+    }
+
+    #[test]
+    fn invalid_traceparents_are_refused() {
+        let bad: &[&[u8]] = &[
+            b"",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+            b"00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-\xff1",
+        ];
+        for b in bad {
+            assert!(
+                parse_traceparent(b).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
+        }
+        // Every prefix of a good value is refused (and nothing panics).
+        for n in 0..GOOD.len() {
+            assert!(parse_traceparent(&GOOD[..n]).is_none());
+        }
+    }
+
+    #[test]
+    fn new_traces_have_nonzero_ids() {
+        let t = TraceContext::new_trace(|| 0);
+        assert_ne!(t.trace_id, [0; 16]);
+        assert_ne!(t.span_id, [0; 8]);
+        assert_eq!(t.flags, NEW_TRACE_FLAGS);
+        assert!(parse_traceparent(&t.traceparent()).is_some());
+    }
+}

@@ -1,0 +1,485 @@
+//! The access log over real sockets: JSON lines with the right fields, per-listener settings,
+//! sampling, reopening for rotation (what SIGUSR1 does), and a writer that cannot keep up:
+//! lines are dropped and counted while requests go on unhindered.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// A fresh directory for this test's files, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "ringway-access-{tag}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        let p = PathBuf::from(p.to_string_lossy().replace([' ', '{', '}', ':', ','], "_"));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn lines(p: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(p).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn wait_lines(p: &Path, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            got = lines(p);
+            got.len() >= n
+        }),
+        "{} lines expected in {}, got {}",
+        n,
+        p.display(),
+        got.len()
+    );
+    got
+}
+
+/// One request on its own connection; every byte of the answer.
+fn exchange(addr: SocketAddr, raw: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(raw.as_bytes()).expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    out
+}
+
+fn header<'a>(resp: &'a [u8], name: &str) -> Option<&'a str> {
+    let text = std::str::from_utf8(resp).ok()?;
+    let head = text.split("\r\n\r\n").next()?;
+    head.split("\r\n")
+        .filter_map(|l| l.split_once(": "))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v)
+}
+
+fn log_config(out: &Path) -> String {
+    format!(
+        "[access_log]\nenabled = true\noutput = \"{}\"\n",
+        out.display()
+    )
+}
+
+#[test]
+fn each_request_is_one_json_line_with_its_fields() {
+    for driver in DRIVERS {
+        let dir = TempDir::new("fields");
+        let log = dir.file("access.log");
+        let up = Upstream::start(|_| Reply::Raw(ok_response(b"hello")));
+        let toml = format!(
+            "{}\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"up\"\n",
+            config(&[up.addr], &log_config(&log))
+        );
+        let gw = TestGateway::start(&toml, driver);
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let req = format!(
+            "POST /api/items?q=1 HTTP/1.1\r\nHost: shop.test\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+        );
+        let resp = exchange(gw.addr, &req);
+        assert!(resp.starts_with(b"HTTP/1.1 200"));
+        let miss = exchange(
+            gw.addr,
+            "GET /nowhere HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n",
+        );
+        assert!(miss.starts_with(b"HTTP/1.1 404"));
+        let got = wait_lines(&log, 2);
+        assert_eq!(got.len(), 2, "{driver:?}");
+        let a = &got[0];
+        assert_eq!(a["method"], "POST");
+        assert_eq!(a["host"], "shop.test");
+        assert_eq!(a["path"], "/api/items?q=1");
+        assert_eq!(a["status"], 200);
+        assert_eq!(a["client"], "127.0.0.1");
+        assert_eq!(a["route"], "api");
+        assert_eq!(a["upstream"], "up");
+        assert_eq!(a["endpoint"], up.addr.to_string());
+        assert_eq!(a["trace_id"], trace);
+        assert_eq!(a["request_id"].as_str(), header(&resp, "x-request-id"));
+        assert_eq!(a["bytes_in"], req.len() as u64);
+        assert_eq!(a["bytes_out"], resp.len() as u64);
+        assert_eq!(a["retries"], 0);
+        assert_eq!(a["error"], Value::Null);
+        assert_eq!(a["consumer"], Value::Null);
+        assert_eq!(a["tls"], Value::Null);
+        let total = a["duration_ms"].as_f64().unwrap();
+        let upstream = a["upstream_duration_ms"].as_f64().unwrap();
+        assert!(total >= upstream && upstream >= 0.0, "{a}");
+        // RFC 3339 UTC with milliseconds: 2026-11-26T05:38:17.123Z
+        let t = a["time"].as_str().unwrap();
+        let b = t.as_bytes();
+        assert_eq!(b.len(), 24, "{t}");
+        assert!(
+            b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z',
+            "{t}"
+        );
+        let b = &got[1];
+        assert_eq!(b["status"], 404);
+        assert_eq!(b["error"], "no_route");
+        assert_eq!(b["route"], Value::Null);
+        assert_eq!(b["upstream"], Value::Null);
+        assert_eq!(b["upstream_duration_ms"], Value::Null);
+    }
+}
+
+#[test]
+fn listeners_choose_fields_sampling_or_no_log() {
+    let dir = TempDir::new("listeners");
+    let main = dir.file("main.log");
+    let admin = dir.file("short.log");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"x")));
+    // Listener 0 uses [access_log]; 1 its own fields; 2 the same file, sampling nothing;
+    // 3 no log at all.
+    let toml = format!(
+        r#"[[listeners]]
+address = "127.0.0.1:0"
+
+[[listeners]]
+address = "127.0.0.1:0"
+[listeners.access_log]
+enabled = true
+output = "{short}"
+fields = ["status", "path"]
+
+[[listeners]]
+address = "127.0.0.1:0"
+[listeners.access_log]
+enabled = true
+output = "{short}"
+sample = 0.0
+
+[[listeners]]
+address = "127.0.0.1:0"
+[listeners.access_log]
+enabled = false
+
+[upstreams.up]
+endpoints = [{{ address = "{up}" }}]
+
+[[routes]]
+upstream = "up"
+
+[access_log]
+enabled = true
+output = "{main}"
+"#,
+        short = admin.display(),
+        main = main.display(),
+        up = up.addr
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let addrs = gw.addrs();
+    for (i, a) in addrs.iter().enumerate() {
+        let r = exchange(
+            *a,
+            &format!("GET /l{i} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(r.starts_with(b"HTTP/1.1 200"), "listener {i}");
+    }
+    let m = wait_lines(&main, 1);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["path"], "/l0");
+    let s = wait_lines(&admin, 1);
+    // Listener 1 chose two fields, in its order; listener 2 (same file) samples nothing;
+    // listener 3 does not log.
+    assert_eq!(s.len(), 1, "{s:?}");
+    let obj = s[0].as_object().unwrap();
+    assert_eq!(obj.keys().collect::<Vec<_>>(), ["path", "status"]);
+    assert_eq!(s[0]["path"], "/l1");
+    let raw = std::fs::read_to_string(&admin).unwrap();
+    assert!(
+        raw.starts_with("{\"status\":200,\"path\":\"/l1\"}"),
+        "{raw}"
+    );
+}
+
+#[test]
+fn reopen_moves_writing_to_a_new_file_for_rotation() {
+    let dir = TempDir::new("reopen");
+    let log = dir.file("a.log");
+    let rotated = dir.file("a.log.1");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"x")));
+    let toml = format!(
+        "{}\n[[routes]]\nupstream = \"up\"\n",
+        config(&[up.addr], &log_config(&log))
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let get = |p: &str| {
+        let r = exchange(
+            gw.addr,
+            &format!("GET {p} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(r.starts_with(b"HTTP/1.1 200"));
+    };
+    get("/before");
+    wait_lines(&log, 1);
+    // What logrotate does: move the file, then signal (SIGUSR1 calls this).
+    std::fs::rename(&log, &rotated).unwrap();
+    gw.gateway().reopen_access_logs();
+    get("/after");
+    let new = wait_lines(&log, 1);
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0]["path"], "/after");
+    let old = lines(&rotated);
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0]["path"], "/before");
+}
+
+#[test]
+fn a_writer_that_cannot_keep_up_costs_lines_not_requests() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("fifo");
+    let fifo = dir.file("stuck.fifo");
+    let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    // A reader that reads nothing until the end: the pipe fills, the writer thread blocks.
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the fifo");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"x")));
+    let toml = format!(
+        "{}\n[[routes]]\nupstream = \"up\"\n",
+        config(
+            &[up.addr],
+            &format!(
+                "[access_log]\nenabled = true\noutput = \"{}\"\nbuffer = \"32KiB\"\n",
+                fifo.display()
+            )
+        )
+    );
+    let mut gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    // Long paths make long lines: 600 requests of ~1.1 KiB lines are far more than the pipe
+    // (64 KiB) and the worker's buffers (4 x 32 KiB) hold.
+    let path = format!("/{}", "p".repeat(1000));
+    let mut c = Client::connect(gw.addr);
+    let n = 600;
+    let started = Instant::now();
+    for _ in 0..n {
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes());
+        assert_eq!(c.read_response().expect("answered").status, 200);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "requests were held up: {took:?}"
+    );
+    let mut text = String::new();
+    let counted = |text: &mut String| {
+        text.clear();
+        ringway::metrics::render_prometheus(&ctl, text).expect("scrape");
+        let v = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0)
+        };
+        (
+            v("ringway_access_log_lines_total"),
+            v("ringway_access_log_dropped_total"),
+        )
+    };
+    let mut got = (0, 0);
+    assert!(eventually(Duration::from_secs(5), || {
+        got = counted(&mut text);
+        got.0 + got.1 == n
+    }));
+    let (written, dropped) = got;
+    assert!(dropped > 0, "nothing dropped: {written} written");
+    assert!(written > 0);
+    // Drain the pipe so the writer can finish, then stop: every line that was written
+    // (not dropped) reaches the reader whole.
+    let drain = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => all.extend_from_slice(&buf[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > end {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        all
+    });
+    drop(c);
+    gw.stop();
+    let all = drain.join().unwrap();
+    let text = String::from_utf8(all).unwrap();
+    let read = text
+        .lines()
+        .inspect(|l| {
+            serde_json::from_str::<Value>(l).expect("whole JSON lines");
+        })
+        .count() as u64;
+    assert_eq!(read, written, "{dropped} dropped");
+}
+
+#[test]
+fn bad_access_log_keys_are_refused_with_their_position() {
+    let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
+    for (extra, key, line, why) in [
+        (
+            "[access_log]\nsample = 1.5\n",
+            "access_log.sample",
+            4,
+            "between 0.0 and 1.0",
+        ),
+        (
+            "[access_log]\nfields = [\"status\", \"colour\"]\n",
+            "access_log.fields[1]",
+            4,
+            "unknown variant",
+        ),
+        (
+            "[access_log]\nbuffer = \"1KiB\"\n",
+            "access_log.buffer",
+            4,
+            "between",
+        ),
+        (
+            "[access_log]\noutput = \"\"\n",
+            "access_log.output",
+            4,
+            "stdout",
+        ),
+        (
+            "[log]\nformat = \"xml\"\n",
+            "log.format",
+            4,
+            "unknown variant",
+        ),
+        (
+            "[log]\nlevel = \"loud\"\n",
+            "log.level",
+            4,
+            "unknown log level",
+        ),
+    ] {
+        let e = ringway::config::Config::parse(&format!("{base}{extra}"), "a.toml").unwrap_err();
+        assert_eq!(e.file, "a.toml");
+        assert_eq!(e.key, key, "{e}");
+        assert_eq!(e.line, Some(line), "{e}");
+        assert!(e.reason.contains(why), "{e}");
+    }
+    let e = ringway::config::Config::parse(
+        &format!("{base}[listeners.access_log]\nenabled = true\nsampel = 1\n"),
+        "a.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "listeners[0].access_log.sampel", "{e}");
+}
+
+#[test]
+fn an_output_that_cannot_be_opened_fails_the_start() {
+    let toml = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[access_log]\nenabled = true\noutput = \"/nonexistent-dir/x/access.log\"\n";
+    let cfg = ringway::config::Config::parse(toml, "a.toml").unwrap();
+    let err = match ringway::server::Gateway::start(cfg, Some(1)) {
+        Ok(_) => panic!("started without its access log"),
+        Err(e) => e,
+    };
+    assert!(
+        err.to_string().contains("/nonexistent-dir/x/access.log"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tls_version_and_handshakes_are_recorded() {
+    use support::pki::{pki, provider, roots};
+    let dir = TempDir::new("tls");
+    let log = dir.file("tls.log");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"x")));
+    let p = pki();
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"https\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n[[routes]]\nupstream = \"up\"\n{}",
+        p.path("a-chain.pem"),
+        p.path("a.key"),
+        up.addr,
+        log_config(&log)
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    for (versions, want) in [
+        (&[&rustls::version::TLS13][..], "1.3"),
+        (&[&rustls::version::TLS12][..], "1.2"),
+    ] {
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots("ca.pem"))
+            .with_no_client_auth();
+        let mut c =
+            Client::connect_tls(gw.addr, "a.test", std::sync::Arc::new(cfg)).expect("handshake");
+        c.send(b"GET /tls HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        assert_eq!(c.read_response().expect("response").status, 200);
+        let got = wait_lines(&log, if want == "1.3" { 1 } else { 2 });
+        assert_eq!(got.last().unwrap()["tls"], want);
+    }
+    // A client that does not speak TLS: a failed handshake, counted.
+    let mut s = TcpStream::connect(gw.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    let ctl = gw.gateway().control().clone();
+    let mut text = String::new();
+    let v = |text: &str, name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    assert!(eventually(Duration::from_secs(5), || {
+        text.clear();
+        ringway::metrics::render_prometheus(&ctl, &mut text).unwrap();
+        v(
+            &text,
+            "ringway_listener_tls_handshake_failures_total{listener=\"https\"}",
+        ) == Some(1)
+    }));
+    assert_eq!(
+        v(
+            &text,
+            "ringway_listener_tls_handshakes_total{listener=\"https\"}"
+        ),
+        Some(3),
+        "{text}"
+    );
+    assert_eq!(
+        v(
+            &text,
+            "ringway_listener_connections_accepted_total{listener=\"https\"}"
+        ),
+        Some(3)
+    );
+}

@@ -1,0 +1,162 @@
+//! W3C trace context over real sockets: what the upstream receives, and the trace id in
+//! gateway-made error bodies.
+
+mod support;
+
+use support::*;
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_PARENT: &str = "00f067aa0ba902b7";
+
+/// (version, trace id, parent id, flags) of a traceparent value, checked strictly.
+fn parts(v: &str) -> (String, String, String, String) {
+    let p: Vec<&str> = v.split('-').collect();
+    assert_eq!(p.len(), 4, "{v}");
+    assert_eq!(v.len(), 55, "{v}");
+    for (x, n) in p.iter().zip([2, 32, 16, 2]) {
+        assert_eq!(x.len(), n, "{v}");
+        assert!(
+            x.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{v}"
+        );
+    }
+    assert_ne!(p[1], "0".repeat(32));
+    assert_ne!(p[2], "0".repeat(16));
+    (p[0].into(), p[1].into(), p[2].into(), p[3].into())
+}
+
+fn send(addr: std::net::SocketAddr, path: &str, headers: &str) -> Resp {
+    request(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: t.test\r\n{headers}\r\n").as_bytes(),
+    )
+}
+
+#[test]
+fn a_valid_client_trace_is_continued_with_the_gateway_as_parent() {
+    for driver in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&proxy_all(up.addr), driver);
+        let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-01");
+        let r = send(
+            gw.addr,
+            "/a",
+            &format!("traceparent: {tp}\r\ntracestate: congo=t61rcWkgMzE\r\ntracestate: rojo=00f067aa0ba902b7\r\n"),
+        );
+        assert_eq!(r.status, 200);
+        let got = up.last();
+        let tps = got.headers_named("traceparent");
+        assert_eq!(tps.len(), 1, "{driver:?}: one traceparent upstream");
+        let (v, trace, parent, flags) = parts(tps[0]);
+        assert_eq!(v, "00");
+        assert_eq!(trace, CLIENT_TRACE, "the client's trace id is kept");
+        assert_ne!(
+            parent, CLIENT_PARENT,
+            "the gateway's own span is the parent"
+        );
+        assert_eq!(flags, "01", "the client's flags are kept");
+        assert_eq!(
+            got.headers_named("tracestate"),
+            ["congo=t61rcWkgMzE", "rojo=00f067aa0ba902b7"],
+            "tracestate passes through"
+        );
+        // A second request on the same trace gets a new span of the gateway's.
+        send(gw.addr, "/a", &format!("traceparent: {tp}\r\n"));
+        let (_, trace2, parent2, _) = parts(up.last().header("traceparent").unwrap());
+        assert_eq!(trace2, CLIENT_TRACE);
+        assert_ne!(parent2, parent);
+    }
+}
+
+#[test]
+fn an_invalid_or_missing_traceparent_starts_a_new_trace_and_drops_tracestate() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&proxy_all(up.addr), DRIVERS[0]);
+    let upper = CLIENT_TRACE.to_uppercase();
+    let zeros = "0".repeat(32);
+    let bad = [
+        format!("traceparent: 00-{upper}-{CLIENT_PARENT}-01\r\n"),
+        format!("traceparent: 00-{zeros}-{CLIENT_PARENT}-01\r\n"),
+        format!("traceparent: 00-{CLIENT_TRACE}-0000000000000000-01\r\n"),
+        format!("traceparent: 01-{CLIENT_TRACE}-{CLIENT_PARENT}-01\r\n"),
+        format!("traceparent: 00-{CLIENT_TRACE}-{CLIENT_PARENT}-01-extra\r\n"),
+        format!("traceparent: 00-{CLIENT_TRACE}-{CLIENT_PARENT}\r\n"),
+        // Two traceparent fields: ambiguous, refused.
+        format!(
+            "traceparent: 00-{CLIENT_TRACE}-{CLIENT_PARENT}-01\r\ntraceparent: 00-{CLIENT_TRACE}-{CLIENT_PARENT}-01\r\n"
+        ),
+        String::new(),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for h in &bad {
+        let r = send(
+            gw.addr,
+            "/a",
+            &format!("{h}tracestate: congo=t61rcWkgMzE\r\n"),
+        );
+        assert_eq!(r.status, 200, "{h}");
+        let got = up.last();
+        let tps = got.headers_named("traceparent");
+        assert_eq!(tps.len(), 1, "{h}");
+        let (v, trace, _, flags) = parts(tps[0]);
+        assert_eq!(v, "00");
+        assert_ne!(trace, CLIENT_TRACE, "{h}: a new trace");
+        assert_ne!(trace.to_lowercase(), upper.to_lowercase(), "{h}");
+        assert_eq!(flags, "01");
+        assert!(seen.insert(trace), "trace ids differ per request");
+        assert!(
+            got.header("tracestate").is_none(),
+            "{h}: tracestate without a valid parent is dropped"
+        );
+    }
+}
+
+#[test]
+fn an_oversized_tracestate_is_dropped_whole() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&proxy_all(up.addr), DRIVERS[0]);
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-00");
+    let long = format!("v={}", "x".repeat(600));
+    send(
+        gw.addr,
+        "/a",
+        &format!("traceparent: {tp}\r\ntracestate: {long}\r\n"),
+    );
+    let got = up.last();
+    assert!(got.header("tracestate").is_none());
+    let (_, trace, _, flags) = parts(got.header("traceparent").unwrap());
+    assert_eq!(trace, CLIENT_TRACE);
+    assert_eq!(flags, "00");
+}
+
+#[test]
+fn gateway_made_errors_carry_the_trace_id() {
+    let up = Upstream::echo();
+    let dead = refusing_addr();
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n[upstreams.down]\nendpoints = [{{ address = \"{}\" }}]\n[[routes]]\npath_prefix = \"/up\"\nupstream = \"up\"\n[[routes]]\npath_prefix = \"/down\"\nupstream = \"down\"\n",
+        up.addr, dead.addr
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let tp = format!("traceparent: 00-{CLIENT_TRACE}-{CLIENT_PARENT}-01\r\n");
+    for (path, status) in [("/nowhere", 404), ("/down", 502)] {
+        let r = send(gw.addr, path, &tp);
+        assert_eq!(r.status, status);
+        let body = r.json();
+        assert_eq!(body["trace_id"], CLIENT_TRACE, "{path}");
+        assert_eq!(body["request_id"].as_str(), r.header("x-request-id"));
+    }
+    // Without a trace, the error still names the one the gateway started.
+    let r = send(gw.addr, "/nowhere", "");
+    let t = r.json()["trace_id"].as_str().unwrap().to_string();
+    assert_eq!(t.len(), 32);
+    assert_ne!(t, CLIENT_TRACE);
+    // A refused head (malformed) also gets a trace id in its error.
+    let r = request(
+        gw.addr,
+        b"GET /a HTTP/1.1\r\nHost: t\r\nBad Header: x\r\n\r\n",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["trace_id"].as_str().map(str::len), Some(32));
+}
