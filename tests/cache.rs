@@ -1280,3 +1280,47 @@ fn rfc9111_4_3_4_a_304_updates_set_cookie_and_content_type_on_a_set_cookie_store
     }
     assert_eq!(up.hits(), 2);
 }
+
+#[test]
+fn rfc5861_4_stale_if_error_does_not_apply_past_its_window() {
+    // The response's own window (1 s) is over at once (Age: 5), whatever the route's default.
+    for (fields, req, route) in [
+        (
+            "cache-control: max-age=0, stale-if-error=1\r\nage: 5\r\n",
+            "",
+            "",
+        ),
+        (
+            "cache-control: max-age=0, stale-if-error=1\r\nage: 5\r\n",
+            "",
+            "stale_if_error = \"60s\"",
+        ),
+        // The request's window (1 s) wins over the route's 60 s.
+        (
+            "cache-control: max-age=0\r\netag: \"w\"\r\nage: 5\r\n",
+            "Cache-Control: stale-if-error=1\r\n",
+            "stale_if_error = \"60s\"",
+        ),
+    ] {
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        let up = Upstream::start(move |_| {
+            if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+                Reply::Raw(
+                    format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok").into_bytes(),
+                )
+            } else {
+                Reply::Raw(b"HTTP/1.1 500 Oops\r\ncontent-length: 4\r\n\r\noops".to_vec())
+            }
+        });
+        let gw = TestGateway::start(&cache_config(up.addr, route, ""), D);
+        assert_eq!(get(gw.addr, "/sie").text(), "ok");
+        let r = get_h(gw.addr, "/sie", req);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (500, "oops"),
+            "{fields} {req} {route}: {r:?}"
+        );
+        assert_eq!(up.hits(), 2);
+    }
+}
