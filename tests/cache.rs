@@ -1197,3 +1197,169 @@ fn admin_metrics_include_the_cache_families() {
         "{text}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Conformance edge cases (the http-tests cache-tests suite's required tests).
+
+#[test]
+fn rfc9111_5_2_directives_with_whitespace_around_equals_are_ignored() {
+    for cc in ["max-age =3600", "max-age= 3600", "s-maxage =3600"] {
+        let fields: &'static str = Box::leak(format!("cache-control: {cc}\r\n").into_boxed_str());
+        let (up, _) = counting_origin(fields);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        assert_eq!(get(gw.addr, "/ws").text(), "v1");
+        assert_eq!(get(gw.addr, "/ws").text(), "v2", "{cc} is not max-age=3600");
+    }
+    // The same directive written as the grammar says is honoured.
+    let (up, _) = counting_origin("cache-control: max-age=3600\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/ws");
+    assert_eq!(get(gw.addr, "/ws").text(), "v1");
+}
+
+#[test]
+fn rfc9110_5_6_7_an_expires_not_in_an_http_date_form_is_in_the_past() {
+    for exp in [
+        // 1-digit hour, dashes with a short day name, doubled spaces, UTC, 2-digit year.
+        "Thu, 18 Aug 2050 2:01:18 GMT",
+        "Thu, 18-Aug-2050 02:01:18 GMT",
+        "Thu, 18  Aug  2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 02:01:18 UTC",
+        "Thu, 18 Aug 50 02:01:18 GMT",
+        "Thu 18 Aug 2050 02:01:18 GMT",
+    ] {
+        let fields: &'static str = Box::leak(format!("expires: {exp}\r\n").into_boxed_str());
+        let (up, _) = counting_origin(fields);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        get(gw.addr, "/x");
+        assert_eq!(get(gw.addr, "/x").text(), "v2", "{exp} is not a date");
+    }
+    for exp in [
+        "Thu, 18 Aug 2050 02:01:18 GMT",
+        "Thursday, 18-Aug-50 02:01:18 GMT",
+        "Thu Aug 18 02:01:18 2050",
+    ] {
+        let fields: &'static str = Box::leak(format!("expires: {exp}\r\n").into_boxed_str());
+        let (up, _) = counting_origin(fields);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        get(gw.addr, "/x");
+        assert_eq!(get(gw.addr, "/x").text(), "v1", "{exp} is a future date");
+    }
+}
+
+#[test]
+fn rfc9111_5_1_a_list_valued_age_counts_by_its_first_member() {
+    for (age, fresh) in [("7200, 7200", false), ("7200,0", false), ("0, 7200", true)] {
+        let fields: &'static str =
+            Box::leak(format!("cache-control: max-age=3600\r\nage: {age}\r\n").into_boxed_str());
+        let (up, _) = counting_origin(fields);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        get(gw.addr, "/age");
+        let want = if fresh { "v1" } else { "v2" };
+        assert_eq!(get(gw.addr, "/age").text(), want, "Age: {age}");
+    }
+}
+
+#[test]
+fn rfc9111_3_1_fields_listed_in_connection_are_not_stored() {
+    let (up, _) = counting_origin(
+        "cache-control: max-age=3600\r\nconnection: a, b\r\na: 1\r\nb: 2\r\nc: 3\r\n",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/conn");
+    let b = get(gw.addr, "/conn");
+    assert_eq!(b.text(), "v1");
+    assert_eq!(b.header("c"), Some("3"), "{b:?}");
+    for gone in ["a", "b", "connection"] {
+        assert!(!b.has(gone), "{gone}: {b:?}");
+    }
+}
+
+#[test]
+fn rfc9111_4_4_an_unknown_method_invalidates_the_target_and_content_location() {
+    let (up, _) = counting_origin("cache-control: max-age=3600\r\ncontent-location: /t/cl\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/t").text(), "v1");
+    assert_eq!(get(gw.addr, "/t/cl").text(), "v2");
+    assert_eq!(get(gw.addr, "/t/cl").text(), "v2");
+    let r = request(
+        gw.addr,
+        b"M-SEARCH /t HTTP/1.1\r\nHost: test.local\r\nContent-Length: 3\r\n\r\nabc",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(get(gw.addr, "/t").text(), "v4");
+    assert_eq!(get(gw.addr, "/t/cl").text(), "v5");
+}
+
+#[test]
+fn rfc9111_4_3_4_a_304_updates_set_cookie_and_content_type_on_a_set_cookie_store_route() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        if req.header("if-none-match") == Some("\"e\"") {
+            return Reply::Raw(
+                format!("HTTP/1.1 304 Not Modified\r\netag: \"e\"\r\ncache-control: max-age=3600\r\nset-cookie: a=c\r\ncontent-type: text/plain;charset=utf-8\r\nx-n: {i}\r\n\r\n")
+                    .into_bytes(),
+            );
+        }
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\netag: \"e\"\r\ncache-control: max-age=0\r\nset-cookie: a=b\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n\r\nbody"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "set_cookie = \"store\"", ""), D);
+    assert_eq!(get(gw.addr, "/sc").header("set-cookie"), Some("a=b"));
+    for _ in 0..2 {
+        let b = get(gw.addr, "/sc");
+        assert_eq!(b.text(), "body");
+        assert_eq!(b.header("set-cookie"), Some("a=c"), "{b:?}");
+        assert_eq!(b.header("content-type"), Some("text/plain;charset=utf-8"));
+        assert_eq!(b.header("x-n"), Some("2"), "{b:?}");
+    }
+    assert_eq!(up.hits(), 2);
+}
+
+#[test]
+fn rfc5861_4_stale_if_error_does_not_apply_past_its_window() {
+    // The response's own window (1 s) is over at once (Age: 5), whatever the route's default.
+    for (fields, req, route) in [
+        (
+            "cache-control: max-age=0, stale-if-error=1\r\nage: 5\r\n",
+            "",
+            "",
+        ),
+        (
+            "cache-control: max-age=0, stale-if-error=1\r\nage: 5\r\n",
+            "",
+            "stale_if_error = \"60s\"",
+        ),
+        // The request's window (1 s) wins over the route's 60 s.
+        (
+            "cache-control: max-age=0\r\netag: \"w\"\r\nage: 5\r\n",
+            "Cache-Control: stale-if-error=1\r\n",
+            "stale_if_error = \"60s\"",
+        ),
+    ] {
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        let up = Upstream::start(move |_| {
+            if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+                Reply::Raw(
+                    format!("HTTP/1.1 200 OK\r\n{fields}content-length: 2\r\n\r\nok").into_bytes(),
+                )
+            } else {
+                Reply::Raw(b"HTTP/1.1 500 Oops\r\ncontent-length: 4\r\n\r\noops".to_vec())
+            }
+        });
+        let gw = TestGateway::start(&cache_config(up.addr, route, ""), D);
+        assert_eq!(get(gw.addr, "/sie").text(), "ok");
+        let r = get_h(gw.addr, "/sie", req);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (500, "oops"),
+            "{fields} {req} {route}: {r:?}"
+        );
+        assert_eq!(up.hits(), 2);
+    }
+}

@@ -147,9 +147,16 @@ impl Directives {
                 continue;
             }
             let (name, value) = match item.iter().position(|b| *b == b'=') {
-                Some(p) => (trim_ows(&item[..p]), Some(&item[p + 1..])),
+                Some(p) => (&item[..p], Some(&item[p + 1..])),
                 None => (item, None),
             };
+            // §5.2: `cache-directive = token [ "=" ( token / quoted-string ) ]`, no
+            // whitespace around "=": `max-age =60` or `max-age= 60` is not a directive this
+            // cache knows, and is ignored (§5.2.3).
+            let spaced = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+            if spaced(name.last()) || value.is_some_and(|v| spaced(v.first())) {
+                continue;
+            }
             self.directive(name, value);
         }
     }
@@ -318,9 +325,11 @@ fn month(s: &[u8]) -> Option<u32> {
         .map(|i| i as u32 + 1)
 }
 
+/// `time-of-day = hour ":" minute ":" second`, two digits each (RFC 9110 §5.6.7).
 fn hms(s: &[u8]) -> Option<(u32, u32, u32)> {
     let mut it = s.split(|b| *b == b':');
-    let (h, m, sec) = (num(it.next()?)?, num(it.next()?)?, num(it.next()?)?);
+    let mut two = || it.next().filter(|p| p.len() == 2).and_then(num);
+    let (h, m, sec) = (two()?, two()?, two()?);
     if it.next().is_some() || h > 23 || m > 59 || sec > 60 {
         return None;
     }
@@ -335,38 +344,45 @@ fn to_secs(y: i64, mo: u32, d: u32, (h, mi, s): (u32, u32, u32)) -> Option<u64> 
     u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + s)).ok()
 }
 
-/// Seconds since the epoch of an HTTP-date, `None` when it is not one.
+/// `n` digits exactly.
+fn digits(s: &[u8], n: usize) -> Option<u32> {
+    (s.len() == n).then_some(s).and_then(num)
+}
+
+/// Seconds since the epoch of an HTTP-date, `None` when it is not one. The three forms of
+/// RFC 9110 §5.6.7 are taken as written there (single spaces, two-digit time fields, a
+/// case-sensitive month and "GMT"); anything else is invalid, which for `Expires` means
+/// already expired (RFC 9111 §5.3).
 pub fn parse_http_date(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
-    let parts: Vec<&[u8]> = v.split(|b| *b == b' ').filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&[u8]> = v.split(|b| *b == b' ').collect();
     match parts.as_slice() {
-        // Sun, 06 Nov 1994 08:49:37 GMT
-        [wd, d, mo, y, t, b"GMT"] if wd.ends_with(b",") && wd.len() == 4 => {
-            let y = num(y)?;
-            if y < 1000 {
+        // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
+        [wd, d, mo, y, t, b"GMT"] if wd.len() == 4 && wd.ends_with(b",") => {
+            to_secs(i64::from(digits(y, 4)?), month(mo)?, digits(d, 2)?, hms(t)?)
+        }
+        // rfc850-date (obsolete): Sunday, 06-Nov-94 08:49:37 GMT (the full day name)
+        [wd, dmy, t, b"GMT"] if wd.len() > 4 && wd.ends_with(b",") => {
+            let mut it = dmy.split(|b| *b == b'-');
+            let (d, mo, y) = (
+                digits(it.next()?, 2)?,
+                month(it.next()?)?,
+                digits(it.next()?, 2)?,
+            );
+            if it.next().is_some() {
                 return None;
             }
-            to_secs(i64::from(y), month(mo)?, num(d)?, hms(t)?)
-        }
-        // Sunday, 06-Nov-94 08:49:37 GMT
-        [wd, dmy, t, b"GMT"] if wd.ends_with(b",") => {
-            let mut it = dmy.split(|b| *b == b'-');
-            let (d, mo, y) = (num(it.next()?)?, month(it.next()?)?, it.next()?);
-            let y = num(y)?;
             // Two-digit years: RFC 9110 §5.6.7, more than 50 years ahead means the past.
-            let y = if y < 100 {
-                if y < 70 {
-                    2000 + y
-                } else {
-                    1900 + y
-                }
-            } else {
-                y
-            };
+            let y = if y < 70 { 2000 + y } else { 1900 + y };
             to_secs(i64::from(y), mo, d, hms(t)?)
         }
-        // Sun Nov  6 08:49:37 1994
-        [_wd, mo, d, t, y] => to_secs(i64::from(num(y)?), month(mo)?, num(d)?, hms(t)?),
+        // asctime-date (obsolete): Sun Nov  6 08:49:37 1994, the day as 2DIGIT or SP DIGIT
+        [wd, mo, d, t, y] if wd.len() == 3 && d.len() == 2 => {
+            to_secs(i64::from(digits(y, 4)?), month(mo)?, num(d)?, hms(t)?)
+        }
+        [wd, mo, b"", d, t, y] if wd.len() == 3 && d.len() == 1 => {
+            to_secs(i64::from(digits(y, 4)?), month(mo)?, num(d)?, hms(t)?)
+        }
         _ => None,
     }
 }
@@ -577,6 +593,10 @@ mod tests {
         assert_eq!(d.max_age, Some(0));
         assert_eq!(d.max_stale, Some(None));
         assert_eq!(d.min_fresh, Some(MAX_DELTA));
+        // No whitespace around "=" (§5.2): such a directive is ignored.
+        let mut d = Directives::default();
+        d.add(b"max-age =60, s-maxage= 5, no-cache");
+        assert_eq!((d.max_age, d.s_maxage, d.no_cache), (None, None, true));
     }
 
     #[test]
@@ -599,6 +619,24 @@ mod tests {
         assert_eq!(parse_http_date(b"Sun Nov  6 08:49:37 1994"), Some(t));
         assert_eq!(parse_http_date(b"0"), None);
         assert_eq!(parse_http_date(b"Sun, 06 Nov 1994 25:49:37 GMT"), None);
+        assert_eq!(parse_http_date(b"Sun Nov 06 08:49:37 1994"), Some(t));
+        for bad in [
+            &b"Sun, 06 Nov 1994 8:49:37 GMT"[..],
+            b"Sun, 06  Nov 1994 08:49:37 GMT",
+            b"Sun, 6 Nov 1994 08:49:37 GMT",
+            b"Sun, 06-Nov-1994 08:49:37 GMT",
+            b"Sunday, 06-Nov-1994 08:49:37 GMT",
+            b"Sun, 06 NOV 1994 08:49:37 GMT",
+            b"Sun, 06 Nov 1994 08:49:37 UTC",
+            b"Sun Nov   6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                parse_http_date(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         let now = 1_700_000_000;
         assert_eq!(parse_http_date(&crate::date::http_date(now)), Some(now));
     }

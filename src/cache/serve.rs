@@ -621,7 +621,9 @@ pub(crate) fn analyze(
         0
     };
     // §4.2.3
+    // §5.1: a list-valued Age counts by its first member; an invalid one is ignored.
     let age_value = policy::field(fields, b"age")
+        .and_then(|v| crate::http::list_items(v).next())
         .and_then(policy::delta_seconds)
         .unwrap_or(0);
     let apparent_age = response_time.saturating_sub(date);
