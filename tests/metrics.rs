@@ -558,3 +558,41 @@ fn ejections_health_in_flight_and_pools_per_endpoint() {
         1.0
     );
 }
+
+/// A reload that reorders routes and adds one: each route's counters follow its name, the new
+/// route starts at zero and is counted, and a kept group keeps its counts.
+#[test]
+fn counters_follow_routes_by_name_across_a_reload() {
+    let up = Upstream::echo();
+    let routes = |order: &[&str]| {
+        let mut t = String::new();
+        for name in order {
+            t.push_str(&format!(
+                "[[routes]]\nname = \"{name}\"\npath = \"/{name}\"\nupstream = \"up\"\n\n"
+            ));
+        }
+        config(&[up.addr], &t)
+    };
+    let gw = TestGateway::start(&routes(&["a", "b"]), ringway::config::DriverChoice::Auto);
+    for p in ["/a", "/a", "/b"] {
+        assert_eq!(status_of(&exchange(gw.addr, &get_req(p))), 200);
+    }
+    let next = ringway::config::Config::parse(&routes(&["c", "b", "a"]), "m.toml").unwrap();
+    gw.gateway().reload(next).expect("the reload applies");
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/c"))), 200);
+    let (text, lines) = scrape(gw.gateway().control());
+    let ok = |route: &str| {
+        value(
+            &lines,
+            "ringway_route_requests_total",
+            &[("route", route), ("class", "2xx")],
+        )
+    };
+    assert_eq!((ok("a"), ok("b"), ok("c")), (2.0, 1.0, 1.0), "{text}");
+    let group = value(
+        &lines,
+        "ringway_upstream_requests_total",
+        &[("upstream", "up"), ("class", "2xx")],
+    );
+    assert_eq!(group, 4.0, "{text}");
+}

@@ -18,9 +18,8 @@
 //!   and round trips (`redis::RedisLink`); both are read when sampled.
 //!
 //! Labels are names from the worker's current configuration snapshot, read when sampled.
-//! Counters are kept by route and group index: after a reload that renumbers routes, a route's
-//! earlier counts appear under the name now at its index (the reload keeps indexes of
-//! unchanged routes).
+//! Counters are kept by route index and by group slot: a reload moves each route's counters to
+//! its new index by name ([`WorkerMetrics::follow_routes`]), and keeps a kept group's slot.
 
 pub mod prom;
 
@@ -379,6 +378,21 @@ impl WorkerMetrics {
         }
     }
 
+    /// A reload installed a route table: each route's counters follow its name to its new
+    /// index (a route that is gone takes its counts with it; a new one starts at zero).
+    pub fn follow_routes(&self, old: &[crate::router::Route], new: &[crate::router::Route]) {
+        let mut routes = self.routes.borrow_mut();
+        let mut by_name: std::collections::HashMap<&str, Traffic> =
+            std::collections::HashMap::new();
+        for (r, t) in old.iter().zip(routes.drain(..)) {
+            by_name.entry(r.name.as_str()).or_insert(t);
+        }
+        *routes = new
+            .iter()
+            .map(|r| by_name.remove(r.name.as_str()).unwrap_or_default())
+            .collect();
+    }
+
     /// This worker's counters and gauges, labelled from its current snapshot.
     pub fn sample(&self, w: &crate::proxy::Worker) -> WorkerSample {
         let cfg = w.config();
@@ -395,8 +409,9 @@ impl WorkerMetrics {
         }
         s.routes
             .push((UNMATCHED_ROUTE.to_string(), self.unmatched.sample()));
-        for (gi, g) in cfg.upstreams.iter().enumerate() {
-            let t = groups.get(gi).map(Traffic::sample).unwrap_or_default();
+        for g in cfg.upstreams.iter() {
+            // Counted by the group's slot (`index`), which a reload keeps for a group it keeps.
+            let t = groups.get(g.index).map(Traffic::sample).unwrap_or_default();
             s.groups.push((g.name.clone(), t));
             s.group_conns
                 .push((g.name.clone(), g.conns.open.get() as u64));
@@ -410,7 +425,7 @@ impl WorkerMetrics {
                 });
             }
             for (ei, e) in g.endpoints.iter().enumerate() {
-                let c = endpoints.get(gi).and_then(|v| v.get(ei));
+                let c = endpoints.get(g.index).and_then(|v| v.get(ei));
                 let st = &g.stats[ei];
                 s.endpoints.push(EndpointSample {
                     group: g.name.clone(),

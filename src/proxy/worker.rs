@@ -300,7 +300,10 @@ impl Worker {
     /// Installs a new snapshot for the requests that start from now on; requests in flight
     /// finish on the one they hold.
     pub fn swap_config(&self, next: Snapshot) -> Rc<Snapshot> {
-        self.config.replace(Rc::new(next))
+        let old = self.config.replace(Rc::new(next));
+        self.metrics
+            .follow_routes(&old.router.routes, &self.config.borrow().router.routes);
+        old
     }
 
     /// Consumers and credential providers for a new request.
