@@ -4,6 +4,11 @@
 #   off:  [metrics] enabled = false, no access log
 #   on:   [metrics] enabled = true (the default), no access log
 #   log:  [metrics] enabled = true and [access_log] to a file in the scratch directory
+# and, for the access log's cost, two nginx proxies (one worker, keepalive 512 to the origin)
+# identical but for its own access log (off, or the default "combined" format to a file):
+#   ngx_off, ngx_log
+# With BASE_BIN=path, a sixth process runs that older ringway binary on the same config less the
+# [metrics]/[access_log] tables ("base": what the request path cost before).
 # Rounds run the three in turn with the same wrk load (keep-alive); each run prints req/s and
 # that ringway's CPU time per request (user + system, from /proc), then the median ratios
 # against "off". On a shared machine req/s swings with the neighbours' load; CPU per request
@@ -18,11 +23,13 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/ringway
 [[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 1; }
 D=$(mktemp -d /tmp/ringway-obs-perf.XXXXXX)
 ORIGIN=18200
-declare -A PORT=([off]=18281 [on]=18282 [log]=18283)
+declare -A PORT=([off]=18281 [on]=18282 [log]=18283 [ngx_off]=18291 [ngx_log]=18292 [base]=18284)
+MODES=(off on log)
+[[ -n ${BASE_BIN:-} ]] && MODES+=(base)
 declare -A PID=()
 cleanup() {
   for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
-  [[ -f $D/nginx.pid ]] && kill "$(cat "$D/nginx.pid")" 2>/dev/null
+  for f in "$D"/nginx*.pid; do [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null; done
   rm -rf "$D"
 }
 trap cleanup EXIT
@@ -34,7 +41,21 @@ http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; 
   server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 "$(printf '%063d' 0)\n"; } } }
 NG
 nginx -p "$D" -c "$D/nginx.conf" -e "$D/error.log"
-for mode in off on log; do
+for mode in ngx_off ngx_log; do
+  log="access_log off;"
+  [[ $mode == ngx_log ]] && log="access_log $D/nginx-access.log combined;"
+  cat > "$D/$mode.conf" <<NG
+worker_processes 1; daemon on; pid $D/nginx-$mode.pid; error_log $D/error-$mode.log warn;
+events { worker_connections 4096; }
+http { $log keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
+  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
+  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 512; }
+  server { listen 127.0.0.1:${PORT[$mode]} backlog=4096;
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NG
+  nginx -p "$D" -c "$D/$mode.conf" -e "$D/error-$mode.log"
+done
+for mode in "${MODES[@]}"; do
   {
     echo "[server]"
     echo "workers = $WORKERS"
@@ -47,17 +68,25 @@ for mode in off on log; do
     echo "name = \"all\""
     echo "upstream = \"origin\""
     echo "set_host = \"origin\""
-    echo "[metrics]"
-    [[ $mode == off ]] && echo "enabled = false" || echo "enabled = true"
+    if [[ $mode != base ]]; then
+      echo "[metrics]"
+      [[ $mode == off ]] && echo "enabled = false" || echo "enabled = true"
+    fi
     if [[ $mode == log ]]; then
       echo "[access_log]"
       echo "enabled = true"
       echo "output = \"$D/access.log\""
     fi
   } > "$D/$mode.toml"
-  RINGWAY_LOG=warn "$BIN" -c "$D/$mode.toml" & PID[$mode]=$!
+  bin=$BIN; [[ $mode == base ]] && bin=$BASE_BIN
+  RINGWAY_LOG=warn "$bin" -c "$D/$mode.toml" & PID[$mode]=$!
 done
-for mode in off on log; do
+for mode in ngx_off ngx_log; do
+  for _ in $(seq 50); do [[ -s $D/nginx-$mode.pid ]] && break; sleep 0.1; done
+  # The worker does the work; the master only waits.
+  for _ in $(seq 50); do PID[$mode]=$(pgrep -P "$(cat "$D/nginx-$mode.pid")" | head -1) && [[ -n ${PID[$mode]} ]] && break; sleep 0.1; done
+done
+for mode in "${MODES[@]}" ngx_off ngx_log; do
   for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${PORT[$mode]}/" && break; sleep 0.1; done
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:${PORT[$mode]}/")
   [[ $code == 200 ]] || { echo "$mode answered $code"; exit 1; }
@@ -72,16 +101,30 @@ run() {
   t1=$(cpu_ticks "${PID[$mode]}")
   python3 -c "print($rps, round(($t1 - $t0) / $HZ * 1e6 / ($rps * $SECS), 3))"
 }
-for mode in off on log; do wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:${PORT[$mode]}/" >/dev/null; done
-on_r=(); log_r=()
+for mode in "${MODES[@]}" ngx_off ngx_log; do wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:${PORT[$mode]}/" >/dev/null; done
+on_r=(); log_r=(); rw_add=(); ngx_add=(); ngx_r=(); base_r=()
 for r in $(seq "$ROUNDS"); do
   read -r off off_cpu < <(run off)
   read -r on on_cpu < <(run on)
   read -r lg lg_cpu < <(run log)
+  if [[ -n ${BASE_BIN:-} ]]; then
+    read -r bs bs_cpu < <(run base)
+    base_r+=("$(python3 -c "print(f'{$on_cpu/$bs_cpu:.3f}')")")
+    echo "round $r: base ${bs} req/s ${bs_cpu} µs CPU/req"
+  fi
+  read -r nx nx_cpu < <(run ngx_off)
+  read -r nl nl_cpu < <(run ngx_log)
   on_r+=("$(python3 -c "print(f'{$on_cpu/$off_cpu:.3f}')")")
+  rw_add+=("$(python3 -c "print(f'{$lg_cpu-$on_cpu:.3f}')")")
+  ngx_add+=("$(python3 -c "print(f'{$nl_cpu-$nx_cpu:.3f}')")")
+  ngx_r+=("$(python3 -c "print(f'{$nl_cpu/$nx_cpu:.3f}')")")
   log_r+=("$(python3 -c "print(f'{$lg_cpu/$off_cpu:.3f}')")")
-  echo "round $r: off ${off} req/s ${off_cpu} µs CPU/req; metrics ${on} req/s ${on_cpu} µs; metrics+access log ${lg} req/s ${lg_cpu} µs"
+  echo "round $r: off ${off} req/s ${off_cpu} µs CPU/req; metrics ${on} req/s ${on_cpu} µs; metrics+access log ${lg} req/s ${lg_cpu} µs; nginx ${nx} req/s ${nx_cpu} µs; nginx+access log ${nl} req/s ${nl_cpu} µs"
 done
 python3 -c "import statistics,sys; print('median CPU/req metrics on/off:', statistics.median(map(float, sys.argv[1:])))" "${on_r[@]}"
 python3 -c "import statistics,sys; print('median CPU/req metrics+access log/off:', statistics.median(map(float, sys.argv[1:])))" "${log_r[@]}"
-echo "access log lines written: $(wc -l < "$D/access.log")"
+[[ -n ${BASE_BIN:-} ]] && python3 -c "import statistics,sys; print('median CPU/req metrics on (default) / base binary:', statistics.median(map(float, sys.argv[1:])))" "${base_r[@]}"
+python3 -c "import statistics,sys; print('median CPU/req nginx access log/off:', statistics.median(map(float, sys.argv[1:])))" "${ngx_r[@]}"
+python3 -c "import statistics,sys; print('median access log cost, µs CPU/req: ringway', statistics.median(map(float, sys.argv[1:])))" "${rw_add[@]}"
+python3 -c "import statistics,sys; print('median access log cost, µs CPU/req: nginx  ', statistics.median(map(float, sys.argv[1:])))" "${ngx_add[@]}"
+echo "access log lines written: ringway $(wc -l < "$D/access.log"), nginx $(wc -l < "$D/nginx-access.log")"
