@@ -88,82 +88,88 @@ pub fn purge_handler(control: Arc<Control>) -> Handler {
     })
 }
 
-fn stats_json(s: &CacheStats) -> serde_json::Value {
-    json!({
-        "hits": s.hits,
-        "stale_hits": s.stale_hits,
-        "misses": s.misses,
-        "stores": s.stores,
-        "revalidations": s.revalidations,
-        "coalesced": s.coalesced,
-        "purged": s.purged,
-        "entries": s.entries,
-        "bytes": s.bytes,
-    })
+/// Each counter of a worker's cache: its name (the admin API's `GET /cache` key; with
+/// `ringway_cache_` before it, the Prometheus family), kind and meaning, and value.
+type Fields = [(&'static str, &'static str, &'static str, u64); 9];
+
+fn fields(s: &CacheStats) -> Fields {
+    [
+        (
+            "hits",
+            "counter",
+            "Answers from the store while fresh.",
+            s.hits,
+        ),
+        (
+            "stale_hits",
+            "counter",
+            "Stale answers from the store (stale-while-revalidate, stale-if-error).",
+            s.stale_hits,
+        ),
+        (
+            "misses",
+            "counter",
+            "Requests on cached routes that went to the upstream.",
+            s.misses,
+        ),
+        ("stores", "counter", "Responses stored.", s.stores),
+        (
+            "revalidations",
+            "counter",
+            "Conditional requests sent to refresh a stored response.",
+            s.revalidations,
+        ),
+        (
+            "coalesced",
+            "counter",
+            "Misses that waited for another request's fetch of the same key.",
+            s.coalesced,
+        ),
+        (
+            "purged",
+            "counter",
+            "Objects removed or marked stale by purges.",
+            s.purged,
+        ),
+        ("entries", "gauge", "Objects in the stores.", s.entries),
+        (
+            "bytes",
+            "gauge",
+            "Bytes weighed by the stores (headers and bodies).",
+            s.bytes,
+        ),
+    ]
+}
+
+/// The workers' counters summed, field by field.
+fn total(per_worker: &[CacheStats]) -> Fields {
+    let mut t = fields(&CacheStats::default());
+    for s in per_worker {
+        for (acc, (_, _, _, v)) in t.iter_mut().zip(fields(s)) {
+            acc.3 = acc.3.saturating_add(v);
+        }
+    }
+    t
+}
+
+fn stats_json(f: &Fields) -> serde_json::Value {
+    serde_json::Value::Object(
+        f.iter()
+            .map(|(k, _, _, v)| (k.to_string(), json!(v)))
+            .collect(),
+    )
 }
 
 /// The cache's families in the Prometheus text format, summed over the workers (appended to
 /// `/metrics`).
 pub fn write_prometheus(per_worker: &[CacheStats], out: &mut String) {
     use std::fmt::Write as _;
-    let sum = |f: fn(&CacheStats) -> u64| per_worker.iter().map(f).fold(0u64, u64::saturating_add);
-    let families: [(&str, &str, &str, u64); 9] = [
-        (
-            "ringway_cache_hits_total",
-            "counter",
-            "Answers from the store while fresh.",
-            sum(|s| s.hits),
-        ),
-        (
-            "ringway_cache_stale_hits_total",
-            "counter",
-            "Stale answers from the store (stale-while-revalidate, stale-if-error).",
-            sum(|s| s.stale_hits),
-        ),
-        (
-            "ringway_cache_misses_total",
-            "counter",
-            "Requests on cached routes that went to the upstream.",
-            sum(|s| s.misses),
-        ),
-        (
-            "ringway_cache_stores_total",
-            "counter",
-            "Responses stored.",
-            sum(|s| s.stores),
-        ),
-        (
-            "ringway_cache_revalidations_total",
-            "counter",
-            "Conditional requests sent to refresh a stored response.",
-            sum(|s| s.revalidations),
-        ),
-        (
-            "ringway_cache_coalesced_total",
-            "counter",
-            "Misses that waited for another request's fetch of the same key.",
-            sum(|s| s.coalesced),
-        ),
-        (
-            "ringway_cache_purged_total",
-            "counter",
-            "Objects removed or marked stale by purges.",
-            sum(|s| s.purged),
-        ),
-        (
-            "ringway_cache_entries",
-            "gauge",
-            "Objects in the stores.",
-            sum(|s| s.entries),
-        ),
-        (
-            "ringway_cache_bytes",
-            "gauge",
-            "Bytes weighed by the stores (headers and bodies).",
-            sum(|s| s.bytes),
-        ),
-    ];
-    for (name, kind, help, v) in families {
+    for (name, kind, help, v) in total(per_worker) {
+        let name = if kind == "counter" {
+            format!("ringway_cache_{name}_total")
+        } else {
+            format!("ringway_cache_{name}")
+        };
         let _ = writeln!(
             out,
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
@@ -190,27 +196,13 @@ pub fn metrics_handler(control: Arc<Control>) -> Handler {
 pub fn stats_handler(control: Arc<Control>) -> Handler {
     Arc::new(
         move |_req| match super::stats(&control, WORKER_ANSWER_LIMIT) {
-            Ok(per_worker) => {
-                let mut total = CacheStats::default();
-                for s in &per_worker {
-                    total.hits += s.hits;
-                    total.stale_hits += s.stale_hits;
-                    total.misses += s.misses;
-                    total.stores += s.stores;
-                    total.revalidations += s.revalidations;
-                    total.coalesced += s.coalesced;
-                    total.purged += s.purged;
-                    total.entries += s.entries;
-                    total.bytes += s.bytes;
-                }
-                AdminResponse::json(
-                    200,
-                    &json!({
-                        "total": stats_json(&total),
-                        "per_worker": per_worker.iter().map(stats_json).collect::<Vec<_>>(),
-                    }),
-                )
-            }
+            Ok(per_worker) => AdminResponse::json(
+                200,
+                &json!({
+                    "total": stats_json(&total(&per_worker)),
+                    "per_worker": per_worker.iter().map(|s| stats_json(&fields(s))).collect::<Vec<_>>(),
+                }),
+            ),
             Err(e) => AdminResponse::error(503, &e.to_string()),
         },
     )
