@@ -483,3 +483,40 @@ fn tls_version_and_handshakes_are_recorded() {
         Some(3)
     );
 }
+
+/// After a reload that adds a group sorting before the served one (groups sit in name order,
+/// so the served group's position moves while its slot stays), a line still names the group
+/// and endpoint that served the request.
+#[test]
+fn lines_name_the_right_group_after_a_reload_moves_groups() {
+    let dir = TempDir::new("reorder");
+    let out = dir.file("access.log");
+    let (a, b) = (Upstream::echo(), Upstream::echo());
+    let cfg = |extra: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n{extra}[upstreams.b]\nendpoints = [{{ address = \"{}\" }}]\n\n[[routes]]\nname = \"to-b\"\nupstream = \"b\"\n\n[access_log]\nenabled = true\noutput = \"{}\"\n",
+            b.addr,
+            out.display()
+        )
+    };
+    let gw = TestGateway::start(&cfg(""), DRIVERS[0]);
+    let with_a = format!(
+        "[upstreams.a]\nendpoints = [{{ address = \"{}\" }}]\n\n",
+        a.addr
+    );
+    let next = ringway::config::Config::parse(&cfg(&with_a), "r.toml").unwrap();
+    gw.gateway().reload(next).expect("the reload applies");
+    let resp = exchange(
+        gw.addr,
+        "GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        resp.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    let got = wait_lines(&out, 1);
+    assert_eq!(b.hits(), 1);
+    assert_eq!(got[0]["upstream"], "b", "{:?}", got[0]);
+    assert_eq!(got[0]["endpoint"], b.addr.to_string(), "{:?}", got[0]);
+}

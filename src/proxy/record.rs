@@ -102,7 +102,11 @@ pub fn done<S>(w: &Worker, cfg: &Snapshot, c: &Conn<S>, ctx: &RequestCtx<'_>) {
     if !log.logs(listener) {
         return;
     }
-    let group = r.group.and_then(|g| cfg.upstreams.get(g));
+    // `r.group` is the group's slot (`UpstreamGroup::index`), which a reload keeps for a kept
+    // group while its position in the config may change.
+    let group = r
+        .group
+        .and_then(|g| cfg.upstreams.iter().find(|u| u.index == g));
     let trace_id = r.trace.trace_id_hex();
     let head = &ctx.head;
     let entry = crate::access_log::Entry {
