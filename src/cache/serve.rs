@@ -1324,6 +1324,7 @@ async fn stream_from<'c, S: ClientIo>(
     }
     wbuf.put_slice(b"\r\n");
     let t = ctx.t.client_write;
+    let head_len = wbuf.len() as u64;
     let buf = std::mem::take(&mut ctx.wbuf);
     match write_buf(&mut c.io, buf, t).await {
         Ok(mut b) => {
@@ -1332,6 +1333,8 @@ async fn stream_from<'c, S: ClientIo>(
         }
         Err(_) => return Outcome::Abort,
     }
+    // What the end of the request records (metrics, access log): the head, then each chunk.
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(head_len);
     let total = if bodiless { 0 } else { st.len };
     let mut sent = 0u64;
     while sent < total {
@@ -1342,6 +1345,7 @@ async fn stream_from<'c, S: ClientIo>(
             if write_buf(&mut c.io, chunk.slice(..take), t).await.is_err() {
                 return Outcome::Abort;
             }
+            ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(take as u64);
             continue;
         }
         if flight.end.get() != FlightEnd::Pending {
