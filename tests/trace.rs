@@ -251,3 +251,47 @@ path = "/b"
         assert!(ra.headers_named("tracestate").is_empty(), "{ra:?}");
     }
 }
+
+/// A cache's background revalidation (stale-while-revalidate) carries the trace of the request
+/// that triggered it, the gateway's span as the parent, as the request itself would.
+#[test]
+fn a_background_revalidation_carries_the_request_trace() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(
+        &config(&[up.addr], "[[routes]]\nupstream = \"up\"\ncache = { }\n"),
+        DRIVERS[0],
+    );
+    assert_eq!(send(gw.addr, "/s", "").status, 200);
+    let first = up.last();
+    // Stale at once: answered from the store, revalidated in the background.
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-01");
+    let r = send(
+        gw.addr,
+        "/s",
+        &format!("traceparent: {tp}\r\ntracestate: congo=t61rcWkgMzE\r\n"),
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("cache-status")
+            .unwrap_or("")
+            .contains("stale-while-revalidate"),
+        "{r:?}"
+    );
+    assert!(up.wait_for(std::time::Duration::from_secs(5), |s| s.len() >= 2));
+    let reval = up.last();
+    assert_ne!(reval.header("traceparent"), first.header("traceparent"));
+    let tps = reval.headers_named("traceparent");
+    assert_eq!(tps.len(), 1, "{reval:?}");
+    let (_, trace, parent, _) = parts(tps[0]);
+    assert_eq!(trace, CLIENT_TRACE);
+    assert_ne!(
+        parent, CLIENT_PARENT,
+        "the gateway's own span is the parent"
+    );
+    assert_eq!(reval.headers_named("tracestate"), ["congo=t61rcWkgMzE"]);
+}

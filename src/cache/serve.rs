@@ -1584,6 +1584,7 @@ fn revalidate_later<S: ClientIo>(
         t: ctx.t,
         authorized: ctx.head.header(b"authorization").is_some(),
         max_variants: p.max_variants,
+        trace: ctx.rec.trace,
     };
     monoio::spawn(async move {
         let stored = job.run().await;
@@ -1612,6 +1613,8 @@ struct Revalidation {
     t: Timeouts,
     authorized: bool,
     max_variants: usize,
+    /// The triggering request's trace context (W3C Trace Context).
+    trace: crate::trace::TraceContext,
 }
 
 impl Revalidation {
@@ -1629,6 +1632,7 @@ impl Revalidation {
         let Some(ep) = group.pick(None, &[]) else {
             return false;
         };
+        let traceparent = self.trace.traceparent();
         let fwd = Forwarding {
             peer_ip: &self.peer,
             trusted: false,
@@ -1638,9 +1642,10 @@ impl Revalidation {
             https: self.https,
             client_cert: None,
             identity: &self.identity,
-            // The triggering request's own trace context goes along as it came.
-            traceparent: None,
-            keep_tracestate: false,
+            // The triggering request's trace, the gateway's span as the parent, as when the
+            // request itself is forwarded (see `crate::trace`).
+            traceparent: Some(&traceparent),
+            keep_tracestate: self.trace.keep_state,
         };
         let mut ubuf = BytesMut::new();
         encode_upstream_head(
