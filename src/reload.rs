@@ -411,6 +411,32 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
         format!("{:?}", old.rate_limiting.max_keys),
         format!("{:?}", new.rate_limiting.max_keys),
     );
+    // The per-worker cache store is sized, and its Redis layer connected, at start; the other
+    // `[cache]` keys are compiled into each route's policy and follow a reload.
+    check(
+        "cache.max_bytes_per_worker",
+        format!("{:?}", old.cache.max_bytes_per_worker),
+        format!("{:?}", new.cache.max_bytes_per_worker),
+    );
+    check(
+        "cache.redis",
+        format!("{:?}", old.cache.redis),
+        format!("{:?}", new.cache.redis),
+    );
+    check(
+        "metrics.enabled",
+        format!("{:?}", old.metrics.enabled),
+        format!("{:?}", new.metrics.enabled),
+    );
+    check("log", format!("{:?}", old.log), format!("{:?}", new.log));
+    // The access log's outputs, writer threads and per-listener tables are built at start, by
+    // listener slot: a changed table, or a listener a reload adds, logs as its slot did at
+    // start (a new slot: not at all).
+    check(
+        "access_log",
+        format!("{:?}", old.access_log),
+        format!("{:?}", new.access_log),
+    );
     // The admin listener runs as started; only its token follows a reload.
     let admin = |c: &Config| c.admin.clone().filter(|a| a.enabled);
     match (admin(old), admin(new)) {
@@ -443,6 +469,25 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
         }
         (None, None) => {}
         _ => out.push("admin".to_string()),
+    }
+    let key_of = |c: &Config, i: usize| {
+        let a = c.listeners[i].address.addr;
+        let nth = c.listeners[..i]
+            .iter()
+            .filter(|l| l.address.addr == a)
+            .count();
+        (a, nth)
+    };
+    for (i, l) in new.listeners.iter().enumerate() {
+        let k = key_of(new, i);
+        let before = (0..old.listeners.len()).find(|&j| key_of(old, j) == k);
+        let changed = match before {
+            Some(j) => old.listeners[j].access_log != l.access_log,
+            None => l.access_log.as_ref().unwrap_or(&new.access_log).enabled,
+        };
+        if changed {
+            out.push(format!("listeners[{i}].access_log"));
+        }
     }
     out
 }

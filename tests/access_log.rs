@@ -520,3 +520,50 @@ fn lines_name_the_right_group_after_a_reload_moves_groups() {
     assert_eq!(got[0]["upstream"], "b", "{:?}", got[0]);
     assert_eq!(got[0]["endpoint"], b.addr.to_string(), "{:?}", got[0]);
 }
+
+/// A request that waits on another's cache fill and receives the body as it arrives is logged
+/// with the bytes it was sent, as every other answer is.
+#[test]
+fn a_coalesced_cache_answer_is_logged_with_its_bytes() {
+    let dir = TempDir::new("coalesced");
+    let log = dir.file("access.log");
+    let up = Upstream::start(|_| {
+        Reply::Script(vec![
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 12\r\n\r\nfirst"
+                    .to_vec(),
+            ),
+            Step::Wait(Duration::from_millis(800)),
+            Step::Write(b"-second".to_vec()),
+        ])
+    });
+    let toml = format!(
+        "{}\n[[routes]]\nname = \"cached\"\nupstream = \"up\"\ncache = {{ }}\n",
+        config(&[up.addr], &log_config(&log))
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let raw = "GET /slow HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
+    let mut leader = TcpStream::connect(gw.addr).expect("connect");
+    leader
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    leader.write_all(raw.as_bytes()).unwrap();
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 1));
+    let waiter = exchange(gw.addr, raw);
+    let mut first = Vec::new();
+    leader.read_to_end(&mut first).unwrap();
+    assert!(first.ends_with(b"first-second"));
+    assert!(waiter.ends_with(b"first-second"));
+    let status = header(&waiter, "cache-status").unwrap_or("");
+    assert!(status.contains("collapsed"), "{status}");
+    assert_eq!(up.hits(), 1);
+    let got = wait_lines(&log, 2);
+    let id = header(&waiter, "x-request-id").expect("request id");
+    let line = got
+        .iter()
+        .find(|l| l["request_id"] == id)
+        .unwrap_or_else(|| panic!("no line for {id}: {got:?}"));
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["route"], "cached", "{line}");
+    assert_eq!(line["bytes_out"], waiter.len() as u64, "{line}");
+}

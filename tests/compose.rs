@@ -170,7 +170,11 @@ fn dependent_call_uses_the_first_calls_answer_and_the_client_request() {
         let u = users.last();
         assert_eq!(u.target, "/users/42");
         assert_eq!(u.header("x-tenant"), Some("acme"));
-        assert_eq!(u.header("traceparent"), Some(tp));
+        // The client's trace, with the gateway's span as the parent (as when proxied).
+        let sent = u.header("traceparent").unwrap_or("");
+        assert_eq!(sent.len(), tp.len(), "{sent}");
+        assert_eq!(sent[..36], tp[..36], "{sent}");
+        assert_ne!(sent, tp);
         assert_eq!(u.header("tracestate"), Some("k=v"));
         assert_eq!(u.header("x-request-id"), Some("rid-1"));
         assert_eq!(u.header("accept"), Some("application/json"));

@@ -596,3 +596,41 @@ fn counters_follow_routes_by_name_across_a_reload() {
     );
     assert_eq!(group, 4.0, "{text}");
 }
+
+/// A listener that a reload adds is counted under its own name; the kept one keeps its counts.
+#[test]
+fn a_listener_added_by_a_reload_is_counted() {
+    let up = Upstream::echo();
+    let listeners = |extra: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"main\"\n{extra}\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n\n[[routes]]\nupstream = \"up\"\n",
+            up.addr
+        )
+    };
+    let gw = TestGateway::start(&listeners(""), ringway::config::DriverChoice::Auto);
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/a"))), 200);
+    let next = ringway::config::Config::parse(
+        &listeners("\n[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"extra\"\n"),
+        "m.toml",
+    )
+    .unwrap();
+    let rep = gw.gateway().reload(next).expect("the reload applies");
+    let added = rep
+        .listeners
+        .iter()
+        .find(|l| l.change == ringway::reload::ListenerFate::Added)
+        .expect("a listener was added")
+        .bound;
+    for _ in 0..2 {
+        assert_eq!(status_of(&exchange(added, &get_req("/b"))), 200);
+    }
+    let (text, lines) = scrape(gw.gateway().control());
+    let accepted = |name: &str| {
+        value(
+            &lines,
+            "ringway_listener_connections_accepted_total",
+            &[("listener", name)],
+        )
+    };
+    assert_eq!((accepted("main"), accepted("extra")), (1.0, 2.0), "{text}");
+}

@@ -1235,6 +1235,46 @@ fn keys_that_apply_only_at_start_are_named_by_the_reload() {
 }
 
 #[test]
+fn start_only_cache_metrics_log_and_access_log_keys_are_named_by_the_reload() {
+    let (a, b) = (named("A"), named("B"));
+    let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", ""), DriverChoice::Auto);
+    // The store's budget, metrics, the log and the access log are set up at start; a listener
+    // the reload adds has no access log of its own.
+    let extra = "\n[cache]\nmax_bytes_per_worker = \"1MiB\"\n\n[metrics]\nenabled = false\n\n[log]\nlevel = \"debug\"\n\n[access_log]\nenabled = true\noutput = \"stdout\"\n";
+    let next = two_groups(a.addr, b.addr, "b", extra).replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.2:0\"\n",
+        1,
+    );
+    let rep = gw.gateway().reload(parse(&next)).unwrap();
+    for key in [
+        "cache.max_bytes_per_worker",
+        "metrics.enabled",
+        "log",
+        "access_log",
+        "listeners[1].access_log",
+    ] {
+        assert!(
+            rep.not_reloaded.iter().any(|k| k == key),
+            "{key} not in {:?}",
+            rep.not_reloaded
+        );
+    }
+    assert!(
+        !rep.not_reloaded
+            .iter()
+            .any(|k| k == "listeners[0].access_log"),
+        "{:?}",
+        rep.not_reloaded
+    );
+    assert_eq!(get(gw.addr, "/x").text(), "B");
+    // A cache key that routes compile follows the reload and is not named.
+    let again = next.replace("[cache]\n", "[cache]\nmax_variants = 3\n");
+    let rep = gw.gateway().reload(parse(&again)).unwrap();
+    assert!(rep.not_reloaded.is_empty(), "{:?}", rep.not_reloaded);
+}
+
+#[test]
 fn a_failure_in_flight_on_the_old_group_does_not_eject_an_endpoint_of_the_changed_one() {
     let hang = Upstream::start(|_| Reply::Hang(Duration::from_millis(800)));
     let x2 = named("x2");

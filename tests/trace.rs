@@ -160,3 +160,138 @@ fn gateway_made_errors_carry_the_trace_id() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["trace_id"].as_str().map(str::len), Some(32));
 }
+
+/// Composition's sub-requests carry the request's trace as a proxied request does: the
+/// gateway's span as the parent, a new trace when the client sent none or an invalid one, and
+/// `tracestate` only with a trace the client started.
+#[test]
+fn composition_calls_carry_the_gateway_span() {
+    let a = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+                .to_vec(),
+        )
+    });
+    let b = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n{\"b\":2}"
+                .to_vec(),
+        )
+    });
+    let toml = format!(
+        r#"[[listeners]]
+address = "127.0.0.1:0"
+
+[upstreams.a]
+endpoints = [{{ address = "{}" }}]
+
+[upstreams.b]
+endpoints = [{{ address = "{}" }}]
+
+[[routes]]
+path = "/both"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "a"
+path = "/a"
+[[routes.compose.calls]]
+id = "b"
+upstream = "b"
+path = "/b"
+"#,
+        a.addr, b.addr
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    // A client trace: continued, the gateway's span as the parent, tracestate passed.
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-01");
+    let r = send(
+        gw.addr,
+        "/both",
+        &format!("traceparent: {tp}\r\ntracestate: congo=t61rcWkgMzE\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (ra, rb) = (a.last(), b.last());
+    for got in [&ra, &rb] {
+        let tps = got.headers_named("traceparent");
+        assert_eq!(tps.len(), 1, "{got:?}");
+        let (v, trace, parent, flags) = parts(tps[0]);
+        assert_eq!((v.as_str(), flags.as_str()), ("00", "01"));
+        assert_eq!(trace, CLIENT_TRACE);
+        assert_ne!(
+            parent, CLIENT_PARENT,
+            "the gateway's own span is the parent"
+        );
+        assert_eq!(got.headers_named("tracestate"), ["congo=t61rcWkgMzE"]);
+    }
+    assert_eq!(
+        ra.header("traceparent"),
+        rb.header("traceparent"),
+        "one span of the gateway's per request"
+    );
+    // No trace, or an invalid one: a new trace, the same in every call; no tracestate.
+    for headers in [
+        String::new(),
+        format!(
+            "traceparent: 00-{}-{CLIENT_PARENT}-01\r\ntracestate: k=v\r\n",
+            CLIENT_TRACE.to_uppercase()
+        ),
+    ] {
+        let r = send(gw.addr, "/both", &headers);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let (ra, rb) = (a.last(), b.last());
+        let ta = ra
+            .header("traceparent")
+            .expect("a traceparent on every call");
+        let (_, trace, _, flags) = parts(ta);
+        assert_ne!(trace, CLIENT_TRACE.to_uppercase());
+        assert_ne!(trace.to_uppercase(), CLIENT_TRACE.to_uppercase());
+        assert_eq!(flags, "01");
+        assert_eq!(rb.header("traceparent"), Some(ta));
+        assert!(ra.headers_named("tracestate").is_empty(), "{ra:?}");
+    }
+}
+
+/// A cache's background revalidation (stale-while-revalidate) carries the trace of the request
+/// that triggered it, the gateway's span as the parent, as the request itself would.
+#[test]
+fn a_background_revalidation_carries_the_request_trace() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(
+        &config(&[up.addr], "[[routes]]\nupstream = \"up\"\ncache = { }\n"),
+        DRIVERS[0],
+    );
+    assert_eq!(send(gw.addr, "/s", "").status, 200);
+    let first = up.last();
+    // Stale at once: answered from the store, revalidated in the background.
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-01");
+    let r = send(
+        gw.addr,
+        "/s",
+        &format!("traceparent: {tp}\r\ntracestate: congo=t61rcWkgMzE\r\n"),
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("cache-status")
+            .unwrap_or("")
+            .contains("stale-while-revalidate"),
+        "{r:?}"
+    );
+    assert!(up.wait_for(std::time::Duration::from_secs(5), |s| s.len() >= 2));
+    let reval = up.last();
+    assert_ne!(reval.header("traceparent"), first.header("traceparent"));
+    let tps = reval.headers_named("traceparent");
+    assert_eq!(tps.len(), 1, "{reval:?}");
+    let (_, trace, parent, _) = parts(tps[0]);
+    assert_eq!(trace, CLIENT_TRACE);
+    assert_ne!(
+        parent, CLIENT_PARENT,
+        "the gateway's own span is the parent"
+    );
+    assert_eq!(reval.headers_named("tracestate"), ["congo=t61rcWkgMzE"]);
+}

@@ -1324,6 +1324,7 @@ async fn stream_from<'c, S: ClientIo>(
     }
     wbuf.put_slice(b"\r\n");
     let t = ctx.t.client_write;
+    let head_len = wbuf.len() as u64;
     let buf = std::mem::take(&mut ctx.wbuf);
     match write_buf(&mut c.io, buf, t).await {
         Ok(mut b) => {
@@ -1332,6 +1333,8 @@ async fn stream_from<'c, S: ClientIo>(
         }
         Err(_) => return Outcome::Abort,
     }
+    // What the end of the request records (metrics, access log): the head, then each chunk.
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(head_len);
     let total = if bodiless { 0 } else { st.len };
     let mut sent = 0u64;
     while sent < total {
@@ -1342,6 +1345,7 @@ async fn stream_from<'c, S: ClientIo>(
             if write_buf(&mut c.io, chunk.slice(..take), t).await.is_err() {
                 return Outcome::Abort;
             }
+            ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(take as u64);
             continue;
         }
         if flight.end.get() != FlightEnd::Pending {
@@ -1580,6 +1584,7 @@ fn revalidate_later<S: ClientIo>(
         t: ctx.t,
         authorized: ctx.head.header(b"authorization").is_some(),
         max_variants: p.max_variants,
+        trace: ctx.rec.trace,
     };
     monoio::spawn(async move {
         let stored = job.run().await;
@@ -1608,6 +1613,8 @@ struct Revalidation {
     t: Timeouts,
     authorized: bool,
     max_variants: usize,
+    /// The triggering request's trace context (W3C Trace Context).
+    trace: crate::trace::TraceContext,
 }
 
 impl Revalidation {
@@ -1625,6 +1632,7 @@ impl Revalidation {
         let Some(ep) = group.pick(None, &[]) else {
             return false;
         };
+        let traceparent = self.trace.traceparent();
         let fwd = Forwarding {
             peer_ip: &self.peer,
             trusted: false,
@@ -1634,9 +1642,10 @@ impl Revalidation {
             https: self.https,
             client_cert: None,
             identity: &self.identity,
-            // The triggering request's own trace context goes along as it came.
-            traceparent: None,
-            keep_tracestate: false,
+            // The triggering request's trace, the gateway's span as the parent, as when the
+            // request itself is forwarded (see `crate::trace`).
+            traceparent: Some(&traceparent),
+            keep_tracestate: self.trace.keep_state,
         };
         let mut ubuf = BytesMut::new();
         encode_upstream_head(

@@ -188,11 +188,15 @@ pub async fn run(
     passed.extend_from_slice(b"x-request-id: ");
     passed.extend_from_slice(ctx.id.as_bytes());
     passed.extend_from_slice(b"\r\n");
-    // W3C Trace Context: the client's trace goes on to every call.
-    for name in [&b"traceparent"[..], b"tracestate"] {
-        if let Some(v) = ctx.head.header(name) {
-            passed.extend_from_slice(name);
-            passed.extend_from_slice(b": ");
+    // W3C Trace Context: every call carries the request's trace with the gateway's span as
+    // its parent, as a proxied request does (the trace id the access log records), and the
+    // client's `tracestate` only where the proxied path would pass it (see `crate::trace`).
+    passed.extend_from_slice(b"traceparent: ");
+    passed.extend_from_slice(&ctx.rec.trace.traceparent());
+    passed.extend_from_slice(b"\r\n");
+    if ctx.rec.trace.keep_state {
+        for v in ctx.head.header_values(b"tracestate") {
+            passed.extend_from_slice(b"tracestate: ");
             passed.extend_from_slice(v);
             passed.extend_from_slice(b"\r\n");
         }

@@ -260,9 +260,9 @@ pub struct WorkerMetrics {
     groups: RefCell<Vec<Traffic>>,
     /// By group and endpoint index.
     endpoints: RefCell<Vec<Vec<EndpointCounters>>>,
-    /// By listener index, with the listener's label.
-    listeners: Vec<ListenerCounters>,
-    listener_names: Vec<String>,
+    /// By listener slot (labelled from the snapshot: a reload keeps a listener's slot and
+    /// appends the slots of listeners it adds).
+    listeners: RefCell<Vec<ListenerCounters>>,
     /// Access log lines written into the worker's buffers, and lines dropped (buffer full,
     /// writer behind).
     pub access_log_lines: Cell<u64>,
@@ -298,16 +298,12 @@ impl WorkerMetrics {
                     })
                     .collect(),
             ),
-            listeners: cfg
-                .listeners
-                .iter()
-                .map(|_| ListenerCounters::default())
-                .collect(),
-            listener_names: cfg
-                .listeners
-                .iter()
-                .map(|l| l.name.clone().unwrap_or_else(|| l.address.text.clone()))
-                .collect(),
+            listeners: RefCell::new(
+                cfg.listeners
+                    .iter()
+                    .map(|_| ListenerCounters::default())
+                    .collect(),
+            ),
             access_log_lines: Cell::new(0),
             access_log_dropped: Cell::new(0),
         }
@@ -356,25 +352,26 @@ impl WorkerMetrics {
     /// A connection was accepted on listener `l` (it stays counted as open until
     /// [`Self::conn_closed`]).
     pub fn conn_accepted(&self, l: usize) {
-        if let Some(c) = self.listeners.get(l) {
-            bump(&c.accepted, 1);
-            bump(&c.open, 1);
-        }
+        // A listener a reload added has a slot past the start's: its counters are made here.
+        let mut v = self.listeners.borrow_mut();
+        let c = slot(&mut v, l);
+        bump(&c.accepted, 1);
+        bump(&c.open, 1);
     }
 
     pub fn conn_closed(&self, l: usize) {
-        if let Some(c) = self.listeners.get(l) {
+        if let Some(c) = self.listeners.borrow().get(l) {
             c.open.set(c.open.get().saturating_sub(1));
         }
     }
 
     /// A TLS handshake on listener `l` ended (`ok`: it succeeded).
     pub fn tls_handshake(&self, l: usize, ok: bool) {
-        if let Some(c) = self.listeners.get(l) {
-            bump(&c.tls_handshakes, 1);
-            if !ok {
-                bump(&c.tls_failures, 1);
-            }
+        let mut v = self.listeners.borrow_mut();
+        let c = slot(&mut v, l);
+        bump(&c.tls_handshakes, 1);
+        if !ok {
+            bump(&c.tls_failures, 1);
         }
     }
 
@@ -438,13 +435,16 @@ impl WorkerMetrics {
                 });
             }
         }
-        for (c, name) in self.listeners.iter().zip(&self.listener_names) {
+        let listeners = self.listeners.borrow();
+        for (i, rt) in cfg.listeners.iter().enumerate() {
+            let c = listeners.get(i);
+            let get = |f: fn(&ListenerCounters) -> &Cell<u64>| c.map_or(0, |c| f(c).get());
             s.listeners.push(ListenerSample {
-                listener: name.clone(),
-                accepted: c.accepted.get(),
-                open: c.open.get(),
-                tls_handshakes: c.tls_handshakes.get(),
-                tls_failures: c.tls_failures.get(),
+                listener: rt.label.to_string(),
+                accepted: get(|c| &c.accepted),
+                open: get(|c| &c.open),
+                tls_handshakes: get(|c| &c.tls_handshakes),
+                tls_failures: get(|c| &c.tls_failures),
             });
         }
         s.access_log_lines = self.access_log_lines.get();

@@ -134,6 +134,8 @@ pub struct ListenerRt {
     pub port: u16,
     /// Removed by a reload: its connections finish the request in flight and close.
     pub closed: bool,
+    /// The listener's label in metrics: its `name`, else its address as configured.
+    pub label: Box<str>,
 }
 
 impl ListenerRt {
@@ -154,6 +156,7 @@ impl ListenerRt {
                 .map(|r| r.port.filter(|p| *p != 443)),
             port: l.address.addr.port(),
             closed: false,
+            label: l.name.as_deref().unwrap_or(&l.address.text).into(),
         }
     }
 }
