@@ -1363,3 +1363,24 @@ fn rfc5861_4_stale_if_error_does_not_apply_past_its_window() {
         assert_eq!(up.hits(), 2);
     }
 }
+
+/// RFC 9211 §2: a cache names itself in `Cache-Status`; the PURGE answer uses the configured
+/// `[cache] name` like every other answer.
+#[test]
+fn rfc9211_2_purge_answers_carry_the_configured_cache_name() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = format!(
+        "[cache]\nname = \"edge-1\"\n{}",
+        auth_cache_config(up.addr, "purge = true")
+    );
+    let gw = TestGateway::start(&toml, D);
+    let key = "x-api-key: alice-key\r\n";
+    let a = get_h(gw.addr, "/n", key);
+    assert!(status_of(&a).starts_with("edge-1;"), "{a:?}");
+    let r = request(
+        gw.addr,
+        format!("PURGE /n HTTP/1.1\r\nHost: test.local\r\n{key}\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(status_of(&r).starts_with("edge-1;"), "{r:?}");
+}

@@ -48,7 +48,7 @@ pub async fn run<'c, S: ClientIo>(
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
     if p.purge && ctx.head.method == Method::Other && ctx.head.method_str() == b"PURGE" {
-        return purge_request(w, c, ctx).await;
+        return purge_request(w, p, c, ctx).await;
     }
     match ctx.head.method {
         Method::Get | Method::Head => cached(w, cfg, route, p, group_idx, c, ctx).await,
@@ -1485,6 +1485,7 @@ async fn gateway_body<'c, S: ClientIo>(
 /// soft` marks them stale rather than removing them. Reaches every worker.
 async fn purge_request<'c, S: ClientIo>(
     w: &Worker,
+    p: &RoutePolicy,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
 ) -> Outcome<'c> {
@@ -1518,9 +1519,8 @@ async fn purge_request<'c, S: ClientIo>(
         "{{\"purged\":{n},\"mode\":\"{}\",\"scope\":\"this worker counted, all workers purged\"}}",
         if soft { "soft" } else { "hard" }
     );
-    let p_name: &[u8] = b"ringway";
     let s = Status {
-        name: p_name,
+        name: &p.name,
         hit: false,
         fwd: "bypass",
         fwd_status: 0,
