@@ -337,10 +337,16 @@ max_items = {max}
         &cfg(&[("lists", lists.addr), ("items", items.addr)], &routes(2)),
         DRIVERS[1],
     );
-    let r = get(gw.addr, "/x");
+    let r = request(
+        gw.addr,
+        b"GET /x HTTP/1.1\r\nHost: t\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+    );
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["call"], "each");
     assert!(r.text().contains("max_items"), "{}", r.text());
+    // Named like every gateway-made error: the request id and the client's trace.
+    assert_eq!(r.json()["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(r.json()["request_id"].as_str().map(str::len), Some(24));
 }
 
 /// Two upstreams that answer overlapping documents after random delays (xorshift, seeded).
@@ -431,7 +437,7 @@ fn conflict_policies_give_the_same_bytes_whatever_the_timing() {
     );
     let mut first: Option<Vec<u8>> = None;
     for _ in 0..8 {
-        let r = get_with(gw.addr, "/m", "X-Request-Id: same\r\n");
+        let r = get_with(gw.addr, "/m", SAME_IDS);
         assert_eq!(r.status, 502, "{}", r.text());
         check_framing(&r);
         let j = r.json();
@@ -1019,13 +1025,17 @@ fn flipped(first: &Arc<AtomicUsize>, me: usize, slow: u64, body: String) -> Repl
     json_after(Duration::from_millis(d), body)
 }
 
-/// Sends `n` requests to `path` (the same request id each time), flipping `first` between
+/// The same request id and trace for every request, so that error bodies (which name both)
+/// can be compared byte for byte.
+const SAME_IDS: &str = "X-Request-Id: same\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
+
+/// Sends `n` requests to `path` (the same request id and trace each time), flipping `first` between
 /// them, and checks that every answer is the same, byte for byte; returns it.
 fn same_every_time(addr: SocketAddr, path: &str, first: &Arc<AtomicUsize>, n: usize) -> Resp {
     let mut seen: Option<Resp> = None;
     for i in 0..n {
         first.store(i, Ordering::SeqCst);
-        let r = get_with(addr, path, "X-Request-Id: same\r\n");
+        let r = get_with(addr, path, SAME_IDS);
         check_framing(&r);
         match &seen {
             None => seen = Some(r),

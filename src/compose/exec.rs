@@ -221,7 +221,12 @@ pub async fn run(
         done: RefCell::new((0..plan.calls.len()).map(|_| None).collect()),
     };
     let fails = env.schedule().await;
-    let mut out = env.assemble(fails, ctx.id.as_bytes());
+    let trace_id = ctx.rec.trace.trace_id_hex();
+    let ids = Ids {
+        request: ctx.id.as_bytes(),
+        trace: std::str::from_utf8(&trace_id).unwrap_or(""),
+    };
+    let mut out = env.assemble(fails, &ids);
     let mut h = BytesMut::new();
     route.response_headers.put(&mut h);
     out.headers.extend_from_slice(&h);
@@ -764,7 +769,7 @@ impl<'a> Env<'a> {
 
     /// The answer: the calls' values merged in declared order, or the error that ends the
     /// request.
-    fn assemble(&self, mut fails: Vec<Option<Fail>>, request_id: &[u8]) -> Composed {
+    fn assemble(&self, mut fails: Vec<Option<Fail>>, ids: &Ids<'_>) -> Composed {
         let calls = &self.plan.calls;
         if self.over.get() {
             // Not a call's failure: which answer went over depends on arrival order.
@@ -775,7 +780,8 @@ impl<'a> Env<'a> {
                     "the calls' answers together are over max_total_bytes ({} bytes)",
                     self.plan.max_total_bytes
                 ),
-                "request_id": String::from_utf8_lossy(request_id),
+                "request_id": String::from_utf8_lossy(ids.request),
+                "trace_id": ids.trace,
             });
             return json_answer(502, &body, Vec::new());
         }
@@ -788,7 +794,7 @@ impl<'a> Env<'a> {
             .min_by_key(|(i, _)| (fails[*i].as_ref().is_some_and(|f| f.inherited), *i));
         if let Some((i, _)) = failed_required {
             let f = fails[i].clone().unwrap_or_else(|| Fail::new("failed"));
-            return self.call_error(i, f, request_id);
+            return self.call_error(i, f, ids);
         }
         // The results, moved out (every call has ended: nothing else holds them).
         let done = std::mem::take(&mut *self.done.borrow_mut());
@@ -869,7 +875,7 @@ impl<'a> Env<'a> {
             }
             if let Some(f) = fail {
                 if c.required {
-                    return self.call_error(i, f, request_id);
+                    return self.call_error(i, f, ids);
                 }
                 partial.push(&c.id);
                 errors.push(serde_json::json!({"call": c.id, "reason": f.reason}));
@@ -895,7 +901,8 @@ impl<'a> Env<'a> {
                     ),
                     "key": cf.key,
                     "calls": [calls[cf.first].id, calls[cf.second].id],
-                    "request_id": String::from_utf8_lossy(request_id),
+                    "request_id": String::from_utf8_lossy(ids.request),
+                "trace_id": ids.trace,
                 });
                 return json_answer(502, &body, Vec::new());
             }
@@ -943,7 +950,7 @@ impl<'a> Env<'a> {
 
     /// The answer when required call `i` failed: 504 for a timeout, its own status when it
     /// answered and the route passes statuses on, else 502.
-    fn call_error(&self, i: usize, f: Fail, request_id: &[u8]) -> Composed {
+    fn call_error(&self, i: usize, f: Fail, ids: &Ids<'_>) -> Composed {
         let status = match f.status {
             _ if f.timeout => 504,
             Some(s) if self.plan.pass_status && (400..=599).contains(&s) => s,
@@ -955,10 +962,18 @@ impl<'a> Env<'a> {
             "status": status,
             "call": id,
             "message": format!("call {id:?} failed: {}", f.reason),
-            "request_id": String::from_utf8_lossy(request_id),
+            "request_id": String::from_utf8_lossy(ids.request),
+                "trace_id": ids.trace,
         });
         json_answer(status, &body, Vec::new())
     }
+}
+
+/// The request's ids, named in the JSON of a failed composition as in every gateway-made error.
+struct Ids<'a> {
+    request: &'a [u8],
+    /// The W3C trace id, 32 hex digits.
+    trace: &'a str,
 }
 
 fn json_answer(status: u16, v: &Value, headers: Vec<u8>) -> Composed {
