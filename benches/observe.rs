@@ -32,6 +32,7 @@ fn bench_end_of_request(c: &mut Criterion) {
             let d = Done {
                 status: 200,
                 error: None,
+                kind: None,
                 total_us: Some((end - t0).as_micros() as u64),
                 upstream_us: Some((u1 - u0).as_micros() as u64),
                 bytes_in: 78,

@@ -925,6 +925,16 @@ into = "two"
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"], "compose_too_large", "{}", r.text());
     assert!(r.text().contains("max_total_bytes"), "{}", r.text());
+    // Counted by its kind like any gateway-made error (issue 11's "by gateway error kind").
+    let mut text = String::new();
+    ringway::metrics::render_prometheus(gw.gateway().control(), &mut text).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ringway_route_errors_total{")
+                && l.contains("kind=\"compose_too_large\"")
+                && l.ends_with(" 1")),
+        "{text}"
+    );
 }
 
 /// `extra` is refused at `extra`'s 0-based line `line`, with `key`, the reason holding `why`.

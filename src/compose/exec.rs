@@ -58,6 +58,9 @@ pub struct Composed {
     pub body: Vec<u8>,
     /// Header lines (each ending in CRLF): `ringway-partial`, the route's response headers.
     pub headers: Vec<u8>,
+    /// For a failed composition, its error kind (`compose_call_failed`, ...: a
+    /// [`crate::metrics::ERROR_KINDS`] entry), counted and logged like a gateway error.
+    pub kind: Option<&'static str>,
 }
 
 /// Why a call failed, in words for the answer.
@@ -781,7 +784,7 @@ impl<'a> Env<'a> {
                     self.plan.max_total_bytes
                 ),
                 "request_id": String::from_utf8_lossy(ids.request),
-                "trace_id": ids.trace,
+            "trace_id": ids.trace,
             });
             return json_answer(502, &body, Vec::new());
         }
@@ -893,17 +896,17 @@ impl<'a> Env<'a> {
             Ok(r) => r,
             Err(cf) => {
                 let body = serde_json::json!({
-                    "error": "compose_conflict",
-                    "status": 502,
-                    "message": format!(
-                        "calls {:?} and {:?} both give key {:?} (on_conflict = \"error\")",
-                        calls[cf.first].id, calls[cf.second].id, cf.key
-                    ),
-                    "key": cf.key,
-                    "calls": [calls[cf.first].id, calls[cf.second].id],
-                    "request_id": String::from_utf8_lossy(ids.request),
+                        "error": "compose_conflict",
+                        "status": 502,
+                        "message": format!(
+                            "calls {:?} and {:?} both give key {:?} (on_conflict = \"error\")",
+                            calls[cf.first].id, calls[cf.second].id, cf.key
+                        ),
+                        "key": cf.key,
+                        "calls": [calls[cf.first].id, calls[cf.second].id],
+                        "request_id": String::from_utf8_lossy(ids.request),
                 "trace_id": ids.trace,
-                });
+                    });
                 return json_answer(502, &body, Vec::new());
             }
         };
@@ -924,6 +927,7 @@ impl<'a> Env<'a> {
             status: 200,
             body,
             headers,
+            kind: None,
         }
     }
 
@@ -963,7 +967,7 @@ impl<'a> Env<'a> {
             "call": id,
             "message": format!("call {id:?} failed: {}", f.reason),
             "request_id": String::from_utf8_lossy(ids.request),
-                "trace_id": ids.trace,
+            "trace_id": ids.trace,
         });
         json_answer(status, &body, Vec::new())
     }
@@ -979,10 +983,17 @@ struct Ids<'a> {
 fn json_answer(status: u16, v: &Value, headers: Vec<u8>) -> Composed {
     let mut body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
     body.push(b'\n');
+    let kind = v.get("error").and_then(Value::as_str).and_then(|e| {
+        crate::metrics::ERROR_KINDS
+            .iter()
+            .find(|k| **k == e)
+            .copied()
+    });
     Composed {
         status,
         body,
         headers,
+        kind,
     }
 }
 

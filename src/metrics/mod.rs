@@ -52,7 +52,7 @@ impl Default for MetricsConfig {
 }
 
 /// Every gateway error kind, as `GatewayError::code` names it: the `kind` label.
-pub const ERROR_KINDS: [&str; 27] = [
+pub const ERROR_KINDS: [&str; 31] = [
     "uri_too_long",
     "header_too_large",
     "not_implemented",
@@ -79,6 +79,11 @@ pub const ERROR_KINDS: [&str; 27] = [
     "unauthorized",
     "invalid_token",
     "insufficient_scope",
+    // A failed composition (`crate::compose`): its own JSON answer, not a `GatewayError`.
+    "compose_call_failed",
+    "compose_call_timeout",
+    "compose_conflict",
+    "compose_too_large",
     "auth_unavailable",
 ];
 pub const N_ERROR_KINDS: usize = ERROR_KINDS.len();
@@ -167,6 +172,8 @@ pub struct Done {
     /// 0: no response was written.
     pub status: u16,
     pub error: Option<GatewayError>,
+    /// The kind of an error answer that is not a `GatewayError` (a failed composition).
+    pub kind: Option<&'static str>,
     /// Total time, when timed.
     pub total_us: Option<u64>,
     /// Time spent on the upstream (first attempt to the final response head), when there was
@@ -198,6 +205,11 @@ impl Traffic {
         bump(&self.status[status_class(d.status)], 1);
         if let Some(e) = &d.error {
             bump(&self.errors[error_index(e)], 1);
+        } else if let Some(i) = d
+            .kind
+            .and_then(|k| ERROR_KINDS.iter().position(|x| *x == k))
+        {
+            bump(&self.errors[i], 1);
         }
         if let Some(total) = d.total_us {
             self.total.observe(total);

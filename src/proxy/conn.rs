@@ -497,6 +497,9 @@ impl<S: ClientIo> Conn<S> {
         };
         ctx.rec.status = status;
         ctx.rec.error = error;
+        if let Answer::Composed(c) = a {
+            ctx.rec.kind = c.kind;
+        }
         match a {
             Answer::Error(e) => {
                 let trace_id = ctx.rec.trace.trace_id_hex();

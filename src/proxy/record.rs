@@ -31,6 +31,8 @@ pub struct Record {
     pub status: u16,
     /// The gateway error answered, if any.
     pub error: Option<GatewayError>,
+    /// The kind of an error answer made without a `GatewayError` (a failed composition).
+    pub kind: Option<&'static str>,
     /// The upstream group (index), once the upstream phase began.
     pub group: Option<usize>,
     /// The endpoint of the last attempt.
@@ -87,6 +89,7 @@ pub fn done<S>(w: &Worker, cfg: &Snapshot, c: &Conn<S>, ctx: &RequestCtx<'_>) {
     let d = Done {
         status: r.status,
         error: r.error,
+        kind: r.kind,
         total_us: Some(total_us),
         upstream_us: r.upstream_us,
         bytes_in,
@@ -132,7 +135,7 @@ pub fn done<S>(w: &Worker, cfg: &Snapshot, c: &Conn<S>, ctx: &RequestCtx<'_>) {
             .and_then(|(g, e)| g.endpoints.get(e))
             .map(|e| e.addr),
         consumer: ctx.identity.consumer_name(),
-        error: r.error.map(|e| e.code()),
+        error: r.error.map(|e| e.code()).or(r.kind),
         retries: r.retries,
         tls: c.info.tls_version,
     };
