@@ -369,6 +369,9 @@ fn checker_print(cfg: &Config, slots: &[usize], prints: &HashMap<String, u64>) -
 }
 
 /// Keys read at start only that differ between `old` and `new`.
+/// One config key's value as text, for comparing two configs.
+type ConfigText = fn(&Config) -> String;
+
 fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let mut check = |key: &str, a: String, b: String| {
@@ -376,67 +379,41 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
             out.push(key.to_string());
         }
     };
-    check(
-        "server.workers",
-        format!("{:?}", old.server.workers),
-        format!("{:?}", new.server.workers),
-    );
-    check(
-        "server.driver",
-        format!("{:?}", old.server.driver),
-        format!("{:?}", new.server.driver),
-    );
-    check(
-        "server.shutdown_timeout",
-        format!("{:?}", old.server.shutdown_timeout),
-        format!("{:?}", new.server.shutdown_timeout),
-    );
-    check(
-        "server.upgrade_socket",
-        format!("{:?}", old.server.upgrade_socket),
-        format!("{:?}", new.server.upgrade_socket),
-    );
-    check(
-        "rate_limiting.backend",
-        format!("{:?}", old.rate_limiting.backend),
-        format!("{:?}", new.rate_limiting.backend),
-    );
-    check(
-        "rate_limiting.redis",
-        format!("{:?}", old.rate_limiting.redis),
-        format!("{:?}", new.rate_limiting.redis),
-    );
-    check(
-        "rate_limiting.max_keys",
-        format!("{:?}", old.rate_limiting.max_keys),
-        format!("{:?}", new.rate_limiting.max_keys),
-    );
-    // The per-worker cache store is sized, and its Redis layer connected, at start; the other
-    // `[cache]` keys are compiled into each route's policy and follow a reload.
-    check(
-        "cache.max_bytes_per_worker",
-        format!("{:?}", old.cache.max_bytes_per_worker),
-        format!("{:?}", new.cache.max_bytes_per_worker),
-    );
-    check(
-        "cache.redis",
-        format!("{:?}", old.cache.redis),
-        format!("{:?}", new.cache.redis),
-    );
-    check(
-        "metrics.enabled",
-        format!("{:?}", old.metrics.enabled),
-        format!("{:?}", new.metrics.enabled),
-    );
-    check("log", format!("{:?}", old.log), format!("{:?}", new.log));
-    // The access log's outputs, writer threads and per-listener tables are built at start, by
-    // listener slot: a changed table, or a listener a reload adds, logs as its slot did at
-    // start (a new slot: not at all).
-    check(
-        "access_log",
-        format!("{:?}", old.access_log),
-        format!("{:?}", new.access_log),
-    );
+    // Keys read only at start, each compared by its debug text in the two configs. The
+    // per-worker cache store is sized, and its Redis layer connected, at start (the other
+    // `[cache]` keys are compiled into each route's policy and follow a reload). The access
+    // log's outputs, writer threads and per-listener tables are built at start, by listener
+    // slot: a changed table, or a listener a reload adds, logs as its slot did at start (a new
+    // slot: not at all).
+    let start_only: [(&str, ConfigText); 12] = [
+        ("server.workers", |c| format!("{:?}", c.server.workers)),
+        ("server.driver", |c| format!("{:?}", c.server.driver)),
+        ("server.shutdown_timeout", |c| {
+            format!("{:?}", c.server.shutdown_timeout)
+        }),
+        ("server.upgrade_socket", |c| {
+            format!("{:?}", c.server.upgrade_socket)
+        }),
+        ("rate_limiting.backend", |c| {
+            format!("{:?}", c.rate_limiting.backend)
+        }),
+        ("rate_limiting.redis", |c| {
+            format!("{:?}", c.rate_limiting.redis)
+        }),
+        ("rate_limiting.max_keys", |c| {
+            format!("{:?}", c.rate_limiting.max_keys)
+        }),
+        ("cache.max_bytes_per_worker", |c| {
+            format!("{:?}", c.cache.max_bytes_per_worker)
+        }),
+        ("cache.redis", |c| format!("{:?}", c.cache.redis)),
+        ("metrics.enabled", |c| format!("{:?}", c.metrics.enabled)),
+        ("log", |c| format!("{:?}", c.log)),
+        ("access_log", |c| format!("{:?}", c.access_log)),
+    ];
+    for (key, text) in start_only {
+        check(key, text(old), text(new));
+    }
     // The admin listener runs as started; only its token follows a reload.
     let admin = |c: &Config| c.admin.clone().filter(|a| a.enabled);
     match (admin(old), admin(new)) {
