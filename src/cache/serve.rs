@@ -13,7 +13,7 @@ use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::ConnectionOptions;
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
-use crate::proxy::conn::{read_some, write_buf, ClientIo, Conn, IoFail, Outcome};
+use crate::proxy::conn::{end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome};
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::forward::{self, Chosen};
 use crate::proxy::relay::forward_response_tee;
@@ -1449,20 +1449,21 @@ async fn gateway_body<'c, S: ClientIo>(
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
     put_status_line(wbuf, code, reason_phrase(code).as_bytes());
-    put_header(wbuf, b"date", &date);
     status.put(wbuf);
-    put_header(wbuf, b"x-request-id", ctx.id.as_bytes());
-    wbuf.put_slice(&ctx.resp_headers);
     if !body.is_empty() {
         put_header(wbuf, b"content-type", b"application/json");
     }
     wbuf.put_slice(b"content-length: ");
     put_u64(wbuf, body.len() as u64);
     wbuf.put_slice(b"\r\n");
-    if let Some(v) = connection_value(keep, ctx.head.version) {
-        put_header(wbuf, b"connection", v);
-    }
-    wbuf.put_slice(b"\r\n");
+    end_head(
+        wbuf,
+        &date,
+        ctx.id.as_bytes(),
+        &ctx.resp_headers,
+        keep,
+        ctx.head.version,
+    );
     if ctx.head.method != Method::Head {
         wbuf.put_slice(body);
     }

@@ -664,8 +664,8 @@ impl<S: ClientIo> Conn<S> {
 }
 
 /// The end of a gateway-made head: `Date`, the request id, `extra` header lines, `Connection`
-/// as the keep-alive decision says, and the blank line.
-fn end_head(
+/// as the keep-alive decision says, and the blank line (the cache's own answers end so too).
+pub(crate) fn end_head(
     wbuf: &mut BytesMut,
     date: &[u8],
     request_id: &[u8],
