@@ -1384,3 +1384,44 @@ fn rfc9211_2_purge_answers_carry_the_configured_cache_name() {
     assert_eq!(r.status, 200, "{r:?}");
     assert!(status_of(&r).starts_with("edge-1;"), "{r:?}");
 }
+
+/// The cache's own answers (a 504 for `only-if-cached`, hits, a PURGE result) keep a
+/// pipelined connection in step: each request is answered once, in order, from the right byte.
+/// A PURGE whose body the cache never reads is answered with `Connection: close` and the
+/// connection ends there: the body (shaped like a request) is never taken for one.
+#[test]
+fn cache_made_answers_keep_a_pipelined_connection_in_step() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), D);
+    let key = "x-api-key: alice-key\r\n";
+    let mut c = Client::connect(gw.addr);
+    c.send(
+        format!(
+            "GET /p HTTP/1.1\r\nHost: test.local\r\n{key}Cache-Control: only-if-cached\r\n\r\n\
+             GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n\
+             GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n\
+             PURGE /p HTTP/1.1\r\nHost: test.local\r\n{key}Content-Length: 26\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n\
+             GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n"
+        )
+        .as_bytes(),
+    );
+    let mut got = Vec::new();
+    while let Some(r) = c.read_response() {
+        got.push((
+            r.status,
+            r.text(),
+            r.header("connection").map(str::to_string),
+        ));
+        assert!(got.len() <= 5, "{got:?}");
+    }
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got[0].0, 504, "{got:?}");
+    assert_eq!((got[1].0, got[1].1.as_str()), (200, "v1"), "{got:?}");
+    assert_eq!((got[2].0, got[2].1.as_str()), (200, "v1"), "{got:?}");
+    assert_eq!(got[3].0, 200, "{got:?}");
+    assert!(got[3].1.contains("\"purged\":1"), "{got:?}");
+    assert_eq!(got[3].2.as_deref(), Some("close"), "{got:?}");
+    assert!(up.targets().iter().all(|t| t == "/p"), "{:?}", up.targets());
+    // The gateway serves on.
+    assert_eq!(get_h(gw.addr, "/p", key).text(), "v2");
+}
