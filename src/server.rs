@@ -602,7 +602,7 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
         self.0.metrics.conn_closed(self.1);
-        if self.0.accept_paused.get() {
+        if self.0.accept_paused.get() > 0 {
             self.0.conn_closed.notify_all();
         }
     }
@@ -622,9 +622,10 @@ enum Pause {
 const FD_PAUSE_RETRY: Duration = Duration::from_millis(250);
 
 /// Waits, without spinning, until the worker may accept again: a connection closed, or (for
-/// lack of descriptors) a short while passed. Logs one line when an episode begins.
+/// lack of descriptors) a short while passed. Logs one line when an episode begins (once for
+/// the worker, not once per accept loop of it).
 async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, Instant)>) {
-    if episode.is_none() {
+    if episode.is_none() && w.accept_paused.get() == 0 {
         *episode = Some((why, Instant::now()));
         match why {
             Pause::Cap => warn!(
@@ -639,7 +640,9 @@ async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, In
             ),
         }
     }
-    w.accept_paused.set(true);
+    // A count, not a flag: the worker's other accept loops may be paused too, and a closing
+    // connection must wake them all.
+    w.accept_paused.set(w.accept_paused.get() + 1);
     let closed = w.conn_closed.notified();
     match why {
         Pause::Cap => {
@@ -658,7 +661,7 @@ async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, In
             }
         }
     }
-    w.accept_paused.set(false);
+    w.accept_paused.set(w.accept_paused.get().saturating_sub(1));
 }
 
 fn out_of_descriptors(e: &io::Error) -> bool {
@@ -766,8 +769,14 @@ async fn worker_main(
     }
 }
 
+/// Accepts each worker keeps in flight per listener. With one, a burst of new connections is
+/// taken one per turn of the event loop (a wake-up and an `io_uring_enter` each); with several,
+/// the connections that arrived together complete in the same turn.
+pub const ACCEPTS_IN_FLIGHT: usize = 4;
+
 /// Starts accepting on `l` (listener `slot`) on this worker, until the worker shuts down or a
-/// reload removes the listener (its `listener_stop`).
+/// reload removes the listener (its `listener_stop`): [`ACCEPTS_IN_FLIGHT`] accept loops share
+/// the socket.
 pub(crate) fn spawn_accept(w: &Rc<Worker>, slot: usize, l: std::net::TcpListener) {
     let stop = w.listener_stop.borrow().get(slot).cloned();
     let Some(stop) = stop else {
@@ -777,7 +786,10 @@ pub(crate) fn spawn_accept(w: &Rc<Worker>, slot: usize, l: std::net::TcpListener
     let port = l.local_addr().ok().map(|a| a.port());
     match monoio::net::TcpListener::from_std(l) {
         Ok(l) => {
-            monoio::spawn(accept_loop(w.clone(), l, slot, port, stop));
+            let l = Rc::new(l);
+            for _ in 0..ACCEPTS_IN_FLIGHT {
+                monoio::spawn(accept_loop(w.clone(), l.clone(), slot, port, stop.clone()));
+            }
         }
         Err(e) => warn!("worker {}: cannot register a listener: {e}", w.id),
     }
@@ -785,7 +797,7 @@ pub(crate) fn spawn_accept(w: &Rc<Worker>, slot: usize, l: std::net::TcpListener
 
 async fn accept_loop(
     w: Rc<Worker>,
-    l: monoio::net::TcpListener,
+    l: Rc<monoio::net::TcpListener>,
     listener: usize,
     port: Option<u16>,
     removed: Rc<crate::proxy::Shutdown>,
@@ -834,7 +846,16 @@ async fn accept_loop(
             }
         };
         match accepted {
-            Ok((stream, peer)) => start_conn(&w, stream, peer, listener, port),
+            Ok((stream, peer)) => {
+                // The worker's other accept loops may have filled the cap meanwhile: this
+                // connection waits, unread, as it would have in the backlog.
+                while w.active.get() >= w.config().max_connections
+                    && !(w.shutdown.is_set() || w.stop_accepting.is_set())
+                {
+                    pause_accepting(&w, Pause::Cap, &mut episode).await;
+                }
+                start_conn(&w, stream, peer, listener, port);
+            }
             Err(e) if out_of_descriptors(&e) => {
                 pause_accepting(&w, Pause::Descriptors, &mut episode).await;
             }

@@ -224,7 +224,7 @@ pub struct Worker {
     /// Open client connections.
     pub active: Cell<usize>,
     /// Accepting is paused (connection cap or no descriptors): a closing connection wakes it.
-    pub accept_paused: Cell<bool>,
+    pub accept_paused: Cell<u32>,
     pub conn_closed: Notify,
     /// Fired once a second by the sync task: idle connections check their deadline on it.
     pub idle_tick: Notify,
@@ -278,7 +278,7 @@ impl Worker {
             date: Cell::new(http_date(0)),
             date_secs: Cell::new(u64::MAX),
             active: Cell::new(0),
-            accept_paused: Cell::new(false),
+            accept_paused: Cell::new(0),
             conn_closed: Notify::default(),
             idle_tick: Notify::default(),
             auth: RefCell::new(Rc::new(WorkerAuth::new(cfg, auth))),
