@@ -1425,3 +1425,47 @@ fn cache_made_answers_keep_a_pipelined_connection_in_step() {
     // The gateway serves on.
     assert_eq!(get_h(gw.addr, "/p", key).text(), "v2");
 }
+
+/// The Redis layer (RFC 9111 §4: a cache answers from what it stores; here the store shared
+/// through Redis): a worker asks Redis and sleeps on its doorbell until the link's thread has
+/// the answer, so the lookup ends with a ring, not a poll. A Redis that does not answer
+/// (paused) is a miss once `timeout` passes: the origin answers (fail open).
+#[test]
+fn redis_lookup_wakes_the_worker_by_its_doorbell_and_a_paused_redis_fails_open() {
+    for d in DRIVERS {
+        let redis = RedisServer::start();
+        let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+        let a = TestGateway::start(&redis_cache_config(up.addr, &redis), d);
+        let b = TestGateway::start(&redis_cache_config(up.addr, &redis), d);
+        assert_eq!(get(a.addr, "/bell").text(), "v1");
+        assert!(eventually(Duration::from_secs(5), || !redis
+            .keys("ringway:cache:o:*")
+            .is_empty()));
+        let rung = |gw: &TestGateway| -> u64 {
+            gw.gateway()
+                .control()
+                .ask(Duration::from_secs(2), |w| {
+                    w.cache.shared().map_or(0, |l| l.link().doorbells.rung())
+                })
+                .unwrap()
+                .into_iter()
+                .max()
+                .unwrap_or(0)
+        };
+        let r = get(b.addr, "/bell");
+        assert_eq!(r.text(), "v1", "{d:?}");
+        assert!(status_of(&r).contains("detail=redis"), "{d:?} {r:?}");
+        // Every worker shares one link: its list holds the doorbells of those that waited.
+        assert!(rung(&b) >= 1, "{d:?}: the answer came by a ring");
+        assert_eq!(up.hits(), 1);
+
+        assert!(redis
+            .command(&["CLIENT", "PAUSE", "3000", "ALL"])
+            .is_some_and(|r| r.starts_with("+OK")));
+        let t0 = std::time::Instant::now();
+        let r = get(b.addr, "/paused");
+        assert_eq!((r.status, r.text().as_str()), (200, "v2"), "{d:?}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(up.hits(), 2);
+    }
+}

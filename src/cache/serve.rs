@@ -408,7 +408,7 @@ async fn cached<'c, S: ClientIo>(
         if let Some(o) = &keys.own {
             ks.push(o);
         }
-        let got = layer.get(&ks).await;
+        let got = layer.get(&w.doorbell, &ks).await;
         let now = now_secs();
         for (k, o) in ks.iter().zip(got) {
             let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
