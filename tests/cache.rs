@@ -1387,8 +1387,9 @@ fn rfc9211_2_purge_answers_carry_the_configured_cache_name() {
 
 /// The cache's own answers (a 504 for `only-if-cached`, hits, a PURGE result) keep a
 /// pipelined connection in step: each request is answered once, in order, from the right byte.
-/// A PURGE whose body the cache never reads is answered with `Connection: close` and the
-/// connection ends there: the body (shaped like a request) is never taken for one.
+/// A PURGE whose body the cache never reads has that body read and thrown away (RFC 9112
+/// §6.3: the next request starts after it), so the connection goes on, and the body (shaped
+/// like a request) is never taken for one.
 #[test]
 fn cache_made_answers_keep_a_pipelined_connection_in_step() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\n");
@@ -1401,7 +1402,7 @@ fn cache_made_answers_keep_a_pipelined_connection_in_step() {
              GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n\
              GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n\
              PURGE /p HTTP/1.1\r\nHost: test.local\r\n{key}Content-Length: 26\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n\
-             GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n"
+             GET /p HTTP/1.1\r\nHost: test.local\r\n{key}Connection: close\r\n\r\n"
         )
         .as_bytes(),
     );
@@ -1414,16 +1415,81 @@ fn cache_made_answers_keep_a_pipelined_connection_in_step() {
         ));
         assert!(got.len() <= 5, "{got:?}");
     }
-    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got.len(), 5, "{got:?}");
     assert_eq!(got[0].0, 504, "{got:?}");
     assert_eq!((got[1].0, got[1].1.as_str()), (200, "v1"), "{got:?}");
     assert_eq!((got[2].0, got[2].1.as_str()), (200, "v1"), "{got:?}");
     assert_eq!(got[3].0, 200, "{got:?}");
     assert!(got[3].1.contains("\"purged\":1"), "{got:?}");
-    assert_eq!(got[3].2.as_deref(), Some("close"), "{got:?}");
+    assert_ne!(got[3].2.as_deref(), Some("close"), "{got:?}");
+    // Purged: fetched again.
+    assert_eq!((got[4].0, got[4].1.as_str()), (200, "v2"), "{got:?}");
     assert!(up.targets().iter().all(|t| t == "/p"), "{:?}", up.targets());
-    // The gateway serves on.
-    assert_eq!(get_h(gw.addr, "/p", key).text(), "v2");
+}
+
+/// RFC 9112 §7.1 and §6.3: a chunked PURGE body is read to its last chunk and thrown away,
+/// and the GET pipelined behind it gets its own answer, in order, on the same connection. A
+/// hit for a GET that carries a body (RFC 9110 §9.3.1: it has no meaning here) is served the
+/// same way.
+#[test]
+fn purge_with_a_chunked_body_keeps_the_connection_for_the_next_request() {
+    for d in DRIVERS {
+        let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+        let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), d);
+        let key = "x-api-key: alice-key\r\n";
+        assert_eq!(get_h(gw.addr, "/q", key).text(), "v1");
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!(
+                "GET /q HTTP/1.1\r\nHost: test.local\r\n{key}Content-Length: 5\r\n\r\nhello\
+                 PURGE /q HTTP/1.1\r\nHost: test.local\r\n{key}Transfer-Encoding: chunked\r\n\r\n\
+                 5\r\nGET /\r\n15\r\nsmuggled HTTP/1.1\r\n\r\n\r\n0\r\n\r\n\
+                 GET /q HTTP/1.1\r\nHost: test.local\r\n{key}\r\n"
+            )
+            .as_bytes(),
+        );
+        let hit = c.read_response().expect("the hit");
+        assert_eq!((hit.status, hit.text().as_str()), (200, "v1"), "{d:?}");
+        assert!(status_of(&hit).contains("hit"), "{hit:?}");
+        let purged = c.read_response().expect("the PURGE answer");
+        assert_eq!(purged.status, 200, "{d:?} {purged:?}");
+        assert!(purged.text().contains("\"purged\":1"), "{purged:?}");
+        assert_ne!(purged.header("connection"), Some("close"), "{purged:?}");
+        let next = c.read_response().expect("the GET after the PURGE");
+        assert_eq!((next.status, next.text().as_str()), (200, "v2"), "{d:?}");
+        assert!(up.targets().iter().all(|t| t == "/q"), "{:?}", up.targets());
+    }
+}
+
+/// A PURGE body that cannot be thrown away within the drain bound (a Content-Length over
+/// 64 KiB, or a malformed chunk size, RFC 9112 §7.1) is answered with `Connection: close`,
+/// and nothing after it is read as a request.
+#[test]
+fn purge_with_a_large_or_malformed_body_closes_the_connection() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), D);
+    let key = "x-api-key: alice-key\r\n";
+    for body_head in [
+        "Content-Length: 1000000\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!(
+                "PURGE /r HTTP/1.1\r\nHost: test.local\r\n{key}{body_head}\
+                 GET /smuggled HTTP/1.1\r\nHost: test.local\r\n{key}\r\n"
+            )
+            .as_bytes(),
+        );
+        let r = c.read_response().expect("the PURGE answer");
+        assert_eq!(r.status, 200, "{body_head:?} {r:?}");
+        assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+        assert!(
+            c.read_response().is_none(),
+            "{body_head:?}: one answer only"
+        );
+    }
+    assert_eq!(up.hits(), 0);
 }
 
 /// The Redis layer (RFC 9111 §4: a cache answers from what it stores; here the store shared

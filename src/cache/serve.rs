@@ -13,7 +13,9 @@ use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::ConnectionOptions;
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
-use crate::proxy::conn::{end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome};
+use crate::proxy::conn::{
+    end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
+};
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::forward::{self, Chosen};
 use crate::proxy::relay::forward_response_tee;
@@ -1149,7 +1151,7 @@ async fn answer<'c, S: ClientIo>(
             }
         }
     }
-    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let keep = can_keep(w, c, ctx);
     let date = w.date.get();
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
@@ -1255,7 +1257,9 @@ async fn answer<'c, S: ClientIo>(
     if send_body && body.len() > INLINE_BODY && write_buf(&mut c.io, body, t).await.is_err() {
         return Outcome::Abort;
     }
-    Outcome::Relayed { keep }
+    Outcome::Relayed {
+        keep: drain_rest(w, c, ctx, keep).await,
+    }
 }
 
 /// Whether a waiting request can take a response as it arrives: a plain GET (no
@@ -1289,7 +1293,7 @@ async fn stream_from<'c, S: ClientIo>(
     st: &FlightStream,
     status: &Status<'_>,
 ) -> Outcome<'c> {
-    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let keep = can_keep(w, c, ctx);
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
     let reason: &[u8] = if st.reason.is_empty() {
@@ -1360,7 +1364,9 @@ async fn stream_from<'c, S: ClientIo>(
             return Outcome::Abort;
         }
     }
-    Outcome::Relayed { keep }
+    Outcome::Relayed {
+        keep: drain_rest(w, c, ctx, keep).await,
+    }
 }
 
 /// The client's preconditions against a stored 2xx (RFC 9110 §13.2.2, in its order): the
@@ -1444,7 +1450,7 @@ async fn gateway_body<'c, S: ClientIo>(
     status: &Status<'_>,
     body: &[u8],
 ) -> Outcome<'c> {
-    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let keep = can_keep(w, c, ctx);
     let date = w.date.get();
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
@@ -1474,10 +1480,45 @@ async fn gateway_body<'c, S: ClientIo>(
         Ok(mut b) => {
             b.clear();
             ctx.wbuf = b;
-            Outcome::Relayed { keep }
+            Outcome::Relayed {
+                keep: drain_rest(w, c, ctx, keep).await,
+            }
         }
         Err(_) => Outcome::Abort,
     }
+}
+
+/// Whether the connection can go on after an answer the cache makes itself (a hit, a
+/// PURGE result, a 504): the request's body must end first, since the next request starts
+/// right after it (RFC 9112 §6.3, §9.3). A body already read whole is fine; one the cache does
+/// not read is thrown away, within the connection's drain bounds (`DRAIN_MAX` bytes and
+/// `DRAIN_TIMEOUT`, as for the gateway's other answers): what of it is buffered is taken
+/// now, and a known rest over the bound, a malformed body, or a client still waiting for
+/// `100 Continue` closes the connection instead. Called before the answer is written (it
+/// decides `Connection: close`); [`drain_rest`] after.
+fn can_keep<S>(w: &Worker, c: &mut Conn<S>, ctx: &mut RequestCtx<'_>) -> bool {
+    if !ctx.head.keep_alive || w.shutdown.is_set() {
+        return false;
+    }
+    if ctx.body.is_done() {
+        return true;
+    }
+    ctx.body.drainable()
+        && match ctx.body.take(&mut c.rbuf) {
+            Err(_) => false,
+            Ok(_) => ctx.body.is_done() || ctx.body.left() <= DRAIN_MAX,
+        }
+}
+
+/// After the answer: reads and throws away the rest of the body (see [`can_keep`]); whether
+/// the connection goes on.
+async fn drain_rest<S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    keep: bool,
+) -> bool {
+    keep && (ctx.body.is_done() || c.drain(w, ctx).await)
 }
 
 /// `PURGE <target>` on a route with `purge = true` (its auth policy already passed): the URL
