@@ -1535,3 +1535,150 @@ fn redis_lookup_wakes_the_worker_by_its_doorbell_and_a_paused_redis_fails_open()
         assert_eq!(up.hits(), 2);
     }
 }
+
+/// Reads from `s` until `pat` has arrived (bounded by the socket's read timeout); false when
+/// the connection ends first.
+fn read_until(s: &mut std::net::TcpStream, got: &mut Vec<u8>, pat: &[u8]) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    while !got.windows(pat.len()).any(|w| w == pat) {
+        match s.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(got)),
+        }
+    }
+    true
+}
+
+/// Reads until the peer closes (bounded by the read timeout).
+fn read_to_close(s: &mut std::net::TcpStream, got: &mut Vec<u8>) {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(got)),
+        }
+    }
+}
+
+/// A chunked origin answer for coalescing tests: its head and first chunk ("first"), then,
+/// once the test sets `go`, `rest` (more chunks, the last chunk, or nothing before a close).
+fn chunked_origin(go: Arc<Event>, rest: &'static [u8], close: bool) -> Upstream {
+    Upstream::start(move |_| {
+        let mut steps = vec![
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+                    .to_vec(),
+            ),
+            Step::Await(go.clone()),
+            Step::Write(rest.to_vec()),
+        ];
+        if close {
+            steps.push(Step::Close);
+        }
+        Reply::Script(steps)
+    })
+}
+
+/// Starts the leader's fetch of `path` and a waiter that joins it; returns the leader and the
+/// waiter's socket once the waiter has received the first chunk ("first").
+fn leader_and_waiter(
+    gw: &TestGateway,
+    up: &Upstream,
+    path: &str,
+) -> (Client, std::net::TcpStream, Vec<u8>) {
+    use std::io::Write;
+    let mut leader = Client::connect(gw.addr);
+    leader.send(format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes());
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 1));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    // The origin sends the rest only after this: the waiter got the first chunk while the
+    // fetch was still going.
+    assert!(read_until(&mut s, &mut got, b"first"), "{got:?}");
+    (leader, s, got)
+}
+
+/// RFC 9111 §4 (a response the cache is receiving serves the requests collapsed onto it) and
+/// RFC 9112 §7.1: a waiter on a chunked fetch receives the body as it arrives, re-chunked, and
+/// the last chunk only when the fetch is complete; the connection then goes on.
+#[test]
+fn rfc9112_7_1_coalesced_waiters_receive_a_chunked_body_as_it_arrives() {
+    use std::io::Write;
+    for d in DRIVERS {
+        let go = Event::new();
+        let up = chunked_origin(go.clone(), b"7\r\n-second\r\n0\r\n\r\n", false);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let (mut leader, mut s, mut got) = leader_and_waiter(&gw, &up, "/chunky");
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(text.contains("collapsed"), "{d:?} {text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{text}"
+        );
+        assert!(!text.contains("second"), "{text}");
+        assert!(!text.contains("\r\n0\r\n\r\n"), "not complete yet: {text}");
+        go.set();
+        assert!(read_until(&mut s, &mut got, b"\r\n0\r\n\r\n"), "{got:?}");
+        let text = String::from_utf8_lossy(&got).to_string();
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        assert_eq!(body, "5\r\nfirst\r\n7\r\n-second\r\n0\r\n\r\n", "{d:?}");
+        assert_eq!(leader.read_response().unwrap().text(), "first-second");
+        // The same connection goes on: the next request is a hit.
+        s.write_all(b"GET /chunky HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut next = Vec::new();
+        read_to_close(&mut s, &mut next);
+        let next = String::from_utf8_lossy(&next).to_string();
+        assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+        assert!(next.contains("; hit"), "{next}");
+        assert!(next.ends_with("\r\n\r\nfirst-second"), "{next}");
+        assert_eq!(up.hits(), 1);
+    }
+}
+
+/// RFC 9112 §8: a chunked fetch that fails part way (the origin closes before the last
+/// chunk) cuts its waiters too: they get the chunks that came and no last chunk, so their
+/// clients see an incomplete message; nothing is stored.
+#[test]
+fn rfc9112_8_a_chunked_fetch_that_fails_part_way_cuts_its_waiters() {
+    let go = Event::new();
+    let up = chunked_origin(go.clone(), b"7\r\n-second\r\n", true);
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let (_leader, mut s, mut got) = leader_and_waiter(&gw, &up, "/broken");
+    go.set();
+    read_to_close(&mut s, &mut got);
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.contains("collapsed"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "cut, not complete: {text}");
+    // Nothing was stored: the next request goes to the origin (which fails the same way).
+    let mut again = Client::connect(gw.addr);
+    again.send(b"GET /broken HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
+}
+
+/// RFC 9111 §3 lets a cache decline to store a response; this one does not hold more than
+/// `max_object_bytes` of it. A chunked body that outgrows the bound while a waiter streams it
+/// cuts that waiter (its bytes are no longer kept), while the fetching client gets it whole.
+#[test]
+fn rfc9111_3_a_chunked_body_over_max_object_bytes_cuts_its_waiters_not_its_fetcher() {
+    let go = Event::new();
+    let up = chunked_origin(go.clone(), b"a\r\n0123456789\r\n0\r\n\r\n", false);
+    let gw = TestGateway::start(&cache_config(up.addr, "max_object_bytes = 8", ""), D);
+    let (mut leader, mut s, mut got) = leader_and_waiter(&gw, &up, "/big");
+    go.set();
+    read_to_close(&mut s, &mut got);
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(!text.contains("0123456789"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "cut, not complete: {text}");
+    assert_eq!(leader.read_response().unwrap().text(), "first0123456789");
+    assert_eq!(get(gw.addr, "/big").text(), "first0123456789");
+    assert_eq!(up.hits(), 2, "not stored");
+}

@@ -12,6 +12,7 @@ use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::ConnectionOptions;
+use crate::http::Version;
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
 use crate::proxy::conn::{
     end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
@@ -951,8 +952,14 @@ async fn fetch<'c, S: ClientIo>(
                         }
                     }
                     // Waiters on this fetch receive the body as it arrives when they may share it
-                    // (stored under the shared key) and its length is known.
-                    let flight = match (&plan, &guard, known_len(&resp)) {
+                    // (stored under the shared key): as it came when its length is known,
+                    // re-chunked when it is chunked (not when the upstream's close ends it: that
+                    // end cannot be told from a failure).
+                    let stream_len = match resp.body {
+                        RespBody::Chunked => Some(None),
+                        _ => known_len(&resp).map(Some),
+                    };
+                    let flight = match (&plan, &guard, stream_len) {
                         (Ok(s), Some(g), Some(len))
                             if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
                         {
@@ -1278,6 +1285,8 @@ fn streamable(h: &RequestHead, req: &Directives, st: &FlightStream) -> bool {
         .iter()
         .any(|n| h.header(n).is_some())
         && st.vary_matches(h)
+        // A body of unknown length goes out chunked: HTTP/1.1 clients only (RFC 9112 §7).
+        && (st.len.is_some() || h.version == Version::Http11)
 }
 
 /// Answers a waiter with the response another request is fetching, its body written as it
@@ -1319,9 +1328,14 @@ async fn stream_from<'c, S: ClientIo>(
     wbuf.put_slice(&ctx.resp_headers);
     let bodiless = st.status == 204;
     if !bodiless {
-        wbuf.put_slice(b"content-length: ");
-        put_u64(wbuf, st.len);
-        wbuf.put_slice(b"\r\n");
+        match st.len {
+            Some(n) => {
+                wbuf.put_slice(b"content-length: ");
+                put_u64(wbuf, n);
+                wbuf.put_slice(b"\r\n");
+            }
+            None => wbuf.put_slice(b"transfer-encoding: chunked\r\n"),
+        }
     }
     if let Some(v) = connection_value(keep, ctx.head.version) {
         put_header(wbuf, b"connection", v);
@@ -1339,7 +1353,10 @@ async fn stream_from<'c, S: ClientIo>(
     }
     // What the end of the request records (metrics, access log): the head, then each chunk.
     ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(head_len);
-    let total = if bodiless { 0 } else { st.len };
+    if st.len.is_none() && !bodiless {
+        return stream_chunked(c, ctx, flight, keep, w).await;
+    }
+    let total = if bodiless { 0 } else { st.len.unwrap_or(0) };
     let mut sent = 0u64;
     while sent < total {
         let chunk = flight.body_from(sent as usize);
@@ -1366,6 +1383,82 @@ async fn stream_from<'c, S: ClientIo>(
     }
     Outcome::Relayed {
         keep: drain_rest(w, c, ctx, keep).await,
+    }
+}
+
+/// The body of a chunked fetch, to a waiter, as it arrives: each piece the fetch has
+/// received becomes one chunk (RFC 9112 §7.1), and the last chunk is written only once the
+/// fetch ended complete (`Stored`: the whole body, within `max_object_bytes`). A fetch that
+/// fails, or whose body outgrows the capture (`cut`), cuts this answer before its last chunk,
+/// so the client sees an incomplete message, never a truncated one as complete.
+async fn stream_chunked<'c, S: ClientIo>(
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    flight: &Flight,
+    keep: bool,
+    w: &Worker,
+) -> Outcome<'c> {
+    let t = ctx.t.client_write;
+    let mut sent = 0usize;
+    loop {
+        let piece = if flight.cut.get() {
+            Bytes::new()
+        } else {
+            flight.body_from(sent)
+        };
+        if !piece.is_empty() {
+            sent = sent.saturating_add(piece.len());
+            let mut frame = std::mem::take(&mut ctx.wbuf);
+            frame.clear();
+            put_hex(&mut frame, piece.len());
+            frame.put_slice(b"\r\n");
+            frame.put_slice(&piece);
+            frame.put_slice(b"\r\n");
+            let n = frame.len() as u64;
+            match write_buf(&mut c.io, frame, t).await {
+                Ok(mut b) => {
+                    b.clear();
+                    ctx.wbuf = b;
+                }
+                Err(_) => return Outcome::Abort,
+            }
+            ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(n);
+            continue;
+        }
+        if flight.cut.get() {
+            return Outcome::Abort;
+        }
+        match flight.end.get() {
+            FlightEnd::Pending => {}
+            FlightEnd::Stored => break,
+            // Ended without a whole body: the fetch failed.
+            FlightEnd::Failed | FlightEnd::NotStorable => return Outcome::Abort,
+        }
+        let notified = flight.done.notified();
+        if monoio::time::timeout(ctx.t.upstream_body, notified)
+            .await
+            .is_err()
+        {
+            return Outcome::Abort;
+        }
+    }
+    if write_buf(&mut c.io, Bytes::from_static(b"0\r\n\r\n"), t)
+        .await
+        .is_err()
+    {
+        return Outcome::Abort;
+    }
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(5);
+    Outcome::Relayed {
+        keep: drain_rest(w, c, ctx, keep).await,
+    }
+}
+
+/// `n` in lowercase hexadecimal, as a chunk size.
+fn put_hex(out: &mut BytesMut, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.put_u8(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
     }
 }
 
@@ -1854,6 +1947,30 @@ async fn read_body(
                 }
             }
             Some((Bytes::copy_from_slice(&up.rbuf), false))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::put_hex;
+    use bytes::BytesMut;
+
+    /// RFC 9112 §7.1: chunk sizes are hexadecimal, without leading zeros here.
+    #[test]
+    fn chunk_sizes_are_lowercase_hex() {
+        for (n, want) in [
+            (0usize, "0"),
+            (1, "1"),
+            (15, "f"),
+            (16, "10"),
+            (255, "ff"),
+            (4096, "1000"),
+            (usize::MAX, "ffffffffffffffff"),
+        ] {
+            let mut b = BytesMut::new();
+            put_hex(&mut b, n);
+            assert_eq!(&b[..], want.as_bytes(), "{n}");
         }
     }
 }
