@@ -1682,3 +1682,33 @@ fn rfc9111_3_a_chunked_body_over_max_object_bytes_cuts_its_waiters_not_its_fetch
     assert_eq!(get(gw.addr, "/big").text(), "first0123456789");
     assert_eq!(up.hits(), 2, "not stored");
 }
+
+/// RFC 9111 §4.1: "If (after any normalization that might take place) a header field is
+/// absent from a request, it can only match another request if it is also absent there."
+/// For `Accept-Encoding` the difference matters (RFC 9110 §12.5.3): absent, any coding is
+/// acceptable; empty, or every coding refused with `q=0`, only the identity is. A variant
+/// stored for a request without the field is not served to one with an empty value.
+#[test]
+fn rfc9111_4_1_an_absent_vary_field_matches_only_an_absent_one() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: accept-encoding\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get_h(gw.addr, "/v", "").text(), "v1");
+    let empty = get_h(gw.addr, "/v", "Accept-Encoding:\r\n");
+    assert_eq!(empty.text(), "v2", "{empty:?}");
+    assert!(status_of(&empty).contains("fwd=vary-miss"), "{empty:?}");
+    // Every coding refused normalises to the empty set: the same variant as the empty field.
+    let refused = get_h(gw.addr, "/v", "Accept-Encoding: gzip;q=0\r\n");
+    assert_eq!(refused.text(), "v2", "{refused:?}");
+    assert!(status_of(&refused).contains("hit"), "{refused:?}");
+    // Absent again: the first variant.
+    let absent = get_h(gw.addr, "/v", "");
+    assert_eq!(absent.text(), "v1", "{absent:?}");
+    assert!(status_of(&absent).contains("hit"), "{absent:?}");
+    // Another field: absent and empty are told apart the same way.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tenant\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get_h(gw.addr, "/t", "X-Tenant:\r\n").text(), "v1");
+    assert_eq!(get_h(gw.addr, "/t", "").text(), "v2");
+    assert_eq!(get_h(gw.addr, "/t", "X-Tenant: \r\n").text(), "v1");
+    assert_eq!(up.hits(), 2);
+}

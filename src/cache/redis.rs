@@ -42,7 +42,10 @@ const MAX_ENTRY_FIELDS: usize = 512;
 const MAX_TTL_SECS: u64 = 24 * 3600;
 /// Kept beyond freshness and stale windows, so that a stale entry can still be validated.
 const VALIDATION_SLACK_SECS: u64 = 60;
-const MAGIC: &[u8; 4] = b"RWC1";
+/// The entry format's tag. RWC2: a Vary value absent from the request is recorded as
+/// `policy::VARY_ABSENT` (RWC1 recorded it as empty, like an empty field), so RWC1 entries are
+/// refused (a miss) rather than matched the old way.
+const MAGIC: &[u8; 4] = b"RWC2";
 
 /// Removes every key listed in a set, then the set.
 const PURGE_SET_LUA: &str = "local ks = redis.call('SMEMBERS', KEYS[1]) for _, k in ipairs(ks) do redis.call('DEL', k) end redis.call('DEL', KEYS[1]) return #ks";
