@@ -28,7 +28,7 @@ use std::cell::{OnceCell, RefCell};
 use std::io::Write;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
-use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -48,7 +48,7 @@ pub struct Ring {
     rung: AtomicBool,
     tx: StdUnixStream,
     /// Bytes written, for the tests (each is one wake-up of the worker).
-    pub rings: std::sync::atomic::AtomicU64,
+    pub rings: AtomicU64,
 }
 
 impl Ring {
@@ -59,16 +59,32 @@ impl Ring {
             return;
         }
         self.rings.fetch_add(1, Ordering::Relaxed);
-        // WouldBlock cannot happen with at most a few bytes queued; any other error means the
-        // worker is gone, and nobody is left to wake.
-        let _ = (&self.tx).write(&[1]);
+        // WouldBlock means bytes are already queued (the reader will clear `rung`). Another
+        // error (the worker gone, an interrupted call) leaves no byte on its way: clear `rung`
+        // so that the next ring tries again.
+        if let Err(e) = (&self.tx).write(&[1]) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                self.rung.store(false, Ordering::SeqCst);
+            }
+        }
     }
 }
 
 /// Doorbells that a thread rings after each round of work (the Redis link keeps one list).
-#[derive(Default)]
 pub struct Rings {
     list: Mutex<Vec<Arc<Ring>>>,
+    /// Tells lists apart for [`Doorbell::join`] (an address could be reused by a later list).
+    id: u64,
+}
+
+impl Default for Rings {
+    fn default() -> Rings {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Rings {
+            list: Mutex::new(Vec::new()),
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 }
 
 impl Rings {
@@ -108,8 +124,8 @@ pub struct Doorbell {
 struct Inner {
     ring: Arc<Ring>,
     notify: Notify,
-    /// Lists this doorbell is on (by address), so that it joins each one once.
-    joined: RefCell<Vec<usize>>,
+    /// Lists this doorbell is on (by id), so that it joins each one once.
+    joined: RefCell<Vec<u64>>,
 }
 
 impl Doorbell {
@@ -135,11 +151,10 @@ impl Doorbell {
     /// Puts this doorbell on `rings` (once per list).
     pub fn join(&self, rings: &Rings) {
         let Some(i) = self.inner() else { return };
-        let at = rings as *const Rings as usize;
         let mut j = i.joined.borrow_mut();
-        if !j.contains(&at) {
+        if !j.contains(&rings.id) {
             rings.add(&i.ring);
-            j.push(at);
+            j.push(rings.id);
         }
     }
 
@@ -211,7 +226,7 @@ impl Inner {
                 waiting: AtomicUsize::new(0),
                 rung: AtomicBool::new(false),
                 tx,
-                rings: std::sync::atomic::AtomicU64::new(0),
+                rings: AtomicU64::new(0),
             }),
             notify: Notify::default(),
             joined: RefCell::new(Vec::new()),
