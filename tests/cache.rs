@@ -1712,3 +1712,96 @@ fn rfc9111_4_1_an_absent_vary_field_matches_only_an_absent_one() {
     assert_eq!(get_h(gw.addr, "/t", "X-Tenant: \r\n").text(), "v1");
     assert_eq!(up.hits(), 2);
 }
+
+/// An origin for §4.3.4 tests: the first answer is `first` (stored, stale at once), a
+/// conditional request gets a 304 carrying `etag_304` and `max-age=60`, any other request
+/// the new response (`new`, ETag `etag_304`).
+fn validating_origin(first: &'static str, etag_304: &'static str) -> (Upstream, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        match (i, req.header("if-none-match")) {
+            (0, _) => Reply::Raw(first.as_bytes().to_vec()),
+            (_, Some(_)) => Reply::Raw(
+                format!(
+                    "HTTP/1.1 304 Not Modified\r\netag: {etag_304}\r\ncache-control: max-age=60\r\n\r\n"
+                )
+                .into_bytes(),
+            ),
+            (_, None) => Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: {etag_304}\r\ncontent-length: 3\r\n\r\nnew"
+                )
+                .into_bytes(),
+            ),
+        }
+    });
+    (up, n)
+}
+
+/// RFC 9111 §4.3.4: a 304 whose weak validator does not match the stored response's (weak
+/// comparison, RFC 9110 §8.8.3.2) selects nothing for update: the stored response is not
+/// freshened and served under another entity tag; it is fetched again whole.
+#[test]
+fn rfc9111_4_3_4_a_304_with_another_weak_etag_updates_nothing() {
+    let (up, n) = validating_origin(
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: W/\"a\"\r\ncontent-length: 3\r\n\r\nold",
+        "W/\"b\"",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/w").text(), "old");
+    let r = get(gw.addr, "/w");
+    assert_eq!((r.status, r.text().as_str()), (200, "new"), "{r:?}");
+    assert_eq!(r.header("etag"), Some("W/\"b\""), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    assert_eq!(get(gw.addr, "/w").text(), "new");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    // A 304 whose weak validator matches still freshens (the weak comparison ignores W/).
+    let (up, n) = validating_origin(
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"c\"\r\ncontent-length: 3\r\n\r\nold",
+        "W/\"c\"",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/w").text(), "old");
+    let r = get(gw.addr, "/w");
+    assert_eq!(r.text(), "old", "{r:?}");
+    assert!(status_of(&r).contains("fwd=stale"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+/// RFC 9111 §4.3.4 holds for the background revalidation of `stale-while-revalidate` (RFC
+/// 5861 §3) too: a 304 with another strong validator does not freshen the stored response
+/// (before, it did, and the old body was then served fresh under the new entity tag); the
+/// stale copy is dropped and the next request fetches the new one.
+#[test]
+fn rfc9111_4_3_4_background_revalidation_does_not_freshen_on_another_etag() {
+    let (up, n) = validating_origin(
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\netag: \"a\"\r\ncontent-length: 3\r\n\r\nold",
+        "\"b\"",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/bg").text(), "old");
+    // Stale: answered at once, revalidated in the background.
+    let r = get(gw.addr, "/bg");
+    assert_eq!(r.text(), "old");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
+    // Once the 304 is handled, requests get the new response (never the old body as fresh).
+    let mut seen = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let r = get(gw.addr, "/bg");
+            seen.push((r.text(), status_of(&r)));
+            r.text() == "new"
+        }),
+        "{} answers, the last: {:?}",
+        seen.len(),
+        seen.last()
+    );
+    assert!(
+        seen.iter().all(|(t, s)| t == "new" || s.contains("stale")),
+        "{seen:?}"
+    );
+    assert!(n.load(Ordering::SeqCst) >= 3);
+}

@@ -705,6 +705,18 @@ fn make_object(
     }
 }
 
+/// Whether a 304 selects the stored response `o` for update (RFC 9111 §4.3.4): a strong
+/// entity tag must be the stored one by the strong comparison, a weak one must match it by the
+/// weak comparison (RFC 9110 §8.8.3.2); a 304 without an entity tag, or a stored response
+/// without one, leaves the selection to the validator the cache sent (it asked about `o`).
+fn selected_by_304(fields: &[Field], o: &Object) -> bool {
+    match (policy::field(fields, b"etag"), o.etag()) {
+        (Some(new), Some(old)) if new.starts_with(b"W/") => policy::weak_match(new, old),
+        (Some(new), Some(old)) => policy::strong_match(new, old),
+        _ => true,
+    }
+}
+
 /// The stored response freshened by a 304 (RFC 9111 §4.3.4, §3.2): its fields replaced by
 /// those the 304 carries (except framing and hop-by-hop ones), its timing computed anew.
 fn freshen(
@@ -875,15 +887,9 @@ async fn fetch<'c, S: ClientIo>(
                         let fields = copy_fields(&resp);
                         resp.raw = Bytes::new();
                         release(w, group, ch, false, false);
-                        // A strong validator that is not the stored one selects nothing: the
-                        // stored response is dropped and fetched again whole.
-                        let selects = match (policy::field(&fields, b"etag"), f.obj.etag()) {
-                            (Some(new), Some(old)) if !new.starts_with(b"W/") => {
-                                policy::strong_match(new, old)
-                            }
-                            _ => true,
-                        };
-                        if !selects {
+                        // A validator that is not the stored one selects nothing: the stored
+                        // response is dropped and fetched again whole.
+                        if !selected_by_304(&fields, &f.obj) {
                             cache.remove_variant(&f.key, &f.obj);
                             w.bufs.give_resp(resp);
                             let again = Fetch::Fill {
@@ -1814,7 +1820,12 @@ impl Revalidation {
             Ok(mut up) => {
                 let now = now_secs();
                 let fields = copy_fields(&resp);
-                if resp.status == 304 {
+                if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
+                    // It selects nothing (§4.3.4): the stale copy goes; the next request
+                    // fetches the response whole.
+                    self.cache.remove_variant(&self.key, &self.obj);
+                    false
+                } else if resp.status == 304 {
                     match freshen(p, &self.obj, &fields, self.authorized, request_time, now) {
                         Some(o) => {
                             let o = Rc::new(o);
