@@ -170,8 +170,8 @@ fn tagged_hash(data: &[u8], tag: u64) -> u64 {
 }
 
 /// Applies the route's rate limits. Only the first request of a key kept in Redis may wait
-/// here (1 ms steps), and no longer than the Redis timeout: then the failure policy applies,
-/// local buckets or 503.
+/// here (asleep on the worker's doorbell until the Redis thread answers), and no longer than
+/// the Redis timeout: then the failure policy applies, local buckets or 503.
 async fn rate_limit<S>(
     w: &Worker,
     route: &Route,
