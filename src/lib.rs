@@ -34,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod date;
 pub mod demo;
+pub mod doorbell;
 pub mod error;
 pub mod http;
 pub mod local;

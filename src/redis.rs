@@ -8,8 +8,9 @@
 //!
 //! The client is a plain blocking socket on its own thread, speaking RESP2 through the
 //! `redis-protocol` crate: it is off the request path, and a parked std thread can be woken the
-//! moment a worker queues a demand (`Thread::unpark`), which a monoio 0.2 runtime cannot be
-//! from another thread without polling.
+//! moment a worker queues a demand (`Thread::unpark`). The other way, a worker task waiting on
+//! an answer sleeps on its worker's doorbell (`crate::doorbell`), rung by this thread after
+//! each round of answers.
 //!
 //! While Redis cannot be reached (refused, reset, an answer later than `timeout`), the link is
 //! marked down, logged once, and tried again every `retry_interval`; the buckets then follow
@@ -122,6 +123,8 @@ pub struct RedisLink {
     pub commands: AtomicU64,
     /// Pipelines sent.
     pub round_trips: AtomicU64,
+    /// Workers that wait on answers: rung after each round (see `crate::doorbell`).
+    pub doorbells: crate::doorbell::Rings,
 }
 
 impl RedisLink {
@@ -140,6 +143,7 @@ impl RedisLink {
             down: AtomicBool::new(false),
             commands: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
+            doorbells: crate::doorbell::Rings::default(),
         })
     }
 
@@ -255,6 +259,8 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                     }
                 }
             }
+            // The answers (or failures) are in: wake the workers waiting on them.
+            link.doorbells.ring_all();
         }
         if batch.is_empty() {
             if link.commands_queue.lock().map_or(true, |q| q.is_empty()) {
@@ -264,6 +270,7 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
         }
         let Some(c) = conn.as_mut() else {
             fail(batch);
+            link.doorbells.ring_all();
             continue;
         };
         link.commands
@@ -282,6 +289,7 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 fail(batch);
             }
         }
+        link.doorbells.ring_all();
     }
 }
 

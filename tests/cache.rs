@@ -1387,8 +1387,9 @@ fn rfc9211_2_purge_answers_carry_the_configured_cache_name() {
 
 /// The cache's own answers (a 504 for `only-if-cached`, hits, a PURGE result) keep a
 /// pipelined connection in step: each request is answered once, in order, from the right byte.
-/// A PURGE whose body the cache never reads is answered with `Connection: close` and the
-/// connection ends there: the body (shaped like a request) is never taken for one.
+/// A PURGE whose body the cache never reads has that body read and thrown away (RFC 9112
+/// §6.3: the next request starts after it), so the connection goes on, and the body (shaped
+/// like a request) is never taken for one.
 #[test]
 fn cache_made_answers_keep_a_pipelined_connection_in_step() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\n");
@@ -1401,7 +1402,7 @@ fn cache_made_answers_keep_a_pipelined_connection_in_step() {
              GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n\
              GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n\
              PURGE /p HTTP/1.1\r\nHost: test.local\r\n{key}Content-Length: 26\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n\
-             GET /p HTTP/1.1\r\nHost: test.local\r\n{key}\r\n"
+             GET /p HTTP/1.1\r\nHost: test.local\r\n{key}Connection: close\r\n\r\n"
         )
         .as_bytes(),
     );
@@ -1414,14 +1415,393 @@ fn cache_made_answers_keep_a_pipelined_connection_in_step() {
         ));
         assert!(got.len() <= 5, "{got:?}");
     }
-    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got.len(), 5, "{got:?}");
     assert_eq!(got[0].0, 504, "{got:?}");
     assert_eq!((got[1].0, got[1].1.as_str()), (200, "v1"), "{got:?}");
     assert_eq!((got[2].0, got[2].1.as_str()), (200, "v1"), "{got:?}");
     assert_eq!(got[3].0, 200, "{got:?}");
     assert!(got[3].1.contains("\"purged\":1"), "{got:?}");
-    assert_eq!(got[3].2.as_deref(), Some("close"), "{got:?}");
+    assert_ne!(got[3].2.as_deref(), Some("close"), "{got:?}");
+    // Purged: fetched again.
+    assert_eq!((got[4].0, got[4].1.as_str()), (200, "v2"), "{got:?}");
     assert!(up.targets().iter().all(|t| t == "/p"), "{:?}", up.targets());
-    // The gateway serves on.
-    assert_eq!(get_h(gw.addr, "/p", key).text(), "v2");
+}
+
+/// RFC 9112 §7.1 and §6.3: a chunked PURGE body is read to its last chunk and thrown away,
+/// and the GET pipelined behind it gets its own answer, in order, on the same connection. A
+/// hit for a GET that carries a body (RFC 9110 §9.3.1: it has no meaning here) is served the
+/// same way.
+#[test]
+fn purge_with_a_chunked_body_keeps_the_connection_for_the_next_request() {
+    for d in DRIVERS {
+        let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+        let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), d);
+        let key = "x-api-key: alice-key\r\n";
+        assert_eq!(get_h(gw.addr, "/q", key).text(), "v1");
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!(
+                "GET /q HTTP/1.1\r\nHost: test.local\r\n{key}Content-Length: 5\r\n\r\nhello\
+                 PURGE /q HTTP/1.1\r\nHost: test.local\r\n{key}Transfer-Encoding: chunked\r\n\r\n\
+                 5\r\nGET /\r\n15\r\nsmuggled HTTP/1.1\r\n\r\n\r\n0\r\n\r\n\
+                 GET /q HTTP/1.1\r\nHost: test.local\r\n{key}\r\n"
+            )
+            .as_bytes(),
+        );
+        let hit = c.read_response().expect("the hit");
+        assert_eq!((hit.status, hit.text().as_str()), (200, "v1"), "{d:?}");
+        assert!(status_of(&hit).contains("hit"), "{hit:?}");
+        let purged = c.read_response().expect("the PURGE answer");
+        assert_eq!(purged.status, 200, "{d:?} {purged:?}");
+        assert!(purged.text().contains("\"purged\":1"), "{purged:?}");
+        assert_ne!(purged.header("connection"), Some("close"), "{purged:?}");
+        let next = c.read_response().expect("the GET after the PURGE");
+        assert_eq!((next.status, next.text().as_str()), (200, "v2"), "{d:?}");
+        assert!(up.targets().iter().all(|t| t == "/q"), "{:?}", up.targets());
+    }
+}
+
+/// A PURGE body that cannot be thrown away within the drain bound (a Content-Length over
+/// 64 KiB, or a malformed chunk size, RFC 9112 §7.1) is answered with `Connection: close`,
+/// and nothing after it is read as a request.
+#[test]
+fn purge_with_a_large_or_malformed_body_closes_the_connection() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), D);
+    let key = "x-api-key: alice-key\r\n";
+    for body_head in [
+        "Content-Length: 1000000\r\n\r\n",
+        "Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ] {
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            format!(
+                "PURGE /r HTTP/1.1\r\nHost: test.local\r\n{key}{body_head}\
+                 GET /smuggled HTTP/1.1\r\nHost: test.local\r\n{key}\r\n"
+            )
+            .as_bytes(),
+        );
+        let r = c.read_response().expect("the PURGE answer");
+        assert_eq!(r.status, 200, "{body_head:?} {r:?}");
+        assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+        assert!(
+            c.read_response().is_none(),
+            "{body_head:?}: one answer only"
+        );
+    }
+    assert_eq!(up.hits(), 0);
+}
+
+/// The Redis layer (RFC 9111 §4: a cache answers from what it stores; here the store shared
+/// through Redis): a worker asks Redis and sleeps on its doorbell until the link's thread has
+/// the answer, so the lookup ends with a ring, not a poll. A Redis that does not answer
+/// (paused) is a miss once `timeout` passes: the origin answers (fail open).
+#[test]
+fn redis_lookup_wakes_the_worker_by_its_doorbell_and_a_paused_redis_fails_open() {
+    for d in DRIVERS {
+        let redis = RedisServer::start();
+        let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+        let a = TestGateway::start(&redis_cache_config(up.addr, &redis), d);
+        let b = TestGateway::start(&redis_cache_config(up.addr, &redis), d);
+        assert_eq!(get(a.addr, "/bell").text(), "v1");
+        assert!(eventually(Duration::from_secs(5), || !redis
+            .keys("ringway:cache:o:*")
+            .is_empty()));
+        let rung = |gw: &TestGateway| -> u64 {
+            gw.gateway()
+                .control()
+                .ask(Duration::from_secs(2), |w| {
+                    w.cache.shared().map_or(0, |l| l.link().doorbells.rung())
+                })
+                .unwrap()
+                .into_iter()
+                .max()
+                .unwrap_or(0)
+        };
+        let r = get(b.addr, "/bell");
+        assert_eq!(r.text(), "v1", "{d:?}");
+        assert!(status_of(&r).contains("detail=redis"), "{d:?} {r:?}");
+        // Every worker shares one link: its list holds the doorbells of those that waited.
+        assert!(rung(&b) >= 1, "{d:?}: the answer came by a ring");
+        assert_eq!(up.hits(), 1);
+
+        assert!(redis
+            .command(&["CLIENT", "PAUSE", "3000", "ALL"])
+            .is_some_and(|r| r.starts_with("+OK")));
+        let t0 = std::time::Instant::now();
+        let r = get(b.addr, "/paused");
+        assert_eq!((r.status, r.text().as_str()), (200, "v2"), "{d:?}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(up.hits(), 2);
+    }
+}
+
+/// Reads from `s` until `pat` has arrived (bounded by the socket's read timeout); false when
+/// the connection ends first.
+fn read_until(s: &mut std::net::TcpStream, got: &mut Vec<u8>, pat: &[u8]) -> bool {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    while !got.windows(pat.len()).any(|w| w == pat) {
+        match s.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(got)),
+        }
+    }
+    true
+}
+
+/// Reads until the peer closes (bounded by the read timeout).
+fn read_to_close(s: &mut std::net::TcpStream, got: &mut Vec<u8>) {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(got)),
+        }
+    }
+}
+
+/// A chunked origin answer for coalescing tests: its head and first chunk ("first"), then,
+/// once the test sets `go`, `rest` (more chunks, the last chunk, or nothing before a close).
+fn chunked_origin(go: Arc<Event>, rest: &'static [u8], close: bool) -> Upstream {
+    Upstream::start(move |_| {
+        let mut steps = vec![
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+                    .to_vec(),
+            ),
+            Step::Await(go.clone()),
+            Step::Write(rest.to_vec()),
+        ];
+        if close {
+            steps.push(Step::Close);
+        }
+        Reply::Script(steps)
+    })
+}
+
+/// Starts the leader's fetch of `path` and a waiter that joins it; returns the leader and the
+/// waiter's socket once the waiter has received the first chunk ("first").
+fn leader_and_waiter(
+    gw: &TestGateway,
+    up: &Upstream,
+    path: &str,
+) -> (Client, std::net::TcpStream, Vec<u8>) {
+    use std::io::Write;
+    let mut leader = Client::connect(gw.addr);
+    leader.send(format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes());
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 1));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    // The origin sends the rest only after this: the waiter got the first chunk while the
+    // fetch was still going.
+    assert!(read_until(&mut s, &mut got, b"first"), "{got:?}");
+    (leader, s, got)
+}
+
+/// RFC 9111 §4 (a response the cache is receiving serves the requests collapsed onto it) and
+/// RFC 9112 §7.1: a waiter on a chunked fetch receives the body as it arrives, re-chunked, and
+/// the last chunk only when the fetch is complete; the connection then goes on.
+#[test]
+fn rfc9112_7_1_coalesced_waiters_receive_a_chunked_body_as_it_arrives() {
+    use std::io::Write;
+    for d in DRIVERS {
+        let go = Event::new();
+        let up = chunked_origin(go.clone(), b"7\r\n-second\r\n0\r\n\r\n", false);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let (mut leader, mut s, mut got) = leader_and_waiter(&gw, &up, "/chunky");
+        let text = String::from_utf8_lossy(&got).to_string();
+        assert!(text.contains("collapsed"), "{d:?} {text}");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{text}"
+        );
+        assert!(!text.contains("second"), "{text}");
+        assert!(!text.contains("\r\n0\r\n\r\n"), "not complete yet: {text}");
+        go.set();
+        assert!(read_until(&mut s, &mut got, b"\r\n0\r\n\r\n"), "{got:?}");
+        let text = String::from_utf8_lossy(&got).to_string();
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        assert_eq!(body, "5\r\nfirst\r\n7\r\n-second\r\n0\r\n\r\n", "{d:?}");
+        assert_eq!(leader.read_response().unwrap().text(), "first-second");
+        // The same connection goes on: the next request is a hit.
+        s.write_all(b"GET /chunky HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut next = Vec::new();
+        read_to_close(&mut s, &mut next);
+        let next = String::from_utf8_lossy(&next).to_string();
+        assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+        assert!(next.contains("; hit"), "{next}");
+        assert!(next.ends_with("\r\n\r\nfirst-second"), "{next}");
+        assert_eq!(up.hits(), 1);
+    }
+}
+
+/// RFC 9112 §8: a chunked fetch that fails part way (the origin closes before the last
+/// chunk) cuts its waiters too: they get the chunks that came and no last chunk, so their
+/// clients see an incomplete message; nothing is stored.
+#[test]
+fn rfc9112_8_a_chunked_fetch_that_fails_part_way_cuts_its_waiters() {
+    let go = Event::new();
+    let up = chunked_origin(go.clone(), b"7\r\n-second\r\n", true);
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let (_leader, mut s, mut got) = leader_and_waiter(&gw, &up, "/broken");
+    go.set();
+    read_to_close(&mut s, &mut got);
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.contains("collapsed"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "cut, not complete: {text}");
+    // Nothing was stored: the next request goes to the origin (which fails the same way).
+    let mut again = Client::connect(gw.addr);
+    again.send(b"GET /broken HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
+}
+
+/// RFC 9111 §3 lets a cache decline to store a response; this one does not hold more than
+/// `max_object_bytes` of it. A chunked body that outgrows the bound while a waiter streams it
+/// cuts that waiter (its bytes are no longer kept), while the fetching client gets it whole.
+#[test]
+fn rfc9111_3_a_chunked_body_over_max_object_bytes_cuts_its_waiters_not_its_fetcher() {
+    let go = Event::new();
+    let up = chunked_origin(go.clone(), b"a\r\n0123456789\r\n0\r\n\r\n", false);
+    let gw = TestGateway::start(&cache_config(up.addr, "max_object_bytes = 8", ""), D);
+    let (mut leader, mut s, mut got) = leader_and_waiter(&gw, &up, "/big");
+    go.set();
+    read_to_close(&mut s, &mut got);
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(!text.contains("0123456789"), "{text}");
+    assert!(!text.ends_with("0\r\n\r\n"), "cut, not complete: {text}");
+    assert_eq!(leader.read_response().unwrap().text(), "first0123456789");
+    assert_eq!(get(gw.addr, "/big").text(), "first0123456789");
+    assert_eq!(up.hits(), 2, "not stored");
+}
+
+/// RFC 9111 §4.1: "If (after any normalization that might take place) a header field is
+/// absent from a request, it can only match another request if it is also absent there."
+/// For `Accept-Encoding` the difference matters (RFC 9110 §12.5.3): absent, any coding is
+/// acceptable; empty, or every coding refused with `q=0`, only the identity is. A variant
+/// stored for a request without the field is not served to one with an empty value.
+#[test]
+fn rfc9111_4_1_an_absent_vary_field_matches_only_an_absent_one() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: accept-encoding\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get_h(gw.addr, "/v", "").text(), "v1");
+    let empty = get_h(gw.addr, "/v", "Accept-Encoding:\r\n");
+    assert_eq!(empty.text(), "v2", "{empty:?}");
+    assert!(status_of(&empty).contains("fwd=vary-miss"), "{empty:?}");
+    // Every coding refused normalises to the empty set: the same variant as the empty field.
+    let refused = get_h(gw.addr, "/v", "Accept-Encoding: gzip;q=0\r\n");
+    assert_eq!(refused.text(), "v2", "{refused:?}");
+    assert!(status_of(&refused).contains("hit"), "{refused:?}");
+    // Absent again: the first variant.
+    let absent = get_h(gw.addr, "/v", "");
+    assert_eq!(absent.text(), "v1", "{absent:?}");
+    assert!(status_of(&absent).contains("hit"), "{absent:?}");
+    // Another field: absent and empty are told apart the same way.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tenant\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get_h(gw.addr, "/t", "X-Tenant:\r\n").text(), "v1");
+    assert_eq!(get_h(gw.addr, "/t", "").text(), "v2");
+    assert_eq!(get_h(gw.addr, "/t", "X-Tenant: \r\n").text(), "v1");
+    assert_eq!(up.hits(), 2);
+}
+
+/// An origin for §4.3.4 tests: the first answer is `first` (stored, stale at once), a
+/// conditional request gets a 304 carrying `etag_304` and `max-age=60`, any other request
+/// the new response (`new`, ETag `etag_304`).
+fn validating_origin(first: &'static str, etag_304: &'static str) -> (Upstream, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        match (i, req.header("if-none-match")) {
+            (0, _) => Reply::Raw(first.as_bytes().to_vec()),
+            (_, Some(_)) => Reply::Raw(
+                format!(
+                    "HTTP/1.1 304 Not Modified\r\netag: {etag_304}\r\ncache-control: max-age=60\r\n\r\n"
+                )
+                .into_bytes(),
+            ),
+            (_, None) => Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: {etag_304}\r\ncontent-length: 3\r\n\r\nnew"
+                )
+                .into_bytes(),
+            ),
+        }
+    });
+    (up, n)
+}
+
+/// RFC 9111 §4.3.4: a 304 whose weak validator does not match the stored response's (weak
+/// comparison, RFC 9110 §8.8.3.2) selects nothing for update: the stored response is not
+/// freshened and served under another entity tag; it is fetched again whole.
+#[test]
+fn rfc9111_4_3_4_a_304_with_another_weak_etag_updates_nothing() {
+    let (up, n) = validating_origin(
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: W/\"a\"\r\ncontent-length: 3\r\n\r\nold",
+        "W/\"b\"",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/w").text(), "old");
+    let r = get(gw.addr, "/w");
+    assert_eq!((r.status, r.text().as_str()), (200, "new"), "{r:?}");
+    assert_eq!(r.header("etag"), Some("W/\"b\""), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    assert_eq!(get(gw.addr, "/w").text(), "new");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    // A 304 whose weak validator matches still freshens (the weak comparison ignores W/).
+    let (up, n) = validating_origin(
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"c\"\r\ncontent-length: 3\r\n\r\nold",
+        "W/\"c\"",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/w").text(), "old");
+    let r = get(gw.addr, "/w");
+    assert_eq!(r.text(), "old", "{r:?}");
+    assert!(status_of(&r).contains("fwd=stale"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+/// RFC 9111 §4.3.4 holds for the background revalidation of `stale-while-revalidate` (RFC
+/// 5861 §3) too: a 304 with another strong validator does not freshen the stored response
+/// (before, it did, and the old body was then served fresh under the new entity tag); the
+/// stale copy is dropped and the next request fetches the new one.
+#[test]
+fn rfc9111_4_3_4_background_revalidation_does_not_freshen_on_another_etag() {
+    let (up, n) = validating_origin(
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\netag: \"a\"\r\ncontent-length: 3\r\n\r\nold",
+        "\"b\"",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/bg").text(), "old");
+    // Stale: answered at once, revalidated in the background.
+    let r = get(gw.addr, "/bg");
+    assert_eq!(r.text(), "old");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
+    // Once the 304 is handled, requests get the new response (never the old body as fresh).
+    let mut seen = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let r = get(gw.addr, "/bg");
+            seen.push((r.text(), status_of(&r)));
+            r.text() == "new"
+        }),
+        "{} answers, the last: {:?}",
+        seen.len(),
+        seen.last()
+    );
+    assert!(
+        seen.iter().all(|(t, s)| t == "new" || s.contains("stale")),
+        "{seen:?}"
+    );
+    assert!(n.load(Ordering::SeqCst) >= 3);
 }

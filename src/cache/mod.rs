@@ -347,9 +347,13 @@ pub enum FlightEnd {
 pub struct Flight {
     pub done: Notify,
     pub end: Cell<FlightEnd>,
-    /// The head of a storable response of known length, once known: waiters stream it.
+    /// The head of a storable response, once known: waiters stream it (chunked when its
+    /// length is not known). Taken back when the body outgrows the capture.
     pub stream: RefCell<Option<Rc<FlightStream>>>,
-    /// The body's bytes so far (while it streams).
+    /// The body outgrew `max_object_bytes` (only a body of unknown length can): its bytes
+    /// are no longer kept, and waiters that were streaming it are cut.
+    pub cut: Cell<bool>,
+    /// The body's bytes so far (while it streams), at most `max_object_bytes`.
     body: RefCell<BytesMut>,
     /// The whole body, once the fetch stored it.
     whole: RefCell<Option<Bytes>>,
@@ -360,7 +364,9 @@ pub struct FlightStream {
     pub status: u16,
     pub reason: Bytes,
     pub fields: Vec<Field>,
-    pub len: u64,
+    /// The body's length; `None` for a chunked response (streamed chunked, and complete
+    /// only once the fetch ends `Stored`).
+    pub len: Option<u64>,
     pub t: Timing,
     /// The fetching request's values of the fields the response varies on.
     pub vary: Vec<(Box<[u8]>, Vec<u8>)>,
@@ -549,6 +555,7 @@ impl WorkerCache {
             done: Notify::default(),
             end: Cell::new(FlightEnd::Pending),
             stream: RefCell::new(None),
+            cut: Cell::new(false),
             body: RefCell::new(BytesMut::new()),
             whole: RefCell::new(None),
         });
@@ -764,6 +771,14 @@ impl Tee {
         if self.len.saturating_add(data.len()) > self.max {
             self.over = true;
             self.buf = BytesMut::new();
+            if let Some(f) = &self.flight {
+                // The bytes are not kept past the bound: no new waiter starts on them, and
+                // those streaming them are cut (woken to see it).
+                *f.body.borrow_mut() = BytesMut::new();
+                *f.stream.borrow_mut() = None;
+                f.cut.set(true);
+                f.done.notify_all();
+            }
             return;
         }
         self.len += data.len();

@@ -492,11 +492,19 @@ pub fn byte_range(range: &[u8], len: u64) -> RangeAnswer {
 // ---------------------------------------------------------------------------------------------
 // Vary (§4.1).
 
+/// What [`vary_value`] gives for a field absent from the request: a single NUL, which no
+/// field value can hold (RFC 9110 §5.5), so an absent field matches only an absent one
+/// (RFC 9111 §4.1), never an empty one.
+pub const VARY_ABSENT: &[u8] = b"\0";
+
 /// A request header's value as it is compared for Vary: the field lines joined, whitespace
-/// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings.
+/// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings;
+/// [`VARY_ABSENT`] when the request has no such field.
 pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
     let mut items: Vec<Vec<u8>> = Vec::new();
+    let mut present = false;
     for v in values {
+        present = true;
         for item in split_quoted(v) {
             let item = trim_ows(item);
             if !item.is_empty() {
@@ -519,9 +527,15 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
                 (!refused && !coding.is_empty()).then_some(coding)
             })
             .collect();
+        if !present {
+            return VARY_ABSENT.to_vec();
+        }
         codings.sort();
         codings.dedup();
         return codings.join(&b","[..]);
+    }
+    if !present {
+        return VARY_ABSENT.to_vec();
     }
     items.join(&b", "[..])
 }
@@ -668,6 +682,15 @@ mod tests {
             &mut [&b"gzip, br;q=1"[..], b"identity;q=0, GZIP"].into_iter(),
         );
         assert_eq!(v, b"br,gzip");
+        // §4.1: absent matches only absent; empty and all-refused are the empty set.
+        let absent = vary_value(b"accept-encoding", &mut std::iter::empty());
+        assert_eq!(absent, VARY_ABSENT);
+        let empty = vary_value(b"accept-encoding", &mut [&b""[..]].into_iter());
+        assert_eq!(empty, b"");
+        let refused = vary_value(b"accept-encoding", &mut [&b"gzip;q=0"[..]].into_iter());
+        assert_eq!(refused, b"");
+        assert_eq!(vary_value(b"x-a", &mut std::iter::empty()), VARY_ABSENT);
+        assert_eq!(vary_value(b"x-a", &mut [&b" "[..]].into_iter()), b"");
         assert_eq!(
             vary_names([&b"Accept, accept"[..]].into_iter())
                 .unwrap()

@@ -5,8 +5,8 @@
 //! on its own thread, commands queued by the workers and sent as pipelines), with a link of
 //! its own when both are configured.
 //!
-//! - A local miss asks Redis for the request's keys and waits at most `timeout` (1 ms steps,
-//!   as the rate limiter does: a monoio 0.2 worker cannot be woken from another thread); no
+//! - A local miss asks Redis for the request's keys and waits at most `timeout`, asleep on
+//!   the worker's doorbell (`crate::doorbell`) until the link's thread has the answers; no
 //!   answer in time, an unreachable Redis or a bad entry is a miss (fail open).
 //! - What a worker stores, it also writes to Redis (queued; the client never waits for it),
 //!   when it is at most `max_entry_bytes`, with an expiry at the end of its usefulness
@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
+use crate::doorbell::Doorbell;
 use crate::redis::{Command, RedisLink};
 
 use super::{Object, Purge, PurgeTarget, Timing};
@@ -41,7 +42,10 @@ const MAX_ENTRY_FIELDS: usize = 512;
 const MAX_TTL_SECS: u64 = 24 * 3600;
 /// Kept beyond freshness and stale windows, so that a stale entry can still be validated.
 const VALIDATION_SLACK_SECS: u64 = 60;
-const MAGIC: &[u8; 4] = b"RWC1";
+/// The entry format's tag. RWC2: a Vary value absent from the request is recorded as
+/// `policy::VARY_ABSENT` (RWC1 recorded it as empty, like an empty field), so RWC1 entries are
+/// refused (a miss) rather than matched the old way.
+const MAGIC: &[u8; 4] = b"RWC2";
 
 /// Removes every key listed in a set, then the set.
 const PURGE_SET_LUA: &str = "local ks = redis.call('SMEMBERS', KEYS[1]) for _, k in ipairs(ks) do redis.call('DEL', k) end redis.call('DEL', KEYS[1]) return #ks";
@@ -86,10 +90,16 @@ impl SharedLayer {
     }
 
     /// The entries stored under `keys`, in order (`None`: absent, bad, or no answer within
-    /// the timeout).
-    pub async fn get(&self, keys: &[&[u8]]) -> Vec<Option<Object>> {
+    /// the timeout). The task sleeps on the worker's doorbell until every answer is in or
+    /// the timeout passes (no polling).
+    pub async fn get(&self, bell: &Doorbell, keys: &[&[u8]]) -> Vec<Option<Object>> {
         type Slot = Arc<Mutex<(usize, Vec<Option<Bytes>>)>>;
         let slot: Slot = Arc::new(Mutex::new((0, vec![None; keys.len()])));
+        let deadline = Instant::now() + self.timeout;
+        bell.join(&self.link.doorbells);
+        // Counted as a waiter before the commands go: an answer that beats the first look
+        // still rings (one wake-up, found done).
+        let _counted = bell.watch();
         for (i, k) in keys.iter().enumerate() {
             self.gets.fetch_add(1, Ordering::Relaxed);
             let s = slot.clone();
@@ -106,14 +116,10 @@ impl SharedLayer {
                 })),
             });
         }
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            let done = slot.lock().map_or(keys.len(), |g| g.0);
-            if done >= keys.len() || Instant::now() >= deadline {
-                break;
-            }
-            monoio::time::sleep(Duration::from_millis(1)).await;
-        }
+        bell.wait_until(deadline, || {
+            slot.lock().map_or(keys.len(), |g| g.0) >= keys.len()
+        })
+        .await;
         let raw = std::mem::take(&mut slot.lock().unwrap_or_else(|e| e.into_inner()).1);
         raw.into_iter()
             .map(|b| {

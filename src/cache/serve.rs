@@ -12,8 +12,11 @@ use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::ConnectionOptions;
+use crate::http::Version;
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
-use crate::proxy::conn::{end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome};
+use crate::proxy::conn::{
+    end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
+};
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::forward::{self, Chosen};
 use crate::proxy::relay::forward_response_tee;
@@ -408,7 +411,7 @@ async fn cached<'c, S: ClientIo>(
         if let Some(o) = &keys.own {
             ks.push(o);
         }
-        let got = layer.get(&ks).await;
+        let got = layer.get(&w.doorbell, &ks).await;
         let now = now_secs();
         for (k, o) in ks.iter().zip(got) {
             let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
@@ -702,6 +705,18 @@ fn make_object(
     }
 }
 
+/// Whether a 304 selects the stored response `o` for update (RFC 9111 §4.3.4): a strong
+/// entity tag must be the stored one by the strong comparison, a weak one must match it by the
+/// weak comparison (RFC 9110 §8.8.3.2); a 304 without an entity tag, or a stored response
+/// without one, leaves the selection to the validator the cache sent (it asked about `o`).
+fn selected_by_304(fields: &[Field], o: &Object) -> bool {
+    match (policy::field(fields, b"etag"), o.etag()) {
+        (Some(new), Some(old)) if new.starts_with(b"W/") => policy::weak_match(new, old),
+        (Some(new), Some(old)) => policy::strong_match(new, old),
+        _ => true,
+    }
+}
+
 /// The stored response freshened by a 304 (RFC 9111 §4.3.4, §3.2): its fields replaced by
 /// those the 304 carries (except framing and hop-by-hop ones), its timing computed anew.
 fn freshen(
@@ -872,15 +887,9 @@ async fn fetch<'c, S: ClientIo>(
                         let fields = copy_fields(&resp);
                         resp.raw = Bytes::new();
                         release(w, group, ch, false, false);
-                        // A strong validator that is not the stored one selects nothing: the
-                        // stored response is dropped and fetched again whole.
-                        let selects = match (policy::field(&fields, b"etag"), f.obj.etag()) {
-                            (Some(new), Some(old)) if !new.starts_with(b"W/") => {
-                                policy::strong_match(new, old)
-                            }
-                            _ => true,
-                        };
-                        if !selects {
+                        // A validator that is not the stored one selects nothing: the stored
+                        // response is dropped and fetched again whole.
+                        if !selected_by_304(&fields, &f.obj) {
                             cache.remove_variant(&f.key, &f.obj);
                             w.bufs.give_resp(resp);
                             let again = Fetch::Fill {
@@ -949,8 +958,14 @@ async fn fetch<'c, S: ClientIo>(
                         }
                     }
                     // Waiters on this fetch receive the body as it arrives when they may share it
-                    // (stored under the shared key) and its length is known.
-                    let flight = match (&plan, &guard, known_len(&resp)) {
+                    // (stored under the shared key): as it came when its length is known,
+                    // re-chunked when it is chunked (not when the upstream's close ends it: that
+                    // end cannot be told from a failure).
+                    let stream_len = match resp.body {
+                        RespBody::Chunked => Some(None),
+                        _ => known_len(&resp).map(Some),
+                    };
+                    let flight = match (&plan, &guard, stream_len) {
                         (Ok(s), Some(g), Some(len))
                             if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
                         {
@@ -1149,7 +1164,7 @@ async fn answer<'c, S: ClientIo>(
             }
         }
     }
-    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let keep = can_keep(w, c, ctx);
     let date = w.date.get();
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
@@ -1255,7 +1270,9 @@ async fn answer<'c, S: ClientIo>(
     if send_body && body.len() > INLINE_BODY && write_buf(&mut c.io, body, t).await.is_err() {
         return Outcome::Abort;
     }
-    Outcome::Relayed { keep }
+    Outcome::Relayed {
+        keep: drain_rest(w, c, ctx, keep).await,
+    }
 }
 
 /// Whether a waiting request can take a response as it arrives: a plain GET (no
@@ -1274,6 +1291,8 @@ fn streamable(h: &RequestHead, req: &Directives, st: &FlightStream) -> bool {
         .iter()
         .any(|n| h.header(n).is_some())
         && st.vary_matches(h)
+        // A body of unknown length goes out chunked: HTTP/1.1 clients only (RFC 9112 §7).
+        && (st.len.is_some() || h.version == Version::Http11)
 }
 
 /// Answers a waiter with the response another request is fetching, its body written as it
@@ -1289,7 +1308,7 @@ async fn stream_from<'c, S: ClientIo>(
     st: &FlightStream,
     status: &Status<'_>,
 ) -> Outcome<'c> {
-    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let keep = can_keep(w, c, ctx);
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
     let reason: &[u8] = if st.reason.is_empty() {
@@ -1315,9 +1334,14 @@ async fn stream_from<'c, S: ClientIo>(
     wbuf.put_slice(&ctx.resp_headers);
     let bodiless = st.status == 204;
     if !bodiless {
-        wbuf.put_slice(b"content-length: ");
-        put_u64(wbuf, st.len);
-        wbuf.put_slice(b"\r\n");
+        match st.len {
+            Some(n) => {
+                wbuf.put_slice(b"content-length: ");
+                put_u64(wbuf, n);
+                wbuf.put_slice(b"\r\n");
+            }
+            None => wbuf.put_slice(b"transfer-encoding: chunked\r\n"),
+        }
     }
     if let Some(v) = connection_value(keep, ctx.head.version) {
         put_header(wbuf, b"connection", v);
@@ -1335,7 +1359,10 @@ async fn stream_from<'c, S: ClientIo>(
     }
     // What the end of the request records (metrics, access log): the head, then each chunk.
     ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(head_len);
-    let total = if bodiless { 0 } else { st.len };
+    if st.len.is_none() && !bodiless {
+        return stream_chunked(c, ctx, flight, keep, w).await;
+    }
+    let total = if bodiless { 0 } else { st.len.unwrap_or(0) };
     let mut sent = 0u64;
     while sent < total {
         let chunk = flight.body_from(sent as usize);
@@ -1360,7 +1387,85 @@ async fn stream_from<'c, S: ClientIo>(
             return Outcome::Abort;
         }
     }
-    Outcome::Relayed { keep }
+    Outcome::Relayed {
+        keep: drain_rest(w, c, ctx, keep).await,
+    }
+}
+
+/// The body of a chunked fetch, to a waiter, as it arrives: each piece the fetch has
+/// received becomes one chunk (RFC 9112 §7.1), and the last chunk is written only once the
+/// fetch ended complete (`Stored`: the whole body, within `max_object_bytes`). A fetch that
+/// fails, or whose body outgrows the capture (`cut`), cuts this answer before its last chunk,
+/// so the client sees an incomplete message, never a truncated one as complete.
+async fn stream_chunked<'c, S: ClientIo>(
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    flight: &Flight,
+    keep: bool,
+    w: &Worker,
+) -> Outcome<'c> {
+    let t = ctx.t.client_write;
+    let mut sent = 0usize;
+    loop {
+        let piece = if flight.cut.get() {
+            Bytes::new()
+        } else {
+            flight.body_from(sent)
+        };
+        if !piece.is_empty() {
+            sent = sent.saturating_add(piece.len());
+            let mut frame = std::mem::take(&mut ctx.wbuf);
+            frame.clear();
+            put_hex(&mut frame, piece.len());
+            frame.put_slice(b"\r\n");
+            frame.put_slice(&piece);
+            frame.put_slice(b"\r\n");
+            let n = frame.len() as u64;
+            match write_buf(&mut c.io, frame, t).await {
+                Ok(mut b) => {
+                    b.clear();
+                    ctx.wbuf = b;
+                }
+                Err(_) => return Outcome::Abort,
+            }
+            ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(n);
+            continue;
+        }
+        if flight.cut.get() {
+            return Outcome::Abort;
+        }
+        match flight.end.get() {
+            FlightEnd::Pending => {}
+            FlightEnd::Stored => break,
+            // Ended without a whole body: the fetch failed.
+            FlightEnd::Failed | FlightEnd::NotStorable => return Outcome::Abort,
+        }
+        let notified = flight.done.notified();
+        if monoio::time::timeout(ctx.t.upstream_body, notified)
+            .await
+            .is_err()
+        {
+            return Outcome::Abort;
+        }
+    }
+    if write_buf(&mut c.io, Bytes::from_static(b"0\r\n\r\n"), t)
+        .await
+        .is_err()
+    {
+        return Outcome::Abort;
+    }
+    ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(5);
+    Outcome::Relayed {
+        keep: drain_rest(w, c, ctx, keep).await,
+    }
+}
+
+/// `n` in lowercase hexadecimal, as a chunk size.
+fn put_hex(out: &mut BytesMut, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.put_u8(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
+    }
 }
 
 /// The client's preconditions against a stored 2xx (RFC 9110 §13.2.2, in its order): the
@@ -1444,7 +1549,7 @@ async fn gateway_body<'c, S: ClientIo>(
     status: &Status<'_>,
     body: &[u8],
 ) -> Outcome<'c> {
-    let keep = ctx.head.keep_alive && ctx.body.is_done() && !w.shutdown.is_set();
+    let keep = can_keep(w, c, ctx);
     let date = w.date.get();
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
@@ -1474,10 +1579,45 @@ async fn gateway_body<'c, S: ClientIo>(
         Ok(mut b) => {
             b.clear();
             ctx.wbuf = b;
-            Outcome::Relayed { keep }
+            Outcome::Relayed {
+                keep: drain_rest(w, c, ctx, keep).await,
+            }
         }
         Err(_) => Outcome::Abort,
     }
+}
+
+/// Whether the connection can go on after an answer the cache makes itself (a hit, a
+/// PURGE result, a 504): the request's body must end first, since the next request starts
+/// right after it (RFC 9112 §6.3, §9.3). A body already read whole is fine; one the cache does
+/// not read is thrown away, within the connection's drain bounds (`DRAIN_MAX` bytes and
+/// `DRAIN_TIMEOUT`, as for the gateway's other answers): what of it is buffered is taken
+/// now, and a known rest over the bound, a malformed body, or a client still waiting for
+/// `100 Continue` closes the connection instead. Called before the answer is written (it
+/// decides `Connection: close`); [`drain_rest`] after.
+fn can_keep<S>(w: &Worker, c: &mut Conn<S>, ctx: &mut RequestCtx<'_>) -> bool {
+    if !ctx.head.keep_alive || w.shutdown.is_set() {
+        return false;
+    }
+    if ctx.body.is_done() {
+        return true;
+    }
+    ctx.body.drainable()
+        && match ctx.body.take(&mut c.rbuf) {
+            Err(_) => false,
+            Ok(_) => ctx.body.is_done() || ctx.body.left() <= DRAIN_MAX,
+        }
+}
+
+/// After the answer: reads and throws away the rest of the body (see [`can_keep`]); whether
+/// the connection goes on.
+async fn drain_rest<S: ClientIo>(
+    w: &Worker,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    keep: bool,
+) -> bool {
+    keep && (ctx.body.is_done() || c.drain(w, ctx).await)
 }
 
 /// `PURGE <target>` on a route with `purge = true` (its auth policy already passed): the URL
@@ -1680,7 +1820,12 @@ impl Revalidation {
             Ok(mut up) => {
                 let now = now_secs();
                 let fields = copy_fields(&resp);
-                if resp.status == 304 {
+                if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
+                    // It selects nothing (§4.3.4): the stale copy goes; the next request
+                    // fetches the response whole.
+                    self.cache.remove_variant(&self.key, &self.obj);
+                    false
+                } else if resp.status == 304 {
                     match freshen(p, &self.obj, &fields, self.authorized, request_time, now) {
                         Some(o) => {
                             let o = Rc::new(o);
@@ -1813,6 +1958,30 @@ async fn read_body(
                 }
             }
             Some((Bytes::copy_from_slice(&up.rbuf), false))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::put_hex;
+    use bytes::BytesMut;
+
+    /// RFC 9112 §7.1: chunk sizes are hexadecimal, without leading zeros here.
+    #[test]
+    fn chunk_sizes_are_lowercase_hex() {
+        for (n, want) in [
+            (0usize, "0"),
+            (1, "1"),
+            (15, "f"),
+            (16, "10"),
+            (255, "ff"),
+            (4096, "1000"),
+            (usize::MAX, "ffffffffffffffff"),
+        ] {
+            let mut b = BytesMut::new();
+            put_hex(&mut b, n);
+            assert_eq!(&b[..], want.as_bytes(), "{n}");
         }
     }
 }

@@ -612,7 +612,7 @@ impl<S: ClientIo> Conn<S> {
 
     /// Reads and throws away the rest of the request body, within [`DRAIN_MAX`] bytes and
     /// [`DRAIN_TIMEOUT`]. `true`: the body ended, and the next byte starts a new request.
-    async fn drain(&mut self, w: &Worker, ctx: &mut RequestCtx<'_>) -> bool {
+    pub(crate) async fn drain(&mut self, w: &Worker, ctx: &mut RequestCtx<'_>) -> bool {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         let mut drained = 0u64;
         loop {

@@ -170,8 +170,8 @@ fn tagged_hash(data: &[u8], tag: u64) -> u64 {
 }
 
 /// Applies the route's rate limits. Only the first request of a key kept in Redis may wait
-/// here (1 ms steps), and no longer than the Redis timeout: then the failure policy applies,
-/// local buckets or 503.
+/// here (asleep on the worker's doorbell until the Redis thread answers), and no longer than
+/// the Redis timeout: then the failure policy applies, local buckets or 503.
 async fn rate_limit<S>(
     w: &Worker,
     route: &Route,
@@ -183,6 +183,9 @@ async fn rate_limit<S>(
     }
     let mut started: Option<Instant> = None;
     let mut local = false;
+    // Set before a second look; the wait after it sleeps until the Redis thread has answered
+    // a round (crate::doorbell), so an answer between the look and the wait is not missed.
+    let mut watch: Option<crate::doorbell::Watch<'_>> = None;
     loop {
         if let Some(answer) = check_rate_limits(w, route, c, ctx, local) {
             return answer;
@@ -193,13 +196,17 @@ async fn rate_limit<S>(
             continue;
         };
         let rc = redis.config();
-        if t0.elapsed() > rc.timeout.0.saturating_add(Duration::from_millis(5)) {
+        let deadline = t0 + rc.timeout.0.saturating_add(Duration::from_millis(5));
+        if Instant::now() > deadline {
             match rc.on_failure {
                 RedisFailure::Local => local = true,
                 RedisFailure::Deny => return Err(GatewayError::RateLimitUnavailable),
             }
+        } else if let Some(wt) = watch.take() {
+            wt.wait(deadline).await;
         } else {
-            monoio::time::sleep(Duration::from_millis(1)).await;
+            w.doorbell.join(&redis.doorbells);
+            watch = Some(w.doorbell.watch());
         }
     }
 }

@@ -236,6 +236,8 @@ pub struct Worker {
     pub listener_stop: RefCell<Vec<Rc<Shutdown>>>,
     /// This worker's response cache (see `crate::cache`).
     pub cache: Rc<crate::cache::WorkerCache>,
+    /// Wakes tasks waiting on another thread (the Redis link), see `crate::doorbell`.
+    pub doorbell: crate::doorbell::Doorbell,
     id_seed: u64,
     id_seq: Cell<u64>,
     /// Per-request metrics and per-listener counters (see [`crate::metrics`]).
@@ -284,6 +286,7 @@ impl Worker {
             auth: RefCell::new(Rc::new(WorkerAuth::new(cfg, auth))),
             listener_stop: RefCell::new(Vec::new()),
             cache: crate::cache::WorkerCache::new(cfg, id),
+            doorbell: Default::default(),
             id_seed: seed,
             id_seq: Cell::new(0),
             metrics: crate::metrics::WorkerMetrics::new(cfg),

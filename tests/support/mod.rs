@@ -200,6 +200,8 @@ pub enum Step {
     Wait(Duration),
     /// Tell the test that the steps before this one are done.
     Signal(Arc<Event>),
+    /// Wait until the test sets this event (at most 10 s; ends early when the server stops).
+    Await(Arc<Event>),
     /// Half-close, let the peer read what was sent, then drop the connection.
     Close,
 }
@@ -540,6 +542,14 @@ fn upstream_conn(
                             }
                         }
                         Step::Signal(e) => e.set(),
+                        Step::Await(e) => {
+                            let until = std::time::Instant::now() + Duration::from_secs(10);
+                            while !e.wait(Duration::from_millis(50)) {
+                                if std::time::Instant::now() >= until || stop.is_set() {
+                                    return;
+                                }
+                            }
+                        }
                         Step::Close => {
                             close_gently(&mut s);
                             return;
