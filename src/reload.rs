@@ -128,6 +128,10 @@ impl Ids {
 
 struct Inner {
     cfg: Arc<Config>,
+    /// The config the process started with: what its start-only keys still run on (a reload
+    /// never applies them), so [`start_only_changes`] compares a new config with this one,
+    /// not with the last reloaded one (a change made two reloads ago is still not applied).
+    started: Arc<Config>,
     path: Option<PathBuf>,
     workers: usize,
     hub: Arc<HealthHub>,
@@ -368,10 +372,11 @@ fn checker_print(cfg: &Config, slots: &[usize], prints: &HashMap<String, u64>) -
     print(&targets, &[])
 }
 
-/// Keys read at start only that differ between `old` and `new`.
 /// One config key's value as text, for comparing two configs.
 type ConfigText = fn(&Config) -> String;
 
+/// Keys read at start only whose value in `new` differs from the one the process runs on:
+/// `old` is the config it started with (see `Inner::started`).
 fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let mut check = |key: &str, a: String, b: String| {
@@ -529,6 +534,7 @@ impl ReloadState {
             .collect();
         ReloadState {
             inner: Arc::new(Mutex::new(Inner {
+                started: cfg.clone(),
                 cfg,
                 path: None,
                 workers: s.workers,
@@ -858,7 +864,7 @@ impl ReloadState {
                 .collect(),
             groups_kept: kept_names.into_iter().collect(),
             listeners: Vec::new(),
-            not_reloaded: start_only_changes(&old, &next)
+            not_reloaded: start_only_changes(&inner.started, &next)
                 .into_iter()
                 .chain(kept_options)
                 .collect(),
