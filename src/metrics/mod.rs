@@ -371,6 +371,11 @@ impl WorkerMetrics {
         bump(&c.open, 1);
     }
 
+    /// Connections open on listener `l` (this worker's).
+    pub fn open_connections(&self, l: usize) -> u64 {
+        self.listeners.borrow().get(l).map_or(0, |c| c.open.get())
+    }
+
     pub fn conn_closed(&self, l: usize) {
         if let Some(c) = self.listeners.borrow().get(l) {
             c.open.set(c.open.get().saturating_sub(1));
