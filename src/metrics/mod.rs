@@ -337,6 +337,15 @@ impl WorkerMetrics {
         }
     }
 
+    /// A request the gateway itself made to group `group` (a composition's sub-request): its
+    /// group's counters only. The client request it served is counted once, by its route.
+    pub fn record_group(&self, group: usize, d: &Done) {
+        if !self.enabled {
+            return;
+        }
+        slot(&mut self.groups.borrow_mut(), group).add(d);
+    }
+
     fn endpoint(&self, group: usize, ep: usize, f: impl FnOnce(&EndpointCounters)) {
         if !self.enabled {
             return;
