@@ -1361,3 +1361,52 @@ fn a_start_only_change_is_named_by_every_reload_until_it_is_undone() {
     );
     assert!(post().is_empty());
 }
+
+/// Issue 11: a peer that connects to the upgrade socket and says nothing holds the hand-over
+/// thread for a bounded time: a stop is not held up by it, and a real new process that
+/// connects behind it is still served (after `READY_TIMEOUT`, within its own wait).
+#[test]
+fn a_silent_peer_on_the_upgrade_socket_neither_holds_the_stop_nor_blocks_a_real_upgrade() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let dir = Scratch::new("silent-peer");
+    let path = dir.0.join("upgrade.sock");
+    let toml =
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[routes]]\ndirect = { status = 200 }\n";
+    let silent = |path: &Path| {
+        let s = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+        s.connect(&SockAddr::unix(path).unwrap()).unwrap();
+        // The running process sends its sockets at once: once they are here, it waits.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 16];
+        assert!(s.peek(&mut b).is_ok(), "nothing was sent to the peer");
+        s
+    };
+
+    // 1. The stop.
+    let mut gw = TestGateway::start(toml, DriverChoice::Auto);
+    ringway::upgrade::listen(gw.gateway(), &path, Box::new(|| {})).unwrap();
+    let _peer = silent(&path);
+    let t0 = Instant::now();
+    gw.stop();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "the stop waited {:?} on the hand-over",
+        t0.elapsed()
+    );
+
+    // 2. A real taker queued behind a silent peer.
+    let gw = TestGateway::start(toml, DriverChoice::Auto);
+    let handed = Event::new();
+    let h = handed.clone();
+    ringway::upgrade::listen(gw.gateway(), &path, Box::new(move || h.set())).unwrap();
+    let _peer = silent(&path);
+    let t0 = Instant::now();
+    let (got, takeover) = ringway::upgrade::take_over(&path).expect("served after the silent peer");
+    assert!(t0.elapsed() < ringway::upgrade::HANDOVER_TIMEOUT);
+    assert!(!got.is_empty(), "the listening sockets came");
+    takeover.ready().unwrap();
+    assert!(
+        handed.wait(Duration::from_secs(5)),
+        "the hand-over completed"
+    );
+}
