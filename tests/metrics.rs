@@ -771,3 +771,60 @@ required = false
         assert_eq!(all_routes, 2.0, "{text}");
     }
 }
+
+/// Issue 11: a scraper that prefers OpenMetrics (as Prometheus does) gets OpenMetrics text:
+/// its content type, counter families without `_total`, `# EOF` last; the same samples as
+/// the text format. Others get the text format.
+#[test]
+fn a_scraper_asking_for_openmetrics_gets_it() {
+    use ringway::metrics::prom::{check_openmetrics, CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
+    let up = Upstream::echo();
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        proxy_all(up.addr)
+    );
+    let gw = TestGateway::start(&toml, ringway::config::DriverChoice::Auto);
+    let admin = gw.gateway().admin_addr().expect("the admin API runs");
+    for _ in 0..3 {
+        assert_eq!(status_of(&exchange(gw.addr, &get_req("/a"))), 200);
+    }
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (r, om) = scrape_admin(admin, Some(prometheus));
+    assert_eq!(r.header("content-type"), Some(OPENMETRICS_CONTENT_TYPE));
+    let lines = check_openmetrics(&om).unwrap_or_else(|e| panic!("{e}\n{om}"));
+    assert!(om.ends_with("\n# EOF\n"));
+    for family in [
+        "ringway_route_requests",
+        "ringway_upstream_requests",
+        "ringway_listener_connections_accepted",
+        "ringway_cache_hits",
+    ] {
+        assert!(
+            om.contains(&format!("\n# TYPE {family} counter\n")),
+            "{family}: {om}"
+        );
+    }
+    assert!(om.contains("\n# TYPE ringway_route_request_duration_seconds histogram\n"));
+    let v = |name: &str, labels: &[(&str, &str)]| value(&lines, name, labels);
+    assert_eq!(
+        v(
+            "ringway_upstream_requests_total",
+            &[("upstream", "up"), ("class", "2xx")]
+        ),
+        3.0,
+        "{om}"
+    );
+    // The text format, as before, for a scraper that does not ask or prefers it.
+    for accept in [
+        None,
+        Some("text/plain;version=0.0.4"),
+        Some("application/openmetrics-text;q=0.2, text/plain"),
+    ] {
+        let (r, text) = scrape_admin(admin, accept);
+        assert_eq!(r.header("content-type"), Some(CONTENT_TYPE), "{accept:?}");
+        assert!(!text.contains("# EOF"));
+        let text_lines = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        // The same series either way (the scrapes themselves are not requests on a route).
+        assert_eq!(text_lines.len(), lines.len(), "{accept:?}");
+    }
+}
