@@ -687,3 +687,35 @@ fn a_reload_whose_output_cannot_be_opened_changes_nothing() {
     assert!(gw.gateway().access_logs().is_none());
     assert_eq!(get(gw.addr, "/").status, 200);
 }
+
+/// A reload applies a kept listener's new access log settings (fields here) on the output it
+/// keeps open; a larger buffer asked for a kept output is named in `not_reloaded`.
+#[test]
+fn a_reload_applies_new_fields_to_a_kept_output() {
+    let dir = TempDir::new("reload-fields");
+    let out = dir.file("access.log");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let with = |fields: &str, buffer: &str| {
+        format!(
+            "{}\n[access_log]\nenabled = true\noutput = \"{}\"\nfields = [{fields}]\nbuffer = \"{buffer}\"\n",
+            proxy_all(up.addr),
+            out.display()
+        )
+    };
+    let gw = TestGateway::start(&with("\"path\"", "256KiB"), DRIVERS[0]);
+    assert_eq!(get(gw.addr, "/one").status, 200);
+    assert_eq!(wait_lines(&out, 1)[0], serde_json::json!({"path": "/one"}));
+    let mut next =
+        ringway::config::Config::parse(&with("\"path\", \"status\"", "1MiB"), "r.toml").unwrap();
+    next.server.workers = 1;
+    next.server.driver = DRIVERS[0];
+    let rep = gw.gateway().reload(next).expect("the reload applies");
+    assert_eq!(rep.not_reloaded, vec!["access_log.buffer".to_string()]);
+    assert_eq!(get(gw.addr, "/two").status, 200);
+    let got = wait_lines(&out, 2);
+    assert_eq!(got[1], serde_json::json!({"path": "/two", "status": 200}));
+    assert_eq!(
+        gw.gateway().access_logs().map(|a| a.outputs()),
+        Some(vec![out.display().to_string()])
+    );
+}
