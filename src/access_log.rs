@@ -262,27 +262,207 @@ impl Settings {
 // Shared: the outputs and their writer threads.
 
 struct Output {
+    /// Stable across reloads: workers find their side of an output by it.
+    id: u64,
     name: String,
+    /// The per-worker buffer size it was opened with (a kept output keeps it).
+    buffer: u64,
     reopen: Arc<AtomicBool>,
+    /// No listener logs to it any more: each worker closes its side once it holds no line
+    /// for it and no connection of a listener a reload removed still writes to it; then the
+    /// writer ends.
+    retired: bool,
+}
+
+/// The outputs of a gateway, and the writer threads reloads started.
+#[derive(Default)]
+struct Registry {
+    outputs: Vec<Output>,
+    /// Writer threads a reload started, by output id (those of the start are joined with the
+    /// workers). Joined once finished, at the next reload or when the gateway stops.
+    threads: Vec<(u64, JoinHandle<()>)>,
+    next_id: u64,
 }
 
 /// The access log outputs of a gateway; [`AccessLogs::reopen`] is what SIGUSR1 calls.
 pub struct AccessLogs {
-    outputs: Vec<Output>,
+    reg: std::sync::Mutex<Registry>,
 }
 
 impl AccessLogs {
+    /// A gateway whose listeners do not log (a reload may add outputs).
+    pub fn empty() -> Arc<AccessLogs> {
+        Arc::new(AccessLogs {
+            reg: std::sync::Mutex::new(Registry::default()),
+        })
+    }
+
+    fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.reg.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Asks every writer to reopen its file before its next write (log rotation: move the
     /// file, then call this). Returns at once; stdout is left as it is.
     pub fn reopen(&self) {
-        for o in &self.outputs {
+        for o in &self.reg().outputs {
             o.reopen.store(true, Ordering::Release);
         }
     }
 
-    /// The outputs, as configured ("stdout" or a path).
+    /// The outputs listeners log to, as configured ("stdout" or a path).
     pub fn outputs(&self) -> Vec<String> {
-        self.outputs.iter().map(|o| o.name.clone()).collect()
+        self.reg()
+            .outputs
+            .iter()
+            .filter(|o| !o.retired)
+            .map(|o| o.name.clone())
+            .collect()
+    }
+
+    /// Whether no listener logs.
+    pub fn is_empty(&self) -> bool {
+        self.reg().outputs.iter().all(|o| o.retired)
+    }
+
+    /// Joins the writer threads reloads started (call once the workers stopped: a writer ends
+    /// when every worker has closed its side).
+    pub fn join_writers(&self) {
+        let threads = std::mem::take(&mut self.reg().threads);
+        for (_, t) in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// What a reload to `cfg` changes (see [`Reconfig`]): outputs a listener names that are
+    /// not open are opened, with their writer threads, here on the reloading thread; outputs
+    /// no listener names any more are retired. `slots` gives each listener of `cfg` (config
+    /// order) its slot; `total` is the number of slots, all others being closed listeners.
+    /// A file that cannot be opened fails the call, and nothing changes. Also returns the
+    /// keys that cannot follow (a kept output keeps its buffer size).
+    pub(crate) fn reconfigure(
+        &self,
+        cfg: &crate::config::Config,
+        slots: &[usize],
+        total: usize,
+        workers: usize,
+    ) -> io::Result<(Reconfig, Vec<String>)> {
+        let mut reg = self.reg();
+        // Writers of outputs retired earlier that ended: joined, and forgotten.
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut reg.threads)
+            .into_iter()
+            .partition(|(_, t)| t.is_finished());
+        reg.threads = running;
+        for (id, t) in done {
+            let _ = t.join();
+            reg.outputs.retain(|o| o.id != id || !o.retired);
+        }
+        let eff = per_listener(cfg);
+        let mut names: Vec<(String, u64)> = Vec::new();
+        for c in eff.iter().flatten() {
+            match names.iter_mut().find(|(n, _)| *n == c.output) {
+                Some((_, b)) => *b = (*b).max(c.buffer.0),
+                None => names.push((c.output.clone(), c.buffer.0)),
+            }
+        }
+        let live = |reg: &Registry, name: &str| {
+            reg.outputs
+                .iter()
+                .find(|o| !o.retired && o.name == name)
+                .map(|o| (o.id, o.buffer))
+        };
+        // Fallible first: every new output's file.
+        let mut opened = Vec::new();
+        for (name, buf) in &names {
+            if live(&reg, name).is_none() {
+                opened.push((name.clone(), *buf, Sink::open(name)?));
+            }
+        }
+        let mut new_sinks: Vec<Vec<WorkerSink>> = (0..workers).map(|_| Vec::new()).collect();
+        for (name, buf, sink) in opened {
+            let id = reg.next_id;
+            reg.next_id = reg.next_id.wrapping_add(1);
+            // A spawn that fails drops its sinks: the writers started so far end, and are
+            // joined with the others.
+            let (out, sinks, t) = start_output(id, &name, buf, sink, workers)?;
+            reg.threads.push((id, t));
+            for (list, s) in new_sinks.iter_mut().zip(sinks) {
+                list.push(s);
+            }
+            reg.outputs.push(out);
+        }
+        // Committed: retire what no listener names.
+        let mut retired = Vec::new();
+        for o in reg.outputs.iter_mut() {
+            if !o.retired && !names.iter().any(|(n, _)| *n == o.name) {
+                o.retired = true;
+                retired.push(o.id);
+            }
+        }
+        let mut table = vec![SlotLog::Closed; total];
+        let mut keep = Vec::new();
+        for ((i, c), slot) in eff.iter().enumerate().zip(slots) {
+            let entry = match c {
+                None => SlotLog::Off,
+                Some(c) => match live(&reg, &c.output) {
+                    Some((id, buffer)) => {
+                        if buffer < c.buffer.0 {
+                            let key = if cfg.listeners[i].access_log.is_some() {
+                                format!("listeners[{i}].access_log.buffer")
+                            } else {
+                                "access_log.buffer".to_string()
+                            };
+                            if !keep.contains(&key) {
+                                keep.push(key);
+                            }
+                        }
+                        SlotLog::Log(id, Settings::new(c))
+                    }
+                    None => SlotLog::Off,
+                },
+            };
+            if let Some(t) = table.get_mut(*slot) {
+                *t = entry;
+            }
+        }
+        Ok((
+            Reconfig {
+                slots: table,
+                retired,
+                sinks: std::sync::Mutex::new(new_sinks.into_iter().map(Some).collect()),
+            },
+            keep,
+        ))
+    }
+}
+
+/// What a listener slot logs after a reload.
+#[derive(Clone, Copy, Debug)]
+enum SlotLog {
+    /// Nothing (no access log for it).
+    Off,
+    /// To this output, with these settings.
+    Log(u64, Settings),
+    /// Its listener is gone: the requests still in flight on its connections are logged as
+    /// before, then the entry goes.
+    Closed,
+}
+
+/// A reload's change to every worker's access log, applied by
+/// [`WorkerAccessLog::reconfigure`] on each worker's thread.
+pub(crate) struct Reconfig {
+    /// By slot.
+    slots: Vec<SlotLog>,
+    /// Outputs no listener names any more.
+    retired: Vec<u64>,
+    /// Per worker: its side of each output this reload opened (taken by that worker).
+    sinks: std::sync::Mutex<Vec<Option<Vec<WorkerSink>>>>,
+}
+
+impl Reconfig {
+    /// Whether a listener logs after the reload (a worker that logged nothing so far needs
+    /// its side of the access log only then: requests are timed while one exists).
+    pub(crate) fn logs_anything(&self) -> bool {
+        self.slots.iter().any(|s| matches!(s, SlotLog::Log(..)))
     }
 }
 
@@ -309,6 +489,54 @@ pub fn any_enabled(cfg: &crate::config::Config) -> bool {
     per_listener(cfg).iter().any(Option::is_some)
 }
 
+/// Starts the writer thread of one output opened as `sink`, and makes each worker's side.
+fn start_output(
+    id: u64,
+    name: &str,
+    buf: u64,
+    sink: Sink,
+    workers: usize,
+) -> io::Result<(Output, Vec<WorkerSink>, JoinHandle<()>)> {
+    let reopen = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(WRITER_QUEUE);
+    let mut returns = Vec::with_capacity(workers);
+    let mut sinks = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let (ret_tx, ret_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS_PER_WORKER);
+        for _ in 1..BUFFERS_PER_WORKER {
+            // Cannot fail: the channel holds BUFFERS_PER_WORKER.
+            let _ = ret_tx.try_send(Vec::with_capacity(buf as usize));
+        }
+        returns.push(ret_tx);
+        sinks.push(WorkerSink {
+            id,
+            worker,
+            cap: buf as usize,
+            cur: RefCell::new(Some(Vec::with_capacity(buf as usize))),
+            tx: RefCell::new(Some(tx.clone())),
+            spare: ret_rx,
+            retired: Cell::new(false),
+        });
+    }
+    drop(tx);
+    let flag = reopen.clone();
+    let label = name.to_string();
+    let t = std::thread::Builder::new()
+        .name("ringway-access-log".into())
+        .spawn(move || writer(sink, label, rx, returns, flag))?;
+    Ok((
+        Output {
+            id,
+            name: name.to_string(),
+            buffer: buf,
+            reopen,
+            retired: false,
+        },
+        sinks,
+        t,
+    ))
+}
+
 /// Opens the outputs and starts one writer thread per distinct output. `None` when no listener
 /// logs. A file that cannot be opened fails the start.
 pub fn build(cfg: &crate::config::Config, workers: usize) -> io::Result<Option<Built>> {
@@ -327,38 +555,13 @@ pub fn build(cfg: &crate::config::Config, workers: usize) -> io::Result<Option<B
     let mut outputs = Vec::new();
     let mut threads = Vec::new();
     let mut per_worker: Vec<Vec<WorkerSink>> = (0..workers).map(|_| Vec::new()).collect();
-    for (name, buf) in &names {
-        let sink = Sink::open(name)?;
-        let reopen = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(WRITER_QUEUE);
-        let mut returns = Vec::with_capacity(workers);
-        for (id, sinks) in per_worker.iter_mut().enumerate() {
-            let (ret_tx, ret_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS_PER_WORKER);
-            for _ in 1..BUFFERS_PER_WORKER {
-                // Cannot fail: the channel holds BUFFERS_PER_WORKER.
-                let _ = ret_tx.try_send(Vec::with_capacity(*buf as usize));
-            }
-            returns.push(ret_tx);
-            sinks.push(WorkerSink {
-                worker: id,
-                cap: *buf as usize,
-                cur: RefCell::new(Some(Vec::with_capacity(*buf as usize))),
-                tx: RefCell::new(Some(tx.clone())),
-                spare: ret_rx,
-            });
+    for (id, (name, buf)) in names.iter().enumerate() {
+        let (out, sinks, t) = start_output(id as u64, name, *buf, Sink::open(name)?, workers)?;
+        for (list, s) in per_worker.iter_mut().zip(sinks) {
+            list.push(s);
         }
-        drop(tx);
-        let flag = reopen.clone();
-        let label = name.clone();
-        threads.push(
-            std::thread::Builder::new()
-                .name("ringway-access-log".into())
-                .spawn(move || writer(sink, label, rx, returns, flag))?,
-        );
-        outputs.push(Output {
-            name: name.clone(),
-            reopen,
-        });
+        threads.push(t);
+        outputs.push(out);
     }
     let listeners: Vec<Option<(usize, Settings)>> = eff
         .iter()
@@ -369,20 +572,19 @@ pub fn build(cfg: &crate::config::Config, workers: usize) -> io::Result<Option<B
             })
         })
         .collect();
-    let now = (Instant::now(), crate::date::unix_millis());
     let workers = per_worker
         .into_iter()
         .enumerate()
-        .map(|(id, sinks)| WorkerAccessLog {
-            sinks,
-            listeners: listeners.clone(),
-            anchor: Cell::new(now),
-            rng: Cell::new(0x9e37_79b9_7f4a_7c15 ^ ((id as u64 + 1) << 17)),
-            second: Cell::new((u64::MAX, [0; crate::date::RFC3339_MILLIS_LEN])),
-        })
+        .map(|(id, sinks)| WorkerAccessLog::with(id, sinks, listeners.clone()))
         .collect();
     Ok(Some(Built {
-        shared: Arc::new(AccessLogs { outputs }),
+        shared: Arc::new(AccessLogs {
+            reg: std::sync::Mutex::new(Registry {
+                next_id: outputs.len() as u64,
+                outputs,
+                threads: Vec::new(),
+            }),
+        }),
         workers,
         threads,
     }))
@@ -475,6 +677,8 @@ fn writer(
 type ChunkSender = SyncSender<(usize, Vec<u8>)>;
 
 struct WorkerSink {
+    /// The output's id ([`Output::id`]).
+    id: u64,
     worker: usize,
     cap: usize,
     /// The buffer being filled (`None` while every buffer is with the writer).
@@ -483,6 +687,8 @@ struct WorkerSink {
     /// the writer ends.
     tx: RefCell<Option<ChunkSender>>,
     spare: Receiver<Vec<u8>>,
+    /// A reload retired the output: closed once nothing more is written to it.
+    retired: Cell<bool>,
 }
 
 impl WorkerSink {
@@ -509,13 +715,18 @@ impl WorkerSink {
         }
         *cur = self.spare.try_recv().ok();
     }
+
+    /// Lines are waiting in the current buffer.
+    fn pending(&self) -> bool {
+        self.cur.borrow().as_ref().is_some_and(|b| !b.is_empty())
+    }
 }
 
 /// One worker's side of the access log (see the module doc).
 pub struct WorkerAccessLog {
-    sinks: Vec<WorkerSink>,
-    /// Per listener: the output and what to log.
-    listeners: Vec<Option<(usize, Settings)>>,
+    /// Its outputs and listeners; replaced by a reload on the worker's thread, between
+    /// requests (a borrow on the request path, no allocation).
+    tables: RefCell<Tables>,
     /// A clock reading of the sync task (monotonic, wall milliseconds), from which a line's
     /// time is worked out without another clock read.
     anchor: Cell<(Instant, u64)>,
@@ -523,6 +734,15 @@ pub struct WorkerAccessLog {
     /// The last second formatted (Unix seconds, its RFC 3339 text): lines of the same second
     /// rewrite only the milliseconds.
     second: Cell<(u64, [u8; crate::date::RFC3339_MILLIS_LEN])>,
+}
+
+struct Tables {
+    sinks: Vec<WorkerSink>,
+    /// Per listener slot: the output (index into `sinks`) and what to log.
+    listeners: Vec<Option<(usize, Settings)>>,
+    /// Slots of listeners a reload removed that still log the requests of their open
+    /// connections; each entry goes once its slot has no connection left on this worker.
+    closing: Vec<usize>,
 }
 
 /// One request's line, as the end of a request sees it.
@@ -560,14 +780,37 @@ pub enum Logged {
 }
 
 impl WorkerAccessLog {
+    fn with(id: usize, sinks: Vec<WorkerSink>, listeners: Vec<Option<(usize, Settings)>>) -> Self {
+        WorkerAccessLog {
+            tables: RefCell::new(Tables {
+                sinks,
+                listeners,
+                closing: Vec::new(),
+            }),
+            anchor: Cell::new((Instant::now(), crate::date::unix_millis())),
+            rng: Cell::new(0x9e37_79b9_7f4a_7c15 ^ ((id as u64 + 1) << 17)),
+            second: Cell::new((u64::MAX, [0; crate::date::RFC3339_MILLIS_LEN])),
+        }
+    }
+
+    /// The access log of worker `id` before any output (a reload then adds them).
+    pub(crate) fn empty(id: usize) -> Self {
+        WorkerAccessLog::with(id, Vec::new(), Vec::new())
+    }
+
     /// Whether the requests of listener `l` are logged at all.
     pub fn logs(&self, l: usize) -> bool {
-        self.listeners.get(l).is_some_and(Option::is_some)
+        self.tables
+            .borrow()
+            .listeners
+            .get(l)
+            .is_some_and(Option::is_some)
     }
 
     /// Writes one request's line into the worker's buffer for its output.
     pub fn log(&self, listener: usize, e: &Entry<'_>) -> Logged {
-        let Some(Some((sink, set))) = self.listeners.get(listener) else {
+        let t = self.tables.borrow();
+        let Some(Some((sink, set))) = t.listeners.get(listener) else {
             return Logged::Skipped;
         };
         if set.threshold < (1 << 32) {
@@ -581,7 +824,7 @@ impl WorkerAccessLog {
                 return Logged::Skipped;
             }
         }
-        let Some(sink) = self.sinks.get(*sink) else {
+        let Some(sink) = t.sinks.get(*sink) else {
             return Logged::Skipped;
         };
         for attempt in 0..2 {
@@ -609,13 +852,94 @@ impl WorkerAccessLog {
     }
 
     /// The sync task's tick (every 50 ms): a new clock anchor, full or not, each buffer goes
-    /// to its writer.
+    /// to its writer. Slots of removed listeners are taken as having no connection left (see
+    /// [`WorkerAccessLog::tick_open`]).
     pub fn tick(&self) {
+        self.tick_open(|_| false);
+    }
+
+    /// [`WorkerAccessLog::tick`], told by `open` whether a listener slot still has connections
+    /// on this worker: a removed listener's slot stops logging once it has none, and a retired
+    /// output is closed (its writer ends once every worker closed it) once no slot logs to it
+    /// and its last lines were shipped.
+    pub fn tick_open(&self, open: impl Fn(usize) -> bool) {
         self.anchor
             .set((Instant::now(), crate::date::unix_millis()));
-        for s in &self.sinks {
+        let mut t = self.tables.borrow_mut();
+        let Tables {
+            sinks,
+            listeners,
+            closing,
+        } = &mut *t;
+        closing.retain(|&s| {
+            if open(s) {
+                return true;
+            }
+            if let Some(e) = listeners.get_mut(s) {
+                *e = None;
+            }
+            false
+        });
+        for (i, s) in sinks.iter().enumerate() {
             s.ship();
+            if s.retired.get() && !s.pending() && !listeners.iter().flatten().any(|(k, _)| *k == i)
+            {
+                s.tx.borrow_mut().take();
+            }
         }
+    }
+
+    /// A reload's change ([`AccessLogs::reconfigure`]), on the worker's thread between
+    /// requests: new outputs are added, retired ones marked, and every slot's entry set. A
+    /// removed listener's slot keeps its entry while its connections finish.
+    pub(crate) fn reconfigure(&self, r: &Reconfig, worker: usize) {
+        let fresh = r
+            .sinks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(worker)
+            .and_then(Option::take)
+            .unwrap_or_default();
+        let mut t = self.tables.borrow_mut();
+        let old: Vec<Option<(u64, Settings)>> = t
+            .listeners
+            .iter()
+            .map(|e| e.and_then(|(i, set)| t.sinks.get(i).map(|s| (s.id, set))))
+            .collect();
+        // Sides closed since the last reload are dropped here (the list stays as short as
+        // the outputs in use).
+        t.sinks.retain(|s| s.tx.borrow().is_some());
+        for s in &t.sinks {
+            if r.retired.contains(&s.id) {
+                s.retired.set(true);
+            }
+        }
+        t.sinks.extend(fresh);
+        let sinks = &t.sinks;
+        let pos = |id: u64| sinks.iter().position(|s| s.id == id);
+        let n = r.slots.len().max(old.len());
+        let mut closing = Vec::new();
+        let listeners: Vec<Option<(usize, Settings)>> = (0..n)
+            .map(
+                |slot| match r.slots.get(slot).copied().unwrap_or(SlotLog::Closed) {
+                    SlotLog::Off => None,
+                    SlotLog::Log(id, set) => pos(id).map(|i| (i, set)),
+                    SlotLog::Closed => {
+                        let kept = old
+                            .get(slot)
+                            .copied()
+                            .flatten()
+                            .and_then(|(id, set)| pos(id).map(|i| (i, set)));
+                        if kept.is_some() {
+                            closing.push(slot);
+                        }
+                        kept
+                    }
+                },
+            )
+            .collect();
+        t.listeners = listeners;
+        t.closing = closing;
     }
 
     /// A stopping worker's last lines are shipped (waiting a little for room if needed), then
@@ -623,7 +947,7 @@ impl WorkerAccessLog {
     /// a task of the worker outlives it).
     pub fn close(&self) {
         self.flush_final();
-        for s in &self.sinks {
+        for s in &self.tables.borrow().sinks {
             s.tx.borrow_mut().take();
         }
     }
@@ -631,15 +955,13 @@ impl WorkerAccessLog {
     /// A stopping worker's last lines: shipped, waiting a little for room if needed.
     fn flush_final(&self) {
         let end = Instant::now() + FINAL_FLUSH_WAIT;
-        for s in &self.sinks {
+        for s in &self.tables.borrow().sinks {
             loop {
-                let pending = s.cur.borrow().as_ref().is_some_and(|b| !b.is_empty());
-                if !pending || Instant::now() >= end {
+                if !s.pending() || Instant::now() >= end {
                     break;
                 }
                 s.ship();
-                let still = s.cur.borrow().as_ref().is_some_and(|b| !b.is_empty());
-                if !still {
+                if !s.pending() {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -854,19 +1176,21 @@ mod tests {
             enabled: true,
             ..Default::default()
         };
-        let log = WorkerAccessLog {
-            sinks: vec![WorkerSink {
+        let log = WorkerAccessLog::with(
+            0,
+            vec![WorkerSink {
+                id: 0,
                 worker: 0,
                 cap,
                 cur: RefCell::new(Some(Vec::with_capacity(cap))),
                 tx: RefCell::new(Some(tx)),
                 spare: ret_rx,
+                retired: Cell::new(false),
             }],
-            listeners: vec![Some((0, Settings::new(&c)))],
-            anchor: Cell::new((Instant::now(), 1_795_671_497_123)),
-            rng: Cell::new(1),
-            second: Cell::new((u64::MAX, [0; crate::date::RFC3339_MILLIS_LEN])),
-        };
+            vec![Some((0, Settings::new(&c)))],
+        );
+        log.anchor.set((Instant::now(), 1_795_671_497_123));
+        log.rng.set(1);
         (log, rx)
     }
 
@@ -876,7 +1200,7 @@ mod tests {
         let trace = [b'a'; 32];
         let path = b"/p\"a\\t\x01h\xff?q=1";
         assert_eq!(log.log(0, &entry(b"id-1", &trace, path)), Logged::Written);
-        let buf = log.sinks[0].cur.borrow().clone().unwrap();
+        let buf = log.tables.borrow().sinks[0].cur.borrow().clone().unwrap();
         let line = std::str::from_utf8(&buf).expect("utf-8");
         assert!(line.ends_with("}\n"));
         let v: serde_json::Value = serde_json::from_str(line).expect(line);
@@ -902,7 +1226,7 @@ mod tests {
         log.log(0, &e);
         e.end = i + std::time::Duration::from_millis(2_000);
         log.log(0, &e);
-        let buf = log.sinks[0].cur.borrow().clone().unwrap();
+        let buf = log.tables.borrow().sinks[0].cur.borrow().clone().unwrap();
         let lines: Vec<serde_json::Value> = std::str::from_utf8(&buf)
             .unwrap()
             .lines()

@@ -26,7 +26,11 @@
 //! `server.workers`, `server.driver`, `server.shutdown_timeout`, `server.upgrade_socket` and
 //! `[rate_limiting]`'s `backend`, `redis` and `max_keys`, and `[admin]` but its token are read
 //! at start only, as is the `backlog` of a listener kept by address; a reload that changes
-//! them applies everything else and names them in [`ReloadReport::not_reloaded`].
+//! them applies everything else and names them in [`ReloadReport::not_reloaded`] (compared
+//! with the config the process started with, so every reload names them until undone). The
+//! admin listener is not re-bound on a new address: it may be serving the `POST /reload` that
+//! asked, and a binary upgrade hands its socket over. The access log follows a reload
+//! ([`crate::access_log::AccessLogs`] opens and retires outputs).
 //!
 //! # Listener slots
 //! A connection knows its listener by index into the snapshot's `listeners`. So that the index
@@ -76,6 +80,8 @@ pub(crate) struct Started {
     pub sockets: Vec<Vec<TcpListener>>,
     /// Per listener (config order): the bound address.
     pub bound: Vec<SocketAddr>,
+    /// The access log outputs: a reload opens those its listeners name and retires the rest.
+    pub access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 /// A thread that follows the config, with its own stop flag.
@@ -128,6 +134,10 @@ impl Ids {
 
 struct Inner {
     cfg: Arc<Config>,
+    /// The config the process started with: what its start-only keys still run on (a reload
+    /// never applies them), so [`start_only_changes`] compares a new config with this one,
+    /// not with the last reloaded one (a change made two reloads ago is still not applied).
+    started: Arc<Config>,
     path: Option<PathBuf>,
     workers: usize,
     hub: Arc<HealthHub>,
@@ -152,6 +162,7 @@ struct Inner {
     /// A duplicate of the admin API's listening socket, with its address: a binary upgrade
     /// hands it over too (the new process could not bind the port the old one holds).
     admin_socket: Option<(SocketAddr, TcpListener)>,
+    access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 /// The reload side of a [`Gateway`].
@@ -368,10 +379,11 @@ fn checker_print(cfg: &Config, slots: &[usize], prints: &HashMap<String, u64>) -
     print(&targets, &[])
 }
 
-/// Keys read at start only that differ between `old` and `new`.
 /// One config key's value as text, for comparing two configs.
 type ConfigText = fn(&Config) -> String;
 
+/// Keys read at start only whose value in `new` differs from the one the process runs on:
+/// `old` is the config it started with (see `Inner::started`).
 fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     let mut check = |key: &str, a: String, b: String| {
@@ -382,10 +394,8 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
     // Keys read only at start, each compared by its debug text in the two configs. The
     // per-worker cache store is sized, and its Redis layer connected, at start (the other
     // `[cache]` keys are compiled into each route's policy and follow a reload). The access
-    // log's outputs, writer threads and per-listener tables are built at start, by listener
-    // slot: a changed table, or a listener a reload adds, logs as its slot did at start (a new
-    // slot: not at all).
-    let start_only: [(&str, ConfigText); 12] = [
+    // log follows a reload (see `AccessLogs::reconfigure`).
+    let start_only: [(&str, ConfigText); 11] = [
         ("server.workers", |c| format!("{:?}", c.server.workers)),
         ("server.driver", |c| format!("{:?}", c.server.driver)),
         ("server.shutdown_timeout", |c| {
@@ -409,7 +419,6 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
         ("cache.redis", |c| format!("{:?}", c.cache.redis)),
         ("metrics.enabled", |c| format!("{:?}", c.metrics.enabled)),
         ("log", |c| format!("{:?}", c.log)),
-        ("access_log", |c| format!("{:?}", c.access_log)),
     ];
     for (key, text) in start_only {
         check(key, text(old), text(new));
@@ -446,25 +455,6 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
         }
         (None, None) => {}
         _ => out.push("admin".to_string()),
-    }
-    let key_of = |c: &Config, i: usize| {
-        let a = c.listeners[i].address.addr;
-        let nth = c.listeners[..i]
-            .iter()
-            .filter(|l| l.address.addr == a)
-            .count();
-        (a, nth)
-    };
-    for (i, l) in new.listeners.iter().enumerate() {
-        let k = key_of(new, i);
-        let before = (0..old.listeners.len()).find(|&j| key_of(old, j) == k);
-        let changed = match before {
-            Some(j) => old.listeners[j].access_log != l.access_log,
-            None => l.access_log.as_ref().unwrap_or(&new.access_log).enabled,
-        };
-        if changed {
-            out.push(format!("listeners[{i}].access_log"));
-        }
     }
     out
 }
@@ -529,6 +519,7 @@ impl ReloadState {
             .collect();
         ReloadState {
             inner: Arc::new(Mutex::new(Inner {
+                started: cfg.clone(),
                 cfg,
                 path: None,
                 workers: s.workers,
@@ -547,6 +538,7 @@ impl ReloadState {
                 others: Vec::new(),
                 admin: None,
                 admin_socket: None,
+                access_logs: s.access_logs,
             })),
         }
     }
@@ -752,6 +744,13 @@ impl ReloadState {
             .filter(|(_, k)| **k)
             .map(|(n, _)| n.clone())
             .collect();
+        // The access log's outputs: the last fallible step (a file that cannot be opened).
+        let slot_of: Vec<usize> = plan.iter().map(|(s, _, _)| *s).collect();
+        let (access_log, log_kept) = inner
+            .access_logs
+            .reconfigure(&next, &slot_of, total_slots, workers)
+            .map_err(|e| ReloadError::Build(e.to_string()))?;
+        kept_options.extend(log_kept);
         // Committed from here on.
         let group_slots = inner
             .hub
@@ -809,6 +808,7 @@ impl ReloadState {
             sockets: Mutex::new(per_worker.into_iter().map(Some).collect()),
             removed: removed.clone(),
             total_slots,
+            access_log,
         });
         let j = job.clone();
         let answered = control.ask_every(RELOAD_ANSWER_LIMIT, move |w| j.apply(w));
@@ -858,7 +858,7 @@ impl ReloadState {
                 .collect(),
             groups_kept: kept_names.into_iter().collect(),
             listeners: Vec::new(),
-            not_reloaded: start_only_changes(&old, &next)
+            not_reloaded: start_only_changes(&inner.started, &next)
                 .into_iter()
                 .chain(kept_options)
                 .collect(),
@@ -989,6 +989,7 @@ struct WorkerJob {
     sockets: Mutex<Vec<Option<SlotSockets>>>,
     removed: Vec<usize>,
     total_slots: usize,
+    access_log: crate::access_log::Reconfig,
 }
 
 impl WorkerJob {
@@ -1049,6 +1050,15 @@ impl WorkerJob {
             trusted_proxies: cfg.server.trusted_proxies.clone(),
         });
         w.swap_auth(WorkerAuth::new(cfg, &self.auth));
+        if w.access_log.get().is_none() && self.access_log.logs_anything() {
+            // Nothing logged here before: the worker's side starts empty.
+            let _ = w
+                .access_log
+                .set(crate::access_log::WorkerAccessLog::empty(w.id));
+        }
+        if let Some(l) = w.access_log.get() {
+            l.reconfigure(&self.access_log, w.id);
+        }
         let mine = self
             .sockets
             .lock()

@@ -61,8 +61,8 @@ pub struct Gateway {
     /// What a reload or a binary upgrade needs: the running config, the listening sockets,
     /// the background threads that follow the config (see [`crate::reload`]).
     pub(crate) reload: crate::reload::ReloadState,
-    /// The access log outputs, when a listener logs (reopened on SIGUSR1).
-    access_logs: Option<Arc<crate::access_log::AccessLogs>>,
+    /// The access log outputs (reopened on SIGUSR1; a reload adds and retires outputs).
+    access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 /// The driver asked for: `RINGWAY_DRIVER` (auto, io_uring, epoll) overrides the config, and
@@ -130,11 +130,15 @@ impl Gateway {
         let cache_redis = crate::cache::redis::SharedLayer::new(&cfg);
         let (access_logs, mut worker_logs, log_threads) = match crate::access_log::build(&cfg, n)? {
             Some(b) => (
-                Some(b.shared),
+                b.shared,
                 b.workers.into_iter().map(Some).collect(),
                 b.threads,
             ),
-            None => (None, Vec::new(), Vec::new()),
+            None => (
+                crate::access_log::AccessLogs::empty(),
+                Vec::new(),
+                Vec::new(),
+            ),
         };
         worker_logs.resize_with(n, || None);
         let mut worker_logs = worker_logs.into_iter();
@@ -210,6 +214,7 @@ impl Gateway {
             listeners: listeners_rt,
             sockets,
             bound: addrs.clone(),
+            access_logs: access_logs.clone(),
         });
         // Said once per process start, not once per worker.
         match (&fallback, driver) {
@@ -267,14 +272,12 @@ impl Gateway {
 
     /// The access log outputs (`None` when no listener logs).
     pub fn access_logs(&self) -> Option<&Arc<crate::access_log::AccessLogs>> {
-        self.access_logs.as_ref()
+        (!self.access_logs.is_empty()).then_some(&self.access_logs)
     }
 
     /// Reopens the access log files (log rotation; what SIGUSR1 does).
     pub fn reopen_access_logs(&self) {
-        if let Some(a) = &self.access_logs {
-            a.reopen();
-        }
+        self.access_logs.reopen();
     }
 
     /// Script calls and pipelines sent to Redis so far (0 without the Redis backend).
@@ -324,6 +327,8 @@ impl Gateway {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        // Writers a reload started end once the workers closed their side.
+        self.access_logs.join_writers();
         // The admin API answers (`/ready`: 503) until the workers are gone.
         if let Some(a) = &mut self.admin {
             a.stop_and_join();
@@ -710,7 +715,7 @@ async fn worker_main(
                 w.auth().sync();
                 w.tick_date();
                 if let Some(l) = w.access_log.get() {
-                    l.tick();
+                    l.tick_open(|s| w.metrics.open_connections(s) > 0);
                 }
                 control.run_pending(&w);
                 ticks = ticks.wrapping_add(1);

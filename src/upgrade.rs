@@ -17,7 +17,9 @@
 //! workers and answers `ready`. Only then does the old process stop accepting, finish its
 //! requests within `shutdown_timeout` and exit; before `ready` it keeps serving, so a new
 //! process that fails to start changes nothing. Both accept from the same sockets in between,
-//! so no connection is refused.
+//! so no connection is refused. Each step of the running process's side is bounded
+//! ([`HANDOVER_STEP_TIMEOUT`] per message, [`READY_TIMEOUT`] for `ready`, and a stop of the
+//! gateway), so a peer that says nothing cannot hold it.
 //!
 //! # Why libc
 //! `SCM_RIGHTS` needs `sendmsg`/`recvmsg` with ancillary data. std's API for it
@@ -34,7 +36,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
@@ -47,9 +49,18 @@ pub const MAX_FDS_PER_MESSAGE: usize = 64;
 pub const MAX_MESSAGE: usize = 4096;
 /// Most sockets a new process adopts (a hostile or broken peer cannot make it hold more).
 pub const MAX_SOCKETS: usize = 16 * 1024;
-/// How long either side waits for the other during a hand-over (the new process's start-up
-/// included).
+/// How long the new process waits for each message of the running one during a hand-over.
 pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the running process waits for the new one to take each message it sends (a new
+/// process reads them as they come; a peer that does not is given up on).
+pub const HANDOVER_STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the running process waits for `ready`: the new process's start-up (certificates,
+/// binds, workers) after it received the sockets. Below [`HANDOVER_TIMEOUT`], so that a real
+/// upgrade whose connection waits behind a peer that says nothing is still served within its
+/// own wait. The wait ends at once when the gateway stops.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The slices the wait for `ready` is cut into, to look at the stop flag.
+const READY_SLICE: Duration = Duration::from_millis(100);
 /// How often the upgrade listener looks at its stop flag while no one connects.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -226,11 +237,17 @@ fn seqpacket() -> io::Result<Socket> {
     Socket::new(Domain::UNIX, Type::SEQPACKET, None)
 }
 
-/// Sends every listening socket of `gw`, then waits for `ready`.
-fn hand_over(conn: &Socket, gw: &crate::reload::ReloadState) -> io::Result<usize> {
+/// Sends every listening socket of `gw`, then waits for `ready`: each message at most
+/// [`HANDOVER_STEP_TIMEOUT`], `ready` at most [`READY_TIMEOUT`] and no longer than `stop`
+/// stays clear, so a peer that connects and says nothing holds this thread (and the gateway's
+/// stop) for no longer than that.
+fn hand_over(
+    conn: &Socket,
+    gw: &crate::reload::ReloadState,
+    stop: &AtomicBool,
+) -> io::Result<usize> {
     same_user(conn)?;
-    conn.set_read_timeout(Some(HANDOVER_TIMEOUT))?;
-    conn.set_write_timeout(Some(HANDOVER_TIMEOUT))?;
+    conn.set_write_timeout(Some(HANDOVER_STEP_TIMEOUT))?;
     let socks = gw.listening_sockets()?;
     for batch in socks.chunks(MAX_FDS_PER_MESSAGE) {
         let mut text = String::from("fds\n");
@@ -243,7 +260,29 @@ fn hand_over(conn: &Socket, gw: &crate::reload::ReloadState) -> io::Result<usize
     }
     send_msg(conn.as_raw_fd(), b"end", &[])?;
     let mut buf = [0u8; 16];
-    let (n, _) = recv_msg(conn.as_raw_fd(), &mut buf, 1)?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let n = loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other("the gateway is stopping"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the new process did not confirm within {READY_TIMEOUT:?}"),
+            ));
+        }
+        conn.set_read_timeout(Some(left.min(READY_SLICE)))?;
+        match recv_msg(conn.as_raw_fd(), &mut buf, 1) {
+            Ok((n, _)) => break n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    };
     if &buf[..n] != b"ready" {
         return Err(io::Error::other(
             "the new process did not confirm it started",
@@ -307,7 +346,7 @@ pub fn listen(gw: &Gateway, path: &Path, handed: Box<dyn FnOnce() + Send>) -> io
             let mut handed = Some(handed);
             while !flag.load(Ordering::Relaxed) {
                 match sock.accept() {
-                    Ok((conn, _)) => match hand_over(&conn, &state) {
+                    Ok((conn, _)) => match hand_over(&conn, &state, &flag) {
                         Ok(n) => {
                             info!(
                                 "upgrade: {n} listening sockets handed over to the new process; draining"

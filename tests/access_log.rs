@@ -567,3 +567,155 @@ fn a_coalesced_cache_answer_is_logged_with_its_bytes() {
     assert_eq!(line["route"], "cached", "{line}");
     assert_eq!(line["bytes_out"], waiter.len() as u64, "{line}");
 }
+
+/// Whether a descriptor of this process is open on `path`.
+fn file_open(path: &Path) -> bool {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+        })
+        .unwrap_or(false)
+}
+
+/// Issue 11: a reload opens the access log output of a listener it adds (before, such a
+/// listener never logged); when a reload removes it, the request still in flight on it is
+/// logged, then the output nobody uses any more is closed and its writer ends.
+#[test]
+fn a_reload_opens_the_output_of_a_listener_it_adds_and_closes_one_left_unused() {
+    let dir = TempDir::new("reload-out");
+    let out = dir.file("second.log");
+    let up = Upstream::start(|r| {
+        if r.target == "/slow" {
+            Reply::Slow {
+                parts: vec![(Duration::from_millis(600), ok_response(b"slow"))],
+                close: false,
+            }
+        } else {
+            Reply::Raw(ok_response(b"ok"))
+        }
+    });
+    let one = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n\n[[routes]]\nupstream = \"up\"\n",
+        up.addr
+    );
+    let two = one.replacen(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+        &format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"second\"\n[listeners.access_log]\nenabled = true\noutput = \"{}\"\n",
+            out.display()
+        ),
+        1,
+    );
+    for driver in DRIVERS {
+        // As the test gateway started: one worker, this driver.
+        let parse = |t: &str| {
+            let mut c = ringway::config::Config::parse(t, "r.toml").unwrap();
+            c.server.workers = 1;
+            c.server.driver = driver;
+            c
+        };
+        let _ = std::fs::remove_file(&out);
+        let gw = TestGateway::start(&one, driver);
+        assert!(gw.gateway().access_logs().is_none());
+        let rep = gw
+            .gateway()
+            .reload(parse(&two))
+            .expect("the reload applies");
+        assert!(rep.not_reloaded.is_empty(), "{:?}", rep.not_reloaded);
+        let second = rep
+            .listeners
+            .iter()
+            .find(|l| l.change == ringway::reload::ListenerFate::Added)
+            .expect("a listener added")
+            .bound;
+        let outputs = gw.gateway().access_logs().map(|a| a.outputs());
+        assert_eq!(outputs, Some(vec![out.display().to_string()]));
+        // The first listener does not log, the added one does.
+        assert_eq!(get(gw.addr, "/first").status, 200);
+        assert_eq!(get(second, "/second").status, 200);
+        let got = wait_lines(&out, 1);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["path"], "/second");
+        // A request in flight on the second listener when a reload removes it.
+        let mut c = Client::connect(second);
+        c.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert!(up.wait_for(Duration::from_secs(5), |r| r
+            .iter()
+            .any(|r| r.target == "/slow")));
+        let rep = gw
+            .gateway()
+            .reload(parse(&one))
+            .expect("the reload applies");
+        assert!(rep
+            .listeners
+            .iter()
+            .any(|l| l.bound == second && l.change == ringway::reload::ListenerFate::Removed));
+        assert!(gw.gateway().access_logs().is_none());
+        assert_eq!(c.read_response().expect("an answer").text(), "slow");
+        let got = wait_lines(&out, 2);
+        assert_eq!(got[1]["path"], "/slow", "{got:?}");
+        // Its connection closed, the output is closed: the writer thread ended with its file.
+        drop(c);
+        assert!(
+            eventually(Duration::from_secs(5), || !file_open(&out)),
+            "{} still open",
+            out.display()
+        );
+        // A reload that adds it again opens it again.
+        gw.gateway()
+            .reload(parse(&two))
+            .expect("the reload applies");
+        assert!(eventually(Duration::from_secs(5), || file_open(&out)));
+    }
+}
+
+/// A reload whose access log output cannot be opened is refused, and changes nothing.
+#[test]
+fn a_reload_whose_output_cannot_be_opened_changes_nothing() {
+    let dir = TempDir::new("reload-bad-out");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let base = proxy_all(up.addr);
+    let gw = TestGateway::start(&base, DRIVERS[0]);
+    // A directory is not a file to append to.
+    let bad = format!("{base}\n{}", log_config(&dir.0));
+    let next = ringway::config::Config::parse(&bad, "r.toml").unwrap();
+    let e = gw.gateway().reload(next).expect_err("refused");
+    assert_eq!(e.status(), 400, "{e}");
+    assert!(e.to_string().contains(&dir.0.display().to_string()), "{e}");
+    assert_eq!(gw.gateway().reload_generation(), 0);
+    assert!(gw.gateway().access_logs().is_none());
+    assert_eq!(get(gw.addr, "/").status, 200);
+}
+
+/// A reload applies a kept listener's new access log settings (fields here) on the output it
+/// keeps open; a larger buffer asked for a kept output is named in `not_reloaded`.
+#[test]
+fn a_reload_applies_new_fields_to_a_kept_output() {
+    let dir = TempDir::new("reload-fields");
+    let out = dir.file("access.log");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let with = |fields: &str, buffer: &str| {
+        format!(
+            "{}\n[access_log]\nenabled = true\noutput = \"{}\"\nfields = [{fields}]\nbuffer = \"{buffer}\"\n",
+            proxy_all(up.addr),
+            out.display()
+        )
+    };
+    let gw = TestGateway::start(&with("\"path\"", "256KiB"), DRIVERS[0]);
+    assert_eq!(get(gw.addr, "/one").status, 200);
+    assert_eq!(wait_lines(&out, 1)[0], serde_json::json!({"path": "/one"}));
+    let mut next =
+        ringway::config::Config::parse(&with("\"path\", \"status\"", "1MiB"), "r.toml").unwrap();
+    next.server.workers = 1;
+    next.server.driver = DRIVERS[0];
+    let rep = gw.gateway().reload(next).expect("the reload applies");
+    assert_eq!(rep.not_reloaded, vec!["access_log.buffer".to_string()]);
+    assert_eq!(get(gw.addr, "/two").status, 200);
+    let got = wait_lines(&out, 2);
+    assert_eq!(got[1], serde_json::json!({"path": "/two", "status": 200}));
+    assert_eq!(
+        gw.gateway().access_logs().map(|a| a.outputs()),
+        Some(vec![out.display().to_string()])
+    );
+}

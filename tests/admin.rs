@@ -863,3 +863,70 @@ fn ringway_status_and_drain_talk_to_a_running_binary() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("NOT READY (draining"), "{out}");
 }
+
+/// Issue 11: stopping the gateway joins the admin connections' threads: a handler that ends
+/// soon is waited for (its work is done when `join` returns), one that is stuck is waited for
+/// no longer than `CONN_JOIN_LIMIT`.
+#[test]
+fn stopping_joins_admin_connection_threads_within_a_deadline() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Mutex};
+    let mut gw = TestGateway::start(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        DriverChoice::Auto,
+    );
+    let a = gw.gateway().admin_addr().expect("the admin API runs");
+    let admin = gw.gateway().admin().expect("the admin API runs").clone();
+    let (slow_in, stuck_in) = (Event::new(), Event::new());
+    let slow_done = Arc::new(AtomicBool::new(false));
+    {
+        let (entered, done) = (slow_in.clone(), slow_done.clone());
+        admin.mount(
+            Method::Get,
+            "/slow",
+            Arc::new(move |_| {
+                entered.set();
+                std::thread::sleep(Duration::from_millis(500));
+                done.store(true, Ordering::SeqCst);
+                AdminResponse::text(200, "text/plain", "late\n")
+            }),
+        );
+    }
+    let (release, wait) = mpsc::channel::<()>();
+    let wait = Mutex::new(wait);
+    {
+        let entered = stuck_in.clone();
+        admin.mount(
+            Method::Get,
+            "/stuck",
+            Arc::new(move |_| {
+                entered.set();
+                let _ = wait
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recv_timeout(Duration::from_secs(60));
+                AdminResponse::text(200, "text/plain", "never\n")
+            }),
+        );
+    }
+    let mut conns = Vec::new();
+    for path in ["/slow", "/stuck"] {
+        let mut s = raw(a);
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .unwrap();
+        conns.push(s);
+    }
+    assert!(slow_in.wait(Duration::from_secs(5)) && stuck_in.wait(Duration::from_secs(5)));
+    let t0 = Instant::now();
+    gw.stop();
+    let took = t0.elapsed();
+    assert!(
+        slow_done.load(Ordering::SeqCst),
+        "the slow handler's thread was not joined"
+    );
+    assert!(
+        took < ringway::admin::CONN_JOIN_LIMIT + Duration::from_secs(2),
+        "stopping took {took:?}"
+    );
+    drop(release);
+}

@@ -634,3 +634,197 @@ fn a_listener_added_by_a_reload_is_counted() {
     };
     assert_eq!((accepted("main"), accepted("extra")), (1.0, 2.0), "{text}");
 }
+
+/// `GET /metrics` on the admin listener, checked by the format's grammar.
+fn scrape_admin(admin: SocketAddr, accept: Option<&str>) -> (Resp, String) {
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    let r = request(
+        admin,
+        format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n{accept}Connection: close\r\n\r\n")
+            .as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    (r, text)
+}
+
+/// Issue 11: a composition's sub-requests are counted in their upstream groups' metrics, as
+/// proxied requests are (status class, error kind, latency, bytes); the client request is
+/// counted once, by its route, and in no group.
+#[test]
+fn composition_sub_requests_are_counted_by_their_groups() {
+    let json = |body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    let users = Upstream::start(move |_| Reply::Raw(json(r#"{"name": "Ada"}"#)));
+    let refusing = refusing_addr();
+    let toml = format!(
+        r#"[[listeners]]
+address = "127.0.0.1:0"
+
+[upstreams.users]
+endpoints = [{{ address = "{users}" }}]
+
+[upstreams.pictures]
+endpoints = [{{ address = "{refusing}" }}]
+
+[admin]
+address = "127.0.0.1:0"
+
+[[routes]]
+name = "profile"
+path = "/profile"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/u"
+into = "user"
+[[routes.compose.calls]]
+id = "pictures"
+upstream = "pictures"
+path = "/p"
+into = "pictures"
+required = false
+"#,
+        users = users.addr,
+        refusing = refusing.addr
+    );
+    for driver in DRIVERS {
+        let gw = TestGateway::start(&toml, driver);
+        let admin = gw.gateway().admin_addr().expect("the admin API runs");
+        for _ in 0..2 {
+            assert_eq!(status_of(&exchange(gw.addr, &get_req("/profile"))), 200);
+        }
+        let (_, text) = scrape_admin(admin, None);
+        let lines = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let v = |name: &str, labels: &[(&str, &str)]| value(&lines, name, labels);
+        let req = "ringway_upstream_requests_total";
+        assert_eq!(
+            v(req, &[("upstream", "users"), ("class", "2xx")]),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            v(req, &[("upstream", "pictures"), ("class", "5xx")]),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            v(
+                "ringway_upstream_errors_total",
+                &[
+                    ("upstream", "pictures"),
+                    ("kind", "upstream_connect_failed")
+                ]
+            ),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            v(
+                "ringway_upstream_upstream_duration_seconds_count",
+                &[("upstream", "users")]
+            ),
+            2.0,
+            "{text}"
+        );
+        assert_eq!(
+            v(
+                "ringway_upstream_request_duration_seconds_count",
+                &[("upstream", "users")]
+            ),
+            2.0,
+            "{text}"
+        );
+        // Bytes: the sub-request's head went out, the answer's head and body came back.
+        assert!(
+            v(
+                "ringway_upstream_received_bytes_total",
+                &[("upstream", "users")]
+            ) > 0.0
+        );
+        assert!(
+            v(
+                "ringway_upstream_sent_bytes_total",
+                &[("upstream", "users")]
+            ) > 2.0 * r#"{"name": "Ada"}"#.len() as f64,
+            "{text}"
+        );
+        // The client requests: counted once each, by their route, with no group error.
+        assert_eq!(
+            v(
+                "ringway_route_requests_total",
+                &[("route", "profile"), ("class", "2xx")]
+            ),
+            2.0
+        );
+        let all_routes: f64 = lines
+            .iter()
+            .filter(|l| l.name == "ringway_route_requests_total")
+            .map(|l| l.value)
+            .sum();
+        assert_eq!(all_routes, 2.0, "{text}");
+    }
+}
+
+/// Issue 11: a scraper that prefers OpenMetrics (as Prometheus does) gets OpenMetrics text:
+/// its content type, counter families without `_total`, `# EOF` last; the same samples as
+/// the text format. Others get the text format.
+#[test]
+fn a_scraper_asking_for_openmetrics_gets_it() {
+    use ringway::metrics::prom::{check_openmetrics, CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE};
+    let up = Upstream::echo();
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        proxy_all(up.addr)
+    );
+    let gw = TestGateway::start(&toml, ringway::config::DriverChoice::Auto);
+    let admin = gw.gateway().admin_addr().expect("the admin API runs");
+    for _ in 0..3 {
+        assert_eq!(status_of(&exchange(gw.addr, &get_req("/a"))), 200);
+    }
+    let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (r, om) = scrape_admin(admin, Some(prometheus));
+    assert_eq!(r.header("content-type"), Some(OPENMETRICS_CONTENT_TYPE));
+    let lines = check_openmetrics(&om).unwrap_or_else(|e| panic!("{e}\n{om}"));
+    assert!(om.ends_with("\n# EOF\n"));
+    for family in [
+        "ringway_route_requests",
+        "ringway_upstream_requests",
+        "ringway_listener_connections_accepted",
+        "ringway_cache_hits",
+    ] {
+        assert!(
+            om.contains(&format!("\n# TYPE {family} counter\n")),
+            "{family}: {om}"
+        );
+    }
+    assert!(om.contains("\n# TYPE ringway_route_request_duration_seconds histogram\n"));
+    let v = |name: &str, labels: &[(&str, &str)]| value(&lines, name, labels);
+    assert_eq!(
+        v(
+            "ringway_upstream_requests_total",
+            &[("upstream", "up"), ("class", "2xx")]
+        ),
+        3.0,
+        "{om}"
+    );
+    // The text format, as before, for a scraper that does not ask or prefers it.
+    for accept in [
+        None,
+        Some("text/plain;version=0.0.4"),
+        Some("application/openmetrics-text;q=0.2, text/plain"),
+    ] {
+        let (r, text) = scrape_admin(admin, accept);
+        assert_eq!(r.header("content-type"), Some(CONTENT_TYPE), "{accept:?}");
+        assert!(!text.contains("# EOF"));
+        let text_lines = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        // The same series either way (the scrapes themselves are not requests on a route).
+        assert_eq!(text_lines.len(), lines.len(), "{accept:?}");
+    }
+}

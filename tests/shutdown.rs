@@ -101,6 +101,12 @@ output = "{log}"
         gateway_threads()
     );
     gw.stop();
+    // The admin connections' threads are joined by the stop itself, not merely on their way out.
+    let left = gateway_threads();
+    assert!(
+        !left.iter().any(|n| n.starts_with("ringway-admin")),
+        "admin threads outlive the stop: {left:?}"
+    );
     assert!(
         eventually(Duration::from_secs(5), || gateway_threads().is_empty()),
         "left behind: {:?}",

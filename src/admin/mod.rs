@@ -191,12 +191,20 @@ struct Drain {
     posted: Vec<bool>,
 }
 
-/// Open admin connections (a clone of each socket, to cut them off when the gateway stops).
+/// Open admin connections (a clone of each socket, to cut them off when the gateway stops),
+/// and the threads serving them (joined when the gateway stops, finished ones as new
+/// connections come: at most `max_connections` running, plus those that ended since).
 #[derive(Default)]
 struct Conns {
     next: u64,
     open: HashMap<u64, TcpStream>,
+    threads: Vec<JoinHandle<()>>,
 }
+
+/// How long a stopping gateway waits for its admin connections' threads once their sockets
+/// are cut. A handler may still be waiting on the workers (2 s at most, see `endpoints.rs`);
+/// past this a thread is left to end on its own, and a warning says how many.
+pub const CONN_JOIN_LIMIT: Duration = Duration::from_secs(3);
 
 /// The admin API of one gateway: its routes, token, readiness and drain state. Shared by the
 /// listener's thread, the connection threads and whoever mounts endpoints.
@@ -223,6 +231,8 @@ pub struct Admin {
     /// refused rather than left in a queue nobody accepts from).
     drain_hooks: Mutex<Vec<DrainHook>>,
     conns: Mutex<Conns>,
+    /// Signalled when a connection's thread gives its place back.
+    conn_gone: std::sync::Condvar,
     limits: server::ConnLimits,
     drain_delay: Duration,
 }
@@ -252,12 +262,14 @@ impl AdminHandle {
         &self.admin
     }
 
-    /// Stops the listener, cuts the open admin connections and waits for the listener thread.
+    /// Stops the listener, cuts the open admin connections and waits for the listener thread,
+    /// then for the connections' threads, at most [`CONN_JOIN_LIMIT`].
     pub fn stop_and_join(&mut self) {
         self.admin.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.admin.join_conns(Instant::now() + CONN_JOIN_LIMIT);
     }
 }
 
@@ -310,6 +322,7 @@ impl Admin {
             ready: AtomicBool::new(true),
             drain: Mutex::new(None),
             conns: Mutex::new(Conns::default()),
+            conn_gone: std::sync::Condvar::new(),
             limits: server::ConnLimits {
                 max_connections: a.max_connections,
                 request_timeout: a.request_timeout.0,
@@ -417,6 +430,38 @@ impl Admin {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every connection gave its place back or `deadline` passed, then joins the
+    /// threads that ended (a thread gives its place back as its last act); the others are
+    /// left to end on their own.
+    fn join_conns(&self, deadline: Instant) {
+        let mut c = lock(&self.conns);
+        while !c.open.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            c = self
+                .conn_gone
+                .wait_timeout(c, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        let open = c.open.len();
+        let threads = std::mem::take(&mut c.threads);
+        drop(c);
+        if open > 0 {
+            warn!("admin: {open} connections still busy after {CONN_JOIN_LIMIT:?}; not waiting for them");
+            // Their threads end on their own; finished ones are joined all the same.
+            for t in threads.into_iter().filter(|t| t.is_finished()) {
+                let _ = t.join();
+            }
+        } else {
+            for t in threads {
+                let _ = t.join();
+            }
+        }
     }
 
     /// Starts a drain: readiness fails now, the data-plane listeners close after `delay`.

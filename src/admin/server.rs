@@ -141,7 +141,19 @@ fn admit(admin: &Arc<Admin>, s: TcpStream, peer: SocketAddr) {
         .name("ringway-admin-conn".into())
         .spawn(move || serve(&slot.admin, s, peer));
     // On failure the closure, and with it the slot, is dropped: the place is given back.
-    drop(spawned);
+    if let Ok(t) = spawned {
+        let mut c = lock(&admin.conns);
+        // Threads that ended are joined here, so the list stays as long as the cap.
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut c.threads)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        c.threads = running;
+        c.threads.push(t);
+        drop(c);
+        for t in done {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A place under the connection cap, given back however the connection's thread ends (a
@@ -154,6 +166,7 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         lock(&self.admin.conns).open.remove(&self.id);
+        self.admin.conn_gone.notify_all();
     }
 }
 

@@ -177,9 +177,10 @@ pub fn write_prometheus(per_worker: &[CacheStats], out: &mut String) {
     }
 }
 
-/// `GET /metrics`: the gateway's metrics and the cache's, in the Prometheus text format.
+/// `GET /metrics`: the gateway's metrics and the cache's, in the Prometheus text format, or
+/// in OpenMetrics text when the scraper's `Accept` prefers it.
 pub fn metrics_handler(control: Arc<Control>) -> Handler {
-    Arc::new(move |_req| {
+    Arc::new(move |req| {
         let mut out = String::new();
         if let Err(e) = crate::metrics::render_prometheus(&control, &mut out) {
             return AdminResponse::error(503, &e.to_string());
@@ -187,6 +188,13 @@ pub fn metrics_handler(control: Arc<Control>) -> Handler {
         match super::stats(&control, WORKER_ANSWER_LIMIT) {
             Ok(per_worker) => write_prometheus(&per_worker, &mut out),
             Err(e) => return AdminResponse::error(503, &e.to_string()),
+        }
+        if req
+            .header("accept")
+            .is_some_and(crate::metrics::prom::wants_openmetrics)
+        {
+            let om = crate::metrics::prom::to_openmetrics(&out);
+            return AdminResponse::text(200, crate::metrics::prom::OPENMETRICS_CONTENT_TYPE, om);
         }
         AdminResponse::text(200, crate::metrics::prom::CONTENT_TYPE, out)
     })

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde_json::Value;
 
+use crate::error::GatewayError;
 use crate::http::chunked::ChunkedScanner;
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::Version;
@@ -668,6 +669,13 @@ impl<'a> Env<'a> {
         let mut ubuf = self.w.bufs.take();
         let mut resp = self.w.bufs.take_resp();
         let method = call.method.as_bytes();
+        // Sub-requests are not the client request's upstream phase: their timing and retries
+        // are recorded apart, and counted in their group's metrics (`sub_request_done`).
+        let mut rec = crate::proxy::record::Record {
+            start: self.w.metrics.enabled.then(Instant::now),
+            ..Default::default()
+        };
+        let head_len = Cell::new(0usize);
         let r = try_endpoints(
             self.w,
             group,
@@ -675,9 +683,7 @@ impl<'a> Env<'a> {
             &mut down,
             &mut ubuf,
             &mut resp,
-            // Sub-requests are not the client request's upstream phase: their timing and
-            // retries are not recorded as the request's.
-            &mut crate::proxy::record::Record::default(),
+            &mut rec,
             |out, ep| {
                 out.clear();
                 out.put_slice(method);
@@ -693,13 +699,27 @@ impl<'a> Env<'a> {
                     out.put_slice(b"\r\n");
                 }
                 out.put_slice(b"\r\n");
+                head_len.set(out.len());
             },
         )
         .await;
         self.w.bufs.give(ubuf);
+        let sent = (head_len.get() as u64).saturating_add(blen as u64);
         let result = match r {
             Err(e) => {
                 let g = e.answer();
+                if rec.upstream_start.is_some() {
+                    // A failed sub-request took this long (an error path: one more reading).
+                    rec.upstream_answered(Instant::now());
+                }
+                crate::proxy::record::sub_request_done(
+                    self.w,
+                    &rec,
+                    g.map_or(0, |g| g.status()),
+                    g,
+                    sent,
+                    0,
+                );
                 Err(Fail {
                     reason: g
                         .map_or("the request could not be sent", |g| g.message())
@@ -729,12 +749,36 @@ impl<'a> Env<'a> {
                     ));
                 }
                 let status = resp.status;
+                let head_bytes = resp.raw.len() as u64;
                 let reusable_head = resp.keep_alive
                     && resp.version == Version::Http11
                     && resp.body != RespBody::Close
                     && !(head_request || status == 204 || status == 304)
                     && !self.w.shutdown.is_set();
                 resp.raw = Bytes::new();
+                // Counted as the proxy counts a relayed answer: the upstream's status, or the
+                // error that cut its body (a body over the caps is the route's limit, not the
+                // upstream's failure).
+                let (st, err, got) = match &read {
+                    Ok(body) => (status, None, body.len() as u64),
+                    Err((f, true)) => {
+                        let g = if f.timeout {
+                            GatewayError::UpstreamTimeout
+                        } else {
+                            GatewayError::UpstreamClosed
+                        };
+                        (g.status(), Some(g), 0)
+                    }
+                    Err((_, false)) => (status, None, 0),
+                };
+                crate::proxy::record::sub_request_done(
+                    self.w,
+                    &rec,
+                    st,
+                    err,
+                    sent,
+                    head_bytes.saturating_add(got),
+                );
                 match read {
                     Ok(body) => {
                         let reusable = reusable_head && up.rbuf.is_empty();

@@ -337,6 +337,15 @@ impl WorkerMetrics {
         }
     }
 
+    /// A request the gateway itself made to group `group` (a composition's sub-request): its
+    /// group's counters only. The client request it served is counted once, by its route.
+    pub fn record_group(&self, group: usize, d: &Done) {
+        if !self.enabled {
+            return;
+        }
+        slot(&mut self.groups.borrow_mut(), group).add(d);
+    }
+
     fn endpoint(&self, group: usize, ep: usize, f: impl FnOnce(&EndpointCounters)) {
         if !self.enabled {
             return;
@@ -369,6 +378,11 @@ impl WorkerMetrics {
         let c = slot(&mut v, l);
         bump(&c.accepted, 1);
         bump(&c.open, 1);
+    }
+
+    /// Connections open on listener `l` (this worker's).
+    pub fn open_connections(&self, l: usize) -> u64 {
+        self.listeners.borrow().get(l).map_or(0, |c| c.open.get())
     }
 
     pub fn conn_closed(&self, l: usize) {

@@ -9,8 +9,11 @@
 //! values escaped (`\\`, `\"`, `\n`), and cumulative histogram buckets with `_sum`/`_count`.
 //! [`check_exposition`] checks those rules (and is what the tests parse with).
 //!
-//! OpenMetrics is not written: it differs in its content type, the `# EOF` trailer and counter
-//! family naming; a scraper that asks for it accepts this format too.
+//! OpenMetrics 1.0 text (<https://github.com/prometheus/OpenMetrics/blob/main/specification/OpenMetrics.md>)
+//! is served to a scraper whose `Accept` prefers it ([`wants_openmetrics`]): the same lines,
+//! rewritten by [`to_openmetrics`], as it differs only in its content type, the `# EOF`
+//! terminator, counter families named without their samples' `_total` suffix, and `"` escaped
+//! in HELP text. Cheap: one pass over the text already made, on the scrape's thread.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -24,6 +27,110 @@ use super::{
 
 /// The content type of what [`render_prometheus`] writes.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The content type of OpenMetrics text ([`to_openmetrics`]).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Most media ranges of an `Accept` header looked at (the admin API bounds the header too).
+const MAX_ACCEPT_RANGES: usize = 32;
+
+/// Whether an `Accept` value asks for OpenMetrics 1.0.0 (`application/openmetrics-text`,
+/// without a version or with `version=1.0.0`) with a weight above 0 and not below that of the
+/// text format (`text/plain`, `text/*`, `*/*`): RFC 9110 §12.5.1. Prometheus sends
+/// `application/openmetrics-text;version=1.0.0,...,text/plain;version=0.0.4;q=0.5,*/*;q=0.1`.
+pub fn wants_openmetrics(accept: &[u8]) -> bool {
+    let Ok(accept) = std::str::from_utf8(accept) else {
+        return false;
+    };
+    let (mut om, mut text) = (0.0f64, 0.0f64);
+    for range in accept.split(',').take(MAX_ACCEPT_RANGES) {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let (mut q, mut version) = (1.0f64, None);
+        for p in parts {
+            let Some((k, v)) = p.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                // A weight that is not a number between 0 and 1 drops the range.
+                "q" => {
+                    q = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (0.0..=1.0).contains(q))
+                        .unwrap_or(-1.0)
+                }
+                "version" => version = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        match media.as_str() {
+            "application/openmetrics-text" if version.as_deref().is_none_or(|v| v == "1.0.0") => {
+                om = om.max(q)
+            }
+            "text/plain" | "text/*" | "*/*" => text = text.max(q),
+            _ => {}
+        }
+    }
+    om > 0.0 && om >= text
+}
+
+/// Rewrites a Prometheus text exposition (as [`render_prometheus`] and the cache write it) as
+/// OpenMetrics 1.0 text: a counter family `x_total` is declared as `x` (its samples keep the
+/// suffix; a counter sample without one gets it), `"` in HELP text is escaped, `untyped`
+/// reads `unknown`, blank lines go, and `# EOF` ends it.
+pub fn to_openmetrics(text: &str) -> String {
+    use std::collections::HashSet;
+    // Counter families, by their name in the text format.
+    let counters: HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, kind)| *kind == "counter")
+        .map(|(name, _)| name)
+        .collect();
+    let family = |name: &'_ str| -> String {
+        if counters.contains(name) {
+            name.strip_suffix("_total").unwrap_or(name).to_string()
+        } else {
+            name.to_string()
+        }
+    };
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str("# HELP ");
+            out.push_str(&family(name));
+            out.push(' ');
+            // The text format escapes `\` and line feeds in HELP; OpenMetrics `"` too.
+            out.push_str(&help.replace('"', "\\\""));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str("# TYPE ");
+            out.push_str(&family(name));
+            out.push(' ');
+            out.push_str(if kind == "untyped" { "unknown" } else { kind });
+        } else if line.is_empty() {
+            continue;
+        } else if line.starts_with('#') {
+            out.push_str(line);
+        } else {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            let name = &line[..end];
+            out.push_str(name);
+            if counters.contains(name) && !name.ends_with("_total") {
+                out.push_str("_total");
+            }
+            out.push_str(&line[end..]);
+        }
+        out.push('\n');
+    }
+    out.push_str("# EOF\n");
+    out
+}
 
 /// How long a scrape waits for the workers (each answers within one 50 ms sync interval).
 pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
@@ -593,6 +700,98 @@ pub fn check_exposition(text: &str) -> Result<Vec<Line>, String> {
     Ok(samples)
 }
 
+/// Checks OpenMetrics text as [`to_openmetrics`] writes it: `# EOF` last and once, no blank
+/// line, each family's `# TYPE` (once) before its samples and its samples together, counter
+/// families named without `_total` and their samples with it, histogram samples `_bucket`,
+/// `_sum` and `_count`, other samples named as their family; then the text format's checks
+/// (label grammar, cumulative buckets, `+Inf` equal to `_count`). Returns the samples.
+pub fn check_openmetrics(text: &str) -> Result<Vec<Line>, String> {
+    use std::collections::HashMap;
+    let Some(body) = text.strip_suffix("# EOF\n") else {
+        return Err("no # EOF line at the end".into());
+    };
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut current: Option<(String, String)> = None;
+    let mut finished: Vec<String> = Vec::new();
+    // The same exposition in the text format's naming, for its own checks.
+    let mut as_text = String::with_capacity(body.len());
+    for line in body.lines() {
+        if line.is_empty() {
+            return Err("a blank line".into());
+        }
+        if line == "# EOF" {
+            return Err("# EOF before the end".into());
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').ok_or(format!("bad TYPE: {line:?}"))?;
+            if ![
+                "counter",
+                "gauge",
+                "histogram",
+                "gaugehistogram",
+                "summary",
+                "info",
+                "stateset",
+                "unknown",
+            ]
+            .contains(&kind)
+            {
+                return Err(format!("unknown type: {line:?}"));
+            }
+            if kind == "counter" && name.ends_with("_total") {
+                return Err(format!("a counter family named with _total: {line:?}"));
+            }
+            if types.insert(name.to_string(), kind.to_string()).is_some() {
+                return Err(format!("family declared twice: {line:?}"));
+            }
+            if let Some((prev, _)) = current.take() {
+                finished.push(prev);
+            }
+            current = Some((name.to_string(), kind.to_string()));
+            let text_name = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            let text_kind = if kind == "unknown" { "untyped" } else { kind };
+            as_text.push_str(&format!("# TYPE {text_name} {text_kind}\n"));
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with('#') {
+            return Err(format!("a comment OpenMetrics does not have: {line:?}"));
+        }
+        let s = parse_sample(line)?;
+        let Some((family, kind)) = &current else {
+            return Err(format!("sample before any # TYPE: {line:?}"));
+        };
+        let suffixes: &[&str] = match kind.as_str() {
+            "counter" => &["_total", "_created"],
+            "histogram" | "gaugehistogram" => &["_bucket", "_sum", "_count", "_created"],
+            "summary" => &["", "_sum", "_count", "_created"],
+            _ => &[""],
+        };
+        let ok = suffixes
+            .iter()
+            .any(|suf| s.name.strip_suffix(suf) == Some(family.as_str()));
+        if !ok {
+            let elsewhere = finished.iter().any(|f| s.name.starts_with(f.as_str()));
+            return Err(if elsewhere {
+                format!("a sample away from its family: {line:?}")
+            } else {
+                format!("sample not of family {family} ({kind}): {line:?}")
+            });
+        }
+        if !s.name.ends_with("_created") {
+            as_text.push_str(line);
+            as_text.push('\n');
+        }
+    }
+    check_exposition(&as_text)
+}
+
 fn series_key(base: &str, labels: &[(String, String)]) -> String {
     let mut k = base.to_string();
     for (n, v) in labels.iter().filter(|(n, _)| n != "le") {
@@ -656,6 +855,60 @@ mod tests {
             .expect("sum");
         assert!((sum.value - 20.000123).abs() < 1e-9);
         assert!(out.contains("ringway_route_errors_total{route=\"b\",kind=\"no_route\"} 1\n"));
+    }
+
+    #[test]
+    fn openmetrics_is_chosen_by_weight() {
+        for (accept, om) in [
+            (&b"application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"[..], true),
+            (b"application/openmetrics-text", true),
+            (b"Application/OpenMetrics-Text; version=\"1.0.0\"", true),
+            (b"application/openmetrics-text; version=0.0.1", false),
+            (b"application/openmetrics-text;q=0", false),
+            (b"application/openmetrics-text;q=0.4, text/plain;q=0.5", false),
+            (b"text/plain;version=0.0.4", false),
+            (b"*/*", false),
+            (b"application/openmetrics-text;q=2", false),
+            (b"\xff\xfe", false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                wants_openmetrics(accept),
+                om,
+                "{}",
+                String::from_utf8_lossy(accept)
+            );
+        }
+    }
+
+    #[test]
+    fn openmetrics_names_counter_families_without_total_and_ends_with_eof() {
+        let mut text = String::new();
+        write_sample(&sample_data(), &mut text);
+        text.push_str("# HELP odd A \"quoted\" help.\n# TYPE odd counter\nodd 3\n\n");
+        let om = to_openmetrics(&text);
+        assert!(om.ends_with("\n# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE ringway_route_requests counter\n"));
+        assert!(om.contains("# HELP ringway_route_requests Requests"));
+        assert!(om.contains("\nringway_route_requests_total{route=\"b\",class=\"2xx\"} 3\n"));
+        assert!(om.contains("# TYPE ringway_workers gauge\nringway_workers 1\n"));
+        assert!(om.contains("# HELP odd A \\\"quoted\\\" help.\n# TYPE odd counter\nodd_total 3\n"));
+        assert!(!om.contains("\n\n"));
+        let lines = check_openmetrics(&om).unwrap_or_else(|e| panic!("{e}\n{om}"));
+        assert_eq!(
+            lines.len(),
+            check_exposition(&text).unwrap().len(),
+            "every sample is kept"
+        );
+        for bad in [
+            om.replace("# EOF\n", ""),
+            om.replace("# TYPE odd counter", "# TYPE odd_total counter"),
+            om.replace("odd_total 3", "odd 3"),
+            format!("{om}x 1\n"),
+            om.replacen("\n", "\n\n", 1),
+        ] {
+            assert!(check_openmetrics(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

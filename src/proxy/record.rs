@@ -72,6 +72,38 @@ fn micros(d: std::time::Duration) -> u64 {
     d.as_micros().min(u64::MAX as u128) as u64
 }
 
+/// The end of a sub-request the gateway made itself (a composition's call, through
+/// `forward::try_endpoints` with `rec`), counted in its upstream group's metrics as a proxied
+/// request is there: `status` (0: none came), the gateway error it ended with, total and
+/// upstream latency, the bytes sent (`bytes_in`: head and body) and received (`bytes_out`),
+/// retries. Not in the route's: the client request is counted once, by [`done`]. `rec.start`
+/// is `None` when metrics are off (then nothing is counted and no clock was read).
+pub fn sub_request_done(
+    w: &Worker,
+    rec: &Record,
+    status: u16,
+    error: Option<GatewayError>,
+    bytes_in: u64,
+    bytes_out: u64,
+) {
+    let (Some(start), Some(group)) = (rec.start, rec.group) else {
+        return;
+    };
+    let total_us = micros(start.elapsed());
+    let d = Done {
+        status,
+        error,
+        kind: None,
+        total_us: Some(total_us),
+        upstream_us: rec.upstream_us,
+        bytes_in,
+        bytes_out,
+        retries: rec.retries,
+        retry_budget_refusals: rec.retry_budget_refusals,
+    };
+    w.metrics.record_group(group, &d);
+}
+
 /// The one step at the end of every request: metrics, then the access log line.
 pub fn done<S>(w: &Worker, cfg: &Snapshot, c: &Conn<S>, ctx: &RequestCtx<'_>) {
     let r = &ctx.rec;
