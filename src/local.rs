@@ -105,7 +105,7 @@ mod tests {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            if live.len() < 100 && (x >> 33) % 3 != 0 {
+            if live.len() < 100 && !(x >> 33).is_multiple_of(3) {
                 let mut f = Box::pin(n.notified());
                 assert!(f.as_mut().poll(&mut cx).is_pending());
                 live.push(f);
