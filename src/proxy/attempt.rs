@@ -21,7 +21,7 @@ use crate::tls;
 use crate::upstream::{UpConn, UpStream, UpstreamGroup, UPSTREAM_READ_BUF};
 use crate::warn;
 
-use super::conn::{read_some, write_buf, IoFail};
+use super::conn::{IoFail, IoTimer};
 use super::worker::Timeouts;
 
 /// Bodies up to this size are copied behind their head and sent in one write.
@@ -138,14 +138,21 @@ pub async fn attempt<D: Downstream>(
     resp: &mut ResponseHead,
 ) -> Result<UpConn, AttemptError> {
     let mut up = acquire(group, ep, o).await?;
-    match send_request(&mut up, head, down, &o.t).await {
+    // One timer for the writes and the wait for the response head.
+    let slot = std::pin::pin!(None);
+    let mut timer = IoTimer::new(slot);
+    match send_request(&mut up, head, down, &o.t, &mut timer).await {
         Ok(()) => {}
         Err(SendFail::Down(f)) => return Err(AttemptError::Down(f)),
         Err(SendFail::Upstream(timeout)) => {
             // An upstream may answer before it has read the whole body (its own 413, an auth
             // error) and stop reading: pass that answer on rather than a 502. The client's
             // connection closes after it, as its body was not all read.
-            if down.has_body() && read_response_head(&mut up, down, o, resp).await.is_ok() {
+            if down.has_body()
+                && read_response_head(&mut up, down, o, resp, &mut timer)
+                    .await
+                    .is_ok()
+            {
                 return Ok(up);
             }
             return Err(if timeout {
@@ -157,7 +164,7 @@ pub async fn attempt<D: Downstream>(
             });
         }
     }
-    match read_response_head(&mut up, down, o, resp).await {
+    match read_response_head(&mut up, down, o, resp, &mut timer).await {
         Ok(()) => Ok(up),
         Err(RespFail::ClosedEarly) if up.reused => Err(AttemptError::Stale),
         Err(RespFail::ClosedEarly) => Err(AttemptError::Reset),
@@ -264,6 +271,7 @@ async fn send_request<D: Downstream>(
     head: &mut BytesMut,
     down: &mut D,
     t: &Timeouts,
+    timer: &mut IoTimer<'_>,
 ) -> Result<(), SendFail> {
     let t_w = t.upstream_write;
     let head_len = head.len();
@@ -273,7 +281,7 @@ async fn send_request<D: Downstream>(
     if let Some(b) = replay.as_ref().filter(|_| small) {
         buf.put_slice(b);
     }
-    let res = write_buf(&mut up.stream, buf, t_w).await;
+    let res = timer.write_buf(&mut up.stream, buf, t_w).await;
     match res {
         Ok(mut b) => {
             b.truncate(head_len);
@@ -283,12 +291,16 @@ async fn send_request<D: Downstream>(
     }
     if let Some(b) = replay {
         if !small {
-            write_buf(&mut up.stream, b, t_w).await.map_err(up_fail)?;
+            timer
+                .write_buf(&mut up.stream, b, t_w)
+                .await
+                .map_err(up_fail)?;
         }
         return Ok(());
     }
     while let Some(part) = down.body_part().await.map_err(SendFail::Down)? {
-        write_buf(&mut up.stream, part, t_w)
+        timer
+            .write_buf(&mut up.stream, part, t_w)
             .await
             .map_err(up_fail)?;
     }
@@ -309,8 +321,10 @@ async fn read_response_head<D: Downstream>(
     down: &mut D,
     o: &AttemptOpts,
     resp: &mut ResponseHead,
+    timer: &mut IoTimer<'_>,
 ) -> Result<(), RespFail> {
-    let started = Instant::now();
+    // The whole head, interim responses included, within `upstream_response`.
+    let deadline = super::conn::due_in(o.t.upstream_response);
     let mut got_any = false;
     let mut interim = 0usize;
     loop {
@@ -343,11 +357,10 @@ async fn read_response_head<D: Downstream>(
                 }
             }
         }
-        let left = o.t.upstream_response.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            return Err(RespFail::Timeout);
-        }
-        match read_some(&mut up.stream, &mut up.rbuf, UPSTREAM_READ_BUF, left).await {
+        match timer
+            .read_some_until(&mut up.stream, &mut up.rbuf, UPSTREAM_READ_BUF, deadline)
+            .await
+        {
             Ok(_) => {}
             Err(IoFail::Timeout) => return Err(RespFail::Timeout),
             Err(_) if got_any => return Err(RespFail::Bad),

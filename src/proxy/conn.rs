@@ -7,6 +7,7 @@
 //! [`RequestCtx`].
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
@@ -166,6 +167,98 @@ pub async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
         Err(_) => Err(IoFail::Timeout),
         Ok((Ok(_), b)) => Ok(b),
         Ok((Err(_), _)) => Err(IoFail::Io),
+    }
+}
+
+/// The instant `dur` from now; past the clock's range, thirty years on (as good as never).
+pub fn due_in(dur: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(dur)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30))
+}
+
+/// One timer for a run of timed reads and writes (an upstream exchange, a response relay):
+/// each operation moves the timer's deadline to `now + its timeout` instead of arming a timer
+/// of its own. The first operation files it in the runtime's timer wheel; moving a deadline
+/// later, as the next operation's almost always is, only notes it (monoio re-files an entry
+/// when it comes due early), and the entry leaves the wheel once, when the run ends. The same
+/// timeouts as [`read_some`] and [`write_buf`], without a wheel insert and removal and a
+/// timeout future around every operation.
+pub struct IoTimer<'a>(Pin<&'a mut Option<monoio::time::Sleep>>);
+
+impl<'a> IoTimer<'a> {
+    /// Wraps a pinned, empty slot (`let slot = std::pin::pin!(None);`).
+    pub fn new(slot: Pin<&'a mut Option<monoio::time::Sleep>>) -> IoTimer<'a> {
+        IoTimer(slot)
+    }
+
+    /// The timer, due at `at`.
+    fn arm(&mut self, at: Instant) -> Pin<&mut monoio::time::Sleep> {
+        let fresh = self.0.is_none();
+        if fresh {
+            self.0.set(Some(monoio::time::sleep_until(at.into())));
+        }
+        // Invariant: the slot holds a timer, set just above when it was empty.
+        let mut sleep = self.0.as_mut().as_pin_mut().expect("filled above");
+        if !fresh {
+            sleep.as_mut().reset(at.into());
+        }
+        sleep
+    }
+
+    /// [`read_some`] under this timer.
+    pub async fn read_some<R: AsyncReadRent>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        max: usize,
+        dur: Duration,
+    ) -> Result<usize, IoFail> {
+        self.read_some_until(io, buf, max, due_in(dur)).await
+    }
+
+    /// [`read_some`], ending at `at` (one deadline for several reads).
+    pub async fn read_some_until<R: AsyncReadRent>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        max: usize,
+        at: Instant,
+    ) -> Result<usize, IoFail> {
+        buf.reserve(max);
+        let b = std::mem::take(buf);
+        let len = b.len();
+        let end = len + max.min(b.capacity() - len);
+        let sleep = self.arm(at);
+        monoio::select! {
+            r = io.read(b.slice_mut(len..end)) => {
+                let (res, slice) = r;
+                *buf = slice.into_inner();
+                match res {
+                    Ok(0) => Err(IoFail::Eof),
+                    Ok(n) => Ok(n),
+                    Err(_) => Err(IoFail::Io),
+                }
+            }
+            _ = sleep => Err(IoFail::Timeout),
+        }
+    }
+
+    /// [`write_buf`] under this timer.
+    pub async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
+        &mut self,
+        io: &mut W,
+        buf: B,
+        dur: Duration,
+    ) -> Result<B, IoFail> {
+        let sleep = self.arm(due_in(dur));
+        monoio::select! {
+            r = io.write_all(buf) => match r {
+                (Ok(_), b) => Ok(b),
+                (Err(_), _) => Err(IoFail::Io),
+            },
+            _ = sleep => Err(IoFail::Timeout),
+        }
     }
 }
 
@@ -716,6 +809,54 @@ mod tests {
             let n = size_of_future(&f);
             eprintln!("connection task future: {n} bytes");
             assert!(n <= 1024, "the connection future grew to {n} bytes");
+        });
+    }
+
+    /// One timer across operations: a deadline moved later does not fire at the old one, a
+    /// deadline moved earlier than the one filed still fires (monoio re-files the entry), and
+    /// so does one already past. The outer 10 s bound only stops a hang. (After a timeout the
+    /// stream is not read again: a cancelled read may still take bytes, which is why callers
+    /// close it.)
+    #[test]
+    fn one_io_timer_serves_several_operations() {
+        use std::time::Duration;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let std_stream =
+            std::net::TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (mut peer, _) = l.accept().expect("accept");
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut io = monoio::net::TcpStream::from_std(std_stream).expect("stream");
+            let slot = std::pin::pin!(None);
+            let mut timer = super::IoTimer::new(slot);
+            let guard = Duration::from_secs(10);
+            // A write with a short deadline completes (the peer's buffer has room) ...
+            let w = timer.write_buf(&mut io, &b"ping"[..], Duration::from_millis(200));
+            let r = monoio::time::timeout(guard, w).await.expect("no hang");
+            assert!(r.is_ok());
+            // ... and that deadline, moved later, does not cut the next read after 200 ms.
+            let mut buf = bytes::BytesMut::new();
+            let read = timer.read_some(&mut io, &mut buf, 64, Duration::from_secs(3600));
+            let answer = async {
+                monoio::time::sleep(Duration::from_millis(400)).await;
+                std::io::Write::write_all(&mut peer, b"pong").expect("peer write");
+            };
+            let (r, ()) = monoio::join!(monoio::time::timeout(guard, read), answer);
+            assert_eq!(r.expect("no hang"), Ok(4));
+            assert_eq!(&buf[..], b"pong");
+            // A deadline earlier than the one filed: the silent peer times out.
+            let r = timer.read_some(&mut io, &mut buf, 64, Duration::from_millis(50));
+            let r = monoio::time::timeout(guard, r)
+                .await
+                .expect("the earlier deadline fired");
+            assert_eq!(r, Err(super::IoFail::Timeout));
+            // A deadline already past is a timeout, not a wait.
+            let r = timer.read_some_until(&mut io, &mut buf, 64, std::time::Instant::now());
+            let r = monoio::time::timeout(guard, r).await.expect("no hang");
+            assert_eq!(r, Err(super::IoFail::Timeout));
         });
     }
 }

@@ -18,7 +18,9 @@ use crate::router::Route;
 use crate::upstream::{UpConn, UPSTREAM_READ_BUF};
 
 use super::attempt::{DownFail, Downstream, COALESCE_BYTES};
-use super::conn::{read_some, write_buf, ClientIo, Conn, IoFail, Outcome, BODY_READ_CHUNK};
+use super::conn::{
+    read_some, write_buf, ClientIo, Conn, IoFail, IoTimer, Outcome, BODY_READ_CHUNK,
+};
 use super::ctx::{RequestBody, RequestCtx};
 use super::worker::{deadline_after, time_left, Snapshot, Timeouts, Worker};
 
@@ -256,7 +258,10 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
         connection_value(keep, ctx.head.version),
     );
 
+    // One timer for the relay's writes and reads.
+    let slot = std::pin::pin!(None);
     let mut r = Relay {
+        timer: IoTimer::new(slot),
         io: &mut c.io,
         wbuf: &mut ctx.wbuf,
         t_write: ctx.t.client_write,
@@ -304,6 +309,7 @@ fn bodiless_by_rule(resp: &ResponseHead, head_request: bool) -> bool {
 
 /// The client half of a response relay.
 struct Relay<'a, S> {
+    timer: IoTimer<'a>,
     io: &'a mut S,
     wbuf: &'a mut BytesMut,
     t_write: Duration,
@@ -320,7 +326,7 @@ impl<S: ClientIo> Relay<'_, S> {
     /// Writes to the client, counting the bytes.
     async fn write<B: IoBuf + 'static>(&mut self, buf: B) -> Result<B, IoFail> {
         let n = buf.bytes_init() as u64;
-        let b = write_buf(self.io, buf, self.t_write).await?;
+        let b = self.timer.write_buf(self.io, buf, self.t_write).await?;
         self.sent = self.sent.saturating_add(n);
         Ok(b)
     }
@@ -336,7 +342,7 @@ impl<S: ClientIo> Relay<'_, S> {
     /// One read of the upstream body: a pause past `upstream_body`, or the whole body past
     /// `upstream_body_total`, cuts the response.
     async fn read_up(
-        &self,
+        &mut self,
         up: &mut UpConn,
         buf: &mut BytesMut,
         want: usize,
@@ -345,7 +351,7 @@ impl<S: ClientIo> Relay<'_, S> {
         if dur.is_zero() {
             return Err(IoFail::Timeout);
         }
-        read_some(&mut up.stream, buf, want, dur).await
+        self.timer.read_some(&mut up.stream, buf, want, dur).await
     }
 
     /// Copies a Content-Length body. Small bodies already read go out with the head in one
