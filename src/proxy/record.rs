@@ -139,9 +139,14 @@ pub fn done<S>(w: &Worker, cfg: &Snapshot, c: &Conn<S>, ctx: &RequestCtx<'_>) {
     }
     // `r.group` is the group's slot (`UpstreamGroup::index`), which a reload keeps for a kept
     // group while its position in the config may change.
-    let group = r
-        .group
-        .and_then(|g| cfg.upstreams.iter().find(|u| u.index == g));
+    // Slot and position agree until a reload removes a group before it: look there first
+    // rather than scan every group for each line.
+    let group = r.group.and_then(|g| {
+        cfg.upstreams
+            .get(g)
+            .filter(|u| u.index == g)
+            .or_else(|| cfg.upstreams.iter().find(|u| u.index == g))
+    });
     let trace_id = r.trace.trace_id_hex();
     let head = &ctx.head;
     let entry = crate::access_log::Entry {
