@@ -646,8 +646,16 @@ async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, In
         }
     }
     // A count, not a flag: the worker's other accept loops may be paused too, and a closing
-    // connection must wake them all.
+    // connection must wake them all. Taken back on drop, however the wait ends.
+    struct Paused<'a>(&'a Worker);
+    impl Drop for Paused<'_> {
+        fn drop(&mut self) {
+            let n = &self.0.accept_paused;
+            n.set(n.get().saturating_sub(1));
+        }
+    }
     w.accept_paused.set(w.accept_paused.get() + 1);
+    let _paused = Paused(w);
     let closed = w.conn_closed.notified();
     match why {
         Pause::Cap => {
@@ -666,7 +674,6 @@ async fn pause_accepting(w: &Worker, why: Pause, episode: &mut Option<(Pause, In
             }
         }
     }
-    w.accept_paused.set(w.accept_paused.get().saturating_sub(1));
 }
 
 fn out_of_descriptors(e: &io::Error) -> bool {
