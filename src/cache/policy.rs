@@ -355,8 +355,15 @@ fn digits(s: &[u8], n: usize) -> Option<u32> {
 /// already expired (RFC 9111 §5.3).
 pub fn parse_http_date(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
-    let parts: Vec<&[u8]> = v.split(|b| *b == b' ').collect();
-    match parts.as_slice() {
+    // Every form has at most six space-separated parts: more is not a date (and nothing is
+    // allocated to find out).
+    let mut parts: [&[u8]; 6] = [b""; 6];
+    let mut n = 0;
+    for part in v.split(|b| *b == b' ') {
+        *parts.get_mut(n)? = part;
+        n += 1;
+    }
+    match &parts[..n] {
         // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
         [wd, d, mo, y, t, b"GMT"] if wd.len() == 4 && wd.ends_with(b",") => {
             to_secs(i64::from(digits(y, 4)?), month(mo)?, digits(d, 2)?, hms(t)?)
@@ -643,6 +650,8 @@ mod tests {
             b"Sun, 06 NOV 1994 08:49:37 GMT",
             b"Sun, 06 Nov 1994 08:49:37 UTC",
             b"Sun Nov   6 08:49:37 1994",
+            b"Sun, 06 Nov 1994 08:49:37 GMT x",
+            b"Sun Nov  6 08:49:37 1994 GMT x y",
         ] {
             assert_eq!(
                 parse_http_date(bad),

@@ -202,13 +202,15 @@ impl Keys {
         }
     }
 
-    fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Found>, bool) {
+    /// The stored response `head` selects and the key it is under (borrowed: a hit needs no
+    /// copy of it, see [`Hit::found`]), and whether any variant is stored.
+    fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Hit<'_>>, bool) {
         let (o, any) = cache.lookup(&self.shared, head);
         if let Some(obj) = o {
             return (
-                Some(Found {
+                Some(Hit {
                     obj,
-                    key: self.shared.clone(),
+                    key: &self.shared,
                 }),
                 true,
             );
@@ -216,17 +218,27 @@ impl Keys {
         if let Some(k) = &self.own {
             let (o, any2) = cache.lookup(k, head);
             if let Some(obj) = o {
-                return (
-                    Some(Found {
-                        obj,
-                        key: k.clone(),
-                    }),
-                    true,
-                );
+                return (Some(Hit { obj, key: k }), true);
             }
             return (None, any || any2);
         }
         (None, any)
+    }
+}
+
+/// A stored response found under one of the request's [`Keys`].
+struct Hit<'k> {
+    obj: Rc<Object>,
+    key: &'k [u8],
+}
+
+impl Hit<'_> {
+    /// With its key owned, for what outlives the lookup (validation, revalidation).
+    fn found(self) -> Found {
+        Found {
+            obj: self.obj,
+            key: self.key.to_vec(),
+        }
     }
 }
 
@@ -302,9 +314,9 @@ async fn cached<'c, S: ClientIo>(
         return fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, s).await;
     }
     let now = now_secs();
-    let (found, any) = keys.lookup(&cache, &ctx.head);
+    let (hit, any) = keys.lookup(&cache, &ctx.head);
     let mut fwd = if any { "vary-miss" } else { "uri-miss" };
-    if let Some(f) = &found {
+    if let Some(f) = &hit {
         match usable(&f.obj, &req, now) {
             Use::Fresh | Use::StaleOk => {
                 cache.count(|s| s.hits += 1);
@@ -315,7 +327,11 @@ async fn cached<'c, S: ClientIo>(
             }
             Use::StaleRevalidate => {
                 cache.count(|s| s.stale_hits += 1);
-                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, f);
+                let f = Found {
+                    obj: f.obj.clone(),
+                    key: f.key.to_vec(),
+                };
+                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, &f);
                 let mut s = Status::new(p, "");
                 s.hit = true;
                 s.ttl = Some(f.obj.ttl(now));
@@ -325,6 +341,7 @@ async fn cached<'c, S: ClientIo>(
             Use::Validate => fwd = if req.no_cache { "request" } else { "stale" },
         }
     }
+    let found = hit.map(Hit::found);
     if req.only_if_cached {
         // §5.2.1.7: nothing usable is stored.
         let mut s = Status::new(p, fwd);
@@ -394,7 +411,7 @@ async fn cached<'c, S: ClientIo>(
                         s.ttl = Some(f.obj.ttl(now));
                         return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
                     }
-                    found = Some(f);
+                    found = Some(f.found());
                 }
             }
             FlightEnd::NotStorable => {
@@ -561,12 +578,51 @@ pub(crate) struct Storable {
 pub(crate) fn analyze(
     p: &RoutePolicy,
     status: u16,
-    fields: &[Field],
+    fields: Vec<Field>,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
-    let (d, targeted) = p.response_directives(fields);
+    let (d, targeted) = p.response_directives(&fields);
+    screen(status, &d, req_authorized)?;
+    analyze_fields(p, status, fields, &d, targeted, request_time, response_time)
+}
+
+/// [`analyze`] for an upstream's response head: a response that is never stored (its status,
+/// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
+/// copied; the fields of one that may be are copied once and kept as they are filtered.
+fn analyze_response(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    // The lines `copy_fields` keeps: those not listed in `Connection`.
+    let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
+    let (d, targeted) = p.directives_by(|name, each| {
+        for h in &resp.headers {
+            let n = resp.bytes(h.name);
+            if n.eq_ignore_ascii_case(name) && !listed.lists(n) {
+                each(resp.bytes(h.value));
+            }
+        }
+    });
+    screen(resp.status, &d, req_authorized)?;
+    let fields = copy_fields(resp);
+    analyze_fields(
+        p,
+        resp.status,
+        fields,
+        &d,
+        targeted,
+        request_time,
+        response_time,
+    )
+}
+
+/// What the status and the directives alone rule out (§3, §3.5), in this order.
+fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
     }
@@ -584,23 +640,37 @@ pub(crate) fn analyze(
     if req_authorized && !(d.public || d.s_maxage.is_some() || d.must_revalidate) {
         return Err("authorization");
     }
+    Ok(())
+}
+
+/// The rest of [`analyze`], once [`screen`] passed: freshness and the fields kept (filtered
+/// in place).
+fn analyze_fields(
+    p: &RoutePolicy,
+    status: u16,
+    mut fields: Vec<Field>,
+    d: &Directives,
+    targeted: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
     let has_cookie = fields.iter().any(|(n, _)| {
         n.eq_ignore_ascii_case(b"set-cookie") || n.eq_ignore_ascii_case(b"set-cookie2")
     });
     if has_cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
         return Err("set-cookie");
     }
-    let vary = policy::vary_names(policy::fields(fields, b"vary")).ok_or("vary-star")?;
+    let vary = policy::vary_names(policy::fields(&fields, b"vary")).ok_or("vary-star")?;
     if vary.len() > MAX_VARY_FIELDS {
         return Err("vary-too-many");
     }
-    let date = policy::field(fields, b"date")
+    let date = policy::field(&fields, b"date")
         .and_then(policy::parse_http_date)
         .unwrap_or(response_time);
     let expires = if targeted {
         None
     } else {
-        policy::field(fields, b"expires")
+        policy::field(&fields, b"expires")
     };
     let explicit = d.s_maxage.is_some() || d.max_age.is_some() || expires.is_some();
     let heuristic = p.heuristic && (policy::heuristic_status(status) || d.public);
@@ -617,7 +687,7 @@ pub(crate) fn analyze(
         policy::parse_http_date(e).map_or(0, |e| e.saturating_sub(date))
     } else if heuristic {
         // §4.2.2: a fraction of the time since the last modification.
-        policy::field(fields, b"last-modified")
+        policy::field(&fields, b"last-modified")
             .and_then(policy::parse_http_date)
             .map_or(0, |lm| (date.saturating_sub(lm) / 10).min(p.max_heuristic))
     } else {
@@ -625,7 +695,7 @@ pub(crate) fn analyze(
     };
     // §4.2.3
     // §5.1: a list-valued Age counts by its first member; an invalid one is ignored.
-    let age_value = policy::field(fields, b"age")
+    let age_value = policy::field(&fields, b"age")
         .and_then(|v| crate::http::list_items(v).next())
         .and_then(policy::delta_seconds)
         .unwrap_or(0);
@@ -641,33 +711,29 @@ pub(crate) fn analyze(
         no_stale: d.must_revalidate || d.proxy_revalidate || d.s_maxage.is_some(),
         always_validate: d.no_cache,
     };
-    let validators = policy::field(fields, b"etag").is_some()
-        || policy::field(fields, b"last-modified").is_some();
+    let validators = policy::field(&fields, b"etag").is_some()
+        || policy::field(&fields, b"last-modified").is_some();
     if lifetime == 0 && !validators && t.swr == 0 && t.sie == 0 {
         return Err("stale-on-arrival");
     }
-    let mut kept: Vec<Field> = fields
-        .iter()
-        .filter(|(n, _)| {
-            !policy::unstorable_field(n)
-                && (p.set_cookie == super::config::SetCookieMode::Store
-                    || !(n.eq_ignore_ascii_case(b"set-cookie")
-                        || n.eq_ignore_ascii_case(b"set-cookie2")))
-                && !n.eq_ignore_ascii_case(b"cache-status")
-                && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-                && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-        })
-        .cloned()
-        .collect();
+    fields.retain(|(n, _)| {
+        !policy::unstorable_field(n)
+            && (p.set_cookie == super::config::SetCookieMode::Store
+                || !(n.eq_ignore_ascii_case(b"set-cookie")
+                    || n.eq_ignore_ascii_case(b"set-cookie2")))
+            && !n.eq_ignore_ascii_case(b"cache-status")
+            && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+            && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+    });
     // RFC 9110 §6.6.1: a response stored without Date gets the time it was received.
-    if policy::field(&kept, b"date").is_none() {
-        kept.push((
+    if policy::field(&fields, b"date").is_none() {
+        fields.push((
             Bytes::from_static(b"date"),
             Bytes::copy_from_slice(&crate::date::http_date(response_time)),
         ));
     }
     Ok(Storable {
-        fields: kept,
+        fields,
         t,
         public: d.public,
         vary,
@@ -679,7 +745,7 @@ fn make_object(
     status: u16,
     reason: Bytes,
     body: Bytes,
-    url: &[u8],
+    url: Box<[u8]>,
     head: &RequestHead,
 ) -> Object {
     let vary = s
@@ -697,7 +763,7 @@ fn make_object(
         fields: s.fields,
         body,
         t: s.t,
-        url: url.into(),
+        url,
         tags,
         vary,
         invalid: std::cell::Cell::new(false),
@@ -746,7 +812,7 @@ fn freshen(
     let s = analyze(
         p,
         o.status,
-        &with_age,
+        with_age,
         req_authorized,
         request_time,
         response_time,
@@ -938,11 +1004,10 @@ async fn fetch<'c, S: ClientIo>(
                         w.bufs.give_resp(resp);
                         return out;
                     }
-                    let fields = copy_fields(&resp);
                     let mut plan = if req.no_store {
                         Err("request-no-store")
                     } else {
-                        analyze(p, resp.status, &fields, authorized, request_time, now)
+                        analyze_response(p, &resp, authorized, request_time, now)
                     };
                     let key = plan
                         .as_ref()
@@ -971,7 +1036,7 @@ async fn fetch<'c, S: ClientIo>(
                         {
                             g.flight().publish(FlightStream {
                                 status: resp.status,
-                                reason: Bytes::copy_from_slice(resp.bytes(resp.reason)),
+                                reason: reason_of(&resp),
                                 fields: s.fields.clone(),
                                 len,
                                 t: s.t,
@@ -1013,7 +1078,7 @@ async fn fetch<'c, S: ClientIo>(
                     .await;
                     let complete = matches!(out, Outcome::Relayed { .. });
                     let failed = matches!(out, Outcome::Answer(_));
-                    let reason = Bytes::copy_from_slice(resp.bytes(resp.reason));
+                    let reason = reason_of(&resp);
                     let status_code = resp.status;
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
@@ -1022,8 +1087,14 @@ async fn fetch<'c, S: ClientIo>(
                         if complete && !t.over {
                             let mut url = Vec::new();
                             url_of(&ctx.head, &mut url);
-                            let obj =
-                                make_object(s, status_code, reason, t.finish(), &url, &ctx.head);
+                            let obj = make_object(
+                                s,
+                                status_code,
+                                reason,
+                                t.finish(),
+                                url.into_boxed_slice(),
+                                &ctx.head,
+                            );
                             let obj = Rc::new(obj);
                             cache.insert(&k, obj.clone(), p.max_variants);
                             cache.share(&k, &obj);
@@ -1095,6 +1166,17 @@ async fn fetch<'c, S: ClientIo>(
     };
     w.bufs.give_resp(resp);
     out
+}
+
+/// A response's reason phrase to keep: the usual one for its status is not copied.
+fn reason_of(resp: &ResponseHead) -> Bytes {
+    let r = resp.bytes(resp.reason);
+    let usual = reason_phrase(resp.status);
+    if r == usual.as_bytes() {
+        Bytes::from_static(usual.as_bytes())
+    } else {
+        Bytes::copy_from_slice(r)
+    }
 }
 
 fn known_len(resp: &ResponseHead) -> Option<u64> {
@@ -1837,12 +1919,12 @@ impl Revalidation {
                         None => false,
                     }
                 } else {
-                    match analyze(p, resp.status, &fields, self.authorized, request_time, now) {
+                    match analyze(p, resp.status, fields, self.authorized, request_time, now) {
                         Ok(s) => {
                             let body = read_body(&mut up, &resp, p.max_object, &self.t).await;
                             match body {
                                 Some((body, reusable)) => {
-                                    let reason = Bytes::copy_from_slice(resp.bytes(resp.reason));
+                                    let reason = reason_of(&resp);
                                     let status = resp.status;
                                     resp.raw = Bytes::new();
                                     let obj = make_object(
@@ -1850,7 +1932,7 @@ impl Revalidation {
                                         status,
                                         reason,
                                         body,
-                                        &self.obj.url,
+                                        self.obj.url.clone(),
                                         &self.head,
                                     );
                                     // Stored under the key the stale one had.
