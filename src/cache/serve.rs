@@ -1553,18 +1553,11 @@ fn put_hex(out: &mut BytesMut, n: usize) {
 /// The client's preconditions against a stored 2xx (RFC 9110 §13.2.2, in its order): the
 /// status to answer instead (304 or 412), or `None` to answer the stored response.
 fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
-    let etag = o.etag();
-    let lm = o.last_modified().and_then(policy::parse_http_date);
-    // RFC 9111 §4.3.2: without Last-Modified, the stored Date (or the time it was received)
-    // stands in for If-Modified-Since.
-    let lm_or_date = lm.or_else(|| {
-        Some(
-            policy::field(&o.fields, b"date")
-                .and_then(policy::parse_http_date)
-                .unwrap_or(o.t.response_time),
-        )
-    });
+    // The stored validators are read only for a request that asks about them (most ask
+    // nothing: no date is parsed for them).
+    let lm = || o.last_modified().and_then(policy::parse_http_date);
     if let Some(im) = h.header(b"if-match") {
+        let etag = o.etag();
         let ok = crate::http::trim_ows(im) == b"*"
             || etag.is_some_and(|e| im.split(|b| *b == b',').any(|t| policy::strong_match(t, e)));
         if !ok {
@@ -1574,19 +1567,26 @@ fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
         .header(b"if-unmodified-since")
         .and_then(policy::parse_http_date)
     {
-        if lm.is_none_or(|lm| lm > ius) {
+        if lm().is_none_or(|lm| lm > ius) {
             return Some(412);
         }
     }
     if let Some(inm) = h.header(b"if-none-match") {
-        if policy::none_match_hits(inm, etag) {
+        if policy::none_match_hits(inm, o.etag()) {
             return Some(304);
         }
     } else if let Some(ims) = h
         .header(b"if-modified-since")
         .and_then(policy::parse_http_date)
     {
-        if lm_or_date.is_some_and(|lm| lm <= ims) {
+        // RFC 9111 §4.3.2: without Last-Modified, the stored Date (or the time it was
+        // received) stands in for it.
+        let lm_or_date = lm().unwrap_or_else(|| {
+            policy::field(&o.fields, b"date")
+                .and_then(policy::parse_http_date)
+                .unwrap_or(o.t.response_time)
+        });
+        if lm_or_date <= ims {
             return Some(304);
         }
     }
