@@ -3,6 +3,8 @@
 //! §4.2), storability (§3), Vary (§4.1), and the client's own conditionals and ranges
 //! (RFC 9110 §13, §14).
 
+use std::cell::Cell;
+
 use bytes::Bytes;
 
 use crate::http::{list_items, trim_ows};
@@ -355,6 +357,34 @@ fn digits(s: &[u8], n: usize) -> Option<u32> {
 /// already expired (RFC 9111 §5.3).
 pub fn parse_http_date(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
+    let Ok(fixed) = <[u8; IMF_FIXDATE_LEN]>::try_from(v) else {
+        return parse_date_forms(v);
+    };
+    let (last, secs) = LAST_DATE.get();
+    if last == fixed {
+        return Some(secs);
+    }
+    let parsed = parse_date_forms(v);
+    if let Some(secs) = parsed {
+        LAST_DATE.set((fixed, secs));
+    }
+    parsed
+}
+
+/// Bytes of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+const IMF_FIXDATE_LEN: usize = 29;
+
+thread_local! {
+    /// The last date of [`IMF_FIXDATE_LEN`] bytes this thread parsed, and its value: an
+    /// origin's `Date` changes once a second, so most responses carry the one the response
+    /// before carried, and it is compared instead of parsed. It starts as the epoch, a date
+    /// that parses to 0.
+    static LAST_DATE: Cell<([u8; IMF_FIXDATE_LEN], u64)> =
+        const { Cell::new((*b"Thu, 01 Jan 1970 00:00:00 GMT", 0)) };
+}
+
+/// [`parse_http_date`] itself, without the memo.
+fn parse_date_forms(v: &[u8]) -> Option<u64> {
     // Every form has at most six space-separated parts: more is not a date (and nothing is
     // allocated to find out).
     let mut parts: [&[u8]; 6] = [b""; 6];
@@ -662,6 +692,34 @@ mod tests {
         }
         let now = 1_700_000_000;
         assert_eq!(parse_http_date(&crate::date::http_date(now)), Some(now));
+    }
+
+    /// The memo of the last date answers only for the very same bytes: the same date twice,
+    /// another date after it, a malformed one of the same length, and the epoch it starts with.
+    #[test]
+    fn http_date_memo_answers_only_for_the_same_bytes() {
+        assert_eq!(parse_date_forms(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        for _ in 0..2 {
+            assert_eq!(
+                parse_http_date(b"Sun, 06 Nov 1994 08:49:37 GMT"),
+                Some(784_111_777)
+            );
+            assert_eq!(
+                parse_http_date(b" Sun, 06 Nov 1994 08:49:37 GMT "),
+                Some(784_111_777)
+            );
+        }
+        assert_eq!(
+            parse_http_date(b"Sun, 06 Nov 1994 08:49:38 GMT"),
+            Some(784_111_778)
+        );
+        assert_eq!(parse_http_date(b"Sun, 06 Nov 1994 08:49:3X GMT"), None);
+        assert_eq!(
+            parse_http_date(b"Sun, 06 Nov 1994 08:49:38 GMT"),
+            Some(784_111_778)
+        );
+        assert_eq!(parse_http_date(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(parse_http_date(&[0; IMF_FIXDATE_LEN]), None);
     }
 
     #[test]
