@@ -51,6 +51,9 @@ const ENTRY_OVERHEAD: u64 = 256;
 const MAX_FLIGHTS: usize = 65_536;
 /// Longest key accepted (a longer one is not cached).
 pub const MAX_KEY_BYTES: usize = 16 * 1024;
+/// Spare key buffers a worker keeps, and the largest one kept (see [`WorkerCache::key_buf`]).
+const MAX_SPARE_KEY_BUFS: usize = 256;
+const MAX_SPARE_KEY_BYTES: usize = 1024;
 /// Most surrogate keys kept per object.
 const MAX_TAGS: usize = 64;
 
@@ -447,6 +450,9 @@ pub struct WorkerCache {
     /// collisions at it).
     flights: RefCell<HashMap<Rc<[u8]>, Rc<Flight>, quick_cache::DefaultHashBuilder>>,
     stats: RefCell<CacheStats>,
+    /// Key buffers of requests that ended, for the next ones to build their keys into
+    /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
+    spare_keys: RefCell<Vec<Vec<u8>>>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -469,6 +475,7 @@ impl WorkerCache {
             )),
             flights: RefCell::new(HashMap::default()),
             stats: RefCell::new(CacheStats::default()),
+            spare_keys: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -506,6 +513,21 @@ impl WorkerCache {
 
     pub(crate) fn count(&self, f: impl FnOnce(&mut CacheStats)) {
         f(&mut self.stats.borrow_mut());
+    }
+
+    /// An empty buffer to build a key into: a spare one when there is one, so that a cached
+    /// request does not allocate its key. Give it back with [`WorkerCache::give_key_buf`].
+    pub fn key_buf(&self) -> Vec<u8> {
+        self.spare_keys.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Keeps a key buffer for a later request (a large one, or one past the bound, is freed).
+    pub fn give_key_buf(&self, mut buf: Vec<u8>) {
+        let mut spare = self.spare_keys.borrow_mut();
+        if buf.capacity() <= MAX_SPARE_KEY_BYTES && spare.len() < MAX_SPARE_KEY_BUFS {
+            buf.clear();
+            spare.push(buf);
+        }
     }
 
     /// The variants stored under `key`.

@@ -596,15 +596,24 @@ pub fn vary_names<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<Box<
 
 /// Header fields a cache never stores or replays: hop-by-hop ones and framing (§3.1).
 pub fn unstorable_field(name: &[u8]) -> bool {
-    crate::http::is_hop_by_hop(name)
-        || name.eq_ignore_ascii_case(b"content-length")
-        || name.eq_ignore_ascii_case(b"age")
-        || name.eq_ignore_ascii_case(b"proxy-connection")
-        || name.eq_ignore_ascii_case(b"x-request-id")
-        // §3.1: apply to one hop only.
-        || name.eq_ignore_ascii_case(b"proxy-authenticate")
-        || name.eq_ignore_ascii_case(b"proxy-authentication-info")
-        || name.eq_ignore_ascii_case(b"proxy-authorization")
+    // By length first, so that most names are compared with nothing: the hop-by-hop fields
+    // (`crate::http::HOP_BY_HOP`, a test keeps the two in step), framing, Age and the
+    // request id, and (§3.1) the fields that apply to one hop only.
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 => is(b"te"),
+        3 => is(b"age"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        12 => is(b"x-request-id"),
+        14 => is(b"content-length"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        25 => is(b"proxy-authentication-info"),
+        _ => false,
+    }
 }
 
 /// A stored field line.
@@ -692,6 +701,37 @@ mod tests {
         }
         let now = 1_700_000_000;
         assert_eq!(parse_http_date(&crate::date::http_date(now)), Some(now));
+    }
+
+    #[test]
+    fn unstorable_fields_rfc9111_3_1() {
+        for n in crate::http::HOP_BY_HOP {
+            assert!(unstorable_field(n), "{}", String::from_utf8_lossy(n));
+            assert!(unstorable_field(&n.to_ascii_uppercase()));
+        }
+        for n in [
+            &b"Content-Length"[..],
+            b"AGE",
+            b"x-request-id",
+            b"Proxy-Authenticate",
+            b"proxy-authentication-info",
+            b"proxy-authorization",
+        ] {
+            assert!(unstorable_field(n), "{}", String::from_utf8_lossy(n));
+        }
+        for n in [
+            &b"content-type"[..],
+            b"date",
+            b"etag",
+            b"cache-control",
+            b"tee",
+            b"ag",
+            b"set-cookie",
+            b"x-request-ids",
+            b"",
+        ] {
+            assert!(!unstorable_field(n), "{}", String::from_utf8_lossy(n));
+        }
     }
 
     /// The memo of the last date answers only for the very same bytes: the same date twice,

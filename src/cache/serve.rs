@@ -167,12 +167,20 @@ struct Keys {
     shared: Vec<u8>,
     /// This consumer's entries (auth routes).
     own: Option<Vec<u8>>,
+    /// Where `shared`'s buffer goes back when the request is done with it.
+    cache: Rc<WorkerCache>,
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        self.cache.give_key_buf(std::mem::take(&mut self.shared));
+    }
 }
 
 impl Keys {
-    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>) -> Keys {
+    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>, cache: &Rc<WorkerCache>) -> Keys {
         let consumer = if p.auth { consumer_of(ctx) } else { None };
-        let mut shared = Vec::new();
+        let mut shared = cache.key_buf();
         let mut own = None;
         if p.key_consumer {
             build_key(
@@ -189,7 +197,11 @@ impl Keys {
                 own = Some(k);
             }
         }
-        Keys { shared, own }
+        Keys {
+            shared,
+            own,
+            cache: cache.clone(),
+        }
     }
 
     /// The key a response is stored under: shared when it is public (or the route has no
@@ -307,7 +319,7 @@ async fn cached<'c, S: ClientIo>(
     let group = &cfg.upstreams[group_idx];
     let cache = w.cache.clone();
     let req = request_directives(&ctx.head);
-    let keys = Keys::new(p, ctx);
+    let keys = Keys::new(p, ctx, &cache);
     if keys.shared.len() > super::MAX_KEY_BYTES {
         let mut s = Status::new(p, "bypass");
         s.detail = Some("key-too-long");
@@ -357,7 +369,8 @@ async fn cached<'c, S: ClientIo>(
     }
     // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
     // to `coalesce_timeout`, then go alone. A failed fetch lets one waiter take over.
-    let started = Instant::now();
+    // When this request began to wait (the first flight it finds).
+    let mut started: Option<Instant> = None;
     let mut collapsed = false;
     let mut guard: Option<FlightGuard> = None;
     let mut found = found;
@@ -381,7 +394,8 @@ async fn cached<'c, S: ClientIo>(
                 s.collapsed = true;
                 return stream_from(w, &cfg.via, route, c, ctx, &flight, &st, &s).await;
             }
-            let left = p.coalesce_timeout.saturating_sub(started.elapsed());
+            let since = *started.get_or_insert_with(Instant::now);
+            let left = p.coalesce_timeout.saturating_sub(since.elapsed());
             if left.is_zero()
                 || monoio::time::timeout(left, flight.done.notified())
                     .await
