@@ -171,7 +171,7 @@ impl RoutePolicy {
 pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
     let host = head.host_bytes().unwrap_or(b"");
     let pq = head.bytes(head.path_query);
-    out.reserve(host.len() + pq.len() + 1);
+    out.reserve(host.len() + pq.len() + usize::from(pq.first() != Some(&b'/')));
     push_lower(out, host);
     if pq.first() == Some(&b'/') {
         out.extend_from_slice(pq);

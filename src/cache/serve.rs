@@ -573,11 +573,15 @@ fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
         let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
         raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
     };
-    resp.headers
-        .iter()
-        .filter(|h| !listed.lists(resp.bytes(h.name)))
-        .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value))))
-        .collect()
+    // Sized for every line at once (collecting from a filter would start small and grow).
+    let mut fields = Vec::with_capacity(resp.headers.len() + 1);
+    fields.extend(
+        resp.headers
+            .iter()
+            .filter(|h| !listed.lists(resp.bytes(h.name)))
+            .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value)))),
+    );
+    fields
 }
 
 /// A response analysed for storing (RFC 9111 §3): the fields to keep and its timing, or why
@@ -668,24 +672,23 @@ fn analyze_fields(
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
-    let has_cookie = fields.iter().any(|(n, _)| {
-        n.eq_ignore_ascii_case(b"set-cookie") || n.eq_ignore_ascii_case(b"set-cookie2")
-    });
-    if has_cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
+    let seen = Seen::of(&fields);
+    if seen.cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
         return Err("set-cookie");
     }
-    let vary = policy::vary_names(policy::fields(&fields, b"vary")).ok_or("vary-star")?;
+    let vary = if seen.vary {
+        policy::vary_names(policy::fields(&fields, b"vary")).ok_or("vary-star")?
+    } else {
+        Vec::new()
+    };
     if vary.len() > MAX_VARY_FIELDS {
         return Err("vary-too-many");
     }
-    let date = policy::field(&fields, b"date")
+    let date = seen
+        .date
         .and_then(policy::parse_http_date)
         .unwrap_or(response_time);
-    let expires = if targeted {
-        None
-    } else {
-        policy::field(&fields, b"expires")
-    };
+    let expires = if targeted { None } else { seen.expires };
     let explicit = d.s_maxage.is_some() || d.max_age.is_some() || expires.is_some();
     let heuristic = p.heuristic && (policy::heuristic_status(status) || d.public);
     if !explicit && !heuristic && !d.public {
@@ -701,7 +704,7 @@ fn analyze_fields(
         policy::parse_http_date(e).map_or(0, |e| e.saturating_sub(date))
     } else if heuristic {
         // §4.2.2: a fraction of the time since the last modification.
-        policy::field(&fields, b"last-modified")
+        seen.last_modified
             .and_then(policy::parse_http_date)
             .map_or(0, |lm| (date.saturating_sub(lm) / 10).min(p.max_heuristic))
     } else {
@@ -709,7 +712,8 @@ fn analyze_fields(
     };
     // §4.2.3
     // §5.1: a list-valued Age counts by its first member; an invalid one is ignored.
-    let age_value = policy::field(&fields, b"age")
+    let age_value = seen
+        .age
         .and_then(|v| crate::http::list_items(v).next())
         .and_then(policy::delta_seconds)
         .unwrap_or(0);
@@ -725,11 +729,11 @@ fn analyze_fields(
         no_stale: d.must_revalidate || d.proxy_revalidate || d.s_maxage.is_some(),
         always_validate: d.no_cache,
     };
-    let validators = policy::field(&fields, b"etag").is_some()
-        || policy::field(&fields, b"last-modified").is_some();
+    let validators = seen.etag || seen.last_modified.is_some();
     if lifetime == 0 && !validators && t.swr == 0 && t.sie == 0 {
         return Err("stale-on-arrival");
     }
+    let had_date = seen.date.is_some();
     fields.retain(|(n, _)| {
         !policy::unstorable_field(n)
             && (p.set_cookie == super::config::SetCookieMode::Store
@@ -739,8 +743,14 @@ fn analyze_fields(
             && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
             && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
     });
+    // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
+    let has_date = if d.private_fields.is_empty() && d.no_cache_fields.is_empty() {
+        had_date
+    } else {
+        policy::field(&fields, b"date").is_some()
+    };
     // RFC 9110 §6.6.1: a response stored without Date gets the time it was received.
-    if policy::field(&fields, b"date").is_none() {
+    if !has_date {
         fields.push((
             Bytes::from_static(b"date"),
             Bytes::copy_from_slice(&crate::date::http_date(response_time)),
@@ -752,6 +762,52 @@ fn analyze_fields(
         public: d.public,
         vary,
     })
+}
+
+/// The fields [`analyze_fields`] reads, found in one pass over the response's fields (the
+/// first value of each, as [`policy::field`] gives it).
+#[derive(Default)]
+struct Seen<'a> {
+    date: Option<&'a [u8]>,
+    expires: Option<&'a [u8]>,
+    last_modified: Option<&'a [u8]>,
+    age: Option<&'a [u8]>,
+    etag: bool,
+    vary: bool,
+    /// `Set-Cookie` or `Set-Cookie2`.
+    cookie: bool,
+}
+
+impl<'a> Seen<'a> {
+    fn of(fields: &'a [Field]) -> Seen<'a> {
+        let mut s = Seen::default();
+        for (n, v) in fields {
+            let is = |name: &[u8]| n.eq_ignore_ascii_case(name);
+            let slot = match n.len() {
+                3 if is(b"age") => &mut s.age,
+                4 if is(b"date") => &mut s.date,
+                4 if is(b"etag") => {
+                    s.etag = true;
+                    continue;
+                }
+                4 if is(b"vary") => {
+                    s.vary = true;
+                    continue;
+                }
+                7 if is(b"expires") => &mut s.expires,
+                10 | 11 if is(b"set-cookie") || is(b"set-cookie2") => {
+                    s.cookie = true;
+                    continue;
+                }
+                13 if is(b"last-modified") => &mut s.last_modified,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(&v[..]);
+            }
+        }
+        s
+    }
 }
 
 fn make_object(
@@ -2060,8 +2116,134 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::put_hex;
-    use bytes::BytesMut;
+    use super::{analyze, put_hex, Field};
+    use crate::cache::config::SetCookieMode;
+    use crate::cache::{QueryMode, RoutePolicy};
+    use bytes::{Bytes, BytesMut};
+    use std::time::Duration;
+
+    fn policy() -> RoutePolicy {
+        RoutePolicy {
+            ignore_host: false,
+            query: QueryMode::All,
+            key_headers: Vec::new(),
+            key_consumer: false,
+            auth: false,
+            set_cookie: SetCookieMode::Bypass,
+            heuristic: true,
+            max_heuristic: 86_400,
+            swr: None,
+            sie: None,
+            max_object: 1 << 20,
+            purge: false,
+            max_variants: 8,
+            coalesce_timeout: Duration::from_secs(5),
+            targeted: vec![b"cdn-cache-control"[..].into()],
+            name: b"ringway"[..].into(),
+        }
+    }
+
+    fn fields(list: &[(&'static str, &'static str)]) -> Vec<Field> {
+        list.iter()
+            .map(|(n, v)| {
+                (
+                    Bytes::from_static(n.as_bytes()),
+                    Bytes::from_static(v.as_bytes()),
+                )
+            })
+            .collect()
+    }
+
+    fn dates(f: &[Field]) -> Vec<&[u8]> {
+        crate::cache::policy::fields(f, b"date").collect()
+    }
+
+    /// What is stored of a response's fields (RFC 9111 §3.1) and the Date it is given (RFC
+    /// 9110 §6.6.1): the origin's Date is kept, one is added when there is none, or when the
+    /// response's `private="date"` dropped it; hop-by-hop fields and Cache-Status go.
+    #[test]
+    fn stored_fields_and_date_rfc9111_3_1() {
+        let p = policy();
+        let t = 1_700_000_000;
+        let ours = crate::date::http_date(t);
+        let origin = "Tue, 14 Nov 2023 22:13:10 GMT";
+        let s = analyze(
+            &p,
+            200,
+            fields(&[
+                ("Date", origin),
+                ("Cache-Control", "max-age=60"),
+                ("Keep-Alive", "timeout=5"),
+                ("Cache-Status", "upstream; hit"),
+                ("Content-Type", "text/plain"),
+            ]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| &n[..]).collect();
+        assert_eq!(names, [&b"Date"[..], b"Cache-Control", b"Content-Type"]);
+        assert_eq!(dates(&s.fields), [origin.as_bytes()]);
+        assert_eq!(s.t.lifetime, 60);
+
+        let s = analyze(
+            &p,
+            200,
+            fields(&[("Cache-Control", "max-age=60")]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        assert_eq!(dates(&s.fields), [&ours[..]]);
+
+        let s = analyze(
+            &p,
+            200,
+            fields(&[
+                ("Date", origin),
+                ("Cache-Control", "max-age=60, private=\"date\""),
+            ]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        assert_eq!(dates(&s.fields), [&ours[..]]);
+
+        for (f, why) in [
+            (
+                &[("Set-Cookie", "a=1"), ("Cache-Control", "max-age=60")][..],
+                "set-cookie",
+            ),
+            (
+                &[("Set-Cookie2", "a=1"), ("Cache-Control", "max-age=60")][..],
+                "set-cookie",
+            ),
+            (
+                &[("Vary", "accept, *"), ("Cache-Control", "max-age=60")][..],
+                "vary-star",
+            ),
+            (&[("Cache-Control", "max-age=0")][..], "stale-on-arrival"),
+        ] {
+            assert_eq!(analyze(&p, 200, fields(f), false, t, t).err(), Some(why));
+        }
+        let s = analyze(
+            &p,
+            200,
+            fields(&[
+                ("Vary", "Accept"),
+                ("ETag", "\"a\""),
+                ("Cache-Control", "max-age=0"),
+            ]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        assert_eq!(s.vary, [Box::from(&b"accept"[..])]);
+    }
 
     /// RFC 9112 §7.1: chunk sizes are hexadecimal, without leading zeros here.
     #[test]
