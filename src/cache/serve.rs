@@ -1079,10 +1079,8 @@ async fn fetch<'c, S: ClientIo>(
                     } else {
                         analyze_response(p, &resp, authorized, request_time, now)
                     };
-                    let key = plan
-                        .as_ref()
-                        .ok()
-                        .and_then(|s| keys.store_key(p, s.public).map(<[u8]>::to_vec));
+                    // Borrowed from `keys`, which this request holds to the end.
+                    let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
                     if plan.is_ok() && key.is_none() {
                         plan = Err("no-consumer");
                     }
@@ -1166,8 +1164,8 @@ async fn fetch<'c, S: ClientIo>(
                                 &ctx.head,
                             );
                             let obj = Rc::new(obj);
-                            cache.insert(&k, obj.clone(), p.max_variants);
-                            cache.share(&k, &obj);
+                            cache.insert(k, obj.clone(), p.max_variants);
+                            cache.share(k, &obj);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
