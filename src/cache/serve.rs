@@ -566,6 +566,11 @@ fn conditional_head(
 
 /// The response's header fields, copied (they must not pin the upstream read buffer).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
+    copy_fields_where(resp, |_| true)
+}
+
+/// [`copy_fields`] of the lines whose name `keep` accepts.
+fn copy_fields_where(resp: &ResponseHead, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
     // One copy of the head; every field is a slice of it.
     let raw = Bytes::copy_from_slice(&resp.raw);
@@ -578,7 +583,10 @@ fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
     fields.extend(
         resp.headers
             .iter()
-            .filter(|h| !listed.lists(resp.bytes(h.name)))
+            .filter(|h| {
+                let n = resp.bytes(h.name);
+                keep(n) && !listed.lists(n)
+            })
             .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value)))),
     );
     fields
@@ -627,7 +635,11 @@ fn analyze_response(
         }
     });
     screen(resp.status, &d, req_authorized)?;
-    let fields = copy_fields(resp);
+    // What is never stored is not copied either, except Age, which the age calculation reads
+    // (§4.2.3; `analyze_fields` drops it from the stored copy).
+    let fields = copy_fields_where(resp, |n| {
+        !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age")
+    });
     analyze_fields(
         p,
         resp.status,
