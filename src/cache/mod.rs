@@ -51,6 +51,9 @@ const ENTRY_OVERHEAD: u64 = 256;
 const MAX_FLIGHTS: usize = 65_536;
 /// Longest key accepted (a longer one is not cached).
 pub const MAX_KEY_BYTES: usize = 16 * 1024;
+/// Spare key buffers a worker keeps, and the largest one kept (see [`WorkerCache::key_buf`]).
+const MAX_SPARE_KEY_BUFS: usize = 256;
+const MAX_SPARE_KEY_BYTES: usize = 1024;
 /// Most surrogate keys kept per object.
 const MAX_TAGS: usize = 64;
 
@@ -131,20 +134,34 @@ impl RoutePolicy {
     /// (RFC 9213 §2.2), else `Cache-Control`. `true` when a targeted field was used (then
     /// `Expires` is ignored too).
     pub fn response_directives(&self, fields: &[Field]) -> (Directives, bool) {
+        self.directives_by(|name, each| policy::fields(fields, name).for_each(each))
+    }
+
+    /// [`RoutePolicy::response_directives`] over any view of a response's field lines:
+    /// `lines(name, each)` calls `each` with every value of `name`, in order. This lets the
+    /// cache decide from the upstream's head, before copying any field, that a response is
+    /// not stored.
+    pub fn directives_by(
+        &self,
+        lines: impl Fn(&[u8], &mut dyn FnMut(&[u8])),
+    ) -> (Directives, bool) {
         for t in &self.targeted {
-            let mut lines = policy::fields(fields, t).peekable();
-            if lines.peek().is_none() {
-                continue;
-            }
-            let joined: Vec<u8> = lines.collect::<Vec<_>>().join(&b", "[..]);
+            // The field's lines joined with ", " (RFC 9110 §5.3); `None` when it is absent.
+            let mut joined: Option<Vec<u8>> = None;
+            lines(t, &mut |v| match &mut joined {
+                None => joined = Some(v.to_vec()),
+                Some(j) => {
+                    j.extend_from_slice(b", ");
+                    j.extend_from_slice(v);
+                }
+            });
+            let Some(joined) = joined else { continue };
             if let Some(d) = Directives::targeted(&joined) {
                 return (d, true);
             }
         }
         let mut d = Directives::default();
-        for v in policy::fields(fields, b"cache-control") {
-            d.add(v);
-        }
+        lines(b"cache-control", &mut |v| d.add(v));
         (d, false)
     }
 }
@@ -152,10 +169,10 @@ impl RoutePolicy {
 /// The URL part of a key and the purge matching: host (lower case) and path with its query as
 /// sent.
 pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
-    if let Some(h) = head.host_bytes() {
-        out.extend(h.iter().map(u8::to_ascii_lowercase));
-    }
+    let host = head.host_bytes().unwrap_or(b"");
     let pq = head.bytes(head.path_query);
+    out.reserve(host.len() + pq.len() + usize::from(pq.first() != Some(&b'/')));
+    push_lower(out, host);
     if pq.first() == Some(&b'/') {
         out.extend_from_slice(pq);
     } else {
@@ -168,15 +185,20 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
 /// chosen header values, and a consumer when given.
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
     out.clear();
+    let host = if p.ignore_host {
+        &b""[..]
+    } else {
+        head.host_bytes().unwrap_or(b"")
+    };
+    let pq = head.bytes(head.path_query);
+    // Room for the usual key at once (tag, host, path and query, a consumer); the header
+    // values, unknown here, may grow it.
+    let names: usize = p.key_headers.iter().map(|h| h.len() + 2).sum();
+    out.reserve(host.len() + pq.len() + names + consumer.map_or(0, |c| c.len() + 2) + 3);
     out.push(b'u');
-    if !p.ignore_host {
-        if let Some(h) = head.host_bytes() {
-            out.extend(h.iter().map(u8::to_ascii_lowercase));
-        }
-    }
+    push_lower(out, host);
     out.push(0);
     out.extend_from_slice(head.path_bytes());
-    let pq = head.bytes(head.path_query);
     let query = pq
         .iter()
         .position(|b| *b == b'?')
@@ -221,6 +243,13 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
         out.push(b'c');
         out.extend_from_slice(c);
     }
+}
+
+/// Appends `s` lower-cased (ASCII).
+fn push_lower(out: &mut Vec<u8>, s: &[u8]) {
+    let from = out.len();
+    out.extend_from_slice(s);
+    out[from..].make_ascii_lowercase();
 }
 
 /// What a freshness computation needs (RFC 9111 §4.2), fixed when an object is stored or
@@ -416,8 +445,14 @@ pub struct CacheStats {
 /// One worker's cache: its store, its fetches in flight and its counters.
 pub struct WorkerCache {
     map: RefCell<Map>,
-    flights: RefCell<HashMap<Box<[u8]>, Rc<Flight>>>,
+    /// Keyed by the cache key; the key is shared with the fetch's [`FlightGuard`], and hashed
+    /// with the store's own keyed hasher (random per process, so a client cannot aim
+    /// collisions at it).
+    flights: RefCell<HashMap<Rc<[u8]>, Rc<Flight>, quick_cache::DefaultHashBuilder>>,
     stats: RefCell<CacheStats>,
+    /// Key buffers of requests that ended, for the next ones to build their keys into
+    /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
+    spare_keys: RefCell<Vec<Vec<u8>>>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -438,8 +473,9 @@ impl WorkerCache {
                 Default::default(),
                 Default::default(),
             )),
-            flights: RefCell::new(HashMap::new()),
+            flights: RefCell::new(HashMap::default()),
             stats: RefCell::new(CacheStats::default()),
+            spare_keys: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -477,6 +513,21 @@ impl WorkerCache {
 
     pub(crate) fn count(&self, f: impl FnOnce(&mut CacheStats)) {
         f(&mut self.stats.borrow_mut());
+    }
+
+    /// An empty buffer to build a key into: a spare one when there is one, so that a cached
+    /// request does not allocate its key. Give it back with [`WorkerCache::give_key_buf`].
+    pub fn key_buf(&self) -> Vec<u8> {
+        self.spare_keys.borrow_mut().pop().unwrap_or_default()
+    }
+
+    /// Keeps a key buffer for a later request (a large one, or one past the bound, is freed).
+    pub fn give_key_buf(&self, mut buf: Vec<u8>) {
+        let mut spare = self.spare_keys.borrow_mut();
+        if buf.capacity() <= MAX_SPARE_KEY_BYTES && spare.len() < MAX_SPARE_KEY_BUFS {
+            buf.clear();
+            spare.push(buf);
+        }
     }
 
     /// The variants stored under `key`.
@@ -548,9 +599,13 @@ impl WorkerCache {
     /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
     pub fn begin_flight(self: &Rc<Self>, key: &[u8]) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
-        if f.contains_key(key) || f.len() >= MAX_FLIGHTS {
+        if f.len() >= MAX_FLIGHTS {
             return None;
         }
+        let key: Rc<[u8]> = key.into();
+        let std::collections::hash_map::Entry::Vacant(slot) = f.entry(key.clone()) else {
+            return None;
+        };
         let flight = Rc::new(Flight {
             done: Notify::default(),
             end: Cell::new(FlightEnd::Pending),
@@ -559,10 +614,10 @@ impl WorkerCache {
             body: RefCell::new(BytesMut::new()),
             whole: RefCell::new(None),
         });
-        f.insert(key.into(), flight.clone());
+        slot.insert(flight.clone());
         Some(FlightGuard {
             cache: self.clone(),
-            key: key.into(),
+            key,
             flight,
         })
     }
@@ -639,7 +694,7 @@ impl WorkerCache {
 /// the flight and wakes the waiters.
 pub struct FlightGuard {
     cache: Rc<WorkerCache>,
-    key: Box<[u8]>,
+    key: Rc<[u8]>,
     flight: Rc<Flight>,
 }
 
@@ -658,7 +713,7 @@ impl Drop for FlightGuard {
         if self.flight.end.get() == FlightEnd::Pending {
             self.flight.end.set(FlightEnd::Failed);
         }
-        self.cache.flights.borrow_mut().remove(&self.key);
+        self.cache.flights.borrow_mut().remove(&*self.key);
         self.flight.done.notify_all();
     }
 }

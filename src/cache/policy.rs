@@ -3,6 +3,8 @@
 //! §4.2), storability (§3), Vary (§4.1), and the client's own conditionals and ranges
 //! (RFC 9110 §13, §14).
 
+use std::cell::Cell;
+
 use bytes::Bytes;
 
 use crate::http::{list_items, trim_ows};
@@ -355,8 +357,43 @@ fn digits(s: &[u8], n: usize) -> Option<u32> {
 /// already expired (RFC 9111 §5.3).
 pub fn parse_http_date(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
-    let parts: Vec<&[u8]> = v.split(|b| *b == b' ').collect();
-    match parts.as_slice() {
+    let Ok(fixed) = <[u8; IMF_FIXDATE_LEN]>::try_from(v) else {
+        return parse_date_forms(v);
+    };
+    let (last, secs) = LAST_DATE.get();
+    if last == fixed {
+        return Some(secs);
+    }
+    let parsed = parse_date_forms(v);
+    if let Some(secs) = parsed {
+        LAST_DATE.set((fixed, secs));
+    }
+    parsed
+}
+
+/// Bytes of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+const IMF_FIXDATE_LEN: usize = 29;
+
+thread_local! {
+    /// The last date of [`IMF_FIXDATE_LEN`] bytes this thread parsed, and its value: an
+    /// origin's `Date` changes once a second, so most responses carry the one the response
+    /// before carried, and it is compared instead of parsed. It starts as the epoch, a date
+    /// that parses to 0.
+    static LAST_DATE: Cell<([u8; IMF_FIXDATE_LEN], u64)> =
+        const { Cell::new((*b"Thu, 01 Jan 1970 00:00:00 GMT", 0)) };
+}
+
+/// [`parse_http_date`] itself, without the memo.
+fn parse_date_forms(v: &[u8]) -> Option<u64> {
+    // Every form has at most six space-separated parts: more is not a date (and nothing is
+    // allocated to find out).
+    let mut parts: [&[u8]; 6] = [b""; 6];
+    let mut n = 0;
+    for part in v.split(|b| *b == b' ') {
+        *parts.get_mut(n)? = part;
+        n += 1;
+    }
+    match &parts[..n] {
         // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
         [wd, d, mo, y, t, b"GMT"] if wd.len() == 4 && wd.ends_with(b",") => {
             to_secs(i64::from(digits(y, 4)?), month(mo)?, digits(d, 2)?, hms(t)?)
@@ -559,15 +596,24 @@ pub fn vary_names<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<Box<
 
 /// Header fields a cache never stores or replays: hop-by-hop ones and framing (§3.1).
 pub fn unstorable_field(name: &[u8]) -> bool {
-    crate::http::is_hop_by_hop(name)
-        || name.eq_ignore_ascii_case(b"content-length")
-        || name.eq_ignore_ascii_case(b"age")
-        || name.eq_ignore_ascii_case(b"proxy-connection")
-        || name.eq_ignore_ascii_case(b"x-request-id")
-        // §3.1: apply to one hop only.
-        || name.eq_ignore_ascii_case(b"proxy-authenticate")
-        || name.eq_ignore_ascii_case(b"proxy-authentication-info")
-        || name.eq_ignore_ascii_case(b"proxy-authorization")
+    // By length first, so that most names are compared with nothing: the hop-by-hop fields
+    // (`crate::http::HOP_BY_HOP`, a test keeps the two in step), framing, Age and the
+    // request id, and (§3.1) the fields that apply to one hop only.
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 => is(b"te"),
+        3 => is(b"age"),
+        7 => is(b"trailer") || is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        12 => is(b"x-request-id"),
+        14 => is(b"content-length"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        25 => is(b"proxy-authentication-info"),
+        _ => false,
+    }
 }
 
 /// A stored field line.
@@ -643,6 +689,8 @@ mod tests {
             b"Sun, 06 NOV 1994 08:49:37 GMT",
             b"Sun, 06 Nov 1994 08:49:37 UTC",
             b"Sun Nov   6 08:49:37 1994",
+            b"Sun, 06 Nov 1994 08:49:37 GMT x",
+            b"Sun Nov  6 08:49:37 1994 GMT x y",
         ] {
             assert_eq!(
                 parse_http_date(bad),
@@ -653,6 +701,65 @@ mod tests {
         }
         let now = 1_700_000_000;
         assert_eq!(parse_http_date(&crate::date::http_date(now)), Some(now));
+    }
+
+    #[test]
+    fn unstorable_fields_rfc9111_3_1() {
+        for n in crate::http::HOP_BY_HOP {
+            assert!(unstorable_field(n), "{}", String::from_utf8_lossy(n));
+            assert!(unstorable_field(&n.to_ascii_uppercase()));
+        }
+        for n in [
+            &b"Content-Length"[..],
+            b"AGE",
+            b"x-request-id",
+            b"Proxy-Authenticate",
+            b"proxy-authentication-info",
+            b"proxy-authorization",
+        ] {
+            assert!(unstorable_field(n), "{}", String::from_utf8_lossy(n));
+        }
+        for n in [
+            &b"content-type"[..],
+            b"date",
+            b"etag",
+            b"cache-control",
+            b"tee",
+            b"ag",
+            b"set-cookie",
+            b"x-request-ids",
+            b"",
+        ] {
+            assert!(!unstorable_field(n), "{}", String::from_utf8_lossy(n));
+        }
+    }
+
+    /// The memo of the last date answers only for the very same bytes: the same date twice,
+    /// another date after it, a malformed one of the same length, and the epoch it starts with.
+    #[test]
+    fn http_date_memo_answers_only_for_the_same_bytes() {
+        assert_eq!(parse_date_forms(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        for _ in 0..2 {
+            assert_eq!(
+                parse_http_date(b"Sun, 06 Nov 1994 08:49:37 GMT"),
+                Some(784_111_777)
+            );
+            assert_eq!(
+                parse_http_date(b" Sun, 06 Nov 1994 08:49:37 GMT "),
+                Some(784_111_777)
+            );
+        }
+        assert_eq!(
+            parse_http_date(b"Sun, 06 Nov 1994 08:49:38 GMT"),
+            Some(784_111_778)
+        );
+        assert_eq!(parse_http_date(b"Sun, 06 Nov 1994 08:49:3X GMT"), None);
+        assert_eq!(
+            parse_http_date(b"Sun, 06 Nov 1994 08:49:38 GMT"),
+            Some(784_111_778)
+        );
+        assert_eq!(parse_http_date(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(parse_http_date(&[0; IMF_FIXDATE_LEN]), None);
     }
 
     #[test]

@@ -167,12 +167,20 @@ struct Keys {
     shared: Vec<u8>,
     /// This consumer's entries (auth routes).
     own: Option<Vec<u8>>,
+    /// Where `shared`'s buffer goes back when the request is done with it.
+    cache: Rc<WorkerCache>,
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        self.cache.give_key_buf(std::mem::take(&mut self.shared));
+    }
 }
 
 impl Keys {
-    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>) -> Keys {
+    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>, cache: &Rc<WorkerCache>) -> Keys {
         let consumer = if p.auth { consumer_of(ctx) } else { None };
-        let mut shared = Vec::new();
+        let mut shared = cache.key_buf();
         let mut own = None;
         if p.key_consumer {
             build_key(
@@ -189,7 +197,11 @@ impl Keys {
                 own = Some(k);
             }
         }
-        Keys { shared, own }
+        Keys {
+            shared,
+            own,
+            cache: cache.clone(),
+        }
     }
 
     /// The key a response is stored under: shared when it is public (or the route has no
@@ -202,13 +214,15 @@ impl Keys {
         }
     }
 
-    fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Found>, bool) {
+    /// The stored response `head` selects and the key it is under (borrowed: a hit needs no
+    /// copy of it, see [`Hit::found`]), and whether any variant is stored.
+    fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Hit<'_>>, bool) {
         let (o, any) = cache.lookup(&self.shared, head);
         if let Some(obj) = o {
             return (
-                Some(Found {
+                Some(Hit {
                     obj,
-                    key: self.shared.clone(),
+                    key: &self.shared,
                 }),
                 true,
             );
@@ -216,17 +230,27 @@ impl Keys {
         if let Some(k) = &self.own {
             let (o, any2) = cache.lookup(k, head);
             if let Some(obj) = o {
-                return (
-                    Some(Found {
-                        obj,
-                        key: k.clone(),
-                    }),
-                    true,
-                );
+                return (Some(Hit { obj, key: k }), true);
             }
             return (None, any || any2);
         }
         (None, any)
+    }
+}
+
+/// A stored response found under one of the request's [`Keys`].
+struct Hit<'k> {
+    obj: Rc<Object>,
+    key: &'k [u8],
+}
+
+impl Hit<'_> {
+    /// With its key owned, for what outlives the lookup (validation, revalidation).
+    fn found(self) -> Found {
+        Found {
+            obj: self.obj,
+            key: self.key.to_vec(),
+        }
     }
 }
 
@@ -295,16 +319,16 @@ async fn cached<'c, S: ClientIo>(
     let group = &cfg.upstreams[group_idx];
     let cache = w.cache.clone();
     let req = request_directives(&ctx.head);
-    let keys = Keys::new(p, ctx);
+    let keys = Keys::new(p, ctx, &cache);
     if keys.shared.len() > super::MAX_KEY_BYTES {
         let mut s = Status::new(p, "bypass");
         s.detail = Some("key-too-long");
         return fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, s).await;
     }
     let now = now_secs();
-    let (found, any) = keys.lookup(&cache, &ctx.head);
+    let (hit, any) = keys.lookup(&cache, &ctx.head);
     let mut fwd = if any { "vary-miss" } else { "uri-miss" };
-    if let Some(f) = &found {
+    if let Some(f) = &hit {
         match usable(&f.obj, &req, now) {
             Use::Fresh | Use::StaleOk => {
                 cache.count(|s| s.hits += 1);
@@ -315,7 +339,11 @@ async fn cached<'c, S: ClientIo>(
             }
             Use::StaleRevalidate => {
                 cache.count(|s| s.stale_hits += 1);
-                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, f);
+                let f = Found {
+                    obj: f.obj.clone(),
+                    key: f.key.to_vec(),
+                };
+                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, &f);
                 let mut s = Status::new(p, "");
                 s.hit = true;
                 s.ttl = Some(f.obj.ttl(now));
@@ -325,6 +353,7 @@ async fn cached<'c, S: ClientIo>(
             Use::Validate => fwd = if req.no_cache { "request" } else { "stale" },
         }
     }
+    let found = hit.map(Hit::found);
     if req.only_if_cached {
         // §5.2.1.7: nothing usable is stored.
         let mut s = Status::new(p, fwd);
@@ -340,7 +369,8 @@ async fn cached<'c, S: ClientIo>(
     }
     // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
     // to `coalesce_timeout`, then go alone. A failed fetch lets one waiter take over.
-    let started = Instant::now();
+    // When this request began to wait (the first flight it finds).
+    let mut started: Option<Instant> = None;
     let mut collapsed = false;
     let mut guard: Option<FlightGuard> = None;
     let mut found = found;
@@ -364,7 +394,8 @@ async fn cached<'c, S: ClientIo>(
                 s.collapsed = true;
                 return stream_from(w, &cfg.via, route, c, ctx, &flight, &st, &s).await;
             }
-            let left = p.coalesce_timeout.saturating_sub(started.elapsed());
+            let since = *started.get_or_insert_with(Instant::now);
+            let left = p.coalesce_timeout.saturating_sub(since.elapsed());
             if left.is_zero()
                 || monoio::time::timeout(left, flight.done.notified())
                     .await
@@ -394,7 +425,7 @@ async fn cached<'c, S: ClientIo>(
                         s.ttl = Some(f.obj.ttl(now));
                         return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
                     }
-                    found = Some(f);
+                    found = Some(f.found());
                 }
             }
             FlightEnd::NotStorable => {
@@ -535,6 +566,11 @@ fn conditional_head(
 
 /// The response's header fields, copied (they must not pin the upstream read buffer).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
+    copy_fields_where(resp, |_| true)
+}
+
+/// [`copy_fields`] of the lines whose name `keep` accepts.
+fn copy_fields_where(resp: &ResponseHead, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
     // One copy of the head; every field is a slice of it.
     let raw = Bytes::copy_from_slice(&resp.raw);
@@ -542,11 +578,18 @@ fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
         let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
         raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
     };
-    resp.headers
-        .iter()
-        .filter(|h| !listed.lists(resp.bytes(h.name)))
-        .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value))))
-        .collect()
+    // Sized for every line at once (collecting from a filter would start small and grow).
+    let mut fields = Vec::with_capacity(resp.headers.len() + 1);
+    fields.extend(
+        resp.headers
+            .iter()
+            .filter(|h| {
+                let n = resp.bytes(h.name);
+                keep(n) && !listed.lists(n)
+            })
+            .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value)))),
+    );
+    fields
 }
 
 /// A response analysed for storing (RFC 9111 §3): the fields to keep and its timing, or why
@@ -561,12 +604,55 @@ pub(crate) struct Storable {
 pub(crate) fn analyze(
     p: &RoutePolicy,
     status: u16,
-    fields: &[Field],
+    fields: Vec<Field>,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
-    let (d, targeted) = p.response_directives(fields);
+    let (d, targeted) = p.response_directives(&fields);
+    screen(status, &d, req_authorized)?;
+    analyze_fields(p, status, fields, &d, targeted, request_time, response_time)
+}
+
+/// [`analyze`] for an upstream's response head: a response that is never stored (its status,
+/// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
+/// copied; the fields of one that may be are copied once and kept as they are filtered.
+fn analyze_response(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    // The lines `copy_fields` keeps: those not listed in `Connection`.
+    let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
+    let (d, targeted) = p.directives_by(|name, each| {
+        for h in &resp.headers {
+            let n = resp.bytes(h.name);
+            if n.eq_ignore_ascii_case(name) && !listed.lists(n) {
+                each(resp.bytes(h.value));
+            }
+        }
+    });
+    screen(resp.status, &d, req_authorized)?;
+    // What is never stored is not copied either, except Age, which the age calculation reads
+    // (§4.2.3; `analyze_fields` drops it from the stored copy).
+    let fields = copy_fields_where(resp, |n| {
+        !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age")
+    });
+    analyze_fields(
+        p,
+        resp.status,
+        fields,
+        &d,
+        targeted,
+        request_time,
+        response_time,
+    )
+}
+
+/// What the status and the directives alone rule out (§3, §3.5), in this order.
+fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
     }
@@ -584,24 +670,37 @@ pub(crate) fn analyze(
     if req_authorized && !(d.public || d.s_maxage.is_some() || d.must_revalidate) {
         return Err("authorization");
     }
-    let has_cookie = fields.iter().any(|(n, _)| {
-        n.eq_ignore_ascii_case(b"set-cookie") || n.eq_ignore_ascii_case(b"set-cookie2")
-    });
-    if has_cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
+    Ok(())
+}
+
+/// The rest of [`analyze`], once [`screen`] passed: freshness and the fields kept (filtered
+/// in place).
+fn analyze_fields(
+    p: &RoutePolicy,
+    status: u16,
+    mut fields: Vec<Field>,
+    d: &Directives,
+    targeted: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    let seen = Seen::of(&fields);
+    if seen.cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
         return Err("set-cookie");
     }
-    let vary = policy::vary_names(policy::fields(fields, b"vary")).ok_or("vary-star")?;
+    let vary = if seen.vary {
+        policy::vary_names(policy::fields(&fields, b"vary")).ok_or("vary-star")?
+    } else {
+        Vec::new()
+    };
     if vary.len() > MAX_VARY_FIELDS {
         return Err("vary-too-many");
     }
-    let date = policy::field(fields, b"date")
+    let date = seen
+        .date
         .and_then(policy::parse_http_date)
         .unwrap_or(response_time);
-    let expires = if targeted {
-        None
-    } else {
-        policy::field(fields, b"expires")
-    };
+    let expires = if targeted { None } else { seen.expires };
     let explicit = d.s_maxage.is_some() || d.max_age.is_some() || expires.is_some();
     let heuristic = p.heuristic && (policy::heuristic_status(status) || d.public);
     if !explicit && !heuristic && !d.public {
@@ -617,7 +716,7 @@ pub(crate) fn analyze(
         policy::parse_http_date(e).map_or(0, |e| e.saturating_sub(date))
     } else if heuristic {
         // §4.2.2: a fraction of the time since the last modification.
-        policy::field(fields, b"last-modified")
+        seen.last_modified
             .and_then(policy::parse_http_date)
             .map_or(0, |lm| (date.saturating_sub(lm) / 10).min(p.max_heuristic))
     } else {
@@ -625,7 +724,8 @@ pub(crate) fn analyze(
     };
     // §4.2.3
     // §5.1: a list-valued Age counts by its first member; an invalid one is ignored.
-    let age_value = policy::field(fields, b"age")
+    let age_value = seen
+        .age
         .and_then(|v| crate::http::list_items(v).next())
         .and_then(policy::delta_seconds)
         .unwrap_or(0);
@@ -641,37 +741,85 @@ pub(crate) fn analyze(
         no_stale: d.must_revalidate || d.proxy_revalidate || d.s_maxage.is_some(),
         always_validate: d.no_cache,
     };
-    let validators = policy::field(fields, b"etag").is_some()
-        || policy::field(fields, b"last-modified").is_some();
+    let validators = seen.etag || seen.last_modified.is_some();
     if lifetime == 0 && !validators && t.swr == 0 && t.sie == 0 {
         return Err("stale-on-arrival");
     }
-    let mut kept: Vec<Field> = fields
-        .iter()
-        .filter(|(n, _)| {
-            !policy::unstorable_field(n)
-                && (p.set_cookie == super::config::SetCookieMode::Store
-                    || !(n.eq_ignore_ascii_case(b"set-cookie")
-                        || n.eq_ignore_ascii_case(b"set-cookie2")))
-                && !n.eq_ignore_ascii_case(b"cache-status")
-                && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-                && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-        })
-        .cloned()
-        .collect();
+    let had_date = seen.date.is_some();
+    fields.retain(|(n, _)| {
+        !policy::unstorable_field(n)
+            && (p.set_cookie == super::config::SetCookieMode::Store
+                || !(n.eq_ignore_ascii_case(b"set-cookie")
+                    || n.eq_ignore_ascii_case(b"set-cookie2")))
+            && !n.eq_ignore_ascii_case(b"cache-status")
+            && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+            && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+    });
+    // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
+    let has_date = if d.private_fields.is_empty() && d.no_cache_fields.is_empty() {
+        had_date
+    } else {
+        policy::field(&fields, b"date").is_some()
+    };
     // RFC 9110 §6.6.1: a response stored without Date gets the time it was received.
-    if policy::field(&kept, b"date").is_none() {
-        kept.push((
+    if !has_date {
+        fields.push((
             Bytes::from_static(b"date"),
             Bytes::copy_from_slice(&crate::date::http_date(response_time)),
         ));
     }
     Ok(Storable {
-        fields: kept,
+        fields,
         t,
         public: d.public,
         vary,
     })
+}
+
+/// The fields [`analyze_fields`] reads, found in one pass over the response's fields (the
+/// first value of each, as [`policy::field`] gives it).
+#[derive(Default)]
+struct Seen<'a> {
+    date: Option<&'a [u8]>,
+    expires: Option<&'a [u8]>,
+    last_modified: Option<&'a [u8]>,
+    age: Option<&'a [u8]>,
+    etag: bool,
+    vary: bool,
+    /// `Set-Cookie` or `Set-Cookie2`.
+    cookie: bool,
+}
+
+impl<'a> Seen<'a> {
+    fn of(fields: &'a [Field]) -> Seen<'a> {
+        let mut s = Seen::default();
+        for (n, v) in fields {
+            let is = |name: &[u8]| n.eq_ignore_ascii_case(name);
+            let slot = match n.len() {
+                3 if is(b"age") => &mut s.age,
+                4 if is(b"date") => &mut s.date,
+                4 if is(b"etag") => {
+                    s.etag = true;
+                    continue;
+                }
+                4 if is(b"vary") => {
+                    s.vary = true;
+                    continue;
+                }
+                7 if is(b"expires") => &mut s.expires,
+                10 | 11 if is(b"set-cookie") || is(b"set-cookie2") => {
+                    s.cookie = true;
+                    continue;
+                }
+                13 if is(b"last-modified") => &mut s.last_modified,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(&v[..]);
+            }
+        }
+        s
+    }
 }
 
 fn make_object(
@@ -679,7 +827,7 @@ fn make_object(
     status: u16,
     reason: Bytes,
     body: Bytes,
-    url: &[u8],
+    url: Box<[u8]>,
     head: &RequestHead,
 ) -> Object {
     let vary = s
@@ -697,7 +845,7 @@ fn make_object(
         fields: s.fields,
         body,
         t: s.t,
-        url: url.into(),
+        url,
         tags,
         vary,
         invalid: std::cell::Cell::new(false),
@@ -746,7 +894,7 @@ fn freshen(
     let s = analyze(
         p,
         o.status,
-        &with_age,
+        with_age,
         req_authorized,
         request_time,
         response_time,
@@ -938,16 +1086,13 @@ async fn fetch<'c, S: ClientIo>(
                         w.bufs.give_resp(resp);
                         return out;
                     }
-                    let fields = copy_fields(&resp);
                     let mut plan = if req.no_store {
                         Err("request-no-store")
                     } else {
-                        analyze(p, resp.status, &fields, authorized, request_time, now)
+                        analyze_response(p, &resp, authorized, request_time, now)
                     };
-                    let key = plan
-                        .as_ref()
-                        .ok()
-                        .and_then(|s| keys.store_key(p, s.public).map(<[u8]>::to_vec));
+                    // Borrowed from `keys`, which this request holds to the end.
+                    let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
                     if plan.is_ok() && key.is_none() {
                         plan = Err("no-consumer");
                     }
@@ -971,7 +1116,7 @@ async fn fetch<'c, S: ClientIo>(
                         {
                             g.flight().publish(FlightStream {
                                 status: resp.status,
-                                reason: Bytes::copy_from_slice(resp.bytes(resp.reason)),
+                                reason: reason_of(&resp),
                                 fields: s.fields.clone(),
                                 len,
                                 t: s.t,
@@ -1013,7 +1158,7 @@ async fn fetch<'c, S: ClientIo>(
                     .await;
                     let complete = matches!(out, Outcome::Relayed { .. });
                     let failed = matches!(out, Outcome::Answer(_));
-                    let reason = Bytes::copy_from_slice(resp.bytes(resp.reason));
+                    let reason = reason_of(&resp);
                     let status_code = resp.status;
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
@@ -1022,11 +1167,17 @@ async fn fetch<'c, S: ClientIo>(
                         if complete && !t.over {
                             let mut url = Vec::new();
                             url_of(&ctx.head, &mut url);
-                            let obj =
-                                make_object(s, status_code, reason, t.finish(), &url, &ctx.head);
+                            let obj = make_object(
+                                s,
+                                status_code,
+                                reason,
+                                t.finish(),
+                                url.into_boxed_slice(),
+                                &ctx.head,
+                            );
                             let obj = Rc::new(obj);
-                            cache.insert(&k, obj.clone(), p.max_variants);
-                            cache.share(&k, &obj);
+                            cache.insert(k, obj.clone(), p.max_variants);
+                            cache.share(k, &obj);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -1095,6 +1246,17 @@ async fn fetch<'c, S: ClientIo>(
     };
     w.bufs.give_resp(resp);
     out
+}
+
+/// A response's reason phrase to keep: the usual one for its status is not copied.
+fn reason_of(resp: &ResponseHead) -> Bytes {
+    let r = resp.bytes(resp.reason);
+    let usual = reason_phrase(resp.status);
+    if r == usual.as_bytes() {
+        Bytes::from_static(usual.as_bytes())
+    } else {
+        Bytes::copy_from_slice(r)
+    }
 }
 
 fn known_len(resp: &ResponseHead) -> Option<u64> {
@@ -1471,18 +1633,11 @@ fn put_hex(out: &mut BytesMut, n: usize) {
 /// The client's preconditions against a stored 2xx (RFC 9110 §13.2.2, in its order): the
 /// status to answer instead (304 or 412), or `None` to answer the stored response.
 fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
-    let etag = o.etag();
-    let lm = o.last_modified().and_then(policy::parse_http_date);
-    // RFC 9111 §4.3.2: without Last-Modified, the stored Date (or the time it was received)
-    // stands in for If-Modified-Since.
-    let lm_or_date = lm.or_else(|| {
-        Some(
-            policy::field(&o.fields, b"date")
-                .and_then(policy::parse_http_date)
-                .unwrap_or(o.t.response_time),
-        )
-    });
+    // The stored validators are read only for a request that asks about them (most ask
+    // nothing: no date is parsed for them).
+    let lm = || o.last_modified().and_then(policy::parse_http_date);
     if let Some(im) = h.header(b"if-match") {
+        let etag = o.etag();
         let ok = crate::http::trim_ows(im) == b"*"
             || etag.is_some_and(|e| im.split(|b| *b == b',').any(|t| policy::strong_match(t, e)));
         if !ok {
@@ -1492,19 +1647,26 @@ fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
         .header(b"if-unmodified-since")
         .and_then(policy::parse_http_date)
     {
-        if lm.is_none_or(|lm| lm > ius) {
+        if lm().is_none_or(|lm| lm > ius) {
             return Some(412);
         }
     }
     if let Some(inm) = h.header(b"if-none-match") {
-        if policy::none_match_hits(inm, etag) {
+        if policy::none_match_hits(inm, o.etag()) {
             return Some(304);
         }
     } else if let Some(ims) = h
         .header(b"if-modified-since")
         .and_then(policy::parse_http_date)
     {
-        if lm_or_date.is_some_and(|lm| lm <= ims) {
+        // RFC 9111 §4.3.2: without Last-Modified, the stored Date (or the time it was
+        // received) stands in for it.
+        let lm_or_date = lm().unwrap_or_else(|| {
+            policy::field(&o.fields, b"date")
+                .and_then(policy::parse_http_date)
+                .unwrap_or(o.t.response_time)
+        });
+        if lm_or_date <= ims {
             return Some(304);
         }
     }
@@ -1837,12 +1999,12 @@ impl Revalidation {
                         None => false,
                     }
                 } else {
-                    match analyze(p, resp.status, &fields, self.authorized, request_time, now) {
+                    match analyze(p, resp.status, fields, self.authorized, request_time, now) {
                         Ok(s) => {
                             let body = read_body(&mut up, &resp, p.max_object, &self.t).await;
                             match body {
                                 Some((body, reusable)) => {
-                                    let reason = Bytes::copy_from_slice(resp.bytes(resp.reason));
+                                    let reason = reason_of(&resp);
                                     let status = resp.status;
                                     resp.raw = Bytes::new();
                                     let obj = make_object(
@@ -1850,7 +2012,7 @@ impl Revalidation {
                                         status,
                                         reason,
                                         body,
-                                        &self.obj.url,
+                                        self.obj.url.clone(),
                                         &self.head,
                                     );
                                     // Stored under the key the stale one had.
@@ -1964,8 +2126,134 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::put_hex;
-    use bytes::BytesMut;
+    use super::{analyze, put_hex, Field};
+    use crate::cache::config::SetCookieMode;
+    use crate::cache::{QueryMode, RoutePolicy};
+    use bytes::{Bytes, BytesMut};
+    use std::time::Duration;
+
+    fn policy() -> RoutePolicy {
+        RoutePolicy {
+            ignore_host: false,
+            query: QueryMode::All,
+            key_headers: Vec::new(),
+            key_consumer: false,
+            auth: false,
+            set_cookie: SetCookieMode::Bypass,
+            heuristic: true,
+            max_heuristic: 86_400,
+            swr: None,
+            sie: None,
+            max_object: 1 << 20,
+            purge: false,
+            max_variants: 8,
+            coalesce_timeout: Duration::from_secs(5),
+            targeted: vec![b"cdn-cache-control"[..].into()],
+            name: b"ringway"[..].into(),
+        }
+    }
+
+    fn fields(list: &[(&'static str, &'static str)]) -> Vec<Field> {
+        list.iter()
+            .map(|(n, v)| {
+                (
+                    Bytes::from_static(n.as_bytes()),
+                    Bytes::from_static(v.as_bytes()),
+                )
+            })
+            .collect()
+    }
+
+    fn dates(f: &[Field]) -> Vec<&[u8]> {
+        crate::cache::policy::fields(f, b"date").collect()
+    }
+
+    /// What is stored of a response's fields (RFC 9111 §3.1) and the Date it is given (RFC
+    /// 9110 §6.6.1): the origin's Date is kept, one is added when there is none, or when the
+    /// response's `private="date"` dropped it; hop-by-hop fields and Cache-Status go.
+    #[test]
+    fn stored_fields_and_date_rfc9111_3_1() {
+        let p = policy();
+        let t = 1_700_000_000;
+        let ours = crate::date::http_date(t);
+        let origin = "Tue, 14 Nov 2023 22:13:10 GMT";
+        let s = analyze(
+            &p,
+            200,
+            fields(&[
+                ("Date", origin),
+                ("Cache-Control", "max-age=60"),
+                ("Keep-Alive", "timeout=5"),
+                ("Cache-Status", "upstream; hit"),
+                ("Content-Type", "text/plain"),
+            ]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| &n[..]).collect();
+        assert_eq!(names, [&b"Date"[..], b"Cache-Control", b"Content-Type"]);
+        assert_eq!(dates(&s.fields), [origin.as_bytes()]);
+        assert_eq!(s.t.lifetime, 60);
+
+        let s = analyze(
+            &p,
+            200,
+            fields(&[("Cache-Control", "max-age=60")]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        assert_eq!(dates(&s.fields), [&ours[..]]);
+
+        let s = analyze(
+            &p,
+            200,
+            fields(&[
+                ("Date", origin),
+                ("Cache-Control", "max-age=60, private=\"date\""),
+            ]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        assert_eq!(dates(&s.fields), [&ours[..]]);
+
+        for (f, why) in [
+            (
+                &[("Set-Cookie", "a=1"), ("Cache-Control", "max-age=60")][..],
+                "set-cookie",
+            ),
+            (
+                &[("Set-Cookie2", "a=1"), ("Cache-Control", "max-age=60")][..],
+                "set-cookie",
+            ),
+            (
+                &[("Vary", "accept, *"), ("Cache-Control", "max-age=60")][..],
+                "vary-star",
+            ),
+            (&[("Cache-Control", "max-age=0")][..], "stale-on-arrival"),
+        ] {
+            assert_eq!(analyze(&p, 200, fields(f), false, t, t).err(), Some(why));
+        }
+        let s = analyze(
+            &p,
+            200,
+            fields(&[
+                ("Vary", "Accept"),
+                ("ETag", "\"a\""),
+                ("Cache-Control", "max-age=0"),
+            ]),
+            false,
+            t,
+            t,
+        )
+        .unwrap();
+        assert_eq!(s.vary, [Box::from(&b"accept"[..])]);
+    }
 
     /// RFC 9112 §7.1: chunk sizes are hexadecimal, without leading zeros here.
     #[test]
