@@ -206,6 +206,7 @@ pub fn admin_hints(cfg: &crate::config::Config) -> String {
         "admin API on http://{addr} (loopback only):\n\
          \x20 curl -s http://{addr}/upstreams          # every endpoint: health, ejection, in flight, idle pool\n\
          \x20 curl -s http://{addr}/metrics            # Prometheus metrics\n\
+         \x20 curl -s -H 'Accept: application/openmetrics-text' http://{addr}/metrics   # the same as OpenMetrics\n\
          \x20 curl -s http://{addr}/routes\n\
          \x20 curl -i http://{addr}/ready\n\
          \x20 ringway status --admin {addr}\n"
