@@ -155,33 +155,18 @@ pub async fn read_some<R: AsyncReadRent>(
     max: usize,
     dur: Duration,
 ) -> Result<usize, IoFail> {
-    buf.reserve(max);
-    let b = std::mem::take(buf);
-    let len = b.len();
-    let end = len + max.min(b.capacity() - len);
-    match monoio::time::timeout(dur, io.read(b.slice_mut(len..end))).await {
-        Err(_) => Err(IoFail::Timeout),
-        Ok((res, slice)) => {
-            *buf = slice.into_inner();
-            match res {
-                Ok(0) => Err(IoFail::Eof),
-                Ok(n) => Ok(n),
-                Err(_) => Err(IoFail::Io),
-            }
-        }
-    }
+    let slot = std::pin::pin!(None);
+    IoTimer::new(slot).read_some(io, buf, max, dur).await
 }
 
+/// Writes all of `buf` within `dur`, handing the buffer back.
 pub async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
     io: &mut W,
     buf: B,
     dur: Duration,
 ) -> Result<B, IoFail> {
-    match monoio::time::timeout(dur, io.write_all(buf)).await {
-        Err(_) => Err(IoFail::Timeout),
-        Ok((Ok(_), b)) => Ok(b),
-        Ok((Err(_), _)) => Err(IoFail::Io),
-    }
+    let slot = std::pin::pin!(None);
+    IoTimer::new(slot).write_buf(io, buf, dur).await
 }
 
 /// The instant `dur` from now; past the clock's range, thirty years on (as good as never).
