@@ -7,6 +7,7 @@
 #
 #   bash perf/ab.sh CONNS ROUNDS SECONDS BIN [BIN ...]          # keep-alive
 #   MODE=close bash perf/ab.sh 64 5 4 old/ringway new/ringway   # a new connection per request
+#   W=2 bash perf/ab.sh ...                                       # 2 workers for ringway and nginx
 #
 # Needs nginx and wrk. Load only ever goes to 127.0.0.1 (ports 18600-18681).
 set -euo pipefail
@@ -21,17 +22,17 @@ cleanup() {
 trap cleanup EXIT
 mkdir -p "$D/www" "$D/origin" "$D/proxy"
 head -c 64 /dev/zero | tr '\0' 'a' > "$D/www/b64"; chmod -R a+rX "$D/www"
-common() { # $1 dir
-  echo "worker_processes 1; daemon on; pid $1/nginx.pid; error_log $1/error.log warn;
+common() { # $1 dir, $2 workers
+  echo "worker_processes $2; daemon on; pid $1/nginx.pid; error_log $1/error.log warn;
 worker_rlimit_nofile 20000; events { worker_connections 10000; }
 http { access_log off; keepalive_timeout 75s; keepalive_requests 1000000; tcp_nodelay on;
   client_body_temp_path $1/cb; proxy_temp_path $1/pt; fastcgi_temp_path $1/ft; uwsgi_temp_path $1/ut; scgi_temp_path $1/st;"
 }
-{ common "$D/origin"
+{ common "$D/origin" 1
   echo "  sendfile on; tcp_nopush on; open_file_cache max=64 inactive=600s; default_type application/octet-stream;
   server { listen 127.0.0.1:18600 backlog=4096; root $D/www; location / { } } }"
 } > "$D/origin/nginx.conf"
-{ common "$D/proxy"
+{ common "$D/proxy" "${W:-1}"
   echo "  upstream origin { server 127.0.0.1:18600; keepalive 512; keepalive_requests 1000000; keepalive_timeout 60s; }
   server { listen 127.0.0.1:18681 backlog=4096;
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_max_temp_file_size 0; } } }"
