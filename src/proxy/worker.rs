@@ -223,7 +223,7 @@ pub struct Worker {
     date_secs: Cell<u64>,
     /// Open client connections.
     pub active: Cell<usize>,
-    /// Accepting is paused (connection cap or no descriptors): a closing connection wakes it.
+    /// Accept loops paused (connection cap or no descriptors): a closing connection wakes them.
     pub accept_paused: Cell<u32>,
     pub conn_closed: Notify,
     /// Fired once a second by the sync task: idle connections check their deadline on it.
