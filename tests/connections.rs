@@ -285,3 +285,46 @@ fn the_upstream_pool_follows_demand_beyond_the_old_fixed_cap() {
         }
     }
 }
+
+/// Connections accepted so far, summed over the listeners and workers, from the metrics.
+fn accepted(gw: &TestGateway) -> f64 {
+    let mut out = String::new();
+    ringway::metrics::prom::render_prometheus(gw.gateway().control(), &mut out)
+        .expect("every worker answers");
+    let lines = ringway::metrics::prom::check_exposition(&out).expect("valid exposition");
+    lines
+        .iter()
+        .filter(|l| l.name == "ringway_listener_connections_accepted_total")
+        .map(|l| l.value)
+        .sum()
+}
+
+#[test]
+fn with_defer_accept_a_connection_is_accepted_when_its_first_bytes_arrive() {
+    // `listeners[].defer_accept` (the default) sets TCP_DEFER_ACCEPT: the kernel holds a
+    // connection that has sent nothing, so the worker spends nothing on it until it speaks.
+    // The kernel queues established connections in order, so without the option the idle
+    // connection, made first, is accepted before the one served after it.
+    for driver in DRIVERS {
+        for defer in [true, false] {
+            let toml = format!(
+                "[server]\nworkers = 1\n[[listeners]]\naddress = \"127.0.0.1:0\"\ndefer_accept = {defer}\n{DIRECT}"
+            );
+            let gw = TestGateway::start(&toml, driver);
+            let mut idle = Client::connect(gw.addr);
+            let mut c = Client::connect(gw.addr);
+            c.send(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n");
+            assert_eq!(c.read_response().expect("answer").status, 200);
+            let want = if defer { 1.0 } else { 2.0 };
+            assert_eq!(accepted(&gw), want, "{driver:?} defer_accept={defer}");
+            // The idle connection speaks: it is accepted and served like any other.
+            idle.send(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n");
+            assert_eq!(
+                idle.read_response().expect("answer").status,
+                200,
+                "{driver:?}"
+            );
+            assert_eq!(accepted(&gw), 2.0, "{driver:?} defer_accept={defer}");
+        }
+    }
+}
