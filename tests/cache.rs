@@ -1247,6 +1247,30 @@ fn rfc9110_5_6_7_an_expires_not_in_an_http_date_form_is_in_the_past() {
     }
 }
 
+/// RFC 9111 §4.2: "a cache recipient SHOULD match the field value case-insensitively"
+/// (dates are case-sensitive in RFC 9110 §5.6.7, relaxed for caches); the cache-tests
+/// suite's `freshness-expires-wrong-case-month` and `-tz`.
+#[test]
+fn rfc9111_4_2_a_cache_reads_the_month_and_zone_of_expires_in_any_case() {
+    for exp in [
+        "Thu, 18 AUG 2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 02:01:18 gMT",
+        "Thursday, 18-aug-50 02:01:18 gmt",
+        "Thu AUG 18 02:01:18 2050",
+    ] {
+        let fields: &'static str = Box::leak(format!("expires: {exp}\r\n").into_boxed_str());
+        let (up, _) = counting_origin(fields);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        get(gw.addr, "/case");
+        assert_eq!(get(gw.addr, "/case").text(), "v1", "{exp} is a future date");
+    }
+    // A zone other than GMT stays invalid, whatever its case (RFC 9111 §4.2).
+    let (up, _) = counting_origin("expires: Thu, 18 Aug 2050 02:01:18 utc\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/case");
+    assert_eq!(get(gw.addr, "/case").text(), "v2");
+}
+
 #[test]
 fn rfc9111_5_1_a_list_valued_age_counts_by_its_first_member() {
     for (age, fresh) in [("7200, 7200", false), ("7200,0", false), ("0, 7200", true)] {
