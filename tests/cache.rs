@@ -1247,6 +1247,26 @@ fn rfc9110_5_6_7_an_expires_not_in_an_http_date_form_is_in_the_past() {
     }
 }
 
+/// The README's "Conformance runs" config is a whole config that loads, with one worker: each
+/// worker keeps its own store, and the cache-tests suite sends the requests of one test on
+/// any of its pooled connections, so with more workers a stored response looks unused.
+#[test]
+fn readme_conformance_config_loads_with_one_worker() {
+    let readme = include_str!("../README.md");
+    let at = readme
+        .find("**Conformance runs.**")
+        .expect("README has its Conformance runs paragraph");
+    let block = readme[at..]
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block follows");
+    let cfg = ringway::config::Config::parse(block, "README.md").expect("the block loads");
+    assert_eq!(cfg.server.workers, 1);
+    assert_eq!(cfg.routes.len(), 1);
+    assert!(cfg.routes[0].cache.is_some(), "{block}");
+}
+
 /// RFC 9111 §4.2: "a cache recipient SHOULD match the field value case-insensitively"
 /// (dates are case-sensitive in RFC 9110 §5.6.7, relaxed for caches); the cache-tests
 /// suite's `freshness-expires-wrong-case-month` and `-tz`.
