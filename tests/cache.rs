@@ -1267,6 +1267,41 @@ fn readme_conformance_config_loads_with_one_worker() {
     assert!(cfg.routes[0].cache.is_some(), "{block}");
 }
 
+/// RFC 9111 §4.1 lets a cache normalise selecting fields "where values are defined to be
+/// case-insensitive": language ranges are (RFC 4647 §2), so `Accept-Language: en, de` and
+/// `eN, De` select one variant (cache-tests `vary-normalise-lang-case`); other languages or
+/// another order still do not.
+#[test]
+fn rfc9111_4_1_accept_language_is_compared_without_regard_to_case() {
+    let (up, _) = counting_origin("cache-control: max-age=3600\r\nvary: Accept-Language\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: en, de\r\n").text(),
+        "v1"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: eN, De\r\n").text(),
+        "v1"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: EN,DE\r\n").text(),
+        "v1"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: en, fr\r\n").text(),
+        "v2"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: de, en\r\n").text(),
+        "v3"
+    );
+    // Another selecting field keeps its case.
+    let (up, _) = counting_origin("cache-control: max-age=3600\r\nvary: Foo\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get_h(gw.addr, "/f", "foo: a\r\n").text(), "v1");
+    assert_eq!(get_h(gw.addr, "/f", "foo: A\r\n").text(), "v2");
+}
+
 /// RFC 9111 §4.2: "a cache recipient SHOULD match the field value case-insensitively"
 /// (dates are case-sensitive in RFC 9110 §5.6.7, relaxed for caches); the cache-tests
 /// suite's `freshness-expires-wrong-case-month` and `-tz`.

@@ -545,7 +545,7 @@ pub const VARY_ABSENT: &[u8] = b"\0";
 
 /// A request header's value as it is compared for Vary: the field lines joined, whitespace
 /// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings;
-/// [`VARY_ABSENT`] when the request has no such field.
+/// `Accept-Language` in lower case; [`VARY_ABSENT`] when the request has no such field.
 pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
     let mut items: Vec<Vec<u8>> = Vec::new();
     let mut present = false;
@@ -582,6 +582,11 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
     }
     if !present {
         return VARY_ABSENT.to_vec();
+    }
+    // Language ranges and their weights are case-insensitive (RFC 4647 §2, RFC 9110 §12.4.2),
+    // and RFC 9111 §4.1 lets a cache normalise such values: `en, de` and `EN, De` match.
+    if name.eq_ignore_ascii_case(b"accept-language") {
+        items.iter_mut().for_each(|i| i.make_ascii_lowercase());
     }
     items.join(&b", "[..])
 }
