@@ -1247,6 +1247,85 @@ fn rfc9110_5_6_7_an_expires_not_in_an_http_date_form_is_in_the_past() {
     }
 }
 
+/// The README's "Conformance runs" config is a whole config that loads, with one worker: each
+/// worker keeps its own store, and the cache-tests suite sends the requests of one test on
+/// any of its pooled connections, so with more workers a stored response looks unused.
+#[test]
+fn readme_conformance_config_loads_with_one_worker() {
+    let readme = include_str!("../README.md");
+    let at = readme
+        .find("**Conformance runs.**")
+        .expect("README has its Conformance runs paragraph");
+    let block = readme[at..]
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block follows");
+    let cfg = ringway::config::Config::parse(block, "README.md").expect("the block loads");
+    assert_eq!(cfg.server.workers, 1);
+    assert_eq!(cfg.routes.len(), 1);
+    assert!(cfg.routes[0].cache.is_some(), "{block}");
+}
+
+/// RFC 9111 §4.1 lets a cache normalise selecting fields "where values are defined to be
+/// case-insensitive": language ranges are (RFC 4647 §2), so `Accept-Language: en, de` and
+/// `eN, De` select one variant (cache-tests `vary-normalise-lang-case`); other languages or
+/// another order still do not.
+#[test]
+fn rfc9111_4_1_accept_language_is_compared_without_regard_to_case() {
+    let (up, _) = counting_origin("cache-control: max-age=3600\r\nvary: Accept-Language\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: en, de\r\n").text(),
+        "v1"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: eN, De\r\n").text(),
+        "v1"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: EN,DE\r\n").text(),
+        "v1"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: en, fr\r\n").text(),
+        "v2"
+    );
+    assert_eq!(
+        get_h(gw.addr, "/l", "accept-language: de, en\r\n").text(),
+        "v3"
+    );
+    // Another selecting field keeps its case.
+    let (up, _) = counting_origin("cache-control: max-age=3600\r\nvary: Foo\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get_h(gw.addr, "/f", "foo: a\r\n").text(), "v1");
+    assert_eq!(get_h(gw.addr, "/f", "foo: A\r\n").text(), "v2");
+}
+
+/// RFC 9111 §4.2: "a cache recipient SHOULD match the field value case-insensitively"
+/// (dates are case-sensitive in RFC 9110 §5.6.7, relaxed for caches); the cache-tests
+/// suite's `freshness-expires-wrong-case-month` and `-tz`.
+#[test]
+fn rfc9111_4_2_a_cache_reads_the_month_and_zone_of_expires_in_any_case() {
+    for exp in [
+        "Thu, 18 AUG 2050 02:01:18 GMT",
+        "Thu, 18 Aug 2050 02:01:18 gMT",
+        "Thursday, 18-aug-50 02:01:18 gmt",
+        "Thu AUG 18 02:01:18 2050",
+    ] {
+        let fields: &'static str = Box::leak(format!("expires: {exp}\r\n").into_boxed_str());
+        let (up, _) = counting_origin(fields);
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        get(gw.addr, "/case");
+        assert_eq!(get(gw.addr, "/case").text(), "v1", "{exp} is a future date");
+    }
+    // A zone other than GMT stays invalid, whatever its case (RFC 9111 §4.2).
+    let (up, _) = counting_origin("expires: Thu, 18 Aug 2050 02:01:18 utc\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/case");
+    assert_eq!(get(gw.addr, "/case").text(), "v2");
+}
+
 #[test]
 fn rfc9111_5_1_a_list_valued_age_counts_by_its_first_member() {
     for (age, fresh) in [("7200, 7200", false), ("7200,0", false), ("0, 7200", true)] {

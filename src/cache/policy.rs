@@ -320,11 +320,19 @@ fn num(s: &[u8]) -> Option<u32> {
     Some(s.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0')))
 }
 
+/// The month of a date, matched without regard to case: RFC 9111 §4.2 asks a cache to read
+/// dates case-insensitively although RFC 9110 §5.6.7 defines them case-sensitive.
 fn month(s: &[u8]) -> Option<u32> {
     MONTHS
         .iter()
-        .position(|m| &m[..] == s)
+        .position(|m| m.eq_ignore_ascii_case(s))
         .map(|i| i as u32 + 1)
+}
+
+/// The zone of an IMF-fixdate or rfc850-date: "GMT" in any case (RFC 9111 §4.2); any other
+/// zone makes the date invalid.
+fn gmt(z: &[u8]) -> bool {
+    z.eq_ignore_ascii_case(b"GMT")
 }
 
 /// `time-of-day = hour ":" minute ":" second`, two digits each (RFC 9110 §5.6.7).
@@ -352,9 +360,10 @@ fn digits(s: &[u8], n: usize) -> Option<u32> {
 }
 
 /// Seconds since the epoch of an HTTP-date, `None` when it is not one. The three forms of
-/// RFC 9110 §5.6.7 are taken as written there (single spaces, two-digit time fields, a
-/// case-sensitive month and "GMT"); anything else is invalid, which for `Expires` means
-/// already expired (RFC 9111 §5.3).
+/// RFC 9110 §5.6.7 are taken as written there (single spaces, two-digit time fields, "GMT"),
+/// except that the month and "GMT" are matched in any case, as RFC 9111 §4.2 asks of a
+/// cache; anything else is invalid, which for `Expires` means already expired (RFC 9111
+/// §5.3).
 pub fn parse_http_date(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
     let Ok(fixed) = <[u8; IMF_FIXDATE_LEN]>::try_from(v) else {
@@ -395,11 +404,11 @@ fn parse_date_forms(v: &[u8]) -> Option<u64> {
     }
     match &parts[..n] {
         // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
-        [wd, d, mo, y, t, b"GMT"] if wd.len() == 4 && wd.ends_with(b",") => {
+        [wd, d, mo, y, t, z] if wd.len() == 4 && wd.ends_with(b",") && gmt(z) => {
             to_secs(i64::from(digits(y, 4)?), month(mo)?, digits(d, 2)?, hms(t)?)
         }
         // rfc850-date (obsolete): Sunday, 06-Nov-94 08:49:37 GMT (the full day name)
-        [wd, dmy, t, b"GMT"] if wd.len() > 4 && wd.ends_with(b",") => {
+        [wd, dmy, t, z] if wd.len() > 4 && wd.ends_with(b",") && gmt(z) => {
             let mut it = dmy.split(|b| *b == b'-');
             let (d, mo, y) = (
                 digits(it.next()?, 2)?,
@@ -536,7 +545,7 @@ pub const VARY_ABSENT: &[u8] = b"\0";
 
 /// A request header's value as it is compared for Vary: the field lines joined, whitespace
 /// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings;
-/// [`VARY_ABSENT`] when the request has no such field.
+/// `Accept-Language` in lower case; [`VARY_ABSENT`] when the request has no such field.
 pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
     let mut items: Vec<Vec<u8>> = Vec::new();
     let mut present = false;
@@ -573,6 +582,11 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
     }
     if !present {
         return VARY_ABSENT.to_vec();
+    }
+    // Language ranges and their weights are case-insensitive (RFC 4647 §2, RFC 9110 §12.4.2),
+    // and RFC 9111 §4.1 lets a cache normalise such values: `en, de` and `EN, De` match.
+    if name.eq_ignore_ascii_case(b"accept-language") {
+        items.iter_mut().for_each(|i| i.make_ascii_lowercase());
     }
     items.join(&b", "[..])
 }
@@ -686,8 +700,8 @@ mod tests {
             b"Sun, 6 Nov 1994 08:49:37 GMT",
             b"Sun, 06-Nov-1994 08:49:37 GMT",
             b"Sunday, 06-Nov-1994 08:49:37 GMT",
-            b"Sun, 06 NOV 1994 08:49:37 GMT",
             b"Sun, 06 Nov 1994 08:49:37 UTC",
+            b"Sun, 06 Nov 1994 08:49:37 utc",
             b"Sun Nov   6 08:49:37 1994",
             b"Sun, 06 Nov 1994 08:49:37 GMT x",
             b"Sun Nov  6 08:49:37 1994 GMT x y",
@@ -701,6 +715,11 @@ mod tests {
         }
         let now = 1_700_000_000;
         assert_eq!(parse_http_date(&crate::date::http_date(now)), Some(now));
+        // RFC 9111 §4.2: a cache matches the month and the zone case-insensitively.
+        assert_eq!(parse_http_date(b"Sun, 06 NOV 1994 08:49:37 GMT"), Some(t));
+        assert_eq!(parse_http_date(b"Sun, 06 Nov 1994 08:49:37 gMT"), Some(t));
+        assert_eq!(parse_http_date(b"Sunday, 06-nov-94 08:49:37 gmt"), Some(t));
+        assert_eq!(parse_http_date(b"Sun NOV  6 08:49:37 1994"), Some(t));
     }
 
     #[test]
