@@ -26,7 +26,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::http::encode::{put_header, put_status_line, put_u64};
+use crate::http::encode::{put_header, put_status_line, put_u64, LineRuns};
 use crate::http::request::{BodyKind, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::{ConnectionOptions, Version};
@@ -160,6 +160,18 @@ pub fn encode_upstream_head(
     authority: &[u8],
     f: &Forwarding<'_>,
 ) {
+    encode_upstream_head_with(out, req, route, authority, f, LineRuns::new(&req.raw));
+}
+
+#[inline]
+fn encode_upstream_head_with(
+    out: &mut BytesMut,
+    req: &RequestHead,
+    route: &Route,
+    authority: &[u8],
+    f: &Forwarding<'_>,
+    mut lines: LineRuns<'_>,
+) {
     out.clear();
     out.put_slice(req.method_str());
     out.put_u8(b' ');
@@ -186,6 +198,7 @@ pub fn encode_upstream_head(
                 }
                 match max_forwards(req.bytes(h.value)) {
                     Some(n) if n > 0 => {
+                        lines.flush(out);
                         out.put_slice(b"max-forwards: ");
                         put_u64(out, n - 1);
                         out.put_slice(b"\r\n");
@@ -212,8 +225,9 @@ pub fn encode_upstream_head(
         if rules.drops(name) || conn.lists(name) {
             continue;
         }
-        put_header(out, name, req.bytes(h.value));
+        lines.push(out, h.name, h.value);
     }
+    lines.flush(out);
     let host = req.host_bytes();
     if !rules.drops(b"x-forwarded-for") {
         // Earlier hops first (from a trusted peer only), then the client this hop saw.
@@ -352,6 +366,30 @@ pub fn encode_client_head(
     chunked: bool,
     connection: Option<&[u8]>,
 ) {
+    encode_client_head_with(
+        out,
+        resp,
+        rules,
+        f,
+        extra,
+        chunked,
+        connection,
+        LineRuns::new(&resp.raw),
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn encode_client_head_with(
+    out: &mut BytesMut,
+    resp: &ResponseHead,
+    rules: &HeaderRules,
+    f: &Forwarding<'_>,
+    extra: &[u8],
+    chunked: bool,
+    connection: Option<&[u8]>,
+    mut lines: LineRuns<'_>,
+) {
     out.clear();
     put_status_line(out, resp.status, resp.bytes(resp.reason));
     let conn = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
@@ -374,8 +412,9 @@ pub fn encode_client_head(
         if rules.drops(name) || conn.lists(name) {
             continue;
         }
-        put_header(out, name, resp.bytes(h.value));
+        lines.push(out, h.name, h.value);
     }
+    lines.flush(out);
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
     rules.put(out);
@@ -590,6 +629,167 @@ mod tests {
             assert!(values(&h, "forwarded").is_empty(), "{h}");
             assert!(values(&h, "x-real-ip").is_empty(), "{h}");
             assert_eq!(values(&h, "x-forwarded-for"), ["hidden"], "{h}");
+        }
+    }
+
+    /// The client head for `raw` (an upstream response) on a route with `route_extra`,
+    /// written with merged runs of unchanged lines and line by line.
+    fn client_heads(raw: &[u8], route_extra: &str) -> (Vec<u8>, Vec<u8>) {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n{route_extra}\n");
+        let cfg = Config::parse(&src, "t.toml").unwrap();
+        let router = Router::new(&cfg, 1);
+        let rules = &router.routes[0].response_headers;
+        let mut head = ResponseHead::default();
+        let n = crate::http::response::parse_response(raw, false, &mut head)
+            .unwrap()
+            .unwrap();
+        head.raw = bytes::Bytes::copy_from_slice(&raw[..n]);
+        let f = fwd(b"10.0.0.2", false);
+        let mut merged = BytesMut::new();
+        let mut single = BytesMut::new();
+        for (out, lines) in [
+            (&mut merged, LineRuns::new(&head.raw)),
+            (&mut single, LineRuns::unmerged(&head.raw)),
+        ] {
+            encode_client_head_with(
+                out,
+                &head,
+                rules,
+                &f,
+                b"x-extra: 1\r\n",
+                false,
+                Some(b"keep-alive"),
+                lines,
+            );
+        }
+        (merged.to_vec(), single.to_vec())
+    }
+
+    #[test]
+    fn merged_header_runs_write_the_same_bytes_as_line_by_line() {
+        // Lines of every form httparse accepts, kept and dropped ones mixed, in random order
+        // (a fixed xorshift seed: the same cases every run).
+        let forms: &[&str] = &[
+            "Server: nginx\r\n",
+            "Date: Thu, 26 Nov 2026 18:00:00 GMT\r\n",
+            "Content-Type: text/plain\r\n",
+            "ETag: \"abc\"\r\n",
+            "X-Empty: \r\n",
+            "X-NoSpace:v\r\n",
+            "X-Spaces:   v  \r\n",
+            "X-Tab:\tv\t\r\n",
+            "X-Bare-LF: v\n",
+            "Connection: keep-alive, X-Hop\r\n",
+            "X-Hop: dropped\r\n",
+            "Keep-Alive: timeout=5\r\n",
+            "X-Request-Id: theirs\r\n",
+            "Via: 1.0 other\r\n",
+            "X-Secret: removed by the route\r\n",
+            "Set-Cookie: a=b\r\n",
+            "X-Obs-Text: café\r\n",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let route = "response_headers = { remove = [\"x-secret\"] }";
+        for case in 0..500 {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for _ in 0..(next() % 12) {
+                raw.extend_from_slice(forms[(next() % forms.len() as u64) as usize].as_bytes());
+            }
+            raw.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+            let (merged, single) = client_heads(&raw, route);
+            assert_eq!(
+                String::from_utf8_lossy(&merged),
+                String::from_utf8_lossy(&single),
+                "case {case}: {}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+        // A typical head: dropped lines leave the kept ones in order.
+        let (merged, _) = client_heads(
+            b"HTTP/1.1 200 OK\r\nServer: a\r\nDate: b\r\nConnection: close\r\nETag: \"c\"\r\nContent-Length: 0\r\n\r\n",
+            route,
+        );
+        let text = String::from_utf8(merged).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 200 OK\r\nServer: a\r\nDate: b\r\nETag: \"c\"\r\nContent-Length: 0\r\nvia: 1.1 ringway\r\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn merged_request_lines_write_the_same_bytes_as_line_by_line() {
+        let forms: &[&str] = &[
+            "User-Agent: curl/8\r\n",
+            "Accept: */*\r\n",
+            "X-Empty: \r\n",
+            "X-NoSpace:v\r\n",
+            "X-Spaces:   v  \r\n",
+            "X-Bare-LF: v\n",
+            "Connection: keep-alive, X-Hop\r\n",
+            "X-Hop: dropped\r\n",
+            "X-Forwarded-For: 6.6.6.6\r\n",
+            "X-Forwarded-Proto: https\r\n",
+            "Forwarded: for=6.6.6.6\r\n",
+            "Max-Forwards: 3\r\n",
+            "Traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n",
+            "X-Secret: removed by the route\r\n",
+            "Cookie: a=b\r\n",
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\nrequest_headers = { remove = [\"x-secret\"] }\n";
+        let cfg = Config::parse(src, "t.toml").unwrap();
+        let router = Router::new(&cfg, 1);
+        for case in 0..500 {
+            let method = ["GET", "OPTIONS", "POST"][(next() % 3) as usize];
+            let mut raw = format!("{method} /a HTTP/1.1\r\nHost: h\r\n").into_bytes();
+            for _ in 0..(next() % 12) {
+                raw.extend_from_slice(forms[(next() % forms.len() as u64) as usize].as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            let mut head = RequestHead::default();
+            let n = parse_request(&raw, &Limits::default(), &mut head)
+                .unwrap()
+                .unwrap();
+            head.raw = bytes::Bytes::copy_from_slice(&raw[..n]);
+            let trusted = next() % 2 == 0;
+            let f = fwd(b"10.0.0.2", trusted);
+            let mut merged = BytesMut::new();
+            let mut single = BytesMut::new();
+            let route = &router.routes[0];
+            encode_upstream_head_with(
+                &mut merged,
+                &head,
+                route,
+                b"u:9",
+                &f,
+                LineRuns::new(&head.raw),
+            );
+            encode_upstream_head_with(
+                &mut single,
+                &head,
+                route,
+                b"u:9",
+                &f,
+                LineRuns::unmerged(&head.raw),
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&merged),
+                String::from_utf8_lossy(&single),
+                "case {case}: {}",
+                String::from_utf8_lossy(&raw)
+            );
         }
     }
 }

@@ -17,6 +17,78 @@ pub fn put_header(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
     buf.put_slice(b"\r\n");
 }
 
+/// Copies header lines that pass through unchanged, merging neighbours into one copy.
+///
+/// A line of the original head is copied as it stands only when its bytes are exactly what
+/// [`put_header`] would write for it (`name`, `": "`, `value`, CRLF): then consecutive kept
+/// lines are one `put_slice` of the original bytes instead of four writes each. Any other
+/// form (no space after the colon, more whitespace, a bare LF) is written by `put_header`, so
+/// the output is byte for byte the same as writing every kept line with `put_header`.
+pub struct LineRuns<'a> {
+    raw: &'a [u8],
+    start: usize,
+    end: usize,
+    merge: bool,
+}
+
+impl<'a> LineRuns<'a> {
+    #[inline]
+    pub fn new(raw: &'a [u8]) -> LineRuns<'a> {
+        LineRuns {
+            raw,
+            start: 0,
+            end: 0,
+            merge: true,
+        }
+    }
+
+    /// Every line through `put_header`: the reference the merged output is tested against.
+    #[cfg(test)]
+    pub fn unmerged(raw: &'a [u8]) -> LineRuns<'a> {
+        LineRuns {
+            merge: false,
+            ..LineRuns::new(raw)
+        }
+    }
+
+    /// Writes the header line whose name and value are `name` and `value` (spans of the raw
+    /// head), now or as part of the current run.
+    #[inline]
+    pub fn push(&mut self, out: &mut BytesMut, name: crate::http::Span, value: crate::http::Span) {
+        let (ns, ne) = (name.start as usize, name.end as usize);
+        let (vs, ve) = (value.start as usize, value.end as usize);
+        let line_end = ve + 2;
+        let exact = self.merge
+            && vs == ne + 2
+            && self.raw.get(ne..vs) == Some(b": ".as_slice())
+            && self.raw.get(ve..line_end) == Some(b"\r\n".as_slice());
+        if exact {
+            if self.end != self.start && self.end == ns {
+                self.end = line_end;
+            } else {
+                self.flush(out);
+                self.start = ns;
+                self.end = line_end;
+            }
+        } else {
+            self.flush(out);
+            put_header(out, name.get(self.raw), value.get(self.raw));
+        }
+    }
+
+    /// Writes the pending run; call before writing anything else to `out`.
+    #[inline]
+    pub fn flush(&mut self, out: &mut BytesMut) {
+        if self.end > self.start {
+            if let Some(run) = self.raw.get(self.start..self.end) {
+                out.put_slice(run);
+            }
+        }
+        self.start = 0;
+        self.end = 0;
+    }
+}
+
 pub fn put_status_line(buf: &mut BytesMut, status: u16, reason: &[u8]) {
     buf.put_slice(b"HTTP/1.1 ");
     put_u64(buf, status as u64);
@@ -76,6 +148,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::Span;
 
     #[test]
     fn chunk_sizes() {
@@ -89,5 +162,36 @@ mod tests {
             put_chunk_size(&mut b, n);
             assert_eq!(&b[..], s.as_bytes());
         }
+    }
+
+    fn span(raw: &[u8], part: &str) -> Span {
+        let start = raw
+            .windows(part.len())
+            .position(|w| w == part.as_bytes())
+            .unwrap();
+        Span {
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        }
+    }
+
+    #[test]
+    fn neighbouring_exact_lines_are_one_copy_and_other_forms_are_rewritten() {
+        let raw = b"A: 1\r\nB: 2\r\nC:3\r\nD: 4\r\n";
+        let mut runs = LineRuns::new(raw);
+        let mut out = BytesMut::new();
+        runs.push(&mut out, span(raw, "A"), span(raw, "1"));
+        runs.push(&mut out, span(raw, "B"), span(raw, "2"));
+        assert!(out.is_empty(), "A and B wait as one run");
+        // C has no space after its colon: the run is written, then C as put_header writes it.
+        runs.push(&mut out, span(raw, "C"), span(raw, "3"));
+        assert_eq!(&out[..], b"A: 1\r\nB: 2\r\nC: 3\r\n");
+        runs.push(&mut out, span(raw, "D"), span(raw, "4"));
+        runs.flush(&mut out);
+        assert_eq!(&out[..], b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n");
+        // A span outside the raw bytes (httparse's empty value) is written, never panics.
+        runs.push(&mut out, span(raw, "A"), Span::default());
+        runs.flush(&mut out);
+        assert!(out.ends_with(b"A: \r\n"));
     }
 }
