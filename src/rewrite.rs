@@ -160,18 +160,7 @@ pub fn encode_upstream_head(
     authority: &[u8],
     f: &Forwarding<'_>,
 ) {
-    encode_upstream_head_with(out, req, route, authority, f, LineRuns::new(&req.raw));
-}
-
-#[inline]
-fn encode_upstream_head_with(
-    out: &mut BytesMut,
-    req: &RequestHead,
-    route: &Route,
-    authority: &[u8],
-    f: &Forwarding<'_>,
-    mut lines: LineRuns<'_>,
-) {
+    let mut lines = LineRuns::new(&req.raw);
     out.clear();
     out.put_slice(req.method_str());
     out.put_u8(b' ');
@@ -366,30 +355,7 @@ pub fn encode_client_head(
     chunked: bool,
     connection: Option<&[u8]>,
 ) {
-    encode_client_head_with(
-        out,
-        resp,
-        rules,
-        f,
-        extra,
-        chunked,
-        connection,
-        LineRuns::new(&resp.raw),
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn encode_client_head_with(
-    out: &mut BytesMut,
-    resp: &ResponseHead,
-    rules: &HeaderRules,
-    f: &Forwarding<'_>,
-    extra: &[u8],
-    chunked: bool,
-    connection: Option<&[u8]>,
-    mut lines: LineRuns<'_>,
-) {
+    let mut lines = LineRuns::new(&resp.raw);
     out.clear();
     put_status_line(out, resp.status, resp.bytes(resp.reason));
     let conn = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
@@ -632,6 +598,23 @@ mod tests {
         }
     }
 
+    /// A fixed-seed xorshift generator: the same random cases every run.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
+    /// Up to 11 lines drawn from `forms`, appended to `raw`.
+    fn add_lines(raw: &mut Vec<u8>, forms: &[&str], next: &mut impl FnMut() -> u64) {
+        for _ in 0..(next() % 12) {
+            raw.extend_from_slice(forms[(next() % forms.len() as u64) as usize].as_bytes());
+        }
+    }
+
     /// The client head for `raw` (an upstream response) on a route with `route_extra`,
     /// written with merged runs of unchanged lines and line by line.
     fn client_heads(raw: &[u8], route_extra: &str) -> (Vec<u8>, Vec<u8>) {
@@ -647,28 +630,25 @@ mod tests {
         let f = fwd(b"10.0.0.2", false);
         let mut merged = BytesMut::new();
         let mut single = BytesMut::new();
-        for (out, lines) in [
-            (&mut merged, LineRuns::new(&head.raw)),
-            (&mut single, LineRuns::unmerged(&head.raw)),
-        ] {
-            encode_client_head_with(
-                out,
-                &head,
-                rules,
-                &f,
-                b"x-extra: 1\r\n",
-                false,
-                Some(b"keep-alive"),
-                lines,
-            );
+        for (out, merge) in [(&mut merged, true), (&mut single, false)] {
+            crate::http::encode::merge_lines_in_tests(merge, || {
+                encode_client_head(
+                    out,
+                    &head,
+                    rules,
+                    &f,
+                    b"x-extra: 1\r\n",
+                    false,
+                    Some(b"keep-alive"),
+                )
+            });
         }
         (merged.to_vec(), single.to_vec())
     }
 
     #[test]
     fn merged_header_runs_write_the_same_bytes_as_line_by_line() {
-        // Lines of every form httparse accepts, kept and dropped ones mixed, in random order
-        // (a fixed xorshift seed: the same cases every run).
+        // Lines of every form httparse accepts, kept and dropped ones mixed, in random order.
         let forms: &[&str] = &[
             "Server: nginx\r\n",
             "Date: Thu, 26 Nov 2026 18:00:00 GMT\r\n",
@@ -688,19 +668,11 @@ mod tests {
             "Set-Cookie: a=b\r\n",
             "X-Obs-Text: café\r\n",
         ];
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let route = "response_headers = { remove = [\"x-secret\"] }";
         for case in 0..500 {
             let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
-            for _ in 0..(next() % 12) {
-                raw.extend_from_slice(forms[(next() % forms.len() as u64) as usize].as_bytes());
-            }
+            add_lines(&mut raw, forms, &mut next);
             raw.extend_from_slice(b"Content-Length: 0\r\n\r\n");
             let (merged, single) = client_heads(&raw, route);
             assert_eq!(
@@ -741,49 +713,30 @@ mod tests {
             "X-Secret: removed by the route\r\n",
             "Cookie: a=b\r\n",
         ];
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\nrequest_headers = { remove = [\"x-secret\"] }\n";
         let cfg = Config::parse(src, "t.toml").unwrap();
         let router = Router::new(&cfg, 1);
         for case in 0..500 {
             let method = ["GET", "OPTIONS", "POST"][(next() % 3) as usize];
             let mut raw = format!("{method} /a HTTP/1.1\r\nHost: h\r\n").into_bytes();
-            for _ in 0..(next() % 12) {
-                raw.extend_from_slice(forms[(next() % forms.len() as u64) as usize].as_bytes());
-            }
+            add_lines(&mut raw, forms, &mut next);
             raw.extend_from_slice(b"\r\n");
             let mut head = RequestHead::default();
             let n = parse_request(&raw, &Limits::default(), &mut head)
                 .unwrap()
                 .unwrap();
             head.raw = bytes::Bytes::copy_from_slice(&raw[..n]);
-            let trusted = next() % 2 == 0;
+            let trusted = next() & 1 == 0;
             let f = fwd(b"10.0.0.2", trusted);
             let mut merged = BytesMut::new();
             let mut single = BytesMut::new();
             let route = &router.routes[0];
-            encode_upstream_head_with(
-                &mut merged,
-                &head,
-                route,
-                b"u:9",
-                &f,
-                LineRuns::new(&head.raw),
-            );
-            encode_upstream_head_with(
-                &mut single,
-                &head,
-                route,
-                b"u:9",
-                &f,
-                LineRuns::unmerged(&head.raw),
-            );
+            for (out, merge) in [(&mut merged, true), (&mut single, false)] {
+                crate::http::encode::merge_lines_in_tests(merge, || {
+                    encode_upstream_head(out, &head, route, b"u:9", &f)
+                });
+            }
             assert_eq!(
                 String::from_utf8_lossy(&merged),
                 String::from_utf8_lossy(&single),

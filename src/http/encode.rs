@@ -34,20 +34,15 @@ pub struct LineRuns<'a> {
 impl<'a> LineRuns<'a> {
     #[inline]
     pub fn new(raw: &'a [u8]) -> LineRuns<'a> {
+        #[cfg(not(test))]
+        let merge = true;
+        #[cfg(test)]
+        let merge = MERGE_IN_TESTS.with(|m| m.get());
         LineRuns {
             raw,
             start: 0,
             end: 0,
-            merge: true,
-        }
-    }
-
-    /// Every line through `put_header`: the reference the merged output is tested against.
-    #[cfg(test)]
-    pub fn unmerged(raw: &'a [u8]) -> LineRuns<'a> {
-        LineRuns {
-            merge: false,
-            ..LineRuns::new(raw)
+            merge,
         }
     }
 
@@ -87,6 +82,21 @@ impl<'a> LineRuns<'a> {
         self.start = 0;
         self.end = 0;
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    static MERGE_IN_TESTS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with line merging on or off (off: every line through `put_header`, the reference
+/// the merged output is tested against).
+#[cfg(test)]
+pub fn merge_lines_in_tests<R>(merge: bool, f: impl FnOnce() -> R) -> R {
+    MERGE_IN_TESTS.with(|m| m.set(merge));
+    let r = f();
+    MERGE_IN_TESTS.with(|m| m.set(true));
+    r
 }
 
 pub fn put_status_line(buf: &mut BytesMut, status: u16, reason: &[u8]) {
