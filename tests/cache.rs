@@ -858,6 +858,79 @@ fn redis_down_fails_open_to_the_origin() {
     }));
 }
 
+/// RFC 5861 §3 holds for an entry a gateway finds only in Redis: within its
+/// `stale-while-revalidate` window it is answered at once (a stale hit, RFC 9211 §3) and
+/// revalidated in the background, as a local entry is. Before, the Redis branch validated it
+/// first, so the client waited for the origin (cache-tests `stale-while-revalidate-window`
+/// with two workers and `[cache.redis]`).
+#[test]
+fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
+    let redis = RedisServer::start();
+    let release = Event::new();
+    let rel = release.clone();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1".to_vec());
+        }
+        // The revalidation is held until the test has its stale answer.
+        Reply::Script(vec![
+            Step::Await(rel.clone()),
+            Step::Write(b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 2\r\n\r\nv2".to_vec()),
+        ])
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/swr").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    // B has it only in Redis, stale: answered while the origin still holds the revalidation.
+    let r = get(b.addr, "/swr");
+    assert!(!release.is_set());
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    let st = status_of(&r);
+    assert!(st.starts_with("ringway; hit; ttl="), "{r:?}");
+    assert!(st.contains("detail=stale-while-revalidate"), "{r:?}");
+    // The background revalidation went out with the stored validator.
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
+    assert_eq!(up.last().header("if-none-match"), Some("\"a\""));
+    release.set();
+    assert!(eventually(Duration::from_secs(5), || get(b.addr, "/swr")
+        .text()
+        == "v2"));
+    assert_eq!(n.load(Ordering::SeqCst), 2, "one revalidation");
+}
+
+/// RFC 5861 §4 holds for an entry a gateway finds only in Redis: within its `stale-if-error`
+/// window it answers for an origin that fails.
+#[test]
+fn rfc5861_4_stale_if_error_applies_to_an_entry_found_in_redis() {
+    let redis = RedisServer::start();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-if-error=60\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        } else {
+            Reply::Raw(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\ndown".to_vec(),
+            )
+        }
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/sie").text(), "ok");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    let r = get(b.addr, "/sie");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+    assert!(status_of(&r).contains("detail=stale-if-error"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2, "B asked the origin first");
+}
+
 #[test]
 fn coalesced_waiters_receive_the_body_as_it_arrives() {
     use std::io::{Read, Write};

@@ -468,6 +468,26 @@ async fn cached<'c, S: ClientIo>(
                 s.detail = Some("redis");
                 return answer(w, &cfg.via, route, c, ctx, &o, now, &s).await;
             }
+            if usable(&o, &req, now) == Use::StaleRevalidate {
+                // RFC 5861 §3, as for a local entry: answered at once and revalidated in the
+                // background. This request's flight ends first (the entry is in the store
+                // now), so that the revalidation can hold the key's flight.
+                if let Some(g) = guard {
+                    g.finish(FlightEnd::Stored);
+                }
+                cache.count(|s| s.stale_hits += 1);
+                let f = Found {
+                    obj: o,
+                    key: k.to_vec(),
+                };
+                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, &f);
+                let mut s = Status::new(p, "");
+                s.hit = true;
+                s.ttl = Some(f.obj.ttl(now));
+                s.collapsed = collapsed;
+                s.detail = Some("stale-while-revalidate");
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+            }
             found = Some(Found {
                 obj: o,
                 key: k.to_vec(),
