@@ -485,6 +485,56 @@ fn rfc9213_cdn_cache_control_replaces_cache_control_for_this_cache() {
     assert_eq!(get(gw.addr, "/t").text(), "v2");
 }
 
+/// `Surrogate-Control` (W3C Edge Architecture Specification 1.0, §3) is not obeyed by default:
+/// ringway often sits behind a CDN that reads it, and a surrogate obeys it and takes it off
+/// the response. Opting in is configuration alone: the field in `[cache] targeted_fields`,
+/// after `CDN-Cache-Control` (which then wins, RFC 9213 §2.2), and the route's
+/// `response_headers.remove`. Its common forms (`max-age=N`, `no-store`) parse as the
+/// Structured Fields dictionary a targeted field is (RFC 9213 §2.1).
+#[test]
+fn edge_arch_surrogate_control_is_obeyed_and_removed_only_when_configured() {
+    // Default: ignored (Cache-Control decides) and passed on.
+    let (up, _) = counting_origin("cache-control: no-store\r\nsurrogate-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/sc").text(), "v1");
+    let r = get(gw.addr, "/sc");
+    assert_eq!(r.text(), "v2");
+    assert_eq!(r.header("surrogate-control"), Some("max-age=60"), "{r:?}");
+
+    let surrogate = |up: SocketAddr| {
+        config(
+            &[up],
+            "[cache]\ntargeted_fields = [\"cdn-cache-control\", \"surrogate-control\"]\n\
+             [[routes]]\nupstream = \"up\"\ncache = {}\n\
+             response_headers = { remove = [\"surrogate-control\"] }\n",
+        )
+    };
+    // Opted in: it replaces Cache-Control for this cache, and no answer carries it.
+    let (up, _) = counting_origin("cache-control: no-store\r\nsurrogate-control: max-age=60\r\n");
+    let gw = TestGateway::start(&surrogate(up.addr), D);
+    let a = get(gw.addr, "/sc");
+    assert_eq!(a.text(), "v1");
+    let b = get(gw.addr, "/sc");
+    assert_eq!(b.text(), "v1", "{b:?}");
+    assert!(status_of(&b).contains("hit"), "{b:?}");
+    for r in [&a, &b] {
+        assert_eq!(r.header("surrogate-control"), None, "{r:?}");
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{r:?}");
+    }
+    // `no-store` there wins over a fresh Cache-Control.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nsurrogate-control: no-store\r\n");
+    let gw = TestGateway::start(&surrogate(up.addr), D);
+    get(gw.addr, "/sc");
+    assert_eq!(get(gw.addr, "/sc").text(), "v2");
+    // CDN-Cache-Control comes first.
+    let (up, _) = counting_origin(
+        "cache-control: max-age=60\r\ncdn-cache-control: no-store\r\nsurrogate-control: max-age=60\r\n",
+    );
+    let gw = TestGateway::start(&surrogate(up.addr), D);
+    get(gw.addr, "/sc");
+    assert_eq!(get(gw.addr, "/sc").text(), "v2");
+}
+
 #[test]
 fn coalescing_100_concurrent_misses_make_1_upstream_request() {
     let up = Upstream::start(|_| Reply::Slow {
