@@ -535,6 +535,60 @@ fn edge_arch_surrogate_control_is_obeyed_and_removed_only_when_configured() {
     assert_eq!(get(gw.addr, "/sc").text(), "v2");
 }
 
+/// RFC 9111 §4.4: the cache invalidates when it receives the non-error answer to an unsafe
+/// method, before the client has it. Before, the stored response went only once the answer
+/// had been relayed whole, so a GET on another connection while a DELETE's answer was still
+/// streaming got the copy the DELETE had made stale.
+#[test]
+fn rfc9111_4_4_invalidation_happens_before_the_answer_is_relayed() {
+    use std::io::{Read, Write};
+    let release = Event::new();
+    let rel = release.clone();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        if req.method == "DELETE" {
+            return Reply::Script(vec![
+                Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nde".to_vec()),
+                Step::Await(rel.clone()),
+                Step::Write(b"ld".to_vec()),
+            ]);
+        }
+        let body = format!("v{}", n2.fetch_add(1, Ordering::SeqCst) + 1);
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/inv").text(), "v1");
+    assert!(status_of(&get(gw.addr, "/inv")).contains("hit"));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"DELETE /inv HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .unwrap();
+    // The client has the answer's head; its body is still on its way.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = s.read(&mut buf).expect("the DELETE's answer begins");
+        assert!(k > 0, "{got:?}");
+        got.extend_from_slice(&buf[..k]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    let r = get(gw.addr, "/inv");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    release.set();
+    while !got.ends_with(b"deld") {
+        let k = s.read(&mut buf).expect("the rest of the DELETE's answer");
+        assert!(k > 0, "{got:?}");
+        got.extend_from_slice(&buf[..k]);
+    }
+}
+
 #[test]
 fn coalescing_100_concurrent_misses_make_1_upstream_request() {
     let up = Upstream::start(|_| Reply::Slow {

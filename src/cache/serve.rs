@@ -1211,20 +1211,15 @@ async fn fetch<'c, S: ClientIo>(
                     out
                 }
                 Fetch::Invalidate(url) => {
-                    status.put(&mut ctx.resp_headers);
-                    let (out, reusable) =
-                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
-                    let st = resp.status;
-                    let locations: Vec<Vec<u8>> = [&b"location"[..], b"content-location"]
-                        .iter()
-                        .filter_map(|n| resp.header(n))
-                        .filter_map(|v| same_host_url(&ctx.head, v))
-                        .collect();
-                    resp.raw = Bytes::new();
-                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
                     // §4.4: a non-error answer to an unsafe method invalidates the target URI
-                    // and the Location / Content-Location URIs of the same origin.
-                    if (200..400).contains(&st) {
+                    // and the Location / Content-Location URIs of the same origin, when it is
+                    // received: before the client can have it and send its next request.
+                    if (200..400).contains(&resp.status) {
+                        let locations: Vec<Vec<u8>> = [&b"location"[..], b"content-location"]
+                            .iter()
+                            .filter_map(|n| resp.header(n))
+                            .filter_map(|v| same_host_url(&ctx.head, v))
+                            .collect();
                         for u in std::iter::once(url).chain(locations) {
                             cache.purge_everywhere(Purge {
                                 target: PurgeTarget::Url(u),
@@ -1232,6 +1227,11 @@ async fn fetch<'c, S: ClientIo>(
                             });
                         }
                     }
+                    status.put(&mut ctx.resp_headers);
+                    let (out, reusable) =
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                    resp.raw = Bytes::new();
+                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
                     out
                 }
                 Fetch::Pass => {
