@@ -832,6 +832,62 @@ fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     assert_eq!(up.last().header("if-none-match"), Some("\"2\""));
 }
 
+/// RFC 9111 §4.4 with several workers: an unsafe method's invalidation reaches every
+/// worker's store before its answer reaches the client. Before, the other workers applied it
+/// at their next control tick (up to 50 ms later), and a GET sent at once that another worker
+/// took got the invalidated copy (cache-tests `invalidate-PUT` with two workers).
+#[test]
+fn rfc9111_4_4_invalidation_reaches_every_worker_before_the_answer() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        if req.method == "DELETE" {
+            return Reply::Raw(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec());
+        }
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n{i}",
+                i.to_string().len()
+            )
+            .into_bytes(),
+        )
+    });
+    let toml = format!("[server]\nworkers = 2\n{}", cache_config(up.addr, "", ""));
+    for d in DRIVERS {
+        let gw = TestGateway::start(&toml, d);
+        let control = gw.gateway().control();
+        for round in 0..5 {
+            let path = format!("/i{round}");
+            let entries = || -> Vec<u64> {
+                ringway::cache::stats(control, Duration::from_secs(2))
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.entries)
+                    .collect()
+            };
+            // Stored on both workers (the kernel spreads connections; enough tries fill both).
+            let base = entries();
+            assert!(eventually(Duration::from_secs(10), || {
+                get(gw.addr, &path);
+                entries().iter().zip(&base).all(|(now, was)| now > was)
+            }));
+            let before = n.load(Ordering::SeqCst);
+            let d = request(
+                gw.addr,
+                format!("DELETE {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes(),
+            );
+            assert_eq!(d.status, 204);
+            // At once, on fresh connections (either worker): nothing from before the DELETE.
+            for _ in 0..10 {
+                let r = get(gw.addr, &path);
+                let v: usize = r.text().parse().unwrap();
+                assert!(v > before, "round {round}: {v} <= {before}: {r:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn purge_api_reaches_every_worker() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\n");
