@@ -747,6 +747,10 @@ async fn worker_main(
     drop(cfg);
     let control = shared.control;
     w.cache.set_control(control.clone());
+    if control.workers() > 1 {
+        // Jobs another worker posts (invalidations, purges) run at once, not at the next tick.
+        monoio::spawn(control.clone().serve(w.clone()));
+    }
     if let Some(l) = shared.cache_redis {
         w.cache.set_shared(l);
     }

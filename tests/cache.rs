@@ -485,6 +485,110 @@ fn rfc9213_cdn_cache_control_replaces_cache_control_for_this_cache() {
     assert_eq!(get(gw.addr, "/t").text(), "v2");
 }
 
+/// `Surrogate-Control` (W3C Edge Architecture Specification 1.0, §3) is not obeyed by default:
+/// ringway often sits behind a CDN that reads it, and a surrogate obeys it and takes it off
+/// the response. Opting in is configuration alone: the field in `[cache] targeted_fields`,
+/// after `CDN-Cache-Control` (which then wins, RFC 9213 §2.2), and the route's
+/// `response_headers.remove`. Its common forms (`max-age=N`, `no-store`) parse as the
+/// Structured Fields dictionary a targeted field is (RFC 9213 §2.1).
+#[test]
+fn edge_arch_surrogate_control_is_obeyed_and_removed_only_when_configured() {
+    // Default: ignored (Cache-Control decides) and passed on.
+    let (up, _) = counting_origin("cache-control: no-store\r\nsurrogate-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/sc").text(), "v1");
+    let r = get(gw.addr, "/sc");
+    assert_eq!(r.text(), "v2");
+    assert_eq!(r.header("surrogate-control"), Some("max-age=60"), "{r:?}");
+
+    let surrogate = |up: SocketAddr| {
+        config(
+            &[up],
+            "[cache]\ntargeted_fields = [\"cdn-cache-control\", \"surrogate-control\"]\n\
+             [[routes]]\nupstream = \"up\"\ncache = {}\n\
+             response_headers = { remove = [\"surrogate-control\"] }\n",
+        )
+    };
+    // Opted in: it replaces Cache-Control for this cache, and no answer carries it.
+    let (up, _) = counting_origin("cache-control: no-store\r\nsurrogate-control: max-age=60\r\n");
+    let gw = TestGateway::start(&surrogate(up.addr), D);
+    let a = get(gw.addr, "/sc");
+    assert_eq!(a.text(), "v1");
+    let b = get(gw.addr, "/sc");
+    assert_eq!(b.text(), "v1", "{b:?}");
+    assert!(status_of(&b).contains("hit"), "{b:?}");
+    for r in [&a, &b] {
+        assert_eq!(r.header("surrogate-control"), None, "{r:?}");
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{r:?}");
+    }
+    // `no-store` there wins over a fresh Cache-Control.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nsurrogate-control: no-store\r\n");
+    let gw = TestGateway::start(&surrogate(up.addr), D);
+    get(gw.addr, "/sc");
+    assert_eq!(get(gw.addr, "/sc").text(), "v2");
+    // CDN-Cache-Control comes first.
+    let (up, _) = counting_origin(
+        "cache-control: max-age=60\r\ncdn-cache-control: no-store\r\nsurrogate-control: max-age=60\r\n",
+    );
+    let gw = TestGateway::start(&surrogate(up.addr), D);
+    get(gw.addr, "/sc");
+    assert_eq!(get(gw.addr, "/sc").text(), "v2");
+}
+
+/// RFC 9111 §4.4: the cache invalidates when it receives the non-error answer to an unsafe
+/// method, before the client has it. Before, the stored response went only once the answer
+/// had been relayed whole, so a GET on another connection while a DELETE's answer was still
+/// streaming got the copy the DELETE had made stale.
+#[test]
+fn rfc9111_4_4_invalidation_happens_before_the_answer_is_relayed() {
+    use std::io::{Read, Write};
+    let release = Event::new();
+    let rel = release.clone();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        if req.method == "DELETE" {
+            return Reply::Script(vec![
+                Step::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nde".to_vec()),
+                Step::Await(rel.clone()),
+                Step::Write(b"ld".to_vec()),
+            ]);
+        }
+        let body = format!("v{}", n2.fetch_add(1, Ordering::SeqCst) + 1);
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/inv").text(), "v1");
+    assert!(status_of(&get(gw.addr, "/inv")).contains("hit"));
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"DELETE /inv HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .unwrap();
+    // The client has the answer's head; its body is still on its way.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = s.read(&mut buf).expect("the DELETE's answer begins");
+        assert!(k > 0, "{got:?}");
+        got.extend_from_slice(&buf[..k]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+    let r = get(gw.addr, "/inv");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    release.set();
+    while !got.ends_with(b"deld") {
+        let k = s.read(&mut buf).expect("the rest of the DELETE's answer");
+        assert!(k > 0, "{got:?}");
+        got.extend_from_slice(&buf[..k]);
+    }
+}
+
 #[test]
 fn coalescing_100_concurrent_misses_make_1_upstream_request() {
     let up = Upstream::start(|_| Reply::Slow {
@@ -728,6 +832,62 @@ fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     assert_eq!(up.last().header("if-none-match"), Some("\"2\""));
 }
 
+/// RFC 9111 §4.4 with several workers: an unsafe method's invalidation reaches every
+/// worker's store before its answer reaches the client. Before, the other workers applied it
+/// at their next control tick (up to 50 ms later), and a GET sent at once that another worker
+/// took got the invalidated copy (cache-tests `invalidate-PUT` with two workers).
+#[test]
+fn rfc9111_4_4_invalidation_reaches_every_worker_before_the_answer() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        if req.method == "DELETE" {
+            return Reply::Raw(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec());
+        }
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n{i}",
+                i.to_string().len()
+            )
+            .into_bytes(),
+        )
+    });
+    let toml = format!("[server]\nworkers = 2\n{}", cache_config(up.addr, "", ""));
+    for d in DRIVERS {
+        let gw = TestGateway::start(&toml, d);
+        let control = gw.gateway().control();
+        for round in 0..5 {
+            let path = format!("/i{round}");
+            let entries = || -> Vec<u64> {
+                ringway::cache::stats(control, Duration::from_secs(2))
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.entries)
+                    .collect()
+            };
+            // Stored on both workers (the kernel spreads connections; enough tries fill both).
+            let base = entries();
+            assert!(eventually(Duration::from_secs(10), || {
+                get(gw.addr, &path);
+                entries().iter().zip(&base).all(|(now, was)| now > was)
+            }));
+            let before = n.load(Ordering::SeqCst);
+            let d = request(
+                gw.addr,
+                format!("DELETE {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes(),
+            );
+            assert_eq!(d.status, 204);
+            // At once, on fresh connections (either worker): nothing from before the DELETE.
+            for _ in 0..10 {
+                let r = get(gw.addr, &path);
+                let v: usize = r.text().parse().unwrap();
+                assert!(v > before, "round {round}: {v} <= {before}: {r:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn purge_api_reaches_every_worker() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\n");
@@ -856,6 +1016,79 @@ fn redis_down_fails_open_to_the_origin() {
         get(gw.addr, &format!("/back{}", up.hits()));
         !redis.keys("ringway:cache:o:*").is_empty()
     }));
+}
+
+/// RFC 5861 §3 holds for an entry a gateway finds only in Redis: within its
+/// `stale-while-revalidate` window it is answered at once (a stale hit, RFC 9211 §3) and
+/// revalidated in the background, as a local entry is. Before, the Redis branch validated it
+/// first, so the client waited for the origin (cache-tests `stale-while-revalidate-window`
+/// with two workers and `[cache.redis]`).
+#[test]
+fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
+    let redis = RedisServer::start();
+    let release = Event::new();
+    let rel = release.clone();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1".to_vec());
+        }
+        // The revalidation is held until the test has its stale answer.
+        Reply::Script(vec![
+            Step::Await(rel.clone()),
+            Step::Write(b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 2\r\n\r\nv2".to_vec()),
+        ])
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/swr").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    // B has it only in Redis, stale: answered while the origin still holds the revalidation.
+    let r = get(b.addr, "/swr");
+    assert!(!release.is_set());
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    let st = status_of(&r);
+    assert!(st.starts_with("ringway; hit; ttl="), "{r:?}");
+    assert!(st.contains("detail=stale-while-revalidate"), "{r:?}");
+    // The background revalidation went out with the stored validator.
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
+    assert_eq!(up.last().header("if-none-match"), Some("\"a\""));
+    release.set();
+    assert!(eventually(Duration::from_secs(5), || get(b.addr, "/swr")
+        .text()
+        == "v2"));
+    assert_eq!(n.load(Ordering::SeqCst), 2, "one revalidation");
+}
+
+/// RFC 5861 §4 holds for an entry a gateway finds only in Redis: within its `stale-if-error`
+/// window it answers for an origin that fails.
+#[test]
+fn rfc5861_4_stale_if_error_applies_to_an_entry_found_in_redis() {
+    let redis = RedisServer::start();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-if-error=60\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        } else {
+            Reply::Raw(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\ndown".to_vec(),
+            )
+        }
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/sie").text(), "ok");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    let r = get(b.addr, "/sie");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+    assert!(status_of(&r).contains("detail=stale-if-error"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2, "B asked the origin first");
 }
 
 #[test]

@@ -468,6 +468,26 @@ async fn cached<'c, S: ClientIo>(
                 s.detail = Some("redis");
                 return answer(w, &cfg.via, route, c, ctx, &o, now, &s).await;
             }
+            if usable(&o, &req, now) == Use::StaleRevalidate {
+                // RFC 5861 §3, as for a local entry: answered at once and revalidated in the
+                // background. This request's flight ends first (the entry is in the store
+                // now), so that the revalidation can hold the key's flight.
+                if let Some(g) = guard {
+                    g.finish(FlightEnd::Stored);
+                }
+                cache.count(|s| s.stale_hits += 1);
+                let f = Found {
+                    obj: o,
+                    key: k.to_vec(),
+                };
+                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, &f);
+                let mut s = Status::new(p, "");
+                s.hit = true;
+                s.ttl = Some(f.obj.ttl(now));
+                s.collapsed = collapsed;
+                s.detail = Some("stale-while-revalidate");
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+            }
             found = Some(Found {
                 obj: o,
                 key: k.to_vec(),
@@ -1191,20 +1211,15 @@ async fn fetch<'c, S: ClientIo>(
                     out
                 }
                 Fetch::Invalidate(url) => {
-                    status.put(&mut ctx.resp_headers);
-                    let (out, reusable) =
-                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
-                    let st = resp.status;
-                    let locations: Vec<Vec<u8>> = [&b"location"[..], b"content-location"]
-                        .iter()
-                        .filter_map(|n| resp.header(n))
-                        .filter_map(|v| same_host_url(&ctx.head, v))
-                        .collect();
-                    resp.raw = Bytes::new();
-                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
                     // §4.4: a non-error answer to an unsafe method invalidates the target URI
-                    // and the Location / Content-Location URIs of the same origin.
-                    if (200..400).contains(&st) {
+                    // and the Location / Content-Location URIs of the same origin, when it is
+                    // received: before the client can have it and send its next request.
+                    if (200..400).contains(&resp.status) {
+                        let locations: Vec<Vec<u8>> = [&b"location"[..], b"content-location"]
+                            .iter()
+                            .filter_map(|n| resp.header(n))
+                            .filter_map(|v| same_host_url(&ctx.head, v))
+                            .collect();
                         for u in std::iter::once(url).chain(locations) {
                             cache.purge_everywhere(Purge {
                                 target: PurgeTarget::Url(u),
@@ -1212,6 +1227,11 @@ async fn fetch<'c, S: ClientIo>(
                             });
                         }
                     }
+                    status.put(&mut ctx.resp_headers);
+                    let (out, reusable) =
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                    resp.raw = Bytes::new();
+                    release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
                     out
                 }
                 Fetch::Pass => {
