@@ -181,6 +181,27 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
     }
 }
 
+/// The length of what [`url_of`] writes.
+pub fn url_len(head: &RequestHead) -> usize {
+    let host = head.host_bytes().unwrap_or(b"");
+    let pq = head.bytes(head.path_query);
+    host.len() + pq.len() + usize::from(pq.first() != Some(&b'/'))
+}
+
+/// [`url_of`] into a `BytesMut` (the buffer a stored object's head, URL and body share).
+pub fn put_url(head: &RequestHead, out: &mut BytesMut) {
+    let host = head.host_bytes().unwrap_or(b"");
+    let pq = head.bytes(head.path_query);
+    out.reserve(url_len(head));
+    let from = out.len();
+    out.extend_from_slice(host);
+    out[from..].make_ascii_lowercase();
+    if pq.first() != Some(&b'/') {
+        out.extend_from_slice(b"/");
+    }
+    out.extend_from_slice(pq);
+}
+
 /// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
 /// chosen header values, and a consumer when given.
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
@@ -289,8 +310,10 @@ pub struct Object {
     pub fields: Vec<Field>,
     pub body: Bytes,
     pub t: Timing,
-    /// The URL (host and path with query) for purges and invalidations.
-    pub url: Box<[u8]>,
+    /// The URL (host and path with query) for purges and invalidations. For a response
+    /// stored from an upstream, a slice of the allocation that also holds the head's copy and
+    /// the body (see `serve::analyze_response`).
+    pub url: Bytes,
     /// Surrogate keys (`Surrogate-Key`), for purges by tag.
     pub tags: Vec<Box<[u8]>>,
     /// The request's values of the fields the response varies on (lower-case names).
@@ -801,7 +824,12 @@ pub struct Tee {
 impl Tee {
     pub fn new(max: usize, hint: Option<u64>, flight: Option<Rc<Flight>>) -> Tee {
         let cap = hint.map_or(0, |h| h.min(max as u64) as usize);
-        let buf = BytesMut::with_capacity(cap);
+        Tee::with_buf(max, BytesMut::with_capacity(cap), flight)
+    }
+
+    /// A capture into `buf` (empty; its spare capacity is the room the body is expected to
+    /// take, possibly in an allocation that holds other parts of the object too).
+    pub fn with_buf(max: usize, buf: BytesMut, flight: Option<Rc<Flight>>) -> Tee {
         let buf = match &flight {
             Some(f) => {
                 *f.body.borrow_mut() = buf;
@@ -855,6 +883,43 @@ impl Tee {
                 b
             }
             None => self.buf.freeze(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::request::{parse_request, Limits};
+
+    fn head(raw: &str) -> RequestHead {
+        let mut h = RequestHead::default();
+        let n = parse_request(raw.as_bytes(), &Limits::default(), &mut h)
+            .expect("valid head")
+            .expect("complete head");
+        assert_eq!(n, raw.len());
+        h.raw = Bytes::copy_from_slice(raw.as_bytes());
+        h
+    }
+
+    #[test]
+    fn put_url_writes_what_url_of_writes_and_url_len_says() {
+        for raw in [
+            "GET /a/b?c=1&d HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /p HTTP/1.0\r\n\r\n",
+            "GET http://Other.example/q?x HTTP/1.1\r\nHost: other.example\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            let h = head(raw);
+            let mut want = Vec::new();
+            url_of(&h, &mut want);
+            // Appended after what the buffer already holds, as for a stored object's head.
+            let mut got = BytesMut::from(&b"head"[..]);
+            put_url(&h, &mut got);
+            assert_eq!(&got[..4], b"head", "{raw:?}");
+            assert_eq!(&got[4..], &want[..], "{raw:?}");
+            assert_eq!(url_len(&h), want.len(), "{raw:?}");
         }
     }
 }

@@ -566,14 +566,13 @@ fn conditional_head(
 
 /// The response's header fields, copied (they must not pin the upstream read buffer).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
-    copy_fields_where(resp, |_| true)
+    copy_fields_where(resp, &Bytes::copy_from_slice(&resp.raw), |_| true)
 }
 
-/// [`copy_fields`] of the lines whose name `keep` accepts.
-fn copy_fields_where(resp: &ResponseHead, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
+/// [`copy_fields`] of the lines whose name `keep` accepts, as slices of `raw`, a copy of the
+/// head's bytes.
+fn copy_fields_where(resp: &ResponseHead, raw: &Bytes, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    // One copy of the head; every field is a slice of it.
-    let raw = Bytes::copy_from_slice(&resp.raw);
     let part = |s: &[u8]| {
         let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
         raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
@@ -599,6 +598,10 @@ pub(crate) struct Storable {
     pub t: Timing,
     pub public: bool,
     pub vary: Vec<Box<[u8]>>,
+    /// From [`analyze_response`]: the request's URL, and room for the body, in the allocation
+    /// that holds the head's copy (empty from [`analyze`]).
+    pub url: Bytes,
+    pub body: BytesMut,
 }
 
 pub(crate) fn analyze(
@@ -616,10 +619,14 @@ pub(crate) fn analyze(
 
 /// [`analyze`] for an upstream's response head: a response that is never stored (its status,
 /// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
-/// copied; the fields of one that may be are copied once and kept as they are filtered.
+/// copied; the fields of one that may be are copied once and kept as they are filtered. What
+/// the stored object keeps of the response takes one allocation: the head's copy, the URL of
+/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]).
 fn analyze_response(
     p: &RoutePolicy,
     resp: &ResponseHead,
+    req: &RequestHead,
+    body_room: usize,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -635,12 +642,23 @@ fn analyze_response(
         }
     });
     screen(resp.status, &d, req_authorized)?;
+    let head_len = resp.raw.len();
+    let mut buf = BytesMut::with_capacity(
+        head_len
+            .saturating_add(super::url_len(req))
+            .saturating_add(body_room),
+    );
+    buf.extend_from_slice(&resp.raw);
+    super::put_url(req, &mut buf);
+    // The head and the URL, frozen; `buf` keeps the rest of the allocation for the body.
+    let head_url = buf.split().freeze();
+    let raw = head_url.slice(..head_len);
     // What is never stored is not copied either, except Age, which the age calculation reads
     // (§4.2.3; `analyze_fields` drops it from the stored copy).
-    let fields = copy_fields_where(resp, |n| {
+    let fields = copy_fields_where(resp, &raw, |n| {
         !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age")
     });
-    analyze_fields(
+    let mut s = analyze_fields(
         p,
         resp.status,
         fields,
@@ -648,7 +666,10 @@ fn analyze_response(
         targeted,
         request_time,
         response_time,
-    )
+    )?;
+    s.url = head_url.slice(head_len..);
+    s.body = buf;
+    Ok(s)
 }
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
@@ -773,6 +794,8 @@ fn analyze_fields(
         t,
         public: d.public,
         vary,
+        url: Bytes::new(),
+        body: BytesMut::new(),
     })
 }
 
@@ -827,7 +850,7 @@ fn make_object(
     status: u16,
     reason: Bytes,
     body: Bytes,
-    url: Box<[u8]>,
+    url: Bytes,
     head: &RequestHead,
 ) -> Object {
     let vary = s
@@ -1086,17 +1109,28 @@ async fn fetch<'c, S: ClientIo>(
                         w.bufs.give_resp(resp);
                         return out;
                     }
+                    let max = p.max_object.min(usize::MAX as u64);
+                    // Room for a body of known length that may be stored (one too large is
+                    // not: see below).
+                    let body_room = known_len(&resp).filter(|n| *n <= max).unwrap_or(0) as usize;
                     let mut plan = if req.no_store {
                         Err("request-no-store")
                     } else {
-                        analyze_response(p, &resp, authorized, request_time, now)
+                        analyze_response(
+                            p,
+                            &resp,
+                            &ctx.head,
+                            body_room,
+                            authorized,
+                            request_time,
+                            now,
+                        )
                     };
                     // Borrowed from `keys`, which this request holds to the end.
                     let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
                     if plan.is_ok() && key.is_none() {
                         plan = Err("no-consumer");
                     }
-                    let max = p.max_object.min(usize::MAX as u64);
                     if let (Ok(_), RespBody::Length(n)) = (&plan, resp.body) {
                         if n > max {
                             plan = Err("too-large");
@@ -1134,9 +1168,9 @@ async fn fetch<'c, S: ClientIo>(
                         _ => None,
                     };
                     let mut tee = plan
-                        .as_ref()
+                        .as_mut()
                         .ok()
-                        .map(|_| Tee::new(max as usize, known_len(&resp), flight));
+                        .map(|s| Tee::with_buf(max as usize, std::mem::take(&mut s.body), flight));
                     match &plan {
                         Ok(_) => {
                             status.stored =
@@ -1163,18 +1197,11 @@ async fn fetch<'c, S: ClientIo>(
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
                     let mut end = FlightEnd::NotStorable;
-                    if let (Ok(s), Some(k), Some(t)) = (plan, key, tee) {
+                    if let (Ok(mut s), Some(k), Some(t)) = (plan, key, tee) {
                         if complete && !t.over {
-                            let mut url = Vec::new();
-                            url_of(&ctx.head, &mut url);
-                            let obj = make_object(
-                                s,
-                                status_code,
-                                reason,
-                                t.finish(),
-                                url.into_boxed_slice(),
-                                &ctx.head,
-                            );
+                            let url = std::mem::take(&mut s.url);
+                            let obj =
+                                make_object(s, status_code, reason, t.finish(), url, &ctx.head);
                             let obj = Rc::new(obj);
                             cache.insert(k, obj.clone(), p.max_variants);
                             cache.share(k, &obj);
