@@ -412,6 +412,7 @@ pub struct Flight {
 }
 
 /// What a waiter sends before the body of a response it receives as it arrives.
+#[derive(Clone)]
 pub struct FlightStream {
     pub status: u16,
     pub reason: Bytes,
@@ -448,6 +449,13 @@ impl Flight {
     pub fn publish(&self, s: FlightStream) {
         *self.stream.borrow_mut() = Some(Rc::new(s));
         self.done.notify_all();
+    }
+
+    /// Takes the published head back once the fetch is over (no waiter starts on it any
+    /// more): moved out, or copied when a waiter still streams it.
+    pub fn take_stream(&self) -> Option<FlightStream> {
+        let st = self.stream.borrow_mut().take()?;
+        Some(Rc::unwrap_or_clone(st))
     }
 }
 
@@ -921,5 +929,44 @@ mod tests {
             assert_eq!(&got[4..], &want[..], "{raw:?}");
             assert_eq!(url_len(&h), want.len(), "{raw:?}");
         }
+    }
+
+    fn stream() -> FlightStream {
+        FlightStream {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: vec![(Bytes::from_static(b"etag"), Bytes::from_static(b"\"a\""))],
+            len: Some(3),
+            t: Timing::default(),
+            vary: vec![(b"accept"[..].into(), b"text/html".to_vec())],
+        }
+    }
+
+    #[test]
+    fn take_stream_gives_back_what_was_published_even_while_a_waiter_streams_it() {
+        let f = Flight {
+            done: Notify::default(),
+            end: Cell::new(FlightEnd::Pending),
+            stream: RefCell::new(None),
+            cut: Cell::new(false),
+            body: RefCell::new(BytesMut::new()),
+            whole: RefCell::new(None),
+        };
+        assert!(f.take_stream().is_none());
+        f.publish(stream());
+        let back = f.take_stream().expect("published");
+        assert_eq!(back.fields, stream().fields);
+        assert_eq!(back.vary, stream().vary);
+        assert!(
+            f.stream.borrow().is_none(),
+            "taken, not left to later waiters"
+        );
+        // A waiter holding the stream keeps its own; the fetch gets a copy.
+        f.publish(stream());
+        let held = f.stream.borrow().clone().expect("published");
+        let back = f.take_stream().expect("published");
+        assert_eq!(back.fields, held.fields);
+        assert_eq!(back.vary, held.vary);
+        assert_eq!(back.len, Some(3));
     }
 }

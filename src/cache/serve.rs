@@ -845,22 +845,26 @@ impl<'a> Seen<'a> {
     }
 }
 
+/// The request's values of the fields a response varies on (lower-case names), as stored.
+fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
+    names
+        .iter()
+        .map(|n| {
+            let mut it = head.header_values(n);
+            (n.clone(), policy::vary_value(n, &mut it))
+        })
+        .collect()
+}
+
+/// `vary`: the request's values of the fields named by `s.vary` ([`vary_values`]).
 fn make_object(
     s: Storable,
     status: u16,
     reason: Bytes,
     body: Bytes,
     url: Bytes,
-    head: &RequestHead,
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Object {
-    let vary = s
-        .vary
-        .iter()
-        .map(|n| {
-            let mut it = head.header_values(n);
-            (n.clone(), policy::vary_value(n, &mut it))
-        })
-        .collect();
     let tags = super::surrogate_keys(&s.fields);
     Object {
         status,
@@ -1144,29 +1148,25 @@ async fn fetch<'c, S: ClientIo>(
                         RespBody::Chunked => Some(None),
                         _ => known_len(&resp).map(Some),
                     };
-                    let flight = match (&plan, &guard, stream_len) {
+                    let flight = match (&mut plan, &guard, stream_len) {
                         (Ok(s), Some(g), Some(len))
                             if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
                         {
+                            // The fields (and Vary values) are lent to the stream while the
+                            // fetch lasts, and taken back to be stored (not copied).
                             g.flight().publish(FlightStream {
                                 status: resp.status,
                                 reason: reason_of(&resp),
-                                fields: s.fields.clone(),
+                                fields: std::mem::take(&mut s.fields),
                                 len,
                                 t: s.t,
-                                vary: s
-                                    .vary
-                                    .iter()
-                                    .map(|n| {
-                                        let mut it = ctx.head.header_values(n);
-                                        (n.clone(), policy::vary_value(n, &mut it))
-                                    })
-                                    .collect(),
+                                vary: vary_values(&s.vary, &ctx.head),
                             });
                             Some(g.flight().clone())
                         }
                         _ => None,
                     };
+                    let published = flight.is_some();
                     let mut tee = plan
                         .as_mut()
                         .ok()
@@ -1197,11 +1197,24 @@ async fn fetch<'c, S: ClientIo>(
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
                     let mut end = FlightEnd::NotStorable;
+                    // What was lent to the stream comes back (only a body past the bound,
+                    // which is not stored, takes it away before).
+                    let lent = guard
+                        .as_ref()
+                        .filter(|_| published)
+                        .and_then(|g| g.flight().take_stream());
                     if let (Ok(mut s), Some(k), Some(t)) = (plan, key, tee) {
-                        if complete && !t.over {
+                        let vary = match lent {
+                            Some(st) => {
+                                s.fields = st.fields;
+                                Some(st.vary)
+                            }
+                            None if published => None,
+                            None => Some(vary_values(&s.vary, &ctx.head)),
+                        };
+                        if let (true, false, Some(vary)) = (complete, t.over, vary) {
                             let url = std::mem::take(&mut s.url);
-                            let obj =
-                                make_object(s, status_code, reason, t.finish(), url, &ctx.head);
+                            let obj = make_object(s, status_code, reason, t.finish(), url, vary);
                             let obj = Rc::new(obj);
                             cache.insert(k, obj.clone(), p.max_variants);
                             cache.share(k, &obj);
@@ -2034,13 +2047,14 @@ impl Revalidation {
                                     let reason = reason_of(&resp);
                                     let status = resp.status;
                                     resp.raw = Bytes::new();
+                                    let vary = vary_values(&s.vary, &self.head);
                                     let obj = make_object(
                                         s,
                                         status,
                                         reason,
                                         body,
                                         self.obj.url.clone(),
-                                        &self.head,
+                                        vary,
                                     );
                                     // Stored under the key the stale one had.
                                     let obj = Rc::new(obj);
