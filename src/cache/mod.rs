@@ -439,6 +439,8 @@ pub struct Flight {
     body: RefCell<BytesMut>,
     /// The whole body, once the fetch stored it.
     whole: RefCell<Option<Bytes>>,
+    /// The key, while the flight is in `WorkerCache::flights` (emptied when it ends).
+    key: RefCell<Vec<u8>>,
 }
 
 /// What a waiter sends before the body of a response it receives as it arrives.
@@ -489,6 +491,29 @@ impl Flight {
     }
 }
 
+/// Hashes a `u64` that already is a keyed hash (the flights' keys) as itself.
+#[derive(Default, Clone, Copy)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed here; other input is still mixed in, not lost.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PreHashedBuild = std::hash::BuildHasherDefault<PreHashed>;
+
 /// Counters of one worker's cache.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
@@ -506,10 +531,12 @@ pub struct CacheStats {
 /// One worker's cache: its store, its fetches in flight and its counters.
 pub struct WorkerCache {
     map: RefCell<Map>,
-    /// Keyed by the cache key; the key is shared with the fetch's [`FlightGuard`], and hashed
-    /// with the store's own keyed hasher (random per process, so a client cannot aim
-    /// collisions at it).
-    flights: RefCell<HashMap<Rc<[u8]>, Rc<Flight>, quick_cache::DefaultHashBuilder>>,
+    /// Keyed by the cache key's hash with `flight_hasher` (keyed, random per process, so a
+    /// client cannot aim collisions at it), hashed once per request; each flight holds its
+    /// key, compared on every lookup. Two keys with the same hash cannot both have a flight:
+    /// the second fetches alone, as when there are [`MAX_FLIGHTS`].
+    flights: RefCell<HashMap<u64, Rc<Flight>, PreHashedBuild>>,
+    flight_hasher: quick_cache::DefaultHashBuilder,
     stats: RefCell<CacheStats>,
     /// Key buffers of requests that ended, for the next ones to build their keys into
     /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
@@ -535,6 +562,7 @@ impl WorkerCache {
                 Default::default(),
             )),
             flights: RefCell::new(HashMap::default()),
+            flight_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
             control: OnceLock::new(),
@@ -664,19 +692,43 @@ impl WorkerCache {
 
     /// The fetch in flight for `key`, if any.
     pub fn flight(&self, key: &[u8]) -> Option<Rc<Flight>> {
-        self.flights.borrow().get(key).cloned()
+        self.flight_at(self.flight_hasher.hash_one(key), key)
+    }
+
+    fn flight_at(&self, hash: u64, key: &[u8]) -> Option<Rc<Flight>> {
+        let f = self.flights.borrow();
+        f.get(&hash).filter(|f| *f.key.borrow() == key).cloned()
     }
 
     /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
     pub fn begin_flight(self: &Rc<Self>, key: &[u8]) -> Option<FlightGuard> {
+        self.begin_flight_at(self.flight_hasher.hash_one(key), key)
+    }
+
+    /// The fetch in flight for `key` to wait on (`Ok`), or else the start of one (`Err`, as
+    /// [`WorkerCache::begin_flight`] gives it): the key is hashed once for both.
+    pub fn join_or_begin_flight(
+        self: &Rc<Self>,
+        key: &[u8],
+    ) -> Result<Rc<Flight>, Option<FlightGuard>> {
+        let hash = self.flight_hasher.hash_one(key);
+        match self.flight_at(hash, key) {
+            Some(f) => Ok(f),
+            None => Err(self.begin_flight_at(hash, key)),
+        }
+    }
+
+    fn begin_flight_at(self: &Rc<Self>, hash: u64, key: &[u8]) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
         if f.len() >= MAX_FLIGHTS {
             return None;
         }
-        let key: Rc<[u8]> = key.into();
-        let std::collections::hash_map::Entry::Vacant(slot) = f.entry(key.clone()) else {
+        let std::collections::hash_map::Entry::Vacant(slot) = f.entry(hash) else {
             return None;
         };
+        // The key goes into a spare key buffer (given back when the flight ends).
+        let mut k = self.key_buf();
+        k.extend_from_slice(key);
         let flight = Rc::new(Flight {
             done: Notify::default(),
             end: Cell::new(FlightEnd::Pending),
@@ -684,11 +736,12 @@ impl WorkerCache {
             cut: Cell::new(false),
             body: RefCell::new(BytesMut::new()),
             whole: RefCell::new(None),
+            key: RefCell::new(k),
         });
         slot.insert(flight.clone());
         Some(FlightGuard {
             cache: self.clone(),
-            key,
+            hash,
             flight,
         })
     }
@@ -774,7 +827,8 @@ impl WorkerCache {
 /// the flight and wakes the waiters.
 pub struct FlightGuard {
     cache: Rc<WorkerCache>,
-    key: Rc<[u8]>,
+    /// The key's hash, where the flight is in `flights`.
+    hash: u64,
     flight: Rc<Flight>,
 }
 
@@ -793,7 +847,9 @@ impl Drop for FlightGuard {
         if self.flight.end.get() == FlightEnd::Pending {
             self.flight.end.set(FlightEnd::Failed);
         }
-        self.cache.flights.borrow_mut().remove(&*self.key);
+        self.cache.flights.borrow_mut().remove(&self.hash);
+        let key = std::mem::take(&mut *self.flight.key.borrow_mut());
+        self.cache.give_key_buf(key);
         self.flight.done.notify_all();
     }
 }
@@ -1000,6 +1056,7 @@ mod tests {
             cut: Cell::new(false),
             body: RefCell::new(BytesMut::new()),
             whole: RefCell::new(None),
+            key: RefCell::new(Vec::new()),
         };
         assert!(f.take_stream().is_none());
         f.publish(stream());
@@ -1047,5 +1104,56 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert!(Rc::ptr_eq(&s[0], &b) && Rc::ptr_eq(&s[1], &a));
         assert_eq!(two.weight(), a.weight() + b.weight());
+    }
+
+    fn worker_cache() -> Rc<WorkerCache> {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        WorkerCache::new(&cfg, 0)
+    }
+
+    #[test]
+    fn a_key_has_one_flight_found_by_its_bytes_and_gone_when_it_ends() {
+        let c = worker_cache();
+        let Err(Some(g)) = c.join_or_begin_flight(b"k1") else {
+            panic!("no flight yet: this request starts one");
+        };
+        let Ok(f) = c.join_or_begin_flight(b"k1") else {
+            panic!("the flight is found");
+        };
+        assert!(Rc::ptr_eq(&f, g.flight()));
+        assert!(c.flight(b"k2").is_none());
+        assert!(c.begin_flight(b"k1").is_none(), "one flight per key");
+        let g2 = c.begin_flight(b"k2").expect("another key");
+        drop(g);
+        assert_eq!(f.end.get(), FlightEnd::Failed);
+        assert!(f.key.borrow().is_empty(), "the key buffer went back");
+        assert!(c.flight(b"k1").is_none());
+        assert!(c.flight(b"k2").is_some());
+        g2.finish(FlightEnd::Stored);
+        assert!(c.flight(b"k2").is_none());
+        assert!(c.begin_flight(b"k1").is_some(), "a new fetch may start");
+    }
+
+    #[test]
+    fn a_flight_under_the_same_hash_is_not_another_keys() {
+        let c = worker_cache();
+        let g = c.begin_flight_at(7, b"a").expect("started");
+        assert!(c.flight_at(7, b"b").is_none(), "a collision is no match");
+        assert!(
+            c.begin_flight_at(7, b"b").is_none(),
+            "the other key fetches alone"
+        );
+        assert!(c.flight_at(7, b"a").is_some());
+        drop(g);
+        assert!(c.flight_at(7, b"a").is_none());
+    }
+
+    #[test]
+    fn prehashed_hashes_a_u64_as_itself() {
+        use std::hash::BuildHasher;
+        let h = PreHashedBuild::default();
+        assert_eq!(h.hash_one(0x1234_5678_9abc_def0u64), 0x1234_5678_9abc_def0);
+        assert_ne!(h.hash_one(&b"ab"[..]), h.hash_one(&b"ba"[..]));
     }
 }

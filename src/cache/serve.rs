@@ -375,9 +375,12 @@ async fn cached<'c, S: ClientIo>(
     let mut guard: Option<FlightGuard> = None;
     let mut found = found;
     for _ in 0..MAX_COALESCE_ROUNDS {
-        let Some(flight) = cache.flight(&keys.shared) else {
-            guard = cache.begin_flight(&keys.shared);
-            break;
+        let flight = match cache.join_or_begin_flight(&keys.shared) {
+            Ok(flight) => flight,
+            Err(g) => {
+                guard = g;
+                break;
+            }
         };
         // Woken when the head is known, as bytes arrive and at the end: a plain GET that the
         // response suits is answered as it arrives; others wait for the end.
