@@ -587,7 +587,7 @@ fn copy_fields_where(resp: &ResponseHead, raw: &Bytes, keep: impl Fn(&[u8]) -> b
             .iter()
             .filter(|h| {
                 let n = resp.bytes(h.name);
-                keep(n) && !listed.lists(n)
+                keep(n) && !(resp.connection_options && listed.lists(n))
             })
             .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value)))),
     );
@@ -601,6 +601,8 @@ pub(crate) struct Storable {
     pub t: Timing,
     pub public: bool,
     pub vary: Vec<Box<[u8]>>,
+    /// A `Surrogate-Key` field was seen (its tags are read only then).
+    pub tagged: bool,
     /// From [`analyze_response`]: the request's URL, and room for the body, in the allocation
     /// that holds the head's copy (empty from [`analyze`]).
     pub url: Bytes,
@@ -617,7 +619,16 @@ pub(crate) fn analyze(
 ) -> Result<Storable, &'static str> {
     let (d, targeted) = p.response_directives(&fields);
     screen(status, &d, req_authorized)?;
-    analyze_fields(p, status, fields, &d, targeted, request_time, response_time)
+    analyze_fields(
+        p,
+        status,
+        fields,
+        false,
+        &d,
+        targeted,
+        request_time,
+        response_time,
+    )
 }
 
 /// [`analyze`] for an upstream's response head: a response that is never stored (its status,
@@ -639,7 +650,7 @@ fn analyze_response(
     let (d, targeted) = p.directives_by(|name, each| {
         for h in &resp.headers {
             let n = resp.bytes(h.name);
-            if n.eq_ignore_ascii_case(name) && !listed.lists(n) {
+            if n.eq_ignore_ascii_case(name) && !(resp.connection_options && listed.lists(n)) {
                 each(resp.bytes(h.value));
             }
         }
@@ -665,6 +676,7 @@ fn analyze_response(
         p,
         resp.status,
         fields,
+        true,
         &d,
         targeted,
         request_time,
@@ -698,11 +710,14 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
 }
 
 /// The rest of [`analyze`], once [`screen`] passed: freshness and the fields kept (filtered
-/// in place).
+/// in place). `prefiltered`: `fields` hold no unstorable field but Age (as
+/// [`analyze_response`] copies them).
+#[allow(clippy::too_many_arguments)]
 fn analyze_fields(
     p: &RoutePolicy,
     status: u16,
     mut fields: Vec<Field>,
+    prefiltered: bool,
     d: &Directives,
     targeted: bool,
     request_time: u64,
@@ -770,15 +785,32 @@ fn analyze_fields(
         return Err("stale-on-arrival");
     }
     let had_date = seen.date.is_some();
-    fields.retain(|(n, _)| {
-        !policy::unstorable_field(n)
-            && (p.set_cookie == super::config::SetCookieMode::Store
-                || !(n.eq_ignore_ascii_case(b"set-cookie")
-                    || n.eq_ignore_ascii_case(b"set-cookie2")))
-            && !n.eq_ignore_ascii_case(b"cache-status")
-            && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-            && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-    });
+    let tagged = seen.surrogate;
+    // Prefiltered fields need the pass only when one of those it drops was seen.
+    let unstorable = |n: &[u8]| {
+        if prefiltered {
+            n.eq_ignore_ascii_case(b"age")
+        } else {
+            policy::unstorable_field(n)
+        }
+    };
+    if !prefiltered
+        || seen.age.is_some()
+        || seen.cookie
+        || seen.cache_status
+        || !d.private_fields.is_empty()
+        || !d.no_cache_fields.is_empty()
+    {
+        fields.retain(|(n, _)| {
+            !unstorable(n)
+                && (p.set_cookie == super::config::SetCookieMode::Store
+                    || !(n.eq_ignore_ascii_case(b"set-cookie")
+                        || n.eq_ignore_ascii_case(b"set-cookie2")))
+                && !n.eq_ignore_ascii_case(b"cache-status")
+                && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+                && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+        });
+    }
     // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
     let has_date = if d.private_fields.is_empty() && d.no_cache_fields.is_empty() {
         had_date
@@ -797,6 +829,7 @@ fn analyze_fields(
         t,
         public: d.public,
         vary,
+        tagged,
         url: Bytes::new(),
         body: BytesMut::new(),
     })
@@ -814,6 +847,8 @@ struct Seen<'a> {
     vary: bool,
     /// `Set-Cookie` or `Set-Cookie2`.
     cookie: bool,
+    cache_status: bool,
+    surrogate: bool,
 }
 
 impl<'a> Seen<'a> {
@@ -837,7 +872,15 @@ impl<'a> Seen<'a> {
                     s.cookie = true;
                     continue;
                 }
+                12 if is(b"cache-status") => {
+                    s.cache_status = true;
+                    continue;
+                }
                 13 if is(b"last-modified") => &mut s.last_modified,
+                13 if is(b"surrogate-key") => {
+                    s.surrogate = true;
+                    continue;
+                }
                 _ => continue,
             };
             if slot.is_none() {
@@ -868,7 +911,11 @@ fn make_object(
     url: Bytes,
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Object {
-    let tags = super::surrogate_keys(&s.fields);
+    let tags = if s.tagged {
+        super::surrogate_keys(&s.fields)
+    } else {
+        Vec::new()
+    };
     Object {
         status,
         reason,
@@ -2170,7 +2217,7 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, put_hex, Field};
+    use super::{analyze, analyze_fields, put_hex, Field};
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy};
     use bytes::{Bytes, BytesMut};
@@ -2315,5 +2362,57 @@ mod tests {
             put_hex(&mut b, n);
             assert_eq!(&b[..], want.as_bytes(), "{n}");
         }
+    }
+
+    /// Fields copied as `analyze_response` copies them (nothing unstorable but Age) are
+    /// stored as `analyze` stores the same lines, whether the pass that drops fields runs or
+    /// is skipped (nothing of what it drops was seen).
+    #[test]
+    fn prefiltered_fields_are_stored_as_analyze_stores_them() {
+        let t = 1_700_000_000;
+        let mut p = policy();
+        let cases: [&[(&'static str, &'static str)]; 5] = [
+            &[("cache-control", "max-age=60"), ("etag", "\"a\"")],
+            &[
+                ("cache-control", "max-age=60"),
+                ("age", "5"),
+                ("server", "s"),
+            ],
+            &[("cache-control", "max-age=60"), ("cache-status", "up; hit")],
+            &[
+                ("cache-control", "max-age=60, private=\"x-a\""),
+                ("x-a", "1"),
+                ("x-b", "2"),
+            ],
+            &[
+                ("cache-control", "max-age=60"),
+                ("Surrogate-Key", "k1 k2"),
+                ("set-cookie", "a=b"),
+            ],
+        ];
+        for mode in [SetCookieMode::Bypass, SetCookieMode::Store] {
+            p.set_cookie = mode;
+            for list in cases {
+                let want = analyze(&p, 200, fields(list), false, t, t);
+                let (d, targeted) = p.response_directives(&fields(list));
+                let got = analyze_fields(&p, 200, fields(list), true, &d, targeted, t, t);
+                match (want, got) {
+                    (Ok(w), Ok(g)) => {
+                        assert_eq!(w.fields, g.fields, "{list:?}");
+                        assert_eq!(w.t.lifetime, g.t.lifetime, "{list:?}");
+                        assert_eq!(w.t.initial_age, g.t.initial_age, "{list:?}");
+                        assert_eq!(w.tagged, g.tagged, "{list:?}");
+                    }
+                    (w, g) => assert_eq!(w.err(), g.err(), "{list:?}"),
+                }
+            }
+        }
+        let s = analyze(&p, 200, fields(cases[4]), false, t, t).expect("stored");
+        assert!(s.tagged);
+        assert!(
+            !analyze(&p, 200, fields(cases[0]), false, t, t)
+                .expect("stored")
+                .tagged
+        );
     }
 }
