@@ -54,6 +54,8 @@ pub const MAX_KEY_BYTES: usize = 16 * 1024;
 /// Spare key buffers a worker keeps, and the largest one kept (see [`WorkerCache::key_buf`]).
 const MAX_SPARE_KEY_BUFS: usize = 256;
 const MAX_SPARE_KEY_BYTES: usize = 1024;
+/// Ended flights a worker keeps for the next misses to reuse (see [`FlightGuard`]'s drop).
+const MAX_SPARE_FLIGHTS: usize = 64;
 /// Most surrogate keys kept per object.
 const MAX_TAGS: usize = 64;
 
@@ -550,6 +552,9 @@ pub struct WorkerCache {
     /// Key buffers of requests that ended, for the next ones to build their keys into
     /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
     spare_keys: RefCell<Vec<Vec<u8>>>,
+    /// Flights that ended with no waiter holding them, reset, for the next misses (at most
+    /// [`MAX_SPARE_FLIGHTS`], each with a key buffer of at most [`MAX_SPARE_KEY_BYTES`]).
+    spare_flights: RefCell<Vec<Rc<Flight>>>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -574,6 +579,7 @@ impl WorkerCache {
             flight_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
+            spare_flights: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -735,24 +741,48 @@ impl WorkerCache {
         let std::collections::hash_map::Entry::Vacant(slot) = f.entry(hash) else {
             return None;
         };
-        // The key goes into a spare key buffer (given back when the flight ends).
-        let mut k = self.key_buf();
-        k.extend_from_slice(key);
-        let flight = Rc::new(Flight {
-            done: Notify::default(),
-            end: Cell::new(FlightEnd::Pending),
-            stream: RefCell::new(None),
-            cut: Cell::new(false),
-            body: RefCell::new(BytesMut::new()),
-            whole: RefCell::new(None),
-            key: RefCell::new(k),
+        // A spare flight (reset when it was kept, its key buffer empty) or a new one, whose
+        // key goes into a spare key buffer (given back when the flight ends).
+        let spare = self.spare_flights.borrow_mut().pop();
+        let flight = spare.unwrap_or_else(|| {
+            Rc::new(Flight {
+                done: Notify::default(),
+                end: Cell::new(FlightEnd::Pending),
+                stream: RefCell::new(None),
+                cut: Cell::new(false),
+                body: RefCell::new(BytesMut::new()),
+                whole: RefCell::new(None),
+                key: RefCell::new(self.key_buf()),
+            })
         });
+        flight.key.borrow_mut().extend_from_slice(key);
         slot.insert(flight.clone());
         Some(FlightGuard {
             cache: self.clone(),
             hash,
             flight,
         })
+    }
+
+    /// Keeps an ended flight for a later miss, reset, when nothing but its guard holds it (no
+    /// waiter, so no `Notified` of its `done` either) and there is room; `false` otherwise.
+    fn keep_flight(&self, f: &Rc<Flight>) -> bool {
+        let mut spare = self.spare_flights.borrow_mut();
+        if Rc::strong_count(f) != 1
+            || Rc::weak_count(f) != 0
+            || spare.len() >= MAX_SPARE_FLIGHTS
+            || f.key.borrow().capacity() > MAX_SPARE_KEY_BYTES
+        {
+            return false;
+        }
+        f.end.set(FlightEnd::Pending);
+        *f.stream.borrow_mut() = None;
+        f.cut.set(false);
+        *f.body.borrow_mut() = BytesMut::new();
+        *f.whole.borrow_mut() = None;
+        f.key.borrow_mut().clear();
+        spare.push(f.clone());
+        true
     }
 
     /// Applies a purge to this worker's store; returns how many objects it hit.
@@ -857,9 +887,11 @@ impl Drop for FlightGuard {
             self.flight.end.set(FlightEnd::Failed);
         }
         self.cache.flights.borrow_mut().remove(&self.hash);
-        let key = std::mem::take(&mut *self.flight.key.borrow_mut());
-        self.cache.give_key_buf(key);
         self.flight.done.notify_all();
+        if !self.cache.keep_flight(&self.flight) {
+            let key = std::mem::take(&mut *self.flight.key.borrow_mut());
+            self.cache.give_key_buf(key);
+        }
     }
 }
 
@@ -1137,6 +1169,10 @@ mod tests {
         drop(g);
         assert_eq!(f.end.get(), FlightEnd::Failed);
         assert!(f.key.borrow().is_empty(), "the key buffer went back");
+        assert!(
+            c.spare_flights.borrow().is_empty(),
+            "a waiter holds it: not kept"
+        );
         assert!(c.flight(b"k1").is_none());
         assert!(c.flight(b"k2").is_some());
         g2.finish(FlightEnd::Stored);
@@ -1181,5 +1217,27 @@ mod tests {
             before <= now && now <= after,
             "{before} <= {now} <= {after}"
         );
+    }
+
+    #[test]
+    fn an_ended_flight_no_one_holds_is_reset_and_reused() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k1").expect("started");
+        let first = Rc::as_ptr(g.flight());
+        g.flight().publish(stream());
+        g.flight().cut.set(true);
+        g.flight().body.borrow_mut().extend_from_slice(b"abc");
+        g.finish(FlightEnd::Stored);
+        assert_eq!(c.spare_flights.borrow().len(), 1, "kept");
+        let g = c.begin_flight(b"k2").expect("started");
+        let f = g.flight();
+        assert_eq!(Rc::as_ptr(f), first, "reused");
+        assert_eq!(f.end.get(), FlightEnd::Pending);
+        assert!(f.stream.borrow().is_none() && !f.cut.get() && f.body.borrow().is_empty());
+        assert!(f.whole.borrow().is_none());
+        assert_eq!(&f.key.borrow()[..], b"k2");
+        assert!(c.flight(b"k1").is_none() && c.flight(b"k2").is_some());
+        drop(g);
+        assert!(c.flight(b"k2").is_none());
     }
 }
