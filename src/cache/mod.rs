@@ -452,6 +452,9 @@ pub struct Flight {
     whole: RefCell<Option<Bytes>>,
     /// The key, while the flight is in `WorkerCache::flights` (emptied when it ends).
     key: RefCell<Vec<u8>>,
+    /// A stream's allocation, emptied, for the next publish (flights are reused: see
+    /// [`FlightGuard`]'s drop).
+    spare_stream: RefCell<Option<Rc<FlightStream>>>,
 }
 
 /// What a waiter sends before the body of a response it receives as it arrives.
@@ -469,6 +472,18 @@ pub struct FlightStream {
 }
 
 impl FlightStream {
+    /// What a spare stream holds: nothing.
+    fn empty() -> FlightStream {
+        FlightStream {
+            status: 0,
+            reason: Bytes::new(),
+            fields: Vec::new(),
+            len: None,
+            t: Timing::default(),
+            vary: Vec::new(),
+        }
+    }
+
     /// Whether a waiting request may take this response (§4.1).
     pub fn vary_matches(&self, head: &RequestHead) -> bool {
         self.vary.iter().all(|(name, stored)| {
@@ -490,15 +505,43 @@ impl Flight {
 
     /// Publishes the head to stream to waiters.
     pub fn publish(&self, s: FlightStream) {
-        *self.stream.borrow_mut() = Some(Rc::new(s));
+        let spare = self.spare_stream.borrow_mut().take();
+        let st = match spare {
+            Some(mut rc) => match Rc::get_mut(&mut rc) {
+                Some(slot) => {
+                    *slot = s;
+                    rc
+                }
+                None => Rc::new(s),
+            },
+            None => Rc::new(s),
+        };
+        *self.stream.borrow_mut() = Some(st);
         self.done.notify_all();
     }
 
     /// Takes the published head back once the fetch is over (no waiter starts on it any
-    /// more): moved out, or copied when a waiter still streams it.
+    /// more): moved out (its allocation kept for the next publish), or copied when a waiter
+    /// still streams it.
     pub fn take_stream(&self) -> Option<FlightStream> {
-        let st = self.stream.borrow_mut().take()?;
-        Some(Rc::unwrap_or_clone(st))
+        let mut st = self.stream.borrow_mut().take()?;
+        let Some(s) = Rc::get_mut(&mut st) else {
+            return Some((*st).clone());
+        };
+        let out = std::mem::replace(s, FlightStream::empty());
+        *self.spare_stream.borrow_mut() = Some(st);
+        Some(out)
+    }
+
+    /// Empties a stream no waiter holds into the spare slot (the flight is being reused).
+    fn keep_stream(&self) {
+        let Some(mut st) = self.stream.borrow_mut().take() else {
+            return;
+        };
+        if let Some(s) = Rc::get_mut(&mut st) {
+            *s = FlightStream::empty();
+            *self.spare_stream.borrow_mut() = Some(st);
+        }
     }
 }
 
@@ -753,6 +796,7 @@ impl WorkerCache {
                 body: RefCell::new(BytesMut::new()),
                 whole: RefCell::new(None),
                 key: RefCell::new(self.key_buf()),
+                spare_stream: RefCell::new(None),
             })
         });
         flight.key.borrow_mut().extend_from_slice(key);
@@ -776,7 +820,7 @@ impl WorkerCache {
             return false;
         }
         f.end.set(FlightEnd::Pending);
-        *f.stream.borrow_mut() = None;
+        f.keep_stream();
         f.cut.set(false);
         *f.body.borrow_mut() = BytesMut::new();
         *f.whole.borrow_mut() = None;
@@ -1098,9 +1142,11 @@ mod tests {
             body: RefCell::new(BytesMut::new()),
             whole: RefCell::new(None),
             key: RefCell::new(Vec::new()),
+            spare_stream: RefCell::new(None),
         };
         assert!(f.take_stream().is_none());
         f.publish(stream());
+        let first = f.stream.borrow().as_ref().map(Rc::as_ptr);
         let back = f.take_stream().expect("published");
         assert_eq!(back.fields, stream().fields);
         assert_eq!(back.vary, stream().vary);
@@ -1108,6 +1154,10 @@ mod tests {
             f.stream.borrow().is_none(),
             "taken, not left to later waiters"
         );
+        // The next publish reuses the stream's allocation.
+        f.publish(stream());
+        assert_eq!(f.stream.borrow().as_ref().map(Rc::as_ptr), first);
+        assert_eq!(f.take_stream().expect("published").fields, stream().fields);
         // A waiter holding the stream keeps its own; the fetch gets a copy.
         f.publish(stream());
         let held = f.stream.borrow().clone().expect("published");
