@@ -455,6 +455,9 @@ pub struct Flight {
     /// A stream's allocation, emptied, for the next publish (flights are reused: see
     /// [`FlightGuard`]'s drop).
     spare_stream: RefCell<Option<Rc<FlightStream>>>,
+    /// Another request found this flight (to wait on it): it is not reused, since its
+    /// `done` may keep a slot for each waiter it had.
+    joined: Cell<bool>,
 }
 
 /// What a waiter sends before the body of a response it receives as it arrives.
@@ -755,7 +758,9 @@ impl WorkerCache {
 
     fn flight_at(&self, hash: u64, key: &[u8]) -> Option<Rc<Flight>> {
         let f = self.flights.borrow();
-        f.get(&hash).filter(|f| *f.key.borrow() == key).cloned()
+        let found = f.get(&hash).filter(|f| *f.key.borrow() == key)?;
+        found.joined.set(true);
+        Some(found.clone())
     }
 
     /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
@@ -797,6 +802,7 @@ impl WorkerCache {
                 whole: RefCell::new(None),
                 key: RefCell::new(self.key_buf()),
                 spare_stream: RefCell::new(None),
+                joined: Cell::new(false),
             })
         });
         flight.key.borrow_mut().extend_from_slice(key);
@@ -809,11 +815,13 @@ impl WorkerCache {
     }
 
     /// Keeps an ended flight for a later miss, reset, when nothing but its guard holds it (no
-    /// waiter, so no `Notified` of its `done` either) and there is room; `false` otherwise.
+    /// waiter, so no `Notified` of its `done` either), no request ever waited on it, and there
+    /// is room; `false` otherwise.
     fn keep_flight(&self, f: &Rc<Flight>) -> bool {
         let mut spare = self.spare_flights.borrow_mut();
         if Rc::strong_count(f) != 1
             || Rc::weak_count(f) != 0
+            || f.joined.get()
             || spare.len() >= MAX_SPARE_FLIGHTS
             || f.key.borrow().capacity() > MAX_SPARE_KEY_BYTES
         {
@@ -1143,6 +1151,7 @@ mod tests {
             whole: RefCell::new(None),
             key: RefCell::new(Vec::new()),
             spare_stream: RefCell::new(None),
+            joined: Cell::new(false),
         };
         assert!(f.take_stream().is_none());
         f.publish(stream());
@@ -1289,5 +1298,18 @@ mod tests {
         assert!(c.flight(b"k1").is_none() && c.flight(b"k2").is_some());
         drop(g);
         assert!(c.flight(b"k2").is_none());
+    }
+
+    #[test]
+    fn a_flight_that_had_a_waiter_is_not_kept() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k").expect("started");
+        let f = c.flight(b"k").expect("in flight");
+        drop(f);
+        drop(g);
+        assert!(
+            c.spare_flights.borrow().is_empty(),
+            "not kept, even once the waiter is gone"
+        );
     }
 }
