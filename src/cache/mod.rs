@@ -54,14 +54,25 @@ pub const MAX_KEY_BYTES: usize = 16 * 1024;
 /// Spare key buffers a worker keeps, and the largest one kept (see [`WorkerCache::key_buf`]).
 const MAX_SPARE_KEY_BUFS: usize = 256;
 const MAX_SPARE_KEY_BYTES: usize = 1024;
+/// Ended flights a worker keeps for the next misses to reuse (see [`FlightGuard`]'s drop).
+const MAX_SPARE_FLIGHTS: usize = 64;
 /// Most surrogate keys kept per object.
 const MAX_TAGS: usize = 64;
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch (0 before it): the clock `SystemTime::now` reads, read
+/// directly (a miss reads it three times; `duration_since` and its `Duration` cost more than
+/// the read).
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec).unwrap_or(0)
 }
 
 /// A route's cache settings, compiled.
@@ -181,6 +192,27 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
     }
 }
 
+/// The length of what [`url_of`] writes.
+pub fn url_len(head: &RequestHead) -> usize {
+    let host = head.host_bytes().unwrap_or(b"");
+    let pq = head.bytes(head.path_query);
+    host.len() + pq.len() + usize::from(pq.first() != Some(&b'/'))
+}
+
+/// [`url_of`] into a `BytesMut` (the buffer a stored object's head, URL and body share).
+pub fn put_url(head: &RequestHead, out: &mut BytesMut) {
+    let host = head.host_bytes().unwrap_or(b"");
+    let pq = head.bytes(head.path_query);
+    out.reserve(url_len(head));
+    let from = out.len();
+    out.extend_from_slice(host);
+    out[from..].make_ascii_lowercase();
+    if pq.first() != Some(&b'/') {
+        out.extend_from_slice(b"/");
+    }
+    out.extend_from_slice(pq);
+}
+
 /// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
 /// chosen header values, and a consumer when given.
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
@@ -289,8 +321,10 @@ pub struct Object {
     pub fields: Vec<Field>,
     pub body: Bytes,
     pub t: Timing,
-    /// The URL (host and path with query) for purges and invalidations.
-    pub url: Box<[u8]>,
+    /// The URL (host and path with query) for purges and invalidations. For a response
+    /// stored from an upstream, a slice of the allocation that also holds the head's copy and
+    /// the body (see `serve::analyze_response`).
+    pub url: Bytes,
     /// Surrogate keys (`Surrogate-Key`), for purges by tag.
     pub tags: Vec<Box<[u8]>>,
     /// The request's values of the fields the response varies on (lower-case names).
@@ -343,8 +377,38 @@ impl Object {
 /// The stored variants of one key, newest first.
 #[derive(Clone)]
 pub struct Entry {
-    pub variants: Vec<Rc<Object>>,
+    pub variants: Variants,
     weight: u64,
+}
+
+/// The variants of one key, newest first, never empty: most keys have one, which takes no
+/// vector (one allocation less per stored object, and one less to free when it goes).
+#[derive(Clone)]
+pub enum Variants {
+    One(Rc<Object>),
+    Many(Vec<Rc<Object>>),
+}
+
+impl Variants {
+    pub fn as_slice(&self) -> &[Rc<Object>] {
+        match self {
+            Variants::One(o) => std::slice::from_ref(o),
+            Variants::Many(v) => v,
+        }
+    }
+
+    /// `None` when `v` is empty.
+    fn from_vec(mut v: Vec<Rc<Object>>) -> Option<Variants> {
+        match v.len() {
+            0 => None,
+            1 => v.pop().map(Variants::One),
+            _ => Some(Variants::Many(v)),
+        }
+    }
+
+    fn weight(&self) -> u64 {
+        self.as_slice().iter().map(|o| o.weight()).sum()
+    }
 }
 
 #[derive(Clone)]
@@ -386,9 +450,18 @@ pub struct Flight {
     body: RefCell<BytesMut>,
     /// The whole body, once the fetch stored it.
     whole: RefCell<Option<Bytes>>,
+    /// The key, while the flight is in `WorkerCache::flights` (emptied when it ends).
+    key: RefCell<Vec<u8>>,
+    /// A stream's allocation, emptied, for the next publish (flights are reused: see
+    /// [`FlightGuard`]'s drop).
+    spare_stream: RefCell<Option<Rc<FlightStream>>>,
+    /// Another request found this flight (to wait on it): it is not reused, since its
+    /// `done` may keep a slot for each waiter it had.
+    joined: Cell<bool>,
 }
 
 /// What a waiter sends before the body of a response it receives as it arrives.
+#[derive(Clone)]
 pub struct FlightStream {
     pub status: u16,
     pub reason: Bytes,
@@ -402,6 +475,18 @@ pub struct FlightStream {
 }
 
 impl FlightStream {
+    /// What a spare stream holds: nothing.
+    fn empty() -> FlightStream {
+        FlightStream {
+            status: 0,
+            reason: Bytes::new(),
+            fields: Vec::new(),
+            len: None,
+            t: Timing::default(),
+            vary: Vec::new(),
+        }
+    }
+
     /// Whether a waiting request may take this response (§4.1).
     pub fn vary_matches(&self, head: &RequestHead) -> bool {
         self.vary.iter().all(|(name, stored)| {
@@ -423,10 +508,68 @@ impl Flight {
 
     /// Publishes the head to stream to waiters.
     pub fn publish(&self, s: FlightStream) {
-        *self.stream.borrow_mut() = Some(Rc::new(s));
+        let spare = self.spare_stream.borrow_mut().take();
+        let st = match spare {
+            Some(mut rc) => match Rc::get_mut(&mut rc) {
+                Some(slot) => {
+                    *slot = s;
+                    rc
+                }
+                None => Rc::new(s),
+            },
+            None => Rc::new(s),
+        };
+        *self.stream.borrow_mut() = Some(st);
         self.done.notify_all();
     }
+
+    /// Takes the published head back once the fetch is over (no waiter starts on it any
+    /// more): moved out (its allocation kept for the next publish), or copied when a waiter
+    /// still streams it.
+    pub fn take_stream(&self) -> Option<FlightStream> {
+        let mut st = self.stream.borrow_mut().take()?;
+        let Some(s) = Rc::get_mut(&mut st) else {
+            return Some((*st).clone());
+        };
+        let out = std::mem::replace(s, FlightStream::empty());
+        *self.spare_stream.borrow_mut() = Some(st);
+        Some(out)
+    }
+
+    /// Empties a stream no waiter holds into the spare slot (the flight is being reused).
+    fn keep_stream(&self) {
+        let Some(mut st) = self.stream.borrow_mut().take() else {
+            return;
+        };
+        if let Some(s) = Rc::get_mut(&mut st) {
+            *s = FlightStream::empty();
+            *self.spare_stream.borrow_mut() = Some(st);
+        }
+    }
 }
+
+/// Hashes a `u64` that already is a keyed hash (the flights' keys) as itself.
+#[derive(Default, Clone, Copy)]
+struct PreHashed(u64);
+
+impl std::hash::Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed here; other input is still mixed in, not lost.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PreHashedBuild = std::hash::BuildHasherDefault<PreHashed>;
 
 /// Counters of one worker's cache.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
@@ -445,14 +588,19 @@ pub struct CacheStats {
 /// One worker's cache: its store, its fetches in flight and its counters.
 pub struct WorkerCache {
     map: RefCell<Map>,
-    /// Keyed by the cache key; the key is shared with the fetch's [`FlightGuard`], and hashed
-    /// with the store's own keyed hasher (random per process, so a client cannot aim
-    /// collisions at it).
-    flights: RefCell<HashMap<Rc<[u8]>, Rc<Flight>, quick_cache::DefaultHashBuilder>>,
+    /// Keyed by the cache key's hash with `flight_hasher` (keyed, random per process, so a
+    /// client cannot aim collisions at it), hashed once per request; each flight holds its
+    /// key, compared on every lookup. Two keys with the same hash cannot both have a flight:
+    /// the second fetches alone, as when there are [`MAX_FLIGHTS`].
+    flights: RefCell<HashMap<u64, Rc<Flight>, PreHashedBuild>>,
+    flight_hasher: quick_cache::DefaultHashBuilder,
     stats: RefCell<CacheStats>,
     /// Key buffers of requests that ended, for the next ones to build their keys into
     /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
     spare_keys: RefCell<Vec<Vec<u8>>>,
+    /// Flights that ended with no waiter holding them, reset, for the next misses (at most
+    /// [`MAX_SPARE_FLIGHTS`], each with a key buffer of at most [`MAX_SPARE_KEY_BYTES`]).
+    spare_flights: RefCell<Vec<Rc<Flight>>>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -474,8 +622,10 @@ impl WorkerCache {
                 Default::default(),
             )),
             flights: RefCell::new(HashMap::default()),
+            flight_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
+            spare_flights: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -532,7 +682,10 @@ impl WorkerCache {
 
     /// The variants stored under `key`.
     pub fn get(&self, key: &[u8]) -> Option<Vec<Rc<Object>>> {
-        self.map.borrow().get(key).map(|e| e.variants.clone())
+        self.map
+            .borrow()
+            .get(key)
+            .map(|e| e.variants.as_slice().to_vec())
     }
 
     /// The newest variant under `key` that `head` selects (§4.1), and whether the key had
@@ -543,7 +696,11 @@ impl WorkerCache {
             return (None, false);
         };
         (
-            e.variants.iter().find(|o| o.vary_matches(head)).cloned(),
+            e.variants
+                .as_slice()
+                .iter()
+                .find(|o| o.vary_matches(head))
+                .cloned(),
             true,
         )
     }
@@ -555,19 +712,18 @@ impl WorkerCache {
             return;
         }
         let mut m = self.map.borrow_mut();
-        let mut variants: Vec<Rc<Object>> = m
-            .peek(key)
-            .map(|e| {
-                e.variants
-                    .iter()
-                    .filter(|o| o.vary != obj.vary)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        variants.insert(0, obj);
-        variants.truncate(max_variants.max(1));
-        let weight = variants.iter().map(|o| o.weight()).sum();
+        let variants = match m.peek(key) {
+            None => Variants::One(obj),
+            Some(e) => {
+                let older = e.variants.as_slice().iter().filter(|o| o.vary != obj.vary);
+                let mut v = Vec::with_capacity(max_variants.clamp(1, 16));
+                v.push(obj.clone());
+                v.extend(older.cloned());
+                v.truncate(max_variants.max(1));
+                Variants::from_vec(v).unwrap_or(Variants::One(obj))
+            }
+        };
+        let weight = variants.weight();
         m.insert(key.into(), Entry { variants, weight });
         drop(m);
         self.count(|s| s.stores += 1);
@@ -579,47 +735,106 @@ impl WorkerCache {
         let Some(e) = m.peek(key) else { return };
         let variants: Vec<Rc<Object>> = e
             .variants
+            .as_slice()
             .iter()
             .filter(|o| !Rc::ptr_eq(o, obj))
             .cloned()
             .collect();
-        if variants.is_empty() {
-            m.remove(key);
-        } else {
-            let weight = variants.iter().map(|o| o.weight()).sum();
-            m.insert(key.into(), Entry { variants, weight });
+        match Variants::from_vec(variants) {
+            None => {
+                m.remove(key);
+            }
+            Some(variants) => {
+                let weight = variants.weight();
+                m.insert(key.into(), Entry { variants, weight });
+            }
         }
     }
 
     /// The fetch in flight for `key`, if any.
     pub fn flight(&self, key: &[u8]) -> Option<Rc<Flight>> {
-        self.flights.borrow().get(key).cloned()
+        self.flight_at(self.flight_hasher.hash_one(key), key)
+    }
+
+    fn flight_at(&self, hash: u64, key: &[u8]) -> Option<Rc<Flight>> {
+        let f = self.flights.borrow();
+        let found = f.get(&hash).filter(|f| *f.key.borrow() == key)?;
+        found.joined.set(true);
+        Some(found.clone())
     }
 
     /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
     pub fn begin_flight(self: &Rc<Self>, key: &[u8]) -> Option<FlightGuard> {
+        self.begin_flight_at(self.flight_hasher.hash_one(key), key)
+    }
+
+    /// The fetch in flight for `key` to wait on (`Ok`), or else the start of one (`Err`, as
+    /// [`WorkerCache::begin_flight`] gives it): the key is hashed once for both.
+    pub fn join_or_begin_flight(
+        self: &Rc<Self>,
+        key: &[u8],
+    ) -> Result<Rc<Flight>, Option<FlightGuard>> {
+        let hash = self.flight_hasher.hash_one(key);
+        match self.flight_at(hash, key) {
+            Some(f) => Ok(f),
+            None => Err(self.begin_flight_at(hash, key)),
+        }
+    }
+
+    fn begin_flight_at(self: &Rc<Self>, hash: u64, key: &[u8]) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
         if f.len() >= MAX_FLIGHTS {
             return None;
         }
-        let key: Rc<[u8]> = key.into();
-        let std::collections::hash_map::Entry::Vacant(slot) = f.entry(key.clone()) else {
+        let std::collections::hash_map::Entry::Vacant(slot) = f.entry(hash) else {
             return None;
         };
-        let flight = Rc::new(Flight {
-            done: Notify::default(),
-            end: Cell::new(FlightEnd::Pending),
-            stream: RefCell::new(None),
-            cut: Cell::new(false),
-            body: RefCell::new(BytesMut::new()),
-            whole: RefCell::new(None),
+        // A spare flight (reset when it was kept, its key buffer empty) or a new one, whose
+        // key goes into a spare key buffer (given back when the flight ends).
+        let spare = self.spare_flights.borrow_mut().pop();
+        let flight = spare.unwrap_or_else(|| {
+            Rc::new(Flight {
+                done: Notify::default(),
+                end: Cell::new(FlightEnd::Pending),
+                stream: RefCell::new(None),
+                cut: Cell::new(false),
+                body: RefCell::new(BytesMut::new()),
+                whole: RefCell::new(None),
+                key: RefCell::new(self.key_buf()),
+                spare_stream: RefCell::new(None),
+                joined: Cell::new(false),
+            })
         });
+        flight.key.borrow_mut().extend_from_slice(key);
         slot.insert(flight.clone());
         Some(FlightGuard {
             cache: self.clone(),
-            key,
+            hash,
             flight,
         })
+    }
+
+    /// Keeps an ended flight for a later miss, reset, when nothing but its guard holds it (no
+    /// waiter, so no `Notified` of its `done` either), no request ever waited on it, and there
+    /// is room; `false` otherwise.
+    fn keep_flight(&self, f: &Rc<Flight>) -> bool {
+        let mut spare = self.spare_flights.borrow_mut();
+        if Rc::strong_count(f) != 1
+            || Rc::weak_count(f) != 0
+            || f.joined.get()
+            || spare.len() >= MAX_SPARE_FLIGHTS
+            || f.key.borrow().capacity() > MAX_SPARE_KEY_BYTES
+        {
+            return false;
+        }
+        f.end.set(FlightEnd::Pending);
+        f.keep_stream();
+        f.cut.set(false);
+        *f.body.borrow_mut() = BytesMut::new();
+        *f.whole.borrow_mut() = None;
+        f.key.borrow_mut().clear();
+        spare.push(f.clone());
+        true
     }
 
     /// Applies a purge to this worker's store; returns how many objects it hit.
@@ -628,7 +843,7 @@ impl WorkerCache {
         let mut m = self.map.borrow_mut();
         if p.soft {
             for (_, e) in m.iter() {
-                for o in &e.variants {
+                for o in e.variants.as_slice() {
                     if p.matches(o) {
                         o.invalid.set(true);
                         hit += 1;
@@ -638,7 +853,12 @@ impl WorkerCache {
         } else {
             let mut keys: Vec<Box<[u8]>> = Vec::new();
             for (k, e) in m.iter() {
-                let n = e.variants.iter().filter(|o| p.matches(o)).count() as u64;
+                let n = e
+                    .variants
+                    .as_slice()
+                    .iter()
+                    .filter(|o| p.matches(o))
+                    .count() as u64;
                 if n > 0 {
                     hit += n;
                     keys.push(k.clone());
@@ -648,15 +868,19 @@ impl WorkerCache {
                 let Some(e) = m.peek(&k[..]) else { continue };
                 let variants: Vec<Rc<Object>> = e
                     .variants
+                    .as_slice()
                     .iter()
                     .filter(|o| !p.matches(o))
                     .cloned()
                     .collect();
-                if variants.is_empty() {
-                    m.remove(&k[..]);
-                } else {
-                    let weight = variants.iter().map(|o| o.weight()).sum();
-                    m.insert(k, Entry { variants, weight });
+                match Variants::from_vec(variants) {
+                    None => {
+                        m.remove(&k[..]);
+                    }
+                    Some(variants) => {
+                        let weight = variants.weight();
+                        m.insert(k, Entry { variants, weight });
+                    }
                 }
             }
         }
@@ -694,7 +918,8 @@ impl WorkerCache {
 /// the flight and wakes the waiters.
 pub struct FlightGuard {
     cache: Rc<WorkerCache>,
-    key: Rc<[u8]>,
+    /// The key's hash, where the flight is in `flights`.
+    hash: u64,
     flight: Rc<Flight>,
 }
 
@@ -713,8 +938,12 @@ impl Drop for FlightGuard {
         if self.flight.end.get() == FlightEnd::Pending {
             self.flight.end.set(FlightEnd::Failed);
         }
-        self.cache.flights.borrow_mut().remove(&*self.key);
+        self.cache.flights.borrow_mut().remove(&self.hash);
         self.flight.done.notify_all();
+        if !self.cache.keep_flight(&self.flight) {
+            let key = std::mem::take(&mut *self.flight.key.borrow_mut());
+            self.cache.give_key_buf(key);
+        }
     }
 }
 
@@ -801,7 +1030,12 @@ pub struct Tee {
 impl Tee {
     pub fn new(max: usize, hint: Option<u64>, flight: Option<Rc<Flight>>) -> Tee {
         let cap = hint.map_or(0, |h| h.min(max as u64) as usize);
-        let buf = BytesMut::with_capacity(cap);
+        Tee::with_buf(max, BytesMut::with_capacity(cap), flight)
+    }
+
+    /// A capture into `buf` (empty; its spare capacity is the room the body is expected to
+    /// take, possibly in an allocation that holds other parts of the object too).
+    pub fn with_buf(max: usize, buf: BytesMut, flight: Option<Rc<Flight>>) -> Tee {
         let buf = match &flight {
             Some(f) => {
                 *f.body.borrow_mut() = buf;
@@ -856,5 +1090,226 @@ impl Tee {
             }
             None => self.buf.freeze(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::request::{parse_request, Limits};
+
+    fn head(raw: &str) -> RequestHead {
+        let mut h = RequestHead::default();
+        let n = parse_request(raw.as_bytes(), &Limits::default(), &mut h)
+            .expect("valid head")
+            .expect("complete head");
+        assert_eq!(n, raw.len());
+        h.raw = Bytes::copy_from_slice(raw.as_bytes());
+        h
+    }
+
+    #[test]
+    fn put_url_writes_what_url_of_writes_and_url_len_says() {
+        for raw in [
+            "GET /a/b?c=1&d HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /p HTTP/1.0\r\n\r\n",
+            "GET http://Other.example/q?x HTTP/1.1\r\nHost: other.example\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n",
+        ] {
+            let h = head(raw);
+            let mut want = Vec::new();
+            url_of(&h, &mut want);
+            // Appended after what the buffer already holds, as for a stored object's head.
+            let mut got = BytesMut::from(&b"head"[..]);
+            put_url(&h, &mut got);
+            assert_eq!(&got[..4], b"head", "{raw:?}");
+            assert_eq!(&got[4..], &want[..], "{raw:?}");
+            assert_eq!(url_len(&h), want.len(), "{raw:?}");
+        }
+    }
+
+    fn stream() -> FlightStream {
+        FlightStream {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: vec![(Bytes::from_static(b"etag"), Bytes::from_static(b"\"a\""))],
+            len: Some(3),
+            t: Timing::default(),
+            vary: vec![(b"accept"[..].into(), b"text/html".to_vec())],
+        }
+    }
+
+    #[test]
+    fn take_stream_gives_back_what_was_published_even_while_a_waiter_streams_it() {
+        let f = Flight {
+            done: Notify::default(),
+            end: Cell::new(FlightEnd::Pending),
+            stream: RefCell::new(None),
+            cut: Cell::new(false),
+            body: RefCell::new(BytesMut::new()),
+            whole: RefCell::new(None),
+            key: RefCell::new(Vec::new()),
+            spare_stream: RefCell::new(None),
+            joined: Cell::new(false),
+        };
+        assert!(f.take_stream().is_none());
+        f.publish(stream());
+        let first = f.stream.borrow().as_ref().map(Rc::as_ptr);
+        let back = f.take_stream().expect("published");
+        assert_eq!(back.fields, stream().fields);
+        assert_eq!(back.vary, stream().vary);
+        assert!(
+            f.stream.borrow().is_none(),
+            "taken, not left to later waiters"
+        );
+        // The next publish reuses the stream's allocation.
+        f.publish(stream());
+        assert_eq!(f.stream.borrow().as_ref().map(Rc::as_ptr), first);
+        assert_eq!(f.take_stream().expect("published").fields, stream().fields);
+        // A waiter holding the stream keeps its own; the fetch gets a copy.
+        f.publish(stream());
+        let held = f.stream.borrow().clone().expect("published");
+        let back = f.take_stream().expect("published");
+        assert_eq!(back.fields, held.fields);
+        assert_eq!(back.vary, held.vary);
+        assert_eq!(back.len, Some(3));
+    }
+
+    fn object(body: &'static [u8]) -> Rc<Object> {
+        Rc::new(Object {
+            status: 200,
+            reason: Bytes::new(),
+            fields: Vec::new(),
+            body: Bytes::from_static(body),
+            t: Timing::default(),
+            url: Bytes::from_static(b"h/p"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+            hidden: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn variants_keep_their_order_and_are_never_empty() {
+        assert!(Variants::from_vec(Vec::new()).is_none());
+        let (a, b) = (object(b"a"), object(b"bb"));
+        let one = Variants::from_vec(vec![a.clone()]).expect("one");
+        assert!(matches!(one, Variants::One(_)));
+        assert!(Rc::ptr_eq(&one.as_slice()[0], &a));
+        assert_eq!(one.weight(), a.weight());
+        let two = Variants::from_vec(vec![b.clone(), a.clone()]).expect("two");
+        let s = two.as_slice();
+        assert_eq!(s.len(), 2);
+        assert!(Rc::ptr_eq(&s[0], &b) && Rc::ptr_eq(&s[1], &a));
+        assert_eq!(two.weight(), a.weight() + b.weight());
+    }
+
+    fn worker_cache() -> Rc<WorkerCache> {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        WorkerCache::new(&cfg, 0)
+    }
+
+    #[test]
+    fn a_key_has_one_flight_found_by_its_bytes_and_gone_when_it_ends() {
+        let c = worker_cache();
+        let Err(Some(g)) = c.join_or_begin_flight(b"k1") else {
+            panic!("no flight yet: this request starts one");
+        };
+        let Ok(f) = c.join_or_begin_flight(b"k1") else {
+            panic!("the flight is found");
+        };
+        assert!(Rc::ptr_eq(&f, g.flight()));
+        assert!(c.flight(b"k2").is_none());
+        assert!(c.begin_flight(b"k1").is_none(), "one flight per key");
+        let g2 = c.begin_flight(b"k2").expect("another key");
+        drop(g);
+        assert_eq!(f.end.get(), FlightEnd::Failed);
+        assert!(f.key.borrow().is_empty(), "the key buffer went back");
+        assert!(
+            c.spare_flights.borrow().is_empty(),
+            "a waiter holds it: not kept"
+        );
+        assert!(c.flight(b"k1").is_none());
+        assert!(c.flight(b"k2").is_some());
+        g2.finish(FlightEnd::Stored);
+        assert!(c.flight(b"k2").is_none());
+        assert!(c.begin_flight(b"k1").is_some(), "a new fetch may start");
+    }
+
+    #[test]
+    fn a_flight_under_the_same_hash_is_not_another_keys() {
+        let c = worker_cache();
+        let g = c.begin_flight_at(7, b"a").expect("started");
+        assert!(c.flight_at(7, b"b").is_none(), "a collision is no match");
+        assert!(
+            c.begin_flight_at(7, b"b").is_none(),
+            "the other key fetches alone"
+        );
+        assert!(c.flight_at(7, b"a").is_some());
+        drop(g);
+        assert!(c.flight_at(7, b"a").is_none());
+    }
+
+    #[test]
+    fn prehashed_hashes_a_u64_as_itself() {
+        use std::hash::BuildHasher;
+        let h = PreHashedBuild::default();
+        assert_eq!(h.hash_one(0x1234_5678_9abc_def0u64), 0x1234_5678_9abc_def0);
+        assert_ne!(h.hash_one(&b"ab"[..]), h.hash_one(&b"ba"[..]));
+    }
+
+    #[test]
+    fn now_secs_reads_the_system_clock() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_secs();
+        let now = now_secs();
+        let after = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after the epoch")
+            .as_secs();
+        assert!(
+            before <= now && now <= after,
+            "{before} <= {now} <= {after}"
+        );
+    }
+
+    #[test]
+    fn an_ended_flight_no_one_holds_is_reset_and_reused() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k1").expect("started");
+        let first = Rc::as_ptr(g.flight());
+        g.flight().publish(stream());
+        g.flight().cut.set(true);
+        g.flight().body.borrow_mut().extend_from_slice(b"abc");
+        g.finish(FlightEnd::Stored);
+        assert_eq!(c.spare_flights.borrow().len(), 1, "kept");
+        let g = c.begin_flight(b"k2").expect("started");
+        let f = g.flight();
+        assert_eq!(Rc::as_ptr(f), first, "reused");
+        assert_eq!(f.end.get(), FlightEnd::Pending);
+        assert!(f.stream.borrow().is_none() && !f.cut.get() && f.body.borrow().is_empty());
+        assert!(f.whole.borrow().is_none());
+        assert_eq!(&f.key.borrow()[..], b"k2");
+        assert!(c.flight(b"k1").is_none() && c.flight(b"k2").is_some());
+        drop(g);
+        assert!(c.flight(b"k2").is_none());
+    }
+
+    #[test]
+    fn a_flight_that_had_a_waiter_is_not_kept() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k").expect("started");
+        let f = c.flight(b"k").expect("in flight");
+        drop(f);
+        drop(g);
+        assert!(
+            c.spare_flights.borrow().is_empty(),
+            "not kept, even once the waiter is gone"
+        );
     }
 }

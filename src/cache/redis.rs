@@ -446,7 +446,7 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     if reason.iter().any(|c| matches!(c, b'\r' | b'\n' | 0)) {
         return None;
     }
-    let url: Box<[u8]> = r.bytes()?.to_vec().into();
+    let url = r.bytes()?;
     let n = r.count()?;
     let mut tags = Vec::with_capacity(n);
     for _ in 0..n {

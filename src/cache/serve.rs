@@ -375,9 +375,12 @@ async fn cached<'c, S: ClientIo>(
     let mut guard: Option<FlightGuard> = None;
     let mut found = found;
     for _ in 0..MAX_COALESCE_ROUNDS {
-        let Some(flight) = cache.flight(&keys.shared) else {
-            guard = cache.begin_flight(&keys.shared);
-            break;
+        let flight = match cache.join_or_begin_flight(&keys.shared) {
+            Ok(flight) => flight,
+            Err(g) => {
+                guard = g;
+                break;
+            }
         };
         // Woken when the head is known, as bytes arrive and at the end: a plain GET that the
         // response suits is answered as it arrives; others wait for the end.
@@ -586,14 +589,13 @@ fn conditional_head(
 
 /// The response's header fields, copied (they must not pin the upstream read buffer).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
-    copy_fields_where(resp, |_| true)
+    copy_fields_where(resp, &Bytes::copy_from_slice(&resp.raw), |_| true)
 }
 
-/// [`copy_fields`] of the lines whose name `keep` accepts.
-fn copy_fields_where(resp: &ResponseHead, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
+/// [`copy_fields`] of the lines whose name `keep` accepts, as slices of `raw`, a copy of the
+/// head's bytes.
+fn copy_fields_where(resp: &ResponseHead, raw: &Bytes, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    // One copy of the head; every field is a slice of it.
-    let raw = Bytes::copy_from_slice(&resp.raw);
     let part = |s: &[u8]| {
         let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
         raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
@@ -605,7 +607,7 @@ fn copy_fields_where(resp: &ResponseHead, keep: impl Fn(&[u8]) -> bool) -> Vec<F
             .iter()
             .filter(|h| {
                 let n = resp.bytes(h.name);
-                keep(n) && !listed.lists(n)
+                keep(n) && !(resp.connection_options && listed.lists(n))
             })
             .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value)))),
     );
@@ -619,6 +621,12 @@ pub(crate) struct Storable {
     pub t: Timing,
     pub public: bool,
     pub vary: Vec<Box<[u8]>>,
+    /// A `Surrogate-Key` field was seen (its tags are read only then).
+    pub tagged: bool,
+    /// From [`analyze_response`]: the request's URL, and room for the body, in the allocation
+    /// that holds the head's copy (empty from [`analyze`]).
+    pub url: Bytes,
+    pub body: BytesMut,
 }
 
 pub(crate) fn analyze(
@@ -631,15 +639,28 @@ pub(crate) fn analyze(
 ) -> Result<Storable, &'static str> {
     let (d, targeted) = p.response_directives(&fields);
     screen(status, &d, req_authorized)?;
-    analyze_fields(p, status, fields, &d, targeted, request_time, response_time)
+    analyze_fields(
+        p,
+        status,
+        fields,
+        false,
+        &d,
+        targeted,
+        request_time,
+        response_time,
+    )
 }
 
 /// [`analyze`] for an upstream's response head: a response that is never stored (its status,
 /// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
-/// copied; the fields of one that may be are copied once and kept as they are filtered.
+/// copied; the fields of one that may be are copied once and kept as they are filtered. What
+/// the stored object keeps of the response takes one allocation: the head's copy, the URL of
+/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]).
 fn analyze_response(
     p: &RoutePolicy,
     resp: &ResponseHead,
+    req: &RequestHead,
+    body_room: usize,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -649,26 +670,41 @@ fn analyze_response(
     let (d, targeted) = p.directives_by(|name, each| {
         for h in &resp.headers {
             let n = resp.bytes(h.name);
-            if n.eq_ignore_ascii_case(name) && !listed.lists(n) {
+            if n.eq_ignore_ascii_case(name) && !(resp.connection_options && listed.lists(n)) {
                 each(resp.bytes(h.value));
             }
         }
     });
     screen(resp.status, &d, req_authorized)?;
+    let head_len = resp.raw.len();
+    let mut buf = BytesMut::with_capacity(
+        head_len
+            .saturating_add(super::url_len(req))
+            .saturating_add(body_room),
+    );
+    buf.extend_from_slice(&resp.raw);
+    super::put_url(req, &mut buf);
+    // The head and the URL, frozen; `buf` keeps the rest of the allocation for the body.
+    let head_url = buf.split().freeze();
+    let raw = head_url.slice(..head_len);
     // What is never stored is not copied either, except Age, which the age calculation reads
     // (§4.2.3; `analyze_fields` drops it from the stored copy).
-    let fields = copy_fields_where(resp, |n| {
+    let fields = copy_fields_where(resp, &raw, |n| {
         !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age")
     });
-    analyze_fields(
+    let mut s = analyze_fields(
         p,
         resp.status,
         fields,
+        true,
         &d,
         targeted,
         request_time,
         response_time,
-    )
+    )?;
+    s.url = head_url.slice(head_len..);
+    s.body = buf;
+    Ok(s)
 }
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
@@ -694,11 +730,14 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
 }
 
 /// The rest of [`analyze`], once [`screen`] passed: freshness and the fields kept (filtered
-/// in place).
+/// in place). `prefiltered`: `fields` hold no unstorable field but Age (as
+/// [`analyze_response`] copies them).
+#[allow(clippy::too_many_arguments)]
 fn analyze_fields(
     p: &RoutePolicy,
     status: u16,
     mut fields: Vec<Field>,
+    prefiltered: bool,
     d: &Directives,
     targeted: bool,
     request_time: u64,
@@ -766,15 +805,32 @@ fn analyze_fields(
         return Err("stale-on-arrival");
     }
     let had_date = seen.date.is_some();
-    fields.retain(|(n, _)| {
-        !policy::unstorable_field(n)
-            && (p.set_cookie == super::config::SetCookieMode::Store
-                || !(n.eq_ignore_ascii_case(b"set-cookie")
-                    || n.eq_ignore_ascii_case(b"set-cookie2")))
-            && !n.eq_ignore_ascii_case(b"cache-status")
-            && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-            && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-    });
+    let tagged = seen.surrogate;
+    // Prefiltered fields need the pass only when one of those it drops was seen.
+    let unstorable = |n: &[u8]| {
+        if prefiltered {
+            n.eq_ignore_ascii_case(b"age")
+        } else {
+            policy::unstorable_field(n)
+        }
+    };
+    if !prefiltered
+        || seen.age.is_some()
+        || seen.cookie
+        || seen.cache_status
+        || !d.private_fields.is_empty()
+        || !d.no_cache_fields.is_empty()
+    {
+        fields.retain(|(n, _)| {
+            !unstorable(n)
+                && (p.set_cookie == super::config::SetCookieMode::Store
+                    || !(n.eq_ignore_ascii_case(b"set-cookie")
+                        || n.eq_ignore_ascii_case(b"set-cookie2")))
+                && !n.eq_ignore_ascii_case(b"cache-status")
+                && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+                && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+        });
+    }
     // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
     let has_date = if d.private_fields.is_empty() && d.no_cache_fields.is_empty() {
         had_date
@@ -793,6 +849,9 @@ fn analyze_fields(
         t,
         public: d.public,
         vary,
+        tagged,
+        url: Bytes::new(),
+        body: BytesMut::new(),
     })
 }
 
@@ -808,6 +867,8 @@ struct Seen<'a> {
     vary: bool,
     /// `Set-Cookie` or `Set-Cookie2`.
     cookie: bool,
+    cache_status: bool,
+    surrogate: bool,
 }
 
 impl<'a> Seen<'a> {
@@ -831,7 +892,15 @@ impl<'a> Seen<'a> {
                     s.cookie = true;
                     continue;
                 }
+                12 if is(b"cache-status") => {
+                    s.cache_status = true;
+                    continue;
+                }
                 13 if is(b"last-modified") => &mut s.last_modified,
+                13 if is(b"surrogate-key") => {
+                    s.surrogate = true;
+                    continue;
+                }
                 _ => continue,
             };
             if slot.is_none() {
@@ -842,23 +911,31 @@ impl<'a> Seen<'a> {
     }
 }
 
-fn make_object(
-    s: Storable,
-    status: u16,
-    reason: Bytes,
-    body: Bytes,
-    url: Box<[u8]>,
-    head: &RequestHead,
-) -> Object {
-    let vary = s
-        .vary
+/// The request's values of the fields a response varies on (lower-case names), as stored.
+fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
+    names
         .iter()
         .map(|n| {
             let mut it = head.header_values(n);
             (n.clone(), policy::vary_value(n, &mut it))
         })
-        .collect();
-    let tags = super::surrogate_keys(&s.fields);
+        .collect()
+}
+
+/// `vary`: the request's values of the fields named by `s.vary` ([`vary_values`]).
+fn make_object(
+    s: Storable,
+    status: u16,
+    reason: Bytes,
+    body: Bytes,
+    url: Bytes,
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+) -> Object {
+    let tags = if s.tagged {
+        super::surrogate_keys(&s.fields)
+    } else {
+        Vec::new()
+    };
     Object {
         status,
         reason,
@@ -1106,17 +1183,28 @@ async fn fetch<'c, S: ClientIo>(
                         w.bufs.give_resp(resp);
                         return out;
                     }
+                    let max = p.max_object.min(usize::MAX as u64);
+                    // Room for a body of known length that may be stored (one too large is
+                    // not: see below).
+                    let body_room = known_len(&resp).filter(|n| *n <= max).unwrap_or(0) as usize;
                     let mut plan = if req.no_store {
                         Err("request-no-store")
                     } else {
-                        analyze_response(p, &resp, authorized, request_time, now)
+                        analyze_response(
+                            p,
+                            &resp,
+                            &ctx.head,
+                            body_room,
+                            authorized,
+                            request_time,
+                            now,
+                        )
                     };
                     // Borrowed from `keys`, which this request holds to the end.
                     let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
                     if plan.is_ok() && key.is_none() {
                         plan = Err("no-consumer");
                     }
-                    let max = p.max_object.min(usize::MAX as u64);
                     if let (Ok(_), RespBody::Length(n)) = (&plan, resp.body) {
                         if n > max {
                             plan = Err("too-large");
@@ -1130,33 +1218,29 @@ async fn fetch<'c, S: ClientIo>(
                         RespBody::Chunked => Some(None),
                         _ => known_len(&resp).map(Some),
                     };
-                    let flight = match (&plan, &guard, stream_len) {
+                    let flight = match (&mut plan, &guard, stream_len) {
                         (Ok(s), Some(g), Some(len))
                             if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
                         {
+                            // The fields (and Vary values) are lent to the stream while the
+                            // fetch lasts, and taken back to be stored (not copied).
                             g.flight().publish(FlightStream {
                                 status: resp.status,
                                 reason: reason_of(&resp),
-                                fields: s.fields.clone(),
+                                fields: std::mem::take(&mut s.fields),
                                 len,
                                 t: s.t,
-                                vary: s
-                                    .vary
-                                    .iter()
-                                    .map(|n| {
-                                        let mut it = ctx.head.header_values(n);
-                                        (n.clone(), policy::vary_value(n, &mut it))
-                                    })
-                                    .collect(),
+                                vary: vary_values(&s.vary, &ctx.head),
                             });
                             Some(g.flight().clone())
                         }
                         _ => None,
                     };
+                    let published = flight.is_some();
                     let mut tee = plan
-                        .as_ref()
+                        .as_mut()
                         .ok()
-                        .map(|_| Tee::new(max as usize, known_len(&resp), flight));
+                        .map(|s| Tee::with_buf(max as usize, std::mem::take(&mut s.body), flight));
                     match &plan {
                         Ok(_) => {
                             status.stored =
@@ -1183,18 +1267,24 @@ async fn fetch<'c, S: ClientIo>(
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
                     let mut end = FlightEnd::NotStorable;
-                    if let (Ok(s), Some(k), Some(t)) = (plan, key, tee) {
-                        if complete && !t.over {
-                            let mut url = Vec::new();
-                            url_of(&ctx.head, &mut url);
-                            let obj = make_object(
-                                s,
-                                status_code,
-                                reason,
-                                t.finish(),
-                                url.into_boxed_slice(),
-                                &ctx.head,
-                            );
+                    // What was lent to the stream comes back (only a body past the bound,
+                    // which is not stored, takes it away before).
+                    let lent = guard
+                        .as_ref()
+                        .filter(|_| published)
+                        .and_then(|g| g.flight().take_stream());
+                    if let (Ok(mut s), Some(k), Some(t)) = (plan, key, tee) {
+                        let vary = match lent {
+                            Some(st) => {
+                                s.fields = st.fields;
+                                Some(st.vary)
+                            }
+                            None if published => None,
+                            None => Some(vary_values(&s.vary, &ctx.head)),
+                        };
+                        if let (true, false, Some(vary)) = (complete, t.over, vary) {
+                            let url = std::mem::take(&mut s.url);
+                            let obj = make_object(s, status_code, reason, t.finish(), url, vary);
                             let obj = Rc::new(obj);
                             cache.insert(k, obj.clone(), p.max_variants);
                             cache.share(k, &obj);
@@ -2027,13 +2117,14 @@ impl Revalidation {
                                     let reason = reason_of(&resp);
                                     let status = resp.status;
                                     resp.raw = Bytes::new();
+                                    let vary = vary_values(&s.vary, &self.head);
                                     let obj = make_object(
                                         s,
                                         status,
                                         reason,
                                         body,
                                         self.obj.url.clone(),
-                                        &self.head,
+                                        vary,
                                     );
                                     // Stored under the key the stale one had.
                                     let obj = Rc::new(obj);
@@ -2146,7 +2237,7 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, put_hex, Field};
+    use super::{analyze, analyze_fields, put_hex, Field};
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy};
     use bytes::{Bytes, BytesMut};
@@ -2291,5 +2382,57 @@ mod tests {
             put_hex(&mut b, n);
             assert_eq!(&b[..], want.as_bytes(), "{n}");
         }
+    }
+
+    /// Fields copied as `analyze_response` copies them (nothing unstorable but Age) are
+    /// stored as `analyze` stores the same lines, whether the pass that drops fields runs or
+    /// is skipped (nothing of what it drops was seen).
+    #[test]
+    fn prefiltered_fields_are_stored_as_analyze_stores_them() {
+        let t = 1_700_000_000;
+        let mut p = policy();
+        let cases: [&[(&'static str, &'static str)]; 5] = [
+            &[("cache-control", "max-age=60"), ("etag", "\"a\"")],
+            &[
+                ("cache-control", "max-age=60"),
+                ("age", "5"),
+                ("server", "s"),
+            ],
+            &[("cache-control", "max-age=60"), ("cache-status", "up; hit")],
+            &[
+                ("cache-control", "max-age=60, private=\"x-a\""),
+                ("x-a", "1"),
+                ("x-b", "2"),
+            ],
+            &[
+                ("cache-control", "max-age=60"),
+                ("Surrogate-Key", "k1 k2"),
+                ("set-cookie", "a=b"),
+            ],
+        ];
+        for mode in [SetCookieMode::Bypass, SetCookieMode::Store] {
+            p.set_cookie = mode;
+            for list in cases {
+                let want = analyze(&p, 200, fields(list), false, t, t);
+                let (d, targeted) = p.response_directives(&fields(list));
+                let got = analyze_fields(&p, 200, fields(list), true, &d, targeted, t, t);
+                match (want, got) {
+                    (Ok(w), Ok(g)) => {
+                        assert_eq!(w.fields, g.fields, "{list:?}");
+                        assert_eq!(w.t.lifetime, g.t.lifetime, "{list:?}");
+                        assert_eq!(w.t.initial_age, g.t.initial_age, "{list:?}");
+                        assert_eq!(w.tagged, g.tagged, "{list:?}");
+                    }
+                    (w, g) => assert_eq!(w.err(), g.err(), "{list:?}"),
+                }
+            }
+        }
+        let s = analyze(&p, 200, fields(cases[4]), false, t, t).expect("stored");
+        assert!(s.tagged);
+        assert!(
+            !analyze(&p, 200, fields(cases[0]), false, t, t)
+                .expect("stored")
+                .tagged
+        );
     }
 }
