@@ -570,31 +570,6 @@ pub(crate) fn build_tls(cfg: &Config) -> io::Result<(Vec<ListenerRt>, UpstreamTl
 
 type Ready = mpsc::Sender<Result<(DriverKind, Option<String>), String>>;
 
-/// The worker's io_uring runtime, with the cheapest completion delivery the kernel offers:
-/// 1. `SINGLE_ISSUER | DEFER_TASKRUN` (kernel 6.1+): only this thread submits, and the
-///    kernel's completion work runs when the worker asks for completions (monoio does when it
-///    has nothing left to run), in one batch, instead of interrupting it or running on every
-///    system call. The runtime is built on the worker's own thread, the one issuer.
-/// 2. `COOP_TASKRUN` (5.19+): completion work runs when the worker next enters the kernel,
-///    not by an interrupt.
-/// 3. A plain ring.
-fn build_uring_runtime() -> io::Result<monoio::Runtime<monoio::time::TimeDriver<IoUringDriver>>> {
-    let build = |urb: Option<io_uring::Builder>| {
-        let mut b = RuntimeBuilder::<IoUringDriver>::new();
-        if let Some(urb) = urb {
-            b = b.uring_builder(urb);
-        }
-        b.with_entries(1024).enable_timer().build()
-    };
-    let mut defer = io_uring::IoUring::builder();
-    defer.setup_single_issuer().setup_defer_taskrun();
-    let mut coop = io_uring::IoUring::builder();
-    coop.setup_coop_taskrun().setup_taskrun_flag();
-    build(Some(defer))
-        .or_else(|_| build(Some(coop)))
-        .or_else(|_| build(None))
-}
-
 fn run_worker(
     id: usize,
     cfg: Arc<Config>,
@@ -610,7 +585,22 @@ fn run_worker(
     let mut why_not_uring = None;
     if choice != DriverChoice::Epoll {
         if monoio::utils::detect_uring() {
-            let built = build_uring_runtime();
+            // COOP_TASKRUN: completions are processed when the worker next enters the kernel,
+            // not by interrupting it (kernel 5.19+; older kernels refuse it, and get the plain
+            // ring).
+            let mut urb = io_uring::IoUring::builder();
+            urb.setup_coop_taskrun().setup_taskrun_flag();
+            let built = RuntimeBuilder::<IoUringDriver>::new()
+                .uring_builder(urb)
+                .with_entries(1024)
+                .enable_timer()
+                .build()
+                .or_else(|_| {
+                    RuntimeBuilder::<IoUringDriver>::new()
+                        .with_entries(1024)
+                        .enable_timer()
+                        .build()
+                });
             match built {
                 Ok(mut rt) => {
                     let _ = ready.send(Ok((DriverKind::IoUring, None)));
