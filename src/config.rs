@@ -834,11 +834,6 @@ pub struct ListenerConfig {
     pub address: Addr,
     #[serde(default = "d_backlog")]
     pub backlog: u32,
-    /// `TCP_DEFER_ACCEPT`: the kernel hands a connection to `accept` only once its first bytes
-    /// have arrived (or about a second has passed), so the first read finds the request (or
-    /// the TLS ClientHello) and does not wait for it. Clients of HTTP speak first.
-    #[serde(default = "d_true")]
-    pub defer_accept: bool,
     /// TLS termination on this listener.
     #[serde(default)]
     pub tls: Option<ListenerTlsConfig>,

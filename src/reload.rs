@@ -25,8 +25,7 @@
 //! # What does not reload
 //! `server.workers`, `server.driver`, `server.shutdown_timeout`, `server.upgrade_socket` and
 //! `[rate_limiting]`'s `backend`, `redis` and `max_keys`, and `[admin]` but its token are read
-//! at start only, as are the `backlog` and `defer_accept` of a listener kept by address (its
-//! sockets keep the options they were made with); a reload that changes
+//! at start only, as is the `backlog` of a listener kept by address; a reload that changes
 //! them applies everything else and names them in [`ReloadReport::not_reloaded`] (compared
 //! with the config the process started with, so every reload names them until undone). The
 //! admin listener is not re-bound on a new address: it may be serving the `POST /reload` that
@@ -695,9 +694,6 @@ impl ReloadState {
                     if inner.slots[s].config.backlog != l.backlog {
                         kept_options.push(format!("listeners[{i}].backlog"));
                     }
-                    if inner.slots[s].config.defer_accept != l.defer_accept {
-                        kept_options.push(format!("listeners[{i}].defer_accept"));
-                    }
                     plan.push((s, key, ListenerFate::Kept))
                 }
                 other => {
@@ -890,10 +886,8 @@ impl ReloadState {
             let (bound, sockets) = match dups.remove(s) {
                 Some(d) => d,
                 None => {
-                    // Kept: the sockets' backlog and TCP_DEFER_ACCEPT are those they were
-                    // made with.
+                    // Kept: the sockets' backlog is the one they were made with.
                     config.backlog = inner.slots[*s].config.backlog;
-                    config.defer_accept = inner.slots[*s].config.defer_accept;
                     (
                         inner.slots[*s].bound,
                         std::mem::take(&mut inner.slots[*s].sockets),

@@ -471,9 +471,6 @@ pub(crate) fn bind_listener(
         // Accepted sockets inherit TCP_NODELAY from the listener: no setsockopt per
         // connection.
         s.set_nodelay(true)?;
-        if l.defer_accept {
-            set_defer_accept(&s)?;
-        }
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
         }
@@ -490,31 +487,6 @@ pub(crate) fn bind_listener(
         list.push(s.into());
     }
     Ok((per_worker, addr))
-}
-
-/// Seconds a connection may wait in the kernel for its first bytes before `accept` gets it
-/// anyway (the kernel rounds this to its SYN-ACK retransmission steps).
-const DEFER_ACCEPT_SECS: libc::c_int = 1;
-
-/// Sets `TCP_DEFER_ACCEPT` on a listening socket (`listeners[].defer_accept`).
-fn set_defer_accept(s: &Socket) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let secs = DEFER_ACCEPT_SECS;
-    // SAFETY: `s` is an open socket, and the option's value is a c_int passed with its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&secs as *const libc::c_int).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// What the workers share: endpoint health, the host-wide rate-limit buckets, the TLS

@@ -408,7 +408,6 @@ pub fn config(cfg: &Config) -> Value {
             "name": l.name,
             "address": l.address.text,
             "backlog": l.backlog,
-            "defer_accept": l.defer_accept,
             "allow_trace": l.allow_trace,
             "allow_underscores_in_headers": l.allow_underscores_in_headers,
             "redirect_https": l.redirect_https.as_ref().map(|r| json!({ "port": r.port })),
