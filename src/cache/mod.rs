@@ -497,6 +497,21 @@ impl FlightStream {
 }
 
 impl Flight {
+    /// A pending flight for the key in `key`.
+    fn new(key: Vec<u8>) -> Flight {
+        Flight {
+            done: Notify::default(),
+            end: Cell::new(FlightEnd::Pending),
+            stream: RefCell::new(None),
+            cut: Cell::new(false),
+            body: RefCell::new(BytesMut::new()),
+            whole: RefCell::new(None),
+            key: RefCell::new(key),
+            spare_stream: RefCell::new(None),
+            joined: Cell::new(false),
+        }
+    }
+
     /// Body bytes from `off` on that have arrived (empty when none yet).
     pub fn body_from(&self, off: usize) -> Bytes {
         if let Some(w) = self.whole.borrow().as_ref() {
@@ -792,19 +807,7 @@ impl WorkerCache {
         // A spare flight (reset when it was kept, its key buffer empty) or a new one, whose
         // key goes into a spare key buffer (given back when the flight ends).
         let spare = self.spare_flights.borrow_mut().pop();
-        let flight = spare.unwrap_or_else(|| {
-            Rc::new(Flight {
-                done: Notify::default(),
-                end: Cell::new(FlightEnd::Pending),
-                stream: RefCell::new(None),
-                cut: Cell::new(false),
-                body: RefCell::new(BytesMut::new()),
-                whole: RefCell::new(None),
-                key: RefCell::new(self.key_buf()),
-                spare_stream: RefCell::new(None),
-                joined: Cell::new(false),
-            })
-        });
+        let flight = spare.unwrap_or_else(|| Rc::new(Flight::new(self.key_buf())));
         flight.key.borrow_mut().extend_from_slice(key);
         slot.insert(flight.clone());
         Some(FlightGuard {
@@ -1142,17 +1145,7 @@ mod tests {
 
     #[test]
     fn take_stream_gives_back_what_was_published_even_while_a_waiter_streams_it() {
-        let f = Flight {
-            done: Notify::default(),
-            end: Cell::new(FlightEnd::Pending),
-            stream: RefCell::new(None),
-            cut: Cell::new(false),
-            body: RefCell::new(BytesMut::new()),
-            whole: RefCell::new(None),
-            key: RefCell::new(Vec::new()),
-            spare_stream: RefCell::new(None),
-            joined: Cell::new(false),
-        };
+        let f = Flight::new(Vec::new());
         assert!(f.take_stream().is_none());
         f.publish(stream());
         let first = f.stream.borrow().as_ref().map(Rc::as_ptr);
