@@ -1063,6 +1063,78 @@ fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
     assert_eq!(n.load(Ordering::SeqCst), 2, "one revalidation");
 }
 
+/// RFC 5861 §3 for coalesced waiters: requests that waited on a fetch which found the entry in
+/// Redis, stale within its stale-while-revalidate window, are answered with it at once too,
+/// not after the background revalidation that then holds the key's flight.
+#[test]
+fn rfc5861_3_waiters_behind_a_redis_lookup_get_the_stale_entry_at_once() {
+    let redis = RedisServer::start();
+    let release = Event::new();
+    let rel = release.clone();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1".to_vec());
+        }
+        Reply::Script(vec![
+            Step::Await(rel.clone()),
+            Step::Write(b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 2\r\n\r\nv2".to_vec()),
+        ])
+    });
+    // A Redis timeout longer than the pause below, so that the lookup waits instead of
+    // failing open.
+    let toml = cache_config(
+        up.addr,
+        "",
+        &format!(
+            "[cache.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"5s\"\nretry_interval = \"100ms\"\n",
+            redis.port
+        ),
+    );
+    let a = TestGateway::start(&toml, D);
+    let b = TestGateway::start(&toml, D);
+    assert_eq!(get(a.addr, "/swr-wait").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    // Redis holds every command for a second: B's first request waits on its lookup, the
+    // others (same worker) on that request's flight.
+    assert!(redis
+        .command(&["CLIENT", "PAUSE", "1000", "ALL"])
+        .is_some_and(|r| r.starts_with("+OK")));
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::connect(b.addr)).collect();
+    for c in &mut clients {
+        c.send(b"GET /swr-wait HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.read_timeout(Duration::from_secs(10));
+        let r = c
+            .read_response()
+            .expect("an answer while the revalidation is held");
+        assert!(!release.is_set());
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "v1"),
+            "request {i}: {r:?}"
+        );
+        let st = status_of(&r);
+        assert!(
+            st.contains("detail=stale-while-revalidate"),
+            "request {i}: {r:?}"
+        );
+    }
+    release.set();
+    // One revalidation for all of them.
+    assert!(eventually(Duration::from_secs(5), || get(
+        b.addr,
+        "/swr-wait"
+    )
+    .text()
+        == "v2"));
+    assert_eq!(n.load(Ordering::SeqCst), 2, "one revalidation");
+}
+
 /// RFC 5861 §4 holds for an entry a gateway finds only in Redis: within its `stale-if-error`
 /// window it answers for an origin that fails.
 #[test]

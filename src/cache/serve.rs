@@ -306,6 +306,42 @@ fn stale_if_error(o: &Object, req: &Directives, now: u64) -> bool {
     window > 0 && stale <= window
 }
 
+/// When a stale answer is given, and whether the request waited on another's fetch.
+struct StaleAnswer {
+    now: u64,
+    collapsed: bool,
+}
+
+/// RFC 5861 §3: answers with the stale `f` at once and revalidates it in the background (one
+/// revalidation per key: none starts while a fetch of the key is in flight).
+#[allow(clippy::too_many_arguments)]
+async fn stale_while_revalidate<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group_idx: usize,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    keys: &Keys,
+    f: Found,
+    a: StaleAnswer,
+) -> Outcome<'c> {
+    w.cache.count(|s| {
+        s.stale_hits += 1;
+        if a.collapsed {
+            s.coalesced += 1;
+        }
+    });
+    revalidate_later(w, cfg, p, group_idx, c, ctx, keys, &f);
+    let mut s = Status::new(p, "");
+    s.hit = true;
+    s.ttl = Some(f.obj.ttl(a.now));
+    s.collapsed = a.collapsed;
+    s.detail = Some("stale-while-revalidate");
+    answer(w, &cfg.via, route, c, ctx, &f.obj, a.now, &s).await
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn cached<'c, S: ClientIo>(
     w: &Worker,
@@ -338,17 +374,16 @@ async fn cached<'c, S: ClientIo>(
                 return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
             }
             Use::StaleRevalidate => {
-                cache.count(|s| s.stale_hits += 1);
                 let f = Found {
                     obj: f.obj.clone(),
                     key: f.key.to_vec(),
                 };
-                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, &f);
-                let mut s = Status::new(p, "");
-                s.hit = true;
-                s.ttl = Some(f.obj.ttl(now));
-                s.detail = Some("stale-while-revalidate");
-                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+                let a = StaleAnswer {
+                    now,
+                    collapsed: false,
+                };
+                return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, &keys, f, a)
+                    .await;
             }
             Use::Validate => fwd = if req.no_cache { "request" } else { "stale" },
         }
@@ -417,18 +452,35 @@ async fn cached<'c, S: ClientIo>(
                 let now = now_secs();
                 let (f, _) = keys.lookup(&cache, &ctx.head);
                 if let Some(f) = f {
-                    if matches!(usable(&f.obj, &req, now), Use::Fresh | Use::StaleOk) {
-                        cache.count(|s| {
-                            s.hits += 1;
-                            s.coalesced += 1
-                        });
-                        let mut s = Status::new(p, "");
-                        s.hit = true;
-                        s.collapsed = true;
-                        s.ttl = Some(f.obj.ttl(now));
-                        return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+                    match usable(&f.obj, &req, now) {
+                        Use::Fresh | Use::StaleOk => {
+                            cache.count(|s| {
+                                s.hits += 1;
+                                s.coalesced += 1
+                            });
+                            let mut s = Status::new(p, "");
+                            s.hit = true;
+                            s.collapsed = true;
+                            s.ttl = Some(f.obj.ttl(now));
+                            return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+                        }
+                        // RFC 5861 §3 for a waiter too: the flight stored an entry that is
+                        // already stale, within its window (one found in Redis, whose
+                        // revalidation now holds the key's flight): answered at once, not
+                        // after that revalidation.
+                        Use::StaleRevalidate => {
+                            let a = StaleAnswer {
+                                now,
+                                collapsed: true,
+                            };
+                            let f = f.found();
+                            return stale_while_revalidate(
+                                w, cfg, route, p, group_idx, c, ctx, &keys, f, a,
+                            )
+                            .await;
+                        }
+                        Use::Validate => found = Some(f.found()),
                     }
-                    found = Some(f.found());
                 }
             }
             FlightEnd::NotStorable => {
@@ -478,18 +530,13 @@ async fn cached<'c, S: ClientIo>(
                 if let Some(g) = guard {
                     g.finish(FlightEnd::Stored);
                 }
-                cache.count(|s| s.stale_hits += 1);
                 let f = Found {
                     obj: o,
                     key: k.to_vec(),
                 };
-                revalidate_later(w, cfg, p, group_idx, c, ctx, &keys, &f);
-                let mut s = Status::new(p, "");
-                s.hit = true;
-                s.ttl = Some(f.obj.ttl(now));
-                s.collapsed = collapsed;
-                s.detail = Some("stale-while-revalidate");
-                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
+                let a = StaleAnswer { now, collapsed };
+                return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, &keys, f, a)
+                    .await;
             }
             found = Some(Found {
                 obj: o,
