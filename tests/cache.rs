@@ -1135,6 +1135,39 @@ fn rfc5861_3_waiters_behind_a_redis_lookup_get_the_stale_entry_at_once() {
     assert_eq!(n.load(Ordering::SeqCst), 2, "one revalidation");
 }
 
+/// RFC 9111 §5.2.1.4 with the Redis layer: a `no-cache` request to a gateway that has the
+/// entry only in Redis is validated with the stored validator (a 304 then answers with the
+/// stored body), not fetched whole.
+#[test]
+fn rfc9111_5_2_1_4_no_cache_request_validates_an_entry_found_in_redis() {
+    let redis = RedisServer::start();
+    let up = Upstream::start(|req| {
+        if req.header("if-none-match") == Some("\"a\"") {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=60\r\netag: \"a\"\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1".to_vec())
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/nc").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    let mut c = Client::connect(b.addr);
+    c.send(b"GET /nc HTTP/1.1\r\nHost: test.local\r\nCache-Control: no-cache\r\n\r\n");
+    let r = c.read_response().expect("answer");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+    assert_eq!(
+        up.last().header("if-none-match"),
+        Some("\"a\""),
+        "validated with the validator stored in Redis"
+    );
+}
+
 /// RFC 5861 §4 holds for an entry a gateway finds only in Redis: within its `stale-if-error`
 /// window it answers for an origin that fails.
 #[test]

@@ -490,9 +490,10 @@ async fn cached<'c, S: ClientIo>(
             FlightEnd::Failed | FlightEnd::Pending => {}
         }
     }
-    // The Redis layer, when the client did not ask for the origin: an entry there answers (or
-    // is validated instead of fetched whole).
-    if let Some(layer) = cache.shared().cloned().filter(|_| !req.no_cache) {
+    // The Redis layer: an entry there answers, or is validated instead of fetched whole (always
+    // validated for a request with `no-cache`, §5.2.1.4, which still saves the body's transfer
+    // when it has not changed).
+    if let Some(layer) = cache.shared().cloned() {
         let mut ks: Vec<&[u8]> = vec![&keys.shared];
         if let Some(o) = &keys.own {
             ks.push(o);
