@@ -888,6 +888,87 @@ fn rfc9111_4_4_invalidation_reaches_every_worker_before_the_answer() {
     }
 }
 
+/// RFC 9111 §4.3.4 across workers: a 304 that one worker gets freshens the copies the other
+/// workers hold too, so they do not revalidate what the origin has just confirmed.
+#[test]
+fn rfc9111_4_3_4_a_304_freshens_the_copies_of_the_other_workers() {
+    let f_hits = Arc::new(AtomicUsize::new(0));
+    let f2 = f_hits.clone();
+    let up = Upstream::start(move |req| {
+        if req.target.starts_with("/who/") {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 1\r\n\r\nw"
+                    .to_vec(),
+            );
+        }
+        f2.fetch_add(1, Ordering::SeqCst);
+        if req.header("if-none-match") == Some("\"a\"") {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\netag: \"a\"\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1".to_vec())
+    });
+    let toml = format!("[server]\nworkers = 2\n{}", cache_config(up.addr, "", ""));
+    for d in DRIVERS {
+        f_hits.store(0, Ordering::SeqCst);
+        let gw = TestGateway::start(&toml, d);
+        let control = gw.gateway().control();
+        let misses = || -> Vec<u64> {
+            ringway::cache::stats(control, Duration::from_secs(2))
+                .unwrap()
+                .iter()
+                .map(|s| s.misses)
+                .collect()
+        };
+        // One keep-alive connection on each worker (the kernel spreads them; a miss shows
+        // which worker served it).
+        let mut on: [Option<Client>; 2] = [None, None];
+        for i in 0..64 {
+            if on.iter().all(Option::is_some) {
+                break;
+            }
+            let before = misses();
+            let mut c = Client::connect(gw.addr);
+            c.send(format!("GET /who/{i} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes());
+            assert_eq!(c.read_response().expect("answer").status, 200);
+            let after = misses();
+            let w = (0..2)
+                .find(|&w| after[w] > before[w])
+                .expect("a worker counted it");
+            if on[w].is_none() {
+                on[w] = Some(c);
+            }
+        }
+        let [Some(mut x), Some(mut y)] = on else {
+            panic!("{d:?}: the kernel put 64 connections on one worker");
+        };
+        let ask = |c: &mut Client| {
+            c.send(b"GET /f HTTP/1.1\r\nHost: test.local\r\n\r\n");
+            let r = c.read_response().expect("answer");
+            assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{d:?}: {r:?}");
+            r
+        };
+        // Both workers store the response, already stale (max-age=0).
+        ask(&mut x);
+        ask(&mut y);
+        assert_eq!(f_hits.load(Ordering::SeqCst), 2);
+        // Worker x revalidates: the 304 makes it fresh for 600 s, there and on y.
+        ask(&mut x);
+        assert_eq!(f_hits.load(Ordering::SeqCst), 3);
+        // Jobs run in the order they were posted: once y answers this, it has the update.
+        misses();
+        let r = ask(&mut y);
+        assert!(status_of(&r).contains("hit"), "{d:?}: {r:?}");
+        assert_eq!(
+            f_hits.load(Ordering::SeqCst),
+            3,
+            "{d:?}: y revalidated what x had just confirmed"
+        );
+    }
+}
+
 #[test]
 fn purge_api_reaches_every_worker() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\n");

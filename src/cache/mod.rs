@@ -744,6 +744,49 @@ impl WorkerCache {
         self.count(|s| s.stores += 1);
     }
 
+    /// Stores `obj`, a stored response freshened by a 304 or a HEAD (RFC 9111 §4.3.4,
+    /// §4.3.5): here, in Redis, and in every other worker that holds an older copy of the same
+    /// variant (posted, not awaited), so that no worker keeps revalidating the copy
+    /// the origin has just confirmed. Not on the hot path: only after a validation.
+    pub fn store_freshened(&self, key: &[u8], obj: &Rc<Object>, max_variants: usize) {
+        self.insert(key, obj.clone(), max_variants);
+        self.share(key, obj);
+        let Some(c) = self.control.get().filter(|c| c.workers() > 1) else {
+            return;
+        };
+        if key.len() > MAX_KEY_BYTES {
+            return;
+        }
+        let encoded = Bytes::from(redis::encode(obj));
+        for i in (0..c.workers()).filter(|&i| i != self.worker) {
+            let key = key.to_vec();
+            let encoded = encoded.clone();
+            let _ = c.post(
+                i,
+                Box::new(move |w| w.cache.take_freshened(&key, &encoded, max_variants)),
+            );
+        }
+    }
+
+    /// Another worker's [`WorkerCache::store_freshened`]: replaces this worker's copy of the
+    /// same variant unless that one was received later (seconds: one received in the same
+    /// second is replaced, the freshened copy carrying the origin's latest fields); stores
+    /// nothing where this worker holds none.
+    fn take_freshened(&self, key: &[u8], encoded: &Bytes, max_variants: usize) {
+        let Some(obj) = redis::decode(encoded) else {
+            return;
+        };
+        let older = self.map.borrow().peek(key).is_some_and(|e| {
+            e.variants
+                .as_slice()
+                .iter()
+                .any(|o| o.vary == obj.vary && o.t.response_time <= obj.t.response_time)
+        });
+        if older {
+            self.insert(key, Rc::new(obj), max_variants);
+        }
+    }
+
     /// Removes one variant (by identity).
     pub fn remove_variant(&self, key: &[u8], obj: &Rc<Object>) {
         let mut m = self.map.borrow_mut();

@@ -1083,9 +1083,7 @@ fn head_update(
         .is_none_or(|n| n == f.obj.body.len() as u64);
     if same(b"etag") && same(b"last-modified") && len_ok {
         if let Some(o) = freshen(p, &f.obj, fields, authorized, request_time, now) {
-            let o = Rc::new(o);
-            cache.insert(&f.key, o.clone(), p.max_variants);
-            cache.share(&f.key, &o);
+            cache.store_freshened(&f.key, &Rc::new(o), p.max_variants);
         }
     } else {
         cache.remove_variant(&f.key, &f.obj);
@@ -1198,8 +1196,7 @@ async fn fetch<'c, S: ClientIo>(
                         let obj = match freshen(p, &f.obj, &fields, authorized, request_time, now) {
                             Some(o) => {
                                 let o = Rc::new(o);
-                                cache.insert(&f.key, o.clone(), p.max_variants);
-                                cache.share(&f.key, &o);
+                                cache.store_freshened(&f.key, &o, p.max_variants);
                                 if let Some(g) = guard {
                                     g.finish(FlightEnd::Stored);
                                 }
@@ -2149,8 +2146,7 @@ impl Revalidation {
                     match freshen(p, &self.obj, &fields, self.authorized, request_time, now) {
                         Some(o) => {
                             let o = Rc::new(o);
-                            self.cache.insert(&self.key, o.clone(), self.max_variants);
-                            self.cache.share(&self.key, &o);
+                            self.cache.store_freshened(&self.key, &o, self.max_variants);
                             self.cache.count(|s| s.revalidations += 1);
                             true
                         }
