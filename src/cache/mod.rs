@@ -754,7 +754,11 @@ impl WorkerCache {
         let Some(c) = self.control.get().filter(|c| c.workers() > 1) else {
             return;
         };
-        if key.len() > MAX_KEY_BYTES {
+        // A copy that must be validated before each use (`no-cache`, or already stale) would
+        // be validated by the other workers all the same: telling them costs work per request
+        // and saves none. A fresh one is told once per freshness lifetime at most, since the
+        // others then have it fresh too.
+        if key.len() > MAX_KEY_BYTES || obj.t.always_validate || obj.ttl(now_secs()) <= 0 {
             return;
         }
         let encoded = Bytes::from(redis::encode(obj));
