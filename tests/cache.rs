@@ -1099,14 +1099,10 @@ fn redis_down_fails_open_to_the_origin() {
     }));
 }
 
-/// RFC 5861 §3 holds for an entry a gateway finds only in Redis: within its
-/// `stale-while-revalidate` window it is answered at once (a stale hit, RFC 9211 §3) and
-/// revalidated in the background, as a local entry is. Before, the Redis branch validated it
-/// first, so the client waited for the origin (cache-tests `stale-while-revalidate-window`
-/// with two workers and `[cache.redis]`).
-#[test]
-fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
-    let redis = RedisServer::start();
+/// An origin whose first answer is `v1`, stale at once within a 60 s stale-while-revalidate
+/// window (etag "a"); every later request (the revalidation) is held until the returned event
+/// is set, then answered `v2`. Also returns the count of requests it got.
+fn held_revalidation_origin() -> (Upstream, Arc<Event>, Arc<AtomicUsize>) {
     let release = Event::new();
     let rel = release.clone();
     let n = Arc::new(AtomicUsize::new(0));
@@ -1115,12 +1111,23 @@ fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
         if n2.fetch_add(1, Ordering::SeqCst) == 0 {
             return Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1".to_vec());
         }
-        // The revalidation is held until the test has its stale answer.
         Reply::Script(vec![
             Step::Await(rel.clone()),
             Step::Write(b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 2\r\n\r\nv2".to_vec()),
         ])
     });
+    (up, release, n)
+}
+
+/// RFC 5861 §3 holds for an entry a gateway finds only in Redis: within its
+/// `stale-while-revalidate` window it is answered at once (a stale hit, RFC 9211 §3) and
+/// revalidated in the background, as a local entry is. Before, the Redis branch validated it
+/// first, so the client waited for the origin (cache-tests `stale-while-revalidate-window`
+/// with two workers and `[cache.redis]`).
+#[test]
+fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
+    let redis = RedisServer::start();
+    let (up, release, n) = held_revalidation_origin();
     let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     assert_eq!(get(a.addr, "/swr").text(), "v1");
@@ -1150,19 +1157,7 @@ fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
 #[test]
 fn rfc5861_3_waiters_behind_a_redis_lookup_get_the_stale_entry_at_once() {
     let redis = RedisServer::start();
-    let release = Event::new();
-    let rel = release.clone();
-    let n = Arc::new(AtomicUsize::new(0));
-    let n2 = n.clone();
-    let up = Upstream::start(move |_| {
-        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Reply::Raw(b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1".to_vec());
-        }
-        Reply::Script(vec![
-            Step::Await(rel.clone()),
-            Step::Write(b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 2\r\n\r\nv2".to_vec()),
-        ])
-    });
+    let (up, release, n) = held_revalidation_origin();
     // A Redis timeout longer than the pause below, so that the lookup waits instead of
     // failing open.
     let toml = cache_config(
