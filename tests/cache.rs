@@ -1023,6 +1023,14 @@ fn cache_config_errors_name_the_key_and_line() {
     assert_eq!(e.key, "cache.max_object_bytes");
 }
 
+/// Waits (bounded) until a stored object has reached Redis: the write is queued so that no
+/// client waits for it.
+fn wait_stored_in_redis(redis: &RedisServer) {
+    assert!(eventually(Duration::from_secs(5), || !redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+}
+
 fn redis_cache_config(up: SocketAddr, redis: &RedisServer) -> String {
     cache_config(
         up,
@@ -1043,9 +1051,7 @@ fn redis_layer_shares_objects_between_three_gateways_with_one_origin_fetch() {
         .collect();
     assert_eq!(get(gws[0].addr, "/shared").text(), "v1");
     // Written to Redis without delaying the client: wait until it is there.
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .keys("ringway:cache:o:*")
-        .is_empty()));
+    wait_stored_in_redis(&redis);
     for gw in &gws[1..] {
         let r = get(gw.addr, "/shared");
         assert_eq!(r.text(), "v1");
@@ -1131,9 +1137,7 @@ fn rfc5861_3_stale_while_revalidate_applies_to_an_entry_found_in_redis() {
     let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     assert_eq!(get(a.addr, "/swr").text(), "v1");
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .keys("ringway:cache:o:*")
-        .is_empty()));
+    wait_stored_in_redis(&redis);
     // B has it only in Redis, stale: answered while the origin still holds the revalidation.
     let r = get(b.addr, "/swr");
     assert!(!release.is_set());
@@ -1171,9 +1175,7 @@ fn rfc5861_3_waiters_behind_a_redis_lookup_get_the_stale_entry_at_once() {
     let a = TestGateway::start(&toml, D);
     let b = TestGateway::start(&toml, D);
     assert_eq!(get(a.addr, "/swr-wait").text(), "v1");
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .keys("ringway:cache:o:*")
-        .is_empty()));
+    wait_stored_in_redis(&redis);
     // Redis holds every command for a second: B's first request waits on its lookup, the
     // others (same worker) on that request's flight.
     assert!(redis
@@ -1229,9 +1231,7 @@ fn rfc9111_5_2_1_4_no_cache_request_validates_an_entry_found_in_redis() {
     let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     assert_eq!(get(a.addr, "/nc").text(), "v1");
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .keys("ringway:cache:o:*")
-        .is_empty()));
+    wait_stored_in_redis(&redis);
     let mut c = Client::connect(b.addr);
     c.send(b"GET /nc HTTP/1.1\r\nHost: test.local\r\nCache-Control: no-cache\r\n\r\n");
     let r = c.read_response().expect("answer");
@@ -1263,9 +1263,7 @@ fn rfc5861_4_stale_if_error_applies_to_an_entry_found_in_redis() {
     let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     assert_eq!(get(a.addr, "/sie").text(), "ok");
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .keys("ringway:cache:o:*")
-        .is_empty()));
+    wait_stored_in_redis(&redis);
     let r = get(b.addr, "/sie");
     assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
     assert!(status_of(&r).contains("detail=stale-if-error"), "{r:?}");
@@ -1391,9 +1389,7 @@ fn redis_layer_three_gateway_processes_one_origin_fetch() {
         })
         .collect();
     assert_eq!(get(addrs[0], "/fleet").text(), "v1");
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .keys("ringway:cache:o:*")
-        .is_empty()));
+    wait_stored_in_redis(&redis);
     let handles: Vec<_> = addrs
         .iter()
         .map(|a| {
@@ -1479,9 +1475,7 @@ fn redis_purge_reaches_the_local_stores_of_every_host() {
         .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
         .is_some_and(|r| r.contains("\r\n:2\r\n"))));
     assert_eq!(get(a.addr, "/p").text(), "v1");
-    assert!(eventually(Duration::from_secs(5), || !redis
-        .keys("ringway:cache:o:*")
-        .is_empty()));
+    wait_stored_in_redis(&redis);
     // B takes it from Redis into its own store.
     assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
     assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
@@ -1997,9 +1991,7 @@ fn redis_lookup_wakes_the_worker_by_its_doorbell_and_a_paused_redis_fails_open()
         let a = TestGateway::start(&redis_cache_config(up.addr, &redis), d);
         let b = TestGateway::start(&redis_cache_config(up.addr, &redis), d);
         assert_eq!(get(a.addr, "/bell").text(), "v1");
-        assert!(eventually(Duration::from_secs(5), || !redis
-            .keys("ringway:cache:o:*")
-            .is_empty()));
+        wait_stored_in_redis(&redis);
         let rung = |gw: &TestGateway| -> u64 {
             gw.gateway()
                 .control()
