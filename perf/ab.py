@@ -17,7 +17,7 @@ def children(pid):
     out=subprocess.run(["pgrep","-P",str(pid)],capture_output=True,text=True).stdout.split()
     return [int(x) for x in out]
 def ngx_workers():
-    master=int(open(os.path.join(D,"proxy","nginx.pid")).read())
+    master=int(open(os.path.join(D,"proxy.pid")).read())
     return children(master)
 def wrk(port):
     args=["wrk","-t1",f"-c{conns}",f"-d{dur}s","--latency"]

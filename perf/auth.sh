@@ -7,6 +7,7 @@
 # CPU per request is the steadier figure.
 #
 #   cargo build --release && bash perf/auth.sh [rounds=3] [seconds=5] [workers=1] [conns=64]
+# RINGWAY_BIN=path/to/ringway runs another build.
 # Load only ever goes to 127.0.0.1.
 set -euo pipefail
 ROUNDS=${1:-3}; SECS=${2:-5}; WORKERS=${3:-1}; CONNS=${4:-64}
@@ -14,24 +15,14 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 D=$(mktemp -d /tmp/ringway-auth-perf.XXXXXX)
 ORIGIN=18100; GW=18180
 SECRET="perf-only-secret-of-at-least-32-bytes!"
-cleanup() { [[ -n "${GWPID:-}" ]] && kill "$GWPID" 2>/dev/null; [[ -f $D/nginx.pid ]] && kill "$(cat $D/nginx.pid)" 2>/dev/null; rm -rf "$D"; }
+. "$ROOT/perf/lib.sh"
+cleanup() { [[ -n "${GWPID:-}" ]] && kill "$GWPID" 2>/dev/null; ng_stop; rm -rf "$D"; }
 trap cleanup EXIT
-cat > "$D/nginx.conf" <<NG
-worker_processes 1; daemon on; pid $D/nginx.pid; error_log $D/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
-  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
-  server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 "$(printf '%063d' 0)\n"; } } }
-NG
-nginx -p "$D" -c "$D/nginx.conf" -e "$D/error.log"
-cat > "$D/ringway.toml" <<TOML
-[server]
-workers = $WORKERS
-[[listeners]]
-address = "127.0.0.1:$GW"
-backlog = 4096
-[upstreams.origin]
-endpoints = [{ address = "127.0.0.1:$ORIGIN" }]
+{ ng_head origin 1
+  echo "  server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 \"$(printf '%063d' 0)\n\"; } } }"
+} > "$D/origin.conf"
+ng_start origin
+{ rw_head $GW $ORIGIN "$WORKERS"; cat <<TOML
 [[routes]]
 path_prefix = "/open"
 upstream = "origin"
@@ -49,7 +40,8 @@ issuers = ["https://idp.example.com"]
 audiences = ["api"]
 forward_claims = { sub = "x-user-id" }
 TOML
-RINGWAY_LOG=warn "$ROOT/target/release/ringway" -c "$D/ringway.toml" & GWPID=$!
+} > "$D/ringway.toml"
+RINGWAY_LOG=warn "${RINGWAY_BIN:-$ROOT/target/release/ringway}" -c "$D/ringway.toml" & GWPID=$!
 TOKEN=$(python3 - "$SECRET" <<'PY'
 import base64, hashlib, hmac, json, sys, time
 b = lambda x: base64.urlsafe_b64encode(x).rstrip(b"=").decode()

@@ -23,42 +23,17 @@ command -v nginx >/dev/null && command -v valgrind >/dev/null || { echo "needs n
 D=$(mktemp -d /tmp/ringway-cache-instr.XXXXXX)
 chmod 755 "$D"
 VP=""
+. "$ROOT/perf/lib.sh"
 cleanup() {
   if [[ -n $VP ]]; then kill -9 "$VP" 2>/dev/null || true; wait "$VP" 2>/dev/null || true; fi
-  [[ -f $D/origin.pid ]] && kill "$(cat "$D/origin.pid")" 2>/dev/null || true
+  ng_stop
   [[ -n ${KEEP:-} ]] && { echo "kept $D"; return; }
   rm -rf "$D"
 }
 trap cleanup EXIT
 
-BODY=$(printf '%01023d' 0)
-cat > "$D/origin.conf" <<EOF
-worker_processes 1; daemon on; pid $D/origin.pid; error_log $D/origin.err warn;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
-  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
-  server { listen 127.0.0.1:$ORIGIN; default_type text/plain;
-    location / { add_header Cache-Control "max-age=3600"; return 200 "$BODY\n"; }
-    location /ns/ { add_header Cache-Control "no-store"; return 200 "$BODY\n"; } } }
-EOF
-nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
-cat > "$D/ringway.toml" <<EOF
-[server]
-workers = 1
-[[listeners]]
-address = "127.0.0.1:$GW"
-[upstreams.origin]
-endpoints = [{ address = "127.0.0.1:$ORIGIN" }]
-[cache]
-max_bytes_per_worker = "$BUDGET"
-[[routes]]
-path_prefix = "/plain/"
-upstream = "origin"
-[[routes]]
-path_prefix = "/"
-upstream = "origin"
-cache = {}
-EOF
+cache_configs $ORIGIN $GW "$BUDGET"
+ng_start origin
 
 # N GET requests on one keep-alive connection; `{i}` in the path is the request number.
 cat > "$D/client.py" <<'EOF'

@@ -24,9 +24,10 @@ SHM=$(mktemp -d /dev/shm/ringway-cache-perf.XXXXXX)
 chmod 777 "$SHM"; chmod 755 "$D"
 ORIGIN=18300; GW=18380; NG=18390
 GWPID=""
+. "$ROOT/perf/lib.sh"
 cleanup() {
   [[ -n $GWPID ]] && kill "$GWPID" 2>/dev/null || true
-  for f in "$D"/*.pid; do [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+  ng_stop
   [[ -n ${KEEP:-} ]] && { echo "kept $D"; return; }
   rm -rf "$D" "$SHM"
 }
@@ -34,58 +35,20 @@ trap cleanup EXIT
 command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk"; exit 2; }
 [[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 2; }
 
-ng_common() { # $1 name
-  echo "worker_processes 1; daemon on; pid $D/$1.pid; error_log $D/$1.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
-  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;"
-}
-BODY=$(printf '%01023d' 0)
-{ ng_common origin
-  echo "  server { listen 127.0.0.1:$ORIGIN backlog=4096; default_type text/plain;
-      location / { add_header Cache-Control \"max-age=3600\"; return 200 \"$BODY\n\"; }
-      location /ns/ { add_header Cache-Control \"no-store\"; return 200 \"$BODY\n\"; } } }"
-} > "$D/origin.conf"
-nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
+cache_configs $ORIGIN $GW 64MiB
+ng_start origin
 
-cat > "$D/ringway.toml" <<EOF
-[server]
-workers = 1
-[[listeners]]
-address = "127.0.0.1:$GW"
-backlog = 4096
-[upstreams.origin]
-endpoints = [{ address = "127.0.0.1:$ORIGIN" }]
-[cache]
-max_bytes_per_worker = "64MiB"
-[[routes]]
-path_prefix = "/plain/"
-upstream = "origin"
-[[routes]]
-path_prefix = "/"
-upstream = "origin"
-cache = {}
-EOF
 RINGWAY_LOG=warn "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
 GWPID=$!
 
-{ ng_common nginx
+{ ng_head nginx 1; ng_upstream $ORIGIN 64
   echo "  proxy_cache_path $SHM/ng levels=1:2 keys_zone=c:64m max_size=512m inactive=60m use_temp_path=off;
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }
   server { listen 127.0.0.1:$NG backlog=4096;
-    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\";
-      proxy_cache c; proxy_cache_lock on; add_header X-Cache \$upstream_cache_status; } } }"
+    location / { $NG_PASS proxy_cache c; proxy_cache_lock on; add_header X-Cache \$upstream_cache_status; } } }"
 } > "$D/nginx.conf"
-nginx -p "$D" -c "$D/nginx.conf" -e "$D/nginx.err"
+ng_start nginx
 
-for u in "http://127.0.0.1:$GW/hit" "http://127.0.0.1:$NG/hit" "http://127.0.0.1:$GW/plain/x"; do
-  code=000
-  for _ in $(seq 100); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "$u" || true)
-    [[ $code == 200 ]] && break; sleep 0.1
-  done
-  [[ $code == 200 ]] || { echo "$u answered $code"; exit 1; }
-done
+wait_200 "http://127.0.0.1:$GW/hit" "http://127.0.0.1:$NG/hit" "http://127.0.0.1:$GW/plain/x"
 echo "ringway second GET: $(curl -s -D - -o /dev/null "http://127.0.0.1:$GW/hit" | grep -i '^cache-status' | tr -d '\r')"
 echo "nginx second GET:   $(curl -s -D - -o /dev/null "http://127.0.0.1:$NG/hit" | grep -i '^x-cache' | tr -d '\r')"
 

@@ -19,9 +19,10 @@ BIN=${RINGWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ringway}
 D=$(mktemp -d /tmp/ringway-compose-perf.XXXXXX)
 ORIGIN=18300; GW=18380
 PIDS=()
+. "$ROOT/perf/lib.sh"
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [[ -f $D/origin.pid ]] && kill "$(cat "$D/origin.pid")" 2>/dev/null || true
+  ng_stop
   rm -rf "$D"
 }
 trap cleanup EXIT
@@ -39,25 +40,14 @@ for name in "abc":
     open(f"{sys.argv[1]}/{name}", "w").write(text)
     print(f"origin /{name}: {len(text)} bytes", file=sys.stderr)
 PY
-cat > "$D/origin.conf" <<EOF
-worker_processes 1; daemon on; pid $D/origin.pid; error_log $D/origin.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
-  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
-  server { listen 127.0.0.1:$ORIGIN backlog=4096; root $D/www; default_type application/json; } }
-EOF
+{ ng_head origin 1
+  echo "  server { listen 127.0.0.1:$ORIGIN backlog=4096; root $D/www; default_type application/json; } }"
+} > "$D/origin.conf"
 # nginx's workers run as an unprivileged user: let them read the documents.
 chmod 755 "$D" "$D/www"; chmod 644 "$D"/www/*
-nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
+ng_start origin
 
-cat > "$D/ringway.toml" <<EOF
-[server]
-workers = 1
-[[listeners]]
-address = "127.0.0.1:$GW"
-backlog = 4096
-[upstreams.origin]
-endpoints = [{ address = "127.0.0.1:$ORIGIN" }]
+{ rw_head $GW $ORIGIN; cat <<EOF
 
 [[routes]]
 path_prefix = "/plain"
@@ -80,6 +70,7 @@ id = "c"
 upstream = "origin"
 path = "/c"
 EOF
+} > "$D/ringway.toml"
 RINGWAY_LOG=warn "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
 GWPID=$!; PIDS+=($GWPID)
 for u in "http://127.0.0.1:$GW/plain" "http://127.0.0.1:$GW/composed"; do

@@ -27,44 +27,25 @@ done
 [[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 2; }
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 D=$(mktemp -d /tmp/ringway-instr.XXXXXX); chmod 755 "$D"
+. "$ROOT/perf/lib.sh"
 VP=""; IP=""
 cleanup() {
   [[ -n $IP ]] && kill "$IP" 2>/dev/null || true
   [[ -n $VP ]] && kill -9 "$VP" 2>/dev/null || true
-  [[ -f $D/origin.pid ]] && kill "$(cat "$D/origin.pid")" 2>/dev/null || true
+  ng_stop
   rm -rf "$D"
 }
 trap cleanup EXIT
 mkdir -p "$D/www"; head -c 64 /dev/zero | tr '\0' 'a' > "$D/www/b64"; chmod -R a+rX "$D/www"
-temps="client_body_temp_path $D/cb; proxy_temp_path $D/pt; fastcgi_temp_path $D/ft; uwsgi_temp_path $D/ut; scgi_temp_path $D/st;"
-cat > "$D/origin.conf" <<NG
-worker_processes 1; daemon on; pid $D/origin.pid; error_log $D/origin.err warn;
-worker_rlimit_nofile 20000; events { worker_connections 10000; }
-http { access_log off; $temps keepalive_requests 1000000; sendfile on; tcp_nodelay on;
-  server { listen 127.0.0.1:$ORIGIN backlog=4096; root $D/www; location / { } } }
-NG
-nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
-cat > "$D/ringway.toml" <<TOML
-[server]
-workers = 1
-[[listeners]]
-address = "127.0.0.1:$PORT"
-backlog = 4096
-[upstreams.origin]
-endpoints = [{ address = "127.0.0.1:$ORIGIN" }]
-[[routes]]
-path_prefix = "/"
-upstream = "origin"
-TOML
+{ ng_head origin 1
+  echo "  sendfile on; server { listen 127.0.0.1:$ORIGIN backlog=4096; root $D/www; location / { } } }"
+} > "$D/origin.conf"
+ng_start origin
+{ rw_head $PORT $ORIGIN; printf '[[routes]]\npath_prefix = "/"\nupstream = "origin"\n'; } > "$D/ringway.toml"
 # nginx as the proxy: one process (no master), so that callgrind sees the worker.
-cat > "$D/proxy.conf" <<NG
-worker_processes 1; daemon off; master_process off; pid $D/proxy.pid; error_log $D/proxy.err warn;
-worker_rlimit_nofile 20000; events { worker_connections 10000; }
-http { access_log off; $temps keepalive_requests 1000000; tcp_nodelay on;
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 256; keepalive_requests 1000000; }
-  server { listen 127.0.0.1:$PORT backlog=4096;
-    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-NG
+{ ng_head proxy 1 off; ng_upstream $ORIGIN 256
+  echo "  server { listen 127.0.0.1:$PORT backlog=4096; location / { $NG_PASS } } }"
+} > "$D/proxy.conf"
 
 # measure NAME SCENARIO CMD...: prints instructions per request
 measure() {

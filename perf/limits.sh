@@ -7,64 +7,31 @@
 #   bash perf/limits.sh [rounds=3] [seconds=5]
 #
 # Needs nginx, redis-server and wrk (apt-get install -y nginx redis-server wrk) and a release
-# build (cargo build --release). Traffic stays on 127.0.0.1.
+# build (cargo build --release; RINGWAY_BIN=path/to/ringway runs another). Traffic stays on 127.0.0.1.
 set -euo pipefail
 rounds="${1:-3}"
 secs="${2:-5}"
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bin="$repo/target/release/ringway"
+bin="${RINGWAY_BIN:-$repo/target/release/ringway}"
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 export PATH="$PATH:/usr/sbin:/sbin"
-dir="$(mktemp -d /tmp/ringway-limits.XXXXXX)"
+D="$(mktemp -d /tmp/ringway-limits.XXXXXX)"
+. "$repo/perf/lib.sh"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; ng_stop; rm -rf "$D"; }
 trap cleanup EXIT
 
-origin=127.0.0.1:18181
+origin=18181
 redis_port=18179
-cat >"$dir/origin.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $dir/origin.pid;
-error_log $dir/origin.err;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  server { listen $origin; keepalive_requests 1000000; location / { return 200 "ok"; } }
-}
-EOF
-cat >"$dir/proxy.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $dir/proxy.pid;
-error_log $dir/proxy.err;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream up { server $origin; keepalive 256; }
-  server { listen 127.0.0.1:18190; keepalive_requests 1000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-EOF
-nginx -c "$dir/origin.conf" -p "$dir" & pids+=($!)
-nginx -c "$dir/proxy.conf" -p "$dir" & pids+=($!)
+{ ng_head origin 1; echo "  server { listen 127.0.0.1:$origin; location / { return 200 \"ok\"; } } }"; } > "$D/origin.conf"
+{ ng_head proxy 1; ng_upstream $origin 256; echo "  server { listen 127.0.0.1:18190; location / { $NG_PASS } } }"; } > "$D/proxy.conf"
+ng_start origin
+ng_start proxy
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
 
 gw() { # name port limits-toml backend-toml
-  cat >"$dir/$1.toml" <<EOF
-[server]
-workers = 1
-[[listeners]]
-address = "127.0.0.1:$2"
-[upstreams.o]
-endpoints = [{ address = "$origin" }]
-$4
-[[routes]]
-name = "all"
-upstream = "o"
-$3
-EOF
-  RINGWAY_LOG=warn "$bin" run -c "$dir/$1.toml" & pids+=($!)
+  { rw_head "$2" $origin; printf '%s\n[[routes]]\nname = "all"\nupstream = "origin"\n%s\n' "$4" "$3"; } > "$D/$1.toml"
+  RINGWAY_LOG=warn "$bin" run -c "$D/$1.toml" & pids+=($!)
   eval "pid_$1=$!"
 }
 lim='rate_limits = [{ key = "client_ip", rate = 100000000, per = "1s" }]'
@@ -74,8 +41,8 @@ gw redis 18193 "$lim" "[rate_limiting]
 backend = \"redis\"
 [rate_limiting.redis]
 address = \"127.0.0.1:$redis_port\""
-sleep 1
-pid_nginx=$(pgrep -P "$(cat "$dir/proxy.pid")" | head -1)  # its one worker
+wait_200 http://127.0.0.1:18190/ http://127.0.0.1:18191/ http://127.0.0.1:18192/ http://127.0.0.1:18193/
+pid_nginx=$(pgrep -P "$(cat "$D/proxy.pid")" | head -1)  # its one worker
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)

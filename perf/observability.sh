@@ -15,11 +15,11 @@
 # is the steadier figure.
 #
 #   cargo build --release && bash perf/observability.sh [rounds=3] [seconds=5] [workers=1] [conns=64]
-# The binary is ${CARGO_TARGET_DIR:-target}/release/ringway. Load only ever goes to 127.0.0.1.
+# The binary is ${CARGO_TARGET_DIR:-target}/release/ringway (RINGWAY_BIN=path: another). Load only ever goes to 127.0.0.1.
 set -euo pipefail
 ROUNDS=${1:-3}; SECS=${2:-5}; WORKERS=${3:-1}; CONNS=${4:-64}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/ringway
+BIN=${RINGWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ringway}
 [[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 1; }
 D=$(mktemp -d /tmp/ringway-obs-perf.XXXXXX)
 ORIGIN=18200
@@ -27,43 +27,28 @@ declare -A PORT=([off]=18281 [on]=18282 [log]=18283 [ngx_off]=18291 [ngx_log]=18
 MODES=(off on log)
 [[ -n ${BASE_BIN:-} ]] && MODES+=(base)
 declare -A PID=()
+. "$ROOT/perf/lib.sh"
 cleanup() {
   for p in "${PID[@]}"; do kill "$p" 2>/dev/null || true; done
-  for f in "$D"/nginx*.pid; do [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null; done
+  ng_stop
   rm -rf "$D"
 }
 trap cleanup EXIT
-cat > "$D/nginx.conf" <<NG
-worker_processes 1; daemon on; pid $D/nginx.pid; error_log $D/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
-  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
-  server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 "$(printf '%063d' 0)\n"; } } }
-NG
-nginx -p "$D" -c "$D/nginx.conf" -e "$D/error.log"
+{ ng_head origin 1
+  echo "  server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 \"$(printf '%063d' 0)\n\"; } } }"
+} > "$D/origin.conf"
+ng_start origin
 for mode in ngx_off ngx_log; do
-  log="access_log off;"
+  log=""
   [[ $mode == ngx_log ]] && log="access_log $D/nginx-access.log combined;"
-  cat > "$D/$mode.conf" <<NG
-worker_processes 1; daemon on; pid $D/nginx-$mode.pid; error_log $D/error-$mode.log warn;
-events { worker_connections 4096; }
-http { $log keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
-  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 512; }
-  server { listen 127.0.0.1:${PORT[$mode]} backlog=4096;
-    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-NG
-  nginx -p "$D" -c "$D/$mode.conf" -e "$D/error-$mode.log"
+  { ng_head "$mode" 1; ng_upstream $ORIGIN 512
+    echo "  server { listen 127.0.0.1:${PORT[$mode]} backlog=4096; $log location / { $NG_PASS } } }"
+  } > "$D/$mode.conf"
+  ng_start "$mode"
 done
 for mode in "${MODES[@]}"; do
   {
-    echo "[server]"
-    echo "workers = $WORKERS"
-    echo "[[listeners]]"
-    echo "address = \"127.0.0.1:${PORT[$mode]}\""
-    echo "backlog = 4096"
-    echo "[upstreams.origin]"
-    echo "endpoints = [{ address = \"127.0.0.1:$ORIGIN\" }]"
+    rw_head "${PORT[$mode]}" $ORIGIN "$WORKERS"
     echo "[[routes]]"
     echo "name = \"all\""
     echo "upstream = \"origin\""
@@ -82,9 +67,9 @@ for mode in "${MODES[@]}"; do
   RINGWAY_LOG=warn "$bin" -c "$D/$mode.toml" & PID[$mode]=$!
 done
 for mode in ngx_off ngx_log; do
-  for _ in $(seq 50); do [[ -s $D/nginx-$mode.pid ]] && break; sleep 0.1; done
+  for _ in $(seq 50); do [[ -s $D/$mode.pid ]] && break; sleep 0.1; done
   # The worker does the work; the master only waits.
-  for _ in $(seq 50); do PID[$mode]=$(pgrep -P "$(cat "$D/nginx-$mode.pid")" | head -1) && [[ -n ${PID[$mode]} ]] && break; sleep 0.1; done
+  for _ in $(seq 50); do PID[$mode]=$(pgrep -P "$(cat "$D/$mode.pid")" | head -1) && [[ -n ${PID[$mode]} ]] && break; sleep 0.1; done
 done
 for mode in "${MODES[@]}" ngx_off ngx_log; do
   for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:${PORT[$mode]}/" && break; sleep 0.1; done

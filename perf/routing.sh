@@ -20,34 +20,26 @@ BIN=${RINGWAY_BIN:-$ROOT/target/release/ringway}
 D=$(mktemp -d /tmp/ringway-routing-perf.XXXXXX)
 ORIGIN=18200; GW=18280; NG=18290
 PIDS=()
+. "$ROOT/perf/lib.sh"
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for f in "$D"/*.pid; do [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+  ng_stop
   rm -rf "$D"
 }
 trap cleanup EXIT
 command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk"; exit 2; }
 
-ng_common() { # $1 name
-  echo "worker_processes 1; daemon on; pid $D/$1.pid; error_log $D/$1.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $D/cb; proxy_temp_path $D/p;
-  fastcgi_temp_path $D/f; uwsgi_temp_path $D/u; scgi_temp_path $D/s;"
-}
-{ ng_common origin
+{ ng_head origin 1
   echo "  server { listen 127.0.0.1:$ORIGIN backlog=4096; location / { default_type text/plain; return 200 \"$(printf '%063d' 0)\n\"; } } }"
 } > "$D/origin.conf"
-nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
+ng_start origin
 
-gw_head() { # $1 port
-  printf '[server]\nworkers = 1\n[[listeners]]\naddress = "127.0.0.1:%s"\nbacklog = 4096\n[upstreams.origin]\nendpoints = [{ address = "127.0.0.1:%s" }]\n' "$1" "$ORIGIN"
-}
 # Tables: the ringway config and the nginx locations, generated side by side.
-python3 - "$D" "$N_PREFIX" "$N_REGEX" <<'PY'
+python3 - "$D" "$N_PREFIX" "$N_REGEX" "$NG_PASS" <<'PY'
 import sys
 d, npre, nre = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 route = 'upstream = "origin"\nset_host = "origin"\n'
-loc = "{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host origin; }"
+loc = "{ " + sys.argv[4] + " proxy_set_header Host origin; }"
 tables = {
     "one": ([('path_prefix', "/one/")], ["location /one/ " + loc]),
     "prefix": ([('path_prefix', f"/svc{i}/") for i in range(npre)],
@@ -67,28 +59,20 @@ TABLES=(one prefix regex)
 port=0
 for t in "${TABLES[@]}"; do
   gwp=$((GW + port)); ngp=$((NG + port)); port=$((port + 1))
-  { gw_head "$gwp"; cat "$D/$t.routes.toml"; } > "$D/$t.ringway.toml"
+  { rw_head "$gwp" "$ORIGIN"; cat "$D/$t.routes.toml"; } > "$D/$t.ringway.toml"
   RINGWAY_LOG=info "$BIN" -c "$D/$t.ringway.toml" 2> "$D/$t.ringway.log" &
   PIDS+=($!); echo "$!" > "$D/$t.gwpid"
-  { ng_common "ng-$t"
-    echo "  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 64; }"
+  { ng_head "ng-$t" 1; ng_upstream "$ORIGIN" 64
     echo "  server { listen 127.0.0.1:$ngp backlog=4096;"
     cat "$D/$t.locations"
     echo "  } }"
   } > "$D/ng-$t.conf"
-  nginx -p "$D" -c "$D/ng-$t.conf" -e "$D/ng-$t.err"
+  ng_start "ng-$t"
   echo "$gwp $ngp" > "$D/$t.ports"
 done
 for t in "${TABLES[@]}"; do
   read -r gwp ngp < "$D/$t.ports"
-  for u in "http://127.0.0.1:$gwp${PATHS[$t]}" "http://127.0.0.1:$ngp${PATHS[$t]}"; do
-    code=000
-    for _ in $(seq 100); do
-      code=$(curl -s -o /dev/null -w '%{http_code}' "$u" || true)
-      [[ $code == 200 ]] && break; sleep 0.1
-    done
-    [[ $code == 200 ]] || { echo "$u answered $code"; exit 1; }
-  done
+  wait_200 "http://127.0.0.1:$gwp${PATHS[$t]}" "http://127.0.0.1:$ngp${PATHS[$t]}"
   grep -h "router:" "$D/$t.ringway.log" | sed "s/^/[$t] /" || true
 done
 HZ=$(getconf CLK_TCK)
