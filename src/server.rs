@@ -28,8 +28,11 @@ use crate::{debug, info, warn};
 /// How often each worker reads the stop flag and the shared endpoint health.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Sync intervals between two idle-deadline ticks (one second).
-const IDLE_TICK_EVERY: u32 = 20;
+/// How often the idle wheel ticks (see `crate::local::IdleWheel`).
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Sync intervals between two idle-wheel ticks.
+const IDLE_TICK_EVERY: u32 = (IDLE_TICK.as_millis() / SYNC_INTERVAL.as_millis()) as u32;
 
 /// The event-loop driver a worker runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -731,7 +734,7 @@ async fn worker_main(
                 control.run_pending(&w);
                 ticks = ticks.wrapping_add(1);
                 if ticks.is_multiple_of(IDLE_TICK_EVERY) {
-                    w.idle_tick.notify_all();
+                    w.idle_wheel.tick();
                 }
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }
@@ -740,8 +743,8 @@ async fn worker_main(
             // shutdown counts its first request's grace in them (the task ends with the
             // runtime).
             loop {
-                monoio::time::sleep(SYNC_INTERVAL * IDLE_TICK_EVERY).await;
-                w.idle_tick.notify_all();
+                monoio::time::sleep(IDLE_TICK).await;
+                w.idle_wheel.wake_all();
             }
         });
     }

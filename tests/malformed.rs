@@ -364,6 +364,42 @@ fn slow_head_gets_408_and_idle_keep_alive_is_closed() {
     }
 }
 
+/// An idle deadline several seconds ahead is kept on the worker's idle wheel: the connection
+/// is neither closed before it nor left open long after it.
+#[test]
+fn an_idle_deadline_seconds_ahead_closes_the_connection_on_time() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = "[timeouts]\nclient_idle = \"2500ms\"\n[[routes]]\nupstream = \"up\"\n";
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200);
+        let t0 = Instant::now();
+        // Still open (and serving) before the deadline.
+        assert!(!c.is_closed(Duration::from_millis(1500)), "{d:?}");
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(c.read_response().unwrap().status, 200, "{d:?}");
+        // The deadline starts again after that request: closed 2.5 s later, a tick or two after
+        // it (not a turn of the wheel later).
+        let t1 = Instant::now();
+        assert!(
+            c.is_closed(Duration::from_secs(10)),
+            "{d:?}: idle connection must close"
+        );
+        let waited = t1.elapsed();
+        assert!(
+            waited >= Duration::from_millis(2400),
+            "{d:?}: closed after {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(6),
+            "{d:?}: closed after {waited:?}"
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(1500));
+    }
+}
+
 #[test]
 fn client_disconnect_mid_request_body_is_handled() {
     for d in DRIVERS {

@@ -20,6 +20,7 @@ use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, ALLOWED_METHODS};
 use crate::rewrite::connection_value;
 use crate::router::DirectResponse;
+use crate::server::IDLE_TICK;
 use crate::tls;
 
 use super::ctx::RequestCtx;
@@ -322,8 +323,8 @@ enum HeadRead {
     Fail(GatewayError),
 }
 
-/// Idle ticks (one a second; they go on during the drain) a connection accepted just before a
-/// shutdown may take to send its first request.
+/// Idle wake-ups (one a second during the drain) a connection accepted just before a shutdown
+/// may take to send its first request.
 pub const FIRST_REQUEST_GRACE_TICKS: u8 = 1;
 
 /// A reload removed the connection's listener: the connection closes once its request in
@@ -409,12 +410,13 @@ impl<S: ClientIo> Conn<S> {
     }
 
     /// Waits for the first bytes of the next request with only the connection's small buffer
-    /// and no timer of its own: the idle deadline is checked on the worker's one-second tick,
-    /// so an idle connection costs its task and 512 bytes. `false`: the client closed, idled
+    /// and no timer of its own: the idle deadline is checked on the tick of the worker's idle
+    /// wheel it falls on, so an idle connection costs its task and 512 bytes and wakes about
+    /// once per idle timeout. `false`: the client closed, idled
     /// out, or the worker is shutting down.
     ///
     /// A connection's `first` request is still awaited for [`FIRST_REQUEST_GRACE_TICKS`] idle
-    /// ticks (1 to 2 s) after a shutdown began: the connection was accepted just before it (during a binary upgrade's
+    /// wake-ups (1 to 2 s) after a shutdown began: the connection was accepted just before it (during a binary upgrade's
     /// hand-over, say) and its client has a request on the way.
     async fn wait_request(&mut self, w: &Worker, first: bool) -> bool {
         if w.shutdown.is_set() && !first {
@@ -438,7 +440,13 @@ impl<S: ClientIo> Conn<S> {
         let mut read = std::pin::pin!(read);
         let mut grace_ticks = 0u8;
         loop {
-            let tick = w.idle_tick.notified();
+            // The wheel's slot of the tick the deadline falls on (rounded up; no deadline: the
+            // wheel's farthest slot, to look again then).
+            let ahead = deadline.map_or(u64::MAX, |d| {
+                let left = d.saturating_duration_since(Instant::now()).as_millis();
+                u64::try_from(left.div_ceil(IDLE_TICK.as_millis())).unwrap_or(u64::MAX)
+            });
+            let tick = w.idle_wheel.after(ahead);
             monoio::select! {
                 r = &mut read => {
                     let (res, slice) = r;

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::date::{http_date, HTTP_DATE_LEN};
 use crate::http::request::{Limits, RequestHead};
 use crate::http::response::ResponseHead;
-use crate::local::Notify;
+use crate::local::{IdleWheel, Notify};
 use crate::ratelimit::{HostBuckets, Limiter};
 use crate::router::{RouteTable, RouteTimeouts, Router};
 use crate::tls::UpstreamTls;
@@ -226,8 +226,9 @@ pub struct Worker {
     /// Accept loops paused (connection cap or no descriptors): a closing connection wakes them.
     pub accept_paused: Cell<u32>,
     pub conn_closed: Notify,
-    /// Fired once a second by the sync task: idle connections check their deadline on it.
-    pub idle_tick: Notify,
+    /// Ticked once a second by the sync task: an idle connection waits in the slot of the
+    /// tick its deadline falls on and checks it then.
+    pub idle_wheel: IdleWheel,
     /// Consumers, credential providers and the per-core credential caches; replaced by a
     /// reload (a request holds the `Rc` it started with).
     auth: RefCell<Rc<WorkerAuth>>,
@@ -282,7 +283,7 @@ impl Worker {
             active: Cell::new(0),
             accept_paused: Cell::new(0),
             conn_closed: Notify::default(),
-            idle_tick: Notify::default(),
+            idle_wheel: IdleWheel::default(),
             auth: RefCell::new(Rc::new(WorkerAuth::new(cfg, auth))),
             listener_stop: RefCell::new(Vec::new()),
             cache: crate::cache::WorkerCache::new(cfg, id),
@@ -309,6 +310,8 @@ impl Worker {
         let old = self.config.replace(Rc::new(next));
         self.metrics
             .follow_routes(&old.router.routes, &self.config.borrow().router.routes);
+        // Idle connections of a listener the reload removed close now, not at their deadline.
+        self.idle_wheel.wake_all();
         old
     }
 
