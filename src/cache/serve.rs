@@ -1086,8 +1086,58 @@ fn head_update(
             cache.store_freshened(&f.key, &Rc::new(o), p.max_variants);
         }
     } else {
-        cache.remove_variant(&f.key, &f.obj);
+        invalidate(cache, &f.obj);
     }
+}
+
+/// Drops a stored response that the origin says is no longer current (a HEAD whose
+/// validators disagree, §4.3.5; a 304 that selects nothing, §4.3.4; a freshened copy no
+/// longer storable): through the invalidation path of unsafe methods (§4.4), so that every
+/// worker's copy of the URL goes, and, with `[cache.redis]`, the Redis copies and the other
+/// hosts' copies too. Every variant of the URL goes: rare, and a miss is always safe.
+fn invalidate(cache: &WorkerCache, o: &Object) {
+    cache.purge_everywhere(Purge {
+        target: PurgeTarget::Url(o.url.to_vec()),
+        soft: false,
+    });
+}
+
+/// RFC 9111 §4.3.4: freshens `o` with the 304's `fields` and stores it (here, in Redis, on
+/// the other workers); when the 304 carries a strong entity tag, every other variant stored
+/// under `key` with that same strong tag is selected and freshened too. Returns `o`
+/// freshened; `None` (and `o` invalidated) when the freshened copy may not be stored.
+#[allow(clippy::too_many_arguments)]
+fn freshen_selected(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    key: &[u8],
+    o: &Rc<Object>,
+    fields: &[Field],
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+) -> Option<Rc<Object>> {
+    let Some(fresh) = freshen(p, o, fields, authorized, request_time, now) else {
+        invalidate(cache, o);
+        return None;
+    };
+    let fresh = Rc::new(fresh);
+    cache.store_freshened(key, &fresh, p.max_variants);
+    let strong = policy::field(fields, b"etag").filter(|e| !e.starts_with(b"W/"));
+    if let Some(tag) = strong {
+        let others: Vec<Rc<Object>> = cache
+            .get(key)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.vary != o.vary && v.etag().is_some_and(|e| policy::strong_match(tag, e)))
+            .collect();
+        for v in others {
+            if let Some(f) = freshen(p, &v, fields, authorized, request_time, now) {
+                cache.store_freshened(key, &Rc::new(f), p.max_variants);
+            }
+        }
+    }
+    Some(fresh)
 }
 
 /// Gives the upstream connection back (or drops it) with the bookkeeping the proxy does.
@@ -1181,7 +1231,7 @@ async fn fetch<'c, S: ClientIo>(
                         // A validator that is not the stored one selects nothing: the stored
                         // response is dropped and fetched again whole.
                         if !selected_by_304(&fields, &f.obj) {
-                            cache.remove_variant(&f.key, &f.obj);
+                            invalidate(&cache, &f.obj);
                             w.bufs.give_resp(resp);
                             let again = Fetch::Fill {
                                 keys,
@@ -1193,20 +1243,25 @@ async fn fetch<'c, S: ClientIo>(
                                 .await;
                         }
                         cache.count(|s| s.revalidations += 1);
-                        let obj = match freshen(p, &f.obj, &fields, authorized, request_time, now) {
+                        let fresh = freshen_selected(
+                            p,
+                            &cache,
+                            &f.key,
+                            &f.obj,
+                            &fields,
+                            authorized,
+                            request_time,
+                            now,
+                        );
+                        let obj = match fresh {
                             Some(o) => {
-                                let o = Rc::new(o);
-                                cache.store_freshened(&f.key, &o, p.max_variants);
                                 if let Some(g) = guard {
                                     g.finish(FlightEnd::Stored);
                                 }
                                 status.stored = true;
                                 o
                             }
-                            None => {
-                                cache.remove_variant(&f.key, &f.obj);
-                                f.obj.clone()
-                            }
+                            None => f.obj.clone(),
                         };
                         status.fwd = "stale";
                         status.ttl = Some(obj.ttl(now));
@@ -2140,18 +2195,16 @@ impl Revalidation {
                 if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
                     // It selects nothing (§4.3.4): the stale copy goes; the next request
                     // fetches the response whole.
-                    self.cache.remove_variant(&self.key, &self.obj);
+                    invalidate(&self.cache, &self.obj);
                     false
                 } else if resp.status == 304 {
-                    match freshen(p, &self.obj, &fields, self.authorized, request_time, now) {
-                        Some(o) => {
-                            let o = Rc::new(o);
-                            self.cache.store_freshened(&self.key, &o, self.max_variants);
-                            self.cache.count(|s| s.revalidations += 1);
-                            true
-                        }
-                        None => false,
+                    let (key, o, auth) = (&self.key, &self.obj, self.authorized);
+                    let fresh =
+                        freshen_selected(p, &self.cache, key, o, &fields, auth, request_time, now);
+                    if fresh.is_some() {
+                        self.cache.count(|s| s.revalidations += 1);
                     }
+                    fresh.is_some()
                 } else {
                     match analyze(p, resp.status, fields, self.authorized, request_time, now) {
                         Ok(s) => {
