@@ -2486,3 +2486,69 @@ fn rfc9111_4_3_4_a_304_freshens_every_variant_with_the_same_strong_validator() {
     assert!(status_of(&r).contains("hit"), "{r:?}");
     assert_eq!(n.load(Ordering::SeqCst), 3);
 }
+
+/// RFC 9111 §4.1 with `[cache.redis]`: every variant of a key reaches Redis (not only the one
+/// written last), so another gateway finds each of them; at most `cache.max_variants` are kept
+/// there, the oldest deleted first.
+#[test]
+fn rfc9111_4_1_redis_keeps_every_variant_up_to_the_cap() {
+    let redis = RedisServer::start();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        let body = req
+            .header("accept-encoding")
+            .unwrap_or("identity")
+            .to_string();
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\nvary: Accept-Encoding\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let toml = redis_cache_config(up.addr, &redis)
+        .replace("[cache.redis]", "[cache]\nmax_variants = 2\n[cache.redis]");
+    let in_redis = |pattern: &str| {
+        redis
+            .command(&["EVAL", "return #redis.call('KEYS', ARGV[1])", "0", pattern])
+            .unwrap_or_default()
+    };
+    let variants_in_redis = || in_redis("ringway:cache:w:*");
+    let a = TestGateway::start(&toml, D);
+    let b = TestGateway::start(&toml, D);
+    let enc = |gw: &TestGateway, e: &str| {
+        let h = if e.is_empty() {
+            String::new()
+        } else {
+            format!("accept-encoding: {e}\r\n")
+        };
+        get_h(gw.addr, "/z", &h)
+    };
+    assert_eq!(enc(&a, "gzip").text(), "gzip");
+    assert_eq!(enc(&a, "").text(), "identity");
+    // Both written (queued writes; bounded wait, checked below by what another gateway finds).
+    eventually(Duration::from_secs(5), || variants_in_redis() == ":2\r\n");
+    // The gzip variant was written first, then the identity one: both are found.
+    for (e, want) in [("gzip", "gzip"), ("", "identity")] {
+        let r = enc(&b, e);
+        assert_eq!(r.text(), want, "{r:?}");
+        assert!(status_of(&r).contains("detail=redis"), "{e:?}: {r:?}");
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    // A third variant: the oldest (gzip) leaves Redis, the cap being 2.
+    assert_eq!(enc(&a, "br").text(), "br");
+    assert!(eventually(Duration::from_secs(5), || {
+        in_redis("ringway:cache:w:*br*") == ":1\r\n"
+    }));
+    assert_eq!(variants_in_redis(), ":2\r\n");
+    let c = TestGateway::start(&toml, D);
+    let r = enc(&c, "");
+    assert!(status_of(&r).contains("detail=redis"), "{r:?}");
+    let before = n.load(Ordering::SeqCst);
+    let r = enc(&c, "gzip");
+    assert!(!status_of(&r).contains("detail=redis"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), before + 1);
+}

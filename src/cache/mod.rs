@@ -661,10 +661,11 @@ impl WorkerCache {
         self.shared.get()
     }
 
-    /// Writes a stored object to the Redis layer, if there is one (queued, not awaited).
-    pub fn share(&self, key: &[u8], obj: &Object) {
+    /// Writes a stored object to the Redis layer, if there is one (queued, not awaited),
+    /// keeping at most `max_variants` variants of the key there too.
+    pub fn share(&self, key: &[u8], obj: &Object, max_variants: usize) {
         if let Some(l) = self.shared.get() {
-            l.put(key, obj, now_secs());
+            l.put(key, obj, now_secs(), max_variants);
         }
     }
 
@@ -750,7 +751,7 @@ impl WorkerCache {
     /// the origin has just confirmed. Not on the hot path: only after a validation.
     pub fn store_freshened(&self, key: &[u8], obj: &Rc<Object>, max_variants: usize) {
         self.insert(key, obj.clone(), max_variants);
-        self.share(key, obj);
+        self.share(key, obj, max_variants);
         let Some(c) = self.control.get().filter(|c| c.workers() > 1) else {
             return;
         };

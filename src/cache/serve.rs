@@ -498,7 +498,14 @@ async fn cached<'c, S: ClientIo>(
         if let Some(o) = &keys.own {
             ks.push(o);
         }
-        let got = layer.get(&w.doorbell, &ks).await;
+        // A variant held here names the fields the key varies on: the request's variant is
+        // then asked for in the same round trip.
+        let held: Vec<Option<Rc<Object>>> = ks
+            .iter()
+            .map(|k| cache.get(k).and_then(|v| v.into_iter().next()))
+            .collect();
+        let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
+        let got = layer.get(&w.doorbell, &ks, &known, &ctx.head).await;
         let now = now_secs();
         for (k, o) in ks.iter().zip(got) {
             let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
@@ -1387,7 +1394,7 @@ async fn fetch<'c, S: ClientIo>(
                             let obj = make_object(s, status_code, reason, t.finish(), url, vary);
                             let obj = Rc::new(obj);
                             cache.insert(k, obj.clone(), p.max_variants);
-                            cache.share(k, &obj);
+                            cache.share(k, &obj, p.max_variants);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -2226,7 +2233,7 @@ impl Revalidation {
                                     // Stored under the key the stale one had.
                                     let obj = Rc::new(obj);
                                     self.cache.insert(&self.key, obj.clone(), self.max_variants);
-                                    self.cache.share(&self.key, &obj);
+                                    self.cache.share(&self.key, &obj, self.max_variants);
                                     if reusable && resp.keep_alive {
                                         group.checkin(up);
                                     }
