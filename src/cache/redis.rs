@@ -152,8 +152,12 @@ impl SharedLayer {
         let mut out: Vec<Option<Object>> = keys.iter().map(|_| None).collect();
         let mut again: Vec<(usize, Bytes)> = Vec::new();
         let raw = self.get_raw(bell, asked.iter().map(|(_, k)| k.clone()), deadline);
+        // Each entry decoded from a copy of its own: the answer is a slice of the link's read
+        // buffer, which an object kept in the store would otherwise hold whole (bytes its
+        // weight does not count).
+        let own = |b: Bytes| decode(&Bytes::copy_from_slice(&b));
         for ((i, _), b) in asked.iter().zip(raw.await) {
-            let Some(o) = b.and_then(|b| decode(&b)) else {
+            let Some(o) = b.and_then(own) else {
                 continue;
             };
             if out[*i].is_some() {
@@ -173,7 +177,7 @@ impl SharedLayer {
             let raw = self.get_raw(bell, again.iter().map(|(_, k)| k.clone()), deadline);
             for ((i, _), b) in again.iter().zip(raw.await) {
                 if out[*i].is_none() {
-                    out[*i] = b.and_then(|b| decode(&b)).filter(|o| o.vary_matches(head));
+                    out[*i] = b.and_then(own).filter(|o| o.vary_matches(head));
                 }
             }
         }

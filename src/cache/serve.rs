@@ -1052,18 +1052,59 @@ fn freshen(
         response_time,
     )
     .ok()?;
+    let tags = super::surrogate_keys(&s.fields);
+    let (fields, reason, url, body) = compact(&s.fields, &o.reason, &o.url, &o.body);
     Some(Object {
         status: o.status,
-        reason: o.reason.clone(),
-        tags: super::surrogate_keys(&s.fields),
-        fields: s.fields,
-        body: o.body.clone(),
+        reason,
+        tags,
+        fields,
+        body,
         t: s.t,
-        url: o.url.clone(),
+        url,
         vary: o.vary.clone(),
         invalid: std::cell::Cell::new(false),
         hidden: Vec::new(),
     })
+}
+
+/// Copies of a freshened response's fields, reason, URL and body in one allocation. The
+/// fields a 304 brings are slices of its head's copy, and the rest of the stored response's
+/// slices of the allocation that held its own head: kept as they are, they would hold both
+/// heads whole (and, freshening after freshening, every 304's), bytes the entry's weight
+/// does not count. The copy holds what the weight counts. Rare: once per validation.
+fn compact(
+    fields: &[Field],
+    reason: &Bytes,
+    url: &Bytes,
+    body: &Bytes,
+) -> (Vec<Field>, Bytes, Bytes, Bytes) {
+    let heads: usize = fields.iter().map(|(n, v)| n.len() + v.len()).sum();
+    let mut buf = BytesMut::with_capacity(heads + reason.len() + url.len() + body.len());
+    for (n, v) in fields {
+        buf.extend_from_slice(n);
+        buf.extend_from_slice(v);
+    }
+    buf.extend_from_slice(reason);
+    buf.extend_from_slice(url);
+    buf.extend_from_slice(body);
+    let all = buf.freeze();
+    let mut at = 0;
+    let mut next = |len: usize| {
+        let part = all.slice(at..at + len);
+        at += len;
+        part
+    };
+    let fields = fields
+        .iter()
+        .map(|(n, v)| (next(n.len()), next(v.len())))
+        .collect();
+    (
+        fields,
+        next(reason.len()),
+        next(url.len()),
+        next(body.len()),
+    )
 }
 
 /// RFC 9111 §4.3.5: a 200 to HEAD whose validators and length agree with the stored GET
