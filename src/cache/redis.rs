@@ -112,14 +112,11 @@ impl SharedLayer {
     /// cannot be confused with another key's) after the cache key.
     /// `stored`: a variant's Vary values, whose field names are read here.
     fn variant_rkey(&self, key: &[u8], stored: &[VaryValue], head: &RequestHead) -> Bytes {
-        let mut id = Vec::with_capacity(key.len() + 64);
-        id.extend_from_slice(&(key.len() as u32).to_be_bytes());
-        id.extend_from_slice(key);
-        for (n, _) in stored {
-            let v = policy::vary_value(n, &mut head.header_values(n));
-            put_lv(&mut id, n);
-            put_lv(&mut id, &v);
-        }
+        let values: Vec<(&[u8], Vec<u8>)> = stored
+            .iter()
+            .map(|(n, _)| (&n[..], policy::vary_value(n, &mut head.header_values(n))))
+            .collect();
+        let id = variant_id(key, values.iter().map(|(n, v)| (*n, &v[..])));
         self.rkey(b"w:", &id)
     }
 
@@ -253,13 +250,7 @@ impl SharedLayer {
         // only for purges by URL, which take every variant).
         let mut written = vec![rk];
         if !obj.vary.is_empty() {
-            let mut id = Vec::with_capacity(key.len() + 64);
-            id.extend_from_slice(&(key.len() as u32).to_be_bytes());
-            id.extend_from_slice(key);
-            for (n, v) in &obj.vary {
-                put_lv(&mut id, n);
-                put_lv(&mut id, v);
-            }
+            let id = variant_id(key, obj.vary.iter().map(|(n, v)| (&n[..], &v[..])));
             let (vk, list) = (self.rkey(b"w:", &id), self.rkey(b"v:", key));
             let cap = max_variants.clamp(1, MAX_REDIS_VARIANTS);
             self.link.command(Command {
@@ -317,6 +308,18 @@ impl SharedLayer {
             done: None,
         });
     }
+}
+
+/// A variant's name after `w:`: the cache key and the variant's Vary field names and values,
+/// each length-prefixed, so that no two (key, variant) pairs share a name.
+fn variant_id<'a>(key: &[u8], vary: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<u8> {
+    let mut id = Vec::with_capacity(key.len() + 64);
+    put_lv(&mut id, key);
+    for (n, v) in vary {
+        put_lv(&mut id, n);
+        put_lv(&mut id, v);
+    }
+    id
 }
 
 /// Most bytes of a purge message read from the channel.
@@ -600,6 +603,39 @@ pub fn decode(b: &Bytes) -> Option<Object> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variant_ids_are_those_a_lookup_builds_and_never_shared_by_two_variants() {
+        use crate::http::request::{parse_request, Limits};
+        let raw = b"GET /p HTTP/1.1\r\nHost: h\r\nAccept-Encoding: br, gzip\r\n\r\n";
+        let mut head = RequestHead::default();
+        parse_request(raw, &Limits::default(), &mut head)
+            .expect("valid head")
+            .expect("complete head");
+        head.raw = Bytes::from_static(raw);
+        let name: Box<[u8]> = b"accept-encoding"[..].into();
+        let stored = policy::vary_value(&name, &mut head.header_values(&name));
+        let put = variant_id(b"k", [(&name[..], &stored[..])].into_iter());
+        let v = policy::vary_value(&name, &mut head.header_values(&name));
+        let get = variant_id(b"k", [(&name[..], &v[..])].into_iter());
+        assert_eq!(put, get);
+        // A key that ends where a field name begins, and a value that swallows a name, differ.
+        let ids = [
+            variant_id(b"ka", [(&b"b"[..], &b""[..])].into_iter()),
+            variant_id(b"k", [(&b"ab"[..], &b""[..])].into_iter()),
+            variant_id(b"k", [(&b"a"[..], &b"b"[..])].into_iter()),
+            variant_id(
+                b"k",
+                [(&b"a"[..], &b""[..]), (&b"b"[..], &b""[..])].into_iter(),
+            ),
+            variant_id(b"k", std::iter::empty()),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
 
     #[test]
     fn entries_round_trip_and_every_truncation_is_refused() {
