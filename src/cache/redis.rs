@@ -108,9 +108,9 @@ impl SharedLayer {
         k.into()
     }
 
-    /// The key of one variant: its Vary values (length-prefixed, so that the key's bytes
-    /// cannot be confused with another key's) after the cache key.
-    /// `stored`: a variant's Vary values, whose field names are read here.
+    /// The Redis key of the variant of `key` that `head` selects, among variants that vary on
+    /// the fields `stored` names (the Vary values of a variant of the key; only the names are
+    /// read). See [`variant_id`].
     fn variant_rkey(&self, key: &[u8], stored: &[VaryValue], head: &RequestHead) -> Bytes {
         let values: Vec<(&[u8], Vec<u8>)> = stored
             .iter()
