@@ -2552,3 +2552,70 @@ fn rfc9111_4_1_redis_keeps_every_variant_up_to_the_cap() {
     assert!(!status_of(&r).contains("detail=redis"), "{r:?}");
     assert_eq!(n.load(Ordering::SeqCst), before + 1);
 }
+
+/// RFC 9111 §4.3.4 across workers: the variants a 304 with a strong entity tag selects are
+/// freshened on every worker, also those the validating worker does not hold.
+#[test]
+fn rfc9111_4_3_4_a_304_freshens_the_variants_with_its_strong_validator_on_every_worker() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        if req.target.starts_with("/who/") {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 1\r\n\r\nw"
+                    .to_vec(),
+            );
+        }
+        n2.fetch_add(1, Ordering::SeqCst);
+        if req.header("if-none-match") == Some("\"s\"") {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\netag: \"s\"\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        let lang = req.header("accept-language").unwrap_or("none").to_string();
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"s\"\r\nvary: accept-language\r\ncontent-length: {}\r\n\r\n{lang}",
+                lang.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let toml = format!("[server]\nworkers = 2\n{}", cache_config(up.addr, "", ""));
+    for d in DRIVERS {
+        n.store(0, Ordering::SeqCst);
+        let gw = TestGateway::start(&toml, d);
+        let (mut x, mut y) = client_per_worker(&gw);
+        let control = gw.gateway().control();
+        let lang = |c: &mut Client, l: &str| {
+            c.send(
+                format!("GET /m HTTP/1.1\r\nHost: test.local\r\naccept-language: {l}\r\n\r\n")
+                    .as_bytes(),
+            );
+            let r = c.read_response().expect("answer");
+            assert_eq!((r.status, r.text().as_str()), (200, l), "{d:?}: {r:?}");
+            // Jobs run in the order they were posted: once every worker answers this, the
+            // freshenings posted before have run.
+            ringway::cache::stats(control, Duration::from_secs(2)).unwrap();
+            r
+        };
+        // x stores "en"; y stores "en" and "fr"; all stale at once.
+        lang(&mut x, "en");
+        lang(&mut y, "en");
+        lang(&mut y, "fr");
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+        // x validates "en": the 304's strong tag is "fr"'s too, which only y holds.
+        let r = lang(&mut x, "en");
+        assert!(status_of(&r).contains("fwd-status=304"), "{d:?}: {r:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 4);
+        let r = lang(&mut y, "fr");
+        assert!(status_of(&r).contains("hit"), "{d:?}: {r:?}");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            4,
+            "{d:?}: y validated \"fr\" again"
+        );
+        assert!(status_of(&lang(&mut y, "en")).contains("hit"));
+    }
+}

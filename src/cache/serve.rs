@@ -1171,21 +1171,59 @@ fn freshen_selected(
     };
     let fresh = Rc::new(fresh);
     cache.store_freshened(key, &fresh, p.max_variants);
-    let strong = policy::field(fields, b"etag").filter(|e| !e.starts_with(b"W/"));
-    if let Some(tag) = strong {
-        let others: Vec<Rc<Object>> = cache
-            .get(key)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|v| v.vary != o.vary && v.etag().is_some_and(|e| policy::strong_match(tag, e)))
-            .collect();
-        for v in others {
-            if let Some(f) = freshen(p, &v, fields, authorized, request_time, now) {
-                cache.store_freshened(key, &Rc::new(f), p.max_variants);
+    let Some(tag) = policy::field(fields, b"etag").filter(|e| !e.starts_with(b"W/")) else {
+        return Some(fresh);
+    };
+    let sel = Selected {
+        key: key.to_vec(),
+        vary: o.vary.clone(),
+        tag: tag.to_vec(),
+        fields: fields.to_vec(),
+        authorized,
+        request_time,
+        now,
+    };
+    sel.freshen_held(p, cache);
+    // As for the validated copy (see `store_freshened`): the others are told when what they
+    // would get is fresh, so that they do not validate it again themselves.
+    if !fresh.t.always_validate && fresh.ttl(now) > 0 {
+        let p = p.clone();
+        cache.post_to_others(move |c| sel.freshen_held(&p, c));
+    }
+    Some(fresh)
+}
+
+/// The other stored responses a 304 with a strong entity tag selects (RFC 9111 §4.3.4: "all
+/// the stored responses with the same strong validator"): the variants of the validated
+/// response's key with that tag, on whichever worker holds them.
+struct Selected {
+    key: Vec<u8>,
+    /// The validated variant's Vary values (that one is freshened by its validation).
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+    tag: Vec<u8>,
+    /// The 304's fields, and what [`freshen`] takes with them.
+    fields: Vec<Field>,
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+}
+
+impl Selected {
+    /// Freshens the selected variants `cache` holds, and writes them to Redis.
+    fn freshen_held(&self, p: &RoutePolicy, cache: &WorkerCache) {
+        let held = cache.get(&self.key).unwrap_or_default();
+        let selected = held.iter().filter(|v| {
+            v.vary != self.vary && v.etag().is_some_and(|e| policy::strong_match(&self.tag, e))
+        });
+        for v in selected {
+            let (auth, t0, t1) = (self.authorized, self.request_time, self.now);
+            if let Some(f) = freshen(p, v, &self.fields, auth, t0, t1) {
+                let f = Rc::new(f);
+                cache.insert(&self.key, f.clone(), p.max_variants);
+                cache.share(&self.key, &f, p.max_variants);
             }
         }
     }
-    Some(fresh)
 }
 
 /// Gives the upstream connection back (or drops it) with the bookkeeping the proxy does.
