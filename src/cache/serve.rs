@@ -1152,8 +1152,9 @@ fn invalidate(cache: &WorkerCache, o: &Object) {
 
 /// RFC 9111 §4.3.4: freshens `o` with the 304's `fields` and stores it (here, in Redis, on
 /// the other workers); when the 304 carries a strong entity tag, every other variant stored
-/// under `key` with that same strong tag is selected and freshened too. Returns `o`
-/// freshened; `None` (and `o` invalidated) when the freshened copy may not be stored.
+/// under `key` with that same strong tag is selected and freshened too, here and on the other
+/// workers ([`Selected`]). Returns `o` freshened; `None` (and `o` invalidated) when the
+/// freshened copy may not be stored.
 #[allow(clippy::too_many_arguments)]
 fn freshen_selected(
     p: &RoutePolicy,
