@@ -2290,3 +2290,332 @@ fn rfc9111_4_3_4_background_revalidation_does_not_freshen_on_another_etag() {
     );
     assert!(n.load(Ordering::SeqCst) >= 3);
 }
+
+/// One keep-alive connection on each of a 2-worker gateway's workers (the kernel spreads
+/// connections; a miss on `/who/N`, which the origin must answer `no-store`, shows which
+/// worker served it).
+fn client_per_worker(gw: &TestGateway) -> (Client, Client) {
+    let control = gw.gateway().control();
+    let misses = || -> Vec<u64> {
+        ringway::cache::stats(control, Duration::from_secs(2))
+            .unwrap()
+            .iter()
+            .map(|s| s.misses)
+            .collect()
+    };
+    let mut on: [Option<Client>; 2] = [None, None];
+    for i in 0..64 {
+        if on.iter().all(Option::is_some) {
+            break;
+        }
+        let before = misses();
+        let mut c = Client::connect(gw.addr);
+        c.send(format!("GET /who/{i} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes());
+        assert_eq!(c.read_response().expect("answer").status, 200);
+        let after = misses();
+        let w = (0..2)
+            .find(|&w| after[w] > before[w])
+            .expect("a worker counted it");
+        if on[w].is_none() {
+            on[w] = Some(c);
+        }
+    }
+    let [Some(x), Some(y)] = on else {
+        panic!("the kernel put 64 connections on one worker");
+    };
+    (x, y)
+}
+
+/// RFC 9111 §4.3.5 and §4.3.4 across workers: a HEAD answer whose validator is not the stored
+/// one's, and a 304 that selects nothing, invalidate the stored response on every worker, not
+/// only on the one that got them (the invalidation path of unsafe methods, §4.4).
+#[test]
+fn rfc9111_4_3_5_and_4_3_4_invalidation_by_head_or_304_reaches_every_worker() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        if req.target.starts_with("/who/") {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 1\r\n\r\nw"
+                    .to_vec(),
+            );
+        }
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        if req.method == "HEAD" {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\netag: \"b\"\r\ncontent-length: 2\r\n\r\n".to_vec(),
+            );
+        }
+        if req.header("if-none-match").is_some() {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\netag: \"b\"\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        // /h is fresh for 600 s, /v stale at once (validated on its next use).
+        let cc = if req.target == "/h" {
+            "max-age=600"
+        } else {
+            "max-age=0"
+        };
+        Reply::Raw(
+            format!("HTTP/1.1 200 OK\r\ncache-control: {cc}\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv{}", i % 10)
+                .into_bytes(),
+        )
+    });
+    let toml = format!("[server]\nworkers = 2\n{}", cache_config(up.addr, "", ""));
+    for d in DRIVERS {
+        let gw = TestGateway::start(&toml, d);
+        let (mut x, mut y) = client_per_worker(&gw);
+        let control = gw.gateway().control();
+        let ask = |c: &mut Client, m: &str, path: &str| {
+            // A HEAD with `no-cache` goes to the origin even with a fresh GET stored.
+            let extra = if m == "HEAD" {
+                "cache-control: no-cache\r\n"
+            } else {
+                ""
+            };
+            c.send(format!("{m} {path} HTTP/1.1\r\nHost: test.local\r\n{extra}\r\n").as_bytes());
+            let r = c.read_response_for(m == "HEAD").expect("answer");
+            assert_eq!(r.status, 200, "{d:?}: {r:?}");
+            // Jobs run in the order they were posted: once every worker answers this, the
+            // invalidations posted before have run.
+            ringway::cache::stats(control, Duration::from_secs(2)).unwrap();
+            r
+        };
+        // HEAD (§4.3.5): both workers store /h; a HEAD through x says the validator changed.
+        ask(&mut x, "GET", "/h");
+        ask(&mut y, "GET", "/h");
+        assert!(status_of(&ask(&mut y, "GET", "/h")).contains("hit"));
+        ask(&mut x, "HEAD", "/h");
+        let r = ask(&mut y, "GET", "/h");
+        assert!(
+            !status_of(&r).contains("hit"),
+            "{d:?}: y kept what the HEAD invalidated: {r:?}"
+        );
+        // 304 (§4.3.4): both workers store /v (stale); x validates it and the 304 names
+        // another strong validator: y's copy goes too, so y fetches whole (no validator).
+        ask(&mut x, "GET", "/v");
+        ask(&mut y, "GET", "/v");
+        ask(&mut x, "GET", "/v");
+        assert!(
+            up.last().header("if-none-match").is_none(),
+            "x refetched whole"
+        );
+        ask(&mut y, "GET", "/v");
+        assert!(
+            up.last().header("if-none-match").is_none(),
+            "{d:?}: y validated the copy the 304 invalidated: {:?}",
+            up.last()
+        );
+    }
+}
+
+/// RFC 9111 §4.3.5 with `[cache.redis]`: a HEAD answer that invalidates the stored GET
+/// deletes the Redis copy too, so another gateway does not find the invalidated response.
+#[test]
+fn rfc9111_4_3_5_invalidation_by_head_reaches_redis() {
+    let redis = RedisServer::start();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let (etag, body) = if req.method == "HEAD" {
+            ("\"b\"", String::new())
+        } else {
+            ("\"a\"", format!("v{i}"))
+        };
+        Reply::Raw(
+            format!("HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\netag: {etag}\r\ncontent-length: 2\r\n\r\n{body}")
+                .into_bytes(),
+        )
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/h").text(), "v1");
+    wait_stored_in_redis(&redis);
+    let h = request(
+        a.addr,
+        b"HEAD /h HTTP/1.1\r\nHost: test.local\r\ncache-control: no-cache\r\n\r\n",
+    );
+    assert_eq!(h.status, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || redis
+            .keys("ringway:cache:o:*")
+            .is_empty()),
+        "the Redis copy outlived the HEAD that invalidated it"
+    );
+    let r = get(b.addr, "/h");
+    assert_eq!(r.text(), "v3", "{r:?}");
+}
+
+/// RFC 9111 §4.3.4: "all the stored responses with the same strong validator are selected":
+/// a 304 that validates one variant freshens every variant stored with that strong entity tag.
+#[test]
+fn rfc9111_4_3_4_a_304_freshens_every_variant_with_the_same_strong_validator() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        if req.header("if-none-match") == Some("\"s\"") {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\netag: \"s\"\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        let lang = req.header("accept-language").unwrap_or("none").to_string();
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"s\"\r\nvary: accept-language\r\ncontent-length: {}\r\n\r\n{lang}",
+                lang.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let lang = |l: &str| get_h(gw.addr, "/m", &format!("accept-language: {l}\r\n"));
+    assert_eq!(lang("en").text(), "en");
+    assert_eq!(lang("fr").text(), "fr");
+    // Both stored, stale. Validating "en" gets a 304 with the strong tag both carry.
+    let r = lang("en");
+    assert!(status_of(&r).contains("fwd-status=304"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    // "fr" was selected by the same 304: fresh now, answered without the origin.
+    let r = lang("fr");
+    assert_eq!(r.text(), "fr");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+/// RFC 9111 §4.1 with `[cache.redis]`: every variant of a key reaches Redis (not only the one
+/// written last), so another gateway finds each of them; at most `cache.max_variants` are kept
+/// there, the oldest deleted first.
+#[test]
+fn rfc9111_4_1_redis_keeps_every_variant_up_to_the_cap() {
+    let redis = RedisServer::start();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        let body = req
+            .header("accept-encoding")
+            .unwrap_or("identity")
+            .to_string();
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\nvary: Accept-Encoding\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let toml = redis_cache_config(up.addr, &redis)
+        .replace("[cache.redis]", "[cache]\nmax_variants = 2\n[cache.redis]");
+    let in_redis = |pattern: &str| {
+        redis
+            .command(&["EVAL", "return #redis.call('KEYS', ARGV[1])", "0", pattern])
+            .unwrap_or_default()
+    };
+    let variants_in_redis = || in_redis("ringway:cache:w:*");
+    let a = TestGateway::start(&toml, D);
+    let b = TestGateway::start(&toml, D);
+    let enc = |gw: &TestGateway, e: &str| {
+        let h = if e.is_empty() {
+            String::new()
+        } else {
+            format!("accept-encoding: {e}\r\n")
+        };
+        get_h(gw.addr, "/z", &h)
+    };
+    assert_eq!(enc(&a, "gzip").text(), "gzip");
+    assert_eq!(enc(&a, "").text(), "identity");
+    // Both written (queued writes; bounded wait, checked below by what another gateway finds).
+    eventually(Duration::from_secs(5), || variants_in_redis() == ":2\r\n");
+    // The gzip variant was written first, then the identity one: both are found.
+    for (e, want) in [("gzip", "gzip"), ("", "identity")] {
+        let r = enc(&b, e);
+        assert_eq!(r.text(), want, "{r:?}");
+        assert!(status_of(&r).contains("detail=redis"), "{e:?}: {r:?}");
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    // A third variant: the oldest (gzip) leaves Redis, the cap being 2.
+    assert_eq!(enc(&a, "br").text(), "br");
+    assert!(eventually(Duration::from_secs(5), || {
+        in_redis("ringway:cache:w:*br*") == ":1\r\n"
+    }));
+    assert_eq!(variants_in_redis(), ":2\r\n");
+    let c = TestGateway::start(&toml, D);
+    let r = enc(&c, "");
+    assert!(status_of(&r).contains("detail=redis"), "{r:?}");
+    let before = n.load(Ordering::SeqCst);
+    let r = enc(&c, "gzip");
+    assert!(!status_of(&r).contains("detail=redis"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), before + 1);
+}
+
+/// RFC 9111 §4.3.4 across workers: the variants a 304 with a strong entity tag selects are
+/// freshened on every worker, also those the validating worker does not hold.
+#[test]
+fn rfc9111_4_3_4_a_304_freshens_the_variants_with_its_strong_validator_on_every_worker() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        if req.target.starts_with("/who/") {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 1\r\n\r\nw"
+                    .to_vec(),
+            );
+        }
+        n2.fetch_add(1, Ordering::SeqCst);
+        if req.header("if-none-match") == Some("\"s\"") {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\netag: \"s\"\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        let lang = req.header("accept-language").unwrap_or("none").to_string();
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"s\"\r\nvary: accept-language\r\ncontent-length: {}\r\n\r\n{lang}",
+                lang.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let toml = format!("[server]\nworkers = 2\n{}", cache_config(up.addr, "", ""));
+    for d in DRIVERS {
+        n.store(0, Ordering::SeqCst);
+        let gw = TestGateway::start(&toml, d);
+        let (mut x, mut y) = client_per_worker(&gw);
+        let control = gw.gateway().control();
+        let lang = |c: &mut Client, l: &str| {
+            c.send(
+                format!("GET /m HTTP/1.1\r\nHost: test.local\r\naccept-language: {l}\r\n\r\n")
+                    .as_bytes(),
+            );
+            let r = c.read_response().expect("answer");
+            assert_eq!((r.status, r.text().as_str()), (200, l), "{d:?}: {r:?}");
+            // Jobs run in the order they were posted: once every worker answers this, the
+            // freshenings posted before have run.
+            ringway::cache::stats(control, Duration::from_secs(2)).unwrap();
+            r
+        };
+        // x stores "en"; y stores "en" and "fr"; all stale at once.
+        lang(&mut x, "en");
+        lang(&mut y, "en");
+        lang(&mut y, "fr");
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+        // x validates "en": the 304's strong tag is "fr"'s too, which only y holds.
+        let r = lang(&mut x, "en");
+        assert!(status_of(&r).contains("fwd-status=304"), "{d:?}: {r:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 4);
+        let r = lang(&mut y, "fr");
+        assert!(status_of(&r).contains("hit"), "{d:?}: {r:?}");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            4,
+            "{d:?}: y validated \"fr\" again"
+        );
+        assert!(status_of(&lang(&mut y, "en")).contains("hit"));
+    }
+}

@@ -76,7 +76,7 @@ pub fn now_secs() -> u64 {
 }
 
 /// A route's cache settings, compiled.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RoutePolicy {
     pub ignore_host: bool,
     pub query: QueryMode,
@@ -98,7 +98,7 @@ pub struct RoutePolicy {
     pub name: Box<[u8]>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryMode {
     All,
     None,
@@ -661,10 +661,11 @@ impl WorkerCache {
         self.shared.get()
     }
 
-    /// Writes a stored object to the Redis layer, if there is one (queued, not awaited).
-    pub fn share(&self, key: &[u8], obj: &Object) {
+    /// Writes a stored object to the Redis layer, if there is one (queued, not awaited),
+    /// keeping at most `max_variants` variants of the key there too.
+    pub fn share(&self, key: &[u8], obj: &Object, max_variants: usize) {
         if let Some(l) = self.shared.get() {
-            l.put(key, obj, now_secs());
+            l.put(key, obj, now_secs(), max_variants);
         }
     }
 
@@ -750,7 +751,7 @@ impl WorkerCache {
     /// the origin has just confirmed. Not on the hot path: only after a validation.
     pub fn store_freshened(&self, key: &[u8], obj: &Rc<Object>, max_variants: usize) {
         self.insert(key, obj.clone(), max_variants);
-        self.share(key, obj);
+        self.share(key, obj, max_variants);
         let Some(c) = self.control.get().filter(|c| c.workers() > 1) else {
             return;
         };
@@ -769,6 +770,19 @@ impl WorkerCache {
                 i,
                 Box::new(move |w| w.cache.take_freshened(&key, &encoded, max_variants)),
             );
+        }
+    }
+
+    /// Runs `job` on every other worker's cache (posted, not awaited): what a validation
+    /// learnt about the copies they hold. Not on the hot path.
+    pub fn post_to_others(&self, job: impl Fn(&WorkerCache) + Send + Sync + 'static) {
+        let Some(c) = self.control.get().filter(|c| c.workers() > 1) else {
+            return;
+        };
+        let job = Arc::new(job);
+        for i in (0..c.workers()).filter(|&i| i != self.worker) {
+            let job = job.clone();
+            let _ = c.post(i, Box::new(move |w| job(&w.cache)));
         }
     }
 

@@ -11,6 +11,13 @@
 //! - What a worker stores, it also writes to Redis (queued; the client never waits for it),
 //!   when it is at most `max_entry_bytes`, with an expiry at the end of its usefulness
 //!   (freshness left plus its stale windows, plus a minute for validation).
+//! - Variants (RFC 9111 §4.1): `o:<key>` holds the entry written last for the key, whatever
+//!   its Vary values; an entry that varies is also written under a key of its own, `w:<key>
+//!   and its Vary values>`, listed in `v:<key>`, newest first and at most the variant cap long
+//!   (a script deletes the variants past it). A lookup asks for `o:<key>`, and in the same
+//!   round trip for the request's variant when the worker knows the Vary field names (it holds
+//!   a variant of the key); when `o:<key>` is another variant, a second round trip asks for the
+//!   request's variant, named after the field names that entry carries.
 //! - Entries carry their timing (the Unix second they were received, their corrected initial
 //!   age, lifetime and stale windows), so that freshness and `Age` are computed on every host
 //!   as on the host that fetched them (clocks kept by NTP).
@@ -34,7 +41,9 @@ use redis_protocol::resp2::types::BytesFrame;
 use crate::doorbell::Doorbell;
 use crate::redis::{Command, RedisLink};
 
-use super::{Object, Purge, PurgeTarget, Timing};
+use crate::http::request::RequestHead;
+
+use super::{policy, Object, Purge, PurgeTarget, Timing};
 
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
 const MAX_ENTRY_FIELDS: usize = 512;
@@ -46,6 +55,16 @@ const VALIDATION_SLACK_SECS: u64 = 60;
 /// `policy::VARY_ABSENT` (RWC1 recorded it as empty, like an empty field), so RWC1 entries are
 /// refused (a miss) rather than matched the old way.
 const MAGIC: &[u8; 4] = b"RWC2";
+
+/// Stores one variant of a key (RFC 9111 §4.1) and keeps the key's variant list within the
+/// cap: KEYS[1] the variant's key, KEYS[2] the list; ARGV: the entry, its expiry in seconds,
+/// the cap. The list holds the variants' keys, newest first; those past the cap are deleted.
+const PUT_VARIANT_LUA: &str = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) redis.call('LREM', KEYS[2], 0, KEYS[1]) redis.call('LPUSH', KEYS[2], KEYS[1]) local cap = tonumber(ARGV[3]) local old = redis.call('LRANGE', KEYS[2], cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', KEYS[2], 0, cap - 1) if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end return #old";
+/// A Vary field name (lower case) and the request's value for it, as an object stores them.
+type VaryValue = (Box<[u8]>, Vec<u8>);
+
+/// Most variants kept per key in Redis, whatever the configured cap.
+const MAX_REDIS_VARIANTS: usize = 256;
 
 /// Removes every key listed in a set, then the set.
 const PURGE_SET_LUA: &str = "local ks = redis.call('SMEMBERS', KEYS[1]) for _, k in ipairs(ks) do redis.call('DEL', k) end redis.call('DEL', KEYS[1]) return #ks";
@@ -89,22 +108,101 @@ impl SharedLayer {
         k.into()
     }
 
-    /// The entries stored under `keys`, in order (`None`: absent, bad, or no answer within
-    /// the timeout). The task sleeps on the worker's doorbell until every answer is in or
-    /// the timeout passes (no polling).
-    pub async fn get(&self, bell: &Doorbell, keys: &[&[u8]]) -> Vec<Option<Object>> {
-        type Slot = Arc<Mutex<(usize, Vec<Option<Bytes>>)>>;
-        let slot: Slot = Arc::new(Mutex::new((0, vec![None; keys.len()])));
+    /// The Redis key of the variant of `key` that `head` selects, among variants that vary on
+    /// the fields `stored` names (the Vary values of a variant of the key; only the names are
+    /// read). See [`variant_id`].
+    fn variant_rkey(&self, key: &[u8], stored: &[VaryValue], head: &RequestHead) -> Bytes {
+        let values: Vec<(&[u8], Vec<u8>)> = stored
+            .iter()
+            .map(|(n, _)| (&n[..], policy::vary_value(n, &mut head.header_values(n))))
+            .collect();
+        let id = variant_id(key, values.iter().map(|(n, v)| (*n, &v[..])));
+        self.rkey(b"w:", &id)
+    }
+
+    /// The variant of each of `keys` that `head` selects (§4.1), in order (`None`: absent,
+    /// bad, or no answer within the timeout). `known[i]`: a variant of `keys[i]` this worker
+    /// holds, whose Vary field names name the request's variant at once (one round trip);
+    /// otherwise a second round trip asks for the variant that `o:<key>` names, when it is
+    /// not the request's. The task sleeps on the worker's doorbell until every answer is in
+    /// or the timeout passes (no polling).
+    pub async fn get(
+        &self,
+        bell: &Doorbell,
+        keys: &[&[u8]],
+        known: &[Option<&Object>],
+        head: &RequestHead,
+    ) -> Vec<Option<Object>> {
         let deadline = Instant::now() + self.timeout;
+        let mut asked: Vec<(usize, Bytes)> = Vec::with_capacity(keys.len() * 2);
+        for (i, k) in keys.iter().enumerate() {
+            asked.push((i, self.rkey(b"o:", k)));
+            if let Some(o) = known
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|o| !o.vary.is_empty())
+            {
+                asked.push((i, self.variant_rkey(k, &o.vary, head)));
+            }
+        }
+        let mut out: Vec<Option<Object>> = keys.iter().map(|_| None).collect();
+        let mut again: Vec<(usize, Bytes)> = Vec::new();
+        let raw = self.get_raw(bell, asked.iter().map(|(_, k)| k.clone()), deadline);
+        // Each entry decoded from a copy of its own: the answer is a slice of the link's read
+        // buffer, which an object kept in the store would otherwise hold whole (bytes its
+        // weight does not count).
+        let own = |b: Bytes| decode(&Bytes::copy_from_slice(&b));
+        for ((i, _), b) in asked.iter().zip(raw.await) {
+            let Some(o) = b.and_then(own) else {
+                continue;
+            };
+            if out[*i].is_some() {
+                continue;
+            }
+            if o.vary_matches(head) {
+                out[*i] = Some(o);
+            } else if !o.vary.is_empty() {
+                let rk = self.variant_rkey(keys[*i], &o.vary, head);
+                if !asked.iter().chain(&again).any(|(j, k)| j == i && *k == rk) {
+                    again.push((*i, rk));
+                }
+            }
+        }
+        again.retain(|(i, _)| out[*i].is_none());
+        if !again.is_empty() && Instant::now() < deadline {
+            let raw = self.get_raw(bell, again.iter().map(|(_, k)| k.clone()), deadline);
+            for ((i, _), b) in again.iter().zip(raw.await) {
+                if out[*i].is_none() {
+                    out[*i] = b.and_then(own).filter(|o| o.vary_matches(head));
+                }
+            }
+        }
+        let found = out.iter().filter(|o| o.is_some()).count() as u64;
+        self.found.fetch_add(found, Ordering::Relaxed);
+        out
+    }
+
+    /// The values stored under `rkeys`, in order (`None`: absent, not a string, or no answer
+    /// by `deadline`).
+    async fn get_raw(
+        &self,
+        bell: &Doorbell,
+        rkeys: impl ExactSizeIterator<Item = Bytes>,
+        deadline: Instant,
+    ) -> Vec<Option<Bytes>> {
+        type Slot = Arc<Mutex<(usize, Vec<Option<Bytes>>)>>;
+        let n = rkeys.len();
+        let slot: Slot = Arc::new(Mutex::new((0, vec![None; n])));
         bell.join(&self.link.doorbells);
         // Counted as a waiter before the commands go: an answer that beats the first look
         // still rings (one wake-up, found done).
         let _counted = bell.watch();
-        for (i, k) in keys.iter().enumerate() {
+        for (i, k) in rkeys.enumerate() {
             self.gets.fetch_add(1, Ordering::Relaxed);
             let s = slot.clone();
             self.link.command(Command {
-                args: vec![Bytes::from_static(b"GET"), self.rkey(b"o:", k)],
+                args: vec![Bytes::from_static(b"GET"), k],
                 done: Some(Box::new(move |f| {
                     let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
                     g.0 += 1;
@@ -116,24 +214,15 @@ impl SharedLayer {
                 })),
             });
         }
-        bell.wait_until(deadline, || {
-            slot.lock().map_or(keys.len(), |g| g.0) >= keys.len()
-        })
-        .await;
-        let raw = std::mem::take(&mut slot.lock().unwrap_or_else(|e| e.into_inner()).1);
-        raw.into_iter()
-            .map(|b| {
-                let o = b.and_then(|b| decode(&b));
-                if o.is_some() {
-                    self.found.fetch_add(1, Ordering::Relaxed);
-                }
-                o
-            })
-            .collect()
+        bell.wait_until(deadline, || slot.lock().map_or(n, |g| g.0) >= n)
+            .await;
+        let mut g = slot.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut g.1)
     }
 
-    /// Writes `obj` under `key` (queued; nobody waits for it).
-    pub fn put(&self, key: &[u8], obj: &Object, now: u64) {
+    /// Writes `obj` under `key` (queued; nobody waits for it): as the key's newest entry, and,
+    /// when it varies, as its variant too, keeping at most `max_variants` of them (§4.1).
+    pub fn put(&self, key: &[u8], obj: &Object, now: u64, max_variants: usize) {
         if obj.weight() > self.max_entry {
             return;
         }
@@ -145,25 +234,48 @@ impl SharedLayer {
             .min(MAX_TTL_SECS);
         let rk = self.rkey(b"o:", key);
         let ttl_s = Bytes::from(ttl.to_string());
+        let entry = Bytes::from(encode(obj));
         self.sets.fetch_add(1, Ordering::Relaxed);
         self.link.command(Command {
             args: vec![
                 Bytes::from_static(b"SET"),
                 rk.clone(),
-                Bytes::from(encode(obj)),
+                entry.clone(),
                 Bytes::from_static(b"EX"),
                 ttl_s.clone(),
             ],
             done: None,
         });
-        // Index sets for purges by URL and by tag.
-        let mut sets = vec![self.rkey(b"u:", &obj.url)];
-        sets.extend(obj.tags.iter().map(|t| self.rkey(b"t:", t)));
-        for s in sets {
+        // Keys written, for the index sets: the entry, its variant, the variant list (that one
+        // only for purges by URL, which take every variant).
+        let mut written = vec![rk];
+        if !obj.vary.is_empty() {
+            let id = variant_id(key, obj.vary.iter().map(|(n, v)| (&n[..], &v[..])));
+            let (vk, list) = (self.rkey(b"w:", &id), self.rkey(b"v:", key));
+            let cap = max_variants.clamp(1, MAX_REDIS_VARIANTS);
             self.link.command(Command {
-                args: vec![Bytes::from_static(b"SADD"), s.clone(), rk.clone()],
+                args: vec![
+                    Bytes::from_static(b"EVAL"),
+                    Bytes::from_static(PUT_VARIANT_LUA.as_bytes()),
+                    Bytes::from_static(b"2"),
+                    vk.clone(),
+                    list.clone(),
+                    entry,
+                    ttl_s.clone(),
+                    Bytes::from(cap.to_string()),
+                ],
                 done: None,
             });
+            written.extend([vk, list]);
+        }
+        // Index sets for purges by URL and by tag.
+        let mut sets = vec![(self.rkey(b"u:", &obj.url), written.len())];
+        let tagged = written.len().min(2);
+        sets.extend(obj.tags.iter().map(|t| (self.rkey(b"t:", t), tagged)));
+        for (s, n) in sets {
+            let mut args = vec![Bytes::from_static(b"SADD"), s.clone()];
+            args.extend(written[..n].iter().cloned());
+            self.link.command(Command { args, done: None });
             self.link.command(Command {
                 args: vec![Bytes::from_static(b"EXPIRE"), s, ttl_s.clone()],
                 done: None,
@@ -196,6 +308,18 @@ impl SharedLayer {
             done: None,
         });
     }
+}
+
+/// A variant's name after `w:`: the cache key and the variant's Vary field names and values,
+/// each length-prefixed, so that no two (key, variant) pairs share a name.
+fn variant_id<'a>(key: &[u8], vary: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Vec<u8> {
+    let mut id = Vec::with_capacity(key.len() + 64);
+    put_lv(&mut id, key);
+    for (n, v) in vary {
+        put_lv(&mut id, n);
+        put_lv(&mut id, v);
+    }
+    id
 }
 
 /// Most bytes of a purge message read from the channel.
@@ -479,6 +603,39 @@ pub fn decode(b: &Bytes) -> Option<Object> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variant_ids_are_those_a_lookup_builds_and_never_shared_by_two_variants() {
+        use crate::http::request::{parse_request, Limits};
+        let raw = b"GET /p HTTP/1.1\r\nHost: h\r\nAccept-Encoding: br, gzip\r\n\r\n";
+        let mut head = RequestHead::default();
+        parse_request(raw, &Limits::default(), &mut head)
+            .expect("valid head")
+            .expect("complete head");
+        head.raw = Bytes::from_static(raw);
+        let name: Box<[u8]> = b"accept-encoding"[..].into();
+        let stored = policy::vary_value(&name, &mut head.header_values(&name));
+        let put = variant_id(b"k", [(&name[..], &stored[..])].into_iter());
+        let v = policy::vary_value(&name, &mut head.header_values(&name));
+        let get = variant_id(b"k", [(&name[..], &v[..])].into_iter());
+        assert_eq!(put, get);
+        // A key that ends where a field name begins, and a value that swallows a name, differ.
+        let ids = [
+            variant_id(b"ka", [(&b"b"[..], &b""[..])].into_iter()),
+            variant_id(b"k", [(&b"ab"[..], &b""[..])].into_iter()),
+            variant_id(b"k", [(&b"a"[..], &b"b"[..])].into_iter()),
+            variant_id(
+                b"k",
+                [(&b"a"[..], &b""[..]), (&b"b"[..], &b""[..])].into_iter(),
+            ),
+            variant_id(b"k", std::iter::empty()),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
 
     #[test]
     fn entries_round_trip_and_every_truncation_is_refused() {

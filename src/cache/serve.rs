@@ -498,7 +498,14 @@ async fn cached<'c, S: ClientIo>(
         if let Some(o) = &keys.own {
             ks.push(o);
         }
-        let got = layer.get(&w.doorbell, &ks).await;
+        // A variant held here names the fields the key varies on: the request's variant is
+        // then asked for in the same round trip.
+        let held: Vec<Option<Rc<Object>>> = ks
+            .iter()
+            .map(|k| cache.get(k).and_then(|v| v.into_iter().next()))
+            .collect();
+        let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
+        let got = layer.get(&w.doorbell, &ks, &known, &ctx.head).await;
         let now = now_secs();
         for (k, o) in ks.iter().zip(got) {
             let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
@@ -1045,18 +1052,59 @@ fn freshen(
         response_time,
     )
     .ok()?;
+    let tags = super::surrogate_keys(&s.fields);
+    let (fields, reason, url, body) = compact(&s.fields, &o.reason, &o.url, &o.body);
     Some(Object {
         status: o.status,
-        reason: o.reason.clone(),
-        tags: super::surrogate_keys(&s.fields),
-        fields: s.fields,
-        body: o.body.clone(),
+        reason,
+        tags,
+        fields,
+        body,
         t: s.t,
-        url: o.url.clone(),
+        url,
         vary: o.vary.clone(),
         invalid: std::cell::Cell::new(false),
         hidden: Vec::new(),
     })
+}
+
+/// Copies of a freshened response's fields, reason, URL and body in one allocation. The
+/// fields a 304 brings are slices of its head's copy, and the rest of the stored response's
+/// slices of the allocation that held its own head: kept as they are, they would hold both
+/// heads whole (and, freshening after freshening, every 304's), bytes the entry's weight
+/// does not count. The copy holds what the weight counts. Rare: once per validation.
+fn compact(
+    fields: &[Field],
+    reason: &Bytes,
+    url: &Bytes,
+    body: &Bytes,
+) -> (Vec<Field>, Bytes, Bytes, Bytes) {
+    let heads: usize = fields.iter().map(|(n, v)| n.len() + v.len()).sum();
+    let mut buf = BytesMut::with_capacity(heads + reason.len() + url.len() + body.len());
+    for (n, v) in fields {
+        buf.extend_from_slice(n);
+        buf.extend_from_slice(v);
+    }
+    buf.extend_from_slice(reason);
+    buf.extend_from_slice(url);
+    buf.extend_from_slice(body);
+    let all = buf.freeze();
+    let mut at = 0;
+    let mut next = |len: usize| {
+        let part = all.slice(at..at + len);
+        at += len;
+        part
+    };
+    let fields = fields
+        .iter()
+        .map(|(n, v)| (next(n.len()), next(v.len())))
+        .collect();
+    (
+        fields,
+        next(reason.len()),
+        next(url.len()),
+        next(body.len()),
+    )
 }
 
 /// RFC 9111 §4.3.5: a 200 to HEAD whose validators and length agree with the stored GET
@@ -1086,7 +1134,96 @@ fn head_update(
             cache.store_freshened(&f.key, &Rc::new(o), p.max_variants);
         }
     } else {
-        cache.remove_variant(&f.key, &f.obj);
+        invalidate(cache, &f.obj);
+    }
+}
+
+/// Drops a stored response that the origin says is no longer current (a HEAD whose
+/// validators disagree, §4.3.5; a 304 that selects nothing, §4.3.4; a freshened copy no
+/// longer storable): through the invalidation path of unsafe methods (§4.4), so that every
+/// worker's copy of the URL goes, and, with `[cache.redis]`, the Redis copies and the other
+/// hosts' copies too. Every variant of the URL goes: rare, and a miss is always safe.
+fn invalidate(cache: &WorkerCache, o: &Object) {
+    cache.purge_everywhere(Purge {
+        target: PurgeTarget::Url(o.url.to_vec()),
+        soft: false,
+    });
+}
+
+/// RFC 9111 §4.3.4: freshens `o` with the 304's `fields` and stores it (here, in Redis, on
+/// the other workers); when the 304 carries a strong entity tag, every other variant stored
+/// under `key` with that same strong tag is selected and freshened too, here and on the other
+/// workers ([`Selected`]). Returns `o` freshened; `None` (and `o` invalidated) when the
+/// freshened copy may not be stored.
+#[allow(clippy::too_many_arguments)]
+fn freshen_selected(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    key: &[u8],
+    o: &Rc<Object>,
+    fields: &[Field],
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+) -> Option<Rc<Object>> {
+    let Some(fresh) = freshen(p, o, fields, authorized, request_time, now) else {
+        invalidate(cache, o);
+        return None;
+    };
+    let fresh = Rc::new(fresh);
+    cache.store_freshened(key, &fresh, p.max_variants);
+    let Some(tag) = policy::field(fields, b"etag").filter(|e| !e.starts_with(b"W/")) else {
+        return Some(fresh);
+    };
+    let sel = Selected {
+        key: key.to_vec(),
+        vary: o.vary.clone(),
+        tag: tag.to_vec(),
+        fields: fields.to_vec(),
+        authorized,
+        request_time,
+        now,
+    };
+    sel.freshen_held(p, cache);
+    // As for the validated copy (see `store_freshened`): the others are told when what they
+    // would get is fresh, so that they do not validate it again themselves.
+    if !fresh.t.always_validate && fresh.ttl(now) > 0 {
+        let p = p.clone();
+        cache.post_to_others(move |c| sel.freshen_held(&p, c));
+    }
+    Some(fresh)
+}
+
+/// The other stored responses a 304 with a strong entity tag selects (RFC 9111 §4.3.4: "all
+/// the stored responses with the same strong validator"): the variants of the validated
+/// response's key with that tag, on whichever worker holds them.
+struct Selected {
+    key: Vec<u8>,
+    /// The validated variant's Vary values (that one is freshened by its validation).
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+    tag: Vec<u8>,
+    /// The 304's fields, and what [`freshen`] takes with them.
+    fields: Vec<Field>,
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+}
+
+impl Selected {
+    /// Freshens the selected variants `cache` holds, and writes them to Redis.
+    fn freshen_held(&self, p: &RoutePolicy, cache: &WorkerCache) {
+        let held = cache.get(&self.key).unwrap_or_default();
+        let selected = held.iter().filter(|v| {
+            v.vary != self.vary && v.etag().is_some_and(|e| policy::strong_match(&self.tag, e))
+        });
+        for v in selected {
+            let (auth, t0, t1) = (self.authorized, self.request_time, self.now);
+            if let Some(f) = freshen(p, v, &self.fields, auth, t0, t1) {
+                let f = Rc::new(f);
+                cache.insert(&self.key, f.clone(), p.max_variants);
+                cache.share(&self.key, &f, p.max_variants);
+            }
+        }
     }
 }
 
@@ -1181,7 +1318,7 @@ async fn fetch<'c, S: ClientIo>(
                         // A validator that is not the stored one selects nothing: the stored
                         // response is dropped and fetched again whole.
                         if !selected_by_304(&fields, &f.obj) {
-                            cache.remove_variant(&f.key, &f.obj);
+                            invalidate(&cache, &f.obj);
                             w.bufs.give_resp(resp);
                             let again = Fetch::Fill {
                                 keys,
@@ -1193,20 +1330,25 @@ async fn fetch<'c, S: ClientIo>(
                                 .await;
                         }
                         cache.count(|s| s.revalidations += 1);
-                        let obj = match freshen(p, &f.obj, &fields, authorized, request_time, now) {
+                        let fresh = freshen_selected(
+                            p,
+                            &cache,
+                            &f.key,
+                            &f.obj,
+                            &fields,
+                            authorized,
+                            request_time,
+                            now,
+                        );
+                        let obj = match fresh {
                             Some(o) => {
-                                let o = Rc::new(o);
-                                cache.store_freshened(&f.key, &o, p.max_variants);
                                 if let Some(g) = guard {
                                     g.finish(FlightEnd::Stored);
                                 }
                                 status.stored = true;
                                 o
                             }
-                            None => {
-                                cache.remove_variant(&f.key, &f.obj);
-                                f.obj.clone()
-                            }
+                            None => f.obj.clone(),
                         };
                         status.fwd = "stale";
                         status.ttl = Some(obj.ttl(now));
@@ -1332,7 +1474,7 @@ async fn fetch<'c, S: ClientIo>(
                             let obj = make_object(s, status_code, reason, t.finish(), url, vary);
                             let obj = Rc::new(obj);
                             cache.insert(k, obj.clone(), p.max_variants);
-                            cache.share(k, &obj);
+                            cache.share(k, &obj, p.max_variants);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -2140,18 +2282,16 @@ impl Revalidation {
                 if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
                     // It selects nothing (§4.3.4): the stale copy goes; the next request
                     // fetches the response whole.
-                    self.cache.remove_variant(&self.key, &self.obj);
+                    invalidate(&self.cache, &self.obj);
                     false
                 } else if resp.status == 304 {
-                    match freshen(p, &self.obj, &fields, self.authorized, request_time, now) {
-                        Some(o) => {
-                            let o = Rc::new(o);
-                            self.cache.store_freshened(&self.key, &o, self.max_variants);
-                            self.cache.count(|s| s.revalidations += 1);
-                            true
-                        }
-                        None => false,
+                    let (key, o, auth) = (&self.key, &self.obj, self.authorized);
+                    let fresh =
+                        freshen_selected(p, &self.cache, key, o, &fields, auth, request_time, now);
+                    if fresh.is_some() {
+                        self.cache.count(|s| s.revalidations += 1);
                     }
+                    fresh.is_some()
                 } else {
                     match analyze(p, resp.status, fields, self.authorized, request_time, now) {
                         Ok(s) => {
@@ -2173,7 +2313,7 @@ impl Revalidation {
                                     // Stored under the key the stale one had.
                                     let obj = Rc::new(obj);
                                     self.cache.insert(&self.key, obj.clone(), self.max_variants);
-                                    self.cache.share(&self.key, &obj);
+                                    self.cache.share(&self.key, &obj, self.max_variants);
                                     if reusable && resp.keep_alive {
                                         group.checkin(up);
                                     }
