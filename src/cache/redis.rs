@@ -263,7 +263,6 @@ fn listen(
     control: &crate::control::Control,
     stop: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
-    use redis_protocol::resp2::decode::decode_bytes_mut;
     use std::io::{Read, Write};
     let mut sock = std::net::TcpStream::connect_timeout(&cfg.address.addr, cfg.timeout.0)?;
     // Short reads, so that the stop flag is seen.
@@ -287,9 +286,8 @@ fn listen(
     let mut rbuf = bytes::BytesMut::new();
     let mut chunk = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
-        while let Some((f, _, _)) = decode_bytes_mut(&mut rbuf)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
-        {
+        // Checked for depth, size and frame count before it is decoded (`crate::redis`).
+        while let Some(f) = crate::redis::decode_reply(&mut rbuf)? {
             match f {
                 BytesFrame::Array(v) if v.len() == 3 => {
                     if let (BytesFrame::BulkString(kind), BytesFrame::BulkString(msg)) =
