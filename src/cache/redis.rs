@@ -137,8 +137,7 @@ impl SharedLayer {
         if obj.weight() > self.max_entry {
             return;
         }
-        let left =
-            (obj.t.lifetime as i64 - obj.t.age(now).min(i64::MAX as u64) as i64).max(0) as u64;
+        let left = obj.t.lifetime.saturating_sub(obj.t.age(now));
         let ttl = left
             .saturating_add(obj.t.swr.max(obj.t.sie))
             .saturating_add(VALIDATION_SLACK_SECS)
@@ -401,8 +400,13 @@ impl Reader<'_> {
         self.take(n)?;
         Some(self.b.slice(start..start + n))
     }
-    fn count(&mut self) -> Option<usize> {
-        self.u32().filter(|n| *n <= MAX_ENTRY_FIELDS)
+    /// A count of items that take at least `min` bytes each: at most [`MAX_ENTRY_FIELDS`],
+    /// and no more than the bytes left can hold (so that no room is reserved for items the
+    /// entry does not have).
+    fn count(&mut self, min: usize) -> Option<usize> {
+        let n = self.u32()?;
+        let left = self.b.len().saturating_sub(self.at);
+        (n <= MAX_ENTRY_FIELDS && n.saturating_mul(min) <= left).then_some(n)
     }
 }
 
@@ -418,6 +422,10 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         return None;
     }
     let flags = r.take(1)?[0];
+    // Only the two flags this version writes.
+    if flags > 3 {
+        return None;
+    }
     let t = Timing {
         response_time: r.u64()?,
         initial_age: r.u64()?,
@@ -428,7 +436,7 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         always_validate: flags & 2 != 0,
     };
     let reason = r.bytes()?;
-    let n = r.count()?;
+    let n = r.count(8)?;
     let mut fields = Vec::with_capacity(n);
     for _ in 0..n {
         let (name, value) = (r.bytes()?, r.bytes()?);
@@ -445,12 +453,12 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         return None;
     }
     let url = r.bytes()?;
-    let n = r.count()?;
+    let n = r.count(4)?;
     let mut tags = Vec::with_capacity(n);
     for _ in 0..n {
         tags.push(r.bytes()?.to_vec().into_boxed_slice());
     }
-    let n = r.count()?;
+    let n = r.count(8)?;
     let mut vary = Vec::with_capacity(n);
     for _ in 0..n {
         let name: Box<[u8]> = r.bytes()?.to_vec().into();
