@@ -454,3 +454,57 @@ fn hostile_redis_replies_fail_open_and_the_gateway_lives() {
         fake.stop();
     }
 }
+
+/// An entry whose age is far past 2^31 (its corrected initial age is any u64 to a hostile
+/// Redis): answered fresh, with `Age: 2147483648` (RFC 9111 §1.2.2), not the u64 it adds up to
+/// (`Age: 1099511627777` before), and a `Cache-Status` ttl of 15 digits at most (it was
+/// `ttl=9223372036854775807`, which no Structured Fields parser accepts).
+#[test]
+fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
+    let now = support::now();
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: vec![(
+            Bytes::from_static(b"content-type"),
+            Bytes::from_static(b"text/plain"),
+        )],
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: now,
+            initial_age: 1 << 40,
+            lifetime: u64::MAX,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/old"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+        hidden: Vec::new(),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, gets) = fake_redis(reply);
+    let up =
+        Upstream::start(|_| Reply::Raw(b"HTTP/1.1 500 No\r\ncontent-length: 0\r\n\r\n".to_vec()));
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/old");
+    assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
+    assert_eq!(r.header("age"), Some("2147483648"), "{r:?}");
+    // And a `ttl` that is an sf-integer (RFC 9211 §2.5, RFC 8941 §3.3.1: 15 digits at most).
+    let status = r.header("cache-status").unwrap_or("");
+    assert!(status.contains("; ttl=999999999999999;"), "{status}");
+    assert!(gets.load(Ordering::SeqCst) >= 1);
+    assert_eq!(up.hits(), 0);
+    drop(gw);
+    fake.stop();
+}
