@@ -23,8 +23,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use ringway::cache::policy::{
-    byte_range, delta_seconds, none_match_hits, parse_http_date, strong_match, vary_names,
-    vary_value, weak_match, Directives, RangeAnswer, MAX_DELTA, VARY_ABSENT,
+    byte_range, delta_seconds, none_match_hits, parse_http_date, strong_match, unstorable_field,
+    vary_names, vary_value, weak_match, Directives, RangeAnswer, MAX_DELTA, VARY_ABSENT,
 };
 use ringway::cache::redis::{decode, decode_purge, encode, encode_purge};
 use ringway::cache::{Object, Purge, PurgeTarget, Timing};
@@ -159,7 +159,10 @@ fn timing() -> impl Strategy<Value = Timing> {
 }
 
 fn object() -> impl Strategy<Value = Object> {
-    let field = ("[a-z0-9!#$%&'*+.^_`|~-]{1,12}", text(20));
+    // Names ringway stores: no framing or hop-by-hop field (RFC 9111 §3.1).
+    let name = "[a-z0-9!#$%&'*+.^_`|~-]{1,12}"
+        .prop_filter("storable", |n: &String| !unstorable_field(n.as_bytes()));
+    let field = (name, text(20));
     (
         200u16..600,
         text(12),
@@ -251,6 +254,10 @@ fn check_decode(b: &[u8]) -> Option<Object> {
     );
     if let Some(o) = &o {
         assert_eq!(encode(o), b, "an accepted entry is canonical");
+        assert!(
+            !o.fields.iter().any(|(n, _)| unstorable_field(n)),
+            "no framing or hop-by-hop field"
+        );
         check_timing(o, o.t.response_time.saturating_add(1));
     }
     o
@@ -292,6 +299,21 @@ proptest! {
             b = mutate(b, at, op, byte);
         }
         check_decode(&b);
+    }
+
+    /// A field ringway never stores (framing, hop-by-hop, Age), in any case, makes the entry
+    /// a miss: the answer's own framing would meet it.
+    #[test]
+    fn entry_with_a_framing_field_is_refused(
+        o in object(),
+        name in prop::sample::select(&["content-length", "transfer-encoding", "connection", "te", "trailer", "upgrade", "keep-alive", "age", "proxy-authenticate"][..]),
+        mask in any::<u64>(),
+        at in any::<prop::sample::Index>(),
+    ) {
+        let mut o = o;
+        let i = at.index(o.fields.len() + 1);
+        o.fields.insert(i, (Bytes::from(recase(name, mask)), Bytes::from_static(b"1")));
+        prop_assert!(check_decode(&encode(&o)).is_none());
     }
 
     /// Counts and lengths that promise more than the entry holds reserve nothing for it.

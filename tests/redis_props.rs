@@ -508,3 +508,68 @@ fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
     drop(gw);
     fake.stop();
 }
+
+/// An entry carrying framing or hop-by-hop fields (which ringway never stores, RFC 9111 §3.1)
+/// is refused as a miss: its `Content-Length: 100` was sent beside the gateway's own
+/// `content-length: 10`, and a `Transfer-Encoding: chunked` above it, so that the client read
+/// the entry's body (and the next response) by the entry's framing.
+#[test]
+fn an_entry_from_redis_with_framing_fields_is_a_miss() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    for (name, value) in [
+        ("content-length", "100"),
+        ("transfer-encoding", "chunked"),
+        ("connection", "close"),
+        ("age", "5"),
+    ] {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: vec![(Bytes::from(name), Bytes::from(value))],
+            body: Bytes::from_static(b"from redis"),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/f"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+            hidden: Vec::new(),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        let (mut fake, addr, gets) = fake_redis(reply);
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, DriverChoice::Auto);
+        let mut c = Client::connect(gw.addr);
+        for _ in 0..2 {
+            c.send(b"GET /f HTTP/1.1\r\nHost: test.local\r\n\r\n");
+            let r = c.read_response().expect("an answer");
+            assert_eq!(
+                (r.status, &r.body[..]),
+                (200, &b"origin"[..]),
+                "{name}: {r:?}"
+            );
+            let from_entry = |(n, v): &(String, String)| n.eq_ignore_ascii_case(name) && v == value;
+            assert!(!r.headers.iter().any(from_entry), "{name}: {r:?}");
+        }
+        assert!(gets.load(Ordering::SeqCst) >= 1);
+        drop(gw);
+        fake.stop();
+    }
+}

@@ -440,10 +440,13 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     let mut fields = Vec::with_capacity(n);
     for _ in 0..n {
         let (name, value) = (r.bytes()?, r.bytes()?);
-        // Nothing that could break a head: names are tokens, values have no CR, LF or NUL.
+        // Nothing that could break a head: names are tokens, values have no CR, LF or NUL,
+        // and no framing or hop-by-hop field (never stored, RFC 9111 §3.1: the answer's own
+        // Content-Length would meet the entry's).
         if name.is_empty()
             || !name.iter().all(|c| crate::http::is_tchar(*c))
             || value.iter().any(|c| matches!(c, b'\r' | b'\n' | 0))
+            || super::policy::unstorable_field(&name)
         {
             return None;
         }
