@@ -164,7 +164,7 @@ fn object() -> impl Strategy<Value = Object> {
         .prop_filter("storable", |n: &String| !unstorable_field(n.as_bytes()));
     let field = (name, text(20));
     (
-        200u16..600,
+        (200u16..600).prop_filter("stored", |s| *s != 206 && *s != 304),
         text(12),
         proptest::collection::vec(field, 0..6),
         bytes_of(64),
@@ -258,6 +258,10 @@ fn check_decode(b: &[u8]) -> Option<Object> {
             !o.fields.iter().any(|(n, _)| unstorable_field(n)),
             "no framing or hop-by-hop field"
         );
+        assert!(
+            (200..600).contains(&o.status) && o.status != 206 && o.status != 304,
+            "a status the cache stores"
+        );
         check_timing(o, o.t.response_time.saturating_add(1));
     }
     o
@@ -313,6 +317,17 @@ proptest! {
         let mut o = o;
         let i = at.index(o.fields.len() + 1);
         o.fields.insert(i, (Bytes::from(recase(name, mask)), Bytes::from_static(b"1")));
+        prop_assert!(check_decode(&encode(&o)).is_none());
+    }
+
+    /// A status the cache never stores (1xx, 206, 304, 600 and up) makes the entry a miss.
+    #[test]
+    fn entry_with_a_status_never_stored_is_refused(
+        o in object(),
+        status in prop_oneof![0u16..200, Just(206u16), Just(304u16), 600u16..=u16::MAX],
+    ) {
+        let mut o = o;
+        o.status = status;
         prop_assert!(check_decode(&encode(&o)).is_none());
     }
 

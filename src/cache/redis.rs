@@ -418,7 +418,8 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     }
     let st = r.take(2)?;
     let status = u16::from_be_bytes([st[0], st[1]]);
-    if !(200..600).contains(&status) {
+    // The statuses `serve::screen` lets the cache store: never 206 or 304.
+    if !(200..600).contains(&status) || status == 206 || status == 304 {
         return None;
     }
     let flags = r.take(1)?[0];
