@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
-use redis_protocol::resp2::types::BytesFrame;
+use redis_protocol::resp2::types::{BytesFrame, RangeFrame};
 
 use ringway::config::DriverChoice;
 use ringway::redis::{decode_reply, reply_len};
@@ -151,6 +151,22 @@ fn frames(f: &BytesFrame) -> usize {
     }
 }
 
+/// Levels of non-empty arrays in a decoded reply.
+fn depth(f: &RangeFrame) -> usize {
+    match f {
+        RangeFrame::Array(v) if !v.is_empty() => 1 + v.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Frames in a decoded reply, arrays counted too.
+fn nodes(f: &RangeFrame) -> usize {
+    match f {
+        RangeFrame::Array(v) => 1 + v.iter().map(nodes).sum::<usize>(),
+        _ => 1,
+    }
+}
+
 /// RESP-like token soup: mostly well-formed pieces in random order, which reaches deeper into
 /// the reader than uniform bytes.
 fn soup() -> impl Strategy<Value = Vec<u8>> {
@@ -229,6 +245,25 @@ proptest! {
     #[test]
     fn token_soup_never_panics(input in soup()) {
         check(&input);
+    }
+
+    /// Against the crate's own decoder on the same bytes: a reply it decodes within the limits
+    /// has the length `reply_len` finds; one past them is refused; bytes it refuses or finds
+    /// short are never a reply to `reply_len`.
+    #[test]
+    fn reply_len_agrees_with_the_decoder_within_the_limits(input in soup()) {
+        use redis_protocol::resp2::decode::decode_range;
+        let ours = reply_len(&input);
+        match decode_range(&input) {
+            Ok(Some((f, amt))) => {
+                if depth(&f) <= 8 && nodes(&f) <= 4096 {
+                    prop_assert_eq!(ours.ok(), Some(Some(amt)));
+                } else {
+                    prop_assert!(ours.is_err());
+                }
+            }
+            Ok(None) | Err(_) => prop_assert!(!matches!(ours, Ok(Some(_)))),
+        }
     }
 
     /// A reply is read back as written, leaving what follows it; every prefix asks for more.
