@@ -163,6 +163,8 @@ impl Directives {
         }
     }
 
+    /// A directive known here is listed in [`TARGETED_KNOWN`] too (a test checks that each
+    /// listed one has an effect).
     fn directive(&mut self, name: &[u8], value: Option<&[u8]>) {
         let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
         let secs = || value.and_then(delta_seconds);
@@ -874,5 +876,21 @@ mod tests {
             1
         );
         assert!(vary_names([&b"a, *"[..]].into_iter()).is_none());
+    }
+
+    /// Every directive a targeted field keeps the last member of is one `directive` knows.
+    #[test]
+    fn targeted_known_directives_all_have_an_effect() {
+        for name in TARGETED_KNOWN {
+            let mut v = name.to_vec();
+            v.extend_from_slice(b"=1");
+            let d = Directives::targeted(&v).expect("valid");
+            assert_ne!(
+                d,
+                Directives::default(),
+                "{}",
+                String::from_utf8_lossy(name)
+            );
+        }
     }
 }
