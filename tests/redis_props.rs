@@ -608,3 +608,57 @@ fn an_entry_from_redis_with_framing_fields_is_a_miss() {
         fake.stop();
     }
 }
+
+/// An entry longer than any this host writes (`max_entry_bytes` and the encoding's overhead)
+/// is dropped as it arrives and is a miss: a Redis answering every GET with the largest reply
+/// (1 GiB) could otherwise make each waiting lookup hold that much.
+#[test]
+fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    for (body, from_redis) in [(1024usize, true), (64 * 1024, false)] {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: Vec::new(),
+            body: Bytes::from(vec![b'r'; body]),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/big"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+            hidden: Vec::new(),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        let (mut fake, addr, gets) = fake_redis(reply);
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\
+                 max_entry_bytes = \"2KiB\"\n\n[[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, DriverChoice::Auto);
+        let r = get(gw.addr, "/big");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body.len(),
+            if from_redis { body } else { 6 },
+            "{body} bytes"
+        );
+        assert!(gets.load(Ordering::SeqCst) >= 1);
+        drop(gw);
+        fake.stop();
+    }
+}

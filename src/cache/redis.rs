@@ -38,6 +38,10 @@ use super::{Object, Purge, PurgeTarget, Timing};
 
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
 const MAX_ENTRY_FIELDS: usize = 512;
+/// Most bytes an entry's encoding takes beyond its object's weight (`Object::weight`, which
+/// `max_entry_bytes` bounds): the fixed part, and at most 8 bytes per field, tag and Vary
+/// value ([`MAX_ENTRY_FIELDS`] of each).
+const MAX_ENCODING_OVERHEAD: u64 = 128 + 3 * 8 * MAX_ENTRY_FIELDS as u64;
 /// Longest expiry given to an entry.
 const MAX_TTL_SECS: u64 = 24 * 3600;
 /// Kept beyond freshness and stale windows, so that a stale entry can still be validated.
@@ -100,6 +104,9 @@ impl SharedLayer {
         // Counted as a waiter before the commands go: an answer that beats the first look
         // still rings (one wake-up, found done).
         let _counted = bell.watch();
+        // An answer longer than any entry this host writes is dropped as it arrives: waiting
+        // answers are not left to hold up to the largest reply each.
+        let longest = self.max_entry.saturating_add(MAX_ENCODING_OVERHEAD);
         for (i, k) in keys.iter().enumerate() {
             self.gets.fetch_add(1, Ordering::Relaxed);
             let s = slot.clone();
@@ -109,6 +116,9 @@ impl SharedLayer {
                     let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
                     g.0 += 1;
                     if let Some(BytesFrame::BulkString(b)) = f {
+                        if b.len() as u64 > longest {
+                            return;
+                        }
                         if let Some(v) = g.1.get_mut(i) {
                             *v = Some(b);
                         }
