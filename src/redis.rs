@@ -108,6 +108,15 @@ pub struct Command {
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
 /// Largest reply read (the cache's largest entry, 1 GiB, and room for its framing).
 const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
+/// Deepest nesting of arrays in a reply. ringway's replies nest one deep (a script's pair, a
+/// pub/sub message); the decoder recurses once per level, so a hostile server could otherwise
+/// overflow the thread's stack with `*1\r\n` repeated.
+const MAX_REPLY_DEPTH: usize = 8;
+/// Most frames in one reply, at every level (the decoder reserves room for each array's
+/// declared length up front, and re-reads the reply each time more bytes arrive).
+const MAX_REPLY_FRAMES: usize = 4096;
+/// Longest line of a reply (a simple string, an error, an integer or a length).
+const MAX_REPLY_LINE: usize = 16 * 1024;
 
 /// Shared between the workers (which queue demands) and the Redis thread.
 pub struct RedisLink {
@@ -376,9 +385,7 @@ impl Conn {
             if self.rbuf.len() > MAX_REPLY_BYTES {
                 return Err(proto_err("reply too large"));
             }
-            if let Some((frame, _, _)) =
-                decode_bytes_mut(&mut self.rbuf).map_err(|e| proto_err(e.to_string()))?
-            {
+            if let Some(frame) = decode_reply(&mut self.rbuf)? {
                 return Ok(frame);
             }
             if Instant::now() >= deadline {
@@ -490,6 +497,102 @@ impl Conn {
             .map(|a| a.ok_or_else(|| proto_err("script missing after reload")))
             .collect()
     }
+}
+
+/// Takes the first reply off `buf`: `Ok(None)` while it is not whole. The reply is checked
+/// first, without recursion or allocation, against the limits above ([`reply_len`]), and only
+/// then handed to the decoder.
+pub fn decode_reply(buf: &mut BytesMut) -> io::Result<Option<BytesFrame>> {
+    if reply_len(buf)?.is_none() {
+        return Ok(None);
+    }
+    match decode_bytes_mut(buf).map_err(|e| proto_err(e.to_string()))? {
+        Some((frame, _, _)) => Ok(Some(frame)),
+        None => Err(proto_err("reply checked whole but not decoded")),
+    }
+}
+
+/// The length of the RESP2 reply at the start of `buf` (`Ok(None)`: not whole yet), read
+/// iteratively: arrays nest at most [`MAX_REPLY_DEPTH`] deep, a reply holds at most
+/// [`MAX_REPLY_FRAMES`] frames, a line at most [`MAX_REPLY_LINE`] bytes and a bulk string at
+/// most [`MAX_REPLY_BYTES`]. Numbers are read as the decoder reads them.
+pub fn reply_len(buf: &[u8]) -> io::Result<Option<usize>> {
+    // Elements still expected by each open array, innermost last.
+    let mut open = [0usize; MAX_REPLY_DEPTH];
+    let mut depth = 0;
+    let mut at = 0;
+    for _ in 0..MAX_REPLY_FRAMES {
+        let Some(&kind) = buf.get(at) else {
+            return Ok(None);
+        };
+        let rest = &buf[at + 1..];
+        let window = &rest[..rest.len().min(MAX_REPLY_LINE + 2)];
+        let Some(eol) = memchr::memmem::find(window, b"\r\n") else {
+            if rest.len() > MAX_REPLY_LINE + 1 {
+                return Err(proto_err("reply line too long"));
+            }
+            return Ok(None);
+        };
+        let line = &rest[..eol];
+        at += 1 + eol + 2;
+        let number = || -> io::Result<i64> {
+            std::str::from_utf8(line)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .ok_or_else(|| proto_err("bad number in reply"))
+        };
+        match kind {
+            b'+' | b'-' => {}
+            b':' => {
+                number()?;
+            }
+            b'$' => match number()? {
+                -1 => {}
+                n if n < 0 => return Err(proto_err("bad bulk length in reply")),
+                n => {
+                    let n = usize::try_from(n)
+                        .ok()
+                        .filter(|n| *n <= MAX_REPLY_BYTES)
+                        .ok_or_else(|| proto_err("bulk string too large"))?;
+                    // The string and the two bytes after it (the decoder takes them as CR LF
+                    // unchecked).
+                    at = at.saturating_add(n).saturating_add(2);
+                    if at > buf.len() {
+                        return Ok(None);
+                    }
+                }
+            },
+            b'*' => match number()? {
+                -1 | 0 => {}
+                n if n < 0 => return Err(proto_err("bad array length in reply")),
+                n => {
+                    let n = usize::try_from(n)
+                        .ok()
+                        .filter(|n| *n < MAX_REPLY_FRAMES)
+                        .ok_or_else(|| proto_err("array too long"))?;
+                    let slot = open
+                        .get_mut(depth)
+                        .ok_or_else(|| proto_err("reply nested too deep"))?;
+                    *slot = n;
+                    depth += 1;
+                    continue;
+                }
+            },
+            _ => return Err(proto_err("bad frame type in reply")),
+        }
+        // One frame done: it counts for the innermost open array, which may close in turn.
+        loop {
+            if depth == 0 {
+                return Ok(Some(at));
+            }
+            open[depth - 1] -= 1;
+            if open[depth - 1] > 0 {
+                break;
+            }
+            depth -= 1;
+        }
+    }
+    Err(proto_err("too many frames in reply"))
 }
 
 fn encode_command(buf: &mut BytesMut, args: &[&[u8]]) -> io::Result<()> {

@@ -370,7 +370,10 @@ impl Object {
         if self.invalid.get() {
             return -(self.t.age(now).min(i64::MAX as u64) as i64);
         }
-        self.t.lifetime as i64 - self.t.age(now).min(i64::MAX as u64) as i64
+        // Exact, then clamped: a lifetime or an age read from Redis may be any u64 (`as i64`
+        // wrapped past i64::MAX), and callers negate the result.
+        let left = i128::from(self.t.lifetime) - i128::from(self.t.age(now));
+        left.clamp(-i128::from(i64::MAX), i128::from(i64::MAX)) as i64
     }
 }
 

@@ -163,6 +163,8 @@ impl Directives {
         }
     }
 
+    /// A directive known here is listed in [`TARGETED_KNOWN`] too (a test checks that each
+    /// listed one has an effect).
     fn directive(&mut self, name: &[u8], value: Option<&[u8]>) {
         let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
         let secs = || value.and_then(delta_seconds);
@@ -218,48 +220,76 @@ impl Directives {
         if value.is_empty() || value.len() > MAX_DIRECTIVES_BYTES {
             return None;
         }
-        for member in split_quoted(value) {
-            let member = trim_ows(member);
-            // Parameters are allowed and ignored.
-            let main = member.split(|b| *b == b';').next().unwrap_or(b"");
-            let (key, val) = match main.iter().position(|b| *b == b'=') {
-                Some(p) => (&main[..p], Some(&main[p + 1..])),
-                None => (main, None),
-            };
-            if !sf_key(key) {
-                return None;
+        // RFC 8941 §3.2: of a key given twice, only its last member counts (`?0` included).
+        // A first pass checks every member and notes the last of each known directive.
+        let mut last = [usize::MAX; TARGETED_KNOWN.len()];
+        for (i, member) in split_quoted(value).enumerate() {
+            let (key, _) = targeted_member(member)?;
+            if let Some(k) = TARGETED_KNOWN.iter().position(|n| *n == key) {
+                last[k] = i;
             }
+        }
+        for (i, member) in split_quoted(value).enumerate() {
+            let (key, val) = targeted_member(member)?;
+            // Unknown directives are ignored (RFC 9111 §5.2.3).
+            let Some(k) = TARGETED_KNOWN.iter().position(|n| *n == key) else {
+                continue;
+            };
+            if last[k] != i {
+                continue;
+            }
+            // Booleans: `?1` is the directive, `?0` is its absence.
             let val = match val {
-                None => None,
-                Some(v) => {
-                    if !sf_bare_item(v) {
-                        return None;
-                    }
-                    // Booleans: `?1` is the directive, `?0` is its absence.
-                    if v == b"?0" {
-                        continue;
-                    }
-                    if v == b"?1" {
-                        None
-                    } else {
-                        Some(v)
-                    }
-                }
+                Some(b"?0") => continue,
+                Some(b"?1") => None,
+                v => v,
             };
-            // RFC 9213 §2.1: numeric directives are sf-integers (a string is invalid).
-            if matches!(
-                key,
-                b"max-age" | b"s-maxage" | b"stale-while-revalidate" | b"stale-if-error"
-            ) {
-                match val {
-                    Some(v) if v.iter().all(u8::is_ascii_digit) => {}
-                    _ => return None,
-                }
-            }
             d.directive(key, val);
         }
         Some(d)
     }
+}
+
+/// The directives [`Directives::directive`] knows, as sf-keys (lower case).
+const TARGETED_KNOWN: [&[u8]; 14] = [
+    b"max-age",
+    b"s-maxage",
+    b"no-store",
+    b"no-cache",
+    b"private",
+    b"public",
+    b"must-revalidate",
+    b"proxy-revalidate",
+    b"must-understand",
+    b"stale-while-revalidate",
+    b"stale-if-error",
+    b"max-stale",
+    b"min-fresh",
+    b"only-if-cached",
+];
+
+/// One member of a targeted field: its key and bare item (parameters are allowed and
+/// ignored); `None` when it is not a valid member.
+fn targeted_member(member: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    let member = trim_ows(member);
+    let main = member.split(|b| *b == b';').next().unwrap_or(b"");
+    let (key, val) = match main.iter().position(|b| *b == b'=') {
+        Some(p) => (&main[..p], Some(&main[p + 1..])),
+        None => (main, None),
+    };
+    if !sf_key(key) || val.is_some_and(|v| !sf_bare_item(v)) {
+        return None;
+    }
+    // RFC 9213 §2.1: numeric directives are sf-integers (a string is invalid); `?0` is
+    // their absence.
+    if matches!(
+        key,
+        b"max-age" | b"s-maxage" | b"stale-while-revalidate" | b"stale-if-error"
+    ) && !val.is_some_and(|v| v == b"?0" || v.iter().all(u8::is_ascii_digit))
+    {
+        return None;
+    }
+    Some((key, val))
 }
 
 /// sf-key (RFC 8941 §3.1.2): `( lcalpha / "*" ) *( lcalpha / DIGIT / "_" / "-" / "." / "*" )`.
@@ -347,11 +377,35 @@ fn hms(s: &[u8]) -> Option<(u32, u32, u32)> {
 }
 
 fn to_secs(y: i64, mo: u32, d: u32, (h, mi, s): (u32, u32, u32)) -> Option<u64> {
-    if !(1..=31).contains(&d) || y < 1970 {
+    // A day the month does not have (`31 Feb`) is no date: it is not read as one in the next
+    // month.
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=month_days).contains(&d) || y < 1970 {
         return None;
     }
     let days = days_from_civil(y, mo, d);
     u64::try_from(days * 86_400 + i64::from(h * 3600 + mi * 60 + s)).ok()
+}
+
+/// The year of an rfc850-date's two digits `yy` at Unix second `now`: RFC 9110 §5.6.7, a
+/// year that appears to be more than 50 years in the future is the most recent past year with
+/// the same last two digits.
+fn rfc850_year(yy: u32, now: u64) -> i64 {
+    let (this, _, _) = crate::date::civil_from_days((now / 86_400) as i64);
+    let y = this - this.rem_euclid(100) + i64::from(yy);
+    if y > this + 50 {
+        y - 100
+    } else if y + 100 <= this + 50 {
+        y + 100
+    } else {
+        y
+    }
 }
 
 /// `n` digits exactly.
@@ -418,9 +472,7 @@ fn parse_date_forms(v: &[u8]) -> Option<u64> {
             if it.next().is_some() {
                 return None;
             }
-            // Two-digit years: RFC 9110 §5.6.7, more than 50 years ahead means the past.
-            let y = if y < 70 { 2000 + y } else { 1900 + y };
-            to_secs(i64::from(y), mo, d, hms(t)?)
+            to_secs(rfc850_year(y, crate::cache::now_secs()), mo, d, hms(t)?)
         }
         // asctime-date (obsolete): Sun Nov  6 08:49:37 1994, the day as 2DIGIT or SP DIGIT
         [wd, mo, d, t, y] if wd.len() == 3 && d.len() == 2 => {
@@ -824,5 +876,21 @@ mod tests {
             1
         );
         assert!(vary_names([&b"a, *"[..]].into_iter()).is_none());
+    }
+
+    /// Every directive a targeted field keeps the last member of is one `directive` knows.
+    #[test]
+    fn targeted_known_directives_all_have_an_effect() {
+        for name in TARGETED_KNOWN {
+            let mut v = name.to_vec();
+            v.extend_from_slice(b"=1");
+            let d = Directives::targeted(&v).expect("valid");
+            assert_ne!(
+                d,
+                Directives::default(),
+                "{}",
+                String::from_utf8_lossy(name)
+            );
+        }
     }
 }

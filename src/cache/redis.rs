@@ -47,6 +47,10 @@ use super::{policy, Object, Purge, PurgeTarget, Timing};
 
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
 const MAX_ENTRY_FIELDS: usize = 512;
+/// Most bytes an entry's encoding takes beyond its object's weight (`Object::weight`, which
+/// `max_entry_bytes` bounds): the fixed part, and at most 8 bytes per field, tag and Vary
+/// value ([`MAX_ENTRY_FIELDS`] of each).
+const MAX_ENCODING_OVERHEAD: u64 = 128 + 3 * 8 * MAX_ENTRY_FIELDS as u64;
 /// Longest expiry given to an entry.
 const MAX_TTL_SECS: u64 = 24 * 3600;
 /// Kept beyond freshness and stale windows, so that a stale entry can still be validated.
@@ -198,6 +202,9 @@ impl SharedLayer {
         // Counted as a waiter before the commands go: an answer that beats the first look
         // still rings (one wake-up, found done).
         let _counted = bell.watch();
+        // An answer longer than any entry this host writes is dropped as it arrives: waiting
+        // answers are not left to hold up to the largest reply each.
+        let longest = self.max_entry.saturating_add(MAX_ENCODING_OVERHEAD);
         for (i, k) in rkeys.enumerate() {
             self.gets.fetch_add(1, Ordering::Relaxed);
             let s = slot.clone();
@@ -207,6 +214,9 @@ impl SharedLayer {
                     let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
                     g.0 += 1;
                     if let Some(BytesFrame::BulkString(b)) = f {
+                        if b.len() as u64 > longest {
+                            return;
+                        }
                         if let Some(v) = g.1.get_mut(i) {
                             *v = Some(b);
                         }
@@ -226,8 +236,7 @@ impl SharedLayer {
         if obj.weight() > self.max_entry {
             return;
         }
-        let left =
-            (obj.t.lifetime as i64 - obj.t.age(now).min(i64::MAX as u64) as i64).max(0) as u64;
+        let left = obj.t.lifetime.saturating_sub(obj.t.age(now));
         let ttl = left
             .saturating_add(obj.t.swr.max(obj.t.sie))
             .saturating_add(VALIDATION_SLACK_SECS)
@@ -387,7 +396,6 @@ fn listen(
     control: &crate::control::Control,
     stop: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
-    use redis_protocol::resp2::decode::decode_bytes_mut;
     use std::io::{Read, Write};
     let mut sock = std::net::TcpStream::connect_timeout(&cfg.address.addr, cfg.timeout.0)?;
     // Short reads, so that the stop flag is seen.
@@ -411,9 +419,8 @@ fn listen(
     let mut rbuf = bytes::BytesMut::new();
     let mut chunk = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
-        while let Some((f, _, _)) = decode_bytes_mut(&mut rbuf)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?
-        {
+        // Checked for depth, size and frame count before it is decoded (`crate::redis`).
+        while let Some(f) = crate::redis::decode_reply(&mut rbuf)? {
             match f {
                 BytesFrame::Array(v) if v.len() == 3 => {
                     if let (BytesFrame::BulkString(kind), BytesFrame::BulkString(msg)) =
@@ -527,8 +534,13 @@ impl Reader<'_> {
         self.take(n)?;
         Some(self.b.slice(start..start + n))
     }
-    fn count(&mut self) -> Option<usize> {
-        self.u32().filter(|n| *n <= MAX_ENTRY_FIELDS)
+    /// A count of items that take at least `min` bytes each: at most [`MAX_ENTRY_FIELDS`],
+    /// and no more than the bytes left can hold (so that no room is reserved for items the
+    /// entry does not have).
+    fn count(&mut self, min: usize) -> Option<usize> {
+        let n = self.u32()?;
+        let left = self.b.len().saturating_sub(self.at);
+        (n <= MAX_ENTRY_FIELDS && n.saturating_mul(min) <= left).then_some(n)
     }
 }
 
@@ -540,10 +552,15 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     }
     let st = r.take(2)?;
     let status = u16::from_be_bytes([st[0], st[1]]);
-    if !(200..600).contains(&status) {
+    // The statuses `serve::screen` lets the cache store: never 206 or 304.
+    if !(200..600).contains(&status) || status == 206 || status == 304 {
         return None;
     }
     let flags = r.take(1)?[0];
+    // Only the two flags this version writes.
+    if flags > 3 {
+        return None;
+    }
     let t = Timing {
         response_time: r.u64()?,
         initial_age: r.u64()?,
@@ -554,14 +571,17 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         always_validate: flags & 2 != 0,
     };
     let reason = r.bytes()?;
-    let n = r.count()?;
+    let n = r.count(8)?;
     let mut fields = Vec::with_capacity(n);
     for _ in 0..n {
         let (name, value) = (r.bytes()?, r.bytes()?);
-        // Nothing that could break a head: names are tokens, values have no CR, LF or NUL.
+        // Nothing that could break a head: names are tokens, values have no CR, LF or NUL,
+        // and no framing or hop-by-hop field (never stored, RFC 9111 §3.1: the answer's own
+        // Content-Length would meet the entry's).
         if name.is_empty()
             || !name.iter().all(|c| crate::http::is_tchar(*c))
             || value.iter().any(|c| matches!(c, b'\r' | b'\n' | 0))
+            || super::policy::unstorable_field(&name)
         {
             return None;
         }
@@ -571,12 +591,12 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         return None;
     }
     let url = r.bytes()?;
-    let n = r.count()?;
+    let n = r.count(4)?;
     let mut tags = Vec::with_capacity(n);
     for _ in 0..n {
         tags.push(r.bytes()?.to_vec().into_boxed_slice());
     }
-    let n = r.count()?;
+    let n = r.count(8)?;
     let mut vary = Vec::with_capacity(n);
     for _ in 0..n {
         let name: Box<[u8]> = r.bytes()?.to_vec().into();

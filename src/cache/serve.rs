@@ -66,6 +66,9 @@ pub async fn run<'c, S: ClientIo>(
     }
 }
 
+/// The largest sf-integer (RFC 8941 §3.3.1), for `Cache-Status`'s `ttl`.
+const SF_INTEGER_MAX: i64 = 999_999_999_999_999;
+
 /// The `Cache-Status` member (RFC 9211 §2) this cache adds.
 struct Status<'p> {
     name: &'p [u8],
@@ -106,6 +109,9 @@ impl<'p> Status<'p> {
             }
         }
         if let Some(t) = self.ttl {
+            // An sf-integer has at most 15 digits (RFC 8941 §3.3.1); a lifetime read from
+            // Redis may be any u64.
+            let t = t.clamp(-SF_INTEGER_MAX, SF_INTEGER_MAX);
             out.put_slice(b"; ttl=");
             if t < 0 {
                 out.put_u8(b'-');
@@ -1665,7 +1671,8 @@ async fn answer<'c, S: ClientIo>(
         put_header(wbuf, b"date", &date);
     }
     wbuf.put_slice(b"age: ");
-    put_u64(wbuf, o.t.age(now));
+    // RFC 9111 §1.2.2: an age past 2^31 (an entry from a hostile Redis) is sent as 2^31.
+    put_u64(wbuf, o.t.age(now).min(policy::MAX_DELTA));
     wbuf.put_slice(b"\r\n");
     status.put(wbuf);
     put_header(wbuf, b"via", via);
@@ -1784,7 +1791,7 @@ async fn stream_from<'c, S: ClientIo>(
         }
     }
     wbuf.put_slice(b"age: ");
-    put_u64(wbuf, st.t.age(now_secs()));
+    put_u64(wbuf, st.t.age(now_secs()).min(policy::MAX_DELTA));
     wbuf.put_slice(b"\r\n");
     status.put(wbuf);
     put_header(wbuf, b"via", via);

@@ -1,0 +1,664 @@
+//! Property tests for the reader of Redis replies (`ringway::redis::decode_reply`, RESP2), used
+//! by the Redis link (rate limits, the shared cache) and by the cache's purge subscriber.
+//! Every byte from Redis is hostile.
+//!
+//! - Arbitrary bytes (and RESP-like token soup) never panic, and allocate no more than the
+//!   bytes given justify.
+//! - A reply fed whole, in random pieces or after other replies gives the same frame; every
+//!   truncation asks for more and leaves the buffer as it was.
+//! - Huge declared lengths allocate nothing up front; deep nesting is refused, not recursed.
+//!
+//! The default run is small enough for CI (64 cases per property). A longer run:
+//! `PROPTEST_CASES=20000 cargo test --release --test redis_props`.
+
+mod support;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use redis_protocol::resp2::types::{BytesFrame, RangeFrame};
+
+use ringway::config::DriverChoice;
+use ringway::redis::{decode_reply, reply_len};
+use support::*;
+
+// ---------------------------------------------------------------------------------------------
+// Bytes allocated by the current thread (the test threads run in parallel).
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count(n: usize) {
+    let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(n)));
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the counter is a
+// const-initialised thread-local without destructor, so counting allocates nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        count(l.size());
+        System.alloc(l)
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        count(l.size());
+        System.alloc_zeroed(l)
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        count(new.saturating_sub(l.size()));
+        System.realloc(p, l, new)
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        System.dealloc(p, l)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// `f`'s result and the bytes this thread allocated while it ran.
+fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let before = ALLOCATED.with(Cell::get);
+    let out = f();
+    (out, ALLOCATED.with(Cell::get) - before)
+}
+
+/// What an error of the reader allocates at most (its message).
+const ERROR_BYTES: usize = 256;
+
+/// Cases per property: `PROPTEST_CASES` when set, else a CI-sized default.
+fn cases() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies, and their encoding written here from the RESP2 description (not the crate's).
+
+fn frame() -> impl Strategy<Value = BytesFrame> {
+    let line = proptest::collection::vec(
+        any::<u8>().prop_filter("no CR, LF", |b| *b != b'\r' && *b != b'\n'),
+        0..12,
+    );
+    let leaf = prop_oneof![
+        line.clone()
+            .prop_map(|v| BytesFrame::SimpleString(Bytes::from(v))),
+        "[ -~]{0,16}".prop_map(|s| BytesFrame::Error(s.into())),
+        any::<i64>().prop_map(BytesFrame::Integer),
+        proptest::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|v| BytesFrame::BulkString(Bytes::from(v))),
+        Just(BytesFrame::Null),
+    ];
+    leaf.prop_recursive(3, 24, 5, |inner| {
+        proptest::collection::vec(inner, 0..5).prop_map(BytesFrame::Array)
+    })
+}
+
+fn encode(f: &BytesFrame, out: &mut Vec<u8>) {
+    match f {
+        BytesFrame::SimpleString(s) => {
+            out.push(b'+');
+            out.extend_from_slice(s);
+        }
+        BytesFrame::Error(e) => {
+            out.push(b'-');
+            out.extend_from_slice(e.as_bytes());
+        }
+        BytesFrame::Integer(i) => out.extend_from_slice(format!(":{i}").as_bytes()),
+        BytesFrame::BulkString(b) => {
+            out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+            out.extend_from_slice(b);
+        }
+        BytesFrame::Null => out.extend_from_slice(b"$-1"),
+        BytesFrame::Array(v) => {
+            out.extend_from_slice(format!("*{}\r\n", v.len()).as_bytes());
+            for x in v {
+                encode(x, out);
+            }
+            return;
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn wire(f: &BytesFrame) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(f, &mut out);
+    out
+}
+
+/// Frames in a reply, arrays counted too.
+fn frames(f: &BytesFrame) -> usize {
+    match f {
+        BytesFrame::Array(v) => 1 + v.iter().map(frames).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// Levels of non-empty arrays in a decoded reply.
+fn depth(f: &RangeFrame) -> usize {
+    match f {
+        RangeFrame::Array(v) if !v.is_empty() => 1 + v.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Frames in a decoded reply, arrays counted too.
+fn nodes(f: &RangeFrame) -> usize {
+    match f {
+        RangeFrame::Array(v) => 1 + v.iter().map(nodes).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// RESP-like token soup: mostly well-formed pieces in random order, which reaches deeper into
+/// the reader than uniform bytes.
+fn soup() -> impl Strategy<Value = Vec<u8>> {
+    let token = prop_oneof![
+        Just(b"*".to_vec()),
+        Just(b"$".to_vec()),
+        Just(b":".to_vec()),
+        Just(b"+".to_vec()),
+        Just(b"-".to_vec()),
+        Just(b"\r\n".to_vec()),
+        Just(b"\r".to_vec()),
+        Just(b"-1".to_vec()),
+        Just(b"*1\r\n".to_vec()),
+        Just(b"*65535\r\n".to_vec()),
+        Just(b"$3\r\nabc\r\n".to_vec()),
+        Just(b"9223372036854775807".to_vec()),
+        Just(b"99999999999999999999".to_vec()),
+        (0u32..40).prop_map(|n| n.to_string().into_bytes()),
+        proptest::collection::vec(any::<u8>(), 1..4),
+    ];
+    proptest::collection::vec(token, 0..40).prop_map(|v| v.concat())
+}
+
+/// What one call of the reader says, and what it leaves in the buffer.
+#[derive(Debug, PartialEq)]
+enum Read {
+    More,
+    Err,
+    Frame(BytesFrame),
+}
+
+fn read(buf: &mut BytesMut) -> Read {
+    match decode_reply(buf) {
+        Ok(None) => Read::More,
+        Ok(Some(f)) => Read::Frame(f),
+        Err(_) => Read::Err,
+    }
+}
+
+/// The reader on `input`, with the invariants every answer keeps: nothing taken unless a
+/// frame is returned, then exactly `reply_len`; allocation bounded by the input.
+fn check(input: &[u8]) -> Read {
+    let mut buf = BytesMut::from(input);
+    let len = reply_len(input);
+    let (r, bytes) = allocated_by(|| read(&mut buf));
+    // A decoded frame holds at most a few words per input byte (arrays of frames); a refusal
+    // or a short buffer allocates next to nothing.
+    let bound = 1024 + 64 * input.len();
+    assert!(
+        bytes <= bound,
+        "{bytes} bytes allocated for {} input bytes",
+        input.len()
+    );
+    match &r {
+        Read::Frame(_) => {
+            let n = len.expect("decoded").expect("whole");
+            assert_eq!(&buf[..], &input[n..], "exactly the reply is taken");
+        }
+        Read::More => {
+            assert!(matches!(len, Ok(None)));
+            assert_eq!(&buf[..], input, "nothing taken while a reply is not whole");
+        }
+        Read::Err => {}
+    }
+    r
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..300)) {
+        check(&input);
+    }
+
+    #[test]
+    fn token_soup_never_panics(input in soup()) {
+        check(&input);
+    }
+
+    /// Against the crate's own decoder on the same bytes: a reply it decodes within the limits
+    /// has the length `reply_len` finds; one past them is refused; bytes it refuses or finds
+    /// short are never a reply to `reply_len`.
+    #[test]
+    fn reply_len_agrees_with_the_decoder_within_the_limits(input in soup()) {
+        use redis_protocol::resp2::decode::decode_range;
+        let ours = reply_len(&input);
+        match decode_range(&input) {
+            Ok(Some((f, amt))) => {
+                if depth(&f) <= 8 && nodes(&f) <= 4096 {
+                    prop_assert_eq!(ours.ok(), Some(Some(amt)));
+                } else {
+                    prop_assert!(ours.is_err());
+                }
+            }
+            Ok(None) | Err(_) => prop_assert!(!matches!(ours, Ok(Some(_)))),
+        }
+    }
+
+    /// A reply is read back as written, leaving what follows it; every prefix asks for more.
+    #[test]
+    fn replies_round_trip_and_every_prefix_needs_more(
+        f in frame(),
+        tail in proptest::collection::vec(any::<u8>(), 0..8),
+    ) {
+        let w = wire(&f);
+        let mut input = w.clone();
+        input.extend_from_slice(&tail);
+        let mut buf = BytesMut::from(&input[..]);
+        prop_assert_eq!(read(&mut buf), Read::Frame(f.clone()));
+        prop_assert_eq!(&buf[..], &tail[..]);
+        for n in 0..w.len() {
+            prop_assert_eq!(check(&w[..n]), Read::More, "prefix {}", n);
+        }
+        prop_assert!(frames(&f) <= 4096);
+    }
+
+    /// Bytes arriving in arbitrary pieces give the same replies, in order, as the bytes whole
+    /// (a pipeline's answers as the link reads them).
+    #[test]
+    fn split_anywhere_is_the_same(
+        fs in proptest::collection::vec(frame(), 1..4),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let input: Vec<u8> = fs.iter().flat_map(wire).collect();
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+        at.push(input.len());
+        at.sort_unstable();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut from = 0;
+        for to in at {
+            buf.extend_from_slice(&input[from..to]);
+            from = to;
+            loop {
+                match read(&mut buf) {
+                    Read::Frame(f) => got.push(f),
+                    Read::More => break,
+                    Read::Err => prop_assert!(false, "a valid pipeline refused"),
+                }
+            }
+        }
+        prop_assert_eq!(got, fs);
+        prop_assert!(buf.is_empty());
+    }
+
+    /// A declared length far beyond the bytes present reserves nothing: a bulk string waits
+    /// for its bytes (up to the largest reply) or is refused, an array longer than a reply may
+    /// hold is refused.
+    #[test]
+    fn huge_declared_lengths_allocate_nothing_up_front(
+        n in prop_oneof![4_096u64..u64::MAX, Just(i64::MAX as u64), (1u64 << 30)..(1u64 << 31)],
+        kind in prop_oneof![Just(b'$'), Just(b'*')],
+        depth in 0usize..4,
+        body in proptest::collection::vec(any::<u8>(), 0..16),
+    ) {
+        let mut input = b"*1\r\n".repeat(depth);
+        input.push(kind);
+        input.extend_from_slice(n.to_string().as_bytes());
+        input.extend_from_slice(b"\r\n");
+        input.extend_from_slice(&body);
+        let mut buf = BytesMut::from(&input[..]);
+        let (r, bytes) = allocated_by(|| read(&mut buf));
+        // Waiting allocates nothing; a refusal, only its error.
+        prop_assert!(bytes <= ERROR_BYTES, "{} bytes allocated", bytes);
+        if r == Read::More {
+            prop_assert_eq!(bytes, 0);
+        }
+        match kind {
+            b'$' if n <= (1 << 30) + (1 << 20) => prop_assert_eq!(r, Read::More),
+            _ => prop_assert_eq!(r, Read::Err),
+        }
+    }
+}
+
+/// `*1\r\n` repeated: the crate's decoder recurses once per level, so 100 000 levels (400 KB,
+/// well under the largest reply) overflowed the Redis thread's stack, which aborts the
+/// process. Refused now, whole or not, past `MAX_REPLY_DEPTH` (8) levels.
+#[test]
+fn deeply_nested_arrays_are_refused_not_recursed() {
+    let deep = |levels: usize| {
+        let mut b = b"*1\r\n".repeat(levels);
+        b.extend_from_slice(b":1\r\n");
+        b
+    };
+    for levels in [9, 100, 100_000] {
+        let mut buf = BytesMut::from(&deep(levels)[..]);
+        assert!(decode_reply(&mut buf).is_err(), "{levels} levels");
+        let mut buf = BytesMut::from(&deep(levels)[..levels * 4]);
+        assert!(
+            decode_reply(&mut buf).is_err(),
+            "{levels} levels, not whole"
+        );
+    }
+    let mut buf = BytesMut::from(&deep(8)[..]);
+    let mut want = BytesFrame::Integer(1);
+    for _ in 0..8 {
+        want = BytesFrame::Array(vec![want]);
+    }
+    assert_eq!(decode_reply(&mut buf).unwrap(), Some(want));
+}
+
+/// `*65535\r\n` repeated: the crate's decoder reserved 64 KiB for each array before reading
+/// its elements, 640 KiB for ten levels of 80 bytes. Refused now: more frames than a reply
+/// may hold.
+#[test]
+fn long_arrays_reserve_nothing() {
+    let input = b"*65535\r\n".repeat(10);
+    let mut buf = BytesMut::from(&input[..]);
+    let (r, bytes) = allocated_by(|| decode_reply(&mut buf));
+    assert!(r.is_err());
+    assert!(bytes <= ERROR_BYTES, "{bytes} bytes allocated");
+    // Within the limits, an array that is not whole reserves nothing either.
+    let mut buf = BytesMut::from(&b"*4000\r\n*4000\r\n:1\r\n"[..]);
+    let (r, bytes) = allocated_by(|| decode_reply(&mut buf));
+    assert!(matches!(r, Ok(None)));
+    assert_eq!(bytes, 0);
+}
+
+/// A line without its CR LF is waited for up to `MAX_REPLY_LINE` (16 KiB), then refused: a
+/// server that never ends a line does not make the link buffer up to the largest reply,
+/// re-reading the line at every read.
+#[test]
+fn endless_lines_are_refused() {
+    for kind in [b'+', b'-', b':', b'$', b'*'] {
+        let mut input = vec![kind];
+        input.extend(std::iter::repeat_n(b'7', 16 * 1024));
+        let mut buf = BytesMut::from(&input[..]);
+        assert!(matches!(decode_reply(&mut buf), Ok(None)));
+        input.extend_from_slice(b"77");
+        let mut buf = BytesMut::from(&input[..]);
+        assert!(decode_reply(&mut buf).is_err(), "{}", kind as char);
+    }
+    // A 16 KiB simple string is still a reply.
+    let mut input = b"+".to_vec();
+    input.extend(std::iter::repeat_n(b'a', 16 * 1024));
+    input.extend_from_slice(b"\r\n");
+    let mut buf = BytesMut::from(&input[..]);
+    assert!(matches!(
+        decode_reply(&mut buf),
+        Ok(Some(BytesFrame::SimpleString(_)))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A whole link: a gateway whose `[cache.redis]` is a hostile server.
+
+/// A fake Redis on loopback: it answers the link's handshake (`SCRIPT LOAD`), every `GET`
+/// with `reply`, anything else with `+OK`, and counts the `GET`s.
+fn fake_redis(reply: Vec<u8>) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let gets = Arc::new(AtomicUsize::new(0));
+    let g = gets.clone();
+    let t = ServerThreads::serve(l, move |mut s, stop| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        while !stop.is_set() {
+            // Commands are RESP arrays of bulk strings: the reader under test reads them too.
+            match decode_reply(&mut buf) {
+                Ok(Some(BytesFrame::Array(args))) => {
+                    let answer = match args.first() {
+                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT") => {
+                            format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+                        }
+                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET") => {
+                            g.fetch_add(1, Ordering::SeqCst);
+                            reply.clone()
+                        }
+                        _ => b"+OK\r\n".to_vec(),
+                    };
+                    if s.write_all(&answer).is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                },
+            }
+        }
+    });
+    (t, addr, gets)
+}
+
+/// Replies that a Redis link must refuse without dying: `*1\r\n` 100 000 times overflowed
+/// the stack of the link's thread before its depth was checked (the process aborted), and an
+/// array of 65 535 elements nested ten deep made the decoder reserve 640 KiB. The cache fails
+/// open: every request is answered by the origin, and the gateway lives on.
+#[test]
+fn hostile_redis_replies_fail_open_and_the_gateway_lives() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+        )
+    });
+    for reply in [b"*1\r\n".repeat(100_000), b"*65535\r\n".repeat(10)] {
+        let (mut fake, addr, gets) = fake_redis(reply);
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n\n\
+                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, DriverChoice::Auto);
+        for i in 0..3 {
+            let r = get(gw.addr, &format!("/p{i}"));
+            assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]));
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || gets.load(Ordering::SeqCst) >= 1),
+            "the gateway asked Redis"
+        );
+        // Still alive, and still answering.
+        assert_eq!(get(gw.addr, "/p0").status, 200);
+        drop(gw);
+        fake.stop();
+    }
+}
+
+/// An entry whose age is far past 2^31 (its corrected initial age is any u64 to a hostile
+/// Redis): answered fresh, with `Age: 2147483648` (RFC 9111 §1.2.2), not the u64 it adds up to
+/// (`Age: 1099511627777` before), and a `Cache-Status` ttl of 15 digits at most (it was
+/// `ttl=9223372036854775807`, which no Structured Fields parser accepts).
+#[test]
+fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
+    let now = support::now();
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: vec![(
+            Bytes::from_static(b"content-type"),
+            Bytes::from_static(b"text/plain"),
+        )],
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: now,
+            initial_age: 1 << 40,
+            lifetime: u64::MAX,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/old"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+        hidden: Vec::new(),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, gets) = fake_redis(reply);
+    let up =
+        Upstream::start(|_| Reply::Raw(b"HTTP/1.1 500 No\r\ncontent-length: 0\r\n\r\n".to_vec()));
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/old");
+    assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
+    assert_eq!(r.header("age"), Some("2147483648"), "{r:?}");
+    // And a `ttl` that is an sf-integer (RFC 9211 §2.5, RFC 8941 §3.3.1: 15 digits at most).
+    let status = r.header("cache-status").unwrap_or("");
+    assert!(status.contains("; ttl=999999999999999;"), "{status}");
+    assert!(gets.load(Ordering::SeqCst) >= 1);
+    assert_eq!(up.hits(), 0);
+    drop(gw);
+    fake.stop();
+}
+
+/// An entry carrying framing or hop-by-hop fields (which ringway never stores, RFC 9111 §3.1)
+/// is refused as a miss: its `Content-Length: 100` was sent beside the gateway's own
+/// `content-length: 10`, and a `Transfer-Encoding: chunked` above it, so that the client read
+/// the entry's body (and the next response) by the entry's framing.
+#[test]
+fn an_entry_from_redis_with_framing_fields_is_a_miss() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    for (name, value) in [
+        ("content-length", "100"),
+        ("transfer-encoding", "chunked"),
+        ("connection", "close"),
+        ("age", "5"),
+    ] {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: vec![(Bytes::from(name), Bytes::from(value))],
+            body: Bytes::from_static(b"from redis"),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/f"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+            hidden: Vec::new(),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        let (mut fake, addr, gets) = fake_redis(reply);
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, DriverChoice::Auto);
+        let mut c = Client::connect(gw.addr);
+        for _ in 0..2 {
+            c.send(b"GET /f HTTP/1.1\r\nHost: test.local\r\n\r\n");
+            let r = c.read_response().expect("an answer");
+            assert_eq!(
+                (r.status, &r.body[..]),
+                (200, &b"origin"[..]),
+                "{name}: {r:?}"
+            );
+            let from_entry = |(n, v): &(String, String)| n.eq_ignore_ascii_case(name) && v == value;
+            assert!(!r.headers.iter().any(from_entry), "{name}: {r:?}");
+        }
+        assert!(gets.load(Ordering::SeqCst) >= 1);
+        drop(gw);
+        fake.stop();
+    }
+}
+
+/// An entry longer than any this host writes (`max_entry_bytes` and the encoding's overhead)
+/// is dropped as it arrives and is a miss: a Redis answering every GET with the largest reply
+/// (1 GiB) could otherwise make each waiting lookup hold that much.
+#[test]
+fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    for (body, from_redis) in [(1024usize, true), (64 * 1024, false)] {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: Vec::new(),
+            body: Bytes::from(vec![b'r'; body]),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/big"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+            hidden: Vec::new(),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        let (mut fake, addr, gets) = fake_redis(reply);
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\
+                 max_entry_bytes = \"2KiB\"\n\n[[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, DriverChoice::Auto);
+        let r = get(gw.addr, "/big");
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body.len(),
+            if from_redis { body } else { 6 },
+            "{body} bytes"
+        );
+        assert!(gets.load(Ordering::SeqCst) >= 1);
+        drop(gw);
+        fake.stop();
+    }
+}
