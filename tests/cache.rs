@@ -2619,3 +2619,80 @@ fn rfc9111_4_3_4_a_304_freshens_the_variants_with_its_strong_validator_on_every_
         assert!(status_of(&lang(&mut y, "en")).contains("hit"));
     }
 }
+
+/// RFC 9111 §4.3.5 and §4 with `[cache.redis]`: a HEAD on a gateway that does not hold the
+/// stored GET uses the one in Redis. While it is fresh the HEAD is answered from it without
+/// the origin; once it is stale the HEAD goes to the origin, and a 200 that agrees with it
+/// freshens it for every gateway sharing the Redis.
+#[test]
+fn rfc9111_4_3_5_a_head_uses_and_freshens_the_get_stored_in_redis() {
+    let redis = RedisServer::start();
+    let gets = Arc::new(AtomicUsize::new(0));
+    let heads = Arc::new(AtomicUsize::new(0));
+    let (g2, h2) = (gets.clone(), heads.clone());
+    let up = Upstream::start(move |req| {
+        if req.method == "HEAD" {
+            h2.fetch_add(1, Ordering::SeqCst);
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        let i = g2.fetch_add(1, Ordering::SeqCst) + 1;
+        // Under /stale/ stored already stale (max-age=0), so that a HEAD validates it.
+        let age = if req.target.starts_with("/stale/") {
+            0
+        } else {
+            600
+        };
+        Reply::Raw(
+            format!("HTTP/1.1 200 OK\r\ncache-control: max-age={age}\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv{i}")
+                .into_bytes(),
+        )
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let head = |addr, path: &str| {
+        request(
+            addr,
+            format!("HEAD {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes(),
+        )
+    };
+
+    // Fresh in Redis: b answers the HEAD from a's entry.
+    assert_eq!(get(a.addr, "/fresh/x").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || redis.calls("set") >= 1));
+    let h = head(b.addr, "/fresh/x");
+    assert_eq!(h.status, 200);
+    assert!(status_of(&h).contains("hit"), "{h:?}");
+    assert_eq!(h.header("etag"), Some("\"a\""));
+    assert_eq!(
+        heads.load(Ordering::SeqCst),
+        0,
+        "the HEAD reached the origin"
+    );
+    assert_eq!(gets.load(Ordering::SeqCst), 1);
+
+    // Stale in Redis: the HEAD goes to the origin as a HEAD, and its 200 (same tag, same
+    // length, max-age=600) freshens the stored GET.
+    assert_eq!(get(a.addr, "/stale/y").text(), "v2");
+    assert!(eventually(Duration::from_secs(5), || redis.calls("set") >= 2));
+    let h = head(b.addr, "/stale/y");
+    assert_eq!(h.status, 200);
+    assert!(status_of(&h).contains("fwd=stale"), "{h:?}");
+    assert_eq!(heads.load(Ordering::SeqCst), 1);
+    // b answers the GET from its freshened copy, without the origin.
+    let r = get(b.addr, "/stale/y");
+    assert_eq!(r.text(), "v2");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    // So does a, whose own copy is stale, once the freshened entry is in Redis.
+    assert!(eventually(Duration::from_secs(5), || redis.calls("set") >= 3));
+    let r = get(a.addr, "/stale/y");
+    assert_eq!(r.text(), "v2");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        2,
+        "a GET reached the origin again"
+    );
+}

@@ -273,6 +273,54 @@ enum Use {
     Validate,
 }
 
+/// The Redis layer's entry for the request (`[cache.redis]`), newer than `found` (what this
+/// worker holds, if anything), with how it may be used now: the first of the request's keys
+/// whose entry matches its Vary values. The entry is put in this worker's store. `None`: no
+/// layer, nothing there, or no answer within the layer's timeout (fail open).
+async fn from_shared(
+    w: &Worker,
+    keys: &Keys,
+    ctx: &RequestCtx<'_>,
+    req: &Directives,
+    p: &RoutePolicy,
+    found: Option<&Found>,
+) -> Option<(Found, Use)> {
+    let cache = &w.cache;
+    let layer = cache.shared().cloned()?;
+    let mut ks: Vec<&[u8]> = vec![&keys.shared];
+    if let Some(o) = &keys.own {
+        ks.push(o);
+    }
+    // A variant held here names the fields the key varies on: the request's variant is
+    // then asked for in the same round trip.
+    let held: Vec<Option<Rc<Object>>> = ks
+        .iter()
+        .map(|k| cache.get(k).and_then(|v| v.into_iter().next()))
+        .collect();
+    let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
+    let got = layer.get(&w.doorbell, &ks, &known, &ctx.head).await;
+    let now = now_secs();
+    for (k, o) in ks.iter().zip(got) {
+        let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
+            continue;
+        };
+        // Not older than the copy held here: one from the same second may be that copy
+        // validated since (by another worker or host), which the response time cannot tell.
+        if found.is_some_and(|f| f.obj.t.response_time > o.t.response_time) {
+            continue;
+        }
+        let o = Rc::new(o);
+        cache.insert(k, o.clone(), p.max_variants);
+        let u = usable(&o, req, now);
+        let f = Found {
+            obj: o,
+            key: k.to_vec(),
+        };
+        return Some((f, u));
+    }
+    None
+}
+
 fn usable(o: &Object, req: &Directives, now: u64) -> Use {
     let age = o.t.age(now);
     let ttl = o.ttl(now);
@@ -404,7 +452,22 @@ async fn cached<'c, S: ClientIo>(
     cache.count(|s| s.misses += 1);
     if ctx.head.method == Method::Head {
         // HEAD misses go through; only GET responses are stored, but a HEAD answer updates
-        // or invalidates the stored GET (§4.3.5).
+        // or invalidates the stored GET (§4.3.5). With `[cache.redis]` the stored GET may be
+        // another worker's or host's: it answers the HEAD when usable, and is what the HEAD's
+        // answer updates otherwise.
+        let mut found = found;
+        if let Some((f, u)) = from_shared(w, &keys, ctx, &req, p, found.as_ref()).await {
+            if matches!(u, Use::Fresh | Use::StaleOk) {
+                cache.count(|s| s.hits += 1);
+                let mut s = Status::new(p, "");
+                s.hit = true;
+                s.ttl = Some(f.obj.ttl(now_secs()));
+                s.detail = Some("redis");
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now_secs(), &s).await;
+            }
+            fwd = if req.no_cache { "request" } else { "stale" };
+            found = Some(f);
+        }
         let s = Status::new(p, fwd);
         return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), s).await;
     }
@@ -499,64 +562,36 @@ async fn cached<'c, S: ClientIo>(
     // The Redis layer: an entry there answers, or is validated instead of fetched whole (always
     // validated for a request with `no-cache`, §5.2.1.4, which still saves the body's transfer
     // when it has not changed).
-    if let Some(layer) = cache.shared().cloned() {
-        let mut ks: Vec<&[u8]> = vec![&keys.shared];
-        if let Some(o) = &keys.own {
-            ks.push(o);
-        }
-        // A variant held here names the fields the key varies on: the request's variant is
-        // then asked for in the same round trip.
-        let held: Vec<Option<Rc<Object>>> = ks
-            .iter()
-            .map(|k| cache.get(k).and_then(|v| v.into_iter().next()))
-            .collect();
-        let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
-        let got = layer.get(&w.doorbell, &ks, &known, &ctx.head).await;
+    if let Some((f, u)) = from_shared(w, &keys, ctx, &req, p, found.as_ref()).await {
         let now = now_secs();
-        for (k, o) in ks.iter().zip(got) {
-            let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
-                continue;
-            };
-            if found
-                .as_ref()
-                .is_some_and(|f| f.obj.t.response_time >= o.t.response_time)
-            {
-                continue;
-            }
-            let o = Rc::new(o);
-            cache.insert(k, o.clone(), p.max_variants);
-            if matches!(usable(&o, &req, now), Use::Fresh | Use::StaleOk) {
+        match u {
+            Use::Fresh | Use::StaleOk => {
                 if let Some(g) = guard {
                     g.finish(FlightEnd::Stored);
                 }
                 cache.count(|s| s.hits += 1);
                 let mut s = Status::new(p, "");
                 s.hit = true;
-                s.ttl = Some(o.ttl(now));
+                s.ttl = Some(f.obj.ttl(now));
                 s.collapsed = collapsed;
                 s.detail = Some("redis");
-                return answer(w, &cfg.via, route, c, ctx, &o, now, &s).await;
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
             }
-            if usable(&o, &req, now) == Use::StaleRevalidate {
+            Use::StaleRevalidate => {
                 // RFC 5861 §3, as for a local entry: answered at once and revalidated in the
                 // background. This request's flight ends first (the entry is in the store
                 // now), so that the revalidation can hold the key's flight.
                 if let Some(g) = guard {
                     g.finish(FlightEnd::Stored);
                 }
-                let f = Found {
-                    obj: o,
-                    key: k.to_vec(),
-                };
                 let a = StaleAnswer { now, collapsed };
                 return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, &keys, f, a)
                     .await;
             }
-            found = Some(Found {
-                obj: o,
-                key: k.to_vec(),
-            });
-            break;
+            Use::Validate => {
+                fwd = if req.no_cache { "request" } else { "stale" };
+                found = Some(f);
+            }
         }
     }
     let mut s = Status::new(p, fwd);
