@@ -16,7 +16,8 @@
 //! The default run is small enough for CI (64 cases per property). A longer run:
 //! `PROPTEST_CASES=20000 cargo test --release --test cache_props`.
 
-use std::alloc::{GlobalAlloc, Layout, System};
+mod prop_support;
+
 use std::cell::Cell;
 
 use bytes::Bytes;
@@ -29,61 +30,8 @@ use ringway::cache::policy::{
 use ringway::cache::redis::{decode, decode_purge, encode, encode_purge};
 use ringway::cache::{Object, Purge, PurgeTarget, Timing};
 
-// ---------------------------------------------------------------------------------------------
-// Bytes allocated by the current thread (the test threads run in parallel).
-
-struct Counting;
-
-thread_local! {
-    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count(n: usize) {
-    let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(n)));
-}
-
-// SAFETY: every call is passed on to the system allocator unchanged; the counter is a
-// const-initialised thread-local without destructor, so counting allocates nothing.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count(l.size());
-        System.alloc(l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        count(l.size());
-        System.alloc_zeroed(l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        count(new.saturating_sub(l.size()));
-        System.realloc(p, l, new)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// `f`'s result and the bytes this thread allocated while it ran.
-fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let before = ALLOCATED.with(Cell::get);
-    let out = f();
-    (out, ALLOCATED.with(Cell::get) - before)
-}
-
-/// Cases per property: `PROPTEST_CASES` when set, else a CI-sized default.
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
+static GLOBAL: prop_support::ThreadBytes = prop_support::ThreadBytes;
 
 fn bytes_of(n: usize) -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..n)
@@ -243,7 +191,7 @@ fn check_timing(o: &Object, now: u64) {
 /// and an entry accepted is one `encode` writes as these very bytes.
 fn check_decode(b: &[u8]) -> Option<Object> {
     let input = Bytes::copy_from_slice(b);
-    let (o, bytes) = allocated_by(|| decode(&input));
+    let (o, bytes) = prop_support::allocated_by(|| decode(&input));
     // Per byte of entry, at most a field's slot (two `Bytes`, 64 bytes per 8 bytes of
     // lengths) or a copy of a tag or a Vary value.
     let bound = 256 + 16 * b.len();
@@ -268,7 +216,7 @@ fn check_decode(b: &[u8]) -> Option<Object> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn entry_arbitrary_bytes_never_panic(b in bytes_of(300)) {
@@ -394,7 +342,7 @@ fn purge() -> impl Strategy<Value = Purge> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn purge_arbitrary_bytes_never_panic(b in bytes_of(80)) {
@@ -511,7 +459,7 @@ fn recase(s: &str, mask: u64) -> String {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn delta_seconds_saturate_at_2_31(d in digits(), quoted in any::<bool>(), ows in "[ \t]{0,2}") {
@@ -659,7 +607,7 @@ fn this_year() -> u64 {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     /// Every second the formatter writes (1970 to 9999) parses back to itself, in the
     /// IMF-fixdate and asctime forms, and in the rfc850 form where its two-digit year is
@@ -798,7 +746,7 @@ fn coding() -> impl Strategy<Value = (String, Option<&'static str>)> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     /// `Accept-Encoding` is compared as the set of codings accepted: order, case, OWS,
     /// duplicates and the split into lines do not matter, and a coding refused with q=0 is
@@ -934,7 +882,7 @@ fn position() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn byte_ranges_follow_the_model(

@@ -10,6 +10,8 @@
 //! The default run is small enough for CI (64 cases per property). A longer run:
 //! `PROPTEST_CASES=20000 cargo test --release --test codec_props`.
 
+mod prop_support;
+
 use bytes::BytesMut;
 use proptest::prelude::*;
 
@@ -19,19 +21,6 @@ use ringway::http::chunked::{
 use ringway::http::request::{parse_request, BodyKind, Limits, Method, ParseError, RequestHead};
 use ringway::http::response::{parse_response, RespBody, RespError, ResponseHead};
 use ringway::http::Version;
-
-/// Cases per property: `PROPTEST_CASES` when set, else a CI-sized default.
-fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Requests.
@@ -192,7 +181,7 @@ fn check_prefixes(buf: &[u8], limits: &Limits) {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn request_arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..600)) {
@@ -404,7 +393,7 @@ fn trailers_of(wire: &[u8]) -> Vec<(String, String)> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn chunked_arbitrary_bytes_never_panic(
@@ -566,7 +555,7 @@ fn response() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn response_arbitrary_bytes_never_panic(buf in proptest::collection::vec(any::<u8>(), 0..600)) {

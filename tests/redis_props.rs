@@ -11,9 +11,9 @@
 //! The default run is small enough for CI (64 cases per property). A longer run:
 //! `PROPTEST_CASES=20000 cargo test --release --test redis_props`.
 
+mod prop_support;
 mod support;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener};
@@ -29,64 +29,11 @@ use ringway::config::DriverChoice;
 use ringway::redis::{decode_reply, reply_len};
 use support::*;
 
-// ---------------------------------------------------------------------------------------------
-// Bytes allocated by the current thread (the test threads run in parallel).
-
-struct Counting;
-
-thread_local! {
-    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
-}
-
-fn count(n: usize) {
-    let _ = ALLOCATED.try_with(|a| a.set(a.get().saturating_add(n)));
-}
-
-// SAFETY: every call is passed on to the system allocator unchanged; the counter is a
-// const-initialised thread-local without destructor, so counting allocates nothing.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        count(l.size());
-        System.alloc(l)
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        count(l.size());
-        System.alloc_zeroed(l)
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        count(new.saturating_sub(l.size()));
-        System.realloc(p, l, new)
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l)
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-/// `f`'s result and the bytes this thread allocated while it ran.
-fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
-    let before = ALLOCATED.with(Cell::get);
-    let out = f();
-    (out, ALLOCATED.with(Cell::get) - before)
-}
+static GLOBAL: prop_support::ThreadBytes = prop_support::ThreadBytes;
 
 /// What an error of the reader allocates at most (its message).
 const ERROR_BYTES: usize = 256;
-
-/// Cases per property: `PROPTEST_CASES` when set, else a CI-sized default.
-fn cases() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Replies, and their encoding written here from the RESP2 description (not the crate's).
@@ -211,7 +158,7 @@ fn read(buf: &mut BytesMut) -> Read {
 fn check(input: &[u8]) -> Read {
     let mut buf = BytesMut::from(input);
     let len = reply_len(input);
-    let (r, bytes) = allocated_by(|| read(&mut buf));
+    let (r, bytes) = prop_support::allocated_by(|| read(&mut buf));
     // A decoded frame holds at most a few words per input byte (arrays of frames); a refusal
     // or a short buffer allocates next to nothing.
     let bound = 1024 + 64 * input.len();
@@ -235,7 +182,7 @@ fn check(input: &[u8]) -> Read {
 }
 
 proptest! {
-    #![proptest_config(cases())]
+    #![proptest_config(prop_support::config())]
 
     #[test]
     fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -329,7 +276,7 @@ proptest! {
         input.extend_from_slice(b"\r\n");
         input.extend_from_slice(&body);
         let mut buf = BytesMut::from(&input[..]);
-        let (r, bytes) = allocated_by(|| read(&mut buf));
+        let (r, bytes) = prop_support::allocated_by(|| read(&mut buf));
         // Waiting allocates nothing; a refusal, only its error.
         prop_assert!(bytes <= ERROR_BYTES, "{} bytes allocated", bytes);
         if r == Read::More {
@@ -376,12 +323,12 @@ fn deeply_nested_arrays_are_refused_not_recursed() {
 fn long_arrays_reserve_nothing() {
     let input = b"*65535\r\n".repeat(10);
     let mut buf = BytesMut::from(&input[..]);
-    let (r, bytes) = allocated_by(|| decode_reply(&mut buf));
+    let (r, bytes) = prop_support::allocated_by(|| decode_reply(&mut buf));
     assert!(r.is_err());
     assert!(bytes <= ERROR_BYTES, "{bytes} bytes allocated");
     // Within the limits, an array that is not whole reserves nothing either.
     let mut buf = BytesMut::from(&b"*4000\r\n*4000\r\n:1\r\n"[..]);
-    let (r, bytes) = allocated_by(|| decode_reply(&mut buf));
+    let (r, bytes) = prop_support::allocated_by(|| decode_reply(&mut buf));
     assert!(matches!(r, Ok(None)));
     assert_eq!(bytes, 0);
 }
