@@ -914,36 +914,7 @@ fn rfc9111_4_3_4_a_304_freshens_the_copies_of_the_other_workers() {
     for d in DRIVERS {
         f_hits.store(0, Ordering::SeqCst);
         let gw = TestGateway::start(&toml, d);
-        let control = gw.gateway().control();
-        let misses = || -> Vec<u64> {
-            ringway::cache::stats(control, Duration::from_secs(2))
-                .unwrap()
-                .iter()
-                .map(|s| s.misses)
-                .collect()
-        };
-        // One keep-alive connection on each worker (the kernel spreads them; a miss shows
-        // which worker served it).
-        let mut on: [Option<Client>; 2] = [None, None];
-        for i in 0..64 {
-            if on.iter().all(Option::is_some) {
-                break;
-            }
-            let before = misses();
-            let mut c = Client::connect(gw.addr);
-            c.send(format!("GET /who/{i} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes());
-            assert_eq!(c.read_response().expect("answer").status, 200);
-            let after = misses();
-            let w = (0..2)
-                .find(|&w| after[w] > before[w])
-                .expect("a worker counted it");
-            if on[w].is_none() {
-                on[w] = Some(c);
-            }
-        }
-        let [Some(mut x), Some(mut y)] = on else {
-            panic!("{d:?}: the kernel put 64 connections on one worker");
-        };
+        let (mut x, mut y) = client_per_worker(&gw);
         let ask = |c: &mut Client| {
             c.send(b"GET /f HTTP/1.1\r\nHost: test.local\r\n\r\n");
             let r = c.read_response().expect("answer");
@@ -958,7 +929,7 @@ fn rfc9111_4_3_4_a_304_freshens_the_copies_of_the_other_workers() {
         ask(&mut x);
         assert_eq!(f_hits.load(Ordering::SeqCst), 3);
         // Jobs run in the order they were posted: once y answers this, it has the update.
-        misses();
+        ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
         let r = ask(&mut y);
         assert!(status_of(&r).contains("hit"), "{d:?}: {r:?}");
         assert_eq!(
