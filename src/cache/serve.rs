@@ -558,19 +558,20 @@ async fn cached<'c, S: ClientIo>(
         c,
         ctx,
         Fetch::Fill {
-            keys,
+            keys: &keys,
             stale,
             guard,
-            req,
+            req: &req,
         },
         s,
     )
     .await
 }
 
-/// What a trip upstream is for (one per request, held in its future).
+/// What a trip upstream is for (one per request, held in its future). The request's keys and
+/// directives are lent (the caller holds them across the fetch), not moved into the future.
 #[allow(clippy::large_enum_variant)]
-enum Fetch {
+enum Fetch<'k> {
     /// Nothing to store (bypass).
     Pass,
     /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5).
@@ -579,10 +580,10 @@ enum Fetch {
     Invalidate(Vec<u8>),
     /// A GET that may be stored; `stale`: what is stored, validated with its validators.
     Fill {
-        keys: Keys,
+        keys: &'k Keys,
         stale: Option<Found>,
         guard: Option<FlightGuard>,
-        req: Directives,
+        req: &'k Directives,
     },
 }
 
@@ -1112,7 +1113,7 @@ async fn fetch<'c, S: ClientIo>(
     group: &UpstreamGroup,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
-    mode: Fetch,
+    mode: Fetch<'_>,
     mut status: Status<'_>,
 ) -> Outcome<'c> {
     let cache = w.cache.clone();
@@ -1216,7 +1217,7 @@ async fn fetch<'c, S: ClientIo>(
                     }
                     if let Some(f) = stale.as_ref().filter(|f| {
                         matches!(resp.status, 500 | 502 | 503 | 504)
-                            && stale_if_error(&f.obj, &req, now)
+                            && stale_if_error(&f.obj, req, now)
                     }) {
                         resp.raw = Bytes::new();
                         release(w, group, ch, true, false);
