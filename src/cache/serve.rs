@@ -11,8 +11,8 @@ use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
-use crate::http::ConnectionOptions;
 use crate::http::Version;
+use crate::http::{ConnectionOptions, Span};
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
 use crate::proxy::conn::{
     end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
@@ -645,21 +645,20 @@ fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
 /// head's bytes.
 fn copy_fields_where(resp: &ResponseHead, raw: &Bytes, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    let part = |s: &[u8]| {
-        let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
-        raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
+    // A line's span in the head is its span in `raw`, the head's copy (kept within `raw` all
+    // the same).
+    let part = |s: Span| {
+        let end = (s.end as usize).min(raw.len());
+        raw.slice((s.start as usize).min(end)..end)
     };
     // Sized for every line at once (collecting from a filter would start small and grow).
     let mut fields = Vec::with_capacity(resp.headers.len() + 1);
-    fields.extend(
-        resp.headers
-            .iter()
-            .filter(|h| {
-                let n = resp.bytes(h.name);
-                keep(n) && !(resp.connection_options && listed.lists(n))
-            })
-            .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value)))),
-    );
+    for h in &resp.headers {
+        let n = resp.bytes(h.name);
+        if keep(n) && !(resp.connection_options && listed.lists(n)) {
+            fields.push((part(h.name), part(h.value)));
+        }
+    }
     fields
 }
 
