@@ -718,7 +718,7 @@ fn analyze_response(
     let (d, targeted) = p.directives_by(|name, each| {
         for h in &resp.headers {
             let n = resp.bytes(h.name);
-            if n.eq_ignore_ascii_case(name) && !(resp.connection_options && listed.lists(n)) {
+            if policy::eq_ignore_case(n, name) && !(resp.connection_options && listed.lists(n)) {
                 each(resp.bytes(h.value));
             }
         }
@@ -923,7 +923,7 @@ impl<'a> Seen<'a> {
     fn of(fields: &'a [Field]) -> Seen<'a> {
         let mut s = Seen::default();
         for (n, v) in fields {
-            let is = |name: &[u8]| n.eq_ignore_ascii_case(name);
+            let is = |name: &[u8]| policy::eq_ignore_case(n, name);
             let slot = match n.len() {
                 3 if is(b"age") => &mut s.age,
                 4 if is(b"date") => &mut s.date,
