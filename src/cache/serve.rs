@@ -1307,7 +1307,8 @@ async fn fetch<'c, S: ClientIo>(
                     .await;
                     let complete = matches!(out, Outcome::Relayed { .. });
                     let failed = matches!(out, Outcome::Answer(_));
-                    let reason = reason_of(&resp);
+                    // The reason phrase to store: the stream has it when it was published.
+                    let reason = (plan.is_ok() && !published).then(|| reason_of(&resp));
                     let status_code = resp.status;
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
@@ -1319,13 +1320,16 @@ async fn fetch<'c, S: ClientIo>(
                         .filter(|_| published)
                         .and_then(|g| g.flight().take_stream());
                     if let (Ok(mut s), Some(k), Some(t)) = (plan, key, tee) {
-                        let vary = match lent {
+                        let (vary, reason) = match lent {
                             Some(st) => {
                                 s.fields = st.fields;
-                                Some(st.vary)
+                                (Some(st.vary), st.reason)
                             }
-                            None if published => None,
-                            None => Some(vary_values(&s.vary, &ctx.head)),
+                            None if published => (None, Bytes::new()),
+                            None => (
+                                Some(vary_values(&s.vary, &ctx.head)),
+                                reason.unwrap_or_default(),
+                            ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
                             let url = std::mem::take(&mut s.url);
