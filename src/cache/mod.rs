@@ -58,6 +58,9 @@ const MAX_SPARE_KEY_BYTES: usize = 1024;
 const MAX_SPARE_FLIGHTS: usize = 64;
 /// Most surrogate keys kept per object.
 const MAX_TAGS: usize = 64;
+/// Largest field vector kept from an evicted object for the next one (see
+/// [`WorkerCache::new_object`]).
+const MAX_SPARE_FIELDS: usize = 64;
 
 /// Seconds since the Unix epoch (0 before it): the clock `SystemTime::now` reads, read
 /// directly (a miss reads it three times; `duration_since` and its `Duration` cost more than
@@ -313,7 +316,7 @@ impl Timing {
 }
 
 /// A stored response.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Object {
     pub status: u16,
     pub reason: Bytes,
@@ -421,7 +424,32 @@ impl quick_cache::Weighter<Box<[u8]>, Entry> for ByWeight {
     }
 }
 
-type Map = quick_cache::unsync::Cache<Box<[u8]>, Entry, ByWeight>;
+type Map = quick_cache::unsync::Cache<
+    Box<[u8]>,
+    Entry,
+    ByWeight,
+    quick_cache::DefaultHashBuilder,
+    Evicted,
+>;
+
+/// Hands the first entry an insert evicts back to [`WorkerCache::insert`] (the others are
+/// dropped as quick_cache drops them), whose object's allocations the next stored miss reuses.
+#[derive(Clone, Default)]
+struct Evicted;
+
+impl quick_cache::Lifecycle<Box<[u8]>, Entry> for Evicted {
+    type RequestState = Option<Entry>;
+
+    fn begin_request(&self) -> Option<Entry> {
+        None
+    }
+
+    fn on_evict(&self, state: &mut Option<Entry>, _key: Box<[u8]>, val: Entry) {
+        if state.is_none() {
+            *state = Some(val);
+        }
+    }
+}
 
 /// How a coalesced fetch ended, for those who waited on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -616,6 +644,10 @@ pub struct WorkerCache {
     /// Flights that ended with no waiter holding them, reset, for the next misses (at most
     /// [`MAX_SPARE_FLIGHTS`], each with a key buffer of at most [`MAX_SPARE_KEY_BYTES`]).
     spare_flights: RefCell<Vec<Rc<Flight>>>,
+    /// An evicted object's allocation, emptied, and its field vector (at most
+    /// [`MAX_SPARE_FIELDS`] long), for the next stored miss (see [`WorkerCache::new_object`]).
+    spare_object: RefCell<Option<Rc<Object>>>,
+    spare_fields: RefCell<Vec<Field>>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -641,6 +673,8 @@ impl WorkerCache {
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
             spare_flights: RefCell::new(Vec::new()),
+            spare_object: RefCell::new(None),
+            spare_fields: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -739,9 +773,51 @@ impl WorkerCache {
             }
         };
         let weight = variants.weight();
-        m.insert(key.into(), Entry { variants, weight });
+        let evicted = m.insert_with_lifecycle(key.into(), Entry { variants, weight });
         drop(m);
         self.count(|s| s.stores += 1);
+        if let Some(Entry {
+            variants: Variants::One(o),
+            ..
+        }) = evicted
+        {
+            self.keep_object(o);
+        }
+    }
+
+    /// Keeps an evicted object's allocations for [`WorkerCache::new_object`] when nothing else
+    /// holds it (its contents are dropped now, as eviction dropped them).
+    fn keep_object(&self, mut o: Rc<Object>) {
+        let Some(obj) = Rc::get_mut(&mut o) else {
+            return;
+        };
+        let mut fields = std::mem::take(&mut obj.fields);
+        *obj = Object::default();
+        fields.clear();
+        if fields.capacity() <= MAX_SPARE_FIELDS {
+            let mut spare = self.spare_fields.borrow_mut();
+            if spare.capacity() < fields.capacity() {
+                *spare = fields;
+            }
+        }
+        *self.spare_object.borrow_mut() = Some(o);
+    }
+
+    /// An empty vector for a stored response's fields: an evicted object's, when one is kept.
+    pub fn field_vec(&self) -> Vec<Field> {
+        std::mem::take(&mut *self.spare_fields.borrow_mut())
+    }
+
+    /// `o` in an evicted object's allocation when one is kept (no allocation and no free per
+    /// stored miss once the store is full), else in a new one.
+    pub fn new_object(&self, o: Object) -> Rc<Object> {
+        if let Some(mut rc) = self.spare_object.borrow_mut().take() {
+            if let Some(slot) = Rc::get_mut(&mut rc) {
+                *slot = o;
+                return rc;
+            }
+        }
+        Rc::new(o)
     }
 
     /// Stores `obj`, a stored response freshened by a 304 or a HEAD (RFC 9111 §4.3.4,
@@ -1250,6 +1326,58 @@ mod tests {
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n";
         let cfg = Config::parse(src, "t.toml").expect("config");
         WorkerCache::new(&cfg, 0)
+    }
+
+    #[test]
+    fn an_evicted_object_lends_its_allocations_to_the_next_stored_one() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"4KiB\"\nmax_object_bytes = \"2KiB\"\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        let c = WorkerCache::new(&cfg, 0);
+        let obj = || Object {
+            status: 200,
+            fields: vec![(Bytes::from_static(b"etag"), Bytes::from_static(b"\"a\""))],
+            body: Bytes::from(vec![b'x'; 1000]),
+            ..Object::default()
+        };
+        // Four of these fill the budget: the others evict.
+        for i in 0..20 {
+            c.insert(format!("k{i}").as_bytes(), Rc::new(obj()), 4);
+        }
+        assert!(c.stats().bytes <= 4096);
+        let kept = c.spare_object.borrow().as_ref().map(Rc::as_ptr);
+        let kept = kept.expect("an evicted object kept");
+        {
+            let spare = c.spare_object.borrow();
+            let spare = spare.as_ref().expect("kept");
+            assert!(spare.body.is_empty() && spare.fields.is_empty(), "emptied");
+        }
+        let fields = c.field_vec();
+        assert!(
+            fields.is_empty() && fields.capacity() >= 1,
+            "its field vector kept"
+        );
+        assert_eq!(c.field_vec().capacity(), 0, "given once");
+        let o = c.new_object(Object {
+            status: 203,
+            ..Object::default()
+        });
+        assert_eq!(Rc::as_ptr(&o), kept, "the allocation reused");
+        assert_eq!(o.status, 203);
+        assert!(c.spare_object.borrow().is_none());
+        // Objects something else still holds when they are evicted are left to it.
+        let held: Vec<Rc<Object>> = (20..40)
+            .map(|i| {
+                let o = Rc::new(obj());
+                c.insert(format!("k{i}").as_bytes(), o.clone(), 4);
+                o
+            })
+            .collect();
+        let spare = c.spare_object.borrow().as_ref().map(Rc::as_ptr);
+        assert!(
+            held.iter().all(|o| Some(Rc::as_ptr(o)) != spare),
+            "none of them kept"
+        );
+        assert!(held.iter().all(|o| o.body.len() == 1000), "untouched");
     }
 
     #[test]

@@ -638,12 +638,22 @@ fn conditional_head(
 
 /// The response's header fields, copied (they must not pin the upstream read buffer).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
-    copy_fields_where(resp, &Bytes::copy_from_slice(&resp.raw), |_| true)
+    copy_fields_where(
+        resp,
+        &Bytes::copy_from_slice(&resp.raw),
+        |_| true,
+        Vec::new(),
+    )
 }
 
 /// [`copy_fields`] of the lines whose name `keep` accepts, as slices of `raw`, a copy of the
-/// head's bytes.
-fn copy_fields_where(resp: &ResponseHead, raw: &Bytes, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
+/// head's bytes, into `fields` (empty; its capacity is used).
+fn copy_fields_where(
+    resp: &ResponseHead,
+    raw: &Bytes,
+    keep: impl Fn(&[u8]) -> bool,
+    mut fields: Vec<Field>,
+) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
     // A line's span in the head is its span in `raw`, the head's copy (kept within `raw` all
     // the same).
@@ -652,7 +662,7 @@ fn copy_fields_where(resp: &ResponseHead, raw: &Bytes, keep: impl Fn(&[u8]) -> b
         raw.slice((s.start as usize).min(end)..end)
     };
     // Sized for every line at once (collecting from a filter would start small and grow).
-    let mut fields = Vec::with_capacity(resp.headers.len() + 1);
+    fields.reserve(resp.headers.len() + 1);
     for h in &resp.headers {
         let n = resp.bytes(h.name);
         if keep(n) && !(resp.connection_options && listed.lists(n)) {
@@ -703,11 +713,14 @@ pub(crate) fn analyze(
 /// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
 /// copied; the fields of one that may be are copied once and kept as they are filtered. What
 /// the stored object keeps of the response takes one allocation: the head's copy, the URL of
-/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]).
+/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]). The field
+/// vector is the cache's ([`WorkerCache::field_vec`]).
+#[allow(clippy::too_many_arguments)]
 fn analyze_response(
     p: &RoutePolicy,
     resp: &ResponseHead,
     req: &RequestHead,
+    cache: &WorkerCache,
     body_room: usize,
     req_authorized: bool,
     request_time: u64,
@@ -737,9 +750,12 @@ fn analyze_response(
     let raw = head_url.slice(..head_len);
     // What is never stored is not copied either, except Age, which the age calculation reads
     // (§4.2.3; `analyze_fields` drops it from the stored copy).
-    let fields = copy_fields_where(resp, &raw, |n| {
-        !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age")
-    });
+    let fields = copy_fields_where(
+        resp,
+        &raw,
+        |n| !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age"),
+        cache.field_vec(),
+    );
     let mut s = analyze_fields(
         p,
         resp.status,
@@ -1239,6 +1255,7 @@ async fn fetch<'c, S: ClientIo>(
                             p,
                             &resp,
                             &ctx.head,
+                            &cache,
                             body_room,
                             authorized,
                             request_time,
@@ -1334,7 +1351,7 @@ async fn fetch<'c, S: ClientIo>(
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
                             let url = std::mem::take(&mut s.url);
                             let obj = make_object(s, status_code, reason, t.finish(), url, vary);
-                            let obj = Rc::new(obj);
+                            let obj = cache.new_object(obj);
                             cache.insert(k, obj.clone(), p.max_variants);
                             cache.share(k, &obj);
                             end = FlightEnd::Stored;
