@@ -61,6 +61,11 @@ const MAX_TAGS: usize = 64;
 /// Largest field vector kept from an evicted object for the next one (see
 /// [`WorkerCache::new_object`]).
 const MAX_SPARE_FIELDS: usize = 64;
+/// Largest buffer kept from an evicted object for the next stored miss, and the most room a
+/// reused one may have beyond what that miss asks for (room no weight counts; see
+/// [`WorkerCache::object_buf`]).
+const MAX_SPARE_BUF: usize = 64 * 1024;
+const SPARE_BUF_SLACK: usize = 256;
 
 /// Seconds since the Unix epoch (0 before it): the clock `SystemTime::now` reads, read
 /// directly (a miss reads it three times; `duration_since` and its `Duration` cost more than
@@ -648,6 +653,9 @@ pub struct WorkerCache {
     /// [`MAX_SPARE_FIELDS`] long), for the next stored miss (see [`WorkerCache::new_object`]).
     spare_object: RefCell<Option<Rc<Object>>>,
     spare_fields: RefCell<Vec<Field>>,
+    /// The allocation that held an evicted object's head, URL and body, emptied (at most
+    /// [`MAX_SPARE_BUF`] bytes), for the next stored miss (see [`WorkerCache::object_buf`]).
+    spare_buf: RefCell<BytesMut>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -675,6 +683,7 @@ impl WorkerCache {
             spare_flights: RefCell::new(Vec::new()),
             spare_object: RefCell::new(None),
             spare_fields: RefCell::new(Vec::new()),
+            spare_buf: RefCell::new(BytesMut::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -792,8 +801,21 @@ impl WorkerCache {
             return;
         };
         let mut fields = std::mem::take(&mut obj.fields);
+        let body = std::mem::take(&mut obj.body);
         *obj = Object::default();
         fields.clear();
+        // An object stored from an upstream holds its head's copy, its URL and its body in one
+        // allocation (`serve::analyze_response`): with the other slices of it dropped above,
+        // the body's handle gives it back.
+        if let Ok(mut buf) = body.try_into_mut() {
+            buf.clear();
+            // All of it (the body's handle starts past the head and the URL): `try_reclaim`
+            // moves back to the start when there is room before it, and never allocates.
+            let _ = buf.try_reclaim(buf.capacity().saturating_add(1));
+            if buf.capacity() <= MAX_SPARE_BUF {
+                *self.spare_buf.borrow_mut() = buf;
+            }
+        }
         if fields.capacity() <= MAX_SPARE_FIELDS {
             let mut spare = self.spare_fields.borrow_mut();
             if spare.capacity() < fields.capacity() {
@@ -801,6 +823,18 @@ impl WorkerCache {
             }
         }
         *self.spare_object.borrow_mut() = Some(o);
+    }
+
+    /// An empty buffer with room for `n` bytes: an evicted object's when it has that room and at
+    /// most [`SPARE_BUF_SLACK`] bytes more (so that a stored object never holds much more
+    /// memory than its weight says), else a new one.
+    pub fn object_buf(&self, n: usize) -> BytesMut {
+        let mut spare = self.spare_buf.borrow_mut();
+        let cap = spare.capacity();
+        if cap >= n && cap - n <= SPARE_BUF_SLACK {
+            return std::mem::take(&mut *spare);
+        }
+        BytesMut::with_capacity(n)
     }
 
     /// An empty vector for a stored response's fields: an evicted object's, when one is kept.
@@ -1333,11 +1367,19 @@ mod tests {
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"4KiB\"\nmax_object_bytes = \"2KiB\"\n";
         let cfg = Config::parse(src, "t.toml").expect("config");
         let c = WorkerCache::new(&cfg, 0);
-        let obj = || Object {
-            status: 200,
-            fields: vec![(Bytes::from_static(b"etag"), Bytes::from_static(b"\"a\""))],
-            body: Bytes::from(vec![b'x'; 1000]),
-            ..Object::default()
+        // Laid out as a stored miss lays out an object: head, then body, in one allocation.
+        let obj = || {
+            let mut buf = BytesMut::with_capacity(1100);
+            buf.extend_from_slice(&[b'h'; 100]);
+            let head = buf.split().freeze();
+            buf.extend_from_slice(&[b'x'; 1000]);
+            Object {
+                status: 200,
+                fields: vec![(head.slice(0..4), head.slice(4..8))],
+                url: head.slice(8..12),
+                body: buf.freeze(),
+                ..Object::default()
+            }
         };
         // Four of these fill the budget: the others evict.
         for i in 0..20 {
@@ -1357,6 +1399,17 @@ mod tests {
             "its field vector kept"
         );
         assert_eq!(c.field_vec().capacity(), 0, "given once");
+        // The allocation that held the head and the body comes back whole, for a miss that
+        // needs about as much.
+        assert_eq!(c.spare_buf.borrow().capacity(), 1100);
+        assert_eq!(
+            c.object_buf(100).capacity(),
+            100,
+            "too large for 100 bytes: a new one"
+        );
+        let buf = c.object_buf(1000);
+        assert!(buf.is_empty() && buf.capacity() == 1100, "reused");
+        assert_eq!(c.spare_buf.borrow().capacity(), 0, "given once");
         let o = c.new_object(Object {
             status: 203,
             ..Object::default()

@@ -713,8 +713,9 @@ pub(crate) fn analyze(
 /// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
 /// copied; the fields of one that may be are copied once and kept as they are filtered. What
 /// the stored object keeps of the response takes one allocation: the head's copy, the URL of
-/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]). The field
-/// vector is the cache's ([`WorkerCache::field_vec`]).
+/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]). That
+/// allocation and the field vector are the cache's ([`WorkerCache::object_buf`],
+/// [`WorkerCache::field_vec`]).
 #[allow(clippy::too_many_arguments)]
 fn analyze_response(
     p: &RoutePolicy,
@@ -738,7 +739,7 @@ fn analyze_response(
     });
     screen(resp.status, &d, req_authorized)?;
     let head_len = resp.raw.len();
-    let mut buf = BytesMut::with_capacity(
+    let mut buf = cache.object_buf(
         head_len
             .saturating_add(super::url_len(req))
             .saturating_add(body_room),
