@@ -847,7 +847,10 @@ impl WorkerCache {
     pub fn new_object(&self, o: Object) -> Rc<Object> {
         if let Some(mut rc) = self.spare_object.borrow_mut().take() {
             if let Some(slot) = Rc::get_mut(&mut rc) {
-                *slot = o;
+                // A kept object is `Object::default()` (`keep_object`): no allocation in it,
+                // nothing to drop (its empty parts' destructors would run for nothing).
+                debug_assert!(slot.fields.capacity() == 0 && slot.body.is_empty());
+                std::mem::forget(std::mem::replace(slot, o));
                 return rc;
             }
         }
