@@ -58,6 +58,14 @@ const MAX_SPARE_KEY_BYTES: usize = 1024;
 const MAX_SPARE_FLIGHTS: usize = 64;
 /// Most surrogate keys kept per object.
 const MAX_TAGS: usize = 64;
+/// Largest field vector kept from an evicted object for the next one (see
+/// [`WorkerCache::new_object`]).
+const MAX_SPARE_FIELDS: usize = 64;
+/// Largest buffer kept from an evicted object for the next stored miss, and the most room a
+/// reused one may have beyond what that miss asks for (room no weight counts; see
+/// [`WorkerCache::object_buf`]).
+const MAX_SPARE_BUF: usize = 64 * 1024;
+const SPARE_BUF_SLACK: usize = 256;
 
 /// Seconds since the Unix epoch (0 before it): the clock `SystemTime::now` reads, read
 /// directly (a miss reads it three times; `duration_since` and its `Duration` cost more than
@@ -313,7 +321,7 @@ impl Timing {
 }
 
 /// A stored response.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Object {
     pub status: u16,
     pub reason: Bytes,
@@ -424,7 +432,32 @@ impl quick_cache::Weighter<Box<[u8]>, Entry> for ByWeight {
     }
 }
 
-type Map = quick_cache::unsync::Cache<Box<[u8]>, Entry, ByWeight>;
+type Map = quick_cache::unsync::Cache<
+    Box<[u8]>,
+    Entry,
+    ByWeight,
+    quick_cache::DefaultHashBuilder,
+    Evicted,
+>;
+
+/// Hands the first entry an insert evicts back to [`WorkerCache::insert`] (the others are
+/// dropped as quick_cache drops them), whose object's allocations the next stored miss reuses.
+#[derive(Clone, Default)]
+struct Evicted;
+
+impl quick_cache::Lifecycle<Box<[u8]>, Entry> for Evicted {
+    type RequestState = Option<Entry>;
+
+    fn begin_request(&self) -> Option<Entry> {
+        None
+    }
+
+    fn on_evict(&self, state: &mut Option<Entry>, _key: Box<[u8]>, val: Entry) {
+        if state.is_none() {
+            *state = Some(val);
+        }
+    }
+}
 
 /// How a coalesced fetch ended, for those who waited on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -619,6 +652,13 @@ pub struct WorkerCache {
     /// Flights that ended with no waiter holding them, reset, for the next misses (at most
     /// [`MAX_SPARE_FLIGHTS`], each with a key buffer of at most [`MAX_SPARE_KEY_BYTES`]).
     spare_flights: RefCell<Vec<Rc<Flight>>>,
+    /// An evicted object's allocation, emptied, and its field vector (at most
+    /// [`MAX_SPARE_FIELDS`] long), for the next stored miss (see [`WorkerCache::new_object`]).
+    spare_object: RefCell<Option<Rc<Object>>>,
+    spare_fields: RefCell<Vec<Field>>,
+    /// The allocation that held an evicted object's head, URL and body, emptied (at most
+    /// [`MAX_SPARE_BUF`] bytes), for the next stored miss (see [`WorkerCache::object_buf`]).
+    spare_buf: RefCell<BytesMut>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -644,6 +684,9 @@ impl WorkerCache {
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
             spare_flights: RefCell::new(Vec::new()),
+            spare_object: RefCell::new(None),
+            spare_fields: RefCell::new(Vec::new()),
+            spare_buf: RefCell::new(BytesMut::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -743,9 +786,79 @@ impl WorkerCache {
             }
         };
         let weight = variants.weight();
-        m.insert(key.into(), Entry { variants, weight });
+        let evicted = m.insert_with_lifecycle(key.into(), Entry { variants, weight });
         drop(m);
         self.count(|s| s.stores += 1);
+        if let Some(Entry {
+            variants: Variants::One(o),
+            ..
+        }) = evicted
+        {
+            self.keep_object(o);
+        }
+    }
+
+    /// Keeps an evicted object's allocations for [`WorkerCache::new_object`] when nothing else
+    /// holds it (its contents are dropped now, as eviction dropped them).
+    fn keep_object(&self, mut o: Rc<Object>) {
+        let Some(obj) = Rc::get_mut(&mut o) else {
+            return;
+        };
+        let mut fields = std::mem::take(&mut obj.fields);
+        let body = std::mem::take(&mut obj.body);
+        *obj = Object::default();
+        fields.clear();
+        // An object stored from an upstream holds its head's copy, its URL and its body in one
+        // allocation (`serve::analyze_response`): with the other slices of it dropped above,
+        // the body's handle gives it back.
+        if let Ok(mut buf) = body.try_into_mut() {
+            buf.clear();
+            // All of it (the body's handle starts past the head and the URL): `try_reclaim`
+            // moves back to the start when there is room before it, and never allocates.
+            let _ = buf.try_reclaim(buf.capacity().saturating_add(1));
+            if buf.capacity() <= MAX_SPARE_BUF {
+                *self.spare_buf.borrow_mut() = buf;
+            }
+        }
+        if fields.capacity() <= MAX_SPARE_FIELDS {
+            let mut spare = self.spare_fields.borrow_mut();
+            if spare.capacity() < fields.capacity() {
+                *spare = fields;
+            }
+        }
+        *self.spare_object.borrow_mut() = Some(o);
+    }
+
+    /// An empty buffer with room for `n` bytes: an evicted object's when it has that room and at
+    /// most [`SPARE_BUF_SLACK`] bytes more (so that a stored object never holds much more
+    /// memory than its weight says), else a new one.
+    pub fn object_buf(&self, n: usize) -> BytesMut {
+        let mut spare = self.spare_buf.borrow_mut();
+        let cap = spare.capacity();
+        if cap >= n && cap - n <= SPARE_BUF_SLACK {
+            return std::mem::take(&mut *spare);
+        }
+        BytesMut::with_capacity(n)
+    }
+
+    /// An empty vector for a stored response's fields: an evicted object's, when one is kept.
+    pub fn field_vec(&self) -> Vec<Field> {
+        std::mem::take(&mut *self.spare_fields.borrow_mut())
+    }
+
+    /// `o` in an evicted object's allocation when one is kept (no allocation and no free per
+    /// stored miss once the store is full), else in a new one.
+    pub fn new_object(&self, o: Object) -> Rc<Object> {
+        if let Some(mut rc) = self.spare_object.borrow_mut().take() {
+            if let Some(slot) = Rc::get_mut(&mut rc) {
+                // A kept object is `Object::default()` (`keep_object`): no allocation in it,
+                // nothing to drop (its empty parts' destructors would run for nothing).
+                debug_assert!(slot.fields.capacity() == 0 && slot.body.is_empty());
+                std::mem::forget(std::mem::replace(slot, o));
+                return rc;
+            }
+        }
+        Rc::new(o)
     }
 
     /// Stores `obj`, a stored response freshened by a 304 or a HEAD (RFC 9111 §4.3.4,
@@ -1267,6 +1380,77 @@ mod tests {
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n";
         let cfg = Config::parse(src, "t.toml").expect("config");
         WorkerCache::new(&cfg, 0)
+    }
+
+    #[test]
+    fn an_evicted_object_lends_its_allocations_to_the_next_stored_one() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"4KiB\"\nmax_object_bytes = \"2KiB\"\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        let c = WorkerCache::new(&cfg, 0);
+        // Laid out as a stored miss lays out an object: head, then body, in one allocation.
+        let obj = || {
+            let mut buf = BytesMut::with_capacity(1100);
+            buf.extend_from_slice(&[b'h'; 100]);
+            let head = buf.split().freeze();
+            buf.extend_from_slice(&[b'x'; 1000]);
+            Object {
+                status: 200,
+                fields: vec![(head.slice(0..4), head.slice(4..8))],
+                url: head.slice(8..12),
+                body: buf.freeze(),
+                ..Object::default()
+            }
+        };
+        // Four of these fill the budget: the others evict.
+        for i in 0..20 {
+            c.insert(format!("k{i}").as_bytes(), Rc::new(obj()), 4);
+        }
+        assert!(c.stats().bytes <= 4096);
+        let kept = c.spare_object.borrow().as_ref().map(Rc::as_ptr);
+        let kept = kept.expect("an evicted object kept");
+        {
+            let spare = c.spare_object.borrow();
+            let spare = spare.as_ref().expect("kept");
+            assert!(spare.body.is_empty() && spare.fields.is_empty(), "emptied");
+        }
+        let fields = c.field_vec();
+        assert!(
+            fields.is_empty() && fields.capacity() >= 1,
+            "its field vector kept"
+        );
+        assert_eq!(c.field_vec().capacity(), 0, "given once");
+        // The allocation that held the head and the body comes back whole, for a miss that
+        // needs about as much.
+        assert_eq!(c.spare_buf.borrow().capacity(), 1100);
+        assert_eq!(
+            c.object_buf(100).capacity(),
+            100,
+            "too large for 100 bytes: a new one"
+        );
+        let buf = c.object_buf(1000);
+        assert!(buf.is_empty() && buf.capacity() == 1100, "reused");
+        assert_eq!(c.spare_buf.borrow().capacity(), 0, "given once");
+        let o = c.new_object(Object {
+            status: 203,
+            ..Object::default()
+        });
+        assert_eq!(Rc::as_ptr(&o), kept, "the allocation reused");
+        assert_eq!(o.status, 203);
+        assert!(c.spare_object.borrow().is_none());
+        // Objects something else still holds when they are evicted are left to it.
+        let held: Vec<Rc<Object>> = (20..40)
+            .map(|i| {
+                let o = Rc::new(obj());
+                c.insert(format!("k{i}").as_bytes(), o.clone(), 4);
+                o
+            })
+            .collect();
+        let spare = c.spare_object.borrow().as_ref().map(Rc::as_ptr);
+        assert!(
+            held.iter().all(|o| Some(Rc::as_ptr(o)) != spare),
+            "none of them kept"
+        );
+        assert!(held.iter().all(|o| o.body.len() == 1000), "untouched");
     }
 
     #[test]

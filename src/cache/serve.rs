@@ -11,8 +11,8 @@ use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
-use crate::http::ConnectionOptions;
 use crate::http::Version;
+use crate::http::{ConnectionOptions, Span};
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
 use crate::proxy::conn::{
     end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
@@ -606,19 +606,20 @@ async fn cached<'c, S: ClientIo>(
         c,
         ctx,
         Fetch::Fill {
-            keys,
+            keys: &keys,
             stale,
             guard,
-            req,
+            req: &req,
         },
         s,
     )
     .await
 }
 
-/// What a trip upstream is for (one per request, held in its future).
+/// What a trip upstream is for (one per request, held in its future). The request's keys and
+/// directives are lent (the caller holds them across the fetch), not moved into the future.
 #[allow(clippy::large_enum_variant)]
-enum Fetch {
+enum Fetch<'k> {
     /// Nothing to store (bypass).
     Pass,
     /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5).
@@ -627,10 +628,10 @@ enum Fetch {
     Invalidate(Vec<u8>),
     /// A GET that may be stored; `stale`: what is stored, validated with its validators.
     Fill {
-        keys: Keys,
+        keys: &'k Keys,
         stale: Option<Found>,
         guard: Option<FlightGuard>,
-        req: Directives,
+        req: &'k Directives,
     },
 }
 
@@ -685,28 +686,37 @@ fn conditional_head(
 
 /// The response's header fields, copied (they must not pin the upstream read buffer).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
-    copy_fields_where(resp, &Bytes::copy_from_slice(&resp.raw), |_| true)
+    copy_fields_where(
+        resp,
+        &Bytes::copy_from_slice(&resp.raw),
+        |_| true,
+        Vec::new(),
+    )
 }
 
 /// [`copy_fields`] of the lines whose name `keep` accepts, as slices of `raw`, a copy of the
-/// head's bytes.
-fn copy_fields_where(resp: &ResponseHead, raw: &Bytes, keep: impl Fn(&[u8]) -> bool) -> Vec<Field> {
+/// head's bytes, into `fields` (empty; its capacity is used).
+fn copy_fields_where(
+    resp: &ResponseHead,
+    raw: &Bytes,
+    keep: impl Fn(&[u8]) -> bool,
+    mut fields: Vec<Field>,
+) -> Vec<Field> {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    let part = |s: &[u8]| {
-        let off = (s.as_ptr() as usize).saturating_sub(resp.raw.as_ptr() as usize);
-        raw.slice(off.min(raw.len())..off.saturating_add(s.len()).min(raw.len()))
+    // A line's span in the head is its span in `raw`, the head's copy (kept within `raw` all
+    // the same).
+    let part = |s: Span| {
+        let end = (s.end as usize).min(raw.len());
+        raw.slice((s.start as usize).min(end)..end)
     };
     // Sized for every line at once (collecting from a filter would start small and grow).
-    let mut fields = Vec::with_capacity(resp.headers.len() + 1);
-    fields.extend(
-        resp.headers
-            .iter()
-            .filter(|h| {
-                let n = resp.bytes(h.name);
-                keep(n) && !(resp.connection_options && listed.lists(n))
-            })
-            .map(|h| (part(resp.bytes(h.name)), part(resp.bytes(h.value)))),
-    );
+    fields.reserve(resp.headers.len() + 1);
+    for h in &resp.headers {
+        let n = resp.bytes(h.name);
+        if keep(n) && !(resp.connection_options && listed.lists(n)) {
+            fields.push((part(h.name), part(h.value)));
+        }
+    }
     fields
 }
 
@@ -751,11 +761,15 @@ pub(crate) fn analyze(
 /// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
 /// copied; the fields of one that may be are copied once and kept as they are filtered. What
 /// the stored object keeps of the response takes one allocation: the head's copy, the URL of
-/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]).
+/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]). That
+/// allocation and the field vector are the cache's ([`WorkerCache::object_buf`],
+/// [`WorkerCache::field_vec`]).
+#[allow(clippy::too_many_arguments)]
 fn analyze_response(
     p: &RoutePolicy,
     resp: &ResponseHead,
     req: &RequestHead,
+    cache: &WorkerCache,
     body_room: usize,
     req_authorized: bool,
     request_time: u64,
@@ -766,14 +780,14 @@ fn analyze_response(
     let (d, targeted) = p.directives_by(|name, each| {
         for h in &resp.headers {
             let n = resp.bytes(h.name);
-            if n.eq_ignore_ascii_case(name) && !(resp.connection_options && listed.lists(n)) {
+            if policy::eq_ignore_case(n, name) && !(resp.connection_options && listed.lists(n)) {
                 each(resp.bytes(h.value));
             }
         }
     });
     screen(resp.status, &d, req_authorized)?;
     let head_len = resp.raw.len();
-    let mut buf = BytesMut::with_capacity(
+    let mut buf = cache.object_buf(
         head_len
             .saturating_add(super::url_len(req))
             .saturating_add(body_room),
@@ -785,9 +799,12 @@ fn analyze_response(
     let raw = head_url.slice(..head_len);
     // What is never stored is not copied either, except Age, which the age calculation reads
     // (§4.2.3; `analyze_fields` drops it from the stored copy).
-    let fields = copy_fields_where(resp, &raw, |n| {
-        !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age")
-    });
+    let fields = copy_fields_where(
+        resp,
+        &raw,
+        |n| !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age"),
+        cache.field_vec(),
+    );
     let mut s = analyze_fields(
         p,
         resp.status,
@@ -971,7 +988,7 @@ impl<'a> Seen<'a> {
     fn of(fields: &'a [Field]) -> Seen<'a> {
         let mut s = Seen::default();
         for (n, v) in fields {
-            let is = |name: &[u8]| n.eq_ignore_ascii_case(name);
+            let is = |name: &[u8]| policy::eq_ignore_case(n, name);
             let slot = match n.len() {
                 3 if is(b"age") => &mut s.age,
                 4 if is(b"date") => &mut s.date,
@@ -1290,7 +1307,7 @@ async fn fetch<'c, S: ClientIo>(
     group: &UpstreamGroup,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
-    mode: Fetch,
+    mode: Fetch<'_>,
     mut status: Status<'_>,
 ) -> Outcome<'c> {
     let cache = w.cache.clone();
@@ -1399,7 +1416,7 @@ async fn fetch<'c, S: ClientIo>(
                     }
                     if let Some(f) = stale.as_ref().filter(|f| {
                         matches!(resp.status, 500 | 502 | 503 | 504)
-                            && stale_if_error(&f.obj, &req, now)
+                            && stale_if_error(&f.obj, req, now)
                     }) {
                         resp.raw = Bytes::new();
                         release(w, group, ch, true, false);
@@ -1422,6 +1439,7 @@ async fn fetch<'c, S: ClientIo>(
                             p,
                             &resp,
                             &ctx.head,
+                            &cache,
                             body_room,
                             authorized,
                             request_time,
@@ -1490,7 +1508,8 @@ async fn fetch<'c, S: ClientIo>(
                     .await;
                     let complete = matches!(out, Outcome::Relayed { .. });
                     let failed = matches!(out, Outcome::Answer(_));
-                    let reason = reason_of(&resp);
+                    // The reason phrase to store: the stream has it when it was published.
+                    let reason = (plan.is_ok() && !published).then(|| reason_of(&resp));
                     let status_code = resp.status;
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
@@ -1502,18 +1521,21 @@ async fn fetch<'c, S: ClientIo>(
                         .filter(|_| published)
                         .and_then(|g| g.flight().take_stream());
                     if let (Ok(mut s), Some(k), Some(t)) = (plan, key, tee) {
-                        let vary = match lent {
+                        let (vary, reason) = match lent {
                             Some(st) => {
                                 s.fields = st.fields;
-                                Some(st.vary)
+                                (Some(st.vary), st.reason)
                             }
-                            None if published => None,
-                            None => Some(vary_values(&s.vary, &ctx.head)),
+                            None if published => (None, Bytes::new()),
+                            None => (
+                                Some(vary_values(&s.vary, &ctx.head)),
+                                reason.unwrap_or_default(),
+                            ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
                             let url = std::mem::take(&mut s.url);
                             let obj = make_object(s, status_code, reason, t.finish(), url, vary);
-                            let obj = Rc::new(obj);
+                            let obj = cache.new_object(obj);
                             cache.insert(k, obj.clone(), p.max_variants);
                             cache.share(k, &obj, p.max_variants);
                             end = FlightEnd::Stored;
