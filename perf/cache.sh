@@ -64,8 +64,17 @@ end
 EOF
 
 HZ=$(getconf CLK_TCK)
-ticks_of() { local s=0; for p in "$@"; do s=$((s + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $s; }
-ng_pids() { pgrep -P "$(cat "$D/nginx.pid")" | tr '\n' ' '; }
+ticks_of() {
+  local s=0 p t
+  for p in "$@"; do
+    t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || t=0
+    s=$((s + ${t:-0}))
+  done
+  echo $s
+}
+# nginx's worker and cache manager (not the cache loader, which nginx starts a minute in and
+# which exits once it has read the cache: a process that comes and goes within a run).
+ng_pids() { pgrep -P "$(cat "$D/nginx.pid")" -f 'worker process|cache manager' | tr '\n' ' '; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 # Prints "req/s µs-CPU/req p50-ms p99-ms requests" for one run; $1 url, $2.. pids to account.
 run() {
