@@ -271,6 +271,9 @@ fn rfc9110_14_single_ranges_are_served_206_from_a_stored_full_response() {
     assert_eq!(r.header("content-range"), Some("bytes 2-5/10"));
     let r = get_h(gw.addr, "/r", "Range: bytes=-3\r\n");
     assert_eq!(r.text(), "789");
+    // §14.1: the range unit is case-insensitive.
+    let r = get_h(gw.addr, "/r", "Range: Bytes=1-2\r\n");
+    assert_eq!((r.status, r.text().as_str()), (206, "12"));
     let r = get_h(gw.addr, "/r", "Range: bytes=20-\r\n");
     assert_eq!(r.status, 416);
     assert_eq!(r.header("content-range"), Some("bytes */10"));

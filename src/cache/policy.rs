@@ -544,7 +544,12 @@ pub enum RangeAnswer {
 
 pub fn byte_range(range: &[u8], len: u64) -> RangeAnswer {
     let r = trim_ows(range);
-    let Some(spec) = r.strip_prefix(b"bytes=") else {
+    // Range units are case-insensitive (RFC 9110 §14.1).
+    let Some(spec) = r
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case(b"bytes="))
+        .map(|_| &r[6..])
+    else {
         return RangeAnswer::Full;
     };
     if spec.contains(&b',') {
@@ -963,6 +968,9 @@ mod tests {
     #[test]
     fn ranges_rfc9110_14_1_2() {
         assert_eq!(byte_range(b"bytes=0-4", 10), RangeAnswer::Part(0, 4));
+        assert_eq!(byte_range(b"Bytes=0-4", 10), RangeAnswer::Part(0, 4));
+        assert_eq!(byte_range(b"BYTES=-3", 10), RangeAnswer::Part(7, 9));
+        assert_eq!(byte_range(b"items=0-4", 10), RangeAnswer::Full);
         assert_eq!(byte_range(b"bytes=5-", 10), RangeAnswer::Part(5, 9));
         assert_eq!(byte_range(b"bytes=-3", 10), RangeAnswer::Part(7, 9));
         assert_eq!(byte_range(b"bytes=-30", 10), RangeAnswer::Part(0, 9));
