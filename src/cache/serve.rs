@@ -95,6 +95,14 @@ impl<'p> Status<'p> {
         }
     }
 
+    /// A hit: `o` answered from the store, with its remaining freshness at `now`.
+    fn hit(p: &'p RoutePolicy, o: &Object, now: u64) -> Status<'p> {
+        let mut s = Status::new(p, "");
+        s.hit = true;
+        s.ttl = Some(o.ttl(now));
+        s
+    }
+
     fn put(&self, out: &mut BytesMut) {
         out.put_slice(b"cache-status: ");
         out.put_slice(self.name);
@@ -388,9 +396,7 @@ async fn stale_while_revalidate<'c, S: ClientIo>(
         }
     });
     revalidate_later(w, cfg, p, group_idx, c, ctx, keys, &f);
-    let mut s = Status::new(p, "");
-    s.hit = true;
-    s.ttl = Some(f.obj.ttl(a.now));
+    let mut s = Status::hit(p, &f.obj, a.now);
     s.collapsed = a.collapsed;
     s.detail = Some("stale-while-revalidate");
     answer(w, &cfg.via, route, c, ctx, &f.obj, a.now, &s).await
@@ -422,9 +428,7 @@ async fn cached<'c, S: ClientIo>(
         match usable(&f.obj, &req, now) {
             Use::Fresh | Use::StaleOk => {
                 cache.count(|s| s.hits += 1);
-                let mut s = Status::new(p, "");
-                s.hit = true;
-                s.ttl = Some(f.obj.ttl(now));
+                let s = Status::hit(p, &f.obj, now);
                 return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
             }
             Use::StaleRevalidate => {
@@ -459,11 +463,10 @@ async fn cached<'c, S: ClientIo>(
         if let Some((f, u)) = from_shared(w, &keys, ctx, &req, p, found.as_ref()).await {
             if matches!(u, Use::Fresh | Use::StaleOk) {
                 cache.count(|s| s.hits += 1);
-                let mut s = Status::new(p, "");
-                s.hit = true;
-                s.ttl = Some(f.obj.ttl(now_secs()));
+                let now = now_secs();
+                let mut s = Status::hit(p, &f.obj, now);
                 s.detail = Some("redis");
-                return answer(w, &cfg.via, route, c, ctx, &f.obj, now_secs(), &s).await;
+                return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
             }
             fwd = if req.no_cache { "request" } else { "stale" };
             found = Some(f);
@@ -527,10 +530,8 @@ async fn cached<'c, S: ClientIo>(
                                 s.hits += 1;
                                 s.coalesced += 1
                             });
-                            let mut s = Status::new(p, "");
-                            s.hit = true;
+                            let mut s = Status::hit(p, &f.obj, now);
                             s.collapsed = true;
-                            s.ttl = Some(f.obj.ttl(now));
                             return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
                         }
                         // RFC 5861 §3 for a waiter too: the flight stored an entry that is
@@ -570,9 +571,7 @@ async fn cached<'c, S: ClientIo>(
                     g.finish(FlightEnd::Stored);
                 }
                 cache.count(|s| s.hits += 1);
-                let mut s = Status::new(p, "");
-                s.hit = true;
-                s.ttl = Some(f.obj.ttl(now));
+                let mut s = Status::hit(p, &f.obj, now);
                 s.collapsed = collapsed;
                 s.detail = Some("redis");
                 return answer(w, &cfg.via, route, c, ctx, &f.obj, now, &s).await;
