@@ -429,7 +429,9 @@ impl<S: ClientIo> Conn<S> {
             self.small = true;
         }
         let idle = w.config().timeouts.client_idle;
-        let deadline = Instant::now().checked_add(idle);
+        // Read once per wait and once per wake-up (a keep-alive request pays one clock read).
+        let mut now = Instant::now();
+        let deadline = now.checked_add(idle);
         // The read waits as long as the connection idles; its buffer is the small one (whose
         // space the last request's head gave back). No timeout of its own: see the tick.
         self.rbuf.reserve(IDLE_READ_BUF);
@@ -443,7 +445,7 @@ impl<S: ClientIo> Conn<S> {
             // The wheel's slot of the tick the deadline falls on (rounded up; no deadline: the
             // wheel's farthest slot, to look again then).
             let ahead = deadline.map_or(u64::MAX, |d| {
-                let left = d.saturating_duration_since(Instant::now()).as_millis();
+                let left = d.saturating_duration_since(now).as_millis();
                 u64::try_from(left.div_ceil(IDLE_TICK.as_millis())).unwrap_or(u64::MAX)
             });
             let tick = w.idle_wheel.after(ahead);
@@ -454,7 +456,8 @@ impl<S: ClientIo> Conn<S> {
                     return matches!(res, Ok(n) if n > 0);
                 }
                 _ = tick => {
-                    if deadline.is_some_and(|d| Instant::now() >= d)
+                    now = Instant::now();
+                    if deadline.is_some_and(|d| now >= d)
                         || listener_gone(w, self.info.listener)
                     {
                         return false;
