@@ -6,7 +6,9 @@
 #           and p99 latency.
 #   miss  - a new URL per request (/m/1, /m/2, ...): ringway with the cache (every request a
 #           miss that is stored, the 64 MiB budget full and evicting) vs the same route
-#           without a cache, CPU per request.
+#           without a cache, CPU per request (user and system apart: the cache's work is in
+#           user space, the sockets' in the kernel is the same for both). The two run back to
+#           back in each round, in turn first; the added CPU is the median of the rounds' ratios.
 #   memory - RSS growth of ringway per object, storing 20,000 distinct 1 KiB objects (well
 #           within the budget) before the rounds.
 # Rounds alternate the targets; medians are printed at the end.
@@ -64,36 +66,39 @@ end
 EOF
 
 HZ=$(getconf CLK_TCK)
+# "user system" clock ticks of the processes given.
 ticks_of() {
-  local s=0 p t
+  local u=0 y=0 p t
   for p in "$@"; do
-    t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || t=0
-    s=$((s + ${t:-0}))
+    t=$(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null) || t="0 0"
+    u=$((u + ${t% *})); y=$((y + ${t#* }))
   done
-  echo $s
+  echo "$u $y"
 }
 # nginx's worker and cache manager (not the cache loader, which nginx starts a minute in and
 # which exits once it has read the cache: a process that comes and goes within a run).
 ng_pids() { pgrep -P "$(cat "$D/nginx.pid")" -f 'worker process|cache manager' | tr '\n' ' '; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-# Prints "req/s µs-CPU/req p50-ms p99-ms requests" for one run; $1 url, $2.. pids to account.
+# Prints "req/s µs-CPU/req p50-ms p99-ms requests µs-user/req µs-system/req" for one run; $1 url,
+# $2.. pids to account.
 run() {
   local url=$1; shift
   local t0 t1 out
   t0=$(ticks_of "$@")
   out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" --latency ${LUA:+-s "$LUA"} "$url")
   t1=$(ticks_of "$@")
-  python3 - "$t0" "$t1" "$HZ" "$SECS" <<PY
+  python3 - $t0 $t1 "$HZ" "$SECS" <<PY
 import re, sys
 out = """$out"""
-t0, t1, hz, secs = map(float, sys.argv[1:])
+u0, s0, u1, s1, hz, secs = map(float, sys.argv[1:])
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 reqs = int(re.search(r"(\d+) requests in", out).group(1))
 def ms(label):
     m = re.search(label + r"\s+([\d.]+)(us|ms|s)", out)
     v = float(m.group(1)); return v / 1000 if m.group(2) == "us" else v * 1000 if m.group(2) == "s" else v
 if "Non-2xx" in out: print("ERR non-2xx", file=sys.stderr)
-print(rps, round((t1 - t0) / hz * 1e6 / max(reqs, 1), 2), ms("50%"), ms("99%"), reqs)
+per = lambda t: round(t / hz * 1e6 / max(reqs, 1), 2)
+print(rps, per(u1 + s1 - u0 - s0), ms("50%"), ms("99%"), reqs, per(u1 - u0), per(s1 - s0))
 PY
 }
 # Memory per object: 20,000 distinct objects on keep-alive connections.
@@ -115,10 +120,17 @@ wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$NG/hit" >/dev/null
 for r in $(seq "$ROUNDS"); do
   g=$(LUA="" run "http://127.0.0.1:$GW/hit" "$GWPID")
   n=$(LUA="" run "http://127.0.0.1:$NG/hit" $(ng_pids))
-  echo "round $r hit:  ringway $g | nginx $n   (req/s µs-CPU/req p50-ms p99-ms requests)"
+  echo "round $r hit:  ringway $g | nginx $n   (req/s µs-CPU/req p50-ms p99-ms requests µs-user µs-sys)"
   echo "hit $g $n" >> "$D/results"
-  m=$(LUA="$D/unique.lua" PREFIX=/m/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
-  p=$(LUA="$D/unique.lua" PREFIX=/plain/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+  # The stored miss and the route without a cache run back to back, in turn first, so that a
+  # drift of the machine's speed within a round does not always favour the same one.
+  if (( r % 2 )); then
+    m=$(LUA="$D/unique.lua" PREFIX=/m/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+    p=$(LUA="$D/unique.lua" PREFIX=/plain/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+  else
+    p=$(LUA="$D/unique.lua" PREFIX=/plain/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+    m=$(LUA="$D/unique.lua" PREFIX=/m/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
+  fi
   u=$(LUA="$D/unique.lua" PREFIX=/ns/ ROUND=$r run "http://127.0.0.1:$GW" "$GWPID")
   echo "round $r miss: cached route $m | same route without cache $p | cached route, no-store answers $u"
   echo "miss $m $p $u" >> "$D/results"
@@ -129,16 +141,25 @@ rows = [l.split() for l in open(sys.argv[1])]
 hit = [list(map(float, r[1:])) for r in rows if r[0] == "hit"]
 miss = [list(map(float, r[1:])) for r in rows if r[0] == "miss"]
 med = lambda rs, i: statistics.median(r[i] for r in rs)
+# Each run gives 7 numbers (see run): nginx's hit run and the miss runs follow at 7 and 14.
+N, P, U = 0, 7, 14
 print("\n| hit | req/s | µs CPU/req | p50 ms | p99 ms |")
 print("|---|---|---|---|---|")
 print(f"| ringway cache | {med(hit,0):,.0f} | {med(hit,1)} | {med(hit,2)} | {med(hit,3)} |")
-print(f"| nginx proxy_cache (tmpfs) | {med(hit,5):,.0f} | {med(hit,6)} | {med(hit,7)} | {med(hit,8)} |")
-print(f"| ringway / nginx | {med(hit,0)/med(hit,5):.2f}x | {med(hit,1)/med(hit,6):.2f}x | | |")
-print("\n| miss (new URL per request) | req/s | µs CPU/req |")
-print("|---|---|---|")
-print(f"| cached route (each a stored miss) | {med(miss,0):,.0f} | {med(miss,1)} |")
-print(f"| same route, no cache | {med(miss,5):,.0f} | {med(miss,6)} |")
-print(f"| cached route, origin says no-store (nothing stored) | {med(miss,10):,.0f} | {med(miss,11)} |")
-print(f"| CPU added by the cache on a stored miss | {(med(miss,1)/med(miss,6)-1)*100:+.1f}% | |")
-print(f"| CPU added by the cache on an unstored miss | {(med(miss,11)/med(miss,6)-1)*100:+.1f}% | |")
+print(f"| nginx proxy_cache (tmpfs) | {med(hit,7):,.0f} | {med(hit,8)} | {med(hit,9)} | {med(hit,10)} |")
+print(f"| ringway / nginx | {med(hit,0)/med(hit,7):.2f}x | {med(hit,1)/med(hit,8):.2f}x | | |")
+print("\n| miss (new URL per request) | req/s | µs CPU/req | µs user | µs system |")
+print("|---|---|---|---|---|")
+for name, o in (("cached route (each a stored miss)", N), ("same route, no cache", P),
+                ("cached route, origin says no-store (nothing stored)", U)):
+    print(f"| {name} | {med(miss,o):,.0f} | {med(miss,o+1):.2f} | {med(miss,o+5):.2f} | {med(miss,o+6):.2f} |")
+# Per round: the two runs of a round ran back to back, so their ratio carries less of the
+# machine's drift than a ratio of medians.
+added = sorted((r[N+1] / r[P+1] - 1) * 100 for r in miss)
+unst = sorted((r[U+1] / r[P+1] - 1) * 100 for r in miss)
+print(f"| CPU added by the cache on a stored miss | {statistics.median(added):+.1f}% "
+      f"(rounds: {', '.join(f'{a:+.1f}' for a in added)}) | | | |")
+print(f"| CPU added by the cache on an unstored miss | {statistics.median(unst):+.1f}% | | | |")
+share = med(miss, P+5) / med(miss, P+1)
+print(f"| user-space share of the route's CPU without a cache | {share*100:.0f}% | | | |")
 PY

@@ -103,40 +103,90 @@ impl<'p> Status<'p> {
         s
     }
 
+    /// Writes the field line. It is put together on the stack and copied into `out` once: a
+    /// copy per part (up to 15 of them) costs a call each on every miss and hit.
     fn put(&self, out: &mut BytesMut) {
-        out.put_slice(b"cache-status: ");
-        out.put_slice(self.name);
-        if self.hit {
-            out.put_slice(b"; hit");
+        let mut line = Line {
+            buf: [0; STATUS_LINE_MAX],
+            len: 0,
+        };
+        let whole = self.write(&mut line);
+        if whole {
+            out.put_slice(&line.buf[..line.len]);
         } else {
-            out.put_slice(b"; fwd=");
-            out.put_slice(self.fwd.as_bytes());
+            // A cache name too long for the stack buffer (the config allows any length).
+            let mut long = Vec::with_capacity(self.name.len() + STATUS_LINE_MAX);
+            self.write(&mut long);
+            out.put_slice(&long);
+        }
+    }
+
+    /// The field line into `b`; `false` when it did not fit.
+    fn write(&self, b: &mut impl Put) -> bool {
+        let mut ok = b.put(b"cache-status: ") && b.put(self.name);
+        if self.hit {
+            ok = ok && b.put(b"; hit");
+        } else {
+            ok = ok && b.put(b"; fwd=") && b.put(self.fwd.as_bytes());
             if self.fwd_status != 0 {
-                out.put_slice(b"; fwd-status=");
-                put_u64(out, u64::from(self.fwd_status));
+                let mut n = itoa::Buffer::new();
+                ok = ok && b.put(b"; fwd-status=") && b.put(n.format(self.fwd_status).as_bytes());
             }
         }
         if let Some(t) = self.ttl {
             // An sf-integer has at most 15 digits (RFC 8941 §3.3.1); a lifetime read from
             // Redis may be any u64.
             let t = t.clamp(-SF_INTEGER_MAX, SF_INTEGER_MAX);
-            out.put_slice(b"; ttl=");
-            if t < 0 {
-                out.put_u8(b'-');
-            }
-            put_u64(out, t.unsigned_abs());
+            let mut n = itoa::Buffer::new();
+            ok = ok && b.put(b"; ttl=") && b.put(n.format(t).as_bytes());
         }
         if self.stored {
-            out.put_slice(b"; stored");
+            ok = ok && b.put(b"; stored");
         }
         if self.collapsed {
-            out.put_slice(b"; collapsed");
+            ok = ok && b.put(b"; collapsed");
         }
         if let Some(d) = self.detail {
-            out.put_slice(b"; detail=");
-            out.put_slice(d.as_bytes());
+            ok = ok && b.put(b"; detail=") && b.put(d.as_bytes());
         }
-        out.put_slice(b"\r\n");
+        ok && b.put(b"\r\n")
+    }
+}
+
+/// Room for a `Cache-Status` line with a cache name of up to about 100 bytes (the parts
+/// other than the name take at most 120).
+const STATUS_LINE_MAX: usize = 224;
+
+/// Where [`Status::write`] puts the line's parts.
+trait Put {
+    /// Appends `part`; `false` when there is no room for it.
+    fn put(&mut self, part: &[u8]) -> bool;
+}
+
+/// A stack buffer for one `Cache-Status` line.
+struct Line {
+    buf: [u8; STATUS_LINE_MAX],
+    len: usize,
+}
+
+impl Put for Line {
+    #[inline]
+    fn put(&mut self, part: &[u8]) -> bool {
+        match self.buf.get_mut(self.len..self.len + part.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(part);
+                self.len += part.len();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Put for Vec<u8> {
+    fn put(&mut self, part: &[u8]) -> bool {
+        self.extend_from_slice(part);
+        true
     }
 }
 
@@ -2484,7 +2534,7 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, analyze_fields, put_hex, Field};
+    use super::{analyze, analyze_fields, put_hex, Field, Status, STATUS_LINE_MAX};
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy};
     use bytes::{Bytes, BytesMut};
@@ -2508,6 +2558,58 @@ mod tests {
             coalesce_timeout: Duration::from_secs(5),
             targeted: vec![b"cdn-cache-control"[..].into()],
             name: b"ringway"[..].into(),
+        }
+    }
+
+    fn status_line(s: &Status<'_>) -> String {
+        let mut out = BytesMut::new();
+        s.put(&mut out);
+        String::from_utf8(out.to_vec()).expect("ascii")
+    }
+
+    #[test]
+    fn cache_status_lines_rfc9211_2() {
+        let p = policy();
+        let mut s = Status::new(&p, "uri-miss");
+        s.fwd_status = 200;
+        s.ttl = Some(3600);
+        s.stored = true;
+        assert_eq!(
+            status_line(&s),
+            "cache-status: ringway; fwd=uri-miss; fwd-status=200; ttl=3600; stored\r\n"
+        );
+        s.ttl = Some(-12);
+        s.stored = false;
+        s.collapsed = true;
+        s.detail = Some("stale-while-revalidate");
+        assert_eq!(
+            status_line(&s),
+            "cache-status: ringway; fwd=uri-miss; fwd-status=200; ttl=-12; collapsed; \
+             detail=stale-while-revalidate\r\n"
+        );
+        let mut h = Status::new(&p, "");
+        h.hit = true;
+        h.ttl = Some(i64::MIN);
+        assert_eq!(
+            status_line(&h),
+            "cache-status: ringway; hit; ttl=-999999999999999\r\n"
+        );
+        // Every part at its longest, and a name too long for the stack buffer: the same line.
+        for len in [1, 90, STATUS_LINE_MAX, 5000] {
+            let mut p = policy();
+            p.name = vec![b'n'; len].into();
+            let mut s = Status::new(&p, "request");
+            s.fwd_status = 504;
+            s.ttl = Some(i64::MAX);
+            s.stored = true;
+            s.collapsed = true;
+            s.detail = Some("stale-while-revalidate");
+            let want = format!(
+                "cache-status: {}; fwd=request; fwd-status=504; ttl=999999999999999; stored; \
+                 collapsed; detail=stale-while-revalidate\r\n",
+                "n".repeat(len)
+            );
+            assert_eq!(status_line(&s), want, "name of {len} bytes");
         }
     }
 
