@@ -2527,6 +2527,80 @@ fn rfc9111_4_1_redis_keeps_every_variant_up_to_the_cap() {
     assert_eq!(n.load(Ordering::SeqCst), before + 1);
 }
 
+/// RFC 9111 §4.3.4 with `[cache.redis]`: "all the stored responses with the same strong
+/// validator are selected" covers the variants only Redis holds. Gateway a stores two
+/// variants; gateway b, holding neither, validates one of them from Redis and gets a 304 whose
+/// strong tag the other carries: that other one is freshened in Redis too, so a third gateway
+/// (and a, whose own copy is stale) take it fresh from Redis without asking the origin.
+#[test]
+fn rfc9111_4_3_4_a_304_freshens_the_selected_variants_only_redis_holds() {
+    let redis = RedisServer::start();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        n2.fetch_add(1, Ordering::SeqCst);
+        if req.header("if-none-match") == Some("\"s\"") {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\netag: \"s\"\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        let lang = req.header("accept-language").unwrap_or("none").to_string();
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"s\"\r\nvary: accept-language\r\ncontent-length: {}\r\n\r\n{lang}",
+                lang.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let toml = redis_cache_config(up.addr, &redis);
+    // The expiry Redis gives the one variant whose name holds `lang` (-3: not exactly one).
+    let ttl_of = |lang: &str| {
+        redis
+            .command(&[
+                "EVAL",
+                "local ks = redis.call('KEYS', ARGV[1]) if #ks ~= 1 then return -3 end return redis.call('TTL', ks[1])",
+                "0",
+                &format!("ringway:cache:w:*{lang}*"),
+            ])
+            .and_then(|r| r.trim().strip_prefix(':')?.parse::<i64>().ok())
+            .unwrap_or(-3)
+    };
+    let lang =
+        |gw: &TestGateway, l: &str| get_h(gw.addr, "/m", &format!("accept-language: {l}\r\n"));
+    let a = TestGateway::start(&toml, D);
+    assert_eq!(lang(&a, "en").text(), "en");
+    assert_eq!(lang(&a, "fr").text(), "fr");
+    assert!(eventually(Duration::from_secs(5), || ttl_of("en") > 0
+        && ttl_of("fr") > 0));
+    // Stale on arrival (max-age=0): kept for the validation slack only.
+    assert!(ttl_of("fr") <= 60, "{}", ttl_of("fr"));
+    let b = TestGateway::start(&toml, D);
+    let r = lang(&b, "en");
+    assert_eq!(r.text(), "en");
+    assert!(status_of(&r).contains("fwd-status=304"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    // "fr" in Redis is freshened by that 304 (written in the background).
+    assert!(
+        eventually(Duration::from_secs(5), || ttl_of("fr") > 600),
+        "fr's expiry in Redis: {}",
+        ttl_of("fr")
+    );
+    let c = TestGateway::start(&toml, D);
+    for gw in [&c, &a] {
+        let r = lang(gw, "fr");
+        assert_eq!(r.text(), "fr");
+        let st = status_of(&r);
+        assert!(st.contains("hit") && st.contains("detail=redis"), "{r:?}");
+    }
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        3,
+        "the origin was asked about fr again"
+    );
+}
+
 /// RFC 9111 §4.3.4 across workers: the variants a 304 with a strong entity tag selects are
 /// freshened on every worker, also those the validating worker does not hold.
 #[test]

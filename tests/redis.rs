@@ -345,3 +345,44 @@ fn a_slow_redis_never_holds_requests_past_its_timeout() {
         "Redis is used again after the pause"
     );
 }
+
+/// The rewrite a 304 makes of a variant only Redis holds (RFC 9111 §4.3.4) is a
+/// compare-and-set: it writes only over the bytes it read, so that an entry another host wrote
+/// in between (possibly another representation) stays; what it writes is listed in the index
+/// sets and they, and the variant list, last as long as it. Run by a real redis-server.
+#[test]
+fn a_cache_entry_is_rewritten_only_over_what_was_read() {
+    use ringway::cache::redis::REWRITE_IF_UNCHANGED_LUA as LUA;
+    let redis = RedisServer::start();
+    let cmd = |args: &[&str]| redis.command(args).unwrap_or_default();
+    cmd(&["SET", "w:k", "old", "EX", "50"]);
+    cmd(&["RPUSH", "v:k", "w:k"]);
+    cmd(&["EXPIRE", "v:k", "50"]);
+    let rewrite = |read: &str, new: &str| {
+        cmd(&[
+            "EVAL", LUA, "4", "w:k", "v:k", "u:url", "t:tag", read, new, "900",
+        ])
+    };
+    // Another host wrote "other" since "stale" was read: nothing is written.
+    assert_eq!(rewrite("stale", "x"), ":0\r\n");
+    assert_eq!(cmd(&["GET", "w:k"]), "$3\r\nold\r\n");
+    assert_eq!(cmd(&["EXISTS", "u:url"]), ":0\r\n");
+    // Over what was read: written, with its expiry, listed, and the list kept as long.
+    assert_eq!(rewrite("old", "new"), ":1\r\n");
+    assert_eq!(cmd(&["GET", "w:k"]), "$3\r\nnew\r\n");
+    for key in ["w:k", "v:k", "u:url", "t:tag"] {
+        let ttl: i64 = cmd(&["TTL", key])
+            .trim()
+            .trim_start_matches(':')
+            .parse()
+            .unwrap_or(-3);
+        assert!((890..=900).contains(&ttl), "{key}: {ttl}");
+    }
+    for set in ["u:url", "t:tag"] {
+        assert_eq!(cmd(&["SISMEMBER", set, "w:k"]), ":1\r\n", "{set}");
+    }
+    // An entry gone since it was read (evicted, purged) is not written back.
+    cmd(&["DEL", "w:k"]);
+    assert_eq!(rewrite("new", "again"), ":0\r\n");
+    assert_eq!(cmd(&["EXISTS", "w:k"]), ":0\r\n");
+}

@@ -64,6 +64,9 @@ const MAGIC: &[u8; 4] = b"RWC2";
 /// cap: KEYS[1] the variant's key, KEYS[2] the list; ARGV: the entry, its expiry in seconds,
 /// the cap. The list holds the variants' keys, newest first; those past the cap are deleted.
 const PUT_VARIANT_LUA: &str = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) redis.call('LREM', KEYS[2], 0, KEYS[1]) redis.call('LPUSH', KEYS[2], KEYS[1]) local cap = tonumber(ARGV[3]) local old = redis.call('LRANGE', KEYS[2], cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', KEYS[2], 0, cap - 1) if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end return #old";
+/// What [`SharedLayer::update_entries`] makes of each entry it reads (`None`: left as it is).
+type Update = Arc<dyn Fn(&Object) -> Option<Object> + Send + Sync>;
+
 /// A Vary field name (lower case) and the request's value for it, as an object stores them.
 type VaryValue = (Box<[u8]>, Vec<u8>);
 
@@ -72,6 +75,13 @@ const MAX_REDIS_VARIANTS: usize = 256;
 
 /// Removes every key listed in a set, then the set.
 const PURGE_SET_LUA: &str = "local ks = redis.call('SMEMBERS', KEYS[1]) for _, k in ipairs(ks) do redis.call('DEL', k) end redis.call('DEL', KEYS[1]) return #ks";
+
+/// Rewrites an entry only if it still holds what was read (a compare-and-set, so that an
+/// entry another host wrote in between, possibly another representation, is left as it is):
+/// KEYS[1] the entry, KEYS[2] its key's variant list, KEYS[3..] the index sets that list it;
+/// ARGV: the bytes read, the new entry, its expiry in seconds. The list and the sets are kept
+/// at least as long as the entry. Returns 1 when written.
+pub const REWRITE_IF_UNCHANGED_LUA: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) local ttl = tonumber(ARGV[3]) if redis.call('TTL', KEYS[2]) < ttl then redis.call('EXPIRE', KEYS[2], ttl) end for i = 3, #KEYS do redis.call('SADD', KEYS[i], KEYS[1]) if redis.call('TTL', KEYS[i]) < ttl then redis.call('EXPIRE', KEYS[i], ttl) end end return 1";
 
 /// The shared layer: its link and counters.
 pub struct SharedLayer {
@@ -236,13 +246,8 @@ impl SharedLayer {
         if obj.weight() > self.max_entry {
             return;
         }
-        let left = obj.t.lifetime.saturating_sub(obj.t.age(now));
-        let ttl = left
-            .saturating_add(obj.t.swr.max(obj.t.sie))
-            .saturating_add(VALIDATION_SLACK_SECS)
-            .min(MAX_TTL_SECS);
         let rk = self.rkey(b"o:", key);
-        let ttl_s = Bytes::from(ttl.to_string());
+        let ttl_s = Bytes::from(expiry(obj, now).to_string());
         let entry = Bytes::from(encode(obj));
         self.sets.fetch_add(1, Ordering::Relaxed);
         self.link.command(Command {
@@ -292,6 +297,95 @@ impl SharedLayer {
         }
     }
 
+    /// Rewrites the entries of `key` in Redis (its newest entry and every listed variant)
+    /// that `update` gives a new object for: read, updated and written back on the link's
+    /// thread (queued; nobody waits for it), each only if unchanged since it was read. For
+    /// RFC 9111 §4.3.4, the variants a 304 selects that only Redis holds.
+    pub fn update_entries(
+        self: &Arc<Self>,
+        key: &[u8],
+        now: u64,
+        update: impl Fn(&Object) -> Option<Object> + Send + Sync + 'static,
+    ) {
+        let layer = self.clone();
+        let update: Update = Arc::new(update);
+        let list = self.rkey(b"v:", key);
+        let newest = self.rkey(b"o:", key);
+        self.link.command(Command {
+            args: vec![
+                Bytes::from_static(b"LRANGE"),
+                list.clone(),
+                Bytes::from_static(b"0"),
+                Bytes::from((MAX_REDIS_VARIANTS - 1).to_string()),
+            ],
+            done: Some(Box::new(move |f| {
+                let listed = match f {
+                    Some(BytesFrame::Array(items)) => items,
+                    _ => Vec::new(),
+                };
+                // Only names this layer writes (`w:` under its prefix), at most the cap.
+                let variant_prefix = layer.rkey(b"w:", b"");
+                let variants =
+                    listed
+                        .into_iter()
+                        .take(MAX_REDIS_VARIANTS)
+                        .filter_map(|i| match i {
+                            BytesFrame::BulkString(k) if k.starts_with(&variant_prefix) => Some(k),
+                            _ => None,
+                        });
+                for rk in std::iter::once(newest).chain(variants) {
+                    layer.rewrite_entry(rk, list.clone(), now, update.clone());
+                }
+            })),
+        });
+    }
+
+    /// One entry of [`SharedLayer::update_entries`]: read, updated, written back if unchanged.
+    fn rewrite_entry(
+        self: &Arc<Self>,
+        rk: Bytes,
+        list: Bytes,
+        now: u64,
+        update: Update,
+    ) {
+        let layer = self.clone();
+        let longest = self.max_entry.saturating_add(MAX_ENCODING_OVERHEAD);
+        self.link.command(Command {
+            args: vec![Bytes::from_static(b"GET"), rk.clone()],
+            done: Some(Box::new(move |f| {
+                let Some(BytesFrame::BulkString(old)) = f else {
+                    return;
+                };
+                if old.len() as u64 > longest {
+                    return;
+                }
+                let Some(new) = decode(&Bytes::copy_from_slice(&old)).and_then(|o| update(&o))
+                else {
+                    return;
+                };
+                if new.weight() > layer.max_entry {
+                    return;
+                }
+                let mut args = vec![
+                    Bytes::from_static(b"EVAL"),
+                    Bytes::from_static(REWRITE_IF_UNCHANGED_LUA.as_bytes()),
+                    Bytes::from((2 + 1 + new.tags.len()).to_string()),
+                    rk,
+                    list,
+                    layer.rkey(b"u:", &new.url),
+                ];
+                args.extend(new.tags.iter().map(|t| layer.rkey(b"t:", t)));
+                args.extend([
+                    old,
+                    Bytes::from(encode(&new)),
+                    Bytes::from(expiry(&new, now).to_string()),
+                ]);
+                layer.sets.fetch_add(1, Ordering::Relaxed);
+                layer.link.command(Command { args, done: None });
+            })),
+        });
+    }
+
     /// Deletes the Redis copies a purge names and tells every host (through the purge channel).
     pub fn purge(&self, p: &Purge) {
         self.link.command(Command {
@@ -317,6 +411,17 @@ impl SharedLayer {
             done: None,
         });
     }
+}
+
+/// How long Redis keeps an entry: its freshness left, its stale windows, and time to validate
+/// it once stale, at most [`MAX_TTL_SECS`].
+fn expiry(obj: &Object, now: u64) -> u64 {
+    obj.t
+        .lifetime
+        .saturating_sub(obj.t.age(now))
+        .saturating_add(obj.t.swr.max(obj.t.sie))
+        .saturating_add(VALIDATION_SLACK_SECS)
+        .min(MAX_TTL_SECS)
 }
 
 /// A variant's name after `w:`: the cache key and the variant's Vary field names and values,

@@ -1293,8 +1293,13 @@ fn freshen_selected(
     };
     sel.freshen_held(p, cache);
     // As for the validated copy (see `store_freshened`): the others are told when what they
-    // would get is fresh, so that they do not validate it again themselves.
+    // would get is fresh, so that they do not validate it again themselves; so is Redis, for
+    // the selected variants only it holds (stored by another host, or evicted here).
     if !fresh.t.always_validate && fresh.ttl(now) > 0 {
+        if let Some(layer) = cache.shared() {
+            let (p, sel) = (p.clone(), sel.clone());
+            layer.update_entries(key, now, move |v| sel.freshen_one(&p, v));
+        }
         let p = p.clone();
         cache.post_to_others(move |c| sel.freshen_held(&p, c));
     }
@@ -1303,7 +1308,8 @@ fn freshen_selected(
 
 /// The other stored responses a 304 with a strong entity tag selects (RFC 9111 §4.3.4: "all
 /// the stored responses with the same strong validator"): the variants of the validated
-/// response's key with that tag, on whichever worker holds them.
+/// response's key with that tag, on whichever worker holds them, and in Redis.
+#[derive(Clone)]
 struct Selected {
     key: Vec<u8>,
     /// The validated variant's Vary values (that one is freshened by its validation).
@@ -1320,17 +1326,23 @@ impl Selected {
     /// Freshens the selected variants `cache` holds, and writes them to Redis.
     fn freshen_held(&self, p: &RoutePolicy, cache: &WorkerCache) {
         let held = cache.get(&self.key).unwrap_or_default();
-        let selected = held.iter().filter(|v| {
-            v.vary != self.vary && v.etag().is_some_and(|e| policy::strong_match(&self.tag, e))
-        });
-        for v in selected {
-            let (auth, t0, t1) = (self.authorized, self.request_time, self.now);
-            if let Some(f) = freshen(p, v, &self.fields, auth, t0, t1) {
+        for v in &held {
+            if let Some(f) = self.freshen_one(p, v) {
                 let f = Rc::new(f);
                 cache.insert(&self.key, f.clone(), p.max_variants);
                 cache.share(&self.key, &f, p.max_variants);
             }
         }
+    }
+
+    /// `v` freshened, when it is one of the selected: another variant than the validated one,
+    /// with the strong tag. (One freshened by this 304 already comes out the same again.)
+    fn freshen_one(&self, p: &RoutePolicy, v: &Object) -> Option<Object> {
+        if v.vary == self.vary || !v.etag().is_some_and(|e| policy::strong_match(&self.tag, e)) {
+            return None;
+        }
+        let (auth, t0, t1) = (self.authorized, self.request_time, self.now);
+        freshen(p, v, &self.fields, auth, t0, t1)
     }
 }
 
