@@ -341,13 +341,7 @@ impl SharedLayer {
     }
 
     /// One entry of [`SharedLayer::update_entries`]: read, updated, written back if unchanged.
-    fn rewrite_entry(
-        self: &Arc<Self>,
-        rk: Bytes,
-        list: Bytes,
-        now: u64,
-        update: Update,
-    ) {
+    fn rewrite_entry(self: &Arc<Self>, rk: Bytes, list: Bytes, now: u64, update: Update) {
         let layer = self.clone();
         let longest = self.max_entry.saturating_add(MAX_ENCODING_OVERHEAD);
         self.link.command(Command {
