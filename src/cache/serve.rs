@@ -103,90 +103,40 @@ impl<'p> Status<'p> {
         s
     }
 
-    /// Writes the field line. It is put together on the stack and copied into `out` once: a
-    /// copy per part (up to 15 of them) costs a call each on every miss and hit.
     fn put(&self, out: &mut BytesMut) {
-        let mut line = Line {
-            buf: [0; STATUS_LINE_MAX],
-            len: 0,
-        };
-        let whole = self.write(&mut line);
-        if whole {
-            out.put_slice(&line.buf[..line.len]);
-        } else {
-            // A cache name too long for the stack buffer (the config allows any length).
-            let mut long = Vec::with_capacity(self.name.len() + STATUS_LINE_MAX);
-            self.write(&mut long);
-            out.put_slice(&long);
-        }
-    }
-
-    /// The field line into `b`; `false` when it did not fit.
-    fn write(&self, b: &mut impl Put) -> bool {
-        let mut ok = b.put(b"cache-status: ") && b.put(self.name);
+        out.put_slice(b"cache-status: ");
+        out.put_slice(self.name);
         if self.hit {
-            ok = ok && b.put(b"; hit");
+            out.put_slice(b"; hit");
         } else {
-            ok = ok && b.put(b"; fwd=") && b.put(self.fwd.as_bytes());
+            out.put_slice(b"; fwd=");
+            out.put_slice(self.fwd.as_bytes());
             if self.fwd_status != 0 {
-                let mut n = itoa::Buffer::new();
-                ok = ok && b.put(b"; fwd-status=") && b.put(n.format(self.fwd_status).as_bytes());
+                out.put_slice(b"; fwd-status=");
+                put_u64(out, u64::from(self.fwd_status));
             }
         }
         if let Some(t) = self.ttl {
             // An sf-integer has at most 15 digits (RFC 8941 §3.3.1); a lifetime read from
             // Redis may be any u64.
             let t = t.clamp(-SF_INTEGER_MAX, SF_INTEGER_MAX);
-            let mut n = itoa::Buffer::new();
-            ok = ok && b.put(b"; ttl=") && b.put(n.format(t).as_bytes());
+            out.put_slice(b"; ttl=");
+            if t < 0 {
+                out.put_u8(b'-');
+            }
+            put_u64(out, t.unsigned_abs());
         }
         if self.stored {
-            ok = ok && b.put(b"; stored");
+            out.put_slice(b"; stored");
         }
         if self.collapsed {
-            ok = ok && b.put(b"; collapsed");
+            out.put_slice(b"; collapsed");
         }
         if let Some(d) = self.detail {
-            ok = ok && b.put(b"; detail=") && b.put(d.as_bytes());
+            out.put_slice(b"; detail=");
+            out.put_slice(d.as_bytes());
         }
-        ok && b.put(b"\r\n")
-    }
-}
-
-/// Room for a `Cache-Status` line with a cache name of up to about 100 bytes (the parts
-/// other than the name take at most 120).
-const STATUS_LINE_MAX: usize = 224;
-
-/// Where [`Status::write`] puts the line's parts.
-trait Put {
-    /// Appends `part`; `false` when there is no room for it.
-    fn put(&mut self, part: &[u8]) -> bool;
-}
-
-/// A stack buffer for one `Cache-Status` line.
-struct Line {
-    buf: [u8; STATUS_LINE_MAX],
-    len: usize,
-}
-
-impl Put for Line {
-    #[inline]
-    fn put(&mut self, part: &[u8]) -> bool {
-        match self.buf.get_mut(self.len..self.len + part.len()) {
-            Some(dst) => {
-                dst.copy_from_slice(part);
-                self.len += part.len();
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-impl Put for Vec<u8> {
-    fn put(&mut self, part: &[u8]) -> bool {
-        self.extend_from_slice(part);
-        true
+        out.put_slice(b"\r\n");
     }
 }
 
@@ -2546,7 +2496,7 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, analyze_fields, put_hex, Field, Status, STATUS_LINE_MAX};
+    use super::{analyze, analyze_fields, put_hex, Field, Status};
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy};
     use bytes::{Bytes, BytesMut};
@@ -2606,8 +2556,8 @@ mod tests {
             status_line(&h),
             "cache-status: ringway; hit; ttl=-999999999999999\r\n"
         );
-        // Every part at its longest, and a name too long for the stack buffer: the same line.
-        for len in [1, 90, STATUS_LINE_MAX, 5000] {
+        // Every part at its longest, with names short and long.
+        for len in [1, 90, 5000] {
             let mut p = policy();
             p.name = vec![b'n'; len].into();
             let mut s = Status::new(&p, "request");
