@@ -103,41 +103,97 @@ impl<'p> Status<'p> {
         s
     }
 
-    fn put(&self, out: &mut BytesMut) {
-        out.put_slice(b"cache-status: ");
-        out.put_slice(self.name);
+    /// The field line, written out part by part.
+    fn write_line(&self, out: &mut Vec<u8>) {
+        let mut n = itoa::Buffer::new();
+        out.extend_from_slice(b"cache-status: ");
+        out.extend_from_slice(self.name);
         if self.hit {
-            out.put_slice(b"; hit");
+            out.extend_from_slice(b"; hit");
         } else {
-            out.put_slice(b"; fwd=");
-            out.put_slice(self.fwd.as_bytes());
+            out.extend_from_slice(b"; fwd=");
+            out.extend_from_slice(self.fwd.as_bytes());
             if self.fwd_status != 0 {
-                out.put_slice(b"; fwd-status=");
-                put_u64(out, u64::from(self.fwd_status));
+                out.extend_from_slice(b"; fwd-status=");
+                out.extend_from_slice(n.format(self.fwd_status).as_bytes());
             }
         }
         if let Some(t) = self.ttl {
             // An sf-integer has at most 15 digits (RFC 8941 §3.3.1); a lifetime read from
             // Redis may be any u64.
             let t = t.clamp(-SF_INTEGER_MAX, SF_INTEGER_MAX);
-            out.put_slice(b"; ttl=");
-            if t < 0 {
-                out.put_u8(b'-');
-            }
-            put_u64(out, t.unsigned_abs());
+            out.extend_from_slice(b"; ttl=");
+            out.extend_from_slice(n.format(t).as_bytes());
         }
         if self.stored {
-            out.put_slice(b"; stored");
+            out.extend_from_slice(b"; stored");
         }
         if self.collapsed {
-            out.put_slice(b"; collapsed");
+            out.extend_from_slice(b"; collapsed");
         }
         if let Some(d) = self.detail {
-            out.put_slice(b"; detail=");
-            out.put_slice(d.as_bytes());
+            out.extend_from_slice(b"; detail=");
+            out.extend_from_slice(d.as_bytes());
         }
-        out.put_slice(b"\r\n");
+        out.extend_from_slice(b"\r\n");
     }
+
+    /// Writes the field line. Most lines repeat the one before on this worker (every stored
+    /// miss of a route, a hot object's hits within a second): that one is kept, and copied
+    /// whole when it is the same.
+    fn put(&self, out: &mut BytesMut) {
+        LAST_STATUS.with(|last| {
+            let last = &mut *last.borrow_mut();
+            let same =
+                last.of.as_ref().is_some_and(|s| s.same_parts(self)) && last.name == self.name;
+            if !same {
+                last.line.clear();
+                self.write_line(&mut last.line);
+                last.of = Some(Status {
+                    name: b"",
+                    hit: self.hit,
+                    fwd: self.fwd,
+                    fwd_status: self.fwd_status,
+                    ttl: self.ttl,
+                    stored: self.stored,
+                    collapsed: self.collapsed,
+                    detail: self.detail,
+                });
+                last.name.clear();
+                last.name.extend_from_slice(self.name);
+            }
+            out.put_slice(&last.line);
+        })
+    }
+
+    /// The same line but perhaps for the name.
+    fn same_parts(&self, o: &Status<'_>) -> bool {
+        self.hit == o.hit
+            && self.fwd_status == o.fwd_status
+            && self.ttl == o.ttl
+            && self.stored == o.stored
+            && self.collapsed == o.collapsed
+            && self.fwd == o.fwd
+            && self.detail == o.detail
+    }
+}
+
+/// The last `Cache-Status` line this worker wrote (see [`Status::put`]).
+struct LastStatus {
+    /// Its parts, the name aside (in `name`).
+    of: Option<Status<'static>>,
+    name: Vec<u8>,
+    line: Vec<u8>,
+}
+
+thread_local! {
+    static LAST_STATUS: std::cell::RefCell<LastStatus> = const {
+        std::cell::RefCell::new(LastStatus {
+            of: None,
+            name: Vec::new(),
+            line: Vec::new(),
+        })
+    };
 }
 
 /// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
@@ -2556,6 +2612,20 @@ mod tests {
             status_line(&h),
             "cache-status: ringway; hit; ttl=-999999999999999\r\n"
         );
+        // The worker keeps the last line: the same status again gives the same line, and a
+        // change of any one part (or of the name alone, below) a new one.
+        let again = status_line(&s);
+        assert_eq!(again, status_line(&s));
+        s.collapsed = false;
+        assert_eq!(
+            status_line(&s),
+            "cache-status: ringway; fwd=uri-miss; fwd-status=200; ttl=-12; \
+             detail=stale-while-revalidate\r\n"
+        );
+        s.fwd_status = 304;
+        assert!(status_line(&s).contains("fwd-status=304; ttl=-12;"));
+        s.detail = None;
+        assert!(status_line(&s).ends_with("ttl=-12\r\n"));
         // Every part at its longest, with names short and long.
         for len in [1, 90, 5000] {
             let mut p = policy();
