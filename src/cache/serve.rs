@@ -1302,7 +1302,8 @@ fn freshen_selected(
     // would get is fresh, so that they do not validate it again themselves; so is Redis, for
     // the selected variants only it holds (stored by another host, or evicted here).
     if !fresh.t.always_validate && fresh.ttl(now) > 0 {
-        if let Some(layer) = cache.shared() {
+        // (A response that does not vary has no other variant to look for.)
+        if let Some(layer) = cache.shared().filter(|_| !o.vary.is_empty()) {
             let (p, sel) = (p.clone(), sel.clone());
             layer.update_entries(key, now, move |v| sel.freshen_one(&p, v));
         }
