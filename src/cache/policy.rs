@@ -175,49 +175,42 @@ impl Directives {
     /// A directive known here is listed in [`TARGETED_KNOWN`] too (a test checks that each
     /// listed one has an effect).
     fn directive(&mut self, name: &[u8], value: Option<&[u8]>) {
-        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        // By length first: a name is compared with at most three directives (most with one).
+        let is = |s: &[u8]| eq_ignore_case(name, s);
         let secs = || value.and_then(delta_seconds);
-        if is(b"max-age") {
+        match name.len() {
             // An invalid value makes the response stale (§4.2.1, §5.2.2.1).
-            self.max_age = self.max_age.or(Some(secs().unwrap_or(0)));
-        } else if is(b"s-maxage") {
-            self.s_maxage = self.s_maxage.or(Some(secs().unwrap_or(0)));
-        } else if is(b"no-store") {
-            self.no_store = true;
-        } else if is(b"no-cache") {
-            match value {
-                Some(v) if !field_list(v).is_empty() => self.no_cache_fields.extend(field_list(v)),
-                _ => self.no_cache = true,
-            }
-        } else if is(b"private") {
-            match value {
+            7 if is(b"max-age") => self.max_age = self.max_age.or(Some(secs().unwrap_or(0))),
+            7 if is(b"private") => match value {
                 Some(v) if !field_list(v).is_empty() => self.private_fields.extend(field_list(v)),
                 _ => self.private = true,
+            },
+            8 if is(b"s-maxage") => self.s_maxage = self.s_maxage.or(Some(secs().unwrap_or(0))),
+            8 if is(b"no-store") => self.no_store = true,
+            8 if is(b"no-cache") => match value {
+                Some(v) if !field_list(v).is_empty() => self.no_cache_fields.extend(field_list(v)),
+                _ => self.no_cache = true,
+            },
+            6 if is(b"public") => self.public = true,
+            15 if is(b"must-revalidate") => self.must_revalidate = true,
+            15 if is(b"must-understand") => self.must_understand = true,
+            16 if is(b"proxy-revalidate") => self.proxy_revalidate = true,
+            22 if is(b"stale-while-revalidate") => {
+                if let Some(s) = secs() {
+                    self.stale_while_revalidate = self.stale_while_revalidate.or(Some(s));
+                }
             }
-        } else if is(b"public") {
-            self.public = true;
-        } else if is(b"must-revalidate") {
-            self.must_revalidate = true;
-        } else if is(b"proxy-revalidate") {
-            self.proxy_revalidate = true;
-        } else if is(b"must-understand") {
-            self.must_understand = true;
-        } else if is(b"stale-while-revalidate") {
-            if let Some(s) = secs() {
-                self.stale_while_revalidate = self.stale_while_revalidate.or(Some(s));
+            14 if is(b"stale-if-error") => {
+                if let Some(s) = secs() {
+                    self.stale_if_error = self.stale_if_error.or(Some(s));
+                }
             }
-        } else if is(b"stale-if-error") {
-            if let Some(s) = secs() {
-                self.stale_if_error = self.stale_if_error.or(Some(s));
-            }
-        } else if is(b"max-stale") {
-            if self.max_stale.is_none() {
+            14 if is(b"only-if-cached") => self.only_if_cached = true,
+            9 if is(b"max-stale") && self.max_stale.is_none() => {
                 self.max_stale = Some(value.and_then(delta_seconds));
             }
-        } else if is(b"min-fresh") {
-            self.min_fresh = self.min_fresh.or(secs());
-        } else if is(b"only-if-cached") {
-            self.only_if_cached = true;
+            9 if is(b"min-fresh") => self.min_fresh = self.min_fresh.or(secs()),
+            _ => {}
         }
     }
 
@@ -696,6 +689,66 @@ pub fn unstorable_field(name: &[u8]) -> bool {
     }
 }
 
+/// What a response field's name is to the cache's analysis of a response: the fields it reads
+/// (§4.2: Cache-Control, Age, Date, Expires, Last-Modified; §4.1: Vary; §4.3.2: ETag), those
+/// it treats apart (Set-Cookie, Cache-Status, Surrogate-Key) and those never stored
+/// ([`unstorable_field`] but Age). [`field_name`] tells them apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldName {
+    CacheControl,
+    Age,
+    Date,
+    Expires,
+    LastModified,
+    ETag,
+    Vary,
+    /// `Set-Cookie` or `Set-Cookie2`.
+    SetCookie,
+    CacheStatus,
+    SurrogateKey,
+    /// Hop-by-hop, framing or one hop's own (as [`unstorable_field`], Age aside).
+    Unstorable,
+    /// Anything else: stored as it is.
+    Other,
+}
+
+/// The [`FieldName`] of `name`, in any case. By length and first letter first, so that a
+/// name is compared with at most one candidate (two for `set-cookie2`'s length), and most
+/// names with none.
+pub fn field_name(name: &[u8]) -> FieldName {
+    use FieldName::*;
+    let is = |s: &[u8]| eq_ignore_case(name, s);
+    // `| 0x20` lowers a letter (other bytes become something no arm below starts with, or
+    // the compare that follows refuses them).
+    let first = name.first().map_or(0, |b| b | 0x20);
+    match (name.len(), first) {
+        (2, b't') if is(b"te") => Unstorable,
+        (3, b'a') if is(b"age") => Age,
+        (4, b'd') if is(b"date") => Date,
+        (4, b'e') if is(b"etag") => ETag,
+        (4, b'v') if is(b"vary") => Vary,
+        (7, b'e') if is(b"expires") => Expires,
+        (7, b't') if is(b"trailer") => Unstorable,
+        (7, b'u') if is(b"upgrade") => Unstorable,
+        (10, b'c') if is(b"connection") => Unstorable,
+        (10, b'k') if is(b"keep-alive") => Unstorable,
+        (10, b's') if is(b"set-cookie") => SetCookie,
+        (11, b's') if is(b"set-cookie2") => SetCookie,
+        (12, b'c') if is(b"cache-status") => CacheStatus,
+        (12, b'x') if is(b"x-request-id") => Unstorable,
+        (13, b'c') if is(b"cache-control") => CacheControl,
+        (13, b'l') if is(b"last-modified") => LastModified,
+        (13, b's') if is(b"surrogate-key") => SurrogateKey,
+        (14, b'c') if is(b"content-length") => Unstorable,
+        (16, b'p') if is(b"proxy-connection") => Unstorable,
+        (17, b't') if is(b"transfer-encoding") => Unstorable,
+        (18, b'p') if is(b"proxy-authenticate") => Unstorable,
+        (19, b'p') if is(b"proxy-authorization") => Unstorable,
+        (25, b'p') if is(b"proxy-authentication-info") => Unstorable,
+        _ => Other,
+    }
+}
+
 /// A stored field line.
 pub type Field = (Bytes, Bytes);
 
@@ -721,8 +774,19 @@ pub fn eq_ignore_case(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    if a.len() < 8 {
+    if a.len() < 4 {
         return a.eq_ignore_ascii_case(b);
+    }
+    if a.len() < 8 {
+        // The first four bytes and the last four (overlapping when fewer than eight), as one
+        // word: most field names and directives this short are compared in one step.
+        let word = |s: &[u8]| {
+            let mut w = [0u8; 8];
+            w[..4].copy_from_slice(&s[..4]);
+            w[4..].copy_from_slice(&s[s.len() - 4..]);
+            lower8(u64::from_le_bytes(w))
+        };
+        return word(a) == word(b);
     }
     let word = |s: &[u8], i: usize| {
         let mut w = [0u8; 8];
@@ -825,8 +889,8 @@ mod tests {
     fn eq_ignore_case_is_eq_ignore_ascii_case() {
         // Every byte value against every other, in each of a word's lanes and in the tail of
         // a length that is not a multiple of eight.
-        for len in [8usize, 13, 16] {
-            for at in [0, 3, 7, len - 1] {
+        for len in [1usize, 3, 4, 5, 7, 8, 13, 16] {
+            for at in [0, 3, 4, 7, len - 1].into_iter().filter(|at| *at < len) {
                 for x in 0..=255u8 {
                     for y in 0..=255u8 {
                         let mut a = vec![b'k'; len];
