@@ -80,19 +80,22 @@ pub struct Directives {
 /// delta-seconds (§1.2.2): digits, saturating at [`MAX_DELTA`]; a quoted form is accepted
 /// (§5.2). `None` when invalid.
 pub fn delta_seconds(v: &[u8]) -> Option<u64> {
-    let v = trim_ows(v);
-    let v = v
-        .strip_prefix(b"\"")
-        .and_then(|x| x.strip_suffix(b"\""))
-        .unwrap_or(v);
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+    let v = match trim_ows(v) {
+        [b'"', inner @ .., b'"'] => inner,
+        v => v,
+    };
+    if v.is_empty() {
         return None;
     }
-    Some(v.iter().fold(0u64, |n, d| {
-        n.saturating_mul(10)
-            .saturating_add(u64::from(d - b'0'))
-            .min(MAX_DELTA)
-    }))
+    let mut n = 0u64;
+    for d in v {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        // At most 2^31 * 10 + 9 before the bound: no overflow.
+        n = (n * 10 + u64::from(d - b'0')).min(MAX_DELTA);
+    }
+    Some(n)
 }
 
 /// Splits a list on commas outside quoted strings.
@@ -152,6 +155,68 @@ impl Directives {
     /// its first value (§4.2.1).
     pub fn add(&mut self, line: &[u8]) {
         let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
+        // One scan splits the line on commas outside quoted strings, as `split_quoted` does,
+        // and notes each item's first "=" outside them. (An item with a quote before its
+        // first "=" has a name no directive has, whichever "=" is taken.)
+        let mut start = 0;
+        let mut eq = None;
+        let mut i = 0;
+        while i < line.len() {
+            match line[i] {
+                b',' => {
+                    self.item(&line[start..i], eq);
+                    start = i + 1;
+                    eq = None;
+                }
+                b'=' if eq.is_none() => eq = Some(i - start),
+                b'"' => {
+                    // To the closing quote; a backslash escapes the byte after it.
+                    i += 1;
+                    while i < line.len() {
+                        match line[i] {
+                            b'\\' => i += 2,
+                            b'"' => break,
+                            _ => i += 1,
+                        }
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        self.item(&line[start.min(line.len())..], eq);
+    }
+
+    /// One item of a `Cache-Control` line, `eq` the offset of its first "=" (if any).
+    fn item(&mut self, item: &[u8], eq: Option<usize>) {
+        let ows = |b: &u8| matches!(b, b' ' | b'\t');
+        let (name, value) = match eq {
+            Some(p) => {
+                let name = &item[..p];
+                let from = name.iter().position(|b| !ows(b)).unwrap_or(p);
+                let value = &item[p + 1..];
+                let to = value.iter().rposition(|b| !ows(b)).map_or(0, |e| e + 1);
+                (&name[from..], Some(&value[..to]))
+            }
+            None => match trim_ows(item) {
+                [] => return,
+                name => (name, None),
+            },
+        };
+        // §5.2: `cache-directive = token [ "=" ( token / quoted-string ) ]`, no whitespace
+        // around "=": `max-age =60` or `max-age= 60` is not a directive this cache knows, and
+        // is ignored (§5.2.3).
+        if name.last().is_some_and(ows) || value.and_then(|v| v.first()).is_some_and(ows) {
+            return;
+        }
+        self.directive(name, value);
+    }
+
+    /// [`Directives::add`] as items of [`split_quoted`], each trimmed and cut at its first
+    /// "=": the reference the one-scan version is tested against.
+    #[cfg(test)]
+    fn add_by_items(&mut self, line: &[u8]) {
+        let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
         for item in split_quoted(line) {
             let item = trim_ows(item);
             if item.is_empty() {
@@ -161,9 +226,6 @@ impl Directives {
                 Some(p) => (&item[..p], Some(&item[p + 1..])),
                 None => (item, None),
             };
-            // §5.2: `cache-directive = token [ "=" ( token / quoted-string ) ]`, no
-            // whitespace around "=": `max-age =60` or `max-age= 60` is not a directive this
-            // cache knows, and is ignored (§5.2.3).
             let spaced = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
             if spaced(name.last()) || value.is_some_and(|v| spaced(v.first())) {
                 continue;
@@ -176,7 +238,7 @@ impl Directives {
     /// listed one has an effect).
     fn directive(&mut self, name: &[u8], value: Option<&[u8]>) {
         // By length first: a name is compared with at most three directives (most with one).
-        let is = |s: &[u8]| eq_ignore_case(name, s);
+        let is = |s: &[u8]| is_name(name, s);
         let secs = || value.and_then(delta_seconds);
         match name.len() {
             // An invalid value makes the response stale (§4.2.1, §5.2.2.1).
@@ -717,7 +779,7 @@ pub enum FieldName {
 /// names with none.
 pub fn field_name(name: &[u8]) -> FieldName {
     use FieldName::*;
-    let is = |s: &[u8]| eq_ignore_case(name, s);
+    let is = |s: &[u8]| is_name(name, s);
     // `| 0x20` lowers a letter (other bytes become something no arm below starts with, or
     // the compare that follows refuses them).
     let first = name.first().map_or(0, |b| b | 0x20);
@@ -778,31 +840,65 @@ pub fn eq_ignore_case(a: &[u8], b: &[u8]) -> bool {
         return a.eq_ignore_ascii_case(b);
     }
     if a.len() < 8 {
-        // The first four bytes and the last four (overlapping when fewer than eight), as one
-        // word: most field names and directives this short are compared in one step.
-        let word = |s: &[u8]| {
-            let mut w = [0u8; 8];
-            w[..4].copy_from_slice(&s[..4]);
-            w[4..].copy_from_slice(&s[s.len() - 4..]);
-            lower8(u64::from_le_bytes(w))
-        };
-        return word(a) == word(b);
+        return lower8(short_word(a)) == lower8(short_word(b));
     }
-    let word = |s: &[u8], i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&s[i..i + 8]);
-        lower8(u64::from_le_bytes(w))
-    };
     let mut i = 0;
     while i + 8 < a.len() {
-        if word(a, i) != word(b, i) {
+        if lower8(word(a, i)) != lower8(word(b, i)) {
             return false;
         }
         i += 8;
     }
     // The last eight bytes (overlapping the previous word when the length is not a multiple
     // of eight).
-    word(a, a.len() - 8) == word(b, b.len() - 8)
+    lower8(word(a, a.len() - 8)) == lower8(word(b, b.len() - 8))
+}
+
+/// [`eq_ignore_case`] where `lower` holds no upper-case letter (the field names and
+/// directives this cache looks for are written so): only `name` is lowered, and where `lower`
+/// is a literal its words are constants.
+#[inline(always)]
+pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(!lower.iter().any(u8::is_ascii_uppercase));
+    let n = name.len();
+    if n != lower.len() {
+        return false;
+    }
+    if n < 4 {
+        return name
+            .iter()
+            .zip(lower)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b);
+    }
+    if n < 8 {
+        return lower8(short_word(name)) == short_word(lower);
+    }
+    let mut i = 0;
+    while i + 8 < n {
+        if lower8(word(name, i)) != word(lower, i) {
+            return false;
+        }
+        i += 8;
+    }
+    lower8(word(name, n - 8)) == word(lower, n - 8)
+}
+
+/// The eight bytes of `s` from `i`.
+#[inline(always)]
+fn word(s: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&s[i..i + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// The first four bytes of `s` (4 to 7 bytes long) and its last four (overlapping when fewer
+/// than eight), as one word: names and directives this short are compared in one step.
+#[inline(always)]
+fn short_word(s: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w[..4].copy_from_slice(&s[..4]);
+    w[4..].copy_from_slice(&s[s.len() - 4..]);
+    u64::from_le_bytes(w)
 }
 
 /// The eight bytes of `x` with `A`..=`Z` lowered, as `u8::to_ascii_lowercase` lowers each
@@ -842,6 +938,33 @@ mod tests {
         let mut d = Directives::default();
         d.add(b"max-age =60, s-maxage= 5, no-cache");
         assert_eq!((d.max_age, d.s_maxage, d.no_cache), (None, None, true));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2048,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// `add` (one scan) reads every line as the split into items, each trimmed and cut at
+        /// its first "=", reads it: lines of directives, commas, quotes, escapes, "=" and
+        /// OWS in any order.
+        #[test]
+        fn add_reads_lines_as_items_do(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "max-age=5", "MAX-Age=7", "s-maxage", "no-cache", "private", "public",
+                "no-store", "max-stale", "min-fresh=3", "x", "=", ",", ", ", "\"", "\"",
+                "\\", "\\\"", " ", "\t", "60", "\"5\"", "a, b", "99999999999",
+            ]), 0..12),
+        ) {
+            let line = parts.concat();
+            let mut one = Directives::default();
+            one.add(line.as_bytes());
+            let mut items = Directives::default();
+            items.add_by_items(line.as_bytes());
+            proptest::prop_assert_eq!(one, items, "{:?}", line);
+        }
     }
 
     #[test]
@@ -902,6 +1025,13 @@ mod tests {
                             a.eq_ignore_ascii_case(&b),
                             "{len} {at} {x} {y}"
                         );
+                        if !y.is_ascii_uppercase() {
+                            assert_eq!(
+                                is_name(&a, &b),
+                                a.eq_ignore_ascii_case(&b),
+                                "{len} {at} {x} {y}"
+                            );
+                        }
                     }
                 }
             }

@@ -782,25 +782,28 @@ fn analyze_response(
     let mut any_targeted = false;
     for h in &resp.headers {
         let n = resp.bytes(h.name);
-        if n.len() == CACHE_CONTROL.len() && policy::eq_ignore_case(n, CACHE_CONTROL) && !hidden(n)
-        {
+        if policy::is_name(n, CACHE_CONTROL) && !hidden(n) {
             d.add(resp.bytes(h.value));
         }
-        any_targeted |= p.targeted.iter().any(|t| policy::eq_ignore_case(n, t));
+        // Targeted names are lower case (`RoutePolicy::compile`).
+        any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
     }
+    // Borrowed, not moved (a `Directives` is some 200 bytes).
+    let by_targeted;
     let (d, targeted) = if any_targeted {
-        p.directives_by(|name, each| {
+        by_targeted = p.directives_by(|name, each| {
             for h in &resp.headers {
                 let n = resp.bytes(h.name);
                 if policy::eq_ignore_case(n, name) && !hidden(n) {
                     each(resp.bytes(h.value));
                 }
             }
-        })
+        });
+        (&by_targeted.0, by_targeted.1)
     } else {
-        (d, false)
+        (&d, false)
     };
-    screen(resp.status, &d, req_authorized)?;
+    screen(resp.status, d, req_authorized)?;
     let head_len = resp.raw.len();
     let mut buf = cache.object_buf(
         head_len
@@ -881,7 +884,7 @@ fn analyze_response(
         resp.status,
         &fields,
         &seen,
-        &d,
+        d,
         targeted,
         request_time,
         response_time,
@@ -889,7 +892,7 @@ fn analyze_response(
     let had_date = seen.date.is_some();
     let tagged = seen.surrogate;
     // Only `private="..."` and `no-cache="..."` are left to drop.
-    keep_fields(p, &mut fields, &d, false, had_date, response_time);
+    keep_fields(p, &mut fields, d, false, had_date, response_time);
     Ok(Storable {
         fields,
         t,
