@@ -138,6 +138,24 @@ fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// The delta-seconds of a line that is `max-age=` and digits (in any case, OWS around it),
+/// `None` for any other line.
+fn lone_max_age(line: &[u8]) -> Option<u64> {
+    let line = trim_ows(line);
+    if line.len() <= 8 || lower8(word(line, 0)) != word(b"max-age=", 0) {
+        return None;
+    }
+    let mut n = 0u64;
+    for d in &line[8..] {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        // At most 2^31 * 10 + 9 before the bound: no overflow.
+        n = (n * 10 + u64::from(d - b'0')).min(MAX_DELTA);
+    }
+    Some(n)
+}
+
 fn field_list(v: &[u8]) -> Vec<Box<[u8]>> {
     let v = trim_ows(v);
     let v = v
@@ -155,6 +173,12 @@ impl Directives {
     /// its first value (§4.2.1).
     pub fn add(&mut self, line: &[u8]) {
         let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
+        // The most common line of all, `max-age=N` alone, read without the scan (to the same
+        // effect: a test compares the two).
+        if let Some(secs) = lone_max_age(line) {
+            self.max_age = self.max_age.or(Some(secs));
+            return;
+        }
         // One scan splits the line on commas outside quoted strings, as `split_quoted` does,
         // and notes each item's first "=" outside them. (An item with a quote before its
         // first "=" has a name no directive has, whichever "=" is taken.)
@@ -855,8 +879,10 @@ pub fn eq_ignore_case(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// [`eq_ignore_case`] where `lower` holds no upper-case letter (the field names and
-/// directives this cache looks for are written so): only `name` is lowered, and where `lower`
-/// is a literal its words are constants.
+/// directives this cache looks for are written so): a byte of `name` matches a letter of
+/// `lower` when it is that letter with the 0x20 bit set (only the letter and its upper case
+/// are), and any other byte of `lower` only as itself. Where `lower` is a literal, its words
+/// and their letter masks are constants: one OR and one compare per eight bytes.
 #[inline(always)]
 pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
     debug_assert!(!lower.iter().any(u8::is_ascii_uppercase));
@@ -864,6 +890,7 @@ pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
     if n != lower.len() {
         return false;
     }
+    let same = |a: u64, l: u64| a | letters(l) == l;
     if n < 4 {
         return name
             .iter()
@@ -871,16 +898,29 @@ pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
             .all(|(a, b)| a.to_ascii_lowercase() == *b);
     }
     if n < 8 {
-        return lower8(short_word(name)) == short_word(lower);
+        return same(short_word(name), short_word(lower));
     }
     let mut i = 0;
     while i + 8 < n {
-        if lower8(word(name, i)) != word(lower, i) {
+        if !same(word(name, i), word(lower, i)) {
             return false;
         }
         i += 8;
     }
-    lower8(word(name, n - 8)) == word(lower, n - 8)
+    same(word(name, n - 8), word(lower, n - 8))
+}
+
+/// 0x20 in each byte of `x` that is a lower-case ASCII letter, 0 in the others (as
+/// [`lower8`] finds the upper-case ones).
+#[inline(always)]
+fn letters(x: u64) -> u64 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let low = x & !HIGH;
+    // A byte's top bit set by adding 0x1f when its low seven bits are at least `a`, by
+    // adding 0x05 when they are past `z` (neither carries into the next byte).
+    let from_a = low + 0x1f1f_1f1f_1f1f_1f1f;
+    let past_z = low + 0x0505_0505_0505_0505;
+    (from_a & !past_z & !x & HIGH) >> 2
 }
 
 /// The eight bytes of `s` from `i`.
@@ -953,7 +993,7 @@ mod tests {
         #[test]
         fn add_reads_lines_as_items_do(
             parts in proptest::collection::vec(proptest::sample::select(vec![
-                "max-age=5", "MAX-Age=7", "s-maxage", "no-cache", "private", "public",
+                "max-age=5", "MAX-Age=7", "max-age=", "s-maxage", "no-cache", "private", "public",
                 "no-store", "max-stale", "min-fresh=3", "x", "=", ",", ", ", "\"", "\"",
                 "\\", "\\\"", " ", "\t", "60", "\"5\"", "a, b", "99999999999",
             ]), 0..12),
@@ -1043,6 +1083,8 @@ mod tests {
                 u64::from_le_bytes([x.to_ascii_lowercase(); 8]),
                 "{x}"
             );
+            let letter = if x.is_ascii_lowercase() { 0x20 } else { 0 };
+            assert_eq!(letters(w), u64::from_le_bytes([letter; 8]), "{x}");
         }
         assert!(eq_ignore_case(b"Cache-Control", b"cache-control"));
         assert!(eq_ignore_case(b"CDN-Cache-Control", b"cdn-cache-control"));

@@ -778,15 +778,27 @@ fn analyze_response(
     let hidden = |n: &[u8]| resp.connection_options && listed.lists(n);
     // First pass: the directives, from the Cache-Control lines, and whether a targeted field
     // (RFC 9213) may govern instead (then they are read as `analyze` reads them: rare).
+    // A line's name is looked at only when its length is that of one of these names (the
+    // targeted ones as bits of their lengths, the longest as 63).
+    let targeted_lens = p
+        .targeted
+        .iter()
+        .fold(0u64, |m, t| m | 1 << t.len().min(63));
     let mut d = Directives::default();
     let mut any_targeted = false;
     for h in &resp.headers {
-        let n = resp.bytes(h.name);
-        if policy::is_name(n, CACHE_CONTROL) && !hidden(n) {
-            d.add(resp.bytes(h.value));
+        let len = h.name.len();
+        if len == CACHE_CONTROL.len() {
+            let n = resp.bytes(h.name);
+            if policy::is_name(n, CACHE_CONTROL) && !hidden(n) {
+                d.add(resp.bytes(h.value));
+            }
         }
-        // Targeted names are lower case (`RoutePolicy::compile`).
-        any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
+        if targeted_lens >> len.min(63) & 1 == 1 {
+            // Targeted names are lower case (`RoutePolicy::compile`).
+            let n = resp.bytes(h.name);
+            any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
+        }
     }
     // Borrowed, not moved (a `Directives` is some 200 bytes).
     let by_targeted;
@@ -835,7 +847,8 @@ fn analyze_response(
             continue;
         }
         let v = resp.bytes(h.value);
-        let stored = match policy::field_name(n) {
+        let class = policy::field_name(n);
+        let stored = match class {
             FieldName::Other | FieldName::CacheControl => true,
             FieldName::Date => {
                 first(&mut seen.date, v);
@@ -876,7 +889,11 @@ fn analyze_response(
             FieldName::Unstorable => false,
         };
         if stored {
-            fields.push((part(h.name), part(h.value)));
+            let name = match usual_spelling(class, n) {
+                Some(name) => Bytes::from_static(name),
+                None => part(h.name),
+            };
+            fields.push((name, part(h.value)));
         }
     }
     let (t, vary) = freshness(
@@ -905,6 +922,26 @@ fn analyze_response(
 }
 
 const CACHE_CONTROL: &[u8] = b"cache-control";
+
+/// `n` as a static copy when it is spelled as most origins spell it: a stored name that is
+/// one takes no reference to the head's copy (nothing to count when it is stored, nothing when
+/// it is dropped). The same bytes either way.
+fn usual_spelling(class: FieldName, n: &[u8]) -> Option<&'static [u8]> {
+    // Each compared in its arm, where its length is a constant (a few loads, no call).
+    let usual: &'static [u8] = match (class, n.len()) {
+        (FieldName::Date, _) if n == b"Date" => b"Date",
+        (FieldName::CacheControl, _) if n == b"Cache-Control" => b"Cache-Control",
+        (FieldName::ETag, _) if n == b"ETag" => b"ETag",
+        (FieldName::LastModified, _) if n == b"Last-Modified" => b"Last-Modified",
+        (FieldName::Expires, _) if n == b"Expires" => b"Expires",
+        (FieldName::Vary, _) if n == b"Vary" => b"Vary",
+        // Sent with nearly every response.
+        (FieldName::Other, 6) if n == b"Server" => b"Server",
+        (FieldName::Other, 12) if n == b"Content-Type" => b"Content-Type",
+        _ => return None,
+    };
+    Some(usual)
+}
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
