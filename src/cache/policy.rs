@@ -807,30 +807,46 @@ pub fn field_name(name: &[u8]) -> FieldName {
     // `| 0x20` lowers a letter (other bytes become something no arm below starts with, or
     // the compare that follows refuses them).
     let first = name.first().map_or(0, |b| b | 0x20);
-    match (name.len(), first) {
-        (2, b't') if is(b"te") => Unstorable,
-        (3, b'a') if is(b"age") => Age,
-        (4, b'd') if is(b"date") => Date,
-        (4, b'e') if is(b"etag") => ETag,
-        (4, b'v') if is(b"vary") => Vary,
-        (7, b'e') if is(b"expires") => Expires,
-        (7, b't') if is(b"trailer") => Unstorable,
-        (7, b'u') if is(b"upgrade") => Unstorable,
-        (10, b'c') if is(b"connection") => Unstorable,
-        (10, b'k') if is(b"keep-alive") => Unstorable,
-        (10, b's') if is(b"set-cookie") => SetCookie,
-        (11, b's') if is(b"set-cookie2") => SetCookie,
-        (12, b'c') if is(b"cache-status") => CacheStatus,
-        (12, b'x') if is(b"x-request-id") => Unstorable,
-        (13, b'c') if is(b"cache-control") => CacheControl,
-        (13, b'l') if is(b"last-modified") => LastModified,
-        (13, b's') if is(b"surrogate-key") => SurrogateKey,
-        (14, b'c') if is(b"content-length") => Unstorable,
-        (16, b'p') if is(b"proxy-connection") => Unstorable,
-        (17, b't') if is(b"transfer-encoding") => Unstorable,
-        (18, b'p') if is(b"proxy-authenticate") => Unstorable,
-        (19, b'p') if is(b"proxy-authorization") => Unstorable,
-        (25, b'p') if is(b"proxy-authentication-info") => Unstorable,
+    // Length, then first letter: two jumps, then the one candidate compared.
+    match name.len() {
+        2 if first == b't' && is(b"te") => Unstorable,
+        3 if first == b'a' && is(b"age") => Age,
+        4 => match first {
+            b'd' if is(b"date") => Date,
+            b'e' if is(b"etag") => ETag,
+            b'v' if is(b"vary") => Vary,
+            _ => Other,
+        },
+        7 => match first {
+            b'e' if is(b"expires") => Expires,
+            b't' if is(b"trailer") => Unstorable,
+            b'u' if is(b"upgrade") => Unstorable,
+            _ => Other,
+        },
+        10 => match first {
+            b'c' if is(b"connection") => Unstorable,
+            b'k' if is(b"keep-alive") => Unstorable,
+            b's' if is(b"set-cookie") => SetCookie,
+            _ => Other,
+        },
+        11 if first == b's' && is(b"set-cookie2") => SetCookie,
+        12 => match first {
+            b'c' if is(b"cache-status") => CacheStatus,
+            b'x' if is(b"x-request-id") => Unstorable,
+            _ => Other,
+        },
+        13 => match first {
+            b'c' if is(b"cache-control") => CacheControl,
+            b'l' if is(b"last-modified") => LastModified,
+            b's' if is(b"surrogate-key") => SurrogateKey,
+            _ => Other,
+        },
+        14 if first == b'c' && is(b"content-length") => Unstorable,
+        16 if first == b'p' && is(b"proxy-connection") => Unstorable,
+        17 if first == b't' && is(b"transfer-encoding") => Unstorable,
+        18 if first == b'p' && is(b"proxy-authenticate") => Unstorable,
+        19 if first == b'p' && is(b"proxy-authorization") => Unstorable,
+        25 if first == b'p' && is(b"proxy-authentication-info") => Unstorable,
         _ => Other,
     }
 }

@@ -825,8 +825,9 @@ fn analyze_response(
     buf.extend_from_slice(&resp.raw);
     super::put_url(req, &mut buf);
     // The head and the URL, frozen; `buf` keeps the rest of the allocation for the body.
-    let head_url = buf.split().freeze();
-    let raw = head_url.slice(..head_len);
+    // `raw` keeps the head (split, not sliced twice: one reference for the two parts).
+    let mut raw = buf.split().freeze();
+    let url = raw.split_off(head_len);
     // A line's span in the head is its span in `raw`, the head's copy (kept within `raw` all
     // the same).
     let part = |s: Span| {
@@ -916,7 +917,7 @@ fn analyze_response(
         public: d.public,
         vary,
         tagged,
-        url: head_url.slice(head_len..),
+        url,
         body: buf,
     })
 }
