@@ -24,8 +24,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use ringway::cache::policy::{
-    byte_range, delta_seconds, none_match_hits, parse_http_date, strong_match, unstorable_field,
-    vary_names, vary_value, weak_match, Directives, RangeAnswer, MAX_DELTA, VARY_ABSENT,
+    byte_range, delta_seconds, field_name, none_match_hits, parse_http_date, strong_match,
+    unstorable_field, vary_names, vary_value, weak_match, Directives, FieldName, RangeAnswer,
+    MAX_DELTA, VARY_ABSENT,
 };
 use ringway::cache::redis::{decode, decode_purge, encode, encode_purge};
 use ringway::cache::{Object, Purge, PurgeTarget, Timing};
@@ -911,5 +912,94 @@ proptest! {
                 prop_assert!(a <= e && e < len);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field names as the analysis of a response classifies them (`policy::field_name`).
+
+/// Every name `field_name` tells apart, lower case, and what it is.
+const NAMED: [(&str, FieldName); 23] = [
+    ("cache-control", FieldName::CacheControl),
+    ("age", FieldName::Age),
+    ("date", FieldName::Date),
+    ("expires", FieldName::Expires),
+    ("last-modified", FieldName::LastModified),
+    ("etag", FieldName::ETag),
+    ("vary", FieldName::Vary),
+    ("set-cookie", FieldName::SetCookie),
+    ("set-cookie2", FieldName::SetCookie),
+    ("cache-status", FieldName::CacheStatus),
+    ("surrogate-key", FieldName::SurrogateKey),
+    ("te", FieldName::Unstorable),
+    ("trailer", FieldName::Unstorable),
+    ("upgrade", FieldName::Unstorable),
+    ("connection", FieldName::Unstorable),
+    ("keep-alive", FieldName::Unstorable),
+    ("x-request-id", FieldName::Unstorable),
+    ("content-length", FieldName::Unstorable),
+    ("proxy-connection", FieldName::Unstorable),
+    ("transfer-encoding", FieldName::Unstorable),
+    ("proxy-authenticate", FieldName::Unstorable),
+    ("proxy-authorization", FieldName::Unstorable),
+    ("proxy-authentication-info", FieldName::Unstorable),
+];
+
+/// A name of [`NAMED`] in any case, one with a byte changed, added or removed (a near miss:
+/// same length or first letter), or any bytes.
+fn field_name_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let named = prop::sample::select(NAMED.iter().map(|(n, _)| *n).collect::<Vec<_>>());
+    prop_oneof![
+        (named.clone(), any::<u64>()).prop_map(|(n, mask)| recase(n, mask).into_bytes()),
+        (named, any::<usize>(), any::<u8>(), any::<u8>()).prop_map(|(n, at, op, b)| mutate(
+            n.as_bytes().to_vec(),
+            at,
+            op % 4,
+            b
+        )),
+        bytes_of(30),
+    ]
+}
+
+proptest! {
+    // Cheap cases: many of them by default.
+    #![proptest_config(ProptestConfig {
+        cases: prop_support::config().cases.max(2048),
+        ..prop_support::config()
+    })]
+
+    /// `field_name` is the table of [`NAMED`] read without regard to ASCII case (RFC 9110
+    /// §5.1), and what it calls unstorable (Age included) is what `unstorable_field` calls so
+    /// (RFC 9111 §3.1).
+    #[test]
+    fn field_names_are_classified_by_the_table(n in field_name_bytes()) {
+        let want = NAMED
+            .iter()
+            .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(&n))
+            .map_or(FieldName::Other, |(_, c)| *c);
+        prop_assert_eq!(field_name(&n), want, "{:?}", String::from_utf8_lossy(&n));
+        prop_assert_eq!(
+            matches!(want, FieldName::Unstorable | FieldName::Age),
+            unstorable_field(&n)
+        );
+    }
+}
+
+#[test]
+fn field_names_in_the_table_are_classified_in_any_case() {
+    for (n, c) in NAMED {
+        assert_eq!(field_name(n.as_bytes()), c, "{n}");
+        assert_eq!(field_name(n.to_ascii_uppercase().as_bytes()), c, "{n}");
+    }
+    for n in [
+        "",
+        "x",
+        "dat",
+        "dates",
+        "cache-contro",
+        "cache_control",
+        "cdn-cache-control",
+    ] {
+        assert_eq!(field_name(n.as_bytes()), FieldName::Other, "{n}");
     }
 }

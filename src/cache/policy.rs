@@ -80,19 +80,22 @@ pub struct Directives {
 /// delta-seconds (§1.2.2): digits, saturating at [`MAX_DELTA`]; a quoted form is accepted
 /// (§5.2). `None` when invalid.
 pub fn delta_seconds(v: &[u8]) -> Option<u64> {
-    let v = trim_ows(v);
-    let v = v
-        .strip_prefix(b"\"")
-        .and_then(|x| x.strip_suffix(b"\""))
-        .unwrap_or(v);
-    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+    let v = match trim_ows(v) {
+        [b'"', inner @ .., b'"'] => inner,
+        v => v,
+    };
+    if v.is_empty() {
         return None;
     }
-    Some(v.iter().fold(0u64, |n, d| {
-        n.saturating_mul(10)
-            .saturating_add(u64::from(d - b'0'))
-            .min(MAX_DELTA)
-    }))
+    let mut n = 0u64;
+    for d in v {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        // At most 2^31 * 10 + 9 before the bound: no overflow.
+        n = (n * 10 + u64::from(d - b'0')).min(MAX_DELTA);
+    }
+    Some(n)
 }
 
 /// Splits a list on commas outside quoted strings.
@@ -135,6 +138,24 @@ fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// The delta-seconds of a line that is `max-age=` and digits (in any case, OWS around it),
+/// `None` for any other line.
+fn lone_max_age(line: &[u8]) -> Option<u64> {
+    let line = trim_ows(line);
+    if line.len() <= 8 || lower8(word(line, 0)) != word(b"max-age=", 0) {
+        return None;
+    }
+    let mut n = 0u64;
+    for d in &line[8..] {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        // At most 2^31 * 10 + 9 before the bound: no overflow.
+        n = (n * 10 + u64::from(d - b'0')).min(MAX_DELTA);
+    }
+    Some(n)
+}
+
 fn field_list(v: &[u8]) -> Vec<Box<[u8]>> {
     let v = trim_ows(v);
     let v = v
@@ -152,6 +173,74 @@ impl Directives {
     /// its first value (§4.2.1).
     pub fn add(&mut self, line: &[u8]) {
         let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
+        // The most common line of all, `max-age=N` alone, read without the scan (to the same
+        // effect: a test compares the two).
+        if let Some(secs) = lone_max_age(line) {
+            self.max_age = self.max_age.or(Some(secs));
+            return;
+        }
+        // One scan splits the line on commas outside quoted strings, as `split_quoted` does,
+        // and notes each item's first "=" outside them. (An item with a quote before its
+        // first "=" has a name no directive has, whichever "=" is taken.)
+        let mut start = 0;
+        let mut eq = None;
+        let mut i = 0;
+        while i < line.len() {
+            match line[i] {
+                b',' => {
+                    self.item(&line[start..i], eq);
+                    start = i + 1;
+                    eq = None;
+                }
+                b'=' if eq.is_none() => eq = Some(i - start),
+                b'"' => {
+                    // To the closing quote; a backslash escapes the byte after it.
+                    i += 1;
+                    while i < line.len() {
+                        match line[i] {
+                            b'\\' => i += 2,
+                            b'"' => break,
+                            _ => i += 1,
+                        }
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        self.item(&line[start.min(line.len())..], eq);
+    }
+
+    /// One item of a `Cache-Control` line, `eq` the offset of its first "=" (if any).
+    fn item(&mut self, item: &[u8], eq: Option<usize>) {
+        let ows = |b: &u8| matches!(b, b' ' | b'\t');
+        let (name, value) = match eq {
+            Some(p) => {
+                let name = &item[..p];
+                let from = name.iter().position(|b| !ows(b)).unwrap_or(p);
+                let value = &item[p + 1..];
+                let to = value.iter().rposition(|b| !ows(b)).map_or(0, |e| e + 1);
+                (&name[from..], Some(&value[..to]))
+            }
+            None => match trim_ows(item) {
+                [] => return,
+                name => (name, None),
+            },
+        };
+        // §5.2: `cache-directive = token [ "=" ( token / quoted-string ) ]`, no whitespace
+        // around "=": `max-age =60` or `max-age= 60` is not a directive this cache knows, and
+        // is ignored (§5.2.3).
+        if name.last().is_some_and(ows) || value.and_then(|v| v.first()).is_some_and(ows) {
+            return;
+        }
+        self.directive(name, value);
+    }
+
+    /// [`Directives::add`] as items of [`split_quoted`], each trimmed and cut at its first
+    /// "=": the reference the one-scan version is tested against.
+    #[cfg(test)]
+    fn add_by_items(&mut self, line: &[u8]) {
+        let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
         for item in split_quoted(line) {
             let item = trim_ows(item);
             if item.is_empty() {
@@ -161,9 +250,6 @@ impl Directives {
                 Some(p) => (&item[..p], Some(&item[p + 1..])),
                 None => (item, None),
             };
-            // §5.2: `cache-directive = token [ "=" ( token / quoted-string ) ]`, no
-            // whitespace around "=": `max-age =60` or `max-age= 60` is not a directive this
-            // cache knows, and is ignored (§5.2.3).
             let spaced = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
             if spaced(name.last()) || value.is_some_and(|v| spaced(v.first())) {
                 continue;
@@ -175,49 +261,42 @@ impl Directives {
     /// A directive known here is listed in [`TARGETED_KNOWN`] too (a test checks that each
     /// listed one has an effect).
     fn directive(&mut self, name: &[u8], value: Option<&[u8]>) {
-        let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+        // By length first: a name is compared with at most three directives (most with one).
+        let is = |s: &[u8]| is_name(name, s);
         let secs = || value.and_then(delta_seconds);
-        if is(b"max-age") {
+        match name.len() {
             // An invalid value makes the response stale (§4.2.1, §5.2.2.1).
-            self.max_age = self.max_age.or(Some(secs().unwrap_or(0)));
-        } else if is(b"s-maxage") {
-            self.s_maxage = self.s_maxage.or(Some(secs().unwrap_or(0)));
-        } else if is(b"no-store") {
-            self.no_store = true;
-        } else if is(b"no-cache") {
-            match value {
-                Some(v) if !field_list(v).is_empty() => self.no_cache_fields.extend(field_list(v)),
-                _ => self.no_cache = true,
-            }
-        } else if is(b"private") {
-            match value {
+            7 if is(b"max-age") => self.max_age = self.max_age.or(Some(secs().unwrap_or(0))),
+            7 if is(b"private") => match value {
                 Some(v) if !field_list(v).is_empty() => self.private_fields.extend(field_list(v)),
                 _ => self.private = true,
+            },
+            8 if is(b"s-maxage") => self.s_maxage = self.s_maxage.or(Some(secs().unwrap_or(0))),
+            8 if is(b"no-store") => self.no_store = true,
+            8 if is(b"no-cache") => match value {
+                Some(v) if !field_list(v).is_empty() => self.no_cache_fields.extend(field_list(v)),
+                _ => self.no_cache = true,
+            },
+            6 if is(b"public") => self.public = true,
+            15 if is(b"must-revalidate") => self.must_revalidate = true,
+            15 if is(b"must-understand") => self.must_understand = true,
+            16 if is(b"proxy-revalidate") => self.proxy_revalidate = true,
+            22 if is(b"stale-while-revalidate") => {
+                if let Some(s) = secs() {
+                    self.stale_while_revalidate = self.stale_while_revalidate.or(Some(s));
+                }
             }
-        } else if is(b"public") {
-            self.public = true;
-        } else if is(b"must-revalidate") {
-            self.must_revalidate = true;
-        } else if is(b"proxy-revalidate") {
-            self.proxy_revalidate = true;
-        } else if is(b"must-understand") {
-            self.must_understand = true;
-        } else if is(b"stale-while-revalidate") {
-            if let Some(s) = secs() {
-                self.stale_while_revalidate = self.stale_while_revalidate.or(Some(s));
+            14 if is(b"stale-if-error") => {
+                if let Some(s) = secs() {
+                    self.stale_if_error = self.stale_if_error.or(Some(s));
+                }
             }
-        } else if is(b"stale-if-error") {
-            if let Some(s) = secs() {
-                self.stale_if_error = self.stale_if_error.or(Some(s));
-            }
-        } else if is(b"max-stale") {
-            if self.max_stale.is_none() {
+            14 if is(b"only-if-cached") => self.only_if_cached = true,
+            9 if is(b"max-stale") && self.max_stale.is_none() => {
                 self.max_stale = Some(value.and_then(delta_seconds));
             }
-        } else if is(b"min-fresh") {
-            self.min_fresh = self.min_fresh.or(secs());
-        } else if is(b"only-if-cached") {
-            self.only_if_cached = true;
+            9 if is(b"min-fresh") => self.min_fresh = self.min_fresh.or(secs()),
+            _ => {}
         }
     }
 
@@ -696,6 +775,82 @@ pub fn unstorable_field(name: &[u8]) -> bool {
     }
 }
 
+/// What a response field's name is to the cache's analysis of a response: the fields it reads
+/// (§4.2: Cache-Control, Age, Date, Expires, Last-Modified; §4.1: Vary; §4.3.2: ETag), those
+/// it treats apart (Set-Cookie, Cache-Status, Surrogate-Key) and those never stored
+/// ([`unstorable_field`] but Age). [`field_name`] tells them apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FieldName {
+    CacheControl,
+    Age,
+    Date,
+    Expires,
+    LastModified,
+    ETag,
+    Vary,
+    /// `Set-Cookie` or `Set-Cookie2`.
+    SetCookie,
+    CacheStatus,
+    SurrogateKey,
+    /// Hop-by-hop, framing or one hop's own (as [`unstorable_field`], Age aside).
+    Unstorable,
+    /// Anything else: stored as it is.
+    Other,
+}
+
+/// The [`FieldName`] of `name`, in any case. By length and first letter first, so that a
+/// name is compared with at most one candidate (two for `set-cookie2`'s length), and most
+/// names with none.
+pub fn field_name(name: &[u8]) -> FieldName {
+    use FieldName::*;
+    let is = |s: &[u8]| is_name(name, s);
+    // `| 0x20` lowers a letter (other bytes become something no arm below starts with, or
+    // the compare that follows refuses them).
+    let first = name.first().map_or(0, |b| b | 0x20);
+    // Length, then first letter: two jumps, then the one candidate compared.
+    match name.len() {
+        2 if first == b't' && is(b"te") => Unstorable,
+        3 if first == b'a' && is(b"age") => Age,
+        4 => match first {
+            b'd' if is(b"date") => Date,
+            b'e' if is(b"etag") => ETag,
+            b'v' if is(b"vary") => Vary,
+            _ => Other,
+        },
+        7 => match first {
+            b'e' if is(b"expires") => Expires,
+            b't' if is(b"trailer") => Unstorable,
+            b'u' if is(b"upgrade") => Unstorable,
+            _ => Other,
+        },
+        10 => match first {
+            b'c' if is(b"connection") => Unstorable,
+            b'k' if is(b"keep-alive") => Unstorable,
+            b's' if is(b"set-cookie") => SetCookie,
+            _ => Other,
+        },
+        11 if first == b's' && is(b"set-cookie2") => SetCookie,
+        12 => match first {
+            b'c' if is(b"cache-status") => CacheStatus,
+            b'x' if is(b"x-request-id") => Unstorable,
+            _ => Other,
+        },
+        13 => match first {
+            b'c' if is(b"cache-control") => CacheControl,
+            b'l' if is(b"last-modified") => LastModified,
+            b's' if is(b"surrogate-key") => SurrogateKey,
+            _ => Other,
+        },
+        14 if first == b'c' && is(b"content-length") => Unstorable,
+        16 if first == b'p' && is(b"proxy-connection") => Unstorable,
+        17 if first == b't' && is(b"transfer-encoding") => Unstorable,
+        18 if first == b'p' && is(b"proxy-authenticate") => Unstorable,
+        19 if first == b'p' && is(b"proxy-authorization") => Unstorable,
+        25 if first == b'p' && is(b"proxy-authentication-info") => Unstorable,
+        _ => Other,
+    }
+}
+
 /// A stored field line.
 pub type Field = (Bytes, Bytes);
 
@@ -721,24 +876,85 @@ pub fn eq_ignore_case(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    if a.len() < 8 {
+    if a.len() < 4 {
         return a.eq_ignore_ascii_case(b);
     }
-    let word = |s: &[u8], i: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&s[i..i + 8]);
-        lower8(u64::from_le_bytes(w))
-    };
+    if a.len() < 8 {
+        return lower8(short_word(a)) == lower8(short_word(b));
+    }
     let mut i = 0;
     while i + 8 < a.len() {
-        if word(a, i) != word(b, i) {
+        if lower8(word(a, i)) != lower8(word(b, i)) {
             return false;
         }
         i += 8;
     }
     // The last eight bytes (overlapping the previous word when the length is not a multiple
     // of eight).
-    word(a, a.len() - 8) == word(b, b.len() - 8)
+    lower8(word(a, a.len() - 8)) == lower8(word(b, b.len() - 8))
+}
+
+/// [`eq_ignore_case`] where `lower` holds no upper-case letter (the field names and
+/// directives this cache looks for are written so): a byte of `name` matches a letter of
+/// `lower` when it is that letter with the 0x20 bit set (only the letter and its upper case
+/// are), and any other byte of `lower` only as itself. Where `lower` is a literal, its words
+/// and their letter masks are constants: one OR and one compare per eight bytes.
+#[inline(always)]
+pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    debug_assert!(!lower.iter().any(u8::is_ascii_uppercase));
+    let n = name.len();
+    if n != lower.len() {
+        return false;
+    }
+    let same = |a: u64, l: u64| a | letters(l) == l;
+    if n < 4 {
+        return name
+            .iter()
+            .zip(lower)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b);
+    }
+    if n < 8 {
+        return same(short_word(name), short_word(lower));
+    }
+    let mut i = 0;
+    while i + 8 < n {
+        if !same(word(name, i), word(lower, i)) {
+            return false;
+        }
+        i += 8;
+    }
+    same(word(name, n - 8), word(lower, n - 8))
+}
+
+/// 0x20 in each byte of `x` that is a lower-case ASCII letter, 0 in the others (as
+/// [`lower8`] finds the upper-case ones).
+#[inline(always)]
+fn letters(x: u64) -> u64 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let low = x & !HIGH;
+    // A byte's top bit set by adding 0x1f when its low seven bits are at least `a`, by
+    // adding 0x05 when they are past `z` (neither carries into the next byte).
+    let from_a = low + 0x1f1f_1f1f_1f1f_1f1f;
+    let past_z = low + 0x0505_0505_0505_0505;
+    (from_a & !past_z & !x & HIGH) >> 2
+}
+
+/// The eight bytes of `s` from `i`.
+#[inline(always)]
+fn word(s: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&s[i..i + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// The first four bytes of `s` (4 to 7 bytes long) and its last four (overlapping when fewer
+/// than eight), as one word: names and directives this short are compared in one step.
+#[inline(always)]
+fn short_word(s: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w[..4].copy_from_slice(&s[..4]);
+    w[4..].copy_from_slice(&s[s.len() - 4..]);
+    u64::from_le_bytes(w)
 }
 
 /// The eight bytes of `x` with `A`..=`Z` lowered, as `u8::to_ascii_lowercase` lowers each
@@ -778,6 +994,33 @@ mod tests {
         let mut d = Directives::default();
         d.add(b"max-age =60, s-maxage= 5, no-cache");
         assert_eq!((d.max_age, d.s_maxage, d.no_cache), (None, None, true));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2048,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// `add` (one scan) reads every line as the split into items, each trimmed and cut at
+        /// its first "=", reads it: lines of directives, commas, quotes, escapes, "=" and
+        /// OWS in any order.
+        #[test]
+        fn add_reads_lines_as_items_do(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "max-age=5", "MAX-Age=7", "max-age=", "s-maxage", "no-cache", "private", "public",
+                "no-store", "max-stale", "min-fresh=3", "x", "=", ",", ", ", "\"", "\"",
+                "\\", "\\\"", " ", "\t", "60", "\"5\"", "a, b", "99999999999",
+            ]), 0..12),
+        ) {
+            let line = parts.concat();
+            let mut one = Directives::default();
+            one.add(line.as_bytes());
+            let mut items = Directives::default();
+            items.add_by_items(line.as_bytes());
+            proptest::prop_assert_eq!(one, items, "{:?}", line);
+        }
     }
 
     #[test]
@@ -825,8 +1068,8 @@ mod tests {
     fn eq_ignore_case_is_eq_ignore_ascii_case() {
         // Every byte value against every other, in each of a word's lanes and in the tail of
         // a length that is not a multiple of eight.
-        for len in [8usize, 13, 16] {
-            for at in [0, 3, 7, len - 1] {
+        for len in [1usize, 3, 4, 5, 7, 8, 13, 16] {
+            for at in [0, 3, 4, 7, len - 1].into_iter().filter(|at| *at < len) {
                 for x in 0..=255u8 {
                     for y in 0..=255u8 {
                         let mut a = vec![b'k'; len];
@@ -838,6 +1081,13 @@ mod tests {
                             a.eq_ignore_ascii_case(&b),
                             "{len} {at} {x} {y}"
                         );
+                        if !y.is_ascii_uppercase() {
+                            assert_eq!(
+                                is_name(&a, &b),
+                                a.eq_ignore_ascii_case(&b),
+                                "{len} {at} {x} {y}"
+                            );
+                        }
                     }
                 }
             }
@@ -849,6 +1099,8 @@ mod tests {
                 u64::from_le_bytes([x.to_ascii_lowercase(); 8]),
                 "{x}"
             );
+            let letter = if x.is_ascii_lowercase() { 0x20 } else { 0 };
+            assert_eq!(letters(w), u64::from_le_bytes([letter; 8]), "{x}");
         }
         assert!(eq_ignore_case(b"Cache-Control", b"cache-control"));
         assert!(eq_ignore_case(b"CDN-Cache-Control", b"cdn-cache-control"));

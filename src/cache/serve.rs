@@ -25,7 +25,7 @@ use crate::rewrite::{connection_value, encode_upstream_head, Forwarding};
 use crate::router::Route;
 use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 
-use super::policy::{self, Directives, Field, RangeAnswer};
+use super::policy::{self, Directives, Field, FieldName, RangeAnswer};
 use super::{
     build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, Object, Purge,
     PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
@@ -739,36 +739,19 @@ fn conditional_head(
     }
 }
 
-/// The response's header fields, copied (they must not pin the upstream read buffer).
+/// The response's header fields, copied (they must not pin the upstream read buffer): slices
+/// of one copy of the head, without the lines `Connection` lists (RFC 9110 §7.6.1).
 fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
-    copy_fields_where(
-        resp,
-        &Bytes::copy_from_slice(&resp.raw),
-        |_| true,
-        Vec::new(),
-    )
-}
-
-/// [`copy_fields`] of the lines whose name `keep` accepts, as slices of `raw`, a copy of the
-/// head's bytes, into `fields` (empty; its capacity is used).
-fn copy_fields_where(
-    resp: &ResponseHead,
-    raw: &Bytes,
-    keep: impl Fn(&[u8]) -> bool,
-    mut fields: Vec<Field>,
-) -> Vec<Field> {
+    let raw = Bytes::copy_from_slice(&resp.raw);
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    // A line's span in the head is its span in `raw`, the head's copy (kept within `raw` all
-    // the same).
     let part = |s: Span| {
         let end = (s.end as usize).min(raw.len());
         raw.slice((s.start as usize).min(end)..end)
     };
-    // Sized for every line at once (collecting from a filter would start small and grow).
-    fields.reserve(resp.headers.len() + 1);
+    let mut fields = Vec::with_capacity(resp.headers.len() + 1);
     for h in &resp.headers {
         let n = resp.bytes(h.name);
-        if keep(n) && !(resp.connection_options && listed.lists(n)) {
+        if !(resp.connection_options && listed.lists(n)) {
             fields.push((part(h.name), part(h.value)));
         }
     }
@@ -793,32 +776,47 @@ pub(crate) struct Storable {
 pub(crate) fn analyze(
     p: &RoutePolicy,
     status: u16,
-    fields: Vec<Field>,
+    mut fields: Vec<Field>,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
     let (d, targeted) = p.response_directives(&fields);
     screen(status, &d, req_authorized)?;
-    analyze_fields(
+    let seen = Seen::of(&fields);
+    let (t, vary) = freshness(
         p,
         status,
-        fields,
-        false,
+        &fields,
+        &seen,
         &d,
         targeted,
         request_time,
         response_time,
-    )
+    )?;
+    let had_date = seen.date.is_some();
+    let tagged = seen.surrogate;
+    keep_fields(p, &mut fields, &d, true, had_date, response_time);
+    Ok(Storable {
+        fields,
+        t,
+        public: d.public,
+        vary,
+        tagged,
+        url: Bytes::new(),
+        body: BytesMut::new(),
+    })
 }
 
 /// [`analyze`] for an upstream's response head: a response that is never stored (its status,
 /// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
-/// copied; the fields of one that may be are copied once and kept as they are filtered. What
-/// the stored object keeps of the response takes one allocation: the head's copy, the URL of
-/// `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]). That
-/// allocation and the field vector are the cache's ([`WorkerCache::object_buf`],
-/// [`WorkerCache::field_vec`]).
+/// copied; the fields of one that may be are classified once each ([`policy::field_name`]) in
+/// one pass that notes what the freshness calculation reads and copies only what is stored.
+/// What the stored object keeps of the response takes one allocation: the head's copy, the
+/// URL of `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]).
+/// That allocation and the field vector are the cache's ([`WorkerCache::object_buf`],
+/// [`WorkerCache::field_vec`]). It decides what [`analyze`] decides of [`copy_fields`] of
+/// the same head (a test compares the two on arbitrary heads).
 #[allow(clippy::too_many_arguments)]
 fn analyze_response(
     p: &RoutePolicy,
@@ -830,17 +828,50 @@ fn analyze_response(
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
-    // The lines `copy_fields` keeps: those not listed in `Connection`.
+    // The lines listed in `Connection` are not the response's own (RFC 9110 §7.6.1): both
+    // passes skip them, as `copy_fields` does.
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    let (d, targeted) = p.directives_by(|name, each| {
-        for h in &resp.headers {
+    let hidden = |n: &[u8]| resp.connection_options && listed.lists(n);
+    // First pass: the directives, from the Cache-Control lines, and whether a targeted field
+    // (RFC 9213) may govern instead (then they are read as `analyze` reads them: rare).
+    // A line's name is looked at only when its length is that of one of these names (the
+    // targeted ones as bits of their lengths, the longest as 63).
+    let targeted_lens = p
+        .targeted
+        .iter()
+        .fold(0u64, |m, t| m | 1 << t.len().min(63));
+    let mut d = Directives::default();
+    let mut any_targeted = false;
+    for h in &resp.headers {
+        let len = h.name.len();
+        if len == CACHE_CONTROL.len() {
             let n = resp.bytes(h.name);
-            if policy::eq_ignore_case(n, name) && !(resp.connection_options && listed.lists(n)) {
-                each(resp.bytes(h.value));
+            if policy::is_name(n, CACHE_CONTROL) && !hidden(n) {
+                d.add(resp.bytes(h.value));
             }
         }
-    });
-    screen(resp.status, &d, req_authorized)?;
+        if targeted_lens >> len.min(63) & 1 == 1 {
+            // Targeted names are lower case (`RoutePolicy::compile`).
+            let n = resp.bytes(h.name);
+            any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
+        }
+    }
+    // Borrowed, not moved (a `Directives` is some 200 bytes).
+    let by_targeted;
+    let (d, targeted) = if any_targeted {
+        by_targeted = p.directives_by(|name, each| {
+            for h in &resp.headers {
+                let n = resp.bytes(h.name);
+                if policy::eq_ignore_case(n, name) && !hidden(n) {
+                    each(resp.bytes(h.value));
+                }
+            }
+        });
+        (&by_targeted.0, by_targeted.1)
+    } else {
+        (&d, false)
+    };
+    screen(resp.status, d, req_authorized)?;
     let head_len = resp.raw.len();
     let mut buf = cache.object_buf(
         head_len
@@ -850,29 +881,123 @@ fn analyze_response(
     buf.extend_from_slice(&resp.raw);
     super::put_url(req, &mut buf);
     // The head and the URL, frozen; `buf` keeps the rest of the allocation for the body.
-    let head_url = buf.split().freeze();
-    let raw = head_url.slice(..head_len);
-    // What is never stored is not copied either, except Age, which the age calculation reads
-    // (§4.2.3; `analyze_fields` drops it from the stored copy).
-    let fields = copy_fields_where(
-        resp,
-        &raw,
-        |n| !policy::unstorable_field(n) || n.eq_ignore_ascii_case(b"age"),
-        cache.field_vec(),
-    );
-    let mut s = analyze_fields(
+    // `raw` keeps the head (split, not sliced twice: one reference for the two parts).
+    let mut raw = buf.split().freeze();
+    let url = raw.split_off(head_len);
+    // A line's span in the head is its span in `raw`, the head's copy (kept within `raw` all
+    // the same).
+    let part = |s: Span| {
+        let end = (s.end as usize).min(raw.len());
+        raw.slice((s.start as usize).min(end)..end)
+    };
+    // Second pass: what the freshness calculation reads (`Seen`), and the stored fields.
+    // Never stored (§3.1): hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status
+    // (this cache writes its own), Set-Cookie unless the route stores it.
+    let store_cookies = p.set_cookie == super::config::SetCookieMode::Store;
+    let mut fields = cache.field_vec();
+    // Sized for every line at once (pushing would start small and grow).
+    fields.reserve(resp.headers.len() + 1);
+    let mut seen = Seen::default();
+    for h in &resp.headers {
+        let n = resp.bytes(h.name);
+        if hidden(n) {
+            continue;
+        }
+        let v = resp.bytes(h.value);
+        let class = policy::field_name(n);
+        let stored = match class {
+            FieldName::Other | FieldName::CacheControl => true,
+            FieldName::Date => {
+                first(&mut seen.date, v);
+                true
+            }
+            FieldName::Expires => {
+                first(&mut seen.expires, v);
+                true
+            }
+            FieldName::LastModified => {
+                first(&mut seen.last_modified, v);
+                true
+            }
+            FieldName::ETag => {
+                seen.etag = true;
+                true
+            }
+            FieldName::Vary => {
+                seen.vary = true;
+                true
+            }
+            FieldName::SurrogateKey => {
+                seen.surrogate = true;
+                true
+            }
+            FieldName::SetCookie => {
+                seen.cookie = true;
+                store_cookies
+            }
+            FieldName::Age => {
+                first(&mut seen.age, v);
+                false
+            }
+            FieldName::CacheStatus => {
+                seen.cache_status = true;
+                false
+            }
+            FieldName::Unstorable => false,
+        };
+        if stored {
+            let name = match usual_spelling(class, n) {
+                Some(name) => Bytes::from_static(name),
+                None => part(h.name),
+            };
+            fields.push((name, part(h.value)));
+        }
+    }
+    let (t, vary) = freshness(
         p,
         resp.status,
-        fields,
-        true,
-        &d,
+        &fields,
+        &seen,
+        d,
         targeted,
         request_time,
         response_time,
     )?;
-    s.url = head_url.slice(head_len..);
-    s.body = buf;
-    Ok(s)
+    let had_date = seen.date.is_some();
+    let tagged = seen.surrogate;
+    // Only `private="..."` and `no-cache="..."` are left to drop.
+    keep_fields(p, &mut fields, d, false, had_date, response_time);
+    Ok(Storable {
+        fields,
+        t,
+        public: d.public,
+        vary,
+        tagged,
+        url,
+        body: buf,
+    })
+}
+
+const CACHE_CONTROL: &[u8] = b"cache-control";
+
+/// `n` as a static copy when it is spelled as most origins spell it: a stored name that is
+/// one takes no reference to the head's copy (nothing to count when it is stored, nothing when
+/// it is dropped). The same bytes either way.
+fn usual_spelling(class: FieldName, n: &[u8]) -> Option<&'static [u8]> {
+    // Each compared in its arm, where its length is a constant (a few loads, no call).
+    let usual: &'static [u8] = match (class, n.len()) {
+        (FieldName::Date, _) if n == b"Date" => b"Date",
+        (FieldName::CacheControl, _) if n == b"Cache-Control" => b"Cache-Control",
+        (FieldName::ETag, _) if n == b"ETag" => b"ETag",
+        (FieldName::LastModified, _) if n == b"Last-Modified" => b"Last-Modified",
+        (FieldName::Expires, _) if n == b"Expires" => b"Expires",
+        (FieldName::Vary, _) if n == b"Vary" => b"Vary",
+        // Sent with nearly every response.
+        (FieldName::Other, 6) if n == b"Server" => b"Server",
+        (FieldName::Other, 12) if n == b"Content-Type" => b"Content-Type",
+        _ => return None,
+    };
+    Some(usual)
 }
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
@@ -897,26 +1022,28 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
     Ok(())
 }
 
-/// The rest of [`analyze`], once [`screen`] passed: freshness and the fields kept (filtered
-/// in place). `prefiltered`: `fields` hold no unstorable field but Age (as
-/// [`analyze_response`] copies them).
+/// The lower-case names a response varies on (§4.1).
+type VaryNames = Vec<Box<[u8]>>;
+
+/// What follows [`screen`] once it passed: whether the fields allow storing, the response's
+/// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
+/// `fields` (Age and Cache-Status among them, though neither is stored).
 #[allow(clippy::too_many_arguments)]
-fn analyze_fields(
+fn freshness(
     p: &RoutePolicy,
     status: u16,
-    mut fields: Vec<Field>,
-    prefiltered: bool,
+    fields: &[Field],
+    seen: &Seen<'_>,
     d: &Directives,
     targeted: bool,
     request_time: u64,
     response_time: u64,
-) -> Result<Storable, &'static str> {
-    let seen = Seen::of(&fields);
+) -> Result<(Timing, VaryNames), &'static str> {
     if seen.cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
         return Err("set-cookie");
     }
     let vary = if seen.vary {
-        policy::vary_names(policy::fields(&fields, b"vary")).ok_or("vary-star")?
+        policy::vary_names(policy::fields(fields, b"vary")).ok_or("vary-star")?
     } else {
         Vec::new()
     };
@@ -972,59 +1099,58 @@ fn analyze_fields(
     if lifetime == 0 && !validators && t.swr == 0 && t.sie == 0 {
         return Err("stale-on-arrival");
     }
-    let had_date = seen.date.is_some();
-    let tagged = seen.surrogate;
-    // Prefiltered fields need the pass only when one of those it drops was seen.
-    let unstorable = |n: &[u8]| {
-        if prefiltered {
-            n.eq_ignore_ascii_case(b"age")
-        } else {
-            policy::unstorable_field(n)
-        }
-    };
-    if !prefiltered
-        || seen.age.is_some()
-        || seen.cookie
-        || seen.cache_status
-        || !d.private_fields.is_empty()
-        || !d.no_cache_fields.is_empty()
-    {
+    Ok((t, vary))
+}
+
+/// The fields stored of a response [`freshness`] accepted, filtered in place: without those
+/// `private="..."` and `no-cache="..."` name (§5.2.2.4, §5.2.2.7), and, when `unfiltered`,
+/// without the fields never stored (hop-by-hop and framing, Age, Cache-Status, Set-Cookie
+/// unless the route stores it), which [`analyze_response`] does not copy in the first place.
+/// `had_date`: the response had a Date; one is added when none is left (RFC 9110 §6.6.1: the
+/// time it was received).
+fn keep_fields(
+    p: &RoutePolicy,
+    fields: &mut Vec<Field>,
+    d: &Directives,
+    unfiltered: bool,
+    had_date: bool,
+    response_time: u64,
+) {
+    let listed = !d.private_fields.is_empty() || !d.no_cache_fields.is_empty();
+    if unfiltered || listed {
         fields.retain(|(n, _)| {
-            !unstorable(n)
-                && (p.set_cookie == super::config::SetCookieMode::Store
-                    || !(n.eq_ignore_ascii_case(b"set-cookie")
-                        || n.eq_ignore_ascii_case(b"set-cookie2")))
-                && !n.eq_ignore_ascii_case(b"cache-status")
+            !(unfiltered
+                && (policy::unstorable_field(n)
+                    || (p.set_cookie != super::config::SetCookieMode::Store
+                        && (n.eq_ignore_ascii_case(b"set-cookie")
+                            || n.eq_ignore_ascii_case(b"set-cookie2")))
+                    || n.eq_ignore_ascii_case(b"cache-status")))
                 && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
                 && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
         });
     }
     // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
-    let has_date = if d.private_fields.is_empty() && d.no_cache_fields.is_empty() {
-        had_date
+    let has_date = if listed {
+        policy::field(fields, b"date").is_some()
     } else {
-        policy::field(&fields, b"date").is_some()
+        had_date
     };
-    // RFC 9110 §6.6.1: a response stored without Date gets the time it was received.
     if !has_date {
         fields.push((
             Bytes::from_static(b"date"),
             Bytes::copy_from_slice(&crate::date::http_date(response_time)),
         ));
     }
-    Ok(Storable {
-        fields,
-        t,
-        public: d.public,
-        vary,
-        tagged,
-        url: Bytes::new(),
-        body: BytesMut::new(),
-    })
 }
 
-/// The fields [`analyze_fields`] reads, found in one pass over the response's fields (the
-/// first value of each, as [`policy::field`] gives it).
+/// Sets `slot` to `v` unless it holds a value already (the first line of a field counts).
+fn first<'a>(slot: &mut Option<&'a [u8]>, v: &'a [u8]) {
+    if slot.is_none() {
+        *slot = Some(v);
+    }
+}
+
+/// The fields [`freshness`] reads (the first value of each, as [`policy::field`] gives it).
 #[derive(Default)]
 struct Seen<'a> {
     date: Option<&'a [u8]>,
@@ -1040,6 +1166,8 @@ struct Seen<'a> {
 }
 
 impl<'a> Seen<'a> {
+    /// What `fields` hold, found in one pass (by names compared here, apart from
+    /// [`policy::field_name`], which [`analyze_response`] classifies by).
     fn of(fields: &'a [Field]) -> Seen<'a> {
         let mut s = Seen::default();
         for (n, v) in fields {
@@ -2553,10 +2681,14 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, analyze_fields, put_hex, Field, Status};
+    use super::{analyze, analyze_response, copy_fields, put_hex, Field, Status};
     use crate::cache::config::SetCookieMode;
-    use crate::cache::{QueryMode, RoutePolicy};
+    use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
+    use crate::config::Config;
+    use crate::http::request::{parse_request, Limits, RequestHead};
+    use crate::http::response::{parse_response, ResponseHead};
     use bytes::{Bytes, BytesMut};
+    use proptest::prelude::*;
     use std::time::Duration;
 
     fn policy() -> RoutePolicy {
@@ -2766,55 +2898,282 @@ mod tests {
         }
     }
 
-    /// Fields copied as `analyze_response` copies them (nothing unstorable but Age) are
-    /// stored as `analyze` stores the same lines, whether the pass that drops fields runs or
-    /// is skipped (nothing of what it drops was seen).
+    /// A response head as an upstream sends it, parsed as `fetch` parses it; `None` when
+    /// the parser refuses it.
+    fn response(status: u16, lines: &[(Vec<u8>, Vec<u8>)]) -> Option<ResponseHead> {
+        let mut b = format!("HTTP/1.1 {status} X\r\n").into_bytes();
+        for (n, v) in lines {
+            b.extend_from_slice(n);
+            b.extend_from_slice(b": ");
+            b.extend_from_slice(v);
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"\r\n");
+        let mut r = ResponseHead::default();
+        let len = parse_response(&b, false, &mut r).ok()??;
+        r.raw = Bytes::copy_from_slice(&b[..len]);
+        Some(r)
+    }
+
+    fn request() -> RequestHead {
+        let raw = b"GET /p?q HTTP/1.1\r\nHost: h\r\n\r\n";
+        let mut head = RequestHead::default();
+        parse_request(raw, &Limits::default(), &mut head)
+            .expect("valid head")
+            .expect("complete head");
+        head.raw = Bytes::from_static(raw);
+        head
+    }
+
+    fn worker_cache() -> std::rc::Rc<WorkerCache> {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n";
+        WorkerCache::new(&Config::parse(src, "t.toml").expect("config"), 0)
+    }
+
+    /// `analyze_response` (one classifying pass over the upstream's head, copying only what
+    /// is stored) decides what `analyze` decides of all the head's fields: the same fields
+    /// stored in the same order, the same timing, publicity, Vary names and tags, or the same
+    /// reason not to store.
+    fn same_as_analyze(p: &RoutePolicy, r: &ResponseHead, authorized: bool, body_room: usize) {
+        let (t0, t) = (1_700_000_000, 1_700_000_003);
+        let list = |f: &[Field]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            f.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
+        };
+        let want = analyze(p, r.status, copy_fields(r), authorized, t0, t);
+        let cache = worker_cache();
+        let req = request();
+        let got = analyze_response(p, r, &req, &cache, body_room, authorized, t0, t);
+        let head = String::from_utf8_lossy(&r.raw);
+        match (want, got) {
+            (Ok(w), Ok(g)) => {
+                assert_eq!(list(&w.fields), list(&g.fields), "{head}");
+                assert_eq!(format!("{:?}", w.t), format!("{:?}", g.t), "{head}");
+                assert_eq!(w.public, g.public, "{head}");
+                assert_eq!(w.vary, g.vary, "{head}");
+                assert_eq!(w.tagged, g.tagged, "{head}");
+                assert_eq!(&g.url[..], b"h/p?q", "{head}");
+                assert!(
+                    g.body.is_empty() && g.body.capacity() >= body_room,
+                    "{head}"
+                );
+            }
+            (w, g) => assert_eq!(w.err(), g.err(), "{head}"),
+        }
+    }
+
     #[test]
-    fn prefiltered_fields_are_stored_as_analyze_stores_them() {
-        let t = 1_700_000_000;
-        let mut p = policy();
-        let cases: [&[(&'static str, &'static str)]; 5] = [
-            &[("cache-control", "max-age=60"), ("etag", "\"a\"")],
-            &[
+    fn analyze_response_decides_as_analyze_does() {
+        let l = |v: &[(&str, &str)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            v.iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let date = "Tue, 14 Nov 2023 22:13:10 GMT";
+        let cases = [
+            // What the perf origin (nginx) sends.
+            l(&[
+                ("Server", "nginx"),
+                ("Date", date),
+                ("Content-Type", "text/plain"),
+                ("Content-Length", "1024"),
+                ("Connection", "keep-alive"),
+                ("Cache-Control", "max-age=3600"),
+            ]),
+            l(&[("cache-control", "max-age=60"), ("etag", "\"a\"")]),
+            l(&[
                 ("cache-control", "max-age=60"),
-                ("age", "5"),
+                ("AGE", "5"),
                 ("server", "s"),
-            ],
-            &[("cache-control", "max-age=60"), ("cache-status", "up; hit")],
-            &[
+            ]),
+            l(&[("cache-control", "max-age=60"), ("cache-status", "up; hit")]),
+            l(&[
                 ("cache-control", "max-age=60, private=\"x-a\""),
                 ("x-a", "1"),
                 ("x-b", "2"),
-            ],
-            &[
+            ]),
+            l(&[
                 ("cache-control", "max-age=60"),
                 ("Surrogate-Key", "k1 k2"),
                 ("set-cookie", "a=b"),
-            ],
+            ]),
+            // Connection-listed lines count for nothing, Cache-Control among them.
+            l(&[
+                ("Connection", "x-a, cache-control"),
+                ("Cache-Control", "no-store"),
+                ("x-a", "1"),
+                ("Cache-Control", "max-age=5"),
+                ("Date", date),
+            ]),
+            // A targeted field governs (RFC 9213), Expires is then ignored; an invalid one
+            // is ignored as a whole.
+            l(&[
+                ("CDN-Cache-Control", "max-age=30"),
+                ("Cache-Control", "no-store"),
+                ("Expires", date),
+            ]),
+            l(&[
+                ("CDN-Cache-Control", "max-age=\"30\""),
+                ("Cache-Control", "max-age=3, no-cache=\"date\""),
+                ("Date", date),
+            ]),
+            l(&[("Cache-Control", "max-age =60"), ("Last-Modified", date)]),
+            l(&[
+                ("Vary", "Accept"),
+                ("vary", "*"),
+                ("Cache-Control", "max-age=1"),
+            ]),
+            l(&[
+                ("Transfer-Encoding", "chunked"),
+                ("Keep-Alive", "timeout=5"),
+                ("X-Request-Id", "r"),
+                ("Proxy-Authenticate", "Basic"),
+                ("Cache-Control", "public"),
+            ]),
         ];
-        for mode in [SetCookieMode::Bypass, SetCookieMode::Store] {
+        let mut p = policy();
+        for mode in [
+            SetCookieMode::Bypass,
+            SetCookieMode::Strip,
+            SetCookieMode::Store,
+        ] {
             p.set_cookie = mode;
-            for list in cases {
-                let want = analyze(&p, 200, fields(list), false, t, t);
-                let (d, targeted) = p.response_directives(&fields(list));
-                let got = analyze_fields(&p, 200, fields(list), true, &d, targeted, t, t);
-                match (want, got) {
-                    (Ok(w), Ok(g)) => {
-                        assert_eq!(w.fields, g.fields, "{list:?}");
-                        assert_eq!(w.t.lifetime, g.t.lifetime, "{list:?}");
-                        assert_eq!(w.t.initial_age, g.t.initial_age, "{list:?}");
-                        assert_eq!(w.tagged, g.tagged, "{list:?}");
-                    }
-                    (w, g) => assert_eq!(w.err(), g.err(), "{list:?}"),
+            for c in &cases {
+                for authorized in [false, true] {
+                    let r = response(200, c).expect("valid head");
+                    same_as_analyze(&p, &r, authorized, 100);
                 }
             }
         }
-        let s = analyze(&p, 200, fields(cases[4]), false, t, t).expect("stored");
-        assert!(s.tagged);
-        assert!(
-            !analyze(&p, 200, fields(cases[0]), false, t, t)
-                .expect("stored")
-                .tagged
+        let r = response(200, &cases[0]).expect("valid head");
+        let s =
+            analyze_response(&p, &r, &request(), &worker_cache(), 0, false, 0, 0).expect("stored");
+        let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| &n[..]).collect();
+        assert_eq!(
+            names,
+            [&b"Server"[..], b"Date", b"Content-Type", b"Cache-Control"]
         );
+    }
+
+    /// Field names: those the analysis reads or drops, in any case, and others.
+    fn name() -> impl Strategy<Value = Vec<u8>> {
+        let known = prop::sample::select(vec![
+            "cache-control",
+            "cdn-cache-control",
+            "x-targeted",
+            "age",
+            "date",
+            "expires",
+            "last-modified",
+            "etag",
+            "vary",
+            "set-cookie",
+            "set-cookie2",
+            "cache-status",
+            "surrogate-key",
+            "connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "upgrade",
+            "x-request-id",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "proxy-authentication-info",
+            "x-a",
+            "x-b",
+            "server",
+            "content-type",
+            "cache-controls",
+            "dat",
+        ]);
+        prop_oneof![
+            4 => (known, any::<u64>()).prop_map(|(n, mask)| {
+                n.bytes()
+                    .enumerate()
+                    .map(|(i, b)| if mask >> (i % 64) & 1 == 1 { b.to_ascii_uppercase() } else { b })
+                    .collect()
+            }),
+            1 => "[a-zA-Z0-9!#$%&'*+.^_`|~-]{1,26}".prop_map(String::into_bytes),
+        ]
+    }
+
+    /// Values: directive lists (valid, odd and targeted), dates, ages, Vary and Connection
+    /// lists, and anything printable.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        let known = prop::sample::select(vec![
+            "max-age=60",
+            "max-age=0",
+            "max-age =60",
+            "s-maxage=5, max-age=1",
+            "no-store",
+            "no-store, must-understand",
+            "must-understand, max-age=9",
+            "private",
+            "private=\"x-a, date\"",
+            "no-cache=\"x-b\", max-age=5",
+            "no-cache",
+            "public",
+            "must-revalidate",
+            "stale-while-revalidate=30",
+            "stale-if-error=5",
+            "max-age=\"7\", x=\"a, b\"",
+            "max-age=?0, public",
+            "max-age=30, no-store=?1",
+            "Tue, 14 Nov 2023 22:13:10 GMT",
+            "Tue, 14 Nov 2023 22:13:13 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "0",
+            "5",
+            "7, 3",
+            "x",
+            "accept",
+            "Accept-Encoding, accept",
+            "*",
+            "x-a",
+            "close, x-b",
+            "cache-control",
+            "Date, cdn-cache-control",
+            "k1 k2",
+            "\"e\"",
+            "",
+        ]);
+        prop_oneof![
+            4 => known.prop_map(|v| v.as_bytes().to_vec()),
+            1 => "[ -~]{0,24}".prop_map(|v| v.trim().as_bytes().to_vec()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn analyze_response_decides_as_analyze_does_for_any_head(
+            lines in prop::collection::vec((name(), value()), 0..12),
+            status in prop::sample::select(vec![200u16, 203, 204, 206, 299, 304, 404, 410, 500, 599]),
+            mode in prop::sample::select(vec![SetCookieMode::Bypass, SetCookieMode::Strip, SetCookieMode::Store]),
+            targeted in prop::sample::select(vec![0usize, 1, 2, 3]),
+            heuristic in any::<bool>(),
+            authorized in any::<bool>(),
+            body_room in 0usize..64,
+        ) {
+            let mut p = policy();
+            p.set_cookie = mode;
+            p.heuristic = heuristic;
+            p.targeted = match targeted {
+                0 => Vec::new(),
+                1 => vec![b"cdn-cache-control"[..].into()],
+                2 => vec![b"x-targeted"[..].into(), b"cdn-cache-control"[..].into()],
+                _ => vec![b"cache-control"[..].into()],
+            };
+            // Heads the parser refuses (a framing field's value) never reach the cache.
+            if let Some(r) = response(status, &lines) {
+                same_as_analyze(&p, &r, authorized, body_room);
+            }
+        }
     }
 }
