@@ -54,6 +54,9 @@ pub const MAX_KEY_BYTES: usize = 16 * 1024;
 /// Spare key buffers a worker keeps, and the largest one kept (see [`WorkerCache::key_buf`]).
 const MAX_SPARE_KEY_BUFS: usize = 256;
 const MAX_SPARE_KEY_BYTES: usize = 1024;
+/// The most room an evicted key's vector, reused for a stored key, may have beyond that key
+/// (room the entry's weight counts; see [`WorkerCache::store_key`]).
+const STORE_KEY_SLACK: usize = 32;
 /// Ended flights a worker keeps for the next misses to reuse (see [`FlightGuard`]'s drop).
 const MAX_SPARE_FLIGHTS: usize = 64;
 /// Most surrogate keys kept per object.
@@ -422,39 +425,81 @@ impl Variants {
     }
 }
 
-#[derive(Clone)]
-struct ByWeight;
+/// A cache key with its hash ([`WorkerCache::key`]): the store and the flights find keys by
+/// it, so that a request hashes its key once for its lookup, its flight and its store.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRef<'a> {
+    pub hash: u64,
+    pub bytes: &'a [u8],
+}
 
-impl quick_cache::Weighter<Box<[u8]>, Entry> for ByWeight {
-    fn weight(&self, key: &Box<[u8]>, val: &Entry) -> u64 {
-        // Never 0: a 0-weight item would never be evicted.
-        val.weight.saturating_add(key.len() as u64).max(1)
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
     }
 }
 
-type Map = quick_cache::unsync::Cache<
-    Box<[u8]>,
-    Entry,
-    ByWeight,
-    quick_cache::DefaultHashBuilder,
-    Evicted,
->;
+impl quick_cache::Equivalent<StoreKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &StoreKey) -> bool {
+        self.hash == key.hash && self.bytes == &key.bytes[..]
+    }
+}
 
-/// Hands the first entry an insert evicts back to [`WorkerCache::insert`] (the others are
-/// dropped as quick_cache drops them), whose object's allocations the next stored miss reuses.
+/// A key in the store: its bytes and their hash, which the store's map takes as it is
+/// ([`PreHashed`]). The bytes are a vector so that an evicted key's allocation can hold the
+/// next stored one (see [`WorkerCache::store_key`]); its capacity is what the entry's weight
+/// counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StoreKey {
+    hash: u64,
+    bytes: Vec<u8>,
+}
+
+impl std::hash::Hash for StoreKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+#[derive(Clone)]
+struct ByWeight;
+
+impl quick_cache::Weighter<StoreKey, Entry> for ByWeight {
+    fn weight(&self, key: &StoreKey, val: &Entry) -> u64 {
+        // Never 0: a 0-weight item would never be evicted.
+        val.weight
+            .saturating_add(key.bytes.capacity() as u64)
+            .max(1)
+    }
+}
+
+type Map = quick_cache::unsync::Cache<StoreKey, Entry, ByWeight, PreHashedBuild, Evicted>;
+
+/// Hands the first entry and the first key an insert evicts back to [`WorkerCache::insert`]
+/// (the others are dropped as quick_cache drops them): the next stored miss reuses the
+/// object's allocations and the key's.
 #[derive(Clone, Default)]
 struct Evicted;
 
-impl quick_cache::Lifecycle<Box<[u8]>, Entry> for Evicted {
-    type RequestState = Option<Entry>;
+#[derive(Default)]
+struct EvictedState {
+    entry: Option<Entry>,
+    key: Option<Vec<u8>>,
+}
 
-    fn begin_request(&self) -> Option<Entry> {
-        None
+impl quick_cache::Lifecycle<StoreKey, Entry> for Evicted {
+    type RequestState = EvictedState;
+
+    fn begin_request(&self) -> EvictedState {
+        EvictedState::default()
     }
 
-    fn on_evict(&self, state: &mut Option<Entry>, _key: Box<[u8]>, val: Entry) {
-        if state.is_none() {
-            *state = Some(val);
+    fn on_evict(&self, state: &mut EvictedState, key: StoreKey, val: Entry) {
+        if state.entry.is_none() {
+            state.entry = Some(val);
+        }
+        if state.key.is_none() {
+            state.key = Some(key.bytes);
         }
     }
 }
@@ -599,7 +644,8 @@ impl Flight {
     }
 }
 
-/// Hashes a `u64` that already is a keyed hash (the flights' keys) as itself.
+/// Hashes a `u64` that already is a keyed hash (the keys of the store and of the flights, see
+/// [`KeyRef`]) as itself.
 #[derive(Default, Clone, Copy)]
 struct PreHashed(u64);
 
@@ -639,12 +685,13 @@ pub struct CacheStats {
 /// One worker's cache: its store, its fetches in flight and its counters.
 pub struct WorkerCache {
     map: RefCell<Map>,
-    /// Keyed by the cache key's hash with `flight_hasher` (keyed, random per process, so a
-    /// client cannot aim collisions at it), hashed once per request; each flight holds its
-    /// key, compared on every lookup. Two keys with the same hash cannot both have a flight:
-    /// the second fetches alone, as when there are [`MAX_FLIGHTS`].
+    /// Keyed by the cache key's hash ([`KeyRef`]); each flight holds its key, compared on
+    /// every lookup. Two keys with the same hash cannot both have a flight: the second
+    /// fetches alone, as when there are [`MAX_FLIGHTS`].
     flights: RefCell<HashMap<u64, Rc<Flight>, PreHashedBuild>>,
-    flight_hasher: quick_cache::DefaultHashBuilder,
+    /// Hashes keys for the store and the flights (keyed, random per worker, so that a client
+    /// cannot aim collisions at them); a request hashes its key once.
+    key_hasher: quick_cache::DefaultHashBuilder,
     stats: RefCell<CacheStats>,
     /// Key buffers of requests that ended, for the next ones to build their keys into
     /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
@@ -659,6 +706,9 @@ pub struct WorkerCache {
     /// The allocation that held an evicted object's head, URL and body, emptied (at most
     /// [`MAX_SPARE_BUF`] bytes), for the next stored miss (see [`WorkerCache::object_buf`]).
     spare_buf: RefCell<BytesMut>,
+    /// An evicted key's vector, emptied (at most [`MAX_SPARE_KEY_BYTES`]), for the next
+    /// stored key (see [`WorkerCache::store_key`]).
+    spare_key: RefCell<Vec<u8>>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -676,17 +726,18 @@ impl WorkerCache {
                 items,
                 budget,
                 ByWeight,
-                Default::default(),
-                Default::default(),
+                PreHashedBuild::default(),
+                Evicted,
             )),
             flights: RefCell::new(HashMap::default()),
-            flight_hasher: Default::default(),
+            key_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
             spare_flights: RefCell::new(Vec::new()),
             spare_object: RefCell::new(None),
             spare_fields: RefCell::new(Vec::new()),
             spare_buf: RefCell::new(BytesMut::new()),
+            spare_key: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -742,19 +793,27 @@ impl WorkerCache {
         }
     }
 
+    /// `key` with its hash, for the store and the flights.
+    pub fn key<'k>(&self, key: &'k [u8]) -> KeyRef<'k> {
+        KeyRef {
+            hash: self.key_hasher.hash_one(key),
+            bytes: key,
+        }
+    }
+
     /// The variants stored under `key`.
     pub fn get(&self, key: &[u8]) -> Option<Vec<Rc<Object>>> {
         self.map
             .borrow()
-            .get(key)
+            .get(&self.key(key))
             .map(|e| e.variants.as_slice().to_vec())
     }
 
     /// The newest variant under `key` that `head` selects (§4.1), and whether the key had
     /// any variant at all.
-    pub fn lookup(&self, key: &[u8], head: &RequestHead) -> (Option<Rc<Object>>, bool) {
+    pub fn lookup(&self, key: KeyRef<'_>, head: &RequestHead) -> (Option<Rc<Object>>, bool) {
         let m = self.map.borrow();
-        let Some(e) = m.get(key) else {
+        let Some(e) = m.get(&key) else {
             return (None, false);
         };
         (
@@ -770,11 +829,16 @@ impl WorkerCache {
     /// Stores `obj` under `key`, replacing the variant with the same Vary values and dropping
     /// the oldest past `max_variants`.
     pub fn insert(&self, key: &[u8], obj: Rc<Object>, max_variants: usize) {
-        if key.len() > MAX_KEY_BYTES {
+        self.insert_key(self.key(key), obj, max_variants);
+    }
+
+    /// [`WorkerCache::insert`] with the key's hash known.
+    pub fn insert_key(&self, key: KeyRef<'_>, obj: Rc<Object>, max_variants: usize) {
+        if key.bytes.len() > MAX_KEY_BYTES {
             return;
         }
         let mut m = self.map.borrow_mut();
-        let variants = match m.peek(key) {
+        let variants = match m.peek(&key) {
             None => Variants::One(obj),
             Some(e) => {
                 let older = e.variants.as_slice().iter().filter(|o| o.vary != obj.vary);
@@ -786,16 +850,38 @@ impl WorkerCache {
             }
         };
         let weight = variants.weight();
-        let evicted = m.insert_with_lifecycle(key.into(), Entry { variants, weight });
+        let stored = StoreKey {
+            hash: key.hash,
+            bytes: self.store_key(key.bytes),
+        };
+        let evicted = m.insert_with_lifecycle(stored, Entry { variants, weight });
         drop(m);
         self.count(|s| s.stores += 1);
+        if let Some(mut k) = evicted.key.filter(|k| k.capacity() <= MAX_SPARE_KEY_BYTES) {
+            k.clear();
+            *self.spare_key.borrow_mut() = k;
+        }
         if let Some(Entry {
             variants: Variants::One(o),
             ..
-        }) = evicted
+        }) = evicted.entry
         {
             self.keep_object(o);
         }
+    }
+
+    /// A vector holding `bytes`, for a key going into the store: an evicted key's when it has
+    /// the room and at most [`STORE_KEY_SLACK`] bytes more (no allocation and no free per
+    /// stored miss once the store is full and keys are alike), else a new one.
+    fn store_key(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut spare = self.spare_key.borrow_mut();
+        let cap = spare.capacity();
+        if cap >= bytes.len() && cap - bytes.len() <= STORE_KEY_SLACK {
+            let mut k = std::mem::take(&mut *spare);
+            k.extend_from_slice(bytes);
+            return k;
+        }
+        bytes.to_vec()
     }
 
     /// Keeps an evicted object's allocations for [`WorkerCache::new_object`] when nothing else
@@ -910,21 +996,23 @@ impl WorkerCache {
         let Some(obj) = redis::decode(encoded) else {
             return;
         };
-        let older = self.map.borrow().peek(key).is_some_and(|e| {
+        let key = self.key(key);
+        let older = self.map.borrow().peek(&key).is_some_and(|e| {
             e.variants
                 .as_slice()
                 .iter()
                 .any(|o| o.vary == obj.vary && o.t.response_time <= obj.t.response_time)
         });
         if older {
-            self.insert(key, Rc::new(obj), max_variants);
+            self.insert_key(key, Rc::new(obj), max_variants);
         }
     }
 
     /// Removes one variant (by identity).
     pub fn remove_variant(&self, key: &[u8], obj: &Rc<Object>) {
+        let key = self.key(key);
         let mut m = self.map.borrow_mut();
-        let Some(e) = m.peek(key) else { return };
+        let Some(e) = m.peek(&key) else { return };
         let variants: Vec<Rc<Object>> = e
             .variants
             .as_slice()
@@ -934,46 +1022,50 @@ impl WorkerCache {
             .collect();
         match Variants::from_vec(variants) {
             None => {
-                m.remove(key);
+                m.remove(&key);
             }
             Some(variants) => {
                 let weight = variants.weight();
-                m.insert(key.into(), Entry { variants, weight });
+                let stored = StoreKey {
+                    hash: key.hash,
+                    bytes: key.bytes.to_vec(),
+                };
+                m.insert(stored, Entry { variants, weight });
             }
         }
     }
 
     /// The fetch in flight for `key`, if any.
     pub fn flight(&self, key: &[u8]) -> Option<Rc<Flight>> {
-        self.flight_at(self.flight_hasher.hash_one(key), key)
+        self.flight_at(self.key(key))
     }
 
-    fn flight_at(&self, hash: u64, key: &[u8]) -> Option<Rc<Flight>> {
+    fn flight_at(&self, key: KeyRef<'_>) -> Option<Rc<Flight>> {
         let f = self.flights.borrow();
-        let found = f.get(&hash).filter(|f| *f.key.borrow() == key)?;
+        let found = f.get(&key.hash).filter(|f| *f.key.borrow() == key.bytes)?;
         found.joined.set(true);
         Some(found.clone())
     }
 
     /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
     pub fn begin_flight(self: &Rc<Self>, key: &[u8]) -> Option<FlightGuard> {
-        self.begin_flight_at(self.flight_hasher.hash_one(key), key)
+        self.begin_flight_at(self.key(key))
     }
 
     /// The fetch in flight for `key` to wait on (`Ok`), or else the start of one (`Err`, as
-    /// [`WorkerCache::begin_flight`] gives it): the key is hashed once for both.
+    /// [`WorkerCache::begin_flight`] gives it).
     pub fn join_or_begin_flight(
         self: &Rc<Self>,
-        key: &[u8],
+        key: KeyRef<'_>,
     ) -> Result<Rc<Flight>, Option<FlightGuard>> {
-        let hash = self.flight_hasher.hash_one(key);
-        match self.flight_at(hash, key) {
+        match self.flight_at(key) {
             Some(f) => Ok(f),
-            None => Err(self.begin_flight_at(hash, key)),
+            None => Err(self.begin_flight_at(key)),
         }
     }
 
-    fn begin_flight_at(self: &Rc<Self>, hash: u64, key: &[u8]) -> Option<FlightGuard> {
+    fn begin_flight_at(self: &Rc<Self>, key: KeyRef<'_>) -> Option<FlightGuard> {
+        let (hash, key) = (key.hash, key.bytes);
         let mut f = self.flights.borrow_mut();
         if f.len() >= MAX_FLIGHTS {
             return None;
@@ -1031,7 +1123,7 @@ impl WorkerCache {
                 }
             }
         } else {
-            let mut keys: Vec<Box<[u8]>> = Vec::new();
+            let mut keys: Vec<StoreKey> = Vec::new();
             for (k, e) in m.iter() {
                 let n = e
                     .variants
@@ -1045,7 +1137,11 @@ impl WorkerCache {
                 }
             }
             for k in keys {
-                let Some(e) = m.peek(&k[..]) else { continue };
+                let key = KeyRef {
+                    hash: k.hash,
+                    bytes: &k.bytes,
+                };
+                let Some(e) = m.peek(&key) else { continue };
                 let variants: Vec<Rc<Object>> = e
                     .variants
                     .as_slice()
@@ -1055,7 +1151,7 @@ impl WorkerCache {
                     .collect();
                 match Variants::from_vec(variants) {
                     None => {
-                        m.remove(&k[..]);
+                        m.remove(&key);
                     }
                     Some(variants) => {
                         let weight = variants.weight();
@@ -1454,12 +1550,58 @@ mod tests {
     }
 
     #[test]
+    fn an_evicted_key_holds_the_next_stored_key_when_it_fits() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"4KiB\"\nmax_object_bytes = \"2KiB\"\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        let c = WorkerCache::new(&cfg, 0);
+        let obj = || {
+            Rc::new(Object {
+                status: 200,
+                body: Bytes::from(vec![b'x'; 1000]),
+                ..Object::default()
+            })
+        };
+        let stored_at = |key: &[u8]| {
+            let m = c.map.borrow();
+            let found = m.iter().find(|(k, _)| k.bytes == key).map(|(k, _)| k);
+            found.map(|k| (k.bytes.as_ptr(), k.bytes.capacity()))
+        };
+        // Keys of 40 bytes; four objects fill the budget, the others evict.
+        let long = |i: usize| format!("{i:040}").into_bytes();
+        for i in 0..20 {
+            c.insert(&long(i), obj(), 4);
+        }
+        assert!(c.stats().bytes <= 4096);
+        let spare = c.spare_key.borrow().as_ptr();
+        assert_eq!(c.spare_key.borrow().capacity(), 40, "an evicted key kept");
+        assert!(c.spare_key.borrow().is_empty());
+        // A key of 30 bytes fits in it (10 bytes of room, counted in the entry's weight).
+        c.insert(&[b'a'; 30], obj(), 4);
+        assert_eq!(stored_at(&[b'a'; 30]), Some((spare, 40)), "reused");
+        assert_eq!(
+            c.get(&[b'a'; 30]).map(|v| v.len()),
+            Some(1),
+            "found by its bytes"
+        );
+        assert!(c.stats().bytes <= 4096);
+        // A key far shorter than the spare one does not take it (the room would be wasted).
+        let spare = c.spare_key.borrow().as_ptr();
+        c.insert(b"k", obj(), 4);
+        let (at, cap) = stored_at(b"k").expect("stored");
+        assert!(at != spare && cap == 1, "a new vector of its length");
+        // Nor does one longer than it.
+        c.insert(&long(99), obj(), 4);
+        assert!(c.get(&long(99)).is_some());
+        assert!(c.stats().bytes <= 4096);
+    }
+
+    #[test]
     fn a_key_has_one_flight_found_by_its_bytes_and_gone_when_it_ends() {
         let c = worker_cache();
-        let Err(Some(g)) = c.join_or_begin_flight(b"k1") else {
+        let Err(Some(g)) = c.join_or_begin_flight(c.key(b"k1")) else {
             panic!("no flight yet: this request starts one");
         };
-        let Ok(f) = c.join_or_begin_flight(b"k1") else {
+        let Ok(f) = c.join_or_begin_flight(c.key(b"k1")) else {
             panic!("the flight is found");
         };
         assert!(Rc::ptr_eq(&f, g.flight()));
@@ -1483,15 +1625,16 @@ mod tests {
     #[test]
     fn a_flight_under_the_same_hash_is_not_another_keys() {
         let c = worker_cache();
-        let g = c.begin_flight_at(7, b"a").expect("started");
-        assert!(c.flight_at(7, b"b").is_none(), "a collision is no match");
+        let at = |bytes: &'static [u8]| KeyRef { hash: 7, bytes };
+        let g = c.begin_flight_at(at(b"a")).expect("started");
+        assert!(c.flight_at(at(b"b")).is_none(), "a collision is no match");
         assert!(
-            c.begin_flight_at(7, b"b").is_none(),
+            c.begin_flight_at(at(b"b")).is_none(),
             "the other key fetches alone"
         );
-        assert!(c.flight_at(7, b"a").is_some());
+        assert!(c.flight_at(at(b"a")).is_some());
         drop(g);
-        assert!(c.flight_at(7, b"a").is_none());
+        assert!(c.flight_at(at(b"a")).is_none());
     }
 
     #[test]

@@ -27,8 +27,8 @@ use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 
 use super::policy::{self, Directives, Field, RangeAnswer};
 use super::{
-    build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, Object, Purge,
-    PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
+    build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, KeyRef, Object,
+    Purge, PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
 };
 
 /// Bodies up to this size go out in the same write as their head.
@@ -179,6 +179,8 @@ struct Found {
 struct Keys {
     /// Entries any caller may use (public responses on auth routes; all others elsewhere).
     shared: Vec<u8>,
+    /// `shared`'s hash ([`WorkerCache::key`]), for its lookups and its flight.
+    hash: u64,
     /// This consumer's entries (auth routes).
     own: Option<Vec<u8>>,
     /// Where `shared`'s buffer goes back when the request is done with it.
@@ -212,9 +214,18 @@ impl Keys {
             }
         }
         Keys {
+            hash: cache.key(&shared).hash,
             shared,
             own,
             cache: cache.clone(),
+        }
+    }
+
+    /// The shared key with its hash.
+    fn shared_key(&self) -> KeyRef<'_> {
+        KeyRef {
+            hash: self.hash,
+            bytes: &self.shared,
         }
     }
 
@@ -231,7 +242,7 @@ impl Keys {
     /// The stored response `head` selects and the key it is under (borrowed: a hit needs no
     /// copy of it, see [`Hit::found`]), and whether any variant is stored.
     fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Hit<'_>>, bool) {
-        let (o, any) = cache.lookup(&self.shared, head);
+        let (o, any) = cache.lookup(self.shared_key(), head);
         if let Some(obj) = o {
             return (
                 Some(Hit {
@@ -242,7 +253,7 @@ impl Keys {
             );
         }
         if let Some(k) = &self.own {
-            let (o, any2) = cache.lookup(k, head);
+            let (o, any2) = cache.lookup(cache.key(k), head);
             if let Some(obj) = o {
                 return (Some(Hit { obj, key: k }), true);
             }
@@ -482,7 +493,7 @@ async fn cached<'c, S: ClientIo>(
     let mut guard: Option<FlightGuard> = None;
     let mut found = found;
     for _ in 0..MAX_COALESCE_ROUNDS {
-        let flight = match cache.join_or_begin_flight(&keys.shared) {
+        let flight = match cache.join_or_begin_flight(keys.shared_key()) {
             Ok(flight) => flight,
             Err(g) => {
                 guard = g;
