@@ -30,6 +30,7 @@ pub mod redis;
 pub mod serve;
 
 use std::cell::{Cell, RefCell};
+use std::collections::hash_map::Entry as HashEntry;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -1053,37 +1054,56 @@ impl WorkerCache {
     }
 
     /// The fetch in flight for `key` to wait on (`Ok`), or else the start of one (`Err`, as
-    /// [`WorkerCache::begin_flight`] gives it).
+    /// [`WorkerCache::begin_flight`] gives it), in one look at the flights.
     pub fn join_or_begin_flight(
         self: &Rc<Self>,
         key: KeyRef<'_>,
     ) -> Result<Rc<Flight>, Option<FlightGuard>> {
-        match self.flight_at(key) {
-            Some(f) => Ok(f),
-            None => Err(self.begin_flight_at(key)),
+        let mut f = self.flights.borrow_mut();
+        let full = f.len() >= MAX_FLIGHTS;
+        match f.entry(key.hash) {
+            HashEntry::Occupied(o) => {
+                let found = o.get();
+                if *found.key.borrow() != key.bytes {
+                    // Another key under the same hash: this one fetches alone.
+                    return Err(None);
+                }
+                found.joined.set(true);
+                Ok(found.clone())
+            }
+            HashEntry::Vacant(_) if full => Err(None),
+            HashEntry::Vacant(slot) => Err(Some(self.start_flight(slot, key))),
         }
     }
 
     fn begin_flight_at(self: &Rc<Self>, key: KeyRef<'_>) -> Option<FlightGuard> {
-        let (hash, key) = (key.hash, key.bytes);
         let mut f = self.flights.borrow_mut();
         if f.len() >= MAX_FLIGHTS {
             return None;
         }
-        let std::collections::hash_map::Entry::Vacant(slot) = f.entry(hash) else {
+        let HashEntry::Vacant(slot) = f.entry(key.hash) else {
             return None;
         };
+        Some(self.start_flight(slot, key))
+    }
+
+    /// A flight for `key` in its free `slot` of the flights.
+    fn start_flight(
+        self: &Rc<Self>,
+        slot: std::collections::hash_map::VacantEntry<'_, u64, Rc<Flight>>,
+        key: KeyRef<'_>,
+    ) -> FlightGuard {
         // A spare flight (reset when it was kept, its key buffer empty) or a new one, whose
         // key goes into a spare key buffer (given back when the flight ends).
         let spare = self.spare_flights.borrow_mut().pop();
         let flight = spare.unwrap_or_else(|| Rc::new(Flight::new(self.key_buf())));
-        flight.key.borrow_mut().extend_from_slice(key);
+        flight.key.borrow_mut().extend_from_slice(key.bytes);
         slot.insert(flight.clone());
-        Some(FlightGuard {
+        FlightGuard {
             cache: self.clone(),
-            hash,
+            hash: key.hash,
             flight,
-        })
+        }
     }
 
     /// Keeps an ended flight for a later miss, reset, when nothing but its guard holds it (no
@@ -1632,6 +1652,11 @@ mod tests {
             c.begin_flight_at(at(b"b")).is_none(),
             "the other key fetches alone"
         );
+        assert!(
+            matches!(c.join_or_begin_flight(at(b"b")), Err(None)),
+            "neither joined nor begun"
+        );
+        assert!(!g.flight().joined.get(), "not joined by the other key");
         assert!(c.flight_at(at(b"a")).is_some());
         drop(g);
         assert!(c.flight_at(at(b"a")).is_none());
