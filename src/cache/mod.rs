@@ -235,28 +235,31 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
         head.host_bytes().unwrap_or(b"")
     };
     let pq = head.bytes(head.path_query);
+    let path = head.path_bytes();
+    let query = query_of(head, pq);
     // Room for the usual key at once (tag, host, path and query, a consumer); the header
     // values, unknown here, may grow it.
     let names: usize = p.key_headers.iter().map(|h| h.len() + 2).sum();
-    out.reserve(host.len() + pq.len() + names + consumer.map_or(0, |c| c.len() + 2) + 3);
+    out.reserve(host.len() + pq.len() + names + consumer.map_or(0, |c| c.len() + 2) + 4);
     out.push(b'u');
     push_lower(out, host);
     out.push(0);
-    out.extend_from_slice(head.path_bytes());
-    let query = pq
-        .iter()
-        .position(|b| *b == b'?')
-        .map(|i| &pq[i + 1..])
-        .unwrap_or(b"");
     match &p.query {
-        QueryMode::None => {}
+        QueryMode::None => out.extend_from_slice(path),
+        // Path, `?` and query are the path-and-query as received when the path is (the
+        // usual case): one copy.
+        QueryMode::All if !query.is_empty() && pq.len() == path.len() + 1 + query.len() => {
+            out.extend_from_slice(pq)
+        }
         QueryMode::All => {
+            out.extend_from_slice(path);
             if !query.is_empty() {
                 out.push(b'?');
                 out.extend_from_slice(query);
             }
         }
         QueryMode::Only(keep) => {
+            out.extend_from_slice(path);
             let mut params: Vec<&[u8]> = query
                 .split(|b| *b == b'&')
                 .filter(|kv| {
@@ -287,6 +290,27 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
         out.push(b'c');
         out.extend_from_slice(c);
     }
+}
+
+/// The query of a request (after the first `?` of its path-and-query `pq`; empty when none).
+/// The parser ends the path at that `?`, within the same span: the query is then found
+/// without a scan.
+fn query_of<'h>(head: &RequestHead, pq: &'h [u8]) -> &'h [u8] {
+    let (path, whole) = (head.path, head.path_query);
+    if path.start == whole.start && path.end <= whole.end {
+        let at = path.len();
+        return match pq.get(at) {
+            Some(b'?') => &pq[at + 1..],
+            // No query, or not a path the parser made: looked for.
+            None => b"",
+            Some(_) => scan_query(pq),
+        };
+    }
+    scan_query(pq)
+}
+
+fn scan_query(pq: &[u8]) -> &[u8] {
+    memchr::memchr(b'?', pq).map_or(b"", |i| &pq[i + 1..])
 }
 
 /// Appends `s` lower-cased (ASCII).
@@ -1402,6 +1426,118 @@ mod tests {
         assert_eq!(n, raw.len());
         h.raw = Bytes::copy_from_slice(raw.as_bytes());
         h
+    }
+
+    /// The key as `build_key` wrote it before it took the query from the parsed spans: the
+    /// query found by a scan, path and query copied apart.
+    fn reference_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>) -> Vec<u8> {
+        let mut out = vec![b'u'];
+        let host = if p.ignore_host {
+            &b""[..]
+        } else {
+            head.host_bytes().unwrap_or(b"")
+        };
+        out.extend(host.iter().map(u8::to_ascii_lowercase));
+        out.push(0);
+        out.extend_from_slice(head.path_bytes());
+        let pq = head.bytes(head.path_query);
+        let query = pq
+            .iter()
+            .position(|b| *b == b'?')
+            .map_or(&b""[..], |i| &pq[i + 1..]);
+        match &p.query {
+            QueryMode::None => {}
+            QueryMode::All => {
+                if !query.is_empty() {
+                    out.push(b'?');
+                    out.extend_from_slice(query);
+                }
+            }
+            QueryMode::Only(keep) => {
+                let mut params: Vec<&[u8]> = query
+                    .split(|b| *b == b'&')
+                    .filter(|kv| {
+                        keep.iter()
+                            .any(|k| kv.split(|b| *b == b'=').next() == Some(k))
+                    })
+                    .collect();
+                params.sort();
+                for (i, kv) in params.iter().enumerate() {
+                    out.push(if i == 0 { b'?' } else { b'&' });
+                    out.extend_from_slice(kv);
+                }
+            }
+        }
+        for h in &p.key_headers {
+            out.push(0);
+            out.extend_from_slice(h);
+            out.push(b'=');
+            let values: Vec<&[u8]> = head.header_values(h).map(crate::http::trim_ows).collect();
+            out.extend_from_slice(&values.join(&b","[..]));
+        }
+        if let Some(c) = consumer {
+            out.push(0);
+            out.push(b'c');
+            out.extend_from_slice(c);
+        }
+        out
+    }
+
+    #[test]
+    fn build_key_writes_host_path_query_headers_and_consumer() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\ncache = { enabled = true }\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        let base = RoutePolicy::compile(&cfg, &cfg.routes[0]).expect("a cache route");
+        let mut policies = Vec::new();
+        for query in [
+            QueryMode::All,
+            QueryMode::None,
+            QueryMode::Only(vec![b"a".to_vec().into(), b"z".to_vec().into()]),
+        ] {
+            for ignore_host in [false, true] {
+                for headers in [vec![], vec![b"accept".to_vec().into()]] {
+                    let mut p = (*base).clone();
+                    p.query = query.clone();
+                    p.ignore_host = ignore_host;
+                    p.key_headers = headers;
+                    policies.push(p);
+                }
+            }
+        }
+        let heads = [
+            "GET /a/b HTTP/1.1\r\nHost: Example.COM\r\n\r\n",
+            "GET /a/b?z=1&a=2&b HTTP/1.1\r\nHost: example.com\r\n\r\n",
+            "GET /a? HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a?? HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /?a HTTP/1.1\r\nHost: x\r\nAccept: a\r\nAccept:  b \r\n\r\n",
+            "GET http://Other.example?a=1 HTTP/1.1\r\nHost: other.example\r\n\r\n",
+            "GET http://h/p/q?a=1&z HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET http://h HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /p HTTP/1.0\r\n\r\n",
+        ];
+        let mut out = Vec::new();
+        for raw in heads {
+            let h = head(raw);
+            for p in &policies {
+                for consumer in [None, Some(&b"alice"[..])] {
+                    build_key(p, &h, consumer, &mut out);
+                    assert_eq!(
+                        String::from_utf8_lossy(&out),
+                        String::from_utf8_lossy(&reference_key(p, &h, consumer)),
+                        "{raw:?} {:?} ignore_host={}",
+                        p.query,
+                        p.ignore_host
+                    );
+                }
+            }
+        }
+        // Spot checks of what the key is.
+        let h = head(heads[1]);
+        build_key(&base, &h, None, &mut out);
+        assert_eq!(&out[..], b"uexample.com\0/a/b?z=1&a=2&b");
+        let h = head(heads[5]);
+        build_key(&base, &h, None, &mut out);
+        assert_eq!(&out[..], b"uother.example\0/?a=1");
     }
 
     #[test]
