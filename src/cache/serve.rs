@@ -144,16 +144,20 @@ impl<'p> Status<'p> {
 /// `no-cache` when there is no `Cache-Control` (§5.4).
 fn request_directives(head: &RequestHead) -> Directives {
     let mut d = Directives::default();
+    // One pass over the fields for both names.
     let mut any = false;
-    for v in head.header_values(b"cache-control") {
-        any = true;
-        d.add(v);
+    let mut pragma_no_cache = false;
+    for h in &head.headers {
+        let name = head.bytes(h.name);
+        if name.eq_ignore_ascii_case(b"cache-control") {
+            any = true;
+            d.add(head.bytes(h.value));
+        } else if !pragma_no_cache && name.eq_ignore_ascii_case(b"pragma") {
+            pragma_no_cache = crate::http::list_items(head.bytes(h.value))
+                .any(|i| i.eq_ignore_ascii_case(b"no-cache"));
+        }
     }
-    if !any
-        && head
-            .header_values(b"pragma")
-            .any(|v| crate::http::list_items(v).any(|i| i.eq_ignore_ascii_case(b"no-cache")))
-    {
+    if !any && pragma_no_cache {
         d.no_cache = true;
     }
     d
@@ -573,8 +577,12 @@ async fn cached<'c, S: ClientIo>(
     }
     // The Redis layer: an entry there answers, or is validated instead of fetched whole (always
     // validated for a request with `no-cache`, §5.2.1.4, which still saves the body's transfer
-    // when it has not changed).
-    if let Some((f, u)) = from_shared(w, &keys, ctx, &req, p, found.as_ref()).await {
+    // when it has not changed). Without a layer there is no future to build and poll.
+    let shared = match cache.shared() {
+        Some(_) => from_shared(w, &keys, ctx, &req, p, found.as_ref()).await,
+        None => None,
+    };
+    if let Some((f, u)) = shared {
         let now = now_secs();
         match u {
             Use::Fresh | Use::StaleOk => {
