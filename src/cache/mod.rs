@@ -500,16 +500,17 @@ impl quick_cache::Weighter<StoreKey, Entry> for ByWeight {
 
 type Map = quick_cache::unsync::Cache<StoreKey, Entry, ByWeight, PreHashedBuild, Evicted>;
 
-/// Hands the first entry and the first key an insert evicts back to [`WorkerCache::insert`]
-/// (the others are dropped as quick_cache drops them): the next stored miss reuses the
-/// object's allocations and the key's.
+/// Hands the first entry an insert evicts, with its key, back to [`WorkerCache::insert`] (the
+/// others are dropped as quick_cache drops them): the key's former variants, or else
+/// allocations the next stored miss reuses (the object's and the key's).
 #[derive(Clone, Default)]
 struct Evicted;
 
 #[derive(Default)]
 struct EvictedState {
-    entry: Option<Entry>,
-    key: Option<Vec<u8>>,
+    /// The first entry an insert evicts: the key's own former entry when it had one (that
+    /// goes first, before any eviction for room).
+    first: Option<(StoreKey, Entry)>,
 }
 
 impl quick_cache::Lifecycle<StoreKey, Entry> for Evicted {
@@ -520,11 +521,8 @@ impl quick_cache::Lifecycle<StoreKey, Entry> for Evicted {
     }
 
     fn on_evict(&self, state: &mut EvictedState, key: StoreKey, val: Entry) {
-        if state.entry.is_none() {
-            state.entry = Some(val);
-        }
-        if state.key.is_none() {
-            state.key = Some(key.bytes);
+        if state.first.is_none() {
+            state.first = Some((key, val));
         }
     }
 }
@@ -862,36 +860,60 @@ impl WorkerCache {
         if key.bytes.len() > MAX_KEY_BYTES {
             return;
         }
-        let mut m = self.map.borrow_mut();
-        let variants = match m.peek(&key) {
-            None => Variants::One(obj),
-            Some(e) => {
-                let older = e.variants.as_slice().iter().filter(|o| o.vary != obj.vary);
-                let mut v = Vec::with_capacity(max_variants.clamp(1, 16));
-                v.push(obj.clone());
-                v.extend(older.cloned());
-                v.truncate(max_variants.max(1));
-                Variants::from_vec(v).unwrap_or(Variants::One(obj))
-            }
+        // Stored alone at first (one look at the map, not a look for the key's other
+        // variants and then another to store): a key stored before hands its former entry
+        // back, and its other variants are then put back with the new one.
+        let entry = Entry {
+            weight: obj.weight(),
+            variants: Variants::One(obj.clone()),
         };
-        let weight = variants.weight();
         let stored = StoreKey {
             hash: key.hash,
             bytes: self.store_key(key.bytes),
         };
-        let evicted = m.insert_with_lifecycle(stored, Entry { variants, weight });
-        drop(m);
+        let evicted = self.map.borrow_mut().insert_with_lifecycle(stored, entry);
         self.count(|s| s.stores += 1);
-        if let Some(mut k) = evicted.key.filter(|k| k.capacity() <= MAX_SPARE_KEY_BYTES) {
+        let Some((k, e)) = evicted.first else {
+            return;
+        };
+        if k.hash == key.hash && k.bytes == key.bytes {
+            self.keep_variants(key, obj, e, max_variants);
+        } else if let Variants::One(o) = e.variants {
+            self.keep_object(o);
+        }
+        if k.bytes.capacity() <= MAX_SPARE_KEY_BYTES {
+            let mut k = k.bytes;
             k.clear();
             *self.spare_key.borrow_mut() = k;
         }
-        if let Some(Entry {
-            variants: Variants::One(o),
-            ..
-        }) = evicted.entry
-        {
-            self.keep_object(o);
+    }
+
+    /// Puts back, with `obj` just stored under `key`, the variants `former` (the key's entry
+    /// it replaced) held for other Vary values, newest first, at most `max_variants` in all.
+    fn keep_variants(&self, key: KeyRef<'_>, obj: Rc<Object>, former: Entry, max_variants: usize) {
+        let older = former
+            .variants
+            .as_slice()
+            .iter()
+            .filter(|o| o.vary != obj.vary);
+        let mut v = Vec::with_capacity(max_variants.clamp(1, 16));
+        v.push(obj.clone());
+        v.extend(older.cloned());
+        v.truncate(max_variants.max(1));
+        if v.len() < 2 {
+            return;
+        }
+        let variants = Variants::Many(v);
+        let weight = variants.weight();
+        let stored = StoreKey {
+            hash: key.hash,
+            bytes: key.bytes.to_vec(),
+        };
+        // Soft: the store just counted the key's use. Stored anew if the new entry went
+        // already (an insert drops an entry grown past what may be stored).
+        let mut m = self.map.borrow_mut();
+        if let Err((k, e)) = m.replace_with_lifecycle(stored, Entry { variants, weight }, true) {
+            m.insert(k, e);
         }
     }
 
@@ -1626,6 +1648,59 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert!(Rc::ptr_eq(&s[0], &b) && Rc::ptr_eq(&s[1], &a));
         assert_eq!(two.weight(), a.weight() + b.weight());
+    }
+
+    #[test]
+    fn a_key_keeps_its_variants_newest_first_up_to_the_cap() {
+        let c = worker_cache();
+        let varying = |body: &'static [u8], lang: &[u8]| {
+            let mut o = object(body);
+            Rc::get_mut(&mut o).expect("new").vary =
+                vec![(b"accept-language".to_vec().into(), lang.to_vec())];
+            o
+        };
+        let (en, fr, de) = (
+            varying(b"en", b"en"),
+            varying(b"fr", b"fr"),
+            varying(b"de", b"de"),
+        );
+        let bodies = |c: &WorkerCache| -> Vec<Bytes> {
+            c.get(b"k")
+                .unwrap_or_default()
+                .iter()
+                .map(|o| o.body.clone())
+                .collect()
+        };
+        c.insert(b"k", en.clone(), 2);
+        assert_eq!(bodies(&c), [&b"en"[..]]);
+        c.insert(b"k", fr.clone(), 2);
+        assert_eq!(bodies(&c), [&b"fr"[..], b"en"]);
+        // Past the cap the oldest goes.
+        c.insert(b"k", de.clone(), 2);
+        assert_eq!(bodies(&c), [&b"de"[..], b"fr"]);
+        // The same Vary values replace their variant, which becomes the newest.
+        let fr2 = varying(b"fr2", b"fr");
+        c.insert(b"k", fr2, 2);
+        assert_eq!(bodies(&c), [&b"fr2"[..], b"de"]);
+        // The weight is that of what is stored (key, both variants), nothing left over.
+        let stats = c.stats();
+        assert_eq!(stats.entries, 1);
+        let held = c.get(b"k").expect("stored");
+        let weight: u64 = held.iter().map(|o| o.weight()).sum();
+        let key_cap = c
+            .map
+            .borrow()
+            .iter()
+            .map(|(k, _)| k.bytes.capacity())
+            .sum::<usize>();
+        assert_eq!(stats.bytes, weight + key_cap as u64);
+        // One variant allowed: the newest alone.
+        c.insert(b"k", en.clone(), 1);
+        assert_eq!(bodies(&c), [&b"en"[..]]);
+        // Another key is left alone.
+        c.insert(b"j", fr.clone(), 2);
+        assert_eq!(bodies(&c), [&b"en"[..]]);
+        assert_eq!(c.stats().entries, 2);
     }
 
     fn worker_cache() -> Rc<WorkerCache> {
