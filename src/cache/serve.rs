@@ -142,9 +142,8 @@ impl<'p> Status<'p> {
 
 /// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
 /// `no-cache` when there is no `Cache-Control` (§5.4).
-///
-/// Read into `d` (default), where the caller keeps them: not built and then moved there.
-fn read_request_directives(head: &RequestHead, d: &mut Directives) {
+fn request_directives(head: &RequestHead) -> Directives {
+    let mut d = Directives::default();
     // One pass over the fields for both names.
     let mut any = false;
     let mut pragma_no_cache = false;
@@ -161,6 +160,7 @@ fn read_request_directives(head: &RequestHead, d: &mut Directives) {
     if !any && pragma_no_cache {
         d.no_cache = true;
     }
+    d
 }
 
 /// Who the request is, for keys on routes with an auth policy.
@@ -429,9 +429,7 @@ async fn cached<'c, S: ClientIo>(
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
     let cache = w.cache.clone();
-    let mut req = Directives::default();
-    read_request_directives(&ctx.head, &mut req);
-    let req = req;
+    let req = request_directives(&ctx.head);
     let keys = Keys::new(p, ctx, &cache);
     if keys.shared.len() > super::MAX_KEY_BYTES {
         let mut s = Status::new(p, "bypass");
