@@ -30,6 +30,7 @@ pub mod redis;
 pub mod serve;
 
 use std::cell::{Cell, RefCell};
+use std::collections::hash_map::Entry as HashEntry;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -54,6 +55,9 @@ pub const MAX_KEY_BYTES: usize = 16 * 1024;
 /// Spare key buffers a worker keeps, and the largest one kept (see [`WorkerCache::key_buf`]).
 const MAX_SPARE_KEY_BUFS: usize = 256;
 const MAX_SPARE_KEY_BYTES: usize = 1024;
+/// The most room an evicted key's vector, reused for a stored key, may have beyond that key
+/// (room the entry's weight counts; see [`WorkerCache::store_key`]).
+const STORE_KEY_SLACK: usize = 32;
 /// Ended flights a worker keeps for the next misses to reuse (see [`FlightGuard`]'s drop).
 const MAX_SPARE_FLIGHTS: usize = 64;
 /// Most surrogate keys kept per object.
@@ -231,28 +235,31 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
         head.host_bytes().unwrap_or(b"")
     };
     let pq = head.bytes(head.path_query);
+    let path = head.path_bytes();
+    let query = query_of(head, pq);
     // Room for the usual key at once (tag, host, path and query, a consumer); the header
     // values, unknown here, may grow it.
     let names: usize = p.key_headers.iter().map(|h| h.len() + 2).sum();
-    out.reserve(host.len() + pq.len() + names + consumer.map_or(0, |c| c.len() + 2) + 3);
+    out.reserve(host.len() + pq.len() + names + consumer.map_or(0, |c| c.len() + 2) + 4);
     out.push(b'u');
     push_lower(out, host);
     out.push(0);
-    out.extend_from_slice(head.path_bytes());
-    let query = pq
-        .iter()
-        .position(|b| *b == b'?')
-        .map(|i| &pq[i + 1..])
-        .unwrap_or(b"");
     match &p.query {
-        QueryMode::None => {}
+        QueryMode::None => out.extend_from_slice(path),
+        // Path, `?` and query are the path-and-query as received when the path is (the
+        // usual case): one copy.
+        QueryMode::All if !query.is_empty() && pq.len() == path.len() + 1 + query.len() => {
+            out.extend_from_slice(pq)
+        }
         QueryMode::All => {
+            out.extend_from_slice(path);
             if !query.is_empty() {
                 out.push(b'?');
                 out.extend_from_slice(query);
             }
         }
         QueryMode::Only(keep) => {
+            out.extend_from_slice(path);
             let mut params: Vec<&[u8]> = query
                 .split(|b| *b == b'&')
                 .filter(|kv| {
@@ -285,11 +292,31 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
     }
 }
 
-/// Appends `s` lower-cased (ASCII).
+/// The query of a request (after the first `?` of its path-and-query `pq`; empty when none).
+/// The parser ends the path at that `?`, within the same span: the query is then found
+/// without a scan.
+fn query_of<'h>(head: &RequestHead, pq: &'h [u8]) -> &'h [u8] {
+    let (path, whole) = (head.path, head.path_query);
+    if path.start == whole.start && path.end <= whole.end {
+        let at = path.len();
+        return match pq.get(at) {
+            Some(b'?') => &pq[at + 1..],
+            // No query, or not a path the parser made: looked for.
+            None => b"",
+            Some(_) => scan_query(pq),
+        };
+    }
+    scan_query(pq)
+}
+
+fn scan_query(pq: &[u8]) -> &[u8] {
+    memchr::memchr(b'?', pq).map_or(b"", |i| &pq[i + 1..])
+}
+
+/// Appends `s` lower-cased (ASCII), in one pass (a host is short: no copy call, then no
+/// second pass over the copy).
 fn push_lower(out: &mut Vec<u8>, s: &[u8]) {
-    let from = out.len();
-    out.extend_from_slice(s);
-    out[from..].make_ascii_lowercase();
+    out.extend(s.iter().map(u8::to_ascii_lowercase));
 }
 
 /// What a freshness computation needs (RFC 9111 §4.2), fixed when an object is stored or
@@ -422,39 +449,79 @@ impl Variants {
     }
 }
 
-#[derive(Clone)]
-struct ByWeight;
+/// A cache key with its hash ([`WorkerCache::key`]): the store and the flights find keys by
+/// it, so that a request hashes its key once for its lookup, its flight and its store.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyRef<'a> {
+    pub hash: u64,
+    pub bytes: &'a [u8],
+}
 
-impl quick_cache::Weighter<Box<[u8]>, Entry> for ByWeight {
-    fn weight(&self, key: &Box<[u8]>, val: &Entry) -> u64 {
-        // Never 0: a 0-weight item would never be evicted.
-        val.weight.saturating_add(key.len() as u64).max(1)
+impl std::hash::Hash for KeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
     }
 }
 
-type Map = quick_cache::unsync::Cache<
-    Box<[u8]>,
-    Entry,
-    ByWeight,
-    quick_cache::DefaultHashBuilder,
-    Evicted,
->;
+impl quick_cache::Equivalent<StoreKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &StoreKey) -> bool {
+        self.hash == key.hash && self.bytes == &key.bytes[..]
+    }
+}
 
-/// Hands the first entry an insert evicts back to [`WorkerCache::insert`] (the others are
-/// dropped as quick_cache drops them), whose object's allocations the next stored miss reuses.
+/// A key in the store: its bytes and their hash, which the store's map takes as it is
+/// ([`PreHashed`]). The bytes are a vector so that an evicted key's allocation can hold the
+/// next stored one (see [`WorkerCache::store_key`]); its capacity is what the entry's weight
+/// counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StoreKey {
+    hash: u64,
+    bytes: Vec<u8>,
+}
+
+impl std::hash::Hash for StoreKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+#[derive(Clone)]
+struct ByWeight;
+
+impl quick_cache::Weighter<StoreKey, Entry> for ByWeight {
+    fn weight(&self, key: &StoreKey, val: &Entry) -> u64 {
+        // Never 0: a 0-weight item would never be evicted.
+        val.weight
+            .saturating_add(key.bytes.capacity() as u64)
+            .max(1)
+    }
+}
+
+type Map = quick_cache::unsync::Cache<StoreKey, Entry, ByWeight, PreHashedBuild, Evicted>;
+
+/// Hands the first entry an insert evicts, with its key, back to [`WorkerCache::insert`] (the
+/// others are dropped as quick_cache drops them): the key's former variants, or else
+/// allocations the next stored miss reuses (the object's and the key's).
 #[derive(Clone, Default)]
 struct Evicted;
 
-impl quick_cache::Lifecycle<Box<[u8]>, Entry> for Evicted {
-    type RequestState = Option<Entry>;
+#[derive(Default)]
+struct EvictedState {
+    /// The first entry an insert evicts: the key's own former entry when it had one (that
+    /// goes first, before any eviction for room).
+    first: Option<(StoreKey, Entry)>,
+}
 
-    fn begin_request(&self) -> Option<Entry> {
-        None
+impl quick_cache::Lifecycle<StoreKey, Entry> for Evicted {
+    type RequestState = EvictedState;
+
+    fn begin_request(&self) -> EvictedState {
+        EvictedState::default()
     }
 
-    fn on_evict(&self, state: &mut Option<Entry>, _key: Box<[u8]>, val: Entry) {
-        if state.is_none() {
-            *state = Some(val);
+    fn on_evict(&self, state: &mut EvictedState, key: StoreKey, val: Entry) {
+        if state.first.is_none() {
+            state.first = Some((key, val));
         }
     }
 }
@@ -599,7 +666,8 @@ impl Flight {
     }
 }
 
-/// Hashes a `u64` that already is a keyed hash (the flights' keys) as itself.
+/// Hashes a `u64` that already is a keyed hash (the keys of the store and of the flights, see
+/// [`KeyRef`]) as itself.
 #[derive(Default, Clone, Copy)]
 struct PreHashed(u64);
 
@@ -639,12 +707,13 @@ pub struct CacheStats {
 /// One worker's cache: its store, its fetches in flight and its counters.
 pub struct WorkerCache {
     map: RefCell<Map>,
-    /// Keyed by the cache key's hash with `flight_hasher` (keyed, random per process, so a
-    /// client cannot aim collisions at it), hashed once per request; each flight holds its
-    /// key, compared on every lookup. Two keys with the same hash cannot both have a flight:
-    /// the second fetches alone, as when there are [`MAX_FLIGHTS`].
+    /// Keyed by the cache key's hash ([`KeyRef`]); each flight holds its key, compared on
+    /// every lookup. Two keys with the same hash cannot both have a flight: the second
+    /// fetches alone, as when there are [`MAX_FLIGHTS`].
     flights: RefCell<HashMap<u64, Rc<Flight>, PreHashedBuild>>,
-    flight_hasher: quick_cache::DefaultHashBuilder,
+    /// Hashes keys for the store and the flights (keyed, random per worker, so that a client
+    /// cannot aim collisions at them); a request hashes its key once.
+    key_hasher: quick_cache::DefaultHashBuilder,
     stats: RefCell<CacheStats>,
     /// Key buffers of requests that ended, for the next ones to build their keys into
     /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
@@ -659,6 +728,9 @@ pub struct WorkerCache {
     /// The allocation that held an evicted object's head, URL and body, emptied (at most
     /// [`MAX_SPARE_BUF`] bytes), for the next stored miss (see [`WorkerCache::object_buf`]).
     spare_buf: RefCell<BytesMut>,
+    /// An evicted key's vector, emptied (at most [`MAX_SPARE_KEY_BYTES`]), for the next
+    /// stored key (see [`WorkerCache::store_key`]).
+    spare_key: RefCell<Vec<u8>>,
     /// To tell the other workers about purges and invalidations (set by the server).
     control: OnceLock<Arc<Control>>,
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
@@ -676,17 +748,18 @@ impl WorkerCache {
                 items,
                 budget,
                 ByWeight,
-                Default::default(),
-                Default::default(),
+                PreHashedBuild::default(),
+                Evicted,
             )),
             flights: RefCell::new(HashMap::default()),
-            flight_hasher: Default::default(),
+            key_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
             spare_flights: RefCell::new(Vec::new()),
             spare_object: RefCell::new(None),
             spare_fields: RefCell::new(Vec::new()),
             spare_buf: RefCell::new(BytesMut::new()),
+            spare_key: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -742,19 +815,27 @@ impl WorkerCache {
         }
     }
 
+    /// `key` with its hash, for the store and the flights.
+    pub fn key<'k>(&self, key: &'k [u8]) -> KeyRef<'k> {
+        KeyRef {
+            hash: self.key_hasher.hash_one(key),
+            bytes: key,
+        }
+    }
+
     /// The variants stored under `key`.
     pub fn get(&self, key: &[u8]) -> Option<Vec<Rc<Object>>> {
         self.map
             .borrow()
-            .get(key)
+            .get(&self.key(key))
             .map(|e| e.variants.as_slice().to_vec())
     }
 
     /// The newest variant under `key` that `head` selects (§4.1), and whether the key had
     /// any variant at all.
-    pub fn lookup(&self, key: &[u8], head: &RequestHead) -> (Option<Rc<Object>>, bool) {
+    pub fn lookup(&self, key: KeyRef<'_>, head: &RequestHead) -> (Option<Rc<Object>>, bool) {
         let m = self.map.borrow();
-        let Some(e) = m.get(key) else {
+        let Some(e) = m.get(&key) else {
             return (None, false);
         };
         (
@@ -770,32 +851,83 @@ impl WorkerCache {
     /// Stores `obj` under `key`, replacing the variant with the same Vary values and dropping
     /// the oldest past `max_variants`.
     pub fn insert(&self, key: &[u8], obj: Rc<Object>, max_variants: usize) {
-        if key.len() > MAX_KEY_BYTES {
+        self.insert_key(self.key(key), obj, max_variants);
+    }
+
+    /// [`WorkerCache::insert`] with the key's hash known.
+    pub fn insert_key(&self, key: KeyRef<'_>, obj: Rc<Object>, max_variants: usize) {
+        if key.bytes.len() > MAX_KEY_BYTES {
             return;
         }
-        let mut m = self.map.borrow_mut();
-        let variants = match m.peek(key) {
-            None => Variants::One(obj),
-            Some(e) => {
-                let older = e.variants.as_slice().iter().filter(|o| o.vary != obj.vary);
-                let mut v = Vec::with_capacity(max_variants.clamp(1, 16));
-                v.push(obj.clone());
-                v.extend(older.cloned());
-                v.truncate(max_variants.max(1));
-                Variants::from_vec(v).unwrap_or(Variants::One(obj))
-            }
+        // Stored alone at first (one look at the map, not a look for the key's other
+        // variants and then another to store): a key stored before hands its former entry
+        // back, and its other variants are then put back with the new one.
+        let entry = Entry {
+            weight: obj.weight(),
+            variants: Variants::One(obj.clone()),
         };
-        let weight = variants.weight();
-        let evicted = m.insert_with_lifecycle(key.into(), Entry { variants, weight });
-        drop(m);
+        let stored = StoreKey {
+            hash: key.hash,
+            bytes: self.store_key(key.bytes),
+        };
+        let evicted = self.map.borrow_mut().insert_with_lifecycle(stored, entry);
         self.count(|s| s.stores += 1);
-        if let Some(Entry {
-            variants: Variants::One(o),
-            ..
-        }) = evicted
-        {
+        let Some((k, e)) = evicted.first else {
+            return;
+        };
+        if k.hash == key.hash && k.bytes == key.bytes {
+            self.keep_variants(key, obj, e, max_variants);
+        } else if let Variants::One(o) = e.variants {
             self.keep_object(o);
         }
+        if k.bytes.capacity() <= MAX_SPARE_KEY_BYTES {
+            let mut k = k.bytes;
+            k.clear();
+            *self.spare_key.borrow_mut() = k;
+        }
+    }
+
+    /// Puts back, with `obj` just stored under `key`, the variants `former` (the key's entry
+    /// it replaced) held for other Vary values, newest first, at most `max_variants` in all.
+    fn keep_variants(&self, key: KeyRef<'_>, obj: Rc<Object>, former: Entry, max_variants: usize) {
+        let older = former
+            .variants
+            .as_slice()
+            .iter()
+            .filter(|o| o.vary != obj.vary);
+        let mut v = Vec::with_capacity(max_variants.clamp(1, 16));
+        v.push(obj.clone());
+        v.extend(older.cloned());
+        v.truncate(max_variants.max(1));
+        if v.len() < 2 {
+            return;
+        }
+        let variants = Variants::Many(v);
+        let weight = variants.weight();
+        let stored = StoreKey {
+            hash: key.hash,
+            bytes: key.bytes.to_vec(),
+        };
+        // Soft: the store just counted the key's use. Stored anew if the new entry went
+        // already (an insert drops an entry grown past what may be stored).
+        let mut m = self.map.borrow_mut();
+        if let Err((k, e)) = m.replace_with_lifecycle(stored, Entry { variants, weight }, true) {
+            m.insert(k, e);
+        }
+    }
+
+    /// A vector holding `bytes`, for a key going into the store: an evicted key's when it has
+    /// the room and at most [`STORE_KEY_SLACK`] bytes more (no allocation and no free per
+    /// stored miss once the store is full and keys are alike), else a new one.
+    fn store_key(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut spare = self.spare_key.borrow_mut();
+        let cap = spare.capacity();
+        if cap >= bytes.len() && cap - bytes.len() <= STORE_KEY_SLACK {
+            let mut k = std::mem::take(&mut *spare);
+            k.extend_from_slice(bytes);
+            return k;
+        }
+        bytes.to_vec()
     }
 
     /// Keeps an evicted object's allocations for [`WorkerCache::new_object`] when nothing else
@@ -910,21 +1042,23 @@ impl WorkerCache {
         let Some(obj) = redis::decode(encoded) else {
             return;
         };
-        let older = self.map.borrow().peek(key).is_some_and(|e| {
+        let key = self.key(key);
+        let older = self.map.borrow().peek(&key).is_some_and(|e| {
             e.variants
                 .as_slice()
                 .iter()
                 .any(|o| o.vary == obj.vary && o.t.response_time <= obj.t.response_time)
         });
         if older {
-            self.insert(key, Rc::new(obj), max_variants);
+            self.insert_key(key, Rc::new(obj), max_variants);
         }
     }
 
     /// Removes one variant (by identity).
     pub fn remove_variant(&self, key: &[u8], obj: &Rc<Object>) {
+        let key = self.key(key);
         let mut m = self.map.borrow_mut();
-        let Some(e) = m.peek(key) else { return };
+        let Some(e) = m.peek(&key) else { return };
         let variants: Vec<Rc<Object>> = e
             .variants
             .as_slice()
@@ -934,64 +1068,87 @@ impl WorkerCache {
             .collect();
         match Variants::from_vec(variants) {
             None => {
-                m.remove(key);
+                m.remove(&key);
             }
             Some(variants) => {
                 let weight = variants.weight();
-                m.insert(key.into(), Entry { variants, weight });
+                let stored = StoreKey {
+                    hash: key.hash,
+                    bytes: key.bytes.to_vec(),
+                };
+                m.insert(stored, Entry { variants, weight });
             }
         }
     }
 
     /// The fetch in flight for `key`, if any.
     pub fn flight(&self, key: &[u8]) -> Option<Rc<Flight>> {
-        self.flight_at(self.flight_hasher.hash_one(key), key)
+        self.flight_at(self.key(key))
     }
 
-    fn flight_at(&self, hash: u64, key: &[u8]) -> Option<Rc<Flight>> {
+    fn flight_at(&self, key: KeyRef<'_>) -> Option<Rc<Flight>> {
         let f = self.flights.borrow();
-        let found = f.get(&hash).filter(|f| *f.key.borrow() == key)?;
+        let found = f.get(&key.hash).filter(|f| *f.key.borrow() == key.bytes)?;
         found.joined.set(true);
         Some(found.clone())
     }
 
     /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
     pub fn begin_flight(self: &Rc<Self>, key: &[u8]) -> Option<FlightGuard> {
-        self.begin_flight_at(self.flight_hasher.hash_one(key), key)
+        self.begin_flight_at(self.key(key))
     }
 
     /// The fetch in flight for `key` to wait on (`Ok`), or else the start of one (`Err`, as
-    /// [`WorkerCache::begin_flight`] gives it): the key is hashed once for both.
+    /// [`WorkerCache::begin_flight`] gives it), in one look at the flights.
     pub fn join_or_begin_flight(
         self: &Rc<Self>,
-        key: &[u8],
+        key: KeyRef<'_>,
     ) -> Result<Rc<Flight>, Option<FlightGuard>> {
-        let hash = self.flight_hasher.hash_one(key);
-        match self.flight_at(hash, key) {
-            Some(f) => Ok(f),
-            None => Err(self.begin_flight_at(hash, key)),
+        let mut f = self.flights.borrow_mut();
+        let full = f.len() >= MAX_FLIGHTS;
+        match f.entry(key.hash) {
+            HashEntry::Occupied(o) => {
+                let found = o.get();
+                if *found.key.borrow() != key.bytes {
+                    // Another key under the same hash: this one fetches alone.
+                    return Err(None);
+                }
+                found.joined.set(true);
+                Ok(found.clone())
+            }
+            HashEntry::Vacant(_) if full => Err(None),
+            HashEntry::Vacant(slot) => Err(Some(self.start_flight(slot, key))),
         }
     }
 
-    fn begin_flight_at(self: &Rc<Self>, hash: u64, key: &[u8]) -> Option<FlightGuard> {
+    fn begin_flight_at(self: &Rc<Self>, key: KeyRef<'_>) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
         if f.len() >= MAX_FLIGHTS {
             return None;
         }
-        let std::collections::hash_map::Entry::Vacant(slot) = f.entry(hash) else {
+        let HashEntry::Vacant(slot) = f.entry(key.hash) else {
             return None;
         };
+        Some(self.start_flight(slot, key))
+    }
+
+    /// A flight for `key` in its free `slot` of the flights.
+    fn start_flight(
+        self: &Rc<Self>,
+        slot: std::collections::hash_map::VacantEntry<'_, u64, Rc<Flight>>,
+        key: KeyRef<'_>,
+    ) -> FlightGuard {
         // A spare flight (reset when it was kept, its key buffer empty) or a new one, whose
         // key goes into a spare key buffer (given back when the flight ends).
         let spare = self.spare_flights.borrow_mut().pop();
         let flight = spare.unwrap_or_else(|| Rc::new(Flight::new(self.key_buf())));
-        flight.key.borrow_mut().extend_from_slice(key);
+        flight.key.borrow_mut().extend_from_slice(key.bytes);
         slot.insert(flight.clone());
-        Some(FlightGuard {
+        FlightGuard {
             cache: self.clone(),
-            hash,
+            hash: key.hash,
             flight,
-        })
+        }
     }
 
     /// Keeps an ended flight for a later miss, reset, when nothing but its guard holds it (no
@@ -1031,7 +1188,7 @@ impl WorkerCache {
                 }
             }
         } else {
-            let mut keys: Vec<Box<[u8]>> = Vec::new();
+            let mut keys: Vec<StoreKey> = Vec::new();
             for (k, e) in m.iter() {
                 let n = e
                     .variants
@@ -1045,7 +1202,11 @@ impl WorkerCache {
                 }
             }
             for k in keys {
-                let Some(e) = m.peek(&k[..]) else { continue };
+                let key = KeyRef {
+                    hash: k.hash,
+                    bytes: &k.bytes,
+                };
+                let Some(e) = m.peek(&key) else { continue };
                 let variants: Vec<Rc<Object>> = e
                     .variants
                     .as_slice()
@@ -1055,7 +1216,7 @@ impl WorkerCache {
                     .collect();
                 match Variants::from_vec(variants) {
                     None => {
-                        m.remove(&k[..]);
+                        m.remove(&key);
                     }
                     Some(variants) => {
                         let weight = variants.weight();
@@ -1288,6 +1449,118 @@ mod tests {
         h
     }
 
+    /// The key as `build_key` wrote it before it took the query from the parsed spans: the
+    /// query found by a scan, path and query copied apart.
+    fn reference_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>) -> Vec<u8> {
+        let mut out = vec![b'u'];
+        let host = if p.ignore_host {
+            &b""[..]
+        } else {
+            head.host_bytes().unwrap_or(b"")
+        };
+        out.extend(host.iter().map(u8::to_ascii_lowercase));
+        out.push(0);
+        out.extend_from_slice(head.path_bytes());
+        let pq = head.bytes(head.path_query);
+        let query = pq
+            .iter()
+            .position(|b| *b == b'?')
+            .map_or(&b""[..], |i| &pq[i + 1..]);
+        match &p.query {
+            QueryMode::None => {}
+            QueryMode::All => {
+                if !query.is_empty() {
+                    out.push(b'?');
+                    out.extend_from_slice(query);
+                }
+            }
+            QueryMode::Only(keep) => {
+                let mut params: Vec<&[u8]> = query
+                    .split(|b| *b == b'&')
+                    .filter(|kv| {
+                        keep.iter()
+                            .any(|k| kv.split(|b| *b == b'=').next() == Some(k))
+                    })
+                    .collect();
+                params.sort();
+                for (i, kv) in params.iter().enumerate() {
+                    out.push(if i == 0 { b'?' } else { b'&' });
+                    out.extend_from_slice(kv);
+                }
+            }
+        }
+        for h in &p.key_headers {
+            out.push(0);
+            out.extend_from_slice(h);
+            out.push(b'=');
+            let values: Vec<&[u8]> = head.header_values(h).map(crate::http::trim_ows).collect();
+            out.extend_from_slice(&values.join(&b","[..]));
+        }
+        if let Some(c) = consumer {
+            out.push(0);
+            out.push(b'c');
+            out.extend_from_slice(c);
+        }
+        out
+    }
+
+    #[test]
+    fn build_key_writes_host_path_query_headers_and_consumer() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\ncache = { enabled = true }\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        let base = RoutePolicy::compile(&cfg, &cfg.routes[0]).expect("a cache route");
+        let mut policies = Vec::new();
+        for query in [
+            QueryMode::All,
+            QueryMode::None,
+            QueryMode::Only(vec![b"a".to_vec().into(), b"z".to_vec().into()]),
+        ] {
+            for ignore_host in [false, true] {
+                for headers in [vec![], vec![b"accept".to_vec().into()]] {
+                    let mut p = (*base).clone();
+                    p.query = query.clone();
+                    p.ignore_host = ignore_host;
+                    p.key_headers = headers;
+                    policies.push(p);
+                }
+            }
+        }
+        let heads = [
+            "GET /a/b HTTP/1.1\r\nHost: Example.COM\r\n\r\n",
+            "GET /a/b?z=1&a=2&b HTTP/1.1\r\nHost: example.com\r\n\r\n",
+            "GET /a? HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a?? HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /?a HTTP/1.1\r\nHost: x\r\nAccept: a\r\nAccept:  b \r\n\r\n",
+            "GET http://Other.example?a=1 HTTP/1.1\r\nHost: other.example\r\n\r\n",
+            "GET http://h/p/q?a=1&z HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET http://h HTTP/1.1\r\nHost: h\r\n\r\n",
+            "GET /p HTTP/1.0\r\n\r\n",
+        ];
+        let mut out = Vec::new();
+        for raw in heads {
+            let h = head(raw);
+            for p in &policies {
+                for consumer in [None, Some(&b"alice"[..])] {
+                    build_key(p, &h, consumer, &mut out);
+                    assert_eq!(
+                        String::from_utf8_lossy(&out),
+                        String::from_utf8_lossy(&reference_key(p, &h, consumer)),
+                        "{raw:?} {:?} ignore_host={}",
+                        p.query,
+                        p.ignore_host
+                    );
+                }
+            }
+        }
+        // Spot checks of what the key is.
+        let h = head(heads[1]);
+        build_key(&base, &h, None, &mut out);
+        assert_eq!(&out[..], b"uexample.com\0/a/b?z=1&a=2&b");
+        let h = head(heads[5]);
+        build_key(&base, &h, None, &mut out);
+        assert_eq!(&out[..], b"uother.example\0/?a=1");
+    }
+
     #[test]
     fn put_url_writes_what_url_of_writes_and_url_len_says() {
         for raw in [
@@ -1376,6 +1649,59 @@ mod tests {
         assert_eq!(two.weight(), a.weight() + b.weight());
     }
 
+    #[test]
+    fn a_key_keeps_its_variants_newest_first_up_to_the_cap() {
+        let c = worker_cache();
+        let varying = |body: &'static [u8], lang: &[u8]| {
+            let mut o = object(body);
+            Rc::get_mut(&mut o).expect("new").vary =
+                vec![(b"accept-language".to_vec().into(), lang.to_vec())];
+            o
+        };
+        let (en, fr, de) = (
+            varying(b"en", b"en"),
+            varying(b"fr", b"fr"),
+            varying(b"de", b"de"),
+        );
+        let bodies = |c: &WorkerCache| -> Vec<Bytes> {
+            c.get(b"k")
+                .unwrap_or_default()
+                .iter()
+                .map(|o| o.body.clone())
+                .collect()
+        };
+        c.insert(b"k", en.clone(), 2);
+        assert_eq!(bodies(&c), [&b"en"[..]]);
+        c.insert(b"k", fr.clone(), 2);
+        assert_eq!(bodies(&c), [&b"fr"[..], b"en"]);
+        // Past the cap the oldest goes.
+        c.insert(b"k", de.clone(), 2);
+        assert_eq!(bodies(&c), [&b"de"[..], b"fr"]);
+        // The same Vary values replace their variant, which becomes the newest.
+        let fr2 = varying(b"fr2", b"fr");
+        c.insert(b"k", fr2, 2);
+        assert_eq!(bodies(&c), [&b"fr2"[..], b"de"]);
+        // The weight is that of what is stored (key, both variants), nothing left over.
+        let stats = c.stats();
+        assert_eq!(stats.entries, 1);
+        let held = c.get(b"k").expect("stored");
+        let weight: u64 = held.iter().map(|o| o.weight()).sum();
+        let key_cap = c
+            .map
+            .borrow()
+            .iter()
+            .map(|(k, _)| k.bytes.capacity())
+            .sum::<usize>();
+        assert_eq!(stats.bytes, weight + key_cap as u64);
+        // One variant allowed: the newest alone.
+        c.insert(b"k", en.clone(), 1);
+        assert_eq!(bodies(&c), [&b"en"[..]]);
+        // Another key is left alone.
+        c.insert(b"j", fr.clone(), 2);
+        assert_eq!(bodies(&c), [&b"en"[..]]);
+        assert_eq!(c.stats().entries, 2);
+    }
+
     fn worker_cache() -> Rc<WorkerCache> {
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n";
         let cfg = Config::parse(src, "t.toml").expect("config");
@@ -1454,12 +1780,58 @@ mod tests {
     }
 
     #[test]
+    fn an_evicted_key_holds_the_next_stored_key_when_it_fits() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"4KiB\"\nmax_object_bytes = \"2KiB\"\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        let c = WorkerCache::new(&cfg, 0);
+        let obj = || {
+            Rc::new(Object {
+                status: 200,
+                body: Bytes::from(vec![b'x'; 1000]),
+                ..Object::default()
+            })
+        };
+        let stored_at = |key: &[u8]| {
+            let m = c.map.borrow();
+            let found = m.iter().find(|(k, _)| k.bytes == key).map(|(k, _)| k);
+            found.map(|k| (k.bytes.as_ptr(), k.bytes.capacity()))
+        };
+        // Keys of 40 bytes; four objects fill the budget, the others evict.
+        let long = |i: usize| format!("{i:040}").into_bytes();
+        for i in 0..20 {
+            c.insert(&long(i), obj(), 4);
+        }
+        assert!(c.stats().bytes <= 4096);
+        let spare = c.spare_key.borrow().as_ptr();
+        assert_eq!(c.spare_key.borrow().capacity(), 40, "an evicted key kept");
+        assert!(c.spare_key.borrow().is_empty());
+        // A key of 30 bytes fits in it (10 bytes of room, counted in the entry's weight).
+        c.insert(&[b'a'; 30], obj(), 4);
+        assert_eq!(stored_at(&[b'a'; 30]), Some((spare, 40)), "reused");
+        assert_eq!(
+            c.get(&[b'a'; 30]).map(|v| v.len()),
+            Some(1),
+            "found by its bytes"
+        );
+        assert!(c.stats().bytes <= 4096);
+        // A key far shorter than the spare one does not take it (the room would be wasted).
+        let spare = c.spare_key.borrow().as_ptr();
+        c.insert(b"k", obj(), 4);
+        let (at, cap) = stored_at(b"k").expect("stored");
+        assert!(at != spare && cap == 1, "a new vector of its length");
+        // Nor does one longer than it.
+        c.insert(&long(99), obj(), 4);
+        assert!(c.get(&long(99)).is_some());
+        assert!(c.stats().bytes <= 4096);
+    }
+
+    #[test]
     fn a_key_has_one_flight_found_by_its_bytes_and_gone_when_it_ends() {
         let c = worker_cache();
-        let Err(Some(g)) = c.join_or_begin_flight(b"k1") else {
+        let Err(Some(g)) = c.join_or_begin_flight(c.key(b"k1")) else {
             panic!("no flight yet: this request starts one");
         };
-        let Ok(f) = c.join_or_begin_flight(b"k1") else {
+        let Ok(f) = c.join_or_begin_flight(c.key(b"k1")) else {
             panic!("the flight is found");
         };
         assert!(Rc::ptr_eq(&f, g.flight()));
@@ -1483,15 +1855,21 @@ mod tests {
     #[test]
     fn a_flight_under_the_same_hash_is_not_another_keys() {
         let c = worker_cache();
-        let g = c.begin_flight_at(7, b"a").expect("started");
-        assert!(c.flight_at(7, b"b").is_none(), "a collision is no match");
+        let at = |bytes: &'static [u8]| KeyRef { hash: 7, bytes };
+        let g = c.begin_flight_at(at(b"a")).expect("started");
+        assert!(c.flight_at(at(b"b")).is_none(), "a collision is no match");
         assert!(
-            c.begin_flight_at(7, b"b").is_none(),
+            c.begin_flight_at(at(b"b")).is_none(),
             "the other key fetches alone"
         );
-        assert!(c.flight_at(7, b"a").is_some());
+        assert!(
+            matches!(c.join_or_begin_flight(at(b"b")), Err(None)),
+            "neither joined nor begun"
+        );
+        assert!(!g.flight().joined.get(), "not joined by the other key");
+        assert!(c.flight_at(at(b"a")).is_some());
         drop(g);
-        assert!(c.flight_at(7, b"a").is_none());
+        assert!(c.flight_at(at(b"a")).is_none());
     }
 
     #[test]

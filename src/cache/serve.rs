@@ -27,8 +27,8 @@ use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 
 use super::policy::{self, Directives, Field, FieldName, RangeAnswer};
 use super::{
-    build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, Object, Purge,
-    PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
+    build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, KeyRef, Object,
+    Purge, PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
 };
 
 /// Bodies up to this size go out in the same write as their head.
@@ -200,16 +200,20 @@ thread_local! {
 /// `no-cache` when there is no `Cache-Control` (§5.4).
 fn request_directives(head: &RequestHead) -> Directives {
     let mut d = Directives::default();
+    // One pass over the fields for both names.
     let mut any = false;
-    for v in head.header_values(b"cache-control") {
-        any = true;
-        d.add(v);
+    let mut pragma_no_cache = false;
+    for h in &head.headers {
+        let name = head.bytes(h.name);
+        if name.eq_ignore_ascii_case(b"cache-control") {
+            any = true;
+            d.add(head.bytes(h.value));
+        } else if !pragma_no_cache && name.eq_ignore_ascii_case(b"pragma") {
+            pragma_no_cache = crate::http::list_items(head.bytes(h.value))
+                .any(|i| i.eq_ignore_ascii_case(b"no-cache"));
+        }
     }
-    if !any
-        && head
-            .header_values(b"pragma")
-            .any(|v| crate::http::list_items(v).any(|i| i.eq_ignore_ascii_case(b"no-cache")))
-    {
+    if !any && pragma_no_cache {
         d.no_cache = true;
     }
     d
@@ -235,6 +239,8 @@ struct Found {
 struct Keys {
     /// Entries any caller may use (public responses on auth routes; all others elsewhere).
     shared: Vec<u8>,
+    /// `shared`'s hash ([`WorkerCache::key`]), for its lookups and its flight.
+    hash: u64,
     /// This consumer's entries (auth routes).
     own: Option<Vec<u8>>,
     /// Where `shared`'s buffer goes back when the request is done with it.
@@ -268,9 +274,18 @@ impl Keys {
             }
         }
         Keys {
+            hash: cache.key(&shared).hash,
             shared,
             own,
             cache: cache.clone(),
+        }
+    }
+
+    /// The shared key with its hash.
+    fn shared_key(&self) -> KeyRef<'_> {
+        KeyRef {
+            hash: self.hash,
+            bytes: &self.shared,
         }
     }
 
@@ -287,7 +302,7 @@ impl Keys {
     /// The stored response `head` selects and the key it is under (borrowed: a hit needs no
     /// copy of it, see [`Hit::found`]), and whether any variant is stored.
     fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Hit<'_>>, bool) {
-        let (o, any) = cache.lookup(&self.shared, head);
+        let (o, any) = cache.lookup(self.shared_key(), head);
         if let Some(obj) = o {
             return (
                 Some(Hit {
@@ -298,7 +313,7 @@ impl Keys {
             );
         }
         if let Some(k) = &self.own {
-            let (o, any2) = cache.lookup(k, head);
+            let (o, any2) = cache.lookup(cache.key(k), head);
             if let Some(obj) = o {
                 return (Some(Hit { obj, key: k }), true);
             }
@@ -538,7 +553,7 @@ async fn cached<'c, S: ClientIo>(
     let mut guard: Option<FlightGuard> = None;
     let mut found = found;
     for _ in 0..MAX_COALESCE_ROUNDS {
-        let flight = match cache.join_or_begin_flight(&keys.shared) {
+        let flight = match cache.join_or_begin_flight(keys.shared_key()) {
             Ok(flight) => flight,
             Err(g) => {
                 guard = g;
@@ -618,8 +633,12 @@ async fn cached<'c, S: ClientIo>(
     }
     // The Redis layer: an entry there answers, or is validated instead of fetched whole (always
     // validated for a request with `no-cache`, §5.2.1.4, which still saves the body's transfer
-    // when it has not changed).
-    if let Some((f, u)) = from_shared(w, &keys, ctx, &req, p, found.as_ref()).await {
+    // when it has not changed). Without a layer there is no future to build and poll.
+    let shared = match cache.shared() {
+        Some(_) => from_shared(w, &keys, ctx, &req, p, found.as_ref()).await,
+        None => None,
+    };
+    if let Some((f, u)) = shared {
         let now = now_secs();
         match u {
             Use::Fresh | Use::StaleOk => {
