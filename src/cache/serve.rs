@@ -1751,7 +1751,14 @@ async fn fetch<'c, S: ClientIo>(
                             let url = std::mem::take(&mut s.url);
                             let obj = make_object(s, status_code, reason, t.finish(), url, vary);
                             let obj = cache.new_object(obj);
-                            cache.insert(k, obj.clone(), p.max_variants);
+                            // The shared key's hash was taken for the lookup (`k` is borrowed
+                            // from `keys`: the same slice when it is that key).
+                            let at = if std::ptr::eq(k, &keys.shared[..]) {
+                                keys.shared_key()
+                            } else {
+                                cache.key(k)
+                            };
+                            cache.insert_key(at, obj.clone(), p.max_variants);
                             cache.share(k, &obj, p.max_variants);
                             end = FlightEnd::Stored;
                         } else if !complete {
