@@ -18,6 +18,15 @@ pub struct Notify {
 }
 
 impl Notify {
+    /// A `Notify` with room for `n` waiters at once before its lists grow.
+    pub fn with_capacity(n: usize) -> Notify {
+        Notify {
+            generation: Cell::new(0),
+            slots: RefCell::new(Vec::with_capacity(n)),
+            free: RefCell::new(Vec::with_capacity(n)),
+        }
+    }
+
     pub fn notify_all(&self) {
         self.generation.set(self.generation.get() + 1);
         for w in self.slots.borrow_mut().iter_mut() {
@@ -91,11 +100,17 @@ pub struct IdleWheel {
     slots: [Notify; IDLE_WHEEL_SLOTS],
 }
 
+/// Idle connections each slot has room for when the wheel is made. A slot is first used a
+/// tick after the one before it, so without room each of the first laps of the wheel
+/// allocated on keep-alive requests (twice per tick: a slot and its free list); past that
+/// number a slot grows once and keeps its room.
+const IDLE_WHEEL_SLOT_ROOM: usize = 16;
+
 impl Default for IdleWheel {
     fn default() -> Self {
         IdleWheel {
             ticks: Cell::new(0),
-            slots: std::array::from_fn(|_| Notify::default()),
+            slots: std::array::from_fn(|_| Notify::with_capacity(IDLE_WHEEL_SLOT_ROOM)),
         }
     }
 }
