@@ -1671,6 +1671,52 @@ async fn fetch<'c, S: ClientIo>(
                             plan = Err("too-large");
                         }
                     }
+                    // A body already read whole with the head (a small response, the usual
+                    // case) is stored before it is relayed: waiters on this fetch are answered
+                    // from the store at once, and nothing is published to them or captured
+                    // on the way to the client.
+                    let whole = match resp.body {
+                        RespBody::Length(n) => (ch.up.rbuf.len() as u64) >= n,
+                        RespBody::None => true,
+                        _ => false,
+                    };
+                    let mut plan = match (whole, plan, key) {
+                        (true, Ok(s), Some(k)) => {
+                            let mut s = s;
+                            let n = known_len(&resp).unwrap_or(0) as usize;
+                            let mut body = std::mem::take(&mut s.body);
+                            body.extend_from_slice(&ch.up.rbuf[..n]);
+                            let vary = vary_values(&s.vary, &ctx.head);
+                            let url = std::mem::take(&mut s.url);
+                            let code = resp.status;
+                            let obj =
+                                make_object(s, code, reason_of(&resp), body.freeze(), url, vary);
+                            let obj = cache.new_object(obj);
+                            // The shared key's hash was taken for the lookup (`k` is borrowed
+                            // from `keys`: the same slice when it is that key).
+                            let at = if std::ptr::eq(k, &keys.shared[..]) {
+                                keys.shared_key()
+                            } else {
+                                cache.key(k)
+                            };
+                            cache.insert_key(at, obj.clone(), p.max_variants);
+                            cache.share(k, &obj, p.max_variants);
+                            if let Some(g) = guard {
+                                g.finish(FlightEnd::Stored);
+                            }
+                            status.stored = true;
+                            status.put(&mut ctx.resp_headers);
+                            let (out, reusable) = forward_response_tee(
+                                w, cfg, route, c, ctx, &mut ch.up, &resp, None,
+                            )
+                            .await;
+                            resp.raw = Bytes::new();
+                            release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                            w.bufs.give_resp(resp);
+                            return out;
+                        }
+                        (_, plan, _) => plan,
+                    };
                     // Waiters on this fetch receive the body as it arrives when they may share it
                     // (stored under the shared key): as it came when its length is known,
                     // re-chunked when it is chunked (not when the upstream's close ends it: that
