@@ -28,7 +28,7 @@ ORIGIN=18300; GW=18380; NG=18390
 GWPID=""
 . "$ROOT/perf/lib.sh"
 cleanup() {
-  [[ -n $GWPID ]] && kill "$GWPID" 2>/dev/null || true
+  if [[ -n $GWPID ]]; then kill "$GWPID" 2>/dev/null || true; wait "$GWPID" 2>/dev/null || true; fi
   ng_stop
   [[ -n ${KEEP:-} ]] && { echo "kept $D"; return; }
   rm -rf "$D" "$SHM"
