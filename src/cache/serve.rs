@@ -1681,26 +1681,15 @@ async fn fetch<'c, S: ClientIo>(
                         _ => false,
                     };
                     let mut plan = match (whole, plan, key) {
-                        (true, Ok(s), Some(k)) => {
-                            let mut s = s;
+                        (true, Ok(mut s), Some(k)) => {
                             let n = known_len(&resp).unwrap_or(0) as usize;
                             let mut body = std::mem::take(&mut s.body);
                             body.extend_from_slice(&ch.up.rbuf[..n]);
                             let vary = vary_values(&s.vary, &ctx.head);
                             let url = std::mem::take(&mut s.url);
-                            let code = resp.status;
-                            let obj =
-                                make_object(s, code, reason_of(&resp), body.freeze(), url, vary);
-                            let obj = cache.new_object(obj);
-                            // The shared key's hash was taken for the lookup (`k` is borrowed
-                            // from `keys`: the same slice when it is that key).
-                            let at = if std::ptr::eq(k, &keys.shared[..]) {
-                                keys.shared_key()
-                            } else {
-                                cache.key(k)
-                            };
-                            cache.insert_key(at, obj.clone(), p.max_variants);
-                            cache.share(k, &obj, p.max_variants);
+                            let (code, reason) = (resp.status, reason_of(&resp));
+                            let obj = make_object(s, code, reason, body.freeze(), url, vary);
+                            store(&cache, p, keys, k, obj);
                             if let Some(g) = guard {
                                 g.finish(FlightEnd::Stored);
                             }
@@ -1796,16 +1785,7 @@ async fn fetch<'c, S: ClientIo>(
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
                             let url = std::mem::take(&mut s.url);
                             let obj = make_object(s, status_code, reason, t.finish(), url, vary);
-                            let obj = cache.new_object(obj);
-                            // The shared key's hash was taken for the lookup (`k` is borrowed
-                            // from `keys`: the same slice when it is that key).
-                            let at = if std::ptr::eq(k, &keys.shared[..]) {
-                                keys.shared_key()
-                            } else {
-                                cache.key(k)
-                            };
-                            cache.insert_key(at, obj.clone(), p.max_variants);
-                            cache.share(k, &obj, p.max_variants);
+                            store(&cache, p, keys, k, obj);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -1874,6 +1854,20 @@ async fn fetch<'c, S: ClientIo>(
     };
     w.bufs.give_resp(resp);
     out
+}
+
+/// Stores `obj`, a fetched response, under `k` (one of `keys`), here and in Redis.
+fn store(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj: Object) {
+    let obj = cache.new_object(obj);
+    // The shared key's hash was taken for the lookup (`k` is borrowed from `keys`: the same
+    // slice when it is that key).
+    let at = if std::ptr::eq(k, &keys.shared[..]) {
+        keys.shared_key()
+    } else {
+        cache.key(k)
+    };
+    cache.insert_key(at, obj.clone(), p.max_variants);
+    cache.share(k, &obj, p.max_variants);
 }
 
 /// A response's reason phrase to keep: the usual one for its status is not copied.
