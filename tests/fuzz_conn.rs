@@ -469,8 +469,14 @@ fn run_case(
     for (i, u) in units.iter().enumerate() {
         match u {
             Unit::Req(r) => {
+                // Garbage that does not end a line runs into this request's method: "0" and
+                // "HEAD" make a request-line with the method "0HEAD", answered with a body.
+                let merged = matches!(
+                    i.checked_sub(1).map(|j| &units[j]),
+                    Some(Unit::Garbage(g)) if g.last() != Some(&b'\n')
+                );
                 bytes.extend_from_slice(&request_bytes(i, r));
-                head_for.insert(format!("h{i}"), r.method == "HEAD");
+                head_for.insert(format!("h{i}"), r.method == "HEAD" && !merged);
                 sent_tokens.push(i);
             }
             Unit::Garbage(g) => bytes.extend_from_slice(g),
@@ -593,17 +599,23 @@ fn run_case(
     Ok(())
 }
 
-fn fuzz(d: DriverChoice) {
-    let cases = std::env::var("RINGWAY_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
+/// The echo upstream and the gateway every case runs against.
+fn fuzzed_gateway(d: DriverChoice) -> (Upstream, TestGateway) {
     let up = Upstream::echo();
     let toml = config(
         &[up.addr],
         "[timeouts]\nclient_head = \"1s\"\nclient_body = \"1s\"\n\n[[routes]]\npath_prefix = \"/h\"\nupstream = \"up\"\n\n[[routes]]\npath_prefix = \"/direct\"\ndirect = { status = 200, body = \"direct\" }\n\n[[routes]]\npath = \"/alive\"\nupstream = \"up\"\n",
     );
     let gw = TestGateway::start(&toml, d);
+    (up, gw)
+}
+
+fn fuzz(d: DriverChoice) {
+    let cases = std::env::var("RINGWAY_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_CASES);
+    let (up, gw) = fuzzed_gateway(d);
     let ran = AtomicUsize::new(0);
     let stats = Stats::default();
     let mut runner = TestRunner::new(PtConfig {
@@ -642,4 +654,27 @@ fn connection_fuzz_io_uring() {
 #[test]
 fn connection_fuzz_epoll() {
     fuzz(DriverChoice::Epoll);
+}
+
+/// A case the fuzzer found in CI: garbage that does not end a line runs into the next
+/// request's method ("0" + "HEAD" is the method "0HEAD", answered 404 with a body); the
+/// checker had read that answer as one to a HEAD, without a body, and took the body for a
+/// malformed next answer. Kept as found, on both drivers.
+#[test]
+fn garbage_run_into_a_head_request_makes_another_method() {
+    for d in [DriverChoice::IoUring, DriverChoice::Epoll] {
+        let (up, gw) = fuzzed_gateway(d);
+        let head = ReqSpec {
+            method: "HEAD",
+            target: 8,
+            version: "HTTP/1.1",
+            host: true,
+            headers: Vec::new(),
+            framing: Framing::None,
+            body_len: 0,
+        };
+        let units = [Unit::Garbage(vec![b'0']), Unit::Req(head)];
+        run_case(&Stats::default(), &gw, &up, &units, &[], &[false; 9])
+            .unwrap_or_else(|e| panic!("{d:?}: {e}"));
+    }
 }
