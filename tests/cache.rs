@@ -488,6 +488,33 @@ fn rfc9213_cdn_cache_control_replaces_cache_control_for_this_cache() {
     assert_eq!(get(gw.addr, "/t").text(), "v2");
 }
 
+/// RFC 9213 §2.1: in a targeted field `private` and `no-cache` name fields with a String (or
+/// a Token); a number names none, and the directive then holds for the whole response (the
+/// more restrictive reading, RFC 9111 §4.2.1): `private=1` is not stored, `no-cache=1` is
+/// validated before each use.
+#[test]
+fn rfc9213_2_1_a_number_for_private_or_no_cache_qualifies_nothing() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\ncdn-cache-control: private=1\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/t");
+    assert_eq!(get(gw.addr, "/t").text(), "v2");
+
+    let (up, _) = counting_origin(
+        "cache-control: max-age=60\r\ncdn-cache-control: max-age=60, no-cache=1\r\n",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/t");
+    assert_eq!(get(gw.addr, "/t").text(), "v2");
+
+    // A String names the fields: the response itself is stored.
+    let (up, _) = counting_origin(
+        "cache-control: max-age=60\r\ncdn-cache-control: max-age=60, private=\"x-a\"\r\n",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/t");
+    assert_eq!(get(gw.addr, "/t").text(), "v1");
+}
+
 /// `Surrogate-Control` (W3C Edge Architecture Specification 1.0, §3) is not obeyed by default:
 /// ringway often sits behind a CDN that reads it, and a surrogate obeys it and takes it off
 /// the response. Opting in is configuration alone: the field in `[cache] targeted_fields`,

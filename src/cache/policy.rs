@@ -330,6 +330,15 @@ impl Directives {
             let val = match val {
                 Some(b"?0") => continue,
                 Some(b"?1") => None,
+                // `private` and `no-cache` take field names (a String, or a Token); a number
+                // names no field, so the directive stands unqualified: of the two readings the
+                // more restrictive (RFC 9111 §4.2.1), not a field list holding "1".
+                Some(v)
+                    if matches!(key, b"private" | b"no-cache")
+                        && v.first().is_some_and(|b| b.is_ascii_digit() || *b == b'-') =>
+                {
+                    None
+                }
                 v => v,
             };
             d.directive(key, val);
@@ -1119,6 +1128,19 @@ mod tests {
         assert!(Directives::targeted(b"max-age=6,,").is_none());
         let d = Directives::targeted(b"no-store=?0, max-age=1").unwrap();
         assert!(!d.no_store);
+        // Field names come as a String (or a Token); a number is no field list: the
+        // directive then applies to the whole response.
+        let d = Directives::targeted(b"private=\"x-a\", no-cache=x-b").unwrap();
+        assert!(!d.private && !d.no_cache);
+        assert_eq!(&*d.private_fields, [Box::from(&b"x-a"[..])]);
+        assert_eq!(&*d.no_cache_fields, [Box::from(&b"x-b"[..])]);
+        for v in [&b"private=1"[..], b"private=-1", b"private=1.5"] {
+            let d = Directives::targeted(v).unwrap();
+            assert!(d.private && d.private_fields.is_empty(), "{v:?}");
+        }
+        let d = Directives::targeted(b"no-cache=1, max-age=60").unwrap();
+        assert!(d.no_cache && d.no_cache_fields.is_empty());
+        assert_eq!(d.max_age, Some(60));
     }
 
     #[test]
