@@ -15,6 +15,10 @@
 #
 #   cargo build --release && bash perf/cache.sh [rounds=3] [seconds=5] [conns=32]
 # RINGWAY_BIN=path/to/ringway runs another build (default: target/release/ringway).
+# PIN=1 pins the proxy under test (ringway, or nginx with proxy_cache) to CPU 1 and the origin and
+# wrk to CPU 0 (needs 2 CPUs): the proxy's CPU time per request then moves less with what the
+# load generator does on the same core. Pinned, req/s is bound by wrk's core: compare CPU per
+# request then, not req/s.
 # Needs nginx and wrk (apt-get install -y nginx-light wrk). Load only ever goes to 127.0.0.1.
 set -euo pipefail
 ROUNDS=${1:-3}; SECS=${2:-5}; CONNS=${3:-32}
@@ -37,10 +41,16 @@ trap cleanup EXIT
 command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk"; exit 2; }
 [[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 2; }
 
-cache_configs $ORIGIN $GW 64MiB
-ng_start origin
+PROXY_CPU=(); LOAD_CPU=()
+if [[ -n ${PIN:-} ]]; then
+  (( $(nproc) >= 2 )) || { echo "PIN=1 needs 2 CPUs"; exit 2; }
+  PROXY_CPU=(taskset -c 1); LOAD_CPU=(taskset -c 0)
+fi
 
-RINGWAY_LOG=warn "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
+cache_configs $ORIGIN $GW 64MiB
+"${LOAD_CPU[@]}" nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
+
+RINGWAY_LOG=warn "${PROXY_CPU[@]}" "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
 GWPID=$!
 
 { ng_head nginx 1; ng_upstream $ORIGIN 64
@@ -48,7 +58,8 @@ GWPID=$!
   server { listen 127.0.0.1:$NG backlog=4096;
     location / { $NG_PASS proxy_cache c; proxy_cache_lock on; add_header X-Cache \$upstream_cache_status; } } }"
 } > "$D/nginx.conf"
-ng_start nginx
+# (as ng_start does, pinned where asked)
+"${PROXY_CPU[@]}" nginx -p "$D" -c "$D/nginx.conf" -e "$D/nginx.err"
 
 wait_200 "http://127.0.0.1:$GW/hit" "http://127.0.0.1:$NG/hit" "http://127.0.0.1:$GW/plain/x"
 echo "ringway second GET: $(curl -s -D - -o /dev/null "http://127.0.0.1:$GW/hit" | grep -i '^cache-status' | tr -d '\r')"
@@ -85,7 +96,7 @@ run() {
   local url=$1; shift
   local t0 t1 out
   t0=$(ticks_of "$@")
-  out=$(wrk -t1 -c"$CONNS" -d"${SECS}s" --latency ${LUA:+-s "$LUA"} "$url")
+  out=$("${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency ${LUA:+-s "$LUA"} "$url")
   t1=$(ticks_of "$@")
   python3 - $t0 $t1 "$HZ" "$SECS" <<PY
 import re, sys
@@ -114,8 +125,8 @@ PY
 rss1=$(rss_kib "$GWPID")
 echo "memory: RSS +$((rss1 - rss0)) KiB for 20000 stored objects: $(( (rss1 - rss0) * 1024 / 20000 )) bytes per 1 KiB object"
 # Warm-up.
-wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$GW/hit" >/dev/null
-wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$NG/hit" >/dev/null
+"${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$GW/hit" >/dev/null
+"${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d1s "http://127.0.0.1:$NG/hit" >/dev/null
 : > "$D/results"
 for r in $(seq "$ROUNDS"); do
   g=$(LUA="" run "http://127.0.0.1:$GW/hit" "$GWPID")
