@@ -197,17 +197,23 @@ thread_local! {
 }
 
 /// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
-/// `no-cache` when there is no `Cache-Control` (§5.4).
-fn request_directives(head: &RequestHead) -> Directives {
+/// `no-cache` when there is no `Cache-Control` (§5.4). With them, whether the request has
+/// `Authorization` (§3.5).
+fn request_directives(head: &RequestHead) -> (Directives, bool) {
     let mut d = Directives::default();
-    // One pass over the fields for both names.
+    // One pass over the fields for the three names (two of them of one length).
     let mut any = false;
     let mut pragma_no_cache = false;
+    let mut authorized = false;
     for h in &head.headers {
         let name = head.bytes(h.name);
-        if name.eq_ignore_ascii_case(b"cache-control") {
-            any = true;
-            d.add(head.bytes(h.value));
+        if name.len() == 13 {
+            if name.eq_ignore_ascii_case(b"cache-control") {
+                any = true;
+                d.add(head.bytes(h.value));
+            } else if name.eq_ignore_ascii_case(b"authorization") {
+                authorized = true;
+            }
         } else if !pragma_no_cache && name.eq_ignore_ascii_case(b"pragma") {
             pragma_no_cache = crate::http::list_items(head.bytes(h.value))
                 .any(|i| i.eq_ignore_ascii_case(b"no-cache"));
@@ -216,7 +222,7 @@ fn request_directives(head: &RequestHead) -> Directives {
     if !any && pragma_no_cache {
         d.no_cache = true;
     }
-    d
+    (d, authorized)
 }
 
 /// Who the request is, for keys on routes with an auth policy.
@@ -485,7 +491,7 @@ async fn cached<'c, S: ClientIo>(
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
     let cache = w.cache.clone();
-    let req = request_directives(&ctx.head);
+    let (req, authorized) = request_directives(&ctx.head);
     let keys = Keys::new(p, ctx, &cache);
     if keys.shared.len() > super::MAX_KEY_BYTES {
         let mut s = Status::new(p, "bypass");
@@ -684,6 +690,7 @@ async fn cached<'c, S: ClientIo>(
             stale,
             guard,
             req: &req,
+            authorized,
         },
         s,
     )
@@ -706,6 +713,8 @@ enum Fetch<'k> {
         stale: Option<Found>,
         guard: Option<FlightGuard>,
         req: &'k Directives,
+        /// Whether the request has `Authorization` (§3.5), read with `req`.
+        authorized: bool,
     },
 }
 
@@ -1546,7 +1555,11 @@ async fn fetch<'c, S: ClientIo>(
         let h = std::mem::replace(&mut ctx.head, orig);
         w.bufs.give_head(h);
     }
-    let authorized = ctx.head.header(b"authorization").is_some();
+    // §3.5. A fill read it with the request's directives.
+    let authorized = match &mode {
+        Fetch::Fill { authorized, .. } => *authorized,
+        _ => ctx.head.header(b"authorization").is_some(),
+    };
     let now = now_secs();
     let out = match r {
         Err(e) => {
@@ -1582,6 +1595,7 @@ async fn fetch<'c, S: ClientIo>(
                     stale,
                     guard,
                     req,
+                    authorized: _,
                 } => {
                     if let Some(f) = stale.as_ref().filter(|_| validating && resp.status == 304) {
                         // §4.3.4: freshen the stored response and answer from it.
@@ -1598,6 +1612,7 @@ async fn fetch<'c, S: ClientIo>(
                                 stale: None,
                                 guard,
                                 req,
+                                authorized,
                             };
                             return Box::pin(fetch(w, cfg, route, p, group, c, ctx, again, status))
                                 .await;
