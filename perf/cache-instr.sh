@@ -12,6 +12,10 @@
 #
 #   cargo build --release && bash perf/cache-instr.sh [requests=2000] [budget=64MiB] [fill=60000]
 # RINGWAY_BIN=path/to/ringway runs another build; ORIGIN_PORT / GW_PORT (18400 / 18480) the ports.
+# CACHESIM=1 also simulates the data caches (slower) and prints the misses per request of a
+# first level of 48 KiB and of a second of LL_BYTES (default 2 MiB, 16-way: one core's L2 here),
+# what instruction counts do not show: a stored miss writes its object into memory that
+# eviction freed, long out of cache.
 # Needs nginx and valgrind (apt-get install -y nginx-light valgrind). Loopback only.
 set -euo pipefail
 N=${1:-2000}; BUDGET=${2:-64MiB}; FILL=${3:-60000}
@@ -57,7 +61,9 @@ for i in range(n):
     buf = buf[cl:]
 EOF
 
-RINGWAY_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$D/cg.out" \
+SIM=()
+[[ -n ${CACHESIM:-} ]] && SIM=(--cache-sim=yes --D1=49152,12,64 "--LL=${LL_BYTES:-2097152},16,64")
+RINGWAY_LOG=warn valgrind --tool=callgrind --instr-atstart=no "${SIM[@]}" --callgrind-out-file="$D/cg.out" \
   "$BIN" run -c "$D/ringway.toml" --workers 1 > "$D/valgrind.log" 2>&1 &
 VP=$!
 up=""
@@ -84,4 +90,12 @@ for case in "stored:/m/{i}" "plain:/plain/{i}" "nostore:/ns/{i}" "hit:/hit"; do
   total=$(callgrind_annotate "$D/cg.out.$k" 2>/dev/null \
     | awk '/PROGRAM TOTALS/ && !t { gsub(",", "", $1); t = $1 } END { print t + 0 }')
   printf '%-8s %8d instructions/request (user space)\n' "$name" $((total / N))
+  if [[ -n ${CACHESIM:-} ]]; then
+    # Events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+    callgrind_annotate "$D/cg.out.$k" 2>/dev/null | awk -v n="$N" '/PROGRAM TOTALS/ && !t {
+      t = 1; for (i = 1; i <= NF; i++) gsub(",", "", $i)
+      # With percentages the columns alternate: value, (percent).
+      j = 0; for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+$/) v[++j] = $i
+      printf "         data misses/request: first level %.1f read + %.1f write, second level %.1f read + %.1f write\n", v[5]/n, v[6]/n, v[8]/n, v[9]/n }'
+  fi
 done

@@ -1237,6 +1237,10 @@ impl<'a> Seen<'a> {
 
 /// The request's values of the fields a response varies on (lower-case names), as stored.
 fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
+    // Most responses do not vary.
+    if names.is_empty() {
+        return Vec::new();
+    }
     names
         .iter()
         .map(|n| {
