@@ -1938,9 +1938,10 @@ async fn answer<'c, S: ClientIo>(
     put_status_line(wbuf, code, reason);
     let rules = &route.response_headers;
     let mut has_date = false;
-    for (n, v) in &o.fields {
+    // The stored lines, as received where they were stored from a head (copied in runs).
+    o.fields.put_lines(wbuf, |n| {
         if rules.drops(n) {
-            continue;
+            return false;
         }
         let keep_field = match code {
             // §15.4.5: the fields a 200 would have carried for caches.
@@ -1958,12 +1959,9 @@ async fn answer<'c, S: ClientIo>(
             412 | 416 => n.eq_ignore_ascii_case(b"date"),
             _ => true,
         };
-        if !keep_field {
-            continue;
-        }
-        has_date |= n.eq_ignore_ascii_case(b"date");
-        put_header(wbuf, n, v);
-    }
+        has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
+        keep_field
+    });
     if !has_date {
         put_header(wbuf, b"date", &date);
     }
@@ -2082,11 +2080,7 @@ async fn stream_from<'c, S: ClientIo>(
     put_status_line(wbuf, st.status, reason);
     ctx.rec.status = st.status;
     let rules = &route.response_headers;
-    for (n, v) in &st.fields {
-        if !rules.drops(n) {
-            put_header(wbuf, n, v);
-        }
-    }
+    st.fields.put_lines(wbuf, |n| !rules.drops(n));
     wbuf.put_slice(b"age: ");
     put_u64(wbuf, st.t.age(now_secs()).min(policy::MAX_DELTA));
     wbuf.put_slice(b"\r\n");
