@@ -216,11 +216,13 @@ impl Fields {
             let (ns, ne) = (s.name.start as usize, s.name.end as usize);
             let (vs, ve) = (s.value.start as usize, s.value.end as usize);
             let line_end = ve + 2;
+            // `: ` right after the name, the value right after it, CRLF right after the value.
             let exact = ns < ne
                 && vs == ne + 2
                 && vs <= ve
-                && block.get(ne..vs) == Some(b": ".as_slice())
-                && block.get(ve..line_end) == Some(b"\r\n".as_slice());
+                && block
+                    .get(ne..line_end)
+                    .is_some_and(|rest| rest.starts_with(b": ") && rest.ends_with(b"\r\n"));
             if exact {
                 if end != start && end == ns {
                     end = line_end;

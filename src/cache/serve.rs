@@ -909,19 +909,20 @@ fn analyze_response(
         if hidden(n) {
             continue;
         }
-        let v = resp.bytes(h.value);
+        // Read only for the fields whose first value `Seen` keeps.
+        let v = || resp.bytes(h.value);
         let stored = match policy::field_name(n) {
             FieldName::Other | FieldName::CacheControl => true,
             FieldName::Date => {
-                first(&mut seen.date, v);
+                first(&mut seen.date, v());
                 true
             }
             FieldName::Expires => {
-                first(&mut seen.expires, v);
+                first(&mut seen.expires, v());
                 true
             }
             FieldName::LastModified => {
-                first(&mut seen.last_modified, v);
+                first(&mut seen.last_modified, v());
                 true
             }
             FieldName::ETag => {
@@ -941,7 +942,7 @@ fn analyze_response(
                 store_cookies
             }
             FieldName::Age => {
-                first(&mut seen.age, v);
+                first(&mut seen.age, v());
                 false
             }
             FieldName::CacheStatus => {
