@@ -4,9 +4,10 @@
 //! A response stored from an upstream keeps, as its block, the copy of its head that already
 //! sits in the object's one allocation (`serve::analyze_response`), and as its lines the
 //! parser's spans of the lines it stores: storing one adds no copy, no reference count per
-//! line, and dropping one drops one handle and one vector of plain offsets. Fields built any
-//! other way (read back from Redis, merged by a validation, RFC 9111 §4.3.4) get a block of
-//! their own ([`Fields::from_pairs`]).
+//! line, and dropping one drops one handle and one vector of plain offsets. Fields read back
+//! from Redis keep the part of the entry that holds them (`redis::decode`); fields built any
+//! other way (merged by a validation, RFC 9111 §4.3.4 and §4.3.5; a head's lines copied for
+//! one; tests) get a block of their own ([`Fields::from_pairs`]).
 
 use std::fmt;
 
@@ -172,8 +173,8 @@ impl Fields {
         self.spans.is_empty()
     }
 
-    /// The bytes these fields hold in memory: their whole block (shared with nothing the
-    /// weight of their object counts twice) and their spans.
+    /// The bytes these fields hold in memory: their whole block (for fields stored from a
+    /// head, its copy: the status line and the lines not stored count too) and their spans.
     pub fn weight(&self) -> usize {
         self.block
             .len()
