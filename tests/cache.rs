@@ -2761,3 +2761,53 @@ fn rfc9111_4_3_5_a_head_uses_and_freshens_the_get_stored_in_redis() {
         "a GET reached the origin again"
     );
 }
+
+/// The raw head of the answer to `GET path` (read up to its blank line; the body is left).
+fn raw_head(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let k = s.read(&mut buf).expect("an answer");
+        assert!(k > 0, "{got:?}");
+        got.extend_from_slice(&buf[..k]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A hit writes the stored lines in the order received, each as `name: value` CRLF: the
+/// lines already in that form are copied as they stand from the stored head, the others
+/// (no space or more whitespace after the colon, spaces before the line end) written anew;
+/// lines never stored (framing) and those the route removes are left out between them, and
+/// the Date the cache added to a response without one comes after them (RFC 9110 §6.6.1).
+#[test]
+fn a_hit_writes_the_stored_lines_in_order_in_one_form() {
+    for d in DRIVERS {
+        let (up, _) = counting_origin(
+            "X-One: a\r\nX-Two:b\r\nServer: s\r\nX-Three:  c \r\nX-Four: d\r\n\
+             cache-control: max-age=60\r\nX-Five: e\r\n",
+        );
+        let toml = config(
+            &[up.addr],
+            "[[routes]]\nupstream = \"up\"\ncache = { }\n\
+             response_headers = { remove = [\"server\"] }\n",
+        );
+        let gw = TestGateway::start(&toml, d);
+        let miss = raw_head(gw.addr, "/lines");
+        assert!(miss.contains("stored"), "{miss}");
+        let hit = raw_head(gw.addr, "/lines");
+        assert!(hit.contains("; hit"), "{d:?}: {hit}");
+        let want = "HTTP/1.1 200 OK\r\nX-One: a\r\nX-Two: b\r\nX-Three: c\r\nX-Four: d\r\n\
+                    cache-control: max-age=60\r\nX-Five: e\r\ndate: ";
+        assert!(hit.starts_with(want), "{d:?}: {hit}");
+        assert!(
+            !hit.to_ascii_lowercase().contains("server:"),
+            "{d:?}: {hit}"
+        );
+        assert_eq!(up.hits(), 1);
+    }
+}

@@ -23,6 +23,7 @@ use std::cell::Cell;
 use bytes::Bytes;
 use proptest::prelude::*;
 
+use ringway::cache::fields::Fields;
 use ringway::cache::policy::{
     byte_range, delta_seconds, field_name, none_match_hits, parse_http_date, strong_match,
     unstorable_field, vary_names, vary_value, weak_match, Directives, FieldName, RangeAnswer,
@@ -126,10 +127,8 @@ fn object() -> impl Strategy<Value = Object> {
             |(status, reason, fields, body, t, url, tags, vary)| Object {
                 status,
                 reason: reason.into(),
-                fields: fields
-                    .into_iter()
-                    .map(|(n, v)| (Bytes::from(n), Bytes::from(v)))
-                    .collect(),
+                fields: Fields::from_pairs(fields.iter().map(|(n, v)| (n.as_bytes(), &v[..])))
+                    .expect("fits"),
                 body: body.into(),
                 t,
                 url: url.into(),
@@ -193,8 +192,8 @@ fn check_timing(o: &Object, now: u64) {
 fn check_decode(b: &[u8]) -> Option<Object> {
     let input = Bytes::copy_from_slice(b);
     let (o, bytes) = prop_support::allocated_by(|| decode(&input));
-    // Per byte of entry, at most a field's slot (two `Bytes`, 64 bytes per 8 bytes of
-    // lengths) or a copy of a tag or a Vary value.
+    // Per byte of entry, at most a field's span (16 bytes per 8 bytes of lengths) or a copy
+    // of a tag or a Vary value.
     let bound = 256 + 16 * b.len();
     assert!(
         bytes <= bound,
@@ -265,7 +264,10 @@ proptest! {
     ) {
         let mut o = o;
         let i = at.index(o.fields.len() + 1);
-        o.fields.insert(i, (Bytes::from(recase(name, mask)), Bytes::from_static(b"1")));
+        let bad = recase(name, mask);
+        let mut lines: Vec<(&[u8], &[u8])> = o.fields.iter().collect();
+        lines.insert(i, (bad.as_bytes(), b"1"));
+        o.fields = Fields::from_pairs(lines).expect("fits");
         prop_assert!(check_decode(&encode(&o)).is_none());
     }
 
@@ -288,7 +290,7 @@ proptest! {
         lie in prop_oneof![Just(512u32), Just(u32::MAX), 1u32..600],
     ) {
         let mut o = o;
-        o.fields.clear();
+        o.fields = Fields::default();
         o.tags.clear();
         o.vary.clear();
         let enc = encode(&o);
@@ -309,7 +311,7 @@ proptest! {
         let o = Object {
             status: 200,
             reason: Bytes::new(),
-            fields: Vec::new(),
+            fields: Fields::default(),
             body: Bytes::new(),
             t,
             url: Bytes::new(),

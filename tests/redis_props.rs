@@ -25,6 +25,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use redis_protocol::resp2::types::{BytesFrame, RangeFrame};
 
+use ringway::cache::fields::Fields;
 use ringway::config::DriverChoice;
 use ringway::redis::{decode_reply, reply_len};
 use support::*;
@@ -447,10 +448,7 @@ fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
     let entry = ringway::cache::Object {
         status: 200,
         reason: Bytes::from_static(b"OK"),
-        fields: vec![(
-            Bytes::from_static(b"content-type"),
-            Bytes::from_static(b"text/plain"),
-        )],
+        fields: Fields::from_pairs([(&b"content-type"[..], &b"text/plain"[..])]).expect("fits"),
         body: Bytes::from_static(b"from redis"),
         t: ringway::cache::Timing {
             response_time: now,
@@ -512,7 +510,7 @@ fn an_entry_from_redis_with_framing_fields_is_a_miss() {
         let entry = ringway::cache::Object {
             status: 200,
             reason: Bytes::from_static(b"OK"),
-            fields: vec![(Bytes::from(name), Bytes::from(value))],
+            fields: Fields::from_pairs([(name.as_bytes(), value.as_bytes())]).expect("fits"),
             body: Bytes::from_static(b"from redis"),
             t: ringway::cache::Timing {
                 response_time: support::now(),
@@ -571,7 +569,7 @@ fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
         let entry = ringway::cache::Object {
             status: 200,
             reason: Bytes::from_static(b"OK"),
-            fields: Vec::new(),
+            fields: Fields::default(),
             body: Bytes::from(vec![b'r'; body]),
             t: ringway::cache::Timing {
                 response_time: support::now(),

@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod fields;
 pub mod policy;
 pub mod redis;
 pub mod serve;
@@ -41,10 +42,12 @@ use bytes::{Bytes, BytesMut};
 use crate::config::Config;
 use crate::control::{Control, ControlError};
 use crate::http::request::RequestHead;
+use crate::http::HeaderSpan;
 use crate::local::Notify;
 
 use config::{QueryKey, RouteCacheConfig};
-use policy::{Directives, Field};
+use fields::{Fields, FieldsRef};
+use policy::Directives;
 
 /// Bytes counted for an entry beyond its header and body bytes (the object, its vectors).
 const ENTRY_OVERHEAD: u64 = 256;
@@ -156,7 +159,7 @@ impl RoutePolicy {
     /// The directives that govern this cache for a response: the first valid targeted field
     /// (RFC 9213 §2.2), else `Cache-Control`. `true` when a targeted field was used (then
     /// `Expires` is ignored too).
-    pub fn response_directives(&self, fields: &[Field]) -> (Directives, bool) {
+    pub fn response_directives(&self, fields: FieldsRef<'_>) -> (Directives, bool) {
         self.directives_by(|name, each| policy::fields(fields, name).for_each(each))
     }
 
@@ -353,7 +356,7 @@ pub struct Object {
     pub status: u16,
     pub reason: Bytes,
     /// End-to-end header fields as stored (no framing, no Age, no hop-by-hop fields).
-    pub fields: Vec<Field>,
+    pub fields: Fields,
     pub body: Bytes,
     pub t: Timing,
     /// The URL (host and path with query) for purges and invalidations. For a response
@@ -372,7 +375,7 @@ pub struct Object {
 
 impl Object {
     pub fn weight(&self) -> u64 {
-        let fields: usize = self.fields.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+        let fields = self.fields.weight();
         let vary: usize = self.vary.iter().map(|(n, v)| n.len() + v.len()).sum();
         let tags: usize = self.tags.iter().map(|t| t.len()).sum();
         (self.body.len() + fields + vary + tags + self.url.len() + self.reason.len()) as u64
@@ -568,7 +571,7 @@ pub struct Flight {
 pub struct FlightStream {
     pub status: u16,
     pub reason: Bytes,
-    pub fields: Vec<Field>,
+    pub fields: Fields,
     /// The body's length; `None` for a chunked response (streamed chunked, and complete
     /// only once the fetch ends `Stored`).
     pub len: Option<u64>,
@@ -583,7 +586,7 @@ impl FlightStream {
         FlightStream {
             status: 0,
             reason: Bytes::new(),
-            fields: Vec::new(),
+            fields: Fields::default(),
             len: None,
             t: Timing::default(),
             vary: Vec::new(),
@@ -724,7 +727,7 @@ pub struct WorkerCache {
     /// An evicted object's allocation, emptied, and its field vector (at most
     /// [`MAX_SPARE_FIELDS`] long), for the next stored miss (see [`WorkerCache::new_object`]).
     spare_object: RefCell<Option<Rc<Object>>>,
-    spare_fields: RefCell<Vec<Field>>,
+    spare_fields: RefCell<Vec<HeaderSpan>>,
     /// The allocation that held an evicted object's head, URL and body, emptied (at most
     /// [`MAX_SPARE_BUF`] bytes), for the next stored miss (see [`WorkerCache::object_buf`]).
     spare_buf: RefCell<BytesMut>,
@@ -936,10 +939,9 @@ impl WorkerCache {
         let Some(obj) = Rc::get_mut(&mut o) else {
             return;
         };
-        let mut fields = std::mem::take(&mut obj.fields);
+        let fields = std::mem::take(&mut obj.fields).into_spans();
         let body = std::mem::take(&mut obj.body);
         *obj = Object::default();
-        fields.clear();
         // An object stored from an upstream holds its head's copy, its URL and its body in one
         // allocation (`serve::analyze_response`): with the other slices of it dropped above,
         // the body's handle gives it back.
@@ -973,8 +975,9 @@ impl WorkerCache {
         BytesMut::with_capacity(n)
     }
 
-    /// An empty vector for a stored response's fields: an evicted object's, when one is kept.
-    pub fn field_vec(&self) -> Vec<Field> {
+    /// An empty vector for a stored response's field spans: an evicted object's, when one is
+    /// kept.
+    pub fn field_vec(&self) -> Vec<HeaderSpan> {
         std::mem::take(&mut *self.spare_fields.borrow_mut())
     }
 
@@ -985,7 +988,7 @@ impl WorkerCache {
             if let Some(slot) = Rc::get_mut(&mut rc) {
                 // A kept object is `Object::default()` (`keep_object`): no allocation in it,
                 // nothing to drop (its empty parts' destructors would run for nothing).
-                debug_assert!(slot.fields.capacity() == 0 && slot.body.is_empty());
+                debug_assert!(slot.fields.spans_capacity() == 0 && slot.body.is_empty());
                 std::mem::forget(std::mem::replace(slot, o));
                 return rc;
             }
@@ -1348,7 +1351,7 @@ pub fn stats(control: &Control, limit: Duration) -> Result<Vec<CacheStats>, Cont
 }
 
 /// Surrogate keys of a response (`Surrogate-Key`, space-separated), bounded.
-pub fn surrogate_keys(fields: &[Field]) -> Vec<Box<[u8]>> {
+pub fn surrogate_keys(fields: FieldsRef<'_>) -> Vec<Box<[u8]>> {
     policy::fields(fields, b"surrogate-key")
         .flat_map(|v| v.split(|b| *b == b' ' || *b == b'\t'))
         .filter(|t| !t.is_empty())
@@ -1586,7 +1589,7 @@ mod tests {
         FlightStream {
             status: 200,
             reason: Bytes::from_static(b"OK"),
-            fields: vec![(Bytes::from_static(b"etag"), Bytes::from_static(b"\"a\""))],
+            fields: Fields::from_pairs([(&b"etag"[..], &b"\"a\""[..])]).expect("fits"),
             len: Some(3),
             t: Timing::default(),
             vary: vec![(b"accept"[..].into(), b"text/html".to_vec())],
@@ -1623,7 +1626,7 @@ mod tests {
         Rc::new(Object {
             status: 200,
             reason: Bytes::new(),
-            fields: Vec::new(),
+            fields: Fields::default(),
             body: Bytes::from_static(body),
             t: Timing::default(),
             url: Bytes::from_static(b"h/p"),
@@ -1721,7 +1724,13 @@ mod tests {
             buf.extend_from_slice(&[b'x'; 1000]);
             Object {
                 status: 200,
-                fields: vec![(head.slice(0..4), head.slice(4..8))],
+                fields: Fields::from_block(
+                    head.slice(0..8),
+                    vec![HeaderSpan {
+                        name: crate::http::Span { start: 0, end: 4 },
+                        value: crate::http::Span { start: 4, end: 8 },
+                    }],
+                ),
                 url: head.slice(8..12),
                 body: buf.freeze(),
                 ..Object::default()

@@ -5,9 +5,9 @@
 
 use std::cell::Cell;
 
-use bytes::Bytes;
-
 use crate::http::{list_items, trim_ows};
+
+use super::fields::FieldsRef;
 
 /// Delta-seconds larger than this are read as this (RFC 9111 §1.2.2: 2^31).
 pub const MAX_DELTA: u64 = 1 << 31;
@@ -860,22 +860,25 @@ pub fn field_name(name: &[u8]) -> FieldName {
     }
 }
 
-/// A stored field line.
-pub type Field = (Bytes, Bytes);
-
 /// The first value of `name` among stored fields.
-pub fn field<'a>(fields: &'a [Field], name: &[u8]) -> Option<&'a [u8]> {
+pub fn field<'a>(fields: impl Into<FieldsRef<'a>>, name: &[u8]) -> Option<&'a [u8]> {
     fields
+        .into()
         .iter()
         .find(|(n, _)| eq_ignore_case(n, name))
-        .map(|(_, v)| &v[..])
+        .map(|(_, v)| v)
 }
 
-pub fn fields<'a>(fields: &'a [Field], name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+/// Every value of `name` among stored fields, in order.
+pub fn fields<'a>(
+    fields: impl Into<FieldsRef<'a>>,
+    name: &'a [u8],
+) -> impl Iterator<Item = &'a [u8]> + 'a {
     fields
+        .into()
         .iter()
         .filter(move |(n, _)| eq_ignore_case(n, name))
-        .map(|(_, v)| &v[..])
+        .map(|(_, v)| v)
 }
 
 /// `a.eq_ignore_ascii_case(b)`, eight bytes at a time: the cache compares field names this

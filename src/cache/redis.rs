@@ -43,7 +43,9 @@ use crate::redis::{Command, RedisLink};
 
 use crate::http::request::RequestHead;
 
+use super::fields::{span, Fields};
 use super::{policy, Object, Purge, PurgeTarget, Timing};
+use crate::http::HeaderSpan;
 
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
 const MAX_ENTRY_FIELDS: usize = 512;
@@ -627,6 +629,13 @@ impl Reader<'_> {
         let s = self.take(8)?;
         Some(u64::from_be_bytes(s.try_into().ok()?))
     }
+    /// Where the next length-prefixed item lies in the entry.
+    fn range(&mut self) -> Option<std::ops::Range<usize>> {
+        let n = self.u32()?;
+        let start = self.at;
+        self.take(n)?;
+        Some(start..start + n)
+    }
     fn bytes(&mut self) -> Option<Bytes> {
         let n = self.u32()?;
         let start = self.at;
@@ -671,21 +680,30 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     };
     let reason = r.bytes()?;
     let n = r.count(8)?;
-    let mut fields = Vec::with_capacity(n);
+    // The fields' block is the part of the entry that holds them (with their lengths between
+    // them, which its weight counts): no copy; spans are offsets from its start.
+    let start = r.at;
+    let mut spans = Vec::with_capacity(n);
     for _ in 0..n {
-        let (name, value) = (r.bytes()?, r.bytes()?);
+        let (name_at, value_at) = (r.range()?, r.range()?);
+        let (name, value) = (b.get(name_at.clone())?, b.get(value_at.clone())?);
         // Nothing that could break a head: names are tokens, values have no CR, LF or NUL,
         // and no framing or hop-by-hop field (never stored, RFC 9111 §3.1: the answer's own
         // Content-Length would meet the entry's).
         if name.is_empty()
             || !name.iter().all(|c| crate::http::is_tchar(*c))
             || value.iter().any(|c| matches!(c, b'\r' | b'\n' | 0))
-            || super::policy::unstorable_field(&name)
+            || super::policy::unstorable_field(name)
         {
             return None;
         }
-        fields.push((name, value));
+        // Offsets past `u32` (an entry over 4 GiB) are refused.
+        spans.push(HeaderSpan {
+            name: span(name_at.start.checked_sub(start)?, name.len())?,
+            value: span(value_at.start.checked_sub(start)?, value.len())?,
+        });
     }
+    let fields = Fields::from_block(b.slice(start..r.at), spans);
     if reason.iter().any(|c| matches!(c, b'\r' | b'\n' | 0)) {
         return None;
     }
@@ -761,7 +779,7 @@ mod tests {
         let o = Object {
             status: 200,
             reason: Bytes::from_static(b"OK"),
-            fields: vec![(Bytes::from_static(b"etag"), Bytes::from_static(b"\"x\""))],
+            fields: Fields::from_pairs([(&b"etag"[..], &b"\"x\""[..])]).expect("fits"),
             body: Bytes::from_static(b"hello"),
             t: Timing {
                 response_time: 1_700_000_000,
@@ -793,7 +811,7 @@ mod tests {
         assert!(decode(&Bytes::from(bad)).is_none());
         // A header value with CR LF is refused.
         let mut o2 = o;
-        o2.fields = vec![(Bytes::from_static(b"x"), Bytes::from_static(b"a\r\nb"))];
+        o2.fields = Fields::from_pairs([(&b"x"[..], &b"a\r\nb"[..])]).expect("fits");
         assert!(decode(&Bytes::from(encode(&o2))).is_none());
     }
 }

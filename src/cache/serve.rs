@@ -12,7 +12,7 @@ use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::Version;
-use crate::http::{ConnectionOptions, Span};
+use crate::http::{ConnectionOptions, HeaderSpan};
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
 use crate::proxy::conn::{
     end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
@@ -25,7 +25,8 @@ use crate::rewrite::{connection_value, encode_upstream_head, Forwarding};
 use crate::router::Route;
 use crate::upstream::{UpConn, UpstreamGroup, UPSTREAM_READ_BUF};
 
-use super::policy::{self, Directives, Field, FieldName, RangeAnswer};
+use super::fields::{Fields, FieldsRef};
+use super::policy::{self, Directives, FieldName, RangeAnswer};
 use super::{
     build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, KeyRef, Object,
     Purge, PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
@@ -767,29 +768,25 @@ fn conditional_head(
     }
 }
 
-/// The response's header fields, copied (they must not pin the upstream read buffer): slices
-/// of one copy of the head, without the lines `Connection` lists (RFC 9110 §7.6.1).
-fn copy_fields(resp: &ResponseHead) -> Vec<Field> {
-    let raw = Bytes::copy_from_slice(&resp.raw);
+/// The response's header fields, copied (they must not pin the upstream read buffer): the
+/// lines of one copy of the head, without those `Connection` lists (RFC 9110 §7.6.1).
+fn copy_fields(resp: &ResponseHead) -> Fields {
     let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    let part = |s: Span| {
-        let end = (s.end as usize).min(raw.len());
-        raw.slice((s.start as usize).min(end)..end)
-    };
-    let mut fields = Vec::with_capacity(resp.headers.len() + 1);
+    let mut spans = Vec::with_capacity(resp.headers.len() + 1);
     for h in &resp.headers {
         let n = resp.bytes(h.name);
         if !(resp.connection_options && listed.lists(n)) {
-            fields.push((part(h.name), part(h.value)));
+            spans.push(*h);
         }
     }
-    fields
+    // A line's span in the head is its span in the head's copy.
+    Fields::from_block(Bytes::copy_from_slice(&resp.raw), spans)
 }
 
 /// A response analysed for storing (RFC 9111 §3): the fields to keep and its timing, or why
 /// it is not stored.
 pub(crate) struct Storable {
-    pub fields: Vec<Field>,
+    pub fields: Fields,
     pub t: Timing,
     pub public: bool,
     pub vary: Vec<Box<[u8]>>,
@@ -804,18 +801,18 @@ pub(crate) struct Storable {
 pub(crate) fn analyze(
     p: &RoutePolicy,
     status: u16,
-    mut fields: Vec<Field>,
+    mut fields: Fields,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
-    let (d, targeted) = p.response_directives(&fields);
+    let (d, targeted) = p.response_directives(fields.view());
     screen(status, &d, req_authorized)?;
-    let seen = Seen::of(&fields);
+    let seen = Seen::of(fields.view());
     let (t, vary) = freshness(
         p,
         status,
-        &fields,
+        fields.view(),
         &seen,
         &d,
         targeted,
@@ -824,7 +821,13 @@ pub(crate) fn analyze(
     )?;
     let had_date = seen.date.is_some();
     let tagged = seen.surrogate;
-    keep_fields(p, &mut fields, &d, true, had_date, response_time);
+    fields.retain(|n, _| !dropped(p, &d, true, n));
+    if !has_date(fields.view(), &d, had_date) {
+        // A block of its own with the Date added (rare: a response without one).
+        let date = crate::date::http_date(response_time);
+        let with_date = fields.iter().chain(std::iter::once((DATE, &date[..])));
+        fields = Fields::from_pairs(with_date).ok_or("too-large")?;
+    }
     Ok(Storable {
         fields,
         t,
@@ -837,14 +840,15 @@ pub(crate) fn analyze(
 }
 
 /// [`analyze`] for an upstream's response head: a response that is never stored (its status,
-/// `no-store`, `private`, §3.5) is known from the head as it was read, before any field is
+/// `no-store`, `private`, §3.5) is known from the head as it was read, before anything is
 /// copied; the fields of one that may be are classified once each ([`policy::field_name`]) in
-/// one pass that notes what the freshness calculation reads and copies only what is stored.
-/// What the stored object keeps of the response takes one allocation: the head's copy, the
-/// URL of `req` and `body_room` bytes for the body ([`Storable::url`], [`Storable::body`]).
-/// That allocation and the field vector are the cache's ([`WorkerCache::object_buf`],
-/// [`WorkerCache::field_vec`]). It decides what [`analyze`] decides of [`copy_fields`] of
-/// the same head (a test compares the two on arbitrary heads).
+/// one pass that notes what the freshness calculation reads and keeps the parser's spans of
+/// the lines stored. What the stored object keeps of the response takes one allocation: the
+/// head's copy (the stored fields' block, [`Fields`]; with a Date after it when the response
+/// has none), the URL of `req` and `body_room` bytes for the body ([`Storable::url`],
+/// [`Storable::body`]). That allocation and the spans' vector are the cache's
+/// ([`WorkerCache::object_buf`], [`WorkerCache::field_vec`]). It decides what [`analyze`]
+/// decides of [`copy_fields`] of the same head (a test compares the two on arbitrary heads).
 #[allow(clippy::too_many_arguments)]
 fn analyze_response(
     p: &RoutePolicy,
@@ -900,51 +904,34 @@ fn analyze_response(
         (&d, false)
     };
     screen(resp.status, d, req_authorized)?;
-    let head_len = resp.raw.len();
-    let mut buf = cache.object_buf(
-        head_len
-            .saturating_add(super::url_len(req))
-            .saturating_add(body_room),
-    );
-    buf.extend_from_slice(&resp.raw);
-    super::put_url(req, &mut buf);
-    // The head and the URL, frozen; `buf` keeps the rest of the allocation for the body.
-    // `raw` keeps the head (split, not sliced twice: one reference for the two parts).
-    let mut raw = buf.split().freeze();
-    let url = raw.split_off(head_len);
-    // A line's span in the head is its span in `raw`, the head's copy (kept within `raw` all
-    // the same).
-    let part = |s: Span| {
-        let end = (s.end as usize).min(raw.len());
-        raw.slice((s.start as usize).min(end)..end)
-    };
-    // Second pass: what the freshness calculation reads (`Seen`), and the stored fields.
+    // Second pass: what the freshness calculation reads (`Seen`), and the lines stored, as
+    // the parser's spans of them in the head (they are spans of its copy too).
     // Never stored (§3.1): hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status
     // (this cache writes its own), Set-Cookie unless the route stores it.
     let store_cookies = p.set_cookie == super::config::SetCookieMode::Store;
-    let mut fields = cache.field_vec();
+    let mut spans = cache.field_vec();
     // Sized for every line at once (pushing would start small and grow).
-    fields.reserve(resp.headers.len() + 1);
+    spans.reserve(resp.headers.len() + 1);
     let mut seen = Seen::default();
     for h in &resp.headers {
         let n = resp.bytes(h.name);
         if hidden(n) {
             continue;
         }
-        let v = resp.bytes(h.value);
-        let class = policy::field_name(n);
-        let stored = match class {
+        // Read only for the fields whose first value `Seen` keeps.
+        let v = || resp.bytes(h.value);
+        let stored = match policy::field_name(n) {
             FieldName::Other | FieldName::CacheControl => true,
             FieldName::Date => {
-                first(&mut seen.date, v);
+                first(&mut seen.date, v());
                 true
             }
             FieldName::Expires => {
-                first(&mut seen.expires, v);
+                first(&mut seen.expires, v());
                 true
             }
             FieldName::LastModified => {
-                first(&mut seen.last_modified, v);
+                first(&mut seen.last_modified, v());
                 true
             }
             FieldName::ETag => {
@@ -964,7 +951,7 @@ fn analyze_response(
                 store_cookies
             }
             FieldName::Age => {
-                first(&mut seen.age, v);
+                first(&mut seen.age, v());
                 false
             }
             FieldName::CacheStatus => {
@@ -974,17 +961,13 @@ fn analyze_response(
             FieldName::Unstorable => false,
         };
         if stored {
-            let name = match usual_spelling(class, n) {
-                Some(name) => Bytes::from_static(name),
-                None => part(h.name),
-            };
-            fields.push((name, part(h.value)));
+            spans.push(*h);
         }
     }
     let (t, vary) = freshness(
         p,
         resp.status,
-        &fields,
+        FieldsRef::new(&resp.raw, &spans),
         &seen,
         d,
         targeted,
@@ -994,9 +977,46 @@ fn analyze_response(
     let had_date = seen.date.is_some();
     let tagged = seen.surrogate;
     // Only `private="..."` and `no-cache="..."` are left to drop.
-    keep_fields(p, &mut fields, d, false, had_date, response_time);
+    if !d.private_fields.is_empty() || !d.no_cache_fields.is_empty() {
+        spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
+    }
+    // A response left without a Date gets one (RFC 9110 §6.6.1), written after the head's
+    // copy, in the same block.
+    let date = (!has_date(FieldsRef::new(&resp.raw, &spans), d, had_date))
+        .then(|| crate::date::http_date(response_time));
+    let head_len = resp.raw.len();
+    let block_len = match &date {
+        Some(date) => {
+            let value_at = head_len.saturating_add(DATE.len());
+            let (Some(name), Some(value)) = (
+                super::fields::span(head_len, DATE.len()),
+                super::fields::span(value_at, date.len()),
+            ) else {
+                return Err("too-large");
+            };
+            spans.push(HeaderSpan { name, value });
+            value_at.saturating_add(date.len())
+        }
+        None => head_len,
+    };
+    let mut buf = cache.object_buf(
+        block_len
+            .saturating_add(super::url_len(req))
+            .saturating_add(body_room),
+    );
+    buf.extend_from_slice(&resp.raw);
+    if let Some(date) = &date {
+        buf.extend_from_slice(DATE);
+        buf.extend_from_slice(date);
+    }
+    super::put_url(req, &mut buf);
+    // The head (and a Date) and the URL, frozen; `buf` keeps the rest of the allocation for
+    // the body. `block` keeps the fields' bytes (split, not sliced twice: one reference for
+    // the two parts).
+    let mut block = buf.split().freeze();
+    let url = block.split_off(block_len);
     Ok(Storable {
-        fields,
+        fields: Fields::from_block(block, spans),
         t,
         public: d.public,
         vary,
@@ -1006,27 +1026,10 @@ fn analyze_response(
     })
 }
 
-const CACHE_CONTROL: &[u8] = b"cache-control";
+/// The name of the Date field this cache adds to a response stored without one.
+const DATE: &[u8] = b"date";
 
-/// `n` as a static copy when it is spelled as most origins spell it: a stored name that is
-/// one takes no reference to the head's copy (nothing to count when it is stored, nothing when
-/// it is dropped). The same bytes either way.
-fn usual_spelling(class: FieldName, n: &[u8]) -> Option<&'static [u8]> {
-    // Each compared in its arm, where its length is a constant (a few loads, no call).
-    let usual: &'static [u8] = match (class, n.len()) {
-        (FieldName::Date, _) if n == b"Date" => b"Date",
-        (FieldName::CacheControl, _) if n == b"Cache-Control" => b"Cache-Control",
-        (FieldName::ETag, _) if n == b"ETag" => b"ETag",
-        (FieldName::LastModified, _) if n == b"Last-Modified" => b"Last-Modified",
-        (FieldName::Expires, _) if n == b"Expires" => b"Expires",
-        (FieldName::Vary, _) if n == b"Vary" => b"Vary",
-        // Sent with nearly every response.
-        (FieldName::Other, 6) if n == b"Server" => b"Server",
-        (FieldName::Other, 12) if n == b"Content-Type" => b"Content-Type",
-        _ => return None,
-    };
-    Some(usual)
-}
+const CACHE_CONTROL: &[u8] = b"cache-control";
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
@@ -1060,7 +1063,7 @@ type VaryNames = Vec<Box<[u8]>>;
 fn freshness(
     p: &RoutePolicy,
     status: u16,
-    fields: &[Field],
+    fields: FieldsRef<'_>,
     seen: &Seen<'_>,
     d: &Directives,
     targeted: bool,
@@ -1130,44 +1133,30 @@ fn freshness(
     Ok((t, vary))
 }
 
-/// The fields stored of a response [`freshness`] accepted, filtered in place: without those
-/// `private="..."` and `no-cache="..."` name (§5.2.2.4, §5.2.2.7), and, when `unfiltered`,
-/// without the fields never stored (hop-by-hop and framing, Age, Cache-Status, Set-Cookie
-/// unless the route stores it), which [`analyze_response`] does not copy in the first place.
-/// `had_date`: the response had a Date; one is added when none is left (RFC 9110 §6.6.1: the
-/// time it was received).
-fn keep_fields(
-    p: &RoutePolicy,
-    fields: &mut Vec<Field>,
-    d: &Directives,
-    unfiltered: bool,
-    had_date: bool,
-    response_time: u64,
-) {
-    let listed = !d.private_fields.is_empty() || !d.no_cache_fields.is_empty();
-    if unfiltered || listed {
-        fields.retain(|(n, _)| {
-            !(unfiltered
-                && (policy::unstorable_field(n)
-                    || (p.set_cookie != super::config::SetCookieMode::Store
-                        && (n.eq_ignore_ascii_case(b"set-cookie")
-                            || n.eq_ignore_ascii_case(b"set-cookie2")))
-                    || n.eq_ignore_ascii_case(b"cache-status")))
-                && !d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-                && !d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-        });
-    }
+/// Whether a line named `n` of a response [`freshness`] accepted is left out of what is
+/// stored: named by `private="..."` or `no-cache="..."` (§5.2.2.4, §5.2.2.7), or, when
+/// `unfiltered`, one of the fields never stored (hop-by-hop and framing, Age, Cache-Status,
+/// Set-Cookie unless the route stores it), which [`analyze_response`] does not keep in the
+/// first place.
+fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool {
+    (unfiltered
+        && (policy::unstorable_field(n)
+            || (p.set_cookie != super::config::SetCookieMode::Store
+                && (n.eq_ignore_ascii_case(b"set-cookie")
+                    || n.eq_ignore_ascii_case(b"set-cookie2")))
+            || n.eq_ignore_ascii_case(b"cache-status")))
+        || d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+        || d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+}
+
+/// Whether the fields kept of a response hold a Date; `had_date`: the response had one. One
+/// is added when none is left (RFC 9110 §6.6.1: the time it was received).
+fn has_date(kept: FieldsRef<'_>, d: &Directives, had_date: bool) -> bool {
     // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
-    let has_date = if listed {
-        policy::field(fields, b"date").is_some()
+    if !d.private_fields.is_empty() || !d.no_cache_fields.is_empty() {
+        policy::field(kept, DATE).is_some()
     } else {
         had_date
-    };
-    if !has_date {
-        fields.push((
-            Bytes::from_static(b"date"),
-            Bytes::copy_from_slice(&crate::date::http_date(response_time)),
-        ));
     }
 }
 
@@ -1196,7 +1185,7 @@ struct Seen<'a> {
 impl<'a> Seen<'a> {
     /// What `fields` hold, found in one pass (by names compared here, apart from
     /// [`policy::field_name`], which [`analyze_response`] classifies by).
-    fn of(fields: &'a [Field]) -> Seen<'a> {
+    fn of(fields: FieldsRef<'a>) -> Seen<'a> {
         let mut s = Seen::default();
         for (n, v) in fields {
             let is = |name: &[u8]| policy::eq_ignore_case(n, name);
@@ -1228,7 +1217,7 @@ impl<'a> Seen<'a> {
                 _ => continue,
             };
             if slot.is_none() {
-                *slot = Some(&v[..]);
+                *slot = Some(v);
             }
         }
         s
@@ -1260,7 +1249,7 @@ fn make_object(
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Object {
     let tags = if s.tagged {
-        super::surrogate_keys(&s.fields)
+        super::surrogate_keys(s.fields.view())
     } else {
         Vec::new()
     };
@@ -1282,7 +1271,7 @@ fn make_object(
 /// entity tag must be the stored one by the strong comparison, a weak one must match it by the
 /// weak comparison (RFC 9110 §8.8.3.2); a 304 without an entity tag, or a stored response
 /// without one, leaves the selection to the validator the cache sent (it asked about `o`).
-fn selected_by_304(fields: &[Field], o: &Object) -> bool {
+fn selected_by_304(fields: &Fields, o: &Object) -> bool {
     match (policy::field(fields, b"etag"), o.etag()) {
         (Some(new), Some(old)) if new.starts_with(b"W/") => policy::weak_match(new, old),
         (Some(new), Some(old)) => policy::strong_match(new, old),
@@ -1295,27 +1284,19 @@ fn selected_by_304(fields: &[Field], o: &Object) -> bool {
 fn freshen(
     p: &RoutePolicy,
     o: &Object,
-    fresh: &[Field],
+    fresh: &Fields,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
 ) -> Option<Object> {
-    let update: Vec<&Field> = fresh
-        .iter()
-        .filter(|(n, _)| !policy::unstorable_field(n))
-        .collect();
-    let mut fields: Vec<Field> = o
+    let update = fresh.iter().filter(|(n, _)| !policy::unstorable_field(n));
+    let kept = o
         .fields
         .iter()
-        .filter(|(n, _)| !update.iter().any(|(u, _)| u.eq_ignore_ascii_case(n)))
-        .cloned()
-        .collect();
-    fields.extend(update.into_iter().cloned());
-    // The 304's Age counts for the new age; it is not stored.
-    let mut with_age = fields.clone();
-    if let Some(a) = policy::field(fresh, b"age") {
-        with_age.push((Bytes::from_static(b"age"), Bytes::copy_from_slice(a)));
-    }
+        .filter(|(n, _)| !update.clone().any(|(u, _)| u.eq_ignore_ascii_case(n)));
+    // The 304's Age counts for the new age; it is not stored (`analyze` drops it).
+    let age = policy::field(fresh, b"age").map(|a| (&b"age"[..], a));
+    let with_age = Fields::from_pairs(kept.chain(update.clone()).chain(age))?;
     let s = analyze(
         p,
         o.status,
@@ -1325,8 +1306,8 @@ fn freshen(
         response_time,
     )
     .ok()?;
-    let tags = super::surrogate_keys(&s.fields);
-    let (fields, reason, url, body) = compact(&s.fields, &o.reason, &o.url, &o.body);
+    let tags = super::surrogate_keys(s.fields.view());
+    let (fields, reason, url, body) = compact(&s.fields, &o.reason, &o.url, &o.body)?;
     Some(Object {
         status: o.status,
         reason,
@@ -1342,42 +1323,40 @@ fn freshen(
 }
 
 /// Copies of a freshened response's fields, reason, URL and body in one allocation. The
-/// fields a 304 brings are slices of its head's copy, and the rest of the stored response's
+/// fields a 304 brings are in a block of their own, and the rest of the stored response's
 /// slices of the allocation that held its own head: kept as they are, they would hold both
-/// heads whole (and, freshening after freshening, every 304's), bytes the entry's weight
-/// does not count. The copy holds what the weight counts. Rare: once per validation.
+/// (and, freshening after freshening, every 304's), bytes the entry's weight does not count.
+/// The copy holds what the weight counts. Rare: once per validation. `None` when the fields
+/// do not fit one block ([`super::fields::MAX_BLOCK_BYTES`]).
 fn compact(
-    fields: &[Field],
+    fields: &Fields,
     reason: &Bytes,
     url: &Bytes,
     body: &Bytes,
-) -> (Vec<Field>, Bytes, Bytes, Bytes) {
-    let heads: usize = fields.iter().map(|(n, v)| n.len() + v.len()).sum();
-    let mut buf = BytesMut::with_capacity(heads + reason.len() + url.len() + body.len());
-    for (n, v) in fields {
-        buf.extend_from_slice(n);
-        buf.extend_from_slice(v);
-    }
+) -> Option<(Fields, Bytes, Bytes, Bytes)> {
+    let heads = super::fields::pairs_len(fields.iter())?;
+    let mut buf = BytesMut::with_capacity(
+        heads
+            .checked_add(reason.len())?
+            .checked_add(url.len())?
+            .checked_add(body.len())?,
+    );
+    let spans = super::fields::put_pairs(&mut buf, fields.iter())?;
     buf.extend_from_slice(reason);
     buf.extend_from_slice(url);
     buf.extend_from_slice(body);
-    let all = buf.freeze();
-    let mut at = 0;
+    let mut all = buf.freeze();
     let mut next = |len: usize| {
-        let part = all.slice(at..at + len);
-        at += len;
-        part
+        let rest = all.split_off(len);
+        std::mem::replace(&mut all, rest)
     };
-    let fields = fields
-        .iter()
-        .map(|(n, v)| (next(n.len()), next(v.len())))
-        .collect();
-    (
-        fields,
+    let block = next(heads);
+    Some((
+        Fields::from_block(block, spans),
         next(reason.len()),
         next(url.len()),
         next(body.len()),
-    )
+    ))
 }
 
 /// RFC 9111 §4.3.5: a 200 to HEAD whose validators and length agree with the stored GET
@@ -1386,7 +1365,7 @@ fn head_update(
     p: &RoutePolicy,
     cache: &WorkerCache,
     f: &Found,
-    fields: &[Field],
+    fields: &Fields,
     authorized: bool,
     request_time: u64,
     now: u64,
@@ -1434,7 +1413,7 @@ fn freshen_selected(
     cache: &WorkerCache,
     key: &[u8],
     o: &Rc<Object>,
-    fields: &[Field],
+    fields: &Fields,
     authorized: bool,
     request_time: u64,
     now: u64,
@@ -1452,7 +1431,7 @@ fn freshen_selected(
         key: key.to_vec(),
         vary: o.vary.clone(),
         tag: tag.to_vec(),
-        fields: fields.to_vec(),
+        fields: fields.clone(),
         authorized,
         request_time,
         now,
@@ -1483,7 +1462,7 @@ struct Selected {
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
     tag: Vec<u8>,
     /// The 304's fields, and what [`freshen`] takes with them.
-    fields: Vec<Field>,
+    fields: Fields,
     authorized: bool,
     request_time: u64,
     now: u64,
@@ -1979,9 +1958,10 @@ async fn answer<'c, S: ClientIo>(
     put_status_line(wbuf, code, reason);
     let rules = &route.response_headers;
     let mut has_date = false;
-    for (n, v) in &o.fields {
+    // The stored lines, as received where they were stored from a head (copied in runs).
+    o.fields.put_lines(wbuf, |n| {
         if rules.drops(n) {
-            continue;
+            return false;
         }
         let keep_field = match code {
             // §15.4.5: the fields a 200 would have carried for caches.
@@ -1999,12 +1979,9 @@ async fn answer<'c, S: ClientIo>(
             412 | 416 => n.eq_ignore_ascii_case(b"date"),
             _ => true,
         };
-        if !keep_field {
-            continue;
-        }
-        has_date |= n.eq_ignore_ascii_case(b"date");
-        put_header(wbuf, n, v);
-    }
+        has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
+        keep_field
+    });
     if !has_date {
         put_header(wbuf, b"date", &date);
     }
@@ -2123,11 +2100,7 @@ async fn stream_from<'c, S: ClientIo>(
     put_status_line(wbuf, st.status, reason);
     ctx.rec.status = st.status;
     let rules = &route.response_headers;
-    for (n, v) in &st.fields {
-        if !rules.drops(n) {
-            put_header(wbuf, n, v);
-        }
-    }
+    st.fields.put_lines(wbuf, |n| !rules.drops(n));
     wbuf.put_slice(b"age: ");
     put_u64(wbuf, st.t.age(now_secs()).min(policy::MAX_DELTA));
     wbuf.put_slice(b"\r\n");
@@ -2766,7 +2739,7 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, analyze_response, copy_fields, put_hex, Field, Status};
+    use super::{analyze, analyze_response, copy_fields, put_hex, Fields, Status};
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
     use crate::config::Config;
@@ -2863,18 +2836,11 @@ mod tests {
         }
     }
 
-    fn fields(list: &[(&'static str, &'static str)]) -> Vec<Field> {
-        list.iter()
-            .map(|(n, v)| {
-                (
-                    Bytes::from_static(n.as_bytes()),
-                    Bytes::from_static(v.as_bytes()),
-                )
-            })
-            .collect()
+    fn fields(list: &[(&'static str, &'static str)]) -> Fields {
+        Fields::from_pairs(list.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()))).expect("fits")
     }
 
-    fn dates(f: &[Field]) -> Vec<&[u8]> {
+    fn dates(f: &Fields) -> Vec<&[u8]> {
         crate::cache::policy::fields(f, b"date").collect()
     }
 
@@ -2902,7 +2868,7 @@ mod tests {
             t,
         )
         .unwrap();
-        let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| &n[..]).collect();
+        let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| n).collect();
         assert_eq!(names, [&b"Date"[..], b"Cache-Control", b"Content-Type"]);
         assert_eq!(dates(&s.fields), [origin.as_bytes()]);
         assert_eq!(s.t.lifetime, 60);
@@ -3021,7 +2987,7 @@ mod tests {
     /// reason not to store.
     fn same_as_analyze(p: &RoutePolicy, r: &ResponseHead, authorized: bool, body_room: usize) {
         let (t0, t) = (1_700_000_000, 1_700_000_003);
-        let list = |f: &[Field]| -> Vec<(Vec<u8>, Vec<u8>)> {
+        let list = |f: &Fields| -> Vec<(Vec<u8>, Vec<u8>)> {
             f.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
         };
         let want = analyze(p, r.status, copy_fields(r), authorized, t0, t);
@@ -3132,7 +3098,7 @@ mod tests {
         let r = response(200, &cases[0]).expect("valid head");
         let s =
             analyze_response(&p, &r, &request(), &worker_cache(), 0, false, 0, 0).expect("stored");
-        let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| &n[..]).collect();
+        let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,
             [&b"Server"[..], b"Date", b"Content-Type", b"Cache-Control"]
