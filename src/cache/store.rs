@@ -51,6 +51,10 @@ const COMPACT_FLOOR: usize = 64;
 const MIN_ITEMS: usize = 16;
 /// Most slots: slot numbers are `u32`.
 const MAX_SLOTS: usize = u32::MAX as usize;
+/// [`Slot::bucket`] when the index's bucket is not known.
+const NO_BUCKET: u32 = u32::MAX;
+/// Largest budget (so that the budget plus an entry's weight never overflows).
+const MAX_BUDGET: u64 = u64::MAX / 2;
 
 /// A key in the store: its bytes and their hash ([`KeyRef::hash`]). The bytes are a vector so
 /// that an evicted key's allocation can hold the next stored one; its capacity is what the
@@ -68,6 +72,10 @@ struct Slot<V> {
     live: Option<(StoreKey, V)>,
     /// What the entry counts against the budget (never 0).
     weight: u64,
+    /// Where the index put the slot's number when it went in ([`NO_BUCKET`]: unknown): a
+    /// hint that spares a probe when the entry leaves, checked before use (the index moves
+    /// its entries when it grows or tidies itself).
+    bucket: u32,
     /// Uses since it entered its queue or was last passed over (at most [`MAX_FREQ`]).
     freq: Cell<u8>,
     /// In main (else in small).
@@ -103,6 +111,7 @@ impl<V> Store<V> {
     /// at most `budget` bytes in all.
     pub(crate) fn new(items: usize, budget: u64) -> Store<V> {
         let items = items.max(MIN_ITEMS);
+        let budget = budget.min(MAX_BUDGET);
         let ghost_len = items.checked_next_power_of_two().unwrap_or(1 << 30);
         // In hundredths, exact for any budget (a u64 split so that nothing overflows).
         let max_entry =
@@ -167,22 +176,17 @@ impl<V> Store<V> {
             hash: key.hash,
             bytes: &key.bytes,
         });
-        if weight > self.max_entry {
-            return self.refuse(found, key, value);
-        }
-        if let Some(i) = found {
-            return self.reinsert(i, key, value, weight, true);
+        if found.is_some() || weight > self.max_entry {
+            return self.insert_again_or_refuse(found, key, value, weight);
         }
         let mut first = None;
         self.evict_to(weight, &mut first);
         let hash = key.hash;
         let main = self.ghost_take(hash);
-        let Some(i) = self.slot_for(key, value, weight, main) else {
-            // Past `MAX_SLOTS` (entries of a byte each in a budget of over 4 GiB).
-            return first;
-        };
-        let slots = &self.slots;
-        self.index.insert_unique(hash, i, |j| hash_of(slots, j));
+        if let Some(i) = self.slot_for(key, value, weight, main) {
+            self.index_slot(hash, i);
+        }
+        // (`None`: past `MAX_SLOTS`, entries of a byte each in a budget of over 4 GiB.)
         first
     }
 
@@ -218,6 +222,7 @@ impl<V> Store<V> {
     }
 
     /// The slot number of `key`'s live entry.
+    #[inline]
     fn find(&self, key: KeyRef<'_>) -> Option<u32> {
         let slots = &self.slots;
         self.index
@@ -230,10 +235,21 @@ impl<V> Store<V> {
             .copied()
     }
 
-    /// An entry too heavy to store: the key's former one goes; the first of the two is
-    /// returned.
-    #[cold]
-    fn refuse(&mut self, found: Option<u32>, key: StoreKey, value: V) -> Option<(StoreKey, V)> {
+    /// [`Store::insert`] of a key stored already (`found`), or of an entry too heavy to store
+    /// (the key's former entry goes too; the first of the two is returned).
+    #[inline(never)]
+    fn insert_again_or_refuse(
+        &mut self,
+        found: Option<u32>,
+        key: StoreKey,
+        value: V,
+        weight: u64,
+    ) -> Option<(StoreKey, V)> {
+        if weight <= self.max_entry {
+            if let Some(i) = found {
+                return self.reinsert(i, key, value, weight, true);
+            }
+        }
         match found.and_then(|i| self.remove_at(i)) {
             Some(former) => Some(former),
             None => Some((key, value)),
@@ -260,27 +276,33 @@ impl<V> Store<V> {
         if let Some(j) = self.slot_for(key, value, weight, main) {
             let freq = if used { (freq + 1).min(MAX_FREQ) } else { freq };
             self.slots[j as usize].freq.set(freq);
-            let slots = &self.slots;
-            self.index.insert_unique(hash, j, |j| hash_of(slots, j));
+            self.index_slot(hash, j);
         }
         former
     }
 
     /// A slot holding a new entry, at the back of main or small; `None` past [`MAX_SLOTS`].
+    #[inline(always)]
     fn slot_for(&mut self, key: StoreKey, value: V, weight: u64, main: bool) -> Option<u32> {
-        let slot = Slot {
-            live: Some((key, value)),
-            weight,
-            freq: Cell::new(0),
-            main,
-        };
         let i = match self.free.pop() {
             Some(i) => {
-                self.slots[i as usize] = slot;
+                // Written in place (a free slot holds nothing to drop).
+                let slot = &mut self.slots[i as usize];
+                slot.live = Some((key, value));
+                slot.weight = weight;
+                slot.bucket = NO_BUCKET;
+                slot.freq.set(0);
+                slot.main = main;
                 i
             }
             None if self.slots.len() < MAX_SLOTS => {
-                self.slots.push(slot);
+                self.slots.push(Slot {
+                    live: Some((key, value)),
+                    weight,
+                    bucket: NO_BUCKET,
+                    freq: Cell::new(0),
+                    main,
+                });
                 (self.slots.len() - 1) as u32
             }
             None => return None,
@@ -298,8 +320,11 @@ impl<V> Store<V> {
 
     /// Evicts until `room` more bytes fit in the budget; the first entry evicted goes to
     /// `first` when that is empty, the others are dropped.
+    #[inline(always)]
     fn evict_to(&mut self, room: u64, first: &mut Option<(StoreKey, V)>) {
-        while self.weight().saturating_add(room) > self.budget {
+        // No overflow: the weight is at most the budget, the budget and `room` at most
+        // `MAX_BUDGET`.
+        while self.weight() + room > self.budget {
             match self.evict_one() {
                 Some(e) if first.is_none() => *first = Some(e),
                 Some(e) => drop(e),
@@ -310,6 +335,7 @@ impl<V> Store<V> {
 
     /// Evicts one entry (S3-FIFO): from small while it holds more than its share (or main
     /// holds nothing), else from main. `None` when the store is empty.
+    #[inline(always)]
     fn evict_one(&mut self) -> Option<(StoreKey, V)> {
         loop {
             let from_small = !self.small.is_empty()
@@ -351,6 +377,7 @@ impl<V> Store<V> {
     }
 
     /// Empties live slot `i`, out of its queue already, onto the free list.
+    #[inline(always)]
     fn take(&mut self, i: u32) -> Option<(StoreKey, V)> {
         let slot = self.slots.get_mut(i as usize)?;
         let (key, value) = slot.live.take()?;
@@ -360,9 +387,8 @@ impl<V> Store<V> {
             self.small_weight -= slot.weight;
         }
         self.len -= 1;
-        if let Ok(e) = self.index.find_entry(key.hash, |&j| j == i) {
-            e.remove();
-        }
+        let bucket = slot.bucket;
+        self.unindex(key.hash, i, bucket);
         self.free.push(i);
         Some((key, value))
     }
@@ -379,13 +405,59 @@ impl<V> Store<V> {
         }
         self.len -= 1;
         self.dead += 1;
-        if let Ok(e) = self.index.find_entry(key.hash, |&j| j == i) {
-            e.remove();
-        }
+        let bucket = slot.bucket;
+        self.unindex(key.hash, i, bucket);
         if self.dead > COMPACT_FLOOR && self.dead > self.len {
             self.sweep();
         }
         Some((key, value))
+    }
+
+    /// Puts slot `i` (live, its key hashed `hash`) in the index, noting its bucket.
+    #[inline(always)]
+    fn index_slot(&mut self, hash: u64, i: u32) {
+        let buckets = self.index.num_buckets();
+        let slots = &self.slots;
+        let at = self
+            .index
+            .insert_unique(hash, i, |j| hash_of(slots, j))
+            .bucket_index();
+        if self.index.num_buckets() != buckets {
+            // The index grew: every entry moved.
+            self.note_buckets();
+        } else if let Some(slot) = self.slots.get_mut(i as usize) {
+            slot.bucket = u32::try_from(at).unwrap_or(NO_BUCKET);
+        }
+    }
+
+    /// Notes every live slot's bucket anew (after the index grew, which moves them all; as
+    /// costly as the growth itself, and as rare).
+    #[cold]
+    fn note_buckets(&mut self) {
+        for at in self.index.iter_buckets() {
+            let Some(&i) = self.index.get_bucket(at) else {
+                continue;
+            };
+            if let Some(slot) = self.slots.get_mut(i as usize) {
+                slot.bucket = u32::try_from(at).unwrap_or(NO_BUCKET);
+            }
+        }
+    }
+
+    /// Takes slot `i` (its key hashed `hash`) out of the index: at `bucket` when it is still
+    /// there, else found by its hash.
+    #[inline(always)]
+    fn unindex(&mut self, hash: u64, i: u32, bucket: u32) {
+        let at = bucket as usize;
+        if self.index.get_bucket(at) == Some(&i) {
+            if let Ok(e) = self.index.get_bucket_entry(at) {
+                e.remove();
+                return;
+            }
+        }
+        if let Ok(e) = self.index.find_entry(hash, |&j| j == i) {
+            e.remove();
+        }
     }
 
     /// Drops the numbers of removed entries from the queues, freeing their slots.
@@ -404,12 +476,14 @@ impl<V> Store<V> {
         self.dead = 0;
     }
 
+    #[inline]
     fn ghost_put(&mut self, hash: u64) {
         let at = hash as usize & self.ghost_mask;
         self.ghost[at] = ghost_tag(hash);
     }
 
     /// Whether `hash` left small unused lately (forgotten once asked).
+    #[inline]
     fn ghost_take(&mut self, hash: u64) -> bool {
         let at = hash as usize & self.ghost_mask;
         let seen = self.ghost[at] == ghost_tag(hash);
@@ -530,7 +604,44 @@ mod tests {
             );
         }
         prop_assert_eq!(n, s.len());
+        prop_assert_eq!(
+            s.index.len(),
+            s.len(),
+            "the index holds exactly the live entries"
+        );
         prop_assert_eq!(weight, s.weight());
+        // Every live slot is in exactly one queue; a removed one at most once.
+        let mut queued = vec![0u32; s.slots.len()];
+        for &i in s.small.iter().chain(s.main.iter()) {
+            queued[i as usize] += 1;
+        }
+        for (i, slot) in s.slots.iter().enumerate() {
+            let want = u32::from(slot.live.is_some());
+            prop_assert!(
+                queued[i] == want || (want == 0 && queued[i] <= 1),
+                "slot {} queued {} times",
+                i,
+                queued[i]
+            );
+        }
+        prop_assert!(
+            s.free.iter().all(|&i| queued[i as usize] == 0),
+            "a free slot in a queue"
+        );
+        // Each queue's weight is that of its live entries.
+        let of = |q: &VecDeque<u32>, main: bool| -> Result<u64, TestCaseError> {
+            let mut w = 0;
+            for &i in q {
+                let slot = &s.slots[i as usize];
+                if slot.live.is_some() {
+                    prop_assert_eq!(slot.main, main);
+                    w += slot.weight;
+                }
+            }
+            Ok(w)
+        };
+        prop_assert_eq!(of(&s.small, false)?, s.small_weight);
+        prop_assert_eq!(of(&s.main, true)?, s.main_weight);
         // The test keeps no value: what is alive is what the store holds, each once.
         let alive: Vec<Rc<Val>> = made.iter().filter_map(Weak::upgrade).collect();
         prop_assert_eq!(alive.len(), s.len(), "a value leaked or was dropped early");
