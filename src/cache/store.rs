@@ -871,6 +871,64 @@ mod tests {
         assert!(s.peek(r).is_none());
     }
 
+    /// Once full, storing with eviction allocates nothing: the slab, the free list, the
+    /// queues and the index keep their allocations (storing a new key per insert, as a stored
+    /// miss does).
+    #[test]
+    fn a_full_store_stores_without_growing() {
+        let mut s: Store<u64> = Store::new(16, 10_000);
+        let k = |n: u64| StoreKey {
+            hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            bytes: n.to_le_bytes().to_vec(),
+        };
+        let sizes = |s: &Store<u64>| {
+            (
+                s.slots.capacity(),
+                s.free.capacity(),
+                s.small.capacity(),
+                s.main.capacity(),
+                s.index.num_buckets(),
+            )
+        };
+        // Weights of 2 to 20 bytes (key included): several evictions for some inserts, none
+        // for others; every tenth key is used once, so main fills too.
+        let weight = |n: u64| n % 13;
+        for n in 0..50_000u64 {
+            s.insert(k(n), n, weight(n));
+            if n % 10 == 0 {
+                let key = n.to_le_bytes();
+                s.get(KeyRef {
+                    hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    bytes: &key,
+                });
+            }
+        }
+        let before = sizes(&s);
+        assert!(
+            s.main_weight > 0 && s.small_weight > 0,
+            "both queues in use"
+        );
+        for n in 50_000..150_000u64 {
+            let out = s.insert(k(n), n, weight(n));
+            if let Some((key, v)) = out {
+                assert_eq!(
+                    key.bytes,
+                    v.to_le_bytes(),
+                    "an entry comes back with its key"
+                );
+            }
+            if n % 10 == 0 {
+                let key = n.to_le_bytes();
+                s.get(KeyRef {
+                    hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    bytes: &key,
+                });
+            }
+            assert!(s.weight() <= 10_000);
+        }
+        assert_eq!(sizes(&s), before, "nothing grew");
+    }
+
     #[test]
     fn removals_do_not_grow_the_queues_or_the_slab() {
         let mut s: Store<u32> = Store::new(16, 1 << 20);
