@@ -18,9 +18,9 @@
 //! - [`policy`]: directives, dates, freshness inputs, Vary, conditionals, ranges.
 //! - [`serve`]: the phase itself.
 //!
-//! Each worker owns one store ([`WorkerCache`]): a `quick_cache` unsync cache weighted by the
-//! bytes an entry holds, so that the worker's budget bounds memory whatever the keys and the
-//! bodies. Nothing is shared between workers; purges and invalidations reach the other
+//! Each worker owns one store ([`WorkerCache`], [`store`]): a map weighted by the bytes an
+//! entry holds, so that the worker's budget bounds memory whatever the keys and the bodies,
+//! with S3-FIFO eviction (a scan of one-time URLs does not push out what is used). Nothing is shared between workers; purges and invalidations reach the other
 //! workers through [`crate::control::Control`].
 
 pub mod admin;
@@ -29,6 +29,7 @@ pub mod fields;
 pub mod policy;
 pub mod redis;
 pub mod serve;
+mod store;
 
 use std::cell::{Cell, RefCell};
 use std::collections::hash_map::Entry as HashEntry;
@@ -48,6 +49,7 @@ use crate::local::Notify;
 use config::{QueryKey, RouteCacheConfig};
 use fields::{Fields, FieldsRef};
 use policy::Directives;
+use store::StoreKey;
 
 /// Bytes counted for an entry beyond its header and body bytes (the object, its vectors).
 const ENTRY_OVERHEAD: u64 = 256;
@@ -415,11 +417,11 @@ impl Object {
     }
 }
 
-/// The stored variants of one key, newest first.
+/// The stored variants of one key, newest first (the store keeps their weight, what
+/// [`Variants::weight`] says when they go in).
 #[derive(Clone)]
 pub struct Entry {
     pub variants: Variants,
-    weight: u64,
 }
 
 /// The variants of one key, newest first, never empty: most keys have one, which takes no
@@ -466,68 +468,9 @@ impl std::hash::Hash for KeyRef<'_> {
     }
 }
 
-impl quick_cache::Equivalent<StoreKey> for KeyRef<'_> {
-    fn equivalent(&self, key: &StoreKey) -> bool {
-        self.hash == key.hash && self.bytes == &key.bytes[..]
-    }
-}
-
-/// A key in the store: its bytes and their hash, which the store's map takes as it is
-/// ([`PreHashed`]). The bytes are a vector so that an evicted key's allocation can hold the
-/// next stored one (see [`WorkerCache::store_key`]); its capacity is what the entry's weight
-/// counts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct StoreKey {
-    hash: u64,
-    bytes: Vec<u8>,
-}
-
-impl std::hash::Hash for StoreKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-#[derive(Clone)]
-struct ByWeight;
-
-impl quick_cache::Weighter<StoreKey, Entry> for ByWeight {
-    fn weight(&self, key: &StoreKey, val: &Entry) -> u64 {
-        // Never 0: a 0-weight item would never be evicted.
-        val.weight
-            .saturating_add(key.bytes.capacity() as u64)
-            .max(1)
-    }
-}
-
-type Map = quick_cache::unsync::Cache<StoreKey, Entry, ByWeight, PreHashedBuild, Evicted>;
-
-/// Hands the first entry an insert evicts, with its key, back to [`WorkerCache::insert`] (the
-/// others are dropped as quick_cache drops them): the key's former variants, or else
-/// allocations the next stored miss reuses (the object's and the key's).
-#[derive(Clone, Default)]
-struct Evicted;
-
-#[derive(Default)]
-struct EvictedState {
-    /// The first entry an insert evicts: the key's own former entry when it had one (that
-    /// goes first, before any eviction for room).
-    first: Option<(StoreKey, Entry)>,
-}
-
-impl quick_cache::Lifecycle<StoreKey, Entry> for Evicted {
-    type RequestState = EvictedState;
-
-    fn begin_request(&self) -> EvictedState {
-        EvictedState::default()
-    }
-
-    fn on_evict(&self, state: &mut EvictedState, key: StoreKey, val: Entry) {
-        if state.first.is_none() {
-            state.first = Some((key, val));
-        }
-    }
-}
+/// The store of one worker: each key's variants, weighed by [`Entry::weight`] (the store adds
+/// the key's capacity).
+type Map = store::Store<Entry>;
 
 /// How a coalesced fetch ended, for those who waited on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -744,16 +687,11 @@ pub struct WorkerCache {
 impl WorkerCache {
     pub fn new(cfg: &Config, worker: usize) -> Rc<WorkerCache> {
         let budget = cfg.cache.max_bytes_per_worker.0;
-        // An estimate only (quick_cache sizes its tables from it); entries of 8 KiB on average.
+        // An estimate only (the store sizes its tables from it, and grows them past it);
+        // entries of 8 KiB on average.
         let items = (budget / 8192).clamp(16, 1 << 20) as usize;
         Rc::new(WorkerCache {
-            map: RefCell::new(Map::with(
-                items,
-                budget,
-                ByWeight,
-                PreHashedBuild::default(),
-                Evicted,
-            )),
+            map: RefCell::new(Map::new(items, budget)),
             flights: RefCell::new(HashMap::default()),
             key_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
@@ -830,7 +768,7 @@ impl WorkerCache {
     pub fn get(&self, key: &[u8]) -> Option<Vec<Rc<Object>>> {
         self.map
             .borrow()
-            .get(&self.key(key))
+            .get(self.key(key))
             .map(|e| e.variants.as_slice().to_vec())
     }
 
@@ -838,7 +776,7 @@ impl WorkerCache {
     /// any variant at all.
     pub fn lookup(&self, key: KeyRef<'_>, head: &RequestHead) -> (Option<Rc<Object>>, bool) {
         let m = self.map.borrow();
-        let Some(e) = m.get(&key) else {
+        let Some(e) = m.get(key) else {
             return (None, false);
         };
         (
@@ -865,17 +803,17 @@ impl WorkerCache {
         // Stored alone at first (one look at the map, not a look for the key's other
         // variants and then another to store): a key stored before hands its former entry
         // back, and its other variants are then put back with the new one.
+        let weight = obj.weight();
         let entry = Entry {
-            weight: obj.weight(),
             variants: Variants::One(obj.clone()),
         };
         let stored = StoreKey {
             hash: key.hash,
             bytes: self.store_key(key.bytes),
         };
-        let evicted = self.map.borrow_mut().insert_with_lifecycle(stored, entry);
+        let evicted = self.map.borrow_mut().insert(stored, entry, weight);
         self.count(|s| s.stores += 1);
-        let Some((k, e)) = evicted.first else {
+        let Some((k, e)) = evicted else {
             return;
         };
         if k.hash == key.hash && k.bytes == key.bytes {
@@ -914,8 +852,8 @@ impl WorkerCache {
         // Soft: the store just counted the key's use. Stored anew if the new entry went
         // already (an insert drops an entry grown past what may be stored).
         let mut m = self.map.borrow_mut();
-        if let Err((k, e)) = m.replace_with_lifecycle(stored, Entry { variants, weight }, true) {
-            m.insert(k, e);
+        if let Err((k, e)) = m.replace(stored, Entry { variants }, weight, true) {
+            m.insert(k, e, weight);
         }
     }
 
@@ -1046,7 +984,7 @@ impl WorkerCache {
             return;
         };
         let key = self.key(key);
-        let older = self.map.borrow().peek(&key).is_some_and(|e| {
+        let older = self.map.borrow().peek(key).is_some_and(|e| {
             e.variants
                 .as_slice()
                 .iter()
@@ -1061,7 +999,7 @@ impl WorkerCache {
     pub fn remove_variant(&self, key: &[u8], obj: &Rc<Object>) {
         let key = self.key(key);
         let mut m = self.map.borrow_mut();
-        let Some(e) = m.peek(&key) else { return };
+        let Some(e) = m.peek(key) else { return };
         let variants: Vec<Rc<Object>> = e
             .variants
             .as_slice()
@@ -1071,7 +1009,7 @@ impl WorkerCache {
             .collect();
         match Variants::from_vec(variants) {
             None => {
-                m.remove(&key);
+                m.remove(key);
             }
             Some(variants) => {
                 let weight = variants.weight();
@@ -1079,7 +1017,7 @@ impl WorkerCache {
                     hash: key.hash,
                     bytes: key.bytes.to_vec(),
                 };
-                m.insert(stored, Entry { variants, weight });
+                m.insert(stored, Entry { variants }, weight);
             }
         }
     }
@@ -1209,7 +1147,7 @@ impl WorkerCache {
                     hash: k.hash,
                     bytes: &k.bytes,
                 };
-                let Some(e) = m.peek(&key) else { continue };
+                let Some(e) = m.peek(key) else { continue };
                 let variants: Vec<Rc<Object>> = e
                     .variants
                     .as_slice()
@@ -1219,11 +1157,11 @@ impl WorkerCache {
                     .collect();
                 match Variants::from_vec(variants) {
                     None => {
-                        m.remove(&key);
+                        m.remove(key);
                     }
                     Some(variants) => {
                         let weight = variants.weight();
-                        m.insert(k, Entry { variants, weight });
+                        m.insert(k, Entry { variants }, weight);
                     }
                 }
             }

@@ -1,0 +1,954 @@
+//! One worker's store of responses: a map from keys to values weighed in bytes, bounded by a
+//! byte budget, with S3-FIFO eviction (Yang et al., "FIFO queues are all you need for cache
+//! eviction", SOSP 2023). Single-threaded: each worker owns one, nothing is shared.
+//!
+//! ```text
+//!   insert (new key) ─┬─ hash in the ghost table ──────────────► main ◄──┐ (accessed: kept,
+//!                     └─ otherwise ─► small ─┬─ accessed ─────────► main ─┘  one use spent)
+//!                                            └─ not accessed: out,         └─ not accessed: out
+//!                                               its hash to the ghost table
+//! ```
+//!
+//! - **Small** holds new entries, about a tenth of the budget ([`SMALL_SHARE`]); an entry that
+//!   is not used again before it reaches the front leaves the store. A scan of one-time keys
+//!   goes through small and never displaces what main holds.
+//! - **Main** holds entries used at least once in small, or stored again soon after they went
+//!   (their hash still in the ghost table). At the front, an entry with uses left is put back
+//!   with one use less (a CLOCK over a FIFO); one with none leaves.
+//! - **Ghost table**: the hashes of entries that left small unused, in a direct-mapped table of
+//!   32-bit tags (one slot per expected entry, [`Store::new`]): a newer hash overwrites an older
+//!   one in the same slot, so the table is bounded by construction and remembers about as many
+//!   recent hashes as the store holds entries (the paper's ghost queue holds as many as main).
+//!   It only decides where a new entry starts; a wrong answer costs a placement, never a
+//!   wrong value.
+//!
+//! Keys come hashed ([`KeyRef`]: hashed once per request by `WorkerCache::key`, keyed per
+//! worker); the index (`hashbrown::HashTable` of slot numbers) compares hash and bytes, so
+//! keys with equal hashes stay apart. Entries live in a slab of slots with a free list, the
+//! queues are ring buffers of slot numbers: once these have grown to the most entries the
+//! store holds at once, an insert allocates nothing.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+
+use hashbrown::HashTable;
+
+use super::KeyRef;
+
+/// Most uses an entry's counter records (S3-FIFO's two-bit counter): an entry in main at the
+/// front of its queue goes round at most this many times without a use.
+const MAX_FREQ: u8 = 3;
+/// Small gets one part in `SMALL_SHARE` of the budget (the paper's 10%).
+const SMALL_SHARE: u64 = 10;
+/// The heaviest entry stored, in hundredths of the budget (as the `quick_cache` store this
+/// replaces: an entry that would leave almost nothing else is not stored).
+const MAX_ENTRY_PERCENT: u64 = 97;
+/// Removed entries whose slot numbers wait in the queues, past which (and past the number of
+/// live entries) the queues are swept: removals never make the queues or the slab grow
+/// without bound.
+const COMPACT_FLOOR: usize = 64;
+/// Least expected entries the tables are sized for.
+const MIN_ITEMS: usize = 16;
+/// Most slots: slot numbers are `u32`.
+const MAX_SLOTS: usize = u32::MAX as usize;
+/// [`Slot::bucket`] when the index's bucket is not known.
+const NO_BUCKET: u32 = u32::MAX;
+/// Largest budget (so that the budget plus an entry's weight never overflows).
+const MAX_BUDGET: u64 = u64::MAX / 2;
+
+/// A key in the store: its bytes and their hash ([`KeyRef::hash`]). The bytes are a vector so
+/// that an evicted key's allocation can hold the next stored one; its capacity is what the
+/// entry's weight counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StoreKey {
+    pub(crate) hash: u64,
+    pub(crate) bytes: Vec<u8>,
+}
+
+/// One slot of the slab.
+struct Slot<V> {
+    /// `None`: free (its number is on the free list), or removed while its number still
+    /// waits in a queue (freed when the queue reaches it or is swept).
+    live: Option<(StoreKey, V)>,
+    /// What the entry counts against the budget (never 0).
+    weight: u64,
+    /// Where the index put the slot's number when it went in ([`NO_BUCKET`]: unknown): a
+    /// hint that spares a probe when the entry leaves, checked before use (the index moves
+    /// its entries when it grows or tidies itself).
+    bucket: u32,
+    /// Uses since it entered its queue or was last passed over (at most [`MAX_FREQ`]).
+    freq: Cell<u8>,
+    /// In main (else in small).
+    main: bool,
+}
+
+/// The store: see the module's documentation.
+pub(crate) struct Store<V> {
+    /// Slot numbers of the live entries, by their keys' hashes.
+    index: HashTable<u32>,
+    slots: Vec<Slot<V>>,
+    /// Numbers of free slots.
+    free: Vec<u32>,
+    /// Slot numbers in small and in main, oldest first. Every live entry is in exactly one;
+    /// a removed one stays until it reaches the front or a sweep.
+    small: VecDeque<u32>,
+    main: VecDeque<u32>,
+    /// Tags of hashes that left small unused (0: none), indexed by the hash's low bits.
+    ghost: Box<[u32]>,
+    ghost_mask: usize,
+    budget: u64,
+    max_entry: u64,
+    small_target: u64,
+    small_weight: u64,
+    main_weight: u64,
+    len: usize,
+    /// Removed entries whose numbers are still in a queue.
+    dead: usize,
+}
+
+impl<V> Store<V> {
+    /// A store for about `items` entries (the tables' first size, and the ghost table's) of
+    /// at most `budget` bytes in all.
+    pub(crate) fn new(items: usize, budget: u64) -> Store<V> {
+        let items = items.max(MIN_ITEMS);
+        let budget = budget.min(MAX_BUDGET);
+        let ghost_len = items.checked_next_power_of_two().unwrap_or(1 << 30);
+        // In hundredths, exact for any budget (a u64 split so that nothing overflows).
+        let max_entry =
+            (budget / 100) * MAX_ENTRY_PERCENT + (budget % 100) * MAX_ENTRY_PERCENT / 100;
+        Store {
+            index: HashTable::with_capacity(items),
+            slots: Vec::with_capacity(items),
+            free: Vec::with_capacity(MIN_ITEMS),
+            small: VecDeque::with_capacity(items),
+            main: VecDeque::with_capacity(items),
+            ghost: vec![0; ghost_len].into_boxed_slice(),
+            ghost_mask: ghost_len - 1,
+            budget,
+            max_entry: max_entry.clamp(budget.min(1), budget),
+            small_target: (budget / SMALL_SHARE).max(1),
+            small_weight: 0,
+            main_weight: 0,
+            len: 0,
+            dead: 0,
+        }
+    }
+
+    /// Live entries.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// What the live entries weigh in all (at most the budget).
+    pub(crate) fn weight(&self) -> u64 {
+        self.small_weight + self.main_weight
+    }
+
+    /// The value stored under `key`, counted as a use.
+    pub(crate) fn get(&self, key: KeyRef<'_>) -> Option<&V> {
+        let slot = self.slots.get(self.find(key)? as usize)?;
+        slot.freq.set((slot.freq.get() + 1).min(MAX_FREQ));
+        slot.live.as_ref().map(|(_, v)| v)
+    }
+
+    /// The value stored under `key`, not counted as a use.
+    pub(crate) fn peek(&self, key: KeyRef<'_>) -> Option<&V> {
+        let slot = self.slots.get(self.find(key)? as usize)?;
+        slot.live.as_ref().map(|(_, v)| v)
+    }
+
+    /// Every live entry, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&StoreKey, &V)> + '_ {
+        self.slots
+            .iter()
+            .filter_map(|s| s.live.as_ref().map(|(k, v)| (k, v)))
+    }
+
+    /// Stores `value` under `key`, weighing `weight` bytes plus the key's capacity (at least
+    /// 1 in all); a use of the key when it was stored already. Entries leave to make room
+    /// (before a new key goes in: the new entry has the priority). Returns the first entry
+    /// this displaced: the key's former one when it had one, else the first evicted for
+    /// room, else the new entry itself when it is too heavy to store (then the key's former
+    /// entry goes too); every other displaced entry is dropped here.
+    pub(crate) fn insert(&mut self, key: StoreKey, value: V, weight: u64) -> Option<(StoreKey, V)> {
+        let weight = weigh(&key, weight);
+        let found = self.find(KeyRef {
+            hash: key.hash,
+            bytes: &key.bytes,
+        });
+        if found.is_some() || weight > self.max_entry {
+            return self.insert_again_or_refuse(found, key, value, weight);
+        }
+        let mut first = None;
+        self.evict_to(weight, &mut first);
+        let hash = key.hash;
+        let main = self.ghost_take(hash);
+        if let Some(i) = self.slot_for(key, value, weight, main) {
+            self.index_slot(hash, i);
+        }
+        // (`None`: past `MAX_SLOTS`, entries of a byte each in a budget of over 4 GiB.)
+        first
+    }
+
+    /// Replaces the value under `key` when one is stored: a use of the key unless `soft`.
+    /// `Err` with `key` and `value` when none is stored, or when the new entry is too heavy
+    /// to store (the key's former entry is then removed). What this displaces is dropped.
+    pub(crate) fn replace(
+        &mut self,
+        key: StoreKey,
+        value: V,
+        weight: u64,
+        soft: bool,
+    ) -> Result<(), (StoreKey, V)> {
+        let weight = weigh(&key, weight);
+        let Some(i) = self.find(KeyRef {
+            hash: key.hash,
+            bytes: &key.bytes,
+        }) else {
+            return Err((key, value));
+        };
+        if weight > self.max_entry {
+            drop(self.remove_at(i));
+            return Err((key, value));
+        }
+        drop(self.reinsert(i, key, value, weight, !soft));
+        Ok(())
+    }
+
+    /// Removes the entry under `key`, returning it.
+    pub(crate) fn remove(&mut self, key: KeyRef<'_>) -> Option<(StoreKey, V)> {
+        let i = self.find(key)?;
+        self.remove_at(i)
+    }
+
+    /// The slot number of `key`'s live entry.
+    #[inline]
+    fn find(&self, key: KeyRef<'_>) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(key.hash, |&i| {
+                slots
+                    .get(i as usize)
+                    .and_then(|s| s.live.as_ref())
+                    .is_some_and(|(k, _)| k.hash == key.hash && k.bytes == key.bytes)
+            })
+            .copied()
+    }
+
+    /// [`Store::insert`] of a key stored already (`found`), or of an entry too heavy to store
+    /// (the key's former entry goes too; the first of the two is returned).
+    #[inline(never)]
+    fn insert_again_or_refuse(
+        &mut self,
+        found: Option<u32>,
+        key: StoreKey,
+        value: V,
+        weight: u64,
+    ) -> Option<(StoreKey, V)> {
+        if weight <= self.max_entry {
+            if let Some(i) = found {
+                return self.reinsert(i, key, value, weight, true);
+            }
+        }
+        match found.and_then(|i| self.remove_at(i)) {
+            Some(former) => Some(former),
+            None => Some((key, value)),
+        }
+    }
+
+    /// Stores a new value for live slot `i`'s key with the priority a new key has (room is
+    /// made before it goes in, so that it is not the one evicted): out of its slot, then in a
+    /// new one at the back of the same queue, its uses kept (one more when `used`). Returns
+    /// the former entry; what is evicted for room is dropped.
+    fn reinsert(
+        &mut self,
+        i: u32,
+        key: StoreKey,
+        value: V,
+        weight: u64,
+        used: bool,
+    ) -> Option<(StoreKey, V)> {
+        let slot = self.slots.get(i as usize)?;
+        let (main, freq) = (slot.main, slot.freq.get());
+        let former = self.remove_at(i);
+        self.evict_to(weight, &mut None);
+        let hash = key.hash;
+        if let Some(j) = self.slot_for(key, value, weight, main) {
+            let freq = if used { (freq + 1).min(MAX_FREQ) } else { freq };
+            self.slots[j as usize].freq.set(freq);
+            self.index_slot(hash, j);
+        }
+        former
+    }
+
+    /// A slot holding a new entry, at the back of main or small; `None` past [`MAX_SLOTS`].
+    #[inline(always)]
+    fn slot_for(&mut self, key: StoreKey, value: V, weight: u64, main: bool) -> Option<u32> {
+        let i = match self.free.pop() {
+            Some(i) => {
+                // Written in place (a free slot holds nothing to drop).
+                let slot = &mut self.slots[i as usize];
+                slot.live = Some((key, value));
+                slot.weight = weight;
+                slot.bucket = NO_BUCKET;
+                slot.freq.set(0);
+                slot.main = main;
+                i
+            }
+            None if self.slots.len() < MAX_SLOTS => {
+                self.slots.push(Slot {
+                    live: Some((key, value)),
+                    weight,
+                    bucket: NO_BUCKET,
+                    freq: Cell::new(0),
+                    main,
+                });
+                (self.slots.len() - 1) as u32
+            }
+            None => return None,
+        };
+        if main {
+            self.main.push_back(i);
+            self.main_weight += weight;
+        } else {
+            self.small.push_back(i);
+            self.small_weight += weight;
+        }
+        self.len += 1;
+        Some(i)
+    }
+
+    /// Evicts until `room` more bytes fit in the budget; the first entry evicted goes to
+    /// `first` when that is empty, the others are dropped.
+    #[inline(always)]
+    fn evict_to(&mut self, room: u64, first: &mut Option<(StoreKey, V)>) {
+        // No overflow: the weight is at most the budget, the budget and `room` at most
+        // `MAX_BUDGET`.
+        while self.weight() + room > self.budget {
+            match self.evict_one() {
+                Some(e) if first.is_none() => *first = Some(e),
+                Some(e) => drop(e),
+                None => return,
+            }
+        }
+    }
+
+    /// Evicts one entry (S3-FIFO): from small while it holds more than its share (or main
+    /// holds nothing), else from main. `None` when the store is empty.
+    #[inline(always)]
+    fn evict_one(&mut self) -> Option<(StoreKey, V)> {
+        loop {
+            let from_small = !self.small.is_empty()
+                && (self.small_weight > self.small_target || self.main_weight == 0);
+            let i = if from_small {
+                self.small.pop_front()
+            } else {
+                self.main.pop_front()
+            }?;
+            let Some(slot) = self.slots.get_mut(i as usize) else {
+                continue;
+            };
+            let Some((key, _)) = &slot.live else {
+                // Removed before it reached the front: its slot is free now.
+                self.dead -= 1;
+                self.free.push(i);
+                continue;
+            };
+            let freq = slot.freq.get();
+            if from_small {
+                if freq > 0 {
+                    // Used in small: to main, its uses spent on the move.
+                    slot.freq.set(0);
+                    slot.main = true;
+                    self.small_weight -= slot.weight;
+                    self.main_weight += slot.weight;
+                    self.main.push_back(i);
+                    continue;
+                }
+                let hash = key.hash;
+                self.ghost_put(hash);
+            } else if freq > 0 {
+                slot.freq.set(freq - 1);
+                self.main.push_back(i);
+                continue;
+            }
+            return self.take(i);
+        }
+    }
+
+    /// Empties live slot `i`, out of its queue already, onto the free list.
+    #[inline(always)]
+    fn take(&mut self, i: u32) -> Option<(StoreKey, V)> {
+        let slot = self.slots.get_mut(i as usize)?;
+        let (key, value) = slot.live.take()?;
+        if slot.main {
+            self.main_weight -= slot.weight;
+        } else {
+            self.small_weight -= slot.weight;
+        }
+        self.len -= 1;
+        let bucket = slot.bucket;
+        self.unindex(key.hash, i, bucket);
+        self.free.push(i);
+        Some((key, value))
+    }
+
+    /// Removes live slot `i`, still in its queue: its number stays there until the queue
+    /// reaches it or a sweep frees it.
+    fn remove_at(&mut self, i: u32) -> Option<(StoreKey, V)> {
+        let slot = self.slots.get_mut(i as usize)?;
+        let (key, value) = slot.live.take()?;
+        if slot.main {
+            self.main_weight -= slot.weight;
+        } else {
+            self.small_weight -= slot.weight;
+        }
+        self.len -= 1;
+        self.dead += 1;
+        let bucket = slot.bucket;
+        self.unindex(key.hash, i, bucket);
+        if self.dead > COMPACT_FLOOR && self.dead > self.len {
+            self.sweep();
+        }
+        Some((key, value))
+    }
+
+    /// Puts slot `i` (live, its key hashed `hash`) in the index, noting its bucket.
+    #[inline(always)]
+    fn index_slot(&mut self, hash: u64, i: u32) {
+        let buckets = self.index.num_buckets();
+        let slots = &self.slots;
+        let at = self
+            .index
+            .insert_unique(hash, i, |j| hash_of(slots, j))
+            .bucket_index();
+        if self.index.num_buckets() != buckets {
+            // The index grew: every entry moved.
+            self.note_buckets();
+        } else if let Some(slot) = self.slots.get_mut(i as usize) {
+            slot.bucket = u32::try_from(at).unwrap_or(NO_BUCKET);
+        }
+    }
+
+    /// Notes every live slot's bucket anew (after the index grew, which moves them all; as
+    /// costly as the growth itself, and as rare).
+    #[cold]
+    fn note_buckets(&mut self) {
+        for at in self.index.iter_buckets() {
+            let Some(&i) = self.index.get_bucket(at) else {
+                continue;
+            };
+            if let Some(slot) = self.slots.get_mut(i as usize) {
+                slot.bucket = u32::try_from(at).unwrap_or(NO_BUCKET);
+            }
+        }
+    }
+
+    /// Takes slot `i` (its key hashed `hash`) out of the index: at `bucket` when it is still
+    /// there, else found by its hash.
+    #[inline(always)]
+    fn unindex(&mut self, hash: u64, i: u32, bucket: u32) {
+        let at = bucket as usize;
+        if self.index.get_bucket(at) == Some(&i) {
+            if let Ok(e) = self.index.get_bucket_entry(at) {
+                e.remove();
+                return;
+            }
+        }
+        if let Ok(e) = self.index.find_entry(hash, |&j| j == i) {
+            e.remove();
+        }
+    }
+
+    /// Drops the numbers of removed entries from the queues, freeing their slots.
+    #[cold]
+    fn sweep(&mut self) {
+        let (slots, free) = (&self.slots, &mut self.free);
+        let mut keep = |i: &u32| {
+            let live = slots.get(*i as usize).is_some_and(|s| s.live.is_some());
+            if !live {
+                free.push(*i);
+            }
+            live
+        };
+        self.small.retain(&mut keep);
+        self.main.retain(&mut keep);
+        self.dead = 0;
+    }
+
+    #[inline]
+    fn ghost_put(&mut self, hash: u64) {
+        let at = hash as usize & self.ghost_mask;
+        self.ghost[at] = ghost_tag(hash);
+    }
+
+    /// Whether `hash` left small unused lately (forgotten once asked).
+    #[inline]
+    fn ghost_take(&mut self, hash: u64) -> bool {
+        let at = hash as usize & self.ghost_mask;
+        let seen = self.ghost[at] == ghost_tag(hash);
+        if seen {
+            self.ghost[at] = 0;
+        }
+        seen
+    }
+}
+
+/// An entry's weight: `weight` plus its key's capacity, never 0 (a 0-weight entry would never
+/// make room).
+fn weigh(key: &StoreKey, weight: u64) -> u64 {
+    weight.saturating_add(key.bytes.capacity() as u64).max(1)
+}
+
+/// The ghost table's tag of `hash`: its high half (the low bits choose the slot), never 0.
+fn ghost_tag(hash: u64) -> u32 {
+    (hash >> 32) as u32 | 1
+}
+
+/// The hash of slot `i`'s key, for the index to move it when it grows (only live slots are in
+/// the index).
+fn hash_of<V>(slots: &[Slot<V>], i: &u32) -> u64 {
+    slots
+        .get(*i as usize)
+        .and_then(|s| s.live.as_ref())
+        .map_or(0, |(k, _)| k.hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::rc::{Rc, Weak};
+
+    /// A stored value: which key it went in under and its version, the weight it was given.
+    #[derive(Debug)]
+    struct Val {
+        key: Vec<u8>,
+        version: u64,
+        weight: u64,
+    }
+
+    /// Keys: short byte strings; with `collide`, many share one hash.
+    fn key_bytes(n: u8) -> Vec<u8> {
+        format!("k{n}").into_bytes()
+    }
+
+    fn hash_of_key(bytes: &[u8], collide: bool) -> u64 {
+        if collide {
+            // Three hashes for every key: equal hashes, different bytes.
+            return bytes.iter().map(|b| u64::from(*b)).sum::<u64>() % 3;
+        }
+        bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        })
+    }
+
+    fn store_key(bytes: &[u8], collide: bool, room: usize) -> StoreKey {
+        let mut v = Vec::with_capacity(bytes.len() + room);
+        v.extend_from_slice(bytes);
+        StoreKey {
+            hash: hash_of_key(bytes, collide),
+            bytes: v,
+        }
+    }
+
+    fn key_ref(bytes: &[u8], collide: bool) -> KeyRef<'_> {
+        KeyRef {
+            hash: hash_of_key(bytes, collide),
+            bytes,
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert { key: u8, weight: u64, room: usize },
+        Replace { key: u8, weight: u64, soft: bool },
+        Get(u8),
+        Peek(u8),
+        Remove(u8),
+    }
+
+    fn op(keys: u8, max_weight: u64) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..keys, 0..max_weight, 0usize..4)
+                .prop_map(|(key, weight, room)| Op::Insert { key, weight, room }),
+            1 => (0..keys, 0..max_weight, any::<bool>())
+                .prop_map(|(key, weight, soft)| Op::Replace { key, weight, soft }),
+            3 => (0..keys).prop_map(Op::Get),
+            1 => (0..keys).prop_map(Op::Peek),
+            1 => (0..keys).prop_map(Op::Remove),
+        ]
+    }
+
+    /// What the store holds, checked against the model: `newest[key]` is the version last put
+    /// under `key` (`None` once removed).
+    fn check(
+        s: &Store<Rc<Val>>,
+        budget: u64,
+        newest: &HashMap<Vec<u8>, Option<u64>>,
+        made: &[Weak<Val>],
+    ) -> Result<(), TestCaseError> {
+        prop_assert!(s.weight() <= budget, "{} > {budget}", s.weight());
+        let mut n = 0;
+        let mut weight = 0;
+        for (k, v) in s.iter() {
+            n += 1;
+            weight += (v.weight + k.bytes.capacity() as u64).max(1);
+            prop_assert_eq!(&k.bytes, &v.key, "a value under another key");
+            prop_assert_eq!(
+                newest.get(&k.bytes).copied().flatten(),
+                Some(v.version),
+                "not the newest value of {:?}",
+                k.bytes
+            );
+        }
+        prop_assert_eq!(n, s.len());
+        prop_assert_eq!(
+            s.index.len(),
+            s.len(),
+            "the index holds exactly the live entries"
+        );
+        prop_assert_eq!(weight, s.weight());
+        // Every live slot is in exactly one queue; a removed one at most once.
+        let mut queued = vec![0u32; s.slots.len()];
+        for &i in s.small.iter().chain(s.main.iter()) {
+            queued[i as usize] += 1;
+        }
+        for (i, slot) in s.slots.iter().enumerate() {
+            let want = u32::from(slot.live.is_some());
+            prop_assert!(
+                queued[i] == want || (want == 0 && queued[i] <= 1),
+                "slot {} queued {} times",
+                i,
+                queued[i]
+            );
+        }
+        prop_assert!(
+            s.free.iter().all(|&i| queued[i as usize] == 0),
+            "a free slot in a queue"
+        );
+        // Each queue's weight is that of its live entries.
+        let of = |q: &VecDeque<u32>, main: bool| -> Result<u64, TestCaseError> {
+            let mut w = 0;
+            for &i in q {
+                let slot = &s.slots[i as usize];
+                if slot.live.is_some() {
+                    prop_assert_eq!(slot.main, main);
+                    w += slot.weight;
+                }
+            }
+            Ok(w)
+        };
+        prop_assert_eq!(of(&s.small, false)?, s.small_weight);
+        prop_assert_eq!(of(&s.main, true)?, s.main_weight);
+        // The test keeps no value: what is alive is what the store holds, each once.
+        let alive: Vec<Rc<Val>> = made.iter().filter_map(Weak::upgrade).collect();
+        prop_assert_eq!(alive.len(), s.len(), "a value leaked or was dropped early");
+        for v in &alive {
+            // The store's reference and this one.
+            prop_assert_eq!(Rc::strong_count(v), 2);
+        }
+        Ok(())
+    }
+
+    fn run(ops: Vec<Op>, budget: u64, collide: bool) -> Result<(), TestCaseError> {
+        let mut s: Store<Rc<Val>> = Store::new(4, budget);
+        let mut newest: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
+        let mut made: Vec<Weak<Val>> = Vec::new();
+        let mut version = 0u64;
+        let mut value = |key: &[u8], weight: u64, made: &mut Vec<Weak<Val>>| {
+            version += 1;
+            let v = Rc::new(Val {
+                key: key.to_vec(),
+                version,
+                weight,
+            });
+            made.push(Rc::downgrade(&v));
+            v
+        };
+        for op in ops {
+            match op {
+                Op::Insert { key, weight, room } => {
+                    let bytes = key_bytes(key);
+                    let v = value(&bytes, weight, &mut made);
+                    let former = newest.get(&bytes).copied().flatten();
+                    let was_there = s.peek(key_ref(&bytes, collide)).is_some();
+                    let new_version = v.version;
+                    newest.insert(bytes.clone(), Some(new_version));
+                    let out = s.insert(store_key(&bytes, collide, room), v, weight);
+                    if let Some((k, v)) = out {
+                        prop_assert_eq!(&k.bytes, &v.key);
+                        if was_there {
+                            // The key's own former entry comes back first.
+                            prop_assert_eq!(&k.bytes, &bytes);
+                            prop_assert_eq!(Some(v.version), former);
+                        }
+                    }
+                    let stored = s.peek(key_ref(&bytes, collide)).map(|v| v.version);
+                    let w = (weight + (bytes.len() + room) as u64).max(1);
+                    if w * 100 <= budget * MAX_ENTRY_PERCENT {
+                        // Light enough: stored, with priority over what was there.
+                        prop_assert_eq!(stored, Some(new_version));
+                    } else {
+                        prop_assert_eq!(stored, None, "too heavy, yet stored");
+                    }
+                }
+                Op::Replace { key, weight, soft } => {
+                    let bytes = key_bytes(key);
+                    let v = value(&bytes, weight, &mut made);
+                    let new_version = v.version;
+                    let was_there = s.peek(key_ref(&bytes, collide)).is_some();
+                    match s.replace(store_key(&bytes, collide, 0), v, weight, soft) {
+                        Ok(()) => {
+                            prop_assert!(was_there);
+                            newest.insert(bytes.clone(), Some(new_version));
+                        }
+                        Err((k, v)) => {
+                            prop_assert_eq!(v.version, new_version);
+                            prop_assert_eq!(&k.bytes, &bytes);
+                            if s.peek(key_ref(&bytes, collide)).is_none() {
+                                newest.insert(bytes.clone(), None);
+                            }
+                        }
+                    }
+                }
+                Op::Get(key) => {
+                    let bytes = key_bytes(key);
+                    if let Some(v) = s.get(key_ref(&bytes, collide)) {
+                        prop_assert_eq!(&v.key, &bytes);
+                        prop_assert_eq!(Some(v.version), newest[&bytes]);
+                    }
+                }
+                Op::Peek(key) => {
+                    let bytes = key_bytes(key);
+                    if let Some(v) = s.peek(key_ref(&bytes, collide)) {
+                        prop_assert_eq!(&v.key, &bytes);
+                        prop_assert_eq!(Some(v.version), newest[&bytes]);
+                    }
+                }
+                Op::Remove(key) => {
+                    let bytes = key_bytes(key);
+                    let out = s.remove(key_ref(&bytes, collide));
+                    if let Some((k, v)) = &out {
+                        prop_assert_eq!(&k.bytes, &bytes);
+                        prop_assert_eq!(Some(v.version), newest[&bytes]);
+                    }
+                    newest.insert(bytes.clone(), None);
+                    prop_assert!(s.peek(key_ref(&bytes, collide)).is_none());
+                }
+            }
+            check(&s, budget, &newest, &made)?;
+        }
+        drop(s);
+        prop_assert!(
+            made.iter().all(|w| w.upgrade().is_none()),
+            "a value outlived the store"
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn the_store_holds_the_newest_values_within_its_budget(
+            ops in prop::collection::vec(op(24, 40), 1..300),
+            budget in 1u64..200,
+            collide in any::<bool>(),
+        ) {
+            run(ops, budget, collide)?;
+        }
+
+        #[test]
+        fn many_removals_keep_the_store_consistent(
+            ops in prop::collection::vec(
+                prop_oneof![
+                    1 => (0u8..200, 0u64..8).prop_map(|(key, weight)| Op::Insert { key, weight, room: 0 }),
+                    1 => (0u8..200).prop_map(Op::Remove),
+                    1 => (0u8..200).prop_map(Op::Get),
+                ],
+                1..600,
+            ),
+            collide in any::<bool>(),
+        ) {
+            run(ops, 4096, collide)?;
+        }
+    }
+
+    #[test]
+    fn a_hot_set_survives_a_scan_of_one_time_keys() {
+        // Keys of 8 bytes, weight 8 each: 100 fit.
+        let mut s: Store<u32> = Store::new(100, 800);
+        let key = |n: u32| format!("{n:08}").into_bytes();
+        let k = |n: u32| StoreKey {
+            hash: hash_of_key(&key(n), false),
+            bytes: key(n),
+        };
+        for n in 0..10 {
+            s.insert(k(n), n, 0);
+        }
+        for _ in 0..2 {
+            for n in 0..10 {
+                assert_eq!(s.get(key_ref(&key(n), false)), Some(&n));
+            }
+        }
+        // A scan far longer than the store, each key once.
+        for n in 1000..21_000 {
+            s.insert(k(n), n, 0);
+            assert!(s.weight() <= 800);
+        }
+        for n in 0..10 {
+            assert_eq!(
+                s.peek(key_ref(&key(n), false)),
+                Some(&n),
+                "hot key {n} lost"
+            );
+        }
+        // The store is full of the scan otherwise.
+        assert_eq!(s.len(), 100);
+        // A FIFO (all in small) would have lost them: the first scanned keys are gone.
+        assert!(s.peek(key_ref(&key(1000), false)).is_none());
+    }
+
+    #[test]
+    fn a_key_stored_again_soon_after_it_left_unused_goes_to_main() {
+        let mut s: Store<u32> = Store::new(16, 100);
+        let k = |n: u8| StoreKey {
+            hash: u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            bytes: vec![n],
+        };
+        let r = |n: u8| (u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15), [n]);
+        // Weight 10 each (9 + a key of 1 byte): ten fit.
+        for n in 0..10 {
+            assert!(s.insert(k(n), u32::from(n), 9).is_none());
+        }
+        // The eleventh evicts the oldest, unused: handed back.
+        let (gone, v) = s.insert(k(10), 10, 9).expect("one evicted");
+        assert_eq!((gone.bytes, v), (vec![0], 0));
+        let (h, b) = r(0);
+        assert!(s.peek(KeyRef { hash: h, bytes: &b }).is_none());
+        // Stored again: into main, straight from the ghost table.
+        s.insert(k(0), 0, 9);
+        let i = s.find(KeyRef { hash: h, bytes: &b }).expect("stored");
+        assert!(s.slots[i as usize].main);
+        // A key never seen starts in small.
+        s.insert(k(20), 20, 9);
+        let (h, b) = r(20);
+        let i = s.find(KeyRef { hash: h, bytes: &b }).expect("stored");
+        assert!(!s.slots[i as usize].main);
+    }
+
+    #[test]
+    fn an_entry_too_heavy_is_not_stored_and_takes_its_key_former_entry() {
+        let mut s: Store<u32> = Store::new(16, 1000);
+        let k = || StoreKey {
+            hash: 1,
+            bytes: b"k".to_vec(),
+        };
+        let r = KeyRef {
+            hash: 1,
+            bytes: b"k",
+        };
+        // 969 + 1: 97% of the budget, stored.
+        assert!(s.insert(k(), 1, 969).is_none());
+        assert_eq!(s.peek(r), Some(&1));
+        // 970 + 1: over, refused; the key's former entry comes back and is gone.
+        let (_, v) = s.insert(k(), 2, 970).expect("displaced");
+        assert_eq!(v, 1);
+        assert_eq!((s.len(), s.weight()), (0, 0));
+        // With no former entry, the refused one itself comes back.
+        let (_, v) = s.insert(k(), 3, 5000).expect("refused");
+        assert_eq!(v, 3);
+        assert_eq!(s.len(), 0);
+        // A replace too heavy: refused, and the former entry removed.
+        s.insert(k(), 4, 10);
+        assert!(s.replace(k(), 5, 5000, true).is_err());
+        assert!(s.peek(r).is_none());
+    }
+
+    /// Once full, storing with eviction allocates nothing: the slab, the free list, the
+    /// queues and the index keep their allocations (storing a new key per insert, as a stored
+    /// miss does).
+    #[test]
+    fn a_full_store_stores_without_growing() {
+        let mut s: Store<u64> = Store::new(16, 10_000);
+        let k = |n: u64| StoreKey {
+            hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            bytes: n.to_le_bytes().to_vec(),
+        };
+        let sizes = |s: &Store<u64>| {
+            (
+                s.slots.capacity(),
+                s.free.capacity(),
+                s.small.capacity(),
+                s.main.capacity(),
+                s.index.num_buckets(),
+            )
+        };
+        // Weights of 2 to 20 bytes (key included): several evictions for some inserts, none
+        // for others; every tenth key is used once, so main fills too.
+        let weight = |n: u64| n % 13;
+        for n in 0..50_000u64 {
+            s.insert(k(n), n, weight(n));
+            if n % 10 == 0 {
+                let key = n.to_le_bytes();
+                s.get(KeyRef {
+                    hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    bytes: &key,
+                });
+            }
+        }
+        let before = sizes(&s);
+        assert!(
+            s.main_weight > 0 && s.small_weight > 0,
+            "both queues in use"
+        );
+        for n in 50_000..150_000u64 {
+            let out = s.insert(k(n), n, weight(n));
+            if let Some((key, v)) = out {
+                assert_eq!(
+                    key.bytes,
+                    v.to_le_bytes(),
+                    "an entry comes back with its key"
+                );
+            }
+            if n % 10 == 0 {
+                let key = n.to_le_bytes();
+                s.get(KeyRef {
+                    hash: n.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                    bytes: &key,
+                });
+            }
+            assert!(s.weight() <= 10_000);
+        }
+        assert_eq!(sizes(&s), before, "nothing grew");
+    }
+
+    #[test]
+    fn removals_do_not_grow_the_queues_or_the_slab() {
+        let mut s: Store<u32> = Store::new(16, 1 << 20);
+        let k = |n: u32| StoreKey {
+            hash: u64::from(n),
+            bytes: n.to_le_bytes().to_vec(),
+        };
+        // Far from full: nothing is evicted, every entry leaves by removal.
+        for n in 0..100_000u32 {
+            s.insert(k(n), n, 10);
+            let key = n.to_le_bytes();
+            assert!(s
+                .remove(KeyRef {
+                    hash: u64::from(n),
+                    bytes: &key,
+                })
+                .is_some());
+        }
+        assert_eq!(s.len(), 0);
+        assert!(s.slots.len() <= 2 * COMPACT_FLOOR + 2, "{}", s.slots.len());
+        assert!(s.small.len() + s.main.len() <= 2 * COMPACT_FLOOR + 2);
+    }
+}
