@@ -371,8 +371,6 @@ pub struct Object {
     pub vary: Vec<(Box<[u8]>, Vec<u8>)>,
     /// Soft-purged: stale from now on (still usable where stale use is allowed).
     pub invalid: Cell<bool>,
-    /// Fields not to send without validation (`no-cache="..."`).
-    pub hidden: Vec<Box<[u8]>>,
 }
 
 impl Object {
@@ -872,14 +870,17 @@ impl WorkerCache {
     }
 
     /// Keeps an evicted object's allocations for [`WorkerCache::new_object`] when nothing else
-    /// holds it (its contents are dropped now, as eviction dropped them).
+    /// holds it. What holds the allocations the next stored miss reuses (its fields' block and
+    /// spans, its URL, its body) is taken out now; the rest (the reason phrase, tags, Vary
+    /// values, all empty or static for most) is dropped when the next object is built over it,
+    /// not reset to defaults first.
     fn keep_object(&self, mut o: Rc<Object>) {
         let Some(obj) = Rc::get_mut(&mut o) else {
             return;
         };
         let fields = std::mem::take(&mut obj.fields).into_spans();
+        drop(std::mem::take(&mut obj.url));
         let body = std::mem::take(&mut obj.body);
-        *obj = Object::default();
         // An object stored from an upstream holds its head's copy, its URL and its body in one
         // allocation (`serve::analyze_response`): with the other slices of it dropped above,
         // the body's handle gives it back.
@@ -919,18 +920,22 @@ impl WorkerCache {
         std::mem::take(&mut *self.spare_fields.borrow_mut())
     }
 
-    /// `o` in an evicted object's allocation when one is kept (no allocation and no free per
-    /// stored miss once the store is full), else in a new one.
-    pub fn new_object(&self, o: Object) -> Rc<Object> {
-        if let Some(mut rc) = self.spare_object.borrow_mut().take() {
+    /// An object that `fill` builds (it sets every part of the object given) in an evicted
+    /// object's allocation when one is kept (no allocation and no free per stored miss once
+    /// the store is full), else in a new one. Built where it is kept: an `Object` is some 250
+    /// bytes, and one built elsewhere and moved here is copied at least once more.
+    #[inline]
+    pub fn new_object(&self, fill: impl FnOnce(&mut Object)) -> Rc<Object> {
+        let kept = self.spare_object.borrow_mut().take();
+        if let Some(mut rc) = kept {
+            // Always unique (`keep_object` keeps only objects nothing else holds).
             if let Some(slot) = Rc::get_mut(&mut rc) {
-                // A kept object is `Object::default()` (`keep_object`): no allocation in it,
-                // nothing to drop (its empty parts' destructors would run for nothing).
-                debug_assert!(slot.fields.spans_capacity() == 0 && slot.body.is_empty());
-                std::mem::forget(std::mem::replace(slot, o));
+                fill(slot);
                 return rc;
             }
         }
+        let mut o = Object::default();
+        fill(&mut o);
         Rc::new(o)
     }
 
@@ -1571,7 +1576,6 @@ mod tests {
             tags: Vec::new(),
             vary: Vec::new(),
             invalid: Cell::new(false),
-            hidden: Vec::new(),
         })
     }
 
@@ -1703,9 +1707,11 @@ mod tests {
         let buf = c.object_buf(1000);
         assert!(buf.is_empty() && buf.capacity() == 1100, "reused");
         assert_eq!(c.spare_buf.borrow().capacity(), 0, "given once");
-        let o = c.new_object(Object {
-            status: 203,
-            ..Object::default()
+        let o = c.new_object(|o| {
+            *o = Object {
+                status: 203,
+                ..Object::default()
+            }
         });
         assert_eq!(Rc::as_ptr(&o), kept, "the allocation reused");
         assert_eq!(o.status, 203);

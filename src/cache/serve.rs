@@ -1239,7 +1239,19 @@ fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u
         .collect()
 }
 
-/// `vary`: the request's values of the fields named by `s.vary` ([`vary_values`]).
+/// The surrogate keys of an analysed response (read only when it has a `Surrogate-Key`).
+#[inline]
+fn tags_of(s: &Storable) -> Vec<Box<[u8]>> {
+    if s.tagged {
+        super::surrogate_keys(s.fields.view())
+    } else {
+        Vec::new()
+    }
+}
+
+/// `vary`: the request's values of the fields named by `s.vary` ([`vary_values`]). (A fetched
+/// response is built in place instead: see [`store`]; both give the same object, which a test
+/// checks.)
 fn make_object(
     s: Storable,
     status: u16,
@@ -1248,11 +1260,7 @@ fn make_object(
     url: Bytes,
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Object {
-    let tags = if s.tagged {
-        super::surrogate_keys(s.fields.view())
-    } else {
-        Vec::new()
-    };
+    let tags = tags_of(&s);
     Object {
         status,
         reason,
@@ -1263,7 +1271,6 @@ fn make_object(
         tags,
         vary,
         invalid: std::cell::Cell::new(false),
-        hidden: Vec::new(),
     }
 }
 
@@ -1318,7 +1325,6 @@ fn freshen(
         url,
         vary: o.vary.clone(),
         invalid: std::cell::Cell::new(false),
-        hidden: Vec::new(),
     })
 }
 
@@ -1684,10 +1690,8 @@ async fn fetch<'c, S: ClientIo>(
                             let mut body = std::mem::take(&mut s.body);
                             body.extend_from_slice(&ch.up.rbuf[..n]);
                             let vary = vary_values(&s.vary, &ctx.head);
-                            let url = std::mem::take(&mut s.url);
                             let (code, reason) = (resp.status, reason_of(&resp));
-                            let obj = make_object(s, code, reason, body.freeze(), url, vary);
-                            store(&cache, p, keys, k, obj);
+                            store(&cache, p, keys, k, s, code, reason, body.freeze(), vary);
                             if let Some(g) = guard {
                                 g.finish(FlightEnd::Stored);
                             }
@@ -1781,9 +1785,7 @@ async fn fetch<'c, S: ClientIo>(
                             ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
-                            let url = std::mem::take(&mut s.url);
-                            let obj = make_object(s, status_code, reason, t.finish(), url, vary);
-                            store(&cache, p, keys, k, obj);
+                            store(&cache, p, keys, k, s, status_code, reason, t.finish(), vary);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -1854,9 +1856,25 @@ async fn fetch<'c, S: ClientIo>(
     out
 }
 
-/// Stores `obj`, a fetched response, under `k` (one of `keys`), here and in Redis.
-fn store(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj: Object) {
-    let obj = cache.new_object(obj);
+/// Stores a fetched response under `k` (one of `keys`), here and in Redis: what `s` kept of it,
+/// with its status, reason phrase, body and the request's values of the fields it varies on
+/// (`vary`, [`vary_values`]); `s.url` is its URL. The object is what [`make_object`] makes of
+/// the same parts (a test compares the two), built where it is kept ([`WorkerCache::new_object`]:
+/// an evicted object's allocation, once the store is full), not made and moved there.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn store(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    keys: &Keys,
+    k: &[u8],
+    s: Storable,
+    status: u16,
+    reason: Bytes,
+    body: Bytes,
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+) {
+    let obj = build_object(cache, s, status, reason, body, vary);
     // The shared key's hash was taken for the lookup (`k` is borrowed from `keys`: the same
     // slice when it is that key).
     let at = if std::ptr::eq(k, &keys.shared[..]) {
@@ -1866,6 +1884,45 @@ fn store(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj: Objec
     };
     cache.insert_key(at, obj.clone(), p.max_variants);
     cache.share(k, &obj, p.max_variants);
+}
+
+/// [`make_object`] of these parts (`s.url` the URL), built in the object `cache` gives
+/// ([`WorkerCache::new_object`]).
+#[inline]
+fn build_object(
+    cache: &WorkerCache,
+    s: Storable,
+    status: u16,
+    reason: Bytes,
+    body: Bytes,
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+) -> Rc<Object> {
+    let tags = tags_of(&s);
+    cache.new_object(|o| {
+        // Field by field, each written where it is kept (an assignment of a whole `Object`
+        // would build it aside and copy it over). The pattern names every field: none is
+        // left as the former object had it.
+        let Object {
+            status: o_status,
+            reason: o_reason,
+            fields: o_fields,
+            body: o_body,
+            t: o_t,
+            url: o_url,
+            tags: o_tags,
+            vary: o_vary,
+            invalid: o_invalid,
+        } = o;
+        *o_status = status;
+        *o_reason = reason;
+        *o_fields = s.fields;
+        *o_body = body;
+        *o_t = s.t;
+        *o_url = s.url;
+        *o_tags = tags;
+        *o_vary = vary;
+        o_invalid.set(false);
+    })
 }
 
 /// A response's reason phrase to keep: the usual one for its status is not copied.
@@ -2739,7 +2796,10 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, analyze_response, copy_fields, put_hex, Fields, Status};
+    use super::{
+        analyze, analyze_response, build_object, copy_fields, make_object, put_hex, reason_of,
+        vary_values, Fields, Status,
+    };
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
     use crate::config::Config;
@@ -3010,6 +3070,75 @@ mod tests {
             }
             (w, g) => assert_eq!(w.err(), g.err(), "{head}"),
         }
+    }
+
+    /// A fetched response's object built in place (`build_object`, in an evicted object's
+    /// allocation or a new one) is the object `make_object` makes of the same parts, tags and
+    /// Vary values included; the evicted object's own parts do not show through.
+    #[test]
+    fn an_object_built_in_place_is_the_one_make_object_makes() {
+        let l = |v: &[(&str, &str)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            v.iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let p = policy();
+        let req = request();
+        let (t0, t) = (1_700_000_000, 1_700_000_003);
+        let cases = [
+            l(&[("Cache-Control", "max-age=60"), ("Content-Length", "5")]),
+            l(&[
+                ("Cache-Control", "max-age=60"),
+                ("Surrogate-Key", "k1 k2"),
+                ("Vary", "Host, Accept"),
+                ("ETag", "\"a\""),
+            ]),
+        ];
+        // A budget of a few objects: most stores evict one, which the next is built over.
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"2KiB\"\nmax_object_bytes = \"1KiB\"\n";
+        let cache = WorkerCache::new(&Config::parse(src, "t.toml").expect("config"), 0);
+        let mut reused = 0;
+        for (i, c) in cases.iter().cycle().take(12).enumerate() {
+            let r = response(200, c).expect("valid head");
+            let analysed = || {
+                let s = analyze_response(&p, &r, &req, &cache, 5, false, t0, t);
+                s.expect("stored")
+            };
+            let mut a = analysed();
+            let url = std::mem::take(&mut a.url);
+            let vary = vary_values(&a.vary, &req);
+            let made = make_object(
+                a,
+                r.status,
+                reason_of(&r),
+                Bytes::from_static(b"body!"),
+                url,
+                vary,
+            );
+            let mut b = analysed();
+            let vary = vary_values(&b.vary, &req);
+            // As `fetch` stores a body read whole: in the room left after the head and URL.
+            let mut body = std::mem::take(&mut b.body);
+            body.extend_from_slice(b"body!");
+            let body = body.freeze();
+            let kept = cache
+                .spare_object
+                .borrow()
+                .as_ref()
+                .map(std::rc::Rc::as_ptr);
+            let built = build_object(&cache, b, r.status, reason_of(&r), body, vary);
+            assert_eq!(format!("{made:?}"), format!("{built:?}"), "case {i}");
+            assert_eq!(built.weight(), made.weight(), "case {i}");
+            assert_eq!(built.tags.is_empty(), i % 2 == 0, "case {i}: tags");
+            assert_eq!(built.vary.len(), if i % 2 == 0 { 0 } else { 2 }, "case {i}");
+            if let Some(kept) = kept {
+                assert_eq!(std::rc::Rc::as_ptr(&built), kept, "case {i}: built over");
+                reused += 1;
+            }
+            // Stored, evicting one when the budget is full.
+            cache.insert(format!("k{i}").as_bytes(), built, 4);
+        }
+        assert!(reused >= 6, "{reused} built over an evicted object");
     }
 
     #[test]
