@@ -209,25 +209,50 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
     }
 }
 
-/// The length of what [`url_of`] writes.
-pub fn url_len(head: &RequestHead) -> usize {
-    let host = head.host_bytes().unwrap_or(b"");
-    let pq = head.bytes(head.path_query);
-    host.len() + pq.len() + usize::from(pq.first() != Some(&b'/'))
+/// What [`url_of`] writes, found once in a request head: measured, then written into a
+/// `BytesMut` (the buffer a stored object's head, URL and body share) without looking for the
+/// head's parts again.
+#[derive(Clone, Copy)]
+pub struct UrlParts<'h> {
+    host: &'h [u8],
+    pq: &'h [u8],
 }
 
-/// [`url_of`] into a `BytesMut` (the buffer a stored object's head, URL and body share).
-pub fn put_url(head: &RequestHead, out: &mut BytesMut) {
-    let host = head.host_bytes().unwrap_or(b"");
-    let pq = head.bytes(head.path_query);
-    out.reserve(url_len(head));
-    let from = out.len();
-    out.extend_from_slice(host);
-    out[from..].make_ascii_lowercase();
-    if pq.first() != Some(&b'/') {
-        out.extend_from_slice(b"/");
+impl<'h> UrlParts<'h> {
+    #[inline]
+    pub fn of(head: &'h RequestHead) -> UrlParts<'h> {
+        UrlParts {
+            host: head.host_bytes().unwrap_or(b""),
+            pq: head.bytes(head.path_query),
+        }
     }
-    out.extend_from_slice(pq);
+
+    /// A "/" goes before a path that does not start with one (`*`, say).
+    #[inline]
+    fn slash(&self) -> bool {
+        self.pq.first() != Some(&b'/')
+    }
+
+    /// The length of what [`url_of`] writes.
+    #[inline]
+    pub fn out_len(&self) -> usize {
+        self.host.len() + usize::from(self.slash()) + self.pq.len()
+    }
+
+    /// Appends what [`url_of`] writes to `out`.
+    #[inline]
+    pub fn put(&self, out: &mut BytesMut) {
+        out.reserve(self.out_len());
+        let from = out.len();
+        out.extend_from_slice(self.host);
+        if let Some(host) = out.get_mut(from..) {
+            host.make_ascii_lowercase();
+        }
+        if self.slash() {
+            out.extend_from_slice(b"/");
+        }
+        out.extend_from_slice(self.pq);
+    }
 }
 
 /// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
@@ -1508,7 +1533,7 @@ mod tests {
     }
 
     #[test]
-    fn put_url_writes_what_url_of_writes_and_url_len_says() {
+    fn url_parts_write_what_url_of_writes_and_measure_it() {
         for raw in [
             "GET /a/b?c=1&d HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -1521,10 +1546,10 @@ mod tests {
             url_of(&h, &mut want);
             // Appended after what the buffer already holds, as for a stored object's head.
             let mut got = BytesMut::from(&b"head"[..]);
-            put_url(&h, &mut got);
+            UrlParts::of(&h).put(&mut got);
             assert_eq!(&got[..4], b"head", "{raw:?}");
             assert_eq!(&got[4..], &want[..], "{raw:?}");
-            assert_eq!(url_len(&h), want.len(), "{raw:?}");
+            assert_eq!(UrlParts::of(&h).out_len(), want.len(), "{raw:?}");
         }
     }
 

@@ -977,13 +977,14 @@ fn analyze_response(
     let had_date = seen.date.is_some();
     let tagged = seen.surrogate;
     // Only `private="..."` and `no-cache="..."` are left to drop.
-    if !d.private_fields.is_empty() || !d.no_cache_fields.is_empty() {
+    if d.names_fields() {
         spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
     }
     // A response left without a Date gets one (RFC 9110 §6.6.1), written after the head's
     // copy, in the same block.
     let date = (!has_date(FieldsRef::new(&resp.raw, &spans), d, had_date))
         .then(|| crate::date::http_date(response_time));
+    let url = super::UrlParts::of(req);
     let head_len = resp.raw.len();
     let block_len = match &date {
         Some(date) => {
@@ -1001,7 +1002,7 @@ fn analyze_response(
     };
     let mut buf = cache.object_buf(
         block_len
-            .saturating_add(super::url_len(req))
+            .saturating_add(url.out_len())
             .saturating_add(body_room),
     );
     buf.extend_from_slice(&resp.raw);
@@ -1009,7 +1010,7 @@ fn analyze_response(
         buf.extend_from_slice(DATE);
         buf.extend_from_slice(date);
     }
-    super::put_url(req, &mut buf);
+    url.put(&mut buf);
     // The head (and a Date) and the URL, frozen; `buf` keeps the rest of the allocation for
     // the body. `block` keeps the fields' bytes (split, not sliced twice: one reference for
     // the two parts).
@@ -1032,6 +1033,7 @@ const DATE: &[u8] = b"date";
 const CACHE_CONTROL: &[u8] = b"cache-control";
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
+#[inline]
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
@@ -1060,6 +1062,7 @@ type VaryNames = Vec<Box<[u8]>>;
 /// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
 /// `fields` (Age and Cache-Status among them, though neither is stored).
 #[allow(clippy::too_many_arguments)]
+#[inline]
 fn freshness(
     p: &RoutePolicy,
     status: u16,
@@ -1145,15 +1148,17 @@ fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool 
                 && (n.eq_ignore_ascii_case(b"set-cookie")
                     || n.eq_ignore_ascii_case(b"set-cookie2")))
             || n.eq_ignore_ascii_case(b"cache-status")))
-        || d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-        || d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+        || d.private_fields().iter().any(|f| f.eq_ignore_ascii_case(n))
+        || d.no_cache_fields()
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(n))
 }
 
 /// Whether the fields kept of a response hold a Date; `had_date`: the response had one. One
 /// is added when none is left (RFC 9110 §6.6.1: the time it was received).
 fn has_date(kept: FieldsRef<'_>, d: &Directives, had_date: bool) -> bool {
     // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
-    if !d.private_fields.is_empty() || !d.no_cache_fields.is_empty() {
+    if d.names_fields() {
         policy::field(kept, DATE).is_some()
     } else {
         had_date
@@ -1225,11 +1230,16 @@ impl<'a> Seen<'a> {
 }
 
 /// The request's values of the fields a response varies on (lower-case names), as stored.
+#[inline]
 fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
-    // Most responses do not vary.
+    // Most responses do not vary (checked where it is called: no call for them).
     if names.is_empty() {
         return Vec::new();
     }
+    vary_values_of(names, head)
+}
+
+fn vary_values_of(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
     names
         .iter()
         .map(|n| {
