@@ -1936,11 +1936,14 @@ fn build_object(
 }
 
 /// A response's reason phrase to keep: the usual one for its status is not copied.
+#[inline]
 fn reason_of(resp: &ResponseHead) -> Bytes {
     let r = resp.bytes(resp.reason);
-    let usual = reason_phrase(resp.status);
-    if r == usual.as_bytes() {
-        Bytes::from_static(usual.as_bytes())
+    let usual = reason_phrase(resp.status).as_bytes();
+    // Compared byte by byte: a phrase is a few bytes ("OK"), less than a call to `memcmp`
+    // costs to set up.
+    if r.len() == usual.len() && r.iter().zip(usual).all(|(a, b)| a == b) {
+        Bytes::from_static(usual)
     } else {
         Bytes::copy_from_slice(r)
     }
@@ -3079,6 +3082,30 @@ mod tests {
                 );
             }
             (w, g) => assert_eq!(w.err(), g.err(), "{head}"),
+        }
+    }
+
+    /// The reason phrase stored is the one received; the usual one for the status is the
+    /// static phrase, not a copy of the head's bytes.
+    #[test]
+    fn reason_of_keeps_the_phrase_received() {
+        for (raw, want, usual) in [
+            ("HTTP/1.1 200 OK\r\n\r\n", "OK", true),
+            ("HTTP/1.1 200 Fine\r\n\r\n", "Fine", false),
+            ("HTTP/1.1 200 O\r\n\r\n", "O", false),
+            ("HTTP/1.1 200 OKAY\r\n\r\n", "OKAY", false),
+            ("HTTP/1.1 200 ok\r\n\r\n", "ok", false),
+            ("HTTP/1.1 404 Not Found\r\n\r\n", "Not Found", true),
+            ("HTTP/1.1 404 Not found\r\n\r\n", "Not found", false),
+        ] {
+            let mut r = ResponseHead::default();
+            let len = parse_response(raw.as_bytes(), false, &mut r);
+            let len = len.ok().flatten().expect("a valid head");
+            r.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
+            let got = reason_of(&r);
+            assert_eq!(&got[..], want.as_bytes(), "{raw:?}");
+            let usual_phrase = super::reason_phrase(r.status).as_bytes();
+            assert_eq!(got.as_ptr() == usual_phrase.as_ptr(), usual, "{raw:?}");
         }
     }
 
