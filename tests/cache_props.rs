@@ -138,7 +138,6 @@ fn object() -> impl Strategy<Value = Object> {
                     .map(|(n, v)| (n.into_boxed_slice(), v))
                     .collect(),
                 invalid: Cell::new(false),
-                hidden: Vec::new(),
             },
         )
 }
@@ -318,7 +317,6 @@ proptest! {
             tags: Vec::new(),
             vary: Vec::new(),
             invalid: Cell::new(invalid),
-            hidden: Vec::new(),
         };
         if invalid {
             prop_assert!(!o.is_fresh(now));

@@ -460,7 +460,6 @@ fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
         tags: Vec::new(),
         vary: Vec::new(),
         invalid: Cell::new(false),
-        hidden: Vec::new(),
     };
     let enc = ringway::cache::redis::encode(&entry);
     let mut reply = format!("${}\r\n", enc.len()).into_bytes();
@@ -521,7 +520,6 @@ fn an_entry_from_redis_with_framing_fields_is_a_miss() {
             tags: Vec::new(),
             vary: Vec::new(),
             invalid: Cell::new(false),
-            hidden: Vec::new(),
         };
         let enc = ringway::cache::redis::encode(&entry);
         let mut reply = format!("${}\r\n", enc.len()).into_bytes();
@@ -580,7 +578,6 @@ fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
             tags: Vec::new(),
             vary: Vec::new(),
             invalid: Cell::new(false),
-            hidden: Vec::new(),
         };
         let enc = ringway::cache::redis::encode(&entry);
         let mut reply = format!("${}\r\n", enc.len()).into_bytes();

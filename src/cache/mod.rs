@@ -209,25 +209,50 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
     }
 }
 
-/// The length of what [`url_of`] writes.
-pub fn url_len(head: &RequestHead) -> usize {
-    let host = head.host_bytes().unwrap_or(b"");
-    let pq = head.bytes(head.path_query);
-    host.len() + pq.len() + usize::from(pq.first() != Some(&b'/'))
+/// What [`url_of`] writes, found once in a request head: measured, then written into a
+/// `BytesMut` (the buffer a stored object's head, URL and body share) without looking for the
+/// head's parts again.
+#[derive(Clone, Copy)]
+pub struct UrlParts<'h> {
+    host: &'h [u8],
+    pq: &'h [u8],
 }
 
-/// [`url_of`] into a `BytesMut` (the buffer a stored object's head, URL and body share).
-pub fn put_url(head: &RequestHead, out: &mut BytesMut) {
-    let host = head.host_bytes().unwrap_or(b"");
-    let pq = head.bytes(head.path_query);
-    out.reserve(url_len(head));
-    let from = out.len();
-    out.extend_from_slice(host);
-    out[from..].make_ascii_lowercase();
-    if pq.first() != Some(&b'/') {
-        out.extend_from_slice(b"/");
+impl<'h> UrlParts<'h> {
+    #[inline]
+    pub fn of(head: &'h RequestHead) -> UrlParts<'h> {
+        UrlParts {
+            host: head.host_bytes().unwrap_or(b""),
+            pq: head.bytes(head.path_query),
+        }
     }
-    out.extend_from_slice(pq);
+
+    /// A "/" goes before a path that does not start with one (`*`, say).
+    #[inline]
+    fn slash(&self) -> bool {
+        self.pq.first() != Some(&b'/')
+    }
+
+    /// The length of what [`url_of`] writes.
+    #[inline]
+    pub fn out_len(&self) -> usize {
+        self.host.len() + usize::from(self.slash()) + self.pq.len()
+    }
+
+    /// Appends what [`url_of`] writes to `out`.
+    #[inline]
+    pub fn put(&self, out: &mut BytesMut) {
+        out.reserve(self.out_len());
+        let from = out.len();
+        out.extend_from_slice(self.host);
+        if let Some(host) = out.get_mut(from..) {
+            host.make_ascii_lowercase();
+        }
+        if self.slash() {
+            out.extend_from_slice(b"/");
+        }
+        out.extend_from_slice(self.pq);
+    }
 }
 
 /// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
@@ -371,8 +396,6 @@ pub struct Object {
     pub vary: Vec<(Box<[u8]>, Vec<u8>)>,
     /// Soft-purged: stale from now on (still usable where stale use is allowed).
     pub invalid: Cell<bool>,
-    /// Fields not to send without validation (`no-cache="..."`).
-    pub hidden: Vec<Box<[u8]>>,
 }
 
 impl Object {
@@ -872,14 +895,17 @@ impl WorkerCache {
     }
 
     /// Keeps an evicted object's allocations for [`WorkerCache::new_object`] when nothing else
-    /// holds it (its contents are dropped now, as eviction dropped them).
+    /// holds it. What holds the allocations the next stored miss reuses (its fields' block and
+    /// spans, its URL, its body) is taken out now; the rest (the reason phrase, tags, Vary
+    /// values, all empty or static for most) is dropped when the next object is built over it,
+    /// not reset to defaults first.
     fn keep_object(&self, mut o: Rc<Object>) {
         let Some(obj) = Rc::get_mut(&mut o) else {
             return;
         };
         let fields = std::mem::take(&mut obj.fields).into_spans();
+        drop(std::mem::take(&mut obj.url));
         let body = std::mem::take(&mut obj.body);
-        *obj = Object::default();
         // An object stored from an upstream holds its head's copy, its URL and its body in one
         // allocation (`serve::analyze_response`): with the other slices of it dropped above,
         // the body's handle gives it back.
@@ -919,18 +945,22 @@ impl WorkerCache {
         std::mem::take(&mut *self.spare_fields.borrow_mut())
     }
 
-    /// `o` in an evicted object's allocation when one is kept (no allocation and no free per
-    /// stored miss once the store is full), else in a new one.
-    pub fn new_object(&self, o: Object) -> Rc<Object> {
-        if let Some(mut rc) = self.spare_object.borrow_mut().take() {
+    /// An object that `fill` builds (it sets every part of the object given) in an evicted
+    /// object's allocation when one is kept (no allocation and no free per stored miss once
+    /// the store is full), else in a new one. Built where it is kept: an `Object` is some 250
+    /// bytes, and one built elsewhere and moved here is copied at least once more.
+    #[inline]
+    pub fn new_object(&self, fill: impl FnOnce(&mut Object)) -> Rc<Object> {
+        let kept = self.spare_object.borrow_mut().take();
+        if let Some(mut rc) = kept {
+            // Always unique (`keep_object` keeps only objects nothing else holds).
             if let Some(slot) = Rc::get_mut(&mut rc) {
-                // A kept object is `Object::default()` (`keep_object`): no allocation in it,
-                // nothing to drop (its empty parts' destructors would run for nothing).
-                debug_assert!(slot.fields.spans_capacity() == 0 && slot.body.is_empty());
-                std::mem::forget(std::mem::replace(slot, o));
+                fill(slot);
                 return rc;
             }
         }
+        let mut o = Object::default();
+        fill(&mut o);
         Rc::new(o)
     }
 
@@ -1503,7 +1533,7 @@ mod tests {
     }
 
     #[test]
-    fn put_url_writes_what_url_of_writes_and_url_len_says() {
+    fn url_parts_write_what_url_of_writes_and_measure_it() {
         for raw in [
             "GET /a/b?c=1&d HTTP/1.1\r\nHost: Example.COM:8080\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -1516,10 +1546,10 @@ mod tests {
             url_of(&h, &mut want);
             // Appended after what the buffer already holds, as for a stored object's head.
             let mut got = BytesMut::from(&b"head"[..]);
-            put_url(&h, &mut got);
+            UrlParts::of(&h).put(&mut got);
             assert_eq!(&got[..4], b"head", "{raw:?}");
             assert_eq!(&got[4..], &want[..], "{raw:?}");
-            assert_eq!(url_len(&h), want.len(), "{raw:?}");
+            assert_eq!(UrlParts::of(&h).out_len(), want.len(), "{raw:?}");
         }
     }
 
@@ -1571,7 +1601,6 @@ mod tests {
             tags: Vec::new(),
             vary: Vec::new(),
             invalid: Cell::new(false),
-            hidden: Vec::new(),
         })
     }
 
@@ -1703,9 +1732,11 @@ mod tests {
         let buf = c.object_buf(1000);
         assert!(buf.is_empty() && buf.capacity() == 1100, "reused");
         assert_eq!(c.spare_buf.borrow().capacity(), 0, "given once");
-        let o = c.new_object(Object {
-            status: 203,
-            ..Object::default()
+        let o = c.new_object(|o| {
+            *o = Object {
+                status: 203,
+                ..Object::default()
+            }
         });
         assert_eq!(Rc::as_ptr(&o), kept, "the allocation reused");
         assert_eq!(o.status, 203);

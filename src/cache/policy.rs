@@ -59,11 +59,11 @@ pub struct Directives {
     pub no_store: bool,
     /// `no-cache` without fields: every use needs validation.
     pub no_cache: bool,
-    /// `no-cache="a, b"`: these fields are not sent from a stored response.
-    pub no_cache_fields: Vec<Box<[u8]>>,
     pub private: bool,
-    /// `private="a, b"`: a shared cache stores the response without these fields.
-    pub private_fields: Vec<Box<[u8]>>,
+    /// The fields `private="a, b"` and `no-cache="a, b"` name, when either form was given
+    /// (rare: boxed, so that a `Directives` is small to make, move and drop; see
+    /// [`Directives::private_fields`], [`Directives::no_cache_fields`]).
+    pub named: Option<Box<NamedFields>>,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
@@ -75,6 +75,15 @@ pub struct Directives {
     pub max_stale: Option<Option<u64>>,
     pub min_fresh: Option<u64>,
     pub only_if_cached: bool,
+}
+
+/// The field names `private` and `no-cache` directives qualify (§5.2.2.4, §5.2.2.7), lower case.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamedFields {
+    /// `no-cache="a, b"`: these fields are not sent from a stored response.
+    pub no_cache: Vec<Box<[u8]>>,
+    /// `private="a, b"`: a shared cache stores the response without these fields.
+    pub private: Vec<Box<[u8]>>,
 }
 
 /// delta-seconds (§1.2.2): digits, saturating at [`MAX_DELTA`]; a quoted form is accepted
@@ -169,6 +178,25 @@ fn field_list(v: &[u8]) -> Vec<Box<[u8]>> {
 }
 
 impl Directives {
+    /// The fields `private="..."` names (none when it names none).
+    pub fn private_fields(&self) -> &[Box<[u8]>] {
+        self.named.as_ref().map_or(&[], |n| &n.private[..])
+    }
+
+    /// The fields `no-cache="..."` names (none when it names none).
+    pub fn no_cache_fields(&self) -> &[Box<[u8]>] {
+        self.named.as_ref().map_or(&[], |n| &n.no_cache[..])
+    }
+
+    /// Whether `private="..."` or `no-cache="..."` named any field.
+    pub fn names_fields(&self) -> bool {
+        self.named.is_some()
+    }
+
+    fn named_mut(&mut self) -> &mut NamedFields {
+        self.named.get_or_insert_with(Box::default)
+    }
+
     /// Adds the directives of one `Cache-Control` field line. A directive given twice keeps
     /// its first value (§4.2.1).
     pub fn add(&mut self, line: &[u8]) {
@@ -268,13 +296,17 @@ impl Directives {
             // An invalid value makes the response stale (§4.2.1, §5.2.2.1).
             7 if is(b"max-age") => self.max_age = self.max_age.or(Some(secs().unwrap_or(0))),
             7 if is(b"private") => match value {
-                Some(v) if !field_list(v).is_empty() => self.private_fields.extend(field_list(v)),
+                Some(v) if !field_list(v).is_empty() => {
+                    self.named_mut().private.extend(field_list(v))
+                }
                 _ => self.private = true,
             },
             8 if is(b"s-maxage") => self.s_maxage = self.s_maxage.or(Some(secs().unwrap_or(0))),
             8 if is(b"no-store") => self.no_store = true,
             8 if is(b"no-cache") => match value {
-                Some(v) if !field_list(v).is_empty() => self.no_cache_fields.extend(field_list(v)),
+                Some(v) if !field_list(v).is_empty() => {
+                    self.named_mut().no_cache.extend(field_list(v))
+                }
                 _ => self.no_cache = true,
             },
             6 if is(b"public") => self.public = true,
@@ -995,7 +1027,7 @@ mod tests {
         assert_eq!(d.max_age, Some(60));
         assert_eq!(d.s_maxage, Some(30));
         assert!(!d.no_cache);
-        assert_eq!(d.no_cache_fields.len(), 2);
+        assert_eq!(d.no_cache_fields().len(), 2);
         assert!(d.must_revalidate);
         let mut d = Directives::default();
         d.add(b"max-age=abc, max-stale, min-fresh=99999999999999999999");
@@ -1121,6 +1153,33 @@ mod tests {
         assert!(eq_ignore_case(b"", b""));
     }
 
+    /// A `Directives` is made, returned and dropped for every cached request (and two for a
+    /// miss): small enough to be moved without a call to `memcpy` (at most 128 bytes), its rare
+    /// field lists boxed, set only when a list names a field (so `names_fields` says whether
+    /// either does).
+    #[test]
+    fn directives_are_small_and_name_fields_only_when_a_list_does() {
+        assert!(std::mem::size_of::<Directives>() <= 128);
+        for (line, private, no_cache) in [
+            (&b"max-age=60"[..], 0, 0),
+            (b"private, no-cache", 0, 0),
+            (b"private=\"\", no-cache=\" , \"", 0, 0),
+            (b"private=\"x-a, X-B\"", 2, 0),
+            (b"no-cache=\"x-a\", private=\"x-b\", private=x-c", 2, 1),
+        ] {
+            let mut d = Directives::default();
+            d.add(line);
+            let text = String::from_utf8_lossy(line);
+            assert_eq!(d.private_fields().len(), private, "{text}");
+            assert_eq!(d.no_cache_fields().len(), no_cache, "{text}");
+            assert_eq!(d.names_fields(), private + no_cache > 0, "{text}");
+            assert!(d
+                .private_fields()
+                .iter()
+                .all(|f| !f.iter().any(u8::is_ascii_uppercase)));
+        }
+    }
+
     #[test]
     fn targeted_fields_are_sf_dictionaries_rfc9213_2_1() {
         let d = Directives::targeted(b"max-age=60, must-revalidate").unwrap();
@@ -1135,14 +1194,14 @@ mod tests {
         // directive then applies to the whole response.
         let d = Directives::targeted(b"private=\"x-a\", no-cache=x-b").unwrap();
         assert!(!d.private && !d.no_cache);
-        assert_eq!(&*d.private_fields, [Box::from(&b"x-a"[..])]);
-        assert_eq!(&*d.no_cache_fields, [Box::from(&b"x-b"[..])]);
+        assert_eq!(d.private_fields(), [Box::from(&b"x-a"[..])]);
+        assert_eq!(d.no_cache_fields(), [Box::from(&b"x-b"[..])]);
         for v in [&b"private=1"[..], b"private=-1", b"private=1.5"] {
             let d = Directives::targeted(v).unwrap();
-            assert!(d.private && d.private_fields.is_empty(), "{v:?}");
+            assert!(d.private && !d.names_fields(), "{v:?}");
         }
         let d = Directives::targeted(b"no-cache=1, max-age=60").unwrap();
-        assert!(d.no_cache && d.no_cache_fields.is_empty());
+        assert!(d.no_cache && !d.names_fields());
         assert_eq!(d.max_age, Some(60));
     }
 

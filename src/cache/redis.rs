@@ -733,7 +733,6 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         tags,
         vary,
         invalid: std::cell::Cell::new(false),
-        hidden: Vec::new(),
     })
 }
 
@@ -794,7 +793,6 @@ mod tests {
             tags: vec![b"t1".to_vec().into()],
             vary: vec![(b"accept-encoding".to_vec().into(), b"gzip".to_vec())],
             invalid: std::cell::Cell::new(false),
-            hidden: Vec::new(),
         };
         let enc = Bytes::from(encode(&o));
         let d = decode(&enc).expect("decodes");

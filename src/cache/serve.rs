@@ -977,13 +977,14 @@ fn analyze_response(
     let had_date = seen.date.is_some();
     let tagged = seen.surrogate;
     // Only `private="..."` and `no-cache="..."` are left to drop.
-    if !d.private_fields.is_empty() || !d.no_cache_fields.is_empty() {
+    if d.names_fields() {
         spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
     }
     // A response left without a Date gets one (RFC 9110 §6.6.1), written after the head's
     // copy, in the same block.
     let date = (!has_date(FieldsRef::new(&resp.raw, &spans), d, had_date))
         .then(|| crate::date::http_date(response_time));
+    let url = super::UrlParts::of(req);
     let head_len = resp.raw.len();
     let block_len = match &date {
         Some(date) => {
@@ -1001,7 +1002,7 @@ fn analyze_response(
     };
     let mut buf = cache.object_buf(
         block_len
-            .saturating_add(super::url_len(req))
+            .saturating_add(url.out_len())
             .saturating_add(body_room),
     );
     buf.extend_from_slice(&resp.raw);
@@ -1009,7 +1010,7 @@ fn analyze_response(
         buf.extend_from_slice(DATE);
         buf.extend_from_slice(date);
     }
-    super::put_url(req, &mut buf);
+    url.put(&mut buf);
     // The head (and a Date) and the URL, frozen; `buf` keeps the rest of the allocation for
     // the body. `block` keeps the fields' bytes (split, not sliced twice: one reference for
     // the two parts).
@@ -1032,6 +1033,7 @@ const DATE: &[u8] = b"date";
 const CACHE_CONTROL: &[u8] = b"cache-control";
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
+#[inline]
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
@@ -1060,6 +1062,7 @@ type VaryNames = Vec<Box<[u8]>>;
 /// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
 /// `fields` (Age and Cache-Status among them, though neither is stored).
 #[allow(clippy::too_many_arguments)]
+#[inline]
 fn freshness(
     p: &RoutePolicy,
     status: u16,
@@ -1145,15 +1148,17 @@ fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool 
                 && (n.eq_ignore_ascii_case(b"set-cookie")
                     || n.eq_ignore_ascii_case(b"set-cookie2")))
             || n.eq_ignore_ascii_case(b"cache-status")))
-        || d.private_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
-        || d.no_cache_fields.iter().any(|f| f.eq_ignore_ascii_case(n))
+        || d.private_fields().iter().any(|f| f.eq_ignore_ascii_case(n))
+        || d.no_cache_fields()
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(n))
 }
 
 /// Whether the fields kept of a response hold a Date; `had_date`: the response had one. One
 /// is added when none is left (RFC 9110 §6.6.1: the time it was received).
 fn has_date(kept: FieldsRef<'_>, d: &Directives, had_date: bool) -> bool {
     // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
-    if !d.private_fields.is_empty() || !d.no_cache_fields.is_empty() {
+    if d.names_fields() {
         policy::field(kept, DATE).is_some()
     } else {
         had_date
@@ -1225,11 +1230,16 @@ impl<'a> Seen<'a> {
 }
 
 /// The request's values of the fields a response varies on (lower-case names), as stored.
+#[inline]
 fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
-    // Most responses do not vary.
+    // Most responses do not vary (checked where it is called: no call for them).
     if names.is_empty() {
         return Vec::new();
     }
+    vary_values_of(names, head)
+}
+
+fn vary_values_of(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
     names
         .iter()
         .map(|n| {
@@ -1239,7 +1249,19 @@ fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u
         .collect()
 }
 
-/// `vary`: the request's values of the fields named by `s.vary` ([`vary_values`]).
+/// The surrogate keys of an analysed response (read only when it has a `Surrogate-Key`).
+#[inline]
+fn tags_of(s: &Storable) -> Vec<Box<[u8]>> {
+    if s.tagged {
+        super::surrogate_keys(s.fields.view())
+    } else {
+        Vec::new()
+    }
+}
+
+/// `vary`: the request's values of the fields named by `s.vary` ([`vary_values`]). (A fetched
+/// response is built in place instead: see [`store`]; both give the same object, which a test
+/// checks.)
 fn make_object(
     s: Storable,
     status: u16,
@@ -1248,11 +1270,7 @@ fn make_object(
     url: Bytes,
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Object {
-    let tags = if s.tagged {
-        super::surrogate_keys(s.fields.view())
-    } else {
-        Vec::new()
-    };
+    let tags = tags_of(&s);
     Object {
         status,
         reason,
@@ -1263,7 +1281,6 @@ fn make_object(
         tags,
         vary,
         invalid: std::cell::Cell::new(false),
-        hidden: Vec::new(),
     }
 }
 
@@ -1318,7 +1335,6 @@ fn freshen(
         url,
         vary: o.vary.clone(),
         invalid: std::cell::Cell::new(false),
-        hidden: Vec::new(),
     })
 }
 
@@ -1684,10 +1700,8 @@ async fn fetch<'c, S: ClientIo>(
                             let mut body = std::mem::take(&mut s.body);
                             body.extend_from_slice(&ch.up.rbuf[..n]);
                             let vary = vary_values(&s.vary, &ctx.head);
-                            let url = std::mem::take(&mut s.url);
                             let (code, reason) = (resp.status, reason_of(&resp));
-                            let obj = make_object(s, code, reason, body.freeze(), url, vary);
-                            store(&cache, p, keys, k, obj);
+                            store(&cache, p, keys, k, s, code, reason, body.freeze(), vary);
                             if let Some(g) = guard {
                                 g.finish(FlightEnd::Stored);
                             }
@@ -1781,9 +1795,7 @@ async fn fetch<'c, S: ClientIo>(
                             ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
-                            let url = std::mem::take(&mut s.url);
-                            let obj = make_object(s, status_code, reason, t.finish(), url, vary);
-                            store(&cache, p, keys, k, obj);
+                            store(&cache, p, keys, k, s, status_code, reason, t.finish(), vary);
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -1854,9 +1866,25 @@ async fn fetch<'c, S: ClientIo>(
     out
 }
 
-/// Stores `obj`, a fetched response, under `k` (one of `keys`), here and in Redis.
-fn store(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj: Object) {
-    let obj = cache.new_object(obj);
+/// Stores a fetched response under `k` (one of `keys`), here and in Redis: what `s` kept of it,
+/// with its status, reason phrase, body and the request's values of the fields it varies on
+/// (`vary`, [`vary_values`]); `s.url` is its URL. The object is what [`make_object`] makes of
+/// the same parts (a test compares the two), built where it is kept ([`WorkerCache::new_object`]:
+/// an evicted object's allocation, once the store is full), not made and moved there.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn store(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    keys: &Keys,
+    k: &[u8],
+    s: Storable,
+    status: u16,
+    reason: Bytes,
+    body: Bytes,
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+) {
+    let obj = build_object(cache, s, status, reason, body, vary);
     // The shared key's hash was taken for the lookup (`k` is borrowed from `keys`: the same
     // slice when it is that key).
     let at = if std::ptr::eq(k, &keys.shared[..]) {
@@ -1868,12 +1896,54 @@ fn store(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj: Objec
     cache.share(k, &obj, p.max_variants);
 }
 
+/// [`make_object`] of these parts (`s.url` the URL), built in the object `cache` gives
+/// ([`WorkerCache::new_object`]).
+#[inline]
+fn build_object(
+    cache: &WorkerCache,
+    s: Storable,
+    status: u16,
+    reason: Bytes,
+    body: Bytes,
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+) -> Rc<Object> {
+    let tags = tags_of(&s);
+    cache.new_object(|o| {
+        // Field by field, each written where it is kept (an assignment of a whole `Object`
+        // would build it aside and copy it over). The pattern names every field: none is
+        // left as the former object had it.
+        let Object {
+            status: o_status,
+            reason: o_reason,
+            fields: o_fields,
+            body: o_body,
+            t: o_t,
+            url: o_url,
+            tags: o_tags,
+            vary: o_vary,
+            invalid: o_invalid,
+        } = o;
+        *o_status = status;
+        *o_reason = reason;
+        *o_fields = s.fields;
+        *o_body = body;
+        *o_t = s.t;
+        *o_url = s.url;
+        *o_tags = tags;
+        *o_vary = vary;
+        o_invalid.set(false);
+    })
+}
+
 /// A response's reason phrase to keep: the usual one for its status is not copied.
+#[inline]
 fn reason_of(resp: &ResponseHead) -> Bytes {
     let r = resp.bytes(resp.reason);
-    let usual = reason_phrase(resp.status);
-    if r == usual.as_bytes() {
-        Bytes::from_static(usual.as_bytes())
+    let usual = reason_phrase(resp.status).as_bytes();
+    // Compared byte by byte: a phrase is a few bytes ("OK"), less than a call to `memcmp`
+    // costs to set up.
+    if r.len() == usual.len() && r.iter().zip(usual).all(|(a, b)| a == b) {
+        Bytes::from_static(usual)
     } else {
         Bytes::copy_from_slice(r)
     }
@@ -2739,7 +2809,10 @@ async fn read_body(
 
 #[cfg(test)]
 mod tests {
-    use super::{analyze, analyze_response, copy_fields, put_hex, Fields, Status};
+    use super::{
+        analyze, analyze_response, build_object, copy_fields, make_object, put_hex, reason_of,
+        vary_values, Fields, Status,
+    };
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
     use crate::config::Config;
@@ -3010,6 +3083,99 @@ mod tests {
             }
             (w, g) => assert_eq!(w.err(), g.err(), "{head}"),
         }
+    }
+
+    /// The reason phrase stored is the one received; the usual one for the status is the
+    /// static phrase, not a copy of the head's bytes.
+    #[test]
+    fn reason_of_keeps_the_phrase_received() {
+        for (raw, want, usual) in [
+            ("HTTP/1.1 200 OK\r\n\r\n", "OK", true),
+            ("HTTP/1.1 200 Fine\r\n\r\n", "Fine", false),
+            ("HTTP/1.1 200 O\r\n\r\n", "O", false),
+            ("HTTP/1.1 200 OKAY\r\n\r\n", "OKAY", false),
+            ("HTTP/1.1 200 ok\r\n\r\n", "ok", false),
+            ("HTTP/1.1 404 Not Found\r\n\r\n", "Not Found", true),
+            ("HTTP/1.1 404 Not found\r\n\r\n", "Not found", false),
+        ] {
+            let mut r = ResponseHead::default();
+            let len = parse_response(raw.as_bytes(), false, &mut r);
+            let len = len.ok().flatten().expect("a valid head");
+            r.raw = Bytes::copy_from_slice(&raw.as_bytes()[..len]);
+            let got = reason_of(&r);
+            assert_eq!(&got[..], want.as_bytes(), "{raw:?}");
+            let usual_phrase = super::reason_phrase(r.status).as_bytes();
+            assert_eq!(got.as_ptr() == usual_phrase.as_ptr(), usual, "{raw:?}");
+        }
+    }
+
+    /// A fetched response's object built in place (`build_object`, in an evicted object's
+    /// allocation or a new one) is the object `make_object` makes of the same parts, tags and
+    /// Vary values included; the evicted object's own parts do not show through.
+    #[test]
+    fn an_object_built_in_place_is_the_one_make_object_makes() {
+        let l = |v: &[(&str, &str)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            v.iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let p = policy();
+        let req = request();
+        let (t0, t) = (1_700_000_000, 1_700_000_003);
+        let cases = [
+            l(&[("Cache-Control", "max-age=60"), ("Content-Length", "5")]),
+            l(&[
+                ("Cache-Control", "max-age=60"),
+                ("Surrogate-Key", "k1 k2"),
+                ("Vary", "Host, Accept"),
+                ("ETag", "\"a\""),
+            ]),
+        ];
+        // A budget of a few objects: most stores evict one, which the next is built over.
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"2KiB\"\nmax_object_bytes = \"1KiB\"\n";
+        let cache = WorkerCache::new(&Config::parse(src, "t.toml").expect("config"), 0);
+        let mut reused = 0;
+        for (i, c) in cases.iter().cycle().take(12).enumerate() {
+            let r = response(200, c).expect("valid head");
+            let analysed = || {
+                let s = analyze_response(&p, &r, &req, &cache, 5, false, t0, t);
+                s.expect("stored")
+            };
+            let mut a = analysed();
+            let url = std::mem::take(&mut a.url);
+            let vary = vary_values(&a.vary, &req);
+            let made = make_object(
+                a,
+                r.status,
+                reason_of(&r),
+                Bytes::from_static(b"body!"),
+                url,
+                vary,
+            );
+            let mut b = analysed();
+            let vary = vary_values(&b.vary, &req);
+            // As `fetch` stores a body read whole: in the room left after the head and URL.
+            let mut body = std::mem::take(&mut b.body);
+            body.extend_from_slice(b"body!");
+            let body = body.freeze();
+            let kept = cache
+                .spare_object
+                .borrow()
+                .as_ref()
+                .map(std::rc::Rc::as_ptr);
+            let built = build_object(&cache, b, r.status, reason_of(&r), body, vary);
+            assert_eq!(format!("{made:?}"), format!("{built:?}"), "case {i}");
+            assert_eq!(built.weight(), made.weight(), "case {i}");
+            assert_eq!(built.tags.is_empty(), i % 2 == 0, "case {i}: tags");
+            assert_eq!(built.vary.len(), if i % 2 == 0 { 0 } else { 2 }, "case {i}");
+            if let Some(kept) = kept {
+                assert_eq!(std::rc::Rc::as_ptr(&built), kept, "case {i}: built over");
+                reused += 1;
+            }
+            // Stored, evicting one when the budget is full.
+            cache.insert(format!("k{i}").as_bytes(), built, 4);
+        }
+        assert!(reused >= 6, "{reused} built over an evicted object");
     }
 
     #[test]
