@@ -32,7 +32,6 @@ pub mod serve;
 mod store;
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::hash_map::Entry as HashEntry;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -656,7 +655,7 @@ pub struct WorkerCache {
     /// Keyed by the cache key's hash ([`KeyRef`]); each slot holds its key, compared on
     /// every lookup. Two keys with the same hash cannot both have a flight: the second
     /// fetches alone, as when there are [`MAX_FLIGHTS`].
-    flights: RefCell<HashMap<u64, FlightSlot, PreHashedBuild>>,
+    flights: RefCell<Flights>,
     /// Hashes keys for the store and the flights (keyed, random per worker, so that a client
     /// cannot aim collisions at them); a request hashes its key once.
     key_hasher: quick_cache::DefaultHashBuilder,
@@ -692,7 +691,7 @@ impl WorkerCache {
         let items = (budget / 8192).clamp(16, 1 << 20) as usize;
         Rc::new(WorkerCache {
             map: RefCell::new(Map::new(items, budget)),
-            flights: RefCell::new(HashMap::default()),
+            flights: RefCell::new(Flights::new()),
             key_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
@@ -1029,7 +1028,7 @@ impl WorkerCache {
 
     fn flight_at(&self, key: KeyRef<'_>) -> Option<Rc<Flight>> {
         let mut f = self.flights.borrow_mut();
-        let slot = f.get_mut(&key.hash).filter(|s| s.key == key.bytes)?;
+        let slot = f.get_mut(key.hash).filter(|s| s.key == key.bytes)?;
         Some(self.join(slot))
     }
 
@@ -1052,51 +1051,45 @@ impl WorkerCache {
         key: KeyRef<'_>,
     ) -> Result<Rc<Flight>, Option<FlightGuard>> {
         let mut f = self.flights.borrow_mut();
-        let full = f.len() >= MAX_FLIGHTS;
-        match f.entry(key.hash) {
-            HashEntry::Occupied(mut o) => {
-                let slot = o.get_mut();
-                if slot.key != key.bytes {
-                    // Another key under the same hash: this one fetches alone.
-                    return Err(None);
-                }
-                Ok(self.join(slot))
-            }
-            HashEntry::Vacant(_) if full => Err(None),
-            HashEntry::Vacant(slot) => Err(Some(self.start_flight(slot, key))),
+        match f.get_mut(key.hash) {
+            // Another key under the same hash: this one fetches alone.
+            Some(slot) if slot.key != key.bytes => Err(None),
+            Some(slot) => Ok(self.join(slot)),
+            None => Err(self.start_flight(&mut f, key)),
         }
     }
 
     fn begin_flight_at(self: &Rc<Self>, key: KeyRef<'_>) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
+        if f.get_mut(key.hash).is_some() {
+            return None;
+        }
+        self.start_flight(&mut f, key)
+    }
+
+    /// A fetch for `key`, which has no slot in `flights`: only its key (in a spare key
+    /// buffer, given back when the fetch ends); the [`Flight`] comes when one is needed.
+    /// `None` when there are [`MAX_FLIGHTS`] already.
+    #[inline]
+    fn start_flight(self: &Rc<Self>, f: &mut Flights, key: KeyRef<'_>) -> Option<FlightGuard> {
         if f.len() >= MAX_FLIGHTS {
             return None;
         }
-        let HashEntry::Vacant(slot) = f.entry(key.hash) else {
-            return None;
-        };
-        Some(self.start_flight(slot, key))
-    }
-
-    /// A fetch for `key` in its free `slot` of the flights: only its key (in a spare key
-    /// buffer, given back when the fetch ends); the [`Flight`] comes when one is needed.
-    fn start_flight(
-        self: &Rc<Self>,
-        slot: std::collections::hash_map::VacantEntry<'_, u64, FlightSlot>,
-        key: KeyRef<'_>,
-    ) -> FlightGuard {
         let mut k = self.key_buf();
         k.extend_from_slice(key.bytes);
-        slot.insert(FlightSlot {
-            key: k,
-            flight: None,
-        });
-        FlightGuard {
+        f.insert(
+            key.hash,
+            FlightSlot {
+                key: k,
+                flight: None,
+            },
+        );
+        Some(FlightGuard {
             cache: self.clone(),
             hash: key.hash,
             end: FlightEnd::Pending,
             flight: OnceCell::new(),
-        }
+        })
     }
 
     /// A pending flight: a spare one (reset when it was kept) or a new one.
@@ -1107,7 +1100,7 @@ impl WorkerCache {
 
     /// The flight of the fetch whose slot is under `hash`, made now if it has none.
     fn flight_of(&self, hash: u64) -> Rc<Flight> {
-        match self.flights.borrow_mut().get_mut(&hash) {
+        match self.flights.borrow_mut().get_mut(hash) {
             Some(slot) => slot
                 .flight
                 .get_or_insert_with(|| self.spare_flight())
@@ -1227,6 +1220,69 @@ struct FlightSlot {
     flight: Option<Rc<Flight>>,
 }
 
+/// Slots a worker keeps in a short list before it uses the map: a few fetches are in flight
+/// at once, usually, and a look through a few slots costs less than a hash table's insert,
+/// probe and removal.
+const FEW_FLIGHTS: usize = 8;
+
+/// The fetches in flight on a worker, by their key's hash (at most one slot per hash): the
+/// first [`FEW_FLIGHTS`] in a list (its room made once), the others in a map.
+struct Flights {
+    few: Vec<(u64, FlightSlot)>,
+    many: HashMap<u64, FlightSlot, PreHashedBuild>,
+}
+
+impl Flights {
+    fn new() -> Flights {
+        Flights {
+            few: Vec::with_capacity(FEW_FLIGHTS),
+            many: HashMap::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.few.len() + self.many.len()
+    }
+
+    #[inline]
+    fn get_mut(&mut self, hash: u64) -> Option<&mut FlightSlot> {
+        if let Some((_, s)) = self.few.iter_mut().find(|(h, _)| *h == hash) {
+            return Some(s);
+        }
+        if self.many.is_empty() {
+            return None;
+        }
+        self.many.get_mut(&hash)
+    }
+
+    /// Adds the slot of a hash that has none.
+    #[inline]
+    fn insert(&mut self, hash: u64, slot: FlightSlot) {
+        debug_assert!(self.get_mut(hash).is_none(), "one slot per hash");
+        if self.few.len() < FEW_FLIGHTS {
+            self.few.push((hash, slot));
+        } else {
+            self.many.insert(hash, slot);
+        }
+    }
+
+    #[inline]
+    fn remove(&mut self, hash: u64) -> Option<FlightSlot> {
+        if let Some(i) = self.few.iter().position(|(h, _)| *h == hash) {
+            return Some(self.few.swap_remove(i).1);
+        }
+        if self.many.is_empty() {
+            return None;
+        }
+        self.many.remove(&hash)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Held by the request that fetches for a key; dropping it (done, failed or cancelled) ends
 /// the flight and wakes the waiters.
 pub struct FlightGuard {
@@ -1254,7 +1310,7 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        let slot = self.cache.flights.borrow_mut().remove(&self.hash);
+        let slot = self.cache.flights.borrow_mut().remove(self.hash);
         let made = match slot {
             Some(s) => {
                 self.cache.give_key_buf(s.key);
@@ -2090,5 +2146,51 @@ mod tests {
         assert!(c.flight(b"k7").is_some(), "a running fetch is still found");
         guards.pop();
         assert!(c.begin_flight(b"one more").is_some());
+    }
+
+    #[test]
+    fn flights_past_the_short_list_are_found_and_ended_the_same() {
+        let c = worker_cache();
+        let n = FEW_FLIGHTS * 3;
+        let key = |i: usize| format!("k{i}").into_bytes();
+        let mut guards: Vec<Option<FlightGuard>> =
+            (0..n).map(|i| c.begin_flight(&key(i))).collect();
+        assert!(guards.iter().all(Option::is_some));
+        assert_eq!(c.flights.borrow().len(), n);
+        for (i, g) in guards.iter().enumerate() {
+            let f = c.flight(&key(i)).expect("in flight");
+            let g = g.as_ref().expect("started");
+            assert!(Rc::ptr_eq(&f, g.flight()), "each key finds its own flight");
+            assert!(c.begin_flight(&key(i)).is_none(), "one flight per key");
+        }
+        // End every other one, from the list and from the map alike.
+        for (i, g) in guards.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                g.take().expect("started").finish(FlightEnd::Stored);
+            }
+        }
+        for i in 0..n {
+            assert_eq!(c.flight(&key(i)).is_some(), i % 2 == 1, "key {i}");
+        }
+        // Ended keys start again (into the list's room first), the others are still found.
+        let again: Vec<FlightGuard> = (0..n)
+            .step_by(2)
+            .map(|i| c.begin_flight(&key(i)).expect("ended: may start"))
+            .collect();
+        assert_eq!(c.flights.borrow().len(), n);
+        drop(guards);
+        drop(again);
+        assert!(c.flights.borrow().is_empty());
+        // A collision past the short list is no match either.
+        let at = |bytes: &'static [u8], hash: u64| KeyRef { hash, bytes };
+        let gs: Vec<FlightGuard> = (0..FEW_FLIGHTS as u64 + 1)
+            .map(|h| c.begin_flight_at(at(b"a", h)).expect("room"))
+            .collect();
+        let last = FEW_FLIGHTS as u64;
+        assert!(c.flight_at(at(b"b", last)).is_none());
+        assert!(matches!(c.join_or_begin_flight(at(b"b", last)), Err(None)));
+        assert!(c.flight_at(at(b"a", last)).is_some());
+        drop(gs);
+        assert!(c.flights.borrow().is_empty());
     }
 }
