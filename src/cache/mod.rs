@@ -230,7 +230,9 @@ pub fn put_url(head: &RequestHead, out: &mut BytesMut) {
 }
 
 /// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
-/// chosen header values, and a consumer when given.
+/// chosen header values, and a consumer when given. The usual key (no header values, no
+/// consumer, the query whole or ignored) is written here; the other parts out of line.
+#[inline]
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
     out.clear();
     let host = if p.ignore_host {
@@ -243,8 +245,7 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
     let query = query_of(head, pq);
     // Room for the usual key at once (tag, host, path and query, a consumer); the header
     // values, unknown here, may grow it.
-    let names: usize = p.key_headers.iter().map(|h| h.len() + 2).sum();
-    out.reserve(host.len() + pq.len() + names + consumer.map_or(0, |c| c.len() + 2) + 4);
+    out.reserve(host.len() + pq.len() + consumer.map_or(0, |c| c.len() + 2) + 4);
     out.push(b'u');
     push_lower(out, host);
     out.push(0);
@@ -262,22 +263,41 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
                 out.extend_from_slice(query);
             }
         }
-        QueryMode::Only(keep) => {
-            out.extend_from_slice(path);
-            let mut params: Vec<&[u8]> = query
-                .split(|b| *b == b'&')
-                .filter(|kv| {
-                    let name = kv.split(|b| *b == b'=').next().unwrap_or(b"");
-                    keep.iter().any(|k| &**k == name)
-                })
-                .collect();
-            params.sort();
-            for (i, kv) in params.iter().enumerate() {
-                out.push(if i == 0 { b'?' } else { b'&' });
-                out.extend_from_slice(kv);
-            }
-        }
+        QueryMode::Only(keep) => key_query_only(keep, path, query, out),
     }
+    if !p.key_headers.is_empty() || consumer.is_some() {
+        key_headers_and_consumer(p, head, consumer, out);
+    }
+}
+
+/// The path and the kept query parameters, sorted (`QueryMode::Only`).
+#[inline(never)]
+fn key_query_only(keep: &[Box<[u8]>], path: &[u8], query: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(path);
+    let mut params: Vec<&[u8]> = query
+        .split(|b| *b == b'&')
+        .filter(|kv| {
+            let name = kv.split(|b| *b == b'=').next().unwrap_or(b"");
+            keep.iter().any(|k| &**k == name)
+        })
+        .collect();
+    params.sort();
+    for (i, kv) in params.iter().enumerate() {
+        out.push(if i == 0 { b'?' } else { b'&' });
+        out.extend_from_slice(kv);
+    }
+}
+
+/// The chosen header values and the consumer of a key.
+#[inline(never)]
+fn key_headers_and_consumer(
+    p: &RoutePolicy,
+    head: &RequestHead,
+    consumer: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) {
+    let names: usize = p.key_headers.iter().map(|h| h.len() + 2).sum();
+    out.reserve(names);
     for h in &p.key_headers {
         out.push(0);
         out.extend_from_slice(h);
