@@ -776,6 +776,7 @@ impl WorkerCache {
     }
 
     /// `key` with its hash, for the store and the flights.
+    #[inline]
     pub fn key<'k>(&self, key: &'k [u8]) -> KeyRef<'k> {
         KeyRef {
             hash: self.key_hasher.hash_one(key),

@@ -200,6 +200,8 @@ thread_local! {
 /// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
 /// `no-cache` when there is no `Cache-Control` (§5.4). With them, whether the request has
 /// `Authorization` (§3.5).
+// One caller (`cached`): inlined, the directives written in place rather than returned.
+#[inline(always)]
 fn request_directives(head: &RequestHead) -> (Directives, bool) {
     let mut d = Directives::default();
     // One pass over the fields for the three names (two of them of one length).
