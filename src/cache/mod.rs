@@ -31,8 +31,7 @@ pub mod redis;
 pub mod serve;
 mod store;
 
-use std::cell::{Cell, RefCell};
-use std::collections::hash_map::Entry as HashEntry;
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
@@ -256,7 +255,9 @@ impl<'h> UrlParts<'h> {
 }
 
 /// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
-/// chosen header values, and a consumer when given.
+/// chosen header values, and a consumer when given. The usual key (no header values, no
+/// consumer, the query whole or ignored) is written here; the other parts out of line.
+#[inline]
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
     out.clear();
     let host = if p.ignore_host {
@@ -269,8 +270,7 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
     let query = query_of(head, pq);
     // Room for the usual key at once (tag, host, path and query, a consumer); the header
     // values, unknown here, may grow it.
-    let names: usize = p.key_headers.iter().map(|h| h.len() + 2).sum();
-    out.reserve(host.len() + pq.len() + names + consumer.map_or(0, |c| c.len() + 2) + 4);
+    out.reserve(host.len() + pq.len() + consumer.map_or(0, |c| c.len() + 2) + 4);
     out.push(b'u');
     push_lower(out, host);
     out.push(0);
@@ -288,22 +288,41 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
                 out.extend_from_slice(query);
             }
         }
-        QueryMode::Only(keep) => {
-            out.extend_from_slice(path);
-            let mut params: Vec<&[u8]> = query
-                .split(|b| *b == b'&')
-                .filter(|kv| {
-                    let name = kv.split(|b| *b == b'=').next().unwrap_or(b"");
-                    keep.iter().any(|k| &**k == name)
-                })
-                .collect();
-            params.sort();
-            for (i, kv) in params.iter().enumerate() {
-                out.push(if i == 0 { b'?' } else { b'&' });
-                out.extend_from_slice(kv);
-            }
-        }
+        QueryMode::Only(keep) => key_query_only(keep, path, query, out),
     }
+    if !p.key_headers.is_empty() || consumer.is_some() {
+        key_headers_and_consumer(p, head, consumer, out);
+    }
+}
+
+/// The path and the kept query parameters, sorted (`QueryMode::Only`).
+#[inline(never)]
+fn key_query_only(keep: &[Box<[u8]>], path: &[u8], query: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(path);
+    let mut params: Vec<&[u8]> = query
+        .split(|b| *b == b'&')
+        .filter(|kv| {
+            let name = kv.split(|b| *b == b'=').next().unwrap_or(b"");
+            keep.iter().any(|k| &**k == name)
+        })
+        .collect();
+    params.sort();
+    for (i, kv) in params.iter().enumerate() {
+        out.push(if i == 0 { b'?' } else { b'&' });
+        out.extend_from_slice(kv);
+    }
+}
+
+/// The chosen header values and the consumer of a key.
+#[inline(never)]
+fn key_headers_and_consumer(
+    p: &RoutePolicy,
+    head: &RequestHead,
+    consumer: Option<&[u8]>,
+    out: &mut Vec<u8>,
+) {
+    let names: usize = p.key_headers.iter().map(|h| h.len() + 2).sum();
+    out.reserve(names);
     for h in &p.key_headers {
         out.push(0);
         out.extend_from_slice(h);
@@ -507,8 +526,11 @@ pub enum FlightEnd {
     Failed,
 }
 
-/// One fetch in progress for a key. Waiters are woken (worker-local, no polling) when its
-/// head is known, as body bytes arrive, and when it ends.
+/// One fetch in progress for a key, as its waiters and its stream see it. Waiters are woken
+/// (worker-local, no polling) when its head is known, as body bytes arrive, and when it ends.
+/// Made only when needed ([`FlightSlot`]): when a request joins the fetch, or when the fetch
+/// publishes a head to stream; a fetch no one joins, whose body comes whole with its head (the
+/// usual miss), never has one.
 pub struct Flight {
     pub done: Notify,
     pub end: Cell<FlightEnd>,
@@ -522,8 +544,6 @@ pub struct Flight {
     body: RefCell<BytesMut>,
     /// The whole body, once the fetch stored it.
     whole: RefCell<Option<Bytes>>,
-    /// The key, while the flight is in `WorkerCache::flights` (emptied when it ends).
-    key: RefCell<Vec<u8>>,
     /// A stream's allocation, emptied, for the next publish (flights are reused: see
     /// [`FlightGuard`]'s drop).
     spare_stream: RefCell<Option<Rc<FlightStream>>>,
@@ -569,8 +589,8 @@ impl FlightStream {
 }
 
 impl Flight {
-    /// A pending flight for the key in `key`.
-    fn new(key: Vec<u8>) -> Flight {
+    /// A pending flight.
+    fn new() -> Flight {
         Flight {
             done: Notify::default(),
             end: Cell::new(FlightEnd::Pending),
@@ -578,7 +598,6 @@ impl Flight {
             cut: Cell::new(false),
             body: RefCell::new(BytesMut::new()),
             whole: RefCell::new(None),
-            key: RefCell::new(key),
             spare_stream: RefCell::new(None),
             joined: Cell::new(false),
         }
@@ -676,10 +695,10 @@ pub struct CacheStats {
 /// One worker's cache: its store, its fetches in flight and its counters.
 pub struct WorkerCache {
     map: RefCell<Map>,
-    /// Keyed by the cache key's hash ([`KeyRef`]); each flight holds its key, compared on
+    /// Keyed by the cache key's hash ([`KeyRef`]); each slot holds its key, compared on
     /// every lookup. Two keys with the same hash cannot both have a flight: the second
     /// fetches alone, as when there are [`MAX_FLIGHTS`].
-    flights: RefCell<HashMap<u64, Rc<Flight>, PreHashedBuild>>,
+    flights: RefCell<Flights>,
     /// Hashes keys for the store and the flights (keyed, random per worker, so that a client
     /// cannot aim collisions at them); a request hashes its key once.
     key_hasher: quick_cache::DefaultHashBuilder,
@@ -687,8 +706,8 @@ pub struct WorkerCache {
     /// Key buffers of requests that ended, for the next ones to build their keys into
     /// (at most [`MAX_SPARE_KEY_BUFS`] of at most [`MAX_SPARE_KEY_BYTES`] each).
     spare_keys: RefCell<Vec<Vec<u8>>>,
-    /// Flights that ended with no waiter holding them, reset, for the next misses (at most
-    /// [`MAX_SPARE_FLIGHTS`], each with a key buffer of at most [`MAX_SPARE_KEY_BYTES`]).
+    /// Flights that ended with no waiter holding them, reset, for the next fetches that need
+    /// one (at most [`MAX_SPARE_FLIGHTS`]).
     spare_flights: RefCell<Vec<Rc<Flight>>>,
     /// An evicted object's allocation, emptied, and its field vector (at most
     /// [`MAX_SPARE_FIELDS`] long), for the next stored miss (see [`WorkerCache::new_object`]).
@@ -715,7 +734,7 @@ impl WorkerCache {
         let items = (budget / 8192).clamp(16, 1 << 20) as usize;
         Rc::new(WorkerCache {
             map: RefCell::new(Map::new(items, budget)),
-            flights: RefCell::new(HashMap::default()),
+            flights: RefCell::new(Flights::new()),
             key_hasher: Default::default(),
             stats: RefCell::new(CacheStats::default()),
             spare_keys: RefCell::new(Vec::new()),
@@ -780,6 +799,7 @@ impl WorkerCache {
     }
 
     /// `key` with its hash, for the store and the flights.
+    #[inline]
     pub fn key<'k>(&self, key: &'k [u8]) -> KeyRef<'k> {
         KeyRef {
             hash: self.key_hasher.hash_one(key),
@@ -1052,16 +1072,22 @@ impl WorkerCache {
         }
     }
 
-    /// The fetch in flight for `key`, if any.
+    /// The fetch in flight for `key`, if any, joined (as a waiter would).
     pub fn flight(&self, key: &[u8]) -> Option<Rc<Flight>> {
         self.flight_at(self.key(key))
     }
 
     fn flight_at(&self, key: KeyRef<'_>) -> Option<Rc<Flight>> {
-        let f = self.flights.borrow();
-        let found = f.get(&key.hash).filter(|f| *f.key.borrow() == key.bytes)?;
-        found.joined.set(true);
-        Some(found.clone())
+        let mut f = self.flights.borrow_mut();
+        let slot = f.get_mut(key.hash).filter(|s| s.key == key.bytes)?;
+        Some(self.join(slot))
+    }
+
+    /// The flight of `slot` for a request that waits on it (made now if the fetch has none).
+    fn join(&self, slot: &mut FlightSlot) -> Rc<Flight> {
+        let f = slot.flight.get_or_insert_with(|| self.spare_flight());
+        f.joined.set(true);
+        f.clone()
     }
 
     /// Starts a fetch for `key`; `None` when one is already in flight or too many are.
@@ -1076,73 +1102,84 @@ impl WorkerCache {
         key: KeyRef<'_>,
     ) -> Result<Rc<Flight>, Option<FlightGuard>> {
         let mut f = self.flights.borrow_mut();
-        let full = f.len() >= MAX_FLIGHTS;
-        match f.entry(key.hash) {
-            HashEntry::Occupied(o) => {
-                let found = o.get();
-                if *found.key.borrow() != key.bytes {
-                    // Another key under the same hash: this one fetches alone.
-                    return Err(None);
-                }
-                found.joined.set(true);
-                Ok(found.clone())
-            }
-            HashEntry::Vacant(_) if full => Err(None),
-            HashEntry::Vacant(slot) => Err(Some(self.start_flight(slot, key))),
+        match f.get_mut(key.hash) {
+            // Another key under the same hash: this one fetches alone.
+            Some(slot) if slot.key != key.bytes => Err(None),
+            Some(slot) => Ok(self.join(slot)),
+            None => Err(self.start_flight(&mut f, key)),
         }
     }
 
     fn begin_flight_at(self: &Rc<Self>, key: KeyRef<'_>) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
+        if f.get_mut(key.hash).is_some() {
+            return None;
+        }
+        self.start_flight(&mut f, key)
+    }
+
+    /// A fetch for `key`, which has no slot in `flights`: only its key (in a spare key
+    /// buffer, given back when the fetch ends); the [`Flight`] comes when one is needed.
+    /// `None` when there are [`MAX_FLIGHTS`] already.
+    #[inline]
+    fn start_flight(self: &Rc<Self>, f: &mut Flights, key: KeyRef<'_>) -> Option<FlightGuard> {
         if f.len() >= MAX_FLIGHTS {
             return None;
         }
-        let HashEntry::Vacant(slot) = f.entry(key.hash) else {
-            return None;
-        };
-        Some(self.start_flight(slot, key))
-    }
-
-    /// A flight for `key` in its free `slot` of the flights.
-    fn start_flight(
-        self: &Rc<Self>,
-        slot: std::collections::hash_map::VacantEntry<'_, u64, Rc<Flight>>,
-        key: KeyRef<'_>,
-    ) -> FlightGuard {
-        // A spare flight (reset when it was kept, its key buffer empty) or a new one, whose
-        // key goes into a spare key buffer (given back when the flight ends).
-        let spare = self.spare_flights.borrow_mut().pop();
-        let flight = spare.unwrap_or_else(|| Rc::new(Flight::new(self.key_buf())));
-        flight.key.borrow_mut().extend_from_slice(key.bytes);
-        slot.insert(flight.clone());
-        FlightGuard {
+        let mut k = self.key_buf();
+        k.extend_from_slice(key.bytes);
+        f.insert(
+            key.hash,
+            FlightSlot {
+                key: k,
+                flight: None,
+            },
+        );
+        Some(FlightGuard {
             cache: self.clone(),
             hash: key.hash,
-            flight,
+            end: FlightEnd::Pending,
+            flight: OnceCell::new(),
+        })
+    }
+
+    /// A pending flight: a spare one (reset when it was kept) or a new one.
+    fn spare_flight(&self) -> Rc<Flight> {
+        let spare = self.spare_flights.borrow_mut().pop();
+        spare.unwrap_or_else(|| Rc::new(Flight::new()))
+    }
+
+    /// The flight of the fetch whose slot is under `hash`, made now if it has none.
+    fn flight_of(&self, hash: u64) -> Rc<Flight> {
+        match self.flights.borrow_mut().get_mut(hash) {
+            Some(slot) => slot
+                .flight
+                .get_or_insert_with(|| self.spare_flight())
+                .clone(),
+            // Not reached: a guard's slot is there until the guard drops. A flight no
+            // request can find then serves the fetch alone.
+            None => self.spare_flight(),
         }
     }
 
-    /// Keeps an ended flight for a later miss, reset, when nothing but its guard holds it (no
+    /// Keeps an ended flight for a later fetch, reset, when nothing but its guard holds it (no
     /// waiter, so no `Notified` of its `done` either), no request ever waited on it, and there
-    /// is room; `false` otherwise.
-    fn keep_flight(&self, f: &Rc<Flight>) -> bool {
+    /// is room; dropped otherwise.
+    fn keep_flight(&self, f: Rc<Flight>) {
         let mut spare = self.spare_flights.borrow_mut();
-        if Rc::strong_count(f) != 1
-            || Rc::weak_count(f) != 0
+        if Rc::strong_count(&f) != 1
+            || Rc::weak_count(&f) != 0
             || f.joined.get()
             || spare.len() >= MAX_SPARE_FLIGHTS
-            || f.key.borrow().capacity() > MAX_SPARE_KEY_BYTES
         {
-            return false;
+            return;
         }
         f.end.set(FlightEnd::Pending);
         f.keep_stream();
         f.cut.set(false);
         *f.body.borrow_mut() = BytesMut::new();
         *f.whole.borrow_mut() = None;
-        f.key.borrow_mut().clear();
-        spare.push(f.clone());
-        true
+        spare.push(f);
     }
 
     /// Applies a purge to this worker's store; returns how many objects it hit.
@@ -1226,36 +1263,123 @@ impl WorkerCache {
     }
 }
 
+/// A fetch in progress in `WorkerCache::flights`: its key (what a request that finds the
+/// slot by its hash compares), and its [`Flight`] once a request joined it or it published a
+/// head.
+struct FlightSlot {
+    key: Vec<u8>,
+    flight: Option<Rc<Flight>>,
+}
+
+/// Slots a worker keeps in a short list before it uses the map: a few fetches are in flight
+/// at once, usually, and a look through a few slots costs less than a hash table's insert,
+/// probe and removal.
+const FEW_FLIGHTS: usize = 8;
+
+/// The fetches in flight on a worker, by their key's hash (at most one slot per hash): the
+/// first [`FEW_FLIGHTS`] in a list (its room made once), the others in a map.
+struct Flights {
+    few: Vec<(u64, FlightSlot)>,
+    many: HashMap<u64, FlightSlot, PreHashedBuild>,
+}
+
+impl Flights {
+    fn new() -> Flights {
+        Flights {
+            few: Vec::with_capacity(FEW_FLIGHTS),
+            many: HashMap::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.few.len() + self.many.len()
+    }
+
+    #[inline]
+    fn get_mut(&mut self, hash: u64) -> Option<&mut FlightSlot> {
+        if let Some((_, s)) = self.few.iter_mut().find(|(h, _)| *h == hash) {
+            return Some(s);
+        }
+        if self.many.is_empty() {
+            return None;
+        }
+        self.many.get_mut(&hash)
+    }
+
+    /// Adds the slot of a hash that has none.
+    #[inline]
+    fn insert(&mut self, hash: u64, slot: FlightSlot) {
+        debug_assert!(self.get_mut(hash).is_none(), "one slot per hash");
+        if self.few.len() < FEW_FLIGHTS {
+            self.few.push((hash, slot));
+        } else {
+            self.many.insert(hash, slot);
+        }
+    }
+
+    #[inline]
+    fn remove(&mut self, hash: u64) -> Option<FlightSlot> {
+        if let Some(i) = self.few.iter().position(|(h, _)| *h == hash) {
+            return Some(self.few.swap_remove(i).1);
+        }
+        if self.many.is_empty() {
+            return None;
+        }
+        self.many.remove(&hash)
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Held by the request that fetches for a key; dropping it (done, failed or cancelled) ends
 /// the flight and wakes the waiters.
 pub struct FlightGuard {
     cache: Rc<WorkerCache>,
-    /// The key's hash, where the flight is in `flights`.
+    /// The key's hash, where the fetch's slot is in `flights`.
     hash: u64,
-    flight: Rc<Flight>,
+    /// How the fetch ended ([`FlightGuard::finish`]); `Pending` until then, `Failed` when the
+    /// guard drops without it.
+    end: FlightEnd,
+    /// The flight, once this guard asked for it ([`FlightGuard::flight`]).
+    flight: OnceCell<Rc<Flight>>,
 }
 
 impl FlightGuard {
-    pub fn finish(self, end: FlightEnd) {
-        self.flight.end.set(end);
+    pub fn finish(mut self, end: FlightEnd) {
+        self.end = end;
     }
 
+    /// The flight, to publish to (made now if no request joined the fetch yet: the one that
+    /// later joiners find).
     pub fn flight(&self) -> &Rc<Flight> {
-        &self.flight
+        self.flight.get_or_init(|| self.cache.flight_of(self.hash))
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        if self.flight.end.get() == FlightEnd::Pending {
-            self.flight.end.set(FlightEnd::Failed);
-        }
-        self.cache.flights.borrow_mut().remove(&self.hash);
-        self.flight.done.notify_all();
-        if !self.cache.keep_flight(&self.flight) {
-            let key = std::mem::take(&mut *self.flight.key.borrow_mut());
-            self.cache.give_key_buf(key);
-        }
+        let slot = self.cache.flights.borrow_mut().remove(self.hash);
+        let made = match slot {
+            Some(s) => {
+                self.cache.give_key_buf(s.key);
+                s.flight
+            }
+            None => None,
+        };
+        // The guard's and the slot's are the same flight, if any.
+        let Some(f) = self.flight.take().or(made) else {
+            // No one joined and nothing was published: no one to tell.
+            return;
+        };
+        f.end.set(match self.end {
+            FlightEnd::Pending => FlightEnd::Failed,
+            e => e,
+        });
+        f.done.notify_all();
+        self.cache.keep_flight(f);
     }
 }
 
@@ -1566,7 +1690,7 @@ mod tests {
 
     #[test]
     fn take_stream_gives_back_what_was_published_even_while_a_waiter_streams_it() {
-        let f = Flight::new(Vec::new());
+        let f = Flight::new();
         assert!(f.take_stream().is_none());
         f.publish(stream());
         let first = f.stream.borrow().as_ref().map(Rc::as_ptr);
@@ -1818,7 +1942,7 @@ mod tests {
         let g2 = c.begin_flight(b"k2").expect("another key");
         drop(g);
         assert_eq!(f.end.get(), FlightEnd::Failed);
-        assert!(f.key.borrow().is_empty(), "the key buffer went back");
+        assert_eq!(c.spare_keys.borrow().len(), 1, "the key buffer went back");
         assert!(
             c.spare_flights.borrow().is_empty(),
             "a waiter holds it: not kept"
@@ -1891,7 +2015,6 @@ mod tests {
         assert_eq!(f.end.get(), FlightEnd::Pending);
         assert!(f.stream.borrow().is_none() && !f.cut.get() && f.body.borrow().is_empty());
         assert!(f.whole.borrow().is_none());
-        assert_eq!(&f.key.borrow()[..], b"k2");
         assert!(c.flight(b"k1").is_none() && c.flight(b"k2").is_some());
         drop(g);
         assert!(c.flight(b"k2").is_none());
@@ -1908,5 +2031,218 @@ mod tests {
             c.spare_flights.borrow().is_empty(),
             "not kept, even once the waiter is gone"
         );
+    }
+
+    /// Whether a waiter registered on `n` (polled once, pending) has been woken since.
+    fn woken(n: &mut std::pin::Pin<Box<crate::local::Notified<'_>>>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        n.as_mut().poll(&mut cx).is_ready()
+    }
+
+    fn waiting(f: &Flight) -> std::pin::Pin<Box<crate::local::Notified<'_>>> {
+        let mut n = Box::pin(f.done.notified());
+        assert!(!woken(&mut n), "nothing happened yet");
+        n
+    }
+
+    use std::future::Future;
+
+    #[test]
+    fn a_fetch_no_one_joins_that_publishes_nothing_makes_no_flight() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k").expect("started");
+        g.finish(FlightEnd::Stored);
+        assert!(c.spare_flights.borrow().is_empty(), "no flight was made");
+        assert_eq!(
+            c.spare_keys.borrow().len(),
+            1,
+            "the slot's key buffer went back"
+        );
+        assert!(c.flights.borrow().is_empty());
+        let g = c.begin_flight(b"k").expect("a new fetch may start");
+        drop(g);
+        assert!(
+            c.spare_flights.borrow().is_empty(),
+            "failed, still no flight"
+        );
+    }
+
+    #[test]
+    fn a_waiter_that_joins_before_the_head_is_streamed_what_the_fetch_publishes() {
+        let c = worker_cache();
+        let Err(Some(g)) = c.join_or_begin_flight(c.key(b"k")) else {
+            panic!("no flight yet: this request starts one");
+        };
+        let Ok(f) = c.join_or_begin_flight(c.key(b"k")) else {
+            panic!("the fetch is found");
+        };
+        assert!(f.joined.get() && f.end.get() == FlightEnd::Pending);
+        let mut n = waiting(&f);
+        // The fetch publishes into the flight the waiter made.
+        g.flight().publish(stream());
+        assert!(Rc::ptr_eq(&f, g.flight()));
+        assert!(woken(&mut n), "woken by the head");
+        assert_eq!(f.stream.borrow().as_ref().map(|s| s.status), Some(200));
+        n = waiting(&f);
+        let mut tee = Tee::with_buf(16, BytesMut::new(), Some(g.flight().clone()));
+        tee.push(b"abc");
+        assert!(woken(&mut n), "woken by the bytes");
+        assert_eq!(&f.body_from(1)[..], b"bc");
+        n = waiting(&f);
+        assert_eq!(&tee.finish()[..], b"abc");
+        assert!(g.flight().take_stream().is_some());
+        g.finish(FlightEnd::Stored);
+        assert!(woken(&mut n), "woken by the end");
+        assert_eq!(f.end.get(), FlightEnd::Stored);
+        assert_eq!(
+            &f.body_from(0)[..],
+            b"abc",
+            "the whole body stays for the waiter"
+        );
+        drop(n);
+        drop(f);
+        assert!(c.spare_flights.borrow().is_empty(), "joined: not kept");
+        assert!(c.flight(b"k").is_none());
+    }
+
+    #[test]
+    fn a_waiter_that_joins_while_the_body_streams_finds_the_published_flight() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k").expect("started");
+        g.flight().publish(stream());
+        assert!(!g.flight().joined.get());
+        let mut tee = Tee::with_buf(16, BytesMut::new(), Some(g.flight().clone()));
+        tee.push(b"ab");
+        let Ok(f) = c.join_or_begin_flight(c.key(b"k")) else {
+            panic!("the fetch is found");
+        };
+        assert!(Rc::ptr_eq(&f, g.flight()) && f.joined.get());
+        assert_eq!(f.stream.borrow().as_ref().map(|s| s.len), Some(Some(3)));
+        assert_eq!(&f.body_from(0)[..], b"ab", "what arrived before the join");
+        let mut n = waiting(&f);
+        tee.push(b"c");
+        assert!(woken(&mut n));
+        assert_eq!(&f.body_from(2)[..], b"c");
+        drop(tee);
+        g.finish(FlightEnd::Stored);
+        assert_eq!(f.end.get(), FlightEnd::Stored);
+        drop(n);
+        drop(f);
+        assert!(c.spare_flights.borrow().is_empty(), "joined: not kept");
+    }
+
+    #[test]
+    fn a_request_after_the_fetch_stored_its_response_finds_no_flight() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k").expect("started");
+        g.flight().publish(stream());
+        assert!(g.flight().take_stream().is_some());
+        g.finish(FlightEnd::Stored);
+        assert_eq!(
+            c.spare_flights.borrow().len(),
+            1,
+            "published, not joined: kept"
+        );
+        assert!(c.flight(b"k").is_none());
+        let Err(Some(g)) = c.join_or_begin_flight(c.key(b"k")) else {
+            panic!("the fetch ended: this request starts one");
+        };
+        drop(g);
+        assert_eq!(
+            c.spare_flights.borrow().len(),
+            1,
+            "the new fetch made no flight"
+        );
+    }
+
+    #[test]
+    fn a_fetch_that_fails_after_a_late_join_lets_the_waiter_take_over() {
+        for published in [false, true] {
+            let c = worker_cache();
+            let g = c.begin_flight(b"k").expect("started");
+            if published {
+                g.flight().publish(stream());
+            }
+            let Ok(f) = c.join_or_begin_flight(c.key(b"k")) else {
+                panic!("the fetch is found");
+            };
+            let mut n = waiting(&f);
+            drop(g);
+            assert!(woken(&mut n), "woken by the failure");
+            assert_eq!(f.end.get(), FlightEnd::Failed);
+            let Err(Some(g)) = c.join_or_begin_flight(c.key(b"k")) else {
+                panic!("the waiter takes over");
+            };
+            let Ok(f2) = c.join_or_begin_flight(c.key(b"k")) else {
+                panic!("the new fetch is found");
+            };
+            assert!(!Rc::ptr_eq(&f, &f2), "a new flight for the new fetch");
+            assert_eq!(f2.end.get(), FlightEnd::Pending);
+            g.finish(FlightEnd::NotStorable);
+            assert_eq!(f2.end.get(), FlightEnd::NotStorable);
+        }
+    }
+
+    #[test]
+    fn flights_are_bounded() {
+        let c = worker_cache();
+        let mut guards = Vec::new();
+        for i in 0..MAX_FLIGHTS {
+            guards.push(c.begin_flight(format!("k{i}").as_bytes()).expect("room"));
+        }
+        assert!(c.begin_flight(b"one more").is_none());
+        assert!(matches!(
+            c.join_or_begin_flight(c.key(b"one more")),
+            Err(None)
+        ));
+        assert!(c.flight(b"k7").is_some(), "a running fetch is still found");
+        guards.pop();
+        assert!(c.begin_flight(b"one more").is_some());
+    }
+
+    #[test]
+    fn flights_past_the_short_list_are_found_and_ended_the_same() {
+        let c = worker_cache();
+        let n = FEW_FLIGHTS * 3;
+        let key = |i: usize| format!("k{i}").into_bytes();
+        let mut guards: Vec<Option<FlightGuard>> =
+            (0..n).map(|i| c.begin_flight(&key(i))).collect();
+        assert!(guards.iter().all(Option::is_some));
+        assert_eq!(c.flights.borrow().len(), n);
+        for (i, g) in guards.iter().enumerate() {
+            let f = c.flight(&key(i)).expect("in flight");
+            let g = g.as_ref().expect("started");
+            assert!(Rc::ptr_eq(&f, g.flight()), "each key finds its own flight");
+            assert!(c.begin_flight(&key(i)).is_none(), "one flight per key");
+        }
+        // End every other one, from the list and from the map alike.
+        for (i, g) in guards.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                g.take().expect("started").finish(FlightEnd::Stored);
+            }
+        }
+        for i in 0..n {
+            assert_eq!(c.flight(&key(i)).is_some(), i % 2 == 1, "key {i}");
+        }
+        // Ended keys start again (into the list's room first), the others are still found.
+        let again: Vec<FlightGuard> = (0..n)
+            .step_by(2)
+            .map(|i| c.begin_flight(&key(i)).expect("ended: may start"))
+            .collect();
+        assert_eq!(c.flights.borrow().len(), n);
+        drop(guards);
+        drop(again);
+        assert!(c.flights.borrow().is_empty());
+        // A collision past the short list is no match either.
+        let at = |bytes: &'static [u8], hash: u64| KeyRef { hash, bytes };
+        let gs: Vec<FlightGuard> = (0..FEW_FLIGHTS as u64 + 1)
+            .map(|h| c.begin_flight_at(at(b"a", h)).expect("room"))
+            .collect();
+        let last = FEW_FLIGHTS as u64;
+        assert!(c.flight_at(at(b"b", last)).is_none());
+        assert!(matches!(c.join_or_begin_flight(at(b"b", last)), Err(None)));
+        assert!(c.flight_at(at(b"a", last)).is_some());
+        drop(gs);
+        assert!(c.flights.borrow().is_empty());
     }
 }

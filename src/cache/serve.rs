@@ -200,6 +200,8 @@ thread_local! {
 /// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
 /// `no-cache` when there is no `Cache-Control` (§5.4). With them, whether the request has
 /// `Authorization` (§3.5).
+// One caller (`cached`): inlined, the directives written in place rather than returned.
+#[inline(always)]
 fn request_directives(head: &RequestHead) -> (Directives, bool) {
     let mut d = Directives::default();
     // One pass over the fields for the three names (two of them of one length).
@@ -261,25 +263,23 @@ impl Drop for Keys {
 }
 
 impl Keys {
+    // One caller (`cached`): inlined, without a call's saves and a copy of the result.
+    #[inline(always)]
     fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>, cache: &Rc<WorkerCache>) -> Keys {
         let consumer = if p.auth { consumer_of(ctx) } else { None };
         let mut shared = cache.key_buf();
-        let mut own = None;
-        if p.key_consumer {
-            build_key(
-                p,
-                &ctx.head,
-                Some(consumer.as_deref().unwrap_or(b"")),
-                &mut shared,
-            );
-        } else {
-            build_key(p, &ctx.head, None, &mut shared);
-            if let Some(cn) = consumer {
-                let mut k = Vec::new();
-                build_key(p, &ctx.head, Some(&cn), &mut k);
-                own = Some(k);
-            }
-        }
+        // One call for the shared key (inlined here); the consumer's own key, on auth routes
+        // only, is built out of line.
+        let shared_consumer = match (&consumer, p.key_consumer) {
+            (_, false) => None,
+            (Some(cn), true) => Some(&cn[..]),
+            (None, true) => Some(&b""[..]),
+        };
+        build_key(p, &ctx.head, shared_consumer, &mut shared);
+        let own = match consumer {
+            Some(cn) if !p.key_consumer => Some(own_key(p, &ctx.head, &cn)),
+            _ => None,
+        };
         Keys {
             hash: cache.key(&shared).hash,
             shared,
@@ -328,6 +328,14 @@ impl Keys {
         }
         (None, any)
     }
+}
+
+/// The key of a consumer's own entries (an auth route's private responses).
+#[inline(never)]
+fn own_key(p: &RoutePolicy, head: &RequestHead, consumer: &[u8]) -> Vec<u8> {
+    let mut k = Vec::new();
+    build_key(p, head, Some(consumer), &mut k);
+    k
 }
 
 /// A stored response found under one of the request's [`Keys`].
