@@ -1702,30 +1702,28 @@ async fn fetch<'c, S: ClientIo>(
                         RespBody::None => true,
                         _ => false,
                     };
-                    let mut plan = match (whole, plan, key) {
-                        (true, Ok(mut s), Some(k)) => {
-                            let n = known_len(&resp).unwrap_or(0) as usize;
-                            let mut body = std::mem::take(&mut s.body);
-                            body.extend_from_slice(&ch.up.rbuf[..n]);
-                            let vary = vary_values(&s.vary, &ctx.head);
-                            let (code, reason) = (resp.status, reason_of(&resp));
-                            store(&cache, p, keys, k, s, code, reason, body.freeze(), vary);
-                            if let Some(g) = guard {
-                                g.finish(FlightEnd::Stored);
-                            }
-                            status.stored = true;
-                            status.put(&mut ctx.resp_headers);
-                            let (out, reusable) = forward_response_tee(
-                                w, cfg, route, c, ctx, &mut ch.up, &resp, None,
-                            )
-                            .await;
-                            resp.raw = Bytes::new();
-                            release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
-                            w.bufs.give_resp(resp);
-                            return out;
+                    // (The plan is looked at where it lies: matching it by value would copy
+                    // its 200 bytes there and back.)
+                    if let (true, Ok(s), Some(k)) = (whole, plan.as_mut(), key) {
+                        let n = known_len(&resp).unwrap_or(0) as usize;
+                        let mut body = std::mem::take(&mut s.body);
+                        body.extend_from_slice(&ch.up.rbuf[..n]);
+                        let vary = vary_values(&s.vary, &ctx.head);
+                        let (code, reason) = (resp.status, reason_of(&resp));
+                        store(&cache, p, keys, k, s, code, reason, body.freeze(), vary);
+                        if let Some(g) = guard {
+                            g.finish(FlightEnd::Stored);
                         }
-                        (_, plan, _) => plan,
-                    };
+                        status.stored = true;
+                        status.put(&mut ctx.resp_headers);
+                        let (out, reusable) =
+                            forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None)
+                                .await;
+                        resp.raw = Bytes::new();
+                        release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                        w.bufs.give_resp(resp);
+                        return out;
+                    }
                     // Waiters on this fetch receive the body as it arrives when they may share it
                     // (stored under the shared key): as it came when its length is known,
                     // re-chunked when it is chunked (not when the upstream's close ends it: that
@@ -1803,7 +1801,17 @@ async fn fetch<'c, S: ClientIo>(
                             ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
-                            store(&cache, p, keys, k, s, status_code, reason, t.finish(), vary);
+                            store(
+                                &cache,
+                                p,
+                                keys,
+                                k,
+                                &mut s,
+                                status_code,
+                                reason,
+                                t.finish(),
+                                vary,
+                            );
                             end = FlightEnd::Stored;
                         } else if !complete {
                             end = FlightEnd::Failed;
@@ -1886,7 +1894,7 @@ fn store(
     p: &RoutePolicy,
     keys: &Keys,
     k: &[u8],
-    s: Storable,
+    s: &mut Storable,
     status: u16,
     reason: Bytes,
     body: Bytes,
@@ -1905,17 +1913,18 @@ fn store(
 }
 
 /// [`make_object`] of these parts (`s.url` the URL), built in the object `cache` gives
-/// ([`WorkerCache::new_object`]).
+/// ([`WorkerCache::new_object`]). What the object keeps is taken out of `s` (moved, not
+/// copied: `s` is left where it lies, empty).
 #[inline]
 fn build_object(
     cache: &WorkerCache,
-    s: Storable,
+    s: &mut Storable,
     status: u16,
     reason: Bytes,
     body: Bytes,
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Rc<Object> {
-    let tags = tags_of(&s);
+    let tags = tags_of(s);
     cache.new_object(|o| {
         // Field by field, each written where it is kept (an assignment of a whole `Object`
         // would build it aside and copy it over). The pattern names every field: none is
@@ -1933,10 +1942,10 @@ fn build_object(
         } = o;
         *o_status = status;
         *o_reason = reason;
-        *o_fields = s.fields;
+        *o_fields = std::mem::take(&mut s.fields);
         *o_body = body;
         *o_t = s.t;
-        *o_url = s.url;
+        *o_url = std::mem::take(&mut s.url);
         *o_tags = tags;
         *o_vary = vary;
         o_invalid.set(false);
@@ -3171,7 +3180,7 @@ mod tests {
                 .borrow()
                 .as_ref()
                 .map(std::rc::Rc::as_ptr);
-            let built = build_object(&cache, b, r.status, reason_of(&r), body, vary);
+            let built = build_object(&cache, &mut b, r.status, reason_of(&r), body, vary);
             assert_eq!(format!("{made:?}"), format!("{built:?}"), "case {i}");
             assert_eq!(built.weight(), made.weight(), "case {i}");
             assert_eq!(built.tags.is_empty(), i % 2 == 0, "case {i}: tags");
