@@ -376,9 +376,10 @@ impl<V> Store<V> {
         }
     }
 
-    /// Empties live slot `i`, out of its queue already, onto the free list.
+    /// Takes live slot `i`'s entry out of the slot, the weights, the count and the index
+    /// (what [`Store::take`] and [`Store::remove_at`] both do; the slot's number is theirs).
     #[inline(always)]
-    fn take(&mut self, i: u32) -> Option<(StoreKey, V)> {
+    fn vacate(&mut self, i: u32) -> Option<(StoreKey, V)> {
         let slot = self.slots.get_mut(i as usize)?;
         let (key, value) = slot.live.take()?;
         if slot.main {
@@ -389,24 +390,22 @@ impl<V> Store<V> {
         self.len -= 1;
         let bucket = slot.bucket;
         self.unindex(key.hash, i, bucket);
-        self.free.push(i);
         Some((key, value))
+    }
+
+    /// Empties live slot `i`, out of its queue already, onto the free list.
+    #[inline(always)]
+    fn take(&mut self, i: u32) -> Option<(StoreKey, V)> {
+        let taken = self.vacate(i)?;
+        self.free.push(i);
+        Some(taken)
     }
 
     /// Removes live slot `i`, still in its queue: its number stays there until the queue
     /// reaches it or a sweep frees it.
     fn remove_at(&mut self, i: u32) -> Option<(StoreKey, V)> {
-        let slot = self.slots.get_mut(i as usize)?;
-        let (key, value) = slot.live.take()?;
-        if slot.main {
-            self.main_weight -= slot.weight;
-        } else {
-            self.small_weight -= slot.weight;
-        }
-        self.len -= 1;
+        let (key, value) = self.vacate(i)?;
         self.dead += 1;
-        let bucket = slot.bucket;
-        self.unindex(key.hash, i, bucket);
         if self.dead > COMPACT_FLOOR && self.dead > self.len {
             self.sweep();
         }
