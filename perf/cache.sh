@@ -14,7 +14,9 @@
 # Rounds alternate the targets; medians are printed at the end.
 #
 #   cargo build --release && bash perf/cache.sh [rounds=3] [seconds=5] [conns=32]
-# RINGWAY_BIN=path/to/ringway runs another build (default: target/release/ringway).
+# RINGWAY_BIN=path/to/ringway runs another build (default: target/release/ringway). BUDGET (64MiB)
+# sets the store's budget: one that fits a core's L2 shows what writing into memory long out of
+# cache costs a stored miss.
 # PIN=1 pins the proxy under test (ringway, or nginx with proxy_cache) to CPU 1 and the origin and
 # wrk to CPU 0 (needs 2 CPUs): the proxy's CPU time per request then moves less with what the
 # load generator does on the same core. Pinned, req/s is bound by wrk's core: compare CPU per
@@ -47,7 +49,7 @@ if [[ -n ${PIN:-} ]]; then
   PROXY_CPU=(taskset -c 1); LOAD_CPU=(taskset -c 0)
 fi
 
-cache_configs $ORIGIN $GW 64MiB
+cache_configs $ORIGIN $GW "${BUDGET:-64MiB}"
 "${LOAD_CPU[@]}" nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
 
 RINGWAY_LOG=warn "${PROXY_CPU[@]}" "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The issue-12 miss measure as a paired A/B: CPU per request of a stored miss (cached route, a
+# new URL per request, the budget full so that each store evicts) against the same route without
+# a cache, under wrk load (one worker, 1 KiB answers from an nginx origin).
+#
+# What perf/cache.sh cannot give: its rounds are seconds apart and 3-5 per run, and the kernel
+# here splits user and system time by sampling at each tick (CONFIG_TICK_CPU_ACCOUNTING: ~250
+# samples a second), so the user-time estimate carries a few percent of sampling noise per round.
+# Here the two run in short alternating segments (order A B, B A, ...), the CPU is the process's
+# own scheduler clock (/proc/PID/task/*/schedstat, nanoseconds: exact, not sampled), and the
+# added CPU is summarised over many pairs: median with a bootstrap 90% interval, and the
+# pooled ratio (all segments of A over all of B). The user/system split (tick-sampled) is pooled
+# over every segment, where its sampling noise is small.
+#
+#   cargo build --release && bash perf/cache-ab.sh [pairs=20] [seconds=1] [conns=32]
+# RINGWAY_BIN=path/to/ringway (default target/release/ringway); BUDGET (64MiB); PIN=0 to not pin
+# (default with 2+ CPUs: ringway on CPU 1, wrk and the origin on CPU 0); NOSTORE=1 also runs the
+# cached route with no-store answers (a miss that stores nothing) as a third arm.
+# Needs nginx and wrk. Load only ever goes to 127.0.0.1.
+set -euo pipefail
+PAIRS=${1:-20}; SECS=${2:-1}; CONNS=${3:-32}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${RINGWAY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ringway}
+ORIGIN=${ORIGIN_PORT:-18500}; GW=${GW_PORT:-18580}
+command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx and wrk"; exit 2; }
+[[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 2; }
+D=$(mktemp -d /tmp/ringway-cache-ab.XXXXXX)
+chmod 755 "$D"
+GWPID=""
+. "$ROOT/perf/lib.sh"
+cleanup() {
+  if [[ -n $GWPID ]]; then kill "$GWPID" 2>/dev/null || true; wait "$GWPID" 2>/dev/null || true; fi
+  ng_stop
+  [[ -n ${KEEP:-} ]] && { echo "kept $D"; return; }
+  rm -rf "$D"
+}
+trap cleanup EXIT
+
+PROXY_CPU=(); LOAD_CPU=()
+if [[ ${PIN:-1} != 0 ]] && (( $(nproc) >= 2 )); then
+  PROXY_CPU=(taskset -c 1); LOAD_CPU=(taskset -c 0)
+fi
+cache_configs "$ORIGIN" "$GW" "${BUDGET:-64MiB}"
+"${LOAD_CPU[@]}" nginx -p "$D" -c "$D/origin.conf" -e "$D/origin.err"
+RINGWAY_LOG=warn "${PROXY_CPU[@]}" "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
+GWPID=$!
+wait_200 "http://127.0.0.1:$GW/plain/up" "http://127.0.0.1:$GW/up"
+
+cat > "$D/unique.lua" <<'EOF'
+local n = 0
+local prefix = os.getenv("PREFIX") or "/m/"
+request = function()
+  n = n + 1
+  return wrk.format("GET", prefix .. n)
+end
+EOF
+HZ=$(getconf CLK_TCK)
+# "nanoseconds-on-CPU user-ticks system-ticks" of the gateway (all its threads).
+cpu_of() {
+  local ns=0 t
+  for t in /proc/"$GWPID"/task/*/schedstat; do
+    ns=$((ns + $(cut -d' ' -f1 "$t" 2>/dev/null || echo 0)))
+  done
+  echo "$ns $(awk '{print $14, $15}' "/proc/$GWPID/stat")"
+}
+seq_no=0
+# segment ARM PREFIX: one wrk run of SECS on new URLs under PREFIX; appends
+# "ARM requests ns user-ticks system-ticks" to $D/segments.
+segment() {
+  local arm=$1 prefix=$2 a b out reqs
+  seq_no=$((seq_no + 1))
+  a=$(cpu_of)
+  out=$(PREFIX="$prefix$seq_no-" "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$D/unique.lua" "http://127.0.0.1:$GW")
+  b=$(cpu_of)
+  grep -q "Non-2xx" <<<"$out" && { echo "non-2xx answers in $arm"; exit 1; }
+  reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' <<<"$out")
+  read -r n0 u0 s0 <<<"$a"; read -r n1 u1 s1 <<<"$b"
+  echo "$arm $reqs $((n1 - n0)) $((u1 - u0)) $((s1 - s0))" >> "$D/segments"
+}
+# Fill the store past its budget (each later store evicts) and warm both routes.
+PREFIX=/fill/ "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d4s -s "$D/unique.lua" "http://127.0.0.1:$GW" >/dev/null
+PREFIX=/plain/warm "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d1s -s "$D/unique.lua" "http://127.0.0.1:$GW" >/dev/null
+: > "$D/segments"
+for i in $(seq "$PAIRS"); do
+  arms=("stored /m/" "plain /plain/")
+  [[ -n ${NOSTORE:-} ]] && arms+=("nostore /ns/")
+  if (( i % 2 == 0 )); then arms=("${arms[@]:1}" "${arms[0]}"); fi
+  for a in "${arms[@]}"; do segment $a; done
+done
+python3 - "$D/segments" "$HZ" "$PAIRS" <<'PY'
+import random, statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+hz, pairs = float(sys.argv[2]), int(sys.argv[3])
+arms = {}
+for arm, reqs, ns, u, s in rows:
+    arms.setdefault(arm, []).append((int(reqs), int(ns), int(u), int(s)))
+def per(seg): return seg[1] / 1000 / seg[0]  # µs of CPU per request
+print(f"{pairs} pairs of {len(rows)//pairs} segments; CPU from schedstat (exact), user/system split from ticks (sampled)")
+print("| arm | req/s (median) | µs CPU/req (median) | pooled µs CPU/req | pooled µs user | pooled µs system |")
+print("|---|---|---|---|---|---|")
+for arm, segs in arms.items():
+    R = sum(x[0] for x in segs); N = sum(x[1] for x in segs)
+    U = sum(x[2] for x in segs) / hz * 1e6 / R; S = sum(x[3] for x in segs) / hz * 1e6 / R
+    tot = N / 1000 / R
+    # Split the exact total by the sampled shares.
+    us, ss = tot * U / (U + S), tot * S / (U + S)
+    print(f"| {arm} | {statistics.median(x[0] for x in segs):,.0f} per segment | {statistics.median(per(x) for x in segs):.2f} | {tot:.2f} | {us:.2f} | {ss:.2f} |")
+base = arms["plain"]
+def summary(name, other):
+    r = [(per(a) / per(b) - 1) * 100 for a, b in zip(other, base)]
+    random.seed(1)
+    boots = sorted(statistics.median(random.choices(r, k=len(r))) for _ in range(2000))
+    lo, hi = boots[int(0.05 * len(boots))], boots[int(0.95 * len(boots)) - 1]
+    pooled = (sum(x[1] for x in other) / sum(x[0] for x in other)) / (sum(x[1] for x in base) / sum(x[0] for x in base))
+    print(f"| CPU added by {name} | median {statistics.median(r):+.1f}% (90% interval {lo:+.1f} to {hi:+.1f}), pooled {(pooled - 1) * 100:+.1f}%; pairs {min(r):+.1f} to {max(r):+.1f} |")
+print()
+summary("a stored miss", arms["stored"])
+if "nostore" in arms:
+    summary("an unstored miss", arms["nostore"])
+PY
