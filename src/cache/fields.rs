@@ -188,11 +188,11 @@ impl Fields {
             .retain(|s| keep(part(block, s.name), part(block, s.value)));
     }
 
-    /// The spans' vector, emptied, for other fields to reuse (the block is dropped).
-    pub fn into_spans(self) -> Vec<HeaderSpan> {
+    /// The block, and the spans' vector emptied, for other fields to reuse.
+    pub fn into_parts(self) -> (Bytes, Vec<HeaderSpan>) {
         let mut spans = self.spans;
         spans.clear();
-        spans
+        (self.block, spans)
     }
 
     /// Writes the lines `keep` accepts (by name) to `out` as [`put_header`] writes them

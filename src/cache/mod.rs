@@ -923,17 +923,15 @@ impl WorkerCache {
         let Some(obj) = Rc::get_mut(&mut o) else {
             return;
         };
-        let fields = std::mem::take(&mut obj.fields).into_spans();
+        let (block, fields) = std::mem::take(&mut obj.fields).into_parts();
         drop(std::mem::take(&mut obj.url));
-        let body = std::mem::take(&mut obj.body);
-        // An object stored from an upstream holds its head's copy, its URL and its body in one
-        // allocation (`serve::analyze_response`): with the other slices of it dropped above,
-        // the body's handle gives it back.
-        if let Ok(mut buf) = body.try_into_mut() {
+        drop(std::mem::take(&mut obj.body));
+        // An object stored from an upstream holds its head's copy (the fields' block, from the
+        // allocation's start), its URL and its body in one allocation
+        // (`serve::analyze_response`): with the other handles dropped above, the block's gives
+        // all of it back, from its start (nothing to move back, as from the body's handle).
+        if let Ok(mut buf) = block.try_into_mut() {
             buf.clear();
-            // All of it (the body's handle starts past the head and the URL): `try_reclaim`
-            // moves back to the start when there is room before it, and never allocates.
-            let _ = buf.try_reclaim(buf.capacity().saturating_add(1));
             if buf.capacity() <= MAX_SPARE_BUF {
                 *self.spare_buf.borrow_mut() = buf;
             }
