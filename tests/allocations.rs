@@ -4,8 +4,10 @@
 //! (fixed buffers), so what the counter sees during the measured requests is the gateway's.
 //! The figure is printed; the assertion is a property (no allocation at all during the measured
 //! requests), not a timing.
-//! Run for a plain route, a JWT route (a cached token: no allocation either) and a trusted
-//! peer's forwarding headers.
+//! Run for a plain route, a JWT route (a cached token: no allocation either), a trusted
+//! peer's forwarding headers, the access log, and a cached route where every request is a new
+//! URL that is stored (a stored miss: once the store is full, each store evicts one object and
+//! the new one is built in its allocations).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
@@ -33,7 +35,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\nContent-Type: text/plain\r\n\r\naaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+// Storable for an hour (the cached route stores each; the others pass the field on).
+const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 64\r\nContent-Type: text/plain\r\nCache-Control: max-age=3600\r\n\r\naaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
 /// Reads until `buf` ends with a blank line (requests here have no body).
 fn read_head(s: &mut TcpStream, buf: &mut [u8]) -> bool {
@@ -56,7 +59,7 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
     std::thread::spawn(move || {
         // One gateway per driver and setting: eight connections in all; bounded, it stops by
         // itself.
-        for _ in 0..8 {
+        for _ in 0..10 {
             let Ok((mut s, _)) = upstream.accept() else {
                 return;
             };
@@ -104,6 +107,14 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
         "{plain}[access_log]\nenabled = true\noutput = \"{}\"\n",
         log_path.display()
     );
+    // Every request a new URL (the path ends in the request's number, see `numbered` below),
+    // stored: the store's budget is small, so it is full after the warm-up and each stored
+    // miss evicts. Its objects are alike: the same answer, and paths of one length (numbered
+    // from 100,000: a new object a byte longer than every evicted one would find no evicted
+    // allocation with the room, until the store has turned over once).
+    let cached = format!(
+        "{plain}cache = {{}}\n[cache]\nmax_bytes_per_worker = \"64KiB\"\nmax_object_bytes = \"4KiB\"\n"
+    );
     let trusted_req = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.7\r\nForwarded: for=192.0.2.7\r\nX-Real-IP: 192.0.2.7\r\n\r\n".to_vec();
     let plain_req =
         b"GET /x HTTP/1.1\r\nHost: a\r\nUser-Agent: alloc-test\r\nAccept: */*\r\n\r\n".to_vec();
@@ -117,7 +128,9 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
         ("jwt", &jwt, &jwt_req),
         ("trusted", &trusted, &trusted_req),
         ("access-log", &logged, &plain_req),
+        ("stored-miss", &cached, &plain_req),
     ] {
+        let numbered = label == "stored-miss";
         for driver in [
             ringway::config::DriverChoice::IoUring,
             ringway::config::DriverChoice::Epoll,
@@ -129,10 +142,25 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
             let mut c = TcpStream::connect(gw.addrs()[0]).unwrap();
             c.set_nodelay(true).unwrap();
             let mut buf = [0u8; 4096];
+            let mut sent = 100_000u64;
             let mut exchange = |c: &mut TcpStream| {
-                c.write_all(req).unwrap();
+                if numbered {
+                    // `GET /x<n> ...`: the request line's path numbered, written into a fixed
+                    // buffer (the client allocates nothing either).
+                    let mut line = [0u8; 512];
+                    let mut w = &mut line[..];
+                    write!(w, "GET /x{sent}").unwrap();
+                    let left = w.len();
+                    let path_end = line.len() - left;
+                    let rest = &req[b"GET /x".len()..];
+                    line[path_end..path_end + rest.len()].copy_from_slice(rest);
+                    c.write_all(&line[..path_end + rest.len()]).unwrap();
+                    sent += 1;
+                } else {
+                    c.write_all(req).unwrap();
+                }
                 let mut n = 0;
-                while n < RESPONSE.len() + 60 {
+                while n < RESPONSE.len() + 200 {
                     let k = c.read(&mut buf[n..]).unwrap();
                     assert!(k > 0);
                     n += k;
@@ -142,9 +170,19 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
                 }
                 // A refusal (401) must not pass for a proxied request.
                 assert!(buf.starts_with(b"HTTP/1.1 200 "), "{label}: not proxied");
+                if numbered {
+                    // Each a miss that was stored (RFC 9211 `fwd=miss`, `stored`).
+                    let head = &buf[..n];
+                    assert!(
+                        head.windows(10).any(|w| w == b"; stored\r\n"),
+                        "{label}: not stored: {}",
+                        String::from_utf8_lossy(head)
+                    );
+                }
             };
-            // Warm up: pools, buffers, the upstream connection.
-            for _ in 0..200 {
+            // Warm up: pools, buffers, the upstream connection (and for the stored misses, the
+            // store filled, its index grown to what a full store holds: some 200 objects).
+            for _ in 0..if numbered { 2000 } else { 200 } {
                 exchange(&mut c);
             }
             // At least 2,000 requests, and long enough that the worker's idle wheel turns
