@@ -16,6 +16,9 @@
 # RINGWAY_BIN=path/to/ringway (default target/release/ringway); BUDGET (64MiB); PIN=0 to not pin
 # (default with 2+ CPUs: ringway on CPU 1, wrk and the origin on CPU 0); NOSTORE=1 also runs the
 # cached route with no-store answers (a miss that stores nothing) as a third arm.
+# RINGWAY_BIN_B=path/to/other/ringway also runs a second build side by side (its own process,
+# pinned the same, on the next port), each arm on both: the two builds compared in the same
+# run, segment by segment.
 # Needs nginx and wrk. Load only ever goes to 127.0.0.1.
 set -euo pipefail
 PAIRS=${1:-20}; SECS=${2:-1}; CONNS=${3:-32}
@@ -26,10 +29,11 @@ command -v nginx >/dev/null && command -v wrk >/dev/null || { echo "needs nginx 
 [[ -x $BIN ]] || { echo "no $BIN: cargo build --release first"; exit 2; }
 D=$(mktemp -d /tmp/ringway-cache-ab.XXXXXX)
 chmod 755 "$D"
-GWPID=""
+GWPID=""; GWPID_B=""
 . "$ROOT/perf/lib.sh"
 cleanup() {
-  if [[ -n $GWPID ]]; then kill "$GWPID" 2>/dev/null || true; wait "$GWPID" 2>/dev/null || true; fi
+  local p
+  for p in $GWPID $GWPID_B; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   ng_stop
   [[ -n ${KEEP:-} ]] && { echo "kept $D"; return; }
   rm -rf "$D"
@@ -45,6 +49,13 @@ cache_configs "$ORIGIN" "$GW" "${BUDGET:-64MiB}"
 RINGWAY_LOG=warn "${PROXY_CPU[@]}" "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
 GWPID=$!
 wait_200 "http://127.0.0.1:$GW/plain/up" "http://127.0.0.1:$GW/up"
+if [[ -n ${RINGWAY_BIN_B:-} ]]; then
+  [[ -x $RINGWAY_BIN_B ]] || { echo "no $RINGWAY_BIN_B"; exit 2; }
+  sed "s/127.0.0.1:$GW\"/127.0.0.1:$((GW + 1))\"/" "$D/ringway.toml" > "$D/ringway-b.toml"
+  RINGWAY_LOG=warn "${PROXY_CPU[@]}" "$RINGWAY_BIN_B" -c "$D/ringway-b.toml" 2> "$D/ringway-b.log" &
+  GWPID_B=$!
+  wait_200 "http://127.0.0.1:$((GW + 1))/plain/up" "http://127.0.0.1:$((GW + 1))/up"
+fi
 
 cat > "$D/unique.lua" <<'EOF'
 local n = 0
@@ -55,36 +66,46 @@ request = function()
 end
 EOF
 HZ=$(getconf CLK_TCK)
-# "nanoseconds-on-CPU user-ticks system-ticks" of the gateway (all its threads).
+# "nanoseconds-on-CPU user-ticks system-ticks" of gateway process $1 (all its threads).
 cpu_of() {
   local ns=0 t
-  for t in /proc/"$GWPID"/task/*/schedstat; do
+  for t in /proc/"$1"/task/*/schedstat; do
     ns=$((ns + $(cut -d' ' -f1 "$t" 2>/dev/null || echo 0)))
   done
-  echo "$ns $(awk '{print $14, $15}' "/proc/$GWPID/stat")"
+  echo "$ns $(awk '{print $14, $15}' "/proc/$1/stat")"
 }
 seq_no=0
-# segment ARM PREFIX: one wrk run of SECS on new URLs under PREFIX; appends
-# "ARM requests ns user-ticks system-ticks" to $D/segments.
+# segment ARM PREFIX [B]: one wrk run of SECS on new URLs under PREFIX (on the second build
+# when B is given); appends "ARM requests ns user-ticks system-ticks" to $D/segments.
 segment() {
-  local arm=$1 prefix=$2 a b out reqs
+  local arm=$1 prefix=$2 pid=$GWPID port=$GW a b out reqs
+  if [[ -n ${3:-} ]]; then arm="$arm-B"; pid=$GWPID_B; port=$((GW + 1)); fi
   seq_no=$((seq_no + 1))
-  a=$(cpu_of)
-  out=$(PREFIX="$prefix$seq_no-" "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$D/unique.lua" "http://127.0.0.1:$GW")
-  b=$(cpu_of)
+  a=$(cpu_of "$pid")
+  out=$(PREFIX="$prefix$seq_no-" "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$D/unique.lua" "http://127.0.0.1:$port")
+  b=$(cpu_of "$pid")
   grep -q "Non-2xx" <<<"$out" && { echo "non-2xx answers in $arm"; exit 1; }
   reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' <<<"$out")
   read -r n0 u0 s0 <<<"$a"; read -r n1 u1 s1 <<<"$b"
   echo "$arm $reqs $((n1 - n0)) $((u1 - u0)) $((s1 - s0))" >> "$D/segments"
 }
 # Fill the store past its budget (each later store evicts) and warm both routes.
-PREFIX=/fill/ "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d4s -s "$D/unique.lua" "http://127.0.0.1:$GW" >/dev/null
-PREFIX=/plain/warm "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d1s -s "$D/unique.lua" "http://127.0.0.1:$GW" >/dev/null
+PORTS=("$GW"); [[ -n $GWPID_B ]] && PORTS+=($((GW + 1)))
+for port in "${PORTS[@]}"; do
+  PREFIX=/fill/ "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d4s -s "$D/unique.lua" "http://127.0.0.1:$port" >/dev/null
+  PREFIX=/plain/warm "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d1s -s "$D/unique.lua" "http://127.0.0.1:$port" >/dev/null
+done
 : > "$D/segments"
 for i in $(seq "$PAIRS"); do
   arms=("stored /m/" "plain /plain/")
   [[ -n ${NOSTORE:-} ]] && arms+=("nostore /ns/")
-  if (( i % 2 == 0 )); then arms=("${arms[@]:1}" "${arms[0]}"); fi
+  if [[ -n $GWPID_B ]]; then
+    n=${#arms[@]}
+    for ((j = 0; j < n; j++)); do arms+=("${arms[j]} B"); done
+  fi
+  # Rotated by one each pair: every arm runs first in turn.
+  r=$(( (i - 1) % ${#arms[@]} ))
+  arms=("${arms[@]:r}" "${arms[@]:0:r}")
   for a in "${arms[@]}"; do segment $a; done
 done
 python3 - "$D/segments" "$HZ" "$PAIRS" <<'PY'
@@ -117,4 +138,15 @@ print()
 summary("a stored miss", arms["stored"])
 if "nostore" in arms:
     summary("an unstored miss", arms["nostore"])
+if "stored-B" in arms:
+    print()
+    print("second build (RINGWAY_BIN_B), the same arms against its own plain route:")
+    base = arms["plain-B"]
+    summary("a stored miss (B)", arms["stored-B"])
+    if "nostore-B" in arms:
+        summary("an unstored miss (B)", arms["nostore-B"])
+    print("B against A, arm by arm (same round):")
+    for arm in [a for a in arms if not a.endswith("-B")]:
+        base = arms[arm]
+        summary(f"B over A on {arm}", arms[arm + "-B"])
 PY
