@@ -417,6 +417,17 @@ impl<V> Store<V> {
     fn index_slot(&mut self, hash: u64, i: u32) {
         let buckets = self.index.num_buckets();
         let slots = &self.slots;
+        // Grown as soon as it is half full (7/16 of its buckets: half of the 7/8 it fills),
+        // not later. The index marks removed entries deleted; when those use up its free room
+        // it tidies itself in place if at most half full, else grows. A store that has filled
+        // its budget inserts and evicts forever at about one size: grown here, its index
+        // stays under half full and never allocates again, where it would otherwise grow at
+        // some later insert, whenever its deleted marks ran out (a full store's stored miss
+        // allocates nothing: tests/allocations.rs).
+        let live = self.index.len();
+        if live.saturating_mul(16) >= buckets.saturating_mul(7) {
+            self.index.reserve(live + 1, |j| hash_of(slots, j));
+        }
         let at = self
             .index
             .insert_unique(hash, i, |j| hash_of(slots, j))
