@@ -187,7 +187,44 @@ impl<V> Store<V> {
             self.index_slot(hash, i);
         }
         // (`None`: past `MAX_SLOTS`, entries of a byte each in a budget of over 4 GiB.)
+        self.prefetch_next_victim();
         first
+    }
+
+    /// The slot number the next eviction most likely empties: the front of the queue it takes
+    /// from (an entry there with uses left is passed over instead; this does not look past it).
+    fn front(&self) -> Option<u32> {
+        let from_small = !self.small.is_empty()
+            && (self.small_weight > self.small_target || self.main_weight == 0);
+        if from_small {
+            self.small.front().copied()
+        } else {
+            self.main.front().copied()
+        }
+    }
+
+    /// Brings in the slot of [`Store::next_victim`] (see `WorkerCache::prefetch_victim`, which
+    /// then brings in what the slot points to).
+    #[inline]
+    fn prefetch_next_victim(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(slot) = self.front().and_then(|i| self.slots.get(i as usize)) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: a prefetch reads and writes nothing the program sees and never faults;
+            // SSE, which it needs, is part of x86-64.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(slot).cast::<i8>()) };
+        }
+    }
+
+    /// The live entry the next eviction most likely takes (see [`Store::front`]); `None` when
+    /// that slot's entry was removed, or has uses left (it would be passed over), or the store
+    /// is empty. Changes nothing.
+    pub(crate) fn next_victim(&self) -> Option<(&StoreKey, &V)> {
+        let slot = self.slots.get(self.front()? as usize)?;
+        if slot.freq.get() > 0 {
+            return None;
+        }
+        slot.live.as_ref().map(|(k, v)| (k, v))
     }
 
     /// Replaces the value under `key` when one is stored: a use of the key unless `soft`.
@@ -686,6 +723,9 @@ mod tests {
                     let was_there = s.peek(key_ref(&bytes, collide)).is_some();
                     let new_version = v.version;
                     newest.insert(bytes.clone(), Some(new_version));
+                    // What the caches are told to bring in for the next eviction.
+                    let victim = s.next_victim().map(|(k, _)| k.bytes.clone());
+                    let w = (weight + (bytes.len() + room) as u64).max(1);
                     let out = s.insert(store_key(&bytes, collide, room), v, weight);
                     if let Some((k, v)) = out {
                         prop_assert_eq!(&k.bytes, &v.key);
@@ -693,10 +733,15 @@ mod tests {
                             // The key's own former entry comes back first.
                             prop_assert_eq!(&k.bytes, &bytes);
                             prop_assert_eq!(Some(v.version), former);
+                        } else if let Some(victim) =
+                            victim.filter(|_| w * 100 <= budget * MAX_ENTRY_PERCENT)
+                        {
+                            // A new key stored by evicting: the first evicted is the one
+                            // `next_victim` named.
+                            prop_assert_eq!(&k.bytes, &victim);
                         }
                     }
                     let stored = s.peek(key_ref(&bytes, collide)).map(|v| v.version);
-                    let w = (weight + (bytes.len() + room) as u64).max(1);
                     if w * 100 <= budget * MAX_ENTRY_PERCENT {
                         // Light enough: stored, with priority over what was there.
                         prop_assert_eq!(stored, Some(new_version));
