@@ -907,14 +907,14 @@ impl WorkerCache {
     }
 
     /// Brings in what the next eviction reads of the entry it will evict (most likely: the
-    /// one at the front of its queue), for a miss that may store: its object and its key. The
-    /// store brought the entry's slot in after its last insert ([`store::Store::insert`]).
+    /// one at the front of its queue), for a miss that may store: its object (not its key's
+    /// bytes, which the eviction does not read; they are brought in when kept). The store
+    /// brought the entry's slot in after its last insert ([`store::Store::insert`]).
     fn prefetch_victim(&self) {
         let m = self.map.borrow();
-        let Some((k, e)) = m.next_victim() else {
+        let Some((_, e)) = m.next_victim() else {
             return;
         };
-        prefetch(k.bytes.as_ptr(), k.bytes.len());
         if let Variants::One(o) = &e.variants {
             // The object and the counts before it (`Rc`'s allocation).
             let at = Rc::as_ptr(o)
