@@ -149,6 +149,7 @@ fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The delta-seconds of a line that is `max-age=` and digits (in any case, OWS around it),
 /// `None` for any other line.
+#[inline(always)]
 fn lone_max_age(line: &[u8]) -> Option<u64> {
     let line = trim_ows(line);
     if line.len() <= 8 || lower8(word(line, 0)) != word(b"max-age=", 0) {
@@ -199,14 +200,23 @@ impl Directives {
 
     /// Adds the directives of one `Cache-Control` field line. A directive given twice keeps
     /// its first value (§4.2.1).
+    // Inlined: the most common line of all, `max-age=N` alone, is read where the line is found
+    // (once per stored miss), the others by a call.
+    #[inline(always)]
     pub fn add(&mut self, line: &[u8]) {
         let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
-        // The most common line of all, `max-age=N` alone, read without the scan (to the same
-        // effect: a test compares the two).
+        // Read without the scan (to the same effect: a test compares the two).
         if let Some(secs) = lone_max_age(line) {
             self.max_age = self.max_age.or(Some(secs));
             return;
         }
+        self.add_items(line);
+    }
+
+    /// [`Directives::add`] of a line (at most [`MAX_DIRECTIVES_BYTES`]) that is not
+    /// `max-age=N` alone.
+    #[inline(never)]
+    fn add_items(&mut self, line: &[u8]) {
         // One scan splits the line on commas outside quoted strings, as `split_quoted` does,
         // and notes each item's first "=" outside them. (An item with a quote before its
         // first "=" has a name no directive has, whichever "=" is taken.)
@@ -842,6 +852,9 @@ pub enum FieldName {
 /// The [`FieldName`] of `name`, in any case. By length and first letter first, so that a
 /// name is compared with at most one candidate (two for `set-cookie2`'s length), and most
 /// names with none.
+// Inlined into its one caller's loop (`serve::analyze_response`, once per line of a stored
+// response): a call per line costs more than most classifications.
+#[inline(always)]
 pub fn field_name(name: &[u8]) -> FieldName {
     use FieldName::*;
     let is = |s: &[u8]| is_name(name, s);
@@ -911,6 +924,23 @@ pub fn fields<'a>(
         .iter()
         .filter(move |(n, _)| eq_ignore_case(n, name))
         .map(|(_, v)| v)
+}
+
+/// `a == b`, for the short strings the cache compares on every request (a route's cache name):
+/// up to 16 bytes in two overlapping loads of each, without a call to `bcmp`.
+#[inline]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a == b,
+        4..=7 => short_word(a) == short_word(b),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
 }
 
 /// `a.eq_ignore_ascii_case(b)`, eight bytes at a time: the cache compares field names this
@@ -1151,6 +1181,24 @@ mod tests {
         assert!(!eq_ignore_case(b"cache-control", b"cache-controm"));
         assert!(!eq_ignore_case(b"cache-control", b"cache-contro"));
         assert!(eq_ignore_case(b"", b""));
+    }
+
+    #[test]
+    fn same_bytes_is_eq() {
+        // Each length to past the two-word form, a byte changed in each place, and a length
+        // apart.
+        for len in 0..=20usize {
+            let a: Vec<u8> = (0..len as u8).map(|i| b'a' + i).collect();
+            assert!(same_bytes(&a, &a.clone()), "{len}");
+            for at in 0..len {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "{len} {at}");
+            }
+            let mut longer = a.clone();
+            longer.push(b'z');
+            assert!(!same_bytes(&a, &longer), "{len}");
+        }
     }
 
     /// A `Directives` is made, returned and dropped for every cached request (and two for a
