@@ -881,9 +881,11 @@ fn analyze_response(
 ) -> Result<Storable, &'static str> {
     // The lines listed in `Connection` are not the response's own (RFC 9110 §7.6.1): both
     // passes skip them, as `copy_fields` does.
-    let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    let any_listed = resp.connection_options;
-    let hidden = |n: &[u8]| any_listed && listed.lists(n);
+    // (Collected only when there are any: most responses have none.)
+    let listed = resp
+        .connection_options
+        .then(|| ConnectionOptions::collect(&resp.raw, &resp.headers, true));
+    let hidden = |n: &[u8]| listed.as_ref().is_some_and(|l| l.lists(n));
     // First pass: the directives, from the Cache-Control lines, and whether a targeted field
     // (RFC 9213) may govern instead (then they are read as `analyze` reads them: rare).
     // A line's name is looked at only when its length is that of one of these names (the
@@ -908,17 +910,10 @@ fn analyze_response(
             any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
         }
     }
-    // Borrowed, not moved (a `Directives` is some 200 bytes).
+    // Borrowed, not moved (a `Directives` is some 100 bytes).
     let by_targeted;
     let (d, targeted) = if any_targeted {
-        by_targeted = p.directives_by(|name, each| {
-            for h in &resp.headers {
-                let n = resp.bytes(h.name);
-                if policy::eq_ignore_case(n, name) && !hidden(n) {
-                    each(resp.bytes(h.value));
-                }
-            }
-        });
+        by_targeted = targeted_directives(p, resp, listed.as_ref());
         (&by_targeted.0, by_targeted.1)
     } else {
         (&d, false)
@@ -996,7 +991,7 @@ fn analyze_response(
     let tagged = seen.surrogate;
     // Only `private="..."` and `no-cache="..."` are left to drop.
     if d.names_fields() {
-        spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
+        drop_named_lines(p, d, resp, &mut spans);
     }
     // A response left without a Date gets one (RFC 9110 §6.6.1), written after the head's
     // copy, in the same block.
@@ -1043,6 +1038,39 @@ fn analyze_response(
         url,
         body: buf,
     })
+}
+
+/// The directives of `resp` as [`RoutePolicy::directives_by`] reads them (a targeted field's
+/// when one is valid, RFC 9213 §2.2), without the lines `listed` in `Connection`. Rare (a
+/// response with a targeted field): out of [`analyze_response`]'s way.
+#[cold]
+#[inline(never)]
+fn targeted_directives(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    listed: Option<&ConnectionOptions<'_>>,
+) -> (Directives, bool) {
+    p.directives_by(|name, each| {
+        for h in &resp.headers {
+            let n = resp.bytes(h.name);
+            if policy::eq_ignore_case(n, name) && !listed.is_some_and(|l| l.lists(n)) {
+                each(resp.bytes(h.value));
+            }
+        }
+    })
+}
+
+/// Leaves out of `spans` (lines of `resp`) those `private="..."` or `no-cache="..."` names
+/// ([`dropped`]). Rare: out of [`analyze_response`]'s way.
+#[cold]
+#[inline(never)]
+fn drop_named_lines(
+    p: &RoutePolicy,
+    d: &Directives,
+    resp: &ResponseHead,
+    spans: &mut Vec<HeaderSpan>,
+) {
+    spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
 }
 
 /// The name of the Date field this cache adds to a response stored without one.
