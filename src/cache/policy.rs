@@ -879,48 +879,49 @@ pub fn field_name(name: &[u8]) -> FieldName {
     use FieldName::*;
     let is = |s: &[u8]| is_name(name, s);
     // `| 0x20` lowers a letter (other bytes become something no arm below starts with, or
-    // the compare that follows refuses them).
-    let first = name.first().map_or(0, |b| b | 0x20);
+    // the compare that follows refuses them). Read in the arms, where the length is known
+    // (so the byte is, without a test).
+    let first = || name.first().map_or(0, |b| b | 0x20);
     // Length, then first letter: two jumps, then the one candidate compared.
     match name.len() {
-        2 if first == b't' && is(b"te") => Unstorable,
-        3 if first == b'a' && is(b"age") => Age,
-        4 => match first {
+        2 if first() == b't' && is(b"te") => Unstorable,
+        3 if first() == b'a' && is(b"age") => Age,
+        4 => match first() {
             b'd' if is(b"date") => Date,
             b'e' if is(b"etag") => ETag,
             b'v' if is(b"vary") => Vary,
             _ => Other,
         },
-        7 => match first {
+        7 => match first() {
             b'e' if is(b"expires") => Expires,
             b't' if is(b"trailer") => Unstorable,
             b'u' if is(b"upgrade") => Unstorable,
             _ => Other,
         },
-        10 => match first {
+        10 => match first() {
             b'c' if is(b"connection") => Unstorable,
             b'k' if is(b"keep-alive") => Unstorable,
             b's' if is(b"set-cookie") => SetCookie,
             _ => Other,
         },
-        11 if first == b's' && is(b"set-cookie2") => SetCookie,
-        12 => match first {
+        11 if first() == b's' && is(b"set-cookie2") => SetCookie,
+        12 => match first() {
             b'c' if is(b"cache-status") => CacheStatus,
             b'x' if is(b"x-request-id") => Unstorable,
             _ => Other,
         },
-        13 => match first {
+        13 => match first() {
             b'c' if is(b"cache-control") => CacheControl,
             b'l' if is(b"last-modified") => LastModified,
             b's' if is(b"surrogate-key") => SurrogateKey,
             _ => Other,
         },
-        14 if first == b'c' && is(b"content-length") => Unstorable,
-        16 if first == b'p' && is(b"proxy-connection") => Unstorable,
-        17 if first == b't' && is(b"transfer-encoding") => Unstorable,
-        18 if first == b'p' && is(b"proxy-authenticate") => Unstorable,
-        19 if first == b'p' && is(b"proxy-authorization") => Unstorable,
-        25 if first == b'p' && is(b"proxy-authentication-info") => Unstorable,
+        14 if first() == b'c' && is(b"content-length") => Unstorable,
+        16 if first() == b'p' && is(b"proxy-connection") => Unstorable,
+        17 if first() == b't' && is(b"transfer-encoding") => Unstorable,
+        18 if first() == b'p' && is(b"proxy-authenticate") => Unstorable,
+        19 if first() == b'p' && is(b"proxy-authorization") => Unstorable,
+        25 if first() == b'p' && is(b"proxy-authentication-info") => Unstorable,
         _ => Other,
     }
 }

@@ -894,10 +894,15 @@ fn analyze_response(
         .targeted
         .iter()
         .fold(0u64, |m, t| m | 1 << t.len().min(63));
+    // Both tests behind one: whether a line's length is that of any of these names.
+    let looked_at = targeted_lens | 1 << CACHE_CONTROL.len();
     let mut d = Directives::default();
     let mut any_targeted = false;
     for h in &resp.headers {
         let len = h.name.len();
+        if looked_at >> len.min(63) & 1 == 0 {
+            continue;
+        }
         if len == CACHE_CONTROL.len() {
             let n = resp.bytes(h.name);
             if policy::is_name(n, CACHE_CONTROL) && !hidden(n) {
