@@ -4,6 +4,7 @@
 //! (RFC 9110 §13, §14).
 
 use std::cell::Cell;
+use std::mem::ManuallyDrop;
 
 use crate::http::{list_items, trim_ows};
 
@@ -62,8 +63,10 @@ pub struct Directives {
     pub private: bool,
     /// The fields `private="a, b"` and `no-cache="a, b"` name, when either form was given
     /// (rare: boxed, so that a `Directives` is small to make, move and drop; see
-    /// [`Directives::private_fields`], [`Directives::no_cache_fields`]).
-    pub named: Option<Box<NamedFields>>,
+    /// [`Directives::private_fields`], [`Directives::no_cache_fields`]). Freed by
+    /// `Directives`' own `Drop`, which looks at it inline: the drop glue of a box would be a
+    /// call on every drop (two per stored miss), most of them of none.
+    pub named: Option<ManuallyDrop<Box<NamedFields>>>,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
@@ -75,6 +78,22 @@ pub struct Directives {
     pub max_stale: Option<Option<u64>>,
     pub min_fresh: Option<u64>,
     pub only_if_cached: bool,
+}
+
+impl Drop for Directives {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(named) = self.named.take() {
+            drop_named(named);
+        }
+    }
+}
+
+/// Frees what [`Directives::named`] held (rare: out of the way of the inlined test).
+#[cold]
+#[inline(never)]
+fn drop_named(named: ManuallyDrop<Box<NamedFields>>) {
+    drop(ManuallyDrop::into_inner(named));
 }
 
 /// The field names `private` and `no-cache` directives qualify (§5.2.2.4, §5.2.2.7), lower case.
@@ -149,6 +168,7 @@ fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The delta-seconds of a line that is `max-age=` and digits (in any case, OWS around it),
 /// `None` for any other line.
+#[inline(always)]
 fn lone_max_age(line: &[u8]) -> Option<u64> {
     let line = trim_ows(line);
     if line.len() <= 8 || lower8(word(line, 0)) != word(b"max-age=", 0) {
@@ -194,19 +214,29 @@ impl Directives {
     }
 
     fn named_mut(&mut self) -> &mut NamedFields {
-        self.named.get_or_insert_with(Box::default)
+        self.named
+            .get_or_insert_with(|| ManuallyDrop::new(Box::default()))
     }
 
     /// Adds the directives of one `Cache-Control` field line. A directive given twice keeps
     /// its first value (§4.2.1).
+    // Inlined: the most common line of all, `max-age=N` alone, is read where the line is found
+    // (once per stored miss), the others by a call.
+    #[inline(always)]
     pub fn add(&mut self, line: &[u8]) {
         let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
-        // The most common line of all, `max-age=N` alone, read without the scan (to the same
-        // effect: a test compares the two).
+        // Read without the scan (to the same effect: a test compares the two).
         if let Some(secs) = lone_max_age(line) {
             self.max_age = self.max_age.or(Some(secs));
             return;
         }
+        self.add_items(line);
+    }
+
+    /// [`Directives::add`] of a line (at most [`MAX_DIRECTIVES_BYTES`]) that is not
+    /// `max-age=N` alone.
+    #[inline(never)]
+    fn add_items(&mut self, line: &[u8]) {
         // One scan splits the line on commas outside quoted strings, as `split_quoted` does,
         // and notes each item's first "=" outside them. (An item with a quote before its
         // first "=" has a name no directive has, whichever "=" is taken.)
@@ -842,52 +872,56 @@ pub enum FieldName {
 /// The [`FieldName`] of `name`, in any case. By length and first letter first, so that a
 /// name is compared with at most one candidate (two for `set-cookie2`'s length), and most
 /// names with none.
+// Inlined into its one caller's loop (`serve::analyze_response`, once per line of a stored
+// response): a call per line costs more than most classifications.
+#[inline(always)]
 pub fn field_name(name: &[u8]) -> FieldName {
     use FieldName::*;
     let is = |s: &[u8]| is_name(name, s);
     // `| 0x20` lowers a letter (other bytes become something no arm below starts with, or
-    // the compare that follows refuses them).
-    let first = name.first().map_or(0, |b| b | 0x20);
+    // the compare that follows refuses them). Read in the arms, where the length is known
+    // (so the byte is, without a test).
+    let first = || name.first().map_or(0, |b| b | 0x20);
     // Length, then first letter: two jumps, then the one candidate compared.
     match name.len() {
-        2 if first == b't' && is(b"te") => Unstorable,
-        3 if first == b'a' && is(b"age") => Age,
-        4 => match first {
+        2 if first() == b't' && is(b"te") => Unstorable,
+        3 if first() == b'a' && is(b"age") => Age,
+        4 => match first() {
             b'd' if is(b"date") => Date,
             b'e' if is(b"etag") => ETag,
             b'v' if is(b"vary") => Vary,
             _ => Other,
         },
-        7 => match first {
+        7 => match first() {
             b'e' if is(b"expires") => Expires,
             b't' if is(b"trailer") => Unstorable,
             b'u' if is(b"upgrade") => Unstorable,
             _ => Other,
         },
-        10 => match first {
+        10 => match first() {
             b'c' if is(b"connection") => Unstorable,
             b'k' if is(b"keep-alive") => Unstorable,
             b's' if is(b"set-cookie") => SetCookie,
             _ => Other,
         },
-        11 if first == b's' && is(b"set-cookie2") => SetCookie,
-        12 => match first {
+        11 if first() == b's' && is(b"set-cookie2") => SetCookie,
+        12 => match first() {
             b'c' if is(b"cache-status") => CacheStatus,
             b'x' if is(b"x-request-id") => Unstorable,
             _ => Other,
         },
-        13 => match first {
+        13 => match first() {
             b'c' if is(b"cache-control") => CacheControl,
             b'l' if is(b"last-modified") => LastModified,
             b's' if is(b"surrogate-key") => SurrogateKey,
             _ => Other,
         },
-        14 if first == b'c' && is(b"content-length") => Unstorable,
-        16 if first == b'p' && is(b"proxy-connection") => Unstorable,
-        17 if first == b't' && is(b"transfer-encoding") => Unstorable,
-        18 if first == b'p' && is(b"proxy-authenticate") => Unstorable,
-        19 if first == b'p' && is(b"proxy-authorization") => Unstorable,
-        25 if first == b'p' && is(b"proxy-authentication-info") => Unstorable,
+        14 if first() == b'c' && is(b"content-length") => Unstorable,
+        16 if first() == b'p' && is(b"proxy-connection") => Unstorable,
+        17 if first() == b't' && is(b"transfer-encoding") => Unstorable,
+        18 if first() == b'p' && is(b"proxy-authenticate") => Unstorable,
+        19 if first() == b'p' && is(b"proxy-authorization") => Unstorable,
+        25 if first() == b'p' && is(b"proxy-authentication-info") => Unstorable,
         _ => Other,
     }
 }
@@ -911,6 +945,23 @@ pub fn fields<'a>(
         .iter()
         .filter(move |(n, _)| eq_ignore_case(n, name))
         .map(|(_, v)| v)
+}
+
+/// `a == b`, for the short strings the cache compares on every request (a route's cache name):
+/// up to 16 bytes in two overlapping loads of each, without a call to `bcmp`.
+#[inline]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a == b,
+        4..=7 => short_word(a) == short_word(b),
+        8..=16 => word(a, 0) == word(b, 0) && word(a, n - 8) == word(b, n - 8),
+        _ => a == b,
+    }
 }
 
 /// `a.eq_ignore_ascii_case(b)`, eight bytes at a time: the cache compares field names this
@@ -1153,6 +1204,24 @@ mod tests {
         assert!(eq_ignore_case(b"", b""));
     }
 
+    #[test]
+    fn same_bytes_is_eq() {
+        // Each length to past the two-word form, a byte changed in each place, and a length
+        // apart.
+        for len in 0..=20usize {
+            let a: Vec<u8> = (0..len as u8).map(|i| b'a' + i).collect();
+            assert!(same_bytes(&a, &a.clone()), "{len}");
+            for at in 0..len {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_bytes(&a, &b), "{len} {at}");
+            }
+            let mut longer = a.clone();
+            longer.push(b'z');
+            assert!(!same_bytes(&a, &longer), "{len}");
+        }
+    }
+
     /// A `Directives` is made, returned and dropped for every cached request (and two for a
     /// miss): small enough to be moved without a call to `memcpy` (at most 128 bytes), its rare
     /// field lists boxed, set only when a list names a field (so `names_fields` says whether
@@ -1177,6 +1246,13 @@ mod tests {
                 .private_fields()
                 .iter()
                 .all(|f| !f.iter().any(u8::is_ascii_uppercase)));
+            // A copy has fields of its own (`Directives` frees them itself): dropping one
+            // leaves the other's.
+            let copy = d.clone();
+            assert_eq!(copy, d, "{text}");
+            drop(d);
+            assert_eq!(copy.private_fields().len(), private, "{text}");
+            assert_eq!(copy.no_cache_fields().len(), no_cache, "{text}");
         }
     }
 

@@ -145,8 +145,8 @@ impl<'p> Status<'p> {
     fn put(&self, out: &mut BytesMut) {
         LAST_STATUS.with(|last| {
             let last = &mut *last.borrow_mut();
-            let same =
-                last.of.as_ref().is_some_and(|s| s.same_parts(self)) && last.name == self.name;
+            let same = last.of.as_ref().is_some_and(|s| s.same_parts(self))
+                && policy::same_bytes(&last.name, self.name);
             if !same {
                 last.line.clear();
                 self.write_line(&mut last.line);
@@ -174,9 +174,20 @@ impl<'p> Status<'p> {
             && self.ttl == o.ttl
             && self.stored == o.stored
             && self.collapsed == o.collapsed
-            && self.fwd == o.fwd
-            && self.detail == o.detail
+            && same_str(self.fwd, o.fwd)
+            && match (self.detail, o.detail) {
+                (None, None) => true,
+                (Some(a), Some(b)) => same_str(a, b),
+                _ => false,
+            }
     }
+}
+
+/// `a == b` for the static words of a `Cache-Status` line, which are mostly the same literal:
+/// the same one is known equal without reading it.
+#[inline(always)]
+fn same_str(a: &'static str, b: &'static str) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 /// The last `Cache-Status` line this worker wrote (see [`Status::put`]).
@@ -870,8 +881,11 @@ fn analyze_response(
 ) -> Result<Storable, &'static str> {
     // The lines listed in `Connection` are not the response's own (RFC 9110 §7.6.1): both
     // passes skip them, as `copy_fields` does.
-    let listed = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
-    let hidden = |n: &[u8]| resp.connection_options && listed.lists(n);
+    // (Collected only when there are any: most responses have none.)
+    let listed = resp
+        .connection_options
+        .then(|| ConnectionOptions::collect(&resp.raw, &resp.headers, true));
+    let hidden = |n: &[u8]| listed.as_ref().is_some_and(|l| l.lists(n));
     // First pass: the directives, from the Cache-Control lines, and whether a targeted field
     // (RFC 9213) may govern instead (then they are read as `analyze` reads them: rare).
     // A line's name is looked at only when its length is that of one of these names (the
@@ -880,10 +894,15 @@ fn analyze_response(
         .targeted
         .iter()
         .fold(0u64, |m, t| m | 1 << t.len().min(63));
+    // Both tests behind one: whether a line's length is that of any of these names.
+    let looked_at = targeted_lens | 1 << CACHE_CONTROL.len();
     let mut d = Directives::default();
     let mut any_targeted = false;
     for h in &resp.headers {
         let len = h.name.len();
+        if looked_at >> len.min(63) & 1 == 0 {
+            continue;
+        }
         if len == CACHE_CONTROL.len() {
             let n = resp.bytes(h.name);
             if policy::is_name(n, CACHE_CONTROL) && !hidden(n) {
@@ -896,17 +915,10 @@ fn analyze_response(
             any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
         }
     }
-    // Borrowed, not moved (a `Directives` is some 200 bytes).
+    // Borrowed, not moved (a `Directives` is some 100 bytes).
     let by_targeted;
     let (d, targeted) = if any_targeted {
-        by_targeted = p.directives_by(|name, each| {
-            for h in &resp.headers {
-                let n = resp.bytes(h.name);
-                if policy::eq_ignore_case(n, name) && !hidden(n) {
-                    each(resp.bytes(h.value));
-                }
-            }
-        });
+        by_targeted = targeted_directives(p, resp, listed.as_ref());
         (&by_targeted.0, by_targeted.1)
     } else {
         (&d, false)
@@ -921,14 +933,14 @@ fn analyze_response(
     // Sized for every line at once (pushing would start small and grow).
     spans.reserve(resp.headers.len() + 1);
     let mut seen = Seen::default();
-    for h in &resp.headers {
+    let kept = resp.headers.iter().filter(|h| {
         let n = resp.bytes(h.name);
         if hidden(n) {
-            continue;
+            return false;
         }
         // Read only for the fields whose first value `Seen` keeps.
         let v = || resp.bytes(h.value);
-        let stored = match policy::field_name(n) {
+        match policy::field_name(n) {
             FieldName::Other | FieldName::CacheControl => true,
             FieldName::Date => {
                 first(&mut seen.date, v());
@@ -967,11 +979,9 @@ fn analyze_response(
                 false
             }
             FieldName::Unstorable => false,
-        };
-        if stored {
-            spans.push(*h);
         }
-    }
+    });
+    spans.extend(kept.copied());
     let (t, vary) = freshness(
         p,
         resp.status,
@@ -986,7 +996,7 @@ fn analyze_response(
     let tagged = seen.surrogate;
     // Only `private="..."` and `no-cache="..."` are left to drop.
     if d.names_fields() {
-        spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
+        drop_named_lines(p, d, resp, &mut spans);
     }
     // A response left without a Date gets one (RFC 9110 §6.6.1), written after the head's
     // copy, in the same block.
@@ -1035,13 +1045,48 @@ fn analyze_response(
     })
 }
 
+/// The directives of `resp` as [`RoutePolicy::directives_by`] reads them (a targeted field's
+/// when one is valid, RFC 9213 §2.2), without the lines `listed` in `Connection`. Rare (a
+/// response with a targeted field): out of [`analyze_response`]'s way.
+#[cold]
+#[inline(never)]
+fn targeted_directives(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    listed: Option<&ConnectionOptions<'_>>,
+) -> (Directives, bool) {
+    p.directives_by(|name, each| {
+        for h in &resp.headers {
+            let n = resp.bytes(h.name);
+            if policy::eq_ignore_case(n, name) && !listed.is_some_and(|l| l.lists(n)) {
+                each(resp.bytes(h.value));
+            }
+        }
+    })
+}
+
+/// Leaves out of `spans` (lines of `resp`) those `private="..."` or `no-cache="..."` names
+/// ([`dropped`]). Rare: out of [`analyze_response`]'s way.
+#[cold]
+#[inline(never)]
+fn drop_named_lines(
+    p: &RoutePolicy,
+    d: &Directives,
+    resp: &ResponseHead,
+    spans: &mut Vec<HeaderSpan>,
+) {
+    spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
+}
+
 /// The name of the Date field this cache adds to a response stored without one.
 const DATE: &[u8] = b"date";
 
 const CACHE_CONTROL: &[u8] = b"cache-control";
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order.
-#[inline]
+// Inlined (into `analyze_response`, once per stored miss, and `analyze`, rare): a call costs
+// more than the tests.
+#[inline(always)]
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
@@ -1069,8 +1114,10 @@ type VaryNames = Vec<Box<[u8]>>;
 /// What follows [`screen`] once it passed: whether the fields allow storing, the response's
 /// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
 /// `fields` (Age and Cache-Status among them, though neither is stored).
+// Inlined (into `analyze_response`, once per stored miss, and `analyze`, rare): its result,
+// some 100 bytes, is then written where it is kept rather than returned and copied.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(always)]
 fn freshness(
     p: &RoutePolicy,
     status: u16,
@@ -1914,7 +1961,7 @@ fn store(
 
 /// [`make_object`] of these parts (`s.url` the URL), built in the object `cache` gives
 /// ([`WorkerCache::new_object`]). What the object keeps is taken out of `s` (moved, not
-/// copied: `s` is left where it lies, empty).
+/// copied: `s` is left where it lies, holding empty parts).
 #[inline]
 fn build_object(
     cache: &WorkerCache,
@@ -1942,10 +1989,13 @@ fn build_object(
         } = o;
         *o_status = status;
         *o_reason = reason;
-        *o_fields = std::mem::take(&mut s.fields);
+        // Swapped, not taken: `s` gets the former object's parts (emptied when it was kept,
+        // `WorkerCache::keep_object`, or defaults), which it drops with itself, rather than
+        // defaults written here and dropped there, and those parts dropped here as well.
+        std::mem::swap(o_fields, &mut s.fields);
         *o_body = body;
         *o_t = s.t;
-        *o_url = std::mem::take(&mut s.url);
+        std::mem::swap(o_url, &mut s.url);
         *o_tags = tags;
         *o_vary = vary;
         o_invalid.set(false);
@@ -1953,10 +2003,21 @@ fn build_object(
 }
 
 /// A response's reason phrase to keep: the usual one for its status is not copied.
-#[inline]
+#[inline(always)]
 fn reason_of(resp: &ResponseHead) -> Bytes {
     let r = resp.bytes(resp.reason);
-    let usual = reason_phrase(resp.status).as_bytes();
+    // The most common status line of all, "200 OK", without looking the usual phrase up.
+    if resp.status == 200 && r == b"OK" {
+        // (The phrase `reason_phrase` has for 200: a constant once inlined.)
+        return Bytes::from_static(reason_phrase(200).as_bytes());
+    }
+    reason_of_other(resp.status, r)
+}
+
+/// [`reason_of`] for a status line other than "200 OK" (`r` its phrase).
+#[inline(never)]
+fn reason_of_other(status: u16, r: &[u8]) -> Bytes {
+    let usual = reason_phrase(status).as_bytes();
     // Compared byte by byte: a phrase is a few bytes ("OK"), less than a call to `memcmp`
     // costs to set up.
     if r.len() == usual.len() && r.iter().zip(usual).all(|(a, b)| a == b) {
