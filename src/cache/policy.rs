@@ -65,8 +65,9 @@ pub struct Directives {
     /// (rare: boxed, so that a `Directives` is small to make, move and drop; see
     /// [`Directives::private_fields`], [`Directives::no_cache_fields`]). Freed by
     /// `Directives`' own `Drop`, which looks at it inline: the drop glue of a box would be a
-    /// call on every drop (two per stored miss), most of them of none.
-    pub named: Option<ManuallyDrop<Box<NamedFields>>>,
+    /// call on every drop (two per stored miss), most of them of none. Private, so that
+    /// nothing outside can overwrite it (a `ManuallyDrop` overwritten is never freed).
+    named: Option<ManuallyDrop<Box<NamedFields>>>,
     pub public: bool,
     pub must_revalidate: bool,
     pub proxy_revalidate: bool,
