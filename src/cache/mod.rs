@@ -1110,6 +1110,19 @@ impl WorkerCache {
         }
     }
 
+    /// The start of a fetch for `key` (`Some`, as [`WorkerCache::begin_flight`] gives it),
+    /// unless a fetch is in flight under its hash (`None`: for
+    /// [`WorkerCache::join_or_begin_flight`] to join, or to fetch alone when it is another
+    /// key's), in one look at the flights.
+    #[inline]
+    pub fn begin_unless_in_flight(self: &Rc<Self>, key: KeyRef<'_>) -> Option<Option<FlightGuard>> {
+        let mut f = self.flights.borrow_mut();
+        if f.get_mut(key.hash).is_some() {
+            return None;
+        }
+        Some(self.start_flight(&mut f, key))
+    }
+
     fn begin_flight_at(self: &Rc<Self>, key: KeyRef<'_>) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
         if f.get_mut(key.hash).is_some() {
