@@ -77,6 +77,7 @@ pub async fn run<'c, S: ClientIo>(
                     return answer(w, &cfg.via, route, c, ctx, &obj, now, &s).await;
                 }
                 Look::TooLong => {
+                    std::hint::cold_path();
                     let mut s = Status::new(p, "bypass");
                     s.detail = Some("key-too-long");
                     (Fetch::Pass, s)
@@ -412,6 +413,9 @@ impl<'w> Keys<'w> {
 
     /// The stored response `head` selects and the key it is under (borrowed: a hit needs no
     /// copy of it, see [`Hit::found`]), and whether any variant is stored.
+    // Inlined in `first_look`, where its result is looked at at once (`cached` looks again
+    // only after a wait).
+    #[inline(always)]
     fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Hit<'_>>, bool) {
         let (o, any) = cache.lookup(self.shared_key(), head);
         if let Some(obj) = o {
@@ -1659,6 +1663,8 @@ async fn fetch<'c, S: ClientIo>(
     let mut validating = false;
     let mut swapped: Option<RequestHead> = None;
     if let Fetch::Fill { stale: Some(f), .. } = &mode {
+        // A revalidation (once per stored response's lifetime): out of the miss's way.
+        std::hint::cold_path();
         let limits = cfg
             .listener_limits
             .get(c.info.listener)
@@ -1671,6 +1677,7 @@ async fn fetch<'c, S: ClientIo>(
     let mut resp = w.bufs.take_resp();
     let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
     if let Some(orig) = swapped.take() {
+        std::hint::cold_path();
         let h = std::mem::replace(&mut ctx.head, orig);
         w.bufs.give_head(h);
     }
@@ -1682,6 +1689,8 @@ async fn fetch<'c, S: ClientIo>(
     let now = now_secs();
     let out = match r {
         Err(e) => {
+            // (Rare: out of the way of the usual path's code.)
+            std::hint::cold_path();
             if let Fetch::Fill {
                 stale: Some(f),
                 req,
@@ -1718,6 +1727,7 @@ async fn fetch<'c, S: ClientIo>(
                     request_time: _,
                 } => {
                     if let Some(f) = stale.as_ref().filter(|_| validating && resp.status == 304) {
+                        std::hint::cold_path();
                         // §4.3.4: freshen the stored response and answer from it.
                         let fields = copy_fields(&resp);
                         resp.raw = Bytes::new();
@@ -1770,6 +1780,7 @@ async fn fetch<'c, S: ClientIo>(
                         matches!(resp.status, 500 | 502 | 503 | 504)
                             && stale_if_error(&f.obj, req, now)
                     }) {
+                        std::hint::cold_path();
                         resp.raw = Bytes::new();
                         release(w, group, ch, true, false);
                         cache.count(|s| s.stale_hits += 1);
