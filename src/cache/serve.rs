@@ -60,7 +60,7 @@ pub async fn run<'c, S: ClientIo>(
             let keys = Keys::new(p, ctx, &w.cache);
             // The usual miss goes upstream from here: [`cached`], for all the other cases,
             // would be one more future to enter and leave on each of the fetch's polls.
-            let (mode, s) = match first_look(&w.cache, &ctx.head, &keys, &req) {
+            let (mode, mut s) = match first_look(&w.cache, &ctx.head, &keys, &req) {
                 Look::Fill { guard, fwd, now } => {
                     let fill = Fetch::Fill {
                         keys: &keys,
@@ -90,7 +90,7 @@ pub async fn run<'c, S: ClientIo>(
                     .await;
                 }
             };
-            fetch(w, cfg, route, p, group, c, ctx, mode, s).await
+            fetch(w, cfg, route, p, group, c, ctx, mode, &mut s).await
         }
         Method::Options | Method::Trace => forward::proxy(w, cfg, route, group, c, ctx).await,
         _ => {
@@ -98,7 +98,18 @@ pub async fn run<'c, S: ClientIo>(
             url_of(&ctx.head, &mut url);
             let mut s = Status::new(p, "bypass");
             s.fwd = "method";
-            fetch(w, cfg, route, p, group, c, ctx, Fetch::Invalidate(url), s).await
+            fetch(
+                w,
+                cfg,
+                route,
+                p,
+                group,
+                c,
+                ctx,
+                Fetch::Invalidate(url),
+                &mut s,
+            )
+            .await
         }
     }
 }
@@ -664,8 +675,8 @@ async fn cached<'c, 'k, S: ClientIo>(
             fwd = if req.no_cache { "request" } else { "stale" };
             found = Some(f);
         }
-        let s = Status::new(p, fwd);
-        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), s).await;
+        let mut s = Status::new(p, fwd);
+        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), &mut s).await;
     }
     // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
     // to `coalesce_timeout`, then go alone. A failed fetch lets one waiter take over.
@@ -809,7 +820,7 @@ async fn cached<'c, 'k, S: ClientIo>(
             authorized,
             request_time: now_secs(),
         },
-        s,
+        &mut s,
     )
     .await
 }
@@ -1652,7 +1663,8 @@ async fn fetch<'c, S: ClientIo>(
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
     mode: Fetch<'_>,
-    mut status: Status<'_>,
+    // Lent, not moved: the future is made and begun without copying it twice.
+    status: &mut Status<'_>,
 ) -> Outcome<'c> {
     let cache = &w.cache;
     let request_time = match &mode {
@@ -1702,7 +1714,7 @@ async fn fetch<'c, S: ClientIo>(
                     status.hit = true;
                     status.ttl = Some(f.obj.ttl(now));
                     status.detail = Some("stale-if-error");
-                    let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
+                    let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, status).await;
                     w.bufs.give_resp(resp);
                     return out;
                 }
@@ -1772,7 +1784,7 @@ async fn fetch<'c, S: ClientIo>(
                         };
                         status.fwd = "stale";
                         status.ttl = Some(obj.ttl(now));
-                        let out = answer(w, &cfg.via, route, c, ctx, &obj, now, &status).await;
+                        let out = answer(w, &cfg.via, route, c, ctx, &obj, now, status).await;
                         w.bufs.give_resp(resp);
                         return out;
                     }
@@ -1787,7 +1799,7 @@ async fn fetch<'c, S: ClientIo>(
                         status.hit = true;
                         status.ttl = Some(f.obj.ttl(now));
                         status.detail = Some("stale-if-error");
-                        let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
+                        let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, status).await;
                         w.bufs.give_resp(resp);
                         return out;
                     }
