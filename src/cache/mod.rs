@@ -1171,6 +1171,19 @@ impl WorkerCache {
         }
     }
 
+    /// The start of a fetch for `key` (`Some`, as [`WorkerCache::begin_flight`] gives it),
+    /// unless a fetch is in flight under its hash (`None`: for
+    /// [`WorkerCache::join_or_begin_flight`] to join, or to fetch alone when it is another
+    /// key's), in one look at the flights.
+    #[inline]
+    pub fn begin_unless_in_flight(self: &Rc<Self>, key: KeyRef<'_>) -> Option<Option<FlightGuard>> {
+        let mut f = self.flights.borrow_mut();
+        if f.get_mut(key.hash).is_some() {
+            return None;
+        }
+        Some(self.start_flight(&mut f, key))
+    }
+
     fn begin_flight_at(self: &Rc<Self>, key: KeyRef<'_>) -> Option<FlightGuard> {
         let mut f = self.flights.borrow_mut();
         if f.get_mut(key.hash).is_some() {
@@ -1179,23 +1192,15 @@ impl WorkerCache {
         self.start_flight(&mut f, key)
     }
 
-    /// A fetch for `key`, which has no slot in `flights`: only its key (in a spare key
-    /// buffer, given back when the fetch ends); the [`Flight`] comes when one is needed.
-    /// `None` when there are [`MAX_FLIGHTS`] already.
+    /// A fetch for `key`, which has no slot in `flights`: only its key (copied into the slot,
+    /// see [`Flights::insert`]); the [`Flight`] comes when one is needed. `None` when there
+    /// are [`MAX_FLIGHTS`] already.
     #[inline]
     fn start_flight(self: &Rc<Self>, f: &mut Flights, key: KeyRef<'_>) -> Option<FlightGuard> {
         if f.len() >= MAX_FLIGHTS {
             return None;
         }
-        let mut k = self.key_buf();
-        k.extend_from_slice(key.bytes);
-        f.insert(
-            key.hash,
-            FlightSlot {
-                key: k,
-                flight: None,
-            },
-        );
+        f.insert(key, self);
         Some(FlightGuard {
             cache: self.clone(),
             hash: key.hash,
@@ -1340,7 +1345,12 @@ const FEW_FLIGHTS: usize = 8;
 /// The fetches in flight on a worker, by their key's hash (at most one slot per hash): the
 /// first [`FEW_FLIGHTS`] in a list (its room made once), the others in a map.
 struct Flights {
+    /// The list's slots in flight are `few[..live]`; those after are ended, kept for their
+    /// key's buffer (at most [`MAX_SPARE_KEY_BYTES`]), which the next fetch writes its key
+    /// into: a slot of the list is reused in place, its key buffer taken from no pool and
+    /// given back to none.
     few: Vec<(u64, FlightSlot)>,
+    live: usize,
     many: HashMap<u64, FlightSlot, PreHashedBuild>,
 }
 
@@ -1348,17 +1358,18 @@ impl Flights {
     fn new() -> Flights {
         Flights {
             few: Vec::with_capacity(FEW_FLIGHTS),
+            live: 0,
             many: HashMap::default(),
         }
     }
 
     fn len(&self) -> usize {
-        self.few.len() + self.many.len()
+        self.live + self.many.len()
     }
 
     #[inline]
     fn get_mut(&mut self, hash: u64) -> Option<&mut FlightSlot> {
-        if let Some((_, s)) = self.few.iter_mut().find(|(h, _)| *h == hash) {
+        if let Some((_, s)) = self.few[..self.live].iter_mut().find(|(h, _)| *h == hash) {
             return Some(s);
         }
         if self.many.is_empty() {
@@ -1367,26 +1378,56 @@ impl Flights {
         self.many.get_mut(&hash)
     }
 
-    /// Adds the slot of a hash that has none.
+    /// Adds the slot of `key`, whose hash has none, with a copy of its bytes: in an ended
+    /// slot of the list, in a key buffer of `cache`'s ([`WorkerCache::key_buf`]) otherwise.
     #[inline]
-    fn insert(&mut self, hash: u64, slot: FlightSlot) {
-        debug_assert!(self.get_mut(hash).is_none(), "one slot per hash");
+    fn insert(&mut self, key: KeyRef<'_>, cache: &WorkerCache) {
+        debug_assert!(self.get_mut(key.hash).is_none(), "one slot per hash");
+        if let Some((h, s)) = self.few.get_mut(self.live) {
+            *h = key.hash;
+            s.key.clear();
+            s.key.extend_from_slice(key.bytes);
+            s.flight = None;
+            self.live += 1;
+            return;
+        }
+        let mut k = cache.key_buf();
+        k.extend_from_slice(key.bytes);
+        let slot = FlightSlot {
+            key: k,
+            flight: None,
+        };
         if self.few.len() < FEW_FLIGHTS {
-            self.few.push((hash, slot));
+            self.few.push((key.hash, slot));
+            self.live += 1;
         } else {
-            self.many.insert(hash, slot);
+            self.many.insert(key.hash, slot);
         }
     }
 
+    /// Ends the slot of `hash`: `None` when it has none, else its flight, if one was made. A
+    /// slot of the list keeps its key buffer (one past [`MAX_SPARE_KEY_BYTES`] is freed); a
+    /// slot of the map gives it back to `cache`.
     #[inline]
-    fn remove(&mut self, hash: u64) -> Option<FlightSlot> {
-        if let Some(i) = self.few.iter().position(|(h, _)| *h == hash) {
-            return Some(self.few.swap_remove(i).1);
+    fn remove(&mut self, hash: u64, cache: &WorkerCache) -> Option<Option<Rc<Flight>>> {
+        if let Some(i) = self.few[..self.live].iter().position(|(h, _)| *h == hash) {
+            self.live -= 1;
+            // The slots in flight stay first.
+            if i != self.live {
+                self.few.swap(i, self.live);
+            }
+            let s = &mut self.few[self.live].1;
+            if s.key.capacity() > MAX_SPARE_KEY_BYTES {
+                s.key = Vec::new();
+            }
+            return Some(s.flight.take());
         }
         if self.many.is_empty() {
             return None;
         }
-        self.many.remove(&hash)
+        let s = self.many.remove(&hash)?;
+        cache.give_key_buf(s.key);
+        Some(s.flight)
     }
 
     #[cfg(test)]
@@ -1422,14 +1463,12 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        let slot = self.cache.flights.borrow_mut().remove(self.hash);
-        let made = match slot {
-            Some(s) => {
-                self.cache.give_key_buf(s.key);
-                s.flight
-            }
-            None => None,
-        };
+        let made = self
+            .cache
+            .flights
+            .borrow_mut()
+            .remove(self.hash, &self.cache)
+            .flatten();
         // The guard's and the slot's are the same flight, if any.
         let Some(f) = self.flight.take().or(made) else {
             // No one joined and nothing was published: no one to tell.
@@ -2003,7 +2042,15 @@ mod tests {
         let g2 = c.begin_flight(b"k2").expect("another key");
         drop(g);
         assert_eq!(f.end.get(), FlightEnd::Failed);
-        assert_eq!(c.spare_keys.borrow().len(), 1, "the key buffer went back");
+        {
+            let fl = c.flights.borrow();
+            assert_eq!(
+                (fl.live, fl.few.len()),
+                (1, 2),
+                "the ended slot keeps its key buffer"
+            );
+            assert_eq!(fl.few[0].1.key, b"k2", "the slot in flight comes first");
+        }
         assert!(
             c.spare_flights.borrow().is_empty(),
             "a waiter holds it: not kept"
@@ -2012,7 +2059,63 @@ mod tests {
         assert!(c.flight(b"k2").is_some());
         g2.finish(FlightEnd::Stored);
         assert!(c.flight(b"k2").is_none());
-        assert!(c.begin_flight(b"k1").is_some(), "a new fetch may start");
+        let spare = c.spare_keys.borrow().len();
+        let g3 = c.begin_flight(b"k1").expect("a new fetch may start");
+        assert_eq!(c.flights.borrow().few.len(), 2, "an ended slot is reused");
+        assert_eq!(
+            c.spare_keys.borrow().len(),
+            spare,
+            "with its own key buffer"
+        );
+        assert!(c.flight(b"k1").is_some());
+        drop(g3);
+        assert!(c.flights.borrow().is_empty());
+    }
+
+    #[test]
+    fn flights_past_the_list_are_in_the_map_and_each_ends_alone() {
+        let c = worker_cache();
+        let keys: Vec<Vec<u8>> = (0..FEW_FLIGHTS + 3)
+            .map(|i| format!("key{i}").into_bytes())
+            .collect();
+        let mut guards: Vec<Option<FlightGuard>> = keys
+            .iter()
+            .map(|k| Some(c.begin_flight(k).expect("room for it")))
+            .collect();
+        {
+            let fl = c.flights.borrow();
+            assert_eq!((fl.live, fl.many.len()), (FEW_FLIGHTS, 3));
+        }
+        // Ended out of order, from the list and from the map: each leaves the others found.
+        for i in [3, FEW_FLIGHTS + 1, 0, FEW_FLIGHTS - 1, FEW_FLIGHTS] {
+            let spare = c.spare_keys.borrow().len();
+            drop(guards[i].take());
+            let from_map = i >= FEW_FLIGHTS;
+            assert_eq!(
+                c.spare_keys.borrow().len(),
+                spare + usize::from(from_map),
+                "a map slot's key buffer goes back to the pool, a list slot's stays"
+            );
+            for (j, k) in keys.iter().enumerate() {
+                assert_eq!(c.flight(k).is_some(), guards[j].is_some(), "key {j}");
+            }
+        }
+        // Ended slots of the list are reused before the map is.
+        let again = c.begin_flight(&keys[3]).expect("room");
+        assert_eq!(c.flights.borrow().many.len(), 1);
+        drop(again);
+        guards.clear();
+        assert!(c.flights.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_list_slot_keeps_no_key_buffer_past_the_bound() {
+        let c = worker_cache();
+        let long = vec![b'k'; MAX_SPARE_KEY_BYTES + 1];
+        drop(c.begin_flight(&long).expect("a fetch"));
+        let fl = c.flights.borrow();
+        assert_eq!(fl.few.len(), 1);
+        assert_eq!(fl.few[0].1.key.capacity(), 0, "freed");
     }
 
     #[test]
@@ -2114,12 +2217,11 @@ mod tests {
         let g = c.begin_flight(b"k").expect("started");
         g.finish(FlightEnd::Stored);
         assert!(c.spare_flights.borrow().is_empty(), "no flight was made");
-        assert_eq!(
-            c.spare_keys.borrow().len(),
-            1,
-            "the slot's key buffer went back"
-        );
         assert!(c.flights.borrow().is_empty());
+        assert!(
+            c.flights.borrow().few[0].1.key.capacity() >= b"k".len(),
+            "the ended slot keeps its key buffer for the next fetch"
+        );
         let g = c.begin_flight(b"k").expect("a new fetch may start");
         drop(g);
         assert!(

@@ -55,16 +55,132 @@ pub async fn run<'c, S: ClientIo>(
         return purge_request(w, p, c, ctx).await;
     }
     match ctx.head.method {
-        Method::Get | Method::Head => cached(w, cfg, route, p, group_idx, c, ctx).await,
+        Method::Get | Method::Head => {
+            let (req, authorized) = request_directives(&ctx.head);
+            let keys = Keys::new(p, ctx, &w.cache);
+            // The usual miss goes upstream from here: [`cached`], for all the other cases,
+            // would be one more future to enter and leave on each of the fetch's polls.
+            let (mode, mut s) = match first_look(&w.cache, &ctx.head, &keys, &req) {
+                Look::Fill { guard, fwd, now } => {
+                    let fill = Fetch::Fill {
+                        keys: &keys,
+                        stale: None,
+                        guard,
+                        req: &req,
+                        authorized,
+                        request_time: now,
+                    };
+                    (fill, Status::new(p, fwd))
+                }
+                Look::Fresh { obj, now } => {
+                    let s = Status::hit(p, &obj, now);
+                    return answer(w, &cfg.via, route, c, ctx, &obj, now, &s).await;
+                }
+                Look::TooLong => {
+                    std::hint::cold_path();
+                    let mut s = Status::new(p, "bypass");
+                    s.detail = Some("key-too-long");
+                    (Fetch::Pass, s)
+                }
+                Look::Other { hit, any, now } => {
+                    let look = (hit, any, now);
+                    return cached(
+                        w, cfg, route, p, group_idx, c, ctx, &keys, &req, authorized, look,
+                    )
+                    .await;
+                }
+            };
+            fetch(w, cfg, route, p, group, c, ctx, mode, &mut s).await
+        }
         Method::Options | Method::Trace => forward::proxy(w, cfg, route, group, c, ctx).await,
         _ => {
             let mut url = Vec::new();
             url_of(&ctx.head, &mut url);
             let mut s = Status::new(p, "bypass");
             s.fwd = "method";
-            fetch(w, cfg, route, p, group, c, ctx, Fetch::Invalidate(url), s).await
+            fetch(
+                w,
+                cfg,
+                route,
+                p,
+                group,
+                c,
+                ctx,
+                Fetch::Invalidate(url),
+                &mut s,
+            )
+            .await
         }
     }
+}
+
+/// What the first look in the store for a GET or HEAD decided.
+enum Look<'k> {
+    /// The key is too long to store: the request goes through (bypass).
+    TooLong,
+    /// A hit (§4.2): `obj` may answer as it is at `now` (counted).
+    Fresh { obj: Rc<Object>, now: u64 },
+    /// The usual miss: a GET with nothing stored under its keys, no fetch of its key in flight
+    /// and no Redis layer to ask. Its fetch is begun (`guard`, `None` when there are too many
+    /// in flight) and counted; `now` is when the store was looked in.
+    Fill {
+        guard: Option<FlightGuard>,
+        fwd: &'static str,
+        now: u64,
+    },
+    /// Any other case, for [`cached`]: what the lookup found at `now`, and whether any variant
+    /// is stored.
+    Other {
+        hit: Option<Hit<'k>>,
+        any: bool,
+        now: u64,
+    },
+}
+
+/// Looks for the request in the store: a hit to answer, or the usual miss (see [`Look::Fill`]),
+/// whose fetch it begins: nothing the request could wait on or be answered with is there.
+#[inline]
+fn first_look<'k>(
+    cache: &Rc<WorkerCache>,
+    head: &RequestHead,
+    keys: &'k Keys<'k>,
+    req: &Directives,
+) -> Look<'k> {
+    if keys.shared.len() > super::MAX_KEY_BYTES {
+        return Look::TooLong;
+    }
+    let now = now_secs();
+    let (hit, any) = keys.lookup(cache, head);
+    if let Some(h) = hit {
+        if matches!(usable(&h.obj, req, now), Use::Fresh | Use::StaleOk) {
+            cache.count(|s| s.hits += 1);
+            return Look::Fresh { obj: h.obj, now };
+        }
+        return Look::Other {
+            hit: Some(h),
+            any,
+            now,
+        };
+    }
+    if req.only_if_cached || head.method != Method::Get || cache.shared().is_some() {
+        return Look::Other {
+            hit: None,
+            any,
+            now,
+        };
+    }
+    // A fetch of the key in flight is joined by `cached` (or, for another key under the same
+    // hash, fetched alone there).
+    let Some(guard) = cache.begin_unless_in_flight(keys.shared_key()) else {
+        return Look::Other {
+            hit: None,
+            any,
+            now,
+        };
+    };
+    cache.count(|s| s.misses += 1);
+    let fwd = if any { "vary-miss" } else { "uri-miss" };
+    Look::Fill { guard, fwd, now }
 }
 
 /// The largest sf-integer (RFC 8941 §3.3.1), for `Cache-Status`'s `ttl`.
@@ -256,7 +372,7 @@ struct Found {
     key: Vec<u8>,
 }
 
-struct Keys {
+struct Keys<'w> {
     /// Entries any caller may use (public responses on auth routes; all others elsewhere).
     shared: Vec<u8>,
     /// `shared`'s hash ([`WorkerCache::key`]), for its lookups and its flight.
@@ -264,19 +380,19 @@ struct Keys {
     /// This consumer's entries (auth routes).
     own: Option<Vec<u8>>,
     /// Where `shared`'s buffer goes back when the request is done with it.
-    cache: Rc<WorkerCache>,
+    cache: &'w WorkerCache,
 }
 
-impl Drop for Keys {
+impl Drop for Keys<'_> {
     fn drop(&mut self) {
         self.cache.give_key_buf(std::mem::take(&mut self.shared));
     }
 }
 
-impl Keys {
-    // One caller (`cached`): inlined, without a call's saves and a copy of the result.
+impl<'w> Keys<'w> {
+    // One caller (`run`): inlined, without a call's saves and a copy of the result.
     #[inline(always)]
-    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>, cache: &Rc<WorkerCache>) -> Keys {
+    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>, cache: &'w WorkerCache) -> Keys<'w> {
         let consumer = if p.auth { consumer_of(ctx) } else { None };
         let mut shared = cache.key_buf();
         // One call for the shared key (inlined here); the consumer's own key, on auth routes
@@ -295,7 +411,7 @@ impl Keys {
             hash: cache.key(&shared).hash,
             shared,
             own,
-            cache: cache.clone(),
+            cache,
         }
     }
 
@@ -319,6 +435,9 @@ impl Keys {
 
     /// The stored response `head` selects and the key it is under (borrowed: a hit needs no
     /// copy of it, see [`Hit::found`]), and whether any variant is stored.
+    // Inlined in `first_look`, where its result is looked at at once (`cached` looks again
+    // only after a wait).
+    #[inline(always)]
     fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Hit<'_>>, bool) {
         let (o, any) = cache.lookup(self.shared_key(), head);
         if let Some(obj) = o {
@@ -384,7 +503,7 @@ enum Use {
 /// layer, nothing there, or no answer within the layer's timeout (fail open).
 async fn from_shared(
     w: &Worker,
-    keys: &Keys,
+    keys: &Keys<'_>,
     ctx: &RequestCtx<'_>,
     req: &Directives,
     p: &RoutePolicy,
@@ -482,7 +601,7 @@ async fn stale_while_revalidate<'c, S: ClientIo>(
     group_idx: usize,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
-    keys: &Keys,
+    keys: &Keys<'_>,
     f: Found,
     a: StaleAnswer,
 ) -> Outcome<'c> {
@@ -499,8 +618,10 @@ async fn stale_while_revalidate<'c, S: ClientIo>(
     answer(w, &cfg.via, route, c, ctx, &f.obj, a.now, &s).await
 }
 
+/// Every case of a GET or HEAD but the usual miss (see [`first_look`], whose `look` it goes on
+/// from: what the lookup under `keys` found at `now`, and whether any variant is stored).
 #[allow(clippy::too_many_arguments)]
-async fn cached<'c, S: ClientIo>(
+async fn cached<'c, 'k, S: ClientIo>(
     w: &Worker,
     cfg: &'c Snapshot,
     route: &Route,
@@ -508,21 +629,18 @@ async fn cached<'c, S: ClientIo>(
     group_idx: usize,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
+    keys: &'k Keys<'k>,
+    req: &Directives,
+    authorized: bool,
+    look: (Option<Hit<'k>>, bool, u64),
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
-    let cache = w.cache.clone();
-    let (req, authorized) = request_directives(&ctx.head);
-    let keys = Keys::new(p, ctx, &cache);
-    if keys.shared.len() > super::MAX_KEY_BYTES {
-        let mut s = Status::new(p, "bypass");
-        s.detail = Some("key-too-long");
-        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, s).await;
-    }
-    let now = now_secs();
-    let (hit, any) = keys.lookup(&cache, &ctx.head);
+    let cache = &w.cache;
+    let (hit, any, now) = look;
     let mut fwd = if any { "vary-miss" } else { "uri-miss" };
     if let Some(f) = &hit {
-        match usable(&f.obj, &req, now) {
+        match usable(&f.obj, req, now) {
+            // (`run` answers these itself, without this future.)
             Use::Fresh | Use::StaleOk => {
                 cache.count(|s| s.hits += 1);
                 let s = Status::hit(p, &f.obj, now);
@@ -537,7 +655,7 @@ async fn cached<'c, S: ClientIo>(
                     now,
                     collapsed: false,
                 };
-                return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, &keys, f, a)
+                return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, keys, f, a)
                     .await;
             }
             Use::Validate => fwd = if req.no_cache { "request" } else { "stale" },
@@ -557,7 +675,7 @@ async fn cached<'c, S: ClientIo>(
         // another worker's or host's: it answers the HEAD when usable, and is what the HEAD's
         // answer updates otherwise.
         let mut found = found;
-        if let Some((f, u)) = from_shared(w, &keys, ctx, &req, p, found.as_ref()).await {
+        if let Some((f, u)) = from_shared(w, keys, ctx, req, p, found.as_ref()).await {
             if matches!(u, Use::Fresh | Use::StaleOk) {
                 cache.count(|s| s.hits += 1);
                 let now = now_secs();
@@ -568,8 +686,8 @@ async fn cached<'c, S: ClientIo>(
             fwd = if req.no_cache { "request" } else { "stale" };
             found = Some(f);
         }
-        let s = Status::new(p, fwd);
-        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), s).await;
+        let mut s = Status::new(p, fwd);
+        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), &mut s).await;
     }
     // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
     // to `coalesce_timeout`, then go alone. A failed fetch lets one waiter take over.
@@ -591,7 +709,7 @@ async fn cached<'c, S: ClientIo>(
         let mut alone = false;
         while flight.end.get() == FlightEnd::Pending {
             let stream = flight.stream.borrow().clone();
-            if let Some(st) = stream.filter(|st| streamable(&ctx.head, &req, st)) {
+            if let Some(st) = stream.filter(|st| streamable(&ctx.head, req, st)) {
                 cache.count(|s| {
                     s.hits += 1;
                     s.coalesced += 1
@@ -619,9 +737,9 @@ async fn cached<'c, S: ClientIo>(
             FlightEnd::Stored => {
                 collapsed = true;
                 let now = now_secs();
-                let (f, _) = keys.lookup(&cache, &ctx.head);
+                let (f, _) = keys.lookup(cache, &ctx.head);
                 if let Some(f) = f {
-                    match usable(&f.obj, &req, now) {
+                    match usable(&f.obj, req, now) {
                         Use::Fresh | Use::StaleOk => {
                             cache.count(|s| {
                                 s.hits += 1;
@@ -642,7 +760,7 @@ async fn cached<'c, S: ClientIo>(
                             };
                             let f = f.found();
                             return stale_while_revalidate(
-                                w, cfg, route, p, group_idx, c, ctx, &keys, f, a,
+                                w, cfg, route, p, group_idx, c, ctx, keys, f, a,
                             )
                             .await;
                         }
@@ -661,7 +779,7 @@ async fn cached<'c, S: ClientIo>(
     // validated for a request with `no-cache`, §5.2.1.4, which still saves the body's transfer
     // when it has not changed). Without a layer there is no future to build and poll.
     let shared = match cache.shared() {
-        Some(_) => from_shared(w, &keys, ctx, &req, p, found.as_ref()).await,
+        Some(_) => from_shared(w, keys, ctx, req, p, found.as_ref()).await,
         None => None,
     };
     if let Some((f, u)) = shared {
@@ -685,7 +803,7 @@ async fn cached<'c, S: ClientIo>(
                     g.finish(FlightEnd::Stored);
                 }
                 let a = StaleAnswer { now, collapsed };
-                return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, &keys, f, a)
+                return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, keys, f, a)
                     .await;
             }
             Use::Validate => {
@@ -706,13 +824,14 @@ async fn cached<'c, S: ClientIo>(
         c,
         ctx,
         Fetch::Fill {
-            keys: &keys,
+            keys,
             stale,
             guard,
-            req: &req,
+            req,
             authorized,
+            request_time: now_secs(),
         },
-        s,
+        &mut s,
     )
     .await
 }
@@ -729,12 +848,17 @@ enum Fetch<'k> {
     Invalidate(Vec<u8>),
     /// A GET that may be stored; `stale`: what is stored, validated with its validators.
     Fill {
-        keys: &'k Keys,
+        keys: &'k Keys<'k>,
         stale: Option<Found>,
         guard: Option<FlightGuard>,
         req: &'k Directives,
         /// Whether the request has `Authorization` (§3.5), read with `req`.
         authorized: bool,
+        /// The clock when the store was looked in, just before the fetch: its request time
+        /// (RFC 9111 §4.2.3). Read earlier than at the request's send, it can only make the
+        /// stored response's age larger (`response_delay` grows), the safe side; and it
+        /// saves a reading of the clock on each miss.
+        request_time: u64,
     },
 }
 
@@ -1586,14 +1710,20 @@ async fn fetch<'c, S: ClientIo>(
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
     mode: Fetch<'_>,
-    mut status: Status<'_>,
+    // Lent, not moved: the future is made and begun without copying it twice.
+    status: &mut Status<'_>,
 ) -> Outcome<'c> {
-    let cache = w.cache.clone();
-    let request_time = now_secs();
+    let cache = &w.cache;
+    let request_time = match &mode {
+        Fetch::Fill { request_time, .. } => *request_time,
+        _ => now_secs(),
+    };
     // The stored response's validators replace the client's (a 304 then freshens it).
     let mut validating = false;
     let mut swapped: Option<RequestHead> = None;
     if let Fetch::Fill { stale: Some(f), .. } = &mode {
+        // A revalidation (once per stored response's lifetime): out of the miss's way.
+        std::hint::cold_path();
         let limits = cfg
             .listener_limits
             .get(c.info.listener)
@@ -1606,6 +1736,7 @@ async fn fetch<'c, S: ClientIo>(
     let mut resp = w.bufs.take_resp();
     let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
     if let Some(orig) = swapped.take() {
+        std::hint::cold_path();
         let h = std::mem::replace(&mut ctx.head, orig);
         w.bufs.give_head(h);
     }
@@ -1617,6 +1748,8 @@ async fn fetch<'c, S: ClientIo>(
     let now = now_secs();
     let out = match r {
         Err(e) => {
+            // (Rare: out of the way of the usual path's code.)
+            std::hint::cold_path();
             if let Fetch::Fill {
                 stale: Some(f),
                 req,
@@ -1628,7 +1761,7 @@ async fn fetch<'c, S: ClientIo>(
                     status.hit = true;
                     status.ttl = Some(f.obj.ttl(now));
                     status.detail = Some("stale-if-error");
-                    let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
+                    let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, status).await;
                     w.bufs.give_resp(resp);
                     return out;
                 }
@@ -1650,8 +1783,10 @@ async fn fetch<'c, S: ClientIo>(
                     guard,
                     req,
                     authorized: _,
+                    request_time: _,
                 } => {
                     if let Some(f) = stale.as_ref().filter(|_| validating && resp.status == 304) {
+                        std::hint::cold_path();
                         // §4.3.4: freshen the stored response and answer from it.
                         let fields = copy_fields(&resp);
                         resp.raw = Bytes::new();
@@ -1659,14 +1794,16 @@ async fn fetch<'c, S: ClientIo>(
                         // A validator that is not the stored one selects nothing: the stored
                         // response is dropped and fetched again whole.
                         if !selected_by_304(&fields, &f.obj) {
-                            invalidate(&cache, &f.obj);
+                            invalidate(cache, &f.obj);
                             w.bufs.give_resp(resp);
+                            // A second request: it is sent after `now`.
                             let again = Fetch::Fill {
                                 keys,
                                 stale: None,
                                 guard,
                                 req,
                                 authorized,
+                                request_time: now,
                             };
                             return Box::pin(fetch(w, cfg, route, p, group, c, ctx, again, status))
                                 .await;
@@ -1674,7 +1811,7 @@ async fn fetch<'c, S: ClientIo>(
                         cache.count(|s| s.revalidations += 1);
                         let fresh = freshen_selected(
                             p,
-                            &cache,
+                            cache,
                             &f.key,
                             &f.obj,
                             &fields,
@@ -1694,7 +1831,7 @@ async fn fetch<'c, S: ClientIo>(
                         };
                         status.fwd = "stale";
                         status.ttl = Some(obj.ttl(now));
-                        let out = answer(w, &cfg.via, route, c, ctx, &obj, now, &status).await;
+                        let out = answer(w, &cfg.via, route, c, ctx, &obj, now, status).await;
                         w.bufs.give_resp(resp);
                         return out;
                     }
@@ -1702,13 +1839,14 @@ async fn fetch<'c, S: ClientIo>(
                         matches!(resp.status, 500 | 502 | 503 | 504)
                             && stale_if_error(&f.obj, req, now)
                     }) {
+                        std::hint::cold_path();
                         resp.raw = Bytes::new();
                         release(w, group, ch, true, false);
                         cache.count(|s| s.stale_hits += 1);
                         status.hit = true;
                         status.ttl = Some(f.obj.ttl(now));
                         status.detail = Some("stale-if-error");
-                        let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, &status).await;
+                        let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, status).await;
                         w.bufs.give_resp(resp);
                         return out;
                     }
@@ -1723,7 +1861,7 @@ async fn fetch<'c, S: ClientIo>(
                             p,
                             &resp,
                             &ctx.head,
-                            &cache,
+                            cache,
                             body_room,
                             authorized,
                             request_time,
@@ -1757,7 +1895,7 @@ async fn fetch<'c, S: ClientIo>(
                         body.extend_from_slice(&ch.up.rbuf[..n]);
                         let vary = vary_values(&s.vary, &ctx.head);
                         let (code, reason) = (resp.status, reason_of(&resp));
-                        store(&cache, p, keys, k, s, code, reason, body.freeze(), vary);
+                        store(cache, p, keys, k, s, code, reason, body.freeze(), vary);
                         if let Some(g) = guard {
                             g.finish(FlightEnd::Stored);
                         }
@@ -1849,7 +1987,7 @@ async fn fetch<'c, S: ClientIo>(
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
                             store(
-                                &cache,
+                                cache,
                                 p,
                                 keys,
                                 k,
@@ -1907,7 +2045,7 @@ async fn fetch<'c, S: ClientIo>(
                     if let Some(f) = found.filter(|_| resp.status == 200) {
                         head_update(
                             p,
-                            &cache,
+                            cache,
                             &f,
                             &copy_fields(&resp),
                             authorized,
