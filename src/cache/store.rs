@@ -207,12 +207,11 @@ impl<V> Store<V> {
     /// then brings in what the slot points to).
     #[inline]
     fn prefetch_next_victim(&self) {
-        #[cfg(target_arch = "x86_64")]
         if let Some(slot) = self.front().and_then(|i| self.slots.get(i as usize)) {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            // SAFETY: a prefetch reads and writes nothing the program sees and never faults;
-            // SSE, which it needs, is part of x86-64.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(slot).cast::<i8>()) };
+            super::prefetch(
+                std::ptr::from_ref(slot).cast(),
+                std::mem::size_of::<Slot<V>>(),
+            );
         }
     }
 
