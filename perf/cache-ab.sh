@@ -18,7 +18,8 @@
 # cached route with no-store answers (a miss that stores nothing) as a third arm.
 # RINGWAY_BIN_B=path/to/other/ringway also runs a second build side by side (its own process,
 # pinned the same, on the next port), each arm on both: the two builds compared in the same
-# run, segment by segment.
+# run, segment by segment. BUDGET_B gives the second its own store budget (the same build twice
+# with BUDGET_B=1MiB: what a store out of cache costs against one that fits a core's L2).
 # Needs nginx and wrk. Load only ever goes to 127.0.0.1.
 set -euo pipefail
 PAIRS=${1:-20}; SECS=${2:-1}; CONNS=${3:-32}
@@ -52,6 +53,9 @@ wait_200 "http://127.0.0.1:$GW/plain/up" "http://127.0.0.1:$GW/up"
 if [[ -n ${RINGWAY_BIN_B:-} ]]; then
   [[ -x $RINGWAY_BIN_B ]] || { echo "no $RINGWAY_BIN_B"; exit 2; }
   sed "s/127.0.0.1:$GW\"/127.0.0.1:$((GW + 1))\"/" "$D/ringway.toml" > "$D/ringway-b.toml"
+  if [[ -n ${BUDGET_B:-} ]]; then
+    sed -i "s/^max_bytes_per_worker = .*/max_bytes_per_worker = \"$BUDGET_B\"/" "$D/ringway-b.toml"
+  fi
   RINGWAY_LOG=warn "${PROXY_CPU[@]}" "$RINGWAY_BIN_B" -c "$D/ringway-b.toml" 2> "$D/ringway-b.log" &
   GWPID_B=$!
   wait_200 "http://127.0.0.1:$((GW + 1))/plain/up" "http://127.0.0.1:$((GW + 1))/up"
