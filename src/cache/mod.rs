@@ -853,7 +853,7 @@ impl WorkerCache {
         let m = self.map.borrow();
         let Some(e) = m.get(key) else {
             drop(m);
-            self.prefetch_victim();
+            self.prefetch_victim(key.hash);
             return (None, false);
         };
         (
@@ -906,12 +906,14 @@ impl WorkerCache {
         }
     }
 
-    /// Brings in what the next eviction reads of the entry it will evict (most likely: the
+    /// Brings in what storing the key hashed `hash` will read and write (the ghost table's
+    /// slots) and what the next eviction reads of the entry it will evict (most likely: the
     /// one at the front of its queue), for a miss that may store: its object (not its key's
     /// bytes, which the eviction does not read; they are brought in when kept). The store
     /// brought the entry's slot in after its last insert ([`store::Store::insert`]).
-    fn prefetch_victim(&self) {
+    fn prefetch_victim(&self, hash: u64) {
         let m = self.map.borrow();
+        m.prefetch_ghosts(hash);
         let Some((_, e)) = m.next_victim() else {
             return;
         };

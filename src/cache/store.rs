@@ -191,12 +191,17 @@ impl<V> Store<V> {
         first
     }
 
+    /// Whether the next eviction takes from small: while small holds more than its share, or
+    /// main holds nothing.
+    #[inline(always)]
+    fn takes_from_small(&self) -> bool {
+        !self.small.is_empty() && (self.small_weight > self.small_target || self.main_weight == 0)
+    }
+
     /// The slot number the next eviction most likely empties: the front of the queue it takes
     /// from (an entry there with uses left is passed over instead; this does not look past it).
     fn front(&self) -> Option<u32> {
-        let from_small = !self.small.is_empty()
-            && (self.small_weight > self.small_target || self.main_weight == 0);
-        if from_small {
+        if self.takes_from_small() {
             self.small.front().copied()
         } else {
             self.main.front().copied()
@@ -212,6 +217,26 @@ impl<V> Store<V> {
                 std::ptr::from_ref(slot).cast(),
                 std::mem::size_of::<Slot<V>>(),
             );
+        }
+    }
+
+    /// Brings in the ghost table's slots that storing a new key hashed `hash` reads and
+    /// writes: the new key's own (`ghost_take`) and, when the next eviction takes from small,
+    /// the slot its entry's hash is put in (`ghost_put`). The table is as large as the store
+    /// has entries, and these slots are random: without this, each is a wait on memory in the
+    /// insert that follows the fetch.
+    #[inline]
+    pub(crate) fn prefetch_ghosts(&self, hash: u64) {
+        let at = |h: u64| {
+            self.ghost
+                .as_ptr()
+                .wrapping_add(h as usize & self.ghost_mask)
+        };
+        super::prefetch(at(hash).cast(), std::mem::size_of::<u32>());
+        if self.takes_from_small() {
+            if let Some((k, _)) = self.next_victim() {
+                super::prefetch(at(k.hash).cast(), std::mem::size_of::<u32>());
+            }
         }
     }
 
@@ -374,8 +399,7 @@ impl<V> Store<V> {
     #[inline(always)]
     fn evict_one(&mut self) -> Option<(StoreKey, V)> {
         loop {
-            let from_small = !self.small.is_empty()
-                && (self.small_weight > self.small_target || self.main_weight == 0);
+            let from_small = self.takes_from_small();
             let i = if from_small {
                 self.small.pop_front()
             } else {
