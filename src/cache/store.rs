@@ -104,6 +104,11 @@ pub(crate) struct Store<V> {
     len: usize,
     /// Removed entries whose numbers are still in a queue.
     dead: usize,
+    /// The address of the index's control byte for bucket 0, as last seen (hashbrown keeps
+    /// bucket `i`'s value `4 * (i + 1)` bytes below it and its control byte `i` bytes above):
+    /// where [`Store::prefetch_insert`] aims. A hint only, never read through; if hashbrown
+    /// laid its table out otherwise, those prefetches would only bring in the wrong lines.
+    index_base: usize,
 }
 
 impl<V> Store<V> {
@@ -131,6 +136,7 @@ impl<V> Store<V> {
             main_weight: 0,
             len: 0,
             dead: 0,
+            index_base: 0,
         }
     }
 
@@ -220,24 +226,46 @@ impl<V> Store<V> {
         }
     }
 
-    /// Brings in the ghost table's slots that storing a new key hashed `hash` reads and
-    /// writes: the new key's own (`ghost_take`) and, when the next eviction takes from small,
-    /// the slot its entry's hash is put in (`ghost_put`). The table is as large as the store
-    /// has entries, and these slots are random: without this, each is a wait on memory in the
-    /// insert that follows the fetch.
+    /// Brings in what storing a new key hashed `hash` reads and writes at random places, for a
+    /// lookup that missed (the fetch runs between): the ghost table's slots (the new key's,
+    /// `ghost_take`, and, when the next eviction takes from small, its entry's, `ghost_put`),
+    /// the index bucket the next eviction empties (its control byte and value: `unindex`) and
+    /// the values the new key's bucket is among (the first free one of the sixteen from its
+    /// hash's place). The ghost table is as large as the store has entries and the index
+    /// larger: without this, each of these lines is a wait on memory in the insert.
     #[inline]
-    pub(crate) fn prefetch_ghosts(&self, hash: u64) {
-        let at = |h: u64| {
+    pub(crate) fn prefetch_insert(&self, hash: u64) {
+        const VALUE: usize = std::mem::size_of::<u32>();
+        let ghost = |h: u64| {
             self.ghost
                 .as_ptr()
                 .wrapping_add(h as usize & self.ghost_mask)
         };
-        super::prefetch(at(hash).cast(), std::mem::size_of::<u32>());
-        if self.takes_from_small() {
-            if let Some((k, _)) = self.next_victim() {
-                super::prefetch(at(k.hash).cast(), std::mem::size_of::<u32>());
-            }
+        super::prefetch(ghost(hash).cast(), VALUE);
+        let victim = self
+            .front()
+            .and_then(|i| self.slots.get(i as usize))
+            .filter(|s| s.freq.get() == 0);
+        let Some(slot) = victim else {
+            return;
+        };
+        if let (false, Some((k, _))) = (slot.main, &slot.live) {
+            super::prefetch(ghost(k.hash).cast(), VALUE);
         }
+        if self.index_base == 0 {
+            return;
+        }
+        let value = |b: usize| {
+            self.index_base
+                .wrapping_sub(b.wrapping_add(1).wrapping_mul(VALUE)) as *const u8
+        };
+        if slot.bucket != NO_BUCKET {
+            let b = slot.bucket as usize;
+            super::prefetch(self.index_base.wrapping_add(b) as *const u8, 1);
+            super::prefetch(value(b), VALUE);
+        }
+        let at = hash as usize & self.index.num_buckets().wrapping_sub(1);
+        super::prefetch(value(at.wrapping_add(15)), 16 * VALUE);
     }
 
     /// The live entry the next eviction most likely takes (see [`Store::front`]); `None` when
@@ -497,6 +525,10 @@ impl<V> Store<V> {
             self.note_buckets();
         } else if let Some(slot) = self.slots.get_mut(i as usize) {
             slot.bucket = u32::try_from(at).unwrap_or(NO_BUCKET);
+        }
+        if let Some(v) = self.index.get_bucket(at) {
+            self.index_base = (std::ptr::from_ref(v) as usize)
+                .wrapping_add(at.wrapping_add(1).wrapping_mul(std::mem::size_of::<u32>()));
         }
     }
 
