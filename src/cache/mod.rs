@@ -849,6 +849,8 @@ impl WorkerCache {
 
     /// The newest variant under `key` that `head` selects (§4.1), and whether the key had
     /// any variant at all.
+    // Inlined in the cache phase's first look (`serve::first_look`), the usual caller.
+    #[inline]
     pub fn lookup(&self, key: KeyRef<'_>, head: &RequestHead) -> (Option<Rc<Object>>, bool) {
         let m = self.map.borrow();
         let Some(e) = m.get(key) else {
