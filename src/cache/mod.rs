@@ -394,10 +394,56 @@ fn scan_query(pq: &[u8]) -> &[u8] {
     memchr::memchr(b'?', pq).map_or(b"", |i| &pq[i + 1..])
 }
 
-/// Appends `s` lower-cased (ASCII), in one pass (a host is short: no copy call, then no
-/// second pass over the copy).
+/// Appends `s` lower-cased (ASCII). Shorter than a word (8 bytes, e.g. one label): in one
+/// pass, byte by byte (no copy call, then no second pass over the copy). Longer (most hosts):
+/// copied, then lower-cased in place a word at a time (a byte at a time costs ten
+/// instructions a byte), the last word overlapping the one before it when the length is not
+/// a multiple of 8 (lower-casing twice is lower-casing once).
+#[inline(always)]
 fn push_lower(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend(s.iter().map(u8::to_ascii_lowercase));
+    if s.len() < 8 {
+        out.extend(s.iter().map(u8::to_ascii_lowercase));
+        return;
+    }
+    push_lower_words(out, s);
+}
+
+/// [`push_lower`] of 8 bytes or more (out of line: the short case stays as small as it was).
+#[inline(never)]
+fn push_lower_words(out: &mut Vec<u8>, s: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(s);
+    let Some(d) = out.get_mut(start..) else {
+        return;
+    };
+    let mut words = d.chunks_exact_mut(8);
+    for w in &mut words {
+        lower_word(w);
+    }
+    if !words.into_remainder().is_empty() {
+        // The last 8 bytes (there are 8 or more).
+        if let Some(last) = d.len().checked_sub(8).and_then(|i| d.get_mut(i..)) {
+            lower_word(last);
+        }
+    }
+}
+
+/// Lower-cases (ASCII) the 8 bytes of `w` at once; bytes that are not `A`-`Z` stay as they
+/// are (nothing is done when `w` is not 8 bytes long).
+#[inline]
+fn lower_word(w: &mut [u8]) {
+    let Ok(b) = <[u8; 8]>::try_from(&*w) else {
+        return;
+    };
+    let x = u64::from_le_bytes(b);
+    // Each byte's low 7 bits (`h`, below 0x80), and sums that set its top bit, with no carry
+    // into the next byte (at most 0x7f + 0x3f): `h >= b'A'` and `h > b'Z'`.
+    let h = x & 0x7f7f_7f7f_7f7f_7f7f;
+    let ge_a = h + 0x3f3f_3f3f_3f3f_3f3f;
+    let gt_z = h + 0x2525_2525_2525_2525;
+    // Top bits of the bytes in `A`..=`Z` (a byte of 0x80 or more is none), moved to 0x20.
+    let upper = ge_a & !gt_z & !x & 0x8080_8080_8080_8080;
+    w.copy_from_slice(&(x | (upper >> 2)).to_le_bytes());
 }
 
 /// What a freshness computation needs (RFC 9111 §4.2), fixed when an object is stored or
@@ -849,6 +895,8 @@ impl WorkerCache {
 
     /// The newest variant under `key` that `head` selects (§4.1), and whether the key had
     /// any variant at all.
+    // Inlined in the cache phase's first look (`serve::first_look`), the usual caller.
+    #[inline]
     pub fn lookup(&self, key: KeyRef<'_>, head: &RequestHead) -> (Option<Rc<Object>>, bool) {
         let m = self.map.borrow();
         let Some(e) = m.get(key) else {
@@ -1645,6 +1693,39 @@ mod tests {
         assert_eq!(n, raw.len());
         h.raw = Bytes::copy_from_slice(raw.as_bytes());
         h
+    }
+
+    /// `push_lower` writes what a byte-by-byte lower-casing writes, after what was there, for
+    /// every length around the word's (shorter, whole words, a remainder) and every byte at
+    /// every place.
+    #[test]
+    fn push_lower_lowercases_ascii_and_keeps_other_bytes() {
+        for len in 0..=40usize {
+            for b in 0..=255u8 {
+                for at in [0, len / 2, len.saturating_sub(1)] {
+                    let mut s: Vec<u8> = (0..len).map(|i| b"aZ.-9@[`{\x80"[i % 10]).collect();
+                    if at < len {
+                        s[at] = b;
+                    }
+                    let mut out = b"u".to_vec();
+                    push_lower(&mut out, &s);
+                    let mut want = b"u".to_vec();
+                    want.extend(s.iter().map(u8::to_ascii_lowercase));
+                    assert_eq!(out, want, "len {len}, byte {b:#x} at {at}");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn push_lower_matches_to_ascii_lowercase(
+            s in proptest::collection::vec(proptest::num::u8::ANY, 0..100)
+        ) {
+            let mut out = Vec::new();
+            push_lower(&mut out, &s);
+            proptest::prop_assert_eq!(out, s.to_ascii_lowercase());
+        }
     }
 
     /// The key as `build_key` wrote it before it took the query from the parsed spans: the

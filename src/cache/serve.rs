@@ -139,7 +139,9 @@ enum Look<'k> {
 
 /// Looks for the request in the store: a hit to answer, or the usual miss (see [`Look::Fill`]),
 /// whose fetch it begins: nothing the request could wait on or be answered with is there.
-#[inline]
+// One caller (`run`): inlined, its `Look` taken apart where it is made rather than written
+// out and read back after a call.
+#[inline(always)]
 fn first_look<'k>(
     cache: &Rc<WorkerCache>,
     head: &RequestHead,
