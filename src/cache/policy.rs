@@ -171,12 +171,30 @@ fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `None` for any other line.
 #[inline(always)]
 fn lone_max_age(line: &[u8]) -> Option<u64> {
-    let line = trim_ows(line);
-    if line.len() <= 8 || lower8(word(line, 0)) != word(b"max-age=", 0) {
+    // A line seldom has OWS at either end (the parser drops it before the value): it is
+    // trimmed only when it has.
+    let ows = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    let line = if ows(line.first()) || ows(line.last()) {
+        trim_ows(line)
+    } else {
+        line
+    };
+    if line.len() <= 8 || !is_word(word(line, 0), word(b"max-age=", 0)) {
         return None;
     }
+    let digits = &line[8..];
     let mut n = 0u64;
-    for d in &line[8..] {
+    if digits.len() <= MAX_UNBOUNDED_DIGITS {
+        // Too few digits to pass the bound: it is applied once, at the end.
+        for d in digits {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            n = n * 10 + u64::from(d - b'0');
+        }
+        return Some(n.min(MAX_DELTA));
+    }
+    for d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
@@ -185,6 +203,9 @@ fn lone_max_age(line: &[u8]) -> Option<u64> {
     }
     Some(n)
 }
+
+/// Digits of a delta-seconds that cannot reach [`MAX_DELTA`] (10^9 - 1 < 2^31).
+const MAX_UNBOUNDED_DIGITS: usize = 9;
 
 fn field_list(v: &[u8]) -> Vec<Box<[u8]>> {
     let v = trim_ows(v);
@@ -578,7 +599,24 @@ fn digits(s: &[u8], n: usize) -> Option<u32> {
 /// except that the month and "GMT" are matched in any case, as RFC 9111 §4.2 asks of a
 /// cache; anything else is invalid, which for `Expires` means already expired (RFC 9111
 /// §5.3).
+// Inlined: the memo's answer, the usual one, costs less than a call. The memo holds a date
+// that parsed, which has no OWS around it: a value equal to it is that date trimmed too, and
+// is compared before it is trimmed.
+#[inline]
 pub fn parse_http_date(v: &[u8]) -> Option<u64> {
+    if let Ok(fixed) = <&[u8; IMF_FIXDATE_LEN]>::try_from(v) {
+        let (last, secs) = LAST_DATE.get();
+        if last == *fixed {
+            return Some(secs);
+        }
+    }
+    parse_http_date_trimmed(v)
+}
+
+/// [`parse_http_date`] past the memo's first look: the value trimmed, then the memo and the
+/// parse.
+#[inline(never)]
+fn parse_http_date_trimmed(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
     let Ok(fixed) = <[u8; IMF_FIXDATE_LEN]>::try_from(v) else {
         return parse_date_forms(v);
@@ -1002,7 +1040,7 @@ pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
     if n != lower.len() {
         return false;
     }
-    let same = |a: u64, l: u64| a | letters(l) == l;
+    let same = is_word;
     if n < 4 {
         return name
             .iter()
@@ -1020,6 +1058,13 @@ pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
         i += 8;
     }
     same(word(name, n - 8), word(lower, n - 8))
+}
+
+/// Whether the eight bytes `a` are those of `lower` (no upper-case letter in it) but for the
+/// case of its letters, as [`is_name`] compares them.
+#[inline(always)]
+fn is_word(a: u64, lower: u64) -> bool {
+    a | letters(lower) == lower
 }
 
 /// 0x20 in each byte of `x` that is a lower-case ASCII letter, 0 in the others (as
