@@ -1013,18 +1013,16 @@ fn analyze_response(
     // First pass: the directives, from the Cache-Control lines, and whether a targeted field
     // (RFC 9213) may govern instead (then they are read as `analyze` reads them: rare).
     // A line's name is looked at only when its length is that of one of these names (the
-    // targeted ones as bits of their lengths, the longest as 63).
-    let targeted_lens = p
-        .targeted
-        .iter()
-        .fold(0u64, |m, t| m | 1 << t.len().min(63));
+    // targeted ones as bits of their lengths modulo 64: a name of another length that shares
+    // a bit is compared, and found not to be one).
+    let targeted_lens = p.targeted.iter().fold(0u64, |m, t| m | 1 << (t.len() % 64));
     // Both tests behind one: whether a line's length is that of any of these names.
     let looked_at = targeted_lens | 1 << CACHE_CONTROL.len();
     let mut d = Directives::default();
     let mut any_targeted = false;
     for h in &resp.headers {
         let len = h.name.len();
-        if looked_at >> len.min(63) & 1 == 0 {
+        if looked_at >> (len % 64) & 1 == 0 {
             continue;
         }
         if len == CACHE_CONTROL.len() {
@@ -1033,7 +1031,7 @@ fn analyze_response(
                 d.add(resp.bytes(h.value));
             }
         }
-        if targeted_lens >> len.min(63) & 1 == 1 {
+        if targeted_lens >> (len % 64) & 1 == 1 {
             // Targeted names are lower case (`RoutePolicy::compile`).
             let n = resp.bytes(h.name);
             any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
@@ -1215,11 +1213,11 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
     }
-    let known = policy::understood(status);
-    if d.must_understand && !known {
+    // (`understood` is looked up only under `must-understand`, rare.)
+    if d.must_understand && !policy::understood(status) {
         return Err("must-understand");
     }
-    if d.no_store && !(d.must_understand && known) {
+    if d.no_store && !(d.must_understand && policy::understood(status)) {
         return Err("no-store");
     }
     if d.private {
@@ -1269,8 +1267,9 @@ fn freshness(
         .unwrap_or(response_time);
     let expires = if targeted { None } else { seen.expires };
     let explicit = d.s_maxage.is_some() || d.max_age.is_some() || expires.is_some();
-    let heuristic = p.heuristic && (policy::heuristic_status(status) || d.public);
-    if !explicit && !heuristic && !d.public {
+    // Looked at only without an explicit lifetime.
+    let heuristic = || p.heuristic && (policy::heuristic_status(status) || d.public);
+    if !explicit && !d.public && !heuristic() {
         return Err("no-freshness");
     }
     // §4.2.1
@@ -1281,7 +1280,7 @@ fn freshness(
     } else if let Some(e) = expires {
         // An invalid date means already expired (§5.3).
         policy::parse_http_date(e).map_or(0, |e| e.saturating_sub(date))
-    } else if heuristic {
+    } else if heuristic() {
         // §4.2.2: a fraction of the time since the last modification.
         seen.last_modified
             .and_then(policy::parse_http_date)
