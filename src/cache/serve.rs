@@ -1003,12 +1003,76 @@ fn analyze_response(
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
+    // A `Connection` field that lists options (rare) goes out of line: the usual head's lines
+    // are then read without a look for them.
+    if resp.connection_options {
+        return analyze_listed(
+            p,
+            resp,
+            req,
+            cache,
+            body_room,
+            req_authorized,
+            request_time,
+            response_time,
+        );
+    }
+    analyze_lines::<false>(
+        p,
+        resp,
+        req,
+        cache,
+        body_room,
+        req_authorized,
+        request_time,
+        response_time,
+    )
+}
+
+/// [`analyze_response`] of a response whose `Connection` field lists options (rare).
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+fn analyze_listed(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body_room: usize,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    analyze_lines::<true>(
+        p,
+        resp,
+        req,
+        cache,
+        body_room,
+        req_authorized,
+        request_time,
+        response_time,
+    )
+}
+
+/// [`analyze_response`]'s work; `LISTED`: the response's `Connection` field lists options
+/// (its `connection_options`), whose lines are skipped.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn analyze_lines<const LISTED: bool>(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body_room: usize,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
     // The lines listed in `Connection` are not the response's own (RFC 9110 §7.6.1): both
     // passes skip them, as `copy_fields` does.
     // (Collected only when there are any: most responses have none.)
-    let listed = resp
-        .connection_options
-        .then(|| ConnectionOptions::collect(&resp.raw, &resp.headers, true));
+    let listed = LISTED.then(|| ConnectionOptions::collect(&resp.raw, &resp.headers, true));
     let hidden = |n: &[u8]| listed.as_ref().is_some_and(|l| l.lists(n));
     // First pass: the directives, from the Cache-Control lines, and whether a targeted field
     // (RFC 9213) may govern instead (then they are read as `analyze` reads them: rare).
@@ -2109,34 +2173,39 @@ fn build_object(
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Rc<Object> {
     let tags = tags_of(s);
-    cache.new_object(|o| {
-        // Field by field, each written where it is kept (an assignment of a whole `Object`
-        // would build it aside and copy it over). The pattern names every field: none is
-        // left as the former object had it.
-        let Object {
-            status: o_status,
-            reason: o_reason,
-            fields: o_fields,
-            body: o_body,
-            t: o_t,
-            url: o_url,
-            tags: o_tags,
-            vary: o_vary,
-            invalid: o_invalid,
-        } = o;
-        *o_status = status;
-        *o_reason = reason;
-        // Swapped, not taken: `s` gets the former object's parts (emptied when it was kept,
-        // `WorkerCache::keep_object`, or defaults), which it drops with itself, rather than
-        // defaults written here and dropped there, and those parts dropped here as well.
-        std::mem::swap(o_fields, &mut s.fields);
-        *o_body = body;
-        *o_t = s.t;
-        std::mem::swap(o_url, &mut s.url);
-        *o_tags = tags;
-        *o_vary = vary;
-        o_invalid.set(false);
-    })
+    cache.new_object(
+        #[inline(always)]
+        |o| {
+            // Field by field, each written where it is kept (an assignment of a whole `Object`
+            // would build it aside and copy it over). The pattern names every field: none is
+            // left as the former object had it.
+            // (Inlined where `new_object` calls it: no call, and the parts moved into the
+            // closure are not written aside for it first.)
+            let Object {
+                status: o_status,
+                reason: o_reason,
+                fields: o_fields,
+                body: o_body,
+                t: o_t,
+                url: o_url,
+                tags: o_tags,
+                vary: o_vary,
+                invalid: o_invalid,
+            } = o;
+            *o_status = status;
+            *o_reason = reason;
+            // Swapped, not taken: `s` gets the former object's parts (emptied when it was kept,
+            // `WorkerCache::keep_object`, or defaults), which it drops with itself, rather than
+            // defaults written here and dropped there, and those parts dropped here as well.
+            std::mem::swap(o_fields, &mut s.fields);
+            *o_body = body;
+            *o_t = s.t;
+            std::mem::swap(o_url, &mut s.url);
+            *o_tags = tags;
+            *o_vary = vary;
+            o_invalid.set(false);
+        },
+    )
 }
 
 /// A response's reason phrase to keep: the usual one for its status is not copied.
