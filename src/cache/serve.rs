@@ -264,23 +264,30 @@ impl<'p> Status<'p> {
             let same = last.of.as_ref().is_some_and(|s| s.same_parts(self))
                 && policy::same_bytes(&last.name, self.name);
             if !same {
-                last.line.clear();
-                self.write_line(&mut last.line);
-                last.of = Some(Status {
-                    name: b"",
-                    hit: self.hit,
-                    fwd: self.fwd,
-                    fwd_status: self.fwd_status,
-                    ttl: self.ttl,
-                    stored: self.stored,
-                    collapsed: self.collapsed,
-                    detail: self.detail,
-                });
-                last.name.clear();
-                last.name.extend_from_slice(self.name);
+                self.remember(last);
             }
             out.put_slice(&last.line);
         })
+    }
+
+    /// Writes the line into `last` and keeps its parts there. Out of [`Status::put`]'s way:
+    /// the usual line is the one before, copied with fewer registers to save.
+    #[inline(never)]
+    fn remember(&self, last: &mut LastStatus) {
+        last.line.clear();
+        self.write_line(&mut last.line);
+        last.of = Some(Status {
+            name: b"",
+            hit: self.hit,
+            fwd: self.fwd,
+            fwd_status: self.fwd_status,
+            ttl: self.ttl,
+            stored: self.stored,
+            collapsed: self.collapsed,
+            detail: self.detail,
+        });
+        last.name.clear();
+        last.name.extend_from_slice(self.name);
     }
 
     /// The same line but perhaps for the name.
@@ -1095,7 +1102,10 @@ fn analyze_lines<const LISTED: bool>(
                 d.add(resp.bytes(h.value));
             }
         }
-        if targeted_lens >> (len % 64) & 1 == 1 {
+        // A line of Cache-Control's length is a targeted one's only when some targeted name
+        // has that length too (a test of a bit known before the loop; the other lines here
+        // have a targeted one's length).
+        if len != CACHE_CONTROL.len() || targeted_lens >> CACHE_CONTROL.len() & 1 == 1 {
             // Targeted names are lower case (`RoutePolicy::compile`).
             let n = resp.bytes(h.name);
             any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
@@ -1119,14 +1129,14 @@ fn analyze_lines<const LISTED: bool>(
     // Sized for every line at once (pushing would start small and grow).
     spans.reserve(resp.headers.len() + 1);
     let mut seen = Seen::default();
-    let kept = resp.headers.iter().filter(|h| {
+    for h in &resp.headers {
         let n = resp.bytes(h.name);
         if hidden(n) {
-            return false;
+            continue;
         }
         // Read only for the fields whose first value `Seen` keeps.
         let v = || resp.bytes(h.value);
-        match policy::field_name(n) {
+        let keep = match policy::field_name(n) {
             FieldName::Other | FieldName::CacheControl => true,
             FieldName::Date => {
                 first(&mut seen.date, v());
@@ -1165,9 +1175,11 @@ fn analyze_lines<const LISTED: bool>(
                 false
             }
             FieldName::Unstorable => false,
+        };
+        if keep {
+            spans.push(*h);
         }
-    });
-    spans.extend(kept.copied());
+    }
     let (t, vary) = freshness(
         p,
         resp.status,
