@@ -183,6 +183,10 @@ fn lone_max_age(line: &[u8]) -> Option<u64> {
         return None;
     }
     let digits = &line[8..];
+    if digits.len() <= 8 {
+        // The line's last eight bytes: its digits, and the end of `max-age=` before them.
+        return short_digits(word(line, line.len() - 8), digits.len());
+    }
     let mut n = 0u64;
     if digits.len() <= MAX_UNBOUNDED_DIGITS {
         // Too few digits to pass the bound: it is applied once, at the end.
@@ -206,6 +210,30 @@ fn lone_max_age(line: &[u8]) -> Option<u64> {
 
 /// Digits of a delta-seconds that cannot reach [`MAX_DELTA`] (10^9 - 1 < 2^31).
 const MAX_UNBOUNDED_DIGITS: usize = 9;
+
+/// The value of the last `n` (1 to 8) bytes of the eight `x` holds (in memory order, as
+/// [`word`] reads them) when each is an ASCII digit, all at once; `None` when one is not.
+/// The bytes before them must be below 0xfa (none carries when 6 is added: [`lone_max_age`]
+/// gives the end of `max-age=`). Eight digits are less than 10^8, below [`MAX_DELTA`].
+#[inline(always)]
+fn short_digits(x: u64, n: usize) -> Option<u64> {
+    debug_assert!((1..=8).contains(&n));
+    // The digits are the high `n` bytes of the little-endian word.
+    let keep = u64::MAX << ((8 - n.clamp(1, 8)) * 8);
+    let zeros = 0x3030_3030_3030_3030 & keep;
+    let high = 0xf0f0_f0f0_f0f0_f0f0 & keep;
+    // A digit is 0x30..=0x39: its high half is 3, and still is once 6 is added.
+    if x & high != zeros || x.wrapping_add(0x0606_0606_0606_0606) & high != zeros {
+        return None;
+    }
+    // Each byte's digit, the bytes below them 0 (leading zeros); then pairs, fours and the
+    // eight combined, the digit at the lower address the more significant.
+    let mut v = (x & keep) - zeros;
+    v = (v * 10 + (v >> 8)) & 0x00ff_00ff_00ff_00ff;
+    v = (v * 100 + (v >> 16)) & 0x0000_ffff_0000_ffff;
+    v = (v * 10_000 + (v >> 32)) & 0xffff_ffff;
+    Some(v)
+}
 
 fn field_list(v: &[u8]) -> Vec<Box<[u8]>> {
     let v = trim_ows(v);
@@ -1115,6 +1143,47 @@ fn lower8(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_age_lines_of_any_length_read_as_delta_seconds() {
+        for v in [
+            "0",
+            "7",
+            "42",
+            "360",
+            "3600",
+            "86400",
+            "604800",
+            "3153600",
+            "31536000",
+            "99999999",
+            "100000000",
+            "999999999",
+            "2147483648",
+            "99999999999999999999999",
+            "00000000000000000000042",
+        ] {
+            let line = format!("max-age={v}");
+            assert_eq!(
+                lone_max_age(line.as_bytes()),
+                delta_seconds(v.as_bytes()),
+                "{line}"
+            );
+            let upper = format!("MAX-AGE={v}");
+            assert_eq!(lone_max_age(upper.as_bytes()), delta_seconds(v.as_bytes()));
+            // Any byte that is not a digit, anywhere among them, makes it no lone max-age.
+            for at in 0..v.len() {
+                for bad in [b'/', b':', b'a', b' ', b'\xff', 0x3a + 0x06, 0x30 - 0x06] {
+                    let mut l = line.clone().into_bytes();
+                    l[8 + at] = bad;
+                    let trimmed_ok = (bad == b' ') && (at == v.len() - 1);
+                    if !trimmed_ok {
+                        assert_eq!(lone_max_age(&l), None, "{:?}", String::from_utf8_lossy(&l));
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn directives_rfc9111_5_2() {
