@@ -171,12 +171,34 @@ fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `None` for any other line.
 #[inline(always)]
 fn lone_max_age(line: &[u8]) -> Option<u64> {
-    let line = trim_ows(line);
-    if line.len() <= 8 || lower8(word(line, 0)) != word(b"max-age=", 0) {
+    // A line seldom has OWS at either end (the parser drops it before the value): it is
+    // trimmed only when it has.
+    let ows = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    let line = if ows(line.first()) || ows(line.last()) {
+        trim_ows(line)
+    } else {
+        line
+    };
+    if line.len() <= 8 || !is_word(word(line, 0), word(b"max-age=", 0)) {
         return None;
     }
+    let digits = &line[8..];
+    if digits.len() <= 8 {
+        // The line's last eight bytes: its digits, and the end of `max-age=` before them.
+        return short_digits(word(line, line.len() - 8), digits.len());
+    }
     let mut n = 0u64;
-    for d in &line[8..] {
+    if digits.len() <= MAX_UNBOUNDED_DIGITS {
+        // Too few digits to pass the bound: it is applied once, at the end.
+        for d in digits {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            n = n * 10 + u64::from(d - b'0');
+        }
+        return Some(n.min(MAX_DELTA));
+    }
+    for d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
@@ -184,6 +206,33 @@ fn lone_max_age(line: &[u8]) -> Option<u64> {
         n = (n * 10 + u64::from(d - b'0')).min(MAX_DELTA);
     }
     Some(n)
+}
+
+/// Digits of a delta-seconds that cannot reach [`MAX_DELTA`] (10^9 - 1 < 2^31).
+const MAX_UNBOUNDED_DIGITS: usize = 9;
+
+/// The value of the last `n` (1 to 8) bytes of the eight `x` holds (in memory order, as
+/// [`word`] reads them) when each is an ASCII digit, all at once; `None` when one is not.
+/// The bytes before them must be below 0xfa (none carries when 6 is added: [`lone_max_age`]
+/// gives the end of `max-age=`). Eight digits are less than 10^8, below [`MAX_DELTA`].
+#[inline(always)]
+fn short_digits(x: u64, n: usize) -> Option<u64> {
+    debug_assert!((1..=8).contains(&n));
+    // The digits are the high `n` bytes of the little-endian word.
+    let keep = u64::MAX << ((8 - n.clamp(1, 8)) * 8);
+    let zeros = 0x3030_3030_3030_3030 & keep;
+    let high = 0xf0f0_f0f0_f0f0_f0f0 & keep;
+    // A digit is 0x30..=0x39: its high half is 3, and still is once 6 is added.
+    if x & high != zeros || x.wrapping_add(0x0606_0606_0606_0606) & high != zeros {
+        return None;
+    }
+    // Each byte's digit, the bytes below them 0 (leading zeros); then pairs, fours and the
+    // eight combined, the digit at the lower address the more significant.
+    let mut v = (x & keep) - zeros;
+    v = (v * 10 + (v >> 8)) & 0x00ff_00ff_00ff_00ff;
+    v = (v * 100 + (v >> 16)) & 0x0000_ffff_0000_ffff;
+    v = (v * 10_000 + (v >> 32)) & 0xffff_ffff;
+    Some(v)
 }
 
 fn field_list(v: &[u8]) -> Vec<Box<[u8]>> {
@@ -578,7 +627,24 @@ fn digits(s: &[u8], n: usize) -> Option<u32> {
 /// except that the month and "GMT" are matched in any case, as RFC 9111 §4.2 asks of a
 /// cache; anything else is invalid, which for `Expires` means already expired (RFC 9111
 /// §5.3).
+// Inlined: the memo's answer, the usual one, costs less than a call. The memo holds a date
+// that parsed, which has no OWS around it: a value equal to it is that date trimmed too, and
+// is compared before it is trimmed.
+#[inline]
 pub fn parse_http_date(v: &[u8]) -> Option<u64> {
+    if let Ok(fixed) = <&[u8; IMF_FIXDATE_LEN]>::try_from(v) {
+        let (last, secs) = LAST_DATE.get();
+        if last == *fixed {
+            return Some(secs);
+        }
+    }
+    parse_http_date_trimmed(v)
+}
+
+/// [`parse_http_date`] past the memo's first look: the value trimmed, then the memo and the
+/// parse.
+#[inline(never)]
+fn parse_http_date_trimmed(v: &[u8]) -> Option<u64> {
     let v = trim_ows(v);
     let Ok(fixed) = <[u8; IMF_FIXDATE_LEN]>::try_from(v) else {
         return parse_date_forms(v);
@@ -1002,7 +1068,7 @@ pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
     if n != lower.len() {
         return false;
     }
-    let same = |a: u64, l: u64| a | letters(l) == l;
+    let same = is_word;
     if n < 4 {
         return name
             .iter()
@@ -1020,6 +1086,13 @@ pub fn is_name(name: &[u8], lower: &[u8]) -> bool {
         i += 8;
     }
     same(word(name, n - 8), word(lower, n - 8))
+}
+
+/// Whether the eight bytes `a` are those of `lower` (no upper-case letter in it) but for the
+/// case of its letters, as [`is_name`] compares them.
+#[inline(always)]
+fn is_word(a: u64, lower: u64) -> bool {
+    a | letters(lower) == lower
 }
 
 /// 0x20 in each byte of `x` that is a lower-case ASCII letter, 0 in the others (as
@@ -1070,6 +1143,47 @@ fn lower8(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_age_lines_of_any_length_read_as_delta_seconds() {
+        for v in [
+            "0",
+            "7",
+            "42",
+            "360",
+            "3600",
+            "86400",
+            "604800",
+            "3153600",
+            "31536000",
+            "99999999",
+            "100000000",
+            "999999999",
+            "2147483648",
+            "99999999999999999999999",
+            "00000000000000000000042",
+        ] {
+            let line = format!("max-age={v}");
+            assert_eq!(
+                lone_max_age(line.as_bytes()),
+                delta_seconds(v.as_bytes()),
+                "{line}"
+            );
+            let upper = format!("MAX-AGE={v}");
+            assert_eq!(lone_max_age(upper.as_bytes()), delta_seconds(v.as_bytes()));
+            // Any byte that is not a digit, anywhere among them, makes it no lone max-age.
+            for at in 0..v.len() {
+                for bad in [b'/', b':', b'a', b' ', b'\xff', 0x3a + 0x06, 0x30 - 0x06] {
+                    let mut l = line.clone().into_bytes();
+                    l[8 + at] = bad;
+                    let trimmed_ok = (bad == b' ') && (at == v.len() - 1);
+                    if !trimmed_ok {
+                        assert_eq!(lone_max_age(&l), None, "{:?}", String::from_utf8_lossy(&l));
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn directives_rfc9111_5_2() {

@@ -266,23 +266,30 @@ impl<'p> Status<'p> {
             let same = last.of.as_ref().is_some_and(|s| s.same_parts(self))
                 && policy::same_bytes(&last.name, self.name);
             if !same {
-                last.line.clear();
-                self.write_line(&mut last.line);
-                last.of = Some(Status {
-                    name: b"",
-                    hit: self.hit,
-                    fwd: self.fwd,
-                    fwd_status: self.fwd_status,
-                    ttl: self.ttl,
-                    stored: self.stored,
-                    collapsed: self.collapsed,
-                    detail: self.detail,
-                });
-                last.name.clear();
-                last.name.extend_from_slice(self.name);
+                self.remember(last);
             }
             out.put_slice(&last.line);
         })
+    }
+
+    /// Writes the line into `last` and keeps its parts there. Out of [`Status::put`]'s way:
+    /// the usual line is the one before, copied with fewer registers to save.
+    #[inline(never)]
+    fn remember(&self, last: &mut LastStatus) {
+        last.line.clear();
+        self.write_line(&mut last.line);
+        last.of = Some(Status {
+            name: b"",
+            hit: self.hit,
+            fwd: self.fwd,
+            fwd_status: self.fwd_status,
+            ttl: self.ttl,
+            stored: self.stored,
+            collapsed: self.collapsed,
+            detail: self.detail,
+        });
+        last.name.clear();
+        last.name.extend_from_slice(self.name);
     }
 
     /// The same line but perhaps for the name.
@@ -1005,28 +1012,90 @@ fn analyze_response(
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
+    // A `Connection` field that lists options (rare) goes out of line: the usual head's lines
+    // are then read without a look for them.
+    if resp.connection_options {
+        return analyze_listed(
+            p,
+            resp,
+            req,
+            cache,
+            body_room,
+            req_authorized,
+            request_time,
+            response_time,
+        );
+    }
+    analyze_lines::<false>(
+        p,
+        resp,
+        req,
+        cache,
+        body_room,
+        req_authorized,
+        request_time,
+        response_time,
+    )
+}
+
+/// [`analyze_response`] of a response whose `Connection` field lists options (rare).
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+fn analyze_listed(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body_room: usize,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    analyze_lines::<true>(
+        p,
+        resp,
+        req,
+        cache,
+        body_room,
+        req_authorized,
+        request_time,
+        response_time,
+    )
+}
+
+/// [`analyze_response`]'s work; `LISTED`: the response's `Connection` field lists options
+/// (its `connection_options`), whose lines are skipped.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn analyze_lines<const LISTED: bool>(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body_room: usize,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
     // The lines listed in `Connection` are not the response's own (RFC 9110 §7.6.1): both
     // passes skip them, as `copy_fields` does.
     // (Collected only when there are any: most responses have none.)
-    let listed = resp
-        .connection_options
-        .then(|| ConnectionOptions::collect(&resp.raw, &resp.headers, true));
+    let listed = LISTED.then(|| ConnectionOptions::collect(&resp.raw, &resp.headers, true));
     let hidden = |n: &[u8]| listed.as_ref().is_some_and(|l| l.lists(n));
     // First pass: the directives, from the Cache-Control lines, and whether a targeted field
     // (RFC 9213) may govern instead (then they are read as `analyze` reads them: rare).
     // A line's name is looked at only when its length is that of one of these names (the
-    // targeted ones as bits of their lengths, the longest as 63).
-    let targeted_lens = p
-        .targeted
-        .iter()
-        .fold(0u64, |m, t| m | 1 << t.len().min(63));
+    // targeted ones as bits of their lengths modulo 64: a name of another length that shares
+    // a bit is compared, and found not to be one).
+    let targeted_lens = p.targeted.iter().fold(0u64, |m, t| m | 1 << (t.len() % 64));
     // Both tests behind one: whether a line's length is that of any of these names.
     let looked_at = targeted_lens | 1 << CACHE_CONTROL.len();
     let mut d = Directives::default();
     let mut any_targeted = false;
     for h in &resp.headers {
         let len = h.name.len();
-        if looked_at >> len.min(63) & 1 == 0 {
+        if looked_at >> (len % 64) & 1 == 0 {
             continue;
         }
         if len == CACHE_CONTROL.len() {
@@ -1035,7 +1104,10 @@ fn analyze_response(
                 d.add(resp.bytes(h.value));
             }
         }
-        if targeted_lens >> len.min(63) & 1 == 1 {
+        // A line of Cache-Control's length is a targeted one's only when some targeted name
+        // has that length too (a test of a bit known before the loop; the other lines here
+        // have a targeted one's length).
+        if len != CACHE_CONTROL.len() || targeted_lens >> CACHE_CONTROL.len() & 1 == 1 {
             // Targeted names are lower case (`RoutePolicy::compile`).
             let n = resp.bytes(h.name);
             any_targeted |= p.targeted.iter().any(|t| policy::is_name(n, t));
@@ -1059,14 +1131,14 @@ fn analyze_response(
     // Sized for every line at once (pushing would start small and grow).
     spans.reserve(resp.headers.len() + 1);
     let mut seen = Seen::default();
-    let kept = resp.headers.iter().filter(|h| {
+    for h in &resp.headers {
         let n = resp.bytes(h.name);
         if hidden(n) {
-            return false;
+            continue;
         }
         // Read only for the fields whose first value `Seen` keeps.
         let v = || resp.bytes(h.value);
-        match policy::field_name(n) {
+        let keep = match policy::field_name(n) {
             FieldName::Other | FieldName::CacheControl => true,
             FieldName::Date => {
                 first(&mut seen.date, v());
@@ -1105,9 +1177,11 @@ fn analyze_response(
                 false
             }
             FieldName::Unstorable => false,
+        };
+        if keep {
+            spans.push(*h);
         }
-    });
-    spans.extend(kept.copied());
+    }
     let (t, vary) = freshness(
         p,
         resp.status,
@@ -1217,11 +1291,11 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
     }
-    let known = policy::understood(status);
-    if d.must_understand && !known {
+    // (`understood` is looked up only under `must-understand`, rare.)
+    if d.must_understand && !policy::understood(status) {
         return Err("must-understand");
     }
-    if d.no_store && !(d.must_understand && known) {
+    if d.no_store && !(d.must_understand && policy::understood(status)) {
         return Err("no-store");
     }
     if d.private {
@@ -1271,8 +1345,9 @@ fn freshness(
         .unwrap_or(response_time);
     let expires = if targeted { None } else { seen.expires };
     let explicit = d.s_maxage.is_some() || d.max_age.is_some() || expires.is_some();
-    let heuristic = p.heuristic && (policy::heuristic_status(status) || d.public);
-    if !explicit && !heuristic && !d.public {
+    // Looked at only without an explicit lifetime.
+    let heuristic = || p.heuristic && (policy::heuristic_status(status) || d.public);
+    if !explicit && !d.public && !heuristic() {
         return Err("no-freshness");
     }
     // §4.2.1
@@ -1283,7 +1358,7 @@ fn freshness(
     } else if let Some(e) = expires {
         // An invalid date means already expired (§5.3).
         policy::parse_http_date(e).map_or(0, |e| e.saturating_sub(date))
-    } else if heuristic {
+    } else if heuristic() {
         // §4.2.2: a fraction of the time since the last modification.
         seen.last_modified
             .and_then(policy::parse_http_date)
@@ -2112,34 +2187,39 @@ fn build_object(
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Rc<Object> {
     let tags = tags_of(s);
-    cache.new_object(|o| {
-        // Field by field, each written where it is kept (an assignment of a whole `Object`
-        // would build it aside and copy it over). The pattern names every field: none is
-        // left as the former object had it.
-        let Object {
-            status: o_status,
-            reason: o_reason,
-            fields: o_fields,
-            body: o_body,
-            t: o_t,
-            url: o_url,
-            tags: o_tags,
-            vary: o_vary,
-            invalid: o_invalid,
-        } = o;
-        *o_status = status;
-        *o_reason = reason;
-        // Swapped, not taken: `s` gets the former object's parts (emptied when it was kept,
-        // `WorkerCache::keep_object`, or defaults), which it drops with itself, rather than
-        // defaults written here and dropped there, and those parts dropped here as well.
-        std::mem::swap(o_fields, &mut s.fields);
-        *o_body = body;
-        *o_t = s.t;
-        std::mem::swap(o_url, &mut s.url);
-        *o_tags = tags;
-        *o_vary = vary;
-        o_invalid.set(false);
-    })
+    cache.new_object(
+        #[inline(always)]
+        |o| {
+            // Field by field, each written where it is kept (an assignment of a whole `Object`
+            // would build it aside and copy it over). The pattern names every field: none is
+            // left as the former object had it.
+            // (Inlined where `new_object` calls it: no call, and the parts moved into the
+            // closure are not written aside for it first.)
+            let Object {
+                status: o_status,
+                reason: o_reason,
+                fields: o_fields,
+                body: o_body,
+                t: o_t,
+                url: o_url,
+                tags: o_tags,
+                vary: o_vary,
+                invalid: o_invalid,
+            } = o;
+            *o_status = status;
+            *o_reason = reason;
+            // Swapped, not taken: `s` gets the former object's parts (emptied when it was kept,
+            // `WorkerCache::keep_object`, or defaults), which it drops with itself, rather than
+            // defaults written here and dropped there, and those parts dropped here as well.
+            std::mem::swap(o_fields, &mut s.fields);
+            *o_body = body;
+            *o_t = s.t;
+            std::mem::swap(o_url, &mut s.url);
+            *o_tags = tags;
+            *o_vary = vary;
+            o_invalid.set(false);
+        },
+    )
 }
 
 /// A response's reason phrase to keep: the usual one for its status is not copied.
