@@ -84,27 +84,50 @@ const MAX_PREFETCH_LINES: usize = 64;
 /// into the allocations of the one evicted before it and reads the entry it evicts, all last
 /// touched a whole turn of the store ago (a budget of 64 MiB is out of every cache a core
 /// has): without a prefetch each of those lines is a wait on memory. A hint only: it changes
-/// nothing the program computes, and does nothing off x86-64.
+/// nothing the program computes. For a value whose size is known at compile time,
+/// [`prefetch_of`] (no line count to work out at run time).
 #[inline]
 fn prefetch(p: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let start = p as usize & !63;
-        let end = (p as usize).saturating_add(len);
-        let lines = end
-            .saturating_sub(start)
-            .div_ceil(64)
-            .min(MAX_PREFETCH_LINES);
-        for i in 0..lines {
-            // SAFETY: a prefetch reads and writes nothing the program sees and never faults,
-            // whatever the address (so the address need not be valid); SSE, which it needs,
-            // is part of x86-64.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(i * 64) as *const i8) };
-        }
+    let start = p as usize & !63;
+    let end = (p as usize).saturating_add(len);
+    let lines = end
+        .saturating_sub(start)
+        .div_ceil(64)
+        .min(MAX_PREFETCH_LINES);
+    for i in 0..lines {
+        prefetch_line(start.wrapping_add(i * 64) as *const u8);
     }
+}
+
+/// [`prefetch`] of the `T` at `p`: its lines, their count known at compile time.
+#[inline(always)]
+fn prefetch_of<T>(p: *const T) {
+    let len = std::mem::size_of::<T>();
+    let p = p.cast::<u8>();
+    let mut at = 0;
+    while at < len {
+        prefetch_line(p.wrapping_add(at));
+        at += 64;
+    }
+    if len % 64 != 1 {
+        // The last byte's line, when `p` is not aligned to a line.
+        prefetch_line(p.wrapping_add(len.saturating_sub(1)));
+    }
+}
+
+/// Asks the CPU to bring the line holding `p` into its caches (see [`prefetch`]); does
+/// nothing off x86-64.
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    // SAFETY: a prefetch reads and writes nothing the program sees and never faults,
+    // whatever the address (so the address need not be valid); SSE, which it needs, is part
+    // of x86-64.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, len);
+    let _ = p;
 }
 
 /// Seconds since the Unix epoch (0 before it): the clock `SystemTime::now` reads, read
@@ -964,19 +987,17 @@ impl WorkerCache {
     /// brought the entry's slot in after its last insert ([`store::Store::insert`]).
     fn prefetch_victim(&self, hash: u64) {
         let m = self.map.borrow();
-        m.prefetch_insert(hash);
-        let Some((_, e)) = m.next_victim() else {
+        let Some(e) = m.prefetch_insert(hash) else {
             return;
         };
         if let Variants::One(o) = &e.variants {
             // The object and the counts before it (`Rc`'s allocation).
-            let at = Rc::as_ptr(o)
-                .cast::<u8>()
-                .wrapping_sub(2 * std::mem::size_of::<usize>());
-            prefetch(
-                at,
-                std::mem::size_of::<Object>() + 2 * std::mem::size_of::<usize>(),
+            let obj = Rc::as_ptr(o);
+            prefetch_line(
+                obj.cast::<u8>()
+                    .wrapping_sub(2 * std::mem::size_of::<usize>()),
             );
+            prefetch_of(obj);
         }
     }
 

@@ -214,15 +214,12 @@ impl<V> Store<V> {
         }
     }
 
-    /// Brings in the slot of [`Store::next_victim`] (see `WorkerCache::prefetch_victim`, which
-    /// then brings in what the slot points to).
+    /// Brings in the slot [`Store::front`] names (not read here: [`Store::victim_slot`] reads
+    /// it, from `WorkerCache::prefetch_victim`, which then brings in what the slot points to).
     #[inline]
     fn prefetch_next_victim(&self) {
         if let Some(slot) = self.front().and_then(|i| self.slots.get(i as usize)) {
-            super::prefetch(
-                std::ptr::from_ref(slot).cast(),
-                std::mem::size_of::<Slot<V>>(),
-            );
+            super::prefetch_of(std::ptr::from_ref(slot));
         }
     }
 
@@ -232,28 +229,26 @@ impl<V> Store<V> {
     /// the index bucket the next eviction empties (its control byte and value: `unindex`) and
     /// the values the new key's bucket is among (the first free one of the sixteen from its
     /// hash's place). The ghost table is as large as the store has entries and the index
-    /// larger: without this, each of these lines is a wait on memory in the insert.
+    /// larger: without this, each of these lines is a wait on memory in the insert. Returns
+    /// the value of [`Store::victim_slot`]'s entry, for the caller to bring in what it points
+    /// to.
     #[inline]
-    pub(crate) fn prefetch_insert(&self, hash: u64) {
+    pub(crate) fn prefetch_insert(&self, hash: u64) -> Option<&V> {
         const VALUE: usize = std::mem::size_of::<u32>();
+        // (Each a u32, aligned to its size: one line.)
         let ghost = |h: u64| {
             self.ghost
                 .as_ptr()
                 .wrapping_add(h as usize & self.ghost_mask)
         };
-        super::prefetch(ghost(hash).cast(), VALUE);
-        let victim = self
-            .front()
-            .and_then(|i| self.slots.get(i as usize))
-            .filter(|s| s.freq.get() == 0);
-        let Some(slot) = victim else {
-            return;
-        };
-        if let (false, Some((k, _))) = (slot.main, &slot.live) {
-            super::prefetch(ghost(k.hash).cast(), VALUE);
+        super::prefetch_line(ghost(hash).cast());
+        let slot = self.victim_slot()?;
+        let (k, v) = slot.live.as_ref()?;
+        if !slot.main {
+            super::prefetch_line(ghost(k.hash).cast());
         }
         if self.index_base == 0 {
-            return;
+            return Some(v);
         }
         let value = |b: usize| {
             self.index_base
@@ -261,22 +256,27 @@ impl<V> Store<V> {
         };
         if slot.bucket != NO_BUCKET {
             let b = slot.bucket as usize;
-            super::prefetch(self.index_base.wrapping_add(b) as *const u8, 1);
-            super::prefetch(value(b), VALUE);
+            super::prefetch_line(self.index_base.wrapping_add(b) as *const u8);
+            super::prefetch_line(value(b));
         }
         let at = hash as usize & self.index.num_buckets().wrapping_sub(1);
-        super::prefetch(value(at.wrapping_add(15)), 16 * VALUE);
+        super::prefetch_of(value(at.wrapping_add(15)).cast::<[u32; 16]>());
+        Some(v)
     }
 
-    /// The live entry the next eviction most likely takes (see [`Store::front`]); `None` when
-    /// that slot's entry was removed, or has uses left (it would be passed over), or the store
-    /// is empty. Changes nothing.
-    pub(crate) fn next_victim(&self) -> Option<(&StoreKey, &V)> {
+    /// The slot of the live entry the next eviction most likely takes (see [`Store::front`]);
+    /// `None` when that slot's entry was removed, or has uses left (it would be passed over),
+    /// or the store is empty. Changes nothing.
+    fn victim_slot(&self) -> Option<&Slot<V>> {
         let slot = self.slots.get(self.front()? as usize)?;
-        if slot.freq.get() > 0 {
-            return None;
-        }
-        slot.live.as_ref().map(|(k, v)| (k, v))
+        (slot.freq.get() == 0 && slot.live.is_some()).then_some(slot)
+    }
+
+    /// The entry of [`Store::victim_slot`] (what [`Store::prefetch_insert`] predicts, for the
+    /// model test to check).
+    #[cfg(test)]
+    pub(crate) fn next_victim(&self) -> Option<(&StoreKey, &V)> {
+        self.victim_slot()?.live.as_ref().map(|(k, v)| (k, v))
     }
 
     /// Replaces the value under `key` when one is stored: a use of the key unless `soft`.
