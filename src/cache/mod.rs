@@ -979,15 +979,15 @@ impl WorkerCache {
         }
     }
 
-    /// Brings in what storing the key hashed `hash` will read and write (the ghost table's
-    /// slots, the index's buckets: [`store::Store::prefetch_insert`]) and what the next
-    /// eviction reads of the entry it will evict (most likely: the
-    /// one at the front of its queue), for a miss that may store: its object (not its key's
-    /// bytes, which the eviction does not read; they are brought in when kept). The store
-    /// brought the entry's slot in after its last insert ([`store::Store::insert`]).
+    /// Brings in, for a miss that may store, what storing the key hashed `hash` will read and
+    /// write (the ghost table's slots: [`store::Store::prefetch_ghosts`]) and what the next
+    /// eviction reads of the entry it will evict (most likely: the one at the front of its
+    /// queue): its object (not its key's bytes, which the eviction does not read; they are
+    /// brought in when kept). The store brought the entry's slot in after its last insert
+    /// ([`store::Store::insert`]).
     fn prefetch_victim(&self, hash: u64) {
         let m = self.map.borrow();
-        let Some(e) = m.prefetch_insert(hash) else {
+        let Some(e) = m.prefetch_ghosts(hash) else {
             return;
         };
         if let Variants::One(o) = &e.variants {

@@ -104,11 +104,6 @@ pub(crate) struct Store<V> {
     len: usize,
     /// Removed entries whose numbers are still in a queue.
     dead: usize,
-    /// The address of the index's control byte for bucket 0, as last seen (hashbrown keeps
-    /// bucket `i`'s value `4 * (i + 1)` bytes below it and its control byte `i` bytes above):
-    /// where [`Store::prefetch_insert`] aims. A hint only, never read through; if hashbrown
-    /// laid its table out otherwise, those prefetches would only bring in the wrong lines.
-    index_base: usize,
 }
 
 impl<V> Store<V> {
@@ -136,7 +131,6 @@ impl<V> Store<V> {
             main_weight: 0,
             len: 0,
             dead: 0,
-            index_base: 0,
         }
     }
 
@@ -223,18 +217,16 @@ impl<V> Store<V> {
         }
     }
 
-    /// Brings in what storing a new key hashed `hash` reads and writes at random places, for a
-    /// lookup that missed (the fetch runs between): the ghost table's slots (the new key's,
-    /// `ghost_take`, and, when the next eviction takes from small, its entry's, `ghost_put`),
-    /// the index bucket the next eviction empties (its control byte and value: `unindex`) and
-    /// the values the new key's bucket is among (the first free one of the sixteen from its
-    /// hash's place). The ghost table is as large as the store has entries and the index
-    /// larger: without this, each of these lines is a wait on memory in the insert. Returns
-    /// the value of [`Store::victim_slot`]'s entry, for the caller to bring in what it points
-    /// to.
+    /// Brings in the ghost table's slots that storing a new key hashed `hash` reads and
+    /// writes, for a lookup that missed (the fetch runs between): the new key's
+    /// (`ghost_take`) and, when the next eviction takes from small, its entry's (`ghost_put`).
+    /// The table is as large as the store has entries and these slots are random: without
+    /// this, each is a wait on memory in the insert. Returns the value of
+    /// [`Store::victim_slot`]'s entry, for the caller to bring in what it points to. (The
+    /// index buckets the insert touches, as random, were tried too: `cargo bench --bench cache`
+    /// showed no gain, and their addresses depend on how hashbrown lays out its table.)
     #[inline]
-    pub(crate) fn prefetch_insert(&self, hash: u64) -> Option<&V> {
-        const VALUE: usize = std::mem::size_of::<u32>();
+    pub(crate) fn prefetch_ghosts(&self, hash: u64) -> Option<&V> {
         // (Each a u32, aligned to its size: one line.)
         let ghost = |h: u64| {
             self.ghost
@@ -247,20 +239,6 @@ impl<V> Store<V> {
         if !slot.main {
             super::prefetch_line(ghost(k.hash).cast());
         }
-        if self.index_base == 0 {
-            return Some(v);
-        }
-        let value = |b: usize| {
-            self.index_base
-                .wrapping_sub(b.wrapping_add(1).wrapping_mul(VALUE)) as *const u8
-        };
-        if slot.bucket != NO_BUCKET {
-            let b = slot.bucket as usize;
-            super::prefetch_line(self.index_base.wrapping_add(b) as *const u8);
-            super::prefetch_line(value(b));
-        }
-        let at = hash as usize & self.index.num_buckets().wrapping_sub(1);
-        super::prefetch_of(value(at.wrapping_add(15)).cast::<[u32; 16]>());
         Some(v)
     }
 
@@ -272,7 +250,7 @@ impl<V> Store<V> {
         (slot.freq.get() == 0 && slot.live.is_some()).then_some(slot)
     }
 
-    /// The entry of [`Store::victim_slot`] (what [`Store::prefetch_insert`] predicts, for the
+    /// The entry of [`Store::victim_slot`] (what [`Store::prefetch_ghosts`] predicts, for the
     /// model test to check).
     #[cfg(test)]
     pub(crate) fn next_victim(&self) -> Option<(&StoreKey, &V)> {
@@ -525,10 +503,6 @@ impl<V> Store<V> {
             self.note_buckets();
         } else if let Some(slot) = self.slots.get_mut(i as usize) {
             slot.bucket = u32::try_from(at).unwrap_or(NO_BUCKET);
-        }
-        if let Some(v) = self.index.get_bucket(at) {
-            self.index_base = (std::ptr::from_ref(v) as usize)
-                .wrapping_add(at.wrapping_add(1).wrapping_mul(std::mem::size_of::<u32>()));
         }
     }
 
