@@ -109,8 +109,9 @@ fn prefetch_of<T>(p: *const T) {
         prefetch_line(p.wrapping_add(at));
         at += 64;
     }
+    // The last byte's line, which the steps above miss when `p` is not aligned to a line
+    // (unless one of them asked for that very byte: a length of 64k + 1).
     if len % 64 != 1 {
-        // The last byte's line, when `p` is not aligned to a line.
         prefetch_line(p.wrapping_add(len.saturating_sub(1)));
     }
 }
