@@ -56,21 +56,26 @@ pub async fn run<'c, S: ClientIo>(
     }
     match ctx.head.method {
         Method::Get | Method::Head => {
-            let (req, authorized) = request_directives(&ctx.head);
+            // Read where they are kept for the request (in its future), not returned and
+            // copied there.
+            let mut req = Directives::default();
+            let authorized = request_directives(&ctx.head, &mut req);
             let keys = Keys::new(p, ctx, &w.cache);
             // The usual miss goes upstream from here: [`cached`], for all the other cases,
             // would be one more future to enter and leave on each of the fetch's polls.
-            let (mode, mut s) = match first_look(&w.cache, &ctx.head, &keys, &req) {
+            // (The status is written where it is kept, not made in a pair and moved there.)
+            let mut s;
+            let mode = match first_look(&w.cache, &ctx.head, &keys, &req) {
                 Look::Fill { guard, fwd, now } => {
-                    let fill = Fetch::Fill {
+                    s = Status::new(p, fwd);
+                    Fetch::Fill {
                         keys: &keys,
                         stale: None,
                         guard,
                         req: &req,
                         authorized,
                         request_time: now,
-                    };
-                    (fill, Status::new(p, fwd))
+                    }
                 }
                 Look::Fresh { obj, now } => {
                     let s = Status::hit(p, &obj, now);
@@ -78,9 +83,9 @@ pub async fn run<'c, S: ClientIo>(
                 }
                 Look::TooLong => {
                     std::hint::cold_path();
-                    let mut s = Status::new(p, "bypass");
+                    s = Status::new(p, "bypass");
                     s.detail = Some("key-too-long");
-                    (Fetch::Pass, s)
+                    Fetch::Pass
                 }
                 Look::Other { hit, any, now } => {
                     let look = (hit, any, now);
@@ -333,13 +338,12 @@ thread_local! {
     };
 }
 
-/// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
-/// `no-cache` when there is no `Cache-Control` (§5.4). With them, whether the request has
-/// `Authorization` (§3.5).
-// One caller (`cached`): inlined, the directives written in place rather than returned.
+/// Adds the request's cache directives (RFC 9111 §5.2.1) to `d` (empty: the default);
+/// `Pragma: no-cache` counts as `no-cache` when there is no `Cache-Control` (§5.4). Returns
+/// whether the request has `Authorization` (§3.5).
+// One caller (`run`): inlined, the directives written in place rather than returned.
 #[inline(always)]
-fn request_directives(head: &RequestHead) -> (Directives, bool) {
-    let mut d = Directives::default();
+fn request_directives(head: &RequestHead, d: &mut Directives) -> bool {
     // One pass over the fields for the three names (two of them of one length).
     let mut any = false;
     let mut pragma_no_cache = false;
@@ -361,7 +365,7 @@ fn request_directives(head: &RequestHead) -> (Directives, bool) {
     if !any && pragma_no_cache {
         d.no_cache = true;
     }
-    (d, authorized)
+    authorized
 }
 
 /// Who the request is, for keys on routes with an auth policy.
