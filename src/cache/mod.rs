@@ -315,10 +315,7 @@ impl<'h> UrlParts<'h> {
 /// Writes the key of a request: the URL (host unless ignored, path, query per the policy),
 /// chosen header values, and a consumer when given. The usual key (no header values, no
 /// consumer, the query whole or ignored) is written here; the other parts out of line.
-// Inlined into its two callers: `Keys::new` (once per cached GET or HEAD, itself inlined in the
-// cache phase: no call's register saves and argument moves there) and the out-of-line key of
-// a consumer's own entries.
-#[inline(always)]
+#[inline]
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
     out.clear();
     let host = if p.ignore_host {
@@ -1253,9 +1250,10 @@ impl WorkerCache {
     /// unless a fetch is in flight under its hash (`None`: for
     /// [`WorkerCache::join_or_begin_flight`] to join, or to fetch alone when it is another
     /// key's), in one look at the flights.
-    // Inlined in the cache phase's first look (`serve::first_look`), once per miss, with the
-    // start of the fetch: one call fewer, and no look through the list when it is empty.
-    #[inline(always)]
+    // One call per miss, the start of the fetch inlined in it (not a second call), and no look
+    // through the list when it is empty. Kept out of the cache phase's code: inlined there, it
+    // moves the compiler's inlining of the whole request path.
+    #[inline(never)]
     pub fn begin_unless_in_flight(self: &Rc<Self>, key: KeyRef<'_>) -> Option<Option<FlightGuard>> {
         let mut f = self.flights.borrow_mut();
         if !f.is_idle() && f.get_mut(key.hash).is_some() {
@@ -1466,7 +1464,7 @@ impl Flights {
 
     /// Adds the slot of `key`, whose hash has none, with a copy of its bytes: in an ended
     /// slot of the list, in a key buffer of `cache`'s ([`WorkerCache::key_buf`]) otherwise.
-    #[inline]
+    #[inline(always)]
     fn insert(&mut self, key: KeyRef<'_>, cache: &WorkerCache) {
         debug_assert!(self.get_mut(key.hash).is_none(), "one slot per hash");
         if let Some((h, s)) = self.few.get_mut(self.live) {
