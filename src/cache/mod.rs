@@ -1273,10 +1273,13 @@ impl WorkerCache {
     /// unless a fetch is in flight under its hash (`None`: for
     /// [`WorkerCache::join_or_begin_flight`] to join, or to fetch alone when it is another
     /// key's), in one look at the flights.
-    #[inline]
+    // One call per miss, the start of the fetch inlined in it (not a second call), and no look
+    // through the list when it is empty. Kept out of the cache phase's code: inlined there, it
+    // moves the compiler's inlining of the whole request path.
+    #[inline(never)]
     pub fn begin_unless_in_flight(self: &Rc<Self>, key: KeyRef<'_>) -> Option<Option<FlightGuard>> {
         let mut f = self.flights.borrow_mut();
-        if f.get_mut(key.hash).is_some() {
+        if !f.is_idle() && f.get_mut(key.hash).is_some() {
             return None;
         }
         Some(self.start_flight(&mut f, key))
@@ -1293,7 +1296,7 @@ impl WorkerCache {
     /// A fetch for `key`, which has no slot in `flights`: only its key (copied into the slot,
     /// see [`Flights::insert`]); the [`Flight`] comes when one is needed. `None` when there
     /// are [`MAX_FLIGHTS`] already.
-    #[inline]
+    #[inline(always)]
     fn start_flight(self: &Rc<Self>, f: &mut Flights, key: KeyRef<'_>) -> Option<FlightGuard> {
         if f.len() >= MAX_FLIGHTS {
             return None;
@@ -1465,6 +1468,12 @@ impl Flights {
         self.live + self.many.len()
     }
 
+    /// No fetch is in flight (the usual state when a miss begins one): nothing to look through.
+    #[inline(always)]
+    fn is_idle(&self) -> bool {
+        self.live == 0 && self.many.is_empty()
+    }
+
     #[inline]
     fn get_mut(&mut self, hash: u64) -> Option<&mut FlightSlot> {
         if let Some((_, s)) = self.few[..self.live].iter_mut().find(|(h, _)| *h == hash) {
@@ -1478,17 +1487,25 @@ impl Flights {
 
     /// Adds the slot of `key`, whose hash has none, with a copy of its bytes: in an ended
     /// slot of the list, in a key buffer of `cache`'s ([`WorkerCache::key_buf`]) otherwise.
-    #[inline]
+    #[inline(always)]
     fn insert(&mut self, key: KeyRef<'_>, cache: &WorkerCache) {
         debug_assert!(self.get_mut(key.hash).is_none(), "one slot per hash");
         if let Some((h, s)) = self.few.get_mut(self.live) {
             *h = key.hash;
             s.key.clear();
             s.key.extend_from_slice(key.bytes);
-            s.flight = None;
+            // An ended slot's flight was taken when it ended ([`Flights::remove`]).
+            debug_assert!(s.flight.is_none(), "an ended slot holds no flight");
             self.live += 1;
             return;
         }
+        self.insert_new(key, cache);
+    }
+
+    /// [`Flights::insert`] past the ended slots of the list: a new slot (out of line, once per
+    /// slot of the list and for the fetches past it).
+    #[inline(never)]
+    fn insert_new(&mut self, key: KeyRef<'_>, cache: &WorkerCache) {
         let mut k = cache.key_buf();
         k.extend_from_slice(key.bytes);
         let slot = FlightSlot {
@@ -1506,8 +1523,26 @@ impl Flights {
     /// Ends the slot of `hash`: `None` when it has none, else its flight, if one was made. A
     /// slot of the list keeps its key buffer (one past [`MAX_SPARE_KEY_BYTES`] is freed); a
     /// slot of the map gives it back to `cache`.
-    #[inline]
+    #[inline(always)]
     fn remove(&mut self, hash: u64, cache: &WorkerCache) -> Option<Option<Rc<Flight>>> {
+        // The slot last begun, usually the only one in flight: ended where it is.
+        if let Some(last) = self.live.checked_sub(1) {
+            if let Some((h, s)) = self.few.get_mut(last) {
+                if *h == hash {
+                    self.live = last;
+                    if s.key.capacity() > MAX_SPARE_KEY_BYTES {
+                        s.key = Vec::new();
+                    }
+                    return Some(s.flight.take());
+                }
+            }
+        }
+        self.remove_other(hash, cache)
+    }
+
+    /// [`Flights::remove`] of a slot other than the list's last in flight (out of line).
+    #[inline(never)]
+    fn remove_other(&mut self, hash: u64, cache: &WorkerCache) -> Option<Option<Rc<Flight>>> {
         if let Some(i) = self.few[..self.live].iter().position(|(h, _)| *h == hash) {
             self.live -= 1;
             // The slots in flight stay first.
@@ -1548,6 +1583,9 @@ pub struct FlightGuard {
 }
 
 impl FlightGuard {
+    /// Ends the fetch as `end` says (the guard's drop tells the waiters).
+    // Inlined: a store and the drop's call, not a call of its own (once per stored miss).
+    #[inline]
     pub fn finish(mut self, end: FlightEnd) {
         self.end = end;
     }
@@ -1567,9 +1605,22 @@ impl Drop for FlightGuard {
             .borrow_mut()
             .remove(self.hash, &self.cache)
             .flatten();
+        if made.is_none() && self.flight.get().is_none() {
+            // No one joined and nothing was published: no one to tell (the usual miss).
+            return;
+        }
+        self.tell(made);
+    }
+}
+
+impl FlightGuard {
+    /// Ends the flight a request joined or a head was published to (`made`, the slot's, is
+    /// the guard's own when both are there): its waiters are told how the fetch ended. Out of
+    /// line: the usual miss has no flight, and its guard's drop stays small.
+    #[inline(never)]
+    fn tell(&mut self, made: Option<Rc<Flight>>) {
         // The guard's and the slot's are the same flight, if any.
         let Some(f) = self.flight.take().or(made) else {
-            // No one joined and nothing was published: no one to tell.
             return;
         };
         f.end.set(match self.end {

@@ -56,41 +56,55 @@ pub async fn run<'c, S: ClientIo>(
     }
     match ctx.head.method {
         Method::Get | Method::Head => {
-            let (req, authorized) = request_directives(&ctx.head);
+            // Read where they are kept for the request (in its future), not returned and
+            // copied there.
+            let mut req = Directives::default();
+            let authorized = request_directives(&ctx.head, &mut req);
             let keys = Keys::new(p, ctx, &w.cache);
             // The usual miss goes upstream from here: [`cached`], for all the other cases,
             // would be one more future to enter and leave on each of the fetch's polls.
-            let (mode, mut s) = match first_look(&w.cache, &ctx.head, &keys, &req) {
-                Look::Fill { guard, fwd, now } => {
-                    let fill = Fetch::Fill {
-                        keys: &keys,
-                        stale: None,
-                        guard,
-                        req: &req,
-                        authorized,
-                        request_time: now,
-                    };
-                    (fill, Status::new(p, fwd))
-                }
-                Look::Fresh { obj, now } => {
-                    let s = Status::hit(p, &obj, now);
-                    return answer(w, &cfg.via, route, c, ctx, &obj, now, &s).await;
-                }
-                Look::TooLong => {
-                    std::hint::cold_path();
-                    let mut s = Status::new(p, "bypass");
-                    s.detail = Some("key-too-long");
-                    (Fetch::Pass, s)
-                }
-                Look::Other { hit, any, now } => {
-                    let look = (hit, any, now);
-                    return cached(
-                        w, cfg, route, p, group_idx, c, ctx, &keys, &req, authorized, look,
-                    )
-                    .await;
-                }
+            // (The status is written where it is kept, not made in a pair and moved there.)
+            let mut s;
+            // What `cached` is given when the request is not the usual miss or a hit.
+            let look = 'fill: {
+                let mode = match first_look(&w.cache, &ctx.head, &keys, &req) {
+                    Look::Miss { any, now } => {
+                        // Begun here, not in `first_look`: the guard goes from the call into
+                        // the fetch, not through a `Look` kept in this future. A fetch of the
+                        // key in flight is joined by `cached` (or, for another key under the
+                        // same hash, fetched alone there).
+                        let Some(guard) = w.cache.begin_unless_in_flight(keys.shared_key()) else {
+                            break 'fill (None, any, now);
+                        };
+                        w.cache.count(|s| s.misses += 1);
+                        s = Status::new(p, if any { "vary-miss" } else { "uri-miss" });
+                        Fetch::Fill {
+                            keys: &keys,
+                            stale: None,
+                            guard,
+                            req: &req,
+                            authorized,
+                            request_time: now,
+                        }
+                    }
+                    Look::Fresh { obj, now } => {
+                        let s = Status::hit(p, &obj, now);
+                        return answer(w, &cfg.via, route, c, ctx, &obj, now, &s).await;
+                    }
+                    Look::TooLong => {
+                        std::hint::cold_path();
+                        s = Status::new(p, "bypass");
+                        s.detail = Some("key-too-long");
+                        Fetch::Pass
+                    }
+                    Look::Other { hit, any, now } => break 'fill (hit, any, now),
+                };
+                return fetch(w, cfg, route, p, group, c, ctx, mode, &mut s).await;
             };
-            fetch(w, cfg, route, p, group, c, ctx, mode, &mut s).await
+            cached(
+                w, cfg, route, p, group_idx, c, ctx, &keys, &req, authorized, look,
+            )
+            .await
         }
         Method::Options | Method::Trace => forward::proxy(w, cfg, route, group, c, ctx).await,
         _ => {
@@ -120,14 +134,10 @@ enum Look<'k> {
     TooLong,
     /// A hit (§4.2): `obj` may answer as it is at `now` (counted).
     Fresh { obj: Rc<Object>, now: u64 },
-    /// The usual miss: a GET with nothing stored under its keys, no fetch of its key in flight
-    /// and no Redis layer to ask. Its fetch is begun (`guard`, `None` when there are too many
-    /// in flight) and counted; `now` is when the store was looked in.
-    Fill {
-        guard: Option<FlightGuard>,
-        fwd: &'static str,
-        now: u64,
-    },
+    /// The usual miss: a GET with nothing stored under its keys and no Redis layer to ask,
+    /// for `run` to begin its fetch unless one of its key is in flight (then [`cached`]);
+    /// `now` is when the store was looked in, `any` whether any variant is stored.
+    Miss { any: bool, now: u64 },
     /// Any other case, for [`cached`]: what the lookup found at `now`, and whether any variant
     /// is stored.
     Other {
@@ -137,8 +147,8 @@ enum Look<'k> {
     },
 }
 
-/// Looks for the request in the store: a hit to answer, or the usual miss (see [`Look::Fill`]),
-/// whose fetch it begins: nothing the request could wait on or be answered with is there.
+/// Looks for the request in the store: a hit to answer, or the usual miss (see [`Look::Miss`]):
+/// nothing the request could be answered with is there.
 // One caller (`run`): inlined, its `Look` taken apart where it is made rather than written
 // out and read back after a call.
 #[inline(always)]
@@ -171,18 +181,7 @@ fn first_look<'k>(
             now,
         };
     }
-    // A fetch of the key in flight is joined by `cached` (or, for another key under the same
-    // hash, fetched alone there).
-    let Some(guard) = cache.begin_unless_in_flight(keys.shared_key()) else {
-        return Look::Other {
-            hit: None,
-            any,
-            now,
-        };
-    };
-    cache.count(|s| s.misses += 1);
-    let fwd = if any { "vary-miss" } else { "uri-miss" };
-    Look::Fill { guard, fwd, now }
+    Look::Miss { any, now }
 }
 
 /// The largest sf-integer (RFC 8941 §3.3.1), for `Cache-Status`'s `ttl`.
@@ -333,13 +332,12 @@ thread_local! {
     };
 }
 
-/// The request's cache directives (RFC 9111 §5.2.1); `Pragma: no-cache` counts as
-/// `no-cache` when there is no `Cache-Control` (§5.4). With them, whether the request has
-/// `Authorization` (§3.5).
-// One caller (`cached`): inlined, the directives written in place rather than returned.
+/// Adds the request's cache directives (RFC 9111 §5.2.1) to `d` (empty: the default);
+/// `Pragma: no-cache` counts as `no-cache` when there is no `Cache-Control` (§5.4). Returns
+/// whether the request has `Authorization` (§3.5).
+// One caller (`run`): inlined, the directives written in place rather than returned.
 #[inline(always)]
-fn request_directives(head: &RequestHead) -> (Directives, bool) {
-    let mut d = Directives::default();
+fn request_directives(head: &RequestHead, d: &mut Directives) -> bool {
     // One pass over the fields for the three names (two of them of one length).
     let mut any = false;
     let mut pragma_no_cache = false;
@@ -361,7 +359,7 @@ fn request_directives(head: &RequestHead) -> (Directives, bool) {
     if !any && pragma_no_cache {
         d.no_cache = true;
     }
-    (d, authorized)
+    authorized
 }
 
 /// Who the request is, for keys on routes with an auth policy.
@@ -403,25 +401,27 @@ impl<'w> Keys<'w> {
     #[inline(always)]
     fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>, cache: &'w WorkerCache) -> Keys<'w> {
         let consumer = if p.auth { consumer_of(ctx) } else { None };
-        let mut shared = cache.key_buf();
-        // One call for the shared key (inlined here); the consumer's own key, on auth routes
-        // only, is built out of line.
+        // Made first and its key built in it where the request keeps it (not in a buffer
+        // moved there after).
+        let mut keys = Keys {
+            shared: cache.key_buf(),
+            hash: 0,
+            own: None,
+            cache,
+        };
+        // One call for the shared key; the consumer's own key, on auth routes only, is built
+        // out of line.
         let shared_consumer = match (&consumer, p.key_consumer) {
             (_, false) => None,
             (Some(cn), true) => Some(&cn[..]),
             (None, true) => Some(&b""[..]),
         };
-        build_key(p, &ctx.head, shared_consumer, &mut shared);
-        let own = match consumer {
-            Some(cn) if !p.key_consumer => Some(own_key(p, &ctx.head, &cn)),
-            _ => None,
-        };
-        Keys {
-            hash: cache.key(&shared).hash,
-            shared,
-            own,
-            cache,
+        build_key(p, &ctx.head, shared_consumer, &mut keys.shared);
+        keys.hash = cache.key(&keys.shared).hash;
+        if let Some(cn) = consumer.filter(|_| !p.key_consumer) {
+            keys.own = Some(own_key(p, &ctx.head, &cn));
         }
+        keys
     }
 
     /// The shared key with its hash.
