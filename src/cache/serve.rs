@@ -2357,6 +2357,7 @@ fn whole_object(
         body,
     } = s;
     let vary = vary_values(&names, req);
+    drop_vec(names);
     let (status, reason, body) = (resp.status, reason_of(resp), body.freeze());
     cache.new_object(
         #[inline(always)]
@@ -2376,15 +2377,31 @@ fn whole_object(
             } = o;
             *o_status = status;
             *o_reason = reason;
-            *o_fields = fields;
+            // (The former object's block was taken when it was kept: its spans' vector, and
+            // most objects' tags and Vary values, hold no allocation.)
+            let (block, spans) = std::mem::replace(o_fields, fields).into_parts();
+            drop(block);
+            drop_vec(spans);
             *o_body = body;
             *o_t = t;
             *o_url = url;
-            *o_tags = tags;
-            *o_vary = vary;
+            drop_vec(std::mem::replace(o_tags, tags));
+            drop_vec(std::mem::replace(o_vary, vary));
             o_invalid.set(false);
         },
     )
+}
+
+/// Drops `v`, most often one that holds no allocation: that one without a call to its drop
+/// glue (a vector of capacity 0 has no element and no buffer: forgetting it frees nothing
+/// that dropping it would).
+#[inline(always)]
+fn drop_vec<T>(v: Vec<T>) {
+    if v.capacity() == 0 {
+        std::mem::forget(v);
+    } else {
+        drop(v);
+    }
 }
 
 /// [`make_object`] of these parts (`s.url` the URL), built in the object `cache` gives
