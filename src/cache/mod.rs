@@ -172,8 +172,9 @@ pub struct RoutePolicy {
     /// ([`serve::usual_miss_line`] of `name`), written whole rather than part by part.
     status_stored: Box<[u8]>,
     status_no_store: Box<[u8]>,
-    /// The lengths of the `targeted` names modulo 64, as bits (a response's analysis looks
-    /// at a line's name only when its length has one of these bits, or is Cache-Control's).
+    /// The lengths of the `targeted` names modulo 64, as bits ([`policy::length_bits`], set
+    /// with `targeted`): a response's analysis looks at a line's name only when its length
+    /// has one of these bits, or is Cache-Control's.
     targeted_lens: u64,
 }
 

@@ -177,8 +177,8 @@ fn lone_max_age(line: &[u8]) -> Option<u64> {
         return None;
     }
     // A line seldom has OWS at either end (the parser drops it before the value): one that
-    // has is trimmed out of line (here, the two lines' ends would be moved to where either
-    // goes on, before each test).
+    // has is trimmed out of line (trimmed here, the line's start and length were copied to
+    // where the code goes on before each of the four tests).
     let ows = |b: u8| (b == b' ') | (b == b'\t');
     if ows(line[0]) | ows(line[line.len() - 1]) {
         return lone_max_age_trimmed(line);
