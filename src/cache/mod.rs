@@ -191,6 +191,14 @@ pub struct RoutePolicy {
     /// Targeted cache-control fields (RFC 9213), lower case, most specific first.
     pub targeted: Vec<Box<[u8]>>,
     pub name: Box<[u8]>,
+    /// The `Cache-Status` lines of this route's usual miss, stored and refused by `no-store`
+    /// ([`serve::usual_miss_line`] of `name`), written whole rather than part by part.
+    status_stored: Box<[u8]>,
+    status_no_store: Box<[u8]>,
+    /// The lengths of the `targeted` names modulo 64, as bits ([`policy::length_bits`], set
+    /// with `targeted`): a response's analysis looks at a line's name only when its length
+    /// has one of these bits, or is Cache-Control's.
+    targeted_lens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +224,8 @@ impl RoutePolicy {
         if let QueryMode::Only(l) = &mut query {
             l.sort();
         }
+        let name: Box<[u8]> = g.name.as_bytes().into();
+        let targeted: Vec<Box<[u8]>> = g.targeted_fields.iter().map(|h| b(&h.0)).collect();
         Some(Box::new(RoutePolicy {
             ignore_host: c.key.ignore_host,
             query,
@@ -231,8 +241,11 @@ impl RoutePolicy {
             purge: c.purge,
             max_variants: g.max_variants,
             coalesce_timeout: g.coalesce_timeout.0,
-            targeted: g.targeted_fields.iter().map(|h| b(&h.0)).collect(),
-            name: g.name.as_bytes().into(),
+            targeted_lens: policy::length_bits(&targeted),
+            targeted,
+            status_stored: serve::usual_miss_line(&name, false),
+            status_no_store: serve::usual_miss_line(&name, true),
+            name,
         }))
     }
 
@@ -1128,7 +1141,9 @@ impl WorkerCache {
     /// object's allocation when one is kept (no allocation and no free per stored miss once
     /// the store is full), else in a new one. Built where it is kept: an `Object` is some 250
     /// bytes, and one built elsewhere and moved here is copied at least once more.
-    #[inline]
+    // Inlined even into a large caller (`serve::analyze_whole`, once per stored miss): out of
+    // line, the parts `fill` moves were first gathered for the call.
+    #[inline(always)]
     pub fn new_object(&self, fill: impl FnOnce(&mut Object)) -> Rc<Object> {
         let kept = self.spare_object.borrow_mut().take();
         if let Some(mut rc) = kept {

@@ -171,14 +171,31 @@ fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// `None` for any other line.
 #[inline(always)]
 fn lone_max_age(line: &[u8]) -> Option<u64> {
-    // A line seldom has OWS at either end (the parser drops it before the value): it is
-    // trimmed only when it has.
-    let ows = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
-    let line = if ows(line.first()) || ows(line.last()) {
-        trim_ows(line)
-    } else {
-        line
-    };
+    // `max-age=` and a digit at least: a shorter line is not one, trimmed or not (trimming
+    // only shortens it).
+    if line.len() <= 8 {
+        return None;
+    }
+    // A line seldom has OWS at either end (the parser drops it before the value): one that
+    // has is trimmed out of line (trimmed here, the line's start and length were copied to
+    // where the code goes on before each of the four tests).
+    let ows = |b: u8| (b == b' ') | (b == b'\t');
+    if ows(line[0]) | ows(line[line.len() - 1]) {
+        return lone_max_age_trimmed(line);
+    }
+    max_age_line(line)
+}
+
+/// [`lone_max_age`] of a line with OWS at an end.
+#[cold]
+#[inline(never)]
+fn lone_max_age_trimmed(line: &[u8]) -> Option<u64> {
+    max_age_line(trim_ows(line))
+}
+
+/// [`lone_max_age`] of a line without OWS at either end.
+#[inline(always)]
+fn max_age_line(line: &[u8]) -> Option<u64> {
     if line.len() <= 8 || !is_word(word(line, 0), word(b"max-age=", 0)) {
         return None;
     }
@@ -934,6 +951,12 @@ pub enum FieldName {
     Unstorable,
     /// Anything else: stored as it is.
     Other,
+}
+
+/// The lengths of `names` modulo 64, as the bits of a word: a name whose length's bit is clear
+/// is none of them (one whose bit is set may be another length's: compare it to know).
+pub fn length_bits(names: &[Box<[u8]>]) -> u64 {
+    names.iter().fold(0u64, |m, t| m | 1 << (t.len() % 64))
 }
 
 /// The [`FieldName`] of `name`, in any case. By length and first letter first, so that a

@@ -256,6 +256,36 @@ impl<'p> Status<'p> {
         out.extend_from_slice(b"\r\n");
     }
 
+    /// [`Status::put`] for the response of a fetch: a route's usual miss (a new URL, the
+    /// upstream's 200), stored or refused by `no-store`, is copied whole from `p`
+    /// ([`usual_miss_line`]), the others written as `put` writes them.
+    #[inline(always)]
+    fn put_fetched(&self, p: &RoutePolicy, out: &mut BytesMut) {
+        match self.usual(p) {
+            Some(line) => out.put_slice(line),
+            None => self.put(out),
+        }
+    }
+
+    /// The line [`usual_miss_line`] wrote for `p` when this is one of those.
+    #[inline(always)]
+    fn usual<'a>(&self, p: &'a RoutePolicy) -> Option<&'a [u8]> {
+        if self.fwd_status != 200
+            || self.hit
+            || self.collapsed
+            || self.ttl.is_some()
+            || !same_str(self.fwd, USUAL_MISS_FWD)
+            || !std::ptr::eq(self.name, &*p.name)
+        {
+            return None;
+        }
+        match (self.stored, self.detail) {
+            (true, None) => Some(&p.status_stored),
+            (false, Some(d)) if same_str(d, NO_STORE) => Some(&p.status_no_store),
+            _ => None,
+        }
+    }
+
     /// Writes the field line. Most lines repeat the one before on this worker (every stored
     /// miss of a route, a hot object's hits within a second): that one is kept, and copied
     /// whole when it is the same.
@@ -305,6 +335,31 @@ impl<'p> Status<'p> {
                 _ => false,
             }
     }
+}
+
+/// The forward reason of a miss on a URL with nothing stored (RFC 9211 §2.2).
+const USUAL_MISS_FWD: &str = "uri-miss";
+
+/// The `Cache-Status` detail of a response not stored for its `no-store` ([`screen`]).
+const NO_STORE: &str = "no-store";
+
+/// The `Cache-Status` line of a usual miss (a new URL, the upstream's 200) of a cache named
+/// `name`: stored, or else not stored for `no_store_detail` when it is given. Each route's
+/// policy keeps both ([`RoutePolicy`]), and [`Status::put_fetched`] copies them whole.
+pub(super) fn usual_miss_line(name: &[u8], no_store_detail: bool) -> Box<[u8]> {
+    let s = Status {
+        name,
+        hit: false,
+        fwd: USUAL_MISS_FWD,
+        fwd_status: 200,
+        ttl: None,
+        stored: !no_store_detail,
+        collapsed: false,
+        detail: no_store_detail.then_some(NO_STORE),
+    };
+    let mut line = Vec::new();
+    s.write_line(&mut line);
+    line.into()
 }
 
 /// `a == b` for the static words of a `Cache-Status` line, which are mostly the same literal:
@@ -944,8 +999,9 @@ pub(crate) struct Storable {
     pub vary: Vec<Box<[u8]>>,
     /// A `Surrogate-Key` field was seen (its tags are read only then).
     pub tagged: bool,
-    /// From [`analyze_response`]: the request's URL, and room for the body, in the allocation
-    /// that holds the head's copy (empty from [`analyze`]).
+    /// From [`analyze_response`]: the request's URL, and room for the body (the body itself
+    /// in [`analyze_whole`]), in the allocation that holds the head's copy (empty from
+    /// [`analyze`]).
     pub url: Bytes,
     pub body: BytesMut,
 }
@@ -998,8 +1054,9 @@ pub(crate) fn analyze(
 /// the lines stored. What the stored object keeps of the response takes one allocation: the
 /// head's copy (the stored fields' block, [`Fields`]; with a Date after it when the response
 /// has none), the URL of `req` and `body_room` bytes for the body ([`Storable::url`],
-/// [`Storable::body`]). That allocation and the spans' vector are the cache's
-/// ([`WorkerCache::object_buf`], [`WorkerCache::field_vec`]). It decides what [`analyze`]
+/// [`Storable::body`]; [`analyze_whole`] copies a body that came whole with the head there,
+/// once the response is known to be stored). That allocation and the spans' vector are the
+/// cache's ([`WorkerCache::object_buf`], [`WorkerCache::field_vec`]). It decides what [`analyze`]
 /// decides of [`copy_fields`] of the same head (a test compares the two on arbitrary heads).
 #[allow(clippy::too_many_arguments)]
 fn analyze_response(
@@ -1012,6 +1069,70 @@ fn analyze_response(
     request_time: u64,
     response_time: u64,
 ) -> Result<Storable, &'static str> {
+    analyze_with(
+        p,
+        resp,
+        req,
+        cache,
+        body_room,
+        None,
+        req_authorized,
+        request_time,
+        response_time,
+        |s| s,
+    )
+}
+
+/// [`analyze_response`] of a response whose body came whole with its head (`body`), made
+/// into the object that stores it (in the one allocation, after the head's copy and the URL:
+/// see [`whole_object`]), with whether the response is public. No [`Storable`] is made and
+/// taken apart: the parts go where the object keeps them.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+fn analyze_whole(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body: &[u8],
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<(Rc<Object>, bool), &'static str> {
+    analyze_with(
+        p,
+        resp,
+        req,
+        cache,
+        body.len(),
+        Some(body),
+        req_authorized,
+        request_time,
+        response_time,
+        #[inline(always)]
+        |s| {
+            let public = s.public;
+            (whole_object(cache, s, resp, req), public)
+        },
+    )
+}
+
+/// The analysis of [`analyze_response`], what passes it given to `finish`; `whole_body`: the
+/// body, when it came whole with the head (copied after the URL, in [`Storable::body`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn analyze_with<R>(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body_room: usize,
+    whole_body: Option<&[u8]>,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+    finish: impl FnOnce(Storable) -> R,
+) -> Result<R, &'static str> {
     // A `Connection` field that lists options (rare) goes out of line: the usual head's lines
     // are then read without a look for them.
     if resp.connection_options {
@@ -1021,63 +1142,73 @@ fn analyze_response(
             req,
             cache,
             body_room,
+            whole_body,
             req_authorized,
             request_time,
             response_time,
+            finish,
         );
     }
-    analyze_lines::<false>(
+    analyze_lines::<false, R>(
         p,
         resp,
         req,
         cache,
         body_room,
+        whole_body,
         req_authorized,
         request_time,
         response_time,
+        finish,
     )
 }
 
-/// [`analyze_response`] of a response whose `Connection` field lists options (rare).
+/// [`analyze_with`] of a response whose `Connection` field lists options (rare).
 #[allow(clippy::too_many_arguments)]
 #[cold]
 #[inline(never)]
-fn analyze_listed(
+fn analyze_listed<R>(
     p: &RoutePolicy,
     resp: &ResponseHead,
     req: &RequestHead,
     cache: &WorkerCache,
     body_room: usize,
+    whole_body: Option<&[u8]>,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
-) -> Result<Storable, &'static str> {
-    analyze_lines::<true>(
+    finish: impl FnOnce(Storable) -> R,
+) -> Result<R, &'static str> {
+    analyze_lines::<true, R>(
         p,
         resp,
         req,
         cache,
         body_room,
+        whole_body,
         req_authorized,
         request_time,
         response_time,
+        finish,
     )
 }
 
-/// [`analyze_response`]'s work; `LISTED`: the response's `Connection` field lists options
+/// [`analyze_with`]'s work; `LISTED`: the response's `Connection` field lists options
 /// (its `connection_options`), whose lines are skipped.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn analyze_lines<const LISTED: bool>(
+fn analyze_lines<const LISTED: bool, R>(
     p: &RoutePolicy,
     resp: &ResponseHead,
     req: &RequestHead,
     cache: &WorkerCache,
     body_room: usize,
+    whole_body: Option<&[u8]>,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
-) -> Result<Storable, &'static str> {
+    finish: impl FnOnce(Storable) -> R,
+) -> Result<R, &'static str> {
     // The lines listed in `Connection` are not the response's own (RFC 9110 §7.6.1): both
     // passes skip them, as `copy_fields` does.
     // (Collected only when there are any: most responses have none.)
@@ -1088,7 +1219,8 @@ fn analyze_lines<const LISTED: bool>(
     // A line's name is looked at only when its length is that of one of these names (the
     // targeted ones as bits of their lengths modulo 64: a name of another length that shares
     // a bit is compared, and found not to be one).
-    let targeted_lens = p.targeted.iter().fold(0u64, |m, t| m | 1 << (t.len() % 64));
+    let targeted_lens = p.targeted_lens;
+    debug_assert_eq!(targeted_lens, policy::length_bits(&p.targeted));
     // Both tests behind one: whether a line's length is that of any of these names.
     let looked_at = targeted_lens | 1 << CACHE_CONTROL.len();
     let mut d = Directives::default();
@@ -1229,12 +1361,16 @@ fn analyze_lines<const LISTED: bool>(
         buf.extend_from_slice(date);
     }
     url.put(&mut buf);
-    // The head (and a Date) and the URL, frozen; `buf` keeps the rest of the allocation for
-    // the body. `block` keeps the fields' bytes (split, not sliced twice: one reference for
-    // the two parts).
-    let mut block = buf.split().freeze();
+    let url_end = buf.len();
+    if let Some(b) = whole_body {
+        buf.extend_from_slice(b);
+    }
+    // The head (and a Date) and the URL, frozen; `buf` keeps the rest of the allocation: the
+    // body given whole, or room for it. `block` keeps the fields' bytes (split, not sliced
+    // twice: one reference for the two parts).
+    let mut block = buf.split_to(url_end).freeze();
     let url = block.split_off(block_len);
-    Ok(Storable {
+    Ok(finish(Storable {
         fields: Fields::from_block(block, spans),
         t,
         public: d.public,
@@ -1242,7 +1378,7 @@ fn analyze_lines<const LISTED: bool>(
         tagged,
         url,
         body: buf,
-    })
+    }))
 }
 
 /// The directives of `resp` as [`RoutePolicy::directives_by`] reads them (a targeted field's
@@ -1296,7 +1432,7 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
         return Err("must-understand");
     }
     if d.no_store && !(d.must_understand && policy::understood(status)) {
-        return Err("no-store");
+        return Err(NO_STORE);
     }
     if d.private {
         return Err("private");
@@ -1930,11 +2066,60 @@ async fn fetch<'c, S: ClientIo>(
                     let max = p.max_object.min(usize::MAX as u64);
                     // Room for a body of known length that may be stored (one too large is
                     // not: see below).
-                    let body_room = known_len(&resp).filter(|n| *n <= max).unwrap_or(0) as usize;
-                    let mut plan = if req.no_store {
-                        Err("request-no-store")
-                    } else {
-                        analyze_response(
+                    let known = known_len(&resp).filter(|n| *n <= max);
+                    let body_room = known.unwrap_or(0) as usize;
+                    // A body already read whole with the head (a small response, the usual
+                    // case) is analysed with it into the object that stores it, stored before
+                    // the response is relayed: waiters on this fetch are answered from the
+                    // store at once, and nothing is published to them or captured on the way
+                    // to the client.
+                    let in_buf = match resp.body {
+                        RespBody::Length(n) => (ch.up.rbuf.len() as u64) >= n,
+                        RespBody::None => true,
+                        _ => false,
+                    };
+                    let whole_body = match (known, in_buf, req.no_store) {
+                        (Some(_), true, false) => ch.up.rbuf.get(..body_room),
+                        _ => None,
+                    };
+                    // (Matched, not mapped: a closure here was a call with its arguments
+                    // moved around it.)
+                    let whole = match whole_body {
+                        Some(body) => Some(analyze_whole(
+                            p,
+                            &resp,
+                            &ctx.head,
+                            cache,
+                            body,
+                            authorized,
+                            request_time,
+                            now,
+                        )),
+                        None => None,
+                    };
+                    let mut plan = match whole {
+                        // Borrowed from `keys`, which this request holds to the end.
+                        Some(Ok((obj, public))) if let Some(k) = keys.store_key(p, public) => {
+                            store_object(cache, p, keys, k, obj);
+                            if let Some(g) = guard {
+                                g.finish(FlightEnd::Stored);
+                            }
+                            status.stored = true;
+                            status.put_fetched(p, &mut ctx.resp_headers);
+                            let (out, reusable) = forward_response_tee(
+                                w, cfg, route, c, ctx, &mut ch.up, &resp, None,
+                            )
+                            .await;
+                            resp.raw = Bytes::new();
+                            release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                            w.bufs.give_resp(resp);
+                            return out;
+                        }
+                        // (The object is dropped: rare, a route that keys by consumer.)
+                        Some(Ok(_)) => Err("no-consumer"),
+                        Some(Err(d)) => Err(d),
+                        None if req.no_store => Err("request-no-store"),
+                        None => analyze_response(
                             p,
                             &resp,
                             &ctx.head,
@@ -1943,7 +2128,7 @@ async fn fetch<'c, S: ClientIo>(
                             authorized,
                             request_time,
                             now,
-                        )
+                        ),
                     };
                     // Borrowed from `keys`, which this request holds to the end.
                     let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
@@ -1954,37 +2139,6 @@ async fn fetch<'c, S: ClientIo>(
                         if n > max {
                             plan = Err("too-large");
                         }
-                    }
-                    // A body already read whole with the head (a small response, the usual
-                    // case) is stored before it is relayed: waiters on this fetch are answered
-                    // from the store at once, and nothing is published to them or captured
-                    // on the way to the client.
-                    let whole = match resp.body {
-                        RespBody::Length(n) => (ch.up.rbuf.len() as u64) >= n,
-                        RespBody::None => true,
-                        _ => false,
-                    };
-                    // (The plan is looked at where it lies: matching it by value would copy
-                    // its 200 bytes there and back.)
-                    if let (true, Ok(s), Some(k)) = (whole, plan.as_mut(), key) {
-                        let n = known_len(&resp).unwrap_or(0) as usize;
-                        let mut body = std::mem::take(&mut s.body);
-                        body.extend_from_slice(&ch.up.rbuf[..n]);
-                        let vary = vary_values(&s.vary, &ctx.head);
-                        let (code, reason) = (resp.status, reason_of(&resp));
-                        store(cache, p, keys, k, s, code, reason, body.freeze(), vary);
-                        if let Some(g) = guard {
-                            g.finish(FlightEnd::Stored);
-                        }
-                        status.stored = true;
-                        status.put(&mut ctx.resp_headers);
-                        let (out, reusable) =
-                            forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None)
-                                .await;
-                        resp.raw = Bytes::new();
-                        release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
-                        w.bufs.give_resp(resp);
-                        return out;
                     }
                     // Waiters on this fetch receive the body as it arrives when they may share it
                     // (stored under the shared key): as it came when its length is known,
@@ -2024,7 +2178,7 @@ async fn fetch<'c, S: ClientIo>(
                         }
                         Err(d) => status.detail = Some(d),
                     }
-                    status.put(&mut ctx.resp_headers);
+                    status.put_fetched(p, &mut ctx.resp_headers);
                     let (out, reusable) = forward_response_tee(
                         w,
                         cfg,
@@ -2150,7 +2304,7 @@ async fn fetch<'c, S: ClientIo>(
 /// the same parts (a test compares the two), built where it is kept ([`WorkerCache::new_object`]:
 /// an evicted object's allocation, once the store is full), not made and moved there.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(never)]
 fn store(
     cache: &WorkerCache,
     p: &RoutePolicy,
@@ -2163,6 +2317,12 @@ fn store(
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) {
     let obj = build_object(cache, s, status, reason, body, vary);
+    store_object(cache, p, keys, k, obj);
+}
+
+/// Stores `obj` under `k` (one of `keys`), here and in Redis.
+#[inline(always)]
+fn store_object(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj: Rc<Object>) {
     // The shared key's hash was taken for the lookup (`k` is borrowed from `keys`: the same
     // slice when it is that key).
     let at = if std::ptr::eq(k, &keys.shared[..]) {
@@ -2170,8 +2330,78 @@ fn store(
     } else {
         cache.key(k)
     };
-    cache.insert_key(at, obj.clone(), p.max_variants);
+    // Shared first, so that the object itself (not a second reference) goes into the store.
     cache.share(k, &obj, p.max_variants);
+    cache.insert_key(at, obj, p.max_variants);
+}
+
+/// The object that stores a response analysed with its body ([`analyze_whole`]: `s.body`
+/// holds it): [`make_object`] of the same parts (a test compares the two), each moved from
+/// the analysis to where the object keeps it, built in the object `cache` gives
+/// ([`WorkerCache::new_object`]).
+#[inline(always)]
+fn whole_object(
+    cache: &WorkerCache,
+    s: Storable,
+    resp: &ResponseHead,
+    req: &RequestHead,
+) -> Rc<Object> {
+    let tags = tags_of(&s);
+    let Storable {
+        fields,
+        t,
+        public: _,
+        vary: names,
+        tagged: _,
+        url,
+        body,
+    } = s;
+    let vary = vary_values(&names, req);
+    drop_vec(names);
+    let (status, reason, body) = (resp.status, reason_of(resp), body.freeze());
+    cache.new_object(
+        #[inline(always)]
+        |o| {
+            // Field by field, each written where it is kept (the pattern names every field:
+            // none is left as the former object had it).
+            let Object {
+                status: o_status,
+                reason: o_reason,
+                fields: o_fields,
+                body: o_body,
+                t: o_t,
+                url: o_url,
+                tags: o_tags,
+                vary: o_vary,
+                invalid: o_invalid,
+            } = o;
+            *o_status = status;
+            *o_reason = reason;
+            // (The former object's block was taken when it was kept: its spans' vector, and
+            // most objects' tags and Vary values, hold no allocation.)
+            let (block, spans) = std::mem::replace(o_fields, fields).into_parts();
+            drop(block);
+            drop_vec(spans);
+            *o_body = body;
+            *o_t = t;
+            *o_url = url;
+            drop_vec(std::mem::replace(o_tags, tags));
+            drop_vec(std::mem::replace(o_vary, vary));
+            o_invalid.set(false);
+        },
+    )
+}
+
+/// Drops `v`, most often one that holds no allocation: that one without a call to its drop
+/// glue (a vector of capacity 0 has no element and no buffer: forgetting it frees nothing
+/// that dropping it would).
+#[inline(always)]
+fn drop_vec<T>(v: Vec<T>) {
+    if v.capacity() == 0 {
+        std::mem::forget(v);
+    } else {
+        drop(v);
+    }
 }
 
 /// [`make_object`] of these parts (`s.url` the URL), built in the object `cache` gives
@@ -3108,8 +3338,8 @@ async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::{
-        analyze, analyze_response, build_object, copy_fields, make_object, put_hex, reason_of,
-        vary_values, Fields, Status,
+        analyze, analyze_response, analyze_whole, build_object, copy_fields, make_object, policy,
+        put_hex, reason_of, usual_miss_line, vary_values, Fields, Status,
     };
     use crate::cache::config::SetCookieMode;
     use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
@@ -3136,7 +3366,10 @@ mod tests {
             purge: false,
             max_variants: 8,
             coalesce_timeout: Duration::from_secs(5),
+            targeted_lens: policy::length_bits(&[b"cdn-cache-control"[..].into()]),
             targeted: vec![b"cdn-cache-control"[..].into()],
+            status_stored: usual_miss_line(b"ringway", false),
+            status_no_store: usual_miss_line(b"ringway", true),
             name: b"ringway"[..].into(),
         }
     }
@@ -3205,6 +3438,99 @@ mod tests {
             );
             assert_eq!(status_line(&s), want, "name of {len} bytes");
         }
+    }
+
+    /// A fetch's line is `put`'s, whether copied whole (the usual miss, stored or refused by
+    /// `no-store`) or not.
+    #[test]
+    fn a_fetch_s_cache_status_is_put_s_line() {
+        let p = policy();
+        let fetched = |s: &Status<'_>, p: &RoutePolicy| {
+            let mut out = BytesMut::new();
+            s.put_fetched(p, &mut out);
+            String::from_utf8(out.to_vec()).expect("ascii")
+        };
+        fn usual(p: &RoutePolicy, stored: bool) -> Status<'_> {
+            let mut s = Status::new(p, "uri-miss");
+            s.fwd_status = 200;
+            s.stored = stored;
+            // As `screen` refuses it (the same static word).
+            s.detail = (!stored).then_some(super::NO_STORE);
+            s
+        }
+        let (s, n) = (usual(&p, true), usual(&p, false));
+        assert!(s.usual(&p).is_some() && n.usual(&p).is_some());
+        assert_eq!(
+            fetched(&s, &p),
+            "cache-status: ringway; fwd=uri-miss; fwd-status=200; stored\r\n"
+        );
+        assert_eq!(
+            fetched(&n, &p),
+            "cache-status: ringway; fwd=uri-miss; fwd-status=200; detail=no-store\r\n"
+        );
+        // The same words from elsewhere (not the same statics) are the same lines.
+        let mut m = usual(&p, false);
+        let word = String::from("no-store");
+        m.detail = Some(Box::leak(word.into_boxed_str()));
+        assert!(m.usual(&p).is_some());
+        assert_eq!(fetched(&m, &p), fetched(&n, &p));
+        // Each part changed alone: the line `put` writes (not a usual one).
+        let changes: [fn(&mut Status<'_>); 9] = [
+            |s| s.stored = !s.stored,
+            |s| s.fwd_status = 203,
+            |s| s.hit = true,
+            |s| s.collapsed = true,
+            |s| s.ttl = Some(0),
+            |s| s.detail = Some("too-large"),
+            |s| s.detail = None,
+            |s| s.fwd = "vary-miss",
+            |s| s.fwd = "stale",
+        ];
+        for stored in [true, false] {
+            for (i, change) in changes.iter().enumerate() {
+                let mut t = usual(&p, stored);
+                change(&mut t);
+                if stored && i == 6 {
+                    // (Already without a detail.)
+                    continue;
+                }
+                assert!(t.usual(&p).is_none(), "change {i}, stored {stored}");
+                assert_eq!(fetched(&t, &p), status_line(&t), "change {i}");
+                assert_ne!(fetched(&t, &p), fetched(&s, &p), "change {i}");
+                assert_ne!(fetched(&t, &p), fetched(&n, &p), "change {i}");
+            }
+        }
+        // Another policy's name (the lines are kept for another name) is not copied.
+        let mut q = policy();
+        q.name = b"edge"[..].into();
+        let t = usual(&q, true);
+        assert!(t.usual(&p).is_none());
+        assert_eq!(
+            fetched(&t, &p),
+            "cache-status: edge; fwd=uri-miss; fwd-status=200; stored\r\n"
+        );
+        // The compiled policy's lines, for a configured name.
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[cache]\nname = \"edge-1\"\n\
+                   [upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\n\
+                   upstream = \"u\"\ncache = { enabled = true }\n";
+        let cfg = Config::parse(src, "t.toml").expect("config");
+        let c = RoutePolicy::compile(&cfg, &cfg.routes[0]).expect("a cache route");
+        for (stored, want) in [
+            (
+                true,
+                "cache-status: edge-1; fwd=uri-miss; fwd-status=200; stored\r\n",
+            ),
+            (
+                false,
+                "cache-status: edge-1; fwd=uri-miss; fwd-status=200; detail=no-store\r\n",
+            ),
+        ] {
+            let t = usual(&c, stored);
+            assert!(t.usual(&c).is_some());
+            assert_eq!(fetched(&t, &c), want);
+            assert_eq!(fetched(&t, &c), status_line(&t));
+        }
+        assert_eq!(c.targeted_lens, policy::length_bits(&c.targeted));
     }
 
     fn fields(list: &[(&'static str, &'static str)]) -> Fields {
@@ -3356,7 +3682,15 @@ mod tests {
     /// is stored) decides what `analyze` decides of all the head's fields: the same fields
     /// stored in the same order, the same timing, publicity, Vary names and tags, or the same
     /// reason not to store.
-    fn same_as_analyze(p: &RoutePolicy, r: &ResponseHead, authorized: bool, body_room: usize) {
+    /// `whole`: analysed with a body of `body_room` bytes ([`analyze_whole`]), else with room
+    /// for one ([`analyze_response`]).
+    fn same_as_analyze(
+        p: &RoutePolicy,
+        r: &ResponseHead,
+        authorized: bool,
+        body_room: usize,
+        whole: bool,
+    ) {
         let (t0, t) = (1_700_000_000, 1_700_000_003);
         let list = |f: &Fields| -> Vec<(Vec<u8>, Vec<u8>)> {
             f.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
@@ -3364,8 +3698,25 @@ mod tests {
         let want = analyze(p, r.status, copy_fields(r), authorized, t0, t);
         let cache = worker_cache();
         let req = request();
-        let got = analyze_response(p, r, &req, &cache, body_room, authorized, t0, t);
         let head = String::from_utf8_lossy(&r.raw);
+        if whole {
+            // Analysed with its body into the object that stores it: `make_object` of what
+            // `analyze` keeps, with the body and URL.
+            let body: Vec<u8> = (0..body_room).map(|i| b'a' + (i % 26) as u8).collect();
+            let got = analyze_whole(p, r, &req, &cache, &body, authorized, t0, t);
+            match (want, got) {
+                (Ok(w), Ok((g, public))) => {
+                    assert_eq!(w.public, public, "{head}");
+                    let vary = vary_values(&w.vary, &req);
+                    let url = Bytes::from_static(b"h/p?q");
+                    let made = make_object(w, r.status, reason_of(r), body.into(), url, vary);
+                    assert_eq!(format!("{made:?}"), format!("{g:?}"), "{head}");
+                }
+                (w, g) => assert_eq!(w.err(), g.err(), "{head}"),
+            }
+            return;
+        }
+        let got = analyze_response(p, r, &req, &cache, body_room, authorized, t0, t);
         match (want, got) {
             (Ok(w), Ok(g)) => {
                 assert_eq!(list(&w.fields), list(&g.fields), "{head}");
@@ -3450,18 +3801,24 @@ mod tests {
                 url,
                 vary,
             );
-            let mut b = analysed();
-            let vary = vary_values(&b.vary, &req);
-            // As `fetch` stores a body read whole: in the room left after the head and URL.
-            let mut body = std::mem::take(&mut b.body);
-            body.extend_from_slice(b"body!");
-            let body = body.freeze();
             let kept = cache
                 .spare_object
                 .borrow()
                 .as_ref()
                 .map(std::rc::Rc::as_ptr);
-            let built = build_object(&cache, &mut b, r.status, reason_of(&r), body, vary);
+            // Two cases out of four as `fetch` stores a body read whole (analysed with it), the
+            // others as it stores one captured on the way (in the room left for it).
+            let built = if i / 2 % 2 == 0 {
+                let w = analyze_whole(&p, &r, &req, &cache, b"body!", false, t0, t);
+                w.expect("stored").0
+            } else {
+                let mut b = analysed();
+                let vary = vary_values(&b.vary, &req);
+                let mut body = std::mem::take(&mut b.body);
+                body.extend_from_slice(b"body!");
+                let body = body.freeze();
+                build_object(&cache, &mut b, r.status, reason_of(&r), body, vary)
+            };
             assert_eq!(format!("{made:?}"), format!("{built:?}"), "case {i}");
             assert_eq!(built.weight(), made.weight(), "case {i}");
             assert_eq!(built.tags.is_empty(), i % 2 == 0, "case {i}: tags");
@@ -3555,7 +3912,8 @@ mod tests {
             for c in &cases {
                 for authorized in [false, true] {
                     let r = response(200, c).expect("valid head");
-                    same_as_analyze(&p, &r, authorized, 100);
+                    same_as_analyze(&p, &r, authorized, 100, false);
+                    same_as_analyze(&p, &r, authorized, 100, true);
                 }
             }
         }
@@ -3675,6 +4033,7 @@ mod tests {
             heuristic in any::<bool>(),
             authorized in any::<bool>(),
             body_room in 0usize..64,
+            whole in any::<bool>(),
         ) {
             let mut p = policy();
             p.set_cookie = mode;
@@ -3685,9 +4044,10 @@ mod tests {
                 2 => vec![b"x-targeted"[..].into(), b"cdn-cache-control"[..].into()],
                 _ => vec![b"cache-control"[..].into()],
             };
+            p.targeted_lens = policy::length_bits(&p.targeted);
             // Heads the parser refuses (a framing field's value) never reach the cache.
             if let Some(r) = response(status, &lines) {
-                same_as_analyze(&p, &r, authorized, body_room);
+                same_as_analyze(&p, &r, authorized, body_room, whole);
             }
         }
     }
