@@ -188,8 +188,9 @@ pub struct RoutePolicy {
     pub purge: bool,
     pub max_variants: usize,
     pub coalesce_timeout: Duration,
-    /// Targeted cache-control fields (RFC 9213), lower case, most specific first.
-    pub targeted: Vec<Box<[u8]>>,
+    /// Targeted cache-control fields (RFC 9213), lower case, most specific first. Private:
+    /// `targeted_lens` is derived from it and must change with it.
+    targeted: Vec<Box<[u8]>>,
     pub name: Box<[u8]>,
     /// The `Cache-Status` lines of this route's usual miss, stored and refused by `no-store`
     /// ([`serve::usual_miss_line`] of `name`), written whole rather than part by part.
