@@ -2361,35 +2361,51 @@ fn whole_object(
     let (status, reason, body) = (resp.status, reason_of(resp), body.freeze());
     cache.new_object(
         #[inline(always)]
-        |o| {
-            // Field by field, each written where it is kept (the pattern names every field:
-            // none is left as the former object had it).
-            let Object {
-                status: o_status,
-                reason: o_reason,
-                fields: o_fields,
-                body: o_body,
-                t: o_t,
-                url: o_url,
-                tags: o_tags,
-                vary: o_vary,
-                invalid: o_invalid,
-            } = o;
-            *o_status = status;
-            *o_reason = reason;
-            // (The former object's block was taken when it was kept: its spans' vector, and
-            // most objects' tags and Vary values, hold no allocation.)
-            let (block, spans) = std::mem::replace(o_fields, fields).into_parts();
-            drop(block);
-            drop_vec(spans);
-            *o_body = body;
-            *o_t = t;
-            *o_url = url;
-            drop_vec(std::mem::replace(o_tags, tags));
-            drop_vec(std::mem::replace(o_vary, vary));
-            o_invalid.set(false);
-        },
+        |o| put_parts(o, status, reason, fields, body, t, url, tags, vary),
     )
+}
+
+/// Writes an object's parts into `o` (the object [`WorkerCache::new_object`] gives), field by
+/// field, each where it is kept (an assignment of a whole `Object` would build it aside and
+/// copy it over). The pattern names every field: none is left as the former object had it.
+/// Inlined where `new_object` calls it: no call, and the parts are not written aside first.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn put_parts(
+    o: &mut Object,
+    status: u16,
+    reason: Bytes,
+    fields: Fields,
+    body: Bytes,
+    t: Timing,
+    url: Bytes,
+    tags: Vec<Box<[u8]>>,
+    vary: Vec<(Box<[u8]>, Vec<u8>)>,
+) {
+    let Object {
+        status: o_status,
+        reason: o_reason,
+        fields: o_fields,
+        body: o_body,
+        t: o_t,
+        url: o_url,
+        tags: o_tags,
+        vary: o_vary,
+        invalid: o_invalid,
+    } = o;
+    *o_status = status;
+    *o_reason = reason;
+    // (The former object's block was taken when it was kept: its spans' vector, and most
+    // objects' tags and Vary values, hold no allocation.)
+    let (block, spans) = std::mem::replace(o_fields, fields).into_parts();
+    drop(block);
+    drop_vec(spans);
+    *o_body = body;
+    *o_t = t;
+    *o_url = url;
+    drop_vec(std::mem::replace(o_tags, tags));
+    drop_vec(std::mem::replace(o_vary, vary));
+    o_invalid.set(false);
 }
 
 /// Drops `v`, most often one that holds no allocation: that one without a call to its drop
@@ -2417,38 +2433,12 @@ fn build_object(
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
 ) -> Rc<Object> {
     let tags = tags_of(s);
+    // Taken out of `s` (defaults left there, dropped with it for nothing).
+    let (fields, url) = (std::mem::take(&mut s.fields), std::mem::take(&mut s.url));
+    let t = s.t;
     cache.new_object(
         #[inline(always)]
-        |o| {
-            // Field by field, each written where it is kept (an assignment of a whole `Object`
-            // would build it aside and copy it over). The pattern names every field: none is
-            // left as the former object had it.
-            // (Inlined where `new_object` calls it: no call, and the parts moved into the
-            // closure are not written aside for it first.)
-            let Object {
-                status: o_status,
-                reason: o_reason,
-                fields: o_fields,
-                body: o_body,
-                t: o_t,
-                url: o_url,
-                tags: o_tags,
-                vary: o_vary,
-                invalid: o_invalid,
-            } = o;
-            *o_status = status;
-            *o_reason = reason;
-            // Swapped, not taken: `s` gets the former object's parts (emptied when it was kept,
-            // `WorkerCache::keep_object`, or defaults), which it drops with itself, rather than
-            // defaults written here and dropped there, and those parts dropped here as well.
-            std::mem::swap(o_fields, &mut s.fields);
-            *o_body = body;
-            *o_t = s.t;
-            std::mem::swap(o_url, &mut s.url);
-            *o_tags = tags;
-            *o_vary = vary;
-            o_invalid.set(false);
-        },
+        |o| put_parts(o, status, reason, fields, body, t, url, tags, vary),
     )
 }
 
