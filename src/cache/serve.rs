@@ -61,13 +61,12 @@ pub async fn run<'c, S: ClientIo>(
             let mut req = Directives::default();
             let authorized = request_directives(&ctx.head, &mut req);
             let keys = Keys::new(p, ctx, &w.cache);
-            // The usual miss goes upstream from here: [`cached`], for all the other cases,
-            // would be one more future to enter and leave on each of the fetch's polls.
-            // (The status is written where it is kept, not made in a pair and moved there.)
-            let mut s;
+            // The usual miss goes upstream from here ([`fill`]): [`cached`], for all the
+            // other cases, would be one more future to enter and leave on each of the
+            // fetch's polls.
             // What `cached` is given when the request is not the usual miss or a hit.
             let look = 'fill: {
-                let mode = match first_look(&w.cache, &ctx.head, &keys, &req) {
+                match first_look(&w.cache, &ctx.head, &keys, &req) {
                     Look::Miss { any, now } => {
                         // Begun here, not in `first_look`: the guard goes from the call into
                         // the fetch, not through a `Look` kept in this future. A fetch of the
@@ -77,15 +76,11 @@ pub async fn run<'c, S: ClientIo>(
                             break 'fill (None, any, now);
                         };
                         w.cache.count(|s| s.misses += 1);
-                        s = Status::new(p, if any { "vary-miss" } else { "uri-miss" });
-                        Fetch::Fill {
-                            keys: &keys,
-                            stale: None,
-                            guard,
-                            req: &req,
-                            authorized,
-                            request_time: now,
-                        }
+                        return fill(
+                            w, cfg, route, p, group, c, ctx, &keys, guard, &req, authorized, now,
+                            any,
+                        )
+                        .await;
                     }
                     Look::Fresh { obj, now } => {
                         let s = Status::hit(p, &obj, now);
@@ -93,13 +88,12 @@ pub async fn run<'c, S: ClientIo>(
                     }
                     Look::TooLong => {
                         std::hint::cold_path();
-                        s = Status::new(p, "bypass");
+                        let mut s = Status::new(p, "bypass");
                         s.detail = Some("key-too-long");
-                        Fetch::Pass
+                        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, &mut s).await;
                     }
                     Look::Other { hit, any, now } => break 'fill (hit, any, now),
-                };
-                return fetch(w, cfg, route, p, group, c, ctx, mode, &mut s).await;
+                }
             };
             cached(
                 w, cfg, route, p, group_idx, c, ctx, &keys, &req, authorized, look,
@@ -1926,7 +1920,6 @@ async fn fetch<'c, S: ClientIo>(
     // Lent, not moved: the future is made and begun without copying it twice.
     status: &mut Status<'_>,
 ) -> Outcome<'c> {
-    let cache = &w.cache;
     let request_time = match &mode {
         Fetch::Fill { request_time, .. } => *request_time,
         _ => now_secs(),
@@ -1953,12 +1946,199 @@ async fn fetch<'c, S: ClientIo>(
         let h = std::mem::replace(&mut ctx.head, orig);
         w.bufs.give_head(h);
     }
+    let now = now_secs();
+    let out = fetched(
+        w,
+        cfg,
+        route,
+        p,
+        group,
+        c,
+        ctx,
+        mode,
+        status,
+        r,
+        &mut resp,
+        validating,
+        request_time,
+        now,
+    )
+    .await;
+    w.bufs.give_resp(resp);
+    out
+}
+
+/// The usual miss ([`Look::Miss`]): a GET with nothing stored under its keys, its flight
+/// begun (`guard`, unless too many are). A response whose body came whole with its head (the
+/// usual small one) is analysed with its body into the object that stores it, stored before
+/// it is relayed (waiters on the flight are answered from the store at once), or relayed as
+/// the analysis refused it; any other answer goes on to [`fetched`]. Its own future, not
+/// [`fetch`]'s: the usual miss's code is this function's few lines, not a path through every
+/// kind of fetch's.
+#[allow(clippy::too_many_arguments)]
+async fn fill<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    keys: &Keys<'_>,
+    mut guard: Option<FlightGuard>,
+    req: &Directives,
+    authorized: bool,
+    request_time: u64,
+    any: bool,
+) -> Outcome<'c> {
+    let cache = &w.cache;
+    let mut status = Status::new(p, if any { "vary-miss" } else { "uri-miss" });
+    let mut resp = w.bufs.take_resp();
+    let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    let now = now_secs();
+    let r = 'whole: {
+        let mut ch = match r {
+            Ok(ch) => ch,
+            Err(e) => break 'whole Err(e),
+        };
+        status.fwd_status = resp.status;
+        match analyze_if_whole(
+            p,
+            cache,
+            &resp,
+            &ch,
+            req,
+            &ctx.head,
+            authorized,
+            request_time,
+            now,
+        ) {
+            // Borrowed from `keys`, which this request holds to the end.
+            Some(Ok((obj, public))) if let Some(k) = keys.store_key(p, public) => {
+                store_object(cache, p, keys, k, obj);
+                if let Some(g) = guard.take() {
+                    g.finish(FlightEnd::Stored);
+                }
+                status.stored = true;
+            }
+            // (The object is dropped: rare, a route that keys by consumer.)
+            Some(Ok(_)) => status.detail = Some("no-consumer"),
+            Some(Err(d)) => status.detail = Some(d),
+            None => break 'whole Ok(ch),
+        }
+        status.put_fetched(p, &mut ctx.resp_headers);
+        let (out, reusable) =
+            forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+        resp.raw = Bytes::new();
+        release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+        // A flight whose response was not stored ends once it is relayed: its waiters go
+        // upstream alone, or one takes over a relay that failed.
+        if let Some(g) = guard {
+            let relayed = matches!(out, Outcome::Relayed { .. });
+            g.finish(if relayed {
+                FlightEnd::NotStorable
+            } else {
+                FlightEnd::Failed
+            });
+        }
+        w.bufs.give_resp(resp);
+        return out;
+    };
+    let mode = Fetch::Fill {
+        keys,
+        stale: None,
+        guard,
+        req,
+        authorized,
+        request_time,
+    };
+    let out = fetched(
+        w,
+        cfg,
+        route,
+        p,
+        group,
+        c,
+        ctx,
+        mode,
+        &mut status,
+        r,
+        &mut resp,
+        false,
+        request_time,
+        now,
+    )
+    .await;
+    w.bufs.give_resp(resp);
+    out
+}
+
+/// The analysis of a response whose body came whole with its head, into the object that
+/// stores it ([`analyze_whole`]); `None` when the body is not all there, its length is not
+/// known or is over the route's bound, or the request said `no-store`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn analyze_if_whole(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    resp: &ResponseHead,
+    ch: &Chosen,
+    req: &Directives,
+    head: &RequestHead,
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+) -> Option<Result<(Rc<Object>, bool), &'static str>> {
+    let max = p.max_object.min(usize::MAX as u64);
+    let known = known_len(resp).filter(|n| *n <= max)?;
+    let in_buf = match resp.body {
+        RespBody::Length(n) => (ch.up.rbuf.len() as u64) >= n,
+        RespBody::None => true,
+        _ => false,
+    };
+    if !in_buf || req.no_store {
+        return None;
+    }
+    let body = ch.up.rbuf.get(..known as usize)?;
+    Some(analyze_whole(
+        p,
+        resp,
+        head,
+        cache,
+        body,
+        authorized,
+        request_time,
+        now,
+    ))
+}
+
+/// What follows a fetch's exchange (`r`, with the response head `resp` when it answered):
+/// the answer to a failed one, a stale response served or freshened, or the response relayed
+/// (stored when it may be). `validating`: the request carried the stored response's
+/// validators (a 304 freshens it); `now`: when the response head was read.
+#[allow(clippy::too_many_arguments)]
+async fn fetched<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    mode: Fetch<'_>,
+    status: &mut Status<'_>,
+    r: Result<Chosen, AttemptError>,
+    resp: &mut ResponseHead,
+    validating: bool,
+    request_time: u64,
+    now: u64,
+) -> Outcome<'c> {
+    let cache = &w.cache;
     // §3.5. A fill read it with the request's directives.
     let authorized = match &mode {
         Fetch::Fill { authorized, .. } => *authorized,
         _ => ctx.head.header(b"authorization").is_some(),
     };
-    let now = now_secs();
     let out = match r {
         Err(e) => {
             // (Rare: out of the way of the usual path's code.)
@@ -1975,7 +2155,6 @@ async fn fetch<'c, S: ClientIo>(
                     status.ttl = Some(f.obj.ttl(now));
                     status.detail = Some("stale-if-error");
                     let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, status).await;
-                    w.bufs.give_resp(resp);
                     return out;
                 }
             }
@@ -2001,14 +2180,13 @@ async fn fetch<'c, S: ClientIo>(
                     if let Some(f) = stale.as_ref().filter(|_| validating && resp.status == 304) {
                         std::hint::cold_path();
                         // §4.3.4: freshen the stored response and answer from it.
-                        let fields = copy_fields(&resp);
+                        let fields = copy_fields(resp);
                         resp.raw = Bytes::new();
                         release(w, group, ch, false, false);
                         // A validator that is not the stored one selects nothing: the stored
                         // response is dropped and fetched again whole.
                         if !selected_by_304(&fields, &f.obj) {
                             invalidate(cache, &f.obj);
-                            w.bufs.give_resp(resp);
                             // A second request: it is sent after `now`.
                             let again = Fetch::Fill {
                                 keys,
@@ -2045,7 +2223,6 @@ async fn fetch<'c, S: ClientIo>(
                         status.fwd = "stale";
                         status.ttl = Some(obj.ttl(now));
                         let out = answer(w, &cfg.via, route, c, ctx, &obj, now, status).await;
-                        w.bufs.give_resp(resp);
                         return out;
                     }
                     if let Some(f) = stale.as_ref().filter(|f| {
@@ -2060,43 +2237,28 @@ async fn fetch<'c, S: ClientIo>(
                         status.ttl = Some(f.obj.ttl(now));
                         status.detail = Some("stale-if-error");
                         let out = answer(w, &cfg.via, route, c, ctx, &f.obj, now, status).await;
-                        w.bufs.give_resp(resp);
                         return out;
                     }
                     let max = p.max_object.min(usize::MAX as u64);
                     // Room for a body of known length that may be stored (one too large is
                     // not: see below).
-                    let known = known_len(&resp).filter(|n| *n <= max);
-                    let body_room = known.unwrap_or(0) as usize;
+                    let body_room = known_len(resp).filter(|n| *n <= max).unwrap_or(0) as usize;
                     // A body already read whole with the head (a small response, the usual
                     // case) is analysed with it into the object that stores it, stored before
                     // the response is relayed: waiters on this fetch are answered from the
                     // store at once, and nothing is published to them or captured on the way
-                    // to the client.
-                    let in_buf = match resp.body {
-                        RespBody::Length(n) => (ch.up.rbuf.len() as u64) >= n,
-                        RespBody::None => true,
-                        _ => false,
-                    };
-                    let whole_body = match (known, in_buf, req.no_store) {
-                        (Some(_), true, false) => ch.up.rbuf.get(..body_room),
-                        _ => None,
-                    };
-                    // (Matched, not mapped: a closure here was a call with its arguments
-                    // moved around it.)
-                    let whole = match whole_body {
-                        Some(body) => Some(analyze_whole(
-                            p,
-                            &resp,
-                            &ctx.head,
-                            cache,
-                            body,
-                            authorized,
-                            request_time,
-                            now,
-                        )),
-                        None => None,
-                    };
+                    // to the client (as [`fill`] does for the usual miss).
+                    let whole = analyze_if_whole(
+                        p,
+                        cache,
+                        resp,
+                        &ch,
+                        req,
+                        &ctx.head,
+                        authorized,
+                        request_time,
+                        now,
+                    );
                     let mut plan = match whole {
                         // Borrowed from `keys`, which this request holds to the end.
                         Some(Ok((obj, public))) if let Some(k) = keys.store_key(p, public) => {
@@ -2106,13 +2268,11 @@ async fn fetch<'c, S: ClientIo>(
                             }
                             status.stored = true;
                             status.put_fetched(p, &mut ctx.resp_headers);
-                            let (out, reusable) = forward_response_tee(
-                                w, cfg, route, c, ctx, &mut ch.up, &resp, None,
-                            )
-                            .await;
+                            let (out, reusable) =
+                                forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, None)
+                                    .await;
                             resp.raw = Bytes::new();
                             release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
-                            w.bufs.give_resp(resp);
                             return out;
                         }
                         // (The object is dropped: rare, a route that keys by consumer.)
@@ -2121,7 +2281,7 @@ async fn fetch<'c, S: ClientIo>(
                         None if req.no_store => Err("request-no-store"),
                         None => analyze_response(
                             p,
-                            &resp,
+                            resp,
                             &ctx.head,
                             cache,
                             body_room,
@@ -2146,7 +2306,7 @@ async fn fetch<'c, S: ClientIo>(
                     // end cannot be told from a failure).
                     let stream_len = match resp.body {
                         RespBody::Chunked => Some(None),
-                        _ => known_len(&resp).map(Some),
+                        _ => known_len(resp).map(Some),
                     };
                     let flight = match (&mut plan, &guard, stream_len) {
                         (Ok(s), Some(g), Some(len))
@@ -2156,7 +2316,7 @@ async fn fetch<'c, S: ClientIo>(
                             // fetch lasts, and taken back to be stored (not copied).
                             g.flight().publish(FlightStream {
                                 status: resp.status,
-                                reason: reason_of(&resp),
+                                reason: reason_of(resp),
                                 fields: std::mem::take(&mut s.fields),
                                 len,
                                 t: s.t,
@@ -2179,21 +2339,13 @@ async fn fetch<'c, S: ClientIo>(
                         Err(d) => status.detail = Some(d),
                     }
                     status.put_fetched(p, &mut ctx.resp_headers);
-                    let (out, reusable) = forward_response_tee(
-                        w,
-                        cfg,
-                        route,
-                        c,
-                        ctx,
-                        &mut ch.up,
-                        &resp,
-                        tee.as_mut(),
-                    )
-                    .await;
+                    let (out, reusable) =
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, tee.as_mut())
+                            .await;
                     let complete = matches!(out, Outcome::Relayed { .. });
                     let failed = matches!(out, Outcome::Answer(_));
                     // The reason phrase to store: the stream has it when it was published.
-                    let reason = (plan.is_ok() && !published).then(|| reason_of(&resp));
+                    let reason = (plan.is_ok() && !published).then(|| reason_of(resp));
                     let status_code = resp.status;
                     resp.raw = Bytes::new();
                     release(w, group, ch, failed, reusable);
@@ -2259,7 +2411,7 @@ async fn fetch<'c, S: ClientIo>(
                     }
                     status.put(&mut ctx.resp_headers);
                     let (out, reusable) =
-                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, None).await;
                     resp.raw = Bytes::new();
                     release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
                     out
@@ -2267,7 +2419,7 @@ async fn fetch<'c, S: ClientIo>(
                 Fetch::Pass => {
                     status.put(&mut ctx.resp_headers);
                     let (out, reusable) =
-                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, None).await;
                     resp.raw = Bytes::new();
                     release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
                     out
@@ -2278,7 +2430,7 @@ async fn fetch<'c, S: ClientIo>(
                             p,
                             cache,
                             &f,
-                            &copy_fields(&resp),
+                            &copy_fields(resp),
                             authorized,
                             request_time,
                             now,
@@ -2286,7 +2438,7 @@ async fn fetch<'c, S: ClientIo>(
                     }
                     status.put(&mut ctx.resp_headers);
                     let (out, reusable) =
-                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+                        forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, None).await;
                     resp.raw = Bytes::new();
                     release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
                     out
@@ -2294,7 +2446,6 @@ async fn fetch<'c, S: ClientIo>(
             }
         }
     };
-    w.bufs.give_resp(resp);
     out
 }
 
