@@ -1894,17 +1894,12 @@ impl Selected {
     }
 }
 
-/// Gives the upstream connection back (or drops it) with the bookkeeping the proxy does.
+/// Gives the upstream connection back (or drops it) with the bookkeeping the proxy does
+/// ([`forward::settle`]); `failed`: the relay failed (the response already counted as one
+/// when it was a 5xx).
+#[inline(always)]
 fn release(w: &Worker, group: &UpstreamGroup, ch: Chosen, failed: bool, reusable: bool) {
-    let ep = ch.up.endpoint;
-    let stats = &group.stats[ep];
-    stats
-        .outstanding
-        .set(stats.outstanding.get().saturating_sub(1));
-    forward::record_outcome(w, group, ep, ch.probe, ch.failed || failed);
-    if reusable {
-        group.checkin(ch.up);
-    }
+    forward::settle(w, group, ch.up, ch.probe, ch.failed || failed, reusable);
 }
 
 #[allow(clippy::too_many_arguments)]

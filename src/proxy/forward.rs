@@ -87,7 +87,10 @@ pub(crate) fn settle(
 ) {
     let ep = up.endpoint;
     let stats = &group.stats[ep];
-    stats.outstanding.set(stats.outstanding.get() - 1);
+    // (Saturating: a count that went wrong must not wrap to a huge load.)
+    stats
+        .outstanding
+        .set(stats.outstanding.get().saturating_sub(1));
     record_outcome(w, group, ep, probe, failed);
     if reusable {
         group.checkin(up);
