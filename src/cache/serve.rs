@@ -2008,17 +2008,11 @@ async fn fill<'c, S: ClientIo>(
             request_time,
             now,
         ) {
-            // Borrowed from `keys`, which this request holds to the end.
-            Some(Ok((obj, public))) if let Some(k) = keys.store_key(p, public) => {
-                store_object(cache, p, keys, k, obj);
-                if let Some(g) = guard.take() {
-                    g.finish(FlightEnd::Stored);
+            Some(a) => {
+                if let Err(d) = keep_whole(cache, p, keys, a, &mut guard, &mut status) {
+                    status.detail = Some(d);
                 }
-                status.stored = true;
             }
-            // (The object is dropped: rare, a route that keys by consumer.)
-            Some(Ok(_)) => status.detail = Some("no-consumer"),
-            Some(Err(d)) => status.detail = Some(d),
             None => break 'whole Ok(ch),
         }
         status.put_fetched(p, &mut ctx.resp_headers);
@@ -2107,6 +2101,30 @@ fn analyze_if_whole(
     ))
 }
 
+/// Stores what [`analyze_if_whole`] made of a whole response (`analysed`) under the key it
+/// chose (borrowed from `keys`, which the request holds to the end), and ends the request's
+/// flight as stored (`guard`: its waiters are answered from the store at once). Why it was not
+/// stored otherwise, for `Cache-Status`.
+#[inline(always)]
+fn keep_whole(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    keys: &Keys<'_>,
+    analysed: Result<(Rc<Object>, bool), &'static str>,
+    guard: &mut Option<FlightGuard>,
+    status: &mut Status<'_>,
+) -> Result<(), &'static str> {
+    let (obj, public) = analysed?;
+    // (Without a key the object is dropped: rare, a route that keys by consumer.)
+    let k = keys.store_key(p, public).ok_or("no-consumer")?;
+    store_object(cache, p, keys, k, obj);
+    if let Some(g) = guard.take() {
+        g.finish(FlightEnd::Stored);
+    }
+    status.stored = true;
+    Ok(())
+}
+
 /// What follows a fetch's exchange (`r`, with the response head `resp` when it answered):
 /// the answer to a failed one, a stale response served or freshened, or the response relayed
 /// (stored when it may be). `validating`: the request carried the stored response's
@@ -2167,7 +2185,7 @@ async fn fetched<'c, S: ClientIo>(
                 Fetch::Fill {
                     keys,
                     stale,
-                    guard,
+                    mut guard,
                     req,
                     authorized: _,
                     request_time: _,
@@ -2255,24 +2273,19 @@ async fn fetched<'c, S: ClientIo>(
                         now,
                     );
                     let mut plan = match whole {
-                        // Borrowed from `keys`, which this request holds to the end.
-                        Some(Ok((obj, public))) if let Some(k) = keys.store_key(p, public) => {
-                            store_object(cache, p, keys, k, obj);
-                            if let Some(g) = guard {
-                                g.finish(FlightEnd::Stored);
+                        Some(a) => match keep_whole(cache, p, keys, a, &mut guard, status) {
+                            Ok(()) => {
+                                status.put_fetched(p, &mut ctx.resp_headers);
+                                let (out, reusable) = forward_response_tee(
+                                    w, cfg, route, c, ctx, &mut ch.up, resp, None,
+                                )
+                                .await;
+                                resp.raw = Bytes::new();
+                                release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
+                                return out;
                             }
-                            status.stored = true;
-                            status.put_fetched(p, &mut ctx.resp_headers);
-                            let (out, reusable) =
-                                forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, None)
-                                    .await;
-                            resp.raw = Bytes::new();
-                            release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
-                            return out;
-                        }
-                        // (The object is dropped: rare, a route that keys by consumer.)
-                        Some(Ok(_)) => Err("no-consumer"),
-                        Some(Err(d)) => Err(d),
+                            Err(d) => Err(d),
+                        },
                         None if req.no_store => Err("request-no-store"),
                         None => analyze_response(
                             p,
