@@ -283,6 +283,42 @@ auth = "api_key"
     }
 }
 
+/// A cached route's fetch that fails has its upstream latency too, as a route without a cache
+/// has (the request's count and the upstream phase's latency come together).
+#[test]
+fn a_cached_route_s_failed_fetch_has_its_upstream_latency() {
+    let dead = refusing_addr();
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"hi")));
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[upstreams.down]\nendpoints = [{{ address = \"{}\" }}]\n\
+             [[routes]]\nname = \"dead\"\npath_prefix = \"/dead\"\nupstream = \"down\"\ncache = {{ }}\n",
+            dead.addr
+        ),
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/dead/x"))), 502);
+    let mut l = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        l = scrape(&ctl).1;
+        value(
+            &l,
+            "ringway_route_requests_total",
+            &[("route", "dead"), ("class", "5xx")],
+        ) == 1.0
+    }));
+    assert_eq!(
+        value(
+            &l,
+            "ringway_route_upstream_duration_seconds_count",
+            &[("route", "dead")]
+        ),
+        1.0
+    );
+}
+
 #[test]
 fn workers_are_summed_when_scraped() {
     let up = Upstream::start(|_| Reply::Raw(ok_response(b"hi")));

@@ -2156,6 +2156,10 @@ async fn fetched<'c, S: ClientIo>(
         Err(e) => {
             // (Rare: out of the way of the usual path's code.)
             std::hint::cold_path();
+            // A failed upstream phase has its latency too (as `forward::proxy` records it).
+            if ctx.rec.upstream_start.is_some() {
+                ctx.rec.upstream_answered(std::time::Instant::now());
+            }
             if let Fetch::Fill {
                 stale: Some(f),
                 req,
