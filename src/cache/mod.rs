@@ -86,7 +86,9 @@ const MAX_PREFETCH_LINES: usize = 64;
 /// has): without a prefetch each of those lines is a wait on memory. A hint only: it changes
 /// nothing the program computes. For a value whose size is known at compile time,
 /// [`prefetch_of`] (no line count to work out at run time).
-#[inline]
+// Out of line: a stored miss brings in three spans (an evicted buffer, field vector and key),
+// and one copy of this code run three times is fewer code lines than three copies in line.
+#[inline(never)]
 fn prefetch(p: *const u8, len: usize) {
     lines_of(p as usize, len, |at| prefetch_line(at as *const u8));
 }
@@ -561,10 +563,22 @@ pub struct Object {
 impl Object {
     pub fn weight(&self) -> u64 {
         let fields = self.fields.weight();
+        let mut listed = 0;
+        if !self.vary.is_empty() || !self.tags.is_empty() {
+            listed = self.listed_weight();
+        }
+        (self.body.len() + fields + listed + self.url.len() + self.reason.len()) as u64
+            + ENTRY_OVERHEAD
+    }
+
+    /// The bytes of the Vary values and surrogate keys (most objects have neither: out of
+    /// line, out of a stored miss's code lines).
+    #[cold]
+    #[inline(never)]
+    fn listed_weight(&self) -> usize {
         let vary: usize = self.vary.iter().map(|(n, v)| n.len() + v.len()).sum();
         let tags: usize = self.tags.iter().map(|t| t.len()).sum();
-        (self.body.len() + fields + vary + tags + self.url.len() + self.reason.len()) as u64
-            + ENTRY_OVERHEAD
+        vary + tags
     }
 
     /// Whether the request's values of the Vary fields are those stored (§4.1).
@@ -856,7 +870,7 @@ pub struct WorkerCache {
     spare_fields: RefCell<Vec<HeaderSpan>>,
     /// The allocation that held an evicted object's head, URL and body, emptied (at most
     /// [`MAX_SPARE_BUF`] bytes), for the next stored miss (see [`WorkerCache::object_buf`]).
-    spare_buf: RefCell<BytesMut>,
+    spare_buf: RefCell<Option<BytesMut>>,
     /// An evicted key's vector, emptied (at most [`MAX_SPARE_KEY_BYTES`]), for the next
     /// stored key (see [`WorkerCache::store_key`]).
     spare_key: RefCell<Vec<u8>>,
@@ -882,7 +896,7 @@ impl WorkerCache {
             spare_flights: RefCell::new(Vec::new()),
             spare_object: RefCell::new(None),
             spare_fields: RefCell::new(Vec::new()),
-            spare_buf: RefCell::new(BytesMut::new()),
+            spare_buf: RefCell::new(None),
             spare_key: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
@@ -992,8 +1006,10 @@ impl WorkerCache {
         // variants and then another to store): a key stored before hands its former entry
         // back, and its other variants are then put back with the new one.
         let weight = obj.weight();
+        // (The object itself goes in, not a second reference: a key stored before finds it in
+        // the store for its other variants.)
         let entry = Entry {
-            variants: Variants::One(obj.clone()),
+            variants: Variants::One(obj),
         };
         let stored = StoreKey {
             hash: key.hash,
@@ -1005,7 +1021,7 @@ impl WorkerCache {
             return;
         };
         if k.hash == key.hash && k.bytes == key.bytes {
-            self.keep_variants(key, obj, e, max_variants);
+            self.keep_variants(key, e, max_variants);
         } else if let Variants::One(o) = e.variants {
             self.keep_object(o);
         }
@@ -1039,9 +1055,17 @@ impl WorkerCache {
         }
     }
 
-    /// Puts back, with `obj` just stored under `key`, the variants `former` (the key's entry
-    /// it replaced) held for other Vary values, newest first, at most `max_variants` in all.
-    fn keep_variants(&self, key: KeyRef<'_>, obj: Rc<Object>, former: Entry, max_variants: usize) {
+    /// Puts back, with the object just stored alone under `key`, the variants `former` (the
+    /// key's entry it replaced) held for other Vary values, newest first, at most
+    /// `max_variants` in all. Nothing when the new object was not stored (too heavy: with
+    /// other variants, heavier still).
+    #[cold]
+    #[inline(never)]
+    fn keep_variants(&self, key: KeyRef<'_>, former: Entry, max_variants: usize) {
+        let stored = self.map.borrow().peek(key).map(|e| e.variants.clone());
+        let Some(Variants::One(obj)) = stored else {
+            return;
+        };
         let older = former
             .variants
             .as_slice()
@@ -1104,7 +1128,12 @@ impl WorkerCache {
             buf.clear();
             if buf.capacity() <= MAX_SPARE_BUF {
                 prefetch(buf.as_ptr(), buf.capacity());
-                *self.spare_buf.borrow_mut() = buf;
+                if let Some(unused) = self.spare_buf.borrow_mut().replace(buf) {
+                    // The one kept before, which no stored miss took (too small or too
+                    // large for it).
+                    std::hint::cold_path();
+                    drop(unused);
+                }
             }
         }
         if fields.capacity() <= MAX_SPARE_FIELDS {
@@ -1124,12 +1153,14 @@ impl WorkerCache {
     /// most [`SPARE_BUF_SLACK`] bytes more (so that a stored object never holds much more
     /// memory than its weight says), else a new one.
     pub fn object_buf(&self, n: usize) -> BytesMut {
-        let mut spare = self.spare_buf.borrow_mut();
-        let cap = spare.capacity();
-        if cap >= n && cap - n <= SPARE_BUF_SLACK {
-            return std::mem::take(&mut *spare);
+        let fits = |b: &mut BytesMut| {
+            let cap = b.capacity();
+            cap >= n && cap - n <= SPARE_BUF_SLACK
+        };
+        match self.spare_buf.borrow_mut().take_if(fits) {
+            Some(b) => b,
+            None => BytesMut::with_capacity(n),
         }
-        BytesMut::with_capacity(n)
     }
 
     /// An empty vector for a stored response's field spans: an evicted object's, when one is
@@ -2174,7 +2205,10 @@ mod tests {
         assert_eq!(c.field_vec().capacity(), 0, "given once");
         // The allocation that held the head and the body comes back whole, for a miss that
         // needs about as much.
-        assert_eq!(c.spare_buf.borrow().capacity(), 1100);
+        assert_eq!(
+            c.spare_buf.borrow().as_ref().map(BytesMut::capacity),
+            Some(1100)
+        );
         assert_eq!(
             c.object_buf(100).capacity(),
             100,
@@ -2182,7 +2216,7 @@ mod tests {
         );
         let buf = c.object_buf(1000);
         assert!(buf.is_empty() && buf.capacity() == 1100, "reused");
-        assert_eq!(c.spare_buf.borrow().capacity(), 0, "given once");
+        assert!(c.spare_buf.borrow().is_none(), "given once");
         let o = c.new_object(|o| {
             *o = Object {
                 status: 203,
