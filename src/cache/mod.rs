@@ -833,6 +833,12 @@ impl std::hash::Hasher for PreHashed {
 
 type PreHashedBuild = std::hash::BuildHasherDefault<PreHashed>;
 
+/// [`WorkerCache::share`]'s write to the Redis layer `l`.
+#[inline(never)]
+fn share_to(l: &redis::SharedLayer, key: &[u8], obj: &Object, max_variants: usize) {
+    l.put(key, obj, now_secs(), max_variants);
+}
+
 /// Counters of one worker's cache.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
@@ -920,9 +926,11 @@ impl WorkerCache {
 
     /// Writes a stored object to the Redis layer, if there is one (queued, not awaited),
     /// keeping at most `max_variants` variants of the key there too.
+    // The test in line (a stored miss without a Redis layer makes no call); the writing out.
+    #[inline]
     pub fn share(&self, key: &[u8], obj: &Object, max_variants: usize) {
         if let Some(l) = self.shared.get() {
-            l.put(key, obj, now_secs(), max_variants);
+            share_to(l, key, obj, max_variants);
         }
     }
 
