@@ -170,9 +170,6 @@ impl<V> Store<V> {
     /// this displaced: the key's former one when it had one, else the first evicted for
     /// room, else the new entry itself when it is too heavy to store (then the key's former
     /// entry goes too); every other displaced entry is dropped here.
-    // Inlined in its one caller on a stored miss (`WorkerCache::insert_key`): no call, and the
-    // key, the value and the evicted entry not passed through memory between the two.
-    #[inline(always)]
     pub(crate) fn insert(&mut self, key: StoreKey, value: V, weight: u64) -> Option<(StoreKey, V)> {
         let weight = weigh(&key, weight);
         let found = self.find_absent(KeyRef {
@@ -272,7 +269,7 @@ impl<V> Store<V> {
         let hash = key.hash;
         let main = self.ghost_take(hash);
         if let Some(i) = self.slot_for(key, value, weight, main) {
-            self.index_slot_aside(hash, i);
+            self.index_slot(hash, i);
         }
         // (`None`: past `MAX_SLOTS`, entries of a byte each in a budget of over 4 GiB.)
         self.prefetch_next_victim();
@@ -447,7 +444,7 @@ impl<V> Store<V> {
         if let Some(j) = self.slot_for(key, value, weight, main) {
             let freq = if used { (freq + 1).min(MAX_FREQ) } else { freq };
             self.slots[j as usize].freq.set(freq);
-            self.index_slot_aside(hash, j);
+            self.index_slot(hash, j);
         }
         former
     }
@@ -620,13 +617,6 @@ impl<V> Store<V> {
         } else if let Some(slot) = self.slots.get_mut(i as usize) {
             slot.bucket = u32::try_from(at).unwrap_or(NO_BUCKET);
         }
-    }
-
-    /// [`Store::index_slot`] for the inserts other than the usual one ([`Store::insert_over`]),
-    /// out of line: one copy of the index's insert in line on the usual path.
-    #[inline(never)]
-    fn index_slot_aside(&mut self, hash: u64, i: u32) {
-        self.index_slot(hash, i);
     }
 
     /// Notes every live slot's bucket anew (after the index grew, which moves them all; as
