@@ -1008,6 +1008,7 @@ impl WorkerCache {
     /// [`WorkerCache::insert`] with the key's hash known.
     pub fn insert_key(&self, key: KeyRef<'_>, obj: Rc<Object>, max_variants: usize) {
         if key.bytes.len() > MAX_KEY_BYTES {
+            std::hint::cold_path();
             return;
         }
         // Stored alone at first (one look at the map, not a look for the key's other
@@ -1029,6 +1030,7 @@ impl WorkerCache {
             return;
         };
         if k.hash == key.hash && k.bytes == key.bytes {
+            std::hint::cold_path();
             self.keep_variants(key, e, max_variants);
         } else if let Variants::One(o) = e.variants {
             self.keep_object(o);
@@ -1111,6 +1113,7 @@ impl WorkerCache {
             k.extend_from_slice(bytes);
             return k;
         }
+        std::hint::cold_path();
         bytes.to_vec()
     }
 
@@ -1121,6 +1124,7 @@ impl WorkerCache {
     /// not reset to defaults first.
     fn keep_object(&self, mut o: Rc<Object>) {
         let Some(obj) = Rc::get_mut(&mut o) else {
+            std::hint::cold_path();
             return;
         };
         let (block, fields) = std::mem::take(&mut obj.fields).into_parts();
