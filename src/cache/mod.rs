@@ -958,6 +958,9 @@ impl WorkerCache {
         if buf.capacity() <= MAX_SPARE_KEY_BYTES && spare.len() < MAX_SPARE_KEY_BUFS {
             buf.clear();
             spare.push(buf);
+        } else {
+            // (A key past the bound, or a worker with as many spares as it keeps.)
+            std::hint::cold_path();
         }
     }
 
@@ -1338,8 +1341,13 @@ impl WorkerCache {
     #[inline(never)]
     pub fn begin_unless_in_flight(self: &Rc<Self>, key: KeyRef<'_>) -> Option<Option<FlightGuard>> {
         let mut f = self.flights.borrow_mut();
-        if !f.is_idle() && f.get_mut(key.hash).is_some() {
-            return None;
+        if !f.is_idle() {
+            // Other fetches in flight: looked through out of the usual miss's code lines (at
+            // one connection, the case where those lines cost most, nothing else is in flight).
+            std::hint::cold_path();
+            if f.get_mut(key.hash).is_some() {
+                return None;
+            }
         }
         Some(self.start_flight(&mut f, key))
     }
@@ -1358,6 +1366,7 @@ impl WorkerCache {
     #[inline(always)]
     fn start_flight(self: &Rc<Self>, f: &mut Flights, key: KeyRef<'_>) -> Option<FlightGuard> {
         if f.len() >= MAX_FLIGHTS {
+            std::hint::cold_path();
             return None;
         }
         f.insert(key, self);
@@ -1590,6 +1599,7 @@ impl Flights {
                 if *h == hash {
                     self.live = last;
                     if s.key.capacity() > MAX_SPARE_KEY_BYTES {
+                        std::hint::cold_path();
                         s.key = Vec::new();
                     }
                     return Some(s.flight.take());
