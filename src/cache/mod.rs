@@ -86,7 +86,9 @@ const MAX_PREFETCH_LINES: usize = 64;
 /// has): without a prefetch each of those lines is a wait on memory. A hint only: it changes
 /// nothing the program computes. For a value whose size is known at compile time,
 /// [`prefetch_of`] (no line count to work out at run time).
-#[inline]
+// Out of line: a stored miss brings in three spans (an evicted buffer, field vector and key),
+// and one copy of this code run three times is fewer code lines than three copies in line.
+#[inline(never)]
 fn prefetch(p: *const u8, len: usize) {
     lines_of(p as usize, len, |at| prefetch_line(at as *const u8));
 }
@@ -561,10 +563,22 @@ pub struct Object {
 impl Object {
     pub fn weight(&self) -> u64 {
         let fields = self.fields.weight();
+        let mut listed = 0;
+        if !self.vary.is_empty() || !self.tags.is_empty() {
+            listed = self.listed_weight();
+        }
+        (self.body.len() + fields + listed + self.url.len() + self.reason.len()) as u64
+            + ENTRY_OVERHEAD
+    }
+
+    /// The bytes of the Vary values and surrogate keys (most objects have neither: out of
+    /// line, out of a stored miss's code lines).
+    #[cold]
+    #[inline(never)]
+    fn listed_weight(&self) -> usize {
         let vary: usize = self.vary.iter().map(|(n, v)| n.len() + v.len()).sum();
         let tags: usize = self.tags.iter().map(|t| t.len()).sum();
-        (self.body.len() + fields + vary + tags + self.url.len() + self.reason.len()) as u64
-            + ENTRY_OVERHEAD
+        vary + tags
     }
 
     /// Whether the request's values of the Vary fields are those stored (§4.1).
@@ -819,6 +833,12 @@ impl std::hash::Hasher for PreHashed {
 
 type PreHashedBuild = std::hash::BuildHasherDefault<PreHashed>;
 
+/// [`WorkerCache::share`]'s write to the Redis layer `l`.
+#[inline(never)]
+fn share_to(l: &redis::SharedLayer, key: &[u8], obj: &Object, max_variants: usize) {
+    l.put(key, obj, now_secs(), max_variants);
+}
+
 /// Counters of one worker's cache.
 #[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
@@ -856,7 +876,7 @@ pub struct WorkerCache {
     spare_fields: RefCell<Vec<HeaderSpan>>,
     /// The allocation that held an evicted object's head, URL and body, emptied (at most
     /// [`MAX_SPARE_BUF`] bytes), for the next stored miss (see [`WorkerCache::object_buf`]).
-    spare_buf: RefCell<BytesMut>,
+    spare_buf: RefCell<Option<BytesMut>>,
     /// An evicted key's vector, emptied (at most [`MAX_SPARE_KEY_BYTES`]), for the next
     /// stored key (see [`WorkerCache::store_key`]).
     spare_key: RefCell<Vec<u8>>,
@@ -882,7 +902,7 @@ impl WorkerCache {
             spare_flights: RefCell::new(Vec::new()),
             spare_object: RefCell::new(None),
             spare_fields: RefCell::new(Vec::new()),
-            spare_buf: RefCell::new(BytesMut::new()),
+            spare_buf: RefCell::new(None),
             spare_key: RefCell::new(Vec::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
@@ -906,9 +926,11 @@ impl WorkerCache {
 
     /// Writes a stored object to the Redis layer, if there is one (queued, not awaited),
     /// keeping at most `max_variants` variants of the key there too.
+    // The test in line (a stored miss without a Redis layer makes no call); the writing out.
+    #[inline]
     pub fn share(&self, key: &[u8], obj: &Object, max_variants: usize) {
         if let Some(l) = self.shared.get() {
-            l.put(key, obj, now_secs(), max_variants);
+            share_to(l, key, obj, max_variants);
         }
     }
 
@@ -936,6 +958,9 @@ impl WorkerCache {
         if buf.capacity() <= MAX_SPARE_KEY_BYTES && spare.len() < MAX_SPARE_KEY_BUFS {
             buf.clear();
             spare.push(buf);
+        } else {
+            // (A key past the bound, or a worker with as many spares as it keeps.)
+            std::hint::cold_path();
         }
     }
 
@@ -986,14 +1011,17 @@ impl WorkerCache {
     /// [`WorkerCache::insert`] with the key's hash known.
     pub fn insert_key(&self, key: KeyRef<'_>, obj: Rc<Object>, max_variants: usize) {
         if key.bytes.len() > MAX_KEY_BYTES {
+            std::hint::cold_path();
             return;
         }
         // Stored alone at first (one look at the map, not a look for the key's other
         // variants and then another to store): a key stored before hands its former entry
         // back, and its other variants are then put back with the new one.
         let weight = obj.weight();
+        // (The object itself goes in, not a second reference: a key stored before finds it in
+        // the store for its other variants.)
         let entry = Entry {
-            variants: Variants::One(obj.clone()),
+            variants: Variants::One(obj),
         };
         let stored = StoreKey {
             hash: key.hash,
@@ -1005,7 +1033,8 @@ impl WorkerCache {
             return;
         };
         if k.hash == key.hash && k.bytes == key.bytes {
-            self.keep_variants(key, obj, e, max_variants);
+            std::hint::cold_path();
+            self.keep_variants(key, e, max_variants);
         } else if let Variants::One(o) = e.variants {
             self.keep_object(o);
         }
@@ -1039,9 +1068,17 @@ impl WorkerCache {
         }
     }
 
-    /// Puts back, with `obj` just stored under `key`, the variants `former` (the key's entry
-    /// it replaced) held for other Vary values, newest first, at most `max_variants` in all.
-    fn keep_variants(&self, key: KeyRef<'_>, obj: Rc<Object>, former: Entry, max_variants: usize) {
+    /// Puts back, with the object just stored alone under `key`, the variants `former` (the
+    /// key's entry it replaced) held for other Vary values, newest first, at most
+    /// `max_variants` in all. Nothing when the new object was not stored (too heavy: with
+    /// other variants, heavier still).
+    #[cold]
+    #[inline(never)]
+    fn keep_variants(&self, key: KeyRef<'_>, former: Entry, max_variants: usize) {
+        let stored = self.map.borrow().peek(key).map(|e| e.variants.clone());
+        let Some(Variants::One(obj)) = stored else {
+            return;
+        };
         let older = former
             .variants
             .as_slice()
@@ -1079,6 +1116,7 @@ impl WorkerCache {
             k.extend_from_slice(bytes);
             return k;
         }
+        std::hint::cold_path();
         bytes.to_vec()
     }
 
@@ -1089,6 +1127,7 @@ impl WorkerCache {
     /// not reset to defaults first.
     fn keep_object(&self, mut o: Rc<Object>) {
         let Some(obj) = Rc::get_mut(&mut o) else {
+            std::hint::cold_path();
             return;
         };
         let (block, fields) = std::mem::take(&mut obj.fields).into_parts();
@@ -1104,7 +1143,12 @@ impl WorkerCache {
             buf.clear();
             if buf.capacity() <= MAX_SPARE_BUF {
                 prefetch(buf.as_ptr(), buf.capacity());
-                *self.spare_buf.borrow_mut() = buf;
+                if let Some(unused) = self.spare_buf.borrow_mut().replace(buf) {
+                    // The one kept before, which no stored miss took (too small or too
+                    // large for it).
+                    std::hint::cold_path();
+                    drop(unused);
+                }
             }
         }
         if fields.capacity() <= MAX_SPARE_FIELDS {
@@ -1124,12 +1168,14 @@ impl WorkerCache {
     /// most [`SPARE_BUF_SLACK`] bytes more (so that a stored object never holds much more
     /// memory than its weight says), else a new one.
     pub fn object_buf(&self, n: usize) -> BytesMut {
-        let mut spare = self.spare_buf.borrow_mut();
-        let cap = spare.capacity();
-        if cap >= n && cap - n <= SPARE_BUF_SLACK {
-            return std::mem::take(&mut *spare);
+        let fits = |b: &mut BytesMut| {
+            let cap = b.capacity();
+            cap >= n && cap - n <= SPARE_BUF_SLACK
+        };
+        match self.spare_buf.borrow_mut().take_if(fits) {
+            Some(b) => b,
+            None => BytesMut::with_capacity(n),
         }
-        BytesMut::with_capacity(n)
     }
 
     /// An empty vector for a stored response's field spans: an evicted object's, when one is
@@ -1295,8 +1341,13 @@ impl WorkerCache {
     #[inline(never)]
     pub fn begin_unless_in_flight(self: &Rc<Self>, key: KeyRef<'_>) -> Option<Option<FlightGuard>> {
         let mut f = self.flights.borrow_mut();
-        if !f.is_idle() && f.get_mut(key.hash).is_some() {
-            return None;
+        if !f.is_idle() {
+            // Other fetches in flight: looked through out of the usual miss's code lines (at
+            // one connection, the case where those lines cost most, nothing else is in flight).
+            std::hint::cold_path();
+            if f.get_mut(key.hash).is_some() {
+                return None;
+            }
         }
         Some(self.start_flight(&mut f, key))
     }
@@ -1315,6 +1366,7 @@ impl WorkerCache {
     #[inline(always)]
     fn start_flight(self: &Rc<Self>, f: &mut Flights, key: KeyRef<'_>) -> Option<FlightGuard> {
         if f.len() >= MAX_FLIGHTS {
+            std::hint::cold_path();
             return None;
         }
         f.insert(key, self);
@@ -1547,6 +1599,7 @@ impl Flights {
                 if *h == hash {
                     self.live = last;
                     if s.key.capacity() > MAX_SPARE_KEY_BYTES {
+                        std::hint::cold_path();
                         s.key = Vec::new();
                     }
                     return Some(s.flight.take());
@@ -2174,7 +2227,10 @@ mod tests {
         assert_eq!(c.field_vec().capacity(), 0, "given once");
         // The allocation that held the head and the body comes back whole, for a miss that
         // needs about as much.
-        assert_eq!(c.spare_buf.borrow().capacity(), 1100);
+        assert_eq!(
+            c.spare_buf.borrow().as_ref().map(BytesMut::capacity),
+            Some(1100)
+        );
         assert_eq!(
             c.object_buf(100).capacity(),
             100,
@@ -2182,7 +2238,7 @@ mod tests {
         );
         let buf = c.object_buf(1000);
         assert!(buf.is_empty() && buf.capacity() == 1100, "reused");
-        assert_eq!(c.spare_buf.borrow().capacity(), 0, "given once");
+        assert!(c.spare_buf.borrow().is_none(), "given once");
         let o = c.new_object(|o| {
             *o = Object {
                 status: 203,

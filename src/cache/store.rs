@@ -172,15 +172,100 @@ impl<V> Store<V> {
     /// entry goes too); every other displaced entry is dropped here.
     pub(crate) fn insert(&mut self, key: StoreKey, value: V, weight: u64) -> Option<(StoreKey, V)> {
         let weight = weigh(&key, weight);
-        let found = self.find(KeyRef {
+        let found = self.find_absent(KeyRef {
             hash: key.hash,
             bytes: &key.bytes,
         });
         if found.is_some() || weight > self.max_entry {
+            std::hint::cold_path();
             return self.insert_again_or_refuse(found, key, value, weight);
         }
-        let mut first = None;
-        self.evict_to(weight, &mut first);
+        if let Some(i) = self.sole_victim(weight) {
+            return self.insert_over(i, key, value, weight);
+        }
+        self.insert_new(key, value, weight)
+    }
+
+    /// The slot of the entry the next eviction takes when the store needs room for `room`
+    /// more bytes and that one eviction makes it (the usual insert once the store is full:
+    /// an entry alike the one it displaces); `None` otherwise.
+    #[inline(always)]
+    fn sole_victim(&self, room: u64) -> Option<u32> {
+        // No overflow: the weight is at most the budget, the budget and `room` at most
+        // `MAX_BUDGET`.
+        let needed = self.weight() + room;
+        if needed <= self.budget {
+            return None;
+        }
+        let i = self.front()?;
+        let slot = self.slots.get(i as usize)?;
+        // (Its weight is part of the store's: no underflow.)
+        let usual =
+            slot.freq.get() == 0 && slot.live.is_some() && needed - slot.weight <= self.budget;
+        usual.then_some(i)
+    }
+
+    /// [`Store::insert`] of a new key when evicting live slot `i`, the front of the queue the
+    /// next eviction takes from ([`Store::sole_victim`]), makes the room: that eviction, then
+    /// the new entry in the slot it empties (what evicting and then storing into the free
+    /// slot does, without the free list, and with the evicted entry moved out once).
+    #[inline(always)]
+    fn insert_over(
+        &mut self,
+        i: u32,
+        key: StoreKey,
+        value: V,
+        weight: u64,
+    ) -> Option<(StoreKey, V)> {
+        let from_small = self.takes_from_small();
+        let Some((old_hash, old_weight, bucket, was_main)) = self
+            .slots
+            .get(i as usize)
+            .and_then(|s| Some((s.live.as_ref()?.0.hash, s.weight, s.bucket, s.main)))
+        else {
+            // (Not reached: `sole_victim` found it live.)
+            return self.insert_new(key, value, weight);
+        };
+        // The eviction (as `evict_one` makes it), but for the slot, which the new entry takes.
+        if from_small {
+            self.small.pop_front();
+            self.ghost_put(old_hash);
+        } else {
+            self.main.pop_front();
+        }
+        let sum = if was_main {
+            &mut self.main_weight
+        } else {
+            &mut self.small_weight
+        };
+        *sum -= old_weight;
+        self.unindex(old_hash, i, bucket);
+        // The new entry (as `slot_for` writes it); the count of entries stays.
+        let hash = key.hash;
+        let main = self.ghost_take(hash);
+        let slot = &mut self.slots[i as usize];
+        let evicted = slot.live.replace((key, value));
+        slot.weight = weight;
+        slot.bucket = NO_BUCKET;
+        slot.freq.set(0);
+        slot.main = main;
+        let (queue, sum) = if main {
+            (&mut self.main, &mut self.main_weight)
+        } else {
+            (&mut self.small, &mut self.small_weight)
+        };
+        queue.push_back(i);
+        *sum += weight;
+        self.index_slot(hash, i);
+        self.prefetch_next_victim();
+        evicted
+    }
+
+    /// [`Store::insert`] of a new key in every other case: while the store fills (no room to
+    /// make), when room takes more than one eviction, or when the queue's front is passed over.
+    #[inline(never)]
+    fn insert_new(&mut self, key: StoreKey, value: V, weight: u64) -> Option<(StoreKey, V)> {
+        let first = self.evict_to(weight);
         let hash = key.hash;
         let main = self.ghost_take(hash);
         if let Some(i) = self.slot_for(key, value, weight, main) {
@@ -302,6 +387,22 @@ impl<V> Store<V> {
             .copied()
     }
 
+    /// [`Store::find`] for a key most likely not stored (a new key going in): the index's
+    /// candidates of the same tag, rare, are compared out of the usual path's code lines.
+    #[inline(always)]
+    fn find_absent(&self, key: KeyRef<'_>) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(key.hash, |&i| {
+                std::hint::cold_path();
+                slots
+                    .get(i as usize)
+                    .and_then(|s| s.live.as_ref())
+                    .is_some_and(|(k, _)| k.hash == key.hash && k.bytes == key.bytes)
+            })
+            .copied()
+    }
+
     /// [`Store::insert`] of a key stored already (`found`), or of an entry too heavy to store
     /// (the key's former entry goes too; the first of the two is returned).
     #[inline(never)]
@@ -338,7 +439,7 @@ impl<V> Store<V> {
         let slot = self.slots.get(i as usize)?;
         let (main, freq) = (slot.main, slot.freq.get());
         let former = self.remove_at(i);
-        self.evict_to(weight, &mut None);
+        drop(self.evict_to(weight));
         let hash = key.hash;
         if let Some(j) = self.slot_for(key, value, weight, main) {
             let freq = if used { (freq + 1).min(MAX_FREQ) } else { freq };
@@ -354,7 +455,7 @@ impl<V> Store<V> {
         let i = match self.free.pop() {
             Some(i) => {
                 // Written in place (a free slot holds nothing to drop).
-                let slot = &mut self.slots[i as usize];
+                let slot = self.slots.get_mut(i as usize)?;
                 slot.live = Some((key, value));
                 slot.weight = weight;
                 slot.bucket = NO_BUCKET;
@@ -362,42 +463,52 @@ impl<V> Store<V> {
                 slot.main = main;
                 i
             }
-            None if self.slots.len() < MAX_SLOTS => {
-                self.slots.push(Slot {
-                    live: Some((key, value)),
-                    weight,
-                    bucket: NO_BUCKET,
-                    freq: Cell::new(0),
-                    main,
-                });
-                (self.slots.len() - 1) as u32
-            }
-            None => return None,
+            None => self.new_slot(key, value, weight, main)?,
         };
-        if main {
-            self.main.push_back(i);
-            self.main_weight += weight;
+        // One push and one sum for either queue (one copy of their code).
+        let (queue, sum) = if main {
+            (&mut self.main, &mut self.main_weight)
         } else {
-            self.small.push_back(i);
-            self.small_weight += weight;
-        }
+            (&mut self.small, &mut self.small_weight)
+        };
+        queue.push_back(i);
+        *sum += weight;
         self.len += 1;
         Some(i)
     }
 
-    /// Evicts until `room` more bytes fit in the budget; the first entry evicted goes to
-    /// `first` when that is empty, the others are dropped.
-    #[inline(always)]
-    fn evict_to(&mut self, room: u64, first: &mut Option<(StoreKey, V)>) {
+    /// [`Store::slot_for`] when no slot is free: a new one at the slab's end (while the
+    /// store fills; once full, every insert finds the slot its eviction freed).
+    #[cold]
+    #[inline(never)]
+    fn new_slot(&mut self, key: StoreKey, value: V, weight: u64, main: bool) -> Option<u32> {
+        if self.slots.len() >= MAX_SLOTS {
+            return None;
+        }
+        self.slots.push(Slot {
+            live: Some((key, value)),
+            weight,
+            bucket: NO_BUCKET,
+            freq: Cell::new(0),
+            main,
+        });
+        Some((self.slots.len() - 1) as u32)
+    }
+
+    /// Evicts until `room` more bytes fit in the budget; returns the first entry evicted (the
+    /// others are dropped).
+    fn evict_to(&mut self, room: u64) -> Option<(StoreKey, V)> {
+        let mut first = None;
         // No overflow: the weight is at most the budget, the budget and `room` at most
         // `MAX_BUDGET`.
         while self.weight() + room > self.budget {
             match self.evict_one() {
-                Some(e) if first.is_none() => *first = Some(e),
+                Some(e) if first.is_none() => first = Some(e),
                 Some(e) => drop(e),
-                None => return,
+                None => break,
             }
         }
+        first
     }
 
     /// Evicts one entry (S3-FIFO): from small while it holds more than its share (or main
@@ -448,11 +559,12 @@ impl<V> Store<V> {
     fn vacate(&mut self, i: u32) -> Option<(StoreKey, V)> {
         let slot = self.slots.get_mut(i as usize)?;
         let (key, value) = slot.live.take()?;
-        if slot.main {
-            self.main_weight -= slot.weight;
+        let sum = if slot.main {
+            &mut self.main_weight
         } else {
-            self.small_weight -= slot.weight;
-        }
+            &mut self.small_weight
+        };
+        *sum -= slot.weight;
         self.len -= 1;
         let bucket = slot.bucket;
         self.unindex(key.hash, i, bucket);
@@ -492,6 +604,7 @@ impl<V> Store<V> {
         // allocates nothing: tests/allocations.rs).
         let live = self.index.len();
         if live.saturating_mul(16) >= buckets.saturating_mul(7) {
+            std::hint::cold_path();
             self.index.reserve(live + 1, |j| hash_of(slots, j));
         }
         let at = self
@@ -531,6 +644,14 @@ impl<V> Store<V> {
                 return;
             }
         }
+        self.unindex_by_hash(hash, i);
+    }
+
+    /// [`Store::unindex`] when the slot's bucket moved (the index grew or tidied itself
+    /// since the slot went in): found by its hash.
+    #[cold]
+    #[inline(never)]
+    fn unindex_by_hash(&mut self, hash: u64, i: u32) {
         if let Ok(e) = self.index.find_entry(hash, |&j| j == i) {
             e.remove();
         }
@@ -1011,6 +1132,57 @@ mod tests {
             assert!(s.weight() <= 10_000);
         }
         assert_eq!(sizes(&s), before, "nothing grew");
+    }
+
+    /// Once full, a new key that one eviction makes room for takes the evicted entry's slot
+    /// (from small, its hash to the ghost table; or from main), the others evicting as before.
+    #[test]
+    fn one_eviction_hands_its_slot_to_the_new_entry() {
+        // Weight 10 each (9 + a key of 1 byte): ten fit.
+        let mut s: Store<u32> = Store::new(16, 100);
+        let k = |n: u8| StoreKey {
+            hash: u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            bytes: vec![n],
+        };
+        let slot_of = |s: &Store<u32>, n: u8| {
+            let hash = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            s.find(KeyRef { hash, bytes: &[n] })
+        };
+        for n in 0..10 {
+            assert!(s.insert(k(n), u32::from(n), 9).is_none());
+        }
+        let slots = s.slots.len();
+        for n in 10..30u8 {
+            let victim = s.next_victim().map(|(k, v)| (k.bytes.clone(), *v));
+            let at = victim.as_ref().and_then(|(b, _)| slot_of(&s, b[0]));
+            let (gone, v) = s.insert(k(n), u32::from(n), 9).expect("one evicted");
+            assert_eq!(
+                Some((gone.bytes.clone(), v)),
+                victim,
+                "the predicted victim"
+            );
+            assert_eq!(slot_of(&s, n), at, "its slot, to the new key");
+            assert!(slot_of(&s, gone.bytes[0]).is_none());
+            assert_eq!((s.len(), s.weight(), s.slots.len()), (10, 100, slots));
+            assert!(s.free.is_empty());
+        }
+        // A key used in small goes to main when it reaches the front: the next eviction passes
+        // over it (not the sole-victim path), and it stays.
+        let (h, b) = (u64::from(25u8).wrapping_mul(0x9e37_79b9_7f4a_7c15), [25u8]);
+        assert_eq!(s.get(KeyRef { hash: h, bytes: &b }), Some(&25));
+        for n in 30..50u8 {
+            s.insert(k(n), u32::from(n), 9);
+            assert!(s.weight() <= 100);
+        }
+        assert_eq!(s.peek(KeyRef { hash: h, bytes: &b }), Some(&25));
+        let i = s.find(KeyRef { hash: h, bytes: &b }).expect("kept");
+        assert!(s.slots[i as usize].main);
+        // Entries of twice the weight: two evictions each (the general path), the budget kept.
+        for n in 50..60u8 {
+            s.insert(k(n), u32::from(n), 19);
+            assert!(s.weight() <= 100);
+            assert!(slot_of(&s, n).is_some());
+        }
     }
 
     #[test]
