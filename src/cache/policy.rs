@@ -655,6 +655,8 @@ pub fn parse_http_date(v: &[u8]) -> Option<u64> {
             return Some(secs);
         }
     }
+    // (Once a second, or a date not in the fixed form: the memo's hit is the usual path.)
+    std::hint::cold_path();
     parse_http_date_trimmed(v)
 }
 
@@ -951,6 +953,11 @@ pub enum FieldName {
     Unstorable,
     /// Anything else: stored as it is.
     Other,
+}
+
+impl FieldName {
+    /// How many kinds there are (their values are `0..COUNT`, in the order above).
+    pub const COUNT: usize = FieldName::Other as usize + 1;
 }
 
 /// The lengths of `names` modulo 64, as the bits of a word: a name whose length's bit is clear
