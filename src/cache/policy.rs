@@ -204,6 +204,8 @@ fn max_age_line(line: &[u8]) -> Option<u64> {
         // The line's last eight bytes: its digits, and the end of `max-age=` before them.
         return short_digits(word(line, line.len() - 8), digits.len());
     }
+    // (Nine digits or more: rare, out of the usual line's code.)
+    std::hint::cold_path();
     let mut n = 0u64;
     if digits.len() <= MAX_UNBOUNDED_DIGITS {
         // Too few digits to pass the bound: it is applied once, at the end.

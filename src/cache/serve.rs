@@ -1017,7 +1017,7 @@ pub(crate) fn analyze(
     let (d, targeted) = p.response_directives(fields.view());
     screen(status, &d, req_authorized)?;
     let seen = Seen::of(fields.view());
-    let (t, vary) = freshness_of(
+    let (t, vary) = freshness(
         p,
         status,
         fields.view(),
@@ -1279,13 +1279,25 @@ fn analyze_lines<const LISTED: bool, R>(
             spans.push(*h);
         }
     }
-    let (t, vary) = freshness(
+    // The usual response's lifetime in line; any other's out of line.
+    let (lifetime, age_value, vary) = match usual_lifetime(d, &seen) {
+        Some(lifetime) => (lifetime, 0, Vec::new()),
+        None => lifetime_of(
+            p,
+            resp.status,
+            FieldsRef::new(&resp.raw, &spans),
+            &seen,
+            d,
+            targeted,
+            response_time,
+        )?,
+    };
+    let t = timing(
         p,
-        resp.status,
-        FieldsRef::new(&resp.raw, &spans),
-        &seen,
         d,
-        targeted,
+        &seen,
+        lifetime,
+        age_value,
         request_time,
         response_time,
     )?;
@@ -1454,12 +1466,25 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
 /// The lower-case names a response varies on (§4.1).
 type VaryNames = Vec<Box<[u8]>>;
 
-/// What follows [`screen`] once it passed: whether the fields allow storing, the response's
-/// freshness (§4.2) and the names it varies on (§4.1), as [`freshness_of`] finds them. The
-/// usual response (an explicit `s-maxage` or `max-age`, no Set-Cookie, Vary or Age) is
-/// computed here, in line on the stored miss's path; any other goes out of line.
-#[allow(clippy::too_many_arguments)]
+/// The freshness lifetime of the usual response, when it is one: an explicit `s-maxage` or
+/// `max-age` (§4.2.1; Expires is not looked at), and no Set-Cookie, Vary or Age (so no Age to
+/// add, §4.2.3). [`lifetime_of`] finds the same for any other response, out of line.
 #[inline(always)]
+fn usual_lifetime(d: &Directives, seen: &Seen<'_>) -> Option<u64> {
+    use FieldName::*;
+    let lifetime = d.s_maxage.or(d.max_age)?;
+    if seen.has(SetCookie) | seen.has(Vary) | seen.has(Age) {
+        return None;
+    }
+    Some(lifetime)
+}
+
+/// What follows [`screen`] once it passed: whether the fields allow storing, the response's
+/// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
+/// `fields` (Age and Cache-Status among them, though neither is stored). What [`analyze`]
+/// calls: a test compares it with [`analyze_response`], which computes the usual response's
+/// lifetime in line ([`usual_lifetime`]).
+#[allow(clippy::too_many_arguments)]
 fn freshness(
     p: &RoutePolicy,
     status: u16,
@@ -1470,42 +1495,27 @@ fn freshness(
     request_time: u64,
     response_time: u64,
 ) -> Result<(Timing, VaryNames), &'static str> {
-    use FieldName::*;
-    if let Some(lifetime) = d.s_maxage.or(d.max_age) {
-        if !(seen.has(SetCookie) | seen.has(Vary) | seen.has(Age)) {
-            // §4.2.1: an explicit lifetime (Expires is not looked at); §4.2.3 with no Age.
-            let t = timing(p, d, seen, lifetime, 0, request_time, response_time)?;
-            return Ok((t, Vec::new()));
-        }
-    }
-    freshness_of(
-        p,
-        status,
-        fields,
-        seen,
-        d,
-        targeted,
-        request_time,
-        response_time,
-    )
+    let (lifetime, age_value, vary) =
+        lifetime_of(p, status, fields, seen, d, targeted, response_time)?;
+    let t = timing(p, d, seen, lifetime, age_value, request_time, response_time)?;
+    Ok((t, vary))
 }
 
-/// [`freshness`] of any response. `seen`: what [`Seen::of`] finds in `fields` (Age and
-/// Cache-Status among them, though neither is stored). What [`analyze`] calls: a test compares
-/// it with [`analyze_response`], whose usual responses [`freshness`] computes in line.
-#[allow(clippy::too_many_arguments)]
+/// [`freshness`] up to the [`Timing`]: whether the fields allow storing, the response's
+/// freshness lifetime (§4.2.1), its Age (§4.2.3) and the names it varies on (§4.1). Out of
+/// line and cold: the stored miss's path computes the usual response's in line
+/// ([`usual_lifetime`]).
 #[cold]
 #[inline(never)]
-fn freshness_of(
+fn lifetime_of(
     p: &RoutePolicy,
     status: u16,
     fields: FieldsRef<'_>,
     seen: &Seen<'_>,
     d: &Directives,
     targeted: bool,
-    request_time: u64,
     response_time: u64,
-) -> Result<(Timing, VaryNames), &'static str> {
+) -> Result<(u64, u64, VaryNames), &'static str> {
     use FieldName::*;
     if seen.has(SetCookie) && p.set_cookie == super::config::SetCookieMode::Bypass {
         return Err("set-cookie");
@@ -1550,8 +1560,7 @@ fn freshness_of(
         .and_then(|v| crate::http::list_items(v).next())
         .and_then(policy::delta_seconds)
         .unwrap_or(0);
-    let t = timing(p, d, seen, lifetime, age_value, request_time, response_time)?;
-    Ok((t, vary))
+    Ok((lifetime, age_value, vary))
 }
 
 /// The response's Date (§4.2.3's `date_value`), or the time it was received when it has none
@@ -3402,10 +3411,12 @@ async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::{
-        analyze, analyze_response, analyze_whole, build_object, copy_fields, make_object, policy,
-        put_hex, reason_of, usual_miss_line, vary_values, Fields, Status,
+        analyze, analyze_response, analyze_whole, build_object, copy_fields, lifetime_of,
+        make_object, policy, put_hex, reason_of, screen, screened_usual, usual_lifetime,
+        usual_miss_line, vary_values, Fields, Seen, Status,
     };
     use crate::cache::config::SetCookieMode;
+    use crate::cache::policy::Directives;
     use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
     use crate::config::Config;
     use crate::http::request::{parse_request, Limits, RequestHead};
@@ -3895,6 +3906,76 @@ mod tests {
             cache.insert(format!("k{i}").as_bytes(), built, 4);
         }
         assert!(reused >= 6, "{reused} built over an evicted object");
+    }
+
+    /// The stored miss's one-test screen passes only responses that `screen`'s rules pass
+    /// (§3, §3.5), and passes the usual one.
+    #[test]
+    fn screened_usual_passes_only_what_screen_passes() {
+        for status in [
+            100, 199, 200, 203, 204, 206, 301, 304, 404, 500, 599, 600, 999,
+        ] {
+            for bits in 0u8..64 {
+                let mut d = Directives::default();
+                d.must_understand = bits & 1 != 0;
+                d.no_store = bits & 2 != 0;
+                d.private = bits & 4 != 0;
+                d.public = bits & 16 != 0;
+                d.must_revalidate = bits & 32 != 0;
+                let authorized = bits & 8 != 0;
+                if screened_usual(status, &d, authorized) {
+                    assert_eq!(screen(status, &d, authorized), Ok(()), "{status} {bits}");
+                }
+            }
+        }
+        assert!(screened_usual(200, &Directives::default(), false));
+        assert!(screened_usual(404, &Directives::default(), false));
+    }
+
+    /// The usual response's lifetime, found in line, is the one the general rules find for it
+    /// (§4.2.1, §4.2.3: no Age); a response with Age, Vary, Set-Cookie or no explicit lifetime
+    /// is left to those rules.
+    #[test]
+    fn usual_lifetime_is_the_general_rules_lifetime_rfc9111_4_2_1() {
+        let p = policy();
+        let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        type Lines<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Lines<'_>, Option<u64>); 9] = [
+            (&[("cache-control", "max-age=60")], Some(60)),
+            (
+                &[date, ("Cache-Control", "s-maxage=5, max-age=60")],
+                Some(5),
+            ),
+            (
+                &[("cache-control", "max-age=60"), ("expires", "0")],
+                Some(60),
+            ),
+            (
+                &[("cache-control", "max-age=0"), ("etag", "\"a\"")],
+                Some(0),
+            ),
+            (&[("cache-control", "max-age=60"), ("age", "10")], None),
+            (&[("cache-control", "max-age=60"), ("vary", "accept")], None),
+            (
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+                None,
+            ),
+            (&[date, ("expires", "Sun, 06 Nov 1994 08:50:37 GMT")], None),
+            (&[("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT")], None),
+        ];
+        for (lines, want) in cases {
+            let fields =
+                Fields::from_pairs(lines.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+                    .expect("small");
+            let seen = Seen::of(fields.view());
+            let (d, targeted) = p.response_directives(fields.view());
+            let usual = usual_lifetime(&d, &seen);
+            assert_eq!(usual, want, "{lines:?}");
+            if let Some(lifetime) = usual {
+                let general = lifetime_of(&p, 200, fields.view(), &seen, &d, targeted, 1_000);
+                assert_eq!(general, Ok((lifetime, 0, Vec::new())), "{lines:?}");
+            }
+        }
     }
 
     #[test]
