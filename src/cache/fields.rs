@@ -41,7 +41,7 @@ pub struct FieldsRef<'a> {
 /// The bytes `s` covers in `block`; none when it does not lie in it (every span built here
 /// does, but a bad one must not panic).
 #[inline]
-fn part(block: &[u8], s: Span) -> &[u8] {
+pub fn part(block: &[u8], s: Span) -> &[u8] {
     block
         .get(s.start as usize..s.end as usize)
         .unwrap_or_default()
@@ -96,6 +96,16 @@ impl<'a> FieldsRef<'a> {
 
     pub fn len(self) -> usize {
         self.spans.len()
+    }
+
+    /// The block the lines are in.
+    pub fn block(self) -> &'a [u8] {
+        self.block
+    }
+
+    /// The lines' spans in [`FieldsRef::block`], in order.
+    pub fn spans(self) -> &'a [HeaderSpan] {
+        self.spans
     }
 
     pub fn is_empty(self) -> bool {

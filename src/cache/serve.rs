@@ -1021,8 +1021,8 @@ pub(crate) fn analyze(
         request_time,
         response_time,
     )?;
-    let had_date = seen.date.is_some();
-    let tagged = seen.surrogate;
+    let had_date = seen.has(FieldName::Date);
+    let tagged = seen.has(FieldName::SurrogateKey);
     fields.retain(|n, _| !dropped(p, &d, true, n));
     if !has_date(fields.view(), &d, had_date) {
         // A block of its own with the Date added (rare: a response without one).
@@ -1247,91 +1247,74 @@ fn analyze_lines<const LISTED: bool, R>(
     } else {
         (&d, false)
     };
-    screen(resp.status, d, req_authorized)?;
+    if !screened_usual(resp.status, d, req_authorized) {
+        screen(resp.status, d, req_authorized)?;
+    }
     // Second pass: what the freshness calculation reads (`Seen`), and the lines stored, as
     // the parser's spans of them in the head (they are spans of its copy too).
     // Never stored (§3.1): hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status
     // (this cache writes its own), Set-Cookie unless the route stores it.
     let store_cookies = p.set_cookie == super::config::SetCookieMode::Store;
+    let kept = KEPT_KINDS | u16::from(store_cookies) << FieldName::SetCookie as u16;
     let mut spans = cache.field_vec();
     // Sized for every line at once (pushing would start small and grow).
     spans.reserve(resp.headers.len() + 1);
-    let mut seen = Seen::default();
+    // Each line noted the same way whatever its kind (a branch per kind spread the loop over
+    // more code lines than the kinds it tells apart).
+    let mut seen = Seen::new(&resp.raw);
     for h in &resp.headers {
         let n = resp.bytes(h.name);
         if hidden(n) {
             continue;
         }
-        // Read only for the fields whose first value `Seen` keeps.
-        let v = || resp.bytes(h.value);
-        let keep = match policy::field_name(n) {
-            FieldName::Other | FieldName::CacheControl => true,
-            FieldName::Date => {
-                first(&mut seen.date, v());
-                true
-            }
-            FieldName::Expires => {
-                first(&mut seen.expires, v());
-                true
-            }
-            FieldName::LastModified => {
-                first(&mut seen.last_modified, v());
-                true
-            }
-            FieldName::ETag => {
-                seen.etag = true;
-                true
-            }
-            FieldName::Vary => {
-                seen.vary = true;
-                true
-            }
-            FieldName::SurrogateKey => {
-                seen.surrogate = true;
-                true
-            }
-            FieldName::SetCookie => {
-                seen.cookie = true;
-                store_cookies
-            }
-            FieldName::Age => {
-                first(&mut seen.age, v());
-                false
-            }
-            FieldName::CacheStatus => {
-                seen.cache_status = true;
-                false
-            }
-            FieldName::Unstorable => false,
-        };
-        if keep {
+        let kind = policy::field_name(n);
+        seen.note(kind, h);
+        if kept >> kind as u16 & 1 == 1 {
             spans.push(*h);
         }
     }
-    let (t, vary) = freshness(
+    // The usual response's lifetime in line; any other's out of line.
+    let (lifetime, age_value, vary) = match usual_lifetime(d, &seen) {
+        Some(lifetime) => (lifetime, 0, Vec::new()),
+        None => lifetime_of(
+            p,
+            resp.status,
+            FieldsRef::new(&resp.raw, &spans),
+            &seen,
+            d,
+            targeted,
+            response_time,
+        )?,
+    };
+    let t = timing(
         p,
-        resp.status,
-        FieldsRef::new(&resp.raw, &spans),
-        &seen,
         d,
-        targeted,
+        &seen,
+        lifetime,
+        age_value,
         request_time,
         response_time,
     )?;
-    let had_date = seen.date.is_some();
-    let tagged = seen.surrogate;
+    let had_date = seen.has(FieldName::Date);
+    let tagged = seen.has(FieldName::SurrogateKey);
     // Only `private="..."` and `no-cache="..."` are left to drop.
     if d.names_fields() {
         drop_named_lines(p, d, resp, &mut spans);
     }
     // A response left without a Date gets one (RFC 9110 §6.6.1), written after the head's
     // copy, in the same block.
-    let date = (!has_date(FieldsRef::new(&resp.raw, &spans), d, had_date))
-        .then(|| crate::date::http_date(response_time));
+    let date = if has_date(FieldsRef::new(&resp.raw, &spans), d, had_date) {
+        None
+    } else {
+        // (Rare: marked cold, as are the arms below that add it.)
+        std::hint::cold_path();
+        Some(crate::date::http_date(response_time))
+    };
     let url = super::UrlParts::of(req);
     let head_len = resp.raw.len();
     let block_len = match &date {
         Some(date) => {
+            std::hint::cold_path();
             let value_at = head_len.saturating_add(DATE.len());
             let (Some(name), Some(value)) = (
                 super::fields::span(head_len, DATE.len()),
@@ -1351,6 +1334,7 @@ fn analyze_lines<const LISTED: bool, R>(
     );
     buf.extend_from_slice(&resp.raw);
     if let Some(date) = &date {
+        std::hint::cold_path();
         buf.extend_from_slice(DATE);
         buf.extend_from_slice(date);
     }
@@ -1413,10 +1397,45 @@ const DATE: &[u8] = b"date";
 
 const CACHE_CONTROL: &[u8] = b"cache-control";
 
-/// What the status and the directives alone rule out (§3, §3.5), in this order.
-// Inlined (into `analyze_response`, once per stored miss, and `analyze`, rare): a call costs
-// more than the tests.
+/// The kinds of field ([`FieldName`], as bits) that a stored response keeps (§3.1): not the
+/// hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status (this cache writes its
+/// own), nor Set-Cookie, which a route that stores it adds.
+const KEPT_KINDS: u16 = {
+    use FieldName::*;
+    let kinds = [
+        Other,
+        CacheControl,
+        Date,
+        Expires,
+        LastModified,
+        ETag,
+        Vary,
+        SurrogateKey,
+    ];
+    let mut bits = 0;
+    let mut i = 0;
+    while i < kinds.len() {
+        bits |= 1 << kinds[i] as u16;
+        i += 1;
+    }
+    bits
+};
+
+/// Whether [`screen`] passes a response without a look at its rules: the usual response to
+/// the usual request (a status stored by default but 206, none of `must-understand`,
+/// `no-store` or `private`, no `Authorization`). One branch on the stored miss's path.
 #[inline(always)]
+fn screened_usual(status: u16, d: &Directives, req_authorized: bool) -> bool {
+    (200..600).contains(&status)
+        & (status != 206)
+        & (status != 304)
+        & !(d.must_understand | d.no_store | d.private | req_authorized)
+}
+
+/// What the status and the directives alone rule out (§3, §3.5), in this order. (The stored
+/// miss's path tests [`screened_usual`] first: this is called for the other responses.)
+#[cold]
+#[inline(never)]
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
     if !(200..600).contains(&status) || status == 206 || status == 304 {
         return Err("status");
@@ -1441,13 +1460,25 @@ fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'sta
 /// The lower-case names a response varies on (§4.1).
 type VaryNames = Vec<Box<[u8]>>;
 
+/// The freshness lifetime of the usual response, when it is one: an explicit `s-maxage` or
+/// `max-age` (§4.2.1; Expires is not looked at), and no Set-Cookie, Vary or Age (so no Age to
+/// add, §4.2.3). [`lifetime_of`] finds the same for any other response, out of line.
+#[inline(always)]
+fn usual_lifetime(d: &Directives, seen: &Seen<'_>) -> Option<u64> {
+    use FieldName::*;
+    let lifetime = d.s_maxage.or(d.max_age)?;
+    if seen.has(SetCookie) | seen.has(Vary) | seen.has(Age) {
+        return None;
+    }
+    Some(lifetime)
+}
+
 /// What follows [`screen`] once it passed: whether the fields allow storing, the response's
 /// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
-/// `fields` (Age and Cache-Status among them, though neither is stored).
-// Inlined (into `analyze_response`, once per stored miss, and `analyze`, rare): its result,
-// some 100 bytes, is then written where it is kept rather than returned and copied.
+/// `fields` (Age and Cache-Status among them, though neither is stored). What [`analyze`]
+/// calls: a test compares it with [`analyze_response`], which computes the usual response's
+/// lifetime in line ([`usual_lifetime`]).
 #[allow(clippy::too_many_arguments)]
-#[inline(always)]
 fn freshness(
     p: &RoutePolicy,
     status: u16,
@@ -1458,10 +1489,32 @@ fn freshness(
     request_time: u64,
     response_time: u64,
 ) -> Result<(Timing, VaryNames), &'static str> {
-    if seen.cookie && p.set_cookie == super::config::SetCookieMode::Bypass {
+    let (lifetime, age_value, vary) =
+        lifetime_of(p, status, fields, seen, d, targeted, response_time)?;
+    let t = timing(p, d, seen, lifetime, age_value, request_time, response_time)?;
+    Ok((t, vary))
+}
+
+/// [`freshness`] up to the [`Timing`]: whether the fields allow storing, the response's
+/// freshness lifetime (§4.2.1), its Age (§4.2.3) and the names it varies on (§4.1). Out of
+/// line and cold: the stored miss's path computes the usual response's in line
+/// ([`usual_lifetime`]).
+#[cold]
+#[inline(never)]
+fn lifetime_of(
+    p: &RoutePolicy,
+    status: u16,
+    fields: FieldsRef<'_>,
+    seen: &Seen<'_>,
+    d: &Directives,
+    targeted: bool,
+    response_time: u64,
+) -> Result<(u64, u64, VaryNames), &'static str> {
+    use FieldName::*;
+    if seen.has(SetCookie) && p.set_cookie == super::config::SetCookieMode::Bypass {
         return Err("set-cookie");
     }
-    let vary = if seen.vary {
+    let vary = if seen.has(Vary) {
         policy::vary_names(policy::fields(fields, b"vary")).ok_or("vary-star")?
     } else {
         Vec::new()
@@ -1469,11 +1522,7 @@ fn freshness(
     if vary.len() > MAX_VARY_FIELDS {
         return Err("vary-too-many");
     }
-    let date = seen
-        .date
-        .and_then(policy::parse_http_date)
-        .unwrap_or(response_time);
-    let expires = if targeted { None } else { seen.expires };
+    let expires = if targeted { None } else { seen.value(Expires) };
     let explicit = d.s_maxage.is_some() || d.max_age.is_some() || expires.is_some();
     // Looked at only without an explicit lifetime.
     let heuristic = || p.heuristic && (policy::heuristic_status(status) || d.public);
@@ -1487,10 +1536,12 @@ fn freshness(
         m
     } else if let Some(e) = expires {
         // An invalid date means already expired (§5.3).
+        let date = date_of(seen, response_time);
         policy::parse_http_date(e).map_or(0, |e| e.saturating_sub(date))
     } else if heuristic() {
         // §4.2.2: a fraction of the time since the last modification.
-        seen.last_modified
+        let date = date_of(seen, response_time);
+        seen.value(LastModified)
             .and_then(policy::parse_http_date)
             .map_or(0, |lm| (date.saturating_sub(lm) / 10).min(p.max_heuristic))
     } else {
@@ -1499,10 +1550,35 @@ fn freshness(
     // §4.2.3
     // §5.1: a list-valued Age counts by its first member; an invalid one is ignored.
     let age_value = seen
-        .age
+        .value(Age)
         .and_then(|v| crate::http::list_items(v).next())
         .and_then(policy::delta_seconds)
         .unwrap_or(0);
+    Ok((lifetime, age_value, vary))
+}
+
+/// The response's Date (§4.2.3's `date_value`), or the time it was received when it has none
+/// or an invalid one.
+#[inline(always)]
+fn date_of(seen: &Seen<'_>, response_time: u64) -> u64 {
+    seen.value(FieldName::Date)
+        .and_then(policy::parse_http_date)
+        .unwrap_or(response_time)
+}
+
+/// The [`Timing`] of a response given its freshness `lifetime` and `age_value` (§4.2.3), or
+/// why it is not stored: stale on arrival, with nothing that would let it be used then.
+#[inline(always)]
+fn timing(
+    p: &RoutePolicy,
+    d: &Directives,
+    seen: &Seen<'_>,
+    lifetime: u64,
+    age_value: u64,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Timing, &'static str> {
+    let date = date_of(seen, response_time);
     let apparent_age = response_time.saturating_sub(date);
     let response_delay = response_time.saturating_sub(request_time);
     let corrected_age_value = age_value.saturating_add(response_delay);
@@ -1515,11 +1591,12 @@ fn freshness(
         no_stale: d.must_revalidate || d.proxy_revalidate || d.s_maxage.is_some(),
         always_validate: d.no_cache,
     };
-    let validators = seen.etag || seen.last_modified.is_some();
+    let validators = seen.has(FieldName::ETag) || seen.has(FieldName::LastModified);
     if lifetime == 0 && !validators && t.swr == 0 && t.sie == 0 {
+        std::hint::cold_path();
         return Err("stale-on-arrival");
     }
-    Ok((t, vary))
+    Ok(t)
 }
 
 /// Whether a line named `n` of a response [`freshness`] accepted is left out of what is
@@ -1545,71 +1622,72 @@ fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool 
 fn has_date(kept: FieldsRef<'_>, d: &Directives, had_date: bool) -> bool {
     // Of what was filtered out, only `private="date"` or `no-cache="date"` can be Date.
     if d.names_fields() {
+        std::hint::cold_path();
         policy::field(kept, DATE).is_some()
     } else {
         had_date
     }
 }
 
-/// Sets `slot` to `v` unless it holds a value already (the first line of a field counts).
-fn first<'a>(slot: &mut Option<&'a [u8]>, v: &'a [u8]) {
-    if slot.is_none() {
-        *slot = Some(v);
-    }
-}
-
-/// The fields [`freshness`] reads (the first value of each, as [`policy::field`] gives it).
-#[derive(Default)]
+/// The fields [`freshness`] reads (the first value of each, as [`policy::field`] gives it):
+/// the first line of each kind ([`FieldName`]) of a response's fields.
 struct Seen<'a> {
-    date: Option<&'a [u8]>,
-    expires: Option<&'a [u8]>,
-    last_modified: Option<&'a [u8]>,
-    age: Option<&'a [u8]>,
-    etag: bool,
-    vary: bool,
-    /// `Set-Cookie` or `Set-Cookie2`.
-    cookie: bool,
-    cache_status: bool,
-    surrogate: bool,
+    /// The bytes the lines' spans are of.
+    block: &'a [u8],
+    /// The first line of each kind, indexed by [`FieldName`] (Age and Cache-Status among
+    /// them, though neither is stored).
+    first: [Option<&'a HeaderSpan>; FieldName::COUNT],
 }
 
 impl<'a> Seen<'a> {
+    /// Nothing seen yet of lines in `block`.
+    #[inline(always)]
+    fn new(block: &'a [u8]) -> Seen<'a> {
+        Seen {
+            block,
+            first: [None; FieldName::COUNT],
+        }
+    }
+
+    /// Notes `line`, of `kind`, unless a line of its kind came before it.
+    #[inline(always)]
+    fn note(&mut self, kind: FieldName, line: &'a HeaderSpan) {
+        self.first[kind as usize].get_or_insert(line);
+    }
+
+    /// Whether there is a line of `kind`.
+    #[inline(always)]
+    fn has(&self, kind: FieldName) -> bool {
+        self.first[kind as usize].is_some()
+    }
+
+    /// The value of the first line of `kind`.
+    #[inline(always)]
+    fn value(&self, kind: FieldName) -> Option<&'a [u8]> {
+        self.first[kind as usize].map(|h| super::fields::part(self.block, h.value))
+    }
+
     /// What `fields` hold, found in one pass (by names compared here, apart from
     /// [`policy::field_name`], which [`analyze_response`] classifies by).
     fn of(fields: FieldsRef<'a>) -> Seen<'a> {
-        let mut s = Seen::default();
-        for (n, v) in fields {
+        use FieldName::*;
+        let mut s = Seen::new(fields.block());
+        for h in fields.spans() {
+            let n = super::fields::part(s.block, h.name);
             let is = |name: &[u8]| policy::eq_ignore_case(n, name);
-            let slot = match n.len() {
-                3 if is(b"age") => &mut s.age,
-                4 if is(b"date") => &mut s.date,
-                4 if is(b"etag") => {
-                    s.etag = true;
-                    continue;
-                }
-                4 if is(b"vary") => {
-                    s.vary = true;
-                    continue;
-                }
-                7 if is(b"expires") => &mut s.expires,
-                10 | 11 if is(b"set-cookie") || is(b"set-cookie2") => {
-                    s.cookie = true;
-                    continue;
-                }
-                12 if is(b"cache-status") => {
-                    s.cache_status = true;
-                    continue;
-                }
-                13 if is(b"last-modified") => &mut s.last_modified,
-                13 if is(b"surrogate-key") => {
-                    s.surrogate = true;
-                    continue;
-                }
+            let kind = match n.len() {
+                3 if is(b"age") => Age,
+                4 if is(b"date") => Date,
+                4 if is(b"etag") => ETag,
+                4 if is(b"vary") => Vary,
+                7 if is(b"expires") => Expires,
+                10 | 11 if is(b"set-cookie") || is(b"set-cookie2") => SetCookie,
+                12 if is(b"cache-status") => CacheStatus,
+                13 if is(b"last-modified") => LastModified,
+                13 if is(b"surrogate-key") => SurrogateKey,
                 _ => continue,
             };
-            if slot.is_none() {
-                *slot = Some(v);
-            }
+            s.note(kind, h);
         }
         s
     }
@@ -1622,6 +1700,7 @@ fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u
     if names.is_empty() {
         return Vec::new();
     }
+    std::hint::cold_path();
     vary_values_of(names, head)
 }
 
@@ -1639,6 +1718,8 @@ fn vary_values_of(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Ve
 #[inline]
 fn tags_of(s: &Storable) -> Vec<Box<[u8]>> {
     if s.tagged {
+        // (Rare: out of the usual object's code lines.)
+        std::hint::cold_path();
         super::surrogate_keys(s.fields.view())
     } else {
         Vec::new()
@@ -2614,6 +2695,8 @@ fn reason_of(resp: &ResponseHead) -> Bytes {
         // (The phrase `reason_phrase` has for 200: a constant once inlined.)
         return Bytes::from_static(reason_phrase(200).as_bytes());
     }
+    // (Out of the usual object's code lines.)
+    std::hint::cold_path();
     reason_of_other(resp.status, r)
 }
 
@@ -3491,10 +3574,12 @@ async fn read_body(
 #[cfg(test)]
 mod tests {
     use super::{
-        analyze, analyze_response, analyze_whole, build_object, copy_fields, make_object, policy,
-        put_hex, reason_of, usual_miss_line, vary_values, Fields, Status,
+        analyze, analyze_response, analyze_whole, build_object, copy_fields, lifetime_of,
+        make_object, policy, put_hex, reason_of, screen, screened_usual, usual_lifetime,
+        usual_miss_line, vary_values, Fields, Seen, Status,
     };
     use crate::cache::config::SetCookieMode;
+    use crate::cache::policy::Directives;
     use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
     use crate::config::Config;
     use crate::http::request::{parse_request, Limits, RequestHead};
@@ -3984,6 +4069,76 @@ mod tests {
             cache.insert(format!("k{i}").as_bytes(), built, 4);
         }
         assert!(reused >= 6, "{reused} built over an evicted object");
+    }
+
+    /// The stored miss's one-test screen passes only responses that `screen`'s rules pass
+    /// (§3, §3.5), and passes the usual one.
+    #[test]
+    fn screened_usual_passes_only_what_screen_passes() {
+        for status in [
+            100, 199, 200, 203, 204, 206, 301, 304, 404, 500, 599, 600, 999,
+        ] {
+            for bits in 0u8..64 {
+                let mut d = Directives::default();
+                d.must_understand = bits & 1 != 0;
+                d.no_store = bits & 2 != 0;
+                d.private = bits & 4 != 0;
+                d.public = bits & 16 != 0;
+                d.must_revalidate = bits & 32 != 0;
+                let authorized = bits & 8 != 0;
+                if screened_usual(status, &d, authorized) {
+                    assert_eq!(screen(status, &d, authorized), Ok(()), "{status} {bits}");
+                }
+            }
+        }
+        assert!(screened_usual(200, &Directives::default(), false));
+        assert!(screened_usual(404, &Directives::default(), false));
+    }
+
+    /// The usual response's lifetime, found in line, is the one the general rules find for it
+    /// (§4.2.1, §4.2.3: no Age); a response with Age, Vary, Set-Cookie or no explicit lifetime
+    /// is left to those rules.
+    #[test]
+    fn usual_lifetime_is_the_general_rules_lifetime_rfc9111_4_2_1() {
+        let p = policy();
+        let date = ("date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        type Lines<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Lines<'_>, Option<u64>); 9] = [
+            (&[("cache-control", "max-age=60")], Some(60)),
+            (
+                &[date, ("Cache-Control", "s-maxage=5, max-age=60")],
+                Some(5),
+            ),
+            (
+                &[("cache-control", "max-age=60"), ("expires", "0")],
+                Some(60),
+            ),
+            (
+                &[("cache-control", "max-age=0"), ("etag", "\"a\"")],
+                Some(0),
+            ),
+            (&[("cache-control", "max-age=60"), ("age", "10")], None),
+            (&[("cache-control", "max-age=60"), ("vary", "accept")], None),
+            (
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+                None,
+            ),
+            (&[date, ("expires", "Sun, 06 Nov 1994 08:50:37 GMT")], None),
+            (&[("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT")], None),
+        ];
+        for (lines, want) in cases {
+            let fields =
+                Fields::from_pairs(lines.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+                    .expect("small");
+            let seen = Seen::of(fields.view());
+            let (d, targeted) = p.response_directives(fields.view());
+            let usual = usual_lifetime(&d, &seen);
+            assert_eq!(usual, want, "{lines:?}");
+            if let Some(lifetime) = usual {
+                let general = lifetime_of(&p, 200, fields.view(), &seen, &d, targeted, 1_000);
+                assert_eq!(general, Ok((lifetime, 0, Vec::new())), "{lines:?}");
+            }
+        }
     }
 
     #[test]
