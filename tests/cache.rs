@@ -230,6 +230,61 @@ fn rfc9111_4_3_stale_responses_are_validated_and_a_304_updates_the_stored_header
     assert_eq!(c.header("x-version"), Some("3"));
 }
 
+/// RFC 9111 §4.3.3, §4.3.4: a 304 whose freshened response may not be stored (it sets a
+/// cookie the route does not store, or says `private`) still answers the request that
+/// validated it, with its fields (the client's new cookie among them), and the stored
+/// response is dropped.
+#[test]
+fn rfc9111_4_3_4_a_304_that_may_not_be_stored_still_answers_with_its_fields() {
+    for (extra, what) in [
+        ("set-cookie: sess=new\r\n", "set-cookie"),
+        ("cache-control: private\r\n", "private"),
+    ] {
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        let up = Upstream::start(move |req| {
+            let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+            if req.header("if-none-match") == Some("\"e1\"") {
+                return Reply::Raw(
+                    format!(
+                        "HTTP/1.1 304 Not Modified\r\netag: \"e1\"\r\n{extra}x-upd: {i}\r\n\r\n"
+                    )
+                    .into_bytes(),
+                );
+            }
+            Reply::Raw(
+                b"HTTP/1.1 200 OK\r\netag: \"e1\"\r\ncache-control: max-age=0\r\nx-upd: 0\r\ncontent-length: 4\r\n\r\nbody"
+                    .to_vec(),
+            )
+        });
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        assert_eq!(get(gw.addr, "/e").text(), "body");
+        let b = get(gw.addr, "/e");
+        assert_eq!(up.last().header("if-none-match"), Some("\"e1\""), "{what}");
+        assert_eq!(
+            (b.status, b.text().as_str()),
+            (200, "body"),
+            "{what}: {b:?}"
+        );
+        assert_eq!(b.header("x-upd"), Some("2"), "{what}: {b:?}");
+        assert!(
+            status_of(&b).contains("fwd=stale; fwd-status=304"),
+            "{what}: {b:?}"
+        );
+        assert!(!status_of(&b).contains("stored"), "{what}: {b:?}");
+        if what == "set-cookie" {
+            assert_eq!(b.header("set-cookie"), Some("sess=new"), "{b:?}");
+        } else {
+            assert_eq!(b.header("cache-control"), Some("private"), "{b:?}");
+        }
+        // Not stored: the next request is a miss (fetched whole, no validator to send).
+        let c = get(gw.addr, "/e");
+        assert!(status_of(&c).contains("uri-miss"), "{what}: {c:?}");
+        assert_eq!(up.last().header("if-none-match"), None, "{what}");
+        assert_eq!(c.header("set-cookie"), None, "{what}: {c:?}");
+    }
+}
+
 #[test]
 fn rfc9110_13_client_conditionals_are_answered_304_from_the_store() {
     let (up, _) = counting_origin(
@@ -253,6 +308,98 @@ fn rfc9110_13_client_conditionals_are_answered_304_from_the_store() {
     let r = get_h(gw.addr, "/c", "If-Match: \"other\"\r\n");
     assert_eq!(r.status, 412);
     assert_eq!(up.hits(), 1);
+}
+
+/// RFC 9110 §5.3, §13.1.1, §13.1.2: `If-Match` and `If-None-Match` given on several lines
+/// are one list; entity tags are split outside quoted strings (a tag may hold a comma).
+#[test]
+fn rfc9110_13_1_conditionals_on_several_lines_are_one_list() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\netag: \"abc\"\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/c");
+    let r = get_h(
+        gw.addr,
+        "/c",
+        "If-None-Match: \"x\"\r\nIf-None-Match: \"abc\"\r\n",
+    );
+    assert_eq!(r.status, 304, "{r:?}");
+    let r = get_h(
+        gw.addr,
+        "/c",
+        "If-None-Match: \"x\"\r\nIf-None-Match: \"y\"\r\n",
+    );
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    let r = get_h(gw.addr, "/c", "If-Match: \"x\"\r\nIf-Match: \"abc\"\r\n");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    let r = get_h(gw.addr, "/c", "If-Match: \"x\"\r\nIf-Match: \"y\"\r\n");
+    assert_eq!(r.status, 412, "{r:?}");
+    assert_eq!(up.hits(), 1);
+    let (up, _) = counting_origin("cache-control: max-age=60\r\netag: \"a,b\"\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/c");
+    let r = get_h(gw.addr, "/c", "If-Match: \"z\", \"a,b\"\r\n");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    let r = get_h(gw.addr, "/c", "If-Match: \"a\"\r\n");
+    assert_eq!(r.status, 412, "{r:?}");
+}
+
+/// RFC 9110 §13.1.5, §8.8.2.2: an `If-Range` date applies the range only when the stored
+/// Last-Modified is strong (the stored Date at least a second after it); a weak one gives
+/// the whole representation.
+#[test]
+fn rfc9110_13_1_5_if_range_with_a_weak_last_modified_gives_the_whole_body() {
+    let t = now() - 10;
+    let date = |s: u64| String::from_utf8(ringway::date::http_date(s).to_vec()).unwrap();
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    for (date_at, partial) in [(t, false), (t + 1, true)] {
+        let (up, _) = counting_origin(leak(format!(
+            "cache-control: max-age=600\r\ndate: {}\r\nlast-modified: {}\r\n",
+            date(date_at),
+            date(t)
+        )));
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        get(gw.addr, "/r");
+        let r = get_h(
+            gw.addr,
+            "/r",
+            &format!("Range: bytes=0-0\r\nIf-Range: {}\r\n", date(t)),
+        );
+        assert_eq!(up.hits(), 1, "{r:?}");
+        if partial {
+            assert_eq!((r.status, r.text().as_str()), (206, "v"), "{r:?}");
+        } else {
+            assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+        }
+    }
+}
+
+/// RFC 9111 §5.2.1.2, §5.2.1.3 with RFC 5861 §3: a client that takes no response stale by
+/// more than `max-stale`, or asks `min-fresh`, is not answered with a stale response under
+/// `stale-while-revalidate`: the response is validated first.
+#[test]
+fn rfc5861_3_a_client_s_max_stale_or_min_fresh_refuses_a_stale_while_revalidate_answer() {
+    // Stale by four seconds from the start (Age 5, max-age=1).
+    let (up, _) =
+        counting_origin("cache-control: max-age=1, stale-while-revalidate=600\r\nage: 5\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "v1");
+    // Without a word from the client, served at once.
+    let r = get(gw.addr, "/s");
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    // The background revalidation (v2) is stored before the next request is looked up.
+    assert!(eventually(Duration::from_secs(5), || up.hits() == 2));
+    for (req, body) in [
+        ("Cache-Control: max-stale=0\r\n", "v3"),
+        ("Cache-Control: min-fresh=5\r\n", "v4"),
+    ] {
+        let r = get_h(gw.addr, "/s", req);
+        assert!(
+            !status_of(&r).contains("stale-while-revalidate"),
+            "{req}: {r:?}"
+        );
+        assert_eq!(r.text(), body, "{req}: {r:?}");
+    }
 }
 
 #[test]
@@ -448,6 +595,41 @@ fn stale_if_error_route_override_applies_when_the_origin_is_down() {
     up.stop();
     let r = get(gw.addr, "/d");
     assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+}
+
+/// RFC 9111 §3, §5.2.2.5, §5.2.2.7; RFC 9213 §2.2: a directive line too long to read
+/// (over 8 KiB) is not read in part: what it says past the bound could be `private` or
+/// `no-store`, so the response is not stored (and a request's such line keeps its response
+/// out of the store).
+#[test]
+fn rfc9111_3_a_directive_line_too_long_to_read_keeps_the_response_out_of_the_store() {
+    let filler = "a".repeat(8300);
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    for head in [
+        format!("cache-control: max-age=600, ext={filler}, private\r\n"),
+        format!("cache-control: max-age=600\r\ncdn-cache-control: no-store, x={filler}\r\n"),
+    ] {
+        let (up, _) = counting_origin(leak(head));
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        let a = get(gw.addr, "/long");
+        assert_eq!(a.text(), "v1");
+        assert!(!status_of(&a).contains("stored"), "{a:?}");
+        assert_eq!(get(gw.addr, "/long").text(), "v2");
+    }
+    // The request's own line: its response is not stored.
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let long = format!("Cache-Control: ext={filler}, no-store\r\n");
+    assert_eq!(get_h(gw.addr, "/req", &long).text(), "v1");
+    assert_eq!(get(gw.addr, "/req").text(), "v2");
+    // A line within the bound is read as before.
+    let (up, _) = counting_origin(leak(format!(
+        "cache-control: max-age=600, ext={}\r\n",
+        "a".repeat(8000)
+    )));
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/ok").text(), "v1");
+    assert_eq!(get(gw.addr, "/ok").text(), "v1");
 }
 
 #[test]
@@ -761,6 +943,58 @@ fn bodies_over_max_object_bytes_stream_through_without_being_stored() {
     assert_eq!(r.body.len(), 24 * 1024);
     assert_eq!(r.header("content-length"), Some("24576"));
     assert_eq!(up.hits(), 3);
+}
+
+/// An origin that answers with its request target (`GET /q?a=1` -> body `/q?a=1`), max-age=60.
+fn target_origin() -> Upstream {
+    Upstream::start(|req| {
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n{}",
+                req.target.len(),
+                req.target
+            )
+            .into_bytes(),
+        )
+    })
+}
+
+/// RFC 9111 §2 (the key covers what selects the response) against parameter cloaking: with a
+/// query allowlist, a parameter whose name decodes to a listed one (`%61` is `a`) is keyed
+/// too, so `?a=1&%61=evil` (an origin that decodes names and takes the last `a` answers
+/// `evil`) is not stored under the key of `?a=1`; and parameters of one name keep their
+/// order in the key (`?a=1&a=2` and `?a=2&a=1` are answered differently by an origin that
+/// reads the first or the last).
+#[test]
+fn rfc9111_2_a_query_allowlist_keys_encoded_names_and_keeps_the_order_of_repeats() {
+    let up = target_origin();
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "key = { query = [\"a\", \"b\", \"j\"] }", ""),
+        D,
+    );
+    // Cloaked: a key of its own, not the plain URL's.
+    assert_eq!(get(gw.addr, "/q?a=1&%61=evil").text(), "/q?a=1&%61=evil");
+    assert_eq!(get(gw.addr, "/q?a=1").text(), "/q?a=1");
+    assert_eq!(up.hits(), 2);
+    // Lower-case hex too (`%6a` is `j`); a `%` that escapes nothing stands for itself (an
+    // unlisted name: the plain URL's entry).
+    assert_eq!(get(gw.addr, "/q?a=1&%6a=x").text(), "/q?a=1&%6a=x");
+    assert_eq!(up.hits(), 3);
+    assert_eq!(get(gw.addr, "/q?a=1&%zz=x").text(), "/q?a=1");
+    assert_eq!(up.hits(), 3);
+    // Unlisted names (also encoded ones) stay out of the key; listed ones sort by name.
+    let r = get(gw.addr, "/q?b=2&z=9&a=1&%7a=8");
+    assert_eq!(r.text(), "/q?b=2&z=9&a=1&%7a=8");
+    assert_eq!(up.hits(), 4);
+    let r = get(gw.addr, "/q?a=1&b=2");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(r.text(), "/q?b=2&z=9&a=1&%7a=8");
+    // Repeats keep their order.
+    assert_eq!(get(gw.addr, "/q?a=1&a=2").text(), "/q?a=1&a=2");
+    assert_eq!(get(gw.addr, "/q?a=2&a=1").text(), "/q?a=2&a=1");
+    assert_eq!(up.hits(), 6);
+    assert_eq!(get(gw.addr, "/q?a=2&x=0&a=1").text(), "/q?a=2&a=1");
+    assert_eq!(up.hits(), 6);
 }
 
 fn auth_cache_config(up: SocketAddr, cache: &str) -> String {
@@ -1341,6 +1575,73 @@ fn rfc9111_4_3_4_a_304_with_another_strong_etag_updates_nothing_and_the_response
     assert_eq!(n.load(Ordering::SeqCst), 3);
     assert_eq!(get(gw.addr, "/s").text(), "new");
     assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
+/// RFC 9111 §4.3.4: a 304 with a validator the stored response does not have (an entity tag
+/// where none is stored, another Last-Modified) selects nothing: the stored response is not
+/// relabelled with validators it does not have, but fetched again whole.
+#[test]
+fn rfc9111_4_3_4_a_304_with_a_validator_the_stored_response_lacks_updates_nothing() {
+    let old_lm = "Sun, 06 Nov 1994 08:49:37 GMT";
+    for (stored, answer_304) in [
+        // Stored without an entity tag; the 304 brings one.
+        (
+            format!("last-modified: {old_lm}\r\n"),
+            "etag: \"e2\"\r\n".to_string(),
+        ),
+        // Stored with a Last-Modified; the 304 brings another.
+        (
+            format!("last-modified: {old_lm}\r\n"),
+            "last-modified: Mon, 07 Nov 1994 08:49:37 GMT\r\n".to_string(),
+        ),
+    ] {
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        let up = Upstream::start(move |req| {
+            let i = n2.fetch_add(1, Ordering::SeqCst);
+            match (i, req.header("if-modified-since")) {
+                (0, _) => Reply::Raw(
+                    format!("HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\n{stored}content-length: 3\r\n\r\nold")
+                        .into_bytes(),
+                ),
+                (_, Some(_)) => Reply::Raw(
+                    format!("HTTP/1.1 304 Not Modified\r\ncache-control: max-age=60\r\n{answer_304}\r\n")
+                        .into_bytes(),
+                ),
+                (_, None) => Reply::Raw(
+                    b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 3\r\n\r\nnew"
+                        .to_vec(),
+                ),
+            }
+        });
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        assert_eq!(get(gw.addr, "/s").text(), "old");
+        let r = get(gw.addr, "/s");
+        assert_eq!((r.status, r.text().as_str()), (200, "new"), "{r:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+    }
+    // The same Last-Modified (written otherwise, as a date it is the same) selects it.
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst);
+        match (i, req.header("if-modified-since")) {
+            (0, _) => Reply::Raw(
+                format!("HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\nlast-modified: {old_lm}\r\ncontent-length: 3\r\n\r\nold")
+                    .into_bytes(),
+            ),
+            _ => Reply::Raw(
+                format!("HTTP/1.1 304 Not Modified\r\ncache-control: max-age=60\r\nlast-modified: {old_lm}\r\n\r\n")
+                    .into_bytes(),
+            ),
+        }
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "old");
+    let r = get(gw.addr, "/s");
+    assert_eq!((r.status, r.text().as_str()), (200, "old"), "{r:?}");
+    assert!(status_of(&r).contains("fwd-status=304"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
 }
 
 struct Proc(std::process::Child);

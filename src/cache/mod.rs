@@ -392,22 +392,56 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
     }
 }
 
-/// The path and the kept query parameters, sorted (`QueryMode::Only`).
+/// The path and the kept query parameters (`QueryMode::Only`), sorted by name; parameters of
+/// one name keep the order the request gave them (an origin that reads the first or the last
+/// one answers `?a=1&a=2` and `?a=2&a=1` differently). A parameter is kept when its name,
+/// percent-decoded, is listed: an origin decodes `%61=x` as `a=x`, so a key that left it out
+/// would store the answer to `?a=1&%61=x` under `?a=1` (parameter cloaking). It is kept as
+/// written, so that request has a key of its own.
 #[inline(never)]
 fn key_query_only(keep: &[Box<[u8]>], path: &[u8], query: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(path);
-    let mut params: Vec<&[u8]> = query
+    let name_of = |kv: &[u8]| -> usize { kv.iter().position(|b| *b == b'=').unwrap_or(kv.len()) };
+    let mut params: Vec<(&[u8], &[u8])> = query
         .split(|b| *b == b'&')
-        .filter(|kv| {
-            let name = kv.split(|b| *b == b'=').next().unwrap_or(b"");
-            keep.iter().any(|k| &**k == name)
+        .filter_map(|kv| {
+            let name = &kv[..name_of(kv)];
+            let listed = keep.iter().find(|k| decodes_to(name, k))?;
+            Some((&**listed, kv))
         })
         .collect();
-    params.sort();
-    for (i, kv) in params.iter().enumerate() {
+    // Stable: the order within one name stays the request's.
+    params.sort_by(|a, b| a.0.cmp(b.0));
+    let params = params.into_iter().map(|(_, kv)| kv);
+    for (i, kv) in params.enumerate() {
         out.push(if i == 0 { b'?' } else { b'&' });
         out.extend_from_slice(kv);
     }
+}
+
+/// Whether the query parameter name `raw`, its `%XX` escapes decoded, is `want`. A `%` not
+/// followed by two hex digits stands for itself.
+fn decodes_to(raw: &[u8], want: &[u8]) -> bool {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        let mut b = raw[i];
+        i += 1;
+        if b == b'%' {
+            if let (Some(h), Some(l)) = (
+                raw.get(i).and_then(|c| hex(*c)),
+                raw.get(i + 1).and_then(|c| hex(*c)),
+            ) {
+                b = (h * 16 + l) as u8;
+                i += 2;
+            }
+        }
+        if want.get(j) != Some(&b) {
+            return false;
+        }
+        j += 1;
+    }
+    j == want.len()
 }
 
 /// The chosen header values and the consumer of a key.

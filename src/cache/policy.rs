@@ -12,7 +12,9 @@ use super::fields::FieldsRef;
 
 /// Delta-seconds larger than this are read as this (RFC 9111 §1.2.2: 2^31).
 pub const MAX_DELTA: u64 = 1 << 31;
-/// Most bytes of a directive list read (longer values are hostile; the rest is ignored).
+/// Most bytes of a directive list read. A longer line (hostile, or a broken origin) is not
+/// read: it is taken as `no-store` and `no-cache` ([`Directives::unread`]), since what it says
+/// past any bound could be `private` or `no-store` (RFC 9111 §3).
 const MAX_DIRECTIVES_BYTES: usize = 8 * 1024;
 
 /// Status codes this cache understands (RFC 9110 §15) and may store.
@@ -293,13 +295,26 @@ impl Directives {
     // (once per stored miss), the others by a call.
     #[inline(always)]
     pub fn add(&mut self, line: &[u8]) {
-        let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
+        if line.len() > MAX_DIRECTIVES_BYTES {
+            self.unread();
+            return;
+        }
         // Read without the scan (to the same effect: a test compares the two).
         if let Some(secs) = lone_max_age(line) {
             self.max_age = self.max_age.or(Some(secs));
             return;
         }
         self.add_items(line);
+    }
+
+    /// A directive line too long to read ([`MAX_DIRECTIVES_BYTES`]): read as the directives
+    /// that keep it out of the store and the store out of its answer, `no-store` and
+    /// `no-cache`, whatever else the line says (it might say `private` past the bound).
+    #[cold]
+    #[inline(never)]
+    fn unread(&mut self) {
+        self.no_store = true;
+        self.no_cache = true;
     }
 
     /// [`Directives::add`] of a line (at most [`MAX_DIRECTIVES_BYTES`]) that is not
@@ -367,7 +382,10 @@ impl Directives {
     /// "=": the reference the one-scan version is tested against.
     #[cfg(test)]
     fn add_by_items(&mut self, line: &[u8]) {
-        let line = &line[..line.len().min(MAX_DIRECTIVES_BYTES)];
+        if line.len() > MAX_DIRECTIVES_BYTES {
+            self.unread();
+            return;
+        }
         for item in split_quoted(line) {
             let item = trim_ows(item);
             if item.is_empty() {
@@ -436,8 +454,14 @@ impl Directives {
     pub fn targeted(value: &[u8]) -> Option<Directives> {
         let mut d = Directives::default();
         let value = trim_ows(value);
-        if value.is_empty() || value.len() > MAX_DIRECTIVES_BYTES {
+        if value.is_empty() {
             return None;
+        }
+        // Too long to read: not a field to ignore (RFC 9213 §2.2 falls back to Cache-Control
+        // only for an invalid one), but one that may say `no-store` past the bound.
+        if value.len() > MAX_DIRECTIVES_BYTES {
+            d.unread();
+            return Some(d);
         }
         // RFC 8941 §3.2: of a key given twice, only its last member counts (`?0` included).
         // A first pass checks every member and notes the last of each known directive.
@@ -757,6 +781,16 @@ pub fn weak_match(a: &[u8], b: &[u8]) -> bool {
 /// Strong comparison: both strong and equal.
 pub fn strong_match(a: &[u8], b: &[u8]) -> bool {
     matches!((etag_parts(a), etag_parts(b)), (Some((false, x)), Some((false, y))) if x == y)
+}
+
+/// One `If-Match` line (RFC 9110 §13.1.1) against a stored ETag: true when the condition
+/// holds (`*`, or a listed tag matches strongly). Tags are split outside quoted strings.
+pub fn match_hits(if_match: &[u8], etag: Option<&[u8]>) -> bool {
+    if trim_ows(if_match) == b"*" {
+        return true;
+    }
+    let Some(etag) = etag else { return false };
+    split_quoted(if_match).any(|t| strong_match(t, etag))
 }
 
 /// `If-None-Match` (§13.1.2) against a stored ETag: true when the condition is false (the
@@ -1453,6 +1487,29 @@ mod tests {
     /// miss): small enough to be moved without a call to `memcpy` (at most 128 bytes), its rare
     /// field lists boxed, set only when a list names a field (so `names_fields` says whether
     /// either does).
+    /// A line over the bound is not read in part (it might say `private` past it): it is
+    /// `no-store` and `no-cache`, read by lines or by items, as a response's or a targeted
+    /// field's value (RFC 9111 §3, RFC 9213 §2.2).
+    #[test]
+    fn a_directive_line_too_long_to_read_is_no_store_and_no_cache() {
+        let mut long = b"max-age=60, ext=".to_vec();
+        long.resize(MAX_DIRECTIVES_BYTES + 1, b'a');
+        let mut by_line = Directives::default();
+        by_line.add(&long);
+        let mut by_items = Directives::default();
+        by_items.add_by_items(&long);
+        let targeted = Directives::targeted(&long).expect("read as refusing, not ignored");
+        for d in [by_line, by_items, targeted] {
+            assert!(d.no_store && d.no_cache, "{d:?}");
+            assert_eq!(d.max_age, None, "{d:?}");
+        }
+        long.truncate(MAX_DIRECTIVES_BYTES);
+        let mut d = Directives::default();
+        d.add(&long);
+        assert!(!d.no_store && !d.no_cache, "{d:?}");
+        assert_eq!(d.max_age, Some(60));
+    }
+
     #[test]
     fn directives_are_small_and_name_fields_only_when_a_list_does() {
         assert!(std::mem::size_of::<Directives>() <= 128);

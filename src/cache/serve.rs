@@ -626,7 +626,16 @@ fn usable(o: &Object, req: &Directives, now: u64) -> Use {
             return Use::StaleOk;
         }
     }
-    if req.max_age.is_none() && o.t.swr > 0 && stale <= o.t.swr {
+    // RFC 5861 §3 allows it, unless the client said it takes no response this stale: a
+    // `max-age`, a `max-stale` that does not cover it (§5.2.1.1, §5.2.1.2: one that does was
+    // answered above), or a `min-fresh` (§5.2.1.3: a stale response is fresh for no more
+    // seconds).
+    if req.max_age.is_none()
+        && req.max_stale.is_none()
+        && req.min_fresh.is_none()
+        && o.t.swr > 0
+        && stale <= o.t.swr
+    {
         return Use::StaleRevalidate;
     }
     Use::Validate
@@ -1753,13 +1762,23 @@ fn make_object(
 
 /// Whether a 304 selects the stored response `o` for update (RFC 9111 §4.3.4): a strong
 /// entity tag must be the stored one by the strong comparison, a weak one must match it by the
-/// weak comparison (RFC 9110 §8.8.3.2); a 304 without an entity tag, or a stored response
-/// without one, leaves the selection to the validator the cache sent (it asked about `o`).
+/// weak comparison (RFC 9110 §8.8.3.2), and a stored response without one is not selected by
+/// one. Without an entity tag, a `Last-Modified` (a weak validator) must be the stored one.
+/// A 304 with neither leaves the selection to the validator the cache sent (it asked about
+/// `o`).
 fn selected_by_304(fields: &Fields, o: &Object) -> bool {
     match (policy::field(fields, b"etag"), o.etag()) {
         (Some(new), Some(old)) if new.starts_with(b"W/") => policy::weak_match(new, old),
         (Some(new), Some(old)) => policy::strong_match(new, old),
-        _ => true,
+        (Some(_), None) => false,
+        (None, _) => match (policy::field(fields, b"last-modified"), o.last_modified()) {
+            (Some(new), Some(old)) => {
+                let date = |v: &[u8]| policy::parse_http_date(v);
+                new == old || date(new).is_some_and(|n| Some(n) == date(old))
+            }
+            (Some(_), None) => false,
+            (None, _) => true,
+        },
     }
 }
 
@@ -1800,6 +1819,45 @@ fn freshen(
         body,
         t: s.t,
         url,
+        vary: o.vary.clone(),
+        invalid: std::cell::Cell::new(false),
+    })
+}
+
+/// The stored response `o` with the fields of a 304 that validated it (RFC 9111 §4.3.4: its
+/// fields replace the stored ones of the same names, but framing and hop-by-hop ones), to
+/// answer the request that validated it (§4.3.3) when the result may not be stored
+/// ([`freshen`] refused it: it is `private`, `no-store`, or sets a cookie the route does not
+/// store). Not stored, so nothing is held back from this one client: its `Set-Cookie` goes
+/// with it. Its age is the 304's `Age` (§4.2.3), and it is fresh for no one else. `None` when
+/// the fields do not fit one block.
+#[cold]
+fn updated_once(o: &Object, fresh: &Fields, response_time: u64) -> Option<Object> {
+    let update = fresh.iter().filter(|(n, _)| !policy::unstorable_field(n));
+    let kept = o
+        .fields
+        .iter()
+        .filter(|(n, _)| !update.clone().any(|(u, _)| u.eq_ignore_ascii_case(n)));
+    let fields = Fields::from_pairs(kept.chain(update.clone()))?;
+    let initial_age = policy::field(fresh, b"age")
+        .and_then(|a| std::str::from_utf8(a).ok()?.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(Object {
+        status: o.status,
+        reason: o.reason.clone(),
+        tags: Vec::new(),
+        fields,
+        body: o.body.clone(),
+        t: Timing {
+            response_time,
+            initial_age,
+            lifetime: 0,
+            swr: 0,
+            sie: 0,
+            no_stale: true,
+            always_validate: true,
+        },
+        url: o.url.clone(),
         vary: o.vary.clone(),
         invalid: std::cell::Cell::new(false),
     })
@@ -2318,7 +2376,11 @@ async fn fetched<'c, S: ClientIo>(
                                 status.stored = true;
                                 o
                             }
-                            None => f.obj.clone(),
+                            // Not storable as freshened (`private`, `no-store`, a
+                            // `Set-Cookie` the route does not store): still the answer to this
+                            // request (§4.3.3), with the 304's fields, once.
+                            None => updated_once(&f.obj, &fields, now)
+                                .map_or_else(|| f.obj.clone(), Rc::new),
                         };
                         status.fwd = "stale";
                         status.ttl = Some(obj.ttl(now));
@@ -3089,11 +3151,13 @@ fn put_hex(out: &mut BytesMut, n: usize) {
 fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
     // The stored validators are read only for a request that asks about them (most ask
     // nothing: no date is parsed for them).
+    // A list field's lines are one list (RFC 9110 §5.3): each of them is read.
     let lm = || o.last_modified().and_then(policy::parse_http_date);
-    if let Some(im) = h.header(b"if-match") {
+    if h.header(b"if-match").is_some() {
         let etag = o.etag();
-        let ok = crate::http::trim_ows(im) == b"*"
-            || etag.is_some_and(|e| im.split(|b| *b == b',').any(|t| policy::strong_match(t, e)));
+        let ok = h
+            .header_values(b"if-match")
+            .any(|im| policy::match_hits(im, etag));
         if !ok {
             return Some(412);
         }
@@ -3105,8 +3169,11 @@ fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
             return Some(412);
         }
     }
-    if let Some(inm) = h.header(b"if-none-match") {
-        if policy::none_match_hits(inm, o.etag()) {
+    if h.header(b"if-none-match").is_some() {
+        let etag = o.etag();
+        if h.header_values(b"if-none-match")
+            .any(|inm| policy::none_match_hits(inm, etag))
+        {
             return Some(304);
         }
     } else if let Some(ims) = h
@@ -3128,7 +3195,7 @@ fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
 }
 
 /// `If-Range` (RFC 9110 §13.1.5): the range applies only when the validator matches
-/// strongly (an entity tag) or exactly (a date equal to Last-Modified).
+/// strongly (an entity tag) or exactly (a date equal to a strong Last-Modified).
 fn if_range_holds(h: &RequestHead, o: &Object) -> bool {
     let Some(v) = h.header(b"if-range") else {
         return true;
@@ -3137,11 +3204,19 @@ fn if_range_holds(h: &RequestHead, o: &Object) -> bool {
     if v.starts_with(b"\"") || v.starts_with(b"W/") {
         return o.etag().is_some_and(|e| policy::strong_match(v, e));
     }
+    // A date validates only when it is strong (§13.1.5, §8.8.2.2): the stored response's
+    // Date at least a second after its Last-Modified (else the representation may have
+    // changed within that second).
+    let date = || {
+        policy::field(&o.fields, b"date")
+            .and_then(policy::parse_http_date)
+            .unwrap_or(o.t.response_time)
+    };
     match (
         policy::parse_http_date(v),
         o.last_modified().and_then(policy::parse_http_date),
     ) {
-        (Some(a), Some(b)) => a == b,
+        (Some(a), Some(b)) => a == b && date() > b,
         _ => false,
     }
 }
