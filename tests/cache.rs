@@ -1644,6 +1644,61 @@ fn rfc9111_4_3_4_a_304_with_a_validator_the_stored_response_lacks_updates_nothin
     assert_eq!(n.load(Ordering::SeqCst), 2);
 }
 
+/// RFC 9111 §4.4: a response to a request sent before an invalidation (a POST to the URL) or
+/// a purge of it is content from before it: it answers its own client but is not stored,
+/// else the old content would stay for its whole lifetime after the write.
+#[test]
+fn rfc9111_4_4_a_fetch_in_flight_when_its_url_is_invalidated_is_not_stored() {
+    for purge in [false, true] {
+        let release = Event::new();
+        let rel = release.clone();
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        let up = Upstream::start(move |req| {
+            if req.method != "GET" {
+                return Reply::Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec());
+            }
+            let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 2\r\n\r\nv{i}"
+            )
+            .into_bytes();
+            if i == 1 {
+                Reply::Script(vec![Step::Await(rel.clone()), Step::Write(answer)])
+            } else {
+                Reply::Raw(answer)
+            }
+        });
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        let addr = gw.addr;
+        let first = std::thread::spawn(move || get(addr, "/w"));
+        assert!(up.wait_for(Duration::from_secs(10), |r| r.len() == 1));
+        if purge {
+            // Through the control plane (the admin API's purge).
+            let control = gw.gateway().control();
+            let target = PurgeTarget::Url(ringway::cache::purge_url("test.local", "/w"));
+            let p = Purge {
+                target,
+                soft: false,
+            };
+            ringway::cache::purge(control, p, Duration::from_secs(2)).unwrap();
+        } else {
+            let w = request(
+                gw.addr,
+                b"POST /w HTTP/1.1\r\nHost: test.local\r\ncontent-length: 1\r\n\r\nx",
+            );
+            assert_eq!(w.status, 200, "{w:?}");
+        }
+        release.set();
+        let a = first.join().unwrap();
+        assert_eq!(a.text(), "v1", "{a:?}");
+        assert!(!status_of(&a).contains("stored"), "{a:?}");
+        let b = get(gw.addr, "/w");
+        assert_eq!(b.text(), "v2", "purge {purge}: {b:?}");
+        assert_eq!(get(gw.addr, "/w").text(), "v2");
+    }
+}
+
 struct Proc(std::process::Child);
 
 impl Drop for Proc {

@@ -919,7 +919,18 @@ pub struct WorkerCache {
     /// The Redis layer shared by every worker and host (`[cache.redis]`), set by the server.
     shared: OnceLock<Arc<redis::SharedLayer>>,
     worker: usize,
+    /// How many purges and invalidations this worker has applied ([`WorkerCache::purge_local`]).
+    /// A fetch notes the count when it begins; what it then stores is checked against the
+    /// purges applied since (see [`WorkerCache::purged_since`]).
+    purges: Cell<u64>,
+    /// The last [`MAX_RECENT_PURGES`] purges, each with its number in `purges`.
+    recent_purges: RefCell<std::collections::VecDeque<(u64, Purge)>>,
 }
+
+/// Most purges a worker remembers for the fetches in flight when they were applied: a fetch
+/// that began before older ones are forgotten stores nothing (the safe side; it takes more
+/// than this many purges during one fetch).
+const MAX_RECENT_PURGES: usize = 64;
 
 impl WorkerCache {
     pub fn new(cfg: &Config, worker: usize) -> Rc<WorkerCache> {
@@ -938,6 +949,8 @@ impl WorkerCache {
             spare_fields: RefCell::new(Vec::new()),
             spare_buf: RefCell::new(None),
             spare_key: RefCell::new(Vec::new()),
+            purges: Cell::new(0),
+            recent_purges: RefCell::new(std::collections::VecDeque::new()),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
@@ -1504,7 +1517,58 @@ impl WorkerCache {
         }
         drop(m);
         self.count(|s| s.purged += hit);
+        // For the fetches in flight: a response to a request sent before this purge is
+        // content from before it (RFC 9111 §4.4), not to be stored as current.
+        let n = self.purges.get().wrapping_add(1);
+        self.purges.set(n);
+        let mut recent = self.recent_purges.borrow_mut();
+        if recent.len() == MAX_RECENT_PURGES {
+            recent.pop_front();
+        }
+        recent.push_back((n, p.clone()));
         hit
+    }
+
+    /// How many purges this worker has applied: what a fetch notes when it begins, for
+    /// [`WorkerCache::purged_since`].
+    #[inline(always)]
+    pub fn purges(&self) -> u64 {
+        self.purges.get()
+    }
+
+    /// Whether a purge applied since `seen` (a count from [`WorkerCache::purges`], taken
+    /// before the fetch's request was sent) covers the object a fetch made: `Some(true)` for
+    /// a soft purge only (the object may be stored, stale), `Some(false)` for a hard one or
+    /// when the purges since `seen` are no longer all remembered (not stored).
+    #[inline(always)]
+    pub fn purged_since(&self, seen: u64, o: &Object) -> Option<bool> {
+        if self.purges.get() == seen {
+            return None;
+        }
+        self.purged_since_slow(seen, o)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn purged_since_slow(&self, seen: u64, o: &Object) -> Option<bool> {
+        let recent = self.recent_purges.borrow();
+        // The purge numbered `seen + 1` must still be remembered.
+        if recent
+            .front()
+            .is_none_or(|(n, _)| *n > seen.wrapping_add(1))
+        {
+            return Some(false);
+        }
+        let mut soft = None;
+        for (_, p) in recent.iter().filter(|(n, _)| *n > seen) {
+            if p.matches(o) {
+                if !p.soft {
+                    return Some(false);
+                }
+                soft = Some(true);
+            }
+        }
+        soft
     }
 
     /// Applies `p` here, in Redis, and posts it to every other worker (without waiting for

@@ -437,6 +437,12 @@ struct Keys<'w> {
     own: Option<Vec<u8>>,
     /// Where `shared`'s buffer goes back when the request is done with it.
     cache: &'w WorkerCache,
+    /// The worker's purge count when the store was looked in ([`WorkerCache::purges`]),
+    /// before any request of this one's went upstream: what is fetched is checked against
+    /// the purges and invalidations applied since before it is stored (RFC 9111 §4.4).
+    /// Taken again when the request goes upstream again after one of its own (a 304 that
+    /// selected nothing).
+    purges: std::cell::Cell<u64>,
 }
 
 impl Drop for Keys<'_> {
@@ -457,6 +463,7 @@ impl<'w> Keys<'w> {
             hash: 0,
             own: None,
             cache,
+            purges: std::cell::Cell::new(cache.purges()),
         };
         // One call for the shared key; the consumer's own key, on auth routes only, is built
         // out of line.
@@ -2258,7 +2265,7 @@ fn keep_whole(
     let (obj, public) = analysed?;
     // (Without a key the object is dropped: rare, a route that keys by consumer.)
     let k = keys.store_key(p, public).ok_or("no-consumer")?;
-    store_object(cache, p, keys, k, obj);
+    store_object(cache, p, keys, k, obj)?;
     if let Some(g) = guard.take() {
         g.finish(FlightEnd::Stored);
     }
@@ -2345,6 +2352,8 @@ async fn fetched<'c, S: ClientIo>(
                         // response is dropped and fetched again whole.
                         if !selected_by_304(&fields, &f.obj) {
                             invalidate(cache, &f.obj);
+                            // Its own invalidation: the fetch below is sent after it.
+                            keys.purges.set(cache.purges());
                             // A second request: it is sent after `now`.
                             let again = Fetch::Fill {
                                 keys,
@@ -2358,16 +2367,23 @@ async fn fetched<'c, S: ClientIo>(
                                 .await;
                         }
                         cache.count(|s| s.revalidations += 1);
-                        let fresh = freshen_selected(
-                            p,
-                            cache,
-                            &f.key,
-                            &f.obj,
-                            &fields,
-                            authorized,
-                            request_time,
-                            now,
-                        );
+                        // Purged or invalidated since the request went: answered, not stored
+                        // again (RFC 9111 §4.4).
+                        let purged = cache.purged_since(keys.purges.get(), &f.obj).is_some();
+                        let fresh = if purged {
+                            None
+                        } else {
+                            freshen_selected(
+                                p,
+                                cache,
+                                &f.key,
+                                &f.obj,
+                                &fields,
+                                authorized,
+                                request_time,
+                                now,
+                            )
+                        };
                         let obj = match fresh {
                             Some(o) => {
                                 if let Some(g) = guard {
@@ -2520,7 +2536,7 @@ async fn fetched<'c, S: ClientIo>(
                             ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
-                            store(
+                            let stored = store(
                                 cache,
                                 p,
                                 keys,
@@ -2531,7 +2547,13 @@ async fn fetched<'c, S: ClientIo>(
                                 t.finish(),
                                 vary,
                             );
-                            end = FlightEnd::Stored;
+                            // (Relayed already: its Cache-Status said stored. Its waiters
+                            // go upstream themselves when it was not.)
+                            end = if stored.is_ok() {
+                                FlightEnd::Stored
+                            } else {
+                                FlightEnd::NotStorable
+                            };
                         } else if !complete {
                             end = FlightEnd::Failed;
                         }
@@ -2626,14 +2648,28 @@ fn store(
     reason: Bytes,
     body: Bytes,
     vary: Vec<(Box<[u8]>, Vec<u8>)>,
-) {
+) -> Result<(), &'static str> {
     let obj = build_object(cache, s, status, reason, body, vary);
-    store_object(cache, p, keys, k, obj);
+    store_object(cache, p, keys, k, obj)
 }
 
-/// Stores `obj` under `k` (one of `keys`), here and in Redis.
+/// Stores `obj` under `k` (one of `keys`), here and in Redis; unless a purge or an
+/// invalidation applied since the fetch began covers it (RFC 9111 §4.4: the response to a
+/// request sent before it is not current): a soft one stores it stale, a hard one not at all
+/// (`Err`, the reason for `Cache-Status`).
 #[inline(always)]
-fn store_object(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj: Rc<Object>) {
+fn store_object(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    keys: &Keys,
+    k: &[u8],
+    obj: Rc<Object>,
+) -> Result<(), &'static str> {
+    match cache.purged_since(keys.purges.get(), &obj) {
+        None => {}
+        Some(true) => obj.invalid.set(true),
+        Some(false) => return Err("invalidated"),
+    }
     // The shared key's hash was taken for the lookup (`k` is borrowed from `keys`: the same
     // slice when it is that key).
     let at = if std::ptr::eq(k, &keys.shared[..]) {
@@ -2644,6 +2680,7 @@ fn store_object(cache: &WorkerCache, p: &RoutePolicy, keys: &Keys, k: &[u8], obj
     // Shared first, so that the object itself (not a second reference) goes into the store.
     cache.share(k, &obj, p.max_variants);
     cache.insert_key(at, obj, p.max_variants);
+    Ok(())
 }
 
 /// The object that stores a response analysed with its body ([`analyze_whole`]: `s.body`
@@ -3417,6 +3454,7 @@ fn revalidate_later<S: ClientIo>(
         authorized: ctx.head.header(b"authorization").is_some(),
         max_variants: p.max_variants,
         trace: ctx.rec.trace,
+        purges: keys.purges.get(),
     };
     monoio::spawn(async move {
         let stored = job.run().await;
@@ -3447,6 +3485,8 @@ struct Revalidation {
     max_variants: usize,
     /// The triggering request's trace context (W3C Trace Context).
     trace: crate::trace::TraceContext,
+    /// The worker's purge count before the revalidation was sent ([`Keys::purges`]).
+    purges: u64,
 }
 
 impl Revalidation {
@@ -3516,6 +3556,12 @@ impl Revalidation {
                     // fetches the response whole.
                     invalidate(&self.cache, &self.obj);
                     false
+                } else if resp.status == 304
+                    && self.cache.purged_since(self.purges, &self.obj).is_some()
+                {
+                    // Purged or invalidated since it was sent (RFC 9111 §4.4): not
+                    // freshened back into the store.
+                    false
                 } else if resp.status == 304 {
                     let (key, o, auth) = (&self.key, &self.obj, self.authorized);
                     let fresh =
@@ -3542,14 +3588,25 @@ impl Revalidation {
                                         self.obj.url.clone(),
                                         vary,
                                     );
-                                    // Stored under the key the stale one had.
+                                    // Stored under the key the stale one had, unless purged
+                                    // since it was sent (RFC 9111 §4.4; stale if softly).
                                     let obj = Rc::new(obj);
-                                    self.cache.insert(&self.key, obj.clone(), self.max_variants);
-                                    self.cache.share(&self.key, &obj, self.max_variants);
+                                    let purged = self.cache.purged_since(self.purges, &obj);
+                                    if purged.is_some() {
+                                        obj.invalid.set(true);
+                                    }
+                                    if purged != Some(false) {
+                                        self.cache.insert(
+                                            &self.key,
+                                            obj.clone(),
+                                            self.max_variants,
+                                        );
+                                        self.cache.share(&self.key, &obj, self.max_variants);
+                                    }
                                     if reusable && resp.keep_alive {
                                         group.checkin(up);
                                     }
-                                    true
+                                    purged != Some(false)
                                 }
                                 None => false,
                             }
