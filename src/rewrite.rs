@@ -28,7 +28,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::http::encode::{put_header, put_status_line, put_u64, LineRuns};
 use crate::http::request::{BodyKind, Method, RequestHead};
-use crate::http::response::{RespBody, ResponseHead};
+use crate::http::response::{LengthLine, RespBody, ResponseHead};
 use crate::http::{ConnectionOptions, Version};
 use crate::router::{HeaderRules, HostPolicy, Route};
 
@@ -372,7 +372,7 @@ pub fn encode_client_head(
             | Hdr::Xfport
             | Hdr::XRealIp
             | Hdr::Forwarded => {}
-            Hdr::ContentLength if keep_length => {}
+            Hdr::ContentLength if keep_length && resp.length_line == LengthLine::AsIs => {}
             _ => continue,
         }
         if rules.drops(name) || conn.lists(name) {
@@ -381,6 +381,12 @@ pub fn encode_client_head(
         lines.push(out, h.name, h.value);
     }
     lines.flush(out);
+    // Several lines or a list of one value go out as one line of it (RFC 9110 §8.6).
+    if let (true, LengthLine::Canonical(n)) = (keep_length, resp.length_line) {
+        out.put_slice(b"content-length: ");
+        put_u64(out, n);
+        out.put_slice(b"\r\n");
+    }
     put_header(out, b"via", f.via);
     put_header(out, b"x-request-id", f.request_id);
     rules.put(out);

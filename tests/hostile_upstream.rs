@@ -236,6 +236,74 @@ fn bytes_after_a_bodiless_response_never_reach_the_next_client() {
     );
 }
 
+/// RFC 9112 §9.3.2: bytes an upstream sends after a complete response, once the connection
+/// is pooled, are never read as the next request's answer: a pooled connection is peeked
+/// before reuse whatever the request (a GET that could be resent too), so one that has
+/// something to read is not reused. Without the peek, each later client got the answer
+/// meant for the one before it.
+#[test]
+fn bytes_after_a_complete_response_never_reach_the_next_client() {
+    for d in DRIVERS {
+        let sent = Event::new();
+        let up = hostile::start(Hostile::LateBytesAfterComplete { sent: sent.clone() });
+        let gw = gateway(&up, d);
+        let r = get(gw.addr, "/late");
+        assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?}");
+        assert!(
+            sent.wait(Duration::from_secs(5)),
+            "{d:?}: late bytes written"
+        );
+        for i in 0..3 {
+            let r = get(gw.addr, "/ok");
+            assert_eq!(
+                (r.status, r.body.as_slice()),
+                (200, FINE),
+                "{d:?} request {i}: got {:?}",
+                r.text()
+            );
+        }
+    }
+}
+
+/// RFC 9110 §8.6: a `Content-Length` the upstream gave on several lines or as a list of one
+/// repeated value reaches the client as one line of that value, and a 204 carries none.
+/// RFC 9112 §6.1: a transfer coding other than chunked (here gzip), which the gateway does
+/// not decode, is a 502, not bytes relayed under other framing as if they were the content.
+#[test]
+fn content_length_lines_go_out_as_one_and_unknown_transfer_codings_are_refused() {
+    for d in DRIVERS {
+        let up = Upstream::start(|req| match req.target.as_str() {
+            "/list" => Reply::Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 4, 4\r\n\r\nfine".to_vec()),
+            "/twice" => Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\ncontent-length: 4\r\n\r\nfine".to_vec(),
+            ),
+            "/204" => Reply::Raw(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n".to_vec()),
+            "/gzip" => Reply::RawClose(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n\x1f\x8b\x08\x00".to_vec(),
+            ),
+            _ => Reply::Raw(hostile::fine()),
+        });
+        let gw = gateway(&up, d);
+        for path in ["/list", "/twice"] {
+            let r = get(gw.addr, path);
+            assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?} {path}");
+            let lines: Vec<&str> = r
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(lines, ["4"], "{d:?} {path}: {r:?}");
+        }
+        let r = get(gw.addr, "/204");
+        assert_eq!(r.status, 204, "{d:?}");
+        assert!(!r.has("content-length"), "{d:?}: {r:?}");
+        let r = get(gw.addr, "/gzip");
+        assert_eq!(r.status, 502, "{d:?}: {r:?}");
+        still_serves(&gw, d, "after a gzip transfer coding");
+    }
+}
+
 /// RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing; the connection
 /// must be closed after it, never pooled.
 #[test]

@@ -393,7 +393,8 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
             conn.add(value);
         } else if name.eq_ignore_ascii_case(b"expect") {
             if trim_ows(value).eq_ignore_ascii_case(b"100-continue") {
-                out.expect_continue = true;
+                // An HTTP/1.0 client's is ignored (RFC 9110 §10.1.1): it gets no 1xx (§15.2).
+                out.expect_continue = out.version == Version::Http11;
             } else {
                 return Err(ParseError::Expectation);
             }
@@ -437,6 +438,11 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
 
     // Request-target forms (RFC 9112 §3.2).
     let tb = target.as_bytes();
+    // A fragment is never sent (RFC 9112 §3.2, RFC 9110 §7.1): an upstream that reads
+    // `/internal#x` as `/internal` would serve what a route on that path guards.
+    if memchr::memchr(b'#', tb).is_some() {
+        return Err(ParseError::Bad("fragment (#) in the request-target"));
+    }
     match out.method {
         Method::Connect => return Err(ParseError::NotImplemented("CONNECT is not supported")),
         _ if tb == b"*" => {
@@ -541,12 +547,17 @@ fn classify_version(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
 
 /// Paths that name the same resource as another spelling would let a request reach a route
 /// other than the one its upstream serves (an auth bypass: `/public/../admin`,
-/// `/%61dmin`). Routes match raw bytes, so such paths are refused rather than normalised:
-/// dot segments, and percent-encoded unreserved characters (RFC 3986 §2.3, which no
-/// client needs to encode). `%2F` is left alone: it is data in some APIs.
+/// `/%61dmin`, `/public\..\admin`). Routes match raw bytes, so such paths are refused
+/// rather than normalised: dot segments, percent-encoded unreserved characters (RFC 3986
+/// §2.3, which no client needs to encode), and backslashes (not a URI character, RFC 3986
+/// §2; WHATWG URL parsers, Node's among them, read `\` as `/`). `%2F` is left alone: it is
+/// data in some APIs.
 pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
-    // Most paths have neither byte: one vectorised scan and done.
-    for i in memchr::memchr2_iter(b'.', b'%', path) {
+    // Most paths have none of these bytes: one vectorised scan and done.
+    for i in memchr::memchr3_iter(b'.', b'%', b'\\', path) {
+        if path[i] == b'\\' {
+            return Some("backslash in the path");
+        }
         if path[i] == b'.' {
             let starts_segment = i == 0 || path[i - 1] == b'/';
             let rest = &path[i + 1..];
@@ -644,9 +655,31 @@ mod tests {
             b"/a%2e%2e/b",
             b"/%7Euser",
             b"/x%2D",
+            b"/public\\..\\admin",
+            b"/a\\b",
         ] {
             assert!(a(bad).is_some(), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    /// RFC 9112 §3.2: no fragment in a request-target (an upstream that drops it from
+    /// `/internal#x` serves `/internal`), in the path or the query, in any form.
+    #[test]
+    fn a_fragment_in_the_request_target_is_refused() {
+        for raw in [
+            &b"GET /internal#x HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET /a?b#c HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://a/internal#x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /x\\..\\internal HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(raw), Err(ParseError::Bad(_))),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // A backslash in the query is data (only the path is matched by routes).
+        assert!(parse(b"GET /a?b=\\ HTTP/1.1\r\nHost: a\r\n\r\n").is_ok());
     }
 
     use super::*;
@@ -721,6 +754,9 @@ mod tests {
         let h =
             ok(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
         assert!(h.expect_continue);
+        // RFC 9110 §10.1.1: ignored in an HTTP/1.0 request (it may not get a 1xx, §15.2).
+        let h = ok(b"PUT / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+        assert!(!h.expect_continue);
     }
 
     /// Table of malformed heads and the status each must get.

@@ -43,6 +43,20 @@ pub struct ResponseHead {
     /// The upstream allows reusing the connection after this response.
     pub keep_alive: bool,
     pub connection_options: bool,
+    /// How the upstream's `Content-Length` goes to the client.
+    pub length_line: LengthLine,
+}
+
+/// What becomes of a response's `Content-Length` lines on the way to the client (RFC 9110
+/// §8.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LengthLine {
+    /// None, or one line of digits: copied as it is.
+    AsIs,
+    /// Several lines, or a list of one repeated value (`2, 2`): one line of the value.
+    Canonical(u64),
+    /// On a 1xx or 204, where it may not be (dropped).
+    Drop,
 }
 
 impl Default for ResponseHead {
@@ -57,6 +71,7 @@ impl Default for ResponseHead {
             body: RespBody::None,
             keep_alive: true,
             connection_options: false,
+            length_line: LengthLine::AsIs,
         }
     }
 }
@@ -118,8 +133,12 @@ pub fn parse_response(
     out.connection_options = false;
 
     let mut content_length: Option<u64> = None;
+    // Lines of it, and whether one was a list.
+    let mut length_lines = 0u32;
+    let mut length_list = false;
     let mut te_seen = false;
     let mut te_chunked_last = false;
+    let mut te_other = false;
     let mut conn = ConnectionFlags::default();
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
@@ -139,18 +158,32 @@ pub fn parse_response(
                 return Err(RespError::Malformed("conflicting Content-Length"));
             }
             content_length = Some(n);
+            length_lines += 1;
+            length_list |= value.contains(&b',');
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te_seen = true;
             for coding in list_items(value) {
                 let coding = trim_ows(coding.split(|b| *b == b';').next().unwrap_or(b""));
                 te_chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+                te_other |= !te_chunked_last;
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
             conn.add(value);
         }
     }
+    // A transfer coding other than chunked (gzip, compress, deflate, an unknown one) is not
+    // decoded here, and a client would take its bytes for the content itself (RFC 9112
+    // §6.1): the response is refused, not relayed under another framing.
+    if te_other {
+        return Err(RespError::Malformed("unsupported transfer coding"));
+    }
     out.keep_alive = conn.persistent(out.version);
     out.connection_options = conn.other;
+    out.length_line = match content_length {
+        Some(_) if (100..200).contains(&status) || status == 204 => LengthLine::Drop,
+        Some(n) if length_lines > 1 || length_list => LengthLine::Canonical(n),
+        _ => LengthLine::AsIs,
+    };
     out.body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         RespBody::None
     } else if te_seen {

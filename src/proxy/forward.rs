@@ -245,9 +245,13 @@ pub(crate) async fn try_endpoints<D: Downstream>(
         let opts = AttemptOpts {
             head_request: o.head_request,
             allow_pool: !stale_retry_used,
-            // A stale pooled connection costs an idempotent request with a kept body nothing
-            // but a resend, so only other requests pay for the liveness check.
-            verify: !(replayed && idempotent),
+            // Every pooled connection is peeked before reuse: not only to see that the
+            // upstream did not close it (a resend would cover that for an idempotent request),
+            // but that it sent nothing since its last response. Bytes an upstream sends late
+            // past a complete response would otherwise be read as the next request's answer,
+            // and every later request on the connection would get its predecessor's (RFC 9112
+            // §9.3.2).
+            verify: true,
             t,
         };
         let r = attempt(group, ep, ubuf, down, &opts, resp).await;

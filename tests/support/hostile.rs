@@ -32,6 +32,9 @@ pub enum Hostile {
     /// The head of a bodiless response (`HEAD`, `204`, `304`: `status`), then after a pause
     /// [`POISON`]; `sent` is set once the poison was written. The connection stays open.
     LateBytesAfterBodiless { status: u16, sent: Arc<Event> },
+    /// A complete `200` with a 4-byte body, then, 60 ms later (after the gateway pooled the
+    /// connection), a whole second response ([`POISON`]); `sent` is set once it is written.
+    LateBytesAfterComplete { sent: Arc<Event> },
     /// An HTTP/1.0 response with `Connection: keep-alive` and a chunked Transfer-Encoding.
     Http10Chunked,
     /// `Content-Length: 100`, 10 bytes of body, then close.
@@ -105,6 +108,12 @@ pub fn reply(h: &Hostile, req: &Req) -> Reply {
                 Step::Signal(sent.clone()),
             ])
         }
+        Hostile::LateBytesAfterComplete { sent } => Reply::Script(vec![
+            Step::Write(fine()),
+            Step::Wait(Duration::from_millis(60)),
+            Step::Write(POISON.to_vec()),
+            Step::Signal(sent.clone()),
+        ]),
         Hostile::Http10Chunked => Reply::Raw(
             b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n4\r\nfine\r\n0\r\n\r\n".to_vec(),
         ),
