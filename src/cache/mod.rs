@@ -1778,6 +1778,9 @@ pub struct Tee {
     len: usize,
     pub max: usize,
     pub over: bool,
+    /// The client went away part way and the body was still read to its end for the store
+    /// and the waiters (see [`Tee::wants_rest`]).
+    pub drained: bool,
     flight: Option<Rc<Flight>>,
 }
 
@@ -1802,8 +1805,16 @@ impl Tee {
             len: 0,
             max,
             over: false,
+            drained: false,
             flight,
         }
+    }
+
+    /// Whether the rest of the body is still wanted when the client that fetches it goes
+    /// away: while the capture may still be stored (its waiters then receive it too), one
+    /// client's disconnect must not cut the others' responses.
+    pub fn wants_rest(&self) -> bool {
+        !self.over
     }
 
     #[inline]

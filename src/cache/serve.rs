@@ -2431,7 +2431,10 @@ async fn fetched<'c, S: ClientIo>(
                     let (out, reusable) =
                         forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, tee.as_mut())
                             .await;
-                    let complete = matches!(out, Outcome::Relayed { .. });
+                    // Whole also when the client went away part way and the body was read
+                    // on for the store and the waiters (its connection closes: `out`).
+                    let complete = matches!(out, Outcome::Relayed { .. })
+                        || tee.as_ref().is_some_and(|t| t.drained);
                     let failed = matches!(out, Outcome::Answer(_));
                     // The reason phrase to store: the stream has it when it was published.
                     let reason = (plan.is_ok() && !published).then(|| reason_of(resp));
