@@ -2506,20 +2506,18 @@ fn rfc9112_8_a_chunked_fetch_that_fails_part_way_cuts_its_waiters() {
     assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
 }
 
-/// RFC 9111 §3 lets a cache decline to store a response; this one does not hold more than
-/// `max_object_bytes` of it. A chunked body that outgrows the bound while a waiter streams it
-/// cuts that waiter (its bytes are no longer kept), while the fetching client gets it whole.
+/// RFC 9111 §3 lets a cache decline to store a response, not to cut it: a chunked body that
+/// outgrows `max_object_bytes` while a waiter streams it is not stored, and still reaches that
+/// waiter whole with its last chunk (RFC 9112 §7.1), as it reaches the fetching client.
 #[test]
-fn rfc9111_3_a_chunked_body_over_max_object_bytes_cuts_its_waiters_not_its_fetcher() {
+fn rfc9111_3_a_chunked_body_over_max_object_bytes_reaches_its_waiters_and_its_fetcher_whole() {
     let go = Event::new();
     let up = chunked_origin(go.clone(), b"a\r\n0123456789\r\n0\r\n\r\n", false);
     let gw = TestGateway::start(&cache_config(up.addr, "max_object_bytes = 8", ""), D);
     let (mut leader, mut s, mut got) = leader_and_waiter(&gw, &up, "/big");
     go.set();
-    read_to_close(&mut s, &mut got);
-    let text = String::from_utf8_lossy(&got).to_string();
-    assert!(!text.contains("0123456789"), "{text}");
-    assert!(!text.ends_with("0\r\n\r\n"), "cut, not complete: {text}");
+    let whole = read_until(&mut s, &mut got, b"a\r\n0123456789\r\n0\r\n\r\n");
+    assert!(whole, "{:?}", String::from_utf8_lossy(&got));
     assert_eq!(leader.read_response().unwrap().text(), "first0123456789");
     assert_eq!(get(gw.addr, "/big").text(), "first0123456789");
     assert_eq!(up.hits(), 2, "not stored");
@@ -3165,5 +3163,229 @@ fn a_hit_writes_the_stored_lines_in_order_in_one_form() {
             "{d:?}: {hit}"
         );
         assert_eq!(up.hits(), 1);
+    }
+}
+
+/// Reads a raw response to its end (the request asked for `connection: close`): its head and
+/// its body, de-chunked. `None` when it ends before its body does (for a chunked body: no
+/// last chunk), so a cut answer cannot pass for a whole one.
+fn read_whole_response(s: &mut std::net::TcpStream, mut got: Vec<u8>) -> Option<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    let rest = &got[end..];
+    if !head.contains("transfer-encoding: chunked") {
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))?
+            .trim()
+            .parse()
+            .ok()?;
+        return (rest.len() == len).then(|| (head, rest.to_vec()));
+    }
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let line_end = at + rest[at..].windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[at..line_end]).ok()?, 16).ok()?;
+        at = line_end + 2;
+        if size == 0 {
+            return rest[at..].starts_with(b"\r\n").then_some((head, body));
+        }
+        body.extend_from_slice(rest.get(at..at + size)?);
+        at += size + 2;
+    }
+}
+
+/// A response of `first` bytes '@' and then `rest` bytes '#' (as one piece of length `len`, or
+/// chunked in 16 KiB chunks): the first piece with the head, the rest once `go` is set.
+fn two_part_origin(first: usize, rest: usize, chunked: bool, go: Arc<Event>) -> Upstream {
+    Upstream::start(move |_| {
+        let chunk = |n: usize, b: u8| {
+            let mut v = format!("{n:x}\r\n").into_bytes();
+            v.extend(std::iter::repeat_n(b, n));
+            v.extend_from_slice(b"\r\n");
+            v
+        };
+        let (mut head, tail) = if chunked {
+            let mut tail = Vec::new();
+            let mut left = rest;
+            while left > 0 {
+                let n = left.min(16 * 1024);
+                tail.extend(chunk(n, b'#'));
+                left -= n;
+            }
+            tail.extend_from_slice(b"0\r\n\r\n");
+            (
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ntransfer-encoding: chunked\r\n\r\n"
+                    .to_vec(),
+                tail,
+            )
+        } else {
+            (
+                format!(
+                    "HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: {}\r\n\r\n",
+                    first + rest
+                )
+                .into_bytes(),
+                vec![b'#'; rest],
+            )
+        };
+        if chunked {
+            head.extend(chunk(first, b'@'));
+        } else {
+            head.extend(std::iter::repeat_n(b'@', first));
+        }
+        Reply::Script(vec![
+            Step::Write(head),
+            Step::Await(go.clone()),
+            Step::Write(tail),
+        ])
+    })
+}
+
+/// Sends a coalesced request (the fetch for `path` has begun) and reads until the first
+/// piece of the body (`first` bytes '@') arrived through the flight; returns the connection
+/// and what it read.
+fn join_fetch(addr: SocketAddr, path: &str, first: usize) -> (std::net::TcpStream, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test.local\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while got.iter().filter(|b| **b == b'@').count() < first {
+        let n = s.read(&mut buf).expect("the first piece");
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    (s, got)
+}
+
+/// RFC 9111 §3 / RFC 9112 §6.3: the client whose request leads a coalesced fetch goes away
+/// mid-body; the waiter still gets the whole response (the body is read on for it and for the
+/// store), the response is stored, and the next request is a hit (one origin fetch).
+#[test]
+fn rfc9111_3_a_leader_that_goes_away_mid_body_cuts_no_waiter_and_the_response_is_stored() {
+    for d in DRIVERS {
+        for chunked in [false, true] {
+            let (first, rest) = (1000, 300 * 1024);
+            let go = Event::new();
+            let up = two_part_origin(first, rest, chunked, go.clone());
+            let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+            let mut leader = Client::connect(gw.addr);
+            leader.send(b"GET /leave HTTP/1.1\r\nHost: test.local\r\n\r\n");
+            assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 1));
+            let (mut waiter, got) = join_fetch(gw.addr, "/leave", first);
+            // The leader leaves with the head and first piece unread (a reset, so the
+            // gateway's next write to it fails), then the origin sends the rest.
+            drop(leader);
+            go.set();
+            let (head, body) = read_whole_response(&mut waiter, got)
+                .unwrap_or_else(|| panic!("{d:?} chunked={chunked}: the waiter's answer was cut"));
+            assert!(head.contains("collapsed"), "{head}");
+            assert_eq!(body.len(), first + rest, "{d:?} chunked={chunked}");
+            assert!(body[..first].iter().all(|b| *b == b'@'));
+            assert!(body[first..].iter().all(|b| *b == b'#'));
+            let r = get(gw.addr, "/leave");
+            assert_eq!(r.body.len(), first + rest);
+            assert!(
+                status_of(&r).contains("hit"),
+                "{d:?} chunked={chunked}: {r:?}"
+            );
+            assert_eq!(up.hits(), 1, "{d:?} chunked={chunked}");
+        }
+    }
+}
+
+/// RFC 9111 §3 / RFC 9112 §7.1: a chunked body that outgrows `max_object_bytes` is not
+/// stored, but a waiter already streaming it still gets all of it and its last chunk (the
+/// origin sends each 8 KiB piece once the waiter has the one before: within the 16 KiB
+/// window); also when the leader's client goes away on the way. The next request goes to the
+/// origin again.
+#[test]
+fn rfc9111_3_a_chunked_body_past_max_object_bytes_still_reaches_its_waiters_whole() {
+    use std::io::Read;
+    for d in DRIVERS {
+        for leader_leaves in [false, true] {
+            const FIRST: usize = 1000;
+            const PIECE: usize = 8 * 1024;
+            const PIECES: usize = 5;
+            let evs: Vec<Arc<Event>> = (0..PIECES).map(|_| Event::new()).collect();
+            let evs2 = evs.clone();
+            let up = Upstream::start(move |_| {
+                let chunk = |n: usize, b: u8| {
+                    let mut v = format!("{n:x}\r\n").into_bytes();
+                    v.extend(std::iter::repeat_n(b, n));
+                    v.extend_from_slice(b"\r\n");
+                    v
+                };
+                let mut head = b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\n\
+                    transfer-encoding: chunked\r\n\r\n"
+                    .to_vec();
+                head.extend(chunk(FIRST, b'@'));
+                let mut steps = vec![Step::Write(head)];
+                for ev in &evs2 {
+                    steps.push(Step::Await(ev.clone()));
+                    steps.push(Step::Write(chunk(PIECE, b'#')));
+                }
+                steps.push(Step::Write(b"0\r\n\r\n".to_vec()));
+                Reply::Script(steps)
+            });
+            let gw = TestGateway::start(
+                &cache_config(up.addr, "max_object_bytes = \"16KiB\"", ""),
+                d,
+            );
+            let mut leader = Client::connect(gw.addr);
+            leader.send(b"GET /past HTTP/1.1\r\nHost: test.local\r\n\r\n");
+            assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 1));
+            let (mut waiter, mut got) = join_fetch(gw.addr, "/past", FIRST);
+            let leader = if leader_leaves {
+                drop(leader);
+                None
+            } else {
+                Some(leader)
+            };
+            let mut buf = [0u8; 65536];
+            for (i, ev) in evs.iter().enumerate() {
+                while got.iter().filter(|b| **b == b'#').count() < i * PIECE {
+                    let n = waiter.read(&mut buf).expect("the next piece");
+                    assert!(
+                        n > 0,
+                        "{d:?} leaves={leader_leaves}: cut after {} bytes",
+                        got.len()
+                    );
+                    got.extend_from_slice(&buf[..n]);
+                }
+                ev.set();
+            }
+            let (head, body) = read_whole_response(&mut waiter, got).unwrap_or_else(|| {
+                panic!("{d:?} leaves={leader_leaves}: the waiter's answer was cut")
+            });
+            assert!(head.contains("collapsed"), "{head}");
+            assert_eq!(body.len(), FIRST + PIECES * PIECE);
+            assert!(body[FIRST..].iter().all(|b| *b == b'#'));
+            if let Some(mut l) = leader {
+                assert_eq!(
+                    l.read_response().unwrap().body.len(),
+                    FIRST + PIECES * PIECE
+                );
+            }
+            assert_eq!(up.hits(), 1);
+            let r = get(gw.addr, "/past");
+            assert_eq!(r.body.len(), FIRST + PIECES * PIECE);
+            assert_eq!(up.hits(), 2, "{d:?} leaves={leader_leaves}: not stored");
+        }
     }
 }

@@ -37,7 +37,7 @@ use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::config::Config;
 use crate::control::{Control, ControlError};
@@ -726,11 +726,21 @@ pub struct Flight {
     /// The head of a storable response, once known: waiters stream it (chunked when its
     /// length is not known). Taken back when the body outgrows the capture.
     pub stream: RefCell<Option<Rc<FlightStream>>>,
-    /// The body outgrew `max_object_bytes` (only a body of unknown length can): its bytes
-    /// are no longer kept, and waiters that were streaming it are cut.
+    /// The body outgrew `max_object_bytes` (only a body of unknown length can): it is not
+    /// stored and no new waiter starts on it; the waiters already streaming it go on
+    /// receiving it through a window of the last `max_object_bytes` bytes (`base`).
     pub cut: Cell<bool>,
-    /// The body's bytes so far (while it streams), at most `max_object_bytes`.
+    /// The body's bytes so far (while it streams), at most `max_object_bytes`: from the
+    /// start, or past the cut the last ones, from `base` on.
     body: RefCell<BytesMut>,
+    /// Where `body` starts in the whole body (0 until the cut).
+    base: Cell<usize>,
+    /// Waiters streaming a chunked body now ([`Flight::stream_guard`]): past the cut the
+    /// window is kept only while there are some.
+    streaming: Cell<usize>,
+    /// The body arrived whole past the cut (not stored, so no `Stored` end tells it): its
+    /// streaming waiters may end their answers.
+    pub body_end: Cell<bool>,
     /// The whole body, once the fetch stored it.
     whole: RefCell<Option<Bytes>>,
     /// A stream's allocation, emptied, for the next publish (flights are reused: see
@@ -739,6 +749,21 @@ pub struct Flight {
     /// Another request found this flight (to wait on it): it is not reused, since its
     /// `done` may keep a slot for each waiter it had.
     joined: Cell<bool>,
+}
+
+/// The least of a body past the cut kept for the waiters streaming it: two upstream reads, so
+/// that a waiter keeping up is not cut by a small `max_object_bytes`.
+pub const MIN_WINDOW: usize = 64 * 1024;
+
+/// A waiter streaming a chunked body, counted in its flight ([`Flight::stream_guard`]).
+pub struct StreamingWaiter(Rc<Flight>);
+
+impl Drop for StreamingWaiter {
+    fn drop(&mut self) {
+        self.0
+            .streaming
+            .set(self.0.streaming.get().saturating_sub(1));
+    }
 }
 
 /// What a waiter sends before the body of a response it receives as it arrives.
@@ -786,6 +811,9 @@ impl Flight {
             stream: RefCell::new(None),
             cut: Cell::new(false),
             body: RefCell::new(BytesMut::new()),
+            base: Cell::new(0),
+            streaming: Cell::new(0),
+            body_end: Cell::new(false),
             whole: RefCell::new(None),
             spare_stream: RefCell::new(None),
             joined: Cell::new(false),
@@ -799,6 +827,42 @@ impl Flight {
         }
         let b = self.body.borrow();
         Bytes::copy_from_slice(&b[off.min(b.len())..])
+    }
+
+    /// Body bytes from `off` on that have arrived, as [`Flight::body_from`]; `None` when
+    /// the ones at `off` are no longer kept (past the cut, this waiter fell more than the
+    /// window behind the fetch).
+    pub fn window_from(&self, off: usize) -> Option<Bytes> {
+        let base = self.base.get();
+        (off >= base).then(|| self.body_from(off - base))
+    }
+
+    /// Counts a waiter streaming a chunked body for as long as the guard lives.
+    pub fn stream_guard(self: &Rc<Self>) -> StreamingWaiter {
+        self.streaming.set(self.streaming.get() + 1);
+        StreamingWaiter(self.clone())
+    }
+
+    /// Bytes of a body past the cut: kept in the window for the waiters streaming it (the
+    /// oldest dropped past `max_object_bytes`, at least [`MIN_WINDOW`]), or dropped when none
+    /// does.
+    fn past_cut(&self, data: &[u8], max: usize) {
+        let window = max.max(MIN_WINDOW);
+        let mut b = self.body.borrow_mut();
+        if self.streaming.get() == 0 {
+            if b.capacity() > 0 {
+                *b = BytesMut::new();
+            }
+        } else {
+            b.extend_from_slice(data);
+            let excess = b.len().saturating_sub(window);
+            if excess > 0 {
+                b.advance(excess);
+                self.base.set(self.base.get().saturating_add(excess));
+            }
+        }
+        drop(b);
+        self.done.notify_all();
     }
 
     /// Publishes the head to stream to waiters.
@@ -1459,6 +1523,9 @@ impl WorkerCache {
         f.end.set(FlightEnd::Pending);
         f.keep_stream();
         f.cut.set(false);
+        f.base.set(0);
+        f.streaming.set(0);
+        f.body_end.set(false);
         *f.body.borrow_mut() = BytesMut::new();
         *f.whole.borrow_mut() = None;
         spare.push(f);
@@ -1876,6 +1943,9 @@ pub struct Tee {
     len: usize,
     pub max: usize,
     pub over: bool,
+    /// The client went away part way and the body was still read to its end for the store
+    /// and the waiters (see [`Tee::wants_rest`]).
+    pub drained: bool,
     flight: Option<Rc<Flight>>,
 }
 
@@ -1900,25 +1970,46 @@ impl Tee {
             len: 0,
             max,
             over: false,
+            drained: false,
             flight,
+        }
+    }
+
+    /// Whether the rest of the body is still wanted when the client that fetches it goes
+    /// away: while the capture may still be stored, or waiters stream it (one client's
+    /// disconnect must not cut the others' responses).
+    pub fn wants_rest(&self) -> bool {
+        !self.over || self.flight.as_ref().is_some_and(|f| f.streaming.get() > 0)
+    }
+
+    /// The body arrived whole: past the cut, the waiters streaming it may end their answers
+    /// (a stored body tells them by the flight's `Stored` end).
+    pub fn body_ended(&self) {
+        if let Some(f) = self.flight.as_ref().filter(|_| self.over) {
+            f.body_end.set(true);
         }
     }
 
     #[inline]
     pub fn push(&mut self, data: &[u8]) {
-        if self.over || data.is_empty() {
+        if data.is_empty() {
+            return;
+        }
+        if self.over {
+            if let Some(f) = &self.flight {
+                f.past_cut(data, self.max);
+            }
             return;
         }
         if self.len.saturating_add(data.len()) > self.max {
             self.over = true;
             self.buf = BytesMut::new();
             if let Some(f) = &self.flight {
-                // The bytes are not kept past the bound: no new waiter starts on them, and
-                // those streaming them are cut (woken to see it).
-                *f.body.borrow_mut() = BytesMut::new();
+                // Not stored: no new waiter starts on it (those waiting for its head go
+                // upstream themselves), and those streaming it go on through the window.
                 *f.stream.borrow_mut() = None;
                 f.cut.set(true);
-                f.done.notify_all();
+                f.past_cut(data, self.max);
             }
             return;
         }
@@ -2673,6 +2764,37 @@ mod tests {
         drop(n);
         drop(f);
         assert!(c.spare_flights.borrow().is_empty(), "joined: not kept");
+    }
+
+    #[test]
+    fn a_body_past_the_cut_is_kept_in_a_window_while_waiters_stream_it() {
+        let c = worker_cache();
+        let g = c.begin_flight(b"k").expect("started");
+        let f = g.flight().clone();
+        f.publish(stream());
+        let mut tee = Tee::with_buf(16, BytesMut::new(), Some(f.clone()));
+        let streaming = f.stream_guard();
+        tee.push(b"0123456789");
+        assert!(tee.wants_rest());
+        tee.push(b"abcdefghij");
+        // Past the bound: not stored, no new waiter, the streaming one goes on.
+        assert!(tee.over && f.cut.get() && f.stream.borrow().is_none());
+        assert!(tee.wants_rest(), "a waiter streams it");
+        assert_eq!(&f.window_from(5).expect("kept")[..], b"56789abcdefghij");
+        // Past the window, the oldest bytes go: a waiter that far behind is cut.
+        tee.push(&vec![b'x'; MIN_WINDOW]);
+        assert!(f.window_from(5).is_none());
+        let at = 20 + MIN_WINDOW - 10;
+        assert_eq!(&f.window_from(at).expect("kept")[..], &[b'x'; 10][..]);
+        tee.body_ended();
+        assert!(f.body_end.get());
+        // No one streams it any more: nothing more is kept, nothing more wanted.
+        drop(streaming);
+        assert!(!tee.wants_rest());
+        tee.push(b"more");
+        assert_eq!(f.body.borrow().capacity(), 0);
+        drop(tee);
+        g.finish(FlightEnd::NotStorable);
     }
 
     #[test]

@@ -782,6 +782,12 @@ async fn cached<'c, 'k, S: ClientIo>(
         // response suits is answered as it arrives; others wait for the end.
         let mut alone = false;
         while flight.end.get() == FlightEnd::Pending {
+            if flight.cut.get() {
+                // Outgrew `max_object_bytes`: not stored, and no waiter starts on it any more;
+                // this one has sent nothing yet and goes upstream itself.
+                alone = true;
+                break;
+            }
             let stream = flight.stream.borrow().clone();
             if let Some(st) = stream.filter(|st| streamable(&ctx.head, req, st)) {
                 cache.count(|s| {
@@ -2509,8 +2515,16 @@ async fn fetched<'c, S: ClientIo>(
                     let (out, reusable) =
                         forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, tee.as_mut())
                             .await;
-                    let complete = matches!(out, Outcome::Relayed { .. });
+                    // Whole also when the client went away part way and the body was read
+                    // on for the store and the waiters (its connection closes: `out`).
+                    let complete = matches!(out, Outcome::Relayed { .. })
+                        || tee.as_ref().is_some_and(|t| t.drained);
                     let failed = matches!(out, Outcome::Answer(_));
+                    if complete {
+                        if let Some(t) = &tee {
+                            t.body_ended();
+                        }
+                    }
                     // The reason phrase to store: the stream has it when it was published.
                     let reason = (plan.is_ok() && !published).then(|| reason_of(resp));
                     let status_code = resp.status;
@@ -3023,10 +3037,13 @@ async fn stream_from<'c, S: ClientIo>(
     route: &Route,
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
-    flight: &Flight,
+    flight: &Rc<Flight>,
     st: &FlightStream,
     status: &Status<'_>,
 ) -> Outcome<'c> {
+    // Counted from here (before any wait): a chunked body past the cut keeps its window
+    // for the waiters streaming it.
+    let _streaming = st.len.is_none().then(|| flight.stream_guard());
     let keep = can_keep(w, c, ctx);
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
@@ -3109,9 +3126,11 @@ async fn stream_from<'c, S: ClientIo>(
 
 /// The body of a chunked fetch, to a waiter, as it arrives: each piece the fetch has
 /// received becomes one chunk (RFC 9112 §7.1), and the last chunk is written only once the
-/// fetch ended complete (`Stored`: the whole body, within `max_object_bytes`). A fetch that
-/// fails, or whose body outgrows the capture (`cut`), cuts this answer before its last chunk,
-/// so the client sees an incomplete message, never a truncated one as complete.
+/// fetch ended complete (`Stored`, or past the cut `body_end`: a body that outgrew
+/// `max_object_bytes` is not stored, but still streamed whole). A fetch that fails, or a
+/// waiter that falls more than the window (`max_object_bytes`) behind a body past the cut,
+/// cuts this answer before its last chunk, so the client sees an incomplete message, never a
+/// truncated one as complete.
 async fn stream_chunked<'c, S: ClientIo>(
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
@@ -3122,10 +3141,9 @@ async fn stream_chunked<'c, S: ClientIo>(
     let t = ctx.t.client_write;
     let mut sent = 0usize;
     loop {
-        let piece = if flight.cut.get() {
-            Bytes::new()
-        } else {
-            flight.body_from(sent)
+        let Some(piece) = flight.window_from(sent) else {
+            // Past the cut, the bytes this waiter needs are no longer kept.
+            return Outcome::Abort;
         };
         if !piece.is_empty() {
             sent = sent.saturating_add(piece.len());
@@ -3146,12 +3164,10 @@ async fn stream_chunked<'c, S: ClientIo>(
             ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(n);
             continue;
         }
-        if flight.cut.get() {
-            return Outcome::Abort;
-        }
         match flight.end.get() {
             FlightEnd::Pending => {}
             FlightEnd::Stored => break,
+            FlightEnd::NotStorable if flight.body_end.get() => break,
             // Ended without a whole body: the fetch failed.
             FlightEnd::Failed | FlightEnd::NotStorable => return Outcome::Abort,
         }

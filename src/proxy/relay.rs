@@ -269,6 +269,7 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
         deadline: ctx.t.upstream_body_total.and_then(deadline_after),
         tee,
         sent: 0,
+        gone: false,
     };
     let result = match out {
         OutFraming::None => r.flush().await.map(|_| true).map_err(RelayFail::from),
@@ -293,6 +294,14 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
                 && !(resp.version == Version::Http10
                     && resp.header(b"transfer-encoding").is_some())
                 && !w.shutdown.is_set();
+            if r.gone {
+                // The client went away; the body was read on to its end for the cache (the
+                // capture is whole), and the client's connection closes.
+                if let Some(t) = r.tee.as_deref_mut() {
+                    t.drained = true;
+                }
+                return (Outcome::Abort, reusable);
+            }
             (Outcome::Relayed { keep }, reusable)
         }
         Err(RelayFail::BadBeforeHead) => (Outcome::from(GatewayError::UpstreamBadResponse), false),
@@ -320,33 +329,65 @@ struct Relay<'a, S> {
     tee: Option<&'a mut crate::cache::Tee>,
     /// Bytes written to the client.
     sent: u64,
+    /// A write to the client failed while the capture still wanted the rest of the body
+    /// ([`Relay::leave`]): nothing more is written, the body is read on into the capture.
+    gone: bool,
 }
 
 impl<S: ClientIo> Relay<'_, S> {
-    /// Writes to the client, counting the bytes.
-    async fn write<B: IoBuf + 'static>(&mut self, buf: B) -> Result<B, IoFail> {
+    /// Writes to the client, counting the bytes, and hands the buffer back (`None`: lost
+    /// with a failed write the relay goes on after, see [`Relay::leave`]). Once the client
+    /// is gone, nothing is written.
+    async fn write<B: IoBuf + 'static>(&mut self, buf: B) -> Result<Option<B>, IoFail> {
+        if self.gone {
+            return Ok(Some(buf));
+        }
         let n = buf.bytes_init() as u64;
-        let b = self.timer.write_buf(self.io, buf, self.t_write).await?;
-        self.sent = self.sent.saturating_add(n);
-        Ok(b)
+        match self.timer.write_buf(self.io, buf, self.t_write).await {
+            Ok(b) => {
+                self.sent = self.sent.saturating_add(n);
+                Ok(Some(b))
+            }
+            Err(e) => self.leave(e).map(|_| None),
+        }
+    }
+
+    /// A write to the client failed (it went away, or stopped reading past
+    /// `client_write`): the relay ends, unless the cache's capture still wants the rest of
+    /// the body ([`crate::cache::Tee::wants_rest`]: it may be stored, and coalesced waiters
+    /// receive it). Then the body is read on without client writes, within the upstream
+    /// body timeouts, and the client's connection is closed at the end.
+    #[cold]
+    fn leave(&mut self, e: IoFail) -> Result<(), IoFail> {
+        if self.tee.as_ref().is_some_and(|t| t.wants_rest()) {
+            self.gone = true;
+            Ok(())
+        } else {
+            Err(e)
+        }
     }
 
     async fn flush(&mut self) -> Result<(), IoFail> {
         let buf = std::mem::take(self.wbuf);
-        let mut buf = self.write(buf).await?;
-        buf.clear();
-        *self.wbuf = buf;
+        if let Some(mut buf) = self.write(buf).await? {
+            buf.clear();
+            *self.wbuf = buf;
+        }
         Ok(())
     }
 
     /// One read of the upstream body: a pause past `upstream_body`, or the whole body past
-    /// `upstream_body_total`, cuts the response.
+    /// `upstream_body_total`, cuts the response. Once the client is gone, reading stops when
+    /// the capture no longer wants the rest.
     async fn read_up(
         &mut self,
         up: &mut UpConn,
         buf: &mut BytesMut,
         want: usize,
     ) -> Result<usize, IoFail> {
+        if self.gone && !self.tee.as_ref().is_some_and(|t| t.wants_rest()) {
+            return Err(IoFail::Io);
+        }
         let dur = time_left(self.deadline, self.t_body);
         if dur.is_zero() {
             return Err(IoFail::Timeout);
@@ -386,7 +427,7 @@ impl<S: ClientIo> Relay<'_, S> {
                 t.push(&buf);
             }
             left -= (k as u64).min(left);
-            buf = self.write(buf).await?;
+            buf = self.write(buf).await?.unwrap_or_default();
         }
         buf.clear();
         up.rbuf = buf;
