@@ -1163,3 +1163,127 @@ fn https_ca_files_are_checked_at_load() {
     ))
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Review r3-auth: symmetric JWKS keys, unknown kids beside kid-less keys, kid-less keys across
+// refreshes, introspection `exp` forms, claims forwarded into identity headers.
+
+fn b64url(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// An HS token with header kid `kid`, signed with `key`.
+fn hs_kid(claims: &Value, alg: Algorithm, kid: &str, key: &[u8]) -> String {
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    encode(&h, claims, &EncodingKey::from_secret(key)).unwrap()
+}
+
+/// A JWK of `tests/data/auth` without its kid (and with `kid` when given).
+fn jwk_with_kid(file: &str, kid: Option<&str>) -> Value {
+    let mut k: Value = serde_json::from_str(&std::fs::read_to_string(data(file)).unwrap()).unwrap();
+    let o = k.as_object_mut().unwrap();
+    o.remove("kid");
+    if let Some(kid) = kid {
+        o.insert("kid".into(), json!(kid));
+    }
+    k
+}
+
+/// RFC 7518 §3.2: an HMAC key must be at least as long as the hash output (32, 48, 64 bytes
+/// for HS256/384/512). In a `jwks_file`, a shorter symmetric key (even an empty one) is a
+/// config error naming the file and the key, as for `secret`. From a `jwks_url`, symmetric
+/// keys are not used at all (a published set is readable by anyone, who could then sign
+/// tokens), and the other keys of the set serve on.
+#[test]
+fn short_symmetric_jwks_keys_are_refused_and_fetched_ones_unused_rfc7518_3_2() {
+    let dir = std::env::temp_dir().join(format!("ringway-oct-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    let file_cfg = |up: SocketAddr| {
+        config(
+            &[up],
+            &format!(
+                "[auth.jwt.f]\njwks_file = \"{}\"\n[[routes]]\npath = \"/f\"\nupstream = \"up\"\nauth = \"f\"\n",
+                file.display()
+            ),
+        )
+    };
+    for (alg, need, len) in [
+        ("HS256", 32, 0),
+        ("HS256", 32, 1),
+        ("HS256", 32, 31),
+        ("HS384", 48, 47),
+        ("HS512", 64, 32),
+    ] {
+        let set = json!({"keys": [
+            {"kty": "RSA", "kid": "ok", "n": "qdN-byVxUlz-nrcPIIBbVz-c5DO1DuRZc-HtBQRYq3xRbAjI7ZnsHJtWLlWEncdu2EKdyie-Oif6egK1iWw2Y5rXUvlbQ9WMuuAxIX-7cHQGXba0yur3FS20G5IKaWZJl393_n9jWbQLmJ7oeS8zFh6SLahTHM5C2b-wkKyiWVSo9HWr3F7xbE3T7irbf_ic6ptPg7VcuDU1nz4zJHgeTeWfYJYYibtldMiCr5NhKMhPIs71yoQJIT_z3vVBBEihyP6t2L7hhXGTQGZn4PxWo8LvU2qy0tY7SQpw8LVJ1s339zGehqyv9pVlUJR8KL6KEJ6wWDB3CYrIfk3ruQbDxQ", "e": "AQAB"},
+            {"kty": "oct", "kid": "short", "alg": alg, "k": b64url(&vec![7u8; len])}
+        ]});
+        std::fs::write(&file, set.to_string()).unwrap();
+        let e = ringway::config::Config::parse(&file_cfg("127.0.0.1:9".parse().unwrap()), "t.toml")
+            .unwrap_err();
+        assert_eq!(e.key, "auth.jwt.f.jwks_file", "{alg} {len}: {e}");
+        assert!(
+            e.reason
+                .contains(&format!("{alg} needs a key of at least {need} bytes"))
+                && e.reason.contains("RFC 7518 §3.2")
+                && e.reason.contains("kid \"short\"")
+                && e.reason.contains(&format!("this one has {len}"))
+                && e.reason.contains(&file.display().to_string()),
+            "{alg} {len}: {e}"
+        );
+    }
+    // Long enough: loaded, and its tokens verify.
+    let secret = [9u8; 32];
+    std::fs::write(
+        &file,
+        json!({"keys": [{"kty": "oct", "kid": "k", "alg": "HS256", "k": b64url(&secret)}]})
+            .to_string(),
+    )
+    .unwrap();
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&file_cfg(up.addr), DriverChoice::Auto);
+    let t = hs_kid(&alice(), Algorithm::HS256, "k", &secret);
+    assert_eq!(get_with(gw.addr, "/f", &bearer(&t)).status, 200);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A fetched set: an RSA key, an empty and a 1-byte HS256 key, and a 64-byte one.
+    let long = [5u8; 64];
+    let set = json!({"keys": [
+        jwk_with_kid("rsa_jwk.json", Some("rsa")),
+        {"kty": "oct", "kid": "empty", "alg": "HS256", "k": ""},
+        {"kty": "oct", "kid": "tiny", "alg": "HS256", "k": "aw"},
+        {"kty": "oct", "kid": "long", "alg": "HS256", "k": b64url(&long)}
+    ]})
+    .to_string();
+    let keys = Loopback::start(move |_| Some(json_response(200, &set, "")));
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.u]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\n[[routes]]\nupstream = \"up\"\nauth = \"u\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let status = |t: &str| get_with(gw.addr, "/", &bearer(t));
+    let rsa = rs(&alice(), "rsa_private.pem", "rsa");
+    assert!(
+        eventually(Duration::from_secs(10), || status(&rsa).status == 200),
+        "the set's other keys serve"
+    );
+    let mallory = with(alice(), "sub", json!("mallory"));
+    let served = up.hits();
+    for (kid, key) in [
+        ("empty", &b""[..]),
+        ("tiny", &b"k"[..]),
+        ("long", &long[..]),
+    ] {
+        let r = status(&hs_kid(&mallory, Algorithm::HS256, kid, key));
+        assert_eq!(r.status, 401, "kid {kid}: {}", r.text());
+        assert_eq!(r.json()["message"], "the token's key is not known", "{kid}");
+    }
+    assert_eq!(up.hits(), served);
+}

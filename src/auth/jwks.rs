@@ -279,6 +279,8 @@ async fn fetch_loop(
     let mut last_fetch: Option<Instant> = None;
     // The reason of the last failure logged, while fetches keep failing.
     let mut failing: Option<String> = None;
+    // The keys skipped by the last fetch, as logged.
+    let mut skipped: Vec<String> = Vec::new();
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -289,7 +291,7 @@ async fn fetch_loop(
             src.refresh.store(false, Ordering::Relaxed);
             last_fetch = Some(now);
             match fetch_set(&target, &request, cfg.jwks_timeout(), &allowed).await {
-                Ok((set, max_age)) => {
+                Ok((set, notes, max_age)) => {
                     let ttl = max_age
                         .map_or(cfg.jwks_max_ttl(), Duration::from_secs)
                         .clamp(cfg.jwks_min_ttl(), cfg.jwks_max_ttl());
@@ -311,6 +313,14 @@ async fn fetch_loop(
                     });
                     fresh = set.keys;
                     failing = None;
+                    // Keys the set holds but the gateway does not use (symmetric ones), logged
+                    // when they change.
+                    if notes != skipped {
+                        for n in &notes {
+                            warn!("auth.jwt.{name}: JWKS URL: {n}");
+                        }
+                        skipped = notes;
+                    }
                     info!(
                         "auth.jwt.{name}: {} keys from the JWKS URL ({} in their grace period); next refresh in {}s",
                         fresh.len(),
@@ -352,7 +362,7 @@ async fn fetch_set(
     request: &[u8],
     timeout: Duration,
     allowed: &[jsonwebtoken::Algorithm],
-) -> Result<(KeySet, Option<u64>), String> {
+) -> Result<(KeySet, Vec<String>, Option<u64>), String> {
     let r = client::fetch(target, request.to_vec(), false, MAX_JWKS_BYTES, timeout)
         .await
         .map_err(|e| e.to_string())?;
@@ -363,8 +373,8 @@ async fn fetch_set(
     for v in r.header_values(b"cache-control") {
         max_age(v, &mut age);
     }
-    let set = jwt::parse_jwks(&r.body, allowed)?;
-    Ok((set, age))
+    let (set, notes) = jwt::parse_jwks(&r.body, allowed, jwt::JwksOrigin::Url)?;
+    Ok((set, notes, age))
 }
 
 #[cfg(test)]
