@@ -1287,3 +1287,55 @@ fn short_symmetric_jwks_keys_are_refused_and_fetched_ones_unused_rfc7518_3_2() {
     }
     assert_eq!(up.hits(), served);
 }
+
+/// RFC 7515 §4.1.4, RFC 7517 §4.5: during a rotation the kid names the new key. A token whose
+/// kid names no key of the set is refused as signed by an unknown key, and asks for the set
+/// again, even when the set holds keys without a kid (tried, as an issuer may publish keys
+/// without kids, and failed): the rotated-in key is used as soon as it is fetched, not at
+/// the next scheduled refresh (an hour here).
+#[test]
+fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4() {
+    let serving = Arc::new(Mutex::new(
+        json!({"keys": [jwk_with_kid("rsa_jwk.json", None)]}).to_string(),
+    ));
+    let s = serving.clone();
+    let keys = Loopback::start(move |_| {
+        Some(json_response(
+            200,
+            &s.lock().unwrap(),
+            "cache-control: max-age=3600\r\n",
+        ))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
+    // The kid-less key verifies a token whatever kid it names.
+    let t1 = rs(&alice(), "rsa_private.pem", "rsa");
+    assert!(eventually(Duration::from_secs(10), || get(&t1).status == 200));
+    let fetched = keys.hits();
+    // The issuer rotates a key in under a new kid.
+    *serving.lock().unwrap() = json!({"keys": [
+        jwk_with_kid("rsa_jwk.json", None),
+        jwk_with_kid("rsa2_jwk.json", Some("rsa2"))
+    ]})
+    .to_string();
+    let t2 = rs(&alice(), "rsa2_private.pem", "rsa2");
+    let r = get(&t2);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["message"], "the token's key is not known");
+    assert!(
+        eventually(Duration::from_secs(10), || get(&t2).status == 200),
+        "the unknown kid did not bring the new key in"
+    );
+    assert!(keys.hits() > fetched);
+    // A kid naming no key, signed by no key of the set: unknown, not a bad signature.
+    let t3 = rs(&alice(), "rsa3_private.pem", "rsa3");
+    assert_eq!(get(&t3).json()["message"], "the token's key is not known");
+}

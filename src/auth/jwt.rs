@@ -510,14 +510,19 @@ pub fn verify(
     if has_crit(token) {
         return Err(AuthFail::Malformed);
     }
+    // RFC 7515 §4.1.4, RFC 7517 §4.5: a kid that names a key of the set picks that key, and
+    // only it is tried. A kid that names none leaves the keys without a kid as candidates
+    // (an issuer may publish keys without kids); if none of them verifies, the token's key is
+    // unknown, whatever they answered, so that a JWKS URL provider fetches the set again.
+    let named = header.kid.as_deref().filter(|k| keys.has_kid(k));
     let mut result = Err(AuthFail::UnknownKey);
     let mut tried = 0;
     for k in &keys.keys {
-        // A token's kid picks the key of that kid; keys configured without a kid are
-        // candidates for any token (each costs a signature check, so at most a few).
-        match (&header.kid, &k.kid) {
-            (Some(want), Some(have)) if want == have => {}
-            (Some(_), Some(_)) => continue,
+        match (named, &header.kid, &k.kid) {
+            (Some(want), _, Some(have)) if want == have => {}
+            (Some(_), _, _) | (None, Some(_), Some(_)) => continue,
+            // Keys tried without a kid's choice: each costs a signature check, so at most a
+            // few.
             _ => {
                 if tried == MAX_KEYS_WITHOUT_KID {
                     break;
@@ -539,7 +544,11 @@ pub fn verify(
             Err(e) => result = Err(key_error(&e)),
         }
     }
-    let map = result?;
+    let map = match result {
+        Ok(m) => m,
+        Err(_) if header.kid.is_some() && named.is_none() => return Err(AuthFail::UnknownKey),
+        Err(f) => return Err(f),
+    };
     check_claims(map, rules, now)
 }
 
@@ -1036,6 +1045,62 @@ mod tests {
         assert!(verify(&t, &set, &rules(), NOW).is_ok());
         assert!(parse_jwks(b"{\"keys\": []}", &[], JwksOrigin::File).is_err());
         assert!(parse_jwks(b"[]", &[], JwksOrigin::File).is_err());
+    }
+
+    /// RFC 7515 §4.1.4: a kid naming no key of the set is an unknown key even when keys
+    /// without a kid were tried and failed (the caller then fetches the set again); a kid
+    /// naming a key tries that key alone, however many kid-less keys come first.
+    #[test]
+    fn a_kid_naming_no_key_is_unknown_whatever_the_kidless_keys_answer() {
+        let kidless = |n: u8| {
+            JwtKey::new(
+                None,
+                &[Algorithm::HS256],
+                DecodingKey::from_secret(&[n; 32]),
+            )
+        };
+        let mut keys: Vec<JwtKey> = (1..=5).map(kidless).collect();
+        keys.push(JwtKey::new(
+            Some("b".into()),
+            &[Algorithm::HS256],
+            DecodingKey::from_secret(SECRET),
+        ));
+        let set = KeySet { keys };
+        let with_kid = |kid: &str, key: &[u8]| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some(kid.into());
+            encode(&h, &claims(), &EncodingKey::from_secret(key)).unwrap()
+        };
+        assert_eq!(
+            verify(
+                &with_kid("new", b"another-secret-another-secret-!!"),
+                &set,
+                &rules(),
+                NOW
+            )
+            .unwrap_err(),
+            AuthFail::UnknownKey
+        );
+        // Only a kid-less key of another algorithm: still unknown, not "algorithm not allowed".
+        let rs_only = KeySet {
+            keys: vec![JwtKey::new(
+                None,
+                &[Algorithm::RS256],
+                DecodingKey::from_rsa_pem(&data("rsa_public.pem")).unwrap(),
+            )],
+        };
+        assert_eq!(
+            verify(&with_kid("new", SECRET), &rs_only, &rules(), NOW).unwrap_err(),
+            AuthFail::UnknownKey
+        );
+        // A kid-less key still verifies a token whose kid names no key.
+        assert!(verify(&with_kid("new", &[2; 32]), &set, &rules(), NOW).is_ok());
+        // The named key is reached past five kid-less keys, and alone decides.
+        assert!(verify(&with_kid("b", SECRET), &set, &rules(), NOW).is_ok());
+        assert_eq!(
+            verify(&with_kid("b", &[1; 32]), &set, &rules(), NOW).unwrap_err(),
+            AuthFail::BadSignature
+        );
     }
 
     /// RFC 7518 §3.2: a symmetric key shorter than its hash fails a JWKS file; from a URL no
