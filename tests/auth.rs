@@ -1339,3 +1339,63 @@ fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4()
     let t3 = rs(&alice(), "rsa3_private.pem", "rsa3");
     assert_eq!(get(&t3).json()["message"], "the token's key is not known");
 }
+
+/// RFC 7662 §2.2 defines `exp` as an integer; §4: an answer with `exp` must not be cached
+/// beyond it. An `exp` of another form is never read as "no exp" (cached for
+/// `cache_max_ttl`, accepted past expiry): another number is compared as a number (rounded
+/// down) and the answer is not cached; a string or any non-number makes the answer one the
+/// gateway cannot judge (503, as for a malformed answer).
+#[test]
+fn introspection_exp_that_is_not_an_integer_is_not_ignored_rfc7662_4() {
+    let t = now();
+    let idp = Loopback::start(move |req| {
+        let text = String::from_utf8_lossy(req).to_string();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        let token = body
+            .strip_prefix("token=")
+            .and_then(|b| b.split('&').next())
+            .unwrap_or("");
+        let exp = match token {
+            "int-future" => json!(t + 600),
+            "float-future" => json!(t as f64 + 600.5),
+            "float-past" => json!(t as f64 - 100.5),
+            "float-just-past" => json!(t as f64 - 1.5),
+            "negative" => json!(-5),
+            "string-future" => json!((t + 600).to_string()),
+            "string-past" => json!((t - 100).to_string()),
+            "bool" => json!(true),
+            _ => json!(null),
+        };
+        let answer = json!({"active": true, "sub": "bob", "exp": exp});
+        Some(json_response(200, &answer.to_string(), ""))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.introspection.idp]\nurl = \"http://{}/introspect\"\nclient_id = \"gw\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            idp.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
+    let calls = |token: &str| {
+        let before = idp.hits();
+        for _ in 0..3 {
+            let r = get(token);
+            assert_eq!(r.status, 200, "{token}: {}", r.text());
+        }
+        idp.hits() - before
+    };
+    assert_eq!(calls("int-future"), 1, "an integer exp: cached");
+    assert_eq!(calls("float-future"), 3, "a fractional exp: not cached");
+    for token in ["float-past", "float-just-past", "negative"] {
+        let r = get(token);
+        assert_eq!(r.status, 401, "{token}: {}", r.text());
+        assert_eq!(r.json()["message"], "the token has expired", "{token}");
+    }
+    for token in ["string-future", "string-past", "bool"] {
+        assert_eq!(get(token).status, 503, "{token}");
+    }
+    assert_eq!(up.hits(), 6);
+}

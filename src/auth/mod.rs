@@ -714,7 +714,9 @@ impl WorkerAuth {
             &p.forward,
             until,
         ));
-        self.remember(slot, token.as_bytes(), v.clone());
+        if answer.cacheable {
+            self.remember(slot, token.as_bytes(), v.clone());
+        }
         Ok(v)
     }
 }
