@@ -1399,3 +1399,59 @@ fn introspection_exp_that_is_not_an_integer_is_not_ignored_rfc7662_4() {
     }
     assert_eq!(up.hits(), 6);
 }
+
+/// A forwarded claim holds text the token's issuer (or its user: a name, an email) chose; it
+/// may not fill a header that says who the caller is by other means: the consumer header,
+/// the API key header, Authorization, an mTLS subject header.
+#[test]
+fn forward_claims_cannot_target_identity_headers() {
+    let bad = |extra: &str| {
+        ringway::config::Config::parse(
+            &config(&["127.0.0.1:9".parse().unwrap()], extra),
+            "auth.toml",
+        )
+        .unwrap_err()
+    };
+    let jwt = "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+    let intro = "[auth.introspection.i]\nurl = \"http://127.0.0.1:9/i\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+    for (extra, key, what) in [
+        (
+            format!("{jwt}forward_claims = {{ name = \"x-consumer\" }}\n"),
+            "auth.jwt.j.forward_claims",
+            "auth.consumer_header",
+        ),
+        (
+            format!("[auth]\nconsumer_header = \"x-client\"\n{jwt}forward_claims = {{ sub = \"X-Client\" }}\n"),
+            "auth.jwt.j.forward_claims",
+            "auth.consumer_header",
+        ),
+        (
+            format!("{intro}forward_claims = {{ sub = \"x-api-key\" }}\n"),
+            "auth.introspection.i.forward_claims",
+            "auth.api_key.header",
+        ),
+        (
+            format!("[auth.api_key]\nheader = \"x-key\"\n{jwt}forward_claims = {{ k = \"x-key\" }}\n"),
+            "auth.jwt.j.forward_claims",
+            "auth.api_key.header",
+        ),
+        (
+            format!("{intro}forward_claims = {{ sub = \"authorization\" }}\n"),
+            "auth.introspection.i.forward_claims",
+            "credential",
+        ),
+    ] {
+        let e = bad(&extra);
+        assert_eq!(e.key, key, "{extra}: {e}");
+        assert!(e.reason.contains(what), "{extra}: {e}");
+    }
+    // Other names stay accepted.
+    ringway::config::Config::parse(
+        &config(
+            &["127.0.0.1:9".parse().unwrap()],
+            &format!("{jwt}forward_claims = {{ name = \"x-user-name\" }}\n"),
+        ),
+        "auth.toml",
+    )
+    .unwrap();
+}
