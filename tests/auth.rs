@@ -1340,6 +1340,79 @@ fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4()
     assert_eq!(get(&t3).json()["message"], "the token's key is not known");
 }
 
+/// Keys without a kid that stay in a fetched set are the same keys at the next fetch (matched
+/// by their key material): they are not moved to the grace list at every refresh. Copies
+/// piling up there would push a key that did leave the set (and is in its grace period) past
+/// the few keys a token without a kid may try.
+#[test]
+fn kidless_keys_that_stay_in_the_set_are_not_retired_at_each_refresh() {
+    let a = jwk_with_kid("rsa_jwk.json", None);
+    let b = jwk_with_kid("rsa2_jwk.json", None);
+    let c = jwk_with_kid("rsa3_jwk.json", None);
+    // A marker: key A's material under a kid, for PS256 only (a kid-less RS256 key does not
+    // verify a PS256 token): a token naming it passes once the second set is in service.
+    let mut marker = jwk_with_kid("rsa_jwk.json", Some("marker"));
+    marker["alg"] = json!("PS256");
+    let serving = Arc::new(Mutex::new(
+        json!({"keys": [a.clone(), b.clone(), c]}).to_string(),
+    ));
+    let s = serving.clone();
+    let keys = Loopback::start(move |_| {
+        Some(json_response(
+            200,
+            &s.lock().unwrap(),
+            "cache-control: max-age=3600\r\n",
+        ))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\njwks_grace = \"1h\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let get = |t: &str| get_with(gw.addr, "/", &bearer(t)).status;
+    // Tokens without a kid, each new (no cache hit), signed by key C.
+    let n = std::cell::Cell::new(0);
+    let by_c = || {
+        n.set(n.get() + 1);
+        let key =
+            EncodingKey::from_rsa_pem(&std::fs::read(data("rsa3_private.pem")).unwrap()).unwrap();
+        encode(
+            &Header::new(Algorithm::RS256),
+            &with(alice(), "jti", json!(n.get())),
+            &key,
+        )
+        .unwrap()
+    };
+    assert!(eventually(Duration::from_secs(10), || get(&by_c()) == 200));
+    // Refreshes of the same set, asked for by a kid no key has (an ES256 token: no key of
+    // the set verifies it).
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("nobody".into());
+    let ec = EncodingKey::from_ec_pem(&std::fs::read(data("ec256_private.pem")).unwrap()).unwrap();
+    let unknown = encode(&h, &alice(), &ec).unwrap();
+    assert!(eventually(Duration::from_secs(20), || {
+        assert_eq!(get(&unknown), 401);
+        keys.hits() >= 3
+    }));
+    // Key C leaves the set; the marker comes in.
+    *serving.lock().unwrap() = json!({"keys": [a, b, marker]}).to_string();
+    let mut h = Header::new(Algorithm::PS256);
+    h.kid = Some("marker".into());
+    let m = encode(
+        &h,
+        &alice(),
+        &EncodingKey::from_rsa_pem(&std::fs::read(data("rsa_private.pem")).unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || get(&m) == 200));
+    // C is in its grace period: its tokens still pass.
+    assert_eq!(get(&by_c()), 200);
+}
+
 /// RFC 7662 §2.2 defines `exp` as an integer; §4: an answer with `exp` must not be cached
 /// beyond it. An `exp` of another form is never read as "no exp" (cached for
 /// `cache_max_ttl`, accepted past expiry): another number is compared as a number (rounded

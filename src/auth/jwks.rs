@@ -296,22 +296,12 @@ async fn fetch_loop(
                         .map_or(cfg.jwks_max_ttl(), Duration::from_secs)
                         .clamp(cfg.jwks_min_ttl(), cfg.jwks_max_ttl());
                     next = later(now, ttl);
-                    // Keys gone from the new set are kept for the grace period.
-                    for old in fresh.drain(..) {
-                        let still = set.keys.iter().any(|k| k.kid.is_some() && k.kid == old.kid);
-                        if !still {
-                            retired.push(Retired {
-                                key: old,
-                                until: later(now, cfg.jwks_grace()),
-                            });
-                        }
-                    }
-                    retired.retain(|r| {
-                        !set.keys
-                            .iter()
-                            .any(|k| k.kid.is_some() && k.kid == r.key.kid)
-                    });
-                    fresh = set.keys;
+                    retire(
+                        &mut fresh,
+                        &mut retired,
+                        set.keys,
+                        later(now, cfg.jwks_grace()),
+                    );
                     failing = None;
                     // Keys the set holds but the gateway does not use (symmetric ones), logged
                     // when they change.
@@ -345,6 +335,25 @@ async fn fetch_loop(
         }
         monoio::time::sleep(TICK).await;
     }
+}
+
+/// Replaces the keys in service (`fresh`) with a newly fetched set. Keys gone from the set are
+/// kept in `retired` until `until` (the grace period); a retired key that is back in the set
+/// leaves `retired`. Keys are matched by kid, and keys without a kid by their key material,
+/// so a key that stays in the set is never retired.
+fn retire(
+    fresh: &mut Vec<jwt::JwtKey>,
+    retired: &mut Vec<Retired>,
+    set: Vec<jwt::JwtKey>,
+    until: Instant,
+) {
+    for old in fresh.drain(..) {
+        if !set.iter().any(|k| k.same_key(&old)) {
+            retired.push(Retired { key: old, until });
+        }
+    }
+    retired.retain(|r| !set.iter().any(|k| k.same_key(&r.key)));
+    *fresh = set;
 }
 
 fn publish(src: &KeySource, fresh: &[jwt::JwtKey], retired: &mut Vec<Retired>, now: Instant) {
@@ -397,6 +406,61 @@ mod tests {
         assert_eq!(age(&[b"max-age=x", b"max-age=-1"]), None);
         assert_eq!(age(&[b"max-age=99999999999999999999999"]), None);
         assert_eq!(age(&[b"private"]), None);
+    }
+
+    /// Keys without a kid are the same key across fetches when their material is; only keys
+    /// that left the set are retired, once, and a key back in the set leaves the grace list.
+    #[test]
+    fn only_keys_gone_from_the_set_are_retired() {
+        let rsa = |file: &str, kid: Option<&str>| {
+            let mut k: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(format!(
+                    "{}/tests/data/auth/{file}",
+                    env!("CARGO_MANIFEST_DIR")
+                ))
+                .unwrap(),
+            )
+            .unwrap();
+            match kid {
+                Some(kid) => k["kid"] = kid.into(),
+                None => {
+                    k.as_object_mut().unwrap().remove("kid");
+                }
+            }
+            k
+        };
+        let parse = |keys: Vec<serde_json::Value>| {
+            jwt::parse_jwks(
+                serde_json::json!({ "keys": keys }).to_string().as_bytes(),
+                &[],
+                jwt::JwksOrigin::Url,
+            )
+            .unwrap()
+            .0
+            .keys
+        };
+        let (a, b) = (rsa("rsa_jwk.json", None), rsa("rsa2_jwk.json", None));
+        let k = rsa("rsa3_jwk.json", Some("k"));
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut fresh = Vec::new();
+        let mut retired = Vec::new();
+        for _ in 0..5 {
+            retire(
+                &mut fresh,
+                &mut retired,
+                parse(vec![a.clone(), b.clone(), k.clone()]),
+                until,
+            );
+        }
+        assert_eq!((fresh.len(), retired.len()), (3, 0));
+        retire(&mut fresh, &mut retired, parse(vec![a.clone()]), until);
+        assert_eq!((fresh.len(), retired.len()), (1, 2));
+        retire(&mut fresh, &mut retired, parse(vec![a.clone()]), until);
+        assert_eq!((fresh.len(), retired.len()), (1, 2));
+        // B is back: no longer in its grace period.
+        retire(&mut fresh, &mut retired, parse(vec![a, b]), until);
+        assert_eq!((fresh.len(), retired.len()), (2, 1));
+        assert_eq!(retired[0].key.kid.as_deref(), Some("k"));
     }
 
     #[test]

@@ -29,11 +29,15 @@ pub struct JwtKey {
     /// checked by [`check_claims`] against the worker's clock).
     algs: Vec<(Algorithm, Validation)>,
     key: DecodingKey,
+    /// A JWKS key's public parameters (`n`/`e`, `crv`/`x`/`y`...): what identifies a key
+    /// without a kid from one fetch to the next. `None` for keys not read from a JWK.
+    material: Option<AlgorithmParameters>,
 }
 
 impl JwtKey {
     pub fn new(kid: Option<String>, algs: &[Algorithm], key: DecodingKey) -> JwtKey {
         JwtKey {
+            material: None,
             kid,
             algs: algs
                 .iter()
@@ -52,6 +56,17 @@ impl JwtKey {
 
     pub fn algorithms(&self) -> impl Iterator<Item = Algorithm> + '_ {
         self.algs.iter().map(|(a, _)| *a)
+    }
+
+    /// Whether `other` is the same key of a JWK Set: the same kid, and for keys without a kid
+    /// the same key material (a kid-less key has nothing else that stays the same between
+    /// fetches).
+    pub fn same_key(&self, other: &JwtKey) -> bool {
+        match (&self.kid, &other.kid) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.material.is_some() && self.material == other.material,
+            _ => false,
+        }
     }
 }
 
@@ -406,7 +421,9 @@ pub fn parse_jwks(
         let Ok(key) = DecodingKey::from_jwk(&jwk) else {
             continue;
         };
-        out.push(JwtKey::new(jwk.common.key_id.clone(), &algs, key));
+        let mut key = JwtKey::new(jwk.common.key_id.clone(), &algs, key);
+        key.material = Some(jwk.algorithm);
+        out.push(key);
     }
     if out.is_empty() {
         return Err(match notes.first() {
