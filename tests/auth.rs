@@ -1528,3 +1528,45 @@ fn forward_claims_cannot_target_identity_headers() {
     )
     .unwrap();
 }
+
+/// With `allow_underscores_in_headers`, a client's header spelled with `_` for `-` reaches the
+/// upstream, and CGI/WSGI/Rack/PHP-FPM read `x_consumer` and `x-consumer` as the same
+/// `HTTP_X_CONSUMER` (RFC 3875 §4.1.18: `-` becomes `_`). Client copies of identity headers are removed under every such
+/// spelling, on auth routes and open ones; other underscore headers pass.
+#[test]
+fn underscore_spellings_of_identity_headers_are_removed() {
+    let up = Upstream::echo();
+    let cfg = gateway_config(up.addr).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nallow_underscores_in_headers = true\n",
+        1,
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let bob = with(alice(), "sub", json!("bob"));
+    let spoof = "X_Consumer: admin\r\nx_user_id: admin\r\nx-user_id: admin\r\nx_tenant: t9\r\nx_other: kept\r\n";
+    for (path, auth) in [("/jwt", bearer(&hs(&bob))), ("/open", String::new())] {
+        let r = get_with(gw.addr, path, &format!("{auth}{spoof}"));
+        assert_eq!(r.status, 200, "{path}");
+        let seen = up.last();
+        let names: Vec<String> = seen
+            .headers
+            .iter()
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .collect();
+        for gone in [
+            "x_consumer",
+            "x_user_id",
+            "x-user_id",
+            "x_tenant",
+            "x-consumer",
+        ] {
+            assert!(
+                !names.iter().any(|n| n == gone),
+                "{path}: {gone} in {names:?}"
+            );
+        }
+        assert_eq!(seen.header("x_other"), Some("kept"), "{path}");
+        let want = if path == "/jwt" { vec!["bob"] } else { vec![] };
+        assert_eq!(seen.headers_named("x-user-id"), want, "{path}");
+    }
+}
