@@ -32,6 +32,8 @@ use crate::{info, warn};
 
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Skipped keys named in the log per change of the fetched set (the rest are counted).
+const MAX_LOGGED_NOTES: usize = 8;
 /// How often a fetcher thread looks at its flags while waiting.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -304,10 +306,17 @@ async fn fetch_loop(
                     );
                     failing = None;
                     // Keys the set holds but the gateway does not use (symmetric ones), logged
-                    // when they change.
+                    // when they change, at most MAX_LOGGED_NOTES lines (a set may hold
+                    // thousands).
                     if notes != skipped {
-                        for n in &notes {
+                        for n in notes.iter().take(MAX_LOGGED_NOTES) {
                             warn!("auth.jwt.{name}: JWKS URL: {n}");
+                        }
+                        if notes.len() > MAX_LOGGED_NOTES {
+                            warn!(
+                                "auth.jwt.{name}: JWKS URL: {} more keys skipped",
+                                notes.len() - MAX_LOGGED_NOTES
+                            );
                         }
                         skipped = notes;
                     }
