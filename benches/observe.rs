@@ -73,6 +73,7 @@ fn bench_end_of_request(c: &mut Criterion) {
                 method: Some(b"GET"),
                 host: Some(b"api.example.com"),
                 path: Some(b"/v1/users/12345?expand=orders"),
+                redact_query: None,
                 status: 200,
                 bytes_in: 78,
                 bytes_out: 140,

@@ -755,6 +755,9 @@ pub struct Entry<'a> {
     pub method: Option<&'a [u8]>,
     pub host: Option<&'a [u8]>,
     pub path: Option<&'a [u8]>,
+    /// A query parameter of `path` that carries a credential (`[auth.api_key].query`): its
+    /// values are written as `[redacted]`.
+    pub redact_query: Option<&'a [u8]>,
     pub status: u16,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -1013,7 +1016,7 @@ impl WorkerAccessLog {
                 Field::Client => o.string(Some(e.client)),
                 Field::Method => o.string(e.method),
                 Field::Host => o.string(e.host),
-                Field::Path => o.string(e.path),
+                Field::Path => o.path(e.path, e.redact_query),
                 Field::Status => o.num(e.status as u64),
                 Field::BytesIn => o.num(e.bytes_in),
                 Field::BytesOut => o.num(e.bytes_out),
@@ -1105,9 +1108,52 @@ impl Out<'_> {
             self.put(b"null");
             return;
         };
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         self.put(b"\"");
+        self.escaped(&v[..v.len().min(MAX_FIELD_BYTES)]);
+        self.put(b"\"");
+    }
+
+    /// The request target as [`Out::string`] writes it, with the value of every `name=`
+    /// parameter of its query (split at `&`, up to a `#`; as the API key lookup reads it)
+    /// written as `[redacted]` (RFC 6750 §5.3: credentials in URLs end up in logs). A target
+    /// without a query is written in one piece.
+    fn path(&mut self, v: Option<&[u8]>, name: Option<&[u8]>) {
+        let (Some(v), Some(name)) = (v, name) else {
+            return self.string(v);
+        };
         let v = &v[..v.len().min(MAX_FIELD_BYTES)];
+        let Some(q) = v.iter().position(|b| *b == b'?') else {
+            return self.string(Some(v));
+        };
+        let end = v[q..]
+            .iter()
+            .position(|b| *b == b'#')
+            .map_or(v.len(), |p| q + p);
+        self.put(b"\"");
+        // `done`: how far `v` is written.
+        let mut done = 0;
+        let mut at = q + 1;
+        while at <= end {
+            let next = v[at..end]
+                .iter()
+                .position(|b| *b == b'&')
+                .map_or(end, |p| at + p);
+            let param = &v[at..next];
+            if param.len() > name.len() && param.starts_with(name) && param[name.len()] == b'=' {
+                let value = at + name.len() + 1;
+                self.escaped(&v[done..value]);
+                self.put(b"[redacted]");
+                done = next;
+            }
+            at = next + 1;
+        }
+        self.escaped(&v[done..]);
+        self.put(b"\"");
+    }
+
+    /// Bytes escaped for a JSON string (see [`Out::string`]), without the quotes.
+    fn escaped(&mut self, v: &[u8]) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut run = 0;
         for (i, &b) in v.iter().enumerate() {
             let esc: Option<[u8; 6]> = match b {
@@ -1130,7 +1176,6 @@ impl Out<'_> {
             }
         }
         self.put(&v[run..]);
-        self.put(b"\"");
     }
 }
 
@@ -1154,6 +1199,7 @@ mod tests {
             method: Some(b"GET"),
             host: Some(b"a.test"),
             path: Some(path),
+            redact_query: None,
             status: 200,
             bytes_in: 10,
             bytes_out: 20,
@@ -1192,6 +1238,34 @@ mod tests {
         log.anchor.set((Instant::now(), 1_795_671_497_123));
         log.rng.set(1);
         (log, rx)
+    }
+
+    /// The credential parameter's values are redacted; everything else is written (escaped)
+    /// as it came, the fragment included.
+    #[test]
+    fn credential_query_values_are_redacted() {
+        let trace = [b'a'; 32];
+        let cases: [(&[u8], &str); 7] = [
+            (b"/a?k=s1", "/a?k=[redacted]"),
+            (
+                b"/a?x=\"&k=s1&k=&k=s2#k=s3",
+                "/a?x=\"&k=[redacted]&k=[redacted]&k=[redacted]#k=s3",
+            ),
+            (b"/a?kk=1&k&xk=2&k=\x01", "/a?kk=1&k&xk=2&k=[redacted]"),
+            (b"/a?", "/a?"),
+            (b"/a", "/a"),
+            (b"/k=s1", "/k=s1"),
+            (b"/a?k=s1?k=s2", "/a?k=[redacted]"),
+        ];
+        for (path, want) in cases {
+            let (log, _rx) = worker_log(64 * 1024);
+            let mut e = entry(b"id", &trace, path);
+            e.redact_query = Some(b"k");
+            assert_eq!(log.log(0, &e), Logged::Written);
+            let buf = log.tables.borrow().sinks[0].cur.borrow().clone().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+            assert_eq!(v["path"], want, "{}", String::from_utf8_lossy(path));
+        }
     }
 
     #[test]

@@ -2229,6 +2229,30 @@ impl Config {
             .map_err(|e| ("auth.api_key.header".to_string(), e))?;
         check_identity_header(&a.consumer_header.0)
             .map_err(|e| ("auth.consumer_header".to_string(), e))?;
+        // Headers that say who the caller is by other means than a claim: a forwarded claim
+        // (text the token's issuer, or its user, chose) must not be able to fill one.
+        let mut identity: Vec<(&str, String)> = vec![
+            ("authorization", "the credential header".into()),
+            (&a.consumer_header.0, "auth.consumer_header".into()),
+            (&a.api_key.header.0, "auth.api_key.header".into()),
+        ];
+        for (i, l) in self.listeners.iter().enumerate() {
+            if let Some(c) = l.tls.as_ref().and_then(|t| t.client_auth.as_ref()) {
+                identity.push((
+                    &c.subject_header.0,
+                    format!("listeners[{i}].tls.client_auth.subject_header"),
+                ));
+            }
+        }
+        let claim_header = |h: &str| -> Result<(), String> {
+            check_identity_header(h)?;
+            match identity.iter().find(|(n, _)| *n == h) {
+                Some((_, what)) => Err(format!(
+                    "{h:?} is {what}; a claim forwarded there would pass for that identity"
+                )),
+                None => Ok(()),
+            }
+        };
         for (name, j) in &a.jwt {
             if j.leeway_seconds > MAX_DURATION.as_secs() {
                 return fail(
@@ -2237,8 +2261,7 @@ impl Config {
                 );
             }
             for h in j.forward_claims.values() {
-                check_identity_header(&h.0)
-                    .map_err(|e| (format!("auth.jwt.{name}.forward_claims"), e))?;
+                claim_header(&h.0).map_err(|e| (format!("auth.jwt.{name}.forward_claims"), e))?;
             }
             if let Some(u) = &j.jwks_url {
                 check_fetch_url(u).map_err(|e| (format!("auth.jwt.{name}.jwks_url"), e))?;
@@ -2252,7 +2275,7 @@ impl Config {
                 );
             }
             for h in i.forward_claims.values() {
-                check_identity_header(&h.0)
+                claim_header(&h.0)
                     .map_err(|e| (format!("auth.introspection.{name}.forward_claims"), e))?;
             }
             check_fetch_url(&i.url).map_err(|e| (format!("auth.introspection.{name}.url"), e))?;

@@ -9,6 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ringway::config::DriverChoice;
 use serde_json::Value;
 use support::*;
 
@@ -718,4 +719,56 @@ fn a_reload_applies_new_fields_to_a_kept_output() {
         gw.gateway().access_logs().map(|a| a.outputs()),
         Some(vec![out.display().to_string()])
     );
+}
+
+/// RFC 6750 §5.3 (credentials in URLs end up in logs): an API key sent in the configured query
+/// parameter is written as `[redacted]` in the `path` field, wherever it sits in the query and
+/// however often; the rest of the target is kept, other parameters (and names that only begin
+/// like it) included.
+#[test]
+fn an_api_key_in_the_query_is_redacted_in_the_path_field() {
+    let dir = TempDir::new("apikey");
+    let log = dir.file("access.log");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let toml = format!(
+        "{}\n[auth.api_key]\nquery = \"api_key\"\n[[consumers]]\nname = \"c1\"\napi_keys = [\"{}\"]\n[[routes]]\npath_prefix = \"/key\"\nupstream = \"up\"\nauth = \"api_key\"\n[[routes]]\npath_prefix = \"/open\"\nupstream = \"up\"\n",
+        config(&[up.addr], &log_config(&log)),
+        ringway::auth::apikey::key_hash_hex(b"key-one")
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let targets = [
+        ("/key/x?api_key=key-one", 200, "/key/x?api_key=[redacted]"),
+        (
+            "/key/x?a=1&api_key=key-one&b=2",
+            200,
+            "/key/x?a=1&api_key=[redacted]&b=2",
+        ),
+        ("/key/x?api_key=wrong", 401, "/key/x?api_key=[redacted]"),
+        (
+            "/open/y?my_api_key=v&api_key=key-one&api_key=again",
+            200,
+            "/open/y?my_api_key=v&api_key=[redacted]&api_key=[redacted]",
+        ),
+        (
+            "/open/y?api_keyx=v&api_key",
+            200,
+            "/open/y?api_keyx=v&api_key",
+        ),
+        ("/open/z", 200, "/open/z"),
+    ];
+    for (target, status, _) in targets {
+        let resp = exchange(
+            gw.addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"),
+        );
+        let want = format!("HTTP/1.1 {status}");
+        assert!(resp.starts_with(want.as_bytes()), "{target}");
+    }
+    let got = wait_lines(&log, targets.len());
+    for (line, (target, _, logged)) in got.iter().zip(targets) {
+        assert_eq!(line["path"], logged, "{target}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("key-one"), "{text}");
+    assert_eq!(got[0]["consumer"], "c1");
 }

@@ -1163,3 +1163,410 @@ fn https_ca_files_are_checked_at_load() {
     ))
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Review r3-auth: symmetric JWKS keys, unknown kids beside kid-less keys, kid-less keys across
+// refreshes, introspection `exp` forms, claims forwarded into identity headers.
+
+fn b64url(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// An HS token with header kid `kid`, signed with `key`.
+fn hs_kid(claims: &Value, alg: Algorithm, kid: &str, key: &[u8]) -> String {
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    encode(&h, claims, &EncodingKey::from_secret(key)).unwrap()
+}
+
+/// A JWK of `tests/data/auth` without its kid (and with `kid` when given).
+fn jwk_with_kid(file: &str, kid: Option<&str>) -> Value {
+    let mut k: Value = serde_json::from_str(&std::fs::read_to_string(data(file)).unwrap()).unwrap();
+    let o = k.as_object_mut().unwrap();
+    o.remove("kid");
+    if let Some(kid) = kid {
+        o.insert("kid".into(), json!(kid));
+    }
+    k
+}
+
+/// RFC 7518 §3.2: an HMAC key must be at least as long as the hash output (32, 48, 64 bytes
+/// for HS256/384/512). In a `jwks_file`, a shorter symmetric key (even an empty one) is a
+/// config error naming the file and the key, as for `secret`. From a `jwks_url`, symmetric
+/// keys are not used at all (a published set is readable by anyone, who could then sign
+/// tokens), and the other keys of the set serve on.
+#[test]
+fn short_symmetric_jwks_keys_are_refused_and_fetched_ones_unused_rfc7518_3_2() {
+    let dir = std::env::temp_dir().join(format!("ringway-oct-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    let file_cfg = |up: SocketAddr| {
+        config(
+            &[up],
+            &format!(
+                "[auth.jwt.f]\njwks_file = \"{}\"\n[[routes]]\npath = \"/f\"\nupstream = \"up\"\nauth = \"f\"\n",
+                file.display()
+            ),
+        )
+    };
+    for (alg, need, len) in [
+        ("HS256", 32, 0),
+        ("HS256", 32, 1),
+        ("HS256", 32, 31),
+        ("HS384", 48, 47),
+        ("HS512", 64, 32),
+    ] {
+        let set = json!({"keys": [
+            {"kty": "RSA", "kid": "ok", "n": "qdN-byVxUlz-nrcPIIBbVz-c5DO1DuRZc-HtBQRYq3xRbAjI7ZnsHJtWLlWEncdu2EKdyie-Oif6egK1iWw2Y5rXUvlbQ9WMuuAxIX-7cHQGXba0yur3FS20G5IKaWZJl393_n9jWbQLmJ7oeS8zFh6SLahTHM5C2b-wkKyiWVSo9HWr3F7xbE3T7irbf_ic6ptPg7VcuDU1nz4zJHgeTeWfYJYYibtldMiCr5NhKMhPIs71yoQJIT_z3vVBBEihyP6t2L7hhXGTQGZn4PxWo8LvU2qy0tY7SQpw8LVJ1s339zGehqyv9pVlUJR8KL6KEJ6wWDB3CYrIfk3ruQbDxQ", "e": "AQAB"},
+            {"kty": "oct", "kid": "short", "alg": alg, "k": b64url(&vec![7u8; len])}
+        ]});
+        std::fs::write(&file, set.to_string()).unwrap();
+        let e = ringway::config::Config::parse(&file_cfg("127.0.0.1:9".parse().unwrap()), "t.toml")
+            .unwrap_err();
+        assert_eq!(e.key, "auth.jwt.f.jwks_file", "{alg} {len}: {e}");
+        assert!(
+            e.reason
+                .contains(&format!("{alg} needs a key of at least {need} bytes"))
+                && e.reason.contains("RFC 7518 §3.2")
+                && e.reason.contains("kid \"short\"")
+                && e.reason.contains(&format!("this one has {len}"))
+                && e.reason.contains(&file.display().to_string()),
+            "{alg} {len}: {e}"
+        );
+    }
+    // Long enough: loaded, and its tokens verify.
+    let secret = [9u8; 32];
+    std::fs::write(
+        &file,
+        json!({"keys": [{"kty": "oct", "kid": "k", "alg": "HS256", "k": b64url(&secret)}]})
+            .to_string(),
+    )
+    .unwrap();
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&file_cfg(up.addr), DriverChoice::Auto);
+    let t = hs_kid(&alice(), Algorithm::HS256, "k", &secret);
+    assert_eq!(get_with(gw.addr, "/f", &bearer(&t)).status, 200);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A fetched set: an RSA key, an empty and a 1-byte HS256 key, and a 64-byte one.
+    let long = [5u8; 64];
+    let set = json!({"keys": [
+        jwk_with_kid("rsa_jwk.json", Some("rsa")),
+        {"kty": "oct", "kid": "empty", "alg": "HS256", "k": ""},
+        {"kty": "oct", "kid": "tiny", "alg": "HS256", "k": "aw"},
+        {"kty": "oct", "kid": "long", "alg": "HS256", "k": b64url(&long)}
+    ]})
+    .to_string();
+    let keys = Loopback::start(move |_| Some(json_response(200, &set, "")));
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.u]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\n[[routes]]\nupstream = \"up\"\nauth = \"u\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let status = |t: &str| get_with(gw.addr, "/", &bearer(t));
+    let rsa = rs(&alice(), "rsa_private.pem", "rsa");
+    assert!(
+        eventually(Duration::from_secs(10), || status(&rsa).status == 200),
+        "the set's other keys serve"
+    );
+    let mallory = with(alice(), "sub", json!("mallory"));
+    let served = up.hits();
+    for (kid, key) in [
+        ("empty", &b""[..]),
+        ("tiny", &b"k"[..]),
+        ("long", &long[..]),
+    ] {
+        let r = status(&hs_kid(&mallory, Algorithm::HS256, kid, key));
+        assert_eq!(r.status, 401, "kid {kid}: {}", r.text());
+        assert_eq!(r.json()["message"], "the token's key is not known", "{kid}");
+    }
+    assert_eq!(up.hits(), served);
+}
+
+/// RFC 7515 §4.1.4, RFC 7517 §4.5: during a rotation the kid names the new key. A token whose
+/// kid names no key of the set is refused as signed by an unknown key, and asks for the set
+/// again, even when the set holds keys without a kid (tried, as an issuer may publish keys
+/// without kids, and failed): the rotated-in key is used as soon as it is fetched, not at
+/// the next scheduled refresh (an hour here).
+#[test]
+fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4() {
+    let serving = Arc::new(Mutex::new(
+        json!({"keys": [jwk_with_kid("rsa_jwk.json", None)]}).to_string(),
+    ));
+    let s = serving.clone();
+    let keys = Loopback::start(move |_| {
+        Some(json_response(
+            200,
+            &s.lock().unwrap(),
+            "cache-control: max-age=3600\r\n",
+        ))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
+    // The kid-less key verifies a token whatever kid it names.
+    let t1 = rs(&alice(), "rsa_private.pem", "rsa");
+    assert!(eventually(Duration::from_secs(10), || get(&t1).status == 200));
+    let fetched = keys.hits();
+    // The issuer rotates a key in under a new kid.
+    *serving.lock().unwrap() = json!({"keys": [
+        jwk_with_kid("rsa_jwk.json", None),
+        jwk_with_kid("rsa2_jwk.json", Some("rsa2"))
+    ]})
+    .to_string();
+    let t2 = rs(&alice(), "rsa2_private.pem", "rsa2");
+    let r = get(&t2);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["message"], "the token's key is not known");
+    assert!(
+        eventually(Duration::from_secs(10), || get(&t2).status == 200),
+        "the unknown kid did not bring the new key in"
+    );
+    assert!(keys.hits() > fetched);
+    // A kid naming no key, signed by no key of the set: unknown, not a bad signature.
+    let t3 = rs(&alice(), "rsa3_private.pem", "rsa3");
+    assert_eq!(get(&t3).json()["message"], "the token's key is not known");
+}
+
+/// Keys without a kid that stay in a fetched set are the same keys at the next fetch (matched
+/// by their key material): they are not moved to the grace list at every refresh. Copies
+/// piling up there would push a key that did leave the set (and is in its grace period) past
+/// the few keys a token without a kid may try.
+#[test]
+fn kidless_keys_that_stay_in_the_set_are_not_retired_at_each_refresh() {
+    let a = jwk_with_kid("rsa_jwk.json", None);
+    let b = jwk_with_kid("rsa2_jwk.json", None);
+    let c = jwk_with_kid("rsa3_jwk.json", None);
+    // A marker: key A's material under a kid, for PS256 only (a kid-less RS256 key does not
+    // verify a PS256 token): a token naming it passes once the second set is in service.
+    let mut marker = jwk_with_kid("rsa_jwk.json", Some("marker"));
+    marker["alg"] = json!("PS256");
+    let serving = Arc::new(Mutex::new(
+        json!({"keys": [a.clone(), b.clone(), c]}).to_string(),
+    ));
+    let s = serving.clone();
+    let keys = Loopback::start(move |_| {
+        Some(json_response(
+            200,
+            &s.lock().unwrap(),
+            "cache-control: max-age=3600\r\n",
+        ))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\njwks_grace = \"1h\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let get = |t: &str| get_with(gw.addr, "/", &bearer(t)).status;
+    // Tokens without a kid, each new (no cache hit), signed by key C.
+    let n = std::cell::Cell::new(0);
+    let by_c = || {
+        n.set(n.get() + 1);
+        let key =
+            EncodingKey::from_rsa_pem(&std::fs::read(data("rsa3_private.pem")).unwrap()).unwrap();
+        encode(
+            &Header::new(Algorithm::RS256),
+            &with(alice(), "jti", json!(n.get())),
+            &key,
+        )
+        .unwrap()
+    };
+    assert!(eventually(Duration::from_secs(10), || get(&by_c()) == 200));
+    // Refreshes of the same set, asked for by a kid no key has (an ES256 token: no key of
+    // the set verifies it).
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("nobody".into());
+    let ec = EncodingKey::from_ec_pem(&std::fs::read(data("ec256_private.pem")).unwrap()).unwrap();
+    let unknown = encode(&h, &alice(), &ec).unwrap();
+    assert!(eventually(Duration::from_secs(20), || {
+        assert_eq!(get(&unknown), 401);
+        keys.hits() >= 3
+    }));
+    // Key C leaves the set; the marker comes in.
+    *serving.lock().unwrap() = json!({"keys": [a, b, marker]}).to_string();
+    let mut h = Header::new(Algorithm::PS256);
+    h.kid = Some("marker".into());
+    let m = encode(
+        &h,
+        &alice(),
+        &EncodingKey::from_rsa_pem(&std::fs::read(data("rsa_private.pem")).unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || get(&m) == 200));
+    // C is in its grace period: its tokens still pass.
+    assert_eq!(get(&by_c()), 200);
+}
+
+/// RFC 7662 §2.2 defines `exp` as an integer; §4: an answer with `exp` must not be cached
+/// beyond it. An `exp` of another form is never read as "no exp" (cached for
+/// `cache_max_ttl`, accepted past expiry): another number is compared as a number (rounded
+/// down) and the answer is not cached; a string or any non-number makes the answer one the
+/// gateway cannot judge (503, as for a malformed answer).
+#[test]
+fn introspection_exp_that_is_not_an_integer_is_not_ignored_rfc7662_4() {
+    let t = now();
+    let idp = Loopback::start(move |req| {
+        let text = String::from_utf8_lossy(req).to_string();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        let token = body
+            .strip_prefix("token=")
+            .and_then(|b| b.split('&').next())
+            .unwrap_or("");
+        let exp = match token {
+            "int-future" => json!(t + 600),
+            "float-future" => json!(t as f64 + 600.5),
+            "float-past" => json!(t as f64 - 100.5),
+            "float-just-past" => json!(t as f64 - 1.5),
+            "negative" => json!(-5),
+            "string-future" => json!((t + 600).to_string()),
+            "string-past" => json!((t - 100).to_string()),
+            "bool" => json!(true),
+            _ => json!(null),
+        };
+        let answer = json!({"active": true, "sub": "bob", "exp": exp});
+        Some(json_response(200, &answer.to_string(), ""))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.introspection.idp]\nurl = \"http://{}/introspect\"\nclient_id = \"gw\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            idp.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
+    let calls = |token: &str| {
+        let before = idp.hits();
+        for _ in 0..3 {
+            let r = get(token);
+            assert_eq!(r.status, 200, "{token}: {}", r.text());
+        }
+        idp.hits() - before
+    };
+    assert_eq!(calls("int-future"), 1, "an integer exp: cached");
+    assert_eq!(calls("float-future"), 3, "a fractional exp: not cached");
+    for token in ["float-past", "float-just-past", "negative"] {
+        let r = get(token);
+        assert_eq!(r.status, 401, "{token}: {}", r.text());
+        assert_eq!(r.json()["message"], "the token has expired", "{token}");
+    }
+    for token in ["string-future", "string-past", "bool"] {
+        assert_eq!(get(token).status, 503, "{token}");
+    }
+    assert_eq!(up.hits(), 6);
+}
+
+/// A forwarded claim holds text the token's issuer (or its user: a name, an email) chose; it
+/// may not fill a header that says who the caller is by other means: the consumer header,
+/// the API key header, Authorization, an mTLS subject header.
+#[test]
+fn forward_claims_cannot_target_identity_headers() {
+    let bad = |extra: &str| {
+        ringway::config::Config::parse(
+            &config(&["127.0.0.1:9".parse().unwrap()], extra),
+            "auth.toml",
+        )
+        .unwrap_err()
+    };
+    let jwt = "[auth.jwt.j]\nsecret = \"0123456789abcdef0123456789abcdef\"\n";
+    let intro = "[auth.introspection.i]\nurl = \"http://127.0.0.1:9/i\"\nclient_id = \"c\"\nclient_secret = \"s\"\n";
+    for (extra, key, what) in [
+        (
+            format!("{jwt}forward_claims = {{ name = \"x-consumer\" }}\n"),
+            "auth.jwt.j.forward_claims",
+            "auth.consumer_header",
+        ),
+        (
+            format!("[auth]\nconsumer_header = \"x-client\"\n{jwt}forward_claims = {{ sub = \"X-Client\" }}\n"),
+            "auth.jwt.j.forward_claims",
+            "auth.consumer_header",
+        ),
+        (
+            format!("{intro}forward_claims = {{ sub = \"x-api-key\" }}\n"),
+            "auth.introspection.i.forward_claims",
+            "auth.api_key.header",
+        ),
+        (
+            format!("[auth.api_key]\nheader = \"x-key\"\n{jwt}forward_claims = {{ k = \"x-key\" }}\n"),
+            "auth.jwt.j.forward_claims",
+            "auth.api_key.header",
+        ),
+        (
+            format!("{intro}forward_claims = {{ sub = \"authorization\" }}\n"),
+            "auth.introspection.i.forward_claims",
+            "credential",
+        ),
+    ] {
+        let e = bad(&extra);
+        assert_eq!(e.key, key, "{extra}: {e}");
+        assert!(e.reason.contains(what), "{extra}: {e}");
+    }
+    // Other names stay accepted.
+    ringway::config::Config::parse(
+        &config(
+            &["127.0.0.1:9".parse().unwrap()],
+            &format!("{jwt}forward_claims = {{ name = \"x-user-name\" }}\n"),
+        ),
+        "auth.toml",
+    )
+    .unwrap();
+}
+
+/// With `allow_underscores_in_headers`, a client's header spelled with `_` for `-` reaches the
+/// upstream, and CGI/WSGI/Rack/PHP-FPM read `x_consumer` and `x-consumer` as the same
+/// `HTTP_X_CONSUMER` (RFC 3875 §4.1.18: `-` becomes `_`). Client copies of identity headers are removed under every such
+/// spelling, on auth routes and open ones; other underscore headers pass.
+#[test]
+fn underscore_spellings_of_identity_headers_are_removed() {
+    let up = Upstream::echo();
+    let cfg = gateway_config(up.addr).replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nallow_underscores_in_headers = true\n",
+        1,
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let bob = with(alice(), "sub", json!("bob"));
+    let spoof = "X_Consumer: admin\r\nx_user_id: admin\r\nx-user_id: admin\r\nx_tenant: t9\r\nx_other: kept\r\n";
+    for (path, auth) in [("/jwt", bearer(&hs(&bob))), ("/open", String::new())] {
+        let r = get_with(gw.addr, path, &format!("{auth}{spoof}"));
+        assert_eq!(r.status, 200, "{path}");
+        let seen = up.last();
+        let names: Vec<String> = seen
+            .headers
+            .iter()
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .collect();
+        for gone in [
+            "x_consumer",
+            "x_user_id",
+            "x-user_id",
+            "x_tenant",
+            "x-consumer",
+        ] {
+            assert!(
+                !names.iter().any(|n| n == gone),
+                "{path}: {gone} in {names:?}"
+            );
+        }
+        assert_eq!(seen.header("x_other"), Some("kept"), "{path}");
+        let want = if path == "/jwt" { vec!["bob"] } else { vec![] };
+        assert_eq!(seen.headers_named("x-user-id"), want, "{path}");
+    }
+}

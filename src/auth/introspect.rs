@@ -44,7 +44,33 @@ pub const NEGATIVE_CACHE_ENTRIES: usize = 4096;
 /// A checked answer.
 pub struct Answer {
     pub claims: Map<String, Value>,
+    /// `exp`, in whole seconds (a fraction is dropped, so never later than the answer says;
+    /// a negative value reads as 0, long past).
     pub exp: Option<u64>,
+    /// Whether the answer may be cached: not when its `exp` is a number but not the integer
+    /// RFC 7662 §2.2 defines (see [`answer_exp`]).
+    pub cacheable: bool,
+}
+
+/// Reads an answer's `exp` (RFC 7662 §2.2: an integer, seconds since the epoch). Absent or
+/// `null`: none. An unsigned integer: as it is. Any other number (a fraction, a negative, an
+/// exponent form) is compared as a number, rounded down, and makes the answer uncacheable.
+/// Anything else (a string, a boolean, an array, an object) is an answer the gateway cannot
+/// judge: `None`. Never read as "no exp": that would cache the answer for `cache_max_ttl` and
+/// accept a token past its expiry (RFC 7662 §4).
+pub fn answer_exp(claims: &Map<String, Value>) -> Option<(Option<u64>, bool)> {
+    match claims.get("exp") {
+        None | Some(Value::Null) => Some((None, true)),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(e) => Some((Some(e), true)),
+            None => {
+                let f = n.as_f64().unwrap_or(0.0);
+                // `as` saturates: huge values stay huge, negative ones become 0.
+                Some((Some(f.floor().max(0.0) as u64), false))
+            }
+        },
+        Some(_) => None,
+    }
 }
 
 /// A refusal remembered by the negative cache.
@@ -222,8 +248,18 @@ impl Provider {
         if claims.get("active") != Some(&Value::Bool(true)) {
             return Err(Some(AuthFail::Inactive));
         }
-        let exp = claims.get("exp").and_then(Value::as_u64);
-        Ok(Answer { claims, exp })
+        let Some((exp, cacheable)) = answer_exp(&claims) else {
+            debug!(
+                "introspection: {}: the answer's exp is not a number",
+                self.host
+            );
+            return Err(None);
+        };
+        Ok(Answer {
+            claims,
+            exp,
+            cacheable,
+        })
     }
 
     /// Idle keep-alive connections to the endpoint on this worker.
@@ -235,6 +271,36 @@ impl Provider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_forms() {
+        let exp = |v: Value| {
+            let mut m = Map::new();
+            m.insert("exp".into(), v);
+            answer_exp(&m)
+        };
+        assert_eq!(answer_exp(&Map::new()), Some((None, true)));
+        assert_eq!(exp(Value::Null), Some((None, true)));
+        assert_eq!(
+            exp(serde_json::json!(1_700_000_000)),
+            Some((Some(1_700_000_000), true))
+        );
+        assert_eq!(
+            exp(serde_json::json!(1_700_000_000.9)),
+            Some((Some(1_700_000_000), false))
+        );
+        assert_eq!(exp(serde_json::json!(-100)), Some((Some(0), false)));
+        assert_eq!(exp(serde_json::json!(-0.5)), Some((Some(0), false)));
+        assert_eq!(exp(serde_json::json!(1e300)), Some((Some(u64::MAX), false)));
+        for bad in [
+            serde_json::json!("1700000000"),
+            serde_json::json!(true),
+            serde_json::json!([1]),
+            serde_json::json!({"at": 1}),
+        ] {
+            assert_eq!(exp(bad), None);
+        }
+    }
 
     #[test]
     fn form_encoding() {

@@ -32,6 +32,8 @@ use crate::{info, warn};
 
 /// Largest JWKS document accepted.
 pub const MAX_JWKS_BYTES: usize = 1 << 20;
+/// Skipped keys named in the log per change of the fetched set (the rest are counted).
+const MAX_LOGGED_NOTES: usize = 8;
 /// How often a fetcher thread looks at its flags while waiting.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -279,6 +281,8 @@ async fn fetch_loop(
     let mut last_fetch: Option<Instant> = None;
     // The reason of the last failure logged, while fetches keep failing.
     let mut failing: Option<String> = None;
+    // The keys skipped by the last fetch, as logged.
+    let mut skipped: Vec<String> = Vec::new();
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -289,28 +293,33 @@ async fn fetch_loop(
             src.refresh.store(false, Ordering::Relaxed);
             last_fetch = Some(now);
             match fetch_set(&target, &request, cfg.jwks_timeout(), &allowed).await {
-                Ok((set, max_age)) => {
+                Ok((set, notes, max_age)) => {
                     let ttl = max_age
                         .map_or(cfg.jwks_max_ttl(), Duration::from_secs)
                         .clamp(cfg.jwks_min_ttl(), cfg.jwks_max_ttl());
                     next = later(now, ttl);
-                    // Keys gone from the new set are kept for the grace period.
-                    for old in fresh.drain(..) {
-                        let still = set.keys.iter().any(|k| k.kid.is_some() && k.kid == old.kid);
-                        if !still {
-                            retired.push(Retired {
-                                key: old,
-                                until: later(now, cfg.jwks_grace()),
-                            });
-                        }
-                    }
-                    retired.retain(|r| {
-                        !set.keys
-                            .iter()
-                            .any(|k| k.kid.is_some() && k.kid == r.key.kid)
-                    });
-                    fresh = set.keys;
+                    retire(
+                        &mut fresh,
+                        &mut retired,
+                        set.keys,
+                        later(now, cfg.jwks_grace()),
+                    );
                     failing = None;
+                    // Keys the set holds but the gateway does not use (symmetric ones), logged
+                    // when they change, at most MAX_LOGGED_NOTES lines (a set may hold
+                    // thousands).
+                    if notes != skipped {
+                        for n in notes.iter().take(MAX_LOGGED_NOTES) {
+                            warn!("auth.jwt.{name}: JWKS URL: {n}");
+                        }
+                        if notes.len() > MAX_LOGGED_NOTES {
+                            warn!(
+                                "auth.jwt.{name}: JWKS URL: {} more keys skipped",
+                                notes.len() - MAX_LOGGED_NOTES
+                            );
+                        }
+                        skipped = notes;
+                    }
                     info!(
                         "auth.jwt.{name}: {} keys from the JWKS URL ({} in their grace period); next refresh in {}s",
                         fresh.len(),
@@ -337,6 +346,25 @@ async fn fetch_loop(
     }
 }
 
+/// Replaces the keys in service (`fresh`) with a newly fetched set. Keys gone from the set are
+/// kept in `retired` until `until` (the grace period); a retired key that is back in the set
+/// leaves `retired`. Keys are matched by kid, and keys without a kid by their key material,
+/// so a key that stays in the set is never retired.
+fn retire(
+    fresh: &mut Vec<jwt::JwtKey>,
+    retired: &mut Vec<Retired>,
+    set: Vec<jwt::JwtKey>,
+    until: Instant,
+) {
+    for old in fresh.drain(..) {
+        if !set.iter().any(|k| k.same_key(&old)) {
+            retired.push(Retired { key: old, until });
+        }
+    }
+    retired.retain(|r| !set.iter().any(|k| k.same_key(&r.key)));
+    *fresh = set;
+}
+
 fn publish(src: &KeySource, fresh: &[jwt::JwtKey], retired: &mut Vec<Retired>, now: Instant) {
     retired.retain(|r| r.until > now);
     let keys = fresh
@@ -352,7 +380,7 @@ async fn fetch_set(
     request: &[u8],
     timeout: Duration,
     allowed: &[jsonwebtoken::Algorithm],
-) -> Result<(KeySet, Option<u64>), String> {
+) -> Result<(KeySet, Vec<String>, Option<u64>), String> {
     let r = client::fetch(target, request.to_vec(), false, MAX_JWKS_BYTES, timeout)
         .await
         .map_err(|e| e.to_string())?;
@@ -363,8 +391,8 @@ async fn fetch_set(
     for v in r.header_values(b"cache-control") {
         max_age(v, &mut age);
     }
-    let set = jwt::parse_jwks(&r.body, allowed)?;
-    Ok((set, age))
+    let (set, notes) = jwt::parse_jwks(&r.body, allowed, jwt::JwksOrigin::Url)?;
+    Ok((set, notes, age))
 }
 
 #[cfg(test)]
@@ -387,6 +415,61 @@ mod tests {
         assert_eq!(age(&[b"max-age=x", b"max-age=-1"]), None);
         assert_eq!(age(&[b"max-age=99999999999999999999999"]), None);
         assert_eq!(age(&[b"private"]), None);
+    }
+
+    /// Keys without a kid are the same key across fetches when their material is; only keys
+    /// that left the set are retired, once, and a key back in the set leaves the grace list.
+    #[test]
+    fn only_keys_gone_from_the_set_are_retired() {
+        let rsa = |file: &str, kid: Option<&str>| {
+            let mut k: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(format!(
+                    "{}/tests/data/auth/{file}",
+                    env!("CARGO_MANIFEST_DIR")
+                ))
+                .unwrap(),
+            )
+            .unwrap();
+            match kid {
+                Some(kid) => k["kid"] = kid.into(),
+                None => {
+                    k.as_object_mut().unwrap().remove("kid");
+                }
+            }
+            k
+        };
+        let parse = |keys: Vec<serde_json::Value>| {
+            jwt::parse_jwks(
+                serde_json::json!({ "keys": keys }).to_string().as_bytes(),
+                &[],
+                jwt::JwksOrigin::Url,
+            )
+            .unwrap()
+            .0
+            .keys
+        };
+        let (a, b) = (rsa("rsa_jwk.json", None), rsa("rsa2_jwk.json", None));
+        let k = rsa("rsa3_jwk.json", Some("k"));
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut fresh = Vec::new();
+        let mut retired = Vec::new();
+        for _ in 0..5 {
+            retire(
+                &mut fresh,
+                &mut retired,
+                parse(vec![a.clone(), b.clone(), k.clone()]),
+                until,
+            );
+        }
+        assert_eq!((fresh.len(), retired.len()), (3, 0));
+        retire(&mut fresh, &mut retired, parse(vec![a.clone()]), until);
+        assert_eq!((fresh.len(), retired.len()), (1, 2));
+        retire(&mut fresh, &mut retired, parse(vec![a.clone()]), until);
+        assert_eq!((fresh.len(), retired.len()), (1, 2));
+        // B is back: no longer in its grace period.
+        retire(&mut fresh, &mut retired, parse(vec![a, b]), until);
+        assert_eq!((fresh.len(), retired.len()), (2, 1));
+        assert_eq!(retired[0].key.kid.as_deref(), Some("k"));
     }
 
     #[test]

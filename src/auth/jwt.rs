@@ -29,11 +29,15 @@ pub struct JwtKey {
     /// checked by [`check_claims`] against the worker's clock).
     algs: Vec<(Algorithm, Validation)>,
     key: DecodingKey,
+    /// A JWKS key's public parameters (`n`/`e`, `crv`/`x`/`y`...): what identifies a key
+    /// without a kid from one fetch to the next. `None` for keys not read from a JWK.
+    material: Option<AlgorithmParameters>,
 }
 
 impl JwtKey {
     pub fn new(kid: Option<String>, algs: &[Algorithm], key: DecodingKey) -> JwtKey {
         JwtKey {
+            material: None,
             kid,
             algs: algs
                 .iter()
@@ -52,6 +56,17 @@ impl JwtKey {
 
     pub fn algorithms(&self) -> impl Iterator<Item = Algorithm> + '_ {
         self.algs.iter().map(|(a, _)| *a)
+    }
+
+    /// Whether `other` is the same key of a JWK Set: the same kid, and for keys without a kid
+    /// the same key material (a kid-less key has nothing else that stays the same between
+    /// fetches).
+    pub fn same_key(&self, other: &JwtKey) -> bool {
+        match (&self.kid, &other.kid) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self.material.is_some() && self.material == other.material,
+            _ => false,
+        }
     }
 }
 
@@ -284,7 +299,8 @@ pub fn load_static(j: &JwtConfig) -> Result<KeySet, (String, String)> {
                 format!("cannot read {path:?}: {e}"),
             )
         })?;
-        return parse_jwks(&text, &allowed_algs(j))
+        return parse_jwks(&text, &allowed_algs(j), JwksOrigin::File)
+            .map(|(set, _)| set)
             .map_err(|e| ("jwks_file".to_string(), format!("{path:?}: {e}")));
     }
     Err(("jwks_url".into(), "is fetched in the background".into()))
@@ -309,16 +325,51 @@ fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
         .map_err(|_| "is not valid base64".to_string())
 }
 
+/// Where a JWK Set comes from; symmetric (`oct`) keys are treated differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwksOrigin {
+    /// `jwks_file`: part of the config. A symmetric key shorter than its algorithm's hash
+    /// is a config error, as for `secret`.
+    File,
+    /// `jwks_url`: a document published over HTTP, normally readable by anyone. Symmetric
+    /// keys are never used from it (whoever reads the set could sign tokens with them); each
+    /// is skipped with a note for the log.
+    Url,
+}
+
+/// A key of a set, for messages: its position and kid (escaped and cut: a fetched set is
+/// not trusted to hold printable or short text).
+fn key_label(i: usize, kid: Option<&str>) -> String {
+    match kid {
+        Some(k) => {
+            let mut k: String = k.chars().take(64).collect();
+            if k.len() < kid.map_or(0, str::len) {
+                k.push_str("...");
+            }
+            format!("key {i} (kid {k:?})")
+        }
+        None => format!("key {i} (no kid)"),
+    }
+}
+
 /// Parses a JWK Set. Keys not meant to verify signatures (`use` other than "sig", `key_ops`
-/// without "verify"), of unsupported types or without a usable algorithm are skipped; a set with no usable key is an error.
-pub fn parse_jwks(text: &[u8], allowed: &[Algorithm]) -> Result<KeySet, String> {
+/// without "verify"), of unsupported types or without a usable algorithm are skipped; a set
+/// with no usable key is an error. Symmetric keys follow `origin` (see [`JwksOrigin`]): from
+/// a file, one shorter than its algorithm's hash output (RFC 7518 §3.2) fails the whole set;
+/// from a URL, each is skipped and named in the notes returned beside the set.
+pub fn parse_jwks(
+    text: &[u8],
+    allowed: &[Algorithm],
+    origin: JwksOrigin,
+) -> Result<(KeySet, Vec<String>), String> {
     let v: Value = serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
     let keys = v
         .get("keys")
         .and_then(Value::as_array)
         .ok_or_else(|| "not a JWK Set: no \"keys\" array".to_string())?;
     let mut out = Vec::new();
-    for k in keys {
+    let mut notes = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
         let Ok(jwk) = serde_json::from_value::<Jwk>(k.clone()) else {
             continue;
         };
@@ -347,15 +398,40 @@ pub fn parse_jwks(text: &[u8], allowed: &[Algorithm]) -> Result<KeySet, String> 
         if algs.is_empty() {
             continue;
         }
+        if let AlgorithmParameters::OctetKey(p) = &jwk.algorithm {
+            let label = || key_label(i, jwk.common.key_id.as_deref());
+            if origin == JwksOrigin::Url {
+                notes.push(format!(
+                    "{}: a symmetric (oct) key in a fetched JWK Set is not used (anyone who can \
+                     read the set could sign tokens with it)",
+                    label()
+                ));
+                continue;
+            }
+            // RFC 7518 §3.2: an HMAC key at least as long as the hash output.
+            let len = decode_base64(&p.value).map_or(0, |k| k.len());
+            if let Some(a) = algs.iter().find(|a| len < min_secret(**a)) {
+                return Err(format!(
+                    "{}: {a:?} needs a key of at least {} bytes (RFC 7518 §3.2); this one has {len}",
+                    label(),
+                    min_secret(*a)
+                ));
+            }
+        }
         let Ok(key) = DecodingKey::from_jwk(&jwk) else {
             continue;
         };
-        out.push(JwtKey::new(jwk.common.key_id.clone(), &algs, key));
+        let mut key = JwtKey::new(jwk.common.key_id.clone(), &algs, key);
+        key.material = Some(jwk.algorithm);
+        out.push(key);
     }
     if out.is_empty() {
-        return Err("the set holds no usable signature key".into());
+        return Err(match notes.first() {
+            Some(n) => format!("the set holds no usable signature key ({n})"),
+            None => "the set holds no usable signature key".into(),
+        });
     }
-    Ok(KeySet { keys: out })
+    Ok((KeySet { keys: out }, notes))
 }
 
 /// The algorithms a JWK allows: its `alg`, else what its type and curve imply (RSA keys
@@ -451,14 +527,19 @@ pub fn verify(
     if has_crit(token) {
         return Err(AuthFail::Malformed);
     }
+    // RFC 7515 §4.1.4, RFC 7517 §4.5: a kid that names a key of the set picks that key, and
+    // only it is tried. A kid that names none leaves the keys without a kid as candidates
+    // (an issuer may publish keys without kids); if none of them verifies, the token's key is
+    // unknown, whatever they answered, so that a JWKS URL provider fetches the set again.
+    let named = header.kid.as_deref().filter(|k| keys.has_kid(k));
     let mut result = Err(AuthFail::UnknownKey);
     let mut tried = 0;
     for k in &keys.keys {
-        // A token's kid picks the key of that kid; keys configured without a kid are
-        // candidates for any token (each costs a signature check, so at most a few).
-        match (&header.kid, &k.kid) {
-            (Some(want), Some(have)) if want == have => {}
-            (Some(_), Some(_)) => continue,
+        match (named, &header.kid, &k.kid) {
+            (Some(want), _, Some(have)) if want == have => {}
+            (Some(_), _, _) | (None, Some(_), Some(_)) => continue,
+            // Keys tried without a kid's choice: each costs a signature check, so at most a
+            // few.
             _ => {
                 if tried == MAX_KEYS_WITHOUT_KID {
                     break;
@@ -480,7 +561,11 @@ pub fn verify(
             Err(e) => result = Err(key_error(&e)),
         }
     }
-    let map = result?;
+    let map = match result {
+        Ok(m) => m,
+        Err(_) if header.kid.is_some() && named.is_none() => return Err(AuthFail::UnknownKey),
+        Err(f) => return Err(f),
+    };
     check_claims(map, rules, now)
 }
 
@@ -659,7 +744,9 @@ mod tests {
         let k = "AyM1SysPpbyDfgZld3umj1qzKObwVMkoqQ-EstJQLr_T-1qS0gZH75aKtMN3Yj0iPS4hcgUuTwjAzZr1Z9CAow";
         let token = "eyJ0eXAiOiJKV1QiLA0KICJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqb2UiLA0KICJleHAiOjEzMDA4MTkzODAsDQogImh0dHA6Ly9leGFtcGxlLmNvbS9pc19yb290Ijp0cnVlfQ.dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
         let jwks = json!({"keys": [{"kty": "oct", "alg": "HS256", "k": k}]}).to_string();
-        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        let set = parse_jwks(jwks.as_bytes(), &[], JwksOrigin::File)
+            .unwrap()
+            .0;
         let r = ClaimRules {
             issuers: vec!["joe".into()],
             audiences: vec![],
@@ -683,7 +770,9 @@ mod tests {
     fn rfc7520_4_1_rs256_example() {
         let n = "n4EPtAOCc9AlkeQHPzHStgAbgs7bTZLwUBZdR8_KuKPEHLd4rHVTeT-O-XV2jRojdNhxJWTDvNd7nqQ0VEiZQHz_AJmSCpMaJMRBSFKrKb2wqVwGU_NsYOYL-QtiWN2lbzcEe6XC0dApr5ydQLrHqkHHig3RBordaZ6Aj-oBHqFEHYpPe7Tpe-OfVfHd1E6cS6M1FZcD1NNLYD5lFHpPI9bTwJlsde3uhGqC0ZCuEHg8lhzwOHrtIQbS0FVbb9k3-tVTU4fg_3L_vniUFAKwuCLqKnS2BYwdq_mzSnbLY7h_qixoR7jig3__kRhuaxwUkRz5iaiQkqgc5gHdrNP5zw";
         let jwks = json!({"keys": [{"kty": "RSA", "kid": "bilbo.baggins@hobbiton.example", "use": "sig", "n": n, "e": "AQAB"}]}).to_string();
-        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        let set = parse_jwks(jwks.as_bytes(), &[], JwksOrigin::File)
+            .unwrap()
+            .0;
         let token = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImJpbGJvLmJhZ2dpbnNAaG9iYml0b24uZXhhbXBsZSJ9.SXTigJlzIGEgZGFuZ2Vyb3VzIGJ1c2luZXNzLCBGcm9kbywgZ29pbmcgb3V0IHlvdXIgZG9vci4gWW91IHN0ZXAgb250byB0aGUgcm9hZCwgYW5kIGlmIHlvdSBkb24ndCBrZWVwIHlvdXIgZmVldCwgdGhlcmXigJlzIG5vIGtub3dpbmcgd2hlcmUgeW91IG1pZ2h0IGJlIHN3ZXB0IG9mZiB0by4.MRjdkly7_-oTPTS3AXP41iQIGKa80A0ZmTuV5MEaHoxnW2e5CZ5NlKtainoFmKZopdHM1O2U4mwzJdQx996ivp83xuglII7PNDi84wnB-BDkoBwA78185hX-Es4JIwmDLJK3lfWRa-XtL0RnltuYv746iYTh_qHRD68BNt1uSNCrUCTJDt5aAE6x8wW1Kt9eRo4QPocSadnHXFxnt8Is9UzpERV0ePPQdLuW3IS_de3xyIrDaLGdjluPxUAhb6L2aXic1U12podGU0KLUQSE_oI-ZnmKJ3F4uOZDnd6QZWJushZ41Axf_fcIe8u9ipH84ogoree7vjbU5y18kDquDg";
         // The payload is text, not a claims object: the signature check passes, the claims
         // parse does not. Run the signature part alone, then check the refusal is not a
@@ -948,7 +1037,9 @@ mod tests {
             {"kty": "RSA", "kid": "enc", "use": "enc", "n": "AQAB", "e": "AQAB"}
         ]})
         .to_string();
-        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        let set = parse_jwks(jwks.as_bytes(), &[], JwksOrigin::File)
+            .unwrap()
+            .0;
         // "c" names no algorithm and is symmetric: unusable. "enc" is for encryption.
         assert_eq!(set.keys.len(), 2);
         let mut h = Header::new(Algorithm::HS256);
@@ -969,8 +1060,114 @@ mod tests {
         )
         .unwrap();
         assert!(verify(&t, &set, &rules(), NOW).is_ok());
-        assert!(parse_jwks(b"{\"keys\": []}", &[]).is_err());
-        assert!(parse_jwks(b"[]", &[]).is_err());
+        assert!(parse_jwks(b"{\"keys\": []}", &[], JwksOrigin::File).is_err());
+        assert!(parse_jwks(b"[]", &[], JwksOrigin::File).is_err());
+    }
+
+    /// RFC 7515 §4.1.4: a kid naming no key of the set is an unknown key even when keys
+    /// without a kid were tried and failed (the caller then fetches the set again); a kid
+    /// naming a key tries that key alone, however many kid-less keys come first.
+    #[test]
+    fn a_kid_naming_no_key_is_unknown_whatever_the_kidless_keys_answer() {
+        let kidless = |n: u8| {
+            JwtKey::new(
+                None,
+                &[Algorithm::HS256],
+                DecodingKey::from_secret(&[n; 32]),
+            )
+        };
+        let mut keys: Vec<JwtKey> = (1..=5).map(kidless).collect();
+        keys.push(JwtKey::new(
+            Some("b".into()),
+            &[Algorithm::HS256],
+            DecodingKey::from_secret(SECRET),
+        ));
+        let set = KeySet { keys };
+        let with_kid = |kid: &str, key: &[u8]| {
+            let mut h = Header::new(Algorithm::HS256);
+            h.kid = Some(kid.into());
+            encode(&h, &claims(), &EncodingKey::from_secret(key)).unwrap()
+        };
+        assert_eq!(
+            verify(
+                &with_kid("new", b"another-secret-another-secret-!!"),
+                &set,
+                &rules(),
+                NOW
+            )
+            .unwrap_err(),
+            AuthFail::UnknownKey
+        );
+        // Only a kid-less key of another algorithm: still unknown, not "algorithm not allowed".
+        let rs_only = KeySet {
+            keys: vec![JwtKey::new(
+                None,
+                &[Algorithm::RS256],
+                DecodingKey::from_rsa_pem(&data("rsa_public.pem")).unwrap(),
+            )],
+        };
+        assert_eq!(
+            verify(&with_kid("new", SECRET), &rs_only, &rules(), NOW).unwrap_err(),
+            AuthFail::UnknownKey
+        );
+        // A kid-less key still verifies a token whose kid names no key.
+        assert!(verify(&with_kid("new", &[2; 32]), &set, &rules(), NOW).is_ok());
+        // The named key is reached past five kid-less keys, and alone decides.
+        assert!(verify(&with_kid("b", SECRET), &set, &rules(), NOW).is_ok());
+        assert_eq!(
+            verify(&with_kid("b", &[1; 32]), &set, &rules(), NOW).unwrap_err(),
+            AuthFail::BadSignature
+        );
+    }
+
+    /// RFC 7518 §3.2: a symmetric key shorter than its hash fails a JWKS file; from a URL no
+    /// symmetric key is used, each named in the notes, and the others serve.
+    #[test]
+    fn symmetric_jwks_keys_by_origin() {
+        let set = |len: usize, alg: &str| {
+            json!({"keys": [
+                {"kty": "oct", "kid": "s", "alg": alg, "k": b64(&vec![1u8; len])},
+                {"kty": "oct", "alg": "HS256", "k": b64(&[2u8; 32])},
+                {"kty": "RSA", "kid": "r", "n": "AQAB", "e": "AQAB"}
+            ]})
+            .to_string()
+        };
+        for (alg, need) in [("HS256", 32), ("HS384", 48), ("HS512", 64)] {
+            let e = parse_jwks(set(need - 1, alg).as_bytes(), &[], JwksOrigin::File)
+                .err()
+                .unwrap();
+            assert!(
+                e.contains("kid \"s\"") && e.contains(&format!("at least {need} bytes")),
+                "{e}"
+            );
+            let (ok, notes) = parse_jwks(set(need, alg).as_bytes(), &[], JwksOrigin::File).unwrap();
+            assert_eq!((ok.keys.len(), notes.len()), (3, 0));
+        }
+        let e = parse_jwks(set(0, "HS256").as_bytes(), &[], JwksOrigin::File)
+            .err()
+            .unwrap();
+        assert!(e.contains("this one has 0"), "{e}");
+        let (got, notes) = parse_jwks(set(64, "HS256").as_bytes(), &[], JwksOrigin::Url).unwrap();
+        assert_eq!(got.keys.len(), 1);
+        assert_eq!(got.keys[0].kid.as_deref(), Some("r"));
+        assert_eq!(notes.len(), 2);
+        assert!(notes[0].starts_with("key 0 (kid \"s\")"), "{}", notes[0]);
+        assert!(notes[1].starts_with("key 1 (no kid)"), "{}", notes[1]);
+        // Only symmetric keys: no usable key, and the reason says why.
+        let only = json!({"keys": [{"kty": "oct", "alg": "HS256", "k": b64(&[2u8; 32])}]});
+        let e = parse_jwks(only.to_string().as_bytes(), &[], JwksOrigin::Url)
+            .err()
+            .unwrap();
+        assert!(e.contains("symmetric"), "{e}");
+        // A hostile kid is escaped and cut in the note.
+        let long = json!({"keys": [{"kty": "oct", "kid": format!("a\n{}", "x".repeat(500)), "alg": "HS256", "k": ""},
+                                   {"kty": "RSA", "n": "AQAB", "e": "AQAB"}]});
+        let (_, notes) = parse_jwks(long.to_string().as_bytes(), &[], JwksOrigin::Url).unwrap();
+        assert!(
+            notes[0].contains("a\\n") && notes[0].len() < 300,
+            "{}",
+            notes[0]
+        );
     }
 
     #[test]
@@ -994,7 +1191,9 @@ mod tests {
             key("encrypt", json!({"key_ops": ["encrypt", "deriveKey"]})),
         ]})
         .to_string();
-        let set = parse_jwks(jwks.as_bytes(), &[]).unwrap();
+        let set = parse_jwks(jwks.as_bytes(), &[], JwksOrigin::File)
+            .unwrap()
+            .0;
         let kids: Vec<&str> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
         assert_eq!(kids, ["plain", "sig", "verify"]);
         // A token naming a skipped key is refused as signed by an unknown key.
@@ -1010,7 +1209,7 @@ mod tests {
         assert!(verify(&t, &set, &rules(), NOW).is_ok());
         // A set of keys none of which verifies is refused whole.
         let none = json!({"keys": [key("x", json!({"key_ops": ["sign"]}))]}).to_string();
-        assert!(parse_jwks(none.as_bytes(), &[]).is_err());
+        assert!(parse_jwks(none.as_bytes(), &[], JwksOrigin::File).is_err());
     }
 
     #[test]

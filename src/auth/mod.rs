@@ -458,6 +458,12 @@ impl WorkerAuth {
         v
     }
 
+    /// The query parameter read as an API key (`[auth.api_key].query`), if any: the access
+    /// log writes its values redacted.
+    pub fn api_key_query(&self) -> Option<&[u8]> {
+        self.api_key_query.as_deref()
+    }
+
     /// Picks up key sets published since the last call (the worker's 50 ms sync task).
     pub fn sync(&self) {
         for p in &self.jwt {
@@ -714,7 +720,9 @@ impl WorkerAuth {
             &p.forward,
             until,
         ));
-        self.remember(slot, token.as_bytes(), v.clone());
+        if answer.cacheable {
+            self.remember(slot, token.as_bytes(), v.clone());
+        }
         Ok(v)
     }
 }

@@ -157,6 +157,7 @@ pub fn done<S>(w: &Worker, cfg: &Snapshot, c: &Conn<S>, ctx: &RequestCtx<'_>) {
         method: r.head_ok.then(|| head.method_str()),
         host: if r.head_ok { head.host_bytes() } else { None },
         path: r.head_ok.then(|| head.bytes(head.path_query)),
+        redact_query: ctx.auth.api_key_query(),
         status: r.status,
         bytes_in,
         bytes_out: r.bytes_out,

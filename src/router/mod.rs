@@ -52,6 +52,20 @@ pub enum PathMatch {
     Regex(Regex),
 }
 
+/// Whether header names `a` (lower case) and `b` are the same once ASCII case is ignored and
+/// `_` read as `-`, as CGI/WSGI/Rack/PHP-FPM servers read them (both become `HTTP_X_NAME`).
+#[inline]
+fn same_cgi_name(a: &[u8], b: &[u8]) -> bool {
+    let fold = |c: u8| {
+        if c == b'_' {
+            b'-'
+        } else {
+            c.to_ascii_lowercase()
+        }
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y))
+}
+
 /// A header name (lower case) and value.
 pub type HeaderPair = (Box<[u8]>, Box<[u8]>);
 
@@ -62,6 +76,11 @@ pub struct HeaderRules {
     pub add: Box<[HeaderPair]>,
     pub set: Box<[HeaderPair]>,
     pub remove: Box<[Box<[u8]>]>,
+    /// Identity headers (the consumer, forwarded claims, mTLS subjects): only the gateway sets
+    /// them, so a client's copy is removed under any spelling that a CGI-style server reads as
+    /// the same name, `_` for `-` (`x_consumer`, `x-user_id`), which a listener with
+    /// `allow_underscores_in_headers` lets through.
+    pub identity: Box<[Box<[u8]>]>,
 }
 
 impl HeaderRules {
@@ -71,6 +90,7 @@ impl HeaderRules {
             add: ops.add.iter().map(|(k, v)| (b(&k.0), b(v))).collect(),
             set: ops.set.iter().map(|(k, v)| (b(&k.0), b(v))).collect(),
             remove: ops.remove.iter().map(|k| b(&k.0)).collect(),
+            identity: Box::default(),
         }
     }
 
@@ -79,6 +99,7 @@ impl HeaderRules {
     pub fn drops(&self, name: &[u8]) -> bool {
         (!self.remove.is_empty() && self.remove.iter().any(|r| r.eq_ignore_ascii_case(name)))
             || (!self.set.is_empty() && self.set.iter().any(|(r, _)| r.eq_ignore_ascii_case(name)))
+            || (!self.identity.is_empty() && self.identity.iter().any(|r| same_cgi_name(r, name)))
     }
 
     /// Writes the `set` and `add` headers.
@@ -292,12 +313,13 @@ impl Router {
                     .and_then(|a| crate::auth::Policy::compile(&cfg.auth, a));
                 let hidden = r.auth.as_ref().map_or(&[][..], |p| &p.hidden[..]);
                 let mut remove = std::mem::take(&mut r.request_headers.remove).into_vec();
-                for h in identity.iter().chain(hidden) {
+                for h in hidden {
                     if !remove.contains(h) {
                         remove.push(h.clone());
                     }
                 }
                 r.request_headers.remove = remove.into_boxed_slice();
+                r.request_headers.identity = identity.clone().into_boxed_slice();
                 r.cache = crate::cache::RoutePolicy::compile(cfg, rc);
                 r
             })
