@@ -211,7 +211,10 @@ pub fn encode_upstream_head(
             // Joined with this hop's element below.
             _ => continue,
         }
-        if rules.drops(name) || conn.lists(name) {
+        if rules.drops(name)
+            || conn.lists(name)
+            || (req.underscore_names && rules.drops_identity_spelling(name))
+        {
             continue;
         }
         lines.push(out, h.name, h.value);

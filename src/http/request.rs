@@ -182,6 +182,9 @@ pub struct RequestHead {
     pub expect_continue: bool,
     /// The head has a Connection header listing other than close/keep-alive.
     pub connection_options: bool,
+    /// A kept field name holds `_` (only on a listener with `allow_underscores_in_headers`):
+    /// the identity headers' other spellings are then looked for (`HeaderRules::identity`).
+    pub underscore_names: bool,
 }
 
 impl Default for RequestHead {
@@ -201,6 +204,7 @@ impl Default for RequestHead {
             keep_alive: true,
             expect_continue: false,
             connection_options: false,
+            underscore_names: false,
         }
     }
 }
@@ -329,6 +333,7 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
     out.body = BodyKind::None;
     out.expect_continue = false;
     out.connection_options = false;
+    out.underscore_names = false;
 
     let mut content_length: Option<u64> = None;
     let mut te_seen = false;
@@ -343,8 +348,11 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
         let value = h.value;
         // Dropped, not refused (nginx's `underscores_in_headers off`): the line is neither
         // forwarded nor read for framing, routing or identity.
-        if !limits.allow_underscores_in_headers && memchr::memchr(b'_', name).is_some() {
-            continue;
+        if memchr::memchr(b'_', name).is_some() {
+            if !limits.allow_underscores_in_headers {
+                continue;
+            }
+            out.underscore_names = true;
         }
         // httparse already refuses CR, LF and other controls (but HTAB) in values: the
         // malformed table below pins that down.
@@ -439,10 +447,21 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
     // Request-target forms (RFC 9112 §3.2).
     let tb = target.as_bytes();
     // A fragment is never sent (RFC 9112 §3.2, RFC 9110 §7.1): an upstream that reads
-    // `/internal#x` as `/internal` would serve what a route on that path guards.
-    if memchr::memchr(b'#', tb).is_some() {
-        return Err(ParseError::Bad("fragment (#) in the request-target"));
-    }
+    // `/internal#x` as `/internal` would serve what a route on that path guards. Looked for
+    // in the path by the scan that finds its end, in a query by one more.
+    let path_end = |pq: &[u8]| -> Result<usize, ParseError> {
+        let end = pq
+            .iter()
+            .position(|b| matches!(b, b'?' | b'#'))
+            .unwrap_or(pq.len());
+        let query = pq.get(end..).unwrap_or_default();
+        if query.first() == Some(&b'#')
+            || (query.len() > 1 && memchr::memchr(b'#', query).is_some())
+        {
+            return Err(ParseError::Bad("fragment (#) in the request-target"));
+        }
+        Ok(end)
+    };
     match out.method {
         Method::Connect => return Err(ParseError::NotImplemented("CONNECT is not supported")),
         _ if tb == b"*" => {
@@ -453,7 +472,7 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
             out.path_query = out.target;
         }
         _ if tb.first() == Some(&b'/') => {
-            let path_end = tb.iter().position(|b| *b == b'?').unwrap_or(tb.len());
+            let path_end = path_end(tb)?;
             out.path = Span::of(buf, &tb[..path_end]);
             out.path_query = out.target;
         }
@@ -471,7 +490,7 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
             }
             out.host = Some(Span::of(buf, authority));
             let pq = &rest[auth_end..];
-            let path_end = pq.iter().position(|b| *b == b'?').unwrap_or(pq.len());
+            let path_end = path_end(pq)?;
             // "http://h" and "http://h?q" have an empty path here; it means "/"
             // (RFC 9112 §3.2.2): `path_bytes` and the encoder supply the slash.
             out.path = Span::of(buf, &pq[..path_end]);
@@ -670,6 +689,9 @@ mod tests {
             &b"GET /internal#x HTTP/1.1\r\nHost: a\r\n\r\n"[..],
             b"GET /a?b#c HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET http://a/internal#x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://a#x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a?# HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /# HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET /x\\..\\internal HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert!(

@@ -104,7 +104,9 @@ impl<'a, S: ClientIo> ClientSide<'a, S> {
         }
         loop {
             let denied = self.denied;
-            let deny = |name: &[u8]| denied.is_some_and(|d| d.drops(name));
+            let deny = |name: &[u8]| {
+                denied.is_some_and(|d| d.drops(name) || d.drops_identity_spelling(name))
+            };
             if let Some(b) = self
                 .body
                 .take_whole(self.rbuf, deny)
@@ -139,7 +141,9 @@ impl<S: ClientIo> Downstream for ClientSide<'_, S> {
         loop {
             if !self.rbuf.is_empty() {
                 let denied = self.denied;
-                let deny = |name: &[u8]| denied.is_some_and(|d| d.drops(name));
+                let deny = |name: &[u8]| {
+                    denied.is_some_and(|d| d.drops(name) || d.drops_identity_spelling(name))
+                };
                 let part = self
                     .body
                     .take_with(self.rbuf, deny)

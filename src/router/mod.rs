@@ -99,7 +99,14 @@ impl HeaderRules {
     pub fn drops(&self, name: &[u8]) -> bool {
         (!self.remove.is_empty() && self.remove.iter().any(|r| r.eq_ignore_ascii_case(name)))
             || (!self.set.is_empty() && self.set.iter().any(|(r, _)| r.eq_ignore_ascii_case(name)))
-            || (!self.identity.is_empty() && self.identity.iter().any(|r| same_cgi_name(r, name)))
+    }
+
+    /// Whether `name` is one of the identity headers under another spelling, `_` for `-`
+    /// (`x_consumer`): looked at only for a head with such names (`underscore_names`; the
+    /// exact spellings are in `remove`), and for trailers.
+    #[cold]
+    pub fn drops_identity_spelling(&self, name: &[u8]) -> bool {
+        self.identity.iter().any(|r| same_cgi_name(r, name))
     }
 
     /// Writes the `set` and `add` headers.
@@ -313,7 +320,7 @@ impl Router {
                     .and_then(|a| crate::auth::Policy::compile(&cfg.auth, a));
                 let hidden = r.auth.as_ref().map_or(&[][..], |p| &p.hidden[..]);
                 let mut remove = std::mem::take(&mut r.request_headers.remove).into_vec();
-                for h in hidden {
+                for h in identity.iter().chain(hidden) {
                     if !remove.contains(h) {
                         remove.push(h.clone());
                     }
