@@ -1288,16 +1288,14 @@ fn short_symmetric_jwks_keys_are_refused_and_fetched_ones_unused_rfc7518_3_2() {
     assert_eq!(up.hits(), served);
 }
 
-/// RFC 7515 §4.1.4, RFC 7517 §4.5: during a rotation the kid names the new key. A token whose
-/// kid names no key of the set is refused as signed by an unknown key, and asks for the set
-/// again, even when the set holds keys without a kid (tried, as an issuer may publish keys
-/// without kids, and failed): the rotated-in key is used as soon as it is fetched, not at
-/// the next scheduled refresh (an hour here).
-#[test]
-fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4() {
-    let serving = Arc::new(Mutex::new(
-        json!({"keys": [jwk_with_kid("rsa_jwk.json", None)]}).to_string(),
-    ));
+/// A key server that serves what `serving` holds (`max-age` an hour), and a gateway whose
+/// route `/` takes tokens of provider `idp` from it (`jwks_min_refresh_interval` 100 ms;
+/// `extra`: more lines of `[auth.jwt.idp]`). The key server and the upstream live as long as
+/// the gateway is used.
+fn served_jwks_gateway(
+    serving: &Arc<Mutex<String>>,
+    extra: &str,
+) -> (Loopback, Upstream, TestGateway) {
     let s = serving.clone();
     let keys = Loopback::start(move |_| {
         Some(json_response(
@@ -1310,11 +1308,25 @@ fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4()
     let cfg = config(
         &[up.addr],
         &format!(
-            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\n{extra}[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
             keys.addr
         ),
     );
     let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    (keys, up, gw)
+}
+
+/// RFC 7515 §4.1.4, RFC 7517 §4.5: during a rotation the kid names the new key. A token whose
+/// kid names no key of the set is refused as signed by an unknown key, and asks for the set
+/// again, even when the set holds keys without a kid (tried, as an issuer may publish keys
+/// without kids, and failed): the rotated-in key is used as soon as it is fetched, not at
+/// the next scheduled refresh (an hour here).
+#[test]
+fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4() {
+    let serving = Arc::new(Mutex::new(
+        json!({"keys": [jwk_with_kid("rsa_jwk.json", None)]}).to_string(),
+    ));
+    let (keys, _up, gw) = served_jwks_gateway(&serving, "");
     let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
     // The kid-less key verifies a token whatever kid it names.
     let t1 = rs(&alice(), "rsa_private.pem", "rsa");
@@ -1356,23 +1368,7 @@ fn kidless_keys_that_stay_in_the_set_are_not_retired_at_each_refresh() {
     let serving = Arc::new(Mutex::new(
         json!({"keys": [a.clone(), b.clone(), c]}).to_string(),
     ));
-    let s = serving.clone();
-    let keys = Loopback::start(move |_| {
-        Some(json_response(
-            200,
-            &s.lock().unwrap(),
-            "cache-control: max-age=3600\r\n",
-        ))
-    });
-    let up = Upstream::echo();
-    let cfg = config(
-        &[up.addr],
-        &format!(
-            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\njwks_grace = \"1h\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
-            keys.addr
-        ),
-    );
-    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let (keys, _up, gw) = served_jwks_gateway(&serving, "jwks_grace = \"1h\"\n");
     let get = |t: &str| get_with(gw.addr, "/", &bearer(t)).status;
     // Tokens without a kid, each new (no cache hit), signed by key C.
     let n = std::cell::Cell::new(0);
