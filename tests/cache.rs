@@ -1246,6 +1246,12 @@ fn cache_config_errors_name_the_key_and_line() {
     assert!(e.reason.contains("unknown field"), "{e}");
     let e = bad("[cache]\nmax_object_bytes = \"2GiB\"\n");
     assert_eq!(e.key, "cache.max_object_bytes");
+    // The in-flight bound holds at least one object of the largest size a route stores.
+    let e = bad("[cache]\nmax_in_flight_bytes_per_worker = \"512KiB\"\n");
+    assert_eq!(e.key, "cache.max_in_flight_bytes_per_worker");
+    assert_eq!(e.line, Some(6), "{e}");
+    let e = bad("[cache]\nmax_in_flight_bytes_per_worker = \"1MiB\"\n[[routes]]\nupstream = \"up\"\ncache = { max_object_bytes = \"2MiB\" }\n");
+    assert_eq!(e.key, "routes[0].cache.max_object_bytes");
 }
 
 /// Waits (bounded) until a stored object has reached Redis: the write is queued so that no
@@ -3378,4 +3384,142 @@ fn rfc9111_3_a_chunked_body_past_max_object_bytes_still_reaches_its_waiters_whol
             assert_eq!(up.hits(), 2, "{d:?} leaves={leader_leaves}: not stored");
         }
     }
+}
+
+/// Reads from `s` into `got` (what came before on it) until what follows the response head
+/// satisfies `done`; returns the head.
+fn read_head_until(
+    (s, got): &mut (std::net::TcpStream, Vec<u8>),
+    done: impl Fn(&[u8]) -> bool,
+) -> String {
+    use std::io::Read;
+    let mut tmp = [0u8; 16384];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if done(&got[end + 4..]) {
+                return String::from_utf8_lossy(&got[..end]).into_owned();
+            }
+        }
+        let n = s
+            .read(&mut tmp)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(got)));
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// Bodies that arrive after their head are captured for the store as they arrive, outside
+/// the store's budget until stored: `[cache] max_in_flight_bytes_per_worker` bounds what one
+/// worker holds so (a flood of concurrent misses for large bodies cannot exhaust memory). A
+/// body whose declared length does not fit is not captured (`detail=in-flight-full`); a
+/// chunked one that outgrows the room left is dropped on the way. Both still reach their
+/// clients whole, and neither is stored; what a capture held is given back when it ends.
+#[test]
+fn bodies_being_captured_are_bounded_by_the_worker_s_in_flight_bytes() {
+    use std::io::Write;
+    let ev: Vec<Arc<Event>> = (0..4).map(|_| Event::new()).collect();
+    let evs = ev.clone();
+    let kib = |c: u8| vec![c; 1024];
+    let up = Upstream::start(move |req| {
+        let mut head = b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n".to_vec();
+        let chunk = |n: usize, c: u8| {
+            let mut v = format!("{:x}\r\n", n * 1024).into_bytes();
+            (0..n).for_each(|_| v.extend_from_slice(&kib(c)));
+            v.extend_from_slice(b"\r\n");
+            v
+        };
+        match req.target.as_str() {
+            // Declared lengths: 3 KiB, the first KiB at once, the rest when released.
+            p @ ("/len-a" | "/len-b") => {
+                head.extend_from_slice(b"content-length: 3072\r\n\r\n");
+                head.extend_from_slice(&kib(b'a'));
+                Reply::Script(vec![
+                    Step::Write(head),
+                    Step::Await(evs[usize::from(p == "/len-b")].clone()),
+                    Step::Write([kib(b'a'), kib(b'a')].concat()),
+                ])
+            }
+            // Chunked: /ch-a sends 3 KiB and waits; /ch-b sends 1 KiB (4 KiB held in all),
+            // then 1 KiB more, past the bound.
+            "/ch-a" => {
+                head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                head.extend_from_slice(&chunk(3, b'c'));
+                Reply::Script(vec![
+                    Step::Write(head),
+                    Step::Await(evs[2].clone()),
+                    Step::Write(b"0\r\n\r\n".to_vec()),
+                ])
+            }
+            "/ch-b" => {
+                head.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                head.extend_from_slice(&chunk(1, b'd'));
+                Reply::Script(vec![
+                    Step::Write(head),
+                    Step::Await(evs[3].clone()),
+                    Step::Write([chunk(1, b'd'), b"0\r\n\r\n".to_vec()].concat()),
+                ])
+            }
+            _ => Reply::Raw(ok_response(b"?")),
+        }
+    });
+    let gw = TestGateway::start(
+        &format!(
+            "[server]\nworkers = 1\n{}",
+            cache_config(
+                up.addr,
+                "",
+                "[cache]\nmax_object_bytes = \"4KiB\"\nmax_in_flight_bytes_per_worker = \"4KiB\"",
+            )
+        ),
+        D,
+    );
+    let open = |path: &str| {
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n").as_bytes())
+            .unwrap();
+        (s, Vec::new())
+    };
+    let hits_of = |path: &str| up.targets().iter().filter(|t| *t == path).count();
+    // (Counted in data bytes, which the relayed framing only adds to.)
+    let at_least = |n: usize| move |b: &[u8]| b.len() >= n;
+    let last_chunk = |b: &[u8]| b.ends_with(b"0\r\n\r\n");
+
+    // /len-a holds 3 KiB; /len-b's 3 KiB do not fit beside it.
+    let mut a = open("/len-a");
+    let head = read_head_until(&mut a, at_least(1024));
+    assert!(!head.contains("detail="), "{head}");
+    let mut b = open("/len-b");
+    let head = read_head_until(&mut b, at_least(1024));
+    assert!(head.contains("detail=in-flight-full"), "{head}");
+    ev[1].set();
+    read_head_until(&mut b, at_least(3072));
+    ev[0].set();
+    read_head_until(&mut a, at_least(3072));
+    let r = get(gw.addr, "/len-a");
+    assert!(status_of(&r).contains("hit"), "stored: {r:?}");
+    assert_eq!(r.body.len(), 3072);
+    let r = get(gw.addr, "/len-b");
+    assert!(!status_of(&r).contains("hit"), "not stored: {r:?}");
+    assert_eq!(r.body.len(), 3072);
+    assert_eq!((hits_of("/len-a"), hits_of("/len-b")), (1, 2));
+
+    // What those captures held was given back: /ch-a takes 3 KiB of the 4, /ch-b 1 KiB, and
+    // its next KiB does not fit.
+    let mut a = open("/ch-a");
+    let head = read_head_until(&mut a, at_least(3072));
+    assert!(!head.contains("detail="), "{head}");
+    let mut b = open("/ch-b");
+    read_head_until(&mut b, at_least(1024));
+    ev[3].set();
+    read_head_until(&mut b, last_chunk);
+    ev[2].set();
+    read_head_until(&mut a, last_chunk);
+    let r = get(gw.addr, "/ch-a");
+    assert!(status_of(&r).contains("hit"), "stored: {r:?}");
+    assert_eq!(r.body, vec![b'c'; 3072]);
+    let r = get(gw.addr, "/ch-b");
+    assert!(!status_of(&r).contains("hit"), "not stored: {r:?}");
+    assert_eq!(r.body, vec![b'd'; 2048]);
+    assert_eq!((hits_of("/ch-a"), hits_of("/ch-b")), (1, 2));
 }

@@ -26,6 +26,11 @@ pub struct CacheConfig {
     /// Largest response body stored; larger ones stream through without being held.
     #[serde(default = "d_max_object")]
     pub max_object_bytes: ByteSize,
+    /// Bytes of response bodies one worker may hold while they arrive to be stored (their
+    /// captures, outside `max_bytes_per_worker` until stored); a body that does not fit
+    /// streams through unstored. `None`: `max_bytes_per_worker`.
+    #[serde(default)]
+    pub max_in_flight_bytes_per_worker: Option<ByteSize>,
     /// Most stored variants (Vary) of one URL; the oldest goes first.
     #[serde(default = "d_max_variants")]
     pub max_variants: usize,
@@ -94,11 +99,20 @@ fn d_redis_max_entry() -> ByteSize {
     ByteSize(1 << 20)
 }
 
+impl CacheConfig {
+    /// `max_in_flight_bytes_per_worker`, or its default: `max_bytes_per_worker`.
+    pub fn max_in_flight(&self) -> u64 {
+        self.max_in_flight_bytes_per_worker
+            .map_or(self.max_bytes_per_worker.0, |b| b.0)
+    }
+}
+
 impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             max_bytes_per_worker: d_max_bytes(),
             max_object_bytes: d_max_object(),
+            max_in_flight_bytes_per_worker: None,
             max_variants: d_max_variants(),
             coalesce_timeout: d_coalesce(),
             targeted_fields: d_targeted(),
@@ -232,6 +246,14 @@ pub fn validate(cfg: &crate::config::Config) -> Result<(), (String, String)> {
             "must be above 0, at most 1GiB and at most max_bytes_per_worker".into(),
         ));
     }
+    if let Some(m) = c.max_in_flight_bytes_per_worker {
+        if m.0 < c.max_object_bytes.0 || m.0 > MAX_BUDGET {
+            return Err((
+                "cache.max_in_flight_bytes_per_worker".into(),
+                "must be at least max_object_bytes and at most 64GiB".into(),
+            ));
+        }
+    }
     if c.max_variants == 0 || c.max_variants > MAX_VARIANTS_CAP {
         return Err((
             "cache.max_variants".into(),
@@ -302,10 +324,12 @@ pub fn validate(cfg: &crate::config::Config) -> Result<(), (String, String)> {
             ));
         }
         if let Some(m) = rc.max_object_bytes {
-            if m.0 == 0 || m.0 > c.max_bytes_per_worker.0 {
+            if m.0 == 0 || m.0 > c.max_bytes_per_worker.0 || m.0 > c.max_in_flight() {
                 return Err((
                     k("max_object_bytes"),
-                    "must be above 0 and at most cache.max_bytes_per_worker".into(),
+                    "must be above 0 and at most cache.max_bytes_per_worker and \
+                     cache.max_in_flight_bytes_per_worker"
+                        .into(),
                 ));
             }
         }

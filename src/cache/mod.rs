@@ -989,6 +989,48 @@ pub struct WorkerCache {
     purges: Cell<u64>,
     /// The last [`MAX_RECENT_PURGES`] purges, each with its number in `purges`.
     recent_purges: RefCell<std::collections::VecDeque<(u64, Purge)>>,
+    /// The bytes of bodies captured to be stored, while they arrive.
+    in_flight: Rc<InFlight>,
+}
+
+/// One worker's bytes of bodies being captured for the store ([`Tee`]), which the store's
+/// budget does not count until they are stored, bounded by
+/// `[cache] max_in_flight_bytes_per_worker`: a flood of concurrent misses for large bodies
+/// cannot hold more than that.
+pub struct InFlight {
+    used: Cell<u64>,
+    max: u64,
+}
+
+/// Bytes held against a worker's [`InFlight`] bound, given back when dropped.
+pub struct Charge {
+    of: Rc<InFlight>,
+    n: u64,
+}
+
+impl Charge {
+    /// Holds `by` bytes more, if the bound allows.
+    fn grow(&mut self, by: u64) -> bool {
+        let used = self.of.used.get().saturating_add(by);
+        if used > self.of.max {
+            return false;
+        }
+        self.of.used.set(used);
+        self.n += by;
+        true
+    }
+
+    /// Gives back every byte held.
+    fn release(&mut self) {
+        let n = std::mem::take(&mut self.n);
+        self.of.used.set(self.of.used.get().saturating_sub(n));
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Most purges a worker remembers for the fetches in flight when they were applied: a fetch
@@ -1015,10 +1057,29 @@ impl WorkerCache {
             spare_key: RefCell::new(Vec::new()),
             purges: Cell::new(0),
             recent_purges: RefCell::new(std::collections::VecDeque::new()),
+            in_flight: Rc::new(InFlight {
+                used: Cell::new(0),
+                max: cfg.cache.max_in_flight(),
+            }),
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
         })
+    }
+
+    /// Holds `n` bytes of a body about to be captured for the store against the worker's
+    /// in-flight bound; `None` when they do not fit.
+    pub fn charge_in_flight(&self, n: u64) -> Option<Charge> {
+        let mut c = Charge {
+            of: self.in_flight.clone(),
+            n: 0,
+        };
+        c.grow(n).then_some(c)
+    }
+
+    /// Bytes of bodies being captured now (see [`InFlight`]).
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight.used.get()
     }
 
     /// Lets purges and invalidations made on this worker reach the others.
@@ -1947,17 +2008,16 @@ pub struct Tee {
     /// and the waiters (see [`Tee::wants_rest`]).
     pub drained: bool,
     flight: Option<Rc<Flight>>,
+    /// What the capture holds against the worker's in-flight bound (grown as the body
+    /// arrives past it; given back when the capture is dropped or finished).
+    charge: Charge,
 }
 
 impl Tee {
-    pub fn new(max: usize, hint: Option<u64>, flight: Option<Rc<Flight>>) -> Tee {
-        let cap = hint.map_or(0, |h| h.min(max as u64) as usize);
-        Tee::with_buf(max, BytesMut::with_capacity(cap), flight)
-    }
-
     /// A capture into `buf` (empty; its spare capacity is the room the body is expected to
-    /// take, possibly in an allocation that holds other parts of the object too).
-    pub fn with_buf(max: usize, buf: BytesMut, flight: Option<Rc<Flight>>) -> Tee {
+    /// take, possibly in an allocation that holds other parts of the object too), holding
+    /// `charge` against the worker's in-flight bound (at least that room).
+    pub fn with_buf(max: usize, buf: BytesMut, flight: Option<Rc<Flight>>, charge: Charge) -> Tee {
         let buf = match &flight {
             Some(f) => {
                 *f.body.borrow_mut() = buf;
@@ -1972,6 +2032,7 @@ impl Tee {
             over: false,
             drained: false,
             flight,
+            charge,
         }
     }
 
@@ -2001,9 +2062,13 @@ impl Tee {
             }
             return;
         }
-        if self.len.saturating_add(data.len()) > self.max {
+        let len = self.len.saturating_add(data.len());
+        let room = len as u64 > self.charge.n;
+        if len > self.max || (room && !self.charge.grow(len as u64 - self.charge.n)) {
+            // Past the object bound, or past the worker's in-flight bound: not stored.
             self.over = true;
             self.buf = BytesMut::new();
+            self.charge.release();
             if let Some(f) = &self.flight {
                 // Not stored: no new waiter starts on it (those waiting for its head go
                 // upstream themselves), and those streaming it go on through the window.
@@ -2719,7 +2784,12 @@ mod tests {
         assert!(woken(&mut n), "woken by the head");
         assert_eq!(f.stream.borrow().as_ref().map(|s| s.status), Some(200));
         n = waiting(&f);
-        let mut tee = Tee::with_buf(16, BytesMut::new(), Some(g.flight().clone()));
+        let mut tee = Tee::with_buf(
+            16,
+            BytesMut::new(),
+            Some(g.flight().clone()),
+            c.charge_in_flight(0).expect("room"),
+        );
         tee.push(b"abc");
         assert!(woken(&mut n), "woken by the bytes");
         assert_eq!(&f.body_from(1)[..], b"bc");
@@ -2746,7 +2816,12 @@ mod tests {
         let g = c.begin_flight(b"k").expect("started");
         g.flight().publish(stream());
         assert!(!g.flight().joined.get());
-        let mut tee = Tee::with_buf(16, BytesMut::new(), Some(g.flight().clone()));
+        let mut tee = Tee::with_buf(
+            16,
+            BytesMut::new(),
+            Some(g.flight().clone()),
+            c.charge_in_flight(0).expect("room"),
+        );
         tee.push(b"ab");
         let Ok(f) = c.join_or_begin_flight(c.key(b"k")) else {
             panic!("the fetch is found");
@@ -2766,13 +2841,60 @@ mod tests {
         assert!(c.spare_flights.borrow().is_empty(), "joined: not kept");
     }
 
+    /// A capture holds against the worker's in-flight bound what it has received past its
+    /// first room, is refused past the bound (and then holds nothing), and gives everything
+    /// back when finished or dropped.
+    #[test]
+    fn captures_hold_their_bytes_against_the_in_flight_bound_until_they_end() {
+        let c = WorkerCache::new(
+            &crate::config::Config::parse(
+                "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache]\nmax_bytes_per_worker = \"64KiB\"\nmax_object_bytes = \"8KiB\"\nmax_in_flight_bytes_per_worker = \"10KiB\"\n",
+                "t.toml",
+            )
+            .expect("valid"),
+            0,
+        );
+        let tee = |room: u64| {
+            let charge = c.charge_in_flight(room)?;
+            Some(Tee::with_buf(8192, BytesMut::new(), None, charge))
+        };
+        let mut a = tee(6144).expect("fits");
+        assert_eq!(c.in_flight_bytes(), 6144);
+        assert!(tee(6144).is_none(), "6 KiB more do not fit beside it");
+        assert_eq!(c.in_flight_bytes(), 6144, "a refused charge holds nothing");
+        a.push(&[b'a'; 6144]);
+        assert_eq!(c.in_flight_bytes(), 6144, "within its room");
+        let mut b = tee(0).expect("empty");
+        b.push(&[b'b'; 3000]);
+        assert_eq!(c.in_flight_bytes(), 9144);
+        b.push(&[b'b'; 2000]);
+        assert!(b.over, "past the bound: dropped");
+        assert_eq!(c.in_flight_bytes(), 6144, "and gives back what it held");
+        assert_eq!(&a.finish()[..], &[b'a'; 6144][..]);
+        assert_eq!(c.in_flight_bytes(), 0);
+        let mut d = tee(0).expect("empty");
+        d.push(&[b'd'; 8192]);
+        assert_eq!(c.in_flight_bytes(), 8192);
+        drop(d);
+        assert_eq!(
+            c.in_flight_bytes(),
+            0,
+            "an abandoned capture gives back too"
+        );
+    }
+
     #[test]
     fn a_body_past_the_cut_is_kept_in_a_window_while_waiters_stream_it() {
         let c = worker_cache();
         let g = c.begin_flight(b"k").expect("started");
         let f = g.flight().clone();
         f.publish(stream());
-        let mut tee = Tee::with_buf(16, BytesMut::new(), Some(f.clone()));
+        let mut tee = Tee::with_buf(
+            16,
+            BytesMut::new(),
+            Some(f.clone()),
+            c.charge_in_flight(0).expect("room"),
+        );
         let streaming = f.stream_guard();
         tee.push(b"0123456789");
         assert!(tee.wants_rest());

@@ -2443,6 +2443,7 @@ async fn fetched<'c, S: ClientIo>(
                         request_time,
                         now,
                     );
+                    let mut charge = None;
                     let mut plan = match whole {
                         Some(a) => match keep_whole(cache, p, keys, a, &mut guard, status) {
                             Ok(()) => {
@@ -2452,16 +2453,29 @@ async fn fetched<'c, S: ClientIo>(
                             Err(d) => Err(d),
                         },
                         None if req.no_store => Err("request-no-store"),
-                        None => analyze_response(
-                            p,
-                            resp,
-                            &ctx.head,
-                            cache,
-                            body_room,
-                            authorized,
-                            request_time,
-                            now,
-                        ),
+                        None => {
+                            // The body's room (all of it as it arrives, when its length is not
+                            // known) is held against the worker's in-flight bound until it is
+                            // stored: a body that does not fit streams through unstored.
+                            charge = cache.charge_in_flight(body_room as u64);
+                            let room = if charge.is_some() { body_room } else { 0 };
+                            analyze_response(
+                                p,
+                                resp,
+                                &ctx.head,
+                                cache,
+                                room,
+                                authorized,
+                                request_time,
+                                now,
+                            )
+                            .and_then(|s| {
+                                if charge.is_none() {
+                                    return Err("in-flight-full");
+                                }
+                                Ok(s)
+                            })
+                        }
                     };
                     // Borrowed from `keys`, which this request holds to the end.
                     let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
@@ -2500,10 +2514,9 @@ async fn fetched<'c, S: ClientIo>(
                         _ => None,
                     };
                     let published = flight.is_some();
-                    let mut tee = plan
-                        .as_mut()
-                        .ok()
-                        .map(|s| Tee::with_buf(max as usize, std::mem::take(&mut s.body), flight));
+                    let mut tee = plan.as_mut().ok().zip(charge).map(|(s, charge)| {
+                        Tee::with_buf(max as usize, std::mem::take(&mut s.body), flight, charge)
+                    });
                     match &plan {
                         Ok(_) => {
                             status.stored =
