@@ -3379,3 +3379,78 @@ fn rfc9111_3_a_chunked_body_past_max_object_bytes_still_reaches_its_waiters_whol
         }
     }
 }
+
+/// The `Cache-Status` lines of a response, in order.
+fn status_lines(r: &Resp) -> Vec<String> {
+    r.headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("cache-status"))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// RFC 9211 §2.2 (`fwd`) and §2.7 (`detail`): an answer the gateway makes for a failed
+/// upstream on a cache route carries the cache's member, naming the failure, as every other
+/// answer of the cache phase does; so do OPTIONS (forwarded for its method) and an unsafe
+/// method's failure.
+#[test]
+fn rfc9211_2_7_gateway_made_failures_on_a_cache_route_carry_cache_status() {
+    let refusing = refusing_addr();
+    let gw = TestGateway::start(&cache_config(refusing.addr, "", ""), D);
+    let r = get(gw.addr, "/f");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=uri-miss; detail=upstream-connect-failed"],
+        "{r:?}"
+    );
+    let r = request(
+        gw.addr,
+        b"POST /f HTTP/1.1\r\nHost: test.local\r\nContent-Length: 1\r\n\r\nx",
+    );
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=method; detail=upstream-connect-failed"],
+        "{r:?}"
+    );
+
+    let hang = Upstream::start(|_| Reply::Hang(Duration::from_secs(10)));
+    let gw = TestGateway::start(
+        &cache_config(hang.addr, "", "[timeouts]\nupstream_response = \"300ms\"\n"),
+        D,
+    );
+    let r = get(gw.addr, "/t");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=uri-miss; detail=upstream-timeout"],
+        "{r:?}"
+    );
+
+    let long = Upstream::start(|_| {
+        let mut head = b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n".to_vec();
+        head.extend_from_slice(b"x-long: ");
+        head.extend(std::iter::repeat_n(b'a', 200 * 1024));
+        head.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+        Reply::Raw(head)
+    });
+    let gw = TestGateway::start(&cache_config(long.addr, "", ""), D);
+    let r = get(gw.addr, "/l");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=uri-miss; detail=upstream-bad-response"],
+        "{r:?}"
+    );
+
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = request(gw.addr, b"OPTIONS /o HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=method; fwd-status=200"],
+        "{r:?}"
+    );
+}

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::error::GatewayError;
 use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, RequestHead};
@@ -100,7 +101,12 @@ pub async fn run<'c, S: ClientIo>(
             )
             .await
         }
-        Method::Options | Method::Trace => forward::proxy(w, cfg, route, group, c, ctx).await,
+        // Forwarded for their method (RFC 9211 §2.2 `fwd=method`), through the cache's own
+        // fetch so that their answer, a failure's too, carries the cache's member.
+        Method::Options | Method::Trace => {
+            let mut s = Status::new(p, "method");
+            fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, &mut s).await
+        }
         _ => {
             let mut url = Vec::new();
             url_of(&ctx.head, &mut url);
@@ -2332,7 +2338,15 @@ async fn fetched<'c, S: ClientIo>(
             match e {
                 AttemptError::Down(DownFail::Gone) => Outcome::Abort,
                 e => match e.answer() {
-                    Some(g) => Outcome::from(g),
+                    // The one place where the cache phase turns a failed trip upstream into
+                    // the gateway's answer: it carries the cache's member too, with why
+                    // (RFC 9211 §2.7), after what the request got this far (`fwd`).
+                    Some(g) => {
+                        status.fwd_status = 0;
+                        status.detail = Some(failure_detail(g));
+                        status.put(&mut ctx.resp_headers);
+                        Outcome::from(g)
+                    }
                     None => Outcome::Abort,
                 },
             }
@@ -2622,6 +2636,39 @@ async fn fetched<'c, S: ClientIo>(
         }
     };
     out
+}
+
+/// The `Cache-Status` detail (RFC 9211 §2.7) of an answer the gateway makes for a failed trip
+/// upstream: the error's code ([`GatewayError::code`]) in the words of the cache's other
+/// details (hyphens).
+#[cold]
+fn failure_detail(e: GatewayError) -> &'static str {
+    use crate::http::request::ParseError;
+    match e {
+        GatewayError::UpstreamConnect => "upstream-connect-failed",
+        GatewayError::UpstreamConnectTimeout => "upstream-connect-timeout",
+        GatewayError::UpstreamTimeout => "upstream-timeout",
+        GatewayError::UpstreamBadResponse => "upstream-bad-response",
+        GatewayError::UpstreamClosed => "upstream-closed",
+        GatewayError::UpstreamTls => "upstream-tls-failed",
+        GatewayError::NoHealthyEndpoint => "no-healthy-endpoint",
+        GatewayError::CircuitOpen(_) => "circuit-open",
+        GatewayError::Overloaded => "upstream-overloaded",
+        // The request's own body failed on its way upstream.
+        GatewayError::ClientTimeout => "request-timeout",
+        GatewayError::BodyTooLarge => "body-too-large",
+        GatewayError::Parse(ParseError::HeadTooLarge) => "header-too-large",
+        GatewayError::Parse(_) | GatewayError::BadChunk(_) => "bad-request",
+        // Not answers of a trip upstream (refused before the cache phase), named all the same.
+        GatewayError::NoRoute => "no-route",
+        GatewayError::RateLimited(_) => "rate-limited",
+        GatewayError::ConcurrencyLimited => "concurrency-limited",
+        GatewayError::RateLimitUnavailable => "rate-limit-unavailable",
+        GatewayError::ClientCertRequired => "client-certificate-required",
+        GatewayError::Unauthorized(_) => "unauthorized",
+        GatewayError::Forbidden => "forbidden",
+        GatewayError::AuthUnavailable => "auth-unavailable",
+    }
 }
 
 /// Relays the response `resp` from `ch` to the client as it came (nothing captured for the
