@@ -3454,3 +3454,70 @@ fn rfc9211_2_7_gateway_made_failures_on_a_cache_route_carry_cache_status() {
         "{r:?}"
     );
 }
+
+/// RFC 9211 §2: a cache preserves the `Cache-Status` members already in a response and adds
+/// its own last. The upstream's member is stored with the response and comes before ours on
+/// hits, HEAD and 304 answers from the store, and on a validated answer (where the 304's own
+/// member replaces the stored one, RFC 9111 §3.2).
+#[test]
+fn rfc9211_2_an_upstream_cache_status_member_is_kept_before_ours_on_answers_from_the_store() {
+    let up = Upstream::start(|req| {
+        if req.header("if-none-match").is_some() {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-status: edge; hit\r\netag: \"v\"\r\n\
+                  cache-control: max-age=0\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        let cc = if req.target == "/s" {
+            "max-age=0"
+        } else {
+            "max-age=60"
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-status: edge; fwd=uri-miss; stored\r\n\
+                 cache-control: {cc}\r\netag: \"v\"\r\ncontent-length: 2\r\n\r\nok"
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let miss = get(gw.addr, "/h");
+    assert_eq!(
+        status_lines(&miss),
+        [
+            "edge; fwd=uri-miss; stored",
+            "ringway; fwd=uri-miss; fwd-status=200; stored"
+        ],
+        "{miss:?}"
+    );
+    let hit = get(gw.addr, "/h");
+    let lines = status_lines(&hit);
+    assert_eq!(lines.len(), 2, "{hit:?}");
+    assert_eq!(lines[0], "edge; fwd=uri-miss; stored", "{hit:?}");
+    assert!(lines[1].starts_with("ringway; hit; ttl="), "{hit:?}");
+    let head = request(gw.addr, b"HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(
+        status_lines(&head)[0],
+        "edge; fwd=uri-miss; stored",
+        "{head:?}"
+    );
+    let not_modified = get_h(gw.addr, "/h", "If-None-Match: \"v\"\r\n");
+    assert_eq!(not_modified.status, 304, "{not_modified:?}");
+    let lines = status_lines(&not_modified);
+    assert_eq!(lines.len(), 2, "{not_modified:?}");
+    assert_eq!(lines[0], "edge; fwd=uri-miss; stored", "{not_modified:?}");
+    assert!(lines[1].starts_with("ringway; hit"), "{not_modified:?}");
+    assert_eq!(up.hits(), 1);
+    // Stored stale: validated, the 304's member replaces the stored one.
+    get(gw.addr, "/s");
+    let validated = get(gw.addr, "/s");
+    let lines = status_lines(&validated);
+    assert_eq!(lines.len(), 2, "{validated:?}");
+    assert_eq!(lines[0], "edge; hit", "{validated:?}");
+    assert!(
+        lines[1].starts_with("ringway; fwd=stale; fwd-status=304"),
+        "{validated:?}"
+    );
+}

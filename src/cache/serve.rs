@@ -1280,8 +1280,9 @@ fn analyze_lines<const LISTED: bool, R>(
     }
     // Second pass: what the freshness calculation reads (`Seen`), and the lines stored, as
     // the parser's spans of them in the head (they are spans of its copy too).
-    // Never stored (§3.1): hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status
-    // (this cache writes its own), Set-Cookie unless the route stores it.
+    // Never stored (§3.1): hop-by-hop and framing fields, Age (read, §4.2.3), Set-Cookie
+    // unless the route stores it. An upstream's Cache-Status is kept: answers from the store
+    // carry it before this cache's member (RFC 9211 §2).
     let store_cookies = p.set_cookie == super::config::SetCookieMode::Store;
     let kept = KEPT_KINDS | u16::from(store_cookies) << FieldName::SetCookie as u16;
     let mut spans = cache.field_vec();
@@ -1426,8 +1427,9 @@ const DATE: &[u8] = b"date";
 const CACHE_CONTROL: &[u8] = b"cache-control";
 
 /// The kinds of field ([`FieldName`], as bits) that a stored response keeps (§3.1): not the
-/// hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status (this cache writes its
-/// own), nor Set-Cookie, which a route that stores it adds.
+/// hop-by-hop and framing fields, Age (read, §4.2.3), nor Set-Cookie, which a route that
+/// stores it adds. The upstream's Cache-Status members are kept (RFC 9211 §2: a cache
+/// preserves them and appends its own, which answers from the store write after them).
 const KEPT_KINDS: u16 = {
     use FieldName::*;
     let kinds = [
@@ -1439,6 +1441,7 @@ const KEPT_KINDS: u16 = {
         ETag,
         Vary,
         SurrogateKey,
+        CacheStatus,
     ];
     let mut bits = 0;
     let mut i = 0;
@@ -1503,7 +1506,7 @@ fn usual_lifetime(d: &Directives, seen: &Seen<'_>) -> Option<u64> {
 
 /// What follows [`screen`] once it passed: whether the fields allow storing, the response's
 /// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
-/// `fields` (Age and Cache-Status among them, though neither is stored). What [`analyze`]
+/// `fields` (Age among them, though it is not stored). What [`analyze`]
 /// calls: a test compares it with [`analyze_response`], which computes the usual response's
 /// lifetime in line ([`usual_lifetime`]).
 #[allow(clippy::too_many_arguments)]
@@ -1629,7 +1632,7 @@ fn timing(
 
 /// Whether a line named `n` of a response [`freshness`] accepted is left out of what is
 /// stored: named by `private="..."` or `no-cache="..."` (§5.2.2.4, §5.2.2.7), or, when
-/// `unfiltered`, one of the fields never stored (hop-by-hop and framing, Age, Cache-Status,
+/// `unfiltered`, one of the fields never stored (hop-by-hop and framing, Age,
 /// Set-Cookie unless the route stores it), which [`analyze_response`] does not keep in the
 /// first place.
 fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool {
@@ -1637,8 +1640,7 @@ fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool 
         && (policy::unstorable_field(n)
             || (p.set_cookie != super::config::SetCookieMode::Store
                 && (n.eq_ignore_ascii_case(b"set-cookie")
-                    || n.eq_ignore_ascii_case(b"set-cookie2")))
-            || n.eq_ignore_ascii_case(b"cache-status")))
+                    || n.eq_ignore_ascii_case(b"set-cookie2")))))
         || d.private_fields().iter().any(|f| f.eq_ignore_ascii_case(n))
         || d.no_cache_fields()
             .iter()
@@ -1662,7 +1664,7 @@ fn has_date(kept: FieldsRef<'_>, d: &Directives, had_date: bool) -> bool {
 struct Seen<'a> {
     /// The bytes the lines' spans are of.
     block: &'a [u8],
-    /// The first line of each kind, indexed by [`FieldName`] (Age and Cache-Status among
+    /// The first line of each kind, indexed by [`FieldName`] (Age among
     /// them, though neither is stored).
     first: [Option<&'a HeaderSpan>; FieldName::COUNT],
 }
@@ -2963,7 +2965,9 @@ async fn answer<'c, S: ClientIo>(
             return false;
         }
         let keep_field = match code {
-            // §15.4.5: the fields a 200 would have carried for caches.
+            // §15.4.5: the fields a 200 would have carried for caches; and the stored
+            // upstream Cache-Status members, before this cache's (RFC 9211 §2), on every
+            // answer from the store.
             304 => [
                 &b"cache-control"[..],
                 b"content-location",
@@ -2972,10 +2976,11 @@ async fn answer<'c, S: ClientIo>(
                 b"expires",
                 b"vary",
                 b"last-modified",
+                b"cache-status",
             ]
             .iter()
             .any(|s| n.eq_ignore_ascii_case(s)),
-            412 | 416 => n.eq_ignore_ascii_case(b"date"),
+            412 | 416 => n.eq_ignore_ascii_case(b"date") || n.eq_ignore_ascii_case(b"cache-status"),
             _ => true,
         };
         has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
@@ -3981,7 +3986,8 @@ mod tests {
 
     /// What is stored of a response's fields (RFC 9111 §3.1) and the Date it is given (RFC
     /// 9110 §6.6.1): the origin's Date is kept, one is added when there is none, or when the
-    /// response's `private="date"` dropped it; hop-by-hop fields and Cache-Status go.
+    /// response's `private="date"` dropped it; hop-by-hop fields go, an upstream's
+    /// Cache-Status stays (RFC 9211 §2).
     #[test]
     fn stored_fields_and_date_rfc9111_3_1() {
         let p = policy();
@@ -4004,7 +4010,15 @@ mod tests {
         )
         .unwrap();
         let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| n).collect();
-        assert_eq!(names, [&b"Date"[..], b"Cache-Control", b"Content-Type"]);
+        assert_eq!(
+            names,
+            [
+                &b"Date"[..],
+                b"Cache-Control",
+                b"Cache-Status",
+                b"Content-Type"
+            ]
+        );
         assert_eq!(dates(&s.fields), [origin.as_bytes()]);
         assert_eq!(s.t.lifetime, 60);
 
