@@ -3521,3 +3521,36 @@ fn rfc9211_2_an_upstream_cache_status_member_is_kept_before_ours_on_answers_from
         "{validated:?}"
     );
 }
+
+/// RFC 9110 §5.3, §14.2: two `Range` lines combine into one field value, `bytes=0-1,
+/// bytes=3-4`, which is not a valid ranges-specifier: the server ignores it and answers 200
+/// with the whole representation. `If-Range` is then ignored too (§13.1.5: it applies only
+/// with a Range the server would honour).
+#[test]
+fn rfc9110_14_2_two_range_lines_are_ignored_and_get_the_whole_representation() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"r\"\r\ncontent-length: 10\r\n\r\n0123456789"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/r");
+    for extra in ["", "If-Range: \"r\"\r\n", "If-Range: \"old\"\r\n"] {
+        let r = get_h(
+            gw.addr,
+            "/r",
+            &format!("Range: bytes=0-1\r\nRange: bytes=3-4\r\n{extra}"),
+        );
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "0123456789"),
+            "{extra}: {r:?}"
+        );
+        assert!(!r.has("content-range"), "{extra}: {r:?}");
+    }
+    // One line still gets its part.
+    let r = get_h(gw.addr, "/r", "Range: bytes=3-4\r\nIf-Range: \"r\"\r\n");
+    assert_eq!((r.status, r.text().as_str()), (206, "34"), "{r:?}");
+    assert_eq!(up.hits(), 1);
+}

@@ -2933,7 +2933,7 @@ async fn answer<'c, S: ClientIo>(
     if (200..300).contains(&o.status) {
         code = preconditions(&ctx.head, o).unwrap_or(o.status);
         if code == o.status && o.status == 200 && !head_only {
-            if let Some(r) = ctx.head.header(b"range") {
+            if let Some(r) = single_range(&ctx.head) {
                 if if_range_holds(&ctx.head, o) {
                     match policy::byte_range(r, len) {
                         RangeAnswer::Full => {}
@@ -3324,6 +3324,16 @@ fn if_range_holds(h: &RequestHead, o: &Object) -> bool {
         (Some(a), Some(b)) => a == b && date() > b,
         _ => false,
     }
+}
+
+/// The request's `Range` when it came as one field line. Several lines combine into one
+/// value (RFC 9110 §5.3), `bytes=0-1, bytes=3-4`, which is not a valid ranges-specifier:
+/// ignored as any invalid `Range` is (§14.2), the whole representation answered, and
+/// `If-Range` with it (§13.1.5: it goes with a Range the server would honour).
+fn single_range(h: &RequestHead) -> Option<&[u8]> {
+    let mut lines = h.header_values(b"range");
+    let first = lines.next()?;
+    lines.next().is_none().then_some(first)
 }
 
 /// A small answer made by the cache itself (504 for `only-if-cached`, PURGE results).
