@@ -3554,3 +3554,41 @@ fn rfc9110_14_2_two_range_lines_are_ignored_and_get_the_whole_representation() {
     assert_eq!((r.status, r.text().as_str()), (206, "34"), "{r:?}");
     assert_eq!(up.hits(), 1);
 }
+
+/// RFC 9111 §5.2.1.2, §1.2.2: `max-stale=abc` is not delta-seconds; an invalid argument must
+/// not make the client accept more staleness than a valid one would: it counts as
+/// `max-stale=0` (no staleness, and no stale answer under `stale-while-revalidate`), as an
+/// invalid `max-age` counts as 0 (§5.2.1.1) and an invalid `min-fresh` as the longest
+/// (§5.2.1.3): the stored response is validated.
+#[test]
+fn rfc9111_5_2_1_an_invalid_request_directive_argument_accepts_no_more_staleness() {
+    // Stale by four seconds from the start (Age 5, max-age=1), within its SWR window.
+    let (up, _) =
+        counting_origin("cache-control: max-age=1, stale-while-revalidate=600\r\nage: 5\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "v1");
+    // A bare max-stale takes any staleness: answered from the store.
+    let r = get_h(gw.addr, "/s", "Cache-Control: max-stale\r\n");
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert_eq!(up.hits(), 1);
+    for (i, cc) in ["max-stale=abc", "max-stale=", "max-stale=-1"]
+        .iter()
+        .enumerate()
+    {
+        let r = get_h(gw.addr, "/s", &format!("Cache-Control: {cc}\r\n"));
+        assert!(!status_of(&r).contains("hit"), "{cc}: {r:?}");
+        assert_eq!(r.text(), format!("v{}", i + 2), "{cc}: {r:?}");
+    }
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/f").text(), "v1");
+    assert_eq!(
+        get_h(gw.addr, "/f", "Cache-Control: min-fresh=5\r\n").text(),
+        "v1"
+    );
+    for (i, cc) in ["min-fresh=abc", "max-age=abc"].iter().enumerate() {
+        let r = get_h(gw.addr, "/f", &format!("Cache-Control: {cc}\r\n"));
+        assert!(!status_of(&r).contains("hit"), "{cc}: {r:?}");
+        assert_eq!(r.text(), format!("v{}", i + 2), "{cc}: {r:?}");
+    }
+}
