@@ -2263,8 +2263,8 @@ fn cache_made_answers_keep_a_pipelined_connection_in_step() {
 
 /// RFC 9112 §7.1 and §6.3: a chunked PURGE body is read to its last chunk and thrown away,
 /// and the GET pipelined behind it gets its own answer, in order, on the same connection. A
-/// hit for a GET that carries a body (RFC 9110 §9.3.1: it has no meaning here) is served the
-/// same way.
+/// GET that carries a body before it is forwarded with its body (RFC 9110 §9.3.1: not
+/// answered from the store) and the connection goes on the same way.
 #[test]
 fn purge_with_a_chunked_body_keeps_the_connection_for_the_next_request() {
     for d in DRIVERS {
@@ -2282,15 +2282,19 @@ fn purge_with_a_chunked_body_keeps_the_connection_for_the_next_request() {
             )
             .as_bytes(),
         );
-        let hit = c.read_response().expect("the hit");
-        assert_eq!((hit.status, hit.text().as_str()), (200, "v1"), "{d:?}");
-        assert!(status_of(&hit).contains("hit"), "{hit:?}");
+        let bodied = c.read_response().expect("the GET with a body");
+        assert_eq!(
+            (bodied.status, bodied.text().as_str()),
+            (200, "v2"),
+            "{d:?}"
+        );
+        assert!(status_of(&bodied).contains("fwd=bypass"), "{bodied:?}");
         let purged = c.read_response().expect("the PURGE answer");
         assert_eq!(purged.status, 200, "{d:?} {purged:?}");
         assert!(purged.text().contains("\"purged\":1"), "{purged:?}");
         assert_ne!(purged.header("connection"), Some("close"), "{purged:?}");
         let next = c.read_response().expect("the GET after the PURGE");
-        assert_eq!((next.status, next.text().as_str()), (200, "v2"), "{d:?}");
+        assert_eq!((next.status, next.text().as_str()), (200, "v3"), "{d:?}");
         assert!(up.targets().iter().all(|t| t == "/q"), "{:?}", up.targets());
     }
 }
@@ -3591,4 +3595,74 @@ fn rfc9111_5_2_1_an_invalid_request_directive_argument_accepts_no_more_staleness
         assert!(!status_of(&r).contains("hit"), "{cc}: {r:?}");
         assert_eq!(r.text(), format!("v{}", i + 2), "{cc}: {r:?}");
     }
+}
+
+/// An origin whose answer (storable for a minute) says what it was asked: the request's body,
+/// or `plain` when it has none, and the `X-Original-URL` it saw.
+fn telling_origin() -> Upstream {
+    Upstream::start(|req| {
+        let mut body = if req.body.is_empty() {
+            b"plain".to_vec()
+        } else {
+            req.body.clone()
+        };
+        if let Some(u) = req.header("x-original-url") {
+            body = format!("as {u}").into_bytes();
+        }
+        let mut v = format!(
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        v.extend_from_slice(&body);
+        Reply::Raw(v)
+    })
+}
+
+/// RFC 9110 §9.3.1: content in a GET has no generally defined semantics, but an origin that
+/// reads it answers per body, and the key has only the URL: a GET (or HEAD) with a body is
+/// forwarded as it is, never answered from the store, stored, or coalesced
+/// (`fwd=bypass; detail=request-body`).
+#[test]
+fn rfc9110_9_3_1_a_get_with_a_body_is_neither_answered_from_the_store_nor_stored() {
+    let up = telling_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let with = |body: &str| {
+        request(
+            gw.addr,
+            format!(
+                "GET /b HTTP/1.1\r\nHost: test.local\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let r = with("q1");
+    assert_eq!(r.text(), "q1");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=bypass; fwd-status=200; detail=request-body"],
+        "{r:?}"
+    );
+    assert_eq!(with("q2").text(), "q2");
+    let chunked = request(
+        gw.addr,
+        b"GET /b HTTP/1.1\r\nHost: test.local\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nq3\r\n0\r\n\r\n",
+    );
+    assert_eq!(chunked.text(), "q3", "{chunked:?}");
+    // Nothing of theirs was stored, and what a plain GET stores answers no GET with a body.
+    assert_eq!(get(gw.addr, "/b").text(), "plain");
+    assert_eq!(get(gw.addr, "/b").text(), "plain");
+    assert_eq!(up.hits(), 4);
+    assert_eq!(with("q4").text(), "q4");
+    assert_eq!(up.hits(), 5);
+    // RFC 9111 §5.2.1.7: nothing stored may answer it, and it is not forwarded.
+    let r = request(
+        gw.addr,
+        b"GET /b HTTP/1.1\r\nHost: test.local\r\nCache-Control: only-if-cached\r\n\
+          Content-Length: 2\r\n\r\nq5",
+    );
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(status_of(&r).contains("detail=request-body"), "{r:?}");
+    assert_eq!(up.hits(), 5);
 }

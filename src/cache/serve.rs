@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::error::GatewayError;
 use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
-use crate::http::request::{parse_request, Method, RequestHead};
+use crate::http::request::{parse_request, BodyKind, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::Version;
 use crate::http::{ConnectionOptions, HeaderSpan};
@@ -61,6 +61,13 @@ pub async fn run<'c, S: ClientIo>(
             // copied there.
             let mut req = Directives::default();
             let authorized = request_directives(&ctx.head, &mut req);
+            // A request with content (RFC 9110 §9.3.1: none defined for GET or HEAD, but an
+            // origin that reads it answers per body, and the key is the URL's): forwarded as
+            // it is, never answered from the store, stored, or joined to another's fetch.
+            if matches!(ctx.head.body, BodyKind::Chunked | BodyKind::Length(1..)) {
+                std::hint::cold_path();
+                return bypass(w, cfg, route, p, group, c, ctx, &req, "request-body").await;
+            }
             let keys = Keys::new(p, ctx, &w.cache);
             // The usual miss goes upstream from here ([`fill`]): [`cached`], for all the
             // other cases, would be one more future to enter and leave on each of the
@@ -126,6 +133,29 @@ pub async fn run<'c, S: ClientIo>(
             .await
         }
     }
+}
+
+/// A GET or HEAD that the store may not answer, that may not be stored, nor share another's
+/// fetch, for `detail` (its `Cache-Status`, with `fwd=bypass`): forwarded as it is, or, with
+/// `only-if-cached`, answered 504 (RFC 9111 §5.2.1.7: nothing stored may answer it).
+#[allow(clippy::too_many_arguments)]
+async fn bypass<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    req: &Directives,
+    detail: &'static str,
+) -> Outcome<'c> {
+    let mut s = Status::new(p, "bypass");
+    s.detail = Some(detail);
+    if req.only_if_cached {
+        return gateway_answer(w, c, ctx, 504, &s).await;
+    }
+    fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, &mut s).await
 }
 
 /// What the first look in the store for a GET or HEAD decided.
