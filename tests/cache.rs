@@ -3666,3 +3666,79 @@ fn rfc9110_9_3_1_a_get_with_a_body_is_neither_answered_from_the_store_nor_stored
     assert!(status_of(&r).contains("detail=request-body"), "{r:?}");
     assert_eq!(up.hits(), 5);
 }
+
+/// Web cache poisoning: request headers that some origins obey to answer for another URL,
+/// method or host (`X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`,
+/// `X-HTTP-Method`, `X-Method-Override`, `X-Host`, `X-Forwarded-Scheme`) are not in the key
+/// (RFC 9111 §4: a stored response is reused only for a request it suits). A request with one
+/// is forwarded as it is, never answered from the store or stored
+/// (`fwd=bypass; detail=override-header`), unless the route keys on that header.
+#[test]
+fn rfc9111_4_requests_with_unkeyed_override_headers_bypass_the_store() {
+    let up = telling_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get_h(gw.addr, "/p", "X-Original-URL: /admin\r\n");
+    assert_eq!(r.text(), "as /admin");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=bypass; fwd-status=200; detail=override-header"],
+        "{r:?}"
+    );
+    // Not stored under /p: the plain request gets the plain answer.
+    assert_eq!(get(gw.addr, "/p").text(), "plain");
+    assert_eq!(up.hits(), 2);
+    for h in [
+        "x-original-url: /x",
+        "X-Rewrite-URL: /x",
+        "X-HTTP-Method-Override: DELETE",
+        "X-HTTP-Method: DELETE",
+        "X-Method-Override: DELETE",
+        "X-Host: evil.example",
+        "X-Forwarded-Scheme: http",
+    ] {
+        let before = up.hits();
+        let r = get_h(gw.addr, "/p", &format!("{h}\r\n"));
+        assert!(
+            status_of(&r).contains("detail=override-header"),
+            "{h}: {r:?}"
+        );
+        assert_eq!(up.hits(), before + 1, "{h}: answered from the store");
+    }
+    // Lookalikes of the same lengths are plain headers: a hit.
+    let r = get_h(
+        gw.addr,
+        "/p",
+        "X-Hosts: a\r\nX-Rewrite-URI: b\r\nx-originalurl1: c\r\n",
+    );
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    // A route that keys on the header caches by it.
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "key = { headers = [\"x-original-url\"] }", ""),
+        D,
+    );
+    let before = up.hits();
+    assert_eq!(
+        get_h(gw.addr, "/k", "X-Original-URL: /a\r\n").text(),
+        "as /a"
+    );
+    let r = get_h(gw.addr, "/k", "X-Original-URL: /a\r\n");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(get(gw.addr, "/k").text(), "plain");
+    assert_eq!(up.hits(), before + 2);
+    // A route that removes (or sets) the header: it never reaches the origin as sent.
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            "[[routes]]\nupstream = \"up\"\nrequest_headers = { remove = [\"x-original-url\"] }\ncache = { }\n",
+        ),
+        D,
+    );
+    let before = up.hits();
+    assert_eq!(
+        get_h(gw.addr, "/r", "X-Original-URL: /a\r\n").text(),
+        "plain"
+    );
+    let r = get_h(gw.addr, "/r", "X-Original-URL: /b\r\n");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(up.hits(), before + 1);
+}

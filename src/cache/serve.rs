@@ -60,13 +60,21 @@ pub async fn run<'c, S: ClientIo>(
             // Read where they are kept for the request (in its future), not returned and
             // copied there.
             let mut req = Directives::default();
-            let authorized = request_directives(&ctx.head, &mut req);
+            let seen = request_directives(p, route, &ctx.head, &mut req);
+            let authorized = seen.authorized;
             // A request with content (RFC 9110 §9.3.1: none defined for GET or HEAD, but an
             // origin that reads it answers per body, and the key is the URL's): forwarded as
             // it is, never answered from the store, stored, or joined to another's fetch.
             if matches!(ctx.head.body, BodyKind::Chunked | BodyKind::Length(1..)) {
                 std::hint::cold_path();
                 return bypass(w, cfg, route, p, group, c, ctx, &req, "request-body").await;
+            }
+            // A header some origins obey to answer for another URL, method or host, which the
+            // key does not hold: what such an answer would store under this URL could poison
+            // it for everyone (web cache poisoning). Forwarded as it is, like the above.
+            if seen.overridden {
+                std::hint::cold_path();
+                return bypass(w, cfg, route, p, group, c, ctx, &req, "override-header").await;
             }
             let keys = Keys::new(p, ctx, &w.cache);
             // The usual miss goes upstream from here ([`fill`]): [`cached`], for all the
@@ -417,16 +425,60 @@ thread_local! {
     };
 }
 
+/// What the cache's pass over a request's fields ([`request_directives`]) found besides its
+/// directives.
+struct RequestSeen {
+    /// The request has `Authorization` (§3.5).
+    authorized: bool,
+    /// The request has an override header ([`OVERRIDE_HEADERS`]) that reaches the origin
+    /// and is not in the key.
+    overridden: bool,
+}
+
+/// Request headers some origins (and frameworks in front of them) obey to answer for another
+/// URL, method, host or scheme than the request's: the classic web cache poisoning vectors.
+/// The key holds none of them (unless the route keys on one, `key.headers`), so a request
+/// with one is not served from the store nor stored (see `run`). Lower case.
+const OVERRIDE_HEADERS: [&[u8]; 7] = [
+    b"x-original-url",
+    b"x-rewrite-url",
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+    b"x-host",
+    b"x-forwarded-scheme",
+];
+
+/// The lengths of [`OVERRIDE_HEADERS`] modulo 64, as bits: a name whose length's bit is clear
+/// is none of them.
+const OVERRIDE_LENS: u64 = {
+    let mut bits = 0u64;
+    let mut i = 0;
+    while i < OVERRIDE_HEADERS.len() {
+        bits |= 1 << (OVERRIDE_HEADERS[i].len() % 64);
+        i += 1;
+    }
+    bits
+};
+
 /// Adds the request's cache directives (RFC 9111 §5.2.1) to `d` (empty: the default);
-/// `Pragma: no-cache` counts as `no-cache` when there is no `Cache-Control` (§5.4). Returns
-/// whether the request has `Authorization` (§3.5).
+/// `Pragma: no-cache` counts as `no-cache` when there is no `Cache-Control` (§5.4). Notes in
+/// the same pass whether the request has `Authorization` (§3.5) and an override header that
+/// reaches the origin unkeyed ([`OVERRIDE_HEADERS`]; the route's `p` and `route` say what it
+/// keys on and what it removes).
 // One caller (`run`): inlined, the directives written in place rather than returned.
 #[inline(always)]
-fn request_directives(head: &RequestHead, d: &mut Directives) -> bool {
+fn request_directives(
+    p: &RoutePolicy,
+    route: &Route,
+    head: &RequestHead,
+    d: &mut Directives,
+) -> RequestSeen {
     // One pass over the fields for the three names (two of them of one length).
     let mut any = false;
     let mut pragma_no_cache = false;
     let mut authorized = false;
+    let mut overridden = false;
     for h in &head.headers {
         let name = head.bytes(h.name);
         if name.len() == 13 {
@@ -440,11 +492,41 @@ fn request_directives(head: &RequestHead, d: &mut Directives) -> bool {
             pragma_no_cache = crate::http::list_items(head.bytes(h.value))
                 .any(|i| i.eq_ignore_ascii_case(b"no-cache"));
         }
+        // An override header's length and `x-` first (`x_` too: a CGI-style origin reads it
+        // as the same name), else nothing more is looked at: most names stop at the length.
+        if OVERRIDE_LENS >> (name.len() % 64) & 1 == 1 {
+            if let [x, b'-' | b'_', ..] = name {
+                if *x | 0x20 == b'x' {
+                    overridden |= unkeyed_override(p, route, name);
+                }
+            }
+        }
     }
     if !any && pragma_no_cache {
         d.no_cache = true;
     }
-    authorized
+    RequestSeen {
+        authorized,
+        overridden,
+    }
+}
+
+/// Whether `name` (an `x-` name of an override header's length) is one of
+/// [`OVERRIDE_HEADERS`], in any case, `_` read as `-`, that reaches the origin as the client
+/// sent it and that the key does not hold: not keyed by the route (`key.headers`, the name as
+/// sent), not removed or set by its `request_headers`.
+#[cold]
+#[inline(never)]
+fn unkeyed_override(p: &RoutePolicy, route: &Route, name: &[u8]) -> bool {
+    let cgi_same = |o: &[u8]| {
+        o.len() == name.len()
+            && o.iter()
+                .zip(name)
+                .all(|(a, b)| *a == b.to_ascii_lowercase() || (*a == b'-' && *b == b'_'))
+    };
+    OVERRIDE_HEADERS.iter().any(|o| cgi_same(o))
+        && !p.key_headers.iter().any(|k| k.eq_ignore_ascii_case(name))
+        && !route.request_headers.drops(name)
 }
 
 /// Who the request is, for keys on routes with an auth policy.
