@@ -2269,8 +2269,8 @@ fn cache_made_answers_keep_a_pipelined_connection_in_step() {
 
 /// RFC 9112 §7.1 and §6.3: a chunked PURGE body is read to its last chunk and thrown away,
 /// and the GET pipelined behind it gets its own answer, in order, on the same connection. A
-/// hit for a GET that carries a body (RFC 9110 §9.3.1: it has no meaning here) is served the
-/// same way.
+/// GET that carries a body before it is forwarded with its body (RFC 9110 §9.3.1: not
+/// answered from the store) and the connection goes on the same way.
 #[test]
 fn purge_with_a_chunked_body_keeps_the_connection_for_the_next_request() {
     for d in DRIVERS {
@@ -2288,15 +2288,19 @@ fn purge_with_a_chunked_body_keeps_the_connection_for_the_next_request() {
             )
             .as_bytes(),
         );
-        let hit = c.read_response().expect("the hit");
-        assert_eq!((hit.status, hit.text().as_str()), (200, "v1"), "{d:?}");
-        assert!(status_of(&hit).contains("hit"), "{hit:?}");
+        let bodied = c.read_response().expect("the GET with a body");
+        assert_eq!(
+            (bodied.status, bodied.text().as_str()),
+            (200, "v2"),
+            "{d:?}"
+        );
+        assert!(status_of(&bodied).contains("fwd=bypass"), "{bodied:?}");
         let purged = c.read_response().expect("the PURGE answer");
         assert_eq!(purged.status, 200, "{d:?} {purged:?}");
         assert!(purged.text().contains("\"purged\":1"), "{purged:?}");
         assert_ne!(purged.header("connection"), Some("close"), "{purged:?}");
         let next = c.read_response().expect("the GET after the PURGE");
-        assert_eq!((next.status, next.text().as_str()), (200, "v2"), "{d:?}");
+        assert_eq!((next.status, next.text().as_str()), (200, "v3"), "{d:?}");
         assert!(up.targets().iter().all(|t| t == "/q"), "{:?}", up.targets());
     }
 }
@@ -3522,4 +3526,363 @@ fn bodies_being_captured_are_bounded_by_the_worker_s_in_flight_bytes() {
     assert!(!status_of(&r).contains("hit"), "not stored: {r:?}");
     assert_eq!(r.body, vec![b'd'; 2048]);
     assert_eq!((hits_of("/ch-a"), hits_of("/ch-b")), (1, 2));
+}
+
+/// The `Cache-Status` lines of a response, in order.
+fn status_lines(r: &Resp) -> Vec<String> {
+    r.headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("cache-status"))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// RFC 9211 §2.2 (`fwd`) and §2.7 (`detail`): an answer the gateway makes for a failed
+/// upstream on a cache route carries the cache's member, naming the failure, as every other
+/// answer of the cache phase does; so do OPTIONS (forwarded for its method) and an unsafe
+/// method's failure.
+#[test]
+fn rfc9211_2_7_gateway_made_failures_on_a_cache_route_carry_cache_status() {
+    let refusing = refusing_addr();
+    let gw = TestGateway::start(&cache_config(refusing.addr, "", ""), D);
+    let r = get(gw.addr, "/f");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=uri-miss; detail=upstream-connect-failed"],
+        "{r:?}"
+    );
+    let r = request(
+        gw.addr,
+        b"POST /f HTTP/1.1\r\nHost: test.local\r\nContent-Length: 1\r\n\r\nx",
+    );
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=method; detail=upstream-connect-failed"],
+        "{r:?}"
+    );
+
+    let hang = Upstream::start(|_| Reply::Hang(Duration::from_secs(10)));
+    let gw = TestGateway::start(
+        &cache_config(hang.addr, "", "[timeouts]\nupstream_response = \"300ms\"\n"),
+        D,
+    );
+    let r = get(gw.addr, "/t");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=uri-miss; detail=upstream-timeout"],
+        "{r:?}"
+    );
+
+    let long = Upstream::start(|_| {
+        let mut head = b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n".to_vec();
+        head.extend_from_slice(b"x-long: ");
+        head.extend(std::iter::repeat_n(b'a', 200 * 1024));
+        head.extend_from_slice(b"\r\ncontent-length: 2\r\n\r\nok");
+        Reply::Raw(head)
+    });
+    let gw = TestGateway::start(&cache_config(long.addr, "", ""), D);
+    let r = get(gw.addr, "/l");
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=uri-miss; detail=upstream-bad-response"],
+        "{r:?}"
+    );
+
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = request(gw.addr, b"OPTIONS /o HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=method; fwd-status=200"],
+        "{r:?}"
+    );
+}
+
+/// RFC 9211 §2: a cache preserves the `Cache-Status` members already in a response and adds
+/// its own last. The upstream's member is stored with the response and comes before ours on
+/// hits, HEAD and 304 answers from the store, and on a validated answer (where the 304's own
+/// member replaces the stored one, RFC 9111 §3.2).
+#[test]
+fn rfc9211_2_an_upstream_cache_status_member_is_kept_before_ours_on_answers_from_the_store() {
+    let up = Upstream::start(|req| {
+        if req.header("if-none-match").is_some() {
+            return Reply::Raw(
+                b"HTTP/1.1 304 Not Modified\r\ncache-status: edge; hit\r\netag: \"v\"\r\n\
+                  cache-control: max-age=0\r\n\r\n"
+                    .to_vec(),
+            );
+        }
+        let cc = if req.target == "/s" {
+            "max-age=0"
+        } else {
+            "max-age=60"
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-status: edge; fwd=uri-miss; stored\r\n\
+                 cache-control: {cc}\r\netag: \"v\"\r\ncontent-length: 2\r\n\r\nok"
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let miss = get(gw.addr, "/h");
+    assert_eq!(
+        status_lines(&miss),
+        [
+            "edge; fwd=uri-miss; stored",
+            "ringway; fwd=uri-miss; fwd-status=200; stored"
+        ],
+        "{miss:?}"
+    );
+    let hit = get(gw.addr, "/h");
+    let lines = status_lines(&hit);
+    assert_eq!(lines.len(), 2, "{hit:?}");
+    assert_eq!(lines[0], "edge; fwd=uri-miss; stored", "{hit:?}");
+    assert!(lines[1].starts_with("ringway; hit; ttl="), "{hit:?}");
+    let head = request(gw.addr, b"HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert_eq!(
+        status_lines(&head)[0],
+        "edge; fwd=uri-miss; stored",
+        "{head:?}"
+    );
+    let not_modified = get_h(gw.addr, "/h", "If-None-Match: \"v\"\r\n");
+    assert_eq!(not_modified.status, 304, "{not_modified:?}");
+    let lines = status_lines(&not_modified);
+    assert_eq!(lines.len(), 2, "{not_modified:?}");
+    assert_eq!(lines[0], "edge; fwd=uri-miss; stored", "{not_modified:?}");
+    assert!(lines[1].starts_with("ringway; hit"), "{not_modified:?}");
+    assert_eq!(up.hits(), 1);
+    // Stored stale: validated, the 304's member replaces the stored one.
+    get(gw.addr, "/s");
+    let validated = get(gw.addr, "/s");
+    let lines = status_lines(&validated);
+    assert_eq!(lines.len(), 2, "{validated:?}");
+    assert_eq!(lines[0], "edge; hit", "{validated:?}");
+    assert!(
+        lines[1].starts_with("ringway; fwd=stale; fwd-status=304"),
+        "{validated:?}"
+    );
+}
+
+/// RFC 9110 §5.3, §14.2: two `Range` lines combine into one field value, `bytes=0-1,
+/// bytes=3-4`, which is not a valid ranges-specifier: the server ignores it and answers 200
+/// with the whole representation. `If-Range` is then ignored too (§13.1.5: it applies only
+/// with a Range the server would honour).
+#[test]
+fn rfc9110_14_2_two_range_lines_are_ignored_and_get_the_whole_representation() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"r\"\r\ncontent-length: 10\r\n\r\n0123456789"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/r");
+    for extra in ["", "If-Range: \"r\"\r\n", "If-Range: \"old\"\r\n"] {
+        let r = get_h(
+            gw.addr,
+            "/r",
+            &format!("Range: bytes=0-1\r\nRange: bytes=3-4\r\n{extra}"),
+        );
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "0123456789"),
+            "{extra}: {r:?}"
+        );
+        assert!(!r.has("content-range"), "{extra}: {r:?}");
+    }
+    // One line still gets its part.
+    let r = get_h(gw.addr, "/r", "Range: bytes=3-4\r\nIf-Range: \"r\"\r\n");
+    assert_eq!((r.status, r.text().as_str()), (206, "34"), "{r:?}");
+    assert_eq!(up.hits(), 1);
+}
+
+/// RFC 9111 §5.2.1.2, §1.2.2: `max-stale=abc` is not delta-seconds; an invalid argument must
+/// not make the client accept more staleness than a valid one would: it counts as
+/// `max-stale=0` (no staleness, and no stale answer under `stale-while-revalidate`), as an
+/// invalid `max-age` counts as 0 (§5.2.1.1) and an invalid `min-fresh` as the longest
+/// (§5.2.1.3): the stored response is validated.
+#[test]
+fn rfc9111_5_2_1_an_invalid_request_directive_argument_accepts_no_more_staleness() {
+    // Stale by four seconds from the start (Age 5, max-age=1), within its SWR window.
+    let (up, _) =
+        counting_origin("cache-control: max-age=1, stale-while-revalidate=600\r\nage: 5\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "v1");
+    // A bare max-stale takes any staleness: answered from the store.
+    let r = get_h(gw.addr, "/s", "Cache-Control: max-stale\r\n");
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert_eq!(up.hits(), 1);
+    for (i, cc) in ["max-stale=abc", "max-stale=", "max-stale=-1"]
+        .iter()
+        .enumerate()
+    {
+        let r = get_h(gw.addr, "/s", &format!("Cache-Control: {cc}\r\n"));
+        assert!(!status_of(&r).contains("hit"), "{cc}: {r:?}");
+        assert_eq!(r.text(), format!("v{}", i + 2), "{cc}: {r:?}");
+    }
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/f").text(), "v1");
+    assert_eq!(
+        get_h(gw.addr, "/f", "Cache-Control: min-fresh=5\r\n").text(),
+        "v1"
+    );
+    for (i, cc) in ["min-fresh=abc", "max-age=abc"].iter().enumerate() {
+        let r = get_h(gw.addr, "/f", &format!("Cache-Control: {cc}\r\n"));
+        assert!(!status_of(&r).contains("hit"), "{cc}: {r:?}");
+        assert_eq!(r.text(), format!("v{}", i + 2), "{cc}: {r:?}");
+    }
+}
+
+/// An origin whose answer (storable for a minute) says what it was asked: the request's body,
+/// or `plain` when it has none, and the `X-Original-URL` it saw.
+fn telling_origin() -> Upstream {
+    Upstream::start(|req| {
+        let mut body = if req.body.is_empty() {
+            b"plain".to_vec()
+        } else {
+            req.body.clone()
+        };
+        if let Some(u) = req.header("x-original-url") {
+            body = format!("as {u}").into_bytes();
+        }
+        let mut v = format!(
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        v.extend_from_slice(&body);
+        Reply::Raw(v)
+    })
+}
+
+/// RFC 9110 §9.3.1: content in a GET has no generally defined semantics, but an origin that
+/// reads it answers per body, and the key has only the URL: a GET (or HEAD) with a body is
+/// forwarded as it is, never answered from the store, stored, or coalesced
+/// (`fwd=bypass; detail=request-body`).
+#[test]
+fn rfc9110_9_3_1_a_get_with_a_body_is_neither_answered_from_the_store_nor_stored() {
+    let up = telling_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let with = |body: &str| {
+        request(
+            gw.addr,
+            format!(
+                "GET /b HTTP/1.1\r\nHost: test.local\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let r = with("q1");
+    assert_eq!(r.text(), "q1");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=bypass; fwd-status=200; detail=request-body"],
+        "{r:?}"
+    );
+    assert_eq!(with("q2").text(), "q2");
+    let chunked = request(
+        gw.addr,
+        b"GET /b HTTP/1.1\r\nHost: test.local\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nq3\r\n0\r\n\r\n",
+    );
+    assert_eq!(chunked.text(), "q3", "{chunked:?}");
+    // Nothing of theirs was stored, and what a plain GET stores answers no GET with a body.
+    assert_eq!(get(gw.addr, "/b").text(), "plain");
+    assert_eq!(get(gw.addr, "/b").text(), "plain");
+    assert_eq!(up.hits(), 4);
+    assert_eq!(with("q4").text(), "q4");
+    assert_eq!(up.hits(), 5);
+    // RFC 9111 §5.2.1.7: nothing stored may answer it, and it is not forwarded.
+    let r = request(
+        gw.addr,
+        b"GET /b HTTP/1.1\r\nHost: test.local\r\nCache-Control: only-if-cached\r\n\
+          Content-Length: 2\r\n\r\nq5",
+    );
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(status_of(&r).contains("detail=request-body"), "{r:?}");
+    assert_eq!(up.hits(), 5);
+}
+
+/// Web cache poisoning: request headers that some origins obey to answer for another URL,
+/// method or host (`X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`,
+/// `X-HTTP-Method`, `X-Method-Override`, `X-Host`, `X-Forwarded-Scheme`) are not in the key
+/// (RFC 9111 §4: a stored response is reused only for a request it suits). A request with one
+/// is forwarded as it is, never answered from the store or stored
+/// (`fwd=bypass; detail=override-header`), unless the route keys on that header.
+#[test]
+fn rfc9111_4_requests_with_unkeyed_override_headers_bypass_the_store() {
+    let up = telling_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get_h(gw.addr, "/p", "X-Original-URL: /admin\r\n");
+    assert_eq!(r.text(), "as /admin");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=bypass; fwd-status=200; detail=override-header"],
+        "{r:?}"
+    );
+    // Not stored under /p: the plain request gets the plain answer.
+    assert_eq!(get(gw.addr, "/p").text(), "plain");
+    assert_eq!(up.hits(), 2);
+    for h in [
+        "x-original-url: /x",
+        "X-Rewrite-URL: /x",
+        "X-HTTP-Method-Override: DELETE",
+        "X-HTTP-Method: DELETE",
+        "X-Method-Override: DELETE",
+        "X-Host: evil.example",
+        "X-Forwarded-Scheme: http",
+    ] {
+        let before = up.hits();
+        let r = get_h(gw.addr, "/p", &format!("{h}\r\n"));
+        assert!(
+            status_of(&r).contains("detail=override-header"),
+            "{h}: {r:?}"
+        );
+        assert_eq!(up.hits(), before + 1, "{h}: answered from the store");
+    }
+    // Lookalikes of the same lengths are plain headers: a hit.
+    let r = get_h(
+        gw.addr,
+        "/p",
+        "X-Hosts: a\r\nX-Rewrite-URI: b\r\nx-originalurl1: c\r\n",
+    );
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    // A route that keys on the header caches by it.
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "key = { headers = [\"x-original-url\"] }", ""),
+        D,
+    );
+    let before = up.hits();
+    assert_eq!(
+        get_h(gw.addr, "/k", "X-Original-URL: /a\r\n").text(),
+        "as /a"
+    );
+    let r = get_h(gw.addr, "/k", "X-Original-URL: /a\r\n");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(get(gw.addr, "/k").text(), "plain");
+    assert_eq!(up.hits(), before + 2);
+    // A route that removes (or sets) the header: it never reaches the origin as sent.
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            "[[routes]]\nupstream = \"up\"\nrequest_headers = { remove = [\"x-original-url\"] }\ncache = { }\n",
+        ),
+        D,
+    );
+    let before = up.hits();
+    assert_eq!(
+        get_h(gw.addr, "/r", "X-Original-URL: /a\r\n").text(),
+        "plain"
+    );
+    let r = get_h(gw.addr, "/r", "X-Original-URL: /b\r\n");
+    assert!(status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(up.hits(), before + 1);
 }

@@ -441,10 +441,17 @@ impl Directives {
                 }
             }
             14 if is(b"only-if-cached") => self.only_if_cached = true,
+            // Request directives (§5.2.1). An invalid argument must not make the client
+            // accept more staleness than a valid one (§1.2.2): it counts as the one that
+            // accepts the least, `max-stale=0` (no staleness, §5.2.1.2; the bare directive
+            // is any staleness) and the longest `min-fresh` (always validated, §5.2.1.3), as
+            // an invalid `max-age` counts as 0 above.
             9 if is(b"max-stale") && self.max_stale.is_none() => {
-                self.max_stale = Some(value.and_then(delta_seconds));
+                self.max_stale = Some(value.map(|v| delta_seconds(v).unwrap_or(0)));
             }
-            9 if is(b"min-fresh") => self.min_fresh = self.min_fresh.or(secs()),
+            9 if is(b"min-fresh") => {
+                self.min_fresh = self.min_fresh.or(Some(secs().unwrap_or(MAX_DELTA)))
+            }
             _ => {}
         }
     }
@@ -1346,6 +1353,25 @@ mod tests {
         assert_eq!(d.max_age, Some(0));
         assert_eq!(d.max_stale, Some(None));
         assert_eq!(d.min_fresh, Some(MAX_DELTA));
+        // An invalid argument accepts the least staleness (§1.2.2, §5.2.1).
+        for (line, stale, fresh) in [
+            (
+                &b"max-stale=abc, min-fresh=abc"[..],
+                Some(Some(0)),
+                Some(MAX_DELTA),
+            ),
+            (b"max-stale=, min-fresh", Some(Some(0)), Some(MAX_DELTA)),
+            (
+                b"max-stale=-1, min-fresh=1.5",
+                Some(Some(0)),
+                Some(MAX_DELTA),
+            ),
+            (b"max-stale=\"7\", min-fresh=\"3\"", Some(Some(7)), Some(3)),
+        ] {
+            let mut d = Directives::default();
+            d.add(line);
+            assert_eq!((d.max_stale, d.min_fresh), (stale, fresh), "{line:?}");
+        }
         // No whitespace around "=" (§5.2): such a directive is ignored.
         let mut d = Directives::default();
         d.add(b"max-age =60, s-maxage= 5, no-cache");

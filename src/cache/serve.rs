@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::error::GatewayError;
 use crate::http::chunked::ChunkedScanner;
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
-use crate::http::request::{parse_request, Method, RequestHead};
+use crate::http::request::{parse_request, BodyKind, Method, RequestHead};
 use crate::http::response::{RespBody, ResponseHead};
 use crate::http::Version;
 use crate::http::{ConnectionOptions, HeaderSpan};
@@ -59,7 +60,22 @@ pub async fn run<'c, S: ClientIo>(
             // Read where they are kept for the request (in its future), not returned and
             // copied there.
             let mut req = Directives::default();
-            let authorized = request_directives(&ctx.head, &mut req);
+            let seen = request_directives(p, route, &ctx.head, &mut req);
+            let authorized = seen.authorized;
+            // A request with content (RFC 9110 §9.3.1: none defined for GET or HEAD, but an
+            // origin that reads it answers per body, and the key is the URL's): forwarded as
+            // it is, never answered from the store, stored, or joined to another's fetch.
+            if matches!(ctx.head.body, BodyKind::Chunked | BodyKind::Length(1..)) {
+                std::hint::cold_path();
+                return bypass(w, cfg, route, p, group, c, ctx, &req, "request-body").await;
+            }
+            // A header some origins obey to answer for another URL, method or host, which the
+            // key does not hold: what such an answer would store under this URL could poison
+            // it for everyone (web cache poisoning). Forwarded as it is, like the above.
+            if seen.overridden {
+                std::hint::cold_path();
+                return bypass(w, cfg, route, p, group, c, ctx, &req, "override-header").await;
+            }
             let keys = Keys::new(p, ctx, &w.cache);
             // The usual miss goes upstream from here ([`fill`]): [`cached`], for all the
             // other cases, would be one more future to enter and leave on each of the
@@ -100,7 +116,12 @@ pub async fn run<'c, S: ClientIo>(
             )
             .await
         }
-        Method::Options | Method::Trace => forward::proxy(w, cfg, route, group, c, ctx).await,
+        // Forwarded for their method (RFC 9211 §2.2 `fwd=method`), through the cache's own
+        // fetch so that their answer, a failure's too, carries the cache's member.
+        Method::Options | Method::Trace => {
+            let mut s = Status::new(p, "method");
+            fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, &mut s).await
+        }
         _ => {
             let mut url = Vec::new();
             url_of(&ctx.head, &mut url);
@@ -120,6 +141,29 @@ pub async fn run<'c, S: ClientIo>(
             .await
         }
     }
+}
+
+/// A GET or HEAD that the store may not answer, that may not be stored, nor share another's
+/// fetch, for `detail` (its `Cache-Status`, with `fwd=bypass`): forwarded as it is, or, with
+/// `only-if-cached`, answered 504 (RFC 9111 §5.2.1.7: nothing stored may answer it).
+#[allow(clippy::too_many_arguments)]
+async fn bypass<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    req: &Directives,
+    detail: &'static str,
+) -> Outcome<'c> {
+    let mut s = Status::new(p, "bypass");
+    s.detail = Some(detail);
+    if req.only_if_cached {
+        return gateway_answer(w, c, ctx, 504, &s).await;
+    }
+    fetch(w, cfg, route, p, group, c, ctx, Fetch::Pass, &mut s).await
 }
 
 /// What the first look in the store for a GET or HEAD decided.
@@ -381,16 +425,60 @@ thread_local! {
     };
 }
 
+/// What the cache's pass over a request's fields ([`request_directives`]) found besides its
+/// directives.
+struct RequestSeen {
+    /// The request has `Authorization` (§3.5).
+    authorized: bool,
+    /// The request has an override header ([`OVERRIDE_HEADERS`]) that reaches the origin
+    /// and is not in the key.
+    overridden: bool,
+}
+
+/// Request headers some origins (and frameworks in front of them) obey to answer for another
+/// URL, method, host or scheme than the request's: the classic web cache poisoning vectors.
+/// The key holds none of them (unless the route keys on one, `key.headers`), so a request
+/// with one is not served from the store nor stored (see `run`). Lower case.
+const OVERRIDE_HEADERS: [&[u8]; 7] = [
+    b"x-original-url",
+    b"x-rewrite-url",
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+    b"x-host",
+    b"x-forwarded-scheme",
+];
+
+/// The lengths of [`OVERRIDE_HEADERS`] modulo 64, as bits: a name whose length's bit is clear
+/// is none of them.
+const OVERRIDE_LENS: u64 = {
+    let mut bits = 0u64;
+    let mut i = 0;
+    while i < OVERRIDE_HEADERS.len() {
+        bits |= 1 << (OVERRIDE_HEADERS[i].len() % 64);
+        i += 1;
+    }
+    bits
+};
+
 /// Adds the request's cache directives (RFC 9111 §5.2.1) to `d` (empty: the default);
-/// `Pragma: no-cache` counts as `no-cache` when there is no `Cache-Control` (§5.4). Returns
-/// whether the request has `Authorization` (§3.5).
+/// `Pragma: no-cache` counts as `no-cache` when there is no `Cache-Control` (§5.4). Notes in
+/// the same pass whether the request has `Authorization` (§3.5) and an override header that
+/// reaches the origin unkeyed ([`OVERRIDE_HEADERS`]; the route's `p` and `route` say what it
+/// keys on and what it removes).
 // One caller (`run`): inlined, the directives written in place rather than returned.
 #[inline(always)]
-fn request_directives(head: &RequestHead, d: &mut Directives) -> bool {
+fn request_directives(
+    p: &RoutePolicy,
+    route: &Route,
+    head: &RequestHead,
+    d: &mut Directives,
+) -> RequestSeen {
     // One pass over the fields for the three names (two of them of one length).
     let mut any = false;
     let mut pragma_no_cache = false;
     let mut authorized = false;
+    let mut overridden = false;
     for h in &head.headers {
         let name = head.bytes(h.name);
         if name.len() == 13 {
@@ -404,11 +492,41 @@ fn request_directives(head: &RequestHead, d: &mut Directives) -> bool {
             pragma_no_cache = crate::http::list_items(head.bytes(h.value))
                 .any(|i| i.eq_ignore_ascii_case(b"no-cache"));
         }
+        // An override header's length and `x-` first (`x_` too: a CGI-style origin reads it
+        // as the same name), else nothing more is looked at: most names stop at the length.
+        if OVERRIDE_LENS >> (name.len() % 64) & 1 == 1 {
+            if let [x, b'-' | b'_', ..] = name {
+                if *x | 0x20 == b'x' {
+                    overridden |= unkeyed_override(p, route, name);
+                }
+            }
+        }
     }
     if !any && pragma_no_cache {
         d.no_cache = true;
     }
-    authorized
+    RequestSeen {
+        authorized,
+        overridden,
+    }
+}
+
+/// Whether `name` (an `x-` name of an override header's length) is one of
+/// [`OVERRIDE_HEADERS`], in any case, `_` read as `-`, that reaches the origin as the client
+/// sent it and that the key does not hold: not keyed by the route (`key.headers`, the name as
+/// sent), not removed or set by its `request_headers`.
+#[cold]
+#[inline(never)]
+fn unkeyed_override(p: &RoutePolicy, route: &Route, name: &[u8]) -> bool {
+    let cgi_same = |o: &[u8]| {
+        o.len() == name.len()
+            && o.iter()
+                .zip(name)
+                .all(|(a, b)| *a == b.to_ascii_lowercase() || (*a == b'-' && *b == b'_'))
+    };
+    OVERRIDE_HEADERS.iter().any(|o| cgi_same(o))
+        && !p.key_headers.iter().any(|k| k.eq_ignore_ascii_case(name))
+        && !route.request_headers.drops(name)
 }
 
 /// Who the request is, for keys on routes with an auth policy.
@@ -1274,8 +1392,9 @@ fn analyze_lines<const LISTED: bool, R>(
     }
     // Second pass: what the freshness calculation reads (`Seen`), and the lines stored, as
     // the parser's spans of them in the head (they are spans of its copy too).
-    // Never stored (§3.1): hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status
-    // (this cache writes its own), Set-Cookie unless the route stores it.
+    // Never stored (§3.1): hop-by-hop and framing fields, Age (read, §4.2.3), Set-Cookie
+    // unless the route stores it. An upstream's Cache-Status is kept: answers from the store
+    // carry it before this cache's member (RFC 9211 §2).
     let store_cookies = p.set_cookie == super::config::SetCookieMode::Store;
     let kept = KEPT_KINDS | u16::from(store_cookies) << FieldName::SetCookie as u16;
     let mut spans = cache.field_vec();
@@ -1420,8 +1539,9 @@ const DATE: &[u8] = b"date";
 const CACHE_CONTROL: &[u8] = b"cache-control";
 
 /// The kinds of field ([`FieldName`], as bits) that a stored response keeps (§3.1): not the
-/// hop-by-hop and framing fields, Age (read, §4.2.3), Cache-Status (this cache writes its
-/// own), nor Set-Cookie, which a route that stores it adds.
+/// hop-by-hop and framing fields, Age (read, §4.2.3), nor Set-Cookie, which a route that
+/// stores it adds. The upstream's Cache-Status members are kept (RFC 9211 §2: a cache
+/// preserves them and appends its own, which answers from the store write after them).
 const KEPT_KINDS: u16 = {
     use FieldName::*;
     let kinds = [
@@ -1433,6 +1553,7 @@ const KEPT_KINDS: u16 = {
         ETag,
         Vary,
         SurrogateKey,
+        CacheStatus,
     ];
     let mut bits = 0;
     let mut i = 0;
@@ -1497,7 +1618,7 @@ fn usual_lifetime(d: &Directives, seen: &Seen<'_>) -> Option<u64> {
 
 /// What follows [`screen`] once it passed: whether the fields allow storing, the response's
 /// freshness (§4.2) and the names it varies on (§4.1). `seen`: what [`Seen::of`] finds in
-/// `fields` (Age and Cache-Status among them, though neither is stored). What [`analyze`]
+/// `fields` (Age among them, though it is not stored). What [`analyze`]
 /// calls: a test compares it with [`analyze_response`], which computes the usual response's
 /// lifetime in line ([`usual_lifetime`]).
 #[allow(clippy::too_many_arguments)]
@@ -1623,7 +1744,7 @@ fn timing(
 
 /// Whether a line named `n` of a response [`freshness`] accepted is left out of what is
 /// stored: named by `private="..."` or `no-cache="..."` (§5.2.2.4, §5.2.2.7), or, when
-/// `unfiltered`, one of the fields never stored (hop-by-hop and framing, Age, Cache-Status,
+/// `unfiltered`, one of the fields never stored (hop-by-hop and framing, Age,
 /// Set-Cookie unless the route stores it), which [`analyze_response`] does not keep in the
 /// first place.
 fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool {
@@ -1631,8 +1752,7 @@ fn dropped(p: &RoutePolicy, d: &Directives, unfiltered: bool, n: &[u8]) -> bool 
         && (policy::unstorable_field(n)
             || (p.set_cookie != super::config::SetCookieMode::Store
                 && (n.eq_ignore_ascii_case(b"set-cookie")
-                    || n.eq_ignore_ascii_case(b"set-cookie2")))
-            || n.eq_ignore_ascii_case(b"cache-status")))
+                    || n.eq_ignore_ascii_case(b"set-cookie2")))))
         || d.private_fields().iter().any(|f| f.eq_ignore_ascii_case(n))
         || d.no_cache_fields()
             .iter()
@@ -1656,7 +1776,7 @@ fn has_date(kept: FieldsRef<'_>, d: &Directives, had_date: bool) -> bool {
 struct Seen<'a> {
     /// The bytes the lines' spans are of.
     block: &'a [u8],
-    /// The first line of each kind, indexed by [`FieldName`] (Age and Cache-Status among
+    /// The first line of each kind, indexed by [`FieldName`] (Age among
     /// them, though neither is stored).
     first: [Option<&'a HeaderSpan>; FieldName::COUNT],
 }
@@ -2332,7 +2452,15 @@ async fn fetched<'c, S: ClientIo>(
             match e {
                 AttemptError::Down(DownFail::Gone) => Outcome::Abort,
                 e => match e.answer() {
-                    Some(g) => Outcome::from(g),
+                    // The one place where the cache phase turns a failed trip upstream into
+                    // the gateway's answer: it carries the cache's member too, with why
+                    // (RFC 9211 §2.7), after what the request got this far (`fwd`).
+                    Some(g) => {
+                        status.fwd_status = 0;
+                        status.detail = Some(failure_detail(g));
+                        status.put(&mut ctx.resp_headers);
+                        Outcome::from(g)
+                    }
                     None => Outcome::Abort,
                 },
             }
@@ -2637,6 +2765,39 @@ async fn fetched<'c, S: ClientIo>(
     out
 }
 
+/// The `Cache-Status` detail (RFC 9211 §2.7) of an answer the gateway makes for a failed trip
+/// upstream: the error's code ([`GatewayError::code`]) in the words of the cache's other
+/// details (hyphens).
+#[cold]
+fn failure_detail(e: GatewayError) -> &'static str {
+    use crate::http::request::ParseError;
+    match e {
+        GatewayError::UpstreamConnect => "upstream-connect-failed",
+        GatewayError::UpstreamConnectTimeout => "upstream-connect-timeout",
+        GatewayError::UpstreamTimeout => "upstream-timeout",
+        GatewayError::UpstreamBadResponse => "upstream-bad-response",
+        GatewayError::UpstreamClosed => "upstream-closed",
+        GatewayError::UpstreamTls => "upstream-tls-failed",
+        GatewayError::NoHealthyEndpoint => "no-healthy-endpoint",
+        GatewayError::CircuitOpen(_) => "circuit-open",
+        GatewayError::Overloaded => "upstream-overloaded",
+        // The request's own body failed on its way upstream.
+        GatewayError::ClientTimeout => "request-timeout",
+        GatewayError::BodyTooLarge => "body-too-large",
+        GatewayError::Parse(ParseError::HeadTooLarge) => "header-too-large",
+        GatewayError::Parse(_) | GatewayError::BadChunk(_) => "bad-request",
+        // Not answers of a trip upstream (refused before the cache phase), named all the same.
+        GatewayError::NoRoute => "no-route",
+        GatewayError::RateLimited(_) => "rate-limited",
+        GatewayError::ConcurrencyLimited => "concurrency-limited",
+        GatewayError::RateLimitUnavailable => "rate-limit-unavailable",
+        GatewayError::ClientCertRequired => "client-certificate-required",
+        GatewayError::Unauthorized(_) => "unauthorized",
+        GatewayError::Forbidden => "forbidden",
+        GatewayError::AuthUnavailable => "auth-unavailable",
+    }
+}
+
 /// Relays the response `resp` from `ch` to the client as it came (nothing captured for the
 /// store), then gives the upstream connection back ([`release`]): a relay that failed counts
 /// against the endpoint.
@@ -2897,7 +3058,7 @@ async fn answer<'c, S: ClientIo>(
     if (200..300).contains(&o.status) {
         code = preconditions(&ctx.head, o).unwrap_or(o.status);
         if code == o.status && o.status == 200 && !head_only {
-            if let Some(r) = ctx.head.header(b"range") {
+            if let Some(r) = single_range(&ctx.head) {
                 if if_range_holds(&ctx.head, o) {
                     match policy::byte_range(r, len) {
                         RangeAnswer::Full => {}
@@ -2929,7 +3090,9 @@ async fn answer<'c, S: ClientIo>(
             return false;
         }
         let keep_field = match code {
-            // §15.4.5: the fields a 200 would have carried for caches.
+            // §15.4.5: the fields a 200 would have carried for caches; and the stored
+            // upstream Cache-Status members, before this cache's (RFC 9211 §2), on every
+            // answer from the store.
             304 => [
                 &b"cache-control"[..],
                 b"content-location",
@@ -2938,10 +3101,11 @@ async fn answer<'c, S: ClientIo>(
                 b"expires",
                 b"vary",
                 b"last-modified",
+                b"cache-status",
             ]
             .iter()
             .any(|s| n.eq_ignore_ascii_case(s)),
-            412 | 416 => n.eq_ignore_ascii_case(b"date"),
+            412 | 416 => n.eq_ignore_ascii_case(b"date") || n.eq_ignore_ascii_case(b"cache-status"),
             _ => true,
         };
         has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
@@ -3285,6 +3449,16 @@ fn if_range_holds(h: &RequestHead, o: &Object) -> bool {
         (Some(a), Some(b)) => a == b && date() > b,
         _ => false,
     }
+}
+
+/// The request's `Range` when it came as one field line. Several lines combine into one
+/// value (RFC 9110 §5.3), `bytes=0-1, bytes=3-4`, which is not a valid ranges-specifier:
+/// ignored as any invalid `Range` is (§14.2), the whole representation answered, and
+/// `If-Range` with it (§13.1.5: it goes with a Range the server would honour).
+fn single_range(h: &RequestHead) -> Option<&[u8]> {
+    let mut lines = h.header_values(b"range");
+    let first = lines.next()?;
+    lines.next().is_none().then_some(first)
 }
 
 /// A small answer made by the cache itself (504 for `only-if-cached`, PURGE results).
@@ -3947,7 +4121,8 @@ mod tests {
 
     /// What is stored of a response's fields (RFC 9111 §3.1) and the Date it is given (RFC
     /// 9110 §6.6.1): the origin's Date is kept, one is added when there is none, or when the
-    /// response's `private="date"` dropped it; hop-by-hop fields and Cache-Status go.
+    /// response's `private="date"` dropped it; hop-by-hop fields go, an upstream's
+    /// Cache-Status stays (RFC 9211 §2).
     #[test]
     fn stored_fields_and_date_rfc9111_3_1() {
         let p = policy();
@@ -3970,7 +4145,15 @@ mod tests {
         )
         .unwrap();
         let names: Vec<&[u8]> = s.fields.iter().map(|(n, _)| n).collect();
-        assert_eq!(names, [&b"Date"[..], b"Cache-Control", b"Content-Type"]);
+        assert_eq!(
+            names,
+            [
+                &b"Date"[..],
+                b"Cache-Control",
+                b"Cache-Status",
+                b"Content-Type"
+            ]
+        );
         assert_eq!(dates(&s.fields), [origin.as_bytes()]);
         assert_eq!(s.t.lifetime, 60);
 
