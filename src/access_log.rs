@@ -1139,8 +1139,10 @@ impl Out<'_> {
                 .position(|b| *b == b'&')
                 .map_or(end, |p| at + p);
             let param = &v[at..next];
-            if param.len() > name.len() && param.starts_with(name) && param[name.len()] == b'=' {
-                let value = at + name.len() + 1;
+            // Named as the gateway reads the key: percent-decoded (`api%5Fkey`).
+            let eq = param.iter().position(|b| *b == b'=');
+            if let Some(eq) = eq.filter(|eq| crate::http::decodes_to(&param[..*eq], name)) {
+                let value = at + eq + 1;
                 self.escaped(&v[done..value]);
                 self.put(b"[redacted]");
                 done = next;
@@ -1245,7 +1247,7 @@ mod tests {
     #[test]
     fn credential_query_values_are_redacted() {
         let trace = [b'a'; 32];
-        let cases: [(&[u8], &str); 7] = [
+        let cases: [(&[u8], &str); 8] = [
             (b"/a?k=s1", "/a?k=[redacted]"),
             (
                 b"/a?x=\"&k=s1&k=&k=s2#k=s3",
@@ -1256,6 +1258,8 @@ mod tests {
             (b"/a", "/a"),
             (b"/k=s1", "/k=s1"),
             (b"/a?k=s1?k=s2", "/a?k=[redacted]"),
+            // However the name is spelled, as the key is read.
+            (b"/a?%6B=s1&%6b=s2", "/a?%6B=[redacted]&%6b=[redacted]"),
         ];
         for (path, want) in cases {
             let (log, _rx) = worker_log(64 * 1024);

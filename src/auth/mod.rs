@@ -681,7 +681,18 @@ impl WorkerAuth {
             Some(v) => crate::http::trim_ows(v),
             None => {
                 let q = self.api_key_query.as_deref()?;
-                query_param(head.bytes(head.path_query), q)?
+                // Read as the upstream reads it: percent-decoded (no longer than a key may be).
+                let mut buf = [0u8; apikey::MAX_KEY_BYTES];
+                let found = match query_param(head.bytes(head.path_query), q)? {
+                    Ok(raw) => crate::http::decode_into(raw, &mut buf),
+                    Err(()) => None,
+                };
+                return Some(match found {
+                    Some(key) if !key.is_empty() => {
+                        self.keys.find(key).ok_or(AuthFail::UnknownApiKey)
+                    }
+                    _ => Err(AuthFail::UnknownApiKey),
+                });
             }
         };
         if key.is_empty() {
@@ -754,14 +765,27 @@ fn bearer_token(head: &RequestHead) -> Option<Result<&str, AuthFail>> {
     Some(std::str::from_utf8(t).map_err(|_| AuthFail::Malformed))
 }
 
-/// The raw value of query parameter `name` (not percent-decoded).
-fn query_param<'a>(path_query: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+/// The raw value of query parameter `name` (its value not yet percent-decoded): `None` when
+/// there is none, `Err` when there are several. Names are compared percent-decoded, as an
+/// upstream reads them (`api%5Fkey` is `api_key`), so that no copy of the parameter passes
+/// unseen; a name without `=` has an empty value.
+fn query_param<'a>(path_query: &'a [u8], name: &[u8]) -> Option<Result<&'a [u8], ()>> {
     let q = &path_query[path_query.iter().position(|b| *b == b'?')? + 1..];
     let q = q.split(|b| *b == b'#').next().unwrap_or(q);
-    q.split(|b| *b == b'&').find_map(|kv| {
-        kv.strip_prefix(name)
-            .and_then(|rest| rest.strip_prefix(b"="))
-    })
+    let mut found = None;
+    for kv in q.split(|b| *b == b'&') {
+        let (k, v) = kv
+            .iter()
+            .position(|b| *b == b'=')
+            .map_or((kv, &b""[..]), |i| (&kv[..i], &kv[i + 1..]));
+        if crate::http::decodes_to(k, name) {
+            if found.is_some() {
+                return Some(Err(()));
+            }
+            found = Some(v);
+        }
+    }
+    found.map(Ok)
 }
 
 #[cfg(test)]
@@ -830,12 +854,24 @@ mod tests {
 
     #[test]
     fn query_params() {
-        assert_eq!(
-            query_param(b"/a?x=1&api_key=k1&y", b"api_key"),
-            Some(&b"k1"[..])
-        );
+        let one = |v: &'static [u8]| Some(Ok(v));
+        assert_eq!(query_param(b"/a?x=1&api_key=k1&y", b"api_key"), one(b"k1"));
         assert_eq!(query_param(b"/a?my_api_key=k1", b"api_key"), None);
         assert_eq!(query_param(b"/a", b"api_key"), None);
-        assert_eq!(query_param(b"/a?api_key=", b"api_key"), Some(&b""[..]));
+        assert_eq!(query_param(b"/a?api_key=", b"api_key"), one(b""));
+        assert_eq!(query_param(b"/a?api_key", b"api_key"), one(b""));
+        assert_eq!(
+            query_param(b"/a?api%5Fkey=k%2D1", b"api_key"),
+            one(b"k%2D1")
+        );
+        // Two of them, however spelled: which one the upstream reads is its choice.
+        assert_eq!(
+            query_param(b"/a?api_key=k1&api_key=k2", b"api_key"),
+            Some(Err(()))
+        );
+        assert_eq!(
+            query_param(b"/a?api_key=k1&api%5fkey=k2", b"api_key"),
+            Some(Err(()))
+        );
     }
 }

@@ -406,7 +406,7 @@ fn key_query_only(keep: &[Box<[u8]>], path: &[u8], query: &[u8], out: &mut Vec<u
         .split(|b| *b == b'&')
         .filter_map(|kv| {
             let name = &kv[..name_of(kv)];
-            let listed = keep.iter().find(|k| decodes_to(name, k))?;
+            let listed = keep.iter().find(|k| crate::http::decodes_to(name, k))?;
             Some((&**listed, kv))
         })
         .collect();
@@ -417,31 +417,6 @@ fn key_query_only(keep: &[Box<[u8]>], path: &[u8], query: &[u8], out: &mut Vec<u
         out.push(if i == 0 { b'?' } else { b'&' });
         out.extend_from_slice(kv);
     }
-}
-
-/// Whether the query parameter name `raw`, its `%XX` escapes decoded, is `want`. A `%` not
-/// followed by two hex digits stands for itself.
-fn decodes_to(raw: &[u8], want: &[u8]) -> bool {
-    let hex = |b: u8| (b as char).to_digit(16);
-    let (mut i, mut j) = (0, 0);
-    while i < raw.len() {
-        let mut b = raw[i];
-        i += 1;
-        if b == b'%' {
-            if let (Some(h), Some(l)) = (
-                raw.get(i).and_then(|c| hex(*c)),
-                raw.get(i + 1).and_then(|c| hex(*c)),
-            ) {
-                b = (h * 16 + l) as u8;
-                i += 2;
-            }
-        }
-        if want.get(j) != Some(&b) {
-            return false;
-        }
-        j += 1;
-    }
-    j == want.len()
 }
 
 /// The chosen header values and the consumer of a key.

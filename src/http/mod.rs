@@ -85,6 +85,58 @@ pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|s| !s.is_empty())
 }
 
+/// Whether `raw` (a query parameter's name or value), its `%XX` escapes decoded, is `want`.
+/// A `%` not followed by two hex digits stands for itself (RFC 3986 §2.1).
+pub fn decodes_to(raw: &[u8], want: &[u8]) -> bool {
+    let mut j = 0;
+    let all = percent_decoded(raw, |b| {
+        let same = want.get(j) == Some(&b);
+        j += 1;
+        same
+    });
+    all && j == want.len()
+}
+
+/// `raw` with its `%XX` escapes decoded (as [`decodes_to`] reads them) into `out`; `None`
+/// when it does not fit.
+pub fn decode_into<'b>(raw: &[u8], out: &'b mut [u8]) -> Option<&'b [u8]> {
+    let mut n = 0;
+    let fits = percent_decoded(raw, |b| {
+        let Some(slot) = out.get_mut(n) else {
+            return false;
+        };
+        *slot = b;
+        n += 1;
+        true
+    });
+    fits.then_some(&out[..n])
+}
+
+/// Hands each byte of `raw`, its `%XX` escapes decoded, to `each` until it says false;
+/// true when every byte was taken.
+#[inline]
+fn percent_decoded(raw: &[u8], mut each: impl FnMut(u8) -> bool) -> bool {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut i = 0;
+    while i < raw.len() {
+        let mut b = raw[i];
+        i += 1;
+        if b == b'%' {
+            if let (Some(h), Some(l)) = (
+                raw.get(i).and_then(|c| hex(*c)),
+                raw.get(i + 1).and_then(|c| hex(*c)),
+            ) {
+                b = (h * 16 + l) as u8;
+                i += 2;
+            }
+        }
+        if !each(b) {
+            return false;
+        }
+    }
+    true
+}
+
 #[inline]
 pub fn trim_ows(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
