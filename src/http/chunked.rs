@@ -219,6 +219,13 @@ impl ChunkedScanner {
         self.state == State::Done
     }
 
+    /// Data bytes the body has already declared: those seen plus the rest of the chunk whose
+    /// size was read. The final total is never less, so a body limit is exceeded as soon as
+    /// a chunk-size line says so, before that chunk's data arrives.
+    pub fn declared_total(&self) -> u64 {
+        self.data_total.saturating_add(self.size)
+    }
+
     /// Scans `buf`, calling `on_data(start, end)` for each run of chunk data inside it.
     pub fn scan(
         &mut self,
@@ -575,9 +582,15 @@ impl ChunkedReframer {
         self.line.clear();
     }
 
-    /// Data bytes seen so far (for body-size limits).
+    /// Data bytes seen so far.
     pub fn data_total(&self) -> u64 {
         self.scanner.data_total
+    }
+
+    /// Data bytes declared so far (for body-size limits): see
+    /// [`ChunkedScanner::declared_total`].
+    pub fn declared_total(&self) -> u64 {
+        self.scanner.declared_total()
     }
 
     pub fn is_done(&self) -> bool {
@@ -1109,6 +1122,22 @@ mod tests {
         let mut s = ChunkedScanner::new();
         s.scan(VALID, |_, _| {}).unwrap();
         assert_eq!(s.data_total, 15);
+    }
+
+    /// The declared total counts a chunk's size as soon as its line is read, and stays put
+    /// while its data arrives.
+    #[test]
+    fn declared_total_counts_a_chunk_at_its_size_line() {
+        let mut s = ChunkedScanner::new();
+        s.scan(b"3\r\nabc\r\n", |_, _| {}).unwrap();
+        assert_eq!(s.declared_total(), 3);
+        s.scan(b"ffffffffffffffff\r\nxy", |_, _| {}).unwrap();
+        assert_eq!(s.declared_total(), u64::MAX);
+        assert_eq!(s.data_total, 5);
+        let mut r = ChunkedReframer::new(TrailerPolicy::Drop);
+        let mut out = BytesMut::new();
+        r.reframe(b"100000\r\n", &mut out).unwrap();
+        assert_eq!((r.declared_total(), r.data_total()), (0x100000, 0));
     }
 
     /// `scan_to_trailer` stops where the first trailer field line starts, and a re-framer
