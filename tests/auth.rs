@@ -252,6 +252,44 @@ fn bad_tokens_are_401_with_a_challenge_and_never_reach_the_upstream() {
     assert_eq!(c.read_response().unwrap().status, 200);
 }
 
+/// `required_claims`: a claim whose value is JSON null counts as absent (RFC 7519 §4: null
+/// asserts nothing), so a token with `"sub": null` is refused like one without `sub`.
+#[test]
+fn a_required_claim_that_is_null_is_missing_rfc7519_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[auth.jwt.jwt]\nsecret = \"{SECRET}\"\nrequired_claims = [\"exp\", \"sub\"]\nforward_claims = {{ sub = \"x-user-id\" }}\n\n[[routes]]\nupstream = \"up\"\nauth = \"jwt\"\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, d);
+        let exp = now() + 600;
+        for (what, claims) in [
+            ("sub null", json!({"sub": null, "exp": exp})),
+            ("sub missing", json!({"exp": exp})),
+        ] {
+            let r = get_with(gw.addr, "/r", &bearer(&hs(&claims)));
+            assert_eq!(r.status, 401, "{d:?} {what}: {}", r.text());
+            assert_eq!(r.json()["error"], "invalid_token", "{d:?} {what}");
+            assert!(
+                r.text().contains("lacks a required claim"),
+                "{d:?} {what}: {}",
+                r.text()
+            );
+        }
+        assert_eq!(up.hits(), 0, "{d:?}");
+        let r = get_with(
+            gw.addr,
+            "/r",
+            &bearer(&hs(&json!({"sub": "bob", "exp": exp}))),
+        );
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        assert_eq!(up.last().header("x-user-id"), Some("bob"));
+    }
+}
+
 #[test]
 fn missing_scope_or_role_is_403_insufficient_scope() {
     let up = Upstream::echo();

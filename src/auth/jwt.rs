@@ -599,8 +599,10 @@ pub fn check_claims(
     };
     let exp = num("exp")?;
     let nbf = num("nbf")?;
+    // A claim whose value is JSON null says nothing (RFC 7519 §4: a claim's value is what
+    // the token asserts; null asserts no value): it is as absent as a missing one.
     for r in &rules.required {
-        if !map.contains_key(r) {
+        if map.get(r).is_none_or(Value::is_null) {
             return Err(AuthFail::MissingClaim);
         }
     }
@@ -927,6 +929,9 @@ mod tests {
         let mut c = claims();
         c.as_object_mut().unwrap().remove("sub");
         let no_sub = hs_token(&c);
+        let mut c = claims();
+        c["sub"] = Value::Null;
+        let null_sub = hs_token(&c);
         let wrong_key = encode(
             &Header::new(Algorithm::HS256),
             &claims(),
@@ -1000,6 +1005,12 @@ mod tests {
             (
                 "required claim missing",
                 no_sub,
+                &set,
+                AuthFail::MissingClaim,
+            ),
+            (
+                "required claim null",
+                null_sub,
                 &set,
                 AuthFail::MissingClaim,
             ),
