@@ -766,6 +766,65 @@ fn jwks_grace_period_ends() {
     assert_eq!(status(&t2), 200);
 }
 
+/// An identity provider that empties its JWK Set (`{"keys": []}`, or only keys the gateway
+/// cannot use) revokes its keys (RFC 7517 §5: the set is the provider's current keys): they
+/// leave service after `jwks_grace`, as keys leaving in a rotation do, instead of serving on
+/// forever as if the key server were down; the set is asked for again meanwhile, and keys
+/// that come back serve again.
+#[test]
+fn an_empty_jwks_retires_the_keys_after_the_grace_period_rfc7517_5() {
+    let jwk1 = std::fs::read_to_string(data("rsa_jwk.json")).unwrap();
+    let with_key = format!("{{\"keys\": [{jwk1}]}}");
+    let serving = Arc::new(Mutex::new(with_key.clone()));
+    let s = serving.clone();
+    let keys = Loopback::start(move |_| Some(json_response(200, &s.lock().unwrap(), "")));
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\njwks_grace = \"1s\"\n[auth]\ncache_max_ttl = \"1s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    // A new token each time (another subject), so that no cached verification answers.
+    let n = AtomicUsize::new(0);
+    let status = || {
+        let sub = format!("u{}", n.fetch_add(1, Ordering::Relaxed));
+        let t = rs(&with(alice(), "sub", json!(sub)), "rsa_private.pem", "rsa");
+        get_with(gw.addr, "/", &bearer(&t)).status
+    };
+    assert!(eventually(Duration::from_secs(10), || status() == 200));
+    assert!(jwk1.contains("\"use\": \"sig\""));
+    for empty in [
+        r#"{"keys": []}"#.to_string(),
+        // Only a key of another use: nothing to verify with either.
+        format!(
+            "{{\"keys\": [{}]}}",
+            jwk1.replace("\"use\": \"sig\"", "\"use\": \"enc\"")
+        ),
+    ] {
+        *serving.lock().unwrap() = empty.clone();
+        let before = keys.hits();
+        // The fetcher is asked for the set again by the next unknown kid at the latest; after
+        // the grace period the key is refused.
+        let unknown = rs(&alice(), "rsa_private.pem", "rsa-new");
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                let _ = get_with(gw.addr, "/", &bearer(&unknown));
+                keys.hits() > before && status() == 401
+            }),
+            "a key the provider no longer publishes is still accepted ({empty})"
+        );
+        // The provider publishes it again: it serves again.
+        *serving.lock().unwrap() = with_key.clone();
+        assert!(
+            eventually(Duration::from_secs(10), || status() == 200),
+            "the key is back in the set but refused ({empty})"
+        );
+    }
+}
+
 #[test]
 fn introspection_active_inactive_cached_and_down() {
     for d in DRIVERS {

@@ -362,6 +362,29 @@ pub fn parse_jwks(
     allowed: &[Algorithm],
     origin: JwksOrigin,
 ) -> Result<(KeySet, Vec<String>), String> {
+    let (set, notes) = parse_jwk_set(text, allowed, origin)?;
+    if set.keys.is_empty() {
+        return Err(no_usable_key(&notes));
+    }
+    Ok((set, notes))
+}
+
+/// Why a well-formed set gave no key, for the log.
+pub fn no_usable_key(notes: &[String]) -> String {
+    match notes.first() {
+        Some(n) => format!("the set holds no usable signature key ({n})"),
+        None => "the set holds no usable signature key".into(),
+    }
+}
+
+/// [`parse_jwks`], with a well-formed JWK Set (a `keys` array) that holds no usable key given
+/// back empty rather than as an error: a key server's answer that no key of the provider is
+/// in the set any more.
+pub fn parse_jwk_set(
+    text: &[u8],
+    allowed: &[Algorithm],
+    origin: JwksOrigin,
+) -> Result<(KeySet, Vec<String>), String> {
     let v: Value = serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
     let keys = v
         .get("keys")
@@ -424,12 +447,6 @@ pub fn parse_jwks(
         let mut key = JwtKey::new(jwk.common.key_id.clone(), &algs, key);
         key.material = Some(jwk.algorithm);
         out.push(key);
-    }
-    if out.is_empty() {
-        return Err(match notes.first() {
-            Some(n) => format!("the set holds no usable signature key ({n})"),
-            None => "the set holds no usable signature key".into(),
-        });
     }
     Ok((KeySet { keys: out }, notes))
 }
