@@ -474,6 +474,49 @@ auth = "set"
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// RFC 8725 §3.8, §3.9: a JWT provider that checks neither `iss` nor `aud` accepts tokens of
+/// any issuer or audience signed with a key it trusts. `ringway check` says so in a warning
+/// (on stderr, naming the provider) and still passes the config; a provider with either
+/// check gets none.
+#[test]
+fn check_warns_of_a_jwt_provider_without_issuer_or_audience_rfc8725_3_8() {
+    let toml = config(
+        &["127.0.0.1:9".parse().unwrap()],
+        &format!(
+            "[auth.jwt.open]\nsecret = \"{SECRET}\"\n\n[auth.jwt.by_iss]\nsecret = \"{SECRET}\"\nissuers = [\"https://idp.test\"]\n\n[auth.jwt.by_aud]\nsecret = \"{SECRET}\"\naudiences = [\"api\"]\n\n[[routes]]\nupstream = \"up\"\nauth = \"open\"\n"
+        ),
+    );
+    let cfg = ringway::config::Config::parse(&toml, "auth.toml").expect("a valid config");
+    let w = cfg.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("auth.jwt.open: "), "{w:?}");
+
+    let dir = std::env::temp_dir().join(format!("ringway-check-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("auth.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(["check", "-c"])
+        .arg(&file)
+        .env("RINGWAY_LOG", "off")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "a warning is not an error: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": OK"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].starts_with(
+            "ringway: warning: auth.jwt.open: checks neither the issuer nor the audience"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET), "{stderr}");
+}
+
 #[test]
 fn config_errors_name_the_key() {
     let bad = |extra: &str| {
