@@ -1570,6 +1570,12 @@ impl Config {
         Config::parse(&src, &label)
     }
 
+    /// Settings that load but are likely a mistake, one line each: `ringway check` prints
+    /// them and the gateway logs them at start. Never an error.
+    pub fn warnings(&self) -> Vec<String> {
+        self.auth.warnings()
+    }
+
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         let de = toml::Deserializer::new(src);

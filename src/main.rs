@@ -143,6 +143,10 @@ fn main() -> ExitCode {
         "check" => match Config::load(&args.config) {
             Ok(cfg) => {
                 print_summary(&args.config.display().to_string(), &cfg);
+                // Advice, not errors: the config is valid and the exit status says so.
+                for w in cfg.warnings() {
+                    eprintln!("ringway: warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -312,6 +316,9 @@ fn run(
 ) -> ExitCode {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     ringway::log::init(&cfg.log);
+    for w in cfg.warnings() {
+        warn!("{w}");
+    }
     let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
     {
         Ok(s) => s,

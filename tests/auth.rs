@@ -252,6 +252,44 @@ fn bad_tokens_are_401_with_a_challenge_and_never_reach_the_upstream() {
     assert_eq!(c.read_response().unwrap().status, 200);
 }
 
+/// `required_claims`: a claim whose value is JSON null counts as absent (RFC 7519 §4: null
+/// asserts nothing), so a token with `"sub": null` is refused like one without `sub`.
+#[test]
+fn a_required_claim_that_is_null_is_missing_rfc7519_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[auth.jwt.jwt]\nsecret = \"{SECRET}\"\nrequired_claims = [\"exp\", \"sub\"]\nforward_claims = {{ sub = \"x-user-id\" }}\n\n[[routes]]\nupstream = \"up\"\nauth = \"jwt\"\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, d);
+        let exp = now() + 600;
+        for (what, claims) in [
+            ("sub null", json!({"sub": null, "exp": exp})),
+            ("sub missing", json!({"exp": exp})),
+        ] {
+            let r = get_with(gw.addr, "/r", &bearer(&hs(&claims)));
+            assert_eq!(r.status, 401, "{d:?} {what}: {}", r.text());
+            assert_eq!(r.json()["error"], "invalid_token", "{d:?} {what}");
+            assert!(
+                r.text().contains("lacks a required claim"),
+                "{d:?} {what}: {}",
+                r.text()
+            );
+        }
+        assert_eq!(up.hits(), 0, "{d:?}");
+        let r = get_with(
+            gw.addr,
+            "/r",
+            &bearer(&hs(&json!({"sub": "bob", "exp": exp}))),
+        );
+        assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        assert_eq!(up.last().header("x-user-id"), Some("bob"));
+    }
+}
+
 #[test]
 fn missing_scope_or_role_is_403_insufficient_scope() {
     let up = Upstream::echo();
@@ -446,6 +484,49 @@ auth = "set"
         401
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// RFC 8725 §3.8, §3.9: a JWT provider that checks neither `iss` nor `aud` accepts tokens of
+/// any issuer or audience signed with a key it trusts. `ringway check` says so in a warning
+/// (on stderr, naming the provider) and still passes the config; a provider with either
+/// check gets none.
+#[test]
+fn check_warns_of_a_jwt_provider_without_issuer_or_audience_rfc8725_3_8() {
+    let toml = config(
+        &["127.0.0.1:9".parse().unwrap()],
+        &format!(
+            "[auth.jwt.open]\nsecret = \"{SECRET}\"\n\n[auth.jwt.by_iss]\nsecret = \"{SECRET}\"\nissuers = [\"https://idp.test\"]\n\n[auth.jwt.by_aud]\nsecret = \"{SECRET}\"\naudiences = [\"api\"]\n\n[[routes]]\nupstream = \"up\"\nauth = \"open\"\n"
+        ),
+    );
+    let cfg = ringway::config::Config::parse(&toml, "auth.toml").expect("a valid config");
+    let w = cfg.warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("auth.jwt.open: "), "{w:?}");
+
+    let dir = std::env::temp_dir().join(format!("ringway-check-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("auth.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(["check", "-c"])
+        .arg(&file)
+        .env("RINGWAY_LOG", "off")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "a warning is not an error: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": OK"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].starts_with(
+            "ringway: warning: auth.jwt.open: checks neither the issuer nor the audience"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(SECRET), "{stderr}");
 }
 
 #[test]
@@ -738,6 +819,65 @@ fn jwks_grace_period_ends() {
     // After the grace period (and the cache lifetime), key 1 is refused.
     assert!(eventually(Duration::from_secs(10), || status(&t1) == 401));
     assert_eq!(status(&t2), 200);
+}
+
+/// An identity provider that empties its JWK Set (`{"keys": []}`, or only keys the gateway
+/// cannot use) revokes its keys (RFC 7517 §5: the set is the provider's current keys): they
+/// leave service after `jwks_grace`, as keys leaving in a rotation do, instead of serving on
+/// forever as if the key server were down; the set is asked for again meanwhile, and keys
+/// that come back serve again.
+#[test]
+fn an_empty_jwks_retires_the_keys_after_the_grace_period_rfc7517_5() {
+    let jwk1 = std::fs::read_to_string(data("rsa_jwk.json")).unwrap();
+    let with_key = format!("{{\"keys\": [{jwk1}]}}");
+    let serving = Arc::new(Mutex::new(with_key.clone()));
+    let s = serving.clone();
+    let keys = Loopback::start(move |_| Some(json_response(200, &s.lock().unwrap(), "")));
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.idp]\njwks_url = \"http://{}/jwks\"\njwks_min_refresh_interval = \"100ms\"\njwks_grace = \"1s\"\n[auth]\ncache_max_ttl = \"1s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            keys.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    // A new token each time (another subject), so that no cached verification answers.
+    let n = AtomicUsize::new(0);
+    let status = || {
+        let sub = format!("u{}", n.fetch_add(1, Ordering::Relaxed));
+        let t = rs(&with(alice(), "sub", json!(sub)), "rsa_private.pem", "rsa");
+        get_with(gw.addr, "/", &bearer(&t)).status
+    };
+    assert!(eventually(Duration::from_secs(10), || status() == 200));
+    assert!(jwk1.contains("\"use\": \"sig\""));
+    for empty in [
+        r#"{"keys": []}"#.to_string(),
+        // Only a key of another use: nothing to verify with either.
+        format!(
+            "{{\"keys\": [{}]}}",
+            jwk1.replace("\"use\": \"sig\"", "\"use\": \"enc\"")
+        ),
+    ] {
+        *serving.lock().unwrap() = empty.clone();
+        let before = keys.hits();
+        // The fetcher is asked for the set again by the next unknown kid at the latest; after
+        // the grace period the key is refused.
+        let unknown = rs(&alice(), "rsa_private.pem", "rsa-new");
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                let _ = get_with(gw.addr, "/", &bearer(&unknown));
+                keys.hits() > before && status() == 401
+            }),
+            "a key the provider no longer publishes is still accepted ({empty})"
+        );
+        // The provider publishes it again: it serves again.
+        *serving.lock().unwrap() = with_key.clone();
+        assert!(
+            eventually(Duration::from_secs(10), || status() == 200),
+            "the key is back in the set but refused ({empty})"
+        );
+    }
 }
 
 #[test]

@@ -366,6 +366,58 @@ fn bytes_beyond_content_length_are_not_delivered_and_not_reused() {
     }
 }
 
+/// RFC 9110 §6.5.1/§6.5.2: a response's trailer fields reach the client filtered as request
+/// trailers are under `trailers = "forward"`: nothing that frames (Content-Length,
+/// Transfer-Encoding), routes (Host), authenticates, sets cookies, controls caching or is
+/// hop-by-hop, and nothing the route removes from responses; other fields go through in
+/// order. Also when the trailer section arrives in pieces, and the upstream connection is
+/// reused afterwards.
+#[test]
+fn response_trailers_are_filtered_rfc9110_6_5() {
+    const HEAD: &[u8] =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n";
+    const DATA: &[u8] = b"5\r\nhello\r\n";
+    const TRAILERS: &[u8] = b"0\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\nX-Checksum: abc\r\nSet-Cookie: s=1\r\nHost: evil\r\nCache-Control: max-age=9\r\nWWW-Authenticate: Basic\r\nConnection: close\r\nX-Internal: 1\r\nX_Checksum: u\r\nServer-Timing: db;dur=1\r\n\r\n";
+    for d in DRIVERS {
+        let up = Upstream::start_with(Some(Duration::from_secs(2)), |req| {
+            match req.target.as_str() {
+                "/whole" => Reply::Raw([HEAD, DATA, TRAILERS].concat()),
+                "/pieces" => Reply::Script(vec![
+                    Step::Write([HEAD, DATA, &TRAILERS[..9]].concat()),
+                    Step::Wait(Duration::from_millis(50)),
+                    Step::Write(TRAILERS[9..70].to_vec()),
+                    Step::Wait(Duration::from_millis(50)),
+                    Step::Write(TRAILERS[70..TRAILERS.len() - 1].to_vec()),
+                    Step::Wait(Duration::from_millis(50)),
+                    Step::Write(TRAILERS[TRAILERS.len() - 1..].to_vec()),
+                ]),
+                _ => Reply::Raw(hostile::fine()),
+            }
+        });
+        let toml = config(
+            &[up.addr],
+            "max_idle = 1\n\n[timeouts]\nupstream_response = \"2s\"\nupstream_body = \"1s\"\n\n[[routes]]\nupstream = \"up\"\nresponse_headers = { remove = [\"x-internal\"] }\n",
+        );
+        let gw = TestGateway::start(&toml, d);
+        for path in ["/whole", "/pieces"] {
+            let got = raw_exchange(
+                &gw,
+                format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+            );
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200 "), "{d:?} {path}: {text}");
+            let body = &text[text.find("\r\n\r\n").expect("a head") + 4..];
+            assert_eq!(
+                body, "5\r\nhello\r\n0\r\nX-Checksum: abc\r\nServer-Timing: db;dur=1\r\n\r\n",
+                "{d:?} {path}"
+            );
+        }
+        // The same (pooled) upstream connection serves the next request.
+        still_serves(&gw, d, "after trailers");
+        assert_eq!(up.conns(), 1, "{d:?}: the connection was not reused");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A hostile identity provider.
 

@@ -253,6 +253,9 @@ fn check_command_validates_configs() {
         );
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("OK") && text.contains("routes:"), "{text}");
+        // The shipped configs set nothing `check` warns about.
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("warning"), "{file}: {err}");
     }
     let bad = write_config(
         "bad.toml",

@@ -309,6 +309,105 @@ upstream = "up"
     }
 }
 
+/// An upstream that reports each connection's bytes: `Seen::Head` once a request head is in,
+/// `Seen::Whole` with everything received once the gateway closes the connection. Answers
+/// nothing. Serves one connection; panics are re-raised by joining the handle.
+fn recording_upstream() -> (SocketAddr, mpsc::Receiver<Seen>, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("upstream accept");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 4096];
+        let mut head = false;
+        loop {
+            let k = s.read(&mut tmp).expect("the gateway closes the connection");
+            if k == 0 {
+                break;
+            }
+            buf.extend_from_slice(&tmp[..k]);
+            if !head && buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                head = true;
+                let _ = tx.send(Seen::Head);
+            }
+        }
+        let _ = tx.send(Seen::Whole(buf));
+    });
+    (addr, rx, h)
+}
+
+/// RFC 9112 §7.1 with RFC 9110 §15.5.14 (413): a chunk size that takes a body past
+/// `max_body_bytes` is refused as soon as its line is read, as a Content-Length over the limit
+/// is refused with the head, not once that much data has come. Before the upstream was
+/// contacted, it never is; once the head is upstream, that attempt is abandoned (the upstream
+/// connection closed, the size line never sent) and the client's connection closes.
+#[test]
+fn a_chunk_size_over_the_body_limit_is_a_413_at_its_line_rfc9112_7_1() {
+    let extra = "[limits]\nmax_body_bytes = \"1KiB\"\n[timeouts]\nclient_body = \"3s\"\n[[routes]]\nupstream = \"up\"\n";
+    for d in DRIVERS {
+        // With the head: nothing reaches the upstream.
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for size in ["ffffffffffffffff", "100000", "401"] {
+            let mut c = Client::connect(gw.addr);
+            let raw = format!(
+                "POST /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nab"
+            );
+            let _ = c.try_send(raw.as_bytes());
+            let r = c
+                .read_response()
+                .unwrap_or_else(|| panic!("{d:?} {size}: no answer"));
+            assert_eq!(r.status, 413, "{d:?} {size}: {}", r.text());
+            assert_eq!(r.header("connection"), Some("close"), "{d:?} {size}");
+            assert!(c.is_closed(Duration::from_secs(2)), "{d:?} {size}");
+        }
+        // Exactly the limit in one chunk still goes through.
+        let mut c = Client::connect(gw.addr);
+        c.send(b"POST /fits HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n");
+        c.send(&[b'x'; 1024]);
+        c.send(b"\r\n0\r\n\r\n");
+        assert_eq!(c.read_response().expect("answer").status, 200, "{d:?}");
+        assert_eq!(
+            up.hits(),
+            1,
+            "{d:?}: an over-limit body reached the upstream"
+        );
+
+        // After the head went upstream with a first chunk: the size line is not forwarded.
+        let (addr, rx, server) = recording_upstream();
+        let gw = TestGateway::start(&config(&[addr], extra), d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"POST /late HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n");
+        match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("head upstream")
+        {
+            Seen::Head => {}
+            Seen::Whole(b) => panic!("{d:?}: upstream closed early: {b:?}"),
+        }
+        c.send(b"ffffffffffffffff\r\nxyz");
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.status, 413, "{d:?}: {}", r.text());
+        assert!(c.is_closed(Duration::from_secs(2)), "{d:?}");
+        let got = match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("upstream closed")
+        {
+            Seen::Whole(b) => b,
+            Seen::Head => unreachable!(),
+        };
+        assert_eq!(
+            String::from_utf8_lossy(body_of(&got)),
+            "3\r\nabc\r\n",
+            "{d:?}: the upstream saw more than the first chunk"
+        );
+        server.join().expect("upstream thread");
+    }
+}
+
 #[test]
 fn a_request_split_at_every_byte_is_parsed_the_same() {
     for d in DRIVERS {

@@ -62,6 +62,26 @@ fn d_consumer_header() -> HeaderName {
     HeaderName("x-consumer".into())
 }
 
+impl AuthConfig {
+    /// A JWT provider that checks neither `iss` nor `aud` accepts a token minted for any
+    /// audience by any issuer whose keys it trusts (another tenant or application of a shared
+    /// identity provider, an ID token of another client): RFC 8725 §3.8 and §3.9 ask that
+    /// both be checked. Allowed, but worth a word (see [`crate::config::Config::warnings`]).
+    pub fn warnings(&self) -> Vec<String> {
+        self.jwt
+            .iter()
+            .filter(|(_, j)| j.issuers.is_empty() && j.audiences.is_empty())
+            .map(|(name, _)| {
+                format!(
+                    "auth.jwt.{name}: checks neither the issuer nor the audience (`issuers` and \
+                     `audiences` are empty), so a token from any issuer or for any audience \
+                     signed with a key it trusts passes (RFC 8725 §3.8, §3.9)"
+                )
+            })
+            .collect()
+    }
+}
+
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {

@@ -14,7 +14,10 @@
 //!   before a rotation keep working);
 //! - a failed fetch (a certificate that does not verify included) keeps the last good keys and
 //!   is retried after `jwks_min_refresh_interval`; it is logged once, and again only when the
-//!   reason changes.
+//!   reason changes;
+//! - a well-formed set with no usable key is no failure: the keys in service have left it, and
+//!   stay accepted for `jwks_grace` only, as after a rotation; it is retried and logged as a
+//!   failed fetch is.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -293,6 +296,33 @@ async fn fetch_loop(
             src.refresh.store(false, Ordering::Relaxed);
             last_fetch = Some(now);
             match fetch_set(&target, &request, cfg.jwks_timeout(), &allowed).await {
+                Ok((set, notes, _)) if set.keys.is_empty() => {
+                    // A well-formed set without a usable key: every key in service has left
+                    // it. They are retired as keys leaving a rotation are, accepted for
+                    // `jwks_grace` more and then dropped (an identity provider can revoke all
+                    // its keys); the set is asked for again as after a failure, so that keys
+                    // coming back (a provider's passing glitch) serve again at once.
+                    let reason = jwt::no_usable_key(&notes);
+                    if failing.as_deref() != Some(reason.as_str()) {
+                        warn!("auth.jwt.{name}: the JWKS URL answered with no usable key ({reason}); the {} keys in service stay accepted for {}s at most (jwks_grace), retrying every {}ms",
+                            fresh.len(),
+                            cfg.jwks_grace().as_secs(),
+                            cfg.jwks_min_refresh_interval().as_millis());
+                        failing = Some(reason);
+                    }
+                    next = later(now, cfg.jwks_min_refresh_interval());
+                    if !fresh.is_empty() {
+                        retire(
+                            &mut fresh,
+                            &mut retired,
+                            Vec::new(),
+                            later(now, cfg.jwks_grace()),
+                        );
+                        publish(src, &fresh, &mut retired, now);
+                    } else if expired {
+                        publish(src, &fresh, &mut retired, now);
+                    }
+                }
                 Ok((set, notes, max_age)) => {
                     let ttl = max_age
                         .map_or(cfg.jwks_max_ttl(), Duration::from_secs)
@@ -391,7 +421,7 @@ async fn fetch_set(
     for v in r.header_values(b"cache-control") {
         max_age(v, &mut age);
     }
-    let (set, notes) = jwt::parse_jwks(&r.body, allowed, jwt::JwksOrigin::Url)?;
+    let (set, notes) = jwt::parse_jwk_set(&r.body, allowed, jwt::JwksOrigin::Url)?;
     Ok((set, notes, age))
 }
 

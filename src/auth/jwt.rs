@@ -362,6 +362,29 @@ pub fn parse_jwks(
     allowed: &[Algorithm],
     origin: JwksOrigin,
 ) -> Result<(KeySet, Vec<String>), String> {
+    let (set, notes) = parse_jwk_set(text, allowed, origin)?;
+    if set.keys.is_empty() {
+        return Err(no_usable_key(&notes));
+    }
+    Ok((set, notes))
+}
+
+/// Why a well-formed set gave no key, for the log.
+pub fn no_usable_key(notes: &[String]) -> String {
+    match notes.first() {
+        Some(n) => format!("the set holds no usable signature key ({n})"),
+        None => "the set holds no usable signature key".into(),
+    }
+}
+
+/// [`parse_jwks`], with a well-formed JWK Set (a `keys` array) that holds no usable key given
+/// back empty rather than as an error: a key server's answer that no key of the provider is
+/// in the set any more.
+pub fn parse_jwk_set(
+    text: &[u8],
+    allowed: &[Algorithm],
+    origin: JwksOrigin,
+) -> Result<(KeySet, Vec<String>), String> {
     let v: Value = serde_json::from_slice(text).map_err(|e| format!("not JSON: {e}"))?;
     let keys = v
         .get("keys")
@@ -424,12 +447,6 @@ pub fn parse_jwks(
         let mut key = JwtKey::new(jwk.common.key_id.clone(), &algs, key);
         key.material = Some(jwk.algorithm);
         out.push(key);
-    }
-    if out.is_empty() {
-        return Err(match notes.first() {
-            Some(n) => format!("the set holds no usable signature key ({n})"),
-            None => "the set holds no usable signature key".into(),
-        });
     }
     Ok((KeySet { keys: out }, notes))
 }
@@ -599,8 +616,10 @@ pub fn check_claims(
     };
     let exp = num("exp")?;
     let nbf = num("nbf")?;
+    // A claim whose value is JSON null says nothing (RFC 7519 §4: a claim's value is what
+    // the token asserts; null asserts no value): it is as absent as a missing one.
     for r in &rules.required {
-        if !map.contains_key(r) {
+        if map.get(r).is_none_or(Value::is_null) {
             return Err(AuthFail::MissingClaim);
         }
     }
@@ -927,6 +946,9 @@ mod tests {
         let mut c = claims();
         c.as_object_mut().unwrap().remove("sub");
         let no_sub = hs_token(&c);
+        let mut c = claims();
+        c["sub"] = Value::Null;
+        let null_sub = hs_token(&c);
         let wrong_key = encode(
             &Header::new(Algorithm::HS256),
             &claims(),
@@ -1000,6 +1022,12 @@ mod tests {
             (
                 "required claim missing",
                 no_sub,
+                &set,
+                AuthFail::MissingClaim,
+            ),
+            (
+                "required claim null",
+                null_sub,
                 &set,
                 AuthFail::MissingClaim,
             ),

@@ -128,6 +128,9 @@ trait Sink {
     /// Stop before a chunk-size line whose digits and the byte after them are not all in the
     /// input yet, so that leading zeros can be told from the last digit.
     const WHOLE_SIZE: bool;
+    /// Stop before the first trailer field line, leaving it unscanned: its consumer takes the
+    /// rest of the message from there ([`ChunkedReframer::from_scanner`]).
+    const STOP_AT_TRAILER: bool = false;
     /// `input[a..b]` is chunk data.
     fn data(&mut self, a: usize, b: usize);
     /// `input[i]` is framing that the canonical form keeps.
@@ -143,6 +146,24 @@ struct DataOnly<F>(F);
 
 impl<F: FnMut(usize, usize)> Sink for DataOnly<F> {
     const WHOLE_SIZE: bool = false;
+    #[inline]
+    fn data(&mut self, a: usize, b: usize) {
+        (self.0)(a, b)
+    }
+    #[inline]
+    fn keep(&mut self, _: usize) {}
+    #[inline]
+    fn omit(&mut self, _: usize) {}
+    #[inline]
+    fn trailer(&mut self, _: usize, _: u8) {}
+}
+
+/// [`DataOnly`] that stops at the first trailer field line.
+struct DataToTrailer<F>(F);
+
+impl<F: FnMut(usize, usize)> Sink for DataToTrailer<F> {
+    const WHOLE_SIZE: bool = false;
+    const STOP_AT_TRAILER: bool = true;
     #[inline]
     fn data(&mut self, a: usize, b: usize) {
         (self.0)(a, b)
@@ -198,6 +219,13 @@ impl ChunkedScanner {
         self.state == State::Done
     }
 
+    /// Data bytes the body has already declared: those seen plus the rest of the chunk whose
+    /// size was read. The final total is never less, so a body limit is exceeded as soon as
+    /// a chunk-size line says so, before that chunk's data arrives.
+    pub fn declared_total(&self) -> u64 {
+        self.data_total.saturating_add(self.size)
+    }
+
     /// Scans `buf`, calling `on_data(start, end)` for each run of chunk data inside it.
     pub fn scan(
         &mut self,
@@ -205,6 +233,24 @@ impl ChunkedScanner {
         on_data: impl FnMut(usize, usize),
     ) -> Result<Scan, ChunkError> {
         self.run(buf, &mut DataOnly(on_data))
+    }
+
+    /// [`scan`](Self::scan), stopping before the first trailer field line: then `consumed`
+    /// is where that line starts, [`at_trailer`](Self::at_trailer) is true, and the rest of
+    /// the message is for a [`ChunkedReframer::from_scanner`] to filter. A body without
+    /// trailer fields scans exactly as with [`scan`](Self::scan).
+    pub fn scan_to_trailer(
+        &mut self,
+        buf: &[u8],
+        on_data: impl FnMut(usize, usize),
+    ) -> Result<Scan, ChunkError> {
+        self.run(buf, &mut DataToTrailer(on_data))
+    }
+
+    /// The last chunk was read and the trailer section (maybe empty) is next: the state
+    /// [`scan_to_trailer`](Self::scan_to_trailer) stops in.
+    pub fn at_trailer(&self) -> bool {
+        self.state == State::TrailerStart
     }
 
     /// The extension state after byte `b` in state `e`, or the error it makes.
@@ -369,6 +415,12 @@ impl ChunkedScanner {
                     if !is_tchar(b) {
                         return Err(ChunkError::BadTrailer);
                     }
+                    if S::STOP_AT_TRAILER {
+                        return Ok(Scan {
+                            consumed: i,
+                            done: false,
+                        });
+                    }
                     self.state = State::TrailerName;
                     continue;
                 }
@@ -512,6 +564,17 @@ impl ChunkedReframer {
         }
     }
 
+    /// Takes over a body from `scanner` where it stands (after
+    /// [`ChunkedScanner::scan_to_trailer`] stopped at a trailer field line, say): the output
+    /// is then the canonical form of the rest of the body only.
+    pub fn from_scanner(scanner: ChunkedScanner, policy: TrailerPolicy) -> Self {
+        ChunkedReframer {
+            scanner,
+            policy,
+            line: Vec::new(),
+        }
+    }
+
     /// Ready for another body, with another policy; the trailer buffer keeps its capacity.
     pub fn reset(&mut self, policy: TrailerPolicy) {
         self.scanner = ChunkedScanner::new();
@@ -519,9 +582,15 @@ impl ChunkedReframer {
         self.line.clear();
     }
 
-    /// Data bytes seen so far (for body-size limits).
+    /// Data bytes seen so far.
     pub fn data_total(&self) -> u64 {
         self.scanner.data_total
+    }
+
+    /// Data bytes declared so far (for body-size limits): see
+    /// [`ChunkedScanner::declared_total`].
+    pub fn declared_total(&self) -> u64 {
+        self.scanner.declared_total()
     }
 
     pub fn is_done(&self) -> bool {
@@ -1053,5 +1122,56 @@ mod tests {
         let mut s = ChunkedScanner::new();
         s.scan(VALID, |_, _| {}).unwrap();
         assert_eq!(s.data_total, 15);
+    }
+
+    /// The declared total counts a chunk's size as soon as its line is read, and stays put
+    /// while its data arrives.
+    #[test]
+    fn declared_total_counts_a_chunk_at_its_size_line() {
+        let mut s = ChunkedScanner::new();
+        s.scan(b"3\r\nabc\r\n", |_, _| {}).unwrap();
+        assert_eq!(s.declared_total(), 3);
+        s.scan(b"ffffffffffffffff\r\nxy", |_, _| {}).unwrap();
+        assert_eq!(s.declared_total(), u64::MAX);
+        assert_eq!(s.data_total, 5);
+        let mut r = ChunkedReframer::new(TrailerPolicy::Drop);
+        let mut out = BytesMut::new();
+        r.reframe(b"100000\r\n", &mut out).unwrap();
+        assert_eq!((r.declared_total(), r.data_total()), (0x100000, 0));
+    }
+
+    /// `scan_to_trailer` stops where the first trailer field line starts, and a re-framer
+    /// that takes over from there filters the trailer section (RFC 9110 §6.5.1), at every
+    /// split of the input; a body without trailer fields scans to its end as with `scan`.
+    #[test]
+    fn scan_to_trailer_hands_the_trailers_over() {
+        let body: &[u8] = b"5\r\nhello\r\n0\r\nSet-Cookie: a\r\nX-Sum: 1\r\nHost: h\r\n\r\n";
+        let start = body.len() - b"Set-Cookie: a\r\nX-Sum: 1\r\nHost: h\r\n\r\n".len();
+        for cut in 0..=body.len() {
+            let mut s = ChunkedScanner::new();
+            let mut at = 0;
+            for piece in [&body[..cut], &body[cut..]] {
+                let r = s
+                    .scan_to_trailer(&body[at..at + piece.len()], |_, _| {})
+                    .unwrap();
+                assert!(!r.done);
+                at += r.consumed;
+                if at == start {
+                    break;
+                }
+            }
+            assert_eq!(at, start, "cut {cut}");
+            assert!(s.at_trailer());
+            let mut rf = ChunkedReframer::from_scanner(s, TrailerPolicy::Filter);
+            let mut out = BytesMut::new();
+            let r = rf.reframe(&body[start..], &mut out).unwrap();
+            assert!(r.done && !r.verbatim);
+            assert_eq!(&out[..], b"X-Sum: 1\r\n\r\n");
+        }
+        let mut s = ChunkedScanner::new();
+        let r = s
+            .scan_to_trailer(b"5\r\nhello\r\n0\r\n\r\n", |_, _| {})
+            .unwrap();
+        assert_eq!((r.consumed, r.done), (15, true));
     }
 }

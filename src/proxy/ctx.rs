@@ -154,7 +154,10 @@ impl RequestBody {
                     .reframer
                     .reframe_with(buf, &mut framed, deny)
                     .map_err(GatewayError::BadChunk)?;
-                if self.reframer.data_total() > self.max {
+                // A chunk size that takes the body past the limit is refused with its line,
+                // before its data is read, and before the line goes anywhere (the upstream
+                // never sees it), as a Content-Length over the limit is refused with the head.
+                if self.reframer.declared_total() > self.max {
                     return Err(GatewayError::BodyTooLarge);
                 }
                 if r.done {
@@ -191,7 +194,7 @@ impl RequestBody {
                 let f = r
                     .reframe(buf, &mut scratch)
                     .map_err(GatewayError::BadChunk)?;
-                if r.data_total() > self.max {
+                if r.declared_total() > self.max {
                     return Err(GatewayError::BodyTooLarge);
                 }
                 Ok(f.done.then_some(f.consumed))

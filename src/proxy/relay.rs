@@ -8,7 +8,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use monoio::buf::IoBuf;
 
 use crate::error::GatewayError;
-use crate::http::chunked::ChunkedScanner;
+use crate::http::chunked::{ChunkedReframer, ChunkedScanner, TrailerPolicy};
 use crate::http::encode::put_chunk_size;
 use crate::http::request::BodyKind;
 use crate::http::response::{RespBody, ResponseHead};
@@ -279,7 +279,8 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
         OutFraming::None => r.flush().await.map(|_| true).map_err(RelayFail::from),
         OutFraming::Length(n) => r.copy_length(up, n).await.map_err(RelayFail::from),
         OutFraming::ChunkedPass | OutFraming::Dechunk => {
-            r.copy_chunked(up, out == OutFraming::Dechunk).await
+            r.copy_chunked(up, out == OutFraming::Dechunk, &route.response_headers)
+                .await
         }
         OutFraming::Rechunk | OutFraming::UntilClose => r
             .copy_until_close(up, out == OutFraming::Rechunk)
@@ -440,8 +441,14 @@ impl<S: ClientIo> Relay<'_, S> {
 
     /// Copies a chunked body: as it is to HTTP/1.1 clients (the scanner checks every framing
     /// byte and finds the end), or as plain data to HTTP/1.0 clients. Bad framing seen before
-    /// the head went out is still a 502.
-    async fn copy_chunked(&mut self, up: &mut UpConn, dechunk: bool) -> Result<bool, RelayFail> {
+    /// the head went out is still a 502. A trailer section goes to HTTP/1.1 clients filtered
+    /// ([`Relay::copy_trailers`]); HTTP/1.0 clients get none.
+    async fn copy_chunked(
+        &mut self,
+        up: &mut UpConn,
+        dechunk: bool,
+        rules: &crate::router::HeaderRules,
+    ) -> Result<bool, RelayFail> {
         let mut scanner = ChunkedScanner::new();
         let mut head_pending = true;
         loop {
@@ -459,9 +466,9 @@ impl<S: ClientIo> Relay<'_, S> {
                     })
                 } else if let Some(t) = tee {
                     let rb = &up.rbuf;
-                    scanner.scan(rb, |a, b| t.push(&rb[a..b]))
+                    scanner.scan_to_trailer(rb, |a, b| t.push(&rb[a..b]))
                 } else {
-                    scanner.scan(&up.rbuf, |_, _| {})
+                    scanner.scan_to_trailer(&up.rbuf, |_, _| {})
                 };
                 let r = match scanned {
                     Ok(r) => r,
@@ -489,9 +496,47 @@ impl<S: ClientIo> Relay<'_, S> {
                 if r.done {
                     return Ok(true);
                 }
+                if !dechunk && scanner.at_trailer() {
+                    return self.copy_trailers(up, scanner, rules).await;
+                }
             } else if head_pending {
                 self.flush().await?;
                 head_pending = false;
+            }
+            let mut rb = std::mem::take(&mut up.rbuf);
+            let res = self.read_up(up, &mut rb, UPSTREAM_READ_BUF).await;
+            up.rbuf = rb;
+            res?;
+        }
+    }
+
+    /// The rest of a chunked body once its last chunk went to the client: the trailer
+    /// section, filtered as request trailers are under `trailers = "forward"` (RFC 9110
+    /// §6.5.1: no field that frames, routes, authenticates, controls caching or the like; see
+    /// [`crate::http::chunked::trailer_allowed`]) and without the fields the route removes
+    /// from responses, then the final CRLF. A response without trailer fields has already
+    /// ended when this would start, so only trailers pay for it (the line buffer).
+    #[cold]
+    async fn copy_trailers(
+        &mut self,
+        up: &mut UpConn,
+        scanner: ChunkedScanner,
+        rules: &crate::router::HeaderRules,
+    ) -> Result<bool, RelayFail> {
+        let mut rf = ChunkedReframer::from_scanner(scanner, TrailerPolicy::Filter);
+        loop {
+            if !up.rbuf.is_empty() {
+                let r = rf
+                    .reframe_with(&up.rbuf, self.wbuf, |name| rules.drops(name))
+                    .map_err(|_| RelayFail::Io)?;
+                if r.verbatim {
+                    self.wbuf.extend_from_slice(&up.rbuf[..r.consumed]);
+                }
+                up.rbuf.advance(r.consumed);
+                if r.done {
+                    self.flush().await?;
+                    return Ok(true);
+                }
             }
             let mut rb = std::mem::take(&mut up.rbuf);
             let res = self.read_up(up, &mut rb, UPSTREAM_READ_BUF).await;
