@@ -142,28 +142,12 @@ trait Sink {
     fn trailer(&mut self, i: usize, b: u8);
 }
 
-struct DataOnly<F>(F);
+/// A sink of data only; `STOP`: it stops at the first trailer field line.
+struct DataOnly<F, const STOP: bool>(F);
 
-impl<F: FnMut(usize, usize)> Sink for DataOnly<F> {
+impl<F: FnMut(usize, usize), const STOP: bool> Sink for DataOnly<F, STOP> {
     const WHOLE_SIZE: bool = false;
-    #[inline]
-    fn data(&mut self, a: usize, b: usize) {
-        (self.0)(a, b)
-    }
-    #[inline]
-    fn keep(&mut self, _: usize) {}
-    #[inline]
-    fn omit(&mut self, _: usize) {}
-    #[inline]
-    fn trailer(&mut self, _: usize, _: u8) {}
-}
-
-/// [`DataOnly`] that stops at the first trailer field line.
-struct DataToTrailer<F>(F);
-
-impl<F: FnMut(usize, usize)> Sink for DataToTrailer<F> {
-    const WHOLE_SIZE: bool = false;
-    const STOP_AT_TRAILER: bool = true;
+    const STOP_AT_TRAILER: bool = STOP;
     #[inline]
     fn data(&mut self, a: usize, b: usize) {
         (self.0)(a, b)
@@ -232,7 +216,7 @@ impl ChunkedScanner {
         buf: &[u8],
         on_data: impl FnMut(usize, usize),
     ) -> Result<Scan, ChunkError> {
-        self.run(buf, &mut DataOnly(on_data))
+        self.run(buf, &mut DataOnly::<_, false>(on_data))
     }
 
     /// [`scan`](Self::scan), stopping before the first trailer field line: then `consumed`
@@ -244,7 +228,7 @@ impl ChunkedScanner {
         buf: &[u8],
         on_data: impl FnMut(usize, usize),
     ) -> Result<Scan, ChunkError> {
-        self.run(buf, &mut DataToTrailer(on_data))
+        self.run(buf, &mut DataOnly::<_, true>(on_data))
     }
 
     /// The last chunk was read and the trailer section (maybe empty) is next: the state
