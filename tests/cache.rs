@@ -1086,6 +1086,46 @@ fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     assert_eq!(up.last().header("if-none-match"), Some("\"2\""));
 }
 
+/// Read access is not purge access: with `purge = ["alice"]` only that consumer may PURGE;
+/// another that the route's auth lets read gets 403 and the entry stays.
+#[test]
+fn purge_rights_can_be_narrowed_to_named_consumers() {
+    let (up, _) = counting_origin("cache-control: public, max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = [\"alice\"]"), D);
+    let as_ = |who: &str| format!("x-api-key: {who}-key\r\n");
+    let purge = |who: &str| {
+        request(
+            gw.addr,
+            format!("PURGE /a HTTP/1.1\r\nHost: test.local\r\n{}\r\n", as_(who)).as_bytes(),
+        )
+    };
+    assert_eq!(get_h(gw.addr, "/a", &as_("bob")).text(), "v1");
+    let r = purge("bob");
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["error"], "purge_forbidden");
+    assert!(status_of(&r).contains("detail=purge-forbidden"), "{r:?}");
+    assert_eq!(
+        get_h(gw.addr, "/a", &as_("bob")).text(),
+        "v1",
+        "still stored"
+    );
+    let r = purge("alice");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(get_h(gw.addr, "/a", &as_("bob")).text(), "v2");
+
+    // The list names consumers that exist, and someone.
+    for (purge, why) in [("[]", "empty list"), ("[\"carol\"]", "no consumer named")] {
+        let e = ringway::config::Config::parse(
+            &auth_cache_config(up.addr, &format!("purge = {purge}")),
+            "c.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "routes[0].cache.purge", "{e}");
+        assert!(e.reason.contains(why), "{e}");
+    }
+}
+
 /// RFC 9111 §4.4 with several workers: an unsafe method's invalidation reaches every
 /// worker's store before its answer reaches the client. Before, the other workers applied it
 /// at their next control tick (up to 50 ms later), and a GET sent at once that another worker

@@ -215,10 +215,34 @@ pub struct RouteCacheConfig {
     /// Overrides `[cache] max_object_bytes` for this route.
     #[serde(default)]
     pub max_object_bytes: Option<ByteSize>,
-    /// Accept the `PURGE` method on this route (callers must pass the route's auth policy,
-    /// which it must have).
+    /// Accept the `PURGE` method on this route: `true` for any caller that passes the
+    /// route's auth policy (which it must have), or the names of the consumers that may.
     #[serde(default)]
-    pub purge: bool,
+    pub purge: PurgeRights,
+}
+
+/// Who may `PURGE` on a cache route (`routes[].cache.purge`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PurgeRights {
+    /// `false` (the default): PURGE is not accepted; `true`: any caller the route's auth
+    /// policy lets in.
+    Flag(bool),
+    /// Only these consumers (`[[consumers]]` names).
+    Consumers(Vec<String>),
+}
+
+impl Default for PurgeRights {
+    fn default() -> Self {
+        PurgeRights::Flag(false)
+    }
+}
+
+impl PurgeRights {
+    /// PURGE is accepted on the route at all.
+    pub fn enabled(&self) -> bool {
+        !matches!(self, PurgeRights::Flag(false))
+    }
 }
 
 fn d_true() -> bool {
@@ -317,7 +341,21 @@ pub fn validate(cfg: &crate::config::Config) -> Result<(), (String, String)> {
                 "keying by consumer needs an auth policy on the route (`auth = ...`)".into(),
             ));
         }
-        if rc.purge && !has_auth {
+        if let PurgeRights::Consumers(names) = &rc.purge {
+            if names.is_empty() {
+                return Err((
+                    k("purge"),
+                    "an empty list lets no one purge: write `false`".into(),
+                ));
+            }
+            if let Some(n) = names
+                .iter()
+                .find(|n| !cfg.consumers.iter().any(|c| &c.name == *n))
+            {
+                return Err((k("purge"), format!("no consumer named {n:?}")));
+            }
+        }
+        if rc.purge.enabled() && !has_auth {
             return Err((
                 k("purge"),
                 "PURGE must be restricted: the route needs an auth policy (`auth = ...`)".into(),

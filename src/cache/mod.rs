@@ -187,7 +187,10 @@ pub struct RoutePolicy {
     pub swr: Option<u64>,
     pub sie: Option<u64>,
     pub max_object: u64,
+    /// PURGE is accepted ([`config::PurgeRights`]).
     pub purge: bool,
+    /// Only these consumers may PURGE (`None`: any caller the route's auth lets in).
+    pub purgers: Option<Box<[Box<str>]>>,
     pub max_variants: usize,
     pub coalesce_timeout: Duration,
     /// Targeted cache-control fields (RFC 9213), lower case, most specific first. Private:
@@ -241,7 +244,13 @@ impl RoutePolicy {
             swr: c.stale_while_revalidate.map(|d| d.0.as_secs()),
             sie: c.stale_if_error.map(|d| d.0.as_secs()),
             max_object: c.max_object_bytes.map_or(g.max_object_bytes.0, |s| s.0),
-            purge: c.purge,
+            purge: c.purge.enabled(),
+            purgers: match &c.purge {
+                config::PurgeRights::Consumers(v) => {
+                    Some(v.iter().map(|n| n.as_str().into()).collect())
+                }
+                config::PurgeRights::Flag(_) => None,
+            },
             max_variants: g.max_variants,
             coalesce_timeout: g.coalesce_timeout.0,
             targeted_lens: policy::length_bits(&targeted),

@@ -3561,6 +3561,24 @@ async fn purge_request<'c, S: ClientIo>(
     c: &mut Conn<S>,
     ctx: &mut RequestCtx<'_>,
 ) -> Outcome<'c> {
+    if let Some(who) = &p.purgers {
+        let name = ctx.identity.consumer_name();
+        if !who.iter().any(|n| Some(&**n) == name) {
+            // Read access is not purge access: only the listed consumers may purge.
+            let s = Status {
+                name: &p.name,
+                hit: false,
+                fwd: "bypass",
+                fwd_status: 0,
+                ttl: None,
+                stored: false,
+                collapsed: false,
+                detail: Some("purge-forbidden"),
+            };
+            let body = br#"{"error":"purge_forbidden","message":"this consumer may not purge on this route"}"#;
+            return gateway_body(w, c, ctx, 403, &s, body).await;
+        }
+    }
     let soft = ctx
         .head
         .header(b"purge-mode")
@@ -3942,6 +3960,7 @@ mod tests {
             sie: None,
             max_object: 1 << 20,
             purge: false,
+            purgers: None,
             max_variants: 8,
             coalesce_timeout: Duration::from_secs(5),
             targeted_lens: policy::length_bits(&[b"cdn-cache-control"[..].into()]),
