@@ -1718,3 +1718,103 @@ fn underscore_spellings_of_identity_headers_are_removed() {
         assert_eq!(seen.headers_named("x-user-id"), want, "{path}");
     }
 }
+
+/// A subject is unique only within its issuer (RFC 7519 §4.1.2; RFC 8725 §3.8): with two
+/// token providers, the same `sub` at each is two callers. A consumer's subjects are tied to
+/// the provider they were listed for, so a partner's "alice" is not the internal consumer
+/// alice (nor counted as it, nor given its scopes); a bare subject array beside several
+/// providers is refused at load, naming the key; with one provider it keeps working.
+#[test]
+fn consumer_subjects_belong_to_one_provider_rfc7519_4_1_2() {
+    const PARTNER: &str = "partner-secret-of-32-bytes-minimum";
+    let up = Upstream::echo();
+    let providers = format!(
+        "[auth.jwt.internal]\nsecret = \"{SECRET}\"\n\n[auth.jwt.partner]\nsecret = \"{PARTNER}\"\n\n"
+    );
+    let toml = config(
+        &[up.addr],
+        &format!(
+            r#"{providers}
+[[consumers]]
+name = "alice-app"
+jwt_subjects = {{ internal = ["alice"] }}
+
+[[consumers]]
+name = "partner-co"
+jwt_subjects = {{ partner = ["p-1", "alice-partner"] }}
+
+[[routes]]
+path_prefix = "/any"
+upstream = "up"
+auth = {{ any_of = ["partner", "internal"] }}
+"#
+        ),
+    );
+    let partner = |claims: &Value| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(PARTNER.as_bytes()),
+        )
+        .unwrap()
+    };
+    let claims = |sub: &str| json!({"sub": sub, "exp": now() + 600});
+    for d in DRIVERS {
+        let gw = TestGateway::start(&toml, d);
+        let consumer = |token: &str| {
+            let r = get_with(gw.addr, "/any", &bearer(token));
+            assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+            up.last()
+                .headers_named("x-consumer")
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<String>>()
+        };
+        // The partner's "alice" is a valid partner token, but no consumer.
+        assert_eq!(consumer(&partner(&claims("alice"))), Vec::<String>::new());
+        assert_eq!(consumer(&hs(&claims("alice"))), vec!["alice-app"]);
+        assert_eq!(consumer(&partner(&claims("p-1"))), vec!["partner-co"]);
+        // ... and the partner's subjects are not the internal provider's.
+        assert_eq!(consumer(&hs(&claims("p-1"))), Vec::<String>::new());
+    }
+
+    let parse =
+        |extra: &str| ringway::config::Config::parse(&config(&[up.addr], extra), "auth.toml");
+    // A bare array beside two providers (here a JWT and an introspection one) is refused.
+    let two = format!(
+        "[auth.jwt.internal]\nsecret = \"{SECRET}\"\n\n[auth.introspection.oauth]\nurl = \"http://127.0.0.1:9/i\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\n"
+    );
+    let e = parse(&format!(
+        "{two}[[consumers]]\nname = \"c\"\njwt_subjects = [\"alice\"]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "consumers[0].jwt_subjects", "{e}");
+    assert!(e.reason.contains("several token providers"), "{e}");
+    assert!(e.reason.contains("carry each subject, e.g."), "{e}");
+    assert!(e.reason.contains("\"internal\", \"oauth\""), "{e}");
+    assert!(e.line.is_some(), "{e}");
+    // A provider that does not exist.
+    let e = parse(&format!(
+        "{providers}[[consumers]]\nname = \"c\"\njwt_subjects = {{ oauth = [\"alice\"] }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "consumers[0].jwt_subjects.oauth", "{e}");
+    assert!(e.reason.contains("no JWT or introspection provider"), "{e}");
+    // The same subject of the same provider for two consumers; of two providers, fine.
+    let e = parse(&format!(
+        "{providers}[[consumers]]\nname = \"a\"\njwt_subjects = {{ internal = [\"x\"] }}\n[[consumers]]\nname = \"b\"\njwt_subjects = {{ partner = [\"x\"], internal = [\"y\", \"x\"] }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "consumers[1].jwt_subjects.internal[1]", "{e}");
+    assert!(e.reason.contains("already belongs"), "{e}");
+    // One provider: a bare array is its subjects, as before; an introspection provider's
+    // subjects are written the same way.
+    parse(&format!(
+        "[auth.jwt.internal]\nsecret = \"{SECRET}\"\n[[consumers]]\nname = \"c\"\njwt_subjects = [\"alice\"]\n"
+    ))
+    .expect("one provider: bare subjects are its own");
+    parse(&format!(
+        "{two}[[consumers]]\nname = \"c\"\njwt_subjects = {{ oauth = [\"alice\"], internal = [\"alice\"] }}\n"
+    ))
+    .expect("subjects per provider");
+}

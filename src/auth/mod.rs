@@ -346,7 +346,10 @@ pub struct WorkerAuth {
     api_key_header: Box<[u8]>,
     api_key_query: Option<Box<[u8]>>,
     keys: apikey::KeyTable,
-    by_subject: HashMap<Box<str>, Rc<Consumer>>,
+    /// Consumers by token subject, one map per provider, indexed by cache slot (the JWT
+    /// providers, then the introspection endpoints): a subject names a consumer only in the
+    /// tokens of the provider it was listed for (RFC 7519 §4.1.2).
+    by_subject: Vec<HashMap<Box<str>, Rc<Consumer>>>,
     jwt: Vec<JwtProvider>,
     introspection: Vec<introspect::Provider>,
     cache: RefCell<quick_cache::unsync::Cache<u64, Cached>>,
@@ -371,10 +374,16 @@ impl WorkerAuth {
                 })
             })
             .collect();
-        let mut by_subject = HashMap::new();
+        // Provider names are unique across both kinds (checked at load).
+        let slots: Vec<&String> = a.jwt.keys().chain(a.introspection.keys()).collect();
+        let mut by_subject: Vec<HashMap<Box<str>, Rc<Consumer>>> =
+            slots.iter().map(|_| HashMap::new()).collect();
+        let only = config::only_token_provider(a);
         for (c, cc) in consumers.iter().zip(&cfg.consumers) {
-            for s in &cc.jwt_subjects {
-                by_subject.insert(s.as_str().into(), c.clone());
+            for (p, s, _) in cc.jwt_subjects.pairs(only) {
+                if let Some(slot) = slots.iter().position(|n| *n == p) {
+                    by_subject[slot].insert(s.into(), c.clone());
+                }
             }
         }
         let keys = apikey::KeyTable::new(&cfg.consumers, &consumers);
@@ -622,7 +631,7 @@ impl WorkerAuth {
             claims.map,
             p.scope_claim.as_deref(),
             &p.roles_claim,
-            &p.consumer_claim,
+            (slot, &p.consumer_claim),
             &p.forward,
             until,
         ));
@@ -630,13 +639,14 @@ impl WorkerAuth {
         Ok(v)
     }
 
-    /// Builds the cached form of checked claims.
+    /// Builds the cached form of checked claims. `slot`: the cache slot of the provider that
+    /// checked them, whose consumer subjects `consumer_claim` is looked up in.
     fn verified(
         &self,
         claims: Map<String, Value>,
         scope_claim: Option<&str>,
         roles_claim: &str,
-        consumer_claim: &str,
+        (slot, consumer_claim): (u32, &str),
         forward: &[(String, Box<[u8]>)],
         valid_until: u64,
     ) -> Verified {
@@ -655,7 +665,7 @@ impl WorkerAuth {
         let consumer = claims
             .get(consumer_claim)
             .and_then(Value::as_str)
-            .and_then(|s| self.by_subject.get(s))
+            .and_then(|s| self.by_subject.get(slot as usize)?.get(s))
             .cloned();
         let mut headers = BytesMut::new();
         for (claim, header) in forward {
@@ -727,7 +737,7 @@ impl WorkerAuth {
             answer.claims,
             None,
             "roles",
-            &p.consumer_claim,
+            (slot, &p.consumer_claim),
             &p.forward,
             until,
         ));
