@@ -1818,3 +1818,112 @@ auth = {{ any_of = ["partner", "internal"] }}
     ))
     .expect("subjects per provider");
 }
+
+/// An HS256 token (signed with `SECRET`) whose JOSE header is `header`, as written.
+fn hs_with_header(header: &Value, claims: &Value) -> String {
+    let msg = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let sig = jsonwebtoken::crypto::sign(
+        msg.as_bytes(),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{msg}.{sig}")
+}
+
+/// RFC 8725 §3.11 and RFC 9068 §4: a provider may require the header `typ` (here `at+jwt`),
+/// so that another JWT of the same issuer and keys (an ID token, `typ: JWT`) is no access
+/// token. Compared as a media type, case-insensitively, with or without `application/`
+/// (RFC 7515 §4.1.9); a token without `typ` or with another is 401 invalid_token. A provider
+/// without `typ` takes any.
+#[test]
+fn a_provider_can_require_the_token_type_rfc8725_3_11() {
+    let up = Upstream::echo();
+    let toml = config(
+        &[up.addr],
+        &format!(
+            r#"
+[auth.jwt.at]
+secret = "{SECRET}"
+typ = "at+jwt"
+
+[auth.jwt.any]
+secret = "{SECRET}"
+
+[[routes]]
+path_prefix = "/at"
+upstream = "up"
+auth = "at"
+
+[[routes]]
+path_prefix = "/any"
+upstream = "up"
+auth = "any"
+"#
+        ),
+    );
+    let claims = json!({"sub": "alice", "exp": now() + 600});
+    let token = |typ: Value| {
+        let mut h = json!({"alg": "HS256"});
+        if !typ.is_null() {
+            h["typ"] = typ;
+        }
+        hs_with_header(&h, &claims)
+    };
+    for d in DRIVERS {
+        let gw = TestGateway::start(&toml, d);
+        for typ in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "Application/At+JWT",
+        ] {
+            let r = get_with(gw.addr, "/at", &bearer(&token(json!(typ))));
+            assert_eq!(r.status, 200, "{d:?} typ {typ}: {}", r.text());
+        }
+        let refused = [
+            json!(null),
+            json!("JWT"),
+            json!("jwt"),
+            json!("application/jwt"),
+            json!("at+jwt "),
+            json!("text/at+jwt"),
+            json!("application/application/at+jwt"),
+            json!("at"),
+            json!(""),
+            json!(["at+jwt"]),
+            json!(1),
+        ];
+        for typ in &refused {
+            let r = get_with(gw.addr, "/at", &bearer(&token(typ.clone())));
+            assert_eq!(r.status, 401, "{d:?} typ {typ}: {}", r.text());
+            assert_eq!(
+                r.header("www-authenticate"),
+                Some("Bearer realm=\"ringway\", error=\"invalid_token\""),
+                "{d:?} typ {typ}"
+            );
+        }
+        // No requirement: any type, or none.
+        for typ in [json!(null), json!("JWT"), json!("at+jwt")] {
+            let r = get_with(gw.addr, "/any", &bearer(&token(typ.clone())));
+            assert_eq!(r.status, 200, "{d:?} typ {typ}: {}", r.text());
+        }
+    }
+    for bad in ["", "at+jwt; charset=x", "a/b/c", "at jwt", "/jwt"] {
+        let e = ringway::config::Config::parse(
+            &config(
+                &[up.addr],
+                &format!("[auth.jwt.a]\nsecret = \"{SECRET}\"\ntyp = {bad:?}\n"),
+            ),
+            "auth.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "auth.jwt.a.typ", "{bad:?}: {e}");
+        assert!(e.reason.contains("not a media type"), "{bad:?}: {e}");
+        assert!(e.line.is_some(), "{e}");
+    }
+}

@@ -157,6 +157,11 @@ pub struct JwtConfig {
     /// Accepted `aud` values; one must appear in the token (empty: not checked).
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// The JOSE header `typ` every token must carry (RFC 8725 §3.11), e.g. `"at+jwt"` for
+    /// RFC 9068 access tokens; compared as a media type: case-insensitively, with or without
+    /// the `application/` prefix (RFC 7515 §4.1.9). None: not checked.
+    #[serde(default)]
+    pub typ: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     #[serde(default = "d_leeway")]
     pub leeway_seconds: u64,

@@ -54,6 +54,8 @@ pub enum AuthFail {
     WrongIssuer,
     WrongAudience,
     MissingClaim,
+    /// The token's JOSE header `typ` is not the one its provider requires.
+    WrongType,
     /// No consumer holds this API key.
     UnknownApiKey,
     /// The introspection endpoint said `active: false`.
@@ -73,6 +75,7 @@ impl AuthFail {
             AuthFail::WrongIssuer => "the token's issuer is not accepted",
             AuthFail::WrongAudience => "the token is not meant for this audience",
             AuthFail::MissingClaim => "the token lacks a required claim",
+            AuthFail::WrongType => "the token's type (typ) is not accepted",
             AuthFail::UnknownApiKey => "the API key is not valid",
             AuthFail::Inactive => "the token is not active",
         }
