@@ -1927,3 +1927,48 @@ auth = "any"
         assert!(e.line.is_some(), "{e}");
     }
 }
+
+/// RFC 7519 §4.1.4-4.1.6: `exp`, `nbf` and `iat` are NumericDates. A token carrying one of
+/// them as a string, an object, an array, a boolean, null or a negative number is invalid
+/// (401 invalid_token, "malformed"), not read as if the claim were absent; numbers, whole or
+/// not, pass, and so does a token without `iat`.
+#[test]
+fn time_claims_that_are_not_numeric_dates_are_invalid_rfc7519_4_1_6() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&gateway_config(up.addr), DriverChoice::Auto);
+    let t = now();
+    let not_dates = [
+        json!("x"),
+        json!(t.to_string()),
+        json!({}),
+        json!({"t": t}),
+        json!([t]),
+        json!(true),
+        json!(null),
+        json!(-1),
+    ];
+    for claim in ["iat", "nbf", "exp"] {
+        for v in &not_dates {
+            let token = hs(&with(alice(), claim, v.clone()));
+            let r = get_with(gw.addr, "/jwt", &bearer(&token));
+            assert_eq!(r.status, 401, "{claim} = {v}: {}", r.text());
+            assert_eq!(r.json()["error"], "invalid_token", "{claim} = {v}");
+            assert!(
+                r.text().contains("malformed"),
+                "{claim} = {v}: {}",
+                r.text()
+            );
+        }
+    }
+    assert_eq!(up.hits(), 0);
+    for iat in [json!(t), json!(t as f64 + 0.5), json!(0), json!(t + 5)] {
+        let r = get_with(
+            gw.addr,
+            "/jwt",
+            &bearer(&hs(&with(alice(), "iat", iat.clone()))),
+        );
+        assert_eq!(r.status, 200, "iat = {iat}: {}", r.text());
+    }
+    let r = get_with(gw.addr, "/jwt", &bearer(&hs(&alice())));
+    assert_eq!(r.status, 200, "without iat: {}", r.text());
+}

@@ -650,7 +650,7 @@ fn has_crit(token: &str) -> bool {
         .is_none_or(|h| h.contains_key("crit"))
 }
 
-/// exp/nbf with leeway, iss, aud, required claims.
+/// exp/nbf with leeway, iat's type, iss, aud, required claims.
 pub fn check_claims(
     map: Map<String, Value>,
     rules: &ClaimRules,
@@ -666,8 +666,13 @@ pub fn check_claims(
                 .ok_or(AuthFail::Malformed),
         }
     };
+    // RFC 7519 §4.1.4-4.1.6: `exp`, `nbf` and `iat` are NumericDates. One of another type (a
+    // string, an object, null...) or negative makes the token invalid, not absent: `iat` is
+    // not otherwise judged, but a token whose time claims cannot be read is no token to trust
+    // (jsonwebtoken reads only `exp` and `nbf`, and those checks are off here).
     let exp = num("exp")?;
     let nbf = num("nbf")?;
+    num("iat")?;
     // A claim whose value is JSON null says nothing (RFC 7519 §4: a claim's value is what
     // the token asserts; null asserts no value): it is as absent as a missing one.
     for r in &rules.required {
