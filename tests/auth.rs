@@ -1718,3 +1718,257 @@ fn underscore_spellings_of_identity_headers_are_removed() {
         assert_eq!(seen.headers_named("x-user-id"), want, "{path}");
     }
 }
+
+/// A subject is unique only within its issuer (RFC 7519 §4.1.2; RFC 8725 §3.8): with two
+/// token providers, the same `sub` at each is two callers. A consumer's subjects are tied to
+/// the provider they were listed for, so a partner's "alice" is not the internal consumer
+/// alice (nor counted as it, nor given its scopes); a bare subject array beside several
+/// providers is refused at load, naming the key; with one provider it keeps working.
+#[test]
+fn consumer_subjects_belong_to_one_provider_rfc7519_4_1_2() {
+    const PARTNER: &str = "partner-secret-of-32-bytes-minimum";
+    let up = Upstream::echo();
+    let providers = format!(
+        "[auth.jwt.internal]\nsecret = \"{SECRET}\"\n\n[auth.jwt.partner]\nsecret = \"{PARTNER}\"\n\n"
+    );
+    let toml = config(
+        &[up.addr],
+        &format!(
+            r#"{providers}
+[[consumers]]
+name = "alice-app"
+jwt_subjects = {{ internal = ["alice"] }}
+
+[[consumers]]
+name = "partner-co"
+jwt_subjects = {{ partner = ["p-1", "alice-partner"] }}
+
+[[routes]]
+path_prefix = "/any"
+upstream = "up"
+auth = {{ any_of = ["partner", "internal"] }}
+"#
+        ),
+    );
+    let partner = |claims: &Value| {
+        encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(PARTNER.as_bytes()),
+        )
+        .unwrap()
+    };
+    let claims = |sub: &str| json!({"sub": sub, "exp": now() + 600});
+    for d in DRIVERS {
+        let gw = TestGateway::start(&toml, d);
+        let consumer = |token: &str| {
+            let r = get_with(gw.addr, "/any", &bearer(token));
+            assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+            up.last()
+                .headers_named("x-consumer")
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<String>>()
+        };
+        // The partner's "alice" is a valid partner token, but no consumer.
+        assert_eq!(consumer(&partner(&claims("alice"))), Vec::<String>::new());
+        assert_eq!(consumer(&hs(&claims("alice"))), vec!["alice-app"]);
+        assert_eq!(consumer(&partner(&claims("p-1"))), vec!["partner-co"]);
+        // ... and the partner's subjects are not the internal provider's.
+        assert_eq!(consumer(&hs(&claims("p-1"))), Vec::<String>::new());
+    }
+
+    let parse =
+        |extra: &str| ringway::config::Config::parse(&config(&[up.addr], extra), "auth.toml");
+    // A bare array beside two providers (here a JWT and an introspection one) is refused.
+    let two = format!(
+        "[auth.jwt.internal]\nsecret = \"{SECRET}\"\n\n[auth.introspection.oauth]\nurl = \"http://127.0.0.1:9/i\"\nclient_id = \"c\"\nclient_secret = \"s\"\n\n"
+    );
+    let e = parse(&format!(
+        "{two}[[consumers]]\nname = \"c\"\njwt_subjects = [\"alice\"]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "consumers[0].jwt_subjects", "{e}");
+    assert!(e.reason.contains("several token providers"), "{e}");
+    assert!(e.reason.contains("carry each subject, e.g."), "{e}");
+    assert!(e.reason.contains("\"internal\", \"oauth\""), "{e}");
+    assert!(e.line.is_some(), "{e}");
+    // A provider that does not exist.
+    let e = parse(&format!(
+        "{providers}[[consumers]]\nname = \"c\"\njwt_subjects = {{ oauth = [\"alice\"] }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "consumers[0].jwt_subjects.oauth", "{e}");
+    assert!(e.reason.contains("no JWT or introspection provider"), "{e}");
+    // The same subject of the same provider for two consumers; of two providers, fine.
+    let e = parse(&format!(
+        "{providers}[[consumers]]\nname = \"a\"\njwt_subjects = {{ internal = [\"x\"] }}\n[[consumers]]\nname = \"b\"\njwt_subjects = {{ partner = [\"x\"], internal = [\"y\", \"x\"] }}\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "consumers[1].jwt_subjects.internal[1]", "{e}");
+    assert!(e.reason.contains("already belongs"), "{e}");
+    // One provider: a bare array is its subjects, as before; an introspection provider's
+    // subjects are written the same way.
+    parse(&format!(
+        "[auth.jwt.internal]\nsecret = \"{SECRET}\"\n[[consumers]]\nname = \"c\"\njwt_subjects = [\"alice\"]\n"
+    ))
+    .expect("one provider: bare subjects are its own");
+    parse(&format!(
+        "{two}[[consumers]]\nname = \"c\"\njwt_subjects = {{ oauth = [\"alice\"], internal = [\"alice\"] }}\n"
+    ))
+    .expect("subjects per provider");
+}
+
+/// An HS256 token (signed with `SECRET`) whose JOSE header is `header`, as written.
+fn hs_with_header(header: &Value, claims: &Value) -> String {
+    let msg = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let sig = jsonwebtoken::crypto::sign(
+        msg.as_bytes(),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{msg}.{sig}")
+}
+
+/// RFC 8725 §3.11 and RFC 9068 §4: a provider may require the header `typ` (here `at+jwt`),
+/// so that another JWT of the same issuer and keys (an ID token, `typ: JWT`) is no access
+/// token. Compared as a media type, case-insensitively, with or without `application/`
+/// (RFC 7515 §4.1.9); a token without `typ` or with another is 401 invalid_token. A provider
+/// without `typ` takes any.
+#[test]
+fn a_provider_can_require_the_token_type_rfc8725_3_11() {
+    let up = Upstream::echo();
+    let toml = config(
+        &[up.addr],
+        &format!(
+            r#"
+[auth.jwt.at]
+secret = "{SECRET}"
+typ = "at+jwt"
+
+[auth.jwt.any]
+secret = "{SECRET}"
+
+[[routes]]
+path_prefix = "/at"
+upstream = "up"
+auth = "at"
+
+[[routes]]
+path_prefix = "/any"
+upstream = "up"
+auth = "any"
+"#
+        ),
+    );
+    let claims = json!({"sub": "alice", "exp": now() + 600});
+    let token = |typ: Value| {
+        let mut h = json!({"alg": "HS256"});
+        if !typ.is_null() {
+            h["typ"] = typ;
+        }
+        hs_with_header(&h, &claims)
+    };
+    for d in DRIVERS {
+        let gw = TestGateway::start(&toml, d);
+        for typ in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "Application/At+JWT",
+        ] {
+            let r = get_with(gw.addr, "/at", &bearer(&token(json!(typ))));
+            assert_eq!(r.status, 200, "{d:?} typ {typ}: {}", r.text());
+        }
+        let refused = [
+            json!(null),
+            json!("JWT"),
+            json!("jwt"),
+            json!("application/jwt"),
+            json!("at+jwt "),
+            json!("text/at+jwt"),
+            json!("application/application/at+jwt"),
+            json!("at"),
+            json!(""),
+            json!(["at+jwt"]),
+            json!(1),
+        ];
+        for typ in &refused {
+            let r = get_with(gw.addr, "/at", &bearer(&token(typ.clone())));
+            assert_eq!(r.status, 401, "{d:?} typ {typ}: {}", r.text());
+            assert_eq!(
+                r.header("www-authenticate"),
+                Some("Bearer realm=\"ringway\", error=\"invalid_token\""),
+                "{d:?} typ {typ}"
+            );
+        }
+        // No requirement: any type, or none.
+        for typ in [json!(null), json!("JWT"), json!("at+jwt")] {
+            let r = get_with(gw.addr, "/any", &bearer(&token(typ.clone())));
+            assert_eq!(r.status, 200, "{d:?} typ {typ}: {}", r.text());
+        }
+    }
+    for bad in ["", "at+jwt; charset=x", "a/b/c", "at jwt", "/jwt"] {
+        let e = ringway::config::Config::parse(
+            &config(
+                &[up.addr],
+                &format!("[auth.jwt.a]\nsecret = \"{SECRET}\"\ntyp = {bad:?}\n"),
+            ),
+            "auth.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "auth.jwt.a.typ", "{bad:?}: {e}");
+        assert!(e.reason.contains("not a media type"), "{bad:?}: {e}");
+        assert!(e.line.is_some(), "{e}");
+    }
+}
+
+/// RFC 7519 §4.1.4-4.1.6: `exp`, `nbf` and `iat` are NumericDates. A token carrying one of
+/// them as a string, an object, an array, a boolean, null or a negative number is invalid
+/// (401 invalid_token, "malformed"), not read as if the claim were absent; numbers, whole or
+/// not, pass, and so does a token without `iat`.
+#[test]
+fn time_claims_that_are_not_numeric_dates_are_invalid_rfc7519_4_1_6() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&gateway_config(up.addr), DriverChoice::Auto);
+    let t = now();
+    let not_dates = [
+        json!("x"),
+        json!(t.to_string()),
+        json!({}),
+        json!({"t": t}),
+        json!([t]),
+        json!(true),
+        json!(null),
+        json!(-1),
+    ];
+    for claim in ["iat", "nbf", "exp"] {
+        for v in &not_dates {
+            let token = hs(&with(alice(), claim, v.clone()));
+            let r = get_with(gw.addr, "/jwt", &bearer(&token));
+            assert_eq!(r.status, 401, "{claim} = {v}: {}", r.text());
+            assert_eq!(r.json()["error"], "invalid_token", "{claim} = {v}");
+            assert!(
+                r.text().contains("malformed"),
+                "{claim} = {v}: {}",
+                r.text()
+            );
+        }
+    }
+    assert_eq!(up.hits(), 0);
+    for iat in [json!(t), json!(t as f64 + 0.5), json!(0), json!(t + 5)] {
+        let r = get_with(
+            gw.addr,
+            "/jwt",
+            &bearer(&hs(&with(alice(), "iat", iat.clone()))),
+        );
+        assert_eq!(r.status, 200, "iat = {iat}: {}", r.text());
+    }
+    let r = get_with(gw.addr, "/jwt", &bearer(&hs(&alice())));
+    assert_eq!(r.status, 200, "without iat: {}", r.text());
+}

@@ -320,6 +320,7 @@ fn auth(a: &AuthConfig) -> Value {
                     "kid": j.kid,
                     "issuers": j.issuers,
                     "audiences": j.audiences,
+                    "typ": j.typ,
                     "leeway_seconds": j.leeway_seconds,
                     "required_claims": j.required_claims,
                     "scope_claim": j.scope_claim,

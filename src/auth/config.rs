@@ -157,6 +157,11 @@ pub struct JwtConfig {
     /// Accepted `aud` values; one must appear in the token (empty: not checked).
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// The JOSE header `typ` every token must carry (RFC 8725 §3.11), e.g. `"at+jwt"` for
+    /// RFC 9068 access tokens; compared as a media type: case-insensitively, with or without
+    /// the `application/` prefix (RFC 7515 §4.1.9). None: not checked.
+    #[serde(default)]
+    pub typ: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     #[serde(default = "d_leeway")]
     pub leeway_seconds: u64,
@@ -300,12 +305,90 @@ pub struct ConsumerConfig {
     /// SHA-256 of each key, as "sha256:<64 hex digits>".
     #[serde(default)]
     pub api_keys: Vec<String>,
-    /// Token subjects (the provider's `consumer_claim`) that are this consumer.
+    /// Token subjects (the provider's `consumer_claim`) that are this consumer, each tied to
+    /// the provider whose tokens carry it.
     #[serde(default)]
-    pub jwt_subjects: Vec<String>,
+    pub jwt_subjects: JwtSubjects,
     /// Scopes granted to this consumer's API keys.
     #[serde(default)]
     pub scopes: Vec<String>,
+}
+
+/// A consumer's `jwt_subjects`. A subject is unique only among the tokens of one issuer
+/// (RFC 7519 §4.1.2, RFC 8725 §3.8), so each is tied to a provider: written as a table of
+/// provider name -> subjects, or as a bare array when the config has exactly one JWT or
+/// introspection provider (it is that provider's). A bare array beside several providers is
+/// refused at load (see [`validate`]): matching it against every provider would let any
+/// issuer's user of that name be the consumer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum JwtSubjects {
+    /// `jwt_subjects = ["alice"]`: the only token provider's subjects.
+    Unqualified(Vec<String>),
+    /// `jwt_subjects = { main = ["alice"], partner = ["p-42"] }`.
+    ByProvider(BTreeMap<String, Vec<String>>),
+}
+
+impl Default for JwtSubjects {
+    fn default() -> Self {
+        JwtSubjects::Unqualified(Vec::new())
+    }
+}
+
+impl JwtSubjects {
+    /// Every (provider, subject) pair, the provider of a bare array being `only` (the config's
+    /// single token provider; `None`: there is none, and bare subjects match nothing).
+    /// Items: (provider name, subject, key path below `jwt_subjects` for errors).
+    pub fn pairs<'a>(
+        &'a self,
+        only: Option<&'a str>,
+    ) -> Box<dyn Iterator<Item = (&'a str, &'a str, String)> + 'a> {
+        match self {
+            JwtSubjects::Unqualified(v) => Box::new(only.into_iter().flat_map(move |p| {
+                v.iter()
+                    .enumerate()
+                    .map(move |(j, s)| (p, s.as_str(), format!("[{j}]")))
+            })),
+            JwtSubjects::ByProvider(m) => Box::new(m.iter().flat_map(|(p, v)| {
+                v.iter()
+                    .enumerate()
+                    .map(move |(j, s)| (p.as_str(), s.as_str(), format!(".{p}[{j}]")))
+            })),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JwtSubjects {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = JwtSubjects;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "an array of subjects, or a table of provider name -> array of subjects",
+                )
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, s: A) -> Result<JwtSubjects, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(s))
+                    .map(JwtSubjects::Unqualified)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<JwtSubjects, A::Error> {
+                BTreeMap::deserialize(de::value::MapAccessDeserializer::new(m))
+                    .map(JwtSubjects::ByProvider)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The only JWT or introspection provider, when there is exactly one: a consumer's bare
+/// `jwt_subjects` array belongs to it.
+pub fn only_token_provider(auth: &AuthConfig) -> Option<&str> {
+    let mut names = auth.jwt.keys().chain(auth.introspection.keys());
+    match (names.next(), names.next()) {
+        (Some(n), None) => Some(n.as_str()),
+        _ => None,
+    }
 }
 
 /// A route's `auth`: a method name, or a table.
@@ -491,6 +574,8 @@ pub fn validate(
     let mut names = HashSet::new();
     let mut hashes = HashSet::new();
     let mut subjects = HashSet::new();
+    // Token providers: JWT and introspection names are unique together (checked above).
+    let providers: Vec<&String> = auth.jwt.keys().chain(auth.introspection.keys()).collect();
     for (i, c) in consumers.iter().enumerate() {
         if c.name.is_empty() || c.name.bytes().any(|b| b < 0x21 || b == 0x7f) {
             return Err((
@@ -514,11 +599,37 @@ pub fn validate(
                 ));
             }
         }
-        for (j, s) in c.jwt_subjects.iter().enumerate() {
-            if !subjects.insert(s.as_str()) {
+        match &c.jwt_subjects {
+            JwtSubjects::Unqualified(v) if !v.is_empty() && providers.len() > 1 => {
                 return Err((
-                    format!("consumers[{i}].jwt_subjects[{j}]"),
-                    format!("subject {s:?} already belongs to another consumer"),
+                    format!("consumers[{i}].jwt_subjects"),
+                    format!(
+                        "with several token providers {:?}, say which one's tokens carry each \
+                         subject, e.g. `jwt_subjects = {{ {} = [{:?}] }}`: a subject is unique \
+                         only within its issuer (RFC 7519 §4.1.2), so a bare subject would let \
+                         a user of that name at any of them be this consumer",
+                        providers, providers[0], v[0]
+                    ),
+                ));
+            }
+            JwtSubjects::ByProvider(m) => {
+                if let Some(p) = m.keys().find(|p| !providers.contains(p)) {
+                    return Err((
+                        format!("consumers[{i}].jwt_subjects.{p}"),
+                        format!(
+                            "no JWT or introspection provider is named {p:?} (defined: {:?})",
+                            providers
+                        ),
+                    ));
+                }
+            }
+            JwtSubjects::Unqualified(_) => {}
+        }
+        for (p, s, at) in c.jwt_subjects.pairs(only_token_provider(auth)) {
+            if !subjects.insert((p, s)) {
+                return Err((
+                    format!("consumers[{i}].jwt_subjects{at}"),
+                    format!("subject {s:?} of {p:?} already belongs to another consumer"),
                 ));
             }
         }

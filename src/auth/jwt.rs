@@ -88,6 +88,8 @@ pub struct ClaimRules {
     pub audiences: Vec<String>,
     pub leeway: u64,
     pub required: Vec<String>,
+    /// The header `typ` required, as a full media type (`application/at+jwt`); None: any.
+    pub typ: Option<String>,
 }
 
 impl ClaimRules {
@@ -97,7 +99,32 @@ impl ClaimRules {
             audiences: j.audiences.clone(),
             leeway: j.leeway_seconds,
             required: j.required_claims.clone(),
+            typ: j.typ.as_deref().map(full_media_type),
         }
+    }
+}
+
+/// RFC 7515 §4.1.9: a `typ` without a `/` is read with `application/` in front.
+fn full_media_type(t: &str) -> String {
+    if t.contains('/') {
+        t.to_string()
+    } else {
+        format!("application/{t}")
+    }
+}
+
+/// Whether a token's header `typ` is the media type `want` (already in full form): media
+/// types compare case-insensitively (RFC 2045 §5.1, as RFC 7515 §4.1.9 says), and a value
+/// without a `/` stands for `application/` + it. Allocates nothing.
+fn typ_matches(got: &str, want: &str) -> bool {
+    const APP: &[u8] = b"application/";
+    let (got, want) = (got.as_bytes(), want.as_bytes());
+    if got.contains(&b'/') {
+        got.eq_ignore_ascii_case(want)
+    } else {
+        want.len() == APP.len() + got.len()
+            && want[..APP.len()].eq_ignore_ascii_case(APP)
+            && want[APP.len()..].eq_ignore_ascii_case(got)
     }
 }
 
@@ -201,6 +228,24 @@ pub fn check_config(j: &JwtConfig) -> Result<(), (String, String)> {
             "algorithms".into(),
             "only for jwks_file / jwks_url; a single key takes `algorithm`".into(),
         ));
+    }
+    if let Some(t) = &j.typ {
+        // A media type without parameters (RFC 6838 §4.2): type/subtype, or the subtype alone.
+        let name = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+        };
+        let ok = match t.split_once('/') {
+            Some((ty, sub)) => name(ty) && name(sub),
+            None => name(t),
+        };
+        if !ok {
+            return Err((
+                "typ".into(),
+                format!("{t:?} is not a media type such as \"at+jwt\" or \"application/at+jwt\" (RFC 7515 §4.1.9)"),
+            ));
+        }
     }
     for (claim, h) in &j.forward_claims {
         if claim.is_empty() {
@@ -544,6 +589,13 @@ pub fn verify(
     if has_crit(token) {
         return Err(AuthFail::Malformed);
     }
+    // RFC 8725 §3.11, RFC 9068 §4: a provider that requires a type refuses tokens of another
+    // kind (an ID token, a logout token) of the same issuer and keys, and those without one.
+    if let Some(want) = &rules.typ {
+        if !header.typ.as_deref().is_some_and(|t| typ_matches(t, want)) {
+            return Err(AuthFail::WrongType);
+        }
+    }
     // RFC 7515 §4.1.4, RFC 7517 §4.5: a kid that names a key of the set picks that key, and
     // only it is tried. A kid that names none leaves the keys without a kid as candidates
     // (an issuer may publish keys without kids); if none of them verifies, the token's key is
@@ -598,7 +650,7 @@ fn has_crit(token: &str) -> bool {
         .is_none_or(|h| h.contains_key("crit"))
 }
 
-/// exp/nbf with leeway, iss, aud, required claims.
+/// exp/nbf with leeway, iat's type, iss, aud, required claims.
 pub fn check_claims(
     map: Map<String, Value>,
     rules: &ClaimRules,
@@ -614,8 +666,13 @@ pub fn check_claims(
                 .ok_or(AuthFail::Malformed),
         }
     };
+    // RFC 7519 §4.1.4-4.1.6: `exp`, `nbf` and `iat` are NumericDates. One of another type (a
+    // string, an object, null...) or negative makes the token invalid, not absent: `iat` is
+    // not otherwise judged, but a token whose time claims cannot be read is no token to trust
+    // (jsonwebtoken reads only `exp` and `nbf`, and those checks are off here).
     let exp = num("exp")?;
     let nbf = num("nbf")?;
+    num("iat")?;
     // A claim whose value is JSON null says nothing (RFC 7519 §4: a claim's value is what
     // the token asserts; null asserts no value): it is as absent as a missing one.
     for r in &rules.required {
@@ -714,6 +771,7 @@ mod tests {
             audiences: vec!["api".into()],
             leeway: 30,
             required: vec!["exp".into(), "sub".into()],
+            typ: None,
         }
     }
 
@@ -771,6 +829,7 @@ mod tests {
             audiences: vec![],
             leeway: 0,
             required: vec!["exp".into()],
+            typ: None,
         };
         let c = verify(token, &set, &r, 1_300_819_000).expect("the RFC's signature verifies");
         assert_eq!(c.exp, Some(1_300_819_380));
@@ -807,6 +866,7 @@ mod tests {
             audiences: vec![],
             leeway: 0,
             required: vec![],
+            typ: None,
         };
         assert_eq!(
             verify(token, &set, &r, NOW).unwrap_err(),
@@ -1309,5 +1369,39 @@ mod tests {
             claim_list(m, "scp"),
             vec!["c".into(), "d".into()] as Vec<Box<str>>
         );
+    }
+
+    /// RFC 7515 §4.1.9: `typ` is a media type, compared case-insensitively, and one without a
+    /// `/` stands for `application/` + it.
+    #[test]
+    fn typ_compares_as_a_media_type() {
+        let want = full_media_type("at+jwt");
+        assert_eq!(want, "application/at+jwt");
+        for got in [
+            "at+jwt",
+            "AT+JWT",
+            "application/at+jwt",
+            "APPLICATION/at+JWT",
+        ] {
+            assert!(typ_matches(got, &want), "{got}");
+        }
+        for got in [
+            "",
+            "jwt",
+            "at+jwt ",
+            " at+jwt",
+            "text/at+jwt",
+            "application/",
+            "application/jwt",
+            "at+jwt/",
+            "application/at+jwtx",
+            "é",
+            "applicatioé/at+jwt",
+        ] {
+            assert!(!typ_matches(got, &want), "{got}");
+        }
+        let want = full_media_type("application/secevent+jwt");
+        assert!(typ_matches("secevent+jwt", &want));
+        assert!(!typ_matches("at+jwt", &want));
     }
 }

@@ -54,6 +54,8 @@ pub enum AuthFail {
     WrongIssuer,
     WrongAudience,
     MissingClaim,
+    /// The token's JOSE header `typ` is not the one its provider requires.
+    WrongType,
     /// No consumer holds this API key.
     UnknownApiKey,
     /// The introspection endpoint said `active: false`.
@@ -73,6 +75,7 @@ impl AuthFail {
             AuthFail::WrongIssuer => "the token's issuer is not accepted",
             AuthFail::WrongAudience => "the token is not meant for this audience",
             AuthFail::MissingClaim => "the token lacks a required claim",
+            AuthFail::WrongType => "the token's type (typ) is not accepted",
             AuthFail::UnknownApiKey => "the API key is not valid",
             AuthFail::Inactive => "the token is not active",
         }
@@ -346,7 +349,10 @@ pub struct WorkerAuth {
     api_key_header: Box<[u8]>,
     api_key_query: Option<Box<[u8]>>,
     keys: apikey::KeyTable,
-    by_subject: HashMap<Box<str>, Rc<Consumer>>,
+    /// Consumers by token subject, one map per provider, indexed by cache slot (the JWT
+    /// providers, then the introspection endpoints): a subject names a consumer only in the
+    /// tokens of the provider it was listed for (RFC 7519 §4.1.2).
+    by_subject: Vec<HashMap<Box<str>, Rc<Consumer>>>,
     jwt: Vec<JwtProvider>,
     introspection: Vec<introspect::Provider>,
     cache: RefCell<quick_cache::unsync::Cache<u64, Cached>>,
@@ -371,10 +377,16 @@ impl WorkerAuth {
                 })
             })
             .collect();
-        let mut by_subject = HashMap::new();
+        // Provider names are unique across both kinds (checked at load).
+        let slots: Vec<&String> = a.jwt.keys().chain(a.introspection.keys()).collect();
+        let mut by_subject: Vec<HashMap<Box<str>, Rc<Consumer>>> =
+            slots.iter().map(|_| HashMap::new()).collect();
+        let only = config::only_token_provider(a);
         for (c, cc) in consumers.iter().zip(&cfg.consumers) {
-            for s in &cc.jwt_subjects {
-                by_subject.insert(s.as_str().into(), c.clone());
+            for (p, s, _) in cc.jwt_subjects.pairs(only) {
+                if let Some(slot) = slots.iter().position(|n| *n == p) {
+                    by_subject[slot].insert(s.into(), c.clone());
+                }
             }
         }
         let keys = apikey::KeyTable::new(&cfg.consumers, &consumers);
@@ -622,7 +634,7 @@ impl WorkerAuth {
             claims.map,
             p.scope_claim.as_deref(),
             &p.roles_claim,
-            &p.consumer_claim,
+            (slot, &p.consumer_claim),
             &p.forward,
             until,
         ));
@@ -630,13 +642,14 @@ impl WorkerAuth {
         Ok(v)
     }
 
-    /// Builds the cached form of checked claims.
+    /// Builds the cached form of checked claims. `slot`: the cache slot of the provider that
+    /// checked them, whose consumer subjects `consumer_claim` is looked up in.
     fn verified(
         &self,
         claims: Map<String, Value>,
         scope_claim: Option<&str>,
         roles_claim: &str,
-        consumer_claim: &str,
+        (slot, consumer_claim): (u32, &str),
         forward: &[(String, Box<[u8]>)],
         valid_until: u64,
     ) -> Verified {
@@ -655,7 +668,7 @@ impl WorkerAuth {
         let consumer = claims
             .get(consumer_claim)
             .and_then(Value::as_str)
-            .and_then(|s| self.by_subject.get(s))
+            .and_then(|s| self.by_subject.get(slot as usize)?.get(s))
             .cloned();
         let mut headers = BytesMut::new();
         for (claim, header) in forward {
@@ -727,7 +740,7 @@ impl WorkerAuth {
             answer.claims,
             None,
             "roles",
-            &p.consumer_claim,
+            (slot, &p.consumer_claim),
             &p.forward,
             until,
         ));
