@@ -1951,6 +1951,12 @@ fn admin_api_purges_by_url_prefix_and_tag_and_reports_counters() {
         "/cache/purge?url=test.local/a&tag=x",
         "/cache/purge?all=yes",
         "/cache/purge?tag=x&soft=maybe",
+        // A target given twice (however spelled): which one was meant cannot be told, and
+        // purging only the first would answer 200 for a purge that did not happen.
+        "/cache/purge?url=test.local/a&url=test.local/b",
+        "/cache/purge?tag=x&%74ag=y",
+        "/cache/purge?prefix=test.local/a&prefix=test.local/b",
+        "/cache/purge?tag=x&soft=1&soft=0",
     ] {
         let r = admin("POST", bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.text());

@@ -69,11 +69,12 @@ fn routes(a: &Admin, _: &AdminRequest) -> AdminResponse {
 
 fn drain(a: &Admin, req: &AdminRequest) -> AdminResponse {
     let delay = match req.query_param("delay") {
-        None => a.drain_delay,
-        Some(s) if s.trim_start_matches('0') == "s" || s.trim_start_matches('0') == "ms" => {
+        Err(why) => return AdminResponse::error(400, &why),
+        Ok(None) => a.drain_delay,
+        Ok(Some(s)) if s.trim_start_matches('0') == "s" || s.trim_start_matches('0') == "ms" => {
             Duration::ZERO
         }
-        Some(s) => match crate::config::parse_duration(&s) {
+        Ok(Some(s)) => match crate::config::parse_duration(&s) {
             Ok(d) if d <= super::config::MAX_DRAIN_DELAY => d,
             Ok(_) => return AdminResponse::error(400, "delay: at most 1h"),
             Err(e) => return AdminResponse::error(400, &format!("delay: {e}")),

@@ -66,17 +66,21 @@ impl AdminRequest {
             .map(|(_, v)| v.as_slice())
     }
 
-    /// A query parameter, percent-decoded (`+` reads as a space, as in forms); `None` when
-    /// absent or not UTF-8 once decoded.
-    pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.split('&').find_map(|pair| {
+    /// A query parameter, percent-decoded (`+` reads as a space, as in forms); `Ok(None)`
+    /// when absent or not UTF-8 once decoded; `Err` (the reason, for a 400) when it comes
+    /// more than once, since which one was meant cannot be told.
+    pub fn query_param(&self, name: &str) -> Result<Option<String>, String> {
+        let mut found = None;
+        for pair in self.query.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            if percent_decode(k)? == name {
-                percent_decode(v)
-            } else {
-                None
+            if percent_decode(k).as_deref() == Some(name) {
+                if found.is_some() {
+                    return Err(format!("{name}: given more than once"));
+                }
+                found = Some(percent_decode(v));
             }
-        })
+        }
+        Ok(found.flatten())
     }
 }
 
@@ -723,12 +727,19 @@ mod tests {
             body: Vec::new(),
             peer: "127.0.0.1:1".parse().unwrap(),
         };
-        assert_eq!(r.query_param("delay").as_deref(), Some("2s"));
-        assert_eq!(r.query_param("b").as_deref(), Some(""));
-        assert_eq!(r.query_param("c"), None);
-        assert_eq!(r.query_param("d").as_deref(), Some("x y"));
-        assert_eq!(r.query_param("nope"), None);
-        assert_eq!(r.query_param("e"), None);
+        let q = |n: &str| r.query_param(n).unwrap();
+        assert_eq!(q("delay").as_deref(), Some("2s"));
+        assert_eq!(q("b").as_deref(), Some(""));
+        assert_eq!(q("c"), None);
+        assert_eq!(q("d").as_deref(), Some("x y"));
+        assert_eq!(q("nope"), None);
+        assert_eq!(q("e"), None);
+        // Twice, however spelled: refused.
+        let r = AdminRequest {
+            query: "url=a&%75rl=b".into(),
+            ..r
+        };
+        assert!(r.query_param("url").is_err());
         assert_eq!(percent_decode("%"), None);
         assert_eq!(percent_decode("%4"), None);
         assert_eq!(percent_decode("%ff"), None);

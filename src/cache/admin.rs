@@ -24,7 +24,7 @@ const MAX_TARGET: usize = 8 * 1024;
 fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
     let mut targets = Vec::new();
     for name in ["url", "prefix", "tag", "all"] {
-        if let Some(v) = req.query_param(name) {
+        if let Some(v) = req.query_param(name)? {
             targets.push((name, v));
         }
     }
@@ -58,7 +58,7 @@ fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
         _ if value == "1" || value == "true" => PurgeTarget::All,
         _ => return Err("all: expected all=1".into()),
     };
-    let soft = match req.query_param("soft").as_deref() {
+    let soft = match req.query_param("soft")?.as_deref() {
         None | Some("0") | Some("false") => false,
         Some("1") | Some("true") => true,
         Some(v) => return Err(format!("soft: expected 1 or 0, got {v:?}")),
