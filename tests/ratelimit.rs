@@ -177,3 +177,52 @@ fn concurrency_limit_counts_in_flight_requests_across_workers() {
     // Slots are given back when requests end.
     assert_eq!(get(addr, "/").status, 200);
 }
+
+/// Behind a trusted proxy (`server.trusted_proxies`), `client_ip` counts the client that
+/// `X-Forwarded-For` names, not the proxy: each client behind it gets its own bucket. The
+/// client is the rightmost element that is not a trusted proxy (RFC 7239 §5.2 and the
+/// X-Forwarded-For convention: each proxy appends what it saw), so one cannot escape its
+/// bucket by writing other addresses before its own. From an untrusted peer the header is
+/// not believed: every request counts against the peer.
+#[test]
+fn client_ip_limits_count_the_client_behind_a_trusted_proxy() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let limit = "{ key = \"client_ip\", rate = 1, per = \"1m\" }";
+    let gw = TestGateway::start(
+        &limited(
+            up.addr,
+            limit,
+            "[server]\nworkers = 1\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]",
+        ),
+        DriverChoice::Auto,
+    );
+    let status = |addr, xff: &str| {
+        let xff = if xff.is_empty() {
+            String::new()
+        } else {
+            format!("X-Forwarded-For: {xff}\r\n")
+        };
+        request(
+            addr,
+            format!("GET / HTTP/1.1\r\nHost: a\r\n{xff}\r\n").as_bytes(),
+        )
+        .status
+    };
+    assert_eq!(status(gw.addr, "198.51.100.1"), 200);
+    assert_eq!(status(gw.addr, "198.51.100.1"), 429);
+    // Another client behind the same proxy has its own bucket.
+    assert_eq!(status(gw.addr, "198.51.100.2"), 200);
+    // Through a second trusted proxy, or written with a port: the same client.
+    assert_eq!(status(gw.addr, "198.51.100.1, 10.1.2.3"), 429);
+    assert_eq!(status(gw.addr, "198.51.100.1:5555"), 429);
+    // Addresses the client wrote before its own change nothing.
+    assert_eq!(status(gw.addr, "203.0.113.9, 198.51.100.2"), 429);
+    // No header: the proxy itself.
+    assert_eq!(status(gw.addr, ""), 200);
+    assert_eq!(status(gw.addr, ""), 429);
+
+    // Not trusted: the header is the client's own, and every request is the peer's.
+    let gw = TestGateway::start(&limited(up.addr, limit, ""), DriverChoice::Auto);
+    assert_eq!(status(gw.addr, "198.51.100.1"), 200);
+    assert_eq!(status(gw.addr, "198.51.100.2"), 429);
+}

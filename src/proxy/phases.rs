@@ -58,9 +58,9 @@ async fn run_phases<'c, S: ClientIo>(
     client_cert(route, c)?;
     ctx.t = cfg.timeouts.for_route(&route.timeouts);
     authenticate(w, route, ctx).await?;
-    rate_limit(w, route, c, ctx).await?;
+    rate_limit(w, cfg, route, c, ctx).await?;
     // Held until the response is done.
-    let _slot = concurrency(w, route, c, ctx)?;
+    let _slot = concurrency(w, cfg, route, c, ctx)?;
     body_limit(cfg, route, ctx)?;
     if last_hop(ctx) {
         return Ok(Outcome::Answer(Answer::LastHop));
@@ -143,10 +143,19 @@ async fn authenticate(
 }
 
 /// The key a limit counts this request under.
-fn limit_key<S>(key: &RateKey, c: &Conn<S>, ctx: &RequestCtx<'_>) -> u64 {
-    let peer = c.peer.as_bytes();
+fn limit_key<S>(cfg: &Snapshot, key: &RateKey, c: &Conn<S>, ctx: &RequestCtx<'_>) -> u64 {
+    // The client's address: the peer, or behind a trusted proxy the one its forwarding
+    // header names.
+    let address = || {
+        let peer = c.peer.as_bytes();
+        if c.info.trusted {
+            client_behind_proxies(cfg, ctx, peer)
+        } else {
+            hash_bytes(peer)
+        }
+    };
     match key {
-        RateKey::ClientIp => hash_bytes(peer),
+        RateKey::ClientIp => address(),
         RateKey::Route => 0,
         // Requests without the header share one bucket.
         RateKey::Header(h) => hash_bytes(ctx.head.header(h.as_bytes()).unwrap_or(b"")),
@@ -154,14 +163,72 @@ fn limit_key<S>(key: &RateKey, c: &Conn<S>, ctx: &RequestCtx<'_>) -> u64 {
         // a consumer or claim value from sharing a bucket with an address.
         RateKey::Consumer => match ctx.identity.consumer_name() {
             Some(name) => tagged_hash(name.as_bytes(), 0xc0),
-            None => hash_bytes(peer),
+            None => address(),
         },
         RateKey::Claim(cl) => match ctx.identity.claim(cl) {
             Some(serde_json::Value::String(s)) => tagged_hash(s.as_bytes(), 0xc1),
             Some(v) => tagged_hash(v.to_string().as_bytes(), 0xc1),
-            None => hash_bytes(peer),
+            None => address(),
         },
     }
+}
+
+/// The client address of a request that came through trusted proxies, hashed as a peer
+/// address is: walking `X-Forwarded-For` (all its lines, in order) from the right, the first
+/// element that is not a trusted proxy (each proxy appends the address it saw, so a client
+/// cannot push its own element past them); an element that is not an address is the client
+/// as written; every element trusted: the leftmost. No header: the peer itself.
+#[cold]
+#[inline(never)]
+fn client_behind_proxies(cfg: &Snapshot, ctx: &RequestCtx<'_>, peer: &[u8]) -> u64 {
+    let mut client: Option<&[u8]> = None;
+    // Lines in order, elements in order: the last one not trusted wins.
+    for line in ctx.head.header_values(b"x-forwarded-for") {
+        for e in line.split(|b| *b == b',') {
+            let e = crate::http::trim_ows(e);
+            if e.is_empty() {
+                continue;
+            }
+            match forwarded_ip(e) {
+                Some(ip) if cfg.trusted_proxies.contains(ip) => {
+                    client.get_or_insert(e);
+                }
+                _ => client = Some(e),
+            }
+        }
+    }
+    let Some(e) = client else {
+        return hash_bytes(peer);
+    };
+    // The address in its usual text (as the peer's is written), so that one client is
+    // counted alike however a proxy spelled it (port, brackets, case).
+    match forwarded_ip(e) {
+        Some(ip) => {
+            use std::io::Write;
+            let mut buf = [0u8; 64];
+            let mut out = &mut buf[..];
+            let _ = write!(out, "{ip}");
+            let n = 64 - out.len();
+            hash_bytes(&buf[..n])
+        }
+        None => hash_bytes(e),
+    }
+}
+
+/// An `X-Forwarded-For` element as an address: `192.0.2.1`, `192.0.2.1:8080`, `2001:db8::1`,
+/// `[2001:db8::1]` or `[2001:db8::1]:8080`.
+fn forwarded_ip(e: &[u8]) -> Option<std::net::IpAddr> {
+    let s = std::str::from_utf8(e).ok()?;
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split_once(']')?.0.parse().ok();
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    port.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| host.parse().ok())?
 }
 
 /// A key's hash in its own domain (`tag`), apart from the address hashes.
@@ -174,6 +241,7 @@ fn tagged_hash(data: &[u8], tag: u64) -> u64 {
 /// the Redis timeout: then the failure policy applies, local buckets or 503.
 async fn rate_limit<S>(
     w: &Worker,
+    cfg: &Snapshot,
     route: &Route,
     c: &Conn<S>,
     ctx: &mut RequestCtx<'_>,
@@ -187,7 +255,7 @@ async fn rate_limit<S>(
     // a round (crate::doorbell), so an answer between the look and the wait is not missed.
     let mut watch: Option<crate::doorbell::Watch<'_>> = None;
     loop {
-        if let Some(answer) = check_rate_limits(w, route, c, ctx, local) {
+        if let Some(answer) = check_rate_limits(w, cfg, route, c, ctx, local) {
             return answer;
         }
         let t0 = *started.get_or_insert_with(Instant::now);
@@ -216,6 +284,7 @@ async fn rate_limit<S>(
 /// tokens and has not answered yet.
 fn check_rate_limits<S>(
     w: &Worker,
+    cfg: &Snapshot,
     route: &Route,
     c: &Conn<S>,
     ctx: &mut RequestCtx<'_>,
@@ -224,7 +293,7 @@ fn check_rate_limits<S>(
     let mut keys = [0u64; crate::config::MAX_RATE_LIMITS_PER_ROUTE];
     let n = route.limits.len().min(keys.len());
     for (k, l) in keys.iter_mut().zip(&route.limits) {
-        *k = limit_key(&l.key, c, ctx);
+        *k = limit_key(cfg, &l.key, c, ctx);
     }
     let verdict = w
         .limiter
@@ -263,6 +332,7 @@ fn check_rate_limits<S>(
 /// The route's concurrency limit: a slot held until the response is done.
 fn concurrency<S>(
     w: &Worker,
+    cfg: &Snapshot,
     route: &Route,
     c: &Conn<S>,
     ctx: &RequestCtx<'_>,
@@ -270,7 +340,7 @@ fn concurrency<S>(
     let Some(cc) = &route.concurrency else {
         return Ok(None);
     };
-    let key = limit_key(&cc.key, c, ctx);
+    let key = limit_key(cfg, &cc.key, c, ctx);
     match w.limiter.host().acquire(cc, key) {
         Some(slot) => Ok(Some(slot)),
         None => Err(GatewayError::ConcurrencyLimited),
