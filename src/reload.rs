@@ -296,11 +296,40 @@ pub(crate) fn admin_handler(state: &ReloadState, control: Arc<Control>) -> crate
 /// replaced on disk is a change).
 fn print<T: fmt::Debug>(part: &T, files: &[Option<&str>]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{part:?}").hash(&mut h);
+    without_spans(&format!("{part:?}")).hash(&mut h);
     for f in files.iter().flatten() {
         std::fs::read(f).ok().hash(&mut h);
     }
     h.finish()
+}
+
+/// A config part's debug text without the source positions that `toml::Spanned` values
+/// print (`span: 120..131, `): where a part stands in the file is not part of what it says,
+/// so a comment added above it, or the part moved, changes nothing.
+fn without_spans(s: &str) -> String {
+    const MARK: &str = "span: ";
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find(MARK) {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + MARK.len()..];
+        // `N..M, ` exactly; anything else is kept as it was.
+        let digits = |t: &str| t.len() - t.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        let a = digits(after);
+        let range = a > 0
+            && after[a..].starts_with("..")
+            && digits(&after[a + 2..]) > 0
+            && after[a + 2 + digits(&after[a + 2..])..].starts_with(", ");
+        if range {
+            let b = a + 2 + digits(&after[a + 2..]) + 2;
+            rest = &after[b..];
+        } else {
+            out.push_str(MARK);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn group_print(u: &UpstreamConfig) -> u64 {

@@ -1410,3 +1410,36 @@ fn a_silent_peer_on_the_upgrade_socket_neither_holds_the_stop_nor_blocks_a_real_
         "the hand-over completed"
     );
 }
+
+/// The reload report names the routes whose config changed: a comment added above them, or
+/// a route moved in the file, changes none (where a part stands in the file is not what it
+/// says); a changed route is reported, once, as added and its old form as removed.
+#[test]
+fn the_reload_report_names_only_routes_whose_config_changed() {
+    let (a, b) = (named("A"), named("B"));
+    let text = two_groups(
+        a.addr,
+        b.addr,
+        "a",
+        "[[routes]]\nname = \"y\"\npath = \"/y\"\nupstream = \"b\"\n",
+    );
+    let gw = TestGateway::start(&text, DriverChoice::Auto);
+    let rep = gw
+        .gateway()
+        .reload(parse(&format!("# a comment\n# and another\n{text}")))
+        .expect("valid config reloads");
+    assert!(rep.routes_added.is_empty(), "{rep:?}");
+    assert!(rep.routes_removed.is_empty(), "{rep:?}");
+    let changed = two_groups(
+        a.addr,
+        b.addr,
+        "b",
+        "[[routes]]\nname = \"y\"\npath = \"/y\"\nupstream = \"b\"\n",
+    );
+    let rep = gw
+        .gateway()
+        .reload(parse(&changed))
+        .expect("valid config reloads");
+    assert_eq!(rep.routes_added, vec!["x".to_string()]);
+    assert_eq!(rep.routes_removed, vec!["x".to_string()]);
+}
