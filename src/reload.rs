@@ -332,6 +332,20 @@ fn without_spans(s: &str) -> String {
     out
 }
 
+/// A fingerprint of a listener's TLS settings and of the files they name.
+fn listener_tls_print(l: &crate::config::ListenerConfig) -> u64 {
+    let Some(t) = &l.tls else {
+        return 0;
+    };
+    let mut files: Vec<Option<&str>> = Vec::new();
+    for c in &t.certificates {
+        files.push(Some(c.cert.as_str()));
+        files.push(Some(c.key.as_str()));
+    }
+    files.push(t.client_auth.as_ref().map(|c| c.ca.as_str()));
+    print(t, &files)
+}
+
 fn group_print(u: &UpstreamConfig) -> u64 {
     let files = match &u.tls {
         Some(t) => vec![
@@ -742,6 +756,25 @@ impl ReloadState {
                     binds.push((slot, socks, bound));
                     plan.push((slot, key, ListenerFate::Added));
                 }
+            }
+        }
+        // A kept listener whose TLS settings and files are unchanged keeps its rustls
+        // config, and with it the session cache and the ticket keys: a reload does not make
+        // every client do a full handshake again. Any change (a certificate renewed on disk,
+        // the client CA) builds a new one, so no session resumes past a changed policy.
+        let mut listeners_rt = listeners_rt;
+        for ((s, _, fate), (l, rt)) in plan
+            .iter()
+            .zip(next.listeners.iter().zip(listeners_rt.iter_mut()))
+        {
+            let Some(old) = inner.slots.get(*s).filter(|_| *fate == ListenerFate::Kept) else {
+                continue;
+            };
+            if old.rt.tls.is_some()
+                && l.tls.is_some()
+                && listener_tls_print(&old.config) == listener_tls_print(l)
+            {
+                rt.tls = old.rt.tls.clone();
             }
         }
         let total_slots = inner.slots.len() + appended;

@@ -462,6 +462,50 @@ fn second_connection_resumes_the_session() {
     }
 }
 
+/// A reload that leaves a TLS listener's settings and files as they were keeps its session
+/// cache and ticket keys (RFC 8446 §2.2: resumption saves the full handshake), so clients
+/// resume across it; one that changes them starts afresh, so no session resumes past a
+/// changed policy.
+#[test]
+fn sessions_resume_across_a_reload_that_leaves_the_listener_as_it_was() {
+    let up = Upstream::echo();
+    let text = tls_gateway(up.addr, "", ALL);
+    let gw = TestGateway::start(&text, ringway::config::DriverChoice::Auto);
+    let parse = |t: &str| ringway::config::Config::parse(t, "tls.toml").expect("valid config");
+    for versions in [TLS12_ONLY, TLS13_ONLY] {
+        let cfg = client_config(ClientOpts {
+            versions: Some(versions),
+            ..ClientOpts::default()
+        });
+        let kind = |cfg: &Arc<rustls::ClientConfig>| {
+            let mut c = TlsClient::connect(gw.addr, "a.test", cfg.clone()).unwrap();
+            assert_eq!(c.get("a.test", "/").unwrap().status, 200);
+            c.s.conn.handshake_kind()
+        };
+        assert_eq!(kind(&cfg), Some(HandshakeKind::Full));
+        gw.gateway()
+            .reload(parse(&format!("# only a comment changed\n{text}")))
+            .expect("reloads");
+        assert_eq!(
+            kind(&cfg),
+            Some(HandshakeKind::Resumed),
+            "{:?}",
+            versions[0].version
+        );
+        // A changed setting: a new config, new keys, a full handshake.
+        let changed = tls_gateway(up.addr, ", session_cache = 100", ALL);
+        gw.gateway().reload(parse(&changed)).expect("reloads");
+        assert_eq!(
+            kind(&cfg),
+            Some(HandshakeKind::Full),
+            "{:?}",
+            versions[0].version
+        );
+        gw.gateway().reload(parse(&text)).expect("reloads");
+        kind(&cfg);
+    }
+}
+
 #[test]
 fn plain_http_on_a_tls_port_is_closed() {
     for d in DRIVERS {
