@@ -786,12 +786,25 @@ fn tls_upstream_conn(cfg: Arc<ServerConfig>, tcp: TcpStream, subjects: &Mutex<Ve
                 body: Vec::new(),
                 raw_head: head.clone(),
             };
+            if r.target == "/smuggle" {
+                // A complete Content-Length response whose body tail shares one write (so one
+                // TLS record) with a second, unasked-for response.
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 40000\r\n\r\n");
+                let mut tail = vec![b'b'; 40000];
+                tail.extend_from_slice(SMUGGLED);
+                if s.write_all(&tail).is_err() {
+                    return;
+                }
+                continue;
+            }
             if s.write_all(&ok_response(echo_json(&r).as_bytes())).is_err() {
                 return;
             }
         }
     }
 }
+
+const SMUGGLED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nx-smuggled: 1\r\n\r\nPOISONED";
 
 fn upstream_tls_gateway(up: SocketAddr, tls: &str) -> String {
     format!(
@@ -835,6 +848,42 @@ fn upstream_tls_verifies_against_the_configured_ca() {
         );
         let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &off), d);
         assert_eq!(get(gw.addr, "/").status, 200, "{d:?}");
+    }
+}
+
+/// RFC 9112 §6.3 (a Content-Length response ends after that many bytes) and §9.3 (a
+/// connection is reused only in a known state): bytes an upstream sends past a complete
+/// response are never read as the next request's response. Over TLS they sit inside the TLS
+/// layer, decrypted or not, where the pool's peek at the raw socket cannot see them.
+#[test]
+fn tls_upstream_bytes_after_a_complete_response_never_reach_the_next_client() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let ok = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &ok), d);
+        for i in 0..3 {
+            let r = get(gw.addr, "/smuggle");
+            assert_eq!(r.status, 200, "{d:?} round {i}");
+            assert_eq!(r.body, vec![b'b'; 40000], "{d:?} round {i}");
+            // Another client, on another connection.
+            let r = get(gw.addr, &format!("/after/{i}"));
+            assert_eq!(
+                (r.status, r.header("x-smuggled")),
+                (200, None),
+                "{d:?} round {i}: got {:?}",
+                r.text()
+            );
+            assert_eq!(r.json()["target"], format!("/after/{i}"), "{d:?} round {i}");
+        }
+        // An honest response still leaves its connection pooled.
+        let before = up.conns.load(Ordering::SeqCst);
+        for i in 0..3 {
+            assert_eq!(get(gw.addr, &format!("/k/{i}")).status, 200, "{d:?}");
+        }
+        assert!(
+            up.conns.load(Ordering::SeqCst) <= before + 1,
+            "{d:?}: honest TLS connections are reused"
+        );
     }
 }
 
