@@ -309,6 +309,55 @@ fn connection_close_ends_with_close_notify() {
     }
 }
 
+/// Reads to the end of the stream: the bytes, and whether it ended with close_notify (rustls
+/// gives Ok(0) only after one; a bare TCP close or a reset is an error).
+fn read_to_end(c: &mut TlsClient) -> (Vec<u8>, bool) {
+    let mut all = std::mem::take(&mut c.buf);
+    let mut tmp = [0u8; 16384];
+    loop {
+        match c.s.read(&mut tmp) {
+            Ok(0) => return (all, true),
+            Ok(n) => all.extend_from_slice(&tmp[..n]),
+            Err(e) => {
+                assert_ne!(e.kind(), ErrorKind::WouldBlock, "read timed out");
+                return (all, false);
+            }
+        }
+    }
+}
+
+/// RFC 8446 §6.1 and RFC 9112 §9.8: an HTTP/1.0 client reads a close-delimited body, which
+/// over TLS it can only tell complete from cut by the close_notify. When the upstream's body
+/// breaks off, the gateway closes without one; a complete body still ends with one.
+#[test]
+fn a_cut_body_to_an_http10_client_ends_without_close_notify() {
+    let body = [b'x'; 50];
+    for d in DRIVERS {
+        let up = Upstream::start(move |req| {
+            let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n32\r\n".to_vec();
+            r.extend_from_slice(&body);
+            r.extend_from_slice(b"\r\n");
+            if req.target == "/whole" {
+                r.extend_from_slice(b"0\r\n\r\n");
+            }
+            // "/cut": the upstream closes with no terminal chunk.
+            Reply::RawClose(r)
+        });
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        for (path, clean) in [("/whole", true), ("/cut", false), ("/whole", true)] {
+            let mut c = TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default()))
+                .unwrap();
+            c.send(format!("GET {path} HTTP/1.0\r\nHost: a.test\r\n\r\n").as_bytes())
+                .unwrap();
+            let (got, notified) = read_to_end(&mut c);
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200"), "{d:?} {path}: {text}");
+            assert!(text.ends_with(&"x".repeat(50)), "{d:?} {path}: {text}");
+            assert_eq!(notified, clean, "{d:?} {path}: close_notify");
+        }
+    }
+}
+
 #[test]
 fn idle_connection_gets_close_notify_on_shutdown() {
     for d in DRIVERS {
