@@ -45,8 +45,12 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 use crate::config::{ClientAuthMode, ListenerTlsConfig, TlsVersion, UpstreamTlsConfig};
 
-/// ALPN protocols offered by listeners (HTTP/2 joins once ringway speaks it).
+/// ALPN protocol offered to upstreams, and preferred by listeners.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Also accepted by listeners, after `http/1.1`: HTTP/1.0 is served, and a client that offers
+/// only it must not get a fatal no_application_protocol alert (RFC 7301 §3.2). HTTP/2 joins
+/// once ringway speaks it.
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 /// Read size while handshaking. Small enough that application data sent right behind the
 /// client's Finished always fits rustls's plaintext buffer.
 const HANDSHAKE_READ: usize = 4096;
@@ -273,7 +277,8 @@ pub fn server_config(t: &ListenerTlsConfig, at: &str) -> Result<Arc<ServerConfig
         }
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
-    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    // In the server's order of preference (rustls picks the first one the client offers).
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
     cfg.session_storage = if t.session_cache == 0 {
         Arc::new(rustls::server::NoServerSessionStorage {})
     } else {

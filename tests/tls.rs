@@ -36,6 +36,8 @@ struct ClientOpts {
     cert: Option<&'static str>,
     /// Accept any server certificate (to look at which one was sent).
     any_cert: bool,
+    /// ALPN protocols offered (default: http/1.1).
+    alpn: Option<&'static [&'static [u8]]>,
 }
 
 fn client_config(o: ClientOpts) -> Arc<ClientConfig> {
@@ -57,7 +59,10 @@ fn client_config(o: ClientOpts) -> Arc<ClientConfig> {
             )
             .unwrap(),
     };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = match o.alpn {
+        None => vec![b"http/1.1".to_vec()],
+        Some(l) => l.iter().map(|p| p.to_vec()).collect(),
+    };
     Arc::new(cfg)
 }
 
@@ -257,6 +262,47 @@ fn proxies_over_tls_with_forwarded_proto_https() {
         assert_eq!(r.status, 200, "{d:?}: {}", r.text());
         assert_eq!(seen(&r, "x-forwarded-proto"), vec!["https"], "{d:?}");
         assert_eq!(r.json()["target"], "/x?y=1");
+    }
+}
+
+/// RFC 7301 §3.1-3.2: the server picks, in its own order of preference, a protocol the
+/// client offered; HTTP/1.0 is served, so a client offering only `http/1.0` gets it rather
+/// than a fatal no_application_protocol alert.
+#[test]
+fn alpn_selects_http11_first_and_accepts_http10_alone() {
+    let cases: [(&'static [&'static [u8]], &[u8], &str); 4] = [
+        (&[b"http/1.0"], b"http/1.0", "HTTP/1.0"),
+        (&[b"http/1.0", b"http/1.1"], b"http/1.1", "HTTP/1.1"),
+        (&[b"h2", b"http/1.1"], b"http/1.1", "HTTP/1.1"),
+        (&[b"http/1.1"], b"http/1.1", "HTTP/1.1"),
+    ];
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        for (offered, chosen, version) in cases {
+            let o = ClientOpts {
+                alpn: Some(offered),
+                ..ClientOpts::default()
+            };
+            let mut c = TlsClient::connect(gw.addr, "a.test", client_config(o))
+                .unwrap_or_else(|e| panic!("{d:?} {offered:?}: handshake: {e}"));
+            assert_eq!(c.s.conn.alpn_protocol(), Some(chosen), "{d:?} {offered:?}");
+            c.send(
+                format!("GET /v {version}\r\nHost: a.test\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?} {offered:?}: {}", r.text());
+        }
+        // Offering only a protocol the gateway does not speak is still refused.
+        let o = ClientOpts {
+            alpn: Some(&[b"h2"]),
+            ..ClientOpts::default()
+        };
+        assert!(
+            TlsClient::connect(gw.addr, "a.test", client_config(o)).is_err(),
+            "{d:?}: h2 alone"
+        );
     }
 }
 
