@@ -771,6 +771,34 @@ fn plain_listener_redirects_to_https() {
     }
 }
 
+/// RFC 9112 §3.2.2 and RFC 3986 §6.2.3: the redirect keeps the path and the query of the
+/// request-target, in origin form and in absolute form, where an empty path is "/".
+#[test]
+fn redirect_keeps_path_and_query_of_every_target_form() {
+    let cases = [
+        ("/p/q?x=1&y=2", "https://a.test:8443/p/q?x=1&y=2"),
+        ("/p", "https://a.test:8443/p"),
+        ("/", "https://a.test:8443/"),
+        ("/?q=1", "https://a.test:8443/?q=1"),
+        ("http://abs.test/p?q=1", "https://abs.test:8443/p?q=1"),
+        ("http://abs.test/p", "https://abs.test:8443/p"),
+        ("http://abs.test?q=1", "https://abs.test:8443/?q=1"),
+        ("http://abs.test:81?q=1&r", "https://abs.test:8443/?q=1&r"),
+        ("http://abs.test", "https://abs.test:8443/"),
+    ];
+    for d in DRIVERS {
+        let toml = "[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_https = { port = 8443 }\n\n[[routes]]\ndirect = { status = 200 }\n";
+        let gw = TestGateway::start(toml, d);
+        let mut c = Client::connect(gw.addr);
+        for (target, location) in cases {
+            c.send(format!("GET {target} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes());
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 308, "{d:?} {target}");
+            assert_eq!(r.header("location"), Some(location), "{d:?} {target}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS to upstreams.
 

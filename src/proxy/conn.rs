@@ -720,11 +720,15 @@ impl<S: ClientIo> Conn<S> {
                     wbuf.put_u8(b':');
                     put_u64(wbuf, *p as u64);
                 }
+                // Origin form, or an absolute form's "/path?query", "?query" or nothing: an
+                // empty path is "/" and the query stays (RFC 3986 §6.2.3, RFC 9112 §3.2.2).
+                // Anything else (OPTIONS's "*") becomes "/".
                 let pq = ctx.head.bytes(ctx.head.path_query);
-                if pq.starts_with(b"/") {
-                    wbuf.put_slice(pq);
-                } else {
+                if !pq.starts_with(b"/") {
                     wbuf.put_u8(b'/');
+                }
+                if matches!(pq.first(), Some(b'/' | b'?')) {
+                    wbuf.put_slice(pq);
                 }
                 wbuf.put_slice(b"\r\ncontent-length: 0\r\n");
                 end_head(wbuf, &date, ctx.id.as_bytes(), b"", keep, ctx.head.version);
