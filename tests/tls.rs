@@ -37,7 +37,7 @@ struct ClientOpts {
     /// Accept any server certificate (to look at which one was sent).
     any_cert: bool,
     /// ALPN protocols offered (default: http/1.1).
-    alpn: Option<&'static [&'static [u8]]>,
+    alpn: Option<Alpn>,
 }
 
 fn client_config(o: ClientOpts) -> Arc<ClientConfig> {
@@ -265,12 +265,15 @@ fn proxies_over_tls_with_forwarded_proto_https() {
     }
 }
 
+type Alpn = &'static [&'static [u8]];
+
 /// RFC 7301 §3.1-3.2: the server picks, in its own order of preference, a protocol the
 /// client offered; HTTP/1.0 is served, so a client offering only `http/1.0` gets it rather
 /// than a fatal no_application_protocol alert.
 #[test]
 fn alpn_selects_http11_first_and_accepts_http10_alone() {
-    let cases: [(&'static [&'static [u8]], &[u8], &str); 4] = [
+    // Offered, chosen, and the request's HTTP version.
+    let cases: [(Alpn, &[u8], &str); 4] = [
         (&[b"http/1.0"], b"http/1.0", "HTTP/1.0"),
         (&[b"http/1.0", b"http/1.1"], b"http/1.1", "HTTP/1.1"),
         (&[b"h2", b"http/1.1"], b"http/1.1", "HTTP/1.1"),
