@@ -45,8 +45,12 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 
 use crate::config::{ClientAuthMode, ListenerTlsConfig, TlsVersion, UpstreamTlsConfig};
 
-/// ALPN protocols offered by listeners (HTTP/2 joins once ringway speaks it).
+/// ALPN protocol offered to upstreams, and preferred by listeners.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Also accepted by listeners, after `http/1.1`: HTTP/1.0 is served, and a client that offers
+/// only it must not get a fatal no_application_protocol alert (RFC 7301 §3.2). HTTP/2 joins
+/// once ringway speaks it.
+pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 /// Read size while handshaking. Small enough that application data sent right behind the
 /// client's Finished always fits rustls's plaintext buffer.
 const HANDSHAKE_READ: usize = 4096;
@@ -273,7 +277,8 @@ pub fn server_config(t: &ListenerTlsConfig, at: &str) -> Result<Arc<ServerConfig
         }
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
-    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    // In the server's order of preference (rustls picks the first one the client offers).
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec(), ALPN_HTTP10.to_vec()];
     cfg.session_storage = if t.session_cache == 0 {
         Arc::new(rustls::server::NoServerSessionStorage {})
     } else {
@@ -589,48 +594,64 @@ pub async fn connect(
 // ---------------------------------------------------------------------------------------------
 // Cancellation guard.
 
-/// The TCP stream under a TLS session, noting whether a socket write is under way. A write
-/// dropped before it completed leaves the flag set: monoio-rustls's write buffer went with it.
+/// What the TCP stream under a TLS session shares with its [`Guarded`] wrapper.
+#[derive(Default)]
+pub struct SockFlags {
+    /// A socket write is under way. A write dropped before it completed leaves it set:
+    /// monoio-rustls's write buffer went with it.
+    writing: Cell<bool>,
+    /// Reads return `WouldBlock` without touching the socket: [`Guarded::buffered_input`]
+    /// looks at what the TLS layer already holds.
+    probing: Cell<bool>,
+}
+
+/// The TCP stream under a TLS session.
 pub struct Sock {
     tcp: TcpStream,
-    writing: Rc<Cell<bool>>,
+    flags: Rc<SockFlags>,
 }
 
 impl Sock {
-    fn new(tcp: TcpStream) -> (Sock, Rc<Cell<bool>>) {
-        let writing = Rc::new(Cell::new(false));
+    fn new(tcp: TcpStream) -> (Sock, Rc<SockFlags>) {
+        let flags = Rc::new(SockFlags::default());
         (
             Sock {
                 tcp,
-                writing: writing.clone(),
+                flags: flags.clone(),
             },
-            writing,
+            flags,
         )
     }
 }
 
 impl AsyncReadRent for Sock {
-    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        self.tcp.read(buf)
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        if self.flags.probing.get() {
+            return (Err(io::ErrorKind::WouldBlock.into()), buf);
+        }
+        self.tcp.read(buf).await
     }
 
-    fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        self.tcp.readv(buf)
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        if self.flags.probing.get() {
+            return (Err(io::ErrorKind::WouldBlock.into()), buf);
+        }
+        self.tcp.readv(buf).await
     }
 }
 
 impl AsyncWriteRent for Sock {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        self.writing.set(true);
+        self.flags.writing.set(true);
         let r = self.tcp.write(buf).await;
-        self.writing.set(false);
+        self.flags.writing.set(false);
         r
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        self.writing.set(true);
+        self.flags.writing.set(true);
         let r = self.tcp.writev(buf).await;
-        self.writing.set(false);
+        self.flags.writing.set(false);
         r
     }
 
@@ -653,8 +674,8 @@ pub struct Guarded<S> {
     inner: S,
     reading: bool,
     writing: bool,
-    /// A socket write under way (set while it runs; left set by a dropped one).
-    sock_writing: Rc<Cell<bool>>,
+    /// Shared with the socket: a write under way (left set by a dropped one), probing.
+    sock: Rc<SockFlags>,
     /// The negotiated protocol version ("1.2", "1.3"), for the access log.
     version: Option<&'static str>,
 }
@@ -667,12 +688,12 @@ fn broken() -> io::Error {
 }
 
 impl<S> Guarded<S> {
-    fn new(inner: S, sock_writing: Rc<Cell<bool>>) -> Guarded<S> {
+    fn new(inner: S, sock: Rc<SockFlags>) -> Guarded<S> {
         Guarded {
             inner,
             reading: false,
             writing: false,
-            sock_writing,
+            sock,
             version: None,
         }
     }
@@ -684,11 +705,44 @@ impl<S> Guarded<S> {
 
     /// Writes (and reads, which may write an alert) need monoio-rustls's write buffer.
     fn write_ok(&self) -> bool {
-        !self.writing && !self.sock_writing.get()
+        !self.writing && !self.sock.writing.get()
     }
 
     fn read_ok(&self) -> bool {
         !self.reading && self.write_ok()
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
+    /// Whether input is waiting inside the TLS layer: decrypted bytes in rustls, or records
+    /// already read off the socket and not yet decrypted (monoio-rustls's read buffer). A peek
+    /// at the raw socket sees neither. Looks without any socket I/O: a read that would reach
+    /// the socket gets `WouldBlock` instead. Anything found (data, a close_notify, an error)
+    /// is consumed and the answer is `true`: the stream is then fit only to be closed. `buf`
+    /// (any spare buffer; nothing is kept in it) comes back unless the look could not finish
+    /// at once, which leaves the read side unusable and also answers `true`.
+    pub fn buffered_input<T: IoBufMut>(&mut self, buf: T) -> (bool, Option<T>) {
+        use std::task::{Context, Poll, Waker};
+        if !self.read_ok() {
+            return (true, Some(buf));
+        }
+        self.sock.probing.set(true);
+        let polled = {
+            let fut = std::pin::pin!(self.inner.read(buf));
+            fut.poll(&mut Context::from_waker(Waker::noop()))
+        };
+        self.sock.probing.set(false);
+        match polled {
+            Poll::Ready((Err(e), buf)) if e.kind() == io::ErrorKind::WouldBlock => {
+                (false, Some(buf))
+            }
+            Poll::Ready((_, buf)) => (true, Some(buf)),
+            Poll::Pending => {
+                // Only an alert write can wait here; the buffers went with the future.
+                self.reading = true;
+                (true, None)
+            }
+        }
     }
 }
 

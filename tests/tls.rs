@@ -36,6 +36,8 @@ struct ClientOpts {
     cert: Option<&'static str>,
     /// Accept any server certificate (to look at which one was sent).
     any_cert: bool,
+    /// ALPN protocols offered (default: http/1.1).
+    alpn: Option<Alpn>,
 }
 
 fn client_config(o: ClientOpts) -> Arc<ClientConfig> {
@@ -57,7 +59,10 @@ fn client_config(o: ClientOpts) -> Arc<ClientConfig> {
             )
             .unwrap(),
     };
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = match o.alpn {
+        None => vec![b"http/1.1".to_vec()],
+        Some(l) => l.iter().map(|p| p.to_vec()).collect(),
+    };
     Arc::new(cfg)
 }
 
@@ -260,6 +265,50 @@ fn proxies_over_tls_with_forwarded_proto_https() {
     }
 }
 
+type Alpn = &'static [&'static [u8]];
+
+/// RFC 7301 §3.1-3.2: the server picks, in its own order of preference, a protocol the
+/// client offered; HTTP/1.0 is served, so a client offering only `http/1.0` gets it rather
+/// than a fatal no_application_protocol alert.
+#[test]
+fn alpn_selects_http11_first_and_accepts_http10_alone() {
+    // Offered, chosen, and the request's HTTP version.
+    let cases: [(Alpn, &[u8], &str); 4] = [
+        (&[b"http/1.0"], b"http/1.0", "HTTP/1.0"),
+        (&[b"http/1.0", b"http/1.1"], b"http/1.1", "HTTP/1.1"),
+        (&[b"h2", b"http/1.1"], b"http/1.1", "HTTP/1.1"),
+        (&[b"http/1.1"], b"http/1.1", "HTTP/1.1"),
+    ];
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        for (offered, chosen, version) in cases {
+            let o = ClientOpts {
+                alpn: Some(offered),
+                ..ClientOpts::default()
+            };
+            let mut c = TlsClient::connect(gw.addr, "a.test", client_config(o))
+                .unwrap_or_else(|e| panic!("{d:?} {offered:?}: handshake: {e}"));
+            assert_eq!(c.s.conn.alpn_protocol(), Some(chosen), "{d:?} {offered:?}");
+            c.send(
+                format!("GET /v {version}\r\nHost: a.test\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?} {offered:?}: {}", r.text());
+        }
+        // Offering only a protocol the gateway does not speak is still refused.
+        let o = ClientOpts {
+            alpn: Some(&[b"h2"]),
+            ..ClientOpts::default()
+        };
+        assert!(
+            TlsClient::connect(gw.addr, "a.test", client_config(o)).is_err(),
+            "{d:?}: h2 alone"
+        );
+    }
+}
+
 #[test]
 fn keep_alive_pipelining_and_bodies_over_one_tls_connection() {
     for d in DRIVERS {
@@ -306,6 +355,55 @@ fn connection_close_ends_with_close_notify() {
         // an UnexpectedEof error.
         let mut tmp = [0u8; 64];
         assert_eq!(c.s.read(&mut tmp).expect("clean TLS close"), 0, "{d:?}");
+    }
+}
+
+/// Reads to the end of the stream: the bytes, and whether it ended with close_notify (rustls
+/// gives Ok(0) only after one; a bare TCP close or a reset is an error).
+fn read_to_end(c: &mut TlsClient) -> (Vec<u8>, bool) {
+    let mut all = std::mem::take(&mut c.buf);
+    let mut tmp = [0u8; 16384];
+    loop {
+        match c.s.read(&mut tmp) {
+            Ok(0) => return (all, true),
+            Ok(n) => all.extend_from_slice(&tmp[..n]),
+            Err(e) => {
+                assert_ne!(e.kind(), ErrorKind::WouldBlock, "read timed out");
+                return (all, false);
+            }
+        }
+    }
+}
+
+/// RFC 8446 §6.1 and RFC 9112 §9.8: an HTTP/1.0 client reads a close-delimited body, which
+/// over TLS it can only tell complete from cut by the close_notify. When the upstream's body
+/// breaks off, the gateway closes without one; a complete body still ends with one.
+#[test]
+fn a_cut_body_to_an_http10_client_ends_without_close_notify() {
+    let body = [b'x'; 50];
+    for d in DRIVERS {
+        let up = Upstream::start(move |req| {
+            let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n32\r\n".to_vec();
+            r.extend_from_slice(&body);
+            r.extend_from_slice(b"\r\n");
+            if req.target == "/whole" {
+                r.extend_from_slice(b"0\r\n\r\n");
+            }
+            // "/cut": the upstream closes with no terminal chunk.
+            Reply::RawClose(r)
+        });
+        let gw = TestGateway::start(&tls_gateway(up.addr, "", ALL), d);
+        for (path, clean) in [("/whole", true), ("/cut", false), ("/whole", true)] {
+            let mut c = TlsClient::connect(gw.addr, "a.test", client_config(ClientOpts::default()))
+                .unwrap();
+            c.send(format!("GET {path} HTTP/1.0\r\nHost: a.test\r\n\r\n").as_bytes())
+                .unwrap();
+            let (got, notified) = read_to_end(&mut c);
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200"), "{d:?} {path}: {text}");
+            assert!(text.ends_with(&"x".repeat(50)), "{d:?} {path}: {text}");
+            assert_eq!(notified, clean, "{d:?} {path}: close_notify");
+        }
     }
 }
 
@@ -720,6 +818,34 @@ fn plain_listener_redirects_to_https() {
     }
 }
 
+/// RFC 9112 §3.2.2 and RFC 3986 §6.2.3: the redirect keeps the path and the query of the
+/// request-target, in origin form and in absolute form, where an empty path is "/".
+#[test]
+fn redirect_keeps_path_and_query_of_every_target_form() {
+    let cases = [
+        ("/p/q?x=1&y=2", "https://a.test:8443/p/q?x=1&y=2"),
+        ("/p", "https://a.test:8443/p"),
+        ("/", "https://a.test:8443/"),
+        ("/?q=1", "https://a.test:8443/?q=1"),
+        ("http://abs.test/p?q=1", "https://abs.test:8443/p?q=1"),
+        ("http://abs.test/p", "https://abs.test:8443/p"),
+        ("http://abs.test?q=1", "https://abs.test:8443/?q=1"),
+        ("http://abs.test:81?q=1&r", "https://abs.test:8443/?q=1&r"),
+        ("http://abs.test", "https://abs.test:8443/"),
+    ];
+    for d in DRIVERS {
+        let toml = "[[listeners]]\naddress = \"127.0.0.1:0\"\nredirect_https = { port = 8443 }\n\n[[routes]]\ndirect = { status = 200 }\n";
+        let gw = TestGateway::start(toml, d);
+        let mut c = Client::connect(gw.addr);
+        for (target, location) in cases {
+            c.send(format!("GET {target} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes());
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 308, "{d:?} {target}");
+            assert_eq!(r.header("location"), Some(location), "{d:?} {target}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // TLS to upstreams.
 
@@ -830,12 +956,25 @@ fn tls_upstream_conn(cfg: Arc<ServerConfig>, tcp: TcpStream, subjects: &Mutex<Ve
                 body: Vec::new(),
                 raw_head: head.clone(),
             };
+            if r.target == "/smuggle" {
+                // A complete Content-Length response whose body tail shares one write (so one
+                // TLS record) with a second, unasked-for response.
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 40000\r\n\r\n");
+                let mut tail = vec![b'b'; 40000];
+                tail.extend_from_slice(SMUGGLED);
+                if s.write_all(&tail).is_err() {
+                    return;
+                }
+                continue;
+            }
             if s.write_all(&ok_response(echo_json(&r).as_bytes())).is_err() {
                 return;
             }
         }
     }
 }
+
+const SMUGGLED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nx-smuggled: 1\r\n\r\nPOISONED";
 
 fn upstream_tls_gateway(up: SocketAddr, tls: &str) -> String {
     format!(
@@ -879,6 +1018,42 @@ fn upstream_tls_verifies_against_the_configured_ca() {
         );
         let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &off), d);
         assert_eq!(get(gw.addr, "/").status, 200, "{d:?}");
+    }
+}
+
+/// RFC 9112 §6.3 (a Content-Length response ends after that many bytes) and §9.3 (a
+/// connection is reused only in a known state): bytes an upstream sends past a complete
+/// response are never read as the next request's response. Over TLS they sit inside the TLS
+/// layer, decrypted or not, where the pool's peek at the raw socket cannot see them.
+#[test]
+fn tls_upstream_bytes_after_a_complete_response_never_reach_the_next_client() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let ok = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &ok), d);
+        for i in 0..3 {
+            let r = get(gw.addr, "/smuggle");
+            assert_eq!(r.status, 200, "{d:?} round {i}");
+            assert_eq!(r.body, vec![b'b'; 40000], "{d:?} round {i}");
+            // Another client, on another connection.
+            let r = get(gw.addr, &format!("/after/{i}"));
+            assert_eq!(
+                (r.status, r.header("x-smuggled")),
+                (200, None),
+                "{d:?} round {i}: got {:?}",
+                r.text()
+            );
+            assert_eq!(r.json()["target"], format!("/after/{i}"), "{d:?} round {i}");
+        }
+        // An honest response still leaves its connection pooled.
+        let before = up.conns.load(Ordering::SeqCst);
+        for i in 0..3 {
+            assert_eq!(get(gw.addr, &format!("/k/{i}")).status, 200, "{d:?}");
+        }
+        assert!(
+            up.conns.load(Ordering::SeqCst) <= before + 1,
+            "{d:?}: honest TLS connections are reused"
+        );
     }
 }
 

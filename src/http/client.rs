@@ -484,8 +484,9 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, conn: ClientConn<UpStream>) {
-        if self.max_idle == 0 {
+    fn checkin(&self, mut conn: ClientConn<UpStream>) {
+        // Bytes past the response inside the TLS layer (the socket peek cannot see them).
+        if self.max_idle == 0 || conn.stream.tls_input_pending(&mut conn.buf) {
             return;
         }
         let mut idle = self.idle.borrow_mut();

@@ -78,6 +78,13 @@ pub trait ClientIo: AsyncReadRent + AsyncWriteRent {
     fn half_close(&mut self) -> impl std::future::Future<Output = ()> {
         async {}
     }
+
+    /// After a response that was cut or could not be written ([`Next::Abort`]), the
+    /// connection is dropped at once, with no goodbye and no lingering. Over TLS this leaves
+    /// out `close_notify`, the only way a client can tell a cut from the end of a
+    /// close-delimited body (RFC 8446 §6.1, RFC 9112 §9.8). Plain TCP has no such signal and
+    /// closes as after any other response.
+    const ABORT_QUIETLY: bool = false;
 }
 
 impl ClientIo for TcpStream {
@@ -87,6 +94,8 @@ impl ClientIo for TcpStream {
 }
 
 impl ClientIo for tls::ServerStream {
+    const ABORT_QUIETLY: bool = true;
+
     fn close(&mut self, limit: Duration) -> impl std::future::Future<Output = ()> {
         tls::close_notify(self, limit)
     }
@@ -282,6 +291,9 @@ pub struct Conn<S> {
 pub enum Next {
     KeepAlive,
     Close,
+    /// The response was cut (the upstream's body broke off) or could not be written to the
+    /// client: the client must not take what it got for a complete response.
+    Abort,
 }
 
 /// An answer the gateway makes itself.
@@ -360,6 +372,8 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
                 linger = true;
                 break;
             }
+            // Dropped as it is: over TLS, no close_notify after a cut response.
+            Some(Next::Abort) => return,
         }
     }
     if linger {
@@ -372,7 +386,9 @@ impl<S: ClientIo> Conn<S> {
     /// One request, from its head to its end. `None`: the connection closed (or idled out)
     /// before a head began. `Some(Next::Close)` is returned only when client bytes may still
     /// be in flight (an unread body, unparsed bytes, a refused head) and the close must
-    /// linger; a close after a complete exchange is `None`.
+    /// linger; a close after a complete exchange is `None`. `Some(Next::Abort)`: the
+    /// response was cut or not written, and the connection is dropped without a goodbye
+    /// (only where [`ClientIo::ABORT_QUIETLY`]; elsewhere it closes as `Next::Close` does).
     async fn request(&mut self, w: &Worker) -> Option<Next> {
         // One snapshot for the whole request, whatever a reload does meanwhile.
         let cfg = w.config();
@@ -404,8 +420,11 @@ impl<S: ClientIo> Conn<S> {
         super::record::done(w, &cfg, self, &ctx);
         match next {
             Next::KeepAlive => Some(Next::KeepAlive),
-            Next::Close if !ctx.body.is_done() || !self.rbuf.is_empty() => Some(Next::Close),
-            Next::Close => None,
+            Next::Abort if S::ABORT_QUIETLY => Some(Next::Abort),
+            Next::Close | Next::Abort if !ctx.body.is_done() || !self.rbuf.is_empty() => {
+                Some(Next::Close)
+            }
+            Next::Close | Next::Abort => None,
         }
     }
 
@@ -547,7 +566,7 @@ impl<S: ClientIo> Conn<S> {
     /// [`DRAIN_MAX`] and [`DRAIN_TIMEOUT`]) is the next byte taken as the next request.
     pub async fn finish(&mut self, w: &Worker, ctx: &mut RequestCtx<'_>, out: Outcome<'_>) -> Next {
         let answer = match out {
-            Outcome::Abort => return Next::Close,
+            Outcome::Abort => return Next::Abort,
             Outcome::Relayed { keep } => {
                 return if keep && ctx.body.is_done() {
                     Next::KeepAlive
@@ -573,7 +592,7 @@ impl<S: ClientIo> Conn<S> {
                 ctx.wbuf = b;
                 ctx.rec.bytes_out = ctx.rec.bytes_out.saturating_add(written);
             }
-            Err(_) => return Next::Close,
+            Err(_) => return Next::Abort,
         }
         if !keep {
             return Next::Close;
@@ -701,11 +720,15 @@ impl<S: ClientIo> Conn<S> {
                     wbuf.put_u8(b':');
                     put_u64(wbuf, *p as u64);
                 }
+                // Origin form, or an absolute form's "/path?query", "?query" or nothing: an
+                // empty path is "/" and the query stays (RFC 3986 §6.2.3, RFC 9112 §3.2.2).
+                // Anything else (OPTIONS's "*") becomes "/".
                 let pq = ctx.head.bytes(ctx.head.path_query);
-                if pq.starts_with(b"/") {
-                    wbuf.put_slice(pq);
-                } else {
+                if !pq.starts_with(b"/") {
                     wbuf.put_u8(b'/');
+                }
+                if matches!(pq.first(), Some(b'/' | b'?')) {
+                    wbuf.put_slice(pq);
                 }
                 wbuf.put_slice(b"\r\ncontent-length: 0\r\n");
                 end_head(wbuf, &date, ctx.id.as_bytes(), b"", keep, ctx.head.version);

@@ -58,6 +58,30 @@ pub enum UpStream {
 }
 
 impl UpStream {
+    /// Over TLS: bytes past the last response that the TLS layer already holds (decrypted in
+    /// rustls, or read off the socket and not yet decrypted), which a peek at the raw socket
+    /// cannot see. Such a connection must never serve another request: those bytes would
+    /// become its response (RFC 9112 §9.3). No socket I/O. `spare` is the connection's read
+    /// buffer, which lends the look its memory; when it holds bytes the answer is `true`.
+    /// A plain stream answers `false` at once.
+    pub fn tls_input_pending(&mut self, spare: &mut BytesMut) -> bool {
+        let UpStream::Tls(s, _) = self else {
+            return false;
+        };
+        if !spare.is_empty() {
+            return true;
+        }
+        if spare.capacity() == 0 {
+            spare.reserve(UPSTREAM_READ_BUF);
+        }
+        let (pending, buf) = s.buffered_input(std::mem::take(spare));
+        if let Some(mut buf) = buf {
+            buf.clear();
+            *spare = buf;
+        }
+        pending
+    }
+
     fn raw_fd(&self) -> RawFd {
         match self {
             UpStream::Plain(s) => s.as_raw_fd(),
@@ -120,6 +144,14 @@ pub struct UpConn {
     pub reused: bool,
     pub endpoint: usize,
     count: Rc<ConnCount>,
+}
+
+impl UpConn {
+    /// See [`UpStream::tls_input_pending`]; a plain connection answers `false` at once.
+    #[inline]
+    pub fn tls_input_pending(&mut self) -> bool {
+        self.stream.tls_input_pending(&mut self.rbuf)
+    }
 }
 
 impl Drop for UpConn {
@@ -267,6 +299,11 @@ impl UpstreamGroup {
             if (verify || age >= UNVERIFIED_IDLE_MAX) && !still_open(conn.stream.raw_fd()) {
                 continue;
             }
+            // Not pooled with such bytes, and nothing reads while idle; checked again because
+            // it costs no syscall.
+            if conn.tls_input_pending() {
+                continue;
+            }
             conn.reused = true;
             return Some(conn);
         }
@@ -306,8 +343,13 @@ impl UpstreamGroup {
         }
     }
 
-    /// Returns a connection to the pool after a complete response.
-    pub fn checkin(&self, conn: UpConn) {
+    /// Returns a connection to the pool after a complete response, unless the TLS layer holds
+    /// bytes past that response (a plain connection's extra bytes are in `rbuf`, which the
+    /// caller checks, or in the socket, which `checkout` peeks at).
+    pub fn checkin(&self, mut conn: UpConn) {
+        if conn.tls_input_pending() {
+            return;
+        }
         {
             let cap = self.idle_cap(conn.endpoint);
             let mut idle = self.endpoints[conn.endpoint].idle.borrow_mut();
