@@ -1376,6 +1376,87 @@ into = "orders"
 }
 
 #[test]
+fn a_null_or_empty_value_fails_the_call_instead_of_emptying_a_segment_or_a_filter() {
+    // An empty value would turn `/orders/7` into `/orders/` (RFC 3986 §3.3: another resource,
+    // typically the collection) and `?user_id=7` into `?user_id=`, which many APIs read as no
+    // filter: other users' data. A null must not become "" (nor "null") either.
+    let users = Upstream::start(|req| {
+        let id = match req.target.as_str() {
+            "/users/1" => "null",
+            "/users/2" => "\"\"",
+            _ => "7",
+        };
+        Reply::Raw(json_ok(&format!(r#"{{"id": {id}}}"#)))
+    });
+    let orders = Upstream::echo();
+    let routes = r#"
+[[routes]]
+path_regex = "^/p/(?P<id>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders/${calls.user.body/id}"
+into = "orders"
+
+[[routes]]
+path_regex = "^/q/(?P<id>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders"
+query = { user_id = "${calls.user.body/id}" }
+into = "orders"
+
+[[routes]]
+path = "/h"
+[routes.compose]
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders/${request.header.x-user}"
+into = "orders"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("users", users.addr), ("orders", orders.addr)], routes),
+        DRIVERS[0],
+    );
+    for (path, why) in [
+        ("/p/1", "null"),
+        ("/p/2", "empty"),
+        ("/q/1", "null"),
+        ("/q/2", "empty"),
+        ("/h", "empty"),
+    ] {
+        let r = get(gw.addr, path);
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert_eq!(r.json()["call"], "orders", "{path}");
+        assert!(r.text().contains(why), "{path}: {}", r.text());
+    }
+    assert_eq!(orders.hits(), 0, "{:?}", orders.targets());
+    // A value still goes through.
+    let r = get(gw.addr, "/p/3");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(gw.addr, "/q/3");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get_with(gw.addr, "/h", "X-User: 9\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        orders.targets(),
+        ["/orders/7", "/orders?user_id=7", "/orders/9"]
+    );
+}
+
+#[test]
 fn a_path_with_a_dot_segment_is_refused_at_load() {
     for path in ["/a/../admin", "/a/./b", "/.."] {
         refused(

@@ -403,7 +403,19 @@ impl<'a> Env<'a> {
         for p in &call.path.parts {
             match p {
                 Part::Lit(l) => target.extend_from_slice(l.as_bytes()),
-                Part::Ref(r) => self.put_ref(&mut target, r, item, Ctx::Url)?,
+                Part::Ref(r) => {
+                    let at = target.len();
+                    self.put_ref(&mut target, r, item, Ctx::Url)?;
+                    // An empty value would remove a segment or part of one: `/orders/${id}`
+                    // would become `/orders/`, typically the collection. Like a dot-segment, it
+                    // leads to another resource (RFC 3986 §3.3), so the call fails instead.
+                    if target.len() == at {
+                        return Err(
+                            "a value in its path is empty (missing, null or \"\"), which would lead to another resource"
+                                .into(),
+                        );
+                    }
+                }
             }
         }
         // '.' is unreserved (RFC 3986 §2.3): a value of "." or ".." stays one when encoded, and
