@@ -1457,6 +1457,59 @@ into = "orders"
 }
 
 #[test]
+fn calls_ask_for_identity_and_a_content_coded_answer_fails_naming_its_coding() {
+    // RFC 9110 §12.5.3: without Accept-Encoding any content coding is acceptable, so an origin
+    // may gzip; answers are read as JSON text, so calls ask for `identity`, and one encoded
+    // all the same fails with its coding named (it was "not JSON (not UTF-8 ...)").
+    let plain = Upstream::start(|_| Reply::Raw(json_ok(r#"{"v": 1}"#)));
+    // The gzip bytes of `{"v":2}` do not matter: only the header is looked at.
+    let gzip = Upstream::start(|_| {
+        let body = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\x56\x2a\x53\xb2\x32\xaa\x05\x00";
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: GZIP\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        Reply::Raw(r)
+    });
+    let routes = r#"
+[[routes]]
+path = "/c"
+[routes.compose]
+errors_field = true
+[[routes.compose.calls]]
+id = "plain"
+upstream = "plain"
+path = "/p"
+into = "plain"
+[[routes.compose.calls]]
+id = "gzip"
+upstream = "gzip"
+path = "/g"
+into = "gzip"
+required = false
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("plain", plain.addr), ("gzip", gzip.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = get_with(gw.addr, "/c", "Accept-Encoding: gzip\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["plain"], json!({"v": 1}));
+    assert_eq!(r.header("ringway-partial"), Some("gzip"));
+    assert_eq!(
+        r.json()["_errors"][0]["reason"],
+        "content-coding gzip not supported",
+        "{}",
+        r.text()
+    );
+    for up in [&plain, &gzip] {
+        assert_eq!(up.last().header("accept-encoding"), Some("identity"));
+    }
+}
+
+#[test]
 fn a_path_with_a_dot_segment_is_refused_at_load() {
     for path in ["/a/../admin", "/a/./b", "/.."] {
         refused(

@@ -92,6 +92,9 @@ struct Fetched {
     status: u16,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
+    /// The answer's content codings other than `identity` (RFC 9110 §8.4), lower-case and
+    /// comma-separated, if any: such a body is not JSON text as it stands.
+    coding: Option<String>,
 }
 
 /// A call's result.
@@ -476,6 +479,11 @@ impl<'a> Env<'a> {
         if !call.headers.iter().any(|(n, _)| n == "accept") {
             headers.extend_from_slice(b"accept: application/json\r\n");
         }
+        // Without Accept-Encoding any content coding is acceptable (RFC 9110 §12.5.3), and
+        // answers are read as JSON text: ask for none.
+        if !call.headers.iter().any(|(n, _)| n == "accept-encoding") {
+            headers.extend_from_slice(b"accept-encoding: identity\r\n");
+        }
         for (name, t) in &call.headers {
             headers.extend_from_slice(name.as_bytes());
             headers.extend_from_slice(b": ");
@@ -754,6 +762,21 @@ impl<'a> Env<'a> {
                 } else {
                     0
                 };
+                let mut coding = String::new();
+                for h in &resp.headers {
+                    if !resp.bytes(h.name).eq_ignore_ascii_case(b"content-encoding") {
+                        continue;
+                    }
+                    let v = String::from_utf8_lossy(resp.bytes(h.value)).to_ascii_lowercase();
+                    for c in v.split(',').map(str::trim) {
+                        if !c.is_empty() && c != "identity" {
+                            if !coding.is_empty() {
+                                coding.push_str(", ");
+                            }
+                            coding.push_str(c);
+                        }
+                    }
+                }
                 for h in resp.headers.iter().take(keep) {
                     headers.push((
                         String::from_utf8_lossy(resp.bytes(h.name)).to_ascii_lowercase(),
@@ -806,6 +829,7 @@ impl<'a> Env<'a> {
                             status,
                             headers,
                             body,
+                            coding: (!coding.is_empty()).then_some(coding),
                         })
                     }
                     Err((f, endpoint_fault)) => {
@@ -1075,6 +1099,10 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
     let not_json = |e: serde_json::Error| Fail::new(format!("its answer is not JSON ({e})"));
     let body = if &*call.method == "HEAD" || f.status == 204 {
         Value::Null
+    } else if let Some(c) = &f.coding {
+        // Calls send `accept-encoding: identity`; an upstream that encodes all the same
+        // (RFC 9110 §12.5.3) sends bytes that are not JSON text until decoded.
+        return Err(Fail::new(format!("content-coding {c} not supported")));
     } else if call.tree {
         serde_json::from_slice::<Value>(&f.body).map_err(not_json)?
     } else {
