@@ -1510,6 +1510,45 @@ required = false
 }
 
 #[test]
+fn answers_passed_on_unshaped_are_held_to_the_json_depth_cap() {
+    // README "API composition / Limits": JSON nesting is capped (serde_json's 128). An answer
+    // written as sent (here only `into`) was validated without that cap: 5000 levels passed
+    // with 200 where a deep-merged route gave 502.
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let (ok_doc, deep_doc) = (
+        deep(127),
+        format!(r#"{{"s": "[[[[", "d": {}}}"#, deep(5000)),
+    );
+    let up = Upstream::start(move |req| {
+        let body = if req.target == "/deep" {
+            &deep_doc
+        } else {
+            &ok_doc
+        };
+        Reply::Raw(json_ok(body))
+    });
+    let routes = ["ok", "deep"]
+        .map(|p| {
+            format!(
+                "[[routes]]\npath = \"/{p}\"\n[routes.compose]\n[[routes.compose.calls]]\n\
+                 id = \"a\"\nupstream = \"up\"\npath = \"/{p}\"\ninto = \"a\"\n\n"
+            )
+        })
+        .concat();
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], &routes), DRIVERS[0]);
+    let r = get(gw.addr, "/ok");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(gw.addr, "/deep");
+    assert_eq!(r.status, 502, "{}", &r.text()[..200.min(r.body.len())]);
+    assert_eq!(r.json()["call"], "a");
+    assert!(
+        r.text().contains("nested more than 127 levels"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
 fn a_path_with_a_dot_segment_is_refused_at_load() {
     for path in ["/a/../admin", "/a/./b", "/.."] {
         refused(

@@ -50,6 +50,9 @@ pub const MAX_SUB_TARGET: usize = 8 * 1024;
 pub const MAX_SUB_HEADERS: usize = 16 * 1024;
 /// Most header fields of a call's answer kept for `${calls.<id>.header.<name>}`.
 const MAX_KEPT_HEADERS: usize = 64;
+/// Deepest nesting of arrays and objects in a call's answer: what serde_json parses (its
+/// recursion limit of 128 refuses the 128th level), applied to answers passed on unparsed too.
+pub const MAX_JSON_DEPTH: usize = 127;
 
 /// A composed answer (or a composition's error answer), written by `Conn::finish`.
 #[derive(Debug)]
@@ -1111,6 +1114,13 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
         std::str::from_utf8(&f.body)
             .map_err(|e| Fail::new(format!("its answer is not JSON (not UTF-8: {e})")))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&f.body).map_err(not_json)?;
+        // `IgnoredAny` has no depth limit: without this, a document a recursive parser in
+        // the client cannot take would pass unshaped where a shaped one fails.
+        if nested_deeper(&f.body, MAX_JSON_DEPTH) {
+            return Err(Fail::new(format!(
+                "its answer is not JSON (nested more than {MAX_JSON_DEPTH} levels)"
+            )));
+        }
         Value::Null
     };
     Ok(CallOut {
@@ -1118,6 +1128,35 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
         fetched: Some(f.clone()),
         body,
     })
+}
+
+/// Whether valid JSON text `b` nests arrays and objects deeper than `max`: one pass, the
+/// brackets inside strings skipped.
+fn nested_deeper(b: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for &c in b {
+        if in_str {
+            match c {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Reads a response body in full, at most `cap` bytes (decoded), by `deadline`. An error says
@@ -1225,5 +1264,27 @@ async fn read_body(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_depth_scan_agrees_with_serde_json_and_skips_strings() {
+        for (depth, open, close) in [(127, "[", "]"), (128, "[", "]"), (128, "{\"a\":", "}")] {
+            let doc = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+            let parsed = serde_json::from_str::<Value>(&doc).is_ok();
+            assert_eq!(
+                !nested_deeper(doc.as_bytes(), MAX_JSON_DEPTH),
+                parsed,
+                "{depth}{open}"
+            );
+        }
+        let quoted = format!(r#"["{}\"{}"]"#, "[".repeat(500), "{".repeat(500));
+        assert!(!nested_deeper(quoted.as_bytes(), MAX_JSON_DEPTH));
+        assert!(nested_deeper(b"[[[1]]]", 2));
+        assert!(!nested_deeper(b"[[1],[2]]", 2));
     }
 }
