@@ -565,6 +565,77 @@ fn a_failed_required_call_fails_the_request_naming_it() {
 }
 
 #[test]
+fn a_passed_401_405_or_407_keeps_the_header_fields_its_status_needs() {
+    // RFC 9110 §15.5.2 (401: WWW-Authenticate), §15.5.6 (405: Allow), §15.5.8 (407:
+    // Proxy-Authenticate): passed on by `pass_status`, the status came without them.
+    let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
+    let bad = Upstream::start(|req| {
+        let (status, fields) = match req.target.as_str() {
+            "/main" if req.header("x-case") == Some("401") => (
+                401,
+                "WWW-Authenticate: Basic realm=\"a\"\r\nwww-authenticate: Bearer\r\n",
+            ),
+            _ if req.header("x-case") == Some("405") => (405, "Allow: GET, HEAD\r\n"),
+            _ => (
+                407,
+                "Proxy-Authenticate: Basic realm=\"p\"\r\nX-Other: no\r\n",
+            ),
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{fields}content-length: 2\r\n\r\n{{}}"
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(
+        &cfg(
+            &[("bad", bad.addr), ("ok", ok.addr)],
+            &failure_route(
+                "headers = { \"x-case\" = \"${request.header.x-case}\" }",
+                "pass_status = true",
+            ),
+        ),
+        DRIVERS[0],
+    );
+    let raw = |case: &str| {
+        let mut c = Client::connect(gw.addr);
+        c.send(format!("GET /f HTTP/1.1\r\nHost: t\r\nX-Case: {case}\r\n\r\n").as_bytes());
+        c.read_response().expect("an answer")
+    };
+    let r = raw("401");
+    assert_eq!(r.status, 401, "{}", r.text());
+    let www: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("www-authenticate"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(www, ["Basic realm=\"a\"", "Bearer"], "{r:?}");
+    let r = raw("405");
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("GET, HEAD"), "{r:?}");
+    let r = raw("407");
+    assert_eq!(r.status, 407, "{}", r.text());
+    assert_eq!(
+        r.header("proxy-authenticate"),
+        Some("Basic realm=\"p\""),
+        "{r:?}"
+    );
+    assert!(!r.has("x-other"), "{r:?}");
+    // With its reason phrase (it was empty), seen on the wire.
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /f HTTP/1.1\r\nHost: t\r\nX-Case: 407\r\nConnection: close\r\n\r\n");
+    let mut raw = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut c.s, &mut raw);
+    assert!(
+        raw.starts_with(b"HTTP/1.1 407 Proxy Authentication Required\r\n"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+}
+
+#[test]
 fn failed_optional_calls_are_left_out_or_replaced_and_reported() {
     let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
     let refusing = refusing_addr();

@@ -53,6 +53,10 @@ const MAX_KEPT_HEADERS: usize = 64;
 /// Deepest nesting of arrays and objects in a call's answer: what serde_json parses (its
 /// recursion limit of 128 refuses the 128th level), applied to answers passed on unparsed too.
 pub const MAX_JSON_DEPTH: usize = 127;
+/// Header fields a status needs with it, relayed when `pass_status` passes a call's status on:
+/// a 401 must carry WWW-Authenticate (RFC 9110 §11.6.1, §15.5.2), a 405 Allow (§15.5.6), a
+/// 407 Proxy-Authenticate (§11.7.1, §15.5.8).
+pub const FIELDS_WITH_STATUS: [&str; 3] = ["www-authenticate", "allow", "proxy-authenticate"];
 
 /// A composed answer (or a composition's error answer), written by `Conn::finish`.
 #[derive(Debug)]
@@ -75,6 +79,9 @@ pub struct Fail {
     pub timeout: bool,
     /// The upstream's status, when it answered.
     pub status: Option<u16>,
+    /// Header lines of that answer (each ending in CRLF) that go with its status when the
+    /// route passes it on: see [`FIELDS_WITH_STATUS`].
+    pub status_fields: Vec<u8>,
     /// The failure is a dependency's, not the call's own.
     pub inherited: bool,
 }
@@ -85,6 +92,7 @@ impl Fail {
             reason: reason.into(),
             timeout: false,
             status: None,
+            status_fields: Vec::new(),
             inherited: false,
         }
     }
@@ -95,6 +103,8 @@ struct Fetched {
     status: u16,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
+    /// Its header lines named in [`FIELDS_WITH_STATUS`] (each ending in CRLF).
+    status_fields: Vec<u8>,
     /// The answer's content codings other than `identity` (RFC 9110 §8.4), lower-case and
     /// comma-separated, if any: such a body is not JSON text as it stands.
     coding: Option<String>,
@@ -748,8 +758,7 @@ impl<'a> Env<'a> {
                         .map_or("the request could not be sent", |g| g.message())
                         .into(),
                     timeout: g.is_some_and(|g| g.status() == 504),
-                    status: None,
-                    inherited: false,
+                    ..Fail::new("")
                 })
             }
             Ok(ch) => {
@@ -766,7 +775,19 @@ impl<'a> Env<'a> {
                     0
                 };
                 let mut coding = String::new();
+                let mut status_fields = Vec::new();
                 for h in &resp.headers {
+                    let name = resp.bytes(h.name);
+                    if let Some(n) = FIELDS_WITH_STATUS
+                        .iter()
+                        .find(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                    {
+                        // The parser let no CR, LF or NUL into a value (RFC 9110 §5.5).
+                        status_fields.extend_from_slice(n.as_bytes());
+                        status_fields.extend_from_slice(b": ");
+                        status_fields.extend_from_slice(resp.bytes(h.value));
+                        status_fields.extend_from_slice(b"\r\n");
+                    }
                     if !resp.bytes(h.name).eq_ignore_ascii_case(b"content-encoding") {
                         continue;
                     }
@@ -833,6 +854,7 @@ impl<'a> Env<'a> {
                             headers,
                             body,
                             coding: (!coding.is_empty()).then_some(coding),
+                            status_fields,
                         })
                     }
                     Err((f, endpoint_fault)) => {
@@ -1038,10 +1060,10 @@ impl<'a> Env<'a> {
     /// The answer when required call `i` failed: 504 for a timeout, its own status when it
     /// answered and the route passes statuses on, else 502.
     fn call_error(&self, i: usize, f: Fail, ids: &Ids<'_>) -> Composed {
-        let status = match f.status {
-            _ if f.timeout => 504,
-            Some(s) if self.plan.pass_status && (400..=599).contains(&s) => s,
-            _ => 502,
+        let (status, passed) = match f.status {
+            _ if f.timeout => (504, false),
+            Some(s) if self.plan.pass_status && (400..=599).contains(&s) => (s, true),
+            _ => (502, false),
         };
         let id = &self.plan.calls[i].id;
         let body = serde_json::json!({
@@ -1052,7 +1074,8 @@ impl<'a> Env<'a> {
             "request_id": String::from_utf8_lossy(ids.request),
             "trace_id": ids.trace,
         });
-        json_answer(status, &body, Vec::new())
+        let headers = if passed { f.status_fields } else { Vec::new() };
+        json_answer(status, &body, headers)
     }
 }
 
@@ -1096,6 +1119,7 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
     if !(200..300).contains(&f.status) {
         return Err(Fail {
             status: Some(f.status),
+            status_fields: f.status_fields.clone(),
             ..Fail::new(format!("the upstream answered {}", f.status))
         });
     }
