@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: the `[admin]` section (address, bearer token, drain delay, limits).
 //! - `server`: the listener and connections: blocking sockets, one thread per connection,
-//!   at most `max_connections` of them, every read and write under a deadline.
+//!   at most `max_connections` of them (at the cap the oldest one waiting for a request
+//!   makes room), every read and write under a deadline.
 //! - `endpoints`: the built-in endpoints (`/live`, `/ready`, `/config`, `/routes`,
 //!   `/upstreams`, `/drain`, `/log/level`); `view`: the config as redacted JSON.
 //! - [`client`]: the blocking client behind `ringway status` and `ringway drain`.
