@@ -565,6 +565,77 @@ fn a_failed_required_call_fails_the_request_naming_it() {
 }
 
 #[test]
+fn a_passed_401_405_or_407_keeps_the_header_fields_its_status_needs() {
+    // RFC 9110 §15.5.2 (401: WWW-Authenticate), §15.5.6 (405: Allow), §15.5.8 (407:
+    // Proxy-Authenticate): passed on by `pass_status`, the status came without them.
+    let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
+    let bad = Upstream::start(|req| {
+        let (status, fields) = match req.target.as_str() {
+            "/main" if req.header("x-case") == Some("401") => (
+                401,
+                "WWW-Authenticate: Basic realm=\"a\"\r\nwww-authenticate: Bearer\r\n",
+            ),
+            _ if req.header("x-case") == Some("405") => (405, "Allow: GET, HEAD\r\n"),
+            _ => (
+                407,
+                "Proxy-Authenticate: Basic realm=\"p\"\r\nX-Other: no\r\n",
+            ),
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{fields}content-length: 2\r\n\r\n{{}}"
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(
+        &cfg(
+            &[("bad", bad.addr), ("ok", ok.addr)],
+            &failure_route(
+                "headers = { \"x-case\" = \"${request.header.x-case}\" }",
+                "pass_status = true",
+            ),
+        ),
+        DRIVERS[0],
+    );
+    let raw = |case: &str| {
+        let mut c = Client::connect(gw.addr);
+        c.send(format!("GET /f HTTP/1.1\r\nHost: t\r\nX-Case: {case}\r\n\r\n").as_bytes());
+        c.read_response().expect("an answer")
+    };
+    let r = raw("401");
+    assert_eq!(r.status, 401, "{}", r.text());
+    let www: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("www-authenticate"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(www, ["Basic realm=\"a\"", "Bearer"], "{r:?}");
+    let r = raw("405");
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("GET, HEAD"), "{r:?}");
+    let r = raw("407");
+    assert_eq!(r.status, 407, "{}", r.text());
+    assert_eq!(
+        r.header("proxy-authenticate"),
+        Some("Basic realm=\"p\""),
+        "{r:?}"
+    );
+    assert!(!r.has("x-other"), "{r:?}");
+    // With its reason phrase (it was empty), seen on the wire.
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /f HTTP/1.1\r\nHost: t\r\nX-Case: 407\r\nConnection: close\r\n\r\n");
+    let mut raw = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut c.s, &mut raw);
+    assert!(
+        raw.starts_with(b"HTTP/1.1 407 Proxy Authentication Required\r\n"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+}
+
+#[test]
 fn failed_optional_calls_are_left_out_or_replaced_and_reported() {
     let ok = Upstream::start(|_| Reply::Raw(json_ok(r#"{"fine": true}"#)));
     let refusing = refusing_addr();
@@ -1373,6 +1444,179 @@ into = "orders"
         assert!(r.text().contains("dot-segment"), "{}", r.text());
     }
     assert_eq!(orders.hits(), 0, "{:?}", orders.targets());
+}
+
+#[test]
+fn a_null_or_empty_value_fails_the_call_instead_of_emptying_a_segment_or_a_filter() {
+    // An empty value would turn `/orders/7` into `/orders/` (RFC 3986 §3.3: another resource,
+    // typically the collection) and `?user_id=7` into `?user_id=`, which many APIs read as no
+    // filter: other users' data. A null must not become "" (nor "null") either.
+    let users = Upstream::start(|req| {
+        let id = match req.target.as_str() {
+            "/users/1" => "null",
+            "/users/2" => "\"\"",
+            _ => "7",
+        };
+        Reply::Raw(json_ok(&format!(r#"{{"id": {id}}}"#)))
+    });
+    let orders = Upstream::echo();
+    let routes = r#"
+[[routes]]
+path_regex = "^/p/(?P<id>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders/${calls.user.body/id}"
+into = "orders"
+
+[[routes]]
+path_regex = "^/q/(?P<id>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders"
+query = { user_id = "${calls.user.body/id}" }
+into = "orders"
+
+[[routes]]
+path = "/h"
+[routes.compose]
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders/${request.header.x-user}"
+into = "orders"
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("users", users.addr), ("orders", orders.addr)], routes),
+        DRIVERS[0],
+    );
+    for (path, why) in [
+        ("/p/1", "null"),
+        ("/p/2", "empty"),
+        ("/q/1", "null"),
+        ("/q/2", "empty"),
+        ("/h", "empty"),
+    ] {
+        let r = get(gw.addr, path);
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        assert_eq!(r.json()["call"], "orders", "{path}");
+        assert!(r.text().contains(why), "{path}: {}", r.text());
+    }
+    assert_eq!(orders.hits(), 0, "{:?}", orders.targets());
+    // A value still goes through.
+    let r = get(gw.addr, "/p/3");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(gw.addr, "/q/3");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get_with(gw.addr, "/h", "X-User: 9\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        orders.targets(),
+        ["/orders/7", "/orders?user_id=7", "/orders/9"]
+    );
+}
+
+#[test]
+fn calls_ask_for_identity_and_a_content_coded_answer_fails_naming_its_coding() {
+    // RFC 9110 §12.5.3: without Accept-Encoding any content coding is acceptable, so an origin
+    // may gzip; answers are read as JSON text, so calls ask for `identity`, and one encoded
+    // all the same fails with its coding named (it was "not JSON (not UTF-8 ...)").
+    let plain = Upstream::start(|_| Reply::Raw(json_ok(r#"{"v": 1}"#)));
+    // The gzip bytes of `{"v":2}` do not matter: only the header is looked at.
+    let gzip = Upstream::start(|_| {
+        let body = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\x56\x2a\x53\xb2\x32\xaa\x05\x00";
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: GZIP\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        Reply::Raw(r)
+    });
+    let routes = r#"
+[[routes]]
+path = "/c"
+[routes.compose]
+errors_field = true
+[[routes.compose.calls]]
+id = "plain"
+upstream = "plain"
+path = "/p"
+into = "plain"
+[[routes.compose.calls]]
+id = "gzip"
+upstream = "gzip"
+path = "/g"
+into = "gzip"
+required = false
+"#;
+    let gw = TestGateway::start(
+        &cfg(&[("plain", plain.addr), ("gzip", gzip.addr)], routes),
+        DRIVERS[0],
+    );
+    let r = get_with(gw.addr, "/c", "Accept-Encoding: gzip\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["plain"], json!({"v": 1}));
+    assert_eq!(r.header("ringway-partial"), Some("gzip"));
+    assert_eq!(
+        r.json()["_errors"][0]["reason"],
+        "content-coding gzip not supported",
+        "{}",
+        r.text()
+    );
+    for up in [&plain, &gzip] {
+        assert_eq!(up.last().header("accept-encoding"), Some("identity"));
+    }
+}
+
+#[test]
+fn answers_passed_on_unshaped_are_held_to_the_json_depth_cap() {
+    // README "API composition / Limits": JSON nesting is capped (serde_json's 128). An answer
+    // written as sent (here only `into`) was validated without that cap: 5000 levels passed
+    // with 200 where a deep-merged route gave 502.
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let (ok_doc, deep_doc) = (
+        deep(127),
+        format!(r#"{{"s": "[[[[", "d": {}}}"#, deep(5000)),
+    );
+    let up = Upstream::start(move |req| {
+        let body = if req.target == "/deep" {
+            &deep_doc
+        } else {
+            &ok_doc
+        };
+        Reply::Raw(json_ok(body))
+    });
+    let routes = ["ok", "deep"]
+        .map(|p| {
+            format!(
+                "[[routes]]\npath = \"/{p}\"\n[routes.compose]\n[[routes.compose.calls]]\n\
+                 id = \"a\"\nupstream = \"up\"\npath = \"/{p}\"\ninto = \"a\"\n\n"
+            )
+        })
+        .concat();
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], &routes), DRIVERS[0]);
+    let r = get(gw.addr, "/ok");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(gw.addr, "/deep");
+    assert_eq!(r.status, 502, "{}", &r.text()[..200.min(r.body.len())]);
+    assert_eq!(r.json()["call"], "a");
+    assert!(
+        r.text().contains("nested more than 127 levels"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]

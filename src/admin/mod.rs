@@ -4,7 +4,8 @@
 //!
 //! - [`config`]: the `[admin]` section (address, bearer token, drain delay, limits).
 //! - `server`: the listener and connections: blocking sockets, one thread per connection,
-//!   at most `max_connections` of them, every read and write under a deadline.
+//!   at most `max_connections` of them (at the cap the oldest one waiting for a request
+//!   makes room), every read and write under a deadline.
 //! - `endpoints`: the built-in endpoints (`/live`, `/ready`, `/config`, `/routes`,
 //!   `/upstreams`, `/drain`, `/log/level`); `view`: the config as redacted JSON.
 //! - [`client`]: the blocking client behind `ringway status` and `ringway drain`.
@@ -195,14 +196,35 @@ struct Drain {
     posted: Vec<bool>,
 }
 
-/// Open admin connections (a clone of each socket, to cut them off when the gateway stops),
-/// and the threads serving them (joined when the gateway stops, finished ones as new
-/// connections come: at most `max_connections` running, plus those that ended since).
+/// Open admin connections (a clone of each socket, to cut them off when the gateway stops,
+/// and what each is doing), and the threads serving them (joined when the gateway stops,
+/// finished ones as new connections come: at most `max_connections` running, as many more
+/// closed to make room and about to end, plus those that ended since).
 #[derive(Default)]
 struct Conns {
     next: u64,
-    open: HashMap<u64, TcpStream>,
+    open: HashMap<u64, OpenConn>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// One admin connection, by id (ids grow with each accepted connection: the smallest is the
+/// oldest).
+struct OpenConn {
+    stream: TcpStream,
+    state: ConnState,
+}
+
+/// What an admin connection is doing, for making room at the cap (see `server::admit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConnState {
+    /// Waiting for a request, or for the rest of one (new, idle between keep-alive
+    /// requests, sending a head or body), or having its answer written. May be closed to
+    /// make room.
+    Waiting,
+    /// Its request is complete and its handler running: kept.
+    Serving,
+    /// Closed to make room; its thread is ending. Not counted against the cap.
+    Evicted,
 }
 
 /// How long a stopping gateway waits for its admin connections' threads once their sockets
@@ -427,8 +449,8 @@ impl Admin {
     /// Ends the listener and cuts every open admin connection.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        for s in lock(&self.conns).open.values() {
-            let _ = s.shutdown(Shutdown::Both);
+        for c in lock(&self.conns).open.values() {
+            let _ = c.stream.shutdown(Shutdown::Both);
         }
     }
 

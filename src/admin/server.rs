@@ -5,8 +5,10 @@
 //! are taken only with a Content-Length of at most [`MAX_BODY_BYTES`], and each read and
 //! write runs under a deadline (`request_timeout` from a request's first byte through its
 //! body, `idle_timeout` between keep-alive requests). At most `max_connections` connections
-//! are open; one more is answered 503 and closed at once, so a flood cannot queue up behind
-//! the cap while `/live` goes unanswered.
+//! are open. At the cap a new connection takes the place of the oldest one still waiting for
+//! a request (new, idle, or sending one), which is closed; only when every place is taken by
+//! a request being answered is the new one answered 503 and closed at once. So neither idle
+//! nor slow connections, however many, keep `/live` unanswered.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::{lock, Admin, AdminRequest, AdminResponse, Method};
+use super::{lock, Admin, AdminRequest, AdminResponse, ConnState, Method, OpenConn};
 use crate::debug;
 use crate::http::request::{parse_request, BodyKind, Limits, ParseError, RequestHead};
 
@@ -113,14 +115,45 @@ fn admit(admin: &Arc<Admin>, s: TcpStream, peer: SocketAddr) {
     }
     let id = {
         let mut c = lock(&admin.conns);
-        if c.open.len() >= admin.limits.max_connections {
+        let max = admin.limits.max_connections;
+        let evicted = c
+            .open
+            .values()
+            .filter(|o| o.state == ConnState::Evicted)
+            .count();
+        let mut room = c.open.len() - evicted < max;
+        // At the cap, the oldest connection still waiting for (the rest of) a request gives
+        // its place up: a new connection, a `/live` probe among them, is never shut out by
+        // connections that say nothing, trickle, or sit idle between requests (RFC 9112
+        // §9.3: a server may close an idle connection). Those whose handler runs are kept. The
+        // closed ones' threads end at once (their read returns), and at most `max` of them
+        // are let be ending at a time, so threads stay bounded (2 x max).
+        if !room && evicted < max {
+            let oldest = c
+                .open
+                .iter_mut()
+                .filter(|(_, o)| o.state == ConnState::Waiting)
+                .min_by_key(|(id, _)| **id);
+            if let Some((_, o)) = oldest {
+                o.state = ConnState::Evicted;
+                let _ = o.stream.shutdown(std::net::Shutdown::Both);
+                room = true;
+            }
+        }
+        if !room {
             None
         } else {
             match s.try_clone() {
                 Ok(clone) => {
                     let id = c.next;
                     c.next = c.next.wrapping_add(1);
-                    c.open.insert(id, clone);
+                    c.open.insert(
+                        id,
+                        OpenConn {
+                            stream: clone,
+                            state: ConnState::Waiting,
+                        },
+                    );
                     Some(id)
                 }
                 Err(_) => return,
@@ -139,7 +172,7 @@ fn admit(admin: &Arc<Admin>, s: TcpStream, peer: SocketAddr) {
     };
     let spawned = std::thread::Builder::new()
         .name("ringway-admin-conn".into())
-        .spawn(move || serve(&slot.admin, s, peer));
+        .spawn(move || serve(&slot.admin, s, peer, slot.id));
     // On failure the closure, and with it the slot, is dropped: the place is given back.
     if let Ok(t) = spawned {
         let mut c = lock(&admin.conns);
@@ -252,8 +285,21 @@ fn read_head(
     }
 }
 
+/// Marks connection `id` as being answered (`Serving`) or waiting again; `false` when it was
+/// closed to make room meanwhile (its request, complete or not, is not served).
+fn set_state(admin: &Admin, id: u64, state: ConnState) -> bool {
+    let mut c = lock(&admin.conns);
+    match c.open.get_mut(&id) {
+        Some(o) if o.state != ConnState::Evicted => {
+            o.state = state;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Serves the requests of one connection.
-fn serve(admin: &Admin, mut s: TcpStream, peer: SocketAddr) {
+fn serve(admin: &Admin, mut s: TcpStream, peer: SocketAddr, id: u64) {
     let _ = s.set_nodelay(true);
     let limits = admin.limits;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -311,12 +357,21 @@ fn serve(admin: &Admin, mut s: TcpStream, peer: SocketAddr) {
                 Err(()) => return,
             }
         }
+        // While its handler runs, the connection is not closed to make room.
+        if !set_state(admin, id, ConnState::Serving) {
+            return;
+        }
         let body: Vec<u8> = buf.drain(..body_len).collect();
         let req = request_of(&head, body, peer);
         let is_head = req.method == Method::Head;
         let resp = admin.dispatch(&req);
         served = served.saturating_add(1);
         let close = !head.keep_alive || served >= MAX_REQUESTS_PER_CONNECTION || admin.stopping();
+        // The handler is done: a client slow to read its answer holds its place no better
+        // than one slow to send its request.
+        if !set_state(admin, id, ConnState::Waiting) {
+            return;
+        }
         if write_response(&mut s, &resp, is_head, close, deadline_from(&limits)).is_err() || close {
             return;
         }

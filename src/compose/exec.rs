@@ -50,6 +50,13 @@ pub const MAX_SUB_TARGET: usize = 8 * 1024;
 pub const MAX_SUB_HEADERS: usize = 16 * 1024;
 /// Most header fields of a call's answer kept for `${calls.<id>.header.<name>}`.
 const MAX_KEPT_HEADERS: usize = 64;
+/// Deepest nesting of arrays and objects in a call's answer: what serde_json parses (its
+/// recursion limit of 128 refuses the 128th level), applied to answers passed on unparsed too.
+pub const MAX_JSON_DEPTH: usize = 127;
+/// Header fields a status needs with it, relayed when `pass_status` passes a call's status on:
+/// a 401 must carry WWW-Authenticate (RFC 9110 §11.6.1, §15.5.2), a 405 Allow (§15.5.6), a
+/// 407 Proxy-Authenticate (§11.7.1, §15.5.8).
+pub const FIELDS_WITH_STATUS: [&str; 3] = ["www-authenticate", "allow", "proxy-authenticate"];
 
 /// A composed answer (or a composition's error answer), written by `Conn::finish`.
 #[derive(Debug)]
@@ -72,6 +79,9 @@ pub struct Fail {
     pub timeout: bool,
     /// The upstream's status, when it answered.
     pub status: Option<u16>,
+    /// Header lines of that answer (each ending in CRLF) that go with its status when the
+    /// route passes it on: see [`FIELDS_WITH_STATUS`].
+    pub status_fields: Vec<u8>,
     /// The failure is a dependency's, not the call's own.
     pub inherited: bool,
 }
@@ -82,6 +92,7 @@ impl Fail {
             reason: reason.into(),
             timeout: false,
             status: None,
+            status_fields: Vec::new(),
             inherited: false,
         }
     }
@@ -92,6 +103,11 @@ struct Fetched {
     status: u16,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
+    /// Its header lines named in [`FIELDS_WITH_STATUS`] (each ending in CRLF).
+    status_fields: Vec<u8>,
+    /// The answer's content codings other than `identity` (RFC 9110 §8.4), lower-case and
+    /// comma-separated, if any: such a body is not JSON text as it stands.
+    coding: Option<String>,
 }
 
 /// A call's result.
@@ -403,7 +419,19 @@ impl<'a> Env<'a> {
         for p in &call.path.parts {
             match p {
                 Part::Lit(l) => target.extend_from_slice(l.as_bytes()),
-                Part::Ref(r) => self.put_ref(&mut target, r, item, Ctx::Url)?,
+                Part::Ref(r) => {
+                    let at = target.len();
+                    self.put_ref(&mut target, r, item, Ctx::Url)?;
+                    // An empty value would remove a segment or part of one: `/orders/${id}`
+                    // would become `/orders/`, typically the collection. Like a dot-segment, it
+                    // leads to another resource (RFC 3986 §3.3), so the call fails instead.
+                    if target.len() == at {
+                        return Err(
+                            "a value in its path is empty (missing, null or \"\"), which would lead to another resource"
+                                .into(),
+                        );
+                    }
+                }
             }
         }
         // '.' is unreserved (RFC 3986 §2.3): a value of "." or ".." stays one when encoded, and
@@ -463,6 +491,11 @@ impl<'a> Env<'a> {
         let mut headers = Vec::with_capacity(256);
         if !call.headers.iter().any(|(n, _)| n == "accept") {
             headers.extend_from_slice(b"accept: application/json\r\n");
+        }
+        // Without Accept-Encoding any content coding is acceptable (RFC 9110 §12.5.3), and
+        // answers are read as JSON text: ask for none.
+        if !call.headers.iter().any(|(n, _)| n == "accept-encoding") {
+            headers.extend_from_slice(b"accept-encoding: identity\r\n");
         }
         for (name, t) in &call.headers {
             headers.extend_from_slice(name.as_bytes());
@@ -725,8 +758,7 @@ impl<'a> Env<'a> {
                         .map_or("the request could not be sent", |g| g.message())
                         .into(),
                     timeout: g.is_some_and(|g| g.status() == 504),
-                    status: None,
-                    inherited: false,
+                    ..Fail::new("")
                 })
             }
             Ok(ch) => {
@@ -742,6 +774,33 @@ impl<'a> Env<'a> {
                 } else {
                     0
                 };
+                let mut coding = String::new();
+                let mut status_fields = Vec::new();
+                for h in &resp.headers {
+                    let name = resp.bytes(h.name);
+                    if let Some(n) = FIELDS_WITH_STATUS
+                        .iter()
+                        .find(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                    {
+                        // The parser let no CR, LF or NUL into a value (RFC 9110 §5.5).
+                        status_fields.extend_from_slice(n.as_bytes());
+                        status_fields.extend_from_slice(b": ");
+                        status_fields.extend_from_slice(resp.bytes(h.value));
+                        status_fields.extend_from_slice(b"\r\n");
+                    }
+                    if !resp.bytes(h.name).eq_ignore_ascii_case(b"content-encoding") {
+                        continue;
+                    }
+                    let v = String::from_utf8_lossy(resp.bytes(h.value)).to_ascii_lowercase();
+                    for c in v.split(',').map(str::trim) {
+                        if !c.is_empty() && c != "identity" {
+                            if !coding.is_empty() {
+                                coding.push_str(", ");
+                            }
+                            coding.push_str(c);
+                        }
+                    }
+                }
                 for h in resp.headers.iter().take(keep) {
                     headers.push((
                         String::from_utf8_lossy(resp.bytes(h.name)).to_ascii_lowercase(),
@@ -794,6 +853,8 @@ impl<'a> Env<'a> {
                             status,
                             headers,
                             body,
+                            coding: (!coding.is_empty()).then_some(coding),
+                            status_fields,
                         })
                     }
                     Err((f, endpoint_fault)) => {
@@ -999,10 +1060,10 @@ impl<'a> Env<'a> {
     /// The answer when required call `i` failed: 504 for a timeout, its own status when it
     /// answered and the route passes statuses on, else 502.
     fn call_error(&self, i: usize, f: Fail, ids: &Ids<'_>) -> Composed {
-        let status = match f.status {
-            _ if f.timeout => 504,
-            Some(s) if self.plan.pass_status && (400..=599).contains(&s) => s,
-            _ => 502,
+        let (status, passed) = match f.status {
+            _ if f.timeout => (504, false),
+            Some(s) if self.plan.pass_status && (400..=599).contains(&s) => (s, true),
+            _ => (502, false),
         };
         let id = &self.plan.calls[i].id;
         let body = serde_json::json!({
@@ -1013,7 +1074,8 @@ impl<'a> Env<'a> {
             "request_id": String::from_utf8_lossy(ids.request),
             "trace_id": ids.trace,
         });
-        json_answer(status, &body, Vec::new())
+        let headers = if passed { f.status_fields } else { Vec::new() };
+        json_answer(status, &body, headers)
     }
 }
 
@@ -1057,12 +1119,17 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
     if !(200..300).contains(&f.status) {
         return Err(Fail {
             status: Some(f.status),
+            status_fields: f.status_fields.clone(),
             ..Fail::new(format!("the upstream answered {}", f.status))
         });
     }
     let not_json = |e: serde_json::Error| Fail::new(format!("its answer is not JSON ({e})"));
     let body = if &*call.method == "HEAD" || f.status == 204 {
         Value::Null
+    } else if let Some(c) = &f.coding {
+        // Calls send `accept-encoding: identity`; an upstream that encodes all the same
+        // (RFC 9110 §12.5.3) sends bytes that are not JSON text until decoded.
+        return Err(Fail::new(format!("content-coding {c} not supported")));
     } else if call.tree {
         serde_json::from_slice::<Value>(&f.body).map_err(not_json)?
     } else {
@@ -1071,6 +1138,13 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
         std::str::from_utf8(&f.body)
             .map_err(|e| Fail::new(format!("its answer is not JSON (not UTF-8: {e})")))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(&f.body).map_err(not_json)?;
+        // `IgnoredAny` has no depth limit: without this, a document a recursive parser in
+        // the client cannot take would pass unshaped where a shaped one fails.
+        if nested_deeper(&f.body, MAX_JSON_DEPTH) {
+            return Err(Fail::new(format!(
+                "its answer is not JSON (nested more than {MAX_JSON_DEPTH} levels)"
+            )));
+        }
         Value::Null
     };
     Ok(CallOut {
@@ -1078,6 +1152,35 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
         fetched: Some(f.clone()),
         body,
     })
+}
+
+/// Whether valid JSON text `b` nests arrays and objects deeper than `max`: one pass, the
+/// brackets inside strings skipped.
+fn nested_deeper(b: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for &c in b {
+        if in_str {
+            match c {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Reads a response body in full, at most `cap` bytes (decoded), by `deadline`. An error says
@@ -1185,5 +1288,27 @@ async fn read_body(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_depth_scan_agrees_with_serde_json_and_skips_strings() {
+        for (depth, open, close) in [(127, "[", "]"), (128, "[", "]"), (128, "{\"a\":", "}")] {
+            let doc = format!("{}1{}", open.repeat(depth), close.repeat(depth));
+            let parsed = serde_json::from_str::<Value>(&doc).is_ok();
+            assert_eq!(
+                !nested_deeper(doc.as_bytes(), MAX_JSON_DEPTH),
+                parsed,
+                "{depth}{open}"
+            );
+        }
+        let quoted = format!(r#"["{}\"{}"]"#, "[".repeat(500), "{".repeat(500));
+        assert!(!nested_deeper(quoted.as_bytes(), MAX_JSON_DEPTH));
+        assert!(nested_deeper(b"[[[1]]]", 2));
+        assert!(!nested_deeper(b"[[1],[2]]", 2));
     }
 }

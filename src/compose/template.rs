@@ -18,11 +18,12 @@
 //! ```
 //!
 //! `$$` writes one `$`. A value is written as text in a path, query or header (strings without
-//! quotes, numbers and booleans as JSON writes them, null as nothing; an object or array is a
-//! per-call error there) and as JSON in a body. Text in a path or query is percent-encoded
-//! (RFC 3986 §2.1: all but the unreserved characters of §2.3), so no value can add a path
-//! segment, a parameter or a fragment; a value that would make a `.` or `..` segment fails
-//! the call (see `exec.rs`).
+//! quotes, numbers and booleans as JSON writes them; null, an object or an array is a per-call
+//! error there) and as JSON in a body. Text in a path or query is percent-encoded (RFC 3986
+//! §2.1: all but the unreserved characters of §2.3), so no value can add a path segment, a
+//! parameter or a fragment; a value that would make a `.` or `..` segment fails the call
+//! (see `exec.rs`). Nor can a value take one away: an empty JSON string fails in a path or
+//! query, and so does a reference in a path that writes nothing (a missing value, `exec.rs`).
 
 use std::collections::HashMap;
 
@@ -299,6 +300,17 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
         (Val::Json(j), Ctx::Json) => {
             let _ = serde_json::to_writer(&mut *out, &*j);
         }
+        // A null has no text: written as "" it would empty a parameter or a segment
+        // (an empty filter, a collection URL), written as "null" it would be a value the
+        // answer did not hold. The call fails, as for a missing pointer.
+        (Val::Json(j), _) if j.is_null() => {
+            return Err("a value is null, which cannot go in a path, query or header".into())
+        }
+        // An empty string from an answer, a claim or an item would empty a segment or a
+        // parameter just the same (`?user_id=` is no filter to many APIs).
+        (Val::Json(j), Ctx::Url | Ctx::Raw) if j.as_str() == Some("") => {
+            return Err("a value is an empty string, which cannot go in a path or query".into())
+        }
         (Val::Json(j), ctx) => {
             let text =
                 scalar_text(&j).ok_or("an object or array cannot go in a path, query or header")?;
@@ -461,6 +473,25 @@ mod tests {
             Ctx::Url
         )
         .is_err());
+        // A null has no text anywhere but a body; an empty string empties nothing in a URL.
+        let null = serde_json::json!(null);
+        let empty = serde_json::json!("");
+        for ctx in [Ctx::Url, Ctx::Raw, Ctx::Header] {
+            let e = put_value(&mut out, Val::Json(std::borrow::Cow::Borrowed(&null)), ctx);
+            assert!(e.unwrap_err().contains("null"), "{ctx:?}");
+        }
+        for ctx in [Ctx::Url, Ctx::Raw] {
+            let e = put_value(&mut out, Val::Json(std::borrow::Cow::Borrowed(&empty)), ctx);
+            assert!(e.unwrap_err().contains("empty"), "{ctx:?}");
+        }
+        out.clear();
+        put_value(
+            &mut out,
+            Val::Json(std::borrow::Cow::Borrowed(&null)),
+            Ctx::Json,
+        )
+        .unwrap();
+        assert_eq!(out, b"null");
         assert_eq!(query_param(b"a=1&b=x%20y&b=2", "b").unwrap(), b"x y");
         assert_eq!(query_param(b"a", "a").unwrap(), b"");
         assert!(query_param(b"a=1", "c").is_none());
