@@ -108,6 +108,9 @@ pub struct Command {
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
 /// Largest reply read (the cache's largest entry, 1 GiB, and room for its framing).
 const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
+/// Largest reply read on the rate-limit link, whose answers are a script's two integers, a
+/// script's SHA or an error line: a hostile server cannot make it hold more.
+const MAX_LIMITS_REPLY_BYTES: usize = 64 * 1024;
 /// Deepest nesting of arrays in a reply. ringway's replies nest one deep (a script's pair, a
 /// pub/sub message); the decoder recurses once per level, so a hostile server could otherwise
 /// overflow the thread's stack with `*1\r\n` repeated.
@@ -126,6 +129,8 @@ pub struct RedisLink {
     commands_queue: Mutex<Vec<Command>>,
     /// What the link serves, for its log lines: "limits" or "cache".
     role: &'static str,
+    /// Largest reply its connection reads.
+    max_reply: usize,
     thread: OnceLock<Thread>,
     down: AtomicBool,
     /// Commands sent (script calls), for the admin figures and the tests.
@@ -148,6 +153,11 @@ impl RedisLink {
             queue: Mutex::new(Vec::new()),
             commands_queue: Mutex::new(Vec::new()),
             role,
+            max_reply: if role == "limits" {
+                MAX_LIMITS_REPLY_BYTES
+            } else {
+                MAX_REPLY_BYTES
+            },
             thread: OnceLock::new(),
             down: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -245,7 +255,7 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             && Instant::now() >= next_try
             && (link.is_down() || !batch.is_empty() || !cmds.is_empty())
         {
-            match Conn::open(&link.cfg) {
+            match Conn::open(&link.cfg, link.max_reply) {
                 Ok(c) => {
                     conn = Some(c);
                     link.set_up();
@@ -324,6 +334,7 @@ struct Conn {
     sha: String,
     quota_sha: String,
     timeout: Duration,
+    max_reply: usize,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -331,7 +342,7 @@ fn proto_err(msg: impl Into<String>) -> io::Error {
 }
 
 impl Conn {
-    fn open(cfg: &RedisConfig) -> io::Result<Conn> {
+    fn open(cfg: &RedisConfig, max_reply: usize) -> io::Result<Conn> {
         let t = cfg.timeout.0;
         let sock = TcpStream::connect_timeout(&cfg.address.addr, t)?;
         sock.set_nodelay(true)?;
@@ -344,6 +355,7 @@ impl Conn {
             sha: String::new(),
             quota_sha: String::new(),
             timeout: t,
+            max_reply,
         };
         if let Some(p) = &cfg.password {
             match c.call(&[b"AUTH", p.as_bytes()])? {
@@ -382,7 +394,7 @@ impl Conn {
     fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
         loop {
             // A reply larger than anything ringway stores is a hostile or broken server.
-            if self.rbuf.len() > MAX_REPLY_BYTES {
+            if self.rbuf.len() > self.max_reply {
                 return Err(proto_err("reply too large"));
             }
             if let Some(frame) = decode_reply(&mut self.rbuf)? {
@@ -482,7 +494,10 @@ impl Conn {
                     BytesFrame::Array(v) if v.len() == 2 => {
                         let got = frame_int(&v[0]).ok_or_else(|| proto_err("bad answer"))?;
                         let left = frame_int(&v[1]).ok_or_else(|| proto_err("bad answer"))?;
-                        out[i] = Some((got.clamp(0, u32::MAX as i64) as u32, left));
+                        // Never more than was asked: a broken or hostile server cannot
+                        // hand a host an unbounded stock.
+                        let asked = i64::from(batch[i].want);
+                        out[i] = Some((got.clamp(0, asked) as u32, left));
                     }
                     BytesFrame::Error(e) if e.starts_with("NOSCRIPT") => reload = true,
                     other => return Err(proto_err(format!("script: {}", describe(&other)))),

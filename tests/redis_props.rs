@@ -365,10 +365,19 @@ fn endless_lines_are_refused() {
 /// A fake Redis on loopback: it answers the link's handshake (`SCRIPT LOAD`), every `GET`
 /// with `reply`, anything else with `+OK`, and counts the `GET`s.
 fn fake_redis(reply: Vec<u8>) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
+    fake_redis_with(reply, |_| b"+OK\r\n".to_vec())
+}
+
+/// [`fake_redis`] that answers the `n`th `EVALSHA` (from 0) with `evalsha(n)`.
+fn fake_redis_with(
+    reply: Vec<u8>,
+    evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let gets = Arc::new(AtomicUsize::new(0));
     let g = gets.clone();
+    let e = Arc::new(AtomicUsize::new(0));
     let t = ServerThreads::serve(l, move |mut s, stop| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let mut buf = BytesMut::new();
@@ -385,6 +394,9 @@ fn fake_redis(reply: Vec<u8>) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
                             g.fetch_add(1, Ordering::SeqCst);
                             reply.clone()
                         }
+                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"EVALSHA") => {
+                            evalsha(e.fetch_add(1, Ordering::SeqCst))
+                        }
                         _ => b"+OK\r\n".to_vec(),
                     };
                     if s.write_all(&answer).is_err() {
@@ -400,6 +412,36 @@ fn fake_redis(reply: Vec<u8>) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (t, addr, gets)
+}
+
+/// A rate-limit grant is never more than the host asked for: a server that answers one
+/// demand with 99 999 999 999 tokens (then runs dry) gives this host the batch it asked for
+/// (one token here), not an unbounded stock; before, the host kept 2^32 - 1 tokens and
+/// admitted every request after.
+#[test]
+fn a_rate_limit_grant_from_redis_is_never_more_than_asked() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let (mut fake, addr, _) = fake_redis_with(Vec::new(), |n| {
+        if n == 0 {
+            b"*2\r\n:99999999999\r\n:0\r\n".to_vec()
+        } else {
+            b"*2\r\n:0\r\n:0\r\n".to_vec()
+        }
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[server]\nworkers = 1\n[rate_limiting]\nbackend = \"redis\"\n\
+             [rate_limiting.redis]\naddress = \"{addr}\"\ntimeout = \"500ms\"\non_failure = \"deny\"\n\n\
+             [[routes]]\nupstream = \"up\"\nrate_limits = [{{ key = \"route\", rate = 1, per = \"1m\" }}]\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    assert_eq!(get(gw.addr, "/").status, 200);
+    let statuses: Vec<u16> = (0..5).map(|_| get(gw.addr, "/").status).collect();
+    assert!(statuses.iter().all(|s| *s == 429), "{statuses:?}");
+    drop(gw);
+    fake.stop();
 }
 
 /// Replies that a Redis link must refuse without dying: `*1\r\n` 100 000 times overflowed
