@@ -376,26 +376,160 @@ pub async fn accept(
     ))
 }
 
-/// The subject of a certificate as RFC 4514-style text ("CN=client, O=Example"), with bytes
-/// outside printable ASCII percent-encoded so that it is always a valid header value.
+/// The subject of a certificate as an RFC 4514 string, made a valid header value: the RDNs
+/// last first (§2.1), the attributes of a multi-valued RDN joined with `+` (§2.2), known
+/// attribute types by their short names and others by their dotted OID with the value as `#`
+/// and the hex of its DER encoding (§2.3, §2.4), values escaped per §2.4 (`,` `+` `"` `\`
+/// `<` `>` `;`, a leading `#`; a leading or trailing space as `\20`, NUL as `\00`). The RFC 4514 string
+/// is UTF-8; each of its bytes outside printable ASCII, and `%`, is then percent-encoded.
 pub fn cert_subject(der: &CertificateDer<'_>) -> Box<[u8]> {
-    let text = match x509_parser::parse_x509_certificate(der) {
-        Ok((_, x)) => x.subject().to_string(),
-        Err(_) => String::new(),
-    };
-    let mut out = Vec::with_capacity(text.len());
-    for b in text.bytes() {
-        if out.len() >= MAX_SUBJECT {
-            break;
+    let mut out = Vec::new();
+    if let Ok((_, x)) = x509_parser::parse_x509_certificate(der) {
+        write_rfc4514(x.subject(), &mut out);
+    }
+    out.truncate(MAX_SUBJECT);
+    out.into_boxed_slice()
+}
+
+/// Writes `name` as [`cert_subject`] describes.
+fn write_rfc4514(name: &x509_parser::x509::X509Name<'_>, out: &mut Vec<u8>) {
+    out.reserve(name.as_raw().len());
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(b);
-        } else {
-            let hex = b"0123456789ABCDEF";
-            out.extend_from_slice(&[b'%', hex[(b >> 4) as usize], hex[(b & 15) as usize]]);
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push(b'+');
+            }
+            write_attribute(atv, out);
         }
     }
-    out.into_boxed_slice()
+}
+
+/// Short names of RFC 4514 §3, by the content bytes of their OIDs.
+const SHORT_NAMES: &[(&[u8], &str)] = &[
+    (&[0x55, 0x04, 0x03], "CN"),
+    (&[0x55, 0x04, 0x07], "L"),
+    (&[0x55, 0x04, 0x08], "ST"),
+    (&[0x55, 0x04, 0x0a], "O"),
+    (&[0x55, 0x04, 0x0b], "OU"),
+    (&[0x55, 0x04, 0x06], "C"),
+    (&[0x55, 0x04, 0x09], "STREET"),
+    (
+        &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19],
+        "DC",
+    ),
+    (
+        &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x01],
+        "UID",
+    ),
+];
+
+/// One `type=value` of an RDN.
+fn write_attribute(atv: &x509_parser::x509::AttributeTypeAndValue<'_>, out: &mut Vec<u8>) {
+    let oid = atv.attr_type();
+    let short = SHORT_NAMES
+        .iter()
+        .find(|(b, _)| *b == oid.as_bytes())
+        .map(|(_, n)| *n);
+    let value = atv.attr_value();
+    match short {
+        Some(n) => out.extend_from_slice(n.as_bytes()),
+        None => {
+            // §2.3: the dotted-decimal form; §2.4: its value as `#` and hex.
+            out.extend_from_slice(oid.to_id_string().as_bytes());
+            out.push(b'=');
+            write_hex_der(value, out);
+            return;
+        }
+    }
+    out.push(b'=');
+    // Undecodable: the whole value as `#` and hex (§2.4).
+    let Some(text) = decode_string(value) else {
+        write_hex_der(value, out);
+        return;
+    };
+    let n = text.chars().count();
+    for (i, c) in text.chars().enumerate() {
+        if c == '\0' {
+            out.extend_from_slice(b"\\00");
+            continue;
+        }
+        // A space at either end as a hex pair (§2.4 allows either form): a header value's
+        // own leading and trailing whitespace is not part of it (RFC 9110 §5.5), so `\ `
+        // at the end would lose its space on the way.
+        if c == ' ' && (i == 0 || i + 1 == n) {
+            out.extend_from_slice(b"\\20");
+            continue;
+        }
+        let escape = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';') || (i == 0 && c == '#');
+        if escape {
+            out.push(b'\\');
+        }
+        let mut utf8 = [0u8; 4];
+        for b in c.encode_utf8(&mut utf8).bytes() {
+            put_header_byte(b, out);
+        }
+    }
+}
+
+/// The text of a string value; `None` when it is not a string type decoded here or is not
+/// valid in its type's encoding.
+fn decode_string<'a>(v: &x509_parser::asn1_rs::Any<'a>) -> Option<std::borrow::Cow<'a, str>> {
+    use x509_parser::asn1_rs::Tag;
+    if !v.header.is_universal() || v.header.is_constructed() {
+        return None;
+    }
+    match v.tag() {
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::NumericString
+        | Tag::VisibleString => std::str::from_utf8(v.data).ok().map(Into::into),
+        _ => None,
+    }
+}
+
+/// `#` and the hex of the value's DER encoding (RFC 4514 §2.4).
+fn write_hex_der(v: &x509_parser::asn1_rs::Any<'_>, out: &mut Vec<u8>) {
+    out.push(b'#');
+    let hex = |b: u8, out: &mut Vec<u8>| {
+        let d = b"0123456789ABCDEF";
+        out.extend_from_slice(&[d[(b >> 4) as usize], d[(b & 15) as usize]]);
+    };
+    // Identifier octets: as read when kept, else the one-octet form.
+    match v.header.raw_tag() {
+        Some(t) => t.iter().for_each(|b| hex(*b, out)),
+        None => {
+            let class = (v.header.class() as u8) << 6;
+            let cons = if v.header.is_constructed() { 0x20 } else { 0 };
+            hex(class | cons | (v.tag().0 as u8 & 0x1f), out);
+        }
+    }
+    // Length octets, definite form.
+    let len = v.data.len();
+    if len < 0x80 {
+        hex(len as u8, out);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        hex(0x80 | (bytes.len() - skip) as u8, out);
+        bytes[skip..].iter().for_each(|b| hex(*b, out));
+    }
+    v.data.iter().for_each(|b| hex(*b, out));
+}
+
+/// A byte of the RFC 4514 string as it goes in the header: printable ASCII other than `%` as
+/// it is, every other byte percent-encoded.
+fn put_header_byte(b: u8, out: &mut Vec<u8>) {
+    if (0x20..0x7f).contains(&b) && b != b'%' {
+        out.push(b);
+    } else {
+        let hex = b"0123456789ABCDEF";
+        out.extend_from_slice(&[b'%', hex[(b >> 4) as usize], hex[(b & 15) as usize]]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -766,6 +900,69 @@ pub async fn close_notify<S: AsyncWriteRent>(s: &mut S, limit: std::time::Durati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A DER element: tag, short length, content.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        assert!(content.len() < 0x80);
+        [&[tag, content.len() as u8][..], content].concat()
+    }
+
+    fn atv(oid: &[u8], tag: u8, value: &[u8]) -> Vec<u8> {
+        tlv(0x30, &[tlv(0x06, oid), tlv(tag, value)].concat())
+    }
+
+    fn rfc4514(name_der: &[u8]) -> String {
+        use x509_parser::prelude::FromDer;
+        let (_, name) = x509_parser::x509::X509Name::from_der(name_der).expect("name");
+        let mut out = Vec::new();
+        write_rfc4514(&name, &mut out);
+        String::from_utf8(out).expect("header-safe ASCII")
+    }
+
+    /// RFC 4514 §2.1 (last RDN first), §2.2 (`+` within a multi-valued RDN), §2.3 and §2.4
+    /// (an unknown type as its dotted OID, its value as `#` and the hex of its DER).
+    #[test]
+    fn rfc4514_order_multi_valued_rdns_and_unknown_types() {
+        let o = atv(&[0x55, 4, 10], 0x0c, b"Example");
+        let cn = atv(&[0x55, 4, 3], 0x0c, b"alice");
+        let ou = atv(&[0x55, 4, 11], 0x13, b"admins");
+        let email = atv(
+            &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01],
+            0x16,
+            b"a@b",
+        );
+        let dc = atv(
+            &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19],
+            0x16,
+            b"example",
+        );
+        let name = tlv(
+            0x30,
+            &[
+                tlv(0x31, &dc),
+                tlv(0x31, &o),
+                tlv(0x31, &[cn, ou].concat()),
+                tlv(0x31, &email),
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            rfc4514(&name),
+            "1.2.840.113549.1.9.1=#1603614062,CN=alice+OU=admins,O=Example,DC=example"
+        );
+        // A value of a known type that is not a string (here an INTEGER): `#` and hex.
+        let odd = tlv(0x30, &tlv(0x31, &atv(&[0x55, 4, 3], 0x02, &[1, 2])));
+        assert_eq!(rfc4514(&odd), "CN=#02020102");
+        // NUL and a non-ASCII character: `\00`, then the percent-encoding of the header.
+        let nul = tlv(
+            0x30,
+            &tlv(0x31, &atv(&[0x55, 4, 3], 0x0c, "a\0é%".as_bytes())),
+        );
+        assert_eq!(rfc4514(&nul), "CN=a\\00%C3%A9%25");
+        // Nothing but a space: escaped once.
+        let sp = tlv(0x30, &tlv(0x31, &atv(&[0x55, 4, 3], 0x0c, b" ")));
+        assert_eq!(rfc4514(&sp), "CN=\\20");
+    }
 
     #[test]
     fn endpoint_names_come_from_sni_or_the_address_host() {

@@ -591,6 +591,43 @@ fn mtls_subject_reaches_upstream_and_spoofed_copies_are_dropped() {
     }
 }
 
+/// The subject header is an RFC 4514 string (§2.1: the last RDN first; §2.4: `,` `+` `"` `\`
+/// `<` `>` `;`, a leading `#`, spaces at the ends escaped), so a CN holding `, O=Admin`
+/// cannot read as an O of its own (review r4 D3).
+#[test]
+fn rfc4514_subject_header_is_escaped_and_last_rdn_first() {
+    let mut forged = rcgen::DistinguishedName::new();
+    forged.push(rcgen::DnType::OrganizationName, "Example");
+    forged.push(rcgen::DnType::CommonName, "mallory, O=Admin");
+    client_cert_with("client-forged", forged, None);
+    let mut odd = rcgen::DistinguishedName::new();
+    odd.push(rcgen::DnType::CountryName, "NZ");
+    odd.push(rcgen::DnType::OrganizationalUnitName, "#ops ");
+    odd.push(rcgen::DnType::CommonName, r#"a+b\c"d;e<f>g=h%i"#);
+    client_cert_with("client-odd", odd, None);
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), ALL), d);
+        for (stem, want) in [
+            ("client-forged", r"CN=mallory\, O=Admin,O=Example"),
+            (
+                "client-odd",
+                r#"CN=a\+b\\c\"d\;e\<f\>g=h%25i,OU=\#ops\20,C=NZ"#,
+            ),
+            ("client", "O=Ringway Tests,CN=client one"),
+        ] {
+            let cfg = client_config(ClientOpts {
+                cert: Some(stem),
+                ..ClientOpts::default()
+            });
+            let mut c = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+            let r = c.get("a.test", "/").unwrap();
+            assert_eq!(r.status, 200, "{d:?} {stem}");
+            assert_eq!(seen(&r, "x-client-cert-subject"), [want], "{d:?} {stem}");
+        }
+    }
+}
+
 #[test]
 fn optional_mtls_with_a_route_that_requires_a_certificate() {
     for d in DRIVERS {
