@@ -628,6 +628,75 @@ fn rfc4514_subject_header_is_escaped_and_last_rdn_first() {
     }
 }
 
+/// A cache route behind client certificates (review r4 D2). RFC 9111 §4.1: Vary on the
+/// subject header selects by the subject sent upstream (the client's own copy is removed);
+/// and, as on routes with an auth policy, a response that is not `public` is stored per
+/// certificate subject, so one certificate's answer never reaches another.
+#[test]
+fn rfc9111_4_1_cache_keys_and_vary_follow_the_client_certificate_subject() {
+    let mut two = rcgen::DistinguishedName::new();
+    two.push(rcgen::DnType::CommonName, "client two");
+    client_cert_with("client-two", two, None);
+    for d in DRIVERS {
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        let up = Upstream::start(move |req| {
+            let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+            let who = req.header("x-client-cert-subject").unwrap_or("-");
+            let body = format!("{i} for {who}");
+            let extra = match req.target.as_str() {
+                "/vary" => "cache-control: public, max-age=60\r\nvary: x-client-cert-subject\r\n",
+                "/public" => "cache-control: public, max-age=60\r\n",
+                _ => "cache-control: max-age=60\r\n",
+            };
+            Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\n{extra}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        });
+        let routes = "[[routes]]\nupstream = \"up\"\nrequire_client_cert = true\ncache = { enabled = true }\n";
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), routes), d);
+        let conn = |stem: &'static str| {
+            let cfg = client_config(ClientOpts {
+                cert: Some(stem),
+                ..ClientOpts::default()
+            });
+            TlsClient::connect(gw.addr, "a.test", cfg).unwrap()
+        };
+        let (mut one, mut two) = (conn("client"), conn("client-two"));
+        let get = |c: &mut TlsClient, path: &str, extra: &str| {
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n{extra}\r\n").as_bytes())
+                .unwrap();
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?} {path}");
+            r.text()
+        };
+        let (s1, s2) = ("O=Ringway Tests,CN=client one", "CN=client two");
+        for path in ["/vary", "/plain"] {
+            let first = get(&mut one, path, "");
+            assert!(
+                first.ends_with(&format!("for {s1}")),
+                "{d:?} {path}: {first}"
+            );
+            // The other certificate, with and without a spoofed copy of the first's subject.
+            let other = get(&mut two, path, &format!("x-client-cert-subject: {s1}\r\n"));
+            assert!(
+                other.ends_with(&format!("for {s2}")),
+                "{d:?} {path}: {other}"
+            );
+            assert_eq!(get(&mut two, path, ""), other, "{d:?} {path}");
+            assert_eq!(get(&mut one, path, ""), first, "{d:?} {path}");
+        }
+        // Public, no Vary: one entry for everyone.
+        let shared = get(&mut one, "/public", "");
+        assert_eq!(get(&mut two, "/public", ""), shared, "{d:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 5, "{d:?}");
+    }
+}
+
 #[test]
 fn optional_mtls_with_a_route_that_requires_a_certificate() {
     for d in DRIVERS {
