@@ -3761,6 +3761,9 @@ fn revalidate_later<S: ClientIo>(
     });
 }
 
+/// A header's name and value, owned.
+type HeaderLine = (Box<[u8]>, Box<[u8]>);
+
 /// A background revalidation: everything it needs, owned.
 struct Revalidation {
     cache: Rc<WorkerCache>,
@@ -3774,7 +3777,7 @@ struct Revalidation {
     identity: Bytes,
     /// The mTLS subject header's name and value the request sent upstream: the revalidation
     /// sends them too, and its Vary values are taken with them.
-    client_cert: Option<(Box<[u8]>, Box<[u8]>)>,
+    client_cert: Option<HeaderLine>,
     /// A response that is not public may be stored under `key` (the key is the caller's own,
     /// or the route keeps no entries per caller): otherwise only a public one replaces the
     /// stale copy, as a request's own fetch would store it.
