@@ -50,8 +50,10 @@ pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// Read size while handshaking. Small enough that application data sent right behind the
 /// client's Finished always fits rustls's plaintext buffer.
 const HANDSHAKE_READ: usize = 4096;
-/// Longest subject passed upstream; longer ones are cut.
-const MAX_SUBJECT: usize = 1024;
+/// Longest subject passed upstream (its header value, escaped and percent-encoded). A
+/// certificate whose subject is longer is refused at the handshake: a cut value could be
+/// another certificate's.
+pub const MAX_SUBJECT: usize = 4096;
 
 /// A TLS setting that cannot be used: the key path (`listeners[0].tls.certificates[1].key`)
 /// and why.
@@ -266,10 +268,10 @@ pub fn server_config(t: &ListenerTlsConfig, at: &str) -> Result<Arc<ServerConfig
                 ClientAuthMode::Required => v,
                 ClientAuthMode::Optional => v.allow_unauthenticated(),
             };
-            builder.with_client_cert_verifier(
+            builder.with_client_cert_verifier(Arc::new(SubjectBound(
                 v.build()
                     .map_err(|e| conf_err(key, format!("{:?}: {e}", ca.ca)))?,
-            )
+            )))
         }
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
@@ -319,6 +321,63 @@ async fn flush_tls(conn: &mut ServerConnection, io: &mut TcpStream) -> Result<()
     Ok(())
 }
 
+/// The WebPKI client verifier, and then a bound on the subject: a certificate whose subject
+/// header value ([`cert_subject`]) would be over [`MAX_SUBJECT`] is refused (alert
+/// `access_denied`), rather than its subject cut.
+#[derive(Debug)]
+struct SubjectBound(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl rustls::server::danger::ClientCertVerifier for SubjectBound {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        match cert_subject(end_entity) {
+            Some(_) => Ok(ok),
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
 /// Runs the server handshake on `io`. Returns the stream and the subject of the client's
 /// verified certificate, if it sent one. The caller bounds it with a timeout.
 pub async fn accept(
@@ -356,10 +415,15 @@ pub async fn accept(
             }
         }
     }
-    let subject = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| cert_subject(c));
+    // (Over the bound only in a resumed session made under another config: refused too.)
+    let subject = match conn.peer_certificates().and_then(|c| c.first()) {
+        Some(c) => Some(cert_subject(c).ok_or(HandshakeError::Tls(
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ),
+        ))?),
+        None => None,
+    };
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => Some("1.3"),
         Some(rustls::ProtocolVersion::TLSv1_2) => Some("1.2"),
@@ -382,13 +446,15 @@ pub async fn accept(
 /// and the hex of its DER encoding (§2.3, §2.4), values escaped per §2.4 (`,` `+` `"` `\`
 /// `<` `>` `;`, a leading `#`; a leading or trailing space as `\20`, NUL as `\00`). The RFC 4514 string
 /// is UTF-8; each of its bytes outside printable ASCII, and `%`, is then percent-encoded.
-pub fn cert_subject(der: &CertificateDer<'_>) -> Box<[u8]> {
+/// Strings of every type are decoded (TeletexString as Latin-1, BMPString as UTF-16BE,
+/// UniversalString as UTF-32BE); a value that does not decode is `#` and hex. `None` when the
+/// result is over [`MAX_SUBJECT`] bytes: never cut, since a prefix may be another's subject.
+pub fn cert_subject(der: &CertificateDer<'_>) -> Option<Box<[u8]>> {
     let mut out = Vec::new();
     if let Ok((_, x)) = x509_parser::parse_x509_certificate(der) {
         write_rfc4514(x.subject(), &mut out);
     }
-    out.truncate(MAX_SUBJECT);
-    out.into_boxed_slice()
+    (out.len() <= MAX_SUBJECT).then(|| out.into_boxed_slice())
 }
 
 /// Writes `name` as [`cert_subject`] describes.
@@ -488,6 +554,24 @@ fn decode_string<'a>(v: &x509_parser::asn1_rs::Any<'a>) -> Option<std::borrow::C
         | Tag::Ia5String
         | Tag::NumericString
         | Tag::VisibleString => std::str::from_utf8(v.data).ok().map(Into::into),
+        // T.61 as Latin-1, as issuers that use it mean it (and as OpenSSL reads it).
+        Tag::TeletexString => Some(v.data.iter().map(|b| char::from(*b)).collect()),
+        Tag::BmpString if v.data.len().is_multiple_of(2) => {
+            let units = v
+                .data
+                .chunks_exact(2)
+                .map(|u| u16::from_be_bytes([u[0], u[1]]));
+            char::decode_utf16(units)
+                .collect::<Result<String, _>>()
+                .ok()
+                .map(Into::into)
+        }
+        Tag::UniversalString if v.data.len().is_multiple_of(4) => v
+            .data
+            .chunks_exact(4)
+            .map(|u| char::from_u32(u32::from_be_bytes([u[0], u[1], u[2], u[3]])))
+            .collect::<Option<String>>()
+            .map(Into::into),
         _ => None,
     }
 }

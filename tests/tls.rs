@@ -628,6 +628,89 @@ fn rfc4514_subject_header_is_escaped_and_last_rdn_first() {
     }
 }
 
+/// Every verified certificate gets a subject header of its own (review r4 D4): strings of
+/// every type are decoded (a Latin-1 TeletexString, a BMPString, a UniversalString; RFC 4514
+/// §2.4 wants UTF-8 text), one that does not decode is `#` and the hex of its DER (§2.4),
+/// and a long subject is sent whole, never cut to a prefix another certificate shares; one
+/// over the bound is refused at the handshake.
+#[test]
+fn rfc4514_subject_header_decodes_every_string_type_and_is_never_cut() {
+    use rcgen::string::{BmpString, TeletexString, UniversalString};
+    use rcgen::{DistinguishedName, DnType, DnValue};
+    let one = |v: DnValue| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Example");
+        dn.push(DnType::CommonName, v);
+        dn
+    };
+    // rcgen writes T.61 as ASCII only: the X becomes 0xE9 (Latin-1 é), signed again.
+    for (stem, who) in [("t61-alice", "alice"), ("t61-bob", "bob")] {
+        let text = format!("cafX {who}");
+        let dn = one(DnValue::TeletexString(
+            TeletexString::try_from(text.as_str()).unwrap(),
+        ));
+        let from = [&[0x14, text.len() as u8][..], text.as_bytes()].concat();
+        let to: Vec<u8> = from
+            .iter()
+            .map(|b| if *b == b'X' { 0xe9 } else { *b })
+            .collect();
+        client_cert_with(stem, dn, Some((&from, &to)));
+    }
+    let bmp = DnValue::BmpString(BmpString::try_from("жук").unwrap());
+    client_cert_with("bmp", one(bmp), None);
+    let univ = DnValue::UniversalString(UniversalString::try_from("𝄞 x").unwrap());
+    client_cert_with("universal", one(univ), None);
+    // A BMPString holding a lone high surrogate: not text.
+    let bad = DnValue::BmpString(BmpString::try_from("ab").unwrap());
+    client_cert_with(
+        "bmp-bad",
+        one(bad),
+        Some((&[0x1e, 4, 0, b'a', 0, b'b'], &[0x1e, 4, 0xd8, 0, 0, b'b'])),
+    );
+    let long = |stem: &'static str, cn: &str, n: usize| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "o".repeat(n));
+        dn.push(DnType::OrganizationalUnitName, "u".repeat(n));
+        dn.push(DnType::CommonName, cn);
+        client_cert_with(stem, dn, None);
+    };
+    long("long-alice", "alice", 600);
+    long("long-admin", "admin", 600);
+    long("too-long", "alice", 2100);
+    let (o, u) = ("o".repeat(600), "u".repeat(600));
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), ALL), d);
+        for (stem, want) in [
+            ("t61-alice", "CN=caf%C3%A9 alice,O=Example".to_string()),
+            ("t61-bob", "CN=caf%C3%A9 bob,O=Example".into()),
+            ("bmp", "CN=%D0%B6%D1%83%D0%BA,O=Example".into()),
+            ("universal", "CN=%F0%9D%84%9E x,O=Example".into()),
+            ("bmp-bad", "CN=#1E04D8000062,O=Example".into()),
+            ("long-alice", format!("CN=alice,OU={u},O={o}")),
+            ("long-admin", format!("CN=admin,OU={u},O={o}")),
+        ] {
+            let cfg = client_config(ClientOpts {
+                cert: Some(stem),
+                ..ClientOpts::default()
+            });
+            let mut c = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+            let r = c.get("a.test", "/").unwrap();
+            assert_eq!(r.status, 200, "{d:?} {stem}");
+            assert_eq!(seen(&r, "x-client-cert-subject"), [want], "{d:?} {stem}");
+        }
+        let cfg = client_config(ClientOpts {
+            cert: Some("too-long"),
+            ..ClientOpts::default()
+        });
+        let outcome =
+            TlsClient::connect(gw.addr, "a.test", cfg).and_then(|mut c| c.get("a.test", "/"));
+        let e = format!("{:?}", outcome.expect_err("refused"));
+        assert!(e.contains("AccessDenied"), "{d:?}: {e}");
+        assert_eq!(up.hits(), 7, "{d:?}");
+    }
+}
+
 /// A cache route behind client certificates (review r4 D2). RFC 9111 §4.1: Vary on the
 /// subject header selects by the subject sent upstream (the client's own copy is removed);
 /// and, as on routes with an auth policy, a response that is not `public` is stored per
