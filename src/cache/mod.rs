@@ -2166,6 +2166,34 @@ mod tests {
         h
     }
 
+    /// RFC 9111 §4.1: an identity header's Vary value is the one sent upstream, exactly (a
+    /// subject's escaped `\,` is not a list separator), or absent; the client's copy of it
+    /// never counts; other fields are the client's.
+    #[test]
+    fn vary_values_of_identity_headers_are_those_sent_upstream() {
+        let h = head(
+            "GET / HTTP/1.1\r\nHost: h\r\nX-Consumer: alice\r\nX-Subject: CN=x\r\nAccept: a\r\n\r\n",
+        );
+        let identity: Vec<Box<[u8]>> = vec![b"x-subject"[..].into(), b"x-consumer"[..].into()];
+        let sent = |lines: &'static [u8], cert: Option<&'static [u8]>| Sent {
+            head: &h,
+            identity: &identity,
+            lines,
+            cert: cert.map(|c| (&b"x-subject"[..], c)),
+        };
+        let none = sent(b"", None);
+        assert_eq!(none.vary_value(b"x-consumer"), policy::VARY_ABSENT);
+        assert_eq!(none.vary_value(b"x-subject"), policy::VARY_ABSENT);
+        assert_eq!(none.vary_value(b"accept"), b"a");
+        let bob = sent(b"x-user: 7\r\nx-consumer: bob\r\n", Some(b"CN=a\\, b"));
+        assert_eq!(bob.vary_value(b"x-consumer"), b"bob");
+        assert_eq!(bob.vary_value(b"X-Subject"), b"CN=a\\, b");
+        let other = sent(b"", Some(b"CN=a\\,b"));
+        assert_ne!(other.vary_value(b"x-subject"), bob.vary_value(b"x-subject"));
+        // Plain: no identity headers, the client's fields as they are.
+        assert_eq!(Sent::plain(&h).vary_value(b"x-consumer"), b"alice");
+    }
+
     /// `prefetch` asks for each line the bytes touch once, in order from the first, whatever
     /// their alignment and length (every remainder of the four-at-a-time steps), and for no
     /// more than `MAX_PREFETCH_LINES`.
