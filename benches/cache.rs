@@ -26,7 +26,7 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 use ringway::cache::fields::Fields;
-use ringway::cache::{Object, Timing, WorkerCache};
+use ringway::cache::{Object, Sent, Timing, WorkerCache};
 use ringway::config::Config;
 use ringway::http::request::{parse_request, Limits, RequestHead};
 use ringway::http::response::{parse_response, ResponseHead};
@@ -112,7 +112,7 @@ fn stored_miss(
     write!(key, "{n}").expect("a Vec takes every write");
     let start = Instant::now();
     let k = c.key(key);
-    let (hit, _) = c.lookup(k, req);
+    let (hit, _) = c.lookup(k, &Sent::plain(req));
     let looked = start.elapsed();
     assert!(hit.is_none(), "every key is new");
     black_box(other_work(junk, at));
@@ -189,7 +189,7 @@ fn bench_lookup(c: &mut Criterion) {
     g.bench_function("hit", |b| {
         b.iter(|| {
             let k = cache.key(black_box(b"GET\0x\0/hit"));
-            let (hit, _) = cache.lookup(k, &req);
+            let (hit, _) = cache.lookup(k, &Sent::plain(&req));
             black_box(hit.expect("stored"))
         })
     });

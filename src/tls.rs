@@ -54,8 +54,10 @@ pub const ALPN_HTTP10: &[u8] = b"http/1.0";
 /// Read size while handshaking. Small enough that application data sent right behind the
 /// client's Finished always fits rustls's plaintext buffer.
 const HANDSHAKE_READ: usize = 4096;
-/// Longest subject passed upstream; longer ones are cut.
-const MAX_SUBJECT: usize = 1024;
+/// Longest subject passed upstream (its header value, escaped and percent-encoded). A
+/// certificate whose subject is longer is refused at the handshake: a cut value could be
+/// another certificate's.
+pub const MAX_SUBJECT: usize = 4096;
 
 /// A TLS setting that cannot be used: the key path (`listeners[0].tls.certificates[1].key`)
 /// and why.
@@ -270,10 +272,10 @@ pub fn server_config(t: &ListenerTlsConfig, at: &str) -> Result<Arc<ServerConfig
                 ClientAuthMode::Required => v,
                 ClientAuthMode::Optional => v.allow_unauthenticated(),
             };
-            builder.with_client_cert_verifier(
+            builder.with_client_cert_verifier(Arc::new(SubjectBound(
                 v.build()
                     .map_err(|e| conf_err(key, format!("{:?}: {e}", ca.ca)))?,
-            )
+            )))
         }
     };
     let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
@@ -324,6 +326,63 @@ async fn flush_tls(conn: &mut ServerConnection, io: &mut TcpStream) -> Result<()
     Ok(())
 }
 
+/// The WebPKI client verifier, and then a bound on the subject: a certificate whose subject
+/// header value ([`cert_subject`]) would be over [`MAX_SUBJECT`] is refused (alert
+/// `access_denied`), rather than its subject cut.
+#[derive(Debug)]
+struct SubjectBound(Arc<dyn rustls::server::danger::ClientCertVerifier>);
+
+impl rustls::server::danger::ClientCertVerifier for SubjectBound {
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self.0.verify_client_cert(end_entity, intermediates, now)?;
+        match cert_subject(end_entity) {
+            Some(_) => Ok(ok),
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
 /// Runs the server handshake on `io`. Returns the stream and the subject of the client's
 /// verified certificate, if it sent one. The caller bounds it with a timeout.
 pub async fn accept(
@@ -361,10 +420,15 @@ pub async fn accept(
             }
         }
     }
-    let subject = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| cert_subject(c));
+    // (Over the bound only in a resumed session made under another config: refused too.)
+    let subject = match conn.peer_certificates().and_then(|c| c.first()) {
+        Some(c) => Some(cert_subject(c).ok_or(HandshakeError::Tls(
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ),
+        ))?),
+        None => None,
+    };
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => Some("1.3"),
         Some(rustls::ProtocolVersion::TLSv1_2) => Some("1.2"),
@@ -381,26 +445,180 @@ pub async fn accept(
     ))
 }
 
-/// The subject of a certificate as RFC 4514-style text ("CN=client, O=Example"), with bytes
-/// outside printable ASCII percent-encoded so that it is always a valid header value.
-pub fn cert_subject(der: &CertificateDer<'_>) -> Box<[u8]> {
-    let text = match x509_parser::parse_x509_certificate(der) {
-        Ok((_, x)) => x.subject().to_string(),
-        Err(_) => String::new(),
-    };
-    let mut out = Vec::with_capacity(text.len());
-    for b in text.bytes() {
-        if out.len() >= MAX_SUBJECT {
-            break;
+/// The subject of a certificate as an RFC 4514 string, made a valid header value: the RDNs
+/// last first (§2.1), the attributes of a multi-valued RDN joined with `+` (§2.2), known
+/// attribute types by their short names and others by their dotted OID with the value as `#`
+/// and the hex of its DER encoding (§2.3, §2.4), values escaped per §2.4 (`,` `+` `"` `\`
+/// `<` `>` `;`, a leading `#`; a leading or trailing space as `\20`, NUL as `\00`). The RFC 4514 string
+/// is UTF-8; each of its bytes outside printable ASCII, and `%`, is then percent-encoded.
+/// Strings of every type are decoded (TeletexString as Latin-1, BMPString as UTF-16BE,
+/// UniversalString as UTF-32BE); a value that does not decode is `#` and hex. `None` when the
+/// result is over [`MAX_SUBJECT`] bytes: never cut, since a prefix may be another's subject.
+pub fn cert_subject(der: &CertificateDer<'_>) -> Option<Box<[u8]>> {
+    let mut out = Vec::new();
+    if let Ok((_, x)) = x509_parser::parse_x509_certificate(der) {
+        write_rfc4514(x.subject(), &mut out);
+    }
+    (out.len() <= MAX_SUBJECT).then(|| out.into_boxed_slice())
+}
+
+/// Writes `name` as [`cert_subject`] describes.
+fn write_rfc4514(name: &x509_parser::x509::X509Name<'_>, out: &mut Vec<u8>) {
+    out.reserve(name.as_raw().len());
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(b);
-        } else {
-            let hex = b"0123456789ABCDEF";
-            out.extend_from_slice(&[b'%', hex[(b >> 4) as usize], hex[(b & 15) as usize]]);
+        for (j, atv) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push(b'+');
+            }
+            write_attribute(atv, out);
         }
     }
-    out.into_boxed_slice()
+}
+
+/// Short names of RFC 4514 §3, by the content bytes of their OIDs.
+const SHORT_NAMES: &[(&[u8], &str)] = &[
+    (&[0x55, 0x04, 0x03], "CN"),
+    (&[0x55, 0x04, 0x07], "L"),
+    (&[0x55, 0x04, 0x08], "ST"),
+    (&[0x55, 0x04, 0x0a], "O"),
+    (&[0x55, 0x04, 0x0b], "OU"),
+    (&[0x55, 0x04, 0x06], "C"),
+    (&[0x55, 0x04, 0x09], "STREET"),
+    (
+        &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19],
+        "DC",
+    ),
+    (
+        &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x01],
+        "UID",
+    ),
+];
+
+/// One `type=value` of an RDN.
+fn write_attribute(atv: &x509_parser::x509::AttributeTypeAndValue<'_>, out: &mut Vec<u8>) {
+    let oid = atv.attr_type();
+    let short = SHORT_NAMES
+        .iter()
+        .find(|(b, _)| *b == oid.as_bytes())
+        .map(|(_, n)| *n);
+    let value = atv.attr_value();
+    match short {
+        Some(n) => out.extend_from_slice(n.as_bytes()),
+        None => {
+            // §2.3: the dotted-decimal form; §2.4: its value as `#` and hex.
+            out.extend_from_slice(oid.to_id_string().as_bytes());
+            out.push(b'=');
+            write_hex_der(value, out);
+            return;
+        }
+    }
+    out.push(b'=');
+    // Undecodable: the whole value as `#` and hex (§2.4).
+    let Some(text) = decode_string(value) else {
+        write_hex_der(value, out);
+        return;
+    };
+    let n = text.chars().count();
+    for (i, c) in text.chars().enumerate() {
+        if c == '\0' {
+            out.extend_from_slice(b"\\00");
+            continue;
+        }
+        // A space at either end as a hex pair (§2.4 allows either form): a header value's
+        // own leading and trailing whitespace is not part of it (RFC 9110 §5.5), so `\ `
+        // at the end would lose its space on the way.
+        if c == ' ' && (i == 0 || i + 1 == n) {
+            out.extend_from_slice(b"\\20");
+            continue;
+        }
+        let escape = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';') || (i == 0 && c == '#');
+        if escape {
+            out.push(b'\\');
+        }
+        let mut utf8 = [0u8; 4];
+        for b in c.encode_utf8(&mut utf8).bytes() {
+            put_header_byte(b, out);
+        }
+    }
+}
+
+/// The text of a string value; `None` when it is not a string type decoded here or is not
+/// valid in its type's encoding.
+fn decode_string<'a>(v: &x509_parser::asn1_rs::Any<'a>) -> Option<std::borrow::Cow<'a, str>> {
+    use x509_parser::asn1_rs::Tag;
+    if !v.header.is_universal() || v.header.is_constructed() {
+        return None;
+    }
+    match v.tag() {
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::NumericString
+        | Tag::VisibleString => std::str::from_utf8(v.data).ok().map(Into::into),
+        // T.61 as Latin-1, as issuers that use it mean it (and as OpenSSL reads it).
+        Tag::TeletexString => Some(v.data.iter().map(|b| char::from(*b)).collect()),
+        Tag::BmpString if v.data.len().is_multiple_of(2) => {
+            let units = v
+                .data
+                .chunks_exact(2)
+                .map(|u| u16::from_be_bytes([u[0], u[1]]));
+            char::decode_utf16(units)
+                .collect::<Result<String, _>>()
+                .ok()
+                .map(Into::into)
+        }
+        Tag::UniversalString if v.data.len().is_multiple_of(4) => v
+            .data
+            .chunks_exact(4)
+            .map(|u| char::from_u32(u32::from_be_bytes([u[0], u[1], u[2], u[3]])))
+            .collect::<Option<String>>()
+            .map(Into::into),
+        _ => None,
+    }
+}
+
+/// `#` and the hex of the value's DER encoding (RFC 4514 §2.4).
+fn write_hex_der(v: &x509_parser::asn1_rs::Any<'_>, out: &mut Vec<u8>) {
+    out.push(b'#');
+    let hex = |b: u8, out: &mut Vec<u8>| {
+        let d = b"0123456789ABCDEF";
+        out.extend_from_slice(&[d[(b >> 4) as usize], d[(b & 15) as usize]]);
+    };
+    // Identifier octets: as read when kept, else the one-octet form.
+    match v.header.raw_tag() {
+        Some(t) => t.iter().for_each(|b| hex(*b, out)),
+        None => {
+            let class = (v.header.class() as u8) << 6;
+            let cons = if v.header.is_constructed() { 0x20 } else { 0 };
+            hex(class | cons | (v.tag().0 as u8 & 0x1f), out);
+        }
+    }
+    // Length octets, definite form.
+    let len = v.data.len();
+    if len < 0x80 {
+        hex(len as u8, out);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        hex(0x80 | (bytes.len() - skip) as u8, out);
+        bytes[skip..].iter().for_each(|b| hex(*b, out));
+    }
+    v.data.iter().for_each(|b| hex(*b, out));
+}
+
+/// A byte of the RFC 4514 string as it goes in the header: printable ASCII other than `%` as
+/// it is, every other byte percent-encoded.
+fn put_header_byte(b: u8, out: &mut Vec<u8>) {
+    if (0x20..0x7f).contains(&b) && b != b'%' {
+        out.push(b);
+    } else {
+        let hex = b"0123456789ABCDEF";
+        out.extend_from_slice(&[b'%', hex[(b >> 4) as usize], hex[(b & 15) as usize]]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,6 +1038,69 @@ pub async fn close_notify<S: AsyncWriteRent>(s: &mut S, limit: std::time::Durati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A DER element: tag, short length, content.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        assert!(content.len() < 0x80);
+        [&[tag, content.len() as u8][..], content].concat()
+    }
+
+    fn atv(oid: &[u8], tag: u8, value: &[u8]) -> Vec<u8> {
+        tlv(0x30, &[tlv(0x06, oid), tlv(tag, value)].concat())
+    }
+
+    fn rfc4514(name_der: &[u8]) -> String {
+        use x509_parser::prelude::FromDer;
+        let (_, name) = x509_parser::x509::X509Name::from_der(name_der).expect("name");
+        let mut out = Vec::new();
+        write_rfc4514(&name, &mut out);
+        String::from_utf8(out).expect("header-safe ASCII")
+    }
+
+    /// RFC 4514 §2.1 (last RDN first), §2.2 (`+` within a multi-valued RDN), §2.3 and §2.4
+    /// (an unknown type as its dotted OID, its value as `#` and the hex of its DER).
+    #[test]
+    fn rfc4514_order_multi_valued_rdns_and_unknown_types() {
+        let o = atv(&[0x55, 4, 10], 0x0c, b"Example");
+        let cn = atv(&[0x55, 4, 3], 0x0c, b"alice");
+        let ou = atv(&[0x55, 4, 11], 0x13, b"admins");
+        let email = atv(
+            &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x01],
+            0x16,
+            b"a@b",
+        );
+        let dc = atv(
+            &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19],
+            0x16,
+            b"example",
+        );
+        let name = tlv(
+            0x30,
+            &[
+                tlv(0x31, &dc),
+                tlv(0x31, &o),
+                tlv(0x31, &[cn, ou].concat()),
+                tlv(0x31, &email),
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            rfc4514(&name),
+            "1.2.840.113549.1.9.1=#1603614062,CN=alice+OU=admins,O=Example,DC=example"
+        );
+        // A value of a known type that is not a string (here an INTEGER): `#` and hex.
+        let odd = tlv(0x30, &tlv(0x31, &atv(&[0x55, 4, 3], 0x02, &[1, 2])));
+        assert_eq!(rfc4514(&odd), "CN=#02020102");
+        // NUL and a non-ASCII character: `\00`, then the percent-encoding of the header.
+        let nul = tlv(
+            0x30,
+            &tlv(0x31, &atv(&[0x55, 4, 3], 0x0c, "a\0é%".as_bytes())),
+        );
+        assert_eq!(rfc4514(&nul), "CN=a\\00%C3%A9%25");
+        // Nothing but a space: escaped once.
+        let sp = tlv(0x30, &tlv(0x31, &atv(&[0x55, 4, 3], 0x0c, b" ")));
+        assert_eq!(rfc4514(&sp), "CN=\\20");
+    }
 
     #[test]
     fn endpoint_names_come_from_sni_or_the_address_host() {

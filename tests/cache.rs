@@ -1028,6 +1028,30 @@ fn auth_routes_key_entries_by_consumer_unless_the_response_is_public() {
     );
 }
 
+/// RFC 9111 §4.1: the selecting header fields are those of the request as forwarded. The
+/// origin varies on the consumer header, which the gateway sets (a client's copy is removed):
+/// the stored variant is chosen by the value sent upstream, not by the client's (absent, or
+/// spoofed) one, so bob never gets alice's answer (review r4 D2).
+#[test]
+fn rfc9111_4_1_vary_on_the_consumer_header_uses_the_value_sent_upstream() {
+    let (up, _) = counting_origin("cache-control: public, max-age=60\r\nvary: x-consumer\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, ""), D);
+    let alice = "x-api-key: alice-key\r\n";
+    let bob = "x-api-key: bob-key\r\n";
+    assert_eq!(get_h(gw.addr, "/v", alice).text(), "v1");
+    assert_eq!(up.last().header("x-consumer"), Some("alice"));
+    assert_eq!(get_h(gw.addr, "/v", bob).text(), "v2");
+    assert_eq!(up.last().header("x-consumer"), Some("bob"));
+    assert_eq!(get_h(gw.addr, "/v", alice).text(), "v1");
+    // A spoofed copy is removed before forwarding, and does not select alice's variant.
+    let spoofed = "x-api-key: bob-key\r\nx-consumer: alice\r\n";
+    assert_eq!(get_h(gw.addr, "/v", spoofed).text(), "v2");
+    let r = get_h(gw.addr, "/v", bob);
+    assert_eq!(r.text(), "v2");
+    assert!(status_of(&r).contains("hit"), "{}", status_of(&r));
+    assert_eq!(up.hits(), 2);
+}
+
 #[test]
 fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     let n = Arc::new(AtomicUsize::new(0));

@@ -733,6 +733,195 @@ fn mtls_subject_reaches_upstream_and_spoofed_copies_are_dropped() {
     }
 }
 
+/// The subject header is an RFC 4514 string (§2.1: the last RDN first; §2.4: `,` `+` `"` `\`
+/// `<` `>` `;`, a leading `#`, spaces at the ends escaped), so a CN holding `, O=Admin`
+/// cannot read as an O of its own (review r4 D3).
+#[test]
+fn rfc4514_subject_header_is_escaped_and_last_rdn_first() {
+    let mut forged = rcgen::DistinguishedName::new();
+    forged.push(rcgen::DnType::OrganizationName, "Example");
+    forged.push(rcgen::DnType::CommonName, "mallory, O=Admin");
+    client_cert_with("client-forged", forged, None);
+    let mut odd = rcgen::DistinguishedName::new();
+    odd.push(rcgen::DnType::CountryName, "NZ");
+    odd.push(rcgen::DnType::OrganizationalUnitName, "#ops ");
+    odd.push(rcgen::DnType::CommonName, r#"a+b\c"d;e<f>g=h%i"#);
+    client_cert_with("client-odd", odd, None);
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), ALL), d);
+        for (stem, want) in [
+            ("client-forged", r"CN=mallory\, O=Admin,O=Example"),
+            (
+                "client-odd",
+                r#"CN=a\+b\\c\"d\;e\<f\>g=h%25i,OU=\#ops\20,C=NZ"#,
+            ),
+            ("client", "O=Ringway Tests,CN=client one"),
+        ] {
+            let cfg = client_config(ClientOpts {
+                cert: Some(stem),
+                ..ClientOpts::default()
+            });
+            let mut c = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+            let r = c.get("a.test", "/").unwrap();
+            assert_eq!(r.status, 200, "{d:?} {stem}");
+            assert_eq!(seen(&r, "x-client-cert-subject"), [want], "{d:?} {stem}");
+        }
+    }
+}
+
+/// Every verified certificate gets a subject header of its own (review r4 D4): strings of
+/// every type are decoded (a Latin-1 TeletexString, a BMPString, a UniversalString; RFC 4514
+/// §2.4 wants UTF-8 text), one that does not decode is `#` and the hex of its DER (§2.4),
+/// and a long subject is sent whole, never cut to a prefix another certificate shares; one
+/// over the bound is refused at the handshake.
+#[test]
+fn rfc4514_subject_header_decodes_every_string_type_and_is_never_cut() {
+    use rcgen::string::{BmpString, TeletexString, UniversalString};
+    use rcgen::{DistinguishedName, DnType, DnValue};
+    let one = |v: DnValue| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Example");
+        dn.push(DnType::CommonName, v);
+        dn
+    };
+    // rcgen writes T.61 as ASCII only: the X becomes 0xE9 (Latin-1 é), signed again.
+    for (stem, who) in [("t61-alice", "alice"), ("t61-bob", "bob")] {
+        let text = format!("cafX {who}");
+        let dn = one(DnValue::TeletexString(
+            TeletexString::try_from(text.as_str()).unwrap(),
+        ));
+        let from = [&[0x14, text.len() as u8][..], text.as_bytes()].concat();
+        let to: Vec<u8> = from
+            .iter()
+            .map(|b| if *b == b'X' { 0xe9 } else { *b })
+            .collect();
+        client_cert_with(stem, dn, Some((&from, &to)));
+    }
+    let bmp = DnValue::BmpString(BmpString::try_from("жук").unwrap());
+    client_cert_with("bmp", one(bmp), None);
+    let univ = DnValue::UniversalString(UniversalString::try_from("𝄞 x").unwrap());
+    client_cert_with("universal", one(univ), None);
+    // A BMPString holding a lone high surrogate: not text.
+    let bad = DnValue::BmpString(BmpString::try_from("ab").unwrap());
+    client_cert_with(
+        "bmp-bad",
+        one(bad),
+        Some((&[0x1e, 4, 0, b'a', 0, b'b'], &[0x1e, 4, 0xd8, 0, 0, b'b'])),
+    );
+    let long = |stem: &'static str, cn: &str, n: usize| {
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "o".repeat(n));
+        dn.push(DnType::OrganizationalUnitName, "u".repeat(n));
+        dn.push(DnType::CommonName, cn);
+        client_cert_with(stem, dn, None);
+    };
+    long("long-alice", "alice", 600);
+    long("long-admin", "admin", 600);
+    long("too-long", "alice", 2100);
+    let (o, u) = ("o".repeat(600), "u".repeat(600));
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), ALL), d);
+        for (stem, want) in [
+            ("t61-alice", "CN=caf%C3%A9 alice,O=Example".to_string()),
+            ("t61-bob", "CN=caf%C3%A9 bob,O=Example".into()),
+            ("bmp", "CN=%D0%B6%D1%83%D0%BA,O=Example".into()),
+            ("universal", "CN=%F0%9D%84%9E x,O=Example".into()),
+            ("bmp-bad", "CN=#1E04D8000062,O=Example".into()),
+            ("long-alice", format!("CN=alice,OU={u},O={o}")),
+            ("long-admin", format!("CN=admin,OU={u},O={o}")),
+        ] {
+            let cfg = client_config(ClientOpts {
+                cert: Some(stem),
+                ..ClientOpts::default()
+            });
+            let mut c = TlsClient::connect(gw.addr, "a.test", cfg).unwrap();
+            let r = c.get("a.test", "/").unwrap();
+            assert_eq!(r.status, 200, "{d:?} {stem}");
+            assert_eq!(seen(&r, "x-client-cert-subject"), [want], "{d:?} {stem}");
+        }
+        let cfg = client_config(ClientOpts {
+            cert: Some("too-long"),
+            ..ClientOpts::default()
+        });
+        let outcome =
+            TlsClient::connect(gw.addr, "a.test", cfg).and_then(|mut c| c.get("a.test", "/"));
+        let e = format!("{:?}", outcome.expect_err("refused"));
+        assert!(e.contains("AccessDenied"), "{d:?}: {e}");
+        assert_eq!(up.hits(), 7, "{d:?}");
+    }
+}
+
+/// A cache route behind client certificates (review r4 D2). RFC 9111 §4.1: Vary on the
+/// subject header selects by the subject sent upstream (the client's own copy is removed);
+/// and, as on routes with an auth policy, a response that is not `public` is stored per
+/// certificate subject, so one certificate's answer never reaches another.
+#[test]
+fn rfc9111_4_1_cache_keys_and_vary_follow_the_client_certificate_subject() {
+    let mut two = rcgen::DistinguishedName::new();
+    two.push(rcgen::DnType::CommonName, "client two");
+    client_cert_with("client-two", two, None);
+    for d in DRIVERS {
+        let n = Arc::new(AtomicUsize::new(0));
+        let n2 = n.clone();
+        let up = Upstream::start(move |req| {
+            let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+            let who = req.header("x-client-cert-subject").unwrap_or("-");
+            let body = format!("{i} for {who}");
+            let extra = match req.target.as_str() {
+                "/vary" => "cache-control: public, max-age=60\r\nvary: x-client-cert-subject\r\n",
+                "/public" => "cache-control: public, max-age=60\r\n",
+                _ => "cache-control: max-age=60\r\n",
+            };
+            Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\n{extra}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        });
+        let routes = "[[routes]]\nupstream = \"up\"\nrequire_client_cert = true\ncache = { enabled = true }\n";
+        let gw = TestGateway::start(&tls_gateway(up.addr, &mtls("required"), routes), d);
+        let conn = |stem: &'static str| {
+            let cfg = client_config(ClientOpts {
+                cert: Some(stem),
+                ..ClientOpts::default()
+            });
+            TlsClient::connect(gw.addr, "a.test", cfg).unwrap()
+        };
+        let (mut one, mut two) = (conn("client"), conn("client-two"));
+        let get = |c: &mut TlsClient, path: &str, extra: &str| {
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n{extra}\r\n").as_bytes())
+                .unwrap();
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?} {path}");
+            r.text()
+        };
+        let (s1, s2) = ("O=Ringway Tests,CN=client one", "CN=client two");
+        for path in ["/vary", "/plain"] {
+            let first = get(&mut one, path, "");
+            assert!(
+                first.ends_with(&format!("for {s1}")),
+                "{d:?} {path}: {first}"
+            );
+            // The other certificate, with and without a spoofed copy of the first's subject.
+            let other = get(&mut two, path, &format!("x-client-cert-subject: {s1}\r\n"));
+            assert!(
+                other.ends_with(&format!("for {s2}")),
+                "{d:?} {path}: {other}"
+            );
+            assert_eq!(get(&mut two, path, ""), other, "{d:?} {path}");
+            assert_eq!(get(&mut one, path, ""), first, "{d:?} {path}");
+        }
+        // Public, no Vary: one entry for everyone.
+        let shared = get(&mut one, "/public", "");
+        assert_eq!(get(&mut two, "/public", ""), shared, "{d:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 5, "{d:?}");
+    }
+}
+
 #[test]
 fn optional_mtls_with_a_route_that_requires_a_certificate() {
     for d in DRIVERS {

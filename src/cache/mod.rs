@@ -578,6 +578,77 @@ pub struct Object {
     pub invalid: Cell<bool>,
 }
 
+/// A request as it went upstream, for its Vary values (RFC 9111 §4.1: the selecting header
+/// fields are those of the request as forwarded, which the origin answered). The client's own
+/// fields, save the identity headers only the gateway sets (the mTLS subject, the consumer,
+/// forwarded claims): a client's copy of those is removed, and the origin saw the gateway's
+/// value, or none.
+#[derive(Clone, Copy)]
+pub struct Sent<'a> {
+    pub head: &'a RequestHead,
+    /// The identity header names (the route's `request_headers.identity`, lower case).
+    pub identity: &'a [Box<[u8]>],
+    /// The identity header lines the auth stage sent (`name: value` CRLF, names lower case).
+    pub lines: &'a [u8],
+    /// The mTLS subject header's name and value, when the client has a verified certificate.
+    pub cert: Option<(&'a [u8], &'a [u8])>,
+}
+
+impl<'a> Sent<'a> {
+    /// A request whose identity headers do not matter (no identity header is set).
+    pub fn plain(head: &'a RequestHead) -> Sent<'a> {
+        Sent {
+            head,
+            identity: &[],
+            lines: b"",
+            cert: None,
+        }
+    }
+
+    /// The value of the field `name` (lower case) as compared for Vary.
+    pub fn vary_value(&self, name: &[u8]) -> Vec<u8> {
+        if !self.identity.is_empty() && self.identity.iter().any(|i| i.eq_ignore_ascii_case(name)) {
+            return self.identity_value(name);
+        }
+        policy::vary_value(name, &mut self.head.header_values(name))
+    }
+
+    /// An identity header's value as sent, exactly (no list items: a subject's escaped `\,`
+    /// is not a separator); [`policy::VARY_ABSENT`] when none was sent.
+    #[cold]
+    #[inline(never)]
+    fn identity_value(&self, name: &[u8]) -> Vec<u8> {
+        if let Some((_, v)) = self.cert.filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            return v.to_vec();
+        }
+        let mut out: Option<Vec<u8>> = None;
+        for line in self.lines.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|b| *b == b':') else {
+                continue;
+            };
+            if !line[..colon].eq_ignore_ascii_case(name) {
+                continue;
+            }
+            let v = crate::http::trim_ows(&line[colon + 1..]);
+            match &mut out {
+                Some(o) => {
+                    o.push(b'\n');
+                    o.extend_from_slice(v);
+                }
+                None => out = Some(v.to_vec()),
+            }
+        }
+        out.unwrap_or_else(|| policy::VARY_ABSENT.to_vec())
+    }
+
+    /// Whether `vary` (the Vary values of a stored response) are this request's.
+    pub fn matches(&self, vary: &[(Box<[u8]>, Vec<u8>)]) -> bool {
+        vary.iter()
+            .all(|(name, stored)| self.vary_value(name) == *stored)
+    }
+}
+
 impl Object {
     pub fn weight(&self) -> u64 {
         let fields = self.fields.weight();
@@ -599,12 +670,10 @@ impl Object {
         vary + tags
     }
 
-    /// Whether the request's values of the Vary fields are those stored (§4.1).
-    pub fn vary_matches(&self, head: &RequestHead) -> bool {
-        self.vary.iter().all(|(name, stored)| {
-            let mut it = head.header_values(name);
-            policy::vary_value(name, &mut it) == *stored
-        })
+    /// Whether the request's values of the Vary fields, as sent upstream, are those stored
+    /// (§4.1).
+    pub fn vary_matches(&self, req: &Sent<'_>) -> bool {
+        self.vary.is_empty() || req.matches(&self.vary)
     }
 
     pub fn etag(&self) -> Option<&[u8]> {
@@ -778,11 +847,8 @@ impl FlightStream {
     }
 
     /// Whether a waiting request may take this response (§4.1).
-    pub fn vary_matches(&self, head: &RequestHead) -> bool {
-        self.vary.iter().all(|(name, stored)| {
-            let mut it = head.header_values(name);
-            policy::vary_value(name, &mut it) == *stored
-        })
+    pub fn vary_matches(&self, req: &Sent<'_>) -> bool {
+        self.vary.is_empty() || req.matches(&self.vary)
     }
 }
 
@@ -1141,7 +1207,7 @@ impl WorkerCache {
     /// any variant at all.
     // Inlined in the cache phase's first look (`serve::first_look`), the usual caller.
     #[inline]
-    pub fn lookup(&self, key: KeyRef<'_>, head: &RequestHead) -> (Option<Rc<Object>>, bool) {
+    pub fn lookup(&self, key: KeyRef<'_>, req: &Sent<'_>) -> (Option<Rc<Object>>, bool) {
         let m = self.map.borrow();
         let Some(e) = m.get(key) else {
             drop(m);
@@ -1152,7 +1218,7 @@ impl WorkerCache {
             e.variants
                 .as_slice()
                 .iter()
-                .find(|o| o.vary_matches(head))
+                .find(|o| o.vary_matches(req))
                 .cloned(),
             true,
         )
@@ -2098,6 +2164,34 @@ mod tests {
         assert_eq!(n, raw.len());
         h.raw = Bytes::copy_from_slice(raw.as_bytes());
         h
+    }
+
+    /// RFC 9111 §4.1: an identity header's Vary value is the one sent upstream, exactly (a
+    /// subject's escaped `\,` is not a list separator), or absent; the client's copy of it
+    /// never counts; other fields are the client's.
+    #[test]
+    fn vary_values_of_identity_headers_are_those_sent_upstream() {
+        let h = head(
+            "GET / HTTP/1.1\r\nHost: h\r\nX-Consumer: alice\r\nX-Subject: CN=x\r\nAccept: a\r\n\r\n",
+        );
+        let identity: Vec<Box<[u8]>> = vec![b"x-subject"[..].into(), b"x-consumer"[..].into()];
+        let sent = |lines: &'static [u8], cert: Option<&'static [u8]>| Sent {
+            head: &h,
+            identity: &identity,
+            lines,
+            cert: cert.map(|c| (&b"x-subject"[..], c)),
+        };
+        let none = sent(b"", None);
+        assert_eq!(none.vary_value(b"x-consumer"), policy::VARY_ABSENT);
+        assert_eq!(none.vary_value(b"x-subject"), policy::VARY_ABSENT);
+        assert_eq!(none.vary_value(b"accept"), b"a");
+        let bob = sent(b"x-user: 7\r\nx-consumer: bob\r\n", Some(b"CN=a\\, b"));
+        assert_eq!(bob.vary_value(b"x-consumer"), b"bob");
+        assert_eq!(bob.vary_value(b"X-Subject"), b"CN=a\\, b");
+        let other = sent(b"", Some(b"CN=a\\,b"));
+        assert_ne!(other.vary_value(b"x-subject"), bob.vary_value(b"x-subject"));
+        // Plain: no identity headers, the client's fields as they are.
+        assert_eq!(Sent::plain(&h).vary_value(b"x-consumer"), b"alice");
     }
 
     /// `prefetch` asks for each line the bytes touch once, in order from the first, whatever

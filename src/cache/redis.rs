@@ -41,10 +41,8 @@ use redis_protocol::resp2::types::BytesFrame;
 use crate::doorbell::Doorbell;
 use crate::redis::{Command, RedisLink};
 
-use crate::http::request::RequestHead;
-
 use super::fields::{span, Fields};
-use super::{policy, Object, Purge, PurgeTarget, Timing};
+use super::{Object, Purge, PurgeTarget, Sent, Timing};
 use crate::http::HeaderSpan;
 
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
@@ -127,10 +125,10 @@ impl SharedLayer {
     /// The Redis key of the variant of `key` that `head` selects, among variants that vary on
     /// the fields `stored` names (the Vary values of a variant of the key; only the names are
     /// read). See [`variant_id`].
-    fn variant_rkey(&self, key: &[u8], stored: &[VaryValue], head: &RequestHead) -> Bytes {
+    fn variant_rkey(&self, key: &[u8], stored: &[VaryValue], req: &Sent<'_>) -> Bytes {
         let values: Vec<(&[u8], Vec<u8>)> = stored
             .iter()
-            .map(|(n, _)| (&n[..], policy::vary_value(n, &mut head.header_values(n))))
+            .map(|(n, _)| (&n[..], req.vary_value(n)))
             .collect();
         let id = variant_id(key, values.iter().map(|(n, v)| (*n, &v[..])));
         self.rkey(b"w:", &id)
@@ -147,7 +145,7 @@ impl SharedLayer {
         bell: &Doorbell,
         keys: &[&[u8]],
         known: &[Option<&Object>],
-        head: &RequestHead,
+        head: &Sent<'_>,
     ) -> Vec<Option<Object>> {
         let deadline = Instant::now() + self.timeout;
         let mut asked: Vec<(usize, Bytes)> = Vec::with_capacity(keys.len() * 2);
@@ -739,6 +737,8 @@ pub fn decode(b: &Bytes) -> Option<Object> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::policy;
+    use crate::http::request::RequestHead;
 
     #[test]
     fn variant_ids_are_those_a_lookup_builds_and_never_shared_by_two_variants() {

@@ -30,7 +30,7 @@ use super::fields::{Fields, FieldsRef};
 use super::policy::{self, Directives, FieldName, RangeAnswer};
 use super::{
     build_key, now_secs, url_of, Flight, FlightEnd, FlightGuard, FlightStream, KeyRef, Object,
-    Purge, PurgeTarget, RoutePolicy, Tee, Timing, WorkerCache,
+    Purge, PurgeTarget, RoutePolicy, Sent, Tee, Timing, WorkerCache,
 };
 
 /// Bodies up to this size go out in the same write as their head.
@@ -76,13 +76,13 @@ pub async fn run<'c, S: ClientIo>(
                 std::hint::cold_path();
                 return bypass(w, cfg, route, p, group, c, ctx, &req, "override-header").await;
             }
-            let keys = Keys::new(p, ctx, &w.cache);
+            let keys = Keys::new(p, ctx, c.info.client_subject.as_deref(), &w.cache);
             // The usual miss goes upstream from here ([`fill`]): [`cached`], for all the
             // other cases, would be one more future to enter and leave on each of the
             // fetch's polls.
             // What `cached` is given when the request is not the usual miss or a hit.
             let look = 'fill: {
-                match first_look(&w.cache, &ctx.head, &keys, &req) {
+                match first_look(&w.cache, &sent(cfg, route, c, ctx), &keys, &req) {
                     Look::Miss { any, now } => {
                         // Begun here, not in `first_look`: the guard goes from the call into
                         // the fetch, not through a `Look` kept in this future. A fetch of the
@@ -192,15 +192,16 @@ enum Look<'k> {
 #[inline(always)]
 fn first_look<'k>(
     cache: &Rc<WorkerCache>,
-    head: &RequestHead,
+    sent: &Sent<'_>,
     keys: &'k Keys<'k>,
     req: &Directives,
 ) -> Look<'k> {
+    let head = sent.head;
     if keys.shared.len() > super::MAX_KEY_BYTES {
         return Look::TooLong;
     }
     let now = now_secs();
-    let (hit, any) = keys.lookup(cache, head);
+    let (hit, any) = keys.lookup(cache, sent);
     if let Some(h) = hit {
         if matches!(usable(&h.obj, req, now), Use::Fresh | Use::StaleOk) {
             cache.count(|s| s.hits += 1);
@@ -529,6 +530,31 @@ fn unkeyed_override(p: &RoutePolicy, route: &Route, name: &[u8]) -> bool {
         && !route.request_headers.drops(name)
 }
 
+/// Who the request is, for the keys of its own entries: on routes with an auth policy its
+/// consumer, and with a verified client certificate its subject (`cert`) before it; `None` when
+/// an auth route's caller has no name. The subject part starts with a NUL, which neither a
+/// consumer's name nor a token's `sub:` does, and holds none (it is a header value), so no
+/// identity is another's.
+#[cold]
+#[inline(never)]
+fn identity_of(p: &RoutePolicy, ctx: &RequestCtx<'_>, cert: Option<&[u8]>) -> Option<Vec<u8>> {
+    let consumer = if p.auth {
+        Some(consumer_of(ctx)?)
+    } else {
+        None
+    };
+    let Some(subject) = cert else {
+        return consumer;
+    };
+    let mut id =
+        Vec::with_capacity(6 + subject.len() + 1 + consumer.as_ref().map_or(0, |c| c.len()));
+    id.extend_from_slice(b"\0cert:");
+    id.extend_from_slice(subject);
+    id.push(0);
+    id.extend_from_slice(consumer.as_deref().unwrap_or_default());
+    Some(id)
+}
+
 /// Who the request is, for keys on routes with an auth policy.
 fn consumer_of(ctx: &RequestCtx<'_>) -> Option<Vec<u8>> {
     if let Some(n) = ctx.identity.consumer_name() {
@@ -551,8 +577,11 @@ struct Keys<'w> {
     shared: Vec<u8>,
     /// `shared`'s hash ([`WorkerCache::key`]), for its lookups and its flight.
     hash: u64,
-    /// This consumer's entries (auth routes).
+    /// This consumer's entries (auth routes), this client certificate's (requests with one).
     own: Option<Vec<u8>>,
+    /// Non-public responses are stored under `own`: the route has an auth policy, or the
+    /// request came with a verified client certificate (whose subject went upstream).
+    personal: bool,
     /// Where `shared`'s buffer goes back when the request is done with it.
     cache: &'w WorkerCache,
     /// The worker's purge count when the store was looked in ([`WorkerCache::purges`]),
@@ -572,14 +601,25 @@ impl Drop for Keys<'_> {
 impl<'w> Keys<'w> {
     // One caller (`run`): inlined, without a call's saves and a copy of the result.
     #[inline(always)]
-    fn new(p: &RoutePolicy, ctx: &RequestCtx<'_>, cache: &'w WorkerCache) -> Keys<'w> {
-        let consumer = if p.auth { consumer_of(ctx) } else { None };
+    fn new(
+        p: &RoutePolicy,
+        ctx: &RequestCtx<'_>,
+        cert: Option<&[u8]>,
+        cache: &'w WorkerCache,
+    ) -> Keys<'w> {
+        let personal = p.auth || cert.is_some();
+        let consumer = if personal {
+            identity_of(p, ctx, cert)
+        } else {
+            None
+        };
         // Made first and its key built in it where the request keeps it (not in a buffer
         // moved there after).
         let mut keys = Keys {
             shared: cache.key_buf(),
             hash: 0,
             own: None,
+            personal,
             cache,
             purges: std::cell::Cell::new(cache.purges()),
         };
@@ -607,9 +647,10 @@ impl<'w> Keys<'w> {
     }
 
     /// The key a response is stored under: shared when it is public (or the route has no
-    /// auth), the consumer's otherwise; `None` when an auth route's caller has no name.
+    /// auth and the request no client certificate), the consumer's or certificate's
+    /// otherwise; `None` when an auth route's caller has no name.
     fn store_key(&self, p: &RoutePolicy, public: bool) -> Option<&[u8]> {
-        if !p.auth || p.key_consumer || public {
+        if !self.personal || p.key_consumer || public {
             Some(&self.shared)
         } else {
             self.own.as_deref()
@@ -621,8 +662,8 @@ impl<'w> Keys<'w> {
     // Inlined in `first_look`, where its result is looked at at once (`cached` looks again
     // only after a wait).
     #[inline(always)]
-    fn lookup(&self, cache: &WorkerCache, head: &RequestHead) -> (Option<Hit<'_>>, bool) {
-        let (o, any) = cache.lookup(self.shared_key(), head);
+    fn lookup(&self, cache: &WorkerCache, req: &Sent<'_>) -> (Option<Hit<'_>>, bool) {
+        let (o, any) = cache.lookup(self.shared_key(), req);
         if let Some(obj) = o {
             return (
                 Some(Hit {
@@ -633,7 +674,7 @@ impl<'w> Keys<'w> {
             );
         }
         if let Some(k) = &self.own {
-            let (o, any2) = cache.lookup(cache.key(k), head);
+            let (o, any2) = cache.lookup(cache.key(k), req);
             if let Some(obj) = o {
                 return (Some(Hit { obj, key: k }), true);
             }
@@ -687,7 +728,7 @@ enum Use {
 async fn from_shared(
     w: &Worker,
     keys: &Keys<'_>,
-    ctx: &RequestCtx<'_>,
+    sent: &Sent<'_>,
     req: &Directives,
     p: &RoutePolicy,
     found: Option<&Found>,
@@ -705,10 +746,10 @@ async fn from_shared(
         .map(|k| cache.get(k).and_then(|v| v.into_iter().next()))
         .collect();
     let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
-    let got = layer.get(&w.doorbell, &ks, &known, &ctx.head).await;
+    let got = layer.get(&w.doorbell, &ks, &known, sent).await;
     let now = now_secs();
     for (k, o) in ks.iter().zip(got) {
-        let Some(o) = o.filter(|o| o.vary_matches(&ctx.head)) else {
+        let Some(o) = o.filter(|o| o.vary_matches(sent)) else {
             continue;
         };
         // Not older than the copy held here: one from the same second may be that copy
@@ -867,7 +908,9 @@ async fn cached<'c, 'k, S: ClientIo>(
         // another worker's or host's: it answers the HEAD when usable, and is what the HEAD's
         // answer updates otherwise.
         let mut found = found;
-        if let Some((f, u)) = from_shared(w, keys, ctx, req, p, found.as_ref()).await {
+        if let Some((f, u)) =
+            from_shared(w, keys, &sent(cfg, route, c, ctx), req, p, found.as_ref()).await
+        {
             if matches!(u, Use::Fresh | Use::StaleOk) {
                 cache.count(|s| s.hits += 1);
                 let now = now_secs();
@@ -907,7 +950,7 @@ async fn cached<'c, 'k, S: ClientIo>(
                 break;
             }
             let stream = flight.stream.borrow().clone();
-            if let Some(st) = stream.filter(|st| streamable(&ctx.head, req, st)) {
+            if let Some(st) = stream.filter(|st| streamable(&sent(cfg, route, c, ctx), req, st)) {
                 cache.count(|s| {
                     s.hits += 1;
                     s.coalesced += 1
@@ -935,7 +978,7 @@ async fn cached<'c, 'k, S: ClientIo>(
             FlightEnd::Stored => {
                 collapsed = true;
                 let now = now_secs();
-                let (f, _) = keys.lookup(cache, &ctx.head);
+                let (f, _) = keys.lookup(cache, &sent(cfg, route, c, ctx));
                 if let Some(f) = f {
                     match usable(&f.obj, req, now) {
                         Use::Fresh | Use::StaleOk => {
@@ -977,7 +1020,7 @@ async fn cached<'c, 'k, S: ClientIo>(
     // validated for a request with `no-cache`, §5.2.1.4, which still saves the body's transfer
     // when it has not changed). Without a layer there is no future to build and poll.
     let shared = match cache.shared() {
-        Some(_) => from_shared(w, keys, ctx, req, p, found.as_ref()).await,
+        Some(_) => from_shared(w, keys, &sent(cfg, route, c, ctx), req, p, found.as_ref()).await,
         None => None,
     };
     if let Some((f, u)) = shared {
@@ -1226,7 +1269,7 @@ fn analyze_response(
 fn analyze_whole(
     p: &RoutePolicy,
     resp: &ResponseHead,
-    req: &RequestHead,
+    sent: &Sent<'_>,
     cache: &WorkerCache,
     body: &[u8],
     req_authorized: bool,
@@ -1236,7 +1279,7 @@ fn analyze_whole(
     analyze_with(
         p,
         resp,
-        req,
+        sent.head,
         cache,
         body.len(),
         Some(body),
@@ -1246,7 +1289,7 @@ fn analyze_whole(
         #[inline(always)]
         |s| {
             let public = s.public;
-            (whole_object(cache, s, resp, req), public)
+            (whole_object(cache, s, resp, sent), public)
         },
     )
 }
@@ -1837,23 +1880,51 @@ impl<'a> Seen<'a> {
 
 /// The request's values of the fields a response varies on (lower-case names), as stored.
 #[inline]
-fn vary_values(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
+fn vary_values(names: &[Box<[u8]>], req: &Sent<'_>) -> Vec<(Box<[u8]>, Vec<u8>)> {
     // Most responses do not vary (checked where it is called: no call for them).
     if names.is_empty() {
         return Vec::new();
     }
     std::hint::cold_path();
-    vary_values_of(names, head)
+    vary_values_of(names, req)
 }
 
-fn vary_values_of(names: &[Box<[u8]>], head: &RequestHead) -> Vec<(Box<[u8]>, Vec<u8>)> {
+/// (The values as sent upstream: an identity header's are the gateway's, see [`Sent`].)
+fn vary_values_of(names: &[Box<[u8]>], req: &Sent<'_>) -> Vec<(Box<[u8]>, Vec<u8>)> {
     names
         .iter()
-        .map(|n| {
-            let mut it = head.header_values(n);
-            (n.clone(), policy::vary_value(n, &mut it))
-        })
+        .map(|n| (n.clone(), req.vary_value(n)))
         .collect()
+}
+
+/// The request as it goes upstream, for Vary ([`Sent`]): its identity headers' values are
+/// the ones the gateway sets (the route's, the auth stage's, the listener's mTLS subject).
+#[inline(always)]
+fn sent<'a, S>(
+    cfg: &'a Snapshot,
+    route: &'a Route,
+    c: &'a Conn<S>,
+    ctx: &'a RequestCtx<'_>,
+) -> Sent<'a> {
+    Sent {
+        head: &ctx.head,
+        identity: &route.request_headers.identity,
+        lines: &ctx.auth_headers,
+        cert: cert_of(cfg, c),
+    }
+}
+
+/// The mTLS subject header's name and value sent upstream, when the client has a verified
+/// certificate.
+#[inline(always)]
+fn cert_of<'a, S>(cfg: &'a Snapshot, c: &'a Conn<S>) -> Option<(&'a [u8], &'a [u8])> {
+    let subject = c.info.client_subject.as_deref()?;
+    let name = cfg
+        .listeners
+        .get(c.info.listener)?
+        .subject_header
+        .as_deref()?;
+    Some((name, subject))
 }
 
 /// The surrogate keys of an analysed response (read only when it has a `Surrogate-Key`).
@@ -2275,7 +2346,7 @@ async fn fill<'c, S: ClientIo>(
             &resp,
             &ch,
             req,
-            &ctx.head,
+            &sent(cfg, route, c, ctx),
             authorized,
             request_time,
             now,
@@ -2347,7 +2418,7 @@ fn analyze_if_whole(
     resp: &ResponseHead,
     ch: &Chosen,
     req: &Directives,
-    head: &RequestHead,
+    sent: &Sent<'_>,
     authorized: bool,
     request_time: u64,
     now: u64,
@@ -2366,7 +2437,7 @@ fn analyze_if_whole(
     Some(analyze_whole(
         p,
         resp,
-        head,
+        sent,
         cache,
         body,
         authorized,
@@ -2566,7 +2637,7 @@ async fn fetched<'c, S: ClientIo>(
                         resp,
                         &ch,
                         req,
-                        &ctx.head,
+                        &sent(cfg, route, c, ctx),
                         authorized,
                         request_time,
                         now,
@@ -2635,7 +2706,7 @@ async fn fetched<'c, S: ClientIo>(
                                 fields: std::mem::take(&mut s.fields),
                                 len,
                                 t: s.t,
-                                vary: vary_values(&s.vary, &ctx.head),
+                                vary: vary_values(&s.vary, &sent(cfg, route, c, ctx)),
                             });
                             Some(g.flight().clone())
                         }
@@ -2686,7 +2757,7 @@ async fn fetched<'c, S: ClientIo>(
                             }
                             None if published => (None, Bytes::new()),
                             None => (
-                                Some(vary_values(&s.vary, &ctx.head)),
+                                Some(vary_values(&s.vary, &sent(cfg, route, c, ctx))),
                                 reason.unwrap_or_default(),
                             ),
                         };
@@ -2880,7 +2951,7 @@ fn whole_object(
     cache: &WorkerCache,
     s: Storable,
     resp: &ResponseHead,
-    req: &RequestHead,
+    req: &Sent<'_>,
 ) -> Rc<Object> {
     let tags = tags_of(&s);
     let Storable {
@@ -3187,7 +3258,8 @@ async fn answer<'c, S: ClientIo>(
 
 /// Whether a waiting request can take a response as it arrives: a plain GET (no
 /// conditionals, no range, no freshness demands) whose Vary values are the fetcher's.
-fn streamable(h: &RequestHead, req: &Directives, st: &FlightStream) -> bool {
+fn streamable(sent: &Sent<'_>, req: &Directives, st: &FlightStream) -> bool {
+    let h = sent.head;
     h.method == Method::Get
         && req.max_age.is_none()
         && req.min_fresh.is_none()
@@ -3200,7 +3272,7 @@ fn streamable(h: &RequestHead, req: &Directives, st: &FlightStream) -> bool {
         ]
         .iter()
         .any(|n| h.header(n).is_some())
-        && st.vary_matches(h)
+        && st.vary_matches(sent)
         // A body of unknown length goes out chunked: HTTP/1.1 clients only (RFC 9112 §7).
         && (st.len.is_some() || h.version == Version::Http11)
 }
@@ -3668,6 +3740,8 @@ fn revalidate_later<S: ClientIo>(
         obj: f.obj.clone(),
         peer: c.peer.as_bytes().to_vec(),
         identity: Bytes::copy_from_slice(&ctx.auth_headers),
+        client_cert: cert_of(cfg, c).map(|(n, v)| (n.into(), v.into())),
+        private_ok: keys.store_key(p, false) == Some(&f.key[..]),
         request_id: ctx.id.as_bytes().to_vec(),
         https: c.info.tls,
         port: c.info.port,
@@ -3687,6 +3761,9 @@ fn revalidate_later<S: ClientIo>(
     });
 }
 
+/// A header's name and value, owned.
+type HeaderLine = (Box<[u8]>, Box<[u8]>);
+
 /// A background revalidation: everything it needs, owned.
 struct Revalidation {
     cache: Rc<WorkerCache>,
@@ -3698,6 +3775,13 @@ struct Revalidation {
     obj: Rc<Object>,
     peer: Vec<u8>,
     identity: Bytes,
+    /// The mTLS subject header's name and value the request sent upstream: the revalidation
+    /// sends them too, and its Vary values are taken with them.
+    client_cert: Option<HeaderLine>,
+    /// A response that is not public may be stored under `key` (the key is the caller's own,
+    /// or the route keeps no entries per caller): otherwise only a public one replaces the
+    /// stale copy, as a request's own fetch would store it.
+    private_ok: bool,
     request_id: Vec<u8>,
     https: bool,
     port: Option<u16>,
@@ -3733,7 +3817,7 @@ impl Revalidation {
             request_id: &self.request_id,
             via: &self.snap.via,
             https: self.https,
-            client_cert: None,
+            client_cert: self.client_cert.as_ref().map(|(n, v)| (&n[..], &v[..])),
             identity: &self.identity,
             // The triggering request's trace, the gateway's span as the parent, as when the
             // request itself is forwarded (see `crate::trace`).
@@ -3792,7 +3876,14 @@ impl Revalidation {
                     }
                     fresh.is_some()
                 } else {
-                    match analyze(p, resp.status, fields, self.authorized, request_time, now) {
+                    match analyze(p, resp.status, fields, self.authorized, request_time, now)
+                        .and_then(|s| {
+                            if s.public || self.private_ok {
+                                Ok(s)
+                            } else {
+                                Err("no-consumer")
+                            }
+                        }) {
                         Ok(s) => {
                             let body = read_body(&mut up, &resp, p.max_object, &self.t).await;
                             match body {
@@ -3800,7 +3891,16 @@ impl Revalidation {
                                     let reason = reason_of(&resp);
                                     let status = resp.status;
                                     resp.raw = Bytes::new();
-                                    let vary = vary_values(&s.vary, &self.head);
+                                    let sent = Sent {
+                                        head: &self.head,
+                                        identity: &route.request_headers.identity,
+                                        lines: &self.identity,
+                                        cert: self
+                                            .client_cert
+                                            .as_ref()
+                                            .map(|(n, v)| (&n[..], &v[..])),
+                                    };
+                                    let vary = vary_values(&s.vary, &sent);
                                     let obj = make_object(
                                         s,
                                         status,
@@ -3938,7 +4038,7 @@ mod tests {
     };
     use crate::cache::config::SetCookieMode;
     use crate::cache::policy::Directives;
-    use crate::cache::{QueryMode, RoutePolicy, WorkerCache};
+    use crate::cache::{QueryMode, RoutePolicy, Sent, WorkerCache};
     use crate::config::Config;
     use crate::http::request::{parse_request, Limits, RequestHead};
     use crate::http::response::{parse_response, ResponseHead};
@@ -4309,11 +4409,11 @@ mod tests {
             // Analysed with its body into the object that stores it: `make_object` of what
             // `analyze` keeps, with the body and URL.
             let body: Vec<u8> = (0..body_room).map(|i| b'a' + (i % 26) as u8).collect();
-            let got = analyze_whole(p, r, &req, &cache, &body, authorized, t0, t);
+            let got = analyze_whole(p, r, &Sent::plain(&req), &cache, &body, authorized, t0, t);
             match (want, got) {
                 (Ok(w), Ok((g, public))) => {
                     assert_eq!(w.public, public, "{head}");
-                    let vary = vary_values(&w.vary, &req);
+                    let vary = vary_values(&w.vary, &Sent::plain(&req));
                     let url = Bytes::from_static(b"h/p?q");
                     let made = make_object(w, r.status, reason_of(r), body.into(), url, vary);
                     assert_eq!(format!("{made:?}"), format!("{g:?}"), "{head}");
@@ -4398,7 +4498,7 @@ mod tests {
             };
             let mut a = analysed();
             let url = std::mem::take(&mut a.url);
-            let vary = vary_values(&a.vary, &req);
+            let vary = vary_values(&a.vary, &Sent::plain(&req));
             let made = make_object(
                 a,
                 r.status,
@@ -4415,11 +4515,11 @@ mod tests {
             // Two cases out of four as `fetch` stores a body read whole (analysed with it), the
             // others as it stores one captured on the way (in the room left for it).
             let built = if i / 2 % 2 == 0 {
-                let w = analyze_whole(&p, &r, &req, &cache, b"body!", false, t0, t);
+                let w = analyze_whole(&p, &r, &Sent::plain(&req), &cache, b"body!", false, t0, t);
                 w.expect("stored").0
             } else {
                 let mut b = analysed();
-                let vary = vary_values(&b.vary, &req);
+                let vary = vary_values(&b.vary, &Sent::plain(&req));
                 let mut body = std::mem::take(&mut b.body);
                 body.extend_from_slice(b"body!");
                 let body = body.freeze();

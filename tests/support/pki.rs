@@ -20,6 +20,8 @@ use rustls::{RootCertStore, ServerConfig};
 
 pub struct Pki {
     pub dir: PathBuf,
+    /// The "ca" issuer, for client certificates a test makes ([`client_cert_with`]).
+    ca: Issuer<'static, KeyPair>,
 }
 
 impl Pki {
@@ -101,8 +103,103 @@ pub fn pki() -> &'static Pki {
             chain.extend(std::fs::read(dir.join("ca.pem")).unwrap());
             std::fs::write(dir.join(format!("{n}-chain.pem")), chain).unwrap();
         }
-        Pki { dir }
+        Pki { dir, ca }
     })
+}
+
+/// A client certificate `stem` issued by "ca" with the subject `dn` (its RDNs in the order
+/// pushed), written beside the others (a `ClientOpts::cert` stem). When `patch` is given, the
+/// first occurrence of its first bytes in the certificate is replaced by its second (same
+/// length) and the certificate signed again: for subjects rcgen does not write (a Latin-1
+/// TeletexString).
+pub fn client_cert_with(
+    stem: &'static str,
+    dn: rcgen::DistinguishedName,
+    patch: Option<(&[u8], &[u8])>,
+) {
+    let p = pki();
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &p.ca).expect("signed");
+    let mut der = cert.der().to_vec();
+    if let Some((from, to)) = patch {
+        assert_eq!(from.len(), to.len());
+        der = resign(&der, from, to, &p.ca);
+    }
+    std::fs::write(p.dir.join(format!("{stem}.pem")), pem_of(&der)).unwrap();
+    std::fs::write(p.dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+}
+
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut s = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b.as_bytes().chunks(64) {
+        s.push_str(std::str::from_utf8(line).unwrap());
+        s.push('\n');
+    }
+    s.push_str("-----END CERTIFICATE-----\n");
+    s
+}
+
+/// DER: a tag and its length octets for `len` content bytes.
+fn der_head(tag: u8, len: usize, out: &mut Vec<u8>) {
+    out.push(tag);
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let b = len.to_be_bytes();
+        let skip = b.iter().take_while(|x| **x == 0).count();
+        out.push(0x80 | (b.len() - skip) as u8);
+        out.extend_from_slice(&b[skip..]);
+    }
+}
+
+/// Splits one DER element off `d`: (whole element, rest).
+fn der_split(d: &[u8]) -> (&[u8], &[u8]) {
+    let (len, hdr) = match d[1] {
+        l if l < 0x80 => (l as usize, 2),
+        l => {
+            let n = (l & 0x7f) as usize;
+            (
+                d[2..2 + n].iter().fold(0usize, |a, b| a << 8 | *b as usize),
+                2 + n,
+            )
+        }
+    };
+    d.split_at(hdr + len)
+}
+
+/// The certificate `der` with `from` replaced by `to` in its TBS, signed again by `ca`.
+fn resign(der: &[u8], from: &[u8], to: &[u8], ca: &Issuer<'static, KeyPair>) -> Vec<u8> {
+    // Inside the outer SEQUENCE: TBS, signature algorithm, signature.
+    let head_len = match der[1] {
+        l if l < 0x80 => 2,
+        l => 2 + (l & 0x7f) as usize,
+    };
+    let inner = &der[head_len..];
+    let (tbs, rest) = der_split(inner);
+    let (alg, _) = der_split(rest);
+    let mut tbs = tbs.to_vec();
+    let at = tbs
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("patched bytes present");
+    tbs[at..at + from.len()].copy_from_slice(to);
+    let sig = rcgen::SigningKey::sign(ca.key(), &tbs).expect("signed");
+    let mut bits = Vec::new();
+    der_head(0x03, sig.len() + 1, &mut bits);
+    bits.push(0);
+    bits.extend_from_slice(&sig);
+    let mut content = tbs;
+    content.extend_from_slice(alg);
+    content.extend_from_slice(&bits);
+    let mut out = Vec::new();
+    der_head(0x30, content.len(), &mut out);
+    out.extend_from_slice(&content);
+    out
 }
 
 pub fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
