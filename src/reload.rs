@@ -110,6 +110,10 @@ struct ListenerSlot {
     open: bool,
     config: ListenerConfig,
     rt: ListenerRt,
+    /// [`listener_tls_print`] taken before its rustls config was built (the files as they
+    /// were read then); `None`: not known (the config the gateway started with), so the next
+    /// reload builds a new one.
+    tls_print: Option<u64>,
 }
 
 /// Identity of the limits and concurrency counters, stable across reloads: an unchanged limit
@@ -438,7 +442,7 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
     // per-worker cache store is sized, and its Redis layer connected, at start (the other
     // `[cache]` keys are compiled into each route's policy and follow a reload). The access
     // log follows a reload (see `AccessLogs::reconfigure`).
-    let start_only: [(&str, ConfigText); 11] = [
+    let start_only: [(&str, ConfigText); 12] = [
         ("server.workers", |c| format!("{:?}", c.server.workers)),
         ("server.driver", |c| format!("{:?}", c.server.driver)),
         ("server.shutdown_timeout", |c| {
@@ -458,6 +462,9 @@ fn start_only_changes(old: &Config, new: &Config) -> Vec<String> {
         }),
         ("cache.max_bytes_per_worker", |c| {
             format!("{:?}", c.cache.max_bytes_per_worker)
+        }),
+        ("cache.max_in_flight_bytes_per_worker", |c| {
+            format!("{:?}", c.cache.max_in_flight_bytes_per_worker)
         }),
         ("cache.redis", |c| format!("{:?}", c.cache.redis)),
         ("metrics.enabled", |c| format!("{:?}", c.metrics.enabled)),
@@ -557,6 +564,7 @@ impl ReloadState {
                     open: true,
                     config: l.clone(),
                     rt,
+                    tls_print: None,
                 }
             })
             .collect();
@@ -689,6 +697,9 @@ impl ReloadState {
         next.server.max_connections_per_worker =
             crate::server::connection_cap(next.server.max_connections_per_worker, workers);
         // Built once for all workers. Nothing is committed until every fallible step passed.
+        // Taken before the files are read for the new configs: a file replaced in between
+        // then makes the next reload build again, never keep a stale one.
+        let tls_prints: Vec<u64> = next.listeners.iter().map(listener_tls_print).collect();
         let (listeners_rt, upstream_tls) =
             crate::server::build_tls(&next).map_err(|e| ReloadError::Build(e.to_string()))?;
         let fresh = AuthShared::new(&next).map_err(ReloadError::Build)?;
@@ -763,17 +774,15 @@ impl ReloadState {
         // every client do a full handshake again. Any change (a certificate renewed on disk,
         // the client CA) builds a new one, so no session resumes past a changed policy.
         let mut listeners_rt = listeners_rt;
-        for ((s, _, fate), (l, rt)) in plan
-            .iter()
-            .zip(next.listeners.iter().zip(listeners_rt.iter_mut()))
-        {
+        for ((s, _, fate), (l, (rt, print))) in plan.iter().zip(
+            next.listeners
+                .iter()
+                .zip(listeners_rt.iter_mut().zip(&tls_prints)),
+        ) {
             let Some(old) = inner.slots.get(*s).filter(|_| *fate == ListenerFate::Kept) else {
                 continue;
             };
-            if old.rt.tls.is_some()
-                && l.tls.is_some()
-                && listener_tls_print(&old.config) == listener_tls_print(l)
-            {
+            if old.rt.tls.is_some() && l.tls.is_some() && old.tls_print == Some(*print) {
                 rt.tls = old.rt.tls.clone();
             }
         }
@@ -943,7 +952,11 @@ impl ReloadState {
                 change: ListenerFate::Removed,
             });
         }
-        for ((s, key, fate), (l, rt)) in plan.iter().zip(next.listeners.iter().zip(listeners_rt)) {
+        for (((s, key, fate), (l, rt)), print) in plan
+            .iter()
+            .zip(next.listeners.iter().zip(listeners_rt))
+            .zip(tls_prints)
+        {
             let mut config = l.clone();
             let (bound, sockets) = match dups.remove(s) {
                 Some(d) => d,
@@ -963,6 +976,7 @@ impl ReloadState {
                 open: true,
                 config,
                 rt,
+                tls_print: Some(print),
             };
             if *s < inner.slots.len() {
                 inner.slots[*s] = entry;

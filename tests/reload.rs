@@ -766,9 +766,14 @@ fn a_reload_rereads_the_listener_certificates() {
     };
     assert_eq!(hello("a.test").as_deref(), Ok("up"));
     assert!(hello("x.wild.test").is_err());
+    // An unchanged reload first: the listener keeps its rustls config (and sessions), and
+    // what its files held is now known to the next reload.
+    gw.gateway().reload(parse(&cfg)).expect("reloads");
+    assert_eq!(hello("a.test").as_deref(), Ok("up"));
     // A keep-alive TLS connection open across the reload keeps its session.
     let mut open = Client::connect_tls(gw.addr, "a.test", client.clone()).unwrap();
-    // The files are replaced (the same paths), then the config is reloaded unchanged.
+    // The files are replaced (the same paths), then the config is reloaded unchanged: the
+    // new certificate is served (not the kept config).
     std::fs::write(&cert, p.read("wild-chain.pem")).unwrap();
     std::fs::write(&key, p.read("wild.key")).unwrap();
     gw.gateway().reload(parse(&cfg)).expect("reloads");
@@ -1250,13 +1255,18 @@ fn start_only_cache_metrics_log_and_access_log_keys_are_named_by_the_reload() {
     let gw = TestGateway::start(&two_groups(a.addr, b.addr, "a", ""), DriverChoice::Auto);
     // The store's budget, metrics and the log are set up at start; the access log follows a
     // reload (a listener the reload adds logs as configured).
-    let extra = "\n[cache]\nmax_bytes_per_worker = \"1MiB\"\n\n[metrics]\nenabled = false\n\n[log]\nlevel = \"debug\"\n\n[access_log]\nenabled = true\noutput = \"stdout\"\n";
+    let extra = "\n[cache]\nmax_bytes_per_worker = \"1MiB\"\nmax_in_flight_bytes_per_worker = \"2MiB\"\n\n[metrics]\nenabled = false\n\n[log]\nlevel = \"debug\"\n\n[access_log]\nenabled = true\noutput = \"stdout\"\n";
     let next = two_groups(a.addr, b.addr, "b", extra).replacen(
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
         "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.2:0\"\n",
         1,
     );
-    let start_only = ["cache.max_bytes_per_worker", "metrics.enabled", "log"];
+    let start_only = [
+        "cache.max_bytes_per_worker",
+        "cache.max_in_flight_bytes_per_worker",
+        "metrics.enabled",
+        "log",
+    ];
     let rep = gw.gateway().reload(parse(&next)).unwrap();
     assert_eq!(rep.not_reloaded, start_only, "{:?}", rep.not_reloaded);
     assert_eq!(get(gw.addr, "/x").text(), "B");
