@@ -1496,6 +1496,20 @@ id = "orders"
 upstream = "orders"
 path = "/orders/${request.header.x-user}"
 into = "orders"
+
+[[routes]]
+path_regex = "^/t/(?P<id>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "user"
+upstream = "users"
+path = "/users/${request.path.id}"
+[[routes.compose.calls]]
+id = "orders"
+upstream = "orders"
+path = "/orders"
+query = { tenant = "${calls.user.header.x-tenant}", mine = "${request.query.mine}" }
+into = "orders"
 "#;
     let gw = TestGateway::start(
         &cfg(&[("users", users.addr), ("orders", orders.addr)], routes),
@@ -1507,6 +1521,9 @@ into = "orders"
         ("/q/1", "null"),
         ("/q/2", "empty"),
         ("/h", "empty"),
+        // A value the gateway derived (an answer's header here) that is missing would drop
+        // the tenant filter; the client's own parameter may still be empty.
+        ("/t/3", "empty"),
     ] {
         let r = get(gw.addr, path);
         assert_eq!(r.status, 502, "{path}: {}", r.text());

@@ -454,7 +454,25 @@ impl<'a> Env<'a> {
             target.extend_from_slice(name.as_bytes());
             target.push(b'=');
             let mut v = Vec::new();
-            self.render_into(&mut v, t, item, Ctx::Raw)?;
+            for p in &t.parts {
+                match p {
+                    Part::Lit(l) => v.extend_from_slice(l.as_bytes()),
+                    Part::Ref(r) => {
+                        let at = v.len();
+                        self.put_ref(&mut v, r, item, Ctx::Raw)?;
+                        // A value the gateway derived (an answer's header, a claim, the
+                        // consumer) that writes nothing would turn a filter into none
+                        // (`tenant=`); only what the client itself sent may be empty.
+                        let from_client =
+                            matches!(r, Ref::Query(_) | Ref::Header(_) | Ref::PathCapture(_));
+                        if v.len() == at && !from_client {
+                            return Err(format!(
+                                "the value of its query parameter {name:?} is empty (missing), which would widen the request"
+                            ));
+                        }
+                    }
+                }
+            }
             percent_encode(&mut target, &v);
         }
         let fe = call.for_each.as_ref();

@@ -23,7 +23,8 @@
 //! §2.1: all but the unreserved characters of §2.3), so no value can add a path segment, a
 //! parameter or a fragment; a value that would make a `.` or `..` segment fails the call
 //! (see `exec.rs`). Nor can a value take one away: an empty JSON string fails in a path or
-//! query, and so does a reference in a path that writes nothing (a missing value, `exec.rs`).
+//! query, and so does a reference in a path that writes nothing (a missing value, `exec.rs`),
+//! or one in a query that does not read the client's own request.
 
 use std::collections::HashMap;
 
