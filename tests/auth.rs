@@ -1060,6 +1060,15 @@ rate_limits = [{{ key = "claim:tenant", rate = 3, per = "1m" }}]
         .collect();
     assert_eq!(t, vec![200, 200, 200, 429]);
     assert_eq!(status("/per-tenant", &token("erin", "t2")), 200);
+    // A null tenant is no tenant (as a null required claim is missing, RFC 7519 §4): such
+    // callers are counted by address with those that have none, not all in one "null" bucket.
+    let null_tenant = hs(&json!({"sub": "erin", "tenant": null, "exp": now() + 600}));
+    let no_tenant = hs(&json!({"sub": "erin", "exp": now() + 600}));
+    let n: Vec<u16> = [&null_tenant, &null_tenant, &null_tenant, &no_tenant]
+        .iter()
+        .map(|tok| status("/per-tenant", tok))
+        .collect();
+    assert_eq!(n, vec![200, 200, 200, 429]);
     // A key that needs a caller is refused on a route without auth.
     let e = ringway::config::Config::parse(
         &config(

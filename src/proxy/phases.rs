@@ -167,8 +167,9 @@ fn limit_key<S>(cfg: &Snapshot, key: &RateKey, c: &Conn<S>, ctx: &RequestCtx<'_>
         },
         RateKey::Claim(cl) => match ctx.identity.claim(cl) {
             Some(serde_json::Value::String(s)) => tagged_hash(s.as_bytes(), 0xc1),
+            // A null claim is no claim (as for required claims): counted by address.
+            None | Some(serde_json::Value::Null) => address(),
             Some(v) => tagged_hash(v.to_string().as_bytes(), 0xc1),
-            None => address(),
         },
     }
 }
