@@ -3638,14 +3638,8 @@ async fn purge_request<'c, S: ClientIo>(
         if !who.iter().any(|n| Some(&**n) == name) {
             // Read access is not purge access: only the listed consumers may purge.
             let s = Status {
-                name: &p.name,
-                hit: false,
-                fwd: "bypass",
-                fwd_status: 0,
-                ttl: None,
-                stored: false,
-                collapsed: false,
                 detail: Some("purge-forbidden"),
+                ..Status::new(p, "bypass")
             };
             let body = br#"{"error":"purge_forbidden","message":"this consumer may not purge on this route"}"#;
             return gateway_body(w, c, ctx, 403, &s, body).await;
@@ -3682,14 +3676,8 @@ async fn purge_request<'c, S: ClientIo>(
         if soft { "soft" } else { "hard" }
     );
     let s = Status {
-        name: &p.name,
-        hit: false,
-        fwd: "bypass",
-        fwd_status: 0,
-        ttl: None,
-        stored: false,
-        collapsed: false,
         detail: Some("purge"),
+        ..Status::new(p, "bypass")
     };
     gateway_body(w, c, ctx, 200, &s, body.as_bytes()).await
 }
