@@ -3918,6 +3918,22 @@ fn rfc9111_4_requests_with_unkeyed_override_headers_bypass_the_store() {
         );
         assert_eq!(up.hits(), before + 1, "{h}: answered from the store");
     }
+    // A method override to an unsafe method (DELETE above) invalidated /p, as the method
+    // itself would (RFC 9111 §4.4): the next plain GET is a miss that stores it again; an
+    // override to a safe method leaves it stored.
+    let before = up.hits();
+    let r = get(gw.addr, "/p");
+    assert!(!status_of(&r).contains("hit"), "invalidated: {r:?}");
+    assert_eq!(up.hits(), before + 1);
+    let r = get_h(gw.addr, "/p", "X-HTTP-Method-Override: GET\r\n");
+    assert!(status_of(&r).contains("detail=override-header"), "{r:?}");
+    assert!(status_of(&get(gw.addr, "/p")).contains("hit"));
+    let r = get_h(gw.addr, "/p", "X-HTTP-Method-Override: PATCH\r\n");
+    assert!(status_of(&r).contains("detail=override-header"), "{r:?}");
+    assert!(
+        !status_of(&get(gw.addr, "/p")).contains("hit"),
+        "invalidated"
+    );
     // Lookalikes of the same lengths are plain headers: a hit.
     let r = get_h(
         gw.addr,

@@ -74,6 +74,17 @@ pub async fn run<'c, S: ClientIo>(
             // it for everyone (web cache poisoning). Forwarded as it is, like the above.
             if seen.overridden {
                 std::hint::cold_path();
+                // An origin that obeys a method override to an unsafe method changes the
+                // resource: its stored responses are invalidated as the method's own would
+                // be (RFC 9111 §4.4).
+                if overrides_to_unsafe(&ctx.head) {
+                    let mut url = Vec::new();
+                    url_of(&ctx.head, &mut url);
+                    let mut s = Status::new(p, "bypass");
+                    s.detail = Some("override-header");
+                    let f = Fetch::Invalidate(url);
+                    return fetch(w, cfg, route, p, group, c, ctx, f, &mut s).await;
+                }
                 return bypass(w, cfg, route, p, group, c, ctx, &req, "override-header").await;
             }
             let keys = Keys::new(p, ctx, c.info.client_subject.as_deref(), &w.cache);
@@ -141,6 +152,30 @@ pub async fn run<'c, S: ClientIo>(
             .await
         }
     }
+}
+
+/// Whether a method-override header (`X-HTTP-Method-Override`, `X-HTTP-Method`,
+/// `X-Method-Override`, `_` for `-` too) names a method other than GET, HEAD, OPTIONS or
+/// TRACE: one that an origin obeying it would treat as unsafe.
+#[cold]
+#[inline(never)]
+fn overrides_to_unsafe(head: &RequestHead) -> bool {
+    const NAMES: [&[u8]; 6] = [
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x_http_method_override",
+        b"x_http_method",
+        b"x_method_override",
+    ];
+    NAMES.iter().any(|n| {
+        head.header_values(n).any(|v| {
+            let v = crate::http::trim_ows(v);
+            ![&b"GET"[..], b"HEAD", b"OPTIONS", b"TRACE"]
+                .iter()
+                .any(|m| v.eq_ignore_ascii_case(m))
+        })
+    })
 }
 
 /// A GET or HEAD that the store may not answer, that may not be stored, nor share another's
