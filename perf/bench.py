@@ -213,6 +213,11 @@ def tail(path, n=30):
         return ""
 
 
+def pinned(cpus, argv):
+    """argv run on the CPUs listed (taskset -c), or as it is when none are given."""
+    return ["taskset", "-c", cpus] + argv if cpus else argv
+
+
 # ------------------------------------------------------------------------------------------------
 # Configs
 
@@ -371,7 +376,8 @@ class Bench:
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
             f.write(origin_conf(d, self.www, self.a.origin_workers, self.nofile))
-        self.procs.start("origin", [self.a.nginx, "-p", d, "-c", conf, "-e", f"{d}/error.log"])
+        self.procs.start("origin", pinned(self.a.load_cpus,
+                                          [self.a.nginx, "-p", d, "-c", conf, "-e", f"{d}/error.log"]))
         if not wait_port(self.procs, "origin", PORTS["origin"]):
             raise SystemExit("origin nginx did not start:\n" + tail(os.path.join(self.workdir, "origin.log"))
                              + tail(f"{d}/error.log"))
@@ -386,18 +392,20 @@ class Bench:
             with open(conf, "w") as f:
                 f.write(ringway_conf(workers))
             env = dict(os.environ, RINGWAY_LOG=os.environ.get("RINGWAY_LOG", "warn"))
-            self.procs.start(target, [self.a.ringway, "run", "-c", conf, "--workers", str(workers)], env=env)
+            self.procs.start(target, pinned(self.a.proxy_cpus,
+                                            [self.a.ringway, "run", "-c", conf, "--workers", str(workers)]), env=env)
         elif target == "nginx":
             conf = os.path.join(d, "nginx.conf")
             with open(conf, "w") as f:
                 f.write(nginx_proxy_conf(d, workers, self.nofile))
-            self.procs.start(target, [self.a.nginx, "-p", d, "-c", conf, "-e", f"{d}/error.log"])
+            self.procs.start(target, pinned(self.a.proxy_cpus,
+                                            [self.a.nginx, "-p", d, "-c", conf, "-e", f"{d}/error.log"]))
         elif target == "haproxy":
             conf = os.path.join(d, "haproxy.cfg")
             maxconn = max(1000, min(20000, self.nofile - 1000))
             with open(conf, "w") as f:
                 f.write(haproxy_conf(workers, maxconn))
-            self.procs.start(target, [self.a.haproxy, "-db", "-f", conf])
+            self.procs.start(target, pinned(self.a.proxy_cpus, [self.a.haproxy, "-db", "-f", conf]))
         else:
             raise ValueError(target)
         if not wait_port(self.procs, target, PORTS[target]):
@@ -455,8 +463,9 @@ class Bench:
     def wrk(self, target, sc, duration, measure=True):
         size, path = BODIES[sc["body"]]
         threads = max(1, min(self.a.wrk_threads, sc["conns"]))
-        argv = [self.a.wrk, "-t", str(threads), "-c", str(sc["conns"]), "-d", f"{int(duration)}s",
-                "--timeout", f"{self.a.wrk_timeout}s", "-s", self.lua]
+        argv = pinned(self.a.load_cpus,
+                      [self.a.wrk, "-t", str(threads), "-c", str(sc["conns"]), "-d", f"{int(duration)}s",
+                       "--timeout", f"{self.a.wrk_timeout}s", "-s", self.lua])
         if sc["mode"] == "close":
             argv += ["-H", "Connection: close"]
         argv.append(f"http://{HOST}:{PORTS[target]}{path}")
@@ -917,6 +926,10 @@ def parse_args():
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--wrk-timeout", type=int, default=10, help="wrk --timeout seconds")
     p.add_argument("--origin-workers", type=int, default=nproc)
+    p.add_argument("--proxy-cpus", default="",
+                   help="CPU list (taskset -c) for the proxy under test, e.g. 0-7 (default: not pinned)")
+    p.add_argument("--load-cpus", default="",
+                   help="CPU list for the origin and wrk, e.g. 8-15 (default: not pinned)")
     p.add_argument("--ringway", default=os.path.join(REPO, "target", "release", "ringway"))
     p.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
     p.add_argument("--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy")
@@ -991,6 +1004,7 @@ def main():
             "quick": a.quick, "rounds": a.rounds, "duration_s": a.duration, "warmup_s": a.warmup,
             "wrk_threads": a.wrk_threads, "wrk_timeout_s": a.wrk_timeout, "nproc": a.nproc,
             "origin_workers": a.origin_workers, "targets": a.targets, "ports": PORTS,
+            "proxy_cpus": a.proxy_cpus, "load_cpus": a.load_cpus,
             "kernel": platform.platform(), "nofile": b.nofile, "build": a.build_note,
             "ringway_git": git_rev(),
             "versions": {
