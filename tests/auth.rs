@@ -1630,6 +1630,67 @@ fn introspection_exp_that_is_not_an_integer_is_not_ignored_rfc7662_4() {
     assert_eq!(up.hits(), 6);
 }
 
+/// RFC 7662 §2.2: `nbf` and `iat` are integers. An active answer whose `nbf` is ahead of
+/// the gateway's clock (beyond 30 s of skew) is refused as not valid yet, and not remembered;
+/// an `nbf` or `iat` that is not a number makes an answer the gateway cannot judge (503).
+#[test]
+fn introspection_nbf_is_honoured_and_nbf_iat_must_be_numbers_rfc7662_2_2() {
+    let t = now();
+    let idp = Loopback::start(move |req| {
+        let text = String::from_utf8_lossy(req).to_string();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        let token = body
+            .strip_prefix("token=")
+            .and_then(|b| b.split('&').next())
+            .unwrap_or("");
+        let mut answer = json!({"active": true, "sub": "bob", "exp": t + 600});
+        let (k, v) = match token {
+            "nbf-past" => ("nbf", json!(t - 100)),
+            "nbf-skew" => ("nbf", json!(t + 10)),
+            "nbf-future" => ("nbf", json!(t + 600)),
+            "nbf-float-future" => ("nbf", json!(t as f64 + 600.5)),
+            "nbf-string" => ("nbf", json!((t - 100).to_string())),
+            "iat-number" => ("iat", json!(t - 5)),
+            "iat-string" => ("iat", json!((t - 5).to_string())),
+            "iat-bool" => ("iat", json!(true)),
+            _ => ("nbf", json!(null)),
+        };
+        answer[k] = v;
+        Some(json_response(200, &answer.to_string(), ""))
+    });
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.introspection.idp]\nurl = \"http://{}/introspect\"\nclient_id = \"gw\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
+            idp.addr
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
+    for token in ["nbf-past", "nbf-skew", "nbf-null", "iat-number"] {
+        let r = get(token);
+        assert_eq!(r.status, 200, "{token}: {}", r.text());
+    }
+    for token in ["nbf-future", "nbf-float-future"] {
+        let before = idp.hits();
+        for _ in 0..2 {
+            let r = get(token);
+            assert_eq!(r.status, 401, "{token}: {}", r.text());
+            assert_eq!(r.json()["message"], "the token is not valid yet", "{token}");
+        }
+        assert_eq!(
+            idp.hits() - before,
+            2,
+            "{token}: not remembered, asked again"
+        );
+    }
+    for token in ["nbf-string", "iat-string", "iat-bool"] {
+        assert_eq!(get(token).status, 503, "{token}");
+    }
+    assert_eq!(up.hits(), 4);
+}
+
 /// A forwarded claim holds text the token's issuer (or its user: a name, an email) chose; it
 /// may not fill a header that says who the caller is by other means: the consumer header,
 /// the API key header, Authorization, an mTLS subject header.

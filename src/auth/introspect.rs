@@ -50,6 +50,34 @@ pub struct Answer {
     /// Whether the answer may be cached: not when its `exp` is a number but not the integer
     /// RFC 7662 §2.2 defines (see [`answer_exp`]).
     pub cacheable: bool,
+    /// `nbf`, in whole seconds, a fraction rounded up (so never earlier than the answer says).
+    pub nbf: Option<u64>,
+}
+
+/// Seconds of clock difference allowed between the gateway and the authorization server when
+/// an answer's `nbf` is compared (the JWT providers' default `leeway_seconds`).
+pub const NBF_LEEWAY_SECS: u64 = 30;
+
+/// Reads an answer's `nbf` and checks its `iat` (RFC 7662 §2.2: integers, seconds since the
+/// epoch). `nbf` absent or `null`: none; a number: rounded up (a negative one is 0). `None`
+/// when either is anything but a number or `null` (a string, a boolean, an array, an object):
+/// an answer the gateway cannot judge, as for `exp` (503).
+pub fn answer_nbf(claims: &Map<String, Value>) -> Option<Option<u64>> {
+    if !matches!(
+        claims.get("iat"),
+        None | Some(Value::Null) | Some(Value::Number(_))
+    ) {
+        return None;
+    }
+    match claims.get("nbf") {
+        None | Some(Value::Null) => Some(None),
+        Some(Value::Number(n)) => Some(Some(match n.as_u64() {
+            Some(v) => v,
+            // `as` saturates: huge values stay huge, negative ones become 0.
+            None => n.as_f64().unwrap_or(0.0).ceil().max(0.0) as u64,
+        })),
+        Some(_) => None,
+    }
 }
 
 /// Reads an answer's `exp` (RFC 7662 §2.2: an integer, seconds since the epoch). Absent or
@@ -255,10 +283,18 @@ impl Provider {
             );
             return Err(None);
         };
+        let Some(nbf) = answer_nbf(&claims) else {
+            debug!(
+                "introspection: {}: the answer's nbf or iat is not a number",
+                self.host
+            );
+            return Err(None);
+        };
         Ok(Answer {
             claims,
             exp,
             cacheable,
+            nbf,
         })
     }
 

@@ -736,6 +736,13 @@ impl WorkerAuth {
             p.remember_refusal(token.as_bytes(), Some(AuthFail::Expired));
             return Err(Some(AuthFail::Expired));
         }
+        // Not valid yet (RFC 7662 §2.2): refused, and not remembered, since it will be.
+        if answer
+            .nbf
+            .is_some_and(|n| now.saturating_add(introspect::NBF_LEEWAY_SECS) < n)
+        {
+            return Err(Some(AuthFail::NotYetValid));
+        }
         let v = Rc::new(self.verified(
             answer.claims,
             None,
