@@ -152,6 +152,34 @@ pub fn connection_value(keep: bool, version: Version) -> Option<&'static [u8]> {
     }
 }
 
+/// Removes from the target written at `out[start..]` every query parameter whose name reads
+/// as `name` once percent-decoded (`api%5Fkey` is `api_key`, as the gateway read it), and the
+/// `?` with them when none is left: a credential the gateway checked (`hide_credentials`).
+fn drop_query_param(out: &mut BytesMut, start: usize, name: &[u8]) {
+    let Some(q) = out[start..]
+        .iter()
+        .position(|b| *b == b'?')
+        .map(|p| start + p)
+    else {
+        return;
+    };
+    let named = |kv: &[u8]| {
+        let k = kv.split(|b| *b == b'=').next().unwrap_or(kv);
+        crate::http::decodes_to(k, name)
+    };
+    if !out[q + 1..].split(|b| *b == b'&').any(named) {
+        return;
+    }
+    let query = out[q + 1..].to_vec();
+    out.truncate(q);
+    let mut sep = b'?';
+    for kv in query.split(|b| *b == b'&').filter(|kv| !named(kv)) {
+        out.put_u8(sep);
+        out.put_slice(kv);
+        sep = b'&';
+    }
+}
+
 /// Writes the request head sent upstream (into a cleared `out`).
 pub fn encode_upstream_head(
     out: &mut BytesMut,
@@ -168,7 +196,11 @@ pub fn encode_upstream_head(
     if pq == b"*" {
         out.put_u8(b'*');
     } else {
+        let start = out.len();
         route.write_target(pq, out);
+        if let Some(name) = route.auth.as_ref().and_then(|p| p.hidden_query.as_deref()) {
+            drop_query_param(out, start, name);
+        }
     }
     out.put_slice(b" HTTP/1.1\r\n");
     let rules = &route.request_headers;

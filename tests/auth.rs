@@ -340,11 +340,18 @@ fn api_keys_map_to_consumers() {
             None,
             "the key is hidden from the upstream"
         );
-        // From the query parameter.
-        assert_eq!(
-            get_with(gw.addr, "/key?api_key=batch-key-1", "").status,
-            200
-        );
+        // From the query parameter, which `hide_credentials` (the default) removes from the
+        // target the upstream sees, however its name is spelled, other parameters kept.
+        for (q, target) in [
+            ("api_key=batch-key-1", "/key"),
+            ("a=1&api_key=batch-key-1&b=2", "/key?a=1&b=2"),
+            ("api%5Fkey=batch-key-1&x", "/key?x"),
+            ("api_keys=1&api_key=batch-key-1", "/key?api_keys=1"),
+        ] {
+            let r = get_with(gw.addr, &format!("/key?{q}"), "");
+            assert_eq!(r.status, 200, "{q} {d:?}");
+            assert_eq!(up.last().target, target, "{q} {d:?}");
+        }
         // Read percent-decoded, as the upstream reads it (RFC 3986 §2.1), and only when it
         // is there once: with two, which one the upstream takes is its own choice.
         for (q, want) in [
@@ -374,7 +381,7 @@ fn api_keys_map_to_consumers() {
             r.header("www-authenticate"),
             Some("Bearer realm=\"ringway\"")
         );
-        assert_eq!(up.hits(), 4);
+        assert_eq!(up.hits(), 7);
     }
 }
 

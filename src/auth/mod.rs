@@ -198,6 +198,9 @@ pub struct Policy {
     roles_all: Vec<Box<str>>,
     /// Header names removed before proxying (the credentials), when `hide_credentials`.
     pub hidden: Vec<Box<[u8]>>,
+    /// The API key's query parameter name, removed from the target before proxying, when
+    /// `hide_credentials` and keys may come in the query.
+    pub hidden_query: Option<Box<[u8]>>,
     /// `www-authenticate` lines, CRLF-terminated.
     challenge_missing: Box<[u8]>,
     challenge_invalid: Box<[u8]>,
@@ -224,6 +227,12 @@ impl Policy {
                 hidden.push(auth.api_key.header.0.as_bytes().into());
             }
         }
+        let hidden_query = auth
+            .api_key
+            .query
+            .as_ref()
+            .filter(|_| r.hide_credentials && methods.contains(&MethodRef::ApiKey))
+            .map(|q| q.as_bytes().into());
         let b = |v: &[String]| {
             v.iter()
                 .map(|s| s.as_str().into())
@@ -253,6 +262,7 @@ impl Policy {
             roles_any: b(&r.roles_any),
             roles_all: b(&r.roles_all),
             hidden,
+            hidden_query,
             challenge_missing: line(format!("Bearer realm=\"{realm}\"")),
             challenge_invalid: line(format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")),
             challenge_scope: line(format!(
