@@ -1052,6 +1052,64 @@ fn rfc9111_4_1_vary_on_the_consumer_header_uses_the_value_sent_upstream() {
     assert_eq!(up.hits(), 2);
 }
 
+/// A cache route named "r" in front of `up` with `request_headers = { rules }`.
+fn rewriting_config(up: SocketAddr, rules: &str) -> String {
+    config(
+        &[up],
+        &format!(
+            "[[routes]]\nname = \"r\"\nupstream = \"up\"\nrequest_headers = {{ {rules} }}\ncache = {{ }}\n"
+        ),
+    )
+}
+
+/// RFC 9111 §4.1: the selecting header fields are those of the request as forwarded. A header
+/// the route sets, removes or adds (`request_headers`) is compared as the gateway sends it,
+/// when the response is stored and when it is looked up, never as the client sent it: clients
+/// whose requests reach the origin alike share a variant, and after a reload that sets
+/// another value the variant stored for the old one is not served.
+#[test]
+fn rfc9111_4_1_vary_on_a_header_the_route_rewrites_uses_the_value_sent_upstream() {
+    let hit = |r: &Resp, body: &str| {
+        assert_eq!(r.text(), body, "{r:?}");
+        assert!(status_of(r).contains("hit"), "{r:?}");
+    };
+    // `set`: the client's value never reaches the origin.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tenant\r\n");
+    let set = |t: &str| rewriting_config(up.addr, &format!("set = {{ x-tenant = \"{t}\" }}"));
+    let gw = TestGateway::start(&set("acme"), D);
+    assert_eq!(get_h(gw.addr, "/s", "x-tenant: evil\r\n").text(), "v1");
+    assert_eq!(up.last().headers_named("x-tenant"), vec!["acme"]);
+    hit(&get_h(gw.addr, "/s", ""), "v1");
+    hit(&get_h(gw.addr, "/s", "x-tenant: other\r\n"), "v1");
+    gw.gateway()
+        .reload(ringway::config::Config::parse(&set("globex"), "c.toml").expect("valid"))
+        .expect("reloads");
+    let r = get_h(gw.addr, "/s", "x-tenant: evil\r\n");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    assert!(status_of(&r).contains("fwd=vary-miss"), "{r:?}");
+    assert_eq!(up.last().headers_named("x-tenant"), vec!["globex"]);
+    assert_eq!(up.hits(), 2);
+    // `remove`: the origin sees none, whatever the client sent.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tenant\r\n");
+    let gw = TestGateway::start(&rewriting_config(up.addr, "remove = [\"x-tenant\"]"), D);
+    assert_eq!(get_h(gw.addr, "/r", "x-tenant: a\r\n").text(), "v1");
+    assert_eq!(up.last().header("x-tenant"), None);
+    hit(&get_h(gw.addr, "/r", "x-tenant: b\r\n"), "v1");
+    hit(&get_h(gw.addr, "/r", ""), "v1");
+    assert_eq!(up.hits(), 1);
+    // `add`: the client's lines, then the route's.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tier\r\n");
+    let gw = TestGateway::start(&rewriting_config(up.addr, "add = { x-tier = \"gold\" }"), D);
+    assert_eq!(get_h(gw.addr, "/a", "").text(), "v1");
+    assert_eq!(up.last().headers_named("x-tier"), vec!["gold"]);
+    let r = get_h(gw.addr, "/a", "x-tier: silver\r\n");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    assert_eq!(up.last().headers_named("x-tier"), vec!["silver", "gold"]);
+    hit(&get_h(gw.addr, "/a", "x-tier: silver\r\n"), "v2");
+    hit(&get_h(gw.addr, "/a", ""), "v1");
+    assert_eq!(up.hits(), 2);
+}
+
 #[test]
 fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     let n = Arc::new(AtomicUsize::new(0));

@@ -1941,12 +1941,12 @@ fn sent<'a, S>(
     c: &'a Conn<S>,
     ctx: &'a RequestCtx<'_>,
 ) -> Sent<'a> {
-    Sent {
-        head: &ctx.head,
-        identity: &route.request_headers.identity,
-        lines: &ctx.auth_headers,
-        cert: cert_of(cfg, c),
-    }
+    Sent::new(
+        &ctx.head,
+        &route.request_headers,
+        &ctx.auth_headers,
+        cert_of(cfg, c),
+    )
 }
 
 /// The mTLS subject header's name and value sent upstream, when the client has a verified
@@ -3914,15 +3914,12 @@ impl Revalidation {
                                     let reason = reason_of(&resp);
                                     let status = resp.status;
                                     resp.raw = Bytes::new();
-                                    let sent = Sent {
-                                        head: &self.head,
-                                        identity: &route.request_headers.identity,
-                                        lines: &self.identity,
-                                        cert: self
-                                            .client_cert
-                                            .as_ref()
-                                            .map(|(n, v)| (&n[..], &v[..])),
-                                    };
+                                    let sent = Sent::new(
+                                        &self.head,
+                                        &route.request_headers,
+                                        &self.identity,
+                                        self.client_cert.as_ref().map(|(n, v)| (&n[..], &v[..])),
+                                    );
                                     let vary = vary_values(&s.vary, &sent);
                                     let obj = make_object(
                                         s,
