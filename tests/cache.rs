@@ -3798,6 +3798,54 @@ fn rfc9211_2_an_upstream_cache_status_member_is_kept_before_ours_on_answers_from
     );
 }
 
+/// RFC 9211 §2: a member names the cache that wrote it. An upstream's member bearing this
+/// cache's name would be kept before ours and forge its status (a `hit` on a miss), so it is
+/// dropped, when the response is relayed and when it is stored; the other members stay, and a
+/// name in another case or inside a parameter is not this cache's.
+#[test]
+fn rfc9211_2_an_upstream_member_bearing_this_cache_s_name_is_dropped() {
+    let up = Upstream::start(|req| {
+        let cc = if req.target == "/n" {
+            "no-store"
+        } else {
+            "max-age=60"
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-status: ringway; hit; ttl=99999\r\n\
+                 cache-status: edge; detail=\"via ringway\", \"ringway\"; hit, Ringway; hit\r\n\
+                 cache-control: {cc}\r\ncontent-length: 2\r\n\r\nok"
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let kept = "edge; detail=\"via ringway\", Ringway; hit";
+    let miss = get(gw.addr, "/h");
+    assert_eq!(
+        status_lines(&miss),
+        [kept, "ringway; fwd=uri-miss; fwd-status=200; stored"],
+        "{miss:?}"
+    );
+    let hit = get(gw.addr, "/h");
+    let lines = status_lines(&hit);
+    assert_eq!(lines.len(), 2, "{hit:?}");
+    assert_eq!(lines[0], kept, "{hit:?}");
+    assert!(lines[1].starts_with("ringway; hit; ttl="), "{hit:?}");
+    assert!(!lines[1].contains("99999"), "{hit:?}");
+    // Relayed, not stored.
+    let passed = get(gw.addr, "/n");
+    assert_eq!(
+        status_lines(&passed),
+        [
+            kept,
+            "ringway; fwd=uri-miss; fwd-status=200; detail=no-store"
+        ],
+        "{passed:?}"
+    );
+    assert_eq!(up.hits(), 2);
+}
+
 /// RFC 9110 §5.3, §14.2: two `Range` lines combine into one field value, `bytes=0-1,
 /// bytes=3-4`, which is not a valid ranges-specifier: the server ignores it and answers 200
 /// with the whole representation. `If-Range` is then ignored too (§13.1.5: it applies only

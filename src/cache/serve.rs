@@ -1611,6 +1611,57 @@ fn drop_named_lines(
     spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
 }
 
+const CACHE_STATUS: &[u8] = b"cache-status";
+
+/// Takes out of an upstream's `Cache-Status` lines the members that bear this cache's name,
+/// before the response is stored or relayed: a member names the cache that wrote it (RFC 9211
+/// §2), and one named as ringway, kept before ringway's own, would let an origin forge this
+/// cache's status (a `hit` for a miss, a `ttl`). A line left with no member goes. Most
+/// responses have no such line: one pass over the names' lengths, no allocation.
+#[inline]
+fn drop_forged_members(p: &RoutePolicy, resp: &mut ResponseHead) {
+    let name = &p.name[..];
+    let forged = resp.headers.iter().any(|h| {
+        h.name.len() == CACHE_STATUS.len()
+            && policy::is_name(resp.bytes(h.name), CACHE_STATUS)
+            && !name.is_empty()
+            && resp.bytes(h.value).windows(name.len()).any(|w| w == name)
+    });
+    if forged {
+        rewrite_status_lines(name, resp);
+    }
+}
+
+/// [`drop_forged_members`]'s work, for a head with a line that may hold such a member: a line
+/// that loses members gets its new value after a copy of the head (its span moved there); one
+/// that loses them all is dropped.
+#[cold]
+#[inline(never)]
+fn rewrite_status_lines(name: &[u8], resp: &mut ResponseHead) {
+    let mut raw = BytesMut::from(&resp.raw[..]);
+    let mut i = 0;
+    while i < resp.headers.len() {
+        let h = resp.headers[i];
+        let rest = policy::is_name(resp.bytes(h.name), CACHE_STATUS)
+            .then(|| policy::without_members(resp.bytes(h.value), name))
+            .flatten();
+        if let Some(v) = rest {
+            match super::fields::span(raw.len(), v.len()).filter(|_| !v.is_empty()) {
+                Some(at) => {
+                    raw.extend_from_slice(&v);
+                    resp.headers[i].value = at;
+                }
+                None => {
+                    resp.headers.remove(i);
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    resp.raw = raw.freeze();
+}
+
 /// The name of the Date field this cache adds to a response stored without one.
 const DATE: &[u8] = b"date";
 
@@ -2314,6 +2365,9 @@ async fn fetch<'c, S: ClientIo>(
     }
     let mut resp = w.bufs.take_resp();
     let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if r.is_ok() {
+        drop_forged_members(p, &mut resp);
+    }
     if let Some(orig) = swapped.take() {
         std::hint::cold_path();
         let h = std::mem::replace(&mut ctx.head, orig);
@@ -2368,6 +2422,9 @@ async fn fill<'c, S: ClientIo>(
     let mut status = Status::new(p, if any { "vary-miss" } else { "uri-miss" });
     let mut resp = w.bufs.take_resp();
     let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if r.is_ok() {
+        drop_forged_members(p, &mut resp);
+    }
     let now = now_secs();
     let r = 'whole: {
         let mut ch = match r {
@@ -3877,6 +3934,7 @@ impl Revalidation {
         let stored = match r {
             Err(_) => false,
             Ok(mut up) => {
+                drop_forged_members(p, &mut resp);
                 let now = now_secs();
                 let fields = copy_fields(&resp);
                 if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
