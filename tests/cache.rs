@@ -3731,6 +3731,75 @@ fn rfc9211_2_7_gateway_made_failures_on_a_cache_route_carry_cache_status() {
     );
 }
 
+/// RFC 9211 §2.7, RFC 9112 §7.1: a chunked body whose framing is bad before any of the
+/// response went to the client gets the gateway's 502, and its member names the failure as
+/// for any failed trip upstream (not the miss's, which said what the relay was to be); on
+/// each kind of fetch (a GET that may be stored, one that may not, an unsafe method). Once
+/// the head went out, the connection is cut: no 502, no last chunk.
+#[test]
+fn rfc9211_2_7_bad_chunked_framing_before_the_head_names_the_failure() {
+    let bad = b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n";
+    let up = Upstream::start(move |_| Reply::RawClose(bad.to_vec()));
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    for (req, member) in [
+        (
+            &b"GET /c HTTP/1.1\r\nHost: test.local\r\n\r\n"[..],
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            b"GET /c HTTP/1.1\r\nHost: test.local\r\nX-HTTP-Method-Override: PUT\r\n\r\n",
+            "ringway; fwd=bypass; detail=upstream-bad-response",
+        ),
+        (
+            b"DELETE /c HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=method; detail=upstream-bad-response",
+        ),
+    ] {
+        let r = request(gw.addr, req);
+        assert_eq!(r.status, 502, "{r:?}");
+        assert_eq!(status_lines(&r), [member], "{r:?}");
+    }
+
+    // The head and a first chunk went out before the bad framing came.
+    let go_on = Event::new();
+    let go = go_on.clone();
+    let up = Upstream::start(move |_| {
+        Reply::Script(vec![
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
+                    .to_vec(),
+            ),
+            Step::Await(go.clone()),
+            Step::Write(b"zz\r\nok\r\n0\r\n\r\n".to_vec()),
+            Step::Close,
+        ])
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /h HTTP/1.1\r\nHost: test.local\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(7).any(|w| w == b"2\r\nok\r\n") {
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    go_on.set();
+    loop {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        !text.contains("502") && !text.ends_with("0\r\n\r\n"),
+        "{text}"
+    );
+}
+
 /// RFC 9211 §2: a cache preserves the `Cache-Status` members already in a response and adds
 /// its own last. The upstream's member is stored with the response and comes before ours on
 /// hits, HEAD and 304 answers from the store, and on a validated answer (where the 304's own

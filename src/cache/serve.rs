@@ -16,7 +16,7 @@ use crate::http::Version;
 use crate::http::{ConnectionOptions, HeaderSpan};
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
 use crate::proxy::conn::{
-    end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
+    end_head, read_some, write_buf, Answer, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
 };
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::forward::{self, Chosen};
@@ -2450,11 +2450,15 @@ async fn fill<'c, S: ClientIo>(
             }
             None => break 'whole Ok(ch),
         }
+        let mark = ctx.resp_headers.len();
         status.put_fetched(p, &mut ctx.resp_headers);
         // Relayed here, not through `relay_as_is`: a future of its own there costs the usual
         // miss some 130 instructions.
         let (out, reusable) =
             forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+        if matches!(out, Outcome::Answer(_)) {
+            relay_refused(&mut status, ctx, mark, &out);
+        }
         resp.raw = Bytes::new();
         release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
         // A flight whose response was not stored ends once it is relayed: its waiters go
@@ -2738,8 +2742,19 @@ async fn fetched<'c, S: ClientIo>(
                     let mut plan = match whole {
                         Some(a) => match keep_whole(cache, p, keys, a, &mut guard, status) {
                             Ok(()) => {
-                                status.put_fetched(p, &mut ctx.resp_headers);
-                                return relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await;
+                                return relay_as_is(
+                                    w,
+                                    cfg,
+                                    route,
+                                    group,
+                                    c,
+                                    ctx,
+                                    ch,
+                                    resp,
+                                    status,
+                                    Some(p),
+                                )
+                                .await;
                             }
                             Err(d) => Err(d),
                         },
@@ -2815,10 +2830,14 @@ async fn fetched<'c, S: ClientIo>(
                         }
                         Err(d) => status.detail = Some(d),
                     }
+                    let mark = ctx.resp_headers.len();
                     status.put_fetched(p, &mut ctx.resp_headers);
                     let (out, reusable) =
                         forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, tee.as_mut())
                             .await;
+                    if matches!(out, Outcome::Answer(_)) {
+                        relay_refused(status, ctx, mark, &out);
+                    }
                     // Whole also when the client went away part way and the body was read
                     // on for the store and the waiters (its connection closes: `out`).
                     let complete = matches!(out, Outcome::Relayed { .. })
@@ -2900,12 +2919,10 @@ async fn fetched<'c, S: ClientIo>(
                             });
                         }
                     }
-                    status.put(&mut ctx.resp_headers);
-                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await
+                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
                 Fetch::Pass => {
-                    status.put(&mut ctx.resp_headers);
-                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await
+                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
                 Fetch::Head(found) => {
                     if let Some(f) = found.filter(|_| resp.status == 200) {
@@ -2919,13 +2936,38 @@ async fn fetched<'c, S: ClientIo>(
                             now,
                         );
                     }
-                    status.put(&mut ctx.resp_headers);
-                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await
+                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
             }
         }
     };
     out
+}
+
+/// A relay that answered for the upstream instead ([`Outcome::Answer`]: the body's framing
+/// was bad before any of the response went to the client, so the gateway's 502 goes out in
+/// its place): the member put at `mark` in the answer's extra lines, which described the
+/// response to be relayed, gives way to one naming the failure, as for a failed trip upstream
+/// (RFC 9211 §2.7). (Once the head went out, the relay cuts the connection instead.)
+#[cold]
+#[inline(never)]
+fn relay_refused(
+    status: &mut Status<'_>,
+    ctx: &mut RequestCtx<'_>,
+    mark: usize,
+    out: &Outcome<'_>,
+) {
+    let Outcome::Answer(Answer::Error(g)) = out else {
+        return;
+    };
+    ctx.resp_headers.truncate(mark);
+    status.hit = false;
+    status.fwd_status = 0;
+    status.ttl = None;
+    status.stored = false;
+    status.collapsed = false;
+    status.detail = Some(failure_detail(*g));
+    status.put(&mut ctx.resp_headers);
 }
 
 /// The `Cache-Status` detail (RFC 9211 §2.7) of an answer the gateway makes for a failed trip
@@ -2962,8 +3004,9 @@ fn failure_detail(e: GatewayError) -> &'static str {
 }
 
 /// Relays the response `resp` from `ch` to the client as it came (nothing captured for the
-/// store), then gives the upstream connection back ([`release`]): a relay that failed counts
-/// against the endpoint.
+/// store) with `status`'s member (written by [`Status::put_fetched`] for `fetched`'s fetch,
+/// else by [`Status::put`]), then gives the upstream connection back ([`release`]): a relay
+/// that failed counts against the endpoint.
 #[allow(clippy::too_many_arguments)]
 async fn relay_as_is<'c, S: ClientIo>(
     w: &Worker,
@@ -2974,8 +3017,18 @@ async fn relay_as_is<'c, S: ClientIo>(
     ctx: &mut RequestCtx<'_>,
     mut ch: Chosen,
     resp: &mut ResponseHead,
+    status: &mut Status<'_>,
+    fetched: Option<&RoutePolicy>,
 ) -> Outcome<'c> {
+    let mark = ctx.resp_headers.len();
+    match fetched {
+        Some(p) => status.put_fetched(p, &mut ctx.resp_headers),
+        None => status.put(&mut ctx.resp_headers),
+    }
     let (out, reusable) = forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, None).await;
+    if matches!(out, Outcome::Answer(_)) {
+        relay_refused(status, ctx, mark, &out);
+    }
     // The head shares the upstream's read buffer: released before the connection is reused.
     resp.raw = Bytes::new();
     release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
