@@ -4109,6 +4109,27 @@ fn rfc9111_4_requests_with_unkeyed_override_headers_bypass_the_store() {
         !status_of(&get(gw.addr, "/p")).contains("hit"),
         "invalidated"
     );
+    // With `only-if-cached`, a stored response or a 504 (RFC 9111 §5.2.1.7), as for the
+    // other bypassed requests: the store may not answer it, so a 504, not forwarded, and
+    // nothing invalidated, since nothing reached the origin.
+    assert!(status_of(&get(gw.addr, "/p")).contains("hit"));
+    let before = up.hits();
+    let r = get_h(
+        gw.addr,
+        "/p",
+        "X-HTTP-Method-Override: DELETE\r\nCache-Control: only-if-cached\r\n",
+    );
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=bypass; detail=override-header"],
+        "{r:?}"
+    );
+    assert_eq!(up.hits(), before, "not forwarded");
+    assert!(
+        status_of(&get(gw.addr, "/p")).contains("hit"),
+        "not invalidated"
+    );
     // Lookalikes of the same lengths are plain headers: a hit.
     let r = get_h(
         gw.addr,

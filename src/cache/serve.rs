@@ -76,8 +76,10 @@ pub async fn run<'c, S: ClientIo>(
                 std::hint::cold_path();
                 // An origin that obeys a method override to an unsafe method changes the
                 // resource: its stored responses are invalidated as the method's own would
-                // be (RFC 9111 §4.4).
-                if overrides_to_unsafe(&ctx.head) {
+                // be (RFC 9111 §4.4). Not with `only-if-cached`: such a request gets a stored
+                // response or a 504 (§5.2.1.7), and the store cannot answer it, so it gets the
+                // 504 below, unforwarded, and nothing is invalidated.
+                if !req.only_if_cached && overrides_to_unsafe(&ctx.head) {
                     let mut url = Vec::new();
                     url_of(&ctx.head, &mut url);
                     let mut s = Status::new(p, "bypass");
