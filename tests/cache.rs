@@ -1052,6 +1052,64 @@ fn rfc9111_4_1_vary_on_the_consumer_header_uses_the_value_sent_upstream() {
     assert_eq!(up.hits(), 2);
 }
 
+/// A cache route named "r" in front of `up` with `request_headers = { rules }`.
+fn rewriting_config(up: SocketAddr, rules: &str) -> String {
+    config(
+        &[up],
+        &format!(
+            "[[routes]]\nname = \"r\"\nupstream = \"up\"\nrequest_headers = {{ {rules} }}\ncache = {{ }}\n"
+        ),
+    )
+}
+
+/// RFC 9111 §4.1: the selecting header fields are those of the request as forwarded. A header
+/// the route sets, removes or adds (`request_headers`) is compared as the gateway sends it,
+/// when the response is stored and when it is looked up, never as the client sent it: clients
+/// whose requests reach the origin alike share a variant, and after a reload that sets
+/// another value the variant stored for the old one is not served.
+#[test]
+fn rfc9111_4_1_vary_on_a_header_the_route_rewrites_uses_the_value_sent_upstream() {
+    let hit = |r: &Resp, body: &str| {
+        assert_eq!(r.text(), body, "{r:?}");
+        assert!(status_of(r).contains("hit"), "{r:?}");
+    };
+    // `set`: the client's value never reaches the origin.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tenant\r\n");
+    let set = |t: &str| rewriting_config(up.addr, &format!("set = {{ x-tenant = \"{t}\" }}"));
+    let gw = TestGateway::start(&set("acme"), D);
+    assert_eq!(get_h(gw.addr, "/s", "x-tenant: evil\r\n").text(), "v1");
+    assert_eq!(up.last().headers_named("x-tenant"), vec!["acme"]);
+    hit(&get_h(gw.addr, "/s", ""), "v1");
+    hit(&get_h(gw.addr, "/s", "x-tenant: other\r\n"), "v1");
+    gw.gateway()
+        .reload(ringway::config::Config::parse(&set("globex"), "c.toml").expect("valid"))
+        .expect("reloads");
+    let r = get_h(gw.addr, "/s", "x-tenant: evil\r\n");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    assert!(status_of(&r).contains("fwd=vary-miss"), "{r:?}");
+    assert_eq!(up.last().headers_named("x-tenant"), vec!["globex"]);
+    assert_eq!(up.hits(), 2);
+    // `remove`: the origin sees none, whatever the client sent.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tenant\r\n");
+    let gw = TestGateway::start(&rewriting_config(up.addr, "remove = [\"x-tenant\"]"), D);
+    assert_eq!(get_h(gw.addr, "/r", "x-tenant: a\r\n").text(), "v1");
+    assert_eq!(up.last().header("x-tenant"), None);
+    hit(&get_h(gw.addr, "/r", "x-tenant: b\r\n"), "v1");
+    hit(&get_h(gw.addr, "/r", ""), "v1");
+    assert_eq!(up.hits(), 1);
+    // `add`: the client's lines, then the route's.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tier\r\n");
+    let gw = TestGateway::start(&rewriting_config(up.addr, "add = { x-tier = \"gold\" }"), D);
+    assert_eq!(get_h(gw.addr, "/a", "").text(), "v1");
+    assert_eq!(up.last().headers_named("x-tier"), vec!["gold"]);
+    let r = get_h(gw.addr, "/a", "x-tier: silver\r\n");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    assert_eq!(up.last().headers_named("x-tier"), vec!["silver", "gold"]);
+    hit(&get_h(gw.addr, "/a", "x-tier: silver\r\n"), "v2");
+    hit(&get_h(gw.addr, "/a", ""), "v1");
+    assert_eq!(up.hits(), 2);
+}
+
 #[test]
 fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     let n = Arc::new(AtomicUsize::new(0));
@@ -3673,6 +3731,75 @@ fn rfc9211_2_7_gateway_made_failures_on_a_cache_route_carry_cache_status() {
     );
 }
 
+/// RFC 9211 §2.7, RFC 9112 §7.1: a chunked body whose framing is bad before any of the
+/// response went to the client gets the gateway's 502, and its member names the failure as
+/// for any failed trip upstream (not the miss's, which said what the relay was to be); on
+/// each kind of fetch (a GET that may be stored, one that may not, an unsafe method). Once
+/// the head went out, the connection is cut: no 502, no last chunk.
+#[test]
+fn rfc9211_2_7_bad_chunked_framing_before_the_head_names_the_failure() {
+    let bad = b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n";
+    let up = Upstream::start(move |_| Reply::RawClose(bad.to_vec()));
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    for (req, member) in [
+        (
+            &b"GET /c HTTP/1.1\r\nHost: test.local\r\n\r\n"[..],
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            b"GET /c HTTP/1.1\r\nHost: test.local\r\nX-HTTP-Method-Override: PUT\r\n\r\n",
+            "ringway; fwd=bypass; detail=upstream-bad-response",
+        ),
+        (
+            b"DELETE /c HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=method; detail=upstream-bad-response",
+        ),
+    ] {
+        let r = request(gw.addr, req);
+        assert_eq!(r.status, 502, "{r:?}");
+        assert_eq!(status_lines(&r), [member], "{r:?}");
+    }
+
+    // The head and a first chunk went out before the bad framing came.
+    let go_on = Event::new();
+    let go = go_on.clone();
+    let up = Upstream::start(move |_| {
+        Reply::Script(vec![
+            Step::Write(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n"
+                    .to_vec(),
+            ),
+            Step::Await(go.clone()),
+            Step::Write(b"zz\r\nok\r\n0\r\n\r\n".to_vec()),
+            Step::Close,
+        ])
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /h HTTP/1.1\r\nHost: test.local\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(7).any(|w| w == b"2\r\nok\r\n") {
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+        assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    go_on.set();
+    loop {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        !text.contains("502") && !text.ends_with("0\r\n\r\n"),
+        "{text}"
+    );
+}
+
 /// RFC 9211 §2: a cache preserves the `Cache-Status` members already in a response and adds
 /// its own last. The upstream's member is stored with the response and comes before ours on
 /// hits, HEAD and 304 answers from the store, and on a validated answer (where the 304's own
@@ -3738,6 +3865,54 @@ fn rfc9211_2_an_upstream_cache_status_member_is_kept_before_ours_on_answers_from
         lines[1].starts_with("ringway; fwd=stale; fwd-status=304"),
         "{validated:?}"
     );
+}
+
+/// RFC 9211 §2: a member names the cache that wrote it. An upstream's member bearing this
+/// cache's name would be kept before ours and forge its status (a `hit` on a miss), so it is
+/// dropped, when the response is relayed and when it is stored; the other members stay, and a
+/// name in another case or inside a parameter is not this cache's.
+#[test]
+fn rfc9211_2_an_upstream_member_bearing_this_cache_s_name_is_dropped() {
+    let up = Upstream::start(|req| {
+        let cc = if req.target == "/n" {
+            "no-store"
+        } else {
+            "max-age=60"
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-status: ringway; hit; ttl=99999\r\n\
+                 cache-status: edge; detail=\"via ringway\", \"ringway\"; hit, Ringway; hit\r\n\
+                 cache-control: {cc}\r\ncontent-length: 2\r\n\r\nok"
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let kept = "edge; detail=\"via ringway\", Ringway; hit";
+    let miss = get(gw.addr, "/h");
+    assert_eq!(
+        status_lines(&miss),
+        [kept, "ringway; fwd=uri-miss; fwd-status=200; stored"],
+        "{miss:?}"
+    );
+    let hit = get(gw.addr, "/h");
+    let lines = status_lines(&hit);
+    assert_eq!(lines.len(), 2, "{hit:?}");
+    assert_eq!(lines[0], kept, "{hit:?}");
+    assert!(lines[1].starts_with("ringway; hit; ttl="), "{hit:?}");
+    assert!(!lines[1].contains("99999"), "{hit:?}");
+    // Relayed, not stored.
+    let passed = get(gw.addr, "/n");
+    assert_eq!(
+        status_lines(&passed),
+        [
+            kept,
+            "ringway; fwd=uri-miss; fwd-status=200; detail=no-store"
+        ],
+        "{passed:?}"
+    );
+    assert_eq!(up.hits(), 2);
 }
 
 /// RFC 9110 §5.3, §14.2: two `Range` lines combine into one field value, `bytes=0-1,
@@ -3933,6 +4108,27 @@ fn rfc9111_4_requests_with_unkeyed_override_headers_bypass_the_store() {
     assert!(
         !status_of(&get(gw.addr, "/p")).contains("hit"),
         "invalidated"
+    );
+    // With `only-if-cached`, a stored response or a 504 (RFC 9111 §5.2.1.7), as for the
+    // other bypassed requests: the store may not answer it, so a 504, not forwarded, and
+    // nothing invalidated, since nothing reached the origin.
+    assert!(status_of(&get(gw.addr, "/p")).contains("hit"));
+    let before = up.hits();
+    let r = get_h(
+        gw.addr,
+        "/p",
+        "X-HTTP-Method-Override: DELETE\r\nCache-Control: only-if-cached\r\n",
+    );
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(
+        status_lines(&r),
+        ["ringway; fwd=bypass; detail=override-header"],
+        "{r:?}"
+    );
+    assert_eq!(up.hits(), before, "not forwarded");
+    assert!(
+        status_of(&get(gw.addr, "/p")).contains("hit"),
+        "not invalidated"
     );
     // Lookalikes of the same lengths are plain headers: a hit.
     let r = get_h(

@@ -44,6 +44,7 @@ use crate::control::{Control, ControlError};
 use crate::http::request::RequestHead;
 use crate::http::HeaderSpan;
 use crate::local::Notify;
+use crate::router::{HeaderPair, HeaderRules};
 
 use config::{QueryKey, RouteCacheConfig};
 use fields::{Fields, FieldsRef};
@@ -580,14 +581,19 @@ pub struct Object {
 
 /// A request as it went upstream, for its Vary values (RFC 9111 §4.1: the selecting header
 /// fields are those of the request as forwarded, which the origin answered). The client's own
-/// fields, save the identity headers only the gateway sets (the mTLS subject, the consumer,
-/// forwarded claims): a client's copy of those is removed, and the origin saw the gateway's
-/// value, or none.
+/// fields, save those the gateway writes: the identity headers only it sets (the mTLS subject,
+/// the consumer, forwarded claims; a client's copy is removed, and the origin saw the
+/// gateway's value, or none), and the headers the route's `request_headers` add, set or
+/// remove (the origin saw the client's lines, if kept, then the route's).
 #[derive(Clone, Copy)]
 pub struct Sent<'a> {
     pub head: &'a RequestHead,
     /// The identity header names (the route's `request_headers.identity`, lower case).
     pub identity: &'a [Box<[u8]>],
+    /// The route's `request_headers` (`remove` holds the identity names too).
+    pub add: &'a [HeaderPair],
+    pub set: &'a [HeaderPair],
+    pub remove: &'a [Box<[u8]>],
     /// The identity header lines the auth stage sent (`name: value` CRLF, names lower case).
     pub lines: &'a [u8],
     /// The mTLS subject header's name and value, when the client has a verified certificate.
@@ -595,51 +601,99 @@ pub struct Sent<'a> {
 }
 
 impl<'a> Sent<'a> {
-    /// A request whose identity headers do not matter (no identity header is set).
+    /// A request whose headers go upstream as the client sent them (no identity header, no
+    /// rule).
     pub fn plain(head: &'a RequestHead) -> Sent<'a> {
         Sent {
             head,
             identity: &[],
+            add: &[],
+            set: &[],
+            remove: &[],
             lines: b"",
             cert: None,
         }
     }
 
+    /// `head` as a route with `rules` sends it, with the identity lines `lines` and the mTLS
+    /// subject `cert`.
+    #[inline(always)]
+    pub fn new(
+        head: &'a RequestHead,
+        rules: &'a HeaderRules,
+        lines: &'a [u8],
+        cert: Option<(&'a [u8], &'a [u8])>,
+    ) -> Sent<'a> {
+        Sent {
+            head,
+            identity: &rules.identity,
+            add: &rules.add,
+            set: &rules.set,
+            remove: &rules.remove,
+            lines,
+            cert,
+        }
+    }
+
     /// The value of the field `name` (lower case) as compared for Vary.
     pub fn vary_value(&self, name: &[u8]) -> Vec<u8> {
-        if !self.identity.is_empty() && self.identity.iter().any(|i| i.eq_ignore_ascii_case(name)) {
-            return self.identity_value(name);
+        if self.written(name) {
+            return self.sent_value(name);
         }
         policy::vary_value(name, &mut self.head.header_values(name))
     }
 
-    /// An identity header's value as sent, exactly (no list items: a subject's escaped `\,`
-    /// is not a separator); [`policy::VARY_ABSENT`] when none was sent.
+    /// Whether the gateway writes `name` itself (an identity header, or one the route's rules
+    /// touch): a few name compares, no allocation, on a route without rules none.
+    #[inline]
+    fn written(&self, name: &[u8]) -> bool {
+        let is = |n: &[u8]| n.eq_ignore_ascii_case(name);
+        self.identity.iter().any(|n| is(n))
+            || self.remove.iter().any(|n| is(n))
+            || self.set.iter().any(|(n, _)| is(n))
+            || self.add.iter().any(|(n, _)| is(n))
+    }
+
+    /// The value of a field the gateway writes, as it goes upstream (the order of
+    /// `rewrite::encode_upstream_head`): the client's lines unless removed or replaced, the mTLS
+    /// subject, the identity lines, the route's `set` then `add` values. An identity header's
+    /// is exact (no list items: a subject's escaped `\,` is not a separator);
+    /// [`policy::VARY_ABSENT`] when none is sent.
     #[cold]
     #[inline(never)]
-    fn identity_value(&self, name: &[u8]) -> Vec<u8> {
-        if let Some((_, v)) = self.cert.filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            return v.to_vec();
+    fn sent_value(&self, name: &[u8]) -> Vec<u8> {
+        let is = |n: &[u8]| n.eq_ignore_ascii_case(name);
+        let identity = self.identity.iter().any(|n| is(n));
+        let dropped =
+            identity || self.remove.iter().any(|n| is(n)) || self.set.iter().any(|(n, _)| is(n));
+        let mut values: Vec<&[u8]> = Vec::new();
+        if !dropped {
+            values.extend(self.head.header_values(name));
         }
-        let mut out: Option<Vec<u8>> = None;
+        if let Some((_, v)) = self.cert.filter(|(n, _)| is(n)) {
+            values.push(v);
+        }
         for line in self.lines.split(|b| *b == b'\n') {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let Some(colon) = line.iter().position(|b| *b == b':') else {
                 continue;
             };
-            if !line[..colon].eq_ignore_ascii_case(name) {
-                continue;
-            }
-            let v = crate::http::trim_ows(&line[colon + 1..]);
-            match &mut out {
-                Some(o) => {
-                    o.push(b'\n');
-                    o.extend_from_slice(v);
-                }
-                None => out = Some(v.to_vec()),
+            if is(&line[..colon]) {
+                values.push(crate::http::trim_ows(&line[colon + 1..]));
             }
         }
-        out.unwrap_or_else(|| policy::VARY_ABSENT.to_vec())
+        for (n, v) in self.set.iter().chain(self.add.iter()) {
+            if is(n) {
+                values.push(v);
+            }
+        }
+        if !identity {
+            return policy::vary_value(name, &mut values.iter().copied());
+        }
+        if values.is_empty() {
+            return policy::VARY_ABSENT.to_vec();
+        }
+        values.join(&b"\n"[..])
     }
 
     /// Whether `vary` (the Vary values of a stored response) are this request's.
@@ -2176,10 +2230,11 @@ mod tests {
         );
         let identity: Vec<Box<[u8]>> = vec![b"x-subject"[..].into(), b"x-consumer"[..].into()];
         let sent = |lines: &'static [u8], cert: Option<&'static [u8]>| Sent {
-            head: &h,
             identity: &identity,
+            remove: &identity,
             lines,
             cert: cert.map(|c| (&b"x-subject"[..], c)),
+            ..Sent::plain(&h)
         };
         let none = sent(b"", None);
         assert_eq!(none.vary_value(b"x-consumer"), policy::VARY_ABSENT);
@@ -2192,6 +2247,29 @@ mod tests {
         assert_ne!(other.vary_value(b"x-subject"), bob.vary_value(b"x-subject"));
         // Plain: no identity headers, the client's fields as they are.
         assert_eq!(Sent::plain(&h).vary_value(b"x-consumer"), b"alice");
+    }
+
+    /// RFC 9111 §4.1: a header the route's `request_headers` touch has the value the gateway
+    /// sends: a `set` one's alone, none for a removed one, the client's lines then the added
+    /// ones for an `add`; other fields are the client's.
+    #[test]
+    fn vary_values_of_headers_the_route_rewrites_are_those_sent_upstream() {
+        let h = head("GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\nX-D: 4\r\n\r\n");
+        let pair = |n: &str, v: &str| (n.as_bytes().into(), v.as_bytes().into());
+        let set: Vec<HeaderPair> = vec![pair("x-a", "set")];
+        let add: Vec<HeaderPair> = vec![pair("x-c", "more"), pair("x-e", "new")];
+        let remove: Vec<Box<[u8]>> = vec![b"x-b"[..].into()];
+        let sent = Sent {
+            set: &set,
+            add: &add,
+            remove: &remove,
+            ..Sent::plain(&h)
+        };
+        assert_eq!(sent.vary_value(b"x-a"), b"set");
+        assert_eq!(sent.vary_value(b"X-B"), policy::VARY_ABSENT);
+        assert_eq!(sent.vary_value(b"x-c"), b"3, more");
+        assert_eq!(sent.vary_value(b"x-d"), b"4");
+        assert_eq!(sent.vary_value(b"x-e"), b"new");
     }
 
     /// `prefetch` asks for each line the bytes touch once, in order from the first, whatever

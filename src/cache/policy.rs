@@ -130,7 +130,7 @@ pub fn delta_seconds(v: &[u8]) -> Option<u64> {
 }
 
 /// Splits a list on commas outside quoted strings.
-fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(super) fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut start = 0;
     let mut i = 0;
     let mut quoted = false;
@@ -936,6 +936,60 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
     items.join(&b", "[..])
 }
 
+/// Whether the `Cache-Status` member `m` (a list member, trimmed) names the cache `name`
+/// (RFC 9211 §2: a member's bare item, a token or a string, identifies its cache): a token
+/// equal to `name`, or a string whose contents are `name`, compared byte for byte (tokens and
+/// strings are case-sensitive, RFC 8941 §3.3.3, §3.3.4). An unterminated string is read to
+/// its end.
+pub fn member_named(m: &[u8], name: &[u8]) -> bool {
+    let Some(s) = m.strip_prefix(b"\"") else {
+        let end = m
+            .iter()
+            .position(|b| matches!(b, b';' | b' ' | b'\t'))
+            .unwrap_or(m.len());
+        return &m[..end] == name;
+    };
+    let mut want = name.iter();
+    let mut i = 0;
+    while i < s.len() {
+        let mut b = s[i];
+        if b == b'"' {
+            break;
+        }
+        if b == b'\\' {
+            i += 1;
+            match s.get(i) {
+                Some(c) => b = *c,
+                None => break,
+            }
+        }
+        if want.next() != Some(&b) {
+            return false;
+        }
+        i += 1;
+    }
+    want.next().is_none()
+}
+
+/// A `Cache-Status` value without its members named `name` ([`member_named`]), the others
+/// as they were, joined by `, `: `None` when it has none of those (empty when they were all).
+pub fn without_members(v: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut kept: Vec<&[u8]> = Vec::new();
+    let mut dropped = false;
+    for m in split_quoted(v) {
+        let m = trim_ows(m);
+        if m.is_empty() {
+            continue;
+        }
+        if member_named(m, name) {
+            dropped = true;
+        } else {
+            kept.push(m);
+        }
+    }
+    dropped.then(|| kept.join(&b", "[..]))
+}
+
 /// `Vary` field names of a response, lower case; `None` for `*` (never matches).
 pub fn vary_names<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Vec<Box<[u8]>>> {
     let mut names: Vec<Box<[u8]>> = Vec::new();
@@ -1403,6 +1457,39 @@ mod tests {
             items.add_by_items(line.as_bytes());
             proptest::prop_assert_eq!(one, items, "{:?}", line);
         }
+    }
+
+    /// RFC 9211 §2: a member names a cache by its token or string, compared exactly; the
+    /// others stay as they were.
+    #[test]
+    fn cache_status_members_named_as_this_cache_are_found_and_dropped() {
+        for (m, named) in [
+            (&b"ringway"[..], true),
+            (b"ringway; hit", true),
+            (b"ringway;fwd=uri-miss", true),
+            (b"\"ringway\"; hit", true),
+            (b"\"ring\\way\"", true),
+            (b"\"ringway", true),
+            (b"Ringway; hit", false),
+            (b"ringway-edge; hit", false),
+            (b"\"ringway \"; hit", false),
+            (b"edge; detail=ringway", false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                member_named(m, b"ringway"),
+                named,
+                "{:?}",
+                String::from_utf8_lossy(m)
+            );
+        }
+        let w = |v: &[u8]| without_members(v, b"ringway");
+        assert_eq!(w(b"edge; hit"), None);
+        assert_eq!(w(b"ringway; hit"), Some(Vec::new()));
+        assert_eq!(
+            w(b"edge; detail=\"a, ringway\",ringway; hit , cdn"),
+            Some(b"edge; detail=\"a, ringway\", cdn".to_vec())
+        );
     }
 
     #[test]

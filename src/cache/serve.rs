@@ -16,7 +16,7 @@ use crate::http::Version;
 use crate::http::{ConnectionOptions, HeaderSpan};
 use crate::proxy::attempt::{attempt, AttemptError, AttemptOpts, DownFail, InMemory};
 use crate::proxy::conn::{
-    end_head, read_some, write_buf, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
+    end_head, read_some, write_buf, Answer, ClientIo, Conn, IoFail, Outcome, DRAIN_MAX,
 };
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::forward::{self, Chosen};
@@ -76,8 +76,10 @@ pub async fn run<'c, S: ClientIo>(
                 std::hint::cold_path();
                 // An origin that obeys a method override to an unsafe method changes the
                 // resource: its stored responses are invalidated as the method's own would
-                // be (RFC 9111 §4.4).
-                if overrides_to_unsafe(&ctx.head) {
+                // be (RFC 9111 §4.4). Not with `only-if-cached`: such a request gets a stored
+                // response or a 504 (§5.2.1.7), and the store cannot answer it, so it gets the
+                // 504 below, unforwarded, and nothing is invalidated.
+                if !req.only_if_cached && overrides_to_unsafe(&ctx.head) {
                     let mut url = Vec::new();
                     url_of(&ctx.head, &mut url);
                     let mut s = Status::new(p, "bypass");
@@ -1611,6 +1613,57 @@ fn drop_named_lines(
     spans.retain(|s| !dropped(p, d, false, resp.bytes(s.name)));
 }
 
+const CACHE_STATUS: &[u8] = b"cache-status";
+
+/// Takes out of an upstream's `Cache-Status` lines the members that bear this cache's name,
+/// before the response is stored or relayed: a member names the cache that wrote it (RFC 9211
+/// §2), and one named as ringway, kept before ringway's own, would let an origin forge this
+/// cache's status (a `hit` for a miss, a `ttl`). A line left with no member goes. Most
+/// responses have no such line: one pass over the names' lengths, no allocation.
+#[inline]
+fn drop_forged_members(p: &RoutePolicy, resp: &mut ResponseHead) {
+    let name = &p.name[..];
+    let forged = resp.headers.iter().any(|h| {
+        h.name.len() == CACHE_STATUS.len()
+            && policy::is_name(resp.bytes(h.name), CACHE_STATUS)
+            && !name.is_empty()
+            && resp.bytes(h.value).windows(name.len()).any(|w| w == name)
+    });
+    if forged {
+        rewrite_status_lines(name, resp);
+    }
+}
+
+/// [`drop_forged_members`]'s work, for a head with a line that may hold such a member: a line
+/// that loses members gets its new value after a copy of the head (its span moved there); one
+/// that loses them all is dropped.
+#[cold]
+#[inline(never)]
+fn rewrite_status_lines(name: &[u8], resp: &mut ResponseHead) {
+    let mut raw = BytesMut::from(&resp.raw[..]);
+    let mut i = 0;
+    while i < resp.headers.len() {
+        let h = resp.headers[i];
+        let rest = policy::is_name(resp.bytes(h.name), CACHE_STATUS)
+            .then(|| policy::without_members(resp.bytes(h.value), name))
+            .flatten();
+        if let Some(v) = rest {
+            match super::fields::span(raw.len(), v.len()).filter(|_| !v.is_empty()) {
+                Some(at) => {
+                    raw.extend_from_slice(&v);
+                    resp.headers[i].value = at;
+                }
+                None => {
+                    resp.headers.remove(i);
+                    continue;
+                }
+            }
+        }
+        i += 1;
+    }
+    resp.raw = raw.freeze();
+}
+
 /// The name of the Date field this cache adds to a response stored without one.
 const DATE: &[u8] = b"date";
 
@@ -1941,12 +1994,12 @@ fn sent<'a, S>(
     c: &'a Conn<S>,
     ctx: &'a RequestCtx<'_>,
 ) -> Sent<'a> {
-    Sent {
-        head: &ctx.head,
-        identity: &route.request_headers.identity,
-        lines: &ctx.auth_headers,
-        cert: cert_of(cfg, c),
-    }
+    Sent::new(
+        &ctx.head,
+        &route.request_headers,
+        &ctx.auth_headers,
+        cert_of(cfg, c),
+    )
 }
 
 /// The mTLS subject header's name and value sent upstream, when the client has a verified
@@ -2314,6 +2367,9 @@ async fn fetch<'c, S: ClientIo>(
     }
     let mut resp = w.bufs.take_resp();
     let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if r.is_ok() {
+        drop_forged_members(p, &mut resp);
+    }
     if let Some(orig) = swapped.take() {
         std::hint::cold_path();
         let h = std::mem::replace(&mut ctx.head, orig);
@@ -2368,6 +2424,9 @@ async fn fill<'c, S: ClientIo>(
     let mut status = Status::new(p, if any { "vary-miss" } else { "uri-miss" });
     let mut resp = w.bufs.take_resp();
     let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if r.is_ok() {
+        drop_forged_members(p, &mut resp);
+    }
     let now = now_secs();
     let r = 'whole: {
         let mut ch = match r {
@@ -2393,11 +2452,15 @@ async fn fill<'c, S: ClientIo>(
             }
             None => break 'whole Ok(ch),
         }
+        let mark = ctx.resp_headers.len();
         status.put_fetched(p, &mut ctx.resp_headers);
         // Relayed here, not through `relay_as_is`: a future of its own there costs the usual
         // miss some 130 instructions.
         let (out, reusable) =
             forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, &resp, None).await;
+        if matches!(out, Outcome::Answer(_)) {
+            relay_refused(&mut status, ctx, mark, &out);
+        }
         resp.raw = Bytes::new();
         release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
         // A flight whose response was not stored ends once it is relayed: its waiters go
@@ -2681,8 +2744,19 @@ async fn fetched<'c, S: ClientIo>(
                     let mut plan = match whole {
                         Some(a) => match keep_whole(cache, p, keys, a, &mut guard, status) {
                             Ok(()) => {
-                                status.put_fetched(p, &mut ctx.resp_headers);
-                                return relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await;
+                                return relay_as_is(
+                                    w,
+                                    cfg,
+                                    route,
+                                    group,
+                                    c,
+                                    ctx,
+                                    ch,
+                                    resp,
+                                    status,
+                                    Some(p),
+                                )
+                                .await;
                             }
                             Err(d) => Err(d),
                         },
@@ -2758,10 +2832,14 @@ async fn fetched<'c, S: ClientIo>(
                         }
                         Err(d) => status.detail = Some(d),
                     }
+                    let mark = ctx.resp_headers.len();
                     status.put_fetched(p, &mut ctx.resp_headers);
                     let (out, reusable) =
                         forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, tee.as_mut())
                             .await;
+                    if matches!(out, Outcome::Answer(_)) {
+                        relay_refused(status, ctx, mark, &out);
+                    }
                     // Whole also when the client went away part way and the body was read
                     // on for the store and the waiters (its connection closes: `out`).
                     let complete = matches!(out, Outcome::Relayed { .. })
@@ -2843,12 +2921,10 @@ async fn fetched<'c, S: ClientIo>(
                             });
                         }
                     }
-                    status.put(&mut ctx.resp_headers);
-                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await
+                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
                 Fetch::Pass => {
-                    status.put(&mut ctx.resp_headers);
-                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await
+                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
                 Fetch::Head(found) => {
                     if let Some(f) = found.filter(|_| resp.status == 200) {
@@ -2862,13 +2938,38 @@ async fn fetched<'c, S: ClientIo>(
                             now,
                         );
                     }
-                    status.put(&mut ctx.resp_headers);
-                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp).await
+                    relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
             }
         }
     };
     out
+}
+
+/// A relay that answered for the upstream instead ([`Outcome::Answer`]: the body's framing
+/// was bad before any of the response went to the client, so the gateway's 502 goes out in
+/// its place): the member put at `mark` in the answer's extra lines, which described the
+/// response to be relayed, gives way to one naming the failure, as for a failed trip upstream
+/// (RFC 9211 §2.7). (Once the head went out, the relay cuts the connection instead.)
+#[cold]
+#[inline(never)]
+fn relay_refused(
+    status: &mut Status<'_>,
+    ctx: &mut RequestCtx<'_>,
+    mark: usize,
+    out: &Outcome<'_>,
+) {
+    let Outcome::Answer(Answer::Error(g)) = out else {
+        return;
+    };
+    ctx.resp_headers.truncate(mark);
+    status.hit = false;
+    status.fwd_status = 0;
+    status.ttl = None;
+    status.stored = false;
+    status.collapsed = false;
+    status.detail = Some(failure_detail(*g));
+    status.put(&mut ctx.resp_headers);
 }
 
 /// The `Cache-Status` detail (RFC 9211 §2.7) of an answer the gateway makes for a failed trip
@@ -2905,8 +3006,9 @@ fn failure_detail(e: GatewayError) -> &'static str {
 }
 
 /// Relays the response `resp` from `ch` to the client as it came (nothing captured for the
-/// store), then gives the upstream connection back ([`release`]): a relay that failed counts
-/// against the endpoint.
+/// store) with `status`'s member (written by [`Status::put_fetched`] for `fetched`'s fetch,
+/// else by [`Status::put`]), then gives the upstream connection back ([`release`]): a relay
+/// that failed counts against the endpoint.
 #[allow(clippy::too_many_arguments)]
 async fn relay_as_is<'c, S: ClientIo>(
     w: &Worker,
@@ -2917,8 +3019,18 @@ async fn relay_as_is<'c, S: ClientIo>(
     ctx: &mut RequestCtx<'_>,
     mut ch: Chosen,
     resp: &mut ResponseHead,
+    status: &mut Status<'_>,
+    fetched: Option<&RoutePolicy>,
 ) -> Outcome<'c> {
+    let mark = ctx.resp_headers.len();
+    match fetched {
+        Some(p) => status.put_fetched(p, &mut ctx.resp_headers),
+        None => status.put(&mut ctx.resp_headers),
+    }
     let (out, reusable) = forward_response_tee(w, cfg, route, c, ctx, &mut ch.up, resp, None).await;
+    if matches!(out, Outcome::Answer(_)) {
+        relay_refused(status, ctx, mark, &out);
+    }
     // The head shares the upstream's read buffer: released before the connection is reused.
     resp.raw = Bytes::new();
     release(w, group, ch, matches!(out, Outcome::Answer(_)), reusable);
@@ -3877,6 +3989,7 @@ impl Revalidation {
         let stored = match r {
             Err(_) => false,
             Ok(mut up) => {
+                drop_forged_members(p, &mut resp);
                 let now = now_secs();
                 let fields = copy_fields(&resp);
                 if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
@@ -3914,15 +4027,12 @@ impl Revalidation {
                                     let reason = reason_of(&resp);
                                     let status = resp.status;
                                     resp.raw = Bytes::new();
-                                    let sent = Sent {
-                                        head: &self.head,
-                                        identity: &route.request_headers.identity,
-                                        lines: &self.identity,
-                                        cert: self
-                                            .client_cert
-                                            .as_ref()
-                                            .map(|(n, v)| (&n[..], &v[..])),
-                                    };
+                                    let sent = Sent::new(
+                                        &self.head,
+                                        &route.request_headers,
+                                        &self.identity,
+                                        self.client_cert.as_ref().map(|(n, v)| (&n[..], &v[..])),
+                                    );
                                     let vary = vary_values(&s.vary, &sent);
                                     let obj = make_object(
                                         s,
