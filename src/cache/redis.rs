@@ -381,19 +381,37 @@ impl SharedLayer {
     }
 
     /// Deletes the Redis copies a purge names and tells every host (through the purge channel).
-    pub fn purge(&self, p: &Purge) {
-        self.link.command(Command {
-            args: vec![
-                Bytes::from_static(b"PUBLISH"),
-                self.rkey(b"purge", b""),
-                Bytes::from(encode_purge(p)),
-            ],
-            done: None,
-        });
+    /// By URL or tag: the keys its index set lists. By prefix: the index sets of every URL
+    /// under it, and everything: every key this layer writes, both found by `SCAN` a round at
+    /// a time on the link (no round blocks Redis longer than one `SCAN` and its deletions).
+    /// Without that, a host's next local miss after a purge found the purged object in Redis
+    /// and stored it again. The purge is published once the copies are gone, so that no host
+    /// takes one back from Redis after hearing it.
+    pub fn purge(self: &Arc<Self>, p: &Purge) {
         let set = match &p.target {
             PurgeTarget::Url(u) => self.rkey(b"u:", u),
             PurgeTarget::Tag(t) => self.rkey(b"t:", t),
-            PurgeTarget::Prefix(_) | PurgeTarget::All => return,
+            PurgeTarget::Prefix(x) => {
+                let sets = self.rkey(b"u:", x);
+                let scan = Scan {
+                    pattern: glob_prefix(&sets),
+                    keep: sets,
+                    found: ScanFound::IndexSets,
+                    then: Bytes::from(encode_purge(p)),
+                };
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0);
+                return;
+            }
+            PurgeTarget::All => {
+                let scan = Scan {
+                    pattern: glob_prefix(&self.prefix),
+                    keep: self.prefix.clone(),
+                    found: ScanFound::Entries,
+                    then: Bytes::from(encode_purge(p)),
+                };
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0);
+                return;
+            }
         };
         self.link.command(Command {
             args: vec![
@@ -404,7 +422,138 @@ impl SharedLayer {
             ],
             done: None,
         });
+        // Sent after the deletion on the same connection: Redis runs them in order.
+        self.publish(Bytes::from(encode_purge(p)));
     }
+
+    fn publish(&self, msg: Bytes) {
+        self.link.command(Command {
+            args: vec![
+                Bytes::from_static(b"PUBLISH"),
+                self.rkey(b"purge", b""),
+                msg,
+            ],
+            done: None,
+        });
+    }
+
+    /// One `SCAN` round of a purge by prefix or of everything: deletes what it finds, then
+    /// asks for the next round, until Redis says the scan is over (or it fails, or after
+    /// [`MAX_SCAN_ROUNDS`]); then publishes the purge.
+    fn purge_scan(self: &Arc<Self>, scan: Arc<Scan>, cursor: Bytes, round: u32) {
+        let layer = self.clone();
+        self.link.command(Command {
+            args: vec![
+                Bytes::from_static(b"SCAN"),
+                cursor,
+                Bytes::from_static(b"MATCH"),
+                scan.pattern.clone(),
+                Bytes::from_static(b"COUNT"),
+                Bytes::from_static(SCAN_COUNT),
+            ],
+            done: Some(Box::new(move |f| {
+                let next = match f {
+                    Some(BytesFrame::Array(v)) => match <[BytesFrame; 2]>::try_from(v) {
+                        Ok([BytesFrame::BulkString(next), BytesFrame::Array(keys)]) => {
+                            layer.delete_found(&scan, keys);
+                            Some(next)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                // A cursor is a decimal number; "0" ends the scan.
+                let more = next.filter(|n| {
+                    &n[..] != b"0" && n.len() <= 20 && n.iter().all(u8::is_ascii_digit)
+                });
+                match more {
+                    Some(n) if round + 1 < MAX_SCAN_ROUNDS => {
+                        layer.purge_scan(scan, Bytes::copy_from_slice(&n), round + 1)
+                    }
+                    _ => layer.publish(scan.then.clone()),
+                }
+            })),
+        });
+    }
+
+    /// Deletes what one `SCAN` round found: only keys under the scan's literal prefix (a
+    /// pattern's match, checked again), and of everything only the kinds this layer writes.
+    fn delete_found(&self, scan: &Scan, keys: Vec<BytesFrame>) {
+        let keys = keys.into_iter().filter_map(|k| match k {
+            BytesFrame::BulkString(k) if k.starts_with(&scan.keep) => {
+                Some(Bytes::copy_from_slice(&k))
+            }
+            _ => None,
+        });
+        match scan.found {
+            ScanFound::IndexSets => {
+                for set in keys {
+                    self.link.command(Command {
+                        args: vec![
+                            Bytes::from_static(b"EVAL"),
+                            Bytes::from_static(PURGE_SET_LUA.as_bytes()),
+                            Bytes::from_static(b"1"),
+                            set,
+                        ],
+                        done: None,
+                    });
+                }
+            }
+            ScanFound::Entries => {
+                let mut args = vec![Bytes::from_static(b"DEL")];
+                args.extend(keys.filter(|k| {
+                    let kind = k.get(self.prefix.len()..self.prefix.len() + 2);
+                    kind.is_some_and(|kind| ENTRY_KINDS.contains(&kind))
+                }));
+                if args.len() > 1 {
+                    self.link.command(Command { args, done: None });
+                }
+            }
+        }
+    }
+}
+
+/// Keys asked for per `SCAN` round of a purge by prefix or of everything.
+const SCAN_COUNT: &[u8] = b"1000";
+/// Most `SCAN` rounds of one purge (a server that never ends its scan cannot keep the link
+/// busy for ever): a million keys or more at [`SCAN_COUNT`] a round.
+const MAX_SCAN_ROUNDS: u32 = 100_000;
+/// The kinds of key this layer writes after its prefix (entries, variants, variant lists,
+/// index sets by URL and by tag); a purge of everything deletes those and nothing else that
+/// shares the prefix (a rate limiter's buckets, say).
+const ENTRY_KINDS: [&[u8]; 5] = [b"o:", b"w:", b"v:", b"u:", b"t:"];
+
+/// A purge by prefix or of everything, as its `SCAN` rounds go.
+struct Scan {
+    /// The `MATCH` pattern: [`Scan::keep`], escaped, then `*`.
+    pattern: Bytes,
+    /// What every key found must start with.
+    keep: Bytes,
+    found: ScanFound,
+    /// The purge message, published once the scan is over.
+    then: Bytes,
+}
+
+#[derive(Clone, Copy)]
+enum ScanFound {
+    /// Index sets of URLs: each is purged (its keys, then itself).
+    IndexSets,
+    /// Keys deleted as they are.
+    Entries,
+}
+
+/// A `SCAN MATCH` pattern for the keys that start with `literal`: its glob characters
+/// escaped with a backslash, then `*`.
+fn glob_prefix(literal: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(literal.len() + 8);
+    for &c in literal {
+        if matches!(c, b'*' | b'?' | b'[' | b']' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(c);
+    }
+    out.push(b'*');
+    out.into()
 }
 
 /// How long Redis keeps an entry: its freshness left, its stale windows, and time to validate
@@ -771,6 +920,15 @@ mod tests {
                 assert_ne!(a, b);
             }
         }
+    }
+
+    #[test]
+    fn scan_patterns_match_their_prefix_literally() {
+        assert_eq!(&glob_prefix(b"r:u:h/a")[..], b"r:u:h/a*");
+        assert_eq!(
+            &glob_prefix(b"r:u:h/*?[x]\\")[..],
+            b"r:u:h/\\*\\?\\[x\\]\\\\*"
+        );
     }
 
     #[test]
