@@ -387,8 +387,42 @@ impl Conn {
     fn call(&mut self, args: &[&[u8]]) -> io::Result<BytesFrame> {
         self.wbuf.clear();
         encode_command(&mut self.wbuf, args)?;
+        self.expect_nothing()?;
         self.sock.write_all(&self.wbuf)?;
-        self.read_frame(Instant::now() + self.timeout)
+        let f = self.read_frame(Instant::now() + self.timeout)?;
+        self.nothing_left()?;
+        Ok(f)
+    }
+
+    /// Before a round: nothing may be waiting on the connection. RESP2 answers carry no
+    /// request id, only their order: bytes nobody asked for (a second answer to one command,
+    /// an answer that came after its round gave up on it) would be taken as the answer to the
+    /// next command sent, another key's entry or another bucket's grant. Such a connection
+    /// is dropped (a peer that closed it is found here too).
+    fn expect_nothing(&mut self) -> io::Result<()> {
+        if !self.rbuf.is_empty() {
+            return Err(proto_err("a reply nobody asked for"));
+        }
+        self.sock.set_nonblocking(true)?;
+        let mut one = [0u8; 1];
+        let r = self.sock.peek(&mut one);
+        self.sock.set_nonblocking(false)?;
+        match r {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => Err(proto_err("a reply nobody asked for")),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a round: every byte read was an answer to one of its commands (see
+    /// [`Conn::expect_nothing`]).
+    fn nothing_left(&self) -> io::Result<()> {
+        if self.rbuf.is_empty() {
+            Ok(())
+        } else {
+            Err(proto_err("more replies than commands"))
+        }
     }
 
     fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
@@ -416,34 +450,40 @@ impl Conn {
         }
     }
 
-    /// Sends plain commands as one pipeline and hands each its answer; on an I/O error the
-    /// commands not yet answered get `None`.
+    /// Sends plain commands as one pipeline and hands each its answer once the round is read
+    /// whole and held nothing more (see [`Conn::expect_nothing`]); on an error every command
+    /// gets `None`.
     fn pipeline(&mut self, cmds: Vec<Command>) -> io::Result<()> {
         self.wbuf.clear();
-        for c in &cmds {
+        let sent = cmds.iter().try_for_each(|c| {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
-            encode_command(&mut self.wbuf, &args)?;
-        }
-        if let Err(e) = self.sock.write_all(&self.wbuf) {
+            encode_command(&mut self.wbuf, &args)
+        });
+        if let Err(e) = sent
+            .and_then(|_| self.expect_nothing())
+            .and_then(|_| self.sock.write_all(&self.wbuf))
+        {
             fail_commands(cmds);
             return Err(e);
         }
         let deadline = Instant::now() + self.timeout;
-        let mut it = cmds.into_iter();
-        while let Some(c) = it.next() {
+        let mut answers = Vec::with_capacity(cmds.len());
+        for _ in 0..cmds.len() {
             match self.read_frame(deadline) {
-                Ok(f) => {
-                    if let Some(d) = c.done {
-                        d(Some(f));
-                    }
-                }
+                Ok(f) => answers.push(f),
                 Err(e) => {
-                    if let Some(d) = c.done {
-                        d(None);
-                    }
-                    fail_commands(it.collect());
+                    fail_commands(cmds);
                     return Err(e);
                 }
+            }
+        }
+        if let Err(e) = self.nothing_left() {
+            fail_commands(cmds);
+            return Err(e);
+        }
+        for (c, f) in cmds.into_iter().zip(answers) {
+            if let Some(d) = c.done {
+                d(Some(f));
             }
         }
         Ok(())
@@ -486,6 +526,7 @@ impl Conn {
                     ],
                 )?;
             }
+            self.expect_nothing()?;
             self.sock.write_all(&self.wbuf)?;
             let deadline = Instant::now() + self.timeout;
             let mut reload = false;
@@ -503,6 +544,7 @@ impl Conn {
                     other => return Err(proto_err(format!("script: {}", describe(&other)))),
                 }
             }
+            self.nothing_left()?;
             if !reload {
                 break;
             }

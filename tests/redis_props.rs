@@ -373,6 +373,15 @@ fn fake_redis_with(
     reply: Vec<u8>,
     evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
 ) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
+    fake_redis_answering(move |_| reply.clone(), evalsha)
+}
+
+/// [`fake_redis`] that answers the `n`th `GET` (from 0) with `get(n)` and the `n`th `EVALSHA`
+/// with `evalsha(n)`.
+fn fake_redis_answering(
+    get: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+    evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let gets = Arc::new(AtomicUsize::new(0));
@@ -391,8 +400,7 @@ fn fake_redis_with(
                             format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
                         }
                         Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET") => {
-                            g.fetch_add(1, Ordering::SeqCst);
-                            reply.clone()
+                            get(g.fetch_add(1, Ordering::SeqCst))
                         }
                         Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"EVALSHA") => {
                             evalsha(e.fetch_add(1, Ordering::SeqCst))
@@ -645,4 +653,66 @@ fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
         drop(gw);
         fake.stop();
     }
+}
+
+/// A Redis reply nobody asked for is never taken as the answer to the next command (RESP2
+/// answers are matched to commands by their order alone): a server that answers one `GET`
+/// with a miss and then with eight entries of another URL made every lookup after it take
+/// one of those, so that `/c`, `/d` and `/e` were answered with `/x`'s body. The link is now
+/// dropped as soon as it holds bytes beyond the answers of its round.
+#[test]
+fn a_reply_nobody_asked_for_is_not_the_answer_to_the_next_command() {
+    let poison = {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: Fields::default(),
+            body: Bytes::from_static(b"poison"),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/x"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        reply
+    };
+    let (mut fake, addr, gets) = fake_redis_answering(
+        move |n| {
+            let mut r = b"$-1\r\n".to_vec();
+            if n == 0 {
+                r.extend_from_slice(&poison.repeat(8));
+            }
+            r
+        },
+        |_| b"-ERR no scripts here\r\n".to_vec(),
+    );
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    for p in ["/a", "/c", "/d", "/e"] {
+        let r = get(gw.addr, p);
+        assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{p}: {r:?}");
+    }
+    assert!(gets.load(Ordering::SeqCst) >= 1);
+    drop(gw);
+    fake.stop();
 }
