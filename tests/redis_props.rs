@@ -716,3 +716,50 @@ fn a_reply_nobody_asked_for_is_not_the_answer_to_the_next_command() {
     drop(gw);
     fake.stop();
 }
+
+/// An entry received, it says, three years from now is a miss (RFC 9111 §4.2.3: its age is
+/// the time since it was received, which cannot be negative): taken as it was, its age stood
+/// still at its initial age until that time, so a 60-second lifetime kept it fresh, with
+/// `Age: 0`, for three years.
+#[test]
+fn rfc9111_4_2_3_an_entry_from_redis_received_in_the_future_is_a_miss() {
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: Fields::default(),
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: support::now() + 100_000_000,
+            lifetime: 60,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/future"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, gets) = fake_redis(reply);
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/future");
+    assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
+    assert!(gets.load(Ordering::SeqCst) >= 1);
+    drop(gw);
+    fake.stop();
+}

@@ -51,6 +51,9 @@ const MAX_ENTRY_FIELDS: usize = 512;
 /// `max_entry_bytes` bounds): the fixed part, and at most 8 bytes per field, tag and Vary
 /// value ([`MAX_ENTRY_FIELDS`] of each).
 const MAX_ENCODING_OVERHEAD: u64 = 128 + 3 * 8 * MAX_ENTRY_FIELDS as u64;
+/// Most seconds an entry's response time may be ahead of this host's clock (hosts' clocks
+/// are kept by NTP; see [`SharedLayer::get`]).
+const MAX_CLOCK_AHEAD_SECS: u64 = 60;
 /// Longest expiry given to an entry.
 const MAX_TTL_SECS: u64 = 24 * 3600;
 /// Kept beyond freshness and stale windows, so that a stale entry can still be validated.
@@ -166,7 +169,21 @@ impl SharedLayer {
         // Each entry decoded from a copy of its own: the answer is a slice of the link's read
         // buffer, which an object kept in the store would otherwise hold whole (bytes its
         // weight does not count).
-        let own = |b: Bytes| decode(&Bytes::copy_from_slice(&b));
+        //
+        // An entry is never taken as received after now (RFC 9111 §4.2.3: `current_age` adds
+        // the time since it was received, and a response time ahead of the clock would hold
+        // its age still, fresh and with the same `Age`, for as long as it is ahead): one more
+        // than [`MAX_CLOCK_AHEAD_SECS`] ahead is refused (a miss), one less is taken as
+        // received now (the writer's clock a little ahead).
+        let now = super::now_secs();
+        let own = |b: Bytes| {
+            let mut o = decode(&Bytes::copy_from_slice(&b))?;
+            if o.t.response_time > now.saturating_add(MAX_CLOCK_AHEAD_SECS) {
+                return None;
+            }
+            o.t.response_time = o.t.response_time.min(now);
+            Some(o)
+        };
         for ((i, _), b) in asked.iter().zip(raw.await) {
             let Some(o) = b.and_then(own) else {
                 continue;
