@@ -106,8 +106,9 @@ pub struct Command {
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
-/// Largest reply read (the cache's largest entry, 1 GiB, and room for its framing).
-const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
+/// Largest reply read by any link (the cache's largest entry, 1 GiB, and room for its
+/// framing); each link has a bound of its own below it.
+pub const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
 /// Largest reply read on the rate-limit link, whose answers are a script's two integers, a
 /// script's SHA or an error line: a hostile server cannot make it hold more.
 const MAX_LIMITS_REPLY_BYTES: usize = 64 * 1024;
@@ -143,21 +144,18 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(cfg: RedisConfig) -> Arc<RedisLink> {
-        RedisLink::with_role(cfg, "limits")
+        RedisLink::with_role(cfg, "limits", MAX_LIMITS_REPLY_BYTES)
     }
 
-    /// A link for another user of Redis (its log lines name `role`).
-    pub fn with_role(cfg: RedisConfig, role: &'static str) -> Arc<RedisLink> {
+    /// A link for another user of Redis (its log lines name `role`) whose replies are at
+    /// most `max_reply` bytes (at most [`MAX_REPLY_BYTES`]); a longer one breaks the link.
+    pub fn with_role(cfg: RedisConfig, role: &'static str, max_reply: usize) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             cfg,
             queue: Mutex::new(Vec::new()),
             commands_queue: Mutex::new(Vec::new()),
             role,
-            max_reply: if role == "limits" {
-                MAX_LIMITS_REPLY_BYTES
-            } else {
-                MAX_REPLY_BYTES
-            },
+            max_reply: max_reply.min(MAX_REPLY_BYTES),
             thread: OnceLock::new(),
             down: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -431,7 +429,7 @@ impl Conn {
             if self.rbuf.len() > self.max_reply {
                 return Err(proto_err("reply too large"));
             }
-            if let Some(frame) = decode_reply(&mut self.rbuf)? {
+            if let Some(frame) = decode_reply_within(&mut self.rbuf, self.max_reply)? {
                 return Ok(frame);
             }
             if Instant::now() >= deadline {
@@ -560,7 +558,13 @@ impl Conn {
 /// first, without recursion or allocation, against the limits above ([`reply_len`]), and only
 /// then handed to the decoder.
 pub fn decode_reply(buf: &mut BytesMut) -> io::Result<Option<BytesFrame>> {
-    if reply_len(buf)?.is_none() {
+    decode_reply_within(buf, MAX_REPLY_BYTES)
+}
+
+/// [`decode_reply`] with bulk strings of at most `max_bulk` bytes: a longer one is refused
+/// as soon as its length is read, before any of it is.
+pub fn decode_reply_within(buf: &mut BytesMut, max_bulk: usize) -> io::Result<Option<BytesFrame>> {
+    if reply_len_within(buf, max_bulk)?.is_none() {
         return Ok(None);
     }
     match decode_bytes_mut(buf).map_err(|e| proto_err(e.to_string()))? {
@@ -574,6 +578,12 @@ pub fn decode_reply(buf: &mut BytesMut) -> io::Result<Option<BytesFrame>> {
 /// [`MAX_REPLY_FRAMES`] frames, a line at most [`MAX_REPLY_LINE`] bytes and a bulk string at
 /// most [`MAX_REPLY_BYTES`]. Numbers are read as the decoder reads them.
 pub fn reply_len(buf: &[u8]) -> io::Result<Option<usize>> {
+    reply_len_within(buf, MAX_REPLY_BYTES)
+}
+
+/// [`reply_len`] with bulk strings of at most `max_bulk` bytes (and [`MAX_REPLY_BYTES`]).
+pub fn reply_len_within(buf: &[u8], max_bulk: usize) -> io::Result<Option<usize>> {
+    let max_bulk = max_bulk.min(MAX_REPLY_BYTES);
     // Elements still expected by each open array, innermost last.
     let mut open = [0usize; MAX_REPLY_DEPTH];
     let mut depth = 0;
@@ -609,7 +619,7 @@ pub fn reply_len(buf: &[u8]) -> io::Result<Option<usize>> {
                 n => {
                     let n = usize::try_from(n)
                         .ok()
-                        .filter(|n| *n <= MAX_REPLY_BYTES)
+                        .filter(|n| *n <= max_bulk)
                         .ok_or_else(|| proto_err("bulk string too large"))?;
                     // The string and the two bytes after it (the decoder takes them as CR LF
                     // unchecked).

@@ -763,3 +763,77 @@ fn rfc9111_4_2_3_an_entry_from_redis_received_in_the_future_is_a_miss() {
     drop(gw);
     fake.stop();
 }
+
+/// The cache link reads no reply longer than `max_entry_bytes` allows (with the encoding's
+/// overhead, and room for its lists): a server that declares a 1 GB string is refused as soon
+/// as the length is read, and the link closed. Before, the link read on up to 1 GiB whatever
+/// `max_entry_bytes` said (the whole 48 MiB sent here; 929 MB held in a probe with a 5 s
+/// timeout), though an entry that long is a miss anyway.
+#[test]
+fn the_cache_link_reads_no_reply_longer_than_max_entry_bytes_allows() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    // Whether the whole string was taken by the gateway (written with no error).
+    let taken = Arc::new(AtomicUsize::new(0));
+    let t = taken.clone();
+    let mut fake = ServerThreads::serve(l, move |mut s, stop| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(20)));
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        while !stop.is_set() {
+            match decode_reply(&mut buf) {
+                Ok(Some(BytesFrame::Array(args))) => {
+                    let get = matches!(args.first(),
+                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET"));
+                    let script = matches!(args.first(),
+                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT"));
+                    let answer = if script {
+                        format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+                    } else if get {
+                        let mut a = b"$1000000000\r\n".to_vec();
+                        a.resize(a.len() + (48 << 20), b'r');
+                        a
+                    } else {
+                        b"+OK\r\n".to_vec()
+                    };
+                    if s.write_all(&answer).is_err() {
+                        return;
+                    }
+                    if get {
+                        t.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                },
+            }
+        }
+    });
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"30s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/big");
+    assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
+    assert_eq!(
+        taken.load(Ordering::SeqCst),
+        0,
+        "the link read 48 MiB of one reply"
+    );
+    drop(gw);
+    fake.stop();
+}

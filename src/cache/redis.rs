@@ -45,6 +45,19 @@ use super::fields::{span, Fields};
 use super::{Object, Purge, PurgeTarget, Sent, Timing};
 use crate::http::HeaderSpan;
 
+/// Room in the cache link's replies for its lists: a key's variant names (`LRANGE`, at most
+/// [`MAX_REDIS_VARIANTS`]) and a purge's `SCAN` rounds ([`SCAN_COUNT`] keys asked for).
+const MAX_LIST_REPLY_BYTES: u64 = 8 << 20;
+
+/// The longest reply the cache link reads: an entry of `max_entry_bytes` with its encoding's
+/// overhead, or a list. Before, it was the largest any link reads (1 GiB): a server that
+/// declared a 1 GB string and sent it made the link hold it (929 MB measured) whatever
+/// `max_entry_bytes` said, though an entry over it is a miss anyway.
+fn max_reply(max_entry_bytes: u64) -> usize {
+    let entry = max_entry_bytes.saturating_add(MAX_ENCODING_OVERHEAD);
+    usize::try_from(entry.max(MAX_LIST_REPLY_BYTES).saturating_add(64 * 1024)).unwrap_or(usize::MAX)
+}
+
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
 const MAX_ENTRY_FIELDS: usize = 512;
 /// Most bytes an entry's encoding takes beyond its object's weight (`Object::weight`, which
@@ -103,7 +116,7 @@ impl SharedLayer {
     pub fn new(cfg: &crate::config::Config) -> Option<Arc<SharedLayer>> {
         let r = cfg.cache.redis.as_ref()?;
         Some(Arc::new(SharedLayer {
-            link: RedisLink::with_role(r.link(), "cache"),
+            link: RedisLink::with_role(r.link(), "cache", max_reply(r.max_entry_bytes.0)),
             prefix: Bytes::copy_from_slice(r.key_prefix.as_bytes()),
             max_entry: r.max_entry_bytes.0,
             timeout: r.timeout.0,
@@ -531,9 +544,9 @@ impl SharedLayer {
 }
 
 /// Keys asked for per `SCAN` round of a purge by prefix or of everything.
-const SCAN_COUNT: &[u8] = b"1000";
+const SCAN_COUNT: &[u8] = b"100";
 /// Most `SCAN` rounds of one purge (a server that never ends its scan cannot keep the link
-/// busy for ever): a million keys or more at [`SCAN_COUNT`] a round.
+/// busy for ever): ten million keys or more at [`SCAN_COUNT`] a round.
 const MAX_SCAN_ROUNDS: u32 = 100_000;
 /// The kinds of key this layer writes after its prefix (entries, variants, variant lists,
 /// index sets by URL and by tag); a purge of everything deletes those and nothing else that
