@@ -837,3 +837,37 @@ fn the_cache_link_reads_no_reply_longer_than_max_entry_bytes_allows() {
     drop(gw);
     fake.stop();
 }
+
+/// What Redis says is left of a limit is never taken as more than the limit holds: a server
+/// that answers each demand with 5 tokens and 99 999 999 999 left made every response carry
+/// `RateLimit: "route";r=99999999999` for a limit of 10 (the RateLimit fields' `r`, the
+/// remaining quota units, is at most the policy's `q`; draft-ietf-httpapi-ratelimit-headers).
+#[test]
+fn ratelimit_remaining_from_redis_is_never_more_than_the_limit() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let (mut fake, addr, _) =
+        fake_redis_with(Vec::new(), |_| b"*2\r\n:5\r\n:99999999999\r\n".to_vec());
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[server]\nworkers = 1\n[rate_limiting]\nbackend = \"redis\"\n\
+             [rate_limiting.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\non_failure = \"deny\"\n\n\
+             [[routes]]\nupstream = \"up\"\n\
+             rate_limits = [{{ key = \"route\", rate = 10, per = \"1s\", burst = 10 }}]\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    for _ in 0..3 {
+        let r = get(gw.addr, "/");
+        assert_eq!(r.status, 200, "{r:?}");
+        let field = r.header("ratelimit").unwrap_or("").to_string();
+        let remaining: u64 = field
+            .split(';')
+            .find_map(|p| p.strip_prefix("r="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        assert!(remaining <= 10, "{field}");
+    }
+    drop(gw);
+    fake.stop();
+}
