@@ -106,6 +106,14 @@ pub struct Command {
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
+/// Most bytes of arguments queued in plain commands (one command alone is queued whatever
+/// its size): Redis slower than the workers' writes (an entry can be 1 MiB, or up to 1 GiB as
+/// configured) must not grow memory with them; 300 entries of 900 KB queued behind a Redis
+/// that did not read held 182 MB before this bound.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Read and write buffers larger than this are given back after a round (a large entry's
+/// round would otherwise keep its size for the connection's life).
+const KEPT_BUFFER_BYTES: usize = 1 << 20;
 /// Largest reply read by any link (the cache's largest entry, 1 GiB, and room for its
 /// framing); each link has a bound of its own below it.
 pub const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
@@ -122,12 +130,19 @@ const MAX_REPLY_FRAMES: usize = 4096;
 /// Longest line of a reply (a simple string, an error, an integer or a length).
 const MAX_REPLY_LINE: usize = 16 * 1024;
 
+/// Plain commands waiting for the link's thread, and the bytes of their arguments.
+#[derive(Default)]
+struct Queued {
+    cmds: Vec<Command>,
+    bytes: usize,
+}
+
 /// Shared between the workers (which queue demands) and the Redis thread.
 pub struct RedisLink {
     cfg: RedisConfig,
     queue: Mutex<Vec<Demand>>,
     /// Plain commands (the response cache), sent as one pipeline per round.
-    commands_queue: Mutex<Vec<Command>>,
+    commands_queue: Mutex<Queued>,
     /// What the link serves, for its log lines: "limits" or "cache".
     role: &'static str,
     /// Largest reply its connection reads.
@@ -153,7 +168,7 @@ impl RedisLink {
         Arc::new(RedisLink {
             cfg,
             queue: Mutex::new(Vec::new()),
-            commands_queue: Mutex::new(Vec::new()),
+            commands_queue: Mutex::new(Queued::default()),
             role,
             max_reply: max_reply.min(MAX_REPLY_BYTES),
             thread: OnceLock::new(),
@@ -182,21 +197,25 @@ impl RedisLink {
         }
     }
 
-    /// Queues a plain command and wakes the Redis thread; a full queue or a link known to be
-    /// down answers `None` at once.
+    /// Queues a plain command and wakes the Redis thread; a full queue (in commands or in
+    /// bytes) or a link known to be down answers `None` at once (a write is dropped).
     pub fn command(&self, c: Command) {
+        let size: usize = c.args.iter().map(|a| a.len()).sum();
         let mut q = self
             .commands_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if q.len() >= MAX_QUEUED_COMMANDS || (self.is_down() && c.done.is_some()) {
+        let full = q.cmds.len() >= MAX_QUEUED_COMMANDS
+            || (!q.cmds.is_empty() && q.bytes.saturating_add(size) > MAX_QUEUED_BYTES);
+        if full || (self.is_down() && c.done.is_some()) {
             drop(q);
             if let Some(d) = c.done {
                 d(None);
             }
             return;
         }
-        q.push(c);
+        q.bytes += size;
+        q.cmds.push(c);
         drop(q);
         if let Some(t) = self.thread.get() {
             t.unpark();
@@ -248,7 +267,8 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 .commands_queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
-        );
+        )
+        .cmds;
         if conn.is_none()
             && Instant::now() >= next_try
             && (link.is_down() || !batch.is_empty() || !cmds.is_empty())
@@ -280,7 +300,11 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             link.doorbells.ring_all();
         }
         if batch.is_empty() {
-            if link.commands_queue.lock().map_or(true, |q| q.is_empty()) {
+            if link
+                .commands_queue
+                .lock()
+                .map_or(true, |q| q.cmds.is_empty())
+            {
                 std::thread::park_timeout(idle);
             }
             continue;
@@ -484,7 +508,18 @@ impl Conn {
                 d(Some(f));
             }
         }
+        self.shrink_buffers();
         Ok(())
+    }
+
+    /// Gives back a buffer a large round grew (the answers handed out keep their own bytes).
+    fn shrink_buffers(&mut self) {
+        if self.wbuf.capacity() > KEPT_BUFFER_BYTES {
+            self.wbuf = BytesMut::with_capacity(4096);
+        }
+        if self.rbuf.is_empty() && self.rbuf.capacity() > KEPT_BUFFER_BYTES {
+            self.rbuf = BytesMut::with_capacity(4096);
+        }
     }
 
     /// Runs the token-bucket script once per demand, as one pipeline. A demand that meets a
@@ -704,6 +739,84 @@ mod tests {
         let mut b = BytesMut::new();
         encode_command(&mut b, &[b"GET", b"k"]).unwrap();
         assert_eq!(&b[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    }
+
+    /// Commands queued behind a Redis that does not read are bounded in bytes, not only in
+    /// count: a write past [`MAX_QUEUED_BYTES`] is dropped (a lookup answered `None`). Before,
+    /// 4096 commands of any size were kept (entries of 1 MiB: 4 GiB).
+    #[test]
+    fn queued_commands_are_bounded_in_bytes_while_redis_does_not_read() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            // The handshake's two SCRIPT LOADs are answered; then nothing is read until the
+            // test is done.
+            let (mut seen, mut answered, mut chunk) = (Vec::new(), 0, [0u8; 4096]);
+            while answered < 2 {
+                let n = match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                seen.extend_from_slice(&chunk[..n]);
+                let loads = seen.windows(4).filter(|w| w == b"LOAD").count();
+                while answered < loads {
+                    let sha = format!("$40\r\n{}\r\n", "0".repeat(40));
+                    if s.write_all(sha.as_bytes()).is_err() {
+                        return;
+                    }
+                    answered += 1;
+                }
+            }
+            let _ = wait.recv();
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"60s\"\n")).expect("config");
+        let link = RedisLink::with_role(cfg, "cache", MAX_REPLY_BYTES);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        let set = |n: usize| Command {
+            args: vec![
+                bytes::Bytes::from_static(b"SET"),
+                bytes::Bytes::from_static(b"k"),
+                bytes::Bytes::from(vec![b'x'; n]),
+            ],
+            done: None,
+        };
+        // A first write larger than the socket's buffers: the link's thread blocks on it.
+        link.command(set(64 << 20));
+        let taken = || {
+            link.commands_queue
+                .lock()
+                .map_or(false, |q| q.cmds.is_empty())
+        };
+        for _ in 0..1000 {
+            if taken() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(taken(), "the link took the first write");
+        let refused = Arc::new(AtomicU64::new(0));
+        for _ in 0..100 {
+            let r = refused.clone();
+            let mut c = set(1 << 20);
+            c.done = Some(Box::new(move |f| {
+                if f.is_none() {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+            link.command(c);
+        }
+        let queued = link.commands_queue.lock().map_or(0, |q| q.bytes);
+        assert!(queued <= MAX_QUEUED_BYTES, "{queued} bytes queued");
+        assert!(refused.load(Ordering::SeqCst) > 0, "every write was queued");
+        stop.store(true, Ordering::SeqCst);
+        let _ = go.send(());
+        let _ = server.join();
+        let _ = thread.join();
     }
 
     #[test]
