@@ -871,3 +871,62 @@ fn ratelimit_remaining_from_redis_is_never_more_than_the_limit() {
     drop(gw);
     fake.stop();
 }
+
+/// An entry whose field values or reason phrase hold control bytes (other than HTAB) is a
+/// miss (RFC 9110 §5.5 field values, RFC 9112 §4 reason-phrase; the parser of upstream
+/// responses never lets one through, so ringway never writes one): before, only CR, LF and
+/// NUL were refused, and a value with a vertical tab, an escape or a DEL, or a reason with a
+/// control byte, was sent to the client as it was.
+#[test]
+fn rfc9110_5_5_an_entry_from_redis_with_control_bytes_in_a_field_is_a_miss() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    for (value, reason) in [
+        (&b"a\x0bb"[..], &b"OK"[..]),
+        (b"a\x1b[2Jb", b"OK"),
+        (b"a\x7fb", b"OK"),
+        (b"fine", b"O\x01K"),
+    ] {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::copy_from_slice(reason),
+            fields: Fields::from_pairs([(&b"x-v"[..], value)]).expect("fits"),
+            body: Bytes::from_static(b"from redis"),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/c"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        let (mut fake, addr, gets) = fake_redis(reply);
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, DriverChoice::Auto);
+        let r = get(gw.addr, "/c");
+        assert_eq!(
+            (r.status, &r.body[..]),
+            (200, &b"origin"[..]),
+            "{value:?} {reason:?}: {r:?}"
+        );
+        assert!(gets.load(Ordering::SeqCst) >= 1);
+        drop(gw);
+        fake.stop();
+    }
+}

@@ -698,7 +698,7 @@ fn listen(
     let mut chunk = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
         // Checked for depth, size and frame count before it is decoded (`crate::redis`).
-        while let Some(f) = crate::redis::decode_reply(&mut rbuf)? {
+        while let Some(f) = crate::redis::decode_reply_within(&mut rbuf, MAX_PURGE_MESSAGE)? {
             match f {
                 BytesFrame::Array(v) if v.len() == 3 => {
                     if let (BytesFrame::BulkString(kind), BytesFrame::BulkString(msg)) =
@@ -829,6 +829,12 @@ impl Reader<'_> {
     }
 }
 
+/// A byte of a field value or of a reason phrase: HTAB, SP, VCHAR or obs-text (RFC 9110 §5.5,
+/// RFC 9112 §4).
+fn is_field_value_byte(c: u8) -> bool {
+    matches!(c, b'\t' | b' ' | 0x21..=0x7E | 0x80..=0xFF)
+}
+
 /// An entry read back from Redis; `None` when it is not one this version wrote whole.
 pub fn decode(b: &Bytes) -> Option<Object> {
     let mut r = Reader { b, at: 0 };
@@ -864,12 +870,14 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     for _ in 0..n {
         let (name_at, value_at) = (r.range()?, r.range()?);
         let (name, value) = (b.get(name_at.clone())?, b.get(value_at.clone())?);
-        // Nothing that could break a head: names are tokens, values have no CR, LF or NUL,
-        // and no framing or hop-by-hop field (never stored, RFC 9111 §3.1: the answer's own
-        // Content-Length would meet the entry's).
+        // Nothing that could break a head: names are tokens, values only field-value bytes
+        // (RFC 9110 §5.5: no CR, LF, NUL or other control but HTAB, which the parser of
+        // upstream responses never lets through either), and no framing or hop-by-hop field
+        // (never stored, RFC 9111 §3.1: the answer's own Content-Length would meet the
+        // entry's).
         if name.is_empty()
             || !name.iter().all(|c| crate::http::is_tchar(*c))
-            || value.iter().any(|c| matches!(c, b'\r' | b'\n' | 0))
+            || !value.iter().all(|c| is_field_value_byte(*c))
             || super::policy::unstorable_field(name)
         {
             return None;
@@ -881,7 +889,8 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         });
     }
     let fields = Fields::from_block(b.slice(start..r.at), spans);
-    if reason.iter().any(|c| matches!(c, b'\r' | b'\n' | 0)) {
+    // RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
+    if !reason.iter().all(|c| is_field_value_byte(*c)) {
         return None;
     }
     let url = r.bytes()?;
