@@ -930,3 +930,53 @@ fn rfc9110_5_5_an_entry_from_redis_with_control_bytes_in_a_field_is_a_miss() {
         fake.stop();
     }
 }
+
+/// An entry found under a URL's key but naming another URL is a miss where the key is the
+/// URL as it is (RFC 9111 §4.4: a purge finds stored responses by URL): before, it was served
+/// and kept in the worker's store, where a purge of the request's URL did not find it (a
+/// probe: `purged: 0`, and the planted body served on).
+#[test]
+fn rfc9111_4_4_an_entry_from_redis_naming_another_url_is_a_miss() {
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: Fields::default(),
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: support::now(),
+            lifetime: 600,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/other"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, gets) = fake_redis(reply);
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/lie");
+    assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
+    // The same entry under its own URL is used.
+    let r = get(gw.addr, "/other");
+    assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
+    assert!(gets.load(Ordering::SeqCst) >= 2);
+    drop(gw);
+    fake.stop();
+}
