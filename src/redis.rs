@@ -787,11 +787,7 @@ mod tests {
         };
         // A first write larger than the socket's buffers: the link's thread blocks on it.
         link.command(set(64 << 20));
-        let taken = || {
-            link.commands_queue
-                .lock()
-                .map_or(false, |q| q.cmds.is_empty())
-        };
+        let taken = || link.commands_queue.lock().is_ok_and(|q| q.cmds.is_empty());
         for _ in 0..1000 {
             if taken() {
                 break;
