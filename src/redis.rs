@@ -269,10 +269,17 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 .unwrap_or_else(|e| e.into_inner()),
         )
         .cmds;
-        if conn.is_none()
-            && Instant::now() >= next_try
-            && (link.is_down() || !batch.is_empty() || !cmds.is_empty())
-        {
+        let work = !batch.is_empty() || !cmds.is_empty();
+        // Before a round, the connection must be as the last round left it: one the server
+        // closed while it was idle (its `timeout`, a NAT or a proxy dropping idle flows) or
+        // one holding bytes nobody asked for (see `Conn::expect_nothing`) is replaced now,
+        // nothing sent on it. Before, the round was sent on it and failed, and the link was
+        // marked down for `retry_interval` (503s with `on_failure = "deny"`) after every
+        // idle period longer than the server's timeout.
+        if work && conn.as_mut().is_some_and(|c| c.expect_nothing().is_err()) {
+            conn = None;
+        }
+        if conn.is_none() && Instant::now() >= next_try && (link.is_down() || work) {
             match Conn::open(&link.cfg, link.max_reply) {
                 Ok(c) => {
                     conn = Some(c);
@@ -416,7 +423,8 @@ impl Conn {
         Ok(f)
     }
 
-    /// Before a round: nothing may be waiting on the connection. RESP2 answers carry no
+    /// Before a round (checked by `run` before each, and by [`Conn::call`]): nothing may be
+    /// waiting on the connection. RESP2 answers carry no
     /// request id, only their order: bytes nobody asked for (a second answer to one command,
     /// an answer that came after its round gave up on it) would be taken as the answer to the
     /// next command sent, another key's entry or another bucket's grant. Such a connection
@@ -473,18 +481,15 @@ impl Conn {
     }
 
     /// Sends plain commands as one pipeline and hands each its answer once the round is read
-    /// whole and held nothing more (see [`Conn::expect_nothing`]); on an error every command
-    /// gets `None`.
+    /// whole and held nothing more (see [`Conn::expect_nothing`], which `run` checks before
+    /// the round); on an error every command gets `None`.
     fn pipeline(&mut self, cmds: Vec<Command>) -> io::Result<()> {
         self.wbuf.clear();
         let sent = cmds.iter().try_for_each(|c| {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
             encode_command(&mut self.wbuf, &args)
         });
-        if let Err(e) = sent
-            .and_then(|_| self.expect_nothing())
-            .and_then(|_| self.sock.write_all(&self.wbuf))
-        {
+        if let Err(e) = sent.and_then(|_| self.sock.write_all(&self.wbuf)) {
             fail_commands(cmds);
             return Err(e);
         }
@@ -559,7 +564,6 @@ impl Conn {
                     ],
                 )?;
             }
-            self.expect_nothing()?;
             self.sock.write_all(&self.wbuf)?;
             let deadline = Instant::now() + self.timeout;
             let mut reload = false;
