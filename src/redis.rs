@@ -280,7 +280,7 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             conn = None;
         }
         if conn.is_none() && Instant::now() >= next_try && (link.is_down() || work) {
-            match Conn::open(&link.cfg, link.max_reply) {
+            match Conn::open(&link.cfg, link.max_reply, link.role == "limits") {
                 Ok(c) => {
                     conn = Some(c);
                     link.set_up();
@@ -371,7 +371,10 @@ fn proto_err(msg: impl Into<String>) -> io::Error {
 }
 
 impl Conn {
-    fn open(cfg: &RedisConfig, max_reply: usize) -> io::Result<Conn> {
+    /// Connects, authenticates, and with `scripts` (the rate limiter's link) loads the
+    /// limiter's scripts; the cache's link sends its own scripts with `EVAL` and needs none
+    /// loaded (nor the `SCRIPT` command, which an ACL may deny it).
+    fn open(cfg: &RedisConfig, max_reply: usize, scripts: bool) -> io::Result<Conn> {
         let t = cfg.timeout.0;
         let sock = TcpStream::connect_timeout(&cfg.address.addr, t)?;
         sock.set_nodelay(true)?;
@@ -393,7 +396,9 @@ impl Conn {
                 other => return Err(proto_err(format!("AUTH refused: {}", describe(&other)))),
             }
         }
-        c.load_script()?;
+        if scripts {
+            c.load_script()?;
+        }
         Ok(c)
     }
 

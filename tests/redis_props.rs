@@ -382,6 +382,17 @@ fn fake_redis_answering(
     get: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
     evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
 ) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
+    fake_redis_scripted(get, evalsha, || {
+        format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+    })
+}
+
+/// [`fake_redis_answering`] that answers `SCRIPT` with `script()`.
+fn fake_redis_scripted(
+    get: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+    evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+    script: impl Fn() -> Vec<u8> + Send + Sync + 'static,
+) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let gets = Arc::new(AtomicUsize::new(0));
@@ -397,7 +408,7 @@ fn fake_redis_answering(
                 Ok(Some(BytesFrame::Array(args))) => {
                     let answer = match args.first() {
                         Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT") => {
-                            format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+                            script()
                         }
                         Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET") => {
                             get(g.fetch_add(1, Ordering::SeqCst))
@@ -977,6 +988,57 @@ fn rfc9111_4_4_an_entry_from_redis_naming_another_url_is_a_miss() {
     let r = get(gw.addr, "/other");
     assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
     assert!(gets.load(Ordering::SeqCst) >= 2);
+    drop(gw);
+    fake.stop();
+}
+
+/// The cache's link loads no script (it sends its own with `EVAL`): a Redis whose ACL denies
+/// it `SCRIPT` serves the cache all the same. Before, every connection of the cache's link
+/// began with the rate limiter's two `SCRIPT LOAD`s, and a refusal kept the link down: every
+/// lookup a miss.
+#[test]
+fn the_cache_link_needs_no_script_command() {
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: Fields::default(),
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: support::now(),
+            lifetime: 600,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/s"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, _) = fake_redis_scripted(
+        move |_| reply.clone(),
+        |_| b"-NOPERM\r\n".to_vec(),
+        || b"-NOPERM this user has no permissions to run the 'script|load' command\r\n".to_vec(),
+    );
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/s");
+    assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
+    assert_eq!(up.hits(), 0);
     drop(gw);
     fake.stop();
 }
