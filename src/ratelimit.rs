@@ -334,6 +334,10 @@ impl HostBuckets {
             let want = (l.redis_batch - b.stock).ceil().max(1.0) as u32;
             let cell = cell.clone();
             let rate = l.rate;
+            // What a bucket (or a quota) holds at most: Redis's count of what is left, which
+            // the RateLimit header's `r` shows, is never taken as more (a hostile or broken
+            // server said 99 999 999 999 of a limit of 10).
+            let most = l.burst.floor().min(i64::MAX as f64) as i64;
             let prefix = &link.config().key_prefix;
             let (key, call) = match period {
                 None => (
@@ -363,7 +367,7 @@ impl HostBuckets {
                     if let Some((got, left)) = answer {
                         let now = Instant::now();
                         b.known = true;
-                        b.left = left;
+                        b.left = left.min(most);
                         if got > 0 {
                             b.stock += got as f64;
                             b.stock_at = now;

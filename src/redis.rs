@@ -106,8 +106,17 @@ pub struct Command {
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
-/// Largest reply read (the cache's largest entry, 1 GiB, and room for its framing).
-const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
+/// Most bytes of arguments queued in plain commands (one command alone is queued whatever
+/// its size): Redis slower than the workers' writes (an entry can be 1 MiB, or up to 1 GiB as
+/// configured) must not grow memory with them; 300 entries of 900 KB queued behind a Redis
+/// that did not read held 182 MB before this bound.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Read and write buffers larger than this are given back after a round (a large entry's
+/// round would otherwise keep its size for the connection's life).
+const KEPT_BUFFER_BYTES: usize = 1 << 20;
+/// Largest reply read by any link (the cache's largest entry, 1 GiB, and room for its
+/// framing); each link has a bound of its own below it.
+pub const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
 /// Largest reply read on the rate-limit link, whose answers are a script's two integers, a
 /// script's SHA or an error line: a hostile server cannot make it hold more.
 const MAX_LIMITS_REPLY_BYTES: usize = 64 * 1024;
@@ -121,12 +130,19 @@ const MAX_REPLY_FRAMES: usize = 4096;
 /// Longest line of a reply (a simple string, an error, an integer or a length).
 const MAX_REPLY_LINE: usize = 16 * 1024;
 
+/// Plain commands waiting for the link's thread, and the bytes of their arguments.
+#[derive(Default)]
+struct Queued {
+    cmds: Vec<Command>,
+    bytes: usize,
+}
+
 /// Shared between the workers (which queue demands) and the Redis thread.
 pub struct RedisLink {
     cfg: RedisConfig,
     queue: Mutex<Vec<Demand>>,
     /// Plain commands (the response cache), sent as one pipeline per round.
-    commands_queue: Mutex<Vec<Command>>,
+    commands_queue: Mutex<Queued>,
     /// What the link serves, for its log lines: "limits" or "cache".
     role: &'static str,
     /// Largest reply its connection reads.
@@ -143,21 +159,18 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(cfg: RedisConfig) -> Arc<RedisLink> {
-        RedisLink::with_role(cfg, "limits")
+        RedisLink::with_role(cfg, "limits", MAX_LIMITS_REPLY_BYTES)
     }
 
-    /// A link for another user of Redis (its log lines name `role`).
-    pub fn with_role(cfg: RedisConfig, role: &'static str) -> Arc<RedisLink> {
+    /// A link for another user of Redis (its log lines name `role`) whose replies are at
+    /// most `max_reply` bytes (at most [`MAX_REPLY_BYTES`]); a longer one breaks the link.
+    pub fn with_role(cfg: RedisConfig, role: &'static str, max_reply: usize) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             cfg,
             queue: Mutex::new(Vec::new()),
-            commands_queue: Mutex::new(Vec::new()),
+            commands_queue: Mutex::new(Queued::default()),
             role,
-            max_reply: if role == "limits" {
-                MAX_LIMITS_REPLY_BYTES
-            } else {
-                MAX_REPLY_BYTES
-            },
+            max_reply: max_reply.min(MAX_REPLY_BYTES),
             thread: OnceLock::new(),
             down: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -184,21 +197,25 @@ impl RedisLink {
         }
     }
 
-    /// Queues a plain command and wakes the Redis thread; a full queue or a link known to be
-    /// down answers `None` at once.
+    /// Queues a plain command and wakes the Redis thread; a full queue (in commands or in
+    /// bytes) or a link known to be down answers `None` at once (a write is dropped).
     pub fn command(&self, c: Command) {
+        let size: usize = c.args.iter().map(|a| a.len()).sum();
         let mut q = self
             .commands_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if q.len() >= MAX_QUEUED_COMMANDS || (self.is_down() && c.done.is_some()) {
+        let full = q.cmds.len() >= MAX_QUEUED_COMMANDS
+            || (!q.cmds.is_empty() && q.bytes.saturating_add(size) > MAX_QUEUED_BYTES);
+        if full || (self.is_down() && c.done.is_some()) {
             drop(q);
             if let Some(d) = c.done {
                 d(None);
             }
             return;
         }
-        q.push(c);
+        q.bytes += size;
+        q.cmds.push(c);
         drop(q);
         if let Some(t) = self.thread.get() {
             t.unpark();
@@ -250,12 +267,20 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 .commands_queue
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()),
-        );
-        if conn.is_none()
-            && Instant::now() >= next_try
-            && (link.is_down() || !batch.is_empty() || !cmds.is_empty())
-        {
-            match Conn::open(&link.cfg, link.max_reply) {
+        )
+        .cmds;
+        let work = !batch.is_empty() || !cmds.is_empty();
+        // Before a round, the connection must be as the last round left it: one the server
+        // closed while it was idle (its `timeout`, a NAT or a proxy dropping idle flows) or
+        // one holding bytes nobody asked for (see `Conn::expect_nothing`) is replaced now,
+        // nothing sent on it. Before, the round was sent on it and failed, and the link was
+        // marked down for `retry_interval` (503s with `on_failure = "deny"`) after every
+        // idle period longer than the server's timeout.
+        if work && conn.as_mut().is_some_and(|c| c.expect_nothing().is_err()) {
+            conn = None;
+        }
+        if conn.is_none() && Instant::now() >= next_try && (link.is_down() || work) {
+            match Conn::open(&link.cfg, link.max_reply, link.role == "limits") {
                 Ok(c) => {
                     conn = Some(c);
                     link.set_up();
@@ -282,7 +307,11 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             link.doorbells.ring_all();
         }
         if batch.is_empty() {
-            if link.commands_queue.lock().map_or(true, |q| q.is_empty()) {
+            if link
+                .commands_queue
+                .lock()
+                .map_or(true, |q| q.cmds.is_empty())
+            {
                 std::thread::park_timeout(idle);
             }
             continue;
@@ -342,7 +371,10 @@ fn proto_err(msg: impl Into<String>) -> io::Error {
 }
 
 impl Conn {
-    fn open(cfg: &RedisConfig, max_reply: usize) -> io::Result<Conn> {
+    /// Connects, authenticates, and with `scripts` (the rate limiter's link) loads the
+    /// limiter's scripts; the cache's link sends its own scripts with `EVAL` and needs none
+    /// loaded (nor the `SCRIPT` command, which an ACL may deny it).
+    fn open(cfg: &RedisConfig, max_reply: usize, scripts: bool) -> io::Result<Conn> {
         let t = cfg.timeout.0;
         let sock = TcpStream::connect_timeout(&cfg.address.addr, t)?;
         sock.set_nodelay(true)?;
@@ -364,7 +396,9 @@ impl Conn {
                 other => return Err(proto_err(format!("AUTH refused: {}", describe(&other)))),
             }
         }
-        c.load_script()?;
+        if scripts {
+            c.load_script()?;
+        }
         Ok(c)
     }
 
@@ -387,8 +421,43 @@ impl Conn {
     fn call(&mut self, args: &[&[u8]]) -> io::Result<BytesFrame> {
         self.wbuf.clear();
         encode_command(&mut self.wbuf, args)?;
+        self.expect_nothing()?;
         self.sock.write_all(&self.wbuf)?;
-        self.read_frame(Instant::now() + self.timeout)
+        let f = self.read_frame(Instant::now() + self.timeout)?;
+        self.nothing_left()?;
+        Ok(f)
+    }
+
+    /// Before a round (checked by `run` before each, and by [`Conn::call`]): nothing may be
+    /// waiting on the connection. RESP2 answers carry no
+    /// request id, only their order: bytes nobody asked for (a second answer to one command,
+    /// an answer that came after its round gave up on it) would be taken as the answer to the
+    /// next command sent, another key's entry or another bucket's grant. Such a connection
+    /// is dropped (a peer that closed it is found here too).
+    fn expect_nothing(&mut self) -> io::Result<()> {
+        if !self.rbuf.is_empty() {
+            return Err(proto_err("a reply nobody asked for"));
+        }
+        self.sock.set_nonblocking(true)?;
+        let mut one = [0u8; 1];
+        let r = self.sock.peek(&mut one);
+        self.sock.set_nonblocking(false)?;
+        match r {
+            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => Err(proto_err("a reply nobody asked for")),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a round: every byte read was an answer to one of its commands (see
+    /// [`Conn::expect_nothing`]).
+    fn nothing_left(&self) -> io::Result<()> {
+        if self.rbuf.is_empty() {
+            Ok(())
+        } else {
+            Err(proto_err("more replies than commands"))
+        }
     }
 
     fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
@@ -397,7 +466,7 @@ impl Conn {
             if self.rbuf.len() > self.max_reply {
                 return Err(proto_err("reply too large"));
             }
-            if let Some(frame) = decode_reply(&mut self.rbuf)? {
+            if let Some(frame) = decode_reply_within(&mut self.rbuf, self.max_reply)? {
                 return Ok(frame);
             }
             if Instant::now() >= deadline {
@@ -416,37 +485,51 @@ impl Conn {
         }
     }
 
-    /// Sends plain commands as one pipeline and hands each its answer; on an I/O error the
-    /// commands not yet answered get `None`.
+    /// Sends plain commands as one pipeline and hands each its answer once the round is read
+    /// whole and held nothing more (see [`Conn::expect_nothing`], which `run` checks before
+    /// the round); on an error every command gets `None`.
     fn pipeline(&mut self, cmds: Vec<Command>) -> io::Result<()> {
         self.wbuf.clear();
-        for c in &cmds {
+        let sent = cmds.iter().try_for_each(|c| {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
-            encode_command(&mut self.wbuf, &args)?;
-        }
-        if let Err(e) = self.sock.write_all(&self.wbuf) {
+            encode_command(&mut self.wbuf, &args)
+        });
+        if let Err(e) = sent.and_then(|_| self.sock.write_all(&self.wbuf)) {
             fail_commands(cmds);
             return Err(e);
         }
         let deadline = Instant::now() + self.timeout;
-        let mut it = cmds.into_iter();
-        while let Some(c) = it.next() {
+        let mut answers = Vec::with_capacity(cmds.len());
+        for _ in 0..cmds.len() {
             match self.read_frame(deadline) {
-                Ok(f) => {
-                    if let Some(d) = c.done {
-                        d(Some(f));
-                    }
-                }
+                Ok(f) => answers.push(f),
                 Err(e) => {
-                    if let Some(d) = c.done {
-                        d(None);
-                    }
-                    fail_commands(it.collect());
+                    fail_commands(cmds);
                     return Err(e);
                 }
             }
         }
+        if let Err(e) = self.nothing_left() {
+            fail_commands(cmds);
+            return Err(e);
+        }
+        for (c, f) in cmds.into_iter().zip(answers) {
+            if let Some(d) = c.done {
+                d(Some(f));
+            }
+        }
+        self.shrink_buffers();
         Ok(())
+    }
+
+    /// Gives back a buffer a large round grew (the answers handed out keep their own bytes).
+    fn shrink_buffers(&mut self) {
+        if self.wbuf.capacity() > KEPT_BUFFER_BYTES {
+            self.wbuf = BytesMut::with_capacity(4096);
+        }
+        if self.rbuf.is_empty() && self.rbuf.capacity() > KEPT_BUFFER_BYTES {
+            self.rbuf = BytesMut::with_capacity(4096);
+        }
     }
 
     /// Runs the token-bucket script once per demand, as one pipeline. A demand that meets a
@@ -503,6 +586,7 @@ impl Conn {
                     other => return Err(proto_err(format!("script: {}", describe(&other)))),
                 }
             }
+            self.nothing_left()?;
             if !reload {
                 break;
             }
@@ -518,7 +602,13 @@ impl Conn {
 /// first, without recursion or allocation, against the limits above ([`reply_len`]), and only
 /// then handed to the decoder.
 pub fn decode_reply(buf: &mut BytesMut) -> io::Result<Option<BytesFrame>> {
-    if reply_len(buf)?.is_none() {
+    decode_reply_within(buf, MAX_REPLY_BYTES)
+}
+
+/// [`decode_reply`] with bulk strings of at most `max_bulk` bytes: a longer one is refused
+/// as soon as its length is read, before any of it is.
+pub fn decode_reply_within(buf: &mut BytesMut, max_bulk: usize) -> io::Result<Option<BytesFrame>> {
+    if reply_len_within(buf, max_bulk)?.is_none() {
         return Ok(None);
     }
     match decode_bytes_mut(buf).map_err(|e| proto_err(e.to_string()))? {
@@ -532,6 +622,12 @@ pub fn decode_reply(buf: &mut BytesMut) -> io::Result<Option<BytesFrame>> {
 /// [`MAX_REPLY_FRAMES`] frames, a line at most [`MAX_REPLY_LINE`] bytes and a bulk string at
 /// most [`MAX_REPLY_BYTES`]. Numbers are read as the decoder reads them.
 pub fn reply_len(buf: &[u8]) -> io::Result<Option<usize>> {
+    reply_len_within(buf, MAX_REPLY_BYTES)
+}
+
+/// [`reply_len`] with bulk strings of at most `max_bulk` bytes (and [`MAX_REPLY_BYTES`]).
+pub fn reply_len_within(buf: &[u8], max_bulk: usize) -> io::Result<Option<usize>> {
+    let max_bulk = max_bulk.min(MAX_REPLY_BYTES);
     // Elements still expected by each open array, innermost last.
     let mut open = [0usize; MAX_REPLY_DEPTH];
     let mut depth = 0;
@@ -567,7 +663,7 @@ pub fn reply_len(buf: &[u8]) -> io::Result<Option<usize>> {
                 n => {
                     let n = usize::try_from(n)
                         .ok()
-                        .filter(|n| *n <= MAX_REPLY_BYTES)
+                        .filter(|n| *n <= max_bulk)
                         .ok_or_else(|| proto_err("bulk string too large"))?;
                     // The string and the two bytes after it (the decoder takes them as CR LF
                     // unchecked).
@@ -652,6 +748,80 @@ mod tests {
         let mut b = BytesMut::new();
         encode_command(&mut b, &[b"GET", b"k"]).unwrap();
         assert_eq!(&b[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    }
+
+    /// Commands queued behind a Redis that does not read are bounded in bytes, not only in
+    /// count: a write past [`MAX_QUEUED_BYTES`] is dropped (a lookup answered `None`). Before,
+    /// 4096 commands of any size were kept (entries of 1 MiB: 4 GiB).
+    #[test]
+    fn queued_commands_are_bounded_in_bytes_while_redis_does_not_read() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            // The handshake's two SCRIPT LOADs are answered; then nothing is read until the
+            // test is done.
+            let (mut seen, mut answered, mut chunk) = (Vec::new(), 0, [0u8; 4096]);
+            while answered < 2 {
+                let n = match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                seen.extend_from_slice(&chunk[..n]);
+                let loads = seen.windows(4).filter(|w| w == b"LOAD").count();
+                while answered < loads {
+                    let sha = format!("$40\r\n{}\r\n", "0".repeat(40));
+                    if s.write_all(sha.as_bytes()).is_err() {
+                        return;
+                    }
+                    answered += 1;
+                }
+            }
+            let _ = wait.recv();
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"60s\"\n")).expect("config");
+        let link = RedisLink::with_role(cfg, "cache", MAX_REPLY_BYTES);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        let set = |n: usize| Command {
+            args: vec![
+                bytes::Bytes::from_static(b"SET"),
+                bytes::Bytes::from_static(b"k"),
+                bytes::Bytes::from(vec![b'x'; n]),
+            ],
+            done: None,
+        };
+        // A first write larger than the socket's buffers: the link's thread blocks on it.
+        link.command(set(64 << 20));
+        let taken = || link.commands_queue.lock().is_ok_and(|q| q.cmds.is_empty());
+        for _ in 0..1000 {
+            if taken() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(taken(), "the link took the first write");
+        let refused = Arc::new(AtomicU64::new(0));
+        for _ in 0..100 {
+            let r = refused.clone();
+            let mut c = set(1 << 20);
+            c.done = Some(Box::new(move |f| {
+                if f.is_none() {
+                    r.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+            link.command(c);
+        }
+        let queued = link.commands_queue.lock().map_or(0, |q| q.bytes);
+        assert!(queued <= MAX_QUEUED_BYTES, "{queued} bytes queued");
+        assert!(refused.load(Ordering::SeqCst) > 0, "every write was queued");
+        stop.store(true, Ordering::SeqCst);
+        let _ = go.send(());
+        let _ = server.join();
+        let _ = thread.join();
     }
 
     #[test]

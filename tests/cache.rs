@@ -1976,6 +1976,60 @@ fn redis_purge_reaches_the_local_stores_of_every_host() {
     assert_eq!(get(b.addr, "/p").text(), "v2");
 }
 
+/// A purge by prefix and a purge of everything reach Redis too (RFC 9111 §4.4 has a cache
+/// remove what it invalidates; a purge is the operator's invalidation): before, only purges
+/// by URL and by tag deleted the Redis copies, so the very next local miss, on the host that
+/// purged or any other, found the purged object in Redis and served it again. Keys of the
+/// prefix that the layer does not write (a rate limiter's, say) are left alone.
+#[test]
+fn redis_purge_by_prefix_and_of_everything_deletes_the_redis_copies() {
+    let redis = RedisServer::start();
+    let (up, n) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    for p in ["/docs/1", "/docs/2", "/x"] {
+        get(a.addr, p);
+    }
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    let entries = || redis.keys("ringway:cache:o:*").len();
+    assert!(eventually(Duration::from_secs(5), || entries() == 3));
+    assert!(redis
+        .command(&["SET", "ringway:cache:rl:other", "1"])
+        .is_some_and(|r| r.starts_with("+OK")));
+    let purge = |target| {
+        ringway::cache::purge(
+            a.gateway().control(),
+            Purge {
+                target,
+                soft: false,
+            },
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+    purge(PurgeTarget::Prefix(b"test.local/docs/".to_vec()));
+    assert!(
+        eventually(Duration::from_secs(5), || entries() == 1),
+        "{:?}",
+        redis.keys("ringway:cache:*")
+    );
+    // A gateway that never stored anything takes /x from Redis, and fetches /docs/1.
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert!(status_of(&get(b.addr, "/x")).contains("detail=redis"));
+    assert_eq!(get(b.addr, "/docs/1").text(), "v4");
+    wait_stored_in_redis(&redis);
+    purge(PurgeTarget::All);
+    assert!(
+        eventually(Duration::from_secs(5), || redis
+            .keys("ringway:cache:*")
+            .iter()
+            .all(|k| k == "ringway:cache:rl:other")),
+        "{:?}",
+        redis.keys("ringway:cache:*")
+    );
+    assert_eq!(redis.keys("ringway:cache:rl:other").len(), 1);
+    assert_eq!(get(a.addr, "/x").text(), "v5");
+}
+
 /// The admin API's `POST /cache/purge` (one URL, a prefix, a tag; refusals for a missing or
 /// doubled target) and `GET /cache` (counters summed over the workers).
 #[test]

@@ -386,3 +386,51 @@ fn a_cache_entry_is_rewritten_only_over_what_was_read() {
     assert_eq!(rewrite("new", "again"), ":0\r\n");
     assert_eq!(cmd(&["EXISTS", "w:k"]), ":0\r\n");
 }
+
+/// A connection Redis closed while it was idle (its `timeout` setting; a NAT or a proxy that
+/// drops idle flows does the same) is replaced before the next round, not failed with it:
+/// before, the first demand after the idle period met the closed socket, the link was marked
+/// down for `retry_interval`, and with `on_failure = "deny"` new keys were answered 503 (a
+/// probe: `timeout 1`, 2.5 s idle, then 503 503 503 and "unreachable (unexpected end of
+/// file)" logged).
+#[test]
+fn a_connection_redis_closed_while_idle_is_replaced_not_failed() {
+    let redis = RedisServer::start();
+    assert!(redis
+        .command(&["CONFIG", "SET", "timeout", "1"])
+        .is_some_and(|r| r.starts_with("+OK")));
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let limit = "{ key = \"header:x-k\", rate = 1000, per = \"1s\" }";
+    let gw = TestGateway::start(
+        &redis_config(
+            "127.0.0.1:0",
+            up.addr,
+            &redis,
+            "on_failure = \"deny\"",
+            limit,
+        ),
+        DriverChoice::Auto,
+    );
+    let with_key = |k: &str| {
+        request(
+            gw.addr,
+            format!("GET / HTTP/1.1\r\nHost: a\r\nx-k: {k}\r\n\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(with_key("first").status, 200);
+    // The link's connection is the one whose last command was EVALSHA; Redis closes it once
+    // it has been idle past a second.
+    let link_open = || {
+        redis
+            .command(&["CLIENT", "LIST"])
+            .is_some_and(|l| l.contains("cmd=evalsha"))
+    };
+    assert!(link_open());
+    assert!(
+        eventually(Duration::from_secs(10), || !link_open()),
+        "Redis closed the idle link"
+    );
+    for k in ["a", "b", "c"] {
+        assert_eq!(with_key(k).status, 200, "a new key after the idle period");
+    }
+}

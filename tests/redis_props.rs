@@ -373,6 +373,26 @@ fn fake_redis_with(
     reply: Vec<u8>,
     evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
 ) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
+    fake_redis_answering(move |_| reply.clone(), evalsha)
+}
+
+/// [`fake_redis`] that answers the `n`th `GET` (from 0) with `get(n)` and the `n`th `EVALSHA`
+/// with `evalsha(n)`.
+fn fake_redis_answering(
+    get: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+    evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
+    fake_redis_scripted(get, evalsha, || {
+        format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+    })
+}
+
+/// [`fake_redis_answering`] that answers `SCRIPT` with `script()`.
+fn fake_redis_scripted(
+    get: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+    evalsha: impl Fn(usize) -> Vec<u8> + Send + Sync + 'static,
+    script: impl Fn() -> Vec<u8> + Send + Sync + 'static,
+) -> (ServerThreads, SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     let gets = Arc::new(AtomicUsize::new(0));
@@ -388,11 +408,10 @@ fn fake_redis_with(
                 Ok(Some(BytesFrame::Array(args))) => {
                     let answer = match args.first() {
                         Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT") => {
-                            format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+                            script()
                         }
                         Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET") => {
-                            g.fetch_add(1, Ordering::SeqCst);
-                            reply.clone()
+                            get(g.fetch_add(1, Ordering::SeqCst))
                         }
                         Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"EVALSHA") => {
                             evalsha(e.fetch_add(1, Ordering::SeqCst))
@@ -645,4 +664,381 @@ fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
         drop(gw);
         fake.stop();
     }
+}
+
+/// A Redis reply nobody asked for is never taken as the answer to the next command (RESP2
+/// answers are matched to commands by their order alone): a server that answers one `GET`
+/// with a miss and then with eight entries of another URL made every lookup after it take
+/// one of those, so that `/c`, `/d` and `/e` were answered with `/x`'s body. The link is now
+/// dropped as soon as it holds bytes beyond the answers of its round.
+#[test]
+fn a_reply_nobody_asked_for_is_not_the_answer_to_the_next_command() {
+    let poison = {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            fields: Fields::default(),
+            body: Bytes::from_static(b"poison"),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/x"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        reply
+    };
+    let (mut fake, addr, gets) = fake_redis_answering(
+        move |n| {
+            let mut r = b"$-1\r\n".to_vec();
+            if n == 0 {
+                r.extend_from_slice(&poison.repeat(8));
+            }
+            r
+        },
+        |_| b"-ERR no scripts here\r\n".to_vec(),
+    );
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    for p in ["/a", "/c", "/d", "/e"] {
+        let r = get(gw.addr, p);
+        assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{p}: {r:?}");
+    }
+    assert!(gets.load(Ordering::SeqCst) >= 1);
+    drop(gw);
+    fake.stop();
+}
+
+/// An entry received, it says, three years from now is a miss (RFC 9111 §4.2.3: its age is
+/// the time since it was received, which cannot be negative): taken as it was, its age stood
+/// still at its initial age until that time, so a 60-second lifetime kept it fresh, with
+/// `Age: 0`, for three years.
+#[test]
+fn rfc9111_4_2_3_an_entry_from_redis_received_in_the_future_is_a_miss() {
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: Fields::default(),
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: support::now() + 100_000_000,
+            lifetime: 60,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/future"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, gets) = fake_redis(reply);
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/future");
+    assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
+    assert!(gets.load(Ordering::SeqCst) >= 1);
+    drop(gw);
+    fake.stop();
+}
+
+/// The cache link reads no reply longer than `max_entry_bytes` allows (with the encoding's
+/// overhead, and room for its lists): a server that declares a 1 GB string is refused as soon
+/// as the length is read, and the link closed. Before, the link read on up to 1 GiB whatever
+/// `max_entry_bytes` said (the whole 48 MiB sent here; 929 MB held in a probe with a 5 s
+/// timeout), though an entry that long is a miss anyway.
+#[test]
+fn the_cache_link_reads_no_reply_longer_than_max_entry_bytes_allows() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    // Whether the whole string was taken by the gateway (written with no error).
+    let taken = Arc::new(AtomicUsize::new(0));
+    let t = taken.clone();
+    let mut fake = ServerThreads::serve(l, move |mut s, stop| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(20)));
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        while !stop.is_set() {
+            match decode_reply(&mut buf) {
+                Ok(Some(BytesFrame::Array(args))) => {
+                    let get = matches!(args.first(),
+                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET"));
+                    let script = matches!(args.first(),
+                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT"));
+                    let answer = if script {
+                        format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+                    } else if get {
+                        let mut a = b"$1000000000\r\n".to_vec();
+                        a.resize(a.len() + (48 << 20), b'r');
+                        a
+                    } else {
+                        b"+OK\r\n".to_vec()
+                    };
+                    if s.write_all(&answer).is_err() {
+                        return;
+                    }
+                    if get {
+                        t.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                },
+            }
+        }
+    });
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"30s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/big");
+    assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
+    assert_eq!(
+        taken.load(Ordering::SeqCst),
+        0,
+        "the link read 48 MiB of one reply"
+    );
+    drop(gw);
+    fake.stop();
+}
+
+/// What Redis says is left of a limit is never taken as more than the limit holds: a server
+/// that answers each demand with 5 tokens and 99 999 999 999 left made every response carry
+/// `RateLimit: "route";r=99999999999` for a limit of 10 (the RateLimit fields' `r`, the
+/// remaining quota units, is at most the policy's `q`; draft-ietf-httpapi-ratelimit-headers).
+#[test]
+fn ratelimit_remaining_from_redis_is_never_more_than_the_limit() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let (mut fake, addr, _) =
+        fake_redis_with(Vec::new(), |_| b"*2\r\n:5\r\n:99999999999\r\n".to_vec());
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[server]\nworkers = 1\n[rate_limiting]\nbackend = \"redis\"\n\
+             [rate_limiting.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\non_failure = \"deny\"\n\n\
+             [[routes]]\nupstream = \"up\"\n\
+             rate_limits = [{{ key = \"route\", rate = 10, per = \"1s\", burst = 10 }}]\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    for _ in 0..3 {
+        let r = get(gw.addr, "/");
+        assert_eq!(r.status, 200, "{r:?}");
+        let field = r.header("ratelimit").unwrap_or("").to_string();
+        let remaining: u64 = field
+            .split(';')
+            .find_map(|p| p.strip_prefix("r="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
+        assert!(remaining <= 10, "{field}");
+    }
+    drop(gw);
+    fake.stop();
+}
+
+/// An entry whose field values or reason phrase hold control bytes (other than HTAB) is a
+/// miss (RFC 9110 §5.5 field values, RFC 9112 §4 reason-phrase; the parser of upstream
+/// responses never lets one through, so ringway never writes one): before, only CR, LF and
+/// NUL were refused, and a value with a vertical tab, an escape or a DEL, or a reason with a
+/// control byte, was sent to the client as it was.
+#[test]
+fn rfc9110_5_5_an_entry_from_redis_with_control_bytes_in_a_field_is_a_miss() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    for (value, reason) in [
+        (&b"a\x0bb"[..], &b"OK"[..]),
+        (b"a\x1b[2Jb", b"OK"),
+        (b"a\x7fb", b"OK"),
+        (b"fine", b"O\x01K"),
+    ] {
+        let entry = ringway::cache::Object {
+            status: 200,
+            reason: Bytes::copy_from_slice(reason),
+            fields: Fields::from_pairs([(&b"x-v"[..], value)]).expect("fits"),
+            body: Bytes::from_static(b"from redis"),
+            t: ringway::cache::Timing {
+                response_time: support::now(),
+                lifetime: 600,
+                ..Default::default()
+            },
+            url: Bytes::from_static(b"test.local/c"),
+            tags: Vec::new(),
+            vary: Vec::new(),
+            invalid: Cell::new(false),
+        };
+        let enc = ringway::cache::redis::encode(&entry);
+        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+        reply.extend_from_slice(&enc);
+        reply.extend_from_slice(b"\r\n");
+        let (mut fake, addr, gets) = fake_redis(reply);
+        let toml = config(
+            &[up.addr],
+            &format!(
+                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+            ),
+        );
+        let gw = TestGateway::start(&toml, DriverChoice::Auto);
+        let r = get(gw.addr, "/c");
+        assert_eq!(
+            (r.status, &r.body[..]),
+            (200, &b"origin"[..]),
+            "{value:?} {reason:?}: {r:?}"
+        );
+        assert!(gets.load(Ordering::SeqCst) >= 1);
+        drop(gw);
+        fake.stop();
+    }
+}
+
+/// An entry found under a URL's key but naming another URL is a miss where the key is the
+/// URL as it is (RFC 9111 §4.4: a purge finds stored responses by URL): before, it was served
+/// and kept in the worker's store, where a purge of the request's URL did not find it (a
+/// probe: `purged: 0`, and the planted body served on).
+#[test]
+fn rfc9111_4_4_an_entry_from_redis_naming_another_url_is_a_miss() {
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: Fields::default(),
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: support::now(),
+            lifetime: 600,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/other"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, gets) = fake_redis(reply);
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/lie");
+    assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
+    // The same entry under its own URL is used.
+    let r = get(gw.addr, "/other");
+    assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
+    assert!(gets.load(Ordering::SeqCst) >= 2);
+    drop(gw);
+    fake.stop();
+}
+
+/// The cache's link loads no script (it sends its own with `EVAL`): a Redis whose ACL denies
+/// it `SCRIPT` serves the cache all the same. Before, every connection of the cache's link
+/// began with the rate limiter's two `SCRIPT LOAD`s, and a refusal kept the link down: every
+/// lookup a miss.
+#[test]
+fn the_cache_link_needs_no_script_command() {
+    let entry = ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: Fields::default(),
+        body: Bytes::from_static(b"from redis"),
+        t: ringway::cache::Timing {
+            response_time: support::now(),
+            lifetime: 600,
+            ..Default::default()
+        },
+        url: Bytes::from_static(b"test.local/s"),
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+    };
+    let enc = ringway::cache::redis::encode(&entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    let (mut fake, addr, _) = fake_redis_scripted(
+        move |_| reply.clone(),
+        |_| b"-NOPERM\r\n".to_vec(),
+        || b"-NOPERM this user has no permissions to run the 'script|load' command\r\n".to_vec(),
+    );
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    });
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let r = get(gw.addr, "/s");
+    assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
+    assert_eq!(up.hits(), 0);
+    drop(gw);
+    fake.stop();
 }

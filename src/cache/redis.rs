@@ -45,12 +45,28 @@ use super::fields::{span, Fields};
 use super::{Object, Purge, PurgeTarget, Sent, Timing};
 use crate::http::HeaderSpan;
 
+/// Room in the cache link's replies for its lists: a key's variant names (`LRANGE`, at most
+/// [`MAX_REDIS_VARIANTS`]) and a purge's `SCAN` rounds ([`SCAN_COUNT`] keys asked for).
+const MAX_LIST_REPLY_BYTES: u64 = 8 << 20;
+
+/// The longest reply the cache link reads: an entry of `max_entry_bytes` with its encoding's
+/// overhead, or a list. Before, it was the largest any link reads (1 GiB): a server that
+/// declared a 1 GB string and sent it made the link hold it (929 MB measured) whatever
+/// `max_entry_bytes` said, though an entry over it is a miss anyway.
+fn max_reply(max_entry_bytes: u64) -> usize {
+    let entry = max_entry_bytes.saturating_add(MAX_ENCODING_OVERHEAD);
+    usize::try_from(entry.max(MAX_LIST_REPLY_BYTES).saturating_add(64 * 1024)).unwrap_or(usize::MAX)
+}
+
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
 const MAX_ENTRY_FIELDS: usize = 512;
 /// Most bytes an entry's encoding takes beyond its object's weight (`Object::weight`, which
 /// `max_entry_bytes` bounds): the fixed part, and at most 8 bytes per field, tag and Vary
 /// value ([`MAX_ENTRY_FIELDS`] of each).
 const MAX_ENCODING_OVERHEAD: u64 = 128 + 3 * 8 * MAX_ENTRY_FIELDS as u64;
+/// Most seconds an entry's response time may be ahead of this host's clock (hosts' clocks
+/// are kept by NTP; see [`SharedLayer::get`]).
+const MAX_CLOCK_AHEAD_SECS: u64 = 60;
 /// Longest expiry given to an entry.
 const MAX_TTL_SECS: u64 = 24 * 3600;
 /// Kept beyond freshness and stale windows, so that a stale entry can still be validated.
@@ -100,7 +116,7 @@ impl SharedLayer {
     pub fn new(cfg: &crate::config::Config) -> Option<Arc<SharedLayer>> {
         let r = cfg.cache.redis.as_ref()?;
         Some(Arc::new(SharedLayer {
-            link: RedisLink::with_role(r.link(), "cache"),
+            link: RedisLink::with_role(r.link(), "cache", max_reply(r.max_entry_bytes.0)),
             prefix: Bytes::copy_from_slice(r.key_prefix.as_bytes()),
             max_entry: r.max_entry_bytes.0,
             timeout: r.timeout.0,
@@ -166,7 +182,21 @@ impl SharedLayer {
         // Each entry decoded from a copy of its own: the answer is a slice of the link's read
         // buffer, which an object kept in the store would otherwise hold whole (bytes its
         // weight does not count).
-        let own = |b: Bytes| decode(&Bytes::copy_from_slice(&b));
+        //
+        // An entry is never taken as received after now (RFC 9111 §4.2.3: `current_age` adds
+        // the time since it was received, and a response time ahead of the clock would hold
+        // its age still, fresh and with the same `Age`, for as long as it is ahead): one more
+        // than [`MAX_CLOCK_AHEAD_SECS`] ahead is refused (a miss), one less is taken as
+        // received now (the writer's clock a little ahead).
+        let now = super::now_secs();
+        let own = |b: Bytes| {
+            let mut o = decode(&Bytes::copy_from_slice(&b))?;
+            if o.t.response_time > now.saturating_add(MAX_CLOCK_AHEAD_SECS) {
+                return None;
+            }
+            o.t.response_time = o.t.response_time.min(now);
+            Some(o)
+        };
         for ((i, _), b) in asked.iter().zip(raw.await) {
             let Some(o) = b.and_then(own) else {
                 continue;
@@ -381,19 +411,37 @@ impl SharedLayer {
     }
 
     /// Deletes the Redis copies a purge names and tells every host (through the purge channel).
-    pub fn purge(&self, p: &Purge) {
-        self.link.command(Command {
-            args: vec![
-                Bytes::from_static(b"PUBLISH"),
-                self.rkey(b"purge", b""),
-                Bytes::from(encode_purge(p)),
-            ],
-            done: None,
-        });
+    /// By URL or tag: the keys its index set lists. By prefix: the index sets of every URL
+    /// under it, and everything: every key this layer writes, both found by `SCAN` a round at
+    /// a time on the link (no round blocks Redis longer than one `SCAN` and its deletions).
+    /// Without that, a host's next local miss after a purge found the purged object in Redis
+    /// and stored it again. The purge is published once the copies are gone, so that no host
+    /// takes one back from Redis after hearing it.
+    pub fn purge(self: &Arc<Self>, p: &Purge) {
         let set = match &p.target {
             PurgeTarget::Url(u) => self.rkey(b"u:", u),
             PurgeTarget::Tag(t) => self.rkey(b"t:", t),
-            PurgeTarget::Prefix(_) | PurgeTarget::All => return,
+            PurgeTarget::Prefix(x) => {
+                let sets = self.rkey(b"u:", x);
+                let scan = Scan {
+                    pattern: glob_prefix(&sets),
+                    keep: sets,
+                    found: ScanFound::IndexSets,
+                    then: Bytes::from(encode_purge(p)),
+                };
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0);
+                return;
+            }
+            PurgeTarget::All => {
+                let scan = Scan {
+                    pattern: glob_prefix(&self.prefix),
+                    keep: self.prefix.clone(),
+                    found: ScanFound::Entries,
+                    then: Bytes::from(encode_purge(p)),
+                };
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0);
+                return;
+            }
         };
         self.link.command(Command {
             args: vec![
@@ -404,7 +452,138 @@ impl SharedLayer {
             ],
             done: None,
         });
+        // Sent after the deletion on the same connection: Redis runs them in order.
+        self.publish(Bytes::from(encode_purge(p)));
     }
+
+    fn publish(&self, msg: Bytes) {
+        self.link.command(Command {
+            args: vec![
+                Bytes::from_static(b"PUBLISH"),
+                self.rkey(b"purge", b""),
+                msg,
+            ],
+            done: None,
+        });
+    }
+
+    /// One `SCAN` round of a purge by prefix or of everything: deletes what it finds, then
+    /// asks for the next round, until Redis says the scan is over (or it fails, or after
+    /// [`MAX_SCAN_ROUNDS`]); then publishes the purge.
+    fn purge_scan(self: &Arc<Self>, scan: Arc<Scan>, cursor: Bytes, round: u32) {
+        let layer = self.clone();
+        self.link.command(Command {
+            args: vec![
+                Bytes::from_static(b"SCAN"),
+                cursor,
+                Bytes::from_static(b"MATCH"),
+                scan.pattern.clone(),
+                Bytes::from_static(b"COUNT"),
+                Bytes::from_static(SCAN_COUNT),
+            ],
+            done: Some(Box::new(move |f| {
+                let next = match f {
+                    Some(BytesFrame::Array(v)) => match <[BytesFrame; 2]>::try_from(v) {
+                        Ok([BytesFrame::BulkString(next), BytesFrame::Array(keys)]) => {
+                            layer.delete_found(&scan, keys);
+                            Some(next)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                // A cursor is a decimal number; "0" ends the scan.
+                let more = next.filter(|n| {
+                    &n[..] != b"0" && n.len() <= 20 && n.iter().all(u8::is_ascii_digit)
+                });
+                match more {
+                    Some(n) if round + 1 < MAX_SCAN_ROUNDS => {
+                        layer.purge_scan(scan, Bytes::copy_from_slice(&n), round + 1)
+                    }
+                    _ => layer.publish(scan.then.clone()),
+                }
+            })),
+        });
+    }
+
+    /// Deletes what one `SCAN` round found: only keys under the scan's literal prefix (a
+    /// pattern's match, checked again), and of everything only the kinds this layer writes.
+    fn delete_found(&self, scan: &Scan, keys: Vec<BytesFrame>) {
+        let keys = keys.into_iter().filter_map(|k| match k {
+            BytesFrame::BulkString(k) if k.starts_with(&scan.keep) => {
+                Some(Bytes::copy_from_slice(&k))
+            }
+            _ => None,
+        });
+        match scan.found {
+            ScanFound::IndexSets => {
+                for set in keys {
+                    self.link.command(Command {
+                        args: vec![
+                            Bytes::from_static(b"EVAL"),
+                            Bytes::from_static(PURGE_SET_LUA.as_bytes()),
+                            Bytes::from_static(b"1"),
+                            set,
+                        ],
+                        done: None,
+                    });
+                }
+            }
+            ScanFound::Entries => {
+                let mut args = vec![Bytes::from_static(b"DEL")];
+                args.extend(keys.filter(|k| {
+                    let kind = k.get(self.prefix.len()..self.prefix.len() + 2);
+                    kind.is_some_and(|kind| ENTRY_KINDS.contains(&kind))
+                }));
+                if args.len() > 1 {
+                    self.link.command(Command { args, done: None });
+                }
+            }
+        }
+    }
+}
+
+/// Keys asked for per `SCAN` round of a purge by prefix or of everything.
+const SCAN_COUNT: &[u8] = b"100";
+/// Most `SCAN` rounds of one purge (a server that never ends its scan cannot keep the link
+/// busy for ever): ten million keys or more at [`SCAN_COUNT`] a round.
+const MAX_SCAN_ROUNDS: u32 = 100_000;
+/// The kinds of key this layer writes after its prefix (entries, variants, variant lists,
+/// index sets by URL and by tag); a purge of everything deletes those and nothing else that
+/// shares the prefix (a rate limiter's buckets, say).
+const ENTRY_KINDS: [&[u8]; 5] = [b"o:", b"w:", b"v:", b"u:", b"t:"];
+
+/// A purge by prefix or of everything, as its `SCAN` rounds go.
+struct Scan {
+    /// The `MATCH` pattern: [`Scan::keep`], escaped, then `*`.
+    pattern: Bytes,
+    /// What every key found must start with.
+    keep: Bytes,
+    found: ScanFound,
+    /// The purge message, published once the scan is over.
+    then: Bytes,
+}
+
+#[derive(Clone, Copy)]
+enum ScanFound {
+    /// Index sets of URLs: each is purged (its keys, then itself).
+    IndexSets,
+    /// Keys deleted as they are.
+    Entries,
+}
+
+/// A `SCAN MATCH` pattern for the keys that start with `literal`: its glob characters
+/// escaped with a backslash, then `*`.
+fn glob_prefix(literal: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(literal.len() + 8);
+    for &c in literal {
+        if matches!(c, b'*' | b'?' | b'[' | b']' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(c);
+    }
+    out.push(b'*');
+    out.into()
 }
 
 /// How long Redis keeps an entry: its freshness left, its stale windows, and time to validate
@@ -519,7 +698,7 @@ fn listen(
     let mut chunk = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
         // Checked for depth, size and frame count before it is decoded (`crate::redis`).
-        while let Some(f) = crate::redis::decode_reply(&mut rbuf)? {
+        while let Some(f) = crate::redis::decode_reply_within(&mut rbuf, MAX_PURGE_MESSAGE)? {
             match f {
                 BytesFrame::Array(v) if v.len() == 3 => {
                     if let (BytesFrame::BulkString(kind), BytesFrame::BulkString(msg)) =
@@ -650,6 +829,12 @@ impl Reader<'_> {
     }
 }
 
+/// A byte of a field value or of a reason phrase: HTAB, SP, VCHAR or obs-text (RFC 9110 §5.5,
+/// RFC 9112 §4).
+fn is_field_value_byte(c: u8) -> bool {
+    matches!(c, b'\t' | b' ' | 0x21..=0x7E | 0x80..=0xFF)
+}
+
 /// An entry read back from Redis; `None` when it is not one this version wrote whole.
 pub fn decode(b: &Bytes) -> Option<Object> {
     let mut r = Reader { b, at: 0 };
@@ -685,12 +870,14 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     for _ in 0..n {
         let (name_at, value_at) = (r.range()?, r.range()?);
         let (name, value) = (b.get(name_at.clone())?, b.get(value_at.clone())?);
-        // Nothing that could break a head: names are tokens, values have no CR, LF or NUL,
-        // and no framing or hop-by-hop field (never stored, RFC 9111 §3.1: the answer's own
-        // Content-Length would meet the entry's).
+        // Nothing that could break a head: names are tokens, values only field-value bytes
+        // (RFC 9110 §5.5: no CR, LF, NUL or other control but HTAB, which the parser of
+        // upstream responses never lets through either), and no framing or hop-by-hop field
+        // (never stored, RFC 9111 §3.1: the answer's own Content-Length would meet the
+        // entry's).
         if name.is_empty()
             || !name.iter().all(|c| crate::http::is_tchar(*c))
-            || value.iter().any(|c| matches!(c, b'\r' | b'\n' | 0))
+            || !value.iter().all(|c| is_field_value_byte(*c))
             || super::policy::unstorable_field(name)
         {
             return None;
@@ -702,7 +889,8 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         });
     }
     let fields = Fields::from_block(b.slice(start..r.at), spans);
-    if reason.iter().any(|c| matches!(c, b'\r' | b'\n' | 0)) {
+    // RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
+    if !reason.iter().all(|c| is_field_value_byte(*c)) {
         return None;
     }
     let url = r.bytes()?;
@@ -771,6 +959,15 @@ mod tests {
                 assert_ne!(a, b);
             }
         }
+    }
+
+    #[test]
+    fn scan_patterns_match_their_prefix_literally() {
+        assert_eq!(&glob_prefix(b"r:u:h/a")[..], b"r:u:h/a*");
+        assert_eq!(
+            &glob_prefix(b"r:u:h/*?[x]\\")[..],
+            b"r:u:h/\\*\\?\\[x\\]\\\\*"
+        );
     }
 
     #[test]

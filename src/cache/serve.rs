@@ -785,8 +785,21 @@ async fn from_shared(
     let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
     let got = layer.get(&w.doorbell, &ks, &known, sent).await;
     let now = now_secs();
+    // Where the key is the URL as it is (the host and the whole query in it), an entry is
+    // the request's URL's: purges and invalidations find a stored response by its URL
+    // (RFC 9111 §4.4), and an entry naming another URL would be kept here under this key
+    // and escape a purge of it (a corrupt or planted entry; one ringway wrote always
+    // matches). Where the key leaves the host or part of the query out, the URLs of one key
+    // differ and nothing is compared.
+    let url = (!p.ignore_host && matches!(p.query, super::QueryMode::All)).then(|| {
+        let mut u = Vec::new();
+        super::url_of(sent.head, &mut u);
+        u
+    });
     for (k, o) in ks.iter().zip(got) {
-        let Some(o) = o.filter(|o| o.vary_matches(sent)) else {
+        let Some(o) =
+            o.filter(|o| o.vary_matches(sent) && url.as_ref().is_none_or(|u| o.url[..] == u[..]))
+        else {
             continue;
         };
         // Not older than the copy held here: one from the same second may be that copy
