@@ -512,6 +512,38 @@ fn sighup_reloads_the_running_binary() {
     p.signal(libc::SIGTERM);
 }
 
+/// A refusal whose reason spans lines (the TOML parser's message for a syntax error) is still
+/// one event line, with the file, line, column and the whole reason on it: every line the
+/// process writes starts with its time, so a log reader never sees a line without one.
+#[test]
+fn a_reload_refusal_for_a_syntax_error_is_one_log_line() {
+    let up = named("A");
+    let dir = Scratch::new("sighup-syntax");
+    let path = dir.write("ringway.toml", &two_groups(up.addr, up.addr, "a", ""));
+    let p = Proc::spawn(&["run", "-c", path.to_str().unwrap()]);
+    let addr = p.addr();
+    dir.write("ringway.toml", "[server\nworkers = 1\n");
+    p.signal(libc::SIGHUP);
+    let refused = p
+        .wait_line("reload refused", 1, Duration::from_secs(10))
+        .expect("a refusal line");
+    assert!(
+        refused.contains(&format!("{}:1:", path.display())) && refused.contains("expected"),
+        "the reason is on the refusal's line: {refused}"
+    );
+    // The old config keeps serving.
+    let mut c = Client::connect(addr);
+    assert_eq!(get_on(&mut c, "/x").text(), "A");
+    p.signal(libc::SIGTERM);
+    let lines = p.lines.lock().unwrap().clone();
+    for l in &lines {
+        assert!(
+            l.len() > 24 && l.as_bytes()[..4].iter().all(u8::is_ascii_digit) && &l[23..24] == "Z",
+            "a line without its time: {l:?} in {lines:?}"
+        );
+    }
+}
+
 /// One request on a new connection (`Connection: close`): the 200 body, or what went wrong
 /// (`connect: ...` when the connection was refused).
 fn one_shot(addr: SocketAddr) -> Result<String, String> {
