@@ -23,7 +23,7 @@ use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -49,6 +49,16 @@ pub const WRITER_QUEUE: usize = 16;
 pub const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// How often an idle writer thread checks for a reopen request.
 const WRITER_POLL: Duration = Duration::from_millis(100);
+
+/// Lines the writer threads failed to write (the output refused them: disk full, I/O error),
+/// since the process started, over every output (`ringway_access_log_write_lost_total`).
+/// Counted by the writer threads, never on the request path.
+static WRITE_LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Lines lost because writing them failed, in this process (see [`WRITE_LOST`]).
+pub fn lines_lost_to_write_errors() -> u64 {
+    WRITE_LOST.load(Ordering::Relaxed)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Configuration.
@@ -653,8 +663,12 @@ fn writer(
                 match sink.write(&chunk) {
                     Ok(()) => failing = false,
                     Err(e) => {
+                        // The chunk holds whole lines; a failed write may have written some
+                        // of them, but which cannot be told: all count as lost.
+                        let lines = chunk.iter().filter(|b| **b == b'\n').count() as u64;
+                        WRITE_LOST.fetch_add(lines, Ordering::Relaxed);
                         if !failing {
-                            warn!("access log {label}: write failed: {e}; lines are lost until it works again");
+                            warn!("access log {label}: write failed: {e}; lines are lost until it works again (ringway_access_log_write_lost_total)");
                         }
                         failing = true;
                     }

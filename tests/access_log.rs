@@ -349,6 +349,50 @@ fn a_writer_that_cannot_keep_up_costs_lines_not_requests() {
     assert_eq!(read, written, "{dropped} dropped");
 }
 
+/// An output whose writes fail (here `/dev/full`: ENOSPC, as a full disk) costs lines, never
+/// requests, and the lines it cost are counted (`ringway_access_log_write_lost_total`), not only
+/// named once in the event log. Before, they counted as written and nothing showed the loss.
+#[test]
+fn lines_lost_to_a_failing_output_are_counted() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"x")));
+    let toml = format!(
+        "{}\n[[routes]]\nupstream = \"up\"\n",
+        config(
+            &[up.addr],
+            "[access_log]\nenabled = true\noutput = \"/dev/full\"\n"
+        )
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    let mut c = Client::connect(gw.addr);
+    let n = 50u64;
+    for _ in 0..n {
+        c.send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(c.read_response().expect("answered").status, 200);
+    }
+    let mut text = String::new();
+    let mut got = (0, 0);
+    // The worker ships its buffer on its next 50 ms tick; the writer counts what failed.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            text.clear();
+            ringway::metrics::render_prometheus(&ctl, &mut text).expect("scrape");
+            let v = |name: &str| -> u64 {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                    .unwrap_or(0)
+            };
+            got = (
+                v("ringway_access_log_lines_total"),
+                v("ringway_access_log_write_lost_total"),
+            );
+            got.0 == n && got.1 >= n
+        }),
+        "(written into buffers, lost to the output) = {got:?}"
+    );
+    ringway::metrics::prom::check_exposition(&text).expect("a valid exposition");
+}
+
 #[test]
 fn bad_access_log_keys_are_refused_with_their_position() {
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
