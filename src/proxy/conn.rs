@@ -357,6 +357,8 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         info,
     };
     let mut linger = false;
+    // The connection's listener is gone and its last request is being served.
+    let mut last_on_gone = false;
     loop {
         if c.rbuf.is_empty() && !c.wait_request(w).await {
             break;
@@ -368,7 +370,14 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
             // still reads the next request (pipelined, or on its way) and answers it with
             // `Connection: close` (RFC 9112 §9.6): closing now would reset it.
             Some(Next::KeepAlive) if !listener_gone(w, c.info.listener) => {}
-            Some(Next::KeepAlive) | None => break,
+            // A listener a reload removed: the request already read behind the one in flight
+            // (pipelined) is answered too, once, before the connection closes.
+            Some(Next::KeepAlive) if !c.rbuf.is_empty() && !last_on_gone => last_on_gone = true,
+            Some(Next::KeepAlive) | None => {
+                // Requests pipelined further are left unanswered: close without resetting.
+                linger = !c.rbuf.is_empty();
+                break;
+            }
             Some(Next::Close) => {
                 linger = true;
                 break;
