@@ -610,11 +610,14 @@ impl Sink {
         if name == "stdout" {
             return Ok(Sink::Stdout);
         }
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(name)
-            .map_err(|e| io::Error::new(e.kind(), format!("access log {name}: {e}")))?;
+        let f = open_append(name).map_err(|e| {
+            let why = if e.raw_os_error() == Some(libc::ENXIO) {
+                "a named pipe that no process reads".to_string()
+            } else {
+                e.to_string()
+            };
+            io::Error::new(e.kind(), format!("access log {name}: {why}"))
+        })?;
         Ok(Sink::File(f, name.to_string()))
     }
 
@@ -631,7 +634,7 @@ impl Sink {
 
     fn reopen(&mut self) {
         if let Sink::File(f, name) = self {
-            match OpenOptions::new().create(true).append(true).open(&*name) {
+            match open_append(name) {
                 Ok(n) => *f = n,
                 Err(e) => {
                     warn!("access log {name}: cannot reopen: {e}; still writing to the old file")
@@ -639,6 +642,28 @@ impl Sink {
             }
         }
     }
+}
+
+/// Opens an output file for appending without waiting: a named pipe that no process reads
+/// would otherwise hold the opening thread (the reloading one, or the start) until a reader
+/// comes; opened non-blocking it is refused at once (ENXIO). Writes then block again, on the
+/// writer thread only.
+fn open_append(name: &str) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(name)?;
+    // SAFETY: fcntl on a descriptor this function owns; F_GETFL/F_SETFL read and set flags.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(f)
 }
 
 /// One output's writer: writes the chunks the workers hand over and gives the buffers back.

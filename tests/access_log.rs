@@ -733,6 +733,63 @@ fn a_reload_whose_output_cannot_be_opened_changes_nothing() {
     assert_eq!(get(gw.addr, "/").status, 200);
 }
 
+/// A named pipe nobody reads as the output: opening it for writing would wait for a reader
+/// forever, on the reloading thread (the signal loop's, so SIGTERM would go unanswered too).
+/// The reload is refused at once instead, naming the output, and nothing changes; with a
+/// reader the same output is accepted.
+#[test]
+fn a_reload_to_a_pipe_without_a_reader_is_refused_not_hung() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("reload-fifo");
+    let fifo = dir.file("nobody.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let base = proxy_all(up.addr);
+    let gw = TestGateway::start(&base, DRIVERS[0]);
+    let with = format!(
+        "{base}\n[access_log]\nenabled = true\noutput = \"{}\"\n",
+        fifo.display()
+    );
+    let next = ringway::config::Config::parse(&with, "r.toml").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let gw = gw.gateway();
+        s.spawn(move || {
+            let _ = tx.send(
+                gw.reload(next)
+                    .map(|_| ())
+                    .map_err(|e| (e.status(), e.to_string())),
+            );
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        if got.is_err() {
+            // Unblock the stuck open (it waits for a reader) so the scope can end, then fail.
+            let _ = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo);
+            panic!("the reload hung opening a pipe without a reader");
+        }
+        let (status, e) = got.unwrap().expect_err("refused");
+        assert_eq!(status, 400, "{e}");
+        assert!(e.contains(&fifo.display().to_string()), "{e}");
+    });
+    assert_eq!(gw.gateway().reload_generation(), 0);
+    assert_eq!(get(gw.addr, "/").status, 200);
+    // With a reader, the pipe is a fine output.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the fifo");
+    let next = ringway::config::Config::parse(&with, "r.toml").unwrap();
+    gw.gateway()
+        .reload(next)
+        .expect("a pipe with a reader is accepted");
+}
+
 /// A reload applies a kept listener's new access log settings (fields here) on the output it
 /// keeps open; a larger buffer asked for a kept output is named in `not_reloaded`.
 #[test]
