@@ -23,7 +23,7 @@ use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -49,6 +49,16 @@ pub const WRITER_QUEUE: usize = 16;
 pub const FINAL_FLUSH_WAIT: Duration = Duration::from_secs(1);
 /// How often an idle writer thread checks for a reopen request.
 const WRITER_POLL: Duration = Duration::from_millis(100);
+
+/// Lines the writer threads failed to write (the output refused them: disk full, I/O error),
+/// since the process started, over every output (`ringway_access_log_write_lost_total`).
+/// Counted by the writer threads, never on the request path.
+static WRITE_LOST: AtomicU64 = AtomicU64::new(0);
+
+/// Lines lost because writing them failed, in this process (see [`WRITE_LOST`]).
+pub fn lines_lost_to_write_errors() -> u64 {
+    WRITE_LOST.load(Ordering::Relaxed)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Configuration.
@@ -600,11 +610,14 @@ impl Sink {
         if name == "stdout" {
             return Ok(Sink::Stdout);
         }
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(name)
-            .map_err(|e| io::Error::new(e.kind(), format!("access log {name}: {e}")))?;
+        let f = open_append(name).map_err(|e| {
+            let why = if e.raw_os_error() == Some(libc::ENXIO) {
+                "a named pipe that no process reads".to_string()
+            } else {
+                e.to_string()
+            };
+            io::Error::new(e.kind(), format!("access log {name}: {why}"))
+        })?;
         Ok(Sink::File(f, name.to_string()))
     }
 
@@ -621,7 +634,7 @@ impl Sink {
 
     fn reopen(&mut self) {
         if let Sink::File(f, name) = self {
-            match OpenOptions::new().create(true).append(true).open(&*name) {
+            match open_append(name) {
                 Ok(n) => *f = n,
                 Err(e) => {
                     warn!("access log {name}: cannot reopen: {e}; still writing to the old file")
@@ -629,6 +642,28 @@ impl Sink {
             }
         }
     }
+}
+
+/// Opens an output file for appending without waiting: a named pipe that no process reads
+/// would otherwise hold the opening thread (the reloading one, or the start) until a reader
+/// comes; opened non-blocking it is refused at once (ENXIO). Writes then block again, on the
+/// writer thread only.
+fn open_append(name: &str) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(name)?;
+    // SAFETY: fcntl on a descriptor this function owns; F_GETFL/F_SETFL read and set flags.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(f)
 }
 
 /// One output's writer: writes the chunks the workers hand over and gives the buffers back.
@@ -653,8 +688,12 @@ fn writer(
                 match sink.write(&chunk) {
                     Ok(()) => failing = false,
                     Err(e) => {
+                        // The chunk holds whole lines; a failed write may have written some
+                        // of them, but which cannot be told: all count as lost.
+                        let lines = chunk.iter().filter(|b| **b == b'\n').count() as u64;
+                        WRITE_LOST.fetch_add(lines, Ordering::Relaxed);
                         if !failing {
-                            warn!("access log {label}: write failed: {e}; lines are lost until it works again");
+                            warn!("access log {label}: write failed: {e}; lines are lost until it works again (ringway_access_log_write_lost_total)");
                         }
                         failing = true;
                     }

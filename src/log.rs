@@ -149,12 +149,20 @@ pub fn enabled(level: Level) -> bool {
     (level as u8) <= LEVEL.load(Ordering::Relaxed)
 }
 
-/// One event line, without its line feed.
+/// One event line, without its line feed. In text, control characters of the message (a
+/// line feed in a config parser's message, an escape sequence in text that came from outside)
+/// are written escaped (`\n`, `\r`, `\x1b`), so that each event stays one line and a
+/// terminal shows the text as it was; JSON escapes them its own way.
 pub fn line(level: Level, format: Format, unix_ms: u64, args: std::fmt::Arguments<'_>) -> String {
     let time = crate::date::rfc3339_millis(unix_ms);
     let time = std::str::from_utf8(&time).unwrap_or("");
     match format {
-        Format::Text => format!("{time} {} {args}", level.as_str()),
+        Format::Text => {
+            use std::fmt::Write;
+            let mut out = format!("{time} {} ", level.as_str());
+            let _ = Escaped(&mut out).write_fmt(args);
+            out
+        }
         Format::Json => {
             let msg = serde_json::Value::String(args.to_string());
             format!(
@@ -162,6 +170,24 @@ pub fn line(level: Level, format: Format, unix_ms: u64, args: std::fmt::Argument
                 level.as_str()
             )
         }
+    }
+}
+
+/// Writes text into a `String` with control characters escaped (see [`line`]); a tab stays.
+struct Escaped<'a>(&'a mut String);
+
+impl std::fmt::Write for Escaped<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            match c {
+                '\n' => self.0.push_str("\\n"),
+                '\r' => self.0.push_str("\\r"),
+                '\t' => self.0.push('\t'),
+                c if c.is_control() => write!(self.0, "\\x{:02x}", c as u32)?,
+                c => self.0.push(c),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -212,6 +238,17 @@ mod tests {
         assert_eq!(v["time"], "2026-11-26T05:38:17.123Z");
         assert_eq!(v["level"], "info");
         assert_eq!(v["msg"], "quote \" and\nline");
+        // Text: one line whatever the message holds.
+        let t = line(
+            Level::Error,
+            Format::Text,
+            1_795_671_497_123,
+            format_args!("a\nb\r\n{}\tc\u{7f}", "\x1b[2J"),
+        );
+        assert_eq!(
+            t,
+            "2026-11-26T05:38:17.123Z error a\\nb\\r\\n\\x1b[2J\tc\\x7f"
+        );
     }
 
     #[test]

@@ -3,10 +3,16 @@
 //! of its own, whose id goes upstream in a rewritten `traceparent`. `tracestate` is passed
 //! through unchanged, bounded, and only with a trace the client started.
 //!
-//! Parsing is strict (§3.2): version `00` only, exactly 55 characters, lowercase hex, a trace id
-//! and a parent id that are not all zeros, one `traceparent` field. Anything else starts a new
-//! trace (and drops `tracestate`, §3.3.1: a vendor that could not parse `traceparent` must not
-//! use `tracestate`). Nothing here allocates.
+//! Parsing follows §3.2: version `00` is exactly 55 characters, lowercase hex, a trace id and a
+//! parent id that are not all zeros, one `traceparent` field. A higher version (not `ff`) is
+//! read as §3.2.4 asks: its first 55 characters as version 00's, followed by the end or a `-`
+//! and fields this gateway does not know; the trace is continued as version 00. Only the
+//! sampled flag is passed on (§3.2.2.5: flags not defined by version 00 are set to zero).
+//! Anything else starts a new trace (and drops `tracestate`, §3.3.1.1: a vendor that could not
+//! parse `traceparent` must not use `tracestate`). `tracestate` goes upstream only when it is a
+//! valid list (§3.3.1: at most 32 members, keys and values of the specified grammar, no key
+//! twice); a list that is not is dropped whole, never passed on half-checked. Nothing here
+//! allocates.
 
 use crate::http::request::RequestHead;
 
@@ -19,6 +25,10 @@ pub const MAX_TRACESTATE: usize = 512;
 /// Most `tracestate` field lines passed upstream (a list has at most 32 members, §3.3.1.1, so
 /// more lines than that cannot be a valid list).
 pub const MAX_TRACESTATE_LINES: usize = 32;
+/// Most members of a `tracestate` list (§3.3.1.1); a longer list is dropped.
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+/// The one trace flag version 00 defines (§3.2.2.5.1); the others are reserved and sent as zero.
+pub const SAMPLED: u8 = 0x01;
 
 /// One request's trace context.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,7 +66,7 @@ impl TraceContext {
                 span_id,
                 parent_id: Some(parent),
                 flags,
-                keep_state: tracestate_fits(head),
+                keep_state: tracestate_valid(head),
             },
             None => TraceContext::fresh(span_id, &mut rand),
         }
@@ -100,13 +110,24 @@ impl TraceContext {
     }
 }
 
-/// Parses a version-00 `traceparent` value (§3.2.2): (trace id, parent id, flags), or `None`
-/// when it is not exactly valid.
+/// Parses a `traceparent` value (§3.2.2, and §3.2.4 for a higher version): (trace id, parent
+/// id, flags with only the sampled bit kept), or `None` when it is not valid.
 pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
-    // §3.2.2.1: version 00 has exactly this length; §3.2.2.2: `ff` is invalid, and a higher
-    // version is not one this gateway can vouch for, so it starts a new trace.
-    if v.len() != TRACEPARENT_LEN || &v[..3] != b"00-" || v[35] != b'-' || v[52] != b'-' {
+    if v.len() < TRACEPARENT_LEN || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
         return None;
+    }
+    let mut version = [0u8; 1];
+    unhex(&v[..2], &mut version)?;
+    match version[0] {
+        // §3.2.2.1: version 00 has exactly this length.
+        0x00 if v.len() != TRACEPARENT_LEN => return None,
+        0x00 => {}
+        // §3.2.2.1: `ff` is an invalid version.
+        0xff => return None,
+        // §3.2.4: a higher version may be longer; what follows version 00's fields must
+        // start with a dash.
+        _ if v.len() > TRACEPARENT_LEN && v[TRACEPARENT_LEN] != b'-' => return None,
+        _ => {}
     }
     let mut trace_id = [0u8; 16];
     let mut parent = [0u8; 8];
@@ -118,18 +139,77 @@ pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
     if trace_id == [0; 16] || parent == [0; 8] {
         return None;
     }
-    Some((trace_id, parent, flags[0]))
+    Some((trace_id, parent, flags[0] & SAMPLED))
 }
 
-/// The client's `tracestate` lines are within the bounds passed upstream.
-fn tracestate_fits(head: &RequestHead) -> bool {
+/// The client's `tracestate` lines form a list that may go upstream: within the size bounds,
+/// at most [`MAX_TRACESTATE_MEMBERS`] members (empty ones are allowed and not counted,
+/// §3.3.1.1), each a valid `key=value` (§3.3.1.3), no key twice (§3.3.1.1: keys are unique).
+fn tracestate_valid(head: &RequestHead) -> bool {
     let mut total = 0usize;
     let mut lines = 0usize;
     for v in head.header_values(b"tracestate") {
         total = total.saturating_add(v.len());
         lines += 1;
     }
-    lines > 0 && lines <= MAX_TRACESTATE_LINES && total <= MAX_TRACESTATE
+    if lines == 0 || lines > MAX_TRACESTATE_LINES || total > MAX_TRACESTATE {
+        return false;
+    }
+    let mut keys: [&[u8]; MAX_TRACESTATE_MEMBERS] = [&[]; MAX_TRACESTATE_MEMBERS];
+    let mut n = 0usize;
+    for v in head.header_values(b"tracestate") {
+        for member in v.split(|b| *b == b',') {
+            let member = crate::http::trim_ows(member);
+            if member.is_empty() {
+                continue;
+            }
+            let Some(key) = tracestate_member_key(member) else {
+                return false;
+            };
+            if n == MAX_TRACESTATE_MEMBERS || keys[..n].contains(&key) {
+                return false;
+            }
+            keys[n] = key;
+            n += 1;
+        }
+    }
+    true
+}
+
+/// The key of a valid list member `key=value` (§3.3.1.3), or `None`.
+///
+/// key: `simple-key` (a lowercase letter or digit, then up to 255 of `a-z 0-9 _ - * /`) or
+/// `tenant@system` (tenant: a lowercase letter or digit, then up to 240 of those; system: a
+/// lowercase letter, then up to 13). A key may start with a digit (as version 2 of the
+/// specification allows; version 1 allowed it in tenant ids only).
+/// value: 1 to 256 printable ASCII characters other than `,` and `=`, not ending in a space.
+fn tracestate_member_key(member: &[u8]) -> Option<&[u8]> {
+    fn keychar(c: u8) -> bool {
+        matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/')
+    }
+    fn part(p: &[u8], max: usize, digit_first: bool) -> bool {
+        match p.split_first() {
+            Some((&c, rest)) => {
+                (c.is_ascii_lowercase() || (digit_first && c.is_ascii_digit()))
+                    && rest.len() < max
+                    && rest.iter().all(|&c| keychar(c))
+            }
+            None => false,
+        }
+    }
+    let eq = member.iter().position(|b| *b == b'=')?;
+    let (key, value) = (&member[..eq], &member[eq + 1..]);
+    let key_ok = match key.iter().position(|b| *b == b'@') {
+        None => part(key, 256, true),
+        Some(at) => part(&key[..at], 241, true) && part(&key[at + 1..], 14, false),
+    };
+    let value_ok = !value.is_empty()
+        && value.len() <= 256
+        && value
+            .iter()
+            .all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
+        && value.last() != Some(&b' ');
+    (key_ok && value_ok).then_some(key)
 }
 
 fn nonzero8(rand: &mut impl FnMut() -> u64) -> [u8; 8] {
@@ -190,8 +270,14 @@ mod tests {
             b"",
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
-            b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
+            b"0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"CC-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // A higher version: what follows the flags must start with a dash (§3.2.4).
+            b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01future",
+            b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
+            b"cc-00000000000000000000000000000000-00f067aa0ba902b7-01",
             b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             b"00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
@@ -210,6 +296,80 @@ mod tests {
         // Every prefix of a good value is refused (and nothing panics).
         for n in 0..GOOD.len() {
             assert!(parse_traceparent(&GOOD[..n]).is_none());
+        }
+    }
+
+    /// §3.2.4: a higher version is read by version 00's fields; §3.2.2.5: flags other than
+    /// sampled are not passed on.
+    #[test]
+    fn higher_versions_are_read_by_the_version_00_fields_and_only_sampled_is_kept() {
+        let id = &GOOD[3..35];
+        for v in [
+            &b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"[..],
+            b"cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-will-be-like",
+            b"fe-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+        ] {
+            let (t, _, f) = parse_traceparent(v).expect("a higher version is read");
+            let ctx = TraceContext {
+                trace_id: t,
+                flags: f,
+                ..TraceContext::default()
+            };
+            assert_eq!(&ctx.trace_id_hex()[..], id);
+            assert_eq!(f, SAMPLED);
+        }
+        let (_, _, f) =
+            parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff").unwrap();
+        assert_eq!(f, SAMPLED);
+        let (_, _, f) =
+            parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-fe").unwrap();
+        assert_eq!(f, 0);
+    }
+
+    #[test]
+    fn tracestate_members_follow_the_key_and_value_grammar() {
+        let k = "k".repeat(256);
+        let v = "v".repeat(256);
+        let good = [
+            "foo=1".to_string(),
+            "rojo=00f067aa0ba902b7".into(),
+            "congo=t61rcWkgMzE".into(),
+            "0a=1".into(),
+            "a_-*/9=x y".into(),
+            "tenant@sys=1".into(),
+            "1tenant@s=1".into(),
+            format!("{k}=1"),
+            format!("a={v}"),
+            format!("{}@{}=1", "t".repeat(241), "s".repeat(14)),
+            "a=!\"#$%&'()*+-./:;<>?@[]^_`{|}~".into(),
+        ];
+        for m in &good {
+            assert!(tracestate_member_key(m.as_bytes()).is_some(), "{m}");
+        }
+        let bad = [
+            "foo".to_string(),
+            "=1".into(),
+            "foo=".into(),
+            "FOO=1".into(),
+            "foo.bar=1".into(),
+            "foo =1".into(),
+            "foo=1 ".into(),
+            "foo=a=b".into(),
+            "foo=\x7f".into(),
+            "foo=\u{e9}".into(),
+            "_foo=1".into(),
+            "foo@=1".into(),
+            "@foo=1".into(),
+            "foo@@bar=1".into(),
+            "foo@bar@baz=1".into(),
+            "foo@1bar=1".into(),
+            format!("{k}k=1"),
+            format!("a={v}v"),
+            format!("{}@s=1", "t".repeat(242)),
+            format!("t@{}=1", "s".repeat(15)),
+        ];
+        for m in &bad {
+            assert!(tracestate_member_key(m.as_bytes()).is_none(), "{m}");
         }
     }
 

@@ -349,6 +349,50 @@ fn a_writer_that_cannot_keep_up_costs_lines_not_requests() {
     assert_eq!(read, written, "{dropped} dropped");
 }
 
+/// An output whose writes fail (here `/dev/full`: ENOSPC, as a full disk) costs lines, never
+/// requests, and the lines it cost are counted (`ringway_access_log_write_lost_total`), not only
+/// named once in the event log. Before, they counted as written and nothing showed the loss.
+#[test]
+fn lines_lost_to_a_failing_output_are_counted() {
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"x")));
+    let toml = format!(
+        "{}\n[[routes]]\nupstream = \"up\"\n",
+        config(
+            &[up.addr],
+            "[access_log]\nenabled = true\noutput = \"/dev/full\"\n"
+        )
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    let mut c = Client::connect(gw.addr);
+    let n = 50u64;
+    for _ in 0..n {
+        c.send(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n");
+        assert_eq!(c.read_response().expect("answered").status, 200);
+    }
+    let mut text = String::new();
+    let mut got = (0, 0);
+    // The worker ships its buffer on its next 50 ms tick; the writer counts what failed.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            text.clear();
+            ringway::metrics::render_prometheus(&ctl, &mut text).expect("scrape");
+            let v = |name: &str| -> u64 {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                    .unwrap_or(0)
+            };
+            got = (
+                v("ringway_access_log_lines_total"),
+                v("ringway_access_log_write_lost_total"),
+            );
+            got.0 == n && got.1 >= n
+        }),
+        "(written into buffers, lost to the output) = {got:?}"
+    );
+    ringway::metrics::prom::check_exposition(&text).expect("a valid exposition");
+}
+
 #[test]
 fn bad_access_log_keys_are_refused_with_their_position() {
     let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n";
@@ -687,6 +731,63 @@ fn a_reload_whose_output_cannot_be_opened_changes_nothing() {
     assert_eq!(gw.gateway().reload_generation(), 0);
     assert!(gw.gateway().access_logs().is_none());
     assert_eq!(get(gw.addr, "/").status, 200);
+}
+
+/// A named pipe nobody reads as the output: opening it for writing would wait for a reader
+/// forever, on the reloading thread (the signal loop's, so SIGTERM would go unanswered too).
+/// The reload is refused at once instead, naming the output, and nothing changes; with a
+/// reader the same output is accepted.
+#[test]
+fn a_reload_to_a_pipe_without_a_reader_is_refused_not_hung() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = TempDir::new("reload-fifo");
+    let fifo = dir.file("nobody.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let base = proxy_all(up.addr);
+    let gw = TestGateway::start(&base, DRIVERS[0]);
+    let with = format!(
+        "{base}\n[access_log]\nenabled = true\noutput = \"{}\"\n",
+        fifo.display()
+    );
+    let next = ringway::config::Config::parse(&with, "r.toml").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let gw = gw.gateway();
+        s.spawn(move || {
+            let _ = tx.send(
+                gw.reload(next)
+                    .map(|_| ())
+                    .map_err(|e| (e.status(), e.to_string())),
+            );
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        if got.is_err() {
+            // Unblock the stuck open (it waits for a reader) so the scope can end, then fail.
+            let _ = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo);
+            panic!("the reload hung opening a pipe without a reader");
+        }
+        let (status, e) = got.unwrap().expect_err("refused");
+        assert_eq!(status, 400, "{e}");
+        assert!(e.contains(&fifo.display().to_string()), "{e}");
+    });
+    assert_eq!(gw.gateway().reload_generation(), 0);
+    assert_eq!(get(gw.addr, "/").status, 200);
+    // With a reader, the pipe is a fine output.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the fifo");
+    let next = ringway::config::Config::parse(&with, "r.toml").unwrap();
+    gw.gateway()
+        .reload(next)
+        .expect("a pipe with a reader is accepted");
 }
 
 /// A reload applies a kept listener's new access log settings (fields here) on the output it

@@ -170,6 +170,29 @@ fn every_endpoint_answers() {
     assert_eq!(c.read_response().unwrap().status, 404);
 }
 
+/// RFC 9112 §3.2.2: with an absolute-form target the authority in it is the request's host
+/// and the Host header is ignored, so the DNS-rebinding guard (no token configured) judges
+/// that authority: a foreign name in the target is refused even with `Host: 127.0.0.1`.
+#[test]
+fn the_rebinding_guard_reads_an_absolute_form_targets_authority() {
+    let up = Upstream::echo();
+    let g = gateway(up.addr, "", "", DriverChoice::Auto);
+    let a = admin_addr(&g);
+    let r = request(
+        a,
+        b"GET http://evil.example:9901/config HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    );
+    assert_eq!(r.status, 403, "a foreign authority in the target");
+    let r = request(
+        a,
+        b"GET http://127.0.0.1:9901/live HTTP/1.1\r\nHost: evil.example\r\n\r\n",
+    );
+    assert_eq!(
+        r.status, 200,
+        "the target's local authority, whatever Host says"
+    );
+}
+
 #[test]
 fn the_token_is_required_checked_and_accepted() {
     let up = Upstream::echo();

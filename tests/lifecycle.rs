@@ -210,6 +210,62 @@ fn in_process_shutdown_waits_for_in_flight_requests() {
     }
 }
 
+/// A graceful shutdown (SIGTERM, or the old process after a binary upgrade's hand-over) that
+/// begins while a keep-alive response is being written, its head already sent without
+/// `Connection: close`, with the client's next request pipelined behind it: the gateway had
+/// promised to read on, so the next request is answered (with `Connection: close`), not left
+/// unread while the connection closes. Before, the connection closed with the request unread,
+/// which resets it (RFC 9112 §9.6: a reset can discard the response the client has not read
+/// yet; §9.3.2: the client cannot tell whether the pipelined request was processed). A
+/// connection idle at that moment may likewise have its next request on the way: it gets the
+/// grace a connection accepted just before a shutdown gets.
+#[test]
+fn a_request_pipelined_behind_a_keep_alive_response_during_a_shutdown_is_answered() {
+    for d in DRIVERS {
+        let head_sent = Event::new();
+        let go = Event::new();
+        let (h, g) = (head_sent.clone(), go.clone());
+        let up = Upstream::start(move |req| {
+            if req.target == "/slow" {
+                Reply::Script(vec![
+                    Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsl".to_vec()),
+                    Step::Signal(h.clone()),
+                    Step::Await(g.clone()),
+                    Step::Write(b"ow".to_vec()),
+                ])
+            } else {
+                Reply::Raw(ok_response(b"second"))
+            }
+        });
+        let gw = TestGateway::start(&proxy_all(up.addr), d);
+        let mut c = Client::connect(gw.addr);
+        c.send(
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nPOST /two HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+        );
+        assert!(head_sent.wait(Duration::from_secs(10)), "{d:?}");
+        // Every worker has begun shutting down once this returns (the job runs on the
+        // worker's thread), as on SIGTERM or after a hand-over.
+        gw.gateway()
+            .control()
+            .ask(Duration::from_secs(5), |w| w.shutdown.trigger())
+            .expect("the workers answer");
+        go.set();
+        let r = c.read_response().expect("the first response");
+        assert_eq!((r.status, r.text().as_str()), (200, "slow"), "{d:?}");
+        assert_eq!(
+            r.header("connection"),
+            None,
+            "{d:?}: its head promised more"
+        );
+        let r = c
+            .read_response()
+            .unwrap_or_else(|| panic!("{d:?}: the pipelined request is answered"));
+        assert_eq!((r.status, r.text().as_str()), (200, "second"), "{d:?}");
+        assert_eq!(r.header("connection"), Some("close"), "{d:?}");
+        assert!(c.is_closed(Duration::from_secs(5)), "{d:?}");
+    }
+}
+
 #[test]
 fn driver_choice_is_logged_once() {
     let addr = free_port();

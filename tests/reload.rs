@@ -308,6 +308,57 @@ fn listeners_are_added_and_removed_by_a_reload() {
     }
 }
 
+/// A reload that removes a listener while a keep-alive answer is being written on one of its
+/// connections, its head already sent without `Connection: close`, with the next request
+/// pipelined behind it: that request is answered before the connection closes (RFC 9112
+/// §9.3.2), as the README promises ("their connections close after their request in flight").
+/// Before, the connection closed with it unread.
+#[test]
+fn a_request_pipelined_on_a_removed_listeners_connection_is_answered() {
+    for driver in DRIVERS {
+        let head_sent = Event::new();
+        let go = Event::new();
+        let (h, g) = (head_sent.clone(), go.clone());
+        let up = Upstream::start(move |req| {
+            if req.target == "/x/slow" {
+                Reply::Script(vec![
+                    Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsl".to_vec()),
+                    Step::Signal(h.clone()),
+                    Step::Await(g.clone()),
+                    Step::Write(b"ow".to_vec()),
+                ])
+            } else {
+                Reply::Raw(ok_response(b"A"))
+            }
+        });
+        let one = two_groups(up.addr, up.addr, "a", "");
+        let two = one.replacen(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n",
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\nname = \"second\"\n",
+            1,
+        );
+        let gw = TestGateway::start(&two, driver);
+        let second = gw.addrs()[1];
+        let mut c = Client::connect(second);
+        c.send(b"GET /x/slow HTTP/1.1\r\nHost: t\r\n\r\nGET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert!(head_sent.wait(Duration::from_secs(10)), "{driver:?}");
+        let rep = gw.gateway().reload(parse(&one)).unwrap();
+        assert!(rep
+            .listeners
+            .iter()
+            .any(|l| l.change == ListenerFate::Removed && l.bound == second));
+        go.set();
+        let r = c.read_response().expect("the first response");
+        assert_eq!((r.status, r.text().as_str()), (200, "slow"), "{driver:?}");
+        let r = c
+            .read_response()
+            .unwrap_or_else(|| panic!("{driver:?}: the pipelined request is answered"));
+        assert_eq!((r.status, r.text().as_str()), (200, "A"), "{driver:?}");
+        c.read_timeout(Duration::from_secs(5));
+        assert!(c.read_response().is_none(), "{driver:?}: then it closes");
+    }
+}
+
 #[test]
 fn reloads_under_load_fail_no_request() {
     let (a, b) = (named("A"), named("B"));
@@ -510,6 +561,38 @@ fn sighup_reloads_the_running_binary() {
     );
     assert_eq!(get_on(&mut c, "/x").text(), "B");
     p.signal(libc::SIGTERM);
+}
+
+/// A refusal whose reason spans lines (the TOML parser's message for a syntax error) is still
+/// one event line, with the file, line, column and the whole reason on it: every line the
+/// process writes starts with its time, so a log reader never sees a line without one.
+#[test]
+fn a_reload_refusal_for_a_syntax_error_is_one_log_line() {
+    let up = named("A");
+    let dir = Scratch::new("sighup-syntax");
+    let path = dir.write("ringway.toml", &two_groups(up.addr, up.addr, "a", ""));
+    let p = Proc::spawn(&["run", "-c", path.to_str().unwrap()]);
+    let addr = p.addr();
+    dir.write("ringway.toml", "[server\nworkers = 1\n");
+    p.signal(libc::SIGHUP);
+    let refused = p
+        .wait_line("reload refused", 1, Duration::from_secs(10))
+        .expect("a refusal line");
+    assert!(
+        refused.contains(&format!("{}:1:", path.display())) && refused.contains("expected"),
+        "the reason is on the refusal's line: {refused}"
+    );
+    // The old config keeps serving.
+    let mut c = Client::connect(addr);
+    assert_eq!(get_on(&mut c, "/x").text(), "A");
+    p.signal(libc::SIGTERM);
+    let lines = p.lines.lock().unwrap().clone();
+    for l in &lines {
+        assert!(
+            l.len() > 24 && l.as_bytes()[..4].iter().all(u8::is_ascii_digit) && &l[23..24] == "Z",
+            "a line without its time: {l:?} in {lines:?}"
+        );
+    }
 }
 
 /// One request on a new connection (`Connection: close`): the 200 body, or what went wrong

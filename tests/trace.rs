@@ -79,7 +79,7 @@ fn an_invalid_or_missing_traceparent_starts_a_new_trace_and_drops_tracestate() {
         format!("traceparent: 00-{upper}-{CLIENT_PARENT}-01\r\n"),
         format!("traceparent: 00-{zeros}-{CLIENT_PARENT}-01\r\n"),
         format!("traceparent: 00-{CLIENT_TRACE}-0000000000000000-01\r\n"),
-        format!("traceparent: 01-{CLIENT_TRACE}-{CLIENT_PARENT}-01\r\n"),
+        format!("traceparent: ff-{CLIENT_TRACE}-{CLIENT_PARENT}-01\r\n"),
         format!("traceparent: 00-{CLIENT_TRACE}-{CLIENT_PARENT}-01-extra\r\n"),
         format!("traceparent: 00-{CLIENT_TRACE}-{CLIENT_PARENT}\r\n"),
         // Two traceparent fields: ambiguous, refused.
@@ -128,6 +128,112 @@ fn an_oversized_tracestate_is_dropped_whole() {
     let (_, trace, _, flags) = parts(got.header("traceparent").unwrap());
     assert_eq!(trace, CLIENT_TRACE);
     assert_eq!(flags, "00");
+}
+
+/// W3C Trace Context §3.2.4: a traceparent of a higher version (not `ff`) is read by version
+/// 00's fields, even with more fields after them, and the trace is continued (as version 00,
+/// with its tracestate); §3.2.2.5: only the sampled flag is passed on.
+#[test]
+fn a_higher_traceparent_version_is_continued_and_only_the_sampled_flag_kept() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&proxy_all(up.addr), DRIVERS[0]);
+    for (tp, flags) in [
+        (format!("01-{CLIENT_TRACE}-{CLIENT_PARENT}-01"), "01"),
+        (
+            format!("cc-{CLIENT_TRACE}-{CLIENT_PARENT}-01-what-the-future-will-be-like"),
+            "01",
+        ),
+        (format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-ff"), "01"),
+        (format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-02"), "00"),
+    ] {
+        let r = send(
+            gw.addr,
+            "/a",
+            &format!("traceparent: {tp}\r\ntracestate: foo=1\r\n"),
+        );
+        assert_eq!(r.status, 200, "{tp}");
+        let got = up.last();
+        let (v, trace, parent, f) = parts(got.header("traceparent").unwrap());
+        assert_eq!(v, "00", "{tp}");
+        assert_eq!(trace, CLIENT_TRACE, "{tp}: the trace is continued");
+        assert_ne!(parent, CLIENT_PARENT, "{tp}");
+        assert_eq!(f, flags, "{tp}");
+        assert_eq!(got.headers_named("tracestate"), ["foo=1"], "{tp}");
+    }
+    // A higher version whose flags run on without a dash, and `ff`: a new trace.
+    for tp in [
+        format!("cc-{CLIENT_TRACE}-{CLIENT_PARENT}-01x"),
+        format!("ff-{CLIENT_TRACE}-{CLIENT_PARENT}-01"),
+    ] {
+        send(
+            gw.addr,
+            "/a",
+            &format!("traceparent: {tp}\r\ntracestate: foo=1\r\n"),
+        );
+        let got = up.last();
+        let (_, trace, _, _) = parts(got.header("traceparent").unwrap());
+        assert_ne!(trace, CLIENT_TRACE, "{tp}");
+        assert!(got.header("tracestate").is_none(), "{tp}");
+    }
+}
+
+/// W3C Trace Context §3.3.1: a tracestate list of more than 32 members, with a key or value
+/// outside the grammar, or with a key twice, is not a valid list and is not passed upstream
+/// (the trace itself is continued); empty members are allowed, and 32 members pass.
+#[test]
+fn an_invalid_tracestate_list_is_dropped_and_a_valid_one_passes() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&proxy_all(up.addr), DRIVERS[0]);
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-01");
+    let members = |n: usize| {
+        (0..n)
+            .map(|i| format!("k{i}=v"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let m32 = members(32);
+    let m33 = members(33);
+    let valid: [&[&str]; 4] = [
+        &[m32.as_str()],
+        &["foo=1 , ,bar=2", "baz=3"],
+        &["foo=1", "", "bar=2"],
+        &["tenant@vendor=x y", "0a=1"],
+    ];
+    for lines in valid {
+        let hs: String = lines
+            .iter()
+            .map(|l| format!("tracestate: {l}\r\n"))
+            .collect();
+        send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+        let got = up.last();
+        assert_eq!(got.headers_named("tracestate"), lines, "{lines:?}");
+    }
+    let invalid: [&[&str]; 9] = [
+        &[m33.as_str()],
+        &[m32.as_str(), "one=more"],
+        &["foo=1,foo=2"],
+        &["foo=1", "foo=2"],
+        &["FOO=1"],
+        &["foo.bar=1"],
+        &["foo@=1"],
+        &["foo=1=2"],
+        &["foo"],
+    ];
+    for lines in invalid {
+        let hs: String = lines
+            .iter()
+            .map(|l| format!("tracestate: {l}\r\n"))
+            .collect();
+        let r = send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+        assert_eq!(r.status, 200, "{lines:?}");
+        let got = up.last();
+        assert!(
+            got.header("tracestate").is_none(),
+            "{lines:?}: an invalid list is dropped"
+        );
+        let (_, trace, _, _) = parts(got.header("traceparent").unwrap());
+        assert_eq!(trace, CLIENT_TRACE, "{lines:?}: the trace is continued");
+    }
 }
 
 #[test]

@@ -389,20 +389,33 @@ fn request_of(head: &RequestHead, body: Vec<u8>, peer: SocketAddr) -> AdminReque
         Some(p) => (&pq[..p], &pq[p + 1..]),
         None => (pq, &b""[..]),
     };
+    let mut headers: Vec<(String, Vec<u8>)> = head
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                String::from_utf8_lossy(head.bytes(h.name)).to_ascii_lowercase(),
+                head.bytes(h.value).to_vec(),
+            )
+        })
+        .collect();
+    // RFC 9112 §3.2.2: an absolute-form target's authority replaces the Host header (the
+    // parser's `host`); handlers and the rebinding guard read it as `host`.
+    if let Some(authority) = head.host.map(|h| head.bytes(h)) {
+        match headers.iter_mut().find(|(n, _)| n == "host") {
+            Some((_, v)) => {
+                if v.as_slice() != authority {
+                    *v = authority.to_vec();
+                }
+            }
+            None => headers.push(("host".into(), authority.to_vec())),
+        }
+    }
     AdminRequest {
         method: head.method,
         path: String::from_utf8_lossy(path).into_owned(),
         query: String::from_utf8_lossy(query).into_owned(),
-        headers: head
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    String::from_utf8_lossy(head.bytes(h.name)).to_ascii_lowercase(),
-                    head.bytes(h.value).to_vec(),
-                )
-            })
-            .collect(),
+        headers,
         body,
         peer,
     }

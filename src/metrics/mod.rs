@@ -605,6 +605,8 @@ pub struct WorkerSample {
     pub listeners: Vec<ListenerSample>,
     pub access_log_lines: u64,
     pub access_log_dropped: u64,
+    /// Lines the writer threads could not write (process-wide, set once after the merge).
+    pub access_log_write_lost: u64,
     /// Host-wide (one link for all workers): taken once, not summed.
     pub redis: Option<RedisSample>,
 }

@@ -140,7 +140,9 @@ pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
 /// `/metrics`); it allocates freely.
 pub fn render_prometheus(ctl: &Control, out: &mut String) -> Result<(), ControlError> {
     let samples = ctl.ask(SCRAPE_DEADLINE, |w| w.metrics.sample(w))?;
-    write_sample(&WorkerSample::merge(samples), out);
+    let mut s = WorkerSample::merge(samples);
+    s.access_log_write_lost = crate::access_log::lines_lost_to_write_errors();
+    write_sample(&s, out);
     Ok(())
 }
 
@@ -480,6 +482,16 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
         "ringway_access_log_dropped_total",
         &[],
         s.access_log_dropped,
+    );
+    e.family(
+        "ringway_access_log_write_lost_total",
+        "counter",
+        "Access log lines lost because writing them to their output failed (disk full, I/O error).",
+    );
+    e.sample(
+        "ringway_access_log_write_lost_total",
+        &[],
+        s.access_log_write_lost,
     );
 
     if let Some(r) = &s.redis {

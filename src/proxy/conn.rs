@@ -335,8 +335,9 @@ enum HeadRead {
     Fail(GatewayError),
 }
 
-/// Idle wake-ups (one a second during the drain) a connection accepted just before a shutdown
-/// may take to send its first request.
+/// Idle wake-ups (one a second during the drain) a connection waiting for a request when a
+/// shutdown begins may take to send it: one accepted just before (during a binary upgrade's
+/// hand-over, say), or a keep-alive one whose client has its next request on the way.
 pub const FIRST_REQUEST_GRACE_TICKS: u8 = 1;
 
 /// A reload removed the connection's listener: the connection closes once its request in
@@ -356,18 +357,27 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         info,
     };
     let mut linger = false;
-    let mut first = true;
+    // The connection's listener is gone and its last request is being served.
+    let mut last_on_gone = false;
     loop {
-        if c.rbuf.is_empty() && !c.wait_request(w, first).await {
+        if c.rbuf.is_empty() && !c.wait_request(w).await {
             break;
         }
-        first = false;
         // The request's state lives in a block of the worker's slab, not in this task: an
         // idle connection holds only what is above.
         match w.slab.boxed(c.request(w)).await {
-            Some(Next::KeepAlive) if !w.shutdown.is_set() && !listener_gone(w, c.info.listener) => {
+            // A keep-alive answer promised to read on, so a shutdown that began meanwhile
+            // still reads the next request (pipelined, or on its way) and answers it with
+            // `Connection: close` (RFC 9112 §9.6): closing now would reset it.
+            Some(Next::KeepAlive) if !listener_gone(w, c.info.listener) => {}
+            // A listener a reload removed: the request already read behind the one in flight
+            // (pipelined) is answered too, once, before the connection closes.
+            Some(Next::KeepAlive) if !c.rbuf.is_empty() && !last_on_gone => last_on_gone = true,
+            Some(Next::KeepAlive) | None => {
+                // Requests pipelined further are left unanswered: close without resetting.
+                linger = !c.rbuf.is_empty();
+                break;
             }
-            Some(Next::KeepAlive) | None => break,
             Some(Next::Close) => {
                 linger = true;
                 break;
@@ -434,13 +444,11 @@ impl<S: ClientIo> Conn<S> {
     /// once per idle timeout. `false`: the client closed, idled
     /// out, or the worker is shutting down.
     ///
-    /// A connection's `first` request is still awaited for [`FIRST_REQUEST_GRACE_TICKS`] idle
-    /// wake-ups (1 to 2 s) after a shutdown began: the connection was accepted just before it (during a binary upgrade's
-    /// hand-over, say) and its client has a request on the way.
-    async fn wait_request(&mut self, w: &Worker, first: bool) -> bool {
-        if w.shutdown.is_set() && !first {
-            return false;
-        }
+    /// A request is still awaited for [`FIRST_REQUEST_GRACE_TICKS`] idle wake-ups (1 to 2 s)
+    /// after a shutdown began: the connection was accepted just before it (during a binary
+    /// upgrade's hand-over, say), or its last answer kept it alive, and its client may have a
+    /// request on the way, which is answered with `Connection: close`.
+    async fn wait_request(&mut self, w: &Worker) -> bool {
         if !self.small {
             // The lent buffer goes back to the worker while the connection idles.
             let lent = std::mem::replace(&mut self.rbuf, std::mem::take(&mut self.spare));
@@ -460,6 +468,8 @@ impl<S: ClientIo> Conn<S> {
         let read = self.io.read(buf.slice_mut(len..end));
         let mut read = std::pin::pin!(read);
         let mut grace_ticks = 0u8;
+        // Once a shutdown began, only the wheel's wake-ups (one a second) are counted.
+        let mut stopping = w.shutdown.is_set();
         loop {
             // The wheel's slot of the tick the deadline falls on (rounded up; no deadline: the
             // wheel's farthest slot, to look again then).
@@ -488,7 +498,8 @@ impl<S: ClientIo> Conn<S> {
                         }
                     }
                 }
-                _ = w.shutdown.wait(), if !first => return false,
+                // The read stays: a request on its way is still served (see above).
+                _ = w.shutdown.wait(), if !stopping => stopping = true,
             }
         }
     }
