@@ -175,8 +175,9 @@ pub struct Route {
     pub concurrency: Option<Concurrency>,
     /// Requests without a verified client certificate get a 403.
     pub require_client_cert: bool,
-    /// Who may call the route (None: anyone).
-    pub auth: Option<crate::auth::Policy>,
+    /// Who may call the route (None: anyone). Boxed: a `Route` is copied into every worker,
+    /// and most routes have none.
+    pub auth: Option<Box<crate::auth::Policy>>,
     /// What becomes of request trailer fields: dropped, or forwarded when RFC 9110 §6.5.1
     /// allows them in a trailer.
     pub trailers: crate::http::chunked::TrailerPolicy,
@@ -317,7 +318,8 @@ impl Router {
                 r.auth = rc
                     .auth
                     .as_ref()
-                    .and_then(|a| crate::auth::Policy::compile(&cfg.auth, a));
+                    .and_then(|a| crate::auth::Policy::compile(&cfg.auth, a))
+                    .map(Box::new);
                 let hidden = r.auth.as_ref().map_or(&[][..], |p| &p.hidden[..]);
                 let mut remove = std::mem::take(&mut r.request_headers.remove).into_vec();
                 for h in identity.iter().chain(hidden) {
