@@ -293,6 +293,45 @@ upstream = "up"
     }
 }
 
+/// Sends `raw` on a new connection and expects a 400 `bad_request`, after which the gateway
+/// closes the connection when `closes` (a request-target it could not parse).
+fn refused_with_400(gw: std::net::SocketAddr, raw: &str, closes: bool) {
+    let mut c = Client::connect(gw);
+    c.send(raw.as_bytes());
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 400, "{raw:?}");
+    assert_eq!(r.json()["error"], "bad_request", "{raw:?}");
+    if closes {
+        assert!(c.is_closed(Duration::from_secs(5)), "{raw:?}: closed");
+    }
+}
+
+/// Servlet containers drop `;parameters` from each segment before removing dot segments, so
+/// `/x/..;/admin` is `/admin` to them: refused like `/x/../admin`; before, it was forwarded.
+#[test]
+fn a_dot_segment_with_parameters_is_refused_like_one_rfc3986_5_2_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/admin"
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in ["/x/..;/admin", "/..;/admin", "/x/.;p/admin", "/x/..;a=b"] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, true);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(gw.addr, b"GET /a;p=1/b..;c HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert_eq!(up.last().target, "/a;p=1/b..;c");
+    }
+}
+
 #[test]
 fn direct_responses() {
     for d in DRIVERS {

@@ -571,6 +571,10 @@ fn classify_version(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
 /// §2.3, which no client needs to encode), and backslashes (not a URI character, RFC 3986
 /// §2; WHATWG URL parsers, Node's among them, read `\` as `/`). `%2F` is left alone: it is
 /// data in some APIs.
+///
+/// A dot segment followed by `;` parameters (`/x/..;/admin`) counts as one: servlet
+/// containers (Tomcat, Jetty, Spring) drop each segment's parameters before they remove dot
+/// segments (the path parameters of RFC 2396 §3.3), so they read it as `..`.
 pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
     // Most paths have none of these bytes: one vectorised scan and done.
     for i in memchr::memchr3_iter(b'.', b'%', b'\\', path) {
@@ -581,7 +585,7 @@ pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
             let starts_segment = i == 0 || path[i - 1] == b'/';
             let rest = &path[i + 1..];
             let rest = rest.strip_prefix(b".").unwrap_or(rest);
-            if starts_segment && (rest.is_empty() || rest[0] == b'/') {
+            if starts_segment && (rest.is_empty() || rest[0] == b'/' || rest[0] == b';') {
                 return Some("dot segments in the path");
             }
         } else {
@@ -655,6 +659,7 @@ mod tests {
             &b"/"[..],
             b"/a/b",
             b"/a.b/c..d/.e/f.",
+            b"/a;x/b;..",
             b"/a%2Fb",
             b"/a%20b",
             b"/%",
@@ -676,6 +681,9 @@ mod tests {
             b"/x%2D",
             b"/public\\..\\admin",
             b"/a\\b",
+            b"/x/..;/admin",
+            b"/..;",
+            b"/a/.;x/b",
         ] {
             assert!(a(bad).is_some(), "{:?}", String::from_utf8_lossy(bad));
         }
