@@ -350,6 +350,47 @@ pub fn check_target_path(s: &str, allow_empty: bool) -> Result<(), String> {
     })
 }
 
+/// A route's path, prefix or replacement that no request path could spell differently: no
+/// dot segment (`.` or `..`, also as `%2E` or with `;` parameters, which servlet containers
+/// drop first). In `replace_prefix` one would send the upstream a target it resolves elsewhere
+/// (RFC 3986 §5.2.4); in `path` and the prefixes the route could never match, since requests
+/// with such paths are refused (400, `request::ambiguous_path`), and so could no `%XX` of an
+/// unreserved character there. A prefix's last segment is partial: `/files/.` matches
+/// `/files/.well-known`; a replacement's is not (`/pub/.` joined with `/x` is `/pub/./x`).
+pub fn check_unambiguous(p: &str, key: &str) -> Result<(), String> {
+    let replace = key == "replace_prefix";
+    let mut segments: Vec<&str> = p.split('/').collect();
+    if matches!(key, "path_prefix" | "strip_prefix") {
+        segments.pop();
+    }
+    let dot = segments.iter().any(|seg| {
+        let seg = seg.split(';').next().unwrap_or("");
+        let seg = seg.replace("%2e", ".").replace("%2E", ".");
+        seg == "." || seg == ".."
+    });
+    if dot {
+        return Err(if replace {
+            format!("{p:?} holds a dot segment: the upstream would resolve the rewritten path elsewhere (RFC 3986 §5.2.4)")
+        } else {
+            format!("{p:?} holds a dot segment: requests with such paths are refused (400), so the route could never match")
+        });
+    }
+    let unreserved_escape = p.as_bytes().windows(3).any(|w| {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (w[0], hex(w[1]), hex(w[2])) {
+            (b'%', Some(h), Some(l)) => is_unreserved((h * 16 + l) as u8),
+            _ => false,
+        }
+    });
+    if !replace && unreserved_escape {
+        return Err(format!(
+            "{p:?} holds a %XX escape of an unreserved character (RFC 3986 §2.3): requests with \
+             such paths are refused (400), so the route could never match; write the character"
+        ));
+    }
+    Ok(())
+}
+
 /// A request target for a request the gateway makes itself (health checks): an origin-form
 /// path with an optional query (RFC 9112 §3.2.1).
 pub fn check_origin_form(s: &str) -> Result<(), String> {
@@ -2160,6 +2201,16 @@ impl Config {
             if let Some(p) = &r.replace_prefix {
                 check_target_path(p, true).map_err(|e| (k("replace_prefix"), e))?;
             }
+            for (f, p) in [
+                ("path", &r.path),
+                ("path_prefix", &r.path_prefix),
+                ("strip_prefix", &r.strip_prefix),
+                ("replace_prefix", &r.replace_prefix),
+            ] {
+                if let Some(p) = p {
+                    check_unambiguous(p, f).map_err(|e| (k(f), e))?;
+                }
+            }
             if let Some(h) = &r.set_host {
                 check_host_value(h).map_err(|e| (k("set_host"), e))?;
             }
@@ -2648,6 +2699,16 @@ upstream = "users"
             (format!("{route}replace_prefix = \"/a?b=1\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
             (format!("{route}replace_prefix = \"/a%zz\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
             (format!("{route}strip_prefix = \"/x\\u0000\"\n"), 3, "routes[1].strip_prefix", "not allowed"),
+            // RFC 3986 §5.2.4: a replacement with a dot segment makes a traversing target, and
+            // a path or prefix with one (or an escaped unreserved character) matches no
+            // request, since such requests get 400.
+            (format!("{route}replace_prefix = \"/pub/..\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}replace_prefix = \"/pub/.\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}replace_prefix = \"/a/%2E%2e/b\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}replace_prefix = \"/a/..;x/b\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}strip_prefix = \"/x/../y\"\n"), 3, "routes[1].strip_prefix", "never match"),
+            ("[[routes]]\npath = \"/a/./b\"\nupstream = \"users\"\n".into(), 1, "routes[1].path", "never match"),
+            ("[[routes]]\npath_prefix = \"/%61dmin\"\nupstream = \"users\"\n".into(), 1, "routes[1].path_prefix", "never match"),
             (format!("{route}set_host = \"a.test\\r\\nx: y\"\n"), 3, "routes[1].set_host", "not a host"),
             (format!("{route}set_host = \"a.test/evil\"\n"), 3, "routes[1].set_host", "not a host"),
             (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
@@ -2748,6 +2809,8 @@ upstream = "users"
         for extra in [
             format!("{route}replace_prefix = \"\"\n"),
             format!("{route}replace_prefix = \"/v1/%7Euser/a:b@c;d=e\"\n"),
+            format!("{route}replace_prefix = \"/pub./a..b/.c\"\n"),
+            "[[routes]]\npath_prefix = \"/files/.\"\nupstream = \"users\"\n".into(),
             format!("{route}set_host = \"[::1]:8080\"\n"),
             format!("{route}set_host = \"users.internal\"\n"),
             format!("{route}request_headers = {{ add = {{ \"x-a\" = \"a\\tb c\" }}, set = {{ \"x-empty\" = \"\" }} }}\n"),

@@ -306,6 +306,46 @@ fn refused_with_400(gw: std::net::SocketAddr, raw: &str, closes: bool) {
     }
 }
 
+/// RFC 3986 §5.2.4: a clean request path that a prefix replacement would turn into a dot
+/// segment (`/v1../admin` with `/v1` -> `/pub/` is `/pub/../admin`, which the upstream reads as
+/// `/admin`) is refused; before, the gateway sent that target upstream.
+#[test]
+fn a_replaced_prefix_never_sends_a_dot_segment_upstream_rfc3986_5_2_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/v1"
+replace_prefix = "/pub/"
+upstream = "up"
+
+[[routes]]
+path_prefix = "/v2"
+replace_prefix = ""
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in [
+            "/v1../admin",
+            "/v1..",
+            "/v1./x",
+            "/v1..;x/admin",
+            "/v2..",
+            "/v2../admin",
+        ] {
+            // The request itself was read whole: the connection may stay.
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, false);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(gw.addr, b"GET /v1a...b?q=.. HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert_eq!(up.last().target, "/pub/a...b?q=..");
+        request(gw.addr, b"GET /v2/x HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(up.last().target, "/x");
+    }
+}
+
 /// Servlet containers drop `;parameters` from each segment before removing dot segments, so
 /// `/x/..;/admin` is `/admin` to them: refused like `/x/../admin`; before, it was forwarded.
 #[test]

@@ -215,6 +215,40 @@ impl Route {
         })
     }
 
+    /// Whether the rewrite would join the replacement's last segment and the rest of `path`
+    /// (the request's path, free of dot segments: the parser refused them) into a `.` or `..`
+    /// segment, with or without `;` parameters: `path_prefix = "/v1"` with
+    /// `replace_prefix = "/pub/"` makes `/v1../admin` into `/pub/../admin`, which the upstream
+    /// resolves to `/admin` (RFC 3986 §5.2.4), outside what the route exposes. Only the seam
+    /// can make one: the replacement holds no dot segment (refused at load), and a stripped
+    /// prefix ends at a segment boundary.
+    pub fn rewrite_makes_dot_segment(&self, path: &[u8]) -> bool {
+        let Rewrite::Replace(from, to) = &self.rewrite else {
+            return false;
+        };
+        let Some(rest) = path.strip_prefix(&**from) else {
+            return false;
+        };
+        // The replacement's last (partial) segment; "" when it ends with '/' or is empty (then
+        // the encoder puts a '/' before `rest`).
+        let tail = to
+            .iter()
+            .rposition(|b| *b == b'/')
+            .map_or(&to[..], |p| &to[p + 1..]);
+        let seam = tail
+            .iter()
+            .chain(rest)
+            .take_while(|b| !matches!(b, b'/' | b';' | b'?'));
+        let mut dots = 0;
+        for b in seam {
+            if *b != b'.' || dots == 2 {
+                return false;
+            }
+            dots += 1;
+        }
+        dots > 0
+    }
+
     /// Writes the path and query to send upstream.
     pub fn write_target(&self, path_query: &[u8], out: &mut BytesMut) {
         let pq = if path_query.is_empty() || path_query[0] == b'?' {
@@ -479,6 +513,40 @@ mod tests {
         let route = "path_prefix = \"/v1\"\nreplace_prefix = \"\"";
         assert_eq!(target(route, "/v1"), "/");
         assert_eq!(target(route, "/v1/x"), "/x");
+    }
+
+    fn makes_dot_segment(toml_route: &str, path: &str) -> bool {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n{toml_route}\n");
+        let cfg = Config::parse(&src, "t").unwrap();
+        Router::new(&cfg, 1).routes[0].rewrite_makes_dot_segment(path.as_bytes())
+    }
+
+    /// RFC 3986 §5.2.4: the seam of a replaced prefix must not become a dot segment.
+    #[test]
+    fn a_replaced_prefix_never_makes_a_dot_segment() {
+        let pub_ = "path_prefix = \"/v1\"\nreplace_prefix = \"/pub/\"";
+        for p in [
+            "/v1..",
+            "/v1../admin",
+            "/v1.",
+            "/v1./x",
+            "/v1..;x/y",
+            "/v1.;",
+        ] {
+            assert!(makes_dot_segment(pub_, p), "{p}");
+        }
+        for p in [
+            "/v1/a", "/v1", "/v1...", "/v1.a", "/v1a", "/v2..", "/v1/..x",
+        ] {
+            assert!(!makes_dot_segment(pub_, p), "{p}");
+        }
+        let root = "path_prefix = \"/v2\"\nreplace_prefix = \"\"";
+        assert!(makes_dot_segment(root, "/v2.."));
+        assert!(makes_dot_segment(root, "/v2../admin"));
+        assert!(!makes_dot_segment(root, "/v2/a"));
+        let dot = "path_prefix = \"/v3\"\nreplace_prefix = \"/p.\"";
+        assert!(!makes_dot_segment(dot, "/v3./x"), "`p..` is a name");
+        assert!(!makes_dot_segment("strip_prefix = \"/api\"", "/api.."));
     }
 
     #[test]
