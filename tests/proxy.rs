@@ -346,6 +346,47 @@ upstream = "up"
     }
 }
 
+/// `admin.example.com.` is the name `admin.example.com` (RFC 1034 §3.1: the root label), so it
+/// takes that host's routes, not the catch-all's; before, a trailing dot reached the catch-all
+/// upstream with the protected host's name.
+#[test]
+fn a_host_with_a_trailing_dot_takes_its_host_routes_rfc1034_3_1() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+hosts = ["admin.example.com", "*.internal.test", "dotted.test."]
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for raw in [
+            "GET /x HTTP/1.1\r\nHost: admin.example.com\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: admin.example.com.\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: ADMIN.example.com.:8080\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: admin.example.com..\r\n\r\n",
+            "GET http://admin.example.com./x HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: db.internal.test.\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: dotted.test\r\n\r\n",
+        ] {
+            let r = request(gw.addr, raw.as_bytes());
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (403, "protected"),
+                "{d:?} {raw:?}"
+            );
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the catch-all");
+        let r = request(gw.addr, b"GET /x HTTP/1.1\r\nHost: internal.test.\r\n\r\n");
+        assert_eq!(
+            r.status, 200,
+            "the wildcard needs a label before its suffix"
+        );
+    }
+}
+
 /// Servlet containers drop `;parameters` from each segment before removing dot segments, so
 /// `/x/..;/admin` is `/admin` to them: refused like `/x/../admin`; before, it was forwarded.
 #[test]

@@ -147,7 +147,7 @@ impl<'a> Reference<'a> {
                 r.any_host.add(routes, i);
             }
             for h in &rc.hosts {
-                let h = h.to_ascii_lowercase();
+                let h = h.trim_end_matches('.').to_ascii_lowercase();
                 let b = if let Some(s) = h.strip_prefix('*') {
                     let key = s.as_bytes().to_vec();
                     match r.wildcard_hosts.iter().position(|(k, _)| *k == key) {
@@ -179,6 +179,7 @@ impl<'a> Reference<'a> {
         let path = req.path_bytes();
         if let Some(host) = req.host_bytes() {
             let host = host_without_port(host);
+            let host = &host[..host.iter().rposition(|b| *b != b'.').map_or(0, |p| p + 1)];
             let lower;
             let host = if host.len() <= 256 {
                 lower = host.to_ascii_lowercase();

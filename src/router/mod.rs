@@ -4,8 +4,8 @@
 //! # How the winning route is chosen
 //! 1. **Host.** Routes listing the request's exact host are tried first, then routes whose
 //!    `*.suffix` wildcard matches it (longest suffix first), then routes with no `hosts`.
-//!    Host comparison ignores case and the port. If no route of a host class matches the rest
-//!    of the request, the next class is tried.
+//!    Host comparison ignores case, the port and trailing dots. If no route of a host class
+//!    matches the rest of the request, the next class is tried.
 //! 2. **Path,** within one host class: an exact `path` first, then `path_regex` routes in
 //!    config order, then `path_prefix` routes from the longest prefix to the shortest (a route
 //!    with no path condition is a prefix of "/").
