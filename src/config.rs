@@ -1601,13 +1601,14 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let label = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
             file: label.clone(),
             line: None,
             column: None,
             key: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
+        let src = String::from_utf8(bytes).map_err(|e| not_utf8(&label, e))?;
         Config::parse(&src, &label)
     }
 
@@ -1630,11 +1631,21 @@ impl Config {
                 }
                 None => (None, None),
             };
+            // `Spanned` values (the upstream names, for their position) show up in the path
+            // under serde's private field name: not part of the key the user wrote.
+            let key = key.replace(".$__serde_spanned_private_value", "");
+            let key = match (key.as_str(), inner.span()) {
+                // A syntax error (a number too large for TOML's i64, a bad escape) comes with
+                // a position but no path: the key written there.
+                (".", Some(span)) => key_at(src, span.start),
+                (".", None) => String::new(),
+                _ => key,
+            };
             ConfigError {
                 file: file.to_string(),
                 line,
                 column,
-                key: if key == "." { String::new() } else { key },
+                key,
                 reason: inner.message().trim().to_string(),
             }
         })?;
@@ -2352,6 +2363,98 @@ impl Config {
     }
 }
 
+/// A config file that is not UTF-8 (TOML 1.0 text is): the line and column of the first bad
+/// byte, the key written on that line when there is one.
+fn not_utf8(file: &str, e: std::string::FromUtf8Error) -> ConfigError {
+    let at = e.utf8_error().valid_up_to();
+    let bytes = e.as_bytes();
+    let byte = bytes.get(at).copied().unwrap_or(0);
+    // The text before the bad byte is valid: positions and the key come from it, and from the
+    // rest of its line up to the next bad byte.
+    let line_end = bytes[at..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(bytes.len(), |p| at + p);
+    let text = String::from_utf8_lossy(&bytes[..line_end]);
+    let (line, column) = line_col(&text, at);
+    ConfigError {
+        file: file.to_string(),
+        line: Some(line),
+        column: Some(column),
+        key: key_at(&text, at),
+        reason: format!("byte 0x{byte:02X} is not UTF-8 (a config file is UTF-8 text)"),
+    }
+}
+
+/// Best-effort key path at `offset` of `src`, for errors that come with a position only: the
+/// enclosing table header (`[server]`, the n-th `[[routes]]` as `routes[n]`) and the key
+/// written before the nearest `=` on the line, left of `offset` (inside an inline table, the
+/// inner key: `retry = { attempts = 1e99 }` gives `attempts`, joined to `retry`).
+fn key_at(src: &str, offset: usize) -> String {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map_or(0, |p| p + 1);
+    let mut table = String::new();
+    let mut arrays: Vec<(String, usize)> = Vec::new();
+    for line in src[..line_start].lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = match arrays.iter_mut().find(|(a, _)| *a == name) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    arrays.push((name.clone(), 0));
+                    0
+                }
+            };
+            table = format!("{name}[{n}]");
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    let bare = |s: &str| {
+        let s = s.trim().trim_matches('"');
+        (!s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        .then(|| s.to_string())
+    };
+    // The keys in effect at the offset: `a = { b = 1, c = ` gives a, c (a `,` ends a sibling).
+    let before = &src[line_start..offset];
+    let mut keys: Vec<String> = Vec::new();
+    let mut levels: Vec<usize> = Vec::new();
+    let (mut token, mut quoted) = (0, false);
+    for (i, c) in before.char_indices() {
+        if quoted {
+            quoted = c != '"';
+            continue;
+        }
+        match c {
+            '"' => quoted = true,
+            '=' => {
+                if let Some(k) = bare(&before[token..i]) {
+                    keys.push(k);
+                }
+            }
+            '{' | '[' => levels.push(keys.len()),
+            ',' => keys.truncate(levels.last().copied().unwrap_or(0)),
+            '}' | ']' => {
+                levels.pop();
+            }
+            _ => continue,
+        }
+        token = i + 1;
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if !table.is_empty() {
+        parts.push(table);
+    }
+    parts.extend(keys);
+    parts.join(".")
+}
+
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = &src[..offset.min(src.len())];
     let line = before.matches('\n').count() + 1;
@@ -2675,6 +2778,51 @@ upstream = "users"
         let e = bad("[[listeners]]\naddress = \"127.0.0.1:0\"\nbacklog = 4000000000\n");
         assert_eq!(e.key, "listeners[0].backlog");
         assert_eq!(e.line, Some(3));
+    }
+
+    /// Errors that TOML reports with a position but no path (a number beyond i64), values of
+    /// `Spanned` fields, and bytes that are not UTF-8 still name the key (README: "errors
+    /// naming file, line, column, key and reason"); before, no key, serde's private field
+    /// name, or (not UTF-8) neither line nor key.
+    #[test]
+    fn every_error_names_its_key() {
+        let big = "99999999999999999999999";
+        refused_at(
+            &format!("[server]\nworkers = {big}\n"),
+            1,
+            "server.workers",
+            "too large",
+        );
+        let route = "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\n";
+        refused_at(
+            &format!("{route}max_body_bytes = {big}\n"),
+            3,
+            "routes[1].max_body_bytes",
+            "too large",
+        );
+        refused_at(
+            &format!("{route}retry = {{ on = [\"503\"], attempts = {big} }}\n"),
+            3,
+            "routes[1].retry.attempts",
+            "too large",
+        );
+        let src = OK.replace("upstream = \"users\"", "upstream = 1");
+        let e = bad(&src);
+        assert_eq!(e.key, "routes[0].upstream", "{e}");
+        assert!(e.reason.contains("invalid type"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("ringway-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("latin1.toml");
+        let mut bytes = OK.as_bytes().to_vec();
+        bytes.extend_from_slice(b"name = \"caf\xe9\"\n");
+        std::fs::write(&file, &bytes).unwrap();
+        let e = Config::load(&file).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.line, Some(OK.lines().count() + 1), "{e}");
+        assert_eq!(e.column, Some(12), "{e}");
+        assert_eq!(e.key, "routes[0].name", "{e}");
+        assert!(e.reason.contains("0xE9 is not UTF-8"), "{e}");
     }
 
     #[test]
