@@ -1986,6 +1986,19 @@ impl Config {
                         format!("{h:?}: hosts are matched without the port; drop \":port\""),
                     ));
                 }
+                // A Host header holds ASCII only (RFC 9110 §7.2, RFC 3986 §3.2.2): a name any
+                // other way could never match.
+                if !crate::http::valid_authority(bare.as_bytes()) {
+                    return Err(err(
+                        format!("routes[{i}].hosts[{j}]"),
+                        None,
+                        format!(
+                            "{h:?} is not a host name a request can carry: letters, digits, \
+                             -._~ or a [IPv6] literal (an internationalised name in its \
+                             xn-- form, RFC 5890)"
+                        ),
+                    ));
+                }
             }
             for (j, m) in r.methods.iter().enumerate() {
                 if m.is_empty()
@@ -2859,6 +2872,9 @@ upstream = "users"
             ("[[routes]]\npath_prefix = \"/%61dmin\"\nupstream = \"users\"\n".into(), 1, "routes[1].path_prefix", "never match"),
             (format!("{route}set_host = \"a.test\\r\\nx: y\"\n"), 3, "routes[1].set_host", "not a host"),
             (format!("{route}set_host = \"a.test/evil\"\n"), 3, "routes[1].set_host", "not a host"),
+            // A Host header is ASCII: this route could never match.
+            (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
+            (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
             (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
             (
                 format!("{route}request_headers = {{ add = {{ \"x-a\" = \"1\\r\\nx-b: 2\" }} }}\n"),
@@ -2960,6 +2976,7 @@ upstream = "users"
             format!("{route}replace_prefix = \"/pub./a..b/.c\"\n"),
             "[[routes]]\npath_prefix = \"/files/.\"\nupstream = \"users\"\n".into(),
             format!("{route}set_host = \"[::1]:8080\"\n"),
+            format!("{route}hosts = [\"[::1]\", \"*.a_b.test\", \"xn--caf-dma.test\", \"x.test.\"]\n"),
             format!("{route}set_host = \"users.internal\"\n"),
             format!("{route}request_headers = {{ add = {{ \"x-a\" = \"a\\tb c\" }}, set = {{ \"x-empty\" = \"\" }} }}\n"),
             "[server]\nvia = \"edge-1:8080\"\n".into(),

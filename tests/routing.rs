@@ -215,6 +215,7 @@ const HOSTS: &[&str] = &[
     "A.Test",
     "[::1]",
     "*.x",
+    "dot.test.",
 ];
 const EXACT: &[&str] = &["/", "/a", "/a/b", "/ab", "/b", "/a/1"];
 const PREFIX: &[&str] = &["/", "/a", "/a/", "/ab", "/a/b", "/b", "/a/1"];
@@ -312,6 +313,10 @@ const REQ_HOSTS: &[&str] = &[
     "q.x",
     "x",
     "other",
+    "a.test.",
+    "B.A.test.:80",
+    "dot.test",
+    "q.x..",
 ];
 const REQ_PATHS: &[&str] = &[
     "/", "/a", "/a/", "/a/b", "/a/1", "/a/12", "/ab", "/b", "/abc", "/x", "/b/a", "/a/b/c", "/%ff",
