@@ -346,6 +346,32 @@ upstream = "up"
     }
 }
 
+/// RFC 9112 §3.2.2: `GET http://h HTTP/1.1` asks for `/`, and is rewritten as `/` is; before,
+/// the route's `replace_prefix` was skipped and the upstream got `/`, outside the subtree the
+/// route exposes.
+#[test]
+fn an_absolute_form_target_with_an_empty_path_is_rewritten_as_slash_rfc9112_3_2_2() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra =
+            "[[routes]]\npath_prefix = \"/\"\nreplace_prefix = \"/pub/\"\nupstream = \"up\"\n";
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for (target, sent) in [
+            ("/", "/pub/"),
+            ("http://h", "/pub/"),
+            ("http://h?q=1", "/pub/?q=1"),
+            ("http://h/?q=1", "/pub/?q=1"),
+        ] {
+            let r = request(
+                gw.addr,
+                format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+            );
+            assert_eq!(r.status, 200, "{d:?} {target}");
+            assert_eq!(up.last().target, sent, "{d:?} {target}");
+        }
+    }
+}
+
 /// `admin.example.com.` is the name `admin.example.com` (RFC 1034 §3.1: the root label), so it
 /// takes that host's routes, not the catch-all's; before, a trailing dot reached the catch-all
 /// upstream with the protected host's name.

@@ -251,13 +251,18 @@ impl Route {
 
     /// Writes the path and query to send upstream.
     pub fn write_target(&self, path_query: &[u8], out: &mut BytesMut) {
-        let pq = if path_query.is_empty() || path_query[0] == b'?' {
-            // Absolute-form target with an empty path.
-            out.put_u8(b'/');
-            path_query
+        if path_query.is_empty() || path_query[0] == b'?' {
+            // An absolute-form target with an empty path: its path is "/" (RFC 9112 §3.2.2),
+            // rewritten as "/" is (a rewrite of "/?q" is that of "/" then "?q").
+            self.write_rewritten(b"/", out);
+            out.put_slice(path_query);
         } else {
-            path_query
-        };
+            self.write_rewritten(path_query, out);
+        }
+    }
+
+    /// Writes `pq` (a path, then maybe a query) with the route's rewrite applied.
+    fn write_rewritten(&self, pq: &[u8], out: &mut BytesMut) {
         match &self.rewrite {
             Rewrite::None => out.put_slice(pq),
             // Only at a segment boundary: "/api" strips "/api/x" and "/api?q", not "/apiary".
@@ -553,5 +558,13 @@ mod tests {
     fn empty_absolute_form_path_becomes_slash() {
         assert_eq!(target("", ""), "/");
         assert_eq!(target("", "?q=1"), "/?q=1");
+        // And is rewritten as "/" is.
+        let root = "path_prefix = \"/\"\nreplace_prefix = \"/pub/\"";
+        assert_eq!(target(root, ""), "/pub/");
+        assert_eq!(target(root, "?q=1"), "/pub/?q=1");
+        assert_eq!(target(root, "/?q=1"), "/pub/?q=1");
+        let gone = "path_prefix = \"/\"\nreplace_prefix = \"\"";
+        assert_eq!(target(gone, "?q"), "/?q");
+        assert_eq!(target("strip_prefix = \"/\"", "?q"), "/?q");
     }
 }
