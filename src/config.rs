@@ -1858,6 +1858,18 @@ impl Config {
                     .map_err(|e| err(e.key, None, e.reason))?;
             }
             for (j, e) in u.endpoints.iter().enumerate() {
+                // Port 0 is "any port" to bind(2); a connect to it always fails, so every
+                // request would get a 502.
+                if e.address.addr.port() == 0 {
+                    return Err(err(
+                        format!("upstreams.{name}.endpoints[{j}].address"),
+                        None,
+                        format!(
+                            "{:?}: port 0 is no port to connect to (every request would fail)",
+                            e.address.text
+                        ),
+                    ));
+                }
                 if e.weight == 0 || e.weight > 1000 {
                     return Err(err(
                         format!("upstreams.{name}.endpoints[{j}].weight"),
@@ -2872,6 +2884,12 @@ upstream = "users"
             ("[[routes]]\npath_prefix = \"/%61dmin\"\nupstream = \"users\"\n".into(), 1, "routes[1].path_prefix", "never match"),
             (format!("{route}set_host = \"a.test\\r\\nx: y\"\n"), 3, "routes[1].set_host", "not a host"),
             (format!("{route}set_host = \"a.test/evil\"\n"), 3, "routes[1].set_host", "not a host"),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }, { address = \"localhost:0\" }]\n".into(),
+                1,
+                "upstreams.b.endpoints[1].address",
+                "port 0",
+            ),
             // A Host header is ASCII: this route could never match.
             (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
             (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
