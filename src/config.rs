@@ -2440,7 +2440,10 @@ fn key_at(src: &str, offset: usize) -> String {
         }
     }
     let bare = |s: &str| {
-        let s = s.trim().trim_matches('"');
+        let s = s.trim();
+        if let Some(q) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+            return Some(q.to_string());
+        }
         (!s.is_empty()
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
@@ -2457,7 +2460,11 @@ fn key_at(src: &str, offset: usize) -> String {
             continue;
         }
         match c {
-            '"' => quoted = true,
+            // A quoted key is read whole, quotes included.
+            '"' => {
+                quoted = true;
+                continue;
+            }
             '=' => {
                 if let Some(k) = bare(&before[token..i]) {
                     keys.push(k);
@@ -2848,6 +2855,22 @@ upstream = "users"
         assert_eq!(e.column, Some(12), "{e}");
         assert_eq!(e.key, "routes[0].name", "{e}");
         assert!(e.reason.contains("0xE9 is not UTF-8"), "{e}");
+    }
+
+    /// `key_at` reads any text at any offset without panicking (it sees files that failed to
+    /// parse), and names the key written before the offset.
+    #[test]
+    fn key_at_reads_any_offset() {
+        let src = "[a]\nx = { y = \"=,{[\", z = [1, { w = 2 }] }\n[[r]]\n\"q é\" = 1\n[[r]]\nk=\n";
+        for (i, _) in src.char_indices().chain([(src.len(), ' ')]) {
+            key_at(src, i);
+        }
+        let at = |needle: &str| key_at(src, src.find(needle).unwrap());
+        assert_eq!(at("\"=,{["), "a.x.y");
+        assert_eq!(at("1, {"), "a.x.z");
+        assert_eq!(at("2 }"), "a.x.z.w");
+        assert_eq!(at("1\n[[r]]\nk"), "r[0].q é");
+        assert_eq!(key_at(src, src.len() - 1), "r[1].k");
     }
 
     #[test]
