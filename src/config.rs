@@ -1393,6 +1393,17 @@ impl RateKey {
     pub fn needs_auth(&self) -> bool {
         matches!(self, RateKey::Consumer | RateKey::Claim(_))
     }
+
+    /// The name of a rate limit that has none: its key's.
+    pub fn default_name(&self) -> String {
+        match self {
+            RateKey::ClientIp => "client_ip".into(),
+            RateKey::Route => "route".into(),
+            RateKey::Header(h) => h.clone(),
+            RateKey::Consumer => "consumer".into(),
+            RateKey::Claim(c) => c.clone(),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for RateKey {
@@ -1890,6 +1901,20 @@ impl Config {
                         format!("route name {n:?} is used twice"),
                     ));
                 }
+                // An unnamed route is `route#<its index>` (metrics, logs, rate-limit Redis
+                // keys): a name of that form must be its own route's.
+                if let Some(other) = n
+                    .strip_prefix("route#")
+                    .and_then(|d| d.parse::<usize>().ok())
+                    .filter(|&o| o != i && format!("route#{o}") == *n)
+                    .filter(|&o| self.routes.get(o).is_some_and(|r| r.name.is_none()))
+                {
+                    return Err(err(
+                        k("name"),
+                        None,
+                        format!("route name {n:?} is the name of the unnamed routes[{other}]"),
+                    ));
+                }
             }
             if let Some(c) = &r.compose {
                 if r.upstream.is_some() || r.direct.is_some() {
@@ -2101,6 +2126,47 @@ impl Config {
                         None,
                         "must be above 0".into(),
                     ));
+                }
+            }
+            // A limit's name tells it apart in the RateLimit headers and names its Redis keys
+            // (`rl:<route>:<name>:...`): two limits of a route with one name would share
+            // those keys, each with its own rate and burst.
+            let limits: Vec<(Option<&String>, String)> = r
+                .rate_limits
+                .iter()
+                .map(|l| (l.name.as_ref(), l.key.default_name()))
+                .collect();
+            let quotas: Vec<(Option<&String>, String)> = r
+                .quotas
+                .iter()
+                .map(|q| {
+                    let word = match q.period {
+                        QuotaPeriod::Day => "day",
+                        QuotaPeriod::Month => "month",
+                    };
+                    (q.name.as_ref(), word.to_string())
+                })
+                .collect();
+            for (list, names) in [("rate_limits", limits), ("quotas", quotas)] {
+                let mut seen = HashSet::new();
+                for (j, (given, default)) in names.iter().enumerate() {
+                    let name = given.unwrap_or(default);
+                    if !seen.insert(name) {
+                        return Err(err(
+                            format!("routes[{i}].{list}[{j}]"),
+                            None,
+                            format!(
+                                "the name {name:?} is {} another of the route's {list}: give \
+                                 each its own `name` (it tells them apart in RateLimit headers \
+                                 and names their Redis keys)",
+                                if given.is_some() {
+                                    "that of"
+                                } else {
+                                    "the default name (its key's or period's) of"
+                                }
+                            ),
+                        ));
+                    }
                 }
             }
             let has_auth = r.auth.as_ref().is_some_and(|a| !a.any_of.is_empty());
@@ -2913,6 +2979,32 @@ upstream = "users"
                 "upstreams.b.endpoints[1].address",
                 "port 0",
             ),
+            (
+                "[[routes]]\nname = \"route#2\"\npath = \"/a\"\nupstream = \"users\"\n[[routes]]\nupstream = \"users\"\n".into(),
+                1,
+                "routes[1].name",
+                "unnamed routes[2]",
+            ),
+            // Two limits of a route with one name (unnamed: their key's) would share their
+            // Redis keys, each with its own rate.
+            (
+                format!("{route}rate_limits = [{{ key = \"client_ip\", rate = 10 }}, {{ key = \"client_ip\", rate = 600, per = \"1m\" }}]\n"),
+                3,
+                "routes[1].rate_limits[1]",
+                "default name",
+            ),
+            (
+                format!("{route}rate_limits = [{{ name = \"a\", key = \"client_ip\", rate = 1 }}, {{ name = \"a\", key = \"route\", rate = 2 }}]\n"),
+                3,
+                "routes[1].rate_limits[1]",
+                "that of another",
+            ),
+            (
+                format!("{route}quotas = [{{ key = \"client_ip\", limit = 10, period = \"day\" }}, {{ key = \"route\", limit = 99, period = \"day\" }}]\n"),
+                3,
+                "routes[1].quotas[1]",
+                "default name",
+            ),
             // A Host header is ASCII: this route could never match.
             (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
             (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
@@ -3017,6 +3109,7 @@ upstream = "users"
             format!("{route}replace_prefix = \"/pub./a..b/.c\"\n"),
             "[[routes]]\npath_prefix = \"/files/.\"\nupstream = \"users\"\n".into(),
             format!("{route}set_host = \"[::1]:8080\"\n"),
+            format!("{route}rate_limits = [{{ key = \"client_ip\", rate = 10 }}, {{ name = \"per-minute\", key = \"client_ip\", rate = 600, per = \"1m\" }}]\nquotas = [{{ key = \"client_ip\", limit = 10, period = \"day\" }}, {{ key = \"client_ip\", limit = 99, period = \"month\" }}]\n"),
             format!("{route}hosts = [\"[::1]\", \"*.a_b.test\", \"xn--caf-dma.test\", \"x.test.\"]\n"),
             format!("{route}set_host = \"users.internal\"\n"),
             format!("{route}request_headers = {{ add = {{ \"x-a\" = \"a\\tb c\" }}, set = {{ \"x-empty\" = \"\" }} }}\n"),
