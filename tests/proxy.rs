@@ -439,6 +439,36 @@ upstream = "up"
     }
 }
 
+/// RFC 3986 §7.3: a back end that decodes `%00` into a C string cuts the path there, so
+/// `/admin%00.png` reaches a `.png` route of the gateway and `/admin` of the upstream: refused;
+/// before, it was forwarded.
+#[test]
+fn an_encoded_nul_in_the_path_is_refused_rfc3986_7_3() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/admin"
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+path_regex = "[.]png$"
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in ["/admin%00.png", "/%00/admin.png", "/a%00"] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, true);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(
+            gw.addr,
+            b"GET /img/a%20b%0A.png HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
+        assert_eq!(r.status, 200, "other escapes are data");
+    }
+}
+
 #[test]
 fn direct_responses() {
     for d in DRIVERS {
