@@ -350,6 +350,47 @@ pub fn check_target_path(s: &str, allow_empty: bool) -> Result<(), String> {
     })
 }
 
+/// A route's path, prefix or replacement that no request path could spell differently: no
+/// dot segment (`.` or `..`, also as `%2E` or with `;` parameters, which servlet containers
+/// drop first). In `replace_prefix` one would send the upstream a target it resolves elsewhere
+/// (RFC 3986 §5.2.4); in `path` and the prefixes the route could never match, since requests
+/// with such paths are refused (400, `request::ambiguous_path`), and so could no `%XX` of an
+/// unreserved character there. A prefix's last segment is partial: `/files/.` matches
+/// `/files/.well-known`; a replacement's is not (`/pub/.` joined with `/x` is `/pub/./x`).
+pub fn check_unambiguous(p: &str, key: &str) -> Result<(), String> {
+    let replace = key == "replace_prefix";
+    let mut segments: Vec<&str> = p.split('/').collect();
+    if matches!(key, "path_prefix" | "strip_prefix") {
+        segments.pop();
+    }
+    let dot = segments.iter().any(|seg| {
+        let seg = seg.split(';').next().unwrap_or("");
+        let seg = seg.replace("%2e", ".").replace("%2E", ".");
+        seg == "." || seg == ".."
+    });
+    if dot {
+        return Err(if replace {
+            format!("{p:?} holds a dot segment: the upstream would resolve the rewritten path elsewhere (RFC 3986 §5.2.4)")
+        } else {
+            format!("{p:?} holds a dot segment: requests with such paths are refused (400), so the route could never match")
+        });
+    }
+    let unreserved_escape = p.as_bytes().windows(3).any(|w| {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (w[0], hex(w[1]), hex(w[2])) {
+            (b'%', Some(h), Some(l)) => is_unreserved((h * 16 + l) as u8),
+            _ => false,
+        }
+    });
+    if !replace && unreserved_escape {
+        return Err(format!(
+            "{p:?} holds a %XX escape of an unreserved character (RFC 3986 §2.3): requests with \
+             such paths are refused (400), so the route could never match; write the character"
+        ));
+    }
+    Ok(())
+}
+
 /// A request target for a request the gateway makes itself (health checks): an origin-form
 /// path with an optional query (RFC 9112 §3.2.1).
 pub fn check_origin_form(s: &str) -> Result<(), String> {
@@ -1352,6 +1393,17 @@ impl RateKey {
     pub fn needs_auth(&self) -> bool {
         matches!(self, RateKey::Consumer | RateKey::Claim(_))
     }
+
+    /// The name of a rate limit that has none: its key's.
+    pub fn default_name(&self) -> String {
+        match self {
+            RateKey::ClientIp => "client_ip".into(),
+            RateKey::Route => "route".into(),
+            RateKey::Header(h) => h.clone(),
+            RateKey::Consumer => "consumer".into(),
+            RateKey::Claim(c) => c.clone(),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for RateKey {
@@ -1560,13 +1612,14 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let label = path.display().to_string();
-        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
             file: label.clone(),
             line: None,
             column: None,
             key: String::new(),
             reason: format!("cannot read: {e}"),
         })?;
+        let src = String::from_utf8(bytes).map_err(|e| not_utf8(&label, e))?;
         Config::parse(&src, &label)
     }
 
@@ -1589,11 +1642,21 @@ impl Config {
                 }
                 None => (None, None),
             };
+            // `Spanned` values (the upstream names, for their position) show up in the path
+            // under serde's private field name: not part of the key the user wrote.
+            let key = key.replace(".$__serde_spanned_private_value", "");
+            let key = match (key.as_str(), inner.span()) {
+                // A syntax error (a number too large for TOML's i64, a bad escape) comes with
+                // a position but no path: the key written there.
+                (".", Some(span)) => key_at(src, span.start),
+                (".", None) => String::new(),
+                _ => key,
+            };
             ConfigError {
                 file: file.to_string(),
                 line,
                 column,
-                key: if key == "." { String::new() } else { key },
+                key,
                 reason: inner.message().trim().to_string(),
             }
         })?;
@@ -1806,6 +1869,18 @@ impl Config {
                     .map_err(|e| err(e.key, None, e.reason))?;
             }
             for (j, e) in u.endpoints.iter().enumerate() {
+                // Port 0 is "any port" to bind(2); a connect to it always fails, so every
+                // request would get a 502.
+                if e.address.addr.port() == 0 {
+                    return Err(err(
+                        format!("upstreams.{name}.endpoints[{j}].address"),
+                        None,
+                        format!(
+                            "{:?}: port 0 is no port to connect to (every request would fail)",
+                            e.address.text
+                        ),
+                    ));
+                }
                 if e.weight == 0 || e.weight > 1000 {
                     return Err(err(
                         format!("upstreams.{name}.endpoints[{j}].weight"),
@@ -1824,6 +1899,20 @@ impl Config {
                         k("name"),
                         None,
                         format!("route name {n:?} is used twice"),
+                    ));
+                }
+                // An unnamed route is `route#<its index>` (metrics, logs, rate-limit Redis
+                // keys): a name of that form must be its own route's.
+                if let Some(other) = n
+                    .strip_prefix("route#")
+                    .and_then(|d| d.parse::<usize>().ok())
+                    .filter(|&o| o != i && format!("route#{o}") == *n)
+                    .filter(|&o| self.routes.get(o).is_some_and(|r| r.name.is_none()))
+                {
+                    return Err(err(
+                        k("name"),
+                        None,
+                        format!("route name {n:?} is the name of the unnamed routes[{other}]"),
                     ));
                 }
             }
@@ -1934,6 +2023,19 @@ impl Config {
                         format!("{h:?}: hosts are matched without the port; drop \":port\""),
                     ));
                 }
+                // A Host header holds ASCII only (RFC 9110 §7.2, RFC 3986 §3.2.2): a name any
+                // other way could never match.
+                if !crate::http::valid_authority(bare.as_bytes()) {
+                    return Err(err(
+                        format!("routes[{i}].hosts[{j}]"),
+                        None,
+                        format!(
+                            "{h:?} is not a host name a request can carry: letters, digits, \
+                             -._~ or a [IPv6] literal (an internationalised name in its \
+                             xn-- form, RFC 5890)"
+                        ),
+                    ));
+                }
             }
             for (j, m) in r.methods.iter().enumerate() {
                 if m.is_empty()
@@ -2024,6 +2126,47 @@ impl Config {
                         None,
                         "must be above 0".into(),
                     ));
+                }
+            }
+            // A limit's name tells it apart in the RateLimit headers and names its Redis keys
+            // (`rl:<route>:<name>:...`): two limits of a route with one name would share
+            // those keys, each with its own rate and burst.
+            let limits: Vec<(Option<&String>, String)> = r
+                .rate_limits
+                .iter()
+                .map(|l| (l.name.as_ref(), l.key.default_name()))
+                .collect();
+            let quotas: Vec<(Option<&String>, String)> = r
+                .quotas
+                .iter()
+                .map(|q| {
+                    let word = match q.period {
+                        QuotaPeriod::Day => "day",
+                        QuotaPeriod::Month => "month",
+                    };
+                    (q.name.as_ref(), word.to_string())
+                })
+                .collect();
+            for (list, names) in [("rate_limits", limits), ("quotas", quotas)] {
+                let mut seen = HashSet::new();
+                for (j, (given, default)) in names.iter().enumerate() {
+                    let name = given.unwrap_or(default);
+                    if !seen.insert(name) {
+                        return Err(err(
+                            format!("routes[{i}].{list}[{j}]"),
+                            None,
+                            format!(
+                                "the name {name:?} is {} another of the route's {list}: give \
+                                 each its own `name` (it tells them apart in RateLimit headers \
+                                 and names their Redis keys)",
+                                if given.is_some() {
+                                    "that of"
+                                } else {
+                                    "the default name (its key's or period's) of"
+                                }
+                            ),
+                        ));
+                    }
                 }
             }
             let has_auth = r.auth.as_ref().is_some_and(|a| !a.any_of.is_empty());
@@ -2159,6 +2302,16 @@ impl Config {
             }
             if let Some(p) = &r.replace_prefix {
                 check_target_path(p, true).map_err(|e| (k("replace_prefix"), e))?;
+            }
+            for (f, p) in [
+                ("path", &r.path),
+                ("path_prefix", &r.path_prefix),
+                ("strip_prefix", &r.strip_prefix),
+                ("replace_prefix", &r.replace_prefix),
+            ] {
+                if let Some(p) = p {
+                    check_unambiguous(p, f).map_err(|e| (k(f), e))?;
+                }
             }
             if let Some(h) = &r.set_host {
                 check_host_value(h).map_err(|e| (k("set_host"), e))?;
@@ -2299,6 +2452,105 @@ impl Config {
                 .unwrap_or(1)
         }
     }
+}
+
+/// A config file that is not UTF-8 (TOML 1.0 text is): the line and column of the first bad
+/// byte, the key written on that line when there is one.
+fn not_utf8(file: &str, e: std::string::FromUtf8Error) -> ConfigError {
+    let at = e.utf8_error().valid_up_to();
+    let bytes = e.as_bytes();
+    let byte = bytes.get(at).copied().unwrap_or(0);
+    // The text before the bad byte is valid: positions and the key come from it, and from the
+    // rest of its line up to the next bad byte.
+    let line_end = bytes[at..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(bytes.len(), |p| at + p);
+    let text = String::from_utf8_lossy(&bytes[..line_end]);
+    let (line, column) = line_col(&text, at);
+    ConfigError {
+        file: file.to_string(),
+        line: Some(line),
+        column: Some(column),
+        key: key_at(&text, at),
+        reason: format!("byte 0x{byte:02X} is not UTF-8 (a config file is UTF-8 text)"),
+    }
+}
+
+/// Best-effort key path at `offset` of `src`, for errors that come with a position only: the
+/// enclosing table header (`[server]`, the n-th `[[routes]]` as `routes[n]`) and the key
+/// written before the nearest `=` on the line, left of `offset` (inside an inline table, the
+/// inner key: `retry = { attempts = 1e99 }` gives `attempts`, joined to `retry`).
+fn key_at(src: &str, offset: usize) -> String {
+    let offset = offset.min(src.len());
+    let line_start = src[..offset].rfind('\n').map_or(0, |p| p + 1);
+    let mut table = String::new();
+    let mut arrays: Vec<(String, usize)> = Vec::new();
+    for line in src[..line_start].lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|r| r.split("]]").next()) {
+            let name = name.trim().to_string();
+            let n = match arrays.iter_mut().find(|(a, _)| *a == name) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    arrays.push((name.clone(), 0));
+                    0
+                }
+            };
+            table = format!("{name}[{n}]");
+        } else if let Some(name) = t.strip_prefix('[').and_then(|r| r.split(']').next()) {
+            table = name.trim().to_string();
+        }
+    }
+    let bare = |s: &str| {
+        let s = s.trim();
+        if let Some(q) = s.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+            return Some(q.to_string());
+        }
+        (!s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        .then(|| s.to_string())
+    };
+    // The keys in effect at the offset: `a = { b = 1, c = ` gives a, c (a `,` ends a sibling).
+    let before = &src[line_start..offset];
+    let mut keys: Vec<String> = Vec::new();
+    let mut levels: Vec<usize> = Vec::new();
+    let (mut token, mut quoted) = (0, false);
+    for (i, c) in before.char_indices() {
+        if quoted {
+            quoted = c != '"';
+            continue;
+        }
+        match c {
+            // A quoted key is read whole, quotes included.
+            '"' => {
+                quoted = true;
+                continue;
+            }
+            '=' => {
+                if let Some(k) = bare(&before[token..i]) {
+                    keys.push(k);
+                }
+            }
+            '{' | '[' => levels.push(keys.len()),
+            ',' => keys.truncate(levels.last().copied().unwrap_or(0)),
+            '}' | ']' => {
+                levels.pop();
+            }
+            _ => continue,
+        }
+        token = i + 1;
+    }
+    let mut parts: Vec<String> = Vec::new();
+    if !table.is_empty() {
+        parts.push(table);
+    }
+    parts.extend(keys);
+    parts.join(".")
 }
 
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
@@ -2626,6 +2878,67 @@ upstream = "users"
         assert_eq!(e.line, Some(3));
     }
 
+    /// Errors that TOML reports with a position but no path (a number beyond i64), values of
+    /// `Spanned` fields, and bytes that are not UTF-8 still name the key (README: "errors
+    /// naming file, line, column, key and reason"); before, no key, serde's private field
+    /// name, or (not UTF-8) neither line nor key.
+    #[test]
+    fn every_error_names_its_key() {
+        let big = "99999999999999999999999";
+        refused_at(
+            &format!("[server]\nworkers = {big}\n"),
+            1,
+            "server.workers",
+            "too large",
+        );
+        let route = "[[routes]]\npath_prefix = \"/x\"\nupstream = \"users\"\n";
+        refused_at(
+            &format!("{route}max_body_bytes = {big}\n"),
+            3,
+            "routes[1].max_body_bytes",
+            "too large",
+        );
+        refused_at(
+            &format!("{route}retry = {{ on = [\"503\"], attempts = {big} }}\n"),
+            3,
+            "routes[1].retry.attempts",
+            "too large",
+        );
+        let src = OK.replace("upstream = \"users\"", "upstream = 1");
+        let e = bad(&src);
+        assert_eq!(e.key, "routes[0].upstream", "{e}");
+        assert!(e.reason.contains("invalid type"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("ringway-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("latin1.toml");
+        let mut bytes = OK.as_bytes().to_vec();
+        bytes.extend_from_slice(b"name = \"caf\xe9\"\n");
+        std::fs::write(&file, &bytes).unwrap();
+        let e = Config::load(&file).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.line, Some(OK.lines().count() + 1), "{e}");
+        assert_eq!(e.column, Some(12), "{e}");
+        assert_eq!(e.key, "routes[0].name", "{e}");
+        assert!(e.reason.contains("0xE9 is not UTF-8"), "{e}");
+    }
+
+    /// `key_at` reads any text at any offset without panicking (it sees files that failed to
+    /// parse), and names the key written before the offset.
+    #[test]
+    fn key_at_reads_any_offset() {
+        let src = "[a]\nx = { y = \"=,{[\", z = [1, { w = 2 }] }\n[[r]]\n\"q é\" = 1\n[[r]]\nk=\n";
+        for (i, _) in src.char_indices().chain([(src.len(), ' ')]) {
+            key_at(src, i);
+        }
+        let at = |needle: &str| key_at(src, src.find(needle).unwrap());
+        assert_eq!(at("\"=,{["), "a.x.y");
+        assert_eq!(at("1, {"), "a.x.z");
+        assert_eq!(at("2 }"), "a.x.z.w");
+        assert_eq!(at("1\n[[r]]\nk"), "r[0].q é");
+        assert_eq!(key_at(src, src.len() - 1), "r[1].k");
+    }
+
     #[test]
     fn regression_crlf_in_replace_prefix_is_refused() {
         // Was written into the upstream request head as is: a header injection.
@@ -2648,8 +2961,53 @@ upstream = "users"
             (format!("{route}replace_prefix = \"/a?b=1\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
             (format!("{route}replace_prefix = \"/a%zz\"\n"), 3, "routes[1].replace_prefix", "not allowed"),
             (format!("{route}strip_prefix = \"/x\\u0000\"\n"), 3, "routes[1].strip_prefix", "not allowed"),
+            // RFC 3986 §5.2.4: a replacement with a dot segment makes a traversing target, and
+            // a path or prefix with one (or an escaped unreserved character) matches no
+            // request, since such requests get 400.
+            (format!("{route}replace_prefix = \"/pub/..\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}replace_prefix = \"/pub/.\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}replace_prefix = \"/a/%2E%2e/b\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}replace_prefix = \"/a/..;x/b\"\n"), 3, "routes[1].replace_prefix", "dot segment"),
+            (format!("{route}strip_prefix = \"/x/../y\"\n"), 3, "routes[1].strip_prefix", "never match"),
+            ("[[routes]]\npath = \"/a/./b\"\nupstream = \"users\"\n".into(), 1, "routes[1].path", "never match"),
+            ("[[routes]]\npath_prefix = \"/%61dmin\"\nupstream = \"users\"\n".into(), 1, "routes[1].path_prefix", "never match"),
             (format!("{route}set_host = \"a.test\\r\\nx: y\"\n"), 3, "routes[1].set_host", "not a host"),
             (format!("{route}set_host = \"a.test/evil\"\n"), 3, "routes[1].set_host", "not a host"),
+            (
+                "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }, { address = \"localhost:0\" }]\n".into(),
+                1,
+                "upstreams.b.endpoints[1].address",
+                "port 0",
+            ),
+            (
+                "[[routes]]\nname = \"route#2\"\npath = \"/a\"\nupstream = \"users\"\n[[routes]]\nupstream = \"users\"\n".into(),
+                1,
+                "routes[1].name",
+                "unnamed routes[2]",
+            ),
+            // Two limits of a route with one name (unnamed: their key's) would share their
+            // Redis keys, each with its own rate.
+            (
+                format!("{route}rate_limits = [{{ key = \"client_ip\", rate = 10 }}, {{ key = \"client_ip\", rate = 600, per = \"1m\" }}]\n"),
+                3,
+                "routes[1].rate_limits[1]",
+                "default name",
+            ),
+            (
+                format!("{route}rate_limits = [{{ name = \"a\", key = \"client_ip\", rate = 1 }}, {{ name = \"a\", key = \"route\", rate = 2 }}]\n"),
+                3,
+                "routes[1].rate_limits[1]",
+                "that of another",
+            ),
+            (
+                format!("{route}quotas = [{{ key = \"client_ip\", limit = 10, period = \"day\" }}, {{ key = \"route\", limit = 99, period = \"day\" }}]\n"),
+                3,
+                "routes[1].quotas[1]",
+                "default name",
+            ),
+            // A Host header is ASCII: this route could never match.
+            (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
+            (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
             (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
             (
                 format!("{route}request_headers = {{ add = {{ \"x-a\" = \"1\\r\\nx-b: 2\" }} }}\n"),
@@ -2748,7 +3106,11 @@ upstream = "users"
         for extra in [
             format!("{route}replace_prefix = \"\"\n"),
             format!("{route}replace_prefix = \"/v1/%7Euser/a:b@c;d=e\"\n"),
+            format!("{route}replace_prefix = \"/pub./a..b/.c\"\n"),
+            "[[routes]]\npath_prefix = \"/files/.\"\nupstream = \"users\"\n".into(),
             format!("{route}set_host = \"[::1]:8080\"\n"),
+            format!("{route}rate_limits = [{{ key = \"client_ip\", rate = 10 }}, {{ name = \"per-minute\", key = \"client_ip\", rate = 600, per = \"1m\" }}]\nquotas = [{{ key = \"client_ip\", limit = 10, period = \"day\" }}, {{ key = \"client_ip\", limit = 99, period = \"month\" }}]\n"),
+            format!("{route}hosts = [\"[::1]\", \"*.a_b.test\", \"xn--caf-dma.test\", \"x.test.\"]\n"),
             format!("{route}set_host = \"users.internal\"\n"),
             format!("{route}request_headers = {{ add = {{ \"x-a\" = \"a\\tb c\" }}, set = {{ \"x-empty\" = \"\" }} }}\n"),
             "[server]\nvia = \"edge-1:8080\"\n".into(),

@@ -74,13 +74,7 @@ impl Limit {
     pub fn new(id: u32, route: &str, c: &RateLimitConfig) -> Limit {
         let secs = c.per.0.as_secs_f64();
         let rate = c.rate as f64 / secs;
-        let name = c.name.clone().unwrap_or_else(|| match &c.key {
-            RateKey::ClientIp => "client_ip".into(),
-            RateKey::Route => "route".into(),
-            RateKey::Header(h) => h.clone(),
-            RateKey::Consumer => "consumer".into(),
-            RateKey::Claim(c) => c.clone(),
-        });
+        let name = c.name.clone().unwrap_or_else(|| c.key.default_name());
         Limit {
             id,
             key: c.key.clone(),

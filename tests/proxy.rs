@@ -293,6 +293,182 @@ upstream = "up"
     }
 }
 
+/// Sends `raw` on a new connection and expects a 400 `bad_request`, after which the gateway
+/// closes the connection when `closes` (a request-target it could not parse).
+fn refused_with_400(gw: std::net::SocketAddr, raw: &str, closes: bool) {
+    let mut c = Client::connect(gw);
+    c.send(raw.as_bytes());
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 400, "{raw:?}");
+    assert_eq!(r.json()["error"], "bad_request", "{raw:?}");
+    if closes {
+        assert!(c.is_closed(Duration::from_secs(5)), "{raw:?}: closed");
+    }
+}
+
+/// RFC 3986 §5.2.4: a clean request path that a prefix replacement would turn into a dot
+/// segment (`/v1../admin` with `/v1` -> `/pub/` is `/pub/../admin`, which the upstream reads as
+/// `/admin`) is refused; before, the gateway sent that target upstream.
+#[test]
+fn a_replaced_prefix_never_sends_a_dot_segment_upstream_rfc3986_5_2_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/v1"
+replace_prefix = "/pub/"
+upstream = "up"
+
+[[routes]]
+path_prefix = "/v2"
+replace_prefix = ""
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in [
+            "/v1../admin",
+            "/v1..",
+            "/v1./x",
+            "/v1..;x/admin",
+            "/v2..",
+            "/v2../admin",
+        ] {
+            // The request itself was read whole: the connection may stay.
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, false);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(gw.addr, b"GET /v1a...b?q=.. HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert_eq!(up.last().target, "/pub/a...b?q=..");
+        request(gw.addr, b"GET /v2/x HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(up.last().target, "/x");
+    }
+}
+
+/// RFC 9112 §3.2.2: `GET http://h HTTP/1.1` asks for `/`, and is rewritten as `/` is; before,
+/// the route's `replace_prefix` was skipped and the upstream got `/`, outside the subtree the
+/// route exposes.
+#[test]
+fn an_absolute_form_target_with_an_empty_path_is_rewritten_as_slash_rfc9112_3_2_2() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra =
+            "[[routes]]\npath_prefix = \"/\"\nreplace_prefix = \"/pub/\"\nupstream = \"up\"\n";
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for (target, sent) in [
+            ("/", "/pub/"),
+            ("http://h", "/pub/"),
+            ("http://h?q=1", "/pub/?q=1"),
+            ("http://h/?q=1", "/pub/?q=1"),
+        ] {
+            let r = request(
+                gw.addr,
+                format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
+            );
+            assert_eq!(r.status, 200, "{d:?} {target}");
+            assert_eq!(up.last().target, sent, "{d:?} {target}");
+        }
+    }
+}
+
+/// `admin.example.com.` is the name `admin.example.com` (RFC 1034 §3.1: the root label), so it
+/// takes that host's routes, not the catch-all's; before, a trailing dot reached the catch-all
+/// upstream with the protected host's name.
+#[test]
+fn a_host_with_a_trailing_dot_takes_its_host_routes_rfc1034_3_1() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+hosts = ["admin.example.com", "*.internal.test", "dotted.test."]
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for raw in [
+            "GET /x HTTP/1.1\r\nHost: admin.example.com\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: admin.example.com.\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: ADMIN.example.com.:8080\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: admin.example.com..\r\n\r\n",
+            "GET http://admin.example.com./x HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: db.internal.test.\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: dotted.test\r\n\r\n",
+        ] {
+            let r = request(gw.addr, raw.as_bytes());
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (403, "protected"),
+                "{d:?} {raw:?}"
+            );
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the catch-all");
+        let r = request(gw.addr, b"GET /x HTTP/1.1\r\nHost: internal.test.\r\n\r\n");
+        assert_eq!(
+            r.status, 200,
+            "the wildcard needs a label before its suffix"
+        );
+    }
+}
+
+/// Servlet containers drop `;parameters` from each segment before removing dot segments, so
+/// `/x/..;/admin` is `/admin` to them: refused like `/x/../admin`; before, it was forwarded.
+#[test]
+fn a_dot_segment_with_parameters_is_refused_like_one_rfc3986_5_2_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/admin"
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in ["/x/..;/admin", "/..;/admin", "/x/.;p/admin", "/x/..;a=b"] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, true);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(gw.addr, b"GET /a;p=1/b..;c HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200);
+        assert_eq!(up.last().target, "/a;p=1/b..;c");
+    }
+}
+
+/// RFC 3986 §7.3: a back end that decodes `%00` into a C string cuts the path there, so
+/// `/admin%00.png` reaches a `.png` route of the gateway and `/admin` of the upstream: refused;
+/// before, it was forwarded.
+#[test]
+fn an_encoded_nul_in_the_path_is_refused_rfc3986_7_3() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/admin"
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+path_regex = "[.]png$"
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in ["/admin%00.png", "/%00/admin.png", "/a%00"] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, true);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(
+            gw.addr,
+            b"GET /img/a%20b%0A.png HTTP/1.1\r\nHost: a\r\n\r\n",
+        );
+        assert_eq!(r.status, 200, "other escapes are data");
+    }
+}
+
 #[test]
 fn direct_responses() {
     for d in DRIVERS {

@@ -500,6 +500,75 @@ fn circuit_breaker_opens_then_half_opens_and_closes() {
     }
 }
 
+/// A half-open probe that is still out when another probe's failure reopens the breaker has no
+/// say in the next half-open period: before, its late success counted there and closed the
+/// breaker after only one of that period's `half_open_probes = 2` probes had passed.
+#[test]
+fn a_probe_of_an_earlier_half_open_period_cannot_close_the_breaker() {
+    for d in DRIVERS {
+        let arrived = Event::new();
+        let gate = Event::new();
+        let (a2, g2) = (arrived.clone(), gate.clone());
+        let up = Upstream::start(move |req| match req.target.as_str() {
+            "/fail" => Reply::Raw(
+                b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            ),
+            "/slow" => {
+                a2.set();
+                g2.wait(Duration::from_secs(30));
+                Reply::Raw(ok_response(b"slow"))
+            }
+            _ => Reply::Raw(ok_response(b"ok")),
+        });
+        // Three failures trip it (min_requests = 3); `open_for` is long beside two requests in a
+        // row on loopback, short beside the test.
+        let toml = group_toml(
+            r#"circuit_breaker = { error_rate = 0.5, min_requests = 3, window = "10s", open_for = "1s", half_open_probes = 2 }"#,
+            &[up.addr],
+            "",
+            "",
+        );
+        let gw = TestGateway::start(&toml, d);
+        for _ in 0..3 {
+            assert_eq!(get(gw.addr, "/fail").status, 500);
+        }
+        let addr = gw.addr;
+        // The first probe of the first half-open period: held by the upstream.
+        let slow = std::thread::spawn(move || {
+            for _ in 0..200 {
+                let r = get(addr, "/slow");
+                if r.status != 503 {
+                    return r.status;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            0
+        });
+        assert!(
+            arrived.wait(Duration::from_secs(10)),
+            "{d:?}: a probe is out"
+        );
+        // The period's second probe fails: open again.
+        assert_eq!(get(gw.addr, "/fail").status, 500);
+        assert_eq!(get(gw.addr, "/ok").json()["error"], "circuit_open");
+        // The second period's first probe passes (one of two).
+        assert!(
+            eventually(Duration::from_secs(10), || get(gw.addr, "/ok").status
+                == 200),
+            "{d:?}: half-open again"
+        );
+        // Now the first period's probe ends, well.
+        gate.set();
+        assert_eq!(slow.join().unwrap(), 200);
+        // Still half-open: this failing request is the period's second probe and reopens it.
+        // (Closed, it would be one failure of three needed, and the next request would pass.)
+        assert_eq!(get(gw.addr, "/fail").status, 500);
+        let r = get(gw.addr, "/ok");
+        assert_eq!(r.status, 503, "{d:?}: the stale probe closed the breaker");
+        assert_eq!(r.json()["error"], "circuit_open");
+    }
+}
+
 #[test]
 fn concurrency_limits_answer_503() {
     for d in DRIVERS {

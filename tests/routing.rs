@@ -147,7 +147,7 @@ impl<'a> Reference<'a> {
                 r.any_host.add(routes, i);
             }
             for h in &rc.hosts {
-                let h = h.to_ascii_lowercase();
+                let h = h.trim_end_matches('.').to_ascii_lowercase();
                 let b = if let Some(s) = h.strip_prefix('*') {
                     let key = s.as_bytes().to_vec();
                     match r.wildcard_hosts.iter().position(|(k, _)| *k == key) {
@@ -179,6 +179,7 @@ impl<'a> Reference<'a> {
         let path = req.path_bytes();
         if let Some(host) = req.host_bytes() {
             let host = host_without_port(host);
+            let host = &host[..host.iter().rposition(|b| *b != b'.').map_or(0, |p| p + 1)];
             let lower;
             let host = if host.len() <= 256 {
                 lower = host.to_ascii_lowercase();
@@ -214,6 +215,7 @@ const HOSTS: &[&str] = &[
     "A.Test",
     "[::1]",
     "*.x",
+    "dot.test.",
 ];
 const EXACT: &[&str] = &["/", "/a", "/a/b", "/ab", "/b", "/a/1"];
 const PREFIX: &[&str] = &["/", "/a", "/a/", "/ab", "/a/b", "/b", "/a/1"];
@@ -311,6 +313,10 @@ const REQ_HOSTS: &[&str] = &[
     "q.x",
     "x",
     "other",
+    "a.test.",
+    "B.A.test.:80",
+    "dot.test",
+    "q.x..",
 ];
 const REQ_PATHS: &[&str] = &[
     "/", "/a", "/a/", "/a/b", "/a/1", "/a/12", "/ab", "/b", "/abc", "/x", "/b/a", "/a/b/c", "/%ff",

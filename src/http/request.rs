@@ -571,6 +571,13 @@ fn classify_version(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
 /// §2.3, which no client needs to encode), and backslashes (not a URI character, RFC 3986
 /// §2; WHATWG URL parsers, Node's among them, read `\` as `/`). `%2F` is left alone: it is
 /// data in some APIs.
+///
+/// An encoded NUL (`%00`) is refused too: a back end that decodes it into a C string cuts the
+/// path there (RFC 3986 §7.3).
+///
+/// A dot segment followed by `;` parameters (`/x/..;/admin`) counts as one: servlet
+/// containers (Tomcat, Jetty, Spring) drop each segment's parameters before they remove dot
+/// segments (the path parameters of RFC 2396 §3.3), so they read it as `..`.
 pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
     // Most paths have none of these bytes: one vectorised scan and done.
     for i in memchr::memchr3_iter(b'.', b'%', b'\\', path) {
@@ -581,7 +588,7 @@ pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
             let starts_segment = i == 0 || path[i - 1] == b'/';
             let rest = &path[i + 1..];
             let rest = rest.strip_prefix(b".").unwrap_or(rest);
-            if starts_segment && (rest.is_empty() || rest[0] == b'/') {
+            if starts_segment && (rest.is_empty() || rest[0] == b'/' || rest[0] == b';') {
                 return Some("dot segments in the path");
             }
         } else {
@@ -590,6 +597,11 @@ pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
                 let c = (h * 16 + l) as u8;
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                     return Some("percent-encoded unreserved character in the path");
+                }
+                // RFC 3986 §7.3: a back end that decodes `%00` into a C string ends the path
+                // there (`/admin%00.png` is `/admin` to it, a `.png` route to the gateway).
+                if c == 0 {
+                    return Some("percent-encoded NUL in the path");
                 }
             }
         }
@@ -655,6 +667,9 @@ mod tests {
             &b"/"[..],
             b"/a/b",
             b"/a.b/c..d/.e/f.",
+            b"/a;x/b;..",
+            b"/a%100",
+            b"/a%0a%01",
             b"/a%2Fb",
             b"/a%20b",
             b"/%",
@@ -676,6 +691,11 @@ mod tests {
             b"/x%2D",
             b"/public\\..\\admin",
             b"/a\\b",
+            b"/x/..;/admin",
+            b"/..;",
+            b"/a/.;x/b",
+            b"/admin%00.png",
+            b"/%00",
         ] {
             assert!(a(bad).is_some(), "{:?}", String::from_utf8_lossy(bad));
         }

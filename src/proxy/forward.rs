@@ -14,7 +14,7 @@ use crate::retry::{Failure, RetryPolicy};
 use crate::rewrite::{encode_upstream_head, Forwarding};
 use crate::router::Route;
 use crate::upstream::balance::hash_bytes;
-use crate::upstream::breaker::Admit;
+use crate::upstream::breaker::{Admit, Probe};
 use crate::upstream::health::Ejection;
 use crate::upstream::{UpConn, UpstreamGroup};
 use crate::warn;
@@ -69,8 +69,8 @@ pub async fn proxy<'c, S: ClientIo>(
 /// The connection a response head came on, and what the breaker is owed for it.
 pub(crate) struct Chosen {
     pub up: UpConn,
-    /// The breaker admitted this try as its half-open probe.
-    pub probe: bool,
+    /// The breaker admitted this try as one of its half-open probes.
+    pub probe: Probe,
     /// The response is a failure for the endpoint's books (a 5xx).
     pub failed: bool,
 }
@@ -81,7 +81,7 @@ pub(crate) fn settle(
     w: &Worker,
     group: &UpstreamGroup,
     up: UpConn,
-    probe: bool,
+    probe: Probe,
     failed: bool,
     reusable: bool,
 ) {
@@ -209,7 +209,7 @@ pub(crate) async fn try_endpoints<D: Downstream>(
     loop {
         tries += 1;
         let probe = match group.breaker.as_ref().map(|b| b.admit(Instant::now())) {
-            None => false,
+            None => Probe::NONE,
             Some(Admit::Yes { probe }) => probe,
             Some(Admit::Open(d)) => {
                 let secs = d.as_secs().clamp(1, u32::MAX as u64) as u32;
@@ -356,7 +356,7 @@ pub(crate) fn record_outcome(
     w: &Worker,
     group: &UpstreamGroup,
     ep: usize,
-    probe: bool,
+    probe: Probe,
     failed: bool,
 ) {
     if let Some(b) = &group.breaker {

@@ -105,7 +105,14 @@ fn route<'c>(cfg: &'c Snapshot, ctx: &mut RequestCtx<'_>) -> Result<&'c Route, G
         .find_index(&ctx.head)
         .ok_or(GatewayError::NoRoute)?;
     ctx.route = Some(i);
-    Ok(&cfg.router.routes[i])
+    let route = &cfg.router.routes[i];
+    // A clean path that the route's rewrite would turn into a traversing upstream target.
+    if route.rewrite_makes_dot_segment(ctx.head.path_bytes()) {
+        return Err(GatewayError::Parse(ParseError::Bad(
+            "the route's rewrite would make a dot segment of this path",
+        )));
+    }
+    Ok(route)
 }
 
 fn client_cert<S>(route: &Route, c: &Conn<S>) -> Result<(), GatewayError> {

@@ -4,8 +4,8 @@
 //! # How the winning route is chosen
 //! 1. **Host.** Routes listing the request's exact host are tried first, then routes whose
 //!    `*.suffix` wildcard matches it (longest suffix first), then routes with no `hosts`.
-//!    Host comparison ignores case and the port. If no route of a host class matches the rest
-//!    of the request, the next class is tried.
+//!    Host comparison ignores case, the port and trailing dots. If no route of a host class
+//!    matches the rest of the request, the next class is tried.
 //! 2. **Path,** within one host class: an exact `path` first, then `path_regex` routes in
 //!    config order, then `path_prefix` routes from the longest prefix to the shortest (a route
 //!    with no path condition is a prefix of "/").
@@ -216,15 +216,54 @@ impl Route {
         })
     }
 
+    /// Whether the rewrite would join the replacement's last segment and the rest of `path`
+    /// (the request's path, free of dot segments: the parser refused them) into a `.` or `..`
+    /// segment, with or without `;` parameters: `path_prefix = "/v1"` with
+    /// `replace_prefix = "/pub/"` makes `/v1../admin` into `/pub/../admin`, which the upstream
+    /// resolves to `/admin` (RFC 3986 §5.2.4), outside what the route exposes. Only the seam
+    /// can make one: the replacement holds no dot segment (refused at load), and a stripped
+    /// prefix ends at a segment boundary.
+    pub fn rewrite_makes_dot_segment(&self, path: &[u8]) -> bool {
+        let Rewrite::Replace(from, to) = &self.rewrite else {
+            return false;
+        };
+        let Some(rest) = path.strip_prefix(&**from) else {
+            return false;
+        };
+        // The replacement's last (partial) segment; "" when it ends with '/' or is empty (then
+        // the encoder puts a '/' before `rest`).
+        let tail = to
+            .iter()
+            .rposition(|b| *b == b'/')
+            .map_or(&to[..], |p| &to[p + 1..]);
+        let seam = tail
+            .iter()
+            .chain(rest)
+            .take_while(|b| !matches!(b, b'/' | b';' | b'?'));
+        let mut dots = 0;
+        for b in seam {
+            if *b != b'.' || dots == 2 {
+                return false;
+            }
+            dots += 1;
+        }
+        dots > 0
+    }
+
     /// Writes the path and query to send upstream.
     pub fn write_target(&self, path_query: &[u8], out: &mut BytesMut) {
-        let pq = if path_query.is_empty() || path_query[0] == b'?' {
-            // Absolute-form target with an empty path.
-            out.put_u8(b'/');
-            path_query
+        if path_query.is_empty() || path_query[0] == b'?' {
+            // An absolute-form target with an empty path: its path is "/" (RFC 9112 §3.2.2),
+            // rewritten as "/" is (a rewrite of "/?q" is that of "/" then "?q").
+            self.write_rewritten(b"/", out);
+            out.put_slice(path_query);
         } else {
-            path_query
-        };
+            self.write_rewritten(path_query, out);
+        }
+    }
+
+    /// Writes `pq` (a path, then maybe a query) with the route's rewrite applied.
+    fn write_rewritten(&self, pq: &[u8], out: &mut BytesMut) {
         match &self.rewrite {
             Rewrite::None => out.put_slice(pq),
             // Only at a segment boundary: "/api" strips "/api/x" and "/api?q", not "/apiary".
@@ -483,9 +522,51 @@ mod tests {
         assert_eq!(target(route, "/v1/x"), "/x");
     }
 
+    fn makes_dot_segment(toml_route: &str, path: &str) -> bool {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n{toml_route}\n");
+        let cfg = Config::parse(&src, "t").unwrap();
+        Router::new(&cfg, 1).routes[0].rewrite_makes_dot_segment(path.as_bytes())
+    }
+
+    /// RFC 3986 §5.2.4: the seam of a replaced prefix must not become a dot segment.
+    #[test]
+    fn a_replaced_prefix_never_makes_a_dot_segment() {
+        let pub_ = "path_prefix = \"/v1\"\nreplace_prefix = \"/pub/\"";
+        for p in [
+            "/v1..",
+            "/v1../admin",
+            "/v1.",
+            "/v1./x",
+            "/v1..;x/y",
+            "/v1.;",
+        ] {
+            assert!(makes_dot_segment(pub_, p), "{p}");
+        }
+        for p in [
+            "/v1/a", "/v1", "/v1...", "/v1.a", "/v1a", "/v2..", "/v1/..x",
+        ] {
+            assert!(!makes_dot_segment(pub_, p), "{p}");
+        }
+        let root = "path_prefix = \"/v2\"\nreplace_prefix = \"\"";
+        assert!(makes_dot_segment(root, "/v2.."));
+        assert!(makes_dot_segment(root, "/v2../admin"));
+        assert!(!makes_dot_segment(root, "/v2/a"));
+        let dot = "path_prefix = \"/v3\"\nreplace_prefix = \"/p.\"";
+        assert!(!makes_dot_segment(dot, "/v3./x"), "`p..` is a name");
+        assert!(!makes_dot_segment("strip_prefix = \"/api\"", "/api.."));
+    }
+
     #[test]
     fn empty_absolute_form_path_becomes_slash() {
         assert_eq!(target("", ""), "/");
         assert_eq!(target("", "?q=1"), "/?q=1");
+        // And is rewritten as "/" is.
+        let root = "path_prefix = \"/\"\nreplace_prefix = \"/pub/\"";
+        assert_eq!(target(root, ""), "/pub/");
+        assert_eq!(target(root, "?q=1"), "/pub/?q=1");
+        assert_eq!(target(root, "/?q=1"), "/pub/?q=1");
+        let gone = "path_prefix = \"/\"\nreplace_prefix = \"\"";
+        assert_eq!(target(gone, "?q"), "/?q");
+        assert_eq!(target("strip_prefix = \"/\"", "?q"), "/?q");
     }
 }

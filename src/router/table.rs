@@ -117,10 +117,13 @@ pub struct TableStats {
     pub regex_sets: usize,
 }
 
-/// Host without port, lower-cased into `buf` when short enough: the form routes are keyed by.
+/// Host without port and without trailing dots, lower-cased into `buf` when short enough: the
+/// form routes are keyed by. `admin.example.com.` is the same DNS name as `admin.example.com`
+/// (the empty root label, RFC 1034 §3.1) and an upstream that serves names reads it so: it
+/// must not miss that host's routes and fall through to a catch-all.
 #[inline]
 pub fn routing_host<'a>(host: &'a [u8], buf: &'a mut [u8; MAX_LOWERED_HOST]) -> &'a [u8] {
-    let host = super::host_without_port(host);
+    let host = trim_root_dots(super::host_without_port(host));
     if host.len() <= buf.len() && host.iter().any(u8::is_ascii_uppercase) {
         for (d, s) in buf.iter_mut().zip(host) {
             *d = s.to_ascii_lowercase();
@@ -129,6 +132,13 @@ pub fn routing_host<'a>(host: &'a [u8], buf: &'a mut [u8; MAX_LOWERED_HOST]) -> 
     } else {
         host
     }
+}
+
+/// A host name without its trailing dots (the root label).
+#[inline]
+fn trim_root_dots(host: &[u8]) -> &[u8] {
+    let end = host.iter().rposition(|b| *b != b'.').map_or(0, |p| p + 1);
+    &host[..end]
 }
 
 /// Method and header conditions of a route: more of them wins among routes with the same
@@ -178,7 +188,8 @@ impl RouteTable {
                 any.push(id(i));
             }
             for h in &rc.hosts {
-                let h = h.to_ascii_lowercase();
+                // Matched as requests are: without the root label's dot.
+                let h = h.trim_end_matches('.').to_ascii_lowercase();
                 if let Some(suffix) = h.strip_prefix('*') {
                     let key: Box<[u8]> = suffix.as_bytes().into();
                     let list = wild.entry(key.clone()).or_insert_with(|| {

@@ -16,11 +16,27 @@ enum State {
     HalfOpen { in_flight: u32, passed: u32 },
 }
 
+/// Whether an admitted request is a half-open probe, and of which half-open period: a probe's
+/// verdict counts only in the period that admitted it. (A probe still in flight when another
+/// probe's failure reopened the breaker must not close it in the next period, nor free a probe
+/// slot there: `half_open_probes` successes of that period's own probes close it.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Probe(u32);
+
+impl Probe {
+    /// Not a probe (the breaker was closed).
+    pub const NONE: Probe = Probe(0);
+
+    pub fn is_probe(self) -> bool {
+        self != Probe::NONE
+    }
+}
+
 /// The breaker's answer for one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {
-    /// Go ahead; `probe` when it is a half-open probe.
-    Yes { probe: bool },
+    /// Go ahead; `probe` says whether it is a half-open probe.
+    Yes { probe: Probe },
     /// The breaker is open: retry after this long.
     Open(Duration),
     /// `max_requests` are already in flight.
@@ -36,6 +52,8 @@ pub struct Breaker {
     open_for: Duration,
     probes: u32,
     state: Cell<State>,
+    /// Half-open periods begun (never 0 once one has: it names the period of a [`Probe`]).
+    period: Cell<u32>,
     /// (successes, failures) over the window.
     window: Rolling,
     pub in_flight: Cell<u32>,
@@ -60,6 +78,7 @@ impl Breaker {
             open_for: c.open_for.0,
             probes: c.half_open_probes,
             state: Cell::new(State::Closed),
+            period: Cell::new(0),
             window: Rolling::new(c.window.0),
             in_flight: Cell::new(0),
             pending: Cell::new(0),
@@ -111,6 +130,7 @@ impl Breaker {
                     in_flight: 0,
                     passed: 0,
                 });
+                self.period.set(self.period.get().wrapping_add(1).max(1));
                 true
             }
             State::HalfOpen { .. } => true,
@@ -137,14 +157,31 @@ impl Breaker {
             });
         }
         self.in_flight.set(self.in_flight.get() + 1);
-        Admit::Yes { probe }
+        Admit::Yes {
+            probe: if probe {
+                Probe(self.period.get())
+            } else {
+                Probe::NONE
+            },
+        }
+    }
+
+    /// The half-open state, when `probe` is a probe of the current half-open period.
+    fn probe_period(&self, probe: Probe) -> Option<(u32, u32)> {
+        match self.state.get() {
+            State::HalfOpen { in_flight, passed } if probe == Probe(self.period.get()) => {
+                Some((in_flight, passed))
+            }
+            _ => None,
+        }
     }
 
     /// Records the outcome of an admitted request.
-    pub fn done(&self, probe: bool, success: bool, now: Instant) {
+    pub fn done(&self, probe: Probe, success: bool, now: Instant) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        if probe {
-            if let State::HalfOpen { in_flight, passed } = self.state.get() {
+        if probe.is_probe() {
+            // A probe of an earlier period has no say (see [`Probe`]).
+            if let Some((in_flight, passed)) = self.probe_period(probe) {
                 if !success {
                     self.trip(now);
                 } else if passed + 1 >= self.probes {
@@ -174,10 +211,10 @@ impl Breaker {
     }
 
     /// Ends an admitted request without a verdict (the client failed, not the upstream).
-    pub fn cancel(&self, probe: bool) {
+    pub fn cancel(&self, probe: Probe) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        if probe {
-            if let State::HalfOpen { in_flight, passed } = self.state.get() {
+        if probe.is_probe() {
+            if let Some((in_flight, passed)) = self.probe_period(probe) {
                 self.state.set(State::HalfOpen {
                     in_flight: in_flight.saturating_sub(1),
                     passed,
@@ -217,19 +254,19 @@ mod tests {
         let b = breaker();
         let t = Instant::now();
         for ok in [true, false, true] {
-            assert_eq!(b.admit(t), Admit::Yes { probe: false });
-            b.done(false, ok, t);
+            assert_eq!(b.admit(t), Admit::Yes { probe: Probe::NONE });
+            b.done(Probe::NONE, ok, t);
         }
-        assert_eq!(b.admit(t), Admit::Yes { probe: false });
-        b.done(false, false, t); // 2 of 4 failed: 50%
+        assert_eq!(b.admit(t), Admit::Yes { probe: Probe::NONE });
+        b.done(Probe::NONE, false, t); // 2 of 4 failed: 50%
         assert!(matches!(b.admit(t), Admit::Open(_)));
         let later = t + Duration::from_secs(6);
-        assert_eq!(b.admit(later), Admit::Yes { probe: true });
-        assert_eq!(b.admit(later), Admit::Yes { probe: true });
+        assert_eq!(b.admit(later), Admit::Yes { probe: Probe(1) });
+        assert_eq!(b.admit(later), Admit::Yes { probe: Probe(1) });
         assert!(matches!(b.admit(later), Admit::Open(_)), "only two probes");
-        b.done(true, true, later);
-        b.done(true, true, later);
-        assert_eq!(b.admit(later), Admit::Yes { probe: false });
+        b.done(Probe(1), true, later);
+        b.done(Probe(1), true, later);
+        assert_eq!(b.admit(later), Admit::Yes { probe: Probe::NONE });
     }
 
     #[test]
@@ -238,12 +275,41 @@ mod tests {
         let t = Instant::now();
         for _ in 0..4 {
             b.admit(t);
-            b.done(false, false, t);
+            b.done(Probe::NONE, false, t);
         }
         let later = t + Duration::from_secs(6);
-        assert_eq!(b.admit(later), Admit::Yes { probe: true });
-        b.done(true, false, later);
+        assert_eq!(b.admit(later), Admit::Yes { probe: Probe(1) });
+        b.done(Probe(1), false, later);
         assert!(matches!(b.admit(later), Admit::Open(_)));
+    }
+
+    /// A probe still out when another probe reopened the breaker has no say in the next
+    /// half-open period: before, its success counted there and closed the breaker after one
+    /// of that period's two probes.
+    #[test]
+    fn a_probe_of_an_earlier_half_open_period_has_no_say() {
+        let b = breaker();
+        let t = Instant::now();
+        for _ in 0..4 {
+            b.admit(t);
+            b.done(Probe::NONE, false, t);
+        }
+        let p1 = t + Duration::from_secs(6);
+        let slow = b.admit(p1);
+        assert_eq!(slow, Admit::Yes { probe: Probe(1) });
+        assert_eq!(b.admit(p1), Admit::Yes { probe: Probe(1) });
+        b.done(Probe(1), false, p1);
+        assert!(matches!(b.admit(p1), Admit::Open(_)), "reopened");
+        let p2 = p1 + Duration::from_secs(6);
+        assert_eq!(b.admit(p2), Admit::Yes { probe: Probe(2) });
+        b.done(Probe(2), true, p2);
+        // The first period's slow probe ends now, in the second period.
+        b.done(Probe(1), true, p2);
+        assert_eq!(b.state_name(), "half_open", "one of two probes passed");
+        assert_eq!(b.admit(p2), Admit::Yes { probe: Probe(2) });
+        assert!(matches!(b.admit(p2), Admit::Open(_)), "two probes at most");
+        b.done(Probe(2), true, p2);
+        assert_eq!(b.state_name(), "closed");
     }
 
     #[test]
@@ -253,7 +319,7 @@ mod tests {
         assert!(matches!(b.admit(t), Admit::Yes { .. }));
         assert!(matches!(b.admit(t), Admit::Yes { .. }));
         assert_eq!(b.admit(t), Admit::Busy);
-        b.done(false, true, t);
+        b.done(Probe::NONE, true, t);
         assert!(matches!(b.admit(t), Admit::Yes { .. }));
     }
 }
