@@ -1698,6 +1698,37 @@ fn introspection_nbf_is_honoured_and_nbf_iat_must_be_numbers_rfc7662_2_2() {
     assert_eq!(up.hits(), 4);
 }
 
+/// A route limited to GET serves HEAD too (RFC 9110 §9.3.2: HEAD is GET without content, and an
+/// origin runs GET's handler for it), so a HEAD cannot pass by a GET route's auth to a later
+/// route without one; other methods still go on to the next route.
+#[test]
+fn a_head_request_takes_the_get_route_and_its_auth_rfc9110_9_3_2() {
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[[consumers]]\nname = \"ops\"\napi_keys = [\"{}\"]\n\n[[routes]]\npath_prefix = \"/admin\"\nmethods = [\"GET\"]\nupstream = \"up\"\nauth = \"api_key\"\n\n[[routes]]\nupstream = \"up\"\n",
+            key_hash_hex(b"ops-key")
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let send = |method: &str, key: &str| {
+        request(
+            gw.addr,
+            format!("{method} /admin/users HTTP/1.1\r\nHost: test.local\r\n{key}Content-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    assert_eq!(send("GET", "").status, 401);
+    assert_eq!(send("HEAD", "").status, 401, "HEAD takes the GET route");
+    assert_eq!(send("HEAD", "X-Api-Key: ops-key\r\n").status, 200);
+    assert_eq!(up.last().method, "HEAD");
+    assert_eq!(up.hits(), 1);
+    // Another method is not GET's: the next route takes it.
+    assert_eq!(send("POST", "").status, 200);
+    assert_eq!(up.hits(), 2);
+}
+
 /// A forwarded claim holds text the token's issuer (or its user: a name, an email) chose; it
 /// may not fill a header that says who the caller is by other means: the consumer header,
 /// the API key header, Authorization, an mTLS subject header.

@@ -73,7 +73,10 @@ fn conditions(r: &Route) -> usize {
 }
 
 fn matches_rest(r: &Route, req: &RequestHead) -> bool {
-    (r.methods.is_empty() || r.methods.iter().any(|m| &**m == req.method_str()))
+    (r.methods.is_empty()
+        || r.methods
+            .iter()
+            .any(|m| &**m == req.method_str() || (req.method_str() == b"HEAD" && &**m == b"GET")))
         && r.headers.iter().all(|(name, want)| {
             req.header_values(name)
                 .any(|v| ringway::http::trim_ows(v) == &**want)

@@ -206,7 +206,14 @@ impl Route {
     fn matches_rest(&self, req: &RequestHead) -> bool {
         if !self.methods.is_empty() {
             let m = req.method_str();
-            if !self.methods.iter().any(|x| &**x == m) {
+            // A route for GET serves HEAD too (RFC 9110 §9.3.2: HEAD is GET without the
+            // content; an origin runs the same handler), so that a HEAD cannot pass by the
+            // GET route's policies to a later route.
+            if !self
+                .methods
+                .iter()
+                .any(|x| &**x == m || (m == b"HEAD" && &**x == b"GET"))
+            {
                 return false;
             }
         }
