@@ -829,12 +829,6 @@ impl Reader<'_> {
     }
 }
 
-/// A byte of a field value or of a reason phrase: HTAB, SP, VCHAR or obs-text (RFC 9110 §5.5,
-/// RFC 9112 §4).
-fn is_field_value_byte(c: u8) -> bool {
-    matches!(c, b'\t' | b' ' | 0x21..=0x7E | 0x80..=0xFF)
-}
-
 /// An entry read back from Redis; `None` when it is not one this version wrote whole.
 pub fn decode(b: &Bytes) -> Option<Object> {
     let mut r = Reader { b, at: 0 };
@@ -877,7 +871,7 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         // entry's).
         if name.is_empty()
             || !name.iter().all(|c| crate::http::is_tchar(*c))
-            || !value.iter().all(|c| is_field_value_byte(*c))
+            || !value.iter().all(|c| crate::http::is_field_value_byte(*c))
             || super::policy::unstorable_field(name)
         {
             return None;
@@ -890,7 +884,7 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     }
     let fields = Fields::from_block(b.slice(start..r.at), spans);
     // RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ).
-    if !reason.iter().all(|c| is_field_value_byte(*c)) {
+    if !reason.iter().all(|c| crate::http::is_field_value_byte(*c)) {
         return None;
     }
     let url = r.bytes()?;

@@ -182,12 +182,6 @@ fn is_quoted_pair_char(b: u8) -> bool {
     matches!(b, b'\t' | b' ' | 0x21..=0x7E | 0x80..=0xFF)
 }
 
-/// A byte of a field value: `field-vchar`, SP or HTAB (RFC 9110 §5.5).
-#[inline]
-fn is_field_value_char(b: u8) -> bool {
-    matches!(b, b'\t' | b' ' | 0x21..=0x7E | 0x80..=0xFF)
-}
-
 impl ChunkedScanner {
     pub fn new() -> Self {
         ChunkedScanner {
@@ -413,7 +407,9 @@ impl ChunkedScanner {
                         (State::TrailerName, b':') => State::TrailerValue,
                         (State::TrailerName, _) if is_tchar(b) => State::TrailerName,
                         (State::TrailerValue, b'\r') => State::TrailerLf,
-                        (State::TrailerValue, _) if is_field_value_char(b) => State::TrailerValue,
+                        (State::TrailerValue, _) if super::is_field_value_byte(b) => {
+                            State::TrailerValue
+                        }
                         (State::TrailerLf, b'\n') => State::TrailerStart,
                         _ => return Err(ChunkError::BadTrailer),
                     };

@@ -148,6 +148,13 @@ pub fn trim_ows(mut s: &[u8]) -> &[u8] {
     s
 }
 
+/// A byte of a field value (RFC 9110 §5.5: `field-vchar`, SP or HTAB) or of a reason phrase
+/// (RFC 9112 §4): HTAB, SP, VCHAR or obs-text; no other control byte.
+#[inline]
+pub fn is_field_value_byte(b: u8) -> bool {
+    matches!(b, b'\t' | b' ' | 0x21..=0x7E | 0x80..=0xFF)
+}
+
 /// `tchar` of RFC 9110 §5.6.2: the bytes of a token (field names, methods, chunk-extension
 /// names).
 #[inline]
