@@ -18,6 +18,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
@@ -433,20 +434,18 @@ impl Conn {
     /// request id, only their order: bytes nobody asked for (a second answer to one command,
     /// an answer that came after its round gave up on it) would be taken as the answer to the
     /// next command sent, another key's entry or another bucket's grant. Such a connection
-    /// is dropped (a peer that closed it is found here too).
+    /// is dropped (a peer that closed it is found here too). One non-blocking peek, the one
+    /// pooled upstream connections get ([`crate::upstream::still_open`]).
     fn expect_nothing(&mut self) -> io::Result<()> {
         if !self.rbuf.is_empty() {
             return Err(proto_err("a reply nobody asked for"));
         }
-        self.sock.set_nonblocking(true)?;
-        let mut one = [0u8; 1];
-        let r = self.sock.peek(&mut one);
-        self.sock.set_nonblocking(false)?;
-        match r {
-            Ok(0) => Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => Err(proto_err("a reply nobody asked for")),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(e),
+        if crate::upstream::still_open(self.sock.as_raw_fd()) {
+            Ok(())
+        } else {
+            Err(proto_err(
+                "closed by the server, or a reply nobody asked for",
+            ))
         }
     }
 
