@@ -2030,6 +2030,57 @@ fn redis_purge_by_prefix_and_of_everything_deletes_the_redis_copies() {
     assert_eq!(get(a.addr, "/x").text(), "v5");
 }
 
+/// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is
+/// `test.local`, as routing reads it) keys the same entry as without it, with or without a
+/// port, so that a purge of the URL reaches what either spelling stored (RFC 9111 §4.4).
+#[test]
+fn a_host_with_a_trailing_dot_keys_the_same_entry_and_is_purged_with_it() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        cache_config(up.addr, "", "")
+    );
+    let gw = TestGateway::start(&toml, D);
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let purge = |url: &str| {
+        request(
+            api,
+            format!("POST /cache/purge?url={url} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .json()["purged"]
+            .as_u64()
+    };
+    let get_host = |host: &str| {
+        request(
+            gw.addr,
+            format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+        )
+    };
+    for (stored_as, also, purged_as) in [
+        ("test.local.", "Test.Local", "test.local/x"),
+        ("test.local", "test.local.", "test.local./x"),
+        ("test.local.:8080", "test.local:8080", "test.local:8080/x"),
+    ] {
+        let before = n.load(Ordering::SeqCst);
+        assert!(
+            status_of(&get_host(stored_as)).contains("fwd=uri-miss"),
+            "{stored_as}"
+        );
+        assert!(
+            status_of(&get_host(also)).contains("hit"),
+            "{stored_as} then {also}"
+        );
+        assert_eq!(purge(purged_as), Some(1), "{purged_as}");
+        assert!(
+            status_of(&get_host(stored_as)).contains("fwd=uri-miss"),
+            "{stored_as} purged"
+        );
+        assert_eq!(n.load(Ordering::SeqCst), before + 2);
+        assert_eq!(purge(purged_as), Some(1));
+    }
+}
+
 /// The admin API's `POST /cache/purge` (one URL, a prefix, a tag; refusals for a missing or
 /// doubled target) and `GET /cache` (counters summed over the workers).
 #[test]

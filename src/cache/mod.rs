@@ -298,13 +298,28 @@ impl RoutePolicy {
     }
 }
 
-/// The URL part of a key and the purge matching: host (lower case) and path with its query as
-/// sent.
+/// A host as the store keys it: its name without the trailing dot of an absolute name, as
+/// routing reads it (RFC 1034 §3.1: `a.test.` is `a.test`), and its `:port` if any, so that a
+/// purge of one spelling reaches the other.
+#[inline]
+pub fn key_host(h: &[u8]) -> (&[u8], &[u8]) {
+    // The port's colon: the last one, unless it is inside an IPv6 literal (`[::1]`).
+    let colon = match h.iter().rposition(|b| *b == b':') {
+        Some(i) if !h[i..].contains(&b']') => i,
+        _ => h.len(),
+    };
+    let (name, port) = h.split_at(colon);
+    (name.strip_suffix(b".").unwrap_or(name), port)
+}
+
+/// The URL part of a key and the purge matching: host (lower case, see [`key_host`]) and path
+/// with its query as sent.
 pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
-    let host = head.host_bytes().unwrap_or(b"");
+    let (name, port) = key_host(head.host_bytes().unwrap_or(b""));
     let pq = head.bytes(head.path_query);
-    out.reserve(host.len() + pq.len() + usize::from(pq.first() != Some(&b'/')));
-    push_lower(out, host);
+    out.reserve(name.len() + port.len() + pq.len() + usize::from(pq.first() != Some(&b'/')));
+    push_lower(out, name);
+    out.extend_from_slice(port);
     if pq.first() == Some(&b'/') {
         out.extend_from_slice(pq);
     } else {
@@ -319,14 +334,17 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
 #[derive(Clone, Copy)]
 pub struct UrlParts<'h> {
     host: &'h [u8],
+    port: &'h [u8],
     pq: &'h [u8],
 }
 
 impl<'h> UrlParts<'h> {
     #[inline]
     pub fn of(head: &'h RequestHead) -> UrlParts<'h> {
+        let (host, port) = key_host(head.host_bytes().unwrap_or(b""));
         UrlParts {
-            host: head.host_bytes().unwrap_or(b""),
+            host,
+            port,
             pq: head.bytes(head.path_query),
         }
     }
@@ -340,7 +358,7 @@ impl<'h> UrlParts<'h> {
     /// The length of what [`url_of`] writes.
     #[inline]
     pub fn out_len(&self) -> usize {
-        self.host.len() + usize::from(self.slash()) + self.pq.len()
+        self.host.len() + self.port.len() + usize::from(self.slash()) + self.pq.len()
     }
 
     /// Appends what [`url_of`] writes to `out` (which the caller has made room for: each part
@@ -354,6 +372,7 @@ impl<'h> UrlParts<'h> {
         if let Some(host) = out.get_mut(from..) {
             host.make_ascii_lowercase();
         }
+        out.extend_from_slice(self.port);
         if self.slash() {
             out.extend_from_slice(b"/");
         }
@@ -367,19 +386,20 @@ impl<'h> UrlParts<'h> {
 #[inline]
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
     out.clear();
-    let host = if p.ignore_host {
-        &b""[..]
+    let (host, port) = if p.ignore_host {
+        (&b""[..], &b""[..])
     } else {
-        head.host_bytes().unwrap_or(b"")
+        key_host(head.host_bytes().unwrap_or(b""))
     };
     let pq = head.bytes(head.path_query);
     let path = head.path_bytes();
     let query = query_of(head, pq);
     // Room for the usual key at once (tag, host, path and query, a consumer); the header
     // values, unknown here, may grow it.
-    out.reserve(host.len() + pq.len() + consumer.map_or(0, |c| c.len() + 2) + 4);
+    out.reserve(host.len() + port.len() + pq.len() + consumer.map_or(0, |c| c.len() + 2) + 4);
     out.push(b'u');
     push_lower(out, host);
+    out.extend_from_slice(port);
     out.push(0);
     match &p.query {
         QueryMode::None => out.extend_from_slice(path),
@@ -2064,7 +2084,9 @@ impl Purge {
 
 /// A URL for a purge from its parts: the host (lower-cased) and the path with its query.
 pub fn purge_url(host: &str, path_query: &str) -> Vec<u8> {
-    let mut u: Vec<u8> = host.bytes().map(|b| b.to_ascii_lowercase()).collect();
+    let (name, port) = key_host(host.as_bytes());
+    let mut u: Vec<u8> = name.iter().map(u8::to_ascii_lowercase).collect();
+    u.extend_from_slice(port);
     if !path_query.starts_with('/') {
         u.push(b'/');
     }
@@ -2338,12 +2360,13 @@ mod tests {
     /// query found by a scan, path and query copied apart.
     fn reference_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>) -> Vec<u8> {
         let mut out = vec![b'u'];
-        let host = if p.ignore_host {
-            &b""[..]
+        let (host, port) = if p.ignore_host {
+            (&b""[..], &b""[..])
         } else {
-            head.host_bytes().unwrap_or(b"")
+            key_host(head.host_bytes().unwrap_or(b""))
         };
         out.extend(host.iter().map(u8::to_ascii_lowercase));
+        out.extend_from_slice(port);
         out.push(0);
         out.extend_from_slice(head.path_bytes());
         let pq = head.bytes(head.path_query);

@@ -3248,7 +3248,9 @@ fn known_len(resp: &ResponseHead) -> Option<u64> {
 /// URIs of the same origin are invalidated).
 fn same_host_url(head: &RequestHead, v: &[u8]) -> Option<Vec<u8>> {
     let v = crate::http::trim_ows(v);
-    let host: Vec<u8> = head.host_bytes()?.to_ascii_lowercase();
+    let (name, port) = super::key_host(head.host_bytes()?);
+    let mut host = name.to_ascii_lowercase();
+    host.extend_from_slice(port);
     let path = if v.starts_with(b"/") && !v.starts_with(b"//") {
         v
     } else {
@@ -3256,7 +3258,11 @@ fn same_host_url(head: &RequestHead, v: &[u8]) -> Option<Vec<u8>> {
             .strip_prefix(b"http://")
             .or_else(|| v.strip_prefix(b"https://"))?;
         let slash = rest.iter().position(|b| *b == b'/').unwrap_or(rest.len());
-        if !rest[..slash].eq_ignore_ascii_case(&host) {
+        let (name, port) = super::key_host(&rest[..slash]);
+        if !(name.len() + port.len() == host.len()
+            && host[..name.len()].eq_ignore_ascii_case(name)
+            && host[name.len()..] == *port)
+        {
             return None;
         }
         &rest[slash..]
