@@ -339,6 +339,15 @@ fn a_request_pipelined_on_a_removed_listeners_connection_is_answered() {
         );
         let gw = TestGateway::start(&two, driver);
         let second = gw.addrs()[1];
+        // A keep-alive connection idle when the reload comes.
+        let mut idle = Client::connect(second);
+        idle.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = idle.read_response().expect("a response");
+        assert_eq!(
+            (r.status, r.header("connection")),
+            (200, None),
+            "{driver:?}"
+        );
         let mut c = Client::connect(second);
         c.send(b"GET /x/slow HTTP/1.1\r\nHost: t\r\n\r\nGET /x HTTP/1.1\r\nHost: t\r\n\r\n");
         assert!(head_sent.wait(Duration::from_secs(10)), "{driver:?}");
@@ -354,11 +363,25 @@ fn a_request_pipelined_on_a_removed_listeners_connection_is_answered() {
             .read_response()
             .unwrap_or_else(|| panic!("{driver:?}: the pipelined request is answered"));
         assert_eq!((r.status, r.text().as_str()), (200, "A"), "{driver:?}");
+        // The connection's last answer says so (RFC 9112 §9.6), as during a shutdown.
+        assert_eq!(r.header("connection"), Some("close"), "{driver:?}");
         // Closed, not merely quiet: a read that times out is no close.
         assert!(
             c.is_closed(Duration::from_secs(5)),
             "{driver:?}: then it closes"
         );
+        // The idle connection's next request, on its way as the listener goes, is answered,
+        // with `Connection: close`.
+        idle.send(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+        let r = idle
+            .read_response()
+            .unwrap_or_else(|| panic!("{driver:?}: the idle connection's request is answered"));
+        assert_eq!(
+            (r.status, r.header("connection")),
+            (200, Some("close")),
+            "{driver:?}"
+        );
+        assert!(idle.is_closed(Duration::from_secs(5)), "{driver:?}");
     }
 }
 

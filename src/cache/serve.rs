@@ -3309,7 +3309,7 @@ async fn answer<'c, S: ClientIo>(
             }
         }
     }
-    let keep = can_keep(w, c, ctx);
+    let keep = can_keep(c, ctx);
     let date = w.date.get();
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
@@ -3459,7 +3459,7 @@ async fn stream_from<'c, S: ClientIo>(
     // Counted from here (before any wait): a chunked body past the cut keeps its window
     // for the waiters streaming it.
     let _streaming = st.len.is_none().then(|| flight.stream_guard());
-    let keep = can_keep(w, c, ctx);
+    let keep = can_keep(c, ctx);
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
     let reason: &[u8] = if st.reason.is_empty() {
@@ -3718,7 +3718,7 @@ async fn gateway_body<'c, S: ClientIo>(
     status: &Status<'_>,
     body: &[u8],
 ) -> Outcome<'c> {
-    let keep = can_keep(w, c, ctx);
+    let keep = can_keep(c, ctx);
     let date = w.date.get();
     let wbuf = &mut ctx.wbuf;
     wbuf.clear();
@@ -3764,8 +3764,8 @@ async fn gateway_body<'c, S: ClientIo>(
 /// now, and a known rest over the bound, a malformed body, or a client still waiting for
 /// `100 Continue` closes the connection instead. Called before the answer is written (it
 /// decides `Connection: close`); [`drain_rest`] after.
-fn can_keep<S>(w: &Worker, c: &mut Conn<S>, ctx: &mut RequestCtx<'_>) -> bool {
-    if !ctx.head.keep_alive || w.shutdown.is_set() {
+fn can_keep<S>(c: &mut Conn<S>, ctx: &mut RequestCtx<'_>) -> bool {
+    if !ctx.head.keep_alive || ctx.last_answer() {
         return false;
     }
     if ctx.body.is_done() {

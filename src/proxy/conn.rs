@@ -343,7 +343,7 @@ pub const FIRST_REQUEST_GRACE_TICKS: u8 = 1;
 /// A reload removed the connection's listener: the connection closes once its request in
 /// flight is answered (or on the next idle tick), so the listener drains.
 fn listener_gone(w: &Worker, listener: usize) -> bool {
-    w.config().listeners.get(listener).is_none_or(|l| l.closed)
+    w.listener_closed(listener)
 }
 
 /// Serves one client connection until it closes.
@@ -357,8 +357,6 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         info,
     };
     let mut linger = false;
-    // The connection's listener is gone and its last request is being served.
-    let mut last_on_gone = false;
     loop {
         if c.rbuf.is_empty() && !c.wait_request(w).await {
             break;
@@ -366,18 +364,12 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
         // The request's state lives in a block of the worker's slab, not in this task: an
         // idle connection holds only what is above.
         match w.slab.boxed(c.request(w)).await {
-            // A keep-alive answer promised to read on, so a shutdown that began meanwhile
-            // still reads the next request (pipelined, or on its way) and answers it with
-            // `Connection: close` (RFC 9112 §9.6): closing now would reset it.
-            Some(Next::KeepAlive) if !listener_gone(w, c.info.listener) => {}
-            // A listener a reload removed: the request already read behind the one in flight
-            // (pipelined) is answered too, once, before the connection closes.
-            Some(Next::KeepAlive) if !c.rbuf.is_empty() && !last_on_gone => last_on_gone = true,
-            Some(Next::KeepAlive) | None => {
-                // Requests pipelined further are left unanswered: close without resetting.
-                linger = !c.rbuf.is_empty();
-                break;
-            }
+            // A keep-alive answer promised to read on, so a shutdown or a listener removal
+            // that began meanwhile still reads the next request (pipelined, or on its way)
+            // and answers it with `Connection: close` (RFC 9112 §9.6): closing now would
+            // reset it. Answers from then on are the last (`RequestCtx::last_answer`).
+            Some(Next::KeepAlive) => {}
+            None => break,
             Some(Next::Close) => {
                 linger = true;
                 break;
@@ -403,6 +395,7 @@ impl<S: ClientIo> Conn<S> {
         // One snapshot for the whole request, whatever a reload does meanwhile.
         let cfg = w.config();
         let mut ctx = RequestCtx::new(w, cfg.timeouts);
+        ctx.listener = self.info.listener;
         if w.timed() {
             // The request's first bytes are here (the wait for them is over).
             ctx.rec.start = Some(Instant::now());
@@ -486,12 +479,11 @@ impl<S: ClientIo> Conn<S> {
                 }
                 _ = tick => {
                     now = Instant::now();
-                    if deadline.is_some_and(|d| now >= d)
-                        || listener_gone(w, self.info.listener)
-                    {
+                    if deadline.is_some_and(|d| now >= d) {
                         return false;
                     }
-                    if w.shutdown.is_set() {
+                    // A request on its way is still served (with `Connection: close`).
+                    if w.shutdown.is_set() || listener_gone(w, self.info.listener) {
                         grace_ticks += 1;
                         if grace_ticks > FIRST_REQUEST_GRACE_TICKS {
                             return false;
@@ -587,7 +579,7 @@ impl<S: ClientIo> Conn<S> {
             }
             Outcome::Answer(a) => a,
         };
-        let mut keep = ctx.head.keep_alive && !w.shutdown.is_set() && ctx.body.drainable();
+        let mut keep = ctx.head.keep_alive && !ctx.last_answer() && ctx.body.drainable();
         if keep {
             // What of the body is already here is consumed now; the rest must be short.
             keep = match ctx.body.take(&mut self.rbuf) {

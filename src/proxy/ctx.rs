@@ -289,9 +289,19 @@ pub struct RequestCtx<'w> {
     pub auth: std::rc::Rc<crate::auth::WorkerAuth>,
     /// What the end of the request records (metrics, access log) and its trace context.
     pub rec: super::record::Record,
+    /// The index of the listener that accepted the connection.
+    pub listener: usize,
 }
 
 impl<'w> RequestCtx<'w> {
+    /// This answer is the connection's last: a shutdown began (SIGTERM, a binary upgrade) or a
+    /// reload removed the connection's listener. It says `Connection: close`, so the client
+    /// sends nothing more on it (RFC 9112 §9.6).
+    #[inline]
+    pub fn last_answer(&self) -> bool {
+        self.w.shutdown.is_set() || self.w.listener_closed(self.listener)
+    }
+
     pub fn new(w: &'w Worker, t: Timeouts) -> RequestCtx<'w> {
         RequestCtx {
             w,
@@ -310,6 +320,7 @@ impl<'w> RequestCtx<'w> {
             ubuf: w.bufs.take(),
             auth: w.auth(),
             rec: super::record::Record::default(),
+            listener: 0,
         }
     }
 

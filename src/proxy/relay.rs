@@ -237,7 +237,7 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
     };
     let definite = !matches!(out, OutFraming::Dechunk | OutFraming::UntilClose);
     // The request body was read to its end, else the connection cannot go on.
-    let keep = ctx.head.keep_alive && definite && ctx.body.is_done() && !w.shutdown.is_set();
+    let keep = ctx.head.keep_alive && definite && ctx.body.is_done() && !ctx.last_answer();
 
     let f = Forwarding {
         peer_ip: c.peer.as_bytes(),

@@ -304,6 +304,16 @@ impl Worker {
         self.config.borrow().clone()
     }
 
+    /// A reload removed listener `i` (its connections finish the request in flight and close).
+    #[inline]
+    pub fn listener_closed(&self, i: usize) -> bool {
+        self.config
+            .borrow()
+            .listeners
+            .get(i)
+            .is_none_or(|l| l.closed)
+    }
+
     /// Installs a new snapshot for the requests that start from now on; requests in flight
     /// finish on the one they hold.
     pub fn swap_config(&self, next: Snapshot) -> Rc<Snapshot> {
