@@ -298,18 +298,13 @@ impl RoutePolicy {
     }
 }
 
-/// A host as the store keys it: its name without the trailing dot of an absolute name, as
-/// routing reads it (RFC 1034 §3.1: `a.test.` is `a.test`), and its `:port` if any, so that a
-/// purge of one spelling reaches the other.
+/// A host as the store keys it: its name as routing reads it (without the port, and without
+/// the root label's trailing dot, RFC 1034 §3.1: `a.test.` is `a.test`), then its `:port` if
+/// any, so that a purge of one spelling reaches the other.
 #[inline]
 pub fn key_host(h: &[u8]) -> (&[u8], &[u8]) {
-    // The port's colon: the last one, unless it is inside an IPv6 literal (`[::1]`).
-    let colon = match h.iter().rposition(|b| *b == b':') {
-        Some(i) if !h[i..].contains(&b']') => i,
-        _ => h.len(),
-    };
-    let (name, port) = h.split_at(colon);
-    (name.strip_suffix(b".").unwrap_or(name), port)
+    let name = crate::router::host_without_port(h);
+    (crate::router::trim_root_dots(name), &h[name.len()..])
 }
 
 /// The URL part of a key and the purge matching: host (lower case, see [`key_host`]) and path

@@ -136,7 +136,7 @@ pub fn routing_host<'a>(host: &'a [u8], buf: &'a mut [u8; MAX_LOWERED_HOST]) -> 
 
 /// A host name without its trailing dots (the root label).
 #[inline]
-fn trim_root_dots(host: &[u8]) -> &[u8] {
+pub fn trim_root_dots(host: &[u8]) -> &[u8] {
     let end = host.iter().rposition(|b| *b != b'.').map_or(0, |p| p + 1);
     &host[..end]
 }
