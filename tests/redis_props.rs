@@ -290,6 +290,35 @@ proptest! {
     }
 }
 
+/// A stored 200 from Redis for `url`, with `body`, fresh for 600 s from now.
+fn entry(url: Bytes, body: Bytes) -> ringway::cache::Object {
+    ringway::cache::Object {
+        status: 200,
+        reason: Bytes::from_static(b"OK"),
+        fields: Fields::default(),
+        body,
+        t: ringway::cache::Timing {
+            response_time: support::now(),
+            lifetime: 600,
+            ..Default::default()
+        },
+        url,
+        tags: Vec::new(),
+        vary: Vec::new(),
+        invalid: Cell::new(false),
+    }
+}
+
+/// What Redis answers a GET of `entry`'s key with: the entry as ringway encodes it, as a bulk
+/// string.
+fn entry_reply(entry: &ringway::cache::Object) -> Vec<u8> {
+    let enc = ringway::cache::redis::encode(entry);
+    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
+    reply.extend_from_slice(&enc);
+    reply.extend_from_slice(b"\r\n");
+    reply
+}
+
 /// `*1\r\n` repeated: the crate's decoder recurses once per level, so 100 000 levels (400 KB,
 /// well under the largest reply) overflowed the Redis thread's stack, which aborts the
 /// process. Refused now, whole or not, past `MAX_REPLY_DEPTH` (8) levels.
@@ -507,25 +536,19 @@ fn hostile_redis_replies_fail_open_and_the_gateway_lives() {
 fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
     let now = support::now();
     let entry = ringway::cache::Object {
-        status: 200,
-        reason: Bytes::from_static(b"OK"),
         fields: Fields::from_pairs([(&b"content-type"[..], &b"text/plain"[..])]).expect("fits"),
-        body: Bytes::from_static(b"from redis"),
         t: ringway::cache::Timing {
             response_time: now,
             initial_age: 1 << 40,
             lifetime: u64::MAX,
             ..Default::default()
         },
-        url: Bytes::from_static(b"test.local/old"),
-        tags: Vec::new(),
-        vary: Vec::new(),
-        invalid: Cell::new(false),
+        ..entry(
+            Bytes::from_static(b"test.local/old"),
+            Bytes::from_static(b"from redis"),
+        )
     };
-    let enc = ringway::cache::redis::encode(&entry);
-    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-    reply.extend_from_slice(&enc);
-    reply.extend_from_slice(b"\r\n");
+    let reply = entry_reply(&entry);
     let (mut fake, addr, gets) = fake_redis(reply);
     let up =
         Upstream::start(|_| Reply::Raw(b"HTTP/1.1 500 No\r\ncontent-length: 0\r\n\r\n".to_vec()));
@@ -568,24 +591,13 @@ fn an_entry_from_redis_with_framing_fields_is_a_miss() {
         ("age", "5"),
     ] {
         let entry = ringway::cache::Object {
-            status: 200,
-            reason: Bytes::from_static(b"OK"),
             fields: Fields::from_pairs([(name.as_bytes(), value.as_bytes())]).expect("fits"),
-            body: Bytes::from_static(b"from redis"),
-            t: ringway::cache::Timing {
-                response_time: support::now(),
-                lifetime: 600,
-                ..Default::default()
-            },
-            url: Bytes::from_static(b"test.local/f"),
-            tags: Vec::new(),
-            vary: Vec::new(),
-            invalid: Cell::new(false),
+            ..entry(
+                Bytes::from_static(b"test.local/f"),
+                Bytes::from_static(b"from redis"),
+            )
         };
-        let enc = ringway::cache::redis::encode(&entry);
-        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-        reply.extend_from_slice(&enc);
-        reply.extend_from_slice(b"\r\n");
+        let reply = entry_reply(&entry);
         let (mut fake, addr, gets) = fake_redis(reply);
         let toml = config(
             &[up.addr],
@@ -625,25 +637,11 @@ fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
         )
     });
     for (body, from_redis) in [(1024usize, true), (64 * 1024, false)] {
-        let entry = ringway::cache::Object {
-            status: 200,
-            reason: Bytes::from_static(b"OK"),
-            fields: Fields::default(),
-            body: Bytes::from(vec![b'r'; body]),
-            t: ringway::cache::Timing {
-                response_time: support::now(),
-                lifetime: 600,
-                ..Default::default()
-            },
-            url: Bytes::from_static(b"test.local/big"),
-            tags: Vec::new(),
-            vary: Vec::new(),
-            invalid: Cell::new(false),
-        };
-        let enc = ringway::cache::redis::encode(&entry);
-        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-        reply.extend_from_slice(&enc);
-        reply.extend_from_slice(b"\r\n");
+        let entry = entry(
+            Bytes::from_static(b"test.local/big"),
+            Bytes::from(vec![b'r'; body]),
+        );
+        let reply = entry_reply(&entry);
         let (mut fake, addr, gets) = fake_redis(reply);
         let toml = config(
             &[up.addr],
@@ -674,26 +672,11 @@ fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
 #[test]
 fn a_reply_nobody_asked_for_is_not_the_answer_to_the_next_command() {
     let poison = {
-        let entry = ringway::cache::Object {
-            status: 200,
-            reason: Bytes::from_static(b"OK"),
-            fields: Fields::default(),
-            body: Bytes::from_static(b"poison"),
-            t: ringway::cache::Timing {
-                response_time: support::now(),
-                lifetime: 600,
-                ..Default::default()
-            },
-            url: Bytes::from_static(b"test.local/x"),
-            tags: Vec::new(),
-            vary: Vec::new(),
-            invalid: Cell::new(false),
-        };
-        let enc = ringway::cache::redis::encode(&entry);
-        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-        reply.extend_from_slice(&enc);
-        reply.extend_from_slice(b"\r\n");
-        reply
+        let entry = entry(
+            Bytes::from_static(b"test.local/x"),
+            Bytes::from_static(b"poison"),
+        );
+        entry_reply(&entry)
     };
     let (mut fake, addr, gets) = fake_redis_answering(
         move |n| {
@@ -735,24 +718,17 @@ fn a_reply_nobody_asked_for_is_not_the_answer_to_the_next_command() {
 #[test]
 fn rfc9111_4_2_3_an_entry_from_redis_received_in_the_future_is_a_miss() {
     let entry = ringway::cache::Object {
-        status: 200,
-        reason: Bytes::from_static(b"OK"),
-        fields: Fields::default(),
-        body: Bytes::from_static(b"from redis"),
         t: ringway::cache::Timing {
             response_time: support::now() + 100_000_000,
             lifetime: 60,
             ..Default::default()
         },
-        url: Bytes::from_static(b"test.local/future"),
-        tags: Vec::new(),
-        vary: Vec::new(),
-        invalid: Cell::new(false),
+        ..entry(
+            Bytes::from_static(b"test.local/future"),
+            Bytes::from_static(b"from redis"),
+        )
     };
-    let enc = ringway::cache::redis::encode(&entry);
-    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-    reply.extend_from_slice(&enc);
-    reply.extend_from_slice(b"\r\n");
+    let reply = entry_reply(&entry);
     let (mut fake, addr, gets) = fake_redis(reply);
     let up = Upstream::start(|_| {
         Reply::Raw(
@@ -903,24 +879,14 @@ fn rfc9110_5_5_an_entry_from_redis_with_control_bytes_in_a_field_is_a_miss() {
         (b"fine", b"O\x01K"),
     ] {
         let entry = ringway::cache::Object {
-            status: 200,
             reason: Bytes::copy_from_slice(reason),
             fields: Fields::from_pairs([(&b"x-v"[..], value)]).expect("fits"),
-            body: Bytes::from_static(b"from redis"),
-            t: ringway::cache::Timing {
-                response_time: support::now(),
-                lifetime: 600,
-                ..Default::default()
-            },
-            url: Bytes::from_static(b"test.local/c"),
-            tags: Vec::new(),
-            vary: Vec::new(),
-            invalid: Cell::new(false),
+            ..entry(
+                Bytes::from_static(b"test.local/c"),
+                Bytes::from_static(b"from redis"),
+            )
         };
-        let enc = ringway::cache::redis::encode(&entry);
-        let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-        reply.extend_from_slice(&enc);
-        reply.extend_from_slice(b"\r\n");
+        let reply = entry_reply(&entry);
         let (mut fake, addr, gets) = fake_redis(reply);
         let toml = config(
             &[up.addr],
@@ -948,25 +914,11 @@ fn rfc9110_5_5_an_entry_from_redis_with_control_bytes_in_a_field_is_a_miss() {
 /// probe: `purged: 0`, and the planted body served on).
 #[test]
 fn rfc9111_4_4_an_entry_from_redis_naming_another_url_is_a_miss() {
-    let entry = ringway::cache::Object {
-        status: 200,
-        reason: Bytes::from_static(b"OK"),
-        fields: Fields::default(),
-        body: Bytes::from_static(b"from redis"),
-        t: ringway::cache::Timing {
-            response_time: support::now(),
-            lifetime: 600,
-            ..Default::default()
-        },
-        url: Bytes::from_static(b"test.local/other"),
-        tags: Vec::new(),
-        vary: Vec::new(),
-        invalid: Cell::new(false),
-    };
-    let enc = ringway::cache::redis::encode(&entry);
-    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-    reply.extend_from_slice(&enc);
-    reply.extend_from_slice(b"\r\n");
+    let entry = entry(
+        Bytes::from_static(b"test.local/other"),
+        Bytes::from_static(b"from redis"),
+    );
+    let reply = entry_reply(&entry);
     let (mut fake, addr, gets) = fake_redis(reply);
     let up = Upstream::start(|_| {
         Reply::Raw(
@@ -998,25 +950,11 @@ fn rfc9111_4_4_an_entry_from_redis_naming_another_url_is_a_miss() {
 /// lookup a miss.
 #[test]
 fn the_cache_link_needs_no_script_command() {
-    let entry = ringway::cache::Object {
-        status: 200,
-        reason: Bytes::from_static(b"OK"),
-        fields: Fields::default(),
-        body: Bytes::from_static(b"from redis"),
-        t: ringway::cache::Timing {
-            response_time: support::now(),
-            lifetime: 600,
-            ..Default::default()
-        },
-        url: Bytes::from_static(b"test.local/s"),
-        tags: Vec::new(),
-        vary: Vec::new(),
-        invalid: Cell::new(false),
-    };
-    let enc = ringway::cache::redis::encode(&entry);
-    let mut reply = format!("${}\r\n", enc.len()).into_bytes();
-    reply.extend_from_slice(&enc);
-    reply.extend_from_slice(b"\r\n");
+    let entry = entry(
+        Bytes::from_static(b"test.local/s"),
+        Bytes::from_static(b"from redis"),
+    );
+    let reply = entry_reply(&entry);
     let (mut fake, addr, _) = fake_redis_scripted(
         move |_| reply.clone(),
         |_| b"-NOPERM\r\n".to_vec(),
