@@ -104,6 +104,9 @@ pub struct Command {
     pub done: Option<OnFrame>,
 }
 
+/// Most bytes of replies one round of plain commands may take at the link's longest reply
+/// (see [`Conn::pipeline`]): the commands of a larger batch go in several rounds.
+const MAX_ROUND_REPLY_BYTES: usize = 128 << 20;
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
@@ -484,10 +487,28 @@ impl Conn {
         }
     }
 
+    /// Sends plain commands in rounds of at most [`MAX_ROUND_REPLY_BYTES`] of the link's
+    /// longest replies: a round's answers are held until it is read whole (see [`Conn::round`]),
+    /// so a server answering each of 4096 queued lookups with the longest reply would
+    /// otherwise have the link hold 4096 of them (8 MiB each on the cache's link: 32 GiB). On
+    /// an error the round's commands and those after it get `None`.
+    fn pipeline(&mut self, mut cmds: Vec<Command>) -> io::Result<()> {
+        let per_round = (MAX_ROUND_REPLY_BYTES / self.max_reply.max(1)).max(1);
+        while cmds.len() > per_round {
+            let rest = cmds.split_off(per_round);
+            if let Err(e) = self.round(cmds) {
+                fail_commands(rest);
+                return Err(e);
+            }
+            cmds = rest;
+        }
+        self.round(cmds)
+    }
+
     /// Sends plain commands as one pipeline and hands each its answer once the round is read
     /// whole and held nothing more (see [`Conn::expect_nothing`], which `run` checks before
-    /// the round); on an error every command gets `None`.
-    fn pipeline(&mut self, cmds: Vec<Command>) -> io::Result<()> {
+    /// the first round); on an error every command gets `None`.
+    fn round(&mut self, cmds: Vec<Command>) -> io::Result<()> {
         self.wbuf.clear();
         let sent = cmds.iter().try_for_each(|c| {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
@@ -747,6 +768,85 @@ mod tests {
         let mut b = BytesMut::new();
         encode_command(&mut b, &[b"GET", b"k"]).unwrap();
         assert_eq!(&b[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+    }
+
+    /// A batch of plain commands goes in rounds whose longest replies fit
+    /// [`MAX_ROUND_REPLY_BYTES`], each round's answers handed out once it is read: with a
+    /// 16 MiB reply bound, 8 commands a round. A server that answers only the first 8 of 40
+    /// queued lookups has those 8 answered; before, the 40 went as one round and all waited
+    /// for the 40th answer (the link could hold 40 replies of 16 MiB).
+    #[test]
+    fn a_batch_goes_in_rounds_whose_replies_are_bounded_in_bytes() {
+        use std::net::TcpListener;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (first_read, first_seen) = std::sync::mpsc::channel::<()>();
+        let (queued, answer_first) = std::sync::mpsc::channel::<()>();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let mut chunk = [0u8; 4096];
+            // The first command: its answer waits until the test has queued the batch, so
+            // that the link's thread takes the batch whole.
+            if !matches!(s.read(&mut chunk), Ok(n) if n > 0) {
+                return;
+            }
+            let _ = first_read.send(());
+            let _ = answer_first.recv();
+            if s.write_all(b"$1\r\nx\r\n").is_err() {
+                return;
+            }
+            // Then the first 8 lookups are answered, and nothing more.
+            let (mut seen, mut answered) = (Vec::new(), 0);
+            while answered < 8 {
+                let n = match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                seen.extend_from_slice(&chunk[..n]);
+                let gets = seen.windows(5).filter(|w| w == b"\r\nGET").count();
+                while answered < gets.min(8) {
+                    if s.write_all(b"$1\r\nv\r\n").is_err() {
+                        return;
+                    }
+                    answered += 1;
+                }
+            }
+            let _ = wait.recv();
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"30s\"\n")).expect("config");
+        let link = RedisLink::with_role(cfg, "cache", 16 << 20);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        let get = |k: &'static [u8], tx: Option<std::sync::mpsc::Sender<bool>>| Command {
+            args: vec![
+                bytes::Bytes::from_static(b"GET"),
+                bytes::Bytes::from_static(k),
+            ],
+            done: tx.map(|tx| -> OnFrame {
+                Box::new(move |f| {
+                    let _ = tx.send(f.is_some());
+                })
+            }),
+        };
+        link.command(get(b"first", None));
+        first_seen
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first command reaches the server");
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        for _ in 0..40 {
+            link.command(get(b"k", Some(tx.clone())));
+        }
+        let _ = queued.send(());
+        for i in 0..8 {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(got, Ok(true), "answer {i} of the first round");
+        }
+        stop.store(true, Ordering::SeqCst);
+        let _ = done.send(());
+        let _ = server.join();
+        let _ = thread.join();
     }
 
     /// Commands queued behind a Redis that does not read are bounded in bytes, not only in
