@@ -290,6 +290,28 @@ proptest! {
     }
 }
 
+/// An origin whose answers (`origin`) may not be stored: what a request served from Redis
+/// would otherwise have got.
+fn no_store_origin() -> Upstream {
+    Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
+                .to_vec(),
+        )
+    })
+}
+
+/// One cached route to `up`, the shared layer at `redis` with the given `timeout`.
+fn redis_cache_config(up: SocketAddr, redis: SocketAddr, timeout: &str) -> String {
+    config(
+        &[up],
+        &format!(
+            "[cache.redis]\naddress = \"{redis}\"\ntimeout = \"{timeout}\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
+        ),
+    )
+}
+
 /// A stored 200 from Redis for `url`, with `body`, fresh for 600 s from now.
 fn entry(url: Bytes, body: Bytes) -> ringway::cache::Object {
     ringway::cache::Object {
@@ -505,13 +527,7 @@ fn hostile_redis_replies_fail_open_and_the_gateway_lives() {
     });
     for reply in [b"*1\r\n".repeat(100_000), b"*65535\r\n".repeat(10)] {
         let (mut fake, addr, gets) = fake_redis(reply);
-        let toml = config(
-            &[up.addr],
-            &format!(
-                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n\n\
-                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-            ),
-        );
+        let toml = redis_cache_config(up.addr, addr, "200ms");
         let gw = TestGateway::start(&toml, DriverChoice::Auto);
         for i in 0..3 {
             let r = get(gw.addr, &format!("/p{i}"));
@@ -552,13 +568,7 @@ fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
     let (mut fake, addr, gets) = fake_redis(reply);
     let up =
         Upstream::start(|_| Reply::Raw(b"HTTP/1.1 500 No\r\ncontent-length: 0\r\n\r\n".to_vec()));
-    let toml = config(
-        &[up.addr],
-        &format!(
-            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
-             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-        ),
-    );
+    let toml = redis_cache_config(up.addr, addr, "2s");
     let gw = TestGateway::start(&toml, DriverChoice::Auto);
     let r = get(gw.addr, "/old");
     assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
@@ -578,12 +588,7 @@ fn an_entry_from_redis_with_a_huge_age_is_sent_with_age_2_31() {
 /// the entry's body (and the next response) by the entry's framing.
 #[test]
 fn an_entry_from_redis_with_framing_fields_is_a_miss() {
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
+    let up = no_store_origin();
     for (name, value) in [
         ("content-length", "100"),
         ("transfer-encoding", "chunked"),
@@ -599,13 +604,7 @@ fn an_entry_from_redis_with_framing_fields_is_a_miss() {
         };
         let reply = entry_reply(&entry);
         let (mut fake, addr, gets) = fake_redis(reply);
-        let toml = config(
-            &[up.addr],
-            &format!(
-                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
-                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-            ),
-        );
+        let toml = redis_cache_config(up.addr, addr, "2s");
         let gw = TestGateway::start(&toml, DriverChoice::Auto);
         let mut c = Client::connect(gw.addr);
         for _ in 0..2 {
@@ -630,12 +629,7 @@ fn an_entry_from_redis_with_framing_fields_is_a_miss() {
 /// (1 GiB) could otherwise make each waiting lookup hold that much.
 #[test]
 fn an_entry_from_redis_longer_than_max_entry_bytes_is_a_miss() {
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
+    let up = no_store_origin();
     for (body, from_redis) in [(1024usize, true), (64 * 1024, false)] {
         let entry = entry(
             Bytes::from_static(b"test.local/big"),
@@ -688,19 +682,8 @@ fn a_reply_nobody_asked_for_is_not_the_answer_to_the_next_command() {
         },
         |_| b"-ERR no scripts here\r\n".to_vec(),
     );
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
-    let toml = config(
-        &[up.addr],
-        &format!(
-            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
-             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-        ),
-    );
+    let up = no_store_origin();
+    let toml = redis_cache_config(up.addr, addr, "2s");
     let gw = TestGateway::start(&toml, DriverChoice::Auto);
     for p in ["/a", "/c", "/d", "/e"] {
         let r = get(gw.addr, p);
@@ -730,19 +713,8 @@ fn rfc9111_4_2_3_an_entry_from_redis_received_in_the_future_is_a_miss() {
     };
     let reply = entry_reply(&entry);
     let (mut fake, addr, gets) = fake_redis(reply);
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
-    let toml = config(
-        &[up.addr],
-        &format!(
-            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
-             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-        ),
-    );
+    let up = no_store_origin();
+    let toml = redis_cache_config(up.addr, addr, "2s");
     let gw = TestGateway::start(&toml, DriverChoice::Auto);
     let r = get(gw.addr, "/future");
     assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
@@ -800,19 +772,8 @@ fn the_cache_link_reads_no_reply_longer_than_max_entry_bytes_allows() {
             }
         }
     });
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
-    let toml = config(
-        &[up.addr],
-        &format!(
-            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"30s\"\nretry_interval = \"100ms\"\n\n\
-             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-        ),
-    );
+    let up = no_store_origin();
+    let toml = redis_cache_config(up.addr, addr, "30s");
     let gw = TestGateway::start(&toml, DriverChoice::Auto);
     let r = get(gw.addr, "/big");
     assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
@@ -866,12 +827,7 @@ fn ratelimit_remaining_from_redis_is_never_more_than_the_limit() {
 /// control byte, was sent to the client as it was.
 #[test]
 fn rfc9110_5_5_an_entry_from_redis_with_control_bytes_in_a_field_is_a_miss() {
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
+    let up = no_store_origin();
     for (value, reason) in [
         (&b"a\x0bb"[..], &b"OK"[..]),
         (b"a\x1b[2Jb", b"OK"),
@@ -888,13 +844,7 @@ fn rfc9110_5_5_an_entry_from_redis_with_control_bytes_in_a_field_is_a_miss() {
         };
         let reply = entry_reply(&entry);
         let (mut fake, addr, gets) = fake_redis(reply);
-        let toml = config(
-            &[up.addr],
-            &format!(
-                "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
-                 [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-            ),
-        );
+        let toml = redis_cache_config(up.addr, addr, "2s");
         let gw = TestGateway::start(&toml, DriverChoice::Auto);
         let r = get(gw.addr, "/c");
         assert_eq!(
@@ -920,19 +870,8 @@ fn rfc9111_4_4_an_entry_from_redis_naming_another_url_is_a_miss() {
     );
     let reply = entry_reply(&entry);
     let (mut fake, addr, gets) = fake_redis(reply);
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
-    let toml = config(
-        &[up.addr],
-        &format!(
-            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
-             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-        ),
-    );
+    let up = no_store_origin();
+    let toml = redis_cache_config(up.addr, addr, "2s");
     let gw = TestGateway::start(&toml, DriverChoice::Auto);
     let r = get(gw.addr, "/lie");
     assert_eq!((r.status, &r.body[..]), (200, &b"origin"[..]), "{r:?}");
@@ -960,19 +899,8 @@ fn the_cache_link_needs_no_script_command() {
         |_| b"-NOPERM\r\n".to_vec(),
         || b"-NOPERM this user has no permissions to run the 'script|load' command\r\n".to_vec(),
     );
-    let up = Upstream::start(|_| {
-        Reply::Raw(
-            b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 6\r\n\r\norigin"
-                .to_vec(),
-        )
-    });
-    let toml = config(
-        &[up.addr],
-        &format!(
-            "[cache.redis]\naddress = \"{addr}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n\n\
-             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n"
-        ),
-    );
+    let up = no_store_origin();
+    let toml = redis_cache_config(up.addr, addr, "2s");
     let gw = TestGateway::start(&toml, DriverChoice::Auto);
     let r = get(gw.addr, "/s");
     assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
