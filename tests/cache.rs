@@ -1208,6 +1208,115 @@ fn purge_rights_can_be_narrowed_to_named_consumers() {
     }
 }
 
+/// RFC 9110 §4.2.3 and §7.2, RFC 3986 §6.2.3: a URI's scheme's default port, or an empty
+/// port, is the same origin as no port. On a plain listener `Host: a.test:80`, `Host:
+/// a.test:`, `Host: a.test` and the absolute forms `http://a.test:80/k` and `http://a.test/k`
+/// are one key: one stored object, and a purge through any spelling removes it. Another port
+/// (`:8080`, or `:443` over plain HTTP) is another origin. Before, each spelling was a key of
+/// its own: a second copy fetched and stored, and a purge of one left the other.
+#[test]
+fn rfc9110_4_2_3_the_default_port_is_one_key_with_no_port_stored_and_purged_once() {
+    let (up, n) = counting_origin("cache-control: public, max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), D);
+    let key = "x-api-key: alice-key\r\n";
+    let send = |target: &str, host: &str| {
+        request(
+            gw.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{key}\r\n").as_bytes(),
+        )
+        .text()
+    };
+    assert_eq!(send("/k", "a.test"), "v1");
+    assert_eq!(send("/k", "a.test:80"), "v1", "the default port");
+    assert_eq!(send("/k", "a.test:"), "v1", "an empty port");
+    assert_eq!(send("/k", "A.test.:80"), "v1");
+    assert_eq!(send("http://a.test:80/k", "a.test"), "v1", "absolute-form");
+    assert_eq!(send("http://a.test/k", "a.test:80"), "v1");
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    // Other ports are other origins.
+    assert_eq!(send("/k", "a.test:8080"), "v2");
+    assert_eq!(send("/k", "a.test:443"), "v3", "443 is not http's default");
+    assert_eq!(
+        send("/k", "a.test:080"),
+        "v1",
+        "port 80 with a leading zero"
+    );
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert_eq!(stats.iter().map(|s| s.entries).sum::<u64>(), 3);
+    // One purge through the default port's spelling removes the one object.
+    let r = request(
+        gw.addr,
+        format!("PURGE /k HTTP/1.1\r\nHost: a.test:80\r\n{key}\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(send("/k", "a.test:80"), "v4");
+    // And stored via `:80`, purged via no port.
+    let r = request(
+        gw.addr,
+        format!("PURGE http://a.test/k HTTP/1.1\r\nHost: a.test\r\n{key}\r\n").as_bytes(),
+    );
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(send("/k", "a.test"), "v5");
+    // A purge by URL from the admin side, which names no scheme: either default port is.
+    for host in ["a.test:80", "a.test:443"] {
+        let hit = ringway::cache::purge(
+            gw.gateway().control(),
+            Purge {
+                target: PurgeTarget::Url(ringway::cache::purge_url(host, "/k")),
+                soft: false,
+            },
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(hit.iter().sum::<u64>(), 1, "{host}");
+        let before = n.load(Ordering::SeqCst);
+        send("/k", "a.test");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            before + 1,
+            "{host}: purged before"
+        );
+    }
+}
+
+/// RFC 9110 §4.2.3 over TLS: `https`'s default port is 443, so on a TLS listener `Host:
+/// a.test:443` and `Host: a.test` are one key, and `:80` there is another origin
+/// (`https://a.test:80`).
+#[test]
+fn rfc9110_4_2_3_on_a_tls_listener_443_is_the_default_port() {
+    use support::pki::{pki, provider, roots};
+    let (up, n) = counting_origin("cache-control: public, max-age=60\r\n");
+    let p = pki();
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\
+         [upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nupstream = \"up\"\ncache = {{ }}\n",
+        p.path("a-chain.pem"),
+        p.path("a.key"),
+        up.addr,
+    );
+    let gw = TestGateway::start(&toml, D);
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots("ca.pem"))
+            .with_no_client_auth(),
+    );
+    let mut c = Client::connect_tls(gw.addr, "a.test", tls).expect("handshake");
+    let mut send = |target: &str, host: &str| {
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        c.read_response().expect("response").text()
+    };
+    assert_eq!(send("/k", "a.test"), "v1");
+    assert_eq!(send("/k", "a.test:443"), "v1");
+    assert_eq!(send("https://a.test:443/k", "a.test"), "v1");
+    assert_eq!(send("/k", "a.test:80"), "v2", "80 is not https's default");
+    // An absolute-form target names its own scheme.
+    assert_eq!(send("http://a.test:80/k", "a.test"), "v1");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
 /// RFC 9111 §4.4 with several workers: an unsafe method's invalidation reaches every
 /// worker's store before its answer reaches the client. Before, the other workers applied it
 /// at their next control tick (up to 50 ms later), and a GET sent at once that another worker

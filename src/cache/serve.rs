@@ -3248,17 +3248,18 @@ fn known_len(resp: &ResponseHead) -> Option<u64> {
 /// URIs of the same origin are invalidated).
 fn same_host_url(head: &RequestHead, v: &[u8]) -> Option<Vec<u8>> {
     let v = crate::http::trim_ows(v);
-    let (name, port) = super::key_host(head.host_bytes()?);
+    let (name, port) = super::key_host(head.host_bytes()?, head.https);
     let mut host = name.to_ascii_lowercase();
     host.extend_from_slice(port);
     let path = if v.starts_with(b"/") && !v.starts_with(b"//") {
         v
     } else {
-        let rest = v
-            .strip_prefix(b"http://")
-            .or_else(|| v.strip_prefix(b"https://"))?;
+        let (rest, https) = match v.strip_prefix(b"http://") {
+            Some(rest) => (rest, false),
+            None => (v.strip_prefix(b"https://")?, true),
+        };
         let slash = rest.iter().position(|b| *b == b'/').unwrap_or(rest.len());
-        let (name, port) = super::key_host(&rest[..slash]);
+        let (name, port) = super::key_host(&rest[..slash], https);
         if !(name.len() + port.len() == host.len()
             && host[..name.len()].eq_ignore_ascii_case(name)
             && host[name.len()..] == *port)
