@@ -1168,6 +1168,51 @@ fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     assert_eq!(up.last().header("if-none-match"), Some("\"2\""));
 }
 
+/// The demo (`config/demo.toml`, `ringway demo`) shows the route-level purge: `PURGE` on the
+/// cached users' paths, for the `ops` consumer's key only. Run here with its addresses moved
+/// to ports from the kernel and its users service replaced by one that says `max-age=60` (the
+/// sample service says nothing: its answers are stored stale, for the route's
+/// `stale_while_revalidate`, and each hit would revalidate in the background). Before, the
+/// demo had no purge: a PURGE went to the users service as an unknown method.
+#[test]
+fn the_demo_config_purges_the_cached_users_with_the_ops_key() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+        .expect("config/demo.toml");
+    let mut toml = demo
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace(
+            "[access_log]\nenabled = true",
+            "[access_log]\nenabled = false",
+        );
+    for port in ["9101", "9102", "9103"] {
+        toml = toml.replace(&format!("127.0.0.1:{port}"), &up.addr.to_string());
+    }
+    let gw = TestGateway::start(&toml, D);
+    let send = |method: &str, key: Option<&str>| {
+        let key = key
+            .map(|k| format!("x-api-key: {k}\r\n"))
+            .unwrap_or_default();
+        request(
+            gw.addr,
+            format!("{method} /cached/users/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(send("GET", None).text(), "v1");
+    let r = send("GET", None);
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert_eq!(send("PURGE", None).status, 401);
+    assert_eq!(send("PURGE", Some("another-key")).status, 401);
+    let r = send("PURGE", Some("demo-ops-key"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(n.load(Ordering::SeqCst), 1, "the PURGE went to no upstream");
+    assert!(up.targets().iter().all(|t| t == "/users/1"));
+    assert_eq!(send("GET", None).text(), "v2");
+}
+
 /// Read access is not purge access: with `purge = ["alice"]` only that consumer may PURGE;
 /// another that the route's auth lets read gets 403 and the entry stays.
 #[test]
