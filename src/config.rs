@@ -903,6 +903,7 @@ impl ListenerConfig {
         request::Limits {
             allow_trace: self.allow_trace,
             allow_underscores_in_headers: self.allow_underscores_in_headers,
+            tls: self.tls.is_some(),
             ..global
         }
     }

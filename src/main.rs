@@ -190,6 +190,10 @@ fn main() -> ExitCode {
             );
             println!("                                           # cached (one store per worker): a miss, then a hit");
             println!(
+                "  curl -i -X PURGE -H 'x-api-key: demo-ops-key' http://{addr}/cached/users/1"
+            );
+            println!("                                           # purged on every worker (the ops key only)");
+            println!(
                 "  curl -i -X TRACE http://{addr}/api/users # 405: TRACE is refused by default"
             );
             print!("{}", ringway::demo::admin_hints(&cfg));

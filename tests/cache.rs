@@ -1168,6 +1168,51 @@ fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     assert_eq!(up.last().header("if-none-match"), Some("\"2\""));
 }
 
+/// The demo (`config/demo.toml`, `ringway demo`) shows the route-level purge: `PURGE` on the
+/// cached users' paths, for the `ops` consumer's key only. Run here with its addresses moved
+/// to ports from the kernel and its users service replaced by one that says `max-age=60` (the
+/// sample service says nothing: its answers are stored stale, for the route's
+/// `stale_while_revalidate`, and each hit would revalidate in the background). Before, the
+/// demo had no purge: a PURGE went to the users service as an unknown method.
+#[test]
+fn the_demo_config_purges_the_cached_users_with_the_ops_key() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let demo = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/demo.toml"))
+        .expect("config/demo.toml");
+    let mut toml = demo
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9901", "127.0.0.1:0")
+        .replace(
+            "[access_log]\nenabled = true",
+            "[access_log]\nenabled = false",
+        );
+    for port in ["9101", "9102", "9103"] {
+        toml = toml.replace(&format!("127.0.0.1:{port}"), &up.addr.to_string());
+    }
+    let gw = TestGateway::start(&toml, D);
+    let send = |method: &str, key: Option<&str>| {
+        let key = key
+            .map(|k| format!("x-api-key: {k}\r\n"))
+            .unwrap_or_default();
+        request(
+            gw.addr,
+            format!("{method} /cached/users/1 HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(send("GET", None).text(), "v1");
+    let r = send("GET", None);
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert_eq!(send("PURGE", None).status, 401);
+    assert_eq!(send("PURGE", Some("another-key")).status, 401);
+    let r = send("PURGE", Some("demo-ops-key"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(n.load(Ordering::SeqCst), 1, "the PURGE went to no upstream");
+    assert!(up.targets().iter().all(|t| t == "/users/1"));
+    assert_eq!(send("GET", None).text(), "v2");
+}
+
 /// Read access is not purge access: with `purge = ["alice"]` only that consumer may PURGE;
 /// another that the route's auth lets read gets 403 and the entry stays.
 #[test]
@@ -1208,6 +1253,115 @@ fn purge_rights_can_be_narrowed_to_named_consumers() {
     }
 }
 
+/// RFC 9110 §4.2.3 and §7.2, RFC 3986 §6.2.3: a URI's scheme's default port, or an empty
+/// port, is the same origin as no port. On a plain listener `Host: a.test:80`, `Host:
+/// a.test:`, `Host: a.test` and the absolute forms `http://a.test:80/k` and `http://a.test/k`
+/// are one key: one stored object, and a purge through any spelling removes it. Another port
+/// (`:8080`, or `:443` over plain HTTP) is another origin. Before, each spelling was a key of
+/// its own: a second copy fetched and stored, and a purge of one left the other.
+#[test]
+fn rfc9110_4_2_3_the_default_port_is_one_key_with_no_port_stored_and_purged_once() {
+    let (up, n) = counting_origin("cache-control: public, max-age=60\r\n");
+    let gw = TestGateway::start(&auth_cache_config(up.addr, "purge = true"), D);
+    let key = "x-api-key: alice-key\r\n";
+    let send = |target: &str, host: &str| {
+        request(
+            gw.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{key}\r\n").as_bytes(),
+        )
+        .text()
+    };
+    assert_eq!(send("/k", "a.test"), "v1");
+    assert_eq!(send("/k", "a.test:80"), "v1", "the default port");
+    assert_eq!(send("/k", "a.test:"), "v1", "an empty port");
+    assert_eq!(send("/k", "A.test.:80"), "v1");
+    assert_eq!(send("http://a.test:80/k", "a.test"), "v1", "absolute-form");
+    assert_eq!(send("http://a.test/k", "a.test:80"), "v1");
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    // Other ports are other origins.
+    assert_eq!(send("/k", "a.test:8080"), "v2");
+    assert_eq!(send("/k", "a.test:443"), "v3", "443 is not http's default");
+    assert_eq!(
+        send("/k", "a.test:080"),
+        "v1",
+        "port 80 with a leading zero"
+    );
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert_eq!(stats.iter().map(|s| s.entries).sum::<u64>(), 3);
+    // One purge through the default port's spelling removes the one object.
+    let r = request(
+        gw.addr,
+        format!("PURGE /k HTTP/1.1\r\nHost: a.test:80\r\n{key}\r\n").as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(send("/k", "a.test:80"), "v4");
+    // And stored via `:80`, purged via no port.
+    let r = request(
+        gw.addr,
+        format!("PURGE http://a.test/k HTTP/1.1\r\nHost: a.test\r\n{key}\r\n").as_bytes(),
+    );
+    assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+    assert_eq!(send("/k", "a.test"), "v5");
+    // A purge by URL from the admin side, which names no scheme: either default port is.
+    for host in ["a.test:80", "a.test:443"] {
+        let hit = ringway::cache::purge(
+            gw.gateway().control(),
+            Purge {
+                target: PurgeTarget::Url(ringway::cache::purge_url(host, "/k")),
+                soft: false,
+            },
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        assert_eq!(hit.iter().sum::<u64>(), 1, "{host}");
+        let before = n.load(Ordering::SeqCst);
+        send("/k", "a.test");
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            before + 1,
+            "{host}: purged before"
+        );
+    }
+}
+
+/// RFC 9110 §4.2.3 over TLS: `https`'s default port is 443, so on a TLS listener `Host:
+/// a.test:443` and `Host: a.test` are one key, and `:80` there is another origin
+/// (`https://a.test:80`).
+#[test]
+fn rfc9110_4_2_3_on_a_tls_listener_443_is_the_default_port() {
+    use support::pki::{pki, provider, roots};
+    let (up, n) = counting_origin("cache-control: public, max-age=60\r\n");
+    let p = pki();
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\ntls = {{ certificates = [{{ cert = \"{}\", key = \"{}\" }}] }}\n\
+         [upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nupstream = \"up\"\ncache = {{ }}\n",
+        p.path("a-chain.pem"),
+        p.path("a.key"),
+        up.addr,
+    );
+    let gw = TestGateway::start(&toml, D);
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots("ca.pem"))
+            .with_no_client_auth(),
+    );
+    let mut c = Client::connect_tls(gw.addr, "a.test", tls).expect("handshake");
+    let mut send = |target: &str, host: &str| {
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        c.read_response().expect("response").text()
+    };
+    assert_eq!(send("/k", "a.test"), "v1");
+    assert_eq!(send("/k", "a.test:443"), "v1");
+    assert_eq!(send("https://a.test:443/k", "a.test"), "v1");
+    assert_eq!(send("/k", "a.test:80"), "v2", "80 is not https's default");
+    // An absolute-form target names its own scheme.
+    assert_eq!(send("http://a.test:80/k", "a.test"), "v1");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
 /// RFC 9111 §4.4 with several workers: an unsafe method's invalidation reaches every
 /// worker's store before its answer reaches the client. Before, the other workers applied it
 /// at their next control tick (up to 50 ms later), and a GET sent at once that another worker

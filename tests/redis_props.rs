@@ -908,3 +908,69 @@ fn the_cache_link_needs_no_script_command() {
     drop(gw);
     fake.stop();
 }
+
+/// RFC 9211 §2: members of `Cache-Status` bearing this cache's name are this cache's to
+/// write. An entry read from Redis (a hostile server, or a peer that writes there) with such
+/// members has them dropped as it is loaded, as an upstream's are before they are stored:
+/// before, `ringway; hit; ttl=99999` from the entry was replayed before the gateway's own
+/// member on the answer from Redis and on every local hit after it. Another cache's members
+/// (`Ringway` is another name) stay, in order; a line left empty goes.
+#[test]
+fn rfc9211_2_an_entry_from_redis_bearing_this_cache_s_name_has_those_members_dropped() {
+    let entry = ringway::cache::Object {
+        fields: Fields::from_pairs([
+            (
+                &b"cache-status"[..],
+                &b"ringway; hit; ttl=99999, upstream-cdn; hit"[..],
+            ),
+            (&b"Cache-Status"[..], &b"\"ringway\"; fwd=uri-miss"[..]),
+            (&b"cache-status"[..], &b"Ringway; hit"[..]),
+            (&b"content-type"[..], &b"text/plain"[..]),
+        ])
+        .expect("fits"),
+        ..entry(
+            Bytes::from_static(b"test.local/cs"),
+            Bytes::from_static(b"from redis"),
+        )
+    };
+    let reply = entry_reply(&entry);
+    let (mut fake, addr, gets) = fake_redis(reply);
+    let up = no_store_origin();
+    let toml = redis_cache_config(up.addr, addr, "2s");
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let mut c = Client::connect(gw.addr);
+    // From Redis, then from the worker's store.
+    for round in 0..2 {
+        c.send(b"GET /cs HTTP/1.1\r\nHost: test.local\r\n\r\n");
+        let r = c.read_response().expect("an answer");
+        assert_eq!((r.status, &r.body[..]), (200, &b"from redis"[..]), "{r:?}");
+        assert_eq!(r.header("content-type"), Some("text/plain"), "{r:?}");
+        let members: Vec<String> = r
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cache-status"))
+            .flat_map(|(_, v)| v.split(',').map(|m| m.trim().to_string()))
+            .collect();
+        let named = |m: &String| {
+            let name = m.split(';').next().unwrap_or("");
+            name == "ringway" || name == "\"ringway\""
+        };
+        assert_eq!(
+            members.iter().filter(|m| named(m)).count(),
+            1,
+            "round {round}: {members:?}"
+        );
+        assert_eq!(members.len(), 3, "round {round}: {members:?}");
+        assert_eq!(members[0], "upstream-cdn; hit", "round {round}");
+        assert_eq!(members[1], "Ringway; hit", "round {round}");
+        assert!(
+            members[2].starts_with("ringway; hit"),
+            "round {round}: {members:?}"
+        );
+        assert!(!members[2].contains("99999"), "round {round}: {members:?}");
+    }
+    assert_eq!(gets.load(Ordering::SeqCst), 1);
+    assert_eq!(up.hits(), 0);
+    drop(gw);
+    fake.stop();
+}

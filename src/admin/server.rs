@@ -47,6 +47,7 @@ const LIMITS: Limits = Limits {
     max_body_bytes: MAX_BODY_BYTES,
     allow_trace: false,
     allow_underscores_in_headers: false,
+    tls: false,
 };
 
 /// The answer to a connection beyond the cap, written without waiting.

@@ -38,15 +38,18 @@ fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
     }
     let host_path = |v: &str| -> Result<Vec<u8>, String> {
         // The store's form: the lower-cased host, then the path (and query).
-        let v = v
-            .strip_prefix("http://")
-            .or_else(|| v.strip_prefix("https://"))
-            .unwrap_or(v);
+        // The scheme, when given, says which port is the default one.
+        let (v, https) = match (v.strip_prefix("http://"), v.strip_prefix("https://")) {
+            (Some(v), _) => (v, Some(false)),
+            (_, Some(v)) => (v, Some(true)),
+            _ => (v, None),
+        };
         let (host, path) = v.split_at(v.find('/').unwrap_or(v.len()));
         if host.is_empty() {
             return Err(format!("{name}: expected HOST/PATH, got {v:?}"));
         }
-        Ok(super::purge_url(
+        Ok(super::purge_url_in(
+            https,
             host,
             if path.is_empty() { "/" } else { path },
         ))

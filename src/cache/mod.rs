@@ -300,17 +300,51 @@ impl RoutePolicy {
 
 /// A host as the store keys it: its name as routing reads it (without the port, and without
 /// the root label's trailing dot, RFC 1034 §3.1: `a.test.` is `a.test`), then its `:port` if
-/// any, so that a purge of one spelling reaches the other.
+/// any, so that a purge of one spelling reaches the other. The default port of the target's
+/// scheme (80, or 443 when `https`, [`RequestHead::https`]) and an empty port are left out:
+/// `a.test:80` is the origin `a.test` (RFC 9110 §4.2.3, RFC 3986 §6.2.3).
 #[inline]
-pub fn key_host(h: &[u8]) -> (&[u8], &[u8]) {
+pub fn key_host(h: &[u8], https: bool) -> (&[u8], &[u8]) {
+    split_host(h, Some(https))
+}
+
+/// [`key_host`] for a scheme that may not be known (`None`: either default port is left out).
+#[inline]
+fn split_host(h: &[u8], https: Option<bool>) -> (&[u8], &[u8]) {
     let name = crate::router::host_without_port(h);
-    (crate::router::trim_root_dots(name), &h[name.len()..])
+    let port = &h[name.len()..];
+    // Looked at only when there is a port: the usual request names none.
+    let port = if !port.is_empty() && is_default_port(port, https) {
+        &port[..0]
+    } else {
+        port
+    };
+    (crate::router::trim_root_dots(name), port)
+}
+
+/// `port` (`:` then digits, as it follows a host) is empty or the scheme's default port, read
+/// as a number (`:080` is 80): the same origin as no port.
+#[inline]
+fn is_default_port(port: &[u8], https: Option<bool>) -> bool {
+    let Some(digits) = port.strip_prefix(b":") else {
+        return false;
+    };
+    if digits.is_empty() {
+        return true;
+    }
+    let zeros = digits.iter().take_while(|b| **b == b'0').count();
+    let n = &digits[zeros..];
+    match https {
+        Some(true) => n == b"443",
+        Some(false) => n == b"80",
+        None => n == b"80" || n == b"443",
+    }
 }
 
 /// The URL part of a key and the purge matching: host (lower case, see [`key_host`]) and path
 /// with its query as sent.
 pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
-    let (name, port) = key_host(head.host_bytes().unwrap_or(b""));
+    let (name, port) = key_host(head.host_bytes().unwrap_or(b""), head.https);
     let pq = head.bytes(head.path_query);
     out.reserve(name.len() + port.len() + pq.len() + usize::from(pq.first() != Some(&b'/')));
     push_lower(out, name);
@@ -336,7 +370,7 @@ pub struct UrlParts<'h> {
 impl<'h> UrlParts<'h> {
     #[inline]
     pub fn of(head: &'h RequestHead) -> UrlParts<'h> {
-        let (host, port) = key_host(head.host_bytes().unwrap_or(b""));
+        let (host, port) = key_host(head.host_bytes().unwrap_or(b""), head.https);
         UrlParts {
             host,
             port,
@@ -384,7 +418,7 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
     let (host, port) = if p.ignore_host {
         (&b""[..], &b""[..])
     } else {
-        key_host(head.host_bytes().unwrap_or(b""))
+        key_host(head.host_bytes().unwrap_or(b""), head.https)
     };
     let pq = head.bytes(head.path_query);
     let path = head.path_bytes();
@@ -2077,9 +2111,16 @@ impl Purge {
     }
 }
 
-/// A URL for a purge from its parts: the host (lower-cased) and the path with its query.
+/// A URL for a purge from its parts: the host (lower-cased; the scheme not being known, the
+/// port 80 or 443 counts as a default one, see [`key_host`]) and the path with its query.
 pub fn purge_url(host: &str, path_query: &str) -> Vec<u8> {
-    let (name, port) = key_host(host.as_bytes());
+    purge_url_in(None, host, path_query)
+}
+
+/// [`purge_url`] for a URL of a known scheme (`Some(true)`: https), whose default port alone
+/// is left out.
+pub fn purge_url_in(https: Option<bool>, host: &str, path_query: &str) -> Vec<u8> {
+    let (name, port) = split_host(host.as_bytes(), https);
     let mut u: Vec<u8> = name.iter().map(u8::to_ascii_lowercase).collect();
     u.extend_from_slice(port);
     if !path_query.starts_with('/') {
@@ -2237,6 +2278,63 @@ mod tests {
         h
     }
 
+    /// RFC 9110 §4.2.3, RFC 3986 §6.2.3: the scheme's default port and an empty port key as
+    /// no port; others, and the other scheme's default, stay.
+    #[test]
+    fn key_host_leaves_out_the_scheme_s_default_port() {
+        let k = |h: &str, https| {
+            let (n, p) = key_host(h.as_bytes(), https);
+            format!(
+                "{}|{}",
+                String::from_utf8_lossy(n),
+                String::from_utf8_lossy(p)
+            )
+        };
+        for (h, https, want) in [
+            ("a.test", false, "a.test|"),
+            ("a.test:80", false, "a.test|"),
+            ("a.test:", false, "a.test|"),
+            ("a.test:0080", false, "a.test|"),
+            ("a.test.:80", false, "a.test|"),
+            ("a.test:443", false, "a.test|:443"),
+            ("a.test:443", true, "a.test|"),
+            ("a.test:80", true, "a.test|:80"),
+            ("a.test:8080", false, "a.test|:8080"),
+            ("a.test:0", false, "a.test|:0"),
+            ("a.test:800", false, "a.test|:800"),
+            ("[::1]:80", false, "[::1]|"),
+            ("[::1]:443", false, "[::1]|:443"),
+            ("[::1]", false, "[::1]|"),
+        ] {
+            assert_eq!(k(h, https), want, "{h} https={https}");
+        }
+        assert_eq!(purge_url("A.test:443", "/x"), b"a.test/x");
+        assert_eq!(purge_url("a.test:80", "/x"), b"a.test/x");
+        assert_eq!(
+            purge_url_in(Some(false), "a.test:443", "/x"),
+            b"a.test:443/x"
+        );
+        for (raw, want) in [
+            ("GET /x HTTP/1.1\r\nHost: a.test:80\r\n\r\n", "a.test/x"),
+            (
+                "GET http://a.test:80/x HTTP/1.1\r\nHost: a\r\n\r\n",
+                "a.test/x",
+            ),
+            (
+                "GET https://a.test:443/x HTTP/1.1\r\nHost: a\r\n\r\n",
+                "a.test/x",
+            ),
+            (
+                "GET https://a.test:80/x HTTP/1.1\r\nHost: a\r\n\r\n",
+                "a.test:80/x",
+            ),
+        ] {
+            let mut u = Vec::new();
+            url_of(&head(raw), &mut u);
+            assert_eq!(String::from_utf8_lossy(&u), want, "{raw:?}");
+        }
+    }
+
     /// RFC 9111 §4.1: an identity header's Vary value is the one sent upstream, exactly (a
     /// subject's escaped `\,` is not a list separator), or absent; the client's copy of it
     /// never counts; other fields are the client's.
@@ -2358,7 +2456,7 @@ mod tests {
         let (host, port) = if p.ignore_host {
             (&b""[..], &b""[..])
         } else {
-            key_host(head.host_bytes().unwrap_or(b""))
+            key_host(head.host_bytes().unwrap_or(b""), head.https)
         };
         out.extend(host.iter().map(u8::to_ascii_lowercase));
         out.extend_from_slice(port);

@@ -807,6 +807,8 @@ async fn from_shared(
         if found.is_some_and(|f| f.obj.t.response_time > o.t.response_time) {
             continue;
         }
+        let mut o = o;
+        drop_forged_stored(p, &mut o.fields);
         let o = Rc::new(o);
         cache.insert(k, o.clone(), p.max_variants);
         let u = usable(&o, req, now);
@@ -1675,6 +1677,43 @@ fn rewrite_status_lines(name: &[u8], resp: &mut ResponseHead) {
         i += 1;
     }
     resp.raw = raw.freeze();
+}
+
+/// [`drop_forged_members`] for the fields of an entry read from Redis: a hostile server, or a
+/// peer that writes there, could plant members bearing this cache's name (RFC 9211 §2), which
+/// every answer from the entry would replay before ringway's own. Run once, as the entry is
+/// loaded into the worker's store, not on each hit. Most entries have no such member: one
+/// pass over the names, no allocation.
+fn drop_forged_stored(p: &RoutePolicy, fields: &mut Fields) {
+    let name = &p.name[..];
+    let is_status = |n: &[u8]| n.len() == CACHE_STATUS.len() && policy::is_name(n, CACHE_STATUS);
+    let forged = !name.is_empty()
+        && fields
+            .iter()
+            .any(|(n, v)| is_status(n) && v.windows(name.len()).any(|w| w == name));
+    if !forged {
+        return;
+    }
+    std::hint::cold_path();
+    let kept: Vec<(&[u8], std::borrow::Cow<'_, [u8]>)> = fields
+        .iter()
+        .filter_map(|(n, v)| {
+            let v = match is_status(n)
+                .then(|| policy::without_members(v, name))
+                .flatten()
+            {
+                Some(rest) if rest.is_empty() => return None,
+                Some(rest) => rest.into(),
+                None => v.into(),
+            };
+            Some((n, v))
+        })
+        .collect();
+    match Fields::from_pairs(kept.iter().map(|(n, v)| (*n, &v[..]))) {
+        Some(f) => *fields = f,
+        // Past what one block holds: no `Cache-Status` line at all is kept.
+        None => fields.retain(|n, _| !is_status(n)),
+    }
 }
 
 /// The name of the Date field this cache adds to a response stored without one.
@@ -3248,17 +3287,18 @@ fn known_len(resp: &ResponseHead) -> Option<u64> {
 /// URIs of the same origin are invalidated).
 fn same_host_url(head: &RequestHead, v: &[u8]) -> Option<Vec<u8>> {
     let v = crate::http::trim_ows(v);
-    let (name, port) = super::key_host(head.host_bytes()?);
+    let (name, port) = super::key_host(head.host_bytes()?, head.https);
     let mut host = name.to_ascii_lowercase();
     host.extend_from_slice(port);
     let path = if v.starts_with(b"/") && !v.starts_with(b"//") {
         v
     } else {
-        let rest = v
-            .strip_prefix(b"http://")
-            .or_else(|| v.strip_prefix(b"https://"))?;
+        let (rest, https) = match v.strip_prefix(b"http://") {
+            Some(rest) => (rest, false),
+            None => (v.strip_prefix(b"https://")?, true),
+        };
         let slash = rest.iter().position(|b| *b == b'/').unwrap_or(rest.len());
-        let (name, port) = super::key_host(&rest[..slash]);
+        let (name, port) = super::key_host(&rest[..slash], https);
         if !(name.len() + port.len() == host.len()
             && host[..name.len()].eq_ignore_ascii_case(name)
             && host[name.len()..] == *port)

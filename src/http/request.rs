@@ -35,6 +35,9 @@ pub struct Limits {
     /// `X-User-Id` as one variable, so such a line would slip past the gateway's strip of
     /// identity headers. Dropped lines still count towards `max_headers` and `max_head_bytes`.
     pub allow_underscores_in_headers: bool,
+    /// The listener speaks TLS: the target URI of an origin-form request has the scheme
+    /// `https` (RFC 9112 §3.3), so its default port is 443 ([`RequestHead::https`]).
+    pub tls: bool,
 }
 
 impl Default for Limits {
@@ -46,6 +49,7 @@ impl Default for Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             allow_trace: false,
             allow_underscores_in_headers: false,
+            tls: false,
         }
     }
 }
@@ -177,6 +181,10 @@ pub struct RequestHead {
     pub headers: Vec<HeaderSpan>,
     /// Authority: from an absolute-form target, else the Host header.
     pub host: Option<Span>,
+    /// The target URI's scheme is `https`: an absolute-form target's own scheme, else the
+    /// listener's (`Limits::tls`, RFC 9112 §3.3). It says which port is the default one
+    /// (443, else 80), the same origin as no port (RFC 9110 §4.2.3).
+    pub https: bool,
     pub body: BodyKind,
     pub keep_alive: bool,
     pub expect_continue: bool,
@@ -200,6 +208,7 @@ impl Default for RequestHead {
             // Empty: shells are pooled per worker and keep the capacity they grew to.
             headers: Vec::new(),
             host: None,
+            https: false,
             body: BodyKind::None,
             keep_alive: true,
             expect_continue: false,
@@ -330,6 +339,7 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
     };
     out.headers.clear();
     out.host = None;
+    out.https = limits.tls;
     out.body = BodyKind::None;
     out.expect_continue = false;
     out.connection_options = false;
@@ -489,6 +499,8 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
                 return Err(ParseError::Bad("invalid authority in request-target"));
             }
             out.host = Some(Span::of(buf, authority));
+            // `https://` is 8 bytes, `http://` 7.
+            out.https = tb.len() - rest.len() == 8;
             let pq = &rest[auth_end..];
             let path_end = path_end(pq)?;
             // "http://h" and "http://h?q" have an empty path here; it means "/"
