@@ -143,6 +143,7 @@ fn object() -> impl Strategy<Value = Object> {
                     .map(|(n, v)| (n.into_boxed_slice(), v))
                     .collect(),
                 invalid: Cell::new(false),
+                born: Cell::new(0),
             },
         )
 }
@@ -322,6 +323,7 @@ proptest! {
             tags: Vec::new(),
             vary: Vec::new(),
             invalid: Cell::new(invalid),
+            born: Cell::new(0),
         };
         if invalid {
             prop_assert!(!o.is_fresh(now));

@@ -328,6 +328,7 @@ fn entry(url: Bytes, body: Bytes) -> ringway::cache::Object {
         tags: Vec::new(),
         vary: Vec::new(),
         invalid: Cell::new(false),
+        born: Cell::new(0),
     }
 }
 

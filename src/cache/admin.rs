@@ -93,7 +93,7 @@ pub fn purge_handler(control: Arc<Control>) -> Handler {
 
 /// Each counter of a worker's cache: its name (the admin API's `GET /cache` key; with
 /// `ringway_cache_` before it, the Prometheus family), kind and meaning, and value.
-type Fields = [(&'static str, &'static str, &'static str, u64); 9];
+type Fields = [(&'static str, &'static str, &'static str, u64); 10];
 
 fn fields(s: &CacheStats) -> Fields {
     [
@@ -133,6 +133,12 @@ fn fields(s: &CacheStats) -> Fields {
             "counter",
             "Objects removed or marked stale by purges.",
             s.purged,
+        ),
+        (
+            "purge_scanned",
+            "counter",
+            "Stored objects read by purges that read the whole store and by sweeps of invalidated URLs.",
+            s.purge_scanned,
         ),
         ("entries", "gauge", "Objects in the stores.", s.entries),
         (

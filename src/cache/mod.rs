@@ -626,6 +626,9 @@ pub struct Object {
     pub vary: Vec<(Box<[u8]>, Vec<u8>)>,
     /// Soft-purged: stale from now on (still usable where stale use is allowed).
     pub invalid: Cell<bool>,
+    /// The worker's purge count ([`WorkerCache::purges`]) when the object went into its
+    /// store: an invalidation numbered later covers it ([`WorkerCache::invalidated`]).
+    pub born: Cell<u64>,
 }
 
 /// A request as it went upstream, for its Vary values (RFC 9111 §4.1: the selecting header
@@ -1100,6 +1103,9 @@ pub struct CacheStats {
     pub revalidations: u64,
     pub coalesced: u64,
     pub purged: u64,
+    /// Stored objects read by purges that read the whole store (see
+    /// [`WorkerCache::purge_local`]) and by sweeps of invalidated URLs.
+    pub purge_scanned: u64,
     pub entries: u64,
     pub bytes: u64,
 }
@@ -1142,6 +1148,15 @@ pub struct WorkerCache {
     purges: Cell<u64>,
     /// The last [`MAX_RECENT_PURGES`] purges, each with its number in `purges`.
     recent_purges: RefCell<std::collections::VecDeque<(u64, Purge)>>,
+    /// The URLs invalidated (RFC 9111 §4.4) since the last sweep, each with the number in
+    /// `purges` of its latest invalidation: a stored object of such a URL born before it is
+    /// gone for every lookup ([`WorkerCache::invalidate_local`]). At most
+    /// [`MAX_INVALIDATED`] URLs of [`MAX_INVALIDATED_BYTES`] in all before a sweep.
+    invalidated: RefCell<HashMap<Box<[u8]>, u64, quick_cache::DefaultHashBuilder>>,
+    /// The bytes of the URLs in `invalidated`.
+    invalidated_bytes: Cell<usize>,
+    /// `invalidated` is not empty (tested on every lookup).
+    any_invalidated: Cell<bool>,
     /// The bytes of bodies captured to be stored, while they arrive.
     in_flight: Rc<InFlight>,
 }
@@ -1191,6 +1206,13 @@ impl Drop for Charge {
 /// than this many purges during one fetch).
 const MAX_RECENT_PURGES: usize = 64;
 
+/// Most URLs a worker keeps invalidated (RFC 9111 §4.4) between sweeps of its store
+/// ([`WorkerCache::invalidate_local`]): a sweep reads every stored object, so one per this
+/// many invalidations keeps an unsafe request's cost from growing with the store.
+const MAX_INVALIDATED: usize = 1024;
+/// Most bytes of those URLs between sweeps.
+const MAX_INVALIDATED_BYTES: usize = 1 << 20;
+
 impl WorkerCache {
     pub fn new(cfg: &Config, worker: usize) -> Rc<WorkerCache> {
         let budget = cfg.cache.max_bytes_per_worker.0;
@@ -1210,6 +1232,9 @@ impl WorkerCache {
             spare_key: RefCell::new(Vec::new()),
             purges: Cell::new(0),
             recent_purges: RefCell::new(std::collections::VecDeque::new()),
+            invalidated: RefCell::new(HashMap::default()),
+            invalidated_bytes: Cell::new(0),
+            any_invalidated: Cell::new(false),
             in_flight: Rc::new(InFlight {
                 used: Cell::new(0),
                 max: cfg.cache.max_in_flight(),
@@ -1300,6 +1325,9 @@ impl WorkerCache {
 
     /// The variants stored under `key`.
     pub fn get(&self, key: &[u8]) -> Option<Vec<Rc<Object>>> {
+        if self.any_invalidated.get() {
+            self.drop_invalidated(self.key(key));
+        }
         self.map
             .borrow()
             .get(self.key(key))
@@ -1311,6 +1339,9 @@ impl WorkerCache {
     // Inlined in the cache phase's first look (`serve::first_look`), the usual caller.
     #[inline]
     pub fn lookup(&self, key: KeyRef<'_>, req: &Sent<'_>) -> (Option<Rc<Object>>, bool) {
+        if self.any_invalidated.get() {
+            self.drop_invalidated(key);
+        }
         let m = self.map.borrow();
         let Some(e) = m.get(key) else {
             drop(m);
@@ -1339,6 +1370,7 @@ impl WorkerCache {
             std::hint::cold_path();
             return;
         }
+        obj.born.set(self.purges.get());
         // Stored alone at first (one look at the map, not a look for the key's other
         // variants and then another to store): a key stored before hands its former entry
         // back, and its other variants are then put back with the new one.
@@ -1745,59 +1777,150 @@ impl WorkerCache {
         spare.push(f);
     }
 
-    /// Applies a purge to this worker's store; returns how many objects it hit.
+    /// Applies a purge to this worker's store; returns how many objects it hit. (It reads
+    /// every stored object: for the admin API and other hosts' purges. An unsafe method's
+    /// invalidation goes through [`WorkerCache::invalidate_local`] instead.)
     pub fn purge_local(&self, p: &Purge) -> u64 {
-        let mut hit = 0u64;
-        let mut m = self.map.borrow_mut();
-        if p.soft {
-            for (_, e) in m.iter() {
+        let hit = if p.soft {
+            let (mut hit, mut read) = (0u64, 0u64);
+            for (_, e) in self.map.borrow().iter() {
                 for o in e.variants.as_slice() {
+                    read += 1;
                     if p.matches(o) {
                         o.invalid.set(true);
                         hit += 1;
                     }
                 }
             }
+            self.count(|s| s.purge_scanned += read);
+            hit
         } else {
-            let mut keys: Vec<StoreKey> = Vec::new();
-            for (k, e) in m.iter() {
-                let n = e
-                    .variants
-                    .as_slice()
-                    .iter()
-                    .filter(|o| p.matches(o))
-                    .count() as u64;
-                if n > 0 {
-                    hit += n;
-                    keys.push(k.clone());
-                }
-            }
-            for k in keys {
-                let key = KeyRef {
-                    hash: k.hash,
-                    bytes: &k.bytes,
-                };
-                let Some(e) = m.peek(key) else { continue };
-                let variants: Vec<Rc<Object>> = e
-                    .variants
-                    .as_slice()
-                    .iter()
-                    .filter(|o| !p.matches(o))
-                    .cloned()
-                    .collect();
-                match Variants::from_vec(variants) {
-                    None => {
-                        m.remove(key);
-                    }
-                    Some(variants) => {
-                        let weight = variants.weight();
-                        m.insert(k, Entry { variants }, weight);
-                    }
-                }
+            self.remove_where(|o| p.matches(o))
+        };
+        self.count(|s| s.purged += hit);
+        self.note_purge(p.clone());
+        hit
+    }
+
+    /// Removes from the store every object `gone` says; returns how many.
+    fn remove_where(&self, gone: impl Fn(&Object) -> bool) -> u64 {
+        let (mut hit, mut read) = (0u64, 0u64);
+        let mut m = self.map.borrow_mut();
+        let mut keys: Vec<StoreKey> = Vec::new();
+        for (k, e) in m.iter() {
+            let v = e.variants.as_slice();
+            read += v.len() as u64;
+            let n = v.iter().filter(|o| gone(o)).count() as u64;
+            if n > 0 {
+                hit += n;
+                keys.push(k.clone());
             }
         }
+        for k in keys {
+            Self::remove_variants_of(&mut m, k, &gone);
+        }
         drop(m);
+        self.count(|s| s.purge_scanned += read);
+        hit
+    }
+
+    /// Removes the variants under the key `stored` that `gone` says.
+    fn remove_variants_of(m: &mut Map, stored: StoreKey, gone: &impl Fn(&Object) -> bool) {
+        let key = KeyRef {
+            hash: stored.hash,
+            bytes: &stored.bytes,
+        };
+        let Some(e) = m.peek(key) else { return };
+        let variants: Vec<Rc<Object>> = e
+            .variants
+            .as_slice()
+            .iter()
+            .filter(|o| !gone(o))
+            .cloned()
+            .collect();
+        match Variants::from_vec(variants) {
+            None => {
+                m.remove(key);
+            }
+            Some(variants) => {
+                let weight = variants.weight();
+                m.insert(stored, Entry { variants }, weight);
+            }
+        }
+    }
+
+    /// Invalidates the URL `url` here (RFC 9111 §4.4): each object of it stored before now is
+    /// gone for every lookup from now on, without a read of the whole store (an unsafe request
+    /// would otherwise cost a read of every stored object, on every worker). The objects go
+    /// from the store when a lookup meets them, or at the next sweep: one per
+    /// [`MAX_INVALIDATED`] URLs or [`MAX_INVALIDATED_BYTES`] of them.
+    pub fn invalidate_local(&self, url: &[u8]) {
+        let p = Purge {
+            target: PurgeTarget::Url(url.to_vec()),
+            soft: false,
+        };
+        let n = self.note_purge(p);
+        let full = {
+            let mut t = self.invalidated.borrow_mut();
+            match t.get_mut(url) {
+                Some(at) => *at = n,
+                None => {
+                    t.insert(url.into(), n);
+                    self.invalidated_bytes
+                        .set(self.invalidated_bytes.get() + url.len());
+                }
+            }
+            t.len() >= MAX_INVALIDATED || self.invalidated_bytes.get() >= MAX_INVALIDATED_BYTES
+        };
+        self.any_invalidated.set(true);
+        if full {
+            self.sweep_invalidated();
+        }
+    }
+
+    /// Whether `o` is of a URL invalidated after it was stored.
+    fn invalidated(&self, o: &Object) -> bool {
+        self.invalidated
+            .borrow()
+            .get(&o.url[..])
+            .is_some_and(|at| *at > o.born.get())
+    }
+
+    /// Removes the invalidated objects under `key` (a lookup's, while some URL is
+    /// invalidated).
+    #[cold]
+    #[inline(never)]
+    fn drop_invalidated(&self, key: KeyRef<'_>) {
+        let gone = |o: &Object| self.invalidated(o);
+        let mut m = self.map.borrow_mut();
+        let Some(e) = m.peek(key) else { return };
+        let n = e.variants.as_slice().iter().filter(|o| gone(o)).count() as u64;
+        if n == 0 {
+            return;
+        }
+        let stored = StoreKey {
+            hash: key.hash,
+            bytes: key.bytes.to_vec(),
+        };
+        Self::remove_variants_of(&mut m, stored, &gone);
+        drop(m);
+        self.count(|s| s.purged += n);
+    }
+
+    /// Removes every invalidated object from the store and forgets the invalidated URLs.
+    #[cold]
+    #[inline(never)]
+    fn sweep_invalidated(&self) {
+        let hit = self.remove_where(|o| self.invalidated(o));
         self.count(|s| s.purged += hit);
+        self.invalidated.borrow_mut().clear();
+        self.invalidated_bytes.set(0);
+        self.any_invalidated.set(false);
+    }
+
+    /// Numbers a purge or invalidation just applied and remembers it for the fetches in
+    /// flight ([`WorkerCache::purged_since`]); returns its number.
+    fn note_purge(&self, p: Purge) -> u64 {
         // For the fetches in flight: a response to a request sent before this purge is
         // content from before it (RFC 9111 §4.4), not to be stored as current.
         let n = self.purges.get().wrapping_add(1);
@@ -1806,8 +1929,8 @@ impl WorkerCache {
         if recent.len() == MAX_RECENT_PURGES {
             recent.pop_front();
         }
-        recent.push_back((n, p.clone()));
-        hit
+        recent.push_back((n, p));
+        n
     }
 
     /// How many purges this worker has applied: what a fetch notes when it begins, for
@@ -1850,6 +1973,32 @@ impl WorkerCache {
             }
         }
         soft
+    }
+
+    /// Invalidates `url` (RFC 9111 §4.4) here ([`WorkerCache::invalidate_local`]), in Redis
+    /// (and so on the other hosts), and on every other worker (posted, not waited for).
+    pub fn invalidate_everywhere(&self, url: Vec<u8>) {
+        self.invalidate_local(&url);
+        if let Some(l) = self.shared.get() {
+            l.purge(&Purge {
+                target: PurgeTarget::Url(url.clone()),
+                soft: false,
+            });
+        }
+        if let Some(c) = self.control.get() {
+            for i in 0..c.workers() {
+                if i == self.worker {
+                    continue;
+                }
+                let url = url.clone();
+                let _ = c.post(
+                    i,
+                    Box::new(move |w| {
+                        w.cache.invalidate_local(&url);
+                    }),
+                );
+            }
+        }
     }
 
     /// Applies `p` here, in Redis, and posts it to every other worker (without waiting for
@@ -2631,6 +2780,7 @@ mod tests {
             tags: Vec::new(),
             vary: Vec::new(),
             invalid: Cell::new(false),
+            born: Cell::new(0),
         })
     }
 

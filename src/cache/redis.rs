@@ -710,8 +710,16 @@ fn listen(
                                     let p = p.clone();
                                     let _ = control.post(
                                         i,
-                                        Box::new(move |w| {
-                                            w.cache.purge_local(&p);
+                                        Box::new(move |w| match &p {
+                                            // Another host's invalidation, or an exact
+                                            // purge there: no read of the whole store.
+                                            Purge {
+                                                target: PurgeTarget::Url(u),
+                                                soft: false,
+                                            } => w.cache.invalidate_local(u),
+                                            _ => {
+                                                w.cache.purge_local(&p);
+                                            }
                                         }),
                                     );
                                 }
@@ -913,6 +921,7 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         tags,
         vary,
         invalid: std::cell::Cell::new(false),
+        born: std::cell::Cell::new(0),
     })
 }
 
@@ -984,6 +993,7 @@ mod tests {
             tags: vec![b"t1".to_vec().into()],
             vary: vec![(b"accept-encoding".to_vec().into(), b"gzip".to_vec())],
             invalid: std::cell::Cell::new(false),
+            born: std::cell::Cell::new(0),
         };
         let enc = Bytes::from(encode(&o));
         let d = decode(&enc).expect("decodes");

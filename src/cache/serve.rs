@@ -2101,6 +2101,7 @@ fn make_object(
         tags,
         vary,
         invalid: std::cell::Cell::new(false),
+        born: std::cell::Cell::new(0),
     }
 }
 
@@ -2165,6 +2166,7 @@ fn freshen(
         url,
         vary: o.vary.clone(),
         invalid: std::cell::Cell::new(false),
+        born: std::cell::Cell::new(0),
     })
 }
 
@@ -2204,6 +2206,7 @@ fn updated_once(o: &Object, fresh: &Fields, response_time: u64) -> Option<Object
         url: o.url.clone(),
         vary: o.vary.clone(),
         invalid: std::cell::Cell::new(false),
+        born: std::cell::Cell::new(0),
     })
 }
 
@@ -2281,10 +2284,7 @@ fn head_update(
 /// worker's copy of the URL goes, and, with `[cache.redis]`, the Redis copies and the other
 /// hosts' copies too. Every variant of the URL goes: rare, and a miss is always safe.
 fn invalidate(cache: &WorkerCache, o: &Object) {
-    cache.purge_everywhere(Purge {
-        target: PurgeTarget::Url(o.url.to_vec()),
-        soft: false,
-    });
+    cache.invalidate_everywhere(o.url.to_vec());
 }
 
 /// RFC 9111 §4.3.4: freshens `o` with the 304's `fields` and stores it (here, in Redis, on
@@ -2967,10 +2967,7 @@ async fn fetched<'c, S: ClientIo>(
                             .filter_map(|v| same_host_url(&ctx.head, v))
                             .collect();
                         for u in std::iter::once(url).chain(locations) {
-                            cache.purge_everywhere(Purge {
-                                target: PurgeTarget::Url(u),
-                                soft: false,
-                            });
+                            cache.invalidate_everywhere(u);
                         }
                     }
                     relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
@@ -3198,6 +3195,7 @@ fn put_parts(
         tags: o_tags,
         vary: o_vary,
         invalid: o_invalid,
+        born: _,
     } = o;
     *o_status = status;
     *o_reason = reason;
