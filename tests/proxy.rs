@@ -469,6 +469,40 @@ upstream = "up"
     }
 }
 
+/// An encoded backslash is refused like a raw one (RFC 3986 §2: `\` is no URI character; §2.4:
+/// a back end decodes before it reads the path): IIS and other back ends read `%5C` as `/`, so
+/// `/public%5C..%5Cadmin` is `/admin` to them but matched `/public` here. Before, it was
+/// forwarded. In the query it is data.
+#[test]
+fn an_encoded_backslash_in_the_path_is_refused_rfc3986_2_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/admin"
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+path_prefix = "/public"
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in [
+            "/public%5C..%5Cadmin",
+            "/public%5c..%5cadmin",
+            "/public/%5C",
+            "/public\\..\\admin",
+        ] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, true);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(gw.addr, b"GET /public/a?q=%5C HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200, "{d:?}: an escape in the query is data");
+        assert_eq!(up.last().target, "/public/a?q=%5C");
+    }
+}
+
 #[test]
 fn direct_responses() {
     for d in DRIVERS {
