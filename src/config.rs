@@ -1798,6 +1798,15 @@ impl Config {
             ));
         }
         for (name, u) in &self.upstreams {
+            // `[upstreams.""]` is valid TOML; a group without a name cannot be told apart in
+            // logs, metrics and the admin API.
+            if name.is_empty() {
+                return Err(err(
+                    "upstreams.\"\"".into(),
+                    None,
+                    "an upstream group needs a name that is not empty".into(),
+                ));
+            }
             if u.endpoints.is_empty() {
                 return Err(err(
                     format!("upstreams.{name}.endpoints"),
@@ -1894,6 +1903,15 @@ impl Config {
         for (i, r) in self.routes.iter().enumerate() {
             let k = |f: &str| format!("routes[{i}].{f}");
             if let Some(n) = &r.name {
+                // An empty name would label the route's logs, metrics and rate-limit keys with
+                // nothing; an unnamed route is `route#<its index>`.
+                if n.is_empty() {
+                    return Err(err(
+                        k("name"),
+                        None,
+                        "must not be empty (leave `name` out for the default `route#N`)".into(),
+                    ));
+                }
                 if !names.insert(n.clone()) {
                     return Err(err(
                         k("name"),
@@ -2730,6 +2748,24 @@ upstream = "users"
         assert_eq!(e.file, "bad.toml");
         assert!(e.reason.contains(why), "{e}");
         assert!(e.to_string().contains(&format!("key `{key}`")), "{e}");
+    }
+
+    /// An empty route or upstream name labels nothing in logs, metrics, the admin API and
+    /// rate-limit keys: refused at load with the file, line, key and reason. Before, both loaded.
+    #[test]
+    fn empty_route_and_upstream_names_are_refused() {
+        refused_at(
+            "[[routes]]\nname = \"\"\npath = \"/a\"\nupstream = \"users\"\n",
+            1,
+            "routes[1].name",
+            "must not be empty",
+        );
+        refused_at(
+            "[upstreams.\"\"]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n",
+            0,
+            "upstreams.\"\"",
+            "needs a name that is not empty",
+        );
     }
 
     #[test]
