@@ -2049,7 +2049,11 @@ impl Config {
                         format!("{h:?} is not a host name or *.suffix wildcard"),
                     ));
                 }
-                if !bare.starts_with('[') && bare.contains(':') {
+                let after_literal = match bare.strip_prefix('[') {
+                    Some(rest) => rest.split_once(']').map_or("", |(_, after)| after),
+                    None => bare,
+                };
+                if after_literal.contains(':') {
                     return Err(err(
                         format!("routes[{i}].hosts[{j}]"),
                         None,
@@ -3083,6 +3087,7 @@ upstream = "users"
             // A Host header is ASCII: this route could never match.
             (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
             (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
+            (format!("{route}hosts = [\"[::1]:8080\"]\n"), 3, "routes[1].hosts[0]", "drop \":port\""),
             (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
             (
                 format!("{route}request_headers = {{ add = {{ \"x-a\" = \"1\\r\\nx-b: 2\" }} }}\n"),
