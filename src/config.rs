@@ -387,6 +387,19 @@ pub fn check_unambiguous(p: &str, key: &str) -> Result<(), String> {
             _ => false,
         }
     });
+    // `%5C` and `%00` in any of them: requests with such paths are refused (400), and a
+    // replacement holding one would send the upstream what the gateway refuses from clients
+    // (a back end reads `%5C` as `/`, `%00` as the end of the path).
+    let refused_escape = p
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"5c") || &w[1..] == b"00"));
+    if refused_escape {
+        return Err(format!(
+            "{p:?} holds %5C (a backslash) or %00 (NUL): requests with such paths are refused \
+             (400), and an upstream reads them as `/` or as the end of the path"
+        ));
+    }
     if !replace && unreserved_escape {
         return Err(format!(
             "{p:?} holds a %XX escape of an unreserved character (RFC 3986 §2.3): requests with \
@@ -3088,6 +3101,9 @@ upstream = "users"
             (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
             (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
             (format!("{route}hosts = [\"[::1]:8080\"]\n"), 3, "routes[1].hosts[0]", "drop \":port\""),
+            (format!("{route}replace_prefix = \"/pub%5C\"\n"), 3, "routes[1].replace_prefix", "%5C"),
+            ("[[routes]]\npath_prefix = \"/a%5cb\"\nupstream = \"users\"\n".into(), 1, "routes[1].path_prefix", "%5C"),
+            ("[[routes]]\npath = \"/a%00\"\nupstream = \"users\"\n".into(), 1, "routes[1].path", "%00"),
             (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
             (
                 format!("{route}request_headers = {{ add = {{ \"x-a\" = \"1\\r\\nx-b: 2\" }} }}\n"),
