@@ -1178,9 +1178,9 @@ impl Out<'_> {
                 .position(|b| *b == b'&')
                 .map_or(end, |p| at + p);
             let param = &v[at..next];
-            // Named as the gateway reads the key: percent-decoded (`api%5Fkey`).
+            // Named as the gateway reads the key: form-decoded (`api%5Fkey`).
             let eq = param.iter().position(|b| *b == b'=');
-            if let Some(eq) = eq.filter(|eq| crate::http::decodes_to(&param[..*eq], name)) {
+            if let Some(eq) = eq.filter(|eq| crate::http::form_decodes_to(&param[..*eq], name)) {
                 let value = at + eq + 1;
                 self.escaped(&v[done..value]);
                 self.put(b"[redacted]");

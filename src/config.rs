@@ -86,6 +86,11 @@ impl<'de> Deserialize<'de> for OptDur {
 /// `ringway check` and aborted the process on the first proxied request.)
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
+/// Shortest `health_check.interval`: each endpoint gets at most ten checks a second, each on a
+/// new connection (at 1 ms, a thousand connections a second per endpoint: a flood of the
+/// upstream the gateway is meant to protect).
+pub const MIN_HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -382,6 +387,19 @@ pub fn check_unambiguous(p: &str, key: &str) -> Result<(), String> {
             _ => false,
         }
     });
+    // `%5C` and `%00` in any of them: requests with such paths are refused (400), and a
+    // replacement holding one would send the upstream what the gateway refuses from clients
+    // (a back end reads `%5C` as `/`, `%00` as the end of the path).
+    let refused_escape = p
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && (w[1..].eq_ignore_ascii_case(b"5c") || &w[1..] == b"00"));
+    if refused_escape {
+        return Err(format!(
+            "{p:?} holds %5C (a backslash) or %00 (NUL): requests with such paths are refused \
+             (400), and an upstream reads them as `/` or as the end of the path"
+        ));
+    }
     if !replace && unreserved_escape {
         return Err(format!(
             "{p:?} holds a %XX escape of an unreserved character (RFC 3986 §2.3): requests with \
@@ -1799,6 +1817,15 @@ impl Config {
             ));
         }
         for (name, u) in &self.upstreams {
+            // `[upstreams.""]` is valid TOML; a group without a name cannot be told apart in
+            // logs, metrics and the admin API.
+            if name.is_empty() {
+                return Err(err(
+                    "upstreams.\"\"".into(),
+                    None,
+                    "an upstream group needs a name that is not empty".into(),
+                ));
+            }
             if u.endpoints.is_empty() {
                 return Err(err(
                     format!("upstreams.{name}.endpoints"),
@@ -1812,6 +1839,16 @@ impl Config {
                         format!("upstreams.{name}.health_check.path"),
                         None,
                         "must start with '/'".into(),
+                    ));
+                }
+                if hc.interval.0 < MIN_HEALTH_CHECK_INTERVAL {
+                    return Err(err(
+                        format!("upstreams.{name}.health_check.interval"),
+                        None,
+                        format!(
+                            "must be at least {}ms: a shorter one floods the endpoint with checks",
+                            MIN_HEALTH_CHECK_INTERVAL.as_millis()
+                        ),
                     ));
                 }
                 if hc.healthy_threshold == 0 || hc.unhealthy_threshold == 0 {
@@ -1895,6 +1932,15 @@ impl Config {
         for (i, r) in self.routes.iter().enumerate() {
             let k = |f: &str| format!("routes[{i}].{f}");
             if let Some(n) = &r.name {
+                // An empty name would label the route's logs, metrics and rate-limit keys with
+                // nothing; an unnamed route is `route#<its index>`.
+                if n.is_empty() {
+                    return Err(err(
+                        k("name"),
+                        None,
+                        "must not be empty (leave `name` out for the default `route#N`)".into(),
+                    ));
+                }
                 if !names.insert(n.clone()) {
                     return Err(err(
                         k("name"),
@@ -2017,7 +2063,11 @@ impl Config {
                         format!("{h:?} is not a host name or *.suffix wildcard"),
                     ));
                 }
-                if !bare.starts_with('[') && bare.contains(':') {
+                let after_literal = match bare.strip_prefix('[') {
+                    Some(rest) => rest.split_once(']').map_or("", |(_, after)| after),
+                    None => bare,
+                };
+                if after_literal.contains(':') {
                     return Err(err(
                         format!("routes[{i}].hosts[{j}]"),
                         None,
@@ -2733,6 +2783,48 @@ upstream = "users"
         assert!(e.to_string().contains(&format!("key `{key}`")), "{e}");
     }
 
+    /// An empty route or upstream name labels nothing in logs, metrics, the admin API and
+    /// rate-limit keys: refused at load with the file, line, key and reason. Before, both loaded.
+    #[test]
+    fn empty_route_and_upstream_names_are_refused() {
+        refused_at(
+            "[[routes]]\nname = \"\"\npath = \"/a\"\nupstream = \"users\"\n",
+            1,
+            "routes[1].name",
+            "must not be empty",
+        );
+        refused_at(
+            "[upstreams.\"\"]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n",
+            0,
+            "upstreams.\"\"",
+            "needs a name that is not empty",
+        );
+    }
+
+    /// A 1 ms health-check interval is a thousand new connections a second to each endpoint:
+    /// refused below 100 ms at load, with the file, line, key and reason. Before, it loaded.
+    #[test]
+    fn a_health_check_interval_below_the_floor_is_refused() {
+        for (interval, line) in [("\"1ms\"", 2), ("\"99ms\"", 2)] {
+            refused_at(
+                &format!("[upstreams.b]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\nhealth_check = {{ interval = {interval} }}\n"),
+                line,
+                "upstreams.b.health_check.interval",
+                "must be at least 100ms",
+            );
+        }
+        refused_at(
+            "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[upstreams.b.health_check]\npath = \"/\"\ninterval = \"10ms\"\n",
+            4,
+            "upstreams.b.health_check.interval",
+            "must be at least 100ms",
+        );
+        let (src, _) = with(
+            "[upstreams.b]\nendpoints = [{ address = \"127.0.0.1:9\" }]\nhealth_check = { interval = \"100ms\" }\n",
+        );
+        Config::parse(&src, "ok.toml").unwrap();
+    }
+
     #[test]
     fn regression_huge_upstream_response_timeout_is_refused() {
         // Passed `ringway check` and aborted on the first proxied request (`Instant + d`).
@@ -3009,6 +3101,10 @@ upstream = "users"
             // A Host header is ASCII: this route could never match.
             (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
             (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
+            (format!("{route}hosts = [\"[::1]:8080\"]\n"), 3, "routes[1].hosts[0]", "drop \":port\""),
+            (format!("{route}replace_prefix = \"/pub%5C\"\n"), 3, "routes[1].replace_prefix", "%5C"),
+            ("[[routes]]\npath_prefix = \"/a%5cb\"\nupstream = \"users\"\n".into(), 1, "routes[1].path_prefix", "%5C"),
+            ("[[routes]]\npath = \"/a%00\"\nupstream = \"users\"\n".into(), 1, "routes[1].path", "%00"),
             (format!("{route}set_host = \"a.test:99999\"\n"), 3, "routes[1].set_host", "not a host"),
             (
                 format!("{route}request_headers = {{ add = {{ \"x-a\" = \"1\\r\\nx-b: 2\" }} }}\n"),

@@ -415,7 +415,8 @@ struct Lease {
 /// The answer for one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Verdict {
-    /// Admitted; `remaining` is an estimate for the RateLimit header, of the tightest limit.
+    /// Admitted; `remaining` is an estimate for the RateLimit header, of the tightest limit,
+    /// at most its `quota`.
     Allow {
         limit: usize,
         remaining: u64,
@@ -526,7 +527,11 @@ impl Limiter {
             ls.tokens -= 1.0;
             leases.insert(k, ls);
             taken[i] = k;
-            let remaining = (ls.tokens + ls.host_left).floor().max(0.0) as u64;
+            // The RateLimit header's `r` is what is left of the quota `q` that
+            // RateLimit-Policy names (draft-ietf-httpapi-ratelimit-headers), so never more:
+            // a bucket with `burst` over `rate` holds more tokens than `q`.
+            let remaining =
+                ((ls.tokens + ls.host_left).floor().max(0.0) as u64).min(u64::from(l.quota));
             if let Verdict::Allow { remaining: r, .. } = best {
                 if remaining < r {
                     let reset = match period {

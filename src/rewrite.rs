@@ -153,31 +153,31 @@ pub fn connection_value(keep: bool, version: Version) -> Option<&'static [u8]> {
 }
 
 /// Removes from the target written at `out[start..]` every query parameter whose name reads
-/// as `name` once percent-decoded (`api%5Fkey` is `api_key`, as the gateway read it), and the
-/// `?` with them when none is left: a credential the gateway checked (`hide_credentials`).
+/// as `name` once decoded as `application/x-www-form-urlencoded` (`api%5Fkey` is `api_key`, as
+/// the gateway read it: [`crate::http::query_of`] and [`crate::http::query_params`], the scan
+/// the API key was found with, ending at a `#`), and the `?` with them when none is left: a
+/// credential the gateway checked (`hide_credentials`).
 fn drop_query_param(out: &mut BytesMut, start: usize, name: &[u8]) {
-    let Some(q) = out[start..]
-        .iter()
-        .position(|b| *b == b'?')
-        .map(|p| start + p)
-    else {
+    let Some((q, query)) = crate::http::query_of(&out[start..]) else {
         return;
     };
-    let named = |kv: &[u8]| {
-        let k = kv.split(|b| *b == b'=').next().unwrap_or(kv);
-        crate::http::decodes_to(k, name)
-    };
-    if !out[q + 1..].split(|b| *b == b'&').any(named) {
+    let named = |k: &[u8]| crate::http::form_decodes_to(k, name);
+    if !crate::http::query_params(query).any(|(_, k)| named(k)) {
         return;
     }
-    let query = out[q + 1..].to_vec();
-    out.truncate(q);
+    // `q` is the query's first byte, after the `?`; anything after the query (a `#...`, which a
+    // request never has: the parser refuses it) is kept.
+    let (q, end) = (start + q, start + q + query.len());
+    let query = out[q..end].to_vec();
+    let tail = out[end..].to_vec();
+    out.truncate(q - 1);
     let mut sep = b'?';
-    for kv in query.split(|b| *b == b'&').filter(|kv| !named(kv)) {
+    for (kv, _) in crate::http::query_params(&query).filter(|(_, k)| !named(k)) {
         out.put_u8(sep);
         out.put_slice(kv);
         sep = b'&';
     }
+    out.put_slice(&tail);
 }
 
 /// Writes the request head sent upstream (into a cleared `out`).
@@ -441,6 +441,28 @@ mod tests {
     use crate::config::Config;
     use crate::http::request::{parse_request, Limits};
     use crate::router::Router;
+
+    /// `hide_credentials` removes every parameter whose name a form decoder reads as the key's,
+    /// keeps the others in their order, and reads the query only up to a `#` (RFC 3986 §3.4:
+    /// a fragment is no part of the query; before, a parameter after one was removed too).
+    #[test]
+    fn dropping_the_key_parameter_reads_the_query_as_the_key_was_found() {
+        let drop = |target: &str, name: &str| {
+            let mut out = BytesMut::from(&b"GET "[..]);
+            out.put_slice(target.as_bytes());
+            drop_query_param(&mut out, 4, name.as_bytes());
+            String::from_utf8(out[4..].to_vec()).unwrap()
+        };
+        assert_eq!(drop("/a?x=1&api_key=k&y=2", "api_key"), "/a?x=1&y=2");
+        assert_eq!(drop("/a?api_key=k", "api_key"), "/a");
+        assert_eq!(drop("/a?api%5Fkey=k&api_key=j&z", "api_key"), "/a?z");
+        assert_eq!(drop("/a?api+key=k&api%20key=j&x", "api key"), "/a?x");
+        assert_eq!(drop("/a?api_key=k+1&x", "api_key"), "/a?x");
+        assert_eq!(drop("/a?x=1#&api_key=k", "api_key"), "/a?x=1#&api_key=k");
+        assert_eq!(drop("/a?api_key=k#f", "api_key"), "/a#f");
+        assert_eq!(drop("/a", "api_key"), "/a");
+        assert_eq!(drop("/a?my_api_key=k", "api_key"), "/a?my_api_key=k");
+    }
 
     /// The head `encode_upstream_head` writes for `raw` on a route with `route_extra`.
     fn upstream_head(raw: &str, route_extra: &str, f: &Forwarding<'_>) -> String {

@@ -385,6 +385,50 @@ fn api_keys_map_to_consumers() {
     }
 }
 
+/// A query is read as `application/x-www-form-urlencoded` (each `+` a space, then `%XX`
+/// decoded; WHATWG URL §5.1), as upstream frameworks read it: an API key in the query is that
+/// key. Before, `+` stayed `+`, so `?api_key=two+words` failed a key the upstream would read as
+/// `two words`, and `a+b/c=` passed as a key the upstream reads as `a b/c=`. A `+` in a key
+/// goes as `%2B`, as every form encoder writes it. `hide_credentials` drops the parameter read
+/// the same way.
+#[test]
+fn an_api_key_in_the_query_is_read_form_decoded() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(
+            &config(
+                &[up.addr],
+                &format!(
+                    "[auth.api_key]\nquery = \"api_key\"\n\
+                     [[consumers]]\nname = \"spaced\"\napi_keys = [\"{}\"]\n\
+                     [[consumers]]\nname = \"b64\"\napi_keys = [\"{}\"]\n\
+                     [[routes]]\nupstream = \"up\"\nauth = \"api_key\"\n",
+                    key_hash_hex(b"two words"),
+                    key_hash_hex(b"a+b/c=")
+                ),
+            ),
+            d,
+        );
+        for (q, want, consumer) in [
+            ("api_key=two+words", 200, Some("spaced")),
+            ("api_key=two%20words", 200, Some("spaced")),
+            ("api_key=a%2Bb%2Fc%3D", 200, Some("b64")),
+            ("api_key=a%2Bb/c=", 200, Some("b64")),
+            ("api_key=a+b/c=", 401, None),
+            ("api_key=two+words&api+key=x", 200, Some("spaced")),
+        ] {
+            let r = get_with(gw.addr, &format!("/k?{q}"), "");
+            assert_eq!(r.status, want, "{d:?} {q}");
+            if let Some(c) = consumer {
+                assert_eq!(up.last().header("x-consumer"), Some(c), "{d:?} {q}");
+            }
+        }
+        let r = get_with(gw.addr, "/k?x=1&api_key=two+words&y", "");
+        assert_eq!(r.status, 200, "{d:?}");
+        assert_eq!(up.last().target, "/k?x=1&y", "{d:?}: the key is hidden");
+    }
+}
+
 #[test]
 fn any_of_accepts_either_credential() {
     let up = Upstream::echo();

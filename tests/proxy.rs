@@ -413,6 +413,61 @@ upstream = "up"
     }
 }
 
+/// An IPv6 literal names an address (RFC 3986 §3.2.2), and RFC 5952 §4 gives it one text form:
+/// `[0:0:0:0:0:0:0:1]`, `[0::1]` and `[::1]` are one host, as are `[2001:DB8::A]` and
+/// `[2001:db8:0:0:0:0:0:a]`. Routes by host compare the address, in the config and in the
+/// request; before, another spelling of a protected host's literal missed its route and reached
+/// the catch-all. A literal that names no address is a 400.
+#[test]
+fn ipv6_host_literals_are_compared_as_addresses_rfc5952_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+hosts = ["[0:0:0:0:0:0:0:1]", "[2001:DB8::A]"]
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for raw in [
+            "GET /x HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: [0::1]\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: [0000:0:0:0:0:0:0:0001]\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: [2001:db8::a]\r\n\r\n",
+            "GET /x HTTP/1.1\r\nHost: [2001:db8:0:0:0:0:0:A]:443\r\n\r\n",
+            "GET http://[0:0::1]/x HTTP/1.1\r\nHost: other.test\r\n\r\n",
+        ] {
+            let r = request(gw.addr, raw.as_bytes());
+            assert_eq!(
+                (r.status, r.text().as_str()),
+                (403, "protected"),
+                "{d:?} {raw:?}"
+            );
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the catch-all");
+        for host in [
+            "[::1",
+            "[::g]",
+            "[1:2:3:4:5:6:7:8:9]",
+            "[::1%25eth0]",
+            "[::1]x",
+        ] {
+            let raw = format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            refused_with_400(gw.addr, &raw, true);
+        }
+        let r = request(gw.addr, b"GET /x HTTP/1.1\r\nHost: [::2]\r\n\r\n");
+        assert_eq!(r.status, 200, "{d:?}: another address takes the catch-all");
+        assert_eq!(
+            up.last().header("host"),
+            Some("[::2]"),
+            "the Host is forwarded as sent"
+        );
+    }
+}
+
 /// Servlet containers drop `;parameters` from each segment before removing dot segments, so
 /// `/x/..;/admin` is `/admin` to them: refused like `/x/../admin`; before, it was forwarded.
 #[test]
@@ -466,6 +521,40 @@ upstream = "up"
             b"GET /img/a%20b%0A.png HTTP/1.1\r\nHost: a\r\n\r\n",
         );
         assert_eq!(r.status, 200, "other escapes are data");
+    }
+}
+
+/// An encoded backslash is refused like a raw one (RFC 3986 §2: `\` is no URI character; §2.4:
+/// a back end decodes before it reads the path): IIS and other back ends read `%5C` as `/`, so
+/// `/public%5C..%5Cadmin` is `/admin` to them but matched `/public` here. Before, it was
+/// forwarded. In the query it is data.
+#[test]
+fn an_encoded_backslash_in_the_path_is_refused_rfc3986_2_4() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let extra = r#"
+[[routes]]
+path_prefix = "/admin"
+direct = { status = 403, body = "protected" }
+
+[[routes]]
+path_prefix = "/public"
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for path in [
+            "/public%5C..%5Cadmin",
+            "/public%5c..%5cadmin",
+            "/public/%5C",
+            "/public\\..\\admin",
+        ] {
+            let raw = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            refused_with_400(gw.addr, &raw, true);
+        }
+        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the upstream");
+        let r = request(gw.addr, b"GET /public/a?q=%5C HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.status, 200, "{d:?}: an escape in the query is data");
+        assert_eq!(up.last().target, "/public/a?q=%5C");
     }
 }
 

@@ -50,6 +50,48 @@ fn over_the_limit_is_429_with_retry_after_and_ratelimit_headers() {
     }
 }
 
+/// draft-ietf-httpapi-ratelimit-headers: `r` is what is left of the quota `q` the policy
+/// names, so never more than `q`. A bucket whose `burst` is over its `rate` holds more tokens
+/// than `q`; before, `r` showed them (`q=2` with `r=9`).
+#[test]
+fn remaining_never_exceeds_the_quota_when_burst_is_over_rate() {
+    for d in DRIVERS {
+        let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+        let gw = TestGateway::start(
+            &limited(
+                up.addr,
+                "{ key = \"client_ip\", rate = 2, per = \"1m\", burst = 10 }",
+                "",
+            ),
+            d,
+        );
+        let mut c = Client::connect(gw.addr);
+        let mut seen = Vec::new();
+        for i in 0..10 {
+            c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+            let r = c.read_response().unwrap();
+            assert_eq!(r.status, 200, "{d:?} request {i}: the burst admits ten");
+            assert_eq!(r.header("ratelimit-policy"), Some("\"client_ip\";q=2;w=60"));
+            let v = r.header("ratelimit").unwrap().to_string();
+            let left: u64 = v
+                .split(';')
+                .find_map(|p| p.strip_prefix("r="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{v}"));
+            seen.push(left);
+        }
+        assert_eq!(
+            seen,
+            [2, 2, 2, 2, 2, 2, 2, 2, 1, 0],
+            "{d:?}: r <= q, then the burst's last"
+        );
+        c.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read_response().unwrap();
+        assert_eq!(r.status, 429, "{d:?}");
+        assert!(r.header("ratelimit").is_some_and(|v| v.contains(";r=0;")));
+    }
+}
+
 #[test]
 fn header_keys_have_their_own_buckets() {
     let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));

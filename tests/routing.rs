@@ -491,6 +491,8 @@ fn lookups_do_not_allocate() {
         "GET /p299/x HTTP/1.1\r\nHost: other\r\nX-A: 1\r\n\r\n",
         "GET /p299/x HTTP/1.1\r\nHost: other\r\n\r\n",
         "GET /nothing HTTP/1.1\r\nHost: q.w5.test\r\n\r\n",
+        // An IPv6 literal is rewritten into its RFC 5952 form on the stack.
+        "GET /e299 HTTP/1.1\r\nHost: [0:0:0::1]:80\r\n\r\n",
     ]
     .iter()
     .map(|raw| {
@@ -505,7 +507,16 @@ fn lookups_do_not_allocate() {
     let want: Vec<Option<usize>> = heads.iter().map(|h| router.find_index(h)).collect();
     assert_eq!(
         want,
-        vec![Some(21), Some(21), None, Some(898), Some(899), None, None]
+        vec![
+            Some(21),
+            Some(21),
+            None,
+            Some(898),
+            Some(899),
+            None,
+            None,
+            Some(898)
+        ]
     );
     let before = read(&ALLOCS);
     for _ in 0..1000 {

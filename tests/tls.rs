@@ -1254,7 +1254,7 @@ fn health_checks_of_a_tls_group_go_over_tls() {
     for d in DRIVERS {
         let up = TlsUpstream::start("up", None);
         let tls = format!(
-            "ca = \"{}\", sni = \"up.test\" }}\nhealth_check = {{ path = \"/healthz\", interval = \"50ms\", unhealthy_threshold = 1",
+            "ca = \"{}\", sni = \"up.test\" }}\nhealth_check = {{ path = \"/healthz\", interval = \"100ms\", unhealthy_threshold = 1",
             pki().path("ca.pem")
         );
         let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &tls), d);

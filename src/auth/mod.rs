@@ -232,7 +232,7 @@ impl Policy {
             .query
             .as_ref()
             .filter(|_| r.hide_credentials && methods.contains(&MethodRef::ApiKey))
-            .map(|q| q.as_bytes().into());
+            .map(|q| crate::http::form_decoded(q.as_bytes()).into());
         let b = |v: &[String]| {
             v.iter()
                 .map(|s| s.as_str().into())
@@ -433,7 +433,12 @@ impl WorkerAuth {
         WorkerAuth {
             consumer_header: a.consumer_header.0.as_bytes().into(),
             api_key_header: a.api_key.header.0.as_bytes().into(),
-            api_key_query: a.api_key.query.as_ref().map(|q| q.as_bytes().into()),
+            // Compared with a request's names as both read (`+` a space, `%XX` decoded).
+            api_key_query: a
+                .api_key
+                .query
+                .as_ref()
+                .map(|q| crate::http::form_decoded(q.as_bytes()).into()),
             keys,
             by_subject,
             jwt,
@@ -704,10 +709,11 @@ impl WorkerAuth {
             Some(v) => crate::http::trim_ows(v),
             None => {
                 let q = self.api_key_query.as_deref()?;
-                // Read as the upstream reads it: percent-decoded (no longer than a key may be).
+                // Read as the upstream reads it: as `application/x-www-form-urlencoded`, each
+                // `+` a space and `%XX` decoded (no longer than a key may be).
                 let mut buf = [0u8; apikey::MAX_KEY_BYTES];
                 let found = match query_param(head.bytes(head.path_query), q)? {
-                    Ok(raw) => crate::http::decode_into(raw, &mut buf),
+                    Ok(raw) => crate::http::form_decode_into(raw, &mut buf),
                     Err(()) => None,
                 };
                 return Some(match found {
@@ -795,24 +801,20 @@ fn bearer_token(head: &RequestHead) -> Option<Result<&str, AuthFail>> {
     Some(std::str::from_utf8(t).map_err(|_| AuthFail::Malformed))
 }
 
-/// The raw value of query parameter `name` (its value not yet percent-decoded): `None` when
-/// there is none, `Err` when there are several. Names are compared percent-decoded, as an
-/// upstream reads them (`api%5Fkey` is `api_key`), so that no copy of the parameter passes
-/// unseen; a name without `=` has an empty value.
+/// The raw value of query parameter `name` (its value not yet decoded): `None` when there is
+/// none, `Err` when there are several. Names are compared as an upstream reads them
+/// (`application/x-www-form-urlencoded`: `api%5Fkey` is `api_key`), so that no copy of the
+/// parameter passes unseen; a name without `=` has an empty value. The query ends at a `#`
+/// ([`crate::http::query_of`], shared with `hide_credentials` and the access log).
 fn query_param<'a>(path_query: &'a [u8], name: &[u8]) -> Option<Result<&'a [u8], ()>> {
-    let q = &path_query[path_query.iter().position(|b| *b == b'?')? + 1..];
-    let q = q.split(|b| *b == b'#').next().unwrap_or(q);
+    let (_, q) = crate::http::query_of(path_query)?;
     let mut found = None;
-    for kv in q.split(|b| *b == b'&') {
-        let (k, v) = kv
-            .iter()
-            .position(|b| *b == b'=')
-            .map_or((kv, &b""[..]), |i| (&kv[..i], &kv[i + 1..]));
-        if crate::http::decodes_to(k, name) {
+    for (kv, k) in crate::http::query_params(q) {
+        if crate::http::form_decodes_to(k, name) {
             if found.is_some() {
                 return Some(Err(()));
             }
-            found = Some(v);
+            found = Some(kv.get(k.len() + 1..).unwrap_or_default());
         }
     }
     found.map(Ok)
@@ -903,5 +905,13 @@ mod tests {
             query_param(b"/a?api_key=k1&api%5fkey=k2", b"api_key"),
             Some(Err(()))
         );
+        // Names as a form decoder reads them; the query ends at a fragment.
+        assert_eq!(
+            query_param(b"/a?api+key=k1&api%20key=k2", b"api key"),
+            Some(Err(()))
+        );
+        assert_eq!(query_param(b"/a?api_key=k+1", b"api_key"), one(b"k+1"));
+        assert_eq!(query_param(b"/a?x=1#&api_key=k1", b"api_key"), None);
+        assert_eq!(query_param(b"/a?api_key=k1#x", b"api_key"), one(b"k1"));
     }
 }

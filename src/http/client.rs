@@ -236,6 +236,31 @@ pub async fn fetch(
     .await
 }
 
+/// One request on a new connection, closed afterwards, within `timeout` in all, for a caller
+/// that needs only the final status (health checks): the body is read and thrown away as it
+/// arrives, never held, up to `max_drain` bytes on the wire; an answer whose status is not
+/// `wanted` is not read past its head (the verdict is known), and neither is a body past
+/// `max_drain` (the status stands). A body that ends within `max_drain` must be well framed.
+/// `req` should carry `connection: close`.
+pub async fn fetch_status(
+    target: &Target,
+    req: Vec<u8>,
+    wanted: impl Fn(u16) -> bool,
+    max_drain: usize,
+    timeout: Duration,
+) -> Result<u16, ClientError> {
+    within(timeout, async {
+        let mut c = connect(target).await?;
+        c.send(req).await?;
+        let head = c.read_head(false).await?;
+        if wanted(head.status) {
+            c.drain_body(&head, max_drain).await?;
+        }
+        Ok(head.status)
+    })
+    .await
+}
+
 /// A connection and the bytes read from it but not yet used.
 pub struct ClientConn<S> {
     stream: S,
@@ -289,12 +314,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> ClientConn<S> {
         if !self.buf.is_empty() {
             return Err(ClientError::BadHead("bytes before the answer"));
         }
-        let (r, _) = self.stream.write_all(req).await;
-        r.map_err(|e| ClientError::Send(e.kind()))?;
-        self.stream
-            .flush()
-            .await
-            .map_err(|e| ClientError::Send(e.kind()))?;
+        self.send(req).await?;
         let head = self.read_head(head_request).await?;
         let body = self.read_body(&head, max_body).await?;
         // RFC 9112 §9.3: persistence needs HTTP/1.1 without `close`, a body with a definite
@@ -308,6 +328,79 @@ impl<S: AsyncReadRent + AsyncWriteRent> ClientConn<S> {
             && !bodiless_by_rule
             && self.buf.is_empty();
         Ok((Response { head, body }, reusable))
+    }
+
+    /// Writes `req` whole and flushes it.
+    async fn send(&mut self, req: Vec<u8>) -> Result<(), ClientError> {
+        let (r, _) = self.stream.write_all(req).await;
+        r.map_err(|e| ClientError::Send(e.kind()))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| ClientError::Send(e.kind()))
+    }
+
+    /// Reads the body `head` frames and throws it away, holding at most one read's worth
+    /// (plus a chunk-size line) at a time: done at its end, or once more than `max_drain`
+    /// bytes of it have been read (the rest is left unread). Framing errors and a close
+    /// before the end, within that, are errors as in [`read_body`](Self::read_body).
+    async fn drain_body(
+        &mut self,
+        head: &ResponseHead,
+        max_drain: usize,
+    ) -> Result<(), ClientError> {
+        let mut drained: usize = 0;
+        match head.body {
+            RespBody::None => Ok(()),
+            RespBody::Length(n) => {
+                let mut left = n;
+                loop {
+                    let take = self
+                        .buf
+                        .len()
+                        .min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.buf.advance(take);
+                    left -= take as u64;
+                    drained = drained.saturating_add(take);
+                    if left == 0 || drained > max_drain {
+                        return Ok(());
+                    }
+                    self.read_or(ClientError::TruncatedBody).await?;
+                }
+            }
+            RespBody::Chunked => {
+                let mut scanner = ChunkedScanner::new();
+                loop {
+                    if !self.buf.is_empty() {
+                        let scan = scanner
+                            .scan(&self.buf, |_, _| {})
+                            .map_err(ClientError::BadChunk)?;
+                        self.buf.advance(scan.consumed);
+                        drained = drained.saturating_add(scan.consumed);
+                        if scan.done || drained > max_drain {
+                            return Ok(());
+                        }
+                    }
+                    self.read_or(ClientError::TruncatedBody).await?;
+                }
+            }
+            RespBody::Close => loop {
+                // As in `read_body`: over TLS the close must come with close_notify.
+                drained = drained.saturating_add(self.buf.len());
+                self.buf.clear();
+                if drained > max_drain {
+                    return Ok(());
+                }
+                match self.read_more().await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(ClientError::TruncatedBody)
+                    }
+                    Err(e) => return Err(ClientError::Recv(e.kind())),
+                }
+            },
+        }
     }
 
     /// The final head, past at most [`MAX_INTERIM_RESPONSES`] 1xx answers.
@@ -694,6 +787,77 @@ mod tests {
         for (raw, body, _) in FRAMINGS {
             let pieces = raw.iter().map(|b| vec![*b]).collect();
             assert_eq!(talk(pieces, false, 1024).unwrap().1, *body);
+        }
+    }
+
+    /// Reads a head and drains its body over a scripted stream: the status, and the bytes
+    /// the script had left unread.
+    fn drain(pieces: Vec<Vec<u8>>, max_drain: usize) -> Result<(u16, usize), ClientError> {
+        run(async move {
+            let mut c = ClientConn::new(Script::new(pieces), None);
+            c.send(b"GET / HTTP/1.1\r\n\r\n".to_vec()).await?;
+            let head = c.read_head(false).await?;
+            c.drain_body(&head, max_drain).await?;
+            assert!(
+                c.buf.len() <= READ_CHUNK + 64,
+                "nothing of the body is held"
+            );
+            Ok((head.status, c.stream.pieces.iter().map(Vec::len).sum()))
+        })
+    }
+
+    /// A status-only exchange (health checks) reads a body to its end, split anywhere, and
+    /// finds its framing errors; a body longer than the bound is left unread past it, held
+    /// nowhere, and the status stands.
+    #[test]
+    fn draining_a_body_holds_none_of_it_and_stops_at_its_bound() {
+        for (raw, _, _) in FRAMINGS {
+            for split in 0..=raw.len() {
+                let (a, b) = raw.split_at(split);
+                let r = drain(vec![a.to_vec(), b.to_vec()], 1024);
+                assert!(r.is_ok_and(|(_, left)| left == 0), "split {split}");
+            }
+        }
+        assert_eq!(
+            drain(
+                vec![b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc".to_vec()],
+                1024
+            ),
+            Err(ClientError::TruncatedBody)
+        );
+        assert!(matches!(
+            drain(
+                vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec()],
+                1024
+            ),
+            Err(ClientError::BadChunk(_))
+        ));
+        let piece = vec![b'x'; READ_CHUNK];
+        let big = 64 * READ_CHUNK;
+        // One chunk per read: a 4-digit size line, its data and CRLF.
+        let mut chunk = format!("{:x}\r\n", READ_CHUNK - 8).into_bytes();
+        chunk.extend_from_slice(&piece[..READ_CHUNK - 8]);
+        chunk.extend_from_slice(b"\r\n");
+        assert_eq!(chunk.len(), READ_CHUNK);
+        for (head, body) in [
+            (
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {big}\r\n\r\n"),
+                &piece,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n".to_string(), &piece),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_string(),
+                &chunk,
+            ),
+        ] {
+            let mut pieces = vec![head.into_bytes()];
+            pieces.extend(std::iter::repeat_n(body.clone(), 64));
+            let (status, left) = drain(pieces, 4 * READ_CHUNK).unwrap();
+            assert_eq!(status, 200);
+            assert!(
+                left >= 58 * READ_CHUNK,
+                "stopped past the bound: {left} left"
+            );
         }
     }
 

@@ -88,8 +88,19 @@ pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// Whether `raw` (a query parameter's name or value), its `%XX` escapes decoded, is `want`.
 /// A `%` not followed by two hex digits stands for itself (RFC 3986 §2.1).
 pub fn decodes_to(raw: &[u8], want: &[u8]) -> bool {
+    decoded_is(raw, false, want)
+}
+
+/// Whether the query parameter name or value `raw`, read as
+/// `application/x-www-form-urlencoded` (each `+` a space, then `%XX` escapes decoded: how
+/// upstream frameworks read a query), is `want`.
+pub fn form_decodes_to(raw: &[u8], want: &[u8]) -> bool {
+    decoded_is(raw, true, want)
+}
+
+fn decoded_is(raw: &[u8], plus_is_space: bool, want: &[u8]) -> bool {
     let mut j = 0;
-    let all = percent_decoded(raw, |b| {
+    let all = percent_decoded(raw, plus_is_space, |b| {
         let same = want.get(j) == Some(&b);
         j += 1;
         same
@@ -97,11 +108,10 @@ pub fn decodes_to(raw: &[u8], want: &[u8]) -> bool {
     all && j == want.len()
 }
 
-/// `raw` with its `%XX` escapes decoded (as [`decodes_to`] reads them) into `out`; `None`
-/// when it does not fit.
-pub fn decode_into<'b>(raw: &[u8], out: &'b mut [u8]) -> Option<&'b [u8]> {
+/// `raw` read as [`form_decodes_to`] reads it, into `out`; `None` when it does not fit.
+pub fn form_decode_into<'b>(raw: &[u8], out: &'b mut [u8]) -> Option<&'b [u8]> {
     let mut n = 0;
-    let fits = percent_decoded(raw, |b| {
+    let fits = percent_decoded(raw, true, |b| {
         let Some(slot) = out.get_mut(n) else {
             return false;
         };
@@ -112,10 +122,20 @@ pub fn decode_into<'b>(raw: &[u8], out: &'b mut [u8]) -> Option<&'b [u8]> {
     fits.then_some(&out[..n])
 }
 
-/// Hands each byte of `raw`, its `%XX` escapes decoded, to `each` until it says false;
-/// true when every byte was taken.
+/// `raw` read as [`form_decodes_to`] reads it (for config values, at load).
+pub fn form_decoded(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    percent_decoded(raw, true, |b| {
+        out.push(b);
+        true
+    });
+    out
+}
+
+/// Hands each byte of `raw`, its `%XX` escapes decoded (and with `plus_is_space` each `+` as a
+/// space), to `each` until it says false; true when every byte was taken.
 #[inline]
-fn percent_decoded(raw: &[u8], mut each: impl FnMut(u8) -> bool) -> bool {
+fn percent_decoded(raw: &[u8], plus_is_space: bool, mut each: impl FnMut(u8) -> bool) -> bool {
     let hex = |b: u8| (b as char).to_digit(16);
     let mut i = 0;
     while i < raw.len() {
@@ -129,12 +149,33 @@ fn percent_decoded(raw: &[u8], mut each: impl FnMut(u8) -> bool) -> bool {
                 b = (h * 16 + l) as u8;
                 i += 2;
             }
+        } else if b == b'+' && plus_is_space {
+            b = b' ';
         }
         if !each(b) {
             return false;
         }
     }
     true
+}
+
+/// The query of a request-target (origin or absolute form, or a target being written
+/// upstream): the bytes after the first `?`, up to a `#` (a fragment is no part of it, RFC
+/// 3986 §3.4); `None` without a `?`. The one reading of a query that the API key, its removal
+/// (`hide_credentials`) and the access log's redaction share.
+pub fn query_of(target: &[u8]) -> Option<(usize, &[u8])> {
+    let q = memchr::memchr(b'?', target)? + 1;
+    let end = memchr::memchr(b'#', &target[q..]).map_or(target.len(), |p| q + p);
+    Some((q, &target[q..end]))
+}
+
+/// The parameters of a query (`&`-separated, as written), each with its name: the bytes
+/// before its first `=` (all of it without one).
+pub fn query_params(query: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    query.split(|b| *b == b'&').map(|kv| {
+        let name = memchr::memchr(b'=', kv).map_or(kv, |i| &kv[..i]);
+        (kv, name)
+    })
 }
 
 #[inline]

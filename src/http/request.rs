@@ -585,7 +585,8 @@ fn classify_version(buf: &[u8], limits: &Limits) -> Result<Parsed, ParseError> {
 /// data in some APIs.
 ///
 /// An encoded NUL (`%00`) is refused too: a back end that decodes it into a C string cuts the
-/// path there (RFC 3986 §7.3).
+/// path there (RFC 3986 §7.3). So is an encoded backslash (`%5C`, `%5c`): back ends that
+/// decode the path before they split it (IIS among them) read it as `/`.
 ///
 /// A dot segment followed by `;` parameters (`/x/..;/admin`) counts as one: servlet
 /// containers (Tomcat, Jetty, Spring) drop each segment's parameters before they remove dot
@@ -614,6 +615,12 @@ pub fn ambiguous_path(path: &[u8]) -> Option<&'static str> {
                 // there (`/admin%00.png` is `/admin` to it, a `.png` route to the gateway).
                 if c == 0 {
                     return Some("percent-encoded NUL in the path");
+                }
+                // An encoded backslash is refused like a raw one: IIS, ASP.NET and other back
+                // ends decode `%5C` and read it as `/`, so `/public%5C..%5Cadmin` would be
+                // `/admin` to them and an open `/public` route's request to the gateway.
+                if c == b'\\' {
+                    return Some("percent-encoded backslash in the path");
                 }
             }
         }
@@ -708,6 +715,9 @@ mod tests {
             b"/a/.;x/b",
             b"/admin%00.png",
             b"/%00",
+            b"/public%5C..%5Cadmin",
+            b"/a%5cb",
+            b"/%5C",
         ] {
             assert!(a(bad).is_some(), "{:?}", String::from_utf8_lossy(bad));
         }

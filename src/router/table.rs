@@ -121,9 +121,21 @@ pub struct TableStats {
 /// form routes are keyed by. `admin.example.com.` is the same DNS name as `admin.example.com`
 /// (the empty root label, RFC 1034 §3.1) and an upstream that serves names reads it so: it
 /// must not miss that host's routes and fall through to a catch-all.
+///
+/// An IPv6 literal is read as the address it names (RFC 3986 §3.2.2: `[::1]`,
+/// `[0:0:0:0:0:0:0:1]` and `[0::1]` are one host) and written in the text form of RFC 5952
+/// §4 (lower-case hex, zeros compressed) with its brackets, as the route's own literal was at
+/// load ([`canonical_ip_literal`]). A literal that does not parse never gets here: the request
+/// parser refused its Host with 400.
 #[inline]
 pub fn routing_host<'a>(host: &'a [u8], buf: &'a mut [u8; MAX_LOWERED_HOST]) -> &'a [u8] {
     let host = trim_root_dots(super::host_without_port(host));
+    if host.first() == Some(&b'[') {
+        return match canonical_ip_literal(host, buf) {
+            Some(n) => &buf[..n],
+            None => host,
+        };
+    }
     if host.len() <= buf.len() && host.iter().any(u8::is_ascii_uppercase) {
         for (d, s) in buf.iter_mut().zip(host) {
             *d = s.to_ascii_lowercase();
@@ -132,6 +144,22 @@ pub fn routing_host<'a>(host: &'a [u8], buf: &'a mut [u8; MAX_LOWERED_HOST]) -> 
     } else {
         host
     }
+}
+
+/// Writes the bracketed IPv6 literal `host` (`[...]`, nothing after it) into `buf` in its
+/// RFC 5952 §4 text form, also bracketed, and returns its length; `None` when it is not one.
+/// Writes into the caller's buffer: no allocation (it runs on the request path).
+pub fn canonical_ip_literal(host: &[u8], buf: &mut [u8]) -> Option<usize> {
+    use std::io::Write;
+    let inner = host.strip_prefix(b"[")?.strip_suffix(b"]")?;
+    let addr: std::net::Ipv6Addr = std::str::from_utf8(inner).ok()?.parse().ok()?;
+    let room = buf.len();
+    let mut out = &mut buf[..];
+    // std's `Display` for `Ipv6Addr` is RFC 5952's recommended form (§4.1 longest run of
+    // zeros compressed, the first of equal runs; §4.2.2 not a single zero field; §4.3 lower
+    // case); the longest, `[` 45 characters `]`, fits any buffer a host fits.
+    write!(out, "[{addr}]").ok()?;
+    Some(room - out.len())
 }
 
 /// A host name without its trailing dots (the root label).
@@ -189,7 +217,12 @@ impl RouteTable {
             }
             for h in &rc.hosts {
                 // Matched as requests are: without the root label's dot.
-                let h = h.trim_end_matches('.').to_ascii_lowercase();
+                let mut h = h.trim_end_matches('.').to_ascii_lowercase();
+                // An IPv6 literal in RFC 5952 form, as `routing_host` writes a request's.
+                let mut buf = [0u8; MAX_LOWERED_HOST];
+                if let Some(n) = canonical_ip_literal(h.as_bytes(), &mut buf) {
+                    h = String::from_utf8_lossy(&buf[..n]).into_owned();
+                }
                 if let Some(suffix) = h.strip_prefix('*') {
                     let key: Box<[u8]> = suffix.as_bytes().into();
                     let list = wild.entry(key.clone()).or_insert_with(|| {
@@ -443,5 +476,47 @@ impl Bucket {
         self.prefix.find(&Forward(path), false, |i| {
             routes[i as usize].matches_rest(req)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 5952 §4: one text form per IPv6 address, whatever the spelling.
+    #[test]
+    fn ip_literals_are_read_as_addresses_rfc5952_4() {
+        let canon = |h: &str| {
+            let mut buf = [0u8; MAX_LOWERED_HOST];
+            let n = canonical_ip_literal(h.as_bytes(), &mut buf)?;
+            Some(String::from_utf8(buf[..n].to_vec()).unwrap())
+        };
+        for (spelled, form) in [
+            ("[::1]", "[::1]"),
+            ("[0:0:0:0:0:0:0:1]", "[::1]"),
+            ("[0000::0001]", "[::1]"),
+            ("[2001:DB8::A]", "[2001:db8::a]"),
+            ("[2001:db8:0:0:1:0:0:1]", "[2001:db8::1:0:0:1]"),
+            ("[2001:db8:0:1:1:1:1:1]", "[2001:db8:0:1:1:1:1:1]"),
+            ("[::FFFF:192.0.2.1]", "[::ffff:192.0.2.1]"),
+        ] {
+            assert_eq!(canon(spelled).as_deref(), Some(form), "{spelled}");
+            let mut buf = [0u8; MAX_LOWERED_HOST];
+            let with_port = format!("{spelled}:8080");
+            assert_eq!(
+                routing_host(with_port.as_bytes(), &mut buf),
+                form.as_bytes()
+            );
+        }
+        for bad in [
+            "[::1",
+            "::1",
+            "[::g]",
+            "[1:2:3:4:5:6:7:8:9]",
+            "[::1%25eth0]",
+            "[::1]x",
+        ] {
+            assert_eq!(canon(bad), None, "{bad}");
+        }
     }
 }

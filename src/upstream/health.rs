@@ -308,16 +308,16 @@ async fn check_loop(
     let mut healthy = hub.is_active(g, e);
     let (mut passes, mut fails) = (0u32, 0u32);
     while !stop.load(Ordering::Relaxed) {
-        let ok = match check_once(&target, request.as_bytes(), hc.timeout.0).await {
-            Some(status) => {
-                if hc.expected_statuses.is_empty() {
-                    (200..400).contains(&status)
-                } else {
-                    hc.expected_statuses.contains(&status)
-                }
+        let expected = |status: u16| {
+            if hc.expected_statuses.is_empty() {
+                (200..400).contains(&status)
+            } else {
+                hc.expected_statuses.contains(&status)
             }
-            None => false,
         };
+        let ok = check_once(&target, request.as_bytes(), expected, hc.timeout.0)
+            .await
+            .is_some_and(expected);
         if ok {
             passes += 1;
             fails = 0;
@@ -345,19 +345,26 @@ async fn check_loop(
     }
 }
 
-/// Largest health-check answer body read (and thrown away); a larger one fails the check.
-pub const MAX_HEALTH_BODY: usize = 64 * 1024;
+/// Most bytes of a health-check answer's body read (and thrown away, never held). The check
+/// judges the status: past this the rest is left unread and the status stands, so a large
+/// health page passes; a body that ends within it must be well framed.
+pub const MAX_HEALTH_DRAIN: usize = 1024 * 1024;
 
-/// One check within `timeout` (connect included): the status of the answer to a GET, read
-/// whole with the gateway's HTTP/1.1 client, or None on any failure (a malformed or oversized
-/// answer, a close mid-answer, the deadline).
-async fn check_once(target: &Target, request: &[u8], timeout: Duration) -> Option<u16> {
+/// One check within `timeout` (connect included): the status of the answer to a GET, or None
+/// on any failure (a malformed answer, a close mid-answer, the deadline). `expected`: the
+/// statuses that pass; the body of any other answer is not read.
+async fn check_once(
+    target: &Target,
+    request: &[u8],
+    expected: impl Fn(u16) -> bool,
+    timeout: Duration,
+) -> Option<u16> {
     let to = client::Target {
         addr: target.addr,
         tls: target.tls.clone().map(|t| (t, target.ep)),
     };
-    match client::fetch(&to, request.to_vec(), false, MAX_HEALTH_BODY, timeout).await {
-        Ok(r) => Some(r.status()),
+    match client::fetch_status(&to, request.to_vec(), expected, MAX_HEALTH_DRAIN, timeout).await {
+        Ok(status) => Some(status),
         Err(e) => {
             debug!("health check of {}: {e}", target.addr);
             None
