@@ -101,11 +101,16 @@ pub type OnFrame = Box<dyn FnOnce(Option<BytesFrame>) + Send>;
 /// A plain command (the response cache's GET, SET, EVAL), answered through `done`.
 pub struct Command {
     pub args: Vec<bytes::Bytes>,
+    /// The longest reply this command can have, in bytes (framing included; at most
+    /// [`MAX_REPLY_BYTES`]): a `GET` of a cache entry, the longest entry's encoding; a list,
+    /// its room; a status or an integer, [`SMALL_REPLY_BYTES`]. A longer reply breaks the link.
+    pub max_reply: usize,
     pub done: Option<OnFrame>,
 }
 
-/// Most bytes of replies one round of plain commands may take at the link's longest reply
-/// (see [`Conn::pipeline`]): the commands of a larger batch go in several rounds.
+/// Most bytes the longest possible replies of one round of commands take (the bound of each
+/// command summed, see [`Conn::pipeline`]): the commands of a larger batch go in several
+/// rounds, so a round of small-reply commands is deeper than a round of lookups.
 const MAX_ROUND_REPLY_BYTES: usize = 128 << 20;
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
@@ -119,11 +124,12 @@ const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// round would otherwise keep its size for the connection's life).
 const KEPT_BUFFER_BYTES: usize = 1 << 20;
 /// Largest reply read by any link (the cache's largest entry, 1 GiB, and room for its
-/// framing); each link has a bound of its own below it.
+/// framing); each command has a bound of its own below it ([`Command::max_reply`]).
 pub const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
-/// Largest reply read on the rate-limit link, whose answers are a script's two integers, a
-/// script's SHA or an error line: a hostile server cannot make it hold more.
-const MAX_LIMITS_REPLY_BYTES: usize = 64 * 1024;
+/// Largest reply of a command answered with a status, an integer, a script's two integers, a
+/// script's SHA or an error line (the rate limiter's commands, the cache's writes): a hostile
+/// server cannot make the link hold more for one of them.
+pub const SMALL_REPLY_BYTES: usize = 64 * 1024;
 /// Deepest nesting of arrays in a reply. ringway's replies nest one deep (a script's pair, a
 /// pub/sub message); the decoder recurses once per level, so a hostile server could otherwise
 /// overflow the thread's stack with `*1\r\n` repeated.
@@ -149,8 +155,6 @@ pub struct RedisLink {
     commands_queue: Mutex<Queued>,
     /// What the link serves, for its log lines: "limits" or "cache".
     role: &'static str,
-    /// Largest reply its connection reads.
-    max_reply: usize,
     thread: OnceLock<Thread>,
     down: AtomicBool,
     /// Commands sent (script calls), for the admin figures and the tests.
@@ -163,18 +167,17 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(cfg: RedisConfig) -> Arc<RedisLink> {
-        RedisLink::with_role(cfg, "limits", MAX_LIMITS_REPLY_BYTES)
+        RedisLink::with_role(cfg, "limits")
     }
 
-    /// A link for another user of Redis (its log lines name `role`) whose replies are at
-    /// most `max_reply` bytes (at most [`MAX_REPLY_BYTES`]); a longer one breaks the link.
-    pub fn with_role(cfg: RedisConfig, role: &'static str, max_reply: usize) -> Arc<RedisLink> {
+    /// A link for another user of Redis (its log lines name `role`); each of its commands
+    /// says how long its reply may be ([`Command::max_reply`]).
+    pub fn with_role(cfg: RedisConfig, role: &'static str) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             cfg,
             queue: Mutex::new(Vec::new()),
             commands_queue: Mutex::new(Queued::default()),
             role,
-            max_reply: max_reply.min(MAX_REPLY_BYTES),
             thread: OnceLock::new(),
             down: AtomicBool::new(false),
             commands: AtomicU64::new(0),
@@ -284,7 +287,7 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             conn = None;
         }
         if conn.is_none() && Instant::now() >= next_try && (link.is_down() || work) {
-            match Conn::open(&link.cfg, link.max_reply, link.role == "limits") {
+            match Conn::open(&link.cfg, link.role == "limits") {
                 Ok(c) => {
                     conn = Some(c);
                     link.set_up();
@@ -367,7 +370,6 @@ struct Conn {
     sha: String,
     quota_sha: String,
     timeout: Duration,
-    max_reply: usize,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -378,7 +380,7 @@ impl Conn {
     /// Connects, authenticates, and with `scripts` (the rate limiter's link) loads the
     /// limiter's scripts; the cache's link sends its own scripts with `EVAL` and needs none
     /// loaded (nor the `SCRIPT` command, which an ACL may deny it).
-    fn open(cfg: &RedisConfig, max_reply: usize, scripts: bool) -> io::Result<Conn> {
+    fn open(cfg: &RedisConfig, scripts: bool) -> io::Result<Conn> {
         let t = cfg.timeout.0;
         let sock = TcpStream::connect_timeout(&cfg.address.addr, t)?;
         sock.set_nodelay(true)?;
@@ -391,7 +393,6 @@ impl Conn {
             sha: String::new(),
             quota_sha: String::new(),
             timeout: t,
-            max_reply,
         };
         if let Some(p) = &cfg.password {
             match c.call(&[b"AUTH", p.as_bytes()])? {
@@ -427,7 +428,7 @@ impl Conn {
         encode_command(&mut self.wbuf, args)?;
         self.expect_nothing()?;
         self.sock.write_all(&self.wbuf)?;
-        let f = self.read_frame(Instant::now() + self.timeout)?;
+        let f = self.read_frame(Instant::now() + self.timeout, SMALL_REPLY_BYTES)?;
         self.nothing_left()?;
         Ok(f)
     }
@@ -462,14 +463,22 @@ impl Conn {
         }
     }
 
-    fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
+    /// The next reply, of at most `max_reply` bytes (its command's bound): a longer one is
+    /// a hostile or broken server, refused as soon as it is known to be longer (a bulk
+    /// string's declared length, or the bytes of a reply not yet whole).
+    fn read_frame(&mut self, deadline: Instant, max_reply: usize) -> io::Result<BytesFrame> {
         loop {
-            // A reply larger than anything ringway stores is a hostile or broken server.
-            if self.rbuf.len() > self.max_reply {
-                return Err(proto_err("reply too large"));
-            }
-            if let Some(frame) = decode_reply_within(&mut self.rbuf, self.max_reply)? {
-                return Ok(frame);
+            match reply_len_within(&self.rbuf, max_reply)? {
+                // Not whole: every byte held is this reply's.
+                None if self.rbuf.len() > max_reply => return Err(proto_err("reply too large")),
+                None => {}
+                Some(n) if n > max_reply => return Err(proto_err("reply too large")),
+                Some(_) => {
+                    match decode_bytes_mut(&mut self.rbuf).map_err(|e| proto_err(e.to_string()))? {
+                        Some((frame, _, _)) => return Ok(frame),
+                        None => return Err(proto_err("reply checked whole but not decoded")),
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"));
@@ -487,14 +496,19 @@ impl Conn {
         }
     }
 
-    /// Sends plain commands in rounds of at most [`MAX_ROUND_REPLY_BYTES`] of the link's
-    /// longest replies: a round's answers are held until it is read whole (see [`Conn::round`]),
-    /// so a server answering each of 4096 queued lookups with the longest reply would
-    /// otherwise have the link hold 4096 of them (8 MiB each on the cache's link: 32 GiB). On
-    /// an error the round's commands and those after it get `None`.
+    /// Sends plain commands in rounds whose longest possible replies (each command's
+    /// [`Command::max_reply`]) take at most [`MAX_ROUND_REPLY_BYTES`], one command at least: a
+    /// round's answers are held until it is read whole (see [`Conn::round`]), so a server
+    /// answering each of 4096 queued lookups with the longest reply would otherwise have the
+    /// link hold 4096 of them (32 GiB of 8 MiB replies). A round of writes, each answered with
+    /// a status or an integer, takes up to 2048 of them. On an error the round's commands and
+    /// those after it get `None`.
     fn pipeline(&mut self, mut cmds: Vec<Command>) -> io::Result<()> {
-        let per_round = (MAX_ROUND_REPLY_BYTES / self.max_reply.max(1)).max(1);
-        while cmds.len() > per_round {
+        loop {
+            let per_round = round_len(cmds.iter().map(|c| c.max_reply));
+            if per_round >= cmds.len() {
+                break;
+            }
             let rest = cmds.split_off(per_round);
             if let Err(e) = self.round(cmds) {
                 fail_commands(rest);
@@ -520,8 +534,8 @@ impl Conn {
         }
         let deadline = Instant::now() + self.timeout;
         let mut answers = Vec::with_capacity(cmds.len());
-        for _ in 0..cmds.len() {
-            match self.read_frame(deadline) {
+        for c in &cmds {
+            match self.read_frame(deadline, c.max_reply) {
                 Ok(f) => answers.push(f),
                 Err(e) => {
                     fail_commands(cmds);
@@ -593,7 +607,7 @@ impl Conn {
             let deadline = Instant::now() + self.timeout;
             let mut reload = false;
             for &i in &todo {
-                match self.read_frame(deadline)? {
+                match self.read_frame(deadline, SMALL_REPLY_BYTES)? {
                     BytesFrame::Array(v) if v.len() == 2 => {
                         let got = frame_int(&v[0]).ok_or_else(|| proto_err("bad answer"))?;
                         let left = frame_int(&v[1]).ok_or_else(|| proto_err("bad answer"))?;
@@ -616,6 +630,21 @@ impl Conn {
             .map(|a| a.ok_or_else(|| proto_err("script missing after reload")))
             .collect()
     }
+}
+
+/// How many of the commands whose longest replies are `bounds` (in order) go in the next
+/// round: as many as fit in [`MAX_ROUND_REPLY_BYTES`], one at least.
+fn round_len(bounds: impl Iterator<Item = usize>) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for b in bounds {
+        total = total.saturating_add(b.clamp(1, MAX_REPLY_BYTES));
+        if n > 0 && total > MAX_ROUND_REPLY_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Takes the first reply off `buf`: `Ok(None)` while it is not whole. The reply is checked
@@ -770,83 +799,168 @@ mod tests {
         assert_eq!(&b[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
     }
 
-    /// A batch of plain commands goes in rounds whose longest replies fit
-    /// [`MAX_ROUND_REPLY_BYTES`], each round's answers handed out once it is read: with a
-    /// 16 MiB reply bound, 8 commands a round. A server that answers only the first 8 of 40
-    /// queued lookups has those 8 answered; before, the 40 went as one round and all waited
-    /// for the 40th answer (the link could hold 40 replies of 16 MiB).
-    #[test]
-    fn a_batch_goes_in_rounds_whose_replies_are_bounded_in_bytes() {
-        use std::net::TcpListener;
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (first_read, first_seen) = std::sync::mpsc::channel::<()>();
-        let (queued, answer_first) = std::sync::mpsc::channel::<()>();
-        let (done, wait) = std::sync::mpsc::channel::<()>();
-        let server = std::thread::spawn(move || {
-            let Ok((mut s, _)) = l.accept() else { return };
-            let mut chunk = [0u8; 4096];
-            // The first command: its answer waits until the test has queued the batch, so
-            // that the link's thread takes the batch whole.
-            if !matches!(s.read(&mut chunk), Ok(n) if n > 0) {
-                return;
-            }
-            let _ = first_read.send(());
-            let _ = answer_first.recv();
-            if s.write_all(b"$1\r\nx\r\n").is_err() {
-                return;
-            }
-            // Then the first 8 lookups are answered, and nothing more.
-            let (mut seen, mut answered) = (Vec::new(), 0);
-            while answered < 8 {
-                let n = match s.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                seen.extend_from_slice(&chunk[..n]);
-                let gets = seen.windows(5).filter(|w| w == b"\r\nGET").count();
-                while answered < gets.min(8) {
-                    if s.write_all(b"$1\r\nv\r\n").is_err() {
-                        return;
-                    }
-                    answered += 1;
+    /// A server for one link whose answer to the first command waits until the test says
+    /// `go` (see [`Gated::go`]), so that commands queued meanwhile reach the link's thread as
+    /// one batch; then `rest` serves the connection, and its socket stays open until the
+    /// test is done.
+    struct Gated {
+        addr: std::net::SocketAddr,
+        first_seen: std::sync::mpsc::Receiver<()>,
+        go: std::sync::mpsc::Sender<()>,
+        done: std::sync::mpsc::Sender<()>,
+        server: std::thread::JoinHandle<()>,
+    }
+
+    impl Gated {
+        fn start(
+            first_answer: &'static [u8],
+            rest: impl FnOnce(&mut TcpStream) + Send + 'static,
+        ) -> Gated {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let (first_read, first_seen) = std::sync::mpsc::channel::<()>();
+            let (go, answer_first) = std::sync::mpsc::channel::<()>();
+            let (done, wait) = std::sync::mpsc::channel::<()>();
+            let server = std::thread::spawn(move || {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let mut chunk = [0u8; 4096];
+                if !matches!(s.read(&mut chunk), Ok(n) if n > 0) {
+                    return;
                 }
+                let _ = first_read.send(());
+                let _ = answer_first.recv();
+                if s.write_all(first_answer).is_err() {
+                    return;
+                }
+                rest(&mut s);
+                let _ = wait.recv();
+            });
+            Gated {
+                addr,
+                first_seen,
+                go,
+                done,
+                server,
             }
-            let _ = wait.recv();
-        });
+        }
+
+        /// Waits for the first command to reach the server, queues `batch` behind it with
+        /// `queue`, then lets the server answer.
+        fn go(&self, queue: impl FnOnce()) {
+            self.first_seen
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the first command reaches the server");
+            queue();
+            let _ = self.go.send(());
+        }
+
+        fn stop(self, link: (Arc<AtomicBool>, JoinHandle<()>)) {
+            link.0.store(true, Ordering::SeqCst);
+            let _ = self.done.send(());
+            let _ = self.server.join();
+            let _ = link.1.join();
+        }
+    }
+
+    /// A link to `addr` with `timeout`, its thread started.
+    fn link_to(
+        addr: std::net::SocketAddr,
+        role: &'static str,
+        timeout: &str,
+    ) -> (Arc<RedisLink>, (Arc<AtomicBool>, JoinHandle<()>)) {
         let cfg: RedisConfig =
-            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"30s\"\n")).expect("config");
-        let link = RedisLink::with_role(cfg, "cache", 16 << 20);
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"{timeout}\"\n"))
+                .expect("config");
+        let link = RedisLink::with_role(cfg, role);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = spawn(link.clone(), stop.clone()).expect("thread");
-        let get = |k: &'static [u8], tx: Option<std::sync::mpsc::Sender<bool>>| Command {
-            args: vec![
-                bytes::Bytes::from_static(b"GET"),
-                bytes::Bytes::from_static(k),
-            ],
+        (link, (stop, thread))
+    }
+
+    /// A plain command whose reply may be `max_reply` bytes long; `tx` hears whether it was
+    /// answered.
+    fn command(
+        args: &[&'static [u8]],
+        max_reply: usize,
+        tx: Option<std::sync::mpsc::Sender<bool>>,
+    ) -> Command {
+        Command {
+            args: args.iter().map(|a| bytes::Bytes::from_static(a)).collect(),
+            max_reply,
             done: tx.map(|tx| -> OnFrame {
                 Box::new(move |f| {
                     let _ = tx.send(f.is_some());
                 })
             }),
-        };
-        link.command(get(b"first", None));
-        first_seen
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the first command reaches the server");
-        let (tx, rx) = std::sync::mpsc::channel::<bool>();
-        for _ in 0..40 {
-            link.command(get(b"k", Some(tx.clone())));
         }
-        let _ = queued.send(());
+    }
+
+    /// Reads from `s` until `needle` has been seen `n` times, then writes `answer` `n` times.
+    fn answer_after(s: &mut TcpStream, needle: &[u8], n: usize, answer: &[u8]) {
+        let (mut seen, mut chunk) = (Vec::new(), [0u8; 4096]);
+        while seen.windows(needle.len()).filter(|w| *w == needle).count() < n {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = s.write_all(&answer.repeat(n));
+    }
+
+    /// A batch of plain commands goes in rounds whose longest replies fit
+    /// [`MAX_ROUND_REPLY_BYTES`], each round's answers handed out once it is read: with a
+    /// 16 MiB reply bound each, 8 commands a round. A server that answers only the first 8 of
+    /// 40 queued lookups has those 8 answered; before, the 40 went as one round and all waited
+    /// for the 40th answer (the link could hold 40 replies of 16 MiB).
+    #[test]
+    fn a_batch_goes_in_rounds_whose_replies_are_bounded_in_bytes() {
+        let server = Gated::start(b"$1\r\nx\r\n", |s| {
+            answer_after(s, b"\r\nGET", 8, b"$1\r\nv\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "cache", "30s");
+        link.command(command(&[b"GET", b"first"], 16 << 20, None));
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        server.go(|| {
+            for _ in 0..40 {
+                link.command(command(&[b"GET", b"k"], 16 << 20, Some(tx.clone())));
+            }
+        });
         for i in 0..8 {
             let got = rx.recv_timeout(Duration::from_secs(10));
             assert_eq!(got, Ok(true), "answer {i} of the first round");
         }
-        stop.store(true, Ordering::SeqCst);
-        let _ = done.send(());
-        let _ = server.join();
-        let _ = thread.join();
+        server.stop(thread);
+    }
+
+    /// A round's depth follows each command's own reply bound, not the longest reply of the
+    /// link: 100 writes, each answered with a status ([`SMALL_REPLY_BYTES`]), go as one round,
+    /// and a server that answers once it has them all answers every one. Before, every command
+    /// of the cache's link had the link's bound (a list's 8 MiB and 64 KiB with the default
+    /// `max_entry_bytes`): 15 commands a round, whose answers this server never sent, so
+    /// every write failed after the timeout.
+    #[test]
+    fn a_round_of_small_reply_commands_is_deeper_than_a_round_of_lookups() {
+        let server = Gated::start(b"+OK\r\n", |s| {
+            answer_after(s, b"\r\nSET", 100, b"+OK\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "cache", "5s");
+        link.command(command(&[b"SET", b"first", b"v"], SMALL_REPLY_BYTES, None));
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        server.go(|| {
+            for _ in 0..100 {
+                let set = command(&[b"SET", b"k", b"v"], SMALL_REPLY_BYTES, Some(tx.clone()));
+                link.command(set);
+            }
+        });
+        for i in 0..100 {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(got, Ok(true), "answer {i}");
+        }
+        assert_eq!(
+            round_len(std::iter::repeat_n(SMALL_REPLY_BYTES, 4096)),
+            2048
+        );
+        server.stop(thread);
     }
 
     /// Commands queued behind a Redis that does not read are bounded in bytes, not only in
@@ -864,17 +978,14 @@ mod tests {
             let Ok((_s, _)) = l.accept() else { return };
             let _ = wait.recv();
         });
-        let cfg: RedisConfig =
-            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"60s\"\n")).expect("config");
-        let link = RedisLink::with_role(cfg, "cache", MAX_REPLY_BYTES);
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        let (link, (stop, thread)) = link_to(addr, "cache", "60s");
         let set = |n: usize| Command {
             args: vec![
                 bytes::Bytes::from_static(b"SET"),
                 bytes::Bytes::from_static(b"k"),
                 bytes::Bytes::from(vec![b'x'; n]),
             ],
+            max_reply: SMALL_REPLY_BYTES,
             done: None,
         };
         // A first write larger than the socket's buffers: the link's thread blocks on it.
