@@ -124,7 +124,11 @@ const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// round would otherwise keep its size for the connection's life).
 const KEPT_BUFFER_BYTES: usize = 1 << 20;
 /// Largest reply read by any link (the cache's largest entry, 1 GiB, and room for its
-/// framing); each command has a bound of its own below it ([`Command::max_reply`]).
+/// framing); each command has a bound of its own below it ([`Command::max_reply`]). Also the
+/// longest bulk string read and thrown away (see [`Conn::read_frame`]): no host writes a
+/// longer entry (`max_entry_bytes` is at most 1 GiB, and its encoding adds 12 KiB at most),
+/// so a longer declared length is a broken or hostile server, and breaks the link as soon as
+/// it is read rather than being read for as long as the server sends.
 pub const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
 /// Largest reply of a command answered with a status, an integer, a script's two integers, a
 /// script's SHA or an error line (the rate limiter's commands, the cache's writes): a hostile
@@ -465,9 +469,23 @@ impl Conn {
 
     /// The next reply, of at most `max_reply` bytes (its command's bound): a longer one is
     /// a hostile or broken server, refused as soon as it is known to be longer (a bulk
-    /// string's declared length, or the bytes of a reply not yet whole).
+    /// string's declared length, or the bytes of a reply not yet whole); but a bulk string
+    /// answered whole (no array around it) that is longer than its command's bound and at
+    /// most [`MAX_REPLY_BYTES`] long is read and thrown away as it arrives, never held, and
+    /// taken as `Null` (no value: for a lookup, a miss). That is what another host whose
+    /// `max_entry_bytes` is larger writes; breaking the link on it would take the shared layer
+    /// away from this host for `retry_interval` each time the entry is asked for.
     fn read_frame(&mut self, deadline: Instant, max_reply: usize) -> io::Result<BytesFrame> {
         loop {
+            if let Some(len) = bulk_len(&self.rbuf) {
+                if len > max_reply {
+                    if len > MAX_REPLY_BYTES {
+                        return Err(proto_err("bulk string too large"));
+                    }
+                    self.skip(len, deadline)?;
+                    return Ok(BytesFrame::Null);
+                }
+            }
             match reply_len_within(&self.rbuf, max_reply)? {
                 // Not whole: every byte held is this reply's.
                 None if self.rbuf.len() > max_reply => return Err(proto_err("reply too large")),
@@ -480,20 +498,51 @@ impl Conn {
                     }
                 }
             }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"));
-            }
-            let mut chunk = [0u8; 4096];
-            let n = match self.sock.read(&mut chunk) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"))
-                }
-                Err(e) => return Err(e),
-            };
-            self.rbuf.extend_from_slice(&chunk[..n]);
+            self.fill(deadline)?;
         }
+    }
+
+    /// Reads and throws away the next `len` bytes (a bulk string with its framing, see
+    /// [`Conn::read_frame`]), which must end with CR LF; what follows them stays in `rbuf`.
+    /// Nothing is held but one read's bytes.
+    fn skip(&mut self, mut len: usize, deadline: Instant) -> io::Result<()> {
+        let mut last = [0u8; 2];
+        loop {
+            let n = len.min(self.rbuf.len());
+            match n {
+                0 => {}
+                1 => last = [last[1], self.rbuf[0]],
+                n => last = [self.rbuf[n - 2], self.rbuf[n - 1]],
+            }
+            let _ = self.rbuf.split_to(n);
+            len -= n;
+            if len == 0 {
+                break;
+            }
+            self.fill(deadline)?;
+        }
+        if &last != b"\r\n" {
+            return Err(proto_err("bulk string not followed by CR LF"));
+        }
+        Ok(())
+    }
+
+    /// Reads what the server has sent into `rbuf`, waiting until `deadline` at most.
+    fn fill(&mut self, deadline: Instant) -> io::Result<()> {
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"));
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = match self.sock.read(&mut chunk) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"))
+            }
+            Err(e) => return Err(e),
+        };
+        self.rbuf.extend_from_slice(&chunk[..n]);
+        Ok(())
     }
 
     /// Sends plain commands in rounds whose longest possible replies (each command's
@@ -630,6 +679,16 @@ impl Conn {
             .map(|a| a.ok_or_else(|| proto_err("script missing after reload")))
             .collect()
     }
+}
+
+/// The whole length (its line, the string, CR LF) of the bulk string at the start of `buf`,
+/// once its line is there; `None` for anything else, or a line [`reply_len`] refuses.
+fn bulk_len(buf: &[u8]) -> Option<usize> {
+    let rest = buf.strip_prefix(b"$")?;
+    // A length has at most 20 digits and a sign.
+    let eol = memchr::memmem::find(&rest[..rest.len().min(24)], b"\r\n")?;
+    let n: u64 = std::str::from_utf8(&rest[..eol]).ok()?.parse().ok()?;
+    usize::try_from(n).ok()?.checked_add(1 + eol + 2 + 2)
 }
 
 /// How many of the commands whose longest replies are `bounds` (in order) go in the next
@@ -961,6 +1020,41 @@ mod tests {
             2048
         );
         server.stop(thread);
+    }
+
+    /// A bulk string longer than its command's bound, such as an entry another host with a
+    /// larger `max_entry_bytes` wrote, is read and thrown away as it arrives (the read buffer
+    /// never grows past one read), answered as `Null` (a miss), and the connection stays in
+    /// step: the next reply is the next command's. One declared longer than any host writes
+    /// ([`MAX_REPLY_BYTES`]) is refused as soon as its length is read. Before, a lookup's
+    /// reply could be as long as the link's longest (8 MiB on the cache's link), held whole;
+    /// a longer one broke the link.
+    #[test]
+    fn a_bulk_string_longer_than_its_command_s_bound_is_skipped_not_held() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let mut big = b"$4194304\r\n".to_vec();
+            big.resize(big.len() + (4 << 20), b'e');
+            big.extend_from_slice(b"\r\n$1\r\nv\r\n$4611686018427387904\r\n");
+            let _ = s.write_all(&big);
+            let mut chunk = [0u8; 64];
+            let _ = s.read(&mut chunk);
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"30s\"\n")).expect("config");
+        let mut c = Conn::open(&cfg, false).expect("connects");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = c.read_frame(deadline, 16 * 1024).expect("skipped");
+        assert_eq!(first, BytesFrame::Null);
+        assert!(c.rbuf.capacity() <= 64 * 1024, "{} held", c.rbuf.capacity());
+        let second = c.read_frame(deadline, 16 * 1024).expect("the next reply");
+        assert_eq!(second, BytesFrame::BulkString("v".into()));
+        let third = c.read_frame(deadline, 16 * 1024);
+        assert!(third.is_err(), "2^62 bytes declared: {third:?}");
+        drop(c);
+        let _ = server.join();
     }
 
     /// Commands queued behind a Redis that does not read are bounded in bytes, not only in
