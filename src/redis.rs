@@ -2,8 +2,8 @@
 //!
 //! One `ringway-redis` thread per gateway process owns one connection to Redis. Host buckets
 //! (see `ratelimit.rs`) queue a [`Demand`] when their stock of Redis-issued tokens runs low;
-//! the thread sends every queued demand as one pipeline of `EVALSHA` calls to a token-bucket
-//! script, and puts the granted tokens into the buckets. Workers never talk to Redis and never
+//! the thread sends every queued demand in one pipeline of `EVALSHA` calls to a token-bucket
+//! script (in rounds of at most 2048), and puts the granted tokens into the buckets. Workers never talk to Redis and never
 //! wait on this thread except for the very first tokens of a key (bounded by the timeout).
 //!
 //! The client is a plain blocking socket on its own thread, speaking RESP2 through the
@@ -327,28 +327,38 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             }
             continue;
         }
-        let Some(c) = conn.as_mut() else {
-            fail(batch);
-            link.doorbells.ring_all();
-            continue;
-        };
-        link.commands
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        link.round_trips.fetch_add(1, Ordering::Relaxed);
-        match c.token_buckets(&batch) {
-            Ok(answers) => {
-                for (d, a) in batch.into_iter().zip(answers) {
-                    (d.done)(Some(a));
+        // The demands go in rounds bounded as plain commands are (each reply can be
+        // [`SMALL_REPLY_BYTES`] long: 2048 demands a round), each round's grants handed out and
+        // its waiters woken once it is read. Before, every queued demand went as one round.
+        let mut batch = batch;
+        while !batch.is_empty() {
+            let per_round = round_len(std::iter::repeat_n(SMALL_REPLY_BYTES, batch.len()));
+            let rest = batch.split_off(per_round);
+            let Some(c) = conn.as_mut() else {
+                fail(batch);
+                fail(rest);
+                link.doorbells.ring_all();
+                break;
+            };
+            link.commands
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            link.round_trips.fetch_add(1, Ordering::Relaxed);
+            match c.token_buckets(&batch) {
+                Ok(answers) => {
+                    for (d, a) in batch.into_iter().zip(answers) {
+                        (d.done)(Some(a));
+                    }
+                }
+                Err(e) => {
+                    conn = None;
+                    link.set_down(&e.to_string());
+                    next_try = Instant::now() + link.cfg.retry_interval.0;
+                    fail(batch);
                 }
             }
-            Err(e) => {
-                conn = None;
-                link.set_down(&e.to_string());
-                next_try = Instant::now() + link.cfg.retry_interval.0;
-                fail(batch);
-            }
+            link.doorbells.ring_all();
+            batch = rest;
         }
-        link.doorbells.ring_all();
     }
 }
 
@@ -615,8 +625,9 @@ impl Conn {
         }
     }
 
-    /// Runs the token-bucket script once per demand, as one pipeline. A demand that meets a
-    /// server without the script (restarted, flushed) is sent again after loading it.
+    /// Runs the token-bucket script once per demand, as one pipeline (one round: `run` sizes
+    /// it). A demand that meets a server without the script (restarted, flushed) is sent again
+    /// after loading it.
     fn token_buckets(&mut self, batch: &[Demand]) -> io::Result<Vec<(u32, i64)>> {
         let mut out: Vec<Option<(u32, i64)>> = vec![None; batch.len()];
         for _ in 0..2 {
@@ -1019,6 +1030,64 @@ mod tests {
             round_len(std::iter::repeat_n(SMALL_REPLY_BYTES, 4096)),
             2048
         );
+        server.stop(thread);
+    }
+
+    /// Reads from `s` and answers each `needle` seen with `answer` as it comes, `n` in all.
+    fn answer_each(s: &mut TcpStream, needle: &[u8], n: usize, answer: &[u8]) {
+        let (mut seen, mut chunk, mut answered) = (Vec::new(), [0u8; 4096], 0);
+        while answered < n {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => seen.extend_from_slice(&chunk[..k]),
+            }
+            let found = seen.windows(needle.len()).filter(|w| *w == needle).count();
+            while answered < found.min(n) {
+                if s.write_all(answer).is_err() {
+                    return;
+                }
+                answered += 1;
+            }
+        }
+    }
+
+    /// The rate limiter's demands go in rounds bounded as plain commands are (a reply of
+    /// [`SMALL_REPLY_BYTES`] each: 2048 a round), each round's grants handed out once it is
+    /// read: a server that answers only the first 2048 of 2100 queued demands has those 2048
+    /// granted. Before, the 2100 went as one round (up to 4096, with 64 KiB replies each
+    /// possible), and all failed once the server stopped answering.
+    #[test]
+    fn rate_limit_demands_go_in_rounds_bounded_in_reply_bytes() {
+        let sha = b"$40\r\n0000000000000000000000000000000000000000\r\n";
+        let server = Gated::start(sha, move |s| {
+            // The second script, then the first demand and the first round of the batch.
+            answer_each(s, b"SCRIPT", 1, sha);
+            answer_each(s, b"EVALSHA", 1 + 2048, b"*2\r\n:1\r\n:0\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "limits", "5s");
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        let demand = |tx: std::sync::mpsc::Sender<bool>| Demand {
+            key: "k".into(),
+            call: Call::TokenBucket {
+                rate: 10.0,
+                burst: 10.0,
+            },
+            want: 1,
+            back: 0.0,
+            done: Box::new(move |a| {
+                let _ = tx.send(a.is_some());
+            }),
+        };
+        link.submit(demand(tx.clone()));
+        server.go(|| {
+            for _ in 0..2100 {
+                link.submit(demand(tx.clone()));
+            }
+        });
+        for i in 0..1 + 2048 {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(got, Ok(true), "grant {i}");
+        }
         server.stop(thread);
     }
 
