@@ -537,11 +537,17 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what the server has sent into `rbuf`, waiting until `deadline` at most.
+    /// Reads what the server has sent into `rbuf`, waiting until `deadline` at most: the
+    /// socket's read timeout is the time left. Before, it stayed the whole `timeout` set when
+    /// the connection opened, so a read begun just before the deadline could wait one more
+    /// `timeout` (a reply trickled in just in time made a round take twice its timeout).
     fn fill(&mut self, deadline: Instant) -> io::Result<()> {
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"));
         }
+        // Never zero (which would mean no timeout): a wait under a microsecond is rounded up.
+        self.sock.set_read_timeout(Some(deadline - now))?;
         let mut chunk = [0u8; 16 * 1024];
         let n = match self.sock.read(&mut chunk) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
@@ -1089,6 +1095,39 @@ mod tests {
             assert_eq!(got, Ok(true), "grant {i}");
         }
         server.stop(thread);
+    }
+
+    /// A read waits no longer than its round's deadline, whatever the socket's timeout: a
+    /// connection opened with a 30 s `timeout`, asked for a reply by a deadline 100 ms away,
+    /// from a server that sends half a reply and stalls, gives up at the deadline. Before, the
+    /// socket's read timeout stayed the connection's `timeout`, so a read begun before the
+    /// deadline waited up to 30 s more.
+    #[test]
+    fn a_read_waits_no_longer_than_its_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let _ = s.write_all(b"$5\r\nab");
+            let _ = wait.recv();
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"30s\"\n")).expect("config");
+        let mut c = Conn::open(&cfg, false).expect("connects");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let r = c.read_frame(
+                Instant::now() + Duration::from_millis(100),
+                SMALL_REPLY_BYTES,
+            );
+            let _ = tx.send(r.map_err(|e| e.kind()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        let _ = done.send(());
+        assert_eq!(got, Ok(Err(io::ErrorKind::TimedOut)));
+        let _ = reader.join();
+        let _ = server.join();
     }
 
     /// A bulk string longer than its command's bound, such as an entry another host with a
