@@ -14,7 +14,9 @@
 //!
 //! While Redis cannot be reached (refused, reset, an answer later than `timeout`), the link is
 //! marked down, logged once, and tried again every `retry_interval`; the buckets then follow
-//! `on_failure` (local buckets, or 503). Recovery is logged once too.
+//! `on_failure` (local buckets, or 503). Recovery (Redis answering, not only accepting a
+//! connection) is logged once too; a link that keeps going down and up logs at most once a
+//! minute (see `RedisLink::set_down`).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -161,6 +163,14 @@ pub struct RedisLink {
     role: &'static str,
     thread: OnceLock<Thread>,
     down: AtomicBool,
+    /// Times the link failed: a connection refused or broken, an answer late or malformed
+    /// (each retry that fails too), for the admin figures.
+    pub failures: AtomicU64,
+    /// When its state changes were last logged, and how many were not (see
+    /// [`RedisLink::set_down`]); only the link's thread takes it.
+    log: Mutex<LogState>,
+    /// Lines logged about the link's state, for the tests.
+    lines: AtomicU64,
     /// Commands sent (script calls), for the admin figures and the tests.
     pub commands: AtomicU64,
     /// Pipelines sent.
@@ -184,6 +194,9 @@ impl RedisLink {
             role,
             thread: OnceLock::new(),
             down: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+            log: Mutex::new(LogState::default()),
+            lines: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
@@ -233,28 +246,74 @@ impl RedisLink {
         }
     }
 
+    /// Marks the link down after a failure. Going down is logged, but at most once per
+    /// [`LOG_EVERY`]: a server that accepts connections and then fails each round (a replica
+    /// that refuses writes, a proxy in front of a dead Redis, `maxclients` reached) makes the
+    /// link go down and up again every `retry_interval`, which logged two lines each time
+    /// (one a second by default, for as long as it lasted). The next line says how many
+    /// failures went unlogged; [`RedisLink::failures`] counts them all.
     fn set_down(&self, why: &str) {
-        if !self.down.swap(true, Ordering::AcqRel) {
-            let policy = match (self.role, self.cfg.on_failure) {
-                ("cache", _) => "the cache uses the local stores only",
-                (_, crate::config::RedisFailure::Local) => "limits fall back to local buckets",
-                (_, crate::config::RedisFailure::Deny) => "limited routes answer 503",
-            };
-            warn!(
-                "redis at {} unreachable ({why}); {policy} until it answers again",
-                self.cfg.address.text
-            );
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if self.down.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if log
+            .down_at
+            .is_some_and(|t| now.duration_since(t) < LOG_EVERY)
+        {
+            log.logged = false;
+            log.unlogged += 1;
+            return;
+        }
+        let again = match std::mem::take(&mut log.unlogged) {
+            0 => String::new(),
+            n => format!(" ({n} more times since the last such line)"),
+        };
+        log.down_at = Some(now);
+        log.logged = true;
+        drop(log);
+        let policy = match (self.role, self.cfg.on_failure) {
+            ("cache", _) => "the cache uses the local stores only",
+            (_, crate::config::RedisFailure::Local) => "limits fall back to local buckets",
+            (_, crate::config::RedisFailure::Deny) => "limited routes answer 503",
+        };
+        self.lines.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            "redis at {} unreachable ({why}){again}; {policy} until it answers again",
+            self.cfg.address.text
+        );
     }
 
+    /// Marks the link up; logged when going down was (see [`RedisLink::set_down`]).
     fn set_up(&self) {
-        if self.down.swap(false, Ordering::AcqRel) {
+        if !self.down.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let logged = self.log.lock().map_or(true, |l| l.logged);
+        if logged {
+            self.lines.fetch_add(1, Ordering::Relaxed);
             info!(
                 "redis at {} answers again; {} shared again",
                 self.cfg.address.text, self.role
             );
         }
     }
+}
+
+/// Least time between two lines saying the link went down (see [`RedisLink::set_down`]).
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What the link's log lines have said so far.
+#[derive(Default)]
+struct LogState {
+    /// When a line last said the link went down.
+    down_at: Option<Instant>,
+    /// Whether the last time it went down was logged (so its recovery is).
+    logged: bool,
+    /// Times it went down since the last such line, not logged.
+    unlogged: u64,
 }
 
 /// Starts the Redis thread; it ends once `stop` is set.
@@ -291,7 +350,18 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             conn = None;
         }
         if conn.is_none() && Instant::now() >= next_try && (link.is_down() || work) {
-            match Conn::open(&link.cfg, link.role == "limits") {
+            let scripts = link.role == "limits";
+            // While the link is down, it is up again once Redis answers, not once a
+            // connection is accepted (`maxclients` reached, a proxy in front of a dead Redis,
+            // a Redis loading its data): the cache's link asks for a `PING`, the rate
+            // limiter's has had its scripts loaded.
+            let opened = Conn::open(&link.cfg, scripts).and_then(|mut c| {
+                if link.is_down() && !scripts {
+                    c.ping()?;
+                }
+                Ok(c)
+            });
+            match opened {
                 Ok(c) => {
                     conn = Some(c);
                     link.set_up();
@@ -425,6 +495,16 @@ impl Conn {
         self.sha = self.script_load(TOKEN_BUCKET_LUA)?;
         self.quota_sha = self.script_load(QUOTA_LUA)?;
         Ok(())
+    }
+
+    /// Asks Redis whether it serves this connection: `PONG`, or a refusal of `PING` by an
+    /// ACL that lets the cache's own commands through, is an answer.
+    fn ping(&mut self) -> io::Result<()> {
+        match self.call(&[b"PING"])? {
+            BytesFrame::SimpleString(_) => Ok(()),
+            BytesFrame::Error(e) if e.starts_with("NOPERM") => Ok(()),
+            other => Err(proto_err(format!("PING: {}", describe(&other)))),
+        }
     }
 
     fn script_load(&mut self, script: &str) -> io::Result<String> {
@@ -1128,6 +1208,77 @@ mod tests {
         assert_eq!(got, Ok(Err(io::ErrorKind::TimedOut)));
         let _ = reader.join();
         let _ = server.join();
+    }
+
+    /// A server that accepts every connection and closes it at once keeps the link down: it
+    /// is logged once, not at every retry, and every failure is counted. One that answers
+    /// `PING` but drops every round makes the link go up and down at every retry: logged once
+    /// each way, then at most once a minute. Before, a connection accepted was taken as
+    /// recovery and every change was logged, so each retry logged two lines ("answers
+    /// again", "unreachable"): 40 lines for 20 failures here, a pair a second by default.
+    #[test]
+    fn a_link_that_keeps_failing_is_logged_once_and_counted() {
+        for (pong, want) in [(false, 1), (true, 2)] {
+            let (failures, lines) = keep_failing(pong);
+            assert!(failures >= 20, "{failures} failures");
+            assert_eq!(
+                lines, want,
+                "lines logged for {failures} failures (PING: {pong})"
+            );
+        }
+    }
+
+    /// Runs a cache link against a server that drops every connection (after answering its
+    /// `PING`s with `pong`) until it has failed 20 times; its failures and lines logged.
+    fn keep_failing(pong: bool) -> (u64, u64) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stop_accepting = Arc::new(AtomicBool::new(false));
+        let stopping = stop_accepting.clone();
+        let server = std::thread::spawn(move || {
+            for s in l.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut s) = s else { continue };
+                let mut chunk = [0u8; 4096];
+                // Without `pong`, the connection is dropped at once.
+                if pong {
+                    loop {
+                        match s.read(&mut chunk) {
+                            Ok(n) if n > 0 && chunk[..n].windows(4).any(|w| w == b"PING") => {
+                                let _ = s.write_all(b"+PONG\r\n");
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+        });
+        let cfg: RedisConfig = toml::from_str(&format!(
+            "address = \"{addr}\"\ntimeout = \"5s\"\nretry_interval = \"5ms\"\n"
+        ))
+        .expect("config");
+        let link = RedisLink::with_role(cfg, "cache");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        for _ in 0..2000 {
+            if link.failures.load(Ordering::SeqCst) >= 20 {
+                break;
+            }
+            // Writes are queued even while the link is down (lookups fail at once).
+            link.command(command(&[b"SET", b"k", b"v"], SMALL_REPLY_BYTES, None));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::SeqCst);
+        let _ = thread.join();
+        stop_accepting.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(addr);
+        let _ = server.join();
+        (
+            link.failures.load(Ordering::SeqCst),
+            link.lines.load(Ordering::SeqCst),
+        )
     }
 
     /// A bulk string longer than its command's bound, such as an entry another host with a
