@@ -250,8 +250,9 @@ impl SharedLayer {
         // Counted as a waiter before the commands go: an answer that beats the first look
         // still rings (one wake-up, found done).
         let _counted = bell.watch();
-        // An answer longer than any entry this host writes is dropped as it arrives: waiting
-        // answers are not left to hold up to the largest reply each.
+        // The link throws away an answer longer than the `GET`'s bound as it reads it (a
+        // miss); one within the bound's framing room but longer than any entry this host
+        // writes is dropped here, as it arrives.
         let longest = self.max_entry.saturating_add(MAX_ENCODING_OVERHEAD);
         for (i, k) in rkeys.enumerate() {
             self.gets.fetch_add(1, Ordering::Relaxed);
