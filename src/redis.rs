@@ -2,8 +2,8 @@
 //!
 //! One `ringway-redis` thread per gateway process owns one connection to Redis. Host buckets
 //! (see `ratelimit.rs`) queue a [`Demand`] when their stock of Redis-issued tokens runs low;
-//! the thread sends every queued demand as one pipeline of `EVALSHA` calls to a token-bucket
-//! script, and puts the granted tokens into the buckets. Workers never talk to Redis and never
+//! the thread sends every queued demand in one pipeline of `EVALSHA` calls to a token-bucket
+//! script (in rounds of at most 2048), and puts the granted tokens into the buckets. Workers never talk to Redis and never
 //! wait on this thread except for the very first tokens of a key (bounded by the timeout).
 //!
 //! The client is a plain blocking socket on its own thread, speaking RESP2 through the
@@ -14,7 +14,9 @@
 //!
 //! While Redis cannot be reached (refused, reset, an answer later than `timeout`), the link is
 //! marked down, logged once, and tried again every `retry_interval`; the buckets then follow
-//! `on_failure` (local buckets, or 503). Recovery is logged once too.
+//! `on_failure` (local buckets, or 503). Recovery (Redis answering, not only accepting a
+//! connection) is logged once too; a link that keeps going down and up logs at most once a
+//! minute (see `RedisLink::set_down`).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -101,11 +103,16 @@ pub type OnFrame = Box<dyn FnOnce(Option<BytesFrame>) + Send>;
 /// A plain command (the response cache's GET, SET, EVAL), answered through `done`.
 pub struct Command {
     pub args: Vec<bytes::Bytes>,
+    /// The longest reply this command can have, in bytes (framing included; at most
+    /// [`MAX_REPLY_BYTES`]): a `GET` of a cache entry, the longest entry's encoding; a list,
+    /// its room; a status or an integer, [`SMALL_REPLY_BYTES`]. A longer reply breaks the link.
+    pub max_reply: usize,
     pub done: Option<OnFrame>,
 }
 
-/// Most bytes of replies one round of plain commands may take at the link's longest reply
-/// (see [`Conn::pipeline`]): the commands of a larger batch go in several rounds.
+/// Most bytes the longest possible replies of one round of commands take (the bound of each
+/// command summed, see [`Conn::pipeline`]): the commands of a larger batch go in several
+/// rounds, so a round of small-reply commands is deeper than a round of lookups.
 const MAX_ROUND_REPLY_BYTES: usize = 128 << 20;
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
@@ -119,11 +126,16 @@ const MAX_QUEUED_BYTES: usize = 64 << 20;
 /// round would otherwise keep its size for the connection's life).
 const KEPT_BUFFER_BYTES: usize = 1 << 20;
 /// Largest reply read by any link (the cache's largest entry, 1 GiB, and room for its
-/// framing); each link has a bound of its own below it.
+/// framing); each command has a bound of its own below it ([`Command::max_reply`]). Also the
+/// longest bulk string read and thrown away (see [`Conn::read_frame`]): no host writes a
+/// longer entry (`max_entry_bytes` is at most 1 GiB, and its encoding adds 12 KiB at most),
+/// so a longer declared length is a broken or hostile server, and breaks the link as soon as
+/// it is read rather than being read for as long as the server sends.
 pub const MAX_REPLY_BYTES: usize = (1 << 30) + (1 << 20);
-/// Largest reply read on the rate-limit link, whose answers are a script's two integers, a
-/// script's SHA or an error line: a hostile server cannot make it hold more.
-const MAX_LIMITS_REPLY_BYTES: usize = 64 * 1024;
+/// Largest reply of a command answered with a status, an integer, a script's two integers, a
+/// script's SHA or an error line (the rate limiter's commands, the cache's writes): a hostile
+/// server cannot make the link hold more for one of them.
+pub const SMALL_REPLY_BYTES: usize = 64 * 1024;
 /// Deepest nesting of arrays in a reply. ringway's replies nest one deep (a script's pair, a
 /// pub/sub message); the decoder recurses once per level, so a hostile server could otherwise
 /// overflow the thread's stack with `*1\r\n` repeated.
@@ -149,10 +161,16 @@ pub struct RedisLink {
     commands_queue: Mutex<Queued>,
     /// What the link serves, for its log lines: "limits" or "cache".
     role: &'static str,
-    /// Largest reply its connection reads.
-    max_reply: usize,
     thread: OnceLock<Thread>,
     down: AtomicBool,
+    /// Times the link failed: a connection refused or broken, an answer late or malformed
+    /// (each retry that fails too), for the admin figures.
+    pub failures: AtomicU64,
+    /// When its state changes were last logged, and how many were not (see
+    /// [`RedisLink::set_down`]); only the link's thread takes it.
+    log: Mutex<LogState>,
+    /// Lines logged about the link's state, for the tests.
+    lines: AtomicU64,
     /// Commands sent (script calls), for the admin figures and the tests.
     pub commands: AtomicU64,
     /// Pipelines sent.
@@ -163,20 +181,22 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(cfg: RedisConfig) -> Arc<RedisLink> {
-        RedisLink::with_role(cfg, "limits", MAX_LIMITS_REPLY_BYTES)
+        RedisLink::with_role(cfg, "limits")
     }
 
-    /// A link for another user of Redis (its log lines name `role`) whose replies are at
-    /// most `max_reply` bytes (at most [`MAX_REPLY_BYTES`]); a longer one breaks the link.
-    pub fn with_role(cfg: RedisConfig, role: &'static str, max_reply: usize) -> Arc<RedisLink> {
+    /// A link for another user of Redis (its log lines name `role`); each of its commands
+    /// says how long its reply may be ([`Command::max_reply`]).
+    pub fn with_role(cfg: RedisConfig, role: &'static str) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             cfg,
             queue: Mutex::new(Vec::new()),
             commands_queue: Mutex::new(Queued::default()),
             role,
-            max_reply: max_reply.min(MAX_REPLY_BYTES),
             thread: OnceLock::new(),
             down: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+            log: Mutex::new(LogState::default()),
+            lines: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
@@ -226,28 +246,74 @@ impl RedisLink {
         }
     }
 
+    /// Marks the link down after a failure. Going down is logged, but at most once per
+    /// [`LOG_EVERY`]: a server that accepts connections and then fails each round (a replica
+    /// that refuses writes, a proxy in front of a dead Redis, `maxclients` reached) makes the
+    /// link go down and up again every `retry_interval`, which logged two lines each time
+    /// (one a second by default, for as long as it lasted). The next line says how many
+    /// failures went unlogged; [`RedisLink::failures`] counts them all.
     fn set_down(&self, why: &str) {
-        if !self.down.swap(true, Ordering::AcqRel) {
-            let policy = match (self.role, self.cfg.on_failure) {
-                ("cache", _) => "the cache uses the local stores only",
-                (_, crate::config::RedisFailure::Local) => "limits fall back to local buckets",
-                (_, crate::config::RedisFailure::Deny) => "limited routes answer 503",
-            };
-            warn!(
-                "redis at {} unreachable ({why}); {policy} until it answers again",
-                self.cfg.address.text
-            );
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if self.down.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if log
+            .down_at
+            .is_some_and(|t| now.duration_since(t) < LOG_EVERY)
+        {
+            log.logged = false;
+            log.unlogged += 1;
+            return;
+        }
+        let again = match std::mem::take(&mut log.unlogged) {
+            0 => String::new(),
+            n => format!(" ({n} more times since the last such line)"),
+        };
+        log.down_at = Some(now);
+        log.logged = true;
+        drop(log);
+        let policy = match (self.role, self.cfg.on_failure) {
+            ("cache", _) => "the cache uses the local stores only",
+            (_, crate::config::RedisFailure::Local) => "limits fall back to local buckets",
+            (_, crate::config::RedisFailure::Deny) => "limited routes answer 503",
+        };
+        self.lines.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            "redis at {} unreachable ({why}){again}; {policy} until it answers again",
+            self.cfg.address.text
+        );
     }
 
+    /// Marks the link up; logged when going down was (see [`RedisLink::set_down`]).
     fn set_up(&self) {
-        if self.down.swap(false, Ordering::AcqRel) {
+        if !self.down.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let logged = self.log.lock().map_or(true, |l| l.logged);
+        if logged {
+            self.lines.fetch_add(1, Ordering::Relaxed);
             info!(
                 "redis at {} answers again; {} shared again",
                 self.cfg.address.text, self.role
             );
         }
     }
+}
+
+/// Least time between two lines saying the link went down (see [`RedisLink::set_down`]).
+const LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// What the link's log lines have said so far.
+#[derive(Default)]
+struct LogState {
+    /// When a line last said the link went down.
+    down_at: Option<Instant>,
+    /// Whether the last time it went down was logged (so its recovery is).
+    logged: bool,
+    /// Times it went down since the last such line, not logged.
+    unlogged: u64,
 }
 
 /// Starts the Redis thread; it ends once `stop` is set.
@@ -284,7 +350,18 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             conn = None;
         }
         if conn.is_none() && Instant::now() >= next_try && (link.is_down() || work) {
-            match Conn::open(&link.cfg, link.max_reply, link.role == "limits") {
+            let scripts = link.role == "limits";
+            // While the link is down, it is up again once Redis answers, not once a
+            // connection is accepted (`maxclients` reached, a proxy in front of a dead Redis,
+            // a Redis loading its data): the cache's link asks for a `PING`, the rate
+            // limiter's has had its scripts loaded.
+            let opened = Conn::open(&link.cfg, scripts).and_then(|mut c| {
+                if link.is_down() && !scripts {
+                    c.ping()?;
+                }
+                Ok(c)
+            });
+            match opened {
                 Ok(c) => {
                     conn = Some(c);
                     link.set_up();
@@ -320,28 +397,38 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             }
             continue;
         }
-        let Some(c) = conn.as_mut() else {
-            fail(batch);
-            link.doorbells.ring_all();
-            continue;
-        };
-        link.commands
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        link.round_trips.fetch_add(1, Ordering::Relaxed);
-        match c.token_buckets(&batch) {
-            Ok(answers) => {
-                for (d, a) in batch.into_iter().zip(answers) {
-                    (d.done)(Some(a));
+        // The demands go in rounds bounded as plain commands are (each reply can be
+        // [`SMALL_REPLY_BYTES`] long: 2048 demands a round), each round's grants handed out and
+        // its waiters woken once it is read. Before, every queued demand went as one round.
+        let mut batch = batch;
+        while !batch.is_empty() {
+            let per_round = round_len(std::iter::repeat_n(SMALL_REPLY_BYTES, batch.len()));
+            let rest = batch.split_off(per_round);
+            let Some(c) = conn.as_mut() else {
+                fail(batch);
+                fail(rest);
+                link.doorbells.ring_all();
+                break;
+            };
+            link.commands
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            link.round_trips.fetch_add(1, Ordering::Relaxed);
+            match c.token_buckets(&batch) {
+                Ok(answers) => {
+                    for (d, a) in batch.into_iter().zip(answers) {
+                        (d.done)(Some(a));
+                    }
+                }
+                Err(e) => {
+                    conn = None;
+                    link.set_down(&e.to_string());
+                    next_try = Instant::now() + link.cfg.retry_interval.0;
+                    fail(batch);
                 }
             }
-            Err(e) => {
-                conn = None;
-                link.set_down(&e.to_string());
-                next_try = Instant::now() + link.cfg.retry_interval.0;
-                fail(batch);
-            }
+            link.doorbells.ring_all();
+            batch = rest;
         }
-        link.doorbells.ring_all();
     }
 }
 
@@ -367,7 +454,6 @@ struct Conn {
     sha: String,
     quota_sha: String,
     timeout: Duration,
-    max_reply: usize,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -378,7 +464,7 @@ impl Conn {
     /// Connects, authenticates, and with `scripts` (the rate limiter's link) loads the
     /// limiter's scripts; the cache's link sends its own scripts with `EVAL` and needs none
     /// loaded (nor the `SCRIPT` command, which an ACL may deny it).
-    fn open(cfg: &RedisConfig, max_reply: usize, scripts: bool) -> io::Result<Conn> {
+    fn open(cfg: &RedisConfig, scripts: bool) -> io::Result<Conn> {
         let t = cfg.timeout.0;
         let sock = TcpStream::connect_timeout(&cfg.address.addr, t)?;
         sock.set_nodelay(true)?;
@@ -391,7 +477,6 @@ impl Conn {
             sha: String::new(),
             quota_sha: String::new(),
             timeout: t,
-            max_reply,
         };
         if let Some(p) = &cfg.password {
             match c.call(&[b"AUTH", p.as_bytes()])? {
@@ -412,6 +497,16 @@ impl Conn {
         Ok(())
     }
 
+    /// Asks Redis whether it serves this connection: `PONG`, or a refusal of `PING` by an
+    /// ACL that lets the cache's own commands through, is an answer.
+    fn ping(&mut self) -> io::Result<()> {
+        match self.call(&[b"PING"])? {
+            BytesFrame::SimpleString(_) => Ok(()),
+            BytesFrame::Error(e) if e.starts_with("NOPERM") => Ok(()),
+            other => Err(proto_err(format!("PING: {}", describe(&other)))),
+        }
+    }
+
     fn script_load(&mut self, script: &str) -> io::Result<String> {
         match self.call(&[b"SCRIPT", b"LOAD", script.as_bytes()])? {
             BytesFrame::BulkString(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
@@ -427,7 +522,7 @@ impl Conn {
         encode_command(&mut self.wbuf, args)?;
         self.expect_nothing()?;
         self.sock.write_all(&self.wbuf)?;
-        let f = self.read_frame(Instant::now() + self.timeout)?;
+        let f = self.read_frame(Instant::now() + self.timeout, SMALL_REPLY_BYTES)?;
         self.nothing_left()?;
         Ok(f)
     }
@@ -462,39 +557,103 @@ impl Conn {
         }
     }
 
-    fn read_frame(&mut self, deadline: Instant) -> io::Result<BytesFrame> {
+    /// The next reply, of at most `max_reply` bytes (its command's bound): a longer one is
+    /// a hostile or broken server, refused as soon as it is known to be longer (a bulk
+    /// string's declared length, or the bytes of a reply not yet whole); but a bulk string
+    /// answered whole (no array around it) that is longer than its command's bound and at
+    /// most [`MAX_REPLY_BYTES`] long is read and thrown away as it arrives, never held, and
+    /// taken as `Null` (no value: for a lookup, a miss). That is what another host whose
+    /// `max_entry_bytes` is larger writes; breaking the link on it would take the shared layer
+    /// away from this host for `retry_interval` each time the entry is asked for.
+    fn read_frame(&mut self, deadline: Instant, max_reply: usize) -> io::Result<BytesFrame> {
         loop {
-            // A reply larger than anything ringway stores is a hostile or broken server.
-            if self.rbuf.len() > self.max_reply {
-                return Err(proto_err("reply too large"));
-            }
-            if let Some(frame) = decode_reply_within(&mut self.rbuf, self.max_reply)? {
-                return Ok(frame);
-            }
-            if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"));
-            }
-            let mut chunk = [0u8; 4096];
-            let n = match self.sock.read(&mut chunk) {
-                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"))
+            if let Some(len) = bulk_len(&self.rbuf) {
+                if len > max_reply {
+                    if len > MAX_REPLY_BYTES {
+                        return Err(proto_err("bulk string too large"));
+                    }
+                    self.skip(len, deadline)?;
+                    return Ok(BytesFrame::Null);
                 }
-                Err(e) => return Err(e),
-            };
-            self.rbuf.extend_from_slice(&chunk[..n]);
+            }
+            match reply_len_within(&self.rbuf, max_reply)? {
+                // Not whole: every byte held is this reply's.
+                None if self.rbuf.len() > max_reply => return Err(proto_err("reply too large")),
+                None => {}
+                Some(n) if n > max_reply => return Err(proto_err("reply too large")),
+                Some(_) => {
+                    match decode_bytes_mut(&mut self.rbuf).map_err(|e| proto_err(e.to_string()))? {
+                        Some((frame, _, _)) => return Ok(frame),
+                        None => return Err(proto_err("reply checked whole but not decoded")),
+                    }
+                }
+            }
+            self.fill(deadline)?;
         }
     }
 
-    /// Sends plain commands in rounds of at most [`MAX_ROUND_REPLY_BYTES`] of the link's
-    /// longest replies: a round's answers are held until it is read whole (see [`Conn::round`]),
-    /// so a server answering each of 4096 queued lookups with the longest reply would
-    /// otherwise have the link hold 4096 of them (8 MiB each on the cache's link: 32 GiB). On
-    /// an error the round's commands and those after it get `None`.
+    /// Reads and throws away the next `len` bytes (a bulk string with its framing, see
+    /// [`Conn::read_frame`]), which must end with CR LF; what follows them stays in `rbuf`.
+    /// Nothing is held but one read's bytes.
+    fn skip(&mut self, mut len: usize, deadline: Instant) -> io::Result<()> {
+        let mut last = [0u8; 2];
+        loop {
+            let n = len.min(self.rbuf.len());
+            match n {
+                0 => {}
+                1 => last = [last[1], self.rbuf[0]],
+                n => last = [self.rbuf[n - 2], self.rbuf[n - 1]],
+            }
+            let _ = self.rbuf.split_to(n);
+            len -= n;
+            if len == 0 {
+                break;
+            }
+            self.fill(deadline)?;
+        }
+        if &last != b"\r\n" {
+            return Err(proto_err("bulk string not followed by CR LF"));
+        }
+        Ok(())
+    }
+
+    /// Reads what the server has sent into `rbuf`, waiting until `deadline` at most: the
+    /// socket's read timeout is the time left. Before, it stayed the whole `timeout` set when
+    /// the connection opened, so a read begun just before the deadline could wait one more
+    /// `timeout` (a reply trickled in just in time made a round take twice its timeout).
+    fn fill(&mut self, deadline: Instant) -> io::Result<()> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"));
+        }
+        // Never zero (which would mean no timeout): a wait under a microsecond is rounded up.
+        self.sock.set_read_timeout(Some(deadline - now))?;
+        let mut chunk = [0u8; 16 * 1024];
+        let n = match self.sock.read(&mut chunk) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "answer too late"))
+            }
+            Err(e) => return Err(e),
+        };
+        self.rbuf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Sends plain commands in rounds whose longest possible replies (each command's
+    /// [`Command::max_reply`]) take at most [`MAX_ROUND_REPLY_BYTES`], one command at least: a
+    /// round's answers are held until it is read whole (see [`Conn::round`]), so a server
+    /// answering each of 4096 queued lookups with the longest reply would otherwise have the
+    /// link hold 4096 of them (32 GiB of 8 MiB replies). A round of writes, each answered with
+    /// a status or an integer, takes up to 2048 of them. On an error the round's commands and
+    /// those after it get `None`.
     fn pipeline(&mut self, mut cmds: Vec<Command>) -> io::Result<()> {
-        let per_round = (MAX_ROUND_REPLY_BYTES / self.max_reply.max(1)).max(1);
-        while cmds.len() > per_round {
+        loop {
+            let per_round = round_len(cmds.iter().map(|c| c.max_reply));
+            if per_round >= cmds.len() {
+                break;
+            }
             let rest = cmds.split_off(per_round);
             if let Err(e) = self.round(cmds) {
                 fail_commands(rest);
@@ -520,8 +679,8 @@ impl Conn {
         }
         let deadline = Instant::now() + self.timeout;
         let mut answers = Vec::with_capacity(cmds.len());
-        for _ in 0..cmds.len() {
-            match self.read_frame(deadline) {
+        for c in &cmds {
+            match self.read_frame(deadline, c.max_reply) {
                 Ok(f) => answers.push(f),
                 Err(e) => {
                     fail_commands(cmds);
@@ -552,8 +711,9 @@ impl Conn {
         }
     }
 
-    /// Runs the token-bucket script once per demand, as one pipeline. A demand that meets a
-    /// server without the script (restarted, flushed) is sent again after loading it.
+    /// Runs the token-bucket script once per demand, as one pipeline (one round: `run` sizes
+    /// it). A demand that meets a server without the script (restarted, flushed) is sent again
+    /// after loading it.
     fn token_buckets(&mut self, batch: &[Demand]) -> io::Result<Vec<(u32, i64)>> {
         let mut out: Vec<Option<(u32, i64)>> = vec![None; batch.len()];
         for _ in 0..2 {
@@ -593,7 +753,7 @@ impl Conn {
             let deadline = Instant::now() + self.timeout;
             let mut reload = false;
             for &i in &todo {
-                match self.read_frame(deadline)? {
+                match self.read_frame(deadline, SMALL_REPLY_BYTES)? {
                     BytesFrame::Array(v) if v.len() == 2 => {
                         let got = frame_int(&v[0]).ok_or_else(|| proto_err("bad answer"))?;
                         let left = frame_int(&v[1]).ok_or_else(|| proto_err("bad answer"))?;
@@ -616,6 +776,31 @@ impl Conn {
             .map(|a| a.ok_or_else(|| proto_err("script missing after reload")))
             .collect()
     }
+}
+
+/// The whole length (its line, the string, CR LF) of the bulk string at the start of `buf`,
+/// once its line is there; `None` for anything else, or a line [`reply_len`] refuses.
+fn bulk_len(buf: &[u8]) -> Option<usize> {
+    let rest = buf.strip_prefix(b"$")?;
+    // A length has at most 20 digits and a sign.
+    let eol = memchr::memmem::find(&rest[..rest.len().min(24)], b"\r\n")?;
+    let n: u64 = std::str::from_utf8(&rest[..eol]).ok()?.parse().ok()?;
+    usize::try_from(n).ok()?.checked_add(1 + eol + 2 + 2)
+}
+
+/// How many of the commands whose longest replies are `bounds` (in order) go in the next
+/// round: as many as fit in [`MAX_ROUND_REPLY_BYTES`], one at least.
+fn round_len(bounds: impl Iterator<Item = usize>) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for b in bounds {
+        total = total.saturating_add(b.clamp(1, MAX_REPLY_BYTES));
+        if n > 0 && total > MAX_ROUND_REPLY_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Takes the first reply off `buf`: `Ok(None)` while it is not whole. The reply is checked
@@ -770,83 +955,365 @@ mod tests {
         assert_eq!(&b[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
     }
 
-    /// A batch of plain commands goes in rounds whose longest replies fit
-    /// [`MAX_ROUND_REPLY_BYTES`], each round's answers handed out once it is read: with a
-    /// 16 MiB reply bound, 8 commands a round. A server that answers only the first 8 of 40
-    /// queued lookups has those 8 answered; before, the 40 went as one round and all waited
-    /// for the 40th answer (the link could hold 40 replies of 16 MiB).
-    #[test]
-    fn a_batch_goes_in_rounds_whose_replies_are_bounded_in_bytes() {
-        use std::net::TcpListener;
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (first_read, first_seen) = std::sync::mpsc::channel::<()>();
-        let (queued, answer_first) = std::sync::mpsc::channel::<()>();
-        let (done, wait) = std::sync::mpsc::channel::<()>();
-        let server = std::thread::spawn(move || {
-            let Ok((mut s, _)) = l.accept() else { return };
-            let mut chunk = [0u8; 4096];
-            // The first command: its answer waits until the test has queued the batch, so
-            // that the link's thread takes the batch whole.
-            if !matches!(s.read(&mut chunk), Ok(n) if n > 0) {
-                return;
-            }
-            let _ = first_read.send(());
-            let _ = answer_first.recv();
-            if s.write_all(b"$1\r\nx\r\n").is_err() {
-                return;
-            }
-            // Then the first 8 lookups are answered, and nothing more.
-            let (mut seen, mut answered) = (Vec::new(), 0);
-            while answered < 8 {
-                let n = match s.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                seen.extend_from_slice(&chunk[..n]);
-                let gets = seen.windows(5).filter(|w| w == b"\r\nGET").count();
-                while answered < gets.min(8) {
-                    if s.write_all(b"$1\r\nv\r\n").is_err() {
-                        return;
-                    }
-                    answered += 1;
+    /// A server for one link whose answer to the first command waits until the test says
+    /// `go` (see [`Gated::go`]), so that commands queued meanwhile reach the link's thread as
+    /// one batch; then `rest` serves the connection, and its socket stays open until the
+    /// test is done.
+    struct Gated {
+        addr: std::net::SocketAddr,
+        first_seen: std::sync::mpsc::Receiver<()>,
+        go: std::sync::mpsc::Sender<()>,
+        done: std::sync::mpsc::Sender<()>,
+        server: std::thread::JoinHandle<()>,
+    }
+
+    impl Gated {
+        fn start(
+            first_answer: &'static [u8],
+            rest: impl FnOnce(&mut TcpStream) + Send + 'static,
+        ) -> Gated {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let (first_read, first_seen) = std::sync::mpsc::channel::<()>();
+            let (go, answer_first) = std::sync::mpsc::channel::<()>();
+            let (done, wait) = std::sync::mpsc::channel::<()>();
+            let server = std::thread::spawn(move || {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let mut chunk = [0u8; 4096];
+                if !matches!(s.read(&mut chunk), Ok(n) if n > 0) {
+                    return;
                 }
+                let _ = first_read.send(());
+                let _ = answer_first.recv();
+                if s.write_all(first_answer).is_err() {
+                    return;
+                }
+                rest(&mut s);
+                let _ = wait.recv();
+            });
+            Gated {
+                addr,
+                first_seen,
+                go,
+                done,
+                server,
             }
-            let _ = wait.recv();
-        });
+        }
+
+        /// Waits for the first command to reach the server, queues `batch` behind it with
+        /// `queue`, then lets the server answer.
+        fn go(&self, queue: impl FnOnce()) {
+            self.first_seen
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the first command reaches the server");
+            queue();
+            let _ = self.go.send(());
+        }
+
+        fn stop(self, link: (Arc<AtomicBool>, JoinHandle<()>)) {
+            link.0.store(true, Ordering::SeqCst);
+            let _ = self.done.send(());
+            let _ = self.server.join();
+            let _ = link.1.join();
+        }
+    }
+
+    /// A link to `addr` with `timeout`, its thread started.
+    fn link_to(
+        addr: std::net::SocketAddr,
+        role: &'static str,
+        timeout: &str,
+    ) -> (Arc<RedisLink>, (Arc<AtomicBool>, JoinHandle<()>)) {
         let cfg: RedisConfig =
-            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"30s\"\n")).expect("config");
-        let link = RedisLink::with_role(cfg, "cache", 16 << 20);
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"{timeout}\"\n"))
+                .expect("config");
+        let link = RedisLink::with_role(cfg, role);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = spawn(link.clone(), stop.clone()).expect("thread");
-        let get = |k: &'static [u8], tx: Option<std::sync::mpsc::Sender<bool>>| Command {
-            args: vec![
-                bytes::Bytes::from_static(b"GET"),
-                bytes::Bytes::from_static(k),
-            ],
+        (link, (stop, thread))
+    }
+
+    /// A plain command whose reply may be `max_reply` bytes long; `tx` hears whether it was
+    /// answered.
+    fn command(
+        args: &[&'static [u8]],
+        max_reply: usize,
+        tx: Option<std::sync::mpsc::Sender<bool>>,
+    ) -> Command {
+        Command {
+            args: args.iter().map(|a| bytes::Bytes::from_static(a)).collect(),
+            max_reply,
             done: tx.map(|tx| -> OnFrame {
                 Box::new(move |f| {
                     let _ = tx.send(f.is_some());
                 })
             }),
-        };
-        link.command(get(b"first", None));
-        first_seen
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the first command reaches the server");
-        let (tx, rx) = std::sync::mpsc::channel::<bool>();
-        for _ in 0..40 {
-            link.command(get(b"k", Some(tx.clone())));
         }
-        let _ = queued.send(());
+    }
+
+    /// Reads from `s` until `needle` has been seen `n` times, then writes `answer` `n` times.
+    fn answer_after(s: &mut TcpStream, needle: &[u8], n: usize, answer: &[u8]) {
+        let (mut seen, mut chunk) = (Vec::new(), [0u8; 4096]);
+        while seen.windows(needle.len()).filter(|w| *w == needle).count() < n {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = s.write_all(&answer.repeat(n));
+    }
+
+    /// A batch of plain commands goes in rounds whose longest replies fit
+    /// [`MAX_ROUND_REPLY_BYTES`], each round's answers handed out once it is read: with a
+    /// 16 MiB reply bound each, 8 commands a round. A server that answers only the first 8 of
+    /// 40 queued lookups has those 8 answered; before, the 40 went as one round and all waited
+    /// for the 40th answer (the link could hold 40 replies of 16 MiB).
+    #[test]
+    fn a_batch_goes_in_rounds_whose_replies_are_bounded_in_bytes() {
+        let server = Gated::start(b"$1\r\nx\r\n", |s| {
+            answer_after(s, b"\r\nGET", 8, b"$1\r\nv\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "cache", "30s");
+        link.command(command(&[b"GET", b"first"], 16 << 20, None));
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        server.go(|| {
+            for _ in 0..40 {
+                link.command(command(&[b"GET", b"k"], 16 << 20, Some(tx.clone())));
+            }
+        });
         for i in 0..8 {
             let got = rx.recv_timeout(Duration::from_secs(10));
             assert_eq!(got, Ok(true), "answer {i} of the first round");
         }
-        stop.store(true, Ordering::SeqCst);
+        server.stop(thread);
+    }
+
+    /// A round's depth follows each command's own reply bound, not the longest reply of the
+    /// link: 100 writes, each answered with a status ([`SMALL_REPLY_BYTES`]), go as one round,
+    /// and a server that answers once it has them all answers every one. Before, every command
+    /// of the cache's link had the link's bound (a list's 8 MiB and 64 KiB with the default
+    /// `max_entry_bytes`): 15 commands a round, whose answers this server never sent, so
+    /// every write failed after the timeout.
+    #[test]
+    fn a_round_of_small_reply_commands_is_deeper_than_a_round_of_lookups() {
+        let server = Gated::start(b"+OK\r\n", |s| {
+            answer_after(s, b"\r\nSET", 100, b"+OK\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "cache", "5s");
+        link.command(command(&[b"SET", b"first", b"v"], SMALL_REPLY_BYTES, None));
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        server.go(|| {
+            for _ in 0..100 {
+                let set = command(&[b"SET", b"k", b"v"], SMALL_REPLY_BYTES, Some(tx.clone()));
+                link.command(set);
+            }
+        });
+        for i in 0..100 {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(got, Ok(true), "answer {i}");
+        }
+        assert_eq!(
+            round_len(std::iter::repeat_n(SMALL_REPLY_BYTES, 4096)),
+            2048
+        );
+        server.stop(thread);
+    }
+
+    /// Reads from `s` and answers each `needle` seen with `answer` as it comes, `n` in all.
+    fn answer_each(s: &mut TcpStream, needle: &[u8], n: usize, answer: &[u8]) {
+        let (mut seen, mut chunk, mut answered) = (Vec::new(), [0u8; 4096], 0);
+        while answered < n {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(k) => seen.extend_from_slice(&chunk[..k]),
+            }
+            let found = seen.windows(needle.len()).filter(|w| *w == needle).count();
+            while answered < found.min(n) {
+                if s.write_all(answer).is_err() {
+                    return;
+                }
+                answered += 1;
+            }
+        }
+    }
+
+    /// The rate limiter's demands go in rounds bounded as plain commands are (a reply of
+    /// [`SMALL_REPLY_BYTES`] each: 2048 a round), each round's grants handed out once it is
+    /// read: a server that answers only the first 2048 of 2100 queued demands has those 2048
+    /// granted. Before, the 2100 went as one round (up to 4096, with 64 KiB replies each
+    /// possible), and all failed once the server stopped answering.
+    #[test]
+    fn rate_limit_demands_go_in_rounds_bounded_in_reply_bytes() {
+        let sha = b"$40\r\n0000000000000000000000000000000000000000\r\n";
+        let server = Gated::start(sha, move |s| {
+            // The second script, then the first demand and the first round of the batch.
+            answer_each(s, b"SCRIPT", 1, sha);
+            answer_each(s, b"EVALSHA", 1 + 2048, b"*2\r\n:1\r\n:0\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "limits", "5s");
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        let demand = |tx: std::sync::mpsc::Sender<bool>| Demand {
+            key: "k".into(),
+            call: Call::TokenBucket {
+                rate: 10.0,
+                burst: 10.0,
+            },
+            want: 1,
+            back: 0.0,
+            done: Box::new(move |a| {
+                let _ = tx.send(a.is_some());
+            }),
+        };
+        link.submit(demand(tx.clone()));
+        server.go(|| {
+            for _ in 0..2100 {
+                link.submit(demand(tx.clone()));
+            }
+        });
+        for i in 0..1 + 2048 {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(got, Ok(true), "grant {i}");
+        }
+        server.stop(thread);
+    }
+
+    /// A read waits no longer than its round's deadline, whatever the socket's timeout: a
+    /// connection opened with a 30 s `timeout`, asked for a reply by a deadline 100 ms away,
+    /// from a server that sends half a reply and stalls, gives up at the deadline. Before, the
+    /// socket's read timeout stayed the connection's `timeout`, so a read begun before the
+    /// deadline waited up to 30 s more.
+    #[test]
+    fn a_read_waits_no_longer_than_its_deadline() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let _ = s.write_all(b"$5\r\nab");
+            let _ = wait.recv();
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"30s\"\n")).expect("config");
+        let mut c = Conn::open(&cfg, false).expect("connects");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let r = c.read_frame(
+                Instant::now() + Duration::from_millis(100),
+                SMALL_REPLY_BYTES,
+            );
+            let _ = tx.send(r.map_err(|e| e.kind()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
         let _ = done.send(());
+        assert_eq!(got, Ok(Err(io::ErrorKind::TimedOut)));
+        let _ = reader.join();
         let _ = server.join();
+    }
+
+    /// A server that accepts every connection and closes it at once keeps the link down: it
+    /// is logged once, not at every retry, and every failure is counted. One that answers
+    /// `PING` but drops every round makes the link go up and down at every retry: logged once
+    /// each way, then at most once a minute. Before, a connection accepted was taken as
+    /// recovery and every change was logged, so each retry logged two lines ("answers
+    /// again", "unreachable"): 40 lines for 20 failures here, a pair a second by default.
+    #[test]
+    fn a_link_that_keeps_failing_is_logged_once_and_counted() {
+        for (pong, want) in [(false, 1), (true, 2)] {
+            let (failures, lines) = keep_failing(pong);
+            assert!(failures >= 20, "{failures} failures");
+            assert_eq!(
+                lines, want,
+                "lines logged for {failures} failures (PING: {pong})"
+            );
+        }
+    }
+
+    /// Runs a cache link against a server that drops every connection (after answering its
+    /// `PING`s with `pong`) until it has failed 20 times; its failures and lines logged.
+    fn keep_failing(pong: bool) -> (u64, u64) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stop_accepting = Arc::new(AtomicBool::new(false));
+        let stopping = stop_accepting.clone();
+        let server = std::thread::spawn(move || {
+            for s in l.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut s) = s else { continue };
+                let mut chunk = [0u8; 4096];
+                // Without `pong`, the connection is dropped at once.
+                if pong {
+                    loop {
+                        match s.read(&mut chunk) {
+                            Ok(n) if n > 0 && chunk[..n].windows(4).any(|w| w == b"PING") => {
+                                let _ = s.write_all(b"+PONG\r\n");
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+        });
+        let cfg: RedisConfig = toml::from_str(&format!(
+            "address = \"{addr}\"\ntimeout = \"5s\"\nretry_interval = \"5ms\"\n"
+        ))
+        .expect("config");
+        let link = RedisLink::with_role(cfg, "cache");
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        for _ in 0..2000 {
+            if link.failures.load(Ordering::SeqCst) >= 20 {
+                break;
+            }
+            // Writes are queued even while the link is down (lookups fail at once).
+            link.command(command(&[b"SET", b"k", b"v"], SMALL_REPLY_BYTES, None));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::SeqCst);
         let _ = thread.join();
+        stop_accepting.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(addr);
+        let _ = server.join();
+        (
+            link.failures.load(Ordering::SeqCst),
+            link.lines.load(Ordering::SeqCst),
+        )
+    }
+
+    /// A bulk string longer than its command's bound, such as an entry another host with a
+    /// larger `max_entry_bytes` wrote, is read and thrown away as it arrives (the read buffer
+    /// never grows past one read), answered as `Null` (a miss), and the connection stays in
+    /// step: the next reply is the next command's. One declared longer than any host writes
+    /// ([`MAX_REPLY_BYTES`]) is refused as soon as its length is read. Before, a lookup's
+    /// reply could be as long as the link's longest (8 MiB on the cache's link), held whole;
+    /// a longer one broke the link.
+    #[test]
+    fn a_bulk_string_longer_than_its_command_s_bound_is_skipped_not_held() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let mut big = b"$4194304\r\n".to_vec();
+            big.resize(big.len() + (4 << 20), b'e');
+            big.extend_from_slice(b"\r\n$1\r\nv\r\n$4611686018427387904\r\n");
+            let _ = s.write_all(&big);
+            let mut chunk = [0u8; 64];
+            let _ = s.read(&mut chunk);
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"30s\"\n")).expect("config");
+        let mut c = Conn::open(&cfg, false).expect("connects");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = c.read_frame(deadline, 16 * 1024).expect("skipped");
+        assert_eq!(first, BytesFrame::Null);
+        assert!(c.rbuf.capacity() <= 64 * 1024, "{} held", c.rbuf.capacity());
+        let second = c.read_frame(deadline, 16 * 1024).expect("the next reply");
+        assert_eq!(second, BytesFrame::BulkString("v".into()));
+        let third = c.read_frame(deadline, 16 * 1024);
+        assert!(third.is_err(), "2^62 bytes declared: {third:?}");
+        drop(c);
+        let _ = server.join();
     }
 
     /// Commands queued behind a Redis that does not read are bounded in bytes, not only in
@@ -864,17 +1331,14 @@ mod tests {
             let Ok((_s, _)) = l.accept() else { return };
             let _ = wait.recv();
         });
-        let cfg: RedisConfig =
-            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"60s\"\n")).expect("config");
-        let link = RedisLink::with_role(cfg, "cache", MAX_REPLY_BYTES);
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        let (link, (stop, thread)) = link_to(addr, "cache", "60s");
         let set = |n: usize| Command {
             args: vec![
                 bytes::Bytes::from_static(b"SET"),
                 bytes::Bytes::from_static(b"k"),
                 bytes::Bytes::from(vec![b'x'; n]),
             ],
+            max_reply: SMALL_REPLY_BYTES,
             done: None,
         };
         // A first write larger than the socket's buffers: the link's thread blocks on it.

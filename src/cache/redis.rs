@@ -39,24 +39,29 @@ use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
 use crate::doorbell::Doorbell;
-use crate::redis::{Command, RedisLink};
+use crate::redis::{Command, RedisLink, SMALL_REPLY_BYTES};
 
 use super::fields::{span, Fields};
 use super::{Object, Purge, PurgeTarget, Sent, Timing};
 use crate::http::HeaderSpan;
 
-/// Room in the cache link's replies for its lists: a key's variant names (`LRANGE`, at most
+/// The longest reply to a list command: a key's variant names (`LRANGE`, at most
 /// [`MAX_REDIS_VARIANTS`]) and a purge's `SCAN` rounds ([`SCAN_COUNT`] keys asked for).
-const MAX_LIST_REPLY_BYTES: u64 = 8 << 20;
+const MAX_LIST_REPLY_BYTES: usize = 8 << 20;
 
-/// The longest reply the cache link reads: an entry of `max_entry_bytes` with its encoding's
-/// overhead, or a list. Before, it was the largest any link reads (1 GiB): a server that
-/// declared a 1 GB string and sent it made the link hold it (929 MB measured) whatever
-/// `max_entry_bytes` said, though an entry over it is a miss anyway.
-fn max_reply(max_entry_bytes: u64) -> usize {
+/// The longest reply to a `GET` of an entry: an entry of `max_entry_bytes` with its encoding's
+/// overhead, and the bulk string's framing. Before, every command of the cache's link could
+/// be answered with its longest reply, a list's 8 MiB at least: a `GET` could make the link
+/// hold 8 MiB with the default `max_entry_bytes` of 1 MiB.
+fn max_get_reply(max_entry_bytes: u64) -> usize {
     let entry = max_entry_bytes.saturating_add(MAX_ENCODING_OVERHEAD);
-    usize::try_from(entry.max(MAX_LIST_REPLY_BYTES).saturating_add(64 * 1024)).unwrap_or(usize::MAX)
+    usize::try_from(entry.saturating_add(BULK_FRAMING))
+        .unwrap_or(usize::MAX)
+        .min(crate::redis::MAX_REPLY_BYTES)
 }
+
+/// A bulk string's framing: `$`, its length (at most 20 digits), and two CR LF.
+const BULK_FRAMING: u64 = 1 + 20 + 4;
 
 /// Most fields, tags and Vary values accepted in an entry read back from Redis.
 const MAX_ENTRY_FIELDS: usize = 512;
@@ -104,6 +109,8 @@ pub struct SharedLayer {
     link: Arc<RedisLink>,
     prefix: Bytes,
     max_entry: u64,
+    /// The longest reply to a `GET` of an entry ([`max_get_reply`]).
+    max_get: usize,
     timeout: Duration,
     /// Lookups sent, entries found, entries written.
     pub gets: AtomicU64,
@@ -116,9 +123,10 @@ impl SharedLayer {
     pub fn new(cfg: &crate::config::Config) -> Option<Arc<SharedLayer>> {
         let r = cfg.cache.redis.as_ref()?;
         Some(Arc::new(SharedLayer {
-            link: RedisLink::with_role(r.link(), "cache", max_reply(r.max_entry_bytes.0)),
+            link: RedisLink::with_role(r.link(), "cache"),
             prefix: Bytes::copy_from_slice(r.key_prefix.as_bytes()),
             max_entry: r.max_entry_bytes.0,
+            max_get: max_get_reply(r.max_entry_bytes.0),
             timeout: r.timeout.0,
             gets: AtomicU64::new(0),
             found: AtomicU64::new(0),
@@ -242,14 +250,16 @@ impl SharedLayer {
         // Counted as a waiter before the commands go: an answer that beats the first look
         // still rings (one wake-up, found done).
         let _counted = bell.watch();
-        // An answer longer than any entry this host writes is dropped as it arrives: waiting
-        // answers are not left to hold up to the largest reply each.
+        // The link throws away an answer longer than the `GET`'s bound as it reads it (a
+        // miss); one within the bound's framing room but longer than any entry this host
+        // writes is dropped here, as it arrives.
         let longest = self.max_entry.saturating_add(MAX_ENCODING_OVERHEAD);
         for (i, k) in rkeys.enumerate() {
             self.gets.fetch_add(1, Ordering::Relaxed);
             let s = slot.clone();
             self.link.command(Command {
                 args: vec![Bytes::from_static(b"GET"), k],
+                max_reply: self.max_get,
                 done: Some(Box::new(move |f| {
                     let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
                     g.0 += 1;
@@ -288,6 +298,7 @@ impl SharedLayer {
                 Bytes::from_static(b"EX"),
                 ttl_s.clone(),
             ],
+            max_reply: SMALL_REPLY_BYTES,
             done: None,
         });
         // Keys written, for the index sets: the entry, its variant, the variant list (that one
@@ -308,6 +319,7 @@ impl SharedLayer {
                     ttl_s.clone(),
                     Bytes::from(cap.to_string()),
                 ],
+                max_reply: SMALL_REPLY_BYTES,
                 done: None,
             });
             written.extend([vk, list]);
@@ -319,9 +331,14 @@ impl SharedLayer {
         for (s, n) in sets {
             let mut args = vec![Bytes::from_static(b"SADD"), s.clone()];
             args.extend(written[..n].iter().cloned());
-            self.link.command(Command { args, done: None });
+            self.link.command(Command {
+                args,
+                max_reply: SMALL_REPLY_BYTES,
+                done: None,
+            });
             self.link.command(Command {
                 args: vec![Bytes::from_static(b"EXPIRE"), s, ttl_s.clone()],
+                max_reply: SMALL_REPLY_BYTES,
                 done: None,
             });
         }
@@ -348,6 +365,7 @@ impl SharedLayer {
                 Bytes::from_static(b"0"),
                 Bytes::from((MAX_REDIS_VARIANTS - 1).to_string()),
             ],
+            max_reply: MAX_LIST_REPLY_BYTES,
             done: Some(Box::new(move |f| {
                 let listed = match f {
                     Some(BytesFrame::Array(items)) => items,
@@ -376,6 +394,7 @@ impl SharedLayer {
         let longest = self.max_entry.saturating_add(MAX_ENCODING_OVERHEAD);
         self.link.command(Command {
             args: vec![Bytes::from_static(b"GET"), rk.clone()],
+            max_reply: self.max_get,
             done: Some(Box::new(move |f| {
                 let Some(BytesFrame::BulkString(old)) = f else {
                     return;
@@ -405,7 +424,11 @@ impl SharedLayer {
                     Bytes::from(expiry(&new, now).to_string()),
                 ]);
                 layer.sets.fetch_add(1, Ordering::Relaxed);
-                layer.link.command(Command { args, done: None });
+                layer.link.command(Command {
+                    args,
+                    max_reply: SMALL_REPLY_BYTES,
+                    done: None,
+                });
             })),
         });
     }
@@ -450,6 +473,7 @@ impl SharedLayer {
                 Bytes::from_static(b"1"),
                 set,
             ],
+            max_reply: SMALL_REPLY_BYTES,
             done: None,
         });
         // Sent after the deletion on the same connection: Redis runs them in order.
@@ -463,6 +487,7 @@ impl SharedLayer {
                 self.rkey(b"purge", b""),
                 msg,
             ],
+            max_reply: SMALL_REPLY_BYTES,
             done: None,
         });
     }
@@ -481,6 +506,7 @@ impl SharedLayer {
                 Bytes::from_static(b"COUNT"),
                 Bytes::from_static(SCAN_COUNT),
             ],
+            max_reply: MAX_LIST_REPLY_BYTES,
             done: Some(Box::new(move |f| {
                 let next = match f {
                     Some(BytesFrame::Array(v)) => match <[BytesFrame; 2]>::try_from(v) {
@@ -525,6 +551,7 @@ impl SharedLayer {
                             Bytes::from_static(b"1"),
                             set,
                         ],
+                        max_reply: SMALL_REPLY_BYTES,
                         done: None,
                     });
                 }
@@ -536,7 +563,11 @@ impl SharedLayer {
                     kind.is_some_and(|kind| ENTRY_KINDS.contains(&kind))
                 }));
                 if args.len() > 1 {
-                    self.link.command(Command { args, done: None });
+                    self.link.command(Command {
+                        args,
+                        max_reply: SMALL_REPLY_BYTES,
+                        done: None,
+                    });
                 }
             }
         }

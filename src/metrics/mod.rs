@@ -479,6 +479,7 @@ impl WorkerMetrics {
             up: !r.is_down(),
             commands: r.commands.load(std::sync::atomic::Ordering::Relaxed),
             round_trips: r.round_trips.load(std::sync::atomic::Ordering::Relaxed),
+            failures: r.failures.load(std::sync::atomic::Ordering::Relaxed),
         });
         s
     }
@@ -590,6 +591,7 @@ pub struct RedisSample {
     pub up: bool,
     pub commands: u64,
     pub round_trips: u64,
+    pub failures: u64,
 }
 
 /// One worker's metrics, or (after [`WorkerSample::merge`]) every worker's summed.

@@ -513,6 +513,12 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             "Pipelines sent to Redis (round trips).",
         );
         e.sample("ringway_redis_round_trips_total", &[], r.round_trips);
+        e.family(
+            "ringway_redis_failures_total",
+            "counter",
+            "Failures of the Redis link for shared rate limits (refused, broken, late or malformed answers), retries included.",
+        );
+        e.sample("ringway_redis_failures_total", &[], r.failures);
     }
 }
 

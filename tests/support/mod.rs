@@ -261,6 +261,11 @@ pub struct ServerThreads {
 }
 
 impl ServerThreads {
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.streams.lock().unwrap().len()
+    }
+
     /// Accepts on `l` (blocking) and runs `conn` on a thread per connection.
     pub fn serve(
         l: TcpListener,
