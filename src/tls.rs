@@ -1030,6 +1030,14 @@ impl<S: AsyncReadRent + AsyncWriteRent> AsyncWriteRent for Guarded<S> {
     }
 }
 
+/// Whether an I/O error from a TLS stream is the TLS layer's own: an alert the peer sent
+/// (other than close_notify, which reads as the end of the stream) or a record rustls refused.
+/// monoio-rustls hands rustls's error on inside the `io::Error`.
+pub fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+}
+
 /// Sends `close_notify` within `limit` (a client that stopped reading does not hold the task).
 pub async fn close_notify<S: AsyncWriteRent>(s: &mut S, limit: std::time::Duration) {
     let _ = monoio::time::timeout(limit, s.shutdown()).await;

@@ -1290,6 +1290,44 @@ fn upstream_tls_presents_the_client_certificate() {
     }
 }
 
+/// RFC 8446 §4.4.2.4: a TLS 1.3 server that requires a client certificate sends its refusal
+/// (a certificate_required alert) after the client has sent its Finished, so the client meets
+/// it on its first read, not in the handshake. That is still a failed TLS handshake: 502
+/// `upstream_tls_failed`, counted as such, not `upstream_closed`.
+#[test]
+fn rfc8446_4_4_2_4_a_tls13_refusal_of_a_missing_client_certificate_is_a_tls_failure() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", Some("ca.pem"));
+        let without = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &without), d);
+        for i in 0..2 {
+            let r = get(gw.addr, &format!("/m/{i}"));
+            assert_eq!(r.status, 502, "{d:?}: {}", r.text());
+            assert_eq!(
+                r.json()["error"],
+                "upstream_tls_failed",
+                "{d:?}: {}",
+                r.text()
+            );
+        }
+        let mut text = String::new();
+        ringway::metrics::render_prometheus(gw.gateway().control(), &mut text).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ringway_upstream_errors_total{")
+                    && l.contains("kind=\"upstream_tls_failed\"")
+                    && l.ends_with(" 2")),
+            "{d:?}: {text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.contains("kind=\"upstream_closed\"") && !l.ends_with(" 0")),
+            "{d:?}: {text}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Config refusals.
 

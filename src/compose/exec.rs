@@ -1225,6 +1225,7 @@ async fn read_body(
                 Fail::new("the upstream closed the connection before the end of its answer")
             }
             IoFail::Io => Fail::new("reading the upstream's answer failed"),
+            IoFail::Tls => Fail::new("the upstream's TLS layer ended the connection with an alert"),
         };
         (f, true)
     };

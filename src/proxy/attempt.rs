@@ -148,12 +148,18 @@ pub async fn attempt<D: Downstream>(
             // An upstream may answer before it has read the whole body (its own 413, an auth
             // error) and stop reading: pass that answer on rather than a 502. The client's
             // connection closes after it, as its body was not all read.
-            if down.has_body()
-                && read_response_head(&mut up, down, o, resp, &mut timer)
-                    .await
-                    .is_ok()
-            {
-                return Ok(up);
+            // A fresh TLS connection whose write failed may hold the server's refusal of
+            // the handshake (TLS 1.3: an alert after the client's Finished), which a read
+            // finds.
+            let fresh_tls = !timeout && !up.reused && matches!(up.stream, UpStream::Tls(..));
+            if down.has_body() || fresh_tls {
+                match read_response_head(&mut up, down, o, resp, &mut timer).await {
+                    Ok(()) if down.has_body() => return Ok(up),
+                    Err(RespFail::Tls) if fresh_tls => {
+                        return Err(AttemptError::Connect(GatewayError::UpstreamTls))
+                    }
+                    _ => {}
+                }
             }
             return Err(if timeout {
                 AttemptError::Timeout
@@ -166,8 +172,13 @@ pub async fn attempt<D: Downstream>(
     }
     match read_response_head(&mut up, down, o, resp, &mut timer).await {
         Ok(()) => Ok(up),
-        Err(RespFail::ClosedEarly) if up.reused => Err(AttemptError::Stale),
-        Err(RespFail::ClosedEarly) => Err(AttemptError::Reset),
+        // The first read of a new TLS connection found an alert before any response byte:
+        // the server refused the handshake after the client took it as done (TLS 1.3 sends
+        // its refusal of a missing or unwanted client certificate this way, RFC 8446
+        // §4.4.2.4). A TLS failure, like one seen during the handshake.
+        Err(RespFail::Tls) if !up.reused => Err(AttemptError::Connect(GatewayError::UpstreamTls)),
+        Err(RespFail::ClosedEarly | RespFail::Tls) if up.reused => Err(AttemptError::Stale),
+        Err(RespFail::ClosedEarly | RespFail::Tls) => Err(AttemptError::Reset),
         Err(RespFail::Timeout) => Err(AttemptError::Timeout),
         Err(RespFail::Bad) => Err(AttemptError::Bad),
         Err(RespFail::Down(f)) => Err(AttemptError::Down(f)),
@@ -309,6 +320,8 @@ async fn send_request<D: Downstream>(
 
 enum RespFail {
     ClosedEarly,
+    /// A TLS alert (or a record rustls refused) before any response byte.
+    Tls,
     Timeout,
     Bad,
     Down(DownFail),
@@ -363,6 +376,7 @@ async fn read_response_head<D: Downstream>(
         {
             Ok(_) => {}
             Err(IoFail::Timeout) => return Err(RespFail::Timeout),
+            Err(IoFail::Tls) if !got_any => return Err(RespFail::Tls),
             Err(_) if got_any => return Err(RespFail::Bad),
             Err(_) => return Err(RespFail::ClosedEarly),
         }

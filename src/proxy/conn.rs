@@ -155,6 +155,11 @@ pub enum IoFail {
     Timeout,
     Eof,
     Io,
+    /// The peer's TLS layer refused the connection: an alert (other than close_notify) or a
+    /// record rustls could not accept. Over TLS 1.3 a server's refusal of the client's
+    /// certificate (or of its absence) arrives this way, on the first read after a handshake
+    /// the client took as done (RFC 8446 §4.4.2.4, §6.2).
+    Tls,
 }
 
 /// Reads at most `max` more bytes, appending to `buf`. On timeout or error the stream is
@@ -246,6 +251,7 @@ impl<'a> IoTimer<'a> {
                 match res {
                     Ok(0) => Err(IoFail::Eof),
                     Ok(n) => Ok(n),
+                    Err(e) if crate::tls::is_tls_error(&e) => Err(IoFail::Tls),
                     Err(_) => Err(IoFail::Io),
                 }
             }
