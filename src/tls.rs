@@ -821,6 +821,10 @@ pub struct SockFlags {
     /// Reads return `WouldBlock` without touching the socket: [`Guarded::buffered_input`]
     /// looks at what the TLS layer already holds.
     probing: Cell<bool>,
+    /// Writes are one non-blocking `send` each, done before the write returns:
+    /// [`Guarded::close_notify_now`] sends its alert without waiting and without leaving an
+    /// operation in flight on a socket about to be closed.
+    closing: Cell<bool>,
 }
 
 /// The TCP stream under a TLS session.
@@ -860,6 +864,25 @@ impl AsyncReadRent for Sock {
 
 impl AsyncWriteRent for Sock {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        if self.flags.closing.get() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: `send` reads `bytes_init()` bytes at `read_ptr()`, which the buffer
+            // holds, from a socket fd this stream owns; it returns before the call does.
+            let n = unsafe {
+                libc::send(
+                    self.tcp.as_raw_fd(),
+                    buf.read_ptr().cast(),
+                    buf.bytes_init(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            let r = if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            };
+            return (r, buf);
+        }
         self.flags.writing.set(true);
         let r = self.tcp.write(buf).await;
         self.flags.writing.set(false);
@@ -867,6 +890,10 @@ impl AsyncWriteRent for Sock {
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        if self.flags.closing.get() {
+            // monoio-rustls writes records with `write`; nothing else is sent while closing.
+            return (Err(io::ErrorKind::WouldBlock.into()), buf);
+        }
         self.flags.writing.set(true);
         let r = self.tcp.writev(buf).await;
         self.flags.writing.set(false);
@@ -960,6 +987,33 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
                 self.reading = true;
                 (true, None)
             }
+        }
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
+    /// Sends `close_notify` now, best effort, before the connection is dropped (RFC 8446
+    /// §6.1: a party closing its write side sends it first), for connections closed where
+    /// nothing can wait: a pooled upstream connection evicted or expired, one not pooled after
+    /// its response, one dropped after an error. The alert is written with one non-blocking
+    /// `send` while this runs, and the write side is shut; nothing waits for the peer or for
+    /// room in the socket buffer: when there is none, the alert is not sent. Skipped when a
+    /// dropped write left the write side unusable (a record may be half written).
+    pub fn close_notify_now(&mut self) {
+        use std::task::{Context, Poll, Waker};
+        if !self.write_ok() {
+            return;
+        }
+        self.sock.closing.set(true);
+        let polled = {
+            let fut = std::pin::pin!(self.inner.shutdown());
+            fut.poll(&mut Context::from_waker(Waker::noop()))
+        };
+        self.sock.closing.set(false);
+        if let Poll::Pending = polled {
+            // Every socket call above returns at once, so this does not happen; were it to,
+            // the write buffer went with the future.
+            self.writing = true;
         }
     }
 }

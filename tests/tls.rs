@@ -1046,6 +1046,8 @@ struct TlsUpstream {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
     subjects: Arc<Mutex<Vec<bool>>>,
+    /// Connections the gateway ended with a close_notify (a clean end of the TLS stream).
+    clean_closes: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -1077,8 +1079,14 @@ impl TlsUpstream {
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
         let subjects = Arc::new(Mutex::new(Vec::new()));
+        let clean_closes = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, st, sj) = (conns.clone(), stop.clone(), subjects.clone());
+        let (c, st, sj, cc) = (
+            conns.clone(),
+            stop.clone(),
+            subjects.clone(),
+            clean_closes.clone(),
+        );
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -1087,14 +1095,15 @@ impl TlsUpstream {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (cfg, sj) = (cfg.clone(), sj.clone());
-                thread::spawn(move || tls_upstream_conn(cfg, tcp, &sj));
+                let (cfg, sj, cc) = (cfg.clone(), sj.clone(), cc.clone());
+                thread::spawn(move || tls_upstream_conn(cfg, tcp, &sj, &cc));
             }
         });
         TlsUpstream {
             addr,
             conns,
             subjects,
+            clean_closes,
             stop,
         }
     }
@@ -1106,7 +1115,12 @@ impl Drop for TlsUpstream {
     }
 }
 
-fn tls_upstream_conn(cfg: Arc<ServerConfig>, tcp: TcpStream, subjects: &Mutex<Vec<bool>>) {
+fn tls_upstream_conn(
+    cfg: Arc<ServerConfig>,
+    tcp: TcpStream,
+    subjects: &Mutex<Vec<bool>>,
+    clean_closes: &AtomicUsize,
+) {
     tcp.set_nonblocking(false).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut s = StreamOwned::new(ServerConnection::new(cfg).unwrap(), tcp);
@@ -1115,7 +1129,13 @@ fn tls_upstream_conn(cfg: Arc<ServerConfig>, tcp: TcpStream, subjects: &Mutex<Ve
     loop {
         let mut tmp = [0u8; 8192];
         let n = match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
+            // rustls reads a close_notify as the end of the stream, and a TCP close without
+            // one as an error (UnexpectedEof).
+            Ok(0) => {
+                clean_closes.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Err(_) => return,
             Ok(n) => n,
         };
         if !noted {
@@ -1287,6 +1307,60 @@ fn upstream_tls_presents_the_client_certificate() {
         let without = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
         let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &without), d);
         assert_eq!(get(gw.addr, "/").status, 502, "{d:?}");
+    }
+}
+
+/// RFC 8446 §6.1: a party closing its write side sends close_notify first. The gateway does
+/// so for the TLS upstream connections it closes: one not pooled after its response
+/// (`max_idle = 0`), and pooled ones closed at shutdown. The upstream reads a clean end of
+/// the TLS stream, not a TCP close (which rustls reports as an unexpected EOF).
+#[test]
+fn rfc8446_6_1_upstream_tls_connections_the_gateway_closes_end_with_close_notify() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let tls = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        // Not pooled: closed right after each response.
+        let unpooled = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\nmax_idle = 0\ntls = {{ {tls} }}\n\n{ALL}",
+            up.addr
+        );
+        let gw = TestGateway::start(&unpooled, d);
+        for i in 0..3 {
+            let r = get(gw.addr, &format!("/n/{i}"));
+            assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || up
+                .clean_closes
+                .load(Ordering::SeqCst)
+                == 3),
+            "{d:?}: {} of 3 connections ended with close_notify",
+            up.clean_closes.load(Ordering::SeqCst)
+        );
+        assert_eq!(up.conns.load(Ordering::SeqCst), 3, "{d:?}");
+        drop(gw);
+        // Pooled: one connection serves every request, and is closed when the gateway stops.
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &tls), d);
+        let mut c = Client::connect(gw.addr);
+        for i in 0..3 {
+            c.send(format!("GET /p/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes());
+            assert_eq!(c.read_response().unwrap().status, 200, "{d:?}");
+        }
+        assert_eq!(up.conns.load(Ordering::SeqCst), 4, "{d:?}: pooled");
+        assert_eq!(
+            up.clean_closes.load(Ordering::SeqCst),
+            3,
+            "{d:?}: still open"
+        );
+        drop(c);
+        drop(gw);
+        assert!(
+            eventually(Duration::from_secs(10), || up
+                .clean_closes
+                .load(Ordering::SeqCst)
+                == 4),
+            "{d:?}: the pooled connection ended without close_notify"
+        );
     }
 }
 
