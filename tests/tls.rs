@@ -1126,6 +1126,8 @@ fn tls_upstream_conn(
     let mut s = StreamOwned::new(ServerConnection::new(cfg).unwrap(), tcp);
     let mut buf = Vec::new();
     let mut noted = false;
+    // The rest of a record cut in two (`/partial-*`), sent when the next request comes.
+    let mut held: Option<Vec<u8>> = None;
     loop {
         let mut tmp = [0u8; 8192];
         let n = match s.read(&mut tmp) {
@@ -1168,6 +1170,32 @@ fn tls_upstream_conn(
                 body: Vec::new(),
                 raw_head: head.clone(),
             };
+            if let Some(rest) = held.take() {
+                if s.sock.write_all(&rest).is_err() {
+                    return;
+                }
+            }
+            if let Some(cut) = r.target.strip_prefix("/partial-") {
+                // A complete response, and in the same TCP write the start of one more record
+                // (holding an unasked-for response): 3 bytes of its header, or half of it.
+                let mut wire = Vec::new();
+                s.conn.writer().write_all(&ok_response(b"first")).unwrap();
+                while s.conn.wants_write() {
+                    s.conn.write_tls(&mut wire).unwrap();
+                }
+                s.conn.writer().write_all(SMUGGLED).unwrap();
+                let mut next = Vec::new();
+                while s.conn.wants_write() {
+                    s.conn.write_tls(&mut next).unwrap();
+                }
+                let at = if cut == "header" { 3 } else { next.len() / 2 };
+                wire.extend_from_slice(&next[..at]);
+                held = Some(next[at..].to_vec());
+                if s.sock.write_all(&wire).is_err() {
+                    return;
+                }
+                continue;
+            }
             if r.target == "/smuggle" {
                 // A complete Content-Length response whose body tail shares one write (so one
                 // TLS record) with a second, unasked-for response.
@@ -1266,6 +1294,36 @@ fn tls_upstream_bytes_after_a_complete_response_never_reach_the_next_client() {
             up.conns.load(Ordering::SeqCst) <= before + 1,
             "{d:?}: honest TLS connections are reused"
         );
+    }
+}
+
+/// RFC 9112 §9.3 (a connection is reused only in a known state), RFC 8446 §5.1 (records):
+/// when the bytes an upstream sent past a complete response end inside a TLS record, rustls
+/// holds that partial record, which neither a decrypted byte nor a peek at the socket shows.
+/// Such a connection is not pooled: reused, the record's rest would complete an unasked-for
+/// response and be read as the next request's.
+#[test]
+fn rfc9112_9_3_a_partial_tls_record_past_a_response_keeps_the_connection_out_of_the_pool() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let ok = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &ok), d);
+        for cut in ["header", "body"] {
+            let r = get(gw.addr, &format!("/partial-{cut}"));
+            assert_eq!(
+                (r.status, r.body.as_slice()),
+                (200, &b"first"[..]),
+                "{d:?} {cut}"
+            );
+            let r = get(gw.addr, &format!("/after-{cut}"));
+            assert_eq!(
+                (r.status, r.header("x-smuggled")),
+                (200, None),
+                "{d:?} {cut}: got {:?}",
+                r.text()
+            );
+            assert_eq!(r.json()["target"], format!("/after-{cut}"), "{d:?} {cut}");
+        }
     }
 }
 
