@@ -1081,7 +1081,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
     /// room in the socket buffer: when there is none, the alert is not sent. Skipped when a
     /// dropped write left the write side unusable (a record may be half written).
     pub fn close_notify_now(&mut self) {
-        use std::task::{Context, Poll, Waker};
+        use std::task::{Context, Waker};
         if !self.write_ok() {
             return;
         }
@@ -1091,7 +1091,7 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
             fut.poll(&mut Context::from_waker(Waker::noop()))
         };
         self.sock.closing.set(false);
-        if let Poll::Pending = polled {
+        if polled.is_pending() {
             // Every socket call above returns at once, so this does not happen; were it to,
             // the write buffer went with the future.
             self.writing = true;
