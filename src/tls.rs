@@ -1165,12 +1165,34 @@ impl<S: AsyncReadRent + AsyncWriteRent> AsyncWriteRent for Guarded<S> {
     }
 }
 
-/// Whether an I/O error from a TLS stream is the TLS layer's own: an alert the peer sent
-/// (other than close_notify, which reads as the end of the stream) or a record rustls refused.
-/// monoio-rustls hands rustls's error on inside the `io::Error`.
-pub fn is_tls_error(e: &io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+/// What a failed read of a TLS stream says about the TLS layer: `None` when the error is not
+/// the TLS layer's own (monoio-rustls hands rustls's error on inside the `io::Error`);
+/// `Some(true)` for an alert by which the peer refuses the handshake as a client completed
+/// it (its certificate, or its absence, or its Finished: RFC 8446 §4.4.2.4, §6.2), which a
+/// TLS 1.3 server sends after the client took the handshake as done; `Some(false)` for any
+/// other alert (close_notify aside: it reads as the end of the stream) or a record rustls
+/// refused.
+pub fn tls_failure(e: &io::Error) -> Option<bool> {
+    use rustls::AlertDescription as A;
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(matches!(
+        inner,
+        rustls::Error::AlertReceived(
+            A::HandshakeFailure
+                | A::NoCertificate
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::DecryptError
+                | A::CertificateRequired
+                | A::CertificateUnobtainable
+                | A::BadCertificateHashValue
+        )
+    ))
 }
 
 /// Sends `close_notify` within `limit` (a client that stopped reading does not hold the task).

@@ -1196,6 +1196,13 @@ fn tls_upstream_conn(
                 }
                 continue;
             }
+            if r.target == "/garbage" {
+                // An application_data record that does not decrypt, then a bare close.
+                let _ = s
+                    .sock
+                    .write_all(b"\x17\x03\x03\x00\x14not-a-sealed-record!");
+                return;
+            }
             if r.target == "/smuggle" {
                 // A complete Content-Length response whose body tail shares one write (so one
                 // TLS record) with a second, unasked-for response.
@@ -1457,6 +1464,35 @@ fn rfc8446_4_4_2_4_a_tls13_refusal_of_a_missing_client_certificate_is_a_tls_fail
                 .any(|l| l.contains("kind=\"upstream_closed\"") && !l.ends_with(" 0")),
             "{d:?}: {text}"
         );
+    }
+}
+
+/// A TLS failure on the first read of a new connection that is not a refusal of the
+/// handshake (here a record that does not decrypt, RFC 8446 §5.2) is answered as a TLS
+/// failure too, but retried only as a reset: unlike a refused handshake, the upstream may
+/// have read the request, so a POST is not sent again.
+#[test]
+fn rfc8446_5_2_a_bad_record_before_the_response_is_a_tls_failure_not_retried_for_a_post() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let cfg = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\ntls = {{ ca = \"{}\", sni = \"up.test\" }}\n\n[[routes]]\nupstream = \"up\"\nretry = {{ attempts = 3, on = [\"connect_failure\", \"reset\"] }}\n",
+            up.addr,
+            pki().path("ca.pem")
+        );
+        let gw = TestGateway::start(&cfg, d);
+        let r = request(
+            gw.addr,
+            b"POST /garbage HTTP/1.1\r\nHost: a.test\r\ncontent-length: 1\r\n\r\nx",
+        );
+        assert_eq!(r.status, 502, "{d:?}: {}", r.text());
+        assert_eq!(
+            r.json()["error"],
+            "upstream_tls_failed",
+            "{d:?}: {}",
+            r.text()
+        );
+        assert_eq!(up.conns.load(Ordering::SeqCst), 1, "{d:?}: not retried");
     }
 }
 

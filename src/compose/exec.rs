@@ -1354,7 +1354,9 @@ async fn read_body(
                 Fail::new("the upstream closed the connection before the end of its answer")
             }
             IoFail::Io => Fail::new("reading the upstream's answer failed"),
-            IoFail::Tls => Fail::new("the upstream's TLS layer ended the connection with an alert"),
+            IoFail::Tls(_) => {
+                Fail::new("the upstream's TLS layer failed (an alert, or a record refused)")
+            }
         };
         (f, true)
     };
