@@ -436,7 +436,7 @@ pub async fn accept(
     };
     Ok((
         {
-            let (sock, writing) = Sock::new(io);
+            let (sock, writing) = Sock::new(io, false);
             let mut g = Guarded::new(monoio_rustls::ServerTlsStream::new(sock, conn), writing);
             g.version = version;
             g
@@ -804,7 +804,7 @@ pub async fn connect(
     ep: usize,
     io: TcpStream,
 ) -> Result<ClientStream, monoio_rustls::TlsError> {
-    let (sock, writing) = Sock::new(io);
+    let (sock, writing) = Sock::new(io, true);
     let s = tls.connector.connect(tls.names[ep].clone(), sock).await?;
     Ok(Guarded::new(s, writing))
 }
@@ -821,6 +821,60 @@ pub struct SockFlags {
     /// Reads return `WouldBlock` without touching the socket: [`Guarded::buffered_input`]
     /// looks at what the TLS layer already holds.
     probing: Cell<bool>,
+    /// Writes are one non-blocking `send` each, done before the write returns:
+    /// [`Guarded::close_notify_now`] sends its alert without waiting and without leaving an
+    /// operation in flight on a socket about to be closed.
+    closing: Cell<bool>,
+    /// Where the bytes read off the socket stand in TLS record framing; kept only for
+    /// upstream connections (see [`RecordScan`]).
+    scan: Cell<Option<RecordScan>>,
+}
+
+/// Follows the TLS record framing of the bytes read off a socket from its first byte (RFC
+/// 8446 §5.1, RFC 5246 §6.2: a 5-byte header whose last two bytes are the length of the
+/// fragment that follows). It tells whether the stream read so far ends inside a record:
+/// rustls then holds a partial record it cannot decrypt yet, and no public call of rustls, nor
+/// a peek at the socket, shows it.
+#[derive(Clone, Copy, Default)]
+struct RecordScan {
+    /// Header bytes seen of the record being framed (0 to 4).
+    header: u8,
+    /// The high byte of its length, once seen.
+    len_hi: u8,
+    /// Fragment bytes still to come; `usize::MAX` once the scan lost step (never a boundary
+    /// again).
+    left: usize,
+}
+
+impl RecordScan {
+    const HEADER: u8 = 5;
+
+    fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            if self.left > 0 {
+                let k = self.left.min(b.len());
+                if self.left != usize::MAX {
+                    self.left -= k;
+                }
+                b = &b[k..];
+                continue;
+            }
+            self.header += 1;
+            match self.header {
+                4 => self.len_hi = b[0],
+                Self::HEADER => {
+                    self.left = u16::from_be_bytes([self.len_hi, b[0]]) as usize;
+                    self.header = 0;
+                }
+                _ => {}
+            }
+            b = &b[1..];
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.header == 0 && self.left == 0
+    }
 }
 
 /// The TCP stream under a TLS session.
@@ -830,8 +884,13 @@ pub struct Sock {
 }
 
 impl Sock {
-    fn new(tcp: TcpStream) -> (Sock, Rc<SockFlags>) {
+    /// `scan`: follow the record framing from the first byte (a connection this side opens;
+    /// an accepted one is wrapped after its handshake, mid-stream).
+    fn new(tcp: TcpStream, scan: bool) -> (Sock, Rc<SockFlags>) {
         let flags = Rc::new(SockFlags::default());
+        if scan {
+            flags.scan.set(Some(RecordScan::default()));
+        }
         (
             Sock {
                 tcp,
@@ -843,23 +902,64 @@ impl Sock {
 }
 
 impl AsyncReadRent for Sock {
-    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+    async fn read<T: IoBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
         if self.flags.probing.get() {
             return (Err(io::ErrorKind::WouldBlock.into()), buf);
         }
-        self.tcp.read(buf).await
+        let Some(mut scan) = self.flags.scan.get() else {
+            return self.tcp.read(buf).await;
+        };
+        // The read fills the buffer from here (monoio's contract for `write_ptr`), and
+        // monoio-rustls's buffer may move its mark on `set_init`: taken first.
+        let at = buf.write_ptr();
+        let (r, buf) = self.tcp.read(buf).await;
+        if let Ok(n) = r {
+            // SAFETY: the read initialised `n` bytes at `at`, in the buffer's own heap memory
+            // (monoio-rustls reads into a boxed slice), which `buf` still owns unchanged.
+            scan.feed(unsafe { std::slice::from_raw_parts(at, n) });
+            self.flags.scan.set(Some(scan));
+        }
+        (r, buf)
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         if self.flags.probing.get() {
             return (Err(io::ErrorKind::WouldBlock.into()), buf);
         }
-        self.tcp.readv(buf).await
+        let r = self.tcp.readv(buf).await;
+        if let (Ok(n), Some(mut scan)) = (&r.0, self.flags.scan.get()) {
+            if *n > 0 {
+                // monoio-rustls reads with `read`; bytes not followed make the scan give up
+                // (the connection is then never taken for one at a record boundary).
+                scan.left = usize::MAX;
+                self.flags.scan.set(Some(scan));
+            }
+        }
+        r
     }
 }
 
 impl AsyncWriteRent for Sock {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        if self.flags.closing.get() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: `send` reads `bytes_init()` bytes at `read_ptr()`, which the buffer
+            // holds, from a socket fd this stream owns; it returns before the call does.
+            let n = unsafe {
+                libc::send(
+                    self.tcp.as_raw_fd(),
+                    buf.read_ptr().cast(),
+                    buf.bytes_init(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            let r = if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            };
+            return (r, buf);
+        }
         self.flags.writing.set(true);
         let r = self.tcp.write(buf).await;
         self.flags.writing.set(false);
@@ -867,6 +967,10 @@ impl AsyncWriteRent for Sock {
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        if self.flags.closing.get() {
+            // monoio-rustls writes records with `write`; nothing else is sent while closing.
+            return (Err(io::ErrorKind::WouldBlock.into()), buf);
+        }
         self.flags.writing.set(true);
         let r = self.tcp.writev(buf).await;
         self.flags.writing.set(false);
@@ -951,8 +1055,12 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
         };
         self.sock.probing.set(false);
         match polled {
+            // Nothing decrypted is waiting, and every byte read off the socket went to rustls;
+            // but when those bytes end inside a record, rustls holds that partial record, and
+            // its rest, still on its way, would be read as the start of the next response.
             Poll::Ready((Err(e), buf)) if e.kind() == io::ErrorKind::WouldBlock => {
-                (false, Some(buf))
+                let mid_record = self.sock.scan.get().is_some_and(|s| !s.at_boundary());
+                (mid_record, Some(buf))
             }
             Poll::Ready((_, buf)) => (true, Some(buf)),
             Poll::Pending => {
@@ -960,6 +1068,33 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
                 self.reading = true;
                 (true, None)
             }
+        }
+    }
+}
+
+impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
+    /// Sends `close_notify` now, best effort, before the connection is dropped (RFC 8446
+    /// §6.1: a party closing its write side sends it first), for connections closed where
+    /// nothing can wait: a pooled upstream connection evicted or expired, one not pooled after
+    /// its response, one dropped after an error. The alert is written with one non-blocking
+    /// `send` while this runs, and the write side is shut; nothing waits for the peer or for
+    /// room in the socket buffer: when there is none, the alert is not sent. Skipped when a
+    /// dropped write left the write side unusable (a record may be half written).
+    pub fn close_notify_now(&mut self) {
+        use std::task::{Context, Waker};
+        if !self.write_ok() {
+            return;
+        }
+        self.sock.closing.set(true);
+        let polled = {
+            let fut = std::pin::pin!(self.inner.shutdown());
+            fut.poll(&mut Context::from_waker(Waker::noop()))
+        };
+        self.sock.closing.set(false);
+        if polled.is_pending() {
+            // Every socket call above returns at once, so this does not happen; were it to,
+            // the write buffer went with the future.
+            self.writing = true;
         }
     }
 }
@@ -1028,6 +1163,36 @@ impl<S: AsyncReadRent + AsyncWriteRent> AsyncWriteRent for Guarded<S> {
         self.writing = false;
         r
     }
+}
+
+/// What a failed read of a TLS stream says about the TLS layer: `None` when the error is not
+/// the TLS layer's own (monoio-rustls hands rustls's error on inside the `io::Error`);
+/// `Some(true)` for an alert by which the peer refuses the handshake as a client completed
+/// it (its certificate, or its absence, or its Finished: RFC 8446 §4.4.2.4, §6.2), which a
+/// TLS 1.3 server sends after the client took the handshake as done; `Some(false)` for any
+/// other alert (close_notify aside: it reads as the end of the stream) or a record rustls
+/// refused.
+pub fn tls_failure(e: &io::Error) -> Option<bool> {
+    use rustls::AlertDescription as A;
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(matches!(
+        inner,
+        rustls::Error::AlertReceived(
+            A::HandshakeFailure
+                | A::NoCertificate
+                | A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::DecryptError
+                | A::CertificateRequired
+                | A::CertificateUnobtainable
+                | A::BadCertificateHashValue
+        )
+    ))
 }
 
 /// Sends `close_notify` within `limit` (a client that stopped reading does not hold the task).
@@ -1100,6 +1265,36 @@ mod tests {
         // Nothing but a space: escaped once.
         let sp = tlv(0x30, &tlv(0x31, &atv(&[0x55, 4, 3], 0x0c, b" ")));
         assert_eq!(rfc4514(&sp), "CN=\\20");
+    }
+
+    /// RFC 8446 §5.1: records are a 5-byte header (type, version, length) and the fragment.
+    /// Fed whole or split at every byte, the scan is at a boundary exactly between records.
+    #[test]
+    fn record_scan_follows_framing_split_at_every_byte() {
+        let rec = |len: usize| {
+            let mut r = vec![23, 3, 3, (len >> 8) as u8, len as u8];
+            r.extend(std::iter::repeat_n(0xaa, len));
+            r
+        };
+        let stream = [rec(3), rec(0), rec(300), rec(1)].concat();
+        let ends = [8, 13, 318, 324];
+        for cut in 0..=stream.len() {
+            let mut s = RecordScan::default();
+            s.feed(&stream[..cut]);
+            let at = s.at_boundary();
+            assert_eq!(at, cut == 0 || ends.contains(&cut), "cut {cut}");
+            s.feed(&stream[cut..]);
+            assert!(s.at_boundary(), "cut {cut}: the whole stream");
+        }
+        let mut s = RecordScan::default();
+        for b in &stream {
+            s.feed(std::slice::from_ref(b));
+        }
+        assert!(s.at_boundary());
+        // Lost step: never a boundary again.
+        s.left = usize::MAX;
+        s.feed(&stream);
+        assert!(!s.at_boundary());
     }
 
     #[test]

@@ -1249,7 +1249,7 @@ fn jwks_url_over_https_verifies_the_key_server_certificate() {
     assert!(eventually(Duration::from_secs(10), || keys.conns() >= 2));
     let r = get_with(gw.addr, "/", &bearer(&t1));
     assert_eq!(r.status, 401);
-    assert_eq!(r.json()["message"], "the token's key is not known");
+    assert_eq!(r.json()["message"], "the token could not be verified");
     assert_eq!(
         keys.hits(),
         0,
@@ -1495,9 +1495,112 @@ fn short_symmetric_jwks_keys_are_refused_and_fetched_ones_unused_rfc7518_3_2() {
     ] {
         let r = status(&hs_kid(&mallory, Algorithm::HS256, kid, key));
         assert_eq!(r.status, 401, "kid {kid}: {}", r.text());
-        assert_eq!(r.json()["message"], "the token's key is not known", "{kid}");
+        assert_eq!(
+            r.json()["message"],
+            "the token could not be verified",
+            "{kid}"
+        );
     }
     assert_eq!(up.hits(), served);
+}
+
+/// RFC 6750 §3 (error="invalid_token" for a token that cannot be verified) and RFC 7515
+/// §4.1.4: the client-facing 401 is the same for every failure to verify a token with a key
+/// (a kid that names no key, a wrong signature, an algorithm its key does not allow, a
+/// signature that does not decode), so that a client cannot find out which kids exist, or
+/// which algorithm each has, by sending tokens it made up.
+#[test]
+fn rfc6750_3_a_401_does_not_tell_an_unknown_kid_from_a_bad_signature() {
+    let dir = std::env::temp_dir().join(format!("ringway-kid-oracle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    let secret = [3u8; 32];
+    std::fs::write(
+        &file,
+        json!({"keys": [
+            {"kty": "oct", "kid": "hs", "alg": "HS256", "k": b64url(&secret)},
+            jwk_with_kid("rsa_jwk.json", Some("rsa"))
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let up = Upstream::echo();
+    let cfg = config(
+        &[up.addr],
+        &format!(
+            "[auth.jwt.f]\njwks_file = \"{}\"\n[[routes]]\nupstream = \"up\"\nauth = \"f\"\n",
+            file.display()
+        ),
+    );
+    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let ok = rs(&alice(), "rsa_private.pem", "rsa");
+    assert_eq!(get_with(gw.addr, "/", &bearer(&ok)).status, 200);
+    assert_eq!(
+        get_with(
+            gw.addr,
+            "/",
+            &bearer(&hs_kid(&alice(), Algorithm::HS256, "hs", &secret))
+        )
+        .status,
+        200
+    );
+    let undecodable = format!("{}.AAAAA", ok.rsplit_once('.').unwrap().0);
+    let cases = [
+        (
+            "unknown kid, HS256",
+            hs_kid(&alice(), Algorithm::HS256, "nope", &[4u8; 32]),
+        ),
+        (
+            "unknown kid, RS256",
+            rs(&alice(), "rsa2_private.pem", "nope"),
+        ),
+        (
+            "known kid, wrong secret",
+            hs_kid(&alice(), Algorithm::HS256, "hs", &[4u8; 32]),
+        ),
+        (
+            "known kid, other algorithm",
+            hs_kid(&alice(), Algorithm::HS512, "hs", &[3u8; 64]),
+        ),
+        (
+            "RSA kid, HS256 token",
+            hs_kid(&alice(), Algorithm::HS256, "rsa", &secret),
+        ),
+        (
+            "known kid, wrong RSA key",
+            rs(&alice(), "rsa2_private.pem", "rsa"),
+        ),
+        ("known kid, signature not base64url", undecodable),
+    ];
+    let answer = |r: &Resp| {
+        let mut j = r.json();
+        let o = j.as_object_mut().unwrap();
+        o.remove("request_id");
+        o.remove("trace_id");
+        let mut h: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| !["date", "x-request-id"].contains(&k.to_ascii_lowercase().as_str()))
+            .cloned()
+            .collect();
+        h.sort();
+        (r.status, h, j)
+    };
+    let first = answer(&get_with(gw.addr, "/", &bearer(&cases[0].1)));
+    assert_eq!(first.0, 401);
+    assert_eq!(first.2["error"], "invalid_token");
+    assert_eq!(first.2["message"], "the token could not be verified");
+    assert!(first.1.contains(&(
+        "www-authenticate".to_string(),
+        "Bearer realm=\"ringway\", error=\"invalid_token\"".to_string()
+    )));
+    for (what, token) in &cases[1..] {
+        let r = get_with(gw.addr, "/", &bearer(token));
+        assert_eq!(answer(&r), first, "{what}: {}", r.text());
+    }
+    assert_eq!(up.hits(), 2);
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A key server that serves what `serving` holds (`max-age` an hour), and a gateway whose
@@ -1553,7 +1656,7 @@ fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4()
     let t2 = rs(&alice(), "rsa2_private.pem", "rsa2");
     let r = get(&t2);
     assert_eq!(r.status, 401);
-    assert_eq!(r.json()["message"], "the token's key is not known");
+    assert_eq!(r.json()["message"], "the token could not be verified");
     assert!(
         eventually(Duration::from_secs(10), || get(&t2).status == 200),
         "the unknown kid did not bring the new key in"
@@ -1561,7 +1664,10 @@ fn an_unknown_kid_asks_for_the_set_again_beside_keys_without_kid_rfc7515_4_1_4()
     assert!(keys.hits() > fetched);
     // A kid naming no key, signed by no key of the set: unknown, not a bad signature.
     let t3 = rs(&alice(), "rsa3_private.pem", "rsa3");
-    assert_eq!(get(&t3).json()["message"], "the token's key is not known");
+    assert_eq!(
+        get(&t3).json()["message"],
+        "the token could not be verified"
+    );
 }
 
 /// Keys without a kid that stay in a fetched set are the same keys at the next fetch (matched

@@ -27,6 +27,12 @@ fn json_status(status: u16, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The support echo upstream, answering as a JSON API does (`application/json`: a call
+/// refuses an answer of another media type).
+fn json_echo() -> Upstream {
+    Upstream::start(|req| Reply::Raw(json_ok(&echo_json(req))))
+}
+
 /// A JSON answer after `delay`.
 fn json_after(delay: Duration, body: String) -> Reply {
     Reply::Slow {
@@ -797,7 +803,7 @@ into = "user"
 
 #[test]
 fn consumer_and_identity_headers_reach_the_calls() {
-    let up = Upstream::echo();
+    let up = json_echo();
     let key = ringway::auth::apikey::key_hash_hex(b"team-key");
     let routes = format!(
         r#"
@@ -852,7 +858,7 @@ fn chunked_and_close_delimited_answers_and_head_calls_with_status_and_headers() 
         assert_eq!(req.method, "HEAD");
         Reply::Raw(b"HTTP/1.1 200 OK\r\netag: \"v7\"\r\ncontent-length: 999\r\n\r\n".to_vec())
     });
-    let echo = Upstream::echo();
+    let echo = json_echo();
     let routes = r#"
 [[routes]]
 path = "/frames"
@@ -1459,7 +1465,7 @@ fn a_null_or_empty_value_fails_the_call_instead_of_emptying_a_segment_or_a_filte
         };
         Reply::Raw(json_ok(&format!(r#"{{"id": {id}}}"#)))
     });
-    let orders = Upstream::echo();
+    let orders = json_echo();
     let routes = r#"
 [[routes]]
 path_regex = "^/p/(?P<id>[0-9]+)$"
@@ -1690,4 +1696,123 @@ into = "post"
         ["/g", "/g", "/p"],
         "one retry of the GET, none of the POST"
     );
+}
+
+/// RFC 8259 §8.1 (JSON text is UTF-8), §8.2 (a lone surrogate is no character), §4 (member
+/// names SHOULD be unique: with duplicates, parsers disagree on the value), §6 (a number
+/// beyond what implementations can hold), RFC 9110 §8.3 (Content-Type) and §8.4 (content
+/// codings): a hostile backend's answer is held to the same rules whether the call shapes it
+/// (parsed into a tree) or passes it on as sent. Before, an answer passed on unshaped was
+/// only scanned: a lone surrogate or a number out of range reached the client where the
+/// shaped call failed, duplicate names reached it as sent where the shaped call kept the
+/// last, and neither mode looked at the Content-Type.
+#[test]
+fn shaped_and_unshaped_calls_hold_a_hostile_answer_to_the_same_rules_rfc8259() {
+    let raw = |ct: &str, extra: &str, body: &[u8]| {
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\n{ct}{extra}content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let json = "content-type: application/json\r\n";
+    // (answer, passes)
+    let cases: Vec<(Vec<u8>, bool)> = vec![
+        (raw(json, "", br#"{"v": 1}"#), true),
+        (
+            raw(
+                "content-type: application/json; charset=utf-8\r\n",
+                "",
+                br#"{"v": 1}"#,
+            ),
+            true,
+        ),
+        (
+            raw(
+                "content-type: Application/Problem+JSON\r\n",
+                "",
+                br#"{"v": 1}"#,
+            ),
+            true,
+        ),
+        (raw("", "", br#"{"v": 1}"#), true),
+        (raw(json, "", br#"{"v": "\ud800"}"#), false),
+        (raw(json, "", br#"{"v": "\udc00\ud800"}"#), false),
+        (raw(json, "", br#"{"v": 1e400}"#), false),
+        (raw(json, "", br#"{"v": 1, "v": 2}"#), false),
+        (raw(json, "", br#"{"v": {"w": 1, "w": [2]}}"#), false),
+        (raw(json, "", br#"{"v": "a", "\u0076": "b"}"#), false),
+        (
+            raw("content-type: text/html\r\n", "", br#"{"v": 1}"#),
+            false,
+        ),
+        (
+            raw("content-type: text/plain\r\n", "", br#"{"v": 1}"#),
+            false,
+        ),
+        (raw(json, "", b"{\"v\": \"\xff\"}"), false),
+        (raw(json, "", br#"{"v": 1} x"#), false),
+        (raw(json, "", b""), false),
+        (
+            raw(json, "content-encoding: gzip\r\n", br#"{"v": 1}"#),
+            false,
+        ),
+        (json_status(500, r#"{"v": 1}"#), false),
+        (
+            raw(
+                json,
+                "",
+                format!(r#"{{"v": "{}"}}"#, "x".repeat(200)).as_bytes(),
+            ),
+            false,
+        ),
+        (
+            raw(
+                json,
+                "",
+                format!("{{\"v\": {}1{}}}", "[".repeat(127), "]".repeat(127)).as_bytes(),
+            ),
+            false,
+        ),
+    ];
+    let n = cases.len();
+    let answers = Arc::new(cases);
+    let a2 = answers.clone();
+    let up = Upstream::start(move |req| {
+        let i: usize = req.target.trim_start_matches("/h/").parse().unwrap();
+        Reply::Raw(a2[i].0.clone())
+    });
+    let route = |mode: &str, shaping: &str| {
+        format!(
+            "[[routes]]\npath_regex = \"^/{mode}/(?P<i>[0-9]+)$\"\n[routes.compose]\nmax_call_bytes = 128\n\
+             [[routes.compose.calls]]\nid = \"a\"\nupstream = \"up\"\npath = \"/h/${{request.path.i}}\"\n\
+             into = \"a\"\n{shaping}\n"
+        )
+    };
+    let routes = route("raw", "") + &route("shaped", "omit = [\"zzz\"]");
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], &routes), DRIVERS[0]);
+    for i in 0..n {
+        let passes = answers[i].1;
+        let raw_r = get(gw.addr, &format!("/raw/{i}"));
+        let shaped_r = get(gw.addr, &format!("/shaped/{i}"));
+        for (mode, r) in [("raw", &raw_r), ("shaped", &shaped_r)] {
+            check_framing(r);
+            assert_eq!(
+                r.status,
+                if passes { 200 } else { 502 },
+                "case {i} {mode}: {}",
+                r.text()
+            );
+        }
+        let (a, b) = (raw_r.json(), shaped_r.json());
+        if passes {
+            assert_eq!(a, json!({"a": {"v": 1}}), "case {i}");
+            assert_eq!(b, a, "case {i}");
+        } else {
+            assert_eq!(a["call"], "a", "case {i}");
+            assert_eq!(a["message"], b["message"], "case {i}: the same reason");
+        }
+    }
 }

@@ -1046,6 +1046,8 @@ struct TlsUpstream {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
     subjects: Arc<Mutex<Vec<bool>>>,
+    /// Connections the gateway ended with a close_notify (a clean end of the TLS stream).
+    clean_closes: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -1077,8 +1079,14 @@ impl TlsUpstream {
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
         let subjects = Arc::new(Mutex::new(Vec::new()));
+        let clean_closes = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, st, sj) = (conns.clone(), stop.clone(), subjects.clone());
+        let (c, st, sj, cc) = (
+            conns.clone(),
+            stop.clone(),
+            subjects.clone(),
+            clean_closes.clone(),
+        );
         thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !st.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -1087,14 +1095,15 @@ impl TlsUpstream {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (cfg, sj) = (cfg.clone(), sj.clone());
-                thread::spawn(move || tls_upstream_conn(cfg, tcp, &sj));
+                let (cfg, sj, cc) = (cfg.clone(), sj.clone(), cc.clone());
+                thread::spawn(move || tls_upstream_conn(cfg, tcp, &sj, &cc));
             }
         });
         TlsUpstream {
             addr,
             conns,
             subjects,
+            clean_closes,
             stop,
         }
     }
@@ -1106,16 +1115,29 @@ impl Drop for TlsUpstream {
     }
 }
 
-fn tls_upstream_conn(cfg: Arc<ServerConfig>, tcp: TcpStream, subjects: &Mutex<Vec<bool>>) {
+fn tls_upstream_conn(
+    cfg: Arc<ServerConfig>,
+    tcp: TcpStream,
+    subjects: &Mutex<Vec<bool>>,
+    clean_closes: &AtomicUsize,
+) {
     tcp.set_nonblocking(false).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut s = StreamOwned::new(ServerConnection::new(cfg).unwrap(), tcp);
     let mut buf = Vec::new();
     let mut noted = false;
+    // The rest of a record cut in two (`/partial-*`), sent when the next request comes.
+    let mut held: Option<Vec<u8>> = None;
     loop {
         let mut tmp = [0u8; 8192];
         let n = match s.read(&mut tmp) {
-            Ok(0) | Err(_) => return,
+            // rustls reads a close_notify as the end of the stream, and a TCP close without
+            // one as an error (UnexpectedEof).
+            Ok(0) => {
+                clean_closes.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Err(_) => return,
             Ok(n) => n,
         };
         if !noted {
@@ -1148,6 +1170,39 @@ fn tls_upstream_conn(cfg: Arc<ServerConfig>, tcp: TcpStream, subjects: &Mutex<Ve
                 body: Vec::new(),
                 raw_head: head.clone(),
             };
+            if let Some(rest) = held.take() {
+                if s.sock.write_all(&rest).is_err() {
+                    return;
+                }
+            }
+            if let Some(cut) = r.target.strip_prefix("/partial-") {
+                // A complete response, and in the same TCP write the start of one more record
+                // (holding an unasked-for response): 3 bytes of its header, or half of it.
+                let mut wire = Vec::new();
+                s.conn.writer().write_all(&ok_response(b"first")).unwrap();
+                while s.conn.wants_write() {
+                    s.conn.write_tls(&mut wire).unwrap();
+                }
+                s.conn.writer().write_all(SMUGGLED).unwrap();
+                let mut next = Vec::new();
+                while s.conn.wants_write() {
+                    s.conn.write_tls(&mut next).unwrap();
+                }
+                let at = if cut == "header" { 3 } else { next.len() / 2 };
+                wire.extend_from_slice(&next[..at]);
+                held = Some(next[at..].to_vec());
+                if s.sock.write_all(&wire).is_err() {
+                    return;
+                }
+                continue;
+            }
+            if r.target == "/garbage" {
+                // An application_data record that does not decrypt, then a bare close.
+                let _ = s
+                    .sock
+                    .write_all(b"\x17\x03\x03\x00\x14not-a-sealed-record!");
+                return;
+            }
             if r.target == "/smuggle" {
                 // A complete Content-Length response whose body tail shares one write (so one
                 // TLS record) with a second, unasked-for response.
@@ -1249,6 +1304,36 @@ fn tls_upstream_bytes_after_a_complete_response_never_reach_the_next_client() {
     }
 }
 
+/// RFC 9112 §9.3 (a connection is reused only in a known state), RFC 8446 §5.1 (records):
+/// when the bytes an upstream sent past a complete response end inside a TLS record, rustls
+/// holds that partial record, which neither a decrypted byte nor a peek at the socket shows.
+/// Such a connection is not pooled: reused, the record's rest would complete an unasked-for
+/// response and be read as the next request's.
+#[test]
+fn rfc9112_9_3_a_partial_tls_record_past_a_response_keeps_the_connection_out_of_the_pool() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let ok = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &ok), d);
+        for cut in ["header", "body"] {
+            let r = get(gw.addr, &format!("/partial-{cut}"));
+            assert_eq!(
+                (r.status, r.body.as_slice()),
+                (200, &b"first"[..]),
+                "{d:?} {cut}"
+            );
+            let r = get(gw.addr, &format!("/after-{cut}"));
+            assert_eq!(
+                (r.status, r.header("x-smuggled")),
+                (200, None),
+                "{d:?} {cut}: got {:?}",
+                r.text()
+            );
+            assert_eq!(r.json()["target"], format!("/after-{cut}"), "{d:?} {cut}");
+        }
+    }
+}
+
 #[test]
 fn health_checks_of_a_tls_group_go_over_tls() {
     for d in DRIVERS {
@@ -1287,6 +1372,127 @@ fn upstream_tls_presents_the_client_certificate() {
         let without = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
         let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &without), d);
         assert_eq!(get(gw.addr, "/").status, 502, "{d:?}");
+    }
+}
+
+/// RFC 8446 §6.1: a party closing its write side sends close_notify first. The gateway does
+/// so for the TLS upstream connections it closes: one not pooled after its response
+/// (`max_idle = 0`), and pooled ones closed at shutdown. The upstream reads a clean end of
+/// the TLS stream, not a TCP close (which rustls reports as an unexpected EOF).
+#[test]
+fn rfc8446_6_1_upstream_tls_connections_the_gateway_closes_end_with_close_notify() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let tls = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        // Not pooled: closed right after each response.
+        let unpooled = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\nmax_idle = 0\ntls = {{ {tls} }}\n\n{ALL}",
+            up.addr
+        );
+        let gw = TestGateway::start(&unpooled, d);
+        for i in 0..3 {
+            let r = get(gw.addr, &format!("/n/{i}"));
+            assert_eq!(r.status, 200, "{d:?}: {}", r.text());
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || up
+                .clean_closes
+                .load(Ordering::SeqCst)
+                == 3),
+            "{d:?}: {} of 3 connections ended with close_notify",
+            up.clean_closes.load(Ordering::SeqCst)
+        );
+        assert_eq!(up.conns.load(Ordering::SeqCst), 3, "{d:?}");
+        drop(gw);
+        // Pooled: one connection serves every request, and is closed when the gateway stops.
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &tls), d);
+        let mut c = Client::connect(gw.addr);
+        for i in 0..3 {
+            c.send(format!("GET /p/{i} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes());
+            assert_eq!(c.read_response().unwrap().status, 200, "{d:?}");
+        }
+        assert_eq!(up.conns.load(Ordering::SeqCst), 4, "{d:?}: pooled");
+        assert_eq!(
+            up.clean_closes.load(Ordering::SeqCst),
+            3,
+            "{d:?}: still open"
+        );
+        drop(c);
+        drop(gw);
+        assert!(
+            eventually(Duration::from_secs(10), || up
+                .clean_closes
+                .load(Ordering::SeqCst)
+                == 4),
+            "{d:?}: the pooled connection ended without close_notify"
+        );
+    }
+}
+
+/// RFC 8446 §4.4.2.4: a TLS 1.3 server that requires a client certificate sends its refusal
+/// (a certificate_required alert) after the client has sent its Finished, so the client meets
+/// it on its first read, not in the handshake. That is still a failed TLS handshake: 502
+/// `upstream_tls_failed`, counted as such, not `upstream_closed`.
+#[test]
+fn rfc8446_4_4_2_4_a_tls13_refusal_of_a_missing_client_certificate_is_a_tls_failure() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", Some("ca.pem"));
+        let without = format!("ca = \"{}\", sni = \"up.test\"", pki().path("ca.pem"));
+        let gw = TestGateway::start(&upstream_tls_gateway(up.addr, &without), d);
+        for i in 0..2 {
+            let r = get(gw.addr, &format!("/m/{i}"));
+            assert_eq!(r.status, 502, "{d:?}: {}", r.text());
+            assert_eq!(
+                r.json()["error"],
+                "upstream_tls_failed",
+                "{d:?}: {}",
+                r.text()
+            );
+        }
+        let mut text = String::new();
+        ringway::metrics::render_prometheus(gw.gateway().control(), &mut text).unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ringway_upstream_errors_total{")
+                    && l.contains("kind=\"upstream_tls_failed\"")
+                    && l.ends_with(" 2")),
+            "{d:?}: {text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.contains("kind=\"upstream_closed\"") && !l.ends_with(" 0")),
+            "{d:?}: {text}"
+        );
+    }
+}
+
+/// A TLS failure on the first read of a new connection that is not a refusal of the
+/// handshake (here a record that does not decrypt, RFC 8446 §5.2) is answered as a TLS
+/// failure too, but retried only as a reset: unlike a refused handshake, the upstream may
+/// have read the request, so a POST is not sent again.
+#[test]
+fn rfc8446_5_2_a_bad_record_before_the_response_is_a_tls_failure_not_retried_for_a_post() {
+    for d in DRIVERS {
+        let up = TlsUpstream::start("up", None);
+        let cfg = format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\ntls = {{ ca = \"{}\", sni = \"up.test\" }}\n\n[[routes]]\nupstream = \"up\"\nretry = {{ attempts = 3, on = [\"connect_failure\", \"reset\"] }}\n",
+            up.addr,
+            pki().path("ca.pem")
+        );
+        let gw = TestGateway::start(&cfg, d);
+        let r = request(
+            gw.addr,
+            b"POST /garbage HTTP/1.1\r\nHost: a.test\r\ncontent-length: 1\r\n\r\nx",
+        );
+        assert_eq!(r.status, 502, "{d:?}: {}", r.text());
+        assert_eq!(
+            r.json()["error"],
+            "upstream_tls_failed",
+            "{d:?}: {}",
+            r.text()
+        );
+        assert_eq!(up.conns.load(Ordering::SeqCst), 1, "{d:?}: not retried");
     }
 }
 

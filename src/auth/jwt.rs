@@ -562,15 +562,20 @@ fn jwk_algs(jwk: &Jwk) -> Vec<Algorithm> {
     }
 }
 
-/// What went wrong with one key, in order of how much it tells the caller.
+/// What went wrong with one key. jsonwebtoken checks the signature before it reads the
+/// claims, so only a claims set that does not decode (JSON, UTF-8) is the token's form and
+/// not its signature; anything else this key refused (a signature that is not base64url, one
+/// of the wrong length) is a failed signature. Calling those "malformed" would tell a client
+/// that the token's `kid` named a key, since a kid that names none is refused before any key
+/// looks at the signature.
 fn key_error(e: &jsonwebtoken::errors::Error) -> AuthFail {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
-        K::InvalidSignature => AuthFail::BadSignature,
         K::InvalidAlgorithm | K::InvalidAlgorithmName | K::MissingAlgorithm => {
             AuthFail::AlgorithmNotAllowed
         }
-        _ => AuthFail::Malformed,
+        K::Json(_) | K::Utf8(_) => AuthFail::Malformed,
+        _ => AuthFail::BadSignature,
     }
 }
 

@@ -63,7 +63,22 @@ pub enum AuthFail {
 }
 
 impl AuthFail {
+    /// The text the client gets. Every failure to verify a token's signature with a key
+    /// (no key of its `kid`, an algorithm its key does not allow, a wrong or undecodable
+    /// signature) reads the same: a different text for each would let a client learn which
+    /// key ids exist, and which algorithm each one has, by sending tokens it made up. The
+    /// event log keeps the [`reason`](AuthFail::reason).
     pub fn message(&self) -> &'static str {
+        match self {
+            AuthFail::UnknownKey | AuthFail::AlgorithmNotAllowed | AuthFail::BadSignature => {
+                "the token could not be verified"
+            }
+            f => f.reason(),
+        }
+    }
+
+    /// What exactly went wrong, for the event log (`RINGWAY_LOG=debug`), not for the client.
+    pub fn reason(&self) -> &'static str {
         match self {
             AuthFail::Missing => "credentials are required",
             AuthFail::Malformed => "the token is malformed",

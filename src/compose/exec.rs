@@ -108,6 +108,9 @@ struct Fetched {
     /// The answer's content codings other than `identity` (RFC 9110 §8.4), lower-case and
     /// comma-separated, if any: such a body is not JSON text as it stands.
     coding: Option<String>,
+    /// The answer's media type (its Content-Type without parameters, lower-case), when it
+    /// has one that is not JSON: such a body is not taken for JSON text (RFC 9110 §8.3).
+    not_json_type: Option<String>,
 }
 
 /// A call's result.
@@ -793,6 +796,7 @@ impl<'a> Env<'a> {
                     0
                 };
                 let mut coding = String::new();
+                let mut not_json_type = None;
                 let mut status_fields = Vec::new();
                 for h in &resp.headers {
                     let name = resp.bytes(h.name);
@@ -806,7 +810,15 @@ impl<'a> Env<'a> {
                         status_fields.extend_from_slice(resp.bytes(h.value));
                         status_fields.extend_from_slice(b"\r\n");
                     }
-                    if !resp.bytes(h.name).eq_ignore_ascii_case(b"content-encoding") {
+                    if name.eq_ignore_ascii_case(b"content-type") {
+                        let v = resp.bytes(h.value);
+                        if !is_json_media_type(v) {
+                            not_json_type =
+                                Some(String::from_utf8_lossy(media_type(v)).to_ascii_lowercase());
+                        }
+                        continue;
+                    }
+                    if !name.eq_ignore_ascii_case(b"content-encoding") {
                         continue;
                     }
                     let v = String::from_utf8_lossy(resp.bytes(h.value)).to_ascii_lowercase();
@@ -872,6 +884,7 @@ impl<'a> Env<'a> {
                             headers,
                             body,
                             coding: (!coding.is_empty()).then_some(coding),
+                            not_json_type,
                             status_fields,
                         })
                     }
@@ -1132,7 +1145,12 @@ fn timeout_fail() -> Fail {
     }
 }
 
-/// A call's answer as JSON: a 2xx with a JSON body (none for HEAD and 204).
+/// A call's answer as JSON: a 2xx with a JSON body (none for HEAD and 204). The rules are
+/// the same whether the call parses the answer into a tree (something refers into it, shapes
+/// or deep-merges it) or passes it on as sent, so that a hostile answer cannot pass in one
+/// mode where it fails in the other: a 2xx status; no content coding (calls ask for
+/// `identity`); a JSON media type, or none (RFC 9110 §8.3: the body is then examined);
+/// at most `max_call_bytes` (`read_body`); JSON text that [`check_json`] accepts.
 fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
     if !(200..300).contains(&f.status) {
         return Err(Fail {
@@ -1141,35 +1159,146 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
             ..Fail::new(format!("the upstream answered {}", f.status))
         });
     }
-    let not_json = |e: serde_json::Error| Fail::new(format!("its answer is not JSON ({e})"));
     let body = if &*call.method == "HEAD" || f.status == 204 {
         Value::Null
     } else if let Some(c) = &f.coding {
         // Calls send `accept-encoding: identity`; an upstream that encodes all the same
         // (RFC 9110 §12.5.3) sends bytes that are not JSON text until decoded.
         return Err(Fail::new(format!("content-coding {c} not supported")));
-    } else if call.tree {
-        serde_json::from_slice::<Value>(&f.body).map_err(not_json)?
+    } else if let Some(t) = &f.not_json_type {
+        return Err(Fail::new(format!(
+            "its answer is not JSON (content-type {t})"
+        )));
     } else {
-        // Checked without building a tree: its bytes go into the answer as they are. JSON text
-        // is UTF-8 (RFC 8259 §8.1), which `IgnoredAny` does not check inside strings.
-        std::str::from_utf8(&f.body)
-            .map_err(|e| Fail::new(format!("its answer is not JSON (not UTF-8: {e})")))?;
-        serde_json::from_slice::<serde::de::IgnoredAny>(&f.body).map_err(not_json)?;
-        // `IgnoredAny` has no depth limit: without this, a document a recursive parser in
-        // the client cannot take would pass unshaped where a shaped one fails.
-        if nested_deeper(&f.body, MAX_JSON_DEPTH) {
-            return Err(Fail::new(format!(
-                "its answer is not JSON (nested more than {MAX_JSON_DEPTH} levels)"
-            )));
+        check_json(&f.body).map_err(|e| Fail::new(format!("its answer is not JSON ({e})")))?;
+        if call.tree {
+            // Cannot fail where `check_json` passed (the same parser, the same limits); the
+            // error is kept rather than assumed away.
+            serde_json::from_slice::<Value>(&f.body)
+                .map_err(|e| Fail::new(format!("its answer is not JSON ({e})")))?
+        } else {
+            Value::Null
         }
-        Value::Null
     };
     Ok(CallOut {
         status: f.status,
         fetched: Some(f.clone()),
         body,
     })
+}
+
+/// `application/json`, or a `+json` structured syntax suffix (RFC 6839 §3.1), parameters
+/// aside, compared without case.
+fn is_json_media_type(v: &[u8]) -> bool {
+    let t = media_type(v);
+    t.eq_ignore_ascii_case(b"application/json")
+        || (t.len() > b"application/+json".len()
+            && t[..b"application/".len()].eq_ignore_ascii_case(b"application/")
+            && t[t.len() - 5..].eq_ignore_ascii_case(b"+json"))
+}
+
+/// A Content-Type value's type/subtype: before any parameter, without surrounding spaces.
+fn media_type(v: &[u8]) -> &[u8] {
+    let t = v.split(|b| *b == b';').next().unwrap_or(b"");
+    t.trim_ascii()
+}
+
+/// Checks that `b` is JSON text an answer may hold, by the rules of the tree the shaped mode
+/// builds, without building it: UTF-8 (RFC 8259 §8.1); string escapes that make characters,
+/// not lone surrogates (§8.2); numbers a double holds (§6: serde_json refuses the rest);
+/// nesting within serde_json's limit ([`MAX_JSON_DEPTH`]); and member names unique within
+/// each object (§4: with duplicates, one parser takes the first and another the last, so an
+/// answer written as sent could mean one thing to the gateway and another to the client).
+fn check_json(b: &[u8]) -> Result<(), String> {
+    // A first pass with a message that names the limit, and before serde_json's own
+    // recursion is spent on a deep document.
+    if nested_deeper(b, MAX_JSON_DEPTH) {
+        return Err(format!("nested more than {MAX_JSON_DEPTH} levels"));
+    }
+    std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}"))?;
+    serde_json::from_slice::<Checked>(b)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// A JSON value read in full (strings decoded, numbers converted) and dropped as it goes.
+/// Unlike `serde::de::IgnoredAny`, which skips strings and numbers without judging them.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Checked, A::Error> {
+        while a.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Checked, A::Error> {
+        // Sorted once at the end: a hostile object of many members costs n log n, not n².
+        let mut names: Vec<Cow<'de, str>> = Vec::new();
+        while let Some(Name(k)) = a.next_key::<Name<'de>>()? {
+            names.push(k);
+            a.next_value::<Checked>()?;
+        }
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(serde::de::Error::custom(format_args!(
+                "member name {:?} appears twice in an object",
+                w[0]
+            )));
+        }
+        Ok(Checked)
+    }
+}
+
+/// A member name: borrowed from the answer unless it holds an escape.
+struct Name<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Name<'de>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// Whether valid JSON text `b` nests arrays and objects deeper than `max`: one pass, the
@@ -1225,6 +1354,9 @@ async fn read_body(
                 Fail::new("the upstream closed the connection before the end of its answer")
             }
             IoFail::Io => Fail::new("reading the upstream's answer failed"),
+            IoFail::Tls(_) => {
+                Fail::new("the upstream's TLS layer failed (an alert, or a record refused)")
+            }
         };
         (f, true)
     };

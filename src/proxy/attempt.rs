@@ -85,6 +85,11 @@ pub enum AttemptError {
     Stale,
     /// The connection failed after the request was sent, before a response head.
     Reset,
+    /// A new TLS connection's TLS layer failed after the request was sent, before any
+    /// response byte, other than by the server refusing the handshake (that is `Connect`):
+    /// an alert such as internal_error, or a record rustls refused. Answered as a TLS
+    /// failure, retried as a reset (the upstream may have read the request).
+    Tls,
     /// No response head within `upstream_response`, or a write to the upstream stalled.
     Timeout,
     /// The upstream's response head was invalid, or it sent too many interim responses.
@@ -106,6 +111,7 @@ impl AttemptError {
         Some(match self {
             AttemptError::Connect(e) => *e,
             AttemptError::Stale | AttemptError::Reset => GatewayError::UpstreamClosed,
+            AttemptError::Tls => GatewayError::UpstreamTls,
             AttemptError::Timeout => GatewayError::UpstreamTimeout,
             AttemptError::Bad => GatewayError::UpstreamBadResponse,
             AttemptError::Overloaded => GatewayError::Overloaded,
@@ -148,12 +154,16 @@ pub async fn attempt<D: Downstream>(
             // An upstream may answer before it has read the whole body (its own 413, an auth
             // error) and stop reading: pass that answer on rather than a 502. The client's
             // connection closes after it, as its body was not all read.
-            if down.has_body()
-                && read_response_head(&mut up, down, o, resp, &mut timer)
-                    .await
-                    .is_ok()
-            {
-                return Ok(up);
+            // A fresh TLS connection whose write failed may hold the server's refusal of
+            // the handshake (TLS 1.3: an alert after the client's Finished), which a read
+            // finds.
+            let fresh_tls = !timeout && !up.reused && matches!(up.stream, UpStream::Tls(..));
+            if down.has_body() || fresh_tls {
+                match read_response_head(&mut up, down, o, resp, &mut timer).await {
+                    Ok(()) if down.has_body() => return Ok(up),
+                    Err(RespFail::Tls(refused)) if fresh_tls => return Err(tls_fail(refused)),
+                    _ => {}
+                }
             }
             return Err(if timeout {
                 AttemptError::Timeout
@@ -166,11 +176,25 @@ pub async fn attempt<D: Downstream>(
     }
     match read_response_head(&mut up, down, o, resp, &mut timer).await {
         Ok(()) => Ok(up),
-        Err(RespFail::ClosedEarly) if up.reused => Err(AttemptError::Stale),
-        Err(RespFail::ClosedEarly) => Err(AttemptError::Reset),
+        Err(RespFail::Tls(refused)) if !up.reused => Err(tls_fail(refused)),
+        Err(RespFail::ClosedEarly | RespFail::Tls(_)) if up.reused => Err(AttemptError::Stale),
+        Err(RespFail::ClosedEarly | RespFail::Tls(_)) => Err(AttemptError::Reset),
         Err(RespFail::Timeout) => Err(AttemptError::Timeout),
         Err(RespFail::Bad) => Err(AttemptError::Bad),
         Err(RespFail::Down(f)) => Err(AttemptError::Down(f)),
+    }
+}
+
+/// The first read of a new TLS connection failed in the TLS layer before any response byte.
+/// An alert refusing the handshake (TLS 1.3 sends its refusal of a missing or unwanted client
+/// certificate after the client took the handshake as done, RFC 8446 §4.4.2.4) is a failed
+/// handshake: the server read no request, so it counts and retries as a connect failure.
+/// Any other TLS failure is answered as one but retried as a reset.
+fn tls_fail(refused: bool) -> AttemptError {
+    if refused {
+        AttemptError::Connect(GatewayError::UpstreamTls)
+    } else {
+        AttemptError::Tls
     }
 }
 
@@ -309,6 +333,9 @@ async fn send_request<D: Downstream>(
 
 enum RespFail {
     ClosedEarly,
+    /// A TLS alert (or a record rustls refused) before any response byte; `true`: an alert
+    /// refusing the handshake.
+    Tls(bool),
     Timeout,
     Bad,
     Down(DownFail),
@@ -363,6 +390,7 @@ async fn read_response_head<D: Downstream>(
         {
             Ok(_) => {}
             Err(IoFail::Timeout) => return Err(RespFail::Timeout),
+            Err(IoFail::Tls(refused)) if !got_any => return Err(RespFail::Tls(refused)),
             Err(_) if got_any => return Err(RespFail::Bad),
             Err(_) => return Err(RespFail::ClosedEarly),
         }

@@ -155,6 +155,12 @@ pub enum IoFail {
     Timeout,
     Eof,
     Io,
+    /// The TLS layer failed: an alert from the peer (other than close_notify) or a record
+    /// rustls could not accept. `true`: an alert by which the peer refuses the handshake
+    /// (see [`crate::tls::tls_failure`]); over TLS 1.3 a server's refusal of the client's
+    /// certificate, or of its absence, arrives this way, on the first read after a handshake
+    /// the client took as done (RFC 8446 §4.4.2.4).
+    Tls(bool),
 }
 
 /// Reads at most `max` more bytes, appending to `buf`. On timeout or error the stream is
@@ -246,7 +252,7 @@ impl<'a> IoTimer<'a> {
                 match res {
                     Ok(0) => Err(IoFail::Eof),
                     Ok(n) => Ok(n),
-                    Err(_) => Err(IoFail::Io),
+                    Err(e) => Err(crate::tls::tls_failure(&e).map_or(IoFail::Io, IoFail::Tls)),
                 }
             }
             _ = sleep => Err(IoFail::Timeout),

@@ -278,9 +278,9 @@ pub(crate) async fn try_endpoints<D: Downstream>(
                 ntried -= 1;
                 continue;
             }
-            Err(AttemptError::Stale | AttemptError::Reset | AttemptError::Bad) => {
-                Some(Failure::Reset)
-            }
+            Err(
+                AttemptError::Stale | AttemptError::Reset | AttemptError::Tls | AttemptError::Bad,
+            ) => Some(Failure::Reset),
             Err(AttemptError::Connect(_)) => {
                 w.metrics.connect_failed(group.index, ep);
                 Some(Failure::Connect)

@@ -139,6 +139,10 @@ async fn authenticate(
             Ok(())
         }
         Err(d) => {
+            if let Denied::Unauthorized(f) = d {
+                // The client's answer says only `invalid_token` (see `AuthFail::message`).
+                crate::debug!("auth: route {}: 401: {}", route.name, f.reason());
+            }
             ctx.resp_headers.put_slice(policy.challenge(d));
             Err(match d {
                 Denied::Unauthorized(f) => GatewayError::Unauthorized(f),

@@ -90,6 +90,18 @@ impl UpStream {
     }
 }
 
+/// A TLS upstream connection says goodbye when the gateway closes it, however it ends (the
+/// pool evicts or expires it, it is not pooled after its response, an error ends it): the
+/// `close_notify` goes out with one non-blocking send and nothing waits for it (RFC 8446
+/// §6.1). A plain stream just closes.
+impl Drop for UpStream {
+    fn drop(&mut self) {
+        if let UpStream::Tls(s, _) = self {
+            s.close_notify_now();
+        }
+    }
+}
+
 impl AsyncReadRent for UpStream {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
