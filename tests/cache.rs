@@ -2317,6 +2317,56 @@ fn admin_api_purges_by_url_prefix_and_tag_and_reports_counters() {
     assert_eq!(admin("GET", "/cache").json()["total"]["entries"], 0);
 }
 
+/// One route's stored answer is never another's: routes that split one URL by a header (a
+/// canary here), each to its own upstream, keep entries apart (before, the canary's answer
+/// was served from the stable route's entry); and a `key.ignore_host` route's entries are
+/// not those of a request without Host on another route (before, both keyed `/p` with an
+/// empty host). An invalidation of the URL reaches both routes' copies.
+#[test]
+fn routes_that_split_one_url_do_not_share_entries() {
+    let (stable, _) = counting_origin("cache-control: max-age=600\r\n");
+    let canary = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 6\r\n\r\ncanary"
+                .to_vec(),
+        )
+    });
+    let toml = format!(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.up]\nendpoints = [{{ address = \"{}\" }}]\n\
+         [upstreams.canary]\nendpoints = [{{ address = \"{}\" }}]\n\
+         [[routes]]\nname = \"canary\"\nheaders = {{ \"x-canary\" = \"1\" }}\nupstream = \"canary\"\ncache = {{}}\n\
+         [[routes]]\nname = \"any-host\"\nhosts = [\"any.test\"]\nupstream = \"canary\"\ncache = {{ key = {{ ignore_host = true }} }}\n\
+         [[routes]]\nupstream = \"up\"\ncache = {{}}\n",
+        stable.addr, canary.addr
+    );
+    let gw = TestGateway::start(&toml, D);
+    assert_eq!(get(gw.addr, "/p").text(), "v1");
+    assert_eq!(get(gw.addr, "/p").text(), "v1");
+    let r = get_h(gw.addr, "/p", "x-canary: 1\r\n");
+    assert_eq!(r.text(), "canary", "{r:?}");
+    assert_eq!(get(gw.addr, "/p").text(), "v1");
+    // The ignore_host route stores `/q` for any.test; a request without Host on the
+    // catch-all route is a URL of its own.
+    let r = request(gw.addr, b"GET /q HTTP/1.1\r\nHost: any.test\r\n\r\n");
+    assert_eq!(r.text(), "canary");
+    let r = request(gw.addr, b"GET /q HTTP/1.0\r\n\r\n");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    // An unsafe request on one route invalidates the URL on both.
+    let r = request(
+        gw.addr,
+        b"POST /p HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(get(gw.addr, "/p").text(), "v4");
+    let before = canary.hits();
+    assert_eq!(get_h(gw.addr, "/p", "x-canary: 1\r\n").text(), "canary");
+    assert_eq!(
+        canary.hits(),
+        before + 1,
+        "the canary's copy was invalidated too"
+    );
+}
+
 /// RFC 9111 §4.4 at the cost of the URL alone: an unsafe request invalidates its target
 /// without reading the rest of the store (before, each one read every stored object on every
 /// worker: with a 64 MiB store of 1 KiB objects, a POST cost some 2 ms of each worker's time,

@@ -176,6 +176,13 @@ pub fn now_secs() -> u64 {
 /// A route's cache settings, compiled.
 #[derive(Debug, Clone)]
 pub struct RoutePolicy {
+    /// What every key of the route starts with: `u`, then the route's name (its `name`, else
+    /// `route#N`) after its length (four bytes, big-endian). Two routes never share an entry:
+    /// routes split one URL by method, header or consumer, each to its own upstream, and one
+    /// route's answer is not another's (a `key.ignore_host` route's key is not that of a
+    /// request without Host on another route either). Purges and invalidations find objects
+    /// by URL, whatever their route.
+    pub(crate) key_start: Box<[u8]>,
     pub ignore_host: bool,
     pub query: QueryMode,
     pub key_headers: Vec<Box<[u8]>>,
@@ -216,8 +223,13 @@ pub enum QueryMode {
 }
 
 impl RoutePolicy {
-    /// The compiled policy of route `rc`, `None` when it does not cache.
-    pub fn compile(cfg: &Config, rc: &crate::config::RouteConfig) -> Option<Box<RoutePolicy>> {
+    /// The compiled policy of route `rc`, named `route` (its name, else `route#N`), `None`
+    /// when it does not cache.
+    pub fn compile(
+        cfg: &Config,
+        rc: &crate::config::RouteConfig,
+        route: &str,
+    ) -> Option<Box<RoutePolicy>> {
         let c: &RouteCacheConfig = rc.cache.as_ref().filter(|c| c.enabled)?;
         let g = &cfg.cache;
         let b = |s: &str| -> Box<[u8]> { s.to_ascii_lowercase().into_bytes().into() };
@@ -233,7 +245,11 @@ impl RoutePolicy {
         }
         let name: Box<[u8]> = g.name.as_bytes().into();
         let targeted: Vec<Box<[u8]>> = g.targeted_fields.iter().map(|h| b(&h.0)).collect();
+        let mut key_start = vec![b'u'];
+        key_start.extend_from_slice(&u32::try_from(route.len()).unwrap_or(u32::MAX).to_be_bytes());
+        key_start.extend_from_slice(route.as_bytes());
         Some(Box::new(RoutePolicy {
+            key_start: key_start.into(),
             ignore_host: c.key.ignore_host,
             query,
             key_headers: c.key.headers.iter().map(|h| b(&h.0)).collect(),
@@ -425,8 +441,15 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
     let query = query_of(head, pq);
     // Room for the usual key at once (tag, host, path and query, a consumer); the header
     // values, unknown here, may grow it.
-    out.reserve(host.len() + port.len() + pq.len() + consumer.map_or(0, |c| c.len() + 2) + 4);
-    out.push(b'u');
+    out.reserve(
+        p.key_start.len()
+            + host.len()
+            + port.len()
+            + pq.len()
+            + consumer.map_or(0, |c| c.len() + 2)
+            + 3,
+    );
+    out.extend_from_slice(&p.key_start);
     push_lower(out, host);
     out.extend_from_slice(port);
     out.push(0);
@@ -2601,7 +2624,7 @@ mod tests {
     /// The key as `build_key` wrote it before it took the query from the parsed spans: the
     /// query found by a scan, path and query copied apart.
     fn reference_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>) -> Vec<u8> {
-        let mut out = vec![b'u'];
+        let mut out = p.key_start.to_vec();
         let (host, port) = if p.ignore_host {
             (&b""[..], &b""[..])
         } else {
@@ -2658,7 +2681,7 @@ mod tests {
     fn build_key_writes_host_path_query_headers_and_consumer() {
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\ncache = { enabled = true }\n";
         let cfg = Config::parse(src, "t.toml").expect("config");
-        let base = RoutePolicy::compile(&cfg, &cfg.routes[0]).expect("a cache route");
+        let base = RoutePolicy::compile(&cfg, &cfg.routes[0], "t").expect("a cache route");
         let mut policies = Vec::new();
         for query in [
             QueryMode::All,
@@ -2705,10 +2728,11 @@ mod tests {
         // Spot checks of what the key is.
         let h = head(heads[1]);
         build_key(&base, &h, None, &mut out);
-        assert_eq!(&out[..], b"uexample.com\0/a/b?z=1&a=2&b");
+        // The route's name first (`t`, after its length).
+        assert_eq!(&out[..], b"u\0\0\0\x01texample.com\0/a/b?z=1&a=2&b");
         let h = head(heads[5]);
         build_key(&base, &h, None, &mut out);
-        assert_eq!(&out[..], b"uother.example\0/?a=1");
+        assert_eq!(&out[..], b"u\0\0\0\x01tother.example\0/?a=1");
     }
 
     #[test]

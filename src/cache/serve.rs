@@ -4238,6 +4238,7 @@ mod tests {
 
     fn policy() -> RoutePolicy {
         RoutePolicy {
+            key_start: b"u\0\0\0\x01t"[..].into(),
             ignore_host: false,
             query: QueryMode::All,
             key_headers: Vec::new(),
@@ -4401,7 +4402,7 @@ mod tests {
                    [upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\n\
                    upstream = \"u\"\ncache = { enabled = true }\n";
         let cfg = Config::parse(src, "t.toml").expect("config");
-        let c = RoutePolicy::compile(&cfg, &cfg.routes[0]).expect("a cache route");
+        let c = RoutePolicy::compile(&cfg, &cfg.routes[0], "t").expect("a cache route");
         for (stored, want) in [
             (
                 true,

@@ -375,7 +375,7 @@ impl Router {
                 }
                 r.request_headers.remove = remove.into_boxed_slice();
                 r.request_headers.identity = identity.clone().into_boxed_slice();
-                r.cache = crate::cache::RoutePolicy::compile(cfg, rc);
+                r.cache = crate::cache::RoutePolicy::compile(cfg, rc, &r.name);
                 r
             })
             .collect();
