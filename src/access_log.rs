@@ -1153,40 +1153,32 @@ impl Out<'_> {
     }
 
     /// The request target as [`Out::string`] writes it, with the value of every `name=`
-    /// parameter of its query (split at `&`, up to a `#`; as the API key lookup reads it)
-    /// written as `[redacted]` (RFC 6750 §5.3: credentials in URLs end up in logs). A target
-    /// without a query is written in one piece.
+    /// parameter of its query written as `[redacted]` (RFC 6750 §5.3: credentials in URLs end
+    /// up in logs). The query is read by the scan the API key lookup and `hide_credentials`
+    /// use ([`crate::http::query_of`], [`crate::http::query_params`]: up to a `#`, split at
+    /// `&`, names form-decoded as [`crate::http::form_decodes_to`] reads them), so a value is
+    /// hidden exactly when the gateway would take it for the key. A target without a query is
+    /// written in one piece.
     fn path(&mut self, v: Option<&[u8]>, name: Option<&[u8]>) {
         let (Some(v), Some(name)) = (v, name) else {
             return self.string(v);
         };
         let v = &v[..v.len().min(MAX_FIELD_BYTES)];
-        let Some(q) = v.iter().position(|b| *b == b'?') else {
+        let Some((q, query)) = crate::http::query_of(v) else {
             return self.string(Some(v));
         };
-        let end = v[q..]
-            .iter()
-            .position(|b| *b == b'#')
-            .map_or(v.len(), |p| q + p);
         self.put(b"\"");
-        // `done`: how far `v` is written.
-        let mut done = 0;
-        let mut at = q + 1;
-        while at <= end {
-            let next = v[at..end]
-                .iter()
-                .position(|b| *b == b'&')
-                .map_or(end, |p| at + p);
-            let param = &v[at..next];
-            // Named as the gateway reads the key: form-decoded (`api%5Fkey`).
-            let eq = param.iter().position(|b| *b == b'=');
-            if let Some(eq) = eq.filter(|eq| crate::http::form_decodes_to(&param[..*eq], name)) {
-                let value = at + eq + 1;
+        // `done`: how far `v` is written; `at`: where the parameter `kv` starts in `v`.
+        let (mut done, mut at) = (0, q);
+        for (kv, k) in crate::http::query_params(query) {
+            // A name alone (no `=`) has no value to hide.
+            if kv.len() > k.len() && crate::http::form_decodes_to(k, name) {
+                let value = at + k.len() + 1;
                 self.escaped(&v[done..value]);
                 self.put(b"[redacted]");
-                done = next;
+                done = at + kv.len();
             }
-            at = next + 1;
+            at += kv.len() + 1;
         }
         self.escaped(&v[done..]);
         self.put(b"\"");
@@ -1286,7 +1278,7 @@ mod tests {
     #[test]
     fn credential_query_values_are_redacted() {
         let trace = [b'a'; 32];
-        let cases: [(&[u8], &str); 8] = [
+        let cases: [(&[u8], &str); 10] = [
             (b"/a?k=s1", "/a?k=[redacted]"),
             (
                 b"/a?x=\"&k=s1&k=&k=s2#k=s3",
@@ -1299,6 +1291,9 @@ mod tests {
             (b"/a?k=s1?k=s2", "/a?k=[redacted]"),
             // However the name is spelled, as the key is read.
             (b"/a?%6B=s1&%6b=s2", "/a?%6B=[redacted]&%6b=[redacted]"),
+            // A `+` is a space in a name, as the key lookup reads it: not `k`.
+            (b"/a?k+=s1&+k=s2&%2Bk=s3", "/a?k+=s1&+k=s2&%2Bk=s3"),
+            (b"/a?&&k=s1&", "/a?&&k=[redacted]&"),
         ];
         for (path, want) in cases {
             let (log, _rx) = worker_log(64 * 1024);

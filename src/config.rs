@@ -1719,6 +1719,16 @@ impl Config {
         }
         let mut seen = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
+            // An empty name would label the listener's metrics and log lines with nothing; an
+            // unnamed listener is labelled by its address.
+            if l.name.as_deref() == Some("") {
+                return Err(err(
+                    format!("listeners[{i}].name"),
+                    None,
+                    "must not be empty (leave `name` out to label the listener by its address)"
+                        .into(),
+                ));
+            }
             if l.address.addr.port() != 0 && !seen.insert(l.address.addr) {
                 return Err(err(
                     format!("listeners[{i}].address"),
@@ -2072,6 +2082,26 @@ impl Config {
                         format!("routes[{i}].hosts[{j}]"),
                         None,
                         format!("{h:?}: hosts are matched without the port; drop \":port\""),
+                    ));
+                }
+                // A `*.` wildcard matches names under a DNS name. An address has none: no Host
+                // can be `a.[::1]` (an IP-literal is the whole host, RFC 3986 §3.2.2), and a
+                // host ending in an IPv4 address is no DNS name (a top-level label is never
+                // all digits, RFC 3696 §2), so such a route could never match as meant.
+                if h.starts_with("*.")
+                    && (bare.starts_with('[')
+                        || bare
+                            .trim_end_matches('.')
+                            .parse::<std::net::Ipv4Addr>()
+                            .is_ok())
+                {
+                    return Err(err(
+                        format!("routes[{i}].hosts[{j}]"),
+                        None,
+                        format!(
+                            "{h:?}: an IP address has no names under it; a `*.` wildcard \
+                             takes a DNS name (list the address itself to match it)"
+                        ),
                     ));
                 }
                 // A Host header holds ASCII only (RFC 9110 §7.2, RFC 3986 §3.2.2): a name any
@@ -2801,6 +2831,33 @@ upstream = "users"
         );
     }
 
+    /// An empty listener name (metrics, log lines) or auth provider name (`[auth.jwt.""]`,
+    /// `[auth.introspection.""]`: route policies, logs, metrics) labels nothing: refused at load
+    /// with the file, line, key and reason, as empty route and upstream names are. Before, all
+    /// three loaded.
+    #[test]
+    fn empty_listener_and_auth_provider_names_are_refused() {
+        let e = bad("[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"\"\naddress = \"127.0.0.1:0\"\n");
+        assert_eq!(
+            (e.key.as_str(), e.line, e.file.as_str()),
+            ("listeners[1].name", Some(5), "bad.toml"),
+            "{e}"
+        );
+        assert!(e.reason.contains("must not be empty"), "{e}");
+        refused_at(
+            "[auth.jwt.\"\"]\nsecret = \"0123456789abcdef0123456789abcdef\"\nissuers = [\"i\"]\n",
+            0,
+            "auth.jwt.\"\"",
+            "needs a name that is not empty",
+        );
+        refused_at(
+            "[auth.introspection.\"\"]\nurl = \"http://127.0.0.1:9/introspect\"\nclient_id = \"c\"\nclient_secret = \"s\"\n",
+            0,
+            "auth.introspection.\"\"",
+            "needs a name that is not empty",
+        );
+    }
+
     /// A 1 ms health-check interval is a thousand new connections a second to each endpoint:
     /// refused below 100 ms at load, with the file, line, key and reason. Before, it loaded.
     #[test]
@@ -3102,6 +3159,10 @@ upstream = "users"
             (format!("{route}hosts = [\"caf\u{e9}.test\"]\n"), 3, "routes[1].hosts[0]", "xn--"),
             (format!("{route}hosts = [\"a.test\", \"*.b%41.test\"]\n"), 3, "routes[1].hosts[1]", "xn--"),
             (format!("{route}hosts = [\"[::1]:8080\"]\n"), 3, "routes[1].hosts[0]", "drop \":port\""),
+            // A wildcard over an address can never match as meant.
+            (format!("{route}hosts = [\"*.[::1]\"]\n"), 3, "routes[1].hosts[0]", "no names under it"),
+            (format!("{route}hosts = [\"a.test\", \"*.127.0.0.1\"]\n"), 3, "routes[1].hosts[1]", "no names under it"),
+            (format!("{route}hosts = [\"*.10.0.0.1.\"]\n"), 3, "routes[1].hosts[0]", "no names under it"),
             (format!("{route}replace_prefix = \"/pub%5C\"\n"), 3, "routes[1].replace_prefix", "%5C"),
             ("[[routes]]\npath_prefix = \"/a%5cb\"\nupstream = \"users\"\n".into(), 1, "routes[1].path_prefix", "%5C"),
             ("[[routes]]\npath = \"/a%00\"\nupstream = \"users\"\n".into(), 1, "routes[1].path", "%00"),

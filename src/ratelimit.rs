@@ -200,6 +200,18 @@ impl Bucket {
         self.tokens = (self.tokens + dt * l.rate).min(l.burst);
         self.last = now;
     }
+
+    /// Takes up to `l.batch` tokens from the local bucket, `give_back` returned first.
+    fn local_lease(&mut self, l: &Limit, now: Instant, give_back: f64) -> HostLease {
+        self.refill(l, now);
+        self.tokens = (self.tokens + give_back).min(l.burst);
+        let granted = self.tokens.min(l.batch).floor();
+        self.tokens -= granted;
+        HostLease::Granted {
+            tokens: granted,
+            left: self.tokens,
+        }
+    }
 }
 
 type HostMap = quick_cache::sync::Cache<(u32, u64), Arc<Mutex<Bucket>>>;
@@ -302,16 +314,7 @@ impl HostBuckets {
                 b.stock += give_back;
                 return HostLease::Unavailable;
             }
-            _ => {
-                b.refill(l, now);
-                b.tokens = (b.tokens + give_back).min(l.burst);
-                let granted = b.tokens.min(l.batch).floor();
-                b.tokens -= granted;
-                return HostLease::Granted {
-                    tokens: granted,
-                    left: b.tokens,
-                };
-            }
+            _ => return b.local_lease(l, now, give_back),
         };
         b.stock += give_back;
         let mut back = 0.0;
@@ -398,7 +401,20 @@ impl HostBuckets {
         };
         drop(b);
         if let Some(d) = demand {
-            link.submit(d);
+            if let Err(d) = link.submit(d) {
+                // The link's queue is full (Redis slower than the demands, see
+                // `redis::MAX_QUEUED_DEMANDS`): as when Redis is slow, `on_failure` decides for a
+                // request that would wait; the key's next request asks again.
+                let mut b = cell.lock().unwrap_or_else(|e| e.into_inner());
+                b.pending = false;
+                b.stock += d.back;
+                if answer == HostLease::Wait {
+                    return match link.config().on_failure {
+                        RedisFailure::Deny => HostLease::Unavailable,
+                        RedisFailure::Local => b.local_lease(l, now, 0.0),
+                    };
+                }
+            }
         }
         answer
     }
@@ -717,6 +733,73 @@ mod tests {
                 Verdict::Deny { retry_after, .. } => assert!((1..=86_400).contains(retry_after)),
                 other => panic!("{other:?}"),
             }
+        }
+    }
+
+    /// A Redis that stalls while new keys keep coming: the link queues at most
+    /// `MAX_QUEUED_DEMANDS` demands (one per new key), and a request past that gets at once
+    /// what `on_failure` gives while Redis is slow: refused (503) with `deny`, the host's
+    /// local bucket with `local`. The refused demand is counted, and the key is not left
+    /// waiting on it: its next request asks again. Before, every new key's demand was queued
+    /// for as long as the stall lasted.
+    #[test]
+    fn a_stalled_redis_queues_a_bounded_number_of_demands() {
+        use crate::redis::MAX_QUEUED_DEMANDS;
+        use std::io::Read as _;
+        for policy in ["deny", "local"] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
+            let (done, wait) = std::sync::mpsc::channel::<()>();
+            // Reads the link's first command (loading its script) and never answers.
+            let server = std::thread::spawn(move || {
+                let Ok((mut s, _)) = listener.accept() else {
+                    return;
+                };
+                let mut b = [0u8; 256];
+                let _ = s.read(&mut b);
+                let _ = seen_tx.send(());
+                let _ = wait.recv();
+            });
+            let cfg: crate::config::RedisConfig = toml::from_str(&format!(
+                "address = \"{addr}\"\ntimeout = \"30s\"\non_failure = \"{policy}\"\n"
+            ))
+            .expect("config");
+            let link = RedisLink::new(cfg);
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let thread = crate::redis::spawn(link.clone(), stop.clone()).expect("thread");
+            let h = HostBuckets {
+                map: HostMap::new(2 * MAX_QUEUED_DEMANDS),
+                in_flight: InFlightMap::new(10),
+                redis: Some(link.clone()),
+            };
+            let l = limit(10, 10);
+            let t0 = Instant::now();
+            // The first key's demand wakes the link, which connects and waits on Redis.
+            assert_eq!(h.lease(&l, 0, None, 0.0, t0, false), HostLease::Wait);
+            seen.recv_timeout(Duration::from_secs(10))
+                .expect("the link reaches the server");
+            for k in 1..=MAX_QUEUED_DEMANDS as u64 {
+                let lease = h.lease(&l, k, None, 0.0, t0, false);
+                assert_eq!(lease, HostLease::Wait, "key {k} ({policy})");
+            }
+            let refused = |n: u64| {
+                let lease = h.lease(&l, u64::MAX, None, 0.0, t0, false);
+                match policy {
+                    "deny" => assert_eq!(lease, HostLease::Unavailable),
+                    _ => assert!(
+                        matches!(lease, HostLease::Granted { tokens, .. } if tokens >= 1.0),
+                        "{lease:?}"
+                    ),
+                }
+                assert_eq!(link.demands_refused.load(Ordering::Relaxed), n);
+            };
+            refused(1);
+            refused(2);
+            stop.store(true, Ordering::SeqCst);
+            let _ = done.send(());
+            let _ = server.join();
+            let _ = thread.join();
         }
     }
 

@@ -114,6 +114,12 @@ pub struct Command {
 /// command summed, see [`Conn::pipeline`]): the commands of a larger batch go in several
 /// rounds, so a round of small-reply commands is deeper than a round of lookups.
 const MAX_ROUND_REPLY_BYTES: usize = 128 << 20;
+/// Most rate-limit demands queued for the link's thread; past it new ones are refused at once
+/// (see [`RedisLink::submit`]). Each new key's first request queues one, so a Redis that
+/// stalls while clients keep coming with new keys (client addresses, header values) would
+/// otherwise grow the queue for as long as the stall lasts (up to `timeout`, then again at
+/// every retry). Two rounds' worth (see [`round_len`]); a demand weighs about 150 bytes.
+pub const MAX_QUEUED_DEMANDS: usize = 4096;
 /// Most plain commands queued; past it new ones fail at once (Redis slower than the
 /// workers must not grow memory without bound).
 pub const MAX_QUEUED_COMMANDS: usize = 4096;
@@ -175,6 +181,8 @@ pub struct RedisLink {
     pub commands: AtomicU64,
     /// Pipelines sent.
     pub round_trips: AtomicU64,
+    /// Demands refused because [`MAX_QUEUED_DEMANDS`] were queued (see [`RedisLink::submit`]).
+    pub demands_refused: AtomicU64,
     /// Workers that wait on answers: rung after each round (see `crate::doorbell`).
     pub doorbells: crate::doorbell::Rings,
 }
@@ -199,6 +207,7 @@ impl RedisLink {
             lines: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
+            demands_refused: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
         })
     }
@@ -213,12 +222,23 @@ impl RedisLink {
         self.down.load(Ordering::Relaxed)
     }
 
-    /// Queues a demand and wakes the Redis thread.
-    pub fn submit(&self, d: Demand) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(d);
+    /// Queues a demand and wakes the Redis thread. With [`MAX_QUEUED_DEMANDS`] already
+    /// queued (Redis slower than the demands) the demand is given back unsent, its `done` not
+    /// called, and counted in [`RedisLink::demands_refused`]: the caller treats it as an
+    /// answer from a slow Redis (`on_failure`).
+    pub fn submit(&self, d: Demand) -> Result<(), Demand> {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_QUEUED_DEMANDS {
+            drop(q);
+            self.demands_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(d);
+        }
+        q.push(d);
+        drop(q);
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
+        Ok(())
     }
 
     /// Queues a plain command and wakes the Redis thread; a full queue (in commands or in
@@ -1164,10 +1184,10 @@ mod tests {
                 let _ = tx.send(a.is_some());
             }),
         };
-        link.submit(demand(tx.clone()));
+        assert!(link.submit(demand(tx.clone())).is_ok());
         server.go(|| {
             for _ in 0..2100 {
-                link.submit(demand(tx.clone()));
+                assert!(link.submit(demand(tx.clone())).is_ok());
             }
         });
         for i in 0..1 + 2048 {

@@ -856,6 +856,24 @@ fn an_api_key_in_the_query_is_redacted_in_the_path_field() {
             "/open/y?api_keyx=v&api_key",
         ),
         ("/open/z", 200, "/open/z"),
+        // Spelled otherwise, read as the lookup reads it (form-decoded names): accepted, so
+        // redacted; `api+key` names `api key`, not the key: refused, and written as sent.
+        (
+            "/key/x?%61pi_key=key-one",
+            200,
+            "/key/x?%61pi_key=[redacted]",
+        ),
+        (
+            "/key/x?api%5fkey=key-one",
+            200,
+            "/key/x?api%5fkey=[redacted]",
+        ),
+        ("/key/x?api+key=not-it", 401, "/key/x?api+key=not-it"),
+        (
+            "/open/y?api%2Bkey=v&api_key+=w",
+            200,
+            "/open/y?api%2Bkey=v&api_key+=w",
+        ),
     ];
     for (target, status, _) in targets {
         let resp = exchange(
@@ -872,4 +890,50 @@ fn an_api_key_in_the_query_is_redacted_in_the_path_field() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("key-one"), "{text}");
     assert_eq!(got[0]["consumer"], "c1");
+}
+
+/// The access log reads a query as the API key lookup does (`http::query_of`,
+/// `http::query_params`, form-decoded names): with `query = "api key"`, `api+key` and
+/// `api%20key` carry the key, are accepted and redacted; `api_key` and `api%2Bkey` do not, and
+/// are written as sent. RFC 6750 §5.3.
+#[test]
+fn a_query_parameter_is_redacted_exactly_when_it_is_read_as_the_key() {
+    let dir = TempDir::new("apikey-spelling");
+    let log = dir.file("access.log");
+    let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));
+    let toml = format!(
+        "{}\n[auth.api_key]\nquery = \"api key\"\n[[consumers]]\nname = \"c1\"\napi_keys = [\"{}\"]\n[[routes]]\npath_prefix = \"/key\"\nupstream = \"up\"\nauth = \"api_key\"\n",
+        config(&[up.addr], &log_config(&log)),
+        ringway::auth::apikey::key_hash_hex(b"key-one")
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let targets = [
+        ("/key/a?api+key=key-one", 200, "/key/a?api+key=[redacted]"),
+        (
+            "/key/b?api%20key=key-one",
+            200,
+            "/key/b?api%20key=[redacted]",
+        ),
+        (
+            "/key/c?x=1&%61pi+k%65y=key-one",
+            200,
+            "/key/c?x=1&%61pi+k%65y=[redacted]",
+        ),
+        ("/key/d?api_key=not-it", 401, "/key/d?api_key=not-it"),
+        ("/key/e?api%2Bkey=not-it", 401, "/key/e?api%2Bkey=not-it"),
+    ];
+    for (target, status, _) in targets {
+        let resp = exchange(
+            gw.addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"),
+        );
+        let want = format!("HTTP/1.1 {status}");
+        assert!(resp.starts_with(want.as_bytes()), "{target}");
+    }
+    let got = wait_lines(&log, targets.len());
+    for (line, (target, _, logged)) in got.iter().zip(targets) {
+        assert_eq!(line["path"], logged, "{target}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("key-one"), "{text}");
 }

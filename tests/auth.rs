@@ -1392,6 +1392,20 @@ fn hs_kid(claims: &Value, alg: Algorithm, kid: &str, key: &[u8]) -> String {
     encode(&h, claims, &EncodingKey::from_secret(key)).unwrap()
 }
 
+/// A token of `alg` (RSA, EC or EdDSA) with header kid `kid`, signed with the PEM private key
+/// `key_file` of `tests/data/auth`.
+fn signed(alg: Algorithm, key_file: &str, kid: &str) -> String {
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    let pem = std::fs::read(data(key_file)).unwrap();
+    let key = match alg {
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(&pem),
+        _ => EncodingKey::from_rsa_pem(&pem),
+    };
+    encode(&h, &alice(), &key.unwrap()).unwrap()
+}
+
 /// A JWK of `tests/data/auth` without its kid (and with `kid` when given).
 fn jwk_with_kid(file: &str, kid: Option<&str>) -> Value {
     let mut k: Value = serde_json::from_str(&std::fs::read_to_string(data(file)).unwrap()).unwrap();
@@ -1571,6 +1585,33 @@ fn rfc6750_3_a_401_does_not_tell_an_unknown_kid_from_a_bad_signature() {
             rs(&alice(), "rsa2_private.pem", "rsa"),
         ),
         ("known kid, signature not base64url", undecodable),
+        // No key of the set looks at these (checked against a stand-in key of their
+        // algorithm, whose verdict is thrown away): the same answer, even for a token the
+        // stand-in's own private key signed.
+        (
+            "unknown kid, HS512",
+            hs_kid(&alice(), Algorithm::HS512, "nope", &[0x5a; 64]),
+        ),
+        (
+            "unknown kid, ES256",
+            signed(Algorithm::ES256, "ec256_private.pem", "nope"),
+        ),
+        (
+            "unknown kid, ES384, the stand-in's key",
+            signed(Algorithm::ES384, "stand_in_ec384_private.pem", "nope"),
+        ),
+        (
+            "unknown kid, EdDSA, the stand-in's key",
+            signed(Algorithm::EdDSA, "stand_in_ed25519_private.pem", "nope"),
+        ),
+        (
+            "unknown kid, PS256, the stand-in's key",
+            signed(Algorithm::PS256, "stand_in_rsa_private.pem", "nope"),
+        ),
+        (
+            "RSA kid, ES256 token",
+            signed(Algorithm::ES256, "stand_in_ec256_private.pem", "rsa"),
+        ),
     ];
     let answer = |r: &Resp| {
         let mut j = r.json();

@@ -532,6 +532,7 @@ fn the_redis_link_is_exposed() {
             && trips > 0
             && value(&l, "ringway_redis_round_trips_total", &[]) == trips as f64
             && value(&l, "ringway_redis_commands_total", &[]) == calls as f64
+            && value(&l, "ringway_redis_demands_refused_total", &[]) == 0.0
     }));
     // The link goes down with the server.
     redis.kill();

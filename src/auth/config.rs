@@ -530,6 +530,19 @@ pub fn validate(
             ));
         }
     }
+    // `[auth.jwt.""]` is valid TOML; a provider without a name cannot be named by a route's
+    // `auth` nor told apart in logs and metrics.
+    for (table, empty) in [
+        ("jwt", auth.jwt.contains_key("")),
+        ("introspection", auth.introspection.contains_key("")),
+    ] {
+        if empty {
+            return Err((
+                format!("auth.{table}.\"\""),
+                "a provider needs a name that is not empty".into(),
+            ));
+        }
+    }
     for name in auth.jwt.keys().chain(auth.introspection.keys()) {
         if name == "none" || name == "api_key" {
             return Err((

@@ -566,8 +566,8 @@ fn jwk_algs(jwk: &Jwk) -> Vec<Algorithm> {
 /// claims, so only a claims set that does not decode (JSON, UTF-8) is the token's form and
 /// not its signature; anything else this key refused (a signature that is not base64url, one
 /// of the wrong length) is a failed signature. Calling those "malformed" would tell a client
-/// that the token's `kid` named a key, since a kid that names none is refused before any key
-/// looks at the signature.
+/// that the token's `kid` named a key, since a kid that names none is refused as unknown
+/// whatever its signature (checked against a stand-in only, see [`check_stand_in`]).
 fn key_error(e: &jsonwebtoken::errors::Error) -> AuthFail {
     use jsonwebtoken::errors::ErrorKind as K;
     match e.kind() {
@@ -635,12 +635,110 @@ pub fn verify(
             Err(e) => result = Err(key_error(&e)),
         }
     }
+    if tried == 0 {
+        // No key looked at the signature (a kid that names no key, an algorithm no candidate
+        // allows): one check against a stand-in key of the named algorithm, its result
+        // ignored, so that the refusal costs what a wrong signature costs and its timing does
+        // not tell which kids exist.
+        check_stand_in(token, header.alg);
+    }
     let map = match result {
         Ok(m) => m,
         Err(_) if header.kid.is_some() && named.is_none() => return Err(AuthFail::UnknownKey),
         Err(f) => return Err(f),
     };
     check_claims(map, rules, now)
+}
+
+/// Public keys no token is ever verified with: the stand-ins that [`check_stand_in`] checks a
+/// signature against when no configured key did (generated for this purpose; RSA of 2048
+/// bits, as most issuers use). Their private halves are in `tests/data/auth/stand_in_*`, and
+/// whatever a stand-in says about a token is thrown away.
+const STAND_IN_RSA: &str = "-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA5Wr/0iOaQe+ncsXoUDPA
+QEyIpnxuGorDEBOuA93T3YeO6bqKlVRt+cgNe4sYQ4k02aL0gn5UOk4p/FS/l/cp
+mlfo7fcsjEOn/41KDzT+ACmuF4epGldZJbYNWbcWHriUXGKIFS7gHE9tJ6aQlTtt
+YiDwU4W4Ej5/kU2PsOBz67IvHq02eIU7LKZEoQ6SfxyGjS4jdF4JWVN1oQbcf2jq
+Rlrp9hMGjPl9ivh+dZp7x75HnOVTHPlRdr3O26bQKvaPRrh4ApnAWg3+GW5aDirb
+4IqMIvjnSvLwm5xXtnnXjZsN14CcB0zwoKCk8JYYeVXae8KWHp3wJjDRfPfjXIxT
+RQIDAQAB
+-----END PUBLIC KEY-----\n";
+const STAND_IN_EC256: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAELvBIF3k3pGJSMytJxIeDoxcLy15Y
+Eb9R583J4HrBwuBUXJ9afspKfIzqgUmJMT5FSwY7z6X7l3MyStX7vKBXjA==
+-----END PUBLIC KEY-----\n";
+const STAND_IN_EC384: &str = "-----BEGIN PUBLIC KEY-----
+MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAE+VQCNz304n4hQMsAoMGf1Uyn9xJA1ktm
+GsNmF54X4BsIo8sdMCnL+sJkhIdEaGNz7TrcYPXJbBwCvnVLjrgrX20Ywi5KrYwM
+MXqTacqvI477a04ZJ3fEPKr+2NJAhgky
+-----END PUBLIC KEY-----\n";
+const STAND_IN_ED25519: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEA/znc/C22B0uPKz/DlvRUAhuW+uBebP1Rd+4L5Ut59HM=
+-----END PUBLIC KEY-----\n";
+/// A fixed secret for the HMAC algorithms (64 bytes: HS512's hash).
+const STAND_IN_SECRET: [u8; 64] = [0x5a; 64];
+
+/// The stand-in keys, one per family, each allowing its family's algorithms; made once per
+/// process, on the first token that needs one.
+fn stand_ins() -> &'static [JwtKey] {
+    static KEYS: std::sync::OnceLock<Vec<JwtKey>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        use Algorithm as A;
+        let pem = [
+            (
+                &[A::RS256, A::RS384, A::RS512, A::PS256, A::PS384, A::PS512][..],
+                DecodingKey::from_rsa_pem(STAND_IN_RSA.as_bytes()),
+            ),
+            (
+                &[A::ES256][..],
+                DecodingKey::from_ec_pem(STAND_IN_EC256.as_bytes()),
+            ),
+            (
+                &[A::ES384][..],
+                DecodingKey::from_ec_pem(STAND_IN_EC384.as_bytes()),
+            ),
+            (
+                &[A::EdDSA][..],
+                DecodingKey::from_ed_pem(STAND_IN_ED25519.as_bytes()),
+            ),
+        ];
+        let mut keys = vec![JwtKey::new(
+            None,
+            &[A::HS256, A::HS384, A::HS512],
+            DecodingKey::from_secret(&STAND_IN_SECRET),
+        )];
+        // The constants parse (`stand_ins_verify_their_own_signatures`); were one not to, its
+        // algorithms would go without a stand-in rather than fail a request.
+        keys.extend(
+            pem.into_iter()
+                .filter_map(|(algs, key)| key.ok().map(|k| JwtKey::new(None, algs, k))),
+        );
+        keys
+    })
+}
+
+/// The stand-in key for `alg`, with its prepared validation.
+fn stand_in(alg: Algorithm) -> Option<(&'static DecodingKey, &'static Validation)> {
+    stand_ins().iter().find_map(|k| {
+        let (_, v) = k.algs.iter().find(|(a, _)| *a == alg)?;
+        Some((&k.key, v))
+    })
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Stand-in checks made on this thread, for the tests.
+    static STAND_IN_CHECKS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Checks `token`'s signature against the stand-in key of `alg`: the same work (decoding,
+/// one signature check of that algorithm) as a configured key's refusal, no more allocated.
+/// Whether it verified: only the tests look.
+fn check_stand_in(token: &str, alg: Algorithm) -> bool {
+    #[cfg(test)]
+    STAND_IN_CHECKS.with(|c| c.set(c.get() + 1));
+    stand_in(alg)
+        .is_some_and(|(key, v)| jsonwebtoken::decode::<Map<String, Value>>(token, key, v).is_ok())
 }
 
 /// Does the header carry `crit`? No extension is understood here, so such a token must be
@@ -946,6 +1044,88 @@ mod tests {
 
     pub(crate) fn test_config() -> JwtConfig {
         toml::from_str::<JwtConfig>("secret = \"0123456789abcdef0123456789abcdef\"").unwrap()
+    }
+
+    /// Every algorithm has a stand-in key that really checks a signature of that algorithm:
+    /// a token signed with the stand-in's private half (`tests/data/auth/stand_in_*`)
+    /// verifies, one signed with another key does not. A stand-in that failed to parse, or a
+    /// key of another family, would refuse at once without the signature check whose cost it
+    /// is there to pay.
+    #[test]
+    fn stand_ins_verify_their_own_signatures() {
+        use Algorithm as A;
+        let rsa = EncodingKey::from_rsa_pem(&data("stand_in_rsa_private.pem")).unwrap();
+        let other_rsa = EncodingKey::from_rsa_pem(&data("rsa_private.pem")).unwrap();
+        let ec256 = EncodingKey::from_ec_pem(&data("stand_in_ec256_private.pem")).unwrap();
+        let other_ec256 = EncodingKey::from_ec_pem(&data("ec256_private.pem")).unwrap();
+        let ec384 = EncodingKey::from_ec_pem(&data("stand_in_ec384_private.pem")).unwrap();
+        let other_ec384 = EncodingKey::from_ec_pem(&data("ec384_private.pem")).unwrap();
+        let ed = EncodingKey::from_ed_pem(&data("stand_in_ed25519_private.pem")).unwrap();
+        let other_ed = EncodingKey::from_ed_pem(&data("ed25519_private.pem")).unwrap();
+        let hs = EncodingKey::from_secret(&STAND_IN_SECRET);
+        let other_hs = EncodingKey::from_secret(&[1u8; 64]);
+        let cases = [
+            (A::HS256, &hs, &other_hs),
+            (A::HS384, &hs, &other_hs),
+            (A::HS512, &hs, &other_hs),
+            (A::RS256, &rsa, &other_rsa),
+            (A::RS384, &rsa, &other_rsa),
+            (A::RS512, &rsa, &other_rsa),
+            (A::PS256, &rsa, &other_rsa),
+            (A::PS384, &rsa, &other_rsa),
+            (A::PS512, &rsa, &other_rsa),
+            (A::ES256, &ec256, &other_ec256),
+            (A::ES384, &ec384, &other_ec384),
+            (A::EdDSA, &ed, &other_ed),
+        ];
+        for (alg, own, other) in cases {
+            let signed = encode(&Header::new(alg), &claims(), own).unwrap();
+            assert!(check_stand_in(&signed, alg), "{alg:?}");
+            let forged = encode(&Header::new(alg), &claims(), other).unwrap();
+            assert!(!check_stand_in(&forged, alg), "{alg:?}, another key");
+        }
+    }
+
+    /// RFC 7515 §4.1.4: a token no configured key looked at (a kid that names no key, an
+    /// algorithm its key does not allow) is still checked once, against the stand-in of its
+    /// algorithm, so that it is not refused faster than a wrong signature (which would tell
+    /// which kids exist); the answer is the same as before. A known kid with a wrong
+    /// signature needs no stand-in. Before, an unknown kid was refused with no check at all.
+    #[test]
+    fn a_token_no_key_looked_at_is_checked_against_a_stand_in() {
+        let checks = || STAND_IN_CHECKS.with(|c| c.get());
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("a".into());
+        let set = KeySet {
+            keys: vec![JwtKey::new(
+                Some("a".into()),
+                &[Algorithm::HS256],
+                DecodingKey::from_secret(SECRET),
+            )],
+        };
+        let sign =
+            |h: &Header, key: &[u8]| encode(h, &claims(), &EncodingKey::from_secret(key)).unwrap();
+        let before = checks();
+        assert!(verify(&sign(&h, SECRET), &set, &rules(), NOW).is_ok());
+        let wrong = sign(&h, b"another-secret-another-secret-!!");
+        assert_eq!(
+            verify(&wrong, &set, &rules(), NOW).err(),
+            Some(AuthFail::BadSignature)
+        );
+        assert_eq!(checks(), before, "a configured key checked the signature");
+        h.kid = Some("nope".into());
+        assert_eq!(
+            verify(&sign(&h, SECRET), &set, &rules(), NOW).err(),
+            Some(AuthFail::UnknownKey)
+        );
+        assert_eq!(checks(), before + 1, "unknown kid");
+        let mut h512 = Header::new(Algorithm::HS512);
+        h512.kid = Some("a".into());
+        assert_eq!(
+            verify(&sign(&h512, &[3u8; 64]), &set, &rules(), NOW).err(),
+            Some(AuthFail::AlgorithmNotAllowed)
+        );
+        assert_eq!(checks(), before + 2, "an algorithm the key does not allow");
     }
 
     /// Tokens an attacker would try, each refused for its own reason.

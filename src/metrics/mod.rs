@@ -480,6 +480,7 @@ impl WorkerMetrics {
             commands: r.commands.load(std::sync::atomic::Ordering::Relaxed),
             round_trips: r.round_trips.load(std::sync::atomic::Ordering::Relaxed),
             failures: r.failures.load(std::sync::atomic::Ordering::Relaxed),
+            demands_refused: r.demands_refused.load(std::sync::atomic::Ordering::Relaxed),
         });
         s
     }
@@ -592,6 +593,8 @@ pub struct RedisSample {
     pub commands: u64,
     pub round_trips: u64,
     pub failures: u64,
+    /// Demands refused because the link's queue was full (`redis::MAX_QUEUED_DEMANDS`).
+    pub demands_refused: u64,
 }
 
 /// One worker's metrics, or (after [`WorkerSample::merge`]) every worker's summed.

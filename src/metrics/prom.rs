@@ -519,6 +519,16 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             "Failures of the Redis link for shared rate limits (refused, broken, late or malformed answers), retries included.",
         );
         e.sample("ringway_redis_failures_total", &[], r.failures);
+        e.family(
+            "ringway_redis_demands_refused_total",
+            "counter",
+            "Requests for Redis tokens refused because the link's queue was full (Redis slower than the demands); on_failure applied.",
+        );
+        e.sample(
+            "ringway_redis_demands_refused_total",
+            &[],
+            r.demands_refused,
+        );
     }
 }
 
