@@ -2008,20 +2008,7 @@ impl WorkerCache {
                 soft: false,
             });
         }
-        if let Some(c) = self.control.get() {
-            for i in 0..c.workers() {
-                if i == self.worker {
-                    continue;
-                }
-                let url = url.clone();
-                let _ = c.post(
-                    i,
-                    Box::new(move |w| {
-                        w.cache.invalidate_local(&url);
-                    }),
-                );
-            }
-        }
+        self.post_to_others(move |c| c.invalidate_local(&url));
     }
 
     /// Applies `p` here, in Redis, and posts it to every other worker (without waiting for
@@ -2031,20 +2018,9 @@ impl WorkerCache {
         if let Some(l) = self.shared.get() {
             l.purge(&p);
         }
-        if let Some(c) = self.control.get() {
-            for i in 0..c.workers() {
-                if i == self.worker {
-                    continue;
-                }
-                let p = p.clone();
-                let _ = c.post(
-                    i,
-                    Box::new(move |w| {
-                        w.cache.purge_local(&p);
-                    }),
-                );
-            }
-        }
+        self.post_to_others(move |c| {
+            c.purge_local(&p);
+        });
         n
     }
 }
