@@ -2317,6 +2317,35 @@ fn admin_api_purges_by_url_prefix_and_tag_and_reports_counters() {
     assert_eq!(admin("GET", "/cache").json()["total"]["entries"], 0);
 }
 
+/// An IPv6 literal Host is the address it names in the key too (RFC 3986 §3.2.2, RFC 5952
+/// §4), as routing reads it: `[0::1]` and `[::1]` store one object, and an invalidation
+/// through one spelling reaches the other (before, each spelling kept its own copy, and a POST
+/// through `[::1]` left `[0::1]`'s served; review r12b).
+#[test]
+fn rfc5952_4_ipv6_literal_spellings_are_one_key() {
+    let (up, n) = counting_origin("cache-control: max-age=600\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let at = |host: &str, method: &str| {
+        request(
+            gw.addr,
+            format!("{method} /v6 HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    assert_eq!(at("[0::1]", "GET").text(), "v1");
+    for host in ["[::1]", "[0:0:0:0:0:0:0:1]", "[0000::0001]:80"] {
+        let r = at(host, "GET");
+        assert_eq!(r.text(), "v1", "{host}: {r:?}");
+    }
+    assert_eq!(at("[::1]", "POST").status, 200);
+    assert_eq!(
+        at("[0::1]", "GET").text(),
+        "v3",
+        "invalidated through another spelling"
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
 /// One route's stored answer is never another's: routes that split one URL by a header (a
 /// canary here), each to its own upstream, keep entries apart (before, the canary's answer
 /// was served from the stable route's entry); and a `key.ignore_host` route's entries are

@@ -31,6 +31,7 @@ pub mod redis;
 pub mod serve;
 mod store;
 
+use std::borrow::Cow;
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -319,14 +320,16 @@ impl RoutePolicy {
 /// any, so that a purge of one spelling reaches the other. The default port of the target's
 /// scheme (80, or 443 when `https`, [`RequestHead::https`]) and an empty port are left out:
 /// `a.test:80` is the origin `a.test` (RFC 9110 §4.2.3, RFC 3986 §6.2.3).
+/// An IPv6 literal is the address it names, in RFC 5952 §4 form, as routing reads it
+/// (`[0::1]` and `[::1]` are one key, one stored object and one purge target).
 #[inline]
-pub fn key_host(h: &[u8], https: bool) -> (&[u8], &[u8]) {
+pub fn key_host(h: &[u8], https: bool) -> (Cow<'_, [u8]>, &[u8]) {
     split_host(h, Some(https))
 }
 
 /// [`key_host`] for a scheme that may not be known (`None`: either default port is left out).
 #[inline]
-fn split_host(h: &[u8], https: Option<bool>) -> (&[u8], &[u8]) {
+fn split_host(h: &[u8], https: Option<bool>) -> (Cow<'_, [u8]>, &[u8]) {
     let name = crate::router::host_without_port(h);
     let port = &h[name.len()..];
     // Looked at only when there is a port: the usual request names none.
@@ -335,7 +338,23 @@ fn split_host(h: &[u8], https: Option<bool>) -> (&[u8], &[u8]) {
     } else {
         port
     };
-    (crate::router::trim_root_dots(name), port)
+    let name = crate::router::trim_root_dots(name);
+    if name.first() == Some(&b'[') {
+        return (ip_literal(name), port);
+    }
+    (Cow::Borrowed(name), port)
+}
+
+/// A bracketed IPv6 literal host in RFC 5952 §4 form ([`crate::router::canonical_ip_literal`]);
+/// as spelled when it names no address (the request parser refused such a Host).
+#[cold]
+#[inline(never)]
+fn ip_literal(name: &[u8]) -> Cow<'_, [u8]> {
+    let mut buf = [0u8; 64];
+    match crate::router::canonical_ip_literal(name, &mut buf) {
+        Some(n) => Cow::Owned(buf[..n].to_vec()),
+        None => Cow::Borrowed(name),
+    }
 }
 
 /// `port` (`:` then digits, as it follows a host) is empty or the scheme's default port, read
@@ -363,7 +382,7 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
     let (name, port) = key_host(head.host_bytes().unwrap_or(b""), head.https);
     let pq = head.bytes(head.path_query);
     out.reserve(name.len() + port.len() + pq.len() + usize::from(pq.first() != Some(&b'/')));
-    push_lower(out, name);
+    push_lower(out, &name);
     out.extend_from_slice(port);
     if pq.first() == Some(&b'/') {
         out.extend_from_slice(pq);
@@ -376,9 +395,9 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
 /// What [`url_of`] writes, found once in a request head: measured, then written into a
 /// `BytesMut` (the buffer a stored object's head, URL and body share) without looking for the
 /// head's parts again.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct UrlParts<'h> {
-    host: &'h [u8],
+    host: Cow<'h, [u8]>,
     port: &'h [u8],
     pq: &'h [u8],
 }
@@ -413,7 +432,7 @@ impl<'h> UrlParts<'h> {
     #[inline(always)]
     pub fn put(&self, out: &mut BytesMut) {
         let from = out.len();
-        out.extend_from_slice(self.host);
+        out.extend_from_slice(&self.host);
         if let Some(host) = out.get_mut(from..) {
             host.make_ascii_lowercase();
         }
@@ -432,7 +451,7 @@ impl<'h> UrlParts<'h> {
 pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
     out.clear();
     let (host, port) = if p.ignore_host {
-        (&b""[..], &b""[..])
+        (Cow::Borrowed(&b""[..]), &b""[..])
     } else {
         key_host(head.host_bytes().unwrap_or(b""), head.https)
     };
@@ -450,7 +469,7 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
             + 3,
     );
     out.extend_from_slice(&p.key_start);
-    push_lower(out, host);
+    push_lower(out, &host);
     out.extend_from_slice(port);
     out.push(0);
     match &p.query {
@@ -2434,7 +2453,7 @@ mod tests {
             let (n, p) = key_host(h.as_bytes(), https);
             format!(
                 "{}|{}",
-                String::from_utf8_lossy(n),
+                String::from_utf8_lossy(&n),
                 String::from_utf8_lossy(p)
             )
         };
@@ -2453,6 +2472,11 @@ mod tests {
             ("[::1]:80", false, "[::1]|"),
             ("[::1]:443", false, "[::1]|:443"),
             ("[::1]", false, "[::1]|"),
+            // RFC 5952 §4, as routing reads a literal.
+            ("[0:0:0:0:0:0:0:1]:80", false, "[::1]|"),
+            ("[0::1]:8080", false, "[::1]|:8080"),
+            ("[2001:DB8::A]", true, "[2001:db8::a]|"),
+            ("[not-an-address]", false, "[not-an-address]|"),
         ] {
             assert_eq!(k(h, https), want, "{h} https={https}");
         }
@@ -2602,7 +2626,7 @@ mod tests {
     fn reference_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>) -> Vec<u8> {
         let mut out = p.key_start.to_vec();
         let (host, port) = if p.ignore_host {
-            (&b""[..], &b""[..])
+            (Cow::Borrowed(&b""[..]), &b""[..])
         } else {
             key_host(head.host_bytes().unwrap_or(b""), head.https)
         };

@@ -3298,7 +3298,7 @@ fn same_host_url(head: &RequestHead, v: &[u8]) -> Option<Vec<u8>> {
         let slash = rest.iter().position(|b| *b == b'/').unwrap_or(rest.len());
         let (name, port) = super::key_host(&rest[..slash], https);
         if !(name.len() + port.len() == host.len()
-            && host[..name.len()].eq_ignore_ascii_case(name)
+            && host[..name.len()].eq_ignore_ascii_case(&name)
             && host[name.len()..] == *port)
         {
             return None;

@@ -27,7 +27,7 @@
 mod table;
 mod tree;
 
-pub use table::{trim_root_dots, RouteTable, TableStats};
+pub use table::{canonical_ip_literal, trim_root_dots, RouteTable, TableStats};
 
 use std::cell::RefCell;
 use std::collections::HashMap;
