@@ -678,48 +678,51 @@ MCowBQYDK2VwAyEA/znc/C22B0uPKz/DlvRUAhuW+uBebP1Rd+4L5Ut59HM=
 /// A fixed secret for the HMAC algorithms (64 bytes: HS512's hash).
 const STAND_IN_SECRET: [u8; 64] = [0x5a; 64];
 
-/// The stand-in keys, one per family, each allowing its family's algorithms; made once per
-/// process, on the first token that needs one.
-fn stand_ins() -> &'static [JwtKey] {
-    static KEYS: std::sync::OnceLock<Vec<JwtKey>> = std::sync::OnceLock::new();
-    KEYS.get_or_init(|| {
-        use Algorithm as A;
-        let pem = [
-            (
-                &[A::RS256, A::RS384, A::RS512, A::PS256, A::PS384, A::PS512][..],
-                DecodingKey::from_rsa_pem(STAND_IN_RSA.as_bytes()),
-            ),
-            (
-                &[A::ES256][..],
-                DecodingKey::from_ec_pem(STAND_IN_EC256.as_bytes()),
-            ),
-            (
-                &[A::ES384][..],
-                DecodingKey::from_ec_pem(STAND_IN_EC384.as_bytes()),
-            ),
-            (
-                &[A::EdDSA][..],
-                DecodingKey::from_ed_pem(STAND_IN_ED25519.as_bytes()),
-            ),
-        ];
-        let mut keys = vec![JwtKey::new(
-            None,
-            &[A::HS256, A::HS384, A::HS512],
-            DecodingKey::from_secret(&STAND_IN_SECRET),
-        )];
-        // The constants parse (`stand_ins_verify_their_own_signatures`); were one not to, its
-        // algorithms would go without a stand-in rather than fail a request.
-        keys.extend(
-            pem.into_iter()
-                .filter_map(|(algs, key)| key.ok().map(|k| JwtKey::new(None, algs, k))),
-        );
-        keys
-    })
+thread_local! {
+    /// The stand-in keys, one per family, each allowing its family's algorithms; made once per
+    /// worker (a thread's own: no lock or atomic on the request path, and no worker waits on
+    /// another's parse), on the first token that needs one.
+    static STAND_INS: Vec<JwtKey> = stand_ins();
 }
 
-/// The stand-in key for `alg`, with its prepared validation.
-fn stand_in(alg: Algorithm) -> Option<(&'static DecodingKey, &'static Validation)> {
-    stand_ins().iter().find_map(|k| {
+/// The stand-in keys ([`STAND_INS`]).
+fn stand_ins() -> Vec<JwtKey> {
+    use Algorithm as A;
+    let pem = [
+        (
+            &[A::RS256, A::RS384, A::RS512, A::PS256, A::PS384, A::PS512][..],
+            DecodingKey::from_rsa_pem(STAND_IN_RSA.as_bytes()),
+        ),
+        (
+            &[A::ES256][..],
+            DecodingKey::from_ec_pem(STAND_IN_EC256.as_bytes()),
+        ),
+        (
+            &[A::ES384][..],
+            DecodingKey::from_ec_pem(STAND_IN_EC384.as_bytes()),
+        ),
+        (
+            &[A::EdDSA][..],
+            DecodingKey::from_ed_pem(STAND_IN_ED25519.as_bytes()),
+        ),
+    ];
+    let mut keys = vec![JwtKey::new(
+        None,
+        &[A::HS256, A::HS384, A::HS512],
+        DecodingKey::from_secret(&STAND_IN_SECRET),
+    )];
+    // The constants parse (`stand_ins_verify_their_own_signatures`); were one not to, its
+    // algorithms would go without a stand-in rather than fail a request.
+    keys.extend(
+        pem.into_iter()
+            .filter_map(|(algs, key)| key.ok().map(|k| JwtKey::new(None, algs, k))),
+    );
+    keys
+}
+
+/// The stand-in key for `alg` among `keys`, with its prepared validation.
+fn stand_in(keys: &[JwtKey], alg: Algorithm) -> Option<(&DecodingKey, &Validation)> {
+    keys.iter().find_map(|k| {
         let (_, v) = k.algs.iter().find(|(a, _)| *a == alg)?;
         Some((&k.key, v))
     })
@@ -737,8 +740,11 @@ thread_local! {
 fn check_stand_in(token: &str, alg: Algorithm) -> bool {
     #[cfg(test)]
     STAND_IN_CHECKS.with(|c| c.set(c.get() + 1));
-    stand_in(alg)
-        .is_some_and(|(key, v)| jsonwebtoken::decode::<Map<String, Value>>(token, key, v).is_ok())
+    STAND_INS.with(|keys| {
+        stand_in(keys, alg).is_some_and(|(key, v)| {
+            jsonwebtoken::decode::<Map<String, Value>>(token, key, v).is_ok()
+        })
+    })
 }
 
 /// Does the header carry `crit`? No extension is understood here, so such a token must be
