@@ -2396,6 +2396,62 @@ fn routes_that_split_one_url_do_not_share_entries() {
     );
 }
 
+/// RFC 9111 §4.4 against §4.3.5: a HEAD sent before a POST invalidated its URL, answered
+/// after it with the stored GET's validators, does not freshen the invalidated GET back into
+/// the store (review r12a M2: before, the next GET was a hit with the pre-POST body).
+#[test]
+fn rfc9111_4_4_a_head_in_flight_across_an_invalidation_does_not_restore_the_get() {
+    let version = Arc::new(AtomicUsize::new(1));
+    let (arrived, gate) = (Event::new(), Event::new());
+    let (v2, a2, g2) = (version.clone(), arrived.clone(), gate.clone());
+    let up = Upstream::start(move |req| {
+        let v = v2.load(Ordering::SeqCst);
+        match req.method.as_str() {
+            "POST" => {
+                v2.store(2, Ordering::SeqCst);
+                Reply::Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+            }
+            "HEAD" => {
+                // The origin's answer as of before the POST, sent after it.
+                a2.set();
+                g2.wait(Duration::from_secs(10));
+                Reply::Raw(
+                    format!(
+                        "HTTP/1.1 200 OK\r\netag: \"e{v}\"\r\ncache-control: max-age=600\r\ncontent-length: 2\r\n\r\n"
+                    )
+                    .into_bytes(),
+                )
+            }
+            _ => Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\netag: \"e{v}\"\r\ncache-control: max-age=600\r\ncontent-length: 2\r\n\r\nv{v}"
+                )
+                .into_bytes(),
+            ),
+        }
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/x").text(), "v1");
+    let addr = gw.addr;
+    let head = std::thread::spawn(move || {
+        request(
+            addr,
+            b"HEAD /x HTTP/1.1\r\nHost: test.local\r\nCache-Control: no-cache\r\n\r\n",
+        )
+        .status
+    });
+    assert!(arrived.wait(Duration::from_secs(10)), "the HEAD is out");
+    let r = request(
+        gw.addr,
+        b"POST /x HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    gate.set();
+    assert_eq!(head.join().unwrap(), 200);
+    let r = get(gw.addr, "/x");
+    assert_eq!(r.text(), "v2", "{r:?}");
+}
+
 /// RFC 9111 §4.4 at the cost of the URL alone: an unsafe request invalidates its target
 /// without reading the rest of the store (before, each one read every stored object on every
 /// worker: with a 64 MiB store of 1 KiB objects, a POST cost some 2 ms of each worker's time,

@@ -670,6 +670,53 @@ fn a_longer_entry_another_host_wrote_is_a_miss_and_the_link_stays_up() {
     fake.stop();
 }
 
+/// RFC 9111 §4.4: a Redis lookup sent before a POST invalidated its URL, answered after, does
+/// not put its pre-POST entry into the worker's store (review r12a M3: before, the entry was
+/// stored as if newer than the invalidation, and every GET after the POST was a hit with the
+/// old body, though Redis had deleted it).
+#[test]
+fn rfc9111_4_4_a_redis_answer_to_a_lookup_sent_before_an_invalidation_is_not_stored() {
+    let old = entry_reply(&entry(
+        Bytes::from_static(b"test.local/m"),
+        Bytes::from_static(b"pre-post"),
+    ));
+    let (arrived, gate) = (Event::new(), Event::new());
+    let (a2, g2) = (arrived.clone(), gate.clone());
+    // The first lookup is answered with the old entry once the POST is through; later ones
+    // find nothing (the POST's deletion).
+    let (mut fake, addr, _) = fake_redis_answering(
+        move |n| {
+            if n > 0 {
+                return b"$-1\r\n".to_vec();
+            }
+            a2.set();
+            g2.wait(Duration::from_secs(10));
+            old.clone()
+        },
+        |_| b"+OK\r\n".to_vec(),
+    );
+    let up = no_store_origin();
+    let gw = TestGateway::start(&redis_cache_config(up.addr, addr, "5s"), DriverChoice::Auto);
+    let at = gw.addr;
+    let first = std::thread::spawn(move || get(at, "/m").status);
+    assert!(arrived.wait(Duration::from_secs(10)), "the lookup is out");
+    let r = request(
+        gw.addr,
+        b"POST /m HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    gate.set();
+    assert_eq!(first.join().unwrap(), 200);
+    let r = get(gw.addr, "/m");
+    assert_eq!(
+        (r.status, String::from_utf8_lossy(&r.body).into_owned()),
+        (200, "origin".to_string()),
+        "{r:?}"
+    );
+    drop(gw);
+    fake.stop();
+}
+
 /// A Redis reply nobody asked for is never taken as the answer to the next command (RESP2
 /// answers are matched to commands by their order alone): a server that answers one `GET`
 /// with a miss and then with eight entries of another URL made every lookup after it take

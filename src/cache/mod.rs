@@ -856,6 +856,18 @@ pub struct Entry {
     pub variants: Variants,
 }
 
+impl Entry {
+    /// The newest variant that the request `req` selects (§4.1).
+    #[inline]
+    fn select(&self, req: &Sent<'_>) -> Option<Rc<Object>> {
+        self.variants
+            .as_slice()
+            .iter()
+            .find(|o| o.vary_matches(req))
+            .cloned()
+    }
+}
+
 /// The variants of one key, newest first, never empty: most keys have one, which takes no
 /// vector (one allocation less per stored object, and one less to free when it goes).
 #[derive(Clone)]
@@ -1199,6 +1211,10 @@ pub struct WorkerCache {
     invalidated_bytes: Cell<usize>,
     /// `invalidated` is not empty (tested on every lookup).
     any_invalidated: Cell<bool>,
+    /// The lengths of the URLs in `invalidated` modulo 64, as bits: a stored object whose
+    /// URL's length has no bit here is of no invalidated URL (tested before its URL is
+    /// looked for in `invalidated`, on every lookup while some URL is invalidated).
+    invalidated_lens: Cell<u64>,
     /// The bytes of bodies captured to be stored, while they arrive.
     in_flight: Rc<InFlight>,
 }
@@ -1277,6 +1293,7 @@ impl WorkerCache {
             invalidated: RefCell::new(HashMap::default()),
             invalidated_bytes: Cell::new(0),
             any_invalidated: Cell::new(false),
+            invalidated_lens: Cell::new(0),
             in_flight: Rc::new(InFlight {
                 used: Cell::new(0),
                 max: cfg.cache.max_in_flight(),
@@ -1381,23 +1398,34 @@ impl WorkerCache {
     // Inlined in the cache phase's first look (`serve::first_look`), the usual caller.
     #[inline]
     pub fn lookup(&self, key: KeyRef<'_>, req: &Sent<'_>) -> (Option<Rc<Object>>, bool) {
-        if self.any_invalidated.get() {
-            self.drop_invalidated(key);
-        }
         let m = self.map.borrow();
         let Some(e) = m.get(key) else {
             drop(m);
             self.prefetch_victim(key.hash);
             return (None, false);
         };
-        (
-            e.variants
-                .as_slice()
-                .iter()
-                .find(|o| o.vary_matches(req))
-                .cloned(),
-            true,
-        )
+        if self.any_invalidated.get() && self.holds_invalidated(e) {
+            drop(m);
+            return self.lookup_past_invalidated(key, req);
+        }
+        (e.select(req), true)
+    }
+
+    /// [`WorkerCache::lookup`] of a key whose entry holds an invalidated object: that one goes
+    /// from the store first.
+    #[cold]
+    #[inline(never)]
+    fn lookup_past_invalidated(
+        &self,
+        key: KeyRef<'_>,
+        req: &Sent<'_>,
+    ) -> (Option<Rc<Object>>, bool) {
+        self.drop_invalidated(key);
+        let m = self.map.borrow();
+        match m.peek(key) {
+            Some(e) => (e.select(req), true),
+            None => (None, false),
+        }
     }
 
     /// Stores `obj` under `key`, replacing the variant with the same Vary values and dropping
@@ -1654,6 +1682,10 @@ impl WorkerCache {
             return;
         };
         let key = self.key(key);
+        // A copy invalidated here and not yet looked up since is not one this worker holds.
+        if self.any_invalidated.get() {
+            self.drop_invalidated(key);
+        }
         let older = self.map.borrow().peek(key).is_some_and(|e| {
             e.variants
                 .as_slice()
@@ -1915,9 +1947,22 @@ impl WorkerCache {
             t.len() >= MAX_INVALIDATED || self.invalidated_bytes.get() >= MAX_INVALIDATED_BYTES
         };
         self.any_invalidated.set(true);
+        self.invalidated_lens
+            .set(self.invalidated_lens.get() | 1 << (url.len() % 64));
         if full {
             self.sweep_invalidated();
         }
+    }
+
+    /// Whether `e` holds an object of a URL invalidated after it was stored (while some URL
+    /// is: [`WorkerCache::any_invalidated`]).
+    #[inline]
+    fn holds_invalidated(&self, e: &Entry) -> bool {
+        let lens = self.invalidated_lens.get();
+        e.variants
+            .as_slice()
+            .iter()
+            .any(|o| lens >> (o.url.len() % 64) & 1 == 1 && self.invalidated(o))
     }
 
     /// Whether `o` is of a URL invalidated after it was stored.
@@ -1958,6 +2003,7 @@ impl WorkerCache {
         self.invalidated.borrow_mut().clear();
         self.invalidated_bytes.set(0);
         self.any_invalidated.set(false);
+        self.invalidated_lens.set(0);
     }
 
     /// Numbers a purge or invalidation just applied and remembers it for the fetches in
@@ -2874,6 +2920,53 @@ mod tests {
         c.insert(b"j", fr.clone(), 2);
         assert_eq!(bodies(&c), [&b"en"[..]]);
         assert_eq!(c.stats().entries, 2);
+    }
+
+    /// An object of the URL `url` with body `body`, received at `at`.
+    fn url_obj(url: &'static [u8], body: &'static [u8], at: u64) -> Object {
+        Object {
+            status: 200,
+            body: Bytes::from_static(body),
+            url: Bytes::from_static(url),
+            t: Timing {
+                response_time: at,
+                ..Timing::default()
+            },
+            ..Object::default()
+        }
+    }
+
+    /// RFC 9111 §4.4 with lazy invalidation: an object invalidated here is gone for a lookup
+    /// (and one of another URL, of the same length or not, is not), a copy stored after is
+    /// served, and a freshened copy another worker posts (its 304 answered before it ran the
+    /// invalidation posted to it) does not bring back the invalidated one (review r12a H1:
+    /// before, `take_freshened` saw the invalidated copy still in the store, took it for one
+    /// held here and stored the freshened pre-POST copy over it).
+    #[test]
+    fn an_invalidated_object_is_gone_for_lookups_and_freshened_copies() {
+        let c = worker_cache();
+        let h = head("GET /p HTTP/1.1\r\nHost: h\r\n\r\n");
+        let req = Sent::plain(&h);
+        let body = |k: &[u8]| c.lookup(c.key(k), &req).0.map(|o| o.body.clone());
+        c.insert(b"k", Rc::new(url_obj(b"h/p", b"old", 10)), 4);
+        c.insert(b"same-length", Rc::new(url_obj(b"h/q", b"q", 10)), 4);
+        c.insert(b"other-length", Rc::new(url_obj(b"h/longer", b"l", 10)), 4);
+        c.invalidate_local(b"h/p");
+        assert_eq!(body(b"same-length").as_deref(), Some(&b"q"[..]));
+        assert_eq!(body(b"other-length").as_deref(), Some(&b"l"[..]));
+        let fresh = Bytes::from(redis::encode(&url_obj(b"h/p", b"old", 20)));
+        c.take_freshened(b"k", &fresh, 4);
+        assert!(c.get(b"k").is_none(), "the pre-POST copy came back");
+        assert_eq!(body(b"k"), None);
+        assert_eq!(c.stats().purged, 1);
+        // Stored after the invalidation: served, and freshened from another worker.
+        c.insert(b"k", Rc::new(url_obj(b"h/p", b"new", 30)), 4);
+        assert_eq!(body(b"k").as_deref(), Some(&b"new"[..]));
+        let fresh = Bytes::from(redis::encode(&url_obj(b"h/p", b"new", 40)));
+        c.take_freshened(b"k", &fresh, 4);
+        let got = c.get(b"k").expect("stored");
+        assert_eq!(got[0].t.response_time, 40);
+        assert_eq!(c.stats().purge_scanned, 0, "no read of the whole store");
     }
 
     fn worker_cache() -> Rc<WorkerCache> {

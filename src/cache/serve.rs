@@ -783,6 +783,9 @@ async fn from_shared(
         .map(|k| cache.get(k).and_then(|v| v.into_iter().next()))
         .collect();
     let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
+    // An entry asked for before a purge or invalidation of its URL that is applied here while
+    // Redis answers is from before it (§4.4): not stored, not served.
+    let purges = cache.purges();
     let got = layer.get(&w.doorbell, &ks, &known, sent).await;
     let now = now_secs();
     // Where the key is the URL as it is (the host and the whole query in it), an entry is
@@ -804,7 +807,9 @@ async fn from_shared(
         };
         // Not older than the copy held here: one from the same second may be that copy
         // validated since (by another worker or host), which the response time cannot tell.
-        if found.is_some_and(|f| f.obj.t.response_time > o.t.response_time) {
+        if found.is_some_and(|f| f.obj.t.response_time > o.t.response_time)
+            || cache.purged_since(purges, &o).is_some()
+        {
             continue;
         }
         let mut o = o;
@@ -974,7 +979,10 @@ async fn cached<'c, 'k, S: ClientIo>(
             found = Some(f);
         }
         let mut s = Status::new(p, fwd);
-        return fetch(w, cfg, route, p, group, c, ctx, Fetch::Head(found), &mut s).await;
+        // The purges applied before the HEAD is sent: one applied since (a POST's invalidation
+        // while it was out) leaves the stored GET as it is (§4.4), not freshened back.
+        let mode = Fetch::Head(found, cache.purges());
+        return fetch(w, cfg, route, p, group, c, ctx, mode, &mut s).await;
     }
     // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
     // to `coalesce_timeout`, then go alone. A failed fetch lets one waiter take over.
@@ -1135,8 +1143,9 @@ async fn cached<'c, 'k, S: ClientIo>(
 enum Fetch<'k> {
     /// Nothing to store (bypass).
     Pass,
-    /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5).
-    Head(Option<Found>),
+    /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5);
+    /// with the worker's purge count before it went ([`WorkerCache::purges`]).
+    Head(Option<Found>, u64),
     /// An unsafe method: invalidate this URL on a non-error answer (§4.4).
     Invalidate(Vec<u8>),
     /// A GET that may be stored; `stale`: what is stored, validated with its validators.
@@ -2975,8 +2984,9 @@ async fn fetched<'c, S: ClientIo>(
                 Fetch::Pass => {
                     relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
-                Fetch::Head(found) => {
-                    if let Some(f) = found.filter(|_| resp.status == 200) {
+                Fetch::Head(found, purges) => {
+                    let current = |f: &Found| cache.purged_since(purges, &f.obj).is_none();
+                    if let Some(f) = found.filter(|f| resp.status == 200 && current(f)) {
                         head_update(
                             p,
                             cache,
