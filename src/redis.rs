@@ -271,20 +271,29 @@ impl RedisLink {
     /// that refuses writes, a proxy in front of a dead Redis, `maxclients` reached) makes the
     /// link go down and up again every `retry_interval`, which logged two lines each time
     /// (one a second by default, for as long as it lasted). The next line says how many
-    /// failures went unlogged; [`RedisLink::failures`] counts them all.
+    /// failures went unlogged; [`RedisLink::failures`] counts them all. A link that went down
+    /// unlogged and stays down is logged at its first failure past [`LOG_EVERY`], so that the
+    /// last line never says it answers while it does not.
     fn set_down(&self, why: &str) {
+        self.set_down_at(why, Instant::now());
+    }
+
+    /// [`RedisLink::set_down`] at `now`.
+    fn set_down_at(&self, why: &str, now: Instant) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        if self.down.swap(true, Ordering::AcqRel) {
+        let was_down = self.down.swap(true, Ordering::AcqRel);
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if was_down && log.logged {
             return;
         }
-        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
         if log
             .down_at
             .is_some_and(|t| now.duration_since(t) < LOG_EVERY)
         {
-            log.logged = false;
-            log.unlogged += 1;
+            if !was_down {
+                log.logged = false;
+                log.unlogged += 1;
+            }
             return;
         }
         let again = match std::mem::take(&mut log.unlogged) {
@@ -1238,6 +1247,26 @@ mod tests {
     /// again", "unreachable"): 40 lines for 20 failures here, a pair a second by default.
     #[test]
     fn a_link_that_keeps_failing_is_logged_once_and_counted() {
+        // Down unlogged (within a minute of the last line), then down for good: logged at its
+        // first failure past the minute, so that the last line does not say it answers
+        // (review r12a M4: before, nothing more was logged).
+        let cfg: RedisConfig = toml::from_str("address = \"127.0.0.1:9\"\n").expect("config");
+        let link = RedisLink::with_role(cfg, "cache");
+        let t0 = Instant::now();
+        let lines = || link.lines.load(Ordering::SeqCst);
+        link.set_down_at("a", t0);
+        link.set_up();
+        assert_eq!(lines(), 2);
+        link.set_down_at("b", t0 + Duration::from_secs(1));
+        link.set_down_at("b", t0 + Duration::from_secs(30));
+        assert_eq!(lines(), 2, "within the minute");
+        link.set_down_at("b", t0 + LOG_EVERY + Duration::from_secs(1));
+        assert_eq!(lines(), 3, "still down past the minute");
+        link.set_down_at("b", t0 + 3 * LOG_EVERY);
+        assert_eq!(lines(), 3, "logged once while down");
+        link.set_up();
+        assert_eq!(lines(), 4, "its recovery is logged");
+
         for (pong, want) in [(false, 1), (true, 2)] {
             let (failures, lines) = keep_failing(pong);
             assert!(failures >= 20, "{failures} failures");
