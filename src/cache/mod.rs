@@ -1697,33 +1697,6 @@ impl WorkerCache {
         }
     }
 
-    /// Removes one variant (by identity).
-    pub fn remove_variant(&self, key: &[u8], obj: &Rc<Object>) {
-        let key = self.key(key);
-        let mut m = self.map.borrow_mut();
-        let Some(e) = m.peek(key) else { return };
-        let variants: Vec<Rc<Object>> = e
-            .variants
-            .as_slice()
-            .iter()
-            .filter(|o| !Rc::ptr_eq(o, obj))
-            .cloned()
-            .collect();
-        match Variants::from_vec(variants) {
-            None => {
-                m.remove(key);
-            }
-            Some(variants) => {
-                let weight = variants.weight();
-                let stored = StoreKey {
-                    hash: key.hash,
-                    bytes: key.bytes.to_vec(),
-                };
-                m.insert(stored, Entry { variants }, weight);
-            }
-        }
-    }
-
     /// The fetch in flight for `key`, if any, joined (as a waiter would).
     pub fn flight(&self, key: &[u8]) -> Option<Rc<Flight>> {
         self.flight_at(self.key(key))
