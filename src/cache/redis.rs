@@ -466,6 +466,13 @@ impl SharedLayer {
                 return;
             }
         };
+        self.purge_set(set);
+        // Sent after the deletion on the same connection: Redis runs them in order.
+        self.publish(Bytes::from(encode_purge(p)));
+    }
+
+    /// Deletes the keys an index set names, then the set ([`PURGE_SET_LUA`]).
+    fn purge_set(&self, set: Bytes) {
         self.link.command(Command {
             args: vec![
                 Bytes::from_static(b"EVAL"),
@@ -476,8 +483,6 @@ impl SharedLayer {
             max_reply: SMALL_REPLY_BYTES,
             done: None,
         });
-        // Sent after the deletion on the same connection: Redis runs them in order.
-        self.publish(Bytes::from(encode_purge(p)));
     }
 
     fn publish(&self, msg: Bytes) {
@@ -544,16 +549,7 @@ impl SharedLayer {
         match scan.found {
             ScanFound::IndexSets => {
                 for set in keys {
-                    self.link.command(Command {
-                        args: vec![
-                            Bytes::from_static(b"EVAL"),
-                            Bytes::from_static(PURGE_SET_LUA.as_bytes()),
-                            Bytes::from_static(b"1"),
-                            set,
-                        ],
-                        max_reply: SMALL_REPLY_BYTES,
-                        done: None,
-                    });
+                    self.purge_set(set);
                 }
             }
             ScanFound::Entries => {
