@@ -1768,6 +1768,31 @@ fn kidless_keys_that_stay_in_the_set_are_not_retired_at_each_refresh() {
     assert_eq!(get(&by_c()), 200);
 }
 
+/// An introspection endpoint that answers each request with `answer` of the form's `token`
+/// (200, JSON).
+fn introspection_idp(answer: impl Fn(&str) -> Value + Send + 'static) -> Loopback {
+    Loopback::start(move |req| {
+        let text = String::from_utf8_lossy(req).to_string();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        let token = body
+            .strip_prefix("token=")
+            .and_then(|b| b.split('&').next())
+            .unwrap_or("");
+        Some(json_response(200, &answer(token).to_string(), ""))
+    })
+}
+
+/// A gateway whose one route sends everything to `up` behind introspection at `idp`.
+fn introspected_gateway(idp: SocketAddr, up: SocketAddr) -> TestGateway {
+    let cfg = config(
+        &[up],
+        &format!(
+            "[auth.introspection.idp]\nurl = \"http://{idp}/introspect\"\nclient_id = \"gw\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n"
+        ),
+    );
+    TestGateway::start(&cfg, DriverChoice::Auto)
+}
+
 /// RFC 7662 §2.2 defines `exp` as an integer; §4: an answer with `exp` must not be cached
 /// beyond it. An `exp` of another form is never read as "no exp" (cached for
 /// `cache_max_ttl`, accepted past expiry): another number is compared as a number (rounded
@@ -1776,13 +1801,7 @@ fn kidless_keys_that_stay_in_the_set_are_not_retired_at_each_refresh() {
 #[test]
 fn introspection_exp_that_is_not_an_integer_is_not_ignored_rfc7662_4() {
     let t = now();
-    let idp = Loopback::start(move |req| {
-        let text = String::from_utf8_lossy(req).to_string();
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-        let token = body
-            .strip_prefix("token=")
-            .and_then(|b| b.split('&').next())
-            .unwrap_or("");
+    let idp = introspection_idp(move |token| {
         let exp = match token {
             "int-future" => json!(t + 600),
             "float-future" => json!(t as f64 + 600.5),
@@ -1794,18 +1813,10 @@ fn introspection_exp_that_is_not_an_integer_is_not_ignored_rfc7662_4() {
             "bool" => json!(true),
             _ => json!(null),
         };
-        let answer = json!({"active": true, "sub": "bob", "exp": exp});
-        Some(json_response(200, &answer.to_string(), ""))
+        json!({"active": true, "sub": "bob", "exp": exp})
     });
     let up = Upstream::echo();
-    let cfg = config(
-        &[up.addr],
-        &format!(
-            "[auth.introspection.idp]\nurl = \"http://{}/introspect\"\nclient_id = \"gw\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
-            idp.addr
-        ),
-    );
-    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let gw = introspected_gateway(idp.addr, up.addr);
     let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
     let calls = |token: &str| {
         let before = idp.hits();
@@ -1834,13 +1845,7 @@ fn introspection_exp_that_is_not_an_integer_is_not_ignored_rfc7662_4() {
 #[test]
 fn introspection_nbf_is_honoured_and_nbf_iat_must_be_numbers_rfc7662_2_2() {
     let t = now();
-    let idp = Loopback::start(move |req| {
-        let text = String::from_utf8_lossy(req).to_string();
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-        let token = body
-            .strip_prefix("token=")
-            .and_then(|b| b.split('&').next())
-            .unwrap_or("");
+    let idp = introspection_idp(move |token| {
         let mut answer = json!({"active": true, "sub": "bob", "exp": t + 600});
         let (k, v) = match token {
             "nbf-past" => ("nbf", json!(t - 100)),
@@ -1854,17 +1859,10 @@ fn introspection_nbf_is_honoured_and_nbf_iat_must_be_numbers_rfc7662_2_2() {
             _ => ("nbf", json!(null)),
         };
         answer[k] = v;
-        Some(json_response(200, &answer.to_string(), ""))
+        answer
     });
     let up = Upstream::echo();
-    let cfg = config(
-        &[up.addr],
-        &format!(
-            "[auth.introspection.idp]\nurl = \"http://{}/introspect\"\nclient_id = \"gw\"\nclient_secret = \"s\"\n[[routes]]\nupstream = \"up\"\nauth = \"idp\"\n",
-            idp.addr
-        ),
-    );
-    let gw = TestGateway::start(&cfg, DriverChoice::Auto);
+    let gw = introspected_gateway(idp.addr, up.addr);
     let get = |t: &str| get_with(gw.addr, "/", &bearer(t));
     for token in ["nbf-past", "nbf-skew", "nbf-null", "iat-number"] {
         let r = get(token);
