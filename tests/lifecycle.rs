@@ -222,21 +222,7 @@ fn in_process_shutdown_waits_for_in_flight_requests() {
 #[test]
 fn a_request_pipelined_behind_a_keep_alive_response_during_a_shutdown_is_answered() {
     for d in DRIVERS {
-        let head_sent = Event::new();
-        let go = Event::new();
-        let (h, g) = (head_sent.clone(), go.clone());
-        let up = Upstream::start(move |req| {
-            if req.target == "/slow" {
-                Reply::Script(vec![
-                    Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsl".to_vec()),
-                    Step::Signal(h.clone()),
-                    Step::Await(g.clone()),
-                    Step::Write(b"ow".to_vec()),
-                ])
-            } else {
-                Reply::Raw(ok_response(b"second"))
-            }
-        });
+        let (up, head_sent, go) = half_sent_upstream("/slow", b"second");
         let gw = TestGateway::start(&proxy_all(up.addr), d);
         let mut c = Client::connect(gw.addr);
         c.send(

@@ -316,21 +316,7 @@ fn listeners_are_added_and_removed_by_a_reload() {
 #[test]
 fn a_request_pipelined_on_a_removed_listeners_connection_is_answered() {
     for driver in DRIVERS {
-        let head_sent = Event::new();
-        let go = Event::new();
-        let (h, g) = (head_sent.clone(), go.clone());
-        let up = Upstream::start(move |req| {
-            if req.target == "/x/slow" {
-                Reply::Script(vec![
-                    Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsl".to_vec()),
-                    Step::Signal(h.clone()),
-                    Step::Await(g.clone()),
-                    Step::Write(b"ow".to_vec()),
-                ])
-            } else {
-                Reply::Raw(ok_response(b"A"))
-            }
-        });
+        let (up, head_sent, go) = half_sent_upstream("/x/slow", b"A");
         let one = two_groups(up.addr, up.addr, "a", "");
         let two = one.replacen(
             "[[listeners]]\naddress = \"127.0.0.1:0\"\n",

@@ -235,6 +235,30 @@ impl Event {
     }
 }
 
+/// An upstream that answers `slow` with its head and half its 4-byte body (`sl`), then sets the
+/// first event (the head is out) and waits for the second before the rest (`ow`); any other
+/// target gets a 200 with `other`.
+pub fn half_sent_upstream(
+    slow: &'static str,
+    other: &'static [u8],
+) -> (Upstream, Arc<Event>, Arc<Event>) {
+    let (head_sent, go) = (Event::new(), Event::new());
+    let (h, g) = (head_sent.clone(), go.clone());
+    let up = Upstream::start(move |req| {
+        if req.target == slow {
+            Reply::Script(vec![
+                Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nsl".to_vec()),
+                Step::Signal(h.clone()),
+                Step::Await(g.clone()),
+                Step::Write(b"ow".to_vec()),
+            ])
+        } else {
+            Reply::Raw(ok_response(other))
+        }
+    });
+    (up, head_sent, go)
+}
+
 pub fn ok_response(body: &[u8]) -> Vec<u8> {
     let mut v = format!(
         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n\r\n",
