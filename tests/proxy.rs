@@ -372,39 +372,50 @@ fn an_absolute_form_target_with_an_empty_path_is_rewritten_as_slash_rfc9112_3_2_
     }
 }
 
+/// A gateway whose first route answers 403 "protected" for the hosts `hosts` (a TOML array)
+/// and whose catch-all goes to an echo upstream; each of `raws` must get the 403, and none
+/// reach the upstream.
+fn protected_hosts(
+    hosts: &str,
+    d: ringway::config::DriverChoice,
+    raws: &[&str],
+) -> (TestGateway, Upstream) {
+    let up = Upstream::echo();
+    let extra = format!(
+        "[[routes]]\nhosts = {hosts}\ndirect = {{ status = 403, body = \"protected\" }}\n\n[[routes]]\nupstream = \"up\"\n"
+    );
+    let gw = TestGateway::start(&config(&[up.addr], &extra), d);
+    for raw in raws {
+        let r = request(gw.addr, raw.as_bytes());
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (403, "protected"),
+            "{d:?} {raw:?}"
+        );
+    }
+    assert_eq!(up.hits(), 0, "{d:?}: nothing reached the catch-all");
+    (gw, up)
+}
+
 /// `admin.example.com.` is the name `admin.example.com` (RFC 1034 §3.1: the root label), so it
 /// takes that host's routes, not the catch-all's; before, a trailing dot reached the catch-all
 /// upstream with the protected host's name.
 #[test]
 fn a_host_with_a_trailing_dot_takes_its_host_routes_rfc1034_3_1() {
     for d in DRIVERS {
-        let up = Upstream::echo();
-        let extra = r#"
-[[routes]]
-hosts = ["admin.example.com", "*.internal.test", "dotted.test."]
-direct = { status = 403, body = "protected" }
-
-[[routes]]
-upstream = "up"
-"#;
-        let gw = TestGateway::start(&config(&[up.addr], extra), d);
-        for raw in [
-            "GET /x HTTP/1.1\r\nHost: admin.example.com\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: admin.example.com.\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: ADMIN.example.com.:8080\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: admin.example.com..\r\n\r\n",
-            "GET http://admin.example.com./x HTTP/1.1\r\nHost: other.test\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: db.internal.test.\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: dotted.test\r\n\r\n",
-        ] {
-            let r = request(gw.addr, raw.as_bytes());
-            assert_eq!(
-                (r.status, r.text().as_str()),
-                (403, "protected"),
-                "{d:?} {raw:?}"
-            );
-        }
-        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the catch-all");
+        let (gw, _up) = protected_hosts(
+            r#"["admin.example.com", "*.internal.test", "dotted.test."]"#,
+            d,
+            &[
+                "GET /x HTTP/1.1\r\nHost: admin.example.com\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: admin.example.com.\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: ADMIN.example.com.:8080\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: admin.example.com..\r\n\r\n",
+                "GET http://admin.example.com./x HTTP/1.1\r\nHost: other.test\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: db.internal.test.\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: dotted.test\r\n\r\n",
+            ],
+        );
         let r = request(gw.addr, b"GET /x HTTP/1.1\r\nHost: internal.test.\r\n\r\n");
         assert_eq!(
             r.status, 200,
@@ -421,33 +432,19 @@ upstream = "up"
 #[test]
 fn ipv6_host_literals_are_compared_as_addresses_rfc5952_4() {
     for d in DRIVERS {
-        let up = Upstream::echo();
-        let extra = r#"
-[[routes]]
-hosts = ["[0:0:0:0:0:0:0:1]", "[2001:DB8::A]"]
-direct = { status = 403, body = "protected" }
-
-[[routes]]
-upstream = "up"
-"#;
-        let gw = TestGateway::start(&config(&[up.addr], extra), d);
-        for raw in [
-            "GET /x HTTP/1.1\r\nHost: [::1]\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: [0::1]\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: [0000:0:0:0:0:0:0:0001]\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: [2001:db8::a]\r\n\r\n",
-            "GET /x HTTP/1.1\r\nHost: [2001:db8:0:0:0:0:0:A]:443\r\n\r\n",
-            "GET http://[0:0::1]/x HTTP/1.1\r\nHost: other.test\r\n\r\n",
-        ] {
-            let r = request(gw.addr, raw.as_bytes());
-            assert_eq!(
-                (r.status, r.text().as_str()),
-                (403, "protected"),
-                "{d:?} {raw:?}"
-            );
-        }
-        assert_eq!(up.hits(), 0, "{d:?}: nothing reached the catch-all");
+        let (gw, up) = protected_hosts(
+            r#"["[0:0:0:0:0:0:0:1]", "[2001:DB8::A]"]"#,
+            d,
+            &[
+                "GET /x HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: [0::1]\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: [0000:0:0:0:0:0:0:0001]\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: [2001:db8::a]\r\n\r\n",
+                "GET /x HTTP/1.1\r\nHost: [2001:db8:0:0:0:0:0:A]:443\r\n\r\n",
+                "GET http://[0:0::1]/x HTTP/1.1\r\nHost: other.test\r\n\r\n",
+            ],
+        );
         for host in [
             "[::1",
             "[::g]",
