@@ -822,6 +822,24 @@ fn a_reload_applies_new_fields_to_a_kept_output() {
     );
 }
 
+/// Sends each `(target, status, logged)` as a GET, checks its status, then that its access log
+/// line's `path` is `logged`; the lines, in order.
+fn logged_paths(addr: SocketAddr, log: &Path, targets: &[(&str, u16, &str)]) -> Vec<Value> {
+    for (target, status, _) in targets {
+        let resp = exchange(
+            addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"),
+        );
+        let want = format!("HTTP/1.1 {status}");
+        assert!(resp.starts_with(want.as_bytes()), "{target}");
+    }
+    let got = wait_lines(log, targets.len());
+    for (line, (target, _, logged)) in got.iter().zip(targets) {
+        assert_eq!(line["path"], *logged, "{target}");
+    }
+    got
+}
+
 /// RFC 6750 §5.3 (credentials in URLs end up in logs): an API key sent in the configured query
 /// parameter is written as `[redacted]` in the `path` field, wherever it sits in the query and
 /// however often; the rest of the target is kept, other parameters (and names that only begin
@@ -875,18 +893,7 @@ fn an_api_key_in_the_query_is_redacted_in_the_path_field() {
             "/open/y?api%2Bkey=v&api_key+=w",
         ),
     ];
-    for (target, status, _) in targets {
-        let resp = exchange(
-            gw.addr,
-            &format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"),
-        );
-        let want = format!("HTTP/1.1 {status}");
-        assert!(resp.starts_with(want.as_bytes()), "{target}");
-    }
-    let got = wait_lines(&log, targets.len());
-    for (line, (target, _, logged)) in got.iter().zip(targets) {
-        assert_eq!(line["path"], logged, "{target}");
-    }
+    let got = logged_paths(gw.addr, &log, &targets);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("key-one"), "{text}");
     assert_eq!(got[0]["consumer"], "c1");
@@ -922,18 +929,7 @@ fn a_query_parameter_is_redacted_exactly_when_it_is_read_as_the_key() {
         ("/key/d?api_key=not-it", 401, "/key/d?api_key=not-it"),
         ("/key/e?api%2Bkey=not-it", 401, "/key/e?api%2Bkey=not-it"),
     ];
-    for (target, status, _) in targets {
-        let resp = exchange(
-            gw.addr,
-            &format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"),
-        );
-        let want = format!("HTTP/1.1 {status}");
-        assert!(resp.starts_with(want.as_bytes()), "{target}");
-    }
-    let got = wait_lines(&log, targets.len());
-    for (line, (target, _, logged)) in got.iter().zip(targets) {
-        assert_eq!(line["path"], logged, "{target}");
-    }
+    logged_paths(gw.addr, &log, &targets);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("key-one"), "{text}");
 }
