@@ -1283,14 +1283,7 @@ fn tls_upstream_bytes_after_a_complete_response_never_reach_the_next_client() {
             assert_eq!(r.status, 200, "{d:?} round {i}");
             assert_eq!(r.body, vec![b'b'; 40000], "{d:?} round {i}");
             // Another client, on another connection.
-            let r = get(gw.addr, &format!("/after/{i}"));
-            assert_eq!(
-                (r.status, r.header("x-smuggled")),
-                (200, None),
-                "{d:?} round {i}: got {:?}",
-                r.text()
-            );
-            assert_eq!(r.json()["target"], format!("/after/{i}"), "{d:?} round {i}");
+            answered_as_asked(gw.addr, &format!("/after/{i}"), &format!("{d:?} round {i}"));
         }
         // An honest response still leaves its connection pooled.
         let before = up.conns.load(Ordering::SeqCst);
@@ -1302,6 +1295,19 @@ fn tls_upstream_bytes_after_a_complete_response_never_reach_the_next_client() {
             "{d:?}: honest TLS connections are reused"
         );
     }
+}
+
+/// A GET of `target` gets the upstream's echo of that very request, not a response the
+/// upstream planted on a pooled connection (`x-smuggled`).
+fn answered_as_asked(addr: SocketAddr, target: &str, ctx: &str) {
+    let r = get(addr, target);
+    assert_eq!(
+        (r.status, r.header("x-smuggled")),
+        (200, None),
+        "{ctx}: got {:?}",
+        r.text()
+    );
+    assert_eq!(r.json()["target"], target, "{ctx}");
 }
 
 /// RFC 9112 §9.3 (a connection is reused only in a known state), RFC 8446 §5.1 (records):
@@ -1322,14 +1328,7 @@ fn rfc9112_9_3_a_partial_tls_record_past_a_response_keeps_the_connection_out_of_
                 (200, &b"first"[..]),
                 "{d:?} {cut}"
             );
-            let r = get(gw.addr, &format!("/after-{cut}"));
-            assert_eq!(
-                (r.status, r.header("x-smuggled")),
-                (200, None),
-                "{d:?} {cut}: got {:?}",
-                r.text()
-            );
-            assert_eq!(r.json()["target"], format!("/after-{cut}"), "{d:?} {cut}");
+            answered_as_asked(gw.addr, &format!("/after-{cut}"), &format!("{d:?} {cut}"));
         }
     }
 }
