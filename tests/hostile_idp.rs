@@ -688,22 +688,34 @@ fn negative_cache_ttl_is_bounded_at_load() {
 // ---------------------------------------------------------------------------------------------
 // Health checks.
 
+/// A 200 "ok" that closes its connection.
+const OK_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+
+/// An endpoint whose `/healthz` answers `page(mode)` for the mode set now, counting the checks
+/// each mode served in `count`; every other path gets [`OK_CLOSE`].
+fn health_target<M: Copy + Eq + std::hash::Hash + Send + 'static>(
+    mode: &Arc<Mutex<M>>,
+    count: &Arc<Mutex<HashMap<M, usize>>>,
+    page: impl Fn(M) -> Act + Send + Sync + 'static,
+) -> Server {
+    let (m, c) = (mode.clone(), count.clone());
+    Server::start(move |path| {
+        if path != "/healthz" {
+            return Act::Send(OK_CLOSE.to_vec());
+        }
+        let now = *m.lock().unwrap();
+        *c.lock().unwrap().entry(now).or_default() += 1;
+        page(now)
+    })
+}
+
 #[test]
 fn hostile_health_endpoints_are_taken_out_and_the_gateway_keeps_serving() {
     let mode: Mode = Arc::new(Mutex::new(None));
     let count: Served = Arc::default();
-    let (m, c) = (mode.clone(), count.clone());
-    let target = Server::start(move |path| {
-        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec();
-        if path != "/healthz" {
-            return Act::Send(ok);
-        }
-        let now = *m.lock().unwrap();
-        *c.lock().unwrap().entry(now).or_default() += 1;
-        match now {
-            None => Act::Send(ok),
-            Some(h) => hostile(h, b"ok"),
-        }
+    let target = health_target(&mode, &count, |now| match now {
+        None => Act::Send(OK_CLOSE.to_vec()),
+        Some(h) => hostile(h, b"ok"),
     });
     let other = Upstream::echo();
     let toml = format!(
@@ -765,14 +777,7 @@ fn a_large_healthy_answer_keeps_the_endpoint_in() {
     }
     let mode = Arc::new(Mutex::new(Page::Good));
     let count: Arc<Mutex<HashMap<Page, usize>>> = Arc::default();
-    let (m, c) = (mode.clone(), count.clone());
-    let target = Server::start(move |path| {
-        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec();
-        if path != "/healthz" {
-            return Act::Send(ok);
-        }
-        let now = *m.lock().unwrap();
-        *c.lock().unwrap().entry(now).or_default() += 1;
+    let target = health_target(&mode, &count, |now| {
         let flood = |head: &str, chunk: Vec<u8>, total: usize| Act::Flood {
             head: head.as_bytes().to_vec(),
             chunk,
@@ -783,7 +788,7 @@ fn a_large_healthy_answer_keeps_the_endpoint_in() {
         chunk.extend_from_slice(b"\r\n");
         let page = 200 * 1024;
         match now {
-            Page::Good => Act::Send(ok),
+            Page::Good => Act::Send(OK_CLOSE.to_vec()),
             Page::Length => flood(
                 &format!("HTTP/1.1 200 OK\r\ncontent-length: {page}\r\n\r\n"),
                 vec![b'x'; 1024],
