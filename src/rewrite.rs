@@ -123,6 +123,41 @@ fn classify(name: &[u8]) -> Hdr {
     }
 }
 
+/// How a request field named `name` goes upstream when it is not one a route's rules touch:
+/// as the client sent it ([`SentAs::Client`]), never ([`SentAs::Dropped`]: hop-by-hop and
+/// framing fields, `Expect`), or written by this hop from what it knows of the client
+/// ([`SentAs::Hop`]: the forwarding fields, `Host`, the request id, `tracestate`; read the
+/// value from [`encode_upstream_head`]'s output), or unique to the request
+/// ([`SentAs::Unique`]: the trace parent naming this hop's new span). `Max-Forwards` goes as sent on the
+/// methods this hop does not count it for, which are the only ones a cache looks up.
+/// Fields the client's `Connection` lists are dropped too; that depends on the head, not the
+/// name.
+pub fn sent_as(name: &[u8]) -> SentAs {
+    match classify(name) {
+        Hdr::Other | Hdr::MaxForwards => SentAs::Client,
+        Hdr::Hop | Hdr::ContentLength | Hdr::Expect => SentAs::Dropped,
+        Hdr::TraceParent => SentAs::Unique,
+        Hdr::Host
+        | Hdr::RequestId
+        | Hdr::Xff
+        | Hdr::Xfp
+        | Hdr::Xfh
+        | Hdr::Xfport
+        | Hdr::XRealIp
+        | Hdr::Forwarded
+        | Hdr::TraceState => SentAs::Hop,
+    }
+}
+
+/// See [`sent_as`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SentAs {
+    Client,
+    Dropped,
+    Hop,
+    Unique,
+}
+
 /// Whether `Max-Forwards` is this hop's business (RFC 9110 §7.6.2): on TRACE and OPTIONS.
 pub fn max_forwards_applies(m: Method) -> bool {
     matches!(m, Method::Trace | Method::Options)

@@ -1110,6 +1110,69 @@ fn rfc9111_4_1_vary_on_a_header_the_route_rewrites_uses_the_value_sent_upstream(
     assert_eq!(up.hits(), 2);
 }
 
+/// RFC 9111 §4.1: the selecting fields are the request's as forwarded, also for fields the
+/// client's `Connection` lists (RFC 9110 §7.6.1: the gateway drops them) and fields this hop
+/// writes itself (`X-Forwarded-*`, `Forwarded`: an untrusted client's lines are replaced).
+/// Before, the client's lines were compared: `Accept-Language: fr` with `Connection:
+/// accept-language` stored the origin's answer to a request without the field as the French
+/// variant, served to everyone who then sent `fr` (cache poisoning).
+#[test]
+fn rfc9111_4_1_vary_on_fields_the_gateway_drops_or_writes_uses_the_values_sent_upstream() {
+    let hit = |r: &Resp, body: &str| {
+        assert_eq!(r.text(), body, "{r:?}");
+        assert!(status_of(r).contains("hit"), "{r:?}");
+    };
+    let miss = |r: &Resp, body: &str| {
+        assert_eq!(r.text(), body, "{r:?}");
+        assert!(status_of(r).contains("fwd="), "{r:?}");
+    };
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: accept-language\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let listed = "accept-language: fr\r\nconnection: accept-language\r\n";
+    miss(&get_h(gw.addr, "/c", listed), "v1");
+    assert_eq!(up.last().header("accept-language"), None);
+    // The origin made v1 for a request without the field: not the French variant.
+    miss(&get_h(gw.addr, "/c", "accept-language: fr\r\n"), "v2");
+    assert_eq!(up.last().headers_named("accept-language"), vec!["fr"]);
+    hit(&get_h(gw.addr, "/c", "accept-language: fr\r\n"), "v2");
+    // A request without the field reaches the origin as the first did: it shares v1.
+    hit(&get_h(gw.addr, "/c", ""), "v1");
+    hit(&get_h(gw.addr, "/c", listed), "v1");
+    assert_eq!(up.hits(), 2);
+
+    // Written by this hop: an untrusted client's `X-Forwarded-For` and `X-Forwarded-Proto`
+    // never reach the origin, which gets this hop's values (the same for every client here).
+    let (up, _) = counting_origin(
+        "cache-control: max-age=60\r\nvary: x-forwarded-for, x-forwarded-proto\r\n",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let spoofed = "x-forwarded-for: 203.0.113.9\r\nx-forwarded-proto: https\r\n";
+    miss(&get_h(gw.addr, "/f", spoofed), "v1");
+    assert_eq!(
+        up.last().headers_named("x-forwarded-for"),
+        vec!["127.0.0.1"]
+    );
+    assert_eq!(up.last().headers_named("x-forwarded-proto"), vec!["http"]);
+    hit(&get_h(gw.addr, "/f", ""), "v1");
+    hit(&get_h(gw.addr, "/f", "x-forwarded-proto: ftp\r\n"), "v1");
+    assert_eq!(up.hits(), 1);
+
+    // The request id: the client's when it sent a valid one, else one made per request,
+    // never another request's; the trace parent names a new span per request.
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-request-id\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    miss(&get_h(gw.addr, "/i", "x-request-id: same\r\n"), "v1");
+    hit(&get_h(gw.addr, "/i", "x-request-id: same\r\n"), "v1");
+    miss(&get_h(gw.addr, "/i", ""), "v2");
+    miss(&get_h(gw.addr, "/i", ""), "v3");
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: traceparent\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let tp = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
+    miss(&get_h(gw.addr, "/t", tp), "v1");
+    miss(&get_h(gw.addr, "/t", tp), "v2");
+    assert_eq!(up.hits(), 2);
+}
+
 #[test]
 fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     let n = Arc::new(AtomicUsize::new(0));

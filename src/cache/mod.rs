@@ -692,6 +692,25 @@ pub struct Sent<'a> {
     pub lines: &'a [u8],
     /// The mTLS subject header's name and value, when the client has a verified certificate.
     pub cert: Option<(&'a [u8], &'a [u8])>,
+    /// How this hop forwards the request: the value of a field it drops or writes itself is
+    /// read from the head it would send ([`Sent::hop_value`]). `None` in unit tests of the
+    /// rest, whose fields then go as the client sent them.
+    pub hop: Option<Hop<'a>>,
+}
+
+/// The route and this hop's facts about the client, what
+/// [`crate::rewrite::encode_upstream_head`] takes with the [`Sent`] (see
+/// [`crate::rewrite::Forwarding`] for each).
+#[derive(Clone, Copy)]
+pub struct Hop<'a> {
+    pub route: &'a crate::router::Route,
+    pub peer_ip: &'a [u8],
+    pub request_id: &'a [u8],
+    pub via: &'a [u8],
+    pub port: Option<u16>,
+    pub trusted: bool,
+    pub https: bool,
+    pub keep_tracestate: bool,
 }
 
 impl<'a> Sent<'a> {
@@ -706,6 +725,7 @@ impl<'a> Sent<'a> {
             remove: &[],
             lines: b"",
             cert: None,
+            hop: None,
         }
     }
 
@@ -726,15 +746,95 @@ impl<'a> Sent<'a> {
             remove: &rules.remove,
             lines,
             cert,
+            hop: None,
+        }
+    }
+
+    /// This request as `hop` forwards it.
+    pub fn with_hop(self, hop: Hop<'a>) -> Sent<'a> {
+        Sent {
+            hop: Some(hop),
+            ..self
         }
     }
 
     /// The value of the field `name` (lower case) as compared for Vary.
     pub fn vary_value(&self, name: &[u8]) -> Vec<u8> {
         if self.written(name) {
-            return self.sent_value(name);
+            // An identity header's value is exact (`sent_value`); a rule's as sent.
+            if self.hop.is_none() || self.identity.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                return self.sent_value(name);
+            }
+            return self.hop_value(name);
+        }
+        if self.hop.is_some() && self.not_as_sent(name) {
+            return self.hop_value(name);
         }
         policy::vary_value(name, &mut self.head.header_values(name))
+    }
+
+    /// Whether the origin does not get the client's `name` lines as they are (RFC 9110
+    /// §7.6.1: ones its `Connection` lists, hop-by-hop and framing fields; ones this hop
+    /// writes itself, `X-Forwarded-For` and the like; an identity header's underscore
+    /// spelling, dropped with it). Comparing the client's lines there would let a client store
+    /// a variant the origin made for other values under its own, served to everyone who sends
+    /// them (`Connection: accept-language` with `Accept-Language: fr` would store the
+    /// origin's answer to a request without the field as the French one).
+    fn not_as_sent(&self, name: &[u8]) -> bool {
+        let head = self.head;
+        crate::rewrite::sent_as(name) != crate::rewrite::SentAs::Client
+            || (head.connection_options
+                && crate::http::ConnectionOptions::collect(&head.raw, &head.headers, true)
+                    .lists(name))
+            || (head.underscore_names
+                && self
+                    .hop
+                    .is_some_and(|h| h.route.request_headers.drops_identity_spelling(name)))
+    }
+
+    /// The value of `name` in the head this hop would send upstream
+    /// ([`crate::rewrite::encode_upstream_head`], the source of truth); a value unique to the
+    /// request for `traceparent` (a new span each time), so that no later request matches it. Out of line: only responses that vary on such a field
+    /// come here. `Host` when the route sends the endpoint's address is read as an empty one.
+    #[cold]
+    #[inline(never)]
+    fn hop_value(&self, name: &[u8]) -> Vec<u8> {
+        let Some(hop) = self.hop else {
+            return policy::vary_value(name, &mut self.head.header_values(name));
+        };
+        if crate::rewrite::sent_as(name) == crate::rewrite::SentAs::Unique {
+            let mut v = b"\0unique:".to_vec();
+            v.extend_from_slice(hop.request_id);
+            return v;
+        }
+        let fwd = crate::rewrite::Forwarding {
+            peer_ip: hop.peer_ip,
+            trusted: hop.trusted,
+            port: hop.port,
+            request_id: hop.request_id,
+            via: hop.via,
+            https: hop.https,
+            client_cert: self.cert,
+            identity: self.lines,
+            // The gateway's own span: the trace fields go as they do when it makes one.
+            traceparent: Some(b""),
+            keep_tracestate: hop.keep_tracestate,
+        };
+        let mut head = BytesMut::new();
+        crate::rewrite::encode_upstream_head(&mut head, self.head, hop.route, b"", &fwd);
+        // The lines after the request line, up to the blank line.
+        let lines = head[..]
+            .split(|b| *b == b'\n')
+            .skip(1)
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .take_while(|l| !l.is_empty());
+        let mut values = lines.filter_map(|l| {
+            let colon = l.iter().position(|b| *b == b':')?;
+            l[..colon]
+                .eq_ignore_ascii_case(name)
+                .then(|| crate::http::trim_ows(&l[colon + 1..]))
+        });
+        policy::vary_value(name, &mut values)
     }
 
     /// Whether the gateway writes `name` itself (an identity header, or one the route's rules
