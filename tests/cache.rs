@@ -1173,6 +1173,32 @@ fn rfc9111_4_1_vary_on_fields_the_gateway_drops_or_writes_uses_the_values_sent_u
     assert_eq!(up.hits(), 2);
 }
 
+/// A route's `key.headers` are keyed as the request goes upstream, as Vary compares them
+/// (RFC 9111 §4.1, RFC 9110 §7.6.1): a field the client's `Connection` lists never reaches the
+/// origin, so `Accept-Language: fr` with `Connection: accept-language` is keyed as a request
+/// without the field (before, it stored the origin's answer to no field under `fr`, served to
+/// everyone sending `fr`); a field the hop writes is keyed by the value it sends.
+#[test]
+fn key_headers_are_the_values_sent_upstream() {
+    let hit = |r: &Resp, body: &str| {
+        assert_eq!(r.text(), body, "{r:?}");
+        assert!(status_of(r).contains("hit"), "{r:?}");
+    };
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let key = "key = { headers = [\"accept-language\", \"x-forwarded-proto\"] }";
+    let gw = TestGateway::start(&cache_config(up.addr, key, ""), D);
+    let listed = "accept-language: fr\r\nconnection: accept-language\r\n";
+    assert_eq!(get_h(gw.addr, "/k", listed).text(), "v1");
+    assert_eq!(up.last().header("accept-language"), None);
+    let r = get_h(gw.addr, "/k", "accept-language: fr\r\n");
+    assert_eq!(r.text(), "v2", "{r:?}");
+    hit(&get_h(gw.addr, "/k", "accept-language: fr\r\n"), "v2");
+    hit(&get_h(gw.addr, "/k", ""), "v1");
+    // An untrusted client's X-Forwarded-Proto is replaced by this hop's (`http` here).
+    hit(&get_h(gw.addr, "/k", "x-forwarded-proto: https\r\n"), "v1");
+    assert_eq!(up.hits(), 2);
+}
+
 #[test]
 fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     let n = Arc::new(AtomicUsize::new(0));

@@ -448,7 +448,8 @@ impl<'h> UrlParts<'h> {
 /// chosen header values, and a consumer when given. The usual key (no header values, no
 /// consumer, the query whole or ignored) is written here; the other parts out of line.
 #[inline]
-pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
+pub fn build_key(p: &RoutePolicy, sent: &Sent<'_>, consumer: Option<&[u8]>, out: &mut Vec<u8>) {
+    let head = sent.head;
     out.clear();
     let (host, port) = if p.ignore_host {
         (Cow::Borrowed(&b""[..]), &b""[..])
@@ -489,7 +490,7 @@ pub fn build_key(p: &RoutePolicy, head: &RequestHead, consumer: Option<&[u8]>, o
         QueryMode::Only(keep) => key_query_only(keep, path, query, out),
     }
     if !p.key_headers.is_empty() || consumer.is_some() {
-        key_headers_and_consumer(p, head, consumer, out);
+        key_headers_and_consumer(p, sent, consumer, out);
     }
 }
 
@@ -524,7 +525,7 @@ fn key_query_only(keep: &[Box<[u8]>], path: &[u8], query: &[u8], out: &mut Vec<u
 #[inline(never)]
 fn key_headers_and_consumer(
     p: &RoutePolicy,
-    head: &RequestHead,
+    sent: &Sent<'_>,
     consumer: Option<&[u8]>,
     out: &mut Vec<u8>,
 ) {
@@ -534,12 +535,10 @@ fn key_headers_and_consumer(
         out.push(0);
         out.extend_from_slice(h);
         out.push(b'=');
-        for (i, v) in head.header_values(h).enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(crate::http::trim_ows(v));
-        }
+        // Keyed as the request goes upstream, in the form Vary compares (the same reasons, see
+        // `Sent::vary_value`: a field the client's `Connection` lists, or one the gateway
+        // writes, does not reach the origin as the client sent it).
+        out.extend_from_slice(&sent.vary_value(h));
     }
     if let Some(c) = consumer {
         out.push(0);
@@ -2785,8 +2784,8 @@ mod tests {
             out.push(0);
             out.extend_from_slice(h);
             out.push(b'=');
-            let values: Vec<&[u8]> = head.header_values(h).map(crate::http::trim_ows).collect();
-            out.extend_from_slice(&values.join(&b","[..]));
+            // In the form Vary compares (absent as `VARY_ABSENT`).
+            out.extend_from_slice(&policy::vary_value(h, &mut head.header_values(h)));
         }
         if let Some(c) = consumer {
             out.push(0);
@@ -2833,7 +2832,7 @@ mod tests {
             let h = head(raw);
             for p in &policies {
                 for consumer in [None, Some(&b"alice"[..])] {
-                    build_key(p, &h, consumer, &mut out);
+                    build_key(p, &Sent::plain(&h), consumer, &mut out);
                     assert_eq!(
                         String::from_utf8_lossy(&out),
                         String::from_utf8_lossy(&reference_key(p, &h, consumer)),
@@ -2846,11 +2845,11 @@ mod tests {
         }
         // Spot checks of what the key is.
         let h = head(heads[1]);
-        build_key(&base, &h, None, &mut out);
+        build_key(&base, &Sent::plain(&h), None, &mut out);
         // The route's name first (`t`, after its length).
         assert_eq!(&out[..], b"u\0\0\0\x01texample.com\0/a/b?z=1&a=2&b");
         let h = head(heads[5]);
-        build_key(&base, &h, None, &mut out);
+        build_key(&base, &Sent::plain(&h), None, &mut out);
         assert_eq!(&out[..], b"u\0\0\0\x01tother.example\0/?a=1");
     }
 

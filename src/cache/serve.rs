@@ -89,13 +89,14 @@ pub async fn run<'c, S: ClientIo>(
                 }
                 return bypass(w, cfg, route, p, group, c, ctx, &req, "override-header").await;
             }
-            let keys = Keys::new(p, ctx, c.info.client_subject.as_deref(), &w.cache);
+            let as_sent = sent(cfg, route, c, ctx);
+            let keys = Keys::new(p, ctx, &as_sent, c.info.client_subject.as_deref(), &w.cache);
             // The usual miss goes upstream from here ([`fill`]): [`cached`], for all the
             // other cases, would be one more future to enter and leave on each of the
             // fetch's polls.
             // What `cached` is given when the request is not the usual miss or a hit.
             let look = 'fill: {
-                match first_look(&w.cache, &sent(cfg, route, c, ctx), &keys, &req) {
+                match first_look(&w.cache, &as_sent, &keys, &req) {
                     Look::Miss { any, now } => {
                         // Begun here, not in `first_look`: the guard goes from the call into
                         // the fetch, not through a `Look` kept in this future. A fetch of the
@@ -641,6 +642,7 @@ impl<'w> Keys<'w> {
     fn new(
         p: &RoutePolicy,
         ctx: &RequestCtx<'_>,
+        sent: &Sent<'_>,
         cert: Option<&[u8]>,
         cache: &'w WorkerCache,
     ) -> Keys<'w> {
@@ -667,10 +669,10 @@ impl<'w> Keys<'w> {
             (Some(cn), true) => Some(&cn[..]),
             (None, true) => Some(&b""[..]),
         };
-        build_key(p, &ctx.head, shared_consumer, &mut keys.shared);
+        build_key(p, sent, shared_consumer, &mut keys.shared);
         keys.hash = cache.key(&keys.shared).hash;
         if let Some(cn) = consumer.filter(|_| !p.key_consumer) {
-            keys.own = Some(own_key(p, &ctx.head, &cn));
+            keys.own = Some(own_key(p, sent, &cn));
         }
         keys
     }
@@ -723,9 +725,9 @@ impl<'w> Keys<'w> {
 
 /// The key of a consumer's own entries (an auth route's private responses).
 #[inline(never)]
-fn own_key(p: &RoutePolicy, head: &RequestHead, consumer: &[u8]) -> Vec<u8> {
+fn own_key(p: &RoutePolicy, sent: &Sent<'_>, consumer: &[u8]) -> Vec<u8> {
     let mut k = Vec::new();
-    build_key(p, head, Some(consumer), &mut k);
+    build_key(p, sent, Some(consumer), &mut k);
     k
 }
 
