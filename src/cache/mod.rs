@@ -45,7 +45,7 @@ use crate::control::{Control, ControlError};
 use crate::http::request::RequestHead;
 use crate::http::HeaderSpan;
 use crate::local::Notify;
-use crate::router::{HeaderPair, HeaderRules};
+use crate::router::HeaderPair;
 
 use config::{QueryKey, RouteCacheConfig};
 use fields::{Fields, FieldsRef};
@@ -728,15 +728,17 @@ impl<'a> Sent<'a> {
         }
     }
 
-    /// `head` as a route with `rules` sends it, with the identity lines `lines` and the mTLS
-    /// subject `cert`.
+    /// `head` as `hop` sends it (its route's `request_headers`), with the identity lines
+    /// `lines` and the mTLS subject `cert`. (Made whole here, where it is kept: not copied
+    /// again with the hop added.)
     #[inline(always)]
     pub fn new(
         head: &'a RequestHead,
-        rules: &'a HeaderRules,
         lines: &'a [u8],
         cert: Option<(&'a [u8], &'a [u8])>,
+        hop: Hop<'a>,
     ) -> Sent<'a> {
+        let rules = &hop.route.request_headers;
         Sent {
             head,
             identity: &rules.identity,
@@ -745,15 +747,7 @@ impl<'a> Sent<'a> {
             remove: &rules.remove,
             lines,
             cert,
-            hop: None,
-        }
-    }
-
-    /// This request as `hop` forwards it.
-    pub fn with_hop(self, hop: Hop<'a>) -> Sent<'a> {
-        Sent {
             hop: Some(hop),
-            ..self
         }
     }
 

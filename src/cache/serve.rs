@@ -2059,20 +2059,19 @@ fn sent<'a, S>(
 ) -> Sent<'a> {
     Sent::new(
         &ctx.head,
-        &route.request_headers,
         &ctx.auth_headers,
         cert_of(cfg, c),
+        super::Hop {
+            route,
+            peer_ip: c.peer.as_bytes(),
+            request_id: ctx.id.as_bytes(),
+            via: &cfg.via,
+            port: c.info.port,
+            trusted: c.info.trusted,
+            https: c.info.tls,
+            keep_tracestate: ctx.rec.trace.keep_state,
+        },
     )
-    .with_hop(super::Hop {
-        route,
-        peer_ip: c.peer.as_bytes(),
-        request_id: ctx.id.as_bytes(),
-        via: &cfg.via,
-        port: c.info.port,
-        trusted: c.info.trusted,
-        https: c.info.tls,
-        keep_tracestate: ctx.rec.trace.keep_state,
-    })
 }
 
 /// The mTLS subject header's name and value sent upstream, when the client has a verified
@@ -4108,20 +4107,19 @@ impl Revalidation {
                                     resp.raw = Bytes::new();
                                     let sent = Sent::new(
                                         &self.head,
-                                        &route.request_headers,
                                         &self.identity,
                                         self.client_cert.as_ref().map(|(n, v)| (&n[..], &v[..])),
-                                    )
-                                    .with_hop(super::Hop {
-                                        route,
-                                        peer_ip: &self.peer,
-                                        request_id: &self.request_id,
-                                        via: &self.snap.via,
-                                        port: self.port,
-                                        trusted: false,
-                                        https: self.https,
-                                        keep_tracestate: self.trace.keep_state,
-                                    });
+                                        super::Hop {
+                                            route,
+                                            peer_ip: &self.peer,
+                                            request_id: &self.request_id,
+                                            via: &self.snap.via,
+                                            port: self.port,
+                                            trusted: false,
+                                            https: self.https,
+                                            keep_tracestate: self.trace.keep_state,
+                                        },
+                                    );
                                     let vary = vary_values(&s.vary, &sent);
                                     let obj = make_object(
                                         s,
