@@ -114,6 +114,9 @@ pub struct Command {
 /// command summed, see [`Conn::pipeline`]): the commands of a larger batch go in several
 /// rounds, so a round of small-reply commands is deeper than a round of lookups.
 const MAX_ROUND_REPLY_BYTES: usize = 128 << 20;
+/// Most bytes of arguments written in one round of plain commands (one command at least,
+/// whatever its size), see [`write_round_len`].
+const MAX_ROUND_WRITE_BYTES: usize = 1 << 20;
 /// Most rate-limit demands queued for the link's thread; past it new ones are refused at once
 /// (see [`RedisLink::submit`]). Each new key's first request queues one, so a Redis that
 /// stalls while clients keep coming with new keys (client addresses, header values) would
@@ -475,7 +478,8 @@ fn fail(batch: Vec<Demand>) {
     }
 }
 
-/// One blocking connection, every call bounded by the configured timeout.
+/// One blocking connection, every round (writing its commands, reading their answers)
+/// bounded by the configured timeout.
 struct Conn {
     sock: TcpStream,
     rbuf: BytesMut,
@@ -550,8 +554,9 @@ impl Conn {
         self.wbuf.clear();
         encode_command(&mut self.wbuf, args)?;
         self.expect_nothing()?;
-        self.sock.write_all(&self.wbuf)?;
-        let f = self.read_frame(Instant::now() + self.timeout, SMALL_REPLY_BYTES)?;
+        let deadline = Instant::now() + self.timeout;
+        self.send(deadline)?;
+        let f = self.read_frame(deadline, SMALL_REPLY_BYTES)?;
         self.nothing_left()?;
         Ok(f)
     }
@@ -646,6 +651,39 @@ impl Conn {
         Ok(())
     }
 
+    /// Writes `wbuf` whole by `deadline` (a round's: its answers must come by then too). Each
+    /// `write` waits at most the time left: the socket's write timeout is set to it. Before,
+    /// every `write` had the whole `timeout` to itself, so a server that took a few bytes at a
+    /// time, each within `timeout`, held the round (the link's thread, and every command
+    /// queued behind it) for as long as it went on reading.
+    fn send(&mut self, deadline: Instant) -> io::Result<()> {
+        let too_slow = || io::Error::new(io::ErrorKind::TimedOut, "commands taken too slowly");
+        let mut at = 0;
+        while at < self.wbuf.len() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(too_slow());
+            }
+            // Never zero (which would mean no timeout), as in `fill`.
+            self.sock.set_write_timeout(Some(deadline - now))?;
+            match self.sock.write(&self.wbuf[at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(too_slow())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads what the server has sent into `rbuf`, waiting until `deadline` at most: the
     /// socket's read timeout is the time left. Before, it stayed the whole `timeout` set when
     /// the connection opened, so a read begun just before the deadline could wait one more
@@ -679,7 +717,9 @@ impl Conn {
     /// those after it get `None`.
     fn pipeline(&mut self, mut cmds: Vec<Command>) -> io::Result<()> {
         loop {
-            let per_round = round_len(cmds.iter().map(|c| c.max_reply));
+            let per_round = round_len(cmds.iter().map(|c| c.max_reply)).min(write_round_len(
+                cmds.iter().map(|c| c.args.iter().map(|a| a.len()).sum()),
+            ));
             if per_round >= cmds.len() {
                 break;
             }
@@ -695,18 +735,19 @@ impl Conn {
 
     /// Sends plain commands as one pipeline and hands each its answer once the round is read
     /// whole and held nothing more (see [`Conn::expect_nothing`], which `run` checks before
-    /// the first round); on an error every command gets `None`.
+    /// the first round); on an error every command gets `None`. Writing the commands and
+    /// reading their answers share one deadline, `timeout` away.
     fn round(&mut self, cmds: Vec<Command>) -> io::Result<()> {
         self.wbuf.clear();
-        let sent = cmds.iter().try_for_each(|c| {
+        let encoded = cmds.iter().try_for_each(|c| {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
             encode_command(&mut self.wbuf, &args)
         });
-        if let Err(e) = sent.and_then(|_| self.sock.write_all(&self.wbuf)) {
+        let deadline = Instant::now() + self.timeout;
+        if let Err(e) = encoded.and_then(|_| self.send(deadline)) {
             fail_commands(cmds);
             return Err(e);
         }
-        let deadline = Instant::now() + self.timeout;
         let mut answers = Vec::with_capacity(cmds.len());
         for c in &cmds {
             match self.read_frame(deadline, c.max_reply) {
@@ -778,8 +819,8 @@ impl Conn {
                     ],
                 )?;
             }
-            self.sock.write_all(&self.wbuf)?;
             let deadline = Instant::now() + self.timeout;
+            self.send(deadline)?;
             let mut reload = false;
             for &i in &todo {
                 match self.read_frame(deadline, SMALL_REPLY_BYTES)? {
@@ -825,6 +866,23 @@ fn round_len(bounds: impl Iterator<Item = usize>) -> usize {
     for b in bounds {
         total = total.saturating_add(b.clamp(1, MAX_REPLY_BYTES));
         if n > 0 && total > MAX_ROUND_REPLY_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// How many of the commands whose arguments weigh `sizes` bytes (in order) go in the next
+/// round: as many as fit in [`MAX_ROUND_WRITE_BYTES`], one at least. A round is written and
+/// answered within one `timeout`, so the cache's queued writes (up to 64 MiB) go in rounds a
+/// link can write in that time rather than one.
+fn write_round_len(sizes: impl Iterator<Item = usize>) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for b in sizes {
+        total = total.saturating_add(b);
+        if n > 0 && total > MAX_ROUND_WRITE_BYTES {
             break;
         }
         n += 1;
@@ -1164,6 +1222,77 @@ mod tests {
                 answered += 1;
             }
         }
+    }
+
+    /// A round's commands are written within its deadline (the link's `timeout`), however
+    /// the server takes them: one that reads 1 KiB at a time, soon enough for each `write` to
+    /// make progress within the timeout but too slowly for a 4 MiB command to be written in
+    /// 20 s, fails the round once the timeout has passed. Before, each `write` had the whole
+    /// timeout to itself, so the round (and the link's thread, and every command queued
+    /// behind it) was held for as long as the server went on reading.
+    #[test]
+    fn a_round_is_written_within_its_deadline_however_slowly_redis_reads() {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        // Small buffers on both sides, so that the command cannot sit in them.
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        sock.bind(&any.into()).expect("bind");
+        sock.listen(1).expect("listen");
+        let l: std::net::TcpListener = sock.into();
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return 0 };
+            let (mut got, mut chunk) = (0usize, [0u8; 1024]);
+            // Bounded: 40 s of reading at most; ends when the client goes.
+            for _ in 0..8000 {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            got
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"500ms\"\n"))
+                .expect("config");
+        let mut c = Conn::open(&cfg, false).expect("connects");
+        socket2::SockRef::from(&c.sock)
+            .set_send_buffer_size(8192)
+            .expect("sndbuf");
+        let big = bytes::Bytes::from(vec![b'x'; 4 << 20]);
+        let (answer, answered) = std::sync::mpsc::channel();
+        let set = Command {
+            args: vec![
+                bytes::Bytes::from_static(b"SET"),
+                bytes::Bytes::from_static(b"k"),
+                big,
+            ],
+            max_reply: SMALL_REPLY_BYTES,
+            done: Some(Box::new(move |f| {
+                let _ = answer.send(f.is_some());
+            })),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let r = c.round(vec![set]);
+            let _ = tx.send(r.map_err(|e| e.kind()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(got, Ok(Err(io::ErrorKind::TimedOut)));
+        assert_eq!(answered.recv_timeout(Duration::from_secs(1)), Ok(false));
+        let _ = writer.join();
+        let read = server.join().expect("server");
+        assert!(read < 4 << 20, "the server read {read} bytes");
+    }
+
+    #[test]
+    fn a_round_writes_at_most_a_mebibyte_of_arguments_but_one_command_whatever_its_size() {
+        assert_eq!(write_round_len([100usize; 10].into_iter()), 10);
+        assert_eq!(write_round_len([600usize << 10; 3].into_iter()), 1);
+        assert_eq!(write_round_len([512usize << 10; 3].into_iter()), 2);
+        assert_eq!(write_round_len([4usize << 20, 1].into_iter()), 1);
     }
 
     /// The rate limiter's demands go in rounds bounded as plain commands are (a reply of
