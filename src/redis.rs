@@ -180,9 +180,15 @@ pub struct RedisLink {
     log: Mutex<LogState>,
     /// Lines logged about the link's state, for the tests.
     lines: AtomicU64,
-    /// Commands sent (script calls), for the admin figures and the tests.
+    /// Commands sent in rounds (the rate limiter's script calls, the cache's commands), for
+    /// the admin figures and the tests; the commands a connection sends when it opens
+    /// (`AUTH`, `PING`, `SCRIPT LOAD`) are not counted.
     pub commands: AtomicU64,
-    /// Pipelines sent.
+    /// Round trips to Redis: every batch of commands written at once and then answered (a
+    /// round of a pipeline, a script call sent again after loading its script, one command
+    /// such as `AUTH`, `PING` or `SCRIPT LOAD`), on connections that opened. Before, a
+    /// pipeline of several rounds, and the rate limiter's second round after a `NOSCRIPT`,
+    /// counted once.
     pub round_trips: AtomicU64,
     /// Demands refused because [`MAX_QUEUED_DEMANDS`] were queued (see [`RedisLink::submit`]).
     pub demands_refused: AtomicU64,
@@ -394,7 +400,8 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 Ok(c)
             });
             match opened {
-                Ok(c) => {
+                Ok(mut c) => {
+                    link.count(&mut c);
                     conn = Some(c);
                     link.set_up();
                 }
@@ -408,8 +415,9 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             match conn.as_mut() {
                 None => fail_commands(cmds),
                 Some(c) => {
-                    link.round_trips.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = c.pipeline(cmds) {
+                    let sent = c.pipeline(cmds);
+                    link.count(c);
+                    if let Err(e) = sent {
                         conn = None;
                         link.set_down(&e.to_string());
                         next_try = Instant::now() + link.cfg.retry_interval.0;
@@ -442,10 +450,9 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 link.doorbells.ring_all();
                 break;
             };
-            link.commands
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            link.round_trips.fetch_add(1, Ordering::Relaxed);
-            match c.token_buckets(&batch) {
+            let answered = c.token_buckets(&batch);
+            link.count(c);
+            match answered {
                 Ok(answers) => {
                     for (d, a) in batch.into_iter().zip(answers) {
                         (d.done)(Some(a));
@@ -461,6 +468,16 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             link.doorbells.ring_all();
             batch = rest;
         }
+    }
+}
+
+impl RedisLink {
+    /// Adds what `c` sent since it was last counted to [`RedisLink::round_trips`] and
+    /// [`RedisLink::commands`].
+    fn count(&self, c: &mut Conn) {
+        let (rounds, sent) = (std::mem::take(&mut c.rounds), std::mem::take(&mut c.sent));
+        self.round_trips.fetch_add(rounds, Ordering::Relaxed);
+        self.commands.fetch_add(sent, Ordering::Relaxed);
     }
 }
 
@@ -487,6 +504,9 @@ struct Conn {
     sha: String,
     quota_sha: String,
     timeout: Duration,
+    /// Round trips and commands sent since the link last counted them ([`RedisLink::count`]).
+    rounds: u64,
+    sent: u64,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -510,6 +530,8 @@ impl Conn {
             sha: String::new(),
             quota_sha: String::new(),
             timeout: t,
+            rounds: 0,
+            sent: 0,
         };
         if let Some(p) = &cfg.password {
             match c.call(&[b"AUTH", p.as_bytes()])? {
@@ -651,11 +673,11 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes `wbuf` whole by `deadline` (a round's: its answers must come by then too). Each
-    /// `write` waits at most the time left: the socket's write timeout is set to it. Before,
-    /// every `write` had the whole `timeout` to itself, so a server that took a few bytes at a
-    /// time, each within `timeout`, held the round (the link's thread, and every command
-    /// queued behind it) for as long as it went on reading.
+    /// Writes `wbuf` whole by `deadline` (a round's: its answers must come by then too), and
+    /// counts a round trip. Each `write` waits at most the time left: the socket's write
+    /// timeout is set to it. Before, every `write` had the whole `timeout` to itself, so a
+    /// server that took a few bytes at a time, each within `timeout`, held the round (the
+    /// link's thread, and every command queued behind it) for as long as it went on reading.
     fn send(&mut self, deadline: Instant) -> io::Result<()> {
         let too_slow = || io::Error::new(io::ErrorKind::TimedOut, "commands taken too slowly");
         let mut at = 0;
@@ -681,6 +703,7 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+        self.rounds += 1;
         Ok(())
     }
 
@@ -748,6 +771,7 @@ impl Conn {
             fail_commands(cmds);
             return Err(e);
         }
+        self.sent += cmds.len() as u64;
         let mut answers = Vec::with_capacity(cmds.len());
         for c in &cmds {
             match self.read_frame(deadline, c.max_reply) {
@@ -821,6 +845,7 @@ impl Conn {
             }
             let deadline = Instant::now() + self.timeout;
             self.send(deadline)?;
+            self.sent += todo.len() as u64;
             let mut reload = false;
             for &i in &todo {
                 match self.read_frame(deadline, SMALL_REPLY_BYTES)? {
@@ -1222,6 +1247,39 @@ mod tests {
                 answered += 1;
             }
         }
+    }
+
+    /// `round_trips` counts round trips, not pipelines: a pipeline of 3000 writes goes in two
+    /// rounds (2048 a round, each answered with a status), after the one round of the first
+    /// write, so 3 round trips and 3001 commands. Before, the link counted one round trip per
+    /// pipeline (2 here), and no command of the cache's link.
+    #[test]
+    fn round_trips_count_rounds_and_commands_every_command_sent() {
+        let server = Gated::start(b"+OK\r\n", |s| {
+            answer_each(s, b"\r\nSET", 3000, b"+OK\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "cache", "5s");
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        link.command(command(
+            &[b"SET", b"first", b"v"],
+            SMALL_REPLY_BYTES,
+            Some(tx.clone()),
+        ));
+        server.go(|| {
+            for _ in 0..3000 {
+                let set = command(&[b"SET", b"k", b"v"], SMALL_REPLY_BYTES, Some(tx.clone()));
+                link.command(set);
+            }
+        });
+        for i in 0..3001 {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(got, Ok(true), "answer {i}");
+        }
+        // The link's thread counts a pipeline once it is done: stopped, it has counted all.
+        server.stop(thread);
+        assert_eq!(link.round_trips.load(Ordering::SeqCst), 3);
+        assert_eq!(link.commands.load(Ordering::SeqCst), 3001);
+        assert_eq!(link.failures.load(Ordering::SeqCst), 0);
     }
 
     /// A round's commands are written within its deadline (the link's `timeout`), however

@@ -510,7 +510,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
         e.family(
             "ringway_redis_round_trips_total",
             "counter",
-            "Pipelines sent to Redis (round trips).",
+            "Round trips to Redis (each batch of commands written at once and answered).",
         );
         e.sample("ringway_redis_round_trips_total", &[], r.round_trips);
         e.family(
