@@ -190,6 +190,9 @@ pub struct RedisLink {
     /// pipeline of several rounds, and the rate limiter's second round after a `NOSCRIPT`,
     /// counted once.
     pub round_trips: AtomicU64,
+    /// Plain commands refused because the queue was full ([`MAX_QUEUED_COMMANDS`] or
+    /// [`MAX_QUEUED_BYTES`]): a lookup answered as a miss, a write dropped.
+    pub commands_refused: AtomicU64,
     /// Demands refused because [`MAX_QUEUED_DEMANDS`] were queued (see [`RedisLink::submit`]).
     pub demands_refused: AtomicU64,
     /// Workers that wait on answers: rung after each round (see `crate::doorbell`).
@@ -216,6 +219,7 @@ impl RedisLink {
             lines: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
+            commands_refused: AtomicU64::new(0),
             demands_refused: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
         })
@@ -262,6 +266,9 @@ impl RedisLink {
             || (!q.cmds.is_empty() && q.bytes.saturating_add(size) > MAX_QUEUED_BYTES);
         if full || (self.is_down() && c.done.is_some()) {
             drop(q);
+            if full {
+                self.commands_refused.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(d) = c.done {
                 d(None);
             }
