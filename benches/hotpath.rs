@@ -241,7 +241,7 @@ fn bench_rewrite(c: &mut Criterion) {
         client_cert: None,
         identity: b"",
         traceparent: None,
-        keep_tracestate: false,
+        keep_tracestate: ringway::trace::KeepState::None,
     };
     let mut out = BytesMut::with_capacity(4096);
     let hop: HashSet<&str> = [

@@ -114,6 +114,9 @@ pub struct Command {
 /// command summed, see [`Conn::pipeline`]): the commands of a larger batch go in several
 /// rounds, so a round of small-reply commands is deeper than a round of lookups.
 const MAX_ROUND_REPLY_BYTES: usize = 128 << 20;
+/// Most bytes of arguments written in one round of plain commands (one command at least,
+/// whatever its size), see [`write_round_len`].
+const MAX_ROUND_WRITE_BYTES: usize = 1 << 20;
 /// Most rate-limit demands queued for the link's thread; past it new ones are refused at once
 /// (see [`RedisLink::submit`]). Each new key's first request queues one, so a Redis that
 /// stalls while clients keep coming with new keys (client addresses, header values) would
@@ -177,10 +180,19 @@ pub struct RedisLink {
     log: Mutex<LogState>,
     /// Lines logged about the link's state, for the tests.
     lines: AtomicU64,
-    /// Commands sent (script calls), for the admin figures and the tests.
+    /// Commands sent in rounds (the rate limiter's script calls, the cache's commands), for
+    /// the admin figures and the tests; the commands a connection sends when it opens
+    /// (`AUTH`, `PING`, `SCRIPT LOAD`) are not counted.
     pub commands: AtomicU64,
-    /// Pipelines sent.
+    /// Round trips to Redis: every batch of commands written at once and then answered (a
+    /// round of a pipeline, a script call sent again after loading its script, one command
+    /// such as `AUTH`, `PING` or `SCRIPT LOAD`), on connections that opened. Before, a
+    /// pipeline of several rounds, and the rate limiter's second round after a `NOSCRIPT`,
+    /// counted once.
     pub round_trips: AtomicU64,
+    /// Plain commands refused because the queue was full ([`MAX_QUEUED_COMMANDS`] or
+    /// [`MAX_QUEUED_BYTES`]): a lookup answered as a miss, a write dropped.
+    pub commands_refused: AtomicU64,
     /// Demands refused because [`MAX_QUEUED_DEMANDS`] were queued (see [`RedisLink::submit`]).
     pub demands_refused: AtomicU64,
     /// Workers that wait on answers: rung after each round (see `crate::doorbell`).
@@ -207,6 +219,7 @@ impl RedisLink {
             lines: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
+            commands_refused: AtomicU64::new(0),
             demands_refused: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
         })
@@ -253,6 +266,9 @@ impl RedisLink {
             || (!q.cmds.is_empty() && q.bytes.saturating_add(size) > MAX_QUEUED_BYTES);
         if full || (self.is_down() && c.done.is_some()) {
             drop(q);
+            if full {
+                self.commands_refused.fetch_add(1, Ordering::Relaxed);
+            }
             if let Some(d) = c.done {
                 d(None);
             }
@@ -391,7 +407,8 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 Ok(c)
             });
             match opened {
-                Ok(c) => {
+                Ok(mut c) => {
+                    link.count(&mut c);
                     conn = Some(c);
                     link.set_up();
                 }
@@ -405,8 +422,9 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
             match conn.as_mut() {
                 None => fail_commands(cmds),
                 Some(c) => {
-                    link.round_trips.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = c.pipeline(cmds) {
+                    let sent = c.pipeline(cmds);
+                    link.count(c);
+                    if let Err(e) = sent {
                         conn = None;
                         link.set_down(&e.to_string());
                         next_try = Instant::now() + link.cfg.retry_interval.0;
@@ -439,10 +457,9 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 link.doorbells.ring_all();
                 break;
             };
-            link.commands
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            link.round_trips.fetch_add(1, Ordering::Relaxed);
-            match c.token_buckets(&batch) {
+            let answered = c.token_buckets(&batch);
+            link.count(c);
+            match answered {
                 Ok(answers) => {
                     for (d, a) in batch.into_iter().zip(answers) {
                         (d.done)(Some(a));
@@ -461,6 +478,16 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
     }
 }
 
+impl RedisLink {
+    /// Adds what `c` sent since it was last counted to [`RedisLink::round_trips`] and
+    /// [`RedisLink::commands`].
+    fn count(&self, c: &mut Conn) {
+        let (rounds, sent) = (std::mem::take(&mut c.rounds), std::mem::take(&mut c.sent));
+        self.round_trips.fetch_add(rounds, Ordering::Relaxed);
+        self.commands.fetch_add(sent, Ordering::Relaxed);
+    }
+}
+
 fn fail_commands(cmds: Vec<Command>) {
     for c in cmds {
         if let Some(d) = c.done {
@@ -475,7 +502,8 @@ fn fail(batch: Vec<Demand>) {
     }
 }
 
-/// One blocking connection, every call bounded by the configured timeout.
+/// One blocking connection, every round (writing its commands, reading their answers)
+/// bounded by the configured timeout.
 struct Conn {
     sock: TcpStream,
     rbuf: BytesMut,
@@ -483,6 +511,9 @@ struct Conn {
     sha: String,
     quota_sha: String,
     timeout: Duration,
+    /// Round trips and commands sent since the link last counted them ([`RedisLink::count`]).
+    rounds: u64,
+    sent: u64,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -506,6 +537,8 @@ impl Conn {
             sha: String::new(),
             quota_sha: String::new(),
             timeout: t,
+            rounds: 0,
+            sent: 0,
         };
         if let Some(p) = &cfg.password {
             match c.call(&[b"AUTH", p.as_bytes()])? {
@@ -550,8 +583,9 @@ impl Conn {
         self.wbuf.clear();
         encode_command(&mut self.wbuf, args)?;
         self.expect_nothing()?;
-        self.sock.write_all(&self.wbuf)?;
-        let f = self.read_frame(Instant::now() + self.timeout, SMALL_REPLY_BYTES)?;
+        let deadline = Instant::now() + self.timeout;
+        self.send(deadline)?;
+        let f = self.read_frame(deadline, SMALL_REPLY_BYTES)?;
         self.nothing_left()?;
         Ok(f)
     }
@@ -646,6 +680,40 @@ impl Conn {
         Ok(())
     }
 
+    /// Writes `wbuf` whole by `deadline` (a round's: its answers must come by then too), and
+    /// counts a round trip. Each `write` waits at most the time left: the socket's write
+    /// timeout is set to it. Before, every `write` had the whole `timeout` to itself, so a
+    /// server that took a few bytes at a time, each within `timeout`, held the round (the
+    /// link's thread, and every command queued behind it) for as long as it went on reading.
+    fn send(&mut self, deadline: Instant) -> io::Result<()> {
+        let too_slow = || io::Error::new(io::ErrorKind::TimedOut, "commands taken too slowly");
+        let mut at = 0;
+        while at < self.wbuf.len() {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(too_slow());
+            }
+            // Never zero (which would mean no timeout), as in `fill`.
+            self.sock.set_write_timeout(Some(deadline - now))?;
+            match self.sock.write(&self.wbuf[at..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(too_slow())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.rounds += 1;
+        Ok(())
+    }
+
     /// Reads what the server has sent into `rbuf`, waiting until `deadline` at most: the
     /// socket's read timeout is the time left. Before, it stayed the whole `timeout` set when
     /// the connection opened, so a read begun just before the deadline could wait one more
@@ -679,7 +747,9 @@ impl Conn {
     /// those after it get `None`.
     fn pipeline(&mut self, mut cmds: Vec<Command>) -> io::Result<()> {
         loop {
-            let per_round = round_len(cmds.iter().map(|c| c.max_reply));
+            let per_round = round_len(cmds.iter().map(|c| c.max_reply)).min(write_round_len(
+                cmds.iter().map(|c| c.args.iter().map(|a| a.len()).sum()),
+            ));
             if per_round >= cmds.len() {
                 break;
             }
@@ -695,18 +765,20 @@ impl Conn {
 
     /// Sends plain commands as one pipeline and hands each its answer once the round is read
     /// whole and held nothing more (see [`Conn::expect_nothing`], which `run` checks before
-    /// the first round); on an error every command gets `None`.
+    /// the first round); on an error every command gets `None`. Writing the commands and
+    /// reading their answers share one deadline, `timeout` away.
     fn round(&mut self, cmds: Vec<Command>) -> io::Result<()> {
         self.wbuf.clear();
-        let sent = cmds.iter().try_for_each(|c| {
+        let encoded = cmds.iter().try_for_each(|c| {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
             encode_command(&mut self.wbuf, &args)
         });
-        if let Err(e) = sent.and_then(|_| self.sock.write_all(&self.wbuf)) {
+        let deadline = Instant::now() + self.timeout;
+        if let Err(e) = encoded.and_then(|_| self.send(deadline)) {
             fail_commands(cmds);
             return Err(e);
         }
-        let deadline = Instant::now() + self.timeout;
+        self.sent += cmds.len() as u64;
         let mut answers = Vec::with_capacity(cmds.len());
         for c in &cmds {
             match self.read_frame(deadline, c.max_reply) {
@@ -778,8 +850,9 @@ impl Conn {
                     ],
                 )?;
             }
-            self.sock.write_all(&self.wbuf)?;
             let deadline = Instant::now() + self.timeout;
+            self.send(deadline)?;
+            self.sent += todo.len() as u64;
             let mut reload = false;
             for &i in &todo {
                 match self.read_frame(deadline, SMALL_REPLY_BYTES)? {
@@ -825,6 +898,23 @@ fn round_len(bounds: impl Iterator<Item = usize>) -> usize {
     for b in bounds {
         total = total.saturating_add(b.clamp(1, MAX_REPLY_BYTES));
         if n > 0 && total > MAX_ROUND_REPLY_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+/// How many of the commands whose arguments weigh `sizes` bytes (in order) go in the next
+/// round: as many as fit in [`MAX_ROUND_WRITE_BYTES`], one at least. A round is written and
+/// answered within one `timeout`, so the cache's queued writes (up to 64 MiB) go in rounds a
+/// link can write in that time rather than one.
+fn write_round_len(sizes: impl Iterator<Item = usize>) -> usize {
+    let mut total = 0usize;
+    let mut n = 0;
+    for b in sizes {
+        total = total.saturating_add(b);
+        if n > 0 && total > MAX_ROUND_WRITE_BYTES {
             break;
         }
         n += 1;
@@ -1164,6 +1254,110 @@ mod tests {
                 answered += 1;
             }
         }
+    }
+
+    /// `round_trips` counts round trips, not pipelines: a pipeline of 3000 writes goes in two
+    /// rounds (2048 a round, each answered with a status), after the one round of the first
+    /// write, so 3 round trips and 3001 commands. Before, the link counted one round trip per
+    /// pipeline (2 here), and no command of the cache's link.
+    #[test]
+    fn round_trips_count_rounds_and_commands_every_command_sent() {
+        let server = Gated::start(b"+OK\r\n", |s| {
+            answer_each(s, b"\r\nSET", 3000, b"+OK\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "cache", "5s");
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        link.command(command(
+            &[b"SET", b"first", b"v"],
+            SMALL_REPLY_BYTES,
+            Some(tx.clone()),
+        ));
+        server.go(|| {
+            for _ in 0..3000 {
+                let set = command(&[b"SET", b"k", b"v"], SMALL_REPLY_BYTES, Some(tx.clone()));
+                link.command(set);
+            }
+        });
+        for i in 0..3001 {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            assert_eq!(got, Ok(true), "answer {i}");
+        }
+        // The link's thread counts a pipeline once it is done: stopped, it has counted all.
+        server.stop(thread);
+        assert_eq!(link.round_trips.load(Ordering::SeqCst), 3);
+        assert_eq!(link.commands.load(Ordering::SeqCst), 3001);
+        assert_eq!(link.failures.load(Ordering::SeqCst), 0);
+    }
+
+    /// A round's commands are written within its deadline (the link's `timeout`), however
+    /// the server takes them: one that reads 1 KiB at a time, soon enough for each `write` to
+    /// make progress within the timeout but too slowly for a 4 MiB command to be written in
+    /// 20 s, fails the round once the timeout has passed. Before, each `write` had the whole
+    /// timeout to itself, so the round (and the link's thread, and every command queued
+    /// behind it) was held for as long as the server went on reading.
+    #[test]
+    fn a_round_is_written_within_its_deadline_however_slowly_redis_reads() {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        // Small buffers on both sides, so that the command cannot sit in them.
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        sock.bind(&any.into()).expect("bind");
+        sock.listen(1).expect("listen");
+        let l: std::net::TcpListener = sock.into();
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = l.accept() else { return 0 };
+            let (mut got, mut chunk) = (0usize, [0u8; 1024]);
+            // Bounded: 40 s of reading at most; ends when the client goes.
+            for _ in 0..8000 {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            got
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"500ms\"\n"))
+                .expect("config");
+        let mut c = Conn::open(&cfg, false).expect("connects");
+        socket2::SockRef::from(&c.sock)
+            .set_send_buffer_size(8192)
+            .expect("sndbuf");
+        let big = bytes::Bytes::from(vec![b'x'; 4 << 20]);
+        let (answer, answered) = std::sync::mpsc::channel();
+        let set = Command {
+            args: vec![
+                bytes::Bytes::from_static(b"SET"),
+                bytes::Bytes::from_static(b"k"),
+                big,
+            ],
+            max_reply: SMALL_REPLY_BYTES,
+            done: Some(Box::new(move |f| {
+                let _ = answer.send(f.is_some());
+            })),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let r = c.round(vec![set]);
+            let _ = tx.send(r.map_err(|e| e.kind()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(got, Ok(Err(io::ErrorKind::TimedOut)));
+        assert_eq!(answered.recv_timeout(Duration::from_secs(1)), Ok(false));
+        let _ = writer.join();
+        let read = server.join().expect("server");
+        assert!(read < 4 << 20, "the server read {read} bytes");
+    }
+
+    #[test]
+    fn a_round_writes_at_most_a_mebibyte_of_arguments_but_one_command_whatever_its_size() {
+        assert_eq!(write_round_len([100usize; 10].into_iter()), 10);
+        assert_eq!(write_round_len([600usize << 10; 3].into_iter()), 1);
+        assert_eq!(write_round_len([512usize << 10; 3].into_iter()), 2);
+        assert_eq!(write_round_len([4usize << 20, 1].into_iter()), 1);
     }
 
     /// The rate limiter's demands go in rounds bounded as plain commands are (a reply of

@@ -31,6 +31,7 @@ use crate::http::request::{BodyKind, Method, RequestHead};
 use crate::http::response::{LengthLine, RespBody, ResponseHead};
 use crate::http::{ConnectionOptions, Version};
 use crate::router::{HeaderRules, HostPolicy, Route};
+use crate::trace::KeepState;
 
 /// What this hop adds to the heads it forwards.
 pub struct Forwarding<'a> {
@@ -55,8 +56,9 @@ pub struct Forwarding<'a> {
     /// W3C trace context: the `traceparent` value sent upstream in place of the client's
     /// (see `crate::trace`). `None`: the client's trace fields pass as they are.
     pub traceparent: Option<&'a [u8]>,
-    /// With `traceparent`: the client's `tracestate` lines go upstream (else they are dropped).
-    pub keep_tracestate: bool,
+    /// With `traceparent`: what of the client's `tracestate` goes upstream (see
+    /// `crate::trace::KeepState`).
+    pub keep_tracestate: crate::trace::KeepState,
 }
 
 /// Header names with a rule of their own, recognised by length first so most names cost one
@@ -267,7 +269,10 @@ pub fn encode_upstream_head(
             Hdr::MaxForwards => {}
             // The gateway's own span replaces the client's parent (W3C Trace Context §3.2).
             Hdr::TraceParent if f.traceparent.is_some() => continue,
-            Hdr::TraceState if f.traceparent.is_some() && !f.keep_tracestate => continue,
+            // Dropped, or written below as the members that fit (W3C Trace Context §3.3.1.5).
+            Hdr::TraceState if f.traceparent.is_some() && f.keep_tracestate != KeepState::All => {
+                continue
+            }
             Hdr::TraceParent | Hdr::TraceState => {}
             k @ (Hdr::Xfp | Hdr::Xfh | Hdr::Xfport | Hdr::XRealIp) => {
                 if !(f.trusted && keeps(rules, &conn, name)) {
@@ -326,6 +331,12 @@ pub fn encode_upstream_head(
     put_header(out, b"x-request-id", f.request_id);
     if let Some(tp) = f.traceparent {
         put_header(out, b"traceparent", tp);
+        if let KeepState::Members(_) = f.keep_tracestate {
+            if !rules.drops(b"tracestate") && !conn.lists(b"tracestate") {
+                let values = req.header_values(b"tracestate");
+                crate::trace::put_tracestate(out, values, f.keep_tracestate);
+            }
+        }
     }
     if let Some((name, subject)) = f.client_cert {
         put_header(out, name, subject);
@@ -525,7 +536,7 @@ mod tests {
             client_cert: None,
             identity: b"",
             traceparent: None,
-            keep_tracestate: false,
+            keep_tracestate: KeepState::None,
         }
     }
 

@@ -283,7 +283,7 @@ impl Gateway {
         self.access_logs.reopen();
     }
 
-    /// Script calls and pipelines sent to Redis so far (0 without the Redis backend).
+    /// Script calls sent and round trips made to Redis so far (0 without the Redis backend).
     pub fn redis_counts(&self) -> (u64, u64) {
         self.buckets.redis().map_or((0, 0), |r| {
             (

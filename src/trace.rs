@@ -1,7 +1,8 @@
 //! W3C Trace Context (<https://www.w3.org/TR/trace-context/>): the `traceparent` a client sent
 //! is kept when it is valid, else the gateway starts a trace; either way the gateway is a span
 //! of its own, whose id goes upstream in a rewritten `traceparent`. `tracestate` is passed
-//! through unchanged, bounded, and only with a trace the client started.
+//! through unchanged when it is within bounds, cut by whole members when it is not, and only
+//! with a trace the client started.
 //!
 //! Parsing follows §3.2: version `00` is exactly 55 characters, lowercase hex, a trace id and a
 //! parent id that are not all zeros, one `traceparent` field. A higher version (not `ff`) is
@@ -11,17 +12,22 @@
 //! Anything else starts a new trace (and drops `tracestate`, §3.3.1.1: a vendor that could not
 //! parse `traceparent` must not use `tracestate`). `tracestate` goes upstream only when it is a
 //! valid list (§3.3.1: at most 32 members, keys and values of the specified grammar, no key
-//! twice); a list that is not is dropped whole, never passed on half-checked. Nothing here
-//! allocates.
+//! twice); a list that is not is dropped whole, never passed on half-checked. A valid list
+//! longer than [`MAX_TRACESTATE`] is truncated as §3.3.1.5 asks: whole members are removed,
+//! first those longer than [`LONG_TRACESTATE_MEMBER`] (from the end of the list), then the
+//! last ones, until the rest fits. Nothing here allocates.
 
 use crate::http::request::RequestHead;
 
 /// Length of a version-00 `traceparent` value: `00-` 32 hex `-` 16 hex `-` 2 hex.
 pub const TRACEPARENT_LEN: usize = 55;
-/// Most bytes of `tracestate` (all its field lines together) passed upstream. §3.3.1.5: a
-/// vendor should propagate at least 512 characters; longer lists are dropped whole rather than
-/// cut, so that no list member is ever passed on half-written.
+/// Most characters of `tracestate` passed upstream, counted as §3.3.1.5 counts a combined
+/// header: the members and the commas between them, without optional white space. A vendor
+/// should propagate at least 512; a longer list is cut by whole members (never one
+/// half-written), see [`KeepState`].
 pub const MAX_TRACESTATE: usize = 512;
+/// §3.3.1.5: when a list must be truncated, members longer than this are removed first.
+pub const LONG_TRACESTATE_MEMBER: usize = 128;
 /// Most `tracestate` field lines passed upstream (a list has at most 32 members, §3.3.1.1, so
 /// more lines than that cannot be a valid list).
 pub const MAX_TRACESTATE_LINES: usize = 32;
@@ -40,8 +46,71 @@ pub struct TraceContext {
     pub parent_id: Option<[u8; 8]>,
     /// trace-flags (bit 0: sampled).
     pub flags: u8,
-    /// The client's `tracestate` lines go upstream.
-    pub keep_state: bool,
+    /// What of the client's `tracestate` goes upstream.
+    pub keep_state: KeepState,
+}
+
+/// What of the client's `tracestate` goes upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeepState {
+    /// Nothing: no list, not a valid one, or no trace of the client's.
+    #[default]
+    None,
+    /// Its field lines, as they were received (a list within [`MAX_TRACESTATE`] bytes).
+    All,
+    /// The members whose bits are set (bit `i`: the `i`-th non-empty member, counting across
+    /// the field lines in order), joined by commas on one line: a list cut to fit
+    /// [`MAX_TRACESTATE`] (§3.3.1.5), or one whose white space and empty members alone made it
+    /// longer.
+    Members(u32),
+}
+
+impl KeepState {
+    /// Some `tracestate` goes upstream.
+    pub fn any(self) -> bool {
+        self != KeepState::None
+    }
+}
+
+/// Writes the `tracestate` field lines that go upstream, as `keep` says, from the client's
+/// values (`values`: the head's `tracestate` values, in order).
+pub fn put_tracestate<'a>(
+    out: &mut impl bytes::BufMut,
+    values: impl Iterator<Item = &'a [u8]>,
+    keep: KeepState,
+) {
+    match keep {
+        KeepState::None => {}
+        KeepState::All => {
+            for v in values {
+                out.put_slice(b"tracestate: ");
+                out.put_slice(v);
+                out.put_slice(b"\r\n");
+            }
+        }
+        KeepState::Members(mask) => {
+            out.put_slice(b"tracestate: ");
+            let mut first = true;
+            for (i, m) in members(values).enumerate().take(MAX_TRACESTATE_MEMBERS) {
+                if mask & (1 << i) != 0 {
+                    if !first {
+                        out.put_u8(b',');
+                    }
+                    out.put_slice(m);
+                    first = false;
+                }
+            }
+            out.put_slice(b"\r\n");
+        }
+    }
+}
+
+/// The non-empty members of a `tracestate` list (its values in order), without their OWS.
+fn members<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(crate::http::trim_ows)
+        .filter(|m| !m.is_empty())
 }
 
 /// The flags of a trace the gateway starts: sampled, since the gateway records the request (its
@@ -66,7 +135,7 @@ impl TraceContext {
                 span_id,
                 parent_id: Some(parent),
                 flags,
-                keep_state: tracestate_valid(head),
+                keep_state: tracestate_kept(head),
             },
             None => TraceContext::fresh(span_id, &mut rand),
         }
@@ -87,7 +156,7 @@ impl TraceContext {
             span_id,
             parent_id: None,
             flags: NEW_TRACE_FLAGS,
-            keep_state: false,
+            keep_state: KeepState::None,
         }
     }
 
@@ -142,38 +211,84 @@ pub fn parse_traceparent(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
     Some((trace_id, parent, flags[0] & SAMPLED))
 }
 
-/// The client's `tracestate` lines form a list that may go upstream: within the size bounds,
-/// at most [`MAX_TRACESTATE_MEMBERS`] members (empty ones are allowed and not counted,
-/// §3.3.1.1), each a valid `key=value` (§3.3.1.3), no key twice (§3.3.1.1: keys are unique).
-fn tracestate_valid(head: &RequestHead) -> bool {
+/// What of the client's `tracestate` goes upstream. The list must be valid: at most
+/// [`MAX_TRACESTATE_MEMBERS`] members (empty ones are allowed and not counted, §3.3.1.1), each
+/// a valid `key=value` (§3.3.1.3), no key twice (§3.3.1.1: keys are unique); else nothing goes.
+/// A valid list of at most [`MAX_TRACESTATE`] bytes goes as it came; a longer one goes as its
+/// members, cut to fit as §3.3.1.5 asks when they do not.
+fn tracestate_kept(head: &RequestHead) -> KeepState {
     let mut total = 0usize;
     let mut lines = 0usize;
     for v in head.header_values(b"tracestate") {
         total = total.saturating_add(v.len());
         lines += 1;
     }
-    if lines == 0 || lines > MAX_TRACESTATE_LINES || total > MAX_TRACESTATE {
-        return false;
+    if lines == 0 || lines > MAX_TRACESTATE_LINES {
+        return KeepState::None;
     }
     let mut keys: [&[u8]; MAX_TRACESTATE_MEMBERS] = [&[]; MAX_TRACESTATE_MEMBERS];
     let mut n = 0usize;
-    for v in head.header_values(b"tracestate") {
-        for member in v.split(|b| *b == b',') {
-            let member = crate::http::trim_ows(member);
-            if member.is_empty() {
-                continue;
+    for member in members(head.header_values(b"tracestate")) {
+        let Some(key) = tracestate_member_key(member) else {
+            return KeepState::None;
+        };
+        if n == MAX_TRACESTATE_MEMBERS || keys[..n].contains(&key) {
+            return KeepState::None;
+        }
+        keys[n] = key;
+        n += 1;
+    }
+    if total <= MAX_TRACESTATE {
+        // The usual case: the lines go as they came, byte for byte.
+        return KeepState::All;
+    }
+    let mut lens = [0usize; MAX_TRACESTATE_MEMBERS];
+    for (len, member) in lens
+        .iter_mut()
+        .zip(members(head.header_values(b"tracestate")))
+    {
+        *len = member.len();
+    }
+    match cut_to_fit(&lens[..n]) {
+        0 => KeepState::None,
+        mask => KeepState::Members(mask),
+    }
+}
+
+/// The members (by bit, as [`KeepState::Members`]) of a list whose members have the lengths
+/// `lens` (at most 32) that fit [`MAX_TRACESTATE`] joined by commas. §3.3.1.5: members longer
+/// than [`LONG_TRACESTATE_MEMBER`] are removed first, then members from the end of the list,
+/// until the rest fits; nothing is removed from a list that fits.
+fn cut_to_fit(lens: &[usize]) -> u32 {
+    debug_assert!(lens.len() <= MAX_TRACESTATE_MEMBERS);
+    let mut mask = match lens.len() {
+        0 => return 0,
+        32.. => u32::MAX,
+        n => (1u32 << n) - 1,
+    };
+    let mut count = lens.len();
+    let mut size: usize = lens.iter().sum::<usize>() + count - 1;
+    // The list's size once member `i` is removed.
+    let without = |size: usize, count: usize, len: usize| {
+        if count == 1 {
+            0
+        } else {
+            size - len - 1
+        }
+    };
+    for long in [true, false] {
+        for (i, &len) in lens.iter().enumerate().rev() {
+            if size <= MAX_TRACESTATE {
+                return mask;
             }
-            let Some(key) = tracestate_member_key(member) else {
-                return false;
-            };
-            if n == MAX_TRACESTATE_MEMBERS || keys[..n].contains(&key) {
-                return false;
+            if mask & (1 << i) != 0 && (!long || len > LONG_TRACESTATE_MEMBER) {
+                size = without(size, count, len);
+                count -= 1;
+                mask &= !(1 << i);
             }
-            keys[n] = key;
-            n += 1;
         }
     }
-    true
+    mask
 }
 
 /// The key of a valid list member `key=value` (§3.3.1.3), or `None`.
@@ -258,7 +373,7 @@ mod tests {
             span_id: p,
             parent_id: None,
             flags: f,
-            keep_state: false,
+            keep_state: KeepState::None,
         };
         assert_eq!(&ctx.traceparent()[..], GOOD);
         assert_eq!(&ctx.trace_id_hex()[..], &GOOD[3..35]);
@@ -371,6 +486,28 @@ mod tests {
         for m in &bad {
             assert!(tracestate_member_key(m.as_bytes()).is_none(), "{m}");
         }
+    }
+
+    /// §3.3.1.5: long members first (from the end, as many as needed), then from the end.
+    #[test]
+    fn an_over_long_list_is_cut_to_fit_by_whole_members() {
+        // Fits (with its commas): nothing removed.
+        assert_eq!(cut_to_fit(&[100, 100, 100, 100, 108]), 0b11111);
+        assert_eq!(cut_to_fit(&[]), 0);
+        // 513 with its commas: the one long member goes.
+        assert_eq!(cut_to_fit(&[100, 200, 100, 110]), 0b1101);
+        // Two long members: the later one goes, which is enough.
+        assert_eq!(cut_to_fit(&[200, 3, 200, 3, 200]), 0b01111);
+        assert_eq!(cut_to_fit(&[259, 3, 259]), 0b011);
+        // All long members go, then the last short ones.
+        assert_eq!(
+            cut_to_fit(&[300, 100, 300, 100, 100, 100, 100, 100, 100]),
+            0b0_0111_1010
+        );
+        // One member too long for the bound: nothing goes.
+        assert_eq!(cut_to_fit(&[513]), 0);
+        // 32 members of 20: 671; keeps 24 (24 * 21 - 1 = 503).
+        assert_eq!(cut_to_fit(&[20; 32]), (1 << 24) - 1);
     }
 
     #[test]

@@ -542,6 +542,65 @@ fn the_redis_link_is_exposed() {
     }));
 }
 
+/// The cache's Redis link (`[cache.redis]`) has metrics of its own, `ringway_cache_redis_*`,
+/// apart from the rate limiter's link (`ringway_redis_*`, absent here): up, commands, round
+/// trips, failures, commands refused, and the layer's lookups, entries found and writes.
+/// Before, nothing showed that link's state, failures or traffic.
+#[test]
+fn the_cache_redis_link_is_exposed() {
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 2\r\n\r\nok"
+                .to_vec(),
+        )
+    });
+    let mut redis = RedisServer::start();
+    let toml = config(
+        &[up.addr],
+        &format!(
+            "[cache.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"1s\"\nretry_interval = \"100ms\"\n\n\
+             [[routes]]\nupstream = \"up\"\ncache = {{ }}\n",
+            redis.port
+        ),
+    );
+    let gw = TestGateway::start(&toml, DRIVERS[0]);
+    let ctl = gw.gateway().control().clone();
+    // A miss: looked up in Redis, fetched, stored and written to Redis.
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/a"))), 200);
+    let mut l = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            l = scrape(&ctl).1;
+            value(&l, "ringway_cache_redis_up", &[]) == 1.0
+                && value(&l, "ringway_cache_redis_lookups_total", &[]) >= 1.0
+                && value(&l, "ringway_cache_redis_writes_total", &[]) >= 1.0
+                && value(&l, "ringway_cache_redis_commands_total", &[]) >= 2.0
+                && value(&l, "ringway_cache_redis_round_trips_total", &[]) >= 1.0
+        }),
+        "{l:?}"
+    );
+    assert_eq!(value(&l, "ringway_cache_redis_failures_total", &[]), 0.0);
+    assert_eq!(
+        value(&l, "ringway_cache_redis_commands_refused_total", &[]),
+        0.0
+    );
+    assert_eq!(value(&l, "ringway_cache_redis_found_total", &[]), 0.0);
+    assert!(
+        l.iter().all(|x| !x.name.starts_with("ringway_redis_")),
+        "no rate-limit link here"
+    );
+    // The link goes down with the server, and its failure is counted.
+    redis.kill();
+    let mut i = 0;
+    assert!(eventually(Duration::from_secs(5), || {
+        i += 1;
+        let _ = exchange(gw.addr, &get_req(&format!("/b{i}")));
+        let l = scrape(&ctl).1;
+        value(&l, "ringway_cache_redis_up", &[]) == 0.0
+            && value(&l, "ringway_cache_redis_failures_total", &[]) >= 1.0
+    }));
+}
+
 #[test]
 fn ejections_health_in_flight_and_pools_per_endpoint() {
     let up = Upstream::start(|_| Reply::Raw(ok_response(b"ok")));

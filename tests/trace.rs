@@ -112,8 +112,10 @@ fn an_invalid_or_missing_traceparent_starts_a_new_trace_and_drops_tracestate() {
     }
 }
 
+/// W3C Trace Context §3.3.1.3: a value is at most 256 characters; a list with a longer one is
+/// not valid and is dropped whole (not truncated), the trace continued.
 #[test]
-fn an_oversized_tracestate_is_dropped_whole() {
+fn a_tracestate_value_over_256_characters_drops_the_list() {
     let up = Upstream::echo();
     let gw = TestGateway::start(&proxy_all(up.addr), DRIVERS[0]);
     let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-00");
@@ -128,6 +130,84 @@ fn an_oversized_tracestate_is_dropped_whole() {
     let (_, trace, _, flags) = parts(got.header("traceparent").unwrap());
     assert_eq!(trace, CLIENT_TRACE);
     assert_eq!(flags, "00");
+}
+
+/// W3C Trace Context §3.3.1.5: a valid tracestate longer than 512 characters (members and
+/// commas, without white space) is truncated by whole members rather than dropped: members
+/// longer than 128 characters go first (from the end of the list, only as many as needed),
+/// then members from the end, until the rest fits; what is left goes on one line, joined by
+/// commas. A list that fits goes byte for byte as it came.
+#[test]
+fn an_over_long_tracestate_is_truncated_by_whole_members_per_3_3_1_5() {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(&proxy_all(up.addr), DRIVERS[0]);
+    let tp = format!("00-{CLIENT_TRACE}-{CLIENT_PARENT}-01");
+    // 100-character members k0..k5 and a 200-character one in the middle: 806 characters.
+    let k = |i: usize| format!("k{i}={}", "v".repeat(97));
+    let big = format!("big={}", "b".repeat(196));
+    // 259-character members (the longest value, 256).
+    let l = |i: usize| format!("l{i}={}", "w".repeat(256));
+    let cases: Vec<(Vec<String>, Option<String>)> = vec![
+        // The long member goes first (605 left), then k5 from the end: 504.
+        (
+            vec![
+                format!("{} , {},{}", k(0), k(1), big),
+                format!("{},{}, {} ,{}", k(2), k(3), k(4), k(5)),
+            ],
+            Some([k(0), k(1), k(2), k(3), k(4)].join(",")),
+        ),
+        // Of two long members only the last goes: the rest (271) fits.
+        (
+            vec![format!("a=1,{},b=2,{},c=3", l(0), l(1))],
+            Some(format!("a=1,{},b=2,c=3", l(0))),
+        ),
+        // No long member: the last ones go until the rest fits.
+        (
+            vec![(0..6).map(k).collect::<Vec<_>>().join(",")],
+            Some((0..5).map(k).collect::<Vec<_>>().join(",")),
+        ),
+        // Only white space and empty members made it long: every member goes, on one line.
+        (
+            vec![format!("a=1 ,{}, b=2", " ,".repeat(300)), "c=3".into()],
+            Some("a=1,b=2,c=3".into()),
+        ),
+        // One member of 513 characters: nothing fits, nothing goes.
+        (
+            vec![format!("{}={}", "k".repeat(256), "v".repeat(256))],
+            None,
+        ),
+    ];
+    for (lines, want) in cases {
+        let hs: String = lines
+            .iter()
+            .map(|l| format!("tracestate: {l}\r\n"))
+            .collect();
+        let r = send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+        assert_eq!(r.status, 200, "{lines:?}");
+        let got = up.last();
+        let (_, trace, _, _) = parts(got.header("traceparent").unwrap());
+        assert_eq!(trace, CLIENT_TRACE, "{lines:?}: the trace is continued");
+        match want {
+            Some(w) => {
+                assert!(w.len() <= 512, "{w}");
+                assert_eq!(got.headers_named("tracestate"), [w.as_str()], "{lines:?}");
+            }
+            None => assert!(got.header("tracestate").is_none(), "{lines:?}"),
+        }
+    }
+    // 512 bytes exactly, with white space: within bounds, so byte for byte, line by line.
+    let lines = [
+        format!("a=1 , {}", k(0)),
+        format!("b={}", "x".repeat(250)),
+        format!("c={}", "y".repeat(152)),
+    ];
+    assert_eq!(lines.iter().map(String::len).sum::<usize>(), 512);
+    let hs: String = lines
+        .iter()
+        .map(|l| format!("tracestate: {l}\r\n"))
+        .collect();
+    send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+    assert_eq!(up.last().headers_named("tracestate"), lines);
 }
 
 /// W3C Trace Context §3.2.4: a traceparent of a higher version (not `ff`) is read by version
@@ -335,6 +415,20 @@ path = "/b"
         rb.header("traceparent"),
         "one span of the gateway's per request"
     );
+    // An over-long list: cut by whole members as the proxied path cuts it (§3.3.1.5).
+    let (l, m) = (
+        format!("l={}", "w".repeat(256)),
+        format!("m={}", "w".repeat(256)),
+    );
+    let r = send(
+        gw.addr,
+        "/both",
+        &format!("traceparent: {tp}\r\ntracestate: a=1, {l}\r\ntracestate: {m}\r\n"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    for got in [a.last(), b.last()] {
+        assert_eq!(got.headers_named("tracestate"), [format!("a=1,{l}")]);
+    }
     // No trace, or an invalid one: a new trace, the same in every call; no tracestate.
     for headers in [
         String::new(),

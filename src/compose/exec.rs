@@ -217,13 +217,8 @@ pub async fn run(
     passed.extend_from_slice(b"traceparent: ");
     passed.extend_from_slice(&ctx.rec.trace.traceparent());
     passed.extend_from_slice(b"\r\n");
-    if ctx.rec.trace.keep_state {
-        for v in ctx.head.header_values(b"tracestate") {
-            passed.extend_from_slice(b"tracestate: ");
-            passed.extend_from_slice(v);
-            passed.extend_from_slice(b"\r\n");
-        }
-    }
+    let tracestate = ctx.head.header_values(b"tracestate");
+    crate::trace::put_tracestate(&mut passed, tracestate, ctx.rec.trace.keep_state);
     passed.extend_from_slice(&ctx.auth_headers);
     let deadline = Instant::now()
         .checked_add(plan.deadline)

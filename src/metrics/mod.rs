@@ -14,8 +14,10 @@
 //! - per endpoint: connect failures and ejections (counters here); in-flight requests, health
 //!   and idle pool size are read from the upstream group when sampled.
 //! - per listener: connections accepted and open, TLS handshakes and failures.
-//! - breakers count their own state changes (`upstream::breaker`); Redis counts its commands
-//!   and round trips (`redis::RedisLink`); both are read when sampled.
+//! - breakers count their own state changes (`upstream::breaker`); the Redis links (shared
+//!   rate limits, the cache's shared layer) count their commands, round trips and failures
+//!   (`redis::RedisLink`), the cache's layer its lookups and writes
+//!   (`cache::redis::SharedLayer`); all are read when sampled.
 //!
 //! Labels are names from the worker's current configuration snapshot, read when sampled.
 //! Counters are kept by route index and by group slot: a reload moves each route's counters to
@@ -482,6 +484,21 @@ impl WorkerMetrics {
             failures: r.failures.load(std::sync::atomic::Ordering::Relaxed),
             demands_refused: r.demands_refused.load(std::sync::atomic::Ordering::Relaxed),
         });
+        s.cache_redis = w.cache.shared().map(|l| {
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let r = l.link();
+            CacheRedisSample {
+                up: !r.is_down(),
+                commands: get(&r.commands),
+                round_trips: get(&r.round_trips),
+                failures: get(&r.failures),
+                commands_refused: get(&r.commands_refused),
+                lookups: get(&l.gets),
+                found: get(&l.found),
+                writes: get(&l.sets),
+            }
+        });
         s
     }
 }
@@ -597,6 +614,21 @@ pub struct RedisSample {
     pub demands_refused: u64,
 }
 
+/// The cache's Redis link and layer (`[cache.redis]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheRedisSample {
+    pub up: bool,
+    pub commands: u64,
+    pub round_trips: u64,
+    pub failures: u64,
+    /// Commands refused because the link's queue was full (`redis::MAX_QUEUED_COMMANDS`).
+    pub commands_refused: u64,
+    /// `GET`s of entries asked, entries found (and used), entries written.
+    pub lookups: u64,
+    pub found: u64,
+    pub writes: u64,
+}
+
 /// One worker's metrics, or (after [`WorkerSample::merge`]) every worker's summed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkerSample {
@@ -614,6 +646,8 @@ pub struct WorkerSample {
     pub access_log_write_lost: u64,
     /// Host-wide (one link for all workers): taken once, not summed.
     pub redis: Option<RedisSample>,
+    /// The cache's Redis link (`[cache.redis]`), host-wide as `redis`.
+    pub cache_redis: Option<CacheRedisSample>,
 }
 
 fn merge_named<T: Clone>(into: &mut Vec<(String, T)>, from: &[(String, T)], add: fn(&mut T, &T)) {
@@ -680,6 +714,9 @@ impl WorkerSample {
             m.access_log_dropped = m.access_log_dropped.wrapping_add(s.access_log_dropped);
             if m.redis.is_none() {
                 m.redis = s.redis;
+            }
+            if m.cache_redis.is_none() {
+                m.cache_redis = s.cache_redis;
             }
         }
         m

@@ -510,7 +510,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
         e.family(
             "ringway_redis_round_trips_total",
             "counter",
-            "Pipelines sent to Redis (round trips).",
+            "Round trips to Redis (each batch of commands written at once and answered).",
         );
         e.sample("ringway_redis_round_trips_total", &[], r.round_trips);
         e.family(
@@ -529,6 +529,56 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             &[],
             r.demands_refused,
         );
+    }
+
+    if let Some(r) = &s.cache_redis {
+        e.family(
+            "ringway_cache_redis_up",
+            "gauge",
+            "1 while the Redis link of the response cache's shared layer is up.",
+        );
+        e.sample("ringway_cache_redis_up", &[], r.up as u64);
+        let counters: [(&str, &str, u64); 7] = [
+            (
+                "ringway_cache_redis_commands_total",
+                "Commands the cache's Redis link sent in rounds.",
+                r.commands,
+            ),
+            (
+                "ringway_cache_redis_round_trips_total",
+                "Round trips of the cache's Redis link (each batch of commands written at once and answered).",
+                r.round_trips,
+            ),
+            (
+                "ringway_cache_redis_failures_total",
+                "Failures of the cache's Redis link (refused, broken, late or malformed answers), retries included.",
+                r.failures,
+            ),
+            (
+                "ringway_cache_redis_commands_refused_total",
+                "Cache commands refused because the Redis link's queue was full: a lookup missed, a write dropped.",
+                r.commands_refused,
+            ),
+            (
+                "ringway_cache_redis_lookups_total",
+                "Entries the cache asked Redis for.",
+                r.lookups,
+            ),
+            (
+                "ringway_cache_redis_found_total",
+                "Entries found in Redis and used.",
+                r.found,
+            ),
+            (
+                "ringway_cache_redis_writes_total",
+                "Entries the cache wrote (queued) to Redis.",
+                r.writes,
+            ),
+        ];
+        for (name, help, v) in counters {
+            e.family(name, "counter", help);
+            e.sample(name, &[], v);
+        }
     }
 }
 

@@ -249,7 +249,7 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
         client_cert: None,
         identity: b"",
         traceparent: None,
-        keep_tracestate: false,
+        keep_tracestate: crate::trace::KeepState::None,
     };
     let chunked = matches!(out, OutFraming::ChunkedPass | OutFraming::Rechunk);
     encode_client_head(
