@@ -877,6 +877,66 @@ impl RecordScan {
     }
 }
 
+/// A read buffer that shows the record scan the bytes a read put in it, when the read reports
+/// them (`set_init`): that is the one moment the trait says where they are, whatever the buffer
+/// type (a pointer taken before the read may not survive the buffer's moves). Nothing is copied.
+struct Scanned<T> {
+    buf: T,
+    scan: RecordScan,
+    /// The count the read reported through `set_init`; `None` until it does.
+    fed: Option<usize>,
+}
+
+impl<T> Scanned<T> {
+    fn new(buf: T, scan: RecordScan) -> Scanned<T> {
+        Scanned {
+            buf,
+            scan,
+            fed: None,
+        }
+    }
+
+    /// The scan after a read that returned `n`. Were the bytes not reported exactly once, as
+    /// `n`, the scan loses step (the connection is then never taken for one at a boundary).
+    fn scanned(&self, n: usize) -> RecordScan {
+        let mut scan = self.scan;
+        if self.fed != Some(n) {
+            scan.left = usize::MAX;
+        }
+        scan
+    }
+}
+
+// SAFETY: `write_ptr` and `bytes_total` pass on the inner buffer's own answers, so the runtime
+// reads into exactly the memory `T` offers, under `T`'s guarantees (the address stays valid
+// while the runtime holds the buffer, `bytes_total` bytes are writable there); `set_init`
+// passes the call on after looking at the bytes (see its SAFETY).
+unsafe impl<T: IoBufMut> IoBufMut for Scanned<T> {
+    fn write_ptr(&mut self) -> *mut u8 {
+        self.buf.write_ptr()
+    }
+
+    fn bytes_total(&mut self) -> usize {
+        self.buf.bytes_total()
+    }
+
+    unsafe fn set_init(&mut self, pos: usize) {
+        // SAFETY: the caller of `set_init` guarantees that the `pos` bytes from `write_ptr()`
+        // on are initialised and owned by the buffer (the trait's contract). `write_ptr()` is
+        // asked here, of the buffer where it lies now, before the inner `set_init` may move
+        // its mark; the slice is dropped when `feed` returns, and until then `&mut self` keeps
+        // the buffer from being written or moved.
+        let got = unsafe { std::slice::from_raw_parts(self.buf.write_ptr(), pos) };
+        self.scan.feed(got);
+        self.fed = match self.fed {
+            None => Some(pos),
+            Some(_) => Some(usize::MAX),
+        };
+        // SAFETY: the caller's guarantee, passed on unchanged.
+        unsafe { self.buf.set_init(pos) }
+    }
+}
+
 /// The TCP stream under a TLS session.
 pub struct Sock {
     tcp: TcpStream,
@@ -902,24 +962,18 @@ impl Sock {
 }
 
 impl AsyncReadRent for Sock {
-    async fn read<T: IoBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         if self.flags.probing.get() {
             return (Err(io::ErrorKind::WouldBlock.into()), buf);
         }
-        let Some(mut scan) = self.flags.scan.get() else {
+        let Some(scan) = self.flags.scan.get() else {
             return self.tcp.read(buf).await;
         };
-        // The read fills the buffer from here (monoio's contract for `write_ptr`), and
-        // monoio-rustls's buffer may move its mark on `set_init`: taken first.
-        let at = buf.write_ptr();
-        let (r, buf) = self.tcp.read(buf).await;
+        let (r, read) = self.tcp.read(Scanned::new(buf, scan)).await;
         if let Ok(n) = r {
-            // SAFETY: the read initialised `n` bytes at `at`, in the buffer's own heap memory
-            // (monoio-rustls reads into a boxed slice), which `buf` still owns unchanged.
-            scan.feed(unsafe { std::slice::from_raw_parts(at, n) });
-            self.flags.scan.set(Some(scan));
+            self.flags.scan.set(Some(read.scanned(n)));
         }
-        (r, buf)
+        (r, read.buf)
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
@@ -943,8 +997,10 @@ impl AsyncWriteRent for Sock {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         if self.flags.closing.get() {
             use std::os::fd::AsRawFd;
-            // SAFETY: `send` reads `bytes_init()` bytes at `read_ptr()`, which the buffer
-            // holds, from a socket fd this stream owns; it returns before the call does.
+            // SAFETY: `IoBuf`'s contract: `bytes_init()` initialised bytes lie at `read_ptr()`
+            // while the buffer is not moved or changed. `buf` is borrowed here, unmoved, for the
+            // whole `send`, which only reads them and returns before this block ends (no
+            // operation is left in flight). The fd is this stream's open socket.
             let n = unsafe {
                 libc::send(
                     self.tcp.as_raw_fd(),
@@ -1295,6 +1351,71 @@ mod tests {
         s.left = usize::MAX;
         s.feed(&stream);
         assert!(!s.at_boundary());
+    }
+
+    /// A buffer the `IoBufMut` contract admits whose bytes move when the read reports them:
+    /// `set_init` copies them to a second allocation and overwrites the first with 0xff.
+    struct Relocating {
+        first: Box<[u8]>,
+        second: Box<[u8]>,
+        init: usize,
+    }
+
+    // SAFETY: `first` is a heap allocation that no method moves or frees; `bytes_total` is
+    // its length.
+    unsafe impl IoBufMut for Relocating {
+        fn write_ptr(&mut self) -> *mut u8 {
+            self.first.as_mut_ptr()
+        }
+
+        fn bytes_total(&mut self) -> usize {
+            self.first.len()
+        }
+
+        unsafe fn set_init(&mut self, pos: usize) {
+            self.second[self.init..self.init + pos].copy_from_slice(&self.first[..pos]);
+            self.first.fill(0xff);
+            self.init += pos;
+        }
+    }
+
+    /// RFC 8446 §5.1 framing is followed in the bytes a read got, taken where the buffer holds
+    /// them when the read reports them, for any buffer type a read admits: a pointer taken
+    /// before the read saw 0xff here (and, for a buffer stored inline, memory it had left).
+    #[test]
+    fn record_scan_reads_the_bytes_where_the_buffer_reports_them() {
+        let record = [23u8, 3, 3, 0, 2, 0xaa, 0xbb];
+        let check = || async move {
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut c = TcpStream::connect(l.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (srv, _) = l.accept().await.expect("accept");
+            let (r, _) = c.write_all(record.to_vec()).await;
+            r.expect("write");
+            let (mut sock, flags) = Sock::new(srv, true);
+            let mut buf = Relocating {
+                first: vec![0; 64].into_boxed_slice(),
+                second: vec![0; 64].into_boxed_slice(),
+                init: 0,
+            };
+            while buf.init < record.len() {
+                let (r, b) = sock.read(buf).await;
+                assert!(r.expect("read") > 0, "early EOF");
+                buf = b;
+            }
+            assert_eq!(&buf.second[..buf.init], &record[..]);
+            let scan = flags.scan.get().expect("scanned");
+            assert!(scan.at_boundary(), "one whole record read");
+        };
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("runtime")
+            .block_on(check());
+        // io_uring too, where the kernel and the memlock limit allow it.
+        if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().build() {
+            rt.block_on(check());
+        }
     }
 
     #[test]

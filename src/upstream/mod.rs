@@ -425,7 +425,10 @@ impl UpstreamGroup {
 /// close_notify); either way the connection is unusable.
 pub fn still_open(fd: RawFd) -> bool {
     let mut byte = [0u8; 1];
-    // SAFETY: recv into a valid one-byte buffer on a socket fd we own.
+    // SAFETY: the only memory `recv` touches is `byte`, a live one-byte local, and it is told
+    // so (length 1). That holds for any `fd` the signature admits: a closed fd or one that is
+    // not a socket makes the call fail (EBADF, ENOTSOCK: answered "not open"), a reused one
+    // peeks at another socket; MSG_PEEK consumes nothing and MSG_DONTWAIT never blocks.
     let n = unsafe {
         libc::recv(
             fd,
