@@ -269,6 +269,7 @@ async fn fetch_loop(
     src: &KeySource,
     stop: &AtomicBool,
 ) {
+    let _late = crate::tls::LateCloses::allow();
     let target = ep.target();
     let request = client::request(
         "GET",

@@ -92,8 +92,9 @@ impl UpStream {
 
 /// A TLS upstream connection says goodbye when the gateway closes it, however it ends (the
 /// pool evicts or expires it, it is not pooled after its response, an error ends it): the
-/// `close_notify` goes out with one non-blocking send and nothing waits for it (RFC 8446
-/// §6.1). A plain stream just closes.
+/// `close_notify` goes out with a non-blocking send, and what the socket buffer has no room
+/// for is sent by a task of its own within a short bound (RFC 8446 §6.1; see
+/// [`crate::tls::LateCloses`]). A plain stream just closes.
 impl Drop for UpStream {
     fn drop(&mut self) {
         if let UpStream::Tls(s, _) = self {
