@@ -403,7 +403,7 @@ fn publish(src: &KeySource, fresh: &[jwt::JwtKey], retired: &mut Vec<Retired>, n
         .cloned()
         .chain(retired.iter().map(|r| r.key.clone()))
         .collect();
-    src.publish(KeySet { keys });
+    src.publish(KeySet::new(keys));
 }
 
 async fn fetch_set(
