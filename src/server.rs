@@ -694,6 +694,8 @@ async fn worker_main(
     stop: Arc<AtomicBool>,
     drain: Duration,
 ) {
+    // Upstream TLS connections the pool drops finish their close_notify in tasks of their own.
+    let _late = crate::tls::LateCloses::allow();
     let worker = Worker::new(
         &cfg,
         id,
@@ -782,6 +784,11 @@ async fn worker_main(
     }
     for g in &w.config().upstreams {
         g.clear_idle();
+    }
+    // close_notify still on its way (a full socket buffer), for as long as each may take.
+    let end = Instant::now() + crate::tls::CLOSE_TAIL_WAIT;
+    while crate::tls::LateCloses::pending() > 0 && Instant::now() < end {
+        monoio::time::sleep(Duration::from_millis(20)).await;
     }
     if let Some(l) = w.access_log.get() {
         l.close();

@@ -821,10 +821,14 @@ pub struct SockFlags {
     /// Reads return `WouldBlock` without touching the socket: [`Guarded::buffered_input`]
     /// looks at what the TLS layer already holds.
     probing: Cell<bool>,
-    /// Writes are one non-blocking `send` each, done before the write returns:
-    /// [`Guarded::close_notify_now`] sends its alert without waiting and without leaving an
-    /// operation in flight on a socket about to be closed.
+    /// Writes are one non-blocking `send` each, done before the write returns, and what finds
+    /// no room in the socket buffer is kept in `tail`: [`Guarded::close_notify_now`] writes its
+    /// alert without waiting and without leaving an operation in flight on a socket about to
+    /// be closed.
     closing: Cell<bool>,
+    /// While closing: the bytes the socket had no room for, in order (at most
+    /// [`CLOSE_TAIL_MAX`]); a task of their own sends them (see [`LateCloses`]).
+    tail: Cell<Vec<u8>>,
     /// Where the bytes read off the socket stand in TLS record framing; kept only for
     /// upstream connections (see [`RecordScan`]).
     scan: Cell<Option<RecordScan>>,
@@ -877,6 +881,66 @@ impl RecordScan {
     }
 }
 
+/// A read buffer that shows the record scan the bytes a read put in it, when the read reports
+/// them (`set_init`): that is the one moment the trait says where they are, whatever the buffer
+/// type (a pointer taken before the read may not survive the buffer's moves). Nothing is copied.
+struct Scanned<T> {
+    buf: T,
+    scan: RecordScan,
+    /// The count the read reported through `set_init`; `None` until it does.
+    fed: Option<usize>,
+}
+
+impl<T> Scanned<T> {
+    fn new(buf: T, scan: RecordScan) -> Scanned<T> {
+        Scanned {
+            buf,
+            scan,
+            fed: None,
+        }
+    }
+
+    /// The scan after a read that returned `n`. Were the bytes not reported exactly once, as
+    /// `n`, the scan loses step (the connection is then never taken for one at a boundary).
+    fn scanned(&self, n: usize) -> RecordScan {
+        let mut scan = self.scan;
+        if self.fed != Some(n) {
+            scan.left = usize::MAX;
+        }
+        scan
+    }
+}
+
+// SAFETY: `write_ptr` and `bytes_total` pass on the inner buffer's own answers, so the runtime
+// reads into exactly the memory `T` offers, under `T`'s guarantees (the address stays valid
+// while the runtime holds the buffer, `bytes_total` bytes are writable there); `set_init`
+// passes the call on after looking at the bytes (see its SAFETY).
+unsafe impl<T: IoBufMut> IoBufMut for Scanned<T> {
+    fn write_ptr(&mut self) -> *mut u8 {
+        self.buf.write_ptr()
+    }
+
+    fn bytes_total(&mut self) -> usize {
+        self.buf.bytes_total()
+    }
+
+    unsafe fn set_init(&mut self, pos: usize) {
+        // SAFETY: the caller of `set_init` guarantees that the `pos` bytes from `write_ptr()`
+        // on are initialised and owned by the buffer (the trait's contract). `write_ptr()` is
+        // asked here, of the buffer where it lies now, before the inner `set_init` may move
+        // its mark; the slice is dropped when `feed` returns, and until then `&mut self` keeps
+        // the buffer from being written or moved.
+        let got = unsafe { std::slice::from_raw_parts(self.buf.write_ptr(), pos) };
+        self.scan.feed(got);
+        self.fed = match self.fed {
+            None => Some(pos),
+            Some(_) => Some(usize::MAX),
+        };
+        // SAFETY: the caller's guarantee, passed on unchanged.
+        unsafe { self.buf.set_init(pos) }
+    }
+}
+
 /// The TCP stream under a TLS session.
 pub struct Sock {
     tcp: TcpStream,
@@ -902,24 +966,18 @@ impl Sock {
 }
 
 impl AsyncReadRent for Sock {
-    async fn read<T: IoBufMut>(&mut self, mut buf: T) -> BufResult<usize, T> {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         if self.flags.probing.get() {
             return (Err(io::ErrorKind::WouldBlock.into()), buf);
         }
-        let Some(mut scan) = self.flags.scan.get() else {
+        let Some(scan) = self.flags.scan.get() else {
             return self.tcp.read(buf).await;
         };
-        // The read fills the buffer from here (monoio's contract for `write_ptr`), and
-        // monoio-rustls's buffer may move its mark on `set_init`: taken first.
-        let at = buf.write_ptr();
-        let (r, buf) = self.tcp.read(buf).await;
+        let (r, read) = self.tcp.read(Scanned::new(buf, scan)).await;
         if let Ok(n) = r {
-            // SAFETY: the read initialised `n` bytes at `at`, in the buffer's own heap memory
-            // (monoio-rustls reads into a boxed slice), which `buf` still owns unchanged.
-            scan.feed(unsafe { std::slice::from_raw_parts(at, n) });
-            self.flags.scan.set(Some(scan));
+            self.flags.scan.set(Some(read.scanned(n)));
         }
-        (r, buf)
+        (r, read.buf)
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
@@ -942,22 +1000,11 @@ impl AsyncReadRent for Sock {
 impl AsyncWriteRent for Sock {
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         if self.flags.closing.get() {
-            use std::os::fd::AsRawFd;
-            // SAFETY: `send` reads `bytes_init()` bytes at `read_ptr()`, which the buffer
-            // holds, from a socket fd this stream owns; it returns before the call does.
-            let n = unsafe {
-                libc::send(
-                    self.tcp.as_raw_fd(),
-                    buf.read_ptr().cast(),
-                    buf.bytes_init(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            let r = if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            };
+            // SAFETY: `IoBuf`'s contract: `bytes_init()` initialised bytes lie at `read_ptr()`
+            // while the buffer is neither moved nor changed. `buf` stays borrowed, unmoved,
+            // for as long as `bytes` lives (this block), and nothing here changes it.
+            let bytes = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+            let r = self.write_now(bytes);
             return (r, buf);
         }
         self.flags.writing.set(true);
@@ -981,8 +1028,164 @@ impl AsyncWriteRent for Sock {
         self.tcp.flush()
     }
 
-    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> {
-        self.tcp.shutdown()
+    async fn shutdown(&mut self) -> io::Result<()> {
+        let tail = if self.flags.closing.get() {
+            self.flags.tail.take()
+        } else {
+            Vec::new()
+        };
+        if tail.is_empty() {
+            return self.tcp.shutdown().await;
+        }
+        // The write side is shut by the task that sends the tail; nothing more may be written
+        // here after it (the flag makes the stream's writes fail).
+        self.flags.writing.set(true);
+        if LateCloses::hand_off(&self.tcp, tail) {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+}
+
+impl Sock {
+    /// A write while closing: one non-blocking `send`, and what finds no room goes to the
+    /// tail (so do all bytes once a tail is started: they go out in order). Answers that all
+    /// of `bytes` were written, or an error of the socket, or `WouldBlock` when the tail would
+    /// pass [`CLOSE_TAIL_MAX`].
+    fn write_now(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut tail = self.flags.tail.take();
+        let sent = if tail.is_empty() {
+            // SAFETY: `send` only reads `bytes.len()` bytes at `bytes.as_ptr()`, a live
+            // slice, and returns before this block ends; the fd is this stream's own socket.
+            let n = unsafe {
+                libc::send(
+                    self.tcp.as_raw_fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
+                0
+            } else {
+                n as usize
+            }
+        } else {
+            0
+        };
+        let rest = &bytes[sent.min(bytes.len())..];
+        if tail.len() + rest.len() > CLOSE_TAIL_MAX {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        tail.extend_from_slice(rest);
+        self.flags.tail.set(tail);
+        Ok(bytes.len())
+    }
+}
+
+/// The most bytes a closing TLS connection keeps for the socket when its buffer is full: the
+/// `close_notify` alert and what rustls still had to send (at most a buffer of records).
+pub const CLOSE_TAIL_MAX: usize = 64 * 1024;
+
+/// How long a closing TLS connection waits for room in the socket buffer to send the rest of
+/// its last records and its `close_notify`.
+pub const CLOSE_TAIL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most connections a worker lets finish their `close_notify` at once in tasks of their own.
+pub const LATE_CLOSES_MAX: usize = 256;
+
+thread_local! {
+    /// `None`: this thread runs no runtime that allows late closes; `Some(n)`: it does, and
+    /// `n` are under way.
+    static LATE: Cell<Option<usize>> = const { Cell::new(None) };
+    /// How long a late close waits: [`CLOSE_TAIL_WAIT`], unless a test says otherwise.
+    static LATE_WAIT: Cell<std::time::Duration> = const { Cell::new(CLOSE_TAIL_WAIT) };
+}
+
+/// Lets TLS connections closed where nothing can wait ([`Guarded::close_notify_now`]: the
+/// upstream pool, a dropped connection) finish their goodbye in a task of their own when the
+/// socket buffer is full: the rest of the last records and the `close_notify` are written as
+/// room comes, for at most [`CLOSE_TAIL_WAIT`], then the write side is shut and the socket
+/// closed. A peer that stopped reading holds a file descriptor and the tail that long, no
+/// more, and no more than [`LATE_CLOSES_MAX`] at once; past that, and on a thread without the
+/// guard, the alert is left unsent, as before. Held (as a guard) by the main future of a
+/// runtime with a timer: a task can be spawned, and sleep, on that thread.
+pub struct LateCloses(());
+
+impl LateCloses {
+    /// Allows late closes on this thread until the guard is dropped.
+    pub fn allow() -> LateCloses {
+        LATE.with(|l| l.set(Some(0)));
+        LateCloses(())
+    }
+
+    /// As [`LateCloses::allow`], each waiting up to `wait` (a test on a loaded machine).
+    #[cfg(test)]
+    fn allow_waiting(wait: std::time::Duration) -> LateCloses {
+        LATE_WAIT.with(|w| w.set(wait));
+        LateCloses::allow()
+    }
+
+    /// Late closes under way on this thread.
+    pub fn pending() -> usize {
+        LATE.with(|l| l.get().unwrap_or(0))
+    }
+
+    /// Hands `tail` to a task that sends it on a duplicate of `tcp`'s descriptor (the socket
+    /// stays open until that task ends), then shuts the write side. `false` when late closes
+    /// are not allowed here or too many are under way, or the descriptor cannot be duplicated.
+    fn hand_off(tcp: &TcpStream, tail: Vec<u8>) -> bool {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let under_way = match LATE.with(|l| l.get()) {
+            Some(n) if n < LATE_CLOSES_MAX => n,
+            _ => return false,
+        };
+        // SAFETY: the descriptor is `tcp`'s own, which keeps it open while `tcp` is borrowed
+        // (all of this function); `fd` serves only to make the duplicate on the next line.
+        let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+        let Ok(dup) = fd.try_clone_to_owned() else {
+            return false;
+        };
+        LATE.with(|l| l.set(Some(under_way + 1)));
+        monoio::spawn(async move {
+            let _done = LateDone;
+            let Ok(mut s) = TcpStream::from_std(std::net::TcpStream::from(dup)) else {
+                return;
+            };
+            let wait = LATE_WAIT.with(|w| w.get());
+            let sent = monoio::time::timeout(wait, s.write_all(tail)).await;
+            if matches!(sent, Ok((Ok(_), _))) {
+                let _ = s.shutdown().await;
+            }
+        });
+        true
+    }
+}
+
+impl Drop for LateCloses {
+    fn drop(&mut self) {
+        let _ = LATE.try_with(|l| l.set(None));
+        let _ = LATE_WAIT.try_with(|w| w.set(CLOSE_TAIL_WAIT));
+    }
+}
+
+/// Counts a late close as done however its task ends (sent, timed out, dropped with the
+/// runtime).
+struct LateDone;
+
+impl Drop for LateDone {
+    fn drop(&mut self) {
+        let _ = LATE.try_with(|l| {
+            if let Some(n) = l.get() {
+                l.set(Some(n.saturating_sub(1)));
+            }
+        });
     }
 }
 
@@ -1073,13 +1276,15 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
 }
 
 impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
-    /// Sends `close_notify` now, best effort, before the connection is dropped (RFC 8446
-    /// §6.1: a party closing its write side sends it first), for connections closed where
-    /// nothing can wait: a pooled upstream connection evicted or expired, one not pooled after
-    /// its response, one dropped after an error. The alert is written with one non-blocking
-    /// `send` while this runs, and the write side is shut; nothing waits for the peer or for
-    /// room in the socket buffer: when there is none, the alert is not sent. Skipped when a
-    /// dropped write left the write side unusable (a record may be half written).
+    /// Sends `close_notify` now, before the connection is dropped (RFC 8446 §6.1: a party
+    /// closing its write side sends it first), for connections closed where nothing can wait:
+    /// a pooled upstream connection evicted or expired, one not pooled after its response, one
+    /// dropped after an error. The alert is written with non-blocking sends while this runs,
+    /// and the write side is shut. When the socket buffer has no room for all of it, the rest
+    /// goes to a task of its own that sends it as room comes, within [`CLOSE_TAIL_WAIT`], then
+    /// shuts the write side ([`LateCloses`]); where that is not allowed, the alert is not sent.
+    /// Skipped when a dropped write left the write side unusable (a record may be half
+    /// written).
     pub fn close_notify_now(&mut self) {
         use std::task::{Context, Waker};
         if !self.write_ok() {
@@ -1091,6 +1296,8 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
             fut.poll(&mut Context::from_waker(Waker::noop()))
         };
         self.sock.closing.set(false);
+        // Left when the shutdown failed before it reached the socket's (a tail too long).
+        drop(self.sock.tail.take());
         if polled.is_pending() {
             // Every socket call above returns at once, so this does not happen; were it to,
             // the write buffer went with the future.
@@ -1295,6 +1502,187 @@ mod tests {
         s.left = usize::MAX;
         s.feed(&stream);
         assert!(!s.at_boundary());
+    }
+
+    /// A buffer the `IoBufMut` contract admits whose bytes move when the read reports them:
+    /// `set_init` copies them to a second allocation and overwrites the first with 0xff.
+    struct Relocating {
+        first: Box<[u8]>,
+        second: Box<[u8]>,
+        init: usize,
+    }
+
+    // SAFETY: `first` is a heap allocation that no method moves or frees; `bytes_total` is
+    // its length.
+    unsafe impl IoBufMut for Relocating {
+        fn write_ptr(&mut self) -> *mut u8 {
+            self.first.as_mut_ptr()
+        }
+
+        fn bytes_total(&mut self) -> usize {
+            self.first.len()
+        }
+
+        unsafe fn set_init(&mut self, pos: usize) {
+            self.second[self.init..self.init + pos].copy_from_slice(&self.first[..pos]);
+            self.first.fill(0xff);
+            self.init += pos;
+        }
+    }
+
+    /// RFC 8446 §5.1 framing is followed in the bytes a read got, taken where the buffer holds
+    /// them when the read reports them, for any buffer type a read admits: a pointer taken
+    /// before the read saw 0xff here (and, for a buffer stored inline, memory it had left).
+    #[test]
+    fn record_scan_reads_the_bytes_where_the_buffer_reports_them() {
+        let record = [23u8, 3, 3, 0, 2, 0xaa, 0xbb];
+        let check = || async move {
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut c = TcpStream::connect(l.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let (srv, _) = l.accept().await.expect("accept");
+            let (r, _) = c.write_all(record.to_vec()).await;
+            r.expect("write");
+            let (mut sock, flags) = Sock::new(srv, true);
+            let mut buf = Relocating {
+                first: vec![0; 64].into_boxed_slice(),
+                second: vec![0; 64].into_boxed_slice(),
+                init: 0,
+            };
+            while buf.init < record.len() {
+                let (r, b) = sock.read(buf).await;
+                assert!(r.expect("read") > 0, "early EOF");
+                buf = b;
+            }
+            assert_eq!(&buf.second[..buf.init], &record[..]);
+            let scan = flags.scan.get().expect("scanned");
+            assert!(scan.at_boundary(), "one whole record read");
+        };
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .build()
+            .expect("runtime")
+            .block_on(check());
+        // io_uring too, where the kernel and the memlock limit allow it.
+        if let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().build() {
+            rt.block_on(check());
+        }
+    }
+
+    fn setsockopt_int(fd: std::os::fd::RawFd, level: i32, opt: i32, v: libc::c_int) {
+        // SAFETY: `v` is a live c_int and its size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt {opt}");
+    }
+
+    /// Bytes in a socket's send queue not yet acknowledged by the peer.
+    fn outq(fd: std::os::fd::RawFd) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one c_int at the pointer given, a live local.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+        assert_eq!(rc, 0, "TIOCOUTQ");
+        n as usize
+    }
+
+    /// RFC 8446 §6.1: each party MUST send close_notify before closing its write side. An
+    /// upstream TLS connection the gateway drops (the pool's path) while its socket buffer is
+    /// full (the peer has stopped reading, or, over a long path, the bytes in flight fill it)
+    /// still ends with close_notify once the peer reads again within the bound: the peer gets
+    /// every byte, then a clean end (rustls's reader answers Ok(0)), not a close without the
+    /// alert (UnexpectedEof). A Unix stream pair stands in for the TCP connection: loopback TCP
+    /// appends a small send to its last unsent segment whatever the buffer's size, so no state
+    /// of it refuses a 24-byte alert at will; a Unix stream socket refuses every send once its
+    /// buffer is spent. The code under test only sends, shuts and closes the descriptor.
+    #[test]
+    fn rfc8446_6_1_close_notify_is_sent_when_the_socket_buffer_is_full_at_close() {
+        use monoio::io::AsyncReadRentExt;
+        use std::io::{Read, Write};
+        use std::os::fd::{AsRawFd, OwnedFd};
+        use std::os::unix::net::UnixStream;
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert = CertificateDer::from(key.cert.der().to_vec());
+        let pk = PrivateKeyDer::try_from(key.signing_key.serialize_der()).unwrap();
+        let server_cfg = Arc::new(
+            ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert], pk)
+                .unwrap(),
+        );
+        let (client_end, server_end) = UnixStream::pair().unwrap();
+        let (report_rx, report_tx) = UnixStream::pair().unwrap();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            server_end
+                .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                .unwrap();
+            let conn = ServerConnection::new(server_cfg).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, server_end);
+            tls.write_all(b"hi").unwrap();
+            tls.flush().unwrap();
+            // Stops reading until the client has dropped the connection.
+            go_rx.recv().unwrap();
+            let mut got = Vec::new();
+            let clean = tls.read_to_end(&mut got).is_ok();
+            let mut report = report_tx;
+            report
+                .write_all(&[&[clean as u8][..], &(got.len() as u64).to_be_bytes()].concat())
+                .unwrap();
+        });
+        let up = UpstreamTlsConfig {
+            ca: None,
+            sni: Some("localhost".into()),
+            client_cert: None,
+            client_key: None,
+            verify: false,
+        };
+        let tls = upstream_tls(&up, "t", &["localhost:443"]).unwrap();
+        let rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build();
+        let (clean, got, sent) = rt.expect("runtime").block_on(async move {
+            let _late = LateCloses::allow_waiting(std::time::Duration::from_secs(30));
+            let fd = client_end.as_raw_fd();
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 256 * 1024);
+            let tcp =
+                TcpStream::from_std(std::net::TcpStream::from(OwnedFd::from(client_end))).unwrap();
+            let mut s = connect(&tls, 0, tcp).await.unwrap();
+            let (r, hi) = s.read_exact(vec![0u8; 2]).await;
+            r.unwrap();
+            assert_eq!(hi, b"hi");
+            // Records until 32 KiB wait for the peer, every write complete.
+            let mut sent = 0usize;
+            while outq(fd) < 32 * 1024 {
+                assert!(sent < 64 << 20, "the send queue never filled");
+                let (r, _) = s.write_all(vec![b'x'; 1024]).await;
+                r.unwrap();
+                sent += 1024;
+            }
+            // Then the buffer shrinks under what it holds: no room for one more byte.
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 1);
+            drop(crate::upstream::UpStream::Tls(Box::new(s), fd));
+            assert_eq!(LateCloses::pending(), 1, "the alert found no room at once");
+            go_tx.send(()).unwrap();
+            let mut report = monoio::net::UnixStream::from_std(report_rx).expect("report stream");
+            let (res, v) = report.read_exact(vec![0u8; 9]).await;
+            res.unwrap();
+            assert_eq!(LateCloses::pending(), 0, "the late close is over");
+            let got = u64::from_be_bytes(v[1..9].try_into().unwrap()) as usize;
+            (v[0] == 1, got, sent)
+        });
+        server.join().unwrap();
+        assert_eq!(got, sent, "every byte written reached the peer");
+        assert!(
+            clean,
+            "the stream ended with close_notify, not a bare close"
+        );
     }
 
     #[test]

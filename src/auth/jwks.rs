@@ -269,6 +269,7 @@ async fn fetch_loop(
     src: &KeySource,
     stop: &AtomicBool,
 ) {
+    let _late = crate::tls::LateCloses::allow();
     let target = ep.target();
     let request = client::request(
         "GET",
@@ -402,7 +403,7 @@ fn publish(src: &KeySource, fresh: &[jwt::JwtKey], retired: &mut Vec<Retired>, n
         .cloned()
         .chain(retired.iter().map(|r| r.key.clone()))
         .collect();
-    src.publish(KeySet { keys });
+    src.publish(KeySet::new(keys));
 }
 
 async fn fetch_set(

@@ -70,13 +70,63 @@ impl JwtKey {
     }
 }
 
+/// The RSA algorithms (RFC 7518 §3.3, §3.5): one key family, one stand-in.
+const RSA_ALGS: [Algorithm; 6] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+];
+
+impl JwtKey {
+    fn is_rsa(&self) -> bool {
+        self.algs.iter().any(|(a, _)| RSA_ALGS.contains(a))
+    }
+
+    /// An RSA key's modulus length in bytes, as its JWK gives it (`n`, leading zero bytes
+    /// aside); 0 when not known (a PEM key: alone in its set) or not RSA.
+    fn modulus_len(&self) -> usize {
+        match &self.material {
+            Some(AlgorithmParameters::RSA(p)) => {
+                decode_base64(&p.n).map_or(0, |n| n.iter().skip_while(|b| **b == 0).count())
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// A provider's keys at one moment.
 #[derive(Default)]
 pub struct KeySet {
     pub keys: Vec<JwtKey>,
+    /// What a token no key looked at is checked against when its algorithm is RSA: a copy of
+    /// the set's largest RSA key (the first of the largest), allowing every RSA algorithm, its
+    /// verdict ignored. An RSA check's cost follows the modulus (a signature of another length
+    /// is refused before any arithmetic; one not below the modulus too), so a stand-in of
+    /// another size would answer an unknown kid faster, or slower, than the set's own key
+    /// answers a wrong signature. Made once with the set (a copy of a public key: no
+    /// arithmetic). `None`: no RSA key, and the fixed stand-in serves.
+    rsa_stand_in: Option<JwtKey>,
 }
 
 impl KeySet {
+    pub fn new(keys: Vec<JwtKey>) -> KeySet {
+        let mut largest: Option<&JwtKey> = None;
+        for k in keys.iter().filter(|k| k.is_rsa()) {
+            if largest.is_none_or(|l| k.modulus_len() > l.modulus_len()) {
+                largest = Some(k);
+            }
+        }
+        let rsa_stand_in = largest.map(|k| {
+            let mut copy = JwtKey::new(None, &RSA_ALGS, k.key.clone());
+            copy.material = k.material.clone();
+            copy
+        });
+        KeySet { keys, rsa_stand_in }
+    }
+
     pub fn has_kid(&self, kid: &str) -> bool {
         self.keys.iter().any(|k| k.kid.as_deref() == Some(kid))
     }
@@ -286,13 +336,11 @@ pub fn load_static(j: &JwtConfig) -> Result<KeySet, (String, String)> {
                 ),
             ));
         }
-        Ok(KeySet {
-            keys: vec![JwtKey::new(
-                j.kid.clone(),
-                &[a],
-                DecodingKey::from_secret(&raw),
-            )],
-        })
+        Ok(KeySet::new(vec![JwtKey::new(
+            j.kid.clone(),
+            &[a],
+            DecodingKey::from_secret(&raw),
+        )]))
     };
     if let Some(s) = &j.secret {
         return secret(s.0.as_bytes().to_vec(), "secret");
@@ -333,9 +381,7 @@ pub fn load_static(j: &JwtConfig) -> Result<KeySet, (String, String)> {
                 format!("{path:?} is not a PEM public key for {a:?}: {e}"),
             )
         })?;
-        return Ok(KeySet {
-            keys: vec![JwtKey::new(j.kid.clone(), &[a], key)],
-        });
+        return Ok(KeySet::new(vec![JwtKey::new(j.kid.clone(), &[a], key)]));
     }
     if let Some(path) = &j.jwks_file {
         let text = std::fs::read(path).map_err(|e| {
@@ -493,7 +539,7 @@ pub fn parse_jwk_set(
         key.material = Some(jwk.algorithm);
         out.push(key);
     }
-    Ok((KeySet { keys: out }, notes))
+    Ok((KeySet::new(out), notes))
 }
 
 /// The algorithms a JWK allows: its `alg`, else what its type and curve imply (RSA keys
@@ -640,7 +686,7 @@ pub fn verify(
         // allows): one check against a stand-in key of the named algorithm, its result
         // ignored, so that the refusal costs what a wrong signature costs and its timing does
         // not tell which kids exist.
-        check_stand_in(token, header.alg);
+        check_stand_in(token, header.alg, keys);
     }
     let map = match result {
         Ok(m) => m,
@@ -736,10 +782,16 @@ thread_local! {
 
 /// Checks `token`'s signature against the stand-in key of `alg`: the same work (decoding,
 /// one signature check of that algorithm) as a configured key's refusal, no more allocated.
+/// For an RSA algorithm that is the set's own stand-in ([`KeySet::new`]), when it has one.
 /// Whether it verified: only the tests look.
-fn check_stand_in(token: &str, alg: Algorithm) -> bool {
+fn check_stand_in(token: &str, alg: Algorithm, set: &KeySet) -> bool {
     #[cfg(test)]
     STAND_IN_CHECKS.with(|c| c.set(c.get() + 1));
+    if let Some(k) = &set.rsa_stand_in {
+        if let Some((_, v)) = k.algs.iter().find(|(a, _)| *a == alg) {
+            return jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, v).is_ok();
+        }
+    }
     STAND_INS.with(|keys| {
         stand_in(keys, alg).is_some_and(|(key, v)| {
             jsonwebtoken::decode::<Map<String, Value>>(token, key, v).is_ok()
@@ -899,13 +951,11 @@ mod tests {
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn hs_set() -> KeySet {
-        KeySet {
-            keys: vec![JwtKey::new(
-                None,
-                &[Algorithm::HS256],
-                DecodingKey::from_secret(SECRET),
-            )],
-        }
+        KeySet::new(vec![JwtKey::new(
+            None,
+            &[Algorithm::HS256],
+            DecodingKey::from_secret(SECRET),
+        )])
     }
 
     fn hs_token(c: &Value) -> String {
@@ -1086,9 +1136,12 @@ mod tests {
         ];
         for (alg, own, other) in cases {
             let signed = encode(&Header::new(alg), &claims(), own).unwrap();
-            assert!(check_stand_in(&signed, alg), "{alg:?}");
+            assert!(check_stand_in(&signed, alg, &KeySet::default()), "{alg:?}");
             let forged = encode(&Header::new(alg), &claims(), other).unwrap();
-            assert!(!check_stand_in(&forged, alg), "{alg:?}, another key");
+            assert!(
+                !check_stand_in(&forged, alg, &KeySet::default()),
+                "{alg:?}, another key"
+            );
         }
     }
 
@@ -1102,13 +1155,11 @@ mod tests {
         let checks = || STAND_IN_CHECKS.with(|c| c.get());
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("a".into());
-        let set = KeySet {
-            keys: vec![JwtKey::new(
-                Some("a".into()),
-                &[Algorithm::HS256],
-                DecodingKey::from_secret(SECRET),
-            )],
-        };
+        let set = KeySet::new(vec![JwtKey::new(
+            Some("a".into()),
+            &[Algorithm::HS256],
+            DecodingKey::from_secret(SECRET),
+        )]);
         let sign =
             |h: &Header, key: &[u8]| encode(h, &claims(), &EncodingKey::from_secret(key)).unwrap();
         let before = checks();
@@ -1134,6 +1185,73 @@ mod tests {
         assert_eq!(checks(), before + 2, "an algorithm the key does not allow");
     }
 
+    /// A token no key looked at pays for the signature check the set's own RSA keys would
+    /// make: the RSA stand-in is the set's largest RSA key (a 4096-bit key beside 2048-bit
+    /// ones gives a 512-byte modulus, not the fixed stand-in's 256), so that an unknown kid is
+    /// not answered faster (or, for a signature of the big key's length, slower) than a known
+    /// one with a wrong signature. Before, every set used the fixed 2048-bit stand-in.
+    #[test]
+    fn the_rsa_stand_in_is_the_sets_largest_rsa_key() {
+        let jwk = |name: &str| -> Value { serde_json::from_slice(&data(name)).unwrap() };
+        // A 4096-bit modulus: only its length matters here (no token is signed with it).
+        let mut n = vec![0xc3u8; 512];
+        n[511] |= 1;
+        let big = json!({"kty": "RSA", "kid": "big", "use": "sig", "alg": "RS256",
+            "n": b64(&n), "e": "AQAB"});
+        let ec = json!({"kty": "EC", "kid": "ec", "crv": "P-256", "alg": "ES256",
+            "x": "MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4",
+            "y": "4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM"});
+        let text = json!({"keys": [jwk("rsa_jwk.json"), ec, big, jwk("rsa2_jwk.json")]});
+        let (set, _) = parse_jwks(text.to_string().as_bytes(), &[], JwksOrigin::File).unwrap();
+        assert_eq!(set.keys.len(), 4);
+        let stand_in = set.rsa_stand_in.as_ref().expect("an RSA stand-in");
+        assert_eq!(stand_in.modulus_len(), 512, "the largest RSA key's modulus");
+        assert_eq!(stand_in.kid, None);
+        assert!(RSA_ALGS
+            .iter()
+            .all(|a| stand_in.algorithms().any(|b| b == *a)));
+        // Only 2048-bit keys: 256 bytes; no RSA key: the fixed stand-ins serve.
+        let text = json!({"keys": [jwk("rsa_jwk.json"), jwk("rsa2_jwk.json")]});
+        let (set, _) = parse_jwks(text.to_string().as_bytes(), &[], JwksOrigin::File).unwrap();
+        assert_eq!(
+            set.rsa_stand_in.as_ref().map(JwtKey::modulus_len),
+            Some(256)
+        );
+        assert!(hs_set().rsa_stand_in.is_none());
+        // A PEM key (alone in its set) is its own set's stand-in.
+        let pem = KeySet::new(vec![JwtKey::new(
+            Some("k".into()),
+            &[Algorithm::PS256],
+            DecodingKey::from_rsa_pem(&data("rsa_public.pem")).unwrap(),
+        )]);
+        assert!(pem.rsa_stand_in.is_some());
+    }
+
+    /// The set's RSA stand-in really checks signatures with the set's key: a token its key
+    /// signed, under a kid the set does not have, is refused as an unknown key (the stand-in's
+    /// verdict is ignored) after a check that the stand-in passes; one signed with another
+    /// key fails that check. The fixed 2048-bit stand-in passed neither.
+    #[test]
+    fn an_unknown_kid_is_checked_against_the_sets_own_rsa_key() {
+        let text =
+            json!({"keys": [serde_json::from_slice::<Value>(&data("rsa2_jwk.json")).unwrap()]});
+        let (set, _) = parse_jwks(text.to_string().as_bytes(), &[], JwksOrigin::File).unwrap();
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some("nope".into());
+        let own = EncodingKey::from_rsa_pem(&data("rsa2_private.pem")).unwrap();
+        let other = EncodingKey::from_rsa_pem(&data("rsa_private.pem")).unwrap();
+        let signed = encode(&h, &claims(), &own).unwrap();
+        let before = STAND_IN_CHECKS.with(|c| c.get());
+        assert_eq!(
+            verify(&signed, &set, &rules(), NOW).err(),
+            Some(AuthFail::UnknownKey)
+        );
+        assert_eq!(STAND_IN_CHECKS.with(|c| c.get()), before + 1);
+        assert!(check_stand_in(&signed, Algorithm::RS256, &set));
+        let forged = encode(&h, &claims(), &other).unwrap();
+        assert!(!check_stand_in(&forged, Algorithm::RS256, &set));
+    }
+
     /// Tokens an attacker would try, each refused for its own reason.
     #[test]
     fn attack_table() {
@@ -1145,13 +1263,11 @@ mod tests {
         let _ = h;
         let none_header = b64(br#"{"alg":"none","typ":"JWT"}"#);
         let rsa_pub = data("rsa_public.pem");
-        let rs_set = KeySet {
-            keys: vec![JwtKey::new(
-                None,
-                &[Algorithm::RS256],
-                DecodingKey::from_rsa_pem(&rsa_pub).unwrap(),
-            )],
-        };
+        let rs_set = KeySet::new(vec![JwtKey::new(
+            None,
+            &[Algorithm::RS256],
+            DecodingKey::from_rsa_pem(&rsa_pub).unwrap(),
+        )]);
         // HS256 signed with the RSA public key PEM as the HMAC secret.
         let confused = encode(
             &Header::new(Algorithm::HS256),
@@ -1175,13 +1291,11 @@ mod tests {
         let mut kid = Header::new(Algorithm::HS256);
         kid.kid = Some("../../dev/null".into());
         let kid = encode(&kid, &claims(), &EncodingKey::from_secret(SECRET)).unwrap();
-        let kid_set = KeySet {
-            keys: vec![JwtKey::new(
-                Some("k1".into()),
-                &[Algorithm::HS256],
-                DecodingKey::from_secret(SECRET),
-            )],
-        };
+        let kid_set = KeySet::new(vec![JwtKey::new(
+            Some("k1".into()),
+            &[Algorithm::HS256],
+            DecodingKey::from_secret(SECRET),
+        )]);
         let mut c = claims();
         c["exp"] = json!(NOW - 31);
         let expired = hs_token(&c);
@@ -1361,7 +1475,7 @@ mod tests {
             &[Algorithm::HS256],
             DecodingKey::from_secret(SECRET),
         ));
-        let set = KeySet { keys };
+        let set = KeySet::new(keys);
         let with_kid = |kid: &str, key: &[u8]| {
             let mut h = Header::new(Algorithm::HS256);
             h.kid = Some(kid.into());
@@ -1378,13 +1492,11 @@ mod tests {
             AuthFail::UnknownKey
         );
         // Only a kid-less key of another algorithm: still unknown, not "algorithm not allowed".
-        let rs_only = KeySet {
-            keys: vec![JwtKey::new(
-                None,
-                &[Algorithm::RS256],
-                DecodingKey::from_rsa_pem(&data("rsa_public.pem")).unwrap(),
-            )],
-        };
+        let rs_only = KeySet::new(vec![JwtKey::new(
+            None,
+            &[Algorithm::RS256],
+            DecodingKey::from_rsa_pem(&data("rsa_public.pem")).unwrap(),
+        )]);
         assert_eq!(
             verify(&with_kid("new", SECRET), &rs_only, &rules(), NOW).unwrap_err(),
             AuthFail::UnknownKey

@@ -269,6 +269,7 @@ pub fn spawn_checker_slots(
                 }
             };
             rt.block_on(async move {
+                let _late = crate::tls::LateCloses::allow();
                 let mut tasks = Vec::new();
                 for (g, e, target, host, hc) in targets {
                     let hub = hub.clone();

@@ -92,8 +92,9 @@ impl UpStream {
 
 /// A TLS upstream connection says goodbye when the gateway closes it, however it ends (the
 /// pool evicts or expires it, it is not pooled after its response, an error ends it): the
-/// `close_notify` goes out with one non-blocking send and nothing waits for it (RFC 8446
-/// §6.1). A plain stream just closes.
+/// `close_notify` goes out with a non-blocking send, and what the socket buffer has no room
+/// for is sent by a task of its own within a short bound (RFC 8446 §6.1; see
+/// [`crate::tls::LateCloses`]). A plain stream just closes.
 impl Drop for UpStream {
     fn drop(&mut self) {
         if let UpStream::Tls(s, _) = self {
@@ -425,7 +426,10 @@ impl UpstreamGroup {
 /// close_notify); either way the connection is unusable.
 pub fn still_open(fd: RawFd) -> bool {
     let mut byte = [0u8; 1];
-    // SAFETY: recv into a valid one-byte buffer on a socket fd we own.
+    // SAFETY: the only memory `recv` touches is `byte`, a live one-byte local, and it is told
+    // so (length 1). That holds for any `fd` the signature admits: a closed fd or one that is
+    // not a socket makes the call fail (EBADF, ENOTSOCK: answered "not open"), a reused one
+    // peeks at another socket; MSG_PEEK consumes nothing and MSG_DONTWAIT never blocks.
     let n = unsafe {
         libc::recv(
             fd,
