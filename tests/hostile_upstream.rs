@@ -567,3 +567,25 @@ fn faulty_framing_and_invalid_status_are_a_502_and_never_stored_rfc9112_6_1_6_3(
         );
     }
 }
+
+/// RFC 9110 §2.5: a response in a higher minor version of HTTP/1 is processed as HTTP/1.1
+/// (it was a 502), and its connection is reused like any other.
+#[test]
+fn http12_response_is_read_as_http11_rfc9110_2_5() {
+    for d in DRIVERS {
+        let up = Upstream::start(|_| {
+            Reply::Raw(b"HTTP/1.2 200 OK\r\ncontent-length: 4\r\n\r\nfine".to_vec())
+        });
+        let gw = gateway(&up, d);
+        for _ in 0..2 {
+            let r = get(gw.addr, "/v12");
+            assert_eq!(
+                (r.status, r.body.as_slice()),
+                (200, FINE),
+                "{d:?}: {}",
+                r.text()
+            );
+        }
+        assert_eq!((up.hits(), up.conns()), (2, 1), "{d:?}");
+    }
+}

@@ -113,6 +113,7 @@ pub fn parse_response(
             return Ok(None);
         }
         Err(httparse::Error::TooManyHeaders) => return Err(RespError::TooLarge),
+        Err(httparse::Error::Version) => return higher_minor_version(buf, head_request, out),
         Err(_) => return Err(RespError::Malformed("malformed response head")),
     };
     if len > MAX_RESPONSE_HEAD_BYTES {
@@ -233,6 +234,31 @@ pub fn parse_response(
         RespBody::Close
     };
     Ok(Some(len))
+}
+
+/// httparse knows only HTTP/1.0 and HTTP/1.1. A response in a higher minor version of HTTP/1
+/// is read as HTTP/1.1 (RFC 9110 §2.5: a recipient SHOULD process it as the highest minor
+/// version it implements), as requests are: a copy with the minor digit patched is parsed.
+/// Spans are offsets and the copy has the same length, so they stay valid for `buf`. Rare, so
+/// the copy's allocation does not matter; only the bytes a head may occupy are copied.
+fn higher_minor_version(
+    buf: &[u8],
+    head_request: bool,
+    out: &mut ResponseHead,
+) -> Result<Option<usize>, RespError> {
+    match buf {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor, b' ', ..]
+            if minor.is_ascii_digit() && *minor >= b'2' =>
+        {
+            let keep = buf.len().min(MAX_RESPONSE_HEAD_BYTES.saturating_add(1));
+            let mut copy = buf[..keep].to_vec();
+            copy[7] = b'1';
+            parse_response(&copy, head_request, out)
+        }
+        // The space after the version has not arrived yet.
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => Ok(None),
+        _ => Err(RespError::Malformed("malformed response head")),
+    }
 }
 
 #[cfg(test)]
@@ -366,6 +392,35 @@ mod tests {
             b"HTTP/1.1 599 X\r\n\r\n",
         ] {
             assert!(parse(ok, false).unwrap().is_some());
+        }
+    }
+
+    /// RFC 9110 §2.5: HTTP/1.x with x > 1 is read as HTTP/1.1; other versions are refused.
+    #[test]
+    fn higher_minor_version_reads_as_http11() {
+        let raw = b"HTTP/1.2 201 Made\r\nContent-Length: 2\r\n\r\nok";
+        let r = parse(raw, false).unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.version, r.body),
+            (201, Version::Http11, RespBody::Length(2))
+        );
+        assert_eq!(r.reason.get(raw), b"Made");
+        assert!(r.keep_alive);
+        for i in 0..raw.len() - 2 {
+            assert!(parse(&raw[..i], false).unwrap().is_none(), "prefix {i}");
+        }
+        for bad in [
+            &b"HTTP/2.0 200 OK\r\n\r\n"[..],
+            b"HTTP/1.10 200 OK\r\n\r\n",
+            b"HTTP/1.x 200 OK\r\n\r\n",
+            b"HTTP/0.9 200 OK\r\n\r\n",
+            b"HTTP/1.2\r\n\r\n",
+        ] {
+            assert!(
+                parse(bad, false).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
