@@ -589,3 +589,48 @@ fn http12_response_is_read_as_http11_rfc9110_2_5() {
         assert_eq!((up.hits(), up.conns()), (2, 1), "{d:?}");
     }
 }
+
+/// RFC 9110 §7.6.1 forbids a connection option naming a field meant for all recipients, and
+/// RFC 9112 §6.3 makes a response without Content-Length or Transfer-Encoding end at the close.
+/// An upstream's `Connection: content-length` used to strip the response's only framing:
+/// the client got the body unframed on a connection kept open, so it read the next response
+/// as this one's body. The Content-Length goes out; the next answer follows it at once.
+#[test]
+fn connection_option_naming_content_length_keeps_the_framing_rfc9110_7_6_1() {
+    for d in DRIVERS {
+        let up = Upstream::start(|req| {
+            if req.target.ends_with("/ok") {
+                return Reply::Raw(hostile::fine());
+            }
+            Reply::Raw(
+                b"HTTP/1.1 200 OK\r\nconnection: content-length, x-hop\r\nx-hop: 1\r\ncontent-length: 4\r\n\r\nfine"
+                    .to_vec(),
+            )
+        });
+        let toml = config(
+            &[up.addr],
+            "[[routes]]\npath_prefix = \"/c/\"\nupstream = \"up\"\ncache = {}\n\n\
+             [[routes]]\nupstream = \"up\"\n",
+        );
+        let gw = TestGateway::start(&toml, d);
+        for prefix in ["", "/c"] {
+            let mut c = Client::connect(gw.addr);
+            c.send(
+                format!(
+                    "GET {prefix}/named HTTP/1.1\r\nHost: a\r\n\r\nGET {prefix}/ok HTTP/1.1\r\nHost: a\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            let r = c.read_response().expect("the first answer");
+            assert_eq!(
+                r.header("content-length"),
+                Some("4"),
+                "{d:?} {prefix}: {r:?}"
+            );
+            assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?} {prefix}");
+            assert!(!r.has("x-hop"), "{d:?} {prefix}: {r:?}");
+            let r = c.read_response().expect("the second answer");
+            assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?} {prefix}");
+        }
+    }
+}
