@@ -443,7 +443,8 @@ pub fn encode_client_head(
     let keep_length = matches!(resp.body, RespBody::Length(_) | RespBody::None);
     for h in &resp.headers {
         let name = resp.bytes(h.name);
-        match classify(name) {
+        let kind = classify(name);
+        match kind {
             Hdr::Other
             | Hdr::Host
             | Hdr::Expect
@@ -456,7 +457,11 @@ pub fn encode_client_head(
             Hdr::ContentLength if keep_length && resp.length_line == LengthLine::AsIs => {}
             _ => continue,
         }
-        if rules.drops(name) || conn.lists(name) {
+        // The Content-Length kept here is the framing the client reads the body by: a
+        // Connection option naming it (which RFC 9110 §7.6.1 forbids for a field meant for
+        // every recipient) does not take it away, else the body would go out unframed on a
+        // connection kept open (RFC 9112 §6.3: read until the close).
+        if rules.drops(name) || (conn.lists(name) && kind != Hdr::ContentLength) {
             continue;
         }
         lines.push(out, h.name, h.value);

@@ -500,3 +500,137 @@ fn jwks_server_with_overflowing_chunk_sizes_does_not_kill_the_fetcher() {
         assert_eq!(get(gw.addr, "/ok").status, 200, "{d:?}");
     }
 }
+
+/// Responses whose framing RFC 9112 calls faulty, or whose status line cannot be relayed as
+/// HTTP/1.1, are a 502 on a plain route and on a cache route, and the cache route stores
+/// nothing (a later `only-if-cached` request gets 504): an HTTP/1.0 response with
+/// Transfer-Encoding (§6.1: "treat the message as if the framing is faulty"), Content-Length
+/// with Transfer-Encoding (§6.3 item 3: "ought to be handled as an error"), chunked applied
+/// twice, on one line or two (§6.1: a sender MUST NOT), and a status code outside 100..=599
+/// (RFC 9110 §15: invalid; `099` went out as `HTTP/1.1 99`, a status line no client parses).
+/// The connection that carried one is never reused.
+#[test]
+fn faulty_framing_and_invalid_status_are_a_502_and_never_stored_rfc9112_6_1_6_3() {
+    const CC: &str = "cache-control: max-age=60\r\n";
+    let cases: [(&str, String); 7] = [
+        ("h10te", format!("HTTP/1.0 200 OK\r\n{CC}connection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n4\r\nfine\r\n0\r\n\r\n")),
+        ("h10tecl", format!("HTTP/1.0 200 OK\r\n{CC}transfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n4\r\nfine\r\n0\r\n\r\n")),
+        ("clte", format!("HTTP/1.1 200 OK\r\n{CC}content-length: 50\r\ntransfer-encoding: chunked\r\n\r\n4\r\nfine\r\n0\r\n\r\n")),
+        ("twice", format!("HTTP/1.1 200 OK\r\n{CC}transfer-encoding: chunked, chunked\r\n\r\n4\r\nfine\r\n0\r\n\r\n")),
+        ("twolines", format!("HTTP/1.1 200 OK\r\n{CC}transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n4\r\nfine\r\n0\r\n\r\n")),
+        ("s099", format!("HTTP/1.1 099 Odd\r\n{CC}content-length: 4\r\n\r\nfine")),
+        ("s600", format!("HTTP/1.1 600 Odd\r\n{CC}content-length: 4\r\n\r\nfine")),
+    ];
+    let table: Vec<(String, Vec<u8>)> = cases
+        .iter()
+        .map(|(p, raw)| (format!("/{p}"), raw.clone().into_bytes()))
+        .collect();
+    for d in DRIVERS {
+        let table = table.clone();
+        let up = Upstream::start(move |req| {
+            let path = match req.target.strip_prefix("/c/") {
+                Some(rest) => &req.target[req.target.len() - rest.len() - 1..],
+                None => req.target.as_str(),
+            };
+            match table.iter().find(|(p, _)| p == path) {
+                Some((_, raw)) => Reply::Raw(raw.clone()),
+                None => Reply::Raw(hostile::fine()),
+            }
+        });
+        let toml = config(
+            &[up.addr],
+            "max_idle = 1\n\n[timeouts]\nupstream_response = \"2s\"\nupstream_body = \"1s\"\n\n\
+             [[routes]]\npath_prefix = \"/c/\"\nupstream = \"up\"\ncache = {}\n\n\
+             [[routes]]\nupstream = \"up\"\n",
+        );
+        let gw = TestGateway::start(&toml, d);
+        for (p, _) in &cases {
+            for path in [format!("/{p}"), format!("/c/{p}")] {
+                let r = get(gw.addr, &path);
+                assert_eq!(r.status, 502, "{d:?} {path}: {} {}", r.status, r.text());
+                still_serves(&gw, d, &path);
+            }
+            let r = request(
+                gw.addr,
+                format!("GET /c/{p} HTTP/1.1\r\nHost: test.local\r\ncache-control: only-if-cached\r\n\r\n")
+                    .as_bytes(),
+            );
+            assert_eq!(r.status, 504, "{d:?} /c/{p} was stored: {}", r.text());
+        }
+        // No connection that carried a faulty response was reused: each ended one.
+        let faulty = up.targets().iter().filter(|t| t.as_str() != "/ok").count();
+        assert!(faulty >= 2 * cases.len(), "{d:?}: {:?}", up.targets());
+        assert!(
+            up.conns() >= faulty,
+            "{d:?}: {} connections for {faulty} faulty responses",
+            up.conns()
+        );
+    }
+}
+
+/// RFC 9110 §2.5: a response in a higher minor version of HTTP/1 is processed as HTTP/1.1
+/// (it was a 502), and its connection is reused like any other.
+#[test]
+fn http12_response_is_read_as_http11_rfc9110_2_5() {
+    for d in DRIVERS {
+        let up = Upstream::start(|_| {
+            Reply::Raw(b"HTTP/1.2 200 OK\r\ncontent-length: 4\r\n\r\nfine".to_vec())
+        });
+        let gw = gateway(&up, d);
+        for _ in 0..2 {
+            let r = get(gw.addr, "/v12");
+            assert_eq!(
+                (r.status, r.body.as_slice()),
+                (200, FINE),
+                "{d:?}: {}",
+                r.text()
+            );
+        }
+        assert_eq!((up.hits(), up.conns()), (2, 1), "{d:?}");
+    }
+}
+
+/// RFC 9110 §7.6.1 forbids a connection option naming a field meant for all recipients, and
+/// RFC 9112 §6.3 makes a response without Content-Length or Transfer-Encoding end at the close.
+/// An upstream's `Connection: content-length` used to strip the response's only framing:
+/// the client got the body unframed on a connection kept open, so it read the next response
+/// as this one's body. The Content-Length goes out; the next answer follows it at once.
+#[test]
+fn connection_option_naming_content_length_keeps_the_framing_rfc9110_7_6_1() {
+    for d in DRIVERS {
+        let up = Upstream::start(|req| {
+            if req.target.ends_with("/ok") {
+                return Reply::Raw(hostile::fine());
+            }
+            Reply::Raw(
+                b"HTTP/1.1 200 OK\r\nconnection: content-length, x-hop\r\nx-hop: 1\r\ncontent-length: 4\r\n\r\nfine"
+                    .to_vec(),
+            )
+        });
+        let toml = config(
+            &[up.addr],
+            "[[routes]]\npath_prefix = \"/c/\"\nupstream = \"up\"\ncache = {}\n\n\
+             [[routes]]\nupstream = \"up\"\n",
+        );
+        let gw = TestGateway::start(&toml, d);
+        for prefix in ["", "/c"] {
+            let mut c = Client::connect(gw.addr);
+            c.send(
+                format!(
+                    "GET {prefix}/named HTTP/1.1\r\nHost: a\r\n\r\nGET {prefix}/ok HTTP/1.1\r\nHost: a\r\n\r\n"
+                )
+                .as_bytes(),
+            );
+            let r = c.read_response().expect("the first answer");
+            assert_eq!(
+                r.header("content-length"),
+                Some("4"),
+                "{d:?} {prefix}: {r:?}"
+            );
+            assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?} {prefix}");
+            assert!(!r.has("x-hop"), "{d:?} {prefix}: {r:?}");
+            let r = c.read_response().expect("the second answer");
+            assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?} {prefix}");
+        }
+    }
+}

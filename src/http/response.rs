@@ -113,12 +113,19 @@ pub fn parse_response(
             return Ok(None);
         }
         Err(httparse::Error::TooManyHeaders) => return Err(RespError::TooLarge),
+        Err(httparse::Error::Version) => return higher_minor_version(buf, head_request, out),
         Err(_) => return Err(RespError::Malformed("malformed response head")),
     };
     if len > MAX_RESPONSE_HEAD_BYTES {
         return Err(RespError::TooLarge);
     }
     let status = resp.code.unwrap_or(0);
+    // RFC 9110 §15: a status code outside 100..=599 is invalid, and a client SHOULD treat it
+    // as a 5xx. It is not relayed: `099` would go out as `HTTP/1.1 99`, which is no status
+    // line at all (RFC 9112 §4: three digits).
+    if !(100..=599).contains(&status) {
+        return Err(RespError::Malformed("invalid status code"));
+    }
     out.status = status;
     // httparse leaves the reason unset when a status line has none ("HTTP/1.1 200\r\n").
     out.reason = resp
@@ -138,6 +145,7 @@ pub fn parse_response(
     let mut length_list = false;
     let mut te_seen = false;
     let mut te_chunked_last = false;
+    let mut te_chunked_count = 0u32;
     let mut te_other = false;
     let mut conn = ConnectionFlags::default();
     for h in resp.headers.iter() {
@@ -165,6 +173,7 @@ pub fn parse_response(
             for coding in list_items(value) {
                 let coding = trim_ows(coding.split(|b| *b == b';').next().unwrap_or(b""));
                 te_chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+                te_chunked_count += u32::from(te_chunked_last);
                 te_other |= !te_chunked_last;
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
@@ -177,6 +186,26 @@ pub fn parse_response(
     if te_other {
         return Err(RespError::Malformed("unsupported transfer coding"));
     }
+    // Framing that RFC 9112 calls faulty is refused, not guessed at: a cache would store the
+    // guess and serve it to every client, and another hop may have read the bytes otherwise.
+    if te_seen {
+        // §6.1: an HTTP/1.0 message with Transfer-Encoding is treated as faulty framing.
+        if out.version == Version::Http10 {
+            return Err(RespError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
+        }
+        // §6.3 item 3: both "ought to be handled as an error" (a smuggling attempt).
+        if content_length.is_some() {
+            return Err(RespError::Malformed(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        // §6.1: a sender MUST NOT apply chunked more than once (on one line or two).
+        if te_chunked_count > 1 {
+            return Err(RespError::Malformed("chunked applied more than once"));
+        }
+    }
     out.keep_alive = conn.persistent(out.version);
     out.connection_options = conn.other;
     out.length_line = match content_length {
@@ -187,11 +216,7 @@ pub fn parse_response(
     out.body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         RespBody::None
     } else if te_seen {
-        // Transfer-Encoding overrides Content-Length; a sender of both may be attempting
-        // smuggling, so the connection is not reused (RFC 9112 §6.3 item 3).
-        if content_length.is_some() {
-            out.keep_alive = false;
-        }
+        // Only chunked, once, as the final coding gets here (refused above otherwise).
         if te_chunked_last {
             RespBody::Chunked
         } else {
@@ -209,6 +234,31 @@ pub fn parse_response(
         RespBody::Close
     };
     Ok(Some(len))
+}
+
+/// httparse knows only HTTP/1.0 and HTTP/1.1. A response in a higher minor version of HTTP/1
+/// is read as HTTP/1.1 (RFC 9110 §2.5: a recipient SHOULD process it as the highest minor
+/// version it implements), as requests are: a copy with the minor digit patched is parsed.
+/// Spans are offsets and the copy has the same length, so they stay valid for `buf`. Rare, so
+/// the copy's allocation does not matter; only the bytes a head may occupy are copied.
+fn higher_minor_version(
+    buf: &[u8],
+    head_request: bool,
+    out: &mut ResponseHead,
+) -> Result<Option<usize>, RespError> {
+    match buf {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor, b' ', ..]
+            if minor.is_ascii_digit() && *minor >= b'2' =>
+        {
+            let keep = buf.len().min(MAX_RESPONSE_HEAD_BYTES.saturating_add(1));
+            let mut copy = buf[..keep].to_vec();
+            copy[7] = b'1';
+            parse_response(&copy, head_request, out)
+        }
+        // The space after the version has not arrived yet.
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => Ok(None),
+        _ => Err(RespError::Malformed("malformed response head")),
+    }
 }
 
 #[cfg(test)]
@@ -283,13 +333,13 @@ mod tests {
         assert_eq!(r.body, RespBody::Close);
         assert!(!r.keep_alive);
         let r = parse(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
         )
         .unwrap()
         .unwrap();
         assert_eq!(r.body, RespBody::Chunked);
-        assert!(!r.keep_alive);
+        assert!(r.keep_alive);
         let r = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false)
             .unwrap()
             .unwrap();
@@ -311,6 +361,67 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false).is_err());
         assert!(parse(b"HTTX/1.1 200 OK\r\n\r\n", false).is_err());
         assert!(parse(b"HTTP/1.1 2000 OK\r\n\r\n", false).is_err());
+    }
+
+    /// RFC 9112 §6.1, §6.3 item 3 and RFC 9110 §15: faulty framing and invalid status codes
+    /// are refused (the proxy answers 502), whatever the status and the request method.
+    #[test]
+    fn faulty_framing_and_invalid_status_are_refused() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.0 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 000 X\r\n\r\n",
+            b"HTTP/1.1 600 X\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 999 X\r\n\r\n",
+        ] {
+            for head in [false, true] {
+                assert!(
+                    matches!(parse(raw, head), Err(RespError::Malformed(_))),
+                    "{:?}",
+                    String::from_utf8_lossy(raw)
+                );
+            }
+        }
+        for ok in [
+            &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
+            b"HTTP/1.1 599 X\r\n\r\n",
+        ] {
+            assert!(parse(ok, false).unwrap().is_some());
+        }
+    }
+
+    /// RFC 9110 §2.5: HTTP/1.x with x > 1 is read as HTTP/1.1; other versions are refused.
+    #[test]
+    fn higher_minor_version_reads_as_http11() {
+        let raw = b"HTTP/1.2 201 Made\r\nContent-Length: 2\r\n\r\nok";
+        let r = parse(raw, false).unwrap().unwrap();
+        assert_eq!(
+            (r.status, r.version, r.body),
+            (201, Version::Http11, RespBody::Length(2))
+        );
+        assert_eq!(r.reason.get(raw), b"Made");
+        assert!(r.keep_alive);
+        for i in 0..raw.len() - 2 {
+            assert!(parse(&raw[..i], false).unwrap().is_none(), "prefix {i}");
+        }
+        for bad in [
+            &b"HTTP/2.0 200 OK\r\n\r\n"[..],
+            b"HTTP/1.10 200 OK\r\n\r\n",
+            b"HTTP/1.x 200 OK\r\n\r\n",
+            b"HTTP/0.9 200 OK\r\n\r\n",
+            b"HTTP/1.2\r\n\r\n",
+        ] {
+            assert!(
+                parse(bad, false).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     /// Found by the property tests: a status line without a reason left httparse's reason
