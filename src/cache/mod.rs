@@ -709,7 +709,7 @@ pub struct Hop<'a> {
     pub port: Option<u16>,
     pub trusted: bool,
     pub https: bool,
-    pub keep_tracestate: bool,
+    pub keep_tracestate: crate::trace::KeepState,
 }
 
 impl<'a> Sent<'a> {
