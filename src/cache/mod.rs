@@ -45,7 +45,7 @@ use crate::control::{Control, ControlError};
 use crate::http::request::RequestHead;
 use crate::http::HeaderSpan;
 use crate::local::Notify;
-use crate::router::HeaderPair;
+use crate::router::HeaderRules;
 
 use config::{QueryKey, RouteCacheConfig};
 use fields::{Fields, FieldsRef};
@@ -681,12 +681,9 @@ pub struct Object {
 #[derive(Clone, Copy)]
 pub struct Sent<'a> {
     pub head: &'a RequestHead,
-    /// The identity header names (the route's `request_headers.identity`, lower case).
-    pub identity: &'a [Box<[u8]>],
-    /// The route's `request_headers` (`remove` holds the identity names too).
-    pub add: &'a [HeaderPair],
-    pub set: &'a [HeaderPair],
-    pub remove: &'a [Box<[u8]>],
+    /// The route's `request_headers`: `add`, `set`, `remove` (which holds the identity names
+    /// too) and `identity`, the identity header names (lower case).
+    pub rules: &'a HeaderRules,
     /// The identity header lines the auth stage sent (`name: value` CRLF, names lower case).
     pub lines: &'a [u8],
     /// The mTLS subject header's name and value, when the client has a verified certificate.
@@ -696,6 +693,10 @@ pub struct Sent<'a> {
     /// rest, whose fields then go as the client sent them.
     pub hop: Option<Hop<'a>>,
 }
+
+/// The rules of a request sent as the client sent it ([`Sent::plain`]). (Behind a lock:
+/// `Sent::plain` serves tests and benches, never the request path.)
+static NO_RULES: std::sync::LazyLock<HeaderRules> = std::sync::LazyLock::new(HeaderRules::default);
 
 /// The route and this hop's facts about the client, what
 /// [`crate::rewrite::encode_upstream_head`] takes with the [`Sent`] (see
@@ -718,10 +719,7 @@ impl<'a> Sent<'a> {
     pub fn plain(head: &'a RequestHead) -> Sent<'a> {
         Sent {
             head,
-            identity: &[],
-            add: &[],
-            set: &[],
-            remove: &[],
+            rules: &NO_RULES,
             lines: b"",
             cert: None,
             hop: None,
@@ -738,13 +736,9 @@ impl<'a> Sent<'a> {
         cert: Option<(&'a [u8], &'a [u8])>,
         hop: Hop<'a>,
     ) -> Sent<'a> {
-        let rules = &hop.route.request_headers;
         Sent {
             head,
-            identity: &rules.identity,
-            add: &rules.add,
-            set: &rules.set,
-            remove: &rules.remove,
+            rules: &hop.route.request_headers,
             lines,
             cert,
             hop: Some(hop),
@@ -755,7 +749,13 @@ impl<'a> Sent<'a> {
     pub fn vary_value(&self, name: &[u8]) -> Vec<u8> {
         if self.written(name) {
             // An identity header's value is exact (`sent_value`); a rule's as sent.
-            if self.hop.is_none() || self.identity.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            if self.hop.is_none()
+                || self
+                    .rules
+                    .identity
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(name))
+            {
                 return self.sent_value(name);
             }
             return self.hop_value(name);
@@ -835,10 +835,11 @@ impl<'a> Sent<'a> {
     #[inline]
     fn written(&self, name: &[u8]) -> bool {
         let is = |n: &[u8]| n.eq_ignore_ascii_case(name);
-        self.identity.iter().any(|n| is(n))
-            || self.remove.iter().any(|n| is(n))
-            || self.set.iter().any(|(n, _)| is(n))
-            || self.add.iter().any(|(n, _)| is(n))
+        let r = self.rules;
+        r.identity.iter().any(|n| is(n))
+            || r.remove.iter().any(|n| is(n))
+            || r.set.iter().any(|(n, _)| is(n))
+            || r.add.iter().any(|(n, _)| is(n))
     }
 
     /// The value of a field the gateway writes, as it goes upstream (the order of
@@ -850,9 +851,10 @@ impl<'a> Sent<'a> {
     #[inline(never)]
     fn sent_value(&self, name: &[u8]) -> Vec<u8> {
         let is = |n: &[u8]| n.eq_ignore_ascii_case(name);
-        let identity = self.identity.iter().any(|n| is(n));
+        let r = self.rules;
+        let identity = r.identity.iter().any(|n| is(n));
         let dropped =
-            identity || self.remove.iter().any(|n| is(n)) || self.set.iter().any(|(n, _)| is(n));
+            identity || r.remove.iter().any(|n| is(n)) || r.set.iter().any(|(n, _)| is(n));
         let mut values: Vec<&[u8]> = Vec::new();
         if !dropped {
             values.extend(self.head.header_values(name));
@@ -869,7 +871,7 @@ impl<'a> Sent<'a> {
                 values.push(crate::http::trim_ows(&line[colon + 1..]));
             }
         }
-        for (n, v) in self.set.iter().chain(self.add.iter()) {
+        for (n, v) in r.set.iter().chain(r.add.iter()) {
             if is(n) {
                 values.push(v);
             }
@@ -2627,10 +2629,14 @@ mod tests {
         let h = head(
             "GET / HTTP/1.1\r\nHost: h\r\nX-Consumer: alice\r\nX-Subject: CN=x\r\nAccept: a\r\n\r\n",
         );
-        let identity: Vec<Box<[u8]>> = vec![b"x-subject"[..].into(), b"x-consumer"[..].into()];
+        let identity: Box<[Box<[u8]>]> = [b"x-subject"[..].into(), b"x-consumer"[..].into()].into();
+        let rules = HeaderRules {
+            remove: identity.clone(),
+            identity,
+            ..HeaderRules::default()
+        };
         let sent = |lines: &'static [u8], cert: Option<&'static [u8]>| Sent {
-            identity: &identity,
-            remove: &identity,
+            rules: &rules,
             lines,
             cert: cert.map(|c| (&b"x-subject"[..], c)),
             ..Sent::plain(&h)
@@ -2655,13 +2661,14 @@ mod tests {
     fn vary_values_of_headers_the_route_rewrites_are_those_sent_upstream() {
         let h = head("GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\nX-D: 4\r\n\r\n");
         let pair = |n: &str, v: &str| (n.as_bytes().into(), v.as_bytes().into());
-        let set: Vec<HeaderPair> = vec![pair("x-a", "set")];
-        let add: Vec<HeaderPair> = vec![pair("x-c", "more"), pair("x-e", "new")];
-        let remove: Vec<Box<[u8]>> = vec![b"x-b"[..].into()];
+        let rules = HeaderRules {
+            set: [pair("x-a", "set")].into(),
+            add: [pair("x-c", "more"), pair("x-e", "new")].into(),
+            remove: [b"x-b"[..].into()].into(),
+            ..HeaderRules::default()
+        };
         let sent = Sent {
-            set: &set,
-            add: &add,
-            remove: &remove,
+            rules: &rules,
             ..Sent::plain(&h)
         };
         assert_eq!(sent.vary_value(b"x-a"), b"set");
