@@ -4796,3 +4796,25 @@ fn rfc5861_3_background_revalidation_forwards_as_the_trusted_proxys_request_did(
     }));
     assert_eq!(n.load(Ordering::SeqCst), 2, "one revalidation, then hits");
 }
+
+/// RFC 9111 §4.1: `traceparent` goes upstream naming this hop's new span, a value no other
+/// request sends, so a response that varies on it is never served to another request, even
+/// one carrying the same `X-Request-Id` (which the gateway passes on when valid). Before, the
+/// value compared was derived from the request id: two requests with the same id matched.
+#[test]
+fn rfc9111_4_1_vary_on_traceparent_never_matches_another_request_with_the_same_request_id() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: traceparent\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let tp = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
+    let same = format!("{tp}x-request-id: same-id\r\n");
+    let a = get_h(gw.addr, "/tp", &same);
+    assert_eq!(a.text(), "v1", "{a:?}");
+    let b = get_h(gw.addr, "/tp", &same);
+    assert_eq!(b.text(), "v2", "{b:?}");
+    assert_eq!(up.hits(), 2);
+    // The origin got two different traceparents (a new span each time).
+    let seen = up.wait_for(Duration::from_secs(5), |s| {
+        s.len() == 2 && s[0].header("traceparent") != s[1].header("traceparent")
+    });
+    assert!(seen);
+}
