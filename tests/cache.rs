@@ -4746,3 +4746,75 @@ fn rfc9111_4_requests_with_unkeyed_override_headers_bypass_the_store() {
     assert!(status_of(&r).contains("hit"), "{r:?}");
     assert_eq!(up.hits(), before + 1);
 }
+
+/// RFC 5861 §3 with RFC 9111 §4.1: a background revalidation goes upstream as the request
+/// that triggered it would (here from a trusted proxy, `server.trusted_proxies`: its
+/// `X-Forwarded-Proto: https` and `X-Forwarded-For` chain kept), and its answer is stored
+/// under the selecting values that later requests compute. Before, the revalidation was sent
+/// as from an untrusted peer (`X-Forwarded-Proto: http`, the proxy's address alone), and
+/// stored under those values: an origin varying on `X-Forwarded-Proto` answered the http
+/// variant for https clients, and no later request ever matched the stored answer (each stale
+/// hit revalidated again).
+#[test]
+fn rfc5861_3_background_revalidation_forwards_as_the_trusted_proxys_request_did() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let cc = if i == 1 {
+            "max-age=0, stale-while-revalidate=60"
+        } else {
+            "max-age=60"
+        };
+        Reply::Raw(
+            format!("HTTP/1.1 200 OK\r\ncache-control: {cc}\r\nvary: x-forwarded-proto, x-forwarded-for\r\ncontent-length: 2\r\n\r\nv{i}")
+                .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n"),
+        D,
+    );
+    let via_lb = "x-forwarded-proto: https\r\nx-forwarded-for: 198.51.100.7\r\n";
+    assert_eq!(get_h(gw.addr, "/lb", via_lb).text(), "v1");
+    let first = up.last();
+    assert_eq!(first.headers_named("x-forwarded-proto"), vec!["https"]);
+    let r = get_h(gw.addr, "/lb", via_lb);
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() == 2));
+    let reval = up.last();
+    assert_eq!(reval.headers_named("x-forwarded-proto"), vec!["https"]);
+    assert_eq!(
+        reval.headers_named("x-forwarded-for"),
+        first.headers_named("x-forwarded-for")
+    );
+    // The revalidated answer is what the next request from the proxy gets, from the store.
+    assert!(eventually(Duration::from_secs(5), || {
+        let r = get_h(gw.addr, "/lb", via_lb);
+        r.text() == "v2" && status_of(&r).starts_with("ringway; hit")
+    }));
+    assert_eq!(n.load(Ordering::SeqCst), 2, "one revalidation, then hits");
+}
+
+/// RFC 9111 §4.1: `traceparent` goes upstream naming this hop's new span, a value no other
+/// request sends, so a response that varies on it is never served to another request, even
+/// one carrying the same `X-Request-Id` (which the gateway passes on when valid). Before, the
+/// value compared was derived from the request id: two requests with the same id matched.
+#[test]
+fn rfc9111_4_1_vary_on_traceparent_never_matches_another_request_with_the_same_request_id() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: traceparent\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let tp = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
+    let same = format!("{tp}x-request-id: same-id\r\n");
+    let a = get_h(gw.addr, "/tp", &same);
+    assert_eq!(a.text(), "v1", "{a:?}");
+    let b = get_h(gw.addr, "/tp", &same);
+    assert_eq!(b.text(), "v2", "{b:?}");
+    assert_eq!(up.hits(), 2);
+    // The origin got two different traceparents (a new span each time).
+    let seen = up.wait_for(Duration::from_secs(5), |s| {
+        s.len() == 2 && s[0].header("traceparent") != s[1].header("traceparent")
+    });
+    assert!(seen);
+}

@@ -710,7 +710,9 @@ pub struct Hop<'a> {
     pub port: Option<u16>,
     pub trusted: bool,
     pub https: bool,
-    pub keep_tracestate: crate::trace::KeepState,
+    /// The request's trace context: the `traceparent` it sends upstream names a new span of
+    /// the gateway's (random per request), and its `tracestate` choice.
+    pub trace: crate::trace::TraceContext,
 }
 
 impl<'a> Sent<'a> {
@@ -786,20 +788,17 @@ impl<'a> Sent<'a> {
     }
 
     /// The value of `name` in the head this hop would send upstream
-    /// ([`crate::rewrite::encode_upstream_head`], the source of truth); a value unique to the
-    /// request for `traceparent` (a new span each time), so that no later request matches it. Out of line: only responses that vary on such a field
-    /// come here. `Host` when the route sends the endpoint's address is read as an empty one.
+    /// ([`crate::rewrite::encode_upstream_head`], the source of truth), with the request's own
+    /// `traceparent` (a new, random span each time, so no later request matches it). Out of
+    /// line: only responses that vary on such a field come here. `Host` when the route sends
+    /// the endpoint's address is read as an empty one.
     #[cold]
     #[inline(never)]
     fn hop_value(&self, name: &[u8]) -> Vec<u8> {
         let Some(hop) = self.hop else {
             return policy::vary_value(name, &mut self.head.header_values(name));
         };
-        if crate::rewrite::sent_as(name) == crate::rewrite::SentAs::Unique {
-            let mut v = b"\0unique:".to_vec();
-            v.extend_from_slice(hop.request_id);
-            return v;
-        }
+        let traceparent = hop.trace.traceparent();
         let fwd = crate::rewrite::Forwarding {
             peer_ip: hop.peer_ip,
             trusted: hop.trusted,
@@ -809,9 +808,10 @@ impl<'a> Sent<'a> {
             https: hop.https,
             client_cert: self.cert,
             identity: self.lines,
-            // The gateway's own span: the trace fields go as they do when it makes one.
-            traceparent: Some(b""),
-            keep_tracestate: hop.keep_tracestate,
+            // The gateway's own span, random per request: `traceparent` as sent matches no
+            // other request's (a client's `X-Request-Id`, passed on, may repeat).
+            traceparent: Some(&traceparent),
+            keep_tracestate: hop.trace.keep_state,
         };
         let mut head = BytesMut::new();
         crate::rewrite::encode_upstream_head(&mut head, self.head, hop.route, b"", &fwd);

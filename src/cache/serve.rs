@@ -2069,7 +2069,7 @@ fn sent<'a, S>(
             port: c.info.port,
             trusted: c.info.trusted,
             https: c.info.tls,
-            keep_tracestate: ctx.rec.trace.keep_state,
+            trace: ctx.rec.trace,
         },
     )
 }
@@ -3958,6 +3958,7 @@ fn revalidate_later<S: ClientIo>(
         request_id: ctx.id.as_bytes().to_vec(),
         https: c.info.tls,
         port: c.info.port,
+        trusted: c.info.trusted,
         t: ctx.t,
         authorized: ctx.head.header(b"authorization").is_some(),
         max_variants: p.max_variants,
@@ -3998,6 +3999,10 @@ struct Revalidation {
     request_id: Vec<u8>,
     https: bool,
     port: Option<u16>,
+    /// The client is a trusted proxy (`server.trusted_proxies`): the revalidation forwards
+    /// its forwarding fields as the request did, and takes its Vary values the same way (else
+    /// the answer is stored under values no request from that proxy computes).
+    trusted: bool,
     t: Timeouts,
     authorized: bool,
     max_variants: usize,
@@ -4025,7 +4030,7 @@ impl Revalidation {
         let traceparent = self.trace.traceparent();
         let fwd = Forwarding {
             peer_ip: &self.peer,
-            trusted: false,
+            trusted: self.trusted,
             port: self.port,
             request_id: &self.request_id,
             via: &self.snap.via,
@@ -4115,9 +4120,9 @@ impl Revalidation {
                                             request_id: &self.request_id,
                                             via: &self.snap.via,
                                             port: self.port,
-                                            trusted: false,
+                                            trusted: self.trusted,
                                             https: self.https,
-                                            keep_tracestate: self.trace.keep_state,
+                                            trace: self.trace,
                                         },
                                     );
                                     let vary = vary_values(&s.vary, &sent);
