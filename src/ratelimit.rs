@@ -399,13 +399,15 @@ impl HostBuckets {
                 left: b.left.max(0) as f64,
             }
         };
-        drop(b);
         if let Some(d) = demand {
+            // Submitted with the bucket still locked, so that no other worker sees the key
+            // pending unless its demand is queued: one that did would wait on an answer that
+            // never comes, until the Redis timeout. (The Redis thread takes the bucket's lock
+            // only to answer, never while it holds the queue's.)
             if let Err(d) = link.submit(d) {
                 // The link's queue is full (Redis slower than the demands, see
                 // `redis::MAX_QUEUED_DEMANDS`): as when Redis is slow, `on_failure` decides for a
                 // request that would wait; the key's next request asks again.
-                let mut b = cell.lock().unwrap_or_else(|e| e.into_inner());
                 b.pending = false;
                 b.stock += d.back;
                 if answer == HostLease::Wait {
@@ -801,6 +803,98 @@ mod tests {
             let _ = server.join();
             let _ = thread.join();
         }
+    }
+
+    /// A demand the full queue refuses must not leave its key marked pending: a request on
+    /// another worker that saw the mark would wait for an answer that never comes, until the
+    /// Redis timeout. Here the queue is full (a Redis over a real socket that never answers),
+    /// worker A's demand for a new key is held inside `submit` (the test holds the queue's
+    /// lock), and worker B asks for the same key meanwhile: it must get what `on_failure`
+    /// gives at once (503 with `deny`), as A does, not a wait. Before, A marked the key
+    /// pending and unlocked its bucket before submitting, so B saw the mark and waited.
+    #[test]
+    fn a_refused_demand_never_leaves_its_key_pending_for_another_worker() {
+        use crate::redis::MAX_QUEUED_DEMANDS;
+        use std::io::Read as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        // Reads the link's first command (loading its script) and never answers.
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let mut b = [0u8; 256];
+            let _ = s.read(&mut b);
+            let _ = seen_tx.send(());
+            let _ = wait.recv();
+        });
+        let cfg: crate::config::RedisConfig = toml::from_str(&format!(
+            "address = \"{addr}\"\ntimeout = \"30s\"\non_failure = \"deny\"\n"
+        ))
+        .expect("config");
+        let link = RedisLink::new(cfg);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = crate::redis::spawn(link.clone(), stop.clone()).expect("thread");
+        let h = HostBuckets {
+            map: HostMap::new(2 * MAX_QUEUED_DEMANDS),
+            in_flight: InFlightMap::new(10),
+            redis: Some(link.clone()),
+        };
+        let l = limit(10, 10);
+        let t0 = Instant::now();
+        assert_eq!(h.lease(&l, 0, None, 0.0, t0, false), HostLease::Wait);
+        seen.recv_timeout(Duration::from_secs(10))
+            .expect("the link reaches the server");
+        for k in 1..=MAX_QUEUED_DEMANDS as u64 {
+            assert_eq!(h.lease(&l, k, None, 0.0, t0, false), HostLease::Wait);
+        }
+        const KEY: u64 = u64::MAX;
+        let (b_tx, b_rx) = std::sync::mpsc::channel();
+        let (h, l) = (&h, &l);
+        std::thread::scope(|s| {
+            let queue = link.hold_queue();
+            let a = s.spawn(|| h.lease(l, KEY, None, 0.0, t0, false));
+            // A is inside `submit` once its bucket is locked, or marked pending and unlocked.
+            let mut tries = 0u32;
+            loop {
+                let cell = h.map.get(&(l.id, KEY));
+                let at_submit = cell.is_some_and(|c| match c.try_lock() {
+                    Ok(b) => b.pending,
+                    Err(std::sync::TryLockError::WouldBlock) => true,
+                    Err(std::sync::TryLockError::Poisoned(_)) => false,
+                });
+                if at_submit {
+                    break;
+                }
+                tries += 1;
+                assert!(tries < 10_000_000, "worker A never reached submit");
+                std::thread::yield_now();
+            }
+            let b = s.spawn(move || {
+                let _ = b_tx.send(h.lease(l, KEY, None, 0.0, t0, false));
+            });
+            // B answers at once where it can; otherwise it waits on A's bucket, and the queue
+            // is let go after a moment (either way B must not be told to wait).
+            let early = b_rx.recv_timeout(Duration::from_millis(200)).ok();
+            drop(queue);
+            let a = a.join().expect("worker A");
+            b.join().expect("worker B");
+            let b = early.unwrap_or_else(|| b_rx.recv().expect("worker B answers"));
+            assert_eq!(a, HostLease::Unavailable, "worker A: the queue is full");
+            assert_eq!(
+                b,
+                HostLease::Unavailable,
+                "worker B: no demand is in flight for the key, so it must not wait"
+            );
+        });
+        let cell = h.map.get(&(l.id, KEY)).expect("bucket");
+        assert!(!cell.lock().expect("bucket").pending, "left pending");
+        stop.store(true, Ordering::SeqCst);
+        let _ = done.send(());
+        let _ = server.join();
+        let _ = thread.join();
     }
 
     #[test]

@@ -229,6 +229,12 @@ impl RedisLink {
         &self.cfg
     }
 
+    /// Holds the demand queue's lock: a [`RedisLink::submit`] meanwhile waits on it (tests).
+    #[cfg(test)]
+    pub(crate) fn hold_queue(&self) -> std::sync::MutexGuard<'_, Vec<Demand>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// True while Redis is known to be unreachable.
     #[inline]
     pub fn is_down(&self) -> bool {

@@ -1275,6 +1275,14 @@ impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
     }
 }
 
+impl ServerStream {
+    /// The client's TCP connection, its TLS session dropped without a word (no
+    /// `close_notify`): for a connection that ends with a reset after a cut response.
+    pub fn into_tcp(self) -> TcpStream {
+        self.inner.into_parts().0.tcp
+    }
+}
+
 impl<S: AsyncReadRent + AsyncWriteRent> Guarded<S> {
     /// Sends `close_notify` now, before the connection is dropped (RFC 8446 §6.1: a party
     /// closing its write side sends it first), for connections closed where nothing can wait:

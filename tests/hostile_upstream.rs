@@ -381,6 +381,7 @@ fn response_trailers_are_filtered_rfc9110_6_5() {
     for d in DRIVERS {
         let up = Upstream::start_with(Some(Duration::from_secs(2)), |req| {
             match req.target.as_str() {
+                "/ok" => Reply::Raw(hostile::fine()),
                 "/whole" => Reply::Raw([HEAD, DATA, TRAILERS].concat()),
                 "/pieces" => Reply::Script(vec![
                     Step::Write([HEAD, DATA, &TRAILERS[..9]].concat()),
@@ -631,6 +632,117 @@ fn connection_option_naming_content_length_keeps_the_framing_rfc9110_7_6_1() {
             assert!(!r.has("x-hop"), "{d:?} {prefix}: {r:?}");
             let r = c.read_response().expect("the second answer");
             assert_eq!((r.status, r.body.as_slice()), (200, FINE), "{d:?} {prefix}");
+        }
+    }
+}
+
+/// Sends `raw` on a new connection and reads until the gateway ends it: the bytes, and how
+/// it ended (`Ok`: a clean close, a FIN; `Err`: the error the read met, a reset).
+fn read_until_end(gw: &TestGateway, raw: &[u8]) -> (Vec<u8>, Result<(), std::io::ErrorKind>) {
+    use std::io::Read;
+    let mut c = Client::connect(gw.addr);
+    c.send(raw);
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    loop {
+        match c.s.read(&mut tmp) {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&tmp[..n]),
+            Err(e) => {
+                assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "read timed out");
+                return (got, Err(e.kind()));
+            }
+        }
+    }
+}
+
+/// RFC 9112 §8 and §9.8: a response cut after its head went out must not look complete. An
+/// HTTP/1.1 client sees it from the framing (no last chunk) and gets a plain close; an
+/// HTTP/1.0 client reads a body of unknown length until the close, so for it the gateway
+/// resets the connection (SO_LINGER 0) and the read fails with ECONNRESET. Cuts: the upstream
+/// closing before the last chunk, and a close-delimited upstream body pausing past
+/// `upstream_body`. A complete body still ends with a clean close. The same on a cache route,
+/// whose fill relays the body while it captures it (the responses are storable). Before, the
+/// HTTP/1.0 client got a FIN after a cut and took the partial body for the whole.
+#[test]
+fn a_cut_close_delimited_body_ends_with_a_reset_rfc9112_8() {
+    use support::Step;
+    for d in DRIVERS {
+        for cached in [false, true] {
+            let up = Upstream::start_with(Some(Duration::from_secs(2)), |req| {
+                let chunked = b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                match req.target.as_str() {
+                    "/ok" => Reply::Raw(hostile::fine()),
+                    "/whole" => Reply::RawClose([&chunked[..], b"0\r\n\r\n"].concat()),
+                    // The upstream closes with no last chunk.
+                    "/chunk-cut" => Reply::RawClose(chunked.to_vec()),
+                    // A close-delimited body that stalls past `upstream_body` (1 s).
+                    _ => Reply::Script(vec![
+                        Step::Write(
+                            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\r\nhello".to_vec(),
+                        ),
+                        Step::Wait(Duration::from_secs(30)),
+                        Step::Close,
+                    ]),
+                }
+            });
+            let gw = if cached {
+                let toml = config(
+                    &[up.addr],
+                    "max_idle = 1\n\n[timeouts]\nupstream_response = \"2s\"\nupstream_body = \"1s\"\n\n[[routes]]\nupstream = \"up\"\ncache = { }\n",
+                );
+                TestGateway::start(&toml, d)
+            } else {
+                gateway(&up, d)
+            };
+            for path in ["/whole", "/chunk-cut", "/stall"] {
+                let cut = path != "/whole";
+                let what = format!("{d:?} cached={cached} {path}");
+                let (got, end) = read_until_end(
+                    &gw,
+                    format!("GET {path} HTTP/1.0\r\nHost: a\r\n\r\n").as_bytes(),
+                );
+                let text = String::from_utf8_lossy(&got);
+                assert!(text.starts_with("HTTP/1.1 200"), "{what}: {text}");
+                assert!(!text.contains("transfer-encoding"), "{what}: {text}");
+                assert_eq!(
+                    text.to_ascii_lowercase().contains("cache-status:"),
+                    cached,
+                    "{what}: {text}"
+                );
+                if cut {
+                    assert_eq!(
+                        end,
+                        Err(std::io::ErrorKind::ConnectionReset),
+                        "{what}: an HTTP/1.0 client must see the cut: {text}"
+                    );
+                } else {
+                    assert_eq!(end, Ok(()), "{what}: {text}");
+                    assert!(text.ends_with("\r\n\r\nhello"), "{what}: {text}");
+                }
+                if cached {
+                    // The whole body is a hit from here on; a cut one was not stored.
+                    continue;
+                }
+                // HTTP/1.1: the framing tells the cut, and the close stays a plain one.
+                let (got, end) = read_until_end(
+                    &gw,
+                    format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+                let text = String::from_utf8_lossy(&got);
+                assert!(text.starts_with("HTTP/1.1 200"), "{what} 1.1: {text}");
+                assert!(text.contains("\r\n5\r\nhello\r\n"), "{what} 1.1: {text}");
+                assert_eq!(
+                    text.ends_with("\r\n0\r\n\r\n"),
+                    !cut,
+                    "{what} 1.1: the last chunk only after a whole body: {text}"
+                );
+                if cut {
+                    assert_eq!(end, Ok(()), "{what} 1.1: {text}");
+                }
+            }
+            still_serves(&gw, d, "cut close-delimited body");
         }
     }
 }

@@ -83,18 +83,34 @@ pub trait ClientIo: AsyncReadRent + AsyncWriteRent {
     /// connection is dropped at once, with no goodbye and no lingering. Over TLS this leaves
     /// out `close_notify`, the only way a client can tell a cut from the end of a
     /// close-delimited body (RFC 8446 §6.1, RFC 9112 §9.8). Plain TCP has no such signal and
-    /// closes as after any other response.
+    /// closes as after any other response: the framing tells a length or chunks cut short,
+    /// and a cut close-delimited body is [`Next::Reset`] instead.
     const ABORT_QUIETLY: bool = false;
+
+    /// Drops the connection with a TCP reset ([`Next::Reset`]): a response whose body the
+    /// client reads until the connection closes was cut, and a plain close would make the
+    /// cut look like the end of the body (RFC 9112 §8, §9.8). Over TLS, no `close_notify`
+    /// either (RFC 8446 §6.1).
+    fn reset(self);
 }
 
 impl ClientIo for TcpStream {
     async fn half_close(&mut self) {
         let _ = AsyncWriteRent::shutdown(self).await;
     }
+
+    fn reset(self) {
+        reset_on_close(std::os::fd::AsRawFd::as_raw_fd(&self));
+    }
 }
 
 impl ClientIo for tls::ServerStream {
     const ABORT_QUIETLY: bool = true;
+
+    fn reset(self) {
+        // The TLS session goes without a word: only the socket is left to close.
+        self.into_tcp().reset();
+    }
 
     fn close(&mut self, limit: Duration) -> impl std::future::Future<Output = ()> {
         tls::close_notify(self, limit)
@@ -102,6 +118,28 @@ impl ClientIo for tls::ServerStream {
 
     fn half_close(&mut self) -> impl std::future::Future<Output = ()> {
         tls::close_notify(self, CLOSE_NOTIFY_TIMEOUT)
+    }
+}
+
+/// Sets `SO_LINGER` to zero on a socket about to be closed, so that its close sends a TCP
+/// reset instead of a FIN (what is still unsent is dropped). A failure leaves an ordinary
+/// close.
+fn reset_on_close(fd: std::os::fd::RawFd) {
+    let off = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `setsockopt` reads `size_of::<linger>()` bytes from `&off`, a live local of that
+    // type, and touches no other memory. An fd that is not a socket (or not open) makes the
+    // call fail, and the close goes on as usual.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&off as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
@@ -300,6 +338,10 @@ pub enum Next {
     /// The response was cut (the upstream's body broke off) or could not be written to the
     /// client: the client must not take what it got for a complete response.
     Abort,
+    /// The response was cut after its head went out, and its body was delimited by the
+    /// close (an HTTP/1.0 client, a body of unknown length): the connection ends with a TCP
+    /// reset ([`ClientIo::reset`]), the only sign of the cut such a client can read.
+    Reset,
 }
 
 /// An answer the gateway makes itself.
@@ -326,6 +368,9 @@ pub enum Outcome<'r> {
     Relayed { keep: bool },
     /// The connection is unusable (the client went away, a write failed, a response was cut).
     Abort,
+    /// A response whose body the client reads until the close was cut after its head went
+    /// out: the connection is reset ([`Next::Reset`]).
+    Cut,
 }
 
 impl From<GatewayError> for Outcome<'_> {
@@ -382,6 +427,10 @@ pub async fn serve<S: ClientIo>(w: &Worker, io: S, peer: SocketAddr, info: ConnI
             }
             // Dropped as it is: over TLS, no close_notify after a cut response.
             Some(Next::Abort) => return,
+            Some(Next::Reset) => {
+                c.io.reset();
+                return;
+            }
         }
     }
     if linger {
@@ -397,6 +446,7 @@ impl<S: ClientIo> Conn<S> {
     /// linger; a close after a complete exchange is `None`. `Some(Next::Abort)`: the
     /// response was cut or not written, and the connection is dropped without a goodbye
     /// (only where [`ClientIo::ABORT_QUIETLY`]; elsewhere it closes as `Next::Close` does).
+    /// `Some(Next::Reset)`: a close-delimited response was cut, and the connection is reset.
     async fn request(&mut self, w: &Worker) -> Option<Next> {
         // One snapshot for the whole request, whatever a reload does meanwhile.
         let cfg = w.config();
@@ -429,6 +479,7 @@ impl<S: ClientIo> Conn<S> {
         super::record::done(w, &cfg, self, &ctx);
         match next {
             Next::KeepAlive => Some(Next::KeepAlive),
+            Next::Reset => Some(Next::Reset),
             Next::Abort if S::ABORT_QUIETLY => Some(Next::Abort),
             Next::Close | Next::Abort if !ctx.body.is_done() || !self.rbuf.is_empty() => {
                 Some(Next::Close)
@@ -576,6 +627,7 @@ impl<S: ClientIo> Conn<S> {
     pub async fn finish(&mut self, w: &Worker, ctx: &mut RequestCtx<'_>, out: Outcome<'_>) -> Next {
         let answer = match out {
             Outcome::Abort => return Next::Abort,
+            Outcome::Cut => return Next::Reset,
             Outcome::Relayed { keep } => {
                 return if keep && ctx.body.is_done() {
                     Next::KeepAlive

@@ -310,6 +310,10 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
             (Outcome::Relayed { keep }, reusable)
         }
         Err(RelayFail::BadBeforeHead) => (Outcome::from(GatewayError::UpstreamBadResponse), false),
+        // Cut after the head went out. A client given a length or chunks sees the body end
+        // short (RFC 9112 §8); one reading until the close would take a plain close for the
+        // end, so its connection is reset instead.
+        Err(RelayFail::Io) if !definite => (Outcome::Cut, false),
         Err(RelayFail::Io) => (Outcome::Abort, false),
     }
 }
