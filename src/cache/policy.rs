@@ -169,6 +169,8 @@ pub(super) fn split_quoted(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+const NO_STORE: &[u8] = b"no-store";
+
 /// The delta-seconds of a line that is `max-age=` and digits (in any case, OWS around it),
 /// `None` for any other line.
 #[inline(always)]
@@ -302,6 +304,11 @@ impl Directives {
         // Read without the scan (to the same effect: a test compares the two).
         if let Some(secs) = lone_max_age(line) {
             self.max_age = self.max_age.or(Some(secs));
+            return;
+        }
+        // The usual line of a response kept out of the store, read without the scan too.
+        if line.len() == NO_STORE.len() && line.eq_ignore_ascii_case(NO_STORE) {
+            self.no_store = true;
             return;
         }
         self.add_items(line);
@@ -1390,6 +1397,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The lines `add` reads without the scan read as the scan reads them.
+    #[test]
+    fn lines_read_without_the_scan_read_as_with_it() {
+        for line in [
+            "no-store",
+            "NO-STORE",
+            "No-Store",
+            "no-storE",
+            "max-age=60",
+            "MAX-AGE=0",
+            "max-age=3600 ",
+            "no-store ",
+            " no-store",
+            "no-stor",
+            "no-storex",
+            "no_store",
+        ] {
+            let (mut fast, mut scanned) = (Directives::default(), Directives::default());
+            fast.add(line.as_bytes());
+            scanned.add_items(line.as_bytes());
+            assert_eq!(fast, scanned, "{line:?}");
+        }
+        let mut d = Directives::default();
+        d.add(b"no-store");
+        assert!(d.no_store && !d.no_cache && d.max_age.is_none());
     }
 
     #[test]
