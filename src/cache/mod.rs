@@ -712,7 +712,7 @@ pub struct Hop<'a> {
     pub https: bool,
     /// The request's trace context: the `traceparent` it sends upstream names a new span of
     /// the gateway's (random per request), and its `tracestate` choice.
-    pub trace: crate::trace::TraceContext,
+    pub trace: &'a crate::trace::TraceContext,
 }
 
 impl<'a> Sent<'a> {

@@ -2069,7 +2069,7 @@ fn sent<'a, S>(
             port: c.info.port,
             trusted: c.info.trusted,
             https: c.info.tls,
-            trace: ctx.rec.trace,
+            trace: &ctx.rec.trace,
         },
     )
 }
@@ -4122,7 +4122,7 @@ impl Revalidation {
                                             port: self.port,
                                             trusted: self.trusted,
                                             https: self.https,
-                                            trace: self.trace,
+                                            trace: &self.trace,
                                         },
                                     );
                                     let vary = vary_values(&s.vary, &sent);
