@@ -746,14 +746,48 @@ mod tests {
     /// for as long as the stall lasted.
     #[test]
     fn a_stalled_redis_queues_a_bounded_number_of_demands() {
-        use crate::redis::MAX_QUEUED_DEMANDS;
-        use std::io::Read as _;
         for policy in ["deny", "local"] {
+            let q = StalledQueue::full(policy);
+            let (h, link, l, t0) = (&q.h, &q.link, &q.l, q.t0);
+            let refused = |n: u64| {
+                let lease = h.lease(l, u64::MAX, None, 0.0, t0, false);
+                match policy {
+                    "deny" => assert_eq!(lease, HostLease::Unavailable),
+                    _ => assert!(
+                        matches!(lease, HostLease::Granted { tokens, .. } if tokens >= 1.0),
+                        "{lease:?}"
+                    ),
+                }
+                assert_eq!(link.demands_refused.load(Ordering::Relaxed), n);
+            };
+            refused(1);
+            refused(2);
+        }
+    }
+
+    /// A limiter link to a Redis over a real socket that reads the link's first command
+    /// (loading its script) and never answers, and host buckets whose demand queue it fills to
+    /// the cap: keys 0 to `MAX_QUEUED_DEMANDS` of `l` each wait on a demand. Dropping it stops
+    /// the link and the server.
+    struct StalledQueue {
+        h: HostBuckets,
+        link: Arc<RedisLink>,
+        l: Limit,
+        t0: Instant,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        done: std::sync::mpsc::Sender<()>,
+        server: Option<std::thread::JoinHandle<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl StalledQueue {
+        fn full(on_failure: &str) -> StalledQueue {
+            use crate::redis::MAX_QUEUED_DEMANDS;
+            use std::io::Read as _;
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
             let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
             let (done, wait) = std::sync::mpsc::channel::<()>();
-            // Reads the link's first command (loading its script) and never answers.
             let server = std::thread::spawn(move || {
                 let Ok((mut s, _)) = listener.accept() else {
                     return;
@@ -764,7 +798,7 @@ mod tests {
                 let _ = wait.recv();
             });
             let cfg: crate::config::RedisConfig = toml::from_str(&format!(
-                "address = \"{addr}\"\ntimeout = \"30s\"\non_failure = \"{policy}\"\n"
+                "address = \"{addr}\"\ntimeout = \"30s\"\non_failure = \"{on_failure}\"\n"
             ))
             .expect("config");
             let link = RedisLink::new(cfg);
@@ -783,25 +817,27 @@ mod tests {
                 .expect("the link reaches the server");
             for k in 1..=MAX_QUEUED_DEMANDS as u64 {
                 let lease = h.lease(&l, k, None, 0.0, t0, false);
-                assert_eq!(lease, HostLease::Wait, "key {k} ({policy})");
+                assert_eq!(lease, HostLease::Wait, "key {k} ({on_failure})");
             }
-            let refused = |n: u64| {
-                let lease = h.lease(&l, u64::MAX, None, 0.0, t0, false);
-                match policy {
-                    "deny" => assert_eq!(lease, HostLease::Unavailable),
-                    _ => assert!(
-                        matches!(lease, HostLease::Granted { tokens, .. } if tokens >= 1.0),
-                        "{lease:?}"
-                    ),
-                }
-                assert_eq!(link.demands_refused.load(Ordering::Relaxed), n);
-            };
-            refused(1);
-            refused(2);
-            stop.store(true, Ordering::SeqCst);
-            let _ = done.send(());
-            let _ = server.join();
-            let _ = thread.join();
+            StalledQueue {
+                h,
+                link,
+                l,
+                t0,
+                stop,
+                done,
+                server: Some(server),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for StalledQueue {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = self.done.send(());
+            let _ = self.server.take().map(|t| t.join());
+            let _ = self.thread.take().map(|t| t.join());
         }
     }
 
@@ -814,45 +850,10 @@ mod tests {
     /// pending and unlocked its bucket before submitting, so B saw the mark and waited.
     #[test]
     fn a_refused_demand_never_leaves_its_key_pending_for_another_worker() {
-        use crate::redis::MAX_QUEUED_DEMANDS;
-        use std::io::Read as _;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
-        let (done, wait) = std::sync::mpsc::channel::<()>();
-        // Reads the link's first command (loading its script) and never answers.
-        let server = std::thread::spawn(move || {
-            let Ok((mut s, _)) = listener.accept() else {
-                return;
-            };
-            let mut b = [0u8; 256];
-            let _ = s.read(&mut b);
-            let _ = seen_tx.send(());
-            let _ = wait.recv();
-        });
-        let cfg: crate::config::RedisConfig = toml::from_str(&format!(
-            "address = \"{addr}\"\ntimeout = \"30s\"\non_failure = \"deny\"\n"
-        ))
-        .expect("config");
-        let link = RedisLink::new(cfg);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let thread = crate::redis::spawn(link.clone(), stop.clone()).expect("thread");
-        let h = HostBuckets {
-            map: HostMap::new(2 * MAX_QUEUED_DEMANDS),
-            in_flight: InFlightMap::new(10),
-            redis: Some(link.clone()),
-        };
-        let l = limit(10, 10);
-        let t0 = Instant::now();
-        assert_eq!(h.lease(&l, 0, None, 0.0, t0, false), HostLease::Wait);
-        seen.recv_timeout(Duration::from_secs(10))
-            .expect("the link reaches the server");
-        for k in 1..=MAX_QUEUED_DEMANDS as u64 {
-            assert_eq!(h.lease(&l, k, None, 0.0, t0, false), HostLease::Wait);
-        }
+        let q = StalledQueue::full("deny");
+        let (h, link, l, t0) = (&q.h, &q.link, &q.l, q.t0);
         const KEY: u64 = u64::MAX;
         let (b_tx, b_rx) = std::sync::mpsc::channel();
-        let (h, l) = (&h, &l);
         std::thread::scope(|s| {
             let queue = link.hold_queue();
             let a = s.spawn(|| h.lease(l, KEY, None, 0.0, t0, false));
@@ -891,10 +892,6 @@ mod tests {
         });
         let cell = h.map.get(&(l.id, KEY)).expect("bucket");
         assert!(!cell.lock().expect("bucket").pending, "left pending");
-        stop.store(true, Ordering::SeqCst);
-        let _ = done.send(());
-        let _ = server.join();
-        let _ = thread.join();
     }
 
     #[test]

@@ -55,6 +55,18 @@ fn status_of(r: &Resp) -> String {
     r.header("cache-status").unwrap_or("").to_string()
 }
 
+/// `r` is `body` answered from the store.
+fn hit(r: &Resp, body: &str) {
+    assert_eq!(r.text(), body, "{r:?}");
+    assert!(status_of(r).contains("hit"), "{r:?}");
+}
+
+/// `r` is `body` fetched from the origin.
+fn miss(r: &Resp, body: &str) {
+    assert_eq!(r.text(), body, "{r:?}");
+    assert!(status_of(r).contains("fwd="), "{r:?}");
+}
+
 #[test]
 fn rfc9111_4_2_fresh_response_is_served_from_the_store_with_age_and_cache_status() {
     for d in DRIVERS {
@@ -1069,10 +1081,6 @@ fn rewriting_config(up: SocketAddr, rules: &str) -> String {
 /// another value the variant stored for the old one is not served.
 #[test]
 fn rfc9111_4_1_vary_on_a_header_the_route_rewrites_uses_the_value_sent_upstream() {
-    let hit = |r: &Resp, body: &str| {
-        assert_eq!(r.text(), body, "{r:?}");
-        assert!(status_of(r).contains("hit"), "{r:?}");
-    };
     // `set`: the client's value never reaches the origin.
     let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: x-tenant\r\n");
     let set = |t: &str| rewriting_config(up.addr, &format!("set = {{ x-tenant = \"{t}\" }}"));
@@ -1118,14 +1126,6 @@ fn rfc9111_4_1_vary_on_a_header_the_route_rewrites_uses_the_value_sent_upstream(
 /// variant, served to everyone who then sent `fr` (cache poisoning).
 #[test]
 fn rfc9111_4_1_vary_on_fields_the_gateway_drops_or_writes_uses_the_values_sent_upstream() {
-    let hit = |r: &Resp, body: &str| {
-        assert_eq!(r.text(), body, "{r:?}");
-        assert!(status_of(r).contains("hit"), "{r:?}");
-    };
-    let miss = |r: &Resp, body: &str| {
-        assert_eq!(r.text(), body, "{r:?}");
-        assert!(status_of(r).contains("fwd="), "{r:?}");
-    };
     let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: accept-language\r\n");
     let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
     let listed = "accept-language: fr\r\nconnection: accept-language\r\n";
@@ -1180,10 +1180,6 @@ fn rfc9111_4_1_vary_on_fields_the_gateway_drops_or_writes_uses_the_values_sent_u
 /// everyone sending `fr`); a field the hop writes is keyed by the value it sends.
 #[test]
 fn key_headers_are_the_values_sent_upstream() {
-    let hit = |r: &Resp, body: &str| {
-        assert_eq!(r.text(), body, "{r:?}");
-        assert!(status_of(r).contains("hit"), "{r:?}");
-    };
     let (up, _) = counting_origin("cache-control: max-age=60\r\n");
     let key = "key = { headers = [\"accept-language\", \"x-forwarded-proto\"] }";
     let gw = TestGateway::start(&cache_config(up.addr, key, ""), D);

@@ -33,6 +33,15 @@ fn send(addr: std::net::SocketAddr, path: &str, headers: &str) -> Resp {
     )
 }
 
+/// Sends `traceparent: tp` and a `tracestate` line for each of `lines` to `/a`.
+fn send_trace<L: AsRef<str>>(addr: std::net::SocketAddr, tp: &str, lines: &[L]) -> Resp {
+    let hs: String = lines
+        .iter()
+        .map(|l| format!("tracestate: {}\r\n", l.as_ref()))
+        .collect();
+    send(addr, "/a", &format!("traceparent: {tp}\r\n{hs}"))
+}
+
 #[test]
 fn a_valid_client_trace_is_continued_with_the_gateway_as_parent() {
     for driver in DRIVERS {
@@ -178,11 +187,7 @@ fn an_over_long_tracestate_is_truncated_by_whole_members_per_3_3_1_5() {
         ),
     ];
     for (lines, want) in cases {
-        let hs: String = lines
-            .iter()
-            .map(|l| format!("tracestate: {l}\r\n"))
-            .collect();
-        let r = send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+        let r = send_trace(gw.addr, &tp, &lines[..]);
         assert_eq!(r.status, 200, "{lines:?}");
         let got = up.last();
         let (_, trace, _, _) = parts(got.header("traceparent").unwrap());
@@ -202,11 +207,7 @@ fn an_over_long_tracestate_is_truncated_by_whole_members_per_3_3_1_5() {
         format!("c={}", "y".repeat(152)),
     ];
     assert_eq!(lines.iter().map(String::len).sum::<usize>(), 512);
-    let hs: String = lines
-        .iter()
-        .map(|l| format!("tracestate: {l}\r\n"))
-        .collect();
-    send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+    send_trace(gw.addr, &tp, &lines[..]);
     assert_eq!(up.last().headers_named("tracestate"), lines);
 }
 
@@ -280,11 +281,7 @@ fn an_invalid_tracestate_list_is_dropped_and_a_valid_one_passes() {
         &["tenant@vendor=x y", "0a=1"],
     ];
     for lines in valid {
-        let hs: String = lines
-            .iter()
-            .map(|l| format!("tracestate: {l}\r\n"))
-            .collect();
-        send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+        send_trace(gw.addr, &tp, lines);
         let got = up.last();
         assert_eq!(got.headers_named("tracestate"), lines, "{lines:?}");
     }
@@ -300,11 +297,7 @@ fn an_invalid_tracestate_list_is_dropped_and_a_valid_one_passes() {
         &["foo"],
     ];
     for lines in invalid {
-        let hs: String = lines
-            .iter()
-            .map(|l| format!("tracestate: {l}\r\n"))
-            .collect();
-        let r = send(gw.addr, "/a", &format!("traceparent: {tp}\r\n{hs}"));
+        let r = send_trace(gw.addr, &tp, lines);
         assert_eq!(r.status, 200, "{lines:?}");
         let got = up.last();
         assert!(
