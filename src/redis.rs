@@ -16,7 +16,9 @@
 //! marked down, logged once, and tried again every `retry_interval`; the buckets then follow
 //! `on_failure` (local buckets, or 503). Recovery (Redis answering, not only accepting a
 //! connection) is logged once too; a link that keeps going down and up logs at most once a
-//! minute (see `RedisLink::set_down`).
+//! minute (see `RedisLink::set_down`). A round of one plain command larger than a round's
+//! writes (an entry over 1 MiB) that fails is put down to its size, not to the link: that
+//! command alone is given up and counted (see `Stopped::TooLarge`).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -195,6 +197,10 @@ pub struct RedisLink {
     pub commands_refused: AtomicU64,
     /// Demands refused because [`MAX_QUEUED_DEMANDS`] were queued (see [`RedisLink::submit`]).
     pub demands_refused: AtomicU64,
+    /// Commands given up alone, without marking the link down, because a round of that one
+    /// command, larger than a round's writes ([`MAX_ROUND_WRITE_BYTES`]), failed: an entry too
+    /// large to move within `timeout` (see [`Stopped::TooLarge`]).
+    pub commands_too_large: AtomicU64,
     /// Workers that wait on answers: rung after each round (see `crate::doorbell`).
     pub doorbells: crate::doorbell::Rings,
 }
@@ -221,6 +227,7 @@ impl RedisLink {
             round_trips: AtomicU64::new(0),
             commands_refused: AtomicU64::new(0),
             demands_refused: AtomicU64::new(0),
+            commands_too_large: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
         })
     }
@@ -263,7 +270,7 @@ impl RedisLink {
     /// Queues a plain command and wakes the Redis thread; a full queue (in commands or in
     /// bytes) or a link known to be down answers `None` at once (a write is dropped).
     pub fn command(&self, c: Command) {
-        let size: usize = c.args.iter().map(|a| a.len()).sum();
+        let size = args_len(&c);
         let mut q = self
             .commands_queue
             .lock()
@@ -286,6 +293,22 @@ impl RedisLink {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
+    }
+
+    /// Puts `cmds` back at the head of the command queue, before those queued since (they
+    /// were admitted once, and keep their order).
+    fn requeue(&self, mut cmds: Vec<Command>) {
+        if cmds.is_empty() {
+            return;
+        }
+        let size: usize = cmds.iter().map(args_len).sum();
+        let mut q = self
+            .commands_queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        q.bytes += size;
+        cmds.append(&mut q.cmds);
+        q.cmds = cmds;
     }
 
     /// Marks the link down after a failure. Going down is logged, but at most once per
@@ -430,10 +453,22 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                 Some(c) => {
                     let sent = c.pipeline(cmds);
                     link.count(c);
-                    if let Err(e) = sent {
-                        conn = None;
-                        link.set_down(&e.to_string());
-                        next_try = Instant::now() + link.cfg.retry_interval.0;
+                    match sent {
+                        Ok(()) => {}
+                        // The connection may hold half a command: it is dropped, and the
+                        // commands after the large one go on a fresh connection (the next
+                        // pass opens it), whose opening and first round tell whether Redis
+                        // still answers.
+                        Err(Stopped::TooLarge(rest)) => {
+                            conn = None;
+                            link.commands_too_large.fetch_add(1, Ordering::Relaxed);
+                            link.requeue(rest);
+                        }
+                        Err(Stopped::Link(e)) => {
+                            conn = None;
+                            link.set_down(&e.to_string());
+                            next_try = Instant::now() + link.cfg.retry_interval.0;
+                        }
                     }
                 }
             }
@@ -492,6 +527,26 @@ impl RedisLink {
         self.round_trips.fetch_add(rounds, Ordering::Relaxed);
         self.commands.fetch_add(sent, Ordering::Relaxed);
     }
+}
+
+/// The bytes of a command's arguments.
+fn args_len(c: &Command) -> usize {
+    c.args.iter().map(|a| a.len()).sum()
+}
+
+/// Why a pipeline of plain commands stopped before its end ([`Conn::pipeline`]).
+enum Stopped {
+    /// The link failed: the round's commands and those after it got `None`.
+    Link(io::Error),
+    /// A round of one command larger than a round's writes ([`MAX_ROUND_WRITE_BYTES`]) failed
+    /// (late, or broken off): that command got `None`; the commands after it (here) were not
+    /// sent. Such a round is put down to its own size, not to the link: a round is written and
+    /// answered within one `timeout`, and a command always goes whole in one round, so an
+    /// entry that the link cannot move within `timeout` (16 MiB takes about 18 ms on
+    /// loopback, 1 GiB may be configured) would otherwise mark the link down for
+    /// `retry_interval` each time it is written, every lookup missing meanwhile. A Redis that
+    /// really stopped answering is found by the next round.
+    TooLarge(Vec<Command>),
 }
 
 fn fail_commands(cmds: Vec<Command>) {
@@ -750,23 +805,26 @@ impl Conn {
     /// answering each of 4096 queued lookups with the longest reply would otherwise have the
     /// link hold 4096 of them (32 GiB of 8 MiB replies). A round of writes, each answered with
     /// a status or an integer, takes up to 2048 of them. On an error the round's commands and
-    /// those after it get `None`.
-    fn pipeline(&mut self, mut cmds: Vec<Command>) -> io::Result<()> {
+    /// those after it get `None`, except after a round of one command too large for a round
+    /// ([`Stopped::TooLarge`]): the commands after it are given back unsent.
+    fn pipeline(&mut self, mut cmds: Vec<Command>) -> Result<(), Stopped> {
         loop {
-            let per_round = round_len(cmds.iter().map(|c| c.max_reply)).min(write_round_len(
-                cmds.iter().map(|c| c.args.iter().map(|a| a.len()).sum()),
-            ));
-            if per_round >= cmds.len() {
-                break;
-            }
-            let rest = cmds.split_off(per_round);
+            let per_round = round_len(cmds.iter().map(|c| c.max_reply))
+                .min(write_round_len(cmds.iter().map(args_len)));
+            let rest = cmds.split_off(per_round.min(cmds.len()));
+            let too_large = cmds.len() == 1 && args_len(&cmds[0]) > MAX_ROUND_WRITE_BYTES;
             if let Err(e) = self.round(cmds) {
+                if too_large {
+                    return Err(Stopped::TooLarge(rest));
+                }
                 fail_commands(rest);
-                return Err(e);
+                return Err(Stopped::Link(e));
+            }
+            if rest.is_empty() {
+                return Ok(());
             }
             cmds = rest;
         }
-        self.round(cmds)
     }
 
     /// Sends plain commands as one pipeline and hands each its answer once the round is read
@@ -1211,6 +1269,68 @@ mod tests {
             assert_eq!(got, Ok(true), "answer {i} of the first round");
         }
         server.stop(thread);
+    }
+
+    /// A write of an entry too large to move within `timeout` fails alone: the link stays up,
+    /// the command queued behind it is answered on a fresh connection, and the write is
+    /// counted. The server never reads past its first command on the first connection, so a
+    /// 32 MiB `SET` cannot be written within the round's `timeout` (more than loopback's
+    /// socket buffers hold). Before, that round marked the link down for `retry_interval`,
+    /// and the lookup behind it failed with it (a miss, and every lookup after it for a
+    /// second), each time such an entry was written.
+    #[test]
+    fn a_write_too_large_for_the_timeout_fails_alone_and_leaves_the_link_up() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (first_read, first_seen) = std::sync::mpsc::channel::<()>();
+        let (go, answer_first) = std::sync::mpsc::channel::<()>();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut first, _)) = l.accept() else {
+                return;
+            };
+            let mut chunk = [0u8; 4096];
+            if !matches!(first.read(&mut chunk), Ok(n) if n > 0) {
+                return;
+            }
+            let _ = first_read.send(());
+            let _ = answer_first.recv();
+            if first.write_all(b"$1\r\nx\r\n").is_err() {
+                return;
+            }
+            // `first` is read no more (and stays open): the large write stalls on it.
+            let Ok((mut second, _)) = l.accept() else {
+                return;
+            };
+            answer_after(&mut second, b"\r\nGET", 1, b"$1\r\nv\r\n");
+            let _ = wait.recv();
+        });
+        let (link, thread) = link_to(addr, "cache", "1s");
+        link.command(command(&[b"GET", b"first"], SMALL_REPLY_BYTES, None));
+        first_seen
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the first command reaches the server");
+        let entry = bytes::Bytes::from(vec![b'e'; 32 << 20]);
+        let (set_tx, set_rx) = std::sync::mpsc::channel::<bool>();
+        let (get_tx, get_rx) = std::sync::mpsc::channel::<bool>();
+        let mut set = command(&[b"SET", b"big"], SMALL_REPLY_BYTES, Some(set_tx));
+        set.args.push(entry);
+        link.command(set);
+        link.command(command(&[b"GET", b"k"], SMALL_REPLY_BYTES, Some(get_tx)));
+        let _ = go.send(());
+        assert_eq!(set_rx.recv_timeout(Duration::from_secs(30)), Ok(false));
+        assert_eq!(
+            get_rx.recv_timeout(Duration::from_secs(30)),
+            Ok(true),
+            "the lookup behind the large write is answered"
+        );
+        assert!(!link.is_down());
+        assert_eq!(link.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
+        thread.0.store(true, Ordering::SeqCst);
+        let _ = done.send(());
+        let _ = server.join();
+        let _ = thread.1.join();
     }
 
     /// A round's depth follows each command's own reply bound, not the longest reply of the

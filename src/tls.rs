@@ -1101,9 +1101,13 @@ pub const CLOSE_TAIL_WAIT: std::time::Duration = std::time::Duration::from_secs(
 pub const LATE_CLOSES_MAX: usize = 256;
 
 thread_local! {
-    /// `None`: this thread runs no runtime that allows late closes; `Some(n)`: it does, and
-    /// `n` are under way.
-    static LATE: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Guards ([`LateCloses`]) alive on this thread: late closes are allowed while it is not
+    /// 0. A count, not a flag, so that a second guard (nested, or another on the same thread)
+    /// dropped first does not end them for the first.
+    static LATE_GUARDS: Cell<usize> = const { Cell::new(0) };
+    /// Late closes under way on this thread (their tasks not yet dropped). Kept apart from the
+    /// guards: a guard taken while some are under way does not forget them.
+    static LATE: Cell<usize> = const { Cell::new(0) };
     /// How long a late close waits: [`CLOSE_TAIL_WAIT`], unless a test says otherwise.
     static LATE_WAIT: Cell<std::time::Duration> = const { Cell::new(CLOSE_TAIL_WAIT) };
 }
@@ -1119,9 +1123,10 @@ thread_local! {
 pub struct LateCloses(());
 
 impl LateCloses {
-    /// Allows late closes on this thread until the guard is dropped.
+    /// Allows late closes on this thread until the guard is dropped (guards nest: late closes
+    /// stay allowed until the last one is dropped).
     pub fn allow() -> LateCloses {
-        LATE.with(|l| l.set(Some(0)));
+        LATE_GUARDS.with(|g| g.set(g.get() + 1));
         LateCloses(())
     }
 
@@ -1134,7 +1139,7 @@ impl LateCloses {
 
     /// Late closes under way on this thread.
     pub fn pending() -> usize {
-        LATE.with(|l| l.get().unwrap_or(0))
+        LATE.with(|l| l.get())
     }
 
     /// Hands `tail` to a task that sends it on a duplicate of `tcp`'s descriptor (the socket
@@ -1142,19 +1147,22 @@ impl LateCloses {
     /// are not allowed here or too many are under way, or the descriptor cannot be duplicated.
     fn hand_off(tcp: &TcpStream, tail: Vec<u8>) -> bool {
         use std::os::fd::{AsRawFd, BorrowedFd};
-        let under_way = match LATE.with(|l| l.get()) {
-            Some(n) if n < LATE_CLOSES_MAX => n,
-            _ => return false,
-        };
+        if LATE_GUARDS.with(|g| g.get()) == 0 || LateCloses::pending() >= LATE_CLOSES_MAX {
+            return false;
+        }
         // SAFETY: the descriptor is `tcp`'s own, which keeps it open while `tcp` is borrowed
         // (all of this function); `fd` serves only to make the duplicate on the next line.
         let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
         let Ok(dup) = fd.try_clone_to_owned() else {
             return false;
         };
-        LATE.with(|l| l.set(Some(under_way + 1)));
+        // Counted before the task is spawned, and counted down by `done`, which the task owns
+        // from the start: a task dropped before its first poll (the runtime dropped with it
+        // queued) counts down too. Before, the guard was made inside the task, so such a task
+        // left the count raised for good.
+        let done = LateDone::start();
         monoio::spawn(async move {
-            let _done = LateDone;
+            let _done = done;
             let Ok(mut s) = TcpStream::from_std(std::net::TcpStream::from(dup)) else {
                 return;
             };
@@ -1170,22 +1178,30 @@ impl LateCloses {
 
 impl Drop for LateCloses {
     fn drop(&mut self) {
-        let _ = LATE.try_with(|l| l.set(None));
-        let _ = LATE_WAIT.try_with(|w| w.set(CLOSE_TAIL_WAIT));
+        let _ = LATE_GUARDS.try_with(|g| {
+            let left = g.get().saturating_sub(1);
+            g.set(left);
+            if left == 0 {
+                let _ = LATE_WAIT.try_with(|w| w.set(CLOSE_TAIL_WAIT));
+            }
+        });
     }
 }
 
-/// Counts a late close as done however its task ends (sent, timed out, dropped with the
-/// runtime).
-struct LateDone;
+/// One late close under way: counted when made, counted as done when dropped, however its
+/// task ends (sent, timed out, dropped with the runtime, polled or not).
+struct LateDone(());
+
+impl LateDone {
+    fn start() -> LateDone {
+        LATE.with(|l| l.set(l.get() + 1));
+        LateDone(())
+    }
+}
 
 impl Drop for LateDone {
     fn drop(&mut self) {
-        let _ = LATE.try_with(|l| {
-            if let Some(n) = l.get() {
-                l.set(Some(n.saturating_sub(1)));
-            }
-        });
+        let _ = LATE.try_with(|l| l.set(l.get().saturating_sub(1)));
     }
 }
 
@@ -1418,6 +1434,76 @@ pub async fn close_notify<S: AsyncWriteRent>(s: &mut S, limit: std::time::Durati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected loopback pair: the runtime's end (made inside it) and the peer's, which
+    /// reads nothing.
+    fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        (ours, peer)
+    }
+
+    fn timer_runtime() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+    }
+
+    /// RFC 8446 §6.1 late closes: a late close whose task is dropped before it was ever polled
+    /// (its runtime dropped with the task still queued) is counted as done. Before, the
+    /// counting guard was made inside the task, so such a task left the count raised for as
+    /// long as the thread lived.
+    #[test]
+    fn rfc8446_6_1_a_late_close_dropped_before_its_first_poll_is_counted_as_done() {
+        let _late = LateCloses::allow();
+        let (ours, _peer) = loopback_pair();
+        let mut rt = timer_runtime();
+        rt.block_on(async move {
+            let tcp = TcpStream::from_std(ours).unwrap();
+            assert!(LateCloses::hand_off(&tcp, b"tail".to_vec()));
+            assert_eq!(LateCloses::pending(), 1);
+            // Returns without yielding: the task is never polled.
+        });
+        drop(rt);
+        assert_eq!(LateCloses::pending(), 0, "the dropped task counted down");
+    }
+
+    /// RFC 8446 §6.1 late closes: guards on one thread nest. A second guard neither forgets
+    /// the late closes under way nor, once dropped, ends late closes for the first. Before,
+    /// each guard set the count to 0 when made and to "not allowed" when dropped.
+    #[test]
+    fn rfc8446_6_1_late_close_guards_nest() {
+        let (a, _pa) = loopback_pair();
+        let (b, _pb) = loopback_pair();
+        let (c, _pc) = loopback_pair();
+        let mut rt = timer_runtime();
+        rt.block_on(async move {
+            let (a, b, c) = (
+                TcpStream::from_std(a).unwrap(),
+                TcpStream::from_std(b).unwrap(),
+                TcpStream::from_std(c).unwrap(),
+            );
+            let outer = LateCloses::allow();
+            assert!(LateCloses::hand_off(&a, b"tail".to_vec()));
+            let inner = LateCloses::allow();
+            assert_eq!(LateCloses::pending(), 1, "a second guard keeps the count");
+            drop(inner);
+            assert!(
+                LateCloses::hand_off(&b, b"tail".to_vec()),
+                "still allowed while the first guard lives"
+            );
+            assert_eq!(LateCloses::pending(), 2);
+            drop(outer);
+            assert!(
+                !LateCloses::hand_off(&c, b"tail".to_vec()),
+                "not allowed once no guard is left"
+            );
+        });
+        drop(rt);
+        assert_eq!(LateCloses::pending(), 0);
+    }
 
     /// A DER element: tag, short length, content.
     fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {

@@ -494,6 +494,7 @@ impl WorkerMetrics {
                 round_trips: get(&r.round_trips),
                 failures: get(&r.failures),
                 commands_refused: get(&r.commands_refused),
+                commands_too_large: get(&r.commands_too_large),
                 lookups: get(&l.gets),
                 found: get(&l.found),
                 writes: get(&l.sets),
@@ -623,6 +624,9 @@ pub struct CacheRedisSample {
     pub failures: u64,
     /// Commands refused because the link's queue was full (`redis::MAX_QUEUED_COMMANDS`).
     pub commands_refused: u64,
+    /// Commands given up alone, the link left up, because they could not be written and
+    /// answered within `timeout` (`redis::RedisLink::commands_too_large`).
+    pub commands_too_large: u64,
     /// `GET`s of entries asked, entries found (and used), entries written.
     pub lookups: u64,
     pub found: u64,

@@ -538,7 +538,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             "1 while the Redis link of the response cache's shared layer is up.",
         );
         e.sample("ringway_cache_redis_up", &[], r.up as u64);
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 8] = [
             (
                 "ringway_cache_redis_commands_total",
                 "Commands the cache's Redis link sent in rounds.",
@@ -558,6 +558,11 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
                 "ringway_cache_redis_commands_refused_total",
                 "Cache commands refused because the Redis link's queue was full: a lookup missed, a write dropped.",
                 r.commands_refused,
+            ),
+            (
+                "ringway_cache_redis_commands_too_large_total",
+                "Cache commands over 1 MiB given up alone, the link left up, because they could not be written and answered within the link's timeout.",
+                r.commands_too_large,
             ),
             (
                 "ringway_cache_redis_lookups_total",
