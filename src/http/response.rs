@@ -43,9 +43,6 @@ pub struct ResponseHead {
     /// The upstream allows reusing the connection after this response.
     pub keep_alive: bool,
     pub connection_options: bool,
-    /// A `Cache-Status` line is among the fields (the response cache looks for members that
-    /// claim its name only then).
-    pub cache_status: bool,
     /// How the upstream's `Content-Length` goes to the client.
     pub length_line: LengthLine,
 }
@@ -74,7 +71,6 @@ impl Default for ResponseHead {
             body: RespBody::None,
             keep_alive: true,
             connection_options: false,
-            cache_status: false,
             length_line: LengthLine::AsIs,
         }
     }
@@ -142,7 +138,6 @@ pub fn parse_response(
     };
     out.headers.clear();
     out.connection_options = false;
-    out.cache_status = false;
 
     let mut content_length: Option<u64> = None;
     // Lines of it, and whether one was a list.
@@ -183,8 +178,6 @@ pub fn parse_response(
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
             conn.add(value);
-        } else if name.eq_ignore_ascii_case(b"cache-status") {
-            out.cache_status = true;
         }
     }
     // A transfer coding other than chunked (gzip, compress, deflate, an unknown one) is not
