@@ -16,9 +16,10 @@
 //! marked down, logged once, and tried again every `retry_interval`; the buckets then follow
 //! `on_failure` (local buckets, or 503). Recovery (Redis answering, not only accepting a
 //! connection) is logged once too; a link that keeps going down and up logs at most once a
-//! minute (see `RedisLink::set_down`). A round of one plain command larger than a round's
-//! writes (an entry over 1 MiB) that fails is put down to its size, not to the link: that
-//! command alone is given up and counted (see `Stopped::TooLarge`).
+//! minute (see `RedisLink::set_down`). A round of plain commands that fails while it writes
+//! one command, or reads one reply, larger than a round's writes (an entry over 1 MiB) is put
+//! down to that size, not to the link: that command alone is given up and counted (see
+//! `RoundFailed::TooLarge`).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -197,9 +198,10 @@ pub struct RedisLink {
     pub commands_refused: AtomicU64,
     /// Demands refused because [`MAX_QUEUED_DEMANDS`] were queued (see [`RedisLink::submit`]).
     pub demands_refused: AtomicU64,
-    /// Commands given up alone, without marking the link down, because a round of that one
-    /// command, larger than a round's writes ([`MAX_ROUND_WRITE_BYTES`]), failed: an entry too
-    /// large to move within `timeout` (see [`Stopped::TooLarge`]).
+    /// Commands given up alone, without marking the link down, because their round failed
+    /// while it wrote that command or read its reply, larger than a round's writes
+    /// ([`MAX_ROUND_WRITE_BYTES`]): an entry too large to move within `timeout` (see
+    /// [`RoundFailed::TooLarge`]).
     pub commands_too_large: AtomicU64,
     /// Workers that wait on answers: rung after each round (see `crate::doorbell`).
     pub doorbells: crate::doorbell::Rings,
@@ -296,19 +298,41 @@ impl RedisLink {
     }
 
     /// Puts `cmds` back at the head of the command queue, before those queued since (they
-    /// were admitted once, and keep their order).
+    /// were admitted once, and keep their order). The queue stays within its bounds
+    /// ([`MAX_QUEUED_COMMANDS`], [`MAX_QUEUED_BYTES`], one command whatever its size): the
+    /// newest commands past them are refused as [`RedisLink::command`] refuses them (`None`,
+    /// counted in [`RedisLink::commands_refused`]). The queue filled up again while `cmds`
+    /// were out; before, both were kept, so each large write given up could grow the queue by
+    /// another 4096 commands or 64 MiB.
     fn requeue(&self, mut cmds: Vec<Command>) {
         if cmds.is_empty() {
             return;
         }
-        let size: usize = cmds.iter().map(args_len).sum();
         let mut q = self
             .commands_queue
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        q.bytes += size;
         cmds.append(&mut q.cmds);
+        let (mut kept, mut bytes) = (0, 0usize);
+        for c in &cmds {
+            let size = args_len(c);
+            if kept >= MAX_QUEUED_COMMANDS
+                || (kept > 0 && bytes.saturating_add(size) > MAX_QUEUED_BYTES)
+            {
+                break;
+            }
+            kept += 1;
+            bytes += size;
+        }
+        let refused = cmds.split_off(kept);
         q.cmds = cmds;
+        q.bytes = bytes;
+        drop(q);
+        if !refused.is_empty() {
+            self.commands_refused
+                .fetch_add(refused.len() as u64, Ordering::Relaxed);
+            fail_commands(refused);
+        }
     }
 
     /// Marks the link down after a failure. Going down is logged, but at most once per
@@ -455,10 +479,10 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
                     link.count(c);
                     match sent {
                         Ok(()) => {}
-                        // The connection may hold half a command: it is dropped, and the
-                        // commands after the large one go on a fresh connection (the next
-                        // pass opens it), whose opening and first round tell whether Redis
-                        // still answers.
+                        // The connection may hold half a command, or half a reply: it is
+                        // dropped, and the commands after the large one go on a fresh
+                        // connection (the next pass opens it), whose opening and first round
+                        // tell whether Redis still answers.
                         Err(Stopped::TooLarge(rest)) => {
                             conn = None;
                             link.commands_too_large.fetch_add(1, Ordering::Relaxed);
@@ -538,15 +562,46 @@ fn args_len(c: &Command) -> usize {
 enum Stopped {
     /// The link failed: the round's commands and those after it got `None`.
     Link(io::Error),
-    /// A round of one command larger than a round's writes ([`MAX_ROUND_WRITE_BYTES`]) failed
-    /// (late, or broken off): that command got `None`; the commands after it (here) were not
-    /// sent. Such a round is put down to its own size, not to the link: a round is written and
-    /// answered within one `timeout`, and a command always goes whole in one round, so an
-    /// entry that the link cannot move within `timeout` (16 MiB takes about 18 ms on
-    /// loopback, 1 GiB may be configured) would otherwise mark the link down for
-    /// `retry_interval` each time it is written, every lookup missing meanwhile. A Redis that
-    /// really stopped answering is found by the next round.
+    /// A round failed (late, or broken off) while it moved one command or one reply larger
+    /// than a round's writes ([`MAX_ROUND_WRITE_BYTES`]), see [`RoundFailed::TooLarge`]: the
+    /// round's commands got their answers or `None`; the commands after it (here) were not
+    /// sent. Such a round is put down to that size, not to the link: a round is written and
+    /// answered within one `timeout`, and a command or a reply always goes whole in one
+    /// round, so an entry that the link cannot move within `timeout` (16 MiB takes about
+    /// 18 ms on loopback, 1 GiB may be configured) would otherwise mark the link down for
+    /// `retry_interval` each time it is written or read, every lookup missing meanwhile. A
+    /// Redis that really stopped answering is found by the next round.
     TooLarge(Vec<Command>),
+}
+
+/// Why one round of plain commands failed ([`Conn::round`]).
+enum RoundFailed {
+    /// The link failed: every command of the round got `None`.
+    Link(io::Error),
+    /// The round was late or broken off ([`late_or_broken`]) while it wrote its one command
+    /// larger than [`MAX_ROUND_WRITE_BYTES`] (or waited for that command's answer), or while
+    /// it read a bulk string whose declared length (its header, read before its body) is
+    /// larger than that: the commands answered before it got their answers, that command and
+    /// those after it `None` (they were sent, and may have run: a script is not sent again).
+    /// A round that fails with no such write or reply in progress (a silent Redis, a small
+    /// reply cut off) is the link's failure.
+    TooLarge,
+}
+
+/// An error that says the round was late or its connection broken off, as a large write or
+/// reply meets when the link cannot move it within `timeout`; a malformed or hostile reply
+/// (`InvalidData`) is never put down to size.
+fn late_or_broken(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::WriteZero
+    )
 }
 
 fn fail_commands(cmds: Vec<Command>) {
@@ -575,6 +630,9 @@ struct Conn {
     /// Round trips and commands sent since the link last counted them ([`RedisLink::count`]).
     rounds: u64,
     sent: u64,
+    /// Whether the reply [`Conn::read_frame`] reads (or read last) is a bulk string declared
+    /// longer than [`MAX_ROUND_WRITE_BYTES`] (see [`RoundFailed::TooLarge`]).
+    large_reply: bool,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -600,6 +658,7 @@ impl Conn {
             timeout: t,
             rounds: 0,
             sent: 0,
+            large_reply: false,
         };
         if let Some(p) = &cfg.password {
             match c.call(&[b"AUTH", p.as_bytes()])? {
@@ -690,8 +749,10 @@ impl Conn {
     /// `max_entry_bytes` is larger writes; breaking the link on it would take the shared layer
     /// away from this host for `retry_interval` each time the entry is asked for.
     fn read_frame(&mut self, deadline: Instant, max_reply: usize) -> io::Result<BytesFrame> {
+        self.large_reply = false;
         loop {
             if let Some(len) = bulk_len(&self.rbuf) {
+                self.large_reply = len > MAX_ROUND_WRITE_BYTES;
                 if len > max_reply {
                     if len > MAX_REPLY_BYTES {
                         return Err(proto_err("bulk string too large"));
@@ -805,20 +866,21 @@ impl Conn {
     /// answering each of 4096 queued lookups with the longest reply would otherwise have the
     /// link hold 4096 of them (32 GiB of 8 MiB replies). A round of writes, each answered with
     /// a status or an integer, takes up to 2048 of them. On an error the round's commands and
-    /// those after it get `None`, except after a round of one command too large for a round
-    /// ([`Stopped::TooLarge`]): the commands after it are given back unsent.
+    /// those after it get `None`, except after a round that failed on one command or reply
+    /// too large for a round ([`Stopped::TooLarge`]): the commands after it are given back
+    /// unsent.
     fn pipeline(&mut self, mut cmds: Vec<Command>) -> Result<(), Stopped> {
         loop {
             let per_round = round_len(cmds.iter().map(|c| c.max_reply))
                 .min(write_round_len(cmds.iter().map(args_len)));
             let rest = cmds.split_off(per_round.min(cmds.len()));
-            let too_large = cmds.len() == 1 && args_len(&cmds[0]) > MAX_ROUND_WRITE_BYTES;
-            if let Err(e) = self.round(cmds) {
-                if too_large {
-                    return Err(Stopped::TooLarge(rest));
+            match self.round(cmds) {
+                Ok(()) => {}
+                Err(RoundFailed::TooLarge) => return Err(Stopped::TooLarge(rest)),
+                Err(RoundFailed::Link(e)) => {
+                    fail_commands(rest);
+                    return Err(Stopped::Link(e));
                 }
-                fail_commands(rest);
-                return Err(Stopped::Link(e));
             }
             if rest.is_empty() {
                 return Ok(());
@@ -830,9 +892,11 @@ impl Conn {
     /// Sends plain commands as one pipeline and hands each its answer once the round is read
     /// whole and held nothing more (see [`Conn::expect_nothing`], which `run` checks before
     /// the first round); on an error every command gets `None`. Writing the commands and
-    /// reading their answers share one deadline, `timeout` away.
-    fn round(&mut self, cmds: Vec<Command>) -> io::Result<()> {
+    /// reading their answers share one deadline, `timeout` away. A round that fails while it
+    /// moves one large command or reply fails that command alone ([`RoundFailed::TooLarge`]).
+    fn round(&mut self, cmds: Vec<Command>) -> Result<(), RoundFailed> {
         self.wbuf.clear();
+        let large_write = cmds.len() == 1 && args_len(&cmds[0]) > MAX_ROUND_WRITE_BYTES;
         let encoded = cmds.iter().try_for_each(|c| {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
             encode_command(&mut self.wbuf, &args)
@@ -840,22 +904,37 @@ impl Conn {
         let deadline = Instant::now() + self.timeout;
         if let Err(e) = encoded.and_then(|_| self.send(deadline)) {
             fail_commands(cmds);
-            return Err(e);
+            if large_write && late_or_broken(&e) {
+                return Err(RoundFailed::TooLarge);
+            }
+            return Err(RoundFailed::Link(e));
         }
         self.sent += cmds.len() as u64;
         let mut answers = Vec::with_capacity(cmds.len());
         for c in &cmds {
             match self.read_frame(deadline, c.max_reply) {
                 Ok(f) => answers.push(f),
+                Err(e) if (large_write || self.large_reply) && late_or_broken(&e) => {
+                    // The answers read so far are whole and in order: they are handed out;
+                    // the command being read, and those after it, get `None`.
+                    let mut answers = answers.into_iter();
+                    for c in cmds {
+                        let a = answers.next();
+                        if let Some(d) = c.done {
+                            d(a);
+                        }
+                    }
+                    return Err(RoundFailed::TooLarge);
+                }
                 Err(e) => {
                     fail_commands(cmds);
-                    return Err(e);
+                    return Err(RoundFailed::Link(e));
                 }
             }
         }
         if let Err(e) = self.nothing_left() {
             fail_commands(cmds);
-            return Err(e);
+            return Err(RoundFailed::Link(e));
         }
         for (c, f) in cmds.into_iter().zip(answers) {
             if let Some(d) = c.done {
@@ -1333,6 +1412,275 @@ mod tests {
         let _ = thread.1.join();
     }
 
+    /// Reads from `s` until `needle` has been seen.
+    /// Only the bytes a match may still end in are kept (a 2 MiB command is read in a
+    /// blink).
+    fn read_until(s: &mut TcpStream, needle: &[u8]) {
+        let (mut seen, mut chunk) = (Vec::new(), [0u8; 64 * 1024]);
+        while !seen.windows(needle.len()).any(|w| w == needle) {
+            let keep = seen.len().saturating_sub(needle.len());
+            seen.drain(..keep);
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The commands given back after a large write keep the queue within its bounds: while
+    /// a 32 MiB `SET` is being written (the server reads no more of it, then drops the
+    /// connection), 4096 more lookups fill the queue again; the 4095 lookups given back go
+    /// first and the newest 4095 are refused (`None`, counted), as a full queue refuses them.
+    /// Before, both were kept (8191 queued, past `MAX_QUEUED_COMMANDS`), so each large write
+    /// given up could grow the queue by another 4096 commands or 64 MiB.
+    #[test]
+    fn commands_given_back_after_a_large_write_keep_the_queue_within_its_bounds() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
+        let (go, answer_first) = std::sync::mpsc::channel::<()>();
+        let (cut, cut_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut first, _)) = l.accept() else {
+                return;
+            };
+            read_until(&mut first, b"first");
+            let _ = seen_tx.send(());
+            let _ = answer_first.recv();
+            if first.write_all(b"$1\r\nx\r\n").is_err() {
+                return;
+            }
+            // The large write has begun: it stalls here until the test has queued more,
+            // then the connection is dropped under it (unread bytes: a reset).
+            read_until(&mut first, b"SET");
+            let _ = seen_tx.send(());
+            let _ = cut_rx.recv();
+            drop(first);
+            let Ok((mut second, _)) = l.accept() else {
+                return;
+            };
+            answer_each(&mut second, b"\r\nGET", usize::MAX, b"$1\r\nv\r\n");
+        });
+        let (link, thread) = link_to(addr, "cache", "30s");
+        link.command(command(&[b"GET", b"first"], SMALL_REPLY_BYTES, None));
+        seen.recv_timeout(Duration::from_secs(10))
+            .expect("the first command reaches the server");
+        let (set_tx, set_rx) = std::sync::mpsc::channel::<bool>();
+        let mut set = command(&[b"SET", b"big"], SMALL_REPLY_BYTES, Some(set_tx));
+        set.args.push(bytes::Bytes::from(vec![b'e'; 32 << 20]));
+        link.command(set);
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        for _ in 0..MAX_QUEUED_COMMANDS - 1 {
+            link.command(command(
+                &[b"GET", b"k"],
+                SMALL_REPLY_BYTES,
+                Some(tx.clone()),
+            ));
+        }
+        let _ = go.send(());
+        seen.recv_timeout(Duration::from_secs(10))
+            .expect("the large write reaches the server");
+        for _ in 0..MAX_QUEUED_COMMANDS {
+            link.command(command(
+                &[b"GET", b"k"],
+                SMALL_REPLY_BYTES,
+                Some(tx.clone()),
+            ));
+        }
+        let _ = cut.send(());
+        assert_eq!(set_rx.recv_timeout(Duration::from_secs(30)), Ok(false));
+        let (mut answered, mut refused) = (0, 0);
+        for _ in 0..2 * MAX_QUEUED_COMMANDS - 1 {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(true) => answered += 1,
+                Ok(false) => refused += 1,
+                Err(e) => panic!("a lookup got no answer: {e}"),
+            }
+        }
+        assert_eq!(
+            (answered, refused),
+            (MAX_QUEUED_COMMANDS, MAX_QUEUED_COMMANDS - 1)
+        );
+        assert_eq!(
+            link.commands_refused.load(Ordering::Relaxed),
+            MAX_QUEUED_COMMANDS as u64 - 1
+        );
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
+        assert!(!link.is_down());
+        thread.0.store(true, Ordering::SeqCst);
+        let _ = thread.1.join();
+        let _ = server.join();
+    }
+
+    /// A round of lookups `a`, `big`, `c` whose answer to `big` declares an 8 MiB bulk string
+    /// (over `MAX_ROUND_WRITE_BYTES`) and then stalls, `big_reply` being the lookup's bound.
+    /// Returns whether `a`, `big`, `c` were answered and whether the lookup `k` queued after
+    /// them was, on a fresh connection.
+    fn a_large_reply_stalls(big_reply: usize) -> (Arc<RedisLink>, [Result<bool, String>; 4]) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
+        let (go, answer_first) = std::sync::mpsc::channel::<()>();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let Ok((mut first, _)) = l.accept() else {
+                return;
+            };
+            read_until(&mut first, b"first");
+            let _ = seen_tx.send(());
+            let _ = answer_first.recv();
+            if first.write_all(b"$1\r\nx\r\n").is_err() {
+                return;
+            }
+            read_until(&mut first, b"\r\nc\r\n");
+            // `a` whole, then only the header and a few bytes of `big`: `first` says no
+            // more, and stays open.
+            if first.write_all(b"$1\r\na\r\n$8388608\r\neeee").is_err() {
+                return;
+            }
+            if let Ok((mut second, _)) = l.accept() {
+                answer_each(&mut second, b"\r\nGET", usize::MAX, b"$1\r\nv\r\n");
+            }
+            let _ = wait.recv();
+        });
+        let (link, thread) = link_to(addr, "cache", "1s");
+        link.command(command(&[b"GET", b"first"], SMALL_REPLY_BYTES, None));
+        seen.recv_timeout(Duration::from_secs(10))
+            .expect("the first command reaches the server");
+        let mut rxs = Vec::new();
+        let batch: [(&'static [u8], usize); 3] =
+            [(b"a", 16 << 20), (b"big", big_reply), (b"c", 16 << 20)];
+        for (key, bound) in batch {
+            let (tx, rx) = std::sync::mpsc::channel::<bool>();
+            link.command(command(&[b"GET", key], bound, Some(tx)));
+            rxs.push(rx);
+        }
+        let _ = go.send(());
+        let wait_for = |rx: &std::sync::mpsc::Receiver<bool>| {
+            rx.recv_timeout(Duration::from_secs(30))
+                .map_err(|e| e.to_string())
+        };
+        let [a, big, c] = [&rxs[0], &rxs[1], &rxs[2]].map(wait_for);
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        link.command(command(&[b"GET", b"k"], SMALL_REPLY_BYTES, Some(tx)));
+        let k = wait_for(&rx);
+        thread.0.store(true, Ordering::SeqCst);
+        let _ = thread.1.join();
+        let _ = done.send(());
+        // A link that never opened a second connection leaves the server waiting for one.
+        drop(TcpStream::connect(addr));
+        let _ = server.join();
+        (link, [a, big, c, k])
+    }
+
+    /// A lookup whose reply declares a bulk string over a round's bytes (an entry written by
+    /// a host with a larger `timeout` or `max_entry_bytes`) and does not come whole within
+    /// `timeout` fails alone, as a large write does: the answer before it is handed out, it
+    /// and the lookup after it in its round get `None`, the connection is dropped (it holds
+    /// half a reply), the link stays up, and the next lookup is answered on a fresh
+    /// connection. Before, the round marked the link down for `retry_interval`: every lookup
+    /// a miss meanwhile, each time such an entry was asked for. Here the reply fits the
+    /// lookup's bound (it would be read and kept).
+    #[test]
+    fn a_reply_too_large_for_the_timeout_fails_its_lookup_alone_and_leaves_the_link_up() {
+        let (link, got) = a_large_reply_stalls(16 << 20);
+        assert_eq!(got, [Ok(true), Ok(false), Ok(false), Ok(true)]);
+        assert!(!link.is_down());
+        assert_eq!(link.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
+    }
+
+    /// As above, with a reply longer than the lookup's bound (read and thrown away as it
+    /// arrives, see `Conn::read_frame`).
+    #[test]
+    fn a_reply_too_large_to_skip_within_the_timeout_fails_its_lookup_alone() {
+        let (link, got) = a_large_reply_stalls(SMALL_REPLY_BYTES);
+        assert_eq!(got, [Ok(true), Ok(false), Ok(false), Ok(true)]);
+        assert!(!link.is_down());
+        assert_eq!(link.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
+    }
+
+    /// A Redis that does not answer a lookup, that cuts a small reply short, or that declares
+    /// a bulk string longer than any entry (`MAX_REPLY_BYTES`) still marks the link down:
+    /// only a reply declared over a round's bytes, late or cut off, is put down to its size.
+    /// The server would answer lookups on a second connection, which a link left up would
+    /// open.
+    #[test]
+    fn a_silent_redis_or_a_small_reply_cut_short_still_marks_the_link_down() {
+        for reply in [&b""[..], b"$100\r\nabc", b"$99999999999\r\n"] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let server = std::thread::spawn(move || {
+                let Ok((mut first, _)) = l.accept() else {
+                    return;
+                };
+                read_until(&mut first, b"GET");
+                if first.write_all(reply).is_err() {
+                    return;
+                }
+                // A second connection, if the link opens one, is answered (the test opens
+                // one of its own at the end, so that this one returns).
+                if let Ok((mut second, _)) = l.accept() {
+                    answer_each(&mut second, b"\r\nGET", usize::MAX, b"$1\r\nv\r\n");
+                }
+            });
+            let (link, thread) = link_to(addr, "cache", "1s");
+            let (tx, rx) = std::sync::mpsc::channel::<bool>();
+            link.command(command(&[b"GET", b"x"], 16 << 20, Some(tx.clone())));
+            assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(false));
+            link.command(command(&[b"GET", b"k"], 16 << 20, Some(tx)));
+            assert_eq!(
+                rx.recv_timeout(Duration::from_secs(30)),
+                Ok(false),
+                "reply {reply:?}: the lookup after it fails"
+            );
+            assert!(link.is_down(), "reply {reply:?}");
+            assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 0);
+            thread.0.store(true, Ordering::SeqCst);
+            let _ = thread.1.join();
+            drop(TcpStream::connect(addr));
+            let _ = server.join();
+        }
+    }
+
+    /// A large write answered with a malformed reply (a broken or hostile server, not a
+    /// slow link) marks the link down: only a round late or broken off is put down to its
+    /// size. Before, any failure of a round of one write over 1 MiB was.
+    #[test]
+    fn a_large_write_answered_with_a_malformed_reply_marks_the_link_down() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let Ok((mut first, _)) = l.accept() else {
+                return;
+            };
+            read_until(&mut first, b"eeee\r\n");
+            if first.write_all(b"?bad\r\n").is_err() {
+                return;
+            }
+            // A second connection, if the link opens one, is answered (the test opens one of
+            // its own at the end, so that this one returns).
+            if let Ok((mut second, _)) = l.accept() {
+                answer_each(&mut second, b"\r\nGET", usize::MAX, b"$1\r\nv\r\n");
+            }
+        });
+        let (link, thread) = link_to(addr, "cache", "10s");
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        let mut set = command(&[b"SET", b"big"], SMALL_REPLY_BYTES, Some(tx.clone()));
+        set.args.push(bytes::Bytes::from(vec![b'e'; 2 << 20]));
+        link.command(set);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(false));
+        link.command(command(&[b"GET", b"k"], SMALL_REPLY_BYTES, Some(tx)));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(false));
+        assert!(link.is_down());
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 0);
+        thread.0.store(true, Ordering::SeqCst);
+        let _ = thread.1.join();
+        drop(TcpStream::connect(addr));
+        let _ = server.join();
+    }
+
     /// A round's depth follows each command's own reply bound, not the longest reply of the
     /// link: 100 writes, each answered with a status ([`SMALL_REPLY_BYTES`]), go as one round,
     /// and a server that answers once it has them all answers every one. Before, every command
@@ -1468,10 +1816,11 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = std::thread::spawn(move || {
             let r = c.round(vec![set]);
-            let _ = tx.send(r.map_err(|e| e.kind()));
+            // A round of one write over a round's bytes, late: put down to its size.
+            let _ = tx.send(matches!(r, Err(RoundFailed::TooLarge)));
         });
         let got = rx.recv_timeout(Duration::from_secs(10));
-        assert_eq!(got, Ok(Err(io::ErrorKind::TimedOut)));
+        assert_eq!(got, Ok(true));
         assert_eq!(answered.recv_timeout(Duration::from_secs(1)), Ok(false));
         let _ = writer.join();
         let read = server.join().expect("server");

@@ -624,8 +624,9 @@ pub struct CacheRedisSample {
     pub failures: u64,
     /// Commands refused because the link's queue was full (`redis::MAX_QUEUED_COMMANDS`).
     pub commands_refused: u64,
-    /// Commands given up alone, the link left up, because they could not be written and
-    /// answered within `timeout` (`redis::RedisLink::commands_too_large`).
+    /// Commands given up alone, the link left up, because they (over 1 MiB) could not be
+    /// written and answered, or their reply (over 1 MiB) read, within `timeout`
+    /// (`redis::RedisLink::commands_too_large`).
     pub commands_too_large: u64,
     /// `GET`s of entries asked, entries found (and used), entries written.
     pub lookups: u64,

@@ -561,7 +561,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             ),
             (
                 "ringway_cache_redis_commands_too_large_total",
-                "Cache commands over 1 MiB given up alone, the link left up, because they could not be written and answered within the link's timeout.",
+                "Cache commands given up alone, the link left up, because a write or a reply over 1 MiB could not be moved within the link's timeout.",
                 r.commands_too_large,
             ),
             (
