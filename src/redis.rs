@@ -1365,18 +1365,9 @@ mod tests {
         let (go, answer_first) = std::sync::mpsc::channel::<()>();
         let (done, wait) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let Ok((mut first, _)) = l.accept() else {
+            let Some(_first) = first_answered(&l, &first_read, &answer_first) else {
                 return;
             };
-            let mut chunk = [0u8; 4096];
-            if !matches!(first.read(&mut chunk), Ok(n) if n > 0) {
-                return;
-            }
-            let _ = first_read.send(());
-            let _ = answer_first.recv();
-            if first.write_all(b"$1\r\nx\r\n").is_err() {
-                return;
-            }
             // `first` is read no more (and stays open): the large write stalls on it.
             let Ok((mut second, _)) = l.accept() else {
                 return;
@@ -1412,6 +1403,22 @@ mod tests {
         let _ = thread.1.join();
     }
 
+    /// The first connection of a fake Redis: accepted, the link's first command (`GET
+    /// first`) read, `seen` told, and answered once `go` says so; `None` when the link went
+    /// away meanwhile.
+    fn first_answered(
+        l: &std::net::TcpListener,
+        seen: &std::sync::mpsc::Sender<()>,
+        go: &std::sync::mpsc::Receiver<()>,
+    ) -> Option<TcpStream> {
+        let (mut first, _) = l.accept().ok()?;
+        read_until(&mut first, b"first");
+        let _ = seen.send(());
+        let _ = go.recv();
+        first.write_all(b"$1\r\nx\r\n").ok()?;
+        Some(first)
+    }
+
     /// Reads from `s` until `needle` has been seen.
     /// Only the bytes a match may still end in are kept (a 2 MiB command is read in a
     /// blink).
@@ -1441,15 +1448,9 @@ mod tests {
         let (go, answer_first) = std::sync::mpsc::channel::<()>();
         let (cut, cut_rx) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let Ok((mut first, _)) = l.accept() else {
+            let Some(mut first) = first_answered(&l, &seen_tx, &answer_first) else {
                 return;
             };
-            read_until(&mut first, b"first");
-            let _ = seen_tx.send(());
-            let _ = answer_first.recv();
-            if first.write_all(b"$1\r\nx\r\n").is_err() {
-                return;
-            }
             // The large write has begun: it stalls here until the test has queued more,
             // then the connection is dropped under it (unread bytes: a reset).
             read_until(&mut first, b"SET");
@@ -1523,15 +1524,9 @@ mod tests {
         let (go, answer_first) = std::sync::mpsc::channel::<()>();
         let (done, wait) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let Ok((mut first, _)) = l.accept() else {
+            let Some(mut first) = first_answered(&l, &seen_tx, &answer_first) else {
                 return;
             };
-            read_until(&mut first, b"first");
-            let _ = seen_tx.send(());
-            let _ = answer_first.recv();
-            if first.write_all(b"$1\r\nx\r\n").is_err() {
-                return;
-            }
             read_until(&mut first, b"\r\nc\r\n");
             // `a` whole, then only the header and a few bytes of `big`: `first` says no
             // more, and stays open.
