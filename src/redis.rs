@@ -1240,16 +1240,10 @@ mod tests {
             let (go, answer_first) = std::sync::mpsc::channel::<()>();
             let (done, wait) = std::sync::mpsc::channel::<()>();
             let server = std::thread::spawn(move || {
-                let Ok((mut s, _)) = l.accept() else { return };
-                let mut chunk = [0u8; 4096];
-                if !matches!(s.read(&mut chunk), Ok(n) if n > 0) {
+                let Some(mut s) = first_answered(&l, &first_read, &answer_first, first_answer)
+                else {
                     return;
-                }
-                let _ = first_read.send(());
-                let _ = answer_first.recv();
-                if s.write_all(first_answer).is_err() {
-                    return;
-                }
+                };
                 rest(&mut s);
                 let _ = wait.recv();
             });
@@ -1365,7 +1359,8 @@ mod tests {
         let (go, answer_first) = std::sync::mpsc::channel::<()>();
         let (done, wait) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let Some(_first) = first_answered(&l, &first_read, &answer_first) else {
+            let Some(_first) = first_answered(&l, &first_read, &answer_first, b"$1\r\nx\r\n")
+            else {
                 return;
             };
             // `first` is read no more (and stays open): the large write stalls on it.
@@ -1403,19 +1398,24 @@ mod tests {
         let _ = thread.1.join();
     }
 
-    /// The first connection of a fake Redis: accepted, the link's first command (`GET
-    /// first`) read, `seen` told, and answered once `go` says so; `None` when the link went
-    /// away meanwhile.
+    /// The first connection of a fake Redis: accepted, the link's first command read (it
+    /// comes alone: nothing more is sent before its answer), `seen` told, and `answer` written
+    /// once `go` says so; `None` when the link went away meanwhile. (Serves [`Gated`] and the
+    /// tests whose first connection goes on its own way.)
     fn first_answered(
         l: &std::net::TcpListener,
         seen: &std::sync::mpsc::Sender<()>,
         go: &std::sync::mpsc::Receiver<()>,
+        answer: &[u8],
     ) -> Option<TcpStream> {
         let (mut first, _) = l.accept().ok()?;
-        read_until(&mut first, b"first");
+        let mut chunk = [0u8; 4096];
+        if !matches!(first.read(&mut chunk), Ok(n) if n > 0) {
+            return None;
+        }
         let _ = seen.send(());
         let _ = go.recv();
-        first.write_all(b"$1\r\nx\r\n").ok()?;
+        first.write_all(answer).ok()?;
         Some(first)
     }
 
@@ -1448,7 +1448,8 @@ mod tests {
         let (go, answer_first) = std::sync::mpsc::channel::<()>();
         let (cut, cut_rx) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let Some(mut first) = first_answered(&l, &seen_tx, &answer_first) else {
+            let Some(mut first) = first_answered(&l, &seen_tx, &answer_first, b"$1\r\nx\r\n")
+            else {
                 return;
             };
             // The large write has begun: it stalls here until the test has queued more,
@@ -1524,7 +1525,8 @@ mod tests {
         let (go, answer_first) = std::sync::mpsc::channel::<()>();
         let (done, wait) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
-            let Some(mut first) = first_answered(&l, &seen_tx, &answer_first) else {
+            let Some(mut first) = first_answered(&l, &seen_tx, &answer_first, b"$1\r\nx\r\n")
+            else {
                 return;
             };
             read_until(&mut first, b"\r\nc\r\n");
