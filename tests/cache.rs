@@ -55,6 +55,17 @@ fn status_of(r: &Resp) -> String {
     r.header("cache-status").unwrap_or("").to_string()
 }
 
+/// A gateway with a default cache route to `up` and the admin API; the admin API's address.
+fn gateway_with_admin(up: SocketAddr) -> (TestGateway, SocketAddr) {
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        cache_config(up, "", "")
+    );
+    let gw = TestGateway::start(&toml, D);
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    (gw, api)
+}
+
 /// `r` is `body` answered from the store.
 fn hit(r: &Resp, body: &str) {
     assert_eq!(r.text(), body, "{r:?}");
@@ -2285,12 +2296,7 @@ fn redis_purge_by_prefix_and_of_everything_deletes_the_redis_copies() {
 #[test]
 fn a_host_with_a_trailing_dot_keys_the_same_entry_and_is_purged_with_it() {
     let (up, n) = counting_origin("cache-control: max-age=60\r\n");
-    let toml = format!(
-        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
-        cache_config(up.addr, "", "")
-    );
-    let gw = TestGateway::start(&toml, D);
-    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let (gw, api) = gateway_with_admin(up.addr);
     let purge = |url: &str| {
         request(
             api,
@@ -2335,12 +2341,7 @@ fn a_host_with_a_trailing_dot_keys_the_same_entry_and_is_purged_with_it() {
 #[test]
 fn admin_api_purges_by_url_prefix_and_tag_and_reports_counters() {
     let (up, n) = counting_origin("cache-control: max-age=60\r\nsurrogate-key: blue green\r\n");
-    let toml = format!(
-        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
-        cache_config(up.addr, "", "")
-    );
-    let gw = TestGateway::start(&toml, D);
-    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let (gw, api) = gateway_with_admin(up.addr);
     let admin = |method: &str, target: &str| {
         request(
             api,
@@ -2546,12 +2547,7 @@ fn rfc9111_4_4_a_head_in_flight_across_an_invalidation_does_not_restore_the_get(
 #[test]
 fn rfc9111_4_4_an_invalidation_does_not_read_the_whole_store() {
     let (up, n) = counting_origin("cache-control: max-age=600\r\n");
-    let toml = format!(
-        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
-        cache_config(up.addr, "", "")
-    );
-    let gw = TestGateway::start(&toml, D);
-    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let (gw, api) = gateway_with_admin(up.addr);
     let stats =
         || request(api, b"GET /cache HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").json()["total"].clone();
     let mut c = Client::connect(gw.addr);
@@ -2627,12 +2623,7 @@ fn rfc9111_4_4_an_invalidation_does_not_read_the_whole_store() {
 #[test]
 fn admin_metrics_include_the_cache_families() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\n");
-    let toml = format!(
-        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
-        cache_config(up.addr, "", "")
-    );
-    let gw = TestGateway::start(&toml, D);
-    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let (gw, api) = gateway_with_admin(up.addr);
     let mut c = Client::connect(gw.addr);
     for _ in 0..3 {
         c.send(b"GET /m HTTP/1.1\r\nHost: test.local\r\n\r\n");
