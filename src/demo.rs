@@ -33,8 +33,14 @@ pub fn start_sample_services() -> io::Result<()> {
 fn spawn_service(addr: SocketAddr, svc: Service) -> io::Result<()> {
     let l = TcpListener::bind(addr)
         .map_err(|e| io::Error::new(e.kind(), format!("sample service on {addr}: {e}")))?;
+    serve_on(l, svc)
+}
+
+/// Serves `svc` on `l`, a thread per connection.
+fn serve_on(l: TcpListener, svc: Service) -> io::Result<()> {
+    let port = l.local_addr()?.port();
     thread::Builder::new()
-        .name(format!("demo-{}", addr.port()))
+        .name(format!("demo-{port}"))
         .spawn(move || {
             for s in l.incoming().flatten() {
                 let _ = thread::Builder::new().spawn(move || serve_conn(s, svc));
@@ -80,13 +86,27 @@ fn serve_conn(mut s: TcpStream, svc: Service) {
             (status, json) = (200, orders_of(user));
         }
         let reason = crate::http::encode::reason_phrase(status);
+        let freshness = freshness(svc, head.method_str(), status);
         let resp = format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{freshness}content-length: {}\r\n\r\n{json}",
             json.len()
         );
         if s.write_all(resp.as_bytes()).is_err() || !head.keep_alive {
             return;
         }
+    }
+}
+
+/// How long a users answer may be served from a cache (RFC 9111 §5.2.2.1): 30 s, so that the
+/// demo's cached route shows a miss, then hits with a `ttl`, then (past 30 s) a stale answer
+/// served while it is revalidated in the background. Without it the answers would be stored
+/// already stale, and every hit would revalidate. Orders and errors say nothing.
+fn freshness(svc: Service, method: &[u8], status: u16) -> &'static str {
+    match svc {
+        Service::Users { .. } if method == b"GET" && status == 200 => {
+            "cache-control: max-age=30\r\n"
+        }
+        _ => "",
     }
 }
 
@@ -211,4 +231,44 @@ pub fn admin_hints(cfg: &crate::config::Config) -> String {
          \x20 curl -i http://{addr}/ready\n\
          \x20 ringway status --admin {addr}\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One request to a sample service on a port from the kernel; the answer's head.
+    fn head_of(svc: Service, req: &str) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        serve_on(l, svc).expect("serve");
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(req.as_bytes()).expect("write");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("read");
+        let text = String::from_utf8(out).expect("utf-8");
+        text.split("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    }
+
+    #[test]
+    fn users_answers_carry_a_freshness_lifetime_and_the_rest_none() {
+        let users = Service::Users { instance: 1 };
+        let close = "Host: x\r\nConnection: close\r\n\r\n";
+        let h = head_of(users, &format!("GET /users/1 HTTP/1.1\r\n{close}"));
+        assert!(h.starts_with("http/1.1 200"), "{h}");
+        assert!(h.contains("\r\ncache-control: max-age=30\r\n"), "{h}");
+        let h = head_of(users, &format!("GET /users/99 HTTP/1.1\r\n{close}"));
+        assert!(
+            h.starts_with("http/1.1 404") && !h.contains("cache-control"),
+            "{h}"
+        );
+        let h = head_of(Service::Orders, &format!("GET /orders HTTP/1.1\r\n{close}"));
+        assert!(
+            h.starts_with("http/1.1 200") && !h.contains("cache-control"),
+            "{h}"
+        );
+    }
 }

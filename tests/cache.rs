@@ -1266,10 +1266,9 @@ fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
 
 /// The demo (`config/demo.toml`, `ringway demo`) shows the route-level purge: `PURGE` on the
 /// cached users' paths, for the `ops` consumer's key only. Run here with its addresses moved
-/// to ports from the kernel and its users service replaced by one that says `max-age=60` (the
-/// sample service says nothing: its answers are stored stale, for the route's
-/// `stale_while_revalidate`, and each hit would revalidate in the background). Before, the
-/// demo had no purge: a PURGE went to the users service as an unknown method.
+/// to ports from the kernel and its users service replaced by a counting one that says
+/// `max-age=60` (the sample service says `max-age=30`: `src/demo.rs`). Before, the demo had no
+/// purge: a PURGE went to the users service as an unknown method.
 #[test]
 fn the_demo_config_purges_the_cached_users_with_the_ops_key() {
     let (up, n) = counting_origin("cache-control: max-age=60\r\n");
