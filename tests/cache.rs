@@ -4185,7 +4185,8 @@ fn bodies_being_captured_are_bounded_by_the_worker_s_in_flight_bytes() {
     // /len-a holds 3 KiB; /len-b's 3 KiB do not fit beside it.
     let mut a = open("/len-a");
     let head = read_head_until(&mut a, at_least(1024));
-    assert!(!head.contains("detail="), "{head}");
+    // Captured, its store decided once it is whole (RFC 9211 §2.5).
+    assert!(head.contains("detail=streamed"), "{head}");
     let mut b = open("/len-b");
     let head = read_head_until(&mut b, at_least(1024));
     assert!(head.contains("detail=in-flight-full"), "{head}");
@@ -4205,7 +4206,7 @@ fn bodies_being_captured_are_bounded_by_the_worker_s_in_flight_bytes() {
     // its next KiB does not fit.
     let mut a = open("/ch-a");
     let head = read_head_until(&mut a, at_least(3072));
-    assert!(!head.contains("detail="), "{head}");
+    assert!(head.contains("detail=streamed"), "{head}");
     let mut b = open("/ch-b");
     read_head_until(&mut b, at_least(1024));
     ev[3].set();
@@ -4804,4 +4805,89 @@ fn rfc9111_4_1_vary_on_traceparent_never_matches_another_request_with_the_same_r
         s.len() == 2 && s[0].header("traceparent") != s[1].header("traceparent")
     });
     assert!(seen);
+}
+
+/// RFC 9211 §2.5 (`stored`: the cache stored the response): the member goes out with the
+/// response head, so it says `stored` only of a response whose whole body was in hand then
+/// (stored before the head is written). One whose `Content-Length` body is still on its way
+/// may yet be cut by the upstream and never stored: its member does not claim it
+/// (`detail=streamed`, the store's choice being made once the body has come whole), whether
+/// the body then comes whole (and is stored: the next request is a hit) or is cut (not
+/// stored: the next request goes upstream again).
+#[test]
+fn rfc9211_2_5_stored_is_said_only_of_a_body_in_hand_when_the_head_goes_out() {
+    use std::io::Read;
+    for d in DRIVERS {
+        // A small body, read with its head: stored before the head goes out, and said so.
+        let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let a = get(gw.addr, "/small");
+        assert_eq!(
+            status_of(&a),
+            "ringway; fwd=uri-miss; fwd-status=200; stored",
+            "{d:?}"
+        );
+        hit(&get(gw.addr, "/small"), "v1");
+        drop(gw);
+
+        // Cut: 1000 of 10000 bytes, then the upstream closes.
+        let cut = Upstream::start(|_| {
+            let mut head = b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\n\
+                             content-length: 10000\r\n\r\n"
+                .to_vec();
+            head.extend(std::iter::repeat_n(b'@', 1000));
+            Reply::Script(vec![Step::Write(head), Step::Close])
+        });
+        let gw = TestGateway::start(&cache_config(cut.addr, "", ""), d);
+        for round in 1..=2 {
+            let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            std::io::Write::write_all(&mut s, b"GET /cut HTTP/1.1\r\nHost: test.local\r\n\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            let status = text
+                .lines()
+                .find_map(|l| l.strip_prefix("cache-status: "))
+                .unwrap_or_else(|| panic!("{d:?}: no cache-status: {text}"))
+                .to_string();
+            assert!(!status.contains("stored"), "{d:?} round {round}: {status}");
+            assert!(status.contains("detail=streamed"), "{d:?}: {status}");
+            // Cut, so never stored: each request goes upstream.
+            assert_eq!(cut.hits(), round, "{d:?}");
+        }
+        drop(gw);
+
+        // Whole, but after its head: not said stored, yet stored once complete.
+        let go = Event::new();
+        let up = two_part_origin(1000, 64 * 1024, false, go.clone());
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            b"GET /late HTTP/1.1\r\nHost: test.local\r\nconnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut conn = (s, Vec::new());
+        let head = read_head_until(&mut conn, |b| !b.is_empty()).to_ascii_lowercase();
+        let status = head
+            .lines()
+            .find_map(|l| l.strip_prefix("cache-status: "))
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            status, "ringway; fwd=uri-miss; fwd-status=200; detail=streamed",
+            "{d:?}"
+        );
+        go.set();
+        let (s, got) = conn;
+        let mut s = s;
+        let (_, body) = read_whole_response(&mut s, got).expect("the whole body");
+        assert_eq!(body.len(), 1000 + 64 * 1024, "{d:?}");
+        let r = get(gw.addr, "/late");
+        assert!(status_of(&r).contains("hit"), "{d:?}: {r:?}");
+        assert_eq!(up.hits(), 1, "{d:?}");
+    }
 }

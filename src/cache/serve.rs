@@ -420,6 +420,10 @@ const USUAL_MISS_FWD: &str = "uri-miss";
 /// The `Cache-Status` detail of a response not stored for its `no-store` ([`screen`]).
 const NO_STORE: &str = "no-store";
 
+/// The `Cache-Status` detail of a storable response whose body was still on its way when its
+/// head went out: whether it is stored is known only once the body is whole (RFC 9211 §2.5).
+const STREAMED: &str = "streamed";
+
 /// The `Cache-Status` line of a usual miss (a new URL, the upstream's 200) of a cache named
 /// `name`: stored, or else not stored for `no_store_detail` when it is given. Each route's
 /// policy keeps both ([`RoutePolicy`]), and [`Status::put_fetched`] copies them whole.
@@ -2897,13 +2901,15 @@ async fn fetched<'c, S: ClientIo>(
                     let mut tee = plan.as_mut().ok().zip(charge).map(|(s, charge)| {
                         Tee::with_buf(max as usize, std::mem::take(&mut s.body), flight, charge)
                     });
-                    match &plan {
-                        Ok(_) => {
-                            status.stored =
-                                matches!(resp.body, RespBody::Length(_) | RespBody::None)
-                        }
-                        Err(d) => status.detail = Some(d),
-                    }
+                    // RFC 9211 §2.5: `stored` says the cache stored the response, and the
+                    // member goes out with the head, before this body (not in hand: a whole
+                    // one was stored above) has come. The upstream may still cut it, and
+                    // then it is never stored: the member does not claim it, and says why
+                    // (`streamed`: stored, or not, once the body is whole).
+                    status.detail = Some(match &plan {
+                        Ok(_) => STREAMED,
+                        Err(d) => d,
+                    });
                     let mark = ctx.resp_headers.len();
                     status.put_fetched(p, &mut ctx.resp_headers);
                     let (out, reusable) =
