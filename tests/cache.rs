@@ -1206,6 +1206,52 @@ fn key_headers_are_the_values_sent_upstream() {
     assert_eq!(up.hits(), 2);
 }
 
+/// RFC 9111 §4.1: `Host` is compared as it goes upstream, also when the route sends the
+/// endpoint's address (`preserve_host = false`): before, it read as an empty field there, so a
+/// response that varies on `Host`, or a route keyed on it (`key.headers`), kept serving what
+/// one endpoint answered for its own address after a reload sent the route to another.
+#[test]
+fn rfc9111_4_1_host_under_vary_or_in_the_key_is_the_endpoint_s_address_when_sent() {
+    // Answers with the Host it got.
+    let origin = |vary: &'static str| {
+        Upstream::start(move |req| {
+            let host = req.header("host").unwrap_or("").to_string();
+            Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n{vary}content-length: {}\r\n\r\n{host}",
+                    host.len()
+                )
+                .into_bytes(),
+            )
+        })
+    };
+    for (vary, cache) in [
+        ("vary: host\r\n", ""),
+        ("", "key = { headers = [\"host\"] }"),
+    ] {
+        let (a, b) = (origin(vary), origin(vary));
+        let cfg = |up: SocketAddr| {
+            config(
+                &[up],
+                &format!(
+                    "[[routes]]\nname = \"r\"\nupstream = \"up\"\npreserve_host = false\ncache = {{ {cache} }}\n"
+                ),
+            )
+        };
+        let gw = TestGateway::start(&cfg(a.addr), D);
+        miss(&get(gw.addr, "/h"), &a.addr.to_string());
+        hit(&get(gw.addr, "/h"), &a.addr.to_string());
+        gw.gateway()
+            .reload(ringway::config::Config::parse(&cfg(b.addr), "c.toml").expect("valid"))
+            .expect("reloads");
+        // The origin now gets another Host: what it answered for the old one is not this.
+        let r = get(gw.addr, "/h");
+        miss(&r, &b.addr.to_string());
+        hit(&get(gw.addr, "/h"), &b.addr.to_string());
+        assert_eq!((a.hits(), b.hits()), (1, 1), "{cache}");
+    }
+}
+
 #[test]
 fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     let n = Arc::new(AtomicUsize::new(0));

@@ -713,6 +713,9 @@ pub struct Hop<'a> {
     /// The request's trace context: the `traceparent` it sends upstream names a new span of
     /// the gateway's (random per request), and its `tracestate` choice.
     pub trace: &'a crate::trace::TraceContext,
+    /// The snapshot's upstream groups: the route's endpoints' addresses are the `Host` it
+    /// sends when it does not send the client's ([`Sent::endpoint_authority`]).
+    pub upstreams: &'a [Rc<crate::upstream::UpstreamGroup>],
 }
 
 impl<'a> Sent<'a> {
@@ -790,14 +793,15 @@ impl<'a> Sent<'a> {
     /// The value of `name` in the head this hop would send upstream
     /// ([`crate::rewrite::encode_upstream_head`], the source of truth), with the request's own
     /// `traceparent` (a new, random span each time, so no later request matches it). Out of
-    /// line: only responses that vary on such a field come here. `Host` when the route sends
-    /// the endpoint's address is read as an empty one.
+    /// line: only responses that vary on such a field come here. `Host`, when the route sends
+    /// the endpoint's address, is that address ([`Sent::endpoint_authority`]).
     #[cold]
     #[inline(never)]
     fn hop_value(&self, name: &[u8]) -> Vec<u8> {
         let Some(hop) = self.hop else {
             return policy::vary_value(name, &mut self.head.header_values(name));
         };
+        let authority = Self::endpoint_authority(&hop);
         let traceparent = hop.trace.traceparent();
         let fwd = crate::rewrite::Forwarding {
             peer_ip: hop.peer_ip,
@@ -814,7 +818,7 @@ impl<'a> Sent<'a> {
             keep_tracestate: hop.trace.keep_state,
         };
         let mut head = BytesMut::new();
-        crate::rewrite::encode_upstream_head(&mut head, self.head, hop.route, b"", &fwd);
+        crate::rewrite::encode_upstream_head(&mut head, self.head, hop.route, &authority, &fwd);
         // The lines after the request line, up to the blank line.
         let lines = head[..]
             .split(|b| *b == b'\n')
@@ -828,6 +832,29 @@ impl<'a> Sent<'a> {
                 .then(|| crate::http::trim_ows(&l[colon + 1..]))
         });
         policy::vary_value(name, &mut values)
+    }
+
+    /// The `Host` this hop sends when it sends the endpoint's address (`preserve_host =
+    /// false`, or a request without Host): the address of the route's endpoint as configured,
+    /// what [`crate::proxy::forward`] sends. The endpoint is picked once the store has been
+    /// looked in, so a group of several gives the list of their addresses, in config order
+    /// (the request goes with one of them): the same value before and after the fetch, for
+    /// each of the group's requests, that changes when the group's endpoints do.
+    fn endpoint_authority(hop: &Hop<'_>) -> Vec<u8> {
+        let crate::router::Action::Proxy { upstream } = hop.route.action else {
+            return Vec::new();
+        };
+        let Some(group) = hop.upstreams.get(upstream) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, e) in group.endpoints.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(&e.authority);
+        }
+        out
     }
 
     /// Whether the gateway writes `name` itself (an identity header, or one the route's rules

@@ -2074,6 +2074,7 @@ fn sent<'a, S>(
             trusted: c.info.trusted,
             https: c.info.tls,
             trace: &ctx.rec.trace,
+            upstreams: &cfg.upstreams,
         },
     )
 }
@@ -4129,6 +4130,7 @@ impl Revalidation {
                                             trusted: self.trusted,
                                             https: self.https,
                                             trace: &self.trace,
+                                            upstreams: &self.snap.upstreams,
                                         },
                                     );
                                     let vary = vary_values(&s.vary, &sent);
