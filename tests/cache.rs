@@ -1467,6 +1467,116 @@ fn rfc9110_4_2_3_the_default_port_is_one_key_with_no_port_stored_and_purged_once
     }
 }
 
+/// RFC 9110 §4.2.3 for purges that name no scheme: `a.test:443/x` is either
+/// `https://a.test/x` (keyed `a.test/x`) or `http://a.test:443/x` (keyed apart, another origin),
+/// so an admin purge of it without a scheme removes both; `a.test:80/x` likewise (`http`'s
+/// default, or `https://a.test:80`). With a scheme it names one origin and removes that one
+/// only. Before, the scheme-less purge took either default port for no port and missed the
+/// copy stored over plain HTTP under `:443`.
+#[test]
+fn rfc9110_4_2_3_an_admin_purge_without_a_scheme_reaches_both_origins_its_port_may_name() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let (gw, api) = gateway_with_admin(up.addr);
+    let send = |host: &str| {
+        request(
+            gw.addr,
+            format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+        )
+    };
+    let purge = |url: &str| {
+        let r = request(
+            api,
+            format!(
+                "POST /cache/purge?url={url} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["purged"].as_u64().unwrap()
+    };
+    // Plain HTTP: `a.test:443` is its own origin; `a.test:80` is `a.test`.
+    let fill = || {
+        for host in ["a.test", "a.test:443"] {
+            send(host);
+            assert!(status_of(&send(host)).contains("hit"), "{host}");
+        }
+    };
+    for (url, purged) in [
+        ("a.test:443/x", 2),
+        ("a.test:80/x", 1),
+        ("http://a.test:443/x", 1),
+        ("https://a.test:443/x", 1),
+        ("http://a.test/x", 1),
+    ] {
+        fill();
+        let before = n.load(Ordering::SeqCst);
+        assert_eq!(purge(url), purged, "{url}");
+        // What the purge reached is fetched again.
+        send("a.test");
+        send("a.test:443");
+        assert_eq!(n.load(Ordering::SeqCst), before + purged as usize, "{url}");
+    }
+}
+
+/// RFC 9110 §4.2.3 behind a TLS-terminating proxy (`server.trusted_proxies`): the client's
+/// scheme is the one the proxy says (`X-Forwarded-Proto`, else `Forwarded`'s `proto`, the
+/// first hop's), so `Host: a.test:443` from it is the origin `https://a.test` and keys with
+/// `a.test`. From an untrusted peer those fields say nothing, and `:443` over plain HTTP is
+/// another origin. Before, the proxy's `:443` keyed apart from the same host without a port.
+#[test]
+fn rfc9110_4_2_3_behind_a_trusted_tls_proxy_443_is_the_default_port() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let send = |gw: &TestGateway, host: &str, fields: &str| {
+        request(
+            gw.addr,
+            format!("GET /p HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n").as_bytes(),
+        )
+        .text()
+    };
+    let trusted = TestGateway::start(
+        &cache_config(up.addr, "", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n"),
+        D,
+    );
+    assert_eq!(send(&trusted, "a.test", ""), "v1");
+    assert_eq!(
+        send(&trusted, "a.test:443", "x-forwarded-proto: https\r\n"),
+        "v1"
+    );
+    assert_eq!(
+        send(
+            &trusted,
+            "a.test:443",
+            "forwarded: for=192.0.2.1;proto=https\r\n"
+        ),
+        "v1"
+    );
+    assert_eq!(
+        send(&trusted, "a.test:443", "x-forwarded-proto: HTTPS, http\r\n"),
+        "v1"
+    );
+    // Said http, or said nothing: `:443` over plain HTTP, another origin.
+    assert_eq!(
+        send(&trusted, "a.test:443", "x-forwarded-proto: http\r\n"),
+        "v2"
+    );
+    assert_eq!(send(&trusted, "a.test:443", ""), "v2");
+    // And `:80` from a proxy that says https is `https://a.test:80`, not `a.test`.
+    assert_eq!(
+        send(&trusted, "a.test:80", "x-forwarded-proto: https\r\n"),
+        "v3"
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    // An untrusted peer's word counts for nothing.
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let untrusted = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(send(&untrusted, "a.test", ""), "v1");
+    assert_eq!(
+        send(&untrusted, "a.test:443", "x-forwarded-proto: https\r\n"),
+        "v2"
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
 /// RFC 9110 §4.2.3 over TLS: `https`'s default port is 443, so on a TLS listener `Host:
 /// a.test:443` and `Host: a.test` are one key, and `:80` there is another origin
 /// (`https://a.test:80`).

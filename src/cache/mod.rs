@@ -2425,6 +2425,21 @@ pub fn purge_url(host: &str, path_query: &str) -> Vec<u8> {
     purge_url_in(None, host, path_query)
 }
 
+/// The URLs a purge of `host` and `path_query` names when its scheme is not given (the admin
+/// API's `url=` and `prefix=` without one): a port that is one scheme's default is an origin
+/// of its own for the other (RFC 9110 §4.2.3), so `a.test:443` is `https://a.test` (keyed
+/// `a.test`) or `http://a.test:443` (keyed `a.test:443`), and both are named; any other
+/// spelling names one URL.
+pub fn purge_urls(host: &str, path_query: &str) -> Vec<Vec<u8>> {
+    let http = purge_url_in(Some(false), host, path_query);
+    let https = purge_url_in(Some(true), host, path_query);
+    if http == https {
+        vec![http]
+    } else {
+        vec![http, https]
+    }
+}
+
 /// [`purge_url`] for a URL of a known scheme (`Some(true)`: https), whose default port alone
 /// is left out.
 pub fn purge_url_in(https: Option<bool>, host: &str, path_query: &str) -> Vec<u8> {
@@ -2627,6 +2642,17 @@ mod tests {
             purge_url_in(Some(false), "a.test:443", "/x"),
             b"a.test:443/x"
         );
+        // Without a scheme, a port that is either default names both origins it may be.
+        assert_eq!(
+            purge_urls("A.test:443", "/x"),
+            [b"a.test:443/x".to_vec(), b"a.test/x".to_vec()]
+        );
+        assert_eq!(
+            purge_urls("a.test:80", "/x"),
+            [b"a.test/x".to_vec(), b"a.test:80/x".to_vec()]
+        );
+        assert_eq!(purge_urls("a.test:8080", "/x"), [b"a.test:8080/x".to_vec()]);
+        assert_eq!(purge_urls("a.test", "/x"), [b"a.test/x".to_vec()]);
         for (raw, want) in [
             ("GET /x HTTP/1.1\r\nHost: a.test:80\r\n\r\n", "a.test/x"),
             (

@@ -52,6 +52,11 @@ pub async fn run<'c, S: ClientIo>(
     ctx: &mut RequestCtx<'_>,
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
+    // Behind a trusted proxy the client's scheme is the proxy's word (see
+    // [`scheme_from_trusted_proxy`]); a trusted peer is rare, and checked once here.
+    if c.info.trusted && !ctx.head.https {
+        scheme_from_trusted_proxy(&mut ctx.head);
+    }
     if p.purge && ctx.head.method == Method::Other && ctx.head.method_str() == b"PURGE" {
         return purge_request(w, p, c, ctx).await;
     }
@@ -259,6 +264,49 @@ fn first_look<'k>(
         };
     }
     Look::Miss { any, now }
+}
+
+/// RFC 9110 §4.2.3 behind a TLS-terminating proxy (one of `server.trusted_proxies`, whose
+/// forwarding fields are believed, see [`crate::rewrite`]): the target's scheme is the one the
+/// client used, `https` when the proxy says so in `X-Forwarded-Proto` (its first item: the
+/// first hop's), else in the first `Forwarded` element's `proto` (RFC 7239 §5.4). Then port 443
+/// is the default one (`Host: a.test:443` keys, stores and purges as `a.test`, as on a TLS
+/// listener) and 80 is not. The request head's scheme is read by the cache's keys alone.
+#[cold]
+#[inline(never)]
+fn scheme_from_trusted_proxy(head: &mut RequestHead) {
+    let first_item = |v: &[u8]| -> Vec<u8> {
+        let item = v.split(|b| *b == b',').next().unwrap_or(b"");
+        crate::http::trim_ows(item).to_vec()
+    };
+    let said = match head.header(b"x-forwarded-proto") {
+        Some(v) => first_item(v),
+        None => match head.header(b"forwarded") {
+            Some(v) => {
+                let element = first_item(v);
+                element
+                    .split(|b| *b == b';')
+                    .filter_map(|pair| {
+                        let eq = pair.iter().position(|b| *b == b'=')?;
+                        let (k, v) = (crate::http::trim_ows(&pair[..eq]), &pair[eq + 1..]);
+                        k.eq_ignore_ascii_case(b"proto").then_some(v)
+                    })
+                    .map(|v| {
+                        let v = crate::http::trim_ows(v);
+                        v.strip_prefix(b"\"")
+                            .and_then(|v| v.strip_suffix(b"\""))
+                            .unwrap_or(v)
+                            .to_vec()
+                    })
+                    .next()
+                    .unwrap_or_default()
+            }
+            None => return,
+        },
+    };
+    if said.eq_ignore_ascii_case(b"https") {
+        head.https = true;
+    }
 }
 
 /// The largest sf-integer (RFC 8941 §3.3.1), for `Cache-Status`'s `ttl`.
