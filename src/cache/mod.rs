@@ -1324,6 +1324,11 @@ pub struct WorkerCache {
     purges: Cell<u64>,
     /// The last [`MAX_RECENT_PURGES`] purges, each with its number in `purges`.
     recent_purges: RefCell<std::collections::VecDeque<(u64, Purge)>>,
+    /// Purges applied here whose Redis copies may not be gone yet: the ticket of each
+    /// ([`redis::SharedLayer::purge_ticket`]), its number in `purges`, and the second past
+    /// which it is taken as done anyway ([`REDIS_PURGE_PENDING_SECS`]). A lookup in Redis
+    /// counts them as applied after it was sent ([`WorkerCache::purges_settled_in_redis`]).
+    redis_pending: RefCell<Vec<(u64, u64, u64)>>,
     /// The URLs invalidated (RFC 9111 §4.4) since the last sweep, each with the number in
     /// `purges` of its latest invalidation: a stored object of such a URL born before it is
     /// gone for every lookup ([`WorkerCache::invalidate_local`]). At most
@@ -1385,6 +1390,12 @@ impl Drop for Charge {
 /// that began before older ones are forgotten stores nothing (the safe side; it takes more
 /// than this many purges during one fetch).
 const MAX_RECENT_PURGES: usize = 64;
+/// Most purges a worker awaits the Redis side of ([`WorkerCache::redis_pending`]); past it the
+/// oldest is taken as done.
+const MAX_REDIS_PENDING: usize = 64;
+/// Longest a purge's Redis side is awaited (a lost answer, a link that failed it): past it
+/// the purge counts as done in Redis.
+const REDIS_PURGE_PENDING_SECS: u64 = 30;
 
 /// Most URLs a worker keeps invalidated (RFC 9111 §4.4) between sweeps of its store
 /// ([`WorkerCache::invalidate_local`]): a sweep reads every stored object, so one per this
@@ -1412,6 +1423,7 @@ impl WorkerCache {
             spare_key: RefCell::new(Vec::new()),
             purges: Cell::new(0),
             recent_purges: RefCell::new(std::collections::VecDeque::new()),
+            redis_pending: RefCell::new(Vec::new()),
             invalidated: RefCell::new(HashMap::default()),
             invalidated_bytes: Cell::new(0),
             any_invalidated: Cell::new(false),
@@ -2161,28 +2173,107 @@ impl WorkerCache {
     /// Invalidates `url` (RFC 9111 §4.4) here ([`WorkerCache::invalidate_local`]), in Redis
     /// (and so on the other hosts), and on every other worker (posted, not waited for).
     pub fn invalidate_everywhere(&self, url: Vec<u8>) {
+        let p = Purge {
+            target: PurgeTarget::Url(url.clone()),
+            soft: false,
+        };
+        let ticket = self.redis_ticket();
         self.invalidate_local(&url);
-        if let Some(l) = self.shared.get() {
-            l.purge(&Purge {
-                target: PurgeTarget::Url(url.clone()),
-                soft: false,
-            });
-        }
-        self.post_to_others(move |c| c.invalidate_local(&url));
+        self.note_redis_pending(ticket);
+        self.post_to_others(move |c| {
+            c.invalidate_local(&url);
+            c.note_redis_pending(ticket);
+        });
+        self.purge_in_redis(&p, ticket);
     }
 
     /// Applies `p` here, in Redis, and posts it to every other worker (without waiting for
     /// them).
     pub fn purge_everywhere(&self, p: Purge) -> u64 {
+        let ticket = self.redis_ticket();
         let n = self.purge_local(&p);
-        if let Some(l) = self.shared.get() {
-            l.purge(&p);
-        }
+        self.note_redis_pending(ticket);
+        let q = p.clone();
         self.post_to_others(move |c| {
-            c.purge_local(&p);
+            c.purge_local(&q);
+            c.note_redis_pending(ticket);
         });
+        self.purge_in_redis(&p, ticket);
         n
     }
+
+    /// A ticket for a purge this worker sends to Redis, when there is a Redis layer and the
+    /// workers can be told when its copies are gone there (see [`purge_in_redis`]).
+    fn redis_ticket(&self) -> Option<u64> {
+        let l = self.shared.get()?;
+        self.control.get()?;
+        Some(l.purge_ticket())
+    }
+
+    /// Notes that the purge just applied here (the latest in `purges`) under `ticket` awaits
+    /// its Redis side: until that is done, an entry found in Redis that it covers may be the
+    /// copy it deletes there, and is not taken ([`WorkerCache::purges_settled_in_redis`]).
+    pub fn note_redis_pending(&self, ticket: Option<u64>) {
+        let Some(t) = ticket else { return };
+        let mut p = self.redis_pending.borrow_mut();
+        if p.len() >= MAX_REDIS_PENDING {
+            p.remove(0);
+        }
+        p.push((t, self.purges.get(), now_secs() + REDIS_PURGE_PENDING_SECS));
+    }
+
+    /// The purge under `ticket` is done in Redis (its copies there are gone).
+    pub fn settle_redis_purge(&self, ticket: u64) {
+        self.redis_pending
+            .borrow_mut()
+            .retain(|(t, _, _)| *t != ticket);
+    }
+
+    /// The count of purges to take for [`WorkerCache::purged_since`] when sending a lookup to
+    /// Redis: [`WorkerCache::purges`], or, while purges applied here await their Redis side,
+    /// the count before the oldest of them, so that an entry such a purge covers is not taken
+    /// (Redis may answer with the copy it has yet to delete, RFC 9111 §4.4).
+    #[inline]
+    pub fn purges_settled_in_redis(&self) -> u64 {
+        let mut p = self.redis_pending.borrow_mut();
+        if p.is_empty() {
+            return self.purges.get();
+        }
+        let now = now_secs();
+        p.retain(|(_, _, until)| *until > now);
+        p.iter()
+            .map(|(_, n, _)| n.wrapping_sub(1))
+            .min()
+            .unwrap_or(self.purges.get())
+    }
+
+    /// [`purge_in_redis_with`] this worker's layer, when there is one.
+    fn purge_in_redis(&self, p: &Purge, ticket: Option<u64>) {
+        if let Some(l) = self.shared.get() {
+            purge_in_redis_with(l, self.control.get().cloned(), p, ticket);
+        }
+    }
+}
+
+/// Deletes `p`'s copies in Redis (and publishes it to the other hosts) under `ticket`
+/// ([`WorkerCache::redis_ticket`]), then tells every worker that it is done there
+/// ([`WorkerCache::settle_redis_purge`]). Sent after each worker noted it as pending (posts
+/// to a worker are run in order, and the answer comes after them).
+fn purge_in_redis_with(
+    l: &Arc<redis::SharedLayer>,
+    control: Option<Arc<Control>>,
+    p: &Purge,
+    ticket: Option<u64>,
+) {
+    let done = match (control, ticket) {
+        (Some(c), Some(t)) => Some(Box::new(move || {
+            for i in 0..c.workers() {
+                let _ = c.post(i, Box::new(move |w| w.cache.settle_redis_purge(t)));
+            }
+        }) as redis::PurgeDone),
+        _ => None,
+    };
+    l.purge(p, done);
 }
 
 /// A fetch in progress in `WorkerCache::flights`: its key (what a request that finds the
@@ -2455,15 +2546,35 @@ pub fn purge_url_in(https: Option<bool>, host: &str, path_query: &str) -> Vec<u8
 
 /// Runs a purge on every worker of a gateway (for the admin API) and returns the number of
 /// objects it hit on each, in worker order.
-pub fn purge(control: &Control, p: Purge, limit: Duration) -> Result<Vec<u64>, ControlError> {
-    control.ask(limit, move |w| {
-        if w.id == 0 {
-            if let Some(l) = w.cache.shared() {
-                l.purge(&p);
-            }
-        }
-        w.cache.purge_local(&p)
-    })
+///
+/// With `[cache.redis]`, every worker applies it first and notes it as pending in Redis, then
+/// the Redis copies are deleted: a worker's lookup in Redis sent in between does not take
+/// back a copy the purge covers ([`WorkerCache::purges_settled_in_redis`]). Before, worker 0
+/// deleted them while the others purged on their own, and a worker that purged first could
+/// find the copy still in Redis and store it again.
+pub fn purge(control: &Arc<Control>, p: Purge, limit: Duration) -> Result<Vec<u64>, ControlError> {
+    // The layer (worker 0's: one for every worker), and one ticket for every worker.
+    let layer = control
+        .ask(limit, |w| {
+            (w.id == 0).then(|| w.cache.shared().cloned()).flatten()
+        })?
+        .into_iter()
+        .flatten()
+        .next();
+    let ticket = layer.as_ref().map(|l| l.purge_ticket());
+    let q = p.clone();
+    let applied = control.ask(limit, move |w| {
+        let n = w.cache.purge_local(&q);
+        w.cache.note_redis_pending(ticket);
+        n
+    });
+    // Also when a worker did not answer in time: the Redis copies go all the same (a worker
+    // that has not applied it yet notes it pending when it does, and takes it as done at
+    // most `REDIS_PURGE_PENDING_SECS` later).
+    if let Some(l) = layer {
+        purge_in_redis_with(&l, Some(control.clone()), &p, ticket);
+    }
+    applied
 }
 
 /// Every worker's cache counters, in worker order.

@@ -838,8 +838,10 @@ async fn from_shared(
         .collect();
     let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
     // An entry asked for before a purge or invalidation of its URL that is applied here while
-    // Redis answers is from before it (§4.4): not stored, not served.
-    let purges = cache.purges();
+    // Redis answers is from before it (§4.4): not stored, not served. So is one that a purge
+    // applied here still has to delete in Redis covers (one by prefix deletes after a scan's
+    // round trip; another worker's may be sent after this worker applied it).
+    let purges = cache.purges_settled_in_redis();
     let got = layer.get(&w.doorbell, &ks, &known, sent).await;
     let now = now_secs();
     // Where the key is the URL as it is (the host and the whole query in it), an entry is
