@@ -1206,6 +1206,52 @@ fn key_headers_are_the_values_sent_upstream() {
     assert_eq!(up.hits(), 2);
 }
 
+/// RFC 9111 §4.1: `Host` is compared as it goes upstream, also when the route sends the
+/// endpoint's address (`preserve_host = false`): before, it read as an empty field there, so a
+/// response that varies on `Host`, or a route keyed on it (`key.headers`), kept serving what
+/// one endpoint answered for its own address after a reload sent the route to another.
+#[test]
+fn rfc9111_4_1_host_under_vary_or_in_the_key_is_the_endpoint_s_address_when_sent() {
+    // Answers with the Host it got.
+    let origin = |vary: &'static str| {
+        Upstream::start(move |req| {
+            let host = req.header("host").unwrap_or("").to_string();
+            Reply::Raw(
+                format!(
+                    "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n{vary}content-length: {}\r\n\r\n{host}",
+                    host.len()
+                )
+                .into_bytes(),
+            )
+        })
+    };
+    for (vary, cache) in [
+        ("vary: host\r\n", ""),
+        ("", "key = { headers = [\"host\"] }"),
+    ] {
+        let (a, b) = (origin(vary), origin(vary));
+        let cfg = |up: SocketAddr| {
+            config(
+                &[up],
+                &format!(
+                    "[[routes]]\nname = \"r\"\nupstream = \"up\"\npreserve_host = false\ncache = {{ {cache} }}\n"
+                ),
+            )
+        };
+        let gw = TestGateway::start(&cfg(a.addr), D);
+        miss(&get(gw.addr, "/h"), &a.addr.to_string());
+        hit(&get(gw.addr, "/h"), &a.addr.to_string());
+        gw.gateway()
+            .reload(ringway::config::Config::parse(&cfg(b.addr), "c.toml").expect("valid"))
+            .expect("reloads");
+        // The origin now gets another Host: what it answered for the old one is not this.
+        let r = get(gw.addr, "/h");
+        miss(&r, &b.addr.to_string());
+        hit(&get(gw.addr, "/h"), &b.addr.to_string());
+        assert_eq!((a.hits(), b.hits()), (1, 1), "{cache}");
+    }
+}
+
 #[test]
 fn purge_method_removes_urls_prefixes_and_tags_hard_and_soft() {
     let n = Arc::new(AtomicUsize::new(0));
@@ -1418,6 +1464,116 @@ fn rfc9110_4_2_3_the_default_port_is_one_key_with_no_port_stored_and_purged_once
             "{host}: purged before"
         );
     }
+}
+
+/// RFC 9110 §4.2.3 for purges that name no scheme: `a.test:443/x` is either
+/// `https://a.test/x` (keyed `a.test/x`) or `http://a.test:443/x` (keyed apart, another origin),
+/// so an admin purge of it without a scheme removes both; `a.test:80/x` likewise (`http`'s
+/// default, or `https://a.test:80`). With a scheme it names one origin and removes that one
+/// only. Before, the scheme-less purge took either default port for no port and missed the
+/// copy stored over plain HTTP under `:443`.
+#[test]
+fn rfc9110_4_2_3_an_admin_purge_without_a_scheme_reaches_both_origins_its_port_may_name() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let (gw, api) = gateway_with_admin(up.addr);
+    let send = |host: &str| {
+        request(
+            gw.addr,
+            format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
+        )
+    };
+    let purge = |url: &str| {
+        let r = request(
+            api,
+            format!(
+                "POST /cache/purge?url={url} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["purged"].as_u64().unwrap()
+    };
+    // Plain HTTP: `a.test:443` is its own origin; `a.test:80` is `a.test`.
+    let fill = || {
+        for host in ["a.test", "a.test:443"] {
+            send(host);
+            assert!(status_of(&send(host)).contains("hit"), "{host}");
+        }
+    };
+    for (url, purged) in [
+        ("a.test:443/x", 2),
+        ("a.test:80/x", 1),
+        ("http://a.test:443/x", 1),
+        ("https://a.test:443/x", 1),
+        ("http://a.test/x", 1),
+    ] {
+        fill();
+        let before = n.load(Ordering::SeqCst);
+        assert_eq!(purge(url), purged, "{url}");
+        // What the purge reached is fetched again.
+        send("a.test");
+        send("a.test:443");
+        assert_eq!(n.load(Ordering::SeqCst), before + purged as usize, "{url}");
+    }
+}
+
+/// RFC 9110 §4.2.3 behind a TLS-terminating proxy (`server.trusted_proxies`): the client's
+/// scheme is the one the proxy says (`X-Forwarded-Proto`, else `Forwarded`'s `proto`, the
+/// first hop's), so `Host: a.test:443` from it is the origin `https://a.test` and keys with
+/// `a.test`. From an untrusted peer those fields say nothing, and `:443` over plain HTTP is
+/// another origin. Before, the proxy's `:443` keyed apart from the same host without a port.
+#[test]
+fn rfc9110_4_2_3_behind_a_trusted_tls_proxy_443_is_the_default_port() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let send = |gw: &TestGateway, host: &str, fields: &str| {
+        request(
+            gw.addr,
+            format!("GET /p HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n").as_bytes(),
+        )
+        .text()
+    };
+    let trusted = TestGateway::start(
+        &cache_config(up.addr, "", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n"),
+        D,
+    );
+    assert_eq!(send(&trusted, "a.test", ""), "v1");
+    assert_eq!(
+        send(&trusted, "a.test:443", "x-forwarded-proto: https\r\n"),
+        "v1"
+    );
+    assert_eq!(
+        send(
+            &trusted,
+            "a.test:443",
+            "forwarded: for=192.0.2.1;proto=https\r\n"
+        ),
+        "v1"
+    );
+    assert_eq!(
+        send(&trusted, "a.test:443", "x-forwarded-proto: HTTPS, http\r\n"),
+        "v1"
+    );
+    // Said http, or said nothing: `:443` over plain HTTP, another origin.
+    assert_eq!(
+        send(&trusted, "a.test:443", "x-forwarded-proto: http\r\n"),
+        "v2"
+    );
+    assert_eq!(send(&trusted, "a.test:443", ""), "v2");
+    // And `:80` from a proxy that says https is `https://a.test:80`, not `a.test`.
+    assert_eq!(
+        send(&trusted, "a.test:80", "x-forwarded-proto: https\r\n"),
+        "v3"
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+    // An untrusted peer's word counts for nothing.
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let untrusted = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(send(&untrusted, "a.test", ""), "v1");
+    assert_eq!(
+        send(&untrusted, "a.test:443", "x-forwarded-proto: https\r\n"),
+        "v2"
+    );
+    assert_eq!(n.load(Ordering::SeqCst), 2);
 }
 
 /// RFC 9110 §4.2.3 over TLS: `https`'s default port is 443, so on a TLS listener `Host:
@@ -4184,7 +4340,8 @@ fn bodies_being_captured_are_bounded_by_the_worker_s_in_flight_bytes() {
     // /len-a holds 3 KiB; /len-b's 3 KiB do not fit beside it.
     let mut a = open("/len-a");
     let head = read_head_until(&mut a, at_least(1024));
-    assert!(!head.contains("detail="), "{head}");
+    // Captured, its store decided once it is whole (RFC 9211 §2.5).
+    assert!(head.contains("detail=streamed"), "{head}");
     let mut b = open("/len-b");
     let head = read_head_until(&mut b, at_least(1024));
     assert!(head.contains("detail=in-flight-full"), "{head}");
@@ -4204,7 +4361,7 @@ fn bodies_being_captured_are_bounded_by_the_worker_s_in_flight_bytes() {
     // its next KiB does not fit.
     let mut a = open("/ch-a");
     let head = read_head_until(&mut a, at_least(3072));
-    assert!(!head.contains("detail="), "{head}");
+    assert!(head.contains("detail=streamed"), "{head}");
     let mut b = open("/ch-b");
     read_head_until(&mut b, at_least(1024));
     ev[3].set();
@@ -4803,4 +4960,89 @@ fn rfc9111_4_1_vary_on_traceparent_never_matches_another_request_with_the_same_r
         s.len() == 2 && s[0].header("traceparent") != s[1].header("traceparent")
     });
     assert!(seen);
+}
+
+/// RFC 9211 §2.5 (`stored`: the cache stored the response): the member goes out with the
+/// response head, so it says `stored` only of a response whose whole body was in hand then
+/// (stored before the head is written). One whose `Content-Length` body is still on its way
+/// may yet be cut by the upstream and never stored: its member does not claim it
+/// (`detail=streamed`, the store's choice being made once the body has come whole), whether
+/// the body then comes whole (and is stored: the next request is a hit) or is cut (not
+/// stored: the next request goes upstream again).
+#[test]
+fn rfc9211_2_5_stored_is_said_only_of_a_body_in_hand_when_the_head_goes_out() {
+    use std::io::Read;
+    for d in DRIVERS {
+        // A small body, read with its head: stored before the head goes out, and said so.
+        let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let a = get(gw.addr, "/small");
+        assert_eq!(
+            status_of(&a),
+            "ringway; fwd=uri-miss; fwd-status=200; stored",
+            "{d:?}"
+        );
+        hit(&get(gw.addr, "/small"), "v1");
+        drop(gw);
+
+        // Cut: 1000 of 10000 bytes, then the upstream closes.
+        let cut = Upstream::start(|_| {
+            let mut head = b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\n\
+                             content-length: 10000\r\n\r\n"
+                .to_vec();
+            head.extend(std::iter::repeat_n(b'@', 1000));
+            Reply::Script(vec![Step::Write(head), Step::Close])
+        });
+        let gw = TestGateway::start(&cache_config(cut.addr, "", ""), d);
+        for round in 1..=2 {
+            let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            std::io::Write::write_all(&mut s, b"GET /cut HTTP/1.1\r\nHost: test.local\r\n\r\n")
+                .unwrap();
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got);
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            let status = text
+                .lines()
+                .find_map(|l| l.strip_prefix("cache-status: "))
+                .unwrap_or_else(|| panic!("{d:?}: no cache-status: {text}"))
+                .to_string();
+            assert!(!status.contains("stored"), "{d:?} round {round}: {status}");
+            assert!(status.contains("detail=streamed"), "{d:?}: {status}");
+            // Cut, so never stored: each request goes upstream.
+            assert_eq!(cut.hits(), round, "{d:?}");
+        }
+        drop(gw);
+
+        // Whole, but after its head: not said stored, yet stored once complete.
+        let go = Event::new();
+        let up = two_part_origin(1000, 64 * 1024, false, go.clone());
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let mut s = std::net::TcpStream::connect(gw.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(
+            &mut s,
+            b"GET /late HTTP/1.1\r\nHost: test.local\r\nconnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut conn = (s, Vec::new());
+        let head = read_head_until(&mut conn, |b| !b.is_empty()).to_ascii_lowercase();
+        let status = head
+            .lines()
+            .find_map(|l| l.strip_prefix("cache-status: "))
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            status, "ringway; fwd=uri-miss; fwd-status=200; detail=streamed",
+            "{d:?}"
+        );
+        go.set();
+        let (s, got) = conn;
+        let mut s = s;
+        let (_, body) = read_whole_response(&mut s, got).expect("the whole body");
+        assert_eq!(body.len(), 1000 + 64 * 1024, "{d:?}");
+        let r = get(gw.addr, "/late");
+        assert!(status_of(&r).contains("hit"), "{d:?}: {r:?}");
+        assert_eq!(up.hits(), 1, "{d:?}");
+    }
 }

@@ -1039,3 +1039,122 @@ fn rfc9211_2_an_entry_from_redis_bearing_this_cache_s_name_has_those_members_dro
     drop(gw);
     fake.stop();
 }
+
+/// RFC 9111 §4.4 with `[cache.redis]`: a purge deletes the Redis copies after the workers
+/// applied it, and a worker's lookup in Redis sent in between must not take back a copy the
+/// purge covers. A purge by prefix deletes once a `SCAN` round trip has named the keys, so a
+/// lookup sent after the purge was applied here can reach Redis first. This fake Redis keeps
+/// the order one connection has in Redis (commands answered in turn; an entry deleted only by
+/// the purge's `EVAL`), and widens that window: it answers the `SCAN` once the lookup has been
+/// sent (the gateway's `ringway_cache_redis_lookups_total` grew). Before, the worker stored the
+/// purged copy again and served it.
+#[test]
+fn rfc9111_4_4_a_redis_lookup_sent_before_the_purge_s_deletion_does_not_bring_back_the_copy() {
+    use std::sync::atomic::AtomicBool;
+    let reply = entry_reply(&entry(
+        Bytes::from_static(b"test.local/p/x"),
+        Bytes::from_static(b"old"),
+    ));
+    let deleted = Arc::new(AtomicBool::new(false));
+    let go = Event::new();
+    let (d, g) = (deleted.clone(), go.clone());
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let mut fake = ServerThreads::serve(l, move |mut s, stop| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        while !stop.is_set() {
+            match decode_reply(&mut buf) {
+                Ok(Some(BytesFrame::Array(args))) => {
+                    let arg = |i: usize| match args.get(i) {
+                        Some(BytesFrame::BulkString(b)) => b.clone(),
+                        _ => Bytes::new(),
+                    };
+                    let mut out = Vec::new();
+                    match &arg(0).to_ascii_uppercase()[..] {
+                        b"SCRIPT" => out.extend(format!("$40\r\n{}\r\n", "0".repeat(40)).bytes()),
+                        b"GET" if !d.load(Ordering::SeqCst) => out.extend_from_slice(&reply),
+                        b"GET" => out.extend_from_slice(b"$-1\r\n"),
+                        b"SCAN" => {
+                            // Once the test says the lookup went: the URL's index set, under
+                            // the prefix asked for.
+                            g.wait(Duration::from_secs(10));
+                            let pattern = arg(3);
+                            let set = &pattern[..pattern.len() - 1];
+                            out.extend(
+                                format!("*2\r\n$1\r\n0\r\n*1\r\n${}\r\n", set.len()).bytes(),
+                            );
+                            out.extend_from_slice(set);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        b"EVAL" | b"DEL" => {
+                            d.store(true, Ordering::SeqCst);
+                            out.extend_from_slice(b":1\r\n");
+                        }
+                        b"PUBLISH" | b"EVALSHA" => out.extend_from_slice(b":0\r\n"),
+                        _ => out.extend_from_slice(b"+OK\r\n"),
+                    }
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                },
+            }
+        }
+    });
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 3\r\n\r\nnew"
+                .to_vec(),
+        )
+    });
+    let toml = format!(
+        "[server]\nworkers = 1\n[admin]\naddress = \"127.0.0.1:0\"\n{}",
+        redis_cache_config(up.addr, addr, "10s")
+    );
+    let gw = TestGateway::start(&toml, DriverChoice::Auto);
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let lookups = || {
+        let m = request(api, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").text();
+        m.lines()
+            .find_map(|l| l.strip_prefix("ringway_cache_redis_lookups_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Redis holds the copy: it answers, and is kept here.
+    let r = get(gw.addr, "/p/x");
+    assert_eq!(&r.body[..], b"old", "{r:?}");
+    assert_eq!(up.hits(), 0);
+    let purge = request(
+        api,
+        b"POST /cache/purge?prefix=test.local/p/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    // Looked up in Redis before the purge deleted the copy there: not taken.
+    let before = lookups();
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /p/x HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    assert!(
+        eventually(Duration::from_secs(5), || lookups() > before),
+        "the lookup went to Redis"
+    );
+    go.set();
+    let r = c.read_response().expect("an answer");
+    assert_eq!(&r.body[..], b"new", "{r:?}");
+    assert_eq!(up.hits(), 1);
+    assert!(
+        eventually(Duration::from_secs(5), || deleted.load(Ordering::SeqCst)),
+        "the copy is deleted in Redis"
+    );
+    // Once deleted there, what was fetched is kept and served.
+    let r = get(gw.addr, "/p/x");
+    assert_eq!(&r.body[..], b"new", "{r:?}");
+    assert_eq!(up.hits(), 1);
+    drop(gw);
+    fake.stop();
+}

@@ -20,8 +20,10 @@ const WORKER_ANSWER_LIMIT: Duration = Duration::from_secs(2);
 /// Longest purge target accepted (a URL prefix or a tag).
 const MAX_TARGET: usize = 8 * 1024;
 
-/// The purge asked for by the query, or the reason it is refused.
-fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
+/// The purges asked for by the query (two for a URL or prefix without a scheme whose port
+/// is one scheme's default, see [`super::purge_urls`]; else one), or the reason it is
+/// refused.
+fn purge_of(req: &AdminRequest) -> Result<Vec<Purge>, String> {
     let mut targets = Vec::new();
     for name in ["url", "prefix", "tag", "all"] {
         if let Some(v) = req.query_param(name)? {
@@ -36,9 +38,10 @@ fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
     if value.is_empty() || value.len() > MAX_TARGET {
         return Err(format!("{name}: expected 1 to {MAX_TARGET} bytes"));
     }
-    let host_path = |v: &str| -> Result<Vec<u8>, String> {
+    let host_path = |v: &str| -> Result<Vec<Vec<u8>>, String> {
         // The store's form: the lower-cased host, then the path (and query).
-        // The scheme, when given, says which port is the default one.
+        // The scheme, when given, says which port is the default one; without one, a port
+        // that is either scheme's default names both origins it may be.
         let (v, https) = match (v.strip_prefix("http://"), v.strip_prefix("https://")) {
             (Some(v), _) => (v, Some(false)),
             (_, Some(v)) => (v, Some(true)),
@@ -48,17 +51,23 @@ fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
         if host.is_empty() {
             return Err(format!("{name}: expected HOST/PATH, got {v:?}"));
         }
-        Ok(super::purge_url_in(
-            https,
-            host,
-            if path.is_empty() { "/" } else { path },
-        ))
+        let path = if path.is_empty() { "/" } else { path };
+        Ok(match https {
+            Some(_) => vec![super::purge_url_in(https, host, path)],
+            None => super::purge_urls(host, path),
+        })
     };
-    let target = match name {
-        "url" => PurgeTarget::Url(host_path(&value)?),
-        "prefix" => PurgeTarget::Prefix(host_path(&value)?),
-        "tag" => PurgeTarget::Tag(value.into_bytes()),
-        _ if value == "1" || value == "true" => PurgeTarget::All,
+    let targets = match name {
+        "url" => host_path(&value)?
+            .into_iter()
+            .map(PurgeTarget::Url)
+            .collect(),
+        "prefix" => host_path(&value)?
+            .into_iter()
+            .map(PurgeTarget::Prefix)
+            .collect(),
+        "tag" => vec![PurgeTarget::Tag(value.into_bytes())],
+        _ if value == "1" || value == "true" => vec![PurgeTarget::All],
         _ => return Err("all: expected all=1".into()),
     };
     let soft = match req.query_param("soft")?.as_deref() {
@@ -66,18 +75,38 @@ fn purge_of(req: &AdminRequest) -> Result<Purge, String> {
         Some("1") | Some("true") => true,
         Some(v) => return Err(format!("soft: expected 1 or 0, got {v:?}")),
     };
-    Ok(Purge { target, soft })
+    Ok(targets
+        .into_iter()
+        .map(|target| Purge { target, soft })
+        .collect())
 }
 
 /// `POST /cache/purge`.
 pub fn purge_handler(control: Arc<Control>) -> Handler {
     Arc::new(move |req| {
-        let p = match purge_of(req) {
+        let purges = match purge_of(req) {
             Ok(p) => p,
             Err(why) => return AdminResponse::error(400, &why),
         };
-        let soft = p.soft;
-        match super::purge(&control, p, WORKER_ANSWER_LIMIT) {
+        let soft = purges.iter().any(|p| p.soft);
+        // Each purge on every worker in turn; what each hit is summed per worker.
+        let mut per_worker: Vec<u64> = Vec::new();
+        let mut failed = None;
+        for p in purges {
+            match super::purge(&control, p, WORKER_ANSWER_LIMIT) {
+                Ok(hit) => {
+                    per_worker.resize(per_worker.len().max(hit.len()), 0);
+                    for (acc, n) in per_worker.iter_mut().zip(hit) {
+                        *acc = acc.saturating_add(n);
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        match failed.map_or(Ok(per_worker), Err) {
             Ok(per_worker) => AdminResponse::json(
                 200,
                 &json!({

@@ -713,6 +713,9 @@ pub struct Hop<'a> {
     /// The request's trace context: the `traceparent` it sends upstream names a new span of
     /// the gateway's (random per request), and its `tracestate` choice.
     pub trace: &'a crate::trace::TraceContext,
+    /// The snapshot's upstream groups: the route's endpoints' addresses are the `Host` it
+    /// sends when it does not send the client's ([`Sent::endpoint_authority`]).
+    pub upstreams: &'a [Rc<crate::upstream::UpstreamGroup>],
 }
 
 impl<'a> Sent<'a> {
@@ -790,14 +793,15 @@ impl<'a> Sent<'a> {
     /// The value of `name` in the head this hop would send upstream
     /// ([`crate::rewrite::encode_upstream_head`], the source of truth), with the request's own
     /// `traceparent` (a new, random span each time, so no later request matches it). Out of
-    /// line: only responses that vary on such a field come here. `Host` when the route sends
-    /// the endpoint's address is read as an empty one.
+    /// line: only responses that vary on such a field come here. `Host`, when the route sends
+    /// the endpoint's address, is that address ([`Sent::endpoint_authority`]).
     #[cold]
     #[inline(never)]
     fn hop_value(&self, name: &[u8]) -> Vec<u8> {
         let Some(hop) = self.hop else {
             return policy::vary_value(name, &mut self.head.header_values(name));
         };
+        let authority = Self::endpoint_authority(&hop);
         let traceparent = hop.trace.traceparent();
         let fwd = crate::rewrite::Forwarding {
             peer_ip: hop.peer_ip,
@@ -814,7 +818,7 @@ impl<'a> Sent<'a> {
             keep_tracestate: hop.trace.keep_state,
         };
         let mut head = BytesMut::new();
-        crate::rewrite::encode_upstream_head(&mut head, self.head, hop.route, b"", &fwd);
+        crate::rewrite::encode_upstream_head(&mut head, self.head, hop.route, &authority, &fwd);
         // The lines after the request line, up to the blank line.
         let lines = head[..]
             .split(|b| *b == b'\n')
@@ -828,6 +832,29 @@ impl<'a> Sent<'a> {
                 .then(|| crate::http::trim_ows(&l[colon + 1..]))
         });
         policy::vary_value(name, &mut values)
+    }
+
+    /// The `Host` this hop sends when it sends the endpoint's address (`preserve_host =
+    /// false`, or a request without Host): the address of the route's endpoint as configured,
+    /// what [`crate::proxy::forward`] sends. The endpoint is picked once the store has been
+    /// looked in, so a group of several gives the list of their addresses, in config order
+    /// (the request goes with one of them): the same value before and after the fetch, for
+    /// each of the group's requests, that changes when the group's endpoints do.
+    fn endpoint_authority(hop: &Hop<'_>) -> Vec<u8> {
+        let crate::router::Action::Proxy { upstream } = hop.route.action else {
+            return Vec::new();
+        };
+        let Some(group) = hop.upstreams.get(upstream) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, e) in group.endpoints.iter().enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(&e.authority);
+        }
+        out
     }
 
     /// Whether the gateway writes `name` itself (an identity header, or one the route's rules
@@ -1297,6 +1324,11 @@ pub struct WorkerCache {
     purges: Cell<u64>,
     /// The last [`MAX_RECENT_PURGES`] purges, each with its number in `purges`.
     recent_purges: RefCell<std::collections::VecDeque<(u64, Purge)>>,
+    /// Purges applied here whose Redis copies may not be gone yet: the ticket of each
+    /// ([`redis::SharedLayer::purge_ticket`]), its number in `purges`, and the second past
+    /// which it is taken as done anyway ([`REDIS_PURGE_PENDING_SECS`]). A lookup in Redis
+    /// counts them as applied after it was sent ([`WorkerCache::purges_settled_in_redis`]).
+    redis_pending: RefCell<Vec<(u64, u64, u64)>>,
     /// The URLs invalidated (RFC 9111 §4.4) since the last sweep, each with the number in
     /// `purges` of its latest invalidation: a stored object of such a URL born before it is
     /// gone for every lookup ([`WorkerCache::invalidate_local`]). At most
@@ -1358,6 +1390,12 @@ impl Drop for Charge {
 /// that began before older ones are forgotten stores nothing (the safe side; it takes more
 /// than this many purges during one fetch).
 const MAX_RECENT_PURGES: usize = 64;
+/// Most purges a worker awaits the Redis side of ([`WorkerCache::redis_pending`]); past it the
+/// oldest is taken as done.
+const MAX_REDIS_PENDING: usize = 64;
+/// Longest a purge's Redis side is awaited (a lost answer, a link that failed it): past it
+/// the purge counts as done in Redis.
+const REDIS_PURGE_PENDING_SECS: u64 = 30;
 
 /// Most URLs a worker keeps invalidated (RFC 9111 §4.4) between sweeps of its store
 /// ([`WorkerCache::invalidate_local`]): a sweep reads every stored object, so one per this
@@ -1385,6 +1423,7 @@ impl WorkerCache {
             spare_key: RefCell::new(Vec::new()),
             purges: Cell::new(0),
             recent_purges: RefCell::new(std::collections::VecDeque::new()),
+            redis_pending: RefCell::new(Vec::new()),
             invalidated: RefCell::new(HashMap::default()),
             invalidated_bytes: Cell::new(0),
             any_invalidated: Cell::new(false),
@@ -2134,28 +2173,107 @@ impl WorkerCache {
     /// Invalidates `url` (RFC 9111 §4.4) here ([`WorkerCache::invalidate_local`]), in Redis
     /// (and so on the other hosts), and on every other worker (posted, not waited for).
     pub fn invalidate_everywhere(&self, url: Vec<u8>) {
+        let p = Purge {
+            target: PurgeTarget::Url(url.clone()),
+            soft: false,
+        };
+        let ticket = self.redis_ticket();
         self.invalidate_local(&url);
-        if let Some(l) = self.shared.get() {
-            l.purge(&Purge {
-                target: PurgeTarget::Url(url.clone()),
-                soft: false,
-            });
-        }
-        self.post_to_others(move |c| c.invalidate_local(&url));
+        self.note_redis_pending(ticket);
+        self.post_to_others(move |c| {
+            c.invalidate_local(&url);
+            c.note_redis_pending(ticket);
+        });
+        self.purge_in_redis(&p, ticket);
     }
 
     /// Applies `p` here, in Redis, and posts it to every other worker (without waiting for
     /// them).
     pub fn purge_everywhere(&self, p: Purge) -> u64 {
+        let ticket = self.redis_ticket();
         let n = self.purge_local(&p);
-        if let Some(l) = self.shared.get() {
-            l.purge(&p);
-        }
+        self.note_redis_pending(ticket);
+        let q = p.clone();
         self.post_to_others(move |c| {
-            c.purge_local(&p);
+            c.purge_local(&q);
+            c.note_redis_pending(ticket);
         });
+        self.purge_in_redis(&p, ticket);
         n
     }
+
+    /// A ticket for a purge this worker sends to Redis, when there is a Redis layer and the
+    /// workers can be told when its copies are gone there (see [`purge_in_redis`]).
+    fn redis_ticket(&self) -> Option<u64> {
+        let l = self.shared.get()?;
+        self.control.get()?;
+        Some(l.purge_ticket())
+    }
+
+    /// Notes that the purge just applied here (the latest in `purges`) under `ticket` awaits
+    /// its Redis side: until that is done, an entry found in Redis that it covers may be the
+    /// copy it deletes there, and is not taken ([`WorkerCache::purges_settled_in_redis`]).
+    pub fn note_redis_pending(&self, ticket: Option<u64>) {
+        let Some(t) = ticket else { return };
+        let mut p = self.redis_pending.borrow_mut();
+        if p.len() >= MAX_REDIS_PENDING {
+            p.remove(0);
+        }
+        p.push((t, self.purges.get(), now_secs() + REDIS_PURGE_PENDING_SECS));
+    }
+
+    /// The purge under `ticket` is done in Redis (its copies there are gone).
+    pub fn settle_redis_purge(&self, ticket: u64) {
+        self.redis_pending
+            .borrow_mut()
+            .retain(|(t, _, _)| *t != ticket);
+    }
+
+    /// The count of purges to take for [`WorkerCache::purged_since`] when sending a lookup to
+    /// Redis: [`WorkerCache::purges`], or, while purges applied here await their Redis side,
+    /// the count before the oldest of them, so that an entry such a purge covers is not taken
+    /// (Redis may answer with the copy it has yet to delete, RFC 9111 §4.4).
+    #[inline]
+    pub fn purges_settled_in_redis(&self) -> u64 {
+        let mut p = self.redis_pending.borrow_mut();
+        if p.is_empty() {
+            return self.purges.get();
+        }
+        let now = now_secs();
+        p.retain(|(_, _, until)| *until > now);
+        p.iter()
+            .map(|(_, n, _)| n.wrapping_sub(1))
+            .min()
+            .unwrap_or(self.purges.get())
+    }
+
+    /// [`purge_in_redis_with`] this worker's layer, when there is one.
+    fn purge_in_redis(&self, p: &Purge, ticket: Option<u64>) {
+        if let Some(l) = self.shared.get() {
+            purge_in_redis_with(l, self.control.get().cloned(), p, ticket);
+        }
+    }
+}
+
+/// Deletes `p`'s copies in Redis (and publishes it to the other hosts) under `ticket`
+/// ([`WorkerCache::redis_ticket`]), then tells every worker that it is done there
+/// ([`WorkerCache::settle_redis_purge`]). Sent after each worker noted it as pending (posts
+/// to a worker are run in order, and the answer comes after them).
+fn purge_in_redis_with(
+    l: &Arc<redis::SharedLayer>,
+    control: Option<Arc<Control>>,
+    p: &Purge,
+    ticket: Option<u64>,
+) {
+    let done = match (control, ticket) {
+        (Some(c), Some(t)) => Some(Box::new(move || {
+            for i in 0..c.workers() {
+                let _ = c.post(i, Box::new(move |w| w.cache.settle_redis_purge(t)));
+            }
+        }) as redis::PurgeDone),
+        _ => None,
+    };
+    l.purge(p, done);
 }
 
 /// A fetch in progress in `WorkerCache::flights`: its key (what a request that finds the
@@ -2398,6 +2516,21 @@ pub fn purge_url(host: &str, path_query: &str) -> Vec<u8> {
     purge_url_in(None, host, path_query)
 }
 
+/// The URLs a purge of `host` and `path_query` names when its scheme is not given (the admin
+/// API's `url=` and `prefix=` without one): a port that is one scheme's default is an origin
+/// of its own for the other (RFC 9110 §4.2.3), so `a.test:443` is `https://a.test` (keyed
+/// `a.test`) or `http://a.test:443` (keyed `a.test:443`), and both are named; any other
+/// spelling names one URL.
+pub fn purge_urls(host: &str, path_query: &str) -> Vec<Vec<u8>> {
+    let http = purge_url_in(Some(false), host, path_query);
+    let https = purge_url_in(Some(true), host, path_query);
+    if http == https {
+        vec![http]
+    } else {
+        vec![http, https]
+    }
+}
+
 /// [`purge_url`] for a URL of a known scheme (`Some(true)`: https), whose default port alone
 /// is left out.
 pub fn purge_url_in(https: Option<bool>, host: &str, path_query: &str) -> Vec<u8> {
@@ -2413,15 +2546,35 @@ pub fn purge_url_in(https: Option<bool>, host: &str, path_query: &str) -> Vec<u8
 
 /// Runs a purge on every worker of a gateway (for the admin API) and returns the number of
 /// objects it hit on each, in worker order.
-pub fn purge(control: &Control, p: Purge, limit: Duration) -> Result<Vec<u64>, ControlError> {
-    control.ask(limit, move |w| {
-        if w.id == 0 {
-            if let Some(l) = w.cache.shared() {
-                l.purge(&p);
-            }
-        }
-        w.cache.purge_local(&p)
-    })
+///
+/// With `[cache.redis]`, every worker applies it first and notes it as pending in Redis, then
+/// the Redis copies are deleted: a worker's lookup in Redis sent in between does not take
+/// back a copy the purge covers ([`WorkerCache::purges_settled_in_redis`]). Before, worker 0
+/// deleted them while the others purged on their own, and a worker that purged first could
+/// find the copy still in Redis and store it again.
+pub fn purge(control: &Arc<Control>, p: Purge, limit: Duration) -> Result<Vec<u64>, ControlError> {
+    // The layer (worker 0's: one for every worker), and one ticket for every worker.
+    let layer = control
+        .ask(limit, |w| {
+            (w.id == 0).then(|| w.cache.shared().cloned()).flatten()
+        })?
+        .into_iter()
+        .flatten()
+        .next();
+    let ticket = layer.as_ref().map(|l| l.purge_ticket());
+    let q = p.clone();
+    let applied = control.ask(limit, move |w| {
+        let n = w.cache.purge_local(&q);
+        w.cache.note_redis_pending(ticket);
+        n
+    });
+    // Also when a worker did not answer in time: the Redis copies go all the same (a worker
+    // that has not applied it yet notes it pending when it does, and takes it as done at
+    // most `REDIS_PURGE_PENDING_SECS` later).
+    if let Some(l) = layer {
+        purge_in_redis_with(&l, Some(control.clone()), &p, ticket);
+    }
+    applied
 }
 
 /// Every worker's cache counters, in worker order.
@@ -2600,6 +2753,17 @@ mod tests {
             purge_url_in(Some(false), "a.test:443", "/x"),
             b"a.test:443/x"
         );
+        // Without a scheme, a port that is either default names both origins it may be.
+        assert_eq!(
+            purge_urls("A.test:443", "/x"),
+            [b"a.test:443/x".to_vec(), b"a.test/x".to_vec()]
+        );
+        assert_eq!(
+            purge_urls("a.test:80", "/x"),
+            [b"a.test/x".to_vec(), b"a.test:80/x".to_vec()]
+        );
+        assert_eq!(purge_urls("a.test:8080", "/x"), [b"a.test:8080/x".to_vec()]);
+        assert_eq!(purge_urls("a.test", "/x"), [b"a.test/x".to_vec()]);
         for (raw, want) in [
             ("GET /x HTTP/1.1\r\nHost: a.test:80\r\n\r\n", "a.test/x"),
             (

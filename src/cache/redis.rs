@@ -85,6 +85,9 @@ const MAGIC: &[u8; 4] = b"RWC2";
 /// cap: KEYS[1] the variant's key, KEYS[2] the list; ARGV: the entry, its expiry in seconds,
 /// the cap. The list holds the variants' keys, newest first; those past the cap are deleted.
 const PUT_VARIANT_LUA: &str = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) redis.call('LREM', KEYS[2], 0, KEYS[1]) redis.call('LPUSH', KEYS[2], KEYS[1]) local cap = tonumber(ARGV[3]) local old = redis.call('LRANGE', KEYS[2], cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', KEYS[2], 0, cap - 1) if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end return #old";
+/// Called once a purge's Redis copies are gone ([`SharedLayer::purge`]).
+pub type PurgeDone = Box<dyn FnOnce() + Send>;
+
 /// What [`SharedLayer::update_entries`] makes of each entry it reads (`None`: left as it is).
 type Update = Arc<dyn Fn(&Object) -> Option<Object> + Send + Sync>;
 
@@ -116,6 +119,8 @@ pub struct SharedLayer {
     pub gets: AtomicU64,
     pub found: AtomicU64,
     pub sets: AtomicU64,
+    /// The next [`SharedLayer::purge_ticket`] (purges only, never a lookup).
+    purge_tickets: AtomicU64,
 }
 
 impl SharedLayer {
@@ -131,6 +136,7 @@ impl SharedLayer {
             gets: AtomicU64::new(0),
             found: AtomicU64::new(0),
             sets: AtomicU64::new(0),
+            purge_tickets: AtomicU64::new(0),
         }))
     }
 
@@ -439,8 +445,10 @@ impl SharedLayer {
     /// a time on the link (no round blocks Redis longer than one `SCAN` and its deletions).
     /// Without that, a host's next local miss after a purge found the purged object in Redis
     /// and stored it again. The purge is published once the copies are gone, so that no host
-    /// takes one back from Redis after hearing it.
-    pub fn purge(self: &Arc<Self>, p: &Purge) {
+    /// takes one back from Redis after hearing it. `done` is called once the copies are gone
+    /// (the publication's answer, which Redis sends after the deletions': one connection, in
+    /// order), or once the link failed them.
+    pub fn purge(self: &Arc<Self>, p: &Purge, done: Option<PurgeDone>) {
         let set = match &p.target {
             PurgeTarget::Url(u) => self.rkey(b"u:", u),
             PurgeTarget::Tag(t) => self.rkey(b"t:", t),
@@ -452,7 +460,7 @@ impl SharedLayer {
                     found: ScanFound::IndexSets,
                     then: Bytes::from(encode_purge(p)),
                 };
-                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0);
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0, done);
                 return;
             }
             PurgeTarget::All => {
@@ -462,13 +470,19 @@ impl SharedLayer {
                     found: ScanFound::Entries,
                     then: Bytes::from(encode_purge(p)),
                 };
-                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0);
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0, done);
                 return;
             }
         };
         self.purge_set(set);
         // Sent after the deletion on the same connection: Redis runs them in order.
-        self.publish(Bytes::from(encode_purge(p)));
+        self.publish(Bytes::from(encode_purge(p)), done);
+    }
+
+    /// A number for a purge sent to Redis, unique on this host (see
+    /// `WorkerCache::note_redis_pending`).
+    pub fn purge_ticket(&self) -> u64 {
+        self.purge_tickets.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Deletes the keys an index set names, then the set ([`PURGE_SET_LUA`]).
@@ -485,7 +499,8 @@ impl SharedLayer {
         });
     }
 
-    fn publish(&self, msg: Bytes) {
+    /// Publishes a purge; `done` is called with its answer (or the link's failure).
+    fn publish(&self, msg: Bytes, done: Option<PurgeDone>) {
         self.link.command(Command {
             args: vec![
                 Bytes::from_static(b"PUBLISH"),
@@ -493,14 +508,20 @@ impl SharedLayer {
                 msg,
             ],
             max_reply: SMALL_REPLY_BYTES,
-            done: None,
+            done: done.map(|d| -> crate::redis::OnFrame { Box::new(move |_| d()) }),
         });
     }
 
     /// One `SCAN` round of a purge by prefix or of everything: deletes what it finds, then
     /// asks for the next round, until Redis says the scan is over (or it fails, or after
     /// [`MAX_SCAN_ROUNDS`]); then publishes the purge.
-    fn purge_scan(self: &Arc<Self>, scan: Arc<Scan>, cursor: Bytes, round: u32) {
+    fn purge_scan(
+        self: &Arc<Self>,
+        scan: Arc<Scan>,
+        cursor: Bytes,
+        round: u32,
+        done: Option<PurgeDone>,
+    ) {
         let layer = self.clone();
         self.link.command(Command {
             args: vec![
@@ -529,9 +550,9 @@ impl SharedLayer {
                 });
                 match more {
                     Some(n) if round + 1 < MAX_SCAN_ROUNDS => {
-                        layer.purge_scan(scan, Bytes::copy_from_slice(&n), round + 1)
+                        layer.purge_scan(scan, Bytes::copy_from_slice(&n), round + 1, done)
                     }
-                    _ => layer.publish(scan.then.clone()),
+                    _ => layer.publish(scan.then.clone(), done),
                 }
             })),
         });

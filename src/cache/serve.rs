@@ -52,6 +52,11 @@ pub async fn run<'c, S: ClientIo>(
     ctx: &mut RequestCtx<'_>,
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
+    // Behind a trusted proxy the client's scheme is the proxy's word (see
+    // [`scheme_from_trusted_proxy`]); a trusted peer is rare, and checked once here.
+    if c.info.trusted && !ctx.head.https {
+        scheme_from_trusted_proxy(&mut ctx.head);
+    }
     if p.purge && ctx.head.method == Method::Other && ctx.head.method_str() == b"PURGE" {
         return purge_request(w, p, c, ctx).await;
     }
@@ -261,6 +266,49 @@ fn first_look<'k>(
     Look::Miss { any, now }
 }
 
+/// RFC 9110 §4.2.3 behind a TLS-terminating proxy (one of `server.trusted_proxies`, whose
+/// forwarding fields are believed, see [`crate::rewrite`]): the target's scheme is the one the
+/// client used, `https` when the proxy says so in `X-Forwarded-Proto` (its first item: the
+/// first hop's), else in the first `Forwarded` element's `proto` (RFC 7239 §5.4). Then port 443
+/// is the default one (`Host: a.test:443` keys, stores and purges as `a.test`, as on a TLS
+/// listener) and 80 is not. The request head's scheme is read by the cache's keys alone.
+#[cold]
+#[inline(never)]
+fn scheme_from_trusted_proxy(head: &mut RequestHead) {
+    let first_item = |v: &[u8]| -> Vec<u8> {
+        let item = v.split(|b| *b == b',').next().unwrap_or(b"");
+        crate::http::trim_ows(item).to_vec()
+    };
+    let said = match head.header(b"x-forwarded-proto") {
+        Some(v) => first_item(v),
+        None => match head.header(b"forwarded") {
+            Some(v) => {
+                let element = first_item(v);
+                element
+                    .split(|b| *b == b';')
+                    .filter_map(|pair| {
+                        let eq = pair.iter().position(|b| *b == b'=')?;
+                        let (k, v) = (crate::http::trim_ows(&pair[..eq]), &pair[eq + 1..]);
+                        k.eq_ignore_ascii_case(b"proto").then_some(v)
+                    })
+                    .map(|v| {
+                        let v = crate::http::trim_ows(v);
+                        v.strip_prefix(b"\"")
+                            .and_then(|v| v.strip_suffix(b"\""))
+                            .unwrap_or(v)
+                            .to_vec()
+                    })
+                    .next()
+                    .unwrap_or_default()
+            }
+            None => return,
+        },
+    };
+    if said.eq_ignore_ascii_case(b"https") {
+        head.https = true;
+    }
+}
+
 /// The largest sf-integer (RFC 8941 §3.3.1), for `Cache-Status`'s `ttl`.
 const SF_INTEGER_MAX: i64 = 999_999_999_999_999;
 
@@ -419,6 +467,10 @@ const USUAL_MISS_FWD: &str = "uri-miss";
 
 /// The `Cache-Status` detail of a response not stored for its `no-store` ([`screen`]).
 const NO_STORE: &str = "no-store";
+
+/// The `Cache-Status` detail of a storable response whose body was still on its way when its
+/// head went out: whether it is stored is known only once the body is whole (RFC 9211 §2.5).
+const STREAMED: &str = "streamed";
 
 /// The `Cache-Status` line of a usual miss (a new URL, the upstream's 200) of a cache named
 /// `name`: stored, or else not stored for `no_store_detail` when it is given. Each route's
@@ -786,8 +838,10 @@ async fn from_shared(
         .collect();
     let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
     // An entry asked for before a purge or invalidation of its URL that is applied here while
-    // Redis answers is from before it (§4.4): not stored, not served.
-    let purges = cache.purges();
+    // Redis answers is from before it (§4.4): not stored, not served. So is one that a purge
+    // applied here still has to delete in Redis covers (one by prefix deletes after a scan's
+    // round trip; another worker's may be sent after this worker applied it).
+    let purges = cache.purges_settled_in_redis();
     let got = layer.get(&w.doorbell, &ks, &known, sent).await;
     let now = now_secs();
     // Where the key is the URL as it is (the host and the whole query in it), an entry is
@@ -2070,6 +2124,7 @@ fn sent<'a, S>(
             trusted: c.info.trusted,
             https: c.info.tls,
             trace: &ctx.rec.trace,
+            upstreams: &cfg.upstreams,
         },
     )
 }
@@ -2897,13 +2952,15 @@ async fn fetched<'c, S: ClientIo>(
                     let mut tee = plan.as_mut().ok().zip(charge).map(|(s, charge)| {
                         Tee::with_buf(max as usize, std::mem::take(&mut s.body), flight, charge)
                     });
-                    match &plan {
-                        Ok(_) => {
-                            status.stored =
-                                matches!(resp.body, RespBody::Length(_) | RespBody::None)
-                        }
-                        Err(d) => status.detail = Some(d),
-                    }
+                    // RFC 9211 §2.5: `stored` says the cache stored the response, and the
+                    // member goes out with the head, before this body (not in hand: a whole
+                    // one was stored above) has come. The upstream may still cut it, and
+                    // then it is never stored: the member does not claim it, and says why
+                    // (`streamed`: stored, or not, once the body is whole).
+                    status.detail = Some(match &plan {
+                        Ok(_) => STREAMED,
+                        Err(d) => d,
+                    });
                     let mark = ctx.resp_headers.len();
                     status.put_fetched(p, &mut ctx.resp_headers);
                     let (out, reusable) =
@@ -4123,6 +4180,7 @@ impl Revalidation {
                                             trusted: self.trusted,
                                             https: self.https,
                                             trace: &self.trace,
+                                            upstreams: &self.snap.upstreams,
                                         },
                                     );
                                     let vary = vary_values(&s.vary, &sent);
