@@ -294,6 +294,7 @@ fn bench_rewrite(c: &mut Criterion) {
                 black_box(&resp),
                 &route.response_headers,
                 &f,
+                b"Thu, 26 Nov 2026 04:00:00 GMT",
                 b"",
                 false,
                 None,

@@ -424,14 +424,17 @@ fn put_forwarded_element(out: &mut BytesMut, peer_ip: &[u8], proto: &[u8], host:
     }
 }
 
-/// Writes the response head sent to the client (into a cleared `out`). `extra`: header lines
-/// the gateway adds (RateLimit); `chunked`: the body goes out chunked; `connection`: the
-/// Connection value, if any.
+/// Writes the response head sent to the client (into a cleared `out`). `date`: the worker's
+/// current IMF-fixdate, written as `Date` when the response has none (RFC 9110 §6.6.1);
+/// `extra`: header lines the gateway adds (RateLimit); `chunked`: the body goes out chunked;
+/// `connection`: the Connection value, if any.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_client_head(
     out: &mut BytesMut,
     resp: &ResponseHead,
     rules: &HeaderRules,
     f: &Forwarding<'_>,
+    date: &[u8],
     extra: &[u8],
     chunked: bool,
     connection: Option<&[u8]>,
@@ -441,6 +444,7 @@ pub fn encode_client_head(
     put_status_line(out, resp.status, resp.bytes(resp.reason));
     let conn = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
     let keep_length = matches!(resp.body, RespBody::Length(_) | RespBody::None);
+    let mut has_date = false;
     for h in &resp.headers {
         let name = resp.bytes(h.name);
         let kind = classify(name);
@@ -464,9 +468,16 @@ pub fn encode_client_head(
         if rules.drops(name) || (conn.lists(name) && kind != Hdr::ContentLength) {
             continue;
         }
+        has_date = has_date || (name.len() == 4 && name.eq_ignore_ascii_case(b"date"));
         lines.push(out, h.name, h.value);
     }
     lines.flush(out);
+    // A recipient with a clock that forwards a response without Date adds one: the time it
+    // was received (RFC 9110 §6.6.1), this second's by the worker's clock. A route whose
+    // `response_headers` set or remove Date decides it instead.
+    if !has_date && !rules.drops(b"date") {
+        put_header(out, b"date", date);
+    }
     // Several lines or a list of one value go out as one line of it (RFC 9110 §8.6).
     if let (true, LengthLine::Canonical(n)) = (keep_length, resp.length_line) {
         out.put_slice(b"content-length: ");
@@ -751,6 +762,7 @@ mod tests {
                     &head,
                     rules,
                     &f,
+                    b"Thu, 26 Nov 2026 18:00:01 GMT",
                     b"x-extra: 1\r\n",
                     false,
                     Some(b"keep-alive"),

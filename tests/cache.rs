@@ -502,6 +502,34 @@ fn rfc9111_5_2_1_4_request_no_cache_and_max_age_0_go_to_the_origin() {
     assert_eq!(get(gw.addr, "/x").text(), "v4");
 }
 
+/// RFC 9110 §6.6.1: a response the origin sends without Date gets one when it is forwarded
+/// (the miss) as when it is stored (the hit that follows): before, the miss went out without
+/// one. Exactly one line each time.
+#[test]
+fn rfc9110_6_6_1_a_miss_without_date_is_forwarded_with_one() {
+    for d in DRIVERS {
+        let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let dates = |r: &Resp| {
+            r.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+                .count()
+        };
+        let a = get(gw.addr, "/undated");
+        miss(&a, "v1");
+        assert_eq!(dates(&a), 1, "{d:?}: {a:?}");
+        assert!(
+            a.header("date")
+                .is_some_and(|v| v.len() == 29 && v.ends_with(" GMT")),
+            "{a:?}"
+        );
+        let b = get(gw.addr, "/undated");
+        hit(&b, "v1");
+        assert_eq!(dates(&b), 1, "{d:?}: {b:?}");
+    }
+}
+
 #[test]
 fn rfc9111_4_2_3_age_from_the_origin_counts() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\nage: 100\r\n");

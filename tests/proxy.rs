@@ -293,6 +293,56 @@ upstream = "up"
     }
 }
 
+/// RFC 9110 §6.6.1: "A recipient with a clock that receives a response message without a Date
+/// header field MUST record the time it was received and append a corresponding Date header
+/// field ... if it is ... forwarded downstream." An origin's Date goes on as it is, once; a
+/// response without one gets the gateway's; a route that removes Date keeps it out.
+#[test]
+fn rfc9110_6_6_1_a_forwarded_response_without_date_gets_one() {
+    for d in DRIVERS {
+        let up = Upstream::start(|req| {
+            let date = if req.target == "/dated" {
+                "Date: Tue, 14 Nov 2023 22:13:10 GMT\r\n"
+            } else {
+                ""
+            };
+            Reply::Raw(format!("HTTP/1.1 200 OK\r\n{date}Content-Length: 2\r\n\r\nok").into_bytes())
+        });
+        let extra = r#"
+[[routes]]
+path_prefix = "/nodate"
+upstream = "up"
+response_headers = { remove = ["date"] }
+
+[[routes]]
+upstream = "up"
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        let dates = |r: &Resp| -> Vec<String> {
+            r.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+                .map(|(_, v)| v.clone())
+                .collect()
+        };
+        let r = request(gw.addr, b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.text(), "ok");
+        let added = dates(&r);
+        assert_eq!(added.len(), 1, "{d:?}: {r:?}");
+        // An IMF-fixdate (RFC 9110 §5.6.7): "Sun, 06 Nov 1994 08:49:37 GMT".
+        assert_eq!(added[0].len(), 29, "{r:?}");
+        assert!(
+            added[0].ends_with(" GMT") && added[0].as_bytes()[3] == b',',
+            "{r:?}"
+        );
+        let r = request(gw.addr, b"GET /dated HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(dates(&r), vec!["Tue, 14 Nov 2023 22:13:10 GMT"], "{r:?}");
+        let r = request(gw.addr, b"GET /nodate HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(r.text(), "ok");
+        assert!(dates(&r).is_empty(), "{r:?}");
+    }
+}
+
 /// Sends `raw` on a new connection and expects a 400 `bad_request`, after which the gateway
 /// closes the connection when `closes` (a request-target it could not parse).
 fn refused_with_400(gw: std::net::SocketAddr, raw: &str, closes: bool) {

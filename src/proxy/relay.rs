@@ -257,6 +257,7 @@ pub async fn forward_response_tee<'c, S: ClientIo>(
         resp,
         &route.response_headers,
         &f,
+        &w.date.get(),
         &ctx.resp_headers,
         chunked,
         connection_value(keep, ctx.head.version),
