@@ -260,6 +260,8 @@ impl SharedLayer {
             self.link.command(Command {
                 args: vec![Bytes::from_static(b"GET"), k],
                 max_reply: self.max_get,
+                // A read.
+                repeatable: true,
                 done: Some(Box::new(move |f| {
                     let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
                     g.0 += 1;
@@ -299,6 +301,8 @@ impl SharedLayer {
                 ttl_s.clone(),
             ],
             max_reply: SMALL_REPLY_BYTES,
+            // The same value again.
+            repeatable: true,
             done: None,
         });
         // Keys written, for the index sets: the entry, its variant, the variant list (that one
@@ -320,6 +324,8 @@ impl SharedLayer {
                     Bytes::from(cap.to_string()),
                 ],
                 max_reply: SMALL_REPLY_BYTES,
+                // `LREM` before `LPUSH`: run again, the list ends as it did.
+                repeatable: true,
                 done: None,
             });
             written.extend([vk, list]);
@@ -334,11 +340,13 @@ impl SharedLayer {
             self.link.command(Command {
                 args,
                 max_reply: SMALL_REPLY_BYTES,
+                repeatable: true,
                 done: None,
             });
             self.link.command(Command {
                 args: vec![Bytes::from_static(b"EXPIRE"), s, ttl_s.clone()],
                 max_reply: SMALL_REPLY_BYTES,
+                repeatable: true,
                 done: None,
             });
         }
@@ -366,6 +374,8 @@ impl SharedLayer {
                 Bytes::from((MAX_REDIS_VARIANTS - 1).to_string()),
             ],
             max_reply: MAX_LIST_REPLY_BYTES,
+            // A read.
+            repeatable: true,
             done: Some(Box::new(move |f| {
                 let listed = match f {
                     Some(BytesFrame::Array(items)) => items,
@@ -395,6 +405,8 @@ impl SharedLayer {
         self.link.command(Command {
             args: vec![Bytes::from_static(b"GET"), rk.clone()],
             max_reply: self.max_get,
+            // A read.
+            repeatable: true,
             done: Some(Box::new(move |f| {
                 let Some(BytesFrame::BulkString(old)) = f else {
                     return;
@@ -427,6 +439,9 @@ impl SharedLayer {
                 layer.link.command(Command {
                     args,
                     max_reply: SMALL_REPLY_BYTES,
+                    // A compare-and-set: run again, it finds its own write, not what was read, and writes
+                    // nothing.
+                    repeatable: true,
                     done: None,
                 });
             })),
@@ -481,6 +496,8 @@ impl SharedLayer {
                 set,
             ],
             max_reply: SMALL_REPLY_BYTES,
+            // Deletes: run again, it deletes what was indexed since, as a purge a moment later would.
+            repeatable: true,
             done: None,
         });
     }
@@ -493,6 +510,9 @@ impl SharedLayer {
                 msg,
             ],
             max_reply: SMALL_REPLY_BYTES,
+            // Heard twice, a purge is applied twice: the second finds only what was stored since, as
+            // a purge a moment later would.
+            repeatable: true,
             done: None,
         });
     }
@@ -512,6 +532,8 @@ impl SharedLayer {
                 Bytes::from_static(SCAN_COUNT),
             ],
             max_reply: MAX_LIST_REPLY_BYTES,
+            // A read (its cursor is kept in the command).
+            repeatable: true,
             done: Some(Box::new(move |f| {
                 let next = match f {
                     Some(BytesFrame::Array(v)) => match <[BytesFrame; 2]>::try_from(v) {
@@ -562,6 +584,7 @@ impl SharedLayer {
                     self.link.command(Command {
                         args,
                         max_reply: SMALL_REPLY_BYTES,
+                        repeatable: true,
                         done: None,
                     });
                 }
