@@ -613,13 +613,16 @@ enum RoundFailed {
 /// [`RoundFailed::TooLarge`]): the commands answered get their answers, in order, the next
 /// one `None`; of the commands after it, the repeatable ones are returned, to be sent again,
 /// and the others get `None`. Before, every command after the large one got `None`: a
-/// lookup behind a large entry was a miss, a write behind it lost.
+/// lookup behind a large entry was a miss, a write behind it lost. A command is sent again
+/// once at most (it is no longer repeatable after): a server that stalls on a large reply
+/// in every round cannot have the queued commands sent round after round.
 fn given_up(cmds: Vec<Command>, answers: Vec<BytesFrame>) -> Vec<Command> {
     let answered = answers.len();
     let mut answers = answers.into_iter();
     let mut again = Vec::new();
-    for (i, c) in cmds.into_iter().enumerate() {
+    for (i, mut c) in cmds.into_iter().enumerate() {
         if i > answered && c.repeatable {
+            c.repeatable = false;
             again.push(c);
         } else if let Some(d) = c.done {
             d(answers.next());
@@ -1663,6 +1666,61 @@ mod tests {
         assert!(!link.is_down());
         assert_eq!(link.failures.load(Ordering::Relaxed), 0);
         assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
+    }
+
+    /// A command is sent again once at most: queued behind two lookups `big1` and `big2`
+    /// whose replies a server starts (an 8 MiB length, four bytes) and never ends, on every
+    /// connection, the lookup `c` is sent again after `big1`'s round is given up, and gets
+    /// `None` when `big2`'s is; the link stays up, each large lookup counted. Without the
+    /// bound, `c` went out a third time (here answered, on a third connection); a server
+    /// that stalls every round could have every queued command sent round after round.
+    #[test]
+    fn a_command_is_sent_again_once_at_most() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let Ok((mut s, _)) = l.accept() else { return };
+                read_until(&mut s, b"\r\nc\r\n");
+                if s.write_all(b"$8388608\r\neeee").is_err() {
+                    return;
+                }
+                // Held until the link gives up and closes it.
+                let mut chunk = [0u8; 4096];
+                while matches!(s.read(&mut chunk), Ok(n) if n > 0) {}
+            }
+            if let Ok((mut third, _)) = l.accept() {
+                answer_each(&mut third, b"\r\nGET", usize::MAX, b"$1\r\nv\r\n");
+            }
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"500ms\"\n"))
+                .expect("config");
+        let link = RedisLink::with_role(cfg, "cache");
+        let mut rxs = Vec::new();
+        // Queued before the link's thread starts: they go as one round.
+        for key in [&b"big1"[..], b"big2", b"c"] {
+            let (tx, rx) = std::sync::mpsc::channel::<bool>();
+            let mut get = command(&[b"GET"], 16 << 20, Some(tx));
+            get.args.push(bytes::Bytes::copy_from_slice(key));
+            link.command(get);
+            rxs.push(rx);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        let got: Vec<_> = rxs
+            .iter()
+            .map(|rx| rx.recv_timeout(Duration::from_secs(30)))
+            .collect();
+        stop.store(true, Ordering::SeqCst);
+        let _ = thread.join();
+        // A link that did not connect a third time leaves the server waiting for it.
+        drop(TcpStream::connect(addr));
+        let _ = server.join();
+        assert_eq!(got, [Ok(false), Ok(false), Ok(false)], "big1, big2, c");
+        assert!(!link.is_down());
+        assert_eq!(link.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 2);
     }
 
     /// A round of lookups `a`, `big`, `c` (a 2 MiB entry in the middle), its `timeout` 2 s:
