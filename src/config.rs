@@ -1645,7 +1645,9 @@ impl Config {
     /// Settings that load but are likely a mistake, one line each: `ringway check` prints
     /// them and the gateway logs them at start. Never an error.
     pub fn warnings(&self) -> Vec<String> {
-        self.auth.warnings()
+        let mut w = self.auth.warnings();
+        w.extend(self.cache.warnings());
+        w
     }
 
     /// Parses and validates config text; `file` names it in errors.

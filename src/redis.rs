@@ -18,8 +18,10 @@
 //! connection) is logged once too; a link that keeps going down and up logs at most once a
 //! minute (see `RedisLink::set_down`). A round of plain commands that fails while it writes
 //! one command, or reads one reply, larger than a round's writes (an entry over 1 MiB) is put
-//! down to that size, not to the link: that command alone is given up and counted (see
-//! `RoundFailed::TooLarge`).
+//! down to that size, not to the link: that command alone is given up and counted, and the
+//! repeatable commands after it in its round are sent again (see `RoundFailed::TooLarge`). A
+//! round's deadline moves while its replies keep coming, a mebibyte at a time (see
+//! `Conn::round`), so a large reply read whole does not make the replies after it late.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -110,6 +112,16 @@ pub struct Command {
     /// [`MAX_REPLY_BYTES`]): a `GET` of a cache entry, the longest entry's encoding; a list,
     /// its room; a status or an integer, [`SMALL_REPLY_BYTES`]. A longer reply breaks the link.
     pub max_reply: usize,
+    /// Whether the command may be sent again after a round that sent it was given up before
+    /// its answer was read (a large entry before it in the round, see
+    /// [`RoundFailed::TooLarge`]): it may have run, so only a command whose second run leaves
+    /// Redis as its first did, or as the same command sent a moment later would (a `GET`, a
+    /// `SET` of the same value, an `EXPIRE`, a script that deletes, or compares before it
+    /// writes), may be; one that counts (`INCR`, a script that takes tokens) may not, and
+    /// gets `None`. The cache's commands are all repeatable. The rate limiter's script calls,
+    /// which count, are never sent again: they go as [`Demand`]s, whose rounds a large reply
+    /// never shares.
+    pub repeatable: bool,
     pub done: Option<OnFrame>,
 }
 
@@ -118,8 +130,15 @@ pub struct Command {
 /// rounds, so a round of small-reply commands is deeper than a round of lookups.
 const MAX_ROUND_REPLY_BYTES: usize = 128 << 20;
 /// Most bytes of arguments written in one round of plain commands (one command at least,
-/// whatever its size), see [`write_round_len`].
+/// whatever its size), see [`write_round_len`]. Also what a round must read for its deadline
+/// to move (see [`Conn::round`]), and the size past which a command or a reply is put down to
+/// its size when its round fails ([`RoundFailed::TooLarge`]).
 const MAX_ROUND_WRITE_BYTES: usize = 1 << 20;
+/// Longest a round of plain commands takes, in `timeout`s, however its replies keep coming
+/// (see [`Conn::round`]): its first `timeout`, and one more for each [`MAX_ROUND_WRITE_BYTES`]
+/// of the most its replies can take ([`MAX_ROUND_REPLY_BYTES`]). A server that trickles
+/// replies cannot hold the link's thread longer.
+const MAX_ROUND_TIMEOUTS: u32 = 1 + (MAX_ROUND_REPLY_BYTES / MAX_ROUND_WRITE_BYTES) as u32;
 /// Most rate-limit demands queued for the link's thread; past it new ones are refused at once
 /// (see [`RedisLink::submit`]). Each new key's first request queues one, so a Redis that
 /// stalls while clients keep coming with new keys (client addresses, header values) would
@@ -564,8 +583,9 @@ enum Stopped {
     Link(io::Error),
     /// A round failed (late, or broken off) while it moved one command or one reply larger
     /// than a round's writes ([`MAX_ROUND_WRITE_BYTES`]), see [`RoundFailed::TooLarge`]: the
-    /// round's commands got their answers or `None`; the commands after it (here) were not
-    /// sent. Such a round is put down to that size, not to the link: a round is written and
+    /// round's commands got their answers or `None`, or are here to be sent again (its
+    /// repeatable commands after the large one), followed by the commands after the round
+    /// (not sent). Such a round is put down to that size, not to the link: a round is written and
     /// answered within one `timeout`, and a command or a reply always goes whole in one
     /// round, so an entry that the link cannot move within `timeout` (16 MiB takes about
     /// 18 ms on loopback, 1 GiB may be configured) would otherwise mark the link down for
@@ -581,11 +601,34 @@ enum RoundFailed {
     /// The round was late or broken off ([`late_or_broken`]) while it wrote its one command
     /// larger than [`MAX_ROUND_WRITE_BYTES`] (or waited for that command's answer), or while
     /// it read a bulk string whose declared length (its header, read before its body) is
-    /// larger than that: the commands answered before it got their answers, that command and
-    /// those after it `None` (they were sent, and may have run: a script is not sent again).
-    /// A round that fails with no such write or reply in progress (a silent Redis, a small
-    /// reply cut off) is the link's failure.
-    TooLarge,
+    /// larger than that: the commands answered before it got their answers, that command
+    /// `None` (sent again, it would fail again); those after it were sent and may have run,
+    /// so only the [`Command::repeatable`] ones are held here, to be sent again, and the
+    /// others got `None` (see [`given_up`]). A round that fails with no such write or reply in
+    /// progress (a silent Redis, a small reply cut off) is the link's failure.
+    TooLarge(Vec<Command>),
+}
+
+/// Hands out the answers of a round given up while it moved the command after them (see
+/// [`RoundFailed::TooLarge`]): the commands answered get their answers, in order, the next
+/// one `None`; of the commands after it, the repeatable ones are returned, to be sent again,
+/// and the others get `None`. Before, every command after the large one got `None`: a
+/// lookup behind a large entry was a miss, a write behind it lost. A command is sent again
+/// once at most (it is no longer repeatable after): a server that stalls on a large reply
+/// in every round cannot have the queued commands sent round after round.
+fn given_up(cmds: Vec<Command>, answers: Vec<BytesFrame>) -> Vec<Command> {
+    let answered = answers.len();
+    let mut answers = answers.into_iter();
+    let mut again = Vec::new();
+    for (i, mut c) in cmds.into_iter().enumerate() {
+        if i > answered && c.repeatable {
+            c.repeatable = false;
+            again.push(c);
+        } else if let Some(d) = c.done {
+            d(answers.next());
+        }
+    }
+    again
 }
 
 /// An error that says the round was late or its connection broken off, as a large write or
@@ -633,6 +676,9 @@ struct Conn {
     /// Whether the reply [`Conn::read_frame`] reads (or read last) is a bulk string declared
     /// longer than [`MAX_ROUND_WRITE_BYTES`] (see [`RoundFailed::TooLarge`]).
     large_reply: bool,
+    /// Bytes read from the socket since the connection opened (wrapping), for a round's
+    /// progress ([`Conn::round`]).
+    received: usize,
 }
 
 fn proto_err(msg: impl Into<String>) -> io::Error {
@@ -659,6 +705,7 @@ impl Conn {
             rounds: 0,
             sent: 0,
             large_reply: false,
+            received: 0,
         };
         if let Some(p) = &cfg.password {
             match c.call(&[b"AUTH", p.as_bytes()])? {
@@ -857,6 +904,7 @@ impl Conn {
             Err(e) => return Err(e),
         };
         self.rbuf.extend_from_slice(&chunk[..n]);
+        self.received = self.received.wrapping_add(n);
         Ok(())
     }
 
@@ -868,7 +916,7 @@ impl Conn {
     /// a status or an integer, takes up to 2048 of them. On an error the round's commands and
     /// those after it get `None`, except after a round that failed on one command or reply
     /// too large for a round ([`Stopped::TooLarge`]): the commands after it are given back
-    /// unsent.
+    /// unsent, behind the round's repeatable commands that were not answered.
     fn pipeline(&mut self, mut cmds: Vec<Command>) -> Result<(), Stopped> {
         loop {
             let per_round = round_len(cmds.iter().map(|c| c.max_reply))
@@ -876,7 +924,10 @@ impl Conn {
             let rest = cmds.split_off(per_round.min(cmds.len()));
             match self.round(cmds) {
                 Ok(()) => {}
-                Err(RoundFailed::TooLarge) => return Err(Stopped::TooLarge(rest)),
+                Err(RoundFailed::TooLarge(mut again)) => {
+                    again.extend(rest);
+                    return Err(Stopped::TooLarge(again));
+                }
                 Err(RoundFailed::Link(e)) => {
                     fail_commands(rest);
                     return Err(Stopped::Link(e));
@@ -892,8 +943,16 @@ impl Conn {
     /// Sends plain commands as one pipeline and hands each its answer once the round is read
     /// whole and held nothing more (see [`Conn::expect_nothing`], which `run` checks before
     /// the first round); on an error every command gets `None`. Writing the commands and
-    /// reading their answers share one deadline, `timeout` away. A round that fails while it
-    /// moves one large command or reply fails that command alone ([`RoundFailed::TooLarge`]).
+    /// reading their answers share one deadline, `timeout` away, moved while replies keep
+    /// coming: once a reply is whole and [`MAX_ROUND_WRITE_BYTES`] or more have been read
+    /// since the round began or the deadline last moved, the rest of the round has `timeout`
+    /// from then on, never past [`MAX_ROUND_TIMEOUTS`] times `timeout` from its start. A Redis
+    /// that has just moved a mebibyte is answering; before, one deadline for the round meant
+    /// that a large reply read whole just in time made the small reply after it late, and
+    /// that marked the link down. Each reply must still be whole by the deadline it starts
+    /// under: a silent Redis is found within one `timeout`, and an entry too large to move
+    /// within `timeout` still fails. A round that fails while it moves one large command or
+    /// reply fails that command alone ([`RoundFailed::TooLarge`]).
     fn round(&mut self, cmds: Vec<Command>) -> Result<(), RoundFailed> {
         self.wbuf.clear();
         let large_write = cmds.len() == 1 && args_len(&cmds[0]) > MAX_ROUND_WRITE_BYTES;
@@ -901,30 +960,31 @@ impl Conn {
             let args: Vec<&[u8]> = c.args.iter().map(|a| &a[..]).collect();
             encode_command(&mut self.wbuf, &args)
         });
-        let deadline = Instant::now() + self.timeout;
+        let start = Instant::now();
+        let mut deadline = start + self.timeout;
+        let cap = start + self.timeout.saturating_mul(MAX_ROUND_TIMEOUTS);
         if let Err(e) = encoded.and_then(|_| self.send(deadline)) {
             fail_commands(cmds);
             if large_write && late_or_broken(&e) {
-                return Err(RoundFailed::TooLarge);
+                return Err(RoundFailed::TooLarge(Vec::new()));
             }
             return Err(RoundFailed::Link(e));
         }
         self.sent += cmds.len() as u64;
         let mut answers = Vec::with_capacity(cmds.len());
+        // What had been read when the deadline was set last.
+        let mut counted = self.received;
         for c in &cmds {
             match self.read_frame(deadline, c.max_reply) {
-                Ok(f) => answers.push(f),
-                Err(e) if (large_write || self.large_reply) && late_or_broken(&e) => {
-                    // The answers read so far are whole and in order: they are handed out;
-                    // the command being read, and those after it, get `None`.
-                    let mut answers = answers.into_iter();
-                    for c in cmds {
-                        let a = answers.next();
-                        if let Some(d) = c.done {
-                            d(a);
-                        }
+                Ok(f) => {
+                    answers.push(f);
+                    if self.received.wrapping_sub(counted) >= MAX_ROUND_WRITE_BYTES {
+                        counted = self.received;
+                        deadline = deadline.max(Instant::now() + self.timeout).min(cap);
                     }
-                    return Err(RoundFailed::TooLarge);
+                }
+                Err(e) if (large_write || self.large_reply) && late_or_broken(&e) => {
+                    return Err(RoundFailed::TooLarge(given_up(cmds, answers)));
                 }
                 Err(e) => {
                     fail_commands(cmds);
@@ -1289,8 +1349,8 @@ mod tests {
         (link, (stop, thread))
     }
 
-    /// A plain command whose reply may be `max_reply` bytes long; `tx` hears whether it was
-    /// answered.
+    /// A plain command whose reply may be `max_reply` bytes long, repeatable; `tx` hears
+    /// whether it was answered.
     fn command(
         args: &[&'static [u8]],
         max_reply: usize,
@@ -1299,6 +1359,7 @@ mod tests {
         Command {
             args: args.iter().map(|a| bytes::Bytes::from_static(a)).collect(),
             max_reply,
+            repeatable: true,
             done: tx.map(|tx| -> OnFrame {
                 Box::new(move |f| {
                     let _ = tx.send(f.is_some());
@@ -1514,11 +1575,12 @@ mod tests {
         let _ = server.join();
     }
 
-    /// A round of lookups `a`, `big`, `c` whose answer to `big` declares an 8 MiB bulk string
-    /// (over `MAX_ROUND_WRITE_BYTES`) and then stalls, `big_reply` being the lookup's bound.
-    /// Returns whether `a`, `big`, `c` were answered and whether the lookup `k` queued after
-    /// them was, on a fresh connection.
-    fn a_large_reply_stalls(big_reply: usize) -> (Arc<RedisLink>, [Result<bool, String>; 4]) {
+    /// A round of lookups `a`, `big`, `c`, `d` whose answer to `big` declares an 8 MiB bulk
+    /// string (over `MAX_ROUND_WRITE_BYTES`) and then stalls, `big_reply` being the lookup's
+    /// bound; `d` is marked not repeatable (as a command that counts would be). Returns
+    /// whether `a`, `big`, `c`, `d` were answered and whether the lookup `k` queued after them
+    /// was, on a fresh connection.
+    fn a_large_reply_stalls(big_reply: usize) -> (Arc<RedisLink>, [Result<bool, String>; 5]) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         let (seen_tx, seen) = std::sync::mpsc::channel::<()>();
@@ -1529,7 +1591,7 @@ mod tests {
             else {
                 return;
             };
-            read_until(&mut first, b"\r\nc\r\n");
+            read_until(&mut first, b"\r\nd\r\n");
             // `a` whole, then only the header and a few bytes of `big`: `first` says no
             // more, and stays open.
             if first.write_all(b"$1\r\na\r\n$8388608\r\neeee").is_err() {
@@ -1545,11 +1607,17 @@ mod tests {
         seen.recv_timeout(Duration::from_secs(10))
             .expect("the first command reaches the server");
         let mut rxs = Vec::new();
-        let batch: [(&'static [u8], usize); 3] =
-            [(b"a", 16 << 20), (b"big", big_reply), (b"c", 16 << 20)];
+        let batch: [(&'static [u8], usize); 4] = [
+            (b"a", 16 << 20),
+            (b"big", big_reply),
+            (b"c", 16 << 20),
+            (b"d", 16 << 20),
+        ];
         for (key, bound) in batch {
             let (tx, rx) = std::sync::mpsc::channel::<bool>();
-            link.command(command(&[b"GET", key], bound, Some(tx)));
+            let mut get = command(&[b"GET", key], bound, Some(tx));
+            get.repeatable = key != b"d";
+            link.command(get);
             rxs.push(rx);
         }
         let _ = go.send(());
@@ -1557,7 +1625,7 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(30))
                 .map_err(|e| e.to_string())
         };
-        let [a, big, c] = [&rxs[0], &rxs[1], &rxs[2]].map(wait_for);
+        let [a, big, c, d] = [&rxs[0], &rxs[1], &rxs[2], &rxs[3]].map(wait_for);
         let (tx, rx) = std::sync::mpsc::channel::<bool>();
         link.command(command(&[b"GET", b"k"], SMALL_REPLY_BYTES, Some(tx)));
         let k = wait_for(&rx);
@@ -1567,21 +1635,23 @@ mod tests {
         // A link that never opened a second connection leaves the server waiting for one.
         drop(TcpStream::connect(addr));
         let _ = server.join();
-        (link, [a, big, c, k])
+        (link, [a, big, c, d, k])
     }
 
     /// A lookup whose reply declares a bulk string over a round's bytes (an entry written by
     /// a host with a larger `timeout` or `max_entry_bytes`) and does not come whole within
     /// `timeout` fails alone, as a large write does: the answer before it is handed out, it
-    /// and the lookup after it in its round get `None`, the connection is dropped (it holds
-    /// half a reply), the link stays up, and the next lookup is answered on a fresh
-    /// connection. Before, the round marked the link down for `retry_interval`: every lookup
-    /// a miss meanwhile, each time such an entry was asked for. Here the reply fits the
-    /// lookup's bound (it would be read and kept).
+    /// gets `None`, the connection is dropped (it holds half a reply), the link stays up, and
+    /// the repeatable lookup after it in its round (`c`) is sent again on a fresh connection
+    /// and answered there, with the next lookup; the one not repeatable (`d`: it may have
+    /// run) gets `None`. Before, the round marked the link down for `retry_interval` (every
+    /// lookup a miss meanwhile, each time such an entry was asked for), and later every
+    /// command after the large one got `None` (a miss, or a write lost). Here the reply fits
+    /// the lookup's bound (it would be read and kept).
     #[test]
     fn a_reply_too_large_for_the_timeout_fails_its_lookup_alone_and_leaves_the_link_up() {
         let (link, got) = a_large_reply_stalls(16 << 20);
-        assert_eq!(got, [Ok(true), Ok(false), Ok(false), Ok(true)]);
+        assert_eq!(got, [Ok(true), Ok(false), Ok(true), Ok(false), Ok(true)]);
         assert!(!link.is_down());
         assert_eq!(link.failures.load(Ordering::Relaxed), 0);
         assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
@@ -1592,10 +1662,164 @@ mod tests {
     #[test]
     fn a_reply_too_large_to_skip_within_the_timeout_fails_its_lookup_alone() {
         let (link, got) = a_large_reply_stalls(SMALL_REPLY_BYTES);
-        assert_eq!(got, [Ok(true), Ok(false), Ok(false), Ok(true)]);
+        assert_eq!(got, [Ok(true), Ok(false), Ok(true), Ok(false), Ok(true)]);
         assert!(!link.is_down());
         assert_eq!(link.failures.load(Ordering::Relaxed), 0);
         assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
+    }
+
+    /// A command is sent again once at most: queued behind two lookups `big1` and `big2`
+    /// whose replies a server starts (an 8 MiB length, four bytes) and never ends, on every
+    /// connection, the lookup `c` is sent again after `big1`'s round is given up, and gets
+    /// `None` when `big2`'s is; the link stays up, each large lookup counted. Without the
+    /// bound, `c` went out a third time (here answered, on a third connection); a server
+    /// that stalls every round could have every queued command sent round after round.
+    #[test]
+    fn a_command_is_sent_again_once_at_most() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let Ok((mut s, _)) = l.accept() else { return };
+                read_until(&mut s, b"\r\nc\r\n");
+                if s.write_all(b"$8388608\r\neeee").is_err() {
+                    return;
+                }
+                // Held until the link gives up and closes it.
+                let mut chunk = [0u8; 4096];
+                while matches!(s.read(&mut chunk), Ok(n) if n > 0) {}
+            }
+            if let Ok((mut third, _)) = l.accept() {
+                answer_each(&mut third, b"\r\nGET", usize::MAX, b"$1\r\nv\r\n");
+            }
+        });
+        let cfg: RedisConfig =
+            toml::from_str(&format!("address = \"{addr}\"\ntimeout = \"500ms\"\n"))
+                .expect("config");
+        let link = RedisLink::with_role(cfg, "cache");
+        let mut rxs = Vec::new();
+        // Queued before the link's thread starts: they go as one round.
+        for key in [&b"big1"[..], b"big2", b"c"] {
+            let (tx, rx) = std::sync::mpsc::channel::<bool>();
+            let mut get = command(&[b"GET"], 16 << 20, Some(tx));
+            get.args.push(bytes::Bytes::copy_from_slice(key));
+            link.command(get);
+            rxs.push(rx);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = spawn(link.clone(), stop.clone()).expect("thread");
+        let got: Vec<_> = rxs
+            .iter()
+            .map(|rx| rx.recv_timeout(Duration::from_secs(30)))
+            .collect();
+        stop.store(true, Ordering::SeqCst);
+        let _ = thread.join();
+        // A link that did not connect a third time leaves the server waiting for it.
+        drop(TcpStream::connect(addr));
+        let _ = server.join();
+        assert_eq!(got, [Ok(false), Ok(false), Ok(false)], "big1, big2, c");
+        assert!(!link.is_down());
+        assert_eq!(link.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 2);
+    }
+
+    /// A round of lookups `a`, `big`, `c` (a 2 MiB entry in the middle), its `timeout` 4 s:
+    /// the server sends `a` and half of `big` at once, the rest of `big` 2 s later (whole
+    /// within the round's first `timeout`), and `c` 2.5 s after that: past the round's first
+    /// deadline, but within `timeout` of `big` being whole. A Redis that moves a 2 MiB reply
+    /// is answering; `c` is answered on the same connection, the link stays up, and the
+    /// lookup `k` queued after the round is answered there too (the server takes no second
+    /// connection). Before, the round's one deadline, used up by `big`, made `c` late and
+    /// marked the link down (a miss for every lookup for `retry_interval`), each time a
+    /// large entry was read with other commands behind it. The sleeps only place `c` well
+    /// inside the window (0.5 s past the first deadline, 1.5 s before the moved one; `big`
+    /// whole 2 s before the first: margins wide enough for a loaded 2-core CI machine, and a
+    /// late server thread only moves `c` later past the first deadline); no assertion is on
+    /// time.
+    #[test]
+    fn a_large_reply_read_whole_gives_the_rest_of_its_round_a_fresh_timeout() {
+        const BIG: usize = 2 << 20;
+        let server = Gated::start(b"$1\r\nx\r\n", |s| {
+            read_until(s, b"\r\nc\r\n");
+            let mut head = b"$1\r\na\r\n".to_vec();
+            head.extend_from_slice(format!("${BIG}\r\n").as_bytes());
+            head.resize(head.len() + BIG / 2, b'e');
+            if s.write_all(&head).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2000));
+            let mut tail = vec![b'e'; BIG - BIG / 2];
+            tail.extend_from_slice(b"\r\n");
+            if s.write_all(&tail).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2500));
+            if s.write_all(b"$1\r\nc\r\n").is_err() {
+                return;
+            }
+            answer_each(s, b"\r\nGET", 1, b"$1\r\nv\r\n");
+        });
+        let (link, thread) = link_to(server.addr, "cache", "4s");
+        link.command(command(&[b"GET", b"first"], SMALL_REPLY_BYTES, None));
+        let mut rxs = Vec::new();
+        server.go(|| {
+            for key in [&b"a"[..], b"big", b"c"] {
+                let (tx, rx) = std::sync::mpsc::channel::<bool>();
+                let mut get = command(&[b"GET"], 16 << 20, Some(tx));
+                get.args.push(bytes::Bytes::copy_from_slice(key));
+                link.command(get);
+                rxs.push(rx);
+            }
+        });
+        let got: Vec<_> = rxs
+            .iter()
+            .map(|rx| rx.recv_timeout(Duration::from_secs(30)))
+            .collect();
+        assert_eq!(got, [Ok(true), Ok(true), Ok(true)], "a, big, c");
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        link.command(command(&[b"GET", b"k"], SMALL_REPLY_BYTES, Some(tx)));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(true), "k");
+        assert!(!link.is_down());
+        assert_eq!(link.failures.load(Ordering::Relaxed), 0);
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 0);
+        server.stop(thread);
+    }
+
+    /// The deadline a large reply moves is a fresh `timeout`, not a pass: a Redis that sends
+    /// `a` and a 2 MiB `big` whole and then nothing for `c` still marks the link down (a
+    /// silent Redis is found within one `timeout` of its last whole reply), and `c` gets
+    /// `None`.
+    #[test]
+    fn a_redis_silent_after_a_large_reply_still_marks_the_link_down() {
+        const BIG: usize = 2 << 20;
+        let server = Gated::start(b"$1\r\nx\r\n", |s| {
+            read_until(s, b"\r\nc\r\n");
+            let mut both = b"$1\r\na\r\n".to_vec();
+            both.extend_from_slice(format!("${BIG}\r\n").as_bytes());
+            both.resize(both.len() + BIG, b'e');
+            both.extend_from_slice(b"\r\n");
+            let _ = s.write_all(&both);
+        });
+        let (link, thread) = link_to(server.addr, "cache", "500ms");
+        link.command(command(&[b"GET", b"first"], SMALL_REPLY_BYTES, None));
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        server.go(|| {
+            for key in [&b"a"[..], b"big", b"c"] {
+                let mut get = command(&[b"GET"], 16 << 20, Some(tx.clone()));
+                get.args.push(bytes::Bytes::copy_from_slice(key));
+                link.command(get);
+            }
+        });
+        for key in ["a", "big", "c"] {
+            let got = rx.recv_timeout(Duration::from_secs(30));
+            assert_eq!(got, Ok(false), "{key}: the round failed with the link");
+        }
+        // Answered after the link's thread has dealt with the failed round.
+        link.command(command(&[b"GET", b"k"], SMALL_REPLY_BYTES, Some(tx)));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(30)), Ok(false));
+        assert!(link.is_down());
+        assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 0);
+        server.stop(thread);
     }
 
     /// A Redis that does not answer a lookup, that cuts a small reply short, or that declares
@@ -1806,6 +2030,7 @@ mod tests {
                 big,
             ],
             max_reply: SMALL_REPLY_BYTES,
+            repeatable: true,
             done: Some(Box::new(move |f| {
                 let _ = answer.send(f.is_some());
             })),
@@ -1814,7 +2039,7 @@ mod tests {
         let writer = std::thread::spawn(move || {
             let r = c.round(vec![set]);
             // A round of one write over a round's bytes, late: put down to its size.
-            let _ = tx.send(matches!(r, Err(RoundFailed::TooLarge)));
+            let _ = tx.send(matches!(r, Err(RoundFailed::TooLarge(_))));
         });
         let got = rx.recv_timeout(Duration::from_secs(10));
         assert_eq!(got, Ok(true));
@@ -2054,6 +2279,7 @@ mod tests {
                 bytes::Bytes::from(vec![b'x'; n]),
             ],
             max_reply: SMALL_REPLY_BYTES,
+            repeatable: true,
             done: None,
         };
         // A first write larger than the socket's buffers: the link's thread blocks on it.

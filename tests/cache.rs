@@ -1809,6 +1809,57 @@ fn cache_config_errors_name_the_key_and_line() {
     assert_eq!(e.key, "routes[0].cache.max_object_bytes");
 }
 
+/// `ringway check` warns of a `[cache.redis] max_entry_bytes` that no link to Redis moves
+/// within `timeout` (an entry goes in one round and comes back in one reply, each within
+/// `timeout`, and one the link cannot move in that time fails alone each time): 64 MiB in
+/// 20 ms takes more than 1 GiB/s, where loopback moves about 0.7. A warning, not an error:
+/// the config is valid and `check` succeeds. The default (1 MiB in 20 ms) and 64 MiB in
+/// 100 ms say nothing. Before, nothing related the two keys.
+#[test]
+fn check_warns_of_a_redis_entry_bound_no_link_moves_within_the_timeout() {
+    let src = |entry: &str, timeout: &str| {
+        format!(
+            "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.up]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n\
+             [cache.redis]\naddress = \"127.0.0.1:9\"\ntimeout = \"{timeout}\"\nmax_entry_bytes = \"{entry}\"\n"
+        )
+    };
+    let warnings = |entry: &str, timeout: &str| {
+        ringway::config::Config::parse(&src(entry, timeout), "c.toml")
+            .expect("a valid config")
+            .warnings()
+    };
+    assert_eq!(warnings("1MiB", "20ms"), Vec::<String>::new());
+    assert_eq!(warnings("64MiB", "100ms"), Vec::<String>::new());
+    let w = warnings("64MiB", "20ms");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "cache.redis.max_entry_bytes: 64.0 MiB cannot be moved within `timeout` (20 ms)"
+        ),
+        "{w:?}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("ringway-check-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cache.toml");
+    std::fs::write(&file, src("64MiB", "20ms")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(["check", "-c"])
+        .arg(&file)
+        .env("RINGWAY_LOG", "off")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(out.status.success(), "a warning is not an error: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("ringway: warning: cache.redis.max_entry_bytes: "),
+        "{stderr}"
+    );
+}
+
 /// Waits (bounded) until a stored object has reached Redis: the write is queued so that no
 /// client waits for it.
 fn wait_stored_in_redis(redis: &RedisServer) {

@@ -434,3 +434,113 @@ fn a_connection_redis_closed_while_idle_is_replaced_not_failed() {
         assert_eq!(with_key(k).status, 200, "a new key after the idle period");
     }
 }
+
+/// A lookup of an entry too large to read within `timeout` shares its round with a write, a
+/// lookup and an `INCR`, all run by a real Redis. Between the link and Redis a relay passes
+/// the round on whole, and of Redis's answers only the first 64 KiB (`a`'s 8 MiB entry's
+/// length and the start of its bytes), until the link gives up on the round and closes the
+/// connection (an event, not a clock: the link's `timeout` may be anything); later
+/// connections go through untouched. The large lookup fails alone (a miss, counted), the link
+/// stays up, and of the commands behind it, which Redis ran, the repeatable ones (the write,
+/// the lookup) are sent again on a fresh connection and answered, while the `INCR`, which
+/// counts, is not: it gets `None` and Redis counted it once. Before, every command behind the
+/// large reply got `None` (the lookup a miss, the write's answer lost).
+#[test]
+fn commands_behind_a_reply_too_large_for_the_timeout_are_sent_again_when_repeatable() {
+    use bytes::Bytes;
+    use ringway::redis::{spawn, Command, RedisLink, SMALL_REPLY_BYTES};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+
+    let redis = RedisServer::start();
+    let ok = |r: Option<String>| r.is_some_and(|r| !r.starts_with('-'));
+    assert!(ok(redis.command(&["SETRANGE", "big", "8388607", "x"])));
+    assert!(ok(redis.command(&["SET", "small", "v"])));
+    let relay = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let relay_addr = relay.local_addr().expect("addr");
+    let redis_addr = redis.addr();
+    let relayed = std::thread::spawn(move || {
+        let (mut link, _) = relay.accept().expect("the link connects");
+        let mut up = TcpStream::connect(redis_addr).expect("redis");
+        let (mut round, mut chunk) = (Vec::new(), [0u8; 64 * 1024]);
+        while !round.windows(9).any(|w| w == b"counted\r\n") {
+            match link.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => round.extend_from_slice(&chunk[..n]),
+            }
+        }
+        up.write_all(&round).expect("to redis");
+        up.read_exact(&mut chunk).expect("from redis");
+        let _ = link.write_all(&chunk);
+        // Held until the link closes the connection (what it sends meanwhile is nothing).
+        while matches!(link.read(&mut chunk), Ok(n) if n > 0) {}
+        drop(up);
+        // The next connection, passed on both ways until the link closes it.
+        let (link, _) = relay.accept().expect("the link connects again");
+        let up = TcpStream::connect(redis_addr).expect("redis");
+        let (mut l2, mut u2) = (
+            link.try_clone().expect("clone"),
+            up.try_clone().expect("clone"),
+        );
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut u2, &mut l2);
+        });
+        let (mut link, mut up) = (link, up);
+        let _ = std::io::copy(&mut link, &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    });
+    let cfg: ringway::config::RedisConfig = toml::from_str(&format!(
+        "address = \"{relay_addr}\"\ntimeout = \"500ms\"\n"
+    ))
+    .expect("config");
+    let link = RedisLink::with_role(cfg, "cache");
+    let mut rxs = Vec::new();
+    let cmds: [(&[&'static [u8]], bool); 4] = [
+        (&[b"GET", b"big"], true),
+        (&[b"SET", b"written", b"w"], true),
+        (&[b"GET", b"small"], true),
+        (&[b"INCR", b"counted"], false),
+    ];
+    // Queued before the link's thread starts: they go as one round.
+    for (args, repeatable) in cmds {
+        let (tx, rx) = mpsc::channel::<Option<String>>();
+        link.command(Command {
+            args: args.iter().map(|a| Bytes::from_static(a)).collect(),
+            max_reply: SMALL_REPLY_BYTES,
+            repeatable,
+            done: Some(Box::new(move |f| {
+                let _ = tx.send(f.map(|f| format!("{f:?}")));
+            })),
+        });
+        rxs.push(rx);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = spawn(link.clone(), stop.clone()).expect("thread");
+    let got: Vec<Option<String>> = rxs
+        .iter()
+        .map(|rx| rx.recv_timeout(Duration::from_secs(30)).expect("an answer"))
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    let _ = thread.join();
+    // A link that never connected again leaves the relay waiting for a connection.
+    drop(TcpStream::connect(relay_addr));
+    let _ = relayed.join();
+    assert_eq!(got[0], None, "the large lookup fails alone");
+    assert!(
+        got[1].as_deref().is_some_and(|f| f.contains("OK")),
+        "{got:?}"
+    );
+    assert!(
+        got[2].as_deref().is_some_and(|f| f.contains('v')),
+        "{got:?}"
+    );
+    assert_eq!(got[3], None, "the INCR is not sent again");
+    let counted = redis.command(&["GET", "counted"]).unwrap_or_default();
+    assert_eq!(counted, "$1\r\n1\r\n", "counted once");
+    assert!(!link.is_down());
+    assert_eq!(link.failures.load(Ordering::Relaxed), 0);
+    assert_eq!(link.commands_too_large.load(Ordering::Relaxed), 1);
+}

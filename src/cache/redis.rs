@@ -266,6 +266,8 @@ impl SharedLayer {
             self.link.command(Command {
                 args: vec![Bytes::from_static(b"GET"), k],
                 max_reply: self.max_get,
+                // A read.
+                repeatable: true,
                 done: Some(Box::new(move |f| {
                     let mut g = s.lock().unwrap_or_else(|e| e.into_inner());
                     g.0 += 1;
@@ -305,6 +307,8 @@ impl SharedLayer {
                 ttl_s.clone(),
             ],
             max_reply: SMALL_REPLY_BYTES,
+            // The same value again.
+            repeatable: true,
             done: None,
         });
         // Keys written, for the index sets: the entry, its variant, the variant list (that one
@@ -326,6 +330,8 @@ impl SharedLayer {
                     Bytes::from(cap.to_string()),
                 ],
                 max_reply: SMALL_REPLY_BYTES,
+                // `LREM` before `LPUSH`: run again, the list ends as it did.
+                repeatable: true,
                 done: None,
             });
             written.extend([vk, list]);
@@ -340,11 +346,13 @@ impl SharedLayer {
             self.link.command(Command {
                 args,
                 max_reply: SMALL_REPLY_BYTES,
+                repeatable: true,
                 done: None,
             });
             self.link.command(Command {
                 args: vec![Bytes::from_static(b"EXPIRE"), s, ttl_s.clone()],
                 max_reply: SMALL_REPLY_BYTES,
+                repeatable: true,
                 done: None,
             });
         }
@@ -372,6 +380,8 @@ impl SharedLayer {
                 Bytes::from((MAX_REDIS_VARIANTS - 1).to_string()),
             ],
             max_reply: MAX_LIST_REPLY_BYTES,
+            // A read.
+            repeatable: true,
             done: Some(Box::new(move |f| {
                 let listed = match f {
                     Some(BytesFrame::Array(items)) => items,
@@ -401,6 +411,8 @@ impl SharedLayer {
         self.link.command(Command {
             args: vec![Bytes::from_static(b"GET"), rk.clone()],
             max_reply: self.max_get,
+            // A read.
+            repeatable: true,
             done: Some(Box::new(move |f| {
                 let Some(BytesFrame::BulkString(old)) = f else {
                     return;
@@ -433,6 +445,9 @@ impl SharedLayer {
                 layer.link.command(Command {
                     args,
                     max_reply: SMALL_REPLY_BYTES,
+                    // A compare-and-set: run again, it finds its own write, not what was read, and writes
+                    // nothing.
+                    repeatable: true,
                     done: None,
                 });
             })),
@@ -495,6 +510,8 @@ impl SharedLayer {
                 set,
             ],
             max_reply: SMALL_REPLY_BYTES,
+            // Deletes: run again, it deletes what was indexed since, as a purge a moment later would.
+            repeatable: true,
             done: None,
         });
     }
@@ -508,6 +525,9 @@ impl SharedLayer {
                 msg,
             ],
             max_reply: SMALL_REPLY_BYTES,
+            // Heard twice, a purge is applied twice: the second finds only what was stored since, as
+            // a purge a moment later would.
+            repeatable: true,
             done: done.map(|d| -> crate::redis::OnFrame { Box::new(move |_| d()) }),
         });
     }
@@ -533,6 +553,8 @@ impl SharedLayer {
                 Bytes::from_static(SCAN_COUNT),
             ],
             max_reply: MAX_LIST_REPLY_BYTES,
+            // A read (its cursor is kept in the command).
+            repeatable: true,
             done: Some(Box::new(move |f| {
                 let next = match f {
                     Some(BytesFrame::Array(v)) => match <[BytesFrame; 2]>::try_from(v) {
@@ -583,6 +605,7 @@ impl SharedLayer {
                     self.link.command(Command {
                         args,
                         max_reply: SMALL_REPLY_BYTES,
+                        repeatable: true,
                         done: None,
                     });
                 }
