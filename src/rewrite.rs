@@ -79,6 +79,9 @@ enum Hdr {
     MaxForwards,
     TraceParent,
     TraceState,
+    /// `Date`: only a response's is looked at ([`encode_client_head`]); a request's goes as
+    /// any other field.
+    Date,
     Other,
 }
 
@@ -105,6 +108,7 @@ fn classify(name: &[u8]) -> Hdr {
     match name.len() {
         2 if eq(b"te") => Hdr::Hop,
         4 if eq(b"host") => Hdr::Host,
+        4 if eq(b"date") => Hdr::Date,
         6 if eq(b"expect") => Hdr::Expect,
         7 if eq(b"trailer") || eq(b"upgrade") => Hdr::Hop,
         9 if eq(b"forwarded") => Hdr::Forwarded,
@@ -136,7 +140,7 @@ fn classify(name: &[u8]) -> Hdr {
 /// name.
 pub fn sent_as(name: &[u8]) -> SentAs {
     match classify(name) {
-        Hdr::Other | Hdr::MaxForwards => SentAs::Client,
+        Hdr::Other | Hdr::Date | Hdr::MaxForwards => SentAs::Client,
         Hdr::Hop | Hdr::ContentLength | Hdr::Expect => SentAs::Dropped,
         Hdr::TraceParent => SentAs::Unique,
         Hdr::Host
@@ -247,7 +251,7 @@ pub fn encode_upstream_head(
     for h in &req.headers {
         let name = req.bytes(h.name);
         match classify(name) {
-            Hdr::Other => {}
+            Hdr::Other | Hdr::Date => {}
             // RFC 9110 §7.6.2: this hop decrements it on TRACE and OPTIONS (a 0 was answered
             // by the gateway itself); other methods carry it unchanged.
             Hdr::MaxForwards if max_forwards_applies(req.method) => {
@@ -450,6 +454,7 @@ pub fn encode_client_head(
         let kind = classify(name);
         match kind {
             Hdr::Other
+            | Hdr::Date
             | Hdr::Host
             | Hdr::Expect
             | Hdr::Xff
@@ -468,7 +473,7 @@ pub fn encode_client_head(
         if rules.drops(name) || (conn.lists(name) && kind != Hdr::ContentLength) {
             continue;
         }
-        has_date = has_date || (name.len() == 4 && name.eq_ignore_ascii_case(b"date"));
+        has_date |= kind == Hdr::Date;
         lines.push(out, h.name, h.value);
     }
     lines.flush(out);
