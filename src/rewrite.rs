@@ -445,6 +445,9 @@ pub fn encode_client_head(
     let conn = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
     let keep_length = matches!(resp.body, RespBody::Length(_) | RespBody::None);
     let mut has_date = false;
+    // A route whose `response_headers` name Date (set, add or remove) decides it: Date is one
+    // value (RFC 9110 §5.3), so an added one replaces the response's too.
+    let route_date = rules.decides(b"date");
     for h in &resp.headers {
         let name = resp.bytes(h.name);
         let kind = classify(name);
@@ -468,14 +471,19 @@ pub fn encode_client_head(
         if rules.drops(name) || (conn.lists(name) && kind != Hdr::ContentLength) {
             continue;
         }
-        has_date = has_date || (name.len() == 4 && name.eq_ignore_ascii_case(b"date"));
+        if name.len() == 4 && name.eq_ignore_ascii_case(b"date") {
+            if route_date {
+                continue;
+            }
+            has_date = true;
+        }
         lines.push(out, h.name, h.value);
     }
     lines.flush(out);
     // A recipient with a clock that forwards a response without Date adds one: the time it
     // was received (RFC 9110 §6.6.1), this second's by the worker's clock. A route whose
-    // `response_headers` set or remove Date decides it instead.
-    if !has_date && !rules.drops(b"date") {
+    // `response_headers` set, add or remove Date decides it instead (one line, §5.3).
+    if !has_date && !route_date {
         put_header(out, b"date", date);
     }
     // Several lines or a list of one value go out as one line of it (RFC 9110 §8.6).

@@ -3437,9 +3437,12 @@ async fn answer<'c, S: ClientIo>(
     put_status_line(wbuf, code, reason);
     let rules = &route.response_headers;
     let mut has_date = false;
+    // A route whose `response_headers` name Date (set, add or remove) decides it, as on a
+    // forwarded response: Date is one value (RFC 9110 §5.3), an added one replaces the stored.
+    let route_date = rules.decides(b"date");
     // The stored lines, as received where they were stored from a head (copied in runs).
     o.fields.put_lines(wbuf, |n| {
-        if rules.drops(n) {
+        if rules.drops(n) || (route_date && n.eq_ignore_ascii_case(b"date")) {
             return false;
         }
         let keep_field = match code {
@@ -3464,7 +3467,8 @@ async fn answer<'c, S: ClientIo>(
         has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
         keep_field
     });
-    if !has_date {
+    // The stored Date, else this second's, unless the route decides it.
+    if !has_date && !route_date {
         put_header(wbuf, b"date", &date);
     }
     wbuf.put_slice(b"age: ");
