@@ -384,6 +384,40 @@ response_headers = { add = { "date" = "Tue, 14 Nov 2023 22:13:10 GMT" } }
     }
 }
 
+/// RFC 9110 §5.3: a direct route whose `headers` carry Date answers with that Date alone.
+/// Before, the gateway's Date followed it: two lines of a field that is one value.
+#[test]
+fn rfc9110_5_3_a_direct_route_with_its_own_date_sends_one_line_of_it() {
+    let extra = r#"
+[[routes]]
+path = "/own"
+direct = { status = 200, body = "ok", headers = { "Date" = "Tue, 14 Nov 2023 22:13:10 GMT" } }
+
+[[routes]]
+path = "/plain"
+direct = { status = 200, body = "ok" }
+"#;
+    let gw = TestGateway::start(
+        &config(&["127.0.0.1:9".parse().unwrap()], extra),
+        ringway::config::DriverChoice::Auto,
+    );
+    let dates = |r: &Resp| -> Vec<String> {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let r = request(gw.addr, b"GET /own HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.text(), "ok");
+    assert_eq!(dates(&r), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{r:?}");
+    let r = request(gw.addr, b"HEAD /own HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(dates(&r), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{r:?}");
+    let r = request(gw.addr, b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.text(), "ok");
+    assert_eq!(dates(&r).len(), 1, "{r:?}");
+}
+
 /// Sends `raw` on a new connection and expects a 400 `bad_request`, after which the gateway
 /// closes the connection when `closes` (a request-target it could not parse).
 fn refused_with_400(gw: std::net::SocketAddr, raw: &str, closes: bool) {

@@ -152,6 +152,9 @@ pub struct DirectResponse {
     pub status: u16,
     pub head: Bytes,
     pub body: Bytes,
+    /// Whether `head` (the configured `headers`) holds a Date: then the gateway writes none
+    /// (Date is one value, RFC 9110 §5.3).
+    pub own_date: bool,
 }
 
 #[derive(Debug)]
@@ -443,6 +446,10 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
                 status: d.status,
                 head: head.freeze(),
                 body: Bytes::from(d.body.clone().into_bytes()),
+                own_date: d
+                    .headers
+                    .iter()
+                    .any(|(k, _)| k.0.eq_ignore_ascii_case("date")),
             }))
         }
         (None, None) => {
