@@ -473,14 +473,22 @@ pub fn encode_client_head(
         if rules.drops(name) || (conn.lists(name) && kind != Hdr::ContentLength) {
             continue;
         }
-        has_date |= kind == Hdr::Date;
+        // A route whose `response_headers` name Date (set, add or remove) decides it: Date is
+        // one value (RFC 9110 §5.3), so an added one replaces the response's too. (Asked of
+        // the rules only at a Date line, and below for a response without one.)
+        if kind == Hdr::Date {
+            if rules.decides(b"date") {
+                continue;
+            }
+            has_date = true;
+        }
         lines.push(out, h.name, h.value);
     }
     lines.flush(out);
     // A recipient with a clock that forwards a response without Date adds one: the time it
     // was received (RFC 9110 §6.6.1), this second's by the worker's clock. A route whose
-    // `response_headers` set or remove Date decides it instead.
-    if !has_date && !rules.drops(b"date") {
+    // `response_headers` set, add or remove Date decides it instead (one line, §5.3).
+    if !has_date && !rules.decides(b"date") {
         put_header(out, b"date", date);
     }
     // Several lines or a list of one value go out as one line of it (RFC 9110 §8.6).

@@ -57,9 +57,9 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let up_addr = upstream.local_addr().unwrap();
     std::thread::spawn(move || {
-        // One gateway per driver and setting: eight connections in all; bounded, it stops by
-        // itself.
-        for _ in 0..10 {
+        // One gateway per driver and setting: fourteen connections in all; bounded, it stops
+        // by itself.
+        for _ in 0..16 {
             let Ok((mut s, _)) = upstream.accept() else {
                 return;
             };
@@ -122,6 +122,18 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
         "GET /x HTTP/1.1\r\nHost: a\r\nUser-Agent: alloc-test\r\nAccept: */*\r\nAuthorization: Bearer {token}\r\n\r\n"
     )
     .into_bytes();
+    // A cached route behind a trusted TLS-terminating proxy (every request from it): the
+    // scheme it names (`X-Forwarded-Proto`, else `Forwarded`'s `proto`) is read for the key
+    // in place (RFC 9110 §4.2.3: then 443 is the default port). Before, each such request
+    // copied the value it read.
+    let trusted_cached = cached.replacen(
+        "[[listeners]]",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n[[listeners]]",
+        1,
+    );
+    let xfp_req = b"GET /x HTTP/1.1\r\nHost: a:443\r\nX-Forwarded-Proto: https\r\n\r\n".to_vec();
+    let fwd_req =
+        b"GET /x HTTP/1.1\r\nHost: a:443\r\nForwarded: for=192.0.2.7;proto=https\r\n\r\n".to_vec();
     let mut logged_requests = 0u64;
     for (label, toml, req) in [
         ("plain", &plain, &plain_req),
@@ -129,8 +141,18 @@ fn keep_alive_requests_allocate_nothing_in_the_gateway() {
         ("trusted", &trusted, &trusted_req),
         ("access-log", &logged, &plain_req),
         ("stored-miss", &cached, &plain_req),
+        (
+            "stored-miss-behind-tls-proxy-xfp",
+            &trusted_cached,
+            &xfp_req,
+        ),
+        (
+            "stored-miss-behind-tls-proxy-forwarded",
+            &trusted_cached,
+            &fwd_req,
+        ),
     ] {
-        let numbered = label == "stored-miss";
+        let numbered = label.starts_with("stored-miss");
         for driver in [
             ringway::config::DriverChoice::IoUring,
             ringway::config::DriverChoice::Epoll,

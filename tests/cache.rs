@@ -530,6 +530,50 @@ fn rfc9110_6_6_1_a_miss_without_date_is_forwarded_with_one() {
     }
 }
 
+/// RFC 9110 §5.3: one Date line on an answer from the store too. A cache route whose
+/// `response_headers` set Date answers a hit with that Date alone, and one that removes Date
+/// answers without one, and one that adds Date answers with the added one alone, as its
+/// forwarded responses do (RFC 9110 §6.6.1's addition is the gateway's only when the route
+/// says nothing of Date). Before, the hit carried the gateway's Date and then the set one (two
+/// lines), the removal was undone, and an added Date went out after the stored one.
+#[test]
+fn rfc9110_5_3_a_hit_on_a_route_that_sets_or_removes_date_has_its_one_date() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let routes = "[[routes]]\npath_prefix = \"/set\"\nupstream = \"up\"\ncache = {}\n\
+                  response_headers = { set = { \"date\" = \"Tue, 14 Nov 2023 22:13:10 GMT\" } }\n\
+                  [[routes]]\npath_prefix = \"/rm\"\nupstream = \"up\"\ncache = {}\n\
+                  response_headers = { remove = [\"date\"] }\n\
+                  [[routes]]\npath_prefix = \"/add\"\nupstream = \"up\"\ncache = {}\n\
+                  response_headers = { add = { \"date\" = \"Sun, 06 Nov 1994 08:49:37 GMT\" } }\n";
+    let gw = TestGateway::start(&config(&[up.addr], routes), D);
+    let dates = |r: &Resp| -> Vec<String> {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let a = get(gw.addr, "/set/x");
+    miss(&a, "v1");
+    assert_eq!(dates(&a), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{a:?}");
+    let b = get(gw.addr, "/set/x");
+    hit(&b, "v1");
+    assert_eq!(dates(&b), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{b:?}");
+    let a = get(gw.addr, "/rm/x");
+    miss(&a, "v2");
+    assert!(dates(&a).is_empty(), "{a:?}");
+    let b = get(gw.addr, "/rm/x");
+    hit(&b, "v2");
+    assert!(dates(&b).is_empty(), "{b:?}");
+    // Added, it replaces the Date stored (the time the miss was received).
+    let a = get(gw.addr, "/add/x");
+    miss(&a, "v3");
+    assert_eq!(dates(&a), ["Sun, 06 Nov 1994 08:49:37 GMT"], "{a:?}");
+    let b = get(gw.addr, "/add/x");
+    hit(&b, "v3");
+    assert_eq!(dates(&b), ["Sun, 06 Nov 1994 08:49:37 GMT"], "{b:?}");
+}
+
 #[test]
 fn rfc9111_4_2_3_age_from_the_origin_counts() {
     let (up, _) = counting_origin("cache-control: max-age=60\r\nage: 100\r\n");

@@ -343,6 +343,81 @@ upstream = "up"
     }
 }
 
+/// RFC 9110 §5.3: Date is one value, never a list, so a response carries one line of it. A
+/// route whose `response_headers` add Date decides the field, as `set` and `remove` do: its
+/// Date goes out alone, whether the origin sent one or not (RFC 9110 §6.6.1's addition is the
+/// gateway's only when the route says nothing of Date). Before, the gateway's Date (or the
+/// origin's) went out and the added one after it, two lines.
+#[test]
+fn rfc9110_5_3_a_route_that_adds_date_gets_one_line_of_it() {
+    for d in DRIVERS {
+        let up = Upstream::start(|req| {
+            let date = if req.target == "/dated" {
+                "Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+            } else {
+                ""
+            };
+            Reply::Raw(format!("HTTP/1.1 200 OK\r\n{date}Content-Length: 2\r\n\r\nok").into_bytes())
+        });
+        let extra = r#"
+[[routes]]
+upstream = "up"
+response_headers = { add = { "date" = "Tue, 14 Nov 2023 22:13:10 GMT" } }
+"#;
+        let gw = TestGateway::start(&config(&[up.addr], extra), d);
+        for target in ["/undated", "/dated"] {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n");
+            let r = request(gw.addr, raw.as_bytes());
+            assert_eq!(r.text(), "ok");
+            let dates: Vec<&String> = r
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(
+                dates,
+                ["Tue, 14 Nov 2023 22:13:10 GMT"],
+                "{d:?} {target}: {r:?}"
+            );
+        }
+    }
+}
+
+/// RFC 9110 §5.3: a direct route whose `headers` carry Date answers with that Date alone.
+/// Before, the gateway's Date followed it: two lines of a field that is one value.
+#[test]
+fn rfc9110_5_3_a_direct_route_with_its_own_date_sends_one_line_of_it() {
+    let extra = r#"
+[[routes]]
+path = "/own"
+direct = { status = 200, body = "ok", headers = { "Date" = "Tue, 14 Nov 2023 22:13:10 GMT" } }
+
+[[routes]]
+path = "/plain"
+direct = { status = 200, body = "ok" }
+"#;
+    let gw = TestGateway::start(
+        &config(&["127.0.0.1:9".parse().unwrap()], extra),
+        ringway::config::DriverChoice::Auto,
+    );
+    let dates = |r: &Resp| -> Vec<String> {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let r = request(gw.addr, b"GET /own HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.text(), "ok");
+    assert_eq!(dates(&r), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{r:?}");
+    let r = request(gw.addr, b"HEAD /own HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(dates(&r), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{r:?}");
+    let r = request(gw.addr, b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(r.text(), "ok");
+    assert_eq!(dates(&r).len(), 1, "{r:?}");
+}
+
 /// Sends `raw` on a new connection and expects a 400 `bad_request`, after which the gateway
 /// closes the connection when `closes` (a request-target it could not parse).
 fn refused_with_400(gw: std::net::SocketAddr, raw: &str, closes: bool) {

@@ -53,7 +53,7 @@ pub async fn run<'c, S: ClientIo>(
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
     // Behind a trusted proxy the client's scheme is the proxy's word (see
-    // [`scheme_from_trusted_proxy`]); a trusted peer is rare, and checked once here.
+    // [`scheme_from_trusted_proxy`]).
     if c.info.trusted && !ctx.head.https {
         scheme_from_trusted_proxy(&mut ctx.head);
     }
@@ -272,41 +272,45 @@ fn first_look<'k>(
 /// first hop's), else in the first `Forwarded` element's `proto` (RFC 7239 §5.4). Then port 443
 /// is the default one (`Host: a.test:443` keys, stores and purges as `a.test`, as on a TLS
 /// listener) and 80 is not. The request head's scheme is read by the cache's keys alone.
-#[cold]
+/// Read in place, with no allocation: behind a load balancer every request comes from a
+/// trusted peer (before, each copied the value it read).
 #[inline(never)]
 fn scheme_from_trusted_proxy(head: &mut RequestHead) {
-    let first_item = |v: &[u8]| -> Vec<u8> {
-        let item = v.split(|b| *b == b',').next().unwrap_or(b"");
-        crate::http::trim_ows(item).to_vec()
-    };
-    let said = match head.header(b"x-forwarded-proto") {
-        Some(v) => first_item(v),
+    let https = match head.header(b"x-forwarded-proto") {
+        Some(v) => first_item(v).eq_ignore_ascii_case(b"https"),
         None => match head.header(b"forwarded") {
-            Some(v) => {
-                let element = first_item(v);
-                element
-                    .split(|b| *b == b';')
-                    .filter_map(|pair| {
-                        let eq = pair.iter().position(|b| *b == b'=')?;
-                        let (k, v) = (crate::http::trim_ows(&pair[..eq]), &pair[eq + 1..]);
-                        k.eq_ignore_ascii_case(b"proto").then_some(v)
-                    })
-                    .map(|v| {
-                        let v = crate::http::trim_ows(v);
-                        v.strip_prefix(b"\"")
-                            .and_then(|v| v.strip_suffix(b"\""))
-                            .unwrap_or(v)
-                            .to_vec()
-                    })
-                    .next()
-                    .unwrap_or_default()
-            }
+            Some(v) => forwarded_proto(first_item(v)).eq_ignore_ascii_case(b"https"),
             None => return,
         },
     };
-    if said.eq_ignore_ascii_case(b"https") {
+    if https {
         head.https = true;
     }
+}
+
+/// The first item of a list field's value, trimmed (RFC 9110 §5.6.1).
+fn first_item(v: &[u8]) -> &[u8] {
+    crate::http::trim_ows(v.split(|b| *b == b',').next().unwrap_or(b""))
+}
+
+/// The `proto` of one `Forwarded` element (RFC 7239 §4), unquoted; empty when it has none.
+fn forwarded_proto(element: &[u8]) -> &[u8] {
+    element
+        .split(|b| *b == b';')
+        .find_map(|pair| {
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            let (k, v) = (crate::http::trim_ows(&pair[..eq]), &pair[eq + 1..]);
+            if !k.eq_ignore_ascii_case(b"proto") {
+                return None;
+            }
+            let v = crate::http::trim_ows(v);
+            Some(
+                v.strip_prefix(b"\"")
+                    .and_then(|v| v.strip_suffix(b"\""))
+                    .unwrap_or(v),
+            )
+        })
+        .unwrap_or(b"")
 }
 
 /// The largest sf-integer (RFC 8941 §3.3.1), for `Cache-Status`'s `ttl`.
@@ -3437,9 +3441,12 @@ async fn answer<'c, S: ClientIo>(
     put_status_line(wbuf, code, reason);
     let rules = &route.response_headers;
     let mut has_date = false;
+    // A route whose `response_headers` name Date (set, add or remove) decides it, as on a
+    // forwarded response: Date is one value (RFC 9110 §5.3), an added one replaces the stored.
+    let route_date = rules.decides(b"date");
     // The stored lines, as received where they were stored from a head (copied in runs).
     o.fields.put_lines(wbuf, |n| {
-        if rules.drops(n) {
+        if rules.drops(n) || (route_date && n.eq_ignore_ascii_case(b"date")) {
             return false;
         }
         let keep_field = match code {
@@ -3464,7 +3471,8 @@ async fn answer<'c, S: ClientIo>(
         has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
         keep_field
     });
-    if !has_date {
+    // The stored Date, else this second's, unless the route decides it.
+    if !has_date && !route_date {
         put_header(wbuf, b"date", &date);
     }
     wbuf.put_slice(b"age: ");

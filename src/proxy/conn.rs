@@ -712,7 +712,7 @@ impl<S: ClientIo> Conn<S> {
                 }
                 end_head(
                     wbuf,
-                    &date,
+                    if d.own_date { b"" } else { &date },
                     ctx.id.as_bytes(),
                     &ctx.resp_headers,
                     keep,
@@ -850,8 +850,9 @@ impl<S: ClientIo> Conn<S> {
     }
 }
 
-/// The end of a gateway-made head: `Date`, the request id, `extra` header lines, `Connection`
-/// as the keep-alive decision says, and the blank line (the cache's own answers end so too).
+/// The end of a gateway-made head: `Date` (none when `date` is empty: the head has its own),
+/// the request id, `extra` header lines, `Connection` as the keep-alive decision says, and the
+/// blank line (the cache's own answers end so too).
 pub(crate) fn end_head(
     wbuf: &mut BytesMut,
     date: &[u8],
@@ -860,7 +861,9 @@ pub(crate) fn end_head(
     keep: bool,
     version: crate::http::Version,
 ) {
-    put_header(wbuf, b"date", date);
+    if !date.is_empty() {
+        put_header(wbuf, b"date", date);
+    }
     put_header(wbuf, b"x-request-id", request_id);
     wbuf.put_slice(extra);
     if let Some(v) = connection_value(keep, version) {

@@ -101,6 +101,15 @@ impl HeaderRules {
             || (!self.set.is_empty() && self.set.iter().any(|(r, _)| r.eq_ignore_ascii_case(name)))
     }
 
+    /// Does a rule name this header (`remove`, `set` or `add`): the route decides it, so the
+    /// gateway writes none of its own (as for `Date`, RFC 9110 §6.6.1: a second line of a
+    /// singleton field would break RFC 9110 §5.3).
+    #[inline]
+    pub fn decides(&self, name: &[u8]) -> bool {
+        self.drops(name)
+            || (!self.add.is_empty() && self.add.iter().any(|(r, _)| r.eq_ignore_ascii_case(name)))
+    }
+
     /// Whether `name` is one of the identity headers under another spelling, `_` for `-`
     /// (`x_consumer`): looked at only for a head with such names (`underscore_names`; the
     /// exact spellings are in `remove`), and for trailers.
@@ -143,6 +152,9 @@ pub struct DirectResponse {
     pub status: u16,
     pub head: Bytes,
     pub body: Bytes,
+    /// Whether `head` (the configured `headers`) holds a Date: then the gateway writes none
+    /// (Date is one value, RFC 9110 §5.3).
+    pub own_date: bool,
 }
 
 #[derive(Debug)]
@@ -434,6 +446,10 @@ fn compile_route(i: usize, rc: &RouteConfig, upstreams: &HashMap<&str, usize>, s
                 status: d.status,
                 head: head.freeze(),
                 body: Bytes::from(d.body.clone().into_bytes()),
+                own_date: d
+                    .headers
+                    .iter()
+                    .any(|(k, _)| k.0.eq_ignore_ascii_case("date")),
             }))
         }
         (None, None) => {
