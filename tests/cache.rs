@@ -2568,6 +2568,167 @@ fn redis_purge_by_prefix_and_of_everything_deletes_the_redis_copies() {
     assert_eq!(get(a.addr, "/x").text(), "v5");
 }
 
+/// A relay in front of Redis that can be cut (its connections closed, new ones closed as
+/// they come) and mended, Redis keeping its data meanwhile.
+struct RedisRelay {
+    addr: SocketAddr,
+    /// Whether it relays, and the sockets of the connections it relays (closed by a cut).
+    state: Arc<std::sync::Mutex<(bool, Vec<std::net::TcpStream>)>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RedisRelay {
+    fn start(to: SocketAddr) -> RedisRelay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = Arc::new(std::sync::Mutex::new((true, Vec::new())));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(c) = c else { continue };
+                let mut g = st.lock().unwrap();
+                if !g.0 {
+                    continue;
+                }
+                let Ok(r) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                for s in [&c, &r] {
+                    g.1.push(s.try_clone().unwrap());
+                }
+                drop(g);
+                for (mut from, mut into) in
+                    [(c.try_clone().unwrap(), r.try_clone().unwrap()), (r, c)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        RedisRelay { addr, state, stop }
+    }
+
+    fn cut(&self) {
+        let mut g = self.state.lock().unwrap();
+        g.0 = false;
+        for s in g.1.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn mend(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+}
+
+impl Drop for RedisRelay {
+    fn drop(&mut self) {
+        self.cut();
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// RFC 9111 §4.4 (a purge is the operator's invalidation: what it removed must not be
+/// served again): a purge made while the link to Redis is down could not delete the Redis
+/// copies nor reach the other hosts, and was taken as done at once; once the link was up, a
+/// lookup brought the purged copy back from Redis, and the other hosts kept serving theirs.
+/// Now it is kept and sent again once the link is up (the copies deleted, the other hosts
+/// told), and until then no worker takes from Redis an entry it covers received before it.
+#[test]
+fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_back() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            &format!(
+                "[cache.redis]\naddress = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
+                relay.addr
+            ),
+        ),
+        D,
+    );
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert!(eventually(Duration::from_secs(5), || redis
+        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
+        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    for p in ["/p", "/t/1"] {
+        assert_eq!(get(a.addr, p).text(), if p == "/p" { "v1" } else { "v2" });
+    }
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .len()
+        == 2));
+    // B holds /p too, taken from Redis.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+
+    relay.cut();
+    for target in [
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+        PurgeTarget::Prefix(b"test.local/t/".to_vec()),
+    ] {
+        ringway::cache::purge(
+            a.gateway().control(),
+            Purge {
+                target,
+                soft: false,
+            },
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    }
+    // A could not reach Redis: the copies are still there.
+    assert_eq!(redis.keys("ringway:cache:o:*").len(), 2);
+    // Kept to be sent again (counted), and awaited on A's workers.
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| {
+        a.gateway()
+            .control()
+            .ask(Duration::from_secs(2), move |w| {
+                w.cache.shared().map_or(0, |l| f(l))
+            })
+            .unwrap()[0]
+    };
+    assert!(eventually(Duration::from_secs(5), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 2));
+    assert!(layer(|l| l.purges_failed.load(Ordering::Relaxed)) >= 2);
+    relay.mend();
+    // Once A's link is up again, its lookup does not bring /p back from Redis (the purge's
+    // deletions may be on their way, or done).
+    assert!(eventually(Duration::from_secs(10), || layer(
+        |l| u64::from(!l.link().is_down())
+    ) == 1));
+    let r = get(a.addr, "/p");
+    assert_ne!(r.text(), "v1", "{r:?}");
+    // The purges go again: the copies leave Redis (A's new /p aside), and B hears them and
+    // fetches anew.
+    assert!(
+        eventually(Duration::from_secs(10), || redis
+            .keys("ringway:cache:o:*/t/1")
+            .is_empty()),
+        "{:?}",
+        redis.keys("ringway:cache:*")
+    );
+    assert!(eventually(Duration::from_secs(5), || get(b.addr, "/p")
+        .text()
+        != "v1"));
+    // A's lookups find nothing to bring back; nothing is left to send.
+    assert_ne!(get(a.addr, "/p").text(), "v1");
+    assert_ne!(get(a.addr, "/t/1").text(), "v2");
+    assert_eq!(layer(|l| l.unsent_purges() as u64), 0);
+}
+
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is
 /// `test.local`, as routing reads it) keys the same entry as without it, with or without a
 /// port, so that a purge of the URL reaches what either spelling stored (RFC 9111 §4.4).

@@ -843,9 +843,11 @@ async fn from_shared(
     let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
     // An entry asked for before a purge or invalidation of its URL that is applied here while
     // Redis answers is from before it (§4.4): not stored, not served. So is one that a purge
-    // applied here still has to delete in Redis covers (one by prefix deletes after a scan's
-    // round trip; another worker's may be sent after this worker applied it).
-    let purges = cache.purges_settled_in_redis();
+    // applied here still has to delete in Redis covers, received before it (one by prefix
+    // deletes after a scan's round trip; another worker's may be sent after this worker
+    // applied it; one made while the link was down is sent again once it is up).
+    let purges = cache.purges();
+    let pending = cache.pending_in_redis();
     let got = layer.get(&w.doorbell, &ks, &known, sent).await;
     let now = now_secs();
     // Where the key is the URL as it is (the host and the whole query in it), an entry is
@@ -869,6 +871,7 @@ async fn from_shared(
         // validated since (by another worker or host), which the response time cannot tell.
         if found.is_some_and(|f| f.obj.t.response_time > o.t.response_time)
             || cache.purged_since(purges, &o).is_some()
+            || cache.pending_in_redis_covers(pending.as_deref(), &o)
         {
             continue;
         }
