@@ -1590,8 +1590,8 @@ fn rfc9110_4_2_3_an_admin_purge_without_a_scheme_reaches_both_origins_its_port_m
 }
 
 /// RFC 9110 §4.2.3 behind a TLS-terminating proxy (`server.trusted_proxies`): the client's
-/// scheme is the one the proxy says (`X-Forwarded-Proto`, else `Forwarded`'s `proto`, the
-/// first hop's), so `Host: a.test:443` from it is the origin `https://a.test` and keys with
+/// scheme is the one the proxy says (`X-Forwarded-Proto`, else `Forwarded`'s `proto`, of the
+/// client's hop: see the next test), so `Host: a.test:443` from it is the origin `https://a.test` and keys with
 /// `a.test`. From an untrusted peer those fields say nothing, and `:443` over plain HTTP is
 /// another origin. Before, the proxy's `:443` keyed apart from the same host without a port.
 #[test]
@@ -1622,7 +1622,7 @@ fn rfc9110_4_2_3_behind_a_trusted_tls_proxy_443_is_the_default_port() {
         "v1"
     );
     assert_eq!(
-        send(&trusted, "a.test:443", "x-forwarded-proto: HTTPS, http\r\n"),
+        send(&trusted, "a.test:443", "x-forwarded-proto: HTTPS\r\n"),
         "v1"
     );
     // Said http, or said nothing: `:443` over plain HTTP, another origin.
@@ -1645,6 +1645,90 @@ fn rfc9110_4_2_3_behind_a_trusted_tls_proxy_443_is_the_default_port() {
         send(&untrusted, "a.test:443", "x-forwarded-proto: https\r\n"),
         "v2"
     );
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+/// RFC 7239 §4 and §8.1: proxies append their element (`Forwarded`, `X-Forwarded-For`,
+/// `X-Forwarded-Proto`), so behind a trusted proxy the elements left of the ones it wrote may
+/// be the client's own. The scheme is read from the client's hop as rate limiting finds the
+/// client's address: from the right, the first element not written about a trusted proxy
+/// (`Forwarded`'s `for`; for `X-Forwarded-Proto`, the item at the place of the client's
+/// `X-Forwarded-For` element). Before, the first item was read: a client that sent its own
+/// `X-Forwarded-Proto: https` or `Forwarded: proto=https` through an appending proxy chose
+/// the https origin (RFC 9110 §4.2.3: `:443` then keyed as the default port).
+#[test]
+fn rfc7239_8_1_the_scheme_behind_trusted_proxies_is_the_client_hop_s_not_the_client_s_own() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let send = |gw: &TestGateway, fields: &str| {
+        request(
+            gw.addr,
+            format!("GET /p HTTP/1.1\r\nHost: a.test:443\r\n{fields}\r\n").as_bytes(),
+        )
+        .text()
+    };
+    let gw = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            "[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n",
+        ),
+        D,
+    );
+    // v1: `https://a.test` (keyed `a.test`); v2: `http://a.test:443`.
+    assert_eq!(send(&gw, "x-forwarded-proto: https\r\n"), "v1");
+    assert_eq!(send(&gw, "x-forwarded-proto: http\r\n"), "v2");
+    for (fields, want) in [
+        // The client's own item, then the proxy's: http.
+        ("x-forwarded-proto: https, http\r\n", "v2"),
+        (
+            "x-forwarded-proto: https\r\nx-forwarded-proto: http\r\n",
+            "v2",
+        ),
+        (
+            "x-forwarded-for: 6.6.6.6, 192.0.2.1\r\nx-forwarded-proto: https, http\r\n",
+            "v2",
+        ),
+        // Two trusted hops: the first (TLS) saw the client, the second saw it plainly.
+        (
+            "x-forwarded-for: 192.0.2.1, 10.0.0.5\r\nx-forwarded-proto: https, http\r\n",
+            "v1",
+        ),
+        // A proxy that replaced the field: its one item.
+        (
+            "x-forwarded-for: 192.0.2.1, 10.0.0.5\r\nx-forwarded-proto: https\r\n",
+            "v1",
+        ),
+        // Forwarded: the client's own element, then the proxy's.
+        (
+            "forwarded: for=6.6.6.6;proto=https, for=192.0.2.1;proto=http\r\n",
+            "v2",
+        ),
+        (
+            "forwarded: for=6.6.6.6;proto=https\r\nforwarded: for=192.0.2.1;proto=http\r\n",
+            "v2",
+        ),
+        // ... the client's hop left of a trusted one's.
+        (
+            "forwarded: for=192.0.2.1;proto=https, for=10.0.0.5;proto=http\r\n",
+            "v1",
+        ),
+        (
+            "forwarded: for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.5;proto=http\r\n",
+            "v1",
+        ),
+        // Every element a trusted proxy's: the leftmost.
+        (
+            "forwarded: for=10.0.0.6;proto=https, for=10.0.0.5;proto=http\r\n",
+            "v1",
+        ),
+        // An element that names no address is the client's.
+        (
+            "forwarded: for=unknown;proto=http, for=10.0.0.5;proto=https\r\n",
+            "v2",
+        ),
+    ] {
+        assert_eq!(send(&gw, fields), want, "{fields}");
+    }
     assert_eq!(n.load(Ordering::SeqCst), 2);
 }
 
