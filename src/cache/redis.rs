@@ -1151,6 +1151,37 @@ mod tests {
         }
     }
 
+    /// A purge whose Redis side failed is kept to be sent again, at most
+    /// [`MAX_UNSENT_PURGES`]: past it the oldest is given up, counted, and its `done` called
+    /// (the workers stop awaiting it).
+    #[test]
+    fn purges_kept_to_be_sent_again_are_bounded_oldest_given_up() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
+        let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let given_up = Arc::new(AtomicU64::new(0));
+        for i in 0..=MAX_UNSENT_PURGES {
+            let g = given_up.clone();
+            l.keep_unsent(
+                Purge {
+                    target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
+                    soft: false,
+                },
+                Some(Box::new(move || {
+                    g.fetch_add(1 + i as u64 * 1000, Ordering::Relaxed);
+                })),
+            );
+        }
+        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            l.purges_failed.load(Ordering::Relaxed),
+            MAX_UNSENT_PURGES as u64 + 1
+        );
+        // The oldest (h/0) was given up.
+        assert_eq!(given_up.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn scan_patterns_match_their_prefix_literally() {
         assert_eq!(&glob_prefix(b"r:u:h/a")[..], b"r:u:h/a*");
