@@ -224,6 +224,9 @@ pub struct RedisLink {
     pub commands_too_large: AtomicU64,
     /// Workers that wait on answers: rung after each round (see `crate::doorbell`).
     pub doorbells: crate::doorbell::Rings,
+    /// Run on the link's thread each time the link is up again after it was down (see
+    /// [`RedisLink::on_up`]).
+    on_up: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl RedisLink {
@@ -250,7 +253,15 @@ impl RedisLink {
             demands_refused: AtomicU64::new(0),
             commands_too_large: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
+            on_up: OnceLock::new(),
         })
+    }
+
+    /// Sets what runs, on the link's thread, each time Redis answers again after the link was
+    /// down (the cache layer sends again the purges that failed meanwhile); set once. It may
+    /// queue commands ([`RedisLink::command`]): they go in the next round.
+    pub fn on_up(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_up.set(f);
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -407,6 +418,9 @@ impl RedisLink {
     fn set_up(&self) {
         if !self.down.swap(false, Ordering::AcqRel) {
             return;
+        }
+        if let Some(f) = self.on_up.get() {
+            f();
         }
         let logged = self.log.lock().map_or(true, |l| l.logged);
         if logged {

@@ -1590,8 +1590,8 @@ fn rfc9110_4_2_3_an_admin_purge_without_a_scheme_reaches_both_origins_its_port_m
 }
 
 /// RFC 9110 §4.2.3 behind a TLS-terminating proxy (`server.trusted_proxies`): the client's
-/// scheme is the one the proxy says (`X-Forwarded-Proto`, else `Forwarded`'s `proto`, the
-/// first hop's), so `Host: a.test:443` from it is the origin `https://a.test` and keys with
+/// scheme is the one the proxy says (`X-Forwarded-Proto`, else `Forwarded`'s `proto`, of the
+/// client's hop: see the next test), so `Host: a.test:443` from it is the origin `https://a.test` and keys with
 /// `a.test`. From an untrusted peer those fields say nothing, and `:443` over plain HTTP is
 /// another origin. Before, the proxy's `:443` keyed apart from the same host without a port.
 #[test]
@@ -1622,7 +1622,7 @@ fn rfc9110_4_2_3_behind_a_trusted_tls_proxy_443_is_the_default_port() {
         "v1"
     );
     assert_eq!(
-        send(&trusted, "a.test:443", "x-forwarded-proto: HTTPS, http\r\n"),
+        send(&trusted, "a.test:443", "x-forwarded-proto: HTTPS\r\n"),
         "v1"
     );
     // Said http, or said nothing: `:443` over plain HTTP, another origin.
@@ -1645,6 +1645,90 @@ fn rfc9110_4_2_3_behind_a_trusted_tls_proxy_443_is_the_default_port() {
         send(&untrusted, "a.test:443", "x-forwarded-proto: https\r\n"),
         "v2"
     );
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+}
+
+/// RFC 7239 §4 and §8.1: proxies append their element (`Forwarded`, `X-Forwarded-For`,
+/// `X-Forwarded-Proto`), so behind a trusted proxy the elements left of the ones it wrote may
+/// be the client's own. The scheme is read from the client's hop as rate limiting finds the
+/// client's address: from the right, the first element not written about a trusted proxy
+/// (`Forwarded`'s `for`; for `X-Forwarded-Proto`, the item at the place of the client's
+/// `X-Forwarded-For` element). Before, the first item was read: a client that sent its own
+/// `X-Forwarded-Proto: https` or `Forwarded: proto=https` through an appending proxy chose
+/// the https origin (RFC 9110 §4.2.3: `:443` then keyed as the default port).
+#[test]
+fn rfc7239_8_1_the_scheme_behind_trusted_proxies_is_the_client_hop_s_not_the_client_s_own() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let send = |gw: &TestGateway, fields: &str| {
+        request(
+            gw.addr,
+            format!("GET /p HTTP/1.1\r\nHost: a.test:443\r\n{fields}\r\n").as_bytes(),
+        )
+        .text()
+    };
+    let gw = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            "[server]\ntrusted_proxies = [\"127.0.0.1\", \"10.0.0.0/8\"]\n",
+        ),
+        D,
+    );
+    // v1: `https://a.test` (keyed `a.test`); v2: `http://a.test:443`.
+    assert_eq!(send(&gw, "x-forwarded-proto: https\r\n"), "v1");
+    assert_eq!(send(&gw, "x-forwarded-proto: http\r\n"), "v2");
+    for (fields, want) in [
+        // The client's own item, then the proxy's: http.
+        ("x-forwarded-proto: https, http\r\n", "v2"),
+        (
+            "x-forwarded-proto: https\r\nx-forwarded-proto: http\r\n",
+            "v2",
+        ),
+        (
+            "x-forwarded-for: 6.6.6.6, 192.0.2.1\r\nx-forwarded-proto: https, http\r\n",
+            "v2",
+        ),
+        // Two trusted hops: the first (TLS) saw the client, the second saw it plainly.
+        (
+            "x-forwarded-for: 192.0.2.1, 10.0.0.5\r\nx-forwarded-proto: https, http\r\n",
+            "v1",
+        ),
+        // A proxy that replaced the field: its one item.
+        (
+            "x-forwarded-for: 192.0.2.1, 10.0.0.5\r\nx-forwarded-proto: https\r\n",
+            "v1",
+        ),
+        // Forwarded: the client's own element, then the proxy's.
+        (
+            "forwarded: for=6.6.6.6;proto=https, for=192.0.2.1;proto=http\r\n",
+            "v2",
+        ),
+        (
+            "forwarded: for=6.6.6.6;proto=https\r\nforwarded: for=192.0.2.1;proto=http\r\n",
+            "v2",
+        ),
+        // ... the client's hop left of a trusted one's.
+        (
+            "forwarded: for=192.0.2.1;proto=https, for=10.0.0.5;proto=http\r\n",
+            "v1",
+        ),
+        (
+            "forwarded: for=\"[2001:db8::1]:4711\";proto=https, for=10.0.0.5;proto=http\r\n",
+            "v1",
+        ),
+        // Every element a trusted proxy's: the leftmost.
+        (
+            "forwarded: for=10.0.0.6;proto=https, for=10.0.0.5;proto=http\r\n",
+            "v1",
+        ),
+        // An element that names no address is the client's.
+        (
+            "forwarded: for=unknown;proto=http, for=10.0.0.5;proto=https\r\n",
+            "v2",
+        ),
+    ] {
+        assert_eq!(send(&gw, fields), want, "{fields}");
+    }
     assert_eq!(n.load(Ordering::SeqCst), 2);
 }
 
@@ -2566,6 +2650,167 @@ fn redis_purge_by_prefix_and_of_everything_deletes_the_redis_copies() {
     );
     assert_eq!(redis.keys("ringway:cache:rl:other").len(), 1);
     assert_eq!(get(a.addr, "/x").text(), "v5");
+}
+
+/// A relay in front of Redis that can be cut (its connections closed, new ones closed as
+/// they come) and mended, Redis keeping its data meanwhile.
+struct RedisRelay {
+    addr: SocketAddr,
+    /// Whether it relays, and the sockets of the connections it relays (closed by a cut).
+    state: Arc<std::sync::Mutex<(bool, Vec<std::net::TcpStream>)>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RedisRelay {
+    fn start(to: SocketAddr) -> RedisRelay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = Arc::new(std::sync::Mutex::new((true, Vec::new())));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                if sp.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(c) = c else { continue };
+                let mut g = st.lock().unwrap();
+                if !g.0 {
+                    continue;
+                }
+                let Ok(r) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                for s in [&c, &r] {
+                    g.1.push(s.try_clone().unwrap());
+                }
+                drop(g);
+                for (mut from, mut into) in
+                    [(c.try_clone().unwrap(), r.try_clone().unwrap()), (r, c)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        RedisRelay { addr, state, stop }
+    }
+
+    fn cut(&self) {
+        let mut g = self.state.lock().unwrap();
+        g.0 = false;
+        for s in g.1.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn mend(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+}
+
+impl Drop for RedisRelay {
+    fn drop(&mut self) {
+        self.cut();
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+    }
+}
+
+/// RFC 9111 §4.4 (a purge is the operator's invalidation: what it removed must not be
+/// served again): a purge made while the link to Redis is down could not delete the Redis
+/// copies nor reach the other hosts, and was taken as done at once; once the link was up, a
+/// lookup brought the purged copy back from Redis, and the other hosts kept serving theirs.
+/// Now it is kept and sent again once the link is up (the copies deleted, the other hosts
+/// told), and until then no worker takes from Redis an entry it covers received before it.
+#[test]
+fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_back() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            &format!(
+                "[cache.redis]\naddress = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
+                relay.addr
+            ),
+        ),
+        D,
+    );
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert!(eventually(Duration::from_secs(5), || redis
+        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
+        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    for p in ["/p", "/t/1"] {
+        assert_eq!(get(a.addr, p).text(), if p == "/p" { "v1" } else { "v2" });
+    }
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .len()
+        == 2));
+    // B holds /p too, taken from Redis.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+
+    relay.cut();
+    for target in [
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+        PurgeTarget::Prefix(b"test.local/t/".to_vec()),
+    ] {
+        ringway::cache::purge(
+            a.gateway().control(),
+            Purge {
+                target,
+                soft: false,
+            },
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    }
+    // A could not reach Redis: the copies are still there.
+    assert_eq!(redis.keys("ringway:cache:o:*").len(), 2);
+    // Kept to be sent again (counted), and awaited on A's workers.
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| {
+        a.gateway()
+            .control()
+            .ask(Duration::from_secs(2), move |w| {
+                w.cache.shared().map_or(0, |l| f(l))
+            })
+            .unwrap()[0]
+    };
+    assert!(eventually(Duration::from_secs(5), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 2));
+    assert!(layer(|l| l.purges_failed.load(Ordering::Relaxed)) >= 2);
+    relay.mend();
+    // Once A's link is up again, its lookup does not bring /p back from Redis (the purge's
+    // deletions may be on their way, or done).
+    assert!(eventually(Duration::from_secs(10), || layer(
+        |l| u64::from(!l.link().is_down())
+    ) == 1));
+    let r = get(a.addr, "/p");
+    assert_ne!(r.text(), "v1", "{r:?}");
+    // The purges go again: the copies leave Redis (A's new /p aside), and B hears them and
+    // fetches anew.
+    assert!(
+        eventually(Duration::from_secs(10), || redis
+            .keys("ringway:cache:o:*/t/1")
+            .is_empty()),
+        "{:?}",
+        redis.keys("ringway:cache:*")
+    );
+    assert!(eventually(Duration::from_secs(5), || get(b.addr, "/p")
+        .text()
+        != "v1"));
+    // A's lookups find nothing to bring back; nothing is left to send.
+    assert_ne!(get(a.addr, "/p").text(), "v1");
+    assert_ne!(get(a.addr, "/t/1").text(), "v2");
+    assert_eq!(layer(|l| l.unsent_purges() as u64), 0);
 }
 
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is

@@ -1325,10 +1325,12 @@ pub struct WorkerCache {
     /// The last [`MAX_RECENT_PURGES`] purges, each with its number in `purges`.
     recent_purges: RefCell<std::collections::VecDeque<(u64, Purge)>>,
     /// Purges applied here whose Redis copies may not be gone yet: the ticket of each
-    /// ([`redis::SharedLayer::purge_ticket`]), its number in `purges`, and the second past
-    /// which it is taken as done anyway ([`REDIS_PURGE_PENDING_SECS`]). A lookup in Redis
-    /// counts them as applied after it was sent ([`WorkerCache::purges_settled_in_redis`]).
-    redis_pending: RefCell<Vec<(u64, u64, u64)>>,
+    /// ([`redis::SharedLayer::purge_ticket`]), the purge, and the Unix second this worker
+    /// applied it. An entry found in Redis that one of them covers and that was received
+    /// before it is not taken ([`WorkerCache::pending_in_redis_covers`]). Kept until the
+    /// purge is done in Redis, which a link that is down delays until it is up again (the
+    /// layer sends it again), at most [`MAX_REDIS_PENDING`].
+    redis_pending: RefCell<Vec<(u64, Rc<Purge>, u64)>>,
     /// The URLs invalidated (RFC 9111 §4.4) since the last sweep, each with the number in
     /// `purges` of its latest invalidation: a stored object of such a URL born before it is
     /// gone for every lookup ([`WorkerCache::invalidate_local`]). At most
@@ -1393,9 +1395,11 @@ const MAX_RECENT_PURGES: usize = 64;
 /// Most purges a worker awaits the Redis side of ([`WorkerCache::redis_pending`]); past it the
 /// oldest is taken as done.
 const MAX_REDIS_PENDING: usize = 64;
-/// Longest a purge's Redis side is awaited (a lost answer, a link that failed it): past it
-/// the purge counts as done in Redis.
-const REDIS_PURGE_PENDING_SECS: u64 = 30;
+/// How far another host's clock may be ahead of this one's for a purge awaited in Redis to
+/// still cover what that host stored before it ([`WorkerCache::pending_in_redis_covers`]):
+/// an entry received up to this long after the purge, by this host's clock, is taken as from
+/// before it while the purge is awaited (a miss, at worst).
+const PURGE_CLOCK_MARGIN_SECS: u64 = 5;
 
 /// Most URLs a worker keeps invalidated (RFC 9111 §4.4) between sweeps of its store
 /// ([`WorkerCache::invalidate_local`]): a sweep reads every stored object, so one per this
@@ -2179,10 +2183,11 @@ impl WorkerCache {
         };
         let ticket = self.redis_ticket();
         self.invalidate_local(&url);
-        self.note_redis_pending(ticket);
+        self.note_redis_pending(ticket, &p);
+        let q = p.clone();
         self.post_to_others(move |c| {
             c.invalidate_local(&url);
-            c.note_redis_pending(ticket);
+            c.note_redis_pending(ticket, &q);
         });
         self.purge_in_redis(&p, ticket);
     }
@@ -2192,11 +2197,11 @@ impl WorkerCache {
     pub fn purge_everywhere(&self, p: Purge) -> u64 {
         let ticket = self.redis_ticket();
         let n = self.purge_local(&p);
-        self.note_redis_pending(ticket);
+        self.note_redis_pending(ticket, &p);
         let q = p.clone();
         self.post_to_others(move |c| {
             c.purge_local(&q);
-            c.note_redis_pending(ticket);
+            c.note_redis_pending(ticket, &q);
         });
         self.purge_in_redis(&p, ticket);
         n
@@ -2210,41 +2215,52 @@ impl WorkerCache {
         Some(l.purge_ticket())
     }
 
-    /// Notes that the purge just applied here (the latest in `purges`) under `ticket` awaits
-    /// its Redis side: until that is done, an entry found in Redis that it covers may be the
-    /// copy it deletes there, and is not taken ([`WorkerCache::purges_settled_in_redis`]).
-    pub fn note_redis_pending(&self, ticket: Option<u64>) {
+    /// Notes that `p`, just applied here under `ticket`, awaits its Redis side: until that is
+    /// done, an entry found in Redis that it covers may be a copy it deletes there, and is not
+    /// taken ([`WorkerCache::pending_in_redis_covers`]).
+    pub fn note_redis_pending(&self, ticket: Option<u64>, p: &Purge) {
         let Some(t) = ticket else { return };
-        let mut p = self.redis_pending.borrow_mut();
-        if p.len() >= MAX_REDIS_PENDING {
-            p.remove(0);
+        let mut q = self.redis_pending.borrow_mut();
+        if q.len() >= MAX_REDIS_PENDING {
+            q.remove(0);
         }
-        p.push((t, self.purges.get(), now_secs() + REDIS_PURGE_PENDING_SECS));
+        q.push((t, Rc::new(p.clone()), now_secs()));
     }
 
-    /// The purge under `ticket` is done in Redis (its copies there are gone).
+    /// The purge under `ticket` is done in Redis (its copies there are gone), or given up.
     pub fn settle_redis_purge(&self, ticket: u64) {
         self.redis_pending
             .borrow_mut()
             .retain(|(t, _, _)| *t != ticket);
     }
 
-    /// The count of purges to take for [`WorkerCache::purged_since`] when sending a lookup to
-    /// Redis: [`WorkerCache::purges`], or, while purges applied here await their Redis side,
-    /// the count before the oldest of them, so that an entry such a purge covers is not taken
-    /// (Redis may answer with the copy it has yet to delete, RFC 9111 §4.4).
-    #[inline]
-    pub fn purges_settled_in_redis(&self) -> u64 {
-        let mut p = self.redis_pending.borrow_mut();
-        if p.is_empty() {
-            return self.purges.get();
-        }
-        let now = now_secs();
-        p.retain(|(_, _, until)| *until > now);
-        p.iter()
-            .map(|(_, n, _)| n.wrapping_sub(1))
-            .min()
-            .unwrap_or(self.purges.get())
+    /// The purges applied here whose Redis side is not done yet, for a lookup about to be
+    /// sent to Redis ([`WorkerCache::pending_in_redis_covers`]); `None` (no allocation) when
+    /// there is none. Taken before the lookup is sent: a purge settled while Redis answers may
+    /// have deleted the copies after Redis read the answer.
+    pub fn pending_in_redis(&self) -> Option<Vec<(Rc<Purge>, u64)>> {
+        let q = self.redis_pending.borrow();
+        (!q.is_empty()).then(|| q.iter().map(|(_, p, at)| (p.clone(), *at)).collect())
+    }
+
+    /// Whether `o`, found in Redis by a lookup sent while the purges `before` were awaited
+    /// there ([`WorkerCache::pending_in_redis`]), is covered by one of them or by one applied
+    /// here since that is still awaited, and was received before it (RFC 9111 §4.4: what a
+    /// purge removed must not come back). Redis may still hold the copy the purge deletes,
+    /// for a round trip, or, the link down, until the layer sends the purge again. The entry's
+    /// time of receipt is from the clock of the host that fetched it:
+    /// [`PURGE_CLOCK_MARGIN_SECS`] covers one a little ahead of this one. An entry received
+    /// after the purge is taken.
+    pub fn pending_in_redis_covers(&self, before: Option<&[(Rc<Purge>, u64)]>, o: &Object) -> bool {
+        let covers = |p: &Purge, at: u64| {
+            o.t.response_time <= at.saturating_add(PURGE_CLOCK_MARGIN_SECS) && p.matches(o)
+        };
+        before.is_some_and(|b| b.iter().any(|(p, at)| covers(p, *at)))
+            || self
+                .redis_pending
+                .borrow()
+                .iter()
+                .any(|(_, p, at)| covers(p, *at))
     }
 
     /// [`purge_in_redis_with`] this worker's layer, when there is one.
@@ -2549,7 +2565,9 @@ pub fn purge_url_in(https: Option<bool>, host: &str, path_query: &str) -> Vec<u8
 ///
 /// With `[cache.redis]`, every worker applies it first and notes it as pending in Redis, then
 /// the Redis copies are deleted: a worker's lookup in Redis sent in between does not take
-/// back a copy the purge covers ([`WorkerCache::purges_settled_in_redis`]). Before, worker 0
+/// back a copy the purge covers ([`WorkerCache::pending_in_redis_covers`]). A purge whose
+/// Redis side fails (the link down) stays pending on every worker until the layer has sent
+/// it again ([`redis::SharedLayer::purge`]). Before, worker 0
 /// deleted them while the others purged on their own, and a worker that purged first could
 /// find the copy still in Redis and store it again.
 pub fn purge(control: &Arc<Control>, p: Purge, limit: Duration) -> Result<Vec<u64>, ControlError> {
@@ -2565,12 +2583,12 @@ pub fn purge(control: &Arc<Control>, p: Purge, limit: Duration) -> Result<Vec<u6
     let q = p.clone();
     let applied = control.ask(limit, move |w| {
         let n = w.cache.purge_local(&q);
-        w.cache.note_redis_pending(ticket);
+        w.cache.note_redis_pending(ticket, &q);
         n
     });
     // Also when a worker did not answer in time: the Redis copies go all the same (a worker
-    // that has not applied it yet notes it pending when it does, and takes it as done at
-    // most `REDIS_PURGE_PENDING_SECS` later).
+    // that has not applied it yet notes it pending when it does; the settlement, posted
+    // after, finds it noted).
     if let Some(l) = layer {
         purge_in_redis_with(&l, Some(control.clone()), &p, ticket);
     }
@@ -3171,6 +3189,51 @@ mod tests {
             },
             ..Object::default()
         }
+    }
+
+    /// RFC 9111 §4.4: while a purge's Redis side is awaited (a round trip, or, the link
+    /// down, until the layer sends it again), an entry found in Redis that it covers and that
+    /// was received before it (or within the clock margin after it) is not taken; one of
+    /// another URL, or received after it, is; once settled, the purge covers nothing more.
+    #[test]
+    fn a_purge_awaited_in_redis_covers_the_entries_received_before_it() {
+        let c = worker_cache();
+        let now = now_secs();
+        let p = Purge {
+            target: PurgeTarget::Url(b"h/p".to_vec()),
+            soft: false,
+        };
+        c.note_redis_pending(None, &p);
+        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
+        c.note_redis_pending(Some(7), &p);
+        assert!(c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
+        assert!(c.pending_in_redis_covers(
+            None,
+            &url_obj(b"h/p", b"ahead", now + PURGE_CLOCK_MARGIN_SECS)
+        ));
+        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/q", b"other", now - 100)));
+        assert!(!c.pending_in_redis_covers(
+            None,
+            &url_obj(b"h/p", b"after", now + PURGE_CLOCK_MARGIN_SECS + 2)
+        ));
+        // A lookup sent while it was awaited does not take what it covers, settled since.
+        let before = c.pending_in_redis();
+        c.settle_redis_purge(7);
+        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
+        assert!(c.pending_in_redis_covers(before.as_deref(), &url_obj(b"h/p", b"old", now - 100)));
+        assert!(c.pending_in_redis().is_none());
+        // Bounded: the oldest awaited is forgotten past the bound.
+        for t in 0..=MAX_REDIS_PENDING as u64 {
+            c.note_redis_pending(
+                Some(100 + t),
+                &Purge {
+                    target: PurgeTarget::Url(format!("h/{t}").into_bytes()),
+                    soft: false,
+                },
+            );
+        }
+        assert_eq!(c.redis_pending.borrow().len(), MAX_REDIS_PENDING);
+        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/0", b"old", now - 100)));
     }
 
     /// RFC 9111 §4.4 with lazy invalidation: an object invalidated here is gone for a lookup

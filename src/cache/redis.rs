@@ -24,14 +24,17 @@
 //! - Purges by URL and by surrogate key delete the Redis copies too (through index sets kept
 //!   per URL and per tag), and every purge is published on `<prefix>purge`: each host runs a
 //!   subscriber thread that applies what it hears to its workers' stores (through
-//!   `crate::control`), so a purge reaches every host's local stores.
+//!   `crate::control`), so a purge reaches every host's local stores. A purge whose Redis
+//!   side fails (the link down) is kept and sent again once the link is up
+//!   (`SharedLayer::purge`); until then the workers take no entry it covers received before
+//!   it (`WorkerCache::pending_in_redis_covers`).
 //!
 //! Fleet bound: each host makes at most one fetch per key at a time (coalescing), and a host
 //! that finds the object in Redis makes none; so the origin sees one fetch per object per
 //! freshness lifetime for the whole fleet, plus at most one per other host whose miss falls
 //! inside the first fetch's round trip (there is no lock across hosts).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,6 +91,10 @@ const PUT_VARIANT_LUA: &str = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]
 /// Called once a purge's Redis copies are gone ([`SharedLayer::purge`]).
 pub type PurgeDone = Box<dyn FnOnce() + Send>;
 
+/// Most purges a host keeps to send again to Redis ([`SharedLayer::unsent`]); past it the
+/// oldest is given up (counted in [`SharedLayer::purges_given_up`]).
+const MAX_UNSENT_PURGES: usize = 64;
+
 /// What [`SharedLayer::update_entries`] makes of each entry it reads (`None`: left as it is).
 type Update = Arc<dyn Fn(&Object) -> Option<Object> + Send + Sync>;
 
@@ -121,6 +128,46 @@ pub struct SharedLayer {
     pub sets: AtomicU64,
     /// The next [`SharedLayer::purge_ticket`] (purges only, never a lookup).
     purge_tickets: AtomicU64,
+    /// Purges whose Redis side failed (the link down, its queue full, an error answered):
+    /// their copies in Redis may still be there and the other hosts did not hear them. Each
+    /// is sent again, whole, when the link is up again after being down and before the next
+    /// purge; at most [`MAX_UNSENT_PURGES`], oldest first. Before, such a purge was taken as
+    /// done: the copies it was to delete came back from Redis once the link was up.
+    unsent: Mutex<std::collections::VecDeque<(Purge, Option<PurgeDone>)>>,
+    /// Purges whose Redis side failed (each failure of a purge sent again counts too), and
+    /// those given up because [`MAX_UNSENT_PURGES`] newer ones failed after them.
+    pub purges_failed: AtomicU64,
+    pub purges_given_up: AtomicU64,
+}
+
+/// One purge's Redis side as its commands go: whether any failed, and what to call once the
+/// last is answered ([`PurgeRun::finish`]).
+struct PurgeRun {
+    layer: Arc<SharedLayer>,
+    purge: Purge,
+    failed: AtomicBool,
+    done: Mutex<Option<PurgeDone>>,
+}
+
+impl PurgeRun {
+    /// Notes a command's answer: none (the link failed it, or refused it) or an error is a
+    /// failure of the purge.
+    fn note(&self, f: &Option<BytesFrame>) {
+        if matches!(f, None | Some(BytesFrame::Error(_))) {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The purge's last command (its publication) is answered: done, or kept to be sent again.
+    fn finish(&self, f: Option<BytesFrame>) {
+        self.note(&f);
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if self.failed.load(Ordering::Relaxed) {
+            self.layer.keep_unsent(self.purge.clone(), done);
+        } else if let Some(d) = done {
+            d();
+        }
+    }
 }
 
 impl SharedLayer {
@@ -137,7 +184,19 @@ impl SharedLayer {
             found: AtomicU64::new(0),
             sets: AtomicU64::new(0),
             purge_tickets: AtomicU64::new(0),
+            unsent: Mutex::new(std::collections::VecDeque::new()),
+            purges_failed: AtomicU64::new(0),
+            purges_given_up: AtomicU64::new(0),
         }))
+        .inspect(|l| {
+            // The purges that failed while the link was down go again once it is up.
+            let weak = Arc::downgrade(l);
+            l.link.on_up(Box::new(move || {
+                if let Some(l) = weak.upgrade() {
+                    l.send_unsent();
+                }
+            }));
+        })
     }
 
     pub fn link(&self) -> &Arc<RedisLink> {
@@ -463,7 +522,56 @@ impl SharedLayer {
     /// takes one back from Redis after hearing it. `done` is called once the copies are gone
     /// (the publication's answer, which Redis sends after the deletions': one connection, in
     /// order), or once the link failed them.
+    ///
+    /// A purge whose Redis side fails is kept and sent again ([`SharedLayer::unsent`]);
+    /// `done` is then called once it went through, or once it is given up.
     pub fn purge(self: &Arc<Self>, p: &Purge, done: Option<PurgeDone>) {
+        if !self.link.is_down() {
+            self.send_unsent();
+        }
+        self.send_purge(p.clone(), done);
+    }
+
+    /// Keeps a purge whose Redis side failed, to send it again; the oldest kept is given up
+    /// (its `done` called) past [`MAX_UNSENT_PURGES`].
+    fn keep_unsent(&self, p: Purge, done: Option<PurgeDone>) {
+        self.purges_failed.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped = (q.len() >= MAX_UNSENT_PURGES)
+            .then(|| q.pop_front())
+            .flatten();
+        q.push_back((p, done));
+        drop(q);
+        if let Some((_, d)) = dropped {
+            self.purges_given_up.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = d {
+                d();
+            }
+        }
+    }
+
+    /// Sends again every purge kept ([`SharedLayer::unsent`]), oldest first; one that fails
+    /// again is kept again.
+    fn send_unsent(self: &Arc<Self>) {
+        let q = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
+        for (p, done) in q {
+            self.send_purge(p, done);
+        }
+    }
+
+    /// Purges kept to be sent again (tests, figures).
+    pub fn unsent_purges(&self) -> usize {
+        self.unsent.lock().map_or(0, |q| q.len())
+    }
+
+    fn send_purge(self: &Arc<Self>, p: Purge, done: Option<PurgeDone>) {
+        let run = Arc::new(PurgeRun {
+            layer: self.clone(),
+            purge: p,
+            failed: AtomicBool::new(false),
+            done: Mutex::new(done),
+        });
+        let p = &run.purge;
         let set = match &p.target {
             PurgeTarget::Url(u) => self.rkey(b"u:", u),
             PurgeTarget::Tag(t) => self.rkey(b"t:", t),
@@ -475,7 +583,7 @@ impl SharedLayer {
                     found: ScanFound::IndexSets,
                     then: Bytes::from(encode_purge(p)),
                 };
-                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0, done);
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0, run.clone());
                 return;
             }
             PurgeTarget::All => {
@@ -485,13 +593,13 @@ impl SharedLayer {
                     found: ScanFound::Entries,
                     then: Bytes::from(encode_purge(p)),
                 };
-                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0, done);
+                self.purge_scan(Arc::new(scan), Bytes::from_static(b"0"), 0, run.clone());
                 return;
             }
         };
-        self.purge_set(set);
+        self.purge_set(set, &run);
         // Sent after the deletion on the same connection: Redis runs them in order.
-        self.publish(Bytes::from(encode_purge(p)), done);
+        self.publish(Bytes::from(encode_purge(p)), run.clone());
     }
 
     /// A number for a purge sent to Redis, unique on this host (see
@@ -501,7 +609,8 @@ impl SharedLayer {
     }
 
     /// Deletes the keys an index set names, then the set ([`PURGE_SET_LUA`]).
-    fn purge_set(&self, set: Bytes) {
+    fn purge_set(&self, set: Bytes, run: &Arc<PurgeRun>) {
+        let run = run.clone();
         self.link.command(Command {
             args: vec![
                 Bytes::from_static(b"EVAL"),
@@ -512,12 +621,13 @@ impl SharedLayer {
             max_reply: SMALL_REPLY_BYTES,
             // Deletes: run again, it deletes what was indexed since, as a purge a moment later would.
             repeatable: true,
-            done: None,
+            done: Some(Box::new(move |f| run.note(&f))),
         });
     }
 
-    /// Publishes a purge; `done` is called with its answer (or the link's failure).
-    fn publish(&self, msg: Bytes, done: Option<PurgeDone>) {
+    /// Publishes a purge, the last of its commands: its run is finished with the answer (or
+    /// the link's failure).
+    fn publish(&self, msg: Bytes, run: Arc<PurgeRun>) {
         self.link.command(Command {
             args: vec![
                 Bytes::from_static(b"PUBLISH"),
@@ -528,7 +638,7 @@ impl SharedLayer {
             // Heard twice, a purge is applied twice: the second finds only what was stored since, as
             // a purge a moment later would.
             repeatable: true,
-            done: done.map(|d| -> crate::redis::OnFrame { Box::new(move |_| d()) }),
+            done: Some(Box::new(move |f| run.finish(f))),
         });
     }
 
@@ -540,7 +650,7 @@ impl SharedLayer {
         scan: Arc<Scan>,
         cursor: Bytes,
         round: u32,
-        done: Option<PurgeDone>,
+        run: Arc<PurgeRun>,
     ) {
         let layer = self.clone();
         self.link.command(Command {
@@ -559,22 +669,27 @@ impl SharedLayer {
                 let next = match f {
                     Some(BytesFrame::Array(v)) => match <[BytesFrame; 2]>::try_from(v) {
                         Ok([BytesFrame::BulkString(next), BytesFrame::Array(keys)]) => {
-                            layer.delete_found(&scan, keys);
+                            layer.delete_found(&scan, keys, &run);
                             Some(next)
                         }
                         _ => None,
                     },
                     _ => None,
                 };
+                // A scan cut short leaves copies in Redis: the purge is sent again (and still
+                // published now, for the other hosts' stores).
+                if next.is_none() {
+                    run.note(&None);
+                }
                 // A cursor is a decimal number; "0" ends the scan.
                 let more = next.filter(|n| {
                     &n[..] != b"0" && n.len() <= 20 && n.iter().all(u8::is_ascii_digit)
                 });
                 match more {
                     Some(n) if round + 1 < MAX_SCAN_ROUNDS => {
-                        layer.purge_scan(scan, Bytes::copy_from_slice(&n), round + 1, done)
+                        layer.purge_scan(scan, Bytes::copy_from_slice(&n), round + 1, run)
                     }
-                    _ => layer.publish(scan.then.clone(), done),
+                    _ => layer.publish(scan.then.clone(), run),
                 }
             })),
         });
@@ -582,7 +697,7 @@ impl SharedLayer {
 
     /// Deletes what one `SCAN` round found: only keys under the scan's literal prefix (a
     /// pattern's match, checked again), and of everything only the kinds this layer writes.
-    fn delete_found(&self, scan: &Scan, keys: Vec<BytesFrame>) {
+    fn delete_found(&self, scan: &Scan, keys: Vec<BytesFrame>, run: &Arc<PurgeRun>) {
         let keys = keys.into_iter().filter_map(|k| match k {
             BytesFrame::BulkString(k) if k.starts_with(&scan.keep) => {
                 Some(Bytes::copy_from_slice(&k))
@@ -592,7 +707,7 @@ impl SharedLayer {
         match scan.found {
             ScanFound::IndexSets => {
                 for set in keys {
-                    self.purge_set(set);
+                    self.purge_set(set, run);
                 }
             }
             ScanFound::Entries => {
@@ -602,11 +717,12 @@ impl SharedLayer {
                     kind.is_some_and(|kind| ENTRY_KINDS.contains(&kind))
                 }));
                 if args.len() > 1 {
+                    let run = run.clone();
                     self.link.command(Command {
                         args,
                         max_reply: SMALL_REPLY_BYTES,
                         repeatable: true,
-                        done: None,
+                        done: Some(Box::new(move |f| run.note(&f))),
                     });
                 }
             }
@@ -1033,6 +1149,37 @@ mod tests {
                 assert_ne!(a, b);
             }
         }
+    }
+
+    /// A purge whose Redis side failed is kept to be sent again, at most
+    /// [`MAX_UNSENT_PURGES`]: past it the oldest is given up, counted, and its `done` called
+    /// (the workers stop awaiting it).
+    #[test]
+    fn purges_kept_to_be_sent_again_are_bounded_oldest_given_up() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
+        let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let given_up = Arc::new(AtomicU64::new(0));
+        for i in 0..=MAX_UNSENT_PURGES {
+            let g = given_up.clone();
+            l.keep_unsent(
+                Purge {
+                    target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
+                    soft: false,
+                },
+                Some(Box::new(move || {
+                    g.fetch_add(1 + i as u64 * 1000, Ordering::Relaxed);
+                })),
+            );
+        }
+        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            l.purges_failed.load(Ordering::Relaxed),
+            MAX_UNSENT_PURGES as u64 + 1
+        );
+        // The oldest (h/0) was given up.
+        assert_eq!(given_up.load(Ordering::Relaxed), 1);
     }
 
     #[test]

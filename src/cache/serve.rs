@@ -55,7 +55,7 @@ pub async fn run<'c, S: ClientIo>(
     // Behind a trusted proxy the client's scheme is the proxy's word (see
     // [`scheme_from_trusted_proxy`]).
     if c.info.trusted && !ctx.head.https {
-        scheme_from_trusted_proxy(&mut ctx.head);
+        scheme_from_trusted_proxy(&mut ctx.head, &cfg.trusted_proxies);
     }
     if p.purge && ctx.head.method == Method::Other && ctx.head.method_str() == b"PURGE" {
         return purge_request(w, p, c, ctx).await;
@@ -268,39 +268,85 @@ fn first_look<'k>(
 
 /// RFC 9110 §4.2.3 behind a TLS-terminating proxy (one of `server.trusted_proxies`, whose
 /// forwarding fields are believed, see [`crate::rewrite`]): the target's scheme is the one the
-/// client used, `https` when the proxy says so in `X-Forwarded-Proto` (its first item: the
-/// first hop's), else in the first `Forwarded` element's `proto` (RFC 7239 §5.4). Then port 443
-/// is the default one (`Host: a.test:443` keys, stores and purges as `a.test`, as on a TLS
-/// listener) and 80 is not. The request head's scheme is read by the cache's keys alone.
+/// client used, `https` when the proxies say so. Then port 443 is the default one
+/// (`Host: a.test:443` keys, stores and purges as `a.test`, as on a TLS listener) and 80 is
+/// not. The request head's scheme is read by the cache's keys alone.
+///
+/// Which hop's word is taken follows the rule rate limiting uses for the client's address
+/// (`X-Forwarded-For` walked from the right, the first element that is not a trusted proxy,
+/// see `crate::proxy::phases`): proxies append, so the elements left of the ones they wrote
+/// may be the client's own (RFC 7239 §4, §8.1). In `Forwarded`, the `proto` of that element
+/// (walked by its `for`); in `X-Forwarded-Proto` (read first), the item at the same place
+/// from the right as the client's element in `X-Forwarded-For` (the rightmost when there is
+/// none; the leftmost when there are fewer items, a proxy having replaced the field).
+/// Before, the first item or element was read: a client behind a proxy that appends chose
+/// its scheme by sending its own.
+///
 /// Read in place, with no allocation: behind a load balancer every request comes from a
-/// trusted peer (before, each copied the value it read).
+/// trusted peer.
 #[inline(never)]
-fn scheme_from_trusted_proxy(head: &mut RequestHead) {
-    let https = match head.header(b"x-forwarded-proto") {
-        Some(v) => first_item(v).eq_ignore_ascii_case(b"https"),
-        None => match head.header(b"forwarded") {
-            Some(v) => forwarded_proto(first_item(v)).eq_ignore_ascii_case(b"https"),
-            None => return,
-        },
+fn scheme_from_trusted_proxy(head: &mut RequestHead, trusted: &crate::config::TrustedProxies) {
+    let proto = if head.header(b"x-forwarded-proto").is_some() {
+        let back = client_from_right(list_items(head.header_values(b"x-forwarded-for")), |e| {
+            crate::proxy::phases::forwarded_ip(e).is_some_and(|ip| trusted.contains(ip))
+        });
+        let items = || list_items(head.header_values(b"x-forwarded-proto"));
+        let n = items().count();
+        items().nth(n.saturating_sub(1 + back)).unwrap_or(b"")
+    } else if head.header(b"forwarded").is_some() {
+        let elements = || list_items(head.header_values(b"forwarded"));
+        let back = client_from_right(elements(), |e| {
+            let f = forwarded_param(e, b"for");
+            crate::proxy::phases::forwarded_ip(f).is_some_and(|ip| trusted.contains(ip))
+        });
+        let n = elements().count();
+        let e = elements().nth(n.saturating_sub(1 + back)).unwrap_or(b"");
+        forwarded_param(e, b"proto")
+    } else {
+        return;
     };
-    if https {
+    if proto.eq_ignore_ascii_case(b"https") {
         head.https = true;
     }
 }
 
-/// The first item of a list field's value, trimmed (RFC 9110 §5.6.1).
-fn first_item(v: &[u8]) -> &[u8] {
-    crate::http::trim_ows(v.split(|b| *b == b',').next().unwrap_or(b""))
+/// The items of a list field's lines, in order, trimmed, empty ones left out (RFC 9110
+/// §5.6.1).
+fn list_items<'a>(
+    lines: impl Iterator<Item = &'a [u8]> + 'a,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    lines
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(crate::http::trim_ows)
+        .filter(|e| !e.is_empty())
 }
 
-/// The `proto` of one `Forwarded` element (RFC 7239 §4), unquoted; empty when it has none.
-fn forwarded_proto(element: &[u8]) -> &[u8] {
+/// Where the client's element is, counted from the right (0: the rightmost), among hops'
+/// elements in order: the rightmost one that `trusted` does not take for a trusted proxy's;
+/// the leftmost when every one is; 0 when there is none.
+fn client_from_right<'a>(
+    items: impl Iterator<Item = &'a [u8]>,
+    trusted: impl Fn(&[u8]) -> bool,
+) -> usize {
+    let (mut n, mut client) = (0, None);
+    for (i, e) in items.enumerate() {
+        n = i + 1;
+        if !trusted(e) {
+            client = Some(i);
+        }
+    }
+    n.saturating_sub(1 + client.unwrap_or(0))
+}
+
+/// The value of the parameter `name` of one `Forwarded` element (RFC 7239 §4), unquoted;
+/// empty when it has none.
+fn forwarded_param<'a>(element: &'a [u8], name: &[u8]) -> &'a [u8] {
     element
         .split(|b| *b == b';')
         .find_map(|pair| {
             let eq = pair.iter().position(|b| *b == b'=')?;
             let (k, v) = (crate::http::trim_ows(&pair[..eq]), &pair[eq + 1..]);
-            if !k.eq_ignore_ascii_case(b"proto") {
+            if !k.eq_ignore_ascii_case(name) {
                 return None;
             }
             let v = crate::http::trim_ows(v);
@@ -843,9 +889,11 @@ async fn from_shared(
     let known: Vec<Option<&Object>> = held.iter().map(|o| o.as_deref()).collect();
     // An entry asked for before a purge or invalidation of its URL that is applied here while
     // Redis answers is from before it (§4.4): not stored, not served. So is one that a purge
-    // applied here still has to delete in Redis covers (one by prefix deletes after a scan's
-    // round trip; another worker's may be sent after this worker applied it).
-    let purges = cache.purges_settled_in_redis();
+    // applied here still has to delete in Redis covers, received before it (one by prefix
+    // deletes after a scan's round trip; another worker's may be sent after this worker
+    // applied it; one made while the link was down is sent again once it is up).
+    let purges = cache.purges();
+    let pending = cache.pending_in_redis();
     let got = layer.get(&w.doorbell, &ks, &known, sent).await;
     let now = now_secs();
     // Where the key is the URL as it is (the host and the whole query in it), an entry is
@@ -869,6 +917,7 @@ async fn from_shared(
         // validated since (by another worker or host), which the response time cannot tell.
         if found.is_some_and(|f| f.obj.t.response_time > o.t.response_time)
             || cache.purged_since(purges, &o).is_some()
+            || cache.pending_in_redis_covers(pending.as_deref(), &o)
         {
             continue;
         }

@@ -498,6 +498,8 @@ impl WorkerMetrics {
                 lookups: get(&l.gets),
                 found: get(&l.found),
                 writes: get(&l.sets),
+                purges_failed: get(&l.purges_failed),
+                purges_given_up: get(&l.purges_given_up),
             }
         });
         s
@@ -632,6 +634,10 @@ pub struct CacheRedisSample {
     pub lookups: u64,
     pub found: u64,
     pub writes: u64,
+    /// Purges whose Redis side failed (kept, sent again), and those given up past
+    /// `redis::MAX_UNSENT_PURGES` newer failed ones.
+    pub purges_failed: u64,
+    pub purges_given_up: u64,
 }
 
 /// One worker's metrics, or (after [`WorkerSample::merge`]) every worker's summed.

@@ -538,7 +538,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             "1 while the Redis link of the response cache's shared layer is up.",
         );
         e.sample("ringway_cache_redis_up", &[], r.up as u64);
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "ringway_cache_redis_commands_total",
                 "Commands the cache's Redis link sent in rounds.",
@@ -578,6 +578,16 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
                 "ringway_cache_redis_writes_total",
                 "Entries the cache wrote (queued) to Redis.",
                 r.writes,
+            ),
+            (
+                "ringway_cache_redis_purges_failed_total",
+                "Purges whose Redis side failed (link down, queue full, an error answered): kept and sent again once the link is up.",
+                r.purges_failed,
+            ),
+            (
+                "ringway_cache_redis_purges_given_up_total",
+                "Purges kept to be sent again to Redis and given up because 64 newer ones failed after them.",
+                r.purges_given_up,
             ),
         ];
         for (name, help, v) in counters {

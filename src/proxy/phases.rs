@@ -229,7 +229,7 @@ fn client_behind_proxies(cfg: &Snapshot, ctx: &RequestCtx<'_>, peer: &[u8]) -> u
 
 /// An `X-Forwarded-For` element as an address: `192.0.2.1`, `192.0.2.1:8080`, `2001:db8::1`,
 /// `[2001:db8::1]` or `[2001:db8::1]:8080`.
-fn forwarded_ip(e: &[u8]) -> Option<std::net::IpAddr> {
+pub(crate) fn forwarded_ip(e: &[u8]) -> Option<std::net::IpAddr> {
     let s = std::str::from_utf8(e).ok()?;
     if let Ok(ip) = s.parse() {
         return Some(ip);
