@@ -582,6 +582,63 @@ fn version_trace_and_underscores_through_the_gateway() {
     }
 }
 
+/// Where underscores are allowed, `Content_Length` / `Transfer_Encoding` (any spelling with an
+/// `_` for a `-`) are refused: the gateway does not frame by them, but a next hop that reads `_`
+/// as `-` (CGI-style servers do) would, and the two would split the bytes differently (RFC 9112
+/// §6.1, §6.3 item 3, §11.2). Before, the line went upstream as it was, next to the gateway's own
+/// framing: a CL.TE smuggle (http-request-smuggler's `underjoin1`). The default listener still
+/// drops such lines.
+#[test]
+fn framing_fields_spelled_with_underscores_are_refused_where_kept_rfc9112_11_2() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(
+            &two_listeners(up.addr, "[[routes]]\nupstream = \"up\"\n"),
+            d,
+        );
+        let addrs = gw.addrs();
+        let (strict, lax) = (addrs[0], addrs[1]);
+        let smuggled = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        for line in [
+            "Transfer_Encoding: chunked",
+            "transfer_encoding: chunked",
+            "Transfer-Encoding_: chunked",
+            "Content_Length: 5",
+            "CONTENT_LENGTH: 5",
+        ] {
+            let raw = [
+                format!(
+                    "POST /u HTTP/1.1\r\nHost: a\r\n{line}\r\nContent-Length: {}\r\n\r\n",
+                    smuggled.len()
+                )
+                .as_bytes(),
+                smuggled,
+            ]
+            .concat();
+            let hits = up.hits();
+            let mut c = Client::connect(lax);
+            c.send(&raw);
+            let r = c.read_response().expect("an answer");
+            if line.starts_with("Transfer-Encoding_") {
+                // Not a framing name under any spelling: kept and forwarded.
+                assert_eq!(r.status, 200, "{d:?} {line}");
+                continue;
+            }
+            assert_eq!(r.status, 400, "{d:?} {line}: {}", r.text());
+            assert!(c.is_closed(Duration::from_secs(2)), "{d:?} {line}");
+            assert_eq!(up.hits(), hits, "{d:?} {line}: reached the upstream");
+
+            // The default listener drops the line and frames by Content-Length.
+            let r = request(strict, &raw);
+            assert_eq!(r.status, 200, "{d:?} {line}");
+            let seen = up.last();
+            assert_eq!(seen.target, "/u");
+            assert_eq!(seen.body, smuggled, "{d:?} {line}");
+            assert!(seen.headers.iter().all(|(k, _)| !k.contains('_')), "{d:?}");
+        }
+    }
+}
+
 enum Seen {
     /// A request head arrived (its body is not read yet).
     Head,
