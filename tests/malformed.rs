@@ -762,6 +762,84 @@ fn chunked_bodies_are_reframed_and_trailers_dropped() {
     }
 }
 
+/// A loopback upstream that reports every byte it receives, per connection, as it arrives
+/// (`(connection index, bytes)`), and answers a head it sees complete on a connection's first
+/// bytes with an empty 200. Serves `n` connections.
+fn per_read_upstream(n: usize) -> (SocketAddr, mpsc::Receiver<(usize, Vec<u8>)>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for i in 0..n {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut seen = Vec::new();
+                let mut tmp = [0u8; 4096];
+                let mut answered = false;
+                while let Ok(k) = s.read(&mut tmp) {
+                    if k == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&tmp[..k]);
+                    let _ = tx.send((i, tmp[..k].to_vec()));
+                    if !answered
+                        && seen.windows(4).any(|w| w == b"\r\n\r\n")
+                        && seen.starts_with(b"GET")
+                    {
+                        answered = true;
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A chunked body refused part way (here at a trailer line that starts with a bare LF, after
+/// the line before it ended in an earlier read) leaves the connection's framing unknown: the
+/// 400 closes it (RFC 9112 §6.3, §11.2). Before, the body reader's state had moved on over the
+/// refused bytes, and reading them again for the answer took `\r\n` as the end of the trailer
+/// section: the connection was kept, and `GET /smuggled` from inside the refused body was
+/// parsed as the next request and proxied.
+#[test]
+fn a_body_refused_part_way_closes_the_connection_rfc9112_6_3() {
+    for d in DRIVERS {
+        let (addr, rx) = per_read_upstream(2);
+        let gw = TestGateway::start(&proxy_all(addr), d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX: y");
+        // Once the chunk's data is upstream, the gateway has read all of the first write.
+        let mut first = Vec::new();
+        while !first.windows(5).any(|w| w == b"hello") {
+            let (_, b) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the body's start upstream");
+            first.extend_from_slice(&b);
+        }
+        c.send(b"\r\n\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.status, 400, "{d:?}: {}", r.text());
+        assert!(
+            c.is_closed(Duration::from_secs(5)),
+            "{d:?}: the connection stayed open"
+        );
+        drop(c);
+        // Whatever else reached the upstream: never the request inside the refused body.
+        let mut rest = Vec::new();
+        while let Ok((_, b)) = rx.recv_timeout(Duration::from_millis(300)) {
+            rest.extend_from_slice(&b);
+        }
+        assert!(
+            !rest.windows(9).any(|w| w == b"/smuggled"),
+            "{d:?}: {}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
 /// A route that forwards trailers passes only the fields RFC 9110 §6.5.1 allows in a trailer,
 /// and none the route removes from requests (identity headers are among those).
 #[test]
