@@ -582,6 +582,63 @@ fn version_trace_and_underscores_through_the_gateway() {
     }
 }
 
+/// Where underscores are allowed, `Content_Length` / `Transfer_Encoding` (any spelling with an
+/// `_` for a `-`) are refused: the gateway does not frame by them, but a next hop that reads `_`
+/// as `-` (CGI-style servers do) would, and the two would split the bytes differently (RFC 9112
+/// §6.1, §6.3 item 3, §11.2). Before, the line went upstream as it was, next to the gateway's own
+/// framing: a CL.TE smuggle (http-request-smuggler's `underjoin1`). The default listener still
+/// drops such lines.
+#[test]
+fn framing_fields_spelled_with_underscores_are_refused_where_kept_rfc9112_11_2() {
+    for d in DRIVERS {
+        let up = Upstream::echo();
+        let gw = TestGateway::start(
+            &two_listeners(up.addr, "[[routes]]\nupstream = \"up\"\n"),
+            d,
+        );
+        let addrs = gw.addrs();
+        let (strict, lax) = (addrs[0], addrs[1]);
+        let smuggled = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        for line in [
+            "Transfer_Encoding: chunked",
+            "transfer_encoding: chunked",
+            "Transfer-Encoding_: chunked",
+            "Content_Length: 5",
+            "CONTENT_LENGTH: 5",
+        ] {
+            let raw = [
+                format!(
+                    "POST /u HTTP/1.1\r\nHost: a\r\n{line}\r\nContent-Length: {}\r\n\r\n",
+                    smuggled.len()
+                )
+                .as_bytes(),
+                smuggled,
+            ]
+            .concat();
+            let hits = up.hits();
+            let mut c = Client::connect(lax);
+            c.send(&raw);
+            let r = c.read_response().expect("an answer");
+            if line.starts_with("Transfer-Encoding_") {
+                // Not a framing name under any spelling: kept and forwarded.
+                assert_eq!(r.status, 200, "{d:?} {line}");
+                continue;
+            }
+            assert_eq!(r.status, 400, "{d:?} {line}: {}", r.text());
+            assert!(c.is_closed(Duration::from_secs(2)), "{d:?} {line}");
+            assert_eq!(up.hits(), hits, "{d:?} {line}: reached the upstream");
+
+            // The default listener drops the line and frames by Content-Length.
+            let r = request(strict, &raw);
+            assert_eq!(r.status, 200, "{d:?} {line}");
+            let seen = up.last();
+            assert_eq!(seen.target, "/u");
+            assert_eq!(seen.body, smuggled, "{d:?} {line}");
+            assert!(seen.headers.iter().all(|(k, _)| !k.contains('_')), "{d:?}");
+        }
+    }
+}
+
 enum Seen {
     /// A request head arrived (its body is not read yet).
     Head,
@@ -702,6 +759,84 @@ fn chunked_bodies_are_reframed_and_trailers_dropped() {
             "{d:?}"
         );
         server.join().expect("upstream thread");
+    }
+}
+
+/// A loopback upstream that reports every byte it receives, per connection, as it arrives
+/// (`(connection index, bytes)`), and answers a head it sees complete on a connection's first
+/// bytes with an empty 200. Serves `n` connections.
+fn per_read_upstream(n: usize) -> (SocketAddr, mpsc::Receiver<(usize, Vec<u8>)>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for i in 0..n {
+            let Ok((mut s, _)) = l.accept() else { return };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut seen = Vec::new();
+                let mut tmp = [0u8; 4096];
+                let mut answered = false;
+                while let Ok(k) = s.read(&mut tmp) {
+                    if k == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&tmp[..k]);
+                    let _ = tx.send((i, tmp[..k].to_vec()));
+                    if !answered
+                        && seen.windows(4).any(|w| w == b"\r\n\r\n")
+                        && seen.starts_with(b"GET")
+                    {
+                        answered = true;
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A chunked body refused part way (here at a trailer line that starts with a bare LF, after
+/// the line before it ended in an earlier read) leaves the connection's framing unknown: the
+/// 400 closes it (RFC 9112 §6.3, §11.2). Before, the body reader's state had moved on over the
+/// refused bytes, and reading them again for the answer took `\r\n` as the end of the trailer
+/// section: the connection was kept, and `GET /smuggled` from inside the refused body was
+/// parsed as the next request and proxied.
+#[test]
+fn a_body_refused_part_way_closes_the_connection_rfc9112_6_3() {
+    for d in DRIVERS {
+        let (addr, rx) = per_read_upstream(2);
+        let gw = TestGateway::start(&proxy_all(addr), d);
+        let mut c = Client::connect(gw.addr);
+        c.send(b"POST /t HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX: y");
+        // Once the chunk's data is upstream, the gateway has read all of the first write.
+        let mut first = Vec::new();
+        while !first.windows(5).any(|w| w == b"hello") {
+            let (_, b) = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the body's start upstream");
+            first.extend_from_slice(&b);
+        }
+        c.send(b"\r\n\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = c.read_response().expect("an answer");
+        assert_eq!(r.status, 400, "{d:?}: {}", r.text());
+        assert!(
+            c.is_closed(Duration::from_secs(5)),
+            "{d:?}: the connection stayed open"
+        );
+        drop(c);
+        // Whatever else reached the upstream: never the request inside the refused body.
+        let mut rest = Vec::new();
+        while let Ok((_, b)) = rx.recv_timeout(Duration::from_millis(300)) {
+            rest.extend_from_slice(&b);
+        }
+        assert!(
+            !rest.windows(9).any(|w| w == b"/smuggled"),
+            "{d:?}: {}",
+            String::from_utf8_lossy(&rest)
+        );
     }
 }
 

@@ -362,6 +362,14 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
             if !limits.allow_underscores_in_headers {
                 continue;
             }
+            // Kept, a `Content_Length` or `Transfer_Encoding` would reach a next hop that may
+            // read `_` as `-` (CGI-style servers do) and frame by it, while this hop does not:
+            // the two would split the bytes differently (RFC 9112 §6.3 item 3, §11.2).
+            if framing_name_with_underscore(name) {
+                return Err(ParseError::Bad(
+                    "Content-Length or Transfer-Encoding spelled with an underscore",
+                ));
+            }
             out.underscore_names = true;
         }
         // httparse already refuses CR, LF and other controls (but HTAB) in values: the
@@ -518,6 +526,19 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
         return Err(ParseError::MethodNotAllowed);
     }
     Ok(Parsed::Done(len))
+}
+
+/// Whether `name` (which holds an `_`) is `Content-Length` or `Transfer-Encoding` with `_` for
+/// some `-`, in any case.
+fn framing_name_with_underscore(name: &[u8]) -> bool {
+    let folds_to = |want: &[u8]| {
+        name.len() == want.len()
+            && name
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+    };
+    folds_to(b"content-length") || folds_to(b"transfer-encoding")
 }
 
 /// httparse needs more bytes: fine while the limits allow them. (No earlier verdict on a long
@@ -1031,6 +1052,29 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(h.header(b"X_Consumer"), Some(&b"c"[..]));
+        // Kept, a framing name with `_` for `-` is refused: a next hop may frame by it.
+        for line in [
+            &b"Content_Length: 5"[..],
+            b"content_length: 0",
+            b"Transfer_Encoding: chunked",
+            b"TRANSFER_ENCODING: gzip",
+        ] {
+            let raw = [&b"POST / HTTP/1.1\r\nHost: a\r\n"[..], line, b"\r\n\r\n"].concat();
+            assert!(
+                matches!(parse_with(&raw, &limits), Err(ParseError::Bad(_))),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        for line in [
+            &b"Content_Length_: 5"[..],
+            b"Transfer-Encoding_: x",
+            b"X_Length: 1",
+        ] {
+            let raw = [&b"POST / HTTP/1.1\r\nHost: a\r\n"[..], line, b"\r\n\r\n"].concat();
+            let h = parse_with(&raw, &limits).unwrap().unwrap();
+            assert_eq!(h.body, BodyKind::None);
+        }
         // Dropped lines still count towards the header limit.
         let limits = Limits {
             max_headers: 3,

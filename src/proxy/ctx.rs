@@ -49,6 +49,10 @@ pub struct RequestBody {
     unknown: bool,
     /// Body bytes taken off the connection, as they came (for the metrics and access log).
     wire: u64,
+    /// The body was refused part way (bad chunk framing, over the limit): the answer for every
+    /// later read. The reader's state has moved on over bytes that stay in the buffer, so
+    /// reading them again could find an end that is not there (RFC 9112 §6.3, §11.2).
+    failed: Option<GatewayError>,
 }
 
 impl RequestBody {
@@ -69,6 +73,7 @@ impl RequestBody {
             continue_sent: false,
             unknown: false,
             wire: 0,
+            failed: None,
         }
     }
 
@@ -84,6 +89,7 @@ impl RequestBody {
             continue_sent: false,
             unknown: true,
             wire: 0,
+            failed: None,
         }
     }
 
@@ -122,7 +128,7 @@ impl RequestBody {
     /// wait for `100 Continue`, or got it). A client still waiting for `100 Continue` may send
     /// its body or not (RFC 9110 §10.1.1): nothing after the answer could be trusted.
     pub fn drainable(&self) -> bool {
-        !self.unknown && (!self.expect_continue || self.continue_sent)
+        !self.unknown && self.failed.is_none() && (!self.expect_continue || self.continue_sent)
     }
 
     /// Takes off the front of `buf` the bytes that belong to this body (all of `buf`, or up to
@@ -134,6 +140,9 @@ impl RequestBody {
         buf: &mut BytesMut,
         deny: impl FnMut(&[u8]) -> bool,
     ) -> Result<BytesMut, GatewayError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         if self.state == BodyState::Done || self.unknown || buf.is_empty() {
             return Ok(BytesMut::new());
         }
@@ -150,15 +159,15 @@ impl RequestBody {
             BodyKind::Chunked => {
                 // Stays empty (unallocated) while the body is canonical.
                 let mut framed = BytesMut::new();
-                let r = self
-                    .reframer
-                    .reframe_with(buf, &mut framed, deny)
-                    .map_err(GatewayError::BadChunk)?;
+                let r = match self.reframer.reframe_with(buf, &mut framed, deny) {
+                    Ok(r) => r,
+                    Err(e) => return Err(self.fail(GatewayError::BadChunk(e))),
+                };
                 // A chunk size that takes the body past the limit is refused with its line,
                 // before its data is read, and before the line goes anywhere (the upstream
                 // never sees it), as a Content-Length over the limit is refused with the head.
                 if self.reframer.declared_total() > self.max {
-                    return Err(GatewayError::BodyTooLarge);
+                    return Err(self.fail(GatewayError::BodyTooLarge));
                 }
                 if r.done {
                     self.state = BodyState::Done;
@@ -174,6 +183,13 @@ impl RequestBody {
         Ok(part)
     }
 
+    /// Records that the body was refused part way; `e` is then every later read's answer.
+    #[cold]
+    fn fail(&mut self, e: GatewayError) -> GatewayError {
+        self.failed = Some(e);
+        e
+    }
+
     /// [`Self::take_with`] without a deny list (for a body read to be thrown away).
     pub fn take(&mut self, buf: &mut BytesMut) -> Result<BytesMut, GatewayError> {
         self.take_with(buf, |_| false)
@@ -182,6 +198,9 @@ impl RequestBody {
     /// When all of a body not yet started lies in `buf`: its length there. `Ok(None)`: more
     /// is needed (or some was already taken).
     pub fn complete_in(&self, buf: &[u8]) -> Result<Option<usize>, GatewayError> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
         if self.state != BodyState::Unread || self.unknown {
             return Ok(None);
         }
