@@ -3,16 +3,28 @@
 //!
 //! Each case is a byte stream built from a grammar of mostly valid requests (methods, targets,
 //! versions, duplicated and folded headers, Content-Length with Transfer-Encoding, chunked
-//! bodies, good and bad chunk lines, `Expect: 100-continue`) with garbage between them, split
-//! at random points into separate writes, sent to a gateway in front of an echo upstream. The
-//! client then half-closes and reads everything the gateway sends until it closes.
+//! bodies, good and bad chunk lines, chunked bodies refused part way, `Expect: 100-continue`)
+//! with garbage between them, split at random points into separate writes, sent to a gateway
+//! in front of an echo upstream. The client then half-closes and reads everything the gateway
+//! sends until it closes.
+//!
+//! A chunked body refused part way (a bad trailer line, chunk data not ended by CRLF, a chunk
+//! size over the body limit, a bad size or extension line) is followed by bytes that read as
+//! the body's end and a request head (`smuggled`) to a reader that goes on from the wrong
+//! state. Such a body often gets a split, with a pause, at one of its hot cuts, so that the
+//! refusal falls at a read boundary (a read that ends just before the CR after the last good
+//! trailer line or the short chunk data, or just after it; before, inside or after a bad
+//! line). That is the case in which a gateway that kept its reader's state over the refused
+//! bytes and read them again kept the connection and proxied `GET /smuggled` (probe s32-e,
+//! fixed in d3fc8ce).
 //!
 //! Asserted for every case:
 //! - everything the gateway sent parses as a sequence of well-formed responses, no more final
-//!   responses than request units sent, nothing after a `Connection: close` answer;
+//!   responses than request units sent, nothing after a `Connection: close` answer, nothing
+//!   after the answer to a request whose body is refused part way (RFC 9112 §6.3);
 //! - the upstream only sees requests whose head the client sent as a head: each target carries
 //!   the token of one head (`/h<i>`), in increasing order, and never a token placed in a body
-//!   (`smuggled`);
+//!   (`smuggled`, a route to the upstream); no answer carries a smuggled head's id (`s<i>`);
 //! - every proxied answer comes back in order to the request it answers (its echo names the
 //!   request's token, which is also its `X-Request-Id`);
 //! - the gateway serves a fresh connection afterwards (no panic, no stuck worker).
@@ -38,6 +50,10 @@ const DEFAULT_CASES: u32 = 256;
 const PARTIAL: &str = "/partial";
 /// Longest wait for the gateway to finish answering one case's stream and close.
 const CASE_DEADLINE: Duration = Duration::from_secs(15);
+/// `limits.max_body_bytes` of the gateway under test: above every body of the grammar but the
+/// one made to go over it ([`Refusal::OverLimit`]), and small enough that such a body fits in
+/// one read of the gateway.
+const BODY_LIMIT: usize = 512;
 
 // ---------------------------------------------------------------------------------------------
 // The grammar.
@@ -75,6 +91,34 @@ enum Framing {
     BadChunkLine(&'static str),
     /// A transfer coding other than chunked last.
     OtherCoding(&'static str),
+    /// Chunked, after chunks of these sizes refused part way (see [`Refusal`]).
+    Refused(Vec<usize>, Refusal),
+}
+
+/// Where a chunked body goes wrong part way. Each shape is followed by bytes that a reader
+/// which went on from where the refusal left it would take as the body's end and then a
+/// request head from inside the body (`smuggled`), and each has its hot cuts: the offsets
+/// where a read ending makes the refusal fall at a read boundary, the case in which a reader
+/// that keeps its state over the refused bytes and reads them again goes wrong (RFC 9112
+/// §6.3, §7.1, §11.2: the 400 or 413 must close the connection).
+#[derive(Debug, Clone)]
+enum Refusal {
+    /// After the trailer line `X: y` (hot: before its CR and after it), these bytes: a bad
+    /// line and the end of the trailer section.
+    Trailer(&'static str),
+    /// Chunk data this many bytes shorter than its size, then `\r\n0\r\n\r\n` (hot: at the
+    /// end of the data and after the next CR).
+    ShortData(usize),
+    /// Chunk data this many bytes longer than its size (hot: at the end of the declared data
+    /// and at the end of the data).
+    LongData(usize),
+    /// A chunk holding a request head, then one whose size takes the body past the limit
+    /// ([`BODY_LIMIT`]), all of its data, and the last chunk (hot: at the start of the data of
+    /// the first, at the end of the second's size line).
+    OverLimit,
+    /// A bad chunk-size or extension line, then a chunk and the last chunk (hot: before the
+    /// line, after its first byte, before its CR and after it).
+    BadLine(&'static str),
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +181,30 @@ fn framing() -> impl Strategy<Value = Framing> {
         .prop_map(Framing::BadChunkLine),
         1 => prop::sample::select(vec!["gzip, chunked", "chunked, gzip", "chunked, chunked", "xyz"])
             .prop_map(Framing::OtherCoding),
+        8 => (prop::collection::vec(1usize..40, 0..3), refusal())
+            .prop_map(|(lead, how)| Framing::Refused(lead, how)),
+    ]
+}
+
+fn refusal() -> impl Strategy<Value = Refusal> {
+    prop_oneof![
+        3 => prop::sample::select(vec![
+            "\n",
+            " z\r\n\r\n",
+            "\t z\r\n\r\n",
+            ": z\r\n\r\n",
+            "X y\r\n\r\n",
+            "X:\x01\r\n\r\n",
+            "X: y\n\r\n",
+        ])
+        .prop_map(Refusal::Trailer),
+        3 => (1usize..8).prop_map(Refusal::ShortData),
+        1 => (1usize..4).prop_map(Refusal::LongData),
+        2 => Just(Refusal::OverLimit),
+        1 => prop::sample::select(vec![
+            "zz", "-1", "5 x", "5;", "5;a[", "5;a=\"x", "5\n", " 5", "0x5", "fffffffffffffffffff",
+        ])
+        .prop_map(Refusal::BadLine),
     ]
 }
 
@@ -189,23 +257,48 @@ fn unit() -> impl Strategy<Value = Unit> {
     ]
 }
 
-/// The units, then the split points (fractions of the stream) and which writes pause.
-fn stream() -> impl Strategy<Value = (Vec<Unit>, Vec<u16>, Vec<bool>)> {
+/// How a case's bytes are sent: split points (fractions of the stream), which writes pause,
+/// and maybe one more split, with a pause, at one of the hot cuts of the refused bodies
+/// (which one: this number modulo their count).
+#[derive(Debug, Clone, Default)]
+struct Sends {
+    splits: Vec<u16>,
+    pauses: Vec<bool>,
+    hot: Option<u16>,
+}
+
+/// The units, then how they are sent.
+fn stream() -> impl Strategy<Value = (Vec<Unit>, Sends)> {
     (
         prop::collection::vec(unit(), 1..6),
         prop::collection::vec(any::<u16>(), 0..8),
         prop::collection::vec(prop::bool::weighted(0.2), 9),
+        prop::option::weighted(0.75, any::<u16>()),
     )
+        .prop_map(|(units, splits, pauses, hot)| {
+            (
+                units,
+                Sends {
+                    splits,
+                    pauses,
+                    hot,
+                },
+            )
+        })
 }
 
-/// A request inside a body, which must never reach the upstream.
+/// A request head placed inside a body, which must never reach the upstream nor be answered.
+fn smuggled(i: usize) -> String {
+    format!("GET /smuggled{i} HTTP/1.1\r\nHost: a\r\nX-Request-Id: s{i}\r\n\r\n")
+}
+
+/// Body data: smuggled request heads over and over.
 fn body_bytes(i: usize, len: usize) -> Vec<u8> {
-    let smuggled = format!("GET /smuggled{i} HTTP/1.1\r\nHost: a\r\nX-Request-Id: s{i}\r\n\r\n");
-    smuggled.bytes().cycle().take(len).collect()
+    smuggled(i).bytes().cycle().take(len).collect()
 }
 
-fn chunked(data: &[u8], sizes: &[usize], ext: bool, trailer: bool) -> Vec<u8> {
-    let mut v = Vec::new();
+/// Appends to `v` chunks of `data` of these sizes (as far as `data` goes).
+fn chunks(v: &mut Vec<u8>, data: &[u8], sizes: &[usize], ext: bool) {
     let mut at = 0;
     for &s in sizes.iter().filter(|s| **s > 0) {
         let s = s.min(data.len() - at);
@@ -221,6 +314,11 @@ fn chunked(data: &[u8], sizes: &[usize], ext: bool, trailer: bool) -> Vec<u8> {
         v.extend_from_slice(b"\r\n");
         at += s;
     }
+}
+
+fn chunked(data: &[u8], sizes: &[usize], ext: bool, trailer: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    chunks(&mut v, data, sizes, ext);
     v.extend_from_slice(b"0\r\n");
     if trailer {
         v.extend_from_slice(b"X-Trailer: t\r\n");
@@ -229,8 +327,65 @@ fn chunked(data: &[u8], sizes: &[usize], ext: bool, trailer: bool) -> Vec<u8> {
     v
 }
 
-/// The bytes of request `i`; its token `h<i>` is in its target and its X-Request-Id.
-fn request_bytes(i: usize, r: &ReqSpec) -> Vec<u8> {
+/// The body of a [`Framing::Refused`] request; pushes its hot cuts (offsets in it) to `hot`.
+fn refused_body(i: usize, lead: &[u8], how: &Refusal, hot: &mut Vec<usize>) -> Vec<u8> {
+    let mut v = lead.to_vec();
+    let smug = smuggled(i);
+    match how {
+        Refusal::Trailer(bad) => {
+            v.extend_from_slice(b"0\r\nX: y");
+            hot.push(v.len());
+            v.push(b'\r');
+            hot.push(v.len());
+            v.push(b'\n');
+            v.extend_from_slice(bad.as_bytes());
+        }
+        Refusal::ShortData(k) => {
+            let data = body_bytes(i, 3 + lead.len() % 20);
+            v.extend_from_slice(format!("{:x}\r\n", data.len() + k).as_bytes());
+            v.extend_from_slice(&data);
+            hot.push(v.len());
+            v.push(b'\r');
+            hot.push(v.len());
+            v.extend_from_slice(b"\n0\r\n\r\n");
+        }
+        Refusal::LongData(k) => {
+            let data = body_bytes(i, 5 + k);
+            v.extend_from_slice(b"5\r\n");
+            v.extend_from_slice(&data[..5]);
+            hot.push(v.len());
+            v.extend_from_slice(&data[5..]);
+            hot.push(v.len());
+            v.extend_from_slice(b"\r\n0\r\n\r\n");
+        }
+        Refusal::OverLimit => {
+            v.extend_from_slice(format!("{:x}\r\n", smug.len()).as_bytes());
+            hot.push(v.len());
+            v.extend_from_slice(smug.as_bytes());
+            v.extend_from_slice(format!("\r\n{BODY_LIMIT:x}\r\n").as_bytes());
+            hot.push(v.len());
+            v.extend_from_slice(&body_bytes(i, BODY_LIMIT));
+            v.extend_from_slice(b"\r\n0\r\n\r\n");
+        }
+        Refusal::BadLine(line) => {
+            let (first, rest) = line.as_bytes().split_at(1);
+            hot.push(v.len());
+            v.extend_from_slice(first);
+            hot.push(v.len());
+            v.extend_from_slice(rest);
+            hot.push(v.len());
+            v.push(b'\r');
+            hot.push(v.len());
+            v.extend_from_slice(b"\n5\r\nhello\r\n0\r\n\r\n");
+        }
+    }
+    v.extend_from_slice(smug.as_bytes());
+    v
+}
+
+/// The bytes of request `i`; its token `h<i>` is in its target and its X-Request-Id. Pushes
+/// the hot cuts of a refused body (offsets in the request) to `hot`.
+fn request_bytes(i: usize, r: &ReqSpec, hot: &mut Vec<usize>) -> Vec<u8> {
     let tok = format!("h{i}");
     let target = match r.target {
         0..=2 => format!("/{tok}"),
@@ -297,6 +452,16 @@ fn request_bytes(i: usize, r: &ReqSpec) -> Vec<u8> {
         Framing::OtherCoding(c) => {
             h.push_str(&format!("Transfer-Encoding: {c}\r\n"));
             chunked(&data, &[16, 64], false, false)
+        }
+        Framing::Refused(sizes, how) => {
+            h.push_str("Transfer-Encoding: chunked\r\n");
+            let mut lead = Vec::new();
+            chunks(&mut lead, &data, sizes, false);
+            let mut at = Vec::new();
+            let body = refused_body(i, &lead, how, &mut at);
+            // The head's length, once its blank line is on.
+            hot.extend(at.iter().map(|o| o + h.len() + 2));
+            body
         }
     };
     h.push_str("\r\n");
@@ -460,12 +625,14 @@ fn run_case(
     gw: &TestGateway,
     up: &Upstream,
     units: &[Unit],
-    splits: &[u16],
-    pauses: &[bool],
+    sends: &Sends,
 ) -> Result<(), TestCaseError> {
     let mut bytes = Vec::new();
     let mut head_for = HashMap::new();
     let mut sent_tokens = Vec::new();
+    // The ids of the requests whose body must be refused part way, and their hot cuts.
+    let mut refused = Vec::new();
+    let mut hot = Vec::new();
     for (i, u) in units.iter().enumerate() {
         match u {
             Unit::Req(r) => {
@@ -475,31 +642,51 @@ fn run_case(
                     i.checked_sub(1).map(|j| &units[j]),
                     Some(Unit::Garbage(g)) if g.last() != Some(&b'\n')
                 );
-                bytes.extend_from_slice(&request_bytes(i, r));
+                let mut at = Vec::new();
+                let start = bytes.len();
+                bytes.extend_from_slice(&request_bytes(i, r, &mut at));
+                hot.extend(at.iter().map(|o| start + o));
                 head_for.insert(format!("h{i}"), r.method == "HEAD" && !merged);
+                if matches!(r.framing, Framing::Refused(..)) {
+                    refused.push(format!("h{i}"));
+                }
                 sent_tokens.push(i);
             }
             Unit::Garbage(g) => bytes.extend_from_slice(g),
         }
     }
-    let mut cuts: Vec<usize> = splits
+    // Where the writes end, and whether a pause follows.
+    let mut cuts: Vec<usize> = sends
+        .splits
         .iter()
         .map(|s| (*s as usize * bytes.len()) / (u16::MAX as usize + 1))
         .collect();
     cuts.push(bytes.len());
     cuts.sort_unstable();
     cuts.dedup();
+    let mut cuts: Vec<(usize, bool)> = cuts
+        .iter()
+        .enumerate()
+        .map(|(k, c)| (*c, sends.pauses.get(k).copied().unwrap_or(false)))
+        .collect();
+    if let Some(h) = sends.hot.filter(|_| !hot.is_empty()) {
+        let c = hot[h as usize % hot.len()];
+        match cuts.binary_search_by_key(&c, |(c, _)| *c) {
+            Ok(k) => cuts[k].1 = true,
+            Err(k) => cuts.insert(k, (c, true)),
+        }
+    }
 
     let seen_before = up.seen.lock().unwrap().len();
     let mut s = TcpStream::connect(gw.addr).expect("connect");
     s.set_nodelay(true).unwrap();
     let mut at = 0;
-    for (k, c) in cuts.iter().enumerate() {
-        if s.write_all(&bytes[at..*c]).is_err() {
+    for &(c, pause) in &cuts {
+        if s.write_all(&bytes[at..c]).is_err() {
             break; // the gateway closed: fine, it answered what it had
         }
-        at = *c;
-        if pauses.get(k).copied().unwrap_or(false) {
+        at = c;
+        if pause {
             // A pause so that the next piece arrives in a separate read (input pacing).
             std::thread::sleep(Duration::from_millis(3));
         }
@@ -530,6 +717,27 @@ fn run_case(
         finals.iter().filter(|a| a.status >= 400).count(),
         Ordering::Relaxed,
     );
+    // A body refused part way leaves the connection's framing unknown: its answer is the last
+    // one (RFC 9112 §6.3, §11.2), and nothing from inside a body is answered.
+    for a in &finals {
+        let id = a.header("x-request-id").unwrap_or("");
+        prop_assert!(
+            !(id.len() > 1 && id.starts_with('s') && id[1..].bytes().all(|b| b.is_ascii_digit())),
+            "an answer to a request from inside a body: {} {id}",
+            a.status
+        );
+    }
+    for (p, a) in finals.iter().enumerate() {
+        let id = a.header("x-request-id").unwrap_or("");
+        if refused.iter().any(|r| r == id) {
+            prop_assert_eq!(
+                p + 1,
+                finals.len(),
+                "answers after the one to {} (a body refused part way)",
+                id
+            );
+        }
+    }
     prop_assert!(
         finals.len() <= units.len(),
         "{} final answers to {} units",
@@ -542,7 +750,6 @@ fn run_case(
     }) {
         prop_assert_eq!(p + 1, finals.len(), "answers after `Connection: close`");
     }
-
     // What the upstream saw: head tokens only, each once, in order.
     let seen: Vec<String> = up.seen.lock().unwrap()[seen_before..]
         .iter()
@@ -602,9 +809,32 @@ fn run_case(
 /// The echo upstream and the gateway every case runs against.
 fn fuzzed_gateway(d: DriverChoice) -> (Upstream, TestGateway) {
     let up = Upstream::echo();
+    // `/smuggled` is proxied, so that a request from inside a body that the gateway takes for
+    // one reaches the upstream, where it is seen.
+    let rest = r#"
+[timeouts]
+client_head = "1s"
+client_body = "1s"
+
+[[routes]]
+path_prefix = "/h"
+upstream = "up"
+
+[[routes]]
+path_prefix = "/smuggled"
+upstream = "up"
+
+[[routes]]
+path_prefix = "/direct"
+direct = { status = 200, body = "direct" }
+
+[[routes]]
+path = "/alive"
+upstream = "up"
+"#;
     let toml = config(
         &[up.addr],
-        "[timeouts]\nclient_head = \"1s\"\nclient_body = \"1s\"\n\n[[routes]]\npath_prefix = \"/h\"\nupstream = \"up\"\n\n[[routes]]\npath_prefix = \"/direct\"\ndirect = { status = 200, body = \"direct\" }\n\n[[routes]]\npath = \"/alive\"\nupstream = \"up\"\n",
+        &format!("[limits]\nmax_body_bytes = {BODY_LIMIT}\n{rest}"),
     );
     let gw = TestGateway::start(&toml, d);
     (up, gw)
@@ -625,9 +855,9 @@ fn fuzz(d: DriverChoice) {
         ..PtConfig::default()
     });
     let t0 = Instant::now();
-    let result = runner.run(&stream(), |(units, splits, pauses)| {
+    let result = runner.run(&stream(), |(units, sends)| {
         ran.fetch_add(1, Ordering::Relaxed);
-        run_case(&stats, &gw, &up, &units, &splits, &pauses)?;
+        run_case(&stats, &gw, &up, &units, &sends)?;
         // The gateway still serves a fresh connection.
         let r = get(gw.addr, "/alive");
         prop_assert_eq!(r.status, 200, "a fresh connection after the case");
@@ -674,7 +904,7 @@ fn garbage_run_into_a_head_request_makes_another_method() {
             body_len: 0,
         };
         let units = [Unit::Garbage(vec![b'0']), Unit::Req(head)];
-        run_case(&Stats::default(), &gw, &up, &units, &[], &[false; 9])
+        run_case(&Stats::default(), &gw, &up, &units, &Sends::default())
             .unwrap_or_else(|e| panic!("{d:?}: {e}"));
     }
 }
