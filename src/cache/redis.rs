@@ -145,6 +145,9 @@ pub struct SharedLayer {
 struct PurgeRun {
     layer: Arc<SharedLayer>,
     purge: Purge,
+    /// [`RedisLink::ups`] before its first command was queued: a failed run kept once the
+    /// link came up since may have missed the link's `on_up` ([`SharedLayer::keep_unsent`]).
+    ups: u64,
     failed: AtomicBool,
     done: Mutex<Option<PurgeDone>>,
 }
@@ -164,6 +167,15 @@ impl PurgeRun {
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
         if self.failed.load(Ordering::Relaxed) {
             self.layer.keep_unsent(self.purge.clone(), done);
+            // The link came up while this run's commands were refused or failed: its
+            // `on_up` took the kept purges before this one was kept (a command refused on a
+            // worker as the link came up, or a publication answered once it was up after a
+            // deletion refused), and would leave it until the next purge or the next time the
+            // link is down and up. Checked after keeping it: `on_up` counts before it takes.
+            let link = self.layer.link();
+            if link.ups() != self.ups && !link.is_down() {
+                link.run_on_up_again();
+            }
         } else if let Some(d) = done {
             d();
         }
@@ -568,6 +580,7 @@ impl SharedLayer {
         let run = Arc::new(PurgeRun {
             layer: self.clone(),
             purge: p,
+            ups: self.link.ups(),
             failed: AtomicBool::new(false),
             done: Mutex::new(done),
         });
@@ -1180,6 +1193,80 @@ mod tests {
         );
         // The oldest (h/0) was given up.
         assert_eq!(given_up.load(Ordering::Relaxed), 1);
+    }
+
+    /// A purge whose Redis side failed while the link was down, kept only once the link had
+    /// come up again (its deletion refused on a worker as the link came up, its publication
+    /// answered after), is still sent again: the link's `on_up` had already taken the kept
+    /// purges, and before, this one stayed kept, awaited on every worker and unheard by the
+    /// other hosts, until the next purge or the next time the link went down and up (RFC 9111
+    /// §4.4: what a purge removed must not come back). Over a socket to a stand-in Redis.
+    #[test]
+    fn rfc9111_4_4_a_purge_kept_after_the_link_came_up_is_still_sent_again() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (heard_tx, heard) = std::sync::mpsc::channel::<Vec<u8>>();
+        // Answers each command `:1`, and tells the test every command's name.
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let (mut buf, mut chunk) = (bytes::BytesMut::new(), [0u8; 4096]);
+            loop {
+                while let Ok(Some(f)) = crate::redis::decode_reply(&mut buf) {
+                    if let BytesFrame::Array(a) = f {
+                        if let Some(BytesFrame::BulkString(name)) = a.first() {
+                            let _ = heard_tx.send(name.to_vec());
+                        }
+                    }
+                    if s.write_all(b":1\r\n").is_err() {
+                        return;
+                    }
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
+        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let link = l.link().clone();
+        link.set_down_for_tests();
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let run = PurgeRun {
+            layer: l.clone(),
+            purge: Purge {
+                target: PurgeTarget::Url(b"h/p".to_vec()),
+                soft: false,
+            },
+            ups: link.ups(),
+            failed: AtomicBool::new(false),
+            done: Mutex::new(Some(Box::new(move || {
+                let _ = done_tx.send(());
+            }))),
+        };
+        // Its deletion refused while the link was down; the link comes up (its `on_up` finds
+        // nothing kept); its publication answered.
+        run.note(&None);
+        link.set_up_for_tests();
+        run.finish(Some(BytesFrame::Integer(1)));
+        assert_eq!(l.unsent_purges(), 1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = crate::redis::spawn(link.clone(), stop.clone()).expect("thread");
+        let sent = done.recv_timeout(Duration::from_secs(10));
+        stop.store(true, Ordering::SeqCst);
+        let _ = thread.join();
+        drop(link);
+        drop(l);
+        // Unblocks the stand-in's accept when the link never connected.
+        drop(std::net::TcpStream::connect(addr));
+        let _ = server.join();
+        assert!(sent.is_ok(), "the kept purge was not sent again");
+        let names: Vec<Vec<u8>> = heard.try_iter().collect();
+        assert_eq!(names, [b"EVAL".to_vec(), b"PUBLISH".to_vec()]);
     }
 
     #[test]
