@@ -133,11 +133,19 @@ pub struct SharedLayer {
     /// is sent again, whole, when the link is up again after being down and before the next
     /// purge; at most [`MAX_UNSENT_PURGES`], oldest first. Before, such a purge was taken as
     /// done: the copies it was to delete came back from Redis once the link was up.
-    unsent: Mutex<std::collections::VecDeque<(Purge, Option<PurgeDone>)>>,
+    unsent: Mutex<std::collections::VecDeque<Unsent>>,
     /// Purges whose Redis side failed (each failure of a purge sent again counts too), and
     /// those given up because [`MAX_UNSENT_PURGES`] newer ones failed after them.
     pub purges_failed: AtomicU64,
     pub purges_given_up: AtomicU64,
+}
+
+/// A purge kept to be sent again ([`SharedLayer::unsent`]): the purge, its ticket (see
+/// [`SharedLayer::purge`]) and what to call once it went through.
+struct Unsent {
+    purge: Purge,
+    ticket: Option<u64>,
+    done: Option<PurgeDone>,
 }
 
 /// One purge's Redis side as its commands go: whether any failed, and what to call once the
@@ -145,6 +153,7 @@ pub struct SharedLayer {
 struct PurgeRun {
     layer: Arc<SharedLayer>,
     purge: Purge,
+    ticket: Option<u64>,
     /// [`RedisLink::ups`] before its first command was queued: a failed run kept once the
     /// link came up since may have missed the link's `on_up` ([`SharedLayer::keep_unsent`]).
     ups: u64,
@@ -166,7 +175,11 @@ impl PurgeRun {
         self.note(&f);
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
         if self.failed.load(Ordering::Relaxed) {
-            self.layer.keep_unsent(self.purge.clone(), done);
+            self.layer.keep_unsent(Unsent {
+                purge: self.purge.clone(),
+                ticket: self.ticket,
+                done,
+            });
             // The link came up while this run's commands were refused or failed: its
             // `on_up` took the kept purges before this one was kept (a command refused on a
             // worker as the link came up, or a publication answered once it was up after a
@@ -537,28 +550,40 @@ impl SharedLayer {
     ///
     /// A purge whose Redis side fails is kept and sent again ([`SharedLayer::unsent`]);
     /// `done` is then called once it went through, or once it is given up.
-    pub fn purge(self: &Arc<Self>, p: &Purge, done: Option<PurgeDone>) {
+    ///
+    /// `ticket` is the purge's [`SharedLayer::purge_ticket`] (under which the workers await
+    /// it; `done` settles it), when it has one.
+    pub fn purge(self: &Arc<Self>, p: &Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
         if !self.link.is_down() {
             self.send_unsent();
         }
-        self.send_purge(p.clone(), done);
+        self.send_purge(p.clone(), ticket, done);
     }
 
     /// Keeps a purge whose Redis side failed, to send it again; the oldest kept is given up
-    /// (its `done` called) past [`MAX_UNSENT_PURGES`].
-    fn keep_unsent(&self, p: Purge, done: Option<PurgeDone>) {
+    /// (its `done` called) past [`MAX_UNSENT_PURGES`]. One equal to a purge already kept, with
+    /// a later ticket, replaces it (sent once, it does what both would): the invalidations of
+    /// one URL by repeated unsafe requests while Redis is down take one place, not one each,
+    /// and give up no other purge. The one replaced is done: the workers replace it by the
+    /// later one too ([`super::WorkerCache::note_redis_pending`], noted before it was sent),
+    /// so that its settlement finds nothing.
+    fn keep_unsent(&self, u: Unsent) {
         self.purges_failed.fetch_add(1, Ordering::Relaxed);
         let mut q = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
-        let dropped = (q.len() >= MAX_UNSENT_PURGES)
+        let replaced = q
+            .iter()
+            .position(|k| k.purge == u.purge && k.ticket < u.ticket)
+            .and_then(|i| q.remove(i));
+        let dropped = (replaced.is_none() && q.len() >= MAX_UNSENT_PURGES)
             .then(|| q.pop_front())
             .flatten();
-        q.push_back((p, done));
+        q.push_back(u);
         drop(q);
-        if let Some((_, d)) = dropped {
+        if dropped.is_some() {
             self.purges_given_up.fetch_add(1, Ordering::Relaxed);
-            if let Some(d) = d {
-                d();
-            }
+        }
+        if let Some(d) = replaced.or(dropped).and_then(|k| k.done) {
+            d();
         }
     }
 
@@ -566,8 +591,8 @@ impl SharedLayer {
     /// again is kept again.
     fn send_unsent(self: &Arc<Self>) {
         let q = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
-        for (p, done) in q {
-            self.send_purge(p, done);
+        for u in q {
+            self.send_purge(u.purge, u.ticket, u.done);
         }
     }
 
@@ -576,10 +601,11 @@ impl SharedLayer {
         self.unsent.lock().map_or(0, |q| q.len())
     }
 
-    fn send_purge(self: &Arc<Self>, p: Purge, done: Option<PurgeDone>) {
+    fn send_purge(self: &Arc<Self>, p: Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
         let run = Arc::new(PurgeRun {
             layer: self.clone(),
             purge: p,
+            ticket,
             ups: self.link.ups(),
             failed: AtomicBool::new(false),
             done: Mutex::new(done),
@@ -1175,15 +1201,16 @@ mod tests {
         let given_up = Arc::new(AtomicU64::new(0));
         for i in 0..=MAX_UNSENT_PURGES {
             let g = given_up.clone();
-            l.keep_unsent(
-                Purge {
+            l.keep_unsent(Unsent {
+                purge: Purge {
                     target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
                     soft: false,
                 },
-                Some(Box::new(move || {
+                ticket: Some(i as u64),
+                done: Some(Box::new(move || {
                     g.fetch_add(1 + i as u64 * 1000, Ordering::Relaxed);
                 })),
-            );
+            });
         }
         assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
         assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 1);
@@ -1193,6 +1220,25 @@ mod tests {
         );
         // The oldest (h/0) was given up.
         assert_eq!(given_up.load(Ordering::Relaxed), 1);
+        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done),
+        // and gives up nothing; one with an earlier ticket is kept apart.
+        let h5 = Purge {
+            target: PurgeTarget::Url(b"h/5".to_vec()),
+            soft: false,
+        };
+        for ticket in [1000, 3] {
+            l.keep_unsent(Unsent {
+                purge: h5.clone(),
+                ticket: Some(ticket),
+                done: None,
+            });
+        }
+        assert_eq!(
+            given_up.load(Ordering::Relaxed),
+            1 + (1 + 5000) + (1 + 1000)
+        );
+        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 2);
+        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
     }
 
     /// A purge whose Redis side failed while the link was down, kept only once the link had
@@ -1242,6 +1288,7 @@ mod tests {
                 target: PurgeTarget::Url(b"h/p".to_vec()),
                 soft: false,
             },
+            ticket: Some(1),
             ups: link.ups(),
             failed: AtomicBool::new(false),
             done: Mutex::new(Some(Box::new(move || {
