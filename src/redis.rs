@@ -227,6 +227,11 @@ pub struct RedisLink {
     /// Run on the link's thread each time the link is up again after it was down (see
     /// [`RedisLink::on_up`]).
     on_up: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Times the link came up again after it was down ([`RedisLink::ups`]), counted before
+    /// `on_up` runs.
+    ups: AtomicU64,
+    /// `on_up` is to run again on the link's next pass ([`RedisLink::run_on_up_again`]).
+    on_up_again: AtomicBool,
 }
 
 impl RedisLink {
@@ -254,6 +259,8 @@ impl RedisLink {
             commands_too_large: AtomicU64::new(0),
             doorbells: crate::doorbell::Rings::default(),
             on_up: OnceLock::new(),
+            ups: AtomicU64::new(0),
+            on_up_again: AtomicBool::new(false),
         })
     }
 
@@ -262,6 +269,23 @@ impl RedisLink {
     /// queue commands ([`RedisLink::command`]): they go in the next round.
     pub fn on_up(&self, f: Box<dyn Fn() + Send + Sync>) {
         let _ = self.on_up.set(f);
+    }
+
+    /// How many times the link came up again after it was down. Read before queueing work
+    /// that `on_up` is to pick up should it fail while the link is down: a different count
+    /// once it failed means `on_up` may have run in between, before the work was handed to
+    /// it ([`RedisLink::run_on_up_again`]).
+    pub fn ups(&self) -> u64 {
+        self.ups.load(Ordering::Acquire)
+    }
+
+    /// Has `on_up` run again on the link's thread, at its next pass, when the link is up then
+    /// (when it is down, the next time it is up runs it anyway).
+    pub fn run_on_up_again(&self) {
+        self.on_up_again.store(true, Ordering::Release);
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -414,11 +438,25 @@ impl RedisLink {
         );
     }
 
+    /// The link marked down and up again as its thread does (tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn set_down_for_tests(&self) {
+        self.set_down("test");
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_up_for_tests(&self) {
+        self.set_up();
+    }
+
     /// Marks the link up; logged when going down was (see [`RedisLink::set_down`]).
     fn set_up(&self) {
         if !self.down.swap(false, Ordering::AcqRel) {
             return;
         }
+        // Counted before `on_up` runs: what failed while the link was down and is handed to
+        // `on_up` after it ran sees another count, and asks for it again.
+        self.ups.fetch_add(1, Ordering::AcqRel);
         if let Some(f) = self.on_up.get() {
             f();
         }
@@ -462,6 +500,11 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
     let mut next_try = Instant::now();
     let idle = link.cfg.retry_interval.0.min(Duration::from_millis(100));
     while !stop.load(Ordering::Relaxed) {
+        if link.on_up_again.swap(false, Ordering::AcqRel) && !link.is_down() {
+            if let Some(f) = link.on_up.get() {
+                f();
+            }
+        }
         let batch = std::mem::take(&mut *link.queue.lock().unwrap_or_else(|e| e.into_inner()));
         let cmds = std::mem::take(
             &mut *link

@@ -2813,6 +2813,80 @@ fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_
     assert_eq!(layer(|l| l.unsent_purges() as u64), 0);
 }
 
+/// RFC 9111 §4.4 while Redis cannot be reached: a purge is kept to be sent again, and so is
+/// every invalidation by an unsafe method. Before, each one of them took a place of the 64
+/// a host keeps (and of the 64 each worker awaits), so that 64 `POST`s to one URL gave up an
+/// earlier purge of another: once the link was up, a lookup brought the purged copy back
+/// from Redis. Now a purge equal to one already kept or awaited replaces it.
+#[test]
+fn rfc9111_4_4_repeated_invalidations_while_redis_is_unreachable_do_not_give_up_a_purge() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            &format!(
+                "[cache.redis]\naddress = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
+                relay.addr
+            ),
+        ),
+        D,
+    );
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .len()
+        == 1));
+    relay.cut();
+    ringway::cache::purge(
+        a.gateway().control(),
+        Purge {
+            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+            soft: false,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| {
+        a.gateway()
+            .control()
+            .ask(Duration::from_secs(2), move |w| {
+                w.cache.shared().map_or(0, |l| f(l))
+            })
+            .unwrap()[0]
+    };
+    assert!(eventually(Duration::from_secs(5), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 1));
+    // 70 POSTs to one URL, each an invalidation whose Redis side fails.
+    for _ in 0..70 {
+        let r = request(
+            a.addr,
+            b"POST /q HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(eventually(Duration::from_secs(5), || layer(|l| l
+        .purges_failed
+        .load(Ordering::Relaxed))
+        >= 71));
+    assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 0);
+    assert_eq!(layer(|l| l.unsent_purges() as u64), 2);
+    relay.mend();
+    assert!(eventually(Duration::from_secs(10), || layer(
+        |l| u64::from(!l.link().is_down())
+    ) == 1));
+    // The purge of /p was kept, and awaited: its copy does not come back from Redis.
+    let r = get(a.addr, "/p");
+    assert_ne!(r.text(), "v1", "{r:?}");
+    assert!(eventually(Duration::from_secs(10), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 0));
+    assert_ne!(get(a.addr, "/p").text(), "v1");
+}
+
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is
 /// `test.local`, as routing reads it) keys the same entry as without it, with or without a
 /// port, so that a purge of the URL reaches what either spelling stored (RFC 9111 §4.4).

@@ -2221,7 +2221,14 @@ impl WorkerCache {
     pub fn note_redis_pending(&self, ticket: Option<u64>, p: &Purge) {
         let Some(t) = ticket else { return };
         let mut q = self.redis_pending.borrow_mut();
-        if q.len() >= MAX_REDIS_PENDING {
+        // One equal to a purge awaited under an earlier ticket replaces it (sent after it,
+        // the later covers what it did, and more; the layer keeps the later one too, see
+        // `redis::SharedLayer::keep_unsent`), so that repeated invalidations of one URL
+        // while Redis is down do not push the other purges out; the earlier's settlement
+        // then finds nothing.
+        if let Some(i) = q.iter().position(|(k, o, _)| *k < t && **o == *p) {
+            q.remove(i);
+        } else if q.len() >= MAX_REDIS_PENDING {
             q.remove(0);
         }
         q.push((t, Rc::new(p.clone()), now_secs()));
@@ -2289,7 +2296,7 @@ fn purge_in_redis_with(
         }) as redis::PurgeDone),
         _ => None,
     };
-    l.purge(p, done);
+    l.purge(p, ticket, done);
 }
 
 /// A fetch in progress in `WorkerCache::flights`: its key (what a request that finds the
@@ -3234,6 +3241,18 @@ mod tests {
         }
         assert_eq!(c.redis_pending.borrow().len(), MAX_REDIS_PENDING);
         assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/0", b"old", now - 100)));
+        // One equal to an awaited purge, under a later ticket, replaces it (and pushes no
+        // other out: 300 pushed h/1 out, 301 none): the earlier's settlement finds nothing,
+        // the later's ends it.
+        for t in [300, 301] {
+            c.note_redis_pending(Some(t), &p);
+        }
+        assert_eq!(c.redis_pending.borrow().len(), MAX_REDIS_PENDING);
+        assert!(c.pending_in_redis_covers(None, &url_obj(b"h/2", b"old", now - 100)));
+        c.settle_redis_purge(300);
+        assert!(c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
+        c.settle_redis_purge(301);
+        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
     }
 
     /// RFC 9111 §4.4 with lazy invalidation: an object invalidated here is gone for a lookup

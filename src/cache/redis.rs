@@ -133,11 +133,19 @@ pub struct SharedLayer {
     /// is sent again, whole, when the link is up again after being down and before the next
     /// purge; at most [`MAX_UNSENT_PURGES`], oldest first. Before, such a purge was taken as
     /// done: the copies it was to delete came back from Redis once the link was up.
-    unsent: Mutex<std::collections::VecDeque<(Purge, Option<PurgeDone>)>>,
+    unsent: Mutex<std::collections::VecDeque<Unsent>>,
     /// Purges whose Redis side failed (each failure of a purge sent again counts too), and
     /// those given up because [`MAX_UNSENT_PURGES`] newer ones failed after them.
     pub purges_failed: AtomicU64,
     pub purges_given_up: AtomicU64,
+}
+
+/// A purge kept to be sent again ([`SharedLayer::unsent`]): the purge, its ticket (see
+/// [`SharedLayer::purge`]) and what to call once it went through.
+struct Unsent {
+    purge: Purge,
+    ticket: Option<u64>,
+    done: Option<PurgeDone>,
 }
 
 /// One purge's Redis side as its commands go: whether any failed, and what to call once the
@@ -145,6 +153,10 @@ pub struct SharedLayer {
 struct PurgeRun {
     layer: Arc<SharedLayer>,
     purge: Purge,
+    ticket: Option<u64>,
+    /// [`RedisLink::ups`] before its first command was queued: a failed run kept once the
+    /// link came up since may have missed the link's `on_up` ([`SharedLayer::keep_unsent`]).
+    ups: u64,
     failed: AtomicBool,
     done: Mutex<Option<PurgeDone>>,
 }
@@ -163,7 +175,20 @@ impl PurgeRun {
         self.note(&f);
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
         if self.failed.load(Ordering::Relaxed) {
-            self.layer.keep_unsent(self.purge.clone(), done);
+            self.layer.keep_unsent(Unsent {
+                purge: self.purge.clone(),
+                ticket: self.ticket,
+                done,
+            });
+            // The link came up while this run's commands were refused or failed: its
+            // `on_up` took the kept purges before this one was kept (a command refused on a
+            // worker as the link came up, or a publication answered once it was up after a
+            // deletion refused), and would leave it until the next purge or the next time the
+            // link is down and up. Checked after keeping it: `on_up` counts before it takes.
+            let link = self.layer.link();
+            if link.ups() != self.ups && !link.is_down() {
+                link.run_on_up_again();
+            }
         } else if let Some(d) = done {
             d();
         }
@@ -525,28 +550,40 @@ impl SharedLayer {
     ///
     /// A purge whose Redis side fails is kept and sent again ([`SharedLayer::unsent`]);
     /// `done` is then called once it went through, or once it is given up.
-    pub fn purge(self: &Arc<Self>, p: &Purge, done: Option<PurgeDone>) {
+    ///
+    /// `ticket` is the purge's [`SharedLayer::purge_ticket`] (under which the workers await
+    /// it; `done` settles it), when it has one.
+    pub fn purge(self: &Arc<Self>, p: &Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
         if !self.link.is_down() {
             self.send_unsent();
         }
-        self.send_purge(p.clone(), done);
+        self.send_purge(p.clone(), ticket, done);
     }
 
     /// Keeps a purge whose Redis side failed, to send it again; the oldest kept is given up
-    /// (its `done` called) past [`MAX_UNSENT_PURGES`].
-    fn keep_unsent(&self, p: Purge, done: Option<PurgeDone>) {
+    /// (its `done` called) past [`MAX_UNSENT_PURGES`]. One equal to a purge already kept, with
+    /// a later ticket, replaces it (sent once, it does what both would): the invalidations of
+    /// one URL by repeated unsafe requests while Redis is down take one place, not one each,
+    /// and give up no other purge. The one replaced is done: the workers replace it by the
+    /// later one too ([`super::WorkerCache::note_redis_pending`], noted before it was sent),
+    /// so that its settlement finds nothing.
+    fn keep_unsent(&self, u: Unsent) {
         self.purges_failed.fetch_add(1, Ordering::Relaxed);
         let mut q = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
-        let dropped = (q.len() >= MAX_UNSENT_PURGES)
+        let replaced = q
+            .iter()
+            .position(|k| k.purge == u.purge && k.ticket < u.ticket)
+            .and_then(|i| q.remove(i));
+        let dropped = (replaced.is_none() && q.len() >= MAX_UNSENT_PURGES)
             .then(|| q.pop_front())
             .flatten();
-        q.push_back((p, done));
+        q.push_back(u);
         drop(q);
-        if let Some((_, d)) = dropped {
+        if dropped.is_some() {
             self.purges_given_up.fetch_add(1, Ordering::Relaxed);
-            if let Some(d) = d {
-                d();
-            }
+        }
+        if let Some(d) = replaced.or(dropped).and_then(|k| k.done) {
+            d();
         }
     }
 
@@ -554,8 +591,8 @@ impl SharedLayer {
     /// again is kept again.
     fn send_unsent(self: &Arc<Self>) {
         let q = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|e| e.into_inner()));
-        for (p, done) in q {
-            self.send_purge(p, done);
+        for u in q {
+            self.send_purge(u.purge, u.ticket, u.done);
         }
     }
 
@@ -564,10 +601,12 @@ impl SharedLayer {
         self.unsent.lock().map_or(0, |q| q.len())
     }
 
-    fn send_purge(self: &Arc<Self>, p: Purge, done: Option<PurgeDone>) {
+    fn send_purge(self: &Arc<Self>, p: Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
         let run = Arc::new(PurgeRun {
             layer: self.clone(),
             purge: p,
+            ticket,
+            ups: self.link.ups(),
             failed: AtomicBool::new(false),
             done: Mutex::new(done),
         });
@@ -1162,15 +1201,16 @@ mod tests {
         let given_up = Arc::new(AtomicU64::new(0));
         for i in 0..=MAX_UNSENT_PURGES {
             let g = given_up.clone();
-            l.keep_unsent(
-                Purge {
+            l.keep_unsent(Unsent {
+                purge: Purge {
                     target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
                     soft: false,
                 },
-                Some(Box::new(move || {
+                ticket: Some(i as u64),
+                done: Some(Box::new(move || {
                     g.fetch_add(1 + i as u64 * 1000, Ordering::Relaxed);
                 })),
-            );
+            });
         }
         assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
         assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 1);
@@ -1180,6 +1220,100 @@ mod tests {
         );
         // The oldest (h/0) was given up.
         assert_eq!(given_up.load(Ordering::Relaxed), 1);
+        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done),
+        // and gives up nothing; one with an earlier ticket is kept apart.
+        let h5 = Purge {
+            target: PurgeTarget::Url(b"h/5".to_vec()),
+            soft: false,
+        };
+        for ticket in [1000, 3] {
+            l.keep_unsent(Unsent {
+                purge: h5.clone(),
+                ticket: Some(ticket),
+                done: None,
+            });
+        }
+        assert_eq!(
+            given_up.load(Ordering::Relaxed),
+            1 + (1 + 5000) + (1 + 1000)
+        );
+        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 2);
+        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+    }
+
+    /// A purge whose Redis side failed while the link was down, kept only once the link had
+    /// come up again (its deletion refused on a worker as the link came up, its publication
+    /// answered after), is still sent again: the link's `on_up` had already taken the kept
+    /// purges, and before, this one stayed kept, awaited on every worker and unheard by the
+    /// other hosts, until the next purge or the next time the link went down and up (RFC 9111
+    /// §4.4: what a purge removed must not come back). Over a socket to a stand-in Redis.
+    #[test]
+    fn rfc9111_4_4_a_purge_kept_after_the_link_came_up_is_still_sent_again() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (heard_tx, heard) = std::sync::mpsc::channel::<Vec<u8>>();
+        // Answers each command `:1`, and tells the test every command's name.
+        let server = std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return;
+            };
+            let (mut buf, mut chunk) = (bytes::BytesMut::new(), [0u8; 4096]);
+            loop {
+                while let Ok(Some(f)) = crate::redis::decode_reply(&mut buf) {
+                    if let BytesFrame::Array(a) = f {
+                        if let Some(BytesFrame::BulkString(name)) = a.first() {
+                            let _ = heard_tx.send(name.to_vec());
+                        }
+                    }
+                    if s.write_all(b":1\r\n").is_err() {
+                        return;
+                    }
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
+        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let link = l.link().clone();
+        link.set_down_for_tests();
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let run = PurgeRun {
+            layer: l.clone(),
+            purge: Purge {
+                target: PurgeTarget::Url(b"h/p".to_vec()),
+                soft: false,
+            },
+            ticket: Some(1),
+            ups: link.ups(),
+            failed: AtomicBool::new(false),
+            done: Mutex::new(Some(Box::new(move || {
+                let _ = done_tx.send(());
+            }))),
+        };
+        // Its deletion refused while the link was down; the link comes up (its `on_up` finds
+        // nothing kept); its publication answered.
+        run.note(&None);
+        link.set_up_for_tests();
+        run.finish(Some(BytesFrame::Integer(1)));
+        assert_eq!(l.unsent_purges(), 1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = crate::redis::spawn(link.clone(), stop.clone()).expect("thread");
+        let sent = done.recv_timeout(Duration::from_secs(10));
+        stop.store(true, Ordering::SeqCst);
+        let _ = thread.join();
+        drop(link);
+        drop(l);
+        // Unblocks the stand-in's accept when the link never connected.
+        drop(std::net::TcpStream::connect(addr));
+        let _ = server.join();
+        assert!(sent.is_ok(), "the kept purge was not sent again");
+        let names: Vec<Vec<u8>> = heard.try_iter().collect();
+        assert_eq!(names, [b"EVAL".to_vec(), b"PUBLISH".to_vec()]);
     }
 
     #[test]
