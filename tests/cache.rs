@@ -510,12 +510,7 @@ fn rfc9110_6_6_1_a_miss_without_date_is_forwarded_with_one() {
     for d in DRIVERS {
         let (up, _) = counting_origin("cache-control: max-age=60\r\n");
         let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
-        let dates = |r: &Resp| {
-            r.headers
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
-                .count()
-        };
+        let dates = |r: &Resp| r.all("date").len();
         let a = get(gw.addr, "/undated");
         miss(&a, "v1");
         assert_eq!(dates(&a), 1, "{d:?}: {a:?}");
@@ -546,32 +541,25 @@ fn rfc9110_5_3_a_hit_on_a_route_that_sets_or_removes_date_has_its_one_date() {
                   [[routes]]\npath_prefix = \"/add\"\nupstream = \"up\"\ncache = {}\n\
                   response_headers = { add = { \"date\" = \"Sun, 06 Nov 1994 08:49:37 GMT\" } }\n";
     let gw = TestGateway::start(&config(&[up.addr], routes), D);
-    let dates = |r: &Resp| -> Vec<String> {
-        r.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("date"))
-            .map(|(_, v)| v.clone())
-            .collect()
-    };
     let a = get(gw.addr, "/set/x");
     miss(&a, "v1");
-    assert_eq!(dates(&a), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{a:?}");
+    assert_eq!(a.all("date"), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{a:?}");
     let b = get(gw.addr, "/set/x");
     hit(&b, "v1");
-    assert_eq!(dates(&b), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{b:?}");
+    assert_eq!(b.all("date"), ["Tue, 14 Nov 2023 22:13:10 GMT"], "{b:?}");
     let a = get(gw.addr, "/rm/x");
     miss(&a, "v2");
-    assert!(dates(&a).is_empty(), "{a:?}");
+    assert!(a.all("date").is_empty(), "{a:?}");
     let b = get(gw.addr, "/rm/x");
     hit(&b, "v2");
-    assert!(dates(&b).is_empty(), "{b:?}");
+    assert!(b.all("date").is_empty(), "{b:?}");
     // Added, it replaces the Date stored (the time the miss was received).
     let a = get(gw.addr, "/add/x");
     miss(&a, "v3");
-    assert_eq!(dates(&a), ["Sun, 06 Nov 1994 08:49:37 GMT"], "{a:?}");
+    assert_eq!(a.all("date"), ["Sun, 06 Nov 1994 08:49:37 GMT"], "{a:?}");
     let b = get(gw.addr, "/add/x");
     hit(&b, "v3");
-    assert_eq!(dates(&b), ["Sun, 06 Nov 1994 08:49:37 GMT"], "{b:?}");
+    assert_eq!(b.all("date"), ["Sun, 06 Nov 1994 08:49:37 GMT"], "{b:?}");
 }
 
 #[test]
@@ -2575,15 +2563,10 @@ fn redis_purge_reaches_the_local_stores_of_every_host() {
     };
     assert_eq!(entries(&b), 1);
     // A purge made on A (the admin API's function) empties B's local store too.
-    ringway::cache::purge(
-        a.gateway().control(),
-        Purge {
-            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
-            soft: false,
-        },
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
     // B's copy is gone for its lookups once the purge arrives (it leaves B's store at the
     // lookup that meets it: a purge by URL reads no other object), and B fetches anew.
     assert!(eventually(Duration::from_secs(5), || get(b.addr, "/p")
@@ -2720,6 +2703,45 @@ impl Drop for RedisRelay {
     }
 }
 
+/// A gateway with a cache whose Redis layer goes through `relay` (short timeouts, so that a
+/// cut link is found down and a mended one up within a test).
+fn gateway_through(relay: &RedisRelay, upstream: SocketAddr) -> TestGateway {
+    TestGateway::start(
+        &cache_config(
+            upstream,
+            "",
+            &format!(
+                "[cache.redis]\naddress = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
+                relay.addr
+            ),
+        ),
+        D,
+    )
+}
+
+/// `f` of worker 0's Redis layer in `gw` (0 without one).
+fn layer_count(gw: &TestGateway, f: fn(&ringway::cache::redis::SharedLayer) -> u64) -> u64 {
+    gw.gateway()
+        .control()
+        .ask(Duration::from_secs(2), move |w| {
+            w.cache.shared().map_or(0, |l| f(l))
+        })
+        .unwrap()[0]
+}
+
+/// A hard purge of `target` through `gw`'s admin path (every worker, then Redis).
+fn hard_purge(gw: &TestGateway, target: PurgeTarget) {
+    ringway::cache::purge(
+        gw.gateway().control(),
+        Purge {
+            target,
+            soft: false,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+}
+
 /// RFC 9111 §4.4 (a purge is the operator's invalidation: what it removed must not be
 /// served again): a purge made while the link to Redis is down could not delete the Redis
 /// copies nor reach the other hosts, and was taken as done at once; once the link was up, a
@@ -2731,17 +2753,7 @@ fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_
     let redis = RedisServer::start();
     let relay = RedisRelay::start(redis.addr());
     let (up, _) = counting_origin("cache-control: max-age=600\r\n");
-    let a = TestGateway::start(
-        &cache_config(
-            up.addr,
-            "",
-            &format!(
-                "[cache.redis]\naddress = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
-                relay.addr
-            ),
-        ),
-        D,
-    );
+    let a = gateway_through(&relay, up.addr);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     assert!(eventually(Duration::from_secs(5), || redis
         .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
@@ -2762,27 +2774,12 @@ fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_
         PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
         PurgeTarget::Prefix(b"test.local/t/".to_vec()),
     ] {
-        ringway::cache::purge(
-            a.gateway().control(),
-            Purge {
-                target,
-                soft: false,
-            },
-            Duration::from_secs(2),
-        )
-        .unwrap();
+        hard_purge(&a, target);
     }
     // A could not reach Redis: the copies are still there.
     assert_eq!(redis.keys("ringway:cache:o:*").len(), 2);
     // Kept to be sent again (counted), and awaited on A's workers.
-    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| {
-        a.gateway()
-            .control()
-            .ask(Duration::from_secs(2), move |w| {
-                w.cache.shared().map_or(0, |l| f(l))
-            })
-            .unwrap()[0]
-    };
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
     assert!(eventually(Duration::from_secs(5), || layer(
         |l| l.unsent_purges() as u64
     ) == 2));
@@ -2823,40 +2820,18 @@ fn rfc9111_4_4_repeated_invalidations_while_redis_is_unreachable_do_not_give_up_
     let redis = RedisServer::start();
     let relay = RedisRelay::start(redis.addr());
     let (up, _) = counting_origin("cache-control: max-age=600\r\n");
-    let a = TestGateway::start(
-        &cache_config(
-            up.addr,
-            "",
-            &format!(
-                "[cache.redis]\naddress = \"{}\"\ntimeout = \"200ms\"\nretry_interval = \"100ms\"\n",
-                relay.addr
-            ),
-        ),
-        D,
-    );
+    let a = gateway_through(&relay, up.addr);
     assert_eq!(get(a.addr, "/p").text(), "v1");
     assert!(eventually(Duration::from_secs(5), || redis
         .keys("ringway:cache:o:*")
         .len()
         == 1));
     relay.cut();
-    ringway::cache::purge(
-        a.gateway().control(),
-        Purge {
-            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
-            soft: false,
-        },
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| {
-        a.gateway()
-            .control()
-            .ask(Duration::from_secs(2), move |w| {
-                w.cache.shared().map_or(0, |l| f(l))
-            })
-            .unwrap()[0]
-    };
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
     assert!(eventually(Duration::from_secs(5), || layer(
         |l| l.unsent_purges() as u64
     ) == 1));

@@ -725,6 +725,15 @@ impl Resp {
         self.header(name).is_some()
     }
 
+    /// The values of every line named `name` (any case), in order.
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).to_string()
     }
