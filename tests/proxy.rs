@@ -293,6 +293,18 @@ upstream = "up"
     }
 }
 
+/// An origin answering `ok`, with `Date: date` for `target` and without a Date otherwise.
+fn origin_dated_at(target: &'static str, date: &'static str) -> Upstream {
+    Upstream::start(move |req| {
+        let line = if req.target == target {
+            format!("Date: {date}\r\n")
+        } else {
+            String::new()
+        };
+        Reply::Raw(format!("HTTP/1.1 200 OK\r\n{line}Content-Length: 2\r\n\r\nok").into_bytes())
+    })
+}
+
 /// RFC 9110 §6.6.1: "A recipient with a clock that receives a response message without a Date
 /// header field MUST record the time it was received and append a corresponding Date header
 /// field ... if it is ... forwarded downstream." An origin's Date goes on as it is, once; a
@@ -300,14 +312,7 @@ upstream = "up"
 #[test]
 fn rfc9110_6_6_1_a_forwarded_response_without_date_gets_one() {
     for d in DRIVERS {
-        let up = Upstream::start(|req| {
-            let date = if req.target == "/dated" {
-                "Date: Tue, 14 Nov 2023 22:13:10 GMT\r\n"
-            } else {
-                ""
-            };
-            Reply::Raw(format!("HTTP/1.1 200 OK\r\n{date}Content-Length: 2\r\n\r\nok").into_bytes())
-        });
+        let up = origin_dated_at("/dated", "Tue, 14 Nov 2023 22:13:10 GMT");
         let extra = r#"
 [[routes]]
 path_prefix = "/nodate"
@@ -346,14 +351,7 @@ upstream = "up"
 #[test]
 fn rfc9110_5_3_a_route_that_adds_date_gets_one_line_of_it() {
     for d in DRIVERS {
-        let up = Upstream::start(|req| {
-            let date = if req.target == "/dated" {
-                "Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
-            } else {
-                ""
-            };
-            Reply::Raw(format!("HTTP/1.1 200 OK\r\n{date}Content-Length: 2\r\n\r\nok").into_bytes())
-        });
+        let up = origin_dated_at("/dated", "Sun, 06 Nov 1994 08:49:37 GMT");
         let extra = r#"
 [[routes]]
 upstream = "up"
