@@ -2729,6 +2729,15 @@ fn layer_count(gw: &TestGateway, f: fn(&ringway::cache::redis::SharedLayer) -> u
         .unwrap()[0]
 }
 
+/// Mends `relay` and waits until `gw`'s Redis link (worker 0's) is up again.
+fn mend_and_wait_up(relay: &RedisRelay, gw: &TestGateway) {
+    relay.mend();
+    assert!(eventually(Duration::from_secs(10), || layer_count(
+        gw,
+        |l| u64::from(!l.link().is_down())
+    ) == 1));
+}
+
 /// A hard purge of `target` through `gw`'s admin path (every worker, then Redis).
 fn hard_purge(gw: &TestGateway, target: PurgeTarget) {
     ringway::cache::purge(
@@ -2784,12 +2793,9 @@ fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_
         |l| l.unsent_purges() as u64
     ) == 2));
     assert!(layer(|l| l.purges_failed.load(Ordering::Relaxed)) >= 2);
-    relay.mend();
+    mend_and_wait_up(&relay, &a);
     // Once A's link is up again, its lookup does not bring /p back from Redis (the purge's
     // deletions may be on their way, or done).
-    assert!(eventually(Duration::from_secs(10), || layer(
-        |l| u64::from(!l.link().is_down())
-    ) == 1));
     let r = get(a.addr, "/p");
     assert_ne!(r.text(), "v1", "{r:?}");
     // The purges go again: the copies leave Redis (A's new /p aside), and B hears them and
@@ -2849,10 +2855,7 @@ fn rfc9111_4_4_repeated_invalidations_while_redis_is_unreachable_do_not_give_up_
         >= 71));
     assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 0);
     assert_eq!(layer(|l| l.unsent_purges() as u64), 2);
-    relay.mend();
-    assert!(eventually(Duration::from_secs(10), || layer(
-        |l| u64::from(!l.link().is_down())
-    ) == 1));
+    mend_and_wait_up(&relay, &a);
     // The purge of /p was kept, and awaited: its copy does not come back from Redis.
     let r = get(a.addr, "/p");
     assert_ne!(r.text(), "v1", "{r:?}");
