@@ -100,6 +100,51 @@ fn rfc9111_4_2_fresh_response_is_served_from_the_store_with_age_and_cache_status
     }
 }
 
+/// No `Content_Length` or `Transfer_Encoding` line (any case, `_` for any `-`) on an answer.
+fn no_underscore_framing(r: &Resp, what: &str) {
+    for (name, _) in &r.headers {
+        assert!(
+            name != "content_length" && name != "transfer_encoding",
+            "{what}: {name} relayed: {r:?}"
+        );
+    }
+}
+
+/// RFC 9112 §6.3 item 3, §11.2: an origin's `Content_Length` / `Transfer_Encoding` lines
+/// (which a next hop reading `_` as `-` would frame by, while ringway does not) are not
+/// relayed on the miss, not kept in the stored copy (the hit), and not taken from a 304 that
+/// freshens it (RFC 9111 §4.3.4).
+#[test]
+fn rfc9112_11_2_framing_fields_spelled_with_underscores_are_neither_relayed_nor_stored() {
+    for d in DRIVERS {
+        let (up, _) = counting_origin(
+            "cache-control: max-age=60\r\nContent_Length: 40\r\nTRANSFER_ENCODING: chunked\r\nx-after: 1\r\n",
+        );
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let a = get(gw.addr, "/u");
+        miss(&a, "v1");
+        assert!(status_of(&a).contains("stored"), "{d:?}: {a:?}");
+        no_underscore_framing(&a, "miss");
+        let b = get(gw.addr, "/u");
+        hit(&b, "v1");
+        no_underscore_framing(&b, "hit");
+        assert_eq!(b.header("x-after"), Some("1"), "{d:?}: {b:?}");
+    }
+    let up = validated_origin("transfer_encoding: chunked\r\nContent_Length: 9\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/e").text(), "body");
+    let b = get(gw.addr, "/e");
+    assert!(status_of(&b).contains("fwd-status=304"), "{b:?}");
+    assert_eq!(
+        (b.header("x-version"), b.text().as_str()),
+        (Some("2"), "body")
+    );
+    no_underscore_framing(&b, "freshened by a 304");
+    let c = get(gw.addr, "/e");
+    assert_eq!(c.text(), "body", "{c:?}");
+    no_underscore_framing(&c, "after the 304");
+}
+
 #[test]
 fn rfc9111_3_no_store_and_private_responses_are_not_stored() {
     for (cc, detail) in [

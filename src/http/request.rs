@@ -365,7 +365,7 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
             // Kept, a `Content_Length` or `Transfer_Encoding` would reach a next hop that may
             // read `_` as `-` (CGI-style servers do) and frame by it, while this hop does not:
             // the two would split the bytes differently (RFC 9112 §6.3 item 3, §11.2).
-            if framing_name_with_underscore(name) {
+            if super::is_framing_name_with_underscore(name) {
                 return Err(ParseError::Bad(
                     "Content-Length or Transfer-Encoding spelled with an underscore",
                 ));
@@ -526,19 +526,6 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
         return Err(ParseError::MethodNotAllowed);
     }
     Ok(Parsed::Done(len))
-}
-
-/// Whether `name` (which holds an `_`) is `Content-Length` or `Transfer-Encoding` with `_` for
-/// some `-`, in any case.
-fn framing_name_with_underscore(name: &[u8]) -> bool {
-    let folds_to = |want: &[u8]| {
-        name.len() == want.len()
-            && name
-                .iter()
-                .zip(want)
-                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
-    };
-    folds_to(b"content-length") || folds_to(b"transfer-encoding")
 }
 
 /// httparse needs more bytes: fine while the limits allow them. (No earlier verdict on a long
