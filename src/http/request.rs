@@ -237,6 +237,13 @@ impl RequestHead {
         }
     }
 
+    /// The request-target is in absolute-form (`http://a.test/x`): it is the target URI, its
+    /// scheme and authority included (RFC 9112 §3.2.2, §3.3).
+    #[inline]
+    pub fn is_absolute_form(&self) -> bool {
+        !matches!(self.bytes(self.target).first(), Some(b'/' | b'*'))
+    }
+
     pub fn host_bytes(&self) -> Option<&[u8]> {
         self.host.map(|h| self.bytes(h))
     }
