@@ -1643,7 +1643,7 @@ impl Config {
     }
 
     /// Settings that load but are likely a mistake, one line each: `ringway check` prints
-    /// them and the gateway logs them at start. Never an error.
+    /// them and the gateway logs them at start and on each reload it applies. Never an error.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = self.auth.warnings();
         w.extend(self.cache.warnings());

@@ -195,6 +195,9 @@ pub struct ReloadReport {
     pub listeners: Vec<ListenerChange>,
     /// Keys that changed but are read at start only.
     pub not_reloaded: Vec<String>,
+    /// The new config's warnings (`Config::warnings`, what `ringway check` prints), also
+    /// logged: settings that load but are likely a mistake.
+    pub warnings: Vec<String>,
     pub health_checker_restarted: bool,
     pub jwks_fetchers_started: usize,
     pub jwks_fetchers_stopped: usize,
@@ -933,6 +936,8 @@ impl ReloadState {
                 .into_iter()
                 .chain(kept_options)
                 .collect(),
+            // Filled in by `apply`, which takes them before the config moves in here.
+            warnings: Vec::new(),
             health_checker_restarted: false,
             jwks_fetchers_started: 0,
             jwks_fetchers_stopped: 0,
@@ -1172,8 +1177,10 @@ impl ReloadState {
         control: &Control,
         next: Config,
     ) -> Result<ReloadReport, ReloadError> {
-        let r = self.reload(control, next);
-        match &r {
+        // As the start logs them: the config is the running one once it is committed.
+        let warnings = next.warnings();
+        let mut r = self.reload(control, next);
+        match &mut r {
             Ok(rep) => {
                 info!(
                     "reload #{}: {} routes ({} new or changed, {} gone); groups kept {:?}, added {:?}, changed {:?}, removed {:?}; listeners {}; {} ms",
@@ -1199,8 +1206,20 @@ impl ReloadState {
                         rep.not_reloaded.join(", ")
                     );
                 }
+                for w in &warnings {
+                    warn!("reload #{}: {w}", rep.generation);
+                }
+                rep.warnings = warnings;
             }
-            Err(e) => error!("reload refused: {e}"),
+            Err(e) => {
+                error!("reload refused: {e}");
+                // Committed all the same (see below): its warnings hold.
+                if matches!(e, ReloadError::Workers(_)) {
+                    for w in &warnings {
+                        warn!("reload: {w}");
+                    }
+                }
+            }
         }
         // `Workers`: committed too (the lagging workers take it when they next run their jobs).
         if matches!(r, Ok(_) | Err(ReloadError::Workers(_))) {

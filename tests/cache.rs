@@ -100,6 +100,51 @@ fn rfc9111_4_2_fresh_response_is_served_from_the_store_with_age_and_cache_status
     }
 }
 
+/// No `Content_Length` or `Transfer_Encoding` line (any case, `_` for any `-`) on an answer.
+fn no_underscore_framing(r: &Resp, what: &str) {
+    for (name, _) in &r.headers {
+        assert!(
+            name != "content_length" && name != "transfer_encoding",
+            "{what}: {name} relayed: {r:?}"
+        );
+    }
+}
+
+/// RFC 9112 §6.3 item 3, §11.2: an origin's `Content_Length` / `Transfer_Encoding` lines
+/// (which a next hop reading `_` as `-` would frame by, while ringway does not) are not
+/// relayed on the miss, not kept in the stored copy (the hit), and not taken from a 304 that
+/// freshens it (RFC 9111 §4.3.4).
+#[test]
+fn rfc9112_11_2_framing_fields_spelled_with_underscores_are_neither_relayed_nor_stored() {
+    for d in DRIVERS {
+        let (up, _) = counting_origin(
+            "cache-control: max-age=60\r\nContent_Length: 40\r\nTRANSFER_ENCODING: chunked\r\nx-after: 1\r\n",
+        );
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let a = get(gw.addr, "/u");
+        miss(&a, "v1");
+        assert!(status_of(&a).contains("stored"), "{d:?}: {a:?}");
+        no_underscore_framing(&a, "miss");
+        let b = get(gw.addr, "/u");
+        hit(&b, "v1");
+        no_underscore_framing(&b, "hit");
+        assert_eq!(b.header("x-after"), Some("1"), "{d:?}: {b:?}");
+    }
+    let up = validated_origin("transfer_encoding: chunked\r\nContent_Length: 9\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/e").text(), "body");
+    let b = get(gw.addr, "/e");
+    assert!(status_of(&b).contains("fwd-status=304"), "{b:?}");
+    assert_eq!(
+        (b.header("x-version"), b.text().as_str()),
+        (Some("2"), "body")
+    );
+    no_underscore_framing(&b, "freshened by a 304");
+    let c = get(gw.addr, "/e");
+    assert_eq!(c.text(), "body", "{c:?}");
+    no_underscore_framing(&c, "after the 304");
+}
+
 #[test]
 fn rfc9111_3_no_store_and_private_responses_are_not_stored() {
     for (cc, detail) in [
@@ -1720,6 +1765,67 @@ fn rfc7239_8_1_the_scheme_behind_trusted_proxies_is_the_client_hop_s_not_the_cli
     assert_eq!(n.load(Ordering::SeqCst), 2);
 }
 
+/// RFC 9112 §3.2.2 and §3.3: an absolute-form target is the target URI, scheme included; a
+/// trusted proxy's `X-Forwarded-Proto` (which rebuilds the URI of an origin-form target) does
+/// not replace it in the key. The origin is told the proxy's scheme (its field passes on as
+/// sent) or the connection's, never the target's, which the client chose: where the two make
+/// the target's port (`:80`, `:443`) the default of one and not the other, the origin reads the
+/// Host as another origin than the key names, so the request is forwarded, but not answered
+/// from the store nor stored (`detail=target-scheme`). Before, the proxy's `https` won: the
+/// origin `http://a.test:443` keyed as `a.test` and got `http://a.test`'s copy, and
+/// `http://a.test:80` keyed apart from it.
+#[test]
+fn rfc9112_3_3_an_absolute_form_target_gives_the_scheme_behind_a_trusted_proxy() {
+    let (up, n) = counting_origin("cache-control: max-age=60\r\n");
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n"),
+        D,
+    );
+    let send = |target: &str, fields: &str| {
+        request(
+            gw.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: a.test\r\n{fields}\r\n").as_bytes(),
+        )
+    };
+    let https = "x-forwarded-proto: https\r\n";
+    miss(&send("/p", ""), "v1");
+    // No port: the scheme moves no default port, and the key names none.
+    hit(&send("http://a.test/p", https), "v1");
+    // `http://a.test:80` is `http://a.test`, and `http://a.test:443` another origin; the
+    // origin, told https, would read `https://a.test:80` and `https://a.test`.
+    for (target, body) in [("http://a.test:80/p", "v2"), ("http://a.test:443/p", "v3")] {
+        let r = send(target, https);
+        assert_eq!(r.text(), body, "{target}: {r:?}");
+        assert!(
+            status_of(&r).contains("fwd=bypass") && status_of(&r).contains("detail=target-scheme"),
+            "{target}: {r:?}"
+        );
+        let told = up.last();
+        assert_eq!(told.header("x-forwarded-proto"), Some("https"), "{target}");
+        assert_eq!(
+            told.header("host"),
+            target[7..].split('/').next(),
+            "{target}"
+        );
+    }
+    // Nothing of theirs was stored: the proxy saying http, or nothing (ringway then tells
+    // http itself), agrees with the target, and the store answers.
+    hit(
+        &send("http://a.test:80/p", "x-forwarded-proto: http\r\n"),
+        "v1",
+    );
+    hit(&send("http://a.test:80/p", ""), "v1");
+    assert_eq!(up.last().header("x-forwarded-proto"), Some("https"));
+    // `https://a.test:443` is `https://a.test`, which the proxy's https agrees with; told
+    // http (the proxy said nothing), the origin would read `http://a.test:443`.
+    hit(&send("https://a.test:443/p", https), "v1");
+    let r = send("https://a.test:443/p", "");
+    assert_eq!(r.text(), "v4", "{r:?}");
+    assert!(status_of(&r).contains("detail=target-scheme"), "{r:?}");
+    assert_eq!(up.last().header("x-forwarded-proto"), Some("http"));
+    assert_eq!(n.load(Ordering::SeqCst), 4);
+}
+
 /// RFC 9110 §4.2.3 over TLS: `https`'s default port is 443, so on a TLS listener `Host:
 /// a.test:443` and `Host: a.test` are one key, and `:80` there is another origin
 /// (`https://a.test:80`).
@@ -1753,9 +1859,20 @@ fn rfc9110_4_2_3_on_a_tls_listener_443_is_the_default_port() {
     assert_eq!(send("/k", "a.test:443"), "v1");
     assert_eq!(send("https://a.test:443/k", "a.test"), "v1");
     assert_eq!(send("/k", "a.test:80"), "v2", "80 is not https's default");
-    // An absolute-form target names its own scheme.
-    assert_eq!(send("http://a.test:80/k", "a.test"), "v1");
-    assert_eq!(n.load(Ordering::SeqCst), 2);
+    // An absolute-form target names its own scheme (`http://a.test:80` is `http://a.test`,
+    // keyed `a.test`), but the origin is told the connection's, https, and would read
+    // `https://a.test:80`: forwarded, not looked up or stored (RFC 9112 §3.3, see
+    // `rfc9112_3_3_an_absolute_form_target_gives_the_scheme_behind_a_trusted_proxy`).
+    let mut send_status = |target: &str| {
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes());
+        let r = c.read_response().expect("response");
+        (r.text(), status_of(&r))
+    };
+    let (body, status) = send_status("http://a.test:80/k");
+    assert_eq!(body, "v3");
+    assert!(status.contains("detail=target-scheme"), "{status}");
+    assert_eq!(send_status("https://a.test/k").0, "v1");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
 }
 /// RFC 9111 §4.4 with several workers: an unsafe method's invalidation reaches every
 /// worker's store before its answer reaches the client. Before, the other workers applied it

@@ -304,6 +304,63 @@ fn content_length_lines_go_out_as_one_and_unknown_transfer_codings_are_refused()
     }
 }
 
+/// RFC 9112 §6.3 item 3 and §11.2: a response line named `Content_Length` or
+/// `Transfer_Encoding` (any case, `_` for any `-`) is not relayed. ringway frames by the real
+/// fields; a client or proxy after it that reads `_` as `-` (as CGI-style servers do for
+/// requests) would frame by this one: the two would split the bytes differently. Dropped from
+/// lengths, chunked and close-delimited responses and from 1xx alike; other lines stay.
+#[test]
+fn framing_fields_spelled_with_underscores_are_not_relayed_rfc9112_11_2() {
+    for d in DRIVERS {
+        let up = Upstream::start(|req| {
+            match req.target.as_str() {
+            "/length" => Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nContent_Length: 40\r\nx-after: 1\r\n\r\nfine"
+                    .to_vec(),
+            ),
+            "/upper" => Reply::Raw(
+                b"HTTP/1.1 200 OK\r\nTRANSFER_ENCODING: chunked\r\nCONTENT_LENGTH: 0\r\ncontent-length: 4\r\nx-after: 1\r\n\r\nfine"
+                    .to_vec(),
+            ),
+            "/chunked" => Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent_length: 4\r\nx-after: 1\r\n\r\n4\r\nfine\r\n0\r\n\r\n"
+                    .to_vec(),
+            ),
+            "/close" => Reply::RawClose(
+                b"HTTP/1.1 200 OK\r\nTransfer_Encoding: chunked\r\nx-after: 1\r\n\r\nfine".to_vec(),
+            ),
+            "/hints" => {
+                let mut v = b"HTTP/1.1 103 Early Hints\r\nTransfer_Encoding: chunked\r\nlink: </s.css>; rel=preload\r\n\r\n".to_vec();
+                v.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-after: 1\r\n\r\nfine");
+                Reply::Raw(v)
+            }
+            _ => Reply::Raw(hostile::fine()),
+        }
+        });
+        let gw = gateway(&up, d);
+        for path in ["/length", "/upper", "/chunked", "/close", "/hints"] {
+            let got = raw_exchange(
+                &gw,
+                format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+            );
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            for name in ["content_length", "transfer_encoding"] {
+                assert!(!text.contains(name), "{d:?} {path}: {name} relayed: {text}");
+            }
+            assert!(text.contains("\r\nx-after: 1\r\n"), "{d:?} {path}: {text}");
+            let mut c = Client::connect(gw.addr);
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes());
+            let r = c.read_final();
+            assert_eq!(
+                (r.status, r.body.as_slice()),
+                (200, FINE),
+                "{d:?} {path}: {r:?}"
+            );
+        }
+        still_serves(&gw, d, "framing fields spelled with underscores");
+    }
+}
+
 /// RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing; the connection
 /// must be closed after it, never pooled.
 #[test]

@@ -575,6 +575,77 @@ fn sighup_reloads_the_running_binary() {
     p.signal(libc::SIGTERM);
 }
 
+/// A reload logs the new config's warnings (`Config::warnings`: what `ringway check` prints and
+/// the start logs), one line each: a JWT provider that checks neither issuer nor audience
+/// (RFC 8725 §3.8, §3.9) and a `[cache.redis] max_entry_bytes` no link moves within its
+/// `timeout` (read at start only, so also named as not reloaded; the warning is about the
+/// file). A refused reload changes nothing and logs only why.
+#[test]
+fn a_reload_logs_the_new_configs_warnings() {
+    let up = named("A");
+    let dir = Scratch::new("sighup-warnings");
+    let path = dir.write("ringway.toml", &two_groups(up.addr, up.addr, "a", ""));
+    let p = Proc::spawn(&["run", "-c", path.to_str().unwrap()]);
+    let addr = p.addr();
+    let warned = "\n[auth.jwt.open]\nsecret = \"test-only-secret-of-32-bytes-min\"\n\n[cache.redis]\naddress = \"127.0.0.1:9\"\ntimeout = \"20ms\"\nmax_entry_bytes = \"64MiB\"\n";
+    dir.write("ringway.toml", &two_groups(up.addr, up.addr, "a", warned));
+    p.signal(libc::SIGHUP);
+    let limit = Duration::from_secs(10);
+    let lines = || p.lines.lock().unwrap().clone();
+    for text in [
+        "reload #1: auth.jwt.open: checks neither the issuer nor the audience",
+        "reload #1: cache.redis.max_entry_bytes: 64.0 MiB cannot be moved within `timeout` (20 ms)",
+    ] {
+        let line = p
+            .wait_line(text, 1, limit)
+            .unwrap_or_else(|| panic!("no line with {text:?}: {:?}", lines()));
+        assert!(line.contains(" warn reload #1: "), "{line}");
+    }
+    // Refused (no such upstream): only the refusal. Then a reload without warnings; every line
+    // of the refused one came before its line.
+    dir.write(
+        "ringway.toml",
+        &two_groups(up.addr, up.addr, "nowhere", warned),
+    );
+    p.signal(libc::SIGHUP);
+    p.wait_line("reload refused", 1, limit)
+        .unwrap_or_else(|| panic!("no refusal: {:?}", lines()));
+    dir.write("ringway.toml", &two_groups(up.addr, up.addr, "a", ""));
+    p.signal(libc::SIGHUP);
+    p.wait_line("reload #2", 1, limit)
+        .unwrap_or_else(|| panic!("no second reload: {:?}", lines()));
+    for name in ["auth.jwt.open: ", "cache.redis.max_entry_bytes: "] {
+        let n = lines().iter().filter(|l| l.contains(name)).count();
+        assert_eq!(n, 1, "{name}: {:?}", lines());
+    }
+    let mut c = Client::connect(addr);
+    assert_eq!(get_on(&mut c, "/x").text(), "A");
+    p.signal(libc::SIGTERM);
+}
+
+/// The reload report (what `POST /reload` answers) carries the new config's warnings.
+#[test]
+fn the_reload_report_carries_the_new_configs_warnings() {
+    let up = named("A");
+    let gw = TestGateway::start(&two_groups(up.addr, up.addr, "a", ""), DriverChoice::Auto);
+    let warned = "\n[auth.jwt.open]\nsecret = \"test-only-secret-of-32-bytes-min\"\n";
+    let rep = gw
+        .gateway()
+        .reload(parse(&two_groups(up.addr, up.addr, "a", warned)))
+        .unwrap();
+    assert_eq!(rep.warnings.len(), 1, "{:?}", rep.warnings);
+    assert!(
+        rep.warnings[0].starts_with("auth.jwt.open: "),
+        "{:?}",
+        rep.warnings
+    );
+    let rep = gw
+        .gateway()
+        .reload(parse(&two_groups(up.addr, up.addr, "a", "")))
+        .unwrap();
+    assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
+}
+
 /// A refusal whose reason spans lines (the TOML parser's message for a syntax error) is still
 /// one event line, with the file, line, column and the whole reason on it: every line the
 /// process writes starts with its time, so a log reader never sees a line without one.

@@ -327,6 +327,13 @@ pub fn key_host(h: &[u8], https: bool) -> (Cow<'_, [u8]>, &[u8]) {
     split_host(h, Some(https))
 }
 
+/// Whether `h`'s port is the default port of one scheme and not the other (`:80`, `:443`, in
+/// any spelling [`key_host`] reads): whether the scheme changes its key.
+pub(crate) fn scheme_moves_port(h: &[u8]) -> bool {
+    let port = &h[crate::router::host_without_port(h).len()..];
+    is_default_port(port, Some(true)) != is_default_port(port, Some(false))
+}
+
 /// [`key_host`] for a scheme that may not be known (`None`: either default port is left out).
 #[inline]
 fn split_host(h: &[u8], https: Option<bool>) -> (Cow<'_, [u8]>, &[u8]) {
@@ -2771,6 +2778,12 @@ mod tests {
             ("[not-an-address]", false, "[not-an-address]|"),
         ] {
             assert_eq!(k(h, https), want, "{h} https={https}");
+            // The scheme moves the key exactly when the two schemes key the host apart.
+            assert_eq!(
+                scheme_moves_port(h.as_bytes()),
+                k(h, true) != k(h, false),
+                "{h}"
+            );
         }
         assert_eq!(purge_url("A.test:443", "/x"), b"a.test/x");
         assert_eq!(purge_url("a.test:80", "/x"), b"a.test/x");

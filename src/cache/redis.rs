@@ -1102,11 +1102,13 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         // (RFC 9110 §5.5: no CR, LF, NUL or other control but HTAB, which the parser of
         // upstream responses never lets through either), and no framing or hop-by-hop field
         // (never stored, RFC 9111 §3.1: the answer's own Content-Length would meet the
-        // entry's).
+        // entry's), nor one spelled with `_` for `-`, which the parser of upstream responses
+        // leaves out (RFC 9112 §11.2; an entry written before it did is not served).
         if name.is_empty()
             || !name.iter().all(|c| crate::http::is_tchar(*c))
             || !value.iter().all(|c| crate::http::is_field_value_byte(*c))
             || super::policy::unstorable_field(name)
+            || crate::http::is_framing_name_with_underscore(name)
         {
             return None;
         }
@@ -1364,5 +1366,12 @@ mod tests {
         let mut o2 = o;
         o2.fields = Fields::from_pairs([(&b"x"[..], &b"a\r\nb"[..])]).expect("fits");
         assert!(decode(&Bytes::from(encode(&o2))).is_none());
+        // So is a framing field spelled with `_` (RFC 9112 §11.2): an entry of an older build.
+        for name in [&b"Content_Length"[..], b"transfer_encoding"] {
+            o2.fields = Fields::from_pairs([(name, &b"7"[..])]).expect("fits");
+            assert!(decode(&Bytes::from(encode(&o2))).is_none());
+        }
+        o2.fields = Fields::from_pairs([(&b"x_length"[..], &b"7"[..])]).expect("fits");
+        assert!(decode(&Bytes::from(encode(&o2))).is_some());
     }
 }

@@ -52,11 +52,18 @@ pub async fn run<'c, S: ClientIo>(
     ctx: &mut RequestCtx<'_>,
 ) -> Outcome<'c> {
     let group = &cfg.upstreams[group_idx];
-    // Behind a trusted proxy the client's scheme is the proxy's word (see
-    // [`scheme_from_trusted_proxy`]).
-    if c.info.trusted && !ctx.head.https {
-        scheme_from_trusted_proxy(&mut ctx.head, &cfg.trusted_proxies);
-    }
+    // The target URI's scheme (RFC 9112 §3.3): an absolute-form target's own, else the
+    // connection's, and behind a trusted proxy the proxy's word (see
+    // [`proxy_says_https`]).
+    let scheme_split = if ctx.head.is_absolute_form() {
+        std::hint::cold_path();
+        scheme_split(&ctx.head, c.info.tls, c.info.trusted, &cfg.trusted_proxies)
+    } else {
+        if c.info.trusted && !ctx.head.https && proxy_says_https(&ctx.head, &cfg.trusted_proxies) {
+            ctx.head.https = true;
+        }
+        false
+    };
     if p.purge && ctx.head.method == Method::Other && ctx.head.method_str() == b"PURGE" {
         return purge_request(w, p, c, ctx).await;
     }
@@ -93,6 +100,12 @@ pub async fn run<'c, S: ClientIo>(
                     return fetch(w, cfg, route, p, group, c, ctx, f, &mut s).await;
                 }
                 return bypass(w, cfg, route, p, group, c, ctx, &req, "override-header").await;
+            }
+            // The origin would answer for another origin than the key names (see
+            // [`scheme_split`]): forwarded as it is, like the above.
+            if scheme_split {
+                std::hint::cold_path();
+                return bypass(w, cfg, route, p, group, c, ctx, &req, "target-scheme").await;
             }
             let as_sent = sent(cfg, route, c, ctx);
             let keys = Keys::new(p, ctx, &as_sent, c.info.client_subject.as_deref(), &w.cache);
@@ -267,10 +280,10 @@ fn first_look<'k>(
 }
 
 /// RFC 9110 §4.2.3 behind a TLS-terminating proxy (one of `server.trusted_proxies`, whose
-/// forwarding fields are believed, see [`crate::rewrite`]): the target's scheme is the one the
-/// client used, `https` when the proxies say so. Then port 443 is the default one
-/// (`Host: a.test:443` keys, stores and purges as `a.test`, as on a TLS listener) and 80 is
-/// not. The request head's scheme is read by the cache's keys alone.
+/// forwarding fields are believed, see [`crate::rewrite`]): whether the proxies say the
+/// client used `https`, the scheme of an origin-form target then. Then port 443 is the
+/// default one (`Host: a.test:443` keys, stores and purges as `a.test`, as on a TLS listener)
+/// and 80 is not. The request head's scheme is read by the cache's keys alone.
 ///
 /// Which hop's word is taken follows the rule rate limiting uses for the client's address
 /// (`X-Forwarded-For` walked from the right, the first element that is not a trusted proxy,
@@ -284,8 +297,12 @@ fn first_look<'k>(
 ///
 /// Read in place, with no allocation: behind a load balancer every request comes from a
 /// trusted peer.
+///
+/// Only for an origin-form target, whose URI the recipient rebuilds: an absolute-form target
+/// is the target URI, its scheme included (RFC 9112 §3.2.2, §3.3), whatever a proxy says
+/// (see [`scheme_split`]).
 #[inline(never)]
-fn scheme_from_trusted_proxy(head: &mut RequestHead, trusted: &crate::config::TrustedProxies) {
+fn proxy_says_https(head: &RequestHead, trusted: &crate::config::TrustedProxies) -> bool {
     let proto = if head.header(b"x-forwarded-proto").is_some() {
         let back = client_from_right(list_items(head.header_values(b"x-forwarded-for")), |e| {
             crate::proxy::phases::forwarded_ip(e).is_some_and(|ip| trusted.contains(ip))
@@ -303,11 +320,31 @@ fn scheme_from_trusted_proxy(head: &mut RequestHead, trusted: &crate::config::Tr
         let e = elements().nth(n.saturating_sub(1 + back)).unwrap_or(b"");
         forwarded_param(e, b"proto")
     } else {
-        return;
+        return false;
     };
-    if proto.eq_ignore_ascii_case(b"https") {
-        head.https = true;
-    }
+    proto.eq_ignore_ascii_case(b"https")
+}
+
+/// Whether an absolute-form target's scheme, which the key follows (RFC 9112 §3.3), differs
+/// from the one the origin is told, in a way that moves the key: its port (`:80`, `:443`) is
+/// the default of one and not the other. The origin is told the connection's scheme, or
+/// behind a trusted proxy the proxy's word (its `X-Forwarded-Proto` or `Forwarded` goes on as
+/// sent, read as [`proxy_says_https`] reads it), never the target's, which a client chooses:
+/// telling it would let a client on plain HTTP pass for one on TLS. With a split, the origin
+/// reads the forwarded `Host` as another origin than the key names (`http://a.test:80`, keyed
+/// `a.test`, as `https://a.test:80`): the request is forwarded, but not looked up or stored.
+/// A port that is neither, or none, keys the same under either scheme (the key names no
+/// scheme).
+#[cold]
+#[inline(never)]
+fn scheme_split(
+    head: &RequestHead,
+    tls: bool,
+    trusted: bool,
+    proxies: &crate::config::TrustedProxies,
+) -> bool {
+    let told = tls || (trusted && proxy_says_https(head, proxies));
+    told != head.https && super::scheme_moves_port(head.host_bytes().unwrap_or(b""))
 }
 
 /// The items of a list field's lines, in order, trimmed, empty ones left out (RFC 9110

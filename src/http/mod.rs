@@ -77,6 +77,29 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// Whether `name` is `Content-Length` or `Transfer-Encoding` spelled with `_` for at least one
+/// `-`, in any case (`Content_Length`, `TRANSFER_ENCODING`). ringway never frames by such a
+/// line, but a next hop that reads `_` as `-` (CGI-style servers do) might: the two would
+/// split the bytes differently (RFC 9112 §6.3 item 3, §11.2). Looks at the bytes of a name
+/// of length 14 or 17 only.
+#[inline]
+pub fn is_framing_name_with_underscore(name: &[u8]) -> bool {
+    let want: &[u8] = match name.len() {
+        14 => b"content-length",
+        17 => b"transfer-encoding",
+        _ => return false,
+    };
+    let mut underscore = false;
+    for (a, b) in name.iter().zip(want) {
+        if *a == b'_' && *b == b'-' {
+            underscore = true;
+        } else if a.to_ascii_lowercase() != *b {
+            return false;
+        }
+    }
+    underscore
+}
+
 /// Splits a comma-separated field value into trimmed, non-empty elements (RFC 9110 §5.6.1).
 pub fn list_items(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
@@ -363,6 +386,34 @@ pub fn parse_content_length(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_names_with_underscores() {
+        for n in [
+            &b"Content_Length"[..],
+            b"content_length",
+            b"CONTENT_LENGTH",
+            b"Transfer_Encoding",
+            b"transfer_encoding",
+            b"TRANSFER_ENCODING",
+        ] {
+            assert!(is_framing_name_with_underscore(n), "{n:?}");
+        }
+        for n in [
+            &b"Content-Length"[..],
+            b"transfer-encoding",
+            b"Content_Length_",
+            b"Content_Lengt",
+            b"Content_Lengtx",
+            b"Transfer_Encodin_",
+            b"X_Length",
+            b"content__length",
+            b"_______________",
+            b"",
+        ] {
+            assert!(!is_framing_name_with_underscore(n), "{n:?}");
+        }
+    }
 
     #[test]
     fn content_length_values() {

@@ -237,6 +237,13 @@ impl RequestHead {
         }
     }
 
+    /// The request-target is in absolute-form (`http://a.test/x`): it is the target URI, its
+    /// scheme and authority included (RFC 9112 §3.2.2, §3.3).
+    #[inline]
+    pub fn is_absolute_form(&self) -> bool {
+        !matches!(self.bytes(self.target).first(), Some(b'/' | b'*'))
+    }
+
     pub fn host_bytes(&self) -> Option<&[u8]> {
         self.host.map(|h| self.bytes(h))
     }
@@ -365,7 +372,7 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
             // Kept, a `Content_Length` or `Transfer_Encoding` would reach a next hop that may
             // read `_` as `-` (CGI-style servers do) and frame by it, while this hop does not:
             // the two would split the bytes differently (RFC 9112 §6.3 item 3, §11.2).
-            if framing_name_with_underscore(name) {
+            if super::is_framing_name_with_underscore(name) {
                 return Err(ParseError::Bad(
                     "Content-Length or Transfer-Encoding spelled with an underscore",
                 ));
@@ -526,19 +533,6 @@ fn parse_head(buf: &[u8], limits: &Limits, out: &mut RequestHead) -> Result<Pars
         return Err(ParseError::MethodNotAllowed);
     }
     Ok(Parsed::Done(len))
-}
-
-/// Whether `name` (which holds an `_`) is `Content-Length` or `Transfer-Encoding` with `_` for
-/// some `-`, in any case.
-fn framing_name_with_underscore(name: &[u8]) -> bool {
-    let folds_to = |want: &[u8]| {
-        name.len() == want.len()
-            && name
-                .iter()
-                .zip(want)
-                .all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
-    };
-    folds_to(b"content-length") || folds_to(b"transfer-encoding")
 }
 
 /// httparse needs more bytes: fine while the limits allow them. (No earlier verdict on a long

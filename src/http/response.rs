@@ -5,7 +5,8 @@ use std::mem::MaybeUninit;
 use bytes::Bytes;
 
 use super::{
-    list_items, parse_content_length, trim_ows, ConnectionFlags, HeaderSpan, Span, Version,
+    is_framing_name_with_underscore, list_items, parse_content_length, trim_ows, ConnectionFlags,
+    HeaderSpan, Span, Version,
 };
 
 /// Most bytes accepted in an upstream response head.
@@ -155,10 +156,6 @@ pub fn parse_response(
         // refuses every other control byte but HTAB. `httparse_keeps_cr_lf_nul_out_of_values`
         // pins that; scanning each value again cost 7% of the proxy's instructions per request.
         debug_assert!(!value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)));
-        out.headers.push(HeaderSpan {
-            name: Span::of(buf, name),
-            value: Span::of(buf, value),
-        });
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_content_length(value)
                 .ok_or(RespError::Malformed("invalid Content-Length"))?;
@@ -178,7 +175,16 @@ pub fn parse_response(
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
             conn.add(value);
+        } else if is_framing_name_with_underscore(name) {
+            // Not framed by here, and left out of the head: every copy of it (the client's,
+            // the cache's, a 1xx passed on) is built from `headers`, and a next hop that
+            // reads `_` as `-` would frame by it (RFC 9112 §6.3 item 3, §11.2).
+            continue;
         }
+        out.headers.push(HeaderSpan {
+            name: Span::of(buf, name),
+            value: Span::of(buf, value),
+        });
     }
     // A transfer coding other than chunked (gzip, compress, deflate, an unknown one) is not
     // decoded here, and a client would take its bytes for the content itself (RFC 9112
@@ -305,6 +311,28 @@ mod tests {
     fn parse(raw: &[u8], head: bool) -> Result<Option<ResponseHead>, RespError> {
         let mut out = ResponseHead::default();
         Ok(parse_response(raw, head, &mut out)?.map(|_| out))
+    }
+
+    /// RFC 9112 §11.2: `Content_Length` / `Transfer_Encoding` lines (any case, `_` for any
+    /// `-`) neither frame the response nor stay in its head; other names with `_` stay.
+    #[test]
+    fn framing_names_spelled_with_underscores_are_left_out() {
+        let raw = b"HTTP/1.1 200 OK\r\nContent_Length: 40\r\nx-a: 1\r\nTRANSFER_ENCODING: chunked\r\ncontent-length: 4\r\nX_Length: 2\r\ntransfer_encoding: gzip\r\n\r\n";
+        let mut r = parse(raw, false).unwrap().unwrap();
+        r.raw = Bytes::copy_from_slice(raw);
+        assert_eq!(r.body, RespBody::Length(4));
+        assert_eq!(r.length_line, LengthLine::AsIs);
+        let names: Vec<&[u8]> = r.headers.iter().map(|h| r.bytes(h.name)).collect();
+        assert_eq!(names, [&b"x-a"[..], b"content-length", b"X_Length"]);
+        // Alone, it leaves the response close-delimited, as with no framing field at all.
+        let r = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer_Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.body, RespBody::Close);
+        assert!(r.headers.is_empty());
     }
 
     #[test]
