@@ -19,6 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{Config, DriverChoice};
 use crate::control::Control;
+use crate::local::IoWheel;
 use crate::proxy::{serve, ConnInfo, ListenerRt, Worker};
 use crate::ratelimit::HostBuckets;
 use crate::tls::{self, UpstreamTls};
@@ -26,7 +27,7 @@ use crate::upstream::health::HealthHub;
 use crate::{debug, info, warn};
 
 /// How often each worker reads the stop flag and the shared endpoint health.
-pub const SYNC_INTERVAL: Duration = Duration::from_millis(50);
+pub const SYNC_INTERVAL: Duration = crate::local::IO_TICK;
 
 /// How often the idle wheel ticks (see `crate::local::IdleWheel`).
 pub const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -738,15 +739,21 @@ async fn worker_main(
                 if ticks.is_multiple_of(IDLE_TICK_EVERY) {
                     w.idle_wheel.tick();
                 }
+                IoWheel::with(|iw| iw.advance(Instant::now()));
                 monoio::time::sleep(SYNC_INTERVAL).await;
             }
             w.shutdown.trigger();
             // Idle ticks go on during the drain: a connection accepted just before the
-            // shutdown counts its first request's grace in them (the task ends with the
-            // runtime).
+            // shutdown counts its first request's grace in them; so do the I/O deadlines'
+            // (the task ends with the runtime).
+            let mut drain_ticks = 0u32;
             loop {
-                monoio::time::sleep(IDLE_TICK).await;
-                w.idle_wheel.wake_all();
+                monoio::time::sleep(SYNC_INTERVAL).await;
+                IoWheel::with(|iw| iw.advance(Instant::now()));
+                drain_ticks = drain_ticks.wrapping_add(1);
+                if drain_ticks.is_multiple_of(IDLE_TICK_EVERY) {
+                    w.idle_wheel.wake_all();
+                }
             }
         });
     }

@@ -205,6 +205,14 @@ fn zero_means_no_total_deadline_and_other_values_are_checked() {
 fn an_upstream_that_stops_reading_the_body_is_cut_off_at_upstream_write() {
     // The upstream accepts and never reads: once the socket buffers are full, the gateway's
     // write waits, and upstream_write (not the client's pace) ends the wait with a 504.
+    // Under a second the wait is on a runtime timer; from a second on, on the worker's
+    // deadline wheel (`IoWheel`): both end it.
+    for t in ["300ms", "1s"] {
+        stalled_upstream_write(t);
+    }
+}
+
+fn stalled_upstream_write(t: &str) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let up = l.local_addr().expect("addr");
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -217,7 +225,7 @@ fn an_upstream_that_stops_reading_the_body_is_cut_off_at_upstream_write() {
     let gw = TestGateway::start(
         &config(
             &[up],
-            "[limits]\nmax_body_bytes = \"64MiB\"\n[timeouts]\nupstream_write = \"300ms\"\nupstream_response = \"300ms\"\n[[routes]]\nupstream = \"up\"\n",
+            &format!("[limits]\nmax_body_bytes = \"64MiB\"\n[timeouts]\nupstream_write = \"{t}\"\nupstream_response = \"{t}\"\n[[routes]]\nupstream = \"up\"\n"),
         ),
         DRIVERS[0],
     );
@@ -235,13 +243,92 @@ fn an_upstream_that_stops_reading_the_body_is_cut_off_at_upstream_write() {
     let r = c
         .read_response()
         .expect("an answer while the upstream stalls");
-    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.status, 504, "{t}: {}", r.text());
     assert_eq!(r.json()["error"], "upstream_timeout");
     assert_eq!(r.header("connection"), Some("close"));
     let _ = done_tx.send(());
     drop(c);
     writer.join().expect("writer");
     holder.join().expect("holder");
+}
+
+#[test]
+fn a_client_that_stops_reading_the_response_is_cut_off_at_client_write() {
+    // The client sends a request and never reads: once the socket buffers are full, the
+    // gateway's write to it waits, and client_write ends the wait. The relay then stops, and
+    // the upstream connection, in the middle of a body, is closed (the origin's write
+    // fails). Under a second the wait is on a runtime timer; from a second on, on the
+    // worker's deadline wheel (`IoWheel`).
+    for driver in DRIVERS {
+        for t in ["300ms", "1s"] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let up = l.local_addr().expect("addr");
+            let origin = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().expect("accept");
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = std::io::Read::read(&mut s, &mut b).expect("request");
+                    assert!(n > 0, "the request ended early");
+                    head.extend_from_slice(&b[..n]);
+                }
+                // A body far larger than any socket buffer; the origin gives up by itself if
+                // the gateway never lets go (the test then fails below).
+                s.set_write_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
+                let total: u64 = 1 << 30;
+                s.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n\r\n").as_bytes(),
+                )
+                .expect("head");
+                let chunk = vec![b'x'; 256 * 1024];
+                let mut sent = 0u64;
+                let err = loop {
+                    if let Err(e) = s.write_all(&chunk) {
+                        break e;
+                    }
+                    sent += chunk.len() as u64;
+                    assert!(sent < total, "the whole body went through an unread client");
+                };
+                err.kind()
+            });
+            let gw = TestGateway::start(
+                &config(
+                    &[up],
+                    &format!("[timeouts]\nclient_write = \"{t}\"\nupstream_body = \"60s\"\n[[routes]]\nupstream = \"up\"\n"),
+                ),
+                driver,
+            );
+            let mut c = Client::connect(gw.addr);
+            c.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n");
+            // Never read: the origin's write ends when the gateway closes its side.
+            let kind = origin.join().expect("origin");
+            assert!(
+                matches!(
+                    kind,
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ),
+                "{driver:?} {t}: the origin's write ended with {kind:?}, not the gateway's close"
+            );
+            // The client's connection is closed too: what it reads ends.
+            c.read_timeout(Duration::from_secs(30));
+            let mut sink = vec![0u8; 1 << 20];
+            loop {
+                match std::io::Read::read(&mut c.s, &mut sink) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        assert_eq!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionReset,
+                            "{driver:?} {t}: the client's connection stayed open"
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Sends `n` requests at once, each on its own client connection; all must succeed.

@@ -18,6 +18,7 @@ use monoio::net::TcpStream;
 use crate::error::{write_error_response_traced, GatewayError};
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, ALLOWED_METHODS};
+use crate::local::{timed, IoWheel, TimedOut};
 use crate::rewrite::connection_value;
 use crate::router::DirectResponse;
 use crate::server::IDLE_TICK;
@@ -267,7 +268,8 @@ impl<'a> IoTimer<'a> {
         max: usize,
         dur: Duration,
     ) -> Result<usize, IoFail> {
-        self.read_some_until(io, buf, max, due_in(dur)).await
+        let due = IoWheel::with(|w| w.due_in(dur)).flatten();
+        self.read_timed(io, buf, max, due, || due_in(dur)).await
     }
 
     /// [`read_some`], ending at `at` (one deadline for several reads).
@@ -278,21 +280,42 @@ impl<'a> IoTimer<'a> {
         max: usize,
         at: Instant,
     ) -> Result<usize, IoFail> {
+        let due = IoWheel::with(|w| w.due_at(at)).flatten();
+        self.read_timed(io, buf, max, due, || at).await
+    }
+
+    /// A read until the worker's [`IoWheel`] passes tick `due`, or else (`None`) until the
+    /// instant `at` gives, on the runtime's timer.
+    async fn read_timed<R: AsyncReadRent>(
+        &mut self,
+        io: &mut R,
+        buf: &mut BytesMut,
+        max: usize,
+        due: Option<u64>,
+        at: impl FnOnce() -> Instant,
+    ) -> Result<usize, IoFail> {
         buf.reserve(max);
         let b = std::mem::take(buf);
         let len = b.len();
         let end = len + max.min(b.capacity() - len);
-        let sleep = self.arm(at);
-        monoio::select! {
-            r = io.read(b.slice_mut(len..end)) => {
-                let (res, slice) = r;
-                *buf = slice.into_inner();
-                match res {
-                    Ok(0) => Err(IoFail::Eof),
-                    Ok(n) => Ok(n),
-                    Err(e) => Err(crate::tls::tls_failure(&e).map_or(IoFail::Io, IoFail::Tls)),
-                }
+        let mut read = |r: (std::io::Result<usize>, monoio::buf::SliceMut<BytesMut>)| {
+            let (res, slice) = r;
+            *buf = slice.into_inner();
+            match res {
+                Ok(0) => Err(IoFail::Eof),
+                Ok(n) => Ok(n),
+                Err(e) => Err(crate::tls::tls_failure(&e).map_or(IoFail::Io, IoFail::Tls)),
             }
+        };
+        if let Some(due) = due {
+            return match timed(io.read(b.slice_mut(len..end)), due).await {
+                Ok(r) => read(r),
+                Err(TimedOut) => Err(IoFail::Timeout),
+            };
+        }
+        let sleep = self.arm(at());
+        monoio::select! {
+            r = io.read(b.slice_mut(len..end)) => read(r),
             _ = sleep => Err(IoFail::Timeout),
         }
     }
@@ -304,6 +327,13 @@ impl<'a> IoTimer<'a> {
         buf: B,
         dur: Duration,
     ) -> Result<B, IoFail> {
+        if let Some(due) = IoWheel::with(|w| w.due_in(dur)).flatten() {
+            return match timed(io.write_all(buf), due).await {
+                Ok((Ok(_), b)) => Ok(b),
+                Ok((Err(_), _)) => Err(IoFail::Io),
+                Err(TimedOut) => Err(IoFail::Timeout),
+            };
+        }
         let sleep = self.arm(due_in(dur));
         monoio::select! {
             r = io.write_all(buf) => match r {
