@@ -5466,3 +5466,248 @@ fn rfc9211_2_5_stored_is_said_only_of_a_body_in_hand_when_the_head_goes_out() {
         assert_eq!(up.hits(), 1, "{d:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pieces: 206 responses stored (RFC 9111 §3.3) and ranges served from them (RFC 9110 §14.2).
+
+/// An origin of the representation `rep` with the header lines `fields`: a GET whose one
+/// `Range` is `bytes=a-b`, `bytes=a-` or `bytes=-n` (and whose `If-Range`, if any, is
+/// `if_range`) gets that part as a 206 with its Content-Range; any other request the whole
+/// as a 200 (no body for HEAD).
+fn ranged_origin(rep: Vec<u8>, fields: &'static str, if_range: &'static str) -> Upstream {
+    Upstream::start(move |req| {
+        let n = rep.len();
+        let ranges = req.headers_named("range");
+        let part = match ranges[..] {
+            [r] if req.method == "GET" && req.header("if-range").is_none_or(|v| v == if_range) => r
+                .strip_prefix("bytes=")
+                .and_then(|spec| spec.split_once('-'))
+                .and_then(|(a, b)| match (a.parse::<usize>(), b.parse::<usize>()) {
+                    (Ok(a), Ok(b)) => Some((a, b.min(n - 1))),
+                    (Ok(a), Err(_)) if b.is_empty() => Some((a, n - 1)),
+                    (Err(_), Ok(k)) if a.is_empty() => Some((n.saturating_sub(k), n - 1)),
+                    _ => None,
+                })
+                .filter(|(a, b)| a <= b && *b < n),
+            _ => None,
+        };
+        let (head, body) = match part {
+            Some((a, b)) => (
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\n{fields}content-range: bytes {a}-{b}/{n}\r\ncontent-length: {}\r\n\r\n",
+                    b - a + 1
+                ),
+                &rep[a..=b],
+            ),
+            None => (
+                format!("HTTP/1.1 200 OK\r\n{fields}content-length: {n}\r\n\r\n"),
+                &rep[..],
+            ),
+        };
+        let mut v = head.into_bytes();
+        if req.method != "HEAD" {
+            v.extend_from_slice(body);
+        }
+        Reply::Raw(v)
+    })
+}
+
+/// `r` is the part `body` of a 10-byte representation, `content_range` its one Content-Range.
+fn part(r: &Resp, body: &str, content_range: &str) {
+    assert_eq!((r.status, r.text().as_str()), (206, body), "{r:?}");
+    assert_eq!(r.all("content-range"), vec![content_range], "{r:?}");
+    assert_eq!(
+        r.header("content-length"),
+        Some(body.len().to_string().as_str())
+    );
+}
+
+/// RFC 9111 §3.3: a 206 with one `Content-Range: bytes a-b/N` is stored as a piece of its
+/// representation; a later GET whose one range lies wholly inside it is answered from it
+/// (RFC 9110 §14.2: 206, the part's Content-Range against the whole length, §14.4), with Age
+/// and the stored fields; a range it does not hold goes upstream.
+#[test]
+fn rfc9111_3_3_a_stored_206_answers_the_ranges_inside_it() {
+    for d in DRIVERS {
+        let up = ranged_origin(
+            b"0123456789".to_vec(),
+            "cache-control: max-age=60\r\netag: \"r\"\r\nx-origin: o\r\n",
+            "\"r\"",
+        );
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let r = get_h(gw.addr, "/p", "Range: bytes=2-7\r\n");
+        part(&r, "234567", "bytes 2-7/10");
+        assert!(status_of(&r).contains("stored"), "{d:?}: {r:?}");
+        for (range, body, cr) in [
+            ("bytes=2-7", "234567", "bytes 2-7/10"),
+            ("bytes=3-5", "345", "bytes 3-5/10"),
+            ("bytes=7-7", "7", "bytes 7-7/10"),
+            ("bytes=2-", "", ""),
+            ("bytes=3-4\r\nIf-Range: \"r\"", "34", "bytes 3-4/10"),
+        ] {
+            let r = get_h(gw.addr, "/p", &format!("Range: {range}\r\n"));
+            if body.is_empty() {
+                // `2-` is `2-9`: not all of it is stored.
+                assert!(status_of(&r).contains("fwd=uri-miss"), "{d:?}: {r:?}");
+                continue;
+            }
+            part(&r, body, cr);
+            assert!(status_of(&r).starts_with("ringway; hit"), "{d:?}: {r:?}");
+            assert!(r.has("age"), "{r:?}");
+            assert_eq!(r.header("etag"), Some("\"r\""));
+            assert_eq!(r.header("x-origin"), Some("o"));
+        }
+        assert_eq!(up.hits(), 2, "{d:?}");
+        // The range fetched last (2-9) answers what it holds.
+        part(
+            &get_h(gw.addr, "/p", "Range: bytes=-1\r\n"),
+            "9",
+            "bytes 9-9/10",
+        );
+        assert_eq!(up.hits(), 2, "{d:?}");
+        // RFC 9110 §13.2.2: the client's conditionals are answered from the piece's validators.
+        let r = get_h(
+            gw.addr,
+            "/p",
+            "Range: bytes=3-4\r\nIf-None-Match: \"r\"\r\n",
+        );
+        assert_eq!(r.status, 304, "{d:?}: {r:?}");
+        assert!(!r.has("content-range"), "{r:?}");
+        // Outside the piece, or If-Range naming another validator (§13.1.5: the whole
+        // representation is wanted): upstream.
+        let r = get_h(gw.addr, "/p", "Range: bytes=0-1\r\n");
+        part(&r, "01", "bytes 0-1/10");
+        assert!(status_of(&r).contains("fwd=uri-miss"), "{d:?}: {r:?}");
+        let r = get_h(gw.addr, "/p", "Range: bytes=3-4\r\nIf-Range: \"old\"\r\n");
+        assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+        assert_eq!(up.hits(), 4, "{d:?}");
+    }
+}
+
+/// RFC 9111 §3.3, §3.4: a stored piece answers only a GET with one range inside it, always as
+/// a 206: never a request without `Range`, a HEAD, several ranges or a unit other than bytes
+/// (all go upstream). A whole response stored for the URL answers any range before a piece.
+#[test]
+fn rfc9111_3_3_a_stored_piece_never_answers_as_a_200_nor_without_a_range() {
+    let up = ranged_origin(b"0123456789".to_vec(), "cache-control: max-age=60\r\n", "");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    part(
+        &get_h(gw.addr, "/p", "Range: bytes=2-7\r\n"),
+        "234567",
+        "bytes 2-7/10",
+    );
+    let head = |extra: &str| {
+        request(
+            gw.addr,
+            format!("HEAD /p HTTP/1.1\r\nHost: test.local\r\n{extra}\r\n").as_bytes(),
+        )
+    };
+    for extra in ["", "Range: bytes=3-4\r\n"] {
+        let r = head(extra);
+        assert_eq!((r.status, r.body.len()), (200, 0), "{extra}: {r:?}");
+        assert!(!status_of(&r).contains("hit"), "{extra}: {r:?}");
+    }
+    assert_eq!(up.hits(), 3);
+    for (extra, n) in [
+        ("Range: bytes=3-4\r\nRange: bytes=5-6\r\n", 4),
+        ("Range: bytes=3-4, 5-6\r\n", 5),
+        ("Range: items=3-4\r\n", 6),
+    ] {
+        let r = get_h(gw.addr, "/p", extra);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "0123456789"),
+            "{extra}: {r:?}"
+        );
+        assert!(!r.has("content-range"), "{extra}: {r:?}");
+        // (The 200 is stored; the next request of this loop is answered from it.)
+        if n == 4 {
+            assert!(status_of(&r).contains("fwd=uri-miss"), "{extra}: {r:?}");
+        } else {
+            assert!(status_of(&r).starts_with("ringway; hit"), "{extra}: {r:?}");
+        }
+    }
+    // The whole response answers any range now, before the piece.
+    let r = get_h(gw.addr, "/p", "Range: bytes=0-1\r\n");
+    part(&r, "01", "bytes 0-1/10");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    let r = get_h(gw.addr, "/p", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"));
+
+    // A 206 to a request without `Range` is not stored, and not served.
+    let up = Upstream::start(|_| {
+        Reply::Raw(
+            b"HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\ncontent-range: bytes 0-4/10\r\ncontent-length: 5\r\n\r\n01234"
+                .to_vec(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    for _ in 0..2 {
+        let r = get_h(gw.addr, "/q", "");
+        assert_eq!(r.status, 206);
+        assert!(status_of(&r).contains("detail=status"), "{r:?}");
+    }
+    assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9110 §14.4, §15.3.7, RFC 9111 §3.3: a 206 is stored only when its one `Content-Range`
+/// names a whole, known range exactly as long as its body. Hostile or broken values (the
+/// range longer or shorter than the body, an end before the start or past the length, an
+/// unknown length, numbers past 2^64, two lines, the unsatisfied form, `multipart/byteranges`,
+/// a chunked body) are relayed as they are, never stored, and never take the gateway down.
+#[test]
+fn rfc9110_14_4_hostile_content_range_values_are_never_stored() {
+    let cases: [(&str, &str); 12] = [
+        // The cache-tests suite's own 206: six bytes named, five sent.
+        ("content-range: bytes 4-9/10\r\ncontent-length: 5\r\n", "01234"),
+        ("content-range: bytes 0-4/10\r\ncontent-length: 4\r\n", "0123"),
+        ("content-range: bytes 5-4/10\r\ncontent-length: 1\r\n", "0"),
+        ("content-range: bytes 0-10/10\r\ncontent-length: 11\r\n", "01234567890"),
+        ("content-range: bytes 0-4/*\r\ncontent-length: 5\r\n", "01234"),
+        ("content-range: bytes */10\r\ncontent-length: 5\r\n", "01234"),
+        (
+            "content-range: bytes 0-18446744073709551615/18446744073709551616\r\ncontent-length: 5\r\n",
+            "01234",
+        ),
+        (
+            "content-range: bytes 18446744073709551614-18446744073709551618/99999999999999999999\r\ncontent-length: 5\r\n",
+            "01234",
+        ),
+        (
+            "content-range: bytes 0-4/10\r\ncontent-range: bytes 0-4/10\r\ncontent-length: 5\r\n",
+            "01234",
+        ),
+        (
+            "content-type: multipart/byteranges; boundary=x\r\ncontent-range: bytes 0-4/10\r\ncontent-length: 5\r\n",
+            "01234",
+        ),
+        ("content-length: 5\r\n", "01234"),
+        (
+            "content-range: bytes 0-4/10\r\ntransfer-encoding: chunked\r\n",
+            "5\r\n01234\r\n0\r\n\r\n",
+        ),
+    ];
+    for (fields, body) in cases {
+        let raw = format!(
+            "HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\n{fields}\r\n{body}"
+        );
+        let up = Upstream::start(move |_| Reply::Raw(raw.clone().into_bytes()));
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        for i in 1..=2 {
+            let mut c = Client::connect(gw.addr);
+            c.send(b"GET /h HTTP/1.1\r\nHost: test.local\r\nRange: bytes=0-4\r\nConnection: close\r\n\r\n");
+            // Relayed as it came (or cut, when its framing does not hold): never stored.
+            let r = c.read_response();
+            if let Some(r) = r {
+                assert_eq!(r.status, 206, "{fields}");
+                assert!(!status_of(&r).contains("stored"), "{fields}: {r:?}");
+            }
+            assert_eq!(up.hits(), i, "{fields}");
+        }
+        let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+        assert_eq!(stats[0].entries, 0, "{fields}: {stats:?}");
+        // The gateway still answers.
+        let r = get_h(gw.addr, "/h", "Range: bytes=0-4\r\n");
+        assert_eq!(r.status, 206, "{fields}");
+    }
+}

@@ -256,6 +256,14 @@ fn first_look<'k>(
             now,
         };
     }
+    // A stored piece (a 206) answers a range nothing whole answers; looked for only once
+    // the worker has stored one (one test on the miss's path until then).
+    if cache.has_pieces() {
+        if let Some(obj) = piece_for(cache, sent, keys, req, now) {
+            cache.count(|s| s.hits += 1);
+            return Look::Fresh { obj, now };
+        }
+    }
     if req.only_if_cached || head.method != Method::Get || cache.shared().is_some() {
         return Look::Other {
             hit: None,
@@ -1423,6 +1431,42 @@ fn analyze_response(
         cache,
         body_room,
         None,
+        false,
+        req_authorized,
+        request_time,
+        response_time,
+        |s| s,
+    )
+}
+
+/// [`analyze_response`] of a 206 that [`piece_range`] found storable as a piece (RFC 9111
+/// §3.3), its body whole (`Ok`) or `Err(room)` to come: screened as the 200 it is part of,
+/// its fields kept with its `Content-Range`.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+fn analyze_piece(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body: Result<&[u8], usize>,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    let (room, whole) = match body {
+        Ok(b) => (b.len(), Some(b)),
+        Err(room) => (room, None),
+    };
+    analyze_with(
+        p,
+        resp,
+        req,
+        cache,
+        room,
+        whole,
+        true,
         req_authorized,
         request_time,
         response_time,
@@ -1453,6 +1497,7 @@ fn analyze_whole(
         cache,
         body.len(),
         Some(body),
+        false,
         req_authorized,
         request_time,
         response_time,
@@ -1466,6 +1511,7 @@ fn analyze_whole(
 
 /// The analysis of [`analyze_response`], what passes it given to `finish`; `whole_body`: the
 /// body, when it came whole with the head (copied after the URL, in [`Storable::body`]).
+/// `piece`: the response is a 206 to store as a piece ([`analyze_piece`]).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn analyze_with<R>(
@@ -1475,6 +1521,7 @@ fn analyze_with<R>(
     cache: &WorkerCache,
     body_room: usize,
     whole_body: Option<&[u8]>,
+    piece: bool,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -1490,6 +1537,7 @@ fn analyze_with<R>(
             cache,
             body_room,
             whole_body,
+            piece,
             req_authorized,
             request_time,
             response_time,
@@ -1503,6 +1551,7 @@ fn analyze_with<R>(
         cache,
         body_room,
         whole_body,
+        piece,
         req_authorized,
         request_time,
         response_time,
@@ -1521,6 +1570,7 @@ fn analyze_listed<R>(
     cache: &WorkerCache,
     body_room: usize,
     whole_body: Option<&[u8]>,
+    piece: bool,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -1533,6 +1583,7 @@ fn analyze_listed<R>(
         cache,
         body_room,
         whole_body,
+        piece,
         req_authorized,
         request_time,
         response_time,
@@ -1551,6 +1602,7 @@ fn analyze_lines<const LISTED: bool, R>(
     cache: &WorkerCache,
     body_room: usize,
     whole_body: Option<&[u8]>,
+    piece: bool,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -1601,7 +1653,9 @@ fn analyze_lines<const LISTED: bool, R>(
         (&d, false)
     };
     if !screened_usual(resp.status, d, req_authorized) {
-        screen(resp.status, d, req_authorized)?;
+        // A piece (a 206 its caller checked, §3.3) is screened as the 200 it is part of.
+        let status = if piece { 200 } else { resp.status };
+        screen(status, d, req_authorized)?;
     }
     // Second pass: what the freshness calculation reads (`Seen`), and the lines stored, as
     // the parser's spans of them in the head (they are spans of its copy too).
@@ -2628,6 +2682,24 @@ async fn fill<'c, S: ClientIo>(
             Some(a) => {
                 if let Err(d) = keep_whole(cache, p, keys, a, &mut guard, &mut status) {
                     status.detail = Some(d);
+                    // A 206 may be stored as a piece (RFC 9111 §3.3); its flight's waiters
+                    // still go upstream alone (they wait for the whole response).
+                    if resp.status == 206 {
+                        let sent = sent(cfg, route, c, ctx);
+                        keep_piece(
+                            p,
+                            cache,
+                            &resp,
+                            &ch,
+                            req,
+                            &sent,
+                            keys,
+                            authorized,
+                            request_time,
+                            now,
+                            &mut status,
+                        );
+                    }
                 }
             }
             None => break 'whole Ok(ch),
@@ -2921,9 +2993,47 @@ async fn fetched<'c, S: ClientIo>(
                         now,
                     );
                     let mut charge = None;
+                    // The range of a 206 to store as a piece, and the piece's key.
+                    let mut piece = None;
+                    let piece_k: Vec<u8>;
                     let mut plan = match whole {
                         Some(a) => match keep_whole(cache, p, keys, a, &mut guard, status) {
                             Ok(()) => {
+                                return relay_as_is(
+                                    w,
+                                    cfg,
+                                    route,
+                                    group,
+                                    c,
+                                    ctx,
+                                    ch,
+                                    resp,
+                                    status,
+                                    Some(p),
+                                )
+                                .await;
+                            }
+                            Err(_)
+                                if resp.status == 206
+                                    && keep_piece(
+                                        p,
+                                        cache,
+                                        resp,
+                                        &ch,
+                                        req,
+                                        &sent(cfg, route, c, ctx),
+                                        keys,
+                                        authorized,
+                                        request_time,
+                                        now,
+                                        status,
+                                    ) =>
+                            {
+                                // Stored as a piece (RFC 9111 §3.3): the flight's waiters wait
+                                // for the whole response, and go upstream alone.
+                                if let Some(g) = guard.take() {
+                                    g.finish(FlightEnd::NotStorable);
+                                }
                                 return relay_as_is(
                                     w,
                                     cfg,
@@ -2947,17 +3057,35 @@ async fn fetched<'c, S: ClientIo>(
                             // stored: a body that does not fit streams through unstored.
                             charge = cache.charge_in_flight(body_room as u64);
                             let room = if charge.is_some() { body_room } else { 0 };
-                            analyze_response(
-                                p,
-                                resp,
-                                &ctx.head,
-                                cache,
-                                room,
-                                authorized,
-                                request_time,
-                                now,
-                            )
-                            .and_then(|s| {
+                            let analysed = if resp.status == 206 {
+                                // A piece (RFC 9111 §3.3), captured as it streams.
+                                std::hint::cold_path();
+                                piece_range(&ctx.head, resp).and_then(|cr| {
+                                    piece = Some(cr);
+                                    analyze_piece(
+                                        p,
+                                        resp,
+                                        &ctx.head,
+                                        cache,
+                                        Err(room),
+                                        authorized,
+                                        request_time,
+                                        now,
+                                    )
+                                })
+                            } else {
+                                analyze_response(
+                                    p,
+                                    resp,
+                                    &ctx.head,
+                                    cache,
+                                    room,
+                                    authorized,
+                                    request_time,
+                                    now,
+                                )
+                            };
+                            analysed.and_then(|s| {
                                 if charge.is_none() {
                                     return Err("in-flight-full");
                                 }
@@ -2965,8 +3093,14 @@ async fn fetched<'c, S: ClientIo>(
                             })
                         }
                     };
-                    // Borrowed from `keys`, which this request holds to the end.
-                    let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
+                    // Borrowed from `keys`, which this request holds to the end (or from
+                    // `piece_k`, a piece's).
+                    let mut key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
+                    if let (Some(_), Some(k)) = (piece, key) {
+                        std::hint::cold_path();
+                        piece_k = piece_key(k);
+                        key = Some(&piece_k[..]);
+                    }
                     if plan.is_ok() && key.is_none() {
                         plan = Err("no-consumer");
                     }
@@ -2984,9 +3118,7 @@ async fn fetched<'c, S: ClientIo>(
                         _ => known_len(resp).map(Some),
                     };
                     let flight = match (&mut plan, &guard, stream_len) {
-                        (Ok(s), Some(g), Some(len))
-                            if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
-                        {
+                        (Ok(s), Some(g), Some(len)) if key == Some(&keys.shared[..]) => {
                             // The fields (and Vary values) are lent to the stream while the
                             // fetch lasts, and taken back to be stored (not copied).
                             g.flight().publish(FlightStream {
@@ -3057,17 +3189,24 @@ async fn fetched<'c, S: ClientIo>(
                             ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
-                            let stored = store(
-                                cache,
-                                p,
-                                keys,
-                                k,
-                                &mut s,
-                                status_code,
-                                reason,
-                                t.finish(),
-                                vary,
-                            );
+                            let stored = match piece {
+                                None => store(
+                                    cache,
+                                    p,
+                                    keys,
+                                    k,
+                                    &mut s,
+                                    status_code,
+                                    reason,
+                                    t.finish(),
+                                    vary,
+                                ),
+                                Some(cr) => {
+                                    let body = t.finish();
+                                    let o = build_object(cache, &mut s, 206, reason, body, vary);
+                                    store_piece(cache, p, keys, k, o, cr)
+                                }
+                            };
                             // (Relayed already: its Cache-Status said stored. Its waiters
                             // go upstream themselves when it was not.)
                             end = if stored.is_ok() {
@@ -3461,6 +3600,9 @@ async fn answer<'c, S: ClientIo>(
     let mut code = o.status;
     let mut range: Option<(u64, u64)> = None;
     let len = o.body.len() as u64;
+    // The representation's length, and where the stored body starts in it (a piece's range,
+    // RFC 9111 §3.3; 0 for a whole response).
+    let (mut total, mut from) = (len, 0);
     if (200..300).contains(&o.status) {
         code = preconditions(&ctx.head, o).unwrap_or(o.status);
         if code == o.status && o.status == 200 && !head_only {
@@ -3475,6 +3617,14 @@ async fn answer<'c, S: ClientIo>(
                         RangeAnswer::Unsatisfiable => code = 416,
                     }
                 }
+            }
+        } else if code == 206 {
+            // A stored piece, found for a range it holds ([`piece_for`]): that part. (Were
+            // it not found, the piece would go as it was stored, its Content-Range with it.)
+            std::hint::cold_path();
+            if let Some((a, b, cr)) = piece_part(&ctx.head, o) {
+                range = Some((a, b));
+                (total, from) = (cr.complete, cr.first);
             }
         }
     }
@@ -3515,6 +3665,8 @@ async fn answer<'c, S: ClientIo>(
             .iter()
             .any(|s| n.eq_ignore_ascii_case(s)),
             412 | 416 => n.eq_ignore_ascii_case(b"date") || n.eq_ignore_ascii_case(b"cache-status"),
+            // The part's own Content-Range is written below (a piece stored one of its own).
+            206 if range.is_some() => !n.eq_ignore_ascii_case(b"content-range"),
             _ => true,
         };
         has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
@@ -3540,10 +3692,15 @@ async fn answer<'c, S: ClientIo>(
             wbuf.put_u8(b'-');
             put_u64(wbuf, b);
             wbuf.put_u8(b'/');
-            put_u64(wbuf, len);
+            put_u64(wbuf, total);
             wbuf.put_slice(b"\r\n");
+            // (`from <= a <= b` and the part within the body: `piece_part` checked a piece.)
+            let (a, b) = (
+                a.saturating_sub(from) as usize,
+                b.saturating_sub(from) as usize,
+            );
             o.body
-                .slice(a as usize..(b as usize).saturating_add(1).min(o.body.len()))
+                .slice(a.min(o.body.len())..b.saturating_add(1).min(o.body.len()))
         }
         (416, _) => {
             wbuf.put_slice(b"content-range: bytes */");
@@ -3870,6 +4027,192 @@ fn single_range(h: &RequestHead) -> Option<&[u8]> {
     let mut lines = h.header_values(b"range");
     let first = lines.next()?;
     lines.next().is_none().then_some(first)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces: 206 responses stored (RFC 9111 §3.3) and ranges served from them (RFC 9110 §14.2).
+//
+// A piece is stored as any response is (the same analysis, freshness, Vary, purges,
+// invalidations, byte budget and `max_object_bytes`), under its own key: the request's key
+// with its first byte `p` instead of the `u` every [`build_key`] key starts with, so that no
+// lookup for a whole response ever finds one, and a whole response stored for the URL is found
+// first (it answers any range). One piece per key and Vary values: a newer one replaces it.
+// Pieces are looked for only by a GET with one `Range` line that nothing whole answers, once
+// the worker has stored one ([`WorkerCache::has_pieces`]); they are not shared through Redis.
+
+/// The key of the pieces stored for the request key `k` (see above).
+fn piece_key(k: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(k.first(), Some(&b'u'));
+    let mut pk = k.to_vec();
+    if let Some(first) = pk.first_mut() {
+        *first = b'p';
+    }
+    pk
+}
+
+/// The range of a 206 that may be stored as a piece (RFC 9111 §3.3; RFC 9110 §14.4, §15.3.7):
+/// the answer to a GET with one `Range` line, with one `Content-Range` line that names a
+/// whole range of a representation of known length ([`policy::content_range`]) exactly as
+/// long as the body (its Content-Length: a chunked or close-delimited one is not stored), and
+/// not `multipart/byteranges` (several ranges, §14.6). `Err`: why not, for `Cache-Status`.
+fn piece_range(
+    req: &RequestHead,
+    resp: &ResponseHead,
+) -> Result<policy::ContentRange, &'static str> {
+    if req.method != Method::Get || single_range(req).is_none() {
+        return Err("status");
+    }
+    let mut lines = resp
+        .headers
+        .iter()
+        .filter(|h| resp.bytes(h.name).eq_ignore_ascii_case(b"content-range"))
+        .map(|h| resp.bytes(h.value));
+    let (Some(v), None) = (lines.next(), lines.next()) else {
+        return Err("content-range");
+    };
+    let cr = policy::content_range(v).ok_or("content-range")?;
+    if known_len(resp) != Some(cr.len()) {
+        return Err("content-range");
+    }
+    let multipart = resp.header(b"content-type").is_some_and(|t| {
+        let t = crate::http::trim_ows(t);
+        t.get(..20)
+            .is_some_and(|m| m.eq_ignore_ascii_case(b"multipart/byteranges"))
+    });
+    if multipart {
+        return Err("content-range");
+    }
+    Ok(cr)
+}
+
+/// Stores a 206 whose body came whole with its head as a piece, when it may be (see
+/// [`piece_range`], [`analyze_piece`]); what it says goes into `status` (`stored`, or why
+/// not). Whether it was stored.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+fn keep_piece(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    resp: &ResponseHead,
+    ch: &Chosen,
+    req: &Directives,
+    sent: &Sent<'_>,
+    keys: &Keys<'_>,
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+    status: &mut Status<'_>,
+) -> bool {
+    let kept = (|| {
+        if req.no_store {
+            return Err("request-no-store");
+        }
+        let cr = piece_range(sent.head, resp)?;
+        if cr.len() > p.max_object {
+            return Err("too-large");
+        }
+        let body = usize::try_from(cr.len())
+            .ok()
+            .and_then(|n| ch.up.rbuf.get(..n))
+            .ok_or("status")?;
+        let mut s = analyze_piece(
+            p,
+            resp,
+            sent.head,
+            cache,
+            Ok(body),
+            authorized,
+            request_time,
+            now,
+        )?;
+        let k = keys.store_key(p, s.public).ok_or("no-consumer")?;
+        let vary = vary_values(&s.vary, sent);
+        let body = std::mem::take(&mut s.body).freeze();
+        let obj = build_object(cache, &mut s, 206, reason_of(resp), body, vary);
+        store_piece(cache, p, keys, &piece_key(k), obj, cr)
+    })();
+    match kept {
+        Ok(()) => {
+            status.detail = None;
+            status.stored = true;
+            true
+        }
+        Err(d) => {
+            status.detail = Some(d);
+            false
+        }
+    }
+}
+
+/// Stores the piece `obj` (of the range `cr`) under the piece key `k`, unless its body is not
+/// that range's length or a purge or invalidation applied since the fetch began covers it (as
+/// [`store_object`]); not in Redis.
+fn store_piece(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    keys: &Keys<'_>,
+    k: &[u8],
+    obj: Rc<Object>,
+    cr: policy::ContentRange,
+) -> Result<(), &'static str> {
+    if obj.body.len() as u64 != cr.len() {
+        return Err("content-range");
+    }
+    match cache.purged_since(keys.purges.get(), &obj) {
+        None => {}
+        Some(true) => obj.invalid.set(true),
+        Some(false) => return Err("invalidated"),
+    }
+    cache.insert(k, obj, p.max_variants);
+    cache.note_piece();
+    Ok(())
+}
+
+/// The part of the stored piece `o` that the request's range asks for, in the
+/// representation's bytes, with the piece's range: when the request has one `Range` line
+/// (GET), its `If-Range` holds against the piece (§13.1.5), and the one range it names, taken
+/// against the representation's length, lies wholly inside the piece. `None` otherwise: the
+/// piece cannot answer (the request goes upstream).
+fn piece_part(h: &RequestHead, o: &Object) -> Option<(u64, u64, policy::ContentRange)> {
+    let r = single_range(h)?;
+    let cr = policy::content_range(policy::field(&o.fields, b"content-range")?)?;
+    if !if_range_holds(h, o) {
+        return None;
+    }
+    match policy::byte_range(r, cr.complete) {
+        RangeAnswer::Part(a, b) if cr.covers(a, b) => Some((a, b, cr)),
+        _ => None,
+    }
+}
+
+/// A stored piece that answers the request (a GET with one `Range` line) now: fresh, or stale
+/// as the client allows, and holding the range it asks for ([`piece_part`]).
+#[cold]
+#[inline(never)]
+fn piece_for(
+    cache: &WorkerCache,
+    sent: &Sent<'_>,
+    keys: &Keys<'_>,
+    req: &Directives,
+    now: u64,
+) -> Option<Rc<Object>> {
+    let h = sent.head;
+    if h.method != Method::Get || single_range(h).is_none() {
+        return None;
+    }
+    let own = keys.own.as_deref();
+    for k in std::iter::once(&keys.shared[..]).chain(own) {
+        let pk = piece_key(k);
+        let (Some(o), _) = cache.lookup(cache.key(&pk), sent) else {
+            continue;
+        };
+        if matches!(usable(&o, req, now), Use::Fresh | Use::StaleOk) && piece_part(h, &o).is_some()
+        {
+            return Some(o);
+        }
+    }
+    None
 }
 
 /// A small answer made by the cache itself (504 for `only-if-cached`, PURGE results).
