@@ -5573,14 +5573,12 @@ fn rfc9111_3_3_a_stored_206_answers_the_ranges_inside_it() {
         );
         assert_eq!(r.status, 304, "{d:?}: {r:?}");
         assert!(!r.has("content-range"), "{r:?}");
-        // Outside the piece, or If-Range naming another validator (§13.1.5: the whole
-        // representation is wanted): upstream.
-        let r = get_h(gw.addr, "/p", "Range: bytes=0-1\r\n");
-        part(&r, "01", "bytes 0-1/10");
-        assert!(status_of(&r).contains("fwd=uri-miss"), "{d:?}: {r:?}");
+        // If-Range naming another validator (§13.1.5: the whole representation is wanted):
+        // upstream.
         let r = get_h(gw.addr, "/p", "Range: bytes=3-4\r\nIf-Range: \"old\"\r\n");
         assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
-        assert_eq!(up.hits(), 4, "{d:?}");
+        assert!(status_of(&r).contains("fwd=uri-miss"), "{d:?}: {r:?}");
+        assert_eq!(up.hits(), 3, "{d:?}");
     }
 }
 
@@ -5709,5 +5707,148 @@ fn rfc9110_14_4_hostile_content_range_values_are_never_stored() {
         // The gateway still answers.
         let r = get_h(gw.addr, "/h", "Range: bytes=0-4\r\n");
         assert_eq!(r.status, 206, "{fields}");
+    }
+}
+
+/// RFC 9111 §3.3: a piece is stored as any response is: Vary selects it (§4.1), a purge
+/// removes it, an unsafe method's invalidation (§4.4) too, `max_object_bytes` bounds it,
+/// `no-store` and `private` keep it out (§3), and a stale one answers nothing (§4.2).
+#[test]
+fn rfc9111_3_3_pieces_follow_vary_purges_invalidations_and_the_object_bound() {
+    let up = ranged_origin(
+        b"0123456789".to_vec(),
+        "cache-control: max-age=60\r\nvary: accept-language\r\n",
+        "",
+    );
+    let (gw, api) = gateway_with_admin(up.addr);
+    let en = "Range: bytes=0-4\r\nAccept-Language: en\r\n";
+    let fr = "Range: bytes=0-4\r\nAccept-Language: fr\r\n";
+    let hit_part = |extra: &str| {
+        let r = get_h(gw.addr, "/v", extra);
+        part(&r, "01234", "bytes 0-4/10");
+        status_of(&r).starts_with("ringway; hit")
+    };
+    assert!(!hit_part(en));
+    assert!(hit_part(en));
+    assert!(!hit_part(fr));
+    assert!(hit_part(fr));
+    assert!(hit_part(en));
+    assert_eq!(up.hits(), 2);
+    let r = request(
+        api,
+        b"POST /cache/purge?url=test.local/v HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.json()["purged"], 2, "{}", r.text());
+    assert!(!hit_part(en));
+    assert!(hit_part(en));
+    let r = request(
+        gw.addr,
+        b"POST /v HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert!(!hit_part(en));
+    assert_eq!(up.hits(), 5);
+
+    // `max_object_bytes` bounds a piece as it bounds a whole response (streamed through).
+    let rep: Vec<u8> = (0..40 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    let up = ranged_origin(rep.clone(), "cache-control: max-age=60\r\n", "");
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "max_object_bytes = \"16KiB\"", ""),
+        D,
+    );
+    for _ in 0..2 {
+        let r = get_h(gw.addr, "/big", "Range: bytes=0-20479\r\n");
+        assert_eq!((r.status, &r.body[..]), (206, &rep[..20480]));
+        assert!(status_of(&r).contains("detail=too-large"), "{r:?}");
+    }
+    assert_eq!(up.hits(), 2);
+
+    // Never stored: `no-store`, `private`; stored but stale at once: `max-age=0`.
+    for cc in ["no-store", "private, max-age=60", "max-age=0"] {
+        let fields: &'static str = Box::leak(format!("cache-control: {cc}\r\n").into_boxed_str());
+        let up = ranged_origin(b"0123456789".to_vec(), fields, "");
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        for _ in 0..2 {
+            let r = get_h(gw.addr, "/n", "Range: bytes=0-4\r\n");
+            part(&r, "01234", "bytes 0-4/10");
+            assert!(!status_of(&r).contains("hit"), "{cc}: {r:?}");
+        }
+        assert_eq!(up.hits(), 2, "{cc}");
+    }
+}
+
+/// RFC 9111 §3.3 for a piece larger than the first read: captured as it streams to the
+/// client (never published to other requests waiting for the URL), stored, and a range
+/// inside it answered from the store.
+#[test]
+fn rfc9111_3_3_a_streamed_206_is_captured_and_answers_ranges_inside_it() {
+    for d in DRIVERS {
+        let rep: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+        let up = ranged_origin(rep.clone(), "cache-control: max-age=60\r\n", "");
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        let r = get_h(gw.addr, "/s", "Range: bytes=1000-150999\r\n");
+        assert_eq!(r.status, 206, "{d:?}");
+        assert!(r.body == rep[1000..151000], "{d:?}");
+        assert!(status_of(&r).contains("detail=streamed"), "{d:?}: {r:?}");
+        let r = get_h(gw.addr, "/s", "Range: bytes=2000-99999\r\n");
+        assert_eq!(r.status, 206, "{d:?}");
+        assert_eq!(r.header("content-range"), Some("bytes 2000-99999/204800"));
+        assert!(r.body == rep[2000..100000], "{d:?}");
+        assert!(status_of(&r).starts_with("ringway; hit"), "{d:?}: {r:?}");
+        // The whole representation is not what was stored: fetched.
+        let r = get_h(gw.addr, "/s", "");
+        assert!((r.status, r.body.len()) == (200, rep.len()), "{d:?}");
+        assert_eq!(up.hits(), 2, "{d:?}");
+    }
+}
+
+/// RFC 9111 §3.4, RFC 9110 §15.3.7.3: pieces of one representation (the same strong
+/// entity tag and complete length) that overlap or meet are combined into one, which answers
+/// ranges across both; once they hold the whole representation the cache has a complete 200
+/// that answers requests without `Range` too. Pieces with another or a weak tag, or none, are
+/// not combined: the newer replaces the older.
+#[test]
+fn rfc9111_3_4_pieces_with_one_strong_validator_are_combined() {
+    let up = ranged_origin(
+        b"0123456789".to_vec(),
+        "cache-control: max-age=60\r\netag: \"s\"\r\nx-v: 1\r\n",
+        "",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let g = |range: &str| get_h(gw.addr, "/c", &format!("Range: {range}\r\n"));
+    part(&g("bytes=2-4"), "234", "bytes 2-4/10");
+    part(&g("bytes=5-6"), "56", "bytes 5-6/10");
+    assert_eq!(up.hits(), 2);
+    let r = g("bytes=3-6");
+    part(&r, "3456", "bytes 3-6/10");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert_eq!(r.header("x-v"), Some("1"));
+    // Apart (7 is missing): not combined, the newer replaces the older.
+    part(&g("bytes=8-9"), "89", "bytes 8-9/10");
+    assert!(!status_of(&g("bytes=2-4")).contains("hit"));
+    assert_eq!(up.hits(), 4);
+    // 2-4 and then 5-9 meet 2-4, 0-1 the union: the whole representation, a 200.
+    part(&g("bytes=5-9"), "56789", "bytes 5-9/10");
+    part(&g("bytes=0-1"), "01", "bytes 0-1/10");
+    assert_eq!(up.hits(), 6);
+    let r = get_h(gw.addr, "/c", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert!(!r.has("content-range"), "{r:?}");
+    assert_eq!(r.header("etag"), Some("\"s\""));
+    part(&g("bytes=1-8"), "12345678", "bytes 1-8/10");
+    assert_eq!(up.hits(), 6);
+
+    for etag in ["etag: W/\"w\"\r\n", ""] {
+        let fields: &'static str =
+            Box::leak(format!("cache-control: max-age=60\r\n{etag}").into_boxed_str());
+        let up = ranged_origin(b"0123456789".to_vec(), fields, "");
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        let g = |range: &str| get_h(gw.addr, "/w", &format!("Range: {range}\r\n"));
+        part(&g("bytes=2-4"), "234", "bytes 2-4/10");
+        part(&g("bytes=5-6"), "56", "bytes 5-6/10");
+        let r = g("bytes=3-6");
+        assert!(!status_of(&r).contains("hit"), "{etag}: {r:?}");
+        assert_eq!(up.hits(), 3, "{etag}");
     }
 }

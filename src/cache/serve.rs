@@ -3209,7 +3209,8 @@ async fn fetched<'c, S: ClientIo>(
                             };
                             // (Relayed already: its Cache-Status said stored. Its waiters
                             // go upstream themselves when it was not.)
-                            end = if stored.is_ok() {
+                            // (A piece is not what the flight's waiters wait for.)
+                            end = if stored.is_ok() && piece.is_none() {
                                 FlightEnd::Stored
                             } else {
                                 FlightEnd::NotStorable
@@ -4147,7 +4148,10 @@ fn keep_piece(
 
 /// Stores the piece `obj` (of the range `cr`) under the piece key `k`, unless its body is not
 /// that range's length or a purge or invalidation applied since the fetch began covers it (as
-/// [`store_object`]); not in Redis.
+/// [`store_object`]); not in Redis. Combined first with the piece stored for the same Vary
+/// values when both are of one representation ([`combine_pieces`], RFC 9111 §3.4); a
+/// combination that holds the whole representation is stored as the complete 200 it is, under
+/// the request's key (RFC 9110 §15.3.7.3).
 fn store_piece(
     cache: &WorkerCache,
     p: &RoutePolicy,
@@ -4164,9 +4168,117 @@ fn store_piece(
         Some(true) => obj.invalid.set(true),
         Some(false) => return Err("invalidated"),
     }
+    let stored = cache.get(k).unwrap_or_default();
+    let older = stored.iter().find(|o| o.vary == obj.vary);
+    let (obj, cr) = match older.and_then(|o| combine_pieces(cache, p, o, &obj, cr)) {
+        Some(combined) => combined,
+        None => (obj, cr),
+    };
+    if cr.first == 0 && cr.len() == cr.complete {
+        let whole = whole_of_piece(cache, &obj).ok_or("too-large")?;
+        let mut full = k.to_vec();
+        full[0] = b'u';
+        return store_object(cache, p, keys, &full, whole);
+    }
     cache.insert(k, obj, p.max_variants);
     cache.note_piece();
     Ok(())
+}
+
+/// The piece `new` (of the range `cr`) combined with the stored piece `old` of the same key
+/// and Vary values (RFC 9111 §3.4, RFC 9110 §15.3.7.3): when both carry the same strong
+/// entity tag and the same complete length, neither is soft-purged, their ranges overlap or
+/// meet, and the union is within `max_object_bytes`. The union's bytes (the new response's
+/// where both have them), the new response's fields with those only the older had (§3.2,
+/// Content-Range for the union), status, timing and surrogate keys. `None`: not combined
+/// (the new piece replaces the older).
+fn combine_pieces(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    old: &Object,
+    new: &Object,
+    cr: policy::ContentRange,
+) -> Option<(Rc<Object>, policy::ContentRange)> {
+    let oc = policy::content_range(policy::field(&old.fields, b"content-range")?)?;
+    let same = matches!((old.etag(), new.etag()), (Some(a), Some(b)) if policy::strong_match(a, b));
+    // (`last < complete`: `last + 1` does not overflow.)
+    let meet = oc.first <= cr.last + 1 && cr.first <= oc.last + 1;
+    if !same || oc.complete != cr.complete || !meet || old.invalid.get() || new.invalid.get() {
+        return None;
+    }
+    let union = policy::ContentRange {
+        first: oc.first.min(cr.first),
+        last: oc.last.max(cr.last),
+        complete: cr.complete,
+    };
+    if union.len() > p.max_object {
+        return None;
+    }
+    let mut body = BytesMut::with_capacity(usize::try_from(union.len()).ok()?);
+    if oc.first < cr.first {
+        body.extend_from_slice(old.body.get(..usize::try_from(cr.first - oc.first).ok()?)?);
+    }
+    body.extend_from_slice(&new.body);
+    if oc.last > cr.last {
+        body.extend_from_slice(
+            old.body
+                .get(usize::try_from(cr.last + 1 - oc.first).ok()?..)?,
+        );
+    }
+    if body.len() as u64 != union.len() {
+        return None;
+    }
+    let value = format!("bytes {}-{}/{}", union.first, union.last, union.complete);
+    let is_cr = |n: &[u8]| n.eq_ignore_ascii_case(b"content-range");
+    let has = |n: &[u8]| new.fields.iter().any(|(m, _)| m.eq_ignore_ascii_case(n));
+    let fields = Fields::from_pairs(
+        new.fields
+            .iter()
+            .filter(|(n, _)| !is_cr(n))
+            .chain(old.fields.iter().filter(|(n, _)| !is_cr(n) && !has(n)))
+            .chain(std::iter::once((&b"content-range"[..], value.as_bytes()))),
+    )?;
+    let obj = cache.new_object(|o| {
+        put_parts(
+            o,
+            206,
+            new.reason.clone(),
+            fields,
+            body.freeze(),
+            new.t,
+            new.url.clone(),
+            new.tags.clone(),
+            new.vary.clone(),
+        )
+    });
+    obj.invalid.set(new.invalid.get());
+    Some((obj, union))
+}
+
+/// The complete 200 that a piece holding the whole representation is (RFC 9110 §15.3.7.3):
+/// its fields without Content-Range, its body (then as long as its Content-Length says).
+fn whole_of_piece(cache: &WorkerCache, piece: &Object) -> Option<Rc<Object>> {
+    let fields = Fields::from_pairs(
+        piece
+            .fields
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case(b"content-range")),
+    )?;
+    let obj = cache.new_object(|o| {
+        put_parts(
+            o,
+            200,
+            Bytes::from_static(reason_phrase(200).as_bytes()),
+            fields,
+            piece.body.clone(),
+            piece.t,
+            piece.url.clone(),
+            piece.tags.clone(),
+            piece.vary.clone(),
+        )
+    });
+    obj.invalid.set(piece.invalid.get());
+    Some(obj)
 }
 
 /// The part of the stored piece `o` that the request's range asks for, in the
