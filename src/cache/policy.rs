@@ -898,8 +898,8 @@ pub struct ContentRange {
 
 impl ContentRange {
     /// How many bytes the range holds (`last - first + 1`, which [`content_range`] checked
-    /// fits).
-    pub fn len(&self) -> u64 {
+    /// fits; never 0).
+    pub fn bytes(&self) -> u64 {
         self.last - self.first + 1
     }
 
@@ -1877,9 +1877,9 @@ mod tests {
         assert_eq!(content_range(b"bytes 0-4/10"), cr(0, 4, 10));
         assert_eq!(content_range(b"Bytes 5-9/10"), cr(5, 9, 10));
         assert_eq!(content_range(b" bytes 9-9/10 "), cr(9, 9, 10));
-        assert_eq!(content_range(b"bytes 0-4/10").map(|c| c.len()), Some(5));
+        assert_eq!(content_range(b"bytes 0-4/10").map(|c| c.bytes()), Some(5));
         assert_eq!(
-            content_range(b"bytes 0-9999999999999999998/9999999999999999999").map(|c| c.len()),
+            content_range(b"bytes 0-9999999999999999998/9999999999999999999").map(|c| c.bytes()),
             Some(9_999_999_999_999_999_999)
         );
         for bad in [

@@ -4072,7 +4072,7 @@ fn piece_range(
         return Err("content-range");
     };
     let cr = policy::content_range(v).ok_or("content-range")?;
-    if known_len(resp) != Some(cr.len()) {
+    if known_len(resp) != Some(cr.bytes()) {
         return Err("content-range");
     }
     let multipart = resp.header(b"content-type").is_some_and(|t| {
@@ -4087,8 +4087,8 @@ fn piece_range(
 }
 
 /// Stores a 206 whose body came whole with its head as a piece, when it may be (see
-/// [`piece_range`], [`analyze_piece`]); what it says goes into `status` (`stored`, or why
-/// not). Whether it was stored.
+/// [`piece_whole`]); what it says goes into `status` (`stored`, or why not). Whether it was
+/// stored.
 #[allow(clippy::too_many_arguments)]
 #[cold]
 #[inline(never)]
@@ -4105,34 +4105,18 @@ fn keep_piece(
     now: u64,
     status: &mut Status<'_>,
 ) -> bool {
-    let kept = (|| {
-        if req.no_store {
-            return Err("request-no-store");
-        }
-        let cr = piece_range(sent.head, resp)?;
-        if cr.len() > p.max_object {
-            return Err("too-large");
-        }
-        let body = usize::try_from(cr.len())
-            .ok()
-            .and_then(|n| ch.up.rbuf.get(..n))
-            .ok_or("status")?;
-        let mut s = analyze_piece(
-            p,
-            resp,
-            sent.head,
-            cache,
-            Ok(body),
-            authorized,
-            request_time,
-            now,
-        )?;
-        let k = keys.store_key(p, s.public).ok_or("no-consumer")?;
-        let vary = vary_values(&s.vary, sent);
-        let body = std::mem::take(&mut s.body).freeze();
-        let obj = build_object(cache, &mut s, 206, reason_of(resp), body, vary);
-        store_piece(cache, p, keys, &piece_key(k), obj, cr)
-    })();
+    let kept = piece_whole(
+        p,
+        cache,
+        resp,
+        ch,
+        req,
+        sent,
+        keys,
+        authorized,
+        request_time,
+        now,
+    );
     match kept {
         Ok(()) => {
             status.detail = None;
@@ -4144,6 +4128,49 @@ fn keep_piece(
             false
         }
     }
+}
+
+/// [`keep_piece`]'s work: the range ([`piece_range`]), the analysis ([`analyze_piece`]), the
+/// object and its store ([`store_piece`]), or why not.
+#[allow(clippy::too_many_arguments)]
+fn piece_whole(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    resp: &ResponseHead,
+    ch: &Chosen,
+    req: &Directives,
+    sent: &Sent<'_>,
+    keys: &Keys<'_>,
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+) -> Result<(), &'static str> {
+    if req.no_store {
+        return Err("request-no-store");
+    }
+    let cr = piece_range(sent.head, resp)?;
+    if cr.bytes() > p.max_object {
+        return Err("too-large");
+    }
+    let body = usize::try_from(cr.bytes())
+        .ok()
+        .and_then(|n| ch.up.rbuf.get(..n))
+        .ok_or("status")?;
+    let mut s = analyze_piece(
+        p,
+        resp,
+        sent.head,
+        cache,
+        Ok(body),
+        authorized,
+        request_time,
+        now,
+    )?;
+    let k = keys.store_key(p, s.public).ok_or("no-consumer")?;
+    let vary = vary_values(&s.vary, sent);
+    let body = std::mem::take(&mut s.body).freeze();
+    let obj = build_object(cache, &mut s, 206, reason_of(resp), body, vary);
+    store_piece(cache, p, keys, &piece_key(k), obj, cr)
 }
 
 /// Stores the piece `obj` (of the range `cr`) under the piece key `k`, unless its body is not
@@ -4160,7 +4187,7 @@ fn store_piece(
     obj: Rc<Object>,
     cr: policy::ContentRange,
 ) -> Result<(), &'static str> {
-    if obj.body.len() as u64 != cr.len() {
+    if obj.body.len() as u64 != cr.bytes() {
         return Err("content-range");
     }
     match cache.purged_since(keys.purges.get(), &obj) {
@@ -4174,7 +4201,7 @@ fn store_piece(
         Some(combined) => combined,
         None => (obj, cr),
     };
-    if cr.first == 0 && cr.len() == cr.complete {
+    if cr.first == 0 && cr.bytes() == cr.complete {
         let whole = whole_of_piece(cache, &obj).ok_or("too-large")?;
         let mut full = k.to_vec();
         full[0] = b'u';
@@ -4211,10 +4238,10 @@ fn combine_pieces(
         last: oc.last.max(cr.last),
         complete: cr.complete,
     };
-    if union.len() > p.max_object {
+    if union.bytes() > p.max_object {
         return None;
     }
-    let mut body = BytesMut::with_capacity(usize::try_from(union.len()).ok()?);
+    let mut body = BytesMut::with_capacity(usize::try_from(union.bytes()).ok()?);
     if oc.first < cr.first {
         body.extend_from_slice(old.body.get(..usize::try_from(cr.first - oc.first).ok()?)?);
     }
@@ -4225,7 +4252,7 @@ fn combine_pieces(
                 .get(usize::try_from(cr.last + 1 - oc.first).ok()?..)?,
         );
     }
-    if body.len() as u64 != union.len() {
+    if body.len() as u64 != union.bytes() {
         return None;
     }
     let value = format!("bytes {}-{}/{}", union.first, union.last, union.complete);
