@@ -5838,6 +5838,13 @@ fn rfc9111_3_4_pieces_with_one_strong_validator_are_combined() {
     assert_eq!(r.header("etag"), Some("\"s\""));
     part(&g("bytes=1-8"), "12345678", "bytes 1-8/10");
     assert_eq!(up.hits(), 6);
+    // One piece that holds the whole representation is the complete 200 too.
+    let g = |range: &str| get_h(gw.addr, "/d", &format!("Range: {range}\r\n"));
+    part(&g("bytes=0-"), "0123456789", "bytes 0-9/10");
+    let r = get_h(gw.addr, "/d", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert_eq!(up.hits(), 7);
 
     for etag in ["etag: W/\"w\"\r\n", ""] {
         let fields: &'static str =
@@ -5851,4 +5858,30 @@ fn rfc9111_3_4_pieces_with_one_strong_validator_are_combined() {
         assert!(!status_of(&r).contains("hit"), "{etag}: {r:?}");
         assert_eq!(up.hits(), 3, "{etag}");
     }
+}
+
+/// RFC 9111 §3.3, §4.3.1: a validation of a stored whole response goes without the client's
+/// `Range`; a 206 that answers it is no piece of anything asked for: relayed, never stored.
+#[test]
+fn rfc9111_3_3_a_206_to_a_validation_is_not_stored() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        let raw: &[u8] = if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"v\"\r\ncontent-length: 10\r\n\r\n0123456789"
+        } else {
+            b"HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"v\"\r\ncontent-range: bytes 0-4/10\r\ncontent-length: 5\r\n\r\n01234"
+        };
+        Reply::Raw(raw.to_vec())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/v").text(), "0123456789");
+    let r = get_h(gw.addr, "/v", "Range: bytes=0-4\r\n");
+    assert_eq!((r.status, r.text().as_str()), (206, "01234"), "{r:?}");
+    let sent = up.last();
+    assert_eq!(sent.header("if-none-match"), Some("\"v\""));
+    assert_eq!(sent.header("range"), None);
+    assert!(!status_of(&r).contains("stored"), "{r:?}");
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert_eq!(stats[0].entries, 1, "{stats:?}");
 }

@@ -3015,6 +3015,7 @@ async fn fetched<'c, S: ClientIo>(
                             }
                             Err(_)
                                 if resp.status == 206
+                                    && !validating
                                     && keep_piece(
                                         p,
                                         cache,
@@ -3057,7 +3058,9 @@ async fn fetched<'c, S: ClientIo>(
                             // stored: a body that does not fit streams through unstored.
                             charge = cache.charge_in_flight(body_room as u64);
                             let room = if charge.is_some() { body_room } else { 0 };
-                            let analysed = if resp.status == 206 {
+                            // (A validation went without the client's `Range`: its 206
+                            // is no piece of what was asked.)
+                            let analysed = if resp.status == 206 && !validating {
                                 // A piece (RFC 9111 §3.3), captured as it streams.
                                 std::hint::cold_path();
                                 piece_range(&ctx.head, resp).and_then(|cr| {
