@@ -1353,6 +1353,9 @@ pub struct WorkerCache {
     invalidated_lens: Cell<u64>,
     /// The bytes of bodies captured to be stored, while they arrive.
     in_flight: Rc<InFlight>,
+    /// A piece of a representation (a 206, RFC 9111 §3.3) was stored here once: until then a
+    /// miss does not look at its `Range` for one (see `serve::piece_lookup`).
+    pieces: Cell<bool>,
 }
 
 /// One worker's bytes of bodies being captured for the store ([`Tee`]), which the store's
@@ -1446,7 +1449,19 @@ impl WorkerCache {
             control: OnceLock::new(),
             shared: OnceLock::new(),
             worker,
+            pieces: Cell::new(false),
         })
+    }
+
+    /// Whether a piece of a representation (a 206) was ever stored here.
+    #[inline(always)]
+    pub(crate) fn has_pieces(&self) -> bool {
+        self.pieces.get()
+    }
+
+    /// Notes that a piece was stored ([`WorkerCache::has_pieces`]).
+    pub(crate) fn note_piece(&self) {
+        self.pieces.set(true);
     }
 
     /// Holds `n` bytes of a body about to be captured for the store against the worker's

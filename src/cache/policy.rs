@@ -887,6 +887,63 @@ pub fn byte_range(range: &[u8], len: u64) -> RangeAnswer {
     }
 }
 
+/// The byte range a single-part 206 carries (RFC 9110 §14.4): bytes `first..=last` of a
+/// representation of `complete` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContentRange {
+    pub first: u64,
+    pub last: u64,
+    pub complete: u64,
+}
+
+impl ContentRange {
+    /// How many bytes the range holds (`last - first + 1`, which [`content_range`] checked
+    /// fits; never 0).
+    pub fn bytes(&self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    /// Whether `first..=last` of the representation lies wholly inside this range.
+    pub fn covers(&self, first: u64, last: u64) -> bool {
+        self.first <= first && last <= self.last
+    }
+}
+
+/// A `Content-Range` value that describes one stored piece: `bytes first-last/complete`
+/// (RFC 9110 §14.4, the unit case-insensitive, §14.1), with `first <= last < complete`. `None`
+/// for anything else: another unit, an unknown complete length (`*`), the unsatisfied form
+/// (`*/N`), a range that ends before it starts or past the representation, numbers of more
+/// than 19 digits, or any other byte (whitespace inside the value included).
+pub fn content_range(v: &[u8]) -> Option<ContentRange> {
+    let v = trim_ows(v);
+    let rest = v
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case(b"bytes "))
+        .map(|_| &v[6..])?;
+    let dash = rest.iter().position(|b| *b == b'-')?;
+    let slash = rest.iter().position(|b| *b == b'/')?;
+    if slash < dash {
+        return None;
+    }
+    let number = |s: &[u8]| -> Option<u64> {
+        if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        s.iter().try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+    };
+    let first = number(&rest[..dash])?;
+    let last = number(&rest[dash + 1..slash])?;
+    let complete = number(&rest[slash + 1..])?;
+    // (`last < complete` bounds `last - first + 1` below u64::MAX.)
+    (first <= last && last < complete).then_some(ContentRange {
+        first,
+        last,
+        complete,
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Vary (§4.1).
 
@@ -1806,6 +1863,88 @@ mod tests {
         );
         assert_eq!(parse_http_date(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
         assert_eq!(parse_http_date(&[0; IMF_FIXDATE_LEN]), None);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2048,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// RFC 9110 §14.4: whatever an upstream sends as `Content-Range` (pieces of the
+        /// grammar, digits past 2^64, any bytes), the parse never panics, and what it accepts
+        /// is a range with `first <= last < complete` that reads back the same when written
+        /// out.
+        #[test]
+        fn content_range_takes_only_whole_known_ranges(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "bytes ", "Bytes ", "bytes", " ", "-", "/", "*", "0", "5", "9", "10",
+                "18446744073709551615", "18446744073709551616", "9999999999999999999", ",",
+                "\t", "=", "+", "\u{1}",
+            ]), 0..9),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24),
+        ) {
+            for v in [parts.concat().into_bytes(), noise] {
+                if let Some(c) = content_range(&v) {
+                    proptest::prop_assert!(c.first <= c.last && c.last < c.complete);
+                    proptest::prop_assert!(c.bytes() >= 1);
+                    let again = format!("bytes {}-{}/{}", c.first, c.last, c.complete);
+                    proptest::prop_assert_eq!(content_range(again.as_bytes()), Some(c));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn content_range_rfc9110_14_4_is_one_whole_known_range_or_none() {
+        let cr = |f, l, c| {
+            Some(ContentRange {
+                first: f,
+                last: l,
+                complete: c,
+            })
+        };
+        assert_eq!(content_range(b"bytes 0-4/10"), cr(0, 4, 10));
+        assert_eq!(content_range(b"Bytes 5-9/10"), cr(5, 9, 10));
+        assert_eq!(content_range(b" bytes 9-9/10 "), cr(9, 9, 10));
+        assert_eq!(content_range(b"bytes 0-4/10").map(|c| c.bytes()), Some(5));
+        assert_eq!(
+            content_range(b"bytes 0-9999999999999999998/9999999999999999999").map(|c| c.bytes()),
+            Some(9_999_999_999_999_999_999)
+        );
+        for bad in [
+            &b"bytes 0-4/*"[..],
+            b"bytes */10",
+            b"bytes 5-4/10",
+            b"bytes 0-10/10",
+            b"bytes 0-4/0",
+            b"items 0-4/10",
+            b"bytes=0-4/10",
+            b"bytes  0-4/10",
+            b"bytes 0 -4/10",
+            b"bytes 0-4 /10",
+            b"bytes -4/10",
+            b"bytes 0-/10",
+            b"bytes 0-4/",
+            b"bytes 0/4-10",
+            b"bytes 0-4/10/12",
+            b"bytes 0-4-5/10",
+            b"bytes +0-4/10",
+            b"bytes 0-4/99999999999999999999",
+            b"bytes 0-4/18446744073709551616",
+            b"bytes 0-4/18446744073709551615",
+            b"bytes 0-1,3-4/10",
+            b"bytes",
+            b"",
+        ] {
+            assert_eq!(
+                content_range(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -269,6 +269,14 @@ fn first_look<'k>(
             now,
         };
     }
+    // A stored piece (a 206) answers a range nothing whole answers; looked for only once
+    // the worker has stored one (one test on the miss's path until then).
+    if cache.has_pieces() {
+        if let Some(obj) = piece_for(cache, sent, keys, req, now) {
+            cache.count(|s| s.hits += 1);
+            return Look::Fresh { obj, now };
+        }
+    }
     if req.only_if_cached || head.method != Method::Get || cache.shared().is_some() {
         return Look::Other {
             hit: None,
@@ -1460,6 +1468,42 @@ fn analyze_response(
         cache,
         body_room,
         None,
+        false,
+        req_authorized,
+        request_time,
+        response_time,
+        |s| s,
+    )
+}
+
+/// [`analyze_response`] of a 206 that [`piece_range`] found storable as a piece (RFC 9111
+/// §3.3), its body whole (`Ok`) or `Err(room)` to come: screened as the 200 it is part of,
+/// its fields kept with its `Content-Range`.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+fn analyze_piece(
+    p: &RoutePolicy,
+    resp: &ResponseHead,
+    req: &RequestHead,
+    cache: &WorkerCache,
+    body: Result<&[u8], usize>,
+    req_authorized: bool,
+    request_time: u64,
+    response_time: u64,
+) -> Result<Storable, &'static str> {
+    let (room, whole) = match body {
+        Ok(b) => (b.len(), Some(b)),
+        Err(room) => (room, None),
+    };
+    analyze_with(
+        p,
+        resp,
+        req,
+        cache,
+        room,
+        whole,
+        true,
         req_authorized,
         request_time,
         response_time,
@@ -1490,6 +1534,7 @@ fn analyze_whole(
         cache,
         body.len(),
         Some(body),
+        false,
         req_authorized,
         request_time,
         response_time,
@@ -1503,6 +1548,7 @@ fn analyze_whole(
 
 /// The analysis of [`analyze_response`], what passes it given to `finish`; `whole_body`: the
 /// body, when it came whole with the head (copied after the URL, in [`Storable::body`]).
+/// `piece`: the response is a 206 to store as a piece ([`analyze_piece`]).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn analyze_with<R>(
@@ -1512,6 +1558,7 @@ fn analyze_with<R>(
     cache: &WorkerCache,
     body_room: usize,
     whole_body: Option<&[u8]>,
+    piece: bool,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -1527,6 +1574,7 @@ fn analyze_with<R>(
             cache,
             body_room,
             whole_body,
+            piece,
             req_authorized,
             request_time,
             response_time,
@@ -1540,6 +1588,7 @@ fn analyze_with<R>(
         cache,
         body_room,
         whole_body,
+        piece,
         req_authorized,
         request_time,
         response_time,
@@ -1558,6 +1607,7 @@ fn analyze_listed<R>(
     cache: &WorkerCache,
     body_room: usize,
     whole_body: Option<&[u8]>,
+    piece: bool,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -1570,6 +1620,7 @@ fn analyze_listed<R>(
         cache,
         body_room,
         whole_body,
+        piece,
         req_authorized,
         request_time,
         response_time,
@@ -1588,6 +1639,7 @@ fn analyze_lines<const LISTED: bool, R>(
     cache: &WorkerCache,
     body_room: usize,
     whole_body: Option<&[u8]>,
+    piece: bool,
     req_authorized: bool,
     request_time: u64,
     response_time: u64,
@@ -1638,7 +1690,9 @@ fn analyze_lines<const LISTED: bool, R>(
         (&d, false)
     };
     if !screened_usual(resp.status, d, req_authorized) {
-        screen(resp.status, d, req_authorized)?;
+        // A piece (a 206 its caller checked, §3.3) is screened as the 200 it is part of.
+        let status = if piece { 200 } else { resp.status };
+        screen(status, d, req_authorized)?;
     }
     // Second pass: what the freshness calculation reads (`Seen`), and the lines stored, as
     // the parser's spans of them in the head (they are spans of its copy too).
@@ -2665,6 +2719,24 @@ async fn fill<'c, S: ClientIo>(
             Some(a) => {
                 if let Err(d) = keep_whole(cache, p, keys, a, &mut guard, &mut status) {
                     status.detail = Some(d);
+                    // A 206 may be stored as a piece (RFC 9111 §3.3); its flight's waiters
+                    // still go upstream alone (they wait for the whole response).
+                    if resp.status == 206 {
+                        let sent = sent(cfg, route, c, ctx);
+                        keep_piece(
+                            p,
+                            cache,
+                            &resp,
+                            &ch,
+                            req,
+                            &sent,
+                            keys,
+                            authorized,
+                            request_time,
+                            now,
+                            &mut status,
+                        );
+                    }
                 }
             }
             None => break 'whole Ok(ch),
@@ -2958,9 +3030,48 @@ async fn fetched<'c, S: ClientIo>(
                         now,
                     );
                     let mut charge = None;
+                    // The range of a 206 to store as a piece, and the piece's key.
+                    let mut piece = None;
+                    let piece_k: Vec<u8>;
                     let mut plan = match whole {
                         Some(a) => match keep_whole(cache, p, keys, a, &mut guard, status) {
                             Ok(()) => {
+                                return relay_as_is(
+                                    w,
+                                    cfg,
+                                    route,
+                                    group,
+                                    c,
+                                    ctx,
+                                    ch,
+                                    resp,
+                                    status,
+                                    Some(p),
+                                )
+                                .await;
+                            }
+                            Err(_)
+                                if resp.status == 206
+                                    && !validating
+                                    && keep_piece(
+                                        p,
+                                        cache,
+                                        resp,
+                                        &ch,
+                                        req,
+                                        &sent(cfg, route, c, ctx),
+                                        keys,
+                                        authorized,
+                                        request_time,
+                                        now,
+                                        status,
+                                    ) =>
+                            {
+                                // Stored as a piece (RFC 9111 §3.3): the flight's waiters wait
+                                // for the whole response, and go upstream alone.
+                                if let Some(g) = guard.take() {
+                                    g.finish(FlightEnd::NotStorable);
+                                }
                                 return relay_as_is(
                                     w,
                                     cfg,
@@ -2984,17 +3095,37 @@ async fn fetched<'c, S: ClientIo>(
                             // stored: a body that does not fit streams through unstored.
                             charge = cache.charge_in_flight(body_room as u64);
                             let room = if charge.is_some() { body_room } else { 0 };
-                            analyze_response(
-                                p,
-                                resp,
-                                &ctx.head,
-                                cache,
-                                room,
-                                authorized,
-                                request_time,
-                                now,
-                            )
-                            .and_then(|s| {
+                            // (A validation went without the client's `Range`: its 206
+                            // is no piece of what was asked.)
+                            let analysed = if resp.status == 206 && !validating {
+                                // A piece (RFC 9111 §3.3), captured as it streams.
+                                std::hint::cold_path();
+                                piece_range(&ctx.head, resp).and_then(|cr| {
+                                    piece = Some(cr);
+                                    analyze_piece(
+                                        p,
+                                        resp,
+                                        &ctx.head,
+                                        cache,
+                                        Err(room),
+                                        authorized,
+                                        request_time,
+                                        now,
+                                    )
+                                })
+                            } else {
+                                analyze_response(
+                                    p,
+                                    resp,
+                                    &ctx.head,
+                                    cache,
+                                    room,
+                                    authorized,
+                                    request_time,
+                                    now,
+                                )
+                            };
+                            analysed.and_then(|s| {
                                 if charge.is_none() {
                                     return Err("in-flight-full");
                                 }
@@ -3002,8 +3133,14 @@ async fn fetched<'c, S: ClientIo>(
                             })
                         }
                     };
-                    // Borrowed from `keys`, which this request holds to the end.
-                    let key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
+                    // Borrowed from `keys`, which this request holds to the end (or from
+                    // `piece_k`, a piece's).
+                    let mut key = plan.as_ref().ok().and_then(|s| keys.store_key(p, s.public));
+                    if let (Some(_), Some(k)) = (piece, key) {
+                        std::hint::cold_path();
+                        piece_k = piece_key(k);
+                        key = Some(&piece_k[..]);
+                    }
                     if plan.is_ok() && key.is_none() {
                         plan = Err("no-consumer");
                     }
@@ -3021,9 +3158,7 @@ async fn fetched<'c, S: ClientIo>(
                         _ => known_len(resp).map(Some),
                     };
                     let flight = match (&mut plan, &guard, stream_len) {
-                        (Ok(s), Some(g), Some(len))
-                            if keys.store_key(p, s.public) == Some(&keys.shared[..]) =>
-                        {
+                        (Ok(s), Some(g), Some(len)) if key == Some(&keys.shared[..]) => {
                             // The fields (and Vary values) are lent to the stream while the
                             // fetch lasts, and taken back to be stored (not copied).
                             g.flight().publish(FlightStream {
@@ -3094,20 +3229,28 @@ async fn fetched<'c, S: ClientIo>(
                             ),
                         };
                         if let (true, false, Some(vary)) = (complete, t.over, vary) {
-                            let stored = store(
-                                cache,
-                                p,
-                                keys,
-                                k,
-                                &mut s,
-                                status_code,
-                                reason,
-                                t.finish(),
-                                vary,
-                            );
+                            let stored = match piece {
+                                None => store(
+                                    cache,
+                                    p,
+                                    keys,
+                                    k,
+                                    &mut s,
+                                    status_code,
+                                    reason,
+                                    t.finish(),
+                                    vary,
+                                ),
+                                Some(cr) => {
+                                    let body = t.finish();
+                                    let o = build_object(cache, &mut s, 206, reason, body, vary);
+                                    store_piece(cache, p, keys, k, o, cr)
+                                }
+                            };
                             // (Relayed already: its Cache-Status said stored. Its waiters
                             // go upstream themselves when it was not.)
-                            end = if stored.is_ok() {
+                            // (A piece is not what the flight's waiters wait for.)
+                            end = if stored.is_ok() && piece.is_none() {
                                 FlightEnd::Stored
                             } else {
                                 FlightEnd::NotStorable
@@ -3498,6 +3641,9 @@ async fn answer<'c, S: ClientIo>(
     let mut code = o.status;
     let mut range: Option<(u64, u64)> = None;
     let len = o.body.len() as u64;
+    // The representation's length, and where the stored body starts in it (a piece's range,
+    // RFC 9111 §3.3; 0 for a whole response).
+    let (mut total, mut from) = (len, 0);
     if (200..300).contains(&o.status) {
         code = preconditions(&ctx.head, o).unwrap_or(o.status);
         if code == o.status && o.status == 200 && !head_only {
@@ -3512,6 +3658,14 @@ async fn answer<'c, S: ClientIo>(
                         RangeAnswer::Unsatisfiable => code = 416,
                     }
                 }
+            }
+        } else if code == 206 {
+            // A stored piece, found for a range it holds ([`piece_for`]): that part. (Were
+            // it not found, the piece would go as it was stored, its Content-Range with it.)
+            std::hint::cold_path();
+            if let Some((a, b, cr)) = piece_part(&ctx.head, o) {
+                range = Some((a, b));
+                (total, from) = (cr.complete, cr.first);
             }
         }
     }
@@ -3552,6 +3706,8 @@ async fn answer<'c, S: ClientIo>(
             .iter()
             .any(|s| n.eq_ignore_ascii_case(s)),
             412 | 416 => n.eq_ignore_ascii_case(b"date") || n.eq_ignore_ascii_case(b"cache-status"),
+            // The part's own Content-Range is written below (a piece stored one of its own).
+            206 if range.is_some() => !n.eq_ignore_ascii_case(b"content-range"),
             _ => true,
         };
         has_date |= keep_field && n.eq_ignore_ascii_case(b"date");
@@ -3577,10 +3733,15 @@ async fn answer<'c, S: ClientIo>(
             wbuf.put_u8(b'-');
             put_u64(wbuf, b);
             wbuf.put_u8(b'/');
-            put_u64(wbuf, len);
+            put_u64(wbuf, total);
             wbuf.put_slice(b"\r\n");
+            // (`from <= a <= b` and the part within the body: `piece_part` checked a piece.)
+            let (a, b) = (
+                a.saturating_sub(from) as usize,
+                b.saturating_sub(from) as usize,
+            );
             o.body
-                .slice(a as usize..(b as usize).saturating_add(1).min(o.body.len()))
+                .slice(a.min(o.body.len())..b.saturating_add(1).min(o.body.len()))
         }
         (416, _) => {
             wbuf.put_slice(b"content-range: bytes */");
@@ -3907,6 +4068,330 @@ fn single_range(h: &RequestHead) -> Option<&[u8]> {
     let mut lines = h.header_values(b"range");
     let first = lines.next()?;
     lines.next().is_none().then_some(first)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces: 206 responses stored (RFC 9111 §3.3) and ranges served from them (RFC 9110 §14.2).
+//
+// A piece is stored as any response is (the same analysis, freshness, Vary, purges,
+// invalidations, byte budget and `max_object_bytes`), under its own key: the request's key
+// with its first byte `p` instead of the `u` every [`build_key`] key starts with, so that no
+// lookup for a whole response ever finds one, and a whole response stored for the URL is found
+// first (it answers any range). One piece per key and Vary values: a newer one replaces it.
+// Pieces are looked for only by a GET with one `Range` line that nothing whole answers, once
+// the worker has stored one ([`WorkerCache::has_pieces`]); they are not shared through Redis.
+
+/// The key of the pieces stored for the request key `k` (see above).
+fn piece_key(k: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(k.first(), Some(&b'u'));
+    let mut pk = k.to_vec();
+    if let Some(first) = pk.first_mut() {
+        *first = b'p';
+    }
+    pk
+}
+
+/// The range of a 206 that may be stored as a piece (RFC 9111 §3.3; RFC 9110 §14.4, §15.3.7):
+/// the answer to a GET with one `Range` line, with one `Content-Range` line that names a
+/// whole range of a representation of known length ([`policy::content_range`]) exactly as
+/// long as the body (its Content-Length: a chunked or close-delimited one is not stored), and
+/// not `multipart/byteranges` (several ranges, §14.6). `Err`: why not, for `Cache-Status`.
+fn piece_range(
+    req: &RequestHead,
+    resp: &ResponseHead,
+) -> Result<policy::ContentRange, &'static str> {
+    if req.method != Method::Get || single_range(req).is_none() {
+        return Err("status");
+    }
+    let mut lines = resp
+        .headers
+        .iter()
+        .filter(|h| resp.bytes(h.name).eq_ignore_ascii_case(b"content-range"))
+        .map(|h| resp.bytes(h.value));
+    let (Some(v), None) = (lines.next(), lines.next()) else {
+        return Err("content-range");
+    };
+    let cr = policy::content_range(v).ok_or("content-range")?;
+    if known_len(resp) != Some(cr.bytes()) {
+        return Err("content-range");
+    }
+    let multipart = resp.header(b"content-type").is_some_and(|t| {
+        let t = crate::http::trim_ows(t);
+        t.get(..20)
+            .is_some_and(|m| m.eq_ignore_ascii_case(b"multipart/byteranges"))
+    });
+    if multipart {
+        return Err("content-range");
+    }
+    Ok(cr)
+}
+
+/// Stores a 206 whose body came whole with its head as a piece, when it may be (see
+/// [`piece_whole`]); what it says goes into `status` (`stored`, or why not). Whether it was
+/// stored.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+fn keep_piece(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    resp: &ResponseHead,
+    ch: &Chosen,
+    req: &Directives,
+    sent: &Sent<'_>,
+    keys: &Keys<'_>,
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+    status: &mut Status<'_>,
+) -> bool {
+    let kept = piece_whole(
+        p,
+        cache,
+        resp,
+        ch,
+        req,
+        sent,
+        keys,
+        authorized,
+        request_time,
+        now,
+    );
+    match kept {
+        Ok(()) => {
+            status.detail = None;
+            status.stored = true;
+            true
+        }
+        Err(d) => {
+            status.detail = Some(d);
+            false
+        }
+    }
+}
+
+/// [`keep_piece`]'s work: the range ([`piece_range`]), the analysis ([`analyze_piece`]), the
+/// object and its store ([`store_piece`]), or why not.
+#[allow(clippy::too_many_arguments)]
+fn piece_whole(
+    p: &RoutePolicy,
+    cache: &WorkerCache,
+    resp: &ResponseHead,
+    ch: &Chosen,
+    req: &Directives,
+    sent: &Sent<'_>,
+    keys: &Keys<'_>,
+    authorized: bool,
+    request_time: u64,
+    now: u64,
+) -> Result<(), &'static str> {
+    if req.no_store {
+        return Err("request-no-store");
+    }
+    let cr = piece_range(sent.head, resp)?;
+    if cr.bytes() > p.max_object {
+        return Err("too-large");
+    }
+    let body = usize::try_from(cr.bytes())
+        .ok()
+        .and_then(|n| ch.up.rbuf.get(..n))
+        .ok_or("status")?;
+    let mut s = analyze_piece(
+        p,
+        resp,
+        sent.head,
+        cache,
+        Ok(body),
+        authorized,
+        request_time,
+        now,
+    )?;
+    let k = keys.store_key(p, s.public).ok_or("no-consumer")?;
+    let vary = vary_values(&s.vary, sent);
+    let body = std::mem::take(&mut s.body).freeze();
+    let obj = build_object(cache, &mut s, 206, reason_of(resp), body, vary);
+    store_piece(cache, p, keys, &piece_key(k), obj, cr)
+}
+
+/// Stores the piece `obj` (of the range `cr`) under the piece key `k`, unless its body is not
+/// that range's length or a purge or invalidation applied since the fetch began covers it (as
+/// [`store_object`]); not in Redis. Combined first with the piece stored for the same Vary
+/// values when both are of one representation ([`combine_pieces`], RFC 9111 §3.4); a
+/// combination that holds the whole representation is stored as the complete 200 it is, under
+/// the request's key (RFC 9110 §15.3.7.3).
+fn store_piece(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    keys: &Keys<'_>,
+    k: &[u8],
+    obj: Rc<Object>,
+    cr: policy::ContentRange,
+) -> Result<(), &'static str> {
+    if obj.body.len() as u64 != cr.bytes() {
+        return Err("content-range");
+    }
+    match cache.purged_since(keys.purges.get(), &obj) {
+        None => {}
+        Some(true) => obj.invalid.set(true),
+        Some(false) => return Err("invalidated"),
+    }
+    let stored = cache.get(k).unwrap_or_default();
+    let older = stored.iter().find(|o| o.vary == obj.vary);
+    let (obj, cr) = match older.and_then(|o| combine_pieces(cache, p, o, &obj, cr)) {
+        Some(combined) => combined,
+        None => (obj, cr),
+    };
+    if cr.first == 0 && cr.bytes() == cr.complete {
+        let whole = whole_of_piece(cache, &obj).ok_or("too-large")?;
+        let mut full = k.to_vec();
+        full[0] = b'u';
+        return store_object(cache, p, keys, &full, whole);
+    }
+    cache.insert(k, obj, p.max_variants);
+    cache.note_piece();
+    Ok(())
+}
+
+/// The piece `new` (of the range `cr`) combined with the stored piece `old` of the same key
+/// and Vary values (RFC 9111 §3.4, RFC 9110 §15.3.7.3): when both carry the same strong
+/// entity tag and the same complete length, neither is soft-purged, their ranges overlap or
+/// meet, and the union is within `max_object_bytes`. The union's bytes (the new response's
+/// where both have them), the new response's fields with those only the older had (§3.2,
+/// Content-Range for the union), status, timing and surrogate keys. `None`: not combined
+/// (the new piece replaces the older).
+fn combine_pieces(
+    cache: &WorkerCache,
+    p: &RoutePolicy,
+    old: &Object,
+    new: &Object,
+    cr: policy::ContentRange,
+) -> Option<(Rc<Object>, policy::ContentRange)> {
+    let oc = policy::content_range(policy::field(&old.fields, b"content-range")?)?;
+    let same = matches!((old.etag(), new.etag()), (Some(a), Some(b)) if policy::strong_match(a, b));
+    // (`last < complete`: `last + 1` does not overflow.)
+    let meet = oc.first <= cr.last + 1 && cr.first <= oc.last + 1;
+    if !same || oc.complete != cr.complete || !meet || old.invalid.get() || new.invalid.get() {
+        return None;
+    }
+    let union = policy::ContentRange {
+        first: oc.first.min(cr.first),
+        last: oc.last.max(cr.last),
+        complete: cr.complete,
+    };
+    if union.bytes() > p.max_object {
+        return None;
+    }
+    let mut body = BytesMut::with_capacity(usize::try_from(union.bytes()).ok()?);
+    if oc.first < cr.first {
+        body.extend_from_slice(old.body.get(..usize::try_from(cr.first - oc.first).ok()?)?);
+    }
+    body.extend_from_slice(&new.body);
+    if oc.last > cr.last {
+        body.extend_from_slice(
+            old.body
+                .get(usize::try_from(cr.last + 1 - oc.first).ok()?..)?,
+        );
+    }
+    if body.len() as u64 != union.bytes() {
+        return None;
+    }
+    let value = format!("bytes {}-{}/{}", union.first, union.last, union.complete);
+    let is_cr = |n: &[u8]| n.eq_ignore_ascii_case(b"content-range");
+    let has = |n: &[u8]| new.fields.iter().any(|(m, _)| m.eq_ignore_ascii_case(n));
+    let fields = Fields::from_pairs(
+        new.fields
+            .iter()
+            .filter(|(n, _)| !is_cr(n))
+            .chain(old.fields.iter().filter(|(n, _)| !is_cr(n) && !has(n)))
+            .chain(std::iter::once((&b"content-range"[..], value.as_bytes()))),
+    )?;
+    let obj = cache.new_object(|o| {
+        put_parts(
+            o,
+            206,
+            new.reason.clone(),
+            fields,
+            body.freeze(),
+            new.t,
+            new.url.clone(),
+            new.tags.clone(),
+            new.vary.clone(),
+        )
+    });
+    obj.invalid.set(new.invalid.get());
+    Some((obj, union))
+}
+
+/// The complete 200 that a piece holding the whole representation is (RFC 9110 §15.3.7.3):
+/// its fields without Content-Range, its body (then as long as its Content-Length says).
+fn whole_of_piece(cache: &WorkerCache, piece: &Object) -> Option<Rc<Object>> {
+    let fields = Fields::from_pairs(
+        piece
+            .fields
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case(b"content-range")),
+    )?;
+    let obj = cache.new_object(|o| {
+        put_parts(
+            o,
+            200,
+            Bytes::from_static(reason_phrase(200).as_bytes()),
+            fields,
+            piece.body.clone(),
+            piece.t,
+            piece.url.clone(),
+            piece.tags.clone(),
+            piece.vary.clone(),
+        )
+    });
+    obj.invalid.set(piece.invalid.get());
+    Some(obj)
+}
+
+/// The part of the stored piece `o` that the request's range asks for, in the
+/// representation's bytes, with the piece's range: when the request has one `Range` line
+/// (GET), its `If-Range` holds against the piece (§13.1.5), and the one range it names, taken
+/// against the representation's length, lies wholly inside the piece. `None` otherwise: the
+/// piece cannot answer (the request goes upstream).
+fn piece_part(h: &RequestHead, o: &Object) -> Option<(u64, u64, policy::ContentRange)> {
+    let r = single_range(h)?;
+    let cr = policy::content_range(policy::field(&o.fields, b"content-range")?)?;
+    if !if_range_holds(h, o) {
+        return None;
+    }
+    match policy::byte_range(r, cr.complete) {
+        RangeAnswer::Part(a, b) if cr.covers(a, b) => Some((a, b, cr)),
+        _ => None,
+    }
+}
+
+/// A stored piece that answers the request (a GET with one `Range` line) now: fresh, or stale
+/// as the client allows, and holding the range it asks for ([`piece_part`]).
+#[cold]
+#[inline(never)]
+fn piece_for(
+    cache: &WorkerCache,
+    sent: &Sent<'_>,
+    keys: &Keys<'_>,
+    req: &Directives,
+    now: u64,
+) -> Option<Rc<Object>> {
+    let h = sent.head;
+    if h.method != Method::Get || single_range(h).is_none() {
+        return None;
+    }
+    let own = keys.own.as_deref();
+    for k in std::iter::once(&keys.shared[..]).chain(own) {
+        let pk = piece_key(k);
+        let (Some(o), _) = cache.lookup(cache.key(&pk), sent) else {
+            continue;
+        };
+        if matches!(usable(&o, req, now), Use::Fresh | Use::StaleOk) && piece_part(h, &o).is_some()
+        {
+            return Some(o);
+        }
+    }
+    None
 }
 
 /// A small answer made by the cache itself (504 for `only-if-cached`, PURGE results).
