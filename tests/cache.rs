@@ -2865,6 +2865,55 @@ fn rfc9111_4_4_repeated_invalidations_while_redis_is_unreachable_do_not_give_up_
     assert_ne!(get(a.addr, "/p").text(), "v1");
 }
 
+/// RFC 9111 §4.4, issue 12: a purge whose Redis side failed while the link stayed up
+/// (Redis answered its deletion with an error: here `NOREPLICAS`, as a primary that lost its
+/// replicas answers; `READONLY` from a replica after a failover is the same) is tried again
+/// on its own, on a timer with backoff, each failed try counted. Before, it was kept but sent
+/// again only with the next purge or once the link went down and up: with neither, its copy
+/// stayed in Redis for good and every host's lookup could bring it back.
+#[test]
+fn rfc9111_4_4_a_purge_redis_answered_with_an_error_is_tried_again_on_its_own() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    wait_stored_in_redis(&redis);
+    let set = |v: &str| {
+        assert!(redis
+            .command(&["CONFIG", "SET", "min-replicas-to-write", v])
+            .is_some_and(|r| r.starts_with("+OK")));
+    };
+    // Every write refused with an error; reads and `PING` answered: the link stays up.
+    set("1");
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
+    // Tried again with no other purge and the link never down: each try fails, counted.
+    assert!(eventually(Duration::from_secs(10), || layer(|l| l
+        .purges_failed
+        .load(Ordering::Relaxed))
+        >= 2));
+    assert_eq!(layer(|l| u64::from(l.link().is_down())), 0);
+    assert_eq!(layer(|l| l.unsent_purges() as u64), 1);
+    assert_eq!(redis.keys("ringway:cache:o:*").len(), 1);
+    // Redis takes writes again: the next try deletes the copy, nothing is left to send.
+    set("0");
+    assert!(
+        eventually(Duration::from_secs(15), || redis
+            .keys("ringway:cache:o:*")
+            .is_empty()),
+        "{:?}",
+        redis.keys("ringway:cache:*")
+    );
+    assert!(eventually(Duration::from_secs(5), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 0));
+    assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 0);
+    assert_eq!(get(a.addr, "/p").text(), "v2");
+}
+
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is
 /// `test.local`, as routing reads it) keys the same entry as without it, with or without a
 /// port, so that a purge of the URL reaches what either spelling stored (RFC 9111 §4.4).

@@ -25,9 +25,10 @@
 //!   per URL and per tag), and every purge is published on `<prefix>purge`: each host runs a
 //!   subscriber thread that applies what it hears to its workers' stores (through
 //!   `crate::control`), so a purge reaches every host's local stores. A purge whose Redis
-//!   side fails (the link down) is kept and sent again once the link is up
-//!   (`SharedLayer::purge`); until then the workers take no entry it covers received before
-//!   it (`WorkerCache::pending_in_redis_covers`).
+//!   side fails is kept and sent again: once the link is up when it was down, and on a
+//!   timer with backoff when the link stayed up (an error answered, the queue full; see
+//!   `SharedLayer::retry_later`); until then the workers take no entry it covers received
+//!   before it (`WorkerCache::pending_in_redis_covers`).
 //!
 //! Fleet bound: each host makes at most one fetch per key at a time (coalescing), and a host
 //! that finds the object in Redis makes none; so the origin sees one fetch per object per
@@ -95,6 +96,13 @@ pub type PurgeDone = Box<dyn FnOnce() + Send>;
 /// oldest is given up (counted in [`SharedLayer::purges_given_up`]).
 const MAX_UNSENT_PURGES: usize = 64;
 
+/// How long after a purge failed with the link up (an error answered, the queue full) the
+/// kept purges are first sent again ([`SharedLayer::retry_later`]); each try that fails again
+/// doubles the wait, up to [`PURGE_RETRY_MAX`].
+const PURGE_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two tries of the kept purges while the link stays up.
+const PURGE_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// What [`SharedLayer::update_entries`] makes of each entry it reads (`None`: left as it is).
 type Update = Arc<dyn Fn(&Object) -> Option<Object> + Send + Sync>;
 
@@ -138,6 +146,10 @@ pub struct SharedLayer {
     /// those given up because [`MAX_UNSENT_PURGES`] newer ones failed after them.
     pub purges_failed: AtomicU64,
     pub purges_given_up: AtomicU64,
+    /// The wait before the next try of the kept purges while the link stays up
+    /// ([`SharedLayer::retry_later`]): [`PURGE_RETRY_FIRST`], doubled at each try asked for,
+    /// at most [`PURGE_RETRY_MAX`]; the first again once a purge goes through and none is kept.
+    retry_wait: Mutex<Duration>,
 }
 
 /// A purge kept to be sent again ([`SharedLayer::unsent`]): the purge, its ticket (see
@@ -189,8 +201,12 @@ impl PurgeRun {
             if link.ups() != self.ups && !link.is_down() {
                 link.run_on_up_again();
             }
-        } else if let Some(d) = done {
-            d();
+            self.layer.retry_later();
+        } else {
+            self.layer.went_through();
+            if let Some(d) = done {
+                d();
+            }
         }
     }
 }
@@ -212,6 +228,7 @@ impl SharedLayer {
             unsent: Mutex::new(std::collections::VecDeque::new()),
             purges_failed: AtomicU64::new(0),
             purges_given_up: AtomicU64::new(0),
+            retry_wait: Mutex::new(PURGE_RETRY_FIRST),
         }))
         .inspect(|l| {
             // The purges that failed while the link was down go again once it is up.
@@ -584,6 +601,30 @@ impl SharedLayer {
         }
         if let Some(d) = replaced.or(dropped).and_then(|k| k.done) {
             d();
+        }
+    }
+
+    /// Asks the link to send the kept purges again later, when it is up: a purge that failed
+    /// while the link stayed up (Redis answered an error, such as `READONLY` from a replica
+    /// after a failover or `NOREPLICAS`; the queue was full) would otherwise wait for the next
+    /// purge or for the link to go down and up, which may never come, its copies left in Redis
+    /// and the other hosts not told. One timer for all of them: the first try
+    /// [`PURGE_RETRY_FIRST`] after the failure, each next one twice as late, at most
+    /// [`PURGE_RETRY_MAX`]. A link that is down sends them once it is up (`on_up`).
+    fn retry_later(&self) {
+        if self.link.is_down() {
+            return;
+        }
+        let mut wait = self.retry_wait.lock().unwrap_or_else(|e| e.into_inner());
+        if self.link.run_on_up_at(Instant::now() + *wait) {
+            *wait = wait.saturating_mul(2).min(PURGE_RETRY_MAX);
+        }
+    }
+
+    /// A purge went through: with none kept, the next failure waits [`PURGE_RETRY_FIRST`].
+    fn went_through(&self) {
+        if self.unsent_purges() == 0 {
+            *self.retry_wait.lock().unwrap_or_else(|e| e.into_inner()) = PURGE_RETRY_FIRST;
         }
     }
 
@@ -1239,6 +1280,37 @@ mod tests {
         );
         assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 2);
         assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+    }
+
+    /// Kept purges that failed with the link up are tried again on one timer (issue 12):
+    /// asked for once however many fail, 1 s after the first failure, twice as late at each
+    /// try, at most 30 s; back to 1 s once a purge goes through with none kept. A link that is
+    /// down asks for none (its `on_up` sends them).
+    #[test]
+    fn kept_purges_are_tried_again_on_one_timer_with_backoff() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
+        let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let link = l.link().clone();
+        for secs in [1, 2, 4, 8, 16, 30, 30] {
+            let before = Instant::now();
+            l.retry_later();
+            l.retry_later();
+            let at = link.take_on_up_at_for_tests().expect("a try asked for");
+            let wait = at.duration_since(before);
+            assert!(
+                wait >= Duration::from_secs(secs) && wait < Duration::from_secs(secs + 1),
+                "{wait:?} for {secs} s"
+            );
+            assert!(link.take_on_up_at_for_tests().is_none(), "one timer");
+        }
+        l.went_through();
+        l.retry_later();
+        let at = link.take_on_up_at_for_tests().expect("asked");
+        assert!(at.duration_since(Instant::now()) <= PURGE_RETRY_FIRST);
+        link.set_down_for_tests();
+        l.retry_later();
+        assert!(link.take_on_up_at_for_tests().is_none());
     }
 
     /// A purge whose Redis side failed while the link was down, kept only once the link had

@@ -581,7 +581,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             ),
             (
                 "ringway_cache_redis_purges_failed_total",
-                "Purges whose Redis side failed (link down, queue full, an error answered): kept and sent again once the link is up.",
+                "Purges whose Redis side failed (link down, queue full, an error answered): kept and sent again once the link is up, or on a timer (1 s doubling to 30 s) while it stays up; each failed try counts.",
                 r.purges_failed,
             ),
             (
