@@ -2539,16 +2539,24 @@ fn a_response_varying_on_too_many_fields_is_not_stored() {
     assert_eq!(get(gw.addr, "/vv").text(), "v2");
 }
 
+/// How many clients wait on Redis for the purge log to grow (each gateway's listener, between
+/// its reads of the log).
+fn log_followers(redis: &RedisServer) -> usize {
+    redis
+        .command(&["CLIENT", "LIST"])
+        .unwrap_or_default()
+        .matches("cmd=xread")
+        .count()
+}
+
 #[test]
 fn redis_purge_reaches_the_local_stores_of_every_host() {
     let redis = RedisServer::start();
     let (up, _) = counting_origin("cache-control: max-age=600\r\n");
     let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
-    // Both hosts listen on the purge channel.
-    assert!(eventually(Duration::from_secs(5), || redis
-        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
-        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    // Both hosts follow the purge log.
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
     assert_eq!(get(a.addr, "/p").text(), "v1");
     wait_stored_in_redis(&redis);
     // B takes it from Redis into its own store.
@@ -2623,11 +2631,14 @@ fn redis_purge_by_prefix_and_of_everything_deletes_the_redis_copies() {
     assert_eq!(get(b.addr, "/docs/1").text(), "v4");
     wait_stored_in_redis(&redis);
     purge(PurgeTarget::All);
+    // The purge log stays: the other hosts read the purge of everything there.
     assert!(
         eventually(Duration::from_secs(5), || redis
             .keys("ringway:cache:*")
             .iter()
-            .all(|k| k == "ringway:cache:rl:other")),
+            .all(
+                |k| k == "ringway:cache:rl:other" || k == "ringway:cache:purge-log"
+            )),
         "{:?}",
         redis.keys("ringway:cache:*")
     );
@@ -2764,9 +2775,7 @@ fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_
     let (up, _) = counting_origin("cache-control: max-age=600\r\n");
     let a = gateway_through(&relay, up.addr);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
-    assert!(eventually(Duration::from_secs(5), || redis
-        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
-        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
     for p in ["/p", "/t/1"] {
         assert_eq!(get(a.addr, p).text(), if p == "/p" { "v1" } else { "v2" });
     }
@@ -2912,6 +2921,96 @@ fn rfc9111_4_4_a_purge_redis_answered_with_an_error_is_tried_again_on_its_own() 
     ) == 0));
     assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 0);
     assert_eq!(get(a.addr, "/p").text(), "v2");
+}
+
+/// Every stored response's count of `gw`'s workers.
+fn stored_entries(gw: &TestGateway) -> u64 {
+    ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2))
+        .unwrap()
+        .iter()
+        .map(|s| s.entries)
+        .sum()
+}
+
+/// RFC 9111 §4.4, issue 12: a host whose connection to Redis is down while another host
+/// purges applies the purge once it is back, from the purge log in Redis. Before, purges
+/// were only published on a channel: a host not subscribed at that moment missed it for
+/// good, and kept serving its copy until it expired.
+#[test]
+fn rfc9111_4_4_a_host_cut_off_from_redis_during_a_purge_applies_it_once_back() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = gateway_through(&relay, up.addr);
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    wait_stored_in_redis(&redis);
+    // B holds /p, taken from Redis.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+    relay.cut();
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    // The Redis copy is gone (A reaches Redis); B, cut off, still has its own.
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    assert_eq!(get(b.addr, "/p").text(), "v1");
+    mend_and_wait_up(&relay, &b);
+    // B reads the purge from the log once its listener is back, and fetches anew.
+    assert!(eventually(Duration::from_secs(10), || get(b.addr, "/p")
+        .text()
+        != "v1"));
+}
+
+/// Issue 12: a host that missed more purges than the purge log keeps (1000) cannot know
+/// which: it takes the safe side, purging everything it stores, once, and follows the log
+/// again. The trimmed entries are the ones it had not read.
+#[test]
+fn a_host_that_missed_purges_the_log_no_longer_holds_purges_everything_it_stores() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = gateway_through(&relay, up.addr);
+    for p in ["/p", "/q"] {
+        get(b.addr, p);
+    }
+    assert_eq!(stored_entries(&b), 2);
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
+    relay.cut();
+    // 1001 purges of other URLs (invalidations by POST, RFC 9111 §4.4): the log keeps the
+    // last 1000.
+    for i in 0..1001 {
+        let r = request(
+            a.addr,
+            format!("POST /x{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(eventually(Duration::from_secs(20), || redis
+        .command(&["XLEN", "ringway:cache:purge-log"])
+        .is_some_and(|r| r == ":1000\r\n")
+        && !redis.keys("ringway:cache:purge-log-trimmed").is_empty()));
+    assert_eq!(stored_entries(&b), 2);
+    let gaps = |gw: &TestGateway| layer_count(gw, |l| l.purge_log_gaps.load(Ordering::Relaxed));
+    mend_and_wait_up(&relay, &b);
+    assert!(eventually(Duration::from_secs(10), || stored_entries(&b) == 0));
+    assert_eq!(gaps(&b), 1);
+    // It then follows the log from where it is: the 1000 purges left are read, and no other
+    // gap is found.
+    assert!(eventually(Duration::from_secs(10), || layer_count(
+        &b,
+        |l| l.purges_heard.load(Ordering::Relaxed)
+    ) >= 1000));
+    get(b.addr, "/r");
+    assert_eq!(stored_entries(&b), 1);
+    assert_eq!(gaps(&b), 1);
+    // A, which read the log all along, found no gap.
+    assert_eq!(gaps(&a), 0);
 }
 
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is

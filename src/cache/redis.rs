@@ -22,9 +22,11 @@
 //!   age, lifetime and stale windows), so that freshness and `Age` are computed on every host
 //!   as on the host that fetched them (clocks kept by NTP).
 //! - Purges by URL and by surrogate key delete the Redis copies too (through index sets kept
-//!   per URL and per tag), and every purge is published on `<prefix>purge`: each host runs a
-//!   subscriber thread that applies what it hears to its workers' stores (through
-//!   `crate::control`), so a purge reaches every host's local stores. A purge whose Redis
+//!   per URL and per tag), and every purge is appended to the purge log `<prefix>purge-log`
+//!   (a stream, also published on `<prefix>purge` for earlier versions): each host runs a
+//!   thread that follows the log and applies each purge to its workers' stores (through
+//!   `crate::control`), so a purge reaches every host's local stores, also one whose
+//!   connection to Redis was down when it was made (see `LogCursor`). A purge whose Redis
 //!   side fails is kept and sent again: once the link is up when it was down, and on a
 //!   timer with backoff when the link stayed up (an error answered, the queue full; see
 //!   `SharedLayer::retry_later`); until then the workers take no entry it covers received
@@ -150,6 +152,10 @@ pub struct SharedLayer {
     /// ([`SharedLayer::retry_later`]): [`PURGE_RETRY_FIRST`], doubled at each try asked for,
     /// at most [`PURGE_RETRY_MAX`]; the first again once a purge goes through and none is kept.
     retry_wait: Mutex<Duration>,
+    /// Purges this host read from the purge log (its own included), and the times the log
+    /// had lost purges it had not read, so that it purged everything it stored ([`LogCursor`]).
+    pub purges_heard: AtomicU64,
+    pub purge_log_gaps: AtomicU64,
 }
 
 /// A purge kept to be sent again ([`SharedLayer::unsent`]): the purge, its ticket (see
@@ -229,6 +235,8 @@ impl SharedLayer {
             purges_failed: AtomicU64::new(0),
             purges_given_up: AtomicU64::new(0),
             retry_wait: Mutex::new(PURGE_RETRY_FIRST),
+            purges_heard: AtomicU64::new(0),
+            purge_log_gaps: AtomicU64::new(0),
         }))
         .inspect(|l| {
             // The purges that failed while the link was down go again once it is up.
@@ -705,18 +713,25 @@ impl SharedLayer {
         });
     }
 
-    /// Publishes a purge, the last of its commands: its run is finished with the answer (or
+    /// Publishes a purge, the last of its commands: appends it to the purge log, which every
+    /// host follows ([`LogCursor`]), and publishes it on the channel (hosts of earlier
+    /// versions listen there), by [`PURGE_LOG_LUA`]. Its run is finished with the answer (or
     /// the link's failure).
     fn publish(&self, msg: Bytes, run: Arc<PurgeRun>) {
         self.link.command(Command {
             args: vec![
-                Bytes::from_static(b"PUBLISH"),
+                Bytes::from_static(b"EVAL"),
+                Bytes::from_static(PURGE_LOG_LUA.as_bytes()),
+                Bytes::from_static(b"3"),
+                self.rkey(b"purge-log", b""),
+                self.rkey(b"purge-log-trimmed", b""),
                 self.rkey(b"purge", b""),
                 msg,
+                Bytes::from(PURGE_LOG_LENGTH.to_string()),
             ],
             max_reply: SMALL_REPLY_BYTES,
-            // Heard twice, a purge is applied twice: the second finds only what was stored since, as
-            // a purge a moment later would.
+            // Logged twice, a purge is applied twice: the second finds only what was stored
+            // since, as a purge a moment later would.
             repeatable: true,
             done: Some(Box::new(move |f| run.finish(f))),
         });
@@ -912,21 +927,212 @@ pub fn decode_purge(b: &[u8]) -> Option<Purge> {
     })
 }
 
-/// Starts the thread that listens on the purge channel and applies each purge to this
-/// host's workers; it ends once `stop` is set. An unreachable Redis is tried again every
-/// `retry_interval` (purges published meanwhile are missed: the local copies then live until
-/// they expire).
+/// Most entries the purge log keeps (`<key_prefix>purge-log`, a Redis stream; see
+/// [`PURGE_LOG_LUA`]): a host whose listener falls further behind than this many purges
+/// drops its local stores ([`LogCursor`]).
+const PURGE_LOG_LENGTH: u64 = 1000;
+/// Log entries a listener reads per round trip.
+const PURGE_LOG_READ: usize = 32;
+/// Most bytes of one reply a listener reads: a round of log entries ([`PURGE_LOG_READ`] and
+/// one), each a purge message of at most [`MAX_PURGE_MESSAGE`] with its ID and framing.
+const MAX_LOG_REPLY: usize = (PURGE_LOG_READ + 1) * (MAX_PURGE_MESSAGE + 256) + 4096;
+/// How long a listener's `XREAD` waits for a new entry before it reads the log again.
+const LOG_WAIT_MS: u64 = 2000;
+/// How far before its start a host reads the log the first time (another host's purge made
+/// just before, by a clock a little ahead of Redis's: applied to stores that hold nothing
+/// older, it costs nothing).
+const LOG_START_MARGIN_MS: u64 = 5000;
+/// Rounds in a row in which `XREAD` said the log had new entries and reading it found none:
+/// past it the connection is dropped (a server that keeps saying so cannot make the listener
+/// spin), and opened again after `retry_interval`.
+const MAX_LOG_STALLS: u32 = 3;
+
+/// Publishes a purge: appends it to the purge log (KEYS[1], a stream; the entry's ID is
+/// Redis's time), keeps the log at most ARGV[2] long, records in KEYS[2] the ID of the newest
+/// entry trimmed away, and publishes it on the channel KEYS[3] (which hosts of earlier
+/// versions listen on). ARGV[1]: the purge message ([`encode_purge`]). One script, so that
+/// the entry and its trimming go together.
+const PURGE_LOG_LUA: &str = "redis.replicate_commands() local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1]) local n = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2]) if n > 0 then local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', n) redis.call('SET', KEYS[2], old[#old][1]) redis.call('XTRIM', KEYS[1], 'MAXLEN', ARGV[2]) end redis.call('PUBLISH', KEYS[3], ARGV[1]) return id";
+
+/// Reads the purge log from an entry on (KEYS[1] the log, KEYS[2] the newest ID trimmed
+/// away; ARGV[1] the ID read from, included; ARGV[2] how many): the ID trimmed (or nil), the
+/// entries, and the log's newest ID (or nil). One script, so that what was trimmed and what
+/// is left are read at one moment.
+const PURGE_LOG_READ_LUA: &str = "local t = redis.call('GET', KEYS[2]) local e = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2]) local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1) local last = false if l[1] then last = l[1][1] end return {t or false, e, last}";
+
+/// A purge log entry's ID: Redis's time in milliseconds, and a sequence within it.
+type LogId = (u64, u64);
+
+fn parse_log_id(b: &[u8]) -> Option<LogId> {
+    let s = std::str::from_utf8(b).ok()?;
+    let (ms, seq) = s.split_once('-')?;
+    let num = |x: &str| {
+        (!x.is_empty() && x.len() <= 20 && x.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| x.parse::<u64>().ok())
+            .flatten()
+    };
+    Some((num(ms)?, num(seq)?))
+}
+
+/// Where a host's listener is in the purge log. A host applies every purge of the log made
+/// after it started (less [`LOG_START_MARGIN_MS`]), whether or not its connection to Redis
+/// was up when the purge was made: before, the purges were only published on the channel,
+/// and a host whose subscription was down at that moment missed them for good.
+///
+/// The gap: when entries the host has not read were trimmed away (more than
+/// [`PURGE_LOG_LENGTH`] purges since it last read the log), or the entry it read last is no
+/// longer there though nothing was trimmed past it (Redis lost its data, or the log was
+/// deleted), the host cannot know what it missed, and takes the safe side: a hard purge of
+/// everything in its workers' stores (counted in [`SharedLayer::purge_log_gaps`]); it then
+/// reads on from there.
+struct LogCursor {
+    /// The last entry read (or, before any, the host's start less the margin).
+    at: LogId,
+    /// Whether `at` is an entry read (it must then still be in the log, or trimmed).
+    seen: bool,
+}
+
+/// What one read of the purge log found ([`PURGE_LOG_READ_LUA`]).
+struct LogRead {
+    trimmed: Option<LogId>,
+    entries: Vec<(LogId, Bytes)>,
+}
+
+/// Parses the reply to [`PURGE_LOG_READ_LUA`]; `None` when it is not one (a hostile or broken
+/// server: the connection is dropped). At most [`PURGE_LOG_READ`] and one entries are taken.
+fn parse_log_read(f: BytesFrame) -> Option<LogRead> {
+    let BytesFrame::Array(v) = f else { return None };
+    let [t, e, _last] = <[BytesFrame; 3]>::try_from(v).ok()?;
+    let trimmed = match t {
+        BytesFrame::Null => None,
+        BytesFrame::BulkString(b) => Some(parse_log_id(&b)?),
+        _ => return None,
+    };
+    let BytesFrame::Array(items) = e else {
+        return None;
+    };
+    if items.len() > PURGE_LOG_READ + 1 {
+        return None;
+    }
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let BytesFrame::Array(pair) = item else {
+            return None;
+        };
+        let [id, fields] = <[BytesFrame; 2]>::try_from(pair).ok()?;
+        let (BytesFrame::BulkString(id), BytesFrame::Array(fields)) = (id, fields) else {
+            return None;
+        };
+        // The message under `p`; an entry without it (not this layer's) is skipped.
+        let msg = match <[BytesFrame; 2]>::try_from(fields) {
+            Ok([BytesFrame::BulkString(k), BytesFrame::BulkString(m)]) if &k[..] == b"p" => m,
+            _ => Bytes::new(),
+        };
+        entries.push((parse_log_id(&id)?, msg));
+    }
+    // A stream's entries come in order: out of order is not a stream.
+    if entries.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return None;
+    }
+    Some(LogRead { trimmed, entries })
+}
+
+impl LogCursor {
+    /// A cursor for a host that starts now.
+    fn at_start() -> LogCursor {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        LogCursor {
+            at: (ms.saturating_sub(LOG_START_MARGIN_MS), 0),
+            seen: false,
+        }
+    }
+
+    /// Whether the log lost entries this host has not read (see [`LogCursor`]); the cursor
+    /// then moves past what was trimmed, and forgets the entry it had read.
+    fn gap(&mut self, r: &LogRead) -> bool {
+        let gap = match r.trimmed {
+            Some(t) if t >= self.at => t > self.at,
+            _ => self.seen && r.entries.first().is_none_or(|(id, _)| *id != self.at),
+        };
+        if gap {
+            self.at = self.at.max(r.trimmed.unwrap_or((0, 0)));
+            self.seen = false;
+        }
+        gap
+    }
+
+    /// The entries after the cursor, which it moves past.
+    fn take(&mut self, r: LogRead) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(r.entries.len());
+        for (id, msg) in r.entries {
+            if id > self.at {
+                self.at = id;
+                self.seen = true;
+                out.push(msg);
+            }
+        }
+        out
+    }
+}
+
+/// Applies a purge heard from the log to every worker of this host. A worker whose mailbox
+/// is full (`control::MAX_PENDING_JOBS`: the log read back after an outage can hold a
+/// thousand purges) is waited for, not skipped: before, such a purge was dropped for that
+/// worker. Returns false once `stop` is set.
+fn apply_purge(
+    control: &crate::control::Control,
+    p: &Purge,
+    stop: &std::sync::atomic::AtomicBool,
+) -> bool {
+    for i in 0..control.workers() {
+        loop {
+            let p = p.clone();
+            let posted = control.post(
+                i,
+                Box::new(move |w| match &p {
+                    // Another host's invalidation, or an exact purge there: no read of the
+                    // whole store.
+                    Purge {
+                        target: PurgeTarget::Url(u),
+                        soft: false,
+                    } => w.cache.invalidate_local(u),
+                    _ => {
+                        w.cache.purge_local(&p);
+                    }
+                }),
+            );
+            match posted {
+                Err(crate::control::ControlError::Full(_)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                _ => break,
+            }
+        }
+    }
+    true
+}
+
+/// Starts the thread that follows the purge log and applies each purge to this host's
+/// workers ([`LogCursor`]); it ends once `stop` is set. An unreachable Redis is tried again
+/// every `retry_interval`; the purges made meanwhile are read once it answers.
 pub fn spawn_purge_listener(
     cfg: &crate::cache::config::CacheRedisConfig,
     control: Arc<crate::control::Control>,
+    layer: Arc<SharedLayer>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let cfg = cfg.clone();
     std::thread::Builder::new()
         .name("ringway-purge".into())
         .spawn(move || {
+            let mut cursor = LogCursor::at_start();
             while !stop.load(Ordering::Relaxed) {
-                let _ = listen(&cfg, &control, &stop);
+                let _ = listen(&cfg, &control, &layer, &mut cursor, &stop);
                 let until = Instant::now() + cfg.retry_interval.0;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -935,87 +1141,156 @@ pub fn spawn_purge_listener(
         })
 }
 
-/// One subscription, until it fails or `stop` is set.
+/// One connection to Redis that follows the purge log, until it fails or `stop` is set:
+/// reads what the log holds after the cursor, then waits (`XREAD BLOCK`) for more.
 fn listen(
     cfg: &crate::cache::config::CacheRedisConfig,
     control: &crate::control::Control,
+    layer: &SharedLayer,
+    cursor: &mut LogCursor,
     stop: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let mut sock = std::net::TcpStream::connect_timeout(&cfg.address.addr, cfg.timeout.0)?;
     // Short reads, so that the stop flag is seen.
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-    sock.set_write_timeout(Some(cfg.timeout.0))?;
-    let channel = format!("{}purge", cfg.key_prefix);
-    let mut cmd = Vec::new();
-    let mut frame = |args: &[&[u8]]| {
+    sock.set_write_timeout(Some(cfg.timeout.0.max(Duration::from_secs(1))))?;
+    // A reply is late past `timeout` (at least a second: the log is off the request path),
+    // plus the wait it asked for.
+    let late = cfg.timeout.0.max(Duration::from_secs(1));
+    let log = format!("{}purge-log", cfg.key_prefix);
+    let trimmed = format!("{}purge-log-trimmed", cfg.key_prefix);
+    let mut rbuf = bytes::BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    let mut call = |args: &[&[u8]], wait: Duration| -> std::io::Result<Option<BytesFrame>> {
+        let mut cmd = Vec::new();
         cmd.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
         for a in args {
             cmd.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
             cmd.extend_from_slice(a);
             cmd.extend_from_slice(b"\r\n");
         }
-    };
-    if let Some(p) = &cfg.password {
-        frame(&[b"AUTH", p.as_bytes()]);
-    }
-    frame(&[b"SUBSCRIBE", channel.as_bytes()]);
-    sock.write_all(&cmd)?;
-    let mut rbuf = bytes::BytesMut::new();
-    let mut chunk = [0u8; 4096];
-    while !stop.load(Ordering::Relaxed) {
-        // Checked for depth, size and frame count before it is decoded (`crate::redis`).
-        while let Some(f) = crate::redis::decode_reply_within(&mut rbuf, MAX_PURGE_MESSAGE)? {
-            match f {
-                BytesFrame::Array(v) if v.len() == 3 => {
-                    if let (BytesFrame::BulkString(kind), BytesFrame::BulkString(msg)) =
-                        (&v[0], &v[2])
-                    {
-                        if &kind[..] == b"message" {
-                            if let Some(p) = decode_purge(msg) {
-                                for i in 0..control.workers() {
-                                    let p = p.clone();
-                                    let _ = control.post(
-                                        i,
-                                        Box::new(move |w| match &p {
-                                            // Another host's invalidation, or an exact
-                                            // purge there: no read of the whole store.
-                                            Purge {
-                                                target: PurgeTarget::Url(u),
-                                                soft: false,
-                                            } => w.cache.invalidate_local(u),
-                                            _ => {
-                                                w.cache.purge_local(&p);
-                                            }
-                                        }),
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-                BytesFrame::Error(e) => {
+        sock.write_all(&cmd)?;
+        let deadline = Instant::now() + wait + late;
+        loop {
+            // Checked for depth, size and frame count before it is decoded (`crate::redis`).
+            if let Some(f) = crate::redis::decode_reply_within(&mut rbuf, MAX_PURGE_MESSAGE)? {
+                if let BytesFrame::Error(e) = f {
                     return Err(std::io::Error::other(e.to_string()));
                 }
-                _ => {}
+                return Ok(Some(f));
+            }
+            if rbuf.len() > MAX_LOG_REPLY {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "purge log reply too large",
+                ));
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            match sock.read(&mut chunk) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
             }
         }
-        if rbuf.len() > MAX_PURGE_MESSAGE * 2 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "purge channel message too large",
-            ));
+    };
+    if let Some(p) = &cfg.password {
+        if call(&[b"AUTH", p.as_bytes()], Duration::ZERO)?.is_none() {
+            return Ok(());
         }
-        match sock.read(&mut chunk) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e),
+    }
+    let count = (PURGE_LOG_READ + 1).to_string();
+    let wait = LOG_WAIT_MS.to_string();
+    // `XREAD` said there was more to read.
+    let mut woke = false;
+    let mut stalls = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let from = format!("{}-{}", cursor.at.0, cursor.at.1);
+        let Some(f) = call(
+            &[
+                b"EVAL",
+                PURGE_LOG_READ_LUA.as_bytes(),
+                b"2",
+                log.as_bytes(),
+                trimmed.as_bytes(),
+                from.as_bytes(),
+                count.as_bytes(),
+            ],
+            Duration::ZERO,
+        )?
+        else {
+            return Ok(());
+        };
+        let read = parse_log_read(f).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not a purge log reply")
+        })?;
+        let full = read.entries.len() > PURGE_LOG_READ;
+        if cursor.gap(&read) {
+            layer.purge_log_gaps.fetch_add(1, Ordering::Relaxed);
+            crate::warn!(
+                "the purge log in redis at {} lost purges this host had not read; every stored response of this host is purged",
+                cfg.address.text
+            );
+            let all = Purge {
+                target: PurgeTarget::All,
+                soft: false,
+            };
+            if !apply_purge(control, &all, stop) {
+                return Ok(());
+            }
         }
+        let msgs = cursor.take(read);
+        if woke && msgs.is_empty() {
+            stalls += 1;
+            if stalls >= MAX_LOG_STALLS {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the purge log says it has entries and gives none",
+                ));
+            }
+        } else {
+            stalls = 0;
+        }
+        for m in &msgs {
+            if let Some(p) = decode_purge(m) {
+                layer.purges_heard.fetch_add(1, Ordering::Relaxed);
+                if !apply_purge(control, &p, stop) {
+                    return Ok(());
+                }
+            }
+        }
+        if full {
+            woke = true;
+            continue;
+        }
+        let from = format!("{}-{}", cursor.at.0, cursor.at.1);
+        let Some(f) = call(
+            &[
+                b"XREAD",
+                b"COUNT",
+                b"1",
+                b"BLOCK",
+                wait.as_bytes(),
+                b"STREAMS",
+                log.as_bytes(),
+                from.as_bytes(),
+            ],
+            Duration::from_millis(LOG_WAIT_MS),
+        )?
+        else {
+            return Ok(());
+        };
+        woke = !matches!(f, BytesFrame::Null);
     }
     Ok(())
 }
@@ -1385,7 +1660,149 @@ mod tests {
         let _ = server.join();
         assert!(sent.is_ok(), "the kept purge was not sent again");
         let names: Vec<Vec<u8>> = heard.try_iter().collect();
-        assert_eq!(names, [b"EVAL".to_vec(), b"PUBLISH".to_vec()]);
+        assert_eq!(names, [b"EVAL".to_vec(), b"EVAL".to_vec()]);
+    }
+
+    /// The purge log's replies are parsed strictly (issue 12: a hostile Redis must not panic
+    /// the listener nor grow its memory): anything but the script's three parts, more entries
+    /// than asked for, an ID that is not two decimal numbers, or entries out of order is
+    /// refused (the connection dropped).
+    #[test]
+    fn purge_log_replies_are_parsed_strictly() {
+        let b = |s: &str| BytesFrame::BulkString(Bytes::copy_from_slice(s.as_bytes()));
+        let entry = |id: &str, msg: &str| {
+            BytesFrame::Array(vec![b(id), BytesFrame::Array(vec![b("p"), b(msg)])])
+        };
+        let reply = |t: BytesFrame, e: Vec<BytesFrame>| {
+            BytesFrame::Array(vec![t, BytesFrame::Array(e), BytesFrame::Null])
+        };
+        let ok = parse_log_read(reply(
+            b("5-1"),
+            vec![entry("6-0", "u\0h/p"), entry("6-1", "x")],
+        ))
+        .expect("a reply");
+        assert_eq!(ok.trimmed, Some((5, 1)));
+        assert_eq!(ok.entries.len(), 2);
+        assert_eq!(ok.entries[0].0, (6, 0));
+        let bad = [
+            BytesFrame::Null,
+            BytesFrame::Array(vec![BytesFrame::Null, BytesFrame::Array(vec![])]),
+            reply(b("5"), vec![]),
+            reply(b("-1-0"), vec![]),
+            reply(b("1-99999999999999999999999"), vec![]),
+            reply(BytesFrame::Integer(5), vec![]),
+            reply(BytesFrame::Null, vec![entry("7-0", "a"), entry("6-0", "b")]),
+            reply(BytesFrame::Null, vec![entry("7-0", "a"), entry("7-0", "b")]),
+            reply(BytesFrame::Null, vec![b("7-0")]),
+            reply(BytesFrame::Null, vec![entry("x-0", "a")]),
+            reply(
+                BytesFrame::Null,
+                (0..PURGE_LOG_READ as u64 + 2)
+                    .map(|i| entry(&format!("{i}-0"), "a"))
+                    .collect(),
+            ),
+        ];
+        for (i, f) in bad.into_iter().enumerate() {
+            assert!(parse_log_read(f).is_none(), "case {i}");
+        }
+    }
+
+    /// Where a gap in the purge log is found (issue 12), and only there.
+    #[test]
+    fn a_gap_in_the_purge_log_is_found_where_entries_the_host_had_not_read_are_gone() {
+        let read = |trimmed: Option<LogId>, ids: &[LogId]| LogRead {
+            trimmed,
+            entries: ids.iter().map(|i| (*i, Bytes::new())).collect(),
+        };
+        let start = || LogCursor {
+            at: (100, 0),
+            seen: false,
+        };
+        // Nothing read yet: older trims are not a gap; one past the start is.
+        assert!(!start().gap(&read(None, &[])));
+        assert!(!start().gap(&read(Some((99, 5)), &[(101, 0)])));
+        let mut c = start();
+        assert!(c.gap(&read(Some((150, 0)), &[(151, 0)])));
+        assert_eq!((c.at, c.seen), ((150, 0), false));
+        // It reads on from there, once.
+        assert_eq!(c.take(read(None, &[(150, 0), (151, 0)])).len(), 1);
+        assert_eq!((c.at, c.seen), ((151, 0), true));
+        // The entry read last is still there, or trimmed itself: no gap.
+        assert!(!c.gap(&read(None, &[(151, 0), (152, 0)])));
+        assert!(!c.gap(&read(Some((151, 0)), &[(152, 0)])));
+        // It is gone though nothing past it was trimmed (Redis lost its data): a gap, once.
+        assert!(c.gap(&read(None, &[(160, 0)])));
+        assert!(!c.gap(&read(None, &[(160, 0)])));
+        let mut c = LogCursor {
+            at: (151, 0),
+            seen: true,
+        };
+        assert!(c.gap(&read(None, &[])));
+    }
+
+    /// A server that says, at every `XREAD`, that the log has new entries, and gives none when
+    /// it is read, cannot make the listener spin: the connection is dropped after
+    /// [`MAX_LOG_STALLS`] such rounds. One whose reply to a read of the log is longer than
+    /// the listener reads ([`MAX_LOG_REPLY`]) is dropped too, its reply never held whole.
+    #[test]
+    fn a_hostile_purge_log_server_cannot_make_the_listener_spin_or_hold_much() {
+        use std::io::{Read, Write};
+        for hostile in ["stalls", "long"] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let server = std::thread::spawn(move || {
+                let Ok((mut s, _)) = l.accept() else { return 0 };
+                let (mut buf, mut chunk, mut evals) = (bytes::BytesMut::new(), [0u8; 4096], 0);
+                loop {
+                    while let Ok(Some(BytesFrame::Array(a))) = crate::redis::decode_reply(&mut buf)
+                    {
+                        let name = match a.first() {
+                            Some(BytesFrame::BulkString(n)) => n.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let answer: Vec<u8> = match (&name[..], hostile) {
+                            (b"EVAL", "stalls") => b"*3\r\n$-1\r\n*0\r\n$-1\r\n".to_vec(),
+                            (b"EVAL", _) => {
+                                let mut r = b"*3\r\n$-1\r\n*40\r\n".to_vec();
+                                for _ in 0..40 {
+                                    r.extend_from_slice(b"$60000\r\n");
+                                    r.resize(r.len() + 60000, b'x');
+                                    r.extend_from_slice(b"\r\n");
+                                }
+                                r
+                            }
+                            _ => b"*1\r\n*2\r\n$1\r\nl\r\n*0\r\n".to_vec(),
+                        };
+                        evals += usize::from(&name[..] == b"EVAL");
+                        if s.write_all(&answer).is_err() {
+                            return evals;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return evals,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+            let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
+            let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+            let layer = SharedLayer::new(&cfg).expect("a layer");
+            let r = cfg.cache.redis.as_ref().expect("redis");
+            let control = crate::control::Control::new(1);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let mut cursor = LogCursor::at_start();
+            let got = listen(r, &control, &layer, &mut cursor, &stop);
+            let err = got.expect_err("dropped");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::InvalidData,
+                "{hostile}: {err}"
+            );
+            let evals = server.join().expect("server");
+            if hostile == "stalls" {
+                assert_eq!(evals, MAX_LOG_STALLS as usize + 1);
+            }
+        }
     }
 
     #[test]

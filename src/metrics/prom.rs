@@ -538,7 +538,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             "1 while the Redis link of the response cache's shared layer is up.",
         );
         e.sample("ringway_cache_redis_up", &[], r.up as u64);
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "ringway_cache_redis_commands_total",
                 "Commands the cache's Redis link sent in rounds.",
@@ -588,6 +588,16 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
                 "ringway_cache_redis_purges_given_up_total",
                 "Purges kept to be sent again to Redis and given up because 64 newer ones failed after them.",
                 r.purges_given_up,
+            ),
+            (
+                "ringway_cache_redis_purges_heard_total",
+                "Purges this host read from the purge log in Redis (its own included) and applied to its stores.",
+                r.purges_heard,
+            ),
+            (
+                "ringway_cache_redis_purge_log_gaps_total",
+                "Times the purge log had lost purges this host had not read (trimmed past it, or Redis lost its data): every stored response of this host was purged.",
+                r.purge_log_gaps,
             ),
         ];
         for (name, help, v) in counters {
