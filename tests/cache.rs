@@ -3013,6 +3013,59 @@ fn a_host_that_missed_purges_the_log_no_longer_holds_purges_everything_it_stores
     assert_eq!(gaps(&a), 0);
 }
 
+/// RFC 9111 §4.4, issue 12: past the 64 distinct purges a host keeps while Redis cannot be
+/// reached, they are folded into one purge of everything, which the workers await and which
+/// goes once Redis is back. Before, the oldest was given up, and forgotten by the workers:
+/// once the link was up, a lookup brought its purged copy back from Redis, and the other
+/// hosts never heard it.
+#[test]
+fn rfc9111_4_4_purges_past_the_64_kept_are_folded_into_a_purge_of_everything() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = gateway_through(&relay, up.addr);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    wait_stored_in_redis(&redis);
+    // B holds /p, taken from Redis.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    relay.cut();
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
+    assert!(eventually(Duration::from_secs(5), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 1));
+    // 64 invalidations of other URLs, each failing in Redis: 65 distinct purges.
+    for i in 0..64 {
+        let r = request(
+            a.addr,
+            format!("POST /x{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(eventually(Duration::from_secs(5), || layer(|l| l
+        .purges_failed
+        .load(Ordering::Relaxed))
+        >= 65));
+    mend_and_wait_up(&relay, &a);
+    // A's lookup does not bring /p back from Redis.
+    let r = get(a.addr, "/p");
+    assert_ne!(r.text(), "v1", "{r:?}");
+    // The purge of everything went: B drops its copy, nothing is left to send.
+    assert!(eventually(Duration::from_secs(10), || get(b.addr, "/p")
+        .text()
+        != "v1"));
+    assert!(eventually(Duration::from_secs(10), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 0));
+    assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 65);
+    assert_ne!(get(a.addr, "/p").text(), "v1");
+}
+
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is
 /// `test.local`, as routing reads it) keys the same entry as without it, with or without a
 /// port, so that a purge of the URL reaches what either spelling stored (RFC 9111 §4.4).

@@ -94,8 +94,9 @@ const PUT_VARIANT_LUA: &str = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]
 /// Called once a purge's Redis copies are gone ([`SharedLayer::purge`]).
 pub type PurgeDone = Box<dyn FnOnce() + Send>;
 
-/// Most purges a host keeps to send again to Redis ([`SharedLayer::unsent`]); past it the
-/// oldest is given up (counted in [`SharedLayer::purges_given_up`]).
+/// Most purges a host keeps to send again to Redis ([`SharedLayer::unsent`]); past it they
+/// are folded into one purge of everything ([`SharedLayer::keep_unsent`], counted in
+/// [`SharedLayer::purges_given_up`]).
 const MAX_UNSENT_PURGES: usize = 64;
 
 /// How long after a purge failed with the link up (an error answered, the queue full) the
@@ -145,13 +146,16 @@ pub struct SharedLayer {
     /// done: the copies it was to delete came back from Redis once the link was up.
     unsent: Mutex<std::collections::VecDeque<Unsent>>,
     /// Purges whose Redis side failed (each failure of a purge sent again counts too), and
-    /// those given up because [`MAX_UNSENT_PURGES`] newer ones failed after them.
+    /// those folded into a purge of everything because [`MAX_UNSENT_PURGES`] were kept.
     pub purges_failed: AtomicU64,
     pub purges_given_up: AtomicU64,
     /// The wait before the next try of the kept purges while the link stays up
     /// ([`SharedLayer::retry_later`]): [`PURGE_RETRY_FIRST`], doubled at each try asked for,
     /// at most [`PURGE_RETRY_MAX`]; the first again once a purge goes through and none is kept.
     retry_wait: Mutex<Duration>,
+    /// The workers' control plane (set by the workers), to have them await the purge of
+    /// everything that kept purges are folded into ([`SharedLayer::keep_unsent`]).
+    control: std::sync::OnceLock<Arc<crate::control::Control>>,
     /// Purges this host read from the purge log (its own included), and the times the log
     /// had lost purges it had not read, so that it purged everything it stored ([`LogCursor`]).
     pub purges_heard: AtomicU64,
@@ -235,6 +239,7 @@ impl SharedLayer {
             purges_failed: AtomicU64::new(0),
             purges_given_up: AtomicU64::new(0),
             retry_wait: Mutex::new(PURGE_RETRY_FIRST),
+            control: std::sync::OnceLock::new(),
             purges_heard: AtomicU64::new(0),
             purge_log_gaps: AtomicU64::new(0),
         }))
@@ -251,6 +256,11 @@ impl SharedLayer {
 
     pub fn link(&self) -> &Arc<RedisLink> {
         &self.link
+    }
+
+    /// The workers' control plane, for [`SharedLayer::keep_unsent`]; set once.
+    pub fn set_control(&self, c: Arc<crate::control::Control>) {
+        let _ = self.control.set(c);
     }
 
     fn rkey(&self, kind: &[u8], key: &[u8]) -> Bytes {
@@ -585,13 +595,21 @@ impl SharedLayer {
         self.send_purge(p.clone(), ticket, done);
     }
 
-    /// Keeps a purge whose Redis side failed, to send it again; the oldest kept is given up
-    /// (its `done` called) past [`MAX_UNSENT_PURGES`]. One equal to a purge already kept, with
-    /// a later ticket, replaces it (sent once, it does what both would): the invalidations of
-    /// one URL by repeated unsafe requests while Redis is down take one place, not one each,
-    /// and give up no other purge. The one replaced is done: the workers replace it by the
-    /// later one too ([`super::WorkerCache::note_redis_pending`], noted before it was sent),
-    /// so that its settlement finds nothing.
+    /// Keeps a purge whose Redis side failed, to send it again. One equal to a purge already
+    /// kept, with a later ticket, replaces it (sent once, it does what both would): the
+    /// invalidations of one URL by repeated unsafe requests while Redis is down take one
+    /// place, not one each. The one replaced is done: the workers replace it by the later one
+    /// too ([`super::WorkerCache::note_redis_pending`], noted before it was sent), so that
+    /// its settlement finds nothing.
+    ///
+    /// Past [`MAX_UNSENT_PURGES`], every kept purge and this one are folded into one hard
+    /// purge of everything, kept in their place (issue 12): it deletes in Redis whatever they
+    /// would have, and every host that reads it drops its stores. The workers first note it
+    /// as awaited (posted past their mailboxes' cap: it must reach them), so that until it
+    /// went through none takes an entry from Redis received before it; then the folded
+    /// purges are done (their `done` called, counted in [`SharedLayer::purges_given_up`]).
+    /// Before, the oldest was given up: its copies stayed in Redis and could come back, and
+    /// the other hosts never heard it.
     fn keep_unsent(&self, u: Unsent) {
         self.purges_failed.fetch_add(1, Ordering::Relaxed);
         let mut q = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
@@ -599,15 +617,46 @@ impl SharedLayer {
             .iter()
             .position(|k| k.purge == u.purge && k.ticket < u.ticket)
             .and_then(|i| q.remove(i));
-        let dropped = (replaced.is_none() && q.len() >= MAX_UNSENT_PURGES)
-            .then(|| q.pop_front())
-            .flatten();
-        q.push_back(u);
-        drop(q);
-        if dropped.is_some() {
-            self.purges_given_up.fetch_add(1, Ordering::Relaxed);
+        if replaced.is_some() || q.len() < MAX_UNSENT_PURGES {
+            q.push_back(u);
+            drop(q);
+            if let Some(d) = replaced.and_then(|k| k.done) {
+                d();
+            }
+            return;
         }
-        if let Some(d) = replaced.or(dropped).and_then(|k| k.done) {
+        let all = Purge {
+            target: PurgeTarget::All,
+            soft: false,
+        };
+        let ticket = self.purge_ticket();
+        let control = self.control.get().cloned();
+        if let Some(c) = &control {
+            for i in 0..c.workers() {
+                let p = all.clone();
+                let _ = c.post_every(
+                    i,
+                    Box::new(move |w| w.cache.note_redis_pending(Some(ticket), &p)),
+                );
+            }
+        }
+        let done = control.map(|c| {
+            Box::new(move || {
+                for i in 0..c.workers() {
+                    let _ = c.post(i, Box::new(move |w| w.cache.settle_redis_purge(ticket)));
+                }
+            }) as PurgeDone
+        });
+        let folded: Vec<Unsent> = q.drain(..).chain(std::iter::once(u)).collect();
+        q.push_back(Unsent {
+            purge: all,
+            ticket: Some(ticket),
+            done,
+        });
+        drop(q);
+        self.purges_given_up
+            .fetch_add(folded.len() as u64, Ordering::Relaxed);
+        for d in folded.into_iter().filter_map(|k| k.done) {
             d();
         }
     }
@@ -1507,54 +1556,63 @@ mod tests {
     }
 
     /// A purge whose Redis side failed is kept to be sent again, at most
-    /// [`MAX_UNSENT_PURGES`]: past it the oldest is given up, counted, and its `done` called
-    /// (the workers stop awaiting it).
+    /// [`MAX_UNSENT_PURGES`]: one equal to a kept purge, with a later ticket, replaces it
+    /// (the earlier is done) and takes no other place; past the bound every kept purge and
+    /// the new one are folded into one hard purge of everything (issue 12: before, the
+    /// oldest was given up, its copies left in Redis), each folded one done and counted.
     #[test]
-    fn purges_kept_to_be_sent_again_are_bounded_oldest_given_up() {
+    fn purges_kept_to_be_sent_again_are_bounded_and_folded_into_a_purge_of_everything() {
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
         let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
         let l = SharedLayer::new(&cfg).expect("a layer");
-        let given_up = Arc::new(AtomicU64::new(0));
-        for i in 0..=MAX_UNSENT_PURGES {
-            let g = given_up.clone();
-            l.keep_unsent(Unsent {
-                purge: Purge {
-                    target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
-                    soft: false,
-                },
-                ticket: Some(i as u64),
-                done: Some(Box::new(move || {
-                    g.fetch_add(1 + i as u64 * 1000, Ordering::Relaxed);
-                })),
-            });
-        }
-        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
-        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            l.purges_failed.load(Ordering::Relaxed),
-            MAX_UNSENT_PURGES as u64 + 1
-        );
-        // The oldest (h/0) was given up.
-        assert_eq!(given_up.load(Ordering::Relaxed), 1);
-        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done),
-        // and gives up nothing; one with an earlier ticket is kept apart.
-        let h5 = Purge {
-            target: PurgeTarget::Url(b"h/5".to_vec()),
+        let done = Arc::new(AtomicU64::new(0));
+        let url = |i: usize| Purge {
+            target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
             soft: false,
         };
-        for ticket in [1000, 3] {
+        let keep = |p: Purge, ticket: u64| {
+            let d = done.clone();
             l.keep_unsent(Unsent {
-                purge: h5.clone(),
+                purge: p,
                 ticket: Some(ticket),
-                done: None,
+                done: Some(Box::new(move || {
+                    d.fetch_add(1, Ordering::Relaxed);
+                })),
             });
+        };
+        for i in 0..MAX_UNSENT_PURGES {
+            keep(url(i), i as u64);
         }
-        assert_eq!(
-            given_up.load(Ordering::Relaxed),
-            1 + (1 + 5000) + (1 + 1000)
-        );
-        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 2);
         assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done);
+        // one with an earlier ticket would take a place of its own.
+        keep(url(5), 1000);
+        assert_eq!(done.load(Ordering::Relaxed), 1);
+        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 0);
+        // Past the bound: one purge of everything in their place, every one of them done.
+        keep(url(5), 3);
+        assert_eq!(l.unsent_purges(), 1);
+        assert_eq!(
+            done.load(Ordering::Relaxed),
+            1 + MAX_UNSENT_PURGES as u64 + 1
+        );
+        assert_eq!(
+            l.purges_given_up.load(Ordering::Relaxed),
+            MAX_UNSENT_PURGES as u64 + 1
+        );
+        assert_eq!(
+            l.purges_failed.load(Ordering::Relaxed),
+            MAX_UNSENT_PURGES as u64 + 2
+        );
+        let kept = l.unsent.lock().expect("lock");
+        assert_eq!(
+            kept.front().map(|k| &k.purge),
+            Some(&Purge {
+                target: PurgeTarget::All,
+                soft: false,
+            })
+        );
     }
 
     /// Kept purges that failed with the link up are tried again on one timer (issue 12):

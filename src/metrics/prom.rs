@@ -586,7 +586,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             ),
             (
                 "ringway_cache_redis_purges_given_up_total",
-                "Purges kept to be sent again to Redis and given up because 64 newer ones failed after them.",
+                "Purges kept to be sent again to Redis and folded, past 64 kept, into one purge of everything (which is kept and sent in their place).",
                 r.purges_given_up,
             ),
             (
