@@ -1039,6 +1039,10 @@ struct LogCursor {
     at: LogId,
     /// Whether `at` is an entry read (it must then still be in the log, or trimmed).
     seen: bool,
+    /// When the host started, until the log is first read: the start is then put in Redis's
+    /// time (its `TIME` less the time since), so that a host whose clock is ahead of Redis's
+    /// does not skip the purges made just after it started.
+    started: Option<Instant>,
 }
 
 /// What one read of the purge log found ([`PURGE_LOG_READ_LUA`]).
@@ -1095,7 +1099,34 @@ impl LogCursor {
         LogCursor {
             at: (ms.saturating_sub(LOG_START_MARGIN_MS), 0),
             seen: false,
+            started: Some(Instant::now()),
         }
+    }
+
+    /// Puts the host's start in Redis's time, from Redis's answer to `TIME` (seconds and
+    /// microseconds); false when it is not one.
+    fn start_at_redis_time(&mut self, f: BytesFrame) -> bool {
+        let (Some(t0), BytesFrame::Array(v)) = (self.started, f) else {
+            return false;
+        };
+        let num = |f: &BytesFrame| match f {
+            BytesFrame::BulkString(b) if !b.is_empty() && b.len() <= 20 => {
+                std::str::from_utf8(b).ok()?.parse::<u64>().ok()
+            }
+            _ => None,
+        };
+        let (Some(secs), Some(us)) = (v.first().and_then(num), v.get(1).and_then(num)) else {
+            return false;
+        };
+        let now_ms = secs.saturating_mul(1000).saturating_add(us / 1000);
+        let since = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at = (
+            now_ms
+                .saturating_sub(since)
+                .saturating_sub(LOG_START_MARGIN_MS),
+            0,
+        );
+        true
     }
 
     /// Whether the log lost entries this host has not read (see [`LogCursor`]); the cursor
@@ -1258,6 +1289,17 @@ fn listen(
             return Ok(());
         }
     }
+    if cursor.started.is_some() {
+        let Some(f) = call(&[b"TIME"], Duration::ZERO)? else {
+            return Ok(());
+        };
+        if !cursor.start_at_redis_time(f) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not an answer to TIME",
+            ));
+        }
+    }
     let count = (PURGE_LOG_READ + 1).to_string();
     let wait = LOG_WAIT_MS.to_string();
     // `XREAD` said there was more to read.
@@ -1283,6 +1325,7 @@ fn listen(
         let read = parse_log_read(f).ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidData, "not a purge log reply")
         })?;
+        cursor.started = None;
         let full = read.entries.len() > PURGE_LOG_READ;
         if cursor.gap(&read) {
             layer.purge_log_gaps.fetch_add(1, Ordering::Relaxed);
@@ -1775,6 +1818,7 @@ mod tests {
         let start = || LogCursor {
             at: (100, 0),
             seen: false,
+            started: None,
         };
         // Nothing read yet: older trims are not a gap; one past the start is.
         assert!(!start().gap(&read(None, &[])));
@@ -1794,8 +1838,20 @@ mod tests {
         let mut c = LogCursor {
             at: (151, 0),
             seen: true,
+            started: None,
         };
         assert!(c.gap(&read(None, &[])));
+        // A host's start is put in Redis's time: 10 s after the epoch by Redis, less the time
+        // since it started and the margin.
+        let mut c = LogCursor {
+            at: (u64::MAX, 0),
+            seen: false,
+            started: Some(Instant::now()),
+        };
+        let b = |s: &str| BytesFrame::BulkString(Bytes::copy_from_slice(s.as_bytes()));
+        assert!(!c.start_at_redis_time(BytesFrame::Array(vec![b("x"), b("0")])));
+        assert!(c.start_at_redis_time(BytesFrame::Array(vec![b("10"), b("500000")])));
+        assert!(c.at.0 <= 10_500 - LOG_START_MARGIN_MS);
     }
 
     /// A server that says, at every `XREAD`, that the log has new entries, and gives none when
@@ -1819,6 +1875,7 @@ mod tests {
                             _ => Vec::new(),
                         };
                         let answer: Vec<u8> = match (&name[..], hostile) {
+                            (b"TIME", _) => b"*2\r\n$2\r\n10\r\n$1\r\n0\r\n".to_vec(),
                             (b"EVAL", "stalls") => b"*3\r\n$-1\r\n*0\r\n$-1\r\n".to_vec(),
                             (b"EVAL", _) => {
                                 let mut r = b"*3\r\n$-1\r\n*40\r\n".to_vec();
