@@ -767,6 +767,7 @@ impl SharedLayer {
     /// versions listen there), by [`PURGE_LOG_LUA`]. Its run is finished with the answer (or
     /// the link's failure).
     fn publish(&self, msg: Bytes, run: Arc<PurgeRun>) {
+        let msg = log_message(msg);
         self.link.command(Command {
             args: vec![
                 Bytes::from_static(b"EVAL"),
@@ -942,6 +943,20 @@ fn variant_id<'a>(key: &[u8], vary: impl Iterator<Item = (&'a [u8], &'a [u8])>) 
 
 /// Most bytes of a purge message read from the channel.
 const MAX_PURGE_MESSAGE: usize = 64 * 1024;
+
+/// The message logged for a purge: its own, or, when longer than the listeners read
+/// ([`MAX_PURGE_MESSAGE`]: a URL or prefix that long, which `limits.max_uri_bytes` allows),
+/// a hard purge of everything: the safe side, where a message no listener reads would stop
+/// every host's listener at it.
+fn log_message(msg: Bytes) -> Bytes {
+    if msg.len() <= MAX_PURGE_MESSAGE {
+        return msg;
+    }
+    Bytes::from(encode_purge(&Purge {
+        target: PurgeTarget::All,
+        soft: false,
+    }))
+}
 
 /// A purge as it travels on the channel: its kind, hard or soft, and its argument.
 pub fn encode_purge(p: &Purge) -> Vec<u8> {
@@ -1806,6 +1821,28 @@ mod tests {
         for (i, f) in bad.into_iter().enumerate() {
             assert!(parse_log_read(f).is_none(), "case {i}");
         }
+    }
+
+    /// A purge whose message the listeners would not read is logged as a hard purge of
+    /// everything; any other as it is.
+    #[test]
+    fn a_purge_too_long_for_the_log_is_logged_as_a_purge_of_everything() {
+        let p = |n: usize| {
+            Bytes::from(encode_purge(&Purge {
+                target: PurgeTarget::Url(vec![b'u'; n]),
+                soft: true,
+            }))
+        };
+        let fits = p(MAX_PURGE_MESSAGE - 2);
+        assert_eq!(log_message(fits.clone()), fits);
+        let logged = log_message(p(MAX_PURGE_MESSAGE - 1));
+        assert_eq!(
+            decode_purge(&logged),
+            Some(Purge {
+                target: PurgeTarget::All,
+                soft: false,
+            })
+        );
     }
 
     /// Where a gap in the purge log is found (issue 12), and only there.
