@@ -1006,6 +1006,8 @@ const LOG_WAIT_MS: u64 = 2000;
 /// just before, by a clock a little ahead of Redis's: applied to stores that hold nothing
 /// older, it costs nothing).
 const LOG_START_MARGIN_MS: u64 = 5000;
+/// Least time between two lines saying the purge log cannot be read.
+const LOG_UNREADABLE_EVERY: Duration = Duration::from_secs(60);
 /// Rounds in a row in which `XREAD` said the log had new entries and reading it found none:
 /// past it the connection is dropped (a server that keeps saying so cannot make the listener
 /// spin), and opened again after `retry_interval`.
@@ -1226,8 +1228,25 @@ pub fn spawn_purge_listener(
         .name("ringway-purge".into())
         .spawn(move || {
             let mut cursor = LogCursor::at_start();
+            let mut logged: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
-                let _ = listen(&cfg, &control, &layer, &mut cursor, &stop);
+                // Redis unreachable is the link's to log; a log that cannot be read (an error
+                // answered, such as `WRONGTYPE` or a Redis without streams, or a reply that is
+                // not one) is logged here, at most once a minute: the purges made meanwhile
+                // are read once it can be.
+                if let Err(e) = listen(&cfg, &control, &layer, &mut cursor, &stop) {
+                    let unreadable = matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::Other
+                    );
+                    if unreadable && logged.is_none_or(|t| t.elapsed() >= LOG_UNREADABLE_EVERY) {
+                        logged = Some(Instant::now());
+                        crate::warn!(
+                            "the purge log in redis at {} cannot be read ({e}); purges from other hosts reach this one once it can",
+                            cfg.address.text
+                        );
+                    }
+                }
                 let until = Instant::now() + cfg.retry_interval.0;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
