@@ -3073,6 +3073,50 @@ fn rfc9111_4_4_purges_past_the_64_kept_are_folded_into_a_purge_of_everything() {
     assert_ne!(get(a.addr, "/p").text(), "v1");
 }
 
+/// RFC 9111 §4.4, issue 12: the index set a purge by tag finds entries through outlives
+/// every entry it lists. Before, each write set the set's expiry to its own entry's, so a
+/// later entry with a shorter life (here 65 s against 660 s) shortened it: once it expired,
+/// the longer-lived entry was left in Redis with no index, and a purge of the tag no longer
+/// found it (any host's lookup then served the purged copy). Now an entry and its index sets
+/// are written by one script, and a set's expiry is only ever lengthened.
+#[test]
+fn rfc9111_4_4_a_tag_s_index_set_in_redis_outlives_every_entry_it_lists() {
+    let redis = RedisServer::start();
+    let up = Upstream::start(|r: &Req| {
+        let age = if r.target.starts_with("/long") {
+            600
+        } else {
+            5
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age={age}\r\nsurrogate-key: t\r\ncontent-length: 2\r\n\r\nok"
+            )
+            .into_bytes(),
+        )
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let ttl = |k: &str| -> i64 {
+        redis
+            .command(&["TTL", k])
+            .and_then(|r| r.trim().strip_prefix(':')?.parse().ok())
+            .unwrap_or(-3)
+    };
+    get(a.addr, "/long");
+    wait_n_stored_in_redis(&redis, 1);
+    assert!(eventually(Duration::from_secs(5), || ttl(
+        "ringway:cache:t:t"
+    ) > 600));
+    get(a.addr, "/short");
+    wait_n_stored_in_redis(&redis, 2);
+    assert!(eventually(Duration::from_secs(5), || redis
+        .command(&["SCARD", "ringway:cache:t:t"])
+        .is_some_and(|r| r.starts_with(":2"))));
+    let left = ttl("ringway:cache:t:t");
+    assert!(left > 600, "the tag's set expires in {left} s");
+    assert!(ttl("ringway:cache:u:test.local/short") <= 65);
+}
+
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is
 /// `test.local`, as routing reads it) keys the same entry as without it, with or without a
 /// port, so that a purge of the URL reaches what either spelling stored (RFC 9111 §4.4).

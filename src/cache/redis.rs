@@ -87,10 +87,21 @@ const VALIDATION_SLACK_SECS: u64 = 60;
 /// refused (a miss) rather than matched the old way.
 const MAGIC: &[u8; 4] = b"RWC2";
 
-/// Stores one variant of a key (RFC 9111 §4.1) and keeps the key's variant list within the
-/// cap: KEYS[1] the variant's key, KEYS[2] the list; ARGV: the entry, its expiry in seconds,
-/// the cap. The list holds the variants' keys, newest first; those past the cap are deleted.
-const PUT_VARIANT_LUA: &str = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) redis.call('LREM', KEYS[2], 0, KEYS[1]) redis.call('LPUSH', KEYS[2], KEYS[1]) local cap = tonumber(ARGV[3]) local old = redis.call('LRANGE', KEYS[2], cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', KEYS[2], 0, cap - 1) if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end return #old";
+/// Stores an entry with its index sets, and, when it varies, as its variant (RFC 9111 §4.1),
+/// keeping the key's variant list within the cap. KEYS: the key's newest entry (`o:`), the
+/// URL's index set (`u:`), the tags' index sets (`t:`, ARGV[3] of them), then, for a variant,
+/// its key (`w:`) and the key's variant list (`v:`); ARGV: the entry, its expiry in seconds,
+/// the number of tags, the variant cap (0: no variant). The list holds the variants' keys,
+/// newest first; those past the cap are deleted. The URL's set lists the entry, the variant
+/// and the list; a tag's set the entry and the variant.
+///
+/// One script (issue 12): before, the entry and its index sets were separate commands, so a
+/// link that failed between them (or a round given up) could leave an entry no purge by URL
+/// or tag finds, served again from Redis after the purge; and each set's expiry was set to
+/// the entry's, so a later entry with a shorter life shortened it below the lives of the
+/// entries it already listed (a tag's set lists many URLs), which then outlived their index
+/// and escaped purges. A set's, and the list's, expiry is now only ever lengthened.
+const PUT_LUA: &str = "local ttl = tonumber(ARGV[2]) local nt = tonumber(ARGV[3]) local cap = tonumber(ARGV[4]) local function keep(k) if redis.call('TTL', k) < ttl then redis.call('EXPIRE', k, ttl) end end redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) local url = {KEYS[1]} local tag = {KEYS[1]} if cap > 0 then local vk = KEYS[3 + nt] local list = KEYS[4 + nt] redis.call('SET', vk, ARGV[1], 'EX', ttl) redis.call('LREM', list, 0, vk) redis.call('LPUSH', list, vk) local old = redis.call('LRANGE', list, cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', list, 0, cap - 1) keep(list) url = {KEYS[1], vk, list} tag = {KEYS[1], vk} end redis.call('SADD', KEYS[2], unpack(url)) keep(KEYS[2]) for i = 3, 2 + nt do redis.call('SADD', KEYS[i], unpack(tag)) keep(KEYS[i]) end return 1";
 /// Called once a purge's Redis copies are gone ([`SharedLayer::purge`]).
 pub type PurgeDone = Box<dyn FnOnce() + Send>;
 
@@ -408,73 +419,48 @@ impl SharedLayer {
     }
 
     /// Writes `obj` under `key` (queued; nobody waits for it): as the key's newest entry, and,
-    /// when it varies, as its variant too, keeping at most `max_variants` of them (§4.1).
+    /// when it varies, as its variant too, keeping at most `max_variants` of them (§4.1), with
+    /// the index sets that purges by URL and by tag find it through, all in one script
+    /// ([`PUT_LUA`]).
     pub fn put(&self, key: &[u8], obj: &Object, now: u64, max_variants: usize) {
         if obj.weight() > self.max_entry {
             return;
         }
-        let rk = self.rkey(b"o:", key);
         let ttl_s = Bytes::from(expiry(obj, now).to_string());
         let entry = Bytes::from(encode(obj));
         self.sets.fetch_add(1, Ordering::Relaxed);
+        let variant = !obj.vary.is_empty();
+        let keys = 2 + obj.tags.len() + if variant { 2 } else { 0 };
+        let mut args = Vec::with_capacity(3 + keys + 4);
+        args.extend([
+            Bytes::from_static(b"EVAL"),
+            Bytes::from_static(PUT_LUA.as_bytes()),
+            Bytes::from(keys.to_string()),
+            self.rkey(b"o:", key),
+            self.rkey(b"u:", &obj.url),
+        ]);
+        args.extend(obj.tags.iter().map(|t| self.rkey(b"t:", t)));
+        let cap = if variant {
+            let id = variant_id(key, obj.vary.iter().map(|(n, v)| (&n[..], &v[..])));
+            args.extend([self.rkey(b"w:", &id), self.rkey(b"v:", key)]);
+            max_variants.clamp(1, MAX_REDIS_VARIANTS)
+        } else {
+            0
+        };
+        args.extend([
+            entry,
+            ttl_s,
+            Bytes::from(obj.tags.len().to_string()),
+            Bytes::from(cap.to_string()),
+        ]);
         self.link.command(Command {
-            args: vec![
-                Bytes::from_static(b"SET"),
-                rk.clone(),
-                entry.clone(),
-                Bytes::from_static(b"EX"),
-                ttl_s.clone(),
-            ],
+            args,
             max_reply: SMALL_REPLY_BYTES,
-            // The same value again.
+            // The same values again; `LREM` before `LPUSH`: run again, the list ends as it
+            // did.
             repeatable: true,
             done: None,
         });
-        // Keys written, for the index sets: the entry, its variant, the variant list (that one
-        // only for purges by URL, which take every variant).
-        let mut written = vec![rk];
-        if !obj.vary.is_empty() {
-            let id = variant_id(key, obj.vary.iter().map(|(n, v)| (&n[..], &v[..])));
-            let (vk, list) = (self.rkey(b"w:", &id), self.rkey(b"v:", key));
-            let cap = max_variants.clamp(1, MAX_REDIS_VARIANTS);
-            self.link.command(Command {
-                args: vec![
-                    Bytes::from_static(b"EVAL"),
-                    Bytes::from_static(PUT_VARIANT_LUA.as_bytes()),
-                    Bytes::from_static(b"2"),
-                    vk.clone(),
-                    list.clone(),
-                    entry,
-                    ttl_s.clone(),
-                    Bytes::from(cap.to_string()),
-                ],
-                max_reply: SMALL_REPLY_BYTES,
-                // `LREM` before `LPUSH`: run again, the list ends as it did.
-                repeatable: true,
-                done: None,
-            });
-            written.extend([vk, list]);
-        }
-        // Index sets for purges by URL and by tag.
-        let mut sets = vec![(self.rkey(b"u:", &obj.url), written.len())];
-        let tagged = written.len().min(2);
-        sets.extend(obj.tags.iter().map(|t| (self.rkey(b"t:", t), tagged)));
-        for (s, n) in sets {
-            let mut args = vec![Bytes::from_static(b"SADD"), s.clone()];
-            args.extend(written[..n].iter().cloned());
-            self.link.command(Command {
-                args,
-                max_reply: SMALL_REPLY_BYTES,
-                repeatable: true,
-                done: None,
-            });
-            self.link.command(Command {
-                args: vec![Bytes::from_static(b"EXPIRE"), s, ttl_s.clone()],
-                max_reply: SMALL_REPLY_BYTES,
-                repeatable: true,
-                done: None,
-            });
-        }
     }
 
     /// Rewrites the entries of `key` in Redis (its newest entry and every listed variant)
