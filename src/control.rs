@@ -81,6 +81,13 @@ impl Control {
         self.post_capped(worker, job, true)
     }
 
+    /// [`Control::post`] even past [`MAX_PENDING_JOBS`]: for a job that must reach its worker,
+    /// posted rarely (the cache's Redis layer noting the purge of everything it folds its
+    /// kept purges into, once per 64 failed purges at most; see `cache::redis`).
+    pub(crate) fn post_every(&self, worker: usize, job: Job) -> Result<(), ControlError> {
+        self.post_capped(worker, job, false)
+    }
+
     fn post_capped(&self, worker: usize, job: Job, capped: bool) -> Result<(), ControlError> {
         let Some(b) = self.boxes.get(worker) else {
             return Err(ControlError::NoAnswer(vec![worker]));

@@ -232,6 +232,9 @@ pub struct RedisLink {
     ups: AtomicU64,
     /// `on_up` is to run again on the link's next pass ([`RedisLink::run_on_up_again`]).
     on_up_again: AtomicBool,
+    /// When `on_up` is to run again while the link stays up ([`RedisLink::run_on_up_at`]);
+    /// `None`: not asked.
+    on_up_at: Mutex<Option<Instant>>,
 }
 
 impl RedisLink {
@@ -261,6 +264,7 @@ impl RedisLink {
             on_up: OnceLock::new(),
             ups: AtomicU64::new(0),
             on_up_again: AtomicBool::new(false),
+            on_up_at: Mutex::new(None),
         })
     }
 
@@ -286,6 +290,27 @@ impl RedisLink {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
+    }
+
+    /// Has `on_up` run again on the link's thread at `at` (within the thread's idle pass, a
+    /// tenth of a second at most), when the link is up then: the cache layer's timer for
+    /// purges that failed while the link stayed up (an error answered, the queue full). A
+    /// link down at `at` drops it (its next `on_up` runs anyway). Returns false, changing
+    /// nothing, when a time is already asked for: one timer, the earliest.
+    pub fn run_on_up_at(&self, at: Instant) -> bool {
+        let mut t = self.on_up_at.lock().unwrap_or_else(|e| e.into_inner());
+        if t.is_some() {
+            return false;
+        }
+        *t = Some(at);
+        true
+    }
+
+    /// Takes the time asked of [`RedisLink::run_on_up_at`], as the link's thread does when it
+    /// comes (tests elsewhere in the crate).
+    #[cfg(test)]
+    pub(crate) fn take_on_up_at_for_tests(&self) -> Option<Instant> {
+        self.on_up_at.lock().ok()?.take()
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -500,7 +525,16 @@ fn run(link: Arc<RedisLink>, stop: Arc<AtomicBool>) {
     let mut next_try = Instant::now();
     let idle = link.cfg.retry_interval.0.min(Duration::from_millis(100));
     while !stop.load(Ordering::Relaxed) {
-        if link.on_up_again.swap(false, Ordering::AcqRel) && !link.is_down() {
+        // A time asked of `run_on_up_at` that has come is taken whether the link is up or not.
+        let due = {
+            let mut at = link.on_up_at.lock().unwrap_or_else(|e| e.into_inner());
+            let due = at.is_some_and(|t| Instant::now() >= t);
+            if due {
+                *at = None;
+            }
+            due
+        };
+        if (link.on_up_again.swap(false, Ordering::AcqRel) | due) && !link.is_down() {
             if let Some(f) = link.on_up.get() {
                 f();
             }

@@ -201,10 +201,11 @@ impl Gateway {
         if let Some(l) = &cache_redis {
             threads.push(crate::redis::spawn(l.link().clone(), stop.clone())?);
         }
-        if let Some(r) = &cfg.cache.redis {
+        if let (Some(r), Some(l)) = (&cfg.cache.redis, &cache_redis) {
             threads.push(crate::cache::redis::spawn_purge_listener(
                 r,
                 control.clone(),
+                l.clone(),
                 stop.clone(),
             )?);
         }

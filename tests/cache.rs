@@ -2094,11 +2094,24 @@ fn check_warns_of_a_redis_entry_bound_no_link_moves_within_the_timeout() {
 }
 
 /// Waits (bounded) until a stored object has reached Redis: the write is queued so that no
-/// client waits for it.
+/// client waits for it. Its URL's index set too (written by a command after the entry's,
+/// possibly in a later round): a purge by URL finds the entry through it, so a test that cuts
+/// the link right after the entry arrived could leave an entry no purge finds.
 fn wait_stored_in_redis(redis: &RedisServer) {
     assert!(eventually(Duration::from_secs(5), || !redis
         .keys("ringway:cache:o:*")
-        .is_empty()));
+        .is_empty()
+        && !redis.keys("ringway:cache:u:*").is_empty()));
+}
+
+/// Waits (bounded) until `n` entries and their URLs' index sets are in Redis (see
+/// [`wait_stored_in_redis`]).
+fn wait_n_stored_in_redis(redis: &RedisServer, n: usize) {
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .len()
+        == n
+        && redis.keys("ringway:cache:u:*").len() == n));
 }
 
 fn redis_cache_config(up: SocketAddr, redis: &RedisServer) -> String {
@@ -2656,16 +2669,24 @@ fn a_response_varying_on_too_many_fields_is_not_stored() {
     assert_eq!(get(gw.addr, "/vv").text(), "v2");
 }
 
+/// How many clients wait on Redis for the purge log to grow (each gateway's listener, between
+/// its reads of the log).
+fn log_followers(redis: &RedisServer) -> usize {
+    redis
+        .command(&["CLIENT", "LIST"])
+        .unwrap_or_default()
+        .matches("cmd=xread")
+        .count()
+}
+
 #[test]
 fn redis_purge_reaches_the_local_stores_of_every_host() {
     let redis = RedisServer::start();
     let (up, _) = counting_origin("cache-control: max-age=600\r\n");
     let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
-    // Both hosts listen on the purge channel.
-    assert!(eventually(Duration::from_secs(5), || redis
-        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
-        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    // Both hosts follow the purge log.
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
     assert_eq!(get(a.addr, "/p").text(), "v1");
     wait_stored_in_redis(&redis);
     // B takes it from Redis into its own store.
@@ -2740,11 +2761,14 @@ fn redis_purge_by_prefix_and_of_everything_deletes_the_redis_copies() {
     assert_eq!(get(b.addr, "/docs/1").text(), "v4");
     wait_stored_in_redis(&redis);
     purge(PurgeTarget::All);
+    // The purge log stays: the other hosts read the purge of everything there.
     assert!(
         eventually(Duration::from_secs(5), || redis
             .keys("ringway:cache:*")
             .iter()
-            .all(|k| k == "ringway:cache:rl:other")),
+            .all(
+                |k| k == "ringway:cache:rl:other" || k == "ringway:cache:purge-log"
+            )),
         "{:?}",
         redis.keys("ringway:cache:*")
     );
@@ -2881,16 +2905,11 @@ fn rfc9111_4_4_a_purge_made_while_redis_is_unreachable_is_sent_again_once_it_is_
     let (up, _) = counting_origin("cache-control: max-age=600\r\n");
     let a = gateway_through(&relay, up.addr);
     let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
-    assert!(eventually(Duration::from_secs(5), || redis
-        .command(&["PUBSUB", "NUMSUB", "ringway:cache:purge"])
-        .is_some_and(|r| r.contains("\r\n:2\r\n"))));
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
     for p in ["/p", "/t/1"] {
         assert_eq!(get(a.addr, p).text(), if p == "/p" { "v1" } else { "v2" });
     }
-    assert!(eventually(Duration::from_secs(5), || redis
-        .keys("ringway:cache:o:*")
-        .len()
-        == 2));
+    wait_n_stored_in_redis(&redis, 2);
     // B holds /p too, taken from Redis.
     assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
     assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
@@ -2945,13 +2964,7 @@ fn rfc9111_4_4_repeated_invalidations_while_redis_is_unreachable_do_not_give_up_
     let (up, _) = counting_origin("cache-control: max-age=600\r\n");
     let a = gateway_through(&relay, up.addr);
     assert_eq!(get(a.addr, "/p").text(), "v1");
-    // The entry and its URL's index set (written by a command after the entry's): a cut
-    // between the two would leave the purge by URL nothing to find.
-    assert!(eventually(Duration::from_secs(5), || redis
-        .keys("ringway:cache:o:*")
-        .len()
-        == 1
-        && redis.keys("ringway:cache:u:*").len() == 1));
+    wait_n_stored_in_redis(&redis, 1);
     relay.cut();
     hard_purge(
         &a,
@@ -2983,6 +2996,242 @@ fn rfc9111_4_4_repeated_invalidations_while_redis_is_unreachable_do_not_give_up_
         |l| l.unsent_purges() as u64
     ) == 0));
     assert_ne!(get(a.addr, "/p").text(), "v1");
+}
+
+/// RFC 9111 §4.4, issue 12: a purge whose Redis side failed while the link stayed up
+/// (Redis answered its deletion with an error: here `NOREPLICAS`, as a primary that lost its
+/// replicas answers; `READONLY` from a replica after a failover is the same) is tried again
+/// on its own, on a timer with backoff, each failed try counted. Before, it was kept but sent
+/// again only with the next purge or once the link went down and up: with neither, its copy
+/// stayed in Redis for good and every host's lookup could bring it back.
+#[test]
+fn rfc9111_4_4_a_purge_redis_answered_with_an_error_is_tried_again_on_its_own() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    wait_stored_in_redis(&redis);
+    let set = |v: &str| {
+        assert!(redis
+            .command(&["CONFIG", "SET", "min-replicas-to-write", v])
+            .is_some_and(|r| r.starts_with("+OK")));
+    };
+    // Every write refused with an error; reads and `PING` answered: the link stays up.
+    set("1");
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
+    // Tried again with no other purge and the link never down: each try fails, counted.
+    assert!(eventually(Duration::from_secs(10), || layer(|l| l
+        .purges_failed
+        .load(Ordering::Relaxed))
+        >= 2));
+    assert_eq!(layer(|l| u64::from(l.link().is_down())), 0);
+    assert_eq!(layer(|l| l.unsent_purges() as u64), 1);
+    assert_eq!(redis.keys("ringway:cache:o:*").len(), 1);
+    // Redis takes writes again: the next try deletes the copy, nothing is left to send.
+    set("0");
+    assert!(
+        eventually(Duration::from_secs(15), || redis
+            .keys("ringway:cache:o:*")
+            .is_empty()),
+        "{:?}",
+        redis.keys("ringway:cache:*")
+    );
+    assert!(eventually(Duration::from_secs(5), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 0));
+    assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 0);
+    assert_eq!(get(a.addr, "/p").text(), "v2");
+}
+
+/// Every stored response's count of `gw`'s workers.
+fn stored_entries(gw: &TestGateway) -> u64 {
+    ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2))
+        .unwrap()
+        .iter()
+        .map(|s| s.entries)
+        .sum()
+}
+
+/// RFC 9111 §4.4, issue 12: a host whose connection to Redis is down while another host
+/// purges applies the purge once it is back, from the purge log in Redis. Before, purges
+/// were only published on a channel: a host not subscribed at that moment missed it for
+/// good, and kept serving its copy until it expired.
+#[test]
+fn rfc9111_4_4_a_host_cut_off_from_redis_during_a_purge_applies_it_once_back() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = gateway_through(&relay, up.addr);
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    wait_stored_in_redis(&redis);
+    // B holds /p, taken from Redis.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+    relay.cut();
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    // The Redis copy is gone (A reaches Redis); B, cut off, still has its own.
+    assert!(eventually(Duration::from_secs(5), || redis
+        .keys("ringway:cache:o:*")
+        .is_empty()));
+    assert_eq!(get(b.addr, "/p").text(), "v1");
+    mend_and_wait_up(&relay, &b);
+    // B reads the purge from the log once its listener is back, and fetches anew.
+    assert!(eventually(Duration::from_secs(10), || get(b.addr, "/p")
+        .text()
+        != "v1"));
+}
+
+/// Issue 12: a host that missed more purges than the purge log keeps (1000) cannot know
+/// which: it takes the safe side, purging everything it stores, once, and follows the log
+/// again. The trimmed entries are the ones it had not read.
+#[test]
+fn a_host_that_missed_purges_the_log_no_longer_holds_purges_everything_it_stores() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = gateway_through(&relay, up.addr);
+    for p in ["/p", "/q"] {
+        get(b.addr, p);
+    }
+    assert_eq!(stored_entries(&b), 2);
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
+    relay.cut();
+    // 1001 purges of other URLs (invalidations by POST, RFC 9111 §4.4): the log keeps the
+    // last 1000.
+    for i in 0..1001 {
+        let r = request(
+            a.addr,
+            format!("POST /x{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(eventually(Duration::from_secs(20), || redis
+        .command(&["XLEN", "ringway:cache:purge-log"])
+        .is_some_and(|r| r == ":1000\r\n")
+        && !redis.keys("ringway:cache:purge-log-trimmed").is_empty()));
+    assert_eq!(stored_entries(&b), 2);
+    let gaps = |gw: &TestGateway| layer_count(gw, |l| l.purge_log_gaps.load(Ordering::Relaxed));
+    mend_and_wait_up(&relay, &b);
+    assert!(eventually(Duration::from_secs(10), || stored_entries(&b) == 0));
+    assert_eq!(gaps(&b), 1);
+    // It then follows the log from where it is: the 1000 purges left are read, and no other
+    // gap is found.
+    assert!(eventually(Duration::from_secs(10), || layer_count(
+        &b,
+        |l| l.purges_heard.load(Ordering::Relaxed)
+    ) >= 1000));
+    get(b.addr, "/r");
+    assert_eq!(stored_entries(&b), 1);
+    assert_eq!(gaps(&b), 1);
+    // A, which read the log all along, found no gap.
+    assert_eq!(gaps(&a), 0);
+}
+
+/// RFC 9111 §4.4, issue 12: past the 64 distinct purges a host keeps while Redis cannot be
+/// reached, they are folded into one purge of everything, which the workers await and which
+/// goes once Redis is back. Before, the oldest was given up, and forgotten by the workers:
+/// once the link was up, a lookup brought its purged copy back from Redis, and the other
+/// hosts never heard it.
+#[test]
+fn rfc9111_4_4_purges_past_the_64_kept_are_folded_into_a_purge_of_everything() {
+    let redis = RedisServer::start();
+    let relay = RedisRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = gateway_through(&relay, up.addr);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert_eq!(get(a.addr, "/p").text(), "v1");
+    wait_stored_in_redis(&redis);
+    // B holds /p, taken from Redis.
+    assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
+    relay.cut();
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
+    assert!(eventually(Duration::from_secs(5), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 1));
+    // 64 invalidations of other URLs, each failing in Redis: 65 distinct purges.
+    for i in 0..64 {
+        let r = request(
+            a.addr,
+            format!("POST /x{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(eventually(Duration::from_secs(5), || layer(|l| l
+        .purges_failed
+        .load(Ordering::Relaxed))
+        >= 65));
+    mend_and_wait_up(&relay, &a);
+    // A's lookup does not bring /p back from Redis.
+    let r = get(a.addr, "/p");
+    assert_ne!(r.text(), "v1", "{r:?}");
+    // The purge of everything went: B drops its copy, nothing is left to send.
+    assert!(eventually(Duration::from_secs(10), || get(b.addr, "/p")
+        .text()
+        != "v1"));
+    assert!(eventually(Duration::from_secs(10), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 0));
+    assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 65);
+    assert_ne!(get(a.addr, "/p").text(), "v1");
+}
+
+/// RFC 9111 §4.4, issue 12: the index set a purge by tag finds entries through outlives
+/// every entry it lists. Before, each write set the set's expiry to its own entry's, so a
+/// later entry with a shorter life (here 65 s against 660 s) shortened it: once it expired,
+/// the longer-lived entry was left in Redis with no index, and a purge of the tag no longer
+/// found it (any host's lookup then served the purged copy). Now an entry and its index sets
+/// are written by one script, and a set's expiry is only ever lengthened.
+#[test]
+fn rfc9111_4_4_a_tag_s_index_set_in_redis_outlives_every_entry_it_lists() {
+    let redis = RedisServer::start();
+    let up = Upstream::start(|r: &Req| {
+        let age = if r.target.starts_with("/long") {
+            600
+        } else {
+            5
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: max-age={age}\r\nsurrogate-key: t\r\ncontent-length: 2\r\n\r\nok"
+            )
+            .into_bytes(),
+        )
+    });
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let ttl = |k: &str| -> i64 {
+        redis
+            .command(&["TTL", k])
+            .and_then(|r| r.trim().strip_prefix(':')?.parse().ok())
+            .unwrap_or(-3)
+    };
+    get(a.addr, "/long");
+    wait_n_stored_in_redis(&redis, 1);
+    assert!(eventually(Duration::from_secs(5), || ttl(
+        "ringway:cache:t:t"
+    ) > 600));
+    get(a.addr, "/short");
+    wait_n_stored_in_redis(&redis, 2);
+    assert!(eventually(Duration::from_secs(5), || redis
+        .command(&["SCARD", "ringway:cache:t:t"])
+        .is_some_and(|r| r.starts_with(":2"))));
+    let left = ttl("ringway:cache:t:t");
+    assert!(left > 600, "the tag's set expires in {left} s");
+    assert!(ttl("ringway:cache:u:test.local/short") <= 65);
 }
 
 /// A host with the trailing dot of an absolute name (RFC 1034 §3.1: `test.local.` is

@@ -585,6 +585,14 @@ fn the_cache_redis_link_is_exposed() {
         0.0
     );
     assert_eq!(value(&l, "ringway_cache_redis_found_total", &[]), 0.0);
+    // The purge log's counters (issue 12): nothing read, no gap.
+    assert!(l
+        .iter()
+        .any(|x| x.name == "ringway_cache_redis_purges_heard_total"));
+    assert_eq!(
+        value(&l, "ringway_cache_redis_purge_log_gaps_total", &[]),
+        0.0
+    );
     assert!(
         l.iter().all(|x| !x.name.starts_with("ringway_redis_")),
         "no rate-limit link here"

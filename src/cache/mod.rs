@@ -1338,6 +1338,11 @@ pub struct WorkerCache {
     /// purge is done in Redis, which a link that is down delays until it is up again (the
     /// layer sends it again), at most [`MAX_REDIS_PENDING`].
     redis_pending: RefCell<Vec<(u64, Rc<Purge>, u64)>>,
+    /// Purges pushed out of `redis_pending` past [`MAX_REDIS_PENDING`] and not settled yet:
+    /// until they are, no entry found in Redis received before the latest of them is taken,
+    /// whatever its URL ([`RedisFloor`]). Before, the purge pushed out was forgotten, and
+    /// its copies could come back from Redis.
+    redis_floor: RefCell<Option<RedisFloor>>,
     /// The URLs invalidated (RFC 9111 §4.4) since the last sweep, each with the number in
     /// `purges` of its latest invalidation: a stored object of such a URL born before it is
     /// gone for every lookup ([`WorkerCache::invalidate_local`]). At most
@@ -1402,9 +1407,25 @@ impl Drop for Charge {
 /// that began before older ones are forgotten stores nothing (the safe side; it takes more
 /// than this many purges during one fetch).
 const MAX_RECENT_PURGES: usize = 64;
-/// Most purges a worker awaits the Redis side of ([`WorkerCache::redis_pending`]); past it the
-/// oldest is taken as done.
+/// Most purges a worker awaits the Redis side of one by one ([`WorkerCache::redis_pending`]);
+/// past it the oldest is moved to the worker's [`RedisFloor`].
 const MAX_REDIS_PENDING: usize = 64;
+/// Most tickets a worker's [`RedisFloor`] waits for: more than a host can have unsettled (the
+/// layer keeps at most 64 purges, and the link queues at most 4096 commands, two or more a
+/// purge), unless settlements were lost (a worker's control mailbox full). Past it the floor
+/// stays until the process ends (the safe side: entries received before it are not taken).
+const MAX_FLOOR_TICKETS: usize = 4096;
+
+/// The purges a worker awaits in Redis past [`MAX_REDIS_PENDING`], as one guard: no entry
+/// found in Redis received before `at` (plus [`PURGE_CLOCK_MARGIN_SECS`]) is taken, whatever
+/// its URL, until every ticket in `tickets` is settled.
+struct RedisFloor {
+    /// This worker's clock when the latest of them was applied.
+    at: u64,
+    tickets: Vec<u64>,
+    /// More than [`MAX_FLOOR_TICKETS`] were pushed out: the floor stays.
+    stuck: bool,
+}
 /// How far another host's clock may be ahead of this one's for a purge awaited in Redis to
 /// still cover what that host stored before it ([`WorkerCache::pending_in_redis_covers`]):
 /// an entry received up to this long after the purge, by this host's clock, is taken as from
@@ -1438,6 +1459,7 @@ impl WorkerCache {
             purges: Cell::new(0),
             recent_purges: RefCell::new(std::collections::VecDeque::new()),
             redis_pending: RefCell::new(Vec::new()),
+            redis_floor: RefCell::new(None),
             invalidated: RefCell::new(HashMap::default()),
             invalidated_bytes: Cell::new(0),
             any_invalidated: Cell::new(false),
@@ -1486,6 +1508,9 @@ impl WorkerCache {
 
     /// Sets the Redis layer (`[cache.redis]`).
     pub fn set_shared(&self, l: Arc<redis::SharedLayer>) {
+        if let Some(c) = self.control.get() {
+            l.set_control(c.clone());
+        }
         let _ = self.shared.set(l);
     }
 
@@ -2251,7 +2276,21 @@ impl WorkerCache {
         if let Some(i) = q.iter().position(|(k, o, _)| *k < t && **o == *p) {
             q.remove(i);
         } else if q.len() >= MAX_REDIS_PENDING {
-            q.remove(0);
+            // The oldest goes to the floor, which covers every URL (issue 12: before, it was
+            // forgotten, and its copies could come back from Redis).
+            let (old, _, at) = q.remove(0);
+            let mut f = self.redis_floor.borrow_mut();
+            let f = f.get_or_insert_with(|| RedisFloor {
+                at,
+                tickets: Vec::new(),
+                stuck: false,
+            });
+            f.at = f.at.max(at);
+            if f.tickets.len() < MAX_FLOOR_TICKETS {
+                f.tickets.push(old);
+            } else {
+                f.stuck = true;
+            }
         }
         q.push((t, Rc::new(p.clone()), now_secs()));
     }
@@ -2261,6 +2300,13 @@ impl WorkerCache {
         self.redis_pending
             .borrow_mut()
             .retain(|(t, _, _)| *t != ticket);
+        let mut floor = self.redis_floor.borrow_mut();
+        if let Some(f) = floor.as_mut() {
+            f.tickets.retain(|t| *t != ticket);
+            if f.tickets.is_empty() && !f.stuck {
+                *floor = None;
+            }
+        }
     }
 
     /// The purges applied here whose Redis side is not done yet, for a lookup about to be
@@ -2269,7 +2315,22 @@ impl WorkerCache {
     /// have deleted the copies after Redis read the answer.
     pub fn pending_in_redis(&self) -> Option<Vec<(Rc<Purge>, u64)>> {
         let q = self.redis_pending.borrow();
-        (!q.is_empty()).then(|| q.iter().map(|(_, p, at)| (p.clone(), *at)).collect())
+        let floor = self.redis_floor.borrow();
+        if q.is_empty() && floor.is_none() {
+            return None;
+        }
+        let mut out: Vec<(Rc<Purge>, u64)> = q.iter().map(|(_, p, at)| (p.clone(), *at)).collect();
+        // The floor, as a purge of everything at its time.
+        if let Some(f) = floor.as_ref() {
+            out.push((
+                Rc::new(Purge {
+                    target: PurgeTarget::All,
+                    soft: false,
+                }),
+                f.at,
+            ));
+        }
+        Some(out)
     }
 
     /// Whether `o`, found in Redis by a lookup sent while the purges `before` were awaited
@@ -2290,6 +2351,11 @@ impl WorkerCache {
                 .borrow()
                 .iter()
                 .any(|(_, p, at)| covers(p, *at))
+            || self
+                .redis_floor
+                .borrow()
+                .as_ref()
+                .is_some_and(|f| o.t.response_time <= f.at.saturating_add(PURGE_CLOCK_MARGIN_SECS))
     }
 
     /// [`purge_in_redis_with`] this worker's layer, when there is one.
@@ -3268,7 +3334,20 @@ mod tests {
             );
         }
         assert_eq!(c.redis_pending.borrow().len(), MAX_REDIS_PENDING);
-        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/0", b"old", now - 100)));
+        // The oldest went to the floor (issue 12: before, it was forgotten): until it is
+        // settled, no entry received before it is taken, whatever its URL; one received after
+        // is.
+        assert!(c.pending_in_redis_covers(None, &url_obj(b"h/0", b"old", now - 100)));
+        assert!(c.pending_in_redis_covers(None, &url_obj(b"h/z", b"old", now - 100)));
+        assert!(!c.pending_in_redis_covers(
+            None,
+            &url_obj(b"h/z", b"after", now + PURGE_CLOCK_MARGIN_SECS + 2)
+        ));
+        let before = c.pending_in_redis();
+        c.settle_redis_purge(100);
+        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/z", b"old", now - 100)));
+        assert!(c.pending_in_redis_covers(before.as_deref(), &url_obj(b"h/z", b"old", now - 100)));
+        assert!(c.redis_floor.borrow().is_none());
         // One equal to an awaited purge, under a later ticket, replaces it (and pushes no
         // other out: 300 pushed h/1 out, 301 none): the earlier's settlement finds nothing,
         // the later's ends it.
@@ -3280,6 +3359,9 @@ mod tests {
         c.settle_redis_purge(300);
         assert!(c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
         c.settle_redis_purge(301);
+        // h/1, on the floor, still covers it; settled, nothing does.
+        assert!(c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
+        c.settle_redis_purge(101);
         assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
     }
 

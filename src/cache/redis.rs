@@ -22,12 +22,15 @@
 //!   age, lifetime and stale windows), so that freshness and `Age` are computed on every host
 //!   as on the host that fetched them (clocks kept by NTP).
 //! - Purges by URL and by surrogate key delete the Redis copies too (through index sets kept
-//!   per URL and per tag), and every purge is published on `<prefix>purge`: each host runs a
-//!   subscriber thread that applies what it hears to its workers' stores (through
-//!   `crate::control`), so a purge reaches every host's local stores. A purge whose Redis
-//!   side fails (the link down) is kept and sent again once the link is up
-//!   (`SharedLayer::purge`); until then the workers take no entry it covers received before
-//!   it (`WorkerCache::pending_in_redis_covers`).
+//!   per URL and per tag), and every purge is appended to the purge log `<prefix>purge-log`
+//!   (a stream, also published on `<prefix>purge` for earlier versions): each host runs a
+//!   thread that follows the log and applies each purge to its workers' stores (through
+//!   `crate::control`), so a purge reaches every host's local stores, also one whose
+//!   connection to Redis was down when it was made (see `LogCursor`). A purge whose Redis
+//!   side fails is kept and sent again: once the link is up when it was down, and on a
+//!   timer with backoff when the link stayed up (an error answered, the queue full; see
+//!   `SharedLayer::retry_later`); until then the workers take no entry it covers received
+//!   before it (`WorkerCache::pending_in_redis_covers`).
 //!
 //! Fleet bound: each host makes at most one fetch per key at a time (coalescing), and a host
 //! that finds the object in Redis makes none; so the origin sees one fetch per object per
@@ -84,16 +87,35 @@ const VALIDATION_SLACK_SECS: u64 = 60;
 /// refused (a miss) rather than matched the old way.
 const MAGIC: &[u8; 4] = b"RWC2";
 
-/// Stores one variant of a key (RFC 9111 §4.1) and keeps the key's variant list within the
-/// cap: KEYS[1] the variant's key, KEYS[2] the list; ARGV: the entry, its expiry in seconds,
-/// the cap. The list holds the variants' keys, newest first; those past the cap are deleted.
-const PUT_VARIANT_LUA: &str = "redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) redis.call('LREM', KEYS[2], 0, KEYS[1]) redis.call('LPUSH', KEYS[2], KEYS[1]) local cap = tonumber(ARGV[3]) local old = redis.call('LRANGE', KEYS[2], cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', KEYS[2], 0, cap - 1) if redis.call('TTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[2], ARGV[2]) end return #old";
+/// Stores an entry with its index sets, and, when it varies, as its variant (RFC 9111 §4.1),
+/// keeping the key's variant list within the cap. KEYS: the key's newest entry (`o:`), the
+/// URL's index set (`u:`), the tags' index sets (`t:`, ARGV[3] of them), then, for a variant,
+/// its key (`w:`) and the key's variant list (`v:`); ARGV: the entry, its expiry in seconds,
+/// the number of tags, the variant cap (0: no variant). The list holds the variants' keys,
+/// newest first; those past the cap are deleted. The URL's set lists the entry, the variant
+/// and the list; a tag's set the entry and the variant.
+///
+/// One script (issue 12): before, the entry and its index sets were separate commands, so a
+/// link that failed between them (or a round given up) could leave an entry no purge by URL
+/// or tag finds, served again from Redis after the purge; and each set's expiry was set to
+/// the entry's, so a later entry with a shorter life shortened it below the lives of the
+/// entries it already listed (a tag's set lists many URLs), which then outlived their index
+/// and escaped purges. A set's, and the list's, expiry is now only ever lengthened.
+const PUT_LUA: &str = "local ttl = tonumber(ARGV[2]) local nt = tonumber(ARGV[3]) local cap = tonumber(ARGV[4]) local function keep(k) if redis.call('TTL', k) < ttl then redis.call('EXPIRE', k, ttl) end end redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) local url = {KEYS[1]} local tag = {KEYS[1]} if cap > 0 then local vk = KEYS[3 + nt] local list = KEYS[4 + nt] redis.call('SET', vk, ARGV[1], 'EX', ttl) redis.call('LREM', list, 0, vk) redis.call('LPUSH', list, vk) local old = redis.call('LRANGE', list, cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', list, 0, cap - 1) keep(list) url = {KEYS[1], vk, list} tag = {KEYS[1], vk} end redis.call('SADD', KEYS[2], unpack(url)) keep(KEYS[2]) for i = 3, 2 + nt do redis.call('SADD', KEYS[i], unpack(tag)) keep(KEYS[i]) end return 1";
 /// Called once a purge's Redis copies are gone ([`SharedLayer::purge`]).
 pub type PurgeDone = Box<dyn FnOnce() + Send>;
 
-/// Most purges a host keeps to send again to Redis ([`SharedLayer::unsent`]); past it the
-/// oldest is given up (counted in [`SharedLayer::purges_given_up`]).
+/// Most purges a host keeps to send again to Redis ([`SharedLayer::unsent`]); past it they
+/// are folded into one purge of everything ([`SharedLayer::keep_unsent`], counted in
+/// [`SharedLayer::purges_given_up`]).
 const MAX_UNSENT_PURGES: usize = 64;
+
+/// How long after a purge failed with the link up (an error answered, the queue full) the
+/// kept purges are first sent again ([`SharedLayer::retry_later`]); each try that fails again
+/// doubles the wait, up to [`PURGE_RETRY_MAX`].
+const PURGE_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two tries of the kept purges while the link stays up.
+const PURGE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What [`SharedLayer::update_entries`] makes of each entry it reads (`None`: left as it is).
 type Update = Arc<dyn Fn(&Object) -> Option<Object> + Send + Sync>;
@@ -135,9 +157,20 @@ pub struct SharedLayer {
     /// done: the copies it was to delete came back from Redis once the link was up.
     unsent: Mutex<std::collections::VecDeque<Unsent>>,
     /// Purges whose Redis side failed (each failure of a purge sent again counts too), and
-    /// those given up because [`MAX_UNSENT_PURGES`] newer ones failed after them.
+    /// those folded into a purge of everything because [`MAX_UNSENT_PURGES`] were kept.
     pub purges_failed: AtomicU64,
     pub purges_given_up: AtomicU64,
+    /// The wait before the next try of the kept purges while the link stays up
+    /// ([`SharedLayer::retry_later`]): [`PURGE_RETRY_FIRST`], doubled at each try asked for,
+    /// at most [`PURGE_RETRY_MAX`]; the first again once a purge goes through and none is kept.
+    retry_wait: Mutex<Duration>,
+    /// The workers' control plane (set by the workers), to have them await the purge of
+    /// everything that kept purges are folded into ([`SharedLayer::keep_unsent`]).
+    control: std::sync::OnceLock<Arc<crate::control::Control>>,
+    /// Purges this host read from the purge log (its own included), and the times the log
+    /// had lost purges it had not read, so that it purged everything it stored ([`LogCursor`]).
+    pub purges_heard: AtomicU64,
+    pub purge_log_gaps: AtomicU64,
 }
 
 /// A purge kept to be sent again ([`SharedLayer::unsent`]): the purge, its ticket (see
@@ -189,8 +222,12 @@ impl PurgeRun {
             if link.ups() != self.ups && !link.is_down() {
                 link.run_on_up_again();
             }
-        } else if let Some(d) = done {
-            d();
+            self.layer.retry_later();
+        } else {
+            self.layer.went_through();
+            if let Some(d) = done {
+                d();
+            }
         }
     }
 }
@@ -212,6 +249,10 @@ impl SharedLayer {
             unsent: Mutex::new(std::collections::VecDeque::new()),
             purges_failed: AtomicU64::new(0),
             purges_given_up: AtomicU64::new(0),
+            retry_wait: Mutex::new(PURGE_RETRY_FIRST),
+            control: std::sync::OnceLock::new(),
+            purges_heard: AtomicU64::new(0),
+            purge_log_gaps: AtomicU64::new(0),
         }))
         .inspect(|l| {
             // The purges that failed while the link was down go again once it is up.
@@ -226,6 +267,11 @@ impl SharedLayer {
 
     pub fn link(&self) -> &Arc<RedisLink> {
         &self.link
+    }
+
+    /// The workers' control plane, for [`SharedLayer::keep_unsent`]; set once.
+    pub fn set_control(&self, c: Arc<crate::control::Control>) {
+        let _ = self.control.set(c);
     }
 
     fn rkey(&self, kind: &[u8], key: &[u8]) -> Bytes {
@@ -373,73 +419,48 @@ impl SharedLayer {
     }
 
     /// Writes `obj` under `key` (queued; nobody waits for it): as the key's newest entry, and,
-    /// when it varies, as its variant too, keeping at most `max_variants` of them (§4.1).
+    /// when it varies, as its variant too, keeping at most `max_variants` of them (§4.1), with
+    /// the index sets that purges by URL and by tag find it through, all in one script
+    /// ([`PUT_LUA`]).
     pub fn put(&self, key: &[u8], obj: &Object, now: u64, max_variants: usize) {
         if obj.weight() > self.max_entry {
             return;
         }
-        let rk = self.rkey(b"o:", key);
         let ttl_s = Bytes::from(expiry(obj, now).to_string());
         let entry = Bytes::from(encode(obj));
         self.sets.fetch_add(1, Ordering::Relaxed);
+        let variant = !obj.vary.is_empty();
+        let keys = 2 + obj.tags.len() + if variant { 2 } else { 0 };
+        let mut args = Vec::with_capacity(3 + keys + 4);
+        args.extend([
+            Bytes::from_static(b"EVAL"),
+            Bytes::from_static(PUT_LUA.as_bytes()),
+            Bytes::from(keys.to_string()),
+            self.rkey(b"o:", key),
+            self.rkey(b"u:", &obj.url),
+        ]);
+        args.extend(obj.tags.iter().map(|t| self.rkey(b"t:", t)));
+        let cap = if variant {
+            let id = variant_id(key, obj.vary.iter().map(|(n, v)| (&n[..], &v[..])));
+            args.extend([self.rkey(b"w:", &id), self.rkey(b"v:", key)]);
+            max_variants.clamp(1, MAX_REDIS_VARIANTS)
+        } else {
+            0
+        };
+        args.extend([
+            entry,
+            ttl_s,
+            Bytes::from(obj.tags.len().to_string()),
+            Bytes::from(cap.to_string()),
+        ]);
         self.link.command(Command {
-            args: vec![
-                Bytes::from_static(b"SET"),
-                rk.clone(),
-                entry.clone(),
-                Bytes::from_static(b"EX"),
-                ttl_s.clone(),
-            ],
+            args,
             max_reply: SMALL_REPLY_BYTES,
-            // The same value again.
+            // The same values again; `LREM` before `LPUSH`: run again, the list ends as it
+            // did.
             repeatable: true,
             done: None,
         });
-        // Keys written, for the index sets: the entry, its variant, the variant list (that one
-        // only for purges by URL, which take every variant).
-        let mut written = vec![rk];
-        if !obj.vary.is_empty() {
-            let id = variant_id(key, obj.vary.iter().map(|(n, v)| (&n[..], &v[..])));
-            let (vk, list) = (self.rkey(b"w:", &id), self.rkey(b"v:", key));
-            let cap = max_variants.clamp(1, MAX_REDIS_VARIANTS);
-            self.link.command(Command {
-                args: vec![
-                    Bytes::from_static(b"EVAL"),
-                    Bytes::from_static(PUT_VARIANT_LUA.as_bytes()),
-                    Bytes::from_static(b"2"),
-                    vk.clone(),
-                    list.clone(),
-                    entry,
-                    ttl_s.clone(),
-                    Bytes::from(cap.to_string()),
-                ],
-                max_reply: SMALL_REPLY_BYTES,
-                // `LREM` before `LPUSH`: run again, the list ends as it did.
-                repeatable: true,
-                done: None,
-            });
-            written.extend([vk, list]);
-        }
-        // Index sets for purges by URL and by tag.
-        let mut sets = vec![(self.rkey(b"u:", &obj.url), written.len())];
-        let tagged = written.len().min(2);
-        sets.extend(obj.tags.iter().map(|t| (self.rkey(b"t:", t), tagged)));
-        for (s, n) in sets {
-            let mut args = vec![Bytes::from_static(b"SADD"), s.clone()];
-            args.extend(written[..n].iter().cloned());
-            self.link.command(Command {
-                args,
-                max_reply: SMALL_REPLY_BYTES,
-                repeatable: true,
-                done: None,
-            });
-            self.link.command(Command {
-                args: vec![Bytes::from_static(b"EXPIRE"), s, ttl_s.clone()],
-                max_reply: SMALL_REPLY_BYTES,
-                repeatable: true,
-                done: None,
-            });
-        }
     }
 
     /// Rewrites the entries of `key` in Redis (its newest entry and every listed variant)
@@ -560,13 +581,21 @@ impl SharedLayer {
         self.send_purge(p.clone(), ticket, done);
     }
 
-    /// Keeps a purge whose Redis side failed, to send it again; the oldest kept is given up
-    /// (its `done` called) past [`MAX_UNSENT_PURGES`]. One equal to a purge already kept, with
-    /// a later ticket, replaces it (sent once, it does what both would): the invalidations of
-    /// one URL by repeated unsafe requests while Redis is down take one place, not one each,
-    /// and give up no other purge. The one replaced is done: the workers replace it by the
-    /// later one too ([`super::WorkerCache::note_redis_pending`], noted before it was sent),
-    /// so that its settlement finds nothing.
+    /// Keeps a purge whose Redis side failed, to send it again. One equal to a purge already
+    /// kept, with a later ticket, replaces it (sent once, it does what both would): the
+    /// invalidations of one URL by repeated unsafe requests while Redis is down take one
+    /// place, not one each. The one replaced is done: the workers replace it by the later one
+    /// too ([`super::WorkerCache::note_redis_pending`], noted before it was sent), so that
+    /// its settlement finds nothing.
+    ///
+    /// Past [`MAX_UNSENT_PURGES`], every kept purge and this one are folded into one hard
+    /// purge of everything, kept in their place (issue 12): it deletes in Redis whatever they
+    /// would have, and every host that reads it drops its stores. The workers first note it
+    /// as awaited (posted past their mailboxes' cap: it must reach them), so that until it
+    /// went through none takes an entry from Redis received before it; then the folded
+    /// purges are done (their `done` called, counted in [`SharedLayer::purges_given_up`]).
+    /// Before, the oldest was given up: its copies stayed in Redis and could come back, and
+    /// the other hosts never heard it.
     fn keep_unsent(&self, u: Unsent) {
         self.purges_failed.fetch_add(1, Ordering::Relaxed);
         let mut q = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
@@ -574,16 +603,71 @@ impl SharedLayer {
             .iter()
             .position(|k| k.purge == u.purge && k.ticket < u.ticket)
             .and_then(|i| q.remove(i));
-        let dropped = (replaced.is_none() && q.len() >= MAX_UNSENT_PURGES)
-            .then(|| q.pop_front())
-            .flatten();
-        q.push_back(u);
-        drop(q);
-        if dropped.is_some() {
-            self.purges_given_up.fetch_add(1, Ordering::Relaxed);
+        if replaced.is_some() || q.len() < MAX_UNSENT_PURGES {
+            q.push_back(u);
+            drop(q);
+            if let Some(d) = replaced.and_then(|k| k.done) {
+                d();
+            }
+            return;
         }
-        if let Some(d) = replaced.or(dropped).and_then(|k| k.done) {
+        let all = Purge {
+            target: PurgeTarget::All,
+            soft: false,
+        };
+        let ticket = self.purge_ticket();
+        let control = self.control.get().cloned();
+        if let Some(c) = &control {
+            for i in 0..c.workers() {
+                let p = all.clone();
+                let _ = c.post_every(
+                    i,
+                    Box::new(move |w| w.cache.note_redis_pending(Some(ticket), &p)),
+                );
+            }
+        }
+        let done = control.map(|c| {
+            Box::new(move || {
+                for i in 0..c.workers() {
+                    let _ = c.post(i, Box::new(move |w| w.cache.settle_redis_purge(ticket)));
+                }
+            }) as PurgeDone
+        });
+        let folded: Vec<Unsent> = q.drain(..).chain(std::iter::once(u)).collect();
+        q.push_back(Unsent {
+            purge: all,
+            ticket: Some(ticket),
+            done,
+        });
+        drop(q);
+        self.purges_given_up
+            .fetch_add(folded.len() as u64, Ordering::Relaxed);
+        for d in folded.into_iter().filter_map(|k| k.done) {
             d();
+        }
+    }
+
+    /// Asks the link to send the kept purges again later, when it is up: a purge that failed
+    /// while the link stayed up (Redis answered an error, such as `READONLY` from a replica
+    /// after a failover or `NOREPLICAS`; the queue was full) would otherwise wait for the next
+    /// purge or for the link to go down and up, which may never come, its copies left in Redis
+    /// and the other hosts not told. One timer for all of them: the first try
+    /// [`PURGE_RETRY_FIRST`] after the failure, each next one twice as late, at most
+    /// [`PURGE_RETRY_MAX`]. A link that is down sends them once it is up (`on_up`).
+    fn retry_later(&self) {
+        if self.link.is_down() {
+            return;
+        }
+        let mut wait = self.retry_wait.lock().unwrap_or_else(|e| e.into_inner());
+        if self.link.run_on_up_at(Instant::now() + *wait) {
+            *wait = wait.saturating_mul(2).min(PURGE_RETRY_MAX);
+        }
+    }
+
+    /// A purge went through: with none kept, the next failure waits [`PURGE_RETRY_FIRST`].
+    fn went_through(&self) {
+        if self.unsent_purges() == 0 {
+            *self.retry_wait.lock().unwrap_or_else(|e| e.into_inner()) = PURGE_RETRY_FIRST;
         }
     }
 
@@ -664,18 +748,26 @@ impl SharedLayer {
         });
     }
 
-    /// Publishes a purge, the last of its commands: its run is finished with the answer (or
+    /// Publishes a purge, the last of its commands: appends it to the purge log, which every
+    /// host follows ([`LogCursor`]), and publishes it on the channel (hosts of earlier
+    /// versions listen there), by [`PURGE_LOG_LUA`]. Its run is finished with the answer (or
     /// the link's failure).
     fn publish(&self, msg: Bytes, run: Arc<PurgeRun>) {
+        let msg = log_message(msg);
         self.link.command(Command {
             args: vec![
-                Bytes::from_static(b"PUBLISH"),
+                Bytes::from_static(b"EVAL"),
+                Bytes::from_static(PURGE_LOG_LUA.as_bytes()),
+                Bytes::from_static(b"3"),
+                self.rkey(b"purge-log", b""),
+                self.rkey(b"purge-log-trimmed", b""),
                 self.rkey(b"purge", b""),
                 msg,
+                Bytes::from(PURGE_LOG_LENGTH.to_string()),
             ],
             max_reply: SMALL_REPLY_BYTES,
-            // Heard twice, a purge is applied twice: the second finds only what was stored since, as
-            // a purge a moment later would.
+            // Logged twice, a purge is applied twice: the second finds only what was stored
+            // since, as a purge a moment later would.
             repeatable: true,
             done: Some(Box::new(move |f| run.finish(f))),
         });
@@ -838,6 +930,20 @@ fn variant_id<'a>(key: &[u8], vary: impl Iterator<Item = (&'a [u8], &'a [u8])>) 
 /// Most bytes of a purge message read from the channel.
 const MAX_PURGE_MESSAGE: usize = 64 * 1024;
 
+/// The message logged for a purge: its own, or, when longer than the listeners read
+/// ([`MAX_PURGE_MESSAGE`]: a URL or prefix that long, which `limits.max_uri_bytes` allows),
+/// a hard purge of everything: the safe side, where a message no listener reads would stop
+/// every host's listener at it.
+fn log_message(msg: Bytes) -> Bytes {
+    if msg.len() <= MAX_PURGE_MESSAGE {
+        return msg;
+    }
+    Bytes::from(encode_purge(&Purge {
+        target: PurgeTarget::All,
+        soft: false,
+    }))
+}
+
 /// A purge as it travels on the channel: its kind, hard or soft, and its argument.
 pub fn encode_purge(p: &Purge) -> Vec<u8> {
     let (kind, arg): (u8, &[u8]) = match &p.target {
@@ -871,21 +977,262 @@ pub fn decode_purge(b: &[u8]) -> Option<Purge> {
     })
 }
 
-/// Starts the thread that listens on the purge channel and applies each purge to this
-/// host's workers; it ends once `stop` is set. An unreachable Redis is tried again every
-/// `retry_interval` (purges published meanwhile are missed: the local copies then live until
-/// they expire).
+/// Most entries the purge log keeps (`<key_prefix>purge-log`, a Redis stream; see
+/// [`PURGE_LOG_LUA`]): a host whose listener falls further behind than this many purges
+/// drops its local stores ([`LogCursor`]).
+const PURGE_LOG_LENGTH: u64 = 1000;
+/// Log entries a listener reads per round trip.
+const PURGE_LOG_READ: usize = 32;
+/// Most bytes of one reply a listener reads: a round of log entries ([`PURGE_LOG_READ`] and
+/// one), each a purge message of at most [`MAX_PURGE_MESSAGE`] with its ID and framing.
+const MAX_LOG_REPLY: usize = (PURGE_LOG_READ + 1) * (MAX_PURGE_MESSAGE + 256) + 4096;
+/// How long a listener's `XREAD` waits for a new entry before it reads the log again.
+const LOG_WAIT_MS: u64 = 2000;
+/// How far before its start a host reads the log the first time (another host's purge made
+/// just before, by a clock a little ahead of Redis's: applied to stores that hold nothing
+/// older, it costs nothing).
+const LOG_START_MARGIN_MS: u64 = 5000;
+/// Least time between two lines saying the purge log cannot be read.
+const LOG_UNREADABLE_EVERY: Duration = Duration::from_secs(60);
+/// Rounds in a row in which `XREAD` said the log had new entries and reading it found none:
+/// past it the connection is dropped (a server that keeps saying so cannot make the listener
+/// spin), and opened again after `retry_interval`.
+const MAX_LOG_STALLS: u32 = 3;
+
+/// Publishes a purge: appends it to the purge log (KEYS[1], a stream; the entry's ID is
+/// Redis's time), keeps the log at most ARGV[2] long, records in KEYS[2] the ID of the newest
+/// entry trimmed away, and publishes it on the channel KEYS[3] (which hosts of earlier
+/// versions listen on). ARGV[1]: the purge message ([`encode_purge`]). One script, so that
+/// the entry and its trimming go together.
+const PURGE_LOG_LUA: &str = "redis.replicate_commands() local id = redis.call('XADD', KEYS[1], '*', 'p', ARGV[1]) local n = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2]) if n > 0 then local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', n) redis.call('SET', KEYS[2], old[#old][1]) redis.call('XTRIM', KEYS[1], 'MAXLEN', ARGV[2]) end redis.call('PUBLISH', KEYS[3], ARGV[1]) return id";
+
+/// Reads the purge log from an entry on (KEYS[1] the log, KEYS[2] the newest ID trimmed
+/// away; ARGV[1] the ID read from, included; ARGV[2] how many): the ID trimmed (or nil), the
+/// entries, and the log's newest ID (or nil). One script, so that what was trimmed and what
+/// is left are read at one moment.
+const PURGE_LOG_READ_LUA: &str = "local t = redis.call('GET', KEYS[2]) local e = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2]) local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1) local last = false if l[1] then last = l[1][1] end return {t or false, e, last}";
+
+/// A purge log entry's ID: Redis's time in milliseconds, and a sequence within it.
+type LogId = (u64, u64);
+
+fn parse_log_id(b: &[u8]) -> Option<LogId> {
+    let s = std::str::from_utf8(b).ok()?;
+    let (ms, seq) = s.split_once('-')?;
+    let num = |x: &str| {
+        (!x.is_empty() && x.len() <= 20 && x.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| x.parse::<u64>().ok())
+            .flatten()
+    };
+    Some((num(ms)?, num(seq)?))
+}
+
+/// Where a host's listener is in the purge log. A host applies every purge of the log made
+/// after it started (less [`LOG_START_MARGIN_MS`]), whether or not its connection to Redis
+/// was up when the purge was made: before, the purges were only published on the channel,
+/// and a host whose subscription was down at that moment missed them for good.
+///
+/// The gap: when entries the host has not read were trimmed away (more than
+/// [`PURGE_LOG_LENGTH`] purges since it last read the log), or the entry it read last is no
+/// longer there though nothing was trimmed past it (Redis lost its data, or the log was
+/// deleted), the host cannot know what it missed, and takes the safe side: a hard purge of
+/// everything in its workers' stores (counted in [`SharedLayer::purge_log_gaps`]); it then
+/// reads on from there.
+struct LogCursor {
+    /// The last entry read (or, before any, the host's start less the margin).
+    at: LogId,
+    /// Whether `at` is an entry read (it must then still be in the log, or trimmed).
+    seen: bool,
+    /// When the host started, until the log is first read: the start is then put in Redis's
+    /// time (its `TIME` less the time since), so that a host whose clock is ahead of Redis's
+    /// does not skip the purges made just after it started.
+    started: Option<Instant>,
+}
+
+/// What one read of the purge log found ([`PURGE_LOG_READ_LUA`]).
+struct LogRead {
+    trimmed: Option<LogId>,
+    entries: Vec<(LogId, Bytes)>,
+}
+
+/// Parses the reply to [`PURGE_LOG_READ_LUA`]; `None` when it is not one (a hostile or broken
+/// server: the connection is dropped). At most [`PURGE_LOG_READ`] and one entries are taken.
+fn parse_log_read(f: BytesFrame) -> Option<LogRead> {
+    let BytesFrame::Array(v) = f else { return None };
+    let [t, e, _last] = <[BytesFrame; 3]>::try_from(v).ok()?;
+    let trimmed = match t {
+        BytesFrame::Null => None,
+        BytesFrame::BulkString(b) => Some(parse_log_id(&b)?),
+        _ => return None,
+    };
+    let BytesFrame::Array(items) = e else {
+        return None;
+    };
+    if items.len() > PURGE_LOG_READ + 1 {
+        return None;
+    }
+    let mut entries = Vec::with_capacity(items.len());
+    for item in items {
+        let BytesFrame::Array(pair) = item else {
+            return None;
+        };
+        let [id, fields] = <[BytesFrame; 2]>::try_from(pair).ok()?;
+        let (BytesFrame::BulkString(id), BytesFrame::Array(fields)) = (id, fields) else {
+            return None;
+        };
+        // The message under `p`; an entry without it (not this layer's) is skipped.
+        let msg = match <[BytesFrame; 2]>::try_from(fields) {
+            Ok([BytesFrame::BulkString(k), BytesFrame::BulkString(m)]) if &k[..] == b"p" => m,
+            _ => Bytes::new(),
+        };
+        entries.push((parse_log_id(&id)?, msg));
+    }
+    // A stream's entries come in order: out of order is not a stream.
+    if entries.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return None;
+    }
+    Some(LogRead { trimmed, entries })
+}
+
+impl LogCursor {
+    /// A cursor for a host that starts now.
+    fn at_start() -> LogCursor {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        LogCursor {
+            at: (ms.saturating_sub(LOG_START_MARGIN_MS), 0),
+            seen: false,
+            started: Some(Instant::now()),
+        }
+    }
+
+    /// Puts the host's start in Redis's time, from Redis's answer to `TIME` (seconds and
+    /// microseconds); false when it is not one.
+    fn start_at_redis_time(&mut self, f: BytesFrame) -> bool {
+        let (Some(t0), BytesFrame::Array(v)) = (self.started, f) else {
+            return false;
+        };
+        let num = |f: &BytesFrame| match f {
+            BytesFrame::BulkString(b) if !b.is_empty() && b.len() <= 20 => {
+                std::str::from_utf8(b).ok()?.parse::<u64>().ok()
+            }
+            _ => None,
+        };
+        let (Some(secs), Some(us)) = (v.first().and_then(num), v.get(1).and_then(num)) else {
+            return false;
+        };
+        let now_ms = secs.saturating_mul(1000).saturating_add(us / 1000);
+        let since = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at = (
+            now_ms
+                .saturating_sub(since)
+                .saturating_sub(LOG_START_MARGIN_MS),
+            0,
+        );
+        true
+    }
+
+    /// Whether the log lost entries this host has not read (see [`LogCursor`]); the cursor
+    /// then moves past what was trimmed, and forgets the entry it had read.
+    fn gap(&mut self, r: &LogRead) -> bool {
+        let gap = match r.trimmed {
+            Some(t) if t >= self.at => t > self.at,
+            _ => self.seen && r.entries.first().is_none_or(|(id, _)| *id != self.at),
+        };
+        if gap {
+            self.at = self.at.max(r.trimmed.unwrap_or((0, 0)));
+            self.seen = false;
+        }
+        gap
+    }
+
+    /// The entries after the cursor, which it moves past.
+    fn take(&mut self, r: LogRead) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(r.entries.len());
+        for (id, msg) in r.entries {
+            if id > self.at {
+                self.at = id;
+                self.seen = true;
+                out.push(msg);
+            }
+        }
+        out
+    }
+}
+
+/// Applies a purge heard from the log to every worker of this host. A worker whose mailbox
+/// is full (`control::MAX_PENDING_JOBS`: the log read back after an outage can hold a
+/// thousand purges) is waited for, not skipped: before, such a purge was dropped for that
+/// worker. Returns false once `stop` is set.
+fn apply_purge(
+    control: &crate::control::Control,
+    p: &Purge,
+    stop: &std::sync::atomic::AtomicBool,
+) -> bool {
+    for i in 0..control.workers() {
+        loop {
+            let p = p.clone();
+            let posted = control.post(
+                i,
+                Box::new(move |w| match &p {
+                    // Another host's invalidation, or an exact purge there: no read of the
+                    // whole store.
+                    Purge {
+                        target: PurgeTarget::Url(u),
+                        soft: false,
+                    } => w.cache.invalidate_local(u),
+                    _ => {
+                        w.cache.purge_local(&p);
+                    }
+                }),
+            );
+            match posted {
+                Err(crate::control::ControlError::Full(_)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                _ => break,
+            }
+        }
+    }
+    true
+}
+
+/// Starts the thread that follows the purge log and applies each purge to this host's
+/// workers ([`LogCursor`]); it ends once `stop` is set. An unreachable Redis is tried again
+/// every `retry_interval`; the purges made meanwhile are read once it answers.
 pub fn spawn_purge_listener(
     cfg: &crate::cache::config::CacheRedisConfig,
     control: Arc<crate::control::Control>,
+    layer: Arc<SharedLayer>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let cfg = cfg.clone();
     std::thread::Builder::new()
         .name("ringway-purge".into())
         .spawn(move || {
+            let mut cursor = LogCursor::at_start();
+            let mut logged: Option<Instant> = None;
             while !stop.load(Ordering::Relaxed) {
-                let _ = listen(&cfg, &control, &stop);
+                // Redis unreachable is the link's to log; a log that cannot be read (an error
+                // answered, such as `WRONGTYPE` or a Redis without streams, or a reply that is
+                // not one) is logged here, at most once a minute: the purges made meanwhile
+                // are read once it can be.
+                if let Err(e) = listen(&cfg, &control, &layer, &mut cursor, &stop) {
+                    let unreadable = matches!(
+                        e.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::Other
+                    );
+                    if unreadable && logged.is_none_or(|t| t.elapsed() >= LOG_UNREADABLE_EVERY) {
+                        logged = Some(Instant::now());
+                        crate::warn!(
+                            "the purge log in redis at {} cannot be read ({e}); purges from other hosts reach this one once it can",
+                            cfg.address.text
+                        );
+                    }
+                }
                 let until = Instant::now() + cfg.retry_interval.0;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -894,87 +1241,168 @@ pub fn spawn_purge_listener(
         })
 }
 
-/// One subscription, until it fails or `stop` is set.
+/// One connection to Redis that follows the purge log, until it fails or `stop` is set:
+/// reads what the log holds after the cursor, then waits (`XREAD BLOCK`) for more.
 fn listen(
     cfg: &crate::cache::config::CacheRedisConfig,
     control: &crate::control::Control,
+    layer: &SharedLayer,
+    cursor: &mut LogCursor,
     stop: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let mut sock = std::net::TcpStream::connect_timeout(&cfg.address.addr, cfg.timeout.0)?;
     // Short reads, so that the stop flag is seen.
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-    sock.set_write_timeout(Some(cfg.timeout.0))?;
-    let channel = format!("{}purge", cfg.key_prefix);
-    let mut cmd = Vec::new();
-    let mut frame = |args: &[&[u8]]| {
+    sock.set_write_timeout(Some(cfg.timeout.0.max(Duration::from_secs(1))))?;
+    // A reply is late past `timeout` (at least a second: the log is off the request path),
+    // plus the wait it asked for.
+    let late = cfg.timeout.0.max(Duration::from_secs(1));
+    let log = format!("{}purge-log", cfg.key_prefix);
+    let trimmed = format!("{}purge-log-trimmed", cfg.key_prefix);
+    let mut rbuf = bytes::BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    let mut call = |args: &[&[u8]], wait: Duration| -> std::io::Result<Option<BytesFrame>> {
+        let mut cmd = Vec::new();
         cmd.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
         for a in args {
             cmd.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
             cmd.extend_from_slice(a);
             cmd.extend_from_slice(b"\r\n");
         }
-    };
-    if let Some(p) = &cfg.password {
-        frame(&[b"AUTH", p.as_bytes()]);
-    }
-    frame(&[b"SUBSCRIBE", channel.as_bytes()]);
-    sock.write_all(&cmd)?;
-    let mut rbuf = bytes::BytesMut::new();
-    let mut chunk = [0u8; 4096];
-    while !stop.load(Ordering::Relaxed) {
-        // Checked for depth, size and frame count before it is decoded (`crate::redis`).
-        while let Some(f) = crate::redis::decode_reply_within(&mut rbuf, MAX_PURGE_MESSAGE)? {
-            match f {
-                BytesFrame::Array(v) if v.len() == 3 => {
-                    if let (BytesFrame::BulkString(kind), BytesFrame::BulkString(msg)) =
-                        (&v[0], &v[2])
-                    {
-                        if &kind[..] == b"message" {
-                            if let Some(p) = decode_purge(msg) {
-                                for i in 0..control.workers() {
-                                    let p = p.clone();
-                                    let _ = control.post(
-                                        i,
-                                        Box::new(move |w| match &p {
-                                            // Another host's invalidation, or an exact
-                                            // purge there: no read of the whole store.
-                                            Purge {
-                                                target: PurgeTarget::Url(u),
-                                                soft: false,
-                                            } => w.cache.invalidate_local(u),
-                                            _ => {
-                                                w.cache.purge_local(&p);
-                                            }
-                                        }),
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-                BytesFrame::Error(e) => {
+        sock.write_all(&cmd)?;
+        let deadline = Instant::now() + wait + late;
+        loop {
+            // Checked for depth, size and frame count before it is decoded (`crate::redis`).
+            if let Some(f) = crate::redis::decode_reply_within(&mut rbuf, MAX_PURGE_MESSAGE)? {
+                if let BytesFrame::Error(e) = f {
                     return Err(std::io::Error::other(e.to_string()));
                 }
-                _ => {}
+                return Ok(Some(f));
+            }
+            if rbuf.len() > MAX_LOG_REPLY {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "purge log reply too large",
+                ));
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            match sock.read(&mut chunk) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
             }
         }
-        if rbuf.len() > MAX_PURGE_MESSAGE * 2 {
+    };
+    if let Some(p) = &cfg.password {
+        if call(&[b"AUTH", p.as_bytes()], Duration::ZERO)?.is_none() {
+            return Ok(());
+        }
+    }
+    if cursor.started.is_some() {
+        let Some(f) = call(&[b"TIME"], Duration::ZERO)? else {
+            return Ok(());
+        };
+        if !cursor.start_at_redis_time(f) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                "purge channel message too large",
+                "not an answer to TIME",
             ));
         }
-        match sock.read(&mut chunk) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e),
+    }
+    let count = (PURGE_LOG_READ + 1).to_string();
+    let wait = LOG_WAIT_MS.to_string();
+    // `XREAD` said there was more to read.
+    let mut woke = false;
+    let mut stalls = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let from = format!("{}-{}", cursor.at.0, cursor.at.1);
+        let Some(f) = call(
+            &[
+                b"EVAL",
+                PURGE_LOG_READ_LUA.as_bytes(),
+                b"2",
+                log.as_bytes(),
+                trimmed.as_bytes(),
+                from.as_bytes(),
+                count.as_bytes(),
+            ],
+            Duration::ZERO,
+        )?
+        else {
+            return Ok(());
+        };
+        let read = parse_log_read(f).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not a purge log reply")
+        })?;
+        cursor.started = None;
+        let full = read.entries.len() > PURGE_LOG_READ;
+        if cursor.gap(&read) {
+            layer.purge_log_gaps.fetch_add(1, Ordering::Relaxed);
+            crate::warn!(
+                "the purge log in redis at {} lost purges this host had not read; every stored response of this host is purged",
+                cfg.address.text
+            );
+            let all = Purge {
+                target: PurgeTarget::All,
+                soft: false,
+            };
+            if !apply_purge(control, &all, stop) {
+                return Ok(());
+            }
         }
+        let msgs = cursor.take(read);
+        if woke && msgs.is_empty() {
+            stalls += 1;
+            if stalls >= MAX_LOG_STALLS {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the purge log says it has entries and gives none",
+                ));
+            }
+        } else {
+            stalls = 0;
+        }
+        for m in &msgs {
+            if let Some(p) = decode_purge(m) {
+                layer.purges_heard.fetch_add(1, Ordering::Relaxed);
+                if !apply_purge(control, &p, stop) {
+                    return Ok(());
+                }
+            }
+        }
+        if full {
+            woke = true;
+            continue;
+        }
+        let from = format!("{}-{}", cursor.at.0, cursor.at.1);
+        let Some(f) = call(
+            &[
+                b"XREAD",
+                b"COUNT",
+                b"1",
+                b"BLOCK",
+                wait.as_bytes(),
+                b"STREAMS",
+                log.as_bytes(),
+                from.as_bytes(),
+            ],
+            Duration::from_millis(LOG_WAIT_MS),
+        )?
+        else {
+            return Ok(());
+        };
+        woke = !matches!(f, BytesFrame::Null);
     }
     Ok(())
 }
@@ -1193,54 +1621,94 @@ mod tests {
     }
 
     /// A purge whose Redis side failed is kept to be sent again, at most
-    /// [`MAX_UNSENT_PURGES`]: past it the oldest is given up, counted, and its `done` called
-    /// (the workers stop awaiting it).
+    /// [`MAX_UNSENT_PURGES`]: one equal to a kept purge, with a later ticket, replaces it
+    /// (the earlier is done) and takes no other place; past the bound every kept purge and
+    /// the new one are folded into one hard purge of everything (issue 12: before, the
+    /// oldest was given up, its copies left in Redis), each folded one done and counted.
     #[test]
-    fn purges_kept_to_be_sent_again_are_bounded_oldest_given_up() {
+    fn purges_kept_to_be_sent_again_are_bounded_and_folded_into_a_purge_of_everything() {
         let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
         let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
         let l = SharedLayer::new(&cfg).expect("a layer");
-        let given_up = Arc::new(AtomicU64::new(0));
-        for i in 0..=MAX_UNSENT_PURGES {
-            let g = given_up.clone();
-            l.keep_unsent(Unsent {
-                purge: Purge {
-                    target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
-                    soft: false,
-                },
-                ticket: Some(i as u64),
-                done: Some(Box::new(move || {
-                    g.fetch_add(1 + i as u64 * 1000, Ordering::Relaxed);
-                })),
-            });
-        }
-        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
-        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            l.purges_failed.load(Ordering::Relaxed),
-            MAX_UNSENT_PURGES as u64 + 1
-        );
-        // The oldest (h/0) was given up.
-        assert_eq!(given_up.load(Ordering::Relaxed), 1);
-        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done),
-        // and gives up nothing; one with an earlier ticket is kept apart.
-        let h5 = Purge {
-            target: PurgeTarget::Url(b"h/5".to_vec()),
+        let done = Arc::new(AtomicU64::new(0));
+        let url = |i: usize| Purge {
+            target: PurgeTarget::Url(format!("h/{i}").into_bytes()),
             soft: false,
         };
-        for ticket in [1000, 3] {
+        let keep = |p: Purge, ticket: u64| {
+            let d = done.clone();
             l.keep_unsent(Unsent {
-                purge: h5.clone(),
+                purge: p,
                 ticket: Some(ticket),
-                done: None,
+                done: Some(Box::new(move || {
+                    d.fetch_add(1, Ordering::Relaxed);
+                })),
             });
+        };
+        for i in 0..MAX_UNSENT_PURGES {
+            keep(url(i), i as u64);
         }
-        assert_eq!(
-            given_up.load(Ordering::Relaxed),
-            1 + (1 + 5000) + (1 + 1000)
-        );
-        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 2);
         assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done);
+        // one with an earlier ticket would take a place of its own.
+        keep(url(5), 1000);
+        assert_eq!(done.load(Ordering::Relaxed), 1);
+        assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
+        assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 0);
+        // Past the bound: one purge of everything in their place, every one of them done.
+        keep(url(5), 3);
+        assert_eq!(l.unsent_purges(), 1);
+        assert_eq!(
+            done.load(Ordering::Relaxed),
+            1 + MAX_UNSENT_PURGES as u64 + 1
+        );
+        assert_eq!(
+            l.purges_given_up.load(Ordering::Relaxed),
+            MAX_UNSENT_PURGES as u64 + 1
+        );
+        assert_eq!(
+            l.purges_failed.load(Ordering::Relaxed),
+            MAX_UNSENT_PURGES as u64 + 2
+        );
+        let kept = l.unsent.lock().expect("lock");
+        assert_eq!(
+            kept.front().map(|k| &k.purge),
+            Some(&Purge {
+                target: PurgeTarget::All,
+                soft: false,
+            })
+        );
+    }
+
+    /// Kept purges that failed with the link up are tried again on one timer (issue 12):
+    /// asked for once however many fail, 1 s after the first failure, twice as late at each
+    /// try, at most 30 s; back to 1 s once a purge goes through with none kept. A link that is
+    /// down asks for none (its `on_up` sends them).
+    #[test]
+    fn kept_purges_are_tried_again_on_one_timer_with_backoff() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
+        let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let link = l.link().clone();
+        for secs in [1, 2, 4, 8, 16, 30, 30] {
+            let before = Instant::now();
+            l.retry_later();
+            l.retry_later();
+            let at = link.take_on_up_at_for_tests().expect("a try asked for");
+            let wait = at.duration_since(before);
+            assert!(
+                wait >= Duration::from_secs(secs) && wait < Duration::from_secs(secs + 1),
+                "{wait:?} for {secs} s"
+            );
+            assert!(link.take_on_up_at_for_tests().is_none(), "one timer");
+        }
+        l.went_through();
+        l.retry_later();
+        let at = link.take_on_up_at_for_tests().expect("asked");
+        assert!(at.duration_since(Instant::now()) <= PURGE_RETRY_FIRST);
+        link.set_down_for_tests();
+        l.retry_later();
+        assert!(link.take_on_up_at_for_tests().is_none());
     }
 
     /// A purge whose Redis side failed while the link was down, kept only once the link had
@@ -1315,7 +1783,185 @@ mod tests {
         let _ = server.join();
         assert!(sent.is_ok(), "the kept purge was not sent again");
         let names: Vec<Vec<u8>> = heard.try_iter().collect();
-        assert_eq!(names, [b"EVAL".to_vec(), b"PUBLISH".to_vec()]);
+        assert_eq!(names, [b"EVAL".to_vec(), b"EVAL".to_vec()]);
+    }
+
+    /// The purge log's replies are parsed strictly (issue 12: a hostile Redis must not panic
+    /// the listener nor grow its memory): anything but the script's three parts, more entries
+    /// than asked for, an ID that is not two decimal numbers, or entries out of order is
+    /// refused (the connection dropped).
+    #[test]
+    fn purge_log_replies_are_parsed_strictly() {
+        let b = |s: &str| BytesFrame::BulkString(Bytes::copy_from_slice(s.as_bytes()));
+        let entry = |id: &str, msg: &str| {
+            BytesFrame::Array(vec![b(id), BytesFrame::Array(vec![b("p"), b(msg)])])
+        };
+        let reply = |t: BytesFrame, e: Vec<BytesFrame>| {
+            BytesFrame::Array(vec![t, BytesFrame::Array(e), BytesFrame::Null])
+        };
+        let ok = parse_log_read(reply(
+            b("5-1"),
+            vec![entry("6-0", "u\0h/p"), entry("6-1", "x")],
+        ))
+        .expect("a reply");
+        assert_eq!(ok.trimmed, Some((5, 1)));
+        assert_eq!(ok.entries.len(), 2);
+        assert_eq!(ok.entries[0].0, (6, 0));
+        let bad = [
+            BytesFrame::Null,
+            BytesFrame::Array(vec![BytesFrame::Null, BytesFrame::Array(vec![])]),
+            reply(b("5"), vec![]),
+            reply(b("-1-0"), vec![]),
+            reply(b("1-99999999999999999999999"), vec![]),
+            reply(BytesFrame::Integer(5), vec![]),
+            reply(BytesFrame::Null, vec![entry("7-0", "a"), entry("6-0", "b")]),
+            reply(BytesFrame::Null, vec![entry("7-0", "a"), entry("7-0", "b")]),
+            reply(BytesFrame::Null, vec![b("7-0")]),
+            reply(BytesFrame::Null, vec![entry("x-0", "a")]),
+            reply(
+                BytesFrame::Null,
+                (0..PURGE_LOG_READ as u64 + 2)
+                    .map(|i| entry(&format!("{i}-0"), "a"))
+                    .collect(),
+            ),
+        ];
+        for (i, f) in bad.into_iter().enumerate() {
+            assert!(parse_log_read(f).is_none(), "case {i}");
+        }
+    }
+
+    /// A purge whose message the listeners would not read is logged as a hard purge of
+    /// everything; any other as it is.
+    #[test]
+    fn a_purge_too_long_for_the_log_is_logged_as_a_purge_of_everything() {
+        let p = |n: usize| {
+            Bytes::from(encode_purge(&Purge {
+                target: PurgeTarget::Url(vec![b'u'; n]),
+                soft: true,
+            }))
+        };
+        let fits = p(MAX_PURGE_MESSAGE - 2);
+        assert_eq!(log_message(fits.clone()), fits);
+        let logged = log_message(p(MAX_PURGE_MESSAGE - 1));
+        assert_eq!(
+            decode_purge(&logged),
+            Some(Purge {
+                target: PurgeTarget::All,
+                soft: false,
+            })
+        );
+    }
+
+    /// Where a gap in the purge log is found (issue 12), and only there.
+    #[test]
+    fn a_gap_in_the_purge_log_is_found_where_entries_the_host_had_not_read_are_gone() {
+        let read = |trimmed: Option<LogId>, ids: &[LogId]| LogRead {
+            trimmed,
+            entries: ids.iter().map(|i| (*i, Bytes::new())).collect(),
+        };
+        let start = || LogCursor {
+            at: (100, 0),
+            seen: false,
+            started: None,
+        };
+        // Nothing read yet: older trims are not a gap; one past the start is.
+        assert!(!start().gap(&read(None, &[])));
+        assert!(!start().gap(&read(Some((99, 5)), &[(101, 0)])));
+        let mut c = start();
+        assert!(c.gap(&read(Some((150, 0)), &[(151, 0)])));
+        assert_eq!((c.at, c.seen), ((150, 0), false));
+        // It reads on from there, once.
+        assert_eq!(c.take(read(None, &[(150, 0), (151, 0)])).len(), 1);
+        assert_eq!((c.at, c.seen), ((151, 0), true));
+        // The entry read last is still there, or trimmed itself: no gap.
+        assert!(!c.gap(&read(None, &[(151, 0), (152, 0)])));
+        assert!(!c.gap(&read(Some((151, 0)), &[(152, 0)])));
+        // It is gone though nothing past it was trimmed (Redis lost its data): a gap, once.
+        assert!(c.gap(&read(None, &[(160, 0)])));
+        assert!(!c.gap(&read(None, &[(160, 0)])));
+        let mut c = LogCursor {
+            at: (151, 0),
+            seen: true,
+            started: None,
+        };
+        assert!(c.gap(&read(None, &[])));
+        // A host's start is put in Redis's time: 10 s after the epoch by Redis, less the time
+        // since it started and the margin.
+        let mut c = LogCursor {
+            at: (u64::MAX, 0),
+            seen: false,
+            started: Some(Instant::now()),
+        };
+        let b = |s: &str| BytesFrame::BulkString(Bytes::copy_from_slice(s.as_bytes()));
+        assert!(!c.start_at_redis_time(BytesFrame::Array(vec![b("x"), b("0")])));
+        assert!(c.start_at_redis_time(BytesFrame::Array(vec![b("10"), b("500000")])));
+        assert!(c.at.0 <= 10_500 - LOG_START_MARGIN_MS);
+    }
+
+    /// A server that says, at every `XREAD`, that the log has new entries, and gives none when
+    /// it is read, cannot make the listener spin: the connection is dropped after
+    /// [`MAX_LOG_STALLS`] such rounds. One whose reply to a read of the log is longer than
+    /// the listener reads ([`MAX_LOG_REPLY`]) is dropped too, its reply never held whole.
+    #[test]
+    fn a_hostile_purge_log_server_cannot_make_the_listener_spin_or_hold_much() {
+        use std::io::{Read, Write};
+        for hostile in ["stalls", "long"] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let server = std::thread::spawn(move || {
+                let Ok((mut s, _)) = l.accept() else { return 0 };
+                let (mut buf, mut chunk, mut evals) = (bytes::BytesMut::new(), [0u8; 4096], 0);
+                loop {
+                    while let Ok(Some(BytesFrame::Array(a))) = crate::redis::decode_reply(&mut buf)
+                    {
+                        let name = match a.first() {
+                            Some(BytesFrame::BulkString(n)) => n.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let answer: Vec<u8> = match (&name[..], hostile) {
+                            (b"TIME", _) => b"*2\r\n$2\r\n10\r\n$1\r\n0\r\n".to_vec(),
+                            (b"EVAL", "stalls") => b"*3\r\n$-1\r\n*0\r\n$-1\r\n".to_vec(),
+                            (b"EVAL", _) => {
+                                let mut r = b"*3\r\n$-1\r\n*40\r\n".to_vec();
+                                for _ in 0..40 {
+                                    r.extend_from_slice(b"$60000\r\n");
+                                    r.resize(r.len() + 60000, b'x');
+                                    r.extend_from_slice(b"\r\n");
+                                }
+                                r
+                            }
+                            _ => b"*1\r\n*2\r\n$1\r\nl\r\n*0\r\n".to_vec(),
+                        };
+                        evals += usize::from(&name[..] == b"EVAL");
+                        if s.write_all(&answer).is_err() {
+                            return evals;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return evals,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+            let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
+            let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+            let layer = SharedLayer::new(&cfg).expect("a layer");
+            let r = cfg.cache.redis.as_ref().expect("redis");
+            let control = crate::control::Control::new(1);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let mut cursor = LogCursor::at_start();
+            let got = listen(r, &control, &layer, &mut cursor, &stop);
+            let err = got.expect_err("dropped");
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::InvalidData,
+                "{hostile}: {err}"
+            );
+            let evals = server.join().expect("server");
+            if hostile == "stalls" {
+                assert_eq!(evals, MAX_LOG_STALLS as usize + 1);
+            }
+        }
     }
 
     #[test]

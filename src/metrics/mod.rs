@@ -500,6 +500,8 @@ impl WorkerMetrics {
                 writes: get(&l.sets),
                 purges_failed: get(&l.purges_failed),
                 purges_given_up: get(&l.purges_given_up),
+                purges_heard: get(&l.purges_heard),
+                purge_log_gaps: get(&l.purge_log_gaps),
             }
         });
         s
@@ -638,6 +640,8 @@ pub struct CacheRedisSample {
     /// `redis::MAX_UNSENT_PURGES` newer failed ones.
     pub purges_failed: u64,
     pub purges_given_up: u64,
+    pub purges_heard: u64,
+    pub purge_log_gaps: u64,
 }
 
 /// One worker's metrics, or (after [`WorkerSample::merge`]) every worker's summed.

@@ -538,7 +538,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             "1 while the Redis link of the response cache's shared layer is up.",
         );
         e.sample("ringway_cache_redis_up", &[], r.up as u64);
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 12] = [
             (
                 "ringway_cache_redis_commands_total",
                 "Commands the cache's Redis link sent in rounds.",
@@ -581,13 +581,23 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             ),
             (
                 "ringway_cache_redis_purges_failed_total",
-                "Purges whose Redis side failed (link down, queue full, an error answered): kept and sent again once the link is up.",
+                "Purges whose Redis side failed (link down, queue full, an error answered): kept and sent again once the link is up, or on a timer (1 s doubling to 30 s) while it stays up; each failed try counts.",
                 r.purges_failed,
             ),
             (
                 "ringway_cache_redis_purges_given_up_total",
-                "Purges kept to be sent again to Redis and given up because 64 newer ones failed after them.",
+                "Purges kept to be sent again to Redis and folded, past 64 kept, into one purge of everything (which is kept and sent in their place).",
                 r.purges_given_up,
+            ),
+            (
+                "ringway_cache_redis_purges_heard_total",
+                "Purges this host read from the purge log in Redis (its own included) and applied to its stores.",
+                r.purges_heard,
+            ),
+            (
+                "ringway_cache_redis_purge_log_gaps_total",
+                "Times the purge log had lost purges this host had not read (trimmed past it, or Redis lost its data): every stored response of this host was purged.",
+                r.purge_log_gaps,
             ),
         ];
         for (name, help, v) in counters {
