@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
 
+use crate::cache::policy::RangeAnswer;
 use crate::http::request::{parse_request, BodyKind, Limits, RequestHead};
 
 #[derive(Clone, Copy)]
@@ -85,16 +86,51 @@ fn serve_conn(mut s: TcpStream, svc: Service) {
         if let Some(user) = user_filter(svc, head.method_str(), head.bytes(head.path_query)) {
             (status, json) = (200, orders_of(user));
         }
-        let reason = crate::http::encode::reason_phrase(status);
         let freshness = freshness(svc, head.method_str(), status);
-        let resp = format!(
-            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{freshness}content-length: {}\r\n\r\n{json}",
-            json.len()
-        );
-        if s.write_all(resp.as_bytes()).is_err() || !head.keep_alive {
+        // A users answer names its bytes (a strong ETag) and serves a single byte range of
+        // them (RFC 9110 §14): the demo's cached route stores such a 206 as a piece and
+        // answers the ranges inside it (README "Caching", Pieces).
+        let mut extra = String::new();
+        let mut body = json.as_bytes();
+        if !freshness.is_empty() {
+            extra = format!("etag: \"{:016x}\"\r\naccept-ranges: bytes\r\n", fnv1a(body));
+            let mut ranges = head.header_values(b"range");
+            if let (Some(r), None) = (ranges.next(), ranges.next()) {
+                let len = body.len() as u64;
+                match crate::cache::policy::byte_range(r, len) {
+                    RangeAnswer::Part(a, b) => {
+                        status = 206;
+                        extra.push_str(&format!("content-range: bytes {a}-{b}/{len}\r\n"));
+                        // (`a <= b < len`: `byte_range` checked it.)
+                        body = &body[a as usize..=b as usize];
+                    }
+                    RangeAnswer::Unsatisfiable => {
+                        status = 416;
+                        extra.push_str(&format!("content-range: bytes */{len}\r\n"));
+                        body = b"";
+                    }
+                    RangeAnswer::Full => {}
+                }
+            }
+        }
+        let reason = crate::http::encode::reason_phrase(status);
+        let mut resp = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{freshness}{extra}content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        resp.extend_from_slice(body);
+        if s.write_all(&resp).is_err() || !head.keep_alive {
             return;
         }
     }
+}
+
+/// The 64-bit FNV-1a hash of `b`: a users answer's entity tag.
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, &c| {
+        (h ^ u64::from(c)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// How long a users answer may be served from a cache (RFC 9111 §5.2.2.1): 30 s, so that the
@@ -237,8 +273,8 @@ pub fn admin_hints(cfg: &crate::config::Config) -> String {
 mod tests {
     use super::*;
 
-    /// One request to a sample service on a port from the kernel; the answer's head.
-    fn head_of(svc: Service, req: &str) -> String {
+    /// One request to a sample service on a port from the kernel; the whole answer.
+    fn answer_of(svc: Service, req: &str) -> String {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         serve_on(l, svc).expect("serve");
@@ -246,8 +282,13 @@ mod tests {
         s.write_all(req.as_bytes()).expect("write");
         let mut out = Vec::new();
         s.read_to_end(&mut out).expect("read");
-        let text = String::from_utf8(out).expect("utf-8");
-        text.split("\r\n\r\n")
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    /// [`answer_of`]'s head, lower case.
+    fn head_of(svc: Service, req: &str) -> String {
+        answer_of(svc, req)
+            .split("\r\n\r\n")
             .next()
             .unwrap_or_default()
             .to_ascii_lowercase()
@@ -270,5 +311,41 @@ mod tests {
             h.starts_with("http/1.1 200") && !h.contains("cache-control"),
             "{h}"
         );
+    }
+
+    #[test]
+    fn users_answers_serve_a_single_byte_range_with_a_strong_etag_rfc9110_14() {
+        let users = Service::Users { instance: 1 };
+        let close = "Host: x\r\nConnection: close\r\n";
+        let whole = answer_of(users, &format!("GET /users/1 HTTP/1.1\r\n{close}\r\n"));
+        assert!(whole.starts_with("HTTP/1.1 200"), "{whole}");
+        let (head, body) = whole.split_once("\r\n\r\n").expect("head");
+        let etag = head
+            .lines()
+            .find_map(|l| l.strip_prefix("etag: "))
+            .expect("an etag");
+        assert!(etag.starts_with('"') && etag.len() == 18, "{etag}");
+        let part = answer_of(
+            users,
+            &format!("GET /users/1 HTTP/1.1\r\n{close}Range: bytes=2-9\r\n\r\n"),
+        );
+        assert!(part.starts_with("HTTP/1.1 206"), "{part}");
+        let (phead, pbody) = part.split_once("\r\n\r\n").expect("head");
+        let range = format!("\r\ncontent-range: bytes 2-9/{}\r\n", body.len());
+        assert!(phead.contains(&range), "{phead}");
+        assert!(phead.contains(&format!("\r\netag: {etag}\r\n")), "{phead}");
+        assert_eq!(pbody, &body[2..=9]);
+        let past = answer_of(
+            users,
+            &format!("GET /users/1 HTTP/1.1\r\n{close}Range: bytes=9999-\r\n\r\n"),
+        );
+        assert!(past.starts_with("HTTP/1.1 416"), "{past}");
+        assert!(past.contains(&format!("content-range: bytes */{}\r\n", body.len())));
+        // Orders name no bytes and serve no range.
+        let o = answer_of(
+            Service::Orders,
+            &format!("GET /orders HTTP/1.1\r\n{close}Range: bytes=0-1\r\n\r\n"),
+        );
+        assert!(o.starts_with("HTTP/1.1 200") && !o.contains("etag"), "{o}");
     }
 }

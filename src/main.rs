@@ -190,6 +190,10 @@ fn main() -> ExitCode {
             );
             println!("                                           # cached (one store per worker): a miss, then a hit");
             println!(
+                "  curl -si -H 'Range: bytes=0-9' http://{addr}/cached/users/2 http://{addr}/cached/users/2 | grep -i -e cache-status -e content-range"
+            );
+            println!("                                           # the origin's 206 stored as a piece, then ranges inside it are hits");
+            println!(
                 "  curl -i -X PURGE -H 'x-api-key: demo-ops-key' http://{addr}/cached/users/1"
             );
             println!("                                           # purged on every worker (the ops key only)");
