@@ -2892,6 +2892,32 @@ fn hard_purge(gw: &TestGateway, target: PurgeTarget) {
     .unwrap();
 }
 
+/// Cuts `relay` (`a`'s way to Redis) and hard-purges `/p` through `a`: the purge's Redis side
+/// fails, and `a` keeps it to send again (waited for).
+fn cut_and_purge_p(relay: &RedisRelay, a: &TestGateway) {
+    relay.cut();
+    hard_purge(
+        a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    assert!(eventually(Duration::from_secs(5), || layer_count(
+        a,
+        |l| l.unsent_purges() as u64
+    ) == 1));
+}
+
+/// Invalidates each of `paths` through `gw` (RFC 9111 §4.4: a POST answered 200).
+fn invalidate_all(gw: &TestGateway, paths: impl IntoIterator<Item = String>) {
+    for path in paths {
+        let r = request(
+            gw.addr,
+            format!("POST {path} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{path}");
+    }
+}
+
 /// RFC 9111 §4.4 (a purge is the operator's invalidation: what it removed must not be
 /// served again): a purge made while the link to Redis is down could not delete the Redis
 /// copies nor reach the other hosts, and was taken as done at once; once the link was up, a
@@ -2965,23 +2991,10 @@ fn rfc9111_4_4_repeated_invalidations_while_redis_is_unreachable_do_not_give_up_
     let a = gateway_through(&relay, up.addr);
     assert_eq!(get(a.addr, "/p").text(), "v1");
     wait_n_stored_in_redis(&redis, 1);
-    relay.cut();
-    hard_purge(
-        &a,
-        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
-    );
+    cut_and_purge_p(&relay, &a);
     let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
-    assert!(eventually(Duration::from_secs(5), || layer(
-        |l| l.unsent_purges() as u64
-    ) == 1));
     // 70 POSTs to one URL, each an invalidation whose Redis side fails.
-    for _ in 0..70 {
-        let r = request(
-            a.addr,
-            b"POST /q HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n",
-        );
-        assert_eq!(r.status, 200);
-    }
+    invalidate_all(&a, (0..70).map(|_| "/q".to_string()));
     assert!(eventually(Duration::from_secs(5), || layer(|l| l
         .purges_failed
         .load(Ordering::Relaxed))
@@ -3107,14 +3120,7 @@ fn a_host_that_missed_purges_the_log_no_longer_holds_purges_everything_it_stores
     relay.cut();
     // 1001 purges of other URLs (invalidations by POST, RFC 9111 §4.4): the log keeps the
     // last 1000.
-    for i in 0..1001 {
-        let r = request(
-            a.addr,
-            format!("POST /x{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
-                .as_bytes(),
-        );
-        assert_eq!(r.status, 200);
-    }
+    invalidate_all(&a, (0..1001).map(|i| format!("/x{i}")));
     assert!(eventually(Duration::from_secs(20), || redis
         .command(&["XLEN", "ringway:cache:purge-log"])
         .is_some_and(|r| r == ":1000\r\n")
@@ -3153,24 +3159,10 @@ fn rfc9111_4_4_purges_past_the_64_kept_are_folded_into_a_purge_of_everything() {
     wait_stored_in_redis(&redis);
     // B holds /p, taken from Redis.
     assert!(status_of(&get(b.addr, "/p")).contains("detail=redis"));
-    relay.cut();
-    hard_purge(
-        &a,
-        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
-    );
+    cut_and_purge_p(&relay, &a);
     let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
-    assert!(eventually(Duration::from_secs(5), || layer(
-        |l| l.unsent_purges() as u64
-    ) == 1));
     // 64 invalidations of other URLs, each failing in Redis: 65 distinct purges.
-    for i in 0..64 {
-        let r = request(
-            a.addr,
-            format!("POST /x{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
-                .as_bytes(),
-        );
-        assert_eq!(r.status, 200);
-    }
+    invalidate_all(&a, (0..64).map(|i| format!("/x{i}")));
     assert!(eventually(Duration::from_secs(5), || layer(|l| l
         .purges_failed
         .load(Ordering::Relaxed))
