@@ -1826,6 +1826,70 @@ fn rfc9112_3_3_an_absolute_form_target_gives_the_scheme_behind_a_trusted_proxy()
     assert_eq!(n.load(Ordering::SeqCst), 4);
 }
 
+/// RFC 9111 §4.4 with RFC 9112 §3.3: an unsafe method whose absolute-form target's scheme is
+/// not the one the origin is told, where that moves the key (`POST http://a.test:443/p`, the
+/// trusted proxy saying https: the origin changes `https://a.test/p`, keyed `a.test/p`),
+/// invalidates the URL the origin reads as well as the target's, and so for its
+/// `Content-Location`. Before, only `a.test:443/p` was invalidated, and the copy of
+/// `https://a.test/p` the write changed kept being served.
+#[test]
+fn rfc9111_4_4_an_unsafe_method_with_a_target_scheme_split_invalidates_what_the_origin_read() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = format!("v{i}");
+        let extra = if req.method != "GET" {
+            "content-location: /c\r\n"
+        } else {
+            "cache-control: max-age=60\r\n"
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\n{extra}content-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(
+        &cache_config(up.addr, "", "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n"),
+        D,
+    );
+    let https = "x-forwarded-proto: https\r\n";
+    let get = |path: &str| {
+        request(
+            gw.addr,
+            format!("GET {path} HTTP/1.1\r\nHost: a.test:443\r\n{https}\r\n").as_bytes(),
+        )
+    };
+    // The proxy says https where the target says http, and says nothing (ringway tells http)
+    // where it says https.
+    for (method, target, fields) in [
+        ("POST", "http://a.test:443/p", https),
+        ("PUT", "https://a.test:80/p", ""),
+    ] {
+        // (`Host: a.test:443` told https: keyed `a.test`, as the proxy's client asked.)
+        let p = get("/p");
+        let c = get("/c");
+        assert!(status_of(&get("/p")).contains("hit"), "{method}");
+        assert!(status_of(&get("/c")).contains("hit"), "{method}");
+        let r = request(
+            gw.addr,
+            format!(
+                "{method} {target} HTTP/1.1\r\nHost: a.test\r\n{fields}content-length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{method} {target}: {r:?}");
+        let (p2, c2) = (get("/p"), get("/c"));
+        assert!(status_of(&p2).contains("fwd="), "{target}: {p2:?}");
+        assert!(status_of(&c2).contains("fwd="), "{target}: {c2:?}");
+        assert_ne!(p2.text(), p.text(), "{target}");
+        assert_ne!(c2.text(), c.text(), "{target}");
+    }
+}
+
 /// RFC 9110 §4.2.3 over TLS: `https`'s default port is 443, so on a TLS listener `Host:
 /// a.test:443` and `Host: a.test` are one key, and `:80` there is another origin
 /// (`https://a.test:80`).

@@ -96,7 +96,7 @@ pub async fn run<'c, S: ClientIo>(
                     url_of(&ctx.head, &mut url);
                     let mut s = Status::new(p, "bypass");
                     s.detail = Some("override-header");
-                    let f = Fetch::Invalidate(url);
+                    let f = Fetch::Invalidate(url, scheme_split);
                     return fetch(w, cfg, route, p, group, c, ctx, f, &mut s).await;
                 }
                 return bypass(w, cfg, route, p, group, c, ctx, &req, "override-header").await;
@@ -167,7 +167,7 @@ pub async fn run<'c, S: ClientIo>(
                 group,
                 c,
                 ctx,
-                Fetch::Invalidate(url),
+                Fetch::Invalidate(url, scheme_split),
                 &mut s,
             )
             .await
@@ -1300,8 +1300,9 @@ enum Fetch<'k> {
     /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5);
     /// with the worker's purge count before it went ([`WorkerCache::purges`]).
     Head(Option<Found>, u64),
-    /// An unsafe method: invalidate this URL on a non-error answer (§4.4).
-    Invalidate(Vec<u8>),
+    /// An unsafe method: invalidate this URL on a non-error answer (§4.4); `true`: the
+    /// origin reads the target under the other scheme ([`scheme_split`]), whose URLs go too.
+    Invalidate(Vec<u8>, bool),
     /// A GET that may be stored; `stale`: what is stored, validated with its validators.
     Fill {
         keys: &'k Keys<'k>,
@@ -3266,17 +3267,12 @@ async fn fetched<'c, S: ClientIo>(
                     }
                     out
                 }
-                Fetch::Invalidate(url) => {
+                Fetch::Invalidate(url, split) => {
                     // §4.4: a non-error answer to an unsafe method invalidates the target URI
                     // and the Location / Content-Location URIs of the same origin, when it is
                     // received: before the client can have it and send its next request.
                     if (200..400).contains(&resp.status) {
-                        let locations: Vec<Vec<u8>> = [&b"location"[..], b"content-location"]
-                            .iter()
-                            .filter_map(|n| resp.header(n))
-                            .filter_map(|v| same_host_url(&ctx.head, v))
-                            .collect();
-                        for u in std::iter::once(url).chain(locations) {
+                        for u in invalidated_urls(&mut ctx.head, resp, url, split) {
                             cache.invalidate_everywhere(u);
                         }
                     }
@@ -3590,6 +3586,36 @@ fn known_len(resp: &ResponseHead) -> Option<u64> {
         RespBody::None => Some(0),
         _ => None,
     }
+}
+
+/// The URLs a non-error answer to the unsafe method `head` invalidates (RFC 9111 §4.4):
+/// `url`, the target's, and the same-origin `Location` / `Content-Location` URLs of `resp`.
+/// With a scheme split ([`scheme_split`]: the origin was told the other scheme, which moves
+/// the key), each of them also as the origin read it: the resource it changed is that one
+/// (`POST http://a.test:443/p` told https changes `https://a.test/p`, keyed `a.test/p`).
+fn invalidated_urls(
+    head: &mut RequestHead,
+    resp: &ResponseHead,
+    url: Vec<u8>,
+    split: bool,
+) -> Vec<Vec<u8>> {
+    let locations = |head: &RequestHead, out: &mut Vec<Vec<u8>>| {
+        for n in [&b"location"[..], b"content-location"] {
+            out.extend(resp.header(n).and_then(|v| same_host_url(head, v)));
+        }
+    };
+    let mut urls = vec![url];
+    locations(head, &mut urls);
+    if split {
+        // Read under the scheme the origin was told, then the target's again.
+        head.https = !head.https;
+        let mut told = Vec::new();
+        url_of(head, &mut told);
+        urls.push(told);
+        locations(head, &mut urls);
+        head.https = !head.https;
+    }
+    urls
 }
 
 /// A `Location` or `Content-Location` value as a URL of the request's host (§4.4: only
