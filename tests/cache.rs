@@ -6285,6 +6285,44 @@ fn rfc9111_3_4_pieces_with_one_strong_validator_are_combined() {
     }
 }
 
+/// RFC 9111 §3.4 with purges by surrogate key: a combination holds the bytes of both
+/// responses, so it carries the tags of both; a purge by either takes it. Before, it kept the
+/// newer response's tags only, and a purge of the older's tag left its bytes served.
+#[test]
+fn rfc9111_3_4_a_combined_piece_keeps_both_responses_surrogate_keys() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let range = req.header("range").unwrap_or_default().to_string();
+        n2.fetch_add(1, Ordering::SeqCst);
+        let (tag, from, body) = match range.as_str() {
+            "bytes=2-4" => ("a", 2, "234"),
+            "bytes=5-6" => ("b", 5, "56"),
+            _ => ("c", 3, "3456"),
+        };
+        let to = from + body.len() - 1;
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"s\"\r\nsurrogate-key: {tag}\r\ncontent-range: bytes {from}-{to}/10\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let g = |range: &str| get_h(gw.addr, "/t", &format!("Range: {range}\r\n"));
+    part(&g("bytes=2-4"), "234", "bytes 2-4/10");
+    part(&g("bytes=5-6"), "56", "bytes 5-6/10");
+    let r = g("bytes=3-6");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 2);
+    // The older response's tag: the combination goes with it.
+    hard_purge(&gw, PurgeTarget::Tag(b"a".to_vec()));
+    let r = g("bytes=3-6");
+    assert!(!status_of(&r).contains("hit"), "{r:?}");
+    assert_eq!(n.load(Ordering::SeqCst), 3);
+}
+
 /// RFC 9111 §3.3, §4.3.1: a validation of a stored whole response goes without the client's
 /// `Range`; a 206 that answers it is no piece of anything asked for: relayed, never stored.
 #[test]

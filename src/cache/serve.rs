@@ -4331,6 +4331,18 @@ fn combine_pieces(
             .chain(old.fields.iter().filter(|(n, _)| !is_cr(n) && !has(n)))
             .chain(std::iter::once((&b"content-range"[..], value.as_bytes()))),
     )?;
+    // The surrogate keys of both (§3.4 keeps the newer's fields, but the bytes are both
+    // responses'): a purge by either tag takes the combination.
+    let mut tags = new.tags.clone();
+    for t in &old.tags {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+    // As many as one response may give (past that, not combined: the newer replaces).
+    if tags.len() > super::MAX_TAGS {
+        return None;
+    }
     let obj = cache.new_object(|o| {
         put_parts(
             o,
@@ -4340,7 +4352,7 @@ fn combine_pieces(
             body.freeze(),
             new.t,
             new.url.clone(),
-            new.tags.clone(),
+            tags,
             new.vary.clone(),
         )
     });
