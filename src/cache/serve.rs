@@ -3035,60 +3035,54 @@ async fn fetched<'c, S: ClientIo>(
                     let mut piece = None;
                     let piece_k: Vec<u8>;
                     let mut plan = match whole {
-                        Some(a) => match keep_whole(cache, p, keys, a, &mut guard, status) {
-                            Ok(()) => {
-                                return relay_as_is(
-                                    w,
-                                    cfg,
-                                    route,
-                                    group,
-                                    c,
-                                    ctx,
-                                    ch,
-                                    resp,
-                                    status,
-                                    Some(p),
-                                )
-                                .await;
-                            }
-                            Err(_)
-                                if resp.status == 206
-                                    && !validating
-                                    && keep_piece(
-                                        p,
-                                        cache,
-                                        resp,
-                                        &ch,
-                                        req,
-                                        &sent(cfg, route, c, ctx),
-                                        keys,
-                                        authorized,
-                                        request_time,
-                                        now,
-                                        status,
-                                    ) =>
-                            {
-                                // Stored as a piece (RFC 9111 §3.3): the flight's waiters wait
-                                // for the whole response, and go upstream alone.
-                                if let Some(g) = guard.take() {
-                                    g.finish(FlightEnd::NotStorable);
+                        Some(a) => {
+                            let kept = match keep_whole(cache, p, keys, a, &mut guard, status) {
+                                Ok(()) => Ok(()),
+                                Err(_)
+                                    if resp.status == 206
+                                        && !validating
+                                        && keep_piece(
+                                            p,
+                                            cache,
+                                            resp,
+                                            &ch,
+                                            req,
+                                            &sent(cfg, route, c, ctx),
+                                            keys,
+                                            authorized,
+                                            request_time,
+                                            now,
+                                            status,
+                                        ) =>
+                                {
+                                    // Stored as a piece (RFC 9111 §3.3): the flight's waiters
+                                    // wait for the whole response, and go upstream alone.
+                                    if let Some(g) = guard.take() {
+                                        g.finish(FlightEnd::NotStorable);
+                                    }
+                                    Ok(())
                                 }
-                                return relay_as_is(
-                                    w,
-                                    cfg,
-                                    route,
-                                    group,
-                                    c,
-                                    ctx,
-                                    ch,
-                                    resp,
-                                    status,
-                                    Some(p),
-                                )
-                                .await;
+                                Err(d) => Err(d),
+                            };
+                            match kept {
+                                Ok(()) => {
+                                    return relay_as_is(
+                                        w,
+                                        cfg,
+                                        route,
+                                        group,
+                                        c,
+                                        ctx,
+                                        ch,
+                                        resp,
+                                        status,
+                                        Some(p),
+                                    )
+                                    .await;
+                                }
+                                Err(d) => Err(d),
                             }
-                            Err(d) => Err(d),
-                        },
+                        }
                         None if req.no_store => Err("request-no-store"),
                         None => {
                             // The body's room (all of it as it arrives, when its length is not
