@@ -4259,7 +4259,19 @@ fn store_piece(
     let older = stored.iter().find(|o| o.vary == obj.vary);
     let (obj, cr) = match older.and_then(|o| combine_pieces(cache, p, o, &obj, cr)) {
         Some(combined) => combined,
-        None => (obj, cr),
+        None => {
+            // Apart from a fresh, larger piece of the same representation, a smaller one does
+            // not replace it (a client probing a few bytes would evict what answers more).
+            let larger = older.filter(|o| {
+                o.body.len() > obj.body.len()
+                    && o.is_fresh(now_secs())
+                    && same_representation(o, &obj, cr).is_some()
+            });
+            if larger.is_some() {
+                return Err("smaller-piece");
+            }
+            (obj, cr)
+        }
     };
     if cr.first == 0 && cr.bytes() == cr.complete {
         let whole = whole_of_piece(cache, &obj).ok_or("too-large")?;
@@ -4286,11 +4298,10 @@ fn combine_pieces(
     new: &Object,
     cr: policy::ContentRange,
 ) -> Option<(Rc<Object>, policy::ContentRange)> {
-    let oc = policy::content_range(policy::field(&old.fields, b"content-range")?)?;
-    let same = matches!((old.etag(), new.etag()), (Some(a), Some(b)) if policy::strong_match(a, b));
+    let oc = same_representation(old, new, cr)?;
     // (`last < complete`: `last + 1` does not overflow.)
     let meet = oc.first <= cr.last + 1 && cr.first <= oc.last + 1;
-    if !same || oc.complete != cr.complete || !meet || old.invalid.get() || new.invalid.get() {
+    if !meet || old.invalid.get() || new.invalid.get() {
         return None;
     }
     let union = policy::ContentRange {
@@ -4352,6 +4363,19 @@ fn combine_pieces(
     });
     obj.invalid.set(new.invalid.get());
     Some((obj, union))
+}
+
+/// The range of the stored piece `old` when it and `new` (of the range `cr`) are pieces of one
+/// representation: the same strong entity tag and the same complete length (RFC 9110
+/// §15.3.7.3, §8.8.3).
+fn same_representation(
+    old: &Object,
+    new: &Object,
+    cr: policy::ContentRange,
+) -> Option<policy::ContentRange> {
+    let oc = policy::content_range(policy::field(&old.fields, b"content-range")?)?;
+    let same = matches!((old.etag(), new.etag()), (Some(a), Some(b)) if policy::strong_match(a, b));
+    (same && oc.complete == cr.complete).then_some(oc)
 }
 
 /// The complete 200 that a piece holding the whole representation is (RFC 9110 §15.3.7.3):
