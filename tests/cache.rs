@@ -3137,6 +3137,52 @@ fn a_host_that_missed_purges_the_log_no_longer_holds_purges_everything_it_stores
     assert_eq!(gaps(&a), 0);
 }
 
+/// RFC 9111 §4.4, issue 12: the purge log's entry IDs are Redis's clock. A host that had read
+/// entries stamped ahead of the clock Redis keeps once it has lost its data (a Redis whose
+/// clock was ahead, restarted without persistence on one that is right; here an entry stamped
+/// an hour ahead, then `FLUSHALL`) found the gap and purged everything once, but kept its
+/// cursor an hour ahead: every purge logged after, stamped behind it, was skipped until Redis's
+/// clock passed it, and the host served copies purged everywhere else. Its cursor now goes
+/// back to what the log holds.
+#[test]
+fn rfc9111_4_4_a_host_follows_the_purge_log_once_redis_lost_it_and_its_ids_went_back() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
+    let heard = |gw: &TestGateway| layer_count(gw, |l| l.purges_heard.load(Ordering::Relaxed));
+    let gaps = |gw: &TestGateway| layer_count(gw, |l| l.purge_log_gaps.load(Ordering::Relaxed));
+    // A purge of a URL nobody stores, stamped an hour ahead.
+    let ahead = format!("{}-0", (now() + 3600) * 1000);
+    redis
+        .command(&[
+            "XADD",
+            "ringway:cache:purge-log",
+            &ahead,
+            "p",
+            "u\0test.local/none",
+        ])
+        .expect("xadd");
+    assert!(eventually(Duration::from_secs(5), || heard(&a) == 1 && heard(&b) == 1));
+    // Redis loses its data: both hosts find the gap (the entry they read last is gone).
+    redis.command(&["FLUSHALL"]).expect("flushall");
+    assert!(eventually(Duration::from_secs(10), || gaps(&a) == 1 && gaps(&b) == 1));
+    // B stores /p; A purges it: logged now, an hour behind the entry read last.
+    assert_eq!(get(b.addr, "/p").text(), "v1");
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || get(b.addr, "/p").text() != "v1"),
+        "B skipped the purge logged after Redis lost the log"
+    );
+    assert_eq!(heard(&b), 2);
+    assert_eq!(gaps(&b), 1);
+}
+
 /// RFC 9111 §4.4, issue 12: past the 64 distinct purges a host keeps while Redis cannot be
 /// reached, they are folded into one purge of everything, which the workers await and which
 /// goes once Redis is back. Before, the oldest was given up, and forgotten by the workers:

@@ -1052,18 +1052,21 @@ struct LogCursor {
 struct LogRead {
     trimmed: Option<LogId>,
     entries: Vec<(LogId, Bytes)>,
+    /// The log's newest entry (`None`: the log is empty).
+    last: Option<LogId>,
 }
 
 /// Parses the reply to [`PURGE_LOG_READ_LUA`]; `None` when it is not one (a hostile or broken
 /// server: the connection is dropped). At most [`PURGE_LOG_READ`] and one entries are taken.
 fn parse_log_read(f: BytesFrame) -> Option<LogRead> {
     let BytesFrame::Array(v) = f else { return None };
-    let [t, e, _last] = <[BytesFrame; 3]>::try_from(v).ok()?;
-    let trimmed = match t {
-        BytesFrame::Null => None,
-        BytesFrame::BulkString(b) => Some(parse_log_id(&b)?),
-        _ => return None,
+    let [t, e, l] = <[BytesFrame; 3]>::try_from(v).ok()?;
+    let id = |f: BytesFrame| match f {
+        BytesFrame::Null => Some(None),
+        BytesFrame::BulkString(b) => parse_log_id(&b).map(Some),
+        _ => None,
     };
+    let (trimmed, last) = (id(t)?, id(l)?);
     let BytesFrame::Array(items) = e else {
         return None;
     };
@@ -1090,7 +1093,15 @@ fn parse_log_read(f: BytesFrame) -> Option<LogRead> {
     if entries.windows(2).any(|w| w[0].0 >= w[1].0) {
         return None;
     }
-    Some(LogRead { trimmed, entries })
+    // The newest entry is not older than any entry read.
+    if entries.last().is_some_and(|(i, _)| last < Some(*i)) {
+        return None;
+    }
+    Some(LogRead {
+        trimmed,
+        entries,
+        last,
+    })
 }
 
 impl LogCursor {
@@ -1134,13 +1145,28 @@ impl LogCursor {
 
     /// Whether the log lost entries this host has not read (see [`LogCursor`]); the cursor
     /// then moves past what was trimmed, and forgets the entry it had read.
+    ///
+    /// When the log holds nothing from the cursor on (its newest entry, or the newest
+    /// trimmed, is before it, or there is none), its IDs went back: Redis lost the log and
+    /// its clock is behind the IDs this host read (a Redis whose clock was ahead, restarted
+    /// without its data on one that is right; a failover to a server whose clock is
+    /// behind). The cursor then moves back to the newest ID the log knows (the start of
+    /// the IDs when it knows none), so that the purges logged from now on are read: the
+    /// purge of everything the host applies for the gap covers every entry up to now.
+    /// Before, it stayed where it was, and every purge logged after was skipped until
+    /// Redis's clock passed it (an hour for a clock an hour ahead).
     fn gap(&mut self, r: &LogRead) -> bool {
         let gap = match r.trimmed {
             Some(t) if t >= self.at => t > self.at,
             _ => self.seen && r.entries.first().is_none_or(|(id, _)| *id != self.at),
         };
         if gap {
-            self.at = self.at.max(r.trimmed.unwrap_or((0, 0)));
+            let newest = r.last.max(r.trimmed);
+            self.at = match newest {
+                Some(n) if n < self.at => n,
+                None => (0, 0),
+                Some(_) => self.at.max(r.trimmed.unwrap_or((0, 0))),
+            };
             self.seen = false;
         }
         gap
@@ -1796,9 +1822,10 @@ mod tests {
         let entry = |id: &str, msg: &str| {
             BytesFrame::Array(vec![b(id), BytesFrame::Array(vec![b("p"), b(msg)])])
         };
-        let reply = |t: BytesFrame, e: Vec<BytesFrame>| {
-            BytesFrame::Array(vec![t, BytesFrame::Array(e), BytesFrame::Null])
+        let reply_to = |t: BytesFrame, e: Vec<BytesFrame>, last: BytesFrame| {
+            BytesFrame::Array(vec![t, BytesFrame::Array(e), last])
         };
+        let reply = |t: BytesFrame, e: Vec<BytesFrame>| reply_to(t, e, b("9999-0"));
         let ok = parse_log_read(reply(
             b("5-1"),
             vec![entry("6-0", "u\0h/p"), entry("6-1", "x")],
@@ -1807,6 +1834,9 @@ mod tests {
         assert_eq!(ok.trimmed, Some((5, 1)));
         assert_eq!(ok.entries.len(), 2);
         assert_eq!(ok.entries[0].0, (6, 0));
+        assert_eq!(ok.last, Some((9999, 0)));
+        let empty = parse_log_read(reply_to(BytesFrame::Null, vec![], BytesFrame::Null));
+        assert!(empty.is_some_and(|r| r.last.is_none() && r.entries.is_empty()));
         let bad = [
             BytesFrame::Null,
             BytesFrame::Array(vec![BytesFrame::Null, BytesFrame::Array(vec![])]),
@@ -1818,6 +1848,10 @@ mod tests {
             reply(BytesFrame::Null, vec![entry("7-0", "a"), entry("7-0", "b")]),
             reply(BytesFrame::Null, vec![b("7-0")]),
             reply(BytesFrame::Null, vec![entry("x-0", "a")]),
+            // The newest entry older than one read, absent with entries, not an ID.
+            reply_to(BytesFrame::Null, vec![entry("7-0", "a")], b("6-0")),
+            reply_to(BytesFrame::Null, vec![entry("7-0", "a")], BytesFrame::Null),
+            reply_to(BytesFrame::Null, vec![], b("7")),
             reply(
                 BytesFrame::Null,
                 (0..PURGE_LOG_READ as u64 + 2)
@@ -1858,6 +1892,7 @@ mod tests {
         let read = |trimmed: Option<LogId>, ids: &[LogId]| LogRead {
             trimmed,
             entries: ids.iter().map(|i| (*i, Bytes::new())).collect(),
+            last: ids.last().copied().max(Some((1000, 0))),
         };
         let start = || LogCursor {
             at: (100, 0),
@@ -1885,6 +1920,35 @@ mod tests {
             started: None,
         };
         assert!(c.gap(&read(None, &[])));
+        // The log's IDs went back (Redis lost it, and its clock is behind the IDs read): the
+        // cursor goes back to the newest ID the log knows, or to the start of the IDs when it
+        // knows none, and what is logged next is read, with no other gap.
+        let back = |trimmed: Option<LogId>, ids: &[LogId], last: Option<LogId>| LogRead {
+            trimmed,
+            entries: ids.iter().map(|i| (*i, Bytes::new())).collect(),
+            last,
+        };
+        let ahead = || LogCursor {
+            at: (5000, 0),
+            seen: true,
+            started: None,
+        };
+        let mut c = ahead();
+        assert!(c.gap(&back(None, &[(10, 0)], Some((12, 0)))));
+        assert_eq!((c.at, c.seen), ((12, 0), false));
+        assert_eq!(
+            c.take(back(None, &[(12, 0), (13, 0)], Some((13, 0)))).len(),
+            1
+        );
+        let mut c = ahead();
+        assert!(c.gap(&back(None, &[], None)));
+        assert_eq!((c.at, c.seen), ((0, 0), false));
+        assert!(!c.gap(&back(None, &[(20, 0)], Some((20, 0)))));
+        assert_eq!(c.take(back(None, &[(20, 0)], Some((20, 0)))).len(), 1);
+        let mut c = ahead();
+        assert!(c.gap(&back(Some((7, 0)), &[], None)));
+        assert_eq!((c.at, c.seen), ((7, 0), false));
+        assert!(!c.gap(&back(Some((7, 0)), &[(8, 0)], Some((8, 0)))));
         // A host's start is put in Redis's time: 10 s after the epoch by Redis, less the time
         // since it started and the margin.
         let mut c = LogCursor {
