@@ -1118,9 +1118,17 @@ impl LogCursor {
     }
 
     /// Puts the host's start in Redis's time, from Redis's answer to `TIME` (seconds and
-    /// microseconds); false when it is not one.
+    /// microseconds) on the listener's connection; false when it is not one.
+    ///
+    /// On a later connection, a cursor that has read no entry (a host that has heard no
+    /// purge yet, or one that found a gap) is kept at or before Redis's time less the margin:
+    /// IDs are Redis's clock, and a Redis that took the place of the one the start was read
+    /// from (a failover, a restart on another server, without the log) may keep a clock
+    /// behind it; its purges, stamped behind the cursor, were skipped until its clock caught
+    /// up. A cursor on an entry read is left: the log then still holds that entry, or the
+    /// next read finds the gap.
     fn start_at_redis_time(&mut self, f: BytesFrame) -> bool {
-        let (Some(t0), BytesFrame::Array(v)) = (self.started, f) else {
+        let BytesFrame::Array(v) = f else {
             return false;
         };
         let num = |f: &BytesFrame| match f {
@@ -1133,13 +1141,21 @@ impl LogCursor {
             return false;
         };
         let now_ms = secs.saturating_mul(1000).saturating_add(us / 1000);
-        let since = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.at = (
-            now_ms
-                .saturating_sub(since)
-                .saturating_sub(LOG_START_MARGIN_MS),
-            0,
-        );
+        match self.started {
+            Some(t0) => {
+                let since = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.at = (
+                    now_ms
+                        .saturating_sub(since)
+                        .saturating_sub(LOG_START_MARGIN_MS),
+                    0,
+                );
+            }
+            None if !self.seen => {
+                self.at = self.at.min((now_ms.saturating_sub(LOG_START_MARGIN_MS), 0));
+            }
+            None => {}
+        }
         true
     }
 
@@ -1335,7 +1351,7 @@ fn listen(
             return Ok(());
         }
     }
-    if cursor.started.is_some() {
+    if cursor.started.is_some() || !cursor.seen {
         let Some(f) = call(&[b"TIME"], Duration::ZERO)? else {
             return Ok(());
         };
@@ -1960,6 +1976,84 @@ mod tests {
         assert!(!c.start_at_redis_time(BytesFrame::Array(vec![b("x"), b("0")])));
         assert!(c.start_at_redis_time(BytesFrame::Array(vec![b("10"), b("500000")])));
         assert!(c.at.0 <= 10_500 - LOG_START_MARGIN_MS);
+    }
+
+    /// A Redis that takes the place of the one a host read its start from (a failover, a
+    /// restart elsewhere, without the log), with a clock 100 s behind: before, the host's
+    /// cursor stayed at its start by the first clock, and the purges the new one logged,
+    /// stamped behind it, were skipped (for 100 s); now a cursor that has read no entry is
+    /// put back at the new Redis's time at each connection. Over a socket, with a server
+    /// that answers as Redis would.
+    #[test]
+    fn a_host_that_heard_no_purge_follows_a_redis_whose_clock_is_behind_the_first() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let server = std::thread::spawn(move || {
+            // The first Redis (clock at 1000 s, an empty log), then the second (900 s, one
+            // purge logged at 900 s).
+            for (time, log) in [
+                (&b"1000"[..], &b"*3\r\n$-1\r\n*0\r\n$-1\r\n"[..]),
+                (
+                    b"900",
+                    b"*3\r\n$-1\r\n*1\r\n*2\r\n$8\r\n900000-0\r\n*2\r\n$1\r\np\r\n$5\r\nu\0h/p\r\n$8\r\n900000-0\r\n",
+                ),
+            ] {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let (mut buf, mut chunk) = (bytes::BytesMut::new(), [0u8; 4096]);
+                let mut evals = 0;
+                'conn: loop {
+                    while let Ok(Some(BytesFrame::Array(a))) = crate::redis::decode_reply(&mut buf)
+                    {
+                        let name = match a.first() {
+                            Some(BytesFrame::BulkString(n)) => n.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let answer: Vec<u8> = match &name[..] {
+                            b"TIME" => {
+                                let mut r = format!("*2\r\n${}\r\n", time.len()).into_bytes();
+                                r.extend_from_slice(time);
+                                r.extend_from_slice(b"\r\n$1\r\n0\r\n");
+                                r
+                            }
+                            b"EVAL" => {
+                                evals += 1;
+                                log.to_vec()
+                            }
+                            _ => b"$-1\r\n".to_vec(),
+                        };
+                        // The first Redis goes away after one round; the listener is stopped
+                        // after two on the second.
+                        if evals == 2 && time == b"900" {
+                            s2.store(true, Ordering::Relaxed);
+                        }
+                        if s.write_all(&answer).is_err() || (evals == 1 && time == b"1000") {
+                            break 'conn;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+        });
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
+        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let layer = SharedLayer::new(&cfg).expect("a layer");
+        let r = cfg.cache.redis.as_ref().expect("redis");
+        let control = crate::control::Control::new(1);
+        let mut cursor = LogCursor::at_start();
+        // The first Redis: the start put in its time, then it goes away.
+        assert!(listen(r, &control, &layer, &mut cursor, &stop).is_err());
+        assert!(cursor.at.0 <= 1_000_000 - LOG_START_MARGIN_MS && cursor.at.0 > 990_000);
+        // The second: its purge, logged behind the start, is heard.
+        assert!(listen(r, &control, &layer, &mut cursor, &stop).is_ok());
+        server.join().expect("server");
+        assert_eq!(layer.purges_heard.load(Ordering::Relaxed), 1);
+        assert_eq!((cursor.at, cursor.seen), ((900_000, 0), true));
     }
 
     /// A server that says, at every `XREAD`, that the log has new entries, and gives none when
