@@ -574,8 +574,14 @@ impl SharedLayer {
     ///
     /// `ticket` is the purge's [`SharedLayer::purge_ticket`] (under which the workers await
     /// it; `done` settles it), when it has one.
+    ///
+    /// The kept purges go before it, unless their retry is on the timer
+    /// ([`SharedLayer::retry_later`]): Redis then answered them with errors, and sending all
+    /// of them again with every new purge (an invalidation at each unsafe request) sent a
+    /// failing Redis up to 64 purges for each new one, beside the backoff. They go at the
+    /// timer, or at once when a purge goes through ([`SharedLayer::went_through`]).
     pub fn purge(self: &Arc<Self>, p: &Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
-        if !self.link.is_down() {
+        if !self.link.is_down() && !self.link.on_up_at_pending() {
             self.send_unsent();
         }
         self.send_purge(p.clone(), ticket, done);
@@ -664,10 +670,13 @@ impl SharedLayer {
         }
     }
 
-    /// A purge went through: with none kept, the next failure waits [`PURGE_RETRY_FIRST`].
+    /// A purge went through: with none kept, the next failure waits [`PURGE_RETRY_FIRST`];
+    /// with some kept, Redis takes purges again, and they go now rather than at the timer.
     fn went_through(&self) {
         if self.unsent_purges() == 0 {
             *self.retry_wait.lock().unwrap_or_else(|e| e.into_inner()) = PURGE_RETRY_FIRST;
+        } else if !self.link.is_down() {
+            self.link.run_on_up_again();
         }
     }
 
