@@ -181,7 +181,9 @@ const IO_WHEEL_SLOTS: usize = 64;
 /// a vector, no allocation once the slots have room) instead of filing a timer in the
 /// runtime's wheel, which took some 500 instructions a write (filed, reset, removed, and
 /// the runtime's clock reads around it). The tick is the worker's 50 ms sync task
-/// ([`IoWheel::advance`]), which reads the clock; deadlines are compared in ticks.
+/// ([`IoWheel::advance`]), which reads the clock; deadlines are compared in ticks. A wait
+/// of a timeout reads the clock once, when it first has to wait ([`Due::After`]): never
+/// earlier than its timeout, however far behind its tick the worker ran.
 ///
 /// One per worker thread ([`IoWheel::with`]). Until the thread's first tick (a thread that
 /// runs no sync task: a test's runtime, a helper thread) timed operations keep runtime
@@ -223,32 +225,31 @@ impl IoWheel {
             .saturating_add(u64::from(d.subsec_nanos()).div_ceil(IO_TICK_NANOS))
     }
 
-    /// The tick of a deadline `dur` from now, when this wheel keeps it (`dur` at least
-    /// [`COARSE_MIN`], and the wheel ticks); `None`: a runtime timer keeps it.
+    /// The deadline `dur` from now, when this wheel keeps it (`dur` at least [`COARSE_MIN`],
+    /// and the wheel ticks); `None`: a runtime timer keeps it. Read without the clock: the
+    /// tick is found once the operation has to wait ([`Due::After`]), from the clock then.
     ///
-    /// Read without the clock: now is before the next tick (give or take how late the sync
-    /// task runs), so the deadline is counted from the one after it: it passes between
-    /// `dur` and `dur` + 2 ticks from now.
+    /// Before, it was counted from the tick the wheel had last passed, taking now as before
+    /// the next: a worker that ran behind its tick (a long stretch of work on its thread)
+    /// had a wait that began then end as far before its timeout as the worker was behind.
     #[inline]
-    pub fn due_in(&self, dur: Duration) -> Option<u64> {
-        if !self.ticking.get() || dur < COARSE_MIN {
-            return None;
-        }
-        let ahead = dur
-            .as_secs()
-            .saturating_mul(IO_TICKS_PER_SEC)
-            .saturating_add(u64::from(dur.subsec_nanos()).div_ceil(IO_TICK_NANOS));
-        Some(self.ticks.get().saturating_add(2).saturating_add(ahead))
+    pub fn due_in(&self, dur: Duration) -> Option<Due> {
+        (self.ticking.get() && dur >= COARSE_MIN).then_some(Due::After(dur))
     }
 
     /// The tick of the deadline `at`, when this wheel keeps it (at least [`COARSE_MIN`]
     /// beyond the next tick, and the wheel ticks); `None`: a runtime timer keeps it. Read
-    /// without the clock, as [`IoWheel::due_in`]; the tick is at or after `at`.
+    /// without the clock; the tick is at or after `at`.
     #[inline]
-    pub fn due_at(&self, at: Instant) -> Option<u64> {
+    pub fn due_at(&self, at: Instant) -> Option<Due> {
         let due = self.tick_of(at);
         (self.ticking.get() && due >= self.ticks.get().saturating_add(2 + COARSE_MIN_TICKS))
-            .then_some(due)
+            .then_some(Due::Tick(due))
+    }
+
+    /// The tick of the deadline `dur` after `now` (saturating far ahead).
+    fn tick_after(&self, now: Instant, dur: Duration) -> u64 {
+        now.checked_add(dur).map_or(u64::MAX, |at| self.tick_of(at))
     }
 
     /// Ticks up to the clock reading `now`, waking the waiters due at each tick passed (every
@@ -300,6 +301,22 @@ impl Drop for WheelWait {
     }
 }
 
+/// When a [`Timed`] operation's deadline falls on this thread's [`IoWheel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// At this tick.
+    Tick(u64),
+    /// This long after the operation first has to wait (the tick is found then, from the
+    /// clock: an operation ready at once never reads it).
+    After(Duration),
+}
+
+impl From<u64> for Due {
+    fn from(t: u64) -> Due {
+        Due::Tick(t)
+    }
+}
+
 /// A [`Timed`] operation's deadline passed.
 #[derive(Debug, PartialEq, Eq)]
 pub struct TimedOut;
@@ -312,17 +329,17 @@ pin_project_lite::pin_project! {
     pub struct Timed<F> {
         #[pin]
         op: F,
-        due: u64,
+        due: Due,
         wait: Option<WheelWait>,
     }
 }
 
-/// `op` until tick `due` of this thread's [`IoWheel`] (see [`Timed`]).
+/// `op` until `due` on this thread's [`IoWheel`] (see [`Timed`]).
 #[inline]
-pub fn timed<F: Future>(op: F, due: u64) -> Timed<F> {
+pub fn timed<F: Future>(op: F, due: impl Into<Due>) -> Timed<F> {
     Timed {
         op,
-        due,
+        due: due.into(),
         wait: None,
     }
 }
@@ -335,10 +352,18 @@ impl<F: Future> Future for Timed<F> {
         if let Poll::Ready(v) = this.op.poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        let due = *this.due;
+        let slot = this.due;
         let wait = this.wait;
         IO_WHEEL
             .try_with(|w| loop {
+                let due = match *slot {
+                    Due::Tick(t) => t,
+                    Due::After(d) => {
+                        let t = w.tick_after(Instant::now(), d);
+                        *slot = Due::Tick(t);
+                        t
+                    }
+                };
                 if w.ticks.get() >= due {
                     return Poll::Ready(Err(TimedOut));
                 }
@@ -458,14 +483,22 @@ mod tests {
         // Under COARSE_MIN: a runtime timer.
         assert_eq!(wheel.due_in(Duration::from_millis(999)), None);
         assert_eq!(wheel.due_at(t0 + Duration::from_millis(900)), None);
-        // A relative deadline counts from the tick after the next: now may be anywhere
-        // before the next tick.
-        assert_eq!(wheel.due_in(Duration::from_secs(1)), Some(2 + 2 + 20));
-        assert_eq!(wheel.due_in(Duration::from_millis(1001)), Some(2 + 2 + 21));
+        // A relative deadline is found from the clock once the operation waits: the first
+        // tick at or after it, however stale the wheel's count is.
+        assert_eq!(
+            wheel.due_in(Duration::from_secs(1)),
+            Some(Due::After(Duration::from_secs(1)))
+        );
+        let late = t0 + Duration::from_millis(1_010);
+        assert_eq!(wheel.tick_after(late, Duration::from_secs(1)), 41);
+        assert_eq!(wheel.tick_after(late, Duration::from_millis(1_040)), 41);
+        assert_eq!(wheel.tick_after(late, Duration::from_millis(1_041)), 42);
         // An absolute deadline: the first tick at or after it.
         for ms in [1_200u64, 1_201, 1_249, 1_250, 3_333, 60_000] {
             let at = t0 + Duration::from_millis(ms);
-            let due = wheel.due_at(at).expect("on the wheel");
+            let Some(Due::Tick(due)) = wheel.due_at(at) else {
+                panic!("{ms} ms: not on the wheel");
+            };
             let tick_time = t0 + IO_TICK * u32::try_from(due).expect("small");
             assert!(tick_time >= at, "{ms} ms: tick {due} is early");
             assert!(
@@ -474,7 +507,8 @@ mod tests {
             );
         }
         // Far beyond the clock: saturates, never wraps.
-        assert!(wheel.due_in(Duration::MAX).expect("far") > 1 << 40);
+        assert_eq!(wheel.tick_after(late, Duration::MAX), u64::MAX);
+        assert!(wheel.tick_after(late, Duration::from_secs(u64::MAX / 4)) > 1 << 40);
     }
 
     #[test]

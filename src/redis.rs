@@ -306,6 +306,14 @@ impl RedisLink {
         true
     }
 
+    /// Whether a time asked of [`RedisLink::run_on_up_at`] has not come yet.
+    pub fn on_up_at_pending(&self) -> bool {
+        self.on_up_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Takes the time asked of [`RedisLink::run_on_up_at`], as the link's thread does when it
     /// comes (tests elsewhere in the crate).
     #[cfg(test)]

@@ -3124,6 +3124,51 @@ fn rfc9111_4_4_a_purge_redis_answered_with_an_error_is_tried_again_on_its_own() 
     assert_eq!(get(a.addr, "/p").text(), "v2");
 }
 
+/// RFC 9111 §4.4, issue 12: while Redis answers purges with errors and the link stays up, the
+/// purges kept are tried again on their timer, with backoff, not with every new purge. Before,
+/// each new purge (an invalidation at every unsafe request) first sent every kept purge
+/// again: 20 invalidations made some 210 failing purges against the failing Redis. Once Redis
+/// takes writes again, a purge that goes through has the kept ones sent.
+#[test]
+fn rfc9111_4_4_purges_kept_on_redis_errors_are_not_sent_again_with_every_new_purge() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let set = |v: &str| {
+        assert!(redis
+            .command(&["CONFIG", "SET", "min-replicas-to-write", v])
+            .is_some_and(|r| r.starts_with("+OK")));
+    };
+    let layer = |f: fn(&ringway::cache::redis::SharedLayer) -> u64| layer_count(&a, f);
+    // Every write refused with an error (`NOREPLICAS`); the link stays up.
+    set("1");
+    for i in 0..20 {
+        let r = request(
+            a.addr,
+            format!("POST /x{i} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(eventually(Duration::from_secs(10), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 20));
+    assert_eq!(layer(|l| u64::from(l.link().is_down())), 0);
+    // One failure each, and a few more for the timer's tries (1 s, then 2 s, 4 s...).
+    let failed = layer(|l| l.purges_failed.load(Ordering::Relaxed));
+    assert!(failed < 100, "{failed} failed tries for 20 purges");
+    set("0");
+    let r = request(
+        a.addr,
+        b"POST /y HTTP/1.1\r\nHost: test.local\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert!(eventually(Duration::from_secs(15), || layer(
+        |l| l.unsent_purges() as u64
+    ) == 0));
+    assert_eq!(layer(|l| l.purges_given_up.load(Ordering::Relaxed)), 0);
+}
+
 /// Every stored response's count of `gw`'s workers.
 fn stored_entries(gw: &TestGateway) -> u64 {
     ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2))
@@ -3205,6 +3250,52 @@ fn a_host_that_missed_purges_the_log_no_longer_holds_purges_everything_it_stores
     assert_eq!(gaps(&b), 1);
     // A, which read the log all along, found no gap.
     assert_eq!(gaps(&a), 0);
+}
+
+/// RFC 9111 §4.4, issue 12: the purge log's entry IDs are Redis's clock. A host that had read
+/// entries stamped ahead of the clock Redis keeps once it has lost its data (a Redis whose
+/// clock was ahead, restarted without persistence on one that is right; here an entry stamped
+/// an hour ahead, then `FLUSHALL`) found the gap and purged everything once, but kept its
+/// cursor an hour ahead: every purge logged after, stamped behind it, was skipped until Redis's
+/// clock passed it, and the host served copies purged everywhere else. Its cursor now goes
+/// back to what the log holds.
+#[test]
+fn rfc9111_4_4_a_host_follows_the_purge_log_once_redis_lost_it_and_its_ids_went_back() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
+    let heard = |gw: &TestGateway| layer_count(gw, |l| l.purges_heard.load(Ordering::Relaxed));
+    let gaps = |gw: &TestGateway| layer_count(gw, |l| l.purge_log_gaps.load(Ordering::Relaxed));
+    // A purge of a URL nobody stores, stamped an hour ahead.
+    let ahead = format!("{}-0", (now() + 3600) * 1000);
+    redis
+        .command(&[
+            "XADD",
+            "ringway:cache:purge-log",
+            &ahead,
+            "p",
+            "u\0test.local/none",
+        ])
+        .expect("xadd");
+    assert!(eventually(Duration::from_secs(5), || heard(&a) == 1 && heard(&b) == 1));
+    // Redis loses its data: both hosts find the gap (the entry they read last is gone).
+    redis.command(&["FLUSHALL"]).expect("flushall");
+    assert!(eventually(Duration::from_secs(10), || gaps(&a) == 1 && gaps(&b) == 1));
+    // B stores /p; A purges it: logged now, an hour behind the entry read last.
+    assert_eq!(get(b.addr, "/p").text(), "v1");
+    assert!(status_of(&get(b.addr, "/p")).starts_with("ringway; hit"));
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || get(b.addr, "/p").text() != "v1"),
+        "B skipped the purge logged after Redis lost the log"
+    );
+    assert_eq!(heard(&b), 2);
+    assert_eq!(gaps(&b), 1);
 }
 
 /// RFC 9111 §4.4, issue 12: past the 64 distinct purges a host keeps while Redis cannot be

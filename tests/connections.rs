@@ -331,6 +331,81 @@ fn a_client_that_stops_reading_the_response_is_cut_off_at_client_write() {
     }
 }
 
+/// A wait on the worker's deadline wheel (`IoWheel`, timeouts of a second or more) never
+/// ends before its timeout, also when the worker ran behind its 50 ms tick (a long stretch of
+/// work on its thread: a purge reading a large store, a burst of handshakes; here a control
+/// job that holds the worker 900 ms). Before, a wait that began in that stretch counted its
+/// deadline from the tick the wheel had last seen, as far behind as the worker was: a
+/// `client_write` of 1 s cut a client after some 200 ms. The client here reads nothing for
+/// 500 ms after the worker is free again, then everything: the whole body must come.
+#[test]
+fn a_wheel_deadline_is_not_early_when_the_worker_ran_behind_its_tick() {
+    use std::io::Read;
+    const BODY: usize = 8 << 20;
+    for driver in DRIVERS {
+        let body = "x".repeat(BODY);
+        let gw = TestGateway::start(
+            &format!("[server]\nworkers = 2\n[[listeners]]\naddress = \"127.0.0.1:0\"\n[timeouts]\nclient_write = \"1s\"\n[[routes]]\npath = \"/small\"\ndirect = {{ status = 200, body = \"ok\" }}\n[[routes]]\npath = \"/big\"\ndirect = {{ status = 200, body = \"{body}\" }}\n"),
+            driver,
+        );
+        // A client whose receive buffer is small: the gateway's write of the big body waits.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        sock.connect(&gw.addr.into()).expect("connect");
+        let mut c = Client::from_stream(std::net::TcpStream::from(sock));
+        c.read_timeout(Duration::from_secs(20));
+        // The connection is open on one worker, waiting for its next request.
+        c.send(b"GET /small HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.read_response().expect("a first answer").status, 200);
+        // Every worker is held 900 ms; the next request arrives meanwhile, so it is read,
+        // and its answer's write begins, before the worker's next tick.
+        let started = Event::new();
+        let (s2, held) = (
+            started.clone(),
+            std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        );
+        let control = gw.gateway().control().clone();
+        let hold = std::thread::spawn(move || {
+            control
+                .ask(Duration::from_secs(10), move |_| {
+                    if held.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                        s2.set();
+                    }
+                    std::thread::sleep(Duration::from_millis(900));
+                })
+                .expect("every worker held");
+        });
+        assert!(
+            started.wait(Duration::from_secs(10)),
+            "{driver:?}: no worker held"
+        );
+        c.send(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n");
+        hold.join().expect("hold");
+        // Well within client_write: the gateway must still be waiting to write.
+        std::thread::sleep(Duration::from_millis(500));
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        let want = loop {
+            match c.s.read(&mut chunk) {
+                Ok(0) | Err(_) => break None,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                if got.len() >= end + 4 + BODY {
+                    break Some(end + 4 + BODY);
+                }
+            }
+        };
+        assert_eq!(
+            want,
+            Some(got.len()),
+            "{driver:?}: the connection was cut after {} bytes",
+            got.len()
+        );
+    }
+}
+
 /// Sends `n` requests at once, each on its own client connection; all must succeed.
 fn burst(addr: std::net::SocketAddr, n: usize) {
     let threads: Vec<_> = (0..n)

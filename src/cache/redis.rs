@@ -574,8 +574,14 @@ impl SharedLayer {
     ///
     /// `ticket` is the purge's [`SharedLayer::purge_ticket`] (under which the workers await
     /// it; `done` settles it), when it has one.
+    ///
+    /// The kept purges go before it, unless their retry is on the timer
+    /// ([`SharedLayer::retry_later`]): Redis then answered them with errors, and sending all
+    /// of them again with every new purge (an invalidation at each unsafe request) sent a
+    /// failing Redis up to 64 purges for each new one, beside the backoff. They go at the
+    /// timer, or at once when a purge goes through ([`SharedLayer::went_through`]).
     pub fn purge(self: &Arc<Self>, p: &Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
-        if !self.link.is_down() {
+        if !self.link.is_down() && !self.link.on_up_at_pending() {
             self.send_unsent();
         }
         self.send_purge(p.clone(), ticket, done);
@@ -664,10 +670,13 @@ impl SharedLayer {
         }
     }
 
-    /// A purge went through: with none kept, the next failure waits [`PURGE_RETRY_FIRST`].
+    /// A purge went through: with none kept, the next failure waits [`PURGE_RETRY_FIRST`];
+    /// with some kept, Redis takes purges again, and they go now rather than at the timer.
     fn went_through(&self) {
         if self.unsent_purges() == 0 {
             *self.retry_wait.lock().unwrap_or_else(|e| e.into_inner()) = PURGE_RETRY_FIRST;
+        } else if !self.link.is_down() {
+            self.link.run_on_up_again();
         }
     }
 
@@ -1052,18 +1061,21 @@ struct LogCursor {
 struct LogRead {
     trimmed: Option<LogId>,
     entries: Vec<(LogId, Bytes)>,
+    /// The log's newest entry (`None`: the log is empty).
+    last: Option<LogId>,
 }
 
 /// Parses the reply to [`PURGE_LOG_READ_LUA`]; `None` when it is not one (a hostile or broken
 /// server: the connection is dropped). At most [`PURGE_LOG_READ`] and one entries are taken.
 fn parse_log_read(f: BytesFrame) -> Option<LogRead> {
     let BytesFrame::Array(v) = f else { return None };
-    let [t, e, _last] = <[BytesFrame; 3]>::try_from(v).ok()?;
-    let trimmed = match t {
-        BytesFrame::Null => None,
-        BytesFrame::BulkString(b) => Some(parse_log_id(&b)?),
-        _ => return None,
+    let [t, e, l] = <[BytesFrame; 3]>::try_from(v).ok()?;
+    let id = |f: BytesFrame| match f {
+        BytesFrame::Null => Some(None),
+        BytesFrame::BulkString(b) => parse_log_id(&b).map(Some),
+        _ => None,
     };
+    let (trimmed, last) = (id(t)?, id(l)?);
     let BytesFrame::Array(items) = e else {
         return None;
     };
@@ -1090,7 +1102,15 @@ fn parse_log_read(f: BytesFrame) -> Option<LogRead> {
     if entries.windows(2).any(|w| w[0].0 >= w[1].0) {
         return None;
     }
-    Some(LogRead { trimmed, entries })
+    // The newest entry is not older than any entry read.
+    if entries.last().is_some_and(|(i, _)| last < Some(*i)) {
+        return None;
+    }
+    Some(LogRead {
+        trimmed,
+        entries,
+        last,
+    })
 }
 
 impl LogCursor {
@@ -1107,9 +1127,17 @@ impl LogCursor {
     }
 
     /// Puts the host's start in Redis's time, from Redis's answer to `TIME` (seconds and
-    /// microseconds); false when it is not one.
+    /// microseconds) on the listener's connection; false when it is not one.
+    ///
+    /// On a later connection, a cursor that has read no entry (a host that has heard no
+    /// purge yet, or one that found a gap) is kept at or before Redis's time less the margin:
+    /// IDs are Redis's clock, and a Redis that took the place of the one the start was read
+    /// from (a failover, a restart on another server, without the log) may keep a clock
+    /// behind it; its purges, stamped behind the cursor, were skipped until its clock caught
+    /// up. A cursor on an entry read is left: the log then still holds that entry, or the
+    /// next read finds the gap.
     fn start_at_redis_time(&mut self, f: BytesFrame) -> bool {
-        let (Some(t0), BytesFrame::Array(v)) = (self.started, f) else {
+        let BytesFrame::Array(v) = f else {
             return false;
         };
         let num = |f: &BytesFrame| match f {
@@ -1122,25 +1150,48 @@ impl LogCursor {
             return false;
         };
         let now_ms = secs.saturating_mul(1000).saturating_add(us / 1000);
-        let since = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.at = (
-            now_ms
-                .saturating_sub(since)
-                .saturating_sub(LOG_START_MARGIN_MS),
-            0,
-        );
+        match self.started {
+            Some(t0) => {
+                let since = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.at = (
+                    now_ms
+                        .saturating_sub(since)
+                        .saturating_sub(LOG_START_MARGIN_MS),
+                    0,
+                );
+            }
+            None if !self.seen => {
+                self.at = self.at.min((now_ms.saturating_sub(LOG_START_MARGIN_MS), 0));
+            }
+            None => {}
+        }
         true
     }
 
     /// Whether the log lost entries this host has not read (see [`LogCursor`]); the cursor
     /// then moves past what was trimmed, and forgets the entry it had read.
+    ///
+    /// When the log holds nothing from the cursor on (its newest entry, or the newest
+    /// trimmed, is before it, or there is none), its IDs went back: Redis lost the log and
+    /// its clock is behind the IDs this host read (a Redis whose clock was ahead, restarted
+    /// without its data on one that is right; a failover to a server whose clock is
+    /// behind). The cursor then moves back to the newest ID the log knows (the start of
+    /// the IDs when it knows none), so that the purges logged from now on are read: the
+    /// purge of everything the host applies for the gap covers every entry up to now.
+    /// Before, it stayed where it was, and every purge logged after was skipped until
+    /// Redis's clock passed it (an hour for a clock an hour ahead).
     fn gap(&mut self, r: &LogRead) -> bool {
         let gap = match r.trimmed {
             Some(t) if t >= self.at => t > self.at,
             _ => self.seen && r.entries.first().is_none_or(|(id, _)| *id != self.at),
         };
         if gap {
-            self.at = self.at.max(r.trimmed.unwrap_or((0, 0)));
+            let newest = r.last.max(r.trimmed);
+            self.at = match newest {
+                Some(n) if n < self.at => n,
+                None => (0, 0),
+                Some(_) => self.at.max(r.trimmed.unwrap_or((0, 0))),
+            };
             self.seen = false;
         }
         gap
@@ -1309,7 +1360,7 @@ fn listen(
             return Ok(());
         }
     }
-    if cursor.started.is_some() {
+    if cursor.started.is_some() || !cursor.seen {
         let Some(f) = call(&[b"TIME"], Duration::ZERO)? else {
             return Ok(());
         };
@@ -1796,9 +1847,10 @@ mod tests {
         let entry = |id: &str, msg: &str| {
             BytesFrame::Array(vec![b(id), BytesFrame::Array(vec![b("p"), b(msg)])])
         };
-        let reply = |t: BytesFrame, e: Vec<BytesFrame>| {
-            BytesFrame::Array(vec![t, BytesFrame::Array(e), BytesFrame::Null])
+        let reply_to = |t: BytesFrame, e: Vec<BytesFrame>, last: BytesFrame| {
+            BytesFrame::Array(vec![t, BytesFrame::Array(e), last])
         };
+        let reply = |t: BytesFrame, e: Vec<BytesFrame>| reply_to(t, e, b("9999-0"));
         let ok = parse_log_read(reply(
             b("5-1"),
             vec![entry("6-0", "u\0h/p"), entry("6-1", "x")],
@@ -1807,6 +1859,9 @@ mod tests {
         assert_eq!(ok.trimmed, Some((5, 1)));
         assert_eq!(ok.entries.len(), 2);
         assert_eq!(ok.entries[0].0, (6, 0));
+        assert_eq!(ok.last, Some((9999, 0)));
+        let empty = parse_log_read(reply_to(BytesFrame::Null, vec![], BytesFrame::Null));
+        assert!(empty.is_some_and(|r| r.last.is_none() && r.entries.is_empty()));
         let bad = [
             BytesFrame::Null,
             BytesFrame::Array(vec![BytesFrame::Null, BytesFrame::Array(vec![])]),
@@ -1818,6 +1873,10 @@ mod tests {
             reply(BytesFrame::Null, vec![entry("7-0", "a"), entry("7-0", "b")]),
             reply(BytesFrame::Null, vec![b("7-0")]),
             reply(BytesFrame::Null, vec![entry("x-0", "a")]),
+            // The newest entry older than one read, absent with entries, not an ID.
+            reply_to(BytesFrame::Null, vec![entry("7-0", "a")], b("6-0")),
+            reply_to(BytesFrame::Null, vec![entry("7-0", "a")], BytesFrame::Null),
+            reply_to(BytesFrame::Null, vec![], b("7")),
             reply(
                 BytesFrame::Null,
                 (0..PURGE_LOG_READ as u64 + 2)
@@ -1858,6 +1917,7 @@ mod tests {
         let read = |trimmed: Option<LogId>, ids: &[LogId]| LogRead {
             trimmed,
             entries: ids.iter().map(|i| (*i, Bytes::new())).collect(),
+            last: ids.last().copied().max(Some((1000, 0))),
         };
         let start = || LogCursor {
             at: (100, 0),
@@ -1885,6 +1945,35 @@ mod tests {
             started: None,
         };
         assert!(c.gap(&read(None, &[])));
+        // The log's IDs went back (Redis lost it, and its clock is behind the IDs read): the
+        // cursor goes back to the newest ID the log knows, or to the start of the IDs when it
+        // knows none, and what is logged next is read, with no other gap.
+        let back = |trimmed: Option<LogId>, ids: &[LogId], last: Option<LogId>| LogRead {
+            trimmed,
+            entries: ids.iter().map(|i| (*i, Bytes::new())).collect(),
+            last,
+        };
+        let ahead = || LogCursor {
+            at: (5000, 0),
+            seen: true,
+            started: None,
+        };
+        let mut c = ahead();
+        assert!(c.gap(&back(None, &[(10, 0)], Some((12, 0)))));
+        assert_eq!((c.at, c.seen), ((12, 0), false));
+        assert_eq!(
+            c.take(back(None, &[(12, 0), (13, 0)], Some((13, 0)))).len(),
+            1
+        );
+        let mut c = ahead();
+        assert!(c.gap(&back(None, &[], None)));
+        assert_eq!((c.at, c.seen), ((0, 0), false));
+        assert!(!c.gap(&back(None, &[(20, 0)], Some((20, 0)))));
+        assert_eq!(c.take(back(None, &[(20, 0)], Some((20, 0)))).len(), 1);
+        let mut c = ahead();
+        assert!(c.gap(&back(Some((7, 0)), &[], None)));
+        assert_eq!((c.at, c.seen), ((7, 0), false));
+        assert!(!c.gap(&back(Some((7, 0)), &[(8, 0)], Some((8, 0)))));
         // A host's start is put in Redis's time: 10 s after the epoch by Redis, less the time
         // since it started and the margin.
         let mut c = LogCursor {
@@ -1896,6 +1985,84 @@ mod tests {
         assert!(!c.start_at_redis_time(BytesFrame::Array(vec![b("x"), b("0")])));
         assert!(c.start_at_redis_time(BytesFrame::Array(vec![b("10"), b("500000")])));
         assert!(c.at.0 <= 10_500 - LOG_START_MARGIN_MS);
+    }
+
+    /// A Redis that takes the place of the one a host read its start from (a failover, a
+    /// restart elsewhere, without the log), with a clock 100 s behind: before, the host's
+    /// cursor stayed at its start by the first clock, and the purges the new one logged,
+    /// stamped behind it, were skipped (for 100 s); now a cursor that has read no entry is
+    /// put back at the new Redis's time at each connection. Over a socket, with a server
+    /// that answers as Redis would.
+    #[test]
+    fn a_host_that_heard_no_purge_follows_a_redis_whose_clock_is_behind_the_first() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let server = std::thread::spawn(move || {
+            // The first Redis (clock at 1000 s, an empty log), then the second (900 s, one
+            // purge logged at 900 s).
+            for (time, log) in [
+                (&b"1000"[..], &b"*3\r\n$-1\r\n*0\r\n$-1\r\n"[..]),
+                (
+                    b"900",
+                    b"*3\r\n$-1\r\n*1\r\n*2\r\n$8\r\n900000-0\r\n*2\r\n$1\r\np\r\n$5\r\nu\0h/p\r\n$8\r\n900000-0\r\n",
+                ),
+            ] {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let (mut buf, mut chunk) = (bytes::BytesMut::new(), [0u8; 4096]);
+                let mut evals = 0;
+                'conn: loop {
+                    while let Ok(Some(BytesFrame::Array(a))) = crate::redis::decode_reply(&mut buf)
+                    {
+                        let name = match a.first() {
+                            Some(BytesFrame::BulkString(n)) => n.to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let answer: Vec<u8> = match &name[..] {
+                            b"TIME" => {
+                                let mut r = format!("*2\r\n${}\r\n", time.len()).into_bytes();
+                                r.extend_from_slice(time);
+                                r.extend_from_slice(b"\r\n$1\r\n0\r\n");
+                                r
+                            }
+                            b"EVAL" => {
+                                evals += 1;
+                                log.to_vec()
+                            }
+                            _ => b"$-1\r\n".to_vec(),
+                        };
+                        // The first Redis goes away after one round; the listener is stopped
+                        // after two on the second.
+                        if evals == 2 && time == b"900" {
+                            s2.store(true, Ordering::Relaxed);
+                        }
+                        if s.write_all(&answer).is_err() || (evals == 1 && time == b"1000") {
+                            break 'conn;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+        });
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
+        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let layer = SharedLayer::new(&cfg).expect("a layer");
+        let r = cfg.cache.redis.as_ref().expect("redis");
+        let control = crate::control::Control::new(1);
+        let mut cursor = LogCursor::at_start();
+        // The first Redis: the start put in its time, then it goes away.
+        assert!(listen(r, &control, &layer, &mut cursor, &stop).is_err());
+        assert!(cursor.at.0 <= 1_000_000 - LOG_START_MARGIN_MS && cursor.at.0 > 990_000);
+        // The second: its purge, logged behind the start, is heard.
+        assert!(listen(r, &control, &layer, &mut cursor, &stop).is_ok());
+        server.join().expect("server");
+        assert_eq!(layer.purges_heard.load(Ordering::Relaxed), 1);
+        assert_eq!((cursor.at, cursor.seen), ((900_000, 0), true));
     }
 
     /// A server that says, at every `XREAD`, that the log has new entries, and gives none when

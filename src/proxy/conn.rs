@@ -18,7 +18,7 @@ use monoio::net::TcpStream;
 use crate::error::{write_error_response_traced, GatewayError};
 use crate::http::encode::{put_header, put_status_line, put_u64, reason_phrase};
 use crate::http::request::{parse_request, Method, ALLOWED_METHODS};
-use crate::local::{timed, IoWheel, TimedOut};
+use crate::local::{timed, Due, IoWheel, TimedOut};
 use crate::rewrite::connection_value;
 use crate::router::DirectResponse;
 use crate::server::IDLE_TICK;
@@ -284,14 +284,14 @@ impl<'a> IoTimer<'a> {
         self.read_timed(io, buf, max, due, || at).await
     }
 
-    /// A read until the worker's [`IoWheel`] passes tick `due`, or else (`None`) until the
-    /// instant `at` gives, on the runtime's timer.
+    /// A read until `due` on the worker's [`IoWheel`], or else (`None`) until the instant
+    /// `at` gives, on the runtime's timer.
     async fn read_timed<R: AsyncReadRent>(
         &mut self,
         io: &mut R,
         buf: &mut BytesMut,
         max: usize,
-        due: Option<u64>,
+        due: Option<Due>,
         at: impl FnOnce() -> Instant,
     ) -> Result<usize, IoFail> {
         buf.reserve(max);

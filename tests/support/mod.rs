@@ -777,6 +777,13 @@ impl Client<TcpStream> {
         let _ = s.set_nodelay(true);
         Client { s, buf: Vec::new() }
     }
+
+    /// A client on a socket the test connected itself (with options of its own).
+    pub fn from_stream(s: TcpStream) -> Client {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.set_nodelay(true);
+        Client { s, buf: Vec::new() }
+    }
 }
 
 impl Client<TlsStream> {
