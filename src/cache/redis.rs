@@ -1635,6 +1635,12 @@ pub fn decode(b: &Bytes) -> Option<Object> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config whose cache uses the Redis (a fake one, in these tests) at `addr`.
+    fn config_with_redis_at(addr: impl std::fmt::Display) -> crate::config::Config {
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
+        crate::config::Config::parse(&src, "t.toml").expect("config")
+    }
     use crate::cache::policy;
     use crate::http::request::RequestHead;
 
@@ -1797,8 +1803,7 @@ mod tests {
                 }
             }
         });
-        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
-        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let cfg = config_with_redis_at(addr);
         let l = SharedLayer::new(&cfg).expect("a layer");
         let link = l.link().clone();
         link.set_down_for_tests();
@@ -2049,8 +2054,7 @@ mod tests {
                 }
             }
         });
-        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
-        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let cfg = config_with_redis_at(addr);
         let layer = SharedLayer::new(&cfg).expect("a layer");
         let r = cfg.cache.redis.as_ref().expect("redis");
         let control = crate::control::Control::new(1);
@@ -2110,8 +2114,7 @@ mod tests {
                     }
                 }
             });
-            let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\n");
-            let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+            let cfg = config_with_redis_at(addr);
             let layer = SharedLayer::new(&cfg).expect("a layer");
             let r = cfg.cache.redis.as_ref().expect("redis");
             let control = crate::control::Control::new(1);
