@@ -16,7 +16,7 @@ mod support;
 
 use std::cell::Cell;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -450,27 +450,40 @@ fn fake_redis_scripted(
     let gets = Arc::new(AtomicUsize::new(0));
     let g = gets.clone();
     let e = Arc::new(AtomicUsize::new(0));
-    let t = ServerThreads::serve(l, move |mut s, stop| {
+    let t = serve_commands(l, None, move |args, s| {
+        let out = match args.first() {
+            Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT") => script(),
+            Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET") => {
+                get(g.fetch_add(1, Ordering::SeqCst))
+            }
+            Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"EVALSHA") => {
+                evalsha(e.fetch_add(1, Ordering::SeqCst))
+            }
+            _ => b"+OK\r\n".to_vec(),
+        };
+        s.write_all(&out).is_ok()
+    });
+    (t, addr, gets)
+}
+
+/// A fake Redis on `l`: each command (a RESP array, read as the reader under test reads
+/// replies) goes to `answer`, which writes its reply to the connection and says whether to go
+/// on (`false` ends the connection). Reads wait at most 5 s, writes `write_timeout` (none:
+/// forever).
+fn serve_commands(
+    l: TcpListener,
+    write_timeout: Option<Duration>,
+    answer: impl Fn(&[BytesFrame], &mut TcpStream) -> bool + Send + Sync + 'static,
+) -> ServerThreads {
+    ServerThreads::serve(l, move |mut s, stop| {
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(write_timeout);
         let mut buf = BytesMut::new();
         let mut chunk = [0u8; 4096];
         while !stop.is_set() {
-            // Commands are RESP arrays of bulk strings: the reader under test reads them too.
             match decode_reply(&mut buf) {
                 Ok(Some(BytesFrame::Array(args))) => {
-                    let answer = match args.first() {
-                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT") => {
-                            script()
-                        }
-                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET") => {
-                            get(g.fetch_add(1, Ordering::SeqCst))
-                        }
-                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"EVALSHA") => {
-                            evalsha(e.fetch_add(1, Ordering::SeqCst))
-                        }
-                        _ => b"+OK\r\n".to_vec(),
-                    };
-                    if s.write_all(&answer).is_err() {
+                    if !answer(&args, &mut s) {
                         return;
                     }
                 }
@@ -481,8 +494,7 @@ fn fake_redis_scripted(
                 },
             }
         }
-    });
-    (t, addr, gets)
+    })
 }
 
 /// A rate-limit grant is never more than the host asked for: a server that answers one
@@ -800,42 +812,28 @@ fn a_declared_length_is_refused_before_its_string(declared: u64) {
     // Whether the whole string was taken by the gateway (written with no error).
     let taken = Arc::new(AtomicUsize::new(0));
     let t = taken.clone();
-    let mut fake = ServerThreads::serve(l, move |mut s, stop| {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = s.set_write_timeout(Some(Duration::from_secs(20)));
-        let mut buf = BytesMut::new();
-        let mut chunk = [0u8; 4096];
-        while !stop.is_set() {
-            match decode_reply(&mut buf) {
-                Ok(Some(BytesFrame::Array(args))) => {
-                    let get = matches!(args.first(),
-                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET"));
-                    let script = matches!(args.first(),
-                        Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT"));
-                    let answer = if script {
-                        format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
-                    } else if get {
-                        let mut a = format!("${declared}\r\n").into_bytes();
-                        a.resize(a.len() + (48 << 20), b'r');
-                        a
-                    } else {
-                        b"+OK\r\n".to_vec()
-                    };
-                    if s.write_all(&answer).is_err() {
-                        return;
-                    }
-                    if get {
-                        t.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                }
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => match s.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                },
-            }
+    let mut fake = serve_commands(l, Some(Duration::from_secs(20)), move |args, s| {
+        let get = matches!(args.first(),
+            Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"GET"));
+        let script = matches!(args.first(),
+            Some(BytesFrame::BulkString(c)) if c.eq_ignore_ascii_case(b"SCRIPT"));
+        let answer = if script {
+            format!("$40\r\n{}\r\n", "0".repeat(40)).into_bytes()
+        } else if get {
+            let mut a = format!("${declared}\r\n").into_bytes();
+            a.resize(a.len() + (48 << 20), b'r');
+            a
+        } else {
+            b"+OK\r\n".to_vec()
+        };
+        if s.write_all(&answer).is_err() {
+            return false;
         }
+        if get {
+            t.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
+        true
     });
     let up = no_store_origin();
     let toml = redis_cache_config(up.addr, addr, "30s");
@@ -1060,58 +1058,40 @@ fn rfc9111_4_4_a_redis_lookup_sent_before_the_purge_s_deletion_does_not_bring_ba
     let (d, g) = (deleted.clone(), go.clone());
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
-    let mut fake = ServerThreads::serve(l, move |mut s, stop| {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let mut buf = BytesMut::new();
-        let mut chunk = [0u8; 4096];
-        while !stop.is_set() {
-            match decode_reply(&mut buf) {
-                Ok(Some(BytesFrame::Array(args))) => {
-                    let arg = |i: usize| match args.get(i) {
-                        Some(BytesFrame::BulkString(b)) => b.clone(),
-                        _ => Bytes::new(),
-                    };
-                    let mut out = Vec::new();
-                    match &arg(0).to_ascii_uppercase()[..] {
-                        b"SCRIPT" => out.extend(format!("$40\r\n{}\r\n", "0".repeat(40)).bytes()),
-                        b"GET" if !d.load(Ordering::SeqCst) => out.extend_from_slice(&reply),
-                        b"GET" => out.extend_from_slice(b"$-1\r\n"),
-                        b"SCAN" => {
-                            // Once the test says the lookup went: the URL's index set, under
-                            // the prefix asked for.
-                            g.wait(Duration::from_secs(10));
-                            let pattern = arg(3);
-                            let set = &pattern[..pattern.len() - 1];
-                            out.extend(
-                                format!("*2\r\n$1\r\n0\r\n*1\r\n${}\r\n", set.len()).bytes(),
-                            );
-                            out.extend_from_slice(set);
-                            out.extend_from_slice(b"\r\n");
-                        }
-                        // The purge log, which the gateway's listener reads on a connection
-                        // of its own: empty, and its wait for more never answered.
-                        b"EVAL" if arg(1).windows(9).any(|w| w == b"XREVRANGE") => {
-                            out.extend_from_slice(b"*3\r\n$-1\r\n*0\r\n$-1\r\n")
-                        }
-                        b"XREAD" => {}
-                        b"EVAL" | b"DEL" => {
-                            d.store(true, Ordering::SeqCst);
-                            out.extend_from_slice(b":1\r\n");
-                        }
-                        b"PUBLISH" | b"EVALSHA" => out.extend_from_slice(b":0\r\n"),
-                        _ => out.extend_from_slice(b"+OK\r\n"),
-                    }
-                    if s.write_all(&out).is_err() {
-                        return;
-                    }
-                }
-                Ok(Some(_)) | Err(_) => return,
-                Ok(None) => match s.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                },
+    let mut fake = serve_commands(l, None, move |args, s| {
+        let arg = |i: usize| match args.get(i) {
+            Some(BytesFrame::BulkString(b)) => b.clone(),
+            _ => Bytes::new(),
+        };
+        let mut out = Vec::new();
+        match &arg(0).to_ascii_uppercase()[..] {
+            b"SCRIPT" => out.extend(format!("$40\r\n{}\r\n", "0".repeat(40)).bytes()),
+            b"GET" if !d.load(Ordering::SeqCst) => out.extend_from_slice(&reply),
+            b"GET" => out.extend_from_slice(b"$-1\r\n"),
+            b"SCAN" => {
+                // Once the test says the lookup went: the URL's index set, under
+                // the prefix asked for.
+                g.wait(Duration::from_secs(10));
+                let pattern = arg(3);
+                let set = &pattern[..pattern.len() - 1];
+                out.extend(format!("*2\r\n$1\r\n0\r\n*1\r\n${}\r\n", set.len()).bytes());
+                out.extend_from_slice(set);
+                out.extend_from_slice(b"\r\n");
             }
+            // The purge log, which the gateway's listener reads on a connection
+            // of its own: empty, and its wait for more never answered.
+            b"EVAL" if arg(1).windows(9).any(|w| w == b"XREVRANGE") => {
+                out.extend_from_slice(b"*3\r\n$-1\r\n*0\r\n$-1\r\n")
+            }
+            b"XREAD" => {}
+            b"EVAL" | b"DEL" => {
+                d.store(true, Ordering::SeqCst);
+                out.extend_from_slice(b":1\r\n");
+            }
+            b"PUBLISH" | b"EVALSHA" => out.extend_from_slice(b":0\r\n"),
+            _ => out.extend_from_slice(b"+OK\r\n"),
         }
+        s.write_all(&out).is_ok()
     });
     let up = Upstream::start(|_| {
         Reply::Raw(
