@@ -524,16 +524,25 @@ fn two_listeners(up: SocketAddr, routes: &str) -> String {
     )
 }
 
+/// An echoing upstream behind [`two_listeners`] with one route to it: the upstream, the
+/// gateway (kept while the test runs) and the two listeners' addresses (defaults, then lax).
+fn echo_behind_two_listeners(
+    d: ringway::config::DriverChoice,
+) -> (Upstream, TestGateway, SocketAddr, SocketAddr) {
+    let up = Upstream::echo();
+    let gw = TestGateway::start(
+        &two_listeners(up.addr, "[[routes]]\nupstream = \"up\"\n"),
+        d,
+    );
+    let addrs = gw.addrs();
+    let (strict, lax) = (addrs[0], addrs[1]);
+    (up, gw, strict, lax)
+}
+
 #[test]
 fn version_trace_and_underscores_through_the_gateway() {
     for d in DRIVERS {
-        let up = Upstream::echo();
-        let gw = TestGateway::start(
-            &two_listeners(up.addr, "[[routes]]\nupstream = \"up\"\n"),
-            d,
-        );
-        let addrs = gw.addrs();
-        let (strict, lax) = (addrs[0], addrs[1]);
+        let (up, _gw, strict, lax) = echo_behind_two_listeners(d);
 
         // RFC 9110 §2.5: HTTP/1.2 is served as HTTP/1.1, and proxied as such.
         let r = request(strict, b"GET /v12 HTTP/1.2\r\nHost: a\r\n\r\n");
@@ -591,13 +600,7 @@ fn version_trace_and_underscores_through_the_gateway() {
 #[test]
 fn framing_fields_spelled_with_underscores_are_refused_where_kept_rfc9112_11_2() {
     for d in DRIVERS {
-        let up = Upstream::echo();
-        let gw = TestGateway::start(
-            &two_listeners(up.addr, "[[routes]]\nupstream = \"up\"\n"),
-            d,
-        );
-        let addrs = gw.addrs();
-        let (strict, lax) = (addrs[0], addrs[1]);
+        let (up, _gw, strict, lax) = echo_behind_two_listeners(d);
         let smuggled = b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
         for line in [
             "Transfer_Encoding: chunked",
