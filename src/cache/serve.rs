@@ -420,6 +420,21 @@ struct Status<'p> {
 }
 
 impl<'p> Status<'p> {
+    /// What storing a piece ([`piece_whole`]) says: `stored`, or why not. Whether it was.
+    fn note_kept(&mut self, kept: Result<(), &'static str>) -> bool {
+        match kept {
+            Ok(()) => {
+                self.detail = None;
+                self.stored = true;
+                true
+            }
+            Err(d) => {
+                self.detail = Some(d);
+                false
+            }
+        }
+    }
+
     fn new(p: &'p RoutePolicy, fwd: &'static str) -> Status<'p> {
         Status {
             name: &p.name,
@@ -2724,7 +2739,7 @@ async fn fill<'c, S: ClientIo>(
                     // still go upstream alone (they wait for the whole response).
                     if resp.status == 206 {
                         let sent = sent(cfg, route, c, ctx);
-                        keep_piece(
+                        let kept = piece_whole(
                             p,
                             cache,
                             &resp,
@@ -2735,8 +2750,8 @@ async fn fill<'c, S: ClientIo>(
                             authorized,
                             request_time,
                             now,
-                            &mut status,
                         );
+                        status.note_kept(kept);
                     }
                 }
             }
@@ -3041,7 +3056,7 @@ async fn fetched<'c, S: ClientIo>(
                                 Err(_)
                                     if resp.status == 206
                                         && !validating
-                                        && keep_piece(
+                                        && status.note_kept(piece_whole(
                                             p,
                                             cache,
                                             resp,
@@ -3052,8 +3067,7 @@ async fn fetched<'c, S: ClientIo>(
                                             authorized,
                                             request_time,
                                             now,
-                                            status,
-                                        ) =>
+                                        )) =>
                                 {
                                     // Stored as a piece (RFC 9111 §3.3): the flight's waiters
                                     // wait for the whole response, and go upstream alone.
@@ -4155,53 +4169,12 @@ fn piece_range(
     Ok(cr)
 }
 
-/// Stores a 206 whose body came whole with its head as a piece, when it may be (see
-/// [`piece_whole`]); what it says goes into `status` (`stored`, or why not). Whether it was
-/// stored.
+/// Stores a 206 whose body came whole with its head as a piece, when it may be: the range
+/// ([`piece_range`]), the analysis ([`analyze_piece`]), the object and its store
+/// ([`store_piece`]), or why not (for `Cache-Status`, see [`Status::note_kept`]).
 #[allow(clippy::too_many_arguments)]
 #[cold]
 #[inline(never)]
-fn keep_piece(
-    p: &RoutePolicy,
-    cache: &WorkerCache,
-    resp: &ResponseHead,
-    ch: &Chosen,
-    req: &Directives,
-    sent: &Sent<'_>,
-    keys: &Keys<'_>,
-    authorized: bool,
-    request_time: u64,
-    now: u64,
-    status: &mut Status<'_>,
-) -> bool {
-    let kept = piece_whole(
-        p,
-        cache,
-        resp,
-        ch,
-        req,
-        sent,
-        keys,
-        authorized,
-        request_time,
-        now,
-    );
-    match kept {
-        Ok(()) => {
-            status.detail = None;
-            status.stored = true;
-            true
-        }
-        Err(d) => {
-            status.detail = Some(d);
-            false
-        }
-    }
-}
-
-/// [`keep_piece`]'s work: the range ([`piece_range`]), the analysis ([`analyze_piece`]), the
-/// object and its store ([`store_piece`]), or why not.
-#[allow(clippy::too_many_arguments)]
 fn piece_whole(
     p: &RoutePolicy,
     cache: &WorkerCache,
