@@ -942,9 +942,25 @@ fn ringway_status_and_drain_talk_to_a_running_binary() {
     let (code, out, err) = cli(&["reload", "--admin", &addr, "--token", TOKEN], &[]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("reload #1 applied: 1 routes"), "{out}");
+    assert!(!out.contains("warning:"), "{out}");
     let file = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("admin-bin")
         .join("status.toml");
+    // A config that loads with a warning (a Redis entry cap that cannot move within the
+    // link's timeout) and changes a key read at start only: the summary names both.
+    std::fs::write(
+        &file,
+        format!("{toml}\n[cache.redis]\naddress = \"127.0.0.1:9\"\ntimeout = \"20ms\"\nmax_entry_bytes = \"64MiB\"\n"),
+    )
+    .unwrap();
+    let (code, out, err) = cli(&["reload", "--admin", &addr, "--token", TOKEN], &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("reload #2 applied"), "{out}");
+    assert!(out.contains("  warning: cache.redis"), "{out}");
+    assert!(
+        out.contains("not reloaded (read at start only): cache.redis"),
+        "{out}"
+    );
     std::fs::write(
         &file,
         toml.replace("upstream = \"users\"", "upstream = \"nobody\""),

@@ -226,11 +226,35 @@ pub fn reload(addr: SocketAddr, token: Option<&str>) -> Result<String, String> {
     }
     let v = r.json().unwrap_or(Value::Null);
     let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Ok(format!(
+    let mut out = format!(
         "ringway at {addr}: reload #{} applied: {} routes (was {}), {} ms\n",
         n("generation"),
         n("routes_after"),
         n("routes_before"),
         n("took_ms")
-    ))
+    );
+    // What the report says besides: keys read at start only that changed (they take effect
+    // at the next start) and the new config's warnings (as `ringway check` prints them).
+    let strings = |k: &str| -> Vec<String> {
+        v.get(k)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let kept = strings("not_reloaded");
+    if !kept.is_empty() {
+        out.push_str(&format!(
+            "  not reloaded (read at start only): {}\n",
+            kept.join(", ")
+        ));
+    }
+    for w in strings("warnings") {
+        out.push_str(&format!("  warning: {w}\n"));
+    }
+    Ok(out)
 }
