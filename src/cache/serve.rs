@@ -3718,9 +3718,10 @@ async fn answer<'c, S: ClientIo>(
     // A route whose `response_headers` name Date (set, add or remove) decides it, as on a
     // forwarded response: Date is one value (RFC 9110 §5.3), an added one replaces the stored.
     let route_date = rules.decides(b"date");
+    let drops = rules.drops_any();
     // The stored lines, as received where they were stored from a head (copied in runs).
     o.fields.put_lines(wbuf, |n| {
-        if rules.drops(n) || (route_date && n.eq_ignore_ascii_case(b"date")) {
+        if (drops && rules.drops(n)) || (route_date && n.eq_ignore_ascii_case(b"date")) {
             return false;
         }
         let keep_field = match code {

@@ -94,6 +94,13 @@ impl HeaderRules {
         }
     }
 
+    /// Whether any header is dropped ([`HeaderRules::drops`]): a route without `remove` or
+    /// `set` rules (most) need not ask per line.
+    #[inline]
+    pub fn drops_any(&self) -> bool {
+        !self.remove.is_empty() || !self.set.is_empty()
+    }
+
     /// Is an incoming header of this name dropped (removed, or replaced by a `set`)?
     #[inline]
     pub fn drops(&self, name: &[u8]) -> bool {
