@@ -449,6 +449,7 @@ pub fn encode_client_head(
     let conn = ConnectionOptions::collect(&resp.raw, &resp.headers, resp.connection_options);
     let keep_length = matches!(resp.body, RespBody::Length(_) | RespBody::None);
     let mut has_date = false;
+    let drops = rules.drops_any();
     for h in &resp.headers {
         let name = resp.bytes(h.name);
         let kind = classify(name);
@@ -470,7 +471,7 @@ pub fn encode_client_head(
         // Connection option naming it (which RFC 9110 §7.6.1 forbids for a field meant for
         // every recipient) does not take it away, else the body would go out unframed on a
         // connection kept open (RFC 9112 §6.3: read until the close).
-        if rules.drops(name) || (conn.lists(name) && kind != Hdr::ContentLength) {
+        if (drops && rules.drops(name)) || (conn.lists(name) && kind != Hdr::ContentLength) {
             continue;
         }
         // A route whose `response_headers` name Date (set, add or remove) decides it: Date is
