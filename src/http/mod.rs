@@ -300,6 +300,16 @@ pub struct ConnectionFlags {
 
 impl ConnectionFlags {
     pub fn add(&mut self, value: &[u8]) {
+        // The usual value is one token: no list to split.
+        let one = trim_ows(value);
+        if one.eq_ignore_ascii_case(b"keep-alive") {
+            self.keep_alive = true;
+            return;
+        }
+        if one.eq_ignore_ascii_case(b"close") {
+            self.close = true;
+            return;
+        }
         for t in list_items(value) {
             if t.eq_ignore_ascii_case(b"close") {
                 self.close = true;
@@ -386,6 +396,23 @@ pub fn parse_content_length(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_flags_read_one_token_and_lists_alike_rfc9110_7_6_1() {
+        let flags = |v: &[u8]| {
+            let mut f = ConnectionFlags::default();
+            f.add(v);
+            (f.close, f.keep_alive, f.other)
+        };
+        assert_eq!(flags(b"keep-alive"), (false, true, false));
+        assert_eq!(flags(b" Keep-Alive\t"), (false, true, false));
+        assert_eq!(flags(b"CLOSE"), (true, false, false));
+        assert_eq!(flags(b"close, keep-alive"), (true, true, false));
+        assert_eq!(flags(b"keep-alive, x-opt"), (false, true, true));
+        assert_eq!(flags(b"keep-alivex"), (false, false, true));
+        assert_eq!(flags(b", ,"), (false, false, false));
+        assert_eq!(flags(b""), (false, false, false));
+    }
 
     #[test]
     fn framing_names_with_underscores() {
