@@ -210,8 +210,42 @@ pub async fn read_some<R: AsyncReadRent>(
     max: usize,
     dur: Duration,
 ) -> Result<usize, IoFail> {
-    let slot = std::pin::pin!(None);
-    IoTimer::new(slot).read_some(io, buf, max, dur).await
+    if let Some(due) = IoWheel::with(|w| w.due_in(dur)).flatten() {
+        let (b, len, end) = read_room(buf, max);
+        return match timed(io.read(b.slice_mut(len..end)), due).await {
+            Ok(r) => was_read(buf, r),
+            Err(TimedOut) => Err(IoFail::Timeout),
+        };
+    }
+    // As in [`write_buf`]: the runtime timer's future is boxed, the common one stays small.
+    Box::pin(async move {
+        let slot = std::pin::pin!(None);
+        IoTimer::new(slot).read_some(io, buf, max, dur).await
+    })
+    .await
+}
+
+/// `buf` taken for a read of at most `max` more bytes: the buffer (room reserved), its length
+/// and where the read ends.
+fn read_room(buf: &mut BytesMut, max: usize) -> (BytesMut, usize, usize) {
+    buf.reserve(max);
+    let b = std::mem::take(buf);
+    let len = b.len();
+    let end = len + max.min(b.capacity() - len);
+    (b, len, end)
+}
+
+/// What a read into [`read_room`]'s buffer gave; the buffer goes back to `buf`.
+fn was_read(
+    buf: &mut BytesMut,
+    (res, slice): (std::io::Result<usize>, monoio::buf::SliceMut<BytesMut>),
+) -> Result<usize, IoFail> {
+    *buf = slice.into_inner();
+    match res {
+        Ok(0) => Err(IoFail::Eof),
+        Ok(n) => Ok(n),
+        Err(e) => Err(crate::tls::tls_failure(&e).map_or(IoFail::Io, IoFail::Tls)),
+    }
 }
 
 /// Writes all of `buf` within `dur`, handing the buffer back.
@@ -220,8 +254,26 @@ pub async fn write_buf<W: AsyncWriteRent, B: IoBuf + 'static>(
     buf: B,
     dur: Duration,
 ) -> Result<B, IoFail> {
-    let slot = std::pin::pin!(None);
-    IoTimer::new(slot).write_buf(io, buf, dur).await
+    if let Some(due) = IoWheel::with(|w| w.due_in(dur)).flatten() {
+        return written(timed(io.write_all(buf), due).await);
+    }
+    // A timeout under the wheel's reach (or a thread without one) takes a runtime timer. That
+    // future is boxed so that the common one above, moved into every caller's state, stays
+    // small (a runtime timer and its slot are several hundred bytes).
+    Box::pin(async move {
+        let slot = std::pin::pin!(None);
+        IoTimer::new(slot).write_buf(io, buf, dur).await
+    })
+    .await
+}
+
+/// What a wheel-timed `write_all` gave.
+fn written<B>(r: Result<monoio::BufResult<usize, B>, TimedOut>) -> Result<B, IoFail> {
+    match r {
+        Ok((Ok(_), b)) => Ok(b),
+        Ok((Err(_), _)) => Err(IoFail::Io),
+        Err(TimedOut) => Err(IoFail::Timeout),
+    }
 }
 
 /// The instant `dur` from now; past the clock's range, thirty years on (as good as never).
@@ -294,28 +346,16 @@ impl<'a> IoTimer<'a> {
         due: Option<Due>,
         at: impl FnOnce() -> Instant,
     ) -> Result<usize, IoFail> {
-        buf.reserve(max);
-        let b = std::mem::take(buf);
-        let len = b.len();
-        let end = len + max.min(b.capacity() - len);
-        let mut read = |r: (std::io::Result<usize>, monoio::buf::SliceMut<BytesMut>)| {
-            let (res, slice) = r;
-            *buf = slice.into_inner();
-            match res {
-                Ok(0) => Err(IoFail::Eof),
-                Ok(n) => Ok(n),
-                Err(e) => Err(crate::tls::tls_failure(&e).map_or(IoFail::Io, IoFail::Tls)),
-            }
-        };
+        let (b, len, end) = read_room(buf, max);
         if let Some(due) = due {
             return match timed(io.read(b.slice_mut(len..end)), due).await {
-                Ok(r) => read(r),
+                Ok(r) => was_read(buf, r),
                 Err(TimedOut) => Err(IoFail::Timeout),
             };
         }
         let sleep = self.arm(at());
         monoio::select! {
-            r = io.read(b.slice_mut(len..end)) => read(r),
+            r = io.read(b.slice_mut(len..end)) => was_read(buf, r),
             _ = sleep => Err(IoFail::Timeout),
         }
     }
@@ -328,11 +368,7 @@ impl<'a> IoTimer<'a> {
         dur: Duration,
     ) -> Result<B, IoFail> {
         if let Some(due) = IoWheel::with(|w| w.due_in(dur)).flatten() {
-            return match timed(io.write_all(buf), due).await {
-                Ok((Ok(_), b)) => Ok(b),
-                Ok((Err(_), _)) => Err(IoFail::Io),
-                Err(TimedOut) => Err(IoFail::Timeout),
-            };
+            return written(timed(io.write_all(buf), due).await);
         }
         let sleep = self.arm(due_in(dur));
         monoio::select! {
