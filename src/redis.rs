@@ -1262,6 +1262,11 @@ pub fn reply_len_within(buf: &[u8], max_bulk: usize) -> io::Result<Option<usize>
         let Some(&kind) = buf.get(at) else {
             return Ok(None);
         };
+        // A byte that starts no RESP2 frame is refused as it arrives: before, bytes without a
+        // line end waited for one, and a reply of stray bytes was taken for a late one.
+        if !matches!(kind, b'+' | b'-' | b':' | b'$' | b'*') {
+            return Err(proto_err("bad frame type in reply"));
+        }
         let rest = &buf[at + 1..];
         let window = &rest[..rest.len().min(MAX_REPLY_LINE + 2)];
         let Some(eol) = memchr::memmem::find(window, b"\r\n") else {

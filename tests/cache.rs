@@ -2104,6 +2104,57 @@ fn cache_config_errors_name_the_key_and_line() {
     assert_eq!(e.line, Some(6), "{e}");
     let e = bad("[cache]\nmax_in_flight_bytes_per_worker = \"1MiB\"\n[[routes]]\nupstream = \"up\"\ncache = { max_object_bytes = \"2MiB\" }\n");
     assert_eq!(e.key, "routes[0].cache.max_object_bytes");
+    // The purge log's length and the kept purges' retry waits.
+    for (extra, key, why) in [
+        (
+            "purge_log_length = 0",
+            "cache.redis.purge_log_length",
+            "between 1 and 100000",
+        ),
+        (
+            "purge_log_length = 100001",
+            "cache.redis.purge_log_length",
+            "between 1 and 100000",
+        ),
+        (
+            "purge_retry_first = \"5ms\"",
+            "cache.redis.purge_retry_first",
+            "between 10ms and 1h",
+        ),
+        (
+            "purge_retry_first = \"2h\"",
+            "cache.redis.purge_retry_first",
+            "between 10ms and 1h",
+        ),
+        (
+            "purge_retry_max = \"500ms\"",
+            "cache.redis.purge_retry_max",
+            "at least purge_retry_first",
+        ),
+        (
+            "purge_retry_first = \"2s\"\npurge_retry_max = \"1s\"",
+            "cache.redis.purge_retry_max",
+            "at least purge_retry_first",
+        ),
+        (
+            "purge_retry_max = \"61m\"",
+            "cache.redis.purge_retry_max",
+            "at most 1h",
+        ),
+    ] {
+        let e = bad(&format!(
+            "[cache.redis]\naddress = \"127.0.0.1:9\"\n{extra}\n"
+        ));
+        assert_eq!(e.key, key, "{extra}");
+        assert_eq!(e.file, "c.toml");
+        assert!(e.line.is_some_and(|l| l >= 7), "{e}");
+        assert!(e.reason.contains(why), "{e}");
+    }
+    ringway::config::Config::parse(
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\npurge_log_length = 100000\npurge_retry_first = \"10ms\"\npurge_retry_max = \"1h\"\n",
+        "ok.toml",
+    )
+    .expect("in range");
 }
 
 /// `ringway check` warns of a `[cache.redis] max_entry_bytes` that no link to Redis moves
@@ -3250,6 +3301,116 @@ fn a_host_that_missed_purges_the_log_no_longer_holds_purges_everything_it_stores
     assert_eq!(gaps(&b), 1);
     // A, which read the log all along, found no gap.
     assert_eq!(gaps(&a), 0);
+}
+
+/// `[cache.redis] purge_log_length` (before, a constant 1000): the purge log keeps that many
+/// purges, the newest; the ID of the newest trimmed away is kept for the gap check.
+#[test]
+fn the_purge_log_keeps_purge_log_length_purges() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let cfg = redis_cache_config(up.addr, &redis)
+        .replace("[cache.redis]\n", "[cache.redis]\npurge_log_length = 3\n");
+    let a = TestGateway::start(&cfg, D);
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 1));
+    // Invalidations by POST (RFC 9111 §4.4), each logged as a purge of its URL.
+    invalidate_all(&a, (0..5).map(|i| format!("/x{i}")));
+    // Every purge logged was read back (its own included): the five were appended.
+    assert!(eventually(Duration::from_secs(10), || layer_count(
+        &a,
+        |l| l.purges_heard.load(Ordering::Relaxed)
+    ) == 5));
+    assert_eq!(
+        redis
+            .command(&["XLEN", "ringway:cache:purge-log"])
+            .as_deref(),
+        Some(":3\r\n")
+    );
+    assert!(!redis.keys("ringway:cache:purge-log-trimmed").is_empty());
+}
+
+/// RFC 9111 §4.4: a worker that awaits more than 64 purges in Redis keeps a floor: no entry
+/// received before it is taken from Redis until they are settled. A settlement that the
+/// worker's full control mailbox refused was lost, and the floor (with the purges awaited)
+/// stayed until the process ended: every entry Redis held from before it was a miss there.
+/// The settlements now also say below which ticket every purge is settled, and the purge
+/// log's listener posts that again after one was lost. Here Redis holds the purges' writes
+/// (`CLIENT PAUSE WRITE`) while 65 invalidations are made, and the worker is kept busy, its
+/// mailbox full, while Redis answers them.
+#[test]
+fn rfc9111_4_4_a_worker_s_floor_clears_after_its_settlement_was_lost_to_a_full_mailbox() {
+    let redis = RedisServer::start();
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    // A timeout that outlasts the pause: the purges wait for Redis rather than fail.
+    let cfg = format!(
+        "[server]\nworkers = 1\n{}",
+        redis_cache_config(up.addr, &redis).replace("timeout = \"200ms\"", "timeout = \"30s\"")
+    );
+    let gw = TestGateway::start(&cfg, D);
+    let control = gw.gateway().control().clone();
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 1));
+    let layer = control
+        .ask(Duration::from_secs(2), |w| w.cache.shared().cloned())
+        .unwrap()
+        .remove(0)
+        .expect("a layer");
+    // The purges the worker awaits (`None`: its mailbox is full).
+    let awaited = |c: &ringway::control::Control| {
+        c.ask(Duration::from_secs(2), |w| {
+            w.cache.pending_in_redis().map_or(0, |p| p.len())
+        })
+        .ok()
+        .map(|n| n[0])
+    };
+    redis
+        .command(&["CLIENT", "PAUSE", "60000", "WRITE"])
+        .expect("pause");
+    invalidate_all(&gw, (0..65).map(|i| format!("/x{i}")));
+    // 64 awaited one by one, and the floor.
+    assert_eq!(awaited(&control), Some(65));
+    // The worker busy, its mailbox full.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let (busy, is_busy) = std::sync::mpsc::channel::<()>();
+    control
+        .post(
+            0,
+            Box::new(move |_| {
+                let _ = busy.send(());
+                let _ = held.recv_timeout(Duration::from_secs(60));
+            }),
+        )
+        .expect("posted");
+    is_busy.recv_timeout(Duration::from_secs(10)).expect("busy");
+    let mut filled = false;
+    for _ in 0..2 * ringway::control::MAX_PENDING_JOBS {
+        if control.post(0, Box::new(|_| {})).is_err() {
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled);
+    // Redis answers the purges: their settlements find the mailbox full. A purge queued after
+    // them is answered after them: once it is, every settlement was posted.
+    redis.command(&["CLIENT", "UNPAUSE"]).expect("unpause");
+    let (fenced, fence) = std::sync::mpsc::channel::<()>();
+    layer.purge(
+        &Purge {
+            target: PurgeTarget::Url(ringway::cache::purge_url("test.local", "/fence")),
+            soft: false,
+        },
+        None,
+        Some(Box::new(move || {
+            let _ = fenced.send(());
+        })),
+    );
+    fence
+        .recv_timeout(Duration::from_secs(30))
+        .expect("answered");
+    release.send(()).expect("released");
+    assert!(
+        eventually(Duration::from_secs(10), || awaited(&control) == Some(0)),
+        "the floor stayed after its settlement was lost"
+    );
 }
 
 /// RFC 9111 §4.4, issue 12: the purge log's entry IDs are Redis's clock. A host that had read

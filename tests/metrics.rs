@@ -593,6 +593,10 @@ fn the_cache_redis_link_is_exposed() {
         value(&l, "ringway_cache_redis_purge_log_gaps_total", &[]),
         0.0
     );
+    assert_eq!(
+        value(&l, "ringway_cache_redis_purge_log_errors_total", &[]),
+        0.0
+    );
     assert!(
         l.iter().all(|x| !x.name.starts_with("ringway_redis_")),
         "no rate-limit link here"

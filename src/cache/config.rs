@@ -70,6 +70,18 @@ pub struct CacheRedisConfig {
     /// Largest stored response (headers and body) written to Redis.
     #[serde(default = "d_redis_max_entry")]
     pub max_entry_bytes: ByteSize,
+    /// Most purges the purge log (`<key_prefix>purge-log`) keeps: a host whose listener falls
+    /// further behind than this many purges purges everything it stores.
+    #[serde(default = "d_redis_log_length")]
+    pub purge_log_length: u64,
+    /// How long after a purge's Redis side failed with the link up (an error answered, the
+    /// queue full) the kept purges are first sent again; each try that fails again doubles
+    /// the wait, up to `purge_retry_max`.
+    #[serde(default = "d_redis_retry_first")]
+    pub purge_retry_first: Dur,
+    /// Longest wait between two tries of the kept purges while the link stays up.
+    #[serde(default = "d_redis_retry_max")]
+    pub purge_retry_max: Dur,
 }
 
 impl CacheRedisConfig {
@@ -98,6 +110,24 @@ fn d_redis_retry() -> Dur {
 fn d_redis_max_entry() -> ByteSize {
     ByteSize(1 << 20)
 }
+fn d_redis_log_length() -> u64 {
+    1000
+}
+fn d_redis_retry_first() -> Dur {
+    Dur(std::time::Duration::from_secs(1))
+}
+fn d_redis_retry_max() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+
+/// Most purges `[cache.redis] purge_log_length` lets the purge log keep: a purge message is
+/// at most 64 KiB, so Redis holds at most about 6 GiB of them.
+pub const MAX_PURGE_LOG_LENGTH: u64 = 100_000;
+/// Least `[cache.redis] purge_retry_first`: a shorter wait would send a failing Redis the
+/// kept purges again and again.
+pub const MIN_PURGE_RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+/// Most `[cache.redis] purge_retry_first` and `purge_retry_max`.
+pub const MAX_PURGE_RETRY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The most bytes a second a link to Redis is taken to move, for [`CacheConfig::warnings`]:
 /// 1 GiB/s, more than loopback moves (about 0.7 GiB/s measured: 1 MiB in 1.3 ms, 64 MiB in
@@ -334,6 +364,24 @@ pub fn validate(cfg: &crate::config::Config) -> Result<(), (String, String)> {
             return Err((
                 "cache.redis.key_prefix".into(),
                 "at most 128 visible ASCII characters".into(),
+            ));
+        }
+        if r.purge_log_length == 0 || r.purge_log_length > MAX_PURGE_LOG_LENGTH {
+            return Err((
+                "cache.redis.purge_log_length".into(),
+                format!("must be between 1 and {MAX_PURGE_LOG_LENGTH} purges"),
+            ));
+        }
+        if r.purge_retry_first.0 < MIN_PURGE_RETRY || r.purge_retry_first.0 > MAX_PURGE_RETRY {
+            return Err((
+                "cache.redis.purge_retry_first".into(),
+                "must be between 10ms and 1h".into(),
+            ));
+        }
+        if r.purge_retry_max.0 < r.purge_retry_first.0 || r.purge_retry_max.0 > MAX_PURGE_RETRY {
+            return Err((
+                "cache.redis.purge_retry_max".into(),
+                "must be at least purge_retry_first and at most 1h".into(),
             ));
         }
     }

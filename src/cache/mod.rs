@@ -1413,7 +1413,9 @@ const MAX_REDIS_PENDING: usize = 64;
 /// Most tickets a worker's [`RedisFloor`] waits for: more than a host can have unsettled (the
 /// layer keeps at most 64 purges, and the link queues at most 4096 commands, two or more a
 /// purge), unless settlements were lost (a worker's control mailbox full). Past it the floor
-/// stays until the process ends (the safe side: entries received before it are not taken).
+/// stays until every ticket up to the latest pushed out is settled, which the settlements'
+/// `below` tells ([`WorkerCache::settle_redis_below`]; the safe side meanwhile: entries
+/// received before it are not taken).
 const MAX_FLOOR_TICKETS: usize = 4096;
 
 /// The purges a worker awaits in Redis past [`MAX_REDIS_PENDING`], as one guard: no entry
@@ -1423,8 +1425,11 @@ struct RedisFloor {
     /// This worker's clock when the latest of them was applied.
     at: u64,
     tickets: Vec<u64>,
-    /// More than [`MAX_FLOOR_TICKETS`] were pushed out: the floor stays.
+    /// More than [`MAX_FLOOR_TICKETS`] were pushed out: the floor stays until every ticket up
+    /// to `newest` is settled ([`WorkerCache::settle_redis_below`]).
     stuck: bool,
+    /// The latest ticket pushed out to it.
+    newest: u64,
 }
 /// How far another host's clock may be ahead of this one's for a purge awaited in Redis to
 /// still cover what that host stored before it ([`WorkerCache::pending_in_redis_covers`]):
@@ -2284,8 +2289,10 @@ impl WorkerCache {
                 at,
                 tickets: Vec::new(),
                 stuck: false,
+                newest: old,
             });
             f.at = f.at.max(at);
+            f.newest = f.newest.max(old);
             if f.tickets.len() < MAX_FLOOR_TICKETS {
                 f.tickets.push(old);
             } else {
@@ -2304,6 +2311,24 @@ impl WorkerCache {
         if let Some(f) = floor.as_mut() {
             f.tickets.retain(|t| *t != ticket);
             if f.tickets.is_empty() && !f.stuck {
+                *floor = None;
+            }
+        }
+    }
+
+    /// Every purge under a ticket below `below` is done in Redis, or given up
+    /// (`redis::SharedLayer::settled_below`): they are awaited no more, here or on the floor.
+    /// Sent with each settlement and again after one was lost to a full control mailbox
+    /// (`redis::SharedLayer::settlement`), so that a lost settlement no longer leaves its
+    /// purge, and the floor, in place until the process ends.
+    pub fn settle_redis_below(&self, below: u64) {
+        self.redis_pending
+            .borrow_mut()
+            .retain(|(t, _, _)| *t >= below);
+        let mut floor = self.redis_floor.borrow_mut();
+        if let Some(f) = floor.as_mut() {
+            f.tickets.retain(|t| *t >= below);
+            if f.tickets.is_empty() && (!f.stuck || f.newest < below) {
                 *floor = None;
             }
         }
@@ -2377,11 +2402,7 @@ fn purge_in_redis_with(
     ticket: Option<u64>,
 ) {
     let done = match (control, ticket) {
-        (Some(c), Some(t)) => Some(Box::new(move || {
-            for i in 0..c.workers() {
-                let _ = c.post(i, Box::new(move |w| w.cache.settle_redis_purge(t)));
-            }
-        }) as redis::PurgeDone),
+        (Some(c), Some(t)) => Some(l.settlement(c, t)),
         _ => None,
     };
     l.purge(p, ticket, done);
@@ -3363,6 +3384,40 @@ mod tests {
         assert!(c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
         c.settle_redis_purge(101);
         assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
+    }
+
+    /// A settlement lost to a full control mailbox no longer leaves the purges it settled
+    /// awaited, nor the floor, until the process ends: `settle_redis_below` (sent with every
+    /// settlement, and again by the purge log's listener after one was lost) ends every
+    /// purge under a lower ticket, the floor's included, even a floor past
+    /// [`MAX_FLOOR_TICKETS`], once every ticket pushed out to it is below.
+    #[test]
+    fn purges_and_the_floor_are_settled_below_a_ticket_even_a_floor_past_its_bound() {
+        let c = worker_cache();
+        let now = now_secs();
+        let purge = |t: u64| Purge {
+            target: PurgeTarget::Url(format!("h/{t}").into_bytes()),
+            soft: false,
+        };
+        let n = (MAX_REDIS_PENDING + MAX_FLOOR_TICKETS + 10) as u64;
+        for t in 0..n {
+            c.note_redis_pending(Some(t), &purge(t));
+        }
+        assert!(c.redis_floor.borrow().as_ref().is_some_and(|f| f.stuck));
+        // Every ticket it holds is below, not every ticket pushed out to it: it stays.
+        c.settle_redis_below(MAX_FLOOR_TICKETS as u64 + 5);
+        assert!(c.pending_in_redis_covers(None, &url_obj(b"h/z", b"old", now - 100)));
+        assert_eq!(c.redis_pending.borrow().len(), MAX_REDIS_PENDING);
+        // Every ticket pushed out to it settled: it goes, stuck or not; the awaited stay.
+        c.settle_redis_below(n - MAX_REDIS_PENDING as u64);
+        assert!(c.redis_floor.borrow().is_none());
+        assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/z", b"old", now - 100)));
+        assert_eq!(c.redis_pending.borrow().len(), MAX_REDIS_PENDING);
+        // The awaited below go.
+        c.settle_redis_below(n - 10);
+        assert_eq!(c.redis_pending.borrow().len(), 10);
+        c.settle_redis_below(n);
+        assert!(c.pending_in_redis().is_none());
     }
 
     /// RFC 9111 §4.4 with lazy invalidation: an object invalidated here is gone for a lookup

@@ -110,13 +110,6 @@ pub type PurgeDone = Box<dyn FnOnce() + Send>;
 /// [`SharedLayer::purges_given_up`]).
 const MAX_UNSENT_PURGES: usize = 64;
 
-/// How long after a purge failed with the link up (an error answered, the queue full) the
-/// kept purges are first sent again ([`SharedLayer::retry_later`]); each try that fails again
-/// doubles the wait, up to [`PURGE_RETRY_MAX`].
-const PURGE_RETRY_FIRST: Duration = Duration::from_secs(1);
-/// Longest wait between two tries of the kept purges while the link stays up.
-const PURGE_RETRY_MAX: Duration = Duration::from_secs(30);
-
 /// What [`SharedLayer::update_entries`] makes of each entry it reads (`None`: left as it is).
 type Update = Arc<dyn Fn(&Object) -> Option<Object> + Send + Sync>;
 
@@ -148,8 +141,20 @@ pub struct SharedLayer {
     pub gets: AtomicU64,
     pub found: AtomicU64,
     pub sets: AtomicU64,
-    /// The next [`SharedLayer::purge_ticket`] (purges only, never a lookup).
-    purge_tickets: AtomicU64,
+    /// The tickets handed out ([`SharedLayer::purge_ticket`]; purges only, never a lookup)
+    /// and not settled yet, and the next one: what each settlement tells the workers is
+    /// settled below ([`SharedLayer::settled_below`]).
+    tickets: Mutex<Tickets>,
+    /// A settlement could not be posted to a worker (its control mailbox was full): the
+    /// purge log's listener posts the workers [`SharedLayer::settled_below`] again
+    /// ([`SharedLayer::settle_again`]). Before, the purges it settled stayed awaited on that
+    /// worker, and its floor with them, until the process ended.
+    settlements_lost: AtomicBool,
+    /// `[cache.redis] purge_log_length`: most purges the purge log keeps.
+    log_length: u64,
+    /// `[cache.redis] purge_retry_first` and `purge_retry_max` ([`SharedLayer::retry_later`]).
+    retry_first: Duration,
+    retry_max: Duration,
     /// Purges whose Redis side failed (the link down, its queue full, an error answered):
     /// their copies in Redis may still be there and the other hosts did not hear them. Each
     /// is sent again, whole, when the link is up again after being down and before the next
@@ -161,8 +166,8 @@ pub struct SharedLayer {
     pub purges_failed: AtomicU64,
     pub purges_given_up: AtomicU64,
     /// The wait before the next try of the kept purges while the link stays up
-    /// ([`SharedLayer::retry_later`]): [`PURGE_RETRY_FIRST`], doubled at each try asked for,
-    /// at most [`PURGE_RETRY_MAX`]; the first again once a purge goes through and none is kept.
+    /// ([`SharedLayer::retry_later`]): `purge_retry_first`, doubled at each try asked for, at
+    /// most `purge_retry_max`; the first again once a purge goes through and none is kept.
     retry_wait: Mutex<Duration>,
     /// The workers' control plane (set by the workers), to have them await the purge of
     /// everything that kept purges are folded into ([`SharedLayer::keep_unsent`]).
@@ -171,6 +176,19 @@ pub struct SharedLayer {
     /// had lost purges it had not read, so that it purged everything it stored ([`LogCursor`]).
     pub purges_heard: AtomicU64,
     pub purge_log_gaps: AtomicU64,
+    /// Connections of the purge log's listener dropped because the log could not be read: an
+    /// error answered, or a reply that is not one (malformed bytes, another shape).
+    pub purge_log_errors: AtomicU64,
+    /// Lines the listener logged about it (tests).
+    purge_log_lines: AtomicU64,
+}
+
+/// The purge tickets of a host ([`SharedLayer::tickets`]).
+struct Tickets {
+    next: u64,
+    /// Handed out, not settled yet: at most the purges kept ([`MAX_UNSENT_PURGES`]) and
+    /// those on their way in the link's queue.
+    open: std::collections::BTreeSet<u64>,
 }
 
 /// A purge kept to be sent again ([`SharedLayer::unsent`]): the purge, its ticket (see
@@ -225,9 +243,7 @@ impl PurgeRun {
             self.layer.retry_later();
         } else {
             self.layer.went_through();
-            if let Some(d) = done {
-                d();
-            }
+            self.layer.settle(self.ticket, done);
         }
     }
 }
@@ -245,14 +261,23 @@ impl SharedLayer {
             gets: AtomicU64::new(0),
             found: AtomicU64::new(0),
             sets: AtomicU64::new(0),
-            purge_tickets: AtomicU64::new(0),
+            tickets: Mutex::new(Tickets {
+                next: 0,
+                open: std::collections::BTreeSet::new(),
+            }),
+            settlements_lost: AtomicBool::new(false),
+            log_length: r.purge_log_length,
+            retry_first: r.purge_retry_first.0,
+            retry_max: r.purge_retry_max.0,
             unsent: Mutex::new(std::collections::VecDeque::new()),
             purges_failed: AtomicU64::new(0),
             purges_given_up: AtomicU64::new(0),
-            retry_wait: Mutex::new(PURGE_RETRY_FIRST),
+            retry_wait: Mutex::new(r.purge_retry_first.0),
             control: std::sync::OnceLock::new(),
             purges_heard: AtomicU64::new(0),
             purge_log_gaps: AtomicU64::new(0),
+            purge_log_errors: AtomicU64::new(0),
+            purge_log_lines: AtomicU64::new(0),
         }))
         .inspect(|l| {
             // The purges that failed while the link was down go again once it is up.
@@ -602,7 +627,7 @@ impl SharedLayer {
     /// purges are done (their `done` called, counted in [`SharedLayer::purges_given_up`]).
     /// Before, the oldest was given up: its copies stayed in Redis and could come back, and
     /// the other hosts never heard it.
-    fn keep_unsent(&self, u: Unsent) {
+    fn keep_unsent(self: &Arc<Self>, u: Unsent) {
         self.purges_failed.fetch_add(1, Ordering::Relaxed);
         let mut q = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
         let replaced = q
@@ -612,8 +637,8 @@ impl SharedLayer {
         if replaced.is_some() || q.len() < MAX_UNSENT_PURGES {
             q.push_back(u);
             drop(q);
-            if let Some(d) = replaced.and_then(|k| k.done) {
-                d();
+            if let Some(k) = replaced {
+                self.settle(k.ticket, k.done);
             }
             return;
         }
@@ -632,13 +657,7 @@ impl SharedLayer {
                 );
             }
         }
-        let done = control.map(|c| {
-            Box::new(move || {
-                for i in 0..c.workers() {
-                    let _ = c.post(i, Box::new(move |w| w.cache.settle_redis_purge(ticket)));
-                }
-            }) as PurgeDone
-        });
+        let done = control.map(|c| self.settlement(c, ticket));
         let folded: Vec<Unsent> = q.drain(..).chain(std::iter::once(u)).collect();
         q.push_back(Unsent {
             purge: all,
@@ -648,8 +667,8 @@ impl SharedLayer {
         drop(q);
         self.purges_given_up
             .fetch_add(folded.len() as u64, Ordering::Relaxed);
-        for d in folded.into_iter().filter_map(|k| k.done) {
-            d();
+        for k in folded {
+            self.settle(k.ticket, k.done);
         }
     }
 
@@ -658,23 +677,23 @@ impl SharedLayer {
     /// after a failover or `NOREPLICAS`; the queue was full) would otherwise wait for the next
     /// purge or for the link to go down and up, which may never come, its copies left in Redis
     /// and the other hosts not told. One timer for all of them: the first try
-    /// [`PURGE_RETRY_FIRST`] after the failure, each next one twice as late, at most
-    /// [`PURGE_RETRY_MAX`]. A link that is down sends them once it is up (`on_up`).
+    /// `purge_retry_first` after the failure, each next one twice as late, at most
+    /// `purge_retry_max`. A link that is down sends them once it is up (`on_up`).
     fn retry_later(&self) {
         if self.link.is_down() {
             return;
         }
         let mut wait = self.retry_wait.lock().unwrap_or_else(|e| e.into_inner());
         if self.link.run_on_up_at(Instant::now() + *wait) {
-            *wait = wait.saturating_mul(2).min(PURGE_RETRY_MAX);
+            *wait = wait.saturating_mul(2).min(self.retry_max);
         }
     }
 
-    /// A purge went through: with none kept, the next failure waits [`PURGE_RETRY_FIRST`];
+    /// A purge went through: with none kept, the next failure waits `purge_retry_first`;
     /// with some kept, Redis takes purges again, and they go now rather than at the timer.
     fn went_through(&self) {
         if self.unsent_purges() == 0 {
-            *self.retry_wait.lock().unwrap_or_else(|e| e.into_inner()) = PURGE_RETRY_FIRST;
+            *self.retry_wait.lock().unwrap_or_else(|e| e.into_inner()) = self.retry_first;
         } else if !self.link.is_down() {
             self.link.run_on_up_again();
         }
@@ -735,9 +754,84 @@ impl SharedLayer {
     }
 
     /// A number for a purge sent to Redis, unique on this host (see
-    /// `WorkerCache::note_redis_pending`).
+    /// `WorkerCache::note_redis_pending`), open until the purge is settled
+    /// ([`SharedLayer::settle`]).
     pub fn purge_ticket(&self) -> u64 {
-        self.purge_tickets.fetch_add(1, Ordering::Relaxed)
+        let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let n = t.next;
+        t.next += 1;
+        t.open.insert(n);
+        n
+    }
+
+    /// Every ticket below this one is settled: its purge is done in Redis, or was given up
+    /// (folded into a purge of everything, awaited under a ticket of its own, see
+    /// [`SharedLayer::keep_unsent`]). Tickets are handed out and closed under one lock, so
+    /// that none below it is handed out after it is read.
+    pub fn settled_below(&self) -> u64 {
+        let t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        t.open.first().copied().unwrap_or(t.next)
+    }
+
+    /// The purge under `ticket` is done in Redis, or given up: its ticket is closed, then
+    /// `done` called (which tells the workers, [`SharedLayer::settlement`]).
+    fn settle(&self, ticket: Option<u64>, done: Option<PurgeDone>) {
+        if let Some(n) = ticket {
+            let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+            t.open.remove(&n);
+        }
+        if let Some(d) = done {
+            d();
+        }
+    }
+
+    /// What tells every worker that the purge under `ticket` is settled
+    /// (`WorkerCache::settle_redis_purge`), and that every ticket below
+    /// [`SharedLayer::settled_below`] is (`WorkerCache::settle_redis_below`): a settlement a
+    /// full control mailbox refused is made up for by the next one that reaches the worker,
+    /// or by the purge log's listener, which posts it again ([`SharedLayer::settle_again`]).
+    /// Before, the purge stayed awaited on that worker until the process ended, and so did
+    /// the worker's floor once the purge was on it: no entry received before it was taken
+    /// from Redis again.
+    pub fn settlement(
+        self: &Arc<Self>,
+        control: Arc<crate::control::Control>,
+        ticket: u64,
+    ) -> PurgeDone {
+        let layer = Arc::downgrade(self);
+        Box::new(move || {
+            let Some(l) = layer.upgrade() else { return };
+            let below = l.settled_below();
+            for i in 0..control.workers() {
+                let posted = control.post(
+                    i,
+                    Box::new(move |w| {
+                        w.cache.settle_redis_purge(ticket);
+                        w.cache.settle_redis_below(below);
+                    }),
+                );
+                if matches!(posted, Err(crate::control::ControlError::Full(_))) {
+                    l.settlements_lost.store(true, Ordering::Release);
+                }
+            }
+        })
+    }
+
+    /// After a settlement was lost ([`SharedLayer::settlement`]), posts every worker
+    /// [`SharedLayer::settled_below`] again; one that is still refused is tried again at the
+    /// next call. Called by the purge log's listener at each of its rounds (at least every
+    /// 2 s while Redis answers, every `retry_interval` while it does not).
+    fn settle_again(&self, control: &crate::control::Control) {
+        if !self.settlements_lost.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let below = self.settled_below();
+        for i in 0..control.workers() {
+            let posted = control.post(i, Box::new(move |w| w.cache.settle_redis_below(below)));
+            if matches!(posted, Err(crate::control::ControlError::Full(_))) {
+                self.settlements_lost.store(true, Ordering::Release);
+            }
+        }
     }
 
     /// Deletes the keys an index set names, then the set ([`PURGE_SET_LUA`]).
@@ -772,7 +866,7 @@ impl SharedLayer {
                 self.rkey(b"purge-log-trimmed", b""),
                 self.rkey(b"purge", b""),
                 msg,
-                Bytes::from(PURGE_LOG_LENGTH.to_string()),
+                Bytes::from(self.log_length.to_string()),
             ],
             max_reply: SMALL_REPLY_BYTES,
             // Logged twice, a purge is applied twice: the second finds only what was stored
@@ -986,10 +1080,6 @@ pub fn decode_purge(b: &[u8]) -> Option<Purge> {
     })
 }
 
-/// Most entries the purge log keeps (`<key_prefix>purge-log`, a Redis stream; see
-/// [`PURGE_LOG_LUA`]): a host whose listener falls further behind than this many purges
-/// drops its local stores ([`LogCursor`]).
-const PURGE_LOG_LENGTH: u64 = 1000;
 /// Log entries a listener reads per round trip.
 const PURGE_LOG_READ: usize = 32;
 /// Most bytes of one reply a listener reads: a round of log entries ([`PURGE_LOG_READ`] and
@@ -1003,6 +1093,18 @@ const LOG_WAIT_MS: u64 = 2000;
 const LOG_START_MARGIN_MS: u64 = 5000;
 /// Least time between two lines saying the purge log cannot be read.
 const LOG_UNREADABLE_EVERY: Duration = Duration::from_secs(60);
+/// Least connect, write and reply timeout of the listener's connection (the configured
+/// `timeout` when longer): the log is followed off the request path, and the request path's
+/// `timeout` (20 ms by default) is too short for a loaded host or a Redis farther away; a
+/// listener that cannot connect within it never followed the log. Two seconds: a connect
+/// whose first SYN is lost (a full accept queue, a dropped packet) is answered after the
+/// kernel sends it again, 1 s later (the initial retransmission timeout, RFC 6298 §2.1).
+const LISTENER_TIMEOUT_MIN: Duration = Duration::from_secs(2);
+
+/// The listener's connect, write and reply timeout ([`LISTENER_TIMEOUT_MIN`]).
+fn listener_timeout(cfg: &crate::cache::config::CacheRedisConfig) -> Duration {
+    cfg.timeout.0.max(LISTENER_TIMEOUT_MIN)
+}
 /// Rounds in a row in which `XREAD` said the log had new entries and reading it found none:
 /// past it the connection is dropped (a server that keeps saying so cannot make the listener
 /// spin), and opened again after `retry_interval`.
@@ -1041,7 +1143,7 @@ fn parse_log_id(b: &[u8]) -> Option<LogId> {
 /// and a host whose subscription was down at that moment missed them for good.
 ///
 /// The gap: when entries the host has not read were trimmed away (more than
-/// [`PURGE_LOG_LENGTH`] purges since it last read the log), or the entry it read last is no
+/// `purge_log_length` purges since it last read the log), or the entry it read last is no
 /// longer there though nothing was trimmed past it (Redis lost its data, or the log was
 /// deleted), the host cannot know what it missed, and takes the safe side: a hard purge of
 /// everything in its workers' stores (counted in [`SharedLayer::purge_log_gaps`]); it then
@@ -1266,26 +1368,38 @@ pub fn spawn_purge_listener(
         .spawn(move || {
             let mut cursor = LogCursor::at_start();
             let mut logged: Option<Instant> = None;
+            let mut unlogged = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 // Redis unreachable is the link's to log; a log that cannot be read (an error
                 // answered, such as `WRONGTYPE` or a Redis without streams, or a reply that is
-                // not one) is logged here, at most once a minute: the purges made meanwhile
-                // are read once it can be.
+                // not one, such as bytes that are no RESP reply) is counted and logged here,
+                // at most once a minute: the purges made meanwhile are read once it can be.
                 if let Err(e) = listen(&cfg, &control, &layer, &mut cursor, &stop) {
                     let unreadable = matches!(
                         e.kind(),
                         std::io::ErrorKind::InvalidData | std::io::ErrorKind::Other
                     );
-                    if unreadable && logged.is_none_or(|t| t.elapsed() >= LOG_UNREADABLE_EVERY) {
-                        logged = Some(Instant::now());
-                        crate::warn!(
-                            "the purge log in redis at {} cannot be read ({e}); purges from other hosts reach this one once it can",
-                            cfg.address.text
-                        );
+                    if unreadable {
+                        layer.purge_log_errors.fetch_add(1, Ordering::Relaxed);
+                        if logged.is_none_or(|t| t.elapsed() >= LOG_UNREADABLE_EVERY) {
+                            logged = Some(Instant::now());
+                            let again = match std::mem::take(&mut unlogged) {
+                                0 => String::new(),
+                                n => format!(" ({n} more times since the last such line)"),
+                            };
+                            layer.purge_log_lines.fetch_add(1, Ordering::Relaxed);
+                            crate::warn!(
+                                "the purge log in redis at {} cannot be read ({e}){again}; purges from other hosts reach this one once it can",
+                                cfg.address.text
+                            );
+                        } else {
+                            unlogged += 1;
+                        }
                     }
                 }
                 let until = Instant::now() + cfg.retry_interval.0;
                 while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    layer.settle_again(&control);
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }
@@ -1302,13 +1416,14 @@ fn listen(
     stop: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     use std::io::{Read, Write};
-    let mut sock = std::net::TcpStream::connect_timeout(&cfg.address.addr, cfg.timeout.0)?;
+    // Not the request path's `timeout` (issue: before, a listener that could not connect
+    // within its 20 ms never followed the log); see [`LISTENER_TIMEOUT_MIN`].
+    let late = listener_timeout(cfg);
+    let mut sock = std::net::TcpStream::connect_timeout(&cfg.address.addr, late)?;
     // Short reads, so that the stop flag is seen.
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-    sock.set_write_timeout(Some(cfg.timeout.0.max(Duration::from_secs(1))))?;
-    // A reply is late past `timeout` (at least a second: the log is off the request path),
-    // plus the wait it asked for.
-    let late = cfg.timeout.0.max(Duration::from_secs(1));
+    sock.set_write_timeout(Some(late))?;
+    // A reply is late past `late`, plus the wait it asked for.
     let log = format!("{}purge-log", cfg.key_prefix);
     let trimmed = format!("{}purge-log-trimmed", cfg.key_prefix);
     let mut rbuf = bytes::BytesMut::new();
@@ -1341,6 +1456,19 @@ fn listen(
                 return Ok(None);
             }
             if Instant::now() >= deadline {
+                // Bytes that make no whole reply by then are taken for a malformed reply,
+                // not for a Redis that is slow (before, they were: a reply of stray bytes
+                // was neither logged nor counted).
+                if !rbuf.is_empty() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{} bytes that make no whole RESP reply within {} ms",
+                            rbuf.len(),
+                            (wait + late).as_millis()
+                        ),
+                    ));
+                }
                 return Err(std::io::ErrorKind::TimedOut.into());
             }
             match sock.read(&mut chunk) {
@@ -1377,6 +1505,7 @@ fn listen(
     let mut woke = false;
     let mut stalls = 0;
     while !stop.load(Ordering::Relaxed) {
+        layer.settle_again(control);
         let from = format!("{}-{}", cursor.at.0, cursor.at.1);
         let Some(f) = call(
             &[
@@ -1453,7 +1582,18 @@ fn listen(
         else {
             return Ok(());
         };
-        woke = !matches!(f, BytesFrame::Null);
+        // `XREAD` answers nil (no entry within its wait) or the stream's entries; anything
+        // else is not its reply.
+        woke = match f {
+            BytesFrame::Null => false,
+            BytesFrame::Array(_) => true,
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not an XREAD reply",
+                ))
+            }
+        };
     }
     Ok(())
 }
@@ -1762,10 +1902,36 @@ mod tests {
         l.went_through();
         l.retry_later();
         let at = link.take_on_up_at_for_tests().expect("asked");
-        assert!(at.duration_since(Instant::now()) <= PURGE_RETRY_FIRST);
+        assert!(at.duration_since(Instant::now()) <= Duration::from_secs(1));
         link.set_down_for_tests();
         l.retry_later();
         assert!(link.take_on_up_at_for_tests().is_none());
+    }
+
+    /// `[cache.redis] purge_retry_first` and `purge_retry_max` (before, constants: 1 s and
+    /// 30 s) set the kept purges' timer: here 200 ms, then twice as late, at most 500 ms.
+    #[test]
+    fn the_kept_purges_timer_follows_purge_retry_first_and_max() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\npurge_retry_first = \"200ms\"\npurge_retry_max = \"500ms\"\n";
+        let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let link = l.link().clone();
+        for ms in [200, 400, 500, 500] {
+            let before = Instant::now();
+            l.retry_later();
+            let wait = link
+                .take_on_up_at_for_tests()
+                .expect("a try asked for")
+                .duration_since(before);
+            assert!(
+                wait >= Duration::from_millis(ms) && wait < Duration::from_millis(ms + 100),
+                "{wait:?} for {ms} ms"
+            );
+        }
+        l.went_through();
+        l.retry_later();
+        let at = link.take_on_up_at_for_tests().expect("asked");
+        assert!(at.duration_since(Instant::now()) <= Duration::from_millis(200));
     }
 
     /// A purge whose Redis side failed while the link was down, kept only once the link had
@@ -2132,6 +2298,164 @@ mod tests {
                 assert_eq!(evals, MAX_LOG_STALLS as usize + 1);
             }
         }
+    }
+
+    /// `ListenOverflows` of `/proc/net/netstat`: SYNs dropped because a listener's accept
+    /// queue was full.
+    fn listen_overflows() -> Option<u64> {
+        let t = std::fs::read_to_string("/proc/net/netstat").ok()?;
+        let mut lines = t.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next()?, lines.next()?);
+        let i = names
+            .split_whitespace()
+            .position(|n| n == "ListenOverflows")?;
+        values.split_whitespace().nth(i)?.parse().ok()
+    }
+
+    /// The purge log's listener connects within a timeout of its own, at least
+    /// [`LISTENER_TIMEOUT_MIN`], not the request path's `timeout` (20 ms here): before, a
+    /// listener whose connect took longer (a loaded host, a Redis farther away) never
+    /// followed the log. Here its first SYN is dropped (the stand-in's accept queue is full,
+    /// RFC 6298 §2.1: sent again after 1 s): it connects once the queue has room.
+    #[test]
+    fn the_purge_log_listener_connects_with_a_timeout_longer_than_the_request_path_s() {
+        use std::io::Read;
+        let Some(before) = listen_overflows() else {
+            return;
+        };
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        // Backlog 0: one connection fills the accept queue.
+        sock.listen(0).expect("listen");
+        let l: std::net::TcpListener = sock.into();
+        let addr = l.local_addr().expect("addr");
+        let filler = std::net::TcpStream::connect(addr).expect("filler");
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\ntimeout = \"20ms\"\n");
+        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let layer = SharedLayer::new(&cfg).expect("a layer");
+        let listener = std::thread::spawn(move || {
+            let r = cfg.cache.redis.as_ref().expect("redis");
+            let control = crate::control::Control::new(1);
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            listen(r, &control, &layer, &mut LogCursor::at_start(), &stop)
+        });
+        // Its SYN was dropped (counted); the queue then gets room.
+        let end = Instant::now() + Duration::from_secs(10);
+        while listen_overflows().is_some_and(|n| n == before) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (first, _) = l.accept().expect("the filler");
+        drop((first, filler));
+        l.set_nonblocking(true).expect("nonblocking");
+        let mut conn = None;
+        while conn.is_none() && !listener.is_finished() && Instant::now() < end {
+            match l.accept() {
+                Ok((s, _)) => conn = Some(s),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        let mut s = conn.expect("the listener connected");
+        s.set_nonblocking(false).expect("blocking");
+        let mut got = [0u8; 14];
+        s.read_exact(&mut got).expect("its first command");
+        assert_eq!(&got, b"*1\r\n$4\r\nTIME\r\n");
+        drop(s);
+        let err = listener.join().expect("listener").expect_err("closed");
+        assert_ne!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    }
+
+    /// A Redis that answers a read of the purge log with random bytes: the listener drops
+    /// the connection, counts it in [`SharedLayer::purge_log_errors`], logs one line (the
+    /// second, within [`LOG_UNREADABLE_EVERY`], is counted and not logged) and follows the
+    /// log again once it can. Before, bytes that hold no line end were taken for a late
+    /// answer: nothing was logged or counted. The first stand-in's bytes begin as a reply
+    /// (`+`) and never end one; the second's begin with a byte that starts no reply.
+    #[test]
+    fn a_purge_log_reply_of_random_bytes_is_logged_once_counted_and_the_listener_recovers() {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut junk = |first: u8| -> Vec<u8> {
+            let mut v = vec![first];
+            while v.len() < 300 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let b = x.to_le_bytes()[0];
+                if b != b'\n' && b != b'\r' {
+                    v.push(b);
+                }
+            }
+            v
+        };
+        let answers = [junk(b'+'), junk(0xad)];
+        let msg = encode_purge(&Purge {
+            target: PurgeTarget::Url(b"h/p".to_vec()),
+            soft: false,
+        });
+        let mut entry = b"*3\r\n$-1\r\n*1\r\n*2\r\n$6\r\n9000-0\r\n*2\r\n$1\r\np\r\n".to_vec();
+        entry.extend_from_slice(format!("${}\r\n", msg.len()).as_bytes());
+        entry.extend_from_slice(&msg);
+        entry.extend_from_slice(b"\r\n$6\r\n9000-0\r\n");
+        let server = std::thread::spawn(move || {
+            for conn in 0..3 {
+                let Ok((mut s, _)) = l.accept() else { return };
+                let (mut buf, mut chunk) = (bytes::BytesMut::new(), [0u8; 4096]);
+                'conn: loop {
+                    while let Ok(Some(BytesFrame::Array(a))) = crate::redis::decode_reply(&mut buf)
+                    {
+                        let answer = match a.first() {
+                            Some(BytesFrame::BulkString(n)) if &n[..] == b"TIME" => {
+                                b"*2\r\n$2\r\n10\r\n$1\r\n0\r\n".to_vec()
+                            }
+                            Some(BytesFrame::BulkString(n)) if &n[..] == b"EVAL" => {
+                                match answers.get(conn) {
+                                    Some(j) => j.clone(),
+                                    None => entry.clone(),
+                                }
+                            }
+                            _ => b"*-1\r\n".to_vec(),
+                        };
+                        if s.write_all(&answer).is_err() {
+                            break 'conn;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+        });
+        let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{{ address = \"127.0.0.1:9\" }}]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"{addr}\"\nretry_interval = \"50ms\"\n");
+        let cfg = crate::config::Config::parse(&src, "t.toml").expect("config");
+        let layer = SharedLayer::new(&cfg).expect("a layer");
+        let control = crate::control::Control::new(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let t = spawn_purge_listener(
+            cfg.cache.redis.as_ref().expect("redis"),
+            control,
+            layer.clone(),
+            stop.clone(),
+        )
+        .expect("listener");
+        let end = Instant::now() + Duration::from_secs(20);
+        while layer.purges_heard.load(Ordering::Relaxed) == 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Relaxed);
+        t.join().expect("listener");
+        server.join().expect("server");
+        assert_eq!(
+            layer.purges_heard.load(Ordering::Relaxed),
+            1,
+            "it recovered"
+        );
+        assert_eq!(layer.purge_log_errors.load(Ordering::Relaxed), 2);
+        assert_eq!(layer.purge_log_lines.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -502,6 +502,7 @@ impl WorkerMetrics {
                 purges_given_up: get(&l.purges_given_up),
                 purges_heard: get(&l.purges_heard),
                 purge_log_gaps: get(&l.purge_log_gaps),
+                purge_log_errors: get(&l.purge_log_errors),
             }
         });
         s
@@ -642,6 +643,7 @@ pub struct CacheRedisSample {
     pub purges_given_up: u64,
     pub purges_heard: u64,
     pub purge_log_gaps: u64,
+    pub purge_log_errors: u64,
 }
 
 /// One worker's metrics, or (after [`WorkerSample::merge`]) every worker's summed.

@@ -538,7 +538,7 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
             "1 while the Redis link of the response cache's shared layer is up.",
         );
         e.sample("ringway_cache_redis_up", &[], r.up as u64);
-        let counters: [(&str, &str, u64); 12] = [
+        let counters: [(&str, &str, u64); 13] = [
             (
                 "ringway_cache_redis_commands_total",
                 "Commands the cache's Redis link sent in rounds.",
@@ -598,6 +598,11 @@ pub fn write_sample(s: &WorkerSample, out: &mut String) {
                 "ringway_cache_redis_purge_log_gaps_total",
                 "Times the purge log had lost purges this host had not read (trimmed past it, or Redis lost its data): every stored response of this host was purged.",
                 r.purge_log_gaps,
+            ),
+            (
+                "ringway_cache_redis_purge_log_errors_total",
+                "Connections of the purge log's listener dropped because the log could not be read (an error answered, or a reply that is not one).",
+                r.purge_log_errors,
             ),
         ];
         for (name, help, v) in counters {
