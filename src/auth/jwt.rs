@@ -817,12 +817,20 @@ pub fn check_claims(
     rules: &ClaimRules,
     now: u64,
 ) -> Result<Claims, AuthFail> {
-    let num = |name: &str| -> Result<Option<u64>, AuthFail> {
+    // A fraction of a second (NumericDate allows one, RFC 7519 §2) is rounded to the safe
+    // side: `exp` and `iat` down, `nbf` up (a token is not valid before the whole second
+    // after its `nbf`), as introspection answers are read (`introspect::answer_nbf`).
+    let num = |name: &str, up: bool| -> Result<Option<u64>, AuthFail> {
         match map.get(name) {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
-                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+                .or_else(|| {
+                    v.as_f64()
+                        .filter(|f| *f >= 0.0)
+                        // `as` saturates: a value past u64 stays the largest.
+                        .map(|f| if up { f.ceil() } else { f } as u64)
+                })
                 .map(Some)
                 .ok_or(AuthFail::Malformed),
         }
@@ -831,9 +839,9 @@ pub fn check_claims(
     // string, an object, null...) or negative makes the token invalid, not absent: `iat` is
     // not otherwise judged, but a token whose time claims cannot be read is no token to trust
     // (jsonwebtoken reads only `exp` and `nbf`, and those checks are off here).
-    let exp = num("exp")?;
-    let nbf = num("nbf")?;
-    num("iat")?;
+    let exp = num("exp", false)?;
+    let nbf = num("nbf", true)?;
+    num("iat", false)?;
     // A claim whose value is JSON null says nothing (RFC 7519 §4: a claim's value is what
     // the token asserts; null asserts no value): it is as absent as a missing one.
     for r in &rules.required {
@@ -934,6 +942,29 @@ mod tests {
             required: vec!["exp".into(), "sub".into()],
             typ: None,
         }
+    }
+
+    /// RFC 7519 §2: a NumericDate may hold a fraction of a second. `nbf` is rounded up (the
+    /// token is not valid before the whole second after it), `exp` down, as introspection
+    /// answers are read. Before, `nbf` was rounded down: a token valid from `NOW + 30.5` was
+    /// taken at `NOW` with 30 s of leeway, half a second early.
+    #[test]
+    fn rfc7519_2_fractional_nbf_rounds_up_and_exp_down() {
+        let map = |v: Value| v.as_object().expect("object").clone();
+        let early = json!({"sub": "a", "iss": "https://idp.test", "aud": "api", "exp": NOW + 600, "nbf": NOW as f64 + 30.5});
+        assert_eq!(
+            check_claims(map(early.clone()), &rules(), NOW).unwrap_err(),
+            AuthFail::NotYetValid
+        );
+        assert!(check_claims(map(early), &rules(), NOW + 1).is_ok());
+        let late =
+            json!({"sub": "a", "iss": "https://idp.test", "aud": "api", "exp": NOW as f64 - 29.5});
+        assert!(check_claims(map(late.clone()), &rules(), NOW).is_ok());
+        // Expired (with its leeway) at NOW + 0.5: no longer valid in the second after.
+        assert_eq!(
+            check_claims(map(late), &rules(), NOW + 1).unwrap_err(),
+            AuthFail::Expired
+        );
     }
 
     fn claims() -> Value {
