@@ -819,8 +819,9 @@ impl SharedLayer {
 
     /// After a settlement was lost ([`SharedLayer::settlement`]), posts every worker
     /// [`SharedLayer::settled_below`] again; one that is still refused is tried again at the
-    /// next call. Called by the purge log's listener at each of its rounds (at least every
-    /// 2 s while Redis answers, every `retry_interval` while it does not).
+    /// next call. Called by the purge log's listener at each of its rounds (one `XREAD
+    /// BLOCK` of 2 s and its reply while Redis answers), and every 50 ms between its tries
+    /// while Redis does not answer.
     fn settle_again(&self, control: &crate::control::Control) {
         if !self.settlements_lost.swap(false, Ordering::AcqRel) {
             return;
