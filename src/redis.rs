@@ -2416,6 +2416,43 @@ mod tests {
         let _ = thread.join();
     }
 
+    /// A reply cut anywhere is not whole yet, never refused: the check of a frame's first
+    /// byte (a byte that starts no RESP2 frame is refused as it arrives) reads only the byte
+    /// at a frame's start, never one inside a bulk string, a line, or its CR LF, so a reply
+    /// split across reads at any byte is still read. Stray bytes at a frame's start are
+    /// refused at once, also past the first frame.
+    #[test]
+    fn a_reply_cut_at_any_byte_is_not_whole_yet_and_stray_bytes_are_refused() {
+        let replies: [&[u8]; 7] = [
+            b"+OK\r\n",
+            b"-ERR a *bad* $thing\r\n",
+            b":-42\r\n",
+            b"$-1\r\n",
+            b"*-1\r\n",
+            b"$12\r\n*2\r\n+x\r\n:%\xff!\r\n",
+            b"*3\r\n$-1\r\n*1\r\n*2\r\n$6\r\n9000-0\r\n*2\r\n$1\r\np\r\n$3\r\n\r\n_\r\n$0\r\n\r\n",
+        ];
+        for r in replies {
+            assert_eq!(reply_len(r).ok().flatten(), Some(r.len()), "{r:?}");
+            for cut in 0..r.len() {
+                assert!(
+                    matches!(reply_len(&r[..cut]), Ok(None)),
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(r)
+                );
+            }
+        }
+        for stray in [
+            &b"\xad"[..],
+            b"%1\r\n",
+            b"_\r\n",
+            b"*2\r\n:1\r\nx",
+            b"*2\r\n$1\r\nx\r\n>",
+        ] {
+            assert!(reply_len(stray).is_err(), "{stray:?}");
+        }
+    }
+
     #[test]
     fn numbers_for_the_script() {
         assert_eq!(fmt_f64(200.0), "200");

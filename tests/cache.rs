@@ -3329,6 +3329,32 @@ fn the_purge_log_keeps_purge_log_length_purges() {
     assert!(!redis.keys("ringway:cache:purge-log-trimmed").is_empty());
 }
 
+/// `[cache.redis] purge_retry_first` over 30 s, given without `purge_retry_max` (README:
+/// 10 ms to 1 h): the gateway starts, shares its cache through Redis and follows the purge
+/// log (RFC 9111 §4.4), the kept purges' longest wait being `purge_retry_first`. Before, the
+/// config was refused at load: `purge_retry_max`, a key the file did not hold, kept its 30 s
+/// default and "must be at least purge_retry_first".
+#[test]
+fn a_purge_retry_first_over_30s_given_alone_is_taken() {
+    let redis = RedisServer::start();
+    let (up, hits) = counting_origin("cache-control: max-age=600\r\n");
+    let cfg = redis_cache_config(up.addr, &redis).replace(
+        "[cache.redis]\n",
+        "[cache.redis]\npurge_retry_first = \"2m\"\n",
+    );
+    let gw = TestGateway::start(&cfg, D);
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 1));
+    assert_eq!(get(gw.addr, "/alone").text(), "v1");
+    wait_stored_in_redis(&redis);
+    let other = TestGateway::start(&cfg, D);
+    let r = get(other.addr, "/alone");
+    assert!(status_of(&r).contains("detail=redis"), "{r:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let parsed = ringway::config::Config::parse(&cfg, "c.toml").expect("taken");
+    let max = parsed.cache.redis.as_ref().map(|r| r.purge_retry_max());
+    assert_eq!(max, Some(Duration::from_secs(120)));
+}
+
 /// RFC 9111 §4.4: a worker that awaits more than 64 purges in Redis keeps a floor: no entry
 /// received before it is taken from Redis until they are settled. A settlement that the
 /// worker's full control mailbox refused was lost, and the floor (with the purges awaited)

@@ -79,9 +79,11 @@ pub struct CacheRedisConfig {
     /// the wait, up to `purge_retry_max`.
     #[serde(default = "d_redis_retry_first")]
     pub purge_retry_first: Dur,
-    /// Longest wait between two tries of the kept purges while the link stays up.
-    #[serde(default = "d_redis_retry_max")]
-    pub purge_retry_max: Dur,
+    /// Longest wait between two tries of the kept purges while the link stays up; when not
+    /// given, [`DEFAULT_PURGE_RETRY_MAX`], or `purge_retry_first` when that is longer
+    /// ([`CacheRedisConfig::purge_retry_max`]).
+    #[serde(default)]
+    pub purge_retry_max: Option<Dur>,
 }
 
 impl CacheRedisConfig {
@@ -95,6 +97,18 @@ impl CacheRedisConfig {
             key_prefix: self.key_prefix.clone(),
             retry_interval: self.retry_interval,
         }
+    }
+
+    /// The longest wait between two tries of the kept purges: `purge_retry_max` as given, or
+    /// else [`DEFAULT_PURGE_RETRY_MAX`], or `purge_retry_first` when that is longer. Before,
+    /// the default was 30 s whatever `purge_retry_first` was, so that a `purge_retry_first`
+    /// over 30 s given alone (within its documented 10 ms to 1 h) was refused at load, the
+    /// error naming `purge_retry_max`, a key the file did not hold.
+    pub fn purge_retry_max(&self) -> std::time::Duration {
+        self.purge_retry_max.map_or_else(
+            || DEFAULT_PURGE_RETRY_MAX.max(self.purge_retry_first.0),
+            |d| d.0,
+        )
     }
 }
 
@@ -116,9 +130,8 @@ fn d_redis_log_length() -> u64 {
 fn d_redis_retry_first() -> Dur {
     Dur(std::time::Duration::from_secs(1))
 }
-fn d_redis_retry_max() -> Dur {
-    Dur(std::time::Duration::from_secs(30))
-}
+/// `[cache.redis] purge_retry_max` when not given (unless `purge_retry_first` is longer).
+pub const DEFAULT_PURGE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Most purges `[cache.redis] purge_log_length` lets the purge log keep: a purge message is
 /// at most 64 KiB, so Redis holds at most about 6 GiB of them.
@@ -378,10 +391,14 @@ pub fn validate(cfg: &crate::config::Config) -> Result<(), (String, String)> {
                 "must be between 10ms and 1h".into(),
             ));
         }
-        if r.purge_retry_max.0 < r.purge_retry_first.0 || r.purge_retry_max.0 > MAX_PURGE_RETRY {
+        let max = r.purge_retry_max();
+        if max < r.purge_retry_first.0 || max > MAX_PURGE_RETRY {
             return Err((
                 "cache.redis.purge_retry_max".into(),
-                "must be at least purge_retry_first and at most 1h".into(),
+                format!(
+                    "must be at least purge_retry_first ({:?}) and at most 1h",
+                    r.purge_retry_first.0
+                ),
             ));
         }
     }

@@ -268,7 +268,7 @@ impl SharedLayer {
             settlements_lost: AtomicBool::new(false),
             log_length: r.purge_log_length,
             retry_first: r.purge_retry_first.0,
-            retry_max: r.purge_retry_max.0,
+            retry_max: r.purge_retry_max(),
             unsent: Mutex::new(std::collections::VecDeque::new()),
             purges_failed: AtomicU64::new(0),
             purges_given_up: AtomicU64::new(0),
@@ -819,8 +819,9 @@ impl SharedLayer {
 
     /// After a settlement was lost ([`SharedLayer::settlement`]), posts every worker
     /// [`SharedLayer::settled_below`] again; one that is still refused is tried again at the
-    /// next call. Called by the purge log's listener at each of its rounds (at least every
-    /// 2 s while Redis answers, every `retry_interval` while it does not).
+    /// next call. Called by the purge log's listener at each of its rounds (one `XREAD
+    /// BLOCK` of 2 s and its reply while Redis answers), and every 50 ms between its tries
+    /// while Redis does not answer.
     fn settle_again(&self, control: &crate::control::Control) {
         if !self.settlements_lost.swap(false, Ordering::AcqRel) {
             return;
@@ -1932,6 +1933,51 @@ mod tests {
         l.retry_later();
         let at = link.take_on_up_at_for_tests().expect("asked");
         assert!(at.duration_since(Instant::now()) <= Duration::from_millis(200));
+    }
+
+    /// `purge_retry_first` over 30 s given alone (its documented range is 10 ms to 1 h) is
+    /// taken, and the wait stays there: `purge_retry_max`, not given, is the longer of 30 s
+    /// and `purge_retry_first`. Before, the config was refused at load (`purge_retry_max`, a
+    /// key the file did not hold, "must be at least purge_retry_first"). Given, it is kept.
+    #[test]
+    fn purge_retry_max_not_given_is_at_least_purge_retry_first() {
+        let base = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
+        let cfg =
+            crate::config::Config::parse(&format!("{base}purge_retry_first = \"45s\"\n"), "t.toml")
+                .expect("purge_retry_first alone, over 30 s, is taken");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let link = l.link().clone();
+        let first = Duration::from_secs(45);
+        for _ in 0..3 {
+            let before = Instant::now();
+            l.retry_later();
+            let after = Instant::now();
+            let at = link.take_on_up_at_for_tests().expect("a try asked for");
+            assert!(
+                at >= before + first && at <= after + first,
+                "{:?}",
+                at - before
+            );
+        }
+        let r = |extra: &str| {
+            crate::config::Config::parse(&format!("{base}{extra}"), "t.toml")
+                .map(|c| c.cache.redis.expect("redis").purge_retry_max())
+        };
+        assert_eq!(r("").expect("defaults"), Duration::from_secs(30));
+        assert_eq!(
+            r("purge_retry_first = \"2s\"\n").expect("first alone"),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            r("purge_retry_first = \"2s\"\npurge_retry_max = \"5s\"\n").expect("both"),
+            Duration::from_secs(5)
+        );
+        let err = r("purge_retry_first = \"2m\"\npurge_retry_max = \"1m\"\n")
+            .expect_err("given, below purge_retry_first");
+        assert!(
+            err.to_string().contains("cache.redis.purge_retry_max"),
+            "{err}"
+        );
     }
 
     /// A purge whose Redis side failed while the link was down, kept only once the link had
