@@ -615,9 +615,10 @@ impl SharedLayer {
     /// Keeps a purge whose Redis side failed, to send it again. One equal to a purge already
     /// kept, with a later ticket, replaces it (sent once, it does what both would): the
     /// invalidations of one URL by repeated unsafe requests while Redis is down take one
-    /// place, not one each. The one replaced is done: the workers replace it by the later one
-    /// too ([`super::WorkerCache::note_redis_pending`], noted before it was sent), so that
-    /// its settlement finds nothing.
+    /// place, not one each. The one replaced is settled with the later one, not before: a
+    /// worker whose control mailbox was full when the later one was posted never noted it,
+    /// and settling the earlier at once ended that worker's wait for a purge whose Redis side
+    /// was not done (RFC 9111 §4.4: a copy it deletes could then be taken from Redis again).
     ///
     /// Past [`MAX_UNSENT_PURGES`], every kept purge and this one are folded into one hard
     /// purge of everything, kept in their place (issue 12): it deletes in Redis whatever they
@@ -627,19 +628,36 @@ impl SharedLayer {
     /// purges are done (their `done` called, counted in [`SharedLayer::purges_given_up`]).
     /// Before, the oldest was given up: its copies stayed in Redis and could come back, and
     /// the other hosts never heard it.
-    fn keep_unsent(self: &Arc<Self>, u: Unsent) {
+    fn keep_unsent(self: &Arc<Self>, mut u: Unsent) {
         self.purges_failed.fetch_add(1, Ordering::Relaxed);
         let mut q = self.unsent.lock().unwrap_or_else(|e| e.into_inner());
         let replaced = q
             .iter()
             .position(|k| k.purge == u.purge && k.ticket < u.ticket)
             .and_then(|i| q.remove(i));
-        if replaced.is_some() || q.len() < MAX_UNSENT_PURGES {
+        if let Some(k) = replaced {
+            // Settled when the later one is (its ticket closed, then its `done`), whichever
+            // way that goes: sent, or folded into a purge of everything.
+            let layer = Arc::downgrade(self);
+            let later = u.done.take();
+            u.done = Some(Box::new(move || {
+                match layer.upgrade() {
+                    Some(l) => l.settle(k.ticket, k.done),
+                    None => {
+                        if let Some(d) = k.done {
+                            d();
+                        }
+                    }
+                }
+                if let Some(d) = later {
+                    d();
+                }
+            }));
             q.push_back(u);
-            drop(q);
-            if let Some(k) = replaced {
-                self.settle(k.ticket, k.done);
-            }
+            return;
+        }
+        if q.len() < MAX_UNSENT_PURGES {
+            q.push_back(u);
             return;
         }
         let all = Purge {
@@ -1820,7 +1838,7 @@ mod tests {
 
     /// A purge whose Redis side failed is kept to be sent again, at most
     /// [`MAX_UNSENT_PURGES`]: one equal to a kept purge, with a later ticket, replaces it
-    /// (the earlier is done) and takes no other place; past the bound every kept purge and
+    /// (the earlier is done with it) and takes no other place; past the bound every kept purge and
     /// the new one are folded into one hard purge of everything (issue 12: before, the
     /// oldest was given up, its copies left in Redis), each folded one done and counted.
     #[test]
@@ -1847,10 +1865,10 @@ mod tests {
             keep(url(i), i as u64);
         }
         assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
-        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done);
-        // one with an earlier ticket would take a place of its own.
+        // One equal to a kept purge, with a later ticket, replaces it (the earlier is done
+        // with it, below); one with an earlier ticket would take a place of its own.
         keep(url(5), 1000);
-        assert_eq!(done.load(Ordering::Relaxed), 1);
+        assert_eq!(done.load(Ordering::Relaxed), 0);
         assert_eq!(l.unsent_purges(), MAX_UNSENT_PURGES);
         assert_eq!(l.purges_given_up.load(Ordering::Relaxed), 0);
         // Past the bound: one purge of everything in their place, every one of them done.
@@ -1876,6 +1894,40 @@ mod tests {
                 soft: false,
             })
         );
+    }
+
+    /// RFC 9111 §4.4: a kept purge replaced by an equal later one stays open until the later
+    /// one is settled: its ticket keeps `settled_below` at or under it and its `done` is not
+    /// called. Before, it was settled at once, and a worker that never noted the later purge
+    /// (its control mailbox full) stopped awaiting a purge whose Redis side was not done.
+    #[test]
+    fn rfc9111_4_4_a_replaced_kept_purge_is_settled_with_the_one_that_replaced_it() {
+        let src = "[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{ address = \"127.0.0.1:9\" }]\n[[routes]]\nupstream = \"u\"\n[cache.redis]\naddress = \"127.0.0.1:9\"\n";
+        let cfg = crate::config::Config::parse(src, "t.toml").expect("config");
+        let l = SharedLayer::new(&cfg).expect("a layer");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let p = Purge {
+            target: PurgeTarget::Url(b"h/x".to_vec()),
+            soft: false,
+        };
+        let (first, second) = (l.purge_ticket(), l.purge_ticket());
+        for t in [first, second] {
+            let o = order.clone();
+            l.keep_unsent(Unsent {
+                purge: p.clone(),
+                ticket: Some(t),
+                done: Some(Box::new(move || o.lock().expect("lock").push(t))),
+            });
+        }
+        assert_eq!(l.unsent_purges(), 1);
+        assert!(order.lock().expect("lock").is_empty(), "none settled yet");
+        assert_eq!(l.settled_below(), first);
+        // The later one goes through (as `PurgeRun::finish` settles it): both are settled,
+        // the earlier first, and every ticket is closed.
+        let k = l.unsent.lock().expect("lock").pop_front().expect("kept");
+        l.settle(k.ticket, k.done);
+        assert_eq!(*order.lock().expect("lock"), vec![first, second]);
+        assert_eq!(l.settled_below(), second + 1);
     }
 
     /// Kept purges that failed with the link up are tried again on one timer (issue 12):
