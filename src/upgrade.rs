@@ -428,6 +428,12 @@ fn adopt(fd: OwnedFd, addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Connects to a running process's upgrade socket and receives its listening sockets.
 pub fn take_over(path: &Path) -> io::Result<(Inherited, Takeover)> {
+    receive(connect_to(path)?)
+}
+
+/// The first half of [`take_over`]: a connection to the running process's upgrade socket,
+/// queued until it serves it (one hand-over at a time).
+pub fn connect_to(path: &Path) -> io::Result<Socket> {
     let conn = seqpacket()?;
     conn.connect(&SockAddr::unix(path)?).map_err(|e| {
         io::Error::new(
@@ -440,12 +446,39 @@ pub fn take_over(path: &Path) -> io::Result<(Inherited, Takeover)> {
     })?;
     conn.set_read_timeout(Some(HANDOVER_TIMEOUT))?;
     conn.set_write_timeout(Some(HANDOVER_TIMEOUT))?;
+    Ok(conn)
+}
+
+/// The second half of [`take_over`]: the running process's listening sockets, received on
+/// `conn` ([`connect_to`]).
+pub fn receive(conn: Socket) -> io::Result<(Inherited, Takeover)> {
     same_user(&conn)?;
     let mut got = Inherited::default();
     let mut total = 0usize;
     let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut first = true;
     loop {
-        let (n, fds) = recv_msg(conn.as_raw_fd(), &mut buf, MAX_FDS_PER_MESSAGE)?;
+        let got_msg = recv_msg(conn.as_raw_fd(), &mut buf, MAX_FDS_PER_MESSAGE);
+        // Closed before its first message: the running process served another upgrade
+        // while this one waited in its queue (and closed the queue with its upgrade socket),
+        // or it stopped. Said so, rather than an OS error out of context.
+        let closed = match &got_msg {
+            Ok((0, _)) => true,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            Ok(_) => false,
+        };
+        if closed && first {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the running process closed this connection before sending any socket: it \
+                 handed its sockets to another upgrade, or it is stopping",
+            ));
+        }
+        first = false;
+        let (n, fds) = got_msg?;
         let msg = &buf[..n];
         if n == 0 {
             return Err(io::Error::new(

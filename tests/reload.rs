@@ -1587,6 +1587,36 @@ fn a_silent_peer_on_the_upgrade_socket_neither_holds_the_stop_nor_blocks_a_real_
     );
 }
 
+/// Two upgrades at once: the one served first takes the sockets; the other, queued on the
+/// upgrade socket, is told plainly that the running process handed its sockets to another
+/// upgrade (or stopped) before serving it, not an OS error out of context ("Connection reset
+/// by peer", or "the running process closed the hand-over").
+#[test]
+fn the_loser_of_two_racing_upgrades_is_told_another_took_the_sockets() {
+    let dir = Scratch::new("racing-upgrades");
+    let path = dir.0.join("upgrade.sock");
+    let toml =
+        "[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[[routes]]\ndirect = { status = 200 }\n";
+    let gw = TestGateway::start(toml, DriverChoice::Auto);
+    let handed = Event::new();
+    let h = handed.clone();
+    ringway::upgrade::listen(gw.gateway(), &path, Box::new(move || h.set())).unwrap();
+    let (got, first) = ringway::upgrade::take_over(&path).expect("the first is served");
+    assert!(!got.is_empty());
+    // The second connects while the first's hand-over is open: it waits in the queue.
+    let second = ringway::upgrade::connect_to(&path).expect("queued");
+    first.ready().unwrap();
+    assert!(handed.wait(Duration::from_secs(5)), "the first completed");
+    let Err(err) = ringway::upgrade::receive(second) else {
+        panic!("the second got sockets");
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.contains("another upgrade"),
+        "the loser's message: {msg}"
+    );
+}
+
 /// The reload report names the routes whose config changed: a comment added above them, or
 /// a route moved in the file, changes none (where a part stands in the file is not what it
 /// says); a changed route is reported, once, as added and its old form as removed.
