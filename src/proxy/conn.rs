@@ -211,11 +211,7 @@ pub async fn read_some<R: AsyncReadRent>(
     dur: Duration,
 ) -> Result<usize, IoFail> {
     if let Some(due) = IoWheel::with(|w| w.due_in(dur)).flatten() {
-        let (b, len, end) = read_room(buf, max);
-        return match timed(io.read(b.slice_mut(len..end)), due).await {
-            Ok(r) => was_read(buf, r),
-            Err(TimedOut) => Err(IoFail::Timeout),
-        };
+        return read_by(io, buf, max, due).await;
     }
     // As in [`write_buf`]: the runtime timer's future is boxed, the common one stays small.
     Box::pin(async move {
@@ -223,6 +219,20 @@ pub async fn read_some<R: AsyncReadRent>(
         IoTimer::new(slot).read_some(io, buf, max, dur).await
     })
     .await
+}
+
+/// A read of at most `max` more bytes into `buf`, until `due` on the worker's [`IoWheel`].
+async fn read_by<R: AsyncReadRent>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    due: Due,
+) -> Result<usize, IoFail> {
+    let (b, len, end) = read_room(buf, max);
+    match timed(io.read(b.slice_mut(len..end)), due).await {
+        Ok(r) => was_read(buf, r),
+        Err(TimedOut) => Err(IoFail::Timeout),
+    }
 }
 
 /// `buf` taken for a read of at most `max` more bytes: the buffer (room reserved), its length
@@ -346,13 +356,10 @@ impl<'a> IoTimer<'a> {
         due: Option<Due>,
         at: impl FnOnce() -> Instant,
     ) -> Result<usize, IoFail> {
-        let (b, len, end) = read_room(buf, max);
         if let Some(due) = due {
-            return match timed(io.read(b.slice_mut(len..end)), due).await {
-                Ok(r) => was_read(buf, r),
-                Err(TimedOut) => Err(IoFail::Timeout),
-            };
+            return read_by(io, buf, max, due).await;
         }
+        let (b, len, end) = read_room(buf, max);
         let sleep = self.arm(at());
         monoio::select! {
             r = io.read(b.slice_mut(len..end)) => was_read(buf, r),
