@@ -431,6 +431,72 @@ fn rfc9110_13_1_5_if_range_with_a_weak_last_modified_gives_the_whole_body() {
     }
 }
 
+/// RFC 9111 §4.3.2: `If-Modified-Since` against a stored response without `Last-Modified` is
+/// evaluated with its `Date` (or, with no Date from the origin, the time it was received),
+/// by RFC 9110 §13.1.3: not modified (304) when that date is at or before the client's, the
+/// stored response (200) when it is later. The other rules of §13.1.3 and §13.2.2 hold: an
+/// `If-None-Match` takes precedence, and an invalid date or a list of dates (several lines)
+/// is ignored; `If-Unmodified-Since` (§13.1.4) likewise.
+#[test]
+fn rfc9111_4_3_2_if_modified_since_without_last_modified_is_evaluated_with_date() {
+    let t = now() - 100;
+    let date = |s: u64| String::from_utf8(ringway::date::http_date(s).to_vec()).unwrap();
+    let ims = |s: u64| format!("If-Modified-Since: {}\r\n", date(s));
+    let fields = format!("cache-control: max-age=600\r\ndate: {}\r\n", date(t));
+    let (up, _) = counting_origin(Box::leak(fields.into_boxed_str()));
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/d");
+    for at in [t, t + 50] {
+        let r = get_h(gw.addr, "/d", &ims(at));
+        assert_eq!(
+            r.status,
+            304,
+            "IMS at Date{:+}: {r:?}",
+            at as i64 - t as i64
+        );
+        assert!(r.body.is_empty(), "{r:?}");
+    }
+    let head = format!("HEAD /d HTTP/1.1\r\nHost: test.local\r\n{}\r\n", ims(t));
+    assert_eq!(request(gw.addr, head.as_bytes()).status, 304);
+    // Date 3000 s after the client's date: modified since (the cache-tests suite's
+    // `conditional-lm-fresh-no-lm` expects 304 here, against §13.1.3).
+    let r = get_h(gw.addr, "/d", &ims(t - 3000));
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    for (what, headers) in [
+        (
+            "If-None-Match first",
+            format!("If-None-Match: \"x\"\r\n{}", ims(t)),
+        ),
+        (
+            "invalid date",
+            "If-Modified-Since: yesterday\r\n".to_string(),
+        ),
+        ("two dates", format!("{}{}", ims(t), ims(t + 1))),
+        (
+            "two If-Unmodified-Since dates",
+            format!(
+                "If-Unmodified-Since: {}\r\nIf-Unmodified-Since: {}\r\n",
+                date(t - 10),
+                date(t - 5)
+            ),
+        ),
+    ] {
+        let r = get_h(gw.addr, "/d", &headers);
+        assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{what}: {r:?}");
+    }
+    assert_eq!(up.hits(), 1);
+    // No Date from the origin: the time the response was received stands in (ringway stores
+    // it as the response's Date, RFC 9110 §6.6.1).
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    get(gw.addr, "/n");
+    let r = get_h(gw.addr, "/n", &ims(now() + 3600));
+    assert_eq!(r.status, 304, "{r:?}");
+    let r = get_h(gw.addr, "/n", &ims(now() - 3600));
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    assert_eq!(up.hits(), 1);
+}
+
 /// RFC 9111 §5.2.1.2, §5.2.1.3 with RFC 5861 §3: a client that takes no response stale by
 /// more than `max-stale`, or asks `min-fresh`, is not answered with a stale response under
 /// `stale-while-revalidate`: the response is validated first.

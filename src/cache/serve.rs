@@ -4044,9 +4044,7 @@ fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
         if !ok {
             return Some(412);
         }
-    } else if let Some(ius) = h
-        .header(b"if-unmodified-since")
-        .and_then(policy::parse_http_date)
+    } else if let Some(ius) = one_line(h, b"if-unmodified-since").and_then(policy::parse_http_date)
     {
         if lm().is_none_or(|lm| lm > ius) {
             return Some(412);
@@ -4059,10 +4057,7 @@ fn preconditions(h: &RequestHead, o: &Object) -> Option<u16> {
         {
             return Some(304);
         }
-    } else if let Some(ims) = h
-        .header(b"if-modified-since")
-        .and_then(policy::parse_http_date)
-    {
+    } else if let Some(ims) = one_line(h, b"if-modified-since").and_then(policy::parse_http_date) {
         // RFC 9111 §4.3.2: without Last-Modified, the stored Date (or the time it was
         // received) stands in for it.
         let lm_or_date = lm().unwrap_or_else(|| {
@@ -4109,7 +4104,14 @@ fn if_range_holds(h: &RequestHead, o: &Object) -> bool {
 /// ignored as any invalid `Range` is (§14.2), the whole representation answered, and
 /// `If-Range` with it (§13.1.5: it goes with a Range the server would honour).
 fn single_range(h: &RequestHead) -> Option<&[u8]> {
-    let mut lines = h.header_values(b"range");
+    one_line(h, b"range")
+}
+
+/// The value of the request's field `name` when it came as one line. A date field
+/// (`If-Modified-Since`, `If-Unmodified-Since`) on several lines is a list of dates, which
+/// RFC 9110 §13.1.3 and §13.1.4 say to ignore, as an invalid date is.
+fn one_line<'h>(h: &'h RequestHead, name: &'h [u8]) -> Option<&'h [u8]> {
+    let mut lines = h.header_values(name);
     let first = lines.next()?;
     lines.next().is_none().then_some(first)
 }
