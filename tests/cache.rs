@@ -4566,6 +4566,28 @@ fn rfc9111_4_1_an_absent_vary_field_matches_only_an_absent_one() {
     assert_eq!(up.hits(), 2);
 }
 
+/// RFC 9111 §4.1 normalises a selecting field only "in a way that is known to have identical
+/// semantics". In Accept-Encoding (RFC 9110 §12.5.3) a coding refused with `q=0` can change
+/// what is acceptable: `*, gzip;q=0` accepts every coding but gzip, `*` every one, so what the
+/// origin answered to `*` (a gzip body, say) is not served to it; `gzip, identity;q=0` refuses
+/// the unencoded body that `gzip` accepts. Before, every refused coding was left out of the
+/// compared value: the client that refused gzip got the variant stored for `*`. A refused
+/// coding that is not acceptable either way (not listed, no `*`) is still left out.
+#[test]
+fn rfc9111_4_1_a_refused_coding_that_changes_what_is_acceptable_is_not_normalised_away() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: accept-encoding\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let ae = |v: &str| get_h(gw.addr, "/e", &format!("Accept-Encoding: {v}\r\n"));
+    miss(&ae("*"), "v1");
+    miss(&ae("*, gzip;q=0"), "v2");
+    hit(&ae("*, GZIP ; q=0.0"), "v2");
+    hit(&ae("*"), "v1");
+    miss(&ae("gzip"), "v3");
+    miss(&ae("gzip, identity;q=0"), "v4");
+    hit(&ae("gzip, zstd;q=0"), "v3");
+    assert_eq!(up.hits(), 4);
+}
+
 /// An origin for §4.3.4 tests: the first answer is `first` (stored, stale at once), a
 /// conditional request gets a 304 carrying `etag_304` and `max-age=60`, any other request
 /// the new response (`new`, ETag `etag_304`).

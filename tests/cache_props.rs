@@ -758,7 +758,7 @@ proptest! {
 
     /// `Accept-Encoding` is compared as the set of codings accepted: order, case, OWS,
     /// duplicates and the split into lines do not matter, and a coding refused with q=0 is
-    /// not in it.
+    /// not in it; then the refused codings that change what is acceptable (RFC 9110 §12.5.3).
     #[test]
     fn accept_encoding_is_a_set(
         list in proptest::collection::vec(coding(), 0..6),
@@ -786,13 +786,25 @@ proptest! {
         let split = vary_value(b"Accept-Encoding", &mut [a.as_bytes(), b.as_bytes()].into_iter());
         prop_assert_eq!(&split, &whole);
         prop_assert_ne!(&whole[..], VARY_ABSENT);
+        let no = |q: &Option<&str>| matches!(q, Some(q) if q[2..].bytes().all(|b| b == b'0' || b == b'.'));
         let mut want: Vec<String> = list
             .iter()
-            .filter(|(_, q)| !matches!(q, Some(q) if q[2..].bytes().all(|b| b == b'0' || b == b'.')))
+            .filter(|(_, q)| !no(q))
             .map(|(c, _)| c.to_ascii_lowercase())
             .collect();
         want.sort();
         want.dedup();
+        // RFC 9110 §12.5.3: a refused coding counts against an accepted `*`, as `identity` or
+        // `*`, or against the same coding accepted; otherwise it is not acceptable anyway.
+        let mut refused: Vec<String> = list
+            .iter()
+            .filter(|(_, q)| no(q))
+            .map(|(c, _)| c.to_ascii_lowercase())
+            .filter(|c| want.iter().any(|w| w == "*" || w == c) || c == "identity" || c == "*")
+            .collect();
+        refused.sort();
+        refused.dedup();
+        want.extend(refused.iter().map(|c| format!("{c};q=0")));
         prop_assert_eq!(String::from_utf8(whole).expect("ASCII"), want.join(","));
     }
 

@@ -953,7 +953,8 @@ pub fn content_range(v: &[u8]) -> Option<ContentRange> {
 pub const VARY_ABSENT: &[u8] = b"\0";
 
 /// A request header's value as it is compared for Vary: the field lines joined, whitespace
-/// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings;
+/// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings, then
+/// the refused ones that change what is acceptable;
 /// a valid `Accept-Language` in the form of [`accept_language`]; [`VARY_ABSENT`] when the
 /// request has no such field.
 pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
@@ -969,26 +970,49 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
         }
     }
     if name.eq_ignore_ascii_case(b"accept-encoding") {
-        let mut codings: Vec<Vec<u8>> = items
-            .iter()
-            .filter_map(|i| {
-                let mut parts = i.split(|b| *b == b';');
-                let coding = trim_ows(parts.next()?).to_ascii_lowercase();
-                let refused = parts.any(|p| {
-                    let p = trim_ows(p);
-                    p.len() >= 2
-                        && p[..2].eq_ignore_ascii_case(b"q=")
-                        && p[2..].iter().all(|b| *b == b'0' || *b == b'.')
-                });
-                (!refused && !coding.is_empty()).then_some(coding)
-            })
-            .collect();
+        let (mut accepted, mut refused): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
+        for i in &items {
+            let mut parts = i.split(|b| *b == b';');
+            let coding = trim_ows(parts.next().unwrap_or_default()).to_ascii_lowercase();
+            if coding.is_empty() {
+                continue;
+            }
+            let no = parts.any(|p| {
+                let p = trim_ows(p);
+                p.len() >= 2
+                    && p[..2].eq_ignore_ascii_case(b"q=")
+                    && p[2..].iter().all(|b| *b == b'0' || *b == b'.')
+            });
+            if no {
+                refused.push(coding);
+            } else {
+                accepted.push(coding);
+            }
+        }
         if !present {
             return VARY_ABSENT.to_vec();
         }
-        codings.sort();
-        codings.dedup();
-        return codings.join(&b","[..]);
+        accepted.sort();
+        accepted.dedup();
+        // A coding refused with q=0 is left out when it is not acceptable either way (not
+        // listed, no `*`: RFC 9110 §12.5.3), so `gzip;q=0` is the empty field. It is kept when
+        // it changes what is acceptable: an exception to an accepted `*` (`*, gzip;q=0` is
+        // not `*`), `identity` (acceptable unless refused) and `*` (which refuses the
+        // identity too, unless listed), and a coding also listed as accepted (which of the two
+        // counts is not specified).
+        let star = accepted.iter().any(|c| c == b"*");
+        refused.retain(|c| star || c == b"identity" || c == b"*" || accepted.contains(c));
+        refused.sort();
+        refused.dedup();
+        let mut out = accepted.join(&b","[..]);
+        for c in refused {
+            if !out.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(&c);
+            out.extend_from_slice(b";q=0");
+        }
+        return out;
     }
     if !present {
         return VARY_ABSENT.to_vec();
@@ -2079,9 +2103,14 @@ mod tests {
         assert!(!none_match_hits(b"\"x\"", Some(b"\"a\"")));
         let v = vary_value(
             b"accept-encoding",
-            &mut [&b"gzip, br;q=1"[..], b"identity;q=0, GZIP"].into_iter(),
+            &mut [&b"gzip, br;q=1"[..], b"identity;q=0, GZIP, zstd;q=0"].into_iter(),
         );
-        assert_eq!(v, b"br,gzip");
+        assert_eq!(v, b"br,gzip,identity;q=0");
+        let v = vary_value(
+            b"accept-encoding",
+            &mut [&b"*, Gzip;q=0, br;q=0.5"[..]].into_iter(),
+        );
+        assert_eq!(v, b"*,br,gzip;q=0");
         // §4.1: absent matches only absent; empty and all-refused are the empty set.
         let absent = vary_value(b"accept-encoding", &mut std::iter::empty());
         assert_eq!(absent, VARY_ABSENT);
