@@ -4100,6 +4100,48 @@ fn rfc9111_4_1_accept_language_is_compared_without_regard_to_case() {
     assert_eq!(get_h(gw.addr, "/f", "foo: A\r\n").text(), "v2");
 }
 
+/// RFC 9111 §4.1 lets a cache normalise a selecting field "in a way that is known to have
+/// identical semantics, according to the header field's specification". For Accept-Language
+/// (RFC 9110 §12.5.4, §12.4.2): a weight is a number (`q=0.50` is `q=0.5`, `q=1` is no
+/// weight), and ranges of different weights mean the same in any order. Not merged: equal
+/// weights in another order (§12.5.4: some recipients read the order as a preference; the
+/// cache-tests `vary-normalise-lang-order` expects that merge), another set of ranges that
+/// the origin happened to answer alike (`vary-normalise-lang-select`), a `q=0` range left out,
+/// and a value that is not an Accept-Language (kept in its own case).
+#[test]
+fn rfc9111_4_1_accept_language_weights_are_normalised_per_rfc9110_12_5_4() {
+    let (up, _) = counting_origin(
+        "cache-control: max-age=3600
+vary: Accept-Language
+",
+    );
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let lang = |v: &str| get_h(gw.addr, "/l", &format!("accept-language: {v}\r\n"));
+    miss(&lang("de;q=0.5, en"), "v1");
+    hit(&lang("en, de;q=0.5"), "v1");
+    hit(&lang("EN ; Q=1.000,de;q=0.500"), "v1");
+    let two_lines = get_h(
+        gw.addr,
+        "/l",
+        "accept-language: de;q=0.50\r\naccept-language: en;q=1\r\n",
+    );
+    hit(&two_lines, "v1");
+    // Equal weights in another order: another variant.
+    miss(&lang("fr, it"), "v2");
+    miss(&lang("it, fr"), "v3");
+    // Another set of ranges, though the origin could answer it the same.
+    miss(&lang("fr;q=0.5, en"), "v4");
+    // A range refused with q=0 is not the range left out.
+    miss(&lang("en, de;q=0"), "v5");
+    hit(&lang("de;q=0.000, en"), "v5");
+    miss(&lang("en"), "v6");
+    // Not an Accept-Language (a parameter other than q): compared as sent, case included.
+    miss(&lang("EN;level=1, de;q=0.5"), "v7");
+    miss(&lang("en;level=1, de;q=0.5"), "v8");
+    hit(&lang("EN;level=1 ,  de;q=0.5"), "v7");
+    assert_eq!(up.hits(), 8);
+}
+
 /// RFC 9111 §4.2: "a cache recipient SHOULD match the field value case-insensitively"
 /// (dates are case-sensitive in RFC 9110 §5.6.7, relaxed for caches); the cache-tests
 /// suite's `freshness-expires-wrong-case-month` and `-tz`.
@@ -4588,6 +4630,28 @@ fn rfc9111_4_1_an_absent_vary_field_matches_only_an_absent_one() {
     assert_eq!(get_h(gw.addr, "/t", "").text(), "v2");
     assert_eq!(get_h(gw.addr, "/t", "X-Tenant: \r\n").text(), "v1");
     assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9111 §4.1 normalises a selecting field only "in a way that is known to have identical
+/// semantics". In Accept-Encoding (RFC 9110 §12.5.3) a coding refused with `q=0` can change
+/// what is acceptable: `*, gzip;q=0` accepts every coding but gzip, `*` every one, so what the
+/// origin answered to `*` (a gzip body, say) is not served to it; `gzip, identity;q=0` refuses
+/// the unencoded body that `gzip` accepts. Before, every refused coding was left out of the
+/// compared value: the client that refused gzip got the variant stored for `*`. A refused
+/// coding that is not acceptable either way (not listed, no `*`) is still left out.
+#[test]
+fn rfc9111_4_1_a_refused_coding_that_changes_what_is_acceptable_is_not_normalised_away() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: accept-encoding\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let ae = |v: &str| get_h(gw.addr, "/e", &format!("Accept-Encoding: {v}\r\n"));
+    miss(&ae("*"), "v1");
+    miss(&ae("*, gzip;q=0"), "v2");
+    hit(&ae("*, GZIP ; q=0.0"), "v2");
+    hit(&ae("*"), "v1");
+    miss(&ae("gzip"), "v3");
+    miss(&ae("gzip, identity;q=0"), "v4");
+    hit(&ae("gzip, zstd;q=0"), "v3");
+    assert_eq!(up.hits(), 4);
 }
 
 /// An origin for §4.3.4 tests: the first answer is `first` (stored, stale at once), a

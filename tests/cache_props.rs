@@ -758,7 +758,7 @@ proptest! {
 
     /// `Accept-Encoding` is compared as the set of codings accepted: order, case, OWS,
     /// duplicates and the split into lines do not matter, and a coding refused with q=0 is
-    /// not in it.
+    /// not in it; then the refused codings that change what is acceptable (RFC 9110 §12.5.3).
     #[test]
     fn accept_encoding_is_a_set(
         list in proptest::collection::vec(coding(), 0..6),
@@ -786,13 +786,25 @@ proptest! {
         let split = vary_value(b"Accept-Encoding", &mut [a.as_bytes(), b.as_bytes()].into_iter());
         prop_assert_eq!(&split, &whole);
         prop_assert_ne!(&whole[..], VARY_ABSENT);
+        let no = |q: &Option<&str>| matches!(q, Some(q) if q[2..].bytes().all(|b| b == b'0' || b == b'.'));
         let mut want: Vec<String> = list
             .iter()
-            .filter(|(_, q)| !matches!(q, Some(q) if q[2..].bytes().all(|b| b == b'0' || b == b'.')))
+            .filter(|(_, q)| !no(q))
             .map(|(c, _)| c.to_ascii_lowercase())
             .collect();
         want.sort();
         want.dedup();
+        // RFC 9110 §12.5.3: a refused coding counts against an accepted `*`, as `identity` or
+        // `*`, or against the same coding accepted; otherwise it is not acceptable anyway.
+        let mut refused: Vec<String> = list
+            .iter()
+            .filter(|(_, q)| no(q))
+            .map(|(c, _)| c.to_ascii_lowercase())
+            .filter(|c| want.iter().any(|w| w == "*" || w == c) || c == "identity" || c == "*")
+            .collect();
+        refused.sort();
+        refused.dedup();
+        want.extend(refused.iter().map(|c| format!("{c};q=0")));
         prop_assert_eq!(String::from_utf8(whole).expect("ASCII"), want.join(","));
     }
 
@@ -836,6 +848,188 @@ proptest! {
         let _ = vary_names(std::iter::once(&raw[..]));
         let _ = none_match_hits(&raw, Some(&raw[..raw.len() / 2]));
         let _ = (weak_match(&raw, b"\"a\""), strong_match(b"W/\"a\"", &raw));
+    }
+}
+
+// Accept-Language (RFC 9111 §4.1, RFC 9110 §12.5.4), against a model worked out apart.
+
+/// Language ranges: valid ones (RFC 4647 §2.1) and, after them, ones that are not.
+const LANG_RANGES: [&str; 13] = [
+    "en",
+    "de",
+    "de-ch",
+    "fr",
+    "*",
+    "zh-hant-tw",
+    "x-klingon",
+    "en-gb",
+    "en_us",
+    "abcdefghi",
+    "de-",
+    "1en",
+    "*-ch",
+];
+/// Weights, in classes of one meaning each (the first five valid, RFC 9110 §12.4.2).
+const LANG_WEIGHTS: [&[&str]; 9] = [
+    &["", ";q=1", ";Q=1.000", ";q=1."],
+    &[";q=0.5", " ; q=0.50", ";q=0.500"],
+    &[";q=0", ";q=0.000", ";Q=0.0"],
+    &[";q=0.8"],
+    &[";q=0.25", ";q=0.250"],
+    &[";q=1.5"],
+    &[";q=.5"],
+    &[";level=1"],
+    &[";q = 0.5", ";q=0.5;q=0.5", ";", ";q=0.1234"],
+];
+
+/// What an `Accept-Language` value's items mean: `None` when one is not
+/// `language-range [ weight ]`; else each range in lower case with its weight in
+/// thousandths, in the order listed.
+fn language_meaning(items: &[String]) -> Option<Vec<(String, u32)>> {
+    let ows: &[char] = &[' ', '\t'];
+    items
+        .iter()
+        .map(|item| {
+            let (range, weight) = match item.split_once(';') {
+                Some((r, w)) => (r.trim_matches(ows), Some(w.trim_matches(ows))),
+                None => (item.trim_matches(ows), None),
+            };
+            let ok_range = range == "*"
+                || range.split('-').enumerate().all(|(i, sub)| {
+                    (1..=8).contains(&sub.len())
+                        && sub
+                            .chars()
+                            .all(|c| c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+                });
+            if !ok_range {
+                return None;
+            }
+            let q = match weight {
+                None => 1000,
+                Some(w) => {
+                    let v = w.strip_prefix("q=").or_else(|| w.strip_prefix("Q="))?;
+                    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+                    if frac.len() > 3 || !frac.chars().all(|c| c.is_ascii_digit()) {
+                        return None;
+                    }
+                    let thousandths: u32 = format!("{frac:0<3}").parse().ok()?;
+                    match int {
+                        "0" => thousandths,
+                        "1" if thousandths == 0 => 1000,
+                        _ => return None,
+                    }
+                }
+            };
+            Some((range.to_ascii_lowercase(), q))
+        })
+        .collect()
+}
+
+/// The equivalence the normalised form keeps (RFC 9110 §12.5.4): two valid values whose
+/// ranges are all distinct mean the same when they list, for each weight, the same ranges in
+/// the same order; a value with a range listed twice only means what the same list means; a
+/// value that is not an Accept-Language only what the same items mean.
+fn languages_equivalent(a: &[String], b: &[String]) -> bool {
+    let distinct = |m: &[(String, u32)]| {
+        let mut seen = std::collections::HashSet::new();
+        m.iter().all(|(r, _)| seen.insert(r.clone()))
+    };
+    let by_weight = |m: &[(String, u32)]| {
+        let mut w: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+        for (r, q) in m {
+            w.entry(*q).or_default().push(r.clone());
+        }
+        w
+    };
+    match (language_meaning(a), language_meaning(b)) {
+        (Some(x), Some(y)) if distinct(&x) && distinct(&y) => by_weight(&x) == by_weight(&y),
+        (Some(x), Some(y)) => x == y,
+        (None, None) => a == b,
+        _ => false,
+    }
+}
+
+/// A value's items as `vary_value` splits them (no quotes in these values).
+fn items_of(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|i| i.trim_matches(&[' ', '\t'][..]).to_string())
+        .filter(|i| !i.is_empty())
+        .collect()
+}
+
+fn accept_language(lines: &[&str]) -> String {
+    let v = vary_value(b"accept-language", &mut lines.iter().map(|l| l.as_bytes()));
+    String::from_utf8(v).expect("ASCII in, ASCII out")
+}
+
+/// One item: a range (mostly valid), the class of its weight (mostly valid), two spellings of
+/// that weight, two case masks.
+fn language_item() -> impl Strategy<Value = (usize, usize, usize, usize, u64, u64)> {
+    (
+        prop_oneof![6 => 0..8usize, 1 => 8..LANG_RANGES.len()],
+        prop_oneof![8 => 0..5usize, 1 => 5..LANG_WEIGHTS.len()],
+        any::<usize>(),
+        any::<usize>(),
+        any::<u64>(),
+        any::<u64>(),
+    )
+}
+
+proptest! {
+    #![proptest_config(prop_support::config())]
+
+    /// Two spellings of one list, the second reordered, recased, its weights spelled another
+    /// way and split over two lines: their normalised forms are equal exactly when the model
+    /// says they mean the same (RFC 9111 §4.1: normalised only "in a way that is known to have
+    /// identical semantics").
+    #[test]
+    fn accept_language_forms_are_equal_exactly_when_the_meaning_is(
+        list in proptest::collection::vec(language_item(), 0..6),
+        order in proptest::collection::vec(any::<u32>(), 6),
+        cut in any::<prop::sample::Index>(),
+        sep in prop::sample::select(&[",", ", ", " ,\t", ",,"][..]),
+    ) {
+        let spell = |(r, w, sa, sb, ma, mb): &(usize, usize, usize, usize, u64, u64), second: bool| {
+            let class = LANG_WEIGHTS[*w];
+            let (s, m) = if second { (*sb, *mb) } else { (*sa, *ma) };
+            format!("{}{}", recase(LANG_RANGES[*r], m), class[s % class.len()])
+        };
+        let a: Vec<String> = list.iter().map(|i| spell(i, false)).collect();
+        let mut idx: Vec<usize> = (0..list.len()).collect();
+        idx.sort_by_key(|i| order[*i]);
+        let b: Vec<String> = idx.iter().map(|i| spell(&list[*i], true)).collect();
+        let one = a.join(sep);
+        let at = cut.index(b.len() + 1);
+        let (b1, b2) = (b[..at].join(sep), b[at..].join(", "));
+        let va = accept_language(&[&one]);
+        let vb = accept_language(&[&b1, &b2]);
+        let (ia, ib) = (items_of(&one), items_of(&format!("{b1},{b2}")));
+        prop_assert_eq!(va == vb, languages_equivalent(&ia, &ib), "{:?} / {:?}: {:?} {:?}", one, (&b1, &b2), va, vb);
+    }
+
+    /// Any value: no panic; the form means what the value means, and is its own form.
+    #[test]
+    fn accept_language_forms_keep_the_meaning_and_are_stable(
+        list in proptest::collection::vec(language_item(), 0..8),
+        v in "[a-zA-Z0-9,;=.* \t_-]{0,90}",
+        raw in proptest::collection::vec(any::<u8>().prop_filter("a field value's byte", |b| !matches!(b, 0 | b'\r' | b'\n')), 0..120),
+    ) {
+        let spelled = list
+            .iter()
+            .map(|(r, w, s, _, m, _)| {
+                let class = LANG_WEIGHTS[*w];
+                format!("{}{}", recase(LANG_RANGES[*r], *m), class[s % class.len()])
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        for v in [&spelled, &v] {
+            let out = accept_language(&[v]);
+            prop_assert!(languages_equivalent(&items_of(v), &items_of(&out)), "{:?} -> {:?}", v, out);
+            prop_assert_eq!(accept_language(&[&out]), out.clone());
+        }
+        let got = vary_value(b"Accept-Language", &mut std::iter::once(&raw[..]));
+        let again = vary_value(b"Accept-Language", &mut std::iter::once(&got[..]));
+        prop_assert_eq!(again, got);
     }
 }
 

@@ -953,8 +953,10 @@ pub fn content_range(v: &[u8]) -> Option<ContentRange> {
 pub const VARY_ABSENT: &[u8] = b"\0";
 
 /// A request header's value as it is compared for Vary: the field lines joined, whitespace
-/// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings;
-/// `Accept-Language` in lower case; [`VARY_ABSENT`] when the request has no such field.
+/// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings, then
+/// the refused ones that change what is acceptable;
+/// a valid `Accept-Language` in the form of [`accept_language`]; [`VARY_ABSENT`] when the
+/// request has no such field.
 pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
     let mut items: Vec<Vec<u8>> = Vec::new();
     let mut present = false;
@@ -968,36 +970,171 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
         }
     }
     if name.eq_ignore_ascii_case(b"accept-encoding") {
-        let mut codings: Vec<Vec<u8>> = items
-            .iter()
-            .filter_map(|i| {
-                let mut parts = i.split(|b| *b == b';');
-                let coding = trim_ows(parts.next()?).to_ascii_lowercase();
-                let refused = parts.any(|p| {
-                    let p = trim_ows(p);
-                    p.len() >= 2
-                        && p[..2].eq_ignore_ascii_case(b"q=")
-                        && p[2..].iter().all(|b| *b == b'0' || *b == b'.')
-                });
-                (!refused && !coding.is_empty()).then_some(coding)
-            })
-            .collect();
+        let (mut accepted, mut refused): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
+        for i in &items {
+            let mut parts = i.split(|b| *b == b';');
+            let coding = trim_ows(parts.next().unwrap_or_default()).to_ascii_lowercase();
+            if coding.is_empty() {
+                continue;
+            }
+            let no = parts.any(|p| {
+                let p = trim_ows(p);
+                p.len() >= 2
+                    && p[..2].eq_ignore_ascii_case(b"q=")
+                    && p[2..].iter().all(|b| *b == b'0' || *b == b'.')
+            });
+            if no {
+                refused.push(coding);
+            } else {
+                accepted.push(coding);
+            }
+        }
         if !present {
             return VARY_ABSENT.to_vec();
         }
-        codings.sort();
-        codings.dedup();
-        return codings.join(&b","[..]);
+        accepted.sort();
+        accepted.dedup();
+        // A coding refused with q=0 is left out when it is not acceptable either way (not
+        // listed, no `*`: RFC 9110 §12.5.3), so `gzip;q=0` is the empty field. It is kept when
+        // it changes what is acceptable: an exception to an accepted `*` (`*, gzip;q=0` is
+        // not `*`), `identity` (acceptable unless refused) and `*` (which refuses the
+        // identity too, unless listed), and a coding also listed as accepted (which of the two
+        // counts is not specified).
+        let star = accepted.iter().any(|c| c == b"*");
+        refused.retain(|c| star || c == b"identity" || c == b"*" || accepted.contains(c));
+        refused.sort();
+        refused.dedup();
+        let mut out = accepted.join(&b","[..]);
+        for c in refused {
+            if !out.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(&c);
+            out.extend_from_slice(b";q=0");
+        }
+        return out;
     }
     if !present {
         return VARY_ABSENT.to_vec();
     }
-    // Language ranges and their weights are case-insensitive (RFC 4647 §2, RFC 9110 §12.4.2),
-    // and RFC 9111 §4.1 lets a cache normalise such values: `en, de` and `EN, De` match.
     if name.eq_ignore_ascii_case(b"accept-language") {
-        items.iter_mut().for_each(|i| i.make_ascii_lowercase());
+        if let Some(v) = accept_language(&items) {
+            return v;
+        }
     }
     items.join(&b", "[..])
+}
+
+/// The most language ranges, and bytes of them, that [`accept_language`] normalises: a longer
+/// `Accept-Language` (browsers send a handful) is compared as its items are.
+pub const LANGUAGE_RANGES_MAX: usize = 32;
+/// See [`LANGUAGE_RANGES_MAX`].
+pub const LANGUAGE_BYTES_MAX: usize = 1024;
+
+/// An `Accept-Language` value (its items, trimmed, none empty) in a form that only values of
+/// the same meaning share (RFC 9111 §4.1: normalised "in a way that is known to have
+/// identical semantics, according to the header field's specification"); `None` when it is
+/// not `#( language-range [ weight ] )` (RFC 9110 §12.5.4, RFC 4647 §2.1: such a value is
+/// compared as it is, never merged with a valid one) or is over the caps.
+///
+/// - Ranges in lower case, `q` too: they are case-insensitive (RFC 4647 §2, RFC 9110
+///   §12.4.2); no OWS around `;`.
+/// - Weights as numbers: `q=0.50` is `q=0.5`, and `q=1`, `q=1.000` are written as no weight
+///   (the default, §12.4.2); `q=0` is kept (not acceptable, §12.4.2: `*, fr;q=0` is not `*`).
+/// - Ranges of different weights in descending order of weight, ranges of equal weight in the
+///   order sent: §12.5.4 notes that recipients may take the order of equally weighted ranges
+///   as a preference, so `en, de` and `de, en` are not merged (nor is a set of ranges merged
+///   with another that would select the same stored response: that is the origin's choice).
+/// - Nothing is reordered when a range is listed twice (in any case): how its two weights
+///   combine is not specified, and the order may decide it. Nothing is dropped either.
+pub fn accept_language(items: &[Vec<u8>]) -> Option<Vec<u8>> {
+    if items.len() > LANGUAGE_RANGES_MAX
+        || items.iter().map(Vec::len).sum::<usize>() > LANGUAGE_BYTES_MAX
+    {
+        return None;
+    }
+    let mut all: [(&[u8], u16); LANGUAGE_RANGES_MAX] = [(&[], 0); LANGUAGE_RANGES_MAX];
+    for (slot, item) in all.iter_mut().zip(items) {
+        *slot = language_item(item)?;
+    }
+    let ranges = &mut all[..items.len()];
+    let distinct = (1..ranges.len()).all(|i| {
+        !ranges[..i]
+            .iter()
+            .any(|(r, _)| r.eq_ignore_ascii_case(ranges[i].0))
+    });
+    if distinct {
+        // A stable insertion sort, by descending weight (at most LANGUAGE_RANGES_MAX items).
+        for i in 1..ranges.len() {
+            let mut j = i;
+            while j > 0 && ranges[j - 1].1 < ranges[j].1 {
+                ranges.swap(j - 1, j);
+                j -= 1;
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 2).sum());
+    for (k, (range, q)) in ranges.iter().enumerate() {
+        if k > 0 {
+            out.extend_from_slice(b", ");
+        }
+        out.extend(range.iter().map(u8::to_ascii_lowercase));
+        if *q < 1000 {
+            out.extend_from_slice(b";q=0");
+            let digits = [q / 100, q / 10 % 10, q % 10];
+            let used = digits.iter().rposition(|d| *d != 0).map_or(0, |i| i + 1);
+            if used > 0 {
+                out.push(b'.');
+                out.extend(digits[..used].iter().map(|d| b'0' + *d as u8));
+            }
+        }
+    }
+    Some(out)
+}
+
+/// One `Accept-Language` item, `language-range [ weight ]` (RFC 9110 §12.5.4, §12.4.2): the
+/// range and its weight in thousandths (1000 when absent); `None` when it is not one.
+fn language_item(item: &[u8]) -> Option<(&[u8], u16)> {
+    let (range, weight) = match item.iter().position(|b| *b == b';') {
+        Some(at) => (trim_ows(&item[..at]), Some(trim_ows(&item[at + 1..]))),
+        None => (item, None),
+    };
+    let basic = |r: &[u8]| {
+        let mut subtags = r.split(|b| *b == b'-');
+        let first = subtags.next().unwrap_or_default();
+        (1..=8).contains(&first.len())
+            && first.iter().all(u8::is_ascii_alphabetic)
+            && subtags
+                .all(|s| (1..=8).contains(&s.len()) && s.iter().all(u8::is_ascii_alphanumeric))
+    };
+    if range != b"*" && !basic(range) {
+        return None;
+    }
+    let q = match weight {
+        None => 1000,
+        Some(w) => match w {
+            [b'q' | b'Q', b'=', v @ ..] => qvalue(v)?,
+            _ => return None,
+        },
+    };
+    Some((range, q))
+}
+
+/// A `qvalue` (RFC 9110 §12.4.2: `0[.ddd]` or `1[.000]`) in thousandths.
+fn qvalue(v: &[u8]) -> Option<u16> {
+    let (first, frac) = match v {
+        [d] => (*d, &[][..]),
+        [d, b'.', f @ ..] if f.len() <= 3 && f.iter().all(u8::is_ascii_digit) => (*d, f),
+        _ => return None,
+    };
+    let n = (0..3).fold(0u16, |n, k| {
+        n * 10 + frac.get(k).map_or(0, |d| u16::from(d - b'0'))
+    });
+    match first {
+        b'0' => Some(n),
+        b'1' if n == 0 => Some(1000),
+        _ => None,
+    }
 }
 
 /// Whether the `Cache-Status` member `m` (a list member, trimmed) names the cache `name`
@@ -1966,9 +2103,14 @@ mod tests {
         assert!(!none_match_hits(b"\"x\"", Some(b"\"a\"")));
         let v = vary_value(
             b"accept-encoding",
-            &mut [&b"gzip, br;q=1"[..], b"identity;q=0, GZIP"].into_iter(),
+            &mut [&b"gzip, br;q=1"[..], b"identity;q=0, GZIP, zstd;q=0"].into_iter(),
         );
-        assert_eq!(v, b"br,gzip");
+        assert_eq!(v, b"br,gzip,identity;q=0");
+        let v = vary_value(
+            b"accept-encoding",
+            &mut [&b"*, Gzip;q=0, br;q=0.5"[..]].into_iter(),
+        );
+        assert_eq!(v, b"*,br,gzip;q=0");
         // §4.1: absent matches only absent; empty and all-refused are the empty set.
         let absent = vary_value(b"accept-encoding", &mut std::iter::empty());
         assert_eq!(absent, VARY_ABSENT);
@@ -1985,6 +2127,62 @@ mod tests {
             1
         );
         assert!(vary_names([&b"a, *"[..]].into_iter()).is_none());
+    }
+
+    /// RFC 9111 §4.1 with RFC 9110 §12.5.4: `Accept-Language` values of one meaning share a
+    /// form; order among equal weights, `q=0` ranges, repeated ranges and invalid values are
+    /// kept as they were.
+    #[test]
+    fn accept_language_is_normalised_only_where_the_meaning_is_the_same() {
+        let lang = |lines: &[&str]| {
+            let v = vary_value(b"Accept-Language", &mut lines.iter().map(|l| l.as_bytes()));
+            String::from_utf8(v).expect("ASCII")
+        };
+        let cases: &[(&[&str], &str)] = &[
+            (&["EN-gb, De"], "en-gb, de"),
+            (&["de;q=0.5, en"], "en, de;q=0.5"),
+            (&["en", "de;Q=0.50"], "en, de;q=0.5"),
+            (
+                &[" fr ; q=0.125 ,en;q=1.000, , *;q=0"],
+                "en, fr;q=0.125, *;q=0",
+            ),
+            (&["en;q=0.0, de;q=0.100"], "de;q=0.1, en;q=0"),
+            (&["de, en"], "de, en"),
+            (
+                &["fr;q=0.5, de;q=0.5, en;q=0.5"],
+                "fr;q=0.5, de;q=0.5, en;q=0.5",
+            ),
+            (&["*, fr;q=0"], "*, fr;q=0"),
+            (
+                &["zh-Hant-TW, x-klingon;q=0.3"],
+                "zh-hant-tw, x-klingon;q=0.3",
+            ),
+            // A range listed twice: nothing reordered.
+            (&["en;q=0.5, EN, de"], "en;q=0.5, en, de"),
+            // Invalid: compared as sent (items trimmed), in its own case.
+            (&["EN;q=0.5;x=1, De"], "EN;q=0.5;x=1, De"),
+            (&["de;q=0.5, en_US"], "de;q=0.5, en_US"),
+            (&["de;q=.5, en"], "de;q=.5, en"),
+            (&["de;q=1.5, en"], "de;q=1.5, en"),
+            (&["de;q=0.5000, en"], "de;q=0.5000, en"),
+            (&["de;q = 0.5, en"], "de;q = 0.5, en"),
+            (&["de-, en"], "de-, en"),
+            (&["abcdefghi, en"], "abcdefghi, en"),
+            (&["*-CH, en"], "*-CH, en"),
+            (&[""], ""),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(lang(lines), *want, "{lines:?}");
+        }
+        assert_eq!(lang(&[]).as_bytes(), VARY_ABSENT);
+        // Over the caps: as sent.
+        let many = vec!["EN;q=0.5, De"; LANGUAGE_RANGES_MAX / 2 + 1].join(", ");
+        assert_eq!(lang(&[&many]), many);
+        let long = format!("EN;q=0.5, De-{}", vec!["abcdefgh"; 120].join("-"));
+        assert!(long.len() > LANGUAGE_BYTES_MAX);
+        assert_eq!(lang(&[&long]), long);
+        let fits = vec!["EN;q=0.5, De"; LANGUAGE_RANGES_MAX / 2].join(", ");
+        assert!(lang(&[&fits]).starts_with("en;q=0.5, de, "));
     }
 
     /// Every directive a targeted field keeps the last member of is one `directive` knows.
