@@ -6766,3 +6766,225 @@ fn rfc9111_3_3_a_206_to_a_validation_is_not_stored() {
     let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
     assert_eq!(stats[0].entries, 1, "{stats:?}");
 }
+
+/// RFC 9111 §3.4 ("A cache MAY complete a stored incomplete response by making a subsequent
+/// range request ... and combining the successful response with the stored response"): an
+/// origin whose `/k` is stored first as the piece `bytes 0-4/10` (`"0123456789"`, strong ETag
+/// `"a"`, fresh). A request without `Range` gets `whole` (a 200 of `"abcdefghij"` with ETag
+/// `"b"`: a newer representation); one with `Range: bytes=5-` gets `rest(if_range)`. Every
+/// request is recorded (`Upstream::seen`).
+fn completing_origin(rest: impl Fn(Option<&str>) -> String + Send + Sync + 'static) -> Upstream {
+    Upstream::start(move |req| {
+        let raw = match req.header("range") {
+            Some("bytes=0-4") => "HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"a\"\r\nx-v: 1\r\ncontent-range: bytes 0-4/10\r\ncontent-length: 5\r\n\r\n01234".to_string(),
+            Some("bytes=5-") => rest(req.header("if-range")),
+            _ => "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 10\r\n\r\nabcdefghij".to_string(),
+        };
+        Reply::Raw(raw.into_bytes())
+    })
+}
+
+/// The requests `up` received: their `Range` and `If-Range`.
+fn ranges_seen(up: &Upstream) -> Vec<(Option<String>, Option<String>)> {
+    let seen = up.seen.lock().unwrap();
+    seen.iter()
+        .map(|r| {
+            (
+                r.header("range").map(str::to_string),
+                r.header("if-range").map(str::to_string),
+            )
+        })
+        .collect()
+}
+
+fn piece_0_4(gw: &TestGateway) {
+    part(
+        &get_h(gw.addr, "/k", "Range: bytes=0-4\r\n"),
+        "01234",
+        "bytes 0-4/10",
+    );
+}
+
+/// RFC 9111 §3.4, RFC 9110 §13.1.5, §14.2: a GET without `Range`, with a fresh piece
+/// `0-4/10` stored, asks the origin for the rest only (`Range: bytes=5-`, `If-Range` with the
+/// piece's strong ETag); its 206 `5-9/10` is combined with the piece into the whole 200, which
+/// is stored and answered (newer fields win, RFC 9110 §15.3.7.3), then answers requests with
+/// and without `Range`. Before, the request went upstream whole.
+#[test]
+fn rfc9111_3_4_a_stored_piece_is_completed_with_a_range_request_for_the_rest() {
+    let up = completing_origin(|if_range| {
+        assert_eq!(if_range, Some("\"a\""));
+        "HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"a\"\r\nx-v: 2\r\ncontent-range: bytes 5-9/10\r\ncontent-length: 5\r\n\r\n56789".to_string()
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    piece_0_4(&gw);
+    let r = get_h(gw.addr, "/k", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    assert!(!r.has("content-range"), "{r:?}");
+    assert_eq!(r.header("content-length"), Some("10"), "{r:?}");
+    assert_eq!(r.header("etag"), Some("\"a\""), "{r:?}");
+    assert_eq!(r.header("x-v"), Some("2"), "{r:?}");
+    let s = status_of(&r);
+    assert!(
+        s.contains("fwd=partial") && s.contains("fwd-status=206") && s.contains("stored"),
+        "{r:?}"
+    );
+    assert_eq!(
+        ranges_seen(&up),
+        vec![
+            (Some("bytes=0-4".into()), None),
+            (Some("bytes=5-".into()), Some("\"a\"".into()))
+        ]
+    );
+    // The whole is stored: a hit, with or without a range.
+    let r = get_h(gw.addr, "/k", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    let r = get_h(gw.addr, "/k", "Range: bytes=3-7\r\n");
+    part(&r, "34567", "bytes 3-7/10");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9111 §3.4, RFC 9110 §13.1.5: the origin answers the request for the rest with a 200
+/// (the whole representation, `If-Range` having failed): relayed and stored as the usual miss.
+#[test]
+fn rfc9111_3_4_a_200_to_the_request_for_the_rest_is_relayed_and_stored() {
+    let up = completing_origin(|_| {
+        "HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"b\"\r\ncontent-length: 10\r\n\r\nabcdefghij".to_string()
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    piece_0_4(&gw);
+    let r = get_h(gw.addr, "/k", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "abcdefghij"), "{r:?}");
+    assert!(status_of(&r).contains("fwd-status=200"), "{r:?}");
+    assert_eq!(ranges_seen(&up)[1].0.as_deref(), Some("bytes=5-"));
+    let r = get_h(gw.addr, "/k", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "abcdefghij"), "{r:?}");
+    assert!(status_of(&r).starts_with("ringway; hit"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9111 §3.4, RFC 9110 §15.3.7.3: a 206 to the request for the rest that is not exactly
+/// the rest of the stored piece's representation (another ETag, a weak one, another range or
+/// complete length, no Content-Length, several ranges) is no part of it: never combined, and
+/// never relayed (the client asked for no range). The request goes upstream again without
+/// `Range`, and the client gets the whole 200.
+#[test]
+fn rfc9111_3_4_an_unusable_206_for_the_rest_is_dropped_and_the_whole_fetched() {
+    for (i, rest) in [
+        "etag: \"b\"\r\ncontent-range: bytes 5-9/10\r\ncontent-length: 5\r\n\r\nfghij",
+        "etag: W/\"a\"\r\ncontent-range: bytes 5-9/10\r\ncontent-length: 5\r\n\r\nfghij",
+        "content-range: bytes 5-9/10\r\ncontent-length: 5\r\n\r\nfghij",
+        "etag: \"a\"\r\ncontent-range: bytes 4-9/10\r\ncontent-length: 6\r\n\r\n4fghij",
+        "etag: \"a\"\r\ncontent-range: bytes 5-8/10\r\ncontent-length: 4\r\n\r\nfghi",
+        "etag: \"a\"\r\ncontent-range: bytes 5-9/11\r\ncontent-length: 5\r\n\r\nfghij",
+        "etag: \"a\"\r\ncontent-range: bytes 5-9/10\r\ncontent-length: 4\r\n\r\nfghi",
+        "etag: \"a\"\r\ncontent-range: bytes 5-9/10\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfghij\r\n0\r\n\r\n",
+        "etag: \"a\"\r\ncontent-type: multipart/byteranges; boundary=x\r\ncontent-length: 5\r\n\r\nfghij",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let up = completing_origin(move |_| {
+            format!("HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\n{rest}")
+        });
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        piece_0_4(&gw);
+        let r = get_h(gw.addr, "/k", "");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "abcdefghij"),
+            "{i}: {r:?}"
+        );
+        assert!(!r.has("content-range"), "{i}: {r:?}");
+        let seen = ranges_seen(&up);
+        assert_eq!(seen.len(), 3, "{i}: {seen:?}");
+        assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"), "{i}");
+        assert_eq!(seen[2], (None, None), "{i}");
+        // The whole 200 fetched is stored.
+        let r = get_h(gw.addr, "/k", "");
+        assert_eq!(r.text(), "abcdefghij", "{i}: {r:?}");
+        assert!(status_of(&r).starts_with("ringway; hit"), "{i}: {r:?}");
+        assert_eq!(up.hits(), 3, "{i}");
+    }
+}
+
+/// RFC 9111 §3.4, RFC 9110 §15.5.17: a 416 to the request for the rest answers the range the
+/// cache added, not anything the client asked: dropped, and the whole fetched without `Range`.
+/// A 500 is relayed as the usual miss relays it.
+#[test]
+fn rfc9111_3_4_a_416_or_500_for_the_rest_never_reaches_the_client_as_a_range_answer() {
+    let up = completing_origin(|_| {
+        "HTTP/1.1 416 Range Not Satisfiable\r\ncontent-range: bytes */3\r\ncontent-length: 0\r\n\r\n".to_string()
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    piece_0_4(&gw);
+    let r = get_h(gw.addr, "/k", "");
+    assert_eq!((r.status, r.text().as_str()), (200, "abcdefghij"), "{r:?}");
+    assert!(!r.has("content-range"), "{r:?}");
+    let seen = ranges_seen(&up);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"));
+    assert_eq!(seen[2], (None, None));
+
+    let up = completing_origin(|_| {
+        "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\noops".to_string()
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    piece_0_4(&gw);
+    let r = get_h(gw.addr, "/k", "");
+    assert_eq!((r.status, r.text().as_str()), (500, "oops"), "{r:?}");
+    assert!(!r.has("content-range"), "{r:?}");
+    assert!(status_of(&r).contains("fwd-status=500"), "{r:?}");
+    assert_eq!(ranges_seen(&up)[1].0.as_deref(), Some("bytes=5-"));
+    assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9111 §3.4 with coalescing: a request that arrives while the piece is being completed
+/// waits on that flight, and gets the whole 200 it stored (no second upstream request, never a
+/// 206).
+#[test]
+fn rfc9111_3_4_a_request_waiting_on_a_completion_gets_the_whole_response() {
+    let (arrived, go) = (Event::new(), Event::new());
+    let (a2, g2) = (arrived.clone(), go.clone());
+    let up = Upstream::start(move |req| {
+        let raw: &[u8] = match req.header("range") {
+            Some("bytes=0-4") => b"HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"a\"\r\ncontent-range: bytes 0-4/10\r\ncontent-length: 5\r\n\r\n01234",
+            Some("bytes=5-") => {
+                return Reply::Script(vec![
+                    Step::Signal(a2.clone()),
+                    Step::Await(g2.clone()),
+                    Step::Write(b"HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"a\"\r\ncontent-range: bytes 5-9/10\r\ncontent-length: 5\r\n\r\n56789".to_vec()),
+                ])
+            }
+            _ => b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\ncontent-length: 3\r\n\r\nnew",
+        };
+        Reply::Raw(raw.to_vec())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    piece_0_4(&gw);
+    let addr = gw.addr;
+    let leader = std::thread::spawn(move || get_h(addr, "/k", ""));
+    assert!(arrived.wait(Duration::from_secs(10)));
+    let waiter = std::thread::spawn(move || get_h(addr, "/k", ""));
+    // The waiter has joined the flight once its miss is counted (the piece's, the leader's,
+    // its own): nothing between the count and the join waits.
+    let control = gw.gateway().control();
+    let mut joined = false;
+    for _ in 0..10_000 {
+        let stats = ringway::cache::stats(control, Duration::from_secs(2)).unwrap();
+        if stats[0].misses >= 3 {
+            joined = true;
+            break;
+        }
+    }
+    assert!(joined);
+    go.set();
+    let r = leader.join().unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    let r = waiter.join().unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    assert!(status_of(&r).contains("collapsed"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+}

@@ -124,6 +124,21 @@ pub async fn run<'c, S: ClientIo>(
                             break 'fill (None, any, now);
                         };
                         w.cache.count(|s| s.misses += 1);
+                        // A stored piece from byte 0 may be completed instead (RFC 9111 §3.4);
+                        // looked for only once the worker has stored one.
+                        if w.cache.has_pieces() {
+                            let sent = sent(cfg, route, c, ctx);
+                            if let Some(piece) =
+                                piece_to_complete(&w.cache, &sent, &keys, &req, p, now)
+                            {
+                                // Boxed: its future stays out of this one's size.
+                                return Box::pin(complete(
+                                    w, cfg, route, p, group, c, ctx, &keys, guard, &req,
+                                    authorized, now, any, piece,
+                                ))
+                                .await;
+                            }
+                        }
                         return fill(
                             w, cfg, route, p, group, c, ctx, &keys, guard, &req, authorized, now,
                             any,
@@ -4433,6 +4448,292 @@ fn piece_for(
         }
     }
     None
+}
+
+/// A stored piece that a GET without `Range` may complete (RFC 9111 §3.4), when nothing whole
+/// is stored for it: fresh for the request, of its Vary values, and one whose rest may be
+/// asked for ([`completion_of`]). Not for a request with `no-store` (nothing would be stored).
+#[cold]
+#[inline(never)]
+fn piece_to_complete(
+    cache: &WorkerCache,
+    sent: &Sent<'_>,
+    keys: &Keys<'_>,
+    req: &Directives,
+    p: &RoutePolicy,
+    now: u64,
+) -> Option<Rc<Object>> {
+    let h = sent.head;
+    if h.method != Method::Get || h.header(b"range").is_some() || req.no_store {
+        return None;
+    }
+    let own = keys.own.as_deref();
+    for k in std::iter::once(&keys.shared[..]).chain(own) {
+        let pk = piece_key(k);
+        let (Some(o), _) = cache.lookup(cache.key(&pk), sent) else {
+            continue;
+        };
+        if usable(&o, req, now) == Use::Fresh && completion_of(&o, p).is_some() {
+            return Some(o);
+        }
+    }
+    None
+}
+
+/// The range of a piece whose rest may be asked for, and its entity tag: it starts at byte 0
+/// and stops short of the end, its complete length is within `max_object_bytes` (the whole is
+/// stored), and its `ETag` is strong (RFC 9110 §13.1.5: `If-Range` takes a strong one; §8.8.1).
+fn completion_of<'o>(o: &'o Object, p: &RoutePolicy) -> Option<(policy::ContentRange, &'o [u8])> {
+    let cr = policy::content_range(policy::field(&o.fields, b"content-range")?)?;
+    let etag = o.etag().filter(|e| policy::strong_match(e, e))?;
+    let short = cr.first == 0 && cr.last + 1 < cr.complete && cr.complete <= p.max_object;
+    short.then_some((cr, etag))
+}
+
+/// The request head for the rest of a piece (RFC 9111 §3.4): the client's (which has no
+/// `Range`), its `If-Range` dropped, with `Range: bytes=<from>-` and `If-Range: <etag>`
+/// (RFC 9110 §14.2, §13.1.5: the rest of this representation, or the whole of a newer one).
+/// `None` when it cannot be built within limits.
+fn rest_head(
+    orig: &RequestHead,
+    from: u64,
+    etag: &[u8],
+    limits: &crate::http::request::Limits,
+    mut head: RequestHead,
+) -> Option<RequestHead> {
+    let mut raw = BytesMut::with_capacity(orig.raw.len() + etag.len() + 64);
+    raw.put_slice(b"GET ");
+    raw.put_slice(orig.bytes(orig.target));
+    raw.put_slice(b" HTTP/1.1\r\n");
+    for h in &orig.headers {
+        let name = orig.bytes(h.name);
+        if !name.eq_ignore_ascii_case(b"if-range") && !name.eq_ignore_ascii_case(b"range") {
+            put_header(&mut raw, name, orig.bytes(h.value));
+        }
+    }
+    raw.put_slice(b"range: bytes=");
+    put_u64(&mut raw, from);
+    raw.put_slice(b"-\r\n");
+    put_header(&mut raw, b"if-range", etag);
+    raw.put_slice(b"\r\n");
+    match parse_request(&raw, limits, &mut head) {
+        Ok(Some(n)) if n == raw.len() => {
+            head.raw = raw.freeze();
+            Some(head)
+        }
+        _ => None,
+    }
+}
+
+/// The length of the rest when `resp` (to the request `sent`, made by [`rest_head`]) is the
+/// rest of the piece of range `cr` and tag `etag`: a 206 with one `Content-Range` of exactly
+/// `b+1 .. N-1 / N`, a Content-Length that agrees ([`piece_range`]), and the same strong
+/// `ETag` (RFC 9110 §15.3.7.3: only then are they parts of one representation).
+fn rest_len(
+    sent: &RequestHead,
+    resp: &ResponseHead,
+    cr: policy::ContentRange,
+    etag: &[u8],
+) -> Option<usize> {
+    if resp.status != 206 {
+        return None;
+    }
+    let got = piece_range(sent, resp).ok()?;
+    let mut tags = resp
+        .headers
+        .iter()
+        .filter(|h| resp.bytes(h.name).eq_ignore_ascii_case(b"etag"))
+        .map(|h| resp.bytes(h.value));
+    let same_tag = matches!((tags.next(), tags.next()), (Some(t), None) if policy::strong_match(crate::http::trim_ows(t), etag));
+    let rest =
+        got.first == cr.last + 1 && got.last + 1 == cr.complete && got.complete == cr.complete;
+    let length = matches!(resp.body, RespBody::Length(n) if n == got.bytes());
+    if !(same_tag && rest && length) {
+        return None;
+    }
+    usize::try_from(got.bytes()).ok()
+}
+
+/// Reads the upstream body on until `n` bytes of it are in `up.rbuf`, within the upstream
+/// body timeouts. Whether they are.
+async fn read_to(up: &mut UpConn, n: usize, t: &Timeouts) -> bool {
+    let started = Instant::now();
+    let total = t.upstream_body_total.unwrap_or(Duration::from_secs(60));
+    while up.rbuf.len() < n {
+        let left = total.saturating_sub(started.elapsed()).min(t.upstream_body);
+        let want = (n - up.rbuf.len()).min(UPSTREAM_READ_BUF);
+        if read_some(&mut up.stream, &mut up.rbuf, want, left)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// A GET without `Range` that no whole response answers, with a fresh stored piece from byte 0
+/// ([`piece_to_complete`]): the piece is completed (RFC 9111 §3.4). The rest is asked for with
+/// `Range: bytes=<b+1>-` and `If-Range: <its ETag>` ([`rest_head`]); a 206 that is exactly that
+/// rest ([`rest_len`]), read whole, is combined with the piece into the whole 200, stored
+/// ([`store_piece`], [`combine_pieces`]) and answered from the store (`Cache-Status`
+/// `fwd=partial`, RFC 9211 §2.2; the flight's waiters find it). A 206 that is not, or a 416
+/// (answers to the range the cache added, not to the client's request), never reaches the
+/// client: it is dropped with its connection, and the request goes upstream as the usual miss
+/// ([`fill`]); so it does when the combination cannot be stored. Any other answer (a 200, a
+/// 5xx, a failure) is the usual miss's ([`fetched`]): relayed, and stored when it may be.
+#[allow(clippy::too_many_arguments)]
+#[cold]
+#[inline(never)]
+async fn complete<'c, S: ClientIo>(
+    w: &Worker,
+    cfg: &'c Snapshot,
+    route: &Route,
+    p: &RoutePolicy,
+    group: &UpstreamGroup,
+    c: &mut Conn<S>,
+    ctx: &mut RequestCtx<'_>,
+    keys: &Keys<'_>,
+    mut guard: Option<FlightGuard>,
+    req: &Directives,
+    authorized: bool,
+    request_time: u64,
+    any: bool,
+    piece: Rc<Object>,
+) -> Outcome<'c> {
+    let cache = &w.cache;
+    let limits = cfg
+        .listener_limits
+        .get(c.info.listener)
+        .unwrap_or(&cfg.limits);
+    // The rest is read whole before it is stored: held against the in-flight bound as a
+    // capture is (when it does not fit, the usual miss streams the whole through).
+    let built = completion_of(&piece, p).and_then(|(cr, etag)| {
+        let charge = cache.charge_in_flight(cr.complete - cr.last - 1)?;
+        let h = rest_head(&ctx.head, cr.last + 1, etag, limits, w.bufs.take_head())?;
+        Some((cr, etag, h, charge))
+    });
+    let Some((cr, etag, h, charge)) = built else {
+        return fill(
+            w,
+            cfg,
+            route,
+            p,
+            group,
+            c,
+            ctx,
+            keys,
+            guard,
+            req,
+            authorized,
+            request_time,
+            any,
+        )
+        .await;
+    };
+    let orig = std::mem::replace(&mut ctx.head, h);
+    let mut resp = w.bufs.take_resp();
+    let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
+    if r.is_ok() {
+        drop_forged_members(p, &mut resp);
+    }
+    let now = now_secs();
+    let mut status = Status::new(p, "partial");
+    let r = match r {
+        Ok(mut ch) if resp.status == 206 || resp.status == 416 => {
+            let rest = rest_len(&ctx.head, &resp, cr, etag);
+            let mut kept = false;
+            let mut reusable = false;
+            if let Some(n) = rest {
+                if read_to(&mut ch.up, n, &ctx.t).await {
+                    let sent = sent(cfg, route, c, ctx);
+                    kept = piece_whole(
+                        p,
+                        cache,
+                        &resp,
+                        &ch,
+                        req,
+                        &sent,
+                        keys,
+                        authorized,
+                        request_time,
+                        now,
+                    )
+                    .is_ok();
+                    let _ = ch.up.rbuf.split_to(n);
+                    reusable = resp.keep_alive && ch.up.rbuf.is_empty();
+                }
+            }
+            drop(charge);
+            // (Not reusable: a 206 not read to its end, or a 416, whose body is not read.)
+            let h = std::mem::replace(&mut ctx.head, orig);
+            w.bufs.give_head(h);
+            resp.raw = Bytes::new();
+            release(w, group, ch, false, reusable);
+            w.bufs.give_resp(resp);
+            if kept {
+                let (whole, _) = keys.lookup(cache, &sent(cfg, route, c, ctx));
+                let whole = whole
+                    .map(|h| h.obj)
+                    .filter(|o| o.status == 200 && usable(o, req, now) == Use::Fresh);
+                if let Some(o) = whole {
+                    if let Some(g) = guard.take() {
+                        g.finish(FlightEnd::Stored);
+                    }
+                    status.fwd_status = 206;
+                    status.stored = true;
+                    return answer(w, &cfg.via, route, c, ctx, &o, now, &status).await;
+                }
+            }
+            return fill(
+                w,
+                cfg,
+                route,
+                p,
+                group,
+                c,
+                ctx,
+                keys,
+                guard,
+                req,
+                authorized,
+                now_secs(),
+                any,
+            )
+            .await;
+        }
+        r => r,
+    };
+    drop(charge);
+    let h = std::mem::replace(&mut ctx.head, orig);
+    w.bufs.give_head(h);
+    let mode = Fetch::Fill {
+        keys,
+        stale: None,
+        guard,
+        req,
+        authorized,
+        request_time,
+    };
+    let out = fetched(
+        w,
+        cfg,
+        route,
+        p,
+        group,
+        c,
+        ctx,
+        mode,
+        &mut status,
+        r,
+        &mut resp,
+        false,
+        request_time,
+        now,
+    )
+    .await;
+    w.bufs.give_resp(resp);
+    out
 }
 
 /// A small answer made by the cache itself (504 for `only-if-cached`, PURGE results).
