@@ -6923,6 +6923,9 @@ fn rfc9111_3_4_an_unusable_206_for_the_rest_is_dropped_and_the_whole_fetched() {
             "{i}: {r:?}"
         );
         assert!(!r.has("content-range"), "{i}: {r:?}");
+        // RFC 9211 §2.2: forwarded because the cache had a partial response (before, this
+        // said `fwd=uri-miss`: nothing stored for the URL).
+        assert!(status_of(&r).contains("fwd=partial;"), "{i}: {r:?}");
         let seen = ranges_seen(&up);
         assert_eq!(seen.len(), 3, "{i}: {seen:?}");
         assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"), "{i}");
@@ -6948,6 +6951,7 @@ fn rfc9111_3_4_a_416_or_500_for_the_rest_never_reaches_the_client_as_a_range_ans
     let r = get_h(gw.addr, "/k", "");
     assert_eq!((r.status, r.text().as_str()), (200, "abcdefghij"), "{r:?}");
     assert!(!r.has("content-range"), "{r:?}");
+    assert!(status_of(&r).contains("fwd=partial;"), "{r:?}");
     let seen = ranges_seen(&up);
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"));
