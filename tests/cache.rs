@@ -4654,6 +4654,31 @@ fn rfc9111_4_1_a_refused_coding_that_changes_what_is_acceptable_is_not_normalise
     assert_eq!(up.hits(), 4);
 }
 
+/// RFC 9111 §4.1 with RFC 9110 §12.4.2, §12.5.3: a weight that is not a `qvalue` (`q=`,
+/// `q=.`, `q=00`, `q=0.0000`) is no refusal: what it means is not specified, and an origin
+/// may read `gzip;q=` as accepting gzip. Such an item is compared as it was sent (in lower
+/// case), never merged with `gzip;q=0` or the empty field (identity only). Before, any weight
+/// of zeros and dots was read as q=0: the variant an origin answered to `gzip;q=` (gzip, say)
+/// was served to clients that accept no coding.
+#[test]
+fn rfc9111_4_1_an_invalid_accept_encoding_weight_is_not_read_as_a_refusal() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\nvary: accept-encoding\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let ae = |v: &str| get_h(gw.addr, "/e", &format!("Accept-Encoding: {v}\r\n"));
+    miss(&ae("gzip;q="), "v1");
+    miss(&ae(""), "v2");
+    hit(&ae("gzip;q=0"), "v2");
+    hit(&ae("GZIP;Q="), "v1");
+    miss(&ae("gzip;q=."), "v3");
+    miss(&ae("gzip;q=00"), "v4");
+    miss(&ae("gzip;q=0.0000"), "v5");
+    // Valid weights are still read: `q=0.` is zero, `q=1.` is one.
+    hit(&ae("gzip;q=0."), "v2");
+    miss(&ae("gzip"), "v6");
+    hit(&ae("gzip;q=1."), "v6");
+    assert_eq!(up.hits(), 6);
+}
+
 /// An origin for §4.3.4 tests: the first answer is `first` (stored, stale at once), a
 /// conditional request gets a 304 carrying `etag_304` and `max-age=60`, any other request
 /// the new response (`new`, ETag `etag_304`).
@@ -6898,6 +6923,9 @@ fn rfc9111_3_4_an_unusable_206_for_the_rest_is_dropped_and_the_whole_fetched() {
             "{i}: {r:?}"
         );
         assert!(!r.has("content-range"), "{i}: {r:?}");
+        // RFC 9211 §2.2: forwarded because the cache had a partial response (before, this
+        // said `fwd=uri-miss`: nothing stored for the URL).
+        assert!(status_of(&r).contains("fwd=partial;"), "{i}: {r:?}");
         let seen = ranges_seen(&up);
         assert_eq!(seen.len(), 3, "{i}: {seen:?}");
         assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"), "{i}");
@@ -6923,6 +6951,7 @@ fn rfc9111_3_4_a_416_or_500_for_the_rest_never_reaches_the_client_as_a_range_ans
     let r = get_h(gw.addr, "/k", "");
     assert_eq!((r.status, r.text().as_str()), (200, "abcdefghij"), "{r:?}");
     assert!(!r.has("content-range"), "{r:?}");
+    assert!(status_of(&r).contains("fwd=partial;"), "{r:?}");
     let seen = ranges_seen(&up);
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"));

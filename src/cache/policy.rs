@@ -954,7 +954,8 @@ pub const VARY_ABSENT: &[u8] = b"\0";
 
 /// A request header's value as it is compared for Vary: the field lines joined, whitespace
 /// around items removed; `Accept-Encoding` reduced to the sorted set of accepted codings, then
-/// the refused ones that change what is acceptable;
+/// the refused ones that change what is acceptable (an item that is not `codings [ weight ]`
+/// kept as sent, in lower case);
 /// a valid `Accept-Language` in the form of [`accept_language`]; [`VARY_ABSENT`] when the
 /// request has no such field.
 pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
@@ -977,16 +978,19 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
             if coding.is_empty() {
                 continue;
             }
-            let no = parts.any(|p| {
-                let p = trim_ows(p);
-                p.len() >= 2
-                    && p[..2].eq_ignore_ascii_case(b"q=")
-                    && p[2..].iter().all(|b| *b == b'0' || *b == b'.')
-            });
-            if no {
-                refused.push(coding);
-            } else {
-                accepted.push(coding);
+            // `codings [ weight ]` (RFC 9110 §12.5.3, §12.4.2). An item that is not (a weight
+            // that is no `qvalue`, such as `q=` or `q=00`, or another parameter) has no
+            // specified meaning (an origin may read `gzip;q=` as gzip accepted): it is kept
+            // as sent, in lower case, never merged with a refusal or an acceptance.
+            let weight = match (parts.next().map(trim_ows), parts.next()) {
+                (None, _) => Some(1000),
+                (Some([b'q' | b'Q', b'=', v @ ..]), None) => qvalue(v),
+                _ => None,
+            };
+            match weight {
+                Some(0) => refused.push(coding),
+                Some(_) => accepted.push(coding),
+                None => accepted.push(i.to_ascii_lowercase()),
             }
         }
         if !present {
@@ -1001,7 +1005,8 @@ pub fn vary_value(name: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u
         // identity too, unless listed), and a coding also listed as accepted (which of the two
         // counts is not specified).
         let star = accepted.iter().any(|c| c == b"*");
-        refused.retain(|c| star || c == b"identity" || c == b"*" || accepted.contains(c));
+        refused
+            .retain(|c| star || c == b"identity" || c == b"*" || accepted.binary_search(c).is_ok());
         refused.sort();
         refused.dedup();
         let mut out = accepted.join(&b","[..]);
@@ -2111,6 +2116,14 @@ mod tests {
             &mut [&b"*, Gzip;q=0, br;q=0.5"[..]].into_iter(),
         );
         assert_eq!(v, b"*,br,gzip;q=0");
+        // RFC 9110 §12.4.2: a weight that is no qvalue is no refusal; kept as sent.
+        let v = vary_value(
+            b"accept-encoding",
+            &mut [&b"GZIP;q=, br;Q=00, x;q=0., y;q=1., z;level=1"[..]].into_iter(),
+        );
+        assert_eq!(v, b"br;q=00,gzip;q=,y,z;level=1");
+        let v = vary_value(b"accept-encoding", &mut [&b"gzip;q=0;q=1"[..]].into_iter());
+        assert_eq!(v, b"gzip;q=0;q=1");
         // §4.1: absent matches only absent; empty and all-refused are the empty set.
         let absent = vary_value(b"accept-encoding", &mut std::iter::empty());
         assert_eq!(absent, VARY_ABSENT);

@@ -134,14 +134,15 @@ pub async fn run<'c, S: ClientIo>(
                                 // Boxed: its future stays out of this one's size.
                                 return Box::pin(complete(
                                     w, cfg, route, p, group, c, ctx, &keys, guard, &req,
-                                    authorized, now, any, piece,
+                                    authorized, now, piece,
                                 ))
                                 .await;
                             }
                         }
+                        let fwd = if any { "vary-miss" } else { USUAL_MISS_FWD };
                         return fill(
                             w, cfg, route, p, group, c, ctx, &keys, guard, &req, authorized, now,
-                            any,
+                            fwd,
                         )
                         .await;
                     }
@@ -589,6 +590,11 @@ impl<'p> Status<'p> {
 
 /// The forward reason of a miss on a URL with nothing stored (RFC 9211 §2.2).
 const USUAL_MISS_FWD: &str = "uri-miss";
+
+/// The forward reason of a request a stored piece was to be completed for (RFC 9211 §2.2:
+/// "the cache had a partial response and needed to complete it"), the rest asked for or, when
+/// that cannot be done or its answer is unusable, the whole ([`complete`]).
+const PARTIAL_FWD: &str = "partial";
 
 /// The `Cache-Status` detail of a response not stored for its `no-store` ([`screen`]).
 const NO_STORE: &str = "no-store";
@@ -2720,10 +2726,10 @@ async fn fill<'c, S: ClientIo>(
     req: &Directives,
     authorized: bool,
     request_time: u64,
-    any: bool,
+    fwd: &'static str,
 ) -> Outcome<'c> {
     let cache = &w.cache;
-    let mut status = Status::new(p, if any { "vary-miss" } else { "uri-miss" });
+    let mut status = Status::new(p, fwd);
     let mut resp = w.bufs.take_resp();
     let r = forward::exchange(w, cfg, route, group, c, ctx, &mut resp).await;
     if r.is_ok() {
@@ -4582,6 +4588,7 @@ async fn read_to(up: &mut UpConn, n: usize, t: &Timeouts) -> bool {
 /// client: it is dropped with its connection, and the request goes upstream as the usual miss
 /// ([`fill`]); so it does when the combination cannot be stored. Any other answer (a 200, a
 /// 5xx, a failure) is the usual miss's ([`fetched`]): relayed, and stored when it may be.
+/// `Cache-Status` says `fwd=partial` whichever way it goes: the cache had a partial response.
 #[allow(clippy::too_many_arguments)]
 #[cold]
 #[inline(never)]
@@ -4598,7 +4605,6 @@ async fn complete<'c, S: ClientIo>(
     req: &Directives,
     authorized: bool,
     request_time: u64,
-    any: bool,
     piece: Rc<Object>,
 ) -> Outcome<'c> {
     let cache = &w.cache;
@@ -4627,7 +4633,7 @@ async fn complete<'c, S: ClientIo>(
             req,
             authorized,
             request_time,
-            any,
+            PARTIAL_FWD,
         )
         .await;
     };
@@ -4638,7 +4644,7 @@ async fn complete<'c, S: ClientIo>(
         drop_forged_members(p, &mut resp);
     }
     let now = now_secs();
-    let mut status = Status::new(p, "partial");
+    let mut status = Status::new(p, PARTIAL_FWD);
     let r = match r {
         Ok(mut ch) if resp.status == 206 || resp.status == 416 => {
             let rest = rest_len(&ctx.head, &resp, cr, etag);
@@ -4698,7 +4704,7 @@ async fn complete<'c, S: ClientIo>(
                 req,
                 authorized,
                 now_secs(),
-                any,
+                PARTIAL_FWD,
             )
             .await;
         }
