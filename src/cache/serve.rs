@@ -124,6 +124,8 @@ pub async fn run<'c, S: ClientIo>(
                             break 'fill (None, any, now);
                         };
                         w.cache.count(|s| s.misses += 1);
+                        let mut fwd = if any { "vary-miss" } else { USUAL_MISS_FWD };
+                        let (mut guard, mut now) = (guard, now);
                         // A stored piece from byte 0 may be completed instead (RFC 9111 §3.4);
                         // looked for only once the worker has stored one.
                         if w.cache.has_pieces() {
@@ -131,15 +133,22 @@ pub async fn run<'c, S: ClientIo>(
                             if let Some(piece) =
                                 piece_to_complete(&w.cache, &sent, &keys, &req, p, now)
                             {
-                                // Boxed: its future stays out of this one's size.
-                                return Box::pin(complete(
+                                // Boxed: its future stays out of this one's size. `fill` is
+                                // called here only (not from `complete` too), so that its
+                                // code stays inlined in this future's for the usual miss.
+                                match Box::pin(complete(
                                     w, cfg, route, p, group, c, ctx, &keys, guard, &req,
                                     authorized, now, piece,
                                 ))
-                                .await;
+                                .await
+                                {
+                                    Completion::Done(out) => return out,
+                                    Completion::Whole(g, t) => {
+                                        (guard, now, fwd) = (g, t, PARTIAL_FWD);
+                                    }
+                                }
                             }
                         }
-                        let fwd = if any { "vary-miss" } else { USUAL_MISS_FWD };
                         return fill(
                             w, cfg, route, p, group, c, ctx, &keys, guard, &req, authorized, now,
                             fwd,
@@ -4578,6 +4587,15 @@ async fn read_to(up: &mut UpConn, n: usize, t: &Timeouts) -> bool {
     true
 }
 
+/// How [`complete`] ended.
+enum Completion<'c> {
+    /// The request is answered (or failed) here.
+    Done(Outcome<'c>),
+    /// The request goes upstream whole, as the usual miss, with the flight's guard and the
+    /// time it goes.
+    Whole(Option<FlightGuard>, u64),
+}
+
 /// A GET without `Range` that no whole response answers, with a fresh stored piece from byte 0
 /// ([`piece_to_complete`]): the piece is completed (RFC 9111 §3.4). The rest is asked for with
 /// `Range: bytes=<b+1>-` and `If-Range: <its ETag>` ([`rest_head`]); a 206 that is exactly that
@@ -4586,7 +4604,8 @@ async fn read_to(up: &mut UpConn, n: usize, t: &Timeouts) -> bool {
 /// `fwd=partial`, RFC 9211 §2.2; the flight's waiters find it). A 206 that is not, or a 416
 /// (answers to the range the cache added, not to the client's request), never reaches the
 /// client: it is dropped with its connection, and the request goes upstream as the usual miss
-/// ([`fill`]); so it does when the combination cannot be stored. Any other answer (a 200, a
+/// ([`Completion::Whole`]: its caller runs [`fill`]); so it does when the combination cannot
+/// be stored or the rest cannot be asked for. Any other answer (a 200, a
 /// 5xx, a failure) is the usual miss's ([`fetched`]): relayed, and stored when it may be.
 /// `Cache-Status` says `fwd=partial` whichever way it goes: the cache had a partial response.
 #[allow(clippy::too_many_arguments)]
@@ -4606,7 +4625,7 @@ async fn complete<'c, S: ClientIo>(
     authorized: bool,
     request_time: u64,
     piece: Rc<Object>,
-) -> Outcome<'c> {
+) -> Completion<'c> {
     let cache = &w.cache;
     let limits = cfg
         .listener_limits
@@ -4620,22 +4639,7 @@ async fn complete<'c, S: ClientIo>(
         Some((cr, etag, h, charge))
     });
     let Some((cr, etag, h, charge)) = built else {
-        return fill(
-            w,
-            cfg,
-            route,
-            p,
-            group,
-            c,
-            ctx,
-            keys,
-            guard,
-            req,
-            authorized,
-            request_time,
-            PARTIAL_FWD,
-        )
-        .await;
+        return Completion::Whole(guard, request_time);
     };
     let orig = std::mem::replace(&mut ctx.head, h);
     let mut resp = w.bufs.take_resp();
@@ -4688,25 +4692,12 @@ async fn complete<'c, S: ClientIo>(
                     }
                     status.fwd_status = 206;
                     status.stored = true;
-                    return answer(w, &cfg.via, route, c, ctx, &o, now, &status).await;
+                    return Completion::Done(
+                        answer(w, &cfg.via, route, c, ctx, &o, now, &status).await,
+                    );
                 }
             }
-            return fill(
-                w,
-                cfg,
-                route,
-                p,
-                group,
-                c,
-                ctx,
-                keys,
-                guard,
-                req,
-                authorized,
-                now_secs(),
-                PARTIAL_FWD,
-            )
-            .await;
+            return Completion::Whole(guard, now_secs());
         }
         r => r,
     };
@@ -4739,7 +4730,7 @@ async fn complete<'c, S: ClientIo>(
     )
     .await;
     w.bufs.give_resp(resp);
-    out
+    Completion::Done(out)
 }
 
 /// A small answer made by the cache itself (504 for `only-if-cached`, PURGE results).
