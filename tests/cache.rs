@@ -6766,3 +6766,47 @@ fn rfc9111_3_3_a_206_to_a_validation_is_not_stored() {
     let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
     assert_eq!(stats[0].entries, 1, "{stats:?}");
 }
+
+/// An origin that marks every answer fresh for an hour (a blanket `Cache-Control` such as
+/// nginx's `add_header ... always`): 412 to a failed `If-Match`, 416 to a `Range` past the
+/// end, else 200 "body".
+fn blanket_max_age_origin() -> Upstream {
+    Upstream::start(|req| {
+        let raw: &[u8] = if req.header("if-match").is_some() {
+            b"HTTP/1.1 412 Precondition Failed\r\ncache-control: max-age=3600\r\ncontent-length: 0\r\n\r\n"
+        } else if req.header("range").is_some() {
+            b"HTTP/1.1 416 Range Not Satisfiable\r\ncache-control: max-age=3600\r\ncontent-range: bytes */4\r\ncontent-length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=3600\r\ncontent-length: 4\r\n\r\nbody"
+        };
+        Reply::Raw(raw.to_vec())
+    })
+}
+
+/// RFC 9110 §15.5.13, §13.1.1: a 412 says that the request's own precondition failed. Stored
+/// under the URL, it answered every later GET there, none of which asked anything (found by
+/// tests/fuzz_cache_conn.rs): one client's `If-Match` took the URL down for the others for as
+/// long as the origin's `max-age`. Not stored (RFC 9111 §3 allows, never requires, storing).
+#[test]
+fn rfc9110_15_5_13_a_412_to_a_precondition_is_not_stored_for_others() {
+    let up = blanket_max_age_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get_h(gw.addr, "/p", "If-Match: \"nope\"\r\n");
+    assert_eq!(r.status, 412, "{r:?}");
+    let r = get(gw.addr, "/p");
+    assert_eq!((r.status, r.text().as_str()), (200, "body"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9110 §15.5.17, §14.2: a 416 says that the request's own `Range` is past the end. Stored
+/// under the URL, it answered later GETs without `Range`. Not stored.
+#[test]
+fn rfc9110_15_5_17_a_416_to_a_range_is_not_stored_for_others() {
+    let up = blanket_max_age_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get_h(gw.addr, "/r", "Range: bytes=10-20\r\n");
+    assert_eq!(r.status, 416, "{r:?}");
+    let r = get(gw.addr, "/r");
+    assert_eq!((r.status, r.text().as_str()), (200, "body"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+}

@@ -1979,8 +1979,18 @@ const KEPT_KINDS: u16 = {
 fn screened_usual(status: u16, d: &Directives, req_authorized: bool) -> bool {
     (200..600).contains(&status)
         & (status != 206)
-        & (status != 304)
+        & !answers_the_request(status)
         & !(d.must_understand | d.no_store | d.private | req_authorized)
+}
+
+/// 304, 412 and 416 answer what the request itself asked (its conditionals, its `Range`:
+/// RFC 9110 §15.4.5, §15.5.13, §15.5.17), not what the URL holds: stored under the URL, one
+/// client's `If-Match` or `Range` past the end would answer every later request there. None
+/// is stored (a 304 only updates, §4.3.4); the cache answers those fields itself from what
+/// it stores (§4.3.2).
+#[inline(always)]
+fn answers_the_request(status: u16) -> bool {
+    (status == 304) | (status == 412) | (status == 416)
 }
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order. (The stored
@@ -1988,7 +1998,7 @@ fn screened_usual(status: u16, d: &Directives, req_authorized: bool) -> bool {
 #[cold]
 #[inline(never)]
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
-    if !(200..600).contains(&status) || status == 206 || status == 304 {
+    if !(200..600).contains(&status) || status == 206 || answers_the_request(status) {
         return Err("status");
     }
     // (`understood` is looked up only under `must-understand`, rare.)
@@ -5448,7 +5458,7 @@ mod tests {
     #[test]
     fn screened_usual_passes_only_what_screen_passes() {
         for status in [
-            100, 199, 200, 203, 204, 206, 301, 304, 404, 500, 599, 600, 999,
+            100, 199, 200, 203, 204, 206, 301, 304, 404, 412, 416, 500, 599, 600, 999,
         ] {
             for bits in 0u8..64 {
                 let mut d = Directives::default();
