@@ -6810,3 +6810,58 @@ fn rfc9110_15_5_17_a_416_to_a_range_is_not_stored_for_others() {
     assert_eq!((r.status, r.text().as_str()), (200, "body"), "{r:?}");
     assert_eq!(up.hits(), 2);
 }
+
+/// RFC 9111 §5.2.1.5: no part of any response to a request with `no-store` is stored. Such a
+/// request answered stale under `stale-while-revalidate` started the background
+/// revalidation, sent with its own fields (`Cache-Control: no-store` among them), and stored
+/// its answer for every other client (found by tests/fuzz_cache_conn.rs). It starts none: the
+/// next request without `no-store` does.
+#[test]
+fn rfc9111_5_2_1_5_a_no_store_request_starts_no_background_revalidation() {
+    let (up, _n) = counting_origin("cache-control: max-age=0, stale-while-revalidate=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "v1");
+    let r = get_h(gw.addr, "/s", "Cache-Control: no-store\r\n");
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    let r = get(gw.addr, "/s");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        up.wait_for(Duration::from_secs(10), |seen| seen.len() >= 2),
+        "a revalidation reaches the origin"
+    );
+    let reval = up.seen.lock().unwrap()[1].clone();
+    assert!(
+        reval
+            .headers_named("cache-control")
+            .iter()
+            .all(|v| !v.contains("no-store")),
+        "the revalidation is the one the plain request started: {:?}",
+        reval.headers
+    );
+}
+
+/// RFC 9111 §5.2.1.5, §4.3.4: a request with `no-store` that validates a stale response gets
+/// it with the 304's fields, but the stored response is not freshened by that 304 (it was, and
+/// the next request got a hit the origin's 304 to a `no-store` request made fresh).
+#[test]
+fn rfc9111_5_2_1_5_a_304_to_a_no_store_request_does_not_freshen_the_store() {
+    let up = Upstream::start(|req| {
+        let raw: &[u8] = if req.header("if-none-match").is_some() {
+            b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=3600\r\netag: \"a\"\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1"
+        };
+        Reply::Raw(raw.to_vec())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/f").text(), "v1");
+    let r = get_h(gw.addr, "/f", "Cache-Control: no-store\r\n");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("max-age=3600"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+    // Still stale in the store: validated again.
+    let r = get(gw.addr, "/f");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    assert_eq!(up.hits(), 3, "{r:?}");
+}

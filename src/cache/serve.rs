@@ -1043,10 +1043,15 @@ fn stale_if_error(o: &Object, req: &Directives, now: u64) -> bool {
     window > 0 && stale <= window
 }
 
-/// When a stale answer is given, and whether the request waited on another's fetch.
+/// When a stale answer is given, whether the request waited on another's fetch, and whether
+/// it said `no-store`.
 struct StaleAnswer {
     now: u64,
     collapsed: bool,
+    /// RFC 9111 §5.2.1.5: no part of any response to this request may be stored, so no
+    /// revalidation starts for it (it would be sent with its fields, its `no-store` among
+    /// them, and its answer stored or freshened into the store for every other client).
+    no_store: bool,
 }
 
 /// RFC 5861 §3: answers with the stale `f` at once and revalidates it in the background (one
@@ -1070,7 +1075,9 @@ async fn stale_while_revalidate<'c, S: ClientIo>(
             s.coalesced += 1;
         }
     });
-    revalidate_later(w, cfg, p, group_idx, c, ctx, keys, &f);
+    if !a.no_store {
+        revalidate_later(w, cfg, p, group_idx, c, ctx, keys, &f);
+    }
     let mut s = Status::hit(p, &f.obj, a.now);
     s.collapsed = a.collapsed;
     s.detail = Some("stale-while-revalidate");
@@ -1113,6 +1120,7 @@ async fn cached<'c, 'k, S: ClientIo>(
                 let a = StaleAnswer {
                     now,
                     collapsed: false,
+                    no_store: req.no_store,
                 };
                 return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, keys, f, a)
                     .await;
@@ -1227,6 +1235,7 @@ async fn cached<'c, 'k, S: ClientIo>(
                             let a = StaleAnswer {
                                 now,
                                 collapsed: true,
+                                no_store: req.no_store,
                             };
                             let f = f.found();
                             return stale_while_revalidate(
@@ -1272,7 +1281,11 @@ async fn cached<'c, 'k, S: ClientIo>(
                 if let Some(g) = guard {
                     g.finish(FlightEnd::Stored);
                 }
-                let a = StaleAnswer { now, collapsed };
+                let a = StaleAnswer {
+                    now,
+                    collapsed,
+                    no_store: req.no_store,
+                };
                 return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, keys, f, a)
                     .await;
             }
@@ -2986,9 +2999,11 @@ async fn fetched<'c, S: ClientIo>(
                         }
                         cache.count(|s| s.revalidations += 1);
                         // Purged or invalidated since the request went: answered, not stored
-                        // again (RFC 9111 §4.4).
+                        // again (RFC 9111 §4.4). A request with `no-store` has no part of its
+                        // answer stored (§5.2.1.5): the 304's fields update only its own
+                        // answer, not the stored response.
                         let purged = cache.purged_since(keys.purges.get(), &f.obj).is_some();
-                        let fresh = if purged {
+                        let fresh = if purged || req.no_store {
                             None
                         } else {
                             freshen_selected(
