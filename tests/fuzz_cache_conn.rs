@@ -240,6 +240,9 @@ struct ClientReq {
     /// A body on any method (POST and PUT always have one): none, by Content-Length, chunked.
     /// It holds a request head for `/c/<case>/smuggled`, which nobody may take for one.
     body: u8,
+    /// `If-None-Match`, `Accept-Encoding` and `Accept-Language` lists sent one item a line
+    /// (one list all the same, RFC 9110 §5.3).
+    split_lists: bool,
     /// Sent in the same write as the request before it.
     pipelined: bool,
 }
@@ -307,6 +310,7 @@ fn client_req() -> impl Strategy<Value = ClientReq> {
             prop::bool::weighted(0.25),
             prop::bool::weighted(0.08),
             prop_oneof![8 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+            prop::bool::weighted(0.3),
         ),
     )
         .prop_map(
@@ -314,7 +318,7 @@ fn client_req() -> impl Strategy<Value = ClientReq> {
                 (method, url, auth),
                 (if_none_match, if_modified_since, if_match, if_range, range),
                 (accept_encoding, accept_language, cache_control, pragma),
-                (close, pipelined, http10, body),
+                (close, pipelined, http10, body, split_lists),
             )| ClientReq {
                 method,
                 url,
@@ -331,6 +335,7 @@ fn client_req() -> impl Strategy<Value = ClientReq> {
                 close,
                 http10,
                 body,
+                split_lists,
                 pipelined,
             },
         )
@@ -417,6 +422,19 @@ fn accepted(v: Option<&str>) -> Option<String> {
             .collect();
         items.sort_unstable();
         items.join(",")
+    })
+}
+
+/// The lines of a list field as one value, items trimmed and joined by ", " (RFC 9110 §5.3).
+fn joined(req: &Req, name: &str) -> Option<String> {
+    let lines = req.headers_named(name);
+    (!lines.is_empty()).then(|| {
+        lines
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(", ")
     })
 }
 
@@ -737,8 +755,8 @@ fn origin_answer(st: &Mutex<OriginState>, req: &Req) -> Reply {
         shared,
         cookie,
         req_id: req.header("x-req").map(str::to_string),
-        ae: accepted(req.header("accept-encoding")),
-        al: req.header("accept-language").map(str::to_string),
+        ae: accepted(joined(req, "accept-encoding").as_deref()),
+        al: joined(req, "accept-language"),
         invalidates: unsafe_method && (200..400).contains(&status),
         req_auth: auth,
         req_no_store: req.headers_named("cache-control").iter().any(|v| {
@@ -981,8 +999,17 @@ fn request_bytes(r: &ClientReq, path: &str, id: &str, start: u64) -> Vec<u8> {
     if r.auth {
         h += "Authorization: Bearer secret\r\n";
     }
+    let list = |h: &mut String, name: &str, v: &str| {
+        if r.split_lists && v.contains(',') {
+            for item in v.split(',') {
+                *h += &format!("{name}: {}\r\n", item.trim());
+            }
+        } else {
+            *h += &format!("{name}: {v}\r\n");
+        }
+    };
     if let Some(v) = r.if_none_match {
-        h += &format!("If-None-Match: {v}\r\n");
+        list(&mut h, "If-None-Match", v);
     }
     match r.if_modified_since {
         Some(0) => h += &format!("If-Modified-Since: {}\r\n", http_date(lm_secs(start, 0))),
@@ -1008,10 +1035,10 @@ fn request_bytes(r: &ClientReq, path: &str, id: &str, start: u64) -> Vec<u8> {
         h += &format!("Range: {v}\r\n");
     }
     if let Some(v) = r.accept_encoding {
-        h += &format!("Accept-Encoding: {v}\r\n");
+        list(&mut h, "Accept-Encoding", v);
     }
     if let Some(v) = r.accept_language {
-        h += &format!("Accept-Language: {v}\r\n");
+        list(&mut h, "Accept-Language", v);
     }
     if let Some(v) = r.cache_control {
         h += &format!("Cache-Control: {v}\r\n");
@@ -1081,6 +1108,22 @@ fn check_answer(
             "a 206 to a request without Range (RFC 9110 §15.3.7): {}",
             ctx()
         ));
+    }
+    // A recipient with a clock adds Date to what it forwards (RFC 9110 §6.6.1); one line.
+    if a.all("date").len() != 1 {
+        return Err(format!("Date lines {:?}: {}", a.all("date"), ctx()));
+    }
+    // A 304's Content-Length is the selected representation's (RFC 9110 §8.6).
+    if let (304, Some(cl)) = (a.status, a.header("content-length")) {
+        let ok = sent
+            .iter()
+            .any(|s| s.path == path && representation(path, s.rep).len().to_string() == cl);
+        if !ok {
+            return Err(format!(
+                "a 304's Content-Length of no representation: {}",
+                ctx()
+            ));
+        }
     }
     if a.header("x-hop").is_some() {
         return Err(format!(
