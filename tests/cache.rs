@@ -6865,3 +6865,49 @@ fn rfc9111_5_2_1_5_a_304_to_a_no_store_request_does_not_freshen_the_store() {
     assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
     assert_eq!(up.hits(), 3, "{r:?}");
 }
+
+/// RFC 5861 §3, RFC 9110 §9.3.2: a HEAD answered stale under `stale-while-revalidate` from a
+/// response without validators started a background revalidation that was the client's own
+/// head: a HEAD (with its `Range` and `If-None-Match`), whose answer was then read as a GET's,
+/// waiting for a body that never came (`upstream_body`, 30 s by default) while it held the
+/// key's flight, and stored nothing. The revalidation is a GET for the whole response.
+#[test]
+fn rfc5861_3_a_head_starts_a_get_revalidation_without_its_conditionals_or_range() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = format!("v{i}");
+        let mut raw = format!(
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        if req.method != "HEAD" {
+            raw.extend_from_slice(body.as_bytes());
+        }
+        Reply::Raw(raw)
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/h").text(), "v1");
+    let r = request(
+        gw.addr,
+        b"HEAD /h HTTP/1.1\r\nHost: test.local\r\nRange: bytes=0-0\r\nIf-None-Match: \"x\"\r\n\r\n",
+    );
+    assert!(matches!(r.status, 200 | 206), "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(
+        up.wait_for(Duration::from_secs(10), |seen| seen.len() >= 2),
+        "the revalidation reaches the origin"
+    );
+    let reval = up.seen.lock().unwrap()[1].clone();
+    assert_eq!(
+        reval.method,
+        "GET",
+        "{:?}",
+        String::from_utf8_lossy(&reval.raw_head)
+    );
+    assert_eq!(reval.header("range"), None, "{reval:?}");
+    assert_eq!(reval.header("if-none-match"), None, "{reval:?}");
+}

@@ -1348,18 +1348,33 @@ enum Fetch<'k> {
 }
 
 /// The request head with the client's validators and range replaced by the stored
-/// response's validators (RFC 9111 §4.3.1). `None` when it cannot be built within limits.
+/// response's validators (RFC 9111 §4.3.1). `None` when the stored response has none, or
+/// when it cannot be built within limits.
 fn conditional_head(
     orig: &RequestHead,
     o: &Object,
     limits: &crate::http::request::Limits,
-    mut head: RequestHead,
+    head: RequestHead,
 ) -> Option<RequestHead> {
     let etag = o.etag();
     let lm = o.last_modified();
     if etag.is_none() && lm.is_none() {
         return None;
     }
+    revalidation_head(orig, etag, lm, limits, head)
+}
+
+/// A GET of `orig`'s target with its fields but its own conditionals and `Range`, and with
+/// these validators: what a revalidation sends, conditional or (none given) for the whole
+/// response again, whatever the method of the request that started it (a HEAD's answer has
+/// no body to store, RFC 9110 §9.3.2).
+fn revalidation_head(
+    orig: &RequestHead,
+    etag: Option<&[u8]>,
+    lm: Option<&[u8]>,
+    limits: &crate::http::request::Limits,
+    mut head: RequestHead,
+) -> Option<RequestHead> {
     let mut raw = BytesMut::with_capacity(orig.raw.len() + 128);
     raw.put_slice(b"GET ");
     raw.put_slice(orig.bytes(orig.target));
@@ -4630,19 +4645,14 @@ fn revalidate_later<S: ClientIo>(
         .listener_limits
         .get(c.info.listener)
         .unwrap_or(&cfg.limits);
-    let head = match conditional_head(&ctx.head, &f.obj, limits, RequestHead::default()) {
-        Some(h) => h,
-        None => {
-            // No validators: fetch it again whole.
-            let mut h = RequestHead::default();
-            match parse_request(&ctx.head.raw, limits, &mut h) {
-                Ok(Some(_)) => {
-                    h.raw = ctx.head.raw.clone();
-                    h
-                }
-                _ => return,
-            }
-        }
+    // No validators: a GET for it whole, without the client's conditionals and `Range` (the
+    // client's own head was sent: a HEAD's answer was read as a GET's, waiting for a body
+    // that never comes while it held the key's flight; `If-Match` or `Range` made it a 412
+    // or 206 that replaces nothing).
+    let Some(head) = conditional_head(&ctx.head, &f.obj, limits, RequestHead::default())
+        .or_else(|| revalidation_head(&ctx.head, None, None, limits, RequestHead::default()))
+    else {
+        return;
     };
     let Some(route_idx) = ctx.route else { return };
     let job = Revalidation {
