@@ -53,7 +53,9 @@
 //!   origin's `Age` and apparent age (§4.2.3);
 //! - after each case the connection (unless closed) answers one more GET with exactly its
 //!   answer (none lost, none added), and no request head inside a request body reached the
-//!   origin;
+//!   origin; what the origin got for a request has its method (a HEAD only for a HEAD the
+//!   store did not answer: a background revalidation is a GET) and a `Range` only when the
+//!   request had one;
 //! - the gateway answers a plain GET on a fresh connection after each case (no panic, no stuck
 //!   worker; a panic of a test server thread is re-raised when it stops).
 //!
@@ -1521,7 +1523,11 @@ fn run_case(
             _ => batches.push(vec![i]),
         }
     }
+    // The origin's requests of this case come after these.
+    let seen_from = up.seen.lock().unwrap().len();
     let mut closed = false;
+    // Which requests were answered from the store (the origin's answer to another request).
+    let mut from_store = vec![false; c.client.len()];
     'batches: for batch in &batches {
         let mut bytes = Vec::new();
         for &i in batch {
@@ -1566,6 +1572,11 @@ fn run_case(
             let sent = origin.lock().unwrap().sent.clone();
             check_answer(r, &paths[r.url], &id, &a, &sent, strip, start)
                 .map_err(TestCaseError::fail)?;
+            from_store[i] = a
+                .header("x-serial")
+                .and_then(|v| v.parse::<usize>().ok())
+                .and_then(|k| sent.get(k))
+                .is_some_and(|s| s.req_id.as_deref() != Some(id.as_str()));
             if r.http10 && a.header("transfer-encoding").is_some() {
                 return Err(TestCaseError::fail(format!(
                     "request {i}: chunked to an HTTP/1.0 client (RFC 9112 §6.1): {a:?}"
@@ -1599,9 +1610,41 @@ fn run_case(
             other => prop_assert!(false, "the last request on the connection: {:?}", other),
         }
     }
+    // What reaches the origin for a request is that request's method, and its `Range` only
+    // when it sent one (a background revalidation is a GET without the client's `Range`).
+    let prefix = format!("/c/{case_no}/");
+    for q in up.seen.lock().unwrap()[seen_from..].iter() {
+        if !q.target.starts_with(&prefix) {
+            continue;
+        }
+        let Some(i) = q.header("x-req").map(req_index_of) else {
+            continue;
+        };
+        let Some(r) = c.client.get(i) else { continue };
+        let why = if q.method == "HEAD" && (r.method != "HEAD" || from_store[i]) {
+            "a HEAD upstream for a request that was no HEAD, or answered from the store (its \
+             background revalidation is a GET)"
+        } else if q.method != "HEAD" && r.method == "HEAD" && q.method != "GET" {
+            "another method upstream"
+        } else if q.header("range").is_some() && r.range.is_none() {
+            "a Range upstream the request did not send"
+        } else {
+            ""
+        };
+        prop_assert!(
+            why.is_empty(),
+            "{}: {:?} for request {} {:?}",
+            why,
+            String::from_utf8_lossy(&q.raw_head),
+            i,
+            r
+        );
+    }
     let smuggled = smuggled_path(&paths[0]);
     prop_assert!(
-        !up.targets().iter().any(|t| t == &smuggled),
+        !up.seen.lock().unwrap()[seen_from..]
+            .iter()
+            .any(|q| q.target == smuggled),
         "a request head inside a body reached the origin"
     );
     if closed {
