@@ -7017,3 +7017,148 @@ fn rfc9111_3_4_a_request_waiting_on_a_completion_gets_the_whole_response() {
     assert!(status_of(&r).contains("collapsed"), "{r:?}");
     assert_eq!(up.hits(), 2);
 }
+
+/// An origin that marks every answer fresh for an hour (a blanket `Cache-Control` such as
+/// nginx's `add_header ... always`): 412 to a failed `If-Match`, 416 to a `Range` past the
+/// end, else 200 "body".
+fn blanket_max_age_origin() -> Upstream {
+    Upstream::start(|req| {
+        let raw: &[u8] = if req.header("if-match").is_some() {
+            b"HTTP/1.1 412 Precondition Failed\r\ncache-control: max-age=3600\r\ncontent-length: 0\r\n\r\n"
+        } else if req.header("range").is_some() {
+            b"HTTP/1.1 416 Range Not Satisfiable\r\ncache-control: max-age=3600\r\ncontent-range: bytes */4\r\ncontent-length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=3600\r\ncontent-length: 4\r\n\r\nbody"
+        };
+        Reply::Raw(raw.to_vec())
+    })
+}
+
+/// RFC 9110 §15.5.13, §13.1.1: a 412 says that the request's own precondition failed. Stored
+/// under the URL, it answered every later GET there, none of which asked anything (found by
+/// tests/fuzz_cache_conn.rs): one client's `If-Match` took the URL down for the others for as
+/// long as the origin's `max-age`. Not stored (RFC 9111 §3 allows, never requires, storing).
+#[test]
+fn rfc9110_15_5_13_a_412_to_a_precondition_is_not_stored_for_others() {
+    let up = blanket_max_age_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get_h(gw.addr, "/p", "If-Match: \"nope\"\r\n");
+    assert_eq!(r.status, 412, "{r:?}");
+    let r = get(gw.addr, "/p");
+    assert_eq!((r.status, r.text().as_str()), (200, "body"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9110 §15.5.17, §14.2: a 416 says that the request's own `Range` is past the end. Stored
+/// under the URL, it answered later GETs without `Range`. Not stored.
+#[test]
+fn rfc9110_15_5_17_a_416_to_a_range_is_not_stored_for_others() {
+    let up = blanket_max_age_origin();
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    let r = get_h(gw.addr, "/r", "Range: bytes=10-20\r\n");
+    assert_eq!(r.status, 416, "{r:?}");
+    let r = get(gw.addr, "/r");
+    assert_eq!((r.status, r.text().as_str()), (200, "body"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+}
+
+/// RFC 9111 §5.2.1.5: no part of any response to a request with `no-store` is stored. Such a
+/// request answered stale under `stale-while-revalidate` started the background
+/// revalidation, sent with its own fields (`Cache-Control: no-store` among them), and stored
+/// its answer for every other client (found by tests/fuzz_cache_conn.rs). It starts none: the
+/// next request without `no-store` does.
+#[test]
+fn rfc9111_5_2_1_5_a_no_store_request_starts_no_background_revalidation() {
+    let (up, _n) = counting_origin("cache-control: max-age=0, stale-while-revalidate=60\r\n");
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "v1");
+    let r = get_h(gw.addr, "/s", "Cache-Control: no-store\r\n");
+    assert_eq!(r.text(), "v1", "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    let r = get(gw.addr, "/s");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        up.wait_for(Duration::from_secs(10), |seen| seen.len() >= 2),
+        "a revalidation reaches the origin"
+    );
+    let reval = up.seen.lock().unwrap()[1].clone();
+    assert!(
+        reval
+            .headers_named("cache-control")
+            .iter()
+            .all(|v| !v.contains("no-store")),
+        "the revalidation is the one the plain request started: {:?}",
+        reval.headers
+    );
+}
+
+/// RFC 9111 §5.2.1.5, §4.3.4: a request with `no-store` that validates a stale response gets
+/// it with the 304's fields, but the stored response is not freshened by that 304 (it was, and
+/// the next request got a hit the origin's 304 to a `no-store` request made fresh).
+#[test]
+fn rfc9111_5_2_1_5_a_304_to_a_no_store_request_does_not_freshen_the_store() {
+    let up = Upstream::start(|req| {
+        let raw: &[u8] = if req.header("if-none-match").is_some() {
+            b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=3600\r\netag: \"a\"\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=0\r\netag: \"a\"\r\ncontent-length: 2\r\n\r\nv1"
+        };
+        Reply::Raw(raw.to_vec())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/f").text(), "v1");
+    let r = get_h(gw.addr, "/f", "Cache-Control: no-store\r\n");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("max-age=3600"), "{r:?}");
+    assert_eq!(up.hits(), 2);
+    // Still stale in the store: validated again.
+    let r = get(gw.addr, "/f");
+    assert_eq!((r.status, r.text().as_str()), (200, "v1"), "{r:?}");
+    assert_eq!(up.hits(), 3, "{r:?}");
+}
+
+/// RFC 5861 §3, RFC 9110 §9.3.2: a HEAD answered stale under `stale-while-revalidate` from a
+/// response without validators started a background revalidation that was the client's own
+/// head: a HEAD (with its `Range` and `If-None-Match`), whose answer was then read as a GET's,
+/// waiting for a body that never came (`upstream_body`, 30 s by default) while it held the
+/// key's flight, and stored nothing. The revalidation is a GET for the whole response.
+#[test]
+fn rfc5861_3_a_head_starts_a_get_revalidation_without_its_conditionals_or_range() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = format!("v{i}");
+        let mut raw = format!(
+            "HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=60\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        if req.method != "HEAD" {
+            raw.extend_from_slice(body.as_bytes());
+        }
+        Reply::Raw(raw)
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/h").text(), "v1");
+    let r = request(
+        gw.addr,
+        b"HEAD /h HTTP/1.1\r\nHost: test.local\r\nRange: bytes=0-0\r\nIf-None-Match: \"x\"\r\n\r\n",
+    );
+    assert!(matches!(r.status, 200 | 206), "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(
+        up.wait_for(Duration::from_secs(10), |seen| seen.len() >= 2),
+        "the revalidation reaches the origin"
+    );
+    let reval = up.seen.lock().unwrap()[1].clone();
+    assert_eq!(
+        reval.method,
+        "GET",
+        "{:?}",
+        String::from_utf8_lossy(&reval.raw_head)
+    );
+    assert_eq!(reval.header("range"), None, "{reval:?}");
+    assert_eq!(reval.header("if-none-match"), None, "{reval:?}");
+}

@@ -1073,10 +1073,15 @@ fn stale_if_error(o: &Object, req: &Directives, now: u64) -> bool {
     window > 0 && stale <= window
 }
 
-/// When a stale answer is given, and whether the request waited on another's fetch.
+/// When a stale answer is given, whether the request waited on another's fetch, and whether
+/// it said `no-store`.
 struct StaleAnswer {
     now: u64,
     collapsed: bool,
+    /// RFC 9111 §5.2.1.5: no part of any response to this request may be stored, so no
+    /// revalidation starts for it (it would be sent with its fields, its `no-store` among
+    /// them, and its answer stored or freshened into the store for every other client).
+    no_store: bool,
 }
 
 /// RFC 5861 §3: answers with the stale `f` at once and revalidates it in the background (one
@@ -1100,7 +1105,9 @@ async fn stale_while_revalidate<'c, S: ClientIo>(
             s.coalesced += 1;
         }
     });
-    revalidate_later(w, cfg, p, group_idx, c, ctx, keys, &f);
+    if !a.no_store {
+        revalidate_later(w, cfg, p, group_idx, c, ctx, keys, &f);
+    }
     let mut s = Status::hit(p, &f.obj, a.now);
     s.collapsed = a.collapsed;
     s.detail = Some("stale-while-revalidate");
@@ -1143,6 +1150,7 @@ async fn cached<'c, 'k, S: ClientIo>(
                 let a = StaleAnswer {
                     now,
                     collapsed: false,
+                    no_store: req.no_store,
                 };
                 return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, keys, f, a)
                     .await;
@@ -1257,6 +1265,7 @@ async fn cached<'c, 'k, S: ClientIo>(
                             let a = StaleAnswer {
                                 now,
                                 collapsed: true,
+                                no_store: req.no_store,
                             };
                             let f = f.found();
                             return stale_while_revalidate(
@@ -1302,7 +1311,11 @@ async fn cached<'c, 'k, S: ClientIo>(
                 if let Some(g) = guard {
                     g.finish(FlightEnd::Stored);
                 }
-                let a = StaleAnswer { now, collapsed };
+                let a = StaleAnswer {
+                    now,
+                    collapsed,
+                    no_store: req.no_store,
+                };
                 return stale_while_revalidate(w, cfg, route, p, group_idx, c, ctx, keys, f, a)
                     .await;
             }
@@ -1365,18 +1378,33 @@ enum Fetch<'k> {
 }
 
 /// The request head with the client's validators and range replaced by the stored
-/// response's validators (RFC 9111 §4.3.1). `None` when it cannot be built within limits.
+/// response's validators (RFC 9111 §4.3.1). `None` when the stored response has none, or
+/// when it cannot be built within limits.
 fn conditional_head(
     orig: &RequestHead,
     o: &Object,
     limits: &crate::http::request::Limits,
-    mut head: RequestHead,
+    head: RequestHead,
 ) -> Option<RequestHead> {
     let etag = o.etag();
     let lm = o.last_modified();
     if etag.is_none() && lm.is_none() {
         return None;
     }
+    revalidation_head(orig, etag, lm, limits, head)
+}
+
+/// A GET of `orig`'s target with its fields but its own conditionals and `Range`, and with
+/// these validators: what a revalidation sends, conditional or (none given) for the whole
+/// response again, whatever the method of the request that started it (a HEAD's answer has
+/// no body to store, RFC 9110 §9.3.2).
+fn revalidation_head(
+    orig: &RequestHead,
+    etag: Option<&[u8]>,
+    lm: Option<&[u8]>,
+    limits: &crate::http::request::Limits,
+    mut head: RequestHead,
+) -> Option<RequestHead> {
     let mut raw = BytesMut::with_capacity(orig.raw.len() + 128);
     raw.put_slice(b"GET ");
     raw.put_slice(orig.bytes(orig.target));
@@ -2009,8 +2037,18 @@ const KEPT_KINDS: u16 = {
 fn screened_usual(status: u16, d: &Directives, req_authorized: bool) -> bool {
     (200..600).contains(&status)
         & (status != 206)
-        & (status != 304)
+        & !answers_the_request(status)
         & !(d.must_understand | d.no_store | d.private | req_authorized)
+}
+
+/// 304, 412 and 416 answer what the request itself asked (its conditionals, its `Range`:
+/// RFC 9110 §15.4.5, §15.5.13, §15.5.17), not what the URL holds: stored under the URL, one
+/// client's `If-Match` or `Range` past the end would answer every later request there. None
+/// is stored (a 304 only updates, §4.3.4); the cache answers those fields itself from what
+/// it stores (§4.3.2).
+#[inline(always)]
+fn answers_the_request(status: u16) -> bool {
+    (status == 304) | (status == 412) | (status == 416)
 }
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order. (The stored
@@ -2018,7 +2056,7 @@ fn screened_usual(status: u16, d: &Directives, req_authorized: bool) -> bool {
 #[cold]
 #[inline(never)]
 fn screen(status: u16, d: &Directives, req_authorized: bool) -> Result<(), &'static str> {
-    if !(200..600).contains(&status) || status == 206 || status == 304 {
+    if !(200..600).contains(&status) || status == 206 || answers_the_request(status) {
         return Err("status");
     }
     // (`understood` is looked up only under `must-understand`, rare.)
@@ -3006,9 +3044,11 @@ async fn fetched<'c, S: ClientIo>(
                         }
                         cache.count(|s| s.revalidations += 1);
                         // Purged or invalidated since the request went: answered, not stored
-                        // again (RFC 9111 §4.4).
+                        // again (RFC 9111 §4.4). A request with `no-store` has no part of its
+                        // answer stored (§5.2.1.5): the 304's fields update only its own
+                        // answer, not the stored response.
                         let purged = cache.purged_since(keys.purges.get(), &f.obj).is_some();
-                        let fresh = if purged {
+                        let fresh = if purged || req.no_store {
                             None
                         } else {
                             freshen_selected(
@@ -4903,19 +4943,14 @@ fn revalidate_later<S: ClientIo>(
         .listener_limits
         .get(c.info.listener)
         .unwrap_or(&cfg.limits);
-    let head = match conditional_head(&ctx.head, &f.obj, limits, RequestHead::default()) {
-        Some(h) => h,
-        None => {
-            // No validators: fetch it again whole.
-            let mut h = RequestHead::default();
-            match parse_request(&ctx.head.raw, limits, &mut h) {
-                Ok(Some(_)) => {
-                    h.raw = ctx.head.raw.clone();
-                    h
-                }
-                _ => return,
-            }
-        }
+    // No validators: a GET for it whole, without the client's conditionals and `Range` (the
+    // client's own head was sent: a HEAD's answer was read as a GET's, waiting for a body
+    // that never comes while it held the key's flight; `If-Match` or `Range` made it a 412
+    // or 206 that replaces nothing).
+    let Some(head) = conditional_head(&ctx.head, &f.obj, limits, RequestHead::default())
+        .or_else(|| revalidation_head(&ctx.head, None, None, limits, RequestHead::default()))
+    else {
+        return;
     };
     let Some(route_idx) = ctx.route else { return };
     let job = Revalidation {
@@ -5746,7 +5781,7 @@ mod tests {
     #[test]
     fn screened_usual_passes_only_what_screen_passes() {
         for status in [
-            100, 199, 200, 203, 204, 206, 301, 304, 404, 500, 599, 600, 999,
+            100, 199, 200, 203, 204, 206, 301, 304, 404, 412, 416, 500, 599, 600, 999,
         ] {
             for bits in 0u8..64 {
                 let mut d = Directives::default();
