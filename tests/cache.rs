@@ -7162,3 +7162,43 @@ fn rfc5861_3_a_head_starts_a_get_revalidation_without_its_conditionals_or_range(
     assert_eq!(reval.header("range"), None, "{reval:?}");
     assert_eq!(reval.header("if-none-match"), None, "{reval:?}");
 }
+
+/// RFC 6585 §4, §5; RFC 9110 §15.5.1, §15.5.9, §15.5.14, §15.5.18: 400, 408, 413, 417, 429 and
+/// 431 answer the request (its syntax, pace, content, `Expect`, header size, its client's rate),
+/// not the URL. With an origin's blanket `max-age`, one client's request that drew one of them
+/// (here: a header the key does not hold) was stored and answered every later GET there (found
+/// by the review of tests/fuzz_cache_conn.rs's findings). Not stored (RFC 9111 §3 allows, never
+/// requires, storing): the next GET goes to the origin and gets its 200.
+#[test]
+fn rfc6585_request_error_statuses_are_not_stored_for_others() {
+    let up = Upstream::start(|req| {
+        let raw = match req.header("x-status") {
+            Some(code) => format!(
+                "HTTP/1.1 {code} Refused\r\ncache-control: max-age=3600\r\ncontent-length: 2\r\n\r\nno"
+            ),
+            None => {
+                "HTTP/1.1 200 OK\r\ncache-control: max-age=3600\r\ncontent-length: 4\r\n\r\nbody"
+                    .to_string()
+            }
+        };
+        Reply::Raw(raw.into_bytes())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    for (i, code) in [400u16, 408, 413, 417, 429, 431].into_iter().enumerate() {
+        let path = format!("/e{code}");
+        let r = get_h(gw.addr, &path, &format!("X-Status: {code}\r\n"));
+        assert_eq!(r.status, code, "{r:?}");
+        let r = get(gw.addr, &path);
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "body"),
+            "{code}: {r:?}"
+        );
+        assert_eq!(up.hits(), 2 * (i + 1), "{code}");
+    }
+    // A status that answers the URL (404, RFC 9110 §15.5.5) is still stored.
+    let r = get_h(gw.addr, "/n", "X-Status: 404\r\n");
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = get(gw.addr, "/n");
+    assert_eq!((r.status, r.text().as_str()), (404, "no"), "{r:?}");
+}

@@ -2041,14 +2041,19 @@ fn screened_usual(status: u16, d: &Directives, req_authorized: bool) -> bool {
         & !(d.must_understand | d.no_store | d.private | req_authorized)
 }
 
-/// 304, 412 and 416 answer what the request itself asked (its conditionals, its `Range`:
-/// RFC 9110 §15.4.5, §15.5.13, §15.5.17), not what the URL holds: stored under the URL, one
-/// client's `If-Match` or `Range` past the end would answer every later request there. None
-/// is stored (a 304 only updates, §4.3.4); the cache answers those fields itself from what
-/// it stores (§4.3.2).
+/// Statuses that answer the request itself, not what the URL holds; stored under the URL (with
+/// an origin's blanket freshness, such as a `max-age` added to every answer), one client's
+/// request would answer every later request there (cache-poisoned denial of service). None is
+/// stored (RFC 9111 §3 allows, never requires, storing):
+/// - 304, 412, 416: its conditionals and its `Range` (RFC 9110 §15.4.5, §15.5.13, §15.5.17),
+///   which the cache answers itself from what it stores (RFC 9111 §4.3.2; a 304 only
+///   updates, §4.3.4);
+/// - 400, 408, 413, 417, 431: its syntax, its pace, its content, its `Expect`, the size of its
+///   header (RFC 9110 §15.5.1, §15.5.9, §15.5.14, §15.5.18; RFC 6585 §5);
+/// - 429: its client's rate (RFC 6585 §4).
 #[inline(always)]
 fn answers_the_request(status: u16) -> bool {
-    (status == 304) | (status == 412) | (status == 416)
+    matches!(status, 304 | 400 | 408 | 412 | 413 | 416 | 417 | 429 | 431)
 }
 
 /// What the status and the directives alone rule out (§3, §3.5), in this order. (The stored
@@ -5781,7 +5786,8 @@ mod tests {
     #[test]
     fn screened_usual_passes_only_what_screen_passes() {
         for status in [
-            100, 199, 200, 203, 204, 206, 301, 304, 404, 412, 416, 500, 599, 600, 999,
+            100, 199, 200, 203, 204, 206, 301, 304, 400, 404, 408, 412, 413, 416, 417, 429, 431,
+            500, 599, 600, 999,
         ] {
             for bits in 0u8..64 {
                 let mut d = Directives::default();
