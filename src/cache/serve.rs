@@ -1403,34 +1403,50 @@ fn revalidation_head(
     etag: Option<&[u8]>,
     lm: Option<&[u8]>,
     limits: &crate::http::request::Limits,
+    head: RequestHead,
+) -> Option<RequestHead> {
+    let dropped = [
+        &b"if-none-match"[..],
+        b"if-modified-since",
+        b"if-match",
+        b"if-unmodified-since",
+        b"if-range",
+        b"range",
+    ];
+    let add = |raw: &mut BytesMut| {
+        if let Some(e) = etag {
+            put_header(raw, b"if-none-match", e);
+        }
+        if let Some(l) = lm {
+            put_header(raw, b"if-modified-since", l);
+        }
+    };
+    upstream_get(orig, &dropped, 128, add, limits, head)
+}
+
+/// A GET of `orig`'s target with its fields but those named in `dropped` (lower case), then
+/// the lines `add` writes (of about `more` bytes), parsed within `limits` into `head`: what the
+/// cache sends upstream in a client's stead ([`revalidation_head`], [`rest_head`]). `None`
+/// when it cannot be built within limits.
+fn upstream_get(
+    orig: &RequestHead,
+    dropped: &[&[u8]],
+    more: usize,
+    add: impl FnOnce(&mut BytesMut),
+    limits: &crate::http::request::Limits,
     mut head: RequestHead,
 ) -> Option<RequestHead> {
-    let mut raw = BytesMut::with_capacity(orig.raw.len() + 128);
+    let mut raw = BytesMut::with_capacity(orig.raw.len() + more);
     raw.put_slice(b"GET ");
     raw.put_slice(orig.bytes(orig.target));
     raw.put_slice(b" HTTP/1.1\r\n");
     for h in &orig.headers {
         let name = orig.bytes(h.name);
-        let skip = [
-            &b"if-none-match"[..],
-            b"if-modified-since",
-            b"if-match",
-            b"if-unmodified-since",
-            b"if-range",
-            b"range",
-        ]
-        .iter()
-        .any(|s| name.eq_ignore_ascii_case(s));
-        if !skip {
+        if !dropped.iter().any(|d| name.eq_ignore_ascii_case(d)) {
             put_header(&mut raw, name, orig.bytes(h.value));
         }
     }
-    if let Some(e) = etag {
-        put_header(&mut raw, b"if-none-match", e);
-    }
-    if let Some(l) = lm {
-        put_header(&mut raw, b"if-modified-since", l);
-    }
+    add(&mut raw);
     raw.put_slice(b"\r\n");
     match parse_request(&raw, limits, &mut head) {
         Ok(Some(n)) if n == raw.len() => {
@@ -4559,30 +4575,22 @@ fn rest_head(
     from: u64,
     etag: &[u8],
     limits: &crate::http::request::Limits,
-    mut head: RequestHead,
+    head: RequestHead,
 ) -> Option<RequestHead> {
-    let mut raw = BytesMut::with_capacity(orig.raw.len() + etag.len() + 64);
-    raw.put_slice(b"GET ");
-    raw.put_slice(orig.bytes(orig.target));
-    raw.put_slice(b" HTTP/1.1\r\n");
-    for h in &orig.headers {
-        let name = orig.bytes(h.name);
-        if !name.eq_ignore_ascii_case(b"if-range") && !name.eq_ignore_ascii_case(b"range") {
-            put_header(&mut raw, name, orig.bytes(h.value));
-        }
-    }
-    raw.put_slice(b"range: bytes=");
-    put_u64(&mut raw, from);
-    raw.put_slice(b"-\r\n");
-    put_header(&mut raw, b"if-range", etag);
-    raw.put_slice(b"\r\n");
-    match parse_request(&raw, limits, &mut head) {
-        Ok(Some(n)) if n == raw.len() => {
-            head.raw = raw.freeze();
-            Some(head)
-        }
-        _ => None,
-    }
+    let add = |raw: &mut BytesMut| {
+        raw.put_slice(b"range: bytes=");
+        put_u64(raw, from);
+        raw.put_slice(b"-\r\n");
+        put_header(raw, b"if-range", etag);
+    };
+    upstream_get(
+        orig,
+        &[b"if-range", b"range"],
+        etag.len() + 64,
+        add,
+        limits,
+        head,
+    )
 }
 
 /// The length of the rest when `resp` (to the request `sent`, made by [`rest_head`]) is the
