@@ -1590,8 +1590,6 @@ impl WorkerCache {
     pub fn lookup(&self, key: KeyRef<'_>, req: &Sent<'_>) -> (Option<Rc<Object>>, bool) {
         let m = self.map.borrow();
         let Some(e) = m.get(key) else {
-            drop(m);
-            self.prefetch_victim(key.hash);
             return (None, false);
         };
         if self.any_invalidated.get() && self.holds_invalidated(e) {
@@ -1663,15 +1661,24 @@ impl WorkerCache {
         }
     }
 
-    /// Brings in, for a miss that may store, what storing the key hashed `hash` will read and
-    /// write (the ghost table's slots: [`store::Store::prefetch_ghosts`]) and what the next
-    /// eviction reads of the entry it will evict (most likely: the one at the front of its
-    /// queue): its object (not its key's bytes, which the eviction does not read; they are
-    /// brought in when kept). The store brought the entry's slot in after its last insert
-    /// ([`store::Store::insert`]).
-    fn prefetch_victim(&self, hash: u64) {
+    /// Brings in, for a miss whose response head has arrived (its analysis and storing follow,
+    /// with no wait between), what storing the key hashed `hash` will read and write: the
+    /// store's table lines ([`store::Store::prefetch_insert`]) and what the eviction reads of
+    /// the entry it will evict (most likely: the one at the front of its queue): its object
+    /// (not its key's bytes, which the eviction does not read; they are brought in when kept).
+    /// The store brought the entry's slot in after its last insert ([`store::Store::insert`]).
+    /// Also the first and last lines of `key` (copied into the store) and of each of `also`
+    /// (the request's host and path, read again to write the object's URL): while the fetch
+    /// waited, the other connections' requests ran and these went out of the nearest caches.
+    #[inline]
+    pub fn prefetch_store(&self, key: KeyRef<'_>, also: [&[u8]; 2]) {
+        for s in [key.bytes, also[0], also[1]] {
+            let p = s.as_ptr();
+            prefetch_line(p);
+            prefetch_line(p.wrapping_add(s.len().saturating_sub(1)));
+        }
         let m = self.map.borrow();
-        let Some(e) = m.prefetch_ghosts(hash) else {
+        let Some(e) = m.prefetch_insert(key.hash) else {
             return;
         };
         if let Variants::One(o) = &e.variants {

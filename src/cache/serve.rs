@@ -2809,6 +2809,13 @@ async fn fill<'c, S: ClientIo>(
             Ok(ch) => ch,
             Err(e) => break 'whole Err(e),
         };
+        // What storing will touch, while the analysis runs.
+        let head = &ctx.head;
+        let also = [
+            head.host_bytes().unwrap_or(b""),
+            head.bytes(head.path_query),
+        ];
+        cache.prefetch_store(keys.shared_key(), also);
         status.fwd_status = resp.status;
         match analyze_if_whole(
             p,

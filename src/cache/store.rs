@@ -104,6 +104,12 @@ pub(crate) struct Store<V> {
     len: usize,
     /// Removed entries whose numbers are still in a queue.
     dead: usize,
+    /// Where the index's control bytes begin (0 until its first insert), for the prefetches
+    /// of [`Store::prefetch_insert`]: worked out at each insert from the bucket the index put
+    /// the new entry in and the address of its value, as hashbrown lays a table out (each
+    /// bucket's value `(b + 1) * 4` bytes below the control bytes, its control byte `b` above).
+    /// Only ever used as a hint: a wrong one costs a useless prefetch, never a wrong result.
+    ctrl_at: usize,
 }
 
 impl<V> Store<V> {
@@ -131,6 +137,7 @@ impl<V> Store<V> {
             main_weight: 0,
             len: 0,
             dead: 0,
+            ctrl_at: 0,
         }
     }
 
@@ -294,7 +301,7 @@ impl<V> Store<V> {
     }
 
     /// Brings in the slot [`Store::front`] names (not read here: [`Store::victim_slot`] reads
-    /// it, from `WorkerCache::prefetch_victim`, which then brings in what the slot points to).
+    /// it, from `WorkerCache::prefetch_store`, which then brings in what the slot points to).
     #[inline]
     fn prefetch_next_victim(&self) {
         if let Some(slot) = self.front().and_then(|i| self.slots.get(i as usize)) {
@@ -302,16 +309,21 @@ impl<V> Store<V> {
         }
     }
 
-    /// Brings in the ghost table's slots that storing a new key hashed `hash` reads and
-    /// writes, for a lookup that missed (the fetch runs between): the new key's
-    /// (`ghost_take`) and, when the next eviction takes from small, its entry's (`ghost_put`).
-    /// The table is as large as the store has entries and these slots are random: without
-    /// this, each is a wait on memory in the insert. Returns the value of
-    /// [`Store::victim_slot`]'s entry, for the caller to bring in what it points to. (The
-    /// index buckets the insert touches, as random, were tried too: `cargo bench --bench cache`
-    /// showed no gain, and their addresses depend on how hashbrown lays out its table.)
+    /// Brings in what storing a new key hashed `hash` will read and write in the store's own
+    /// tables, each line at a random place in them: the ghost table's slots (the new key's,
+    /// read by `ghost_take`, and, when the next eviction takes from small, its entry's, written
+    /// by `ghost_put`), the index's control group and values where the new key's probe
+    /// starts (read for a former entry, then written), and the index's control byte and value
+    /// of the entry the next eviction most likely takes (read and written as it leaves the
+    /// index). Returns the value of [`Store::victim_slot`]'s entry, for the caller to bring in
+    /// what it points to.
+    ///
+    /// Called when a miss's response head has arrived: its analysis and the insert follow
+    /// with no wait between, so the lines arrive while the analysis runs. (Called at the
+    /// lookup instead, they were gone again by the insert: while the fetch waits, the other
+    /// connections' requests run.)
     #[inline]
-    pub(crate) fn prefetch_ghosts(&self, hash: u64) -> Option<&V> {
+    pub(crate) fn prefetch_insert(&self, hash: u64) -> Option<&V> {
         // (Each a u32, aligned to its size: one line.)
         let ghost = |h: u64| {
             self.ghost
@@ -319,10 +331,28 @@ impl<V> Store<V> {
                 .wrapping_add(h as usize & self.ghost_mask)
         };
         super::prefetch_line(ghost(hash).cast());
+        let ctrl = self.ctrl_at;
+        // A probe starts at the group of `Group::WIDTH` (16 on x86-64) control bytes at the
+        // hash's bucket (hashbrown's `h1`: the hash's low bits); the values of those buckets
+        // lie below the control bytes, the group's first bucket's highest.
+        let mask = self.index.num_buckets().wrapping_sub(1);
+        let pos = hash as usize & mask;
+        if ctrl != 0 {
+            super::prefetch_line(ctrl.wrapping_add(pos) as *const u8);
+            super::prefetch_line(ctrl.wrapping_add(pos + 15) as *const u8);
+            let values_end = ctrl.wrapping_sub(pos.wrapping_mul(4));
+            super::prefetch_line(values_end.wrapping_sub(4) as *const u8);
+            super::prefetch_line(values_end.wrapping_sub(64) as *const u8);
+        }
         let slot = self.victim_slot()?;
         let (k, v) = slot.live.as_ref()?;
         if !slot.main {
             super::prefetch_line(ghost(k.hash).cast());
+        }
+        if ctrl != 0 && slot.bucket != NO_BUCKET {
+            let b = slot.bucket as usize;
+            super::prefetch_line(ctrl.wrapping_add(b) as *const u8);
+            super::prefetch_line(ctrl.wrapping_sub((b + 1).wrapping_mul(4)) as *const u8);
         }
         Some(v)
     }
@@ -335,7 +365,7 @@ impl<V> Store<V> {
         (slot.freq.get() == 0 && slot.live.is_some()).then_some(slot)
     }
 
-    /// The entry of [`Store::victim_slot`] (what [`Store::prefetch_ghosts`] predicts, for the
+    /// The entry of [`Store::victim_slot`] (what [`Store::prefetch_insert`] predicts, for the
     /// model test to check).
     #[cfg(test)]
     pub(crate) fn next_victim(&self) -> Option<(&StoreKey, &V)> {
@@ -607,10 +637,9 @@ impl<V> Store<V> {
             std::hint::cold_path();
             self.index.reserve(live + 1, |j| hash_of(slots, j));
         }
-        let at = self
-            .index
-            .insert_unique(hash, i, |j| hash_of(slots, j))
-            .bucket_index();
+        let e = self.index.insert_unique(hash, i, |j| hash_of(slots, j));
+        let at = e.bucket_index();
+        self.ctrl_at = ctrl_of(std::ptr::from_ref(e.get()), at);
         if self.index.num_buckets() != buckets {
             // The index grew: every entry moved.
             self.note_buckets();
@@ -704,6 +733,13 @@ fn ghost_tag(hash: u64) -> u32 {
 
 /// The hash of slot `i`'s key, for the index to move it when it grows (only live slots are in
 /// the index).
+/// Where the index's control bytes begin, from the address of bucket `at`'s value (see
+/// [`Store::ctrl_at`]).
+#[inline(always)]
+fn ctrl_of(value: *const u32, at: usize) -> usize {
+    (value as usize).wrapping_add(at.wrapping_add(1).wrapping_mul(std::mem::size_of::<u32>()))
+}
+
 fn hash_of<V>(slots: &[Slot<V>], i: &u32) -> u64 {
     slots
         .get(*i as usize)
@@ -1206,5 +1242,32 @@ mod tests {
         assert_eq!(s.len(), 0);
         assert!(s.slots.len() <= 2 * COMPACT_FLOOR + 2, "{}", s.slots.len());
         assert!(s.small.len() + s.main.len() <= 2 * COMPACT_FLOOR + 2);
+    }
+
+    /// The prefetches of `prefetch_insert` find the index's lines by where hashbrown puts a
+    /// bucket's value (`ctrl_at`): checked against the address of every live bucket's value,
+    /// through the index's growth and once full and evicting (a hashbrown that lays its
+    /// table out otherwise would only make the prefetches useless: this says so).
+    #[test]
+    fn the_index_layout_the_prefetches_assume_holds() {
+        let mut s: Store<u32> = Store::new(16, 4_000);
+        let k = |n: u32| StoreKey {
+            hash: u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            bytes: n.to_le_bytes().to_vec(),
+        };
+        for n in 0..3_000u32 {
+            s.insert(k(n), n, 10);
+            if n % 97 != 0 {
+                continue;
+            }
+            assert_ne!(s.ctrl_at, 0);
+            let mut seen = 0;
+            for b in s.index.iter_buckets() {
+                let v = s.index.get_bucket(b).expect("a live bucket");
+                assert_eq!(ctrl_of(std::ptr::from_ref(v), b), s.ctrl_at, "bucket {b}");
+                seen += 1;
+            }
+            assert_eq!(seen, s.len());
+        }
     }
 }
