@@ -1845,7 +1845,19 @@ fn analyze_lines<const LISTED: bool, R>(
         std::hint::cold_path();
         Some(crate::date::http_date(response_time))
     };
-    let url = super::UrlParts::of(req);
+    // The URL as the route's key reads it, when that is not the URL as sent (`keyed_url`).
+    let keyed = if matches!(p.query, super::QueryMode::All) {
+        None
+    } else {
+        std::hint::cold_path();
+        let mut u = Vec::new();
+        url_of(req, &mut u);
+        super::keyed_url(p, &u)
+    };
+    let url = match &keyed {
+        None => super::UrlParts::of(req),
+        Some(k) => super::UrlParts::of_url(k),
+    };
     let head_len = resp.raw.len();
     let block_len = match &date {
         Some(date) => {
@@ -3372,6 +3384,11 @@ async fn fetched<'c, S: ClientIo>(
                     // received: before the client can have it and send its next request.
                     if (200..400).contains(&resp.status) {
                         for u in invalidated_urls(&mut ctx.head, resp, url, split) {
+                            // On a route whose key reads the query in part, the URL as the key
+                            // reads it too: the one its objects are stored under.
+                            if let Some(k) = super::keyed_url(p, &u).filter(|k| *k != u) {
+                                cache.invalidate_everywhere(k);
+                            }
                             cache.invalidate_everywhere(u);
                         }
                     }
@@ -4917,6 +4934,11 @@ async fn purge_request<'c, S: ClientIo>(
             url.pop();
             targets.push(PurgeTarget::Prefix(url));
         } else {
+            // On a route whose key reads the query in part, also the URL as the key reads it:
+            // the one its objects are stored under (`keyed_url`).
+            if let Some(k) = super::keyed_url(p, &url).filter(|k| *k != url) {
+                targets.push(PurgeTarget::Url(k));
+            }
             targets.push(PurgeTarget::Url(url));
         }
     }
