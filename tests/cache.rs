@@ -1232,6 +1232,31 @@ fn rfc9111_4_4_an_unsafe_request_invalidates_what_its_url_s_key_holds_when_the_k
     miss(&get(gw.addr, "/k?b=2&a=1"), "v7");
 }
 
+/// RFC 9111 §4.4 across routes: a write through a route of its own (`methods = ["POST"]`,
+/// with the default key) invalidates the copy a cached route whose key keeps only some
+/// parameters stored for that URL, whatever order the parameters came in.
+#[test]
+fn rfc9111_4_4_a_write_through_another_route_invalidates_a_query_keyed_route_s_copy() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = config(
+        &[up.addr],
+        "[[routes]]\nname = \"writes\"\npath_prefix = \"/k\"\nmethods = [\"POST\"]\n\
+         upstream = \"up\"\ncache = { }\n\
+         [[routes]]\nname = \"reads\"\npath_prefix = \"/k\"\nupstream = \"up\"\n\
+         cache = { key = { query = [\"a\", \"b\"] } }\n",
+    );
+    let gw = TestGateway::start(&toml, D);
+    miss(&get(gw.addr, "/k?b=2&a=1"), "v1");
+    hit(&get(gw.addr, "/k?b=2&a=1&utm=z"), "v1");
+    let r = request(
+        gw.addr,
+        b"POST /k?b=2&a=1 HTTP/1.1\r\nHost: test.local\r\nContent-Length: 1\r\n\r\nx",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(status_of(&r).contains("fwd=method"), "{r:?}");
+    miss(&get(gw.addr, "/k?b=2&a=1"), "v3");
+}
+
 fn auth_cache_config(up: SocketAddr, cache: &str) -> String {
     config(
         &[up],

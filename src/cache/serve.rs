@@ -3384,9 +3384,9 @@ async fn fetched<'c, S: ClientIo>(
                     // received: before the client can have it and send its next request.
                     if (200..400).contains(&resp.status) {
                         for u in invalidated_urls(&mut ctx.head, resp, url, split) {
-                            // On a route whose key reads the query in part, the URL as the key
-                            // reads it too: the one its objects are stored under.
-                            if let Some(k) = super::keyed_url(p, &u).filter(|k| *k != u) {
+                            // The URL as the key of each route that reads the query in part
+                            // reads it too: where their objects of it are stored.
+                            for k in keyed_urls(&cfg.router.routes, &u) {
                                 cache.invalidate_everywhere(k);
                             }
                             cache.invalidate_everywhere(u);
@@ -3732,6 +3732,23 @@ fn invalidated_urls(
         head.https = !head.https;
     }
     urls
+}
+
+/// The URLs objects of `url` (as [`url_of`] writes it) may be stored under besides itself: `url`
+/// as the key of each cache route that reads the query in part reads it ([`super::keyed_url`]),
+/// each once. An invalidation (RFC 9111 §4.4) or a purge of `url` names them too, whichever
+/// route it came through: a write through a route of its own (`methods = ["POST"]`), or a
+/// `PURGE` route beside the cached one, reaches the cached route's copy.
+fn keyed_urls(routes: &[Route], url: &[u8]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for p in routes.iter().filter_map(|r| r.cache.as_deref()) {
+        if let Some(k) = super::keyed_url(p, url) {
+            if k != url && !out.contains(&k) {
+                out.push(k);
+            }
+        }
+    }
+    out
 }
 
 /// A `Location` or `Content-Location` value as a URL of the request's host (§4.4: only
@@ -4934,11 +4951,11 @@ async fn purge_request<'c, S: ClientIo>(
             url.pop();
             targets.push(PurgeTarget::Prefix(url));
         } else {
-            // On a route whose key reads the query in part, also the URL as the key reads it:
-            // the one its objects are stored under (`keyed_url`).
-            if let Some(k) = super::keyed_url(p, &url).filter(|k| *k != url) {
-                targets.push(PurgeTarget::Url(k));
-            }
+            // Also the URL as the key of each route that reads the query in part reads it:
+            // where their objects of it are stored.
+            let snapshot = w.config();
+            let keyed = keyed_urls(&snapshot.router.routes, &url);
+            targets.extend(keyed.into_iter().map(PurgeTarget::Url));
             targets.push(PurgeTarget::Url(url));
         }
     }
