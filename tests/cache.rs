@@ -1232,6 +1232,52 @@ fn rfc9111_4_4_an_unsafe_request_invalidates_what_its_url_s_key_holds_when_the_k
     miss(&get(gw.addr, "/k?b=2&a=1"), "v7");
 }
 
+/// RFC 9111 §4.4 on a `key.ignore_host` route: one stored copy answers every host, so a write
+/// through any host invalidates it, and the admin API's purge by URL or prefix under any host
+/// finds it (its objects are stored without a host). Before, the copy kept the host it was
+/// stored through, and a `POST` through another host left it to answer.
+#[test]
+fn rfc9111_4_4_a_write_through_any_host_invalidates_an_ignore_host_route_s_copy() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        cache_config(up.addr, "key = { ignore_host = true }", "")
+    );
+    let gw = TestGateway::start(&toml, D);
+    let on = |method: &str, host: &str, path: &str| {
+        let body = if method == "POST" {
+            "Content-Length: 1\r\n\r\nx"
+        } else {
+            "\r\n"
+        };
+        request(
+            gw.addr,
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{body}").as_bytes(),
+        )
+    };
+    miss(&on("GET", "one.test", "/x"), "v1");
+    hit(&on("GET", "two.test", "/x"), "v1");
+    assert_eq!(on("POST", "two.test", "/x").status, 200);
+    miss(&on("GET", "one.test", "/x"), "v3");
+    hit(&on("GET", "two.test", "/x"), "v3");
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let admin = |q: &str| {
+        let r = request(
+            api,
+            format!(
+                "POST /cache/purge?{q} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.text().contains("\"purged\": 1"), "{q}: {r:?}");
+    };
+    admin("url=three.test/x");
+    miss(&on("GET", "two.test", "/x"), "v4");
+    admin("prefix=one.test/");
+    miss(&on("GET", "two.test", "/x"), "v5");
+}
+
 /// RFC 9111 §4.4 across routes: a write through a route of its own (`methods = ["POST"]`,
 /// with the default key) invalidates the copy a cached route whose key keeps only some
 /// parameters stored for that URL, whatever order the parameters came in.

@@ -1846,7 +1846,7 @@ fn analyze_lines<const LISTED: bool, R>(
         Some(crate::date::http_date(response_time))
     };
     // The URL as the route's key reads it, when that is not the URL as sent (`keyed_url`).
-    let keyed = if matches!(p.query, super::QueryMode::All) {
+    let keyed = if !p.ignore_host && matches!(p.query, super::QueryMode::All) {
         None
     } else {
         std::hint::cold_path();
@@ -4949,6 +4949,15 @@ async fn purge_request<'c, S: ClientIo>(
         url_of(&ctx.head, &mut url);
         if url.ends_with(b"*") {
             url.pop();
+            // The objects of a `key.ignore_host` route are stored without a host.
+            let snapshot = w.config();
+            let routes = &snapshot.router.routes;
+            if routes
+                .iter()
+                .any(|r| r.cache.as_ref().is_some_and(|p| p.ignore_host))
+            {
+                targets.push(PurgeTarget::Prefix(super::hostless(&url).to_vec()));
+            }
             targets.push(PurgeTarget::Prefix(url));
         } else {
             // Also the URL as the key of each route that reads the query in part reads it:
