@@ -3739,9 +3739,24 @@ fn invalidated_urls(
 /// each once. An invalidation (RFC 9111 §4.4) or a purge of `url` names them too, whichever
 /// route it came through: a write through a route of its own (`methods = ["POST"]`), or a
 /// `PURGE` route beside the cached one, reaches the cached route's copy.
+/// Only the routes whose path could take `url`'s are asked (a route by `path` or
+/// `path_prefix` of another path holds no object of it), unless its path has a `%` or a dot
+/// segment, which the router may read otherwise than the bytes say.
 fn keyed_urls(routes: &[Route], url: &[u8]) -> Vec<Vec<u8>> {
+    use crate::router::PathMatch;
+    let pq = super::hostless(url);
+    let path = &pq[..memchr::memchr(b'?', pq).unwrap_or(pq.len())];
+    let plain = memchr::memchr(b'%', path).is_none() && memchr::memmem::find(path, b"/.").is_none();
+    let may_take = |r: &Route| match &r.path {
+        PathMatch::Exact(e) if plain => path == &e[..],
+        PathMatch::Prefix(x) if plain => path.starts_with(x),
+        _ => true,
+    };
     let mut out: Vec<Vec<u8>> = Vec::new();
-    for p in routes.iter().filter_map(|r| r.cache.as_deref()) {
+    for r in routes.iter().filter(|r| may_take(r)) {
+        let Some(p) = r.cache.as_deref() else {
+            continue;
+        };
         if let Some(k) = super::keyed_url(p, url) {
             if k != url && !out.contains(&k) {
                 out.push(k);
