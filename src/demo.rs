@@ -103,7 +103,8 @@ fn serve_conn(mut s: TcpStream, svc: Service) {
         let mut body = json.as_bytes();
         if !freshness.is_empty() {
             extra = format!("etag: \"{:016x}\"\r\naccept-ranges: bytes\r\n", fnv1a(body));
-            let mut ranges = head.header_values(b"range");
+            // (Ranges are GET's only, RFC 9110 §14.2: a HEAD's `Range` is ignored.)
+            let mut ranges = head.header_values(b"range").filter(|_| !is_head);
             if let (Some(r), None) = (ranges.next(), ranges.next()) {
                 let len = body.len() as u64;
                 match crate::cache::policy::byte_range(r, len) {
@@ -384,5 +385,14 @@ mod tests {
             assert!(!get_body.is_empty(), "{get}");
             assert_eq!(head, format!("{get_head}\r\n\r\n"), "HEAD {path}");
         }
+        // A HEAD's `Range` is ignored (RFC 9110 §14.2: range handling is GET's alone).
+        let users = Service::Users { instance: 1 };
+        let get = answer_of(users, &format!("GET /users/1 HTTP/1.1\r\n{close}"));
+        let head = answer_of(
+            users,
+            "HEAD /users/1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\nConnection: close\r\n\r\n",
+        );
+        let get_head = get.split("\r\n\r\n").next().unwrap_or_default();
+        assert_eq!(head, format!("{get_head}\r\n\r\n"));
     }
 }

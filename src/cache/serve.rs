@@ -3384,8 +3384,8 @@ async fn fetched<'c, S: ClientIo>(
                     // received: before the client can have it and send its next request.
                     if (200..400).contains(&resp.status) {
                         for u in invalidated_urls(&mut ctx.head, resp, url, split) {
-                            // The URL as the key of each route that reads the query in part
-                            // reads it too: where their objects of it are stored.
+                            // The URL as the key of each route whose key is not the URL as
+                            // sent reads it too: where their objects of it are stored.
                             for k in keyed_urls(&cfg.router.routes, &u) {
                                 cache.invalidate_everywhere(k);
                             }
@@ -3735,8 +3735,8 @@ fn invalidated_urls(
 }
 
 /// The URLs objects of `url` (as [`url_of`] writes it) may be stored under besides itself: `url`
-/// as the key of each cache route that reads the query in part reads it ([`super::keyed_url`]),
-/// each once. An invalidation (RFC 9111 §4.4) or a purge of `url` names them too, whichever
+/// as the key of each cache route whose key is not the URL as sent reads it (without the host,
+/// or with part of the query: [`super::keyed_url`]), each once. An invalidation (RFC 9111 §4.4) or a purge of `url` names them too, whichever
 /// route it came through: a write through a route of its own (`methods = ["POST"]`), or a
 /// `PURGE` route beside the cached one, reaches the cached route's copy.
 /// Only the routes whose path could take `url`'s are asked (a route by `path` or
@@ -4975,7 +4975,7 @@ async fn purge_request<'c, S: ClientIo>(
             }
             targets.push(PurgeTarget::Prefix(url));
         } else {
-            // Also the URL as the key of each route that reads the query in part reads it:
+            // Also the URL as the key of each route whose key is not the URL as sent reads it:
             // where their objects of it are stored.
             let snapshot = w.config();
             let keyed = keyed_urls(&snapshot.router.routes, &url);
