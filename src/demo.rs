@@ -82,11 +82,20 @@ fn serve_conn(mut s: TcpStream, svc: Service) {
             }
         }
         let body: Vec<u8> = buf.drain(..body_len).collect();
-        let (mut status, mut json) = answer(svc, head.method_str(), head.path_bytes(), &body);
-        if let Some(user) = user_filter(svc, head.method_str(), head.bytes(head.path_query)) {
+        // HEAD is answered as GET would be, without the content (RFC 9110 §9.3.2; §9.1: a
+        // general-purpose server supports both). Before, it fell to 404, and `curl -I` on the
+        // demo's cached route showed the sample service's 404 until a GET had been stored.
+        let is_head = head.method_str() == b"HEAD";
+        let method = if is_head {
+            &b"GET"[..]
+        } else {
+            head.method_str()
+        };
+        let (mut status, mut json) = answer(svc, method, head.path_bytes(), &body);
+        if let Some(user) = user_filter(svc, method, head.bytes(head.path_query)) {
             (status, json) = (200, orders_of(user));
         }
-        let freshness = freshness(svc, head.method_str(), status);
+        let freshness = freshness(svc, method, status);
         // A users answer names its bytes (a strong ETag) and serves a single byte range of
         // them (RFC 9110 §14): the demo's cached route stores such a 206 as a piece and
         // answers the ranges inside it (README "Caching", Pieces).
@@ -94,7 +103,8 @@ fn serve_conn(mut s: TcpStream, svc: Service) {
         let mut body = json.as_bytes();
         if !freshness.is_empty() {
             extra = format!("etag: \"{:016x}\"\r\naccept-ranges: bytes\r\n", fnv1a(body));
-            let mut ranges = head.header_values(b"range");
+            // (Ranges are GET's only, RFC 9110 §14.2: a HEAD's `Range` is ignored.)
+            let mut ranges = head.header_values(b"range").filter(|_| !is_head);
             if let (Some(r), None) = (ranges.next(), ranges.next()) {
                 let len = body.len() as u64;
                 match crate::cache::policy::byte_range(r, len) {
@@ -124,7 +134,9 @@ fn serve_conn(mut s: TcpStream, svc: Service) {
             body.len()
         )
         .into_bytes();
-        resp.extend_from_slice(body);
+        if !is_head {
+            resp.extend_from_slice(body);
+        }
         if s.write_all(&resp).is_err() || !head.keep_alive {
             return;
         }
@@ -352,5 +364,35 @@ mod tests {
             &format!("GET /orders HTTP/1.1\r\n{close}Range: bytes=0-1\r\n\r\n"),
         );
         assert!(o.starts_with("HTTP/1.1 200") && !o.contains("etag"), "{o}");
+    }
+
+    /// RFC 9110 §9.3.2 (and §9.1: a general-purpose server supports GET and HEAD): a HEAD
+    /// gets the head a GET would, its `Content-Length` and `ETag` included, and no content.
+    /// Before, every sample service answered HEAD with 404.
+    #[test]
+    fn a_head_gets_the_get_s_head_without_content_rfc9110_9_3_2() {
+        let close = "Host: x\r\nConnection: close\r\n\r\n";
+        for (svc, path) in [
+            (Service::Users { instance: 1 }, "/users/1"),
+            (Service::Users { instance: 2 }, "/users"),
+            (Service::Orders, "/orders"),
+            (Service::Orders, "/orders?user_id=1"),
+        ] {
+            let get = answer_of(svc, &format!("GET {path} HTTP/1.1\r\n{close}"));
+            let head = answer_of(svc, &format!("HEAD {path} HTTP/1.1\r\n{close}"));
+            let (get_head, get_body) = get.split_once("\r\n\r\n").expect("a head");
+            assert!(get_head.starts_with("HTTP/1.1 200"), "{get}");
+            assert!(!get_body.is_empty(), "{get}");
+            assert_eq!(head, format!("{get_head}\r\n\r\n"), "HEAD {path}");
+        }
+        // A HEAD's `Range` is ignored (RFC 9110 §14.2: range handling is GET's alone).
+        let users = Service::Users { instance: 1 };
+        let get = answer_of(users, &format!("GET /users/1 HTTP/1.1\r\n{close}"));
+        let head = answer_of(
+            users,
+            "HEAD /users/1 HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\nConnection: close\r\n\r\n",
+        );
+        let get_head = get.split("\r\n\r\n").next().unwrap_or_default();
+        assert_eq!(head, format!("{get_head}\r\n\r\n"));
     }
 }

@@ -1181,6 +1181,128 @@ fn rfc9111_2_a_query_allowlist_keys_encoded_names_and_keeps_the_order_of_repeats
     assert_eq!(up.hits(), 6);
 }
 
+/// RFC 9111 §4.4 on a route whose key reads the query in part: an unsafe request to a URL
+/// invalidates what a `GET` of that URL would be answered with, though it was stored by
+/// another URL of the same key (other unlisted parameters, another order; with `query =
+/// "none"`, any query). Before, an object kept the URL of the request that stored it, the
+/// invalidation named the unsafe request's, and the next `GET` got the copy from before the
+/// write (`POST /k?a=1&b=2` left `/k?b=2&a=1&utm=x`'s answer to `GET /k?a=1&b=2`). The
+/// admin API's purge by URL names the URL as the key reads it (the listed parameters sorted).
+#[test]
+fn rfc9111_4_4_an_unsafe_request_invalidates_what_its_url_s_key_holds_when_the_key_drops_query_parts(
+) {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        config(
+            &[up.addr],
+            "[[routes]]\nname = \"some\"\npath_prefix = \"/k\"\nupstream = \"up\"\n\
+             cache = { key = { query = [\"b\", \"a\"] } }\n\
+             [[routes]]\nname = \"none\"\npath_prefix = \"/n\"\nupstream = \"up\"\n\
+             cache = { key = { query = \"none\" } }\n",
+        )
+    );
+    let gw = TestGateway::start(&toml, D);
+    let post = |path: &str| {
+        request(
+            gw.addr,
+            format!("POST {path} HTTP/1.1\r\nHost: test.local\r\nContent-Length: 1\r\n\r\nx")
+                .as_bytes(),
+        )
+    };
+    // An allowlist: stored by one URL, answering another of the same key.
+    miss(&get(gw.addr, "/k?b=2&a=1&utm=x"), "v1");
+    hit(&get(gw.addr, "/k?a=1&b=2"), "v1");
+    assert_eq!(post("/k?a=1&b=2").status, 200);
+    miss(&get(gw.addr, "/k?a=1&b=2"), "v3");
+    hit(&get(gw.addr, "/k?utm=y&b=2&a=1"), "v3");
+    // No query in the key.
+    miss(&get(gw.addr, "/n/x?page=1"), "v4");
+    hit(&get(gw.addr, "/n/x"), "v4");
+    assert_eq!(post("/n/x?other=2").status, 200);
+    miss(&get(gw.addr, "/n/x?page=3"), "v6");
+    // The admin API purges by the URL as the key reads it.
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let r = request(
+        api,
+        b"POST /cache/purge?url=test.local/k?a=1%26b=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.text().contains("\"purged\": 1"), "{r:?}");
+    miss(&get(gw.addr, "/k?b=2&a=1"), "v7");
+}
+
+/// RFC 9111 §4.4 on a `key.ignore_host` route: one stored copy answers every host, so a write
+/// through any host invalidates it, and the admin API's purge by URL or prefix under any host
+/// finds it (its objects are stored without a host). Before, the copy kept the host it was
+/// stored through, and a `POST` through another host left it to answer.
+#[test]
+fn rfc9111_4_4_a_write_through_any_host_invalidates_an_ignore_host_route_s_copy() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = format!(
+        "{}\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        cache_config(up.addr, "key = { ignore_host = true }", "")
+    );
+    let gw = TestGateway::start(&toml, D);
+    let on = |method: &str, host: &str, path: &str| {
+        let body = if method == "POST" {
+            "Content-Length: 1\r\n\r\nx"
+        } else {
+            "\r\n"
+        };
+        request(
+            gw.addr,
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{body}").as_bytes(),
+        )
+    };
+    miss(&on("GET", "one.test", "/x"), "v1");
+    hit(&on("GET", "two.test", "/x"), "v1");
+    assert_eq!(on("POST", "two.test", "/x").status, 200);
+    miss(&on("GET", "one.test", "/x"), "v3");
+    hit(&on("GET", "two.test", "/x"), "v3");
+    let api = gw.gateway().admin_addr().expect("the admin API runs");
+    let admin = |q: &str| {
+        let r = request(
+            api,
+            format!(
+                "POST /cache/purge?{q} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.text().contains("\"purged\": 1"), "{q}: {r:?}");
+    };
+    admin("url=three.test/x");
+    miss(&on("GET", "two.test", "/x"), "v4");
+    admin("prefix=one.test/");
+    miss(&on("GET", "two.test", "/x"), "v5");
+}
+
+/// RFC 9111 §4.4 across routes: a write through a route of its own (`methods = ["POST"]`,
+/// with the default key) invalidates the copy a cached route whose key keeps only some
+/// parameters stored for that URL, whatever order the parameters came in.
+#[test]
+fn rfc9111_4_4_a_write_through_another_route_invalidates_a_query_keyed_route_s_copy() {
+    let (up, _) = counting_origin("cache-control: max-age=60\r\n");
+    let toml = config(
+        &[up.addr],
+        "[[routes]]\nname = \"writes\"\npath_prefix = \"/k\"\nmethods = [\"POST\"]\n\
+         upstream = \"up\"\ncache = { }\n\
+         [[routes]]\nname = \"reads\"\npath_prefix = \"/k\"\nupstream = \"up\"\n\
+         cache = { key = { query = [\"a\", \"b\"] } }\n",
+    );
+    let gw = TestGateway::start(&toml, D);
+    miss(&get(gw.addr, "/k?b=2&a=1"), "v1");
+    hit(&get(gw.addr, "/k?b=2&a=1&utm=z"), "v1");
+    let r = request(
+        gw.addr,
+        b"POST /k?b=2&a=1 HTTP/1.1\r\nHost: test.local\r\nContent-Length: 1\r\n\r\nx",
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(status_of(&r).contains("fwd=method"), "{r:?}");
+    miss(&get(gw.addr, "/k?b=2&a=1"), "v3");
+}
+
 fn auth_cache_config(up: SocketAddr, cache: &str) -> String {
     config(
         &[up],

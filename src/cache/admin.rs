@@ -57,12 +57,18 @@ fn purge_of(req: &AdminRequest) -> Result<Vec<Purge>, String> {
             None => super::purge_urls(host, path),
         })
     };
+    // With the same path without a host: the form a `key.ignore_host` route's objects are
+    // stored under, which answer that host too (`super::keyed_url`).
+    let with_hostless = |urls: Vec<Vec<u8>>| -> Vec<Vec<u8>> {
+        let bare = urls.first().map(|u| super::hostless(u).to_vec());
+        urls.into_iter().chain(bare).collect()
+    };
     let targets = match name {
-        "url" => host_path(&value)?
+        "url" => with_hostless(host_path(&value)?)
             .into_iter()
             .map(PurgeTarget::Url)
             .collect(),
-        "prefix" => host_path(&value)?
+        "prefix" => with_hostless(host_path(&value)?)
             .into_iter()
             .map(PurgeTarget::Prefix)
             .collect(),

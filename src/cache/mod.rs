@@ -399,6 +399,43 @@ pub fn url_of(head: &RequestHead, out: &mut Vec<u8>) {
     }
 }
 
+/// The URL an object of a route whose key is not the URL as sent is stored under, and the
+/// one an invalidation (RFC 9111 §4.4) or a purge names besides the URL as sent: `url` (as
+/// [`url_of`] writes it) as the route's key reads it: without the host for `key.ignore_host`
+/// (it then starts with `/`), with no query for `key.query = "none"`, and with the listed
+/// parameters sorted for an allowlist (as [`key_query_only`] writes them). Two URLs the key
+/// takes for one are then one URL for the store too: before, an object kept the URL of the
+/// request that stored it, and a `POST` to another URL of the same key (`?a=1&b=2` for one
+/// stored by `?b=2&a=1&utm=x`, or the same path through another host) left it to answer the
+/// next `GET` of that URL. `None` when the key is the URL as sent.
+pub fn keyed_url(p: &RoutePolicy, url: &[u8]) -> Option<Vec<u8>> {
+    if !p.ignore_host && matches!(p.query, QueryMode::All) {
+        return None;
+    }
+    let slash = memchr::memchr(b'/', url).unwrap_or(url.len());
+    let (host, pq) = url.split_at(slash);
+    let (path, query) = match memchr::memchr(b'?', pq) {
+        Some(i) => (&pq[..i], &pq[i + 1..]),
+        None => (pq, &b""[..]),
+    };
+    let mut out = Vec::with_capacity(url.len());
+    if !p.ignore_host {
+        out.extend_from_slice(host);
+    }
+    match &p.query {
+        QueryMode::All => out.extend_from_slice(pq),
+        QueryMode::None => out.extend_from_slice(path),
+        QueryMode::Only(keep) => key_query_only(keep, path, query, &mut out),
+    }
+    Some(out)
+}
+
+/// `url` (as [`url_of`] writes it) without its host: the form a `key.ignore_host` route's
+/// objects are stored under ([`keyed_url`]), for purges by URL or prefix that name a host.
+pub fn hostless(url: &[u8]) -> &[u8] {
+    &url[memchr::memchr(b'/', url).unwrap_or(url.len())..]
+}
+
 /// What [`url_of`] writes, found once in a request head: measured, then written into a
 /// `BytesMut` (the buffer a stored object's head, URL and body share) without looking for the
 /// head's parts again.
@@ -417,6 +454,17 @@ impl<'h> UrlParts<'h> {
             host,
             port,
             pq: head.bytes(head.path_query),
+        }
+    }
+
+    /// The parts of a URL as [`url_of`] wrote it (or [`keyed_url`] made it of one): the host
+    /// and port up to the first `/`, then the path and query.
+    pub fn of_url(url: &'h [u8]) -> UrlParts<'h> {
+        let slash = memchr::memchr(b'/', url).unwrap_or(url.len());
+        UrlParts {
+            host: Cow::Borrowed(&url[..slash]),
+            port: b"",
+            pq: &url[slash..],
         }
     }
 

@@ -1845,7 +1845,19 @@ fn analyze_lines<const LISTED: bool, R>(
         std::hint::cold_path();
         Some(crate::date::http_date(response_time))
     };
-    let url = super::UrlParts::of(req);
+    // The URL as the route's key reads it, when that is not the URL as sent (`keyed_url`).
+    let keyed = if !p.ignore_host && matches!(p.query, super::QueryMode::All) {
+        None
+    } else {
+        std::hint::cold_path();
+        let mut u = Vec::new();
+        url_of(req, &mut u);
+        super::keyed_url(p, &u)
+    };
+    let url = match &keyed {
+        None => super::UrlParts::of(req),
+        Some(k) => super::UrlParts::of_url(k),
+    };
     let head_len = resp.raw.len();
     let block_len = match &date {
         Some(date) => {
@@ -3379,6 +3391,11 @@ async fn fetched<'c, S: ClientIo>(
                     // received: before the client can have it and send its next request.
                     if (200..400).contains(&resp.status) {
                         for u in invalidated_urls(&mut ctx.head, resp, url, split) {
+                            // The URL as the key of each route whose key is not the URL as
+                            // sent reads it too: where their objects of it are stored.
+                            for k in keyed_urls(&cfg.router.routes, &u) {
+                                cache.invalidate_everywhere(k);
+                            }
                             cache.invalidate_everywhere(u);
                         }
                     }
@@ -3722,6 +3739,38 @@ fn invalidated_urls(
         head.https = !head.https;
     }
     urls
+}
+
+/// The URLs objects of `url` (as [`url_of`] writes it) may be stored under besides itself: `url`
+/// as the key of each cache route whose key is not the URL as sent reads it (without the host,
+/// or with part of the query: [`super::keyed_url`]), each once. An invalidation (RFC 9111 §4.4) or a purge of `url` names them too, whichever
+/// route it came through: a write through a route of its own (`methods = ["POST"]`), or a
+/// `PURGE` route beside the cached one, reaches the cached route's copy.
+/// Only the routes whose path could take `url`'s are asked (a route by `path` or
+/// `path_prefix` of another path holds no object of it), unless its path has a `%` or a dot
+/// segment, which the router may read otherwise than the bytes say.
+fn keyed_urls(routes: &[Route], url: &[u8]) -> Vec<Vec<u8>> {
+    use crate::router::PathMatch;
+    let pq = super::hostless(url);
+    let path = &pq[..memchr::memchr(b'?', pq).unwrap_or(pq.len())];
+    let plain = memchr::memchr(b'%', path).is_none() && memchr::memmem::find(path, b"/.").is_none();
+    let may_take = |r: &Route| match &r.path {
+        PathMatch::Exact(e) if plain => path == &e[..],
+        PathMatch::Prefix(x) if plain => path.starts_with(x),
+        _ => true,
+    };
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for r in routes.iter().filter(|r| may_take(r)) {
+        let Some(p) = r.cache.as_deref() else {
+            continue;
+        };
+        if let Some(k) = super::keyed_url(p, url) {
+            if k != url && !out.contains(&k) {
+                out.push(k);
+            }
+        }
+    }
+    out
 }
 
 /// A `Location` or `Content-Location` value as a URL of the request's host (§4.4: only
@@ -4922,8 +4971,22 @@ async fn purge_request<'c, S: ClientIo>(
         url_of(&ctx.head, &mut url);
         if url.ends_with(b"*") {
             url.pop();
+            // The objects of a `key.ignore_host` route are stored without a host.
+            let snapshot = w.config();
+            let routes = &snapshot.router.routes;
+            if routes
+                .iter()
+                .any(|r| r.cache.as_ref().is_some_and(|p| p.ignore_host))
+            {
+                targets.push(PurgeTarget::Prefix(super::hostless(&url).to_vec()));
+            }
             targets.push(PurgeTarget::Prefix(url));
         } else {
+            // Also the URL as the key of each route whose key is not the URL as sent reads it:
+            // where their objects of it are stored.
+            let snapshot = w.config();
+            let keyed = keyed_urls(&snapshot.router.routes, &url);
+            targets.extend(keyed.into_iter().map(PurgeTarget::Url));
             targets.push(PurgeTarget::Url(url));
         }
     }
