@@ -2833,6 +2833,65 @@ fn rfc9111_4_3_5_a_head_answer_freshens_or_invalidates_the_stored_get() {
     assert_eq!(get(gw.addr, "/h").text(), "v5");
 }
 
+/// RFC 9111 §5.2.1.5: a request with `no-store` has no part of any response to it stored.
+/// A HEAD that goes upstream freshens the stored GET with its answer's fields (§4.3.5), and
+/// did so for a HEAD with `Cache-Control: no-store` too (the 304 of a GET's validation
+/// already did not). Found by `tests/fuzz_cache_redis.rs` (the stored GET taken from Redis):
+/// `GET /h` stored `HTTP/1.1 200 OK`, `cache-control: max-age=0`, `etag: "a"`; then `HEAD /h`
+/// with `Cache-Control: no-store` got `200`, `cache-control: max-age=60`, `etag: "a"`,
+/// `x-head: 1`, and the next `GET /h` was a hit with `x-head: 1`, fresh for a minute. The
+/// HEAD may still invalidate the stored GET (that stores nothing).
+#[test]
+fn rfc9111_5_2_1_5_a_head_with_no_store_does_not_freshen_the_stored_get() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let etag = Arc::new(std::sync::Mutex::new("\"a\""));
+    let e2 = etag.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let e = *e2.lock().unwrap();
+        let body = format!("v{i}");
+        let (cc, extra, payload) = if req.method == "HEAD" {
+            ("max-age=60", "x-head: 1\r\n", "")
+        } else {
+            ("max-age=0", "", body.as_str())
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: {cc}\r\netag: {e}\r\n{extra}content-length: {}\r\n\r\n{payload}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let head_no_store = |gw: &TestGateway| {
+        request(
+            gw.addr,
+            b"HEAD /h HTTP/1.1\r\nHost: test.local\r\nCache-Control: no-store\r\n\r\n",
+        )
+    };
+    for d in DRIVERS {
+        n.store(0, Ordering::SeqCst);
+        *etag.lock().unwrap() = "\"a\"";
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        assert_eq!(get(gw.addr, "/h").text(), "v1");
+        let h = head_no_store(&gw);
+        assert_eq!((h.status, h.header("x-head")), (200, Some("1")), "{h:?}");
+        // The stored GET is as it was: stale, validated (upstream) by the next GET.
+        let r = get(gw.addr, "/h");
+        assert!(
+            !r.has("x-head"),
+            "{d:?}: the HEAD's fields were stored: {r:?}"
+        );
+        assert!(!status_of(&r).contains("hit"), "{d:?}: {r:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 3, "{d:?}");
+        // Validators that disagree still invalidate it (nothing stored).
+        *etag.lock().unwrap() = "\"b\"";
+        head_no_store(&gw);
+        assert_eq!(get(gw.addr, "/h").text(), "v5", "{d:?}");
+    }
+}
+
 #[test]
 fn a_response_varying_on_too_many_fields_is_not_stored() {
     let names: Vec<String> = (0..17).map(|i| format!("x-v{i}")).collect();
