@@ -96,9 +96,35 @@ fn target() -> impl Strategy<Value = Target> {
     ]
 }
 
+/// `tests/fuzz_cache_conn.rs`'s client grammar, two requests in five made a plain GET (their
+/// `Accept-Encoding` / `Accept-Language` and pipelining kept), so that the stores and Redis
+/// are asked often.
+fn fleet_client_req() -> impl Strategy<Value = ClientReq> {
+    (client_req(), prop::bool::weighted(0.4)).prop_map(|(r, plain)| {
+        if !plain {
+            return r;
+        }
+        ClientReq {
+            method: "GET",
+            auth: false,
+            if_none_match: None,
+            if_modified_since: None,
+            if_match: None,
+            if_range: None,
+            range: None,
+            cache_control: None,
+            pragma: false,
+            close: false,
+            http10: false,
+            body: 0,
+            ..r
+        }
+    })
+}
+
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        14 => (0..2usize, client_req()).prop_map(|(host, r)| Step::Req { host, r }),
+        14 => (0..2usize, fleet_client_req()).prop_map(|(host, r)| Step::Req { host, r }),
         3 => (0..2usize, target(), any::<bool>())
             .prop_map(|(via, target, soft)| Step::Purge { via, target, soft }),
         1 => Just(Step::Pause),
@@ -302,6 +328,9 @@ fn check_fleet(
     if src.req_id.as_deref() == Some(id) {
         return Ok(());
     }
+    if done.iter().any(|d| d.covers(src, case_no)) {
+        AFTER_PURGE.fetch_add(1, Ordering::Relaxed);
+    }
     for d in done
         .iter()
         .filter(|d| serial < d.before && d.covers(src, case_no))
@@ -320,6 +349,7 @@ fn check_fleet(
             .iter()
             .any(|(n, _)| n == "stale-while-revalidate");
         let max_stale = r.cache_control.is_some_and(|v| v.starts_with("max-stale"));
+        SOFT_STALE.fetch_add(1, Ordering::Relaxed);
         if !(errored || swr || strip || max_stale) {
             return Err(format!(
                 "a response a soft purge of {:?} marked stale answered as fresh, without \
@@ -352,6 +382,10 @@ fn check_fleet(
 static CASE_NO: AtomicUsize = AtomicUsize::new(0);
 /// Answers whose `Cache-Status` says they came from Redis.
 static FROM_REDIS: AtomicUsize = AtomicUsize::new(0);
+/// Answers from a store of a URL a purge of the case covered, and among them those of a
+/// response sent before a soft purge (answered stale).
+static AFTER_PURGE: AtomicUsize = AtomicUsize::new(0);
+static SOFT_STALE: AtomicUsize = AtomicUsize::new(0);
 
 fn run_case(
     stats: &Stats,
@@ -513,7 +547,8 @@ fn fuzz(d: DriverChoice) {
     });
     eprintln!(
         "strip={strip}: {} runs (shrinking included) in {:?}: {} answers, {} cache hits, {} \
-         upstream (both runs so far: {} from a store unasked, {} from Redis, {} 206, {} 304)",
+         upstream (both runs so far: {} from a store unasked, {} from Redis, {} 206, {} 304, \
+         {} from a store after a purge of the URL, {} of them soft-purged and stale)",
         ran.load(Ordering::Relaxed),
         t0.elapsed(),
         stats.answers.load(Ordering::Relaxed),
@@ -523,6 +558,8 @@ fn fuzz(d: DriverChoice) {
         FROM_REDIS.load(Ordering::Relaxed),
         PARTIAL.load(Ordering::Relaxed),
         NOT_MODIFIED.load(Ordering::Relaxed),
+        AFTER_PURGE.load(Ordering::Relaxed),
+        SOFT_STALE.load(Ordering::Relaxed),
     );
     drop(fleet);
     // Re-raises a panic of an origin thread.
