@@ -3387,6 +3387,101 @@ fn rfc9111_4_4_a_host_cut_off_from_redis_during_a_purge_applies_it_once_back() {
         != "v1"));
 }
 
+/// A relay in front of Redis whose bytes can be held (read, not passed on) and let go, the
+/// connections kept: a host's commands then reach Redis late, in their order.
+struct HoldingRelay {
+    addr: SocketAddr,
+    held: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HoldingRelay {
+    fn start(to: SocketAddr) -> HoldingRelay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let h = held.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                let Ok(r) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                for (mut from, mut into) in
+                    [(c.try_clone().unwrap(), r.try_clone().unwrap()), (r, c)]
+                {
+                    let h = h.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 65536];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            while h.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            if into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        HoldingRelay { addr, held }
+    }
+}
+
+/// KNOWN GAP (left open, see the README's purge item): RFC 9111 §4.4 and the README's purge
+/// guarantee (a purge deletes the Redis copies and reaches every host) fail when another
+/// host's write of a copy received before the purge reaches Redis after the purge's deletion
+/// (its write was queued, not yet run, as the purge went): every host then takes the purged
+/// copy back from Redis until it expires. Found by `tests/fuzz_cache_redis.rs` (host B
+/// stored a chunked `200` with `max-age=3600`, the client had it whole, a hard purge of the
+/// URL through host A's admin API, and host B's next GET was `hit; detail=redis` with the
+/// copy from before the purge). Here B's commands are held in a relay while A purges.
+/// A fix: each host that applies a purge heard from the log deletes the Redis copies too,
+/// once its workers applied it (its own earlier writes run before that on its link), awaited
+/// by its workers as the purging host's are.
+#[test]
+#[ignore = "known gap: a write of another host in flight at a purge outlives it in Redis"]
+fn rfc9111_4_4_a_write_of_another_host_in_flight_at_a_purge_does_not_outlive_it_in_redis() {
+    let redis = RedisServer::start();
+    let relay = HoldingRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            &format!(
+                "[cache.redis]\naddress = \"{}\"\ntimeout = \"10s\"\nretry_interval = \"100ms\"\n",
+                relay.addr
+            ),
+        ),
+        D,
+    );
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
+    relay.held.store(true, Ordering::SeqCst);
+    // B fetches and stores /p; its write to Redis waits in the relay.
+    assert_eq!(get(b.addr, "/p").text(), "v1");
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    relay.held.store(false, Ordering::SeqCst);
+    // B's write lands after the purge's deletion; B hears the purge.
+    wait_stored_in_redis(&redis);
+    assert!(eventually(Duration::from_secs(5), || layer_count(
+        &b,
+        |l| l.purges_heard.load(Ordering::Relaxed)
+    ) >= 1));
+    let r = get(a.addr, "/p");
+    assert_eq!(r.text(), "v2", "the copy from before the purge: {r:?}");
+    assert_eq!(get(b.addr, "/p").text(), "v2");
+}
+
 /// Issue 12: a host that missed more purges than the purge log keeps (1000) cannot know
 /// which: it takes the safe side, purging everything it stores, once, and follows the log
 /// again. The trimmed entries are the ones it had not read.
