@@ -48,7 +48,8 @@
 //!   match, nor of one made for a request with `no-store` (RFC 9111 §5.2.1.5) or, unshared,
 //!   `Authorization`; not against a request's `no-cache`, `max-age=0` or `Pragma:
 //!   no-cache`; not definitely stale outside `max-stale`, `stale-while-revalidate` and
-//!   `stale-if-error` (after an origin error); not stored before an unsafe method's 2xx/3xx
+//!   `stale-if-error` (after an origin error), nor at all with `must-revalidate`,
+//!   `proxy-revalidate` or `s-maxage` (§4.2.4); not stored before an unsafe method's 2xx/3xx
 //!   on the URL (§4.4); without a `private="x-secret"` field; with one `Age` of at least the
 //!   origin's `Age` and apparent age (§4.2.3);
 //! - after each case the connection (unless closed) answers one more GET with exactly its

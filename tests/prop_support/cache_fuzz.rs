@@ -403,6 +403,17 @@ pub fn has_directive(spec: &OriginSpec, name: &str) -> bool {
         .any(|(n, a)| n == name && a.is_none())
 }
 
+/// The response may never be served stale: `must-revalidate`, `proxy-revalidate` or a valid
+/// `s-maxage` (RFC 9111 §4.2.4; not even under `max-stale`, `stale-while-revalidate` or
+/// `stale-if-error`).
+pub fn forbids_stale(spec: &OriginSpec) -> bool {
+    directives(spec).iter().any(|(n, a)| match n.as_str() {
+        "must-revalidate" | "proxy-revalidate" => a.is_none(),
+        "s-maxage" => a.as_deref().is_some_and(|a| a.parse::<u64>().is_ok()),
+        _ => false,
+    })
+}
+
 /// See [`Sent::stale_by`]: the most freshness any reading gives (RFC 9111 §4.2.1: the
 /// largest of repeated values, invalid ones ignored), against the least age any reading
 /// gives (§4.2.3).
@@ -1342,6 +1353,13 @@ pub fn check_reuse(
         return Err(
             "reused without validation though the request says it must not be (RFC 9111 \
              §5.2.1.1, §5.2.1.4, §5.4)"
+                .into(),
+        );
+    }
+    if src.stale_by.is_some() && forbids_stale(&src.spec) {
+        return Err(
+            "a stale response with must-revalidate, proxy-revalidate or s-maxage served \
+             without validation (RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10)"
                 .into(),
         );
     }
