@@ -41,7 +41,7 @@
 //! it too): a copy the other host fetched before a purge by prefix or of everything, whose
 //! write to Redis ran after the purge's deletion, comes back from Redis.
 //!
-//! Case count: `RINGWAY_FUZZ_CASES` (default 12 per route setting, two settings: some 20 s in
+//! Case count: `RINGWAY_FUZZ_CASES` (default 12 per route setting, two settings: some 15 s in
 //! a debug build). A longer run:
 //! `RINGWAY_FUZZ_CASES=300 cargo test --test fuzz_cache_redis -- --nocapture`.
 
