@@ -2955,6 +2955,65 @@ fn rfc9111_4_3_5_a_head_answer_freshens_or_invalidates_the_stored_get() {
     assert_eq!(get(gw.addr, "/h").text(), "v5");
 }
 
+/// RFC 9111 §5.2.1.5: a request with `no-store` has no part of any response to it stored.
+/// A HEAD that goes upstream freshens the stored GET with its answer's fields (§4.3.5), and
+/// did so for a HEAD with `Cache-Control: no-store` too (the 304 of a GET's validation
+/// already did not). Found by `tests/fuzz_cache_redis.rs` (the stored GET taken from Redis):
+/// `GET /h` stored `HTTP/1.1 200 OK`, `cache-control: max-age=0`, `etag: "a"`; then `HEAD /h`
+/// with `Cache-Control: no-store` got `200`, `cache-control: max-age=60`, `etag: "a"`,
+/// `x-head: 1`, and the next `GET /h` was a hit with `x-head: 1`, fresh for a minute. The
+/// HEAD may still invalidate the stored GET (that stores nothing).
+#[test]
+fn rfc9111_5_2_1_5_a_head_with_no_store_does_not_freshen_the_stored_get() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let etag = Arc::new(std::sync::Mutex::new("\"a\""));
+    let e2 = etag.clone();
+    let up = Upstream::start(move |req| {
+        let i = n2.fetch_add(1, Ordering::SeqCst) + 1;
+        let e = *e2.lock().unwrap();
+        let body = format!("v{i}");
+        let (cc, extra, payload) = if req.method == "HEAD" {
+            ("max-age=60", "x-head: 1\r\n", "")
+        } else {
+            ("max-age=0", "", body.as_str())
+        };
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncache-control: {cc}\r\netag: {e}\r\n{extra}content-length: {}\r\n\r\n{payload}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    let head_no_store = |gw: &TestGateway| {
+        request(
+            gw.addr,
+            b"HEAD /h HTTP/1.1\r\nHost: test.local\r\nCache-Control: no-store\r\n\r\n",
+        )
+    };
+    for d in DRIVERS {
+        n.store(0, Ordering::SeqCst);
+        *etag.lock().unwrap() = "\"a\"";
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), d);
+        assert_eq!(get(gw.addr, "/h").text(), "v1");
+        let h = head_no_store(&gw);
+        assert_eq!((h.status, h.header("x-head")), (200, Some("1")), "{h:?}");
+        // The stored GET is as it was: stale, validated (upstream) by the next GET.
+        let r = get(gw.addr, "/h");
+        assert!(
+            !r.has("x-head"),
+            "{d:?}: the HEAD's fields were stored: {r:?}"
+        );
+        assert!(!status_of(&r).contains("hit"), "{d:?}: {r:?}");
+        assert_eq!(n.load(Ordering::SeqCst), 3, "{d:?}");
+        // Validators that disagree still invalidate it (nothing stored).
+        *etag.lock().unwrap() = "\"b\"";
+        head_no_store(&gw);
+        assert_eq!(get(gw.addr, "/h").text(), "v5", "{d:?}");
+    }
+}
+
 #[test]
 fn a_response_varying_on_too_many_fields_is_not_stored() {
     let names: Vec<String> = (0..17).map(|i| format!("x-v{i}")).collect();
@@ -3448,6 +3507,109 @@ fn rfc9111_4_4_a_host_cut_off_from_redis_during_a_purge_applies_it_once_back() {
     assert!(eventually(Duration::from_secs(10), || get(b.addr, "/p")
         .text()
         != "v1"));
+}
+
+/// A relay in front of Redis whose bytes can be held (read, not passed on) and let go, the
+/// connections kept: a host's commands then reach Redis late, in their order.
+struct HoldingRelay {
+    addr: SocketAddr,
+    held: Arc<std::sync::atomic::AtomicBool>,
+    /// The local addresses of its connections to Redis (as `CLIENT LIST` names them).
+    conns: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HoldingRelay {
+    fn start(to: SocketAddr) -> HoldingRelay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let held = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (h, cs) = (held.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                let Ok(r) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                cs.lock().unwrap().push(r.local_addr().unwrap().to_string());
+                for (mut from, mut into) in
+                    [(c.try_clone().unwrap(), r.try_clone().unwrap()), (r, c)]
+                {
+                    let h = h.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 65536];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            while h.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            if into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        HoldingRelay { addr, held, conns }
+    }
+}
+
+/// RFC 9111 §4.4 and the README's purge guarantee (a purge deletes the Redis copies and
+/// reaches every host): another host's write of a copy received before the purge, still
+/// queued on its link as the purge deleted the Redis copies, reached Redis after that
+/// deletion, and every host then took the purged copy back from Redis until it expired.
+/// Found by `tests/fuzz_cache_redis.rs` (host B stored a chunked `200` with
+/// `max-age=3600`, the client had it whole, a hard purge of the URL through host A's admin
+/// API, and host B's next GET was `hit; detail=redis` with the copy from before the purge).
+/// Here B's commands are held in a relay while A purges: before, A's next `GET /p` was
+/// `200`, `cache-status: ringway; hit; ttl=600; detail=redis`, body `v1`. Now each host
+/// that hears a purge by URL or tag deletes the copies again once its workers applied it
+/// (after their own earlier writes, on its link).
+#[test]
+fn rfc9111_4_4_a_write_of_another_host_in_flight_at_a_purge_does_not_outlive_it_in_redis() {
+    let redis = RedisServer::start();
+    let relay = HoldingRelay::start(redis.addr());
+    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
+    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
+    let b = TestGateway::start(
+        &cache_config(
+            up.addr,
+            "",
+            &format!(
+                "[cache.redis]\naddress = \"{}\"\ntimeout = \"10s\"\nretry_interval = \"100ms\"\n",
+                relay.addr
+            ),
+        ),
+        D,
+    );
+    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
+    relay.held.store(true, Ordering::SeqCst);
+    // B fetches and stores /p; its write to Redis waits in the relay.
+    assert_eq!(get(b.addr, "/p").text(), "v1");
+    hard_purge(
+        &a,
+        PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
+    );
+    relay.held.store(false, Ordering::SeqCst);
+    // B's write lands after the purge's deletion; B hears the purge and deletes the copies
+    // again, after its write, and last a PING on the same link (waited for: unbounded
+    // before, when nothing did).
+    let pinged = || {
+        let list = redis.command(&["CLIENT", "LIST"]).unwrap_or_default();
+        let conns = relay.conns.lock().unwrap().clone();
+        list.lines().any(|l| {
+            l.contains("cmd=ping") && conns.iter().any(|c| l.contains(&format!("addr={c} ")))
+        })
+    };
+    eventually(Duration::from_secs(5), pinged);
+    let r = get(a.addr, "/p");
+    assert_eq!(r.text(), "v2", "the copy from before the purge: {r:?}");
+    assert_ne!(get(b.addr, "/p").text(), "v1");
 }
 
 /// Issue 12: a host that missed more purges than the purge log keeps (1000) cannot know

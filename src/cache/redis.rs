@@ -210,6 +210,9 @@ struct PurgeRun {
     ups: u64,
     failed: AtomicBool,
     done: Mutex<Option<PurgeDone>>,
+    /// Logged for the other hosts once its copies are deleted; false for a host's deletion
+    /// of the copies of a purge it heard ([`SharedLayer::delete_heard`]).
+    log: bool,
 }
 
 impl PurgeRun {
@@ -225,7 +228,11 @@ impl PurgeRun {
     fn finish(&self, f: Option<BytesFrame>) {
         self.note(&f);
         let done = self.done.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if self.failed.load(Ordering::Relaxed) {
+        if self.failed.load(Ordering::Relaxed) && !self.log {
+            // A heard purge's second deletion is not kept: the purging host keeps its own,
+            // and keeping this one would log it again on every host whose Redis fails.
+            self.layer.settle(self.ticket, done);
+        } else if self.failed.load(Ordering::Relaxed) {
             self.layer.keep_unsent(Unsent {
                 purge: self.purge.clone(),
                 ticket: self.ticket,
@@ -732,6 +739,32 @@ impl SharedLayer {
     }
 
     fn send_purge(self: &Arc<Self>, p: Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
+        self.send_purge_run(p, ticket, done, true);
+    }
+
+    /// Deletes again the Redis copies of a purge by URL or tag heard from the purge log, once
+    /// this host's workers applied it, without logging it (RFC 9111 §4.4): a copy one of them
+    /// stored before it applied the purge, whose write was still queued on this host's link as
+    /// the purging host deleted the copies, reached Redis after that deletion, and every host
+    /// took it back from there (found by `tests/fuzz_cache_redis.rs`). This deletion goes on
+    /// the same link after that write. Purges by prefix and of everything are not deleted
+    /// again (a `SCAN` of the keys on every host for each). `ticket` and `done` as for
+    /// [`SharedLayer::purge`]; a failure is not kept, only settled.
+    pub fn delete_heard(self: &Arc<Self>, p: &Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
+        if matches!(p.target, PurgeTarget::Url(_) | PurgeTarget::Tag(_)) {
+            self.send_purge_run(p.clone(), ticket, done, false);
+        } else {
+            self.settle(ticket, done);
+        }
+    }
+
+    fn send_purge_run(
+        self: &Arc<Self>,
+        p: Purge,
+        ticket: Option<u64>,
+        done: Option<PurgeDone>,
+        log: bool,
+    ) {
         let run = Arc::new(PurgeRun {
             layer: self.clone(),
             purge: p,
@@ -739,6 +772,7 @@ impl SharedLayer {
             ups: self.link.ups(),
             failed: AtomicBool::new(false),
             done: Mutex::new(done),
+            log,
         });
         let p = &run.purge;
         let set = match &p.target {
@@ -875,6 +909,16 @@ impl SharedLayer {
     /// versions listen there), by [`PURGE_LOG_LUA`]. Its run is finished with the answer (or
     /// the link's failure).
     fn publish(&self, msg: Bytes, run: Arc<PurgeRun>) {
+        if !run.log {
+            // Not logged: finished once the deletions before it are answered.
+            self.link.command(Command {
+                args: vec![Bytes::from_static(b"PING")],
+                max_reply: SMALL_REPLY_BYTES,
+                repeatable: true,
+                done: Some(Box::new(move |f| run.finish(f))),
+            });
+            return;
+        }
         let msg = log_message(msg);
         self.link.command(Command {
             args: vec![
@@ -1336,26 +1380,46 @@ impl LogCursor {
 /// is full (`control::MAX_PENDING_JOBS`: the log read back after an outage can hold a
 /// thousand purges) is waited for, not skipped: before, such a purge was dropped for that
 /// worker. Returns false once `stop` is set.
+///
+/// With `again` (a ticket and this host's layer) the workers await it in Redis under that
+/// ticket, and the last of them to apply it has the Redis copies deleted again
+/// ([`SharedLayer::delete_heard`]): every worker's writes of copies from before it are then
+/// queued on the link before that deletion. The listener does not wait for it.
 fn apply_purge(
-    control: &crate::control::Control,
+    control: &Arc<crate::control::Control>,
     p: &Purge,
+    again: Option<(u64, Arc<SharedLayer>)>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> bool {
+    let left = Arc::new(AtomicU64::new(control.workers() as u64));
+    let last = move |left: &AtomicU64, p: &Purge, again: &Option<(u64, Arc<SharedLayer>)>, c| {
+        if let Some((t, l)) = again {
+            if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                let done = l.settlement(c, *t);
+                l.delete_heard(p, Some(*t), Some(done));
+            }
+        }
+    };
     for i in 0..control.workers() {
         loop {
-            let p = p.clone();
+            let (q, n, a, c) = (p.clone(), left.clone(), again.clone(), control.clone());
             let posted = control.post(
                 i,
-                Box::new(move |w| match &p {
-                    // Another host's invalidation, or an exact purge there: no read of the
-                    // whole store.
-                    Purge {
-                        target: PurgeTarget::Url(u),
-                        soft: false,
-                    } => w.cache.invalidate_local(u),
-                    _ => {
-                        w.cache.purge_local(&p);
+                Box::new(move |w| {
+                    let (p, left, again) = (q, n, a);
+                    match &p {
+                        // Another host's invalidation, or an exact purge there: no read of
+                        // the whole store.
+                        Purge {
+                            target: PurgeTarget::Url(u),
+                            soft: false,
+                        } => w.cache.invalidate_local(u),
+                        _ => {
+                            w.cache.purge_local(&p);
+                        }
                     }
+                    w.cache.note_redis_pending(again.as_ref().map(|a| a.0), &p);
+                    last(&left, &p, &again, c);
                 }),
             );
             match posted {
@@ -1365,7 +1429,12 @@ fn apply_purge(
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                _ => break,
+                Err(_) => {
+                    // No such worker: nothing of it to wait for.
+                    last(&left, p, &again, control.clone());
+                    break;
+                }
+                Ok(()) => break,
             }
         }
     }
@@ -1429,8 +1498,8 @@ pub fn spawn_purge_listener(
 /// reads what the log holds after the cursor, then waits (`XREAD BLOCK`) for more.
 fn listen(
     cfg: &crate::cache::config::CacheRedisConfig,
-    control: &crate::control::Control,
-    layer: &SharedLayer,
+    control: &Arc<crate::control::Control>,
+    layer: &Arc<SharedLayer>,
     cursor: &mut LogCursor,
     stop: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
@@ -1556,7 +1625,7 @@ fn listen(
                 target: PurgeTarget::All,
                 soft: false,
             };
-            if !apply_purge(control, &all, stop) {
+            if !apply_purge(control, &all, None, stop) {
                 return Ok(());
             }
         }
@@ -1575,7 +1644,9 @@ fn listen(
         for m in &msgs {
             if let Some(p) = decode_purge(m) {
                 layer.purges_heard.fetch_add(1, Ordering::Relaxed);
-                if !apply_purge(control, &p, stop) {
+                let again = matches!(p.target, PurgeTarget::Url(_) | PurgeTarget::Tag(_))
+                    .then(|| (layer.purge_ticket(), layer.clone()));
+                if !apply_purge(control, &p, again, stop) {
                     return Ok(());
                 }
             }
@@ -2084,6 +2155,7 @@ mod tests {
             done: Mutex::new(Some(Box::new(move || {
                 let _ = done_tx.send(());
             }))),
+            log: true,
         };
         // Its deletion refused while the link was down; the link comes up (its `on_up` finds
         // nothing kept); its publication answered.

@@ -1188,7 +1188,7 @@ async fn cached<'c, 'k, S: ClientIo>(
         let mut s = Status::new(p, fwd);
         // The purges applied before the HEAD is sent: one applied since (a POST's invalidation
         // while it was out) leaves the stored GET as it is (§4.4), not freshened back.
-        let mode = Fetch::Head(found, cache.purges());
+        let mode = Fetch::Head(found, cache.purges(), req.no_store);
         return fetch(w, cfg, route, p, group, c, ctx, mode, &mut s).await;
     }
     // Coalescing: one fetch per key on this worker; the others wait for it (no polling), up
@@ -1356,8 +1356,9 @@ enum Fetch<'k> {
     /// Nothing to store (bypass).
     Pass,
     /// A HEAD: nothing stored, but its 200 freshens or invalidates the stored GET (§4.3.5);
-    /// with the worker's purge count before it went ([`WorkerCache::purges`]).
-    Head(Option<Found>, u64),
+    /// with the worker's purge count before it went ([`WorkerCache::purges`]), and whether
+    /// the request said `no-store` (then it only invalidates: §5.2.1.5).
+    Head(Option<Found>, u64, bool),
     /// An unsafe method: invalidate this URL on a non-error answer (§4.4); `true`: the
     /// origin reads the target under the other scheme ([`scheme_split`]), whose URLs go too.
     Invalidate(Vec<u8>, bool),
@@ -2584,13 +2585,17 @@ fn compact(
 }
 
 /// RFC 9111 §4.3.5: a 200 to HEAD whose validators and length agree with the stored GET
-/// freshens it like a 304; one that disagrees invalidates it.
+/// freshens it like a 304; one that disagrees invalidates it. A HEAD with `no-store`
+/// (`no_store`) freshens nothing: no part of its answer is stored (§5.2.1.5; before, its
+/// fields and freshness were, as a 304's to a GET with `no-store` already were not).
+#[allow(clippy::too_many_arguments)]
 fn head_update(
     p: &RoutePolicy,
     cache: &WorkerCache,
     f: &Found,
     fields: &Fields,
     authorized: bool,
+    no_store: bool,
     request_time: u64,
     now: u64,
 ) {
@@ -2606,6 +2611,9 @@ fn head_update(
         .and_then(crate::http::parse_content_length)
         .is_none_or(|n| n == f.obj.body.len() as u64);
     if same(b"etag") && same(b"last-modified") && len_ok {
+        if no_store {
+            return;
+        }
         if let Some(o) = freshen(p, &f.obj, fields, authorized, request_time, now) {
             cache.store_freshened(&f.key, &Rc::new(o), p.max_variants);
         }
@@ -3404,7 +3412,7 @@ async fn fetched<'c, S: ClientIo>(
                 Fetch::Pass => {
                     relay_as_is(w, cfg, route, group, c, ctx, ch, resp, status, None).await
                 }
-                Fetch::Head(found, purges) => {
+                Fetch::Head(found, purges, no_store) => {
                     let current = |f: &Found| cache.purged_since(purges, &f.obj).is_none();
                     if let Some(f) = found.filter(|f| resp.status == 200 && current(f)) {
                         head_update(
@@ -3413,6 +3421,7 @@ async fn fetched<'c, S: ClientIo>(
                             &f,
                             &copy_fields(resp),
                             authorized,
+                            no_store,
                             request_time,
                             now,
                         );
