@@ -61,14 +61,7 @@ if [[ -n ${RINGWAY_BIN_B:-} ]]; then
   wait_200 "http://127.0.0.1:$((GW + 1))/plain/up" "http://127.0.0.1:$((GW + 1))/up"
 fi
 
-cat > "$D/unique.lua" <<'EOF'
-local n = 0
-local prefix = os.getenv("PREFIX") or "/m/"
-request = function()
-  n = n + 1
-  return wrk.format("GET", prefix .. n)
-end
-EOF
+unique_lua "$D/unique.lua"
 HZ=$(getconf CLK_TCK)
 # "nanoseconds-on-CPU user-ticks system-ticks" of gateway process $1 (all its threads).
 cpu_of() {

@@ -42,14 +42,7 @@ cache_configs "$ORIGIN" "$GW" "${BUDGET:-64MiB}"
 RINGWAY_LOG=warn "${PROXY_CPU[@]}" "$BIN" -c "$D/ringway.toml" 2> "$D/ringway.log" &
 GWPID=$!
 wait_200 "http://127.0.0.1:$GW/plain/up" "http://127.0.0.1:$GW/up"
-cat > "$D/unique.lua" <<'EOF'
-local n = 0
-local prefix = os.getenv("PREFIX") or "/m/"
-request = function()
-  n = n + 1
-  return wrk.format("GET", prefix .. n)
-end
-EOF
+unique_lua "$D/unique.lua"
 # Fill the budget (64 MiB of 1 KiB objects: about 45,000).
 for round in $(seq 4); do
   PREFIX=/fill$round/ "${LOAD_CPU[@]}" wrk -t1 -c32 -d4s -s "$D/unique.lua" "http://127.0.0.1:$GW" >/dev/null

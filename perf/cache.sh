@@ -68,15 +68,7 @@ echo "ringway second GET: $(curl -s -D - -o /dev/null "http://127.0.0.1:$GW/hit"
 echo "nginx second GET:   $(curl -s -D - -o /dev/null "http://127.0.0.1:$NG/hit" | grep -i '^x-cache' | tr -d '\r')"
 
 # A new path per request, from a counter of its own per wrk thread.
-cat > "$D/unique.lua" <<'EOF'
-local n = 0
-local prefix = os.getenv("PREFIX") or "/m/"
-local round = os.getenv("ROUND") or "0"
-request = function()
-  n = n + 1
-  return wrk.format("GET", prefix .. round .. "-" .. n)
-end
-EOF
+unique_lua "$D/unique.lua"
 
 HZ=$(getconf CLK_TCK)
 # "user system" clock ticks of the processes given.

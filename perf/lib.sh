@@ -71,3 +71,17 @@ wait_200() {
     [[ $code == 200 ]] || { echo "$u answered $code"; exit 1; }
   done
 }
+
+# Writes to $1 a wrk script that asks for a new URL each request: $PREFIX (default /m/), then
+# "$ROUND-" when ROUND is set, then the request's number (each wrk run counts from 1).
+unique_lua() {
+  cat > "$1" <<'EOF'
+local n = 0
+local round = os.getenv("ROUND")
+local prefix = (os.getenv("PREFIX") or "/m/") .. (round and (round .. "-") or "")
+request = function()
+  n = n + 1
+  return wrk.format("GET", prefix .. n)
+end
+EOF
+}
