@@ -5324,6 +5324,16 @@ fn rfc9111_4_1_redis_keeps_every_variant_up_to_the_cap() {
     let r = enc(&c, "gzip");
     assert!(!status_of(&r).contains("detail=redis"), "{r:?}");
     assert_eq!(n.load(Ordering::SeqCst), before + 1);
+    // RFC 9211 §2.2: a gateway that holds nothing of the key, asked for a variant Redis does
+    // not hold while Redis holds others, says `vary-miss`, not `uri-miss` (before, it said
+    // `uri-miss`: only the worker's own store was looked at for other variants).
+    let d = TestGateway::start(&toml, D);
+    let r = enc(&d, "deflate");
+    assert_eq!(r.text(), "deflate");
+    assert!(status_of(&r).contains("fwd=vary-miss"), "{r:?}");
+    // A key Redis does not hold at all is still a `uri-miss`.
+    let r = get_h(d.addr, "/none-such", "accept-encoding: deflate\r\n");
+    assert!(status_of(&r).contains("fwd=uri-miss"), "{r:?}");
 }
 
 /// RFC 9111 §4.3.4 with `[cache.redis]`: "all the stored responses with the same strong

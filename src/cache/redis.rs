@@ -338,6 +338,7 @@ impl SharedLayer {
         keys: &[&[u8]],
         known: &[Option<&Object>],
         head: &Sent<'_>,
+        others: &mut bool,
     ) -> Vec<Option<Object>> {
         let deadline = Instant::now() + self.timeout;
         let mut asked: Vec<(usize, Bytes)> = Vec::with_capacity(keys.len() * 2);
@@ -383,6 +384,7 @@ impl SharedLayer {
             if o.vary_matches(head) {
                 out[*i] = Some(o);
             } else if !o.vary.is_empty() {
+                *others = true;
                 let rk = self.variant_rkey(keys[*i], &o.vary, head);
                 if !asked.iter().chain(&again).any(|(j, k)| j == i && *k == rk) {
                     again.push((*i, rk));

@@ -955,7 +955,9 @@ enum Use {
 /// The Redis layer's entry for the request (`[cache.redis]`), newer than `found` (what this
 /// worker holds, if anything), with how it may be used now: the first of the request's keys
 /// whose entry matches its Vary values. The entry is put in this worker's store. `None`: no
-/// layer, nothing there, or no answer within the layer's timeout (fail open).
+/// layer, nothing there, or no answer within the layer's timeout (fail open). `others` is set
+/// when Redis holds a variant of the key that the request's Vary values do not select (RFC
+/// 9211 §2.2: the miss is then a `vary-miss`).
 async fn from_shared(
     w: &Worker,
     keys: &Keys<'_>,
@@ -963,6 +965,7 @@ async fn from_shared(
     req: &Directives,
     p: &RoutePolicy,
     found: Option<&Found>,
+    others: &mut bool,
 ) -> Option<(Found, Use)> {
     let cache = &w.cache;
     let layer = cache.shared().cloned()?;
@@ -984,7 +987,7 @@ async fn from_shared(
     // applied it; one made while the link was down is sent again once it is up).
     let purges = cache.purges();
     let pending = cache.pending_in_redis();
-    let got = layer.get(&w.doorbell, &ks, &known, sent).await;
+    let got = layer.get(&w.doorbell, &ks, &known, sent, others).await;
     let now = now_secs();
     // Where the key is the URL as it is (the host and the whole query in it), an entry is
     // the request's URL's: purges and invalidations find a stored response by its URL
@@ -1172,9 +1175,21 @@ async fn cached<'c, 'k, S: ClientIo>(
         // another worker's or host's: it answers the HEAD when usable, and is what the HEAD's
         // answer updates otherwise.
         let mut found = found;
-        if let Some((f, u)) =
-            from_shared(w, keys, &sent(cfg, route, c, ctx), req, p, found.as_ref()).await
-        {
+        let mut others = false;
+        let shared = from_shared(
+            w,
+            keys,
+            &sent(cfg, route, c, ctx),
+            req,
+            p,
+            found.as_ref(),
+            &mut others,
+        )
+        .await;
+        if others && same_str(fwd, "uri-miss") {
+            fwd = "vary-miss";
+        }
+        if let Some((f, u)) = shared {
             if matches!(u, Use::Fresh | Use::StaleOk) {
                 cache.count(|s| s.hits += 1);
                 let now = now_secs();
@@ -1287,10 +1302,18 @@ async fn cached<'c, 'k, S: ClientIo>(
     // The Redis layer: an entry there answers, or is validated instead of fetched whole (always
     // validated for a request with `no-cache`, §5.2.1.4, which still saves the body's transfer
     // when it has not changed). Without a layer there is no future to build and poll.
+    let mut others = false;
     let shared = match cache.shared() {
-        Some(_) => from_shared(w, keys, &sent(cfg, route, c, ctx), req, p, found.as_ref()).await,
+        Some(_) => {
+            let sent = &sent(cfg, route, c, ctx);
+            from_shared(w, keys, sent, req, p, found.as_ref(), &mut others).await
+        }
         None => None,
     };
+    // Redis holds the key, but no variant this request selects (RFC 9211 §2.2).
+    if others && same_str(fwd, "uri-miss") {
+        fwd = "vary-miss";
+    }
     if let Some((f, u)) = shared {
         let now = now_secs();
         match u {
