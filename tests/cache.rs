@@ -7498,3 +7498,57 @@ fn rfc6585_request_error_statuses_are_not_stored_for_others() {
     let r = get(gw.addr, "/n");
     assert_eq!((r.status, r.text().as_str()), (404, "no"), "{r:?}");
 }
+
+/// RFC 9111 §4.4 with `[cache.redis]` on routes whose key is not the URL as sent (a query
+/// allowlist, no query, no host): objects are stored under the keyed URL, and an entry read
+/// from Redis (every byte of which is hostile) under a key must name the request's keyed URL.
+/// Here `/x?a=1`'s entry is planted under `/y?a=1`'s key: a miss for a gateway that reads it
+/// (the origin answers), which still takes the entry under its own key. Before, the URL was
+/// compared only where the key is the URL as sent, and the planted entry was served and kept
+/// where a purge of `/y?a=1` would not find it.
+#[test]
+fn rfc9111_4_4_a_redis_entry_naming_another_keyed_url_is_a_miss_on_custom_key_routes() {
+    for key in [
+        "key = { query = [\"a\"] }",
+        "key = { query = \"none\" }",
+        "key = { ignore_host = true }",
+    ] {
+        let redis = RedisServer::start();
+        let up = target_origin();
+        let global = format!(
+            "[cache.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n",
+            redis.port
+        );
+        let toml = cache_config(up.addr, key, &global);
+        let writer = TestGateway::start(&toml, D);
+        assert_eq!(get(writer.addr, "/x?a=1").text(), "/x?a=1", "{key}");
+        wait_n_stored_in_redis(&redis, 1);
+        let x = redis.keys("ringway:cache:o:*").remove(0);
+        assert_eq!(get(writer.addr, "/y?a=1").text(), "/y?a=1", "{key}");
+        wait_n_stored_in_redis(&redis, 2);
+        let y = redis
+            .keys("ringway:cache:o:*")
+            .into_iter()
+            .find(|k| *k != x)
+            .expect("a second entry");
+        drop(writer);
+        let planted = redis.command(&[
+            "EVAL",
+            "return redis.call('SET', KEYS[2], redis.call('GET', KEYS[1]))",
+            "2",
+            &x,
+            &y,
+        ]);
+        assert_eq!(planted.as_deref(), Some("+OK\r\n"), "{key}");
+        let reader = TestGateway::start(&toml, D);
+        let r = get(reader.addr, "/y?a=1");
+        assert_eq!(r.text(), "/y?a=1", "{key}: {r:?}");
+        assert!(!status_of(&r).contains("detail=redis"), "{key}: {r:?}");
+        assert_eq!(up.hits(), 3, "{key}");
+        // The entry under its own key is the keyed URL's: served from Redis.
+        let r = get(reader.addr, "/x?a=1");
+        assert_eq!(r.text(), "/x?a=1", "{key}: {r:?}");
+        assert!(status_of(&r).contains("detail=redis"), "{key}: {r:?}");
+        assert_eq!(up.hits(), 3, "{key}");
+    }
+}

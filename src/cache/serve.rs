@@ -989,21 +989,20 @@ async fn from_shared(
     let pending = cache.pending_in_redis();
     let got = layer.get(&w.doorbell, &ks, &known, sent, others).await;
     let now = now_secs();
-    // Where the key is the URL as it is (the host and the whole query in it), an entry is
-    // the request's URL's: purges and invalidations find a stored response by its URL
-    // (RFC 9111 §4.4), and an entry naming another URL would be kept here under this key
-    // and escape a purge of it (a corrupt or planted entry; one ringway wrote always
-    // matches). Where the key leaves the host or part of the query out, the URLs of one key
-    // differ and nothing is compared.
-    let url = (!p.ignore_host && matches!(p.query, super::QueryMode::All)).then(|| {
-        let mut u = Vec::new();
-        super::url_of(sent.head, &mut u);
-        u
-    });
+    // An entry is the request's URL's, as the route's key reads it: the URL as sent, or,
+    // where the key leaves the host or part of the query out, the keyed URL objects of the
+    // route are stored under ([`super::keyed_url`], which every URL of one key shares).
+    // Purges and invalidations find a stored response by that URL (RFC 9111 §4.4), and an
+    // entry naming another would be kept here under this key and escape a purge of it (a
+    // corrupt or planted entry; one ringway wrote always matches, but one an earlier build
+    // wrote on a custom-key route, under the URL of the request that stored it, is a miss).
+    let mut url = Vec::new();
+    super::url_of(sent.head, &mut url);
+    if let Some(k) = super::keyed_url(p, &url) {
+        url = k;
+    }
     for (k, o) in ks.iter().zip(got) {
-        let Some(o) =
-            o.filter(|o| o.vary_matches(sent) && url.as_ref().is_none_or(|u| o.url[..] == u[..]))
-        else {
+        let Some(o) = o.filter(|o| o.vary_matches(sent) && o.url[..] == url[..]) else {
             continue;
         };
         // Not older than the copy held here: one from the same second may be that copy
