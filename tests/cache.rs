@@ -7552,3 +7552,135 @@ fn rfc9111_4_4_a_redis_entry_naming_another_keyed_url_is_a_miss_on_custom_key_ro
         assert_eq!(up.hits(), 3, "{key}");
     }
 }
+
+/// RFC 9110 §15.4.5 ("the server ... is sending a 304 ... to a conditional GET or HEAD
+/// request"), RFC 9111 §4.3.3 (a cache takes a 304 only as a validation's answer): an origin's
+/// 304 to a request the cache sent without `If-None-Match` or `If-Modified-Since` answers
+/// nothing that was asked. The client gets the gateway's 502, named as for any invalid
+/// response (`detail=upstream-bad-response`), on a kept connection as that 502 is, and nothing
+/// is stored: on the usual miss, on a HEAD, and on the fetch of a stale stored response
+/// without validators (the client's own head sent). Before, the 304 was relayed to a client
+/// that had sent no precondition. A client's own conditional request, sent as it is, still
+/// gets the origin's 304.
+#[test]
+fn rfc9110_15_4_5_a_304_to_a_request_sent_without_a_precondition_is_a_bad_response() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let first = n2.fetch_add(1, Ordering::SeqCst) == 0;
+        if first && req.target == "/stale" {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=1\r\nage: 5\r\ncontent-length: 3\r\n\r\nold"
+                    .to_vec(),
+            );
+        }
+        Reply::Raw(
+            b"HTTP/1.1 304 Not Modified\r\netag: \"e\"\r\ncache-control: max-age=600\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    // An invalid head's 502 on this route: what the 304's must look like.
+    let bad =
+        Upstream::start(|_| Reply::Raw(b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n".to_vec()));
+    let gw = TestGateway::start(&cache_config(bad.addr, "", ""), D);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /b HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 502, "{r:?}");
+    let keep = r.header("connection").map(str::to_string);
+    drop(gw);
+
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/stale").text(), "old");
+    let mut c = Client::connect(gw.addr);
+    for (round, (req, member)) in [
+        (
+            "GET /m HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            "GET /m HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            "HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            "GET /stale HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=stale; detail=upstream-bad-response",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c.send(req.as_bytes());
+        let r = c
+            .read_response_for(req.starts_with("HEAD"))
+            .expect("an answer on the same connection");
+        assert_eq!(r.status, 502, "{round}: {r:?}");
+        assert_eq!(status_lines(&r), [member], "{round}: {r:?}");
+        assert_eq!(r.header("connection"), keep.as_deref(), "{round}: {r:?}");
+        let sent = up.last();
+        assert_eq!(sent.header("if-none-match"), None, "{round}");
+        assert_eq!(sent.header("if-modified-since"), None, "{round}");
+    }
+    // Nothing was stored: each went upstream.
+    assert_eq!(up.hits(), 5);
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert_eq!(stats[0].entries, 1, "{stats:?}");
+
+    // The client's own precondition, forwarded: the 304 answers it.
+    for h in [
+        "If-None-Match: \"e\"\r\n",
+        "If-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT\r\n",
+    ] {
+        let r = get_h(gw.addr, "/c", h);
+        assert_eq!(r.status, 304, "{h}: {r:?}");
+        assert!(status_of(&r).contains("fwd-status=304"), "{h}: {r:?}");
+    }
+}
+
+/// RFC 9110 §15.4.5, RFC 9111 §4.3.4, RFC 5861 §3: the background revalidation of a stale
+/// response without validators asks for it whole, with no precondition; a 304 to that answers
+/// nothing asked and freshens nothing (the copy stays stale, and the next request revalidates
+/// it again). Before, a 304 without validators of its own was taken as selecting the copy and
+/// freshened it with its `max-age=600`.
+#[test]
+fn rfc9110_15_4_5_a_304_to_a_background_fetch_without_validators_freshens_nothing() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=600\r\ncontent-length: 3\r\n\r\nold"
+                    .to_vec(),
+            );
+        }
+        Reply::Raw(b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\n\r\n".to_vec())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "old");
+    let r = get(gw.addr, "/s");
+    assert_eq!(r.text(), "old", "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() >= 2));
+    // Until a second revalidation went (the first one's flight ended), every answer is the
+    // stale copy: never a fresh hit of a copy the 304 freshened.
+    let mut fresh_hit = None;
+    assert!(eventually(Duration::from_secs(10), || {
+        let r = get(gw.addr, "/s");
+        assert_eq!((r.status, r.text().as_str()), (200, "old"), "{r:?}");
+        if !status_of(&r).contains("stale-while-revalidate") {
+            fresh_hit = Some(r);
+            return true;
+        }
+        up.hits() >= 3
+    }));
+    assert!(fresh_hit.is_none(), "{fresh_hit:?}");
+    let sent = up.last();
+    assert_eq!(sent.header("if-none-match"), None);
+    assert_eq!(sent.header("if-modified-since"), None);
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert_eq!(stats[0].revalidations, 0, "{stats:?}");
+}

@@ -2851,6 +2851,9 @@ async fn fill<'c, S: ClientIo>(
             Ok(ch) => ch,
             Err(e) => break 'whole Err(e),
         };
+        if resp.status == 304 && !preconditioned(&ctx.head) {
+            break 'whole Err(unasked_304(w, group, ch, &mut resp));
+        }
         // What storing will touch, while the analysis runs.
         let head = &ctx.head;
         let also = [
@@ -3011,6 +3014,30 @@ fn keep_whole(
     Ok(())
 }
 
+/// Whether `head`, as sent upstream, asked a question a 304 answers: `If-None-Match` or
+/// `If-Modified-Since` (RFC 9110 §13.1.2, §13.1.3, §15.4.5).
+fn preconditioned(head: &RequestHead) -> bool {
+    head.header(b"if-none-match").is_some() || head.header(b"if-modified-since").is_some()
+}
+
+/// A 304 to a request sent without a precondition (RFC 9110 §15.4.5: it only answers a
+/// conditional GET or HEAD; RFC 9111 §4.3.3 takes one only as a validation's answer): an
+/// invalid response, as one with a malformed head is. Its connection is dropped and counted
+/// as a failure of the endpoint; the request is answered 502 (`upstream-bad-response`),
+/// nothing stored. Before, it was relayed to a client that had asked nothing it answers.
+#[cold]
+#[inline(never)]
+fn unasked_304(
+    w: &Worker,
+    group: &UpstreamGroup,
+    ch: Chosen,
+    resp: &mut ResponseHead,
+) -> AttemptError {
+    resp.raw = Bytes::new();
+    release(w, group, ch, true, false);
+    AttemptError::Bad
+}
+
 /// What follows a fetch's exchange (`r`, with the response head `resp` when it answered):
 /// the answer to a failed one, a stale response served or freshened, or the response relayed
 /// (stored when it may be). `validating`: the request carried the stored response's
@@ -3037,6 +3064,15 @@ async fn fetched<'c, S: ClientIo>(
     let authorized = match &mode {
         Fetch::Fill { authorized, .. } => *authorized,
         _ => ctx.head.header(b"authorization").is_some(),
+    };
+    // What was sent had the stored response's validators (`validating`) or the client's
+    // head's conditionals (`ctx.head` is the head sent, or the client's where the cache sent
+    // its own with the same conditionals: a rest request).
+    let r = match r {
+        Ok(ch) if resp.status == 304 && !validating && !preconditioned(&ctx.head) => {
+            Err(unasked_304(w, group, ch, resp))
+        }
+        r => r,
     };
     let out = match r {
         Err(e) => {
@@ -5199,7 +5235,13 @@ impl Revalidation {
                 drop_forged_members(p, &mut resp);
                 let now = now_secs();
                 let fields = copy_fields(&resp);
-                if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
+                if resp.status == 304 && !preconditioned(&self.head) {
+                    // Sent without validators (the stale copy has none): a 304 answers no
+                    // question asked (RFC 9110 §15.4.5) and freshens nothing; the connection
+                    // is dropped. Before, one without validators of its own was taken as
+                    // selecting the copy (§4.3.4), and freshened it.
+                    false
+                } else if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
                     // It selects nothing (§4.3.4): the stale copy goes; the next request
                     // fetches the response whole.
                     invalidate(&self.cache, &self.obj);
