@@ -7684,3 +7684,39 @@ fn rfc9110_15_4_5_a_304_to_a_background_fetch_without_validators_freshens_nothin
     let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
     assert_eq!(stats[0].revalidations, 0, "{stats:?}");
 }
+
+/// RFC 9112 §6.3 ("a message with both Transfer-Encoding and Content-Length ... ought to be
+/// handled as an error"), RFC 9111 §3.4: the answer to the request for a stored piece's rest is
+/// the cache's own business, not the client's (who asked for the whole). One with both framing
+/// fields is refused as invalid, and one a 304 although the cache asked no question (RFC 9110
+/// §15.4.5) answers nothing: either way the whole is fetched without `Range`, as for a 206
+/// that is not the rest. Before, the client got a 502 (the 304 was relayed).
+#[test]
+fn rfc9112_6_3_an_invalid_answer_for_the_rest_of_a_piece_falls_back_to_the_whole() {
+    for (i, rest) in [
+        "HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"a\"\r\ncontent-range: bytes 5-9/10\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n5\r\nfghij\r\n0\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\netag: \"a\"\r\ncache-control: max-age=60\r\n\r\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let up = completing_origin(move |_| rest.to_string());
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        piece_0_4(&gw);
+        let r = get_h(gw.addr, "/k", "");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "abcdefghij"),
+            "{i}: {r:?}"
+        );
+        assert!(!r.has("content-range"), "{i}: {r:?}");
+        assert!(status_of(&r).contains("fwd=partial;"), "{i}: {r:?}");
+        let seen = ranges_seen(&up);
+        assert_eq!(seen.len(), 3, "{i}: {seen:?}");
+        assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"), "{i}");
+        assert_eq!(seen[2], (None, None), "{i}");
+        let r = get_h(gw.addr, "/k", "");
+        assert_eq!(r.text(), "abcdefghij", "{i}: {r:?}");
+        assert!(status_of(&r).starts_with("ringway; hit"), "{i}: {r:?}");
+    }
+}

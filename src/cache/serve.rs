@@ -4781,8 +4781,10 @@ enum Completion<'c> {
 /// (answers to the range the cache added, not to the client's request), never reaches the
 /// client: it is dropped with its connection, and the request goes upstream as the usual miss
 /// ([`Completion::Whole`]: its caller runs [`fill`]); so it does when the combination cannot
-/// be stored or the rest cannot be asked for. Any other answer (a 200, a
-/// 5xx, a failure) is the usual miss's ([`fetched`]): relayed, and stored when it may be.
+/// be stored or the rest cannot be asked for, and when the answer is invalid (a head the
+/// exchange refused, a 304 to no conditional of the client's). Any other answer (a 200, a
+/// 5xx, a failure to reach the upstream) is the usual miss's ([`fetched`]): relayed, and
+/// stored when it may be.
 /// `Cache-Status` says `fwd=partial` whichever way it goes: the cache had a partial response.
 #[allow(clippy::too_many_arguments)]
 #[cold]
@@ -4875,8 +4877,24 @@ async fn complete<'c, S: ClientIo>(
             }
             return Completion::Whole(guard, now_secs());
         }
+        // The rest's answer was invalid: a head the exchange refused (one with both
+        // `Transfer-Encoding` and `Content-Length`, RFC 9112 §6.3; its connection dropped
+        // there), or a 304 the rest request asked no question for (RFC 9110 §15.4.5). It
+        // answers the request the cache made, not the client's: the whole is fetched
+        // instead, as for a 206 that is not the rest. (A failure to reach the upstream or a
+        // timeout is the usual miss's: a second trip would meet it again.)
+        Ok(ch) if resp.status == 304 && !preconditioned(&ctx.head) => {
+            Err(unasked_304(w, group, ch, &mut resp))
+        }
         r => r,
     };
+    if matches!(r, Err(AttemptError::Bad)) {
+        drop(charge);
+        let h = std::mem::replace(&mut ctx.head, orig);
+        w.bufs.give_head(h);
+        w.bufs.give_resp(resp);
+        return Completion::Whole(guard, now_secs());
+    }
     drop(charge);
     let h = std::mem::replace(&mut ctx.head, orig);
     w.bufs.give_head(h);
