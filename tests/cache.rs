@@ -7498,3 +7498,225 @@ fn rfc6585_request_error_statuses_are_not_stored_for_others() {
     let r = get(gw.addr, "/n");
     assert_eq!((r.status, r.text().as_str()), (404, "no"), "{r:?}");
 }
+
+/// RFC 9111 §4.4 with `[cache.redis]` on routes whose key is not the URL as sent (a query
+/// allowlist, no query, no host): objects are stored under the keyed URL, and an entry read
+/// from Redis (every byte of which is hostile) under a key must name the request's keyed URL.
+/// Here `/x?a=1`'s entry is planted under `/y?a=1`'s key: a miss for a gateway that reads it
+/// (the origin answers), which still takes the entry under its own key. Before, the URL was
+/// compared only where the key is the URL as sent, and the planted entry was served and kept
+/// where a purge of `/y?a=1` would not find it.
+#[test]
+fn rfc9111_4_4_a_redis_entry_naming_another_keyed_url_is_a_miss_on_custom_key_routes() {
+    for key in [
+        "key = { query = [\"a\"] }",
+        "key = { query = \"none\" }",
+        "key = { ignore_host = true }",
+    ] {
+        let redis = RedisServer::start();
+        let up = target_origin();
+        let global = format!(
+            "[cache.redis]\naddress = \"127.0.0.1:{}\"\ntimeout = \"2s\"\nretry_interval = \"100ms\"\n",
+            redis.port
+        );
+        let toml = cache_config(up.addr, key, &global);
+        let writer = TestGateway::start(&toml, D);
+        assert_eq!(get(writer.addr, "/x?a=1").text(), "/x?a=1", "{key}");
+        wait_n_stored_in_redis(&redis, 1);
+        let x = redis.keys("ringway:cache:o:*").remove(0);
+        assert_eq!(get(writer.addr, "/y?a=1").text(), "/y?a=1", "{key}");
+        wait_n_stored_in_redis(&redis, 2);
+        let y = redis
+            .keys("ringway:cache:o:*")
+            .into_iter()
+            .find(|k| *k != x)
+            .expect("a second entry");
+        drop(writer);
+        let planted = redis.command(&[
+            "EVAL",
+            "return redis.call('SET', KEYS[2], redis.call('GET', KEYS[1]))",
+            "2",
+            &x,
+            &y,
+        ]);
+        assert_eq!(planted.as_deref(), Some("+OK\r\n"), "{key}");
+        let reader = TestGateway::start(&toml, D);
+        let r = get(reader.addr, "/y?a=1");
+        assert_eq!(r.text(), "/y?a=1", "{key}: {r:?}");
+        assert!(!status_of(&r).contains("detail=redis"), "{key}: {r:?}");
+        assert_eq!(up.hits(), 3, "{key}");
+        // The entry under its own key is the keyed URL's: served from Redis.
+        let r = get(reader.addr, "/x?a=1");
+        assert_eq!(r.text(), "/x?a=1", "{key}: {r:?}");
+        assert!(status_of(&r).contains("detail=redis"), "{key}: {r:?}");
+        assert_eq!(up.hits(), 3, "{key}");
+    }
+}
+
+/// RFC 9110 §15.4.5 ("the server ... is sending a 304 ... to a conditional GET or HEAD
+/// request"), RFC 9111 §4.3.3 (a cache takes a 304 only as a validation's answer): an origin's
+/// 304 to a request the cache sent without `If-None-Match` or `If-Modified-Since` answers
+/// nothing that was asked. The client gets the gateway's 502, named as for any invalid
+/// response (`detail=upstream-bad-response`), on a kept connection as that 502 is, and nothing
+/// is stored: on the usual miss, on a HEAD, and on the fetch of a stale stored response
+/// without validators (the client's own head sent). Before, the 304 was relayed to a client
+/// that had sent no precondition. A client's own conditional request, sent as it is, still
+/// gets the origin's 304.
+#[test]
+fn rfc9110_15_4_5_a_304_to_a_request_sent_without_a_precondition_is_a_bad_response() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |req| {
+        let first = n2.fetch_add(1, Ordering::SeqCst) == 0;
+        if first && req.target == "/stale" {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=1\r\nage: 5\r\ncontent-length: 3\r\n\r\nold"
+                    .to_vec(),
+            );
+        }
+        Reply::Raw(
+            b"HTTP/1.1 304 Not Modified\r\netag: \"e\"\r\ncache-control: max-age=600\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    // An invalid head's 502 on this route: what the 304's must look like.
+    let bad =
+        Upstream::start(|_| Reply::Raw(b"HTTP/1.1 2000 OK\r\ncontent-length: 0\r\n\r\n".to_vec()));
+    let gw = TestGateway::start(&cache_config(bad.addr, "", ""), D);
+    let mut c = Client::connect(gw.addr);
+    c.send(b"GET /b HTTP/1.1\r\nHost: test.local\r\n\r\n");
+    let r = c.read_response().expect("an answer");
+    assert_eq!(r.status, 502, "{r:?}");
+    let keep = r.header("connection").map(str::to_string);
+    drop(gw);
+
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/stale").text(), "old");
+    let mut c = Client::connect(gw.addr);
+    for (round, (req, member)) in [
+        (
+            "GET /m HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            "GET /m HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            "HEAD /h HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=uri-miss; detail=upstream-bad-response",
+        ),
+        (
+            "GET /stale HTTP/1.1\r\nHost: test.local\r\n\r\n",
+            "ringway; fwd=stale; detail=upstream-bad-response",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        c.send(req.as_bytes());
+        let r = c
+            .read_response_for(req.starts_with("HEAD"))
+            .expect("an answer on the same connection");
+        assert_eq!(r.status, 502, "{round}: {r:?}");
+        assert_eq!(status_lines(&r), [member], "{round}: {r:?}");
+        assert_eq!(r.header("connection"), keep.as_deref(), "{round}: {r:?}");
+        let sent = up.last();
+        assert_eq!(sent.header("if-none-match"), None, "{round}");
+        assert_eq!(sent.header("if-modified-since"), None, "{round}");
+    }
+    // Nothing was stored: each went upstream.
+    assert_eq!(up.hits(), 5);
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert_eq!(stats[0].entries, 1, "{stats:?}");
+
+    // The client's own precondition, forwarded: the 304 answers it.
+    for h in [
+        "If-None-Match: \"e\"\r\n",
+        "If-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT\r\n",
+    ] {
+        let r = get_h(gw.addr, "/c", h);
+        assert_eq!(r.status, 304, "{h}: {r:?}");
+        assert!(status_of(&r).contains("fwd-status=304"), "{h}: {r:?}");
+    }
+}
+
+/// RFC 9110 §15.4.5, RFC 9111 §4.3.4, RFC 5861 §3: the background revalidation of a stale
+/// response without validators asks for it whole, with no precondition; a 304 to that answers
+/// nothing asked and freshens nothing (the copy stays stale, and the next request revalidates
+/// it again). Before, a 304 without validators of its own was taken as selecting the copy and
+/// freshened it with its `max-age=600`.
+#[test]
+fn rfc9110_15_4_5_a_304_to_a_background_fetch_without_validators_freshens_nothing() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let up = Upstream::start(move |_| {
+        if n2.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Reply::Raw(
+                b"HTTP/1.1 200 OK\r\ncache-control: max-age=0, stale-while-revalidate=600\r\ncontent-length: 3\r\n\r\nold"
+                    .to_vec(),
+            );
+        }
+        Reply::Raw(b"HTTP/1.1 304 Not Modified\r\ncache-control: max-age=600\r\n\r\n".to_vec())
+    });
+    let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+    assert_eq!(get(gw.addr, "/s").text(), "old");
+    let r = get(gw.addr, "/s");
+    assert_eq!(r.text(), "old", "{r:?}");
+    assert!(status_of(&r).contains("stale-while-revalidate"), "{r:?}");
+    assert!(up.wait_for(Duration::from_secs(5), |s| s.len() >= 2));
+    // Until a second revalidation went (the first one's flight ended), every answer is the
+    // stale copy: never a fresh hit of a copy the 304 freshened.
+    let mut fresh_hit = None;
+    assert!(eventually(Duration::from_secs(10), || {
+        let r = get(gw.addr, "/s");
+        assert_eq!((r.status, r.text().as_str()), (200, "old"), "{r:?}");
+        if !status_of(&r).contains("stale-while-revalidate") {
+            fresh_hit = Some(r);
+            return true;
+        }
+        up.hits() >= 3
+    }));
+    assert!(fresh_hit.is_none(), "{fresh_hit:?}");
+    let sent = up.last();
+    assert_eq!(sent.header("if-none-match"), None);
+    assert_eq!(sent.header("if-modified-since"), None);
+    let stats = ringway::cache::stats(gw.gateway().control(), Duration::from_secs(2)).unwrap();
+    assert_eq!(stats[0].revalidations, 0, "{stats:?}");
+}
+
+/// RFC 9112 §6.3 ("a message with both Transfer-Encoding and Content-Length ... ought to be
+/// handled as an error"), RFC 9111 §3.4: the answer to the request for a stored piece's rest is
+/// the cache's own business, not the client's (who asked for the whole). One with both framing
+/// fields is refused as invalid, and one a 304 although the cache asked no question (RFC 9110
+/// §15.4.5) answers nothing: either way the whole is fetched without `Range`, as for a 206
+/// that is not the rest. Before, the client got a 502 (the 304 was relayed).
+#[test]
+fn rfc9112_6_3_an_invalid_answer_for_the_rest_of_a_piece_falls_back_to_the_whole() {
+    for (i, rest) in [
+        "HTTP/1.1 206 Partial Content\r\ncache-control: max-age=60\r\netag: \"a\"\r\ncontent-range: bytes 5-9/10\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n5\r\nfghij\r\n0\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\netag: \"a\"\r\ncache-control: max-age=60\r\n\r\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let up = completing_origin(move |_| rest.to_string());
+        let gw = TestGateway::start(&cache_config(up.addr, "", ""), D);
+        piece_0_4(&gw);
+        let r = get_h(gw.addr, "/k", "");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (200, "abcdefghij"),
+            "{i}: {r:?}"
+        );
+        assert!(!r.has("content-range"), "{i}: {r:?}");
+        assert!(status_of(&r).contains("fwd=partial;"), "{i}: {r:?}");
+        let seen = ranges_seen(&up);
+        assert_eq!(seen.len(), 3, "{i}: {seen:?}");
+        assert_eq!(seen[1].0.as_deref(), Some("bytes=5-"), "{i}");
+        assert_eq!(seen[2], (None, None), "{i}");
+        let r = get_h(gw.addr, "/k", "");
+        assert_eq!(r.text(), "abcdefghij", "{i}: {r:?}");
+        assert!(status_of(&r).starts_with("ringway; hit"), "{i}: {r:?}");
+    }
+}

@@ -989,21 +989,20 @@ async fn from_shared(
     let pending = cache.pending_in_redis();
     let got = layer.get(&w.doorbell, &ks, &known, sent, others).await;
     let now = now_secs();
-    // Where the key is the URL as it is (the host and the whole query in it), an entry is
-    // the request's URL's: purges and invalidations find a stored response by its URL
-    // (RFC 9111 §4.4), and an entry naming another URL would be kept here under this key
-    // and escape a purge of it (a corrupt or planted entry; one ringway wrote always
-    // matches). Where the key leaves the host or part of the query out, the URLs of one key
-    // differ and nothing is compared.
-    let url = (!p.ignore_host && matches!(p.query, super::QueryMode::All)).then(|| {
-        let mut u = Vec::new();
-        super::url_of(sent.head, &mut u);
-        u
-    });
+    // An entry is the request's URL's, as the route's key reads it: the URL as sent, or,
+    // where the key leaves the host or part of the query out, the keyed URL objects of the
+    // route are stored under ([`super::keyed_url`], which every URL of one key shares).
+    // Purges and invalidations find a stored response by that URL (RFC 9111 §4.4), and an
+    // entry naming another would be kept here under this key and escape a purge of it (a
+    // corrupt or planted entry; one ringway wrote always matches, but one an earlier build
+    // wrote on a custom-key route, under the URL of the request that stored it, is a miss).
+    let mut url = Vec::new();
+    super::url_of(sent.head, &mut url);
+    if let Some(k) = super::keyed_url(p, &url) {
+        url = k;
+    }
     for (k, o) in ks.iter().zip(got) {
-        let Some(o) =
-            o.filter(|o| o.vary_matches(sent) && url.as_ref().is_none_or(|u| o.url[..] == u[..]))
-        else {
+        let Some(o) = o.filter(|o| o.vary_matches(sent) && o.url[..] == url[..]) else {
             continue;
         };
         // Not older than the copy held here: one from the same second may be that copy
@@ -2852,6 +2851,9 @@ async fn fill<'c, S: ClientIo>(
             Ok(ch) => ch,
             Err(e) => break 'whole Err(e),
         };
+        if resp.status == 304 && !preconditioned(&ctx.head) {
+            break 'whole Err(unasked_304(w, group, ch, &mut resp));
+        }
         // What storing will touch, while the analysis runs.
         let head = &ctx.head;
         let also = [
@@ -3012,6 +3014,30 @@ fn keep_whole(
     Ok(())
 }
 
+/// Whether `head`, as sent upstream, asked a question a 304 answers: `If-None-Match` or
+/// `If-Modified-Since` (RFC 9110 §13.1.2, §13.1.3, §15.4.5).
+fn preconditioned(head: &RequestHead) -> bool {
+    head.header(b"if-none-match").is_some() || head.header(b"if-modified-since").is_some()
+}
+
+/// A 304 to a request sent without a precondition (RFC 9110 §15.4.5: it only answers a
+/// conditional GET or HEAD; RFC 9111 §4.3.3 takes one only as a validation's answer): an
+/// invalid response, as one with a malformed head is. Its connection is dropped and counted
+/// as a failure of the endpoint; the request is answered 502 (`upstream-bad-response`),
+/// nothing stored. Before, it was relayed to a client that had asked nothing it answers.
+#[cold]
+#[inline(never)]
+fn unasked_304(
+    w: &Worker,
+    group: &UpstreamGroup,
+    ch: Chosen,
+    resp: &mut ResponseHead,
+) -> AttemptError {
+    resp.raw = Bytes::new();
+    release(w, group, ch, true, false);
+    AttemptError::Bad
+}
+
 /// What follows a fetch's exchange (`r`, with the response head `resp` when it answered):
 /// the answer to a failed one, a stale response served or freshened, or the response relayed
 /// (stored when it may be). `validating`: the request carried the stored response's
@@ -3038,6 +3064,15 @@ async fn fetched<'c, S: ClientIo>(
     let authorized = match &mode {
         Fetch::Fill { authorized, .. } => *authorized,
         _ => ctx.head.header(b"authorization").is_some(),
+    };
+    // What was sent had the stored response's validators (`validating`) or the client's
+    // head's conditionals (`ctx.head` is the head sent, or the client's where the cache sent
+    // its own with the same conditionals: a rest request).
+    let r = match r {
+        Ok(ch) if resp.status == 304 && !validating && !preconditioned(&ctx.head) => {
+            Err(unasked_304(w, group, ch, resp))
+        }
+        r => r,
     };
     let out = match r {
         Err(e) => {
@@ -4746,8 +4781,10 @@ enum Completion<'c> {
 /// (answers to the range the cache added, not to the client's request), never reaches the
 /// client: it is dropped with its connection, and the request goes upstream as the usual miss
 /// ([`Completion::Whole`]: its caller runs [`fill`]); so it does when the combination cannot
-/// be stored or the rest cannot be asked for. Any other answer (a 200, a
-/// 5xx, a failure) is the usual miss's ([`fetched`]): relayed, and stored when it may be.
+/// be stored or the rest cannot be asked for, and when the answer is invalid (a head the
+/// exchange refused, a 304 to no conditional of the client's). Any other answer (a 200, a
+/// 5xx, a failure to reach the upstream) is the usual miss's ([`fetched`]): relayed, and
+/// stored when it may be.
 /// `Cache-Status` says `fwd=partial` whichever way it goes: the cache had a partial response.
 #[allow(clippy::too_many_arguments)]
 #[cold]
@@ -4840,8 +4877,24 @@ async fn complete<'c, S: ClientIo>(
             }
             return Completion::Whole(guard, now_secs());
         }
+        // The rest's answer was invalid: a head the exchange refused (one with both
+        // `Transfer-Encoding` and `Content-Length`, RFC 9112 §6.3; its connection dropped
+        // there), or a 304 the rest request asked no question for (RFC 9110 §15.4.5). It
+        // answers the request the cache made, not the client's: the whole is fetched
+        // instead, as for a 206 that is not the rest. (A failure to reach the upstream or a
+        // timeout is the usual miss's: a second trip would meet it again.)
+        Ok(ch) if resp.status == 304 && !preconditioned(&ctx.head) => {
+            Err(unasked_304(w, group, ch, &mut resp))
+        }
         r => r,
     };
+    if matches!(r, Err(AttemptError::Bad)) {
+        drop(charge);
+        let h = std::mem::replace(&mut ctx.head, orig);
+        w.bufs.give_head(h);
+        w.bufs.give_resp(resp);
+        return Completion::Whole(guard, now_secs());
+    }
     drop(charge);
     let h = std::mem::replace(&mut ctx.head, orig);
     w.bufs.give_head(h);
@@ -5200,7 +5253,13 @@ impl Revalidation {
                 drop_forged_members(p, &mut resp);
                 let now = now_secs();
                 let fields = copy_fields(&resp);
-                if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
+                if resp.status == 304 && !preconditioned(&self.head) {
+                    // Sent without validators (the stale copy has none): a 304 answers no
+                    // question asked (RFC 9110 §15.4.5) and freshens nothing; the connection
+                    // is dropped. Before, one without validators of its own was taken as
+                    // selecting the copy (§4.3.4), and freshened it.
+                    false
+                } else if resp.status == 304 && !selected_by_304(&fields, &self.obj) {
                     // It selects nothing (§4.3.4): the stale copy goes; the next request
                     // fetches the response whole.
                     invalidate(&self.cache, &self.obj);
