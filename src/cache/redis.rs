@@ -31,6 +31,10 @@
 //!   timer with backoff when the link stayed up (an error answered, the queue full; see
 //!   `SharedLayer::retry_later`); until then the workers take no entry it covers received
 //!   before it (`WorkerCache::pending_in_redis_covers`).
+//! - Entries carry their writer's place in the purge log ([`Heard`]): a host refuses one
+//!   that a purge by prefix or of everything it applied covers, written by a worker that had
+//!   not applied it (its write may have landed after the purge's deletion; such purges are
+//!   not deleted again by the hosts that hear them, unlike those by URL and tag).
 //!
 //! Fleet bound: each host makes at most one fetch per key at a time (coalescing), and a host
 //! that finds the object in Redis makes none; so the origin sees one fetch per object per
@@ -774,7 +778,9 @@ impl SharedLayer {
     /// the purging host deleted the copies, reached Redis after that deletion, and every host
     /// took it back from there (found by `tests/fuzz_cache_redis.rs`). This deletion goes on
     /// the same link after that write. Purges by prefix and of everything are not deleted
-    /// again (a `SCAN` of the keys on every host for each). `ticket` and `done` as for
+    /// again (a `SCAN` of the keys on every host for each): the entries carry their writer's
+    /// place in the log ([`Heard`]), and one written before the writer applied such a purge
+    /// that covers it is refused (`WorkerCache::wide_purge_covers`). `ticket` and `done` as for
     /// [`SharedLayer::purge`]; a failure is not kept, only settled.
     pub fn delete_heard(self: &Arc<Self>, p: &Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
         if matches!(p.target, PurgeTarget::Url(_) | PurgeTarget::Tag(_)) {
