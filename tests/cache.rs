@@ -3574,23 +3574,7 @@ impl HoldingRelay {
 fn rfc9111_4_4_a_write_of_another_host_in_flight_at_a_purge_does_not_outlive_it_in_redis() {
     let redis = RedisServer::start();
     let relay = HoldingRelay::start(redis.addr());
-    let (up, _) = counting_origin("cache-control: max-age=600\r\n");
-    let a = TestGateway::start(&redis_cache_config(up.addr, &redis), D);
-    let b = TestGateway::start(
-        &cache_config(
-            up.addr,
-            "",
-            &format!(
-                "[cache.redis]\naddress = \"{}\"\ntimeout = \"10s\"\nretry_interval = \"100ms\"\n",
-                relay.addr
-            ),
-        ),
-        D,
-    );
-    assert!(eventually(Duration::from_secs(5), || log_followers(&redis) == 2));
-    relay.held.store(true, Ordering::SeqCst);
-    // B fetches and stores /p; its write to Redis waits in the relay.
-    assert_eq!(get(b.addr, "/p").text(), "v1");
+    let (a, b, _up) = hosts_with_a_write_of_b_held(&redis, &relay);
     hard_purge(
         &a,
         PurgeTarget::Url(ringway::cache::purge_url("test.local", "/p")),
@@ -3610,6 +3594,149 @@ fn rfc9111_4_4_a_write_of_another_host_in_flight_at_a_purge_does_not_outlive_it_
     let r = get(a.addr, "/p");
     assert_eq!(r.text(), "v2", "the copy from before the purge: {r:?}");
     assert_ne!(get(b.addr, "/p").text(), "v1");
+}
+
+/// A counting origin (see [`counting_origin`]) whose first answer waits: `arrived` hears when
+/// its request came, and the answer goes once `go` is sent (or after 10 s).
+struct GatedOrigin {
+    up: Upstream,
+    arrived: std::sync::mpsc::Receiver<()>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+fn gated_counting_origin(head_fields: &'static str) -> GatedOrigin {
+    let n = AtomicUsize::new(0);
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new((arrived_tx, go_rx));
+    let up = Upstream::start(move |_req| {
+        let i = n.fetch_add(1, Ordering::SeqCst) + 1;
+        if i == 1 {
+            let g = gate.lock().unwrap();
+            let _ = g.0.send(());
+            let _ = g.1.recv_timeout(Duration::from_secs(10));
+        }
+        let body = format!("v{i}");
+        Reply::Raw(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{head_fields}\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    });
+    GatedOrigin { up, arrived, go }
+}
+
+/// Hosts A and B (B through `relay`) in front of one origin (`cache-control: max-age=600`);
+/// B has fetched and stored `/p` (`v1`), and its write to Redis is held in the relay (held
+/// until the caller lets it go). The relay holds B's bytes only from the moment the origin
+/// has B's request (B's lookup in Redis answered): a hold as long as B's `timeout` had B's
+/// link fail the round and drop its queued write.
+fn hosts_with_a_write_of_b_held(
+    redis: &RedisServer,
+    relay: &HoldingRelay,
+) -> (TestGateway, TestGateway, Upstream) {
+    let origin = gated_counting_origin("cache-control: max-age=600\r\n");
+    let up = origin.up.addr;
+    let a = TestGateway::start(&redis_cache_config(up, redis), D);
+    let b = TestGateway::start(
+        &cache_config(
+            up,
+            "",
+            &format!(
+                "[cache.redis]\naddress = \"{}\"\ntimeout = \"10s\"\nretry_interval = \"100ms\"\n",
+                relay.addr
+            ),
+        ),
+        D,
+    );
+    assert!(eventually(Duration::from_secs(5), || log_followers(redis) == 2));
+    // B fetches and stores /p; its write to Redis waits in the relay.
+    let b_addr = b.addr;
+    let fetch = std::thread::spawn(move || get(b_addr, "/p").text());
+    origin
+        .arrived
+        .recv_timeout(Duration::from_secs(10))
+        .expect("B's fetch");
+    relay.held.store(true, Ordering::SeqCst);
+    origin.go.send(()).unwrap();
+    assert_eq!(fetch.join().unwrap(), "v1");
+    (a, b, origin.up)
+}
+
+/// [`hosts_with_a_write_of_b_held`], then host A purges `target` (`soft`: marks stale)
+/// through its workers, and the relay lets B's bytes go, so that B's write lands in Redis
+/// after the purge deleted the copies. Returns once B's write is in Redis and both hosts
+/// heard the purge.
+fn a_write_of_b_lands_after_a_purge_by_a(
+    redis: &RedisServer,
+    relay: &HoldingRelay,
+    target: PurgeTarget,
+    soft: bool,
+) -> (TestGateway, TestGateway, Upstream) {
+    let (a, b, up) = hosts_with_a_write_of_b_held(redis, relay);
+    ringway::cache::purge(
+        a.gateway().control(),
+        Purge { target, soft },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    relay.held.store(false, Ordering::SeqCst);
+    // B's write lands after the purge's deletion; both hosts hear the purge.
+    wait_stored_in_redis(redis);
+    let heard = |gw: &TestGateway| layer_count(gw, |l| l.purges_heard.load(Ordering::Relaxed));
+    assert!(eventually(Duration::from_secs(10), || heard(&a) >= 1 && heard(&b) >= 1));
+    (a, b, up)
+}
+
+/// RFC 9111 §4.4 and the README's purge guarantee, for a purge by prefix: its copies in Redis
+/// are not deleted again by the hosts that hear it (a `SCAN` each), so B's write of a copy
+/// from before it, queued on B's link as A's purge deleted the copies, landed after that
+/// deletion and every host took the purged copy back from Redis until it expired (found by
+/// `tests/fuzz_cache_redis.rs` with `RINGWAY_FUZZ_STRICT_PURGE=1`). Before, A's next
+/// `GET /p` was `200`, `cache-status: ringway; hit; ttl=600; detail=redis`, body `v1`. Now
+/// the entry carries the place in the purge log B had reached, before the purge: every host
+/// that applied the purge refuses it.
+#[test]
+fn rfc9111_4_4_a_write_of_another_host_in_flight_at_a_purge_by_prefix_does_not_outlive_it() {
+    let redis = RedisServer::start();
+    let relay = HoldingRelay::start(redis.addr());
+    let target = PurgeTarget::Prefix(b"test.local/".to_vec());
+    let (a, b, _up) = a_write_of_b_lands_after_a_purge_by_a(&redis, &relay, target, false);
+    let r = get(a.addr, "/p");
+    assert_eq!(r.text(), "v2", "the copy from before the purge: {r:?}");
+    assert_ne!(get(b.addr, "/p").text(), "v1");
+}
+
+/// As above, for a purge of everything (`all=1`). Before, A's next `GET /p` was the copy
+/// from before the purge, from Redis.
+#[test]
+fn rfc9111_4_4_a_write_of_another_host_in_flight_at_a_purge_of_everything_does_not_outlive_it() {
+    let redis = RedisServer::start();
+    let relay = HoldingRelay::start(redis.addr());
+    let (a, b, _up) =
+        a_write_of_b_lands_after_a_purge_by_a(&redis, &relay, PurgeTarget::All, false);
+    let r = get(a.addr, "/p");
+    assert_eq!(r.text(), "v2", "the copy from before the purge: {r:?}");
+    assert_ne!(get(b.addr, "/p").text(), "v1");
+}
+
+/// As above, for a soft purge by prefix: the copy from before it that B's late write put
+/// back in Redis is taken stale, never fresh (RFC 9111 §4.2.4: validated before use, here a
+/// new `200` from the origin). Before, A's next `GET /p` was a fresh hit from Redis, `v1`.
+#[test]
+fn rfc9111_4_4_a_write_of_another_host_in_flight_at_a_soft_purge_by_prefix_comes_back_stale() {
+    let redis = RedisServer::start();
+    let relay = HoldingRelay::start(redis.addr());
+    let target = PurgeTarget::Prefix(b"test.local/".to_vec());
+    let (a, _b, _up) = a_write_of_b_lands_after_a_purge_by_a(&redis, &relay, target, true);
+    let r = get(a.addr, "/p");
+    assert_eq!(
+        r.text(),
+        "v2",
+        "the copy from before the purge, fresh: {r:?}"
+    );
 }
 
 /// Issue 12: a host that missed more purges than the purge log keeps (1000) cannot know
@@ -3775,7 +3902,7 @@ fn rfc9111_4_4_a_worker_s_floor_clears_after_its_settlement_was_lost_to_a_full_m
             soft: false,
         },
         None,
-        Some(Box::new(move || {
+        Some(Box::new(move |_| {
             let _ = fenced.send(());
         })),
     );

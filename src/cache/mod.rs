@@ -1320,8 +1320,14 @@ type PreHashedBuild = std::hash::BuildHasherDefault<PreHashed>;
 
 /// [`WorkerCache::share`]'s write to the Redis layer `l`.
 #[inline(never)]
-fn share_to(l: &redis::SharedLayer, key: &[u8], obj: &Object, max_variants: usize) {
-    l.put(key, obj, now_secs(), max_variants);
+fn share_to(
+    l: &redis::SharedLayer,
+    key: &[u8],
+    obj: &Object,
+    max_variants: usize,
+    heard: redis::Heard,
+) {
+    l.put(key, obj, now_secs(), max_variants, heard);
 }
 
 /// Counters of one worker's cache.
@@ -1391,6 +1397,25 @@ pub struct WorkerCache {
     /// whatever its URL ([`RedisFloor`]). Before, the purge pushed out was forgotten, and
     /// its copies could come back from Redis.
     redis_floor: RefCell<Option<RedisFloor>>,
+    /// This worker's place in the purge log ([`redis::Heard`]): what its writes to Redis
+    /// carry. Moved by the purge log's listener ([`WorkerCache::heard_in_log`]).
+    log_at: Cell<redis::Heard>,
+    /// The purges by prefix and of everything logged (heard from the log, or this host's own
+    /// once logged), with their IDs in the log, oldest first, at most [`MAX_WIDE_PURGES`] and
+    /// [`MAX_WIDE_PURGE_BYTES`]: an entry found in Redis that one of them covers, written by a
+    /// worker that had not applied it, is taken as from before it
+    /// ([`WorkerCache::wide_purge_covers`]). Their copies in Redis are not deleted again by
+    /// the hosts that hear them (a `SCAN` of the keys each), unlike a purge by URL or tag.
+    wide_purges: RefCell<std::collections::VecDeque<(redis::LogId, Rc<Purge>)>>,
+    /// The bytes of their prefixes.
+    wide_purge_bytes: Cell<usize>,
+    /// The ID of the newest purge pushed out of `wide_purges` (or of a gap in the log): an
+    /// entry whose writer had not reached it is refused, whatever its URL.
+    wide_floor: Cell<redis::LogId>,
+    /// The newest of `wide_floor` and the IDs in `wide_purges`: an entry whose writer had
+    /// reached it needs no other check (the usual case, and every entry while no such purge
+    /// was heard).
+    wide_newest: Cell<redis::LogId>,
     /// The URLs invalidated (RFC 9111 §4.4) since the last sweep, each with the number in
     /// `purges` of its latest invalidation: a stored object of such a URL born before it is
     /// gone for every lookup ([`WorkerCache::invalidate_local`]). At most
@@ -1485,6 +1510,13 @@ struct RedisFloor {
 /// before it while the purge is awaited (a miss, at worst).
 const PURGE_CLOCK_MARGIN_SECS: u64 = 5;
 
+/// Most purges by prefix or of everything a worker remembers for the entries it finds in
+/// Redis ([`WorkerCache::wide_purges`]); past it (or [`MAX_WIDE_PURGE_BYTES`]) the oldest
+/// raises the worker's floor ([`WorkerCache::wide_floor`]).
+const MAX_WIDE_PURGES: usize = 64;
+/// Most bytes of their prefixes.
+const MAX_WIDE_PURGE_BYTES: usize = 256 * 1024;
+
 /// Most URLs a worker keeps invalidated (RFC 9111 §4.4) between sweeps of its store
 /// ([`WorkerCache::invalidate_local`]): a sweep reads every stored object, so one per this
 /// many invalidations keeps an unsafe request's cost from growing with the store.
@@ -1513,6 +1545,11 @@ impl WorkerCache {
             recent_purges: RefCell::new(std::collections::VecDeque::new()),
             redis_pending: RefCell::new(Vec::new()),
             redis_floor: RefCell::new(None),
+            log_at: Cell::new((0, 0)),
+            wide_purges: RefCell::new(std::collections::VecDeque::new()),
+            wide_purge_bytes: Cell::new(0),
+            wide_floor: Cell::new((0, 0)),
+            wide_newest: Cell::new((0, 0)),
             invalidated: RefCell::new(HashMap::default()),
             invalidated_bytes: Cell::new(0),
             any_invalidated: Cell::new(false),
@@ -1572,12 +1609,14 @@ impl WorkerCache {
     }
 
     /// Writes a stored object to the Redis layer, if there is one (queued, not awaited),
-    /// keeping at most `max_variants` variants of the key there too.
+    /// keeping at most `max_variants` variants of the key there too, with this worker's place
+    /// in the purge log ([`redis::Heard`]). The caller has checked the object against the
+    /// purges applied since its fetch began ([`WorkerCache::purged_since`]).
     // The test in line (a stored miss without a Redis layer makes no call); the writing out.
     #[inline]
     pub fn share(&self, key: &[u8], obj: &Object, max_variants: usize) {
         if let Some(l) = self.shared.get() {
-            share_to(l, key, obj, max_variants);
+            share_to(l, key, obj, max_variants, self.log_at.get());
         }
     }
 
@@ -2358,7 +2397,23 @@ impl WorkerCache {
     }
 
     /// The purge under `ticket` is done in Redis (its copies there are gone), or given up.
-    pub fn settle_redis_purge(&self, ticket: u64) {
+    /// `logged`: the ID the purge log gave it, when this host logged it: one by prefix or of
+    /// everything is then remembered at once ([`WorkerCache::wide_purges`]), not only once
+    /// this host's listener reads it back from the log (another host's write of a copy from
+    /// before it may land in Redis meanwhile).
+    pub fn settle_redis_purge(&self, ticket: u64, logged: Option<redis::LogId>) {
+        if let Some(id) = logged {
+            let wide: Vec<Rc<Purge>> = self
+                .redis_pending
+                .borrow()
+                .iter()
+                .filter(|(t, p, _)| *t == ticket && p.is_wide())
+                .map(|(_, p, _)| p.clone())
+                .collect();
+            for p in wide {
+                self.remember_wide(id, p);
+            }
+        }
         self.redis_pending
             .borrow_mut()
             .retain(|(t, _, _)| *t != ticket);
@@ -2436,6 +2491,101 @@ impl WorkerCache {
                 .borrow()
                 .as_ref()
                 .is_some_and(|f| o.t.response_time <= f.at.saturating_add(PURGE_CLOCK_MARGIN_SECS))
+    }
+
+    /// Moves this worker's place in the purge log (see [`redis::LogPlace`]) once it applied
+    /// `p` (a purge read from the log), and remembers `p` when it is by prefix or of
+    /// everything ([`WorkerCache::wide_purges`]). A gap (the log lost purges this host had
+    /// not read; it purged its stores) raises the floor to the log's place: the purges lost
+    /// are not known, so an entry whose writer had not reached it is refused. Where the log's
+    /// IDs went back (Redis lost the log), the place, the floor and the purges remembered
+    /// start again from there.
+    pub fn heard_in_log(&self, place: redis::LogPlace, p: Option<&Purge>) {
+        match place {
+            redis::LogPlace::Entry(id) => {
+                self.log_at.set(self.log_at.get().max(id));
+                if let Some(p) = p.filter(|p| p.is_wide()) {
+                    self.remember_wide(id, Rc::new(p.clone()));
+                }
+            }
+            redis::LogPlace::Start(at) => self.log_at.set(self.log_at.get().max(at)),
+            redis::LogPlace::Gap(at) => {
+                if at < self.log_at.get() {
+                    self.wide_purges.borrow_mut().clear();
+                    self.wide_purge_bytes.set(0);
+                    self.wide_floor.set(at);
+                } else {
+                    self.wide_floor.set(self.wide_floor.get().max(at));
+                }
+                self.log_at.set(at);
+                self.reset_wide_newest();
+            }
+        }
+    }
+
+    /// Remembers a purge by prefix or of everything logged under `id`, in the order of the
+    /// log (once, though it comes from the settlement and from the log both), pushing the
+    /// oldest out to the floor past the bounds.
+    fn remember_wide(&self, id: redis::LogId, p: Rc<Purge>) {
+        if id < self.wide_floor.get() {
+            return;
+        }
+        let mut q = self.wide_purges.borrow_mut();
+        if q.iter().any(|(i, _)| *i == id) {
+            return;
+        }
+        let at = q.iter().rposition(|(i, _)| *i < id).map_or(0, |i| i + 1);
+        self.wide_purge_bytes
+            .set(self.wide_purge_bytes.get() + p.target_len());
+        q.insert(at, (id, p));
+        while q.len() > MAX_WIDE_PURGES || self.wide_purge_bytes.get() > MAX_WIDE_PURGE_BYTES {
+            let Some((old, p)) = q.pop_front() else { break };
+            self.wide_purge_bytes
+                .set(self.wide_purge_bytes.get().saturating_sub(p.target_len()));
+            self.wide_floor.set(self.wide_floor.get().max(old));
+        }
+        drop(q);
+        self.reset_wide_newest();
+    }
+
+    fn reset_wide_newest(&self) {
+        let last = self.wide_purges.borrow().back().map_or((0, 0), |(i, _)| *i);
+        self.wide_newest.set(last.max(self.wide_floor.get()));
+    }
+
+    /// Whether `o`, found in Redis and written by a worker at `heard` in the purge log
+    /// ([`redis::Heard`]), is covered by a purge by prefix or of everything logged after that
+    /// (RFC 9111 §4.4): `Some(false)` for a hard one, or an entry below the floor (refused: a
+    /// miss), `Some(true)` for a soft one only (taken stale), `None` when none covers it.
+    /// The writer had not applied that purge when it queued the write, which may have landed
+    /// after the purge deleted the Redis copies; such a copy came back to every host until it
+    /// expired. An entry of an older build says no place, and is taken as written before
+    /// every purge. Free while no such purge is remembered, and for an entry written after
+    /// the newest.
+    #[inline(always)]
+    pub fn wide_purge_covers(&self, o: &Object, heard: redis::Heard) -> Option<bool> {
+        if heard >= self.wide_newest.get() {
+            return None;
+        }
+        self.wide_purge_covers_slow(o, heard)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn wide_purge_covers_slow(&self, o: &Object, heard: redis::Heard) -> Option<bool> {
+        if heard < self.wide_floor.get() {
+            return Some(false);
+        }
+        let mut soft = None;
+        for (_, p) in self.wide_purges.borrow().iter().filter(|(i, _)| *i > heard) {
+            if p.matches(o) {
+                if !p.soft {
+                    return Some(false);
+                }
+                soft = Some(true);
+            }
+        }
+        soft
     }
 
     /// [`purge_in_redis_with`] this worker's layer, when there is one.
@@ -2687,6 +2837,20 @@ pub struct Purge {
 }
 
 impl Purge {
+    /// By prefix or of everything: its copies in Redis are not deleted again by the hosts
+    /// that hear it ([`WorkerCache::wide_purges`]).
+    fn is_wide(&self) -> bool {
+        matches!(self.target, PurgeTarget::Prefix(_) | PurgeTarget::All)
+    }
+
+    /// The bytes of its URL, prefix or tag.
+    fn target_len(&self) -> usize {
+        match &self.target {
+            PurgeTarget::Url(b) | PurgeTarget::Prefix(b) | PurgeTarget::Tag(b) => b.len(),
+            PurgeTarget::All => 0,
+        }
+    }
+
     fn matches(&self, o: &Object) -> bool {
         match &self.target {
             PurgeTarget::Url(u) => *o.url == u[..],
@@ -3368,6 +3532,85 @@ mod tests {
         }
     }
 
+    /// RFC 9111 §4.4: an entry found in Redis whose writer had not applied a purge by prefix
+    /// or of everything that covers it (its place in the log before the purge's ID) is
+    /// refused after a hard one and taken stale after a soft one; one written after, or of
+    /// another URL, is taken. An entry of an older build (no place) counts as before every
+    /// purge. The purges remembered are bounded: the oldest pushed out raises a floor below
+    /// which every entry is refused. A gap raises it too; a log whose IDs went back starts
+    /// again from there.
+    #[test]
+    fn wide_purges_heard_refuse_the_entries_written_before_them() {
+        use redis::LogPlace;
+        let c = worker_cache();
+        let o = url_obj(b"h/a/p", b"x", 1);
+        let other = url_obj(b"h/b/p", b"x", 1);
+        // Nothing remembered: nothing covered, old builds' entries included.
+        assert_eq!(c.wide_purge_covers(&o, (0, 0)), None);
+        c.heard_in_log(LogPlace::Start((50, 0)), None);
+        assert_eq!(c.log_at.get(), (50, 0));
+        let prefix = |soft| Purge {
+            target: PurgeTarget::Prefix(b"h/a/".to_vec()),
+            soft,
+        };
+        c.heard_in_log(LogPlace::Entry((100, 0)), Some(&prefix(false)));
+        assert_eq!(c.log_at.get(), (100, 0));
+        assert_eq!(c.wide_purge_covers(&o, (99, 5)), Some(false));
+        assert_eq!(c.wide_purge_covers(&o, (0, 0)), Some(false));
+        assert_eq!(c.wide_purge_covers(&o, (100, 0)), None);
+        assert_eq!(c.wide_purge_covers(&other, (99, 0)), None);
+        // A soft one marks stale; a hard one after it still refuses.
+        c.heard_in_log(LogPlace::Entry((110, 0)), Some(&prefix(true)));
+        assert_eq!(c.wide_purge_covers(&o, (105, 0)), Some(true));
+        assert_eq!(c.wide_purge_covers(&o, (99, 0)), Some(false));
+        // A purge by URL moves the place only; one heard twice is remembered once.
+        c.heard_in_log(
+            LogPlace::Entry((120, 0)),
+            Some(&Purge {
+                target: PurgeTarget::Url(b"h/b/p".to_vec()),
+                soft: false,
+            }),
+        );
+        assert_eq!(c.log_at.get(), (120, 0));
+        assert_eq!(c.wide_purge_covers(&other, (0, 0)), None);
+        c.heard_in_log(LogPlace::Entry((110, 0)), Some(&prefix(true)));
+        assert_eq!(c.wide_purges.borrow().len(), 2);
+        // This host's own purge of everything, remembered at its settlement, in log order.
+        let all = Purge {
+            target: PurgeTarget::All,
+            soft: false,
+        };
+        c.note_redis_pending(Some(9), &all);
+        c.settle_redis_purge(9, Some((105, 3)));
+        assert_eq!(c.wide_purge_covers(&other, (105, 2)), Some(false));
+        assert_eq!(c.wide_purge_covers(&other, (105, 3)), None);
+        let ids: Vec<_> = c.wide_purges.borrow().iter().map(|(i, _)| *i).collect();
+        assert_eq!(ids, vec![(100, 0), (105, 3), (110, 0)]);
+        // Bounded: past it the oldest go to the floor.
+        for i in 0..MAX_WIDE_PURGES as u64 {
+            let p = Purge {
+                target: PurgeTarget::Prefix(format!("h/z{i}/").into_bytes()),
+                soft: false,
+            };
+            c.heard_in_log(LogPlace::Entry((200 + i, 0)), Some(&p));
+        }
+        assert_eq!(c.wide_purges.borrow().len(), MAX_WIDE_PURGES);
+        assert_eq!(c.wide_floor.get(), (110, 0));
+        assert_eq!(c.wide_purge_covers(&other, (109, 0)), Some(false));
+        assert_eq!(c.wide_purge_covers(&other, (110, 0)), None);
+        assert_eq!(c.wide_purge_covers(&other, (500, 0)), None);
+        // A gap: the floor goes to the log's place.
+        c.heard_in_log(LogPlace::Gap((1000, 0)), Some(&all));
+        assert_eq!(c.wide_purge_covers(&other, (999, 0)), Some(false));
+        assert_eq!(c.wide_purge_covers(&other, (1000, 0)), None);
+        // The log's IDs went back (Redis lost it): place, floor and purges start again.
+        c.heard_in_log(LogPlace::Gap((10, 0)), Some(&all));
+        assert_eq!(c.log_at.get(), (10, 0));
+        assert!(c.wide_purges.borrow().is_empty());
+        assert_eq!(c.wide_purge_covers(&other, (10, 0)), None);
+        assert_eq!(c.wide_purge_covers(&other, (9, 0)), Some(false));
+    }
+
     /// RFC 9111 §4.4: while a purge's Redis side is awaited (a round trip, or, the link
     /// down, until the layer sends it again), an entry found in Redis that it covers and that
     /// was received before it (or within the clock margin after it) is not taken; one of
@@ -3395,7 +3638,7 @@ mod tests {
         ));
         // A lookup sent while it was awaited does not take what it covers, settled since.
         let before = c.pending_in_redis();
-        c.settle_redis_purge(7);
+        c.settle_redis_purge(7, None);
         assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
         assert!(c.pending_in_redis_covers(before.as_deref(), &url_obj(b"h/p", b"old", now - 100)));
         assert!(c.pending_in_redis().is_none());
@@ -3420,7 +3663,7 @@ mod tests {
             &url_obj(b"h/z", b"after", now + PURGE_CLOCK_MARGIN_SECS + 2)
         ));
         let before = c.pending_in_redis();
-        c.settle_redis_purge(100);
+        c.settle_redis_purge(100, None);
         assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/z", b"old", now - 100)));
         assert!(c.pending_in_redis_covers(before.as_deref(), &url_obj(b"h/z", b"old", now - 100)));
         assert!(c.redis_floor.borrow().is_none());
@@ -3432,12 +3675,12 @@ mod tests {
         }
         assert_eq!(c.redis_pending.borrow().len(), MAX_REDIS_PENDING);
         assert!(c.pending_in_redis_covers(None, &url_obj(b"h/2", b"old", now - 100)));
-        c.settle_redis_purge(300);
+        c.settle_redis_purge(300, None);
         assert!(c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
-        c.settle_redis_purge(301);
+        c.settle_redis_purge(301, None);
         // h/1, on the floor, still covers it; settled, nothing does.
         assert!(c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
-        c.settle_redis_purge(101);
+        c.settle_redis_purge(101, None);
         assert!(!c.pending_in_redis_covers(None, &url_obj(b"h/p", b"old", now - 100)));
     }
 

@@ -31,6 +31,10 @@
 //!   timer with backoff when the link stayed up (an error answered, the queue full; see
 //!   `SharedLayer::retry_later`); until then the workers take no entry it covers received
 //!   before it (`WorkerCache::pending_in_redis_covers`).
+//! - Entries carry their writer's place in the purge log ([`Heard`]): a host refuses one
+//!   that a purge by prefix or of everything it applied covers, written by a worker that had
+//!   not applied it (its write may have landed after the purge's deletion; such purges are
+//!   not deleted again by the hosts that hear them, unlike those by URL and tag).
 //!
 //! Fleet bound: each host makes at most one fetch per key at a time (coalescing), and a host
 //! that finds the object in Redis makes none; so the origin sees one fetch per object per
@@ -84,8 +88,22 @@ const MAX_TTL_SECS: u64 = 24 * 3600;
 const VALIDATION_SLACK_SECS: u64 = 60;
 /// The entry format's tag. RWC2: a Vary value absent from the request is recorded as
 /// `policy::VARY_ABSENT` (RWC1 recorded it as empty, like an empty field), so RWC1 entries are
-/// refused (a miss) rather than matched the old way.
-const MAGIC: &[u8; 4] = b"RWC2";
+/// refused (a miss) rather than matched the old way. RWC3: RWC2 with the purge log's place
+/// its writer had reached ([`Heard`], after the flags) and a flag for a copy a soft purge
+/// marked stale; an RWC2 entry is read as written before every purge
+/// (`WorkerCache::wide_purge_covers`).
+const MAGIC: &[u8; 4] = b"RWC3";
+/// The tag of the entries of the builds before RWC3 (still read).
+const MAGIC_RWC2: &[u8; 4] = b"RWC2";
+
+/// The place in the purge log that a host's worker had reached when it wrote an entry: the
+/// ID of the last purge of the log it had applied (or the log's place at the host's start,
+/// when it had applied none since), `(0, 0)` when it knows none (and for an entry of an older
+/// build). Every purge of the log up to it was applied by that worker before the write was
+/// queued; a purge by prefix or of everything logged after it that covers the entry may have
+/// been deleted in Redis before the write landed (`WorkerCache::wide_purge_covers`). IDs are
+/// Redis's (the stream's, which only grow), never a host's clock.
+pub type Heard = LogId;
 
 /// Stores an entry with its index sets, and, when it varies, as its variant (RFC 9111 §4.1),
 /// keeping the key's variant list within the cap. KEYS: the key's newest entry (`o:`), the
@@ -102,8 +120,9 @@ const MAGIC: &[u8; 4] = b"RWC2";
 /// entries it already listed (a tag's set lists many URLs), which then outlived their index
 /// and escaped purges. A set's, and the list's, expiry is now only ever lengthened.
 const PUT_LUA: &str = "local ttl = tonumber(ARGV[2]) local nt = tonumber(ARGV[3]) local cap = tonumber(ARGV[4]) local function keep(k) if redis.call('TTL', k) < ttl then redis.call('EXPIRE', k, ttl) end end redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) local url = {KEYS[1]} local tag = {KEYS[1]} if cap > 0 then local vk = KEYS[3 + nt] local list = KEYS[4 + nt] redis.call('SET', vk, ARGV[1], 'EX', ttl) redis.call('LREM', list, 0, vk) redis.call('LPUSH', list, vk) local old = redis.call('LRANGE', list, cap, -1) for _, k in ipairs(old) do redis.call('DEL', k) end redis.call('LTRIM', list, 0, cap - 1) keep(list) url = {KEYS[1], vk, list} tag = {KEYS[1], vk} end redis.call('SADD', KEYS[2], unpack(url)) keep(KEYS[2]) for i = 3, 2 + nt do redis.call('SADD', KEYS[i], unpack(tag)) keep(KEYS[i]) end return 1";
-/// Called once a purge's Redis copies are gone ([`SharedLayer::purge`]).
-pub type PurgeDone = Box<dyn FnOnce() + Send>;
+/// Called once a purge's Redis copies are gone ([`SharedLayer::purge`]), with the ID the
+/// purge log gave it when it was logged by that run (`None`: not logged, or given up).
+pub type PurgeDone = Box<dyn FnOnce(Option<LogId>) + Send>;
 
 /// Most purges a host keeps to send again to Redis ([`SharedLayer::unsent`]); past it they
 /// are folded into one purge of everything ([`SharedLayer::keep_unsent`], counted in
@@ -231,7 +250,7 @@ impl PurgeRun {
         if self.failed.load(Ordering::Relaxed) && !self.log {
             // A heard purge's second deletion is not kept: the purging host keeps its own,
             // and keeping this one would log it again on every host whose Redis fails.
-            self.layer.settle(self.ticket, done);
+            self.layer.settle(self.ticket, done, None);
         } else if self.failed.load(Ordering::Relaxed) {
             self.layer.keep_unsent(Unsent {
                 purge: self.purge.clone(),
@@ -250,7 +269,12 @@ impl PurgeRun {
             self.layer.retry_later();
         } else {
             self.layer.went_through();
-            self.layer.settle(self.ticket, done);
+            // The log's answer: the purge's ID (a PING's answer is none).
+            let logged = match &f {
+                Some(BytesFrame::BulkString(id)) if self.log => parse_log_id(id),
+                _ => None,
+            };
+            self.layer.settle(self.ticket, done, logged);
         }
     }
 }
@@ -326,8 +350,9 @@ impl SharedLayer {
         self.rkey(b"w:", &id)
     }
 
-    /// The variant of each of `keys` that `head` selects (§4.1), in order (`None`: absent,
-    /// bad, or no answer within the timeout). `known[i]`: a variant of `keys[i]` this worker
+    /// The variant of each of `keys` that `head` selects (§4.1), in order, with the place in
+    /// the purge log its writer had reached ([`Heard`]) (`None`: absent, bad, or no answer
+    /// within the timeout). `known[i]`: a variant of `keys[i]` this worker
     /// holds, whose Vary field names name the request's variant at once (one round trip);
     /// otherwise a second round trip asks for the variant that `o:<key>` names, when it is
     /// not the request's. The task sleeps on the worker's doorbell until every answer is in
@@ -339,7 +364,7 @@ impl SharedLayer {
         known: &[Option<&Object>],
         head: &Sent<'_>,
         others: &mut bool,
-    ) -> Vec<Option<Object>> {
+    ) -> Vec<Option<(Object, Heard)>> {
         let deadline = Instant::now() + self.timeout;
         let mut asked: Vec<(usize, Bytes)> = Vec::with_capacity(keys.len() * 2);
         for (i, k) in keys.iter().enumerate() {
@@ -353,7 +378,7 @@ impl SharedLayer {
                 asked.push((i, self.variant_rkey(k, &o.vary, head)));
             }
         }
-        let mut out: Vec<Option<Object>> = keys.iter().map(|_| None).collect();
+        let mut out: Vec<Option<(Object, Heard)>> = keys.iter().map(|_| None).collect();
         let mut again: Vec<(usize, Bytes)> = Vec::new();
         let raw = self.get_raw(bell, asked.iter().map(|(_, k)| k.clone()), deadline);
         // Each entry decoded from a copy of its own: the answer is a slice of the link's read
@@ -367,22 +392,22 @@ impl SharedLayer {
         // received now (the writer's clock a little ahead).
         let now = super::now_secs();
         let own = |b: Bytes| {
-            let mut o = decode(&Bytes::copy_from_slice(&b))?;
+            let (mut o, heard) = decode_heard(&Bytes::copy_from_slice(&b))?;
             if o.t.response_time > now.saturating_add(MAX_CLOCK_AHEAD_SECS) {
                 return None;
             }
             o.t.response_time = o.t.response_time.min(now);
-            Some(o)
+            Some((o, heard))
         };
         for ((i, _), b) in asked.iter().zip(raw.await) {
-            let Some(o) = b.and_then(own) else {
+            let Some((o, heard)) = b.and_then(own) else {
                 continue;
             };
             if out[*i].is_some() {
                 continue;
             }
             if o.vary_matches(head) {
-                out[*i] = Some(o);
+                out[*i] = Some((o, heard));
             } else if !o.vary.is_empty() {
                 *others = true;
                 let rk = self.variant_rkey(keys[*i], &o.vary, head);
@@ -396,7 +421,7 @@ impl SharedLayer {
             let raw = self.get_raw(bell, again.iter().map(|(_, k)| k.clone()), deadline);
             for ((i, _), b) in again.iter().zip(raw.await) {
                 if out[*i].is_none() {
-                    out[*i] = b.and_then(own).filter(|o| o.vary_matches(head));
+                    out[*i] = b.and_then(own).filter(|(o, _)| o.vary_matches(head));
                 }
             }
         }
@@ -455,13 +480,13 @@ impl SharedLayer {
     /// Writes `obj` under `key` (queued; nobody waits for it): as the key's newest entry, and,
     /// when it varies, as its variant too, keeping at most `max_variants` of them (§4.1), with
     /// the index sets that purges by URL and by tag find it through, all in one script
-    /// ([`PUT_LUA`]).
-    pub fn put(&self, key: &[u8], obj: &Object, now: u64, max_variants: usize) {
+    /// ([`PUT_LUA`]). `heard`: the writing worker's place in the purge log ([`Heard`]).
+    pub fn put(&self, key: &[u8], obj: &Object, now: u64, max_variants: usize, heard: Heard) {
         if obj.weight() > self.max_entry {
             return;
         }
         let ttl_s = Bytes::from(expiry(obj, now).to_string());
-        let entry = Bytes::from(encode(obj));
+        let entry = Bytes::from(encode_heard(obj, heard));
         self.sets.fetch_add(1, Ordering::Relaxed);
         let variant = !obj.vary.is_empty();
         let keys = 2 + obj.tags.len() + if variant { 2 } else { 0 };
@@ -559,7 +584,9 @@ impl SharedLayer {
                 if old.len() as u64 > longest {
                     return;
                 }
-                let Some(new) = decode(&Bytes::copy_from_slice(&old)).and_then(|o| update(&o))
+                // The entry's place in the purge log is kept: its content is the writer's.
+                let Some((new, heard)) = decode_heard(&Bytes::copy_from_slice(&old))
+                    .and_then(|(o, heard)| Some((update(&o)?, heard)))
                 else {
                     return;
                 };
@@ -577,7 +604,7 @@ impl SharedLayer {
                 args.extend(new.tags.iter().map(|t| layer.rkey(b"t:", t)));
                 args.extend([
                     old,
-                    Bytes::from(encode(&new)),
+                    Bytes::from(encode_heard(&new, heard)),
                     Bytes::from(expiry(&new, now).to_string()),
                 ]);
                 layer.sets.fetch_add(1, Ordering::Relaxed);
@@ -649,17 +676,18 @@ impl SharedLayer {
             // way that goes: sent, or folded into a purge of everything.
             let layer = Arc::downgrade(self);
             let later = u.done.take();
-            u.done = Some(Box::new(move || {
+            u.done = Some(Box::new(move |logged| {
+                // The earlier is not the one logged: the later covers what it did, and more.
                 match layer.upgrade() {
-                    Some(l) => l.settle(k.ticket, k.done),
+                    Some(l) => l.settle(k.ticket, k.done, None),
                     None => {
                         if let Some(d) = k.done {
-                            d();
+                            d(None);
                         }
                     }
                 }
                 if let Some(d) = later {
-                    d();
+                    d(logged);
                 }
             }));
             q.push_back(u);
@@ -695,7 +723,7 @@ impl SharedLayer {
         self.purges_given_up
             .fetch_add(folded.len() as u64, Ordering::Relaxed);
         for k in folded {
-            self.settle(k.ticket, k.done);
+            self.settle(k.ticket, k.done, None);
         }
     }
 
@@ -750,13 +778,15 @@ impl SharedLayer {
     /// the purging host deleted the copies, reached Redis after that deletion, and every host
     /// took it back from there (found by `tests/fuzz_cache_redis.rs`). This deletion goes on
     /// the same link after that write. Purges by prefix and of everything are not deleted
-    /// again (a `SCAN` of the keys on every host for each). `ticket` and `done` as for
+    /// again (a `SCAN` of the keys on every host for each): the entries carry their writer's
+    /// place in the log ([`Heard`]), and one written before the writer applied such a purge
+    /// that covers it is refused (`WorkerCache::wide_purge_covers`). `ticket` and `done` as for
     /// [`SharedLayer::purge`]; a failure is not kept, only settled.
     pub fn delete_heard(self: &Arc<Self>, p: &Purge, ticket: Option<u64>, done: Option<PurgeDone>) {
         if matches!(p.target, PurgeTarget::Url(_) | PurgeTarget::Tag(_)) {
             self.send_purge_run(p.clone(), ticket, done, false);
         } else {
-            self.settle(ticket, done);
+            self.settle(ticket, done, None);
         }
     }
 
@@ -828,14 +858,15 @@ impl SharedLayer {
     }
 
     /// The purge under `ticket` is done in Redis, or given up: its ticket is closed, then
-    /// `done` called (which tells the workers, [`SharedLayer::settlement`]).
-    fn settle(&self, ticket: Option<u64>, done: Option<PurgeDone>) {
+    /// `done` called (which tells the workers, [`SharedLayer::settlement`]) with the ID the
+    /// purge log gave it (`logged`), when it was logged.
+    fn settle(&self, ticket: Option<u64>, done: Option<PurgeDone>, logged: Option<LogId>) {
         if let Some(n) = ticket {
             let mut t = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
             t.open.remove(&n);
         }
         if let Some(d) = done {
-            d();
+            d(logged);
         }
     }
 
@@ -853,14 +884,14 @@ impl SharedLayer {
         ticket: u64,
     ) -> PurgeDone {
         let layer = Arc::downgrade(self);
-        Box::new(move || {
+        Box::new(move |logged| {
             let Some(l) = layer.upgrade() else { return };
             let below = l.settled_below();
             for i in 0..control.workers() {
                 let posted = control.post(
                     i,
                     Box::new(move |w| {
-                        w.cache.settle_redis_purge(ticket);
+                        w.cache.settle_redis_purge(ticket, logged);
                         w.cache.settle_redis_below(below);
                     }),
                 );
@@ -1189,7 +1220,7 @@ const PURGE_LOG_LUA: &str = "redis.replicate_commands() local id = redis.call('X
 const PURGE_LOG_READ_LUA: &str = "local t = redis.call('GET', KEYS[2]) local e = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2]) local l = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1) local last = false if l[1] then last = l[1][1] end return {t or false, e, last}";
 
 /// A purge log entry's ID: Redis's time in milliseconds, and a sequence within it.
-type LogId = (u64, u64);
+pub type LogId = (u64, u64);
 
 fn parse_log_id(b: &[u8]) -> Option<LogId> {
     let s = std::str::from_utf8(b).ok()?;
@@ -1364,14 +1395,14 @@ impl LogCursor {
         gap
     }
 
-    /// The entries after the cursor, which it moves past.
-    fn take(&mut self, r: LogRead) -> Vec<Bytes> {
+    /// The entries after the cursor, with their IDs, which it moves past.
+    fn take(&mut self, r: LogRead) -> Vec<(LogId, Bytes)> {
         let mut out = Vec::with_capacity(r.entries.len());
         for (id, msg) in r.entries {
             if id > self.at {
                 self.at = id;
                 self.seen = true;
-                out.push(msg);
+                out.push((id, msg));
             }
         }
         out
@@ -1387,9 +1418,14 @@ impl LogCursor {
 /// ticket, and the last of them to apply it has the Redis copies deleted again
 /// ([`SharedLayer::delete_heard`]): every worker's writes of copies from before it are then
 /// queued on the link before that deletion. The listener does not wait for it.
+///
+/// `at`: where the purge stands in the log; each worker moves its place there
+/// (`WorkerCache::heard_in_log`), and remembers a purge by prefix or of everything, whose
+/// copies are not deleted again, for the entries it finds in Redis.
 fn apply_purge(
     control: &Arc<crate::control::Control>,
     p: &Purge,
+    at: LogPlace,
     again: Option<(u64, Arc<SharedLayer>)>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> bool {
@@ -1420,6 +1456,7 @@ fn apply_purge(
                             w.cache.purge_local(&p);
                         }
                     }
+                    w.cache.heard_in_log(at, Some(&p));
                     w.cache.note_redis_pending(again.as_ref().map(|a| a.0), &p);
                     last(&left, &p, &again, c);
                 }),
@@ -1438,6 +1475,37 @@ fn apply_purge(
                 }
                 Ok(()) => break,
             }
+        }
+    }
+    true
+}
+
+/// Where a purge the listener applies stands in the purge log, or where a host's place in it
+/// starts (`WorkerCache::heard_in_log`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogPlace {
+    /// A purge read from the log, with its ID.
+    Entry(LogId),
+    /// The host's start, in Redis's time less the margin ([`LogCursor::start_at_redis_time`]).
+    Start(LogId),
+    /// The host found a gap ([`LogCursor::gap`]): the log's place the cursor moved to.
+    Gap(LogId),
+}
+
+/// Posts every worker the place `place` (a full mailbox waited for); false once `stop` is
+/// set.
+fn post_to_workers(
+    control: &crate::control::Control,
+    stop: &std::sync::atomic::AtomicBool,
+    place: LogPlace,
+) -> bool {
+    for i in 0..control.workers() {
+        let post = || control.post(i, Box::new(move |w| w.cache.heard_in_log(place, None)));
+        while let Err(crate::control::ControlError::Full(_)) = post() {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     true
@@ -1579,6 +1647,7 @@ fn listen(
         }
     }
     if cursor.started.is_some() || !cursor.seen {
+        let first = cursor.started.is_some();
         let Some(f) = call(&[b"TIME"], Duration::ZERO)? else {
             return Ok(());
         };
@@ -1587,6 +1656,11 @@ fn listen(
                 std::io::ErrorKind::InvalidData,
                 "not an answer to TIME",
             ));
+        }
+        // Every purge logged before the host started is behind what its workers fetch: their
+        // place in the log starts there ([`Heard`]; until now it was none).
+        if first && !post_to_workers(control, stop, LogPlace::Start(cursor.at)) {
+            return Ok(());
         }
     }
     let count = (PURGE_LOG_READ + 1).to_string();
@@ -1627,7 +1701,9 @@ fn listen(
                 target: PurgeTarget::All,
                 soft: false,
             };
-            if !apply_purge(control, &all, None, stop) {
+            // At the log's place the cursor moved to: the purges it lost are not known.
+            let at = LogPlace::Gap(cursor.at);
+            if !apply_purge(control, &all, at, None, stop) {
                 return Ok(());
             }
         }
@@ -1643,12 +1719,12 @@ fn listen(
         } else {
             stalls = 0;
         }
-        for m in &msgs {
+        for (id, m) in &msgs {
             if let Some(p) = decode_purge(m) {
                 layer.purges_heard.fetch_add(1, Ordering::Relaxed);
                 let again = matches!(p.target, PurgeTarget::Url(_) | PurgeTarget::Tag(_))
                     .then(|| (layer.purge_ticket(), layer.clone()));
-                if !apply_purge(control, &p, again, stop) {
+                if !apply_purge(control, &p, LogPlace::Entry(*id), again, stop) {
                     return Ok(());
                 }
             }
@@ -1695,12 +1771,24 @@ fn put_lv(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// An object as it is written to Redis.
+/// An object as it is written to Redis, by a writer at no known place in the purge log.
 pub fn encode(o: &Object) -> Vec<u8> {
-    let mut out = Vec::with_capacity(o.weight() as usize + 64);
+    encode_heard(o, (0, 0))
+}
+
+/// An object as it is written to Redis by a worker at `heard` in the purge log ([`Heard`]).
+/// A copy a soft purge marked stale says so (RFC 9111 §4.4: another host takes it stale).
+pub fn encode_heard(o: &Object, heard: Heard) -> Vec<u8> {
+    let mut out = Vec::with_capacity(o.weight() as usize + 80);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&o.status.to_be_bytes());
-    out.push(u8::from(o.t.no_stale) | (u8::from(o.t.always_validate) << 1));
+    out.push(
+        u8::from(o.t.no_stale)
+            | (u8::from(o.t.always_validate) << 1)
+            | (u8::from(o.invalid.get()) << 2),
+    );
+    out.extend_from_slice(&heard.0.to_be_bytes());
+    out.extend_from_slice(&heard.1.to_be_bytes());
     for v in [
         o.t.response_time,
         o.t.initial_age,
@@ -1774,12 +1862,21 @@ impl Reader<'_> {
     }
 }
 
-/// An entry read back from Redis; `None` when it is not one this version wrote whole.
+/// An entry read back from Redis; `None` when it is not one this version (or the one before,
+/// RWC2) wrote whole.
 pub fn decode(b: &Bytes) -> Option<Object> {
+    decode_heard(b).map(|(o, _)| o)
+}
+
+/// [`decode`], with the place in the purge log its writer had reached ([`Heard`]; `(0, 0)`
+/// for an RWC2 entry, which does not say).
+pub fn decode_heard(b: &Bytes) -> Option<(Object, Heard)> {
     let mut r = Reader { b, at: 0 };
-    if r.take(4)? != MAGIC {
-        return None;
-    }
+    let rwc3 = match r.take(4)? {
+        m if m == MAGIC => true,
+        m if m == MAGIC_RWC2 => false,
+        _ => return None,
+    };
     let st = r.take(2)?;
     let status = u16::from_be_bytes([st[0], st[1]]);
     // The statuses `serve::screen` lets the cache store: never 206 or 304.
@@ -1787,10 +1884,11 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         return None;
     }
     let flags = r.take(1)?[0];
-    // Only the two flags this version writes.
-    if flags > 3 {
+    // Only the flags the version writes: two in RWC2, three in RWC3.
+    if flags > if rwc3 { 7 } else { 3 } {
         return None;
     }
+    let heard = if rwc3 { (r.u64()?, r.u64()?) } else { (0, 0) };
     let t = Timing {
         response_time: r.u64()?,
         initial_age: r.u64()?,
@@ -1850,7 +1948,7 @@ pub fn decode(b: &Bytes) -> Option<Object> {
     if r.at != b.len() {
         return None;
     }
-    Some(Object {
+    let o = Object {
         status,
         reason,
         fields,
@@ -1859,9 +1957,10 @@ pub fn decode(b: &Bytes) -> Option<Object> {
         url,
         tags,
         vary,
-        invalid: std::cell::Cell::new(false),
+        invalid: std::cell::Cell::new(flags & 4 != 0),
         born: std::cell::Cell::new(0),
-    })
+    };
+    Some((o, heard))
 }
 
 #[cfg(test)]
@@ -1929,7 +2028,7 @@ mod tests {
             l.keep_unsent(Unsent {
                 purge: p,
                 ticket: Some(ticket),
-                done: Some(Box::new(move || {
+                done: Some(Box::new(move |_| {
                     d.fetch_add(1, Ordering::Relaxed);
                 })),
             });
@@ -1989,7 +2088,7 @@ mod tests {
             l.keep_unsent(Unsent {
                 purge: p.clone(),
                 ticket: Some(t),
-                done: Some(Box::new(move || o.lock().expect("lock").push(t))),
+                done: Some(Box::new(move |_| o.lock().expect("lock").push(t))),
             });
         }
         assert_eq!(l.unsent_purges(), 1);
@@ -1998,7 +2097,7 @@ mod tests {
         // The later one goes through (as `PurgeRun::finish` settles it): both are settled,
         // the earlier first, and every ticket is closed.
         let k = l.unsent.lock().expect("lock").pop_front().expect("kept");
-        l.settle(k.ticket, k.done);
+        l.settle(k.ticket, k.done, None);
         assert_eq!(*order.lock().expect("lock"), vec![first, second]);
         assert_eq!(l.settled_below(), second + 1);
     }
@@ -2154,7 +2253,7 @@ mod tests {
             ticket: Some(1),
             ups: link.ups(),
             failed: AtomicBool::new(false),
-            done: Mutex::new(Some(Box::new(move || {
+            done: Mutex::new(Some(Box::new(move |_| {
                 let _ = done_tx.send(());
             }))),
             log: true,
@@ -2685,5 +2784,37 @@ mod tests {
         }
         o2.fields = Fields::from_pairs([(&b"x_length"[..], &b"7"[..])]).expect("fits");
         assert!(decode(&Bytes::from(encode(&o2))).is_some());
+    }
+
+    /// RWC3 carries its writer's place in the purge log and the stale mark of a soft purge;
+    /// an RWC2 entry (the builds before) is still read, at no place (before every purge).
+    #[test]
+    fn entries_carry_their_place_in_the_purge_log_and_older_ones_are_read() {
+        let o = Object {
+            status: 200,
+            reason: Bytes::from_static(b"OK"),
+            body: Bytes::from_static(b"hello"),
+            url: b"h/a".to_vec().into(),
+            ..Object::default()
+        };
+        let enc = Bytes::from(encode_heard(&o, (1_700_000_000_123, 4)));
+        let (d, heard) = decode_heard(&enc).expect("decodes");
+        assert_eq!(heard, (1_700_000_000_123, 4));
+        assert!(!d.invalid.get());
+        o.invalid.set(true);
+        let (d, _) = decode_heard(&Bytes::from(encode_heard(&o, (1, 0)))).expect("decodes");
+        assert!(d.invalid.get(), "a soft-purged copy stays stale");
+        // The same entry as RWC2 wrote it: no place, two flags.
+        o.invalid.set(false);
+        let mut old = enc.to_vec();
+        old[..4].copy_from_slice(MAGIC_RWC2);
+        old.drain(7..23);
+        let (d, heard) = decode_heard(&Bytes::from(old.clone())).expect("an RWC2 entry");
+        assert_eq!((heard, &d.body[..]), ((0, 0), &b"hello"[..]));
+        old[6] = 4;
+        assert!(
+            decode_heard(&Bytes::from(old)).is_none(),
+            "no third flag in RWC2"
+        );
     }
 }

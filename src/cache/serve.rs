@@ -1002,7 +1002,8 @@ async fn from_shared(
         url = k;
     }
     for (k, o) in ks.iter().zip(got) {
-        let Some(o) = o.filter(|o| o.vary_matches(sent) && o.url[..] == url[..]) else {
+        let Some((o, heard)) = o.filter(|(o, _)| o.vary_matches(sent) && o.url[..] == url[..])
+        else {
             continue;
         };
         // Not older than the copy held here: one from the same second may be that copy
@@ -1012,6 +1013,14 @@ async fn from_shared(
             || cache.pending_in_redis_covers(pending.as_deref(), &o)
         {
             continue;
+        }
+        // Written by a worker that had not applied a purge by prefix or of everything that
+        // covers it (its write may have landed after the purge deleted the copies, §4.4):
+        // refused after a hard one, stale after a soft one.
+        match cache.wide_purge_covers(&o, heard) {
+            None => {}
+            Some(true) => o.invalid.set(true),
+            Some(false) => continue,
         }
         let mut o = o;
         drop_forged_stored(p, &mut o.fields);
