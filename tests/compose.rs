@@ -1816,3 +1816,48 @@ fn shaped_and_unshaped_calls_hold_a_hostile_answer_to_the_same_rules_rfc8259() {
         }
     }
 }
+
+#[test]
+fn a_shared_get_cut_short_by_one_calls_timeout_is_made_again_for_a_call_with_time_left() {
+    // README "API composition": each call has its own `timeout`, and identical GETs are made
+    // once. The call with the short timeout (optional, declared first) made the shared request;
+    // when its 100 ms ran out, the required call with the route's 10 s deadline took that
+    // timeout as its own answer: 504 naming "main", which had 9.9 s left.
+    // The upstream holds the first request until a second one arrives (5 s at most).
+    let arrived = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let a2 = arrived.clone();
+    let up = Upstream::start(move |_| {
+        let (m, cv) = &*a2;
+        let mut n = m.lock().unwrap();
+        *n += 1;
+        cv.notify_all();
+        let _ = cv
+            .wait_timeout_while(n, Duration::from_secs(5), |n| *n < 2)
+            .unwrap();
+        Reply::Raw(json_ok(r#"{"v": 1}"#))
+    });
+    let routes = r#"
+[[routes]]
+path = "/shared"
+[routes.compose]
+[[routes.compose.calls]]
+id = "quick"
+upstream = "up"
+path = "/v"
+timeout = "100ms"
+required = false
+into = "quick"
+[[routes.compose.calls]]
+id = "main"
+upstream = "up"
+path = "/v"
+into = "main"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/shared");
+    assert_eq!(r.status, 200, "{}", r.text());
+    check_framing(&r);
+    assert_eq!(r.json(), json!({"main": {"v": 1}}));
+    assert_eq!(r.header("ringway-partial"), Some("quick"));
+    assert_eq!(up.hits(), 2);
+}

@@ -123,10 +123,14 @@ struct CallOut {
 }
 
 /// A sub-request that identical GETs of the same client request share.
-#[derive(Default)]
 struct Slot {
     done: RefCell<Option<Result<Rc<Fetched>, Fail>>>,
     notify: Notify,
+    /// The deadline of the call that makes it: a call with a later one does not take its
+    /// running out of time for an answer (see [`Env::fetch`]).
+    deadline: Instant,
+    /// It ended by running into that deadline.
+    cut_short: Cell<bool>,
 }
 
 /// A rendered sub-request.
@@ -665,14 +669,27 @@ impl<'a> Env<'a> {
                 }
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            return match monoio::time::timeout(left, wait).await {
+            let r = match monoio::time::timeout(left, wait).await {
                 Ok(r) => r,
                 Err(_) => Err(timeout_fail()),
             };
+            // The shared request ran out of the time its maker had (a call with a shorter
+            // `timeout`): that is no answer to this call, which has time left and makes the
+            // request itself (and shares it from now on). Any other outcome is shared.
+            if !(slot.cut_short.get() && slot.deadline < deadline && Instant::now() < deadline) {
+                return r;
+            }
         }
-        let slot = Rc::new(Slot::default());
+        let slot = Rc::new(Slot {
+            done: RefCell::new(None),
+            notify: Notify::default(),
+            deadline,
+            cut_short: Cell::new(false),
+        });
         self.dedup.borrow_mut().insert(key, slot.clone());
         let r = self.fetch_now(call, req, deadline).await.map(Rc::new);
+        slot.cut_short
+            .set(matches!(&r, Err(f) if f.timeout) && Instant::now() >= deadline);
         *slot.done.borrow_mut() = Some(r.clone());
         slot.notify.notify_all();
         r
