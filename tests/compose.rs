@@ -1861,3 +1861,58 @@ into = "main"
     assert_eq!(r.header("ringway-partial"), Some("quick"));
     assert_eq!(up.hits(), 2);
 }
+
+#[test]
+fn a_call_header_never_doubles_a_field_the_gateway_writes_rfc9110_5_3() {
+    // RFC 9110 §5.3: a sender must not generate several field lines of a field that is not
+    // a list. A call's `content-type` went out beside the gateway's `application/json`, and
+    // a call's `x-request-id`, `traceparent`, `tracestate` or identity header beside the
+    // gateway's copy (an upstream reading the first line took the call's).
+    let up = json_echo();
+    let routes = r#"
+[[routes]]
+path = "/patch"
+[routes.compose]
+[[routes.compose.calls]]
+id = "p"
+upstream = "up"
+method = "PATCH"
+path = "/p"
+headers = { "content-type" = "application/merge-patch+json" }
+body = '{"a": 1}'
+into = "p"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/patch");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = up.last();
+    assert_eq!(
+        req.headers_named("content-type"),
+        vec!["application/merge-patch+json"]
+    );
+    assert_eq!(req.headers_named("content-length"), vec!["8"]);
+    let route = |name: &str| {
+        format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"a\"\n\
+             upstream = \"u\"\npath = \"/a\"\nheaders = {{ \"{name}\" = \"v\" }}\n"
+        )
+    };
+    for name in ["X-Request-Id", "traceparent", "tracestate"] {
+        refused(
+            &route(name),
+            7,
+            "routes[0].compose.calls[0].headers",
+            "is set by the gateway",
+        );
+    }
+    let auth = "[auth.jwt.main]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+                forward_claims = { sub = \"x-user-id\" }\n";
+    for name in ["x-user-id", "X-Consumer"] {
+        refused(
+            &format!("{auth}{}", route(name)),
+            10,
+            "routes[0].compose.calls[0].headers",
+            "identity header",
+        );
+    }
+}

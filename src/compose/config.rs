@@ -269,9 +269,14 @@ pub struct ComposeError {
 }
 
 /// Header fields a call may not set: the framing and connection fields are the gateway's
-/// (RFC 9112 §6, RFC 9110 §7.6.1), and Host is the endpoint's.
+/// (RFC 9112 §6, RFC 9110 §7.6.1), Host is the endpoint's, and the request id and trace
+/// context go with every call from the client request (W3C Trace Context §3): a call's own
+/// would be a second field line of a field that has one value (RFC 9110 §5.3).
 const OWNED_HEADERS: &[&str] = &[
     "host",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
     "content-length",
     "transfer-encoding",
     "connection",

@@ -730,6 +730,9 @@ impl<'a> Env<'a> {
         };
         let body = req.body.unwrap_or_default();
         let has_body = !body.is_empty() || !call.safe();
+        // A call's own Content-Type (a `+json` type, say) replaces the gateway's: one field
+        // line (RFC 9110 §8.3 gives it one value).
+        let own_type = call.headers.iter().any(|(n, _)| n == "content-type");
         let blen = body.len();
         let mut down = InMemory(Bytes::from(body));
         let mut ubuf = self.w.bufs.take();
@@ -760,7 +763,10 @@ impl<'a> Env<'a> {
                 out.put_slice(b"\r\n");
                 out.put_slice(&req.headers);
                 if has_body {
-                    out.put_slice(b"content-type: application/json\r\ncontent-length: ");
+                    if !own_type {
+                        out.put_slice(b"content-type: application/json\r\n");
+                    }
+                    out.put_slice(b"content-length: ");
                     crate::http::encode::put_u64(out, blen as u64);
                     out.put_slice(b"\r\n");
                 }
