@@ -1609,8 +1609,10 @@ fn answers_passed_on_unshaped_are_held_to_the_json_depth_cap() {
     // written as sent (here only `into`) was validated without that cap: 5000 levels passed
     // with 200 where a deep-merged route gave 502.
     let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    // 126: under `into`, the composed answer is 127 deep (see
+    // `the_composed_answer_nests_no_deeper_than_the_answers_may`).
     let (ok_doc, deep_doc) = (
-        deep(127),
+        deep(126),
         format!(r#"{{"s": "[[[[", "d": {}}}"#, deep(5000)),
     );
     let up = Upstream::start(move |req| {
@@ -1636,7 +1638,7 @@ fn answers_passed_on_unshaped_are_held_to_the_json_depth_cap() {
     assert_eq!(r.status, 502, "{}", &r.text()[..200.min(r.body.len())]);
     assert_eq!(r.json()["call"], "a");
     assert!(
-        r.text().contains("nested more than 127 levels"),
+        r.text().contains("nested more than 126 levels"),
         "{}",
         r.text()
     );
@@ -1914,5 +1916,79 @@ into = "p"
             "routes[0].compose.calls[0].headers",
             "identity header",
         );
+    }
+}
+
+#[test]
+fn the_composed_answer_nests_no_deeper_than_the_answers_may() {
+    // README "API composition / Limits": an answer may nest 127 levels (serde_json's
+    // recursion limit of 128). The composed answer wraps it in more (the root object under
+    // `into`, `wrap`, a join's items): an answer 127 deep under `into` gave a 200 whose body
+    // serde_json (the gateway's own parser, as a client or as another composition's upstream)
+    // refuses as too deep. Each answer, composed or refused, must stay parseable.
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let up = Upstream::start(move |req| {
+        let (kind, n) = req.target[1..].split_once('/').unwrap();
+        let n: usize = n.parse().unwrap();
+        Reply::Raw(json_ok(&match kind {
+            "items" => r#"{"items": [{"id": 1}]}"#.to_string(),
+            "product" => format!(r#"[{{"id": 1, "d": {}}}]"#, deep(n)),
+            _ => deep(n),
+        }))
+    });
+    let routes = r#"
+[[routes]]
+path_regex = "^/into/(?P<n>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "up"
+path = "/doc/${request.path.n}"
+into = "a"
+
+[[routes]]
+path_regex = "^/wrap/(?P<n>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "up"
+path = "/doc/${request.path.n}"
+into = "a"
+wrap = "w"
+
+[[routes]]
+path_regex = "^/join/(?P<n>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "src"
+upstream = "up"
+path = "/items/0"
+into = "src"
+[[routes.compose.calls]]
+id = "p"
+upstream = "up"
+path = "/product/${request.path.n}"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/items/*/id}"
+join = { key = "id", into = "product" }
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let depth_ok = |r: &Resp| serde_json::from_slice::<Value>(&r.body).is_ok();
+    for (route, fits, over) in [("into", 126, 127), ("wrap", 125, 126), ("join", 121, 127)] {
+        let r = get(gw.addr, &format!("/{route}/{fits}"));
+        assert_eq!(r.status, 200, "{route} {fits}");
+        assert!(
+            depth_ok(&r),
+            "{route} {fits}: the composed answer is too deep to parse"
+        );
+        let r = get(gw.addr, &format!("/{route}/{over}"));
+        assert_eq!(
+            r.status,
+            502,
+            "{route} {over}: {}",
+            &r.text()[..200.min(r.body.len())]
+        );
+        assert!(depth_ok(&r));
+        assert!(r.text().contains("nested more than"), "{}", r.text());
     }
 }

@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use crate::config::{ByteSize, Dur, HeaderName};
 
+use super::exec::MAX_JSON_DEPTH;
 use super::template::{self, check_pointer, Ref, Scope, Template};
 
 /// Most calls in one composition.
@@ -224,6 +225,9 @@ pub struct Call {
     /// Its answer is parsed into a JSON tree: something refers into it, shapes it or deep-merges
     /// it. Otherwise it is only validated and its bytes are spliced into the answer.
     pub tree: bool,
+    /// How deep its answer may nest: [`MAX_JSON_DEPTH`] less the levels the composed answer
+    /// places it under, so that the composed answer keeps to the limit answers are held to.
+    pub max_depth: usize,
 }
 
 impl Call {
@@ -691,6 +695,7 @@ impl Plan {
                 deps,
                 last: false,
                 tree: false,
+                max_depth: MAX_JSON_DEPTH,
             });
         }
         // A call with side effects is the last step: nothing may depend on it, there is at
@@ -763,6 +768,24 @@ impl Plan {
         }
         for (call, t) in calls.iter_mut().zip(tree) {
             call.tree = t;
+        }
+        // The composed answer is JSON a client parses, held to the limit the answers are: the
+        // root object (under `into`), `wrap`, a `for_each`'s array of results, and for a join
+        // the source's own levels, the pointer to its array, the array and the item, are
+        // taken off what an answer may nest (`extract` and `flatten` are not counted back).
+        let placed = |s: &Shape| usize::from(s.into.is_some()) + usize::from(s.wrap.is_some());
+        let under: Vec<usize> = calls
+            .iter()
+            .map(|call| match &call.for_each {
+                Some(fe) if fe.join.is_some() => {
+                    placed(&calls[fe.source].shape) + fe.array.matches('/').count() + 2
+                }
+                Some(_) => placed(&call.shape) + 1,
+                None => placed(&call.shape),
+            })
+            .collect();
+        for (call, u) in calls.iter_mut().zip(under) {
+            call.max_depth = MAX_JSON_DEPTH.saturating_sub(u);
         }
         Ok(Plan {
             calls,

@@ -1188,7 +1188,8 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
             "its answer is not JSON (content-type {t})"
         )));
     } else {
-        check_json(&f.body).map_err(|e| Fail::new(format!("its answer is not JSON ({e})")))?;
+        check_json(&f.body, call.max_depth)
+            .map_err(|e| Fail::new(format!("its answer is not JSON ({e})")))?;
         if call.tree {
             // Cannot fail where `check_json` passed (the same parser, the same limits); the
             // error is kept rather than assumed away.
@@ -1227,11 +1228,17 @@ fn media_type(v: &[u8]) -> &[u8] {
 /// nesting within serde_json's limit ([`MAX_JSON_DEPTH`]); and member names unique within
 /// each object (§4: with duplicates, one parser takes the first and another the last, so an
 /// answer written as sent could mean one thing to the gateway and another to the client).
-fn check_json(b: &[u8]) -> Result<(), String> {
+fn check_json(b: &[u8], max_depth: usize) -> Result<(), String> {
     // A first pass with a message that names the limit, and before serde_json's own
     // recursion is spent on a deep document.
-    if nested_deeper(b, MAX_JSON_DEPTH) {
-        return Err(format!("nested more than {MAX_JSON_DEPTH} levels"));
+    if nested_deeper(b, max_depth) {
+        return Err(if max_depth < MAX_JSON_DEPTH {
+            format!(
+                "nested more than {max_depth} levels: where the call puts it, the composed answer would nest more than {MAX_JSON_DEPTH}"
+            )
+        } else {
+            format!("nested more than {max_depth} levels")
+        });
     }
     std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}"))?;
     serde_json::from_slice::<Checked>(b)
