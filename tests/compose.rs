@@ -1992,3 +1992,75 @@ join = { key = "id", into = "product" }
         assert!(r.text().contains("nested more than"), "{}", r.text());
     }
 }
+
+#[test]
+fn an_integer_past_64_bits_is_not_passed_on_rounded_rfc8259_6() {
+    // RFC 8259 §6: integers past 2^53 are not exact in a double. serde_json holds one past 64
+    // bits as a double: `18446744073709551616` and `...617` both became
+    // `1.8446744073709552e19`, so the two ids were de-duplicated into one, fetched as
+    // `?id=1.8446744073709552e%2B19`, and the one result joined into both items; a path
+    // template sent `/p/1.2345678901234568e%2B29` for 123456789012345678901234567890.
+    let up = Upstream::start(|req| {
+        Reply::Raw(json_ok(match req.target.as_str() {
+            "/src" => {
+                r#"{"items": [{"id": 18446744073709551616}, {"id": 18446744073709551617}], "big": 123456789012345678901234567890, "ok": 18446744073709551615}"#
+            }
+            _ => r#"[{"id": 1, "v": "x"}]"#,
+        }))
+    });
+    let routes = r#"
+[[routes]]
+path = "/c"
+[routes.compose]
+errors_field = true
+[[routes.compose.calls]]
+id = "src"
+upstream = "up"
+path = "/src"
+pick = ["ok"]
+into = "src"
+[[routes.compose.calls]]
+id = "each"
+upstream = "up"
+path = "/each"
+required = false
+into = "each"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/items/*/id}"
+batch = 10
+batch_param = "id"
+[[routes.compose.calls]]
+id = "path"
+upstream = "up"
+path = "/p/${calls.src.body/big}"
+required = false
+into = "path"
+[[routes.compose.calls]]
+id = "exact"
+upstream = "up"
+path = "/e/${calls.src.body/ok}"
+into = "exact"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/c");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("ringway-partial"),
+        Some("each,path"),
+        "{}",
+        r.text()
+    );
+    let j = r.json();
+    for e in j["_errors"].as_array().unwrap() {
+        assert!(e["reason"].as_str().unwrap().contains("RFC 8259 §6"), "{e}");
+    }
+    // A 64-bit integer is exact, and goes on as written.
+    assert!(up
+        .targets()
+        .contains(&"/e/18446744073709551615".to_string()));
+    assert!(
+        !up.targets().iter().any(|t| t.contains("e%2B")),
+        "{:?}",
+        up.targets()
+    );
+}

@@ -298,6 +298,7 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
             // Writing a string into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &*s);
         }
+        (Val::Json(j), _) if inexact(&j) => return Err(INEXACT.into()),
         (Val::Json(j), Ctx::Json) => {
             let _ = serde_json::to_writer(&mut *out, &*j);
         }
@@ -323,6 +324,23 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// Why a number in [`inexact`] cannot be passed on.
+pub const INEXACT: &str = "a value is a whole number beyond 2^53 held as a double (an integer past 64 bits, or one with an exponent), which is not exact (RFC 8259 §6): passed on, it would be another number";
+
+/// A number that serde_json holds as a double although it is a whole number beyond 2^53: an
+/// integer literal beyond 64 bits (or one in exponent form). Written again it is another
+/// number (`18446744073709551617` becomes `1.8446744073709552e19`), which would name another
+/// resource, or make two ids one.
+pub fn inexact(v: &Value) -> bool {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => n
+            .as_f64()
+            .is_some_and(|f| f.fract() == 0.0 && f.abs() >= EXACT),
+        _ => false,
+    }
 }
 
 /// A scalar as text (strings unquoted, null empty); `None` for objects and arrays.
