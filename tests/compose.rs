@@ -2064,3 +2064,59 @@ into = "exact"
         up.targets()
     );
 }
+
+#[test]
+fn errors_field_owns_the_errors_member() {
+    // README "Failures": with `errors_field = true` the answer lists failed calls in
+    // `_errors`. An answer merged at the root with its own `_errors` member passed it on as
+    // the gateway's list when no call failed (`{"_errors": "upstream's", "u": 1}`), and was
+    // silently replaced by the list when one did.
+    let up = Upstream::start(|req| {
+        Reply::Raw(match req.target.as_str() {
+            "/own" => json_ok(r#"{"_errors": ["upstream's"], "u": 1}"#),
+            "/plain" => json_ok(r#"{"p": 1}"#),
+            _ => json_status(500, "{}"),
+        })
+    });
+    let routes = r#"
+[[routes]]
+path = "/e"
+[routes.compose]
+errors_field = true
+[[routes.compose.calls]]
+id = "own"
+upstream = "up"
+path = "/own"
+required = false
+[[routes.compose.calls]]
+id = "plain"
+upstream = "up"
+path = "/plain"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/e");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("ringway-partial"), Some("own"));
+    let j = r.json();
+    assert_eq!(j["p"], 1);
+    assert_eq!(j["_errors"][0]["call"], "own", "{j}");
+    assert!(j.get("u").is_none(), "{j}");
+    let route = |more: &str| {
+        format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\nerrors_field = true\n\
+             [[routes.compose.calls]]\nid = \"a\"\nupstream = \"u\"\npath = \"/a\"\n{more}"
+        )
+    };
+    refused(
+        &route("into = \"_errors\"\n"),
+        8,
+        "routes[0].compose.calls[0].into",
+        "errors_field",
+    );
+    refused(
+        &route("required = false\nfallback = { _errors = 1 }\n"),
+        9,
+        "routes[0].compose.calls[0].fallback",
+        "errors_field",
+    );
+}

@@ -521,6 +521,26 @@ impl Plan {
                     ));
                 }
             }
+            // The gateway's list of failed calls owns `_errors` at the top level.
+            let top = match (&cc.into, &cc.wrap) {
+                (Some(k), _) | (None, Some(k)) => k == super::exec::ERRORS_FIELD,
+                (None, None) => fallback
+                    .as_ref()
+                    .is_some_and(|f| f.get(super::exec::ERRORS_FIELD).is_some()),
+            };
+            if c.errors_field && top {
+                let f = match (&cc.into, &cc.wrap) {
+                    (Some(_), _) => "into",
+                    (None, Some(_)) => "wrap",
+                    (None, None) => "fallback",
+                };
+                return Err(fail(
+                    k(f),
+                    at.clone(),
+                    Some(f),
+                    "\"_errors\" is where errors_field lists the failed calls".into(),
+                ));
+            }
             let mut deps: Vec<usize> = Vec::new();
             let mut add_deps = |t: &Template| {
                 for r in t.refs() {

@@ -58,6 +58,9 @@ pub const MAX_JSON_DEPTH: usize = 127;
 /// 407 Proxy-Authenticate (§11.7.1, §15.5.8).
 pub const FIELDS_WITH_STATUS: [&str; 3] = ["www-authenticate", "allow", "proxy-authenticate"];
 
+/// The member of the answer that lists failed calls, with `errors_field = true`.
+pub const ERRORS_FIELD: &str = "_errors";
+
 /// A composed answer (or a composition's error answer), written by `Conn::finish`.
 #[derive(Debug)]
 pub struct Composed {
@@ -1030,6 +1033,17 @@ impl<'a> Env<'a> {
                     }
                 }
             }
+            // With `errors_field`, `_errors` is the gateway's list of failed calls: an
+            // answer's own member of that name would be taken for it (or silently replaced).
+            if fail.is_none()
+                && self.plan.errors_field
+                && entries.iter().any(|(k, _)| k == ERRORS_FIELD)
+            {
+                entries.clear();
+                fail = Some(Fail::new(
+                    "its answer has a top-level member \"_errors\", the name errors_field gives the list of failed calls",
+                ));
+            }
             if let Some(f) = fail {
                 if c.required {
                     return self.call_error(i, f, ids);
@@ -1065,7 +1079,7 @@ impl<'a> Env<'a> {
             }
         };
         if self.plan.errors_field && !errors.is_empty() {
-            root.insert("_errors".into(), Piece::Tree(Value::Array(errors)));
+            root.insert(ERRORS_FIELD.into(), Piece::Tree(Value::Array(errors)));
         }
         let mut headers = Vec::new();
         if !partial.is_empty() {
