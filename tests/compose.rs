@@ -2120,3 +2120,63 @@ path = "/plain"
         "errors_field",
     );
 }
+
+#[test]
+fn route_response_headers_decide_the_fields_they_name_rfc9110_5_3() {
+    // A route's `response_headers` decide a field they name, as on a proxied answer. On a
+    // composed answer they were added after the gateway's own lines: `set content-type`
+    // gave two Content-Type lines (the gateway's application/json first), `set` of
+    // ringway-partial or date a second line, and `remove = ["ringway-partial"]` removed nothing.
+    let up = Upstream::start(|req| {
+        Reply::Raw(match req.target.as_str() {
+            "/a" => json_ok(r#"{"a": 1}"#),
+            _ => json_status(500, "{}"),
+        })
+    });
+    let routes = r#"
+[[routes]]
+path = "/set"
+response_headers = { set = { "content-type" = "application/hal+json", "ringway-partial" = "hidden", "date" = "Thu, 01 Jan 2026 00:00:00 GMT" } }
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "up"
+path = "/a"
+into = "a"
+[[routes.compose.calls]]
+id = "b"
+upstream = "up"
+path = "/b"
+required = false
+into = "b"
+
+[[routes]]
+path = "/remove"
+response_headers = { remove = ["ringway-partial"] }
+[routes.compose]
+[[routes.compose.calls]]
+id = "b"
+upstream = "up"
+path = "/b"
+required = false
+into = "b"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/set");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let named = |r: &Resp, n: &str| {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named(&r, "content-type"), vec!["application/hal+json"]);
+    assert_eq!(named(&r, "ringway-partial"), vec!["hidden"]);
+    assert_eq!(named(&r, "date"), vec!["Thu, 01 Jan 2026 00:00:00 GMT"]);
+    assert_eq!(r.json(), json!({"a": {"a": 1}}));
+    let r = get(gw.addr, "/remove");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(named(&r, "ringway-partial").is_empty(), "{r:?}");
+    check_framing(&r);
+}

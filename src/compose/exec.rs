@@ -72,6 +72,10 @@ pub struct Composed {
     /// For a failed composition, its error kind (`compose_call_failed`, ...: a
     /// [`crate::metrics::ERROR_KINDS`] entry), counted and logged like a gateway error.
     pub kind: Option<&'static str>,
+    /// The route's `response_headers` decide Content-Type: the gateway writes none.
+    pub own_type: bool,
+    /// The same for Date (RFC 9110 §6.6.1).
+    pub own_date: bool,
 }
 
 /// Why a call failed, in words for the answer.
@@ -252,8 +256,22 @@ pub async fn run(
         trace: std::str::from_utf8(&trace_id).unwrap_or(""),
     };
     let mut out = env.assemble(fails, &ids);
+    // The route's `response_headers` decide the fields they name (as on a proxied answer): the
+    // gateway's own line of such a field (`ringway-partial`, a passed status's
+    // `www-authenticate`, Content-Type) is left out, not doubled (RFC 9110 §5.3).
+    let rules = &route.response_headers;
+    let mut kept = Vec::with_capacity(out.headers.len());
+    for line in out.headers.split_inclusive(|b| *b == b'\n') {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        if !rules.decides(name) {
+            kept.extend_from_slice(line);
+        }
+    }
+    out.headers = kept;
+    out.own_type = rules.decides(b"content-type");
+    out.own_date = rules.decides(b"date");
     let mut h = BytesMut::new();
-    route.response_headers.put(&mut h);
+    rules.put(&mut h);
     out.headers.extend_from_slice(&h);
     out
 }
@@ -1096,6 +1114,8 @@ impl<'a> Env<'a> {
             body,
             headers,
             kind: None,
+            own_type: false,
+            own_date: false,
         }
     }
 
@@ -1163,6 +1183,8 @@ fn json_answer(status: u16, v: &Value, headers: Vec<u8>) -> Composed {
         body,
         headers,
         kind,
+        own_type: false,
+        own_date: false,
     }
 }
 
