@@ -1854,13 +1854,19 @@ id = "main"
 upstream = "up"
 path = "/v"
 into = "main"
+[[routes.compose.calls]]
+id = "also"
+upstream = "up"
+path = "/v"
+into = "also"
 "#;
     let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
     let r = get(gw.addr, "/shared");
     assert_eq!(r.status, 200, "{}", r.text());
     check_framing(&r);
-    assert_eq!(r.json(), json!({"main": {"v": 1}}));
+    assert_eq!(r.json(), json!({"main": {"v": 1}, "also": {"v": 1}}));
     assert_eq!(r.header("ringway-partial"), Some("quick"));
+    // Made again once, and shared by both calls with time left.
     assert_eq!(up.hits(), 2);
 }
 

@@ -679,8 +679,12 @@ impl<'a> Env<'a> {
         key.extend_from_slice(&req.target);
         key.push(b'\n');
         key.extend_from_slice(&req.headers);
-        let existing = self.dedup.borrow().get(&key).cloned();
-        if let Some(slot) = existing {
+        // A slot cut short by its maker's deadline may have been made again by a call with
+        // more time: each newer slot has a later deadline, so this ends.
+        loop {
+            // (A statement of its own: the map is not borrowed across the wait.)
+            let existing = self.dedup.borrow().get(&key).cloned();
+            let Some(slot) = existing else { break };
             let wait = async {
                 loop {
                     if let Some(r) = slot.done.borrow().clone() {
@@ -696,9 +700,17 @@ impl<'a> Env<'a> {
             };
             // The shared request ran out of the time its maker had (a call with a shorter
             // `timeout`): that is no answer to this call, which has time left and makes the
-            // request itself (and shares it from now on). Any other outcome is shared.
+            // request itself (and shares it from now on), unless another call already did.
             if !(slot.cut_short.get() && slot.deadline < deadline && Instant::now() < deadline) {
                 return r;
+            }
+            let remade = self
+                .dedup
+                .borrow()
+                .get(&key)
+                .is_some_and(|s| !Rc::ptr_eq(s, &slot));
+            if !remade {
+                break;
             }
         }
         let slot = Rc::new(Slot {
