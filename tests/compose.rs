@@ -2046,13 +2046,21 @@ id = "exact"
 upstream = "up"
 path = "/e/${calls.src.body/ok}"
 into = "exact"
+[[routes.compose.calls]]
+id = "body"
+upstream = "up"
+method = "POST"
+path = "/b"
+body = '{"items": ${calls.src.body/items}}'
+required = false
+into = "body"
 "#;
     let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
     let r = get(gw.addr, "/c");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.header("ringway-partial"),
-        Some("each,path"),
+        Some("each,path,body"),
         "{}",
         r.text()
     );
@@ -2065,7 +2073,7 @@ into = "exact"
         .targets()
         .contains(&"/e/18446744073709551615".to_string()));
     assert!(
-        !up.targets().iter().any(|t| t.contains("e%2B")),
+        !up.targets().iter().any(|t| t.contains("e%2B") || t == "/b"),
         "{:?}",
         up.targets()
     );

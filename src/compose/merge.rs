@@ -86,7 +86,8 @@ pub fn items(source: &Value, f: &ForEach) -> Result<Vec<Value>, String> {
         if super::template::inexact(v) {
             // Two such ids could be one double: rounded, they would fetch and join the wrong
             // results.
-            return Err(format!("item id {v}: {}", super::template::INEXACT));
+            // (Not named: written, it would be the rounded number.)
+            return Err(format!("an item's id: {}", super::template::INEXACT));
         }
         let Some(k) = id_key(v) else { continue };
         if seen.insert(k) {

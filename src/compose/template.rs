@@ -298,7 +298,7 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
             // Writing a string into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &*s);
         }
-        (Val::Json(j), _) if inexact(&j) => return Err(INEXACT.into()),
+        (Val::Json(j), _) if holds_inexact(&j) => return Err(INEXACT.into()),
         (Val::Json(j), Ctx::Json) => {
             let _ = serde_json::to_writer(&mut *out, &*j);
         }
@@ -341,6 +341,22 @@ pub fn inexact(v: &Value) -> bool {
             .is_some_and(|f| f.fract() == 0.0 && f.abs() >= EXACT),
         _ => false,
     }
+}
+
+/// Whether `v` is, or holds at any depth (a body template may pass a whole document on), a
+/// number [`inexact`] says cannot be passed on. Iterative: answers nest at most 127 levels, but
+/// no recursion is needed to know.
+pub fn holds_inexact(v: &Value) -> bool {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Array(a) => stack.extend(a.iter()),
+            Value::Object(o) => stack.extend(o.values()),
+            v if inexact(v) => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A scalar as text (strings unquoted, null empty); `None` for objects and arrays.
