@@ -2194,3 +2194,41 @@ into = "b"
     assert!(named(&r, "ringway-partial").is_empty(), "{r:?}");
     check_framing(&r);
 }
+
+#[test]
+fn a_reference_inside_a_json_string_of_a_body_is_refused_at_load() {
+    // README "Calls": a value goes in a body as JSON. `body = '{"q": "${request.query.q}"}'`
+    // passed the load check (`null` in place of each reference leaves `"null"`, a string)
+    // and sent `{"q": ""abc""}`, invalid JSON, with every request.
+    let route = |body: &str| {
+        format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"p\"\n\
+             upstream = \"u\"\nmethod = \"POST\"\npath = \"/p\"\nbody = '{body}'\n"
+        )
+    };
+    for body in [
+        r#"{"q": "${request.query.q}"}"#,
+        r#"{"n": "id-${request.query.n}"}"#,
+        r#"["${request.header.x}"]"#,
+    ] {
+        refused(
+            &route(body),
+            8,
+            "routes[0].compose.calls[0].body",
+            "a reference inside a JSON string",
+        );
+    }
+    // Written alone, the reference gives a JSON value: the body the upstream gets parses.
+    let up = json_echo();
+    let gw = TestGateway::start(
+        &cfg(
+            &[("u", up.addr)],
+            &route(r#"{"q": ${request.query.q}, "lit": "$${x}"}"#),
+        ),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/c?q=a%22b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent: Value = serde_json::from_slice(&up.last().body).expect("the body is JSON");
+    assert_eq!(sent, json!({"q": "a\"b", "lit": "${x}"}));
+}

@@ -488,6 +488,19 @@ impl Plan {
                             format!("not JSON once references are filled in: {e}"),
                         ));
                     }
+                    // A reference is written as a whole JSON value, a string with its quotes:
+                    // inside a string of the template (`"id-${...}"`) it would make the body
+                    // invalid JSON for every request. With `""` for each reference such a
+                    // template does not parse, where `null` left it a string.
+                    if serde_json::from_str::<Value>(&t.literal_with("\"\"")).is_err() {
+                        return Err(fail(
+                            k("body"),
+                            Some(b.span()),
+                            None,
+                            "a reference inside a JSON string: a reference is written as a whole JSON value (a string with its quotes); write it alone, as in `{\"id\": ${calls.a.body/id}}`"
+                                .into(),
+                        ));
+                    }
                     Some(t)
                 }
             };
