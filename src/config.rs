@@ -1993,7 +1993,8 @@ impl Config {
                 let identity = crate::auth::WorkerAuth::identity_headers(self);
                 for (ci, call) in c.calls.iter().enumerate() {
                     for (name, v) in &call.headers {
-                        let n = name.0.to_ascii_lowercase();
+                        // `_` for `-` too, as CGI-style servers read it.
+                        let n = name.0.to_ascii_lowercase().replace('_', "-");
                         if identity.iter().any(|h| h.as_ref() == n.as_bytes()) {
                             return Err(err(
                                 k(&format!("compose.calls[{ci}].headers")),

@@ -1905,7 +1905,14 @@ into = "p"
              upstream = \"u\"\npath = \"/a\"\nheaders = {{ \"{name}\" = \"v\" }}\n"
         )
     };
-    for name in ["X-Request-Id", "traceparent", "tracestate"] {
+    for name in [
+        "X-Request-Id",
+        "traceparent",
+        "tracestate",
+        "x_request_id",
+        "content_length",
+        "Transfer_Encoding",
+    ] {
         refused(
             &route(name),
             7,
@@ -1915,7 +1922,7 @@ into = "p"
     }
     let auth = "[auth.jwt.main]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
                 forward_claims = { sub = \"x-user-id\" }\n";
-    for name in ["x-user-id", "X-Consumer"] {
+    for name in ["x-user-id", "X-Consumer", "x_user_id"] {
         refused(
             &format!("{auth}{}", route(name)),
             10,

@@ -445,7 +445,9 @@ impl Plan {
             let mut headers = Vec::new();
             for (name, v) in &cc.headers {
                 let n = name.0.to_ascii_lowercase();
-                if OWNED_HEADERS.contains(&n.as_str()) {
+                // CGI-style servers read `_` as `-`: `content_length` is Content-Length to them
+                // (see `listeners[].allow_underscores_in_headers`).
+                if OWNED_HEADERS.contains(&n.replace('_', "-").as_str()) {
                     return Err(fail(
                         k("headers"),
                         Some(v.span()),
