@@ -2239,3 +2239,29 @@ fn a_reference_inside_a_json_string_of_a_body_is_refused_at_load() {
     let sent: Value = serde_json::from_slice(&up.last().body).expect("the body is JSON");
     assert_eq!(sent, json!({"q": "a\"b", "lit": "${x}"}));
 }
+
+#[test]
+fn a_plus_in_the_client_query_is_a_space_as_a_form_decoder_reads_it() {
+    // `${request.query.q}` decoded only `%XX`: `?q=two+words` went on as `q=two%2Bwords`, a
+    // literal `+`, where a proxied request's upstream (and the gateway's own API key stage,
+    // README "API keys") reads `two words` (application/x-www-form-urlencoded).
+    let up = json_echo();
+    let routes = r#"
+[[routes]]
+path = "/s"
+[routes.compose]
+[[routes.compose.calls]]
+id = "s"
+upstream = "up"
+path = "/search"
+query = { q = "${request.query.q}" }
+headers = { "x-q" = "${request.query.my_q}" }
+into = "s"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/s?q=two+words%2B1&my%5Fq=a+b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = up.last();
+    assert_eq!(req.target, "/search?q=two%20words%2B1");
+    assert_eq!(req.header("x-q"), Some("a b"));
+}

@@ -410,14 +410,17 @@ pub fn percent_decode(b: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The first value of query parameter `name` in `query` (without the `?`), decoded.
+/// The first value of query parameter `name` in `query` (without the `?`), name and value
+/// read as `application/x-www-form-urlencoded`, as upstream frameworks (and the API key
+/// stage) read a query: each `+` a space, then `%XX` decoded. Passed on percent-encoded, a
+/// `+` the client meant as a space would otherwise reach the upstream as a literal `+`.
 pub fn query_param(query: &[u8], name: &str) -> Option<Vec<u8>> {
     query.split(|b| *b == b'&').find_map(|kv| {
         let (k, v) = match kv.iter().position(|b| *b == b'=') {
             Some(p) => (&kv[..p], &kv[p + 1..]),
             None => (kv, &b""[..]),
         };
-        (percent_decode(k) == name.as_bytes()).then(|| percent_decode(v))
+        (crate::http::form_decoded(k) == name.as_bytes()).then(|| crate::http::form_decoded(v))
     })
 }
 
@@ -528,6 +531,11 @@ mod tests {
         .unwrap();
         assert_eq!(out, b"null");
         assert_eq!(query_param(b"a=1&b=x%20y&b=2", "b").unwrap(), b"x y");
+        assert_eq!(
+            query_param(b"q=two+words%2B1", "q").unwrap(),
+            b"two words+1"
+        );
+        assert_eq!(query_param(b"my%5Fq=1", "my_q").unwrap(), b"1");
         assert_eq!(query_param(b"a", "a").unwrap(), b"");
         assert!(query_param(b"a=1", "c").is_none());
         assert_eq!(percent_decode(b"%4"), b"%4");
