@@ -1988,6 +1988,24 @@ impl Config {
                     let span = crate::compose::config::locate(src, &e);
                     err(k(&format!("compose.{}", e.key)), span, e.reason)
                 })?;
+                // The auth stage's identity headers go with every call: a call's own copy
+                // would be a second line, the first of which an upstream may read.
+                let identity = crate::auth::WorkerAuth::identity_headers(self);
+                for (ci, call) in c.calls.iter().enumerate() {
+                    for (name, v) in &call.headers {
+                        // `_` for `-` too, as CGI-style servers read it.
+                        let n = name.0.to_ascii_lowercase().replace('_', "-");
+                        if identity.iter().any(|h| h.as_ref() == n.as_bytes()) {
+                            return Err(err(
+                                k(&format!("compose.calls[{ci}].headers")),
+                                Some(v.span()),
+                                format!(
+                                    "{n:?} is an identity header the gateway sets on every call from the auth stage"
+                                ),
+                            ));
+                        }
+                    }
+                }
             }
             match (&r.upstream, &r.direct) {
                 (Some(_), Some(_)) => {

@@ -1609,8 +1609,10 @@ fn answers_passed_on_unshaped_are_held_to_the_json_depth_cap() {
     // written as sent (here only `into`) was validated without that cap: 5000 levels passed
     // with 200 where a deep-merged route gave 502.
     let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    // 126: under `into`, the composed answer is 127 deep (see
+    // `the_composed_answer_nests_no_deeper_than_the_answers_may`).
     let (ok_doc, deep_doc) = (
-        deep(127),
+        deep(126),
         format!(r#"{{"s": "[[[[", "d": {}}}"#, deep(5000)),
     );
     let up = Upstream::start(move |req| {
@@ -1636,7 +1638,7 @@ fn answers_passed_on_unshaped_are_held_to_the_json_depth_cap() {
     assert_eq!(r.status, 502, "{}", &r.text()[..200.min(r.body.len())]);
     assert_eq!(r.json()["call"], "a");
     assert!(
-        r.text().contains("nested more than 127 levels"),
+        r.text().contains("nested more than 126 levels"),
         "{}",
         r.text()
     );
@@ -1815,4 +1817,451 @@ fn shaped_and_unshaped_calls_hold_a_hostile_answer_to_the_same_rules_rfc8259() {
             assert_eq!(a["message"], b["message"], "case {i}: the same reason");
         }
     }
+}
+
+#[test]
+fn a_shared_get_cut_short_by_one_calls_timeout_is_made_again_for_a_call_with_time_left() {
+    // README "API composition": each call has its own `timeout`, and identical GETs are made
+    // once. The call with the short timeout (optional, declared first) made the shared request;
+    // when its 100 ms ran out, the required call with the route's 10 s deadline took that
+    // timeout as its own answer: 504 naming "main", which had 9.9 s left.
+    // The upstream holds the first request until a second one arrives (5 s at most).
+    let arrived = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let a2 = arrived.clone();
+    let up = Upstream::start(move |_| {
+        let (m, cv) = &*a2;
+        let mut n = m.lock().unwrap();
+        *n += 1;
+        cv.notify_all();
+        let _ = cv
+            .wait_timeout_while(n, Duration::from_secs(5), |n| *n < 2)
+            .unwrap();
+        Reply::Raw(json_ok(r#"{"v": 1}"#))
+    });
+    let routes = r#"
+[[routes]]
+path = "/shared"
+[routes.compose]
+[[routes.compose.calls]]
+id = "quick"
+upstream = "up"
+path = "/v"
+timeout = "100ms"
+required = false
+into = "quick"
+[[routes.compose.calls]]
+id = "main"
+upstream = "up"
+path = "/v"
+into = "main"
+[[routes.compose.calls]]
+id = "also"
+upstream = "up"
+path = "/v"
+into = "also"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/shared");
+    assert_eq!(r.status, 200, "{}", r.text());
+    check_framing(&r);
+    assert_eq!(r.json(), json!({"main": {"v": 1}, "also": {"v": 1}}));
+    assert_eq!(r.header("ringway-partial"), Some("quick"));
+    // Made again once, and shared by both calls with time left.
+    assert_eq!(up.hits(), 2);
+}
+
+#[test]
+fn a_call_header_never_doubles_a_field_the_gateway_writes_rfc9110_5_3() {
+    // RFC 9110 §5.3: a sender must not generate several field lines of a field that is not
+    // a list. A call's `content-type` went out beside the gateway's `application/json`, and
+    // a call's `x-request-id`, `traceparent`, `tracestate` or identity header beside the
+    // gateway's copy (an upstream reading the first line took the call's).
+    let up = json_echo();
+    let routes = r#"
+[[routes]]
+path = "/patch"
+[routes.compose]
+[[routes.compose.calls]]
+id = "p"
+upstream = "up"
+method = "PATCH"
+path = "/p"
+headers = { "content-type" = "application/merge-patch+json" }
+body = '{"a": 1}'
+into = "p"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/patch");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = up.last();
+    assert_eq!(
+        req.headers_named("content-type"),
+        vec!["application/merge-patch+json"]
+    );
+    assert_eq!(req.headers_named("content-length"), vec!["8"]);
+    let route = |name: &str| {
+        format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"a\"\n\
+             upstream = \"u\"\npath = \"/a\"\nheaders = {{ \"{name}\" = \"v\" }}\n"
+        )
+    };
+    for name in [
+        "X-Request-Id",
+        "traceparent",
+        "tracestate",
+        "x_request_id",
+        "content_length",
+        "Transfer_Encoding",
+    ] {
+        refused(
+            &route(name),
+            7,
+            "routes[0].compose.calls[0].headers",
+            "is set by the gateway",
+        );
+    }
+    let auth = "[auth.jwt.main]\nsecret = \"0123456789abcdef0123456789abcdef\"\n\
+                forward_claims = { sub = \"x-user-id\" }\n";
+    for name in ["x-user-id", "X-Consumer", "x_user_id"] {
+        refused(
+            &format!("{auth}{}", route(name)),
+            10,
+            "routes[0].compose.calls[0].headers",
+            "identity header",
+        );
+    }
+}
+
+#[test]
+fn the_composed_answer_nests_no_deeper_than_the_answers_may() {
+    // README "API composition / Limits": an answer may nest 127 levels (serde_json's
+    // recursion limit of 128). The composed answer wraps it in more (the root object under
+    // `into`, `wrap`, a join's items): an answer 127 deep under `into` gave a 200 whose body
+    // serde_json (the gateway's own parser, as a client or as another composition's upstream)
+    // refuses as too deep. Each answer, composed or refused, must stay parseable.
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let up = Upstream::start(move |req| {
+        let (kind, n) = req.target[1..].split_once('/').unwrap();
+        let n: usize = n.parse().unwrap();
+        Reply::Raw(json_ok(&match kind {
+            "items" => r#"{"items": [{"id": 1}]}"#.to_string(),
+            "product" => format!(r#"[{{"id": 1, "d": {}}}]"#, deep(n)),
+            _ => deep(n),
+        }))
+    });
+    let routes = r#"
+[[routes]]
+path_regex = "^/into/(?P<n>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "up"
+path = "/doc/${request.path.n}"
+into = "a"
+
+[[routes]]
+path_regex = "^/wrap/(?P<n>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "up"
+path = "/doc/${request.path.n}"
+into = "a"
+wrap = "w"
+
+[[routes]]
+path_regex = "^/join/(?P<n>[0-9]+)$"
+[routes.compose]
+[[routes.compose.calls]]
+id = "src"
+upstream = "up"
+path = "/items/0"
+into = "src"
+[[routes.compose.calls]]
+id = "p"
+upstream = "up"
+path = "/product/${request.path.n}"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/items/*/id}"
+join = { key = "id", into = "product" }
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let depth_ok = |r: &Resp| serde_json::from_slice::<Value>(&r.body).is_ok();
+    for (route, fits, over) in [("into", 126, 127), ("wrap", 125, 126), ("join", 121, 127)] {
+        let r = get(gw.addr, &format!("/{route}/{fits}"));
+        assert_eq!(r.status, 200, "{route} {fits}");
+        assert!(
+            depth_ok(&r),
+            "{route} {fits}: the composed answer is too deep to parse"
+        );
+        let r = get(gw.addr, &format!("/{route}/{over}"));
+        assert_eq!(
+            r.status,
+            502,
+            "{route} {over}: {}",
+            &r.text()[..200.min(r.body.len())]
+        );
+        assert!(depth_ok(&r));
+        assert!(r.text().contains("nested more than"), "{}", r.text());
+    }
+}
+
+#[test]
+fn an_integer_past_64_bits_is_not_passed_on_rounded_rfc8259_6() {
+    // RFC 8259 §6: integers past 2^53 are not exact in a double. serde_json holds one past 64
+    // bits as a double: `18446744073709551616` and `...617` both became
+    // `1.8446744073709552e19`, so the two ids were de-duplicated into one, fetched as
+    // `?id=1.8446744073709552e%2B19`, and the one result joined into both items; a path
+    // template sent `/p/1.2345678901234568e%2B29` for 123456789012345678901234567890.
+    let up = Upstream::start(|req| {
+        Reply::Raw(json_ok(match req.target.as_str() {
+            "/src" => {
+                r#"{"items": [{"id": 18446744073709551616}, {"id": 18446744073709551617}], "big": 123456789012345678901234567890, "ok": 18446744073709551615}"#
+            }
+            _ => r#"[{"id": 1, "v": "x"}]"#,
+        }))
+    });
+    let routes = r#"
+[[routes]]
+path = "/c"
+[routes.compose]
+errors_field = true
+[[routes.compose.calls]]
+id = "src"
+upstream = "up"
+path = "/src"
+pick = ["ok"]
+into = "src"
+[[routes.compose.calls]]
+id = "each"
+upstream = "up"
+path = "/each"
+required = false
+into = "each"
+[routes.compose.calls.for_each]
+items = "${calls.src.body/items/*/id}"
+batch = 10
+batch_param = "id"
+[[routes.compose.calls]]
+id = "path"
+upstream = "up"
+path = "/p/${calls.src.body/big}"
+required = false
+into = "path"
+[[routes.compose.calls]]
+id = "exact"
+upstream = "up"
+path = "/e/${calls.src.body/ok}"
+into = "exact"
+[[routes.compose.calls]]
+id = "body"
+upstream = "up"
+method = "POST"
+path = "/b"
+body = '{"items": ${calls.src.body/items}}'
+required = false
+into = "body"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/c");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("ringway-partial"),
+        Some("each,path,body"),
+        "{}",
+        r.text()
+    );
+    let j = r.json();
+    for e in j["_errors"].as_array().unwrap() {
+        assert!(e["reason"].as_str().unwrap().contains("RFC 8259 §6"), "{e}");
+    }
+    // A 64-bit integer is exact, and goes on as written.
+    assert!(up
+        .targets()
+        .contains(&"/e/18446744073709551615".to_string()));
+    assert!(
+        !up.targets().iter().any(|t| t.contains("e%2B") || t == "/b"),
+        "{:?}",
+        up.targets()
+    );
+}
+
+#[test]
+fn errors_field_owns_the_errors_member() {
+    // README "Failures": with `errors_field = true` the answer lists failed calls in
+    // `_errors`. An answer merged at the root with its own `_errors` member passed it on as
+    // the gateway's list when no call failed (`{"_errors": "upstream's", "u": 1}`), and was
+    // silently replaced by the list when one did.
+    let up = Upstream::start(|req| {
+        Reply::Raw(match req.target.as_str() {
+            "/own" => json_ok(r#"{"_errors": ["upstream's"], "u": 1}"#),
+            "/plain" => json_ok(r#"{"p": 1}"#),
+            _ => json_status(500, "{}"),
+        })
+    });
+    let routes = r#"
+[[routes]]
+path = "/e"
+[routes.compose]
+errors_field = true
+[[routes.compose.calls]]
+id = "own"
+upstream = "up"
+path = "/own"
+required = false
+[[routes.compose.calls]]
+id = "plain"
+upstream = "up"
+path = "/plain"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/e");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("ringway-partial"), Some("own"));
+    let j = r.json();
+    assert_eq!(j["p"], 1);
+    assert_eq!(j["_errors"][0]["call"], "own", "{j}");
+    assert!(j.get("u").is_none(), "{j}");
+    let route = |more: &str| {
+        format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\nerrors_field = true\n\
+             [[routes.compose.calls]]\nid = \"a\"\nupstream = \"u\"\npath = \"/a\"\n{more}"
+        )
+    };
+    refused(
+        &route("into = \"_errors\"\n"),
+        8,
+        "routes[0].compose.calls[0].into",
+        "errors_field",
+    );
+    refused(
+        &route("required = false\nfallback = { _errors = 1 }\n"),
+        9,
+        "routes[0].compose.calls[0].fallback",
+        "errors_field",
+    );
+}
+
+#[test]
+fn route_response_headers_decide_the_fields_they_name_rfc9110_5_3() {
+    // A route's `response_headers` decide a field they name, as on a proxied answer. On a
+    // composed answer they were added after the gateway's own lines: `set content-type`
+    // gave two Content-Type lines (the gateway's application/json first), `set` of
+    // ringway-partial or date a second line, and `remove = ["ringway-partial"]` removed nothing.
+    let up = Upstream::start(|req| {
+        Reply::Raw(match req.target.as_str() {
+            "/a" => json_ok(r#"{"a": 1}"#),
+            _ => json_status(500, "{}"),
+        })
+    });
+    let routes = r#"
+[[routes]]
+path = "/set"
+response_headers = { set = { "content-type" = "application/hal+json", "ringway-partial" = "hidden", "date" = "Thu, 01 Jan 2026 00:00:00 GMT" } }
+[routes.compose]
+[[routes.compose.calls]]
+id = "a"
+upstream = "up"
+path = "/a"
+into = "a"
+[[routes.compose.calls]]
+id = "b"
+upstream = "up"
+path = "/b"
+required = false
+into = "b"
+
+[[routes]]
+path = "/remove"
+response_headers = { remove = ["ringway-partial"] }
+[routes.compose]
+[[routes.compose.calls]]
+id = "b"
+upstream = "up"
+path = "/b"
+required = false
+into = "b"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/set");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let named = |r: &Resp, n: &str| {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(named(&r, "content-type"), vec!["application/hal+json"]);
+    assert_eq!(named(&r, "ringway-partial"), vec!["hidden"]);
+    assert_eq!(named(&r, "date"), vec!["Thu, 01 Jan 2026 00:00:00 GMT"]);
+    assert_eq!(r.json(), json!({"a": {"a": 1}}));
+    let r = get(gw.addr, "/remove");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(named(&r, "ringway-partial").is_empty(), "{r:?}");
+    check_framing(&r);
+}
+
+#[test]
+fn a_reference_inside_a_json_string_of_a_body_is_refused_at_load() {
+    // README "Calls": a value goes in a body as JSON. `body = '{"q": "${request.query.q}"}'`
+    // passed the load check (`null` in place of each reference leaves `"null"`, a string)
+    // and sent `{"q": ""abc""}`, invalid JSON, with every request.
+    let route = |body: &str| {
+        format!(
+            "[[routes]]\npath = \"/c\"\n[routes.compose]\n[[routes.compose.calls]]\nid = \"p\"\n\
+             upstream = \"u\"\nmethod = \"POST\"\npath = \"/p\"\nbody = '{body}'\n"
+        )
+    };
+    for body in [
+        r#"{"q": "${request.query.q}"}"#,
+        r#"{"n": "id-${request.query.n}"}"#,
+        r#"["${request.header.x}"]"#,
+    ] {
+        refused(
+            &route(body),
+            8,
+            "routes[0].compose.calls[0].body",
+            "a reference inside a JSON string",
+        );
+    }
+    // Written alone, the reference gives a JSON value: the body the upstream gets parses.
+    let up = json_echo();
+    let gw = TestGateway::start(
+        &cfg(
+            &[("u", up.addr)],
+            &route(r#"{"q": ${request.query.q}, "lit": "$${x}"}"#),
+        ),
+        DRIVERS[0],
+    );
+    let r = get(gw.addr, "/c?q=a%22b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent: Value = serde_json::from_slice(&up.last().body).expect("the body is JSON");
+    assert_eq!(sent, json!({"q": "a\"b", "lit": "${x}"}));
+}
+
+#[test]
+fn a_plus_in_the_client_query_is_a_space_as_a_form_decoder_reads_it() {
+    // `${request.query.q}` decoded only `%XX`: `?q=two+words` went on as `q=two%2Bwords`, a
+    // literal `+`, where a proxied request's upstream (and the gateway's own API key stage,
+    // README "API keys") reads `two words` (application/x-www-form-urlencoded).
+    let up = json_echo();
+    let routes = r#"
+[[routes]]
+path = "/s"
+[routes.compose]
+[[routes.compose.calls]]
+id = "s"
+upstream = "up"
+path = "/search"
+query = { q = "${request.query.q}" }
+headers = { "x-q" = "${request.query.my_q}" }
+into = "s"
+"#;
+    let gw = TestGateway::start(&cfg(&[("up", up.addr)], routes), DRIVERS[0]);
+    let r = get(gw.addr, "/s?q=two+words%2B1&my%5Fq=a+b");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let req = up.last();
+    assert_eq!(req.target, "/search?q=two%20words%2B1");
+    assert_eq!(req.header("x-q"), Some("a b"));
 }

@@ -11,6 +11,7 @@ use toml::Spanned;
 
 use crate::config::{ByteSize, Dur, HeaderName};
 
+use super::exec::MAX_JSON_DEPTH;
 use super::template::{self, check_pointer, Ref, Scope, Template};
 
 /// Most calls in one composition.
@@ -224,6 +225,9 @@ pub struct Call {
     /// Its answer is parsed into a JSON tree: something refers into it, shapes it or deep-merges
     /// it. Otherwise it is only validated and its bytes are spliced into the answer.
     pub tree: bool,
+    /// How deep its answer may nest: [`MAX_JSON_DEPTH`] less the levels the composed answer
+    /// places it under, so that the composed answer keeps to the limit answers are held to.
+    pub max_depth: usize,
 }
 
 impl Call {
@@ -269,9 +273,14 @@ pub struct ComposeError {
 }
 
 /// Header fields a call may not set: the framing and connection fields are the gateway's
-/// (RFC 9112 §6, RFC 9110 §7.6.1), and Host is the endpoint's.
+/// (RFC 9112 §6, RFC 9110 §7.6.1), Host is the endpoint's, and the request id and trace
+/// context go with every call from the client request (W3C Trace Context §3): a call's own
+/// would be a second field line of a field that has one value (RFC 9110 §5.3).
 const OWNED_HEADERS: &[&str] = &[
     "host",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
     "content-length",
     "transfer-encoding",
     "connection",
@@ -436,7 +445,9 @@ impl Plan {
             let mut headers = Vec::new();
             for (name, v) in &cc.headers {
                 let n = name.0.to_ascii_lowercase();
-                if OWNED_HEADERS.contains(&n.as_str()) {
+                // CGI-style servers read `_` as `-`: `content_length` is Content-Length to them
+                // (see `listeners[].allow_underscores_in_headers`).
+                if OWNED_HEADERS.contains(&n.replace('_', "-").as_str()) {
                     return Err(fail(
                         k("headers"),
                         Some(v.span()),
@@ -479,6 +490,19 @@ impl Plan {
                             format!("not JSON once references are filled in: {e}"),
                         ));
                     }
+                    // A reference is written as a whole JSON value, a string with its quotes:
+                    // inside a string of the template (`"id-${...}"`) it would make the body
+                    // invalid JSON for every request. With `""` for each reference such a
+                    // template does not parse, where `null` left it a string.
+                    if serde_json::from_str::<Value>(&t.literal_with("\"\"")).is_err() {
+                        return Err(fail(
+                            k("body"),
+                            Some(b.span()),
+                            None,
+                            "a reference inside a JSON string: a reference is written as a whole JSON value (a string with its quotes); write it alone, as in `{\"id\": ${calls.a.body/id}}`"
+                                .into(),
+                        ));
+                    }
                     Some(t)
                 }
             };
@@ -511,6 +535,26 @@ impl Plan {
                         "must not be empty".into(),
                     ));
                 }
+            }
+            // The gateway's list of failed calls owns `_errors` at the top level.
+            let top = match (&cc.into, &cc.wrap) {
+                (Some(k), _) | (None, Some(k)) => k == super::exec::ERRORS_FIELD,
+                (None, None) => fallback
+                    .as_ref()
+                    .is_some_and(|f| f.get(super::exec::ERRORS_FIELD).is_some()),
+            };
+            if c.errors_field && top {
+                let f = match (&cc.into, &cc.wrap) {
+                    (Some(_), _) => "into",
+                    (None, Some(_)) => "wrap",
+                    (None, None) => "fallback",
+                };
+                return Err(fail(
+                    k(f),
+                    at.clone(),
+                    Some(f),
+                    "\"_errors\" is where errors_field lists the failed calls".into(),
+                ));
             }
             let mut deps: Vec<usize> = Vec::new();
             let mut add_deps = |t: &Template| {
@@ -686,6 +730,7 @@ impl Plan {
                 deps,
                 last: false,
                 tree: false,
+                max_depth: MAX_JSON_DEPTH,
             });
         }
         // A call with side effects is the last step: nothing may depend on it, there is at
@@ -758,6 +803,24 @@ impl Plan {
         }
         for (call, t) in calls.iter_mut().zip(tree) {
             call.tree = t;
+        }
+        // The composed answer is JSON a client parses, held to the limit the answers are: the
+        // root object (under `into`), `wrap`, a `for_each`'s array of results, and for a join
+        // the source's own levels, the pointer to its array, the array and the item, are
+        // taken off what an answer may nest (`extract` and `flatten` are not counted back).
+        let placed = |s: &Shape| usize::from(s.into.is_some()) + usize::from(s.wrap.is_some());
+        let under: Vec<usize> = calls
+            .iter()
+            .map(|call| match &call.for_each {
+                Some(fe) if fe.join.is_some() => {
+                    placed(&calls[fe.source].shape) + fe.array.matches('/').count() + 2
+                }
+                Some(_) => placed(&call.shape) + 1,
+                None => placed(&call.shape),
+            })
+            .collect();
+        for (call, u) in calls.iter_mut().zip(under) {
+            call.max_depth = MAX_JSON_DEPTH.saturating_sub(u);
         }
         Ok(Plan {
             calls,

@@ -58,6 +58,9 @@ pub const MAX_JSON_DEPTH: usize = 127;
 /// 407 Proxy-Authenticate (§11.7.1, §15.5.8).
 pub const FIELDS_WITH_STATUS: [&str; 3] = ["www-authenticate", "allow", "proxy-authenticate"];
 
+/// The member of the answer that lists failed calls, with `errors_field = true`.
+pub const ERRORS_FIELD: &str = "_errors";
+
 /// A composed answer (or a composition's error answer), written by `Conn::finish`.
 #[derive(Debug)]
 pub struct Composed {
@@ -69,6 +72,10 @@ pub struct Composed {
     /// For a failed composition, its error kind (`compose_call_failed`, ...: a
     /// [`crate::metrics::ERROR_KINDS`] entry), counted and logged like a gateway error.
     pub kind: Option<&'static str>,
+    /// The route's `response_headers` decide Content-Type: the gateway writes none.
+    pub own_type: bool,
+    /// The same for Date (RFC 9110 §6.6.1).
+    pub own_date: bool,
 }
 
 /// Why a call failed, in words for the answer.
@@ -123,10 +130,14 @@ struct CallOut {
 }
 
 /// A sub-request that identical GETs of the same client request share.
-#[derive(Default)]
 struct Slot {
     done: RefCell<Option<Result<Rc<Fetched>, Fail>>>,
     notify: Notify,
+    /// The deadline of the call that makes it: a call with a later one does not take its
+    /// running out of time for an answer (see [`Env::fetch`]).
+    deadline: Instant,
+    /// It ended by running into that deadline.
+    cut_short: Cell<bool>,
 }
 
 /// A rendered sub-request.
@@ -245,8 +256,22 @@ pub async fn run(
         trace: std::str::from_utf8(&trace_id).unwrap_or(""),
     };
     let mut out = env.assemble(fails, &ids);
+    // The route's `response_headers` decide the fields they name (as on a proxied answer): the
+    // gateway's own line of such a field (`ringway-partial`, a passed status's
+    // `www-authenticate`, Content-Type) is left out, not doubled (RFC 9110 §5.3).
+    let rules = &route.response_headers;
+    let mut kept = Vec::with_capacity(out.headers.len());
+    for line in out.headers.split_inclusive(|b| *b == b'\n') {
+        let name = line.split(|b| *b == b':').next().unwrap_or_default();
+        if !rules.decides(name) {
+            kept.extend_from_slice(line);
+        }
+    }
+    out.headers = kept;
+    out.own_type = rules.decides(b"content-type");
+    out.own_date = rules.decides(b"date");
     let mut h = BytesMut::new();
-    route.response_headers.put(&mut h);
+    rules.put(&mut h);
     out.headers.extend_from_slice(&h);
     out
 }
@@ -654,8 +679,12 @@ impl<'a> Env<'a> {
         key.extend_from_slice(&req.target);
         key.push(b'\n');
         key.extend_from_slice(&req.headers);
-        let existing = self.dedup.borrow().get(&key).cloned();
-        if let Some(slot) = existing {
+        // A slot cut short by its maker's deadline may have been made again by a call with
+        // more time: each newer slot has a later deadline, so this ends.
+        loop {
+            // (A statement of its own: the map is not borrowed across the wait.)
+            let existing = self.dedup.borrow().get(&key).cloned();
+            let Some(slot) = existing else { break };
             let wait = async {
                 loop {
                     if let Some(r) = slot.done.borrow().clone() {
@@ -665,14 +694,35 @@ impl<'a> Env<'a> {
                 }
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            return match monoio::time::timeout(left, wait).await {
+            let r = match monoio::time::timeout(left, wait).await {
                 Ok(r) => r,
                 Err(_) => Err(timeout_fail()),
             };
+            // The shared request ran out of the time its maker had (a call with a shorter
+            // `timeout`): that is no answer to this call, which has time left and makes the
+            // request itself (and shares it from now on), unless another call already did.
+            if !(slot.cut_short.get() && slot.deadline < deadline && Instant::now() < deadline) {
+                return r;
+            }
+            let remade = self
+                .dedup
+                .borrow()
+                .get(&key)
+                .is_some_and(|s| !Rc::ptr_eq(s, &slot));
+            if !remade {
+                break;
+            }
         }
-        let slot = Rc::new(Slot::default());
+        let slot = Rc::new(Slot {
+            done: RefCell::new(None),
+            notify: Notify::default(),
+            deadline,
+            cut_short: Cell::new(false),
+        });
         self.dedup.borrow_mut().insert(key, slot.clone());
         let r = self.fetch_now(call, req, deadline).await.map(Rc::new);
+        slot.cut_short
+            .set(matches!(&r, Err(f) if f.timeout) && Instant::now() >= deadline);
         *slot.done.borrow_mut() = Some(r.clone());
         slot.notify.notify_all();
         r
@@ -713,6 +763,9 @@ impl<'a> Env<'a> {
         };
         let body = req.body.unwrap_or_default();
         let has_body = !body.is_empty() || !call.safe();
+        // A call's own Content-Type (a `+json` type, say) replaces the gateway's: one field
+        // line (RFC 9110 §8.3 gives it one value).
+        let own_type = call.headers.iter().any(|(n, _)| n == "content-type");
         let blen = body.len();
         let mut down = InMemory(Bytes::from(body));
         let mut ubuf = self.w.bufs.take();
@@ -743,7 +796,10 @@ impl<'a> Env<'a> {
                 out.put_slice(b"\r\n");
                 out.put_slice(&req.headers);
                 if has_body {
-                    out.put_slice(b"content-type: application/json\r\ncontent-length: ");
+                    if !own_type {
+                        out.put_slice(b"content-type: application/json\r\n");
+                    }
+                    out.put_slice(b"content-length: ");
                     crate::http::encode::put_u64(out, blen as u64);
                     out.put_slice(b"\r\n");
                 }
@@ -1007,6 +1063,17 @@ impl<'a> Env<'a> {
                     }
                 }
             }
+            // With `errors_field`, `_errors` is the gateway's list of failed calls: an
+            // answer's own member of that name would be taken for it (or silently replaced).
+            if fail.is_none()
+                && self.plan.errors_field
+                && entries.iter().any(|(k, _)| k == ERRORS_FIELD)
+            {
+                entries.clear();
+                fail = Some(Fail::new(
+                    "its answer has a top-level member \"_errors\", the name errors_field gives the list of failed calls",
+                ));
+            }
             if let Some(f) = fail {
                 if c.required {
                     return self.call_error(i, f, ids);
@@ -1042,7 +1109,7 @@ impl<'a> Env<'a> {
             }
         };
         if self.plan.errors_field && !errors.is_empty() {
-            root.insert("_errors".into(), Piece::Tree(Value::Array(errors)));
+            root.insert(ERRORS_FIELD.into(), Piece::Tree(Value::Array(errors)));
         }
         let mut headers = Vec::new();
         if !partial.is_empty() {
@@ -1059,6 +1126,8 @@ impl<'a> Env<'a> {
             body,
             headers,
             kind: None,
+            own_type: false,
+            own_date: false,
         }
     }
 
@@ -1126,6 +1195,8 @@ fn json_answer(status: u16, v: &Value, headers: Vec<u8>) -> Composed {
         body,
         headers,
         kind,
+        own_type: false,
+        own_date: false,
     }
 }
 
@@ -1165,7 +1236,8 @@ fn to_out(call: &Call, f: &Rc<Fetched>) -> Result<CallOut, Fail> {
             "its answer is not JSON (content-type {t})"
         )));
     } else {
-        check_json(&f.body).map_err(|e| Fail::new(format!("its answer is not JSON ({e})")))?;
+        check_json(&f.body, call.max_depth)
+            .map_err(|e| Fail::new(format!("its answer is not JSON ({e})")))?;
         if call.tree {
             // Cannot fail where `check_json` passed (the same parser, the same limits); the
             // error is kept rather than assumed away.
@@ -1204,11 +1276,17 @@ fn media_type(v: &[u8]) -> &[u8] {
 /// nesting within serde_json's limit ([`MAX_JSON_DEPTH`]); and member names unique within
 /// each object (§4: with duplicates, one parser takes the first and another the last, so an
 /// answer written as sent could mean one thing to the gateway and another to the client).
-fn check_json(b: &[u8]) -> Result<(), String> {
+fn check_json(b: &[u8], max_depth: usize) -> Result<(), String> {
     // A first pass with a message that names the limit, and before serde_json's own
     // recursion is spent on a deep document.
-    if nested_deeper(b, MAX_JSON_DEPTH) {
-        return Err(format!("nested more than {MAX_JSON_DEPTH} levels"));
+    if nested_deeper(b, max_depth) {
+        return Err(if max_depth < MAX_JSON_DEPTH {
+            format!(
+                "nested more than {max_depth} levels: where the call puts it, the composed answer would nest more than {MAX_JSON_DEPTH}"
+            )
+        } else {
+            format!("nested more than {max_depth} levels")
+        });
     }
     std::str::from_utf8(b).map_err(|e| format!("not UTF-8: {e}"))?;
     serde_json::from_slice::<Checked>(b)

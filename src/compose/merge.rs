@@ -83,6 +83,12 @@ pub fn items(source: &Value, f: &ForEach) -> Result<Vec<Value>, String> {
     let mut out = Vec::new();
     for e in arr {
         let Some(v) = e.pointer(&f.id) else { continue };
+        if super::template::inexact(v) {
+            // Two such ids could be one double: rounded, they would fetch and join the wrong
+            // results.
+            // (Not named: written, it would be the rounded number.)
+            return Err(format!("an item's id: {}", super::template::INEXACT));
+        }
         let Some(k) = id_key(v) else { continue };
         if seen.insert(k) {
             if out.len() == f.max_items {

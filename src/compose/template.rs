@@ -298,6 +298,7 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
             // Writing a string into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, &*s);
         }
+        (Val::Json(j), _) if holds_inexact(&j) => return Err(INEXACT.into()),
         (Val::Json(j), Ctx::Json) => {
             let _ = serde_json::to_writer(&mut *out, &*j);
         }
@@ -323,6 +324,39 @@ pub fn put_value(out: &mut Vec<u8>, v: Val<'_>, ctx: Ctx) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+/// Why a number in [`inexact`] cannot be passed on.
+pub const INEXACT: &str = "a value is a whole number beyond 2^53 held as a double (an integer past 64 bits, or one with an exponent), which is not exact (RFC 8259 §6): passed on, it would be another number";
+
+/// A number that serde_json holds as a double although it is a whole number beyond 2^53: an
+/// integer literal beyond 64 bits (or one in exponent form). Written again it is another
+/// number (`18446744073709551617` becomes `1.8446744073709552e19`), which would name another
+/// resource, or make two ids one.
+pub fn inexact(v: &Value) -> bool {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => n
+            .as_f64()
+            .is_some_and(|f| f.fract() == 0.0 && f.abs() >= EXACT),
+        _ => false,
+    }
+}
+
+/// Whether `v` is, or holds at any depth (a body template may pass a whole document on), a
+/// number [`inexact`] says cannot be passed on. Iterative: answers nest at most 127 levels, but
+/// no recursion is needed to know.
+pub fn holds_inexact(v: &Value) -> bool {
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Array(a) => stack.extend(a.iter()),
+            Value::Object(o) => stack.extend(o.values()),
+            v if inexact(v) => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A scalar as text (strings unquoted, null empty); `None` for objects and arrays.
@@ -376,14 +410,17 @@ pub fn percent_decode(b: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The first value of query parameter `name` in `query` (without the `?`), decoded.
+/// The first value of query parameter `name` in `query` (without the `?`), name and value
+/// read as `application/x-www-form-urlencoded`, as upstream frameworks (and the API key
+/// stage) read a query: each `+` a space, then `%XX` decoded. Passed on percent-encoded, a
+/// `+` the client meant as a space would otherwise reach the upstream as a literal `+`.
 pub fn query_param(query: &[u8], name: &str) -> Option<Vec<u8>> {
     query.split(|b| *b == b'&').find_map(|kv| {
         let (k, v) = match kv.iter().position(|b| *b == b'=') {
             Some(p) => (&kv[..p], &kv[p + 1..]),
             None => (kv, &b""[..]),
         };
-        (percent_decode(k) == name.as_bytes()).then(|| percent_decode(v))
+        (crate::http::form_decoded(k) == name.as_bytes()).then(|| crate::http::form_decoded(v))
     })
 }
 
@@ -494,6 +531,11 @@ mod tests {
         .unwrap();
         assert_eq!(out, b"null");
         assert_eq!(query_param(b"a=1&b=x%20y&b=2", "b").unwrap(), b"x y");
+        assert_eq!(
+            query_param(b"q=two+words%2B1", "q").unwrap(),
+            b"two words+1"
+        );
+        assert_eq!(query_param(b"my%5Fq=1", "my_q").unwrap(), b"1");
         assert_eq!(query_param(b"a", "a").unwrap(), b"");
         assert!(query_param(b"a=1", "c").is_none());
         assert_eq!(percent_decode(b"%4"), b"%4");

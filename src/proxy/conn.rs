@@ -829,13 +829,16 @@ impl<S: ClientIo> Conn<S> {
             }
             Answer::Composed(cm) => {
                 put_status_line(wbuf, cm.status, reason_phrase(cm.status).as_bytes());
-                wbuf.put_slice(b"content-type: application/json\r\ncontent-length: ");
+                if !cm.own_type {
+                    wbuf.put_slice(b"content-type: application/json\r\n");
+                }
+                wbuf.put_slice(b"content-length: ");
                 put_u64(wbuf, cm.body.len() as u64);
                 wbuf.put_slice(b"\r\n");
                 wbuf.put_slice(&cm.headers);
                 end_head(
                     wbuf,
-                    &date,
+                    if cm.own_date { b"" } else { &date },
                     ctx.id.as_bytes(),
                     &ctx.resp_headers,
                     keep,
