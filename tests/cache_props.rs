@@ -29,7 +29,7 @@ use ringway::cache::policy::{
     unstorable_field, vary_names, vary_value, weak_match, Directives, FieldName, RangeAnswer,
     MAX_DELTA, VARY_ABSENT,
 };
-use ringway::cache::redis::{decode, decode_purge, encode, encode_purge};
+use ringway::cache::redis::{decode_heard, decode_purge, encode, encode_heard, encode_purge};
 use ringway::cache::{Object, Purge, PurgeTarget, Timing};
 
 #[global_allocator]
@@ -193,10 +193,12 @@ fn check_timing(o: &Object, now: u64) {
 }
 
 /// `decode` on `b`, with the invariants every answer keeps: allocation bounded by the input,
-/// and an entry accepted is one `encode` writes as these very bytes.
+/// and an entry accepted is one `encode_heard` writes as these very bytes, with the place in
+/// the purge log it was read with (an entry of the format before, `RWC2`, is the same bytes
+/// without the place).
 fn check_decode(b: &[u8]) -> Option<Object> {
     let input = Bytes::copy_from_slice(b);
-    let (o, bytes) = prop_support::allocated_by(|| decode(&input));
+    let (d, bytes) = prop_support::allocated_by(|| decode_heard(&input));
     // Per byte of entry, at most a field's span (16 bytes per 8 bytes of lengths) or a copy
     // of a tag or a Vary value.
     let bound = 256 + 16 * b.len();
@@ -205,8 +207,13 @@ fn check_decode(b: &[u8]) -> Option<Object> {
         "{bytes} bytes allocated for a {} byte entry",
         b.len()
     );
-    if let Some(o) = &o {
-        assert_eq!(encode(o), b, "an accepted entry is canonical");
+    if let Some((o, heard)) = &d {
+        let mut again = encode_heard(o, *heard);
+        if b.starts_with(b"RWC2") {
+            again[..4].copy_from_slice(b"RWC2");
+            again.drain(7..23);
+        }
+        assert_eq!(again, b, "an accepted entry is canonical");
         assert!(
             !o.fields.iter().any(|(n, _)| unstorable_field(n)),
             "no framing or hop-by-hop field"
@@ -217,7 +224,7 @@ fn check_decode(b: &[u8]) -> Option<Object> {
         );
         check_timing(o, o.t.response_time.saturating_add(1));
     }
-    o
+    d.map(|(o, _)| o)
 }
 
 proptest! {
@@ -226,9 +233,12 @@ proptest! {
     #[test]
     fn entry_arbitrary_bytes_never_panic(b in bytes_of(300)) {
         check_decode(&b);
-        let mut tagged = b"RWC2".to_vec();
-        tagged.extend_from_slice(&b);
-        check_decode(&tagged);
+        // Behind each tag the reader takes: this build's and the one before.
+        for tag in [b"RWC3", b"RWC2"] {
+            let mut tagged = tag.to_vec();
+            tagged.extend_from_slice(&b);
+            check_decode(&tagged);
+        }
     }
 
     #[test]
@@ -299,8 +309,9 @@ proptest! {
         o.tags.clear();
         o.vary.clear();
         let enc = encode(&o);
-        // Offsets of the counts: magic, status, flags, five timings, the reason.
-        let fields_at = 4 + 2 + 1 + 40 + 4 + o.reason.len();
+        // Offsets of the counts: magic, status, flags, the writer's place in the purge log
+        // (RWC3: two u64), five timings, the reason.
+        let fields_at = 4 + 2 + 1 + 16 + 40 + 4 + o.reason.len();
         let url_end = fields_at + 4 + 4 + o.url.len();
         let at = [fields_at, url_end, url_end + 4, url_end + 8][which];
         let mut b = enc.clone();
