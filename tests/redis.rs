@@ -280,6 +280,9 @@ fn daily_quotas_are_kept_in_redis() {
         "",
         "{ key = \"route\", rate = 1000, per = \"1s\" }]\nquotas = [{ key = \"client_ip\", limit = 4, period = \"day\" }",
     );
+    // A slow answer from Redis would fail open to each host's own quota (4 more each): the
+    // timeout here is for a loaded machine, not the 50 ms of the other tests.
+    let cfg = cfg.replace("timeout = \"50ms\"", "timeout = \"5s\"");
     let a = TestGateway::start(&cfg, DriverChoice::Auto);
     let b = TestGateway::start(&cfg, DriverChoice::Auto);
     let mut seen = Vec::new();
@@ -287,8 +290,15 @@ fn daily_quotas_are_kept_in_redis() {
         seen.push(get(gw.addr, "/"));
     }
     let statuses: Vec<u16> = seen.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, vec![200, 200, 200, 200, 429, 429]);
-    let refused = &seen[4];
+    // Four in all across both hosts (either alone would admit four). Which of the last three
+    // gets the fourth depends on where the last unit is: a host takes one at a time from Redis
+    // and may hold it in stock while the other is refused (README: a quota is short by at
+    // most those stocks), as a loaded machine showed (200, 200, 200, 429, 200, 429).
+    assert_eq!(statuses[..3], [200, 200, 200], "{statuses:?}");
+    let mut rest = statuses[3..].to_vec();
+    rest.sort_unstable();
+    assert_eq!(rest, [200, 429, 429], "{statuses:?}");
+    let refused = seen.iter().find(|r| r.status == 429).expect("a refusal");
     assert_eq!(refused.json()["error"], "rate_limited");
     assert_eq!(
         refused.header("ratelimit-policy"),
