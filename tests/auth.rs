@@ -2388,3 +2388,52 @@ fn rsa_keys_rfc7518_3_3_short_moduli_refused_and_leading_zero_octets_read() {
     let r = get_with(gw.addr, "/", &bearer(&lz));
     assert_eq!(r.status, 200, "jwks_url: {}", r.text());
 }
+
+/// RFC 7518 §6.2.1.2: an EC JWK's `x` and `y` are full-size octet strings, but some signers
+/// drop a coordinate's leading zero octet (a P-256 `x` of 31 octets, about one key in 128).
+/// The number is the same: it is padded back and the key's tokens verify; before, the key
+/// loaded as a point that never verified, and every token it signed was 401.
+#[test]
+fn an_ec_coordinate_without_its_leading_zero_octet_is_read_rfc7518_6_2_1_2() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut short = jwk_with_kid("ec256_short_x_jwk.json", Some("ecz"));
+    let x = b64.decode(short["x"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (x.len(), x[0]),
+        (32, 0),
+        "the test key's x starts with a zero octet"
+    );
+    short["x"] = json!(b64url(&x[1..]));
+    let set = json!({"keys": [jwk_with_kid("rsa_jwk.json", Some("rsa")), short]}).to_string();
+    let keys = Loopback::start(move |_| Some(json_response(200, &set, "")));
+    let up = Upstream::echo();
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            &format!(
+                "[auth.jwt.u]\njwks_url = \"http://{}/jwks\"\n[[routes]]\nupstream = \"up\"\nauth = \"u\"\n",
+                keys.addr
+            ),
+        ),
+        DriverChoice::Auto,
+    );
+    let rsa = rs(&alice(), "rsa_private.pem", "rsa");
+    assert!(
+        eventually(Duration::from_secs(10), || get_with(
+            gw.addr,
+            "/",
+            &bearer(&rsa)
+        )
+        .status
+            == 200),
+        "the set is in service"
+    );
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("ecz".into());
+    let key = EncodingKey::from_ec_pem(&std::fs::read(data("ec256_short_x_private.pem")).unwrap())
+        .unwrap();
+    let t = encode(&h, &alice(), &key).unwrap();
+    let r = get_with(gw.addr, "/", &bearer(&t));
+    assert_eq!(r.status, 200, "{}", r.text());
+}

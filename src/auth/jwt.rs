@@ -437,6 +437,16 @@ fn unsigned(b: &[u8]) -> &[u8] {
     &b[b.iter().position(|x| *x != 0).unwrap_or(b.len())..]
 }
 
+/// An elliptic-curve coordinate as `size` octets, zeros put back in front; `None` when its
+/// value does not fit.
+fn coordinate(b: &[u8], size: usize) -> Option<Vec<u8>> {
+    let b = unsigned(b);
+    let pad = size.checked_sub(b.len())?;
+    let mut out = vec![0u8; pad];
+    out.extend_from_slice(b);
+    Some(out)
+}
+
 /// The bit length of a big-endian unsigned integer.
 fn bit_len(b: &[u8]) -> usize {
     let b = unsigned(b);
@@ -613,6 +623,29 @@ pub fn parse_jwk_set(
             let key = DecodingKey::from_rsa_raw_components(n, e);
             // The material kid-less keys are matched by across fetches, written one way.
             (p.n, p.e) = (b64.encode(n), b64.encode(e));
+            key
+        } else if let AlgorithmParameters::EllipticCurve(p) = &mut jwk.algorithm {
+            // RFC 7518 §6.2.1.2: `x` and `y` are the coordinates in the curve's full size
+            // (32 octets for P-256, 48 for P-384). Some signers drop leading zero octets
+            // (about one key in 128): pad them back, as the numbers are the same, rather
+            // than build a point that never verifies.
+            let size = match p.curve {
+                EllipticCurve::P256 => 32,
+                EllipticCurve::P384 => 48,
+                _ => continue,
+            };
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let (Ok(x), Ok(y)) = (b64.decode(&p.x), b64.decode(&p.y)) else {
+                continue;
+            };
+            let (Some(x), Some(y)) = (coordinate(&x, size), coordinate(&y, size)) else {
+                continue;
+            };
+            (p.x, p.y) = (b64.encode(&x), b64.encode(&y));
+            let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+                continue;
+            };
             key
         } else {
             let Ok(key) = DecodingKey::from_jwk(&jwk) else {
@@ -1091,6 +1124,9 @@ mod tests {
         assert_eq!(pem_rsa_bits(&data("rsa1024_public.pem")), Some(1024));
         assert_eq!(pem_rsa_bits(&data("rsa_public.pem")), Some(2048));
         assert_eq!(pem_rsa_bits(&data("ec256_public.pem")), None);
+        assert_eq!(coordinate(&[0, 0, 7], 2), Some(vec![0, 7]));
+        assert_eq!(coordinate(&[7], 3), Some(vec![0, 0, 7]));
+        assert_eq!(coordinate(&[1, 2, 3], 2), None);
     }
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
