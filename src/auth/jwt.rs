@@ -1696,11 +1696,14 @@ mod tests {
     /// symmetric key is used, each named in the notes, and the others serve.
     #[test]
     fn symmetric_jwks_keys_by_origin() {
+        // A real RSA key (2048 bits): a shorter one fails a file on its own (RFC 7518 §3.3).
+        let mut rsa: Value = serde_json::from_slice(&data("rsa_jwk.json")).unwrap();
+        rsa["kid"] = json!("r");
         let set = |len: usize, alg: &str| {
             json!({"keys": [
                 {"kty": "oct", "kid": "s", "alg": alg, "k": b64(&vec![1u8; len])},
                 {"kty": "oct", "alg": "HS256", "k": b64(&[2u8; 32])},
-                {"kty": "RSA", "kid": "r", "n": "AQAB", "e": "AQAB"}
+                rsa.clone()
             ]})
             .to_string()
         };
@@ -1733,7 +1736,7 @@ mod tests {
         assert!(e.contains("symmetric"), "{e}");
         // A hostile kid is escaped and cut in the note.
         let long = json!({"keys": [{"kty": "oct", "kid": format!("a\n{}", "x".repeat(500)), "alg": "HS256", "k": ""},
-                                   {"kty": "RSA", "n": "AQAB", "e": "AQAB"}]});
+                                   rsa]});
         let (_, notes) = parse_jwks(long.to_string().as_bytes(), &[], JwksOrigin::Url).unwrap();
         assert!(
             notes[0].contains("a\\n") && notes[0].len() < 300,
