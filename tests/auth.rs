@@ -2269,3 +2269,171 @@ fn time_claims_that_are_not_numeric_dates_are_invalid_rfc7519_4_1_6() {
     let r = get_with(gw.addr, "/jwt", &bearer(&hs(&alice())));
     assert_eq!(r.status, 200, "without iat: {}", r.text());
 }
+
+/// An RSA JWK whose `n` and `e` carry a zero octet in front (RFC 7518 §6.3.1.1 notes the
+/// libraries that write them so): the same numbers, so the same key.
+fn jwk_with_leading_zeros(file: &str, kid: &str) -> Value {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut k = jwk_with_kid(file, Some(kid));
+    for p in ["n", "e"] {
+        let mut v = vec![0u8];
+        v.extend(b64.decode(k[p].as_str().unwrap()).unwrap());
+        k[p] = json!(b64url(&v));
+    }
+    k
+}
+
+/// RSA keys (RFC 7518 §3.3, §3.5, §6.3.1.1). A key of fewer than 2048 bits can verify
+/// nothing (RS* and PS* require 2048, and ring refuses shorter keys): in a
+/// `public_key_file` or a `jwks_file` it fails the load with the file and the reason, as a
+/// short secret does, rather than loading a provider whose every token is 401; in a fetched
+/// set it is skipped and the other keys serve. An `n` or `e` with a leading zero octet is
+/// read as the unsigned number it is: before, ring refused it and every token of that key
+/// was 401, from a file or a URL.
+#[test]
+fn rsa_keys_rfc7518_3_3_short_moduli_refused_and_leading_zero_octets_read() {
+    let dir = std::env::temp_dir().join(format!("ringway-rsa-size-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    let provider = |key: &str| {
+        config(
+            &["127.0.0.1:9".parse().unwrap()],
+            &format!(
+                "[auth.jwt.f]\n{key}\n[[routes]]\npath = \"/f\"\nupstream = \"up\"\nauth = \"f\"\n"
+            ),
+        )
+    };
+    std::fs::write(
+        &file,
+        json!({"keys": [jwk_with_kid("rsa_jwk.json", Some("rsa")), jwk_with_kid("rsa1024_jwk.json", Some("weak"))]})
+            .to_string(),
+    )
+    .unwrap();
+    let e = ringway::config::Config::parse(
+        &provider(&format!("jwks_file = \"{}\"", file.display())),
+        "t.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "auth.jwt.f.jwks_file", "{e}");
+    assert!(
+        e.reason.contains("kid \"weak\"")
+            && e.reason.contains("1024 bits")
+            && e.reason.contains("RFC 7518 §3.3"),
+        "{e}"
+    );
+    let e = ringway::config::Config::parse(
+        &provider(&format!(
+            "public_key_file = \"{}\"\nalgorithm = \"RS256\"",
+            data("rsa1024_public.pem")
+        )),
+        "t.toml",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "auth.jwt.f.public_key_file", "{e}");
+    assert!(e.reason.contains("1024 bits"), "{e}");
+
+    // A jwks_file whose key has leading zero octets: its tokens verify.
+    let up = Upstream::echo();
+    std::fs::write(
+        &file,
+        json!({"keys": [jwk_with_leading_zeros("rsa2_jwk.json", "lz")]}).to_string(),
+    )
+    .unwrap();
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            &format!(
+                "[auth.jwt.f]\njwks_file = \"{}\"\n[[routes]]\nupstream = \"up\"\nauth = \"f\"\n",
+                file.display()
+            ),
+        ),
+        DriverChoice::Auto,
+    );
+    let lz = rs(&alice(), "rsa2_private.pem", "lz");
+    let r = get_with(gw.addr, "/", &bearer(&lz));
+    assert_eq!(r.status, 200, "jwks_file: {}", r.text());
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A fetched set: a plain key, the same with zeros in front, a 1024-bit one.
+    let set = json!({"keys": [
+        jwk_with_kid("rsa_jwk.json", Some("rsa")),
+        jwk_with_leading_zeros("rsa2_jwk.json", "lz"),
+        jwk_with_kid("rsa1024_jwk.json", Some("weak")),
+    ]})
+    .to_string();
+    let keys = Loopback::start(move |_| Some(json_response(200, &set, "")));
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            &format!(
+                "[auth.jwt.u]\njwks_url = \"http://{}/jwks\"\n[[routes]]\nupstream = \"up\"\nauth = \"u\"\n",
+                keys.addr
+            ),
+        ),
+        DriverChoice::Auto,
+    );
+    let rsa = rs(&alice(), "rsa_private.pem", "rsa");
+    assert!(
+        eventually(Duration::from_secs(10), || get_with(
+            gw.addr,
+            "/",
+            &bearer(&rsa)
+        )
+        .status
+            == 200),
+        "the set is in service"
+    );
+    let r = get_with(gw.addr, "/", &bearer(&lz));
+    assert_eq!(r.status, 200, "jwks_url: {}", r.text());
+}
+
+/// RFC 7518 §6.2.1.2: an EC JWK's `x` and `y` are full-size octet strings, but some signers
+/// drop a coordinate's leading zero octet (a P-256 `x` of 31 octets, about one key in 128).
+/// The number is the same: it is padded back and the key's tokens verify; before, the key
+/// loaded as a point that never verified, and every token it signed was 401.
+#[test]
+fn an_ec_coordinate_without_its_leading_zero_octet_is_read_rfc7518_6_2_1_2() {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut short = jwk_with_kid("ec256_short_x_jwk.json", Some("ecz"));
+    let x = b64.decode(short["x"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (x.len(), x[0]),
+        (32, 0),
+        "the test key's x starts with a zero octet"
+    );
+    short["x"] = json!(b64url(&x[1..]));
+    let set = json!({"keys": [jwk_with_kid("rsa_jwk.json", Some("rsa")), short]}).to_string();
+    let keys = Loopback::start(move |_| Some(json_response(200, &set, "")));
+    let up = Upstream::echo();
+    let gw = TestGateway::start(
+        &config(
+            &[up.addr],
+            &format!(
+                "[auth.jwt.u]\njwks_url = \"http://{}/jwks\"\n[[routes]]\nupstream = \"up\"\nauth = \"u\"\n",
+                keys.addr
+            ),
+        ),
+        DriverChoice::Auto,
+    );
+    let rsa = rs(&alice(), "rsa_private.pem", "rsa");
+    assert!(
+        eventually(Duration::from_secs(10), || get_with(
+            gw.addr,
+            "/",
+            &bearer(&rsa)
+        )
+        .status
+            == 200),
+        "the set is in service"
+    );
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("ecz".into());
+    let key = EncodingKey::from_ec_pem(&std::fs::read(data("ec256_short_x_private.pem")).unwrap())
+        .unwrap();
+    let t = encode(&h, &alice(), &key).unwrap();
+    let r = get_with(gw.addr, "/", &bearer(&t));
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -381,6 +381,11 @@ pub fn load_static(j: &JwtConfig) -> Result<KeySet, (String, String)> {
                 format!("{path:?} is not a PEM public key for {a:?}: {e}"),
             )
         })?;
+        if RSA_ALGS.contains(&a) {
+            if let Some(why) = pem_rsa_bits(&pem).and_then(rsa_size_error) {
+                return Err(("public_key_file".to_string(), format!("{path:?}: {why}")));
+            }
+        }
         return Ok(KeySet::new(vec![JwtKey::new(j.kid.clone(), &[a], key)]));
     }
     if let Some(path) = &j.jwks_file {
@@ -403,6 +408,71 @@ pub fn allowed_algs(j: &JwtConfig) -> Vec<Algorithm> {
         .iter()
         .filter_map(|a| parse_alg(a).ok())
         .collect()
+}
+
+/// The RSA modulus sizes a key may have: RFC 7518 §3.3 and §3.5 require at least 2048 bits
+/// for RS* and PS*, and ring, which checks the signatures, takes at most 8192.
+const RSA_MIN_BITS: usize = 2048;
+const RSA_MAX_BITS: usize = 8192;
+
+/// Why an RSA key whose modulus has `bits` bits can verify no signature, if it cannot.
+fn rsa_size_error(bits: usize) -> Option<String> {
+    if bits < RSA_MIN_BITS {
+        Some(format!(
+            "an RSA key of {bits} bits is too short: RS* and PS* need at least {RSA_MIN_BITS} \
+             (RFC 7518 §3.3, §3.5), and no token would verify with it"
+        ))
+    } else if bits > RSA_MAX_BITS {
+        Some(format!(
+            "an RSA key of {bits} bits is longer than the {RSA_MAX_BITS} bits signatures are \
+             checked with, and no token would verify with it"
+        ))
+    } else {
+        None
+    }
+}
+
+/// A big-endian unsigned integer without its leading zero octets.
+fn unsigned(b: &[u8]) -> &[u8] {
+    &b[b.iter().position(|x| *x != 0).unwrap_or(b.len())..]
+}
+
+/// An elliptic-curve coordinate as `size` octets, zeros put back in front; `None` when its
+/// value does not fit.
+fn coordinate(b: &[u8], size: usize) -> Option<Vec<u8>> {
+    let b = unsigned(b);
+    let pad = size.checked_sub(b.len())?;
+    let mut out = vec![0u8; pad];
+    out.extend_from_slice(b);
+    Some(out)
+}
+
+/// The bit length of a big-endian unsigned integer.
+fn bit_len(b: &[u8]) -> usize {
+    let b = unsigned(b);
+    b.first()
+        .map_or(0, |f| b.len() * 8 - f.leading_zeros() as usize)
+}
+
+/// The modulus size in bits of the RSA public key in the first block of `pem` (`PUBLIC KEY`,
+/// `RSA PUBLIC KEY` or a `CERTIFICATE`'s); `None` when it cannot be read here (the key
+/// loader then judges the file alone).
+fn pem_rsa_bits(pem: &[u8]) -> Option<usize> {
+    use x509_parser::prelude::{FromDer, SubjectPublicKeyInfo};
+    use x509_parser::public_key::{PublicKey, RSAPublicKey};
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let spki_bits = |spki: &SubjectPublicKeyInfo<'_>| match spki.parsed() {
+        Ok(PublicKey::RSA(k)) => Some(bit_len(k.modulus)),
+        _ => None,
+    };
+    match block.label.as_str() {
+        "PUBLIC KEY" => spki_bits(&SubjectPublicKeyInfo::from_der(&block.contents).ok()?.1),
+        "RSA PUBLIC KEY" => Some(bit_len(
+            RSAPublicKey::from_der(&block.contents).ok()?.1.modulus,
+        )),
+        "CERTIFICATE" => spki_bits(block.parse_x509().ok()?.public_key()),
+        _ => None,
+    }
 }
 
 fn decode_base64(s: &str) -> Result<Vec<u8>, String> {
@@ -484,7 +554,7 @@ pub fn parse_jwk_set(
     let mut out = Vec::new();
     let mut notes = Vec::new();
     for (i, k) in keys.iter().enumerate() {
-        let Ok(jwk) = serde_json::from_value::<Jwk>(k.clone()) else {
+        let Ok(mut jwk) = serde_json::from_value::<Jwk>(k.clone()) else {
             continue;
         };
         // RFC 7517 §4.2: a key whose `use` is not "sig" is not for signatures.
@@ -532,8 +602,56 @@ pub fn parse_jwk_set(
                 ));
             }
         }
-        let Ok(key) = DecodingKey::from_jwk(&jwk) else {
-            continue;
+        let key = if let AlgorithmParameters::RSA(p) = &mut jwk.algorithm {
+            // RFC 7518 §6.3.1.1: `n` and `e` are unsigned integers. Some libraries put a zero
+            // octet before them (a 257-octet `n` for a 2048-bit key), which ring's parser
+            // refuses: read them as the numbers they are, so that such a key verifies.
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let (Ok(n), Ok(e)) = (b64.decode(&p.n), b64.decode(&p.e)) else {
+                continue;
+            };
+            let (n, e) = (unsigned(&n), unsigned(&e));
+            if let Some(why) = rsa_size_error(bit_len(n)) {
+                let label = key_label(i, jwk.common.key_id.as_deref());
+                if origin == JwksOrigin::File {
+                    return Err(format!("{label}: {why}"));
+                }
+                notes.push(format!("{label}: {why}; it is not used"));
+                continue;
+            }
+            let key = DecodingKey::from_rsa_raw_components(n, e);
+            // The material kid-less keys are matched by across fetches, written one way.
+            (p.n, p.e) = (b64.encode(n), b64.encode(e));
+            key
+        } else if let AlgorithmParameters::EllipticCurve(p) = &mut jwk.algorithm {
+            // RFC 7518 §6.2.1.2: `x` and `y` are the coordinates in the curve's full size
+            // (32 octets for P-256, 48 for P-384). Some signers drop leading zero octets
+            // (about one key in 128): pad them back, as the numbers are the same, rather
+            // than build a point that never verifies.
+            let size = match p.curve {
+                EllipticCurve::P256 => 32,
+                EllipticCurve::P384 => 48,
+                _ => continue,
+            };
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let (Ok(x), Ok(y)) = (b64.decode(&p.x), b64.decode(&p.y)) else {
+                continue;
+            };
+            let (Some(x), Some(y)) = (coordinate(&x, size), coordinate(&y, size)) else {
+                continue;
+            };
+            (p.x, p.y) = (b64.encode(&x), b64.encode(&y));
+            let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+                continue;
+            };
+            key
+        } else {
+            let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+                continue;
+            };
+            key
         };
         let mut key = JwtKey::new(jwk.common.key_id.clone(), &algs, key);
         key.material = Some(jwk.algorithm);
@@ -977,6 +1095,38 @@ mod tests {
             env!("CARGO_MANIFEST_DIR")
         ))
         .unwrap()
+    }
+
+    /// RFC 7518 §3.3: an RSA key under 2048 bits fails a jwks_file and is skipped, with a
+    /// note, from a fetched set; a modulus with zero octets in front counts by its value.
+    #[test]
+    fn rfc7518_3_3_rsa_key_sizes_in_a_set() {
+        let key = |f: &str| -> Value { serde_json::from_slice(&data(f)).unwrap() };
+        let set = serde_json::json!({"keys": [key("rsa_jwk.json"), key("rsa1024_jwk.json")]});
+        let text = set.to_string();
+        let e = parse_jwks(text.as_bytes(), &[], JwksOrigin::File)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("kid \"rsa1024\"") && e.contains("1024 bits"),
+            "{e}"
+        );
+        let (got, notes) = parse_jwks(text.as_bytes(), &[], JwksOrigin::Url).unwrap();
+        assert_eq!(got.keys.len(), 1);
+        assert_eq!(got.keys[0].kid.as_deref(), Some("rsa"));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("1024 bits"), "{notes:?}");
+        assert_eq!(bit_len(&[0, 0, 1, 0]), 9);
+        assert_eq!(bit_len(&[0]), 0);
+        assert!(rsa_size_error(2047).is_some());
+        assert!(rsa_size_error(2048).is_none() && rsa_size_error(8192).is_none());
+        assert!(rsa_size_error(8193).is_some());
+        assert_eq!(pem_rsa_bits(&data("rsa1024_public.pem")), Some(1024));
+        assert_eq!(pem_rsa_bits(&data("rsa_public.pem")), Some(2048));
+        assert_eq!(pem_rsa_bits(&data("ec256_public.pem")), None);
+        assert_eq!(coordinate(&[0, 0, 7], 2), Some(vec![0, 7]));
+        assert_eq!(coordinate(&[7], 3), Some(vec![0, 0, 7]));
+        assert_eq!(coordinate(&[1, 2, 3], 2), None);
     }
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
@@ -1546,11 +1696,14 @@ mod tests {
     /// symmetric key is used, each named in the notes, and the others serve.
     #[test]
     fn symmetric_jwks_keys_by_origin() {
+        // A real RSA key (2048 bits): a shorter one fails a file on its own (RFC 7518 §3.3).
+        let mut rsa: Value = serde_json::from_slice(&data("rsa_jwk.json")).unwrap();
+        rsa["kid"] = json!("r");
         let set = |len: usize, alg: &str| {
             json!({"keys": [
                 {"kty": "oct", "kid": "s", "alg": alg, "k": b64(&vec![1u8; len])},
                 {"kty": "oct", "alg": "HS256", "k": b64(&[2u8; 32])},
-                {"kty": "RSA", "kid": "r", "n": "AQAB", "e": "AQAB"}
+                rsa.clone()
             ]})
             .to_string()
         };
@@ -1583,7 +1736,7 @@ mod tests {
         assert!(e.contains("symmetric"), "{e}");
         // A hostile kid is escaped and cut in the note.
         let long = json!({"keys": [{"kty": "oct", "kid": format!("a\n{}", "x".repeat(500)), "alg": "HS256", "k": ""},
-                                   {"kty": "RSA", "n": "AQAB", "e": "AQAB"}]});
+                                   rsa]});
         let (_, notes) = parse_jwks(long.to_string().as_bytes(), &[], JwksOrigin::Url).unwrap();
         assert!(
             notes[0].contains("a\\n") && notes[0].len() < 300,
