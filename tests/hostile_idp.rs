@@ -860,3 +860,135 @@ fn a_health_answer_with_bytes_after_it_passes() {
         >= 3));
     assert_eq!(get(gw.addr, "/").status, 200);
 }
+
+/// The binary on `toml` (one worker, the default log level), its stderr lines sent to the
+/// returned channel; killed when dropped.
+struct Binary {
+    child: std::process::Child,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_binary(name: &str, toml: &str) -> (Binary, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hostile-idp-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(["run", "--workers", "1", "-c"])
+        .arg(&file)
+        .env_remove("RINGWAY_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ringway");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (Binary { child }, rx)
+}
+
+/// The next stderr line holding `needle` (the lines before it are returned with it).
+fn line_with(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> (String, Vec<String>) {
+    let mut before = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line with {needle:?} after {before:?}"));
+        if line.contains(needle) {
+            return (line, before);
+        }
+        before.push(line);
+    }
+}
+
+/// An introspection endpoint that gives no usable answer (here it refuses the gateway's
+/// client credentials: 401) makes every bearer token 503. Before, that was logged at debug
+/// level only, so a wrong `client_secret` broke every request with nothing in the default
+/// log. Now the first failure after a usable answer is a warn line naming the endpoint and
+/// the reason, the next ones are not in the default log (no line per request), and the first
+/// usable answer after them is an info line.
+#[test]
+fn an_introspection_endpoint_that_stops_answering_is_logged_once_per_run_of_failures() {
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r = refuse.clone();
+    let idp = Server::start(move |_| {
+        if r.load(Ordering::SeqCst) {
+            Act::KeepAlive(
+                b"HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic\r\ncontent-length: 0\r\n\r\n"
+                    .to_vec(),
+            )
+        } else {
+            Act::KeepAlive(good(ACTIVE.as_bytes()))
+        }
+    });
+    let up = Upstream::echo();
+    let toml = config(
+        &[up.addr],
+        &format!(
+            r#"
+[auth.introspection.idp]
+url = "http://{}/introspect"
+client_id = "gateway"
+client_secret = "wrong"
+timeout = "2s"
+
+[[routes]]
+upstream = "up"
+auth = "idp"
+"#,
+            idp.addr
+        ),
+    );
+    let (_bin, log) = run_binary("introspection-log.toml", &toml);
+    let (line, _) = line_with(&log, "listening on ");
+    let addr: SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for i in 0..3 {
+        let r = bearer_get(addr, "/", &format!("token-{i}"));
+        assert_eq!(r.status, 503, "{i}: {}", r.text());
+    }
+    assert_eq!(idp.requests(), 3);
+    refuse.store(false, Ordering::SeqCst);
+    assert_eq!(bearer_get(addr, "/", "token-ok").status, 200);
+    let (warn, _) = line_with(&log, "no usable answer");
+    assert!(
+        warn.contains(" warn ") && warn.contains(&idp.addr.to_string()),
+        "{warn}"
+    );
+    assert!(warn.contains("status 401"), "{warn}");
+    // Nothing for the second and third failures; then the recovery.
+    let (back, between) = line_with(&log, "answering again");
+    assert!(back.contains(" info "), "{back}");
+    assert!(
+        !between.iter().any(|l| l.contains("introspection")),
+        "one line per run of failures: {between:?}"
+    );
+    // A new run of failures is logged again.
+    refuse.store(true, Ordering::SeqCst);
+    assert_eq!(bearer_get(addr, "/", "token-3").status, 503);
+    // (The token judged active stays cached.)
+    assert_eq!(bearer_get(addr, "/", "token-ok").status, 200);
+    let (again, _) = line_with(&log, "no usable answer");
+    assert!(again.contains(" warn "), "{again}");
+}

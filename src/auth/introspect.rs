@@ -16,7 +16,8 @@
 //! queued: it is answered 503 with `Retry-After: 1` at once, so a slow endpoint cannot pile up
 //! waiting requests. A failed or timed-out call is also a 503 (the gateway cannot tell), never a
 //! 401; a failed TLS handshake (a certificate that does not verify) is such a
-//! failure, logged at debug level.
+//! failure. The first such failure after a usable answer is logged at warn level (per
+//! worker), the next ones at debug level, and the first usable answer after them at info.
 
 use std::cell::{Cell, RefCell};
 use std::hash::BuildHasher;
@@ -122,6 +123,8 @@ pub struct Provider {
     timeout: Duration,
     max_concurrent: usize,
     in_flight: Cell<usize>,
+    /// The last call got no usable answer (see [`Provider::unusable`]).
+    failing: Cell<bool>,
     pub max_ttl: u64,
     pub forward: Vec<(String, Box<[u8]>)>,
     pub consumer_claim: String,
@@ -176,6 +179,7 @@ impl Provider {
             timeout: cfg.timeout.0,
             max_concurrent: cfg.max_concurrent,
             in_flight: Cell::new(0),
+            failing: Cell::new(false),
             max_ttl: cfg.cache_max_ttl.0.as_secs().max(1),
             forward,
             consumer_claim: cfg.consumer_claim.clone(),
@@ -236,7 +240,27 @@ impl Provider {
         if let Err(fail) = r {
             self.remember_refusal(token.as_bytes(), fail);
         }
+        if !matches!(r, Err(None)) && self.failing.replace(false) {
+            crate::info!("introspection: {}: answering again", self.host);
+        }
         r
+    }
+
+    /// The endpoint gave no usable answer (`why`; the token gets 503): at debug level for
+    /// each, and at warn level for the first after a usable one (per worker), so that an
+    /// endpoint that stopped answering, or refuses the gateway's client credentials, shows in
+    /// the default log without a line per request. Before, only at debug level: every token
+    /// was 503 and the default log said nothing.
+    #[cold]
+    fn unusable(&self, why: std::fmt::Arguments<'_>) {
+        if self.failing.replace(true) {
+            debug!("introspection: {}: {why}", self.host);
+        } else {
+            crate::warn!(
+                "introspection: {}: no usable answer ({why}): bearer tokens it judges get 503 until it answers; the next failures are logged at debug level",
+                self.host
+            );
+        }
     }
 
     async fn ask(&self, token: &str) -> Result<Answer, Option<AuthFail>> {
@@ -258,36 +282,27 @@ impl Provider {
         {
             Ok(r) => r,
             Err(e) => {
-                debug!("introspection: {}: {e}", self.host);
+                self.unusable(format_args!("{e}"));
                 return Err(None);
             }
         };
         if resp.status() != 200 {
-            debug!("introspection: {}: status {}", self.host, resp.status());
+            self.unusable(format_args!("status {}", resp.status()));
             return Err(None);
         }
         let Ok(Value::Object(claims)) = serde_json::from_slice::<Value>(&resp.body) else {
-            debug!(
-                "introspection: {}: the answer is not a JSON object",
-                self.host
-            );
+            self.unusable(format_args!("the answer is not a JSON object"));
             return Err(None);
         };
         if claims.get("active") != Some(&Value::Bool(true)) {
             return Err(Some(AuthFail::Inactive));
         }
         let Some((exp, cacheable)) = answer_exp(&claims) else {
-            debug!(
-                "introspection: {}: the answer's exp is not a number",
-                self.host
-            );
+            self.unusable(format_args!("the answer's exp is not a number"));
             return Err(None);
         };
         let Some(nbf) = answer_nbf(&claims) else {
-            debug!(
-                "introspection: {}: the answer's nbf or iat is not a number",
-                self.host
-            );
+            self.unusable(format_args!("the answer's nbf or iat is not a number"));
             return Err(None);
         };
         Ok(Answer {
