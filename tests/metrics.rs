@@ -383,6 +383,41 @@ fn metrics_off_counts_no_requests_but_still_renders() {
     );
 }
 
+/// A route named `(none)` would share the series of requests that match no route (summed into
+/// one sample with them); refused at load, with its position, like any bad name.
+#[test]
+fn a_route_named_like_the_unmatched_label_is_refused() {
+    let up = Upstream::echo();
+    let toml = config(
+        &[up.addr],
+        "[[routes]]\nname = \"(none)\"\npath = \"/a\"\nupstream = \"up\"\n",
+    );
+    let e = ringway::config::Config::parse(&toml, "m.toml").unwrap_err();
+    assert_eq!(e.key, "routes[0].name", "{e}");
+    assert!(e.reason.contains("match no route"), "{e}");
+    // So `(none)` is only ever the label of requests that matched no route.
+    let ok = config(
+        &[up.addr],
+        "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstream = \"up\"\n",
+    );
+    let gw = TestGateway::start(&ok, DRIVERS[0]);
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/a"))), 200);
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/zz"))), 404);
+    let (text, l) = scrape(gw.gateway().control());
+    let class = |route: &str, class: &str| {
+        value(
+            &l,
+            "ringway_route_requests_total",
+            &[("route", route), ("class", class)],
+        )
+    };
+    assert_eq!(
+        (class("a", "2xx"), class("(none)", "4xx")),
+        (1.0, 1.0),
+        "{text}"
+    );
+}
+
 #[test]
 fn a_bad_metrics_key_is_refused_with_its_position() {
     let e = ringway::config::Config::parse(
