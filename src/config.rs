@@ -1960,6 +1960,17 @@ impl Config {
                         format!("route name {n:?} is used twice"),
                     ));
                 }
+                // The metrics label requests that matched no route `(none)`: a route of that
+                // name would share their series.
+                if n == crate::metrics::UNMATCHED_ROUTE {
+                    return Err(err(
+                        k("name"),
+                        None,
+                        format!(
+                            "route name {n:?} is the metrics label of requests that match no route"
+                        ),
+                    ));
+                }
                 // An unnamed route is `route#<its index>` (metrics, logs, rate-limit Redis
                 // keys): a name of that form must be its own route's.
                 if let Some(other) = n

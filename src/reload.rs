@@ -16,7 +16,8 @@
 //!    flight keep the snapshot they hold; keep-alive connections take the new one at their
 //!    next request; a connection on a removed listener closes after its request in flight.
 //! 4. What follows the config off the workers is adjusted: the endpoint health hub keeps the
-//!    slot (and state: active checks, ejections) of every unchanged group; the health checker
+//!    slot (and state: active checks, ejections) of every unchanged group, and a changed
+//!    group's new slot starts each endpoint it kept from that endpoint's state; the health checker
 //!    thread is replaced only when its targets changed (the new one starts from the recorded
 //!    health); JWKS fetcher threads of removed or changed providers stop (and are joined),
 //!    unchanged ones keep running with their fetched keys; rate-limit buckets keep their ids
@@ -1101,6 +1102,10 @@ impl WorkerJob {
             };
             upstreams.push(g);
         }
+        // A rebuilt group's endpoints take the health the hub carried over for them now, not
+        // at the next 50 ms sync: a request right after the swap must not meet an endpoint
+        // that is known to be down.
+        w.hub.sync(&upstreams, Instant::now());
         let mut router = Router::with_table(cfg, w.seed(), self.table.clone());
         for ((r, ids), conc) in router
             .routes

@@ -383,6 +383,41 @@ fn metrics_off_counts_no_requests_but_still_renders() {
     );
 }
 
+/// A route named `(none)` would share the series of requests that match no route (summed into
+/// one sample with them); refused at load, with its position, like any bad name.
+#[test]
+fn a_route_named_like_the_unmatched_label_is_refused() {
+    let up = Upstream::echo();
+    let toml = config(
+        &[up.addr],
+        "[[routes]]\nname = \"(none)\"\npath = \"/a\"\nupstream = \"up\"\n",
+    );
+    let e = ringway::config::Config::parse(&toml, "m.toml").unwrap_err();
+    assert_eq!(e.key, "routes[0].name", "{e}");
+    assert!(e.reason.contains("match no route"), "{e}");
+    // So `(none)` is only ever the label of requests that matched no route.
+    let ok = config(
+        &[up.addr],
+        "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstream = \"up\"\n",
+    );
+    let gw = TestGateway::start(&ok, DRIVERS[0]);
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/a"))), 200);
+    assert_eq!(status_of(&exchange(gw.addr, &get_req("/zz"))), 404);
+    let (text, l) = scrape(gw.gateway().control());
+    let class = |route: &str, class: &str| {
+        value(
+            &l,
+            "ringway_route_requests_total",
+            &[("route", route), ("class", class)],
+        )
+    };
+    assert_eq!(
+        (class("a", "2xx"), class("(none)", "4xx")),
+        (1.0, 1.0),
+        "{text}"
+    );
+}
+
 #[test]
 fn a_bad_metrics_key_is_refused_with_its_position() {
     let e = ringway::config::Config::parse(
@@ -703,6 +738,82 @@ fn counters_follow_routes_by_name_across_a_reload() {
         &[("upstream", "up"), ("class", "2xx")],
     );
     assert_eq!(group, 4.0, "{text}");
+}
+
+/// A reload that changes a group (adds an endpoint, then takes it away again) keeps the
+/// group's counters and each kept endpoint's: Prometheus counters only go up while the
+/// process runs (a reset reads as a restart). Before, a changed group moved to its other hub
+/// slot and showed that slot's counts: zero the first time, then the counts of the group as
+/// it was two reloads ago, and an endpoint the counts of whichever endpoint had its index.
+#[test]
+fn a_changed_group_keeps_its_counters_and_its_endpoints_theirs() {
+    let (d1, d2) = (refusing_addr(), refusing_addr());
+    let cfg = |eps: &[SocketAddr]| {
+        config(
+            eps,
+            "[server]\nworkers = 1\n[[routes]]\nname = \"r\"\nupstream = \"up\"\n",
+        )
+        .replace(
+            "[[listeners]]",
+            "[upstreams.up.outlier]\nconsecutive_failures = 0\n\n[[listeners]]",
+        )
+    };
+    let gw = TestGateway::start(&cfg(&[d1.addr]), ringway::config::DriverChoice::Auto);
+    let fail = |n: usize| {
+        for _ in 0..n {
+            assert_eq!(status_of(&exchange(gw.addr, &get_req("/"))), 502);
+        }
+    };
+    let counts = || {
+        let (text, l) = scrape(gw.gateway().control());
+        let failures = |ep: SocketAddr| {
+            value(
+                &l,
+                "ringway_endpoint_connect_failures_total",
+                &[("upstream", "up"), ("endpoint", &ep.to_string())],
+            )
+        };
+        let req = value(
+            &l,
+            "ringway_upstream_requests_total",
+            &[("upstream", "up"), ("class", "5xx")],
+        );
+        (req, failures(d1.addr), failures(d2.addr), text)
+    };
+    fail(3);
+    let reload = |eps: &[SocketAddr]| {
+        let next = ringway::config::Config::parse(&cfg(eps), "m.toml").unwrap();
+        let rep = gw.gateway().reload(next).expect("the reload applies");
+        assert_eq!(rep.groups_changed, vec!["up".to_string()]);
+    };
+    // Changed: d2 added in front of d1.
+    reload(&[d2.addr, d1.addr]);
+    let (req, f1, f2, text) = counts();
+    assert_eq!((req, f1, f2), (3.0, 3.0, 0.0), "{text}");
+    fail(2);
+    let (req, f1, f2, text) = counts();
+    assert_eq!(req, 5.0, "{text}");
+    assert_eq!(f1 + f2, 5.0, "{text}");
+    // Changed back: d1 alone keeps its own count, the group its total.
+    reload(&[d1.addr]);
+    let (req2, f1b, _, text) = counts();
+    assert_eq!((req2, f1b), (5.0, f1), "{text}");
+    // Removed, then configured again: it starts at zero, as a route does (its counts went
+    // with it), whichever slot it lands in.
+    let direct = cfg(&[d1.addr])
+        .replace("[upstreams.up.outlier]\nconsecutive_failures = 0\n", "")
+        .replace("[upstreams.up]", "[upstreams.other]")
+        .replace("upstream = \"up\"", "direct = { status = 204 }");
+    let next = ringway::config::Config::parse(&direct, "m.toml").unwrap();
+    gw.gateway().reload(next).expect("the reload applies");
+    for _ in 0..2 {
+        let next = ringway::config::Config::parse(&cfg(&[d1.addr]), "m.toml").unwrap();
+        gw.gateway().reload(next).expect("the reload applies");
+        let (req, f1, _, text) = counts();
+        assert_eq!((req, f1), (0.0, 0.0), "{text}");
+        let next = ringway::config::Config::parse(&direct, "m.toml").unwrap();
+        gw.gateway().reload(next).expect("the reload applies");
+    }
 }
 
 /// A listener that a reload adds is counted under its own name; the kept one keeps its counts.

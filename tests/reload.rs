@@ -261,6 +261,87 @@ fn ejections_of_an_unchanged_group_carry_over() {
     assert_eq!(good.hits(), before + 6);
 }
 
+/// Issue 11 ("health state, ejections ... of unchanged ... endpoints carry over"): a reload
+/// that changes a group (here only another endpoint's weight) keeps the ejection of an
+/// endpoint whose address is unchanged; before, the rebuilt group started every endpoint
+/// fresh and the next request went to the dead endpoint (502).
+#[test]
+fn ejections_of_an_unchanged_endpoint_carry_over_when_its_group_changes() {
+    let good = named("good");
+    let dead = refusing_addr();
+    let cfg = |weight: u32| {
+        format!(
+            "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n[upstreams.u]\nendpoints = [{{ address = \"{}\" }}, {{ address = \"{}\", weight = {weight} }}]\nbalance = \"round_robin\"\n[upstreams.u.outlier]\nconsecutive_failures = 1\nbase_ejection_time = \"60s\"\nmax_ejection_percent = 50\n\n[[routes]]\nupstream = \"u\"\n",
+            dead.addr, good.addr
+        )
+    };
+    let gw = TestGateway::start(&cfg(1), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    // Until the dead endpoint is ejected, some requests meet it (502).
+    for _ in 0..4 {
+        let _ = get(gw.addr, "/");
+    }
+    let rep = gw.gateway().reload(parse(&cfg(2))).unwrap();
+    assert_eq!(rep.groups_changed, vec!["u".to_string()]);
+    let ups = request(
+        adm,
+        b"GET /upstreams HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .json();
+    let e0 = &ups["upstreams"][0]["endpoints"][0];
+    assert_eq!(e0["ejected"], true, "{ups}");
+    assert_eq!(e0["ejections"], 1, "{ups}");
+    // Every request goes to the good endpoint at once: none meets the dead one.
+    let before = good.hits();
+    for _ in 0..6 {
+        assert_eq!(get(gw.addr, "/").status, 200);
+    }
+    assert_eq!(good.hits(), before + 6);
+}
+
+/// Issue 11: the active health checks' verdict on an endpoint whose address is unchanged
+/// carries over a reload that changes its group; the new checker starts from it.
+#[test]
+fn active_health_of_an_unchanged_endpoint_carries_over_when_its_group_changes() {
+    let good = named("good");
+    let dead = refusing_addr();
+    let cfg = |weight: u32| {
+        format!(
+            "[server]\nworkers = 1\n\n[[listeners]]\naddress = \"127.0.0.1:0\"\n\n[admin]\naddress = \"127.0.0.1:0\"\n\n[upstreams.u]\nendpoints = [{{ address = \"{}\" }}, {{ address = \"{}\", weight = {weight} }}]\nbalance = \"round_robin\"\noutlier = {{ consecutive_failures = 0 }}\n[upstreams.u.health_check]\npath = \"/\"\ninterval = \"100ms\"\nunhealthy_threshold = 3\nhealthy_threshold = 1\n\n[[routes]]\nupstream = \"u\"\n",
+            dead.addr, good.addr
+        )
+    };
+    let gw = TestGateway::start(&cfg(1), DriverChoice::Auto);
+    let adm = gw.gateway().admin_addr().expect("the admin API runs");
+    let health = || {
+        let ups = request(
+            adm,
+            b"GET /upstreams HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .json();
+        ups["upstreams"][0]["endpoints"][0]["health"].clone()
+    };
+    // The checker takes the dead endpoint out (bounded wait on the admin API's answer).
+    let mut out = false;
+    for _ in 0..200 {
+        if health() == "unhealthy" {
+            out = true;
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(out, "the health checker never took the dead endpoint out");
+    let rep = gw.gateway().reload(parse(&cfg(2))).unwrap();
+    assert_eq!(rep.groups_changed, vec!["u".to_string()]);
+    assert_eq!(health(), "unhealthy");
+    let before = good.hits();
+    for _ in 0..6 {
+        assert_eq!(get(gw.addr, "/").status, 200);
+    }
+    // The good endpoint's hits include its health checks: at least the 6 requests.
+    assert!(good.hits() >= before + 6);
+}
+
 #[test]
 fn listeners_are_added_and_removed_by_a_reload() {
     for driver in DRIVERS {

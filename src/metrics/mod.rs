@@ -161,6 +161,14 @@ impl Histogram {
             sum_us: self.sum_us.get(),
         }
     }
+
+    /// Adds `other`'s observations (a reload moving a group's counters).
+    fn absorb(&self, other: &Histogram) {
+        for (c, o) in self.counts.iter().zip(&other.counts) {
+            bump(c, o.get());
+        }
+        bump(&self.sum_us, other.sum_us.get());
+    }
 }
 
 #[inline]
@@ -231,6 +239,26 @@ impl Traffic {
         }
     }
 
+    /// Adds `other`'s counts (a reload moving a group's counters).
+    fn absorb(&self, other: &Traffic) {
+        for (c, o) in self.status.iter().zip(&other.status) {
+            bump(c, o.get());
+        }
+        for (c, o) in self.errors.iter().zip(&other.errors) {
+            bump(c, o.get());
+        }
+        self.total.absorb(&other.total);
+        self.upstream.absorb(&other.upstream);
+        self.gateway.absorb(&other.gateway);
+        bump(&self.bytes_in, other.bytes_in.get());
+        bump(&self.bytes_out, other.bytes_out.get());
+        bump(&self.retries, other.retries.get());
+        bump(
+            &self.retry_budget_refusals,
+            other.retry_budget_refusals.get(),
+        );
+    }
+
     fn sample(&self) -> TrafficSample {
         TrafficSample {
             status: std::array::from_fn(|i| self.status[i].get()),
@@ -289,6 +317,14 @@ fn slot<T: Default>(v: &mut Vec<T>, i: usize) -> &T {
         v.resize_with(i + 1, T::default);
     }
     &v[i]
+}
+
+/// [`slot`], mutable.
+fn slot_mut<T: Default>(v: &mut Vec<T>, i: usize) -> &mut T {
+    if v.len() <= i {
+        v.resize_with(i + 1, T::default);
+    }
+    &mut v[i]
 }
 
 impl WorkerMetrics {
@@ -416,6 +452,85 @@ impl WorkerMetrics {
             .iter()
             .map(|r| by_name.remove(r.name.as_str()).unwrap_or_default())
             .collect();
+    }
+
+    /// A reload installed new upstream groups. Group counters are kept by the group's hub
+    /// slot, and a changed group moves to its name's other slot ([`HealthHub::relayout`]),
+    /// so its counters move with it: the new slot gets the old slot's counts added (what it
+    /// held is what requests of the same group, still running on its older version, counted
+    /// after the previous move), and each endpoint's counts follow its address (configured
+    /// text and resolved address; an endpoint's counts made after a move by requests still
+    /// running on the older version are dropped at the next move). A group that is new (or back after a removal) starts at
+    /// zero, and a removed group's counts go with it, as a route's do. The breaker's
+    /// transition counts of a rebuilt group carry over the same way. So a counter never goes
+    /// down while the process runs.
+    ///
+    /// [`HealthHub::relayout`]: crate::upstream::health::HealthHub::relayout
+    pub fn follow_groups(
+        &self,
+        old: &[std::rc::Rc<crate::upstream::UpstreamGroup>],
+        new: &[std::rc::Rc<crate::upstream::UpstreamGroup>],
+    ) {
+        let mut groups = self.groups.borrow_mut();
+        let mut endpoints = self.endpoints.borrow_mut();
+        for o in old {
+            if !new.iter().any(|g| g.name == o.name) {
+                if let Some(t) = groups.get_mut(o.index) {
+                    *t = Traffic::default();
+                }
+                if let Some(e) = endpoints.get_mut(o.index) {
+                    e.clear();
+                }
+            }
+        }
+        for g in new {
+            let prev = old.iter().find(|o| o.name == g.name);
+            let Some(o) = prev else {
+                if let Some(t) = groups.get_mut(g.index) {
+                    *t = Traffic::default();
+                }
+                if let Some(e) = endpoints.get_mut(g.index) {
+                    e.clear();
+                }
+                continue;
+            };
+            if std::rc::Rc::ptr_eq(o, g) {
+                continue;
+            }
+            if let (Some(ob), Some(nb)) = (&o.breaker, &g.breaker) {
+                for (n, c) in nb.transitions.iter().zip(&ob.transitions) {
+                    bump(n, c.get());
+                }
+            }
+            if o.index == g.index {
+                continue;
+            }
+            let moved = std::mem::take(slot_mut(&mut groups, o.index));
+            slot_mut(&mut groups, g.index).absorb(&moved);
+            // An endpoint's counts follow its address; what the target slot held for
+            // endpoints (counted by a layout two reloads old) is dropped.
+            let before = std::mem::take(slot_mut(&mut endpoints, o.index));
+            let mut taken = vec![false; o.endpoints.len()];
+            let next: Vec<EndpointCounters> = g
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let c = EndpointCounters::default();
+                    let found = o.endpoints.iter().enumerate().find(|(i, oe)| {
+                        !taken[*i] && oe.addr == e.addr && oe.authority == e.authority
+                    });
+                    if let Some((i, _)) = found {
+                        taken[i] = true;
+                        if let Some(p) = before.get(i) {
+                            bump(&c.connect_failures, p.connect_failures.get());
+                            bump(&c.ejections, p.ejections.get());
+                        }
+                    }
+                    c
+                })
+                .collect();
+            *slot_mut(&mut endpoints, g.index) = next;
+        }
     }
 
     /// This worker's counters and gauges, labelled from its current snapshot.

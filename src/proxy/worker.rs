@@ -320,6 +320,8 @@ impl Worker {
         let old = self.config.replace(Rc::new(next));
         self.metrics
             .follow_routes(&old.router.routes, &self.config.borrow().router.routes);
+        self.metrics
+            .follow_groups(&old.upstreams, &self.config.borrow().upstreams);
         // Idle connections of a listener the reload removed close now, not at their deadline.
         self.idle_wheel.wake_all();
         old

@@ -54,9 +54,53 @@ pub struct EndpointHealth {
 /// before a reload may name an endpoint the new layout does not have.
 pub struct HealthHub {
     state: Mutex<Vec<Vec<Shared>>>,
-    /// The group name of each slot, and whether it is that name's current slot (taken only
-    /// by reloads).
-    names: Mutex<Vec<(String, bool)>>,
+    /// The group name of each slot, whether it is that name's current slot (taken only by
+    /// reloads), and the endpoints it was laid out for (configured text and address), so that
+    /// a changed group's endpoints that stayed the same keep their health.
+    names: Mutex<Vec<(String, bool, Vec<EndpointKey>)>>,
+}
+
+/// What makes an endpoint the same across a reload: its configured address text and what it
+/// resolved to.
+type EndpointKey = (String, SocketAddr);
+
+fn endpoint_keys(u: &crate::config::UpstreamConfig) -> Vec<EndpointKey> {
+    u.endpoints
+        .iter()
+        .map(|e| (e.address.text.clone(), e.address.addr))
+        .collect()
+}
+
+/// The health a changed group's endpoint starts with: what its slot recorded for the same
+/// endpoint in the group's previous layout (the first not yet taken, for an address listed
+/// twice), less what the new config no longer checks (no active checks: passing; outlier
+/// detection off: not ejected), else [`FRESH`].
+fn carried(
+    key: &EndpointKey,
+    u: &crate::config::UpstreamConfig,
+    before: &[EndpointKey],
+    state: &[Shared],
+    taken: &mut [bool],
+) -> Shared {
+    let found = before
+        .iter()
+        .zip(state)
+        .zip(taken.iter_mut())
+        .find(|((k, _), t)| *k == key && !**t);
+    let Some(((_, s), t)) = found else {
+        return FRESH;
+    };
+    *t = true;
+    let mut s = *s;
+    if u.health_check.is_none() {
+        s.active_ok = true;
+    }
+    if u.outlier.consecutive_failures == 0 {
+        s.ejected_until = None;
+        s.ejections = 0;
+        s.last_ejection_end = None;
+    }
+    s
 }
 
 /// Health of an endpoint before anything is known about it.
@@ -86,39 +130,62 @@ impl HealthHub {
             .collect();
         Arc::new(HealthHub {
             state: Mutex::new(state),
-            names: Mutex::new(cfg.upstreams.keys().map(|n| (n.clone(), true)).collect()),
+            names: Mutex::new(
+                cfg.upstreams
+                    .iter()
+                    .map(|(n, u)| (n.clone(), true, endpoint_keys(u)))
+                    .collect(),
+            ),
         })
     }
 
     /// The slot of each group of `cfg` (config order), keeping a known name's current slot;
-    /// a group in `reset` (a new or changed group) moves to its name's other slot, fresh and
-    /// sized to its endpoints: requests still running on the old group (and the old health
-    /// checker, until it stops) report their failures to the old slot, never to the new
-    /// group's endpoints. Slots are never freed: at most two per group name ever configured.
+    /// a group in `reset` (a new or changed group) moves to its name's other slot, sized to
+    /// its endpoints: requests still running on the old group (and the old health checker,
+    /// until it stops) report their failures to the old slot, never to the new group's
+    /// endpoints. In the new slot, an endpoint the group had before (same address text, same
+    /// resolved address) starts from the health its old slot recorded (active checks,
+    /// ejection and its back-off; issue 11: the health and ejections of unchanged endpoints
+    /// carry over); the others start fresh. Slots are never freed: at most two per group
+    /// name ever configured.
     pub fn relayout(&self, cfg: &Config, reset: &dyn Fn(&str) -> bool) -> Vec<usize> {
         let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = self.lock();
         let mut slots = Vec::with_capacity(cfg.upstreams.len());
         for (name, u) in &cfg.upstreams {
-            let current = names.iter().position(|(n, cur)| n == name && *cur);
+            let current = names.iter().position(|(n, cur, _)| n == name && *cur);
             let fresh = reset(name) || current.is_none();
+            let keys = endpoint_keys(u);
             let slot = match current {
                 Some(s) if !fresh => s,
                 _ => {
                     let other = names
                         .iter()
                         .enumerate()
-                        .position(|(i, (n, _))| n == name && Some(i) != current);
+                        .position(|(i, (n, _, _))| n == name && Some(i) != current);
                     let s = match other {
                         Some(s) => s,
                         None => {
-                            names.push((name.clone(), false));
+                            names.push((name.clone(), false, Vec::new()));
                             names.len() - 1
                         }
                     };
-                    if let Some(c) = current {
-                        names[c].1 = false;
+                    while st.len() <= s {
+                        st.push(Vec::new());
                     }
+                    let next = match current {
+                        Some(c) => {
+                            names[c].1 = false;
+                            let before = &names[c].2;
+                            let mut taken = vec![false; before.len()];
+                            let old = st.get(c).map_or(&[][..], Vec::as_slice);
+                            keys.iter()
+                                .map(|k| carried(k, u, before, old, &mut taken))
+                                .collect()
+                        }
+                        None => vec![FRESH; u.endpoints.len()],
+                    };
+                    st[s] = next;
                     names[s].1 = true;
                     s
                 }
@@ -126,9 +193,10 @@ impl HealthHub {
             while st.len() <= slot {
                 st.push(Vec::new());
             }
-            if fresh || st[slot].len() != u.endpoints.len() {
+            if st[slot].len() != u.endpoints.len() {
                 st[slot] = vec![FRESH; u.endpoints.len()];
             }
+            names[slot].2 = keys;
             slots.push(slot);
         }
         slots
@@ -392,6 +460,45 @@ mod tests {
         }
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert_eq!(hub.lock().len(), 3);
+    }
+
+    #[test]
+    fn a_changed_group_keeps_the_health_of_its_unchanged_endpoints() {
+        let cfg = |eps: &str, extra: &str| {
+            let src = format!("[[listeners]]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nendpoints = [{eps}]\n{extra}");
+            Config::parse(&src, "t.toml").unwrap()
+        };
+        let a = "{ address = \"127.0.0.1:1\" }";
+        let b = "{ address = \"127.0.0.1:2\" }";
+        let hc = "[upstreams.u.health_check]\npath = \"/\"\n";
+        let start = cfg(&format!("{a}, {b}, {a}"), hc);
+        let hub = HealthHub::new(&start);
+        let o = OutlierConfig::default();
+        let now = Instant::now();
+        // Endpoint 0 (a) is ejected, endpoint 2 (a again) fails its checks, b is well.
+        assert!(matches!(hub.try_eject(0, 0, &o, now), Ejection::Ejected(_)));
+        hub.set_active(0, 2, false);
+        // Reordered, with a new endpoint: each keeps its own record, in order for the address
+        // listed twice; the new one starts fresh.
+        let c = "{ address = \"127.0.0.1:3\" }";
+        let slots = hub.relayout(&cfg(&format!("{c}, {a}, {b}, {a}"), hc), &|_| true);
+        let g = slots[0];
+        let h = |e| hub.endpoint(g, e, now).unwrap();
+        assert!(h(0).active_ok && h(0).ejected_for.is_none());
+        assert!(h(1).ejected_for.is_some() && h(1).ejections == 1);
+        assert!(h(2).active_ok && h(2).ejected_for.is_none());
+        assert!(!h(3).active_ok && h(3).ejected_for.is_none());
+        // Without active checks and with outlier detection off, nothing is carried that the
+        // new config no longer decides.
+        let off = "[upstreams.u.outlier]\nconsecutive_failures = 0\n";
+        let slots = hub.relayout(&cfg(&format!("{c}, {a}, {b}, {a}"), off), &|_| true);
+        for e in 0..4 {
+            let h = hub.endpoint(slots[0], e, now).unwrap();
+            assert!(
+                h.active_ok && h.ejected_for.is_none() && h.ejections == 0,
+                "{e}"
+            );
+        }
     }
 
     #[test]
