@@ -861,62 +861,6 @@ fn a_health_answer_with_bytes_after_it_passes() {
     assert_eq!(get(gw.addr, "/").status, 200);
 }
 
-/// The binary on `toml` (one worker, the default log level), its stderr lines sent to the
-/// returned channel; killed when dropped.
-struct Binary {
-    child: std::process::Child,
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run_binary(name: &str, toml: &str) -> (Binary, std::sync::mpsc::Receiver<String>) {
-    use std::io::BufRead;
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hostile-idp-bin");
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(name);
-    std::fs::write(&file, toml).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
-        .args(["run", "--workers", "1", "-c"])
-        .arg(&file)
-        .env_remove("RINGWAY_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn ringway");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    (Binary { child }, rx)
-}
-
-/// The next stderr line holding `needle` (the lines before it are returned with it).
-fn line_with(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> (String, Vec<String>) {
-    let mut before = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("no line with {needle:?} after {before:?}"));
-        if line.contains(needle) {
-            return (line, before);
-        }
-        before.push(line);
-    }
-}
-
 /// An introspection endpoint that gives no usable answer (here it refuses the gateway's
 /// client credentials: 401) makes every bearer token 503. Before, that was logged at debug
 /// level only, so a wrong `client_secret` broke every request with nothing in the default

@@ -1163,3 +1163,65 @@ pub fn paced_load(
     }
     all
 }
+
+// ---------------------------------------------------------------------------------------------
+// The binary, for its event log.
+
+/// The binary running on a config file (see [`run_binary`]); killed when dropped.
+pub struct Binary {
+    child: std::process::Child,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary on `toml` (written as `name` under the test's target scratch folder; one
+/// worker, the default log level), its stderr lines sent to the returned channel as they come:
+/// for what only the event log shows. Killed when the [`Binary`] is dropped.
+pub fn run_binary(name: &str, toml: &str) -> (Binary, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("run-binary");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringway"))
+        .args(["run", "--workers", "1", "-c"])
+        .arg(&file)
+        .env_remove("RINGWAY_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ringway");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (Binary { child }, rx)
+}
+
+/// The next line from [`run_binary`]'s log holding `needle`, with the lines before it (waits
+/// at most 10 s for each).
+pub fn line_with(rx: &std::sync::mpsc::Receiver<String>, needle: &str) -> (String, Vec<String>) {
+    let mut before = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no line with {needle:?} after {before:?}"));
+        if line.contains(needle) {
+            return (line, before);
+        }
+        before.push(line);
+    }
+}
