@@ -2363,17 +2363,7 @@ fn rsa_keys_rfc7518_3_3_short_moduli_refused_and_leading_zero_octets_read() {
         jwk_with_kid("rsa1024_jwk.json", Some("weak")),
     ]})
     .to_string();
-    let keys = Loopback::start(move |_| Some(json_response(200, &set, "")));
-    let gw = TestGateway::start(
-        &config(
-            &[up.addr],
-            &format!(
-                "[auth.jwt.u]\njwks_url = \"http://{}/jwks\"\n[[routes]]\nupstream = \"up\"\nauth = \"u\"\n",
-                keys.addr
-            ),
-        ),
-        DriverChoice::Auto,
-    );
+    let (_keys, _up, gw) = served_jwks_gateway(&Arc::new(Mutex::new(set)), "");
     let rsa = rs(&alice(), "rsa_private.pem", "rsa");
     assert!(
         eventually(Duration::from_secs(10), || get_with(
@@ -2406,18 +2396,7 @@ fn an_ec_coordinate_without_its_leading_zero_octet_is_read_rfc7518_6_2_1_2() {
     );
     short["x"] = json!(b64url(&x[1..]));
     let set = json!({"keys": [jwk_with_kid("rsa_jwk.json", Some("rsa")), short]}).to_string();
-    let keys = Loopback::start(move |_| Some(json_response(200, &set, "")));
-    let up = Upstream::echo();
-    let gw = TestGateway::start(
-        &config(
-            &[up.addr],
-            &format!(
-                "[auth.jwt.u]\njwks_url = \"http://{}/jwks\"\n[[routes]]\nupstream = \"up\"\nauth = \"u\"\n",
-                keys.addr
-            ),
-        ),
-        DriverChoice::Auto,
-    );
+    let (_keys, _up, gw) = served_jwks_gateway(&Arc::new(Mutex::new(set)), "");
     let rsa = rs(&alice(), "rsa_private.pem", "rsa");
     assert!(
         eventually(Duration::from_secs(10), || get_with(
